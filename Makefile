@@ -1,0 +1,52 @@
+# Resultity developer commands. `make run` and `make test` work on a fresh
+# machine with Python 3.11 and pip: both install into .venv first.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+ARGS ?=
+PROTO_FILES := $(shell find proto -name '*.proto')
+
+.PHONY: install generate check-generated lint test run bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+
+# Reinstall when the dependency list changes.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -e '.[llama,dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+generate: install
+	rm -rf generated && mkdir -p generated
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m grpc_tools.protoc -Iproto \
+		--python_out=generated --mypy_out=generated \
+		--grpc_python_out=generated --mypy_grpc_out=generated \
+		$(PROTO_FILES)
+	find generated/resultity -type d -exec touch {}/__init__.py \;
+	touch generated/resultity/py.typed
+
+check-generated: generate
+	@git diff --exit-code --stat -- generated \
+		&& test -z "$$(git status --porcelain -- generated)" \
+		|| (echo "generated/ is stale: run 'make generate' and commit" && exit 1)
+
+lint: install
+	$(BIN)/ruff check server agent gateway tests bench
+	$(BIN)/ruff format --check server agent gateway tests bench
+	$(BIN)/mypy
+	$(BIN)/buf lint
+
+test: install
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+run: install
+	$(BIN)/resultity up --data-dir ./.resultity --http-port 8080 $(ARGS)
+
+bench: install
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) .resultity .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,91 @@
+"""Domain errors shared by every service.
+
+Domain code raises these; the transport layers map them in one place to a gRPC
+status with google.rpc.ErrorInfo (server/common/grpc_errors.py) and from there
+to HTTP and the OpenAI error envelope (gateway/errors.py).
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class ErrorReason(StrEnum):
+    """Machine-readable reason, carried as ErrorInfo.reason across services."""
+
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    INVALID_API_KEY = "INVALID_API_KEY"
+    NOT_FOUND = "NOT_FOUND"
+    MODEL_NOT_FOUND = "MODEL_NOT_FOUND"
+    INSUFFICIENT_QUOTA = "INSUFFICIENT_QUOTA"
+    IDEMPOTENCY_KEY_REUSED = "IDEMPOTENCY_KEY_REUSED"
+    HOLD_ALREADY_RESOLVED = "HOLD_ALREADY_RESOLVED"
+    NO_CAPACITY = "NO_CAPACITY"
+    JOB_FAILED = "JOB_FAILED"
+    PROTOCOL_VIOLATION = "PROTOCOL_VIOLATION"
+    INTERNAL = "INTERNAL"
+
+
+class DomainError(Exception):
+    """An expected failure with a reason the caller can act on."""
+
+    reason: ErrorReason = ErrorReason.INTERNAL
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: ErrorReason | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if reason is not None:
+            self.reason = reason
+        self.metadata = dict(metadata or {})
+
+
+class InvalidArgument(DomainError):
+    reason = ErrorReason.INVALID_ARGUMENT
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message, metadata={"field": field} if field else None)
+
+
+class InvalidApiKey(DomainError):
+    reason = ErrorReason.INVALID_API_KEY
+
+
+class NotFound(DomainError):
+    reason = ErrorReason.NOT_FOUND
+
+
+class ModelNotFound(DomainError):
+    reason = ErrorReason.MODEL_NOT_FOUND
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"The model '{model}' does not exist", metadata={"model": model})
+
+
+class InsufficientQuota(DomainError):
+    reason = ErrorReason.INSUFFICIENT_QUOTA
+
+
+class IdempotencyKeyReused(DomainError):
+    reason = ErrorReason.IDEMPOTENCY_KEY_REUSED
+
+
+class HoldAlreadyResolved(DomainError):
+    reason = ErrorReason.HOLD_ALREADY_RESOLVED
+
+
+class NoCapacity(DomainError):
+    reason = ErrorReason.NO_CAPACITY
+
+
+class JobFailed(DomainError):
+    reason = ErrorReason.JOB_FAILED
+
+
+class ProtocolViolation(DomainError):
+    reason = ErrorReason.PROTOCOL_VIOLATION

@@ -1,0 +1,127 @@
+"""The one place where domain errors become gRPC statuses and back.
+
+A servicer method decorated with ``@translate_errors`` aborts with the status
+code that matches the error's reason and a ``google.rpc.ErrorInfo`` detail; a
+client turns a failed call back into the same ``DomainError`` with
+``domain_error_from_rpc``, so reasons survive a chain of services.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar, cast
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from server.common.errors import DomainError, ErrorReason
+
+ERROR_DOMAIN = "resultity"
+_STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+STATUS_BY_REASON: dict[ErrorReason, grpc.StatusCode] = {
+    ErrorReason.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorReason.INVALID_API_KEY: grpc.StatusCode.UNAUTHENTICATED,
+    ErrorReason.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    ErrorReason.MODEL_NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    ErrorReason.INSUFFICIENT_QUOTA: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorReason.IDEMPOTENCY_KEY_REUSED: grpc.StatusCode.ALREADY_EXISTS,
+    ErrorReason.HOLD_ALREADY_RESOLVED: grpc.StatusCode.FAILED_PRECONDITION,
+    ErrorReason.NO_CAPACITY: grpc.StatusCode.UNAVAILABLE,
+    ErrorReason.JOB_FAILED: grpc.StatusCode.ABORTED,
+    ErrorReason.PROTOCOL_VIOLATION: grpc.StatusCode.FAILED_PRECONDITION,
+    ErrorReason.INTERNAL: grpc.StatusCode.INTERNAL,
+}
+_REASON_BY_VALUE = {reason.value: reason for reason in ErrorReason}
+
+
+def to_status(error: DomainError) -> grpc.Status:
+    """A gRPC status carrying the error's reason and metadata as ErrorInfo."""
+    code = STATUS_BY_REASON[error.reason]
+    info = error_details_pb2.ErrorInfo(
+        reason=error.reason.value, domain=ERROR_DOMAIN, metadata=error.metadata
+    )
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    status = status_pb2.Status(
+        code=cast(int, code.value[0]), message=error.message, details=[detail]
+    )
+    return rpc_status.to_status(status)
+
+
+def error_info(error: grpc.aio.AioRpcError | grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
+    """The ErrorInfo detail of a failed call, if it has one."""
+    trailing = error.trailing_metadata() if isinstance(error, grpc.aio.AioRpcError) else None
+    for key, value in trailing or ():
+        if key != _STATUS_DETAILS_KEY:
+            continue
+        status = status_pb2.Status.FromString(cast(bytes, value))
+        for detail in status.details:
+            info = error_details_pb2.ErrorInfo()
+            if detail.Unpack(info):
+                return info
+    return None
+
+
+def domain_error_from_rpc(error: grpc.aio.AioRpcError) -> DomainError:
+    """Rebuilds the DomainError a downstream service raised.
+
+    A failure without ErrorInfo (transport failure, crash) becomes
+    NO_CAPACITY when the peer was unreachable and INTERNAL otherwise.
+    """
+    info = error_info(error)
+    if info is not None and info.reason in _REASON_BY_VALUE:
+        return DomainError(
+            error.details() or info.reason,
+            reason=_REASON_BY_VALUE[info.reason],
+            metadata=dict(info.metadata),
+        )
+    if error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return DomainError(
+            f"upstream unavailable: {error.details()}", reason=ErrorReason.NO_CAPACITY
+        )
+    return DomainError(f"upstream error: {error.details()}", reason=ErrorReason.INTERNAL)
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def translate_errors(method: _F) -> _F:
+    """Aborts the RPC with the mapped status when the method raises DomainError.
+
+    Works for unary methods (coroutines) and server-streaming methods (async
+    generators); the servicer's last positional argument is the context.
+    """
+    if inspect.isasyncgenfunction(method):
+
+        @functools.wraps(method)
+        async def stream_wrapper(self: Any, request: Any, context: Any) -> AsyncIterator[Any]:
+            try:
+                async for item in method(self, request, context):
+                    yield item
+            except DomainError as error:
+                await context.abort_with_status(to_status(error))
+
+        return cast(_F, stream_wrapper)
+
+    @functools.wraps(method)
+    async def unary_wrapper(self: Any, request: Any, context: Any) -> Any:
+        try:
+            return await cast(Callable[..., Awaitable[Any]], method)(self, request, context)
+        except DomainError as error:
+            await context.abort_with_status(to_status(error))
+
+    return cast(_F, unary_wrapper)
+
+
+__all__ = [
+    "STATUS_BY_REASON",
+    "domain_error_from_rpc",
+    "error_info",
+    "to_status",
+    "translate_errors",
+]
