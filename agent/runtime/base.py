@@ -1,0 +1,108 @@
+"""The interface every runtime backend implements.
+
+The agent speaks only to this interface, so a backend (llama.cpp, TensorRT-LLM,
+a scripted double in tests) can be swapped without touching the agent. Types
+here are plain dataclasses: backends never see protobuf or gRPC.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Protocol
+
+
+class Role(StrEnum):
+    SYSTEM = "system"
+    USER = "user"
+    ASSISTANT = "assistant"
+
+
+@dataclass(frozen=True)
+class Message:
+    role: Role
+    content: str
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_tokens: int
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    model: str
+    messages: tuple[Message, ...]
+    sampling: Sampling
+    # Refuse (PromptTooLong) if the templated prompt has more tokens than this.
+    max_prompt_tokens: int
+
+
+class StopReason(StrEnum):
+    STOP = "stop"  # end-of-generation token or a stop sequence
+    LENGTH = "length"  # max_tokens or the context window
+
+
+@dataclass(frozen=True)
+class TokenText:
+    """Text of one or more newly generated tokens, ready to show."""
+
+    text: str
+    token_count: int
+
+
+@dataclass(frozen=True)
+class Finished:
+    """Last event of a generation."""
+
+    reason: StopReason
+    prompt_tokens: int
+    completion_tokens: int
+
+
+GenerationEvent = TokenText | Finished
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model: str
+    runtime: str
+    context_length: int
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+class GenerationError(Exception):
+    """Base of the failures a backend reports for one request."""
+
+
+class PromptTooLong(GenerationError):
+    pass
+
+
+class UnknownModel(GenerationError):
+    pass
+
+
+class Runtime(Protocol):
+    """A loaded inference backend.
+
+    ``generate`` yields TokenText events and ends with exactly one Finished.
+    Cancelling the consuming task stops generation promptly (within a token)
+    and frees the slot. A backend runs at most ``slots`` generations at once;
+    callers beyond that wait for a free slot.
+    """
+
+    @property
+    def models(self) -> list[ModelInfo]: ...
+
+    @property
+    def slots(self) -> int: ...
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]: ...
+
+    async def close(self) -> None: ...

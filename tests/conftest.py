@@ -1,0 +1,50 @@
+"""Fixtures shared by all tests.
+
+PostgreSQL is real everywhere: the server named by RESULTITY_DATABASE_URL when
+set (CI points it at the machine's PostgreSQL), otherwise an embedded server
+started for the test session. Each session works in a fresh database.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+
+from server.common.database import EmbeddedPostgres
+
+
+def _with_database(dsn: str, database: str) -> str:
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(path=f"/{database}"))
+
+
+@pytest.fixture(scope="session")
+async def postgres_dsn(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
+    """DSN of a new, empty database, dropped when the session ends."""
+    database = f"resultity_test_{uuid.uuid4().hex[:12]}"
+    base = os.environ.get("RESULTITY_DATABASE_URL")
+    embedded: EmbeddedPostgres | None = None
+    if base is None:
+        embedded = EmbeddedPostgres(Path(tmp_path_factory.mktemp("pg")) / "data")
+        base = await embedded.start("postgres")
+    admin = await asyncpg.connect(base)
+    try:
+        await admin.execute(f'CREATE DATABASE "{database}"')
+    finally:
+        await admin.close()
+    try:
+        yield _with_database(base, database)
+    finally:
+        admin = await asyncpg.connect(base)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        finally:
+            await admin.close()
+        if embedded is not None:
+            await embedded.stop()
