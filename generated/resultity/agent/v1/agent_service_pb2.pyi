@@ -298,10 +298,15 @@ class JobChunk(_message.Message):
     EPOCH_FIELD_NUMBER: _builtins.int
     TEXT_FIELD_NUMBER: _builtins.int
     TOKEN_COUNT_FIELD_NUMBER: _builtins.int
+    PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     epoch: _builtins.int
     text: _builtins.str
     token_count: _builtins.int
+    prompt_tokens: _builtins.int
+    """Tokens of the templated prompt; set on the job's first chunk so that a
+    job cancelled mid-stream is still billed for its prompt.
+    """
     def __init__(
         self,
         *,
@@ -309,10 +314,11 @@ class JobChunk(_message.Message):
         epoch: _builtins.int = ...,
         text: _builtins.str = ...,
         token_count: _builtins.int = ...,
+        prompt_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "job_id", b"job_id", "text", b"text", "token_count", b"token_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "job_id", b"job_id", "prompt_tokens", b"prompt_tokens", "text", b"text", "token_count", b"token_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
