@@ -23,6 +23,7 @@ class ErrorReason(StrEnum):
     NO_CAPACITY = "NO_CAPACITY"
     JOB_FAILED = "JOB_FAILED"
     PROTOCOL_VIOLATION = "PROTOCOL_VIOLATION"
+    SESSION_ENDED = "SESSION_ENDED"
     INTERNAL = "INTERNAL"
 
 
@@ -89,3 +90,9 @@ class JobFailed(DomainError):
 
 class ProtocolViolation(DomainError):
     reason = ErrorReason.PROTOCOL_VIOLATION
+
+
+class SessionEnded(DomainError):
+    """The server ended a node's session (timeout, shutdown); reconnect later."""
+
+    reason = ErrorReason.SESSION_ENDED

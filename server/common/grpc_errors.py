@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from typing import Any, TypeVar, cast
+from typing import Any, NoReturn, TypeVar, cast
 
 import google.rpc.error_details_pb2 as error_details_pb2
 import google.rpc.status_pb2 as status_pb2
@@ -35,6 +35,7 @@ STATUS_BY_REASON: dict[ErrorReason, grpc.StatusCode] = {
     ErrorReason.NO_CAPACITY: grpc.StatusCode.UNAVAILABLE,
     ErrorReason.JOB_FAILED: grpc.StatusCode.ABORTED,
     ErrorReason.PROTOCOL_VIOLATION: grpc.StatusCode.FAILED_PRECONDITION,
+    ErrorReason.SESSION_ENDED: grpc.StatusCode.UNAVAILABLE,
     ErrorReason.INTERNAL: grpc.StatusCode.INTERNAL,
 }
 _REASON_BY_VALUE = {reason.value: reason for reason in ErrorReason}
@@ -52,6 +53,15 @@ def to_status(error: DomainError) -> grpc.Status:
         code=cast(int, code.value[0]), message=error.message, details=[detail]
     )
     return rpc_status.to_status(status)
+
+
+async def abort_with_error(
+    context: grpc.aio.ServicerContext[Any, Any], error: DomainError
+) -> NoReturn:
+    """Ends the RPC with the error's status and ErrorInfo."""
+    status = to_status(error)
+    await context.abort(status.code, status.details, status.trailing_metadata)
+    raise AssertionError("abort returned")  # abort always raises
 
 
 def error_info(error: grpc.aio.AioRpcError | grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
@@ -108,7 +118,7 @@ def translate_errors(method: _F) -> _F:
                 async for item in method(self, request, context):
                     yield item
             except DomainError as error:
-                await context.abort_with_status(to_status(error))
+                await abort_with_error(context, error)
 
         return cast(_F, stream_wrapper)
 
@@ -117,7 +127,7 @@ def translate_errors(method: _F) -> _F:
         try:
             return await cast(Callable[..., Awaitable[Any]], method)(self, request, context)
         except DomainError as error:
-            await context.abort_with_status(to_status(error))
+            await abort_with_error(context, error)
 
     return cast(_F, unary_wrapper)
 

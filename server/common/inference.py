@@ -68,3 +68,25 @@ class CatalogModel:
     # Tokens a chat template may add on top of the messages' UTF-8 bytes.
     chat_template_overhead_tokens: int
     ready_nodes: int = 0
+
+
+# Events of a job as the network reports them to its caller.
+@dataclass(frozen=True, slots=True)
+class JobAssigned:
+    node_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class JobDelta:
+    text: str
+    token_count: int
+    prompt_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class JobFinished:
+    finish_reason: FinishReason
+    usage: Usage
+
+
+JobEvent = JobAssigned | JobDelta | JobFinished

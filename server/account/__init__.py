@@ -1,0 +1,1 @@
+"""The account server: accounts, API keys and the credit ledger."""

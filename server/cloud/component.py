@@ -1,0 +1,30 @@
+"""The cloud server's parts, wired to the account and network services."""
+
+from __future__ import annotations
+
+import grpc
+from resultity.cloud.v1 import inference_service_pb2_grpc
+
+from server.cloud.chat import ChatService
+from server.cloud.clients import GrpcAccountClient, GrpcNetworkClient
+from server.cloud.servicer import InferenceServicer
+from server.common.channels import insecure_channel
+
+
+class CloudComponent:
+    def __init__(self, *, account_target: str, network_target: str) -> None:
+        self._account_channel = insecure_channel(account_target)
+        self._network_channel = insecure_channel(network_target)
+        self.chat = ChatService(
+            GrpcAccountClient(self._account_channel), GrpcNetworkClient(self._network_channel)
+        )
+
+    def register(self, server: grpc.aio.Server) -> None:
+        inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(
+            InferenceServicer(self.chat), server
+        )
+
+    async def stop(self) -> None:
+        await self.chat.drain()
+        await self._account_channel.close(grace=None)
+        await self._network_channel.close(grace=None)

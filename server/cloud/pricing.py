@@ -1,0 +1,49 @@
+"""Admission arithmetic: bounds on a request's tokens and what they cost.
+
+The hold taken before a job must cover the worst case, and the node enforces
+the same bounds, so the captured amount can never exceed the hold.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from server.common.errors import InvalidArgument
+from server.common.inference import CatalogModel, ChatMessage, ModelPrice, Usage
+
+
+@dataclass(frozen=True, slots=True)
+class TokenBudget:
+    max_prompt_tokens: int
+    max_completion_tokens: int
+
+
+def prompt_token_bound(messages: tuple[ChatMessage, ...], model: CatalogModel) -> int:
+    """An upper bound on the templated prompt's tokens.
+
+    Byte-level BPE tokenizers never produce more tokens than UTF-8 bytes; the
+    template adds at most the catalog's overhead plus a few markers per message.
+    """
+    content_bytes = sum(len(m.content.encode()) + len(m.role.value) + 4 for m in messages)
+    return content_bytes + model.chat_template_overhead_tokens
+
+
+def token_budget(
+    messages: tuple[ChatMessage, ...], max_tokens: int | None, model: CatalogModel
+) -> TokenBudget:
+    context = model.context_length
+    if max_tokens is not None and not 1 <= max_tokens <= context:
+        raise InvalidArgument(
+            f"max_tokens must be between 1 and the model's context length ({context})",
+            field="max_tokens",
+        )
+    prompt = min(prompt_token_bound(messages, model), context - 1)
+    return TokenBudget(max_prompt_tokens=prompt, max_completion_tokens=max_tokens or context)
+
+
+def cost(price: ModelPrice, usage: Usage) -> int:
+    return usage.prompt_tokens * price.prompt + usage.completion_tokens * price.completion
+
+
+def worst_case_cost(price: ModelPrice, budget: TokenBudget) -> int:
+    return cost(price, Usage(budget.max_prompt_tokens, budget.max_completion_tokens))

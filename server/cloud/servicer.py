@@ -1,0 +1,147 @@
+"""gRPC transport of the cloud inference API: conversions around ChatService."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import Any
+
+import grpc
+from google.protobuf import timestamp_pb2
+from resultity.cloud.v1 import inference_service_pb2 as pb
+from resultity.cloud.v1 import inference_service_pb2_grpc as pb_grpc
+from resultity.common.v1 import inference_pb2 as common_pb
+
+from server.cloud.chat import (
+    ChatRequest,
+    ChatService,
+    CompletionFinished,
+    CompletionStarted,
+    ContentDelta,
+)
+from server.common.grpc_errors import translate_errors
+from server.common.inference import ChatRole
+from server.common.inference_proto import (
+    finish_reason_to_pb,
+    messages_from_pb,
+    price_to_pb,
+    role_to_pb,
+    usage_to_pb,
+)
+
+
+def _metadata(context: grpc.aio.ServicerContext[Any, Any], key: str) -> str | None:
+    for item_key, value in context.invocation_metadata() or ():
+        if item_key == key:
+            return value if isinstance(value, str) else value.decode()
+    return None
+
+
+def _request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    return _metadata(context, "x-request-id") or uuid.uuid4().hex
+
+
+def _timestamp(value: datetime) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def _chat_request(params: pb.ChatCompletionParams) -> ChatRequest:
+    return ChatRequest(
+        model=params.model,
+        messages=messages_from_pb(list(params.messages)),
+        max_tokens=params.max_tokens if params.HasField("max_tokens") else None,
+        temperature=params.temperature if params.HasField("temperature") else None,
+        top_p=params.top_p if params.HasField("top_p") else None,
+        stop=tuple(params.stop),
+        seed=params.seed if params.HasField("seed") else None,
+        user=params.user,
+    )
+
+
+def _billing(finished: CompletionFinished) -> pb.Billing:
+    return pb.Billing(charged_micro_credits=finished.charged)
+
+
+class InferenceServicer(pb_grpc.InferenceServiceServicer):
+    def __init__(self, chat: ChatService) -> None:
+        self._chat = chat
+
+    @translate_errors
+    async def CreateChatCompletion(
+        self,
+        request: pb.CreateChatCompletionRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> pb.CreateChatCompletionResponse:
+        completion = await self._chat.complete(
+            _metadata(context, "authorization"), _chat_request(request.params), _request_id(context)
+        )
+        started, finished = completion.started, completion.finished
+        return pb.CreateChatCompletionResponse(
+            id=started.completion_id,
+            model=started.model,
+            created=_timestamp(started.created),
+            choices=[
+                pb.ChatCompletionChoice(
+                    index=0,
+                    message=common_pb.ChatMessage(
+                        role=role_to_pb(ChatRole.ASSISTANT), content=completion.content
+                    ),
+                    finish_reason=finish_reason_to_pb(finished.finish_reason),
+                )
+            ],
+            usage=usage_to_pb(finished.usage),
+            billing=_billing(finished),
+        )
+
+    @translate_errors
+    async def StreamChatCompletion(
+        self,
+        request: pb.StreamChatCompletionRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[pb.StreamChatCompletionResponse]:
+        events = self._chat.stream(
+            _metadata(context, "authorization"), _chat_request(request.params), _request_id(context)
+        )
+        header: dict[str, Any] = {}
+        try:
+            async for event in events:
+                if isinstance(event, CompletionStarted):
+                    header = {
+                        "id": event.completion_id,
+                        "model": event.model,
+                        "created": _timestamp(event.created),
+                    }
+                    delta = pb.ChatCompletionDelta(index=0, role=role_to_pb(ChatRole.ASSISTANT))
+                    yield pb.StreamChatCompletionResponse(choices=[delta], **header)
+                elif isinstance(event, ContentDelta):
+                    delta = pb.ChatCompletionDelta(index=0, content=event.text)
+                    yield pb.StreamChatCompletionResponse(choices=[delta], **header)
+                else:
+                    reason = finish_reason_to_pb(event.finish_reason)
+                    delta = pb.ChatCompletionDelta(index=0, finish_reason=reason)
+                    yield pb.StreamChatCompletionResponse(choices=[delta], **header)
+                    yield pb.StreamChatCompletionResponse(
+                        usage=usage_to_pb(event.usage), billing=_billing(event), **header
+                    )
+        finally:
+            await events.aclose()
+
+    @translate_errors
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ListModelsResponse:
+        models = await self._chat.list_models(_metadata(context, "authorization"))
+        return pb.ListModelsResponse(
+            models=[
+                pb.Model(
+                    id=model.id,
+                    owned_by=model.owned_by,
+                    price=price_to_pb(model.price),
+                    context_length=model.context_length,
+                )
+                for model in models
+            ]
+        )

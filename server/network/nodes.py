@@ -1,0 +1,76 @@
+"""Connected nodes and the commands the network sends them."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from server.common.inference import GenerationSpec
+
+
+@dataclass(frozen=True, slots=True)
+class NodeModel:
+    model: str
+    runtime: str
+    context_length: int
+
+
+@dataclass(frozen=True, slots=True)
+class NodeHello:
+    name: str
+    agent_version: str
+    models: tuple[NodeModel, ...]
+    max_concurrent_jobs: int
+
+
+@dataclass(frozen=True, slots=True)
+class AssignCommand:
+    job_id: str
+    epoch: int
+    spec: GenerationSpec
+
+
+@dataclass(frozen=True, slots=True)
+class CancelCommand:
+    job_id: str
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class DisconnectCommand:
+    """Ends the node's session with this explanation."""
+
+    reason: str
+
+
+NodeCommand = AssignCommand | CancelCommand | DisconnectCommand
+
+
+@dataclass(eq=False)
+class NodeSession:
+    """A connected node: what it serves, its load, and its outgoing queue."""
+
+    node_id: str
+    hello: NodeHello
+    connected_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    last_heartbeat_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    # Monotonic clock of the last message, for liveness.
+    last_seen: float = field(default_factory=time.monotonic)
+    active_jobs: set[str] = field(default_factory=set)
+    queued_jobs: int = 0
+    recent_tokens_per_second: float = 0.0
+    outbox: asyncio.Queue[NodeCommand] = field(default_factory=asyncio.Queue)
+
+    @property
+    def models(self) -> frozenset[str]:
+        return frozenset(model.model for model in self.hello.models)
+
+    @property
+    def load(self) -> float:
+        """Share of the node's concurrency in use; above 1 means jobs queue."""
+        return len(self.active_jobs) / max(1, self.hello.max_concurrent_jobs)
+
+    def touch(self) -> None:
+        self.last_seen = time.monotonic()

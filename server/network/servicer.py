@@ -1,0 +1,259 @@
+"""gRPC transport of the network layer: thin conversions around NetworkService."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import grpc
+import structlog
+from google.protobuf import duration_pb2, timestamp_pb2
+from resultity.agent.v1 import agent_service_pb2 as agent_pb
+from resultity.agent.v1 import agent_service_pb2_grpc as agent_grpc
+from resultity.network.v1 import dispatch_service_pb2 as dispatch_pb
+from resultity.network.v1 import dispatch_service_pb2_grpc as dispatch_grpc
+from resultity.network.v1 import node_admin_service_pb2 as admin_pb
+from resultity.network.v1 import node_admin_service_pb2_grpc as admin_grpc
+
+from server.common.errors import DomainError, ProtocolViolation, SessionEnded
+from server.common.grpc_errors import abort_with_error, translate_errors
+from server.common.inference import JobAssigned, JobDelta
+from server.common.inference_proto import (
+    finish_reason_from_pb,
+    finish_reason_to_pb,
+    price_to_pb,
+    spec_from_pb,
+    spec_to_pb,
+    usage_from_pb,
+    usage_to_pb,
+)
+from server.network.jobs import (
+    ChunkReport,
+    DoneReport,
+    FailedReport,
+    FailureKind,
+)
+from server.network.nodes import (
+    AssignCommand,
+    CancelCommand,
+    DisconnectCommand,
+    NodeCommand,
+    NodeHello,
+    NodeModel,
+    NodeSession,
+)
+from server.network.service import NetworkService
+
+log = structlog.get_logger(__name__)
+
+_FAILURE_FROM_PB = {
+    agent_pb.JOB_FAILURE_REASON_INVALID_REQUEST: FailureKind.INVALID_REQUEST,
+    agent_pb.JOB_FAILURE_REASON_MODEL_UNAVAILABLE: FailureKind.MODEL_UNAVAILABLE,
+    agent_pb.JOB_FAILURE_REASON_RUNTIME_ERROR: FailureKind.RUNTIME_ERROR,
+}
+
+
+def _hello_from_pb(hello: agent_pb.Hello) -> NodeHello:
+    return NodeHello(
+        name=hello.node_name,
+        agent_version=hello.agent_version,
+        models=tuple(NodeModel(m.model, m.runtime, m.context_length) for m in hello.models),
+        max_concurrent_jobs=hello.max_concurrent_jobs,
+    )
+
+
+def _command_to_pb(command: NodeCommand) -> agent_pb.ConnectResponse:
+    if isinstance(command, AssignCommand):
+        return agent_pb.ConnectResponse(
+            assign_job=agent_pb.AssignJob(
+                job_id=command.job_id, epoch=command.epoch, spec=spec_to_pb(command.spec)
+            )
+        )
+    if isinstance(command, CancelCommand):
+        return agent_pb.ConnectResponse(
+            cancel_job=agent_pb.CancelJob(job_id=command.job_id, epoch=command.epoch)
+        )
+    raise TypeError(f"not a message for the agent: {command!r}")
+
+
+class AgentServicer(agent_grpc.AgentServiceServicer):
+    def __init__(self, service: NetworkService) -> None:
+        self._service = service
+
+    async def Connect(
+        self,
+        request_iterator: AsyncIterator[agent_pb.ConnectRequest],
+        context: grpc.aio.ServicerContext[agent_pb.ConnectRequest, agent_pb.ConnectResponse],
+    ) -> AsyncIterator[agent_pb.ConnectResponse]:
+        first = await anext(aiter(request_iterator), None)
+        if first is None:
+            return
+        if first.WhichOneof("message") != "hello":
+            await abort_with_error(
+                context, ProtocolViolation("the first message of a session must be hello")
+            )
+        try:
+            node = self._service.register(_hello_from_pb(first.hello))
+        except DomainError as error:
+            await abort_with_error(context, error)
+        liveness = self._service.liveness
+        interval, timeout = duration_pb2.Duration(), duration_pb2.Duration()
+        interval.FromNanoseconds(int(liveness.heartbeat_interval_s * 1e9))
+        timeout.FromNanoseconds(int(liveness.heartbeat_timeout_s * 1e9))
+        yield agent_pb.ConnectResponse(
+            welcome=agent_pb.Welcome(
+                node_id=node.node_id, heartbeat_interval=interval, heartbeat_timeout=timeout
+            )
+        )
+        reader = asyncio.create_task(self._read(node, request_iterator), name="agent-reader")
+        try:
+            while True:
+                command: NodeCommand = await node.outbox.get()
+                if isinstance(command, DisconnectCommand):
+                    if reader.done():
+                        return  # the agent ended the stream itself
+                    await abort_with_error(context, SessionEnded(command.reason))
+                yield _command_to_pb(command)
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+                await reader
+            self._service.disconnect(node, "stream closed")
+
+    async def _read(
+        self, node: NodeSession, requests: AsyncIterator[agent_pb.ConnectRequest]
+    ) -> None:
+        reason = "agent closed the stream"
+        try:
+            async for request in requests:
+                self._handle(node, request)
+        except ProtocolViolation as error:
+            reason = f"protocol violation: {error.message}"
+        except grpc.aio.AioRpcError as error:
+            reason = f"stream broken: {error.code().name}"
+        finally:
+            self._service.disconnect(node, reason)
+
+    def _handle(self, node: NodeSession, request: agent_pb.ConnectRequest) -> None:
+        kind = request.WhichOneof("message")
+        if kind == "heartbeat":
+            beat = request.heartbeat
+            self._service.heartbeat(
+                node,
+                active=beat.active_jobs,
+                queued=beat.queued_jobs,
+                tokens_per_second=beat.recent_tokens_per_second,
+            )
+        elif kind == "job_chunk":
+            chunk = request.job_chunk
+            report = ChunkReport(chunk.text, chunk.token_count, chunk.prompt_tokens)
+            self._service.report(node, chunk.job_id, chunk.epoch, report)
+        elif kind == "job_done":
+            done = request.job_done
+            self._service.report(
+                node,
+                done.job_id,
+                done.epoch,
+                DoneReport(finish_reason_from_pb(done.finish_reason), usage_from_pb(done.usage)),
+            )
+        elif kind == "job_failed":
+            failed = request.job_failed
+            failure = FailedReport(
+                _FAILURE_FROM_PB.get(failed.reason, FailureKind.RUNTIME_ERROR), failed.message
+            )
+            self._service.report(node, failed.job_id, failed.epoch, failure)
+        else:
+            raise ProtocolViolation(f"unexpected message in session: {kind}")
+
+
+class DispatchServicer(dispatch_grpc.DispatchServiceServicer):
+    def __init__(self, service: NetworkService) -> None:
+        self._service = service
+
+    @translate_errors
+    async def RunJob(
+        self,
+        request: dispatch_pb.RunJobRequest,
+        context: grpc.aio.ServicerContext[dispatch_pb.RunJobRequest, dispatch_pb.RunJobResponse],
+    ) -> AsyncIterator[dispatch_pb.RunJobResponse]:
+        events = self._service.run_job(request.job_id, spec_from_pb(request.spec))
+        try:
+            async for event in events:
+                if isinstance(event, JobAssigned):
+                    yield dispatch_pb.RunJobResponse(
+                        assigned=dispatch_pb.JobAssigned(node_id=event.node_id)
+                    )
+                elif isinstance(event, JobDelta):
+                    yield dispatch_pb.RunJobResponse(
+                        delta=dispatch_pb.TokenDelta(
+                            text=event.text,
+                            token_count=event.token_count,
+                            prompt_tokens=event.prompt_tokens,
+                        )
+                    )
+                else:
+                    yield dispatch_pb.RunJobResponse(
+                        finished=dispatch_pb.JobFinished(
+                            finish_reason=finish_reason_to_pb(event.finish_reason),
+                            usage=usage_to_pb(event.usage),
+                        )
+                    )
+        finally:
+            # Runs the job's own cleanup (cancel on the node) even when the caller went away.
+            await events.aclose()
+
+    @translate_errors
+    async def ListModels(
+        self,
+        request: dispatch_pb.ListModelsRequest,
+        context: grpc.aio.ServicerContext[
+            dispatch_pb.ListModelsRequest, dispatch_pb.ListModelsResponse
+        ],
+    ) -> dispatch_pb.ListModelsResponse:
+        return dispatch_pb.ListModelsResponse(
+            models=[
+                dispatch_pb.CatalogModel(
+                    id=model.id,
+                    owned_by=model.owned_by,
+                    price=price_to_pb(model.price),
+                    context_length=model.context_length,
+                    chat_template_overhead_tokens=model.chat_template_overhead_tokens,
+                    ready_nodes=model.ready_nodes,
+                )
+                for model in self._service.models()
+            ]
+        )
+
+
+def _timestamp(value: object) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(value)  # type: ignore[arg-type]
+    return stamp
+
+
+class NodeAdminServicer(admin_grpc.NodeAdminServiceServicer):
+    def __init__(self, service: NetworkService) -> None:
+        self._service = service
+
+    @translate_errors
+    async def ListNodes(
+        self,
+        request: admin_pb.ListNodesRequest,
+        context: grpc.aio.ServicerContext[admin_pb.ListNodesRequest, admin_pb.ListNodesResponse],
+    ) -> admin_pb.ListNodesResponse:
+        return admin_pb.ListNodesResponse(
+            nodes=[
+                admin_pb.Node(
+                    node_id=node.node_id,
+                    node_name=node.hello.name,
+                    agent_version=node.hello.agent_version,
+                    models=sorted(node.models),
+                    max_concurrent_jobs=node.hello.max_concurrent_jobs,
+                    active_jobs=len(node.active_jobs),
+                    connected_at=_timestamp(node.connected_at),
+                    last_heartbeat_at=_timestamp(node.last_heartbeat_at),
+                )
+                for node in self._service.nodes()
+            ]
+        )
