@@ -49,6 +49,13 @@ class StopReason(StrEnum):
 
 
 @dataclass(frozen=True)
+class Started:
+    """First event of a generation: the prompt was accepted and tokenized."""
+
+    prompt_tokens: int
+
+
+@dataclass(frozen=True)
 class TokenText:
     """Text of one or more newly generated tokens, ready to show."""
 
@@ -65,7 +72,7 @@ class Finished:
     completion_tokens: int
 
 
-GenerationEvent = TokenText | Finished
+GenerationEvent = Started | TokenText | Finished
 
 
 @dataclass(frozen=True)
@@ -91,7 +98,8 @@ class UnknownModel(GenerationError):
 class Runtime(Protocol):
     """A loaded inference backend.
 
-    ``generate`` yields TokenText events and ends with exactly one Finished.
+    ``generate`` yields one Started, then TokenText events, and ends with
+    exactly one Finished.
     Cancelling the consuming task stops generation promptly (within a token)
     and frees the slot. A backend runs at most ``slots`` generations at once;
     callers beyond that wait for a free slot.
