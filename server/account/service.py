@@ -176,29 +176,26 @@ class AccountService:
     ) -> Hold:
         """Reserves ``amount``; without ``expires_at`` the hold lasts the default TTL.
 
-        A replay must arrive before the requested expiry (later, it is refused
-        as an invalid expiry; the hold would be released by then anyway).
+        A replay returns the first hold, with the first call's expiry.
         """
         owner = parse_id(account_id, field="account_id")
         validate_amount(amount, field="amount_micro_credits")
         validate_idempotency_key(idempotency_key)
         now = self._clock()
         if expires_at is None:
-            # The fingerprint records that no expiry was given, so that a replay
-            # computing a later default still matches.
-            fingerprint = request_fingerprint("hold", owner, amount, "")
             expires_at = now + self._default_hold_ttl
-        else:
-            if not now < expires_at <= now + self._max_hold_ttl:
-                raise InvalidArgument(
-                    f"expires must be in the future and at most {self._max_hold_ttl} away",
-                    field="expires",
-                )
-            fingerprint = request_fingerprint("hold", owner, amount, expires_at.isoformat())
+        elif not now < expires_at <= now + self._max_hold_ttl:
+            raise InvalidArgument(
+                f"expires must be in the future and at most {self._max_hold_ttl} away",
+                field="expires",
+            )
+        # The expiry is left out of the fingerprint: a caller retrying with a
+        # recomputed deadline is still replaying the same reservation.
+        fingerprint = request_fingerprint("hold", owner, amount)
         hold = await self._store.create_hold(
             owner, amount, expires_at, idempotency_key, fingerprint
         )
-        log.info("hold created", account_id=account_id, hold_id=str(hold.hold_id), amount=amount)
+        log.debug("hold created", account_id=account_id, hold_id=str(hold.hold_id), amount=amount)
         return hold
 
     async def settle_hold(self, hold_id: str, capture: int) -> Hold:
@@ -206,7 +203,7 @@ class AccountService:
             parse_id(hold_id, field="hold_id"),
             validate_capture(capture, field="capture_micro_credits"),
         )
-        log.info("hold settled", hold_id=hold_id, captured=hold.captured, status=hold.status.name)
+        log.debug("hold settled", hold_id=hold_id, captured=hold.captured, status=hold.status.name)
         return hold
 
     async def release_expired_holds(self, *, batch_size: int = 500) -> int:

@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from server.account.api_keys import (
+    BASE62,
+    KEY_LENGTH,
+    generate_api_key,
+    hash_api_key,
+    validate_api_key,
+)
+from server.common.errors import InvalidApiKey
+
+
+def test_generated_key_round_trips() -> None:
+    key = generate_api_key()
+    assert key.secret.startswith("rsk_")
+    assert len(key.secret) == KEY_LENGTH == 53
+    assert validate_api_key(key.secret) == key.secret
+    assert key.prefix == key.secret[:12]
+    assert key.key_hash == hash_api_key(key.secret)
+    assert key.key_hash == hashlib.sha256(key.secret.encode()).hexdigest()
+
+
+def test_keys_are_unique_and_secret_is_not_in_repr() -> None:
+    keys = [generate_api_key() for _ in range(100)]
+    assert len({key.secret for key in keys}) == 100
+    assert keys[0].secret not in repr(keys[0])
+
+
+@given(position=st.integers(min_value=4, max_value=KEY_LENGTH - 1), data=st.data())
+def test_checksum_rejects_any_one_character_change(position: int, data: st.DataObject) -> None:
+    secret = generate_api_key().secret
+    replacement = data.draw(st.sampled_from(BASE62).filter(lambda c: c != secret[position]))
+    tampered = secret[:position] + replacement + secret[position + 1 :]
+    with pytest.raises(InvalidApiKey):
+        validate_api_key(tampered)
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        pytest.param(lambda s: "rsx_" + s[4:], id="wrong-prefix"),
+        pytest.param(lambda s: "sk-" + s[4:], id="openai-style"),
+        pytest.param(lambda s: s[:-1], id="too-short"),
+        pytest.param(lambda s: s + "0", id="too-long"),
+        pytest.param(lambda s: s[:20] + "-" + s[21:], id="not-base62"),
+        pytest.param(lambda s: s[:20] + "é" + s[21:], id="non-ascii"),
+        pytest.param(lambda s: "", id="empty"),
+    ],
+)
+def test_malformed_keys_are_rejected(mutate: Callable[[str], str]) -> None:
+    secret = generate_api_key().secret
+    with pytest.raises(InvalidApiKey) as raised:
+        validate_api_key(mutate(secret))
+    assert secret[4:] not in str(raised.value)
