@@ -1,0 +1,60 @@
+"""Conversions between the agent protocol and the runtime's types."""
+
+from __future__ import annotations
+
+from resultity.agent.v1 import agent_service_pb2 as pb
+from resultity.common.v1 import inference_pb2 as common_pb
+
+from agent.runner import FailureKind
+from agent.runtime.base import GenerationRequest, Message, Role, Sampling, StopReason
+
+_ROLES = {
+    common_pb.CHAT_ROLE_SYSTEM: Role.SYSTEM,
+    common_pb.CHAT_ROLE_USER: Role.USER,
+    common_pb.CHAT_ROLE_ASSISTANT: Role.ASSISTANT,
+}
+_STOP_REASONS = {
+    StopReason.STOP: common_pb.FINISH_REASON_STOP,
+    StopReason.LENGTH: common_pb.FINISH_REASON_LENGTH,
+}
+_FAILURES = {
+    FailureKind.INVALID_REQUEST: pb.JOB_FAILURE_REASON_INVALID_REQUEST,
+    FailureKind.MODEL_UNAVAILABLE: pb.JOB_FAILURE_REASON_MODEL_UNAVAILABLE,
+    FailureKind.RUNTIME_ERROR: pb.JOB_FAILURE_REASON_RUNTIME_ERROR,
+}
+
+
+class InvalidAssignment(ValueError):
+    pass
+
+
+def generation_request(spec: common_pb.GenerationSpec) -> GenerationRequest:
+    messages = []
+    for message in spec.messages:
+        role = _ROLES.get(message.role)
+        if role is None:
+            raise InvalidAssignment("message without a role")
+        messages.append(Message(role, message.content))
+    sampling = spec.sampling
+    if sampling.max_tokens < 1:
+        raise InvalidAssignment("max_tokens must be positive")
+    return GenerationRequest(
+        model=spec.model,
+        messages=tuple(messages),
+        sampling=Sampling(
+            max_tokens=sampling.max_tokens,
+            temperature=sampling.temperature if sampling.HasField("temperature") else None,
+            top_p=sampling.top_p if sampling.HasField("top_p") else None,
+            stop=tuple(sampling.stop),
+            seed=sampling.seed if sampling.HasField("seed") else None,
+        ),
+        max_prompt_tokens=spec.max_prompt_tokens,
+    )
+
+
+def finish_reason(reason: StopReason) -> common_pb.FinishReason.ValueType:
+    return _STOP_REASONS[reason]
+
+
+def failure_reason(kind: FailureKind) -> pb.JobFailureReason.ValueType:
+    return _FAILURES[kind]

@@ -1,0 +1,136 @@
+"""Runs jobs on the runtime with bounded concurrency and reports their progress.
+
+Jobs beyond the runtime's slots wait in a queue; a cancelled job stops within
+one token and reports nothing more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Protocol
+
+import structlog
+
+from agent.runtime.base import (
+    Finished,
+    GenerationRequest,
+    PromptTooLong,
+    Runtime,
+    Started,
+    StopReason,
+    TokenText,
+    UnknownModel,
+)
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class JobRef:
+    job_id: str
+    epoch: int
+
+
+class FailureKind(StrEnum):
+    INVALID_REQUEST = "invalid_request"
+    MODEL_UNAVAILABLE = "model_unavailable"
+    RUNTIME_ERROR = "runtime_error"
+
+
+class JobSink(Protocol):
+    """Where job progress goes (the session turns it into stream messages)."""
+
+    def chunk(self, job: JobRef, text: str, token_count: int, prompt_tokens: int) -> None: ...
+
+    def done(
+        self, job: JobRef, reason: StopReason, prompt_tokens: int, completion_tokens: int
+    ) -> None: ...
+
+    def failed(self, job: JobRef, kind: FailureKind, message: str) -> None: ...
+
+
+class JobRunner:
+    def __init__(self, runtime: Runtime, sink: JobSink) -> None:
+        self._runtime = runtime
+        self._sink = sink
+        self._slots = asyncio.Semaphore(runtime.slots)
+        self._tasks: dict[str, tuple[JobRef, asyncio.Task[None]]] = {}
+        self._running = 0
+        self._tokens = 0
+        self._rate_since = time.monotonic()
+
+    @property
+    def active(self) -> int:
+        return self._running
+
+    @property
+    def queued(self) -> int:
+        return len(self._tasks) - self._running
+
+    def tokens_per_second(self) -> float:
+        """Generated tokens per second since the previous call."""
+        now = time.monotonic()
+        elapsed, self._rate_since = now - self._rate_since, now
+        tokens, self._tokens = self._tokens, 0
+        return tokens / elapsed if elapsed > 0 else 0.0
+
+    def start(self, job: JobRef, request: GenerationRequest) -> None:
+        if job.job_id in self._tasks:
+            log.warning("duplicate assignment ignored", job_id=job.job_id)
+            return
+        task = asyncio.create_task(self._run(job, request), name=f"job-{job.job_id}")
+        self._tasks[job.job_id] = (job, task)
+        task.add_done_callback(lambda _: self._tasks.pop(job.job_id, None))
+
+    def cancel(self, job: JobRef) -> None:
+        entry = self._tasks.get(job.job_id)
+        if entry is not None and entry[0].epoch == job.epoch:
+            entry[1].cancel()
+
+    async def cancel_all(self) -> None:
+        tasks = [task for _, task in self._tasks.values()]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _run(self, job: JobRef, request: GenerationRequest) -> None:
+        bound = log.bind(job_id=job.job_id, epoch=job.epoch)
+        async with self._slots:
+            self._running += 1
+            sent = 0
+            prompt_tokens = 0
+            try:
+                async for event in self._runtime.generate(request):
+                    if isinstance(event, Started):
+                        prompt_tokens = event.prompt_tokens
+                    elif isinstance(event, TokenText):
+                        self._tokens += event.token_count
+                        # The first chunk carries the prompt size, for billing a cancelled job.
+                        first = sent == 0
+                        sent += event.token_count
+                        self._sink.chunk(
+                            job, event.text, event.token_count, prompt_tokens if first else 0
+                        )
+                    elif isinstance(event, Finished):
+                        self._sink.done(
+                            job, event.reason, event.prompt_tokens, event.completion_tokens
+                        )
+                        bound.info("job done", tokens=event.completion_tokens, reason=event.reason)
+            except PromptTooLong as error:
+                self._sink.failed(job, FailureKind.INVALID_REQUEST, str(error))
+            except UnknownModel as error:
+                self._sink.failed(job, FailureKind.MODEL_UNAVAILABLE, str(error))
+            except asyncio.CancelledError:
+                bound.info("job cancelled", tokens=sent)
+                raise
+            except Exception as error:  # a runtime crash fails this job, not the agent
+                bound.exception("job failed")
+                self._sink.failed(job, FailureKind.RUNTIME_ERROR, f"runtime error: {error}")
+            finally:
+                self._running -= 1

@@ -1,0 +1,197 @@
+"""The agent's session with the network: one bidirectional stream at a time.
+
+Registers with a hello, heartbeats at the interval the network asks for, runs
+assigned jobs and streams their tokens. When the stream breaks it cancels its
+jobs (the network has already failed them) and reconnects with jittered
+exponential backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+import structlog
+from resultity.agent.v1 import agent_service_pb2 as pb
+from resultity.agent.v1 import agent_service_pb2_grpc as pb_grpc
+from resultity.common.v1 import inference_pb2 as common_pb
+
+from agent.backoff import Backoff
+from agent.convert import InvalidAssignment, failure_reason, finish_reason, generation_request
+from agent.runner import FailureKind, JobRef, JobRunner
+from agent.runtime.base import Runtime, StopReason
+from server.common.channels import insecure_channel
+
+log = structlog.get_logger(__name__)
+
+AGENT_VERSION = "0.1.0"
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    network: str
+    node_name: str
+    # Used until the network's welcome says otherwise.
+    heartbeat_interval_s: float = 5.0
+
+
+class _StreamSink:
+    """Turns job progress into messages on the current stream."""
+
+    def __init__(self, outbound: asyncio.Queue[pb.ConnectRequest | None]) -> None:
+        self._outbound = outbound
+
+    def chunk(self, job: JobRef, text: str, token_count: int, prompt_tokens: int) -> None:
+        self._outbound.put_nowait(
+            pb.ConnectRequest(
+                job_chunk=pb.JobChunk(
+                    job_id=job.job_id,
+                    epoch=job.epoch,
+                    text=text,
+                    token_count=token_count,
+                    prompt_tokens=prompt_tokens,
+                )
+            )
+        )
+
+    def done(
+        self, job: JobRef, reason: StopReason, prompt_tokens: int, completion_tokens: int
+    ) -> None:
+        self._outbound.put_nowait(
+            pb.ConnectRequest(
+                job_done=pb.JobDone(
+                    job_id=job.job_id,
+                    epoch=job.epoch,
+                    finish_reason=finish_reason(reason),
+                    usage=common_pb.Usage(
+                        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens
+                    ),
+                )
+            )
+        )
+
+    def failed(self, job: JobRef, kind: FailureKind, message: str) -> None:
+        self._outbound.put_nowait(
+            pb.ConnectRequest(
+                job_failed=pb.JobFailed(
+                    job_id=job.job_id,
+                    epoch=job.epoch,
+                    reason=failure_reason(kind),
+                    message=message,
+                )
+            )
+        )
+
+
+class AgentSession:
+    def __init__(
+        self, settings: SessionSettings, runtime: Runtime, *, backoff: Backoff | None = None
+    ) -> None:
+        self._settings = settings
+        self._runtime = runtime
+        self._backoff = backoff or Backoff()
+        self.node_id: str | None = None
+        self.connected = asyncio.Event()
+
+    async def run_forever(self) -> None:
+        """Keeps a session open until cancelled."""
+        while True:
+            try:
+                await self._session()
+                log.warning("network closed the session")
+            except grpc.aio.AioRpcError as error:
+                log.warning("session ended", code=error.code().name, details=error.details())
+            delay = self._backoff.next_delay()
+            log.info("reconnecting", delay_s=round(delay, 2), attempt=self._backoff.attempt)
+            await asyncio.sleep(delay)
+
+    def _hello(self) -> pb.ConnectRequest:
+        return pb.ConnectRequest(
+            hello=pb.Hello(
+                node_name=self._settings.node_name,
+                agent_version=AGENT_VERSION,
+                models=[
+                    pb.ServedModel(
+                        model=m.model, runtime=m.runtime, context_length=m.context_length
+                    )
+                    for m in self._runtime.models
+                ],
+                max_concurrent_jobs=self._runtime.slots,
+            )
+        )
+
+    async def _session(self) -> None:
+        outbound: asyncio.Queue[pb.ConnectRequest | None] = asyncio.Queue()
+        runner = JobRunner(self._runtime, _StreamSink(outbound))
+        outbound.put_nowait(self._hello())
+        channel = insecure_channel(self._settings.network)
+        heartbeats: asyncio.Task[None] | None = None
+        try:
+            call = pb_grpc.AgentServiceStub(channel).Connect(_drain(outbound))
+            async for response in call:
+                kind = response.WhichOneof("message")
+                if kind == "welcome":
+                    welcome = response.welcome
+                    interval = welcome.heartbeat_interval.ToNanoseconds() / 1e9
+                    self.node_id = welcome.node_id
+                    self._backoff.reset()
+                    self.connected.set()
+                    log.info("registered", node_id=self.node_id, heartbeat_s=interval)
+                    heartbeats = asyncio.create_task(
+                        _heartbeat(
+                            outbound, runner, interval or self._settings.heartbeat_interval_s
+                        )
+                    )
+                elif kind == "assign_job":
+                    self._assign(runner, outbound, response.assign_job)
+                elif kind == "cancel_job":
+                    cancel = response.cancel_job
+                    runner.cancel(JobRef(cancel.job_id, cancel.epoch))
+        finally:
+            self.connected.clear()
+            if heartbeats is not None:
+                heartbeats.cancel()
+            await runner.cancel_all()
+            outbound.put_nowait(None)
+            await channel.close(grace=None)
+
+    def _assign(
+        self,
+        runner: JobRunner,
+        outbound: asyncio.Queue[pb.ConnectRequest | None],
+        assign: pb.AssignJob,
+    ) -> None:
+        job = JobRef(assign.job_id, assign.epoch)
+        try:
+            request = generation_request(assign.spec)
+        except InvalidAssignment as error:
+            _StreamSink(outbound).failed(job, FailureKind.INVALID_REQUEST, str(error))
+            return
+        runner.start(job, request)
+
+
+async def _drain(
+    outbound: asyncio.Queue[pb.ConnectRequest | None],
+) -> AsyncIterator[pb.ConnectRequest]:
+    while (message := await outbound.get()) is not None:
+        yield message
+
+
+async def _heartbeat(
+    outbound: asyncio.Queue[pb.ConnectRequest | None], runner: JobRunner, interval_s: float
+) -> None:
+    with contextlib.suppress(asyncio.CancelledError):
+        while True:
+            await asyncio.sleep(interval_s)
+            outbound.put_nowait(
+                pb.ConnectRequest(
+                    heartbeat=pb.Heartbeat(
+                        active_jobs=runner.active,
+                        queued_jobs=runner.queued,
+                        recent_tokens_per_second=runner.tokens_per_second(),
+                    )
+                )
+            )
