@@ -1,0 +1,176 @@
+"""The `resultity` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+from collections.abc import Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+import structlog
+
+from server.common import channels
+from server.common.logging import configure_logging
+
+log = structlog.get_logger(__name__)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="resultity", description=__doc__)
+    parser.add_argument("--log-level", default=os.environ.get("RESULTITY_LOG_LEVEL", "info"))
+    parser.add_argument("--log-json", action="store_true", help="log as JSON lines")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    up = commands.add_parser("up", help="run the whole platform on this machine")
+    up.add_argument("--data-dir", type=Path)
+    up.add_argument("--http-host")
+    up.add_argument("--http-port", type=int)
+    up.add_argument("--grpc-host", help="0.0.0.0 lets agents on other machines connect")
+    up.add_argument("--grpc-port", type=int)
+    up.add_argument("--database-url", help="use this PostgreSQL instead of an embedded one")
+    up.add_argument("--no-agent", action="store_true", help="do not start a local agent")
+
+    agent = commands.add_parser("agent", help="run a node agent")
+    agent.add_argument("--network", required=True, help="HOST:PORT of a network server")
+    agent.add_argument("--name", default=socket.gethostname(), help="node name shown to operators")
+    agent.add_argument("--runtime", default="llama.cpp")
+    agent.add_argument("--model-id")
+    agent.add_argument("--model-path", type=Path, help="GGUF file (default: bundled SmolLM2)")
+    agent.add_argument("--context-length", type=int, default=2048)
+    agent.add_argument("--slots", type=int, default=1, help="jobs run at the same time")
+    agent.add_argument("--threads", type=int, help="CPU threads per generation")
+
+    network = commands.add_parser("network", help="run the network server alone")
+    network.add_argument("--listen", default="127.0.0.1:50051")
+
+    account = commands.add_parser("account", help="run the account server alone")
+    account.add_argument("--listen", default="127.0.0.1:50052")
+    account.add_argument("--database-url", default=os.environ.get("RESULTITY_DATABASE_URL"))
+
+    cloud = commands.add_parser("cloud", help="run the cloud server alone")
+    cloud.add_argument("--listen", default="127.0.0.1:50053")
+    cloud.add_argument("--account", required=True, help="HOST:PORT of the account server")
+    cloud.add_argument("--network", required=True, help="HOST:PORT of the network server")
+
+    gateway = commands.add_parser("gateway", help="run the OpenAI HTTP gateway alone")
+    gateway.add_argument("--cloud", required=True, help="HOST:PORT of the cloud server")
+    gateway.add_argument("--host", default="127.0.0.1")
+    gateway.add_argument("--port", type=int, default=8080)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    configure_logging(args.log_level, json=args.log_json)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_run(args))
+
+
+async def _run(args: argparse.Namespace) -> None:
+    if args.command == "up":
+        await _up(args)
+    elif args.command == "agent":
+        await _agent(args)
+    elif args.command == "gateway":
+        from gateway.app import create_app
+        from gateway.server import serve
+
+        await _until_signal(serve(create_app(args.cloud), args.host, args.port))
+    else:
+        await _serve_one(args)
+
+
+async def _up(args: argparse.Namespace) -> None:
+    from server.settings import PlatformSettings
+    from server.up import run_platform
+
+    overrides = {
+        "data_dir": args.data_dir,
+        "http_host": args.http_host,
+        "http_port": args.http_port,
+        "grpc_host": args.grpc_host,
+        "grpc_port": args.grpc_port,
+        "database_url": args.database_url,
+        "log_level": args.log_level,
+    }
+    settings = PlatformSettings(**{k: v for k, v in overrides.items() if v is not None})
+    if args.no_agent:
+        settings = settings.model_copy(update={"local_agent": False})
+    await run_platform(settings)
+
+
+async def _agent(args: argparse.Namespace) -> None:
+    from agent.main import run_agent
+    from agent.runtime.loader import RuntimeSettings
+    from agent.session import SessionSettings
+
+    runtime = RuntimeSettings(
+        runtime=args.runtime,
+        model_path=args.model_path,
+        context_length=args.context_length,
+        slots=args.slots,
+        threads=args.threads,
+    )
+    if args.model_id:
+        runtime = RuntimeSettings(**{**runtime.__dict__, "model_id": args.model_id})
+    await run_agent(SessionSettings(network=args.network, node_name=args.name), runtime)
+
+
+async def _serve_one(args: argparse.Namespace) -> None:
+    """One service on its own gRPC server, until SIGINT or SIGTERM."""
+    server = channels.server()
+    stop_component = None
+    if args.command == "network":
+        from server.network.component import NetworkComponent
+
+        network = NetworkComponent()
+        network.register(server)
+        network.start()
+        stop_component = network.stop
+    elif args.command == "account":
+        from server.account.component import AccountComponent
+
+        if not args.database_url:
+            raise SystemExit("account: --database-url or RESULTITY_DATABASE_URL is required")
+        account = await AccountComponent.start(args.database_url)
+        account.register(server)
+        stop_component = account.stop
+    else:
+        from server.cloud.component import CloudComponent
+
+        cloud = CloudComponent(account_target=args.account, network_target=args.network)
+        cloud.register(server)
+        stop_component = cloud.stop
+    server.add_insecure_port(args.listen)
+    await server.start()
+    log.info("serving", service=args.command, address=args.listen)
+    try:
+        await _until_signal(server.wait_for_termination())
+    finally:
+        await server.stop(5.0)
+        await stop_component()
+
+
+async def _until_signal(work: Coroutine[Any, Any, Any]) -> None:
+    """Runs ``work`` until it ends or SIGINT/SIGTERM arrives, then cancels it."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    task = asyncio.ensure_future(work)
+    waiter = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    for pending in (task, waiter):
+        pending.cancel()
+        with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+            await pending
+
+
+if __name__ == "__main__":
+    main()

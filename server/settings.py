@@ -1,0 +1,30 @@
+"""Typed settings, read from RESULTITY_* environment variables; CLI flags override."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class PlatformSettings(BaseSettings):
+    """Settings of `resultity up`, the all-in-one control plane."""
+
+    model_config = SettingsConfigDict(env_prefix="RESULTITY_")
+
+    data_dir: Path = Path(".resultity")
+    # Unset: an embedded PostgreSQL runs in <data_dir>/postgres.
+    database_url: str | None = None
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080
+    # Loopback by default: agents on other machines need 0.0.0.0.
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int = 50051
+    heartbeat_interval_s: float = 5.0
+    heartbeat_timeout_s: float = 30.0
+    # Credits granted to the demo account on first start (micro-credits).
+    demo_credits: int = 100_000_000
+    log_level: str = "info"
+    # Start one local agent serving the bundled model.
+    local_agent: bool = True
+    local_agent_slots: int = 1

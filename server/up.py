@@ -1,0 +1,183 @@
+"""`resultity up`: the whole platform on one machine.
+
+Embedded PostgreSQL (unless a database URL is given), the network, account and
+cloud services on one gRPC server, one local agent process serving the bundled
+model, and the OpenAI gateway. The services still call each other over gRPC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+from collections.abc import AsyncIterator, Coroutine
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from gateway.app import create_app
+from gateway.server import serve as serve_gateway
+from server.account.component import AccountComponent
+from server.bootstrap import DEMO_KEY_FILE, ensure_demo_key
+from server.cloud.component import CloudComponent
+from server.common import channels
+from server.common.database import EmbeddedPostgres
+from server.network.component import NetworkComponent
+from server.network.service import LivenessSettings
+from server.settings import PlatformSettings
+
+log = structlog.get_logger(__name__)
+
+AGENT_READY_TIMEOUT_S = 300.0
+
+
+@asynccontextmanager
+async def _database(settings: PlatformSettings) -> AsyncIterator[str]:
+    if settings.database_url:
+        yield settings.database_url
+        return
+    embedded = EmbeddedPostgres(settings.data_dir.resolve() / "postgres")
+    dsn = await embedded.start("resultity")
+    try:
+        yield dsn
+    finally:
+        await embedded.stop()
+
+
+@asynccontextmanager
+async def _local_agent(
+    settings: PlatformSettings, network: NetworkComponent
+) -> AsyncIterator[None]:
+    """A child agent process, stopped with SIGTERM (then SIGKILL) on exit."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "server.cli",
+        "--log-level",
+        settings.log_level,
+        "agent",
+        "--network",
+        f"127.0.0.1:{settings.grpc_port}",
+        "--name",
+        "local",
+        "--slots",
+        str(settings.local_agent_slots),
+    )
+    try:
+        await _wait_for_node(network, process)
+        yield
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(process.wait(), timeout=15)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+
+
+async def _wait_for_node(network: NetworkComponent, process: asyncio.subprocess.Process) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + AGENT_READY_TIMEOUT_S
+    while not network.service.nodes():
+        if process.returncode is not None:
+            raise RuntimeError(f"the local agent exited with code {process.returncode}")
+        if loop.time() > deadline:
+            raise RuntimeError("the local agent did not register in time")
+        await asyncio.sleep(0.2)
+
+
+async def run_platform(settings: PlatformSettings, *, ready: asyncio.Event | None = None) -> None:
+    """Runs until cancelled, SIGINT or SIGTERM; shuts down in reverse order."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    data_dir = settings.data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    grpc_target = f"127.0.0.1:{settings.grpc_port}"
+
+    async with AsyncExitStack() as stack:
+        dsn = await stack.enter_async_context(_database(settings))
+        account = await AccountComponent.start(dsn)
+        stack.push_async_callback(account.stop)
+        network = NetworkComponent(
+            liveness=LivenessSettings(settings.heartbeat_interval_s, settings.heartbeat_timeout_s)
+        )
+        network.start()
+        stack.push_async_callback(network.stop)
+        cloud = CloudComponent(account_target=grpc_target, network_target=grpc_target)
+        stack.push_async_callback(cloud.stop)
+
+        server = channels.server()
+        for component in (account, network, cloud):
+            component.register(server)
+        server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
+        await server.start()
+        stack.push_async_callback(server.stop, 5.0)
+        log.info("grpc services listening", address=f"{settings.grpc_host}:{settings.grpc_port}")
+
+        bootstrap_channel = channels.insecure_channel(grpc_target)
+        try:
+            api_key = await ensure_demo_key(bootstrap_channel, data_dir, settings.demo_credits)
+        finally:
+            await bootstrap_channel.close(grace=None)
+
+        if settings.local_agent:
+            await stack.enter_async_context(_local_agent(settings, network))
+
+        gateway_started = asyncio.Event()
+        gateway = asyncio.create_task(
+            serve_gateway(
+                create_app(grpc_target),
+                settings.http_host,
+                settings.http_port,
+                started=gateway_started,
+            ),
+            name="gateway",
+        )
+        stack.push_async_callback(_cancel, gateway)
+        await _first(gateway_started.wait(), gateway)
+        _print_banner(settings, api_key, data_dir / DEMO_KEY_FILE)
+        if ready is not None:
+            ready.set()
+        await _first(stop.wait(), gateway)
+        log.info("shutting down")
+
+
+async def _first(awaitable: Coroutine[Any, Any, Any], guard: asyncio.Task[None]) -> None:
+    """Awaits ``awaitable`` but fails if ``guard`` ends first (e.g. port in use)."""
+    waiter = asyncio.ensure_future(awaitable)
+    done, _ = await asyncio.wait({waiter, guard}, return_when=asyncio.FIRST_COMPLETED)
+    if guard in done and waiter not in done:
+        waiter.cancel()
+        guard.result()
+        raise RuntimeError("the gateway stopped unexpectedly")
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def _print_banner(settings: PlatformSettings, api_key: str, key_file: Path) -> None:
+    base = f"http://{settings.http_host}:{settings.http_port}/v1"
+    print(
+        f"""
+Resultity is running.
+  OpenAI-compatible API: {base}
+  gRPC services:         {settings.grpc_host}:{settings.grpc_port}
+  Demo API key:          {api_key}   (saved in {key_file})
+
+  curl {base}/chat/completions -H "Authorization: Bearer $(cat {key_file})" \\
+    -H "Content-Type: application/json" \\
+    -d '{{"model": "smollm2-135m-instruct", "messages": [{{"role": "user", "content": "Hi"}}]}}'
+
+Press Ctrl-C to stop.
+""",
+        flush=True,
+    )
