@@ -1,0 +1,288 @@
+"""The gateway's FastAPI app: the OpenAI HTTP API in front of cloud's InferenceService.
+
+Routes validate JSON, call cloud with the caller's key and a request id in gRPC
+metadata, and convert the reply; cloud holds all business logic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, TypeVar, cast
+
+import grpc
+import structlog
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from resultity.cloud.v1 import inference_service_pb2 as pb
+from resultity.cloud.v1 import inference_service_pb2_grpc
+from starlette.datastructures import MutableHeaders
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response, StreamingResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway import convert, errors, sse
+from gateway.errors import ApiError
+from gateway.schemas import ChatCompletionRequest
+
+if TYPE_CHECKING:
+    from resultity.cloud.v1.inference_service_pb2_grpc import InferenceServiceAsyncStub
+
+log = structlog.get_logger("gateway")
+
+_T = TypeVar("_T")
+Metadata = tuple[tuple[str, str], ...]
+
+# Status logged (never delivered) when the client went away before the answer.
+_CLIENT_CLOSED_REQUEST = 499
+_LIST_MODELS_TIMEOUT_S = 30.0
+
+
+class _ClientGone(Exception):
+    """The HTTP client disconnected while the gateway waited on cloud."""
+
+
+def create_app(cloud_target: str) -> FastAPI:
+    """The gateway app; its lifespan owns the gRPC channel to cloud at `cloud_target`."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        channel = grpc.aio.insecure_channel(cloud_target)
+        app.state.cloud = inference_service_pb2_grpc.InferenceServiceStub(channel)
+        log.info("gateway.cloud_channel_opened", target=cloud_target)
+        try:
+            yield
+        finally:
+            await channel.close(grace=None)
+
+    app = FastAPI(
+        title="Resultity gateway",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(grpc.aio.AioRpcError, _rpc_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_middleware(RequestIdMiddleware)
+    app.include_router(_router)
+    return app
+
+
+# --- cross-cutting: request ids, error rendering -------------------------------------------
+
+
+class RequestIdMiddleware:
+    """Gives every request an id (response header `x-request-id`, log context, cloud metadata)
+    and renders unhandled exceptions as the OpenAI envelope rather than plain text."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        status: int | None = None
+        began = time.monotonic()
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                MutableHeaders(scope=message).append("x-request-id", request_id)
+            await send(message)
+
+        with structlog.contextvars.bound_contextvars(request_id=request_id):
+            try:
+                await self.app(scope, receive, send_with_id)
+            except Exception:
+                log.exception("gateway.unhandled_error", path=scope["path"])
+                if status is not None:
+                    raise  # headers are out; the server aborts the connection
+                await errors.internal_error().response()(scope, receive, send_with_id)
+            finally:
+                log.info(
+                    "gateway.request",
+                    method=scope["method"],
+                    path=scope["path"],
+                    status=status,
+                    duration_ms=round((time.monotonic() - began) * 1000, 1),
+                )
+
+
+async def _api_error(_: Request, exc: Exception) -> Response:
+    return cast(ApiError, exc).response()
+
+
+async def _rpc_error(_: Request, exc: Exception) -> Response:
+    error = cast(grpc.aio.AioRpcError, exc)
+    api_error = errors.from_rpc_error(error)
+    log.info("gateway.cloud_error", code=error.code().name, status=api_error.status)
+    return api_error.response()
+
+
+async def _validation_error(_: Request, exc: Exception) -> Response:
+    # FastAPI's locations start with "body"/"query"/...; OpenAI's param is the field path.
+    raw = cast(RequestValidationError, exc).errors()
+    located = [{**error, "loc": tuple(error.get("loc", ()))[1:]} for error in raw]
+    return errors.from_validation_errors(located).response()
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    status = cast(StarletteHTTPException, exc).status_code
+    return errors.from_http_status(status, request.method, request.url.path).response()
+
+
+# --- helpers -----------------------------------------------------------------------------
+
+
+def _cloud(request: Request) -> InferenceServiceAsyncStub:
+    return cast("InferenceServiceAsyncStub", request.app.state.cloud)
+
+
+def _call_metadata(request: Request) -> Metadata:
+    """The caller's key and the request id, as cloud expects them; 401 without a key."""
+    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    key = key.strip()
+    # gRPC metadata is ASCII; no valid key is anything else.
+    if scheme.lower() != "bearer" or not key or not key.isascii() or not key.isprintable():
+        raise errors.missing_api_key()
+    return (("authorization", f"Bearer {key}"), ("x-request-id", request.state.request_id))
+
+
+async def _parse(request: Request) -> ChatCompletionRequest:
+    try:
+        return ChatCompletionRequest.model_validate_json(await request.body())
+    except ValidationError as error:
+        raise errors.from_validation_errors(error.errors()) from None
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    # The body is consumed, so the next ASGI message is the disconnect.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_client_gone(request: Request, call: grpc.aio.Call, step: Awaitable[_T]) -> _T:
+    """Awaits one step of a cloud call; cancels the call if the HTTP client leaves first,
+    so cloud stops the job instead of generating for nobody."""
+    step_task = asyncio.ensure_future(step)
+    gone = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait((step_task, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not step_task.done():
+            step_task.cancel()
+            call.cancel()
+    if not step_task.done():
+        raise _ClientGone
+    return step_task.result()
+
+
+def _client_gone_response() -> Response:
+    log.info("gateway.client_disconnected")
+    return Response(status_code=_CLIENT_CLOSED_REQUEST)
+
+
+# --- routes ------------------------------------------------------------------------------
+
+_router = APIRouter()
+
+
+@_router.post("/v1/chat/completions")
+async def chat_completions(request: Request) -> Response:
+    metadata = _call_metadata(request)
+    body = await _parse(request)
+    params = convert.params_from_request(body)
+    structlog.contextvars.bind_contextvars(model=body.model, stream=body.stream)
+    if body.stream:
+        return await _stream_chat_completion(request, params, metadata, body.include_usage)
+    call = _cloud(request).CreateChatCompletion(
+        pb.CreateChatCompletionRequest(params=params), metadata=metadata
+    )
+    try:
+        response = await _unless_client_gone(request, call, call)
+    except _ClientGone:
+        return _client_gone_response()
+    return _json(convert.chat_completion_from_proto(response).model_dump_json())
+
+
+async def _stream_chat_completion(
+    request: Request, params: pb.ChatCompletionParams, metadata: Metadata, include_usage: bool
+) -> Response:
+    call = _cloud(request).StreamChatCompletion(
+        pb.StreamChatCompletionRequest(params=params), metadata=metadata
+    )
+    messages = aiter(call)
+    # Read the first message before answering so that errors cloud raises up front
+    # (bad key, unknown model, no funds) get a proper HTTP status.
+    try:
+        first: pb.StreamChatCompletionResponse | None = await _unless_client_gone(
+            request, call, anext(messages)
+        )
+    except StopAsyncIteration:
+        first = None
+    except _ClientGone:
+        return _client_gone_response()
+
+    async def events() -> AsyncIterator[bytes]:
+        try:
+            message = first
+            while message is not None:
+                if include_usage or not convert.is_usage_only(message):
+                    yield sse.encode_chunk(
+                        convert.chunk_from_proto(message), include_usage=include_usage
+                    )
+                message = await anext(messages, None)
+        except grpc.aio.AioRpcError as error:
+            api_error = errors.from_rpc_error(error)
+            log.info("gateway.cloud_error_in_stream", code=error.code().name)
+            yield sse.encode_error(api_error)
+        yield sse.DONE
+
+    return _CloudStreamResponse(call, events())
+
+
+class _CloudStreamResponse(StreamingResponse):
+    """An SSE response that cancels its cloud call however the response ends; Starlette
+    cancels the body on client disconnect, and this covers every other exit too."""
+
+    def __init__(self, call: grpc.aio.Call, body: AsyncIterator[bytes]) -> None:
+        super().__init__(body, media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
+        self._call = call
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if self._call.cancel():
+                log.info("gateway.stream_cancelled")
+
+
+@_router.get("/v1/models")
+async def list_models(request: Request) -> Response:
+    call = _cloud(request).ListModels(
+        pb.ListModelsRequest(), metadata=_call_metadata(request), timeout=_LIST_MODELS_TIMEOUT_S
+    )
+    try:
+        response = await _unless_client_gone(request, call, call)
+    except _ClientGone:
+        return _client_gone_response()
+    return _json(convert.model_list_from_proto(response).model_dump_json())
+
+
+def _json(content: str) -> Response:
+    return Response(content=content, media_type="application/json")
+
+
+__all__ = ["RequestIdMiddleware", "create_app"]

@@ -1,0 +1,119 @@
+"""Conversions between the OpenAI JSON models and cloud's protobuf messages.
+
+Pure functions: no I/O, no policy. Cloud decides everything; these only rename.
+"""
+
+from __future__ import annotations
+
+from google.protobuf.timestamp_pb2 import Timestamp
+from resultity.cloud.v1 import inference_service_pb2 as pb
+from resultity.common.v1 import inference_pb2
+
+from gateway import schemas
+
+_ROLES: dict[str, inference_pb2.ChatRole.ValueType] = {
+    "system": inference_pb2.CHAT_ROLE_SYSTEM,
+    "user": inference_pb2.CHAT_ROLE_USER,
+    "assistant": inference_pb2.CHAT_ROLE_ASSISTANT,
+}
+
+# A cancelled job ended because the caller stopped it; OpenAI has no such reason and
+# reports "stop" for a generation that ended on request.
+_FINISH_REASONS: dict[inference_pb2.FinishReason.ValueType, schemas.FinishReason] = {
+    inference_pb2.FINISH_REASON_STOP: "stop",
+    inference_pb2.FINISH_REASON_LENGTH: "length",
+    inference_pb2.FINISH_REASON_CANCELLED: "stop",
+}
+
+
+def params_from_request(request: schemas.ChatCompletionRequest) -> pb.ChatCompletionParams:
+    return pb.ChatCompletionParams(
+        model=request.model,
+        messages=[
+            inference_pb2.ChatMessage(role=_ROLES[message.role], content=message.text)
+            for message in request.messages
+        ],
+        max_tokens=request.effective_max_tokens,
+        temperature=request.temperature,
+        top_p=request.top_p,
+        stop=request.stop or [],
+        seed=request.seed,
+        user=request.user or "",
+    )
+
+
+def finish_reason(value: inference_pb2.FinishReason.ValueType) -> schemas.FinishReason | None:
+    """None while a choice is still generating (FINISH_REASON_UNSPECIFIED)."""
+    return _FINISH_REASONS.get(value)
+
+
+def _unix_seconds(timestamp: Timestamp) -> int:
+    return int(timestamp.seconds)
+
+
+def _usage(usage: inference_pb2.Usage) -> schemas.Usage:
+    return schemas.Usage(
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        total_tokens=usage.prompt_tokens + usage.completion_tokens,
+    )
+
+
+def chat_completion_from_proto(
+    response: pb.CreateChatCompletionResponse,
+) -> schemas.ChatCompletion:
+    return schemas.ChatCompletion(
+        id=response.id,
+        created=_unix_seconds(response.created),
+        model=response.model,
+        choices=[
+            schemas.Choice(
+                index=choice.index,
+                message=schemas.AssistantMessage(content=choice.message.content),
+                # A finished completion always has a reason; OpenAI's schema requires one.
+                finish_reason=finish_reason(choice.finish_reason) or "stop",
+            )
+            for choice in response.choices
+        ],
+        usage=_usage(response.usage),
+    )
+
+
+def _delta(delta: pb.ChatCompletionDelta) -> schemas.Delta:
+    if delta.role != inference_pb2.CHAT_ROLE_UNSPECIFIED:
+        # The opening delta: OpenAI sends the role with empty content.
+        return schemas.Delta(role="assistant", content=delta.content)
+    return schemas.Delta(content=delta.content or None)
+
+
+def chunk_from_proto(message: pb.StreamChatCompletionResponse) -> schemas.ChatCompletionChunk:
+    return schemas.ChatCompletionChunk(
+        id=message.id,
+        created=_unix_seconds(message.created),
+        model=message.model,
+        choices=[
+            schemas.ChunkChoice(
+                index=delta.index,
+                delta=_delta(delta),
+                finish_reason=finish_reason(delta.finish_reason),
+            )
+            for delta in message.choices
+        ],
+        usage=_usage(message.usage) if message.HasField("usage") else None,
+    )
+
+
+def is_usage_only(message: pb.StreamChatCompletionResponse) -> bool:
+    """The closing message of a stream, sent to callers only with include_usage."""
+    return not message.choices
+
+
+def model_list_from_proto(response: pb.ListModelsResponse) -> schemas.ModelList:
+    return schemas.ModelList(
+        data=[
+            schemas.ModelCard(
+                id=model.id, created=_unix_seconds(model.created), owned_by=model.owned_by
+            )
+            for model in response.models
+        ]
+    )

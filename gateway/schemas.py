@@ -1,0 +1,173 @@
+"""Pydantic models of the OpenAI JSON the gateway accepts and returns.
+
+Requests ignore unknown fields because OpenAI clients send many we do not
+serve; responses carry exactly the fields the official SDKs validate.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_serializer,
+    field_validator,
+)
+
+INT32_MAX = 2**31 - 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_STOP_SEQUENCES = 4
+
+FinishReason = Literal["stop", "length"]
+
+
+def _str_as_list(value: object) -> object:
+    """`stop` may be one string or a list of them."""
+    return [value] if isinstance(value, str) else value
+
+
+def _str_as_text_parts(value: object) -> object:
+    """Message content may be a plain string or a list of content parts."""
+    return [{"type": "text", "text": value}] if isinstance(value, str) else value
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class TextPart(_Request):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "user", "assistant"]
+    content: Annotated[list[TextPart], BeforeValidator(_str_as_text_parts)]
+
+    @property
+    def text(self) -> str:
+        # Separate parts stay separate for the model, as most OpenAI-compatible servers do.
+        return "\n".join(part.text for part in self.content)
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(_Request):
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, gt=0, le=INT32_MAX)
+    max_completion_tokens: int | None = Field(default=None, gt=0, le=INT32_MAX)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    stop: Annotated[
+        list[str] | None, BeforeValidator(_str_as_list), Field(max_length=MAX_STOP_SEQUENCES)
+    ] = None
+    seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
+    user: str | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _only_one_choice(cls, value: int | None) -> int | None:
+        if value is not None and value != 1:
+            raise ValueError("only n=1 is supported")
+        return value
+
+    @property
+    def effective_max_tokens(self) -> int | None:
+        """max_completion_tokens replaced max_tokens in the OpenAI API, so it wins."""
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens
+        return self.max_tokens
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class Choice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: FinishReason
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int
+    delta: Delta
+    logprobs: None = None
+    finish_reason: FinishReason | None = None
+
+    @field_serializer("delta", mode="wrap")
+    def _omit_absent_delta_fields(
+        self, delta: Delta, handler: SerializerFunctionWrapHandler
+    ) -> object:
+        # OpenAI sends `{}` rather than nulls for what a delta does not change.
+        dumped = handler(delta)
+        return {key: value for key, value in dumped.items() if value is not None}
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    # Serialised only for callers that asked for usage (see sse.encode_chunk).
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorEnvelope(BaseModel):
+    error: ErrorBody

@@ -1,0 +1,29 @@
+"""Server-sent events framing of a streamed chat completion, as OpenAI sends it."""
+
+from __future__ import annotations
+
+from gateway.errors import ApiError
+from gateway.schemas import ChatCompletionChunk
+
+MEDIA_TYPE = "text/event-stream"
+# Proxies must pass each event on as it comes rather than buffer the body.
+HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+DONE = b"data: [DONE]\n\n"
+
+
+def event(data: str) -> bytes:
+    """One `data:` event; multi-line payloads become one `data:` line per line."""
+    lines = data.split("\n")
+    return "".join(f"data: {line}\n" for line in lines).encode() + b"\n"
+
+
+def encode_chunk(chunk: ChatCompletionChunk, *, include_usage: bool) -> bytes:
+    # With include_usage every chunk carries "usage" (null until the last); without it
+    # the key is absent, as in OpenAI's stream.
+    exclude = None if include_usage else {"usage"}
+    return event(chunk.model_dump_json(exclude=exclude))
+
+
+def encode_error(error: ApiError) -> bytes:
+    """An error that happened after the stream started, when no status can be sent."""
+    return event(error.envelope().model_dump_json())

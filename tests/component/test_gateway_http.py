@@ -1,0 +1,568 @@
+"""The gateway over real HTTP and real gRPC, against a scripted cloud.
+
+Most checks go through the official openai SDK with strict response validation,
+so "the SDK parses it and raises the right exception" is what is tested; raw
+httpx checks the bytes where the SDK would hide them (SSE framing, envelopes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import httpx
+import openai
+import pytest
+from openai.types import CompletionUsage
+from openai.types.chat import ChatCompletionMessageParam
+from resultity.cloud.v1 import inference_service_pb2 as pb
+from resultity.common.v1 import inference_pb2
+
+from gateway.app import create_app
+from gateway.server import serve
+from server.common.errors import (
+    DomainError,
+    ErrorReason,
+    InsufficientQuota,
+    InvalidArgument,
+    JobFailed,
+    ModelNotFound,
+    NoCapacity,
+)
+from tests.doubles.scripted_cloud import (
+    COMPLETION_ID,
+    CREATED,
+    TEST_API_KEY,
+    ScriptedCloud,
+    start_cloud,
+)
+
+MODEL = "smollm2-135m"
+HELLO: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Say hello"}]
+
+
+@dataclass
+class Stack:
+    cloud: ScriptedCloud
+    base_url: str
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+async def stack() -> AsyncIterator[Stack]:
+    cloud = ScriptedCloud()
+    grpc_server, target = await start_cloud(cloud)
+    port = _free_port()
+    started = asyncio.Event()
+    gateway = asyncio.create_task(serve(create_app(target), "127.0.0.1", port, started=started))
+    waiter = asyncio.create_task(started.wait())
+    await asyncio.wait((gateway, waiter), return_when=asyncio.FIRST_COMPLETED)
+    if gateway.done():
+        gateway.result()  # surfaces a start-up failure
+    try:
+        yield Stack(cloud, f"http://127.0.0.1:{port}")
+    finally:
+        gateway.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await gateway
+        await grpc_server.stop(grace=None)
+
+
+@pytest.fixture(autouse=True)
+def cloud(stack: Stack) -> ScriptedCloud:
+    stack.cloud.reset()
+    return stack.cloud
+
+
+@pytest.fixture
+async def client(stack: Stack) -> AsyncIterator[openai.AsyncOpenAI]:
+    async with openai.AsyncOpenAI(
+        base_url=f"{stack.base_url}/v1",
+        api_key=TEST_API_KEY,
+        max_retries=0,
+        _strict_response_validation=True,
+    ) as sdk:
+        yield sdk
+
+
+@pytest.fixture
+async def http(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(
+        base_url=stack.base_url, headers={"authorization": f"Bearer {TEST_API_KEY}"}
+    ) as raw:
+        yield raw
+
+
+def _events(body: bytes) -> list[bytes]:
+    """The data of each SSE event, checking each is exactly one `data:` line."""
+    assert body.endswith(b"\n\n")
+    frames = body[:-2].split(b"\n\n")
+    for frame in frames:
+        assert frame.startswith(b"data: ")
+        assert b"\n" not in frame
+    return [frame[len(b"data: ") :] for frame in frames]
+
+
+# --- chat completions through the SDK ------------------------------------------------------
+
+
+async def test_chat_completion(client: openai.AsyncOpenAI, cloud: ScriptedCloud) -> None:
+    raw = await client.chat.completions.with_raw_response.create(
+        model=MODEL,
+        messages=[
+            {"role": "system", "content": "Be brief."},
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "Say"}, {"type": "text", "text": "hi"}],
+            },
+        ],
+        max_tokens=10,
+        max_completion_tokens=20,
+        temperature=0.5,
+        top_p=0.9,
+        stop="END",
+        seed=3,
+        user="end-user-1",
+        n=1,
+        frequency_penalty=0.0,  # not served: ignored, as unknown fields are
+    )
+    completion = raw.parse()
+
+    assert completion.id == COMPLETION_ID
+    assert completion.object == "chat.completion"
+    assert completion.created == CREATED
+    assert completion.model == MODEL
+    assert len(completion.choices) == 1
+    assert completion.choices[0].message.role == "assistant"
+    assert completion.choices[0].message.content == "Hello world"
+    assert completion.choices[0].finish_reason == "stop"
+    assert completion.usage == CompletionUsage(prompt_tokens=7, completion_tokens=2, total_tokens=9)
+
+    (call,) = cloud.calls
+    assert call.method == "CreateChatCompletion"
+    assert call.metadata["authorization"] == f"Bearer {TEST_API_KEY}"
+    assert call.metadata["x-request-id"] == raw.headers["x-request-id"]
+    assert len(raw.headers["x-request-id"]) == 32
+    assert call.request == pb.CreateChatCompletionRequest(
+        params=pb.ChatCompletionParams(
+            model=MODEL,
+            messages=[
+                inference_pb2.ChatMessage(role=inference_pb2.CHAT_ROLE_SYSTEM, content="Be brief."),
+                inference_pb2.ChatMessage(role=inference_pb2.CHAT_ROLE_USER, content="Say\nhi"),
+            ],
+            max_tokens=20,
+            temperature=0.5,
+            top_p=0.9,
+            stop=["END"],
+            seed=3,
+            user="end-user-1",
+        )
+    )
+
+
+async def test_length_finish_reason(client: openai.AsyncOpenAI, cloud: ScriptedCloud) -> None:
+    cloud.script.finish_reason = inference_pb2.FINISH_REASON_LENGTH
+
+    completion = await client.chat.completions.create(model=MODEL, messages=HELLO)
+
+    assert completion.choices[0].finish_reason == "length"
+
+
+def _delta_rows(chunks: list[Any]) -> list[tuple[Any, ...]]:
+    return [
+        (c.choices[0].delta.role, c.choices[0].delta.content, c.choices[0].finish_reason)
+        for c in chunks
+    ]
+
+
+_STREAMED_ROWS = [
+    ("assistant", "", None),
+    (None, "Hello", None),
+    (None, " world", None),
+    (None, None, "stop"),
+]
+
+
+async def test_stream_without_usage(client: openai.AsyncOpenAI, cloud: ScriptedCloud) -> None:
+    stream = await client.chat.completions.create(model=MODEL, messages=HELLO, stream=True)
+    chunks = [chunk async for chunk in stream]
+
+    assert _delta_rows(chunks) == _STREAMED_ROWS
+    assert all(chunk.usage is None for chunk in chunks)
+    assert {(c.id, c.model, c.created, c.object) for c in chunks} == {
+        (COMPLETION_ID, MODEL, CREATED, "chat.completion.chunk")
+    }
+    assert cloud.calls[0].method == "StreamChatCompletion"
+
+
+async def test_stream_with_usage(client: openai.AsyncOpenAI) -> None:
+    stream = await client.chat.completions.create(
+        model=MODEL, messages=HELLO, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = [chunk async for chunk in stream]
+
+    assert _delta_rows(chunks[:-1]) == _STREAMED_ROWS
+    assert all(chunk.usage is None for chunk in chunks[:-1])
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage == CompletionUsage(prompt_tokens=7, completion_tokens=2, total_tokens=9)
+
+
+async def test_list_models(client: openai.AsyncOpenAI, cloud: ScriptedCloud) -> None:
+    page = await client.models.list()
+
+    assert [(m.id, m.object, m.created, m.owned_by) for m in page.data] == [
+        (model, "model", CREATED, "resultity") for model in cloud.models
+    ]
+    assert cloud.calls[0].metadata["authorization"] == f"Bearer {TEST_API_KEY}"
+
+
+# --- error mapping through the SDK ---------------------------------------------------------
+
+_ERROR_CASES = [
+    pytest.param(
+        ModelNotFound("nope"),
+        openai.NotFoundError,
+        404,
+        ("invalid_request_error", "model", "model_not_found"),
+        id="model_not_found",
+    ),
+    pytest.param(
+        InvalidArgument("prompt too long", field="messages"),
+        openai.BadRequestError,
+        400,
+        ("invalid_request_error", "messages", None),
+        id="invalid_argument",
+    ),
+    pytest.param(
+        InsufficientQuota("top up"),
+        openai.RateLimitError,
+        429,
+        ("insufficient_quota", None, "insufficient_quota"),
+        id="insufficient_quota",
+    ),
+    pytest.param(
+        NoCapacity("all busy"),
+        openai.InternalServerError,
+        503,
+        ("service_unavailable", None, "no_capacity"),
+        id="no_capacity",
+    ),
+    pytest.param(
+        JobFailed("node lost"),
+        openai.InternalServerError,
+        502,
+        ("server_error", None, None),
+        id="job_failed",
+    ),
+    pytest.param(
+        DomainError("unexpected", reason=ErrorReason.IDEMPOTENCY_KEY_REUSED),
+        openai.InternalServerError,
+        500,
+        ("server_error", None, None),
+        id="unlisted_reason",
+    ),
+]
+
+
+def _assert_status_error(
+    caught: pytest.ExceptionInfo[openai.APIStatusError],
+    status: int,
+    fields: tuple[str | None, str | None, str | None],
+) -> None:
+    error = caught.value
+    assert error.status_code == status
+    assert (error.type, error.param, error.code) == fields
+    assert len(error.response.headers["x-request-id"]) == 32
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(("domain_error", "exception", "status", "fields"), _ERROR_CASES)
+async def test_cloud_errors(
+    client: openai.AsyncOpenAI,
+    cloud: ScriptedCloud,
+    stream: bool,
+    domain_error: DomainError,
+    exception: type[openai.APIStatusError],
+    status: int,
+    fields: tuple[str | None, str | None, str | None],
+) -> None:
+    cloud.script.error = domain_error
+
+    with pytest.raises(exception) as caught:
+        await client.chat.completions.create(model=MODEL, messages=HELLO, stream=stream)
+
+    _assert_status_error(caught, status, fields)
+    if status < 500:
+        assert caught.value.message.endswith(domain_error.message)
+
+
+async def test_insufficient_quota_says_do_not_retry(
+    client: openai.AsyncOpenAI, cloud: ScriptedCloud
+) -> None:
+    cloud.script.error = InsufficientQuota("top up")
+
+    with pytest.raises(openai.RateLimitError) as caught:
+        await client.chat.completions.create(model=MODEL, messages=HELLO)
+
+    assert caught.value.response.headers["x-should-retry"] == "false"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_wrong_key(stack: Stack, cloud: ScriptedCloud, stream: bool) -> None:
+    async with openai.AsyncOpenAI(
+        base_url=f"{stack.base_url}/v1",
+        api_key="sk-wrong",
+        max_retries=0,
+        _strict_response_validation=True,
+    ) as sdk:
+        with pytest.raises(openai.AuthenticationError) as caught:
+            await sdk.chat.completions.create(model=MODEL, messages=HELLO, stream=stream)
+        with pytest.raises(openai.AuthenticationError):
+            await sdk.models.list()
+
+    _assert_status_error(caught, 401, ("invalid_request_error", None, "invalid_api_key"))
+    assert cloud.calls[0].metadata["authorization"] == "Bearer sk-wrong"
+
+
+@pytest.mark.parametrize(
+    ("code", "status", "error_type"),
+    [
+        (grpc.StatusCode.INTERNAL, 500, "server_error"),
+        (grpc.StatusCode.UNAVAILABLE, 503, "service_unavailable"),
+    ],
+)
+async def test_status_without_error_info(
+    client: openai.AsyncOpenAI,
+    cloud: ScriptedCloud,
+    code: grpc.StatusCode,
+    status: int,
+    error_type: str,
+) -> None:
+    cloud.script.abort = (code, "secret internals")
+
+    with pytest.raises(openai.InternalServerError) as caught:
+        await client.chat.completions.create(model=MODEL, messages=HELLO)
+
+    _assert_status_error(caught, status, (error_type, None, None))
+    assert "secret" not in caught.value.message
+
+
+async def test_error_after_stream_started_raises_in_sdk(
+    client: openai.AsyncOpenAI, cloud: ScriptedCloud
+) -> None:
+    cloud.script.error_mid_stream = JobFailed("node lost")
+    stream = await client.chat.completions.create(model=MODEL, messages=HELLO, stream=True)
+    received: list[Any] = []
+
+    async def drain() -> None:
+        async for chunk in stream:
+            received.append(chunk)
+
+    with pytest.raises(openai.APIError, match="node lost"):
+        await drain()
+
+    assert _delta_rows(received) == _STREAMED_ROWS[:3]
+
+
+# --- raw HTTP ------------------------------------------------------------------------------
+
+
+async def test_sse_framing(http: httpx.AsyncClient) -> None:
+    response = await http.post(
+        "/v1/chat/completions", json={"model": MODEL, "messages": HELLO, "stream": True}
+    )
+
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert len(response.headers["x-request-id"]) == 32
+    assert response.content.endswith(b"\n\ndata: [DONE]\n\n")
+    *chunks, done = _events(response.content)
+    assert done == b"[DONE]"
+    payloads = [json.loads(chunk) for chunk in chunks]
+    assert [p["choices"][0]["delta"] for p in payloads] == [
+        {"role": "assistant", "content": ""},
+        {"content": "Hello"},
+        {"content": " world"},
+        {},
+    ]
+    assert [p["choices"][0]["finish_reason"] for p in payloads] == [None, None, None, "stop"]
+    assert all("usage" not in p for p in payloads)
+
+
+async def test_sse_usage_keys(http: httpx.AsyncClient) -> None:
+    response = await http.post(
+        "/v1/chat/completions",
+        json={
+            "model": MODEL,
+            "messages": HELLO,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    )
+
+    *chunks, done = _events(response.content)
+    payloads = [json.loads(chunk) for chunk in chunks]
+    assert done == b"[DONE]"
+    assert [p["usage"] for p in payloads[:-1]] == [None] * 4
+    assert payloads[-1]["choices"] == []
+    assert payloads[-1]["usage"] == {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9}
+
+
+async def test_in_band_error_after_stream_started(
+    http: httpx.AsyncClient, cloud: ScriptedCloud
+) -> None:
+    cloud.script.error_mid_stream = JobFailed("node lost")
+
+    response = await http.post(
+        "/v1/chat/completions", json={"model": MODEL, "messages": HELLO, "stream": True}
+    )
+
+    assert response.status_code == 200
+    events = _events(response.content)
+    assert len(events) == 5  # role, two deltas, the error, [DONE]
+    assert json.loads(events[-2]) == {
+        "error": {"message": "node lost", "type": "server_error", "param": None, "code": None}
+    }
+    assert events[-1] == b"[DONE]"
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"messages": HELLO}, "model"),
+        ({"model": MODEL, "messages": []}, "messages"),
+        ({"model": MODEL, "messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
+        ({"model": MODEL, "messages": HELLO, "temperature": 3}, "temperature"),
+        ({"model": MODEL, "messages": HELLO, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"model": MODEL, "messages": HELLO, "n": 2}, "n"),
+        ({"model": MODEL, "messages": HELLO, "n": 2, "stream": True}, "n"),
+    ],
+)
+async def test_bad_input_envelope(
+    http: httpx.AsyncClient, cloud: ScriptedCloud, body: dict[str, Any], param: str
+) -> None:
+    response = await http.post("/v1/chat/completions", json=body)
+
+    assert response.status_code == 400
+    assert len(response.headers["x-request-id"]) == 32
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert (error["type"], error["param"], error["code"]) == ("invalid_request_error", param, None)
+    assert cloud.calls == []
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"[1]", b""])
+async def test_body_not_a_json_object(
+    http: httpx.AsyncClient, cloud: ScriptedCloud, content: bytes
+) -> None:
+    response = await http.post(
+        "/v1/chat/completions", content=content, headers={"content-type": "application/json"}
+    )
+
+    assert response.status_code == 400
+    assert response.json()["error"]["type"] == "invalid_request_error"
+    assert response.json()["error"]["param"] is None
+    assert cloud.calls == []
+
+
+@pytest.mark.parametrize("authorization", [None, "", "Bearer", "Basic dXNlcjpwYXNz"])
+@pytest.mark.parametrize(
+    ("method", "path"), [("POST", "/v1/chat/completions"), ("GET", "/v1/models")]
+)
+async def test_missing_key_is_rejected_without_calling_cloud(
+    stack: Stack, cloud: ScriptedCloud, authorization: str | None, method: str, path: str
+) -> None:
+    headers = {} if authorization is None else {"authorization": authorization}
+    async with httpx.AsyncClient(base_url=stack.base_url, headers=headers) as raw:
+        response = await raw.request(method, path, json={"model": MODEL, "messages": HELLO})
+
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "invalid_api_key"
+    assert response.json()["error"]["type"] == "invalid_request_error"
+    assert cloud.calls == []
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("GET", "/v1/nope", 404),
+        ("POST", "/v1/completions", 404),
+        ("GET", "/v1/chat/completions", 405),
+    ],
+)
+async def test_unknown_route_envelope(
+    http: httpx.AsyncClient, method: str, path: str, status: int
+) -> None:
+    response = await http.request(method, path)
+
+    assert response.status_code == status
+    assert len(response.headers["x-request-id"]) == 32
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error"
+
+
+async def test_request_ids_differ(http: httpx.AsyncClient, cloud: ScriptedCloud) -> None:
+    first = await http.get("/v1/models")
+    second = await http.get("/v1/models")
+
+    ids = [first.headers["x-request-id"], second.headers["x-request-id"]]
+    assert ids[0] != ids[1]
+    assert [call.metadata["x-request-id"] for call in cloud.calls] == ids
+
+
+# --- client disconnects cancel the cloud call ----------------------------------------------
+
+# A safety net so a regression fails instead of hanging; not a performance threshold.
+_CANCEL_WAIT_S = 10
+
+
+async def test_stream_disconnect_cancels_cloud_call(
+    http: httpx.AsyncClient, cloud: ScriptedCloud
+) -> None:
+    cloud.script.hang = True
+    body = {"model": MODEL, "messages": HELLO, "stream": True}
+
+    async with http.stream("POST", "/v1/chat/completions", json=body) as response:
+        assert response.status_code == 200
+        await cloud.hanging.wait()
+    # Leaving the block unread closes the connection.
+
+    await asyncio.wait_for(cloud.cancelled.wait(), _CANCEL_WAIT_S)
+
+
+async def test_unary_disconnect_cancels_cloud_call(
+    http: httpx.AsyncClient, cloud: ScriptedCloud
+) -> None:
+    cloud.script.hang = True
+    request = asyncio.create_task(
+        http.post("/v1/chat/completions", json={"model": MODEL, "messages": HELLO})
+    )
+
+    await cloud.hanging.wait()
+    request.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await request
+
+    await asyncio.wait_for(cloud.cancelled.wait(), _CANCEL_WAIT_S)
+
+
+# --- server lifecycle ----------------------------------------------------------------------
+
+
+async def test_serve_reports_a_port_in_use(stack: Stack) -> None:
+    port = int(stack.base_url.rsplit(":", 1)[1])
+
+    with pytest.raises(RuntimeError, match="failed to start"):
+        await serve(create_app("127.0.0.1:1"), "127.0.0.1", port)

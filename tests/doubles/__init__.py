@@ -1,0 +1,1 @@
+"""Test doubles: scripted stand-ins for services, speaking the real gRPC contracts."""

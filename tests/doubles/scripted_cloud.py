@@ -1,0 +1,163 @@
+"""A scripted cloud InferenceService for testing the gateway over real gRPC.
+
+A test sets `cloud.script` (what to answer) and then inspects `cloud.calls`
+(what the gateway sent). Domain errors go through the shared translate_errors,
+so they carry the same ErrorInfo as the real cloud's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+from resultity.cloud.v1 import inference_service_pb2 as pb
+from resultity.cloud.v1 import inference_service_pb2_grpc
+from resultity.common.v1 import inference_pb2
+
+from server.common.errors import DomainError, InvalidApiKey
+from server.common.grpc_errors import translate_errors
+
+TEST_API_KEY = "sk-test-0123456789"
+CREATED = 1_700_000_000
+COMPLETION_ID = "chatcmpl-scripted"
+
+
+@dataclass
+class Script:
+    """What the next calls answer."""
+
+    text: list[str] = field(default_factory=lambda: ["Hello", " world"])
+    finish_reason: inference_pb2.FinishReason.ValueType = inference_pb2.FINISH_REASON_STOP
+    prompt_tokens: int = 7
+    # Raised before anything is sent.
+    error: DomainError | None = None
+    # A raw status without ErrorInfo, as a crash or transport failure would give.
+    abort: tuple[grpc.StatusCode, str] | None = None
+    # Streams only: raised after the text deltas, before the finish delta.
+    error_mid_stream: DomainError | None = None
+    # Block (until cancelled) after the text deltas, or before answering a unary call.
+    hang: bool = False
+
+
+@dataclass
+class Call:
+    method: str
+    request: Any
+    metadata: dict[str, str]
+
+
+class ScriptedCloud(inference_service_pb2_grpc.InferenceServiceServicer):
+    def __init__(self, models: tuple[str, ...] = ("smollm2-135m", "llama-3-8b")) -> None:
+        self.models = models
+        self.script = Script()
+        self.calls: list[Call] = []
+        # Set when a call is cancelled by its client while the servicer runs it.
+        self.cancelled = asyncio.Event()
+        # Set when a hanging call has sent what it will send.
+        self.hanging = asyncio.Event()
+
+    def reset(self) -> None:
+        self.script = Script()
+        self.calls.clear()
+        self.cancelled.clear()
+        self.hanging.clear()
+
+    async def _begin(self, method: str, request: Any, context: Any) -> None:
+        metadata = {key: str(value) for key, value in context.invocation_metadata() or ()}
+        self.calls.append(Call(method, request, metadata))
+        if metadata.get("authorization") != f"Bearer {TEST_API_KEY}":
+            raise InvalidApiKey("Incorrect API key provided.")
+        if self.script.abort is not None:
+            await context.abort(*self.script.abort)
+        if self.script.error is not None:
+            raise self.script.error
+
+    async def _hang(self) -> None:
+        self.hanging.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+
+    def _usage(self) -> inference_pb2.Usage:
+        return inference_pb2.Usage(
+            prompt_tokens=self.script.prompt_tokens, completion_tokens=len(self.script.text)
+        )
+
+    @translate_errors
+    async def CreateChatCompletion(
+        self, request: pb.CreateChatCompletionRequest, context: Any
+    ) -> pb.CreateChatCompletionResponse:
+        await self._begin("CreateChatCompletion", request, context)
+        if self.script.hang:
+            await self._hang()
+        return pb.CreateChatCompletionResponse(
+            id=COMPLETION_ID,
+            model=request.params.model,
+            created=Timestamp(seconds=CREATED),
+            choices=[
+                pb.ChatCompletionChoice(
+                    index=0,
+                    message=inference_pb2.ChatMessage(
+                        role=inference_pb2.CHAT_ROLE_ASSISTANT, content="".join(self.script.text)
+                    ),
+                    finish_reason=self.script.finish_reason,
+                )
+            ],
+            usage=self._usage(),
+            billing=pb.Billing(charged_micro_credits=42),
+        )
+
+    @translate_errors
+    async def StreamChatCompletion(
+        self, request: pb.StreamChatCompletionRequest, context: Any
+    ) -> AsyncIterator[pb.StreamChatCompletionResponse]:
+        await self._begin("StreamChatCompletion", request, context)
+
+        def message(**fields: Any) -> pb.StreamChatCompletionResponse:
+            return pb.StreamChatCompletionResponse(
+                id=COMPLETION_ID,
+                model=request.params.model,
+                created=Timestamp(seconds=CREATED),
+                **fields,
+            )
+
+        yield message(
+            choices=[pb.ChatCompletionDelta(index=0, role=inference_pb2.CHAT_ROLE_ASSISTANT)]
+        )
+        for text in self.script.text:
+            yield message(choices=[pb.ChatCompletionDelta(index=0, content=text)])
+        if self.script.hang:
+            await self._hang()
+        if self.script.error_mid_stream is not None:
+            raise self.script.error_mid_stream
+        yield message(
+            choices=[pb.ChatCompletionDelta(index=0, finish_reason=self.script.finish_reason)]
+        )
+        yield message(usage=self._usage(), billing=pb.Billing(charged_micro_credits=42))
+
+    @translate_errors
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: Any
+    ) -> pb.ListModelsResponse:
+        await self._begin("ListModels", request, context)
+        return pb.ListModelsResponse(
+            models=[
+                pb.Model(id=model, owned_by="resultity", created=Timestamp(seconds=CREATED))
+                for model in self.models
+            ]
+        )
+
+
+async def start_cloud(cloud: ScriptedCloud) -> tuple[grpc.aio.Server, str]:
+    """A gRPC server on a free local port hosting `cloud`; returns it and its target."""
+    server = grpc.aio.server()
+    inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(cloud, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, f"127.0.0.1:{port}"
