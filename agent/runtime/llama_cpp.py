@@ -1,0 +1,411 @@
+"""llama.cpp backend: runs a GGUF chat model on the node's CPU.
+
+Each slot is its own ``llama_cpp.Llama`` (one generation at a time each). The
+token loop runs in a worker thread and is driven here, not by llama-cpp-python's
+completion helpers, so that token counts are exact. ``Started`` is yielded once
+the prompt is tokenized and a slot has begun working on it. Counting rules:
+
+- ``prompt_tokens`` is the length of the chat-templated, tokenized prompt;
+- ``completion_tokens`` counts every sampled token except an end-of-generation
+  token (EOS, ``<|im_end|>``, ...), which is consumed, never shown or counted;
+  the token that completes a stop sequence is counted;
+- every counted token is carried by some ``TokenText``, so the token counts of
+  the TokenText events always sum to ``completion_tokens``. A token whose text
+  is empty or still held back (possible start of a stop sequence) adds its
+  count to the next event that has text; the last TokenText may have empty text
+  (counts only) or a count of 0 (only text released at the end).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import random
+import threading
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import llama_cpp
+import llama_cpp.llama_cpp as llama_lib
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+from agent.runtime.base import (
+    Finished,
+    GenerationError,
+    GenerationEvent,
+    GenerationRequest,
+    ModelInfo,
+    PromptTooLong,
+    Sampling,
+    Started,
+    StopReason,
+    TokenText,
+    UnknownModel,
+)
+from agent.runtime.text_stream import TextStream
+
+RUNTIME_NAME = "llama.cpp"
+DEFAULT_TEMPERATURE = 0.7
+DEFAULT_TOP_P = 1.0
+
+# llama.cpp treats seed 0xFFFFFFFF as "pick a random seed"; explicit seeds avoid it.
+_SEED_MODULUS = 0xFFFFFFFF
+
+# Llama() reads llama_model_default_params() while loading; patched under this lock.
+_LOAD_LOCK = threading.Lock()
+
+
+class LlamaCppRuntime:
+    """A GGUF chat model served by llama.cpp, ``slots`` generations at a time."""
+
+    def __init__(
+        self,
+        model_id: str,
+        model_path: Path,
+        *,
+        context_length: int = 2048,
+        slots: int = 1,
+        n_threads: int | None = None,
+        cpu_repack: bool = False,
+    ) -> None:
+        """Load the model (blocking; prefer ``await LlamaCppRuntime.load(...)``).
+
+        ``cpu_repack`` enables llama.cpp's repacked CPU weight buffers (AMX,
+        AVX/ARM repack). Off by default: the AMX path segfaults on multi-token
+        batches on some Xeons (seen with SmolLM2 Q4_1), and repacked kernels
+        can shift numerics, which greedy canaries compare across nodes.
+        """
+        if slots < 1:
+            raise ValueError("slots must be at least 1")
+        self._model_id = model_id
+        self._llamas = [
+            _load_llama(model_path, context_length, n_threads, cpu_repack) for _ in range(slots)
+        ]
+        first = self._llamas[0]
+        self._context_length: int = first.n_ctx()
+        self._vocab = _Vocab(first)
+        self._template = _chat_formatter(first, self._vocab)
+        self._free: asyncio.Queue[llama_cpp.Llama] = asyncio.Queue()
+        for llama in self._llamas:
+            self._free.put_nowait(llama)
+        self._executor = ThreadPoolExecutor(slots, thread_name_prefix="llama-cpp")
+        self._running: set[threading.Event] = set()
+        self._closed = False
+
+    @classmethod
+    async def load(
+        cls,
+        model_id: str,
+        model_path: Path,
+        *,
+        context_length: int = 2048,
+        slots: int = 1,
+        n_threads: int | None = None,
+        cpu_repack: bool = False,
+    ) -> LlamaCppRuntime:
+        """Load in a thread so the event loop keeps running meanwhile."""
+        return await asyncio.to_thread(
+            cls,
+            model_id,
+            model_path,
+            context_length=context_length,
+            slots=slots,
+            n_threads=n_threads,
+            cpu_repack=cpu_repack,
+        )
+
+    @property
+    def models(self) -> list[ModelInfo]:
+        return [ModelInfo(self._model_id, RUNTIME_NAME, self._context_length)]
+
+    @property
+    def slots(self) -> int:
+        return len(self._llamas)
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        if self._closed:
+            raise GenerationError("runtime is closed")
+        if request.model != self._model_id:
+            raise UnknownModel(request.model)
+        prompt = await asyncio.to_thread(self._tokenize_chat, request)
+        budget = min(request.sampling.max_tokens, self._context_length - len(prompt))
+        llama = await self._free.get()
+        if self._closed:  # close() began while this request waited for a slot
+            self._free.put_nowait(llama)
+            raise GenerationError("runtime is closed")
+        loop = asyncio.get_running_loop()
+        channel = _Channel(loop)
+        self._running.add(channel.cancel)
+        try:
+            job = loop.run_in_executor(
+                self._executor,
+                _generate,
+                llama,
+                self._vocab,
+                prompt,
+                request.sampling,
+                budget,
+                channel,
+            )
+        except BaseException:
+            self._running.discard(channel.cancel)
+            self._free.put_nowait(llama)
+            raise
+
+        def release(_: object) -> None:
+            # The slot is free only once its thread has left the Llama object.
+            self._running.discard(channel.cancel)
+            self._free.put_nowait(llama)
+
+        job.add_done_callback(release)
+        try:
+            yield Started(len(prompt))
+            async with contextlib.aclosing(channel.events()) as events:
+                async for event in events:
+                    yield event
+        finally:
+            channel.cancel.set()
+            # Waits without raising; a second cancellation still leaves the
+            # slot to ``release``.
+            await asyncio.wait({job})
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for cancel in list(self._running):
+            cancel.set()
+        for _ in self._llamas:
+            llama = await self._free.get()
+            llama.close()
+        self._executor.shutdown(wait=False)
+
+    def _tokenize_chat(self, request: GenerationRequest) -> list[int]:
+        messages: list[Any] = [
+            {"role": m.role.value, "content": m.content} for m in request.messages
+        ]
+        try:
+            text: str = self._template(messages=messages).prompt
+        except Exception as exc:
+            # Chat templates are model-supplied Jinja; they reject input by raising.
+            raise GenerationError(f"chat template rejected the messages: {exc}") from exc
+        tokens = self._vocab.tokenize(text)
+        if len(tokens) > request.max_prompt_tokens:
+            raise PromptTooLong(
+                f"prompt has {len(tokens)} tokens, limit is {request.max_prompt_tokens}"
+            )
+        if len(tokens) >= self._context_length:
+            raise PromptTooLong(
+                f"prompt has {len(tokens)} tokens, context window is {self._context_length}"
+            )
+        return tokens
+
+
+def _generate(
+    llama: llama_cpp.Llama,
+    vocab: _Vocab,
+    prompt: list[int],
+    sampling: Sampling,
+    budget: int,
+    channel: _Channel,
+) -> None:
+    """Worker thread: sample up to ``budget`` tokens and report through ``channel``."""
+    try:
+        completion = 0
+        reason = StopReason.LENGTH
+        stream = TextStream(sampling.stop)
+        for token in _sample(llama, prompt, sampling) if budget > 0 else ():
+            if channel.cancel.is_set():
+                channel.end(GenerationError("generation cancelled"))
+                return
+            if vocab.is_end(token):
+                reason = StopReason.STOP
+                break
+            completion += 1
+            channel.put(stream.push(vocab.piece(token)), 1)
+            if stream.stopped:
+                reason = StopReason.STOP
+                break
+            if completion >= budget:
+                break
+        channel.put(stream.finish(), 0)
+        if stream.stopped:
+            reason = StopReason.STOP
+        channel.end(Finished(reason, len(prompt), completion))
+    except BaseException as exc:  # reported to the consumer, never lost in the pool
+        with contextlib.suppress(RuntimeError):
+            channel.end(exc)
+
+
+def _sample(llama: llama_cpp.Llama, prompt: list[int], sampling: Sampling) -> Iterator[int]:
+    temperature = DEFAULT_TEMPERATURE if sampling.temperature is None else sampling.temperature
+    top_p = DEFAULT_TOP_P if sampling.top_p is None else sampling.top_p
+    seed = random.getrandbits(31) if sampling.seed is None else sampling.seed % _SEED_MODULUS
+    # A fresh state per request: no prefix reuse, so greedy output never depends
+    # on what the slot generated before.
+    llama.reset()  # type: ignore[no-untyped-call]  # unannotated upstream
+    llama.set_seed(seed)
+    # top_k/min_p/typical/repeat penalty are neutral: only OpenAI's knobs apply.
+    tokens: Iterator[int] = llama.generate(
+        prompt,
+        temp=max(temperature, 0.0),
+        top_p=top_p,
+        top_k=0,
+        min_p=0.0,
+        typical_p=1.0,
+        repeat_penalty=1.0,
+        reset=True,
+    )
+    return tokens
+
+
+class _Channel:
+    """Hands a worker thread's output to the event loop.
+
+    Text and token counts that arrive before the consumer reads are merged, and
+    the loop is woken once per batch rather than once per token.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.cancel = threading.Event()
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._ready = asyncio.Event()
+        self._texts: list[str] = []
+        self._count = 0
+        self._end: Finished | BaseException | None = None
+        self._wake_pending = False
+
+    def put(self, text: str, count: int) -> None:
+        if not text and not count:
+            return
+        with self._lock:
+            if text:
+                self._texts.append(text)
+            self._count += count
+            wake = not self._wake_pending
+            self._wake_pending = True
+        if wake:
+            self._wake()
+
+    def end(self, outcome: Finished | BaseException) -> None:
+        with self._lock:
+            self._end = outcome
+            wake = not self._wake_pending
+            self._wake_pending = True
+        if wake:
+            self._wake()
+
+    def _wake(self) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._ready.set)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            self.cancel.set()
+            raise
+
+    async def events(self) -> AsyncGenerator[GenerationEvent, None]:
+        uncarried = 0  # counted tokens not yet attached to an event
+        while True:
+            await self._ready.wait()
+            with self._lock:
+                self._ready.clear()
+                self._wake_pending = False
+                text = "".join(self._texts)
+                self._texts.clear()
+                uncarried += self._count
+                self._count = 0
+                end = self._end
+            if text:
+                yield TokenText(text, uncarried)
+                uncarried = 0
+            if isinstance(end, GenerationError):
+                raise end
+            if isinstance(end, BaseException):
+                raise GenerationError(f"llama.cpp generation failed: {end!r}") from end
+            if end is not None:
+                if uncarried:
+                    yield TokenText("", uncarried)
+                yield end
+                return
+
+
+class _Vocab:
+    """Tokenizer-level calls on a model's vocabulary (thread-safe in llama.cpp)."""
+
+    def __init__(self, llama: llama_cpp.Llama) -> None:
+        self._llama = llama
+        self._ptr = llama_lib.llama_model_get_vocab(llama.model)
+
+    def tokenize(self, text: str) -> list[int]:
+        tokens: list[int] = self._llama.tokenize(text.encode(), add_bos=False, special=True)
+        bos = llama_lib.llama_vocab_bos(self._ptr)
+        # Templates usually write BOS themselves; add it only where the model
+        # wants one and the template left it out.
+        if llama_lib.llama_vocab_get_add_bos(self._ptr) and tokens[:1] != [bos]:
+            tokens.insert(0, bos)
+        return tokens
+
+    def is_end(self, token: int) -> bool:
+        return bool(llama_lib.llama_vocab_is_eog(self._ptr, token))
+
+    def piece(self, token: int) -> bytes:
+        # Own buffer handling: llama-cpp-python's detokenize mangles pieces over 32 bytes.
+        size = 64
+        while True:
+            buffer = ctypes.create_string_buffer(size)
+            n = llama_lib.llama_token_to_piece(self._ptr, token, buffer, size, 0, False)
+            if n >= 0:
+                return buffer.raw[:n]
+            size = -n
+
+    def text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        return bytes(llama_lib.llama_vocab_get_text(self._ptr, token)).decode()
+
+
+def _chat_formatter(llama: llama_cpp.Llama, vocab: _Vocab) -> Jinja2ChatFormatter:
+    template = llama.metadata.get("tokenizer.chat_template")
+    if not template:
+        raise ValueError("the GGUF has no tokenizer.chat_template")
+    return Jinja2ChatFormatter(
+        template=template,
+        eos_token=vocab.text(llama.token_eos()),
+        bos_token=vocab.text(llama.token_bos()),
+        add_generation_prompt=True,
+    )
+
+
+def _load_llama(
+    path: Path, context_length: int, n_threads: int | None, cpu_repack: bool
+) -> llama_cpp.Llama:
+    with _LOAD_LOCK:
+        defaults = llama_lib.llama_model_default_params
+
+        def model_params() -> Any:
+            params = defaults()
+            params.use_extra_bufts = cpu_repack
+            return params
+
+        # Llama() has no argument for this model parameter.
+        llama_lib.llama_model_default_params = model_params
+        try:
+            return llama_cpp.Llama(
+                str(path),
+                n_ctx=context_length,
+                n_threads=n_threads,
+                n_threads_batch=n_threads,
+                verbose=False,
+            )
+        finally:
+            llama_lib.llama_model_default_params = defaults
+
+
+if TYPE_CHECKING:
+    from agent.runtime.base import Runtime
+
+    def _is_runtime(runtime: LlamaCppRuntime) -> Runtime:
+        return runtime

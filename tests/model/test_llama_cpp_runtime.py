@@ -1,0 +1,225 @@
+"""LlamaCppRuntime against the real SmolLM2-135M model (short generations)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from agent.runtime.base import (
+    Finished,
+    GenerationEvent,
+    GenerationRequest,
+    Message,
+    PromptTooLong,
+    Role,
+    Sampling,
+    Started,
+    StopReason,
+    TokenText,
+    UnknownModel,
+)
+from agent.runtime.llama_cpp import LlamaCppRuntime, _Channel
+from agent.runtime.models import DEFAULT_MODEL_ID, smollm2_gguf_path
+
+STORY = "Write a long story about a dragon."
+
+
+@pytest.fixture(scope="session")
+async def runtime() -> AsyncIterator[LlamaCppRuntime]:
+    loaded = await LlamaCppRuntime.load(DEFAULT_MODEL_ID, smollm2_gguf_path(), context_length=512)
+    yield loaded
+    await loaded.close()
+
+
+def _request(
+    text: str = STORY,
+    *,
+    max_tokens: int = 12,
+    temperature: float | None = 0.0,
+    stop: tuple[str, ...] = (),
+    seed: int | None = None,
+    max_prompt_tokens: int = 400,
+) -> GenerationRequest:
+    return GenerationRequest(
+        model=DEFAULT_MODEL_ID,
+        messages=(Message(Role.USER, text),),
+        sampling=Sampling(max_tokens=max_tokens, temperature=temperature, stop=stop, seed=seed),
+        max_prompt_tokens=max_prompt_tokens,
+    )
+
+
+async def _collect(runtime: LlamaCppRuntime, request: GenerationRequest) -> list[GenerationEvent]:
+    return [event async for event in runtime.generate(request)]
+
+
+def _check_shape(events: list[GenerationEvent]) -> tuple[str, Finished]:
+    """Started first, TokenTexts, exactly one Finished last; counts add up."""
+    assert isinstance(events[0], Started)
+    finished = events[-1]
+    assert isinstance(finished, Finished)
+    texts = events[1:-1]
+    assert all(isinstance(event, TokenText) for event in texts)
+    tokens = [event for event in texts if isinstance(event, TokenText)]
+    assert sum(event.token_count for event in tokens) == finished.completion_tokens
+    assert events[0].prompt_tokens == finished.prompt_tokens > 0
+    return "".join(event.text for event in tokens), finished
+
+
+@pytest.mark.model
+def test_reports_its_model(runtime: LlamaCppRuntime) -> None:
+    [info] = runtime.models
+    assert (info.model, info.runtime, info.context_length) == (DEFAULT_MODEL_ID, "llama.cpp", 512)
+    assert runtime.slots == 1
+
+
+@pytest.mark.model
+async def test_greedy_answer_is_deterministic_and_not_empty(runtime: LlamaCppRuntime) -> None:
+    first, finished = _check_shape(await _collect(runtime, _request()))
+    second, _ = _check_shape(await _collect(runtime, _request()))
+    assert first.strip()
+    assert first == second
+    assert finished.completion_tokens > 0
+
+
+@pytest.mark.model
+async def test_same_seed_gives_same_sampled_text(runtime: LlamaCppRuntime) -> None:
+    request = _request(temperature=1.0, seed=1234)
+    first, _ = _check_shape(await _collect(runtime, request))
+    second, _ = _check_shape(await _collect(runtime, request))
+    assert first == second
+
+
+@pytest.mark.model
+async def test_max_tokens_ends_with_length(runtime: LlamaCppRuntime) -> None:
+    _, finished = _check_shape(await _collect(runtime, _request(max_tokens=5)))
+    assert finished.reason is StopReason.LENGTH
+    assert finished.completion_tokens == 5
+
+
+@pytest.mark.model
+async def test_end_of_generation_token_stops_and_is_not_shown(runtime: LlamaCppRuntime) -> None:
+    text, finished = _check_shape(await _collect(runtime, _request("Say hi.", max_tokens=64)))
+    assert finished.reason is StopReason.STOP
+    assert finished.completion_tokens < 64
+    assert "<|im_end|>" not in text
+
+
+@pytest.mark.model
+async def test_stop_sequence_cuts_the_text(runtime: LlamaCppRuntime) -> None:
+    full, _ = _check_shape(await _collect(runtime, _request(max_tokens=12)))
+    words = full.split(" ")
+    assert len(words) > 3, full
+    stop = " " + words[2]
+    cut, finished = _check_shape(await _collect(runtime, _request(max_tokens=12, stop=(stop,))))
+    assert finished.reason is StopReason.STOP
+    assert cut == full[: full.index(stop)]
+    assert finished.completion_tokens < 12
+
+
+@pytest.mark.model
+async def test_prompt_longer_than_allowed_is_refused(runtime: LlamaCppRuntime) -> None:
+    with pytest.raises(PromptTooLong):
+        await _collect(runtime, _request(max_prompt_tokens=5))
+
+
+@pytest.mark.model
+async def test_prompt_that_fills_the_context_is_refused(runtime: LlamaCppRuntime) -> None:
+    with pytest.raises(PromptTooLong):
+        await _collect(runtime, _request("dragon " * 600, max_prompt_tokens=10_000))
+
+
+@pytest.mark.model
+async def test_unknown_model_is_refused(runtime: LlamaCppRuntime) -> None:
+    request = GenerationRequest("other", _request().messages, Sampling(max_tokens=1), 100)
+    with pytest.raises(UnknownModel):
+        await _collect(runtime, request)
+
+
+@pytest.mark.model
+async def test_context_window_ends_with_length() -> None:
+    # llama.cpp rounds the context up to a multiple of 256.
+    small = await LlamaCppRuntime.load(DEFAULT_MODEL_ID, smollm2_gguf_path(), context_length=256)
+    try:
+        # About 240 prompt tokens: the window fills long before max_tokens.
+        events = await _collect(small, _request("dragon " * 210, max_tokens=100))
+    finally:
+        await small.close()
+    _, finished = _check_shape(events)
+    assert finished.reason is StopReason.LENGTH
+    assert finished.prompt_tokens + finished.completion_tokens == small.models[0].context_length
+
+
+@pytest.mark.model
+async def test_cancelling_the_consumer_frees_the_slot(runtime: LlamaCppRuntime) -> None:
+    first_text = asyncio.Event()
+
+    async def consume() -> None:
+        async for event in runtime.generate(_request(max_tokens=400)):
+            if isinstance(event, TokenText):
+                first_text.set()
+
+    task = asyncio.create_task(consume())
+    await first_text.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    _, finished = _check_shape(await _collect(runtime, _request(max_tokens=3)))
+    assert finished.completion_tokens == 3
+
+
+@pytest.mark.model
+async def test_closing_the_generator_early_frees_the_slot(runtime: LlamaCppRuntime) -> None:
+    stream = runtime.generate(_request(max_tokens=400))
+    async for event in stream:
+        if isinstance(event, TokenText):
+            break
+    await stream.aclose()  # type: ignore[attr-defined]
+    _, finished = _check_shape(await _collect(runtime, _request(max_tokens=3)))
+    assert finished.completion_tokens == 3
+
+
+@pytest.mark.model
+async def test_concurrent_requests_share_one_slot(runtime: LlamaCppRuntime) -> None:
+    results = await asyncio.gather(
+        _collect(runtime, _request(max_tokens=4)),
+        _collect(runtime, _request("Name a colour.", max_tokens=4)),
+    )
+    for events in results:
+        _, finished = _check_shape(events)
+        assert finished.completion_tokens > 0
+
+
+async def test_tokens_produced_before_a_read_arrive_as_one_event() -> None:
+    channel = _Channel(asyncio.get_running_loop())
+
+    def worker() -> None:
+        for piece in ("Hel", "", "lo", " there"):
+            channel.put(piece, 1)
+        channel.put("", 0)
+        channel.end(Finished(StopReason.STOP, 7, 4))
+
+    await asyncio.to_thread(worker)
+    events = [event async for event in channel.events()]
+    assert events == [TokenText("Hello there", 4), Finished(StopReason.STOP, 7, 4)]
+
+
+async def test_counts_of_textless_tokens_ride_on_the_next_text() -> None:
+    channel = _Channel(asyncio.get_running_loop())
+    events = channel.events()
+    channel.put("", 1)  # e.g. text held back as a possible stop sequence
+    channel.put("", 1)
+    reading = asyncio.ensure_future(anext(events))
+    for _ in range(3):  # the reader takes the textless batch and waits again
+        await asyncio.sleep(0)
+    assert channel._count == 0
+    assert not reading.done()
+    channel.put("ab", 1)
+    assert await reading == TokenText("ab", 3)
+    channel.put("", 1)
+    channel.end(Finished(StopReason.STOP, 1, 4))
+    assert [event async for event in events] == [
+        TokenText("", 1),
+        Finished(StopReason.STOP, 1, 4),
+    ]
