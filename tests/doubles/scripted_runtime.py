@@ -1,0 +1,89 @@
+"""A runtime that 'generates' a scripted text, one word per token.
+
+Deterministic and instant (or paced with ``token_delay_s``), so tests of the
+agent, network and cloud can check exact texts, token counts and billing
+without a model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from agent.runtime.base import (
+    Finished,
+    GenerationEvent,
+    GenerationRequest,
+    ModelInfo,
+    PromptTooLong,
+    Started,
+    StopReason,
+    TokenText,
+    UnknownModel,
+)
+
+MODEL_ID = "smollm2-135m-instruct"
+DEFAULT_SCRIPT = "one two three four five six seven eight nine ten"
+
+
+def scripted_tokens(text: str) -> list[str]:
+    words = text.split(" ")
+    return [words[0], *(" " + word for word in words[1:])]
+
+
+def prompt_tokens(request: GenerationRequest) -> int:
+    """One token per word of every message, plus two per message for the template."""
+    return sum(len(m.content.split()) + 2 for m in request.messages)
+
+
+@dataclass
+class ScriptedRuntime:
+    script: str = DEFAULT_SCRIPT
+    token_delay_s: float = 0.0
+    model_id: str = MODEL_ID
+    slot_count: int = 1
+    # Raise this from generate() after that many tokens (a runtime crash).
+    fail_after: int | None = None
+    started_jobs: list[GenerationRequest] = field(default_factory=list)
+    cancelled_jobs: int = 0
+    _slots: asyncio.Semaphore | None = None
+
+    @property
+    def models(self) -> list[ModelInfo]:
+        return [ModelInfo(self.model_id, "scripted", 2048)]
+
+    @property
+    def slots(self) -> int:
+        return self.slot_count
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        if request.model != self.model_id:
+            raise UnknownModel(request.model)
+        prompt = prompt_tokens(request)
+        if prompt > request.max_prompt_tokens:
+            raise PromptTooLong(f"prompt has {prompt} tokens, limit {request.max_prompt_tokens}")
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.slot_count)
+        async with self._slots:
+            self.started_jobs.append(request)
+            yield Started(prompt)
+            produced = 0
+            try:
+                for token in scripted_tokens(self.script)[: request.sampling.max_tokens]:
+                    if self.fail_after is not None and produced == self.fail_after:
+                        raise ValueError("scripted runtime failure")
+                    if self.token_delay_s:
+                        await asyncio.sleep(self.token_delay_s)
+                    produced += 1
+                    yield TokenText(token, 1)
+            except (asyncio.CancelledError, GeneratorExit):
+                self.cancelled_jobs += 1
+                raise
+            reason = (
+                StopReason.LENGTH if produced == request.sampling.max_tokens else StopReason.STOP
+            )
+            yield Finished(reason, prompt, produced)
+
+    async def close(self) -> None:
+        return None

@@ -1,0 +1,143 @@
+"""In-process platform for component tests: real gRPC, real PostgreSQL.
+
+Account, network and cloud run on one gRPC server on a free loopback port;
+agents are real AgentSessions (with a test runtime) connecting over gRPC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import grpc
+from resultity.account.v1 import account_service_pb2 as account_pb
+from resultity.account.v1 import account_service_pb2_grpc as account_grpc
+from resultity.account.v1 import api_key_service_pb2 as keys_pb
+from resultity.account.v1 import api_key_service_pb2_grpc as keys_grpc
+from resultity.account.v1 import ledger_service_pb2 as ledger_pb
+from resultity.account.v1 import ledger_service_pb2_grpc as ledger_grpc
+from resultity.cloud.v1 import inference_service_pb2_grpc as cloud_grpc
+
+from agent.backoff import Backoff
+from agent.runtime.base import Runtime
+from agent.session import AgentSession, SessionSettings
+from server.account.component import AccountComponent
+from server.cloud.component import CloudComponent
+from server.common import channels
+from server.network.component import NetworkComponent
+from server.network.service import LivenessSettings
+
+
+@dataclass
+class Customer:
+    account_id: str
+    api_key: str
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.api_key}"),)
+
+
+@dataclass
+class RunningAgent:
+    session: AgentSession
+    runtime: Runtime
+    task: asyncio.Task[None]
+
+    async def stop(self) -> None:
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+
+
+@dataclass
+class Platform:
+    target: str
+    network: NetworkComponent
+    account: AccountComponent
+    channel: grpc.aio.Channel
+    agents: list[RunningAgent] = field(default_factory=list)
+
+    @property
+    def inference(self) -> cloud_grpc.InferenceServiceStub:
+        return cloud_grpc.InferenceServiceStub(self.channel)
+
+    @property
+    def ledger(self) -> ledger_grpc.LedgerServiceStub:
+        return ledger_grpc.LedgerServiceStub(self.channel)
+
+    async def customer(self, credits: int) -> Customer:
+        account = (
+            await account_grpc.AccountServiceStub(self.channel).CreateAccount(
+                account_pb.CreateAccountRequest(name="customer")
+            )
+        ).account
+        if credits:
+            await self.ledger.TopUp(
+                ledger_pb.TopUpRequest(
+                    account_id=account.account_id,
+                    amount_micro_credits=credits,
+                    idempotency_key=uuid.uuid4().hex,
+                )
+            )
+        key = await keys_grpc.ApiKeyServiceStub(self.channel).CreateApiKey(
+            keys_pb.CreateApiKeyRequest(account_id=account.account_id, name="test")
+        )
+        return Customer(account.account_id, key.secret)
+
+    async def balance(self, customer: Customer) -> ledger_pb.Balance:
+        response = await self.ledger.GetBalance(
+            ledger_pb.GetBalanceRequest(account_id=customer.account_id)
+        )
+        return response.balance
+
+    async def start_agent(self, runtime: Runtime, name: str = "test-node") -> RunningAgent:
+        session = AgentSession(
+            SessionSettings(network=self.target, node_name=name),
+            runtime,
+            backoff=Backoff(base_s=0.05, cap_s=0.2),
+        )
+        agent = RunningAgent(session, runtime, asyncio.create_task(session.run_forever()))
+        self.agents.append(agent)
+        await eventually(
+            lambda: session.node_id in {n.node_id for n in self.network.service.nodes()}
+        )
+        return agent
+
+
+async def eventually(condition: Callable[[], bool], *, timeout_s: float = 10.0) -> None:
+    """Waits until ``condition()`` holds; the timeout only bounds a broken test."""
+    async with asyncio.timeout(timeout_s):
+        while not condition():  # noqa: ASYNC110 - polls state owned by other tasks
+            await asyncio.sleep(0.01)
+
+
+@contextlib.asynccontextmanager
+async def running_platform(
+    dsn: str, *, liveness: LivenessSettings | None = None
+) -> AsyncIterator[Platform]:
+    server = channels.server()
+    port = server.add_insecure_port("127.0.0.1:0")
+    target = f"127.0.0.1:{port}"
+    account = await AccountComponent.start(dsn)
+    network = NetworkComponent(liveness=liveness)
+    cloud = CloudComponent(account_target=target, network_target=target)
+    for component in (account, network, cloud):
+        component.register(server)
+    network.start()
+    await server.start()
+    channel = channels.insecure_channel(target)
+    platform = Platform(target, network, account, channel)
+    try:
+        yield platform
+    finally:
+        for agent in platform.agents:
+            await agent.stop()
+        await channel.close(grace=None)
+        await server.stop(None)
+        await cloud.stop()
+        await network.stop()
+        await account.stop()
