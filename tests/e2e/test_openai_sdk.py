@@ -1,0 +1,196 @@
+"""End to end: `resultity up` as users start it, called with the official SDK.
+
+The platform runs as a subprocess (gateway -> cloud -> network -> agent ->
+llama.cpp with the bundled SmolLM2) against the test database; the `openai`
+client validates every response strictly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import httpx
+import openai
+import pytest
+from resultity.account.v1 import api_key_service_pb2 as keys_pb
+from resultity.account.v1 import api_key_service_pb2_grpc as keys_grpc
+from resultity.account.v1 import ledger_service_pb2 as ledger_pb
+from resultity.account.v1 import ledger_service_pb2_grpc as ledger_grpc
+from resultity.cloud.v1 import inference_service_pb2 as cloud_pb
+from resultity.cloud.v1 import inference_service_pb2_grpc as cloud_grpc
+
+MODEL = "smollm2-135m-instruct"
+QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+START_TIMEOUT_S = 240
+
+pytestmark = pytest.mark.model
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@dataclass
+class RunningPlatform:
+    process: asyncio.subprocess.Process
+    base_url: str
+    grpc_target: str
+    api_key: str
+
+    def client(self, api_key: str | None = None) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(
+            base_url=self.base_url,
+            api_key=api_key or self.api_key,
+            max_retries=0,
+            _strict_response_validation=True,
+        )
+
+    async def balance(self) -> int:
+        async with grpc.aio.insecure_channel(self.grpc_target) as channel:
+            key = await keys_grpc.ApiKeyServiceStub(channel).AuthenticateApiKey(
+                keys_pb.AuthenticateApiKeyRequest(secret=self.api_key)
+            )
+            response = await ledger_grpc.LedgerServiceStub(channel).GetBalance(
+                ledger_pb.GetBalanceRequest(account_id=key.api_key.account_id)
+            )
+        assert response.balance.held_micro_credits == 0
+        return response.balance.available_micro_credits
+
+    async def price(self) -> cloud_pb.Model:
+        async with grpc.aio.insecure_channel(self.grpc_target) as channel:
+            models = await cloud_grpc.InferenceServiceStub(channel).ListModels(
+                cloud_pb.ListModelsRequest(),
+                metadata=(("authorization", f"Bearer {self.api_key}"),),
+            )
+        return next(model for model in models.models if model.id == MODEL)
+
+
+async def _wait_until_serving(
+    data_dir: Path, base_url: str, process: asyncio.subprocess.Process
+) -> str:
+    key_file = data_dir / "demo-api-key"
+    async with asyncio.timeout(START_TIMEOUT_S), httpx.AsyncClient() as http:
+        while True:
+            assert process.returncode is None, "resultity up exited during start-up"
+            if key_file.exists():
+                key = key_file.read_text().strip()
+                try:
+                    models = await http.get(
+                        f"{base_url}/models", headers={"authorization": f"Bearer {key}"}
+                    )
+                    if models.status_code == 200 and models.json()["data"]:
+                        return key
+                except httpx.TransportError:
+                    pass
+            await asyncio.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+async def platform(
+    postgres_dsn: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[RunningPlatform]:
+    data_dir = tmp_path_factory.mktemp("platform")
+    http_port, grpc_port = _free_port(), _free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "server.cli",
+        "up",
+        "--data-dir",
+        str(data_dir),
+        "--http-port",
+        str(http_port),
+        "--grpc-port",
+        str(grpc_port),
+        "--database-url",
+        postgres_dsn,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    base_url = f"http://127.0.0.1:{http_port}/v1"
+    try:
+        key = await _wait_until_serving(data_dir, base_url, process)
+        yield RunningPlatform(process, base_url, f"127.0.0.1:{grpc_port}", key)
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGINT)
+            async with asyncio.timeout(60):
+                await process.wait()
+    assert process.returncode == 0, "resultity up did not shut down cleanly on SIGINT"
+
+
+async def test_completion_streamed_and_not_gives_the_same_greedy_answer_billed_exactly(
+    platform: RunningPlatform,
+) -> None:
+    client = platform.client()
+    model = await platform.price()
+    before = await platform.balance()
+
+    completion = await client.chat.completions.create(
+        model=MODEL,
+        messages=QUESTION,
+        temperature=0,
+        max_tokens=32,  # type: ignore[arg-type]
+    )
+    stream = await client.chat.completions.create(
+        model=MODEL,
+        messages=QUESTION,  # type: ignore[arg-type]
+        temperature=0,
+        max_tokens=32,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = [chunk async for chunk in stream]
+
+    text = completion.choices[0].message.content
+    assert text
+    assert "paris" in text.lower()
+    assert completion.choices[0].finish_reason in {"stop", "length"}
+    assert completion.usage is not None
+    assert completion.usage.completion_tokens > 0
+
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finishing = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finishing) == 1
+    assert chunks[-1].choices == []
+    stream_usage = chunks[-1].usage
+    assert stream_usage is not None
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == text
+    assert stream_usage.model_dump() == completion.usage.model_dump()
+
+    spent = before - await platform.balance()
+    per_request = (
+        completion.usage.prompt_tokens * model.price.prompt_micro_credits_per_token
+        + completion.usage.completion_tokens * model.price.completion_micro_credits_per_token
+    )
+    assert spent == 2 * per_request
+
+
+async def test_models_lists_the_served_model(platform: RunningPlatform) -> None:
+    models = await platform.client().models.list()
+    assert [model.id for model in models.data] == [MODEL]
+
+
+async def test_wrong_key_and_unknown_model_get_openai_errors(platform: RunningPlatform) -> None:
+    with pytest.raises(openai.AuthenticationError) as auth:
+        await platform.client("rsk_wrong").chat.completions.create(
+            model=MODEL,
+            messages=QUESTION,  # type: ignore[arg-type]
+        )
+    assert auth.value.code == "invalid_api_key"
+    with pytest.raises(openai.NotFoundError) as missing:
+        await platform.client().chat.completions.create(
+            model="gpt-nothing",
+            messages=QUESTION,  # type: ignore[arg-type]
+        )
+    assert missing.value.code == "model_not_found"
