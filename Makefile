@@ -1,6 +1,6 @@
 # Resultity developer commands. `make run` and `make test` work on a fresh
 # machine with Python 3.11 and pip: both install into .venv first.
-PYTHON ?= python3.11
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 ARGS ?=
