@@ -21,7 +21,7 @@ install: $(VENV)/.installed
 
 generate: install
 	rm -rf generated && mkdir -p generated
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m grpc_tools.protoc -Iproto \
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m grpc_tools.protoc -Iproto -Ithird_party/proto \
 		--python_out=generated --mypy_out=generated \
 		--grpc_python_out=generated --mypy_grpc_out=generated \
 		$(PROTO_FILES)

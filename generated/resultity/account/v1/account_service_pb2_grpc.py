@@ -26,7 +26,14 @@ if _version_not_supported:
 
 
 class AccountServiceStub:
-    """Accounts of the people and organisations that use the platform.
+    """Accounts (users and their profiles).
+
+    Every RPC of the account layer is authorised from the `authorization`
+    metadata: `Bearer <API key>` with the MANAGEMENT scope acts on the key's own
+    account only; a key with the ADMIN scope, or the platform's service token,
+    acts on every account. Missing or invalid credentials fail with
+    UNAUTHENTICATED (reason INVALID_API_KEY); a credential without the right
+    fails with PERMISSION_DENIED (reason PERMISSION_DENIED).
     """
 
     def __init__(self, channel):
@@ -45,20 +52,64 @@ class AccountServiceStub:
                 request_serializer=resultity_dot_account_dot_v1_dot_account__service__pb2.GetAccountRequest.SerializeToString,
                 response_deserializer=resultity_dot_account_dot_v1_dot_account__service__pb2.GetAccountResponse.FromString,
                 _registered_method=True)
+        self.UpdateAccount = channel.unary_unary(
+                '/resultity.account.v1.AccountService/UpdateAccount',
+                request_serializer=resultity_dot_account_dot_v1_dot_account__service__pb2.UpdateAccountRequest.SerializeToString,
+                response_deserializer=resultity_dot_account_dot_v1_dot_account__service__pb2.UpdateAccountResponse.FromString,
+                _registered_method=True)
+        self.ListAccounts = channel.unary_unary(
+                '/resultity.account.v1.AccountService/ListAccounts',
+                request_serializer=resultity_dot_account_dot_v1_dot_account__service__pb2.ListAccountsRequest.SerializeToString,
+                response_deserializer=resultity_dot_account_dot_v1_dot_account__service__pb2.ListAccountsResponse.FromString,
+                _registered_method=True)
+        self.DisableAccount = channel.unary_unary(
+                '/resultity.account.v1.AccountService/DisableAccount',
+                request_serializer=resultity_dot_account_dot_v1_dot_account__service__pb2.DisableAccountRequest.SerializeToString,
+                response_deserializer=resultity_dot_account_dot_v1_dot_account__service__pb2.DisableAccountResponse.FromString,
+                _registered_method=True)
 
 
 class AccountServiceServicer:
-    """Accounts of the people and organisations that use the platform.
+    """Accounts (users and their profiles).
+
+    Every RPC of the account layer is authorised from the `authorization`
+    metadata: `Bearer <API key>` with the MANAGEMENT scope acts on the key's own
+    account only; a key with the ADMIN scope, or the platform's service token,
+    acts on every account. Missing or invalid credentials fail with
+    UNAUTHENTICATED (reason INVALID_API_KEY); a credential without the right
+    fails with PERMISSION_DENIED (reason PERMISSION_DENIED).
     """
 
     def CreateAccount(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Admin only. With a referral code, links the new account to its referrer.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetAccount(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateAccount(self, request, context):
+        """Changes the fields that are set in the request.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAccounts(self, request, context):
+        """Admin only. Oldest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DisableAccount(self, request, context):
+        """Admin only. A disabled account's keys stop authenticating.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -76,6 +127,21 @@ def add_AccountServiceServicer_to_server(servicer, server):
                     request_deserializer=resultity_dot_account_dot_v1_dot_account__service__pb2.GetAccountRequest.FromString,
                     response_serializer=resultity_dot_account_dot_v1_dot_account__service__pb2.GetAccountResponse.SerializeToString,
             ),
+            'UpdateAccount': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateAccount,
+                    request_deserializer=resultity_dot_account_dot_v1_dot_account__service__pb2.UpdateAccountRequest.FromString,
+                    response_serializer=resultity_dot_account_dot_v1_dot_account__service__pb2.UpdateAccountResponse.SerializeToString,
+            ),
+            'ListAccounts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAccounts,
+                    request_deserializer=resultity_dot_account_dot_v1_dot_account__service__pb2.ListAccountsRequest.FromString,
+                    response_serializer=resultity_dot_account_dot_v1_dot_account__service__pb2.ListAccountsResponse.SerializeToString,
+            ),
+            'DisableAccount': grpc.unary_unary_rpc_method_handler(
+                    servicer.DisableAccount,
+                    request_deserializer=resultity_dot_account_dot_v1_dot_account__service__pb2.DisableAccountRequest.FromString,
+                    response_serializer=resultity_dot_account_dot_v1_dot_account__service__pb2.DisableAccountResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'resultity.account.v1.AccountService', rpc_method_handlers)
@@ -85,7 +151,14 @@ def add_AccountServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class AccountService:
-    """Accounts of the people and organisations that use the platform.
+    """Accounts (users and their profiles).
+
+    Every RPC of the account layer is authorised from the `authorization`
+    metadata: `Bearer <API key>` with the MANAGEMENT scope acts on the key's own
+    account only; a key with the ADMIN scope, or the platform's service token,
+    acts on every account. Missing or invalid credentials fail with
+    UNAUTHENTICATED (reason INVALID_API_KEY); a credential without the right
+    fails with PERMISSION_DENIED (reason PERMISSION_DENIED).
     """
 
     @staticmethod
@@ -132,6 +205,87 @@ class AccountService:
             '/resultity.account.v1.AccountService/GetAccount',
             resultity_dot_account_dot_v1_dot_account__service__pb2.GetAccountRequest.SerializeToString,
             resultity_dot_account_dot_v1_dot_account__service__pb2.GetAccountResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateAccount(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/resultity.account.v1.AccountService/UpdateAccount',
+            resultity_dot_account_dot_v1_dot_account__service__pb2.UpdateAccountRequest.SerializeToString,
+            resultity_dot_account_dot_v1_dot_account__service__pb2.UpdateAccountResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAccounts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/resultity.account.v1.AccountService/ListAccounts',
+            resultity_dot_account_dot_v1_dot_account__service__pb2.ListAccountsRequest.SerializeToString,
+            resultity_dot_account_dot_v1_dot_account__service__pb2.ListAccountsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DisableAccount(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/resultity.account.v1.AccountService/DisableAccount',
+            resultity_dot_account_dot_v1_dot_account__service__pb2.DisableAccountRequest.SerializeToString,
+            resultity_dot_account_dot_v1_dot_account__service__pb2.DisableAccountResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -27,32 +27,71 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class AccountServiceStub:
-    """Accounts of the people and organisations that use the platform."""
+    """Accounts (users and their profiles).
+
+    Every RPC of the account layer is authorised from the `authorization`
+    metadata: `Bearer <API key>` with the MANAGEMENT scope acts on the key's own
+    account only; a key with the ADMIN scope, or the platform's service token,
+    acts on every account. Missing or invalid credentials fail with
+    UNAUTHENTICATED (reason INVALID_API_KEY); a credential without the right
+    fails with PERMISSION_DENIED (reason PERMISSION_DENIED).
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> AccountServiceAsyncStub: ...
     CreateAccount: _grpc.UnaryUnaryMultiCallable[_account_service_pb2.CreateAccountRequest, _account_service_pb2.CreateAccountResponse]
+    """Admin only. With a referral code, links the new account to its referrer."""
     GetAccount: _grpc.UnaryUnaryMultiCallable[_account_service_pb2.GetAccountRequest, _account_service_pb2.GetAccountResponse]
+    UpdateAccount: _grpc.UnaryUnaryMultiCallable[_account_service_pb2.UpdateAccountRequest, _account_service_pb2.UpdateAccountResponse]
+    """Changes the fields that are set in the request."""
+    ListAccounts: _grpc.UnaryUnaryMultiCallable[_account_service_pb2.ListAccountsRequest, _account_service_pb2.ListAccountsResponse]
+    """Admin only. Oldest first."""
+    DisableAccount: _grpc.UnaryUnaryMultiCallable[_account_service_pb2.DisableAccountRequest, _account_service_pb2.DisableAccountResponse]
+    """Admin only. A disabled account's keys stop authenticating."""
 
 @_typing.type_check_only
 class AccountServiceAsyncStub(AccountServiceStub):
-    """Accounts of the people and organisations that use the platform."""
+    """Accounts (users and their profiles).
+
+    Every RPC of the account layer is authorised from the `authorization`
+    metadata: `Bearer <API key>` with the MANAGEMENT scope acts on the key's own
+    account only; a key with the ADMIN scope, or the platform's service token,
+    acts on every account. Missing or invalid credentials fail with
+    UNAUTHENTICATED (reason INVALID_API_KEY); a credential without the right
+    fails with PERMISSION_DENIED (reason PERMISSION_DENIED).
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateAccount: _aio.UnaryUnaryMultiCallable[_account_service_pb2.CreateAccountRequest, _account_service_pb2.CreateAccountResponse]  # type: ignore[assignment]
+    """Admin only. With a referral code, links the new account to its referrer."""
     GetAccount: _aio.UnaryUnaryMultiCallable[_account_service_pb2.GetAccountRequest, _account_service_pb2.GetAccountResponse]  # type: ignore[assignment]
+    UpdateAccount: _aio.UnaryUnaryMultiCallable[_account_service_pb2.UpdateAccountRequest, _account_service_pb2.UpdateAccountResponse]  # type: ignore[assignment]
+    """Changes the fields that are set in the request."""
+    ListAccounts: _aio.UnaryUnaryMultiCallable[_account_service_pb2.ListAccountsRequest, _account_service_pb2.ListAccountsResponse]  # type: ignore[assignment]
+    """Admin only. Oldest first."""
+    DisableAccount: _aio.UnaryUnaryMultiCallable[_account_service_pb2.DisableAccountRequest, _account_service_pb2.DisableAccountResponse]  # type: ignore[assignment]
+    """Admin only. A disabled account's keys stop authenticating."""
 
 class AccountServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Accounts of the people and organisations that use the platform."""
+    """Accounts (users and their profiles).
+
+    Every RPC of the account layer is authorised from the `authorization`
+    metadata: `Bearer <API key>` with the MANAGEMENT scope acts on the key's own
+    account only; a key with the ADMIN scope, or the platform's service token,
+    acts on every account. Missing or invalid credentials fail with
+    UNAUTHENTICATED (reason INVALID_API_KEY); a credential without the right
+    fails with PERMISSION_DENIED (reason PERMISSION_DENIED).
+    """
 
     @_abc_1.abstractmethod
     def CreateAccount(
         self,
         request: _account_service_pb2.CreateAccountRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_account_service_pb2.CreateAccountResponse, _abc.Awaitable[_account_service_pb2.CreateAccountResponse]]: ...
+    ) -> _typing.Union[_account_service_pb2.CreateAccountResponse, _abc.Awaitable[_account_service_pb2.CreateAccountResponse]]:
+        """Admin only. With a referral code, links the new account to its referrer."""
 
     @_abc_1.abstractmethod
     def GetAccount(
@@ -60,5 +99,29 @@ class AccountServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _account_service_pb2.GetAccountRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_account_service_pb2.GetAccountResponse, _abc.Awaitable[_account_service_pb2.GetAccountResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def UpdateAccount(
+        self,
+        request: _account_service_pb2.UpdateAccountRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_account_service_pb2.UpdateAccountResponse, _abc.Awaitable[_account_service_pb2.UpdateAccountResponse]]:
+        """Changes the fields that are set in the request."""
+
+    @_abc_1.abstractmethod
+    def ListAccounts(
+        self,
+        request: _account_service_pb2.ListAccountsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_account_service_pb2.ListAccountsResponse, _abc.Awaitable[_account_service_pb2.ListAccountsResponse]]:
+        """Admin only. Oldest first."""
+
+    @_abc_1.abstractmethod
+    def DisableAccount(
+        self,
+        request: _account_service_pb2.DisableAccountRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_account_service_pb2.DisableAccountResponse, _abc.Awaitable[_account_service_pb2.DisableAccountResponse]]:
+        """Admin only. A disabled account's keys stop authenticating."""
 
 def add_AccountServiceServicer_to_server(servicer: AccountServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

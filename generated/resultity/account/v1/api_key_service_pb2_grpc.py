@@ -26,7 +26,7 @@ if _version_not_supported:
 
 
 class ApiKeyServiceStub:
-    """API keys: issued once, stored only as hashes.
+    """API keys: issued once, stored only as keyed hashes.
     """
 
     def __init__(self, channel):
@@ -40,6 +40,16 @@ class ApiKeyServiceStub:
                 request_serializer=resultity_dot_account_dot_v1_dot_api__key__service__pb2.CreateApiKeyRequest.SerializeToString,
                 response_deserializer=resultity_dot_account_dot_v1_dot_api__key__service__pb2.CreateApiKeyResponse.FromString,
                 _registered_method=True)
+        self.ListApiKeys = channel.unary_unary(
+                '/resultity.account.v1.ApiKeyService/ListApiKeys',
+                request_serializer=resultity_dot_account_dot_v1_dot_api__key__service__pb2.ListApiKeysRequest.SerializeToString,
+                response_deserializer=resultity_dot_account_dot_v1_dot_api__key__service__pb2.ListApiKeysResponse.FromString,
+                _registered_method=True)
+        self.RevokeApiKey = channel.unary_unary(
+                '/resultity.account.v1.ApiKeyService/RevokeApiKey',
+                request_serializer=resultity_dot_account_dot_v1_dot_api__key__service__pb2.RevokeApiKeyRequest.SerializeToString,
+                response_deserializer=resultity_dot_account_dot_v1_dot_api__key__service__pb2.RevokeApiKeyResponse.FromString,
+                _registered_method=True)
         self.AuthenticateApiKey = channel.unary_unary(
                 '/resultity.account.v1.ApiKeyService/AuthenticateApiKey',
                 request_serializer=resultity_dot_account_dot_v1_dot_api__key__service__pb2.AuthenticateApiKeyRequest.SerializeToString,
@@ -48,19 +58,35 @@ class ApiKeyServiceStub:
 
 
 class ApiKeyServiceServicer:
-    """API keys: issued once, stored only as hashes.
+    """API keys: issued once, stored only as keyed hashes.
     """
 
     def CreateApiKey(self, request, context):
-        """Creates a key; the secret is in the response and nowhere else.
+        """Creates a key; the secret is in the response and nowhere else. Only an
+        admin may create a key with the ADMIN scope.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListApiKeys(self, request, context):
+        """The account's keys, newest first, revoked ones included (never secrets).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeApiKey(self, request, context):
+        """Revoking twice is not an error. The key stops working within 5 seconds.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def AuthenticateApiKey(self, request, context):
-        """Resolves a presented key to its account. Unknown, malformed or revoked
-        keys fail with UNAUTHENTICATED (reason INVALID_API_KEY).
+        """Resolves a presented key to its account. Needs no other credential: the
+        secret is the proof. Unknown, malformed, revoked or expired keys (and
+        keys of disabled accounts) fail with UNAUTHENTICATED (reason INVALID_API_KEY).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -73,6 +99,16 @@ def add_ApiKeyServiceServicer_to_server(servicer, server):
                     servicer.CreateApiKey,
                     request_deserializer=resultity_dot_account_dot_v1_dot_api__key__service__pb2.CreateApiKeyRequest.FromString,
                     response_serializer=resultity_dot_account_dot_v1_dot_api__key__service__pb2.CreateApiKeyResponse.SerializeToString,
+            ),
+            'ListApiKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListApiKeys,
+                    request_deserializer=resultity_dot_account_dot_v1_dot_api__key__service__pb2.ListApiKeysRequest.FromString,
+                    response_serializer=resultity_dot_account_dot_v1_dot_api__key__service__pb2.ListApiKeysResponse.SerializeToString,
+            ),
+            'RevokeApiKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeApiKey,
+                    request_deserializer=resultity_dot_account_dot_v1_dot_api__key__service__pb2.RevokeApiKeyRequest.FromString,
+                    response_serializer=resultity_dot_account_dot_v1_dot_api__key__service__pb2.RevokeApiKeyResponse.SerializeToString,
             ),
             'AuthenticateApiKey': grpc.unary_unary_rpc_method_handler(
                     servicer.AuthenticateApiKey,
@@ -88,7 +124,7 @@ def add_ApiKeyServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class ApiKeyService:
-    """API keys: issued once, stored only as hashes.
+    """API keys: issued once, stored only as keyed hashes.
     """
 
     @staticmethod
@@ -108,6 +144,60 @@ class ApiKeyService:
             '/resultity.account.v1.ApiKeyService/CreateApiKey',
             resultity_dot_account_dot_v1_dot_api__key__service__pb2.CreateApiKeyRequest.SerializeToString,
             resultity_dot_account_dot_v1_dot_api__key__service__pb2.CreateApiKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListApiKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/resultity.account.v1.ApiKeyService/ListApiKeys',
+            resultity_dot_account_dot_v1_dot_api__key__service__pb2.ListApiKeysRequest.SerializeToString,
+            resultity_dot_account_dot_v1_dot_api__key__service__pb2.ListApiKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeApiKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/resultity.account.v1.ApiKeyService/RevokeApiKey',
+            resultity_dot_account_dot_v1_dot_api__key__service__pb2.RevokeApiKeyRequest.SerializeToString,
+            resultity_dot_account_dot_v1_dot_api__key__service__pb2.RevokeApiKeyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -27,33 +27,47 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class ApiKeyServiceStub:
-    """API keys: issued once, stored only as hashes."""
+    """API keys: issued once, stored only as keyed hashes."""
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> ApiKeyServiceAsyncStub: ...
     CreateApiKey: _grpc.UnaryUnaryMultiCallable[_api_key_service_pb2.CreateApiKeyRequest, _api_key_service_pb2.CreateApiKeyResponse]
-    """Creates a key; the secret is in the response and nowhere else."""
+    """Creates a key; the secret is in the response and nowhere else. Only an
+    admin may create a key with the ADMIN scope.
+    """
+    ListApiKeys: _grpc.UnaryUnaryMultiCallable[_api_key_service_pb2.ListApiKeysRequest, _api_key_service_pb2.ListApiKeysResponse]
+    """The account's keys, newest first, revoked ones included (never secrets)."""
+    RevokeApiKey: _grpc.UnaryUnaryMultiCallable[_api_key_service_pb2.RevokeApiKeyRequest, _api_key_service_pb2.RevokeApiKeyResponse]
+    """Revoking twice is not an error. The key stops working within 5 seconds."""
     AuthenticateApiKey: _grpc.UnaryUnaryMultiCallable[_api_key_service_pb2.AuthenticateApiKeyRequest, _api_key_service_pb2.AuthenticateApiKeyResponse]
-    """Resolves a presented key to its account. Unknown, malformed or revoked
-    keys fail with UNAUTHENTICATED (reason INVALID_API_KEY).
+    """Resolves a presented key to its account. Needs no other credential: the
+    secret is the proof. Unknown, malformed, revoked or expired keys (and
+    keys of disabled accounts) fail with UNAUTHENTICATED (reason INVALID_API_KEY).
     """
 
 @_typing.type_check_only
 class ApiKeyServiceAsyncStub(ApiKeyServiceStub):
-    """API keys: issued once, stored only as hashes."""
+    """API keys: issued once, stored only as keyed hashes."""
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateApiKey: _aio.UnaryUnaryMultiCallable[_api_key_service_pb2.CreateApiKeyRequest, _api_key_service_pb2.CreateApiKeyResponse]  # type: ignore[assignment]
-    """Creates a key; the secret is in the response and nowhere else."""
+    """Creates a key; the secret is in the response and nowhere else. Only an
+    admin may create a key with the ADMIN scope.
+    """
+    ListApiKeys: _aio.UnaryUnaryMultiCallable[_api_key_service_pb2.ListApiKeysRequest, _api_key_service_pb2.ListApiKeysResponse]  # type: ignore[assignment]
+    """The account's keys, newest first, revoked ones included (never secrets)."""
+    RevokeApiKey: _aio.UnaryUnaryMultiCallable[_api_key_service_pb2.RevokeApiKeyRequest, _api_key_service_pb2.RevokeApiKeyResponse]  # type: ignore[assignment]
+    """Revoking twice is not an error. The key stops working within 5 seconds."""
     AuthenticateApiKey: _aio.UnaryUnaryMultiCallable[_api_key_service_pb2.AuthenticateApiKeyRequest, _api_key_service_pb2.AuthenticateApiKeyResponse]  # type: ignore[assignment]
-    """Resolves a presented key to its account. Unknown, malformed or revoked
-    keys fail with UNAUTHENTICATED (reason INVALID_API_KEY).
+    """Resolves a presented key to its account. Needs no other credential: the
+    secret is the proof. Unknown, malformed, revoked or expired keys (and
+    keys of disabled accounts) fail with UNAUTHENTICATED (reason INVALID_API_KEY).
     """
 
 class ApiKeyServiceServicer(metaclass=_abc_1.ABCMeta):
-    """API keys: issued once, stored only as hashes."""
+    """API keys: issued once, stored only as keyed hashes."""
 
     @_abc_1.abstractmethod
     def CreateApiKey(
@@ -61,7 +75,25 @@ class ApiKeyServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _api_key_service_pb2.CreateApiKeyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_api_key_service_pb2.CreateApiKeyResponse, _abc.Awaitable[_api_key_service_pb2.CreateApiKeyResponse]]:
-        """Creates a key; the secret is in the response and nowhere else."""
+        """Creates a key; the secret is in the response and nowhere else. Only an
+        admin may create a key with the ADMIN scope.
+        """
+
+    @_abc_1.abstractmethod
+    def ListApiKeys(
+        self,
+        request: _api_key_service_pb2.ListApiKeysRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_api_key_service_pb2.ListApiKeysResponse, _abc.Awaitable[_api_key_service_pb2.ListApiKeysResponse]]:
+        """The account's keys, newest first, revoked ones included (never secrets)."""
+
+    @_abc_1.abstractmethod
+    def RevokeApiKey(
+        self,
+        request: _api_key_service_pb2.RevokeApiKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_api_key_service_pb2.RevokeApiKeyResponse, _abc.Awaitable[_api_key_service_pb2.RevokeApiKeyResponse]]:
+        """Revoking twice is not an error. The key stops working within 5 seconds."""
 
     @_abc_1.abstractmethod
     def AuthenticateApiKey(
@@ -69,8 +101,9 @@ class ApiKeyServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _api_key_service_pb2.AuthenticateApiKeyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_api_key_service_pb2.AuthenticateApiKeyResponse, _abc.Awaitable[_api_key_service_pb2.AuthenticateApiKeyResponse]]:
-        """Resolves a presented key to its account. Unknown, malformed or revoked
-        keys fail with UNAUTHENTICATED (reason INVALID_API_KEY).
+        """Resolves a presented key to its account. Needs no other credential: the
+        secret is the proof. Unknown, malformed, revoked or expired keys (and
+        keys of disabled accounts) fail with UNAUTHENTICATED (reason INVALID_API_KEY).
         """
 
 def add_ApiKeyServiceServicer_to_server(servicer: ApiKeyServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

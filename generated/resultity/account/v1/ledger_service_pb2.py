@@ -22,38 +22,73 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)resultity/account/v1/ledger_service.proto\x12\x14resultity.account.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"Y\n\x0cTopUpRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x1c\n\x14\x61mount_micro_credits\x18\x02 \x01(\x03\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\"T\n\rTopUpResponse\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12.\n\x07\x62\x61lance\x18\x02 \x01(\x0b\x32\x1d.resultity.account.v1.Balance\"Z\n\x07\x42\x61lance\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x1f\n\x17\x61vailable_micro_credits\x18\x02 \x01(\x03\x12\x1a\n\x12held_micro_credits\x18\x03 \x01(\x03\"\'\n\x11GetBalanceRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\"D\n\x12GetBalanceResponse\x12.\n\x07\x62\x61lance\x18\x01 \x01(\x0b\x32\x1d.resultity.account.v1.Balance\"\x8b\x01\n\x11\x43reateHoldRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x1c\n\x14\x61mount_micro_credits\x18\x02 \x01(\x03\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\x12+\n\x07\x65xpires\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\">\n\x12\x43reateHoldResponse\x12(\n\x04hold\x18\x01 \x01(\x0b\x32\x1a.resultity.account.v1.Hold\"\xc8\x01\n\x04Hold\x12\x0f\n\x07hold_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12\x1c\n\x14\x61mount_micro_credits\x18\x03 \x01(\x03\x12\x1e\n\x16\x63\x61ptured_micro_credits\x18\x04 \x01(\x03\x12\x30\n\x06status\x18\x05 \x01(\x0e\x32 .resultity.account.v1.HoldStatus\x12+\n\x07\x65xpires\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"C\n\x11SettleHoldRequest\x12\x0f\n\x07hold_id\x18\x01 \x01(\t\x12\x1d\n\x15\x63\x61pture_micro_credits\x18\x02 \x01(\x03\">\n\x12SettleHoldResponse\x12(\n\x04hold\x18\x01 \x01(\x0b\x32\x1a.resultity.account.v1.Hold*r\n\nHoldStatus\x12\x1b\n\x17HOLD_STATUS_UNSPECIFIED\x10\x00\x12\x14\n\x10HOLD_STATUS_OPEN\x10\x01\x12\x17\n\x13HOLD_STATUS_SETTLED\x10\x02\x12\x18\n\x14HOLD_STATUS_RELEASED\x10\x03\x32\x84\x03\n\rLedgerService\x12P\n\x05TopUp\x12\".resultity.account.v1.TopUpRequest\x1a#.resultity.account.v1.TopUpResponse\x12_\n\nGetBalance\x12\'.resultity.account.v1.GetBalanceRequest\x1a(.resultity.account.v1.GetBalanceResponse\x12_\n\nCreateHold\x12\'.resultity.account.v1.CreateHoldRequest\x1a(.resultity.account.v1.CreateHoldResponse\x12_\n\nSettleHold\x12\'.resultity.account.v1.SettleHoldRequest\x1a(.resultity.account.v1.SettleHoldResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)resultity/account/v1/ledger_service.proto\x12\x14resultity.account.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"Y\n\x0cTopUpRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x1c\n\x14\x61mount_micro_credits\x18\x02 \x01(\x03\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\"z\n\rTopUpResponse\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12.\n\x07\x62\x61lance\x18\x02 \x01(\x0b\x32\x1d.resultity.account.v1.Balance\x12$\n\x1creferral_bonus_micro_credits\x18\x03 \x01(\x03\"`\n\x13GrantCreditsRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x1c\n\x14\x61mount_micro_credits\x18\x02 \x01(\x03\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\"[\n\x14GrantCreditsResponse\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12.\n\x07\x62\x61lance\x18\x02 \x01(\x0b\x32\x1d.resultity.account.v1.Balance\"S\n\x1a\x46undPromotionalPoolRequest\x12\x1c\n\x14\x61mount_micro_credits\x18\x01 \x01(\x03\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\"S\n\x1b\x46undPromotionalPoolResponse\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x1f\n\x17\x61vailable_micro_credits\x18\x02 \x01(\x03\"x\n\x07\x42\x61lance\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x1f\n\x17\x61vailable_micro_credits\x18\x02 \x01(\x03\x12\x1a\n\x12held_micro_credits\x18\x03 \x01(\x03\x12\x1c\n\x14\x65\x61rned_micro_credits\x18\x04 \x01(\x03\"\'\n\x11GetBalanceRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\"D\n\x12GetBalanceResponse\x12.\n\x07\x62\x61lance\x18\x01 \x01(\x0b\x32\x1d.resultity.account.v1.Balance\"\x82\x02\n\x0bTransaction\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x30\n\x04kind\x18\x02 \x01(\x0e\x32\".resultity.account.v1.TransferKind\x12\x1c\n\x14\x61mount_micro_credits\x18\x03 \x01(\x03\x12\x35\n\x0bhold_status\x18\x04 \x01(\x0e\x32 .resultity.account.v1.HoldStatus\x12\x0f\n\x07hold_id\x18\x05 \x01(\t\x12+\n\x07\x63reated\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x19\n\x11operator_earnings\x18\x07 \x01(\x08\"T\n\x17ListTransactionsRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"l\n\x18ListTransactionsResponse\x12\x37\n\x0ctransactions\x18\x01 \x03(\x0b\x32!.resultity.account.v1.Transaction\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x19\n\x17GetLedgerSummaryRequest\"\xd2\x01\n\x18GetLedgerSummaryResponse\x12\x1d\n\x15\x63\x61sh_in_micro_credits\x18\x01 \x01(\x03\x12&\n\x1eplatform_revenue_micro_credits\x18\x02 \x01(\x03\x12&\n\x1epromotional_pool_micro_credits\x18\x03 \x01(\x03\x12\"\n\x1atotal_debits_micro_credits\x18\x04 \x01(\x03\x12#\n\x1btotal_credits_micro_credits\x18\x05 \x01(\x03\"\x8b\x01\n\x11\x43reateHoldRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x1c\n\x14\x61mount_micro_credits\x18\x02 \x01(\x03\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\x12+\n\x07\x65xpires\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\">\n\x12\x43reateHoldResponse\x12(\n\x04hold\x18\x01 \x01(\x0b\x32\x1a.resultity.account.v1.Hold\"\xc8\x01\n\x04Hold\x12\x0f\n\x07hold_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12\x1c\n\x14\x61mount_micro_credits\x18\x03 \x01(\x03\x12\x1e\n\x16\x63\x61ptured_micro_credits\x18\x04 \x01(\x03\x12\x30\n\x06status\x18\x05 \x01(\x0e\x32 .resultity.account.v1.HoldStatus\x12+\n\x07\x65xpires\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"]\n\x0eSettlementLine\x12\x1b\n\x13operator_account_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0e\n\x06tokens\x18\x04 \x01(\x03\"x\n\x11SettleHoldRequest\x12\x0f\n\x07hold_id\x18\x01 \x01(\t\x12\x1d\n\x15\x63\x61pture_micro_credits\x18\x02 \x01(\x03\x12\x33\n\x05lines\x18\x03 \x03(\x0b\x32$.resultity.account.v1.SettlementLine\">\n\x12SettleHoldResponse\x12(\n\x04hold\x18\x01 \x01(\x0b\x32\x1a.resultity.account.v1.Hold*\x86\x02\n\x0cTransferKind\x12\x1d\n\x19TRANSFER_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14TRANSFER_KIND_TOP_UP\x10\x01\x12\x16\n\x12TRANSFER_KIND_HOLD\x10\x02\x12\x19\n\x15TRANSFER_KIND_CAPTURE\x10\x03\x12\x17\n\x13TRANSFER_KIND_GRANT\x10\x04\x12%\n!TRANSFER_KIND_PROMOTIONAL_FUNDING\x10\x05\x12 \n\x1cTRANSFER_KIND_REFERRAL_BONUS\x10\x06\x12(\n$TRANSFER_KIND_SUBSCRIPTION_ALLOWANCE\x10\x07*r\n\nHoldStatus\x12\x1b\n\x17HOLD_STATUS_UNSPECIFIED\x10\x00\x12\x14\n\x10HOLD_STATUS_OPEN\x10\x01\x12\x17\n\x13HOLD_STATUS_SETTLED\x10\x02\x12\x18\n\x14HOLD_STATUS_RELEASED\x10\x03\x32\xd1\x08\n\rLedgerService\x12~\n\x05TopUp\x12\".resultity.account.v1.TopUpRequest\x1a#.resultity.account.v1.TopUpResponse\",\x82\xd3\xe4\x93\x02&\"!/v1/accounts/{account_id}/top-ups:\x01*\x12\x92\x01\n\x0cGrantCredits\x12).resultity.account.v1.GrantCreditsRequest\x1a*.resultity.account.v1.GrantCreditsResponse\"+\x82\xd3\xe4\x93\x02%\" /v1/accounts/{account_id}/grants:\x01*\x12\xa7\x01\n\x13\x46undPromotionalPool\x12\x30.resultity.account.v1.FundPromotionalPoolRequest\x1a\x31.resultity.account.v1.FundPromotionalPoolResponse\"+\x82\xd3\xe4\x93\x02%\" /v1/ledger/promotional-pool:fund:\x01*\x12\x8a\x01\n\nGetBalance\x12\'.resultity.account.v1.GetBalanceRequest\x1a(.resultity.account.v1.GetBalanceResponse\")\x82\xd3\xe4\x93\x02#\x12!/v1/accounts/{account_id}/balance\x12\xa1\x01\n\x10ListTransactions\x12-.resultity.account.v1.ListTransactionsRequest\x1a..resultity.account.v1.ListTransactionsResponse\".\x82\xd3\xe4\x93\x02(\x12&/v1/accounts/{account_id}/transactions\x12\x8d\x01\n\x10GetLedgerSummary\x12-.resultity.account.v1.GetLedgerSummaryRequest\x1a..resultity.account.v1.GetLedgerSummaryResponse\"\x1a\x82\xd3\xe4\x93\x02\x14\x12\x12/v1/ledger/summary\x12_\n\nCreateHold\x12\'.resultity.account.v1.CreateHoldRequest\x1a(.resultity.account.v1.CreateHoldResponse\x12_\n\nSettleHold\x12\'.resultity.account.v1.SettleHoldRequest\x1a(.resultity.account.v1.SettleHoldResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'resultity.account.v1.ledger_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_HOLDSTATUS']._serialized_start=1022
-  _globals['_HOLDSTATUS']._serialized_end=1136
-  _globals['_TOPUPREQUEST']._serialized_start=100
-  _globals['_TOPUPREQUEST']._serialized_end=189
-  _globals['_TOPUPRESPONSE']._serialized_start=191
-  _globals['_TOPUPRESPONSE']._serialized_end=275
-  _globals['_BALANCE']._serialized_start=277
-  _globals['_BALANCE']._serialized_end=367
-  _globals['_GETBALANCEREQUEST']._serialized_start=369
-  _globals['_GETBALANCEREQUEST']._serialized_end=408
-  _globals['_GETBALANCERESPONSE']._serialized_start=410
-  _globals['_GETBALANCERESPONSE']._serialized_end=478
-  _globals['_CREATEHOLDREQUEST']._serialized_start=481
-  _globals['_CREATEHOLDREQUEST']._serialized_end=620
-  _globals['_CREATEHOLDRESPONSE']._serialized_start=622
-  _globals['_CREATEHOLDRESPONSE']._serialized_end=684
-  _globals['_HOLD']._serialized_start=687
-  _globals['_HOLD']._serialized_end=887
-  _globals['_SETTLEHOLDREQUEST']._serialized_start=889
-  _globals['_SETTLEHOLDREQUEST']._serialized_end=956
-  _globals['_SETTLEHOLDRESPONSE']._serialized_start=958
-  _globals['_SETTLEHOLDRESPONSE']._serialized_end=1020
-  _globals['_LEDGERSERVICE']._serialized_start=1139
-  _globals['_LEDGERSERVICE']._serialized_end=1527
+  _globals['_LEDGERSERVICE'].methods_by_name['TopUp']._loaded_options = None
+  _globals['_LEDGERSERVICE'].methods_by_name['TopUp']._serialized_options = b'\202\323\344\223\002&\"!/v1/accounts/{account_id}/top-ups:\001*'
+  _globals['_LEDGERSERVICE'].methods_by_name['GrantCredits']._loaded_options = None
+  _globals['_LEDGERSERVICE'].methods_by_name['GrantCredits']._serialized_options = b'\202\323\344\223\002%\" /v1/accounts/{account_id}/grants:\001*'
+  _globals['_LEDGERSERVICE'].methods_by_name['FundPromotionalPool']._loaded_options = None
+  _globals['_LEDGERSERVICE'].methods_by_name['FundPromotionalPool']._serialized_options = b'\202\323\344\223\002%\" /v1/ledger/promotional-pool:fund:\001*'
+  _globals['_LEDGERSERVICE'].methods_by_name['GetBalance']._loaded_options = None
+  _globals['_LEDGERSERVICE'].methods_by_name['GetBalance']._serialized_options = b'\202\323\344\223\002#\022!/v1/accounts/{account_id}/balance'
+  _globals['_LEDGERSERVICE'].methods_by_name['ListTransactions']._loaded_options = None
+  _globals['_LEDGERSERVICE'].methods_by_name['ListTransactions']._serialized_options = b'\202\323\344\223\002(\022&/v1/accounts/{account_id}/transactions'
+  _globals['_LEDGERSERVICE'].methods_by_name['GetLedgerSummary']._loaded_options = None
+  _globals['_LEDGERSERVICE'].methods_by_name['GetLedgerSummary']._serialized_options = b'\202\323\344\223\002\024\022\022/v1/ledger/summary'
+  _globals['_TRANSFERKIND']._serialized_start=2327
+  _globals['_TRANSFERKIND']._serialized_end=2589
+  _globals['_HOLDSTATUS']._serialized_start=2591
+  _globals['_HOLDSTATUS']._serialized_end=2705
+  _globals['_TOPUPREQUEST']._serialized_start=130
+  _globals['_TOPUPREQUEST']._serialized_end=219
+  _globals['_TOPUPRESPONSE']._serialized_start=221
+  _globals['_TOPUPRESPONSE']._serialized_end=343
+  _globals['_GRANTCREDITSREQUEST']._serialized_start=345
+  _globals['_GRANTCREDITSREQUEST']._serialized_end=441
+  _globals['_GRANTCREDITSRESPONSE']._serialized_start=443
+  _globals['_GRANTCREDITSRESPONSE']._serialized_end=534
+  _globals['_FUNDPROMOTIONALPOOLREQUEST']._serialized_start=536
+  _globals['_FUNDPROMOTIONALPOOLREQUEST']._serialized_end=619
+  _globals['_FUNDPROMOTIONALPOOLRESPONSE']._serialized_start=621
+  _globals['_FUNDPROMOTIONALPOOLRESPONSE']._serialized_end=704
+  _globals['_BALANCE']._serialized_start=706
+  _globals['_BALANCE']._serialized_end=826
+  _globals['_GETBALANCEREQUEST']._serialized_start=828
+  _globals['_GETBALANCEREQUEST']._serialized_end=867
+  _globals['_GETBALANCERESPONSE']._serialized_start=869
+  _globals['_GETBALANCERESPONSE']._serialized_end=937
+  _globals['_TRANSACTION']._serialized_start=940
+  _globals['_TRANSACTION']._serialized_end=1198
+  _globals['_LISTTRANSACTIONSREQUEST']._serialized_start=1200
+  _globals['_LISTTRANSACTIONSREQUEST']._serialized_end=1284
+  _globals['_LISTTRANSACTIONSRESPONSE']._serialized_start=1286
+  _globals['_LISTTRANSACTIONSRESPONSE']._serialized_end=1394
+  _globals['_GETLEDGERSUMMARYREQUEST']._serialized_start=1396
+  _globals['_GETLEDGERSUMMARYREQUEST']._serialized_end=1421
+  _globals['_GETLEDGERSUMMARYRESPONSE']._serialized_start=1424
+  _globals['_GETLEDGERSUMMARYRESPONSE']._serialized_end=1634
+  _globals['_CREATEHOLDREQUEST']._serialized_start=1637
+  _globals['_CREATEHOLDREQUEST']._serialized_end=1776
+  _globals['_CREATEHOLDRESPONSE']._serialized_start=1778
+  _globals['_CREATEHOLDRESPONSE']._serialized_end=1840
+  _globals['_HOLD']._serialized_start=1843
+  _globals['_HOLD']._serialized_end=2043
+  _globals['_SETTLEMENTLINE']._serialized_start=2045
+  _globals['_SETTLEMENTLINE']._serialized_end=2138
+  _globals['_SETTLEHOLDREQUEST']._serialized_start=2140
+  _globals['_SETTLEHOLDREQUEST']._serialized_end=2260
+  _globals['_SETTLEHOLDRESPONSE']._serialized_start=2262
+  _globals['_SETTLEHOLDRESPONSE']._serialized_end=2324
+  _globals['_LEDGERSERVICE']._serialized_start=2708
+  _globals['_LEDGERSERVICE']._serialized_end=3813
 # @@protoc_insertion_point(module_scope)

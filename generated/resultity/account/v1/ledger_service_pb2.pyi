@@ -3,9 +3,11 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
@@ -17,6 +19,34 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _TransferKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _TransferKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TransferKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TRANSFER_KIND_UNSPECIFIED: _TransferKind.ValueType  # 0
+    TRANSFER_KIND_TOP_UP: _TransferKind.ValueType  # 1
+    TRANSFER_KIND_HOLD: _TransferKind.ValueType  # 2
+    TRANSFER_KIND_CAPTURE: _TransferKind.ValueType  # 3
+    TRANSFER_KIND_GRANT: _TransferKind.ValueType  # 4
+    TRANSFER_KIND_PROMOTIONAL_FUNDING: _TransferKind.ValueType  # 5
+    TRANSFER_KIND_REFERRAL_BONUS: _TransferKind.ValueType  # 6
+    TRANSFER_KIND_SUBSCRIPTION_ALLOWANCE: _TransferKind.ValueType  # 7
+
+class TransferKind(_TransferKind, metaclass=_TransferKindEnumTypeWrapper):
+    """Why credits moved."""
+
+TRANSFER_KIND_UNSPECIFIED: TransferKind.ValueType  # 0
+TRANSFER_KIND_TOP_UP: TransferKind.ValueType  # 1
+TRANSFER_KIND_HOLD: TransferKind.ValueType  # 2
+TRANSFER_KIND_CAPTURE: TransferKind.ValueType  # 3
+TRANSFER_KIND_GRANT: TransferKind.ValueType  # 4
+TRANSFER_KIND_PROMOTIONAL_FUNDING: TransferKind.ValueType  # 5
+TRANSFER_KIND_REFERRAL_BONUS: TransferKind.ValueType  # 6
+TRANSFER_KIND_SUBSCRIPTION_ALLOWANCE: TransferKind.ValueType  # 7
+Global___TransferKind: _TypeAlias = TransferKind  # noqa: Y015
 
 class _HoldStatus:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -69,6 +99,58 @@ class TopUpResponse(_message.Message):
 
     TRANSFER_ID_FIELD_NUMBER: _builtins.int
     BALANCE_FIELD_NUMBER: _builtins.int
+    REFERRAL_BONUS_MICRO_CREDITS_FIELD_NUMBER: _builtins.int
+    transfer_id: _builtins.str
+    referral_bonus_micro_credits: _builtins.int
+    """The referral bonus this top-up paid to the referrer (0 if none)."""
+    @_builtins.property
+    def balance(self) -> Global___Balance: ...
+    def __init__(
+        self,
+        *,
+        transfer_id: _builtins.str = ...,
+        balance: Global___Balance | None = ...,
+        referral_bonus_micro_credits: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "referral_bonus_micro_credits", b"referral_bonus_micro_credits", "transfer_id", b"transfer_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TopUpResponse: _TypeAlias = TopUpResponse  # noqa: Y015
+
+@_typing.final
+class GrantCreditsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    AMOUNT_MICRO_CREDITS_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    amount_micro_credits: _builtins.int
+    idempotency_key: _builtins.str
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        amount_micro_credits: _builtins.int = ...,
+        idempotency_key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "amount_micro_credits", b"amount_micro_credits", "idempotency_key", b"idempotency_key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GrantCreditsRequest: _TypeAlias = GrantCreditsRequest  # noqa: Y015
+
+@_typing.final
+class GrantCreditsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRANSFER_ID_FIELD_NUMBER: _builtins.int
+    BALANCE_FIELD_NUMBER: _builtins.int
     transfer_id: _builtins.str
     @_builtins.property
     def balance(self) -> Global___Balance: ...
@@ -84,7 +166,52 @@ class TopUpResponse(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___TopUpResponse: _TypeAlias = TopUpResponse  # noqa: Y015
+Global___GrantCreditsResponse: _TypeAlias = GrantCreditsResponse  # noqa: Y015
+
+@_typing.final
+class FundPromotionalPoolRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AMOUNT_MICRO_CREDITS_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    amount_micro_credits: _builtins.int
+    idempotency_key: _builtins.str
+    def __init__(
+        self,
+        *,
+        amount_micro_credits: _builtins.int = ...,
+        idempotency_key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_micro_credits", b"amount_micro_credits", "idempotency_key", b"idempotency_key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FundPromotionalPoolRequest: _TypeAlias = FundPromotionalPoolRequest  # noqa: Y015
+
+@_typing.final
+class FundPromotionalPoolResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRANSFER_ID_FIELD_NUMBER: _builtins.int
+    AVAILABLE_MICRO_CREDITS_FIELD_NUMBER: _builtins.int
+    transfer_id: _builtins.str
+    available_micro_credits: _builtins.int
+    """What the pool can pay out now."""
+    def __init__(
+        self,
+        *,
+        transfer_id: _builtins.str = ...,
+        available_micro_credits: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available_micro_credits", b"available_micro_credits", "transfer_id", b"transfer_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FundPromotionalPoolResponse: _TypeAlias = FundPromotionalPoolResponse  # noqa: Y015
 
 @_typing.final
 class Balance(_message.Message):
@@ -93,21 +220,25 @@ class Balance(_message.Message):
     ACCOUNT_ID_FIELD_NUMBER: _builtins.int
     AVAILABLE_MICRO_CREDITS_FIELD_NUMBER: _builtins.int
     HELD_MICRO_CREDITS_FIELD_NUMBER: _builtins.int
+    EARNED_MICRO_CREDITS_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     available_micro_credits: _builtins.int
     """Credits that can be spent or reserved now."""
     held_micro_credits: _builtins.int
     """Credits reserved by open holds."""
+    earned_micro_credits: _builtins.int
+    """Credits earned as a node operator."""
     def __init__(
         self,
         *,
         account_id: _builtins.str = ...,
         available_micro_credits: _builtins.int = ...,
         held_micro_credits: _builtins.int = ...,
+        earned_micro_credits: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "available_micro_credits", b"available_micro_credits", "held_micro_credits", b"held_micro_credits"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "available_micro_credits", b"available_micro_credits", "earned_micro_credits", b"earned_micro_credits", "held_micro_credits", b"held_micro_credits"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -151,6 +282,147 @@ class GetBalanceResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetBalanceResponse: _TypeAlias = GetBalanceResponse  # noqa: Y015
+
+@_typing.final
+class Transaction(_message.Message):
+    """One transfer as seen from one account."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRANSFER_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    AMOUNT_MICRO_CREDITS_FIELD_NUMBER: _builtins.int
+    HOLD_STATUS_FIELD_NUMBER: _builtins.int
+    HOLD_ID_FIELD_NUMBER: _builtins.int
+    CREATED_FIELD_NUMBER: _builtins.int
+    OPERATOR_EARNINGS_FIELD_NUMBER: _builtins.int
+    transfer_id: _builtins.str
+    kind: Global___TransferKind.ValueType
+    amount_micro_credits: _builtins.int
+    """Positive: credited to the account; negative: debited."""
+    hold_status: Global___HoldStatus.ValueType
+    """For holds: the hold's state; otherwise HOLD_STATUS_UNSPECIFIED."""
+    hold_id: _builtins.str
+    """For captures: the hold they settle."""
+    operator_earnings: _builtins.bool
+    """True when the transfer moved operator earnings rather than spendable credits."""
+    @_builtins.property
+    def created(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        transfer_id: _builtins.str = ...,
+        kind: Global___TransferKind.ValueType = ...,
+        amount_micro_credits: _builtins.int = ...,
+        hold_status: Global___HoldStatus.ValueType = ...,
+        hold_id: _builtins.str = ...,
+        created: _timestamp_pb2.Timestamp | None = ...,
+        operator_earnings: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created", b"created"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_micro_credits", b"amount_micro_credits", "created", b"created", "hold_id", b"hold_id", "hold_status", b"hold_status", "kind", b"kind", "operator_earnings", b"operator_earnings", "transfer_id", b"transfer_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Transaction: _TypeAlias = Transaction  # noqa: Y015
+
+@_typing.final
+class ListTransactionsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    page_size: _builtins.int
+    """At most 100; 0 means 50."""
+    page_token: _builtins.str
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTransactionsRequest: _TypeAlias = ListTransactionsRequest  # noqa: Y015
+
+@_typing.final
+class ListTransactionsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRANSACTIONS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    @_builtins.property
+    def transactions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Transaction]: ...
+    def __init__(
+        self,
+        *,
+        transactions: _abc.Iterable[Global___Transaction] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "transactions", b"transactions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTransactionsResponse: _TypeAlias = ListTransactionsResponse  # noqa: Y015
+
+@_typing.final
+class GetLedgerSummaryRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetLedgerSummaryRequest: _TypeAlias = GetLedgerSummaryRequest  # noqa: Y015
+
+@_typing.final
+class GetLedgerSummaryResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CASH_IN_MICRO_CREDITS_FIELD_NUMBER: _builtins.int
+    PLATFORM_REVENUE_MICRO_CREDITS_FIELD_NUMBER: _builtins.int
+    PROMOTIONAL_POOL_MICRO_CREDITS_FIELD_NUMBER: _builtins.int
+    TOTAL_DEBITS_MICRO_CREDITS_FIELD_NUMBER: _builtins.int
+    TOTAL_CREDITS_MICRO_CREDITS_FIELD_NUMBER: _builtins.int
+    cash_in_micro_credits: _builtins.int
+    """Net posted balance (credits - debits) of each system account."""
+    platform_revenue_micro_credits: _builtins.int
+    promotional_pool_micro_credits: _builtins.int
+    total_debits_micro_credits: _builtins.int
+    """Sums over every ledger account; equal when the ledger is conserved."""
+    total_credits_micro_credits: _builtins.int
+    def __init__(
+        self,
+        *,
+        cash_in_micro_credits: _builtins.int = ...,
+        platform_revenue_micro_credits: _builtins.int = ...,
+        promotional_pool_micro_credits: _builtins.int = ...,
+        total_debits_micro_credits: _builtins.int = ...,
+        total_credits_micro_credits: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cash_in_micro_credits", b"cash_in_micro_credits", "platform_revenue_micro_credits", b"platform_revenue_micro_credits", "promotional_pool_micro_credits", b"promotional_pool_micro_credits", "total_credits_micro_credits", b"total_credits_micro_credits", "total_debits_micro_credits", b"total_debits_micro_credits"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetLedgerSummaryResponse: _TypeAlias = GetLedgerSummaryResponse  # noqa: Y015
 
 @_typing.final
 class CreateHoldRequest(_message.Message):
@@ -239,23 +511,62 @@ class Hold(_message.Message):
 Global___Hold: _TypeAlias = Hold  # noqa: Y015
 
 @_typing.final
+class SettlementLine(_message.Message):
+    """The work one node operator did for the job a hold paid for."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPERATOR_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    TOKENS_FIELD_NUMBER: _builtins.int
+    operator_account_id: _builtins.str
+    node_id: _builtins.str
+    model: _builtins.str
+    tokens: _builtins.int
+    def __init__(
+        self,
+        *,
+        operator_account_id: _builtins.str = ...,
+        node_id: _builtins.str = ...,
+        model: _builtins.str = ...,
+        tokens: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "node_id", b"node_id", "operator_account_id", b"operator_account_id", "tokens", b"tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SettlementLine: _TypeAlias = SettlementLine  # noqa: Y015
+
+@_typing.final
 class SettleHoldRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     HOLD_ID_FIELD_NUMBER: _builtins.int
     CAPTURE_MICRO_CREDITS_FIELD_NUMBER: _builtins.int
+    LINES_FIELD_NUMBER: _builtins.int
     hold_id: _builtins.str
     capture_micro_credits: _builtins.int
     """At most the hold's amount; zero releases the whole hold."""
+    @_builtins.property
+    def lines(self) -> _containers.RepeatedCompositeFieldContainer[Global___SettlementLine]:
+        """At most one line per operator. The operators' share of the capture is
+        split among the lines by tokens; the platform receives the rest. Without
+        lines the platform receives the whole capture.
+        """
+
     def __init__(
         self,
         *,
         hold_id: _builtins.str = ...,
         capture_micro_credits: _builtins.int = ...,
+        lines: _abc.Iterable[Global___SettlementLine] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capture_micro_credits", b"capture_micro_credits", "hold_id", b"hold_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capture_micro_credits", b"capture_micro_credits", "hold_id", b"hold_id", "lines", b"lines"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

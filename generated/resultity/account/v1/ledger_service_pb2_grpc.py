@@ -43,10 +43,30 @@ class LedgerServiceStub:
                 request_serializer=resultity_dot_account_dot_v1_dot_ledger__service__pb2.TopUpRequest.SerializeToString,
                 response_deserializer=resultity_dot_account_dot_v1_dot_ledger__service__pb2.TopUpResponse.FromString,
                 _registered_method=True)
+        self.GrantCredits = channel.unary_unary(
+                '/resultity.account.v1.LedgerService/GrantCredits',
+                request_serializer=resultity_dot_account_dot_v1_dot_ledger__service__pb2.GrantCreditsRequest.SerializeToString,
+                response_deserializer=resultity_dot_account_dot_v1_dot_ledger__service__pb2.GrantCreditsResponse.FromString,
+                _registered_method=True)
+        self.FundPromotionalPool = channel.unary_unary(
+                '/resultity.account.v1.LedgerService/FundPromotionalPool',
+                request_serializer=resultity_dot_account_dot_v1_dot_ledger__service__pb2.FundPromotionalPoolRequest.SerializeToString,
+                response_deserializer=resultity_dot_account_dot_v1_dot_ledger__service__pb2.FundPromotionalPoolResponse.FromString,
+                _registered_method=True)
         self.GetBalance = channel.unary_unary(
                 '/resultity.account.v1.LedgerService/GetBalance',
                 request_serializer=resultity_dot_account_dot_v1_dot_ledger__service__pb2.GetBalanceRequest.SerializeToString,
                 response_deserializer=resultity_dot_account_dot_v1_dot_ledger__service__pb2.GetBalanceResponse.FromString,
+                _registered_method=True)
+        self.ListTransactions = channel.unary_unary(
+                '/resultity.account.v1.LedgerService/ListTransactions',
+                request_serializer=resultity_dot_account_dot_v1_dot_ledger__service__pb2.ListTransactionsRequest.SerializeToString,
+                response_deserializer=resultity_dot_account_dot_v1_dot_ledger__service__pb2.ListTransactionsResponse.FromString,
+                _registered_method=True)
+        self.GetLedgerSummary = channel.unary_unary(
+                '/resultity.account.v1.LedgerService/GetLedgerSummary',
+                request_serializer=resultity_dot_account_dot_v1_dot_ledger__service__pb2.GetLedgerSummaryRequest.SerializeToString,
+                response_deserializer=resultity_dot_account_dot_v1_dot_ledger__service__pb2.GetLedgerSummaryResponse.FromString,
                 _registered_method=True)
         self.CreateHold = channel.unary_unary(
                 '/resultity.account.v1.LedgerService/CreateHold',
@@ -68,7 +88,23 @@ class LedgerServiceServicer:
     """
 
     def TopUp(self, request, context):
-        """Adds credits to an account (payment received or admin grant).
+        """Admin only. Adds credits paid for to an account (from cash-in). Pays the
+        referrer's bonus, if the referral rules grant one, in the same transaction.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GrantCredits(self, request, context):
+        """Admin only. Gives an account credits from the promotional pool; fails
+        with RESOURCE_EXHAUSTED (INSUFFICIENT_QUOTA) when the pool is short.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FundPromotionalPool(self, request, context):
+        """Admin only. Moves credits from cash-in into the promotional pool.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -80,17 +116,34 @@ class LedgerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListTransactions(self, request, context):
+        """The account's transfers, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetLedgerSummary(self, request, context):
+        """Admin only. System account balances and the ledger-wide totals.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CreateHold(self, request, context):
-        """Reserves an amount of an account's available credits. Fails with
-        RESOURCE_EXHAUSTED (reason INSUFFICIENT_QUOTA) if not enough is available.
+        """Admin only (the cloud uses the service token). Reserves an amount of an
+        account's available credits. Fails with RESOURCE_EXHAUSTED (reason
+        INSUFFICIENT_QUOTA) if not enough is available.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def SettleHold(self, request, context):
-        """Charges part or all of a hold and releases the rest. A hold resolves
-        once; settling it again with the same amount returns the same result.
+        """Admin only. Charges part or all of a hold and releases the rest, and
+        credits the node operators their share and the platform its fee in the
+        same transaction. A hold resolves once; settling it again with the same
+        parameters returns the same result.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -104,10 +157,30 @@ def add_LedgerServiceServicer_to_server(servicer, server):
                     request_deserializer=resultity_dot_account_dot_v1_dot_ledger__service__pb2.TopUpRequest.FromString,
                     response_serializer=resultity_dot_account_dot_v1_dot_ledger__service__pb2.TopUpResponse.SerializeToString,
             ),
+            'GrantCredits': grpc.unary_unary_rpc_method_handler(
+                    servicer.GrantCredits,
+                    request_deserializer=resultity_dot_account_dot_v1_dot_ledger__service__pb2.GrantCreditsRequest.FromString,
+                    response_serializer=resultity_dot_account_dot_v1_dot_ledger__service__pb2.GrantCreditsResponse.SerializeToString,
+            ),
+            'FundPromotionalPool': grpc.unary_unary_rpc_method_handler(
+                    servicer.FundPromotionalPool,
+                    request_deserializer=resultity_dot_account_dot_v1_dot_ledger__service__pb2.FundPromotionalPoolRequest.FromString,
+                    response_serializer=resultity_dot_account_dot_v1_dot_ledger__service__pb2.FundPromotionalPoolResponse.SerializeToString,
+            ),
             'GetBalance': grpc.unary_unary_rpc_method_handler(
                     servicer.GetBalance,
                     request_deserializer=resultity_dot_account_dot_v1_dot_ledger__service__pb2.GetBalanceRequest.FromString,
                     response_serializer=resultity_dot_account_dot_v1_dot_ledger__service__pb2.GetBalanceResponse.SerializeToString,
+            ),
+            'ListTransactions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTransactions,
+                    request_deserializer=resultity_dot_account_dot_v1_dot_ledger__service__pb2.ListTransactionsRequest.FromString,
+                    response_serializer=resultity_dot_account_dot_v1_dot_ledger__service__pb2.ListTransactionsResponse.SerializeToString,
+            ),
+            'GetLedgerSummary': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLedgerSummary,
+                    request_deserializer=resultity_dot_account_dot_v1_dot_ledger__service__pb2.GetLedgerSummaryRequest.FromString,
+                    response_serializer=resultity_dot_account_dot_v1_dot_ledger__service__pb2.GetLedgerSummaryResponse.SerializeToString,
             ),
             'CreateHold': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateHold,
@@ -162,6 +235,60 @@ class LedgerService:
             _registered_method=True)
 
     @staticmethod
+    def GrantCredits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/resultity.account.v1.LedgerService/GrantCredits',
+            resultity_dot_account_dot_v1_dot_ledger__service__pb2.GrantCreditsRequest.SerializeToString,
+            resultity_dot_account_dot_v1_dot_ledger__service__pb2.GrantCreditsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FundPromotionalPool(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/resultity.account.v1.LedgerService/FundPromotionalPool',
+            resultity_dot_account_dot_v1_dot_ledger__service__pb2.FundPromotionalPoolRequest.SerializeToString,
+            resultity_dot_account_dot_v1_dot_ledger__service__pb2.FundPromotionalPoolResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def GetBalance(request,
             target,
             options=(),
@@ -178,6 +305,60 @@ class LedgerService:
             '/resultity.account.v1.LedgerService/GetBalance',
             resultity_dot_account_dot_v1_dot_ledger__service__pb2.GetBalanceRequest.SerializeToString,
             resultity_dot_account_dot_v1_dot_ledger__service__pb2.GetBalanceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTransactions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/resultity.account.v1.LedgerService/ListTransactions',
+            resultity_dot_account_dot_v1_dot_ledger__service__pb2.ListTransactionsRequest.SerializeToString,
+            resultity_dot_account_dot_v1_dot_ledger__service__pb2.ListTransactionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLedgerSummary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/resultity.account.v1.LedgerService/GetLedgerSummary',
+            resultity_dot_account_dot_v1_dot_ledger__service__pb2.GetLedgerSummaryRequest.SerializeToString,
+            resultity_dot_account_dot_v1_dot_ledger__service__pb2.GetLedgerSummaryResponse.FromString,
             options,
             channel_credentials,
             insecure,

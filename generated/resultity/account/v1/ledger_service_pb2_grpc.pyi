@@ -38,15 +38,30 @@ class LedgerServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> LedgerServiceAsyncStub: ...
     TopUp: _grpc.UnaryUnaryMultiCallable[_ledger_service_pb2.TopUpRequest, _ledger_service_pb2.TopUpResponse]
-    """Adds credits to an account (payment received or admin grant)."""
+    """Admin only. Adds credits paid for to an account (from cash-in). Pays the
+    referrer's bonus, if the referral rules grant one, in the same transaction.
+    """
+    GrantCredits: _grpc.UnaryUnaryMultiCallable[_ledger_service_pb2.GrantCreditsRequest, _ledger_service_pb2.GrantCreditsResponse]
+    """Admin only. Gives an account credits from the promotional pool; fails
+    with RESOURCE_EXHAUSTED (INSUFFICIENT_QUOTA) when the pool is short.
+    """
+    FundPromotionalPool: _grpc.UnaryUnaryMultiCallable[_ledger_service_pb2.FundPromotionalPoolRequest, _ledger_service_pb2.FundPromotionalPoolResponse]
+    """Admin only. Moves credits from cash-in into the promotional pool."""
     GetBalance: _grpc.UnaryUnaryMultiCallable[_ledger_service_pb2.GetBalanceRequest, _ledger_service_pb2.GetBalanceResponse]
+    ListTransactions: _grpc.UnaryUnaryMultiCallable[_ledger_service_pb2.ListTransactionsRequest, _ledger_service_pb2.ListTransactionsResponse]
+    """The account's transfers, newest first."""
+    GetLedgerSummary: _grpc.UnaryUnaryMultiCallable[_ledger_service_pb2.GetLedgerSummaryRequest, _ledger_service_pb2.GetLedgerSummaryResponse]
+    """Admin only. System account balances and the ledger-wide totals."""
     CreateHold: _grpc.UnaryUnaryMultiCallable[_ledger_service_pb2.CreateHoldRequest, _ledger_service_pb2.CreateHoldResponse]
-    """Reserves an amount of an account's available credits. Fails with
-    RESOURCE_EXHAUSTED (reason INSUFFICIENT_QUOTA) if not enough is available.
+    """Admin only (the cloud uses the service token). Reserves an amount of an
+    account's available credits. Fails with RESOURCE_EXHAUSTED (reason
+    INSUFFICIENT_QUOTA) if not enough is available.
     """
     SettleHold: _grpc.UnaryUnaryMultiCallable[_ledger_service_pb2.SettleHoldRequest, _ledger_service_pb2.SettleHoldResponse]
-    """Charges part or all of a hold and releases the rest. A hold resolves
-    once; settling it again with the same amount returns the same result.
+    """Admin only. Charges part or all of a hold and releases the rest, and
+    credits the node operators their share and the platform its fee in the
+    same transaction. A hold resolves once; settling it again with the same
+    parameters returns the same result.
     """
 
 @_typing.type_check_only
@@ -59,15 +74,30 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     TopUp: _aio.UnaryUnaryMultiCallable[_ledger_service_pb2.TopUpRequest, _ledger_service_pb2.TopUpResponse]  # type: ignore[assignment]
-    """Adds credits to an account (payment received or admin grant)."""
+    """Admin only. Adds credits paid for to an account (from cash-in). Pays the
+    referrer's bonus, if the referral rules grant one, in the same transaction.
+    """
+    GrantCredits: _aio.UnaryUnaryMultiCallable[_ledger_service_pb2.GrantCreditsRequest, _ledger_service_pb2.GrantCreditsResponse]  # type: ignore[assignment]
+    """Admin only. Gives an account credits from the promotional pool; fails
+    with RESOURCE_EXHAUSTED (INSUFFICIENT_QUOTA) when the pool is short.
+    """
+    FundPromotionalPool: _aio.UnaryUnaryMultiCallable[_ledger_service_pb2.FundPromotionalPoolRequest, _ledger_service_pb2.FundPromotionalPoolResponse]  # type: ignore[assignment]
+    """Admin only. Moves credits from cash-in into the promotional pool."""
     GetBalance: _aio.UnaryUnaryMultiCallable[_ledger_service_pb2.GetBalanceRequest, _ledger_service_pb2.GetBalanceResponse]  # type: ignore[assignment]
+    ListTransactions: _aio.UnaryUnaryMultiCallable[_ledger_service_pb2.ListTransactionsRequest, _ledger_service_pb2.ListTransactionsResponse]  # type: ignore[assignment]
+    """The account's transfers, newest first."""
+    GetLedgerSummary: _aio.UnaryUnaryMultiCallable[_ledger_service_pb2.GetLedgerSummaryRequest, _ledger_service_pb2.GetLedgerSummaryResponse]  # type: ignore[assignment]
+    """Admin only. System account balances and the ledger-wide totals."""
     CreateHold: _aio.UnaryUnaryMultiCallable[_ledger_service_pb2.CreateHoldRequest, _ledger_service_pb2.CreateHoldResponse]  # type: ignore[assignment]
-    """Reserves an amount of an account's available credits. Fails with
-    RESOURCE_EXHAUSTED (reason INSUFFICIENT_QUOTA) if not enough is available.
+    """Admin only (the cloud uses the service token). Reserves an amount of an
+    account's available credits. Fails with RESOURCE_EXHAUSTED (reason
+    INSUFFICIENT_QUOTA) if not enough is available.
     """
     SettleHold: _aio.UnaryUnaryMultiCallable[_ledger_service_pb2.SettleHoldRequest, _ledger_service_pb2.SettleHoldResponse]  # type: ignore[assignment]
-    """Charges part or all of a hold and releases the rest. A hold resolves
-    once; settling it again with the same amount returns the same result.
+    """Admin only. Charges part or all of a hold and releases the rest, and
+    credits the node operators their share and the platform its fee in the
+    same transaction. A hold resolves once; settling it again with the same
+    parameters returns the same result.
     """
 
 class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -83,7 +113,27 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _ledger_service_pb2.TopUpRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_ledger_service_pb2.TopUpResponse, _abc.Awaitable[_ledger_service_pb2.TopUpResponse]]:
-        """Adds credits to an account (payment received or admin grant)."""
+        """Admin only. Adds credits paid for to an account (from cash-in). Pays the
+        referrer's bonus, if the referral rules grant one, in the same transaction.
+        """
+
+    @_abc_1.abstractmethod
+    def GrantCredits(
+        self,
+        request: _ledger_service_pb2.GrantCreditsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_service_pb2.GrantCreditsResponse, _abc.Awaitable[_ledger_service_pb2.GrantCreditsResponse]]:
+        """Admin only. Gives an account credits from the promotional pool; fails
+        with RESOURCE_EXHAUSTED (INSUFFICIENT_QUOTA) when the pool is short.
+        """
+
+    @_abc_1.abstractmethod
+    def FundPromotionalPool(
+        self,
+        request: _ledger_service_pb2.FundPromotionalPoolRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_service_pb2.FundPromotionalPoolResponse, _abc.Awaitable[_ledger_service_pb2.FundPromotionalPoolResponse]]:
+        """Admin only. Moves credits from cash-in into the promotional pool."""
 
     @_abc_1.abstractmethod
     def GetBalance(
@@ -93,13 +143,30 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_ledger_service_pb2.GetBalanceResponse, _abc.Awaitable[_ledger_service_pb2.GetBalanceResponse]]: ...
 
     @_abc_1.abstractmethod
+    def ListTransactions(
+        self,
+        request: _ledger_service_pb2.ListTransactionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_service_pb2.ListTransactionsResponse, _abc.Awaitable[_ledger_service_pb2.ListTransactionsResponse]]:
+        """The account's transfers, newest first."""
+
+    @_abc_1.abstractmethod
+    def GetLedgerSummary(
+        self,
+        request: _ledger_service_pb2.GetLedgerSummaryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_service_pb2.GetLedgerSummaryResponse, _abc.Awaitable[_ledger_service_pb2.GetLedgerSummaryResponse]]:
+        """Admin only. System account balances and the ledger-wide totals."""
+
+    @_abc_1.abstractmethod
     def CreateHold(
         self,
         request: _ledger_service_pb2.CreateHoldRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_ledger_service_pb2.CreateHoldResponse, _abc.Awaitable[_ledger_service_pb2.CreateHoldResponse]]:
-        """Reserves an amount of an account's available credits. Fails with
-        RESOURCE_EXHAUSTED (reason INSUFFICIENT_QUOTA) if not enough is available.
+        """Admin only (the cloud uses the service token). Reserves an amount of an
+        account's available credits. Fails with RESOURCE_EXHAUSTED (reason
+        INSUFFICIENT_QUOTA) if not enough is available.
         """
 
     @_abc_1.abstractmethod
@@ -108,8 +175,10 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _ledger_service_pb2.SettleHoldRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_ledger_service_pb2.SettleHoldResponse, _abc.Awaitable[_ledger_service_pb2.SettleHoldResponse]]:
-        """Charges part or all of a hold and releases the rest. A hold resolves
-        once; settling it again with the same amount returns the same result.
+        """Admin only. Charges part or all of a hold and releases the rest, and
+        credits the node operators their share and the platform its fee in the
+        same transaction. A hold resolves once; settling it again with the same
+        parameters returns the same result.
         """
 
 def add_LedgerServiceServicer_to_server(servicer: LedgerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
