@@ -1,7 +1,9 @@
 """First-start set-up of a local platform: a demo account with credits and a key.
 
 The key is written to <data dir>/demo-api-key (mode 0600) and reused on later
-starts for as long as it still authenticates.
+starts for as long as it still authenticates. It has the inference and
+management scopes, so its holder can also read the demo account's balance
+and history. Bootstrap calls the account layer with the service token.
 """
 
 from __future__ import annotations
@@ -18,12 +20,17 @@ from resultity.account.v1 import api_key_service_pb2_grpc as keys_grpc
 from resultity.account.v1 import ledger_service_pb2 as ledger_pb
 from resultity.account.v1 import ledger_service_pb2_grpc as ledger_grpc
 
+from server.account.authz import service_metadata
+
 log = structlog.get_logger(__name__)
 
 DEMO_KEY_FILE = "demo-api-key"
+DEMO_KEY_SCOPES = (keys_pb.API_KEY_SCOPE_INFERENCE, keys_pb.API_KEY_SCOPE_MANAGEMENT)
 
 
-async def ensure_demo_key(channel: grpc.aio.Channel, data_dir: Path, credits: int) -> str:
+async def ensure_demo_key(
+    channel: grpc.aio.Channel, data_dir: Path, credits: int, service_token: str
+) -> str:
     """The demo account's API key, creating account, credits and key if needed."""
     key_file = data_dir / DEMO_KEY_FILE
     keys = keys_grpc.ApiKeyServiceStub(channel)
@@ -37,9 +44,10 @@ async def ensure_demo_key(channel: grpc.aio.Channel, data_dir: Path, credits: in
                 raise
             log.warning("stored demo key no longer valid; creating a new demo account")
 
+    metadata = service_metadata(service_token)
     account = (
         await account_grpc.AccountServiceStub(channel).CreateAccount(
-            account_pb.CreateAccountRequest(name="demo")
+            account_pb.CreateAccountRequest(name="demo"), metadata=metadata
         )
     ).account
     await ledger_grpc.LedgerServiceStub(channel).TopUp(
@@ -47,10 +55,14 @@ async def ensure_demo_key(channel: grpc.aio.Channel, data_dir: Path, credits: in
             account_id=account.account_id,
             amount_micro_credits=credits,
             idempotency_key=f"demo-grant:{account.account_id}",
-        )
+        ),
+        metadata=metadata,
     )
     issued = await keys.CreateApiKey(
-        keys_pb.CreateApiKeyRequest(account_id=account.account_id, name="demo")
+        keys_pb.CreateApiKeyRequest(
+            account_id=account.account_id, name="demo", scopes=DEMO_KEY_SCOPES
+        ),
+        metadata=metadata,
     )
     _write_key(key_file, issued.secret)
     log.info("demo account created", account_id=account.account_id, credits=credits / 1e6)

@@ -52,11 +52,23 @@ def _parser() -> argparse.ArgumentParser:
     account = commands.add_parser("account", help="run the account server alone")
     account.add_argument("--listen", default="127.0.0.1:50052")
     account.add_argument("--database-url", default=os.environ.get("RESULTITY_DATABASE_URL"))
+    account.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(".resultity"),
+        help="where the key hashing secret and service token live (created if missing)",
+    )
 
     cloud = commands.add_parser("cloud", help="run the cloud server alone")
     cloud.add_argument("--listen", default="127.0.0.1:50053")
     cloud.add_argument("--account", required=True, help="HOST:PORT of the account server")
     cloud.add_argument("--network", required=True, help="HOST:PORT of the network server")
+    cloud.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(".resultity"),
+        help="where the service token is read from unless RESULTITY_SERVICE_TOKEN is set",
+    )
 
     gateway = commands.add_parser("gateway", help="run the OpenAI HTTP gateway alone")
     gateway.add_argument("--cloud", required=True, help="HOST:PORT of the cloud server")
@@ -138,13 +150,26 @@ async def _serve_one(args: argparse.Namespace) -> None:
 
         if not args.database_url:
             raise SystemExit("account: --database-url or RESULTITY_DATABASE_URL is required")
-        account = await AccountComponent.start(args.database_url)
+        from server.secrets import load_or_create_secrets
+
+        secrets = load_or_create_secrets(
+            args.data_dir,
+            key_hash_secret=os.environ.get("RESULTITY_KEY_HASH_SECRET"),
+            service_token=os.environ.get("RESULTITY_SERVICE_TOKEN"),
+        )
+        account = await AccountComponent.start(args.database_url, secrets)
         account.register(server)
         stop_component = account.stop
     else:
         from server.cloud.component import CloudComponent
+        from server.secrets import read_service_token
 
-        cloud = CloudComponent(account_target=args.account, network_target=args.network)
+        cloud = CloudComponent(
+            account_target=args.account,
+            network_target=args.network,
+            service_token=os.environ.get("RESULTITY_SERVICE_TOKEN")
+            or read_service_token(args.data_dir),
+        )
         cloud.register(server)
         stop_component = cloud.stop
     server.add_insecure_port(args.listen)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -25,6 +26,9 @@ class PlatformSettings(BaseSettings):
     # Credits granted to the demo account on first start (micro-credits).
     demo_credits: int = 100_000_000
     log_level: str = "info"
+    # Unset: generated into <data_dir>/key-hash-secret and <data_dir>/service-token.
+    key_hash_secret: SecretStr | None = None
+    service_token: SecretStr | None = None
     # Start one local agent serving the bundled model.
     local_agent: bool = True
     local_agent_slots: int = 1

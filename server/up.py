@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+from pydantic import SecretStr
 
 from gateway.app import create_app
 from gateway.server import serve as serve_gateway
@@ -27,6 +28,7 @@ from server.common import channels
 from server.common.database import EmbeddedPostgres
 from server.network.component import NetworkComponent
 from server.network.service import LivenessSettings
+from server.secrets import load_or_create_secrets
 from server.settings import PlatformSettings
 
 log = structlog.get_logger(__name__)
@@ -102,14 +104,23 @@ async def run_platform(settings: PlatformSettings, *, ready: asyncio.Event | Non
 
     async with AsyncExitStack() as stack:
         dsn = await stack.enter_async_context(_database(settings))
-        account = await AccountComponent.start(dsn)
+        secrets = load_or_create_secrets(
+            data_dir,
+            key_hash_secret=_secret(settings.key_hash_secret),
+            service_token=_secret(settings.service_token),
+        )
+        account = await AccountComponent.start(dsn, secrets)
         stack.push_async_callback(account.stop)
         network = NetworkComponent(
             liveness=LivenessSettings(settings.heartbeat_interval_s, settings.heartbeat_timeout_s)
         )
         network.start()
         stack.push_async_callback(network.stop)
-        cloud = CloudComponent(account_target=grpc_target, network_target=grpc_target)
+        cloud = CloudComponent(
+            account_target=grpc_target,
+            network_target=grpc_target,
+            service_token=secrets.service_token,
+        )
         stack.push_async_callback(cloud.stop)
 
         server = channels.server()
@@ -122,7 +133,9 @@ async def run_platform(settings: PlatformSettings, *, ready: asyncio.Event | Non
 
         bootstrap_channel = channels.insecure_channel(grpc_target)
         try:
-            api_key = await ensure_demo_key(bootstrap_channel, data_dir, settings.demo_credits)
+            api_key = await ensure_demo_key(
+                bootstrap_channel, data_dir, settings.demo_credits, secrets.service_token
+            )
         finally:
             await bootstrap_channel.close(grace=None)
 
@@ -146,6 +159,10 @@ async def run_platform(settings: PlatformSettings, *, ready: asyncio.Event | Non
             ready.set()
         await _first(stop.wait(), gateway)
         log.info("shutting down")
+
+
+def _secret(value: SecretStr | None) -> str | None:
+    return None if value is None else value.get_secret_value()
 
 
 async def _first(awaitable: Coroutine[Any, Any, Any], guard: asyncio.Task[None]) -> None:

@@ -24,11 +24,13 @@ from resultity.cloud.v1 import inference_service_pb2_grpc as cloud_grpc
 from agent.backoff import Backoff
 from agent.runtime.base import Runtime
 from agent.session import AgentSession, SessionSettings
+from server.account.authz import service_metadata
 from server.account.component import AccountComponent
 from server.cloud.component import CloudComponent
 from server.common import channels
 from server.network.component import NetworkComponent
 from server.network.service import LivenessSettings
+from server.secrets import PlatformSecrets
 
 
 @dataclass
@@ -59,6 +61,8 @@ class Platform:
     network: NetworkComponent
     account: AccountComponent
     channel: grpc.aio.Channel
+    # Calls the account layer as the platform's own services do.
+    service: tuple[tuple[str, str], ...] = ()
     agents: list[RunningAgent] = field(default_factory=list)
 
     @property
@@ -72,7 +76,7 @@ class Platform:
     async def customer(self, credits: int) -> Customer:
         account = (
             await account_grpc.AccountServiceStub(self.channel).CreateAccount(
-                account_pb.CreateAccountRequest(name="customer")
+                account_pb.CreateAccountRequest(name="customer"), metadata=self.service
             )
         ).account
         if credits:
@@ -81,16 +85,18 @@ class Platform:
                     account_id=account.account_id,
                     amount_micro_credits=credits,
                     idempotency_key=uuid.uuid4().hex,
-                )
+                ),
+                metadata=self.service,
             )
         key = await keys_grpc.ApiKeyServiceStub(self.channel).CreateApiKey(
-            keys_pb.CreateApiKeyRequest(account_id=account.account_id, name="test")
+            keys_pb.CreateApiKeyRequest(account_id=account.account_id, name="test"),
+            metadata=self.service,
         )
         return Customer(account.account_id, key.secret)
 
     async def balance(self, customer: Customer) -> ledger_pb.Balance:
         response = await self.ledger.GetBalance(
-            ledger_pb.GetBalanceRequest(account_id=customer.account_id)
+            ledger_pb.GetBalanceRequest(account_id=customer.account_id), metadata=self.service
         )
         return response.balance
 
@@ -122,15 +128,18 @@ async def running_platform(
     server = channels.server()
     port = server.add_insecure_port("127.0.0.1:0")
     target = f"127.0.0.1:{port}"
-    account = await AccountComponent.start(dsn)
+    secrets = PlatformSecrets.generate()
+    account = await AccountComponent.start(dsn, secrets)
     network = NetworkComponent(liveness=liveness)
-    cloud = CloudComponent(account_target=target, network_target=target)
+    cloud = CloudComponent(
+        account_target=target, network_target=target, service_token=secrets.service_token
+    )
     for component in (account, network, cloud):
         component.register(server)
     network.start()
     await server.start()
     channel = channels.insecure_channel(target)
-    platform = Platform(target, network, account, channel)
+    platform = Platform(target, network, account, channel, service_metadata(secrets.service_token))
     try:
         yield platform
     finally:

@@ -1,22 +1,27 @@
-"""API key format: generation, offline validation, hashing.
+"""API key format: generation, offline validation, keyed hashing, scopes.
 
 A key is ``rsk_`` + 43 base62 characters of secret (256 bits) + a 6-character
 base62 CRC32 of everything before it. The checksum lets malformed or mistyped
 keys be rejected without touching the database; CRC32 catches every
-single-character change. Keys are stored only as SHA-256 hex: they carry 256
-bits of entropy, so a slow password hash would add nothing.
+single-character change. Keys are stored only as HMAC-SHA256 under a server
+secret: a leaked table alone cannot be used to test candidate keys, and the
+keys' 256 bits of entropy make a slow password hash unnecessary. Lookups go
+by the hash (an index probe); the presented key's hash is then compared with
+the stored one in constant time.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import secrets
 import zlib
 from dataclasses import dataclass, field
 from datetime import datetime
+from enum import StrEnum
 from uuid import UUID
 
-from server.common.errors import InvalidApiKey
+from server.common.errors import InvalidApiKey, InvalidArgument
 
 KEY_PREFIX = "rsk_"
 BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
@@ -24,8 +29,28 @@ SECRET_CHARS = 43  # 62**43 > 2**256
 CHECKSUM_CHARS = 6  # 62**6 > 2**32
 KEY_LENGTH = len(KEY_PREFIX) + SECRET_CHARS + CHECKSUM_CHARS
 DISPLAY_PREFIX_CHARS = 12
+MAX_ALLOWED_MODELS = 100
+MAX_MODEL_ID_LENGTH = 200
 
 _BASE62_SET = frozenset(BASE62)
+
+
+class Scope(StrEnum):
+    """What a key may be used for; the values are stored in SQL."""
+
+    INFERENCE = "inference"
+    MANAGEMENT = "management"
+    ADMIN = "admin"
+
+
+@dataclass(frozen=True)
+class KeyPolicy:
+    """The limits a key is created with."""
+
+    scopes: frozenset[Scope] = frozenset({Scope.INFERENCE})
+    expires_at: datetime | None = None
+    allowed_models: tuple[str, ...] = ()
+    subcloud_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -37,6 +62,8 @@ class ApiKey:
     name: str
     prefix: str
     created_at: datetime
+    policy: KeyPolicy = KeyPolicy()
+    revoked_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -44,7 +71,7 @@ class GeneratedKey:
     # repr=False so that logging or printing the object never shows the secret.
     secret: str = field(repr=False)
     prefix: str
-    key_hash: str
+    key_hash: str = field(repr=False)
 
 
 @dataclass(frozen=True)
@@ -53,6 +80,31 @@ class IssuedApiKey:
 
     api_key: ApiKey
     secret: str = field(repr=False)
+
+
+class KeyHasher:
+    """HMAC-SHA256 of keys under the server's secret."""
+
+    def __init__(self, secret: bytes) -> None:
+        if len(secret) < 32:
+            raise ValueError("the key hashing secret must be at least 32 bytes")
+        self._secret = secret
+
+    def __repr__(self) -> str:
+        return "KeyHasher(<secret>)"
+
+    def hash(self, api_key: str) -> str:
+        return hmac.new(self._secret, api_key.encode(), hashlib.sha256).hexdigest()
+
+    def matches(self, api_key: str, stored_hash: str) -> bool:
+        return hmac.compare_digest(self.hash(api_key), stored_hash)
+
+    def generate(self) -> GeneratedKey:
+        body = KEY_PREFIX + _base62(secrets.randbits(256), SECRET_CHARS)
+        secret = body + _checksum(body)
+        return GeneratedKey(
+            secret=secret, prefix=display_prefix(secret), key_hash=self.hash(secret)
+        )
 
 
 def _base62(value: int, width: int) -> str:
@@ -69,10 +121,8 @@ def _checksum(body: str) -> str:
     return _base62(zlib.crc32(body.encode("ascii")), CHECKSUM_CHARS)
 
 
-def generate_api_key() -> GeneratedKey:
-    body = KEY_PREFIX + _base62(secrets.randbits(256), SECRET_CHARS)
-    secret = body + _checksum(body)
-    return GeneratedKey(secret=secret, prefix=display_prefix(secret), key_hash=hash_api_key(secret))
+def looks_like_api_key(credential: str) -> bool:
+    return credential.startswith(KEY_PREFIX)
 
 
 def validate_api_key(secret: str) -> str:
@@ -92,9 +142,25 @@ def validate_api_key(secret: str) -> str:
     return secret
 
 
-def hash_api_key(secret: str) -> str:
-    return hashlib.sha256(secret.encode()).hexdigest()
-
-
 def display_prefix(secret: str) -> str:
     return secret[:DISPLAY_PREFIX_CHARS]
+
+
+def validate_policy(policy: KeyPolicy, now: datetime) -> KeyPolicy:
+    if policy.expires_at is not None and policy.expires_at <= now:
+        raise InvalidArgument("expires must be in the future", field="expires")
+    if len(policy.allowed_models) > MAX_ALLOWED_MODELS or any(
+        not model or len(model) > MAX_MODEL_ID_LENGTH for model in policy.allowed_models
+    ):
+        raise InvalidArgument(
+            f"allowed_models: at most {MAX_ALLOWED_MODELS} non-empty model ids",
+            field="allowed_models",
+        )
+    if len(policy.subcloud_id) > MAX_MODEL_ID_LENGTH:
+        raise InvalidArgument("subcloud_id is too long", field="subcloud_id")
+    return KeyPolicy(
+        policy.scopes or frozenset({Scope.INFERENCE}),
+        policy.expires_at,
+        tuple(dict.fromkeys(policy.allowed_models)),
+        policy.subcloud_id,
+    )

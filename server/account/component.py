@@ -12,13 +12,29 @@ import structlog
 from resultity.account.v1 import (
     account_service_pb2_grpc,
     api_key_service_pb2_grpc,
+    contribution_service_pb2_grpc,
     ledger_service_pb2_grpc,
+    referral_service_pb2_grpc,
+    subscription_service_pb2_grpc,
 )
 
+from server.account.api_keys import KeyHasher
+from server.account.billing import BillingService
+from server.account.ledger_store import PostgresLedgerStore
 from server.account.service import AccountService
-from server.account.servicer import AccountServicer, ApiKeyServicer, LedgerServicer
+from server.account.servicer import (
+    AccountServicer,
+    ApiKeyServicer,
+    ContributionServicer,
+    LedgerServicer,
+    ReferralServicer,
+)
 from server.account.store import PostgresAccountStore
+from server.account.subscription_servicer import SubscriptionServicer
+from server.account.subscription_store import PostgresSubscriptionStore
+from server.account.subscriptions import SubscriptionService
 from server.common.database import apply_migrations, create_pool, load_migrations
+from server.secrets import PlatformSecrets
 
 log = structlog.get_logger(__name__)
 
@@ -26,40 +42,66 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 
 
 class AccountComponent:
-    def __init__(self, pool: asyncpg.Pool[asyncpg.Record], service: AccountService) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool[asyncpg.Record],
+        service: AccountService,
+        billing: BillingService,
+        subscriptions: SubscriptionService,
+    ) -> None:
         self._pool = pool
-        self._service = service
+        self.service = service
+        self.billing = billing
+        self.subscriptions = subscriptions
         self._sweeper: asyncio.Task[None] | None = None
 
     @classmethod
-    async def start(cls, dsn: str, *, hold_sweep_interval_s: float = 30.0) -> AccountComponent:
+    async def start(
+        cls,
+        dsn: str,
+        secrets: PlatformSecrets,
+        *,
+        hold_sweep_interval_s: float = 30.0,
+        pool_size: int = 10,
+    ) -> AccountComponent:
         """Connects, migrates, and starts releasing expired holds in the background."""
-        pool = await create_pool(dsn)
+        pool = await create_pool(dsn, max_size=pool_size)
         try:
             await apply_migrations(pool, load_migrations("account", MIGRATIONS))
         except BaseException:
             await pool.close()
             raise
-        component = cls(pool, AccountService(PostgresAccountStore(pool)))
+        service = AccountService(
+            PostgresAccountStore(pool), KeyHasher(secrets.key_hash_secret), secrets.service_token
+        )
+        ledger = PostgresLedgerStore(pool)
+        component = cls(
+            pool,
+            service,
+            BillingService(ledger),
+            SubscriptionService(PostgresSubscriptionStore(pool, ledger)),
+        )
         component._sweeper = asyncio.create_task(
             component._sweep(hold_sweep_interval_s), name="account-hold-sweeper"
         )
         log.info("account component started")
         return component
 
-    @property
-    def service(self) -> AccountService:
-        return self._service
-
     def register(self, server: grpc.aio.Server) -> None:
+        args = (self.service, self.billing)
         account_service_pb2_grpc.add_AccountServiceServicer_to_server(
-            AccountServicer(self._service), server
+            AccountServicer(*args), server
         )
-        api_key_service_pb2_grpc.add_ApiKeyServiceServicer_to_server(
-            ApiKeyServicer(self._service), server
+        api_key_service_pb2_grpc.add_ApiKeyServiceServicer_to_server(ApiKeyServicer(*args), server)
+        ledger_service_pb2_grpc.add_LedgerServiceServicer_to_server(LedgerServicer(*args), server)
+        contribution_service_pb2_grpc.add_ContributionServiceServicer_to_server(
+            ContributionServicer(*args), server
         )
-        ledger_service_pb2_grpc.add_LedgerServiceServicer_to_server(
-            LedgerServicer(self._service), server
+        referral_service_pb2_grpc.add_ReferralServiceServicer_to_server(
+            ReferralServicer(*args), server
+        )
+        subscription_service_pb2_grpc.add_SubscriptionServiceServicer_to_server(
+            SubscriptionServicer(self.service, self.subscriptions), server
         )
 
     async def stop(self) -> None:
@@ -74,7 +116,7 @@ class AccountComponent:
     async def _sweep(self, interval_s: float) -> None:
         while True:
             try:
-                await self._service.release_expired_holds()
+                await self.billing.release_expired_holds()
             except Exception:
                 # A failed sweep (database restarting, ...) is retried next round.
                 log.exception("releasing expired holds failed")

@@ -1,14 +1,14 @@
-"""AccountService: accounts, API keys and the credit ledger, as domain calls.
+"""AccountService: callers, accounts, API keys and referrals, as domain calls.
 
-Validates input, then calls the store (a port, implemented over PostgreSQL
-in store.py). Imports neither grpc nor generated code nor storage clients.
+Every public method takes the calling Principal and checks it first, then
+validates input and calls the store (a port, implemented over PostgreSQL in
+store.py). Imports neither grpc nor generated code nor storage clients.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Protocol
 from uuid import UUID
 
@@ -18,61 +18,52 @@ from server.account.api_keys import (
     ApiKey,
     GeneratedKey,
     IssuedApiKey,
-    generate_api_key,
-    hash_api_key,
+    KeyHasher,
+    KeyPolicy,
+    Scope,
+    looks_like_api_key,
     validate_api_key,
+    validate_policy,
 )
-from server.account.ledger import (
-    Balance,
-    Hold,
-    TopUpResult,
-    request_fingerprint,
-    validate_amount,
-    validate_capture,
-    validate_idempotency_key,
+from server.account.authz import Principal, bearer_credential, is_service_token
+from server.account.paging import decode_cursor, encode_cursor, page_size
+from server.account.profiles import (
+    Account,
+    Referral,
+    ReferralRules,
+    new_referral_code,
+    validate_email,
+    validate_name,
+    validate_rules,
 )
-from server.common.errors import InvalidApiKey, InvalidArgument, NotFound
+from server.common.errors import InvalidApiKey, InvalidArgument, NotFound, PermissionDenied
 
 log = structlog.get_logger(__name__)
 
-MAX_NAME_LENGTH = 200
-
-
-@dataclass(frozen=True)
-class Account:
-    account_id: UUID
-    name: str
-    created_at: datetime
-    disabled: bool = False
+_CODE_ATTEMPTS = 5
 
 
 class AccountStore(Protocol):
-    """Persistence the service needs. Ledger methods run as one transaction each
-    and raise the ledger's DomainErrors (NotFound, InsufficientQuota,
-    IdempotencyKeyReused, HoldAlreadyResolved) themselves, because those
-    decisions must be taken under the transaction's locks."""
-
-    async def insert_account(self, name: str) -> Account: ...
+    async def insert_account(self, name: str, email: str, referral_code: str) -> Account: ...
     async def get_account(self, account_id: UUID) -> Account | None: ...
+    async def update_account(
+        self, account_id: UUID, name: str | None, email: str | None
+    ) -> Account | None: ...
+    async def disable_account(self, account_id: UUID) -> Account | None: ...
+    async def list_accounts(
+        self, limit: int, after: tuple[datetime, UUID] | None
+    ) -> list[Account]: ...
     async def insert_api_key(
-        self, account_id: UUID, name: str, key: GeneratedKey
+        self, account_id: UUID, name: str, key: GeneratedKey, policy: KeyPolicy
     ) -> ApiKey | None: ...
-    async def find_active_api_key(self, key_hash: str) -> ApiKey | None: ...
-    async def revoke_api_key(self, api_key_id: UUID) -> bool: ...
-    async def top_up(
-        self, account_id: UUID, amount: int, idempotency_key: str, fingerprint: str
-    ) -> TopUpResult: ...
-    async def get_balance(self, account_id: UUID) -> Balance | None: ...
-    async def create_hold(
-        self,
-        account_id: UUID,
-        amount: int,
-        expires_at: datetime,
-        idempotency_key: str,
-        fingerprint: str,
-    ) -> Hold: ...
-    async def settle_hold(self, hold_id: UUID, capture: int) -> Hold: ...
-    async def release_expired_holds(self, limit: int) -> int: ...
+    async def find_active_api_key(self, key_hash: str) -> tuple[ApiKey, str] | None: ...
+    async def get_api_key(self, api_key_id: UUID) -> ApiKey | None: ...
+    async def list_api_keys(self, account_id: UUID) -> list[ApiKey]: ...
+    async def revoke_api_key(self, api_key_id: UUID) -> ApiKey | None: ...
+    async def referral_code(self, account_id: UUID, candidate: str) -> str | None: ...
+    async def list_referrals(self, account_id: UUID) -> list[Referral]: ...
+    async def referral_rules(self) -> ReferralRules: ...
+    async def set_referral_rules(self, rules: ReferralRules) -> ReferralRules: ...
 
 
 def parse_id(value: str, *, field: str) -> UUID:
@@ -82,52 +73,114 @@ def parse_id(value: str, *, field: str) -> UUID:
         raise InvalidArgument(f"{field} must be a UUID", field=field) from None
 
 
-def _validate_name(name: str, *, field: str, required: bool) -> str:
-    name = name.strip()
-    if (required and not name) or len(name) > MAX_NAME_LENGTH:
-        raise InvalidArgument(
-            f"{field} must be {'1' if required else '0'} to {MAX_NAME_LENGTH} characters",
-            field=field,
-        )
-    return name
-
-
 class AccountService:
     def __init__(
         self,
         store: AccountStore,
+        hasher: KeyHasher,
+        service_token: str,
         *,
-        default_hold_ttl: timedelta = timedelta(minutes=10),
-        max_hold_ttl: timedelta = timedelta(days=1),
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._store = store
-        self._default_hold_ttl = default_hold_ttl
-        self._max_hold_ttl = max_hold_ttl
+        self._hasher = hasher
+        self._service_token = service_token
         self._clock = clock
+
+    # callers
+
+    async def principal(self, authorization: str | None) -> Principal:
+        """The caller behind ``authorization`` metadata (service token or API key)."""
+        credential = bearer_credential(authorization)
+        if not looks_like_api_key(credential):
+            if self._service_token and is_service_token(credential, self._service_token):
+                return Principal.service()
+            raise InvalidApiKey("Invalid credentials")
+        key = await self._active_key(credential)
+        if Scope.ADMIN in key.policy.scopes:
+            return Principal(key.account_id, admin=True)
+        if Scope.MANAGEMENT in key.policy.scopes:
+            return Principal(key.account_id, admin=False)
+        raise PermissionDenied("This API key has no management scope")
+
+    async def authenticate_api_key(self, secret: str) -> ApiKey:
+        """The active key behind ``secret``; malformed, unknown, revoked and expired
+        keys (and keys of disabled accounts) all fail the same way."""
+        return await self._active_key(secret)
+
+    async def _active_key(self, secret: str) -> ApiKey:
+        key_hash = self._hasher.hash(validate_api_key(secret))
+        found = await self._store.find_active_api_key(key_hash)
+        # The index lookup finds the row; the constant-time compare decides.
+        if found is None or not self._hasher.matches(secret, found[1]):
+            raise InvalidApiKey("Invalid API key")
+        return found[0]
 
     # accounts
 
-    async def create_account(self, name: str) -> Account:
+    async def create_account(
+        self, caller: Principal, name: str, email: str = "", referral_code: str = ""
+    ) -> Account:
+        caller.require_admin()
         account = await self._store.insert_account(
-            _validate_name(name, field="name", required=True)
+            validate_name(name), validate_email(email), referral_code.strip().upper()
         )
-        log.info("account created", account_id=str(account.account_id))
+        log.info(
+            "account created",
+            account_id=str(account.account_id),
+            referred=account.referred_by is not None,
+        )
         return account
 
-    async def get_account(self, account_id: str) -> Account:
-        account = await self._store.get_account(parse_id(account_id, field="account_id"))
+    async def get_account(self, caller: Principal, account_id: str) -> Account:
+        owner = self._access(caller, account_id)
+        account = await self._store.get_account(owner)
         if account is None:
             raise NotFound(f"Account {account_id} not found")
         return account
 
+    async def update_account(
+        self, caller: Principal, account_id: str, name: str | None, email: str | None
+    ) -> Account:
+        owner = self._access(caller, account_id)
+        account = await self._store.update_account(
+            owner,
+            None if name is None else validate_name(name),
+            None if email is None else validate_email(email),
+        )
+        if account is None:
+            raise NotFound(f"Account {account_id} not found")
+        return account
+
+    async def list_accounts(
+        self, caller: Principal, requested_size: int, page_token: str
+    ) -> tuple[list[Account], str]:
+        caller.require_admin()
+        limit = page_size(requested_size)
+        accounts = await self._store.list_accounts(limit, decode_cursor(page_token))
+        last = accounts[-1] if len(accounts) == limit else None
+        return accounts, "" if last is None else encode_cursor(last.created_at, last.account_id)
+
+    async def disable_account(self, caller: Principal, account_id: str) -> Account:
+        caller.require_admin()
+        account = await self._store.disable_account(parse_id(account_id, field="account_id"))
+        if account is None:
+            raise NotFound(f"Account {account_id} not found")
+        log.info("account disabled", account_id=account_id)
+        return account
+
     # API keys
 
-    async def create_api_key(self, account_id: str, name: str) -> IssuedApiKey:
-        owner = parse_id(account_id, field="account_id")
-        key = generate_api_key()
+    async def create_api_key(
+        self, caller: Principal, account_id: str, name: str, policy: KeyPolicy | None = None
+    ) -> IssuedApiKey:
+        owner = self._access(caller, account_id)
+        policy = validate_policy(policy or KeyPolicy(), self._clock())
+        if Scope.ADMIN in policy.scopes:
+            caller.require_admin()
+        key = self._hasher.generate()
         stored = await self._store.insert_api_key(
-            owner, _validate_name(name, field="name", required=False), key
+            owner, validate_name(name, required=False), key, policy
         )
         if stored is None:
             raise NotFound(f"Account {account_id} not found")
@@ -136,84 +189,50 @@ class AccountService:
             account_id=account_id,
             api_key_id=str(stored.api_key_id),
             prefix=stored.prefix,
+            scopes=sorted(policy.scopes),
         )
         return IssuedApiKey(api_key=stored, secret=key.secret)
 
-    async def authenticate_api_key(self, secret: str) -> ApiKey:
-        """The active key behind ``secret``; malformed, unknown and revoked keys
-        (and keys of disabled accounts) all fail the same way."""
-        key = await self._store.find_active_api_key(hash_api_key(validate_api_key(secret)))
+    async def list_api_keys(self, caller: Principal, account_id: str) -> list[ApiKey]:
+        return await self._store.list_api_keys(self._access(caller, account_id))
+
+    async def revoke_api_key(self, caller: Principal, api_key_id: str) -> ApiKey:
+        key_id = parse_id(api_key_id, field="api_key_id")
+        key = await self._store.get_api_key(key_id)
         if key is None:
-            raise InvalidApiKey("Invalid API key")
-        return key
-
-    async def revoke_api_key(self, api_key_id: str) -> None:
-        if not await self._store.revoke_api_key(parse_id(api_key_id, field="api_key_id")):
             raise NotFound(f"API key {api_key_id} not found")
-        log.info("api key revoked", api_key_id=api_key_id)
+        caller.require_access(key.account_id)
+        revoked = await self._store.revoke_api_key(key_id)
+        assert revoked is not None  # keys are never deleted
+        log.info("api key revoked", api_key_id=api_key_id, prefix=key.prefix)
+        return revoked
 
-    # ledger
+    # referrals
 
-    async def top_up(self, account_id: str, amount: int, idempotency_key: str) -> TopUpResult:
+    async def referral_code(self, caller: Principal, account_id: str) -> str:
+        owner = self._access(caller, account_id)
+        for _ in range(_CODE_ATTEMPTS):
+            code = await self._store.referral_code(owner, new_referral_code())
+            if code is None:
+                raise NotFound(f"Account {account_id} not found")
+            if code:
+                return code
+        raise RuntimeError("could not draw an unused referral code")
+
+    async def list_referrals(self, caller: Principal, account_id: str) -> list[Referral]:
+        return await self._store.list_referrals(self._access(caller, account_id))
+
+    async def referral_rules(self, caller: Principal) -> ReferralRules:
+        return await self._store.referral_rules()
+
+    async def set_referral_rules(self, caller: Principal, rules: ReferralRules) -> ReferralRules:
+        caller.require_admin()
+        updated = await self._store.set_referral_rules(validate_rules(rules))
+        log.info("referral rules updated", rules=str(updated))
+        return updated
+
+    @staticmethod
+    def _access(caller: Principal, account_id: str) -> UUID:
         owner = parse_id(account_id, field="account_id")
-        validate_amount(amount, field="amount_micro_credits")
-        validate_idempotency_key(idempotency_key)
-        fingerprint = request_fingerprint("top_up", owner, amount)
-        result = await self._store.top_up(owner, amount, idempotency_key, fingerprint)
-        log.info(
-            "top-up", account_id=account_id, transfer_id=str(result.transfer_id), amount=amount
-        )
-        return result
-
-    async def get_balance(self, account_id: str) -> Balance:
-        balance = await self._store.get_balance(parse_id(account_id, field="account_id"))
-        if balance is None:
-            raise NotFound(f"Account {account_id} not found")
-        return balance
-
-    async def create_hold(
-        self, account_id: str, amount: int, idempotency_key: str, expires_at: datetime | None
-    ) -> Hold:
-        """Reserves ``amount``; without ``expires_at`` the hold lasts the default TTL.
-
-        A replay returns the first hold, with the first call's expiry.
-        """
-        owner = parse_id(account_id, field="account_id")
-        validate_amount(amount, field="amount_micro_credits")
-        validate_idempotency_key(idempotency_key)
-        now = self._clock()
-        if expires_at is None:
-            expires_at = now + self._default_hold_ttl
-        elif not now < expires_at <= now + self._max_hold_ttl:
-            raise InvalidArgument(
-                f"expires must be in the future and at most {self._max_hold_ttl} away",
-                field="expires",
-            )
-        # The expiry is left out of the fingerprint: a caller retrying with a
-        # recomputed deadline is still replaying the same reservation.
-        fingerprint = request_fingerprint("hold", owner, amount)
-        hold = await self._store.create_hold(
-            owner, amount, expires_at, idempotency_key, fingerprint
-        )
-        log.debug("hold created", account_id=account_id, hold_id=str(hold.hold_id), amount=amount)
-        return hold
-
-    async def settle_hold(self, hold_id: str, capture: int) -> Hold:
-        hold = await self._store.settle_hold(
-            parse_id(hold_id, field="hold_id"),
-            validate_capture(capture, field="capture_micro_credits"),
-        )
-        log.debug("hold settled", hold_id=hold_id, captured=hold.captured, status=hold.status.name)
-        return hold
-
-    async def release_expired_holds(self, *, batch_size: int = 500) -> int:
-        """Releases every hold past its expiry, in batches; returns how many."""
-        released = 0
-        while True:
-            count = await self._store.release_expired_holds(batch_size)
-            released += count
-            if count < batch_size:
-                break
-        if released:
-            log.info("expired holds released", count=released)
-        return released
+        caller.require_access(owner)
+        return owner

@@ -136,8 +136,14 @@ class ChatService:
         self._settlements: set[asyncio.Task[int]] = set()
 
     async def list_models(self, authorization: str | None) -> list[CatalogModel]:
-        await self.authenticator.authenticate(authorization)
-        return [model for model in await self.models.all() if model.ready_nodes > 0]
+        caller = await self.authenticator.authenticate(authorization)
+        caller.require_inference()
+        return [
+            model
+            for model in await self.models.all()
+            if model.ready_nodes > 0
+            and (not caller.allowed_models or model.id in caller.allowed_models)
+        ]
 
     async def complete(
         self, authorization: str | None, request: ChatRequest, request_id: str
@@ -158,7 +164,9 @@ class ChatService:
         self, authorization: str | None, request: ChatRequest, request_id: str
     ) -> AsyncGenerator[CompletionEvent, None]:
         caller = await self.authenticator.authenticate(authorization)
+        caller.require_inference()
         validate(request)
+        caller.require_model(request.model)
         model = await self.models.get(request.model)
         if model.ready_nodes == 0:
             raise NoCapacity(f"no node is serving the model '{model.id}' right now")

@@ -33,9 +33,11 @@ from server.common.inference_proto import (
 
 
 class GrpcAccountClient:
-    def __init__(self, channel: grpc.aio.Channel) -> None:
+    def __init__(self, channel: grpc.aio.Channel, service_token: str) -> None:
         self._keys = keys_grpc.ApiKeyServiceStub(channel)
         self._ledger = ledger_grpc.LedgerServiceStub(channel)
+        # Holds are the platform's business: the cloud calls the ledger as the service.
+        self._metadata = (("authorization", f"Bearer {service_token}"),)
 
     async def authenticate(self, secret: str) -> Caller:
         try:
@@ -44,7 +46,13 @@ class GrpcAccountClient:
             )
         except grpc.aio.AioRpcError as error:
             raise domain_error_from_rpc(error) from None
-        return Caller(response.api_key.account_id, response.api_key.api_key_id)
+        key = response.api_key
+        return Caller(
+            key.account_id,
+            key.api_key_id,
+            may_infer=keys_pb.API_KEY_SCOPE_INFERENCE in key.scopes,
+            allowed_models=frozenset(key.allowed_models),
+        )
 
     async def create_hold(
         self, account_id: str, amount: int, *, idempotency_key: str, expires: datetime
@@ -58,7 +66,8 @@ class GrpcAccountClient:
                     amount_micro_credits=amount,
                     idempotency_key=idempotency_key,
                     expires=expires_pb,
-                )
+                ),
+                metadata=self._metadata,
             )
         except grpc.aio.AioRpcError as error:
             raise domain_error_from_rpc(error) from None
@@ -67,7 +76,8 @@ class GrpcAccountClient:
     async def settle_hold(self, hold_id: str, capture: int) -> int:
         try:
             response = await self._ledger.SettleHold(
-                ledger_pb.SettleHoldRequest(hold_id=hold_id, capture_micro_credits=capture)
+                ledger_pb.SettleHoldRequest(hold_id=hold_id, capture_micro_credits=capture),
+                metadata=self._metadata,
             )
         except grpc.aio.AioRpcError as error:
             raise domain_error_from_rpc(error) from None

@@ -12,11 +12,12 @@ from server.common.channels import insecure_channel
 
 
 class CloudComponent:
-    def __init__(self, *, account_target: str, network_target: str) -> None:
+    def __init__(self, *, account_target: str, network_target: str, service_token: str) -> None:
         self._account_channel = insecure_channel(account_target)
         self._network_channel = insecure_channel(network_target)
         self.chat = ChatService(
-            GrpcAccountClient(self._account_channel), GrpcNetworkClient(self._network_channel)
+            GrpcAccountClient(self._account_channel, service_token),
+            GrpcNetworkClient(self._network_channel),
         )
 
     def register(self, server: grpc.aio.Server) -> None:

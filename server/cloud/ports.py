@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
+from server.common.errors import PermissionDenied
 from server.common.inference import CatalogModel, GenerationSpec, JobEvent
 
 
@@ -14,6 +15,18 @@ from server.common.inference import CatalogModel, GenerationSpec, JobEvent
 class Caller:
     account_id: str
     api_key_id: str
+    # What the key may do: the "inference" scope, and the models it may call
+    # (empty: all).
+    may_infer: bool = True
+    allowed_models: frozenset[str] = frozenset()
+
+    def require_inference(self) -> None:
+        if not self.may_infer:
+            raise PermissionDenied("This API key may not be used for inference")
+
+    def require_model(self, model: str) -> None:
+        if self.allowed_models and model not in self.allowed_models:
+            raise PermissionDenied(f"This API key may not use the model '{model}'")
 
 
 @dataclass(frozen=True, slots=True)

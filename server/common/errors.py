@@ -15,11 +15,13 @@ class ErrorReason(StrEnum):
 
     INVALID_ARGUMENT = "INVALID_ARGUMENT"
     INVALID_API_KEY = "INVALID_API_KEY"
+    PERMISSION_DENIED = "PERMISSION_DENIED"
     NOT_FOUND = "NOT_FOUND"
     MODEL_NOT_FOUND = "MODEL_NOT_FOUND"
     INSUFFICIENT_QUOTA = "INSUFFICIENT_QUOTA"
     IDEMPOTENCY_KEY_REUSED = "IDEMPOTENCY_KEY_REUSED"
     HOLD_ALREADY_RESOLVED = "HOLD_ALREADY_RESOLVED"
+    FAILED_PRECONDITION = "FAILED_PRECONDITION"
     NO_CAPACITY = "NO_CAPACITY"
     JOB_FAILED = "JOB_FAILED"
     PROTOCOL_VIOLATION = "PROTOCOL_VIOLATION"
@@ -55,6 +57,18 @@ class InvalidArgument(DomainError):
 
 class InvalidApiKey(DomainError):
     reason = ErrorReason.INVALID_API_KEY
+
+
+class PermissionDenied(DomainError):
+    """The caller is known but may not do this (wrong scope, someone else's object)."""
+
+    reason = ErrorReason.PERMISSION_DENIED
+
+
+class FailedPrecondition(DomainError):
+    """The request is valid but the object's state does not allow it."""
+
+    reason = ErrorReason.FAILED_PRECONDITION
 
 
 class NotFound(DomainError):

@@ -27,11 +27,13 @@ _STATUS_DETAILS_KEY = "grpc-status-details-bin"
 STATUS_BY_REASON: dict[ErrorReason, grpc.StatusCode] = {
     ErrorReason.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
     ErrorReason.INVALID_API_KEY: grpc.StatusCode.UNAUTHENTICATED,
+    ErrorReason.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
     ErrorReason.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
     ErrorReason.MODEL_NOT_FOUND: grpc.StatusCode.NOT_FOUND,
     ErrorReason.INSUFFICIENT_QUOTA: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ErrorReason.IDEMPOTENCY_KEY_REUSED: grpc.StatusCode.ALREADY_EXISTS,
     ErrorReason.HOLD_ALREADY_RESOLVED: grpc.StatusCode.FAILED_PRECONDITION,
+    ErrorReason.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
     ErrorReason.NO_CAPACITY: grpc.StatusCode.UNAVAILABLE,
     ErrorReason.JOB_FAILED: grpc.StatusCode.ABORTED,
     ErrorReason.PROTOCOL_VIOLATION: grpc.StatusCode.FAILED_PRECONDITION,

@@ -7,9 +7,9 @@ accounts and never assumes empty tables.
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
-from collections.abc import AsyncIterator, Awaitable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -21,40 +21,29 @@ from resultity.account.v1 import (
     account_service_pb2 as account_pb,
 )
 from resultity.account.v1 import (
-    account_service_pb2_grpc as account_grpc,
-)
-from resultity.account.v1 import (
     api_key_service_pb2 as api_key_pb,
-)
-from resultity.account.v1 import (
-    api_key_service_pb2_grpc as api_key_grpc,
 )
 from resultity.account.v1 import (
     ledger_service_pb2 as ledger_pb,
 )
-from resultity.account.v1 import (
-    ledger_service_pb2_grpc as ledger_grpc,
-)
 
-from server.account.api_keys import generate_api_key
+from server.account.api_keys import KeyHasher
 from server.account.component import AccountComponent
-from server.account.store import PLATFORM_REVENUE_ID
+from server.account.ledger_store import PLATFORM_REVENUE_ID
 from server.common.grpc_errors import error_info
+from server.secrets import PlatformSecrets
+from tests.account_support import Stubs, channel_as, expect_error
 
 Code = grpc.StatusCode
 
 
-@dataclass
-class Stubs:
-    accounts: account_grpc.AccountServiceAsyncStub
-    keys: api_key_grpc.ApiKeyServiceAsyncStub
-    ledger: ledger_grpc.LedgerServiceAsyncStub
+SECRETS = PlatformSecrets.generate()
 
 
 @pytest.fixture(scope="module")
 async def component(postgres_dsn: str) -> AsyncIterator[AccountComponent]:
     # A short sweep interval so that the expiry test sees the real background sweeper.
-    component = await AccountComponent.start(postgres_dsn, hold_sweep_interval_s=0.05)
+    component = await AccountComponent.start(postgres_dsn, SECRETS, hold_sweep_interval_s=0.05)
     yield component
     await component.stop()
 
@@ -65,12 +54,9 @@ async def stubs(component: AccountComponent) -> AsyncIterator[Stubs]:
     component.register(server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        yield Stubs(
-            account_grpc.AccountServiceStub(channel),
-            api_key_grpc.ApiKeyServiceStub(channel),
-            ledger_grpc.LedgerServiceStub(channel),
-        )
+    # The platform's own services call with the service token.
+    async with channel_as(f"127.0.0.1:{port}", SECRETS.service_token) as channel:
+        yield Stubs.on(channel)
     await server.stop(grace=None)
 
 
@@ -79,16 +65,6 @@ async def db(postgres_dsn: str, component: AccountComponent) -> AsyncIterator[An
     conn = await asyncpg.connect(postgres_dsn)
     yield conn
     await conn.close()
-
-
-async def expect_error(call: Awaitable[Any], code: grpc.StatusCode, reason: str) -> Any:
-    with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await call
-    assert raised.value.code() == code, raised.value.details()
-    info = error_info(raised.value)
-    assert info is not None
-    assert info.reason == reason
-    return info
 
 
 def key() -> str:
@@ -174,8 +150,10 @@ async def test_revoked_unknown_and_malformed_keys_are_unauthenticated(
 ) -> None:
     account_id = await new_account(stubs)
     issued = await stubs.keys.CreateApiKey(api_key_pb.CreateApiKeyRequest(account_id=account_id))
-    await component.service.revoke_api_key(issued.api_key.api_key_id)
-    well_formed_but_unknown = generate_api_key().secret
+    await stubs.keys.RevokeApiKey(
+        api_key_pb.RevokeApiKeyRequest(api_key_id=issued.api_key.api_key_id)
+    )
+    well_formed_but_unknown = KeyHasher(os.urandom(32)).generate().secret
     for secret in (issued.secret, well_formed_but_unknown, "rsk_nope", "", issued.secret[:-1]):
         await expect_error(
             stubs.keys.AuthenticateApiKey(api_key_pb.AuthenticateApiKeyRequest(secret=secret)),

@@ -60,8 +60,10 @@ class RunningPlatform:
             key = await keys_grpc.ApiKeyServiceStub(channel).AuthenticateApiKey(
                 keys_pb.AuthenticateApiKeyRequest(secret=self.api_key)
             )
+            # The demo key has the management scope: it may read its own balance.
             response = await ledger_grpc.LedgerServiceStub(channel).GetBalance(
-                ledger_pb.GetBalanceRequest(account_id=key.api_key.account_id)
+                ledger_pb.GetBalanceRequest(account_id=key.api_key.account_id),
+                metadata=(("authorization", f"Bearer {self.api_key}"),),
             )
         assert response.balance.held_micro_credits == 0
         return response.balance.available_micro_credits

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 from collections.abc import Callable
 
 import pytest
@@ -10,11 +11,19 @@ from hypothesis import strategies as st
 from server.account.api_keys import (
     BASE62,
     KEY_LENGTH,
-    generate_api_key,
-    hash_api_key,
+    GeneratedKey,
+    KeyHasher,
     validate_api_key,
 )
 from server.common.errors import InvalidApiKey
+
+
+SERVER_SECRET = b"s" * 32
+HASHER = KeyHasher(SERVER_SECRET)
+
+
+def generate_api_key() -> GeneratedKey:
+    return HASHER.generate()
 
 
 def test_generated_key_round_trips() -> None:
@@ -23,8 +32,19 @@ def test_generated_key_round_trips() -> None:
     assert len(key.secret) == KEY_LENGTH == 53
     assert validate_api_key(key.secret) == key.secret
     assert key.prefix == key.secret[:12]
-    assert key.key_hash == hash_api_key(key.secret)
-    assert key.key_hash == hashlib.sha256(key.secret.encode()).hexdigest()
+    assert HASHER.matches(key.secret, key.key_hash)
+
+
+def test_keys_are_stored_as_hmac_under_the_server_secret() -> None:
+    key = generate_api_key()
+    expected = hmac.new(SERVER_SECRET, key.secret.encode(), hashlib.sha256).hexdigest()
+    assert key.key_hash == expected
+    assert key.key_hash != hashlib.sha256(key.secret.encode()).hexdigest()
+    assert KeyHasher(b"t" * 32).hash(key.secret) != key.key_hash
+    assert not HASHER.matches(key.secret, KeyHasher(b"t" * 32).hash(key.secret))
+    assert key.key_hash not in repr(key)
+    with pytest.raises(ValueError, match="at least 32 bytes"):
+        KeyHasher(b"short")
 
 
 def test_keys_are_unique_and_secret_is_not_in_repr() -> None:

@@ -1,0 +1,198 @@
+"""Conversions between the account layer's domain types and its protos."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from google.protobuf.timestamp_pb2 import Timestamp
+from resultity.account.v1 import account_service_pb2 as account_pb
+from resultity.account.v1 import api_key_service_pb2 as api_key_pb
+from resultity.account.v1 import contribution_service_pb2 as contribution_pb
+from resultity.account.v1 import ledger_service_pb2 as ledger_pb
+from resultity.account.v1 import referral_service_pb2 as referral_pb
+
+from server.account.api_keys import ApiKey, KeyPolicy, Scope
+from server.account.ledger import (
+    Balance,
+    Contribution,
+    ContributionTotal,
+    Hold,
+    HoldStatus,
+    SettlementLine,
+    Transaction,
+    TransferKind,
+)
+from server.account.profiles import Account, Referral, ReferralRules
+from server.account.service import parse_id
+from server.common.errors import InvalidArgument
+
+HOLD_STATUS = {
+    HoldStatus.OPEN: ledger_pb.HOLD_STATUS_OPEN,
+    HoldStatus.SETTLED: ledger_pb.HOLD_STATUS_SETTLED,
+    HoldStatus.RELEASED: ledger_pb.HOLD_STATUS_RELEASED,
+}
+TRANSFER_KIND = {
+    TransferKind.TOP_UP: ledger_pb.TRANSFER_KIND_TOP_UP,
+    TransferKind.HOLD: ledger_pb.TRANSFER_KIND_HOLD,
+    TransferKind.CAPTURE: ledger_pb.TRANSFER_KIND_CAPTURE,
+    TransferKind.GRANT: ledger_pb.TRANSFER_KIND_GRANT,
+    TransferKind.PROMO_FUND: ledger_pb.TRANSFER_KIND_PROMOTIONAL_FUNDING,
+    TransferKind.REFERRAL_BONUS: ledger_pb.TRANSFER_KIND_REFERRAL_BONUS,
+    TransferKind.SUBSCRIPTION_ALLOWANCE: ledger_pb.TRANSFER_KIND_SUBSCRIPTION_ALLOWANCE,
+}
+SCOPE_TO_PB = {
+    Scope.INFERENCE: api_key_pb.API_KEY_SCOPE_INFERENCE,
+    Scope.MANAGEMENT: api_key_pb.API_KEY_SCOPE_MANAGEMENT,
+    Scope.ADMIN: api_key_pb.API_KEY_SCOPE_ADMIN,
+}
+SCOPE_FROM_PB = {value: scope for scope, value in SCOPE_TO_PB.items()}
+
+
+def timestamp(value: datetime) -> Timestamp:
+    result = Timestamp()
+    result.FromDatetime(value)
+    return result
+
+
+def optional_time(message: object, field: str) -> datetime | None:
+    if not message.HasField(field):  # type: ignore[attr-defined]
+        return None
+    value: Timestamp = getattr(message, field)
+    return value.ToDatetime(tzinfo=UTC)
+
+
+def account(value: Account) -> account_pb.Account:
+    result = account_pb.Account(
+        account_id=str(value.account_id),
+        name=value.name,
+        created=timestamp(value.created_at),
+        email=value.email,
+        disabled=value.disabled,
+        referred_by_account_id=str(value.referred_by or ""),
+    )
+    if value.updated_at is not None:
+        result.updated.CopyFrom(timestamp(value.updated_at))
+    return result
+
+
+def api_key(key: ApiKey) -> api_key_pb.ApiKey:
+    result = api_key_pb.ApiKey(
+        api_key_id=str(key.api_key_id),
+        account_id=str(key.account_id),
+        name=key.name,
+        prefix=key.prefix,
+        created=timestamp(key.created_at),
+        scopes=sorted(SCOPE_TO_PB[scope] for scope in key.policy.scopes),
+        allowed_models=key.policy.allowed_models,
+        subcloud_id=key.policy.subcloud_id,
+    )
+    if key.policy.expires_at is not None:
+        result.expires.CopyFrom(timestamp(key.policy.expires_at))
+    if key.revoked_at is not None:
+        result.revoked.CopyFrom(timestamp(key.revoked_at))
+    return result
+
+
+def key_policy(request: api_key_pb.CreateApiKeyRequest) -> KeyPolicy:
+    scopes = set()
+    for value in request.scopes:
+        if value not in SCOPE_FROM_PB:
+            raise InvalidArgument("unknown scope", field="scopes")
+        scopes.add(SCOPE_FROM_PB[value])
+    return KeyPolicy(
+        scopes=frozenset(scopes),
+        expires_at=optional_time(request, "expires"),
+        allowed_models=tuple(request.allowed_models),
+        subcloud_id=request.subcloud_id,
+    )
+
+
+def balance(value: Balance) -> ledger_pb.Balance:
+    return ledger_pb.Balance(
+        account_id=str(value.account_id),
+        available_micro_credits=value.available,
+        held_micro_credits=value.held,
+        earned_micro_credits=value.earned,
+    )
+
+
+def hold(value: Hold) -> ledger_pb.Hold:
+    return ledger_pb.Hold(
+        hold_id=str(value.hold_id),
+        account_id=str(value.account_id),
+        amount_micro_credits=value.amount,
+        captured_micro_credits=value.captured,
+        status=HOLD_STATUS[value.status],
+        expires=timestamp(value.expires_at),
+    )
+
+
+def transaction(value: Transaction) -> ledger_pb.Transaction:
+    return ledger_pb.Transaction(
+        transfer_id=str(value.transfer_id),
+        kind=TRANSFER_KIND[value.kind],
+        amount_micro_credits=value.amount,
+        hold_status=(
+            HOLD_STATUS[value.hold_status]
+            if value.hold_status
+            else ledger_pb.HOLD_STATUS_UNSPECIFIED
+        ),
+        hold_id=str(value.hold_id or ""),
+        created=timestamp(value.created_at),
+        operator_earnings=value.operator_earnings,
+    )
+
+
+def settlement_lines(request: ledger_pb.SettleHoldRequest) -> list[SettlementLine]:
+    return [
+        SettlementLine(
+            operator_account_id=parse_id(line.operator_account_id, field="operator_account_id"),
+            node_id=line.node_id,
+            model=line.model,
+            tokens=line.tokens,
+        )
+        for line in request.lines
+    ]
+
+
+def contribution(value: Contribution) -> contribution_pb.Contribution:
+    return contribution_pb.Contribution(
+        contribution_id=str(value.contribution_id),
+        operator_account_id=str(value.operator_account_id),
+        hold_id=str(value.hold_id),
+        node_id=value.node_id,
+        model=value.model,
+        tokens=value.tokens,
+        amount_micro_credits=value.amount,
+        created=timestamp(value.created_at),
+        epoch=value.epoch,
+    )
+
+
+def contribution_total(value: ContributionTotal) -> contribution_pb.ContributionTotal:
+    return contribution_pb.ContributionTotal(
+        epoch=value.epoch, jobs=value.jobs, tokens=value.tokens, amount_micro_credits=value.amount
+    )
+
+
+def referral(value: Referral) -> referral_pb.Referral:
+    return referral_pb.Referral(
+        referee_account_id=str(value.referee_account_id),
+        created=timestamp(value.created_at),
+        bonus_paid_micro_credits=value.bonus_paid,
+        rewarded_top_ups=value.rewarded_top_ups,
+    )
+
+
+def rules_to_pb(value: ReferralRules) -> referral_pb.ReferralRules:
+    return referral_pb.ReferralRules(
+        bonus_basis_points=value.bonus_bps,
+        rewarded_top_ups=value.rewarded_top_ups,
+        max_bonus_micro_credits=value.max_bonus,
+    )
+
+
+def rules_from_pb(value: referral_pb.ReferralRules) -> ReferralRules:
+    return ReferralRules(
+        value.bonus_basis_points, value.rewarded_top_ups, value.max_bonus_micro_credits
+    )

@@ -1,0 +1,35 @@
+"""Opaque, cursor-based page tokens: the sort key of the last item returned."""
+
+from __future__ import annotations
+
+import base64
+from datetime import datetime
+from uuid import UUID
+
+from server.common.errors import InvalidArgument
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 100
+
+
+def page_size(requested: int) -> int:
+    if requested < 0:
+        raise InvalidArgument("page_size must not be negative", field="page_size")
+    return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+
+
+def encode_cursor(created_at: datetime, item_id: UUID) -> str:
+    raw = f"{created_at.isoformat()}|{item_id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(token: str) -> tuple[datetime, UUID] | None:
+    """None for an empty token (the first page)."""
+    if not token:
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+        created, _, item = raw.partition("|")
+        return datetime.fromisoformat(created), UUID(item)
+    except ValueError:
+        raise InvalidArgument("page_token is not valid", field="page_token") from None
