@@ -163,8 +163,9 @@ class PostgresLedgerStore:
             PROMO_POOL_ID,
         )
         assert row is not None
+        # sum() over bigint is numeric in PostgreSQL: convert to int.
         return LedgerSummary(
-            row["cash_in"], row["revenue"], row["pool"], row["debits"], row["credits"]
+            *(int(row[name] or 0) for name in ("cash_in", "revenue", "pool", "debits", "credits"))
         )
 
     # posted transfers
