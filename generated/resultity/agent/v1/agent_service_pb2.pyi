@@ -58,6 +58,7 @@ class ConnectRequest(_message.Message):
     JOB_CHUNK_FIELD_NUMBER: _builtins.int
     JOB_DONE_FIELD_NUMBER: _builtins.int
     JOB_FAILED_FIELD_NUMBER: _builtins.int
+    DRAINING_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___Hello: ...
     @_builtins.property
@@ -68,6 +69,8 @@ class ConnectRequest(_message.Message):
     def job_done(self) -> Global___JobDone: ...
     @_builtins.property
     def job_failed(self) -> Global___JobFailed: ...
+    @_builtins.property
+    def draining(self) -> Global___Draining: ...
     def __init__(
         self,
         *,
@@ -76,12 +79,13 @@ class ConnectRequest(_message.Message):
         job_chunk: Global___JobChunk | None = ...,
         job_done: Global___JobDone | None = ...,
         job_failed: Global___JobFailed | None = ...,
+        draining: Global___Draining | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat", b"heartbeat", "hello", b"hello", "job_chunk", b"job_chunk", "job_done", b"job_done", "job_failed", b"job_failed", "message", b"message"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["draining", b"draining", "heartbeat", b"heartbeat", "hello", b"hello", "job_chunk", b"job_chunk", "job_done", b"job_done", "job_failed", b"job_failed", "message", b"message"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat", b"heartbeat", "hello", b"hello", "job_chunk", b"job_chunk", "job_done", b"job_done", "job_failed", b"job_failed", "message", b"message"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["draining", b"draining", "heartbeat", b"heartbeat", "hello", b"hello", "job_chunk", b"job_chunk", "job_done", b"job_done", "job_failed", b"job_failed", "message", b"message"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["hello", "heartbeat", "job_chunk", "job_done", "job_failed"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["hello", "heartbeat", "job_chunk", "job_done", "job_failed", "draining"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
@@ -96,24 +100,28 @@ class ConnectResponse(_message.Message):
     WELCOME_FIELD_NUMBER: _builtins.int
     ASSIGN_JOB_FIELD_NUMBER: _builtins.int
     CANCEL_JOB_FIELD_NUMBER: _builtins.int
+    RECONNECT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def welcome(self) -> Global___Welcome: ...
     @_builtins.property
     def assign_job(self) -> Global___AssignJob: ...
     @_builtins.property
     def cancel_job(self) -> Global___CancelJob: ...
+    @_builtins.property
+    def reconnect(self) -> Global___Reconnect: ...
     def __init__(
         self,
         *,
         welcome: Global___Welcome | None = ...,
         assign_job: Global___AssignJob | None = ...,
         cancel_job: Global___CancelJob | None = ...,
+        reconnect: Global___Reconnect | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["assign_job", b"assign_job", "cancel_job", b"cancel_job", "message", b"message", "welcome", b"welcome"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["assign_job", b"assign_job", "cancel_job", b"cancel_job", "message", b"message", "reconnect", b"reconnect", "welcome", b"welcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assign_job", b"assign_job", "cancel_job", b"cancel_job", "message", b"message", "welcome", b"welcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assign_job", b"assign_job", "cancel_job", b"cancel_job", "message", b"message", "reconnect", b"reconnect", "welcome", b"welcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["welcome", "assign_job", "cancel_job"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["welcome", "assign_job", "cancel_job", "reconnect"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
@@ -218,24 +226,72 @@ class Heartbeat(_message.Message):
     ACTIVE_JOBS_FIELD_NUMBER: _builtins.int
     QUEUED_JOBS_FIELD_NUMBER: _builtins.int
     RECENT_TOKENS_PER_SECOND_FIELD_NUMBER: _builtins.int
+    FREE_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
     active_jobs: _builtins.int
     queued_jobs: _builtins.int
     recent_tokens_per_second: _builtins.float
     """Tokens per second generated over the last interval."""
+    free_memory_bytes: _builtins.int
+    """Memory available to new work on the node (host RAM), in bytes; 0 if unknown."""
     def __init__(
         self,
         *,
         active_jobs: _builtins.int = ...,
         queued_jobs: _builtins.int = ...,
         recent_tokens_per_second: _builtins.float = ...,
+        free_memory_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_jobs", b"active_jobs", "queued_jobs", b"queued_jobs", "recent_tokens_per_second", b"recent_tokens_per_second"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_jobs", b"active_jobs", "free_memory_bytes", b"free_memory_bytes", "queued_jobs", b"queued_jobs", "recent_tokens_per_second", b"recent_tokens_per_second"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Heartbeat: _TypeAlias = Heartbeat  # noqa: Y015
+
+@_typing.final
+class Draining(_message.Message):
+    """The agent is shutting down: it takes no new jobs, finishes the ones it has
+    within its grace period, then closes the stream. Jobs still running when
+    the stream closes are continued elsewhere.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Draining: _TypeAlias = Draining  # noqa: Y015
+
+@_typing.final
+class Reconnect(_message.Message):
+    """The network server is going away (shutdown, rebalancing): the agent should
+    end this session and connect again, after its jittered backoff, to whatever
+    server the address reaches. Not an error: nothing about the node is wrong.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REASON_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Reconnect: _TypeAlias = Reconnect  # noqa: Y015
 
 @_typing.final
 class AssignJob(_message.Message):
@@ -244,25 +300,71 @@ class AssignJob(_message.Message):
     JOB_ID_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
     SPEC_FIELD_NUMBER: _builtins.int
+    CONTINUATION_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     epoch: _builtins.int
     """Fencing token: messages about this job must echo it; others are dropped."""
     @_builtins.property
     def spec(self) -> _inference_pb2.GenerationSpec: ...
+    @_builtins.property
+    def continuation(self) -> Global___Continuation:
+        """Set when the job started on another node that was lost mid-stream: the
+        node continues the assistant's reply from where the caller's text ends
+        (the same turn, not a new one), and spec.sampling.max_tokens is what
+        remains of the budget (it may be 0: only text held back at the end, such
+        as a possible stop-sequence prefix, is still to be released).
+        """
+
     def __init__(
         self,
         *,
         job_id: _builtins.str = ...,
         epoch: _builtins.int = ...,
         spec: _inference_pb2.GenerationSpec | None = ...,
+        continuation: Global___Continuation | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["continuation", b"continuation", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "job_id", b"job_id", "spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["continuation", b"continuation", "epoch", b"epoch", "job_id", b"job_id", "spec", b"spec"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AssignJob: _TypeAlias = AssignJob  # noqa: Y015
+
+@_typing.final
+class Continuation(_message.Message):
+    """What the caller has already received of the assistant's reply."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXT_FIELD_NUMBER: _builtins.int
+    TOKEN_COUNT_FIELD_NUMBER: _builtins.int
+    TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    text: _builtins.str
+    """Text already delivered, in order."""
+    token_count: _builtins.int
+    """Tokens already delivered (and billed)."""
+    @_builtins.property
+    def token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Vocabulary ids of those tokens, as the previous nodes reported them; empty
+        if any of them did not. Runtimes prefer these to re-tokenizing the text:
+        a tokenizer does not always split a text back into the tokens that made it.
+        """
+
+    def __init__(
+        self,
+        *,
+        text: _builtins.str = ...,
+        token_count: _builtins.int = ...,
+        token_ids: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["text", b"text", "token_count", b"token_count", "token_ids", b"token_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Continuation: _TypeAlias = Continuation  # noqa: Y015
 
 @_typing.final
 class CancelJob(_message.Message):
@@ -299,6 +401,7 @@ class JobChunk(_message.Message):
     TEXT_FIELD_NUMBER: _builtins.int
     TOKEN_COUNT_FIELD_NUMBER: _builtins.int
     PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    TOKEN_IDS_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     epoch: _builtins.int
     text: _builtins.str
@@ -307,6 +410,12 @@ class JobChunk(_message.Message):
     """Tokens of the templated prompt; set on the job's first chunk so that a
     job cancelled mid-stream is still billed for its prompt.
     """
+    @_builtins.property
+    def token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Vocabulary ids of the token_count tokens, when the runtime has them; the
+        network keeps them so another node can continue the job exactly.
+        """
+
     def __init__(
         self,
         *,
@@ -315,10 +424,11 @@ class JobChunk(_message.Message):
         text: _builtins.str = ...,
         token_count: _builtins.int = ...,
         prompt_tokens: _builtins.int = ...,
+        token_ids: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "job_id", b"job_id", "prompt_tokens", b"prompt_tokens", "text", b"text", "token_count", b"token_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "job_id", b"job_id", "prompt_tokens", b"prompt_tokens", "text", b"text", "token_count", b"token_count", "token_ids", b"token_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

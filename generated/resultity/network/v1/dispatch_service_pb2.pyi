@@ -50,24 +50,28 @@ class RunJobResponse(_message.Message):
     ASSIGNED_FIELD_NUMBER: _builtins.int
     DELTA_FIELD_NUMBER: _builtins.int
     FINISHED_FIELD_NUMBER: _builtins.int
+    MIGRATED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def assigned(self) -> Global___JobAssigned: ...
     @_builtins.property
     def delta(self) -> Global___TokenDelta: ...
     @_builtins.property
     def finished(self) -> Global___JobFinished: ...
+    @_builtins.property
+    def migrated(self) -> Global___JobMigrated: ...
     def __init__(
         self,
         *,
         assigned: Global___JobAssigned | None = ...,
         delta: Global___TokenDelta | None = ...,
         finished: Global___JobFinished | None = ...,
+        migrated: Global___JobMigrated | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["assigned", b"assigned", "delta", b"delta", "event", b"event", "finished", b"finished"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["assigned", b"assigned", "delta", b"delta", "event", b"event", "finished", b"finished", "migrated", b"migrated"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assigned", b"assigned", "delta", b"delta", "event", b"event", "finished", b"finished"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assigned", b"assigned", "delta", b"delta", "event", b"event", "finished", b"finished", "migrated", b"migrated"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["assigned", "delta", "finished"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["assigned", "delta", "finished", "migrated"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 
@@ -91,6 +95,37 @@ class JobAssigned(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___JobAssigned: _TypeAlias = JobAssigned  # noqa: Y015
+
+@_typing.final
+class JobMigrated(_message.Message):
+    """The job's node was lost mid-stream and another node continues it from the
+    last delivered token; deltas keep coming as if nothing happened.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    epoch: _builtins.int
+    """Fencing epoch of the new assignment (the first assignment is epoch 1)."""
+    reason: _builtins.str
+    """Why the previous node was given up."""
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        epoch: _builtins.int = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "node_id", b"node_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobMigrated: _TypeAlias = JobMigrated  # noqa: Y015
 
 @_typing.final
 class TokenDelta(_message.Message):
@@ -124,6 +159,7 @@ class JobFinished(_message.Message):
 
     FINISH_REASON_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
+    NODE_USAGE_FIELD_NUMBER: _builtins.int
     finish_reason: _inference_pb2.FinishReason.ValueType
     @_builtins.property
     def usage(self) -> _inference_pb2.Usage:
@@ -131,19 +167,50 @@ class JobFinished(_message.Message):
         the network from the chunks it relayed.
         """
 
+    @_builtins.property
+    def node_usage(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodeUsage]:
+        """The same usage split by the nodes that produced it, in assignment order:
+        completion tokens each node delivered; prompt tokens on the node whose
+        prompt count was billed (the prompt is billed once).
+        """
+
     def __init__(
         self,
         *,
         finish_reason: _inference_pb2.FinishReason.ValueType = ...,
         usage: _inference_pb2.Usage | None = ...,
+        node_usage: _abc.Iterable[Global___NodeUsage] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "node_usage", b"node_usage", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___JobFinished: _TypeAlias = JobFinished  # noqa: Y015
+
+@_typing.final
+class NodeUsage(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    @_builtins.property
+    def usage(self) -> _inference_pb2.Usage: ...
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        usage: _inference_pb2.Usage | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_id", b"node_id", "usage", b"usage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NodeUsage: _TypeAlias = NodeUsage  # noqa: Y015
 
 @_typing.final
 class ListModelsRequest(_message.Message):

@@ -25,19 +25,21 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n-resultity/network/v1/node_admin_service.proto\x12\x14resultity.network.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x12\n\x10ListNodesRequest\">\n\x11ListNodesResponse\x12)\n\x05nodes\x18\x01 \x03(\x0b\x32\x1a.resultity.network.v1.Node\"\xec\x01\n\x04Node\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x11\n\tnode_name\x18\x02 \x01(\t\x12\x15\n\ragent_version\x18\x03 \x01(\t\x12\x0e\n\x06models\x18\x04 \x03(\t\x12\x1b\n\x13max_concurrent_jobs\x18\x05 \x01(\x05\x12\x13\n\x0b\x61\x63tive_jobs\x18\x06 \x01(\x05\x12\x30\n\x0c\x63onnected_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x11last_heartbeat_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2p\n\x10NodeAdminService\x12\\\n\tListNodes\x12&.resultity.network.v1.ListNodesRequest\x1a\'.resultity.network.v1.ListNodesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n-resultity/network/v1/node_admin_service.proto\x12\x14resultity.network.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x12\n\x10ListNodesRequest\">\n\x11ListNodesResponse\x12)\n\x05nodes\x18\x01 \x03(\x0b\x32\x1a.resultity.network.v1.Node\"\xb7\x02\n\x04Node\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x11\n\tnode_name\x18\x02 \x01(\t\x12\x15\n\ragent_version\x18\x03 \x01(\t\x12\x0e\n\x06models\x18\x04 \x03(\t\x12\x1b\n\x13max_concurrent_jobs\x18\x05 \x01(\x05\x12\x13\n\x0b\x61\x63tive_jobs\x18\x06 \x01(\x05\x12\x30\n\x0c\x63onnected_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x11last_heartbeat_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\x05state\x18\t \x01(\x0e\x32\x1f.resultity.network.v1.NodeState\x12\x19\n\x11\x66ree_memory_bytes\x18\n \x01(\x03*n\n\tNodeState\x12\x1a\n\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10NODE_STATE_READY\x10\x01\x12\x16\n\x12NODE_STATE_SUSPECT\x10\x02\x12\x17\n\x13NODE_STATE_DRAINING\x10\x03\x32p\n\x10NodeAdminService\x12\\\n\tListNodes\x12&.resultity.network.v1.ListNodesRequest\x1a\'.resultity.network.v1.ListNodesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'resultity.network.v1.node_admin_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_NODESTATE']._serialized_start=502
+  _globals['_NODESTATE']._serialized_end=612
   _globals['_LISTNODESREQUEST']._serialized_start=104
   _globals['_LISTNODESREQUEST']._serialized_end=122
   _globals['_LISTNODESRESPONSE']._serialized_start=124
   _globals['_LISTNODESRESPONSE']._serialized_end=186
   _globals['_NODE']._serialized_start=189
-  _globals['_NODE']._serialized_end=425
-  _globals['_NODEADMINSERVICE']._serialized_start=427
-  _globals['_NODEADMINSERVICE']._serialized_end=539
+  _globals['_NODE']._serialized_end=500
+  _globals['_NODEADMINSERVICE']._serialized_start=614
+  _globals['_NODEADMINSERVICE']._serialized_end=726
 # @@protoc_insertion_point(module_scope)

@@ -8,6 +8,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -18,6 +19,32 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _NodeState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _NodeStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_NodeState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    NODE_STATE_UNSPECIFIED: _NodeState.ValueType  # 0
+    NODE_STATE_READY: _NodeState.ValueType  # 1
+    """Heartbeating and accepting jobs."""
+    NODE_STATE_SUSPECT: _NodeState.ValueType  # 2
+    """Silent past the suspect threshold: not routed to, not yet removed."""
+    NODE_STATE_DRAINING: _NodeState.ValueType  # 3
+    """Shutting down: finishes its jobs, gets no new ones."""
+
+class NodeState(_NodeState, metaclass=_NodeStateEnumTypeWrapper):
+    """Whether the router may give a node new jobs."""
+
+NODE_STATE_UNSPECIFIED: NodeState.ValueType  # 0
+NODE_STATE_READY: NodeState.ValueType  # 1
+"""Heartbeating and accepting jobs."""
+NODE_STATE_SUSPECT: NodeState.ValueType  # 2
+"""Silent past the suspect threshold: not routed to, not yet removed."""
+NODE_STATE_DRAINING: NodeState.ValueType  # 3
+"""Shutting down: finishes its jobs, gets no new ones."""
+Global___NodeState: _TypeAlias = NodeState  # noqa: Y015
 
 @_typing.final
 class ListNodesRequest(_message.Message):
@@ -66,11 +93,16 @@ class Node(_message.Message):
     ACTIVE_JOBS_FIELD_NUMBER: _builtins.int
     CONNECTED_AT_FIELD_NUMBER: _builtins.int
     LAST_HEARTBEAT_AT_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    FREE_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     node_name: _builtins.str
     agent_version: _builtins.str
     max_concurrent_jobs: _builtins.int
     active_jobs: _builtins.int
+    state: Global___NodeState.ValueType
+    free_memory_bytes: _builtins.int
+    """As last reported in a heartbeat; 0 if unknown."""
     @_builtins.property
     def models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -88,10 +120,12 @@ class Node(_message.Message):
         active_jobs: _builtins.int = ...,
         connected_at: _timestamp_pb2.Timestamp | None = ...,
         last_heartbeat_at: _timestamp_pb2.Timestamp | None = ...,
+        state: Global___NodeState.ValueType = ...,
+        free_memory_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["connected_at", b"connected_at", "last_heartbeat_at", b"last_heartbeat_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_jobs", b"active_jobs", "agent_version", b"agent_version", "connected_at", b"connected_at", "last_heartbeat_at", b"last_heartbeat_at", "max_concurrent_jobs", b"max_concurrent_jobs", "models", b"models", "node_id", b"node_id", "node_name", b"node_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_jobs", b"active_jobs", "agent_version", b"agent_version", "connected_at", b"connected_at", "free_memory_bytes", b"free_memory_bytes", "last_heartbeat_at", b"last_heartbeat_at", "max_concurrent_jobs", b"max_concurrent_jobs", "models", b"models", "node_id", b"node_id", "node_name", b"node_name", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
