@@ -6,7 +6,14 @@ from resultity.agent.v1 import agent_service_pb2 as pb
 from resultity.common.v1 import inference_pb2 as common_pb
 
 from agent.runner import FailureKind
-from agent.runtime.base import GenerationRequest, Message, Role, Sampling, StopReason
+from agent.runtime.base import (
+    Continuation,
+    GenerationRequest,
+    Message,
+    Role,
+    Sampling,
+    StopReason,
+)
 
 _ROLES = {
     common_pb.CHAT_ROLE_SYSTEM: Role.SYSTEM,
@@ -28,7 +35,9 @@ class InvalidAssignment(ValueError):
     pass
 
 
-def generation_request(spec: common_pb.GenerationSpec) -> GenerationRequest:
+def generation_request(
+    spec: common_pb.GenerationSpec, continuation: pb.Continuation | None = None
+) -> GenerationRequest:
     messages = []
     for message in spec.messages:
         role = _ROLES.get(message.role)
@@ -36,7 +45,8 @@ def generation_request(spec: common_pb.GenerationSpec) -> GenerationRequest:
             raise InvalidAssignment("message without a role")
         messages.append(Message(role, message.content))
     sampling = spec.sampling
-    if sampling.max_tokens < 1:
+    # A continuation may have nothing left to generate but held-back text.
+    if sampling.max_tokens < (0 if continuation is not None else 1):
         raise InvalidAssignment("max_tokens must be positive")
     return GenerationRequest(
         model=spec.model,
@@ -49,6 +59,13 @@ def generation_request(spec: common_pb.GenerationSpec) -> GenerationRequest:
             seed=sampling.seed if sampling.HasField("seed") else None,
         ),
         max_prompt_tokens=spec.max_prompt_tokens,
+        continuation=None
+        if continuation is None
+        else Continuation(
+            text=continuation.text,
+            token_count=continuation.token_count,
+            token_ids=tuple(continuation.token_ids),
+        ),
     )
 
 

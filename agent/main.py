@@ -15,7 +15,8 @@ log = structlog.get_logger(__name__)
 
 
 async def run_agent(session_settings: SessionSettings, runtime_settings: RuntimeSettings) -> None:
-    """Runs until SIGINT or SIGTERM."""
+    """Runs until SIGINT or SIGTERM, then drains: no new jobs, running ones finish
+    within the grace period. A second signal stops at once."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -27,7 +28,15 @@ async def run_agent(session_settings: SessionSettings, runtime_settings: Runtime
     task = asyncio.create_task(session.run_forever(), name="agent-session")
     try:
         await stop.wait()
-        log.info("agent stopping")
+        log.info("agent stopping", grace_s=session_settings.drain_grace_s)
+        stop.clear()
+        drain = asyncio.create_task(session.drain(), name="agent-drain")
+        again = asyncio.create_task(stop.wait())
+        await asyncio.wait({drain, again, task}, return_when=asyncio.FIRST_COMPLETED)
+        for pending in (drain, again):
+            pending.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pending
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -44,7 +44,14 @@ class FailureKind(StrEnum):
 class JobSink(Protocol):
     """Where job progress goes (the session turns it into stream messages)."""
 
-    def chunk(self, job: JobRef, text: str, token_count: int, prompt_tokens: int) -> None: ...
+    def chunk(
+        self,
+        job: JobRef,
+        text: str,
+        token_count: int,
+        prompt_tokens: int,
+        token_ids: tuple[int, ...] = (),
+    ) -> None: ...
 
     def done(
         self, job: JobRef, reason: StopReason, prompt_tokens: int, completion_tokens: int
@@ -62,6 +69,8 @@ class JobRunner:
         self._running = 0
         self._tokens = 0
         self._rate_since = time.monotonic()
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     @property
     def active(self) -> int:
@@ -70,6 +79,10 @@ class JobRunner:
     @property
     def queued(self) -> int:
         return len(self._tasks) - self._running
+
+    async def wait_idle(self) -> None:
+        """Returns once no job is running or waiting."""
+        await self._idle.wait()
 
     def tokens_per_second(self) -> float:
         """Generated tokens per second since the previous call."""
@@ -84,7 +97,13 @@ class JobRunner:
             return
         task = asyncio.create_task(self._run(job, request), name=f"job-{job.job_id}")
         self._tasks[job.job_id] = (job, task)
-        task.add_done_callback(lambda _: self._tasks.pop(job.job_id, None))
+        self._idle.clear()
+        task.add_done_callback(lambda _: self._forget(job.job_id))
+
+    def _forget(self, job_id: str) -> None:
+        self._tasks.pop(job_id, None)
+        if not self._tasks:
+            self._idle.set()
 
     def cancel(self, job: JobRef) -> None:
         entry = self._tasks.get(job.job_id)
@@ -101,6 +120,8 @@ class JobRunner:
 
     async def _run(self, job: JobRef, request: GenerationRequest) -> None:
         bound = log.bind(job_id=job.job_id, epoch=job.epoch)
+        if request.continuation is not None:
+            bound.info("continuing a job", delivered_tokens=request.continuation.token_count)
         async with self._slots:
             self._running += 1
             sent = 0
@@ -115,7 +136,11 @@ class JobRunner:
                         first = sent == 0
                         sent += event.token_count
                         self._sink.chunk(
-                            job, event.text, event.token_count, prompt_tokens if first else 0
+                            job,
+                            event.text,
+                            event.token_count,
+                            prompt_tokens if first else 0,
+                            event.token_ids,
                         )
                     elif isinstance(event, Finished):
                         self._sink.done(

@@ -2,8 +2,12 @@
 
 Registers with a hello, heartbeats at the interval the network asks for, runs
 assigned jobs and streams their tokens. When the stream breaks it cancels its
-jobs (the network has already failed them) and reconnects with jittered
-exponential backoff.
+jobs (the network has already moved them elsewhere) and reconnects with
+jittered exponential backoff; so it does when the network asks it to
+reconnect (the server is going away), which is not a failure.
+
+``drain`` is the graceful stop: the network is told to send no more jobs, the
+running ones finish within a grace period, then the stream is closed.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
+import psutil
 import structlog
 from resultity.agent.v1 import agent_service_pb2 as pb
 from resultity.agent.v1 import agent_service_pb2_grpc as pb_grpc
@@ -36,6 +41,8 @@ class SessionSettings:
     node_name: str
     # Used until the network's welcome says otherwise.
     heartbeat_interval_s: float = 5.0
+    # How long a stopping agent lets its running jobs finish.
+    drain_grace_s: float = 30.0
 
 
 class _StreamSink:
@@ -44,7 +51,14 @@ class _StreamSink:
     def __init__(self, outbound: asyncio.Queue[pb.ConnectRequest | None]) -> None:
         self._outbound = outbound
 
-    def chunk(self, job: JobRef, text: str, token_count: int, prompt_tokens: int) -> None:
+    def chunk(
+        self,
+        job: JobRef,
+        text: str,
+        token_count: int,
+        prompt_tokens: int,
+        token_ids: tuple[int, ...] = (),
+    ) -> None:
         self._outbound.put_nowait(
             pb.ConnectRequest(
                 job_chunk=pb.JobChunk(
@@ -53,6 +67,7 @@ class _StreamSink:
                     text=text,
                     token_count=token_count,
                     prompt_tokens=prompt_tokens,
+                    token_ids=token_ids,
                 )
             )
         )
@@ -95,18 +110,56 @@ class AgentSession:
         self._backoff = backoff or Backoff()
         self.node_id: str | None = None
         self.connected = asyncio.Event()
+        self.draining = False
+        # The live session's outbound queue and runner, for drain().
+        self._live: tuple[asyncio.Queue[pb.ConnectRequest | None], JobRunner] | None = None
+        self._stopped = asyncio.Event()
 
     async def run_forever(self) -> None:
-        """Keeps a session open until cancelled."""
-        while True:
+        """Keeps a session open until cancelled or drained."""
+        try:
+            while not self.draining:
+                try:
+                    reconnect = await self._session()
+                    if self.draining:
+                        return
+                    if reconnect is None:
+                        log.warning("network closed the session")
+                    else:
+                        log.info("network asked to reconnect", reason=reconnect)
+                except grpc.aio.AioRpcError as error:
+                    log.warning("session ended", code=error.code().name, details=error.details())
+                if self.draining:
+                    return
+                delay = self._backoff.next_delay()
+                log.info("reconnecting", delay_s=round(delay, 2), attempt=self._backoff.attempt)
+                await asyncio.sleep(delay)
+        finally:
+            self._stopped.set()
+
+    async def drain(self, grace_s: float | None = None) -> None:
+        """Takes no new jobs, lets running ones finish (up to the grace period), then
+        closes the session; ``run_forever`` returns. Jobs still running when the
+        grace period ends are cancelled here and continued elsewhere by the network.
+        """
+        grace = self._settings.drain_grace_s if grace_s is None else grace_s
+        self.draining = True
+        live = self._live
+        if live is not None:
+            outbound, runner = live
+            outbound.put_nowait(pb.ConnectRequest(draining=pb.Draining()))
+            log.info("draining", node_id=self.node_id, active=runner.active, grace_s=grace)
             try:
-                await self._session()
-                log.warning("network closed the session")
-            except grpc.aio.AioRpcError as error:
-                log.warning("session ended", code=error.code().name, details=error.details())
-            delay = self._backoff.next_delay()
-            log.info("reconnecting", delay_s=round(delay, 2), attempt=self._backoff.attempt)
-            await asyncio.sleep(delay)
+                async with asyncio.timeout(grace):
+                    await runner.wait_idle()
+            except TimeoutError:
+                log.warning("grace period over; leaving jobs to other nodes", active=runner.active)
+            # Half-closing the stream ends the session: the network forgets the node.
+            outbound.put_nowait(None)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(5.0):
+                    await self._stopped.wait()
+        log.info("drained", node_id=self.node_id)
 
     def _hello(self) -> pb.ConnectRequest:
         return pb.ConnectRequest(
@@ -123,7 +176,8 @@ class AgentSession:
             )
         )
 
-    async def _session(self) -> None:
+    async def _session(self) -> str | None:
+        """One session; returns the reason if the network asked to reconnect."""
         outbound: asyncio.Queue[pb.ConnectRequest | None] = asyncio.Queue()
         runner = JobRunner(self._runtime, _StreamSink(outbound))
         outbound.put_nowait(self._hello())
@@ -138,6 +192,7 @@ class AgentSession:
                     interval = welcome.heartbeat_interval.ToNanoseconds() / 1e9
                     self.node_id = welcome.node_id
                     self._backoff.reset()
+                    self._live = (outbound, runner)
                     self.connected.set()
                     log.info("registered", node_id=self.node_id, heartbeat_s=interval)
                     heartbeats = asyncio.create_task(
@@ -150,7 +205,11 @@ class AgentSession:
                 elif kind == "cancel_job":
                     cancel = response.cancel_job
                     runner.cancel(JobRef(cancel.job_id, cancel.epoch))
+                elif kind == "reconnect":
+                    return response.reconnect.reason
+            return None
         finally:
+            self._live = None
             self.connected.clear()
             if heartbeats is not None:
                 heartbeats.cancel()
@@ -165,8 +224,9 @@ class AgentSession:
         assign: pb.AssignJob,
     ) -> None:
         job = JobRef(assign.job_id, assign.epoch)
+        continuation = assign.continuation if assign.HasField("continuation") else None
         try:
-            request = generation_request(assign.spec)
+            request = generation_request(assign.spec, continuation)
         except InvalidAssignment as error:
             _StreamSink(outbound).failed(job, FailureKind.INVALID_REQUEST, str(error))
             return
@@ -192,6 +252,7 @@ async def _heartbeat(
                         active_jobs=runner.active,
                         queued_jobs=runner.queued,
                         recent_tokens_per_second=runner.tokens_per_second(),
+                        free_memory_bytes=psutil.virtual_memory().available,
                     )
                 )
             )

@@ -45,6 +45,12 @@ def _parser() -> argparse.ArgumentParser:
     agent.add_argument("--context-length", type=int, default=2048)
     agent.add_argument("--slots", type=int, default=1, help="jobs run at the same time")
     agent.add_argument("--threads", type=int, help="CPU threads per generation")
+    agent.add_argument(
+        "--drain-grace",
+        type=float,
+        default=30.0,
+        help="seconds running jobs may take to finish after SIGTERM",
+    )
 
     network = commands.add_parser("network", help="run the network server alone")
     network.add_argument("--listen", default="127.0.0.1:50051")
@@ -131,7 +137,12 @@ async def _agent(args: argparse.Namespace) -> None:
     )
     if args.model_id:
         runtime = RuntimeSettings(**{**runtime.__dict__, "model_id": args.model_id})
-    await run_agent(SessionSettings(network=args.network, node_name=args.name), runtime)
+    await run_agent(
+        SessionSettings(
+            network=args.network, node_name=args.name, drain_grace_s=args.drain_grace
+        ),
+        runtime,
+    )
 
 
 async def _serve_one(args: argparse.Namespace) -> None:

@@ -35,12 +35,29 @@ class Sampling:
 
 
 @dataclass(frozen=True)
+class Continuation:
+    """The start of the assistant's reply, already delivered by another node.
+
+    The runtime continues the same turn: it templates the messages with the
+    generation prompt, appends the delivered tokens and generates what follows,
+    emitting only new text. ``token_ids`` (when given) are replayed as they
+    are; otherwise ``text`` is tokenized, which may split it differently.
+    """
+
+    text: str
+    token_count: int
+    token_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     model: str
     messages: tuple[Message, ...]
+    # For a continuation, max_tokens is what remains of the budget (may be 0).
     sampling: Sampling
     # Refuse (PromptTooLong) if the templated prompt has more tokens than this.
     max_prompt_tokens: int
+    continuation: Continuation | None = None
 
 
 class StopReason(StrEnum):
@@ -61,11 +78,13 @@ class TokenText:
 
     text: str
     token_count: int
+    # Vocabulary ids of the token_count tokens, if the backend has them.
+    token_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
 class Finished:
-    """Last event of a generation."""
+    """Last event of a generation; a continuation counts only its new tokens."""
 
     reason: StopReason
     prompt_tokens: int

@@ -27,6 +27,7 @@ from server.common.inference import (
     GenerationSpec,
     JobAssigned,
     JobDelta,
+    JobMigrated,
     Sampling,
     Usage,
 )
@@ -205,6 +206,8 @@ class ChatService:
                         delivered.completion_tokens + event.token_count,
                     )
                     yield ContentDelta(event.text)
+                elif isinstance(event, JobMigrated):
+                    bound.info("job continues on another node", node_id=event.node_id)
                 else:
                     # Bill what the caller received; the node's prompt count is final.
                     usage = Usage(

@@ -23,6 +23,8 @@ from server.common.inference import (
     JobDelta,
     JobEvent,
     JobFinished,
+    JobMigrated,
+    NodeUsage,
 )
 from server.common.inference_proto import (
     finish_reason_from_pb,
@@ -117,11 +119,18 @@ class GrpcNetworkClient:
                 elif kind == "delta":
                     delta = response.delta
                     yield JobDelta(delta.text, delta.token_count, delta.prompt_tokens)
+                elif kind == "migrated":
+                    migrated = response.migrated
+                    yield JobMigrated(migrated.node_id, migrated.epoch, migrated.reason)
                 elif kind == "finished":
                     finished = response.finished
                     yield JobFinished(
                         finish_reason_from_pb(finished.finish_reason),
                         usage_from_pb(finished.usage),
+                        tuple(
+                            NodeUsage(share.node_id, usage_from_pb(share.usage))
+                            for share in finished.node_usage
+                        ),
                     )
         except grpc.aio.AioRpcError as error:
             raise domain_error_from_rpc(error) from None

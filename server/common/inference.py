@@ -84,9 +84,28 @@ class JobDelta:
 
 
 @dataclass(frozen=True, slots=True)
-class JobFinished:
-    finish_reason: FinishReason
+class JobMigrated:
+    """The job's node was lost; ``node_id`` continues it from the last delivered token."""
+
+    node_id: str
+    epoch: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class NodeUsage:
+    """The part of a job's usage one node delivered."""
+
+    node_id: str
     usage: Usage
 
 
-JobEvent = JobAssigned | JobDelta | JobFinished
+@dataclass(frozen=True, slots=True)
+class JobFinished:
+    finish_reason: FinishReason
+    usage: Usage
+    # The usage split by node, in assignment order.
+    node_usage: tuple[NodeUsage, ...] = ()
+
+
+JobEvent = JobAssigned | JobDelta | JobMigrated | JobFinished

@@ -8,7 +8,7 @@ from resultity.network.v1 import dispatch_service_pb2_grpc, node_admin_service_p
 
 from server.common.inference import CatalogModel
 from server.network.catalog import DEFAULT_CATALOG, Catalog
-from server.network.service import LivenessSettings, NetworkService
+from server.network.service import FailoverSettings, LivenessSettings, NetworkService
 from server.network.servicer import AgentServicer, DispatchServicer, NodeAdminServicer
 
 
@@ -18,8 +18,9 @@ class NetworkComponent:
         *,
         catalog: tuple[CatalogModel, ...] = DEFAULT_CATALOG,
         liveness: LivenessSettings | None = None,
+        failover: FailoverSettings | None = None,
     ) -> None:
-        self.service = NetworkService(Catalog(catalog), liveness or LivenessSettings())
+        self.service = NetworkService(Catalog(catalog), liveness or LivenessSettings(), failover)
 
     def register(self, server: grpc.aio.Server) -> None:
         agent_service_pb2_grpc.add_AgentServiceServicer_to_server(
@@ -36,4 +37,6 @@ class NetworkComponent:
         self.service.start()
 
     async def stop(self) -> None:
+        """Tells connected agents to reconnect; call before stopping the gRPC server
+        (with a grace period) so that the message reaches them."""
         await self.service.stop()

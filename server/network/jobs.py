@@ -1,12 +1,16 @@
-"""A job in flight: what its node reports and what the caller sees."""
+"""A job in flight: what its nodes report, what the caller received, who earned it.
+
+The job's record of delivered output is what a continuation is built from
+when its node is lost: the text and tokens the caller has already received.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
-from server.common.inference import FinishReason, Usage
+from server.common.inference import FinishReason, GenerationSpec, JobDelta, NodeUsage, Usage
 
 
 class FailureKind(StrEnum):
@@ -21,6 +25,8 @@ class ChunkReport:
     text: str
     token_count: int
     prompt_tokens: int
+    # Vocabulary ids of the chunk's tokens; empty when the runtime has none.
+    token_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,19 +43,121 @@ class FailedReport:
 
 @dataclass(frozen=True, slots=True)
 class NodeLost:
+    """The assignment of ``epoch`` is given up (node gone, stalled or draining out)."""
+
     reason: str
+    epoch: int
 
 
 NodeReport = ChunkReport | DoneReport | FailedReport | NodeLost
 
 
+@dataclass(frozen=True, slots=True)
+class Continuation:
+    """What the caller already has of the reply, for the node that continues it."""
+
+    text: str
+    token_count: int
+    # Empty unless every delivered chunk came with its token ids.
+    token_ids: tuple[int, ...] = ()
+
+
+@dataclass(slots=True)
+class _Share:
+    node_id: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
 @dataclass(eq=False, slots=True)
 class ActiveJob:
     job_id: str
-    epoch: int
+    spec: GenerationSpec
     node_id: str
-    reports: asyncio.Queue[NodeReport]
+    epoch: int = 1
+    reports: asyncio.Queue[tuple[int, NodeReport]] = field(default_factory=asyncio.Queue)
+    migrations: int = 0
+    # Monotonic time of the current assignment's last report (or its start).
+    last_progress: float = 0.0
+    # Nodes this job ran on; a continuation never goes back to one of them.
+    tried: set[str] = field(default_factory=set)
+    # Highest epoch given up: its late reports are dropped even before the
+    # job has moved on.
+    fenced_epoch: int = 0
+    prompt_tokens: int = 0
+    delivered_tokens: int = 0
+    _texts: list[str] = field(default_factory=list)
+    _token_ids: list[int] | None = field(default_factory=list)
+    _shares: list[_Share] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.tried.add(self.node_id)
+        self._shares.append(_Share(self.node_id))
 
     def accepts(self, node_id: str, epoch: int) -> bool:
-        """Fencing: only the current assignment's node may report."""
-        return node_id == self.node_id and epoch == self.epoch
+        """Fencing: only the current, not given-up assignment may report."""
+        return node_id == self.node_id and epoch == self.epoch and epoch > self.fenced_epoch
+
+    def post(self, epoch: int, report: NodeReport) -> None:
+        self.reports.put_nowait((epoch, report))
+
+    def give_up(self, reason: str) -> None:
+        """Fences the current assignment and tells the relay to move the job."""
+        if self.fenced_epoch < self.epoch:
+            self.fenced_epoch = self.epoch
+            self.post(self.epoch, NodeLost(reason, self.epoch))
+
+    def record(self, chunk: ChunkReport) -> JobDelta:
+        """Counts a relayed chunk; returns the delta for the caller.
+
+        The prompt is billed once: only the first reported prompt size is
+        passed on, whichever node reported it.
+        """
+        self._texts.append(chunk.text)
+        self.delivered_tokens += chunk.token_count
+        share = self._shares[-1]
+        share.completion_tokens += chunk.token_count
+        prompt = 0
+        if chunk.prompt_tokens and not self.prompt_tokens:
+            prompt = self.prompt_tokens = share.prompt_tokens = chunk.prompt_tokens
+        if self._token_ids is not None:
+            if len(chunk.token_ids) == chunk.token_count:
+                self._token_ids.extend(chunk.token_ids)
+            else:
+                self._token_ids = None
+        return JobDelta(chunk.text, chunk.token_count, prompt)
+
+    def reassign(self, node_id: str) -> None:
+        """Moves the job to ``node_id`` under a new epoch."""
+        self.fenced_epoch = max(self.fenced_epoch, self.epoch)
+        self.epoch += 1
+        self.migrations += 1
+        self.node_id = node_id
+        self.tried.add(node_id)
+        self._shares.append(_Share(node_id))
+
+    def continuation(self) -> Continuation:
+        return Continuation(
+            text="".join(self._texts),
+            token_count=self.delivered_tokens,
+            token_ids=tuple(self._token_ids or ()),
+        )
+
+    def remaining_spec(self) -> GenerationSpec:
+        """The spec with what is left of the completion budget."""
+        left = max(0, self.spec.sampling.max_tokens - self.delivered_tokens)
+        return replace(self.spec, sampling=replace(self.spec.sampling, max_tokens=left))
+
+    def usage(self, reported_prompt_tokens: int = 0) -> Usage:
+        """Usage to bill; ``reported_prompt_tokens`` (from the final report) counts
+        only if no chunk carried the prompt size."""
+        if not self.prompt_tokens and reported_prompt_tokens:
+            self.prompt_tokens = self._shares[-1].prompt_tokens = reported_prompt_tokens
+        return Usage(self.prompt_tokens, self.delivered_tokens)
+
+    def node_usage(self) -> tuple[NodeUsage, ...]:
+        """Delivered usage by node, in assignment order (a node may appear once)."""
+        return tuple(
+            NodeUsage(share.node_id, Usage(share.prompt_tokens, share.completion_tokens))
+            for share in self._shares
+        )

@@ -6,8 +6,10 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from enum import StrEnum
 
 from server.common.inference import GenerationSpec
+from server.network.jobs import Continuation
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +32,8 @@ class AssignCommand:
     job_id: str
     epoch: int
     spec: GenerationSpec
+    # Set when the job continues what another node started.
+    continuation: Continuation | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +49,20 @@ class DisconnectCommand:
     reason: str
 
 
-NodeCommand = AssignCommand | CancelCommand | DisconnectCommand
+@dataclass(frozen=True, slots=True)
+class ReconnectCommand:
+    """Ends the node's session cleanly: the server is going away, come back later."""
+
+    reason: str
+
+
+NodeCommand = AssignCommand | CancelCommand | DisconnectCommand | ReconnectCommand
+
+
+class NodeState(StrEnum):
+    READY = "ready"
+    SUSPECT = "suspect"
+    DRAINING = "draining"
 
 
 @dataclass(eq=False)
@@ -61,6 +78,9 @@ class NodeSession:
     active_jobs: set[str] = field(default_factory=set)
     queued_jobs: int = 0
     recent_tokens_per_second: float = 0.0
+    free_memory_bytes: int = 0
+    # The agent is shutting down: it finishes its jobs and gets no new ones.
+    draining: bool = False
     outbox: asyncio.Queue[NodeCommand] = field(default_factory=asyncio.Queue)
 
     @property
@@ -74,3 +94,10 @@ class NodeSession:
 
     def touch(self) -> None:
         self.last_seen = time.monotonic()
+
+    def state(self, now: float, suspect_after_s: float) -> NodeState:
+        if self.draining:
+            return NodeState.DRAINING
+        if now - self.last_seen > suspect_after_s:
+            return NodeState.SUSPECT
+        return NodeState.READY

@@ -1,17 +1,21 @@
 """The network's domain service: node sessions, liveness and job relay.
 
 Pure asyncio: the servicers translate gRPC to these calls and back.
+
+A job survives the loss of its node: when the node's stream ends, its
+heartbeats stop, it stalls on the job or it drains out without finishing it,
+the job moves to another node under a new epoch as a continuation of what the
+caller already received. Reports from a given-up epoch are dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import time
 import uuid
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import structlog
@@ -26,10 +30,9 @@ from server.common.inference import (
     CatalogModel,
     GenerationSpec,
     JobAssigned,
-    JobDelta,
     JobEvent,
     JobFinished,
-    Usage,
+    JobMigrated,
 )
 from server.network.catalog import Catalog
 from server.network.jobs import (
@@ -47,41 +50,46 @@ from server.network.nodes import (
     DisconnectCommand,
     NodeHello,
     NodeSession,
+    ReconnectCommand,
 )
-from server.network.routing import eligible, pick_node
+from server.network.routing import Router, RouteRequest
+from server.network.settings import FailoverSettings, LivenessSettings
+
+__all__ = ["FailoverSettings", "LivenessSettings", "NetworkService"]
 
 log = structlog.get_logger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class LivenessSettings:
-    heartbeat_interval_s: float = 5.0
-    # A node silent for this long is dropped and its jobs fail.
-    heartbeat_timeout_s: float = 30.0
-
-
 class NetworkService:
-    def __init__(self, catalog: Catalog, liveness: LivenessSettings) -> None:
+    def __init__(
+        self,
+        catalog: Catalog,
+        liveness: LivenessSettings,
+        failover: FailoverSettings | None = None,
+    ) -> None:
         self._catalog = catalog
         self.liveness = liveness
+        self.failover = failover or FailoverSettings()
         self._nodes: dict[str, NodeSession] = {}
         self._jobs: dict[str, ActiveJob] = {}
-        self._assign_seq = itertools.count()
-        self._last_assigned: dict[str, int] = {}
+        self._router = Router(suspect_after_s=liveness.suspect_s)
         self._monitor: asyncio.Task[None] | None = None
+        self._closing = False
 
     # --- lifecycle -------------------------------------------------------
 
     def start(self) -> None:
-        self._monitor = asyncio.create_task(self._expire_silent_nodes(), name="liveness")
+        self._monitor = asyncio.create_task(self._watch(), name="liveness")
 
     async def stop(self) -> None:
+        """Asks every agent to reconnect (to another server, or to this one restarted)."""
+        self._closing = True
         if self._monitor is not None:
             self._monitor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._monitor
         for node in list(self._nodes.values()):
-            self.disconnect(node, "network server shutting down")
+            self._remove(node, "network server shutting down", ReconnectCommand)
 
     # --- node sessions ---------------------------------------------------
 
@@ -98,18 +106,33 @@ class NetworkService:
             )
         node = NodeSession(node_id=uuid.uuid4().hex, hello=replace(hello, models=served))
         self._nodes[node.node_id] = node
+        self._router.add(node)
         log.info(
             "node registered", node_id=node.node_id, name=hello.name, models=sorted(node.models)
         )
         return node
 
     def heartbeat(
-        self, node: NodeSession, *, active: int, queued: int, tokens_per_second: float
+        self,
+        node: NodeSession,
+        *,
+        active: int,
+        queued: int,
+        tokens_per_second: float,
+        free_memory_bytes: int = 0,
     ) -> None:
         node.touch()
         node.last_heartbeat_at = datetime.now(UTC)
         node.queued_jobs = queued
         node.recent_tokens_per_second = tokens_per_second
+        node.free_memory_bytes = free_memory_bytes
+
+    def draining(self, node: NodeSession) -> None:
+        """The node takes no new jobs; it finishes its own and then closes."""
+        node.touch()
+        if not node.draining:
+            node.draining = True
+            log.info("node draining", node_id=node.node_id, jobs=len(node.active_jobs))
 
     def report(self, node: NodeSession, job_id: str, epoch: int, report: NodeReport) -> None:
         """Routes a node's report to its job, dropping reports the node does not own."""
@@ -118,28 +141,52 @@ class NetworkService:
         if job is None or not job.accepts(node.node_id, epoch):
             log.info("stale job report dropped", node_id=node.node_id, job_id=job_id, epoch=epoch)
             return
-        job.reports.put_nowait(report)
+        job.last_progress = time.monotonic()
+        job.post(epoch, report)
 
     def disconnect(self, node: NodeSession, reason: str) -> None:
-        """Forgets the node at once and fails its jobs; idempotent."""
+        """Forgets the node at once and moves its jobs elsewhere; idempotent."""
+        self._remove(node, reason, DisconnectCommand)
+
+    def _remove(
+        self,
+        node: NodeSession,
+        reason: str,
+        farewell: type[DisconnectCommand] | type[ReconnectCommand],
+    ) -> None:
         if self._nodes.pop(node.node_id, None) is None:
             return
-        self._last_assigned.pop(node.node_id, None)
+        self._router.remove(node)
         for job_id in list(node.active_jobs):
             job = self._jobs.get(job_id)
             if job is not None and job.node_id == node.node_id:
-                job.reports.put_nowait(NodeLost(reason))
-        node.outbox.put_nowait(DisconnectCommand(reason))
+                job.give_up(reason)
+        node.outbox.put_nowait(farewell(reason))
         log.info("node removed", node_id=node.node_id, reason=reason)
 
-    async def _expire_silent_nodes(self) -> None:
-        interval = min(self.liveness.heartbeat_interval_s, self.liveness.heartbeat_timeout_s) / 2
+    async def _watch(self) -> None:
+        """Removes silent nodes and gives up stalled assignments."""
+        liveness, failover = self.liveness, self.failover
+        interval = (
+            min(
+                liveness.heartbeat_interval_s,
+                liveness.heartbeat_timeout_s,
+                liveness.suspect_s,
+                failover.stall_timeout_s,
+            )
+            / 2
+        )
         while True:
             await asyncio.sleep(interval)
-            deadline = time.monotonic() - self.liveness.heartbeat_timeout_s
+            now = time.monotonic()
+            dead_before = now - liveness.heartbeat_timeout_s
             for node in list(self._nodes.values()):
-                if node.last_seen < deadline:
+                if node.last_seen < dead_before:
                     self.disconnect(node, "heartbeat timeout")
+            stalled_before = now - failover.stall_timeout_s
+            for job in list(self._jobs.values()):
+                if job.last_progress < stalled_before:
+                    job.give_up(f"no output for {failover.stall_timeout_s:g} s")
 
     def nodes(self) -> list[NodeSession]:
         return list(self._nodes.values())
@@ -153,14 +200,10 @@ class NetworkService:
     # --- catalog and dispatch ---------------------------------------------
 
     def models(self) -> list[CatalogModel]:
-        counts = {model.id: 0 for model in self._catalog}
-        for node in self._nodes.values():
-            for model in node.models:
-                counts[model] = counts.get(model, 0) + 1
-        return [replace(model, ready_nodes=counts[model.id]) for model in self._catalog]
+        return [replace(model, ready_nodes=self._router.count(model.id)) for model in self._catalog]
 
     async def run_job(self, job_id: str, spec: GenerationSpec) -> AsyncGenerator[JobEvent, None]:
-        """Runs the job on the best node and yields its events.
+        """Runs the job, moving it to another node if its node is lost; yields its events.
 
         Closing the iterator early (caller cancelled) cancels the job on the node.
         """
@@ -171,52 +214,97 @@ class NetworkService:
             raise InvalidArgument(
                 "max_prompt_tokens exceeds the context", field="max_prompt_tokens"
             )
-        node = pick_node(eligible(self._nodes.values(), spec.model), self._last_assigned)
-        if node is None:
+        node = self._router.pick(RouteRequest(spec.model), time.monotonic())
+        if node is None or self._closing:
             raise NoCapacity(f"no node is serving the model '{spec.model}' right now")
 
-        job = ActiveJob(job_id=job_id, epoch=1, node_id=node.node_id, reports=asyncio.Queue())
+        job = ActiveJob(job_id=job_id, spec=spec, node_id=node.node_id)
         self._jobs[job_id] = job
-        node.active_jobs.add(job_id)
-        self._last_assigned[node.node_id] = next(self._assign_seq)
-        node.outbox.put_nowait(AssignCommand(job_id, job.epoch, spec))
-        bound = structlog.get_logger(__name__).bind(job_id=job_id, node_id=node.node_id)
-        bound.info("job assigned", model=spec.model)
+        self._assign(job, node)
+        bound = log.bind(job_id=job_id)
+        bound.info("job assigned", node_id=node.node_id, model=spec.model)
         finished = False
         try:
             yield JobAssigned(node.node_id)
-            delivered = 0
-            prompt_tokens = 0
             while True:
-                report = await job.reports.get()
+                epoch, report = await job.reports.get()
+                if epoch != job.epoch:
+                    continue  # queued before the job moved on
                 if isinstance(report, ChunkReport):
-                    delivered += report.token_count
-                    prompt_tokens = report.prompt_tokens or prompt_tokens
-                    yield JobDelta(report.text, report.token_count, report.prompt_tokens)
+                    yield job.record(report)
                 elif isinstance(report, DoneReport):
                     finished = True
                     # Completion tokens are what was relayed, not what the node claims.
-                    usage = Usage(report.usage.prompt_tokens or prompt_tokens, delivered)
-                    if report.usage.completion_tokens != delivered:
+                    usage = job.usage(report.usage.prompt_tokens)
+                    if (
+                        report.usage.completion_tokens
+                        != job.node_usage()[-1].usage.completion_tokens
+                    ):
                         bound.warning(
                             "node usage differs from relayed tokens",
+                            node_id=job.node_id,
                             claimed=report.usage.completion_tokens,
-                            relayed=delivered,
+                            relayed=job.node_usage()[-1].usage.completion_tokens,
                         )
-                    yield JobFinished(report.finish_reason, usage)
+                    yield JobFinished(report.finish_reason, usage, job.node_usage())
                     return
                 elif isinstance(report, FailedReport):
                     finished = True
                     raise _failure_error(report)
                 else:
-                    finished = True
-                    raise JobFailed(f"node lost mid-job: {report.reason}")
+                    moved = self._migrate(job, report, bound)
+                    if moved is None:
+                        finished = True
+                        raise JobFailed(f"node lost mid-job: {report.reason}")
+                    yield JobMigrated(moved.node_id, job.epoch, report.reason)
         finally:
             self._jobs.pop(job_id, None)
-            node.active_jobs.discard(job_id)
-            if not finished and node.node_id in self._nodes:
-                node.outbox.put_nowait(CancelCommand(job_id, job.epoch))
-                bound.info("job cancelled by caller")
+            current = self._nodes.get(job.node_id)
+            if current is not None:
+                current.active_jobs.discard(job_id)
+                if not finished:
+                    current.outbox.put_nowait(CancelCommand(job_id, job.epoch))
+                    bound.info("job cancelled by caller", node_id=job.node_id)
+
+    def _assign(self, job: ActiveJob, node: NodeSession) -> None:
+        continuation = job.continuation() if job.migrations else None
+        spec = job.remaining_spec() if job.migrations else job.spec
+        node.active_jobs.add(job.job_id)
+        job.last_progress = time.monotonic()
+        node.outbox.put_nowait(AssignCommand(job.job_id, job.epoch, spec, continuation))
+
+    def _migrate(
+        self, job: ActiveJob, lost: NodeLost, bound: structlog.typing.FilteringBoundLogger
+    ) -> NodeSession | None:
+        """Moves ``job`` off its lost node; returns the new node, or None if it cannot."""
+        old = self._nodes.get(job.node_id)
+        if old is not None:
+            # Stalled or partitioned, not gone: stop it working on the job.
+            old.active_jobs.discard(job.job_id)
+            old.outbox.put_nowait(CancelCommand(job.job_id, job.epoch))
+        if self._closing or job.migrations >= self.failover.max_migrations:
+            bound.warning(
+                "job lost its node and cannot move", reason=lost.reason, migrations=job.migrations
+            )
+            return None
+        node = self._router.pick(
+            RouteRequest(job.spec.model, exclude=frozenset(job.tried)), time.monotonic()
+        )
+        if node is None:
+            bound.warning("job lost its node and no other can continue it", reason=lost.reason)
+            return None
+        previous = job.node_id
+        job.reassign(node.node_id)
+        self._assign(job, node)
+        bound.info(
+            "job migrated",
+            from_node=previous,
+            node_id=node.node_id,
+            epoch=job.epoch,
+            delivered_tokens=job.delivered_tokens,
+            reason=lost.reason,
+        )
+        return node
 
 
 def _failure_error(report: FailedReport) -> Exception:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -18,7 +19,7 @@ from resultity.network.v1 import node_admin_service_pb2_grpc as admin_grpc
 
 from server.common.errors import DomainError, ProtocolViolation, SessionEnded
 from server.common.grpc_errors import abort_with_error, translate_errors
-from server.common.inference import JobAssigned, JobDelta
+from server.common.inference import JobAssigned, JobDelta, JobMigrated
 from server.common.inference_proto import (
     finish_reason_from_pb,
     finish_reason_to_pb,
@@ -30,6 +31,7 @@ from server.common.inference_proto import (
 )
 from server.network.jobs import (
     ChunkReport,
+    Continuation,
     DoneReport,
     FailedReport,
     FailureKind,
@@ -42,6 +44,8 @@ from server.network.nodes import (
     NodeHello,
     NodeModel,
     NodeSession,
+    NodeState,
+    ReconnectCommand,
 )
 from server.network.service import NetworkService
 
@@ -63,11 +67,31 @@ def _hello_from_pb(hello: agent_pb.Hello) -> NodeHello:
     )
 
 
+_STATE_TO_PB = {
+    NodeState.READY: admin_pb.NODE_STATE_READY,
+    NodeState.SUSPECT: admin_pb.NODE_STATE_SUSPECT,
+    NodeState.DRAINING: admin_pb.NODE_STATE_DRAINING,
+}
+
+
+def _continuation_to_pb(continuation: Continuation | None) -> agent_pb.Continuation | None:
+    if continuation is None:
+        return None
+    return agent_pb.Continuation(
+        text=continuation.text,
+        token_count=continuation.token_count,
+        token_ids=list(continuation.token_ids),
+    )
+
+
 def _command_to_pb(command: NodeCommand) -> agent_pb.ConnectResponse:
     if isinstance(command, AssignCommand):
         return agent_pb.ConnectResponse(
             assign_job=agent_pb.AssignJob(
-                job_id=command.job_id, epoch=command.epoch, spec=spec_to_pb(command.spec)
+                job_id=command.job_id,
+                epoch=command.epoch,
+                spec=spec_to_pb(command.spec),
+                continuation=_continuation_to_pb(command.continuation),
             )
         )
     if isinstance(command, CancelCommand):
@@ -110,6 +134,11 @@ class AgentServicer(agent_grpc.AgentServiceServicer):
         try:
             while True:
                 command: NodeCommand = await node.outbox.get()
+                if isinstance(command, ReconnectCommand):
+                    yield agent_pb.ConnectResponse(
+                        reconnect=agent_pb.Reconnect(reason=command.reason)
+                    )
+                    return
                 if isinstance(command, DisconnectCommand):
                     if reader.done():
                         return  # the agent ended the stream itself
@@ -144,10 +173,15 @@ class AgentServicer(agent_grpc.AgentServiceServicer):
                 active=beat.active_jobs,
                 queued=beat.queued_jobs,
                 tokens_per_second=beat.recent_tokens_per_second,
+                free_memory_bytes=beat.free_memory_bytes,
             )
+        elif kind == "draining":
+            self._service.draining(node)
         elif kind == "job_chunk":
             chunk = request.job_chunk
-            report = ChunkReport(chunk.text, chunk.token_count, chunk.prompt_tokens)
+            report = ChunkReport(
+                chunk.text, chunk.token_count, chunk.prompt_tokens, tuple(chunk.token_ids)
+            )
             self._service.report(node, chunk.job_id, chunk.epoch, report)
         elif kind == "job_done":
             done = request.job_done
@@ -184,6 +218,12 @@ class DispatchServicer(dispatch_grpc.DispatchServiceServicer):
                     yield dispatch_pb.RunJobResponse(
                         assigned=dispatch_pb.JobAssigned(node_id=event.node_id)
                     )
+                elif isinstance(event, JobMigrated):
+                    yield dispatch_pb.RunJobResponse(
+                        migrated=dispatch_pb.JobMigrated(
+                            node_id=event.node_id, epoch=event.epoch, reason=event.reason
+                        )
+                    )
                 elif isinstance(event, JobDelta):
                     yield dispatch_pb.RunJobResponse(
                         delta=dispatch_pb.TokenDelta(
@@ -197,6 +237,12 @@ class DispatchServicer(dispatch_grpc.DispatchServiceServicer):
                         finished=dispatch_pb.JobFinished(
                             finish_reason=finish_reason_to_pb(event.finish_reason),
                             usage=usage_to_pb(event.usage),
+                            node_usage=[
+                                dispatch_pb.NodeUsage(
+                                    node_id=share.node_id, usage=usage_to_pb(share.usage)
+                                )
+                                for share in event.node_usage
+                            ],
                         )
                     )
         finally:
@@ -242,6 +288,8 @@ class NodeAdminServicer(admin_grpc.NodeAdminServiceServicer):
         request: admin_pb.ListNodesRequest,
         context: grpc.aio.ServicerContext[admin_pb.ListNodesRequest, admin_pb.ListNodesResponse],
     ) -> admin_pb.ListNodesResponse:
+        now = time.monotonic()
+        suspect_after_s = self._service.liveness.suspect_s
         return admin_pb.ListNodesResponse(
             nodes=[
                 admin_pb.Node(
@@ -253,6 +301,8 @@ class NodeAdminServicer(admin_grpc.NodeAdminServiceServicer):
                     active_jobs=len(node.active_jobs),
                     connected_at=_timestamp(node.connected_at),
                     last_heartbeat_at=_timestamp(node.last_heartbeat_at),
+                    state=_STATE_TO_PB[node.state(now, suspect_after_s)],
+                    free_memory_bytes=node.free_memory_bytes,
                 )
                 for node in self._service.nodes()
             ]

@@ -2,7 +2,9 @@
 
 Deterministic and instant (or paced with ``token_delay_s``), so tests of the
 agent, network and cloud can check exact texts, token counts and billing
-without a model.
+without a model. A token's id is its position in the script; a continuation
+resumes after the delivered tokens, so an interrupted and continued job yields
+exactly the text of an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass, field
 
 from agent.runtime.base import (
     Finished,
+    GenerationError,
     GenerationEvent,
     GenerationRequest,
     ModelInfo,
@@ -65,18 +68,20 @@ class ScriptedRuntime:
             raise PromptTooLong(f"prompt has {prompt} tokens, limit {request.max_prompt_tokens}")
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.slot_count)
+        tokens = scripted_tokens(self.script)
+        start = _resume_at(request, tokens)
         async with self._slots:
             self.started_jobs.append(request)
             yield Started(prompt)
             produced = 0
             try:
-                for token in scripted_tokens(self.script)[: request.sampling.max_tokens]:
+                for index in range(start, min(len(tokens), start + request.sampling.max_tokens)):
                     if self.fail_after is not None and produced == self.fail_after:
                         raise ValueError("scripted runtime failure")
                     if self.token_delay_s:
                         await asyncio.sleep(self.token_delay_s)
                     produced += 1
-                    yield TokenText(token, 1)
+                    yield TokenText(tokens[index], 1, (index,))
             except (asyncio.CancelledError, GeneratorExit):
                 self.cancelled_jobs += 1
                 raise
@@ -87,3 +92,16 @@ class ScriptedRuntime:
 
     async def close(self) -> None:
         return None
+
+
+def _resume_at(request: GenerationRequest, tokens: list[str]) -> int:
+    """Index of the first token to generate: after a continuation's delivered ones."""
+    continuation = request.continuation
+    if continuation is None:
+        return 0
+    count = continuation.token_count
+    if continuation.token_ids and continuation.token_ids != tuple(range(count)):
+        raise GenerationError("continuation token ids do not match the script")
+    if "".join(tokens[:count]) != continuation.text:
+        raise GenerationError("continuation text does not match the script")
+    return count

@@ -1,7 +1,11 @@
 from __future__ import annotations
 
+import random
+
 from server.network.nodes import NodeHello, NodeModel, NodeSession
-from server.network.routing import eligible, pick_node
+from server.network.routing import Router, RouteRequest
+
+SUSPECT_S = 15.0
 
 
 def _node(node_id: str, models: tuple[str, ...] = ("m",), slots: int = 2) -> NodeSession:
@@ -9,29 +13,101 @@ def _node(node_id: str, models: tuple[str, ...] = ("m",), slots: int = 2) -> Nod
     return NodeSession(node_id=node_id, hello=hello)
 
 
-def test_only_nodes_serving_the_model_are_eligible() -> None:
-    a, b = _node("a", ("m",)), _node("b", ("other",))
-    assert eligible([a, b], "m") == [a]
+def _router(*nodes: NodeSession, sample_size: int = 32) -> Router:
+    router = Router(suspect_after_s=SUSPECT_S, sample_size=sample_size, rng=random.Random(7))
+    for node in nodes:
+        router.add(node)
+    return router
+
+
+def _pick(router: Router, model: str = "m", exclude: frozenset[str] = frozenset()) -> str | None:
+    node = router.pick(RouteRequest(model, exclude), now=nodes_now())
+    return None if node is None else node.node_id
+
+
+def nodes_now() -> float:
+    import time
+
+    return time.monotonic()
+
+
+def test_only_nodes_serving_the_model_are_candidates() -> None:
+    router = _router(_node("a", ("m",)), _node("b", ("other",)))
+    assert _pick(router, "m") == "a"
+    assert _pick(router, "other") == "b"
+    assert _pick(router, "unknown") is None
+    assert router.count("m") == 1
 
 
 def test_least_loaded_node_wins() -> None:
     busy, idle = _node("busy"), _node("idle")
     busy.active_jobs.add("job")
-    assert pick_node([busy, idle], {}) is idle
+    assert _pick(_router(busy, idle)) == "idle"
 
 
 def test_load_is_relative_to_capacity() -> None:
     big, small = _node("big", slots=4), _node("small", slots=1)
     big.active_jobs.update({"1", "2"})
     small.active_jobs.add("3")
-    assert pick_node([big, small], {}) is big
+    assert _pick(_router(big, small)) == "big"
 
 
-def test_ties_go_to_the_node_assigned_longest_ago() -> None:
-    a, b = _node("a"), _node("b")
-    assert pick_node([a, b], {"a": 5, "b": 2}) is b
-    assert pick_node([a, b], {"b": 2}) is a
+def test_equal_nodes_take_turns() -> None:
+    router = _router(_node("a"), _node("b"))
+    picks = [_pick(router) for _ in range(4)]
+    assert sorted(picks[:2]) == ["a", "b"]
+    assert picks[2:] == picks[:2]
 
 
-def test_no_candidates_no_node() -> None:
-    assert pick_node([], {}) is None
+def test_faster_node_wins_between_equally_loaded_ones() -> None:
+    slow, fast = _node("slow"), _node("fast")
+    slow.recent_tokens_per_second, fast.recent_tokens_per_second = 10.0, 40.0
+    router = _router(slow, fast)
+    assert [_pick(router) for _ in range(3)] == ["fast"] * 3
+
+
+def test_load_outweighs_speed() -> None:
+    slow, fast = _node("slow", slots=1), _node("fast", slots=1)
+    slow.recent_tokens_per_second, fast.recent_tokens_per_second = 1.0, 100.0
+    fast.active_jobs.add("job")
+    assert _pick(_router(slow, fast)) == "slow"
+
+
+def test_draining_suspect_and_excluded_nodes_are_not_routed_to() -> None:
+    draining, suspect, excluded, ready = _node("d"), _node("s"), _node("x"), _node("r")
+    draining.draining = True
+    suspect.last_seen -= SUSPECT_S + 1
+    router = _router(draining, suspect, excluded, ready)
+    assert _pick(router, exclude=frozenset({"x"})) == "r"
+    assert _pick(router, exclude=frozenset({"x", "r"})) is None
+
+
+def test_removed_nodes_leave_the_index() -> None:
+    a, b, c = _node("a"), _node("b"), _node("c")
+    router = _router(a, b, c)
+    router.remove(a)
+    router.remove(a)
+    assert router.count("m") == 2
+    assert {_pick(router) for _ in range(4)} == {"b", "c"}
+    router.remove(b)
+    router.remove(c)
+    assert _pick(router) is None
+
+
+def test_large_pools_are_sampled_but_a_lone_eligible_node_is_still_found() -> None:
+    nodes = [_node(f"n{i}") for i in range(500)]
+    for node in nodes[1:]:
+        node.draining = True
+    router = _router(*nodes, sample_size=8)
+    assert _pick(router) == "n0"
+
+
+def test_sampling_spreads_jobs_over_a_large_pool() -> None:
+    nodes = [_node(f"n{i}", slots=4) for i in range(200)]
+    router = _router(*nodes, sample_size=8)
+    for index in range(400):
+        picked = router.pick(RouteRequest("m"), nodes_now())
+        assert picked is not None
+        picked.active_jobs.add(str(index))
+    # Power of d choices: 2 jobs per node on average, never a pile-up.
+    assert max(len(node.active_jobs) for node in nodes) <= 4

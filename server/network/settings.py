@@ -1,0 +1,38 @@
+"""Typed settings of the network service: liveness and failover."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class LivenessSettings:
+    """When a silent node stops getting jobs, and when it is given up.
+
+    Agents heartbeat every ``heartbeat_interval_s``; any message counts as a
+    sign of life. A node silent for ``suspect_after_s`` is not routed to; one
+    silent for ``heartbeat_timeout_s`` is removed and its jobs migrate.
+    """
+
+    heartbeat_interval_s: float = 5.0
+    heartbeat_timeout_s: float = 30.0
+    # Unset: half the timeout (15 s with the defaults).
+    suspect_after_s: float | None = None
+
+    @property
+    def suspect_s(self) -> float:
+        if self.suspect_after_s is None:
+            return self.heartbeat_timeout_s / 2
+        return min(self.suspect_after_s, self.heartbeat_timeout_s)
+
+
+@dataclass(frozen=True, slots=True)
+class FailoverSettings:
+    """How a job survives the loss of its node."""
+
+    # Times one job may move to another node before it fails.
+    max_migrations: int = 2
+    # A node that sends nothing for a running job this long is given up for that
+    # job (it may be stuck or partitioned) and the job moves on. Generous: a job
+    # waiting in the node's queue or prefilling a long prompt sends nothing.
+    stall_timeout_s: float = 60.0
