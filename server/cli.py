@@ -64,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
         default=Path(".resultity"),
         help="where the key hashing secret and service token live (created if missing)",
     )
+    from server.account.admin_cli import add_commands
+
+    add_commands(account)
 
     cloud = commands.add_parser("cloud", help="run the cloud server alone")
     cloud.add_argument("--listen", default="127.0.0.1:50053")
@@ -100,6 +103,10 @@ async def _run(args: argparse.Namespace) -> None:
         from gateway.server import serve
 
         await _until_signal(serve(create_app(args.cloud), args.host, args.port))
+    elif args.command == "account" and args.account_command:
+        from server.account.admin_cli import run_command
+
+        await run_command(args)
     else:
         await _serve_one(args)
 

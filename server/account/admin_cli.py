@@ -1,0 +1,181 @@
+"""`resultity account <command>`: operator commands over the account layer's gRPC API.
+
+Authenticates with the service token (RESULTITY_SERVICE_TOKEN, or the
+service-token file in --data-dir) unless RESULTITY_API_KEY names a key with
+the management or admin scope. Prints responses as JSON. Amounts on the
+command line are in credits (decimal); the API's micro-credits are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from google.protobuf import json_format
+from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
+from resultity.account.v1 import account_service_pb2 as account_pb
+from resultity.account.v1 import account_service_pb2_grpc as account_grpc
+from resultity.account.v1 import api_key_service_pb2 as key_pb
+from resultity.account.v1 import api_key_service_pb2_grpc as key_grpc
+from resultity.account.v1 import contribution_service_pb2 as contribution_pb
+from resultity.account.v1 import contribution_service_pb2_grpc as contribution_grpc
+from resultity.account.v1 import ledger_service_pb2 as ledger_pb
+from resultity.account.v1 import ledger_service_pb2_grpc as ledger_grpc
+from resultity.account.v1 import referral_service_pb2 as referral_pb
+from resultity.account.v1 import referral_service_pb2_grpc as referral_grpc
+
+from server.common import channels
+
+SCOPES = {
+    "inference": key_pb.API_KEY_SCOPE_INFERENCE,
+    "management": key_pb.API_KEY_SCOPE_MANAGEMENT,
+    "admin": key_pb.API_KEY_SCOPE_ADMIN,
+}
+
+
+def add_commands(account: argparse.ArgumentParser) -> None:
+    """Adds the operator commands under `resultity account` (no command: serve)."""
+    account.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT (commands)")
+    commands = account.add_subparsers(dest="account_command", metavar="COMMAND")
+    create = commands.add_parser("create", help="create an account")
+    create.add_argument("name")
+    create.add_argument("--email", default="")
+    create.add_argument("--referral-code", default="")
+    commands.add_parser("list", help="list accounts").add_argument("--page-token", default="")
+    for name, text in (
+        ("get", "show an account"),
+        ("disable", "disable an account"),
+        ("balance", "show a balance"),
+        ("history", "list transactions"),
+        ("keys", "list API keys"),
+        ("referral-code", "show the referral code"),
+        ("contributions", "contribution totals per epoch"),
+    ):
+        commands.add_parser(name, help=text).add_argument("account_id")
+    for name, text in (("top-up", "add paid credits"), ("grant", "grant from the promo pool")):
+        parser = commands.add_parser(name, help=text)
+        parser.add_argument("account_id")
+        parser.add_argument("credits", type=Decimal)
+        parser.add_argument("--idempotency-key", default="")
+    fund = commands.add_parser("fund-pool", help="move credits into the promotional pool")
+    fund.add_argument("credits", type=Decimal)
+    fund.add_argument("--idempotency-key", default="")
+    key = commands.add_parser("create-key", help="issue an API key (shown once)")
+    key.add_argument("account_id")
+    key.add_argument("--name", default="")
+    key.add_argument("--scope", action="append", choices=sorted(SCOPES), default=[])
+    key.add_argument("--model", action="append", default=[], help="allow only this model")
+    key.add_argument("--expires-days", type=float)
+    key.add_argument("--subcloud", default="")
+    commands.add_parser("revoke-key", help="revoke an API key").add_argument("api_key_id")
+    commands.add_parser("summary", help="system balances and ledger totals")
+
+
+def _credential(data_dir: Path) -> str:
+    explicit = os.environ.get("RESULTITY_API_KEY") or os.environ.get("RESULTITY_SERVICE_TOKEN")
+    if explicit:
+        return explicit
+    from server.secrets import read_service_token
+
+    return read_service_token(data_dir)
+
+
+def _micro(credits: Decimal) -> int:
+    return int(credits * 1_000_000)
+
+
+async def run_command(args: argparse.Namespace) -> None:
+    metadata = (("authorization", f"Bearer {_credential(args.data_dir)}"),)
+    async with channels.insecure_channel(args.target) as channel:
+        accounts = account_grpc.AccountServiceStub(channel)
+        keys = key_grpc.ApiKeyServiceStub(channel)
+        ledger = ledger_grpc.LedgerServiceStub(channel)
+        idempotency = getattr(args, "idempotency_key", "") or uuid.uuid4().hex
+        calls: dict[str, Callable[[], Awaitable[Message]]] = {
+            "create": lambda: accounts.CreateAccount(
+                account_pb.CreateAccountRequest(
+                    name=args.name, email=args.email, referral_code=args.referral_code
+                ),
+                metadata=metadata,
+            ),
+            "list": lambda: accounts.ListAccounts(
+                account_pb.ListAccountsRequest(page_token=args.page_token), metadata=metadata
+            ),
+            "get": lambda: accounts.GetAccount(
+                account_pb.GetAccountRequest(account_id=args.account_id), metadata=metadata
+            ),
+            "disable": lambda: accounts.DisableAccount(
+                account_pb.DisableAccountRequest(account_id=args.account_id), metadata=metadata
+            ),
+            "balance": lambda: ledger.GetBalance(
+                ledger_pb.GetBalanceRequest(account_id=args.account_id), metadata=metadata
+            ),
+            "history": lambda: ledger.ListTransactions(
+                ledger_pb.ListTransactionsRequest(account_id=args.account_id), metadata=metadata
+            ),
+            "keys": lambda: keys.ListApiKeys(
+                key_pb.ListApiKeysRequest(account_id=args.account_id), metadata=metadata
+            ),
+            "referral-code": lambda: referral_grpc.ReferralServiceStub(channel).GetReferralCode(
+                referral_pb.GetReferralCodeRequest(account_id=args.account_id), metadata=metadata
+            ),
+            "contributions": lambda: contribution_grpc.ContributionServiceStub(
+                channel
+            ).GetContributionTotals(
+                contribution_pb.GetContributionTotalsRequest(operator_account_id=args.account_id),
+                metadata=metadata,
+            ),
+            "top-up": lambda: ledger.TopUp(
+                ledger_pb.TopUpRequest(
+                    account_id=args.account_id,
+                    amount_micro_credits=_micro(args.credits),
+                    idempotency_key=idempotency,
+                ),
+                metadata=metadata,
+            ),
+            "grant": lambda: ledger.GrantCredits(
+                ledger_pb.GrantCreditsRequest(
+                    account_id=args.account_id,
+                    amount_micro_credits=_micro(args.credits),
+                    idempotency_key=idempotency,
+                ),
+                metadata=metadata,
+            ),
+            "fund-pool": lambda: ledger.FundPromotionalPool(
+                ledger_pb.FundPromotionalPoolRequest(
+                    amount_micro_credits=_micro(args.credits), idempotency_key=idempotency
+                ),
+                metadata=metadata,
+            ),
+            "create-key": lambda: keys.CreateApiKey(_key_request(args), metadata=metadata),
+            "revoke-key": lambda: keys.RevokeApiKey(
+                key_pb.RevokeApiKeyRequest(api_key_id=args.api_key_id), metadata=metadata
+            ),
+            "summary": lambda: ledger.GetLedgerSummary(
+                ledger_pb.GetLedgerSummaryRequest(), metadata=metadata
+            ),
+        }
+        response: Any = await calls[args.account_command]()
+        print(json_format.MessageToJson(response, preserving_proto_field_name=True))
+
+
+def _key_request(args: argparse.Namespace) -> key_pb.CreateApiKeyRequest:
+    request = key_pb.CreateApiKeyRequest(
+        account_id=args.account_id,
+        name=args.name,
+        scopes=[SCOPES[scope] for scope in args.scope],
+        allowed_models=args.model,
+        subcloud_id=args.subcloud,
+    )
+    if args.expires_days is not None:
+        expires = Timestamp()
+        expires.FromDatetime(datetime.now(UTC) + timedelta(days=args.expires_days))
+        request.expires.CopyFrom(expires)
+    return request
