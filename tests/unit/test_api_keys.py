@@ -17,7 +17,6 @@ from server.account.api_keys import (
 )
 from server.common.errors import InvalidApiKey
 
-
 SERVER_SECRET = b"s" * 32
 HASHER = KeyHasher(SERVER_SECRET)
 
