@@ -8,6 +8,7 @@ import signal
 
 import structlog
 
+from agent.runtime.base import Runtime
 from agent.runtime.loader import RuntimeSettings, load_runtime
 from agent.session import AgentSession, SessionSettings
 
@@ -15,15 +16,19 @@ log = structlog.get_logger(__name__)
 
 
 async def run_agent(session_settings: SessionSettings, runtime_settings: RuntimeSettings) -> None:
+    """Loads the runtime, then serves it (see ``serve``)."""
+    log.info("loading model", runtime=runtime_settings.runtime, model=runtime_settings.model_id)
+    runtime = await load_runtime(runtime_settings)
+    await serve(session_settings, runtime)
+
+
+async def serve(session_settings: SessionSettings, runtime: Runtime) -> None:
     """Runs until SIGINT or SIGTERM, then drains: no new jobs, running ones finish
-    within the grace period. A second signal stops at once."""
+    within the grace period. A second signal stops at once. Closes the runtime."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-
-    log.info("loading model", runtime=runtime_settings.runtime, model=runtime_settings.model_id)
-    runtime = await load_runtime(runtime_settings)
     session = AgentSession(session_settings, runtime)
     task = asyncio.create_task(session.run_forever(), name="agent-session")
     try:

@@ -29,7 +29,7 @@ from server.account.component import AccountComponent
 from server.cloud.component import CloudComponent
 from server.common import channels
 from server.network.component import NetworkComponent
-from server.network.service import LivenessSettings
+from server.network.service import FailoverSettings, LivenessSettings
 from server.secrets import PlatformSecrets
 
 
@@ -113,6 +113,13 @@ class Platform:
         )
         return agent
 
+    def agent_running(self, job_count: int = 1) -> RunningAgent:
+        """The agent whose runtime has started ``job_count`` jobs (scripted runtimes)."""
+        [agent] = [
+            a for a in self.agents if len(getattr(a.runtime, "started_jobs", ())) == job_count
+        ]
+        return agent
+
 
 async def eventually(condition: Callable[[], bool], *, timeout_s: float = 10.0) -> None:
     """Waits until ``condition()`` holds; the timeout only bounds a broken test."""
@@ -123,14 +130,17 @@ async def eventually(condition: Callable[[], bool], *, timeout_s: float = 10.0) 
 
 @contextlib.asynccontextmanager
 async def running_platform(
-    dsn: str, *, liveness: LivenessSettings | None = None
+    dsn: str,
+    *,
+    liveness: LivenessSettings | None = None,
+    failover: FailoverSettings | None = None,
 ) -> AsyncIterator[Platform]:
     server = channels.server()
     port = server.add_insecure_port("127.0.0.1:0")
     target = f"127.0.0.1:{port}"
     secrets = PlatformSecrets.generate()
     account = await AccountComponent.start(dsn, secrets)
-    network = NetworkComponent(liveness=liveness)
+    network = NetworkComponent(liveness=liveness, failover=failover)
     cloud = CloudComponent(
         account_target=target, network_target=target, service_token=secrets.service_token
     )
@@ -150,3 +160,36 @@ async def running_platform(
         await cloud.stop()
         await network.stop()
         await account.stop()
+
+
+@dataclass
+class NetworkServer:
+    """The network layer alone on a gRPC server (no account or cloud)."""
+
+    component: NetworkComponent
+    server: grpc.aio.Server
+    port: int
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Like a real shutdown: agents are asked to reconnect, then the server stops."""
+        await self.component.stop()
+        await self.server.stop(grace_s)
+
+
+async def start_network(
+    *,
+    liveness: LivenessSettings | None = None,
+    failover: FailoverSettings | None = None,
+    port: int = 0,
+) -> NetworkServer:
+    server = channels.server()
+    bound = server.add_insecure_port(f"127.0.0.1:{port}")
+    component = NetworkComponent(liveness=liveness, failover=failover)
+    component.register(server)
+    component.start()
+    await server.start()
+    return NetworkServer(component, server, bound)

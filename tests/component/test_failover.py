@@ -1,0 +1,289 @@
+"""A job outlives its node: continuation elsewhere, fencing of the old epoch, exact billing."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+from resultity.agent.v1 import agent_service_pb2 as agent_pb
+from resultity.agent.v1 import agent_service_pb2_grpc as agent_grpc
+from resultity.cloud.v1 import inference_service_pb2 as pb
+from resultity.common.v1 import inference_pb2 as common_pb
+from resultity.network.v1 import dispatch_service_pb2 as dispatch_pb
+from resultity.network.v1 import dispatch_service_pb2_grpc as dispatch_grpc
+
+from agent.session import AgentSession, SessionSettings
+from server.common import channels
+from server.common.inference import ChatMessage, ChatRole, GenerationSpec, Sampling
+from server.common.inference_proto import spec_to_pb
+from server.network.catalog import SMOLLM2_135M
+from server.network.service import FailoverSettings, LivenessSettings
+from tests.doubles.scripted_runtime import (
+    DEFAULT_SCRIPT,
+    MODEL_ID,
+    ScriptedRuntime,
+    scripted_tokens,
+)
+from tests.harness import NetworkServer, eventually, running_platform, start_network
+
+PRICE = SMOLLM2_135M.price
+LONG_SCRIPT = " ".join(f"w{i}" for i in range(150))
+
+
+def _charge(prompt: int, completion: int) -> int:
+    return prompt * PRICE.prompt + completion * PRICE.completion
+
+
+@pytest.mark.parametrize("kill_after", [1, 10, 100])
+async def test_node_killed_mid_stream_is_continued_on_another_and_billed_once(
+    postgres_dsn: str, kill_after: int
+) -> None:
+    async with running_platform(postgres_dsn) as platform:
+        for name in ("a", "b", "c"):
+            runtime = ScriptedRuntime(script=LONG_SCRIPT, token_delay_s=0.005)
+            await platform.start_agent(runtime, name=name)
+        customer = await platform.customer(credits=1_000_000)
+        params = pb.ChatCompletionParams(
+            model=SMOLLM2_135M.id,
+            messages=[common_pb.ChatMessage(role=common_pb.CHAT_ROLE_USER, content="hello there")],
+        )
+
+        parts: list[str] = []
+        roles = 0
+        usage = None
+        async for message in platform.inference.StreamChatCompletion(
+            pb.StreamChatCompletionRequest(params=params), metadata=customer.metadata
+        ):
+            if message.HasField("usage"):
+                usage = message.usage
+            if not message.choices:
+                continue
+            choice = message.choices[0]
+            roles += choice.role == common_pb.CHAT_ROLE_ASSISTANT
+            if choice.content:
+                parts.append(choice.content)
+                if len(parts) == kill_after:
+                    await platform.agent_running().stop()
+
+        assert "".join(parts) == LONG_SCRIPT
+        assert roles == 1
+        assert usage is not None
+        assert (usage.prompt_tokens, usage.completion_tokens) == (4, 150)
+        balance = await platform.balance(customer)
+        assert balance.held_micro_credits == 0
+        assert 1_000_000 - balance.available_micro_credits == _charge(4, 150)
+
+
+def _spec(max_tokens: int = 100) -> GenerationSpec:
+    return GenerationSpec(
+        model=MODEL_ID,
+        messages=(ChatMessage(ChatRole.USER, "hello there"),),
+        sampling=Sampling(max_tokens=max_tokens),
+        max_prompt_tokens=100,
+    )
+
+
+class RawNode:
+    """A hand-driven agent: it says what the test tells it to, when it is told."""
+
+    def __init__(self, target: str) -> None:
+        self._channel = channels.insecure_channel(target)
+        self._outbound: asyncio.Queue[agent_pb.ConnectRequest | None] = asyncio.Queue()
+        self.responses: asyncio.Queue[agent_pb.ConnectResponse] = asyncio.Queue()
+        self.node_id = ""
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        self.send(
+            agent_pb.ConnectRequest(
+                hello=agent_pb.Hello(
+                    node_name="raw",
+                    agent_version="test",
+                    models=[
+                        agent_pb.ServedModel(model=MODEL_ID, runtime="raw", context_length=2048)
+                    ],
+                    max_concurrent_jobs=1,
+                )
+            )
+        )
+        call = agent_grpc.AgentServiceStub(self._channel).Connect(self._drain())
+        self._tasks.append(asyncio.create_task(self._read(call)))
+        self.node_id = (await self.responses.get()).welcome.node_id
+        self._tasks.append(asyncio.create_task(self._beat()))
+
+    def send(self, request: agent_pb.ConnectRequest) -> None:
+        self._outbound.put_nowait(request)
+
+    def chunk(self, job_id: str, epoch: int, first: int, words: list[str], prompt: int = 0) -> None:
+        self.send(
+            agent_pb.ConnectRequest(
+                job_chunk=agent_pb.JobChunk(
+                    job_id=job_id,
+                    epoch=epoch,
+                    text="".join(words),
+                    token_count=len(words),
+                    prompt_tokens=prompt,
+                    token_ids=list(range(first, first + len(words))),
+                )
+            )
+        )
+
+    async def next(self, kind: str) -> agent_pb.ConnectResponse:
+        while True:
+            response = await self.responses.get()
+            if response.WhichOneof("message") == kind:
+                return response
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+                await task
+        await self._channel.close(grace=None)
+
+    async def _drain(self) -> AsyncIterator[agent_pb.ConnectRequest]:
+        while (request := await self._outbound.get()) is not None:
+            yield request
+
+    async def _read(self, call: AsyncIterator[agent_pb.ConnectResponse]) -> None:
+        async for response in call:
+            self.responses.put_nowait(response)
+
+    async def _beat(self) -> None:
+        # Alive and heartbeating throughout: only its output for the job is late.
+        while True:
+            self.send(agent_pb.ConnectRequest(heartbeat=agent_pb.Heartbeat()))
+            await asyncio.sleep(0.05)
+
+
+async def _run_job(
+    target: str, job_id: str, spec: GenerationSpec
+) -> list[dispatch_pb.RunJobResponse]:
+    async with channels.insecure_channel(target) as channel:
+        call = dispatch_grpc.DispatchServiceStub(channel).RunJob(
+            dispatch_pb.RunJobRequest(job_id=job_id, spec=spec_to_pb(spec))
+        )
+        return [event async for event in call]
+
+
+def _text(events: list[dispatch_pb.RunJobResponse]) -> str:
+    return "".join(e.delta.text for e in events if e.WhichOneof("event") == "delta")
+
+
+@pytest.fixture
+async def network() -> AsyncIterator[NetworkServer]:
+    server = await start_network(
+        liveness=LivenessSettings(heartbeat_interval_s=0.05, heartbeat_timeout_s=5.0),
+        failover=FailoverSettings(stall_timeout_s=0.3),
+    )
+    yield server
+    await server.stop()
+
+
+async def test_partitioned_nodes_late_output_is_dropped_and_earns_nothing(
+    network: NetworkServer,
+) -> None:
+    words = scripted_tokens(DEFAULT_SCRIPT)
+    partitioned = RawNode(network.target)
+    await partitioned.start()
+    job = asyncio.create_task(_run_job(network.target, "job-1", _spec()))
+    assign = (await partitioned.next("assign_job")).assign_job
+    assert (assign.epoch, assign.HasField("continuation")) == (1, False)
+
+    # A second node joins; the first delivers three tokens, then goes quiet.
+    runtime = ScriptedRuntime(token_delay_s=0.05)
+    session = AgentSession(SessionSettings(network.target, "healthy"), runtime)
+    healthy = asyncio.create_task(session.run_forever())
+    try:
+        await session.connected.wait()
+        partitioned.chunk("job-1", 1, 0, words[:3], prompt=4)
+
+        # Given up for the job after the stall timeout; the cancel arrives late.
+        cancel = (await partitioned.next("cancel_job")).cancel_job
+        assert (cancel.job_id, cancel.epoch) == ("job-1", 1)
+        partitioned.chunk("job-1", 1, 3, [" LATE", " AND", " WRONG"])
+        partitioned.send(
+            agent_pb.ConnectRequest(
+                job_done=agent_pb.JobDone(
+                    job_id="job-1",
+                    epoch=1,
+                    finish_reason=common_pb.FINISH_REASON_STOP,
+                    usage=common_pb.Usage(prompt_tokens=4, completion_tokens=6),
+                )
+            )
+        )
+        events = await job
+    finally:
+        healthy.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await healthy
+        await partitioned.close()
+
+    assert _text(events) == DEFAULT_SCRIPT
+    [migrated] = [e.migrated for e in events if e.WhichOneof("event") == "migrated"]
+    assert (migrated.node_id, migrated.epoch) == (session.node_id, 2)
+    continued = runtime.started_jobs[0].continuation
+    assert continued is not None
+    assert (continued.text, continued.token_count, continued.token_ids) == (
+        "one two three",
+        3,
+        (0, 1, 2),
+    )
+    finished = events[-1].finished
+    assert (finished.usage.prompt_tokens, finished.usage.completion_tokens) == (4, 10)
+    shares = [
+        (s.node_id, s.usage.prompt_tokens, s.usage.completion_tokens) for s in finished.node_usage
+    ]
+    assert shares == [(partitioned.node_id, 4, 3), (session.node_id, 0, 7)]
+
+
+async def test_job_fails_once_it_has_moved_max_migrations_times() -> None:
+    server = await start_network(
+        liveness=LivenessSettings(heartbeat_interval_s=0.05, heartbeat_timeout_s=5.0),
+        failover=FailoverSettings(max_migrations=1, stall_timeout_s=0.2),
+    )
+    nodes = [RawNode(server.target) for _ in range(3)]
+    try:
+        for node in nodes:
+            await node.start()
+        job = asyncio.create_task(_run_job(server.target, "job-2", _spec()))
+        # Nobody delivers anything: the job moves once, then fails.
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await job
+        assert raised.value.code() == grpc.StatusCode.ABORTED
+        assigned = [node for node in nodes if not node.responses.empty()]
+        assert len(assigned) == 2
+    finally:
+        for node in nodes:
+            await node.close()
+        await server.stop()
+
+
+async def test_continuation_with_nothing_left_only_finishes(network: NetworkServer) -> None:
+    """The lost node delivered the whole budget but not its done: the next one just ends."""
+    words = scripted_tokens(DEFAULT_SCRIPT)
+    partitioned = RawNode(network.target)
+    await partitioned.start()
+    job = asyncio.create_task(_run_job(network.target, "job-3", _spec(max_tokens=4)))
+    await partitioned.next("assign_job")
+    runtime = ScriptedRuntime()
+    session = AgentSession(SessionSettings(network.target, "healthy"), runtime)
+    healthy = asyncio.create_task(session.run_forever())
+    try:
+        await session.connected.wait()
+        partitioned.chunk("job-3", 1, 0, words[:4], prompt=4)
+        await partitioned.close()
+        events = await job
+    finally:
+        healthy.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await healthy
+    assert _text(events) == "".join(words[:4])
+    assert runtime.started_jobs[0].sampling.max_tokens == 0
+    finished = events[-1].finished
+    assert finished.finish_reason == common_pb.FINISH_REASON_LENGTH
+    assert finished.usage.completion_tokens == 4
+    await eventually(lambda: len(network.component.service.nodes()) == 1)

@@ -1,0 +1,38 @@
+"""An agent process with the scripted runtime, for tests that signal real processes.
+
+    python -m tests.doubles.scripted_agent --network HOST:PORT --name NAME
+        [--script TEXT] [--token-delay S] [--drain-grace S]
+
+The same session and signal handling as `resultity agent` (SIGTERM drains),
+without loading a model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+from agent.main import serve
+from agent.session import SessionSettings
+from server.common.logging import configure_logging
+from tests.doubles.scripted_runtime import DEFAULT_SCRIPT, ScriptedRuntime
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--network", required=True)
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--script", default=DEFAULT_SCRIPT)
+    parser.add_argument("--token-delay", type=float, default=0.0)
+    parser.add_argument("--drain-grace", type=float, default=30.0)
+    args = parser.parse_args()
+    configure_logging("info")
+    settings = SessionSettings(
+        network=args.network, node_name=args.name, drain_grace_s=args.drain_grace
+    )
+    runtime = ScriptedRuntime(script=args.script, token_delay_s=args.token_delay)
+    asyncio.run(serve(settings, runtime))
+
+
+if __name__ == "__main__":
+    main()
