@@ -1,0 +1,90 @@
+"""Routing decision time at 100, 1,000 and 10,000 simulated nodes (`python -m bench.routing`).
+
+No network: NodeSessions are built in memory and registered with the
+network's Router. Each decision is one ``Router.pick`` for a job (filters,
+scorers, round-robin bookkeeping); the picked node's load is then changed
+the way an assignment and a later completion change it, so loads vary during
+the run. Nodes serve one of four models (a quarter of the fleet each) except
+``--one-model``, where every node serves the same model; a tenth of the nodes
+are draining or suspect and must be skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+from collections.abc import Sequence
+
+from server.network.nodes import NodeHello, NodeModel, NodeSession
+from server.network.routing import Router, RouteRequest
+
+MODELS = ("model-a", "model-b", "model-c", "model-d")
+SUSPECT_AFTER_S = 15.0
+
+
+def _fleet(size: int, models: Sequence[str], rng: random.Random) -> list[NodeSession]:
+    now = time.monotonic()
+    nodes = []
+    for index in range(size):
+        model = models[index % len(models)]
+        hello = NodeHello(
+            f"n{index}", "bench", (NodeModel(model, "rt", 4096),), rng.choice((1, 2, 4))
+        )
+        node = NodeSession(node_id=f"node-{index}", hello=hello)
+        node.recent_tokens_per_second = rng.uniform(5.0, 80.0)
+        if index % 20 == 0:
+            node.draining = True
+        elif index % 20 == 1:
+            node.last_seen = now - SUSPECT_AFTER_S - 1
+        nodes.append(node)
+    return nodes
+
+
+def measure(size: int, decisions: int, models: Sequence[str], seed: int = 1) -> dict[str, float]:
+    rng = random.Random(seed)
+    router = Router(suspect_after_s=SUSPECT_AFTER_S, rng=random.Random(seed))
+    for node in _fleet(size, models, rng):
+        router.add(node)
+    running: list[tuple[NodeSession, str]] = []
+    timings: list[float] = []
+    for index in range(decisions):
+        request = RouteRequest(models[index % len(models)])
+        now = time.monotonic()
+        started = time.perf_counter_ns()
+        node = router.pick(request, now)
+        timings.append((time.perf_counter_ns() - started) / 1000)
+        assert node is not None
+        job = f"job-{index}"
+        node.active_jobs.add(job)
+        running.append((node, job))
+        if len(running) > size:  # jobs finish: keep about one per node in flight
+            done_node, done_job = running.pop(rng.randrange(len(running)))
+            done_node.active_jobs.discard(done_job)
+    timings.sort()
+    return {
+        "p50_us": timings[len(timings) // 2],
+        "p99_us": timings[len(timings) * 99 // 100],
+        "max_us": timings[-1],
+        "mean_us": statistics.fmean(timings),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.routing", description=__doc__)
+    parser.add_argument("--decisions", type=int, default=20_000)
+    parser.add_argument("--one-model", action="store_true", help="every node serves one model")
+    args = parser.parse_args(argv)
+    models = MODELS[:1] if args.one_model else MODELS
+    print(f"routing decisions ({len(models)} model(s), {args.decisions} decisions per size)")
+    print(f"{'nodes':>7} {'p50 µs':>8} {'p99 µs':>8} {'max µs':>8}")
+    for size in (100, 1_000, 10_000):
+        result = measure(size, args.decisions, models)
+        print(
+            f"{size:>7,} {result['p50_us']:>8.1f} {result['p99_us']:>8.1f} {result['max_us']:>8.1f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
