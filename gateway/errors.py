@@ -23,6 +23,7 @@ INVALID_REQUEST = "invalid_request_error"
 SERVER_ERROR = "server_error"
 SERVICE_UNAVAILABLE = "service_unavailable"
 INSUFFICIENT_QUOTA = "insufficient_quota"
+PERMISSION_DENIED = "permission_denied"
 
 _GENERIC_SERVER_MESSAGE = "The server had an error while processing your request."
 _UNAVAILABLE_MESSAGE = "The inference service is temporarily unavailable; retry later."
@@ -67,6 +68,8 @@ class _Mapped:
 _BY_REASON: dict[str, _Mapped] = {
     ErrorReason.INVALID_API_KEY: _Mapped(401, INVALID_REQUEST, "invalid_api_key"),
     ErrorReason.MODEL_NOT_FOUND: _Mapped(404, INVALID_REQUEST, "model_not_found"),
+    # A valid key used outside its scopes or model allow-list.
+    ErrorReason.PERMISSION_DENIED: _Mapped(403, PERMISSION_DENIED, PERMISSION_DENIED),
     ErrorReason.INVALID_ARGUMENT: _Mapped(400, INVALID_REQUEST),
     # Retrying cannot help until the caller tops up; the SDKs honour this header.
     ErrorReason.INSUFFICIENT_QUOTA: _Mapped(

@@ -19,6 +19,7 @@ from server.common.errors import (
     JobFailed,
     ModelNotFound,
     NoCapacity,
+    PermissionDenied,
 )
 from server.common.grpc_errors import to_status
 
@@ -49,6 +50,13 @@ def _bare_rpc_error(code: grpc.StatusCode) -> grpc.aio.AioRpcError:
     [
         (InvalidApiKey("bad key"), 401, "invalid_request_error", None, "invalid_api_key"),
         (ModelNotFound("gpt-9"), 404, "invalid_request_error", "model", "model_not_found"),
+        (
+            PermissionDenied("not for inference"),
+            403,
+            "permission_denied",
+            None,
+            "permission_denied",
+        ),
         (
             InvalidArgument("too long", field="messages"),
             400,
