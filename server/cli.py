@@ -8,7 +8,7 @@ import contextlib
 import os
 import signal
 import socket
-from collections.abc import Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -145,9 +145,7 @@ async def _agent(args: argparse.Namespace) -> None:
     if args.model_id:
         runtime = RuntimeSettings(**{**runtime.__dict__, "model_id": args.model_id})
     await run_agent(
-        SessionSettings(
-            network=args.network, node_name=args.name, drain_grace_s=args.drain_grace
-        ),
+        SessionSettings(network=args.network, node_name=args.name, drain_grace_s=args.drain_grace),
         runtime,
     )
 
@@ -155,14 +153,17 @@ async def _agent(args: argparse.Namespace) -> None:
 async def _serve_one(args: argparse.Namespace) -> None:
     """One service on its own gRPC server, until SIGINT or SIGTERM."""
     server = channels.server()
-    stop_component = None
+    # A network server tells its agents to reconnect before it stops serving;
+    # the others finish their in-flight calls first.
+    stop_first: Callable[[], Awaitable[None]] | None = None
+    stop_component: Callable[[], Awaitable[None]]
     if args.command == "network":
         from server.network.component import NetworkComponent
 
         network = NetworkComponent()
         network.register(server)
         network.start()
-        stop_component = network.stop
+        stop_first = stop_component = network.stop
     elif args.command == "account":
         from server.account.component import AccountComponent
 
@@ -196,8 +197,11 @@ async def _serve_one(args: argparse.Namespace) -> None:
     try:
         await _until_signal(server.wait_for_termination())
     finally:
+        if stop_first is not None:
+            await stop_first()
         await server.stop(5.0)
-        await stop_component()
+        if stop_component is not stop_first:
+            await stop_component()
 
 
 async def _until_signal(work: Coroutine[Any, Any, Any]) -> None:

@@ -114,8 +114,6 @@ async def run_platform(settings: PlatformSettings, *, ready: asyncio.Event | Non
         network = NetworkComponent(
             liveness=LivenessSettings(settings.heartbeat_interval_s, settings.heartbeat_timeout_s)
         )
-        network.start()
-        stack.push_async_callback(network.stop)
         cloud = CloudComponent(
             account_target=grpc_target,
             network_target=grpc_target,
@@ -129,6 +127,9 @@ async def run_platform(settings: PlatformSettings, *, ready: asyncio.Event | Non
         server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
         await server.start()
         stack.push_async_callback(server.stop, 5.0)
+        network.start()
+        # Unwinds before the server stops, so connected agents are told to reconnect.
+        stack.push_async_callback(network.stop)
         log.info("grpc services listening", address=f"{settings.grpc_host}:{settings.grpc_port}")
 
         bootstrap_channel = channels.insecure_channel(grpc_target)
