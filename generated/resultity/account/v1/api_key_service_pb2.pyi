@@ -33,6 +33,10 @@ class _ApiKeyScopeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ApiKeySco
     """The account layer's APIs, on the key's own account."""
     API_KEY_SCOPE_ADMIN: _ApiKeyScope.ValueType  # 3
     """The account layer's APIs, on every account."""
+    API_KEY_SCOPE_NODE: _ApiKeyScope.ValueType  # 4
+    """A node token: lets a node join the network on behalf of the key's
+    account, which earns for the node's work. Nothing else.
+    """
 
 class ApiKeyScope(_ApiKeyScope, metaclass=_ApiKeyScopeEnumTypeWrapper):
     """What a key may be used for."""
@@ -44,6 +48,10 @@ API_KEY_SCOPE_MANAGEMENT: ApiKeyScope.ValueType  # 2
 """The account layer's APIs, on the key's own account."""
 API_KEY_SCOPE_ADMIN: ApiKeyScope.ValueType  # 3
 """The account layer's APIs, on every account."""
+API_KEY_SCOPE_NODE: ApiKeyScope.ValueType  # 4
+"""A node token: lets a node join the network on behalf of the key's
+account, which earns for the node's work. Nothing else.
+"""
 Global___ApiKeyScope: _TypeAlias = ApiKeyScope  # noqa: Y015
 
 @_typing.final

@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from resultity.common.v1 import inference_pb2 as _inference_pb2
@@ -59,6 +60,8 @@ class ConnectRequest(_message.Message):
     JOB_DONE_FIELD_NUMBER: _builtins.int
     JOB_FAILED_FIELD_NUMBER: _builtins.int
     DRAINING_FIELD_NUMBER: _builtins.int
+    SIGNED_HELLO_FIELD_NUMBER: _builtins.int
+    CONFIG_APPLIED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___Hello: ...
     @_builtins.property
@@ -71,6 +74,14 @@ class ConnectRequest(_message.Message):
     def job_failed(self) -> Global___JobFailed: ...
     @_builtins.property
     def draining(self) -> Global___Draining: ...
+    @_builtins.property
+    def signed_hello(self) -> Global___SignedHello:
+        """The first message of every session: a Hello, serialized and signed."""
+
+    @_builtins.property
+    def config_applied(self) -> Global___ConfigApplied:
+        """The agent applied a network configuration version."""
+
     def __init__(
         self,
         *,
@@ -80,12 +91,14 @@ class ConnectRequest(_message.Message):
         job_done: Global___JobDone | None = ...,
         job_failed: Global___JobFailed | None = ...,
         draining: Global___Draining | None = ...,
+        signed_hello: Global___SignedHello | None = ...,
+        config_applied: Global___ConfigApplied | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["draining", b"draining", "heartbeat", b"heartbeat", "hello", b"hello", "job_chunk", b"job_chunk", "job_done", b"job_done", "job_failed", b"job_failed", "message", b"message"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["config_applied", b"config_applied", "draining", b"draining", "heartbeat", b"heartbeat", "hello", b"hello", "job_chunk", b"job_chunk", "job_done", b"job_done", "job_failed", b"job_failed", "message", b"message", "signed_hello", b"signed_hello"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["draining", b"draining", "heartbeat", b"heartbeat", "hello", b"hello", "job_chunk", b"job_chunk", "job_done", b"job_done", "job_failed", b"job_failed", "message", b"message"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config_applied", b"config_applied", "draining", b"draining", "heartbeat", b"heartbeat", "hello", b"hello", "job_chunk", b"job_chunk", "job_done", b"job_done", "job_failed", b"job_failed", "message", b"message", "signed_hello", b"signed_hello"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["hello", "heartbeat", "job_chunk", "job_done", "job_failed", "draining"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["hello", "heartbeat", "job_chunk", "job_done", "job_failed", "draining", "signed_hello", "config_applied"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
@@ -101,6 +114,8 @@ class ConnectResponse(_message.Message):
     ASSIGN_JOB_FIELD_NUMBER: _builtins.int
     CANCEL_JOB_FIELD_NUMBER: _builtins.int
     RECONNECT_FIELD_NUMBER: _builtins.int
+    CHALLENGE_FIELD_NUMBER: _builtins.int
+    CONFIG_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def welcome(self) -> Global___Welcome: ...
     @_builtins.property
@@ -109,6 +124,16 @@ class ConnectResponse(_message.Message):
     def cancel_job(self) -> Global___CancelJob: ...
     @_builtins.property
     def reconnect(self) -> Global___Reconnect: ...
+    @_builtins.property
+    def challenge(self) -> Global___Challenge:
+        """The first message of every session, sent as soon as the stream opens."""
+
+    @_builtins.property
+    def config(self) -> Global___NetworkConfig:
+        """The current network configuration; sent after the welcome and whenever
+        it changes. The agent applies it and answers ConfigApplied.
+        """
+
     def __init__(
         self,
         *,
@@ -116,20 +141,83 @@ class ConnectResponse(_message.Message):
         assign_job: Global___AssignJob | None = ...,
         cancel_job: Global___CancelJob | None = ...,
         reconnect: Global___Reconnect | None = ...,
+        challenge: Global___Challenge | None = ...,
+        config: Global___NetworkConfig | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["assign_job", b"assign_job", "cancel_job", b"cancel_job", "message", b"message", "reconnect", b"reconnect", "welcome", b"welcome"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["assign_job", b"assign_job", "cancel_job", b"cancel_job", "challenge", b"challenge", "config", b"config", "message", b"message", "reconnect", b"reconnect", "welcome", b"welcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assign_job", b"assign_job", "cancel_job", b"cancel_job", "message", b"message", "reconnect", b"reconnect", "welcome", b"welcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assign_job", b"assign_job", "cancel_job", b"cancel_job", "challenge", b"challenge", "config", b"config", "message", b"message", "reconnect", b"reconnect", "welcome", b"welcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["welcome", "assign_job", "cancel_job", "reconnect"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["welcome", "assign_job", "cancel_job", "reconnect", "challenge", "config"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
 Global___ConnectResponse: _TypeAlias = ConnectResponse  # noqa: Y015
 
 @_typing.final
+class Challenge(_message.Message):
+    """What the agent's signed hello must be bound to: this stream's nonce (single
+    use) and the network's id, so a captured hello cannot be replayed.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NONCE_FIELD_NUMBER: _builtins.int
+    NETWORK_ID_FIELD_NUMBER: _builtins.int
+    nonce: _builtins.bytes
+    """Random, at least 16 bytes."""
+    network_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        nonce: _builtins.bytes = ...,
+        network_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["network_id", b"network_id", "nonce", b"nonce"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Challenge: _TypeAlias = Challenge  # noqa: Y015
+
+@_typing.final
+class SignedHello(_message.Message):
+    """A Hello and the node's Ed25519 signature over exactly those bytes.
+
+    Signing the serialized bytes (not a re-serialization) keeps the signature
+    independent of how any language's protobuf library orders fields. The
+    network parses `hello`, checks `signature` with `hello.public_key`, checks
+    that `hello.nonce` and `hello.network_id` are the ones the challenge gave,
+    that `hello.signed_at` is within its clock window, and resolves
+    `hello.node_token` to the operator account. The node's id is the
+    fingerprint of its public key (see Welcome.node_id). Any failure ends the
+    stream with UNAUTHENTICATED and ErrorInfo reason INVALID_NODE_CREDENTIALS.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HELLO_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    hello: _builtins.bytes
+    signature: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        hello: _builtins.bytes = ...,
+        signature: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hello", b"hello", "signature", b"signature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SignedHello: _TypeAlias = SignedHello  # noqa: Y015
+
+@_typing.final
 class Hello(_message.Message):
-    """First message of every session."""
+    """What a node says about itself; sent serialized inside a SignedHello."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -137,13 +225,31 @@ class Hello(_message.Message):
     AGENT_VERSION_FIELD_NUMBER: _builtins.int
     MODELS_FIELD_NUMBER: _builtins.int
     MAX_CONCURRENT_JOBS_FIELD_NUMBER: _builtins.int
+    PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    NODE_TOKEN_FIELD_NUMBER: _builtins.int
+    NONCE_FIELD_NUMBER: _builtins.int
+    NETWORK_ID_FIELD_NUMBER: _builtins.int
+    SIGNED_AT_FIELD_NUMBER: _builtins.int
     node_name: _builtins.str
     """Stable name the operator chose for this node (shown in node listings)."""
     agent_version: _builtins.str
     max_concurrent_jobs: _builtins.int
     """Jobs this node runs at the same time; further jobs wait in its queue."""
+    public_key: _builtins.bytes
+    """The node's Ed25519 public key, 32 raw bytes. Generated on first start and
+    kept in the agent's data dir.
+    """
+    node_token: _builtins.str
+    """Issued by the account layer to the node's operator (NodeTokenService)."""
+    nonce: _builtins.bytes
+    """Echo of Challenge.nonce and Challenge.network_id."""
+    network_id: _builtins.str
     @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ServedModel]: ...
+    @_builtins.property
+    def signed_at(self) -> _timestamp_pb2.Timestamp:
+        """When the agent signed the hello; must be within the network's window."""
+
     def __init__(
         self,
         *,
@@ -151,10 +257,15 @@ class Hello(_message.Message):
         agent_version: _builtins.str = ...,
         models: _abc.Iterable[Global___ServedModel] | None = ...,
         max_concurrent_jobs: _builtins.int = ...,
+        public_key: _builtins.bytes = ...,
+        node_token: _builtins.str = ...,
+        nonce: _builtins.bytes = ...,
+        network_id: _builtins.str = ...,
+        signed_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["signed_at", b"signed_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "max_concurrent_jobs", b"max_concurrent_jobs", "models", b"models", "node_name", b"node_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "max_concurrent_jobs", b"max_concurrent_jobs", "models", b"models", "network_id", b"network_id", "node_name", b"node_name", "node_token", b"node_token", "nonce", b"nonce", "public_key", b"public_key", "signed_at", b"signed_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -197,7 +308,9 @@ class Welcome(_message.Message):
     HEARTBEAT_INTERVAL_FIELD_NUMBER: _builtins.int
     HEARTBEAT_TIMEOUT_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
-    """Identifier the network assigned to this session's node."""
+    """The node's id: the first 16 bytes of SHA-256 of its public key, in hex.
+    The same key always gets the same id.
+    """
     @_builtins.property
     def heartbeat_interval(self) -> _duration_pb2.Duration: ...
     @_builtins.property
@@ -442,9 +555,12 @@ class JobDone(_message.Message):
     EPOCH_FIELD_NUMBER: _builtins.int
     FINISH_REASON_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     epoch: _builtins.int
     finish_reason: _inference_pb2.FinishReason.ValueType
+    signature: _builtins.bytes
+    """Ed25519 signature of the node over the job's result; see ResultDigest."""
     @_builtins.property
     def usage(self) -> _inference_pb2.Usage: ...
     def __init__(
@@ -454,14 +570,51 @@ class JobDone(_message.Message):
         epoch: _builtins.int = ...,
         finish_reason: _inference_pb2.FinishReason.ValueType = ...,
         usage: _inference_pb2.Usage | None = ...,
+        signature: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "finish_reason", b"finish_reason", "job_id", b"job_id", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "finish_reason", b"finish_reason", "job_id", b"job_id", "signature", b"signature", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___JobDone: _TypeAlias = JobDone  # noqa: Y015
+
+@_typing.final
+class ResultDigest(_message.Message):
+    """What a JobDone or JobFailed signature covers. Never sent: the node builds it
+    from what it sent, the network from what it received. The signed bytes are
+    the UTF-8 of these lines joined with "\\n" (independent of any protobuf
+    library):
+
+      resultity-result-v1
+      <job_id>
+      <epoch>
+      done | failed
+      <finish_reason or failure reason, as the enum number>
+      <prompt_tokens>
+      <completion_tokens>
+      <hex SHA-256 of the UTF-8 text of every JobChunk of this job and epoch, in order>
+      <hex SHA-256 of the token ids of those chunks, each as 4 bytes little-endian>
+
+    Chunks are not signed one by one: an Ed25519 signature per chunk costs more
+    than generating a token on small models, and the network only needs the
+    node to commit to the whole output once, at the end; a node whose chunks
+    do not match what it signs is cut off and earns nothing for the job.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResultDigest: _TypeAlias = ResultDigest  # noqa: Y015
 
 @_typing.final
 class JobFailed(_message.Message):
@@ -472,10 +625,13 @@ class JobFailed(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     epoch: _builtins.int
     reason: Global___JobFailureReason.ValueType
     message: _builtins.str
+    signature: _builtins.bytes
+    """Ed25519 signature of the node over the job's result; see ResultDigest."""
     @_builtins.property
     def usage(self) -> _inference_pb2.Usage:
         """Tokens generated and sent before the failure."""
@@ -488,11 +644,106 @@ class JobFailed(_message.Message):
         reason: Global___JobFailureReason.ValueType = ...,
         message: _builtins.str = ...,
         usage: _inference_pb2.Usage | None = ...,
+        signature: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "job_id", b"job_id", "message", b"message", "reason", b"reason", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "job_id", b"job_id", "message", b"message", "reason", b"reason", "signature", b"signature", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___JobFailed: _TypeAlias = JobFailed  # noqa: Y015
+
+@_typing.final
+class NetworkConfig(_message.Message):
+    """The network's configuration, versioned; agents apply the newest they receive."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_INTERVAL_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_TIMEOUT_FIELD_NUMBER: _builtins.int
+    MIN_AGENT_VERSION_FIELD_NUMBER: _builtins.int
+    CANARY_RATE_FIELD_NUMBER: _builtins.int
+    MODELS_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    min_agent_version: _builtins.str
+    """Agents older than this are refused at hello (semantic version)."""
+    canary_rate: _builtins.float
+    """Share of jobs that are known-answer canaries, in [0, 1]."""
+    @_builtins.property
+    def heartbeat_interval(self) -> _duration_pb2.Duration: ...
+    @_builtins.property
+    def heartbeat_timeout(self) -> _duration_pb2.Duration: ...
+    @_builtins.property
+    def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConfigModel]:
+        """Models of the catalog, with prices and runtime requirements."""
+
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        heartbeat_interval: _duration_pb2.Duration | None = ...,
+        heartbeat_timeout: _duration_pb2.Duration | None = ...,
+        min_agent_version: _builtins.str = ...,
+        canary_rate: _builtins.float = ...,
+        models: _abc.Iterable[Global___ConfigModel] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "heartbeat_timeout", b"heartbeat_timeout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["canary_rate", b"canary_rate", "heartbeat_interval", b"heartbeat_interval", "heartbeat_timeout", b"heartbeat_timeout", "min_agent_version", b"min_agent_version", "models", b"models", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NetworkConfig: _TypeAlias = NetworkConfig  # noqa: Y015
+
+@_typing.final
+class ConfigModel(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    PRICE_FIELD_NUMBER: _builtins.int
+    CONTEXT_LENGTH_FIELD_NUMBER: _builtins.int
+    RUNTIMES_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    context_length: _builtins.int
+    @_builtins.property
+    def price(self) -> _inference_pb2.ModelPrice: ...
+    @_builtins.property
+    def runtimes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Runtimes allowed to serve the model, e.g. "llama.cpp"."""
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        price: _inference_pb2.ModelPrice | None = ...,
+        context_length: _builtins.int = ...,
+        runtimes: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["price", b"price"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_length", b"context_length", "model", b"model", "price", b"price", "runtimes", b"runtimes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConfigModel: _TypeAlias = ConfigModel  # noqa: Y015
+
+@_typing.final
+class ConfigApplied(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConfigApplied: _TypeAlias = ConfigApplied  # noqa: Y015

@@ -195,7 +195,12 @@ class NodeUsage(_message.Message):
 
     NODE_ID_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
+    OPERATOR_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
+    operator_account_id: _builtins.str
+    """The account of the node's operator (from its node token); empty for a
+    node admitted without one.
+    """
     @_builtins.property
     def usage(self) -> _inference_pb2.Usage: ...
     def __init__(
@@ -203,10 +208,11 @@ class NodeUsage(_message.Message):
         *,
         node_id: _builtins.str = ...,
         usage: _inference_pb2.Usage | None = ...,
+        operator_account_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_id", b"node_id", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_id", b"node_id", "operator_account_id", b"operator_account_id", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -9,6 +9,7 @@ from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from resultity.agent.v1 import agent_service_pb2 as _agent_service_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -19,6 +20,31 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _ModelValidation:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ModelValidationEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ModelValidation.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MODEL_VALIDATION_UNSPECIFIED: _ModelValidation.ValueType  # 0
+    MODEL_VALIDATION_PENDING: _ModelValidation.ValueType  # 1
+    """Benchmark and canary not finished yet."""
+    MODEL_VALIDATION_PASSED: _ModelValidation.ValueType  # 2
+    """Passed: the node serves the model."""
+    MODEL_VALIDATION_FAILED: _ModelValidation.ValueType  # 3
+    """Failed the canary or the benchmark: the model is not routed to this node."""
+
+class ModelValidation(_ModelValidation, metaclass=_ModelValidationEnumTypeWrapper): ...
+
+MODEL_VALIDATION_UNSPECIFIED: ModelValidation.ValueType  # 0
+MODEL_VALIDATION_PENDING: ModelValidation.ValueType  # 1
+"""Benchmark and canary not finished yet."""
+MODEL_VALIDATION_PASSED: ModelValidation.ValueType  # 2
+"""Passed: the node serves the model."""
+MODEL_VALIDATION_FAILED: ModelValidation.ValueType  # 3
+"""Failed the canary or the benchmark: the model is not routed to this node."""
+Global___ModelValidation: _TypeAlias = ModelValidation  # noqa: Y015
 
 class _NodeState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -33,6 +59,10 @@ class _NodeStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_NodeState.V
     """Silent past the suspect threshold: not routed to, not yet removed."""
     NODE_STATE_DRAINING: _NodeState.ValueType  # 3
     """Shutting down: finishes its jobs, gets no new ones."""
+    NODE_STATE_QUARANTINED: _NodeState.ValueType  # 4
+    """Failed canaries (or an operator's decision): gets no jobs."""
+    NODE_STATE_VALIDATING: _NodeState.ValueType  # 5
+    """Connected, running its join-time benchmark and canaries; no jobs yet."""
 
 class NodeState(_NodeState, metaclass=_NodeStateEnumTypeWrapper):
     """Whether the router may give a node new jobs."""
@@ -44,6 +74,10 @@ NODE_STATE_SUSPECT: NodeState.ValueType  # 2
 """Silent past the suspect threshold: not routed to, not yet removed."""
 NODE_STATE_DRAINING: NodeState.ValueType  # 3
 """Shutting down: finishes its jobs, gets no new ones."""
+NODE_STATE_QUARANTINED: NodeState.ValueType  # 4
+"""Failed canaries (or an operator's decision): gets no jobs."""
+NODE_STATE_VALIDATING: NodeState.ValueType  # 5
+"""Connected, running its join-time benchmark and canaries; no jobs yet."""
 Global___NodeState: _TypeAlias = NodeState  # noqa: Y015
 
 @_typing.final
@@ -60,6 +94,206 @@ class ListNodesRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListNodesRequest: _TypeAlias = ListNodesRequest  # noqa: Y015
+
+@_typing.final
+class GetNodeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_id", b"node_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetNodeRequest: _TypeAlias = GetNodeRequest  # noqa: Y015
+
+@_typing.final
+class GetNodeResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def node(self) -> Global___Node: ...
+    def __init__(
+        self,
+        *,
+        node: Global___Node | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetNodeResponse: _TypeAlias = GetNodeResponse  # noqa: Y015
+
+@_typing.final
+class DrainNodeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_id", b"node_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DrainNodeRequest: _TypeAlias = DrainNodeRequest  # noqa: Y015
+
+@_typing.final
+class DrainNodeResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def node(self) -> Global___Node: ...
+    def __init__(
+        self,
+        *,
+        node: Global___Node | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DrainNodeResponse: _TypeAlias = DrainNodeResponse  # noqa: Y015
+
+@_typing.final
+class QuarantineNodeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_id", b"node_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QuarantineNodeRequest: _TypeAlias = QuarantineNodeRequest  # noqa: Y015
+
+@_typing.final
+class QuarantineNodeResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def node(self) -> Global___Node: ...
+    def __init__(
+        self,
+        *,
+        node: Global___Node | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QuarantineNodeResponse: _TypeAlias = QuarantineNodeResponse  # noqa: Y015
+
+@_typing.final
+class GetNetworkConfigRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetNetworkConfigRequest: _TypeAlias = GetNetworkConfigRequest  # noqa: Y015
+
+@_typing.final
+class GetNetworkConfigResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONFIG_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def config(self) -> _agent_service_pb2.NetworkConfig: ...
+    def __init__(
+        self,
+        *,
+        config: _agent_service_pb2.NetworkConfig | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetNetworkConfigResponse: _TypeAlias = GetNetworkConfigResponse  # noqa: Y015
+
+@_typing.final
+class UpdateNetworkConfigRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONFIG_FIELD_NUMBER: _builtins.int
+    EXPECTED_VERSION_FIELD_NUMBER: _builtins.int
+    expected_version: _builtins.int
+    @_builtins.property
+    def config(self) -> _agent_service_pb2.NetworkConfig:
+        """The version field is ignored: the network numbers versions itself."""
+
+    def __init__(
+        self,
+        *,
+        config: _agent_service_pb2.NetworkConfig | None = ...,
+        expected_version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "expected_version", b"expected_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateNetworkConfigRequest: _TypeAlias = UpdateNetworkConfigRequest  # noqa: Y015
+
+@_typing.final
+class UpdateNetworkConfigResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONFIG_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def config(self) -> _agent_service_pb2.NetworkConfig: ...
+    def __init__(
+        self,
+        *,
+        config: _agent_service_pb2.NetworkConfig | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateNetworkConfigResponse: _TypeAlias = UpdateNetworkConfigResponse  # noqa: Y015
 
 @_typing.final
 class ListNodesResponse(_message.Message):
@@ -95,6 +329,11 @@ class Node(_message.Message):
     LAST_HEARTBEAT_AT_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     FREE_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    OPERATOR_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    REPUTATION_FIELD_NUMBER: _builtins.int
+    CONFIG_VERSION_FIELD_NUMBER: _builtins.int
+    MODEL_STATUS_FIELD_NUMBER: _builtins.int
+    QUARANTINE_REASON_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     node_name: _builtins.str
     agent_version: _builtins.str
@@ -103,12 +342,22 @@ class Node(_message.Message):
     state: Global___NodeState.ValueType
     free_memory_bytes: _builtins.int
     """As last reported in a heartbeat; 0 if unknown."""
+    operator_account_id: _builtins.str
+    """The node operator's account; empty for a node admitted without a token."""
+    reputation: _builtins.float
+    """In [0, 1]: an average of canary results, recent ones weighing more."""
+    config_version: _builtins.int
+    """The network configuration version the agent last acknowledged; 0: none."""
+    quarantine_reason: _builtins.str
+    """Why the node is quarantined, if it is."""
     @_builtins.property
     def models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def connected_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def last_heartbeat_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def model_status(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodeModelStatus]: ...
     def __init__(
         self,
         *,
@@ -122,11 +371,47 @@ class Node(_message.Message):
         last_heartbeat_at: _timestamp_pb2.Timestamp | None = ...,
         state: Global___NodeState.ValueType = ...,
         free_memory_bytes: _builtins.int = ...,
+        operator_account_id: _builtins.str = ...,
+        reputation: _builtins.float = ...,
+        config_version: _builtins.int = ...,
+        model_status: _abc.Iterable[Global___NodeModelStatus] | None = ...,
+        quarantine_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["connected_at", b"connected_at", "last_heartbeat_at", b"last_heartbeat_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_jobs", b"active_jobs", "agent_version", b"agent_version", "connected_at", b"connected_at", "free_memory_bytes", b"free_memory_bytes", "last_heartbeat_at", b"last_heartbeat_at", "max_concurrent_jobs", b"max_concurrent_jobs", "models", b"models", "node_id", b"node_id", "node_name", b"node_name", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_jobs", b"active_jobs", "agent_version", b"agent_version", "config_version", b"config_version", "connected_at", b"connected_at", "free_memory_bytes", b"free_memory_bytes", "last_heartbeat_at", b"last_heartbeat_at", "max_concurrent_jobs", b"max_concurrent_jobs", "model_status", b"model_status", "models", b"models", "node_id", b"node_id", "node_name", b"node_name", "operator_account_id", b"operator_account_id", "quarantine_reason", b"quarantine_reason", "reputation", b"reputation", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Node: _TypeAlias = Node  # noqa: Y015
+
+@_typing.final
+class NodeModelStatus(_message.Message):
+    """Validation of one model a node offers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    VALIDATION_FIELD_NUMBER: _builtins.int
+    TIME_TO_FIRST_TOKEN_MS_FIELD_NUMBER: _builtins.int
+    TOKENS_PER_SECOND_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    validation: Global___ModelValidation.ValueType
+    time_to_first_token_ms: _builtins.float
+    """Measured by the join-time benchmark."""
+    tokens_per_second: _builtins.float
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        validation: Global___ModelValidation.ValueType = ...,
+        time_to_first_token_ms: _builtins.float = ...,
+        tokens_per_second: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "time_to_first_token_ms", b"time_to_first_token_ms", "tokens_per_second", b"tokens_per_second", "validation", b"validation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NodeModelStatus: _TypeAlias = NodeModelStatus  # noqa: Y015

@@ -40,6 +40,31 @@ class NodeAdminServiceStub:
                 request_serializer=resultity_dot_network_dot_v1_dot_node__admin__service__pb2.ListNodesRequest.SerializeToString,
                 response_deserializer=resultity_dot_network_dot_v1_dot_node__admin__service__pb2.ListNodesResponse.FromString,
                 _registered_method=True)
+        self.GetNode = channel.unary_unary(
+                '/resultity.network.v1.NodeAdminService/GetNode',
+                request_serializer=resultity_dot_network_dot_v1_dot_node__admin__service__pb2.GetNodeRequest.SerializeToString,
+                response_deserializer=resultity_dot_network_dot_v1_dot_node__admin__service__pb2.GetNodeResponse.FromString,
+                _registered_method=True)
+        self.DrainNode = channel.unary_unary(
+                '/resultity.network.v1.NodeAdminService/DrainNode',
+                request_serializer=resultity_dot_network_dot_v1_dot_node__admin__service__pb2.DrainNodeRequest.SerializeToString,
+                response_deserializer=resultity_dot_network_dot_v1_dot_node__admin__service__pb2.DrainNodeResponse.FromString,
+                _registered_method=True)
+        self.QuarantineNode = channel.unary_unary(
+                '/resultity.network.v1.NodeAdminService/QuarantineNode',
+                request_serializer=resultity_dot_network_dot_v1_dot_node__admin__service__pb2.QuarantineNodeRequest.SerializeToString,
+                response_deserializer=resultity_dot_network_dot_v1_dot_node__admin__service__pb2.QuarantineNodeResponse.FromString,
+                _registered_method=True)
+        self.GetNetworkConfig = channel.unary_unary(
+                '/resultity.network.v1.NodeAdminService/GetNetworkConfig',
+                request_serializer=resultity_dot_network_dot_v1_dot_node__admin__service__pb2.GetNetworkConfigRequest.SerializeToString,
+                response_deserializer=resultity_dot_network_dot_v1_dot_node__admin__service__pb2.GetNetworkConfigResponse.FromString,
+                _registered_method=True)
+        self.UpdateNetworkConfig = channel.unary_unary(
+                '/resultity.network.v1.NodeAdminService/UpdateNetworkConfig',
+                request_serializer=resultity_dot_network_dot_v1_dot_node__admin__service__pb2.UpdateNetworkConfigRequest.SerializeToString,
+                response_deserializer=resultity_dot_network_dot_v1_dot_node__admin__service__pb2.UpdateNetworkConfigResponse.FromString,
+                _registered_method=True)
 
 
 class NodeAdminServiceServicer:
@@ -52,6 +77,43 @@ class NodeAdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetNode(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DrainNode(self, request, context):
+        """Sends the node no new jobs; its running jobs finish. It stays connected.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def QuarantineNode(self, request, context):
+        """Takes the node out of service (no jobs, no earnings) until it reconnects
+        and passes validation again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetNetworkConfig(self, request, context):
+        """The current network configuration.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateNetworkConfig(self, request, context):
+        """Replaces the configuration with a new version and pushes it to every
+        connected agent. Fails with FAILED_PRECONDITION unless
+        expected_version is the current version (0: any).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeAdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -59,6 +121,31 @@ def add_NodeAdminServiceServicer_to_server(servicer, server):
                     servicer.ListNodes,
                     request_deserializer=resultity_dot_network_dot_v1_dot_node__admin__service__pb2.ListNodesRequest.FromString,
                     response_serializer=resultity_dot_network_dot_v1_dot_node__admin__service__pb2.ListNodesResponse.SerializeToString,
+            ),
+            'GetNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetNode,
+                    request_deserializer=resultity_dot_network_dot_v1_dot_node__admin__service__pb2.GetNodeRequest.FromString,
+                    response_serializer=resultity_dot_network_dot_v1_dot_node__admin__service__pb2.GetNodeResponse.SerializeToString,
+            ),
+            'DrainNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.DrainNode,
+                    request_deserializer=resultity_dot_network_dot_v1_dot_node__admin__service__pb2.DrainNodeRequest.FromString,
+                    response_serializer=resultity_dot_network_dot_v1_dot_node__admin__service__pb2.DrainNodeResponse.SerializeToString,
+            ),
+            'QuarantineNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.QuarantineNode,
+                    request_deserializer=resultity_dot_network_dot_v1_dot_node__admin__service__pb2.QuarantineNodeRequest.FromString,
+                    response_serializer=resultity_dot_network_dot_v1_dot_node__admin__service__pb2.QuarantineNodeResponse.SerializeToString,
+            ),
+            'GetNetworkConfig': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetNetworkConfig,
+                    request_deserializer=resultity_dot_network_dot_v1_dot_node__admin__service__pb2.GetNetworkConfigRequest.FromString,
+                    response_serializer=resultity_dot_network_dot_v1_dot_node__admin__service__pb2.GetNetworkConfigResponse.SerializeToString,
+            ),
+            'UpdateNetworkConfig': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateNetworkConfig,
+                    request_deserializer=resultity_dot_network_dot_v1_dot_node__admin__service__pb2.UpdateNetworkConfigRequest.FromString,
+                    response_serializer=resultity_dot_network_dot_v1_dot_node__admin__service__pb2.UpdateNetworkConfigResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -89,6 +176,141 @@ class NodeAdminService:
             '/resultity.network.v1.NodeAdminService/ListNodes',
             resultity_dot_network_dot_v1_dot_node__admin__service__pb2.ListNodesRequest.SerializeToString,
             resultity_dot_network_dot_v1_dot_node__admin__service__pb2.ListNodesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/resultity.network.v1.NodeAdminService/GetNode',
+            resultity_dot_network_dot_v1_dot_node__admin__service__pb2.GetNodeRequest.SerializeToString,
+            resultity_dot_network_dot_v1_dot_node__admin__service__pb2.GetNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DrainNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/resultity.network.v1.NodeAdminService/DrainNode',
+            resultity_dot_network_dot_v1_dot_node__admin__service__pb2.DrainNodeRequest.SerializeToString,
+            resultity_dot_network_dot_v1_dot_node__admin__service__pb2.DrainNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def QuarantineNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/resultity.network.v1.NodeAdminService/QuarantineNode',
+            resultity_dot_network_dot_v1_dot_node__admin__service__pb2.QuarantineNodeRequest.SerializeToString,
+            resultity_dot_network_dot_v1_dot_node__admin__service__pb2.QuarantineNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetNetworkConfig(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/resultity.network.v1.NodeAdminService/GetNetworkConfig',
+            resultity_dot_network_dot_v1_dot_node__admin__service__pb2.GetNetworkConfigRequest.SerializeToString,
+            resultity_dot_network_dot_v1_dot_node__admin__service__pb2.GetNetworkConfigResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateNetworkConfig(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/resultity.network.v1.NodeAdminService/UpdateNetworkConfig',
+            resultity_dot_network_dot_v1_dot_node__admin__service__pb2.UpdateNetworkConfigRequest.SerializeToString,
+            resultity_dot_network_dot_v1_dot_node__admin__service__pb2.UpdateNetworkConfigResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -34,6 +34,20 @@ class NodeAdminServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> NodeAdminServiceAsyncStub: ...
     ListNodes: _grpc.UnaryUnaryMultiCallable[_node_admin_service_pb2.ListNodesRequest, _node_admin_service_pb2.ListNodesResponse]
+    GetNode: _grpc.UnaryUnaryMultiCallable[_node_admin_service_pb2.GetNodeRequest, _node_admin_service_pb2.GetNodeResponse]
+    DrainNode: _grpc.UnaryUnaryMultiCallable[_node_admin_service_pb2.DrainNodeRequest, _node_admin_service_pb2.DrainNodeResponse]
+    """Sends the node no new jobs; its running jobs finish. It stays connected."""
+    QuarantineNode: _grpc.UnaryUnaryMultiCallable[_node_admin_service_pb2.QuarantineNodeRequest, _node_admin_service_pb2.QuarantineNodeResponse]
+    """Takes the node out of service (no jobs, no earnings) until it reconnects
+    and passes validation again.
+    """
+    GetNetworkConfig: _grpc.UnaryUnaryMultiCallable[_node_admin_service_pb2.GetNetworkConfigRequest, _node_admin_service_pb2.GetNetworkConfigResponse]
+    """The current network configuration."""
+    UpdateNetworkConfig: _grpc.UnaryUnaryMultiCallable[_node_admin_service_pb2.UpdateNetworkConfigRequest, _node_admin_service_pb2.UpdateNetworkConfigResponse]
+    """Replaces the configuration with a new version and pushes it to every
+    connected agent. Fails with FAILED_PRECONDITION unless
+    expected_version is the current version (0: any).
+    """
 
 @_typing.type_check_only
 class NodeAdminServiceAsyncStub(NodeAdminServiceStub):
@@ -41,6 +55,20 @@ class NodeAdminServiceAsyncStub(NodeAdminServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     ListNodes: _aio.UnaryUnaryMultiCallable[_node_admin_service_pb2.ListNodesRequest, _node_admin_service_pb2.ListNodesResponse]  # type: ignore[assignment]
+    GetNode: _aio.UnaryUnaryMultiCallable[_node_admin_service_pb2.GetNodeRequest, _node_admin_service_pb2.GetNodeResponse]  # type: ignore[assignment]
+    DrainNode: _aio.UnaryUnaryMultiCallable[_node_admin_service_pb2.DrainNodeRequest, _node_admin_service_pb2.DrainNodeResponse]  # type: ignore[assignment]
+    """Sends the node no new jobs; its running jobs finish. It stays connected."""
+    QuarantineNode: _aio.UnaryUnaryMultiCallable[_node_admin_service_pb2.QuarantineNodeRequest, _node_admin_service_pb2.QuarantineNodeResponse]  # type: ignore[assignment]
+    """Takes the node out of service (no jobs, no earnings) until it reconnects
+    and passes validation again.
+    """
+    GetNetworkConfig: _aio.UnaryUnaryMultiCallable[_node_admin_service_pb2.GetNetworkConfigRequest, _node_admin_service_pb2.GetNetworkConfigResponse]  # type: ignore[assignment]
+    """The current network configuration."""
+    UpdateNetworkConfig: _aio.UnaryUnaryMultiCallable[_node_admin_service_pb2.UpdateNetworkConfigRequest, _node_admin_service_pb2.UpdateNetworkConfigResponse]  # type: ignore[assignment]
+    """Replaces the configuration with a new version and pushes it to every
+    connected agent. Fails with FAILED_PRECONDITION unless
+    expected_version is the current version (0: any).
+    """
 
 class NodeAdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """Operator view of the nodes connected to this network server."""
@@ -51,5 +79,49 @@ class NodeAdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _node_admin_service_pb2.ListNodesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_node_admin_service_pb2.ListNodesResponse, _abc.Awaitable[_node_admin_service_pb2.ListNodesResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetNode(
+        self,
+        request: _node_admin_service_pb2.GetNodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_admin_service_pb2.GetNodeResponse, _abc.Awaitable[_node_admin_service_pb2.GetNodeResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def DrainNode(
+        self,
+        request: _node_admin_service_pb2.DrainNodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_admin_service_pb2.DrainNodeResponse, _abc.Awaitable[_node_admin_service_pb2.DrainNodeResponse]]:
+        """Sends the node no new jobs; its running jobs finish. It stays connected."""
+
+    @_abc_1.abstractmethod
+    def QuarantineNode(
+        self,
+        request: _node_admin_service_pb2.QuarantineNodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_admin_service_pb2.QuarantineNodeResponse, _abc.Awaitable[_node_admin_service_pb2.QuarantineNodeResponse]]:
+        """Takes the node out of service (no jobs, no earnings) until it reconnects
+        and passes validation again.
+        """
+
+    @_abc_1.abstractmethod
+    def GetNetworkConfig(
+        self,
+        request: _node_admin_service_pb2.GetNetworkConfigRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_admin_service_pb2.GetNetworkConfigResponse, _abc.Awaitable[_node_admin_service_pb2.GetNetworkConfigResponse]]:
+        """The current network configuration."""
+
+    @_abc_1.abstractmethod
+    def UpdateNetworkConfig(
+        self,
+        request: _node_admin_service_pb2.UpdateNetworkConfigRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_admin_service_pb2.UpdateNetworkConfigResponse, _abc.Awaitable[_node_admin_service_pb2.UpdateNetworkConfigResponse]]:
+        """Replaces the configuration with a new version and pushes it to every
+        connected agent. Fails with FAILED_PRECONDITION unless
+        expected_version is the current version (0: any).
+        """
 
 def add_NodeAdminServiceServicer_to_server(servicer: NodeAdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
