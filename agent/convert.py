@@ -10,6 +10,7 @@ from agent.runtime.base import (
     Continuation,
     GenerationRequest,
     Message,
+    OutputFormat,
     Role,
     Sampling,
     StopReason,
@@ -23,6 +24,10 @@ _ROLES = {
 _STOP_REASONS = {
     StopReason.STOP: common_pb.FINISH_REASON_STOP,
     StopReason.LENGTH: common_pb.FINISH_REASON_LENGTH,
+}
+_OUTPUT_FORMATS = {
+    common_pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT: OutputFormat.JSON_OBJECT,
+    common_pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA: OutputFormat.JSON_SCHEMA,
 }
 _FAILURES = {
     FailureKind.INVALID_REQUEST: pb.JOB_FAILURE_REASON_INVALID_REQUEST,
@@ -57,6 +62,15 @@ def generation_request(
             top_p=sampling.top_p if sampling.HasField("top_p") else None,
             stop=tuple(sampling.stop),
             seed=sampling.seed if sampling.HasField("seed") else None,
+            presence_penalty=(
+                sampling.presence_penalty if sampling.HasField("presence_penalty") else None
+            ),
+            frequency_penalty=(
+                sampling.frequency_penalty if sampling.HasField("frequency_penalty") else None
+            ),
+            top_logprobs=sampling.top_logprobs if sampling.logprobs else None,
+            output_format=_OUTPUT_FORMATS.get(sampling.response_format.type),
+            json_schema=sampling.response_format.json_schema,
         ),
         max_prompt_tokens=spec.max_prompt_tokens,
         continuation=None

@@ -206,7 +206,9 @@ async def chat_completions(request: Request) -> Response:
     params = convert.params_from_request(body)
     structlog.contextvars.bind_contextvars(model=body.model, stream=body.stream)
     if body.stream:
-        return await _stream_chat_completion(request, params, metadata, body.include_usage)
+        return await _stream_chat_completion(
+            request, params, metadata, body.include_usage, bool(body.logprobs)
+        )
     call = _cloud(request).CreateChatCompletion(
         pb.CreateChatCompletionRequest(params=params), metadata=metadata
     )
@@ -214,11 +216,16 @@ async def chat_completions(request: Request) -> Response:
         response = await _unless_client_gone(request, call, call)
     except _ClientGone:
         return _client_gone_response()
-    return _json(convert.chat_completion_from_proto(response).model_dump_json())
+    completion = convert.chat_completion_from_proto(response, logprobs=bool(body.logprobs))
+    return _json(completion.model_dump_json())
 
 
 async def _stream_chat_completion(
-    request: Request, params: pb.ChatCompletionParams, metadata: Metadata, include_usage: bool
+    request: Request,
+    params: pb.ChatCompletionParams,
+    metadata: Metadata,
+    include_usage: bool,
+    logprobs: bool,
 ) -> Response:
     call = _cloud(request).StreamChatCompletion(
         pb.StreamChatCompletionRequest(params=params), metadata=metadata
@@ -241,7 +248,8 @@ async def _stream_chat_completion(
             while message is not None:
                 if include_usage or not convert.is_usage_only(message):
                     yield sse.encode_chunk(
-                        convert.chunk_from_proto(message), include_usage=include_usage
+                        convert.chunk_from_proto(message, logprobs=logprobs),
+                        include_usage=include_usage,
                     )
                 message = await anext(messages, None)
         except grpc.aio.AioRpcError as error:

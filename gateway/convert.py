@@ -5,6 +5,9 @@ Pure functions: no I/O, no policy. Cloud decides everything; these only rename.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
+
 from google.protobuf.timestamp_pb2 import Timestamp
 from resultity.cloud.v1 import inference_service_pb2 as pb
 from resultity.common.v1 import inference_pb2
@@ -26,6 +29,27 @@ _FINISH_REASONS: dict[inference_pb2.FinishReason.ValueType, schemas.FinishReason
 }
 
 
+_FORMATS: dict[str, inference_pb2.ResponseFormatType.ValueType] = {
+    "text": inference_pb2.RESPONSE_FORMAT_TYPE_TEXT,
+    "json_object": inference_pb2.RESPONSE_FORMAT_TYPE_JSON_OBJECT,
+    "json_schema": inference_pb2.RESPONSE_FORMAT_TYPE_JSON_SCHEMA,
+}
+
+
+def _response_format(
+    response_format: schemas.ResponseFormat | None,
+) -> inference_pb2.ResponseFormat | None:
+    if response_format is None:
+        return None
+    schema = response_format.json_schema
+    return inference_pb2.ResponseFormat(
+        type=_FORMATS[response_format.type],
+        json_schema=json.dumps(schema.json_schema)
+        if schema is not None and response_format.type == "json_schema"
+        else "",
+    )
+
+
 def params_from_request(request: schemas.ChatCompletionRequest) -> pb.ChatCompletionParams:
     return pb.ChatCompletionParams(
         model=request.model,
@@ -39,6 +63,12 @@ def params_from_request(request: schemas.ChatCompletionRequest) -> pb.ChatComple
         stop=request.stop or [],
         seed=request.seed,
         user=request.user or "",
+        n=request.n,
+        presence_penalty=request.presence_penalty,
+        frequency_penalty=request.frequency_penalty,
+        logprobs=bool(request.logprobs),
+        top_logprobs=request.top_logprobs,
+        response_format=_response_format(request.response_format),
     )
 
 
@@ -59,8 +89,29 @@ def _usage(usage: inference_pb2.Usage) -> schemas.Usage:
     )
 
 
+def _logprobs(
+    logprobs: Sequence[inference_pb2.TokenLogprob], requested: bool
+) -> schemas.ChoiceLogprobs | None:
+    if not requested:
+        return None
+    return schemas.ChoiceLogprobs(
+        content=[
+            schemas.TokenLogprob(
+                token=item.token,
+                logprob=item.logprob,
+                bytes=list(item.bytes),
+                top_logprobs=[
+                    schemas.TopLogprob(token=top.token, logprob=top.logprob, bytes=list(top.bytes))
+                    for top in item.top_logprobs
+                ],
+            )
+            for item in logprobs
+        ]
+    )
+
+
 def chat_completion_from_proto(
-    response: pb.CreateChatCompletionResponse,
+    response: pb.CreateChatCompletionResponse, *, logprobs: bool = False
 ) -> schemas.ChatCompletion:
     return schemas.ChatCompletion(
         id=response.id,
@@ -70,6 +121,7 @@ def chat_completion_from_proto(
             schemas.Choice(
                 index=choice.index,
                 message=schemas.AssistantMessage(content=choice.message.content),
+                logprobs=_logprobs(choice.logprobs, logprobs),
                 # A finished completion always has a reason; OpenAI's schema requires one.
                 finish_reason=finish_reason(choice.finish_reason) or "stop",
             )
@@ -86,7 +138,9 @@ def _delta(delta: pb.ChatCompletionDelta) -> schemas.Delta:
     return schemas.Delta(content=delta.content or None)
 
 
-def chunk_from_proto(message: pb.StreamChatCompletionResponse) -> schemas.ChatCompletionChunk:
+def chunk_from_proto(
+    message: pb.StreamChatCompletionResponse, *, logprobs: bool = False
+) -> schemas.ChatCompletionChunk:
     return schemas.ChatCompletionChunk(
         id=message.id,
         created=_unix_seconds(message.created),
@@ -95,6 +149,8 @@ def chunk_from_proto(message: pb.StreamChatCompletionResponse) -> schemas.ChatCo
             schemas.ChunkChoice(
                 index=delta.index,
                 delta=_delta(delta),
+                # Content deltas carry their tokens' logprobs; the role and finish deltas none.
+                logprobs=_logprobs(delta.logprobs, logprobs and bool(delta.content)),
                 finish_reason=finish_reason(delta.finish_reason),
             )
             for delta in message.choices

@@ -25,6 +25,11 @@ class Message:
     content: str
 
 
+class OutputFormat(StrEnum):
+    JSON_OBJECT = "json_object"  # any JSON object
+    JSON_SCHEMA = "json_schema"  # JSON valid against Sampling.json_schema
+
+
 @dataclass(frozen=True)
 class Sampling:
     max_tokens: int
@@ -32,6 +37,13 @@ class Sampling:
     top_p: float | None = None
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    # None: no logprobs; n >= 0: each token's logprob and its n most likely alternatives.
+    top_logprobs: int | None = None
+    # None: free text. The backend constrains the output (llama.cpp: a grammar).
+    output_format: OutputFormat | None = None
+    json_schema: str = ""
 
 
 @dataclass(frozen=True)
@@ -73,6 +85,22 @@ class Started:
 
 
 @dataclass(frozen=True)
+class Alternative:
+    piece: bytes
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's bytes, its log-probability under the model, and the most
+    likely tokens at its position (most likely first)."""
+
+    piece: bytes
+    logprob: float
+    top: tuple[Alternative, ...] = ()
+
+
+@dataclass(frozen=True)
 class TokenText:
     """Text of one or more newly generated tokens, ready to show."""
 
@@ -80,6 +108,8 @@ class TokenText:
     token_count: int
     # Vocabulary ids of the token_count tokens, if the backend has them.
     token_ids: tuple[int, ...] = ()
+    # One per token when the request asked for logprobs.
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)

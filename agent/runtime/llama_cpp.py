@@ -47,20 +47,25 @@ from typing import TYPE_CHECKING, Any
 
 import llama_cpp
 import llama_cpp.llama_cpp as llama_lib
+import numpy as np
 import structlog
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
 
 from agent.runtime.base import (
+    Alternative,
     Continuation,
     Finished,
     GenerationError,
     GenerationEvent,
     GenerationRequest,
     ModelInfo,
+    OutputFormat,
     PromptTooLong,
     Sampling,
     Started,
     StopReason,
+    TokenLogprob,
     TokenText,
     UnknownModel,
 )
@@ -152,6 +157,7 @@ class LlamaCppRuntime:
         if request.model != self._model_id:
             raise UnknownModel(request.model)
         prompt, prefix, stream = await asyncio.to_thread(self._prepare, request)
+        grammar = await asyncio.to_thread(_grammar, request.sampling)
         budget = max(
             0, min(request.sampling.max_tokens, self._context_length - len(prompt) - len(prefix))
         )
@@ -172,6 +178,7 @@ class LlamaCppRuntime:
                 prefix,
                 stream,
                 request.sampling,
+                grammar,
                 budget,
                 channel,
             )
@@ -269,6 +276,7 @@ def _generate(
     prefix: list[int],
     stream: TextStream,
     sampling: Sampling,
+    grammar: LlamaGrammar | None,
     budget: int,
     channel: _Channel,
 ) -> None:
@@ -277,7 +285,8 @@ def _generate(
     try:
         completion = 0
         reason = StopReason.LENGTH
-        for token in _sample(llama, prompt, prefix, sampling) if budget > 0 else ():
+        tokens = _sample(llama, prompt, prefix, sampling, grammar) if budget > 0 else iter(())
+        for token in tokens:
             if channel.cancel.is_set():
                 channel.end(GenerationError("generation cancelled"))
                 return
@@ -285,7 +294,11 @@ def _generate(
                 reason = StopReason.STOP
                 break
             completion += 1
-            channel.put(stream.push(vocab.piece(token)), 1, token)
+            # Read before the next decode overwrites the logits.
+            logprob = None
+            if sampling.top_logprobs is not None:
+                logprob = _logprob(llama, vocab, token, sampling.top_logprobs)
+            channel.put(stream.push(vocab.piece(token)), 1, token, logprob)
             if stream.stopped:
                 reason = StopReason.STOP
                 break
@@ -300,8 +313,42 @@ def _generate(
             channel.end(exc)
 
 
+def _grammar(sampling: Sampling) -> LlamaGrammar | None:
+    """The grammar that enforces the requested output format (compiling it may take a
+    while for a large schema, hence outside the slot)."""
+    try:
+        if sampling.output_format is OutputFormat.JSON_OBJECT:
+            return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
+        if sampling.output_format is OutputFormat.JSON_SCHEMA:
+            return LlamaGrammar.from_json_schema(sampling.json_schema, verbose=False)
+    except Exception as exc:  # the converter raises assorted errors on schemas it cannot do
+        raise GenerationError(f"unsupported JSON schema: {exc}") from exc
+    return None
+
+
+def _logprob(llama: llama_cpp.Llama, vocab: _Vocab, token: int, top: int) -> TokenLogprob:
+    """The token's log-probability under the model's raw distribution (before
+    temperature, penalties or grammar) and the ``top`` most likely tokens there."""
+    pointer = llama_lib.llama_get_logits_ith(llama.ctx, -1)
+    logits = np.ctypeslib.as_array(pointer, shape=(vocab.size,)).astype(np.float64)
+    peak = float(logits.max())
+    normalizer = peak + float(np.log(np.exp(logits - peak).sum()))
+    alternatives: tuple[Alternative, ...] = ()
+    if top > 0:
+        best = np.argpartition(-logits, top - 1)[:top]
+        best = best[np.argsort(-logits[best], kind="stable")]
+        alternatives = tuple(
+            Alternative(vocab.piece(int(i)), float(logits[i]) - normalizer) for i in best
+        )
+    return TokenLogprob(vocab.piece(token), float(logits[token]) - normalizer, alternatives)
+
+
 def _sample(
-    llama: llama_cpp.Llama, prompt: list[int], prefix: list[int], sampling: Sampling
+    llama: llama_cpp.Llama,
+    prompt: list[int],
+    prefix: list[int],
+    sampling: Sampling,
+    grammar: LlamaGrammar | None,
 ) -> Iterator[int]:
     temperature = DEFAULT_TEMPERATURE if sampling.temperature is None else sampling.temperature
     top_p = DEFAULT_TOP_P if sampling.top_p is None else sampling.top_p
@@ -318,6 +365,7 @@ def _sample(
         for token in prefix:
             llama.eval([token])
     # top_k/min_p/typical/repeat penalty are neutral: only OpenAI's knobs apply.
+    # The penalties look at llama's last_n_tokens_size (64) most recent tokens.
     tokens: Iterator[int] = llama.generate(
         prompt + prefix,
         temp=max(temperature, 0.0),
@@ -326,6 +374,9 @@ def _sample(
         min_p=0.0,
         typical_p=1.0,
         repeat_penalty=1.0,
+        presence_penalty=sampling.presence_penalty or 0.0,
+        frequency_penalty=sampling.frequency_penalty or 0.0,
+        grammar=grammar,
         reset=True,
     )
     return tokens
@@ -346,10 +397,13 @@ class _Channel:
         self._texts: list[str] = []
         self._count = 0
         self._ids: list[int] = []
+        self._logprobs: list[TokenLogprob] = []
         self._end: Finished | BaseException | None = None
         self._wake_pending = False
 
-    def put(self, text: str, count: int, token: int | None = None) -> None:
+    def put(
+        self, text: str, count: int, token: int | None = None, logprob: TokenLogprob | None = None
+    ) -> None:
         if not text and not count:
             return
         with self._lock:
@@ -358,6 +412,8 @@ class _Channel:
             self._count += count
             if token is not None:
                 self._ids.append(token)
+            if logprob is not None:
+                self._logprobs.append(logprob)
             wake = not self._wake_pending
             self._wake_pending = True
         if wake:
@@ -381,6 +437,7 @@ class _Channel:
     async def events(self) -> AsyncGenerator[GenerationEvent, None]:
         uncarried = 0  # counted tokens not yet attached to an event
         ids: list[int] = []  # and their ids
+        logprobs: list[TokenLogprob] = []  # and their logprobs, if asked for
         while True:
             await self._ready.wait()
             with self._lock:
@@ -392,18 +449,21 @@ class _Channel:
                 self._count = 0
                 ids.extend(self._ids)
                 self._ids.clear()
+                logprobs.extend(self._logprobs)
+                self._logprobs.clear()
                 end = self._end
             if text:
-                yield TokenText(text, uncarried, tuple(ids))
+                yield TokenText(text, uncarried, tuple(ids), tuple(logprobs))
                 uncarried = 0
                 ids = []
+                logprobs = []
             if isinstance(end, GenerationError):
                 raise end
             if isinstance(end, BaseException):
                 raise GenerationError(f"llama.cpp generation failed: {end!r}") from end
             if end is not None:
                 if uncarried:
-                    yield TokenText("", uncarried, tuple(ids))
+                    yield TokenText("", uncarried, tuple(ids), tuple(logprobs))
                 yield end
                 return
 

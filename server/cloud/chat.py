@@ -8,6 +8,7 @@ caller actually received, and settlement is shielded from cancellation.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import AsyncGenerator
@@ -28,13 +29,19 @@ from server.common.inference import (
     JobAssigned,
     JobDelta,
     JobMigrated,
+    ResponseFormat,
+    ResponseFormatType,
     Sampling,
+    TokenLogprob,
     Usage,
 )
 
 log = structlog.get_logger(__name__)
 
 MAX_STOP_SEQUENCES = 4
+# Choices run one after another (each its own job), so n bounds the request's time.
+MAX_CHOICES = 8
+MAX_TOP_LOGPROBS = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +54,12 @@ class ChatRequest:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     user: str = ""
+    n: int = 1
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    response_format: ResponseFormat | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,25 +70,66 @@ class CompletionStarted:
 
 
 @dataclass(frozen=True, slots=True)
+class ChoiceStarted:
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
 class ContentDelta:
     text: str
+    index: int = 0
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ChoiceFinished:
+    index: int
+    finish_reason: FinishReason
 
 
 @dataclass(frozen=True, slots=True)
 class CompletionFinished:
-    finish_reason: FinishReason
     usage: Usage
     charged: int
 
 
-CompletionEvent = CompletionStarted | ContentDelta | CompletionFinished
+CompletionEvent = (
+    CompletionStarted | ChoiceStarted | ContentDelta | ChoiceFinished | CompletionFinished
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    index: int
+    content: str
+    finish_reason: FinishReason
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class ChatCompletion:
     started: CompletionStarted
-    content: str
+    choices: tuple[Choice, ...]
     finished: CompletionFinished
+
+
+def _check_range(value: float | None, low: float, high: float, field: str) -> None:
+    if value is not None and not low <= value <= high:
+        raise InvalidArgument(f"{field} must be between {low:g} and {high:g}", field=field)
+
+
+def _validate_response_format(response_format: ResponseFormat | None) -> None:
+    if response_format is None or response_format.type != ResponseFormatType.JSON_SCHEMA:
+        return
+    try:
+        schema = json.loads(response_format.json_schema)
+    except ValueError:
+        schema = None
+    if not isinstance(schema, dict):
+        raise InvalidArgument(
+            "response_format.json_schema.schema must be a JSON object",
+            field="response_format.json_schema.schema",
+        )
 
 
 def validate(request: ChatRequest) -> None:
@@ -91,6 +145,15 @@ def validate(request: ChatRequest) -> None:
         raise InvalidArgument("at most 4 stop sequences are allowed", field="stop")
     if any(not sequence for sequence in request.stop):
         raise InvalidArgument("stop sequences must not be empty", field="stop")
+    if not 1 <= request.n <= MAX_CHOICES:
+        raise InvalidArgument(f"n must be between 1 and {MAX_CHOICES}", field="n")
+    _check_range(request.presence_penalty, -2.0, 2.0, "presence_penalty")
+    _check_range(request.frequency_penalty, -2.0, 2.0, "frequency_penalty")
+    if request.top_logprobs is not None:
+        if not request.logprobs:
+            raise InvalidArgument("top_logprobs requires logprobs to be true", field="top_logprobs")
+        _check_range(request.top_logprobs, 0, MAX_TOP_LOGPROBS, "top_logprobs")
+    _validate_response_format(request.response_format)
 
 
 class ModelDirectory:
@@ -150,20 +213,31 @@ class ChatService:
         self, authorization: str | None, request: ChatRequest, request_id: str
     ) -> ChatCompletion:
         started: CompletionStarted | None = None
-        parts: list[str] = []
+        parts: dict[int, list[str]] = {}
+        logprobs: dict[int, list[TokenLogprob]] = {}
+        choices: list[Choice] = []
         async for event in self.stream(authorization, request, request_id):
             if isinstance(event, CompletionStarted):
                 started = event
+            elif isinstance(event, ChoiceStarted):
+                parts[event.index], logprobs[event.index] = [], []
             elif isinstance(event, ContentDelta):
-                parts.append(event.text)
+                parts[event.index].append(event.text)
+                logprobs[event.index].extend(event.logprobs)
+            elif isinstance(event, ChoiceFinished):
+                text = "".join(parts[event.index])
+                choice_logprobs = tuple(logprobs[event.index])
+                choices.append(Choice(event.index, text, event.finish_reason, choice_logprobs))
             else:
                 assert started is not None  # stream() always starts first
-                return ChatCompletion(started, "".join(parts), event)
+                return ChatCompletion(started, tuple(choices), event)
         raise AssertionError("completion stream ended without finishing")
 
     async def stream(
         self, authorization: str | None, request: ChatRequest, request_id: str
     ) -> AsyncGenerator[CompletionEvent, None]:
+        """One CompletionStarted; per choice (one after another) a ChoiceStarted, its
+        ContentDeltas and a ChoiceFinished; then one CompletionFinished."""
         caller = await self.authenticator.authenticate(authorization)
         caller.require_inference()
         validate(request)
@@ -172,12 +246,12 @@ class ChatService:
         if model.ready_nodes == 0:
             raise NoCapacity(f"no node is serving the model '{model.id}' right now")
         budget = token_budget(request.messages, request.max_tokens, model)
-        job_id = uuid.uuid4().hex
-        bound = log.bind(request_id=request_id, job_id=job_id, account_id=caller.account_id)
+        job_ids = [uuid.uuid4().hex for _ in range(request.n)]
+        bound = log.bind(request_id=request_id, job_id=job_ids[0], account_id=caller.account_id)
         hold = await self._account.create_hold(
             caller.account_id,
-            worst_case_cost(model.price, budget),
-            idempotency_key=f"chat:{job_id}",
+            worst_case_cost(model.price, budget) * request.n,
+            idempotency_key=f"chat:{job_ids[0]}",
             expires=datetime.now(UTC) + self._hold_ttl,
         )
         spec = GenerationSpec(
@@ -189,39 +263,59 @@ class ChatService:
                 top_p=request.top_p,
                 stop=request.stop,
                 seed=request.seed,
+                presence_penalty=request.presence_penalty,
+                frequency_penalty=request.frequency_penalty,
+                logprobs=request.logprobs,
+                top_logprobs=request.top_logprobs or 0,
+                response_format=request.response_format,
             ),
             max_prompt_tokens=budget.max_prompt_tokens,
         )
+        # Usage of the finished choices, and of the one running.
+        finished = Usage()
         delivered = Usage()
         settled = False
-        events = self._network.run_job(job_id, spec)
         try:
-            async for event in events:
-                if isinstance(event, JobAssigned):
-                    bound.info("job started", node_id=event.node_id)
-                    yield CompletionStarted(f"chatcmpl-{job_id}", model.id, datetime.now(UTC))
-                elif isinstance(event, JobDelta):
-                    delivered = Usage(
-                        event.prompt_tokens or delivered.prompt_tokens,
-                        delivered.completion_tokens + event.token_count,
-                    )
-                    yield ContentDelta(event.text)
-                elif isinstance(event, JobMigrated):
-                    bound.info("job continues on another node", node_id=event.node_id)
-                else:
-                    # Bill what the caller received; the node's prompt count is final.
-                    usage = Usage(
-                        event.usage.prompt_tokens or delivered.prompt_tokens,
-                        delivered.completion_tokens,
-                    )
-                    settled = True
-                    charged = await self._settle(hold, cost(model.price, usage), bound)
-                    yield CompletionFinished(event.finish_reason, usage, charged)
-                    return
+            for index, job_id in enumerate(job_ids):
+                delivered = Usage()
+                job = bound.bind(job_id=job_id, choice=index)
+                events = self._network.run_job(job_id, spec)
+                try:
+                    async for event in events:
+                        if isinstance(event, JobAssigned):
+                            job.info("job started", node_id=event.node_id)
+                            if index == 0:
+                                yield CompletionStarted(
+                                    f"chatcmpl-{job_id}", model.id, datetime.now(UTC)
+                                )
+                            yield ChoiceStarted(index)
+                        elif isinstance(event, JobDelta):
+                            delivered = Usage(
+                                event.prompt_tokens or delivered.prompt_tokens,
+                                delivered.completion_tokens + event.token_count,
+                            )
+                            yield ContentDelta(event.text, index, event.logprobs)
+                        elif isinstance(event, JobMigrated):
+                            job.info("job continues on another node", node_id=event.node_id)
+                        else:
+                            # Bill what the caller received; the node's prompt count is final.
+                            delivered = Usage(
+                                event.usage.prompt_tokens or delivered.prompt_tokens,
+                                delivered.completion_tokens,
+                            )
+                            yield ChoiceFinished(index, event.finish_reason)
+                            break
+                finally:
+                    await events.aclose()
+                finished = _add(finished, delivered)
+                delivered = Usage()
+            settled = True
+            charged = await self._settle(hold, cost(model.price, finished), bound)
+            yield CompletionFinished(finished, charged)
         finally:
-            await events.aclose()
             if not settled:
-                await self._settle(hold, cost(model.price, delivered), bound)
+                usage = _add(finished, delivered)
+                await self._settle(hold, cost(model.price, usage), bound)
 
     async def _settle(
         self,
@@ -244,3 +338,7 @@ class ChatService:
         """Waits for settlements in flight (used at shutdown)."""
         if self._settlements:
             await asyncio.gather(*self._settlements, return_exceptions=True)
+
+
+def _add(a: Usage, b: Usage) -> Usage:
+    return Usage(a.prompt_tokens + b.prompt_tokens, a.completion_tokens + b.completion_tokens)

@@ -16,6 +16,8 @@ from resultity.common.v1 import inference_pb2 as common_pb
 from server.cloud.chat import (
     ChatRequest,
     ChatService,
+    ChoiceFinished,
+    ChoiceStarted,
     CompletionFinished,
     CompletionStarted,
     ContentDelta,
@@ -24,8 +26,10 @@ from server.common.grpc_errors import translate_errors
 from server.common.inference import ChatRole
 from server.common.inference_proto import (
     finish_reason_to_pb,
+    logprobs_to_pb,
     messages_from_pb,
     price_to_pb,
+    response_format_from_pb,
     role_to_pb,
     usage_to_pb,
 )
@@ -58,6 +62,14 @@ def _chat_request(params: pb.ChatCompletionParams) -> ChatRequest:
         stop=tuple(params.stop),
         seed=params.seed if params.HasField("seed") else None,
         user=params.user,
+        n=params.n if params.HasField("n") else 1,
+        presence_penalty=(params.presence_penalty if params.HasField("presence_penalty") else None),
+        frequency_penalty=(
+            params.frequency_penalty if params.HasField("frequency_penalty") else None
+        ),
+        logprobs=params.logprobs,
+        top_logprobs=params.top_logprobs if params.HasField("top_logprobs") else None,
+        response_format=response_format_from_pb(params.response_format),
     )
 
 
@@ -85,12 +97,14 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             created=_timestamp(started.created),
             choices=[
                 pb.ChatCompletionChoice(
-                    index=0,
+                    index=choice.index,
                     message=common_pb.ChatMessage(
-                        role=role_to_pb(ChatRole.ASSISTANT), content=completion.content
+                        role=role_to_pb(ChatRole.ASSISTANT), content=choice.content
                     ),
-                    finish_reason=finish_reason_to_pb(finished.finish_reason),
+                    finish_reason=finish_reason_to_pb(choice.finish_reason),
+                    logprobs=logprobs_to_pb(choice.logprobs),
                 )
+                for choice in completion.choices
             ],
             usage=usage_to_pb(finished.usage),
             billing=_billing(finished),
@@ -114,18 +128,25 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                         "model": event.model,
                         "created": _timestamp(event.created),
                     }
-                    delta = pb.ChatCompletionDelta(index=0, role=role_to_pb(ChatRole.ASSISTANT))
-                    yield pb.StreamChatCompletionResponse(choices=[delta], **header)
+                    continue
+                if isinstance(event, ChoiceStarted):
+                    role = role_to_pb(ChatRole.ASSISTANT)
+                    delta = pb.ChatCompletionDelta(index=event.index, role=role)
                 elif isinstance(event, ContentDelta):
-                    delta = pb.ChatCompletionDelta(index=0, content=event.text)
-                    yield pb.StreamChatCompletionResponse(choices=[delta], **header)
-                else:
+                    delta = pb.ChatCompletionDelta(
+                        index=event.index,
+                        content=event.text,
+                        logprobs=logprobs_to_pb(event.logprobs),
+                    )
+                elif isinstance(event, ChoiceFinished):
                     reason = finish_reason_to_pb(event.finish_reason)
-                    delta = pb.ChatCompletionDelta(index=0, finish_reason=reason)
-                    yield pb.StreamChatCompletionResponse(choices=[delta], **header)
+                    delta = pb.ChatCompletionDelta(index=event.index, finish_reason=reason)
+                else:
                     yield pb.StreamChatCompletionResponse(
                         usage=usage_to_pb(event.usage), billing=_billing(event), **header
                     )
+                    continue
+                yield pb.StreamChatCompletionResponse(choices=[delta], **header)
         finally:
             await events.aclose()
 

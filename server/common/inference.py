@@ -24,6 +24,34 @@ class ChatMessage:
     content: str
 
 
+class ResponseFormatType(StrEnum):
+    TEXT = "text"
+    JSON_OBJECT = "json_object"
+    JSON_SCHEMA = "json_schema"
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseFormat:
+    type: ResponseFormatType
+    # The JSON Schema as JSON text, for JSON_SCHEMA.
+    json_schema: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class TopLogprob:
+    token: str
+    token_bytes: bytes
+    logprob: float
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    token: str
+    token_bytes: bytes
+    logprob: float
+    top_logprobs: tuple[TopLogprob, ...] = ()
+
+
 @dataclass(frozen=True, slots=True)
 class Sampling:
     max_tokens: int
@@ -31,6 +59,12 @@ class Sampling:
     top_p: float | None = None
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    # Report per-token logprobs, with this many alternatives each (0-20).
+    logprobs: bool = False
+    top_logprobs: int = 0
+    response_format: ResponseFormat | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +115,8 @@ class JobDelta:
     text: str
     token_count: int
     prompt_tokens: int
+    # One per token when the job asked for logprobs.
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

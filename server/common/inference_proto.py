@@ -11,7 +11,11 @@ from server.common.inference import (
     FinishReason,
     GenerationSpec,
     ModelPrice,
+    ResponseFormat,
+    ResponseFormatType,
     Sampling,
+    TokenLogprob,
+    TopLogprob,
     Usage,
 )
 
@@ -27,6 +31,12 @@ _FINISH_TO_PB = {
     FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
 }
 _FINISH_FROM_PB = {value: key for key, value in _FINISH_TO_PB.items()}
+_FORMAT_TO_PB = {
+    ResponseFormatType.TEXT: pb.RESPONSE_FORMAT_TYPE_TEXT,
+    ResponseFormatType.JSON_OBJECT: pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT,
+    ResponseFormatType.JSON_SCHEMA: pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA,
+}
+_FORMAT_FROM_PB = {value: key for key, value in _FORMAT_TO_PB.items()}
 
 
 def role_to_pb(role: ChatRole) -> pb.ChatRole.ValueType:
@@ -60,6 +70,22 @@ def finish_reason_from_pb(reason: pb.FinishReason.ValueType) -> FinishReason:
     return converted
 
 
+def response_format_to_pb(response_format: ResponseFormat | None) -> pb.ResponseFormat | None:
+    if response_format is None:
+        return None
+    return pb.ResponseFormat(
+        type=_FORMAT_TO_PB[response_format.type], json_schema=response_format.json_schema
+    )
+
+
+def response_format_from_pb(response_format: pb.ResponseFormat) -> ResponseFormat | None:
+    """None for an unset format (free text)."""
+    kind = _FORMAT_FROM_PB.get(response_format.type)
+    if kind is None:
+        return None
+    return ResponseFormat(kind, response_format.json_schema)
+
+
 def spec_to_pb(spec: GenerationSpec) -> pb.GenerationSpec:
     sampling = spec.sampling
     return pb.GenerationSpec(
@@ -71,9 +97,18 @@ def spec_to_pb(spec: GenerationSpec) -> pb.GenerationSpec:
             top_p=sampling.top_p,
             stop=list(sampling.stop),
             seed=sampling.seed,
+            presence_penalty=sampling.presence_penalty,
+            frequency_penalty=sampling.frequency_penalty,
+            logprobs=sampling.logprobs,
+            top_logprobs=sampling.top_logprobs,
+            response_format=response_format_to_pb(sampling.response_format),
         ),
         max_prompt_tokens=spec.max_prompt_tokens,
     )
+
+
+def _optional(message: pb.SamplingParams, field: str) -> float | None:
+    return getattr(message, field) if message.HasField(field) else None  # type: ignore[arg-type]
 
 
 def spec_from_pb(spec: pb.GenerationSpec) -> GenerationSpec:
@@ -87,8 +122,42 @@ def spec_from_pb(spec: pb.GenerationSpec) -> GenerationSpec:
             top_p=sampling.top_p if sampling.HasField("top_p") else None,
             stop=tuple(sampling.stop),
             seed=sampling.seed if sampling.HasField("seed") else None,
+            presence_penalty=_optional(sampling, "presence_penalty"),
+            frequency_penalty=_optional(sampling, "frequency_penalty"),
+            logprobs=sampling.logprobs,
+            top_logprobs=sampling.top_logprobs,
+            response_format=response_format_from_pb(sampling.response_format),
         ),
         max_prompt_tokens=spec.max_prompt_tokens,
+    )
+
+
+def logprobs_to_pb(logprobs: tuple[TokenLogprob, ...]) -> list[pb.TokenLogprob]:
+    return [
+        pb.TokenLogprob(
+            token=item.token,
+            bytes=item.token_bytes,
+            logprob=item.logprob,
+            top_logprobs=[
+                pb.TopLogprob(token=top.token, bytes=top.token_bytes, logprob=top.logprob)
+                for top in item.top_logprobs
+            ],
+        )
+        for item in logprobs
+    ]
+
+
+def logprobs_from_pb(
+    logprobs: list[pb.TokenLogprob] | tuple[pb.TokenLogprob, ...],
+) -> tuple[TokenLogprob, ...]:
+    return tuple(
+        TokenLogprob(
+            item.token,
+            item.bytes,
+            item.logprob,
+            tuple(TopLogprob(top.token, top.bytes, top.logprob) for top in item.top_logprobs),
+        )
+        for item in logprobs
     )
 
 

@@ -135,7 +135,15 @@ async def test_chat_completion(client: openai.AsyncOpenAI, cloud: ScriptedCloud)
         seed=3,
         user="end-user-1",
         n=1,
-        frequency_penalty=0.0,  # not served: ignored, as unknown fields are
+        presence_penalty=0.5,
+        frequency_penalty=-0.25,
+        logprobs=True,
+        top_logprobs=2,
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "greeting", "schema": {"type": "object"}, "strict": True},
+        },
+        logit_bias={"1": 5},  # not served: ignored, as unknown fields are
     )
     completion = raw.parse()
 
@@ -167,8 +175,64 @@ async def test_chat_completion(client: openai.AsyncOpenAI, cloud: ScriptedCloud)
             stop=["END"],
             seed=3,
             user="end-user-1",
+            n=1,
+            presence_penalty=0.5,
+            frequency_penalty=-0.25,
+            logprobs=True,
+            top_logprobs=2,
+            response_format=inference_pb2.ResponseFormat(
+                type=inference_pb2.RESPONSE_FORMAT_TYPE_JSON_SCHEMA,
+                json_schema='{"type": "object"}',
+            ),
         )
     )
+    logprobs = completion.choices[0].logprobs
+    assert logprobs is not None
+    assert logprobs.content is not None
+    assert [(item.token, item.bytes) for item in logprobs.content] == [
+        ("Hello", list(b"Hello")),
+        (" world", list(b" world")),
+    ]
+    assert [len(item.top_logprobs) for item in logprobs.content] == [2, 2]
+
+
+async def test_logprobs_are_absent_unless_asked_for(
+    client: openai.AsyncOpenAI, http: httpx.AsyncClient
+) -> None:
+    completion = await client.chat.completions.create(model=MODEL, messages=HELLO)
+    assert completion.choices[0].logprobs is None
+
+    body = {"model": MODEL, "messages": HELLO, "stream": True}
+    async with http.stream("POST", "/v1/chat/completions", json=body) as response:
+        events = [line async for line in response.aiter_lines() if line.startswith("data: {")]
+    assert all(
+        choice["logprobs"] is None for e in events for choice in json.loads(e[6:])["choices"]
+    )
+
+
+async def test_stream_with_logprobs(client: openai.AsyncOpenAI) -> None:
+    stream = await client.chat.completions.create(
+        model=MODEL, messages=HELLO, stream=True, logprobs=True, top_logprobs=1
+    )
+    tokens = []
+    async for chunk in stream:
+        for choice in chunk.choices:
+            if choice.delta.content:
+                assert choice.logprobs is not None
+                assert choice.logprobs.content is not None
+                tokens.extend(item.token for item in choice.logprobs.content)
+            else:
+                assert choice.logprobs is None
+    assert tokens == ["Hello", " world"]
+
+
+async def test_several_choices(client: openai.AsyncOpenAI, cloud: ScriptedCloud) -> None:
+    completion = await client.chat.completions.create(model=MODEL, messages=HELLO, n=2)
+
+    assert [choice.index for choice in completion.choices] == [0, 1]
+    assert {choice.message.content for choice in completion.choices} == {"Hello world"}
+    (call,) = cloud.calls
+    assert call.request.params.n == 2
 
 
 async def test_length_finish_reason(client: openai.AsyncOpenAI, cloud: ScriptedCloud) -> None:
@@ -445,8 +509,9 @@ async def test_in_band_error_after_stream_started(
         ({"model": MODEL, "messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
         ({"model": MODEL, "messages": HELLO, "temperature": 3}, "temperature"),
         ({"model": MODEL, "messages": HELLO, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
-        ({"model": MODEL, "messages": HELLO, "n": 2}, "n"),
-        ({"model": MODEL, "messages": HELLO, "n": 2, "stream": True}, "n"),
+        ({"model": MODEL, "messages": HELLO, "n": 0}, "n"),
+        ({"model": MODEL, "messages": HELLO, "n": 0, "stream": True}, "n"),
+        ({"model": MODEL, "messages": HELLO, "top_logprobs": 2}, "top_logprobs"),
     ],
 )
 async def test_bad_input_envelope(

@@ -89,6 +89,20 @@ class ScriptedCloud(inference_service_pb2_grpc.InferenceServiceServicer):
             prompt_tokens=self.script.prompt_tokens, completion_tokens=len(self.script.text)
         )
 
+    def _logprobs(self, params: pb.ChatCompletionParams, text: str) -> list[Any]:
+        """One made-up logprob per scripted piece, when the request asks for them."""
+        if not params.logprobs:
+            return []
+        top = [
+            inference_pb2.TopLogprob(token=text, bytes=text.encode(), logprob=-0.25 * (rank + 1))
+            for rank in range(params.top_logprobs)
+        ]
+        return [
+            inference_pb2.TokenLogprob(
+                token=text, bytes=text.encode(), logprob=-0.25, top_logprobs=top
+            )
+        ]
+
     @translate_errors
     async def CreateChatCompletion(
         self, request: pb.CreateChatCompletionRequest, context: Any
@@ -102,12 +116,18 @@ class ScriptedCloud(inference_service_pb2_grpc.InferenceServiceServicer):
             created=Timestamp(seconds=CREATED),
             choices=[
                 pb.ChatCompletionChoice(
-                    index=0,
+                    index=index,
                     message=inference_pb2.ChatMessage(
                         role=inference_pb2.CHAT_ROLE_ASSISTANT, content="".join(self.script.text)
                     ),
                     finish_reason=self.script.finish_reason,
+                    logprobs=[
+                        item
+                        for text in self.script.text
+                        for item in self._logprobs(request.params, text)
+                    ],
                 )
+                for index in range(request.params.n or 1)
             ],
             usage=self._usage(),
             billing=pb.Billing(charged_micro_credits=42),
@@ -131,7 +151,10 @@ class ScriptedCloud(inference_service_pb2_grpc.InferenceServiceServicer):
             choices=[pb.ChatCompletionDelta(index=0, role=inference_pb2.CHAT_ROLE_ASSISTANT)]
         )
         for text in self.script.text:
-            yield message(choices=[pb.ChatCompletionDelta(index=0, content=text)])
+            logprobs = self._logprobs(request.params, text)
+            yield message(
+                choices=[pb.ChatCompletionDelta(index=0, content=text, logprobs=logprobs)]
+            )
         if self.script.hang:
             await self._hang()
         if self.script.error_mid_stream is not None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 from collections.abc import AsyncIterator
 
 import pytest
@@ -12,6 +14,7 @@ from agent.runtime.base import (
     GenerationEvent,
     GenerationRequest,
     Message,
+    OutputFormat,
     PromptTooLong,
     Role,
     Sampling,
@@ -223,3 +226,73 @@ async def test_counts_of_textless_tokens_ride_on_the_next_text() -> None:
         TokenText("", 1),
         Finished(StopReason.STOP, 1, 4),
     ]
+
+
+def _sampled(request: GenerationRequest, **changes: object) -> GenerationRequest:
+    return dataclasses.replace(request, sampling=dataclasses.replace(request.sampling, **changes))
+
+
+@pytest.mark.model
+async def test_json_object_format_gives_parseable_json(runtime: LlamaCppRuntime) -> None:
+    request = _sampled(
+        _request("Give a JSON object with the keys name and color of a cat.", max_tokens=60),
+        output_format=OutputFormat.JSON_OBJECT,
+    )
+    text, finished = _check_shape(await _collect(runtime, request))
+    assert finished.reason is StopReason.STOP
+    assert isinstance(json.loads(text), dict)
+
+
+@pytest.mark.model
+async def test_json_schema_format_follows_the_schema(runtime: LlamaCppRuntime) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer"}},
+        "required": ["name", "age"],
+        "additionalProperties": False,
+    }
+    request = _sampled(
+        _request("Invent a person.", max_tokens=60),
+        output_format=OutputFormat.JSON_SCHEMA,
+        json_schema=json.dumps(schema),
+    )
+    text, finished = _check_shape(await _collect(runtime, request))
+    assert finished.reason is StopReason.STOP
+    value = json.loads(text)
+    assert set(value) == {"name", "age"}
+    assert isinstance(value["name"], str)
+    assert isinstance(value["age"], int)
+
+
+@pytest.mark.model
+async def test_logprobs_cover_every_token(runtime: LlamaCppRuntime) -> None:
+    events = await _collect(runtime, _sampled(_request(), top_logprobs=3))
+    _check_shape(events)
+    tokens = [event for event in events if isinstance(event, TokenText)]
+    for event in tokens:
+        assert len(event.logprobs) == event.token_count
+    logprobs = [item for event in tokens for item in event.logprobs]
+    for item in logprobs:
+        assert item.logprob <= 0.0
+        assert len(item.top) == 3
+        assert [alt.logprob for alt in item.top] == sorted(
+            (alt.logprob for alt in item.top), reverse=True
+        )
+        # Greedy decoding picks the most likely token.
+        assert item.top[0].piece == item.piece
+        assert item.top[0].logprob == pytest.approx(item.logprob)
+    pieces = b"".join(item.piece for item in logprobs)
+    assert pieces.decode() == "".join(event.text for event in tokens)
+
+
+@pytest.mark.model
+async def test_frequency_penalty_changes_a_repetitive_answer(runtime: LlamaCppRuntime) -> None:
+    prompt = "Repeat the word 'cat' twenty times."
+    plain, _ = _check_shape(await _collect(runtime, _request(prompt, max_tokens=30)))
+    penalised, _ = _check_shape(
+        await _collect(
+            runtime,
+            _sampled(_request(prompt, max_tokens=30), frequency_penalty=2.0, presence_penalty=2.0),
+        )
+    )
+    assert penalised.count("cat") < plain.count("cat")

@@ -154,7 +154,12 @@ def _validation_error(body: str) -> errors.ApiError:
         ({"max_completion_tokens": -1}, "max_completion_tokens"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"seed": 2**64}, "seed"),
-        ({"n": 2}, "n"),
+        ({"n": 0}, "n"),
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"frequency_penalty": -3}, "frequency_penalty"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({"response_format": {"type": "xml"}}, "response_format.type"),
+        ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
         ({"stream_options": {"include_usage": "maybe"}}, "stream_options.include_usage"),
     ],
 )
@@ -174,11 +179,13 @@ def test_validation_error_names_the_field(body: dict[str, object], param: str) -
 
 
 def test_custom_validation_message_has_no_pydantic_prefix() -> None:
-    body = {"model": "m", "messages": [{"role": "user", "content": ""}], "n": 3}
+    body = {"model": "m", "messages": [{"role": "user", "content": ""}], "top_logprobs": 3}
 
     api_error = _validation_error(json.dumps(body))
 
-    assert api_error.message == "Invalid value for 'n': only n=1 is supported."
+    assert api_error.message == (
+        "Invalid value for 'top_logprobs': top_logprobs requires logprobs to be true."
+    )
 
 
 @pytest.mark.parametrize("body", ["{not json", "", "[1, 2]", '"text"'])

@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from resultity.common.v1 import inference_pb2 as resultity_dot_common_dot_v1_dot_inference__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*resultity/cloud/v1/inference_service.proto\x12\x12resultity.cloud.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a#resultity/common/v1/inference.proto\"\x81\x02\n\x14\x43hatCompletionParams\x12\r\n\x05model\x18\x01 \x01(\t\x12\x32\n\x08messages\x18\x02 \x03(\x0b\x32 .resultity.common.v1.ChatMessage\x12\x17\n\nmax_tokens\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x01H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x03\x88\x01\x01\x12\x0c\n\x04user\x18\x08 \x01(\tB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"W\n\x1b\x43reateChatCompletionRequest\x12\x38\n\x06params\x18\x01 \x01(\x0b\x32(.resultity.cloud.v1.ChatCompletionParams\"\xfa\x01\n\x1c\x43reateChatCompletionResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12+\n\x07\x63reated\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x39\n\x07\x63hoices\x18\x04 \x03(\x0b\x32(.resultity.cloud.v1.ChatCompletionChoice\x12)\n\x05usage\x18\x05 \x01(\x0b\x32\x1a.resultity.common.v1.Usage\x12,\n\x07\x62illing\x18\x06 \x01(\x0b\x32\x1b.resultity.cloud.v1.Billing\"\x92\x01\n\x14\x43hatCompletionChoice\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x31\n\x07message\x18\x02 \x01(\x0b\x32 .resultity.common.v1.ChatMessage\x12\x38\n\rfinish_reason\x18\x03 \x01(\x0e\x32!.resultity.common.v1.FinishReason\"W\n\x1bStreamChatCompletionRequest\x12\x38\n\x06params\x18\x01 \x01(\x0b\x32(.resultity.cloud.v1.ChatCompletionParams\"\xf9\x01\n\x1cStreamChatCompletionResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12+\n\x07\x63reated\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x38\n\x07\x63hoices\x18\x04 \x03(\x0b\x32\'.resultity.cloud.v1.ChatCompletionDelta\x12)\n\x05usage\x18\x05 \x01(\x0b\x32\x1a.resultity.common.v1.Usage\x12,\n\x07\x62illing\x18\x06 \x01(\x0b\x32\x1b.resultity.cloud.v1.Billing\"\x9c\x01\n\x13\x43hatCompletionDelta\x12\r\n\x05index\x18\x01 \x01(\x05\x12+\n\x04role\x18\x02 \x01(\x0e\x32\x1d.resultity.common.v1.ChatRole\x12\x0f\n\x07\x63ontent\x18\x03 \x01(\t\x12\x38\n\rfinish_reason\x18\x04 \x01(\x0e\x32!.resultity.common.v1.FinishReason\"(\n\x07\x42illing\x12\x1d\n\x15\x63harged_micro_credits\x18\x01 \x01(\x03\"\x13\n\x11ListModelsRequest\"?\n\x12ListModelsResponse\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.resultity.cloud.v1.Model\"\x9a\x01\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08owned_by\x18\x02 \x01(\t\x12+\n\x07\x63reated\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\x05price\x18\x04 \x01(\x0b\x32\x1f.resultity.common.v1.ModelPrice\x12\x16\n\x0e\x63ontext_length\x18\x05 \x01(\x05\x32\xe7\x02\n\x10InferenceService\x12y\n\x14\x43reateChatCompletion\x12/.resultity.cloud.v1.CreateChatCompletionRequest\x1a\x30.resultity.cloud.v1.CreateChatCompletionResponse\x12{\n\x14StreamChatCompletion\x12/.resultity.cloud.v1.StreamChatCompletionRequest\x1a\x30.resultity.cloud.v1.StreamChatCompletionResponse0\x01\x12[\n\nListModels\x12%.resultity.cloud.v1.ListModelsRequest\x1a&.resultity.cloud.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*resultity/cloud/v1/inference_service.proto\x12\x12resultity.cloud.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a#resultity/common/v1/inference.proto\"\xfd\x03\n\x14\x43hatCompletionParams\x12\r\n\x05model\x18\x01 \x01(\t\x12\x32\n\x08messages\x18\x02 \x03(\x0b\x32 .resultity.common.v1.ChatMessage\x12\x17\n\nmax_tokens\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x01H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x03\x88\x01\x01\x12\x0c\n\x04user\x18\x08 \x01(\t\x12\x0e\n\x01n\x18\t \x01(\x05H\x04\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\n \x01(\x01H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0b \x01(\x01H\x06\x88\x01\x01\x12\x10\n\x08logprobs\x18\x0c \x01(\x08\x12\x19\n\x0ctop_logprobs\x18\r \x01(\x05H\x07\x88\x01\x01\x12<\n\x0fresponse_format\x18\x0e \x01(\x0b\x32#.resultity.common.v1.ResponseFormatB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x04\n\x02_nB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x0f\n\r_top_logprobs\"W\n\x1b\x43reateChatCompletionRequest\x12\x38\n\x06params\x18\x01 \x01(\x0b\x32(.resultity.cloud.v1.ChatCompletionParams\"\xfa\x01\n\x1c\x43reateChatCompletionResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12+\n\x07\x63reated\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x39\n\x07\x63hoices\x18\x04 \x03(\x0b\x32(.resultity.cloud.v1.ChatCompletionChoice\x12)\n\x05usage\x18\x05 \x01(\x0b\x32\x1a.resultity.common.v1.Usage\x12,\n\x07\x62illing\x18\x06 \x01(\x0b\x32\x1b.resultity.cloud.v1.Billing\"\xc7\x01\n\x14\x43hatCompletionChoice\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x31\n\x07message\x18\x02 \x01(\x0b\x32 .resultity.common.v1.ChatMessage\x12\x38\n\rfinish_reason\x18\x03 \x01(\x0e\x32!.resultity.common.v1.FinishReason\x12\x33\n\x08logprobs\x18\x04 \x03(\x0b\x32!.resultity.common.v1.TokenLogprob\"W\n\x1bStreamChatCompletionRequest\x12\x38\n\x06params\x18\x01 \x01(\x0b\x32(.resultity.cloud.v1.ChatCompletionParams\"\xf9\x01\n\x1cStreamChatCompletionResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12+\n\x07\x63reated\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x38\n\x07\x63hoices\x18\x04 \x03(\x0b\x32\'.resultity.cloud.v1.ChatCompletionDelta\x12)\n\x05usage\x18\x05 \x01(\x0b\x32\x1a.resultity.common.v1.Usage\x12,\n\x07\x62illing\x18\x06 \x01(\x0b\x32\x1b.resultity.cloud.v1.Billing\"\xd1\x01\n\x13\x43hatCompletionDelta\x12\r\n\x05index\x18\x01 \x01(\x05\x12+\n\x04role\x18\x02 \x01(\x0e\x32\x1d.resultity.common.v1.ChatRole\x12\x0f\n\x07\x63ontent\x18\x03 \x01(\t\x12\x38\n\rfinish_reason\x18\x04 \x01(\x0e\x32!.resultity.common.v1.FinishReason\x12\x33\n\x08logprobs\x18\x05 \x03(\x0b\x32!.resultity.common.v1.TokenLogprob\"(\n\x07\x42illing\x12\x1d\n\x15\x63harged_micro_credits\x18\x01 \x01(\x03\"\x13\n\x11ListModelsRequest\"?\n\x12ListModelsResponse\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.resultity.cloud.v1.Model\"\x9a\x01\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08owned_by\x18\x02 \x01(\t\x12+\n\x07\x63reated\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\x05price\x18\x04 \x01(\x0b\x32\x1f.resultity.common.v1.ModelPrice\x12\x16\n\x0e\x63ontext_length\x18\x05 \x01(\x05\x32\xe7\x02\n\x10InferenceService\x12y\n\x14\x43reateChatCompletion\x12/.resultity.cloud.v1.CreateChatCompletionRequest\x1a\x30.resultity.cloud.v1.CreateChatCompletionResponse\x12{\n\x14StreamChatCompletion\x12/.resultity.cloud.v1.StreamChatCompletionRequest\x1a\x30.resultity.cloud.v1.StreamChatCompletionResponse0\x01\x12[\n\nListModels\x12%.resultity.cloud.v1.ListModelsRequest\x1a&.resultity.cloud.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,27 +34,27 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'resultity.cloud.v1.inferenc
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CHATCOMPLETIONPARAMS']._serialized_start=137
-  _globals['_CHATCOMPLETIONPARAMS']._serialized_end=394
-  _globals['_CREATECHATCOMPLETIONREQUEST']._serialized_start=396
-  _globals['_CREATECHATCOMPLETIONREQUEST']._serialized_end=483
-  _globals['_CREATECHATCOMPLETIONRESPONSE']._serialized_start=486
-  _globals['_CREATECHATCOMPLETIONRESPONSE']._serialized_end=736
-  _globals['_CHATCOMPLETIONCHOICE']._serialized_start=739
-  _globals['_CHATCOMPLETIONCHOICE']._serialized_end=885
-  _globals['_STREAMCHATCOMPLETIONREQUEST']._serialized_start=887
-  _globals['_STREAMCHATCOMPLETIONREQUEST']._serialized_end=974
-  _globals['_STREAMCHATCOMPLETIONRESPONSE']._serialized_start=977
-  _globals['_STREAMCHATCOMPLETIONRESPONSE']._serialized_end=1226
-  _globals['_CHATCOMPLETIONDELTA']._serialized_start=1229
-  _globals['_CHATCOMPLETIONDELTA']._serialized_end=1385
-  _globals['_BILLING']._serialized_start=1387
-  _globals['_BILLING']._serialized_end=1427
-  _globals['_LISTMODELSREQUEST']._serialized_start=1429
-  _globals['_LISTMODELSREQUEST']._serialized_end=1448
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1450
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1513
-  _globals['_MODEL']._serialized_start=1516
-  _globals['_MODEL']._serialized_end=1670
-  _globals['_INFERENCESERVICE']._serialized_start=1673
-  _globals['_INFERENCESERVICE']._serialized_end=2032
+  _globals['_CHATCOMPLETIONPARAMS']._serialized_end=646
+  _globals['_CREATECHATCOMPLETIONREQUEST']._serialized_start=648
+  _globals['_CREATECHATCOMPLETIONREQUEST']._serialized_end=735
+  _globals['_CREATECHATCOMPLETIONRESPONSE']._serialized_start=738
+  _globals['_CREATECHATCOMPLETIONRESPONSE']._serialized_end=988
+  _globals['_CHATCOMPLETIONCHOICE']._serialized_start=991
+  _globals['_CHATCOMPLETIONCHOICE']._serialized_end=1190
+  _globals['_STREAMCHATCOMPLETIONREQUEST']._serialized_start=1192
+  _globals['_STREAMCHATCOMPLETIONREQUEST']._serialized_end=1279
+  _globals['_STREAMCHATCOMPLETIONRESPONSE']._serialized_start=1282
+  _globals['_STREAMCHATCOMPLETIONRESPONSE']._serialized_end=1531
+  _globals['_CHATCOMPLETIONDELTA']._serialized_start=1534
+  _globals['_CHATCOMPLETIONDELTA']._serialized_end=1743
+  _globals['_BILLING']._serialized_start=1745
+  _globals['_BILLING']._serialized_end=1785
+  _globals['_LISTMODELSREQUEST']._serialized_start=1787
+  _globals['_LISTMODELSREQUEST']._serialized_end=1806
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1808
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1871
+  _globals['_MODEL']._serialized_start=1874
+  _globals['_MODEL']._serialized_end=2028
+  _globals['_INFERENCESERVICE']._serialized_start=2031
+  _globals['_INFERENCESERVICE']._serialized_end=2390
 # @@protoc_insertion_point(module_scope)
