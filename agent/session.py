@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 import psutil
@@ -26,9 +26,11 @@ from resultity.common.v1 import inference_pb2 as common_pb
 
 from agent.backoff import Backoff
 from agent.convert import InvalidAssignment, failure_reason, finish_reason, generation_request
+from agent.identity import NodeIdentity, signed_hello
 from agent.runner import FailureKind, JobRef, JobRunner
 from agent.runtime.base import Runtime, StopReason
 from server.common.channels import insecure_channel
+from server.common.node_signing import OutputDigest, result_payload
 
 log = structlog.get_logger(__name__)
 
@@ -43,13 +45,42 @@ class SessionSettings:
     heartbeat_interval_s: float = 5.0
     # How long a stopping agent lets its running jobs finish.
     drain_grace_s: float = 30.0
+    # The operator's node token (from the account layer); empty on a network
+    # that does not check tokens.
+    node_token: str = ""
+    # The node's key; `resultity agent` keeps it in its data dir. A fresh one
+    # by default (a new node every process).
+    identity: NodeIdentity = field(default_factory=NodeIdentity.generate)
 
 
 class _StreamSink:
-    """Turns job progress into messages on the current stream."""
+    """Turns job progress into messages on the current stream; signs results.
 
-    def __init__(self, outbound: asyncio.Queue[pb.ConnectRequest | None]) -> None:
+    Each job's result is signed over a digest of every chunk sent for it
+    (server/common/node_signing.py), so the network can check that the node
+    stands behind exactly what it streamed.
+    """
+
+    def __init__(
+        self, outbound: asyncio.Queue[pb.ConnectRequest | None], identity: NodeIdentity
+    ) -> None:
         self._outbound = outbound
+        self._identity = identity
+        self._outputs: dict[JobRef, OutputDigest] = {}
+
+    def _sign(
+        self, job: JobRef, *, done: bool, reason: int, prompt_tokens: int, completion_tokens: int
+    ) -> bytes:
+        payload = result_payload(
+            job_id=job.job_id,
+            epoch=job.epoch,
+            done=done,
+            reason=reason,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            output=self._outputs.pop(job, OutputDigest()),
+        )
+        return self._identity.sign(payload)
 
     def chunk(
         self,
@@ -59,6 +90,7 @@ class _StreamSink:
         prompt_tokens: int,
         token_ids: tuple[int, ...] = (),
     ) -> None:
+        self._outputs.setdefault(job, OutputDigest()).add(text, token_ids)
         self._outbound.put_nowait(
             pb.ConnectRequest(
                 job_chunk=pb.JobChunk(
@@ -75,30 +107,46 @@ class _StreamSink:
     def done(
         self, job: JobRef, reason: StopReason, prompt_tokens: int, completion_tokens: int
     ) -> None:
+        code = finish_reason(reason)
+        signature = self._sign(
+            job,
+            done=True,
+            reason=code,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+        )
         self._outbound.put_nowait(
             pb.ConnectRequest(
                 job_done=pb.JobDone(
                     job_id=job.job_id,
                     epoch=job.epoch,
-                    finish_reason=finish_reason(reason),
+                    finish_reason=code,
                     usage=common_pb.Usage(
                         prompt_tokens=prompt_tokens, completion_tokens=completion_tokens
                     ),
+                    signature=signature,
                 )
             )
         )
 
     def failed(self, job: JobRef, kind: FailureKind, message: str) -> None:
+        code = failure_reason(kind)
+        signature = self._sign(job, done=False, reason=code, prompt_tokens=0, completion_tokens=0)
         self._outbound.put_nowait(
             pb.ConnectRequest(
                 job_failed=pb.JobFailed(
                     job_id=job.job_id,
                     epoch=job.epoch,
-                    reason=failure_reason(kind),
+                    reason=code,
                     message=message,
+                    signature=signature,
                 )
             )
         )
+
+    def forget(self, job: JobRef) -> None:
+        """A cancelled job sends no result."""
+        self._outputs.pop(job, None)
 
 
 class AgentSession:
@@ -109,6 +157,8 @@ class AgentSession:
         self._runtime = runtime
         self._backoff = backoff or Backoff()
         self.node_id: str | None = None
+        # The network configuration version last applied.
+        self.config_version = 0
         self.connected = asyncio.Event()
         self.draining = False
         # The live session's outbound queue and runner, for drain().
@@ -161,33 +211,32 @@ class AgentSession:
                     await self._stopped.wait()
         log.info("drained", node_id=self.node_id)
 
-    def _hello(self) -> pb.ConnectRequest:
-        return pb.ConnectRequest(
-            hello=pb.Hello(
-                node_name=self._settings.node_name,
-                agent_version=AGENT_VERSION,
-                models=[
-                    pb.ServedModel(
-                        model=m.model, runtime=m.runtime, context_length=m.context_length
-                    )
-                    for m in self._runtime.models
-                ],
-                max_concurrent_jobs=self._runtime.slots,
-            )
+    def _hello(self, challenge: pb.Challenge) -> pb.ConnectRequest:
+        hello = pb.Hello(
+            node_name=self._settings.node_name,
+            agent_version=AGENT_VERSION,
+            models=[
+                pb.ServedModel(model=m.model, runtime=m.runtime, context_length=m.context_length)
+                for m in self._runtime.models
+            ],
+            max_concurrent_jobs=self._runtime.slots,
         )
+        return signed_hello(self._settings.identity, hello, challenge, self._settings.node_token)
 
     async def _session(self) -> str | None:
         """One session; returns the reason if the network asked to reconnect."""
         outbound: asyncio.Queue[pb.ConnectRequest | None] = asyncio.Queue()
-        runner = JobRunner(self._runtime, _StreamSink(outbound))
-        outbound.put_nowait(self._hello())
+        sink = _StreamSink(outbound, self._settings.identity)
+        runner = JobRunner(self._runtime, sink)
         channel = insecure_channel(self._settings.network)
         heartbeats: asyncio.Task[None] | None = None
         try:
             call = pb_grpc.AgentServiceStub(channel).Connect(_drain(outbound))
             async for response in call:
                 kind = response.WhichOneof("message")
-                if kind == "welcome":
+                if kind == "challenge":
+                    outbound.put_nowait(self._hello(response.challenge))
+                elif kind == "welcome":
                     welcome = response.welcome
                     interval = welcome.heartbeat_interval.ToNanoseconds() / 1e9
                     self.node_id = welcome.node_id
@@ -200,11 +249,21 @@ class AgentSession:
                             outbound, runner, interval or self._settings.heartbeat_interval_s
                         )
                     )
+                elif kind == "config":
+                    # Applied by the next session's heartbeats (the welcome
+                    # carries the same timings); acknowledged so operators see it.
+                    self.config_version = response.config.version
+                    outbound.put_nowait(
+                        pb.ConnectRequest(
+                            config_applied=pb.ConfigApplied(version=response.config.version)
+                        )
+                    )
                 elif kind == "assign_job":
-                    self._assign(runner, outbound, response.assign_job)
+                    self._assign(runner, sink, response.assign_job)
                 elif kind == "cancel_job":
                     cancel = response.cancel_job
                     runner.cancel(JobRef(cancel.job_id, cancel.epoch))
+                    sink.forget(JobRef(cancel.job_id, cancel.epoch))
                 elif kind == "reconnect":
                     return response.reconnect.reason
             return None
@@ -220,7 +279,7 @@ class AgentSession:
     def _assign(
         self,
         runner: JobRunner,
-        outbound: asyncio.Queue[pb.ConnectRequest | None],
+        sink: _StreamSink,
         assign: pb.AssignJob,
     ) -> None:
         job = JobRef(assign.job_id, assign.epoch)
@@ -228,7 +287,7 @@ class AgentSession:
         try:
             request = generation_request(assign.spec, continuation)
         except InvalidAssignment as error:
-            _StreamSink(outbound).failed(job, FailureKind.INVALID_REQUEST, str(error))
+            sink.failed(job, FailureKind.INVALID_REQUEST, str(error))
             return
         runner.start(job, request)
 

@@ -19,6 +19,8 @@ from resultity.account.v1 import api_key_service_pb2 as keys_pb
 from resultity.account.v1 import api_key_service_pb2_grpc as keys_grpc
 from resultity.account.v1 import ledger_service_pb2 as ledger_pb
 from resultity.account.v1 import ledger_service_pb2_grpc as ledger_grpc
+from resultity.account.v1 import node_token_service_pb2 as node_token_pb
+from resultity.account.v1 import node_token_service_pb2_grpc as node_token_grpc
 
 from server.account.authz import service_metadata
 
@@ -80,3 +82,40 @@ def _write_key(path: Path, secret: str) -> None:
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(descriptor, "w") as handle:
         handle.write(secret + "\n")
+
+
+NODE_TOKEN_FILE = "node-token"
+
+
+async def ensure_node_token(channel: grpc.aio.Channel, data_dir: Path, service_token: str) -> str:
+    """A node token of the platform's own operator account, for the local agent.
+
+    Created on first start (with the account) and reused while it still works;
+    the local agent's earnings go to that account.
+    """
+    key_file = data_dir / NODE_TOKEN_FILE
+    tokens = node_token_grpc.NodeTokenServiceStub(channel)
+    metadata = service_metadata(service_token)
+    secret = _read_key(key_file)
+    if secret is not None:
+        try:
+            await tokens.AuthenticateNodeToken(
+                node_token_pb.AuthenticateNodeTokenRequest(secret=secret), metadata=metadata
+            )
+            return secret
+        except grpc.aio.AioRpcError as error:
+            if error.code() != grpc.StatusCode.UNAUTHENTICATED:
+                raise
+            log.warning("stored node token no longer valid; creating a new operator account")
+    account = (
+        await account_grpc.AccountServiceStub(channel).CreateAccount(
+            account_pb.CreateAccountRequest(name="platform operator"), metadata=metadata
+        )
+    ).account
+    issued = await tokens.CreateNodeToken(
+        node_token_pb.CreateNodeTokenRequest(account_id=account.account_id, name="local agent"),
+        metadata=metadata,
+    )
+    _write_key(key_file, issued.secret)
+    log.info("platform operator account created", account_id=account.account_id)
+    return issued.secret

@@ -46,6 +46,17 @@ def _parser() -> argparse.ArgumentParser:
     agent.add_argument("--slots", type=int, default=1, help="jobs run at the same time")
     agent.add_argument("--threads", type=int, help="CPU threads per generation")
     agent.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(".resultity-agent"),
+        help="where the node's key is kept (created on first start)",
+    )
+    agent.add_argument(
+        "--node-token",
+        default=os.environ.get("RESULTITY_NODE_TOKEN", ""),
+        help="the operator's node token (default: $RESULTITY_NODE_TOKEN)",
+    )
+    agent.add_argument(
         "--drain-grace",
         type=float,
         default=30.0,
@@ -54,6 +65,17 @@ def _parser() -> argparse.ArgumentParser:
 
     network = commands.add_parser("network", help="run the network server alone")
     network.add_argument("--listen", default="127.0.0.1:50051")
+    network.add_argument(
+        "--account",
+        help="HOST:PORT of the account server that resolves node tokens "
+        "(without it, tokens are not checked and nodes earn nothing)",
+    )
+    network.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(".resultity"),
+        help="where the service token is read from unless RESULTITY_SERVICE_TOKEN is set",
+    )
 
     account = commands.add_parser("account", help="run the account server alone")
     account.add_argument("--listen", default="127.0.0.1:50052")
@@ -131,6 +153,7 @@ async def _up(args: argparse.Namespace) -> None:
 
 
 async def _agent(args: argparse.Namespace) -> None:
+    from agent.identity import NodeIdentity
     from agent.main import run_agent
     from agent.runtime.loader import RuntimeSettings
     from agent.session import SessionSettings
@@ -145,7 +168,13 @@ async def _agent(args: argparse.Namespace) -> None:
     if args.model_id:
         runtime = RuntimeSettings(**{**runtime.__dict__, "model_id": args.model_id})
     await run_agent(
-        SessionSettings(network=args.network, node_name=args.name, drain_grace_s=args.drain_grace),
+        SessionSettings(
+            network=args.network,
+            node_name=args.name,
+            drain_grace_s=args.drain_grace,
+            node_token=args.node_token,
+            identity=NodeIdentity.load_or_create(args.data_dir),
+        ),
         runtime,
     )
 
@@ -159,8 +188,16 @@ async def _serve_one(args: argparse.Namespace) -> None:
     stop_component: Callable[[], Awaitable[None]]
     if args.command == "network":
         from server.network.component import NetworkComponent
+        from server.secrets import read_service_token
 
-        network = NetworkComponent()
+        if args.account is None:
+            log.warning("no --account: node tokens are not checked and nodes earn nothing")
+        network = NetworkComponent(
+            account_target=args.account,
+            service_token=""
+            if args.account is None
+            else os.environ.get("RESULTITY_SERVICE_TOKEN") or read_service_token(args.data_dir),
+        )
         network.register(server)
         network.start()
         stop_first = stop_component = network.stop

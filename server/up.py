@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Coroutine
@@ -22,7 +23,7 @@ from pydantic import SecretStr
 from gateway.app import create_app
 from gateway.server import serve as serve_gateway
 from server.account.component import AccountComponent
-from server.bootstrap import DEMO_KEY_FILE, ensure_demo_key
+from server.bootstrap import DEMO_KEY_FILE, ensure_demo_key, ensure_node_token
 from server.cloud.component import CloudComponent
 from server.common import channels
 from server.common.database import EmbeddedPostgres
@@ -51,9 +52,10 @@ async def _database(settings: PlatformSettings) -> AsyncIterator[str]:
 
 @asynccontextmanager
 async def _local_agent(
-    settings: PlatformSettings, network: NetworkComponent
+    settings: PlatformSettings, network: NetworkComponent, node_token: str
 ) -> AsyncIterator[None]:
-    """A child agent process, stopped with SIGTERM (then SIGKILL) on exit."""
+    """A child agent process, stopped with SIGTERM (then SIGKILL) on exit. Its key
+    lives in <data dir>/agent; its node token comes through the environment."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -67,6 +69,9 @@ async def _local_agent(
         "local",
         "--slots",
         str(settings.local_agent_slots),
+        "--data-dir",
+        str(settings.data_dir.resolve() / "agent"),
+        env={**os.environ, "RESULTITY_NODE_TOKEN": node_token},
     )
     try:
         await _wait_for_node(network, process)
@@ -112,7 +117,9 @@ async def run_platform(settings: PlatformSettings, *, ready: asyncio.Event | Non
         account = await AccountComponent.start(dsn, secrets)
         stack.push_async_callback(account.stop)
         network = NetworkComponent(
-            liveness=LivenessSettings(settings.heartbeat_interval_s, settings.heartbeat_timeout_s)
+            liveness=LivenessSettings(settings.heartbeat_interval_s, settings.heartbeat_timeout_s),
+            account_target=grpc_target,
+            service_token=secrets.service_token,
         )
         cloud = CloudComponent(
             account_target=grpc_target,
@@ -137,11 +144,12 @@ async def run_platform(settings: PlatformSettings, *, ready: asyncio.Event | Non
             api_key = await ensure_demo_key(
                 bootstrap_channel, data_dir, settings.demo_credits, secrets.service_token
             )
+            node_token = await ensure_node_token(bootstrap_channel, data_dir, secrets.service_token)
         finally:
             await bootstrap_channel.close(grace=None)
 
         if settings.local_agent:
-            await stack.enter_async_context(_local_agent(settings, network))
+            await stack.enter_async_context(_local_agent(settings, network, node_token))
 
         gateway_started = asyncio.Event()
         gateway = asyncio.create_task(

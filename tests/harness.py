@@ -19,6 +19,8 @@ from resultity.account.v1 import api_key_service_pb2 as keys_pb
 from resultity.account.v1 import api_key_service_pb2_grpc as keys_grpc
 from resultity.account.v1 import ledger_service_pb2 as ledger_pb
 from resultity.account.v1 import ledger_service_pb2_grpc as ledger_grpc
+from resultity.account.v1 import node_token_service_pb2 as node_token_pb
+from resultity.account.v1 import node_token_service_pb2_grpc as node_token_grpc
 from resultity.cloud.v1 import inference_service_pb2_grpc as cloud_grpc
 
 from agent.backoff import Backoff
@@ -100,9 +102,26 @@ class Platform:
         )
         return response.balance
 
-    async def start_agent(self, runtime: Runtime, name: str = "test-node") -> RunningAgent:
+    async def operator(self) -> tuple[str, str]:
+        """A new node operator account and a node token for it."""
+        account = (
+            await account_grpc.AccountServiceStub(self.channel).CreateAccount(
+                account_pb.CreateAccountRequest(name="operator"), metadata=self.service
+            )
+        ).account
+        token = await node_token_grpc.NodeTokenServiceStub(self.channel).CreateNodeToken(
+            node_token_pb.CreateNodeTokenRequest(account_id=account.account_id, name="node"),
+            metadata=self.service,
+        )
+        return account.account_id, token.secret
+
+    async def start_agent(
+        self, runtime: Runtime, name: str = "test-node", node_token: str = ""
+    ) -> RunningAgent:
+        if not node_token:
+            _, node_token = await self.operator()
         session = AgentSession(
-            SessionSettings(network=self.target, node_name=name),
+            SessionSettings(network=self.target, node_name=name, node_token=node_token),
             runtime,
             backoff=Backoff(base_s=0.05, cap_s=0.2),
         )
@@ -140,7 +159,12 @@ async def running_platform(
     target = f"127.0.0.1:{port}"
     secrets = PlatformSecrets.generate()
     account = await AccountComponent.start(dsn, secrets)
-    network = NetworkComponent(liveness=liveness, failover=failover)
+    network = NetworkComponent(
+        liveness=liveness,
+        failover=failover,
+        account_target=target,
+        service_token=secrets.service_token,
+    )
     cloud = CloudComponent(
         account_target=target, network_target=target, service_token=secrets.service_token
     )

@@ -41,6 +41,8 @@ class Scope(StrEnum):
     INFERENCE = "inference"
     MANAGEMENT = "management"
     ADMIN = "admin"
+    # A node token: lets a node join the network for the key's account, nothing else.
+    NODE = "node"
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from resultity.account.v1 import (
     api_key_service_pb2_grpc,
     contribution_service_pb2_grpc,
     ledger_service_pb2_grpc,
+    node_token_service_pb2_grpc,
     referral_service_pb2_grpc,
     subscription_service_pb2_grpc,
 )
@@ -27,6 +28,7 @@ from server.account.servicer import (
     ApiKeyServicer,
     ContributionServicer,
     LedgerServicer,
+    NodeTokenServicer,
     ReferralServicer,
 )
 from server.account.store import PostgresAccountStore
@@ -94,6 +96,9 @@ class AccountComponent:
         )
         api_key_service_pb2_grpc.add_ApiKeyServiceServicer_to_server(ApiKeyServicer(*args), server)
         ledger_service_pb2_grpc.add_LedgerServiceServicer_to_server(LedgerServicer(*args), server)
+        node_token_service_pb2_grpc.add_NodeTokenServiceServicer_to_server(
+            NodeTokenServicer(*args), server
+        )
         contribution_service_pb2_grpc.add_ContributionServiceServicer_to_server(
             ContributionServicer(*args), server
         )

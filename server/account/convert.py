@@ -44,6 +44,7 @@ SCOPE_TO_PB = {
     Scope.INFERENCE: api_key_pb.API_KEY_SCOPE_INFERENCE,
     Scope.MANAGEMENT: api_key_pb.API_KEY_SCOPE_MANAGEMENT,
     Scope.ADMIN: api_key_pb.API_KEY_SCOPE_ADMIN,
+    Scope.NODE: api_key_pb.API_KEY_SCOPE_NODE,
 }
 SCOPE_FROM_PB = {value: scope for scope, value in SCOPE_TO_PB.items()}
 

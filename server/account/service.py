@@ -193,6 +193,22 @@ class AccountService:
         )
         return IssuedApiKey(api_key=stored, secret=key.secret)
 
+    async def create_node_token(
+        self, caller: Principal, account_id: str, name: str
+    ) -> IssuedApiKey:
+        """A key with only the node scope, for the operator's agents."""
+        return await self.create_api_key(
+            caller, account_id, name or "node", KeyPolicy(scopes=frozenset({Scope.NODE}))
+        )
+
+    async def authenticate_node_token(self, caller: Principal, secret: str) -> ApiKey:
+        """The node token behind ``secret``; only the platform's services may ask."""
+        caller.require_admin()
+        key = await self._active_key(secret)
+        if Scope.NODE not in key.policy.scopes:
+            raise InvalidApiKey("Invalid node token")
+        return key
+
     async def list_api_keys(self, caller: Principal, account_id: str) -> list[ApiKey]:
         return await self._store.list_api_keys(self._access(caller, account_id))
 

@@ -18,6 +18,8 @@ from resultity.account.v1 import contribution_service_pb2 as contribution_pb
 from resultity.account.v1 import contribution_service_pb2_grpc as contribution_grpc
 from resultity.account.v1 import ledger_service_pb2 as ledger_pb
 from resultity.account.v1 import ledger_service_pb2_grpc as ledger_grpc
+from resultity.account.v1 import node_token_service_pb2 as node_token_pb
+from resultity.account.v1 import node_token_service_pb2_grpc as node_token_grpc
 from resultity.account.v1 import referral_service_pb2 as referral_pb
 from resultity.account.v1 import referral_service_pb2_grpc as referral_grpc
 
@@ -131,6 +133,28 @@ class ApiKeyServicer(_Base, api_key_grpc.ApiKeyServiceServicer):
     ) -> api_key_pb.AuthenticateApiKeyResponse:
         key = await self._accounts.authenticate_api_key(request.secret)
         return api_key_pb.AuthenticateApiKeyResponse(api_key=convert.api_key(key))
+
+
+class NodeTokenServicer(_Base, node_token_grpc.NodeTokenServiceServicer):
+    @translate_errors
+    async def CreateNodeToken(
+        self, request: node_token_pb.CreateNodeTokenRequest, context: Context
+    ) -> node_token_pb.CreateNodeTokenResponse:
+        issued = await self._accounts.create_node_token(
+            await self._caller(context), request.account_id, request.name
+        )
+        return node_token_pb.CreateNodeTokenResponse(
+            node_token=convert.api_key(issued.api_key), secret=issued.secret
+        )
+
+    @translate_errors
+    async def AuthenticateNodeToken(
+        self, request: node_token_pb.AuthenticateNodeTokenRequest, context: Context
+    ) -> node_token_pb.AuthenticateNodeTokenResponse:
+        key = await self._accounts.authenticate_node_token(
+            await self._caller(context), request.secret
+        )
+        return node_token_pb.AuthenticateNodeTokenResponse(node_token=convert.api_key(key))
 
 
 class LedgerServicer(_Base, ledger_grpc.LedgerServiceServicer):

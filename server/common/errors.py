@@ -26,6 +26,8 @@ class ErrorReason(StrEnum):
     JOB_FAILED = "JOB_FAILED"
     PROTOCOL_VIOLATION = "PROTOCOL_VIOLATION"
     SESSION_ENDED = "SESSION_ENDED"
+    INVALID_NODE_CREDENTIALS = "INVALID_NODE_CREDENTIALS"
+    INVALID_RESULT_SIGNATURE = "INVALID_RESULT_SIGNATURE"
     INTERNAL = "INTERNAL"
 
 
@@ -110,3 +112,15 @@ class SessionEnded(DomainError):
     """The server ended a node's session (timeout, shutdown); reconnect later."""
 
     reason = ErrorReason.SESSION_ENDED
+
+
+class InvalidNodeCredentials(DomainError):
+    """A node's hello is unsigned, badly signed, replayed, stale, or its token is invalid."""
+
+    reason = ErrorReason.INVALID_NODE_CREDENTIALS
+
+
+class InvalidResultSignature(DomainError):
+    """A node's signed result does not match what it streamed: it is cut off."""
+
+    reason = ErrorReason.INVALID_RESULT_SIGNATURE

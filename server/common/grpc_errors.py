@@ -38,6 +38,8 @@ STATUS_BY_REASON: dict[ErrorReason, grpc.StatusCode] = {
     ErrorReason.JOB_FAILED: grpc.StatusCode.ABORTED,
     ErrorReason.PROTOCOL_VIOLATION: grpc.StatusCode.FAILED_PRECONDITION,
     ErrorReason.SESSION_ENDED: grpc.StatusCode.UNAVAILABLE,
+    ErrorReason.INVALID_NODE_CREDENTIALS: grpc.StatusCode.UNAUTHENTICATED,
+    ErrorReason.INVALID_RESULT_SIGNATURE: grpc.StatusCode.PERMISSION_DENIED,
     ErrorReason.INTERNAL: grpc.StatusCode.INTERNAL,
 }
 _REASON_BY_VALUE = {reason.value: reason for reason in ErrorReason}

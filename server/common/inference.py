@@ -134,6 +134,8 @@ class NodeUsage:
 
     node_id: str
     usage: Usage
+    # The node's operator account (earns its share); empty if it has none.
+    operator_account_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,10 +6,13 @@ import grpc
 from resultity.agent.v1 import agent_service_pb2_grpc
 from resultity.network.v1 import dispatch_service_pb2_grpc, node_admin_service_pb2_grpc
 
+from server.common import channels
 from server.common.inference import CatalogModel
+from server.network.admission import AdmissionSettings, NodeAdmission
 from server.network.catalog import DEFAULT_CATALOG, Catalog
 from server.network.service import FailoverSettings, LivenessSettings, NetworkService
 from server.network.servicer import AgentServicer, DispatchServicer, NodeAdminServicer
+from server.network.tokens import AccountNodeTokens
 
 
 class NetworkComponent:
@@ -19,8 +22,26 @@ class NetworkComponent:
         catalog: tuple[CatalogModel, ...] = DEFAULT_CATALOG,
         liveness: LivenessSettings | None = None,
         failover: FailoverSettings | None = None,
+        admission: AdmissionSettings | None = None,
+        account_target: str | None = None,
+        service_token: str = "",
     ) -> None:
-        self.service = NetworkService(Catalog(catalog), liveness or LivenessSettings(), failover)
+        """With ``account_target`` node tokens are resolved by that account server
+        (with ``service_token``); without, tokens are not checked and nodes earn nothing."""
+        self._account_channel = (
+            None if account_target is None else channels.insecure_channel(account_target)
+        )
+        tokens = (
+            None
+            if self._account_channel is None
+            else AccountNodeTokens(self._account_channel, service_token)
+        )
+        self.service = NetworkService(
+            Catalog(catalog),
+            liveness or LivenessSettings(),
+            failover,
+            NodeAdmission(admission or AdmissionSettings(), tokens),
+        )
 
     def register(self, server: grpc.aio.Server) -> None:
         agent_service_pb2_grpc.add_AgentServiceServicer_to_server(
@@ -40,3 +61,5 @@ class NetworkComponent:
         """Tells connected agents to reconnect; call before stopping the gRPC server
         (with a grace period) so that the message reaches them."""
         await self.service.stop()
+        if self._account_channel is not None:
+            await self._account_channel.close(grace=None)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from server.common.inference import FinishReason, GenerationSpec, JobDelta, NodeUsage, Usage
+from server.common.node_signing import OutputDigest
 
 
 class FailureKind(StrEnum):
@@ -33,12 +34,19 @@ class ChunkReport:
 class DoneReport:
     finish_reason: FinishReason
     usage: Usage
+    # The node's signature over the result (server/common/node_signing.py) and
+    # the finish reason as the wire enum number it covers.
+    signature: bytes = b""
+    reason_code: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class FailedReport:
     kind: FailureKind
     message: str
+    usage: Usage = field(default_factory=Usage)
+    signature: bytes = b""
+    reason_code: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +73,9 @@ class Continuation:
 @dataclass(slots=True)
 class _Share:
     node_id: str
+    operator_account_id: str = ""
+    # The node signed a result over what it streamed: its work can earn.
+    verified: bool = False
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
@@ -89,10 +100,17 @@ class ActiveJob:
     _texts: list[str] = field(default_factory=list)
     _token_ids: list[int] | None = field(default_factory=list)
     _shares: list[_Share] = field(default_factory=list)
+    # Digest of what each epoch's node streamed, for checking its signed result.
+    _outputs: dict[int, OutputDigest] = field(default_factory=dict)
+    operator_account_id: str = ""
 
     def __post_init__(self) -> None:
         self.tried.add(self.node_id)
-        self._shares.append(_Share(self.node_id))
+        self._shares.append(_Share(self.node_id, self.operator_account_id))
+
+    def output(self, epoch: int) -> OutputDigest:
+        """What the node of ``epoch`` has streamed so far (as accepted, in order)."""
+        return self._outputs.setdefault(epoch, OutputDigest())
 
     def accepts(self, node_id: str, epoch: int) -> bool:
         """Fencing: only the current, not given-up assignment may report."""
@@ -127,14 +145,18 @@ class ActiveJob:
                 self._token_ids = None
         return JobDelta(chunk.text, chunk.token_count, prompt)
 
-    def reassign(self, node_id: str) -> None:
+    def reassign(self, node_id: str, operator_account_id: str = "") -> None:
         """Moves the job to ``node_id`` under a new epoch."""
         self.fenced_epoch = max(self.fenced_epoch, self.epoch)
         self.epoch += 1
         self.migrations += 1
         self.node_id = node_id
         self.tried.add(node_id)
-        self._shares.append(_Share(node_id))
+        self._shares.append(_Share(node_id, operator_account_id))
+
+    def verified(self) -> None:
+        """The current node's signed result checked out: its share can earn."""
+        self._shares[-1].verified = True
 
     def continuation(self) -> Continuation:
         return Continuation(
@@ -156,8 +178,16 @@ class ActiveJob:
         return Usage(self.prompt_tokens, self.delivered_tokens)
 
     def node_usage(self) -> tuple[NodeUsage, ...]:
-        """Delivered usage by node, in assignment order (a node may appear once)."""
+        """Delivered usage by node, in assignment order (a node may appear once).
+
+        A node's operator is named only if the node signed a verified result:
+        work from a node that was lost or cut off earns nothing.
+        """
         return tuple(
-            NodeUsage(share.node_id, Usage(share.prompt_tokens, share.completion_tokens))
+            NodeUsage(
+                share.node_id,
+                Usage(share.prompt_tokens, share.completion_tokens),
+                share.operator_account_id if share.verified else "",
+            )
             for share in self._shares
         )

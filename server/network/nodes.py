@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 
+from server.common.errors import DomainError
 from server.common.inference import GenerationSpec
+from server.network.config import NetworkConfig
 from server.network.jobs import Continuation
 
 
@@ -25,6 +27,13 @@ class NodeHello:
     agent_version: str
     models: tuple[NodeModel, ...]
     max_concurrent_jobs: int
+    # Identity and credentials (see admission.py); the signature is checked
+    # over the hello's serialized bytes.
+    public_key: bytes = b""
+    node_token: str = ""
+    nonce: bytes = b""
+    network_id: str = ""
+    signed_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,9 +53,10 @@ class CancelCommand:
 
 @dataclass(frozen=True, slots=True)
 class DisconnectCommand:
-    """Ends the node's session with this explanation."""
+    """Ends the node's session with this explanation (and this error, if it is one)."""
 
     reason: str
+    error: DomainError | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,13 +66,21 @@ class ReconnectCommand:
     reason: str
 
 
-NodeCommand = AssignCommand | CancelCommand | DisconnectCommand | ReconnectCommand
+@dataclass(frozen=True, slots=True)
+class ConfigCommand:
+    """The current network configuration, for the agent to apply and acknowledge."""
+
+    config: NetworkConfig
+
+
+NodeCommand = AssignCommand | CancelCommand | DisconnectCommand | ReconnectCommand | ConfigCommand
 
 
 class NodeState(StrEnum):
     READY = "ready"
     SUSPECT = "suspect"
     DRAINING = "draining"
+    QUARANTINED = "quarantined"
 
 
 @dataclass(eq=False)
@@ -71,6 +89,8 @@ class NodeSession:
 
     node_id: str
     hello: NodeHello
+    # The operator account the node's token belongs to; empty without a token.
+    operator_account_id: str = ""
     connected_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     last_heartbeat_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     # Monotonic clock of the last message, for liveness.
@@ -81,6 +101,11 @@ class NodeSession:
     free_memory_bytes: int = 0
     # The agent is shutting down: it finishes its jobs and gets no new ones.
     draining: bool = False
+    # Set when the node is taken out of service; it gets no jobs until it
+    # reconnects (and is admitted again).
+    quarantine_reason: str = ""
+    # The configuration version the agent last acknowledged.
+    config_version: int = 0
     outbox: asyncio.Queue[NodeCommand] = field(default_factory=asyncio.Queue)
 
     @property
@@ -96,6 +121,8 @@ class NodeSession:
         self.last_seen = time.monotonic()
 
     def state(self, now: float, suspect_after_s: float) -> NodeState:
+        if self.quarantine_reason:
+            return NodeState.QUARANTINED
         if self.draining:
             return NodeState.DRAINING
         if now - self.last_seen > suspect_after_s:

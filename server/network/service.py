@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-import uuid
 from collections.abc import AsyncGenerator
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -21,7 +20,10 @@ from datetime import UTC, datetime
 import structlog
 
 from server.common.errors import (
+    DomainError,
+    FailedPrecondition,
     InvalidArgument,
+    InvalidResultSignature,
     JobFailed,
     NoCapacity,
     NotFound,
@@ -34,7 +36,10 @@ from server.common.inference import (
     JobFinished,
     JobMigrated,
 )
+from server.common.node_signing import result_payload, verify
+from server.network.admission import AdmissionSettings, NodeAdmission
 from server.network.catalog import Catalog
+from server.network.config import ConfigModel, NetworkConfig, next_version, version_at_least
 from server.network.jobs import (
     ActiveJob,
     ChunkReport,
@@ -47,7 +52,9 @@ from server.network.jobs import (
 from server.network.nodes import (
     AssignCommand,
     CancelCommand,
+    ConfigCommand,
     DisconnectCommand,
+    NodeCommand,
     NodeHello,
     NodeSession,
     ReconnectCommand,
@@ -66,7 +73,9 @@ class NetworkService:
         catalog: Catalog,
         liveness: LivenessSettings,
         failover: FailoverSettings | None = None,
+        admission: NodeAdmission | None = None,
     ) -> None:
+        self.admission = admission or NodeAdmission(AdmissionSettings(), None)
         self._catalog = catalog
         self.liveness = liveness
         self.failover = failover or FailoverSettings()
@@ -75,6 +84,14 @@ class NetworkService:
         self._router = Router(suspect_after_s=liveness.suspect_s)
         self._monitor: asyncio.Task[None] | None = None
         self._closing = False
+        self._config = NetworkConfig(
+            version=1,
+            heartbeat_interval_s=liveness.heartbeat_interval_s,
+            heartbeat_timeout_s=liveness.heartbeat_timeout_s,
+            models=tuple(
+                ConfigModel(m.id, m.price, m.context_length, ("llama.cpp",)) for m in catalog
+            ),
+        )
 
     # --- lifecycle -------------------------------------------------------
 
@@ -89,11 +106,28 @@ class NetworkService:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._monitor
         for node in list(self._nodes.values()):
-            self._remove(node, "network server shutting down", ReconnectCommand)
+            reason = "network server shutting down"
+            self._remove(node, reason, ReconnectCommand(reason))
 
     # --- node sessions ---------------------------------------------------
 
-    def register(self, hello: NodeHello) -> NodeSession:
+    def challenge(self) -> bytes:
+        """The nonce a new session's hello must be bound to."""
+        return self.admission.challenge()
+
+    async def register(
+        self, hello: NodeHello, raw_hello: bytes, signature: bytes, session_nonce: bytes
+    ) -> NodeSession:
+        """Admits the node (signature, challenge, clock window, token), then registers it.
+
+        A node whose previous session is still registered (same key) replaces it.
+        """
+        admitted = await self.admission.admit(hello, raw_hello, signature, session_nonce)
+        if not version_at_least(hello.agent_version, self._config.min_agent_version):
+            raise FailedPrecondition(
+                f"agent version {hello.agent_version or '?'} is older than the network's "
+                f"minimum {self._config.min_agent_version}; upgrade the agent"
+            )
         if hello.max_concurrent_jobs < 1:
             raise InvalidArgument(
                 "max_concurrent_jobs must be at least 1", field="max_concurrent_jobs"
@@ -104,11 +138,23 @@ class NetworkService:
             raise InvalidArgument(
                 f"node offers no catalog model (offers {offered})", field="models"
             )
-        node = NodeSession(node_id=uuid.uuid4().hex, hello=replace(hello, models=served))
+        previous = self._nodes.get(admitted.node_id)
+        if previous is not None:
+            self.disconnect(previous, "replaced by a new session of the same node")
+        node = NodeSession(
+            node_id=admitted.node_id,
+            hello=replace(hello, models=served, node_token=""),
+            operator_account_id=admitted.operator_account_id,
+        )
         self._nodes[node.node_id] = node
         self._router.add(node)
+        node.outbox.put_nowait(ConfigCommand(self._config))
         log.info(
-            "node registered", node_id=node.node_id, name=hello.name, models=sorted(node.models)
+            "node registered",
+            node_id=node.node_id,
+            name=hello.name,
+            models=sorted(node.models),
+            operator_account_id=node.operator_account_id,
         )
         return node
 
@@ -134,6 +180,38 @@ class NetworkService:
             node.draining = True
             log.info("node draining", node_id=node.node_id, jobs=len(node.active_jobs))
 
+    # --- admin and configuration -------------------------------------------
+
+    def drain_node(self, node_id: str) -> NodeSession:
+        """No new jobs for the node; it keeps its session and finishes its jobs."""
+        node = self.node(node_id)
+        self.draining(node)
+        return node
+
+    def quarantine(self, node_id: str, reason: str) -> NodeSession:
+        """Takes the node out of service until it reconnects."""
+        node = self.node(node_id)
+        if not node.quarantine_reason:
+            node.quarantine_reason = reason or "quarantined by an operator"
+            log.warning("node quarantined", node_id=node_id, reason=node.quarantine_reason)
+        return node
+
+    @property
+    def config(self) -> NetworkConfig:
+        return self._config
+
+    def update_config(self, proposed: NetworkConfig, expected_version: int) -> NetworkConfig:
+        """Stores the next version and pushes it to every connected agent."""
+        self._config = next_version(self._config, proposed, expected_version)
+        for node in self._nodes.values():
+            node.outbox.put_nowait(ConfigCommand(self._config))
+        log.info("network configuration updated", version=self._config.version)
+        return self._config
+
+    def config_applied(self, node: NodeSession, version: int) -> None:
+        node.touch()
+        node.config_version = max(node.config_version, version)
+
     def report(self, node: NodeSession, job_id: str, epoch: int, report: NodeReport) -> None:
         """Routes a node's report to its job, dropping reports the node does not own."""
         node.touch()
@@ -142,18 +220,41 @@ class NetworkService:
             log.info("stale job report dropped", node_id=node.node_id, job_id=job_id, epoch=epoch)
             return
         job.last_progress = time.monotonic()
+        if isinstance(report, ChunkReport):
+            job.output(epoch).add(report.text, report.token_ids)
+        elif isinstance(report, DoneReport | FailedReport):
+            usage = report.usage
+            payload = result_payload(
+                job_id=job_id,
+                epoch=epoch,
+                done=isinstance(report, DoneReport),
+                reason=report.reason_code,
+                prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens,
+                output=job.output(epoch),
+            )
+            if not verify(node.hello.public_key, report.signature, payload):
+                self.cut_off(
+                    node,
+                    InvalidResultSignature(
+                        f"the result of job {job_id} (epoch {epoch}) is not signed by this "
+                        "node over what it streamed",
+                        metadata={"job_id": job_id, "epoch": str(epoch)},
+                    ),
+                )
+                return
         job.post(epoch, report)
 
     def disconnect(self, node: NodeSession, reason: str) -> None:
         """Forgets the node at once and moves its jobs elsewhere; idempotent."""
-        self._remove(node, reason, DisconnectCommand)
+        self._remove(node, reason, DisconnectCommand(reason))
 
-    def _remove(
-        self,
-        node: NodeSession,
-        reason: str,
-        farewell: type[DisconnectCommand] | type[ReconnectCommand],
-    ) -> None:
+    def cut_off(self, node: NodeSession, error: DomainError) -> None:
+        """Ends the node's session with ``error``; its jobs move elsewhere, unpaid."""
+        log.warning("node cut off", node_id=node.node_id, reason=error.reason, error=error.message)
+        self._remove(node, error.message, DisconnectCommand(error.message, error))
+
+    def _remove(self, node: NodeSession, reason: str, farewell: NodeCommand) -> None:
         if self._nodes.pop(node.node_id, None) is None:
             return
         self._router.remove(node)
@@ -161,7 +262,7 @@ class NetworkService:
             job = self._jobs.get(job_id)
             if job is not None and job.node_id == node.node_id:
                 job.give_up(reason)
-        node.outbox.put_nowait(farewell(reason))
+        node.outbox.put_nowait(farewell)
         log.info("node removed", node_id=node.node_id, reason=reason)
 
     async def _watch(self) -> None:
@@ -218,7 +319,12 @@ class NetworkService:
         if node is None or self._closing:
             raise NoCapacity(f"no node is serving the model '{spec.model}' right now")
 
-        job = ActiveJob(job_id=job_id, spec=spec, node_id=node.node_id)
+        job = ActiveJob(
+            job_id=job_id,
+            spec=spec,
+            node_id=node.node_id,
+            operator_account_id=node.operator_account_id,
+        )
         self._jobs[job_id] = job
         self._assign(job, node)
         bound = log.bind(job_id=job_id)
@@ -234,6 +340,7 @@ class NetworkService:
                     yield job.record(report)
                 elif isinstance(report, DoneReport):
                     finished = True
+                    job.verified()
                     # Completion tokens are what was relayed, not what the node claims.
                     usage = job.usage(report.usage.prompt_tokens)
                     if (
@@ -294,7 +401,7 @@ class NetworkService:
             bound.warning("job lost its node and no other can continue it", reason=lost.reason)
             return None
         previous = job.node_id
-        job.reassign(node.node_id)
+        job.reassign(node.node_id, node.operator_account_id)
         self._assign(job, node)
         bound.info(
             "job migrated",

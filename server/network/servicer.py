@@ -6,10 +6,12 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC
 
 import grpc
 import structlog
 from google.protobuf import duration_pb2, timestamp_pb2
+from google.protobuf.message import DecodeError
 from resultity.agent.v1 import agent_service_pb2 as agent_pb
 from resultity.agent.v1 import agent_service_pb2_grpc as agent_grpc
 from resultity.network.v1 import dispatch_service_pb2 as dispatch_pb
@@ -17,18 +19,25 @@ from resultity.network.v1 import dispatch_service_pb2_grpc as dispatch_grpc
 from resultity.network.v1 import node_admin_service_pb2 as admin_pb
 from resultity.network.v1 import node_admin_service_pb2_grpc as admin_grpc
 
-from server.common.errors import DomainError, ProtocolViolation, SessionEnded
+from server.common.errors import (
+    DomainError,
+    InvalidNodeCredentials,
+    ProtocolViolation,
+    SessionEnded,
+)
 from server.common.grpc_errors import abort_with_error, translate_errors
 from server.common.inference import JobAssigned, JobDelta, JobMigrated
 from server.common.inference_proto import (
     finish_reason_from_pb,
     finish_reason_to_pb,
+    price_from_pb,
     price_to_pb,
     spec_from_pb,
     spec_to_pb,
     usage_from_pb,
     usage_to_pb,
 )
+from server.network.config import ConfigModel, NetworkConfig
 from server.network.jobs import (
     ChunkReport,
     Continuation,
@@ -39,6 +48,7 @@ from server.network.jobs import (
 from server.network.nodes import (
     AssignCommand,
     CancelCommand,
+    ConfigCommand,
     DisconnectCommand,
     NodeCommand,
     NodeHello,
@@ -64,6 +74,11 @@ def _hello_from_pb(hello: agent_pb.Hello) -> NodeHello:
         agent_version=hello.agent_version,
         models=tuple(NodeModel(m.model, m.runtime, m.context_length) for m in hello.models),
         max_concurrent_jobs=hello.max_concurrent_jobs,
+        public_key=hello.public_key,
+        node_token=hello.node_token,
+        nonce=hello.nonce,
+        network_id=hello.network_id,
+        signed_at=hello.signed_at.ToDatetime(UTC) if hello.HasField("signed_at") else None,
     )
 
 
@@ -71,7 +86,65 @@ _STATE_TO_PB = {
     NodeState.READY: admin_pb.NODE_STATE_READY,
     NodeState.SUSPECT: admin_pb.NODE_STATE_SUSPECT,
     NodeState.DRAINING: admin_pb.NODE_STATE_DRAINING,
+    NodeState.QUARANTINED: admin_pb.NODE_STATE_QUARANTINED,
 }
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    value = duration_pb2.Duration()
+    value.FromNanoseconds(int(seconds * 1e9))
+    return value
+
+
+def config_to_pb(config: NetworkConfig) -> agent_pb.NetworkConfig:
+    return agent_pb.NetworkConfig(
+        version=config.version,
+        heartbeat_interval=_duration(config.heartbeat_interval_s),
+        heartbeat_timeout=_duration(config.heartbeat_timeout_s),
+        min_agent_version=config.min_agent_version,
+        canary_rate=config.canary_rate,
+        models=[
+            agent_pb.ConfigModel(
+                model=m.model,
+                price=price_to_pb(m.price),
+                context_length=m.context_length,
+                runtimes=list(m.runtimes),
+            )
+            for m in config.models
+        ],
+    )
+
+
+def config_from_pb(config: agent_pb.NetworkConfig) -> NetworkConfig:
+    return NetworkConfig(
+        version=config.version,
+        heartbeat_interval_s=config.heartbeat_interval.ToNanoseconds() / 1e9,
+        heartbeat_timeout_s=config.heartbeat_timeout.ToNanoseconds() / 1e9,
+        min_agent_version=config.min_agent_version,
+        canary_rate=config.canary_rate,
+        models=tuple(
+            ConfigModel(m.model, price_from_pb(m.price), m.context_length, tuple(m.runtimes))
+            for m in config.models
+        ),
+    )
+
+
+def node_to_pb(node: NodeSession, now: float, suspect_after_s: float) -> admin_pb.Node:
+    return admin_pb.Node(
+        node_id=node.node_id,
+        node_name=node.hello.name,
+        agent_version=node.hello.agent_version,
+        models=sorted(node.models),
+        max_concurrent_jobs=node.hello.max_concurrent_jobs,
+        active_jobs=len(node.active_jobs),
+        connected_at=_timestamp(node.connected_at),
+        last_heartbeat_at=_timestamp(node.last_heartbeat_at),
+        state=_STATE_TO_PB[node.state(now, suspect_after_s)],
+        free_memory_bytes=node.free_memory_bytes,
+        operator_account_id=node.operator_account_id,
+        config_version=node.config_version,
+        quarantine_reason=node.quarantine_reason,
+    )
 
 
 def _continuation_to_pb(continuation: Continuation | None) -> agent_pb.Continuation | None:
@@ -94,6 +167,8 @@ def _command_to_pb(command: NodeCommand) -> agent_pb.ConnectResponse:
                 continuation=_continuation_to_pb(command.continuation),
             )
         )
+    if isinstance(command, ConfigCommand):
+        return agent_pb.ConnectResponse(config=config_to_pb(command.config))
     if isinstance(command, CancelCommand):
         return agent_pb.ConnectResponse(
             cancel_job=agent_pb.CancelJob(job_id=command.job_id, epoch=command.epoch)
@@ -110,15 +185,32 @@ class AgentServicer(agent_grpc.AgentServiceServicer):
         request_iterator: AsyncIterator[agent_pb.ConnectRequest],
         context: grpc.aio.ServicerContext[agent_pb.ConnectRequest, agent_pb.ConnectResponse],
     ) -> AsyncIterator[agent_pb.ConnectResponse]:
+        nonce = self._service.challenge()
+        yield agent_pb.ConnectResponse(
+            challenge=agent_pb.Challenge(
+                nonce=nonce, network_id=self._service.admission.settings.network_id
+            )
+        )
         first = await anext(aiter(request_iterator), None)
         if first is None:
+            self._service.admission.withdraw(nonce)
             return
-        if first.WhichOneof("message") != "hello":
+        if first.WhichOneof("message") != "signed_hello":
+            self._service.admission.withdraw(nonce)
             await abort_with_error(
-                context, ProtocolViolation("the first message of a session must be hello")
+                context,
+                InvalidNodeCredentials("the first message of a session must be a signed hello"),
             )
+        signed = first.signed_hello
         try:
-            node = self._service.register(_hello_from_pb(first.hello))
+            hello = agent_pb.Hello.FromString(signed.hello)
+        except DecodeError:
+            self._service.admission.withdraw(nonce)
+            await abort_with_error(context, InvalidNodeCredentials("the signed hello is malformed"))
+        try:
+            node = await self._service.register(
+                _hello_from_pb(hello), signed.hello, signed.signature, nonce
+            )
         except DomainError as error:
             await abort_with_error(context, error)
         liveness = self._service.liveness
@@ -142,7 +234,7 @@ class AgentServicer(agent_grpc.AgentServiceServicer):
                 if isinstance(command, DisconnectCommand):
                     if reader.done():
                         return  # the agent ended the stream itself
-                    await abort_with_error(context, SessionEnded(command.reason))
+                    await abort_with_error(context, command.error or SessionEnded(command.reason))
                 yield _command_to_pb(command)
         finally:
             reader.cancel()
@@ -177,6 +269,8 @@ class AgentServicer(agent_grpc.AgentServiceServicer):
             )
         elif kind == "draining":
             self._service.draining(node)
+        elif kind == "config_applied":
+            self._service.config_applied(node, request.config_applied.version)
         elif kind == "job_chunk":
             chunk = request.job_chunk
             report = ChunkReport(
@@ -189,12 +283,21 @@ class AgentServicer(agent_grpc.AgentServiceServicer):
                 node,
                 done.job_id,
                 done.epoch,
-                DoneReport(finish_reason_from_pb(done.finish_reason), usage_from_pb(done.usage)),
+                DoneReport(
+                    finish_reason_from_pb(done.finish_reason),
+                    usage_from_pb(done.usage),
+                    done.signature,
+                    done.finish_reason,
+                ),
             )
         elif kind == "job_failed":
             failed = request.job_failed
             failure = FailedReport(
-                _FAILURE_FROM_PB.get(failed.reason, FailureKind.RUNTIME_ERROR), failed.message
+                _FAILURE_FROM_PB.get(failed.reason, FailureKind.RUNTIME_ERROR),
+                failed.message,
+                usage_from_pb(failed.usage),
+                failed.signature,
+                failed.reason,
             )
             self._service.report(node, failed.job_id, failed.epoch, failure)
         else:
@@ -239,7 +342,9 @@ class DispatchServicer(dispatch_grpc.DispatchServiceServicer):
                             usage=usage_to_pb(event.usage),
                             node_usage=[
                                 dispatch_pb.NodeUsage(
-                                    node_id=share.node_id, usage=usage_to_pb(share.usage)
+                                    node_id=share.node_id,
+                                    usage=usage_to_pb(share.usage),
+                                    operator_account_id=share.operator_account_id,
                                 )
                                 for share in event.node_usage
                             ],
@@ -291,19 +396,60 @@ class NodeAdminServicer(admin_grpc.NodeAdminServiceServicer):
         now = time.monotonic()
         suspect_after_s = self._service.liveness.suspect_s
         return admin_pb.ListNodesResponse(
-            nodes=[
-                admin_pb.Node(
-                    node_id=node.node_id,
-                    node_name=node.hello.name,
-                    agent_version=node.hello.agent_version,
-                    models=sorted(node.models),
-                    max_concurrent_jobs=node.hello.max_concurrent_jobs,
-                    active_jobs=len(node.active_jobs),
-                    connected_at=_timestamp(node.connected_at),
-                    last_heartbeat_at=_timestamp(node.last_heartbeat_at),
-                    state=_STATE_TO_PB[node.state(now, suspect_after_s)],
-                    free_memory_bytes=node.free_memory_bytes,
-                )
-                for node in self._service.nodes()
-            ]
+            nodes=[node_to_pb(node, now, suspect_after_s) for node in self._service.nodes()]
         )
+
+    def _node(self, node: NodeSession) -> admin_pb.Node:
+        return node_to_pb(node, time.monotonic(), self._service.liveness.suspect_s)
+
+    @translate_errors
+    async def GetNode(
+        self,
+        request: admin_pb.GetNodeRequest,
+        context: grpc.aio.ServicerContext[admin_pb.GetNodeRequest, admin_pb.GetNodeResponse],
+    ) -> admin_pb.GetNodeResponse:
+        return admin_pb.GetNodeResponse(node=self._node(self._service.node(request.node_id)))
+
+    @translate_errors
+    async def DrainNode(
+        self,
+        request: admin_pb.DrainNodeRequest,
+        context: grpc.aio.ServicerContext[admin_pb.DrainNodeRequest, admin_pb.DrainNodeResponse],
+    ) -> admin_pb.DrainNodeResponse:
+        return admin_pb.DrainNodeResponse(
+            node=self._node(self._service.drain_node(request.node_id))
+        )
+
+    @translate_errors
+    async def QuarantineNode(
+        self,
+        request: admin_pb.QuarantineNodeRequest,
+        context: grpc.aio.ServicerContext[
+            admin_pb.QuarantineNodeRequest, admin_pb.QuarantineNodeResponse
+        ],
+    ) -> admin_pb.QuarantineNodeResponse:
+        node = self._service.quarantine(request.node_id, request.reason)
+        return admin_pb.QuarantineNodeResponse(node=self._node(node))
+
+    @translate_errors
+    async def GetNetworkConfig(
+        self,
+        request: admin_pb.GetNetworkConfigRequest,
+        context: grpc.aio.ServicerContext[
+            admin_pb.GetNetworkConfigRequest, admin_pb.GetNetworkConfigResponse
+        ],
+    ) -> admin_pb.GetNetworkConfigResponse:
+        return admin_pb.GetNetworkConfigResponse(config=config_to_pb(self._service.config))
+
+    @translate_errors
+    async def UpdateNetworkConfig(
+        self,
+        request: admin_pb.UpdateNetworkConfigRequest,
+        context: grpc.aio.ServicerContext[
+            admin_pb.UpdateNetworkConfigRequest, admin_pb.UpdateNetworkConfigResponse
+        ],
+    ) -> admin_pb.UpdateNetworkConfigResponse:
+        config = self._service.update_config(
+            config_from_pb(request.config), request.expected_version
+        )
+        return admin_pb.UpdateNetworkConfigResponse(config=config_to_pb(config))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 import pytest
@@ -15,6 +15,7 @@ from resultity.network.v1 import node_admin_service_pb2 as admin_pb
 from resultity.network.v1 import node_admin_service_pb2_grpc as admin_grpc
 
 from agent.backoff import Backoff
+from agent.identity import NodeIdentity, signed_hello
 from agent.session import AgentSession, SessionSettings
 from server.common import channels
 from server.common.grpc_errors import error_info
@@ -46,15 +47,18 @@ async def network() -> AsyncIterator[tuple[NetworkComponent, str]]:
     await component.stop()
 
 
-def _hello(model: str = MODEL_ID) -> pb.ConnectRequest:
-    return pb.ConnectRequest(
-        hello=pb.Hello(
-            node_name="raw",
-            agent_version="test",
-            models=[pb.ServedModel(model=model, runtime="scripted", context_length=2048)],
-            max_concurrent_jobs=1,
-        )
+Opening = Callable[[pb.Challenge], list[pb.ConnectRequest]]
+
+
+def _hello(model: str = MODEL_ID) -> Opening:
+    hello = pb.Hello(
+        node_name="raw",
+        agent_version="0.1.0",
+        models=[pb.ServedModel(model=model, runtime="scripted", context_length=2048)],
+        max_concurrent_jobs=1,
     )
+    identity = NodeIdentity.generate()
+    return lambda challenge: [signed_hello(identity, hello, challenge, "")]
 
 
 def _info(error: grpc.aio.AioRpcError) -> ErrorInfo:
@@ -64,12 +68,14 @@ def _info(error: grpc.aio.AioRpcError) -> ErrorInfo:
 
 
 async def _collect(
-    target: str, requests: list[pb.ConnectRequest], *, keep_open: bool
+    target: str, opening: Opening, *, keep_open: bool
 ) -> tuple[list[pb.ConnectResponse], grpc.aio.AioRpcError | None]:
-    """Sends ``requests`` then (optionally) stays silent; returns what came back."""
+    """Answers the challenge with ``opening`` then (optionally) stays silent;
+    returns what came back after the challenge."""
+    challenge: asyncio.Future[pb.Challenge] = asyncio.get_running_loop().create_future()
 
     async def outgoing() -> AsyncIterator[pb.ConnectRequest]:
-        for request in requests:
+        for request in opening(await challenge):
             yield request
         if keep_open:
             await asyncio.Event().wait()
@@ -78,7 +84,10 @@ async def _collect(
     async with channels.insecure_channel(target) as channel:
         try:
             async for response in pb_grpc.AgentServiceStub(channel).Connect(outgoing()):
-                responses.append(response)
+                if response.WhichOneof("message") == "challenge":
+                    challenge.set_result(response.challenge)
+                else:
+                    responses.append(response)
         except grpc.aio.AioRpcError as error:
             return responses, error
     return responses, None
@@ -95,7 +104,7 @@ async def test_hello_is_welcomed_with_the_heartbeat_timing(
 ) -> None:
     _, target = network
     async with asyncio.timeout(10):
-        responses, error = await _collect(target, [_hello()], keep_open=True)
+        responses, error = await _collect(target, _hello(), keep_open=True)
     welcome = responses[0].welcome
     assert welcome.node_id
     assert welcome.heartbeat_interval.ToMilliseconds() == 50
@@ -106,20 +115,22 @@ async def test_hello_is_welcomed_with_the_heartbeat_timing(
     assert _info(error).reason == "SESSION_ENDED"
 
 
-async def test_first_message_must_be_hello(network: tuple[NetworkComponent, str]) -> None:
+async def test_first_message_must_be_a_signed_hello(
+    network: tuple[NetworkComponent, str],
+) -> None:
     _, target = network
     beat = pb.ConnectRequest(heartbeat=pb.Heartbeat())
-    _, error = await _collect(target, [beat], keep_open=False)
+    _, error = await _collect(target, lambda _: [beat], keep_open=False)
     assert error is not None
-    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert _info(error).reason == "PROTOCOL_VIOLATION"
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert _info(error).reason == "INVALID_NODE_CREDENTIALS"
 
 
 async def test_node_without_a_catalog_model_is_refused(
     network: tuple[NetworkComponent, str],
 ) -> None:
     _, target = network
-    _, error = await _collect(target, [_hello("unknown-model")], keep_open=False)
+    _, error = await _collect(target, _hello("unknown-model"), keep_open=False)
     assert error is not None
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert _info(error).metadata["field"] == "models"
@@ -129,7 +140,7 @@ async def test_closed_stream_removes_the_node_at_once(
     network: tuple[NetworkComponent, str],
 ) -> None:
     component, target = network
-    responses, _ = await _collect(target, [_hello()], keep_open=False)
+    responses, _ = await _collect(target, _hello(), keep_open=False)
     assert responses[0].welcome.node_id
     await eventually(lambda: not component.service.nodes())
 
@@ -172,7 +183,8 @@ async def test_agent_reconnects_after_the_network_server_restarts() -> None:
 
         server, component, _ = await _network_server(FAST, port=port)
         await eventually(lambda: bool(component.service.nodes()))
-        assert session.node_id != first_id
+        # The node's id is its key's fingerprint: the same across sessions.
+        assert session.node_id == first_id
         assert [node.node_id for node in component.service.nodes()] == [session.node_id]
     finally:
         await _cancel(task)

@@ -15,6 +15,7 @@ from resultity.common.v1 import inference_pb2 as common_pb
 from resultity.network.v1 import dispatch_service_pb2 as dispatch_pb
 from resultity.network.v1 import dispatch_service_pb2_grpc as dispatch_grpc
 
+from agent.identity import NodeIdentity, signed_hello
 from agent.session import AgentSession, SessionSettings
 from server.common import channels
 from server.common.inference import ChatMessage, ChatRole, GenerationSpec, Sampling
@@ -94,24 +95,22 @@ class RawNode:
         self._outbound: asyncio.Queue[agent_pb.ConnectRequest | None] = asyncio.Queue()
         self.responses: asyncio.Queue[agent_pb.ConnectResponse] = asyncio.Queue()
         self.node_id = ""
+        self.identity = NodeIdentity.generate()
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
-        self.send(
-            agent_pb.ConnectRequest(
-                hello=agent_pb.Hello(
-                    node_name="raw",
-                    agent_version="test",
-                    models=[
-                        agent_pb.ServedModel(model=MODEL_ID, runtime="raw", context_length=2048)
-                    ],
-                    max_concurrent_jobs=1,
-                )
-            )
-        )
         call = agent_grpc.AgentServiceStub(self._channel).Connect(self._drain())
         self._tasks.append(asyncio.create_task(self._read(call)))
+        challenge = (await self.responses.get()).challenge
+        hello = agent_pb.Hello(
+            node_name="raw",
+            agent_version="0.1.0",
+            models=[agent_pb.ServedModel(model=MODEL_ID, runtime="raw", context_length=2048)],
+            max_concurrent_jobs=1,
+        )
+        self.send(signed_hello(self.identity, hello, challenge, ""))
         self.node_id = (await self.responses.get()).welcome.node_id
+        await self.next("config")  # sent right after the welcome
         self._tasks.append(asyncio.create_task(self._beat()))
 
     def send(self, request: agent_pb.ConnectRequest) -> None:

@@ -12,6 +12,7 @@ import contextlib
 import os
 import signal
 import sys
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -133,6 +134,9 @@ async def _spawn_agent(target: str, name: str) -> asyncio.subprocess.Process:
         "512",
         "--threads",
         "1",
+        # Each agent its own key, so each is its own node.
+        "--data-dir",
+        tempfile.mkdtemp(prefix=f"agent-{name}-"),
         cwd=REPO,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL,
