@@ -49,6 +49,8 @@ def generation_request(
         if role is None:
             raise InvalidAssignment("message without a role")
         messages.append(Message(role, message.content))
+    if not messages and not spec.HasField("prompt"):
+        raise InvalidAssignment("a job needs messages or a prompt")
     sampling = spec.sampling
     # A continuation may have nothing left to generate but held-back text.
     if sampling.max_tokens < (0 if continuation is not None else 1):
@@ -73,6 +75,7 @@ def generation_request(
             json_schema=sampling.response_format.json_schema,
         ),
         max_prompt_tokens=spec.max_prompt_tokens,
+        prompt=spec.prompt if spec.HasField("prompt") else None,
         continuation=None
         if continuation is None
         else Continuation(

@@ -7,11 +7,12 @@ metadata, and convert the reply; cloud holds all business logic.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import grpc
 import structlog
@@ -27,7 +28,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway import convert, errors, sse
 from gateway.errors import ApiError
-from gateway.schemas import ChatCompletionRequest
+from gateway.openapi import describe
+from gateway.schemas import ChatCompletionRequest, CompletionRequest
 
 if TYPE_CHECKING:
     from resultity.cloud.v1.inference_service_pb2_grpc import InferenceServiceAsyncStub
@@ -35,18 +37,26 @@ if TYPE_CHECKING:
 log = structlog.get_logger("gateway")
 
 _T = TypeVar("_T")
+_Message = TypeVar("_Message")
+_Body = TypeVar("_Body", ChatCompletionRequest, CompletionRequest)
 Metadata = tuple[tuple[str, str], ...]
 
 # Status logged (never delivered) when the client went away before the answer.
 _CLIENT_CLOSED_REQUEST = 499
 _LIST_MODELS_TIMEOUT_S = 30.0
+# Request bodies above this are refused (413) before parsing.
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+# What the platform itself added to the request's time, in milliseconds (see
+# RequestIdMiddleware), and what cloud reports the nodes spent generating.
+OVERHEAD_HEADER = "x-resultity-overhead-ms"
+GENERATION_MS_KEY = "x-resultity-generation-ms"
 
 
 class _ClientGone(Exception):
     """The HTTP client disconnected while the gateway waited on cloud."""
 
 
-def create_app(cloud_target: str) -> FastAPI:
+def create_app(cloud_target: str, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     """The gateway app; its lifespan owns the gRPC channel to cloud at `cloud_target`."""
 
     @asynccontextmanager
@@ -62,16 +72,19 @@ def create_app(cloud_target: str) -> FastAPI:
     app = FastAPI(
         title="Resultity gateway",
         lifespan=lifespan,
+        version="1",
         docs_url=None,
         redoc_url=None,
-        openapi_url=None,
+        openapi_url="/openapi.json",
     )
+    app.state.max_body_bytes = max_body_bytes
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(grpc.aio.AioRpcError, _rpc_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_middleware(RequestIdMiddleware)
     app.include_router(_router)
+    describe(app)
     return app
 
 
@@ -80,7 +93,14 @@ def create_app(cloud_target: str) -> FastAPI:
 
 class RequestIdMiddleware:
     """Gives every request an id (response header `x-request-id`, log context, cloud metadata)
-    and renders unhandled exceptions as the OpenAI envelope rather than plain text."""
+    and renders unhandled exceptions as the OpenAI envelope rather than plain text.
+
+    It also sets `x-resultity-overhead-ms`: the time from receiving the request to
+    starting the response, minus the time nodes spent generating before then (cloud
+    reports that in trailing metadata; routes put it in `request.state.generation_ms`).
+    A stream's response starts once a node has the job, before any generation, so
+    there it is the time of admission and routing; a whole response starts after
+    generation, so there it is the total less the nodes' time."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -90,7 +110,8 @@ class RequestIdMiddleware:
             await self.app(scope, receive, send)
             return
         request_id = uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
         status: int | None = None
         began = time.monotonic()
 
@@ -98,7 +119,11 @@ class RequestIdMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                MutableHeaders(scope=message).append("x-request-id", request_id)
+                headers = MutableHeaders(scope=message)
+                headers.append("x-request-id", request_id)
+                elapsed_ms = (time.monotonic() - began) * 1000
+                overhead_ms = max(0.0, elapsed_ms - float(state.get("generation_ms", 0.0)))
+                headers.append(OVERHEAD_HEADER, f"{overhead_ms:.1f}")
             await send(message)
 
         with structlog.contextvars.bound_contextvars(request_id=request_id):
@@ -159,11 +184,37 @@ def _call_metadata(request: Request) -> Metadata:
     return (("authorization", f"Bearer {key}"), ("x-request-id", request.state.request_id))
 
 
-async def _parse(request: Request) -> ChatCompletionRequest:
+async def _read_body(request: Request) -> bytes:
+    """The body, refused with 413 as soon as it exceeds the limit (whatever
+    content-length claims), so a huge body is never held in memory."""
+    limit: int = request.app.state.max_body_bytes
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise errors.body_too_large(limit)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise errors.body_too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _parse(request: Request, model: type[_Body]) -> _Body:
+    body = await _read_body(request)
     try:
-        return ChatCompletionRequest.model_validate_json(await request.body())
+        return model.model_validate_json(body)
     except ValidationError as error:
         raise errors.from_validation_errors(error.errors()) from None
+
+
+def _record_generation(request: Request, trailing: grpc.aio.Metadata | None) -> None:
+    """Keeps cloud's report of the nodes' time for the overhead header."""
+    for key, value in trailing or ():
+        if key == GENERATION_MS_KEY:
+            with contextlib.suppress(ValueError):
+                request.state.generation_ms = float(value)
 
 
 async def _wait_for_disconnect(request: Request) -> None:
@@ -202,41 +253,80 @@ _router = APIRouter()
 @_router.post("/v1/chat/completions")
 async def chat_completions(request: Request) -> Response:
     metadata = _call_metadata(request)
-    body = await _parse(request)
+    body = await _parse(request, ChatCompletionRequest)
     params = convert.params_from_request(body)
+    logprobs = bool(body.logprobs)
     structlog.contextvars.bind_contextvars(model=body.model, stream=body.stream)
+    cloud = _cloud(request)
     if body.stream:
-        return await _stream_chat_completion(
-            request, params, metadata, body.include_usage, bool(body.logprobs)
+        include_usage = body.include_usage
+
+        def chunk(message: pb.StreamChatCompletionResponse) -> bytes | None:
+            if convert.is_usage_only(message) and not include_usage:
+                return None
+            rendered = convert.chunk_from_proto(message, logprobs=logprobs)
+            return sse.encode_chunk(rendered, include_usage=include_usage)
+
+        stream = cloud.StreamChatCompletion(
+            pb.StreamChatCompletionRequest(params=params), metadata=metadata
         )
-    call = _cloud(request).CreateChatCompletion(
+        return await _stream(request, stream, chunk)
+    call = cloud.CreateChatCompletion(
         pb.CreateChatCompletionRequest(params=params), metadata=metadata
     )
     try:
         response = await _unless_client_gone(request, call, call)
     except _ClientGone:
         return _client_gone_response()
-    completion = convert.chat_completion_from_proto(response, logprobs=bool(body.logprobs))
+    _record_generation(request, await call.trailing_metadata())
+    completion = convert.chat_completion_from_proto(response, logprobs=logprobs)
     return _json(completion.model_dump_json())
 
 
-async def _stream_chat_completion(
+@_router.post("/v1/completions")
+async def completions(request: Request) -> Response:
+    metadata = _call_metadata(request)
+    body = await _parse(request, CompletionRequest)
+    params = convert.text_params_from_request(body)
+    logprobs = body.logprobs is not None
+    structlog.contextvars.bind_contextvars(model=body.model, stream=body.stream)
+    cloud = _cloud(request)
+    if body.stream:
+        include_usage = body.include_usage
+        offsets: dict[int, int] = {}
+
+        def chunk(message: pb.StreamCompletionResponse) -> bytes | None:
+            if not message.choices and not (include_usage and message.HasField("usage")):
+                return None  # the opening message, or usage nobody asked for
+            rendered = convert.text_chunk_from_proto(message, logprobs=logprobs, offsets=offsets)
+            return sse.encode_chunk(rendered, include_usage=include_usage)
+
+        stream = cloud.StreamCompletion(
+            pb.StreamCompletionRequest(params=params), metadata=metadata
+        )
+        return await _stream(request, stream, chunk)
+    call = cloud.CreateCompletion(pb.CreateCompletionRequest(params=params), metadata=metadata)
+    try:
+        response = await _unless_client_gone(request, call, call)
+    except _ClientGone:
+        return _client_gone_response()
+    _record_generation(request, await call.trailing_metadata())
+    completion = convert.text_completion_from_proto(response, logprobs=logprobs)
+    return _json(completion.model_dump_json())
+
+
+async def _stream(
     request: Request,
-    params: pb.ChatCompletionParams,
-    metadata: Metadata,
-    include_usage: bool,
-    logprobs: bool,
+    call: grpc.aio.UnaryStreamCall[Any, _Message],
+    render: Callable[[_Message], bytes | None],
 ) -> Response:
-    call = _cloud(request).StreamChatCompletion(
-        pb.StreamChatCompletionRequest(params=params), metadata=metadata
-    )
+    """An SSE response relaying cloud's stream; each message becomes the event
+    ``render`` makes of it (None: not sent)."""
     messages = aiter(call)
     # Read the first message before answering so that errors cloud raises up front
     # (bad key, unknown model, no funds) get a proper HTTP status.
     try:
-        first: pb.StreamChatCompletionResponse | None = await _unless_client_gone(
-            request, call, anext(messages)
-        )
+        first: _Message | None = await _unless_client_gone(request, call, anext(messages))
     except StopAsyncIteration:
         first = None
     except _ClientGone:
@@ -246,11 +336,9 @@ async def _stream_chat_completion(
         try:
             message = first
             while message is not None:
-                if include_usage or not convert.is_usage_only(message):
-                    yield sse.encode_chunk(
-                        convert.chunk_from_proto(message, logprobs=logprobs),
-                        include_usage=include_usage,
-                    )
+                event = render(message)
+                if event is not None:
+                    yield event
                 message = await anext(messages, None)
         except grpc.aio.AioRpcError as error:
             api_error = errors.from_rpc_error(error)
@@ -287,6 +375,20 @@ async def list_models(request: Request) -> Response:
     except _ClientGone:
         return _client_gone_response()
     return _json(convert.model_list_from_proto(response).model_dump_json())
+
+
+@_router.get("/v1/models/{model:path}")
+async def get_model(request: Request, model: str) -> Response:
+    call = _cloud(request).GetModel(
+        pb.GetModelRequest(model=model),
+        metadata=_call_metadata(request),
+        timeout=_LIST_MODELS_TIMEOUT_S,
+    )
+    try:
+        response = await _unless_client_gone(request, call, call)
+    except _ClientGone:
+        return _client_gone_response()
+    return _json(convert.model_card_from_proto(response.model).model_dump_json())
 
 
 def _json(content: str) -> Response:

@@ -165,11 +165,91 @@ def is_usage_only(message: pb.StreamChatCompletionResponse) -> bool:
 
 
 def model_list_from_proto(response: pb.ListModelsResponse) -> schemas.ModelList:
-    return schemas.ModelList(
-        data=[
-            schemas.ModelCard(
-                id=model.id, created=_unix_seconds(model.created), owned_by=model.owned_by
+    return schemas.ModelList(data=[model_card_from_proto(model) for model in response.models])
+
+
+def text_params_from_request(request: schemas.CompletionRequest) -> pb.CompletionParams:
+    return pb.CompletionParams(
+        model=request.model,
+        prompts=request.prompt,
+        max_tokens=request.max_tokens,
+        temperature=request.temperature,
+        top_p=request.top_p,
+        stop=request.stop or [],
+        seed=request.seed,
+        user=request.user or "",
+        n=request.n,
+        presence_penalty=request.presence_penalty,
+        frequency_penalty=request.frequency_penalty,
+        logprobs=request.logprobs is not None,
+        top_logprobs=request.logprobs,
+    )
+
+
+def _text_logprobs(
+    logprobs: Sequence[inference_pb2.TokenLogprob], requested: bool, offset: int = 0
+) -> schemas.CompletionLogprobs | None:
+    """The legacy shape; ``offset`` is where the tokens' text starts in the choice's text."""
+    if not requested:
+        return None
+    offsets = []
+    for item in logprobs:
+        offsets.append(offset)
+        offset += len(item.token)
+    return schemas.CompletionLogprobs(
+        tokens=[item.token for item in logprobs],
+        token_logprobs=[item.logprob for item in logprobs],
+        top_logprobs=[{top.token: top.logprob for top in item.top_logprobs} for item in logprobs],
+        text_offset=offsets,
+    )
+
+
+def text_completion_from_proto(
+    response: pb.CreateCompletionResponse, *, logprobs: bool = False
+) -> schemas.TextCompletion:
+    return schemas.TextCompletion(
+        id=response.id,
+        created=_unix_seconds(response.created),
+        model=response.model,
+        choices=[
+            schemas.TextChoice(
+                index=choice.index,
+                text=choice.text,
+                logprobs=_text_logprobs(choice.logprobs, logprobs),
+                finish_reason=finish_reason(choice.finish_reason) or "stop",
             )
-            for model in response.models
-        ]
+            for choice in response.choices
+        ],
+        usage=_usage(response.usage),
+    )
+
+
+def text_chunk_from_proto(
+    message: pb.StreamCompletionResponse, *, logprobs: bool = False, offsets: dict[int, int]
+) -> schemas.TextCompletion:
+    """One chunk; ``offsets`` (choice index -> text sent so far) is updated."""
+    choices = []
+    for delta in message.choices:
+        offset = offsets.get(delta.index, 0)
+        choices.append(
+            schemas.TextChoice(
+                index=delta.index,
+                text=delta.text,
+                logprobs=_text_logprobs(delta.logprobs, logprobs and bool(delta.text), offset),
+                finish_reason=finish_reason(delta.finish_reason),
+            )
+        )
+        offsets[delta.index] = offset + len(delta.text)
+    return schemas.TextCompletion(
+        id=message.id,
+        created=_unix_seconds(message.created),
+        model=message.model,
+        choices=choices,
+        usage=_usage(message.usage) if message.HasField("usage") else None,
+    )
+
+
+def model_card_from_proto(model: pb.Model) -> schemas.ModelCard:
+    return schemas.ModelCard(
+        id=model.id, created=_unix_seconds(model.created), owned_by=model.owned_by
     )

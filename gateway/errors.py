@@ -132,6 +132,12 @@ def malformed_json() -> ApiError:
     )
 
 
+def body_too_large(limit: int) -> ApiError:
+    return ApiError(
+        413, f"The request body is larger than the limit of {limit} bytes.", INVALID_REQUEST
+    )
+
+
 def missing_api_key() -> ApiError:
     return ApiError(
         401,

@@ -122,6 +122,53 @@ class ChatCompletionRequest(_Request):
         return self.stream_options is not None and self.stream_options.include_usage
 
 
+# OpenAI's default for /v1/completions (chat completions have none).
+DEFAULT_COMPLETION_MAX_TOKENS = 16
+MAX_LEGACY_LOGPROBS = 5
+
+
+class CompletionRequest(_Request):
+    """`POST /v1/completions`: raw text prompts, no chat template."""
+
+    model: str
+    prompt: Annotated[list[str], BeforeValidator(_str_as_list), Field(min_length=1)]
+    max_tokens: int | None = Field(default=DEFAULT_COMPLETION_MAX_TOKENS, gt=0, le=INT32_MAX)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    stop: Annotated[
+        list[str] | None, BeforeValidator(_str_as_list), Field(max_length=MAX_STOP_SEQUENCES)
+    ] = None
+    seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
+    user: str | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    # The legacy API's logprobs is the number of alternatives (0-5) to report.
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LEGACY_LOGPROBS)
+    echo: bool | None = None
+    suffix: str | None = None
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, value: bool | None) -> bool | None:
+        if value:
+            raise ValueError("echo is not supported")
+        return value
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, value: str | None) -> str | None:
+        if value:
+            raise ValueError("suffix is not supported")
+        return value
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
@@ -194,6 +241,33 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChunkChoice]
     # Serialised only for callers that asked for usage (see sse.encode_chunk).
+    usage: Usage | None = None
+
+
+class CompletionLogprobs(BaseModel):
+    """The legacy completions API's logprobs shape."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class TextChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: FinishReason | None
+
+
+class TextCompletion(BaseModel):
+    """A text completion, and (with usage absent or null) one chunk of a streamed one."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[TextChoice]
     usage: Usage | None = None
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from gateway.errors import ApiError
-from gateway.schemas import ChatCompletionChunk
+from gateway.schemas import ChatCompletionChunk, TextCompletion
 
 MEDIA_TYPE = "text/event-stream"
 # Proxies must pass each event on as it comes rather than buffer the body.
@@ -17,7 +17,7 @@ def event(data: str) -> bytes:
     return "".join(f"data: {line}\n" for line in lines).encode() + b"\n"
 
 
-def encode_chunk(chunk: ChatCompletionChunk, *, include_usage: bool) -> bytes:
+def encode_chunk(chunk: ChatCompletionChunk | TextCompletion, *, include_usage: bool) -> bytes:
     # With include_usage every chunk carries "usage" (null until the last); without it
     # the key is absent, as in OpenAI's stream.
     exclude = None if include_usage else {"usage"}

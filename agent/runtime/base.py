@@ -70,6 +70,8 @@ class GenerationRequest:
     # Refuse (PromptTooLong) if the templated prompt has more tokens than this.
     max_prompt_tokens: int
     continuation: Continuation | None = None
+    # A text completion: this is the prompt as it is, no chat template (messages empty).
+    prompt: str | None = None
 
 
 class StopReason(StrEnum):

@@ -249,14 +249,18 @@ class LlamaCppRuntime:
         return stream
 
     def _tokenize_chat(self, request: GenerationRequest) -> list[int]:
-        messages: list[Any] = [
-            {"role": m.role.value, "content": m.content} for m in request.messages
-        ]
-        try:
-            text: str = self._template(messages=messages).prompt
-        except Exception as exc:
-            # Chat templates are model-supplied Jinja; they reject input by raising.
-            raise GenerationError(f"chat template rejected the messages: {exc}") from exc
+        """The templated chat, or a text completion's prompt as it is."""
+        if request.prompt is not None:
+            text = request.prompt
+        else:
+            messages: list[Any] = [
+                {"role": m.role.value, "content": m.content} for m in request.messages
+            ]
+            try:
+                text = self._template(messages=messages).prompt
+            except Exception as exc:
+                # Chat templates are model-supplied Jinja; they reject input by raising.
+                raise GenerationError(f"chat template rejected the messages: {exc}") from exc
         tokens = self._vocab.tokenize(text)
         if len(tokens) > request.max_prompt_tokens:
             raise PromptTooLong(

@@ -8,6 +8,7 @@ caller actually received, and settlement is shielded from cancellation.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -18,8 +19,15 @@ from datetime import UTC, datetime, timedelta
 import structlog
 
 from server.cloud.auth import CachedAuthenticator
-from server.cloud.ports import AccountPort, HoldRef, NetworkPort
-from server.cloud.pricing import cost, token_budget, worst_case_cost
+from server.cloud.ports import AccountPort, Caller, HoldRef, NetworkPort
+from server.cloud.pricing import (
+    TokenBudget,
+    cost,
+    prompt_token_bound,
+    text_token_bound,
+    token_budget,
+    worst_case_cost,
+)
 from server.common.errors import InvalidArgument, ModelNotFound, NoCapacity
 from server.common.inference import (
     CatalogModel,
@@ -63,6 +71,25 @@ class ChatRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class TextRequest:
+    """A text completion: raw prompts, no chat template."""
+
+    model: str
+    prompts: tuple[str, ...]
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    user: str = ""
+    n: int = 1
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class CompletionStarted:
     completion_id: str
     model: str
@@ -91,6 +118,9 @@ class ChoiceFinished:
 class CompletionFinished:
     usage: Usage
     charged: int
+    # Time the nodes spent on the jobs as cloud saw it: from each job's assignment
+    # to its end, summed over the choices.
+    generation_s: float = 0.0
 
 
 CompletionEvent = (
@@ -132,11 +162,22 @@ def _validate_response_format(response_format: ResponseFormat | None) -> None:
         )
 
 
-def validate(request: ChatRequest) -> None:
+def validate(request: ChatRequest | TextRequest) -> None:
     if not request.model:
         raise InvalidArgument("model is required", field="model")
-    if not request.messages:
-        raise InvalidArgument("messages must contain at least one message", field="messages")
+    if isinstance(request, ChatRequest):
+        if not request.messages:
+            raise InvalidArgument("messages must contain at least one message", field="messages")
+        _validate_response_format(request.response_format)
+    else:
+        if not request.prompts:
+            raise InvalidArgument("prompt must contain at least one prompt", field="prompt")
+        if not all(request.prompts):
+            raise InvalidArgument("prompts must not be empty", field="prompt")
+        if len(request.prompts) * request.n > MAX_CHOICES:
+            raise InvalidArgument(
+                f"at most {MAX_CHOICES} choices (prompts times n) per request", field="n"
+            )
     if request.temperature is not None and not 0.0 <= request.temperature <= 2.0:
         raise InvalidArgument("temperature must be between 0 and 2", field="temperature")
     if request.top_p is not None and not 0.0 < request.top_p <= 1.0:
@@ -153,7 +194,21 @@ def validate(request: ChatRequest) -> None:
         if not request.logprobs:
             raise InvalidArgument("top_logprobs requires logprobs to be true", field="top_logprobs")
         _check_range(request.top_logprobs, 0, MAX_TOP_LOGPROBS, "top_logprobs")
-    _validate_response_format(request.response_format)
+
+
+def _sampling(request: ChatRequest | TextRequest, max_tokens: int) -> Sampling:
+    return Sampling(
+        max_tokens=max_tokens,
+        temperature=request.temperature,
+        top_p=request.top_p,
+        stop=request.stop,
+        seed=request.seed,
+        presence_penalty=request.presence_penalty,
+        frequency_penalty=request.frequency_penalty,
+        logprobs=request.logprobs,
+        top_logprobs=request.top_logprobs or 0,
+        response_format=request.response_format if isinstance(request, ChatRequest) else None,
+    )
 
 
 class ModelDirectory:
@@ -212,32 +267,61 @@ class ChatService:
     async def complete(
         self, authorization: str | None, request: ChatRequest, request_id: str
     ) -> ChatCompletion:
-        started: CompletionStarted | None = None
-        parts: dict[int, list[str]] = {}
-        logprobs: dict[int, list[TokenLogprob]] = {}
-        choices: list[Choice] = []
-        async for event in self.stream(authorization, request, request_id):
-            if isinstance(event, CompletionStarted):
-                started = event
-            elif isinstance(event, ChoiceStarted):
-                parts[event.index], logprobs[event.index] = [], []
-            elif isinstance(event, ContentDelta):
-                parts[event.index].append(event.text)
-                logprobs[event.index].extend(event.logprobs)
-            elif isinstance(event, ChoiceFinished):
-                text = "".join(parts[event.index])
-                choice_logprobs = tuple(logprobs[event.index])
-                choices.append(Choice(event.index, text, event.finish_reason, choice_logprobs))
-            else:
-                assert started is not None  # stream() always starts first
-                return ChatCompletion(started, tuple(choices), event)
-        raise AssertionError("completion stream ended without finishing")
+        return await _collect(self.stream(authorization, request, request_id))
+
+    async def get_model(self, authorization: str | None, model_id: str) -> CatalogModel:
+        """A model the caller may use and some ready node serves; else ModelNotFound."""
+        for model in await self.list_models(authorization):
+            if model.id == model_id:
+                return model
+        raise ModelNotFound(model_id)
 
     async def stream(
         self, authorization: str | None, request: ChatRequest, request_id: str
     ) -> AsyncGenerator[CompletionEvent, None]:
         """One CompletionStarted; per choice (one after another) a ChoiceStarted, its
         ContentDeltas and a ChoiceFinished; then one CompletionFinished."""
+        caller, model = await self._admit(authorization, request)
+        budget = token_budget(
+            prompt_token_bound(request.messages, model), request.max_tokens, model
+        )
+        spec = GenerationSpec(
+            model=model.id,
+            messages=request.messages,
+            sampling=_sampling(request, budget.max_completion_tokens),
+            max_prompt_tokens=budget.max_prompt_tokens,
+        )
+        jobs = [(spec, budget)] * request.n
+        async for event in self._run(caller, model, jobs, "chatcmpl", request_id):
+            yield event
+
+    async def stream_text(
+        self, authorization: str | None, request: TextRequest, request_id: str
+    ) -> AsyncGenerator[CompletionEvent, None]:
+        """As ``stream``, for raw prompts: choice i*n+j is prompt i's j-th."""
+        caller, model = await self._admit(authorization, request)
+        jobs = []
+        for prompt in request.prompts:
+            budget = token_budget(text_token_bound(prompt, model), request.max_tokens, model)
+            spec = GenerationSpec(
+                model=model.id,
+                messages=(),
+                sampling=_sampling(request, budget.max_completion_tokens),
+                max_prompt_tokens=budget.max_prompt_tokens,
+                prompt=prompt,
+            )
+            jobs.extend([(spec, budget)] * request.n)
+        async for event in self._run(caller, model, jobs, "cmpl", request_id):
+            yield event
+
+    async def complete_text(
+        self, authorization: str | None, request: TextRequest, request_id: str
+    ) -> ChatCompletion:
+        return await _collect(self.stream_text(authorization, request, request_id))
+
+    async def _admit(
+        self, authorization: str | None, request: ChatRequest | TextRequest
+    ) -> tuple[Caller, CatalogModel]:
         caller = await self.authenticator.authenticate(authorization)
         caller.require_inference()
         validate(request)
@@ -245,48 +329,45 @@ class ChatService:
         model = await self.models.get(request.model)
         if model.ready_nodes == 0:
             raise NoCapacity(f"no node is serving the model '{model.id}' right now")
-        budget = token_budget(request.messages, request.max_tokens, model)
-        job_ids = [uuid.uuid4().hex for _ in range(request.n)]
+        return caller, model
+
+    async def _run(
+        self,
+        caller: Caller,
+        model: CatalogModel,
+        jobs: list[tuple[GenerationSpec, TokenBudget]],
+        id_prefix: str,
+        request_id: str,
+    ) -> AsyncGenerator[CompletionEvent, None]:
+        """Holds the worst case of all ``jobs``, runs them one after another (one choice
+        each) and settles what was delivered, however the stream ends."""
+        job_ids = [uuid.uuid4().hex for _ in jobs]
         bound = log.bind(request_id=request_id, job_id=job_ids[0], account_id=caller.account_id)
         hold = await self._account.create_hold(
             caller.account_id,
-            worst_case_cost(model.price, budget) * request.n,
+            sum(worst_case_cost(model.price, budget) for _, budget in jobs),
             idempotency_key=f"chat:{job_ids[0]}",
             expires=datetime.now(UTC) + self._hold_ttl,
-        )
-        spec = GenerationSpec(
-            model=model.id,
-            messages=request.messages,
-            sampling=Sampling(
-                max_tokens=budget.max_completion_tokens,
-                temperature=request.temperature,
-                top_p=request.top_p,
-                stop=request.stop,
-                seed=request.seed,
-                presence_penalty=request.presence_penalty,
-                frequency_penalty=request.frequency_penalty,
-                logprobs=request.logprobs,
-                top_logprobs=request.top_logprobs or 0,
-                response_format=request.response_format,
-            ),
-            max_prompt_tokens=budget.max_prompt_tokens,
         )
         # Usage of the finished choices, and of the one running.
         finished = Usage()
         delivered = Usage()
+        generation_s = 0.0
         settled = False
         try:
-            for index, job_id in enumerate(job_ids):
+            for index, (job_id, (spec, _)) in enumerate(zip(job_ids, jobs, strict=True)):
                 delivered = Usage()
                 job = bound.bind(job_id=job_id, choice=index)
                 events = self._network.run_job(job_id, spec)
+                assigned_at: float | None = None
                 try:
                     async for event in events:
                         if isinstance(event, JobAssigned):
                             job.info("job started", node_id=event.node_id)
+                            assigned_at = time.monotonic()
                             if index == 0:
                                 yield CompletionStarted(
-                                    f"chatcmpl-{job_id}", model.id, datetime.now(UTC)
+                                    f"{id_prefix}-{job_id}", model.id, datetime.now(UTC)
                                 )
                             yield ChoiceStarted(index)
                         elif isinstance(event, JobDelta):
@@ -303,6 +384,8 @@ class ChatService:
                                 event.usage.prompt_tokens or delivered.prompt_tokens,
                                 delivered.completion_tokens,
                             )
+                            if assigned_at is not None:
+                                generation_s += time.monotonic() - assigned_at
                             yield ChoiceFinished(index, event.finish_reason)
                             break
                 finally:
@@ -311,7 +394,7 @@ class ChatService:
                 delivered = Usage()
             settled = True
             charged = await self._settle(hold, cost(model.price, finished), bound)
-            yield CompletionFinished(finished, charged)
+            yield CompletionFinished(finished, charged, generation_s)
         finally:
             if not settled:
                 usage = _add(finished, delivered)
@@ -342,3 +425,28 @@ class ChatService:
 
 def _add(a: Usage, b: Usage) -> Usage:
     return Usage(a.prompt_tokens + b.prompt_tokens, a.completion_tokens + b.completion_tokens)
+
+
+async def _collect(events: AsyncGenerator[CompletionEvent, None]) -> ChatCompletion:
+    """A whole completion from its stream of events."""
+    started: CompletionStarted | None = None
+    parts: dict[int, list[str]] = {}
+    logprobs: dict[int, list[TokenLogprob]] = {}
+    choices: list[Choice] = []
+    async with contextlib.aclosing(events):
+        async for event in events:
+            if isinstance(event, CompletionStarted):
+                started = event
+            elif isinstance(event, ChoiceStarted):
+                parts[event.index], logprobs[event.index] = [], []
+            elif isinstance(event, ContentDelta):
+                parts[event.index].append(event.text)
+                logprobs[event.index].extend(event.logprobs)
+            elif isinstance(event, ChoiceFinished):
+                text = "".join(parts[event.index])
+                choice_logprobs = tuple(logprobs[event.index])
+                choices.append(Choice(event.index, text, event.finish_reason, choice_logprobs))
+            else:
+                assert started is not None  # a stream always starts first
+                return ChatCompletion(started, tuple(choices), event)
+    raise AssertionError("completion stream ended without finishing")

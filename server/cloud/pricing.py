@@ -28,16 +28,24 @@ def prompt_token_bound(messages: tuple[ChatMessage, ...], model: CatalogModel) -
     return content_bytes + model.chat_template_overhead_tokens
 
 
-def token_budget(
-    messages: tuple[ChatMessage, ...], max_tokens: int | None, model: CatalogModel
-) -> TokenBudget:
+# A raw prompt gets no template; the tokenizer may add a BOS token or two.
+RAW_PROMPT_OVERHEAD_TOKENS = 2
+
+
+def text_token_bound(prompt: str, model: CatalogModel) -> int:
+    """An upper bound on a raw (untemplated) prompt's tokens."""
+    return len(prompt.encode()) + RAW_PROMPT_OVERHEAD_TOKENS
+
+
+def token_budget(prompt_bound: int, max_tokens: int | None, model: CatalogModel) -> TokenBudget:
+    """The prompt's bound (capped below the context) and the completion's."""
     context = model.context_length
     if max_tokens is not None and not 1 <= max_tokens <= context:
         raise InvalidArgument(
             f"max_tokens must be between 1 and the model's context length ({context})",
             field="max_tokens",
         )
-    prompt = min(prompt_token_bound(messages, model), context - 1)
+    prompt = min(prompt_bound, context - 1)
     return TokenBudget(max_prompt_tokens=prompt, max_completion_tokens=max_tokens or context)
 
 

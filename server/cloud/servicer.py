@@ -21,9 +21,10 @@ from server.cloud.chat import (
     CompletionFinished,
     CompletionStarted,
     ContentDelta,
+    TextRequest,
 )
 from server.common.grpc_errors import translate_errors
-from server.common.inference import ChatRole
+from server.common.inference import CatalogModel, ChatRole
 from server.common.inference_proto import (
     finish_reason_to_pb,
     logprobs_to_pb,
@@ -73,8 +74,48 @@ def _chat_request(params: pb.ChatCompletionParams) -> ChatRequest:
     )
 
 
+def _text_request(params: pb.CompletionParams) -> TextRequest:
+    return TextRequest(
+        model=params.model,
+        prompts=tuple(params.prompts),
+        max_tokens=params.max_tokens if params.HasField("max_tokens") else None,
+        temperature=params.temperature if params.HasField("temperature") else None,
+        top_p=params.top_p if params.HasField("top_p") else None,
+        stop=tuple(params.stop),
+        seed=params.seed if params.HasField("seed") else None,
+        user=params.user,
+        n=params.n if params.HasField("n") else 1,
+        presence_penalty=(params.presence_penalty if params.HasField("presence_penalty") else None),
+        frequency_penalty=(
+            params.frequency_penalty if params.HasField("frequency_penalty") else None
+        ),
+        logprobs=params.logprobs,
+        top_logprobs=params.top_logprobs if params.HasField("top_logprobs") else None,
+    )
+
+
 def _billing(finished: CompletionFinished) -> pb.Billing:
     return pb.Billing(charged_micro_credits=finished.charged)
+
+
+# Trailing metadata: milliseconds the nodes spent on the request's jobs, from
+# assignment to end as cloud saw it, so a caller can tell the platform's own time.
+GENERATION_MS_KEY = "x-resultity-generation-ms"
+
+
+def _report_generation(
+    context: grpc.aio.ServicerContext[Any, Any], finished: CompletionFinished
+) -> None:
+    context.set_trailing_metadata(((GENERATION_MS_KEY, f"{finished.generation_s * 1000:.1f}"),))
+
+
+def _model_pb(model: CatalogModel) -> pb.Model:
+    return pb.Model(
+        id=model.id,
+        owned_by=model.owned_by,
+        price=price_to_pb(model.price),
+        context_length=model.context_length,
+    )
 
 
 class InferenceServicer(pb_grpc.InferenceServiceServicer):
@@ -91,6 +132,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             _metadata(context, "authorization"), _chat_request(request.params), _request_id(context)
         )
         started, finished = completion.started, completion.finished
+        _report_generation(context, finished)
         return pb.CreateChatCompletionResponse(
             id=started.completion_id,
             model=started.model,
@@ -142,6 +184,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                     reason = finish_reason_to_pb(event.finish_reason)
                     delta = pb.ChatCompletionDelta(index=event.index, finish_reason=reason)
                 else:
+                    _report_generation(context, event)
                     yield pb.StreamChatCompletionResponse(
                         usage=usage_to_pb(event.usage), billing=_billing(event), **header
                     )
@@ -155,14 +198,72 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ListModelsResponse:
         models = await self._chat.list_models(_metadata(context, "authorization"))
-        return pb.ListModelsResponse(
-            models=[
-                pb.Model(
-                    id=model.id,
-                    owned_by=model.owned_by,
-                    price=price_to_pb(model.price),
-                    context_length=model.context_length,
-                )
-                for model in models
-            ]
+        return pb.ListModelsResponse(models=[_model_pb(model) for model in models])
+
+    @translate_errors
+    async def GetModel(
+        self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.GetModelResponse:
+        model = await self._chat.get_model(_metadata(context, "authorization"), request.model)
+        return pb.GetModelResponse(model=_model_pb(model))
+
+    @translate_errors
+    async def CreateCompletion(
+        self, request: pb.CreateCompletionRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.CreateCompletionResponse:
+        completion = await self._chat.complete_text(
+            _metadata(context, "authorization"), _text_request(request.params), _request_id(context)
         )
+        started, finished = completion.started, completion.finished
+        _report_generation(context, finished)
+        return pb.CreateCompletionResponse(
+            id=started.completion_id,
+            model=started.model,
+            created=_timestamp(started.created),
+            choices=[
+                pb.CompletionChoice(
+                    index=choice.index,
+                    text=choice.content,
+                    finish_reason=finish_reason_to_pb(choice.finish_reason),
+                    logprobs=logprobs_to_pb(choice.logprobs),
+                )
+                for choice in completion.choices
+            ],
+            usage=usage_to_pb(finished.usage),
+            billing=_billing(finished),
+        )
+
+    @translate_errors
+    async def StreamCompletion(
+        self, request: pb.StreamCompletionRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.StreamCompletionResponse]:
+        events = self._chat.stream_text(
+            _metadata(context, "authorization"), _text_request(request.params), _request_id(context)
+        )
+        header: dict[str, Any] = {}
+        try:
+            async for event in events:
+                if isinstance(event, CompletionStarted):
+                    header = {
+                        "id": event.completion_id,
+                        "model": event.model,
+                        "created": _timestamp(event.created),
+                    }
+                    # Tells the caller the job has a node before any text exists.
+                    yield pb.StreamCompletionResponse(**header)
+                elif isinstance(event, ContentDelta):
+                    delta = pb.CompletionDelta(
+                        index=event.index, text=event.text, logprobs=logprobs_to_pb(event.logprobs)
+                    )
+                    yield pb.StreamCompletionResponse(choices=[delta], **header)
+                elif isinstance(event, ChoiceFinished):
+                    reason = finish_reason_to_pb(event.finish_reason)
+                    delta = pb.CompletionDelta(index=event.index, finish_reason=reason)
+                    yield pb.StreamCompletionResponse(choices=[delta], **header)
+                elif isinstance(event, CompletionFinished):
+                    _report_generation(context, event)
+                    yield pb.StreamCompletionResponse(
+                        usage=usage_to_pb(event.usage), billing=_billing(event), **header
+                    )
+        finally:
+            await events.aclose()

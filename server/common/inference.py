@@ -73,6 +73,8 @@ class GenerationSpec:
     messages: tuple[ChatMessage, ...]
     sampling: Sampling
     max_prompt_tokens: int
+    # A text completion's prompt, used as it is (no chat template; no messages).
+    prompt: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

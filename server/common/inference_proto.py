@@ -104,6 +104,7 @@ def spec_to_pb(spec: GenerationSpec) -> pb.GenerationSpec:
             response_format=response_format_to_pb(sampling.response_format),
         ),
         max_prompt_tokens=spec.max_prompt_tokens,
+        prompt=spec.prompt,
     )
 
 
@@ -129,6 +130,7 @@ def spec_from_pb(spec: pb.GenerationSpec) -> GenerationSpec:
             response_format=response_format_from_pb(sampling.response_format),
         ),
         max_prompt_tokens=spec.max_prompt_tokens,
+        prompt=spec.prompt if spec.HasField("prompt") else None,
     )
 
 

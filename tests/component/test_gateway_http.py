@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from tests.doubles.scripted_cloud import (
     COMPLETION_ID,
     CREATED,
     TEST_API_KEY,
+    TEXT_COMPLETION_ID,
     ScriptedCloud,
     start_cloud,
 )
@@ -214,7 +216,7 @@ async def test_stream_with_logprobs(client: openai.AsyncOpenAI) -> None:
     stream = await client.chat.completions.create(
         model=MODEL, messages=HELLO, stream=True, logprobs=True, top_logprobs=1
     )
-    tokens = []
+    tokens: list[str] = []
     async for chunk in stream:
         for choice in chunk.choices:
             if choice.delta.content:
@@ -562,7 +564,7 @@ async def test_missing_key_is_rejected_without_calling_cloud(
     ("method", "path", "status"),
     [
         ("GET", "/v1/nope", 404),
-        ("POST", "/v1/completions", 404),
+        ("POST", "/v1/images/generations", 404),
         ("GET", "/v1/chat/completions", 405),
     ],
 )
@@ -631,3 +633,188 @@ async def test_serve_reports_a_port_in_use(stack: Stack) -> None:
 
     with pytest.raises(RuntimeError, match="failed to start"):
         await serve(create_app("127.0.0.1:1"), "127.0.0.1", port)
+
+
+# --- text completions, single models, limits, overhead, OpenAPI ---------------------------
+
+
+async def test_text_completion(client: openai.AsyncOpenAI, cloud: ScriptedCloud) -> None:
+    completion = await client.completions.create(
+        model=MODEL, prompt="Once upon", max_tokens=5, stop=["\n"], seed=1, n=1, logprobs=2
+    )
+
+    assert completion.object == "text_completion"
+    assert completion.id == TEXT_COMPLETION_ID
+    [choice] = completion.choices
+    assert (choice.index, choice.text, choice.finish_reason) == (0, "Hello world", "stop")
+    assert choice.logprobs is not None
+    assert choice.logprobs.tokens == ["Hello", " world"]
+    assert choice.logprobs.text_offset == [0, 5]
+    assert choice.logprobs.top_logprobs is not None
+    assert [len(top) for top in choice.logprobs.top_logprobs] == [1, 1]  # same token twice
+    assert completion.usage == CompletionUsage(prompt_tokens=7, completion_tokens=2, total_tokens=9)
+    (call,) = cloud.calls
+    assert call.request == pb.CreateCompletionRequest(
+        params=pb.CompletionParams(
+            model=MODEL,
+            prompts=["Once upon"],
+            max_tokens=5,
+            stop=["\n"],
+            seed=1,
+            n=1,
+            logprobs=True,
+            top_logprobs=2,
+        )
+    )
+
+
+async def test_text_completion_defaults_to_16_tokens_and_takes_a_prompt_list(
+    client: openai.AsyncOpenAI, cloud: ScriptedCloud
+) -> None:
+    completion = await client.completions.create(model=MODEL, prompt=["a", "b"], n=2)
+
+    assert [choice.index for choice in completion.choices] == [0, 1, 2, 3]
+    assert all(choice.logprobs is None for choice in completion.choices)
+    (call,) = cloud.calls
+    assert list(call.request.params.prompts) == ["a", "b"]
+    assert call.request.params.max_tokens == 16
+
+
+async def test_streamed_text_completion(stack: Stack) -> None:
+    # The SDK parses completion chunks as whole Completions, whose finish_reason may not
+    # be null, yet OpenAI sends null until a choice ends; so no strict validation here.
+    async with openai.AsyncOpenAI(
+        base_url=f"{stack.base_url}/v1", api_key=TEST_API_KEY, max_retries=0
+    ) as lenient:
+        stream = await lenient.completions.create(
+            model=MODEL, prompt="Once upon", stream=True, stream_options={"include_usage": True}
+        )
+        chunks = [chunk async for chunk in stream]
+
+    texts = [choice.text for chunk in chunks for choice in chunk.choices]
+    assert "".join(texts) == "Hello world"
+    reasons = [choice.finish_reason for chunk in chunks for choice in chunk.choices]
+    assert reasons.count("stop") == 1
+    assert reasons[-1] == "stop"
+    assert not chunks[-1].choices
+    assert chunks[-1].usage == CompletionUsage(prompt_tokens=7, completion_tokens=2, total_tokens=9)
+
+
+async def test_streamed_text_completion_framing(http: httpx.AsyncClient) -> None:
+    body = {"model": MODEL, "prompt": "Once upon", "stream": True}
+    response = await http.post("/v1/completions", json=body)
+
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = _events(response.content)
+    assert events[-1] == b"[DONE]"
+    chunks = [json.loads(event) for event in events[:-1]]
+    # Without include_usage no chunk has a usage key, and none is empty.
+    assert all("usage" not in chunk and chunk["choices"] for chunk in chunks)
+    assert [c["choices"][0]["text"] for c in chunks] == ["Hello", " world", ""]
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"model": MODEL}, "prompt"),
+        ({"model": MODEL, "prompt": []}, "prompt"),
+        ({"model": MODEL, "prompt": [1, 2]}, "prompt.0"),
+        ({"model": MODEL, "prompt": "x", "logprobs": 6}, "logprobs"),
+        ({"model": MODEL, "prompt": "x", "echo": True}, "echo"),
+        ({"model": MODEL, "prompt": "x", "suffix": "end"}, "suffix"),
+        ({"model": MODEL, "prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ],
+)
+async def test_bad_text_completion_input(
+    http: httpx.AsyncClient, cloud: ScriptedCloud, body: dict[str, Any], param: str
+) -> None:
+    response = await http.post("/v1/completions", json=body)
+
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == param
+    assert not cloud.calls
+
+
+async def test_get_model(client: openai.AsyncOpenAI, cloud: ScriptedCloud) -> None:
+    model = await client.models.retrieve(MODEL)
+
+    assert (model.id, model.object, model.owned_by, model.created) == (
+        MODEL,
+        "model",
+        "resultity",
+        CREATED,
+    )
+    assert cloud.calls[0].request == pb.GetModelRequest(model=MODEL)
+
+
+async def test_get_unknown_model_is_404(client: openai.AsyncOpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as raised:
+        await client.models.retrieve("no-such-model")
+    assert raised.value.code == "model_not_found"
+
+
+async def test_body_over_the_limit_is_413(stack: Stack, cloud: ScriptedCloud) -> None:
+    app = create_app("127.0.0.1:1", max_body_bytes=100)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as small:
+        headers = {"authorization": f"Bearer {TEST_API_KEY}"}
+        big = {"model": MODEL, "messages": [{"role": "user", "content": "x" * 200}]}
+        declared = await small.post("/v1/chat/completions", json=big, headers=headers)
+
+        async def chunks() -> AsyncIterator[bytes]:
+            yield json.dumps(big).encode()
+
+        # No content-length: the limit holds while the body streams in.
+        streamed = await small.post("/v1/completions", content=chunks(), headers=headers)
+
+    for response in (declared, streamed):
+        assert response.status_code == 413
+        error = response.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"}
+        assert error["type"] == "invalid_request_error"
+        assert "x-request-id" in response.headers
+
+
+async def test_overhead_header_excludes_the_nodes_time(
+    http: httpx.AsyncClient, cloud: ScriptedCloud
+) -> None:
+    body = {"model": MODEL, "messages": HELLO}
+    cloud.script.generation_ms = 10_000_000.0  # far more than the request took
+    unary = await http.post("/v1/chat/completions", json=body)
+    assert float(unary.headers["x-resultity-overhead-ms"]) == 0.0
+
+    cloud.script.generation_ms = 0.0
+    for response in (
+        await http.post("/v1/chat/completions", json=body),
+        await http.post("/v1/chat/completions", json={**body, "stream": True}),
+        await http.post("/v1/completions", json={"model": MODEL, "prompt": "x"}),
+        await http.get("/v1/models"),
+        await http.post("/v1/chat/completions", json={"model": MODEL}),
+    ):
+        assert float(response.headers["x-resultity-overhead-ms"]) >= 0.0
+        assert len(response.headers["x-request-id"]) == 32
+
+
+async def test_openapi_document_describes_the_bodies(http: httpx.AsyncClient) -> None:
+    response = await http.get("/openapi.json")
+
+    assert response.status_code == 200
+    document = response.json()
+    assert document["openapi"].startswith("3.")
+    assert set(document["paths"]) == {
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/models",
+        "/v1/models/{model}",
+    }
+    chat = document["paths"]["/v1/chat/completions"]["post"]
+    assert chat["requestBody"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/ChatCompletionRequest"
+    }
+    components = document["components"]["schemas"]
+    assert "messages" in components["ChatCompletionRequest"]["properties"]
+    assert "prompt" in components["CompletionRequest"]["properties"]
+    # Every reference resolves inside the document.
+    references = set(re.findall(r'"#/components/schemas/([^"]+)"', response.text))
+    assert references <= set(components)

@@ -18,12 +18,13 @@ from resultity.cloud.v1 import inference_service_pb2 as pb
 from resultity.cloud.v1 import inference_service_pb2_grpc
 from resultity.common.v1 import inference_pb2
 
-from server.common.errors import DomainError, InvalidApiKey
+from server.common.errors import DomainError, InvalidApiKey, ModelNotFound
 from server.common.grpc_errors import translate_errors
 
 TEST_API_KEY = "sk-test-0123456789"
 CREATED = 1_700_000_000
 COMPLETION_ID = "chatcmpl-scripted"
+TEXT_COMPLETION_ID = "cmpl-scripted"
 
 
 @dataclass
@@ -41,6 +42,8 @@ class Script:
     error_mid_stream: DomainError | None = None
     # Block (until cancelled) after the text deltas, or before answering a unary call.
     hang: bool = False
+    # Reported in trailing metadata as the nodes' generation time.
+    generation_ms: float = 0.0
 
 
 @dataclass
@@ -50,7 +53,7 @@ class Call:
     metadata: dict[str, str]
 
 
-class ScriptedCloud(inference_service_pb2_grpc.InferenceServiceServicer):
+class _ScriptedChatCloud(inference_service_pb2_grpc.InferenceServiceServicer):
     def __init__(self, models: tuple[str, ...] = ("smollm2-135m", "llama-3-8b")) -> None:
         self.models = models
         self.script = Script()
@@ -89,7 +92,9 @@ class ScriptedCloud(inference_service_pb2_grpc.InferenceServiceServicer):
             prompt_tokens=self.script.prompt_tokens, completion_tokens=len(self.script.text)
         )
 
-    def _logprobs(self, params: pb.ChatCompletionParams, text: str) -> list[Any]:
+    def _logprobs(
+        self, params: pb.ChatCompletionParams | pb.CompletionParams, text: str
+    ) -> list[Any]:
         """One made-up logprob per scripted piece, when the request asks for them."""
         if not params.logprobs:
             return []
@@ -110,6 +115,9 @@ class ScriptedCloud(inference_service_pb2_grpc.InferenceServiceServicer):
         await self._begin("CreateChatCompletion", request, context)
         if self.script.hang:
             await self._hang()
+        context.set_trailing_metadata(
+            (("x-resultity-generation-ms", str(self.script.generation_ms)),)
+        )
         return pb.CreateChatCompletionResponse(
             id=COMPLETION_ID,
             model=request.params.model,
@@ -175,6 +183,80 @@ class ScriptedCloud(inference_service_pb2_grpc.InferenceServiceServicer):
                 for model in self.models
             ]
         )
+
+
+class ScriptedCloud(_ScriptedChatCloud):
+    """Also serves text completions (every choice answers the scripted text) and
+    single models."""
+
+    @translate_errors
+    async def GetModel(self, request: pb.GetModelRequest, context: Any) -> pb.GetModelResponse:
+        await self._begin("GetModel", request, context)
+        if request.model not in self.models:
+            raise ModelNotFound(request.model)
+        return pb.GetModelResponse(
+            model=pb.Model(
+                id=request.model, owned_by="resultity", created=Timestamp(seconds=CREATED)
+            )
+        )
+
+    def _choice_count(self, params: pb.CompletionParams) -> int:
+        return len(params.prompts) * (params.n or 1)
+
+    @translate_errors
+    async def CreateCompletion(
+        self, request: pb.CreateCompletionRequest, context: Any
+    ) -> pb.CreateCompletionResponse:
+        await self._begin("CreateCompletion", request, context)
+        params = request.params
+        context.set_trailing_metadata(
+            (("x-resultity-generation-ms", str(self.script.generation_ms)),)
+        )
+        return pb.CreateCompletionResponse(
+            id=TEXT_COMPLETION_ID,
+            model=params.model,
+            created=Timestamp(seconds=CREATED),
+            choices=[
+                pb.CompletionChoice(
+                    index=index,
+                    text="".join(self.script.text),
+                    finish_reason=self.script.finish_reason,
+                    logprobs=[
+                        item for text in self.script.text for item in self._logprobs(params, text)
+                    ],
+                )
+                for index in range(self._choice_count(params))
+            ],
+            usage=self._usage(),
+            billing=pb.Billing(charged_micro_credits=42),
+        )
+
+    @translate_errors
+    async def StreamCompletion(
+        self, request: pb.StreamCompletionRequest, context: Any
+    ) -> AsyncIterator[pb.StreamCompletionResponse]:
+        await self._begin("StreamCompletion", request, context)
+        params = request.params
+
+        def message(**fields: Any) -> pb.StreamCompletionResponse:
+            return pb.StreamCompletionResponse(
+                id=TEXT_COMPLETION_ID,
+                model=params.model,
+                created=Timestamp(seconds=CREATED),
+                **fields,
+            )
+
+        yield message()
+        for index in range(self._choice_count(params)):
+            for text in self.script.text:
+                logprobs = self._logprobs(params, text)
+                delta = pb.CompletionDelta(index=index, text=text, logprobs=logprobs)
+                yield message(choices=[delta])
+            if self.script.error_mid_stream is not None:
+                raise self.script.error_mid_stream
+            delta = pb.CompletionDelta(index=index, finish_reason=self.script.finish_reason)
+            yield message(choices=[delta])
+        yield message(usage=self._usage(), billing=pb.Billing(charged_micro_credits=42))
 
 
 async def start_cloud(cloud: ScriptedCloud) -> tuple[grpc.aio.Server, str]:

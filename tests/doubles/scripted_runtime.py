@@ -36,7 +36,10 @@ def scripted_tokens(text: str) -> list[str]:
 
 
 def prompt_tokens(request: GenerationRequest) -> int:
-    """One token per word of every message, plus two per message for the template."""
+    """One token per word of every message, plus two per message for the template;
+    a text completion's prompt: one per word, plus one (BOS)."""
+    if request.prompt is not None:
+        return len(request.prompt.split()) + 1
     return sum(len(m.content.split()) + 2 for m in request.messages)
 
 

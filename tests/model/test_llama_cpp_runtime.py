@@ -296,3 +296,17 @@ async def test_frequency_penalty_changes_a_repetitive_answer(runtime: LlamaCppRu
         )
     )
     assert penalised.count("cat") < plain.count("cat")
+
+
+@pytest.mark.model
+async def test_raw_prompt_is_completed_without_the_chat_template(
+    runtime: LlamaCppRuntime,
+) -> None:
+    prompt = "The capital of France is"
+    raw = dataclasses.replace(_request(prompt, max_tokens=4), messages=(), prompt=prompt)
+    text, finished = _check_shape(await _collect(runtime, raw))
+    _, chat_finished = _check_shape(await _collect(runtime, _request(prompt, max_tokens=4)))
+
+    assert text
+    # The template wraps the chat in role markers; the raw prompt is only its own tokens.
+    assert finished.prompt_tokens < chat_finished.prompt_tokens

@@ -4,7 +4,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from server.cloud.pricing import cost, prompt_token_bound, token_budget, worst_case_cost
+from server.cloud.pricing import (
+    RAW_PROMPT_OVERHEAD_TOKENS,
+    cost,
+    prompt_token_bound,
+    text_token_bound,
+    token_budget,
+    worst_case_cost,
+)
 from server.common.errors import InvalidArgument
 from server.common.inference import ChatMessage, ChatRole, ModelPrice, Usage
 from server.network.catalog import SMOLLM2_135M
@@ -26,21 +33,25 @@ def test_prompt_bound_counts_bytes_not_characters() -> None:
     assert prompt_token_bound(_messages("€€€€"), MODEL) == ascii_bound + 8
 
 
+def test_raw_prompt_bound_counts_bytes_plus_bos() -> None:
+    assert text_token_bound("€a", MODEL) == 4 + RAW_PROMPT_OVERHEAD_TOKENS
+
+
 def test_budget_defaults_completion_to_the_context() -> None:
-    budget = token_budget(_messages("hi"), None, MODEL)
+    budget = token_budget(prompt_token_bound(_messages("hi"), MODEL), None, MODEL)
     assert budget.max_completion_tokens == MODEL.context_length
     assert budget.max_prompt_tokens == prompt_token_bound(_messages("hi"), MODEL)
 
 
 def test_prompt_bound_is_capped_below_the_context() -> None:
-    budget = token_budget(_messages("x" * 10_000), 1, MODEL)
+    budget = token_budget(prompt_token_bound(_messages("x" * 10_000), MODEL), 1, MODEL)
     assert budget.max_prompt_tokens == MODEL.context_length - 1
 
 
 @pytest.mark.parametrize("max_tokens", [0, -1, MODEL.context_length + 1])
 def test_out_of_range_max_tokens_is_rejected(max_tokens: int) -> None:
     with pytest.raises(InvalidArgument) as raised:
-        token_budget(_messages("hi"), max_tokens, MODEL)
+        token_budget(prompt_token_bound(_messages("hi"), MODEL), max_tokens, MODEL)
     assert raised.value.metadata == {"field": "max_tokens"}
 
 
@@ -53,6 +64,6 @@ def test_out_of_range_max_tokens_is_rejected(max_tokens: int) -> None:
 def test_any_usage_within_the_budget_costs_at_most_the_hold(
     prompt: int, completion: int, max_tokens: int, text: str
 ) -> None:
-    budget = token_budget(_messages(text), max_tokens, MODEL)
+    budget = token_budget(prompt_token_bound(_messages(text), MODEL), max_tokens, MODEL)
     usage = Usage(min(prompt, budget.max_prompt_tokens), min(completion, max_tokens))
     assert cost(MODEL.price, usage) <= worst_case_cost(MODEL.price, budget)

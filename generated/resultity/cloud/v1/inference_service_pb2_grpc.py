@@ -31,7 +31,7 @@ class InferenceServiceStub:
 
     Errors carry google.rpc.ErrorInfo with one of these reasons:
     INVALID_API_KEY, INVALID_ARGUMENT, MODEL_NOT_FOUND, INSUFFICIENT_QUOTA,
-    NO_CAPACITY, JOB_FAILED.
+    NO_CAPACITY, JOB_FAILED, PERMISSION_DENIED.
     """
 
     def __init__(self, channel):
@@ -55,6 +55,21 @@ class InferenceServiceStub:
                 request_serializer=resultity_dot_cloud_dot_v1_dot_inference__service__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=resultity_dot_cloud_dot_v1_dot_inference__service__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.GetModel = channel.unary_unary(
+                '/resultity.cloud.v1.InferenceService/GetModel',
+                request_serializer=resultity_dot_cloud_dot_v1_dot_inference__service__pb2.GetModelRequest.SerializeToString,
+                response_deserializer=resultity_dot_cloud_dot_v1_dot_inference__service__pb2.GetModelResponse.FromString,
+                _registered_method=True)
+        self.CreateCompletion = channel.unary_unary(
+                '/resultity.cloud.v1.InferenceService/CreateCompletion',
+                request_serializer=resultity_dot_cloud_dot_v1_dot_inference__service__pb2.CreateCompletionRequest.SerializeToString,
+                response_deserializer=resultity_dot_cloud_dot_v1_dot_inference__service__pb2.CreateCompletionResponse.FromString,
+                _registered_method=True)
+        self.StreamCompletion = channel.unary_stream(
+                '/resultity.cloud.v1.InferenceService/StreamCompletion',
+                request_serializer=resultity_dot_cloud_dot_v1_dot_inference__service__pb2.StreamCompletionRequest.SerializeToString,
+                response_deserializer=resultity_dot_cloud_dot_v1_dot_inference__service__pb2.StreamCompletionResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer:
@@ -63,7 +78,7 @@ class InferenceServiceServicer:
 
     Errors carry google.rpc.ErrorInfo with one of these reasons:
     INVALID_API_KEY, INVALID_ARGUMENT, MODEL_NOT_FOUND, INSUFFICIENT_QUOTA,
-    NO_CAPACITY, JOB_FAILED.
+    NO_CAPACITY, JOB_FAILED, PERMISSION_DENIED.
     """
 
     def CreateChatCompletion(self, request, context):
@@ -87,6 +102,27 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetModel(self, request, context):
+        """One model, if the caller may use it and a node serves it (else MODEL_NOT_FOUND).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateCompletion(self, request, context):
+        """Completes raw text prompts (no chat template) and returns the result whole.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamCompletion(self, request, context):
+        """Completes raw text prompts and streams the text as it is generated.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -105,6 +141,21 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     request_deserializer=resultity_dot_cloud_dot_v1_dot_inference__service__pb2.ListModelsRequest.FromString,
                     response_serializer=resultity_dot_cloud_dot_v1_dot_inference__service__pb2.ListModelsResponse.SerializeToString,
             ),
+            'GetModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetModel,
+                    request_deserializer=resultity_dot_cloud_dot_v1_dot_inference__service__pb2.GetModelRequest.FromString,
+                    response_serializer=resultity_dot_cloud_dot_v1_dot_inference__service__pb2.GetModelResponse.SerializeToString,
+            ),
+            'CreateCompletion': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateCompletion,
+                    request_deserializer=resultity_dot_cloud_dot_v1_dot_inference__service__pb2.CreateCompletionRequest.FromString,
+                    response_serializer=resultity_dot_cloud_dot_v1_dot_inference__service__pb2.CreateCompletionResponse.SerializeToString,
+            ),
+            'StreamCompletion': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamCompletion,
+                    request_deserializer=resultity_dot_cloud_dot_v1_dot_inference__service__pb2.StreamCompletionRequest.FromString,
+                    response_serializer=resultity_dot_cloud_dot_v1_dot_inference__service__pb2.StreamCompletionResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'resultity.cloud.v1.InferenceService', rpc_method_handlers)
@@ -119,7 +170,7 @@ class InferenceService:
 
     Errors carry google.rpc.ErrorInfo with one of these reasons:
     INVALID_API_KEY, INVALID_ARGUMENT, MODEL_NOT_FOUND, INSUFFICIENT_QUOTA,
-    NO_CAPACITY, JOB_FAILED.
+    NO_CAPACITY, JOB_FAILED, PERMISSION_DENIED.
     """
 
     @staticmethod
@@ -193,6 +244,87 @@ class InferenceService:
             '/resultity.cloud.v1.InferenceService/ListModels',
             resultity_dot_cloud_dot_v1_dot_inference__service__pb2.ListModelsRequest.SerializeToString,
             resultity_dot_cloud_dot_v1_dot_inference__service__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/resultity.cloud.v1.InferenceService/GetModel',
+            resultity_dot_cloud_dot_v1_dot_inference__service__pb2.GetModelRequest.SerializeToString,
+            resultity_dot_cloud_dot_v1_dot_inference__service__pb2.GetModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateCompletion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/resultity.cloud.v1.InferenceService/CreateCompletion',
+            resultity_dot_cloud_dot_v1_dot_inference__service__pb2.CreateCompletionRequest.SerializeToString,
+            resultity_dot_cloud_dot_v1_dot_inference__service__pb2.CreateCompletionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamCompletion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/resultity.cloud.v1.InferenceService/StreamCompletion',
+            resultity_dot_cloud_dot_v1_dot_inference__service__pb2.StreamCompletionRequest.SerializeToString,
+            resultity_dot_cloud_dot_v1_dot_inference__service__pb2.StreamCompletionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -32,7 +32,7 @@ class InferenceServiceStub:
 
     Errors carry google.rpc.ErrorInfo with one of these reasons:
     INVALID_API_KEY, INVALID_ARGUMENT, MODEL_NOT_FOUND, INSUFFICIENT_QUOTA,
-    NO_CAPACITY, JOB_FAILED.
+    NO_CAPACITY, JOB_FAILED, PERMISSION_DENIED.
     """
 
     @_typing.overload
@@ -45,6 +45,12 @@ class InferenceServiceStub:
     """Runs a chat completion and streams it as it is generated."""
     ListModels: _grpc.UnaryUnaryMultiCallable[_inference_service_pb2.ListModelsRequest, _inference_service_pb2.ListModelsResponse]
     """Models the caller may use."""
+    GetModel: _grpc.UnaryUnaryMultiCallable[_inference_service_pb2.GetModelRequest, _inference_service_pb2.GetModelResponse]
+    """One model, if the caller may use it and a node serves it (else MODEL_NOT_FOUND)."""
+    CreateCompletion: _grpc.UnaryUnaryMultiCallable[_inference_service_pb2.CreateCompletionRequest, _inference_service_pb2.CreateCompletionResponse]
+    """Completes raw text prompts (no chat template) and returns the result whole."""
+    StreamCompletion: _grpc.UnaryStreamMultiCallable[_inference_service_pb2.StreamCompletionRequest, _inference_service_pb2.StreamCompletionResponse]
+    """Completes raw text prompts and streams the text as it is generated."""
 
 @_typing.type_check_only
 class InferenceServiceAsyncStub(InferenceServiceStub):
@@ -53,7 +59,7 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
 
     Errors carry google.rpc.ErrorInfo with one of these reasons:
     INVALID_API_KEY, INVALID_ARGUMENT, MODEL_NOT_FOUND, INSUFFICIENT_QUOTA,
-    NO_CAPACITY, JOB_FAILED.
+    NO_CAPACITY, JOB_FAILED, PERMISSION_DENIED.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -63,6 +69,12 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     """Runs a chat completion and streams it as it is generated."""
     ListModels: _aio.UnaryUnaryMultiCallable[_inference_service_pb2.ListModelsRequest, _inference_service_pb2.ListModelsResponse]  # type: ignore[assignment]
     """Models the caller may use."""
+    GetModel: _aio.UnaryUnaryMultiCallable[_inference_service_pb2.GetModelRequest, _inference_service_pb2.GetModelResponse]  # type: ignore[assignment]
+    """One model, if the caller may use it and a node serves it (else MODEL_NOT_FOUND)."""
+    CreateCompletion: _aio.UnaryUnaryMultiCallable[_inference_service_pb2.CreateCompletionRequest, _inference_service_pb2.CreateCompletionResponse]  # type: ignore[assignment]
+    """Completes raw text prompts (no chat template) and returns the result whole."""
+    StreamCompletion: _aio.UnaryStreamMultiCallable[_inference_service_pb2.StreamCompletionRequest, _inference_service_pb2.StreamCompletionResponse]  # type: ignore[assignment]
+    """Completes raw text prompts and streams the text as it is generated."""
 
 class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
     """The public inference API, shaped after OpenAI's. Callers authenticate with
@@ -70,7 +82,7 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
 
     Errors carry google.rpc.ErrorInfo with one of these reasons:
     INVALID_API_KEY, INVALID_ARGUMENT, MODEL_NOT_FOUND, INSUFFICIENT_QUOTA,
-    NO_CAPACITY, JOB_FAILED.
+    NO_CAPACITY, JOB_FAILED, PERMISSION_DENIED.
     """
 
     @_abc_1.abstractmethod
@@ -96,5 +108,29 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_inference_service_pb2.ListModelsResponse, _abc.Awaitable[_inference_service_pb2.ListModelsResponse]]:
         """Models the caller may use."""
+
+    @_abc_1.abstractmethod
+    def GetModel(
+        self,
+        request: _inference_service_pb2.GetModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_service_pb2.GetModelResponse, _abc.Awaitable[_inference_service_pb2.GetModelResponse]]:
+        """One model, if the caller may use it and a node serves it (else MODEL_NOT_FOUND)."""
+
+    @_abc_1.abstractmethod
+    def CreateCompletion(
+        self,
+        request: _inference_service_pb2.CreateCompletionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_service_pb2.CreateCompletionResponse, _abc.Awaitable[_inference_service_pb2.CreateCompletionResponse]]:
+        """Completes raw text prompts (no chat template) and returns the result whole."""
+
+    @_abc_1.abstractmethod
+    def StreamCompletion(
+        self,
+        request: _inference_service_pb2.StreamCompletionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_inference_service_pb2.StreamCompletionResponse], _abc.AsyncIterator[_inference_service_pb2.StreamCompletionResponse]]:
+        """Completes raw text prompts and streams the text as it is generated."""
 
 def add_InferenceServiceServicer_to_server(servicer: InferenceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

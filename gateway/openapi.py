@@ -1,0 +1,120 @@
+"""The OpenAPI document the gateway publishes at /openapi.json.
+
+Routes read their bodies themselves (to bound their size and to shape errors
+as OpenAI does), so FastAPI cannot infer the schemas; this module states each
+operation's request and response bodies from the same pydantic models the
+routes use.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from gateway import schemas
+
+_REF = "#/components/schemas/{model}"
+
+# path -> method -> (request body model or None, success model, is an SSE stream possible)
+_OPERATIONS: dict[str, dict[str, tuple[type[BaseModel] | None, type[BaseModel], bool]]] = {
+    "/v1/chat/completions": {
+        "post": (schemas.ChatCompletionRequest, schemas.ChatCompletion, True),
+    },
+    "/v1/completions": {"post": (schemas.CompletionRequest, schemas.TextCompletion, True)},
+    "/v1/models": {"get": (None, schemas.ModelList, False)},
+    "/v1/models/{model}": {"get": (None, schemas.ModelCard, False)},
+}
+# Streamed events: chat chunks and text completion chunks.
+_STREAM_MODELS: dict[str, type[BaseModel]] = {
+    "/v1/chat/completions": schemas.ChatCompletionChunk,
+    "/v1/completions": schemas.TextCompletion,
+}
+_ERRORS = {
+    "400": "Invalid request (param names the field)",
+    "401": "Missing or invalid API key",
+    "403": "The key may not do this or use this model",
+    "404": "Unknown model",
+    "413": "Request body too large",
+    "429": "Rate limited or out of credits",
+    "503": "No node can serve the model right now",
+}
+
+
+def _ref(model: type[BaseModel]) -> dict[str, str]:
+    return {"$ref": _REF.format(model=model.__name__)}
+
+
+def _components() -> dict[str, Any]:
+    models: list[type[BaseModel]] = [schemas.ErrorEnvelope, *_STREAM_MODELS.values()]
+    for methods in _OPERATIONS.values():
+        for request, response, _ in methods.values():
+            models.extend(m for m in (request, response) if m is not None)
+    inputs = {schemas.ChatCompletionRequest, schemas.CompletionRequest}
+    _, top = models_json_schema(
+        [(model, "validation" if model in inputs else "serialization") for model in models],
+        ref_template=_REF,
+    )
+    defs: dict[str, Any] = top.get("$defs", {})
+    return defs
+
+
+def _operation(
+    path: str, body: type[BaseModel] | None, result: type[BaseModel], stream: bool
+) -> dict[str, Any]:
+    content: dict[str, Any] = {"application/json": {"schema": _ref(result)}}
+    if stream:
+        content["text/event-stream"] = {
+            "schema": {"type": "string"},
+            "description": "With stream=true: `data: <chunk JSON>` events, then `data: [DONE]`.",
+            "x-event-schema": _ref(_STREAM_MODELS[path]),
+        }
+    responses: dict[str, Any] = {"200": {"description": "Success", "content": content}}
+    for status, description in _ERRORS.items():
+        responses[status] = {
+            "description": description,
+            "content": {"application/json": {"schema": _ref(schemas.ErrorEnvelope)}},
+        }
+    operation: dict[str, Any] = {"responses": responses}
+    if body is not None:
+        operation["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": _ref(body)}},
+        }
+    if path == "/v1/models/{model}":
+        operation["parameters"] = [
+            {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}
+        ]
+    operation["security"] = [{"bearer": []}]
+    return operation
+
+
+def document(app: FastAPI) -> dict[str, Any]:
+    spec = get_openapi(title=app.title, version=app.version, routes=[])
+    spec["paths"] = {
+        path: {
+            method: _operation(path, body, result, stream)
+            for method, (body, result, stream) in methods.items()
+        }
+        for path, methods in _OPERATIONS.items()
+    }
+    spec["components"] = {
+        "schemas": _components(),
+        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+    }
+    return spec
+
+
+def describe(app: FastAPI) -> None:
+    """Makes ``app`` serve :func:`document` (built once, on first request)."""
+    built: dict[str, Any] = {}
+
+    def openapi() -> dict[str, Any]:
+        if not built:
+            built.update(document(app))
+        return built
+
+    app.openapi = openapi  # type: ignore[method-assign]
