@@ -14,6 +14,7 @@ from agent.runtime.base import (
     Role,
     Sampling,
     StopReason,
+    TokenLogprob,
 )
 
 _ROLES = {
@@ -92,3 +93,23 @@ def finish_reason(reason: StopReason) -> common_pb.FinishReason.ValueType:
 
 def failure_reason(kind: FailureKind) -> pb.JobFailureReason.ValueType:
     return _FAILURES[kind]
+
+
+def _token(piece: bytes) -> str:
+    # A token may end inside a UTF-8 character; its exact bytes travel alongside.
+    return piece.decode("utf-8", errors="replace")
+
+
+def logprobs_to_pb(logprobs: tuple[TokenLogprob, ...]) -> list[common_pb.TokenLogprob]:
+    return [
+        common_pb.TokenLogprob(
+            token=_token(item.piece),
+            bytes=item.piece,
+            logprob=item.logprob,
+            top_logprobs=[
+                common_pb.TopLogprob(token=_token(top.piece), bytes=top.piece, logprob=top.logprob)
+                for top in item.top
+            ],
+        )
+        for item in logprobs
+    ]

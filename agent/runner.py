@@ -22,6 +22,7 @@ from agent.runtime.base import (
     Runtime,
     Started,
     StopReason,
+    TokenLogprob,
     TokenText,
     UnknownModel,
 )
@@ -51,6 +52,7 @@ class JobSink(Protocol):
         token_count: int,
         prompt_tokens: int,
         token_ids: tuple[int, ...] = (),
+        logprobs: tuple[TokenLogprob, ...] = (),
     ) -> None: ...
 
     def done(
@@ -141,6 +143,7 @@ class JobRunner:
                             event.token_count,
                             prompt_tokens if first else 0,
                             event.token_ids,
+                            event.logprobs,
                         )
                     elif isinstance(event, Finished):
                         self._sink.done(

@@ -25,10 +25,16 @@ from resultity.agent.v1 import agent_service_pb2_grpc as pb_grpc
 from resultity.common.v1 import inference_pb2 as common_pb
 
 from agent.backoff import Backoff
-from agent.convert import InvalidAssignment, failure_reason, finish_reason, generation_request
+from agent.convert import (
+    InvalidAssignment,
+    failure_reason,
+    finish_reason,
+    generation_request,
+    logprobs_to_pb,
+)
 from agent.identity import NodeIdentity, signed_hello
 from agent.runner import FailureKind, JobRef, JobRunner
-from agent.runtime.base import Runtime, StopReason
+from agent.runtime.base import Runtime, StopReason, TokenLogprob
 from server.common.channels import insecure_channel
 from server.common.node_signing import OutputDigest, result_payload
 
@@ -89,6 +95,7 @@ class _StreamSink:
         token_count: int,
         prompt_tokens: int,
         token_ids: tuple[int, ...] = (),
+        logprobs: tuple[TokenLogprob, ...] = (),
     ) -> None:
         self._outputs.setdefault(job, OutputDigest()).add(text, token_ids)
         self._outbound.put_nowait(
@@ -100,6 +107,7 @@ class _StreamSink:
                     token_count=token_count,
                     prompt_tokens=prompt_tokens,
                     token_ids=token_ids,
+                    logprobs=logprobs_to_pb(logprobs),
                 )
             )
         )

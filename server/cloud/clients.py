@@ -28,6 +28,7 @@ from server.common.inference import (
 )
 from server.common.inference_proto import (
     finish_reason_from_pb,
+    logprobs_from_pb,
     price_from_pb,
     spec_to_pb,
     usage_from_pb,
@@ -118,7 +119,12 @@ class GrpcNetworkClient:
                     yield JobAssigned(response.assigned.node_id)
                 elif kind == "delta":
                     delta = response.delta
-                    yield JobDelta(delta.text, delta.token_count, delta.prompt_tokens)
+                    yield JobDelta(
+                        delta.text,
+                        delta.token_count,
+                        delta.prompt_tokens,
+                        logprobs_from_pb(delta.logprobs),
+                    )
                 elif kind == "migrated":
                     migrated = response.migrated
                     yield JobMigrated(migrated.node_id, migrated.epoch, migrated.reason)

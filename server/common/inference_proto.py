@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from resultity.common.v1 import inference_pb2 as pb
 
 from server.common.errors import InvalidArgument
@@ -149,9 +151,7 @@ def logprobs_to_pb(logprobs: tuple[TokenLogprob, ...]) -> list[pb.TokenLogprob]:
     ]
 
 
-def logprobs_from_pb(
-    logprobs: list[pb.TokenLogprob] | tuple[pb.TokenLogprob, ...],
-) -> tuple[TokenLogprob, ...]:
+def logprobs_from_pb(logprobs: Iterable[pb.TokenLogprob]) -> tuple[TokenLogprob, ...]:
     return tuple(
         TokenLogprob(
             item.token,

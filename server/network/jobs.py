@@ -10,7 +10,14 @@ import asyncio
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
-from server.common.inference import FinishReason, GenerationSpec, JobDelta, NodeUsage, Usage
+from server.common.inference import (
+    FinishReason,
+    GenerationSpec,
+    JobDelta,
+    NodeUsage,
+    TokenLogprob,
+    Usage,
+)
 from server.common.node_signing import OutputDigest
 
 
@@ -28,6 +35,8 @@ class ChunkReport:
     prompt_tokens: int
     # Vocabulary ids of the chunk's tokens; empty when the runtime has none.
     token_ids: tuple[int, ...] = ()
+    # One per token when the job asked for logprobs (not covered by the signature).
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +152,7 @@ class ActiveJob:
                 self._token_ids.extend(chunk.token_ids)
             else:
                 self._token_ids = None
-        return JobDelta(chunk.text, chunk.token_count, prompt)
+        return JobDelta(chunk.text, chunk.token_count, prompt, chunk.logprobs)
 
     def reassign(self, node_id: str, operator_account_id: str = "") -> None:
         """Moves the job to ``node_id`` under a new epoch."""

@@ -30,6 +30,8 @@ from server.common.inference import JobAssigned, JobDelta, JobMigrated
 from server.common.inference_proto import (
     finish_reason_from_pb,
     finish_reason_to_pb,
+    logprobs_from_pb,
+    logprobs_to_pb,
     price_from_pb,
     price_to_pb,
     spec_from_pb,
@@ -274,7 +276,11 @@ class AgentServicer(agent_grpc.AgentServiceServicer):
         elif kind == "job_chunk":
             chunk = request.job_chunk
             report = ChunkReport(
-                chunk.text, chunk.token_count, chunk.prompt_tokens, tuple(chunk.token_ids)
+                chunk.text,
+                chunk.token_count,
+                chunk.prompt_tokens,
+                tuple(chunk.token_ids),
+                logprobs_from_pb(chunk.logprobs),
             )
             self._service.report(node, chunk.job_id, chunk.epoch, report)
         elif kind == "job_done":
@@ -333,6 +339,7 @@ class DispatchServicer(dispatch_grpc.DispatchServiceServicer):
                             text=event.text,
                             token_count=event.token_count,
                             prompt_tokens=event.prompt_tokens,
+                            logprobs=logprobs_to_pb(event.logprobs),
                         )
                     )
                 else:

@@ -13,7 +13,12 @@ from resultity.common.v1 import inference_pb2 as common_pb
 from agent.runtime.base import OutputFormat
 from server.common.grpc_errors import error_info
 from server.network.catalog import SMOLLM2_135M
-from tests.doubles.scripted_runtime import DEFAULT_SCRIPT, ScriptedRuntime, scripted_tokens
+from tests.doubles.scripted_runtime import (
+    DEFAULT_SCRIPT,
+    SCRIPTED_LOGPROB,
+    ScriptedRuntime,
+    scripted_tokens,
+)
 from tests.harness import Platform, running_platform
 
 PRICE = SMOLLM2_135M.price
@@ -158,3 +163,43 @@ async def test_out_of_range_parameters_are_refused_before_any_hold(
     assert info is not None
     assert dict(info.metadata) == {"field": field}
     assert (await platform.balance(customer)).available_micro_credits == 1_000_000
+
+
+async def test_logprobs_travel_from_the_node_to_the_caller(platform: Platform) -> None:
+    await platform.start_agent(ScriptedRuntime())
+    customer = await platform.customer(credits=1_000_000)
+    params = _params(max_tokens=3, logprobs=True, top_logprobs=2)
+
+    response = await platform.inference.CreateChatCompletion(
+        pb.CreateChatCompletionRequest(params=params), metadata=customer.metadata
+    )
+    streamed = [
+        message
+        async for message in platform.inference.StreamChatCompletion(
+            pb.StreamChatCompletionRequest(params=params), metadata=customer.metadata
+        )
+    ]
+
+    tokens = scripted_tokens(DEFAULT_SCRIPT)[:3]
+    [choice] = response.choices
+    assert [item.token for item in choice.logprobs] == tokens
+    assert [item.bytes for item in choice.logprobs] == [token.encode() for token in tokens]
+    assert {item.logprob for item in choice.logprobs} == {SCRIPTED_LOGPROB}
+    assert [[top.logprob for top in item.top_logprobs] for item in choice.logprobs] == [
+        [SCRIPTED_LOGPROB, SCRIPTED_LOGPROB - 1]
+    ] * 3
+    deltas = [delta for message in streamed for delta in message.choices]
+    assert [item.token for delta in deltas for item in delta.logprobs] == tokens
+    # Each content delta carries exactly its own tokens' logprobs.
+    assert all(len(delta.logprobs) == (1 if delta.content else 0) for delta in deltas)
+
+
+async def test_no_logprobs_unless_asked_for(platform: Platform) -> None:
+    await platform.start_agent(ScriptedRuntime())
+    customer = await platform.customer(credits=1_000_000)
+
+    response = await platform.inference.CreateChatCompletion(
+        pb.CreateChatCompletionRequest(params=_params(max_tokens=2)), metadata=customer.metadata
+    )
+
+    assert not response.choices[0].logprobs

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from agent.runtime.base import (
+    Alternative,
     Finished,
     GenerationError,
     GenerationEvent,
@@ -22,6 +23,7 @@ from agent.runtime.base import (
     PromptTooLong,
     Started,
     StopReason,
+    TokenLogprob,
     TokenText,
     UnknownModel,
 )
@@ -84,7 +86,7 @@ class ScriptedRuntime:
                     if self.token_delay_s:
                         await asyncio.sleep(self.token_delay_s)
                     produced += 1
-                    yield TokenText(tokens[index], 1, (index,))
+                    yield TokenText(tokens[index], 1, (index,), _logprobs(request, tokens[index]))
             except (asyncio.CancelledError, GeneratorExit):
                 self.cancelled_jobs += 1
                 raise
@@ -108,3 +110,19 @@ def _resume_at(request: GenerationRequest, tokens: list[str]) -> int:
     if "".join(tokens[:count]) != continuation.text:
         raise GenerationError("continuation text does not match the script")
     return count
+
+
+# The scripted token's logprob; alternatives rank below it.
+SCRIPTED_LOGPROB = -0.5
+
+
+def _logprobs(request: GenerationRequest, token: str) -> tuple[TokenLogprob, ...]:
+    top = request.sampling.top_logprobs
+    if top is None:
+        return ()
+    piece = token.encode()
+    alternatives = (
+        Alternative(piece, SCRIPTED_LOGPROB),
+        *(Alternative(f"alt{rank}".encode(), SCRIPTED_LOGPROB - rank) for rank in range(1, top)),
+    )
+    return (TokenLogprob(piece, SCRIPTED_LOGPROB, alternatives[:top]),)

@@ -515,6 +515,7 @@ class JobChunk(_message.Message):
     TOKEN_COUNT_FIELD_NUMBER: _builtins.int
     PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
     TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    LOGPROBS_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     epoch: _builtins.int
     text: _builtins.str
@@ -529,6 +530,10 @@ class JobChunk(_message.Message):
         network keeps them so another node can continue the job exactly.
         """
 
+    @_builtins.property
+    def logprobs(self) -> _containers.RepeatedCompositeFieldContainer[_inference_pb2.TokenLogprob]:
+        """One per token when the job asked for logprobs (SamplingParams.logprobs)."""
+
     def __init__(
         self,
         *,
@@ -538,10 +543,11 @@ class JobChunk(_message.Message):
         token_count: _builtins.int = ...,
         prompt_tokens: _builtins.int = ...,
         token_ids: _abc.Iterable[_builtins.int] | None = ...,
+        logprobs: _abc.Iterable[_inference_pb2.TokenLogprob] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "job_id", b"job_id", "prompt_tokens", b"prompt_tokens", "text", b"text", "token_count", b"token_count", "token_ids", b"token_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "job_id", b"job_id", "logprobs", b"logprobs", "prompt_tokens", b"prompt_tokens", "text", b"text", "token_count", b"token_count", "token_ids", b"token_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
