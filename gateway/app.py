@@ -280,7 +280,7 @@ async def chat_completions(request: Request) -> Response:
         return _client_gone_response()
     _record_generation(request, await call.trailing_metadata())
     completion = convert.chat_completion_from_proto(response, logprobs=logprobs)
-    return _json(completion.model_dump_json())
+    return _json(completion.model_dump_json(), await _rate_limit_headers(call))
 
 
 @_router.post("/v1/completions")
@@ -312,7 +312,7 @@ async def completions(request: Request) -> Response:
         return _client_gone_response()
     _record_generation(request, await call.trailing_metadata())
     completion = convert.text_completion_from_proto(response, logprobs=logprobs)
-    return _json(completion.model_dump_json())
+    return _json(completion.model_dump_json(), await _rate_limit_headers(call))
 
 
 async def _stream(
@@ -346,15 +346,17 @@ async def _stream(
             yield sse.encode_error(api_error)
         yield sse.DONE
 
-    return _CloudStreamResponse(call, events())
+    return _CloudStreamResponse(call, events(), await _rate_limit_headers(call))
 
 
 class _CloudStreamResponse(StreamingResponse):
     """An SSE response that cancels its cloud call however the response ends; Starlette
     cancels the body on client disconnect, and this covers every other exit too."""
 
-    def __init__(self, call: grpc.aio.Call, body: AsyncIterator[bytes]) -> None:
-        super().__init__(body, media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
+    def __init__(
+        self, call: grpc.aio.Call, body: AsyncIterator[bytes], headers: dict[str, str]
+    ) -> None:
+        super().__init__(body, media_type=sse.MEDIA_TYPE, headers={**sse.HEADERS, **headers})
         self._call = call
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -391,8 +393,13 @@ async def get_model(request: Request, model: str) -> Response:
     return _json(convert.model_card_from_proto(response.model).model_dump_json())
 
 
-def _json(content: str) -> Response:
-    return Response(content=content, media_type="application/json")
+def _json(content: str, headers: dict[str, str] | None = None) -> Response:
+    return Response(content=content, media_type="application/json", headers=headers)
+
+
+async def _rate_limit_headers(call: grpc.aio.Call) -> dict[str, str]:
+    """The caller's x-ratelimit-* state, as cloud sent it in initial metadata."""
+    return errors.rate_limit_headers(await call.initial_metadata() or ())
 
 
 __all__ = ["RequestIdMiddleware", "create_app"]

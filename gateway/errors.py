@@ -8,7 +8,7 @@ so every error body has the same four keys.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +24,7 @@ SERVER_ERROR = "server_error"
 SERVICE_UNAVAILABLE = "service_unavailable"
 INSUFFICIENT_QUOTA = "insufficient_quota"
 PERMISSION_DENIED = "permission_denied"
+RATE_LIMIT_EXCEEDED = "rate_limit_exceeded"
 
 _GENERIC_SERVER_MESSAGE = "The server had an error while processing your request."
 _UNAVAILABLE_MESSAGE = "The inference service is temporarily unavailable; retry later."
@@ -75,9 +76,23 @@ _BY_REASON: dict[str, _Mapped] = {
     ErrorReason.INSUFFICIENT_QUOTA: _Mapped(
         429, INSUFFICIENT_QUOTA, INSUFFICIENT_QUOTA, {"x-should-retry": "false"}
     ),
+    # Retrying helps after retry-after (added from the error's metadata).
+    ErrorReason.RATE_LIMITED: _Mapped(429, RATE_LIMIT_EXCEEDED, RATE_LIMIT_EXCEEDED),
     ErrorReason.NO_CAPACITY: _Mapped(503, SERVICE_UNAVAILABLE, "no_capacity"),
     ErrorReason.JOB_FAILED: _Mapped(502, SERVER_ERROR),
 }
+
+
+RATE_LIMIT_PREFIX = "x-ratelimit-"
+
+
+def rate_limit_headers(metadata: Iterable[tuple[str, str | bytes]]) -> dict[str, str]:
+    """The x-ratelimit-* entries of gRPC metadata (or ErrorInfo metadata), as headers."""
+    return {
+        key: value if isinstance(value, str) else value.decode()
+        for key, value in metadata
+        if key.startswith(RATE_LIMIT_PREFIX)
+    }
 
 
 def from_rpc_error(error: grpc.aio.AioRpcError) -> ApiError:
@@ -95,13 +110,19 @@ def from_rpc_error(error: grpc.aio.AioRpcError) -> ApiError:
         param = "model"
     elif info.reason == ErrorReason.INVALID_ARGUMENT:
         param = info.metadata.get("field") or None
+    headers = dict(mapped.headers)
+    if info.reason == ErrorReason.RATE_LIMITED:
+        headers.update(rate_limit_headers(info.metadata.items()))
+        retry_after = info.metadata.get("retry_after_s", "")
+        if retry_after.isdigit():
+            headers["retry-after"] = retry_after
     return ApiError(
         status=mapped.status,
         message=error.details() or info.reason,
         type=mapped.type,
         param=param,
         code=mapped.code,
-        headers=dict(mapped.headers),
+        headers=headers,
     )
 
 

@@ -28,6 +28,7 @@ from server.cloud.pricing import (
     token_budget,
     worst_case_cost,
 )
+from server.cloud.rate_limits import RateLimiter, RateLimitSettings, RateStatus
 from server.common.errors import InvalidArgument, ModelNotFound, NoCapacity
 from server.common.inference import (
     CatalogModel,
@@ -94,6 +95,8 @@ class CompletionStarted:
     completion_id: str
     model: str
     created: datetime
+    # The caller's rate limits after this request was admitted.
+    rate_limits: RateStatus | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,7 +249,9 @@ class ChatService:
         auth_ttl_s: float = 5.0,
         catalog_ttl_s: float = 2.0,
         hold_ttl: timedelta = timedelta(hours=1),
+        rate_limits: RateLimitSettings | None = None,
     ) -> None:
+        self.limiter = RateLimiter(rate_limits)
         self._account = account
         self._network = network
         self.authenticator = CachedAuthenticator(account, ttl_s=auth_ttl_s)
@@ -339,66 +344,81 @@ class ChatService:
         id_prefix: str,
         request_id: str,
     ) -> AsyncGenerator[CompletionEvent, None]:
-        """Holds the worst case of all ``jobs``, runs them one after another (one choice
-        each) and settles what was delivered, however the stream ends."""
+        """Admits the request under the caller's rate limits, holds the worst case of
+        all ``jobs``, runs them one after another (one choice each) and settles what
+        was delivered, however the stream ends."""
         job_ids = [uuid.uuid4().hex for _ in jobs]
         bound = log.bind(request_id=request_id, job_id=job_ids[0], account_id=caller.account_id)
-        hold = await self._account.create_hold(
+        # Tokens per minute are reserved for the worst case, like the hold, and
+        # corrected to what was delivered when the request ends.
+        admission = self.limiter.admit(
+            caller.api_key_id,
             caller.account_id,
-            sum(worst_case_cost(model.price, budget) for _, budget in jobs),
-            idempotency_key=f"chat:{job_ids[0]}",
-            expires=datetime.now(UTC) + self._hold_ttl,
+            sum(budget.max_prompt_tokens + budget.max_completion_tokens for _, budget in jobs),
         )
         # Usage of the finished choices, and of the one running.
         finished = Usage()
         delivered = Usage()
         generation_s = 0.0
-        settled = False
         try:
-            for index, (job_id, (spec, _)) in enumerate(zip(job_ids, jobs, strict=True)):
-                delivered = Usage()
-                job = bound.bind(job_id=job_id, choice=index)
-                events = self._network.run_job(job_id, spec)
-                assigned_at: float | None = None
-                try:
-                    async for event in events:
-                        if isinstance(event, JobAssigned):
-                            job.info("job started", node_id=event.node_id)
-                            assigned_at = time.monotonic()
-                            if index == 0:
-                                yield CompletionStarted(
-                                    f"{id_prefix}-{job_id}", model.id, datetime.now(UTC)
+            hold = await self._account.create_hold(
+                caller.account_id,
+                sum(worst_case_cost(model.price, budget) for _, budget in jobs),
+                idempotency_key=f"chat:{job_ids[0]}",
+                expires=datetime.now(UTC) + self._hold_ttl,
+            )
+            settled = False
+            try:
+                for index, (job_id, (spec, _)) in enumerate(zip(job_ids, jobs, strict=True)):
+                    delivered = Usage()
+                    job = bound.bind(job_id=job_id, choice=index)
+                    events = self._network.run_job(job_id, spec)
+                    assigned_at: float | None = None
+                    try:
+                        async for event in events:
+                            if isinstance(event, JobAssigned):
+                                job.info("job started", node_id=event.node_id)
+                                assigned_at = time.monotonic()
+                                if index == 0:
+                                    yield CompletionStarted(
+                                        f"{id_prefix}-{job_id}",
+                                        model.id,
+                                        datetime.now(UTC),
+                                        admission.status,
+                                    )
+                                yield ChoiceStarted(index)
+                            elif isinstance(event, JobDelta):
+                                delivered = Usage(
+                                    event.prompt_tokens or delivered.prompt_tokens,
+                                    delivered.completion_tokens + event.token_count,
                                 )
-                            yield ChoiceStarted(index)
-                        elif isinstance(event, JobDelta):
-                            delivered = Usage(
-                                event.prompt_tokens or delivered.prompt_tokens,
-                                delivered.completion_tokens + event.token_count,
-                            )
-                            yield ContentDelta(event.text, index, event.logprobs)
-                        elif isinstance(event, JobMigrated):
-                            job.info("job continues on another node", node_id=event.node_id)
-                        else:
-                            # Bill what the caller received; the node's prompt count is final.
-                            delivered = Usage(
-                                event.usage.prompt_tokens or delivered.prompt_tokens,
-                                delivered.completion_tokens,
-                            )
-                            if assigned_at is not None:
-                                generation_s += time.monotonic() - assigned_at
-                            yield ChoiceFinished(index, event.finish_reason)
-                            break
-                finally:
-                    await events.aclose()
-                finished = _add(finished, delivered)
-                delivered = Usage()
-            settled = True
-            charged = await self._settle(hold, cost(model.price, finished), bound)
-            yield CompletionFinished(finished, charged, generation_s)
+                                yield ContentDelta(event.text, index, event.logprobs)
+                            elif isinstance(event, JobMigrated):
+                                job.info("job continues on another node", node_id=event.node_id)
+                            else:
+                                # Bill what the caller received; the node's prompt count is
+                                # final.
+                                delivered = Usage(
+                                    event.usage.prompt_tokens or delivered.prompt_tokens,
+                                    delivered.completion_tokens,
+                                )
+                                if assigned_at is not None:
+                                    generation_s += time.monotonic() - assigned_at
+                                yield ChoiceFinished(index, event.finish_reason)
+                                break
+                    finally:
+                        await events.aclose()
+                    finished = _add(finished, delivered)
+                    delivered = Usage()
+                settled = True
+                charged = await self._settle(hold, cost(model.price, finished), bound)
+                yield CompletionFinished(finished, charged, generation_s)
+            finally:
+                if not settled:
+                    usage = _add(finished, delivered)
+                    await self._settle(hold, cost(model.price, usage), bound)
         finally:
-            if not settled:
-                usage = _add(finished, delivered)
-                await self._settle(hold, cost(model.price, usage), bound)
+            admission.release(_add(finished, delivered).total_tokens)
 
     async def _settle(
         self,

@@ -7,17 +7,27 @@ from resultity.cloud.v1 import inference_service_pb2_grpc
 
 from server.cloud.chat import ChatService
 from server.cloud.clients import GrpcAccountClient, GrpcNetworkClient
+from server.cloud.rate_limits import RateLimitSettings
 from server.cloud.servicer import InferenceServicer
 from server.common.channels import insecure_channel
 
 
 class CloudComponent:
-    def __init__(self, *, account_target: str, network_target: str, service_token: str) -> None:
+    def __init__(
+        self,
+        *,
+        account_target: str,
+        network_target: str,
+        service_token: str,
+        rate_limits: RateLimitSettings | None = None,
+    ) -> None:
+        """``rate_limits`` unset: read from the RESULTITY_RATE_LIMIT_* environment."""
         self._account_channel = insecure_channel(account_target)
         self._network_channel = insecure_channel(network_target)
         self.chat = ChatService(
             GrpcAccountClient(self._account_channel, service_token),
             GrpcNetworkClient(self._network_channel),
+            rate_limits=rate_limits or RateLimitSettings(),
         )
 
     def register(self, server: grpc.aio.Server) -> None:

@@ -109,6 +109,14 @@ def _report_generation(
     context.set_trailing_metadata(((GENERATION_MS_KEY, f"{finished.generation_s * 1000:.1f}"),))
 
 
+async def _report_rate_limits(
+    context: grpc.aio.ServicerContext[Any, Any], started: CompletionStarted
+) -> None:
+    """The caller's x-ratelimit-* state, in initial metadata (the gateway copies it)."""
+    if started.rate_limits is not None:
+        await context.send_initial_metadata(started.rate_limits.headers())
+
+
 def _model_pb(model: CatalogModel) -> pb.Model:
     return pb.Model(
         id=model.id,
@@ -132,6 +140,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             _metadata(context, "authorization"), _chat_request(request.params), _request_id(context)
         )
         started, finished = completion.started, completion.finished
+        await _report_rate_limits(context, started)
         _report_generation(context, finished)
         return pb.CreateChatCompletionResponse(
             id=started.completion_id,
@@ -165,6 +174,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         try:
             async for event in events:
                 if isinstance(event, CompletionStarted):
+                    await _report_rate_limits(context, event)
                     header = {
                         "id": event.completion_id,
                         "model": event.model,
@@ -215,6 +225,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             _metadata(context, "authorization"), _text_request(request.params), _request_id(context)
         )
         started, finished = completion.started, completion.finished
+        await _report_rate_limits(context, started)
         _report_generation(context, finished)
         return pb.CreateCompletionResponse(
             id=started.completion_id,
@@ -244,6 +255,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         try:
             async for event in events:
                 if isinstance(event, CompletionStarted):
+                    await _report_rate_limits(context, event)
                     header = {
                         "id": event.completion_id,
                         "model": event.model,

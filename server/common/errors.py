@@ -19,6 +19,7 @@ class ErrorReason(StrEnum):
     NOT_FOUND = "NOT_FOUND"
     MODEL_NOT_FOUND = "MODEL_NOT_FOUND"
     INSUFFICIENT_QUOTA = "INSUFFICIENT_QUOTA"
+    RATE_LIMITED = "RATE_LIMITED"
     IDEMPOTENCY_KEY_REUSED = "IDEMPOTENCY_KEY_REUSED"
     HOLD_ALREADY_RESOLVED = "HOLD_ALREADY_RESOLVED"
     FAILED_PRECONDITION = "FAILED_PRECONDITION"
@@ -86,6 +87,18 @@ class ModelNotFound(DomainError):
 
 class InsufficientQuota(DomainError):
     reason = ErrorReason.INSUFFICIENT_QUOTA
+
+
+class RateLimited(DomainError):
+    """Over a per-minute or concurrency limit; metadata says when to retry
+    (``retry_after_s``) and the limits' state (x-ratelimit-* names)."""
+
+    reason = ErrorReason.RATE_LIMITED
+
+    def __init__(
+        self, message: str, *, retry_after_s: int, headers: tuple[tuple[str, str], ...] = ()
+    ) -> None:
+        super().__init__(message, metadata={"retry_after_s": str(retry_after_s), **dict(headers)})
 
 
 class IdempotencyKeyReused(DomainError):

@@ -31,6 +31,7 @@ STATUS_BY_REASON: dict[ErrorReason, grpc.StatusCode] = {
     ErrorReason.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
     ErrorReason.MODEL_NOT_FOUND: grpc.StatusCode.NOT_FOUND,
     ErrorReason.INSUFFICIENT_QUOTA: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorReason.RATE_LIMITED: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ErrorReason.IDEMPOTENCY_KEY_REUSED: grpc.StatusCode.ALREADY_EXISTS,
     ErrorReason.HOLD_ALREADY_RESOLVED: grpc.StatusCode.FAILED_PRECONDITION,
     ErrorReason.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,

@@ -35,6 +35,7 @@ from server.common.errors import (
     JobFailed,
     ModelNotFound,
     NoCapacity,
+    RateLimited,
 )
 from tests.doubles.scripted_cloud import (
     COMPLETION_ID,
@@ -818,3 +819,43 @@ async def test_openapi_document_describes_the_bodies(http: httpx.AsyncClient) ->
     # Every reference resolves inside the document.
     references = set(re.findall(r'"#/components/schemas/([^"]+)"', response.text))
     assert references <= set(components)
+
+
+# --- rate limits ---------------------------------------------------------------------------
+
+_LIMITS = (
+    ("x-ratelimit-limit-requests", "60"),
+    ("x-ratelimit-remaining-requests", "59"),
+    ("x-ratelimit-limit-tokens", "1000"),
+    ("x-ratelimit-remaining-tokens", "900"),
+)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_rate_limit_state_is_copied_to_the_response(
+    http: httpx.AsyncClient, cloud: ScriptedCloud, stream: bool
+) -> None:
+    cloud.script.rate_limits = _LIMITS
+    response = await http.post(
+        "/v1/chat/completions", json={"model": MODEL, "messages": HELLO, "stream": stream}
+    )
+
+    assert response.status_code == 200
+    assert {key: response.headers[key] for key, _ in _LIMITS} == dict(_LIMITS)
+
+
+async def test_rate_limited_is_429_with_retry_after(
+    client: openai.AsyncOpenAI, cloud: ScriptedCloud
+) -> None:
+    cloud.script.error = RateLimited("Rate limit reached.", retry_after_s=7, headers=_LIMITS)
+
+    with pytest.raises(openai.RateLimitError) as raised:
+        await client.chat.completions.create(model=MODEL, messages=HELLO)
+
+    error = raised.value
+    assert error.status_code == 429
+    assert error.code == "rate_limit_exceeded"
+    assert error.type == "rate_limit_exceeded"
+    assert error.response.headers["retry-after"] == "7"
+    assert "x-should-retry" not in error.response.headers
+    assert error.response.headers["x-ratelimit-remaining-tokens"] == "900"

@@ -44,6 +44,8 @@ class Script:
     hang: bool = False
     # Reported in trailing metadata as the nodes' generation time.
     generation_ms: float = 0.0
+    # Sent as initial metadata of chat completions (x-ratelimit-* entries).
+    rate_limits: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass
@@ -113,6 +115,7 @@ class _ScriptedChatCloud(inference_service_pb2_grpc.InferenceServiceServicer):
         self, request: pb.CreateChatCompletionRequest, context: Any
     ) -> pb.CreateChatCompletionResponse:
         await self._begin("CreateChatCompletion", request, context)
+        await context.send_initial_metadata(self.script.rate_limits)
         if self.script.hang:
             await self._hang()
         context.set_trailing_metadata(
@@ -146,6 +149,7 @@ class _ScriptedChatCloud(inference_service_pb2_grpc.InferenceServiceServicer):
         self, request: pb.StreamChatCompletionRequest, context: Any
     ) -> AsyncIterator[pb.StreamChatCompletionResponse]:
         await self._begin("StreamChatCompletion", request, context)
+        await context.send_initial_metadata(self.script.rate_limits)
 
         def message(**fields: Any) -> pb.StreamChatCompletionResponse:
             return pb.StreamChatCompletionResponse(

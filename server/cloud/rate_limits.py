@@ -1,0 +1,221 @@
+"""Rate limits per API key and per account: requests and tokens per minute, and
+requests in flight.
+
+Each per-minute limit is a token bucket that holds at most one minute's worth
+and refills continuously, so a caller may burst up to the limit and then goes
+at the limit's pace. A request reserves its worst case of tokens (prompt bound
+plus max_tokens) when admitted; when it ends, what it did not use goes back
+(corrected at settlement). A reservation larger than a whole minute's worth is
+capped at the bucket's size, so such a request waits for a full bucket rather
+than being refused forever.
+
+Limits come from settings (the same for every key and every account); limits
+stored with a key or an account are not there yet. The counters live in this
+process's memory: with several cloud replicas each
+enforces the limits on its own share (the scale-out work moves them to Redis).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from server.common.errors import RateLimited
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """None: unlimited."""
+
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    concurrent_requests: int | None = None
+
+
+class RateLimitSettings(BaseSettings):
+    """Limits every key and every account gets, from RESULTITY_RATE_LIMIT_* variables
+    (e.g. RESULTITY_RATE_LIMIT_KEY_REQUESTS_PER_MINUTE=600). Unset: unlimited."""
+
+    model_config = SettingsConfigDict(env_prefix="RESULTITY_RATE_LIMIT_", frozen=True)
+
+    key_requests_per_minute: int | None = Field(default=None, gt=0)
+    key_tokens_per_minute: int | None = Field(default=None, gt=0)
+    key_concurrent_requests: int | None = Field(default=None, gt=0)
+    account_requests_per_minute: int | None = Field(default=None, gt=0)
+    account_tokens_per_minute: int | None = Field(default=None, gt=0)
+    account_concurrent_requests: int | None = Field(default=None, gt=0)
+
+    @property
+    def per_key(self) -> Limits:
+        return Limits(
+            self.key_requests_per_minute,
+            self.key_tokens_per_minute,
+            self.key_concurrent_requests,
+        )
+
+    @property
+    def per_account(self) -> Limits:
+        return Limits(
+            self.account_requests_per_minute,
+            self.account_tokens_per_minute,
+            self.account_concurrent_requests,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RateStatus:
+    """What the x-ratelimit-* response headers report: the key's limits, or the
+    account's where those leave less."""
+
+    limit_requests: int | None
+    remaining_requests: int | None
+    limit_tokens: int | None
+    remaining_tokens: int | None
+
+    def headers(self) -> tuple[tuple[str, str], ...]:
+        values = {
+            "x-ratelimit-limit-requests": self.limit_requests,
+            "x-ratelimit-remaining-requests": self.remaining_requests,
+            "x-ratelimit-limit-tokens": self.limit_tokens,
+            "x-ratelimit-remaining-tokens": self.remaining_tokens,
+        }
+        return tuple((key, str(value)) for key, value in values.items() if value is not None)
+
+
+class _Bucket:
+    """Holds up to ``capacity``; refills ``capacity`` per 60 s."""
+
+    def __init__(self, capacity: int, now: float) -> None:
+        self.capacity = capacity
+        self._level = float(capacity)
+        self._at = now
+
+    def level(self, now: float) -> float:
+        rate = self.capacity / 60.0
+        self._level = min(float(self.capacity), self._level + (now - self._at) * rate)
+        self._at = now
+        return self._level
+
+    def wait_s(self, amount: float, now: float) -> float:
+        """Seconds until ``amount`` is available (0: now)."""
+        missing = amount - self.level(now)
+        return 0.0 if missing <= 0 else missing / (self.capacity / 60.0)
+
+    def take(self, amount: float) -> None:
+        self._level -= amount
+
+    def give_back(self, amount: float, now: float) -> None:
+        self._level = min(float(self.capacity), self.level(now) + amount)
+
+
+@dataclass
+class _Scope:
+    limits: Limits
+    requests: _Bucket | None
+    tokens: _Bucket | None
+    in_flight: int = 0
+
+
+class Admission:
+    """A request let in; ``release`` must be called once when it ends."""
+
+    def __init__(
+        self, limiter: RateLimiter, scopes: list[_Scope], reserved: int, status: RateStatus
+    ) -> None:
+        self._limiter = limiter
+        self._scopes = scopes
+        self._reserved = reserved
+        self.status = status
+        self._released = False
+
+    def release(self, used_tokens: int) -> None:
+        """Ends the request: tokens reserved but not used go back."""
+        if self._released:
+            return
+        self._released = True
+        self._limiter._release(self._scopes, self._reserved, used_tokens)
+
+
+class RateLimiter:
+    def __init__(
+        self,
+        settings: RateLimitSettings | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._settings = settings or RateLimitSettings()
+        self._clock = clock
+        self._scopes: dict[tuple[str, str], _Scope] = {}
+
+    def _scope(self, kind: str, owner: str, limits: Limits, now: float) -> _Scope:
+        scope = self._scopes.get((kind, owner))
+        if scope is None:
+            rpm, tpm = limits.requests_per_minute, limits.tokens_per_minute
+            scope = _Scope(
+                limits,
+                _Bucket(rpm, now) if rpm is not None else None,
+                _Bucket(tpm, now) if tpm is not None else None,
+            )
+            self._scopes[(kind, owner)] = scope
+        return scope
+
+    def admit(self, api_key_id: str, account_id: str, tokens: int) -> Admission:
+        """Lets the request in, taking one request and ``tokens`` from the key's and
+        the account's budgets, or raises RateLimited with how long to wait."""
+        now = self._clock()
+        scopes = [
+            self._scope("key", api_key_id, self._settings.per_key, now),
+            self._scope("account", account_id, self._settings.per_account, now),
+        ]
+        wait_s = 0.0
+        for scope in scopes:
+            limit = scope.limits.concurrent_requests
+            if limit is not None and scope.in_flight >= limit:
+                raise RateLimited(
+                    f"Too many requests in flight (limit {limit}); retry when one ends.",
+                    retry_after_s=1,
+                    headers=self._status(scopes, now).headers(),
+                )
+            if scope.requests is not None:
+                wait_s = max(wait_s, scope.requests.wait_s(1, now))
+            if scope.tokens is not None:
+                wanted = min(tokens, scope.tokens.capacity)
+                wait_s = max(wait_s, scope.tokens.wait_s(wanted, now))
+        if wait_s > 0:
+            raise RateLimited(
+                "Rate limit reached for requests or tokens per minute.",
+                retry_after_s=max(1, math.ceil(wait_s)),
+                headers=self._status(scopes, now).headers(),
+            )
+        for scope in scopes:
+            scope.in_flight += 1
+            if scope.requests is not None:
+                scope.requests.take(1)
+            if scope.tokens is not None:
+                scope.tokens.take(min(tokens, scope.tokens.capacity))
+        return Admission(self, scopes, tokens, self._status(scopes, now))
+
+    def _release(self, scopes: list[_Scope], reserved: int, used: int) -> None:
+        now = self._clock()
+        for scope in scopes:
+            scope.in_flight -= 1
+            if scope.tokens is not None:
+                taken = min(reserved, scope.tokens.capacity)
+                # Over-use (never beyond the hold) is taken too, so it counts.
+                scope.tokens.give_back(taken - used, now)
+
+    def _status(self, scopes: list[_Scope], now: float) -> RateStatus:
+        def tightest(buckets: list[_Bucket | None]) -> tuple[int | None, int | None]:
+            present = [(b.capacity, max(0, math.floor(b.level(now)))) for b in buckets if b]
+            if not present:
+                return None, None
+            return min(present, key=lambda pair: pair[1])
+
+        limit_requests, remaining_requests = tightest([s.requests for s in scopes])
+        limit_tokens, remaining_tokens = tightest([s.tokens for s in scopes])
+        return RateStatus(limit_requests, remaining_requests, limit_tokens, remaining_tokens)
