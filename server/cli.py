@@ -101,6 +101,10 @@ def _parser() -> argparse.ArgumentParser:
         help="where the service token is read from unless RESULTITY_SERVICE_TOKEN is set",
     )
 
+    from server.network.cli import add_commands as add_node_commands
+
+    add_node_commands(commands)
+
     gateway = commands.add_parser("gateway", help="run the OpenAI HTTP gateway alone")
     gateway.add_argument("--cloud", required=True, help="HOST:PORT of the cloud server")
     gateway.add_argument("--host", default="127.0.0.1")
@@ -125,6 +129,10 @@ async def _run(args: argparse.Namespace) -> None:
         from gateway.server import serve
 
         await _until_signal(serve(create_app(args.cloud), args.host, args.port))
+    elif args.command == "nodes":
+        from server.network.cli import run_command as run_nodes_command
+
+        await run_nodes_command(args)
     elif args.command == "account" and args.account_command:
         from server.account.admin_cli import run_command
 

@@ -89,11 +89,13 @@ async def _local_agent(
 async def _wait_for_node(network: NetworkComponent, process: asyncio.subprocess.Process) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + AGENT_READY_TIMEOUT_S
-    while not network.service.nodes():
+    # Registered and through join validation (a node failing it is quarantined;
+    # the platform still starts and the operator sees why in `resultity nodes`).
+    while not any(not node.validating for node in network.service.nodes()):
         if process.returncode is not None:
             raise RuntimeError(f"the local agent exited with code {process.returncode}")
         if loop.time() > deadline:
-            raise RuntimeError("the local agent did not register in time")
+            raise RuntimeError("the local agent did not register and validate in time")
         await asyncio.sleep(0.2)
 
 

@@ -31,8 +31,13 @@ from server.account.component import AccountComponent
 from server.cloud.component import CloudComponent
 from server.common import channels
 from server.network.component import NetworkComponent
-from server.network.service import FailoverSettings, LivenessSettings
+from server.network.service import FailoverSettings, LivenessSettings, ValidationSettings
 from server.secrets import PlatformSecrets
+
+# Join validation and canaries run extra jobs on every node; tests of other
+# concerns count jobs and texts exactly, so they run without them. Tests of
+# validation pass ValidationSettings() (tests/component/test_node_validation.py).
+NO_VALIDATION = ValidationSettings(enabled=False)
 
 
 @dataclass
@@ -153,6 +158,7 @@ async def running_platform(
     *,
     liveness: LivenessSettings | None = None,
     failover: FailoverSettings | None = None,
+    validation: ValidationSettings = NO_VALIDATION,
 ) -> AsyncIterator[Platform]:
     server = channels.server()
     port = server.add_insecure_port("127.0.0.1:0")
@@ -162,6 +168,7 @@ async def running_platform(
     network = NetworkComponent(
         liveness=liveness,
         failover=failover,
+        validation=validation,
         account_target=target,
         service_token=secrets.service_token,
     )
@@ -209,10 +216,11 @@ async def start_network(
     liveness: LivenessSettings | None = None,
     failover: FailoverSettings | None = None,
     port: int = 0,
+    validation: ValidationSettings = NO_VALIDATION,
 ) -> NetworkServer:
     server = channels.server()
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
-    component = NetworkComponent(liveness=liveness, failover=failover)
+    component = NetworkComponent(liveness=liveness, failover=failover, validation=validation)
     component.register(server)
     component.start()
     await server.start()

@@ -10,7 +10,12 @@ from server.common import channels
 from server.common.inference import CatalogModel
 from server.network.admission import AdmissionSettings, NodeAdmission
 from server.network.catalog import DEFAULT_CATALOG, Catalog
-from server.network.service import FailoverSettings, LivenessSettings, NetworkService
+from server.network.service import (
+    FailoverSettings,
+    LivenessSettings,
+    NetworkService,
+    ValidationSettings,
+)
 from server.network.servicer import AgentServicer, DispatchServicer, NodeAdminServicer
 from server.network.tokens import AccountNodeTokens
 
@@ -23,6 +28,7 @@ class NetworkComponent:
         liveness: LivenessSettings | None = None,
         failover: FailoverSettings | None = None,
         admission: AdmissionSettings | None = None,
+        validation: ValidationSettings | None = None,
         account_target: str | None = None,
         service_token: str = "",
     ) -> None:
@@ -41,6 +47,7 @@ class NetworkComponent:
             liveness or LivenessSettings(),
             failover,
             NodeAdmission(admission or AdmissionSettings(), tokens),
+            validation,
         )
 
     def register(self, server: grpc.aio.Server) -> None:

@@ -81,6 +81,31 @@ class NodeState(StrEnum):
     SUSPECT = "suspect"
     DRAINING = "draining"
     QUARANTINED = "quarantined"
+    # Running its join-time benchmark and canaries; serves no model yet.
+    VALIDATING = "validating"
+
+
+class ModelValidation(StrEnum):
+    """Where a node stands with one model it offers."""
+
+    PENDING = "pending"
+    PASSED = "passed"
+    FAILED = "failed"
+    # Join validation is off: the model is served unchecked.
+    UNCHECKED = "unchecked"
+
+
+@dataclass(slots=True)
+class ModelStatus:
+    validation: ModelValidation = ModelValidation.PENDING
+    # Measured by the join-time benchmark; 0 until then.
+    time_to_first_token_ms: float = 0.0
+    tokens_per_second: float = 0.0
+    reason: str = ""
+
+    @property
+    def serving(self) -> bool:
+        return self.validation in (ModelValidation.PASSED, ModelValidation.UNCHECKED)
 
 
 @dataclass(eq=False)
@@ -106,6 +131,10 @@ class NodeSession:
     quarantine_reason: str = ""
     # The configuration version the agent last acknowledged.
     config_version: int = 0
+    # Per offered model: join validation and benchmark figures.
+    model_status: dict[str, ModelStatus] = field(default_factory=dict)
+    # In [0, 1]: an average of canary results, recent ones weighing more.
+    reputation: float = 1.0
     outbox: asyncio.Queue[NodeCommand] = field(default_factory=asyncio.Queue)
 
     @property
@@ -117,6 +146,14 @@ class NodeSession:
         """Share of the node's concurrency in use; above 1 means jobs queue."""
         return len(self.active_jobs) / max(1, self.hello.max_concurrent_jobs)
 
+    @property
+    def validating(self) -> bool:
+        """No model is served yet and some are still being validated."""
+        statuses = self.model_status.values()
+        return not any(s.serving for s in statuses) and any(
+            s.validation is ModelValidation.PENDING for s in statuses
+        )
+
     def touch(self) -> None:
         self.last_seen = time.monotonic()
 
@@ -125,6 +162,8 @@ class NodeSession:
             return NodeState.QUARANTINED
         if self.draining:
             return NodeState.DRAINING
+        if self.validating:
+            return NodeState.VALIDATING
         if now - self.last_seen > suspect_after_s:
             return NodeState.SUSPECT
         return NodeState.READY

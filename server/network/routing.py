@@ -9,8 +9,10 @@ A decision is ``filters`` then ``scorers``:
   of d choices": a few random candidates balance load nearly as well as a
   full scan, at a cost independent of the fleet size). If no sampled node
   passes the filters, the decision falls back to a full scan;
+- the index holds a node under a model only once the node passed validation
+  for it (validation.py);
 - every filter must accept a candidate (serves the model, ready: not draining,
-  not suspect, not excluded for this job);
+  not suspect, not validating, not quarantined, not excluded for this job);
 - every scorer returns a value in [0, 1], higher is better; the weighted sum
   ranks the candidates, and ties go to the node that has waited longest since
   it was last given a job, so equal nodes share work round-robin.
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import itertools
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -73,7 +75,7 @@ def serves_model(node: NodeSession, context: RouteContext) -> bool:
 
 
 def is_ready(node: NodeSession, context: RouteContext) -> bool:
-    """Not draining and heard from recently."""
+    """Heard from recently; not quarantined, draining or validating."""
     return node.state(context.now, context.suspect_after_s) is NodeState.READY
 
 
@@ -89,6 +91,11 @@ def load_score(node: NodeSession, context: RouteContext) -> float:
     return 1.0 / (1.0 + node.load)
 
 
+def reputation_score(node: NodeSession, context: RouteContext) -> float:
+    """The node's canary record in [0, 1] (quarantined nodes are filtered out)."""
+    return node.reputation
+
+
 def speed_score(node: NodeSession, context: RouteContext) -> float:
     """Measured recent tokens/s relative to the fastest candidate; 0 if unmeasured."""
     if context.best_tokens_per_second <= 0.0:
@@ -102,6 +109,7 @@ DEFAULT_FILTERS: tuple[NodeFilter, ...] = (serves_model, is_ready, not_excluded)
 DEFAULT_SCORERS: tuple[NodeScorer, ...] = (
     NodeScorer("load", 1.0, load_score),
     NodeScorer("speed", 0.25, speed_score),
+    NodeScorer("reputation", 0.25, reputation_score),
 )
 
 
@@ -147,8 +155,10 @@ class Router:
         self._sequence = itertools.count()
         self._last_assigned: dict[str, int] = {}
 
-    def add(self, node: NodeSession) -> None:
-        for model in node.models:
+    def add(self, node: NodeSession, models: Iterable[str] | None = None) -> None:
+        """Indexes the node for ``models`` (default: all it offers); a node is indexed
+        for a model once it passed validation for it."""
+        for model in node.models if models is None else models:
             self._by_model.setdefault(model, _ModelNodes()).add(node)
 
     def remove(self, node: NodeSession) -> None:

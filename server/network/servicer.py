@@ -52,6 +52,7 @@ from server.network.nodes import (
     CancelCommand,
     ConfigCommand,
     DisconnectCommand,
+    ModelValidation,
     NodeCommand,
     NodeHello,
     NodeModel,
@@ -89,6 +90,15 @@ _STATE_TO_PB = {
     NodeState.SUSPECT: admin_pb.NODE_STATE_SUSPECT,
     NodeState.DRAINING: admin_pb.NODE_STATE_DRAINING,
     NodeState.QUARANTINED: admin_pb.NODE_STATE_QUARANTINED,
+    NodeState.VALIDATING: admin_pb.NODE_STATE_VALIDATING,
+}
+
+_VALIDATION_TO_PB = {
+    ModelValidation.PENDING: admin_pb.MODEL_VALIDATION_PENDING,
+    ModelValidation.PASSED: admin_pb.MODEL_VALIDATION_PASSED,
+    ModelValidation.FAILED: admin_pb.MODEL_VALIDATION_FAILED,
+    # Served without validation (validation off): not passed, not failed.
+    ModelValidation.UNCHECKED: admin_pb.MODEL_VALIDATION_UNSPECIFIED,
 }
 
 
@@ -146,6 +156,16 @@ def node_to_pb(node: NodeSession, now: float, suspect_after_s: float) -> admin_p
         operator_account_id=node.operator_account_id,
         config_version=node.config_version,
         quarantine_reason=node.quarantine_reason,
+        reputation=node.reputation,
+        model_status=[
+            admin_pb.NodeModelStatus(
+                model=model,
+                validation=_VALIDATION_TO_PB[status.validation],
+                time_to_first_token_ms=status.time_to_first_token_ms,
+                tokens_per_second=status.tokens_per_second,
+            )
+            for model, status in sorted(node.model_status.items())
+        ],
     )
 
 

@@ -36,3 +36,27 @@ class FailoverSettings:
     # job (it may be stuck or partitioned) and the job moves on. Generous: a job
     # waiting in the node's queue or prefilling a long prompt sends nothing.
     stall_timeout_s: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class ValidationSettings:
+    """Join-time validation and in-service canaries (see validation.py).
+
+    With ``enabled`` off, nodes serve every catalog model they offer unchecked
+    and no canaries are sent unless an operator sets a canary rate in the
+    network configuration.
+    """
+
+    enabled: bool = True
+    # Share of dispatched jobs that also send the node a disguised canary;
+    # the initial canary_rate of the network configuration.
+    canary_rate: float = 0.02
+    # Reputation is an EWMA of canary results (1 pass, 0 fail) with this weight
+    # for the newest; below the threshold the node is quarantined. With the
+    # defaults two failures in a row from a perfect record quarantine a node.
+    reputation_alpha: float = 0.3
+    quarantine_below: float = 0.5
+    # The join benchmark fails a node slower than this (0: any speed passes).
+    min_tokens_per_second: float = 0.0
+    # Tokens the join benchmark generates.
+    benchmark_tokens: int = 16

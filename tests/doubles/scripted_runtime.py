@@ -5,6 +5,11 @@ agent, network and cloud can check exact texts, token counts and billing
 without a model. A token's id is its position in the script; a continuation
 resumes after the delivered tokens, so an interrupted and continued job yields
 exactly the text of an uninterrupted one.
+
+``answers`` maps a prompt (the last message, or a text completion's prompt) to
+the text generated for it instead of the script: give it the catalog's
+canaries (``canary_answers()``) for a node that answers them correctly, or
+other texts for one that does not.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from agent.runtime.base import (
     TokenText,
     UnknownModel,
 )
+from server.network.catalog import Catalog
 
 MODEL_ID = "smollm2-135m-instruct"
 DEFAULT_SCRIPT = "one two three four five six seven eight nine ten"
@@ -53,6 +59,7 @@ class ScriptedRuntime:
     slot_count: int = 1
     # Raise this from generate() after that many tokens (a runtime crash).
     fail_after: int | None = None
+    answers: dict[str, str] = field(default_factory=dict)
     started_jobs: list[GenerationRequest] = field(default_factory=list)
     cancelled_jobs: int = 0
     _slots: asyncio.Semaphore | None = None
@@ -73,7 +80,7 @@ class ScriptedRuntime:
             raise PromptTooLong(f"prompt has {prompt} tokens, limit {request.max_prompt_tokens}")
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.slot_count)
-        tokens = scripted_tokens(self.script)
+        tokens = scripted_tokens(self.answers.get(_prompt_text(request), self.script))
         start = _resume_at(request, tokens)
         async with self._slots:
             self.started_jobs.append(request)
@@ -97,6 +104,17 @@ class ScriptedRuntime:
 
     async def close(self) -> None:
         return None
+
+
+def canary_answers(model: str = MODEL_ID) -> dict[str, str]:
+    """The catalog's known-answer canaries of ``model``, answered as the reference does."""
+    return {c.prompt: c.expected for c in Catalog(()).canaries(model)}
+
+
+def _prompt_text(request: GenerationRequest) -> str:
+    if request.prompt is not None:
+        return request.prompt
+    return request.messages[-1].content if request.messages else ""
 
 
 def _resume_at(request: GenerationRequest, tokens: list[str]) -> int:

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import random
 
-from server.network.nodes import NodeHello, NodeModel, NodeSession
+from server.network.nodes import ModelStatus, ModelValidation, NodeHello, NodeModel, NodeSession
 from server.network.routing import Router, RouteRequest
 
 SUSPECT_S = 15.0
@@ -111,3 +111,24 @@ def test_sampling_spreads_jobs_over_a_large_pool() -> None:
         picked.active_jobs.add(str(index))
     # Power of d choices: 2 jobs per node on average, never a pile-up.
     assert max(len(node.active_jobs) for node in nodes) <= 4
+
+
+def test_reputation_decides_between_equally_loaded_nodes() -> None:
+    trusted, doubted = _node("trusted"), _node("doubted")
+    doubted.reputation = 0.6
+    assert _pick(_router(doubted, trusted)) == "trusted"
+
+
+def test_a_node_is_routed_only_the_models_it_was_indexed_for() -> None:
+    node = _node("a", ("m", "other"))
+    router = Router(suspect_after_s=SUSPECT_S)
+    router.add(node, ("m",))
+    assert _pick(router, "m") == "a"
+    assert _pick(router, "other") is None
+
+
+def test_validating_and_quarantined_nodes_get_no_jobs() -> None:
+    validating, quarantined = _node("validating"), _node("quarantined")
+    validating.model_status["m"] = ModelStatus(ModelValidation.PENDING)
+    quarantined.quarantine_reason = "failed canaries"
+    assert _pick(_router(validating, quarantined)) is None

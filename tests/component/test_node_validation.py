@@ -1,0 +1,184 @@
+"""Join validation and in-service canaries over real gRPC, with scripted nodes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+from resultity.network.v1 import dispatch_service_pb2 as dispatch_pb
+from resultity.network.v1 import dispatch_service_pb2_grpc as dispatch_grpc
+from resultity.network.v1 import node_admin_service_pb2 as admin_pb
+from resultity.network.v1 import node_admin_service_pb2_grpc as admin_grpc
+
+from agent.session import AgentSession, SessionSettings
+from server.cli import _parser
+from server.common import channels
+from server.common.inference import ChatMessage, ChatRole, GenerationSpec, Sampling
+from server.common.inference_proto import spec_to_pb
+from server.network.cli import run_command
+from server.network.service import ValidationSettings
+from tests.doubles.scripted_runtime import MODEL_ID, ScriptedRuntime, canary_answers
+from tests.harness import NetworkServer, eventually, start_network
+
+SPEC = GenerationSpec(
+    model=MODEL_ID,
+    messages=(ChatMessage(ChatRole.USER, "hello there"),),
+    sampling=Sampling(max_tokens=5),
+    max_prompt_tokens=100,
+)
+WRONG = {prompt: "I would rather not say" for prompt in canary_answers()}
+
+
+class Nodes:
+    """Scripted agents on one network server, stopped at the end of the test."""
+
+    def __init__(self, network: NetworkServer) -> None:
+        self._network = network
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self, name: str, runtime: ScriptedRuntime) -> str:
+        session = AgentSession(SessionSettings(self._network.target, name), runtime)
+        self._tasks.append(asyncio.create_task(session.run_forever()))
+        await session.connected.wait()
+        assert session.node_id is not None
+        return session.node_id
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+@contextlib.asynccontextmanager
+async def _network(canary_rate: float) -> AsyncIterator[tuple[NetworkServer, Nodes]]:
+    network = await start_network(validation=ValidationSettings(canary_rate=canary_rate))
+    nodes = Nodes(network)
+    try:
+        yield network, nodes
+    finally:
+        await nodes.stop()
+        await network.stop()
+
+
+async def _node(network: NetworkServer, node_id: str) -> admin_pb.Node:
+    async with channels.insecure_channel(network.target) as channel:
+        response = await admin_grpc.NodeAdminServiceStub(channel).GetNode(
+            admin_pb.GetNodeRequest(node_id=node_id)
+        )
+    return response.node
+
+
+async def _validated(network: NetworkServer, node_id: str) -> admin_pb.Node:
+    service = network.component.service
+    await eventually(lambda: not service.node(node_id).validating)
+    return await _node(network, node_id)
+
+
+async def _run_job(network: NetworkServer) -> str:
+    """Runs one ordinary job; returns the node it was assigned to."""
+    async with channels.insecure_channel(network.target) as channel:
+        call = dispatch_grpc.DispatchServiceStub(channel).RunJob(
+            dispatch_pb.RunJobRequest(job_id=uuid.uuid4().hex, spec=spec_to_pb(SPEC))
+        )
+        events = [event async for event in call]
+    assert events[-1].WhichOneof("event") == "finished"
+    return events[0].assigned.node_id
+
+
+async def test_node_answering_its_join_canary_serves_and_one_answering_wrongly_does_not() -> None:
+    async with _network(canary_rate=0.0) as (network, nodes):
+        good_runtime = ScriptedRuntime(answers=canary_answers(), token_delay_s=0.001)
+        bad_runtime = ScriptedRuntime(answers=WRONG, token_delay_s=0.001)
+        good = await nodes.start("good", good_runtime)
+        bad = await nodes.start("bad", bad_runtime)
+
+        good_node = await _validated(network, good)
+        bad_node = await _validated(network, bad)
+
+        [good_status] = good_node.model_status
+        assert good_status.model == MODEL_ID
+        assert good_status.validation == admin_pb.MODEL_VALIDATION_PASSED
+        assert good_status.time_to_first_token_ms > 0
+        assert good_status.tokens_per_second > 0
+        assert good_node.state == admin_pb.NODE_STATE_READY
+        assert good_node.reputation == 1.0
+
+        [bad_status] = bad_node.model_status
+        assert bad_status.validation == admin_pb.MODEL_VALIDATION_FAILED
+        # Benchmarked before its canary failed: the figures are still shown.
+        assert bad_status.tokens_per_second > 0
+        assert bad_node.state == admin_pb.NODE_STATE_QUARANTINED
+        assert bad_node.quarantine_reason
+
+        bad_jobs = len(bad_runtime.started_jobs)
+        assigned = [await _run_job(network) for _ in range(4)]
+        assert assigned == [good] * 4
+        assert len(bad_runtime.started_jobs) == bad_jobs
+        [model] = network.component.service.models()
+        assert model.ready_nodes == 1
+
+
+async def test_node_failing_disguised_canaries_is_quarantined_and_its_neighbour_serves() -> None:
+    async with _network(canary_rate=1.0) as (network, nodes):
+        healthy_runtime = ScriptedRuntime(answers=canary_answers())
+        flaky_runtime = ScriptedRuntime(answers=canary_answers())
+        healthy = await nodes.start("healthy", healthy_runtime)
+        flaky = await nodes.start("flaky", flaky_runtime)
+        for node_id in (healthy, flaky):
+            node = await _validated(network, node_id)
+            assert node.state == admin_pb.NODE_STATE_READY
+
+        # From now on the flaky node answers canaries wrongly, ordinary jobs rightly.
+        flaky_runtime.answers = dict(WRONG)
+        service = network.component.service
+        for _ in range(50):
+            await _run_job(network)
+            if service.node(flaky).quarantine_reason:
+                break
+        await eventually(lambda: bool(service.node(flaky).quarantine_reason))
+
+        flaky_node = await _node(network, flaky)
+        assert flaky_node.state == admin_pb.NODE_STATE_QUARANTINED
+        assert flaky_node.reputation < ValidationSettings().quarantine_below
+        healthy_node = await _node(network, healthy)
+        assert healthy_node.state == admin_pb.NODE_STATE_READY
+        assert healthy_node.reputation == 1.0
+
+        await eventually(lambda: not service.node(flaky).active_jobs)
+        flaky_jobs = len(flaky_runtime.started_jobs)
+        assigned = [await _run_job(network) for _ in range(4)]
+        assert assigned == [healthy] * 4
+        assert len(flaky_runtime.started_jobs) == flaky_jobs
+
+
+async def test_nodes_cli_lists_shows_drains_and_quarantines(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    async with _network(canary_rate=0.0) as (network, nodes):
+        node_id = await nodes.start("cli-node", ScriptedRuntime(answers=canary_answers()))
+        await _validated(network, node_id)
+
+        async def nodes_command(*argv: str) -> str:
+            args = _parser().parse_args(["nodes", "--network", network.target, *argv])
+            await run_command(args)
+            return capsys.readouterr().out
+
+        # Logs go to stdout too: the table starts at its header.
+        lines = (await nodes_command("list")).splitlines()
+        table = lines[[line.startswith("NODE ") for line in lines].index(True) :]
+        assert table[0].split() == ["NODE", "NAME", "STATE", "JOBS", "REPUTATION", "MODELS", "SEEN"]
+        assert table[1].split()[:5] == [node_id, "cli-node", "ready", "0/1", "1.00"]
+        assert f"{MODEL_ID}(passed)" in table[1]
+
+        details = await nodes_command("get", node_id)
+        assert f"node:          {node_id}" in details
+        assert f"{MODEL_ID}: passed, TTFT" in details
+
+        assert "state:         draining" in await nodes_command("drain", node_id)
+        quarantined = await nodes_command("quarantine", node_id, "--reason", "checking")
+        assert "state:         quarantined" in quarantined
+        assert "quarantined:   checking" in quarantined
