@@ -1,0 +1,478 @@
+"""OpenAI conformance: the official `openai` client (strict response validation,
+no retries) against the whole platform in process: gateway -> cloud -> account +
+network -> agent -> scripted runtime, over real HTTP and real gRPC.
+
+Raw httpx checks the bytes where the SDK would hide them (SSE framing, headers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from openai.types import CompletionUsage
+from resultity.account.v1 import api_key_service_pb2 as keys_pb
+from resultity.account.v1 import api_key_service_pb2_grpc as keys_grpc
+
+from agent.runtime.base import GenerationEvent, GenerationRequest, Started, TokenText
+from gateway.app import create_app
+from gateway.server import serve
+from server.network.catalog import SMOLLM2_135M
+from tests.doubles.scripted_runtime import (
+    DEFAULT_SCRIPT,
+    SCRIPTED_LOGPROB,
+    ScriptedRuntime,
+    prompt_tokens,
+    scripted_tokens,
+)
+from tests.harness import Customer, Platform, running_platform
+
+MODEL = SMOLLM2_135M.id
+PRICE = SMOLLM2_135M.price
+HELLO: list[Any] = [{"role": "user", "content": "hello there"}]
+# "hello there": 2 words + 2 template tokens in the scripted runtime.
+HELLO_PROMPT_TOKENS = 4
+TOKENS = scripted_tokens(DEFAULT_SCRIPT)
+CREDITS = 100_000_000
+
+
+def _charge(prompt: int, completion: int) -> int:
+    return prompt * PRICE.prompt + completion * PRICE.completion
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Stack:
+    platform: Platform
+    base_url: str
+    customer: Customer
+
+    def client(self, api_key: str | None = None) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(
+            base_url=f"{self.base_url}/v1",
+            api_key=api_key or self.customer.api_key,
+            max_retries=0,
+            _strict_response_validation=True,
+        )
+
+    def http(self, api_key: str | None = None) -> httpx.AsyncClient:
+        key = api_key or self.customer.api_key
+        return httpx.AsyncClient(
+            base_url=self.base_url, headers={"authorization": f"Bearer {key}"}, timeout=30
+        )
+
+    async def key(self, **fields: Any) -> str:
+        response = await keys_grpc.ApiKeyServiceStub(self.platform.channel).CreateApiKey(
+            keys_pb.CreateApiKeyRequest(
+                account_id=self.customer.account_id, name="conformance", **fields
+            ),
+            metadata=self.platform.service,
+        )
+        return response.secret
+
+
+@contextlib.asynccontextmanager
+async def _stack(platform: Platform, credits: int = CREDITS) -> AsyncIterator[Stack]:
+    port = _free_port()
+    started = asyncio.Event()
+    gateway = asyncio.create_task(
+        serve(create_app(platform.target), "127.0.0.1", port, started=started)
+    )
+    waiter = asyncio.create_task(started.wait())
+    await asyncio.wait((gateway, waiter), return_when=asyncio.FIRST_COMPLETED)
+    if gateway.done():
+        gateway.result()
+    try:
+        yield Stack(platform, f"http://127.0.0.1:{port}", await platform.customer(credits))
+    finally:
+        gateway.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await gateway
+
+
+@pytest.fixture(scope="module")
+async def stack(postgres_dsn: str) -> AsyncIterator[Stack]:
+    async with running_platform(postgres_dsn) as platform, _stack(platform) as running:
+        await platform.start_agent(ScriptedRuntime(slot_count=4))
+        yield running
+
+
+@pytest.fixture
+async def client(stack: Stack) -> AsyncIterator[openai.AsyncOpenAI]:
+    async with stack.client() as sdk:
+        yield sdk
+
+
+@pytest.fixture
+async def http(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
+    async with stack.http() as raw:
+        yield raw
+
+
+# --- chat completions ----------------------------------------------------------------------
+
+
+async def test_chat_completion_with_every_parameter(client: openai.AsyncOpenAI) -> None:
+    completion = await client.chat.completions.create(
+        model=MODEL,
+        messages=[
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "hello"},
+            {"role": "assistant", "content": "hi"},
+            {"role": "user", "content": [{"type": "text", "text": "count"}]},
+        ],
+        max_tokens=100,
+        max_completion_tokens=4,
+        temperature=0.5,
+        top_p=0.9,
+        stop=["never"],
+        seed=7,
+        n=2,
+        presence_penalty=0.5,
+        frequency_penalty=0.5,
+        logprobs=True,
+        top_logprobs=2,
+        response_format={"type": "json_object"},
+        user="end-user",
+    )
+
+    assert completion.object == "chat.completion"
+    assert completion.id.startswith("chatcmpl-")
+    assert [choice.index for choice in completion.choices] == [0, 1]
+    for choice in completion.choices:
+        assert choice.message.role == "assistant"
+        assert choice.message.content == "".join(TOKENS[:4])
+        assert choice.finish_reason == "length"
+        assert choice.logprobs is not None
+        assert choice.logprobs.content is not None
+        assert [item.token for item in choice.logprobs.content] == TOKENS[:4]
+        assert {item.logprob for item in choice.logprobs.content} == {SCRIPTED_LOGPROB}
+        assert all(len(item.top_logprobs) == 2 for item in choice.logprobs.content)
+    # Two choices, each its own job: the prompt (4 + 3 + 3 + 3 tokens) counts twice.
+    assert completion.usage == CompletionUsage(
+        prompt_tokens=2 * 13, completion_tokens=8, total_tokens=34
+    )
+
+
+async def test_stop_as_a_string_and_json_schema(client: openai.AsyncOpenAI) -> None:
+    completion = await client.chat.completions.create(
+        model=MODEL,
+        messages=HELLO,
+        stop="never",
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "answer", "schema": {"type": "object"}, "strict": True},
+        },
+    )
+    assert completion.choices[0].message.content == DEFAULT_SCRIPT
+    assert completion.choices[0].finish_reason == "stop"
+    assert completion.choices[0].logprobs is None
+
+
+async def test_streaming_through_the_sdk(client: openai.AsyncOpenAI) -> None:
+    stream = await client.chat.completions.create(
+        model=MODEL,
+        messages=HELLO,
+        max_tokens=3,
+        n=2,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = [chunk async for chunk in stream]
+
+    for index in (0, 1):
+        deltas = [c for chunk in chunks for c in chunk.choices if c.index == index]
+        assert deltas[0].delta.role == "assistant"
+        assert "".join(d.delta.content or "" for d in deltas) == "".join(TOKENS[:3])
+        assert [d.finish_reason for d in deltas if d.finish_reason] == ["length"]
+        assert deltas[-1].finish_reason == "length"
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage == CompletionUsage(
+        prompt_tokens=2 * HELLO_PROMPT_TOKENS, completion_tokens=6, total_tokens=14
+    )
+    assert all(chunk.usage is None for chunk in chunks[:-1])
+    assert len({chunk.id for chunk in chunks}) == 1
+
+
+def _frames(body: bytes) -> list[bytes]:
+    """Each event's data, checking the framing byte by byte: `data: ...\\n\\n` only."""
+    assert body.endswith(b"\n\n")
+    frames = body[:-2].split(b"\n\n")
+    for frame in frames:
+        assert frame.startswith(b"data: ")
+        assert b"\n" not in frame
+        assert b"\r" not in frame
+    return [frame[len(b"data: ") :] for frame in frames]
+
+
+@pytest.mark.parametrize("include_usage", [False, True])
+async def test_stream_bytes(http: httpx.AsyncClient, include_usage: bool) -> None:
+    body: dict[str, Any] = {"model": MODEL, "messages": HELLO, "max_tokens": 3, "stream": True}
+    if include_usage:
+        body["stream_options"] = {"include_usage": True}
+    async with http.stream("POST", "/v1/chat/completions", json=body) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        assert response.headers["cache-control"] == "no-cache"
+        raw = b"".join([part async for part in response.aiter_raw()])
+
+    frames = _frames(raw)
+    assert frames[-1] == b"[DONE]"
+    assert raw.endswith(b"data: [DONE]\n\n")
+    chunks = [json.loads(frame) for frame in frames[:-1]]
+    opening = {"role": "assistant", "content": ""}
+    assert chunks[0]["choices"] == [
+        {"index": 0, "delta": opening, "logprobs": None, "finish_reason": None}
+    ]
+    finishing = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert len(finishing) == 1
+    assert finishing[0]["choices"][0]["delta"] == {}
+    contents = [c["choices"][0]["delta"].get("content") for c in chunks[1:] if c["choices"]]
+    assert "".join(text for text in contents if text) == "".join(TOKENS[:3])
+    for chunk in chunks:
+        assert chunk["object"] == "chat.completion.chunk"
+        assert ("usage" in chunk) is include_usage
+    if include_usage:
+        assert chunks[-1]["choices"] == []
+        assert chunks[-1]["usage"] == {
+            "prompt_tokens": HELLO_PROMPT_TOKENS,
+            "completion_tokens": 3,
+            "total_tokens": HELLO_PROMPT_TOKENS + 3,
+        }
+        assert all(chunk["usage"] is None for chunk in chunks[:-1])
+    else:
+        assert chunks[-1] is finishing[0]
+
+
+# --- text completions, models --------------------------------------------------------------
+
+
+async def test_text_completion_string_and_list(client: openai.AsyncOpenAI) -> None:
+    single = await client.completions.create(model=MODEL, prompt="once upon", max_tokens=2)
+    several = await client.completions.create(
+        model=MODEL, prompt=["once upon", "a time"], max_tokens=2, logprobs=1
+    )
+
+    assert single.object == "text_completion"
+    assert [choice.text for choice in single.choices] == ["".join(TOKENS[:2])]
+    assert single.usage == CompletionUsage(prompt_tokens=3, completion_tokens=2, total_tokens=5)
+    assert [choice.index for choice in several.choices] == [0, 1]
+    for choice in several.choices:
+        assert choice.logprobs is not None
+        assert choice.logprobs.tokens == TOKENS[:2]
+        assert choice.logprobs.token_logprobs == [SCRIPTED_LOGPROB] * 2
+
+
+async def test_text_completion_stream_bytes(http: httpx.AsyncClient) -> None:
+    body = {"model": MODEL, "prompt": "once upon", "max_tokens": 2, "stream": True}
+    response = await http.post("/v1/completions", json=body)
+
+    frames = _frames(response.content)
+    assert frames[-1] == b"[DONE]"
+    chunks = [json.loads(frame) for frame in frames[:-1]]
+    assert all(chunk["object"] == "text_completion" for chunk in chunks)
+    assert "".join(c["choices"][0]["text"] for c in chunks) == "".join(TOKENS[:2])
+    assert [c["choices"][0]["finish_reason"] for c in chunks] == [None, None, "length"]
+
+
+async def test_models(client: openai.AsyncOpenAI) -> None:
+    models = [model async for model in client.models.list()]
+    assert [model.id for model in models] == [MODEL]
+
+    model = await client.models.retrieve(MODEL)
+    assert (model.id, model.object, model.owned_by) == (MODEL, "model", SMOLLM2_135M.owned_by)
+
+    with pytest.raises(openai.NotFoundError) as raised:
+        await client.models.retrieve("no-such-model")
+    assert raised.value.code == "model_not_found"
+
+
+# --- errors and headers --------------------------------------------------------------------
+
+
+def _envelope(error: openai.APIStatusError) -> dict[str, Any]:
+    body = error.response.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    return dict(body["error"])
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"temperature": 2.5}, "temperature"),
+        ({"max_tokens": SMOLLM2_135M.context_length + 1}, "max_tokens"),
+        ({"n": 9}, "n"),
+        ({"top_logprobs": 3}, "top_logprobs"),
+        # The prompt is longer than the context: the node refuses it.
+        ({"messages": [{"role": "user", "content": "word " * 3000}]}, "messages"),
+    ],
+)
+async def test_invalid_requests_are_400_naming_the_param(
+    client: openai.AsyncOpenAI, fields: dict[str, Any], param: str
+) -> None:
+    with pytest.raises(openai.BadRequestError) as raised:
+        await client.chat.completions.create(**{"model": MODEL, "messages": HELLO, **fields})
+
+    envelope = _envelope(raised.value)
+    assert envelope["type"] == "invalid_request_error"
+    assert envelope["param"] == param
+
+
+async def test_wrong_key_is_401(stack: Stack) -> None:
+    async with stack.client(api_key="rsk_not-a-real-key") as sdk:
+        with pytest.raises(openai.AuthenticationError) as raised:
+            await sdk.chat.completions.create(model=MODEL, messages=HELLO)
+    assert _envelope(raised.value)["code"] == "invalid_api_key"
+
+
+async def test_keys_outside_their_scope_or_models_are_403(stack: Stack) -> None:
+    management_only = await stack.key(scopes=[keys_pb.API_KEY_SCOPE_MANAGEMENT])
+    other_model_only = await stack.key(allowed_models=["some-other-model"])
+    for key in (management_only, other_model_only):
+        async with stack.client(api_key=key) as sdk:
+            with pytest.raises(openai.PermissionDeniedError) as raised:
+                await sdk.chat.completions.create(model=MODEL, messages=HELLO)
+        assert raised.value.status_code == 403
+
+
+async def test_unknown_model_is_404(client: openai.AsyncOpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as raised:
+        await client.chat.completions.create(model="no-such-model", messages=HELLO)
+    envelope = _envelope(raised.value)
+    assert (envelope["code"], envelope["param"]) == ("model_not_found", "model")
+
+
+async def test_no_credit_is_429_insufficient_quota_not_to_retry(stack: Stack) -> None:
+    broke = await stack.platform.customer(credits=0)
+    async with stack.client(api_key=broke.api_key) as sdk:
+        with pytest.raises(openai.RateLimitError) as raised:
+            await sdk.chat.completions.create(model=MODEL, messages=HELLO)
+    assert _envelope(raised.value)["code"] == "insufficient_quota"
+    assert raised.value.response.headers["x-should-retry"] == "false"
+
+
+async def test_every_response_has_a_request_id_and_the_overhead(
+    http: httpx.AsyncClient,
+) -> None:
+    responses = [
+        await http.post("/v1/chat/completions", json={"model": MODEL, "messages": HELLO}),
+        await http.post(
+            "/v1/chat/completions", json={"model": MODEL, "messages": HELLO, "stream": True}
+        ),
+        await http.post("/v1/completions", json={"model": MODEL, "prompt": "x"}),
+        await http.get("/v1/models"),
+        await http.get(f"/v1/models/{MODEL}"),
+        await http.get("/openapi.json"),
+        await http.post("/v1/chat/completions", json={"model": MODEL}),
+        await http.post("/v1/chat/completions", json={"model": "nope", "messages": HELLO}),
+        await http.get("/v1/unknown"),
+    ]
+    ids = [response.headers["x-request-id"] for response in responses]
+    assert len(set(ids)) == len(ids)
+    for response in responses:
+        assert float(response.headers["x-resultity-overhead-ms"]) >= 0.0
+
+
+# --- platforms set up for one test ---------------------------------------------------------
+
+
+async def test_no_serving_node_is_503(postgres_dsn: str) -> None:
+    async with running_platform(postgres_dsn) as platform, _stack(platform) as stack:
+        async with stack.client() as sdk:
+            with pytest.raises(openai.InternalServerError) as raised:
+                await sdk.chat.completions.create(model=MODEL, messages=HELLO)
+        assert raised.value.status_code == 503
+        assert (await platform.balance(stack.customer)).available_micro_credits == CREDITS
+
+
+async def test_rate_limit_under_a_burst(postgres_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RESULTITY_RATE_LIMIT_KEY_REQUESTS_PER_MINUTE", "2")
+    async with running_platform(postgres_dsn) as platform, _stack(platform) as stack:
+        await platform.start_agent(ScriptedRuntime(slot_count=4))
+        async with stack.client() as sdk:
+
+            async def call() -> object:
+                try:
+                    return await sdk.chat.completions.with_raw_response.create(
+                        model=MODEL, messages=HELLO, max_tokens=1
+                    )
+                except openai.RateLimitError as error:
+                    return error
+
+            outcomes = await asyncio.gather(*(call() for _ in range(6)))
+
+    limited = [o for o in outcomes if isinstance(o, openai.RateLimitError)]
+    served = [o for o in outcomes if not isinstance(o, openai.RateLimitError)]
+    assert (len(served), len(limited)) == (2, 4)
+    for error in limited:
+        assert _envelope(error)["code"] == "rate_limit_exceeded"
+        assert int(error.response.headers["retry-after"]) >= 1
+        assert error.response.headers["x-ratelimit-remaining-requests"] == "0"
+    for raw in served:
+        assert raw.headers["x-ratelimit-limit-requests"] == "2"  # type: ignore[attr-defined]
+
+
+class StallingRuntime(ScriptedRuntime):
+    """Streams the first ``deliver`` scripted tokens, then waits until cancelled."""
+
+    def __init__(self, deliver: int) -> None:
+        super().__init__()
+        self.deliver = deliver
+        self.cancelled = asyncio.Event()
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        self.started_jobs.append(request)
+        yield Started(prompt_tokens(request))
+        for index in range(self.deliver):
+            yield TokenText(TOKENS[index], 1, (index,))
+        try:
+            await asyncio.Event().wait()
+        finally:
+            self.cancelled.set()
+
+
+async def test_disconnect_mid_stream_settles_exactly_what_was_delivered(
+    postgres_dsn: str,
+) -> None:
+    runtime = StallingRuntime(deliver=3)
+    async with running_platform(postgres_dsn) as platform, _stack(platform) as stack:
+        await platform.start_agent(runtime)
+        body = {"model": MODEL, "messages": HELLO, "stream": True}
+        async with (
+            stack.http() as http,
+            http.stream("POST", "/v1/chat/completions", json=body) as response,
+        ):
+            seen = ""
+            async for line in response.aiter_lines():
+                if line.startswith("data: {"):
+                    delta = json.loads(line[6:])["choices"][0]["delta"]
+                    seen += delta.get("content") or ""
+                if seen == "".join(TOKENS[:3]):
+                    break  # leaves the stream: the client disconnects
+        # The job is cancelled on the node and the hold settles for 3 tokens (the
+        # timeouts only bound a broken test).
+        await asyncio.wait_for(runtime.cancelled.wait(), 10)
+
+        async def settled() -> bool:
+            balance = await platform.balance(stack.customer)
+            return balance.held_micro_credits == 0
+
+        async with asyncio.timeout(10):
+            while not await settled():  # noqa: ASYNC110 - polls the ledger over gRPC
+                await asyncio.sleep(0.02)
+        balance = await platform.balance(stack.customer)
+        assert balance.available_micro_credits == CREDITS - _charge(HELLO_PROMPT_TOKENS, 3)
