@@ -8,6 +8,7 @@ client validates every response strictly.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -196,3 +197,46 @@ async def test_wrong_key_and_unknown_model_get_openai_errors(platform: RunningPl
             messages=QUESTION,  # type: ignore[arg-type]
         )
     assert missing.value.code == "model_not_found"
+
+
+async def test_json_object_format_logprobs_and_several_choices(platform: RunningPlatform) -> None:
+    completion = await platform.client().chat.completions.create(
+        model=MODEL,
+        messages=[
+            {
+                "role": "user",
+                "content": "Give a JSON object with the keys name and color of a cat.",
+            }
+        ],
+        temperature=0,
+        max_tokens=60,
+        n=2,
+        logprobs=True,
+        top_logprobs=2,
+        response_format={"type": "json_object"},
+    )
+
+    assert len(completion.choices) == 2
+    for choice in completion.choices:
+        assert choice.finish_reason == "stop"
+        assert isinstance(json.loads(choice.message.content or ""), dict)
+        assert choice.logprobs is not None
+        assert choice.logprobs.content is not None
+        tokens = choice.logprobs.content
+        assert b"".join(bytes(item.bytes or []) for item in tokens).decode() == (
+            choice.message.content
+        )
+        assert all(item.logprob <= 0 and len(item.top_logprobs) == 2 for item in tokens)
+    # Greedy: both choices are the same text.
+    assert completion.choices[0].message.content == completion.choices[1].message.content
+
+
+async def test_text_completion_continues_a_raw_prompt(platform: RunningPlatform) -> None:
+    completion = await platform.client().completions.create(
+        model=MODEL, prompt=["The capital of France is", "1, 2, 3,"], temperature=0, max_tokens=8
+    )
+
+    assert [choice.index for choice in completion.choices] == [0, 1]
+    assert all(choice.text for choice in completion.choices)
+    assert completion.usage is not None
+    assert completion.usage.completion_tokens <= 16
