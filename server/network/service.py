@@ -22,10 +22,9 @@ import contextlib
 import random
 import time
 import uuid
-from collections.abc import AsyncGenerator, Coroutine
-from dataclasses import dataclass, replace
+from collections.abc import AsyncGenerator
+from dataclasses import replace
 from datetime import UTC, datetime
-from typing import Any
 
 import structlog
 
@@ -40,18 +39,16 @@ from server.common.errors import (
 )
 from server.common.inference import (
     CatalogModel,
-    ChatMessage,
-    ChatRole,
     GenerationSpec,
     JobAssigned,
     JobEvent,
     JobFinished,
     JobMigrated,
-    Sampling,
 )
 from server.common.node_signing import result_payload, verify
 from server.network.admission import AdmissionSettings, NodeAdmission
 from server.network.catalog import Catalog
+from server.network.checks import NodeChecks, Probe
 from server.network.config import ConfigModel, NetworkConfig, next_version, version_at_least
 from server.network.jobs import (
     ActiveJob,
@@ -76,19 +73,8 @@ from server.network.nodes import (
 )
 from server.network.routing import Router, RouteRequest
 from server.network.settings import FailoverSettings, LivenessSettings, ValidationSettings
-from server.network.validation import (
-    Canary,
-    benchmark_figures,
-    benchmark_passes,
-    canary_passes,
-    next_reputation,
-    should_quarantine,
-)
 
 __all__ = ["FailoverSettings", "LivenessSettings", "NetworkService", "ValidationSettings"]
-
-# The join benchmark's prompt: any short instruction with a long enough answer.
-BENCHMARK_PROMPT = "Count from one to thirty, separated by commas."
 
 log = structlog.get_logger(__name__)
 
@@ -106,15 +92,21 @@ class NetworkService:
     ) -> None:
         self.admission = admission or NodeAdmission(AdmissionSettings(), None)
         self.validation = validation or ValidationSettings()
-        self._rng = rng or random.Random()
-        # Validation and canary jobs in flight, so that stop() can end them.
-        self._checks: set[asyncio.Task[None]] = set()
+
         self._catalog = catalog
         self.liveness = liveness
         self.failover = failover or FailoverSettings()
         self._nodes: dict[str, NodeSession] = {}
         self._jobs: dict[str, ActiveJob] = {}
         self._router = Router(suspect_after_s=liveness.suspect_s)
+        self._checks = NodeChecks(
+            catalog,
+            self.validation,
+            self._probe,
+            serve=lambda node, model: self._router.add(node, (model,)),
+            quarantine=self._quarantine,
+            rng=rng,
+        )
         self._monitor: asyncio.Task[None] | None = None
         self._closing = False
         self._config = NetworkConfig(
@@ -139,8 +131,7 @@ class NetworkService:
             self._monitor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._monitor
-        for task in list(self._checks):
-            task.cancel()
+        self._checks.stop()
         for node in list(self._nodes.values()):
             reason = "network server shutting down"
             self._remove(node, reason, ReconnectCommand(reason))
@@ -185,9 +176,7 @@ class NetworkService:
         self._nodes[node.node_id] = node
         node.outbox.put_nowait(ConfigCommand(self._config))
         if self.validation.enabled:
-            for model in node.models:
-                node.model_status[model] = ModelStatus()
-            self._check(self._validate(node))
+            self._checks.validate(node)
         else:
             for model in node.models:
                 node.model_status[model] = ModelStatus(ModelValidation.UNCHECKED)
@@ -230,6 +219,10 @@ class NetworkService:
         node = self.node(node_id)
         self.draining(node)
         return node
+
+    def _quarantine(self, node: NodeSession, reason: str) -> None:
+        if node.node_id in self._nodes:
+            self.quarantine(node.node_id, reason)
 
     def quarantine(self, node_id: str, reason: str) -> NodeSession:
         """Takes the node out of service until it reconnects."""
@@ -372,7 +365,7 @@ class NetworkService:
         self._assign(job, node)
         bound = log.bind(job_id=job_id)
         bound.info("job assigned", node_id=node.node_id, model=spec.model)
-        self._maybe_canary(node, spec.model)
+        self._checks.maybe_canary(node, spec.model, self._config.canary_rate)
         finished = False
         try:
             yield JobAssigned(node.node_id)
@@ -459,90 +452,7 @@ class NetworkService:
 
     # --- validation and canaries ---------------------------------------------
 
-    def _check(self, work: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(work, name="node-check")
-        self._checks.add(task)
-        task.add_done_callback(self._checks.discard)
-
-    async def _validate(self, node: NodeSession) -> None:
-        """Benchmark, then canaries, for each model; the router gets the passed ones."""
-        bound = log.bind(node_id=node.node_id)
-        for model in sorted(node.models):
-            status = node.model_status[model]
-            bench_spec = self._spec(model, BENCHMARK_PROMPT, self.validation.benchmark_tokens)
-            bench = await self._probe(node, bench_spec)
-            if bench is None:
-                return  # node gone: nothing to decide
-            figures = benchmark_figures(
-                assigned_at=bench.assigned_at,
-                first_token_at=bench.first_token_at,
-                done_at=bench.done_at,
-                tokens=bench.tokens,
-            )
-            status.time_to_first_token_ms = figures.time_to_first_token_ms
-            status.tokens_per_second = figures.tokens_per_second
-            failure = ""
-            if not bench.done or not benchmark_passes(
-                figures, bench.tokens, self.validation.min_tokens_per_second
-            ):
-                failure = "benchmark failed"
-            for canary in self._catalog.canaries(model):
-                if failure:
-                    break
-                answer = await self._probe(node, self._canary_spec(canary))
-                if answer is None:
-                    return
-                if not answer.done or not canary_passes(canary.expected, answer.text):
-                    failure = "wrong answer to a known-answer canary"
-            if failure:
-                status.validation, status.reason = ModelValidation.FAILED, failure
-                bound.warning("model failed validation", model=model, reason=failure)
-            else:
-                status.validation = ModelValidation.PASSED
-                self._router.add(node, (model,))
-                bound.info(
-                    "model validated",
-                    model=model,
-                    ttft_ms=round(figures.time_to_first_token_ms, 1),
-                    tokens_per_second=round(figures.tokens_per_second, 1),
-                )
-        if not any(s.serving for s in node.model_status.values()):
-            self._quarantine(node, "failed validation for every model it offers")
-
-    def _spec(self, model: str, prompt: str, max_tokens: int) -> GenerationSpec:
-        context = self._catalog.get(model).context_length
-        return GenerationSpec(
-            model=model,
-            messages=(ChatMessage(ChatRole.USER, prompt),),
-            sampling=Sampling(max_tokens=max_tokens, temperature=0.0),
-            max_prompt_tokens=context - max_tokens,
-        )
-
-    def _canary_spec(self, canary: Canary) -> GenerationSpec:
-        return self._spec(canary.model, canary.prompt, canary.max_tokens)
-
-    def _maybe_canary(self, node: NodeSession, model: str) -> None:
-        """At the configured rate, also sends the node a disguised canary of ``model``."""
-        canaries = self._catalog.canaries(model)
-        if not canaries or self._rng.random() >= self._config.canary_rate:
-            return
-        self._check(self._canary(node, self._rng.choice(canaries)))
-
-    async def _canary(self, node: NodeSession, canary: Canary) -> None:
-        answer = await self._probe(node, self._canary_spec(canary))
-        if answer is None or node.node_id not in self._nodes:
-            return  # no verdict: the node was lost (or cut off) on the way
-        passed = answer.done and canary_passes(canary.expected, answer.text)
-        node.reputation = next_reputation(node.reputation, passed, self.validation.reputation_alpha)
-        log.info("canary checked", node_id=node.node_id, passed=passed, reputation=node.reputation)
-        if should_quarantine(node.reputation, self.validation.quarantine_below):
-            self._quarantine(node, f"reputation {node.reputation:.2f} after failed canaries")
-
-    def _quarantine(self, node: NodeSession, reason: str) -> None:
-        if node.node_id in self._nodes:
-            self.quarantine(node.node_id, reason)
-
-    async def _probe(self, node: NodeSession, spec: GenerationSpec) -> _Probe | None:
+    async def _probe(self, node: NodeSession, spec: GenerationSpec) -> Probe | None:
         """Runs ``spec`` on ``node`` as an ordinary job, keeping its output to itself.
 
         None when the assignment was given up (node lost, stalled or cut off).
@@ -572,7 +482,7 @@ class NetworkService:
                 elif isinstance(report, DoneReport | FailedReport):
                     done_at = time.monotonic()
                     finished = True
-                    return _Probe(
+                    return Probe(
                         done=isinstance(report, DoneReport),
                         text="".join(texts),
                         tokens=tokens,
@@ -588,18 +498,6 @@ class NetworkService:
             node.active_jobs.discard(job_id)
             if not finished and node.node_id in self._nodes:
                 node.outbox.put_nowait(CancelCommand(job_id, job.epoch))
-
-
-@dataclass(frozen=True, slots=True)
-class _Probe:
-    """What a node returned for a validation or canary job."""
-
-    done: bool
-    text: str
-    tokens: int
-    assigned_at: float
-    first_token_at: float
-    done_at: float
 
 
 def _failure_error(report: FailedReport) -> Exception:
