@@ -53,8 +53,11 @@ def generation_request(
     if not messages and not spec.HasField("prompt"):
         raise InvalidAssignment("a job needs messages or a prompt")
     sampling = spec.sampling
-    # A continuation may have nothing left to generate but held-back text.
-    if sampling.max_tokens < (0 if continuation is not None else 1):
+    if spec.embed and not spec.HasField("prompt"):
+        raise InvalidAssignment("an embedding job needs a prompt")
+    # A continuation may have nothing left to generate but held-back text; an
+    # embedding generates nothing.
+    if sampling.max_tokens < (0 if continuation is not None or spec.embed else 1):
         raise InvalidAssignment("max_tokens must be positive")
     return GenerationRequest(
         model=spec.model,
@@ -77,6 +80,7 @@ def generation_request(
         ),
         max_prompt_tokens=spec.max_prompt_tokens,
         prompt=spec.prompt if spec.HasField("prompt") else None,
+        embed=spec.embed,
         continuation=None
         if continuation is None
         else Continuation(

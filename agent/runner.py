@@ -16,6 +16,7 @@ from typing import Protocol
 import structlog
 
 from agent.runtime.base import (
+    Embedding,
     Finished,
     GenerationRequest,
     PromptTooLong,
@@ -53,6 +54,7 @@ class JobSink(Protocol):
         prompt_tokens: int,
         token_ids: tuple[int, ...] = (),
         logprobs: tuple[TokenLogprob, ...] = (),
+        embedding: tuple[float, ...] = (),
     ) -> None: ...
 
     def done(
@@ -145,6 +147,8 @@ class JobRunner:
                             event.token_ids,
                             event.logprobs,
                         )
+                    elif isinstance(event, Embedding):
+                        self._sink.chunk(job, "", 0, prompt_tokens, embedding=event.values)
                     elif isinstance(event, Finished):
                         self._sink.done(
                             job, event.reason, event.prompt_tokens, event.completion_tokens

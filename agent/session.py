@@ -96,6 +96,7 @@ class _StreamSink:
         prompt_tokens: int,
         token_ids: tuple[int, ...] = (),
         logprobs: tuple[TokenLogprob, ...] = (),
+        embedding: tuple[float, ...] = (),
     ) -> None:
         self._outputs.setdefault(job, OutputDigest()).add(text, token_ids)
         self._outbound.put_nowait(
@@ -108,6 +109,7 @@ class _StreamSink:
                     prompt_tokens=prompt_tokens,
                     token_ids=token_ids,
                     logprobs=logprobs_to_pb(logprobs),
+                    embedding=embedding,
                 )
             )
         )

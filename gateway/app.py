@@ -29,7 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gateway import convert, errors, sse
 from gateway.errors import ApiError
 from gateway.openapi import describe
-from gateway.schemas import ChatCompletionRequest, CompletionRequest
+from gateway.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
 if TYPE_CHECKING:
     from resultity.cloud.v1.inference_service_pb2_grpc import InferenceServiceAsyncStub
@@ -38,7 +38,7 @@ log = structlog.get_logger("gateway")
 
 _T = TypeVar("_T")
 _Message = TypeVar("_Message")
-_Body = TypeVar("_Body", ChatCompletionRequest, CompletionRequest)
+_Body = TypeVar("_Body", ChatCompletionRequest, CompletionRequest, EmbeddingRequest)
 Metadata = tuple[tuple[str, str], ...]
 
 # Status logged (never delivered) when the client went away before the answer.
@@ -313,6 +313,23 @@ async def completions(request: Request) -> Response:
     _record_generation(request, await call.trailing_metadata())
     completion = convert.text_completion_from_proto(response, logprobs=logprobs)
     return _json(completion.model_dump_json(), await _rate_limit_headers(call))
+
+
+@_router.post("/v1/embeddings")
+async def embeddings(request: Request) -> Response:
+    metadata = _call_metadata(request)
+    body = await _parse(request, EmbeddingRequest)
+    structlog.contextvars.bind_contextvars(model=body.model)
+    call = _cloud(request).CreateEmbeddings(
+        pb.CreateEmbeddingsRequest(model=body.model, inputs=body.input, user=body.user or ""),
+        metadata=metadata,
+    )
+    try:
+        response = await _unless_client_gone(request, call, call)
+    except _ClientGone:
+        return _client_gone_response()
+    rendered = convert.embeddings_from_proto(response, body.encoding_format)
+    return _json(rendered.model_dump_json(), await _rate_limit_headers(call))
 
 
 async def _stream(

@@ -5,7 +5,9 @@ Pure functions: no I/O, no policy. Cloud decides everything; these only rename.
 
 from __future__ import annotations
 
+import base64
 import json
+import struct
 from collections.abc import Sequence
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -252,4 +254,25 @@ def text_chunk_from_proto(
 def model_card_from_proto(model: pb.Model) -> schemas.ModelCard:
     return schemas.ModelCard(
         id=model.id, created=_unix_seconds(model.created), owned_by=model.owned_by
+    )
+
+
+def _encode(values: Sequence[float], encoding: str) -> list[float] | str:
+    if encoding == "base64":
+        return base64.b64encode(struct.pack(f"<{len(values)}f", *values)).decode()
+    return list(values)
+
+
+def embeddings_from_proto(
+    response: pb.CreateEmbeddingsResponse, encoding: str
+) -> schemas.EmbeddingList:
+    return schemas.EmbeddingList(
+        data=[
+            schemas.EmbeddingData(index=item.index, embedding=_encode(item.values, encoding))
+            for item in response.embeddings
+        ],
+        model=response.model,
+        usage=schemas.EmbeddingUsage(
+            prompt_tokens=response.usage.prompt_tokens, total_tokens=response.usage.prompt_tokens
+        ),
     )

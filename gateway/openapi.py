@@ -25,6 +25,7 @@ _OPERATIONS: dict[str, dict[str, tuple[type[BaseModel] | None, type[BaseModel], 
         "post": (schemas.ChatCompletionRequest, schemas.ChatCompletion, True),
     },
     "/v1/completions": {"post": (schemas.CompletionRequest, schemas.TextCompletion, True)},
+    "/v1/embeddings": {"post": (schemas.EmbeddingRequest, schemas.EmbeddingList, False)},
     "/v1/models": {"get": (None, schemas.ModelList, False)},
     "/v1/models/{model}": {"get": (None, schemas.ModelCard, False)},
 }
@@ -53,7 +54,7 @@ def _components() -> dict[str, Any]:
     for methods in _OPERATIONS.values():
         for request, response, _ in methods.values():
             models.extend(m for m in (request, response) if m is not None)
-    inputs = {schemas.ChatCompletionRequest, schemas.CompletionRequest}
+    inputs = {schemas.ChatCompletionRequest, schemas.CompletionRequest, schemas.EmbeddingRequest}
     _, top = models_json_schema(
         [(model, "validation" if model in inputs else "serialization") for model in models],
         ref_template=_REF,

@@ -169,6 +169,24 @@ class CompletionRequest(_Request):
         return self.stream_options is not None and self.stream_options.include_usage
 
 
+class EmbeddingRequest(_Request):
+    """`POST /v1/embeddings`."""
+
+    model: str
+    input: Annotated[list[str], BeforeValidator(_str_as_list), Field(min_length=1)]
+    # The openai SDK asks for base64 unless told otherwise, and decodes it.
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+
+    @field_validator("dimensions")
+    @classmethod
+    def _no_dimensions(cls, value: int | None) -> int | None:
+        if value is not None:
+            raise ValueError("dimensions is not supported")
+        return value
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
@@ -269,6 +287,25 @@ class TextCompletion(BaseModel):
     model: str
     choices: list[TextChoice]
     usage: Usage | None = None
+
+
+class EmbeddingData(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    # Floats, or base64 of their little-endian float32 bytes.
+    embedding: list[float] | str
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: EmbeddingUsage
 
 
 class ModelCard(BaseModel):

@@ -72,6 +72,8 @@ class GenerationRequest:
     continuation: Continuation | None = None
     # A text completion: this is the prompt as it is, no chat template (messages empty).
     prompt: str | None = None
+    # Embed ``prompt`` instead of generating: Started, one Embedding, Finished.
+    embed: bool = False
 
 
 class StopReason(StrEnum):
@@ -123,7 +125,14 @@ class Finished:
     completion_tokens: int
 
 
-GenerationEvent = Started | TokenText | Finished
+@dataclass(frozen=True)
+class Embedding:
+    """An embedding job's result: the prompt's mean-pooled, unit-length vector."""
+
+    values: tuple[float, ...]
+
+
+GenerationEvent = Started | TokenText | Embedding | Finished
 
 
 @dataclass(frozen=True)

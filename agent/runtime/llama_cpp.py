@@ -55,6 +55,7 @@ from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
 from agent.runtime.base import (
     Alternative,
     Continuation,
+    Embedding,
     Finished,
     GenerationError,
     GenerationEvent,
@@ -120,6 +121,11 @@ class LlamaCppRuntime:
         self._executor = ThreadPoolExecutor(slots, thread_name_prefix="llama-cpp")
         self._running: set[threading.Event] = set()
         self._closed = False
+        self._model_path = model_path
+        self._n_threads = n_threads
+        self._cpu_repack = cpu_repack
+        self._embedder: llama_cpp.Llama | None = None
+        self._embedder_lock = asyncio.Lock()
 
     @classmethod
     async def load(
@@ -156,6 +162,10 @@ class LlamaCppRuntime:
             raise GenerationError("runtime is closed")
         if request.model != self._model_id:
             raise UnknownModel(request.model)
+        if request.embed:
+            async for event in self._embed(request):
+                yield event
+            return
         prompt, prefix, stream = await asyncio.to_thread(self._prepare, request)
         grammar = await asyncio.to_thread(_grammar, request.sampling)
         budget = max(
@@ -204,10 +214,38 @@ class LlamaCppRuntime:
             # slot to ``release``.
             await asyncio.wait({job})
 
+    async def _embed(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        """Embeds the prompt with a second Llama in embedding mode (loaded on first use,
+        one embedding at a time), mean-pooled and normalized to unit length."""
+        text = request.prompt or ""
+        tokens = len(self._vocab.tokenize(text))
+        if tokens > min(request.max_prompt_tokens, self._context_length):
+            raise PromptTooLong(
+                f"input has {tokens} tokens, limit is "
+                f"{min(request.max_prompt_tokens, self._context_length)}"
+            )
+        async with self._embedder_lock:
+            if self._embedder is None:
+                self._embedder = await asyncio.to_thread(
+                    _load_llama,
+                    self._model_path,
+                    self._context_length,
+                    self._n_threads,
+                    self._cpu_repack,
+                    embedding=True,
+                )
+            values, count = await asyncio.to_thread(_embed, self._embedder, text)
+        yield Started(count)
+        yield Embedding(values)
+        yield Finished(StopReason.STOP, count, 0)
+
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        if self._embedder is not None:
+            async with self._embedder_lock:
+                self._embedder.close()
         for cancel in list(self._running):
             cancel.set()
         for _ in self._llamas:
@@ -530,8 +568,18 @@ def _chat_formatter(llama: llama_cpp.Llama, vocab: _Vocab) -> Jinja2ChatFormatte
     )
 
 
+def _embed(llama: llama_cpp.Llama, text: str) -> tuple[tuple[float, ...], int]:
+    values, count = llama.embed(text, normalize=True, truncate=False, return_count=True)
+    return tuple(float(value) for value in values), int(count)
+
+
 def _load_llama(
-    path: Path, context_length: int, n_threads: int | None, cpu_repack: bool
+    path: Path,
+    context_length: int,
+    n_threads: int | None,
+    cpu_repack: bool,
+    *,
+    embedding: bool = False,
 ) -> llama_cpp.Llama:
     with _LOAD_LOCK:
         defaults = llama_lib.llama_model_default_params
@@ -549,6 +597,10 @@ def _load_llama(
                 n_ctx=context_length,
                 n_threads=n_threads,
                 n_threads_batch=n_threads,
+                embedding=embedding,
+                pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN
+                if embedding
+                else llama_cpp.LLAMA_POOLING_TYPE_UNSPECIFIED,
                 verbose=False,
             )
         finally:

@@ -29,7 +29,7 @@ from server.cloud.pricing import (
     worst_case_cost,
 )
 from server.cloud.rate_limits import RateLimiter, RateLimitSettings, RateStatus
-from server.common.errors import InvalidArgument, ModelNotFound, NoCapacity
+from server.common.errors import InvalidArgument, JobFailed, ModelNotFound, NoCapacity
 from server.common.inference import (
     CatalogModel,
     ChatMessage,
@@ -51,6 +51,8 @@ MAX_STOP_SEQUENCES = 4
 # Choices run one after another (each its own job), so n bounds the request's time.
 MAX_CHOICES = 8
 MAX_TOP_LOGPROBS = 20
+# Inputs of one embeddings request; each is a job of its own.
+MAX_EMBEDDING_INPUTS = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +93,23 @@ class TextRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class EmbeddingRequest:
+    model: str
+    inputs: tuple[str, ...]
+    user: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Embeddings:
+    model: str
+    # One vector per input, in order.
+    vectors: tuple[tuple[float, ...], ...]
+    usage: Usage
+    charged: int
+    rate_limits: RateStatus | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class CompletionStarted:
     completion_id: str
     model: str
@@ -109,6 +128,8 @@ class ContentDelta:
     text: str
     index: int = 0
     logprobs: tuple[TokenLogprob, ...] = ()
+    # An embedding job's vector.
+    embedding: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,9 +186,19 @@ def _validate_response_format(response_format: ResponseFormat | None) -> None:
         )
 
 
-def validate(request: ChatRequest | TextRequest) -> None:
+def validate(request: ChatRequest | TextRequest | EmbeddingRequest) -> None:
     if not request.model:
         raise InvalidArgument("model is required", field="model")
+    if isinstance(request, EmbeddingRequest):
+        if not request.inputs:
+            raise InvalidArgument("input must contain at least one text", field="input")
+        if not all(request.inputs):
+            raise InvalidArgument("input texts must not be empty", field="input")
+        if len(request.inputs) > MAX_EMBEDDING_INPUTS:
+            raise InvalidArgument(
+                f"at most {MAX_EMBEDDING_INPUTS} inputs per request", field="input"
+            )
+        return
     if isinstance(request, ChatRequest):
         if not request.messages:
             raise InvalidArgument("messages must contain at least one message", field="messages")
@@ -324,8 +355,47 @@ class ChatService:
     ) -> ChatCompletion:
         return await _collect(self.stream_text(authorization, request, request_id))
 
+    async def embed(
+        self, authorization: str | None, request: EmbeddingRequest, request_id: str
+    ) -> Embeddings:
+        """Embeds each input as its own job (one after another); bills prompt tokens."""
+        caller, model = await self._admit(authorization, request)
+        jobs = []
+        for text in request.inputs:
+            bound = min(text_token_bound(text, model), model.context_length)
+            spec = GenerationSpec(
+                model=model.id,
+                messages=(),
+                sampling=Sampling(max_tokens=0),
+                max_prompt_tokens=bound,
+                prompt=text,
+                embed=True,
+            )
+            jobs.append((spec, TokenBudget(max_prompt_tokens=bound, max_completion_tokens=0)))
+        vectors: dict[int, tuple[float, ...]] = {}
+        rate_limits: RateStatus | None = None
+        async with contextlib.aclosing(
+            self._run(caller, model, jobs, "embd", request_id)
+        ) as events:
+            async for event in events:
+                if isinstance(event, CompletionStarted):
+                    rate_limits = event.rate_limits
+                elif isinstance(event, ContentDelta) and event.embedding:
+                    vectors[event.index] = event.embedding
+                elif isinstance(event, CompletionFinished):
+                    if len(vectors) != len(jobs):
+                        raise JobFailed("a node returned no embedding")
+                    return Embeddings(
+                        model.id,
+                        tuple(vectors[index] for index in range(len(jobs))),
+                        event.usage,
+                        event.charged,
+                        rate_limits,
+                    )
+        raise AssertionError("embedding jobs ended without finishing")
+
     async def _admit(
-        self, authorization: str | None, request: ChatRequest | TextRequest
+        self, authorization: str | None, request: ChatRequest | TextRequest | EmbeddingRequest
     ) -> tuple[Caller, CatalogModel]:
         caller = await self.authenticator.authenticate(authorization)
         caller.require_inference()
@@ -392,7 +462,9 @@ class ChatService:
                                     event.prompt_tokens or delivered.prompt_tokens,
                                     delivered.completion_tokens + event.token_count,
                                 )
-                                yield ContentDelta(event.text, index, event.logprobs)
+                                yield ContentDelta(
+                                    event.text, index, event.logprobs, event.embedding
+                                )
                             elif isinstance(event, JobMigrated):
                                 job.info("job continues on another node", node_id=event.node_id)
                             else:

@@ -124,6 +124,7 @@ class GrpcNetworkClient:
                         delta.token_count,
                         delta.prompt_tokens,
                         logprobs_from_pb(delta.logprobs),
+                        tuple(delta.embedding),
                     )
                 elif kind == "migrated":
                     migrated = response.migrated

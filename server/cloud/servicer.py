@@ -21,8 +21,10 @@ from server.cloud.chat import (
     CompletionFinished,
     CompletionStarted,
     ContentDelta,
+    EmbeddingRequest,
     TextRequest,
 )
+from server.cloud.rate_limits import RateStatus
 from server.common.grpc_errors import translate_errors
 from server.common.inference import CatalogModel, ChatRole
 from server.common.inference_proto import (
@@ -110,11 +112,12 @@ def _report_generation(
 
 
 async def _report_rate_limits(
-    context: grpc.aio.ServicerContext[Any, Any], started: CompletionStarted
+    context: grpc.aio.ServicerContext[Any, Any], started: CompletionStarted | RateStatus | None
 ) -> None:
     """The caller's x-ratelimit-* state, in initial metadata (the gateway copies it)."""
-    if started.rate_limits is not None:
-        await context.send_initial_metadata(started.rate_limits.headers())
+    status = started.rate_limits if isinstance(started, CompletionStarted) else started
+    if status is not None:
+        await context.send_initial_metadata(status.headers())
 
 
 def _model_pb(model: CatalogModel) -> pb.Model:
@@ -279,3 +282,23 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                     )
         finally:
             await events.aclose()
+
+    @translate_errors
+    async def CreateEmbeddings(
+        self, request: pb.CreateEmbeddingsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.CreateEmbeddingsResponse:
+        embeddings = await self._chat.embed(
+            _metadata(context, "authorization"),
+            EmbeddingRequest(request.model, tuple(request.inputs), request.user),
+            _request_id(context),
+        )
+        await _report_rate_limits(context, embeddings.rate_limits)
+        return pb.CreateEmbeddingsResponse(
+            model=embeddings.model,
+            embeddings=[
+                pb.Embedding(index=index, values=vector)
+                for index, vector in enumerate(embeddings.vectors)
+            ],
+            usage=usage_to_pb(embeddings.usage),
+            billing=pb.Billing(charged_micro_credits=embeddings.charged),
+        )

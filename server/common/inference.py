@@ -75,6 +75,8 @@ class GenerationSpec:
     max_prompt_tokens: int
     # A text completion's prompt, used as it is (no chat template; no messages).
     prompt: str | None = None
+    # An embedding job: the node returns the embedding of ``prompt`` instead.
+    embed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +121,8 @@ class JobDelta:
     prompt_tokens: int
     # One per token when the job asked for logprobs.
     logprobs: tuple[TokenLogprob, ...] = ()
+    # An embedding job's vector.
+    embedding: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

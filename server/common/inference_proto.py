@@ -107,6 +107,7 @@ def spec_to_pb(spec: GenerationSpec) -> pb.GenerationSpec:
         ),
         max_prompt_tokens=spec.max_prompt_tokens,
         prompt=spec.prompt,
+        embed=spec.embed,
     )
 
 
@@ -133,6 +134,7 @@ def spec_from_pb(spec: pb.GenerationSpec) -> GenerationSpec:
         ),
         max_prompt_tokens=spec.max_prompt_tokens,
         prompt=spec.prompt if spec.HasField("prompt") else None,
+        embed=spec.embed,
     )
 
 

@@ -37,6 +37,8 @@ class ChunkReport:
     token_ids: tuple[int, ...] = ()
     # One per token when the job asked for logprobs (not covered by the signature).
     logprobs: tuple[TokenLogprob, ...] = ()
+    # An embedding job's vector (not covered by the signature).
+    embedding: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,7 +154,7 @@ class ActiveJob:
                 self._token_ids.extend(chunk.token_ids)
             else:
                 self._token_ids = None
-        return JobDelta(chunk.text, chunk.token_count, prompt, chunk.logprobs)
+        return JobDelta(chunk.text, chunk.token_count, prompt, chunk.logprobs, chunk.embedding)
 
     def reassign(self, node_id: str, operator_account_id: str = "") -> None:
         """Moves the job to ``node_id`` under a new epoch."""

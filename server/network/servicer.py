@@ -301,6 +301,7 @@ class AgentServicer(agent_grpc.AgentServiceServicer):
                 chunk.prompt_tokens,
                 tuple(chunk.token_ids),
                 logprobs_from_pb(chunk.logprobs),
+                tuple(chunk.embedding),
             )
             self._service.report(node, chunk.job_id, chunk.epoch, report)
         elif kind == "job_done":
@@ -360,6 +361,7 @@ class DispatchServicer(dispatch_grpc.DispatchServiceServicer):
                             token_count=event.token_count,
                             prompt_tokens=event.prompt_tokens,
                             logprobs=logprobs_to_pb(event.logprobs),
+                            embedding=event.embedding,
                         )
                     )
                 else:

@@ -806,6 +806,7 @@ async def test_openapi_document_describes_the_bodies(http: httpx.AsyncClient) ->
     assert set(document["paths"]) == {
         "/v1/chat/completions",
         "/v1/completions",
+        "/v1/embeddings",
         "/v1/models",
         "/v1/models/{model}",
     }
@@ -859,3 +860,55 @@ async def test_rate_limited_is_429_with_retry_after(
     assert error.response.headers["retry-after"] == "7"
     assert "x-should-retry" not in error.response.headers
     assert error.response.headers["x-ratelimit-remaining-tokens"] == "900"
+
+
+# --- embeddings ----------------------------------------------------------------------------
+
+
+async def test_embeddings_in_base64_as_the_sdk_asks(stack: Stack, cloud: ScriptedCloud) -> None:
+    # Unasked, the SDK requests base64 and decodes it after parsing; its strict
+    # validation checks the undecoded body against a list of floats, so it is off here.
+    async with openai.AsyncOpenAI(
+        base_url=f"{stack.base_url}/v1", api_key=TEST_API_KEY, max_retries=0
+    ) as lenient:
+        response = await lenient.embeddings.create(model=MODEL, input=["a", "b"])
+
+    assert [item.embedding for item in response.data] == [[0.0, 0.5, -0.25], [1.0, 0.5, -0.25]]
+    assert [item.index for item in response.data] == [0, 1]
+    assert (response.usage.prompt_tokens, response.usage.total_tokens) == (7, 7)
+    (call,) = cloud.calls
+    assert call.request == pb.CreateEmbeddingsRequest(model=MODEL, inputs=["a", "b"])
+
+
+async def test_embeddings_as_floats(http: httpx.AsyncClient) -> None:
+    response = await http.post(
+        "/v1/embeddings", json={"model": MODEL, "input": "a", "encoding_format": "float"}
+    )
+
+    assert response.status_code == 200
+    assert response.json() == {
+        "object": "list",
+        "data": [{"object": "embedding", "index": 0, "embedding": [0.0, 0.5, -0.25]}],
+        "model": MODEL,
+        "usage": {"prompt_tokens": 7, "total_tokens": 7},
+    }
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"model": MODEL}, "input"),
+        ({"model": MODEL, "input": []}, "input"),
+        ({"model": MODEL, "input": [[1, 2]]}, "input.0"),
+        ({"model": MODEL, "input": "a", "encoding_format": "int8"}, "encoding_format"),
+        ({"model": MODEL, "input": "a", "dimensions": 8}, "dimensions"),
+    ],
+)
+async def test_bad_embedding_input(
+    http: httpx.AsyncClient, cloud: ScriptedCloud, body: dict[str, Any], param: str
+) -> None:
+    response = await http.post("/v1/embeddings", json=body)
+
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == param
+    assert not cloud.calls

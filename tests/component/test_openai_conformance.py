@@ -31,6 +31,7 @@ from tests.doubles.scripted_runtime import (
     SCRIPTED_LOGPROB,
     ScriptedRuntime,
     prompt_tokens,
+    scripted_embedding,
     scripted_tokens,
 )
 from tests.harness import Customer, Platform, running_platform
@@ -300,6 +301,32 @@ async def test_models(client: openai.AsyncOpenAI) -> None:
     assert raised.value.code == "model_not_found"
 
 
+async def test_embeddings(client: openai.AsyncOpenAI, stack: Stack) -> None:
+    before = await stack.platform.balance(stack.customer)
+    floats = await client.embeddings.create(
+        model=MODEL, input="one two three", encoding_format="float"
+    )
+    # Unasked, the SDK requests base64 and decodes it after parsing, which its strict
+    # validation (of the undecoded body) cannot follow.
+    async with openai.AsyncOpenAI(
+        base_url=f"{stack.base_url}/v1", api_key=stack.customer.api_key, max_retries=0
+    ) as lenient:
+        encoded = await lenient.embeddings.create(model=MODEL, input=["one two three", "four"])
+
+    assert floats.data[0].embedding == list(scripted_embedding("one two three"))
+    assert [item.embedding for item in encoded.data] == [
+        list(scripted_embedding("one two three")),
+        list(scripted_embedding("four")),
+    ]
+    # A raw prompt is one token per word plus BOS in the scripted runtime.
+    assert (encoded.usage.prompt_tokens, encoded.usage.total_tokens) == (6, 6)
+    spent = (
+        before.available_micro_credits
+        - (await stack.platform.balance(stack.customer)).available_micro_credits
+    )
+    assert spent == (4 + 6) * PRICE.prompt
+
+
 # --- errors and headers --------------------------------------------------------------------
 
 
@@ -374,6 +401,7 @@ async def test_every_response_has_a_request_id_and_the_overhead(
             "/v1/chat/completions", json={"model": MODEL, "messages": HELLO, "stream": True}
         ),
         await http.post("/v1/completions", json={"model": MODEL, "prompt": "x"}),
+        await http.post("/v1/embeddings", json={"model": MODEL, "input": "x"}),
         await http.get("/v1/models"),
         await http.get(f"/v1/models/{MODEL}"),
         await http.get("/openapi.json"),

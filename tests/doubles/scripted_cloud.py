@@ -262,6 +262,22 @@ class ScriptedCloud(_ScriptedChatCloud):
             yield message(choices=[delta])
         yield message(usage=self._usage(), billing=pb.Billing(charged_micro_credits=42))
 
+    @translate_errors
+    async def CreateEmbeddings(
+        self, request: pb.CreateEmbeddingsRequest, context: Any
+    ) -> pb.CreateEmbeddingsResponse:
+        """Input i embeds as (i, 0.5, -0.25)."""
+        await self._begin("CreateEmbeddings", request, context)
+        return pb.CreateEmbeddingsResponse(
+            model=request.model,
+            embeddings=[
+                pb.Embedding(index=index, values=[float(index), 0.5, -0.25])
+                for index in range(len(request.inputs))
+            ],
+            usage=inference_pb2.Usage(prompt_tokens=self.script.prompt_tokens),
+            billing=pb.Billing(charged_micro_credits=42),
+        )
+
 
 async def start_cloud(cloud: ScriptedCloud) -> tuple[grpc.aio.Server, str]:
     """A gRPC server on a free local port hosting `cloud`; returns it and its target."""

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from agent.runtime.base import (
     Alternative,
+    Embedding,
     Finished,
     GenerationError,
     GenerationEvent,
@@ -80,6 +81,12 @@ class ScriptedRuntime:
             raise PromptTooLong(f"prompt has {prompt} tokens, limit {request.max_prompt_tokens}")
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.slot_count)
+        if request.embed:
+            self.started_jobs.append(request)
+            yield Started(prompt)
+            yield Embedding(scripted_embedding(request.prompt or ""))
+            yield Finished(StopReason.STOP, prompt, 0)
+            return
         tokens = scripted_tokens(self.answers.get(_prompt_text(request), self.script))
         start = _resume_at(request, tokens)
         async with self._slots:
@@ -144,3 +151,8 @@ def _logprobs(request: GenerationRequest, token: str) -> tuple[TokenLogprob, ...
         *(Alternative(f"alt{rank}".encode(), SCRIPTED_LOGPROB - rank) for rank in range(1, top)),
     )
     return (TokenLogprob(piece, SCRIPTED_LOGPROB, alternatives[:top]),)
+
+
+def scripted_embedding(text: str) -> tuple[float, ...]:
+    """A deterministic 3-dimensional 'embedding' of ``text``."""
+    return (float(len(text.split())), 1.0, -0.5)

@@ -240,3 +240,24 @@ async def test_text_completion_continues_a_raw_prompt(platform: RunningPlatform)
     assert all(choice.text for choice in completion.choices)
     assert completion.usage is not None
     assert completion.usage.completion_tokens <= 16
+
+
+async def test_embeddings_are_unit_vectors_and_billed_per_prompt_token(
+    platform: RunningPlatform,
+) -> None:
+    model = await platform.price()
+    before = await platform.balance()
+
+    response = await platform.client().embeddings.create(
+        model=MODEL,
+        input=["The cat sat on the mat.", "A cat sat on a mat."],
+        encoding_format="float",
+    )
+
+    assert len(response.data) == 2
+    for item in response.data:
+        assert sum(value * value for value in item.embedding) == pytest.approx(1.0, abs=1e-5)
+    assert len(response.data[0].embedding) == len(response.data[1].embedding)
+    assert response.usage.prompt_tokens > 0
+    spent = before - await platform.balance()
+    assert spent == response.usage.prompt_tokens * model.price.prompt_micro_credits_per_token

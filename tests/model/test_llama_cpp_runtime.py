@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from agent.runtime.base import (
+    Embedding,
     Finished,
     GenerationEvent,
     GenerationRequest,
@@ -310,3 +311,29 @@ async def test_raw_prompt_is_completed_without_the_chat_template(
     assert text
     # The template wraps the chat in role markers; the raw prompt is only its own tokens.
     assert finished.prompt_tokens < chat_finished.prompt_tokens
+
+
+@pytest.mark.model
+async def test_embedding_is_unit_length_deterministic_and_counted(
+    runtime: LlamaCppRuntime,
+) -> None:
+    def request(text: str) -> GenerationRequest:
+        return dataclasses.replace(_request(), messages=(), prompt=text, embed=True)
+
+    first = await _collect(runtime, request("hello world"))
+    again = await _collect(runtime, request("hello world"))
+    other = await _collect(runtime, request("a completely different sentence about ships"))
+
+    started, embedding, finished = first
+    assert isinstance(started, Started)
+    assert isinstance(embedding, Embedding)
+    assert isinstance(finished, Finished)
+    assert started.prompt_tokens == finished.prompt_tokens > 0
+    assert finished.completion_tokens == 0
+    assert sum(value * value for value in embedding.values) == pytest.approx(1.0)
+    assert again[1] == embedding
+    assert isinstance(other[1], Embedding)
+    assert other[1].values != embedding.values
+    assert len(other[1].values) == len(embedding.values)
+    # Generation still works alongside the embedding model.
+    _check_shape(await _collect(runtime, _request(max_tokens=2)))

@@ -516,6 +516,7 @@ class JobChunk(_message.Message):
     PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
     TOKEN_IDS_FIELD_NUMBER: _builtins.int
     LOGPROBS_FIELD_NUMBER: _builtins.int
+    EMBEDDING_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     epoch: _builtins.int
     text: _builtins.str
@@ -534,6 +535,10 @@ class JobChunk(_message.Message):
     def logprobs(self) -> _containers.RepeatedCompositeFieldContainer[_inference_pb2.TokenLogprob]:
         """One per token when the job asked for logprobs (SamplingParams.logprobs)."""
 
+    @_builtins.property
+    def embedding(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """An embedding job's vector (its only chunk, with no text or tokens)."""
+
     def __init__(
         self,
         *,
@@ -544,10 +549,11 @@ class JobChunk(_message.Message):
         prompt_tokens: _builtins.int = ...,
         token_ids: _abc.Iterable[_builtins.int] | None = ...,
         logprobs: _abc.Iterable[_inference_pb2.TokenLogprob] | None = ...,
+        embedding: _abc.Iterable[_builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "job_id", b"job_id", "logprobs", b"logprobs", "prompt_tokens", b"prompt_tokens", "text", b"text", "token_count", b"token_count", "token_ids", b"token_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["embedding", b"embedding", "epoch", b"epoch", "job_id", b"job_id", "logprobs", b"logprobs", "prompt_tokens", b"prompt_tokens", "text", b"text", "token_count", b"token_count", "token_ids", b"token_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -70,6 +70,11 @@ class InferenceServiceStub:
                 request_serializer=resultity_dot_cloud_dot_v1_dot_inference__service__pb2.StreamCompletionRequest.SerializeToString,
                 response_deserializer=resultity_dot_cloud_dot_v1_dot_inference__service__pb2.StreamCompletionResponse.FromString,
                 _registered_method=True)
+        self.CreateEmbeddings = channel.unary_unary(
+                '/resultity.cloud.v1.InferenceService/CreateEmbeddings',
+                request_serializer=resultity_dot_cloud_dot_v1_dot_inference__service__pb2.CreateEmbeddingsRequest.SerializeToString,
+                response_deserializer=resultity_dot_cloud_dot_v1_dot_inference__service__pb2.CreateEmbeddingsResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer:
@@ -123,6 +128,13 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateEmbeddings(self, request, context):
+        """Embeds texts with a model (mean-pooled, unit length); billed per prompt token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -155,6 +167,11 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.StreamCompletion,
                     request_deserializer=resultity_dot_cloud_dot_v1_dot_inference__service__pb2.StreamCompletionRequest.FromString,
                     response_serializer=resultity_dot_cloud_dot_v1_dot_inference__service__pb2.StreamCompletionResponse.SerializeToString,
+            ),
+            'CreateEmbeddings': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateEmbeddings,
+                    request_deserializer=resultity_dot_cloud_dot_v1_dot_inference__service__pb2.CreateEmbeddingsRequest.FromString,
+                    response_serializer=resultity_dot_cloud_dot_v1_dot_inference__service__pb2.CreateEmbeddingsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -325,6 +342,33 @@ class InferenceService:
             '/resultity.cloud.v1.InferenceService/StreamCompletion',
             resultity_dot_cloud_dot_v1_dot_inference__service__pb2.StreamCompletionRequest.SerializeToString,
             resultity_dot_cloud_dot_v1_dot_inference__service__pb2.StreamCompletionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateEmbeddings(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/resultity.cloud.v1.InferenceService/CreateEmbeddings',
+            resultity_dot_cloud_dot_v1_dot_inference__service__pb2.CreateEmbeddingsRequest.SerializeToString,
+            resultity_dot_cloud_dot_v1_dot_inference__service__pb2.CreateEmbeddingsResponse.FromString,
             options,
             channel_credentials,
             insecure,

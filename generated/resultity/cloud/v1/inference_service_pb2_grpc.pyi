@@ -51,6 +51,8 @@ class InferenceServiceStub:
     """Completes raw text prompts (no chat template) and returns the result whole."""
     StreamCompletion: _grpc.UnaryStreamMultiCallable[_inference_service_pb2.StreamCompletionRequest, _inference_service_pb2.StreamCompletionResponse]
     """Completes raw text prompts and streams the text as it is generated."""
+    CreateEmbeddings: _grpc.UnaryUnaryMultiCallable[_inference_service_pb2.CreateEmbeddingsRequest, _inference_service_pb2.CreateEmbeddingsResponse]
+    """Embeds texts with a model (mean-pooled, unit length); billed per prompt token."""
 
 @_typing.type_check_only
 class InferenceServiceAsyncStub(InferenceServiceStub):
@@ -75,6 +77,8 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     """Completes raw text prompts (no chat template) and returns the result whole."""
     StreamCompletion: _aio.UnaryStreamMultiCallable[_inference_service_pb2.StreamCompletionRequest, _inference_service_pb2.StreamCompletionResponse]  # type: ignore[assignment]
     """Completes raw text prompts and streams the text as it is generated."""
+    CreateEmbeddings: _aio.UnaryUnaryMultiCallable[_inference_service_pb2.CreateEmbeddingsRequest, _inference_service_pb2.CreateEmbeddingsResponse]  # type: ignore[assignment]
+    """Embeds texts with a model (mean-pooled, unit length); billed per prompt token."""
 
 class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
     """The public inference API, shaped after OpenAI's. Callers authenticate with
@@ -132,5 +136,13 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_inference_service_pb2.StreamCompletionResponse], _abc.AsyncIterator[_inference_service_pb2.StreamCompletionResponse]]:
         """Completes raw text prompts and streams the text as it is generated."""
+
+    @_abc_1.abstractmethod
+    def CreateEmbeddings(
+        self,
+        request: _inference_service_pb2.CreateEmbeddingsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_service_pb2.CreateEmbeddingsResponse, _abc.Awaitable[_inference_service_pb2.CreateEmbeddingsResponse]]:
+        """Embeds texts with a model (mean-pooled, unit length); billed per prompt token."""
 
 def add_InferenceServiceServicer_to_server(servicer: InferenceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

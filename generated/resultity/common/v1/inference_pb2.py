@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#resultity/common/v1/inference.proto\x12\x13resultity.common.v1\"K\n\x0b\x43hatMessage\x12+\n\x04role\x18\x01 \x01(\x0e\x32\x1d.resultity.common.v1.ChatRole\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xe6\x02\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\x04 \x03(\t\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x02\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x06 \x01(\x01H\x03\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x07 \x01(\x01H\x04\x88\x01\x01\x12\x10\n\x08logprobs\x18\x08 \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\t \x01(\x05\x12<\n\x0fresponse_format\x18\n \x01(\x0b\x32#.resultity.common.v1.ResponseFormatB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penalty\"\\\n\x0eResponseFormat\x12\x35\n\x04type\x18\x01 \x01(\x0e\x32\'.resultity.common.v1.ResponseFormatType\x12\x13\n\x0bjson_schema\x18\x02 \x01(\t\"t\n\x0cTokenLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x0c\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\x12\x35\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x1f.resultity.common.v1.TopLogprob\";\n\nTopLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x0c\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\"\xc5\x01\n\x0eGenerationSpec\x12\r\n\x05model\x18\x01 \x01(\t\x12\x32\n\x08messages\x18\x02 \x03(\x0b\x32 .resultity.common.v1.ChatMessage\x12\x35\n\x08sampling\x18\x03 \x01(\x0b\x32#.resultity.common.v1.SamplingParams\x12\x19\n\x11max_prompt_tokens\x18\x04 \x01(\x05\x12\x13\n\x06prompt\x18\x05 \x01(\tH\x00\x88\x01\x01\x42\t\n\x07_prompt\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x03\"`\n\nModelPrice\x12&\n\x1eprompt_micro_credits_per_token\x18\x01 \x01(\x03\x12*\n\"completion_micro_credits_per_token\x18\x02 \x01(\x03*h\n\x08\x43hatRole\x12\x19\n\x15\x43HAT_ROLE_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43HAT_ROLE_SYSTEM\x10\x01\x12\x12\n\x0e\x43HAT_ROLE_USER\x10\x02\x12\x17\n\x13\x43HAT_ROLE_ASSISTANT\x10\x03*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03*\xa5\x01\n\x12ResponseFormatType\x12$\n RESPONSE_FORMAT_TYPE_UNSPECIFIED\x10\x00\x12\x1d\n\x19RESPONSE_FORMAT_TYPE_TEXT\x10\x01\x12$\n RESPONSE_FORMAT_TYPE_JSON_OBJECT\x10\x02\x12$\n RESPONSE_FORMAT_TYPE_JSON_SCHEMA\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#resultity/common/v1/inference.proto\x12\x13resultity.common.v1\"K\n\x0b\x43hatMessage\x12+\n\x04role\x18\x01 \x01(\x0e\x32\x1d.resultity.common.v1.ChatRole\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xe6\x02\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\x04 \x03(\t\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x02\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x06 \x01(\x01H\x03\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x07 \x01(\x01H\x04\x88\x01\x01\x12\x10\n\x08logprobs\x18\x08 \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\t \x01(\x05\x12<\n\x0fresponse_format\x18\n \x01(\x0b\x32#.resultity.common.v1.ResponseFormatB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penalty\"\\\n\x0eResponseFormat\x12\x35\n\x04type\x18\x01 \x01(\x0e\x32\'.resultity.common.v1.ResponseFormatType\x12\x13\n\x0bjson_schema\x18\x02 \x01(\t\"t\n\x0cTokenLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x0c\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\x12\x35\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x1f.resultity.common.v1.TopLogprob\";\n\nTopLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x0c\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\"\xd4\x01\n\x0eGenerationSpec\x12\r\n\x05model\x18\x01 \x01(\t\x12\x32\n\x08messages\x18\x02 \x03(\x0b\x32 .resultity.common.v1.ChatMessage\x12\x35\n\x08sampling\x18\x03 \x01(\x0b\x32#.resultity.common.v1.SamplingParams\x12\x19\n\x11max_prompt_tokens\x18\x04 \x01(\x05\x12\x13\n\x06prompt\x18\x05 \x01(\tH\x00\x88\x01\x01\x12\r\n\x05\x65mbed\x18\x06 \x01(\x08\x42\t\n\x07_prompt\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x03\"`\n\nModelPrice\x12&\n\x1eprompt_micro_credits_per_token\x18\x01 \x01(\x03\x12*\n\"completion_micro_credits_per_token\x18\x02 \x01(\x03*h\n\x08\x43hatRole\x12\x19\n\x15\x43HAT_ROLE_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43HAT_ROLE_SYSTEM\x10\x01\x12\x12\n\x0e\x43HAT_ROLE_USER\x10\x02\x12\x17\n\x13\x43HAT_ROLE_ASSISTANT\x10\x03*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03*\xa5\x01\n\x12ResponseFormatType\x12$\n RESPONSE_FORMAT_TYPE_UNSPECIFIED\x10\x00\x12\x1d\n\x19RESPONSE_FORMAT_TYPE_TEXT\x10\x01\x12$\n RESPONSE_FORMAT_TYPE_JSON_OBJECT\x10\x02\x12$\n RESPONSE_FORMAT_TYPE_JSON_SCHEMA\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'resultity.common.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CHATROLE']._serialized_start=1128
-  _globals['_CHATROLE']._serialized_end=1232
-  _globals['_FINISHREASON']._serialized_start=1234
-  _globals['_FINISHREASON']._serialized_end=1358
-  _globals['_RESPONSEFORMATTYPE']._serialized_start=1361
-  _globals['_RESPONSEFORMATTYPE']._serialized_end=1526
+  _globals['_CHATROLE']._serialized_start=1143
+  _globals['_CHATROLE']._serialized_end=1247
+  _globals['_FINISHREASON']._serialized_start=1249
+  _globals['_FINISHREASON']._serialized_end=1373
+  _globals['_RESPONSEFORMATTYPE']._serialized_start=1376
+  _globals['_RESPONSEFORMATTYPE']._serialized_end=1541
   _globals['_CHATMESSAGE']._serialized_start=60
   _globals['_CHATMESSAGE']._serialized_end=135
   _globals['_SAMPLINGPARAMS']._serialized_start=138
@@ -48,9 +48,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOPLOGPROB']._serialized_start=710
   _globals['_TOPLOGPROB']._serialized_end=769
   _globals['_GENERATIONSPEC']._serialized_start=772
-  _globals['_GENERATIONSPEC']._serialized_end=969
-  _globals['_USAGE']._serialized_start=971
-  _globals['_USAGE']._serialized_end=1028
-  _globals['_MODELPRICE']._serialized_start=1030
-  _globals['_MODELPRICE']._serialized_end=1126
+  _globals['_GENERATIONSPEC']._serialized_end=984
+  _globals['_USAGE']._serialized_start=986
+  _globals['_USAGE']._serialized_end=1043
+  _globals['_MODELPRICE']._serialized_start=1045
+  _globals['_MODELPRICE']._serialized_end=1141
 # @@protoc_insertion_point(module_scope)

@@ -289,6 +289,7 @@ class GenerationSpec(_message.Message):
     SAMPLING_FIELD_NUMBER: _builtins.int
     MAX_PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
     PROMPT_FIELD_NUMBER: _builtins.int
+    EMBED_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     max_prompt_tokens: _builtins.int
     """The prompt, after the model's chat template, may not exceed this many
@@ -297,6 +298,10 @@ class GenerationSpec(_message.Message):
     prompt: _builtins.str
     """When set, this text is the prompt as it is (a text completion): no chat
     template is applied and messages are empty.
+    """
+    embed: _builtins.bool
+    """An embedding job: the node embeds `prompt` (mean-pooled, unit length) and
+    returns the vector in one chunk instead of generating; sampling is unused.
     """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]: ...
@@ -310,10 +315,11 @@ class GenerationSpec(_message.Message):
         sampling: Global___SamplingParams | None = ...,
         max_prompt_tokens: _builtins.int = ...,
         prompt: _builtins.str | None = ...,
+        embed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_prompt", b"_prompt", "prompt", b"prompt", "sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_prompt", b"_prompt", "max_prompt_tokens", b"max_prompt_tokens", "messages", b"messages", "model", b"model", "prompt", b"prompt", "sampling", b"sampling"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_prompt", b"_prompt", "embed", b"embed", "max_prompt_tokens", b"max_prompt_tokens", "messages", b"messages", "model", b"model", "prompt", b"prompt", "sampling", b"sampling"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__prompt: _TypeAlias = _typing.Literal["prompt"]  # noqa: Y015
     _WhichOneofArgType__prompt: _TypeAlias = _typing.Literal["_prompt", b"_prompt"]  # noqa: Y015

@@ -135,6 +135,7 @@ class TokenDelta(_message.Message):
     TOKEN_COUNT_FIELD_NUMBER: _builtins.int
     PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
     LOGPROBS_FIELD_NUMBER: _builtins.int
+    EMBEDDING_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     token_count: _builtins.int
     prompt_tokens: _builtins.int
@@ -143,6 +144,10 @@ class TokenDelta(_message.Message):
     def logprobs(self) -> _containers.RepeatedCompositeFieldContainer[_inference_pb2.TokenLogprob]:
         """One per token when the job asked for logprobs."""
 
+    @_builtins.property
+    def embedding(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """An embedding job's vector (see agent JobChunk.embedding)."""
+
     def __init__(
         self,
         *,
@@ -150,10 +155,11 @@ class TokenDelta(_message.Message):
         token_count: _builtins.int = ...,
         prompt_tokens: _builtins.int = ...,
         logprobs: _abc.Iterable[_inference_pb2.TokenLogprob] | None = ...,
+        embedding: _abc.Iterable[_builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["logprobs", b"logprobs", "prompt_tokens", b"prompt_tokens", "text", b"text", "token_count", b"token_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["embedding", b"embedding", "logprobs", b"logprobs", "prompt_tokens", b"prompt_tokens", "text", b"text", "token_count", b"token_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
