@@ -27,6 +27,9 @@ generate: install
 		$(PROTO_FILES)
 	find generated/resultity -type d -exec touch {}/__init__.py \;
 	touch generated/resultity/py.typed
+	# The descriptor set Envoy's gRPC-JSON transcoder reads (gateway/envoy/).
+	$(BIN)/python -m grpc_tools.protoc -Iproto -Ithird_party/proto --include_imports \
+		--descriptor_set_out=generated/resultity.binpb $(sort $(PROTO_FILES))
 
 check-generated: generate
 	@git diff --exit-code --stat -- generated \
