@@ -153,6 +153,9 @@ class RateLimiter:
         self._scopes: dict[tuple[str, str], _Scope] = {}
 
     def _scope(self, kind: str, owner: str, limits: Limits, now: float) -> _Scope:
+        if limits == Limits():
+            # Nothing to enforce: keep no state for this key or account.
+            return _Scope(limits, None, None)
         scope = self._scopes.get((kind, owner))
         if scope is None:
             rpm, tpm = limits.requests_per_minute, limits.tokens_per_minute
@@ -163,6 +166,11 @@ class RateLimiter:
             )
             self._scopes[(kind, owner)] = scope
         return scope
+
+    @property
+    def tracked(self) -> int:
+        """Keys and accounts with counters (those that have limits)."""
+        return len(self._scopes)
 
     def admit(self, api_key_id: str, account_id: str, tokens: int) -> Admission:
         """Lets the request in, taking one request and ``tokens`` from the key's and

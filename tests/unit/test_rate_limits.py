@@ -107,3 +107,10 @@ def test_headers_report_the_tighter_of_key_and_account() -> None:
         "x-ratelimit-limit-tokens": "100",
         "x-ratelimit-remaining-tokens": "70",
     }
+
+
+def test_no_state_is_kept_for_callers_without_limits() -> None:
+    limiter = RateLimiter(RateLimitSettings(), clock=Clock())
+    for index in range(100):
+        limiter.admit(f"key-{index}", f"account-{index}", 10).release(10)
+    assert limiter.tracked == 0
