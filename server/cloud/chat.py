@@ -19,7 +19,7 @@ from datetime import UTC, datetime, timedelta
 import structlog
 
 from server.cloud.auth import CachedAuthenticator
-from server.cloud.ports import AccountPort, Caller, HoldRef, NetworkPort
+from server.cloud.ports import AccountPort, Caller, HoldRef, NetworkPort, OperatorLine
 from server.cloud.pricing import (
     TokenBudget,
     cost,
@@ -29,6 +29,7 @@ from server.cloud.pricing import (
     worst_case_cost,
 )
 from server.cloud.rate_limits import RateLimiter, RateLimitSettings, RateStatus
+from server.cloud.settlement import operator_lines
 from server.common.errors import InvalidArgument, JobFailed, ModelNotFound, NoCapacity
 from server.common.inference import (
     CatalogModel,
@@ -38,6 +39,7 @@ from server.common.inference import (
     JobAssigned,
     JobDelta,
     JobMigrated,
+    NodeUsage,
     ResponseFormat,
     ResponseFormatType,
     Sampling,
@@ -429,6 +431,8 @@ class ChatService:
         # Usage of the finished choices, and of the one running.
         finished = Usage()
         delivered = Usage()
+        # What each node delivered for the choices that finished, for its operator.
+        shares: list[NodeUsage] = []
         generation_s = 0.0
         try:
             hold = await self._account.create_hold(
@@ -474,6 +478,7 @@ class ChatService:
                                     event.usage.prompt_tokens or delivered.prompt_tokens,
                                     delivered.completion_tokens,
                                 )
+                                shares.extend(event.node_usage)
                                 if assigned_at is not None:
                                     generation_s += time.monotonic() - assigned_at
                                 yield ChoiceFinished(index, event.finish_reason)
@@ -483,10 +488,14 @@ class ChatService:
                     finished = _add(finished, delivered)
                     delivered = Usage()
                 settled = True
-                charged = await self._settle(hold, cost(model.price, finished), bound)
+                charged = await self._settle(
+                    hold, cost(model.price, finished), bound, operator_lines(model.id, shares)
+                )
                 yield CompletionFinished(finished, charged, generation_s)
             finally:
                 if not settled:
+                    # Cut short: no node reported a signed usage for the last choice, so
+                    # operators are not credited and the platform keeps the capture.
                     usage = _add(finished, delivered)
                     await self._settle(hold, cost(model.price, usage), bound)
         finally:
@@ -497,12 +506,13 @@ class ChatService:
         hold: HoldRef,
         amount: int,
         bound: structlog.typing.FilteringBoundLogger,
+        lines: tuple[OperatorLine, ...] = (),
     ) -> int:
         capture = min(amount, hold.amount)
         if capture < amount:
             bound.error("usage exceeded the hold; charging the hold", cost=amount, hold=hold.amount)
         # A task outlives our cancellation: the hold is settled even if the client left.
-        task = asyncio.create_task(self._account.settle_hold(hold.hold_id, capture))
+        task = asyncio.create_task(self._account.settle_hold(hold.hold_id, capture, lines))
         self._settlements.add(task)
         task.add_done_callback(self._settlements.discard)
         charged = await asyncio.shield(task)

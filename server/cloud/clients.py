@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from datetime import datetime
 
 import grpc
@@ -14,7 +14,7 @@ from resultity.account.v1 import ledger_service_pb2_grpc as ledger_grpc
 from resultity.network.v1 import dispatch_service_pb2 as dispatch_pb
 from resultity.network.v1 import dispatch_service_pb2_grpc as dispatch_grpc
 
-from server.cloud.ports import Caller, HoldRef
+from server.cloud.ports import Caller, HoldRef, OperatorLine
 from server.common.grpc_errors import domain_error_from_rpc
 from server.common.inference import (
     CatalogModel,
@@ -76,10 +76,24 @@ class GrpcAccountClient:
             raise domain_error_from_rpc(error) from None
         return HoldRef(response.hold.hold_id, response.hold.amount_micro_credits)
 
-    async def settle_hold(self, hold_id: str, capture: int) -> int:
+    async def settle_hold(
+        self, hold_id: str, capture: int, lines: Sequence[OperatorLine] = ()
+    ) -> int:
         try:
             response = await self._ledger.SettleHold(
-                ledger_pb.SettleHoldRequest(hold_id=hold_id, capture_micro_credits=capture),
+                ledger_pb.SettleHoldRequest(
+                    hold_id=hold_id,
+                    capture_micro_credits=capture,
+                    lines=[
+                        ledger_pb.SettlementLine(
+                            operator_account_id=line.operator_account_id,
+                            node_id=line.node_id,
+                            model=line.model,
+                            tokens=line.tokens,
+                        )
+                        for line in lines
+                    ],
+                ),
                 metadata=self._metadata,
             )
         except grpc.aio.AioRpcError as error:
@@ -135,7 +149,11 @@ class GrpcNetworkClient:
                         finish_reason_from_pb(finished.finish_reason),
                         usage_from_pb(finished.usage),
                         tuple(
-                            NodeUsage(share.node_id, usage_from_pb(share.usage))
+                            NodeUsage(
+                                share.node_id,
+                                usage_from_pb(share.usage),
+                                share.operator_account_id,
+                            )
                             for share in finished.node_usage
                         ),
                     )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
@@ -35,6 +35,16 @@ class HoldRef:
     amount: int
 
 
+@dataclass(frozen=True, slots=True)
+class OperatorLine:
+    """Tokens a node operator's nodes delivered for one request."""
+
+    operator_account_id: str
+    node_id: str
+    model: str
+    tokens: int
+
+
 class AccountPort(Protocol):
     async def authenticate(self, secret: str) -> Caller: ...
 
@@ -42,8 +52,11 @@ class AccountPort(Protocol):
         self, account_id: str, amount: int, *, idempotency_key: str, expires: datetime
     ) -> HoldRef: ...
 
-    async def settle_hold(self, hold_id: str, capture: int) -> int:
-        """Captures ``capture`` of the hold, releases the rest; returns the captured amount."""
+    async def settle_hold(
+        self, hold_id: str, capture: int, lines: Sequence[OperatorLine] = ()
+    ) -> int:
+        """Captures ``capture`` of the hold, releases the rest, credits the operators of
+        ``lines`` their share; returns the captured amount."""
         ...
 
 

@@ -12,6 +12,9 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 from google.rpc.error_details_pb2 import ErrorInfo
+from resultity.account.v1.contribution_service_pb2 import ListContributionsRequest
+from resultity.account.v1.contribution_service_pb2_grpc import ContributionServiceStub
+from resultity.account.v1.ledger_service_pb2 import GetBalanceRequest
 from resultity.cloud.v1 import inference_service_pb2 as pb
 from resultity.common.v1 import inference_pb2 as common_pb
 
@@ -261,3 +264,30 @@ async def test_runtime_failure_is_reported_as_a_failed_job(platform: Platform) -
     balance = await platform.balance(customer)
     assert balance.held_micro_credits == 0
     assert balance.available_micro_credits == 1_000_000 - _charge(4, 2)
+
+
+async def test_the_nodes_operator_earns_its_share_and_a_contribution_record(
+    platform: Platform,
+) -> None:
+    operator_id, token = await platform.operator()
+    await platform.start_agent(ScriptedRuntime(), node_token=token)
+    customer = await platform.customer(credits=1_000_000)
+
+    response = await platform.inference.CreateChatCompletion(
+        pb.CreateChatCompletionRequest(params=_params()), metadata=customer.metadata
+    )
+
+    charged = response.billing.charged_micro_credits
+    assert charged == _charge(4, 10)
+    records = await ContributionServiceStub(platform.channel).ListContributions(
+        ListContributionsRequest(operator_account_id=operator_id), metadata=platform.service
+    )
+    [record] = records.contributions
+    assert record.tokens == 4 + 10
+    assert record.model == SMOLLM2_135M.id
+    # The operators' share is 80% of the capture, rounded down; the platform keeps the rest.
+    assert record.amount_micro_credits == charged * 8000 // 10_000
+    earned = await platform.ledger.GetBalance(
+        GetBalanceRequest(account_id=operator_id), metadata=platform.service
+    )
+    assert earned.balance.earned_micro_credits == record.amount_micro_credits
