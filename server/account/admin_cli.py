@@ -28,6 +28,8 @@ from resultity.account.v1 import contribution_service_pb2 as contribution_pb
 from resultity.account.v1 import contribution_service_pb2_grpc as contribution_grpc
 from resultity.account.v1 import ledger_service_pb2 as ledger_pb
 from resultity.account.v1 import ledger_service_pb2_grpc as ledger_grpc
+from resultity.account.v1 import node_token_service_pb2 as node_token_pb
+from resultity.account.v1 import node_token_service_pb2_grpc as node_token_grpc
 from resultity.account.v1 import referral_service_pb2 as referral_pb
 from resultity.account.v1 import referral_service_pb2_grpc as referral_grpc
 
@@ -75,6 +77,11 @@ def add_commands(account: argparse.ArgumentParser) -> None:
     key.add_argument("--expires-days", type=float)
     key.add_argument("--subcloud", default="")
     commands.add_parser("revoke-key", help="revoke an API key").add_argument("api_key_id")
+    node_token = commands.add_parser(
+        "create-node-token", help="issue a node token for an operator's agent (shown once)"
+    )
+    node_token.add_argument("account_id")
+    node_token.add_argument("--name", default="")
     commands.add_parser("summary", help="system balances and ledger totals")
 
 
@@ -155,6 +162,12 @@ async def run_command(args: argparse.Namespace) -> None:
                 metadata=metadata,
             ),
             "create-key": lambda: keys.CreateApiKey(_key_request(args), metadata=metadata),
+            "create-node-token": lambda: node_token_grpc.NodeTokenServiceStub(
+                channel
+            ).CreateNodeToken(
+                node_token_pb.CreateNodeTokenRequest(account_id=args.account_id, name=args.name),
+                metadata=metadata,
+            ),
             "revoke-key": lambda: keys.RevokeApiKey(
                 key_pb.RevokeApiKeyRequest(api_key_id=args.api_key_id), metadata=metadata
             ),
