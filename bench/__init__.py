@@ -1,0 +1,1 @@
+"""Benchmarks with their method and results (see bench/README.md)."""

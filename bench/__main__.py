@@ -1,0 +1,14 @@
+"""`python -m bench` (`make bench`): every benchmark, one after another.
+
+The LLM throughput benchmark takes the command-line options (see
+`python -m bench --help`); the others run with their defaults. Method and
+results: bench/README.md.
+"""
+
+from bench import ledger, routing
+from bench.llm_throughput import main
+
+if __name__ == "__main__":
+    main()
+    ledger.main([])  # ledger throughput next to pgbench on the same database
+    routing.main([])  # routing decision time at 100 to 10,000 simulated nodes

@@ -1,0 +1,230 @@
+"""The LLM throughput report: medians, ratios, checks, the table and the JSON."""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import os
+import platform as host
+import statistics
+import subprocess
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from bench.clients import Sample
+
+METRICS: dict[str, Callable[[Sample], float]] = {
+    "ttft_ms": lambda s: s.ttft_s * 1000,
+    "decode_tokens_per_s": lambda s: s.decode_tokens_per_s,
+    "end_to_end_tokens_per_s": lambda s: s.end_to_end_tokens_per_s,
+    "total_ms": lambda s: s.total_s * 1000,
+    "tail_ms": lambda s: (s.total_s - s.last_token_s) * 1000,
+}
+# Which end of a metric's range is its best case (least disturbed by other load).
+BEST = {
+    "ttft_ms": "min",
+    "decode_tokens_per_s": "max",
+    "end_to_end_tokens_per_s": "max",
+    "total_ms": "min",
+    "tail_ms": "min",
+}
+# Near zero on the direct side: the table shows platform - direct instead of a ratio.
+DIFFERENCE_ONLY = {"tail_ms"}
+LABELS = {
+    "ttft_ms": "TTFT (ms)",
+    "decode_tokens_per_s": "decode tokens/s (first->last token)",
+    "end_to_end_tokens_per_s": "end-to-end tokens/s (whole request)",
+    "total_ms": "request time (ms)",
+    "tail_ms": "last token -> end of response (ms)",
+}
+
+
+@dataclass
+class Rounds:
+    """What the interleaved rounds measured, side by side."""
+
+    direct: list[Sample] = field(default_factory=list)
+    platform: list[Sample] = field(default_factory=list)
+    direct_cpu: list[dict[str, float]] = field(default_factory=list)
+    platform_cpu: list[dict[str, float]] = field(default_factory=list)
+    warmup: dict[str, Sample] = field(default_factory=dict)
+    idle_waits_s: list[float] = field(default_factory=list)
+
+
+def _summary(samples: list[Sample]) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for name, metric in METRICS.items():
+        values = [metric(sample) for sample in samples]
+        out[name] = {
+            "median": statistics.median(values),
+            "min": min(values),
+            "max": max(values),
+        }
+    return out
+
+
+def build_report(config: dict[str, Any], rounds: Rounds) -> dict[str, Any]:
+    direct, platform = _summary(rounds.direct), _summary(rounds.platform)
+    ratios = {name: _ratio(platform[name]["median"], direct[name]["median"]) for name in METRICS}
+    best = {name: _ratio(platform[name][BEST[name]], direct[name][BEST[name]]) for name in METRICS}
+    direct_counts = sorted({s.completion_tokens for s in rounds.direct})
+    platform_counts = sorted({s.completion_tokens for s in rounds.platform})
+    texts = {s.text for s in rounds.direct} | {s.text for s in rounds.platform}
+    prompt_tokens = sorted({s.prompt_tokens for s in rounds.platform if s.prompt_tokens})
+    checks = {
+        "completion_tokens_direct": direct_counts,
+        "completion_tokens_platform": platform_counts,
+        "completion_tokens_match": direct_counts == platform_counts and len(direct_counts) == 1,
+        "prompt_tokens_platform": prompt_tokens,
+        "prompt_tokens_match": prompt_tokens == [config["prompt_tokens_direct"]],
+        "same_text_everywhere": len(texts) == 1,
+        "platform_content_deltas": sorted({s.content_deltas for s in rounds.platform}),
+    }
+    cpu = {
+        "direct": _cpu_summary(rounds.direct_cpu),
+        "platform": _cpu_summary(rounds.platform_cpu),
+    }
+    return {
+        "benchmark": "llm_throughput",
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "machine": _machine(),
+        "config": config,
+        "rounds_completed": len(rounds.platform),
+        "direct": {"median": direct, "samples": [_sample_json(s) for s in rounds.direct]},
+        "platform": {"median": platform, "samples": [_sample_json(s) for s in rounds.platform]},
+        "warmup": {name: _sample_json(s) for name, s in rounds.warmup.items()},
+        "ratio_platform_to_direct": ratios,
+        "ratio_best_case": best,
+        "ttft_overhead_ms": platform["ttft_ms"]["median"] - direct["ttft_ms"]["median"],
+        "checks": checks,
+        "cpu_seconds_per_completion": cpu,
+        "max_idle_wait_s": max(rounds.idle_waits_s, default=0.0),
+    }
+
+
+def _ratio(platform: float, direct: float) -> float:
+    return platform / direct if direct else math.nan
+
+
+def _cpu_summary(rounds: list[dict[str, float]]) -> dict[str, float]:
+    """Median CPU seconds of each role (and of all together) per completion."""
+    totals = [{**used, "total": sum(used.values())} for used in rounds]
+    return {role: statistics.median(used[role] for used in totals) for role in totals[0]}
+
+
+def _sample_json(sample: Sample) -> dict[str, Any]:
+    fields = asdict(sample)
+    fields.pop("text")
+    fields["decode_tokens_per_s"] = sample.decode_tokens_per_s
+    fields["end_to_end_tokens_per_s"] = sample.end_to_end_tokens_per_s
+    return fields
+
+
+def _machine() -> dict[str, Any]:
+    cpu = host.processor() or host.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.partition(":")[2].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "commit": _commit(),
+        "cpu": cpu,
+        "cpus": len(os.sched_getaffinity(0)),
+        "system": host.platform(),
+        "python": host.python_version(),
+        "llama_cpp_python": metadata.version("llama_cpp_python"),
+    }
+
+
+def _commit() -> str | None:
+    """The checked-out commit, marked ``-dirty`` when the tree has changes."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
+        )
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+        )
+    except OSError:
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("-dirty" if status.stdout.strip() else "")
+
+
+def render(report: dict[str, Any]) -> str:
+    config, checks = report["config"], report["checks"]
+    machine = report["machine"]
+    lines = [
+        f"LLM throughput: platform vs llama.cpp direct ({report['date']})",
+        f"  model     {config['model_id']} ({config['model_file']}), greedy, "
+        f"max_tokens {config['max_tokens']}, prompt {config['prompt_tokens_direct']} tokens",
+        f"  llama.cpp n_threads {config['n_threads']}, n_threads_batch "
+        f"{config['n_threads_batch']}, n_ctx {config['n_ctx']}, cpu_repack "
+        f"{config['cpu_repack']}, 1 slot",
+        f"  machine   {machine['cpus']} CPUs ({machine['cpu']}), llama-cpp-python "
+        f"{machine['llama_cpp_python']}, commit {machine['commit']}",
+        f"  rounds    {report['rounds_completed']} per side (+{config['warmup']} warm-up), "
+        f"interleaved; median [min..max]",
+        "",
+        f"{'metric':38}{'direct':>26}{'platform':>26}{'ratio':>8}{'best':>7}",
+    ]
+    for name, label in LABELS.items():
+        d, p = report["direct"]["median"][name], report["platform"]["median"][name]
+        if name in DIFFERENCE_ONLY:
+            ratios = f"{p['median'] - d['median']:>+8.1f}{p[BEST[name]] - d[BEST[name]]:>+7.1f}"
+        else:
+            ratios = (
+                f"{report['ratio_platform_to_direct'][name]:>8.3f}"
+                f"{report['ratio_best_case'][name]:>7.3f}"
+            )
+        lines.append(f"{label:38}{_cell(d):>26}{_cell(p):>26}{ratios}")
+    lines += [
+        "ratio = platform/direct of the medians; best = of the best cases (min time, max rate);",
+        "for the time after the last token (about 0 direct) the difference in ms instead",
+        "",
+        f"TTFT overhead (median difference): {report['ttft_overhead_ms']:+.1f} ms",
+        f"completion tokens: direct {checks['completion_tokens_direct']} (streamed chunks), "
+        f"platform {checks['completion_tokens_platform']} (usage) -> "
+        f"{'match' if checks['completion_tokens_match'] else 'DIFFER'}",
+        f"prompt tokens: direct {config['prompt_tokens_direct']}, platform "
+        f"{checks['prompt_tokens_platform']} -> "
+        f"{'match' if checks['prompt_tokens_match'] else 'DIFFER'}",
+        f"generated text identical on both sides and all rounds: "
+        f"{'yes' if checks['same_text_everywhere'] else 'NO'}",
+        f"platform SSE content deltas per completion: {checks['platform_content_deltas']}",
+        _render_cpu(report["cpu_seconds_per_completion"]),
+        f"disguised canaries the network sent the node during the run: "
+        f"{config['platform_canaries']}; longest wait for an idle platform before a round: "
+        f"{report['max_idle_wait_s']:.1f} s",
+        f"platform started in {config['platform_start_s']} s; whole run {report['wall_s']} s",
+    ]
+    return "\n".join(lines)
+
+
+def _render_cpu(cpu: dict[str, dict[str, float]]) -> str:
+    direct, platform = cpu["direct"], cpu["platform"]
+    parts = ", ".join(
+        f"{role} {platform[role]:.2f}"
+        for role in ("agent", "up", "postgres", "bench")
+        if role in platform
+    )
+    ratio = platform["total"] / direct["total"] if direct["total"] else math.nan
+    return (
+        f"CPU s per completion (median): direct {direct['total']:.2f} (this process); "
+        f"platform {platform['total']:.2f} = {parts} (bench = HTTP client) -> {ratio:.2f}x"
+    )
+
+
+def _cell(stats: dict[str, float]) -> str:
+    return f"{stats['median']:.1f} [{stats['min']:.1f}..{stats['max']:.1f}]"

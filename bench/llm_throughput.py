@@ -1,0 +1,196 @@
+"""LLM throughput: the whole platform against llama.cpp called directly.
+
+Both sides stream the same greedy chat completion of SmolLM2-135M-Instruct
+from the same GGUF with the same llama.cpp settings. Rounds alternate (direct,
+platform, direct, ...) after one warm-up each, so that both see the same
+machine; the report gives medians and the platform/direct ratio of medians.
+See bench/README.md for the method and the latest numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from agent.runtime.llama_cpp import _load_llama
+from agent.runtime.loader import RuntimeSettings
+from agent.runtime.models import smollm2_gguf_path
+from bench.clients import (
+    REQUEST_TIMEOUT_S,
+    BenchError,
+    Sample,
+    direct_prompt_tokens,
+    run_direct,
+    run_platform,
+)
+from bench.cpu_usage import measured, wait_until_idle
+from bench.llm_report import Rounds, build_report, render
+from bench.platform_process import PlatformError, running_platform
+
+PROMPT = "Write a long, detailed story about a lighthouse keeper who finds a message in a bottle."
+# Logged by the network for each disguised canary it sent a node (2% of jobs by default).
+CANARY_LOG_EVENT = "canary checked"
+# LlamaCppRuntime's default, which the agent uses: repacked CPU buffers (AMX) off.
+CPU_REPACK = False
+Measure = Callable[[], tuple[Sample, dict[str, float]]]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--rounds", type=int, default=10, help="measured rounds per side")
+    parser.add_argument("--warmup", type=int, default=1, help="unmeasured rounds per side")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--json", type=Path, help="also write the results as JSON here")
+    parser.add_argument("--start-timeout", type=float, default=180.0, help="seconds")
+    parser.add_argument(
+        "--budget", type=float, default=300.0, help="seconds; no new round starts past it"
+    )
+    parser.add_argument("--platform-log", type=Path, help="keep the platform's log here")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="llama.cpp threads on both sides (platform: `resultity agent --threads N` "
+        "next to `resultity up --no-agent`); default: the agent's default",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    try:
+        _main(_parser().parse_args(argv))
+    except KeyboardInterrupt:
+        log("interrupted; the platform was stopped")
+        raise SystemExit(130) from None
+    except (BenchError, PlatformError, httpx.HTTPError) as error:
+        log(f"failed: {error}")
+        raise SystemExit(1) from None
+
+
+def _main(args: argparse.Namespace) -> None:
+    if args.rounds < 1 or args.warmup < 0 or args.max_tokens < 1:
+        raise SystemExit("--rounds and --max-tokens must be positive, --warmup not negative")
+    began = time.monotonic()
+    settings = RuntimeSettings(threads=args.threads)
+    model_path = settings.model_path or smollm2_gguf_path()
+    messages = [{"role": "user", "content": PROMPT}]
+
+    # Same loader, path, context and threads as the agent's LlamaCppRuntime.
+    llama = _load_llama(model_path, settings.context_length, settings.threads, CPU_REPACK)
+    try:
+        config: dict[str, Any] = {
+            "model_id": settings.model_id,
+            "model_file": model_path.name,
+            "prompt": PROMPT,
+            "prompt_tokens_direct": direct_prompt_tokens(llama, messages),
+            "max_tokens": args.max_tokens,
+            "rounds": args.rounds,
+            "warmup": args.warmup,
+            "n_ctx": llama.n_ctx(),
+            "n_threads": llama.n_threads,
+            "n_threads_batch": llama.n_threads_batch,
+            "cpu_repack": CPU_REPACK,
+            "agent_threads_option": settings.threads,
+            "slots": 1,
+        }
+        log(f"model {model_path.name}: threads {llama.n_threads}, batch {llama.n_threads_batch}")
+        log("starting the platform (resultity up)")
+        start = time.monotonic()
+        with (
+            running_platform(
+                settings.model_id,
+                start_timeout_s=args.start_timeout,
+                log_path=args.platform_log,
+                agent_threads=args.threads,
+            ) as running,
+            httpx.Client(timeout=REQUEST_TIMEOUT_S) as http,
+        ):
+            config["platform_start_s"] = round(time.monotonic() - start, 1)
+            config["platform_commands"] = list(running.commands)
+            log(f"platform serving after {config['platform_start_s']} s")
+
+            def direct() -> tuple[Sample, dict[str, float]]:
+                return measured(lambda: run_direct(llama, messages, args.max_tokens), ())
+
+            def platform() -> tuple[Sample, dict[str, float]]:
+                return measured(
+                    lambda: run_platform(
+                        http, running.base_url, running.api_key, settings.model_id, messages,
+                        args.max_tokens,
+                    ),
+                    running.process_roots,
+                )  # fmt: skip
+
+            def settle() -> float:
+                return wait_until_idle(running.process_roots)
+
+            rounds = _interleave(
+                direct, platform, settle, args.rounds, args.warmup, began + args.budget
+            )
+            config["platform_canaries"] = _count_lines(running.log_path, CANARY_LOG_EVENT)
+    finally:
+        llama.close()
+
+    report = build_report(config, rounds)
+    report["wall_s"] = round(time.monotonic() - began, 1)
+    print(render(report))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        log(f"JSON written to {args.json}")
+
+
+def _interleave(
+    direct: Measure,
+    platform: Measure,
+    settle: Callable[[], float],
+    rounds: int,
+    warmup: int,
+    deadline: float,
+) -> Rounds:
+    """direct, platform, direct, platform, ...; never both at once, each from an
+    idle platform (``settle`` waits for that and returns the seconds it took)."""
+    result = Rounds()
+    for index in range(warmup):
+        for name, run in (("direct", direct), ("platform", platform)):
+            result.idle_waits_s.append(settle())
+            result.warmup[f"{name}_{index}"] = run()[0]
+    for index in range(rounds):
+        pair_began = time.monotonic()
+        for name, run, samples, cpu in (
+            ("direct", direct, result.direct, result.direct_cpu),
+            ("platform", platform, result.platform, result.platform_cpu),
+        ):
+            waited = settle()
+            result.idle_waits_s.append(waited)
+            if waited > 1.0:
+                log(f"waited {waited:.1f} s for the platform to become idle")
+            sample, used = run()
+            samples.append(sample)
+            cpu.append(used)
+            log(
+                f"round {index + 1}/{rounds} {name:8}: TTFT {sample.ttft_s * 1000:7.1f} ms, "
+                f"{sample.decode_tokens_per_s:6.1f} tok/s decode, "
+                f"{sample.end_to_end_tokens_per_s:6.1f} tok/s end-to-end, "
+                f"{sample.completion_tokens} tokens"
+            )
+        if index + 1 < rounds and time.monotonic() + (time.monotonic() - pair_began) > deadline:
+            log(f"time budget spent: stopping after {index + 1} of {rounds} rounds")
+            break
+    return result
+
+
+def _count_lines(path: Path, needle: str) -> int:
+    try:
+        return sum(needle in line for line in path.read_text(errors="replace").splitlines())
+    except OSError:
+        return -1
+
+
+def log(message: str) -> None:
+    print(f"bench: {message}", file=sys.stderr, flush=True)
