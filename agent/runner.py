@@ -15,6 +15,7 @@ from typing import Protocol
 
 import structlog
 
+from agent.batching import MAX_BATCH_DELAY_S, MAX_BATCH_TOKENS, TokenBatcher
 from agent.runtime.base import (
     Embedding,
     Finished,
@@ -65,7 +66,16 @@ class JobSink(Protocol):
 
 
 class JobRunner:
-    def __init__(self, runtime: Runtime, sink: JobSink) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        sink: JobSink,
+        *,
+        batch_tokens: int = MAX_BATCH_TOKENS,
+        batch_delay_s: float = MAX_BATCH_DELAY_S,
+    ) -> None:
+        self._batch_tokens = batch_tokens
+        self._batch_delay_s = batch_delay_s
         self._runtime = runtime
         self._sink = sink
         self._slots = asyncio.Semaphore(runtime.slots)
@@ -122,6 +132,20 @@ class JobRunner:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
+    def _send(self, job: JobRef, text: TokenText, prompt_tokens: int, sent: int) -> int:
+        """Reports generated text; returns the tokens sent so far."""
+        self._tokens += text.token_count
+        # The first chunk carries the prompt size, for billing a cancelled job.
+        self._sink.chunk(
+            job,
+            text.text,
+            text.token_count,
+            prompt_tokens if sent == 0 else 0,
+            text.token_ids,
+            text.logprobs,
+        )
+        return sent + text.token_count
+
     async def _run(self, job: JobRef, request: GenerationRequest) -> None:
         bound = log.bind(job_id=job.job_id, epoch=job.epoch)
         if request.continuation is not None:
@@ -130,26 +154,21 @@ class JobRunner:
             self._running += 1
             sent = 0
             prompt_tokens = 0
+            batcher = TokenBatcher(self._batch_tokens, self._batch_delay_s)
             try:
                 async for event in self._runtime.generate(request):
                     if isinstance(event, Started):
                         prompt_tokens = event.prompt_tokens
                     elif isinstance(event, TokenText):
-                        self._tokens += event.token_count
-                        # The first chunk carries the prompt size, for billing a cancelled job.
-                        first = sent == 0
-                        sent += event.token_count
-                        self._sink.chunk(
-                            job,
-                            event.text,
-                            event.token_count,
-                            prompt_tokens if first else 0,
-                            event.token_ids,
-                            event.logprobs,
-                        )
+                        merged = batcher.add(event, time.monotonic())
+                        if merged is not None:
+                            sent = self._send(job, merged, prompt_tokens, sent)
                     elif isinstance(event, Embedding):
                         self._sink.chunk(job, "", 0, prompt_tokens, embedding=event.values)
                     elif isinstance(event, Finished):
+                        rest = batcher.flush(time.monotonic())
+                        if rest is not None:
+                            sent = self._send(job, rest, prompt_tokens, sent)
                         self._sink.done(
                             job, event.reason, event.prompt_tokens, event.completion_tokens
                         )

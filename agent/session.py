@@ -25,6 +25,7 @@ from resultity.agent.v1 import agent_service_pb2_grpc as pb_grpc
 from resultity.common.v1 import inference_pb2 as common_pb
 
 from agent.backoff import Backoff
+from agent.batching import MAX_BATCH_DELAY_S, MAX_BATCH_TOKENS
 from agent.convert import (
     InvalidAssignment,
     failure_reason,
@@ -57,6 +58,10 @@ class SessionSettings:
     # The node's key; `resultity agent` keeps it in its data dir. A fresh one
     # by default (a new node every process).
     identity: NodeIdentity = field(default_factory=NodeIdentity.generate)
+    # Generated text is sent in messages of up to this many tokens, or what
+    # gathered within the delay (see agent/batching.py); 1 sends every token.
+    batch_tokens: int = MAX_BATCH_TOKENS
+    batch_delay_s: float = MAX_BATCH_DELAY_S
 
 
 class _StreamSink:
@@ -237,7 +242,12 @@ class AgentSession:
         """One session; returns the reason if the network asked to reconnect."""
         outbound: asyncio.Queue[pb.ConnectRequest | None] = asyncio.Queue()
         sink = _StreamSink(outbound, self._settings.identity)
-        runner = JobRunner(self._runtime, sink)
+        runner = JobRunner(
+            self._runtime,
+            sink,
+            batch_tokens=self._settings.batch_tokens,
+            batch_delay_s=self._settings.batch_delay_s,
+        )
         channel = insecure_channel(self._settings.network)
         heartbeats: asyncio.Task[None] | None = None
         try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -56,8 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--threads",
         type=int,
-        help="llama.cpp threads on both sides (platform: `resultity agent --threads N` "
-        "next to `resultity up --no-agent`); default: the agent's default",
+        default=os.cpu_count() or 1,
+        help="llama.cpp threads on both sides (platform: `resultity up --agent-threads N`); "
+        "default: every core, as `resultity up` runs its agent",
     )
     return parser
 

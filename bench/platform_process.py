@@ -3,10 +3,8 @@
 Started on free ports in a fresh data dir (embedded PostgreSQL unless
 ``RESULTITY_DATABASE_URL`` is set), ready once the demo key exists and
 ``GET /v1/models`` lists the model, and always stopped with SIGINT (then
-SIGTERM, then SIGKILL if it hangs). With ``agent_threads`` the agent is started
-the way an operator sets its thread count: `resultity up --no-agent`, then
-`resultity agent --network ... --slots 1 --threads N` with the node token that
-`up` wrote to <data dir>/node-token.
+SIGTERM, then SIGKILL if it hangs). ``agent_threads`` sets the local agent's
+llama.cpp threads (`resultity up --agent-threads N`).
 """
 
 from __future__ import annotations
@@ -28,8 +26,6 @@ from typing import IO
 import httpx
 
 DEMO_KEY_FILE = "demo-api-key"
-NODE_TOKEN_FILE = "node-token"
-NODE_TOKEN_ENV = "RESULTITY_NODE_TOKEN"
 # Logged by the network when a node fails join validation; it will never serve.
 QUARANTINE_LOG_EVENT = "node quarantined"
 DATABASE_URL_ENV = "RESULTITY_DATABASE_URL"
@@ -97,17 +93,13 @@ def running_platform(
         if database_url:
             up += ["--database-url", database_url]
         if agent_threads is not None:
-            up.append("--no-agent")
+            up += ["--agent-threads", str(agent_threads)]
         base_url = f"http://127.0.0.1:{http_port}/v1"
         deadline = time.monotonic() + start_timeout_s
         processes: list[subprocess.Popen[bytes]] = []
         with log_file.open("wb") as log:
             try:
                 processes.append(_spawn(up, log))
-                if agent_threads is not None:
-                    agent = _agent_command(grpc_port, data_dir / "agent", agent_threads)
-                    token = _wait_for_file(processes, data_dir / NODE_TOKEN_FILE, deadline)
-                    processes.append(_spawn(agent, log, {NODE_TOKEN_ENV: token}))
                 api_key = _wait_until_serving(
                     processes, data_dir / DEMO_KEY_FILE, base_url, model, deadline, log_file
                 )
@@ -128,33 +120,13 @@ def running_platform(
             _stop_all(processes)
 
 
-def _agent_command(grpc_port: int, agent_dir: Path, threads: int) -> list[str]:
-    """An operator's agent next to `resultity up --no-agent`, as the README shows."""
-    return [
-        *resultity_command(),
-        "agent",
-        "--network",
-        f"127.0.0.1:{grpc_port}",
-        "--name",
-        "local",
-        "--slots",
-        "1",
-        "--threads",
-        str(threads),
-        "--data-dir",
-        str(agent_dir),
-    ]
-
-
-def _spawn(
-    argv: list[str], log: IO[bytes], extra_env: dict[str, str] | None = None
-) -> subprocess.Popen[bytes]:
+def _spawn(argv: list[str], log: IO[bytes]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         argv,
         stdin=subprocess.DEVNULL,
         stdout=log,
         stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})},
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
 
 
@@ -164,17 +136,6 @@ def _check_alive(processes: list[subprocess.Popen[bytes]], deadline: float, what
             raise PlatformError(f"{_label(process)} exited during start-up ({process.returncode})")
     if time.monotonic() > deadline:
         raise PlatformError(f"the platform did not {what} in time")
-
-
-def _wait_for_file(processes: list[subprocess.Popen[bytes]], path: Path, deadline: float) -> str:
-    """The stripped content of ``path`` once it is written."""
-    while True:
-        _check_alive(processes, deadline, f"write {path.name}")
-        if path.exists():
-            content = path.read_text().strip()
-            if content:
-                return content
-        time.sleep(0.2)
 
 
 def _wait_until_serving(

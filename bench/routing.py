@@ -53,12 +53,12 @@ def measure(size: int, decisions: int, models: Sequence[str], seed: int = 1) -> 
         request = RouteRequest(models[index % len(models)])
         now = time.monotonic()
         started = time.perf_counter_ns()
-        node = router.pick(request, now)
+        picked = router.pick(request, now)
         timings.append((time.perf_counter_ns() - started) / 1000)
-        assert node is not None
+        assert picked is not None
         job = f"job-{index}"
-        node.active_jobs.add(job)
-        running.append((node, job))
+        picked.active_jobs.add(job)
+        running.append((picked, job))
         if len(running) > size:  # jobs finish: keep about one per node in flight
             done_node, done_job = running.pop(rng.randrange(len(running)))
             done_node.active_jobs.discard(done_job)

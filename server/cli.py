@@ -35,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--grpc-port", type=int)
     up.add_argument("--database-url", help="use this PostgreSQL instead of an embedded one")
     up.add_argument("--no-agent", action="store_true", help="do not start a local agent")
+    up.add_argument("--agent-threads", type=int, help="llama.cpp threads of the local agent")
 
     agent = commands.add_parser("agent", help="run a node agent")
     agent.add_argument("--network", required=True, help="HOST:PORT of a network server")
@@ -153,6 +154,7 @@ async def _up(args: argparse.Namespace) -> None:
         "grpc_port": args.grpc_port,
         "database_url": args.database_url,
         "log_level": args.log_level,
+        "local_agent_threads": args.agent_threads,
     }
     settings = PlatformSettings(**{k: v for k, v in overrides.items() if v is not None})
     if args.no_agent:

@@ -32,3 +32,6 @@ class PlatformSettings(BaseSettings):
     # Start one local agent serving the bundled model.
     local_agent: bool = True
     local_agent_slots: int = 1
+    # llama.cpp threads of the local agent; unset: every core. The control plane
+    # needs little CPU of its own because the agent batches tokens.
+    local_agent_threads: int | None = None

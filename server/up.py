@@ -69,6 +69,8 @@ async def _local_agent(
         "local",
         "--slots",
         str(settings.local_agent_slots),
+        "--threads",
+        str(settings.local_agent_threads or os.cpu_count() or 1),
         "--data-dir",
         str(settings.data_dir.resolve() / "agent"),
         env={**os.environ, "RESULTITY_NODE_TOKEN": node_token},

@@ -121,12 +121,24 @@ class Platform:
         return account.account_id, token.secret
 
     async def start_agent(
-        self, runtime: Runtime, name: str = "test-node", node_token: str = ""
+        self,
+        runtime: Runtime,
+        name: str = "test-node",
+        node_token: str = "",
+        *,
+        batch_tokens: int = 1,
     ) -> RunningAgent:
+        """An agent whose every token is its own message unless ``batch_tokens`` says
+        otherwise, so tests can count chunks."""
         if not node_token:
             _, node_token = await self.operator()
         session = AgentSession(
-            SessionSettings(network=self.target, node_name=name, node_token=node_token),
+            SessionSettings(
+                network=self.target,
+                node_name=name,
+                node_token=node_token,
+                batch_tokens=batch_tokens,
+            ),
             runtime,
             backoff=Backoff(base_s=0.05, cap_s=0.2),
         )

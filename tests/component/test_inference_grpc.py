@@ -18,6 +18,7 @@ from resultity.account.v1.ledger_service_pb2 import GetBalanceRequest
 from resultity.cloud.v1 import inference_service_pb2 as pb
 from resultity.common.v1 import inference_pb2 as common_pb
 
+from agent.batching import MAX_BATCH_TOKENS
 from server.common.grpc_errors import error_info
 from server.network.catalog import SMOLLM2_135M
 from tests.doubles.scripted_runtime import DEFAULT_SCRIPT, ScriptedRuntime, scripted_tokens
@@ -291,3 +292,24 @@ async def test_the_nodes_operator_earns_its_share_and_a_contribution_record(
         GetBalanceRequest(account_id=operator_id), metadata=platform.service
     )
     assert earned.balance.earned_micro_credits == record.amount_micro_credits
+
+
+async def test_fast_tokens_travel_in_fewer_messages_with_nothing_lost(platform: Platform) -> None:
+    # A scripted runtime produces all its tokens at once: the agent's default
+    # batching sends the first alone and merges the rest.
+    await platform.start_agent(ScriptedRuntime(), batch_tokens=MAX_BATCH_TOKENS)
+    customer = await platform.customer(credits=1_000_000)
+
+    messages = [
+        message
+        async for message in platform.inference.StreamChatCompletion(
+            pb.StreamChatCompletionRequest(params=_params()), metadata=customer.metadata
+        )
+    ]
+
+    contents = [m.choices[0].content for m in messages if m.choices and m.choices[0].content]
+    assert "".join(contents) == DEFAULT_SCRIPT
+    assert contents[0] == scripted_tokens(DEFAULT_SCRIPT)[0]
+    assert len(contents) < len(scripted_tokens(DEFAULT_SCRIPT))
+    assert messages[-1].usage.completion_tokens == 10
+    assert messages[-1].billing.charged_micro_credits == _charge(4, 10)
