@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 from agent.runtime.base import TokenText
 
-MAX_BATCH_TOKENS = 8
-MAX_BATCH_DELAY_S = 0.025
+MAX_BATCH_TOKENS = 16
+MAX_BATCH_DELAY_S = 0.05
 
 
 @dataclass
