@@ -13,9 +13,10 @@ from resultity.cloud.v1 import inference_service_pb2 as pb
 from resultity.cloud.v1 import inference_service_pb2_grpc as pb_grpc
 from resultity.common.v1 import inference_pb2 as common_pb
 
-from server.cloud.chat import (
+from server.cloud.chat import ChatService
+from server.cloud.rate_limits import RateStatus
+from server.cloud.requests import (
     ChatRequest,
-    ChatService,
     ChoiceFinished,
     ChoiceStarted,
     CompletionFinished,
@@ -24,7 +25,6 @@ from server.cloud.chat import (
     EmbeddingRequest,
     TextRequest,
 )
-from server.cloud.rate_limits import RateStatus
 from server.common.grpc_errors import translate_errors
 from server.common.inference import CatalogModel, ChatRole
 from server.common.inference_proto import (

@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 
 from server.cloud.auth import CachedAuthenticator
-from server.cloud.chat import ChatRequest, validate
 from server.cloud.ports import Caller, HoldRef
+from server.cloud.requests import ChatRequest, validate
 from server.common.errors import InvalidApiKey, InvalidArgument
 from server.common.inference import ChatMessage, ChatRole
 

@@ -1,0 +1,220 @@
+"""What callers ask the cloud for, what they get back, and the checks on it.
+
+Plain dataclasses shared by the chat service and its gRPC servicer; the
+validation here is pure, so it is unit-tested without a platform.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+
+from server.cloud.rate_limits import RateStatus
+from server.common.errors import InvalidArgument
+from server.common.inference import (
+    ChatMessage,
+    FinishReason,
+    ResponseFormat,
+    ResponseFormatType,
+    Sampling,
+    TokenLogprob,
+    Usage,
+)
+
+MAX_STOP_SEQUENCES = 4
+# Choices run one after another (each its own job), so n bounds the request's time.
+MAX_CHOICES = 8
+MAX_TOP_LOGPROBS = 20
+# Inputs of one embeddings request; each is a job of its own.
+MAX_EMBEDDING_INPUTS = 64
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRequest:
+    model: str
+    messages: tuple[ChatMessage, ...]
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    user: str = ""
+    n: int = 1
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    response_format: ResponseFormat | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TextRequest:
+    """A text completion: raw prompts, no chat template."""
+
+    model: str
+    prompts: tuple[str, ...]
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    user: str = ""
+    n: int = 1
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingRequest:
+    model: str
+    inputs: tuple[str, ...]
+    user: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Embeddings:
+    model: str
+    # One vector per input, in order.
+    vectors: tuple[tuple[float, ...], ...]
+    usage: Usage
+    charged: int
+    rate_limits: RateStatus | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CompletionStarted:
+    completion_id: str
+    model: str
+    created: datetime
+    # The caller's rate limits after this request was admitted.
+    rate_limits: RateStatus | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ChoiceStarted:
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
+class ContentDelta:
+    text: str
+    index: int = 0
+    logprobs: tuple[TokenLogprob, ...] = ()
+    # An embedding job's vector.
+    embedding: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ChoiceFinished:
+    index: int
+    finish_reason: FinishReason
+
+
+@dataclass(frozen=True, slots=True)
+class CompletionFinished:
+    usage: Usage
+    charged: int
+    # Time the nodes spent on the jobs as cloud saw it: from each job's assignment
+    # to its end, summed over the choices.
+    generation_s: float = 0.0
+
+
+CompletionEvent = (
+    CompletionStarted | ChoiceStarted | ContentDelta | ChoiceFinished | CompletionFinished
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    index: int
+    content: str
+    finish_reason: FinishReason
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ChatCompletion:
+    started: CompletionStarted
+    choices: tuple[Choice, ...]
+    finished: CompletionFinished
+
+
+def _check_range(value: float | None, low: float, high: float, field: str) -> None:
+    if value is not None and not low <= value <= high:
+        raise InvalidArgument(f"{field} must be between {low:g} and {high:g}", field=field)
+
+
+def _validate_response_format(response_format: ResponseFormat | None) -> None:
+    if response_format is None or response_format.type != ResponseFormatType.JSON_SCHEMA:
+        return
+    try:
+        schema = json.loads(response_format.json_schema)
+    except ValueError:
+        schema = None
+    if not isinstance(schema, dict):
+        raise InvalidArgument(
+            "response_format.json_schema.schema must be a JSON object",
+            field="response_format.json_schema.schema",
+        )
+
+
+def validate(request: ChatRequest | TextRequest | EmbeddingRequest) -> None:
+    if not request.model:
+        raise InvalidArgument("model is required", field="model")
+    if isinstance(request, EmbeddingRequest):
+        if not request.inputs:
+            raise InvalidArgument("input must contain at least one text", field="input")
+        if not all(request.inputs):
+            raise InvalidArgument("input texts must not be empty", field="input")
+        if len(request.inputs) > MAX_EMBEDDING_INPUTS:
+            raise InvalidArgument(
+                f"at most {MAX_EMBEDDING_INPUTS} inputs per request", field="input"
+            )
+        return
+    if isinstance(request, ChatRequest):
+        if not request.messages:
+            raise InvalidArgument("messages must contain at least one message", field="messages")
+        _validate_response_format(request.response_format)
+    else:
+        if not request.prompts:
+            raise InvalidArgument("prompt must contain at least one prompt", field="prompt")
+        if not all(request.prompts):
+            raise InvalidArgument("prompts must not be empty", field="prompt")
+        if len(request.prompts) * request.n > MAX_CHOICES:
+            raise InvalidArgument(
+                f"at most {MAX_CHOICES} choices (prompts times n) per request", field="n"
+            )
+    if request.temperature is not None and not 0.0 <= request.temperature <= 2.0:
+        raise InvalidArgument("temperature must be between 0 and 2", field="temperature")
+    if request.top_p is not None and not 0.0 < request.top_p <= 1.0:
+        raise InvalidArgument("top_p must be in (0, 1]", field="top_p")
+    if len(request.stop) > MAX_STOP_SEQUENCES:
+        raise InvalidArgument("at most 4 stop sequences are allowed", field="stop")
+    if any(not sequence for sequence in request.stop):
+        raise InvalidArgument("stop sequences must not be empty", field="stop")
+    if not 1 <= request.n <= MAX_CHOICES:
+        raise InvalidArgument(f"n must be between 1 and {MAX_CHOICES}", field="n")
+    _check_range(request.presence_penalty, -2.0, 2.0, "presence_penalty")
+    _check_range(request.frequency_penalty, -2.0, 2.0, "frequency_penalty")
+    if request.top_logprobs is not None:
+        if not request.logprobs:
+            raise InvalidArgument("top_logprobs requires logprobs to be true", field="top_logprobs")
+        _check_range(request.top_logprobs, 0, MAX_TOP_LOGPROBS, "top_logprobs")
+
+
+def sampling_for(request: ChatRequest | TextRequest, max_tokens: int) -> Sampling:
+    return Sampling(
+        max_tokens=max_tokens,
+        temperature=request.temperature,
+        top_p=request.top_p,
+        stop=request.stop,
+        seed=request.seed,
+        presence_penalty=request.presence_penalty,
+        frequency_penalty=request.frequency_penalty,
+        logprobs=request.logprobs,
+        top_logprobs=request.top_logprobs or 0,
+        response_format=request.response_format if isinstance(request, ChatRequest) else None,
+    )
