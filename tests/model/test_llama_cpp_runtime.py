@@ -24,7 +24,8 @@ from agent.runtime.base import (
     TokenText,
     UnknownModel,
 )
-from agent.runtime.llama_cpp import LlamaCppRuntime, _Channel
+from agent.runtime.channel import GenerationChannel
+from agent.runtime.llama_cpp import LlamaCppRuntime
 from agent.runtime.models import DEFAULT_MODEL_ID, smollm2_gguf_path
 
 STORY = "Write a long story about a dragon."
@@ -196,7 +197,7 @@ async def test_concurrent_requests_share_one_slot(runtime: LlamaCppRuntime) -> N
 
 
 async def test_tokens_produced_before_a_read_arrive_as_one_event() -> None:
-    channel = _Channel(asyncio.get_running_loop())
+    channel = GenerationChannel(asyncio.get_running_loop())
 
     def worker() -> None:
         for piece in ("Hel", "", "lo", " there"):
@@ -210,7 +211,7 @@ async def test_tokens_produced_before_a_read_arrive_as_one_event() -> None:
 
 
 async def test_counts_of_textless_tokens_ride_on_the_next_text() -> None:
-    channel = _Channel(asyncio.get_running_loop())
+    channel = GenerationChannel(asyncio.get_running_loop())
     events = channel.events()
     channel.put("", 1)  # e.g. text held back as a possible stop sequence
     channel.put("", 1)
