@@ -5,7 +5,7 @@ The LLM throughput benchmark takes the command-line options (see
 results: bench/README.md.
 """
 
-from bench import gateway, ledger, routing
+from bench import gateway, ledger, network, routing
 from bench.llm_throughput import main
 
 if __name__ == "__main__":
@@ -13,3 +13,4 @@ if __name__ == "__main__":
     ledger.main([])  # ledger throughput next to pgbench on the same database
     routing.main([])  # routing decision time at 100 to 10,000 simulated nodes
     gateway.main([])  # platform overhead per streamed request, zero-latency runtime
+    network.main([])  # heartbeat ingestion and failover recovery of the network server

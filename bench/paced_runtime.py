@@ -1,0 +1,58 @@
+"""A runtime that generates at a fixed pace, for failover measurements.
+
+Token ``i`` of a reply is the text `` t<i>`` and comes ``interval_s`` after the
+previous one. A continuation (the job moved from another node) starts at
+token ``continuation.token_count``, so the concatenated reply is the same
+whichever nodes produced its parts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from agent.runtime.base import (
+    Finished,
+    GenerationEvent,
+    GenerationRequest,
+    ModelInfo,
+    Started,
+    StopReason,
+    TokenText,
+    UnknownModel,
+)
+from bench.zero_runtime import MODEL_ID, PROMPT_TOKENS
+
+
+def token_text(index: int) -> str:
+    return f" t{index}"
+
+
+@dataclass
+class PacedRuntime:
+    interval_s: float = 0.005
+    model_id: str = MODEL_ID
+    slot_count: int = 16
+
+    @property
+    def models(self) -> list[ModelInfo]:
+        return [ModelInfo(self.model_id, "paced", 2048)]
+
+    @property
+    def slots(self) -> int:
+        return self.slot_count
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        if request.model != self.model_id:
+            raise UnknownModel(request.model)
+        first = 0 if request.continuation is None else request.continuation.token_count
+        count = request.sampling.max_tokens  # what remains of the budget
+        yield Started(PROMPT_TOKENS)
+        for index in range(first, first + count):
+            await asyncio.sleep(self.interval_s)
+            yield TokenText(token_text(index), 1, (index,))
+        yield Finished(StopReason.LENGTH, PROMPT_TOKENS, count)
+
+    async def close(self) -> None:
+        return None
