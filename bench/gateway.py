@@ -2,7 +2,7 @@
 
 Streamed chat completions of ``--tokens`` tokens through the real HTTP
 gateway (uvicorn) → cloud → network → one agent (AgentSession over gRPC,
-default token batching) whose runtime generates instantly (bench/zero_runtime.py),
+default token batching) whose runtime generates instantly (bench/paced_runtime.py with no pace),
 with the account layer holding and settling every request in PostgreSQL;
 against a floor measured in the same run: a bare ``grpc.aio`` server-streaming
 call that streams the same number of messages. Both at 1, 16, 64 and 256
@@ -47,7 +47,7 @@ from resultity.account.v1 import node_token_service_pb2 as node_token_pb
 from resultity.account.v1 import node_token_service_pb2_grpc as node_token_grpc
 
 from agent.session import AgentSession, SessionSettings
-from bench.zero_runtime import MODEL_ID, ZeroRuntime
+from bench.paced_runtime import MODEL_ID, PacedRuntime
 from gateway.app import create_app
 from gateway.server import serve
 from server.account.authz import service_metadata
@@ -218,7 +218,7 @@ async def _serve_platform(conn: Connection, tokens: int) -> None:
                 node_name="bench-node",
                 node_token=await _node_token(channel, service),
             ),
-            ZeroRuntime(tokens=tokens),
+            PacedRuntime(interval_s=0.0, tokens=tokens, slot_count=1024),
         )
         agent = asyncio.create_task(session.run_forever())
         stack.push_async_callback(_cancel, agent)

@@ -44,8 +44,7 @@ from resultity.network.v1 import dispatch_service_pb2_grpc as dispatch_grpc
 
 from agent.identity import NodeIdentity, signed_hello
 from agent.session import AGENT_VERSION, AgentSession, SessionSettings
-from bench.paced_runtime import PacedRuntime, token_text
-from bench.zero_runtime import MODEL_ID
+from bench.paced_runtime import MODEL_ID, PacedRuntime, token_text
 from server.common import channels
 from server.common.inference import ChatMessage, ChatRole, GenerationSpec, Sampling
 from server.common.inference_proto import spec_to_pb

@@ -1,8 +1,10 @@
-"""A runtime that generates at a fixed pace, for failover measurements.
+"""A runtime that generates at a fixed pace, for measuring the platform itself.
 
 Token ``i`` of a reply is the text `` t<i>`` and comes ``interval_s`` after the
-previous one. A continuation (the job moved from another node) starts at
-token ``continuation.token_count``, so the concatenated reply is the same
+previous one; with ``interval_s`` 0 it generates instantly, so a request's
+time is the platform's, not a model's. ``tokens`` caps a reply below the
+request's max_tokens. A continuation (the job moved from another node) starts
+at token ``continuation.token_count``, so the concatenated reply is the same
 whichever nodes produced its parts.
 """
 
@@ -22,7 +24,9 @@ from agent.runtime.base import (
     TokenText,
     UnknownModel,
 )
-from bench.zero_runtime import MODEL_ID, PROMPT_TOKENS
+
+MODEL_ID = "smollm2-135m-instruct"  # a catalog model, so the network routes it
+PROMPT_TOKENS = 8
 
 
 def token_text(index: int) -> str:
@@ -32,6 +36,7 @@ def token_text(index: int) -> str:
 @dataclass
 class PacedRuntime:
     interval_s: float = 0.005
+    tokens: int | None = None
     model_id: str = MODEL_ID
     slot_count: int = 16
 
@@ -47,12 +52,15 @@ class PacedRuntime:
         if request.model != self.model_id:
             raise UnknownModel(request.model)
         first = 0 if request.continuation is None else request.continuation.token_count
-        count = request.sampling.max_tokens  # what remains of the budget
+        budget = request.sampling.max_tokens  # what remains of it, for a continuation
+        count = budget if self.tokens is None else min(self.tokens, budget)
         yield Started(PROMPT_TOKENS)
         for index in range(first, first + count):
-            await asyncio.sleep(self.interval_s)
+            if self.interval_s:
+                await asyncio.sleep(self.interval_s)
             yield TokenText(token_text(index), 1, (index,))
-        yield Finished(StopReason.LENGTH, PROMPT_TOKENS, count)
+        reason = StopReason.LENGTH if count == budget else StopReason.STOP
+        yield Finished(reason, PROMPT_TOKENS, count)
 
     async def close(self) -> None:
         return None
