@@ -15,8 +15,14 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
+from hypothesis import settings
 
 from server.common.database import EmbeddedPostgres
+
+# Hypothesis's per-example deadline is a timing threshold: on a shared machine
+# a slow example is load, not a bug.
+settings.register_profile("resultity", deadline=None)
+settings.load_profile("resultity")
 
 
 def _with_database(dsn: str, database: str) -> str:
