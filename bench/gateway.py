@@ -23,7 +23,6 @@ import contextlib
 import json
 import multiprocessing
 import os
-import socket
 import tempfile
 import time
 import uuid
@@ -48,6 +47,7 @@ from resultity.account.v1 import node_token_service_pb2_grpc as node_token_grpc
 
 from agent.session import AgentSession, SessionSettings
 from bench.paced_runtime import MODEL_ID, PacedRuntime
+from bench.platform_process import free_port
 from gateway.app import create_app
 from gateway.server import serve
 from server.account.authz import service_metadata
@@ -72,12 +72,6 @@ WARM_UP_STREAMS = 16
 
 
 # --- server sides (each in a spawned child process) -------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 async def _until_stopped(conn: Connection) -> None:
@@ -225,7 +219,7 @@ async def _serve_platform(conn: Connection, tokens: int) -> None:
         await _eventually(lambda: session.node_id in {n.node_id for n in network.service.nodes()})
         api_key = await _customer_key(channel, service)
 
-        http_port = _free_port()
+        http_port = free_port()
         started = asyncio.Event()
         gateway = asyncio.create_task(
             serve(create_app(target), "127.0.0.1", http_port, started=started)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -155,6 +156,13 @@ class Platform:
             a for a in self.agents if len(getattr(a.runtime, "started_jobs", ())) == job_count
         ]
         return agent
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 async def eventually(condition: Callable[[], bool], *, timeout_s: float = 10.0) -> None:

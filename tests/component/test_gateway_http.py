@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import json
 import re
-import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +44,7 @@ from tests.doubles.scripted_cloud import (
     ScriptedCloud,
     start_cloud,
 )
+from tests.harness import free_port
 
 MODEL = "smollm2-135m"
 HELLO: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Say hello"}]
@@ -56,17 +56,11 @@ class Stack:
     base_url: str
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 async def stack() -> AsyncIterator[Stack]:
     cloud = ScriptedCloud()
     grpc_server, target = await start_cloud(cloud)
-    port = _free_port()
+    port = free_port()
     started = asyncio.Event()
     gateway = asyncio.create_task(serve(create_app(target), "127.0.0.1", port, started=started))
     waiter = asyncio.create_task(started.wait())

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -34,7 +33,7 @@ from tests.doubles.scripted_runtime import (
     scripted_embedding,
     scripted_tokens,
 )
-from tests.harness import Customer, Platform, running_platform
+from tests.harness import Customer, Platform, free_port, running_platform
 
 MODEL = SMOLLM2_135M.id
 PRICE = SMOLLM2_135M.price
@@ -47,12 +46,6 @@ CREDITS = 100_000_000
 
 def _charge(prompt: int, completion: int) -> int:
     return prompt * PRICE.prompt + completion * PRICE.completion
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -87,7 +80,7 @@ class Stack:
 
 @contextlib.asynccontextmanager
 async def _stack(platform: Platform, credits: int = CREDITS) -> AsyncIterator[Stack]:
-    port = _free_port()
+    port = free_port()
     started = asyncio.Event()
     gateway = asyncio.create_task(
         serve(create_app(platform.target), "127.0.0.1", port, started=started)

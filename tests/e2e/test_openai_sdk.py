@@ -11,7 +11,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -28,17 +27,13 @@ from resultity.account.v1 import ledger_service_pb2_grpc as ledger_grpc
 from resultity.cloud.v1 import inference_service_pb2 as cloud_pb
 from resultity.cloud.v1 import inference_service_pb2_grpc as cloud_grpc
 
+from tests.harness import free_port
+
 MODEL = "smollm2-135m-instruct"
 QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
 START_TIMEOUT_S = 240
 
 pytestmark = pytest.mark.model
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @dataclass
@@ -103,7 +98,7 @@ async def platform(
     postgres_dsn: str, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[RunningPlatform]:
     data_dir = tmp_path_factory.mktemp("platform")
-    http_port, grpc_port = _free_port(), _free_port()
+    http_port, grpc_port = free_port(), free_port()
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
