@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 import pytest
+from resultity.account.v1 import account_service_pb2 as account_pb
 from resultity.account.v1 import account_service_pb2_grpc as account_grpc
 from resultity.account.v1 import api_key_service_pb2_grpc as api_key_grpc
 from resultity.account.v1 import contribution_service_pb2_grpc as contribution_grpc
+from resultity.account.v1 import ledger_service_pb2 as ledger_pb
 from resultity.account.v1 import ledger_service_pb2_grpc as ledger_grpc
 from resultity.account.v1 import referral_service_pb2_grpc as referral_grpc
 from resultity.account.v1 import subscription_service_pb2_grpc as subscription_grpc
 
 from server.common.grpc_errors import error_info
+
+Metadata = tuple[tuple[str, str], ...]
 
 
 class _WithCredential(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
@@ -71,3 +76,31 @@ async def expect_error(call: Awaitable[Any], code: grpc.StatusCode, reason: str)
     assert info is not None
     assert info.reason == reason
     return info
+
+
+async def earn(stubs: Stubs, service: Metadata, operator: str, capture: int) -> None:
+    """Credits ``operator`` its share of a new consumer's job settled for ``capture``."""
+    consumer = (
+        await stubs.accounts.CreateAccount(
+            account_pb.CreateAccountRequest(name="consumer"), metadata=service
+        )
+    ).account.account_id
+    await stubs.ledger.TopUp(
+        ledger_pb.TopUpRequest(
+            account_id=consumer, amount_micro_credits=capture, idempotency_key=uuid.uuid4().hex
+        ),
+        metadata=service,
+    )
+    hold = await stubs.ledger.CreateHold(
+        ledger_pb.CreateHoldRequest(
+            account_id=consumer, amount_micro_credits=capture, idempotency_key=uuid.uuid4().hex
+        ),
+        metadata=service,
+    )
+    line = ledger_pb.SettlementLine(operator_account_id=operator, node_id="n", model="m", tokens=9)
+    await stubs.ledger.SettleHold(
+        ledger_pb.SettleHoldRequest(
+            hold_id=hold.hold.hold_id, capture_micro_credits=capture, lines=[line]
+        ),
+        metadata=service,
+    )

@@ -9,12 +9,10 @@ command line are in credits (decimal); the API's micro-credits are printed.
 from __future__ import annotations
 
 import argparse
-import os
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 from google.protobuf import json_format
@@ -30,10 +28,13 @@ from resultity.account.v1 import ledger_service_pb2 as ledger_pb
 from resultity.account.v1 import ledger_service_pb2_grpc as ledger_grpc
 from resultity.account.v1 import node_token_service_pb2 as node_token_pb
 from resultity.account.v1 import node_token_service_pb2_grpc as node_token_grpc
+from resultity.account.v1 import rate_limits_pb2 as rate_limits_pb
 from resultity.account.v1 import referral_service_pb2 as referral_pb
 from resultity.account.v1 import referral_service_pb2_grpc as referral_grpc
 
+from server.account.billing_cli import TOPICS, add_topics, micro, topic_calls
 from server.common import channels
+from server.secrets import cli_credential
 
 SCOPES = {
     "inference": key_pb.API_KEY_SCOPE_INFERENCE,
@@ -75,7 +76,12 @@ def add_commands(account: argparse.ArgumentParser) -> None:
     key.add_argument("--scope", action="append", choices=sorted(SCOPES), default=[])
     key.add_argument("--model", action="append", default=[], help="allow only this model")
     key.add_argument("--expires-days", type=float)
-    key.add_argument("--subcloud", default="")
+    _rate_limit_options(key)
+    limits = commands.add_parser(
+        "set-rate-limits", help="set an account's rate limits (unset: platform default)"
+    )
+    limits.add_argument("account_id")
+    _rate_limit_options(limits)
     commands.add_parser("revoke-key", help="revoke an API key").add_argument("api_key_id")
     node_token = commands.add_parser(
         "create-node-token", help="issue a node token for an operator's agent (shown once)"
@@ -83,23 +89,11 @@ def add_commands(account: argparse.ArgumentParser) -> None:
     node_token.add_argument("account_id")
     node_token.add_argument("--name", default="")
     commands.add_parser("summary", help="system balances and ledger totals")
-
-
-def _credential(data_dir: Path) -> str:
-    explicit = os.environ.get("RESULTITY_API_KEY") or os.environ.get("RESULTITY_SERVICE_TOKEN")
-    if explicit:
-        return explicit
-    from server.secrets import read_service_token
-
-    return read_service_token(data_dir)
-
-
-def _micro(credits: Decimal) -> int:
-    return int(credits * 1_000_000)
+    add_topics(commands)
 
 
 async def run_command(args: argparse.Namespace) -> None:
-    metadata = (("authorization", f"Bearer {_credential(args.data_dir)}"),)
+    metadata = (("authorization", f"Bearer {cli_credential(args.data_dir)}"),)
     async with channels.insecure_channel(args.target) as channel:
         accounts = account_grpc.AccountServiceStub(channel)
         keys = key_grpc.ApiKeyServiceStub(channel)
@@ -142,7 +136,7 @@ async def run_command(args: argparse.Namespace) -> None:
             "top-up": lambda: ledger.TopUp(
                 ledger_pb.TopUpRequest(
                     account_id=args.account_id,
-                    amount_micro_credits=_micro(args.credits),
+                    amount_micro_credits=micro(args.credits),
                     idempotency_key=idempotency,
                 ),
                 metadata=metadata,
@@ -150,18 +144,24 @@ async def run_command(args: argparse.Namespace) -> None:
             "grant": lambda: ledger.GrantCredits(
                 ledger_pb.GrantCreditsRequest(
                     account_id=args.account_id,
-                    amount_micro_credits=_micro(args.credits),
+                    amount_micro_credits=micro(args.credits),
                     idempotency_key=idempotency,
                 ),
                 metadata=metadata,
             ),
             "fund-pool": lambda: ledger.FundPromotionalPool(
                 ledger_pb.FundPromotionalPoolRequest(
-                    amount_micro_credits=_micro(args.credits), idempotency_key=idempotency
+                    amount_micro_credits=micro(args.credits), idempotency_key=idempotency
                 ),
                 metadata=metadata,
             ),
             "create-key": lambda: keys.CreateApiKey(_key_request(args), metadata=metadata),
+            "set-rate-limits": lambda: accounts.SetAccountRateLimits(
+                account_pb.SetAccountRateLimitsRequest(
+                    account_id=args.account_id, rate_limits=_rate_limits(args)
+                ),
+                metadata=metadata,
+            ),
             "create-node-token": lambda: node_token_grpc.NodeTokenServiceStub(
                 channel
             ).CreateNodeToken(
@@ -175,8 +175,26 @@ async def run_command(args: argparse.Namespace) -> None:
                 ledger_pb.GetLedgerSummaryRequest(), metadata=metadata
             ),
         }
-        response: Any = await calls[args.account_command]()
+        calls.update(topic_calls(channel, metadata, args))
+        command = args.account_command
+        if command in TOPICS:
+            command = f"{command} {args.topic_command}"
+        response: Any = await calls[command]()
         print(json_format.MessageToJson(response, preserving_proto_field_name=True))
+
+
+def _rate_limit_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--requests-per-minute", type=int)
+    parser.add_argument("--tokens-per-minute", type=int)
+    parser.add_argument("--concurrent-requests", type=int)
+
+
+def _rate_limits(args: argparse.Namespace) -> rate_limits_pb.RateLimits:
+    return rate_limits_pb.RateLimits(
+        requests_per_minute=args.requests_per_minute,
+        tokens_per_minute=args.tokens_per_minute,
+        concurrent_requests=args.concurrent_requests,
+    )
 
 
 def _key_request(args: argparse.Namespace) -> key_pb.CreateApiKeyRequest:
@@ -185,7 +203,7 @@ def _key_request(args: argparse.Namespace) -> key_pb.CreateApiKeyRequest:
         name=args.name,
         scopes=[SCOPES[scope] for scope in args.scope],
         allowed_models=args.model,
-        subcloud_id=args.subcloud,
+        rate_limits=_rate_limits(args),
     )
     if args.expires_days is not None:
         expires = Timestamp()

@@ -22,6 +22,7 @@ from enum import StrEnum
 from uuid import UUID
 
 from server.common.errors import InvalidApiKey, InvalidArgument
+from server.common.rate_limits import NO_LIMITS, RateLimits, validate_rate_limits
 
 KEY_PREFIX = "rsk_"
 BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
@@ -53,6 +54,7 @@ class KeyPolicy:
     expires_at: datetime | None = None
     allowed_models: tuple[str, ...] = ()
     subcloud_id: str = ""
+    rate_limits: RateLimits = NO_LIMITS
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,14 @@ class ApiKey:
     created_at: datetime
     policy: KeyPolicy = KeyPolicy()
     revoked_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class ActiveKey:
+    """A key that authenticated, with the rate limits stored with its account."""
+
+    api_key: ApiKey
+    account_limits: RateLimits = NO_LIMITS
 
 
 @dataclass(frozen=True)
@@ -165,4 +175,5 @@ def validate_policy(policy: KeyPolicy, now: datetime) -> KeyPolicy:
         policy.expires_at,
         tuple(dict.fromkeys(policy.allowed_models)),
         policy.subcloud_id,
+        validate_rate_limits(policy.rate_limits),
     )

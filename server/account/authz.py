@@ -10,54 +10,35 @@ touching the store.
 
 from __future__ import annotations
 
-import hmac
-import secrets
 from dataclasses import dataclass
 from uuid import UUID
 
-from server.common.errors import InvalidApiKey, PermissionDenied
-
-SERVICE_TOKEN_PREFIX = "rst_"
+from server.common.errors import PermissionDenied
 
 
 @dataclass(frozen=True)
 class Principal:
-    """An authenticated caller: an account's management key, or an admin."""
+    """An authenticated caller: an account's management key, an admin key, or
+    the platform's own services (the service token)."""
 
     account_id: UUID | None
     admin: bool
+    platform_service: bool = False
 
     @classmethod
     def service(cls) -> Principal:
-        return cls(None, True)
+        return cls(None, True, platform_service=True)
 
     def require_admin(self) -> None:
         if not self.admin:
             raise PermissionDenied("This operation needs admin rights")
 
+    def require_platform_service(self, what: str) -> None:
+        """For what only the platform's services decide (checks made elsewhere first)."""
+        if not self.platform_service:
+            raise PermissionDenied(f"Only the platform's services may {what}")
+
     def require_access(self, account_id: UUID) -> None:
         """Passes for admins and for the account itself."""
         if not self.admin and self.account_id != account_id:
             raise PermissionDenied("You may only act on your own account")
-
-
-def generate_service_token() -> str:
-    return SERVICE_TOKEN_PREFIX + secrets.token_urlsafe(32)
-
-
-def is_service_token(credential: str, service_token: str) -> bool:
-    return hmac.compare_digest(credential.encode(), service_token.encode())
-
-
-def bearer_credential(authorization: str | None) -> str:
-    if not authorization:
-        raise InvalidApiKey("No credentials (authorization: Bearer <API key>)")
-    scheme, _, token = authorization.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise InvalidApiKey("The authorization metadata must be 'Bearer <API key>'")
-    return token.strip()
-
-
-def service_metadata(service_token: str) -> tuple[tuple[str, str], ...]:
-    """gRPC call metadata that authenticates an internal caller."""
-    return (("authorization", f"Bearer {service_token}"),)

@@ -1,8 +1,9 @@
-"""BillingService: the credit ledger, settlement and contribution records, as domain calls.
+"""BillingService: the credit ledger, holds and settlement, as domain calls.
 
 Checks the caller, validates input, computes fingerprints, then calls the
-ledger store (ledger_store.py), which takes every decision that needs the
-database's locks. Imports neither grpc nor generated code nor storage clients.
+stores (ledger_store.py, hold_store.py), which take every decision that
+needs the database's locks. Imports neither grpc nor generated code nor
+storage clients.
 """
 
 from __future__ import annotations
@@ -17,12 +18,9 @@ import structlog
 from server.account.authz import Principal
 from server.account.ledger import (
     Balance,
-    Contribution,
-    ContributionTotal,
     Hold,
     LedgerSummary,
     SettlementLine,
-    SettlementPolicy,
     TopUpResult,
     Transaction,
     request_fingerprint,
@@ -32,21 +30,18 @@ from server.account.ledger import (
     validate_idempotency_key,
     validate_lines,
 )
-from server.account.paging import decode_cursor, encode_cursor, page_size
 from server.account.service import parse_id
 from server.common.errors import InvalidArgument, NotFound
+from server.common.paging import decode_cursor, encode_cursor, page_size
 
 log = structlog.get_logger(__name__)
 
-DEFAULT_TOTAL_EPOCHS = 30
-MAX_TOTAL_EPOCHS = 1000
-
 
 class LedgerStore(Protocol):
-    """Ledger methods run as one transaction each and raise the ledger's
-    DomainErrors (NotFound, InsufficientQuota, IdempotencyKeyReused,
-    HoldAlreadyResolved) themselves, because those decisions must be taken
-    under the transaction's locks."""
+    """Posted transfers and balances. Each method runs as one transaction and
+    raises the ledger's DomainErrors (NotFound, InsufficientQuota,
+    IdempotencyKeyReused) itself, because those decisions must be taken under
+    the transaction's locks."""
 
     async def get_balance(self, account_id: UUID) -> Balance | None: ...
     async def list_transactions(
@@ -62,6 +57,11 @@ class LedgerStore(Protocol):
     async def fund_promotional_pool(
         self, amount: int, idempotency_key: str, fingerprint: str
     ) -> tuple[UUID, int]: ...
+
+
+class HoldStore(Protocol):
+    """Holds, one transaction each; also raises HoldAlreadyResolved."""
+
     async def create_hold(
         self,
         account_id: UUID,
@@ -71,28 +71,28 @@ class LedgerStore(Protocol):
         fingerprint: str,
     ) -> Hold: ...
     async def settle_hold(
-        self, hold_id: UUID, capture: int, lines: Sequence[SettlementLine], fingerprint: str
+        self,
+        hold_id: UUID,
+        capture: int,
+        lines: Sequence[SettlementLine],
+        total_tokens: int,
+        fingerprint: str,
     ) -> Hold: ...
     async def release_expired_holds(self, limit: int) -> int: ...
-    async def policy(self) -> SettlementPolicy: ...
-    async def list_contributions(
-        self, operator_id: UUID, limit: int, after: tuple[datetime, UUID] | None
-    ) -> list[Contribution]: ...
-    async def contribution_totals(
-        self, operator_id: UUID, epochs: int
-    ) -> tuple[ContributionTotal, list[ContributionTotal]]: ...
 
 
 class BillingService:
     def __init__(
         self,
         store: LedgerStore,
+        holds: HoldStore,
         *,
         default_hold_ttl: timedelta = timedelta(minutes=10),
         max_hold_ttl: timedelta = timedelta(days=1),
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._store = store
+        self._holds = holds
         self._default_hold_ttl = default_hold_ttl
         self._max_hold_ttl = max_hold_ttl
         self._clock = clock
@@ -193,7 +193,7 @@ class BillingService:
         # The expiry is left out of the fingerprint: a caller retrying with a
         # recomputed deadline is still replaying the same reservation.
         fingerprint = request_fingerprint("hold", owner, amount)
-        hold = await self._store.create_hold(
+        hold = await self._holds.create_hold(
             owner, amount, expires_at, idempotency_key, fingerprint
         )
         log.debug("hold created", account_id=account_id, hold_id=str(hold.hold_id), amount=amount)
@@ -205,12 +205,19 @@ class BillingService:
         hold_id: str,
         capture: int,
         lines: Sequence[SettlementLine] = (),
+        total_tokens: int = 0,
     ) -> Hold:
+        """Captures ``capture``, splitting the operators' share over ``total_tokens``
+        (0: the lines' sum), and releases the rest of the hold."""
         caller.require_admin()
         validate_capture(capture, field="capture_micro_credits")
-        lines = validate_lines(lines)
-        hold = await self._store.settle_hold(
-            parse_id(hold_id, field="hold_id"), capture, lines, settle_fingerprint(capture, lines)
+        lines, total_tokens = validate_lines(lines, total_tokens)
+        hold = await self._holds.settle_hold(
+            parse_id(hold_id, field="hold_id"),
+            capture,
+            lines,
+            total_tokens,
+            settle_fingerprint(capture, lines, total_tokens),
         )
         log.debug(
             "hold settled",
@@ -218,6 +225,7 @@ class BillingService:
             captured=hold.captured,
             status=hold.status.name,
             operators=len(lines),
+            total_tokens=total_tokens,
         )
         return hold
 
@@ -225,35 +233,10 @@ class BillingService:
         """Releases every hold past its expiry, in batches; returns how many."""
         released = 0
         while True:
-            count = await self._store.release_expired_holds(batch_size)
+            count = await self._holds.release_expired_holds(batch_size)
             released += count
             if count < batch_size:
                 break
         if released:
             log.info("expired holds released", count=released)
         return released
-
-    # contributions
-
-    async def list_contributions(
-        self, caller: Principal, operator_account_id: str, requested_size: int, page_token: str
-    ) -> tuple[list[Contribution], str]:
-        owner = parse_id(operator_account_id, field="operator_account_id")
-        caller.require_access(owner)
-        limit = page_size(requested_size)
-        items = await self._store.list_contributions(owner, limit, decode_cursor(page_token))
-        last = items[-1] if len(items) == limit else None
-        return items, "" if last is None else encode_cursor(last.created_at, last.contribution_id)
-
-    async def contribution_totals(
-        self, caller: Principal, operator_account_id: str, epochs: int
-    ) -> tuple[ContributionTotal, list[ContributionTotal], int]:
-        owner = parse_id(operator_account_id, field="operator_account_id")
-        caller.require_access(owner)
-        if not 0 <= epochs <= MAX_TOTAL_EPOCHS:
-            raise InvalidArgument(f"epochs must be 0 to {MAX_TOTAL_EPOCHS}", field="epochs")
-        overall, per_epoch = await self._store.contribution_totals(
-            owner, epochs or DEFAULT_TOTAL_EPOCHS
-        )
-        policy = await self._store.policy()
-        return overall, per_epoch, policy.epoch_seconds

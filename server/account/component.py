@@ -21,13 +21,18 @@ from resultity.account.v1 import (
 
 from server.account.api_keys import KeyHasher
 from server.account.billing import BillingService
+from server.account.contribution_servicer import ContributionServicer
+from server.account.contribution_store import PostgresContributionStore
+from server.account.contributions import ContributionService
+from server.account.hold_store import PostgresHoldStore
+from server.account.ledger_servicer import LedgerServicer
 from server.account.ledger_store import PostgresLedgerStore
+from server.account.payout_store import PostgresPayoutStore
+from server.account.payouts import PayoutService
 from server.account.service import AccountService
 from server.account.servicer import (
     AccountServicer,
     ApiKeyServicer,
-    ContributionServicer,
-    LedgerServicer,
     NodeTokenServicer,
     ReferralServicer,
 )
@@ -49,11 +54,15 @@ class AccountComponent:
         pool: asyncpg.Pool[asyncpg.Record],
         service: AccountService,
         billing: BillingService,
+        contributions: ContributionService,
+        payouts: PayoutService,
         subscriptions: SubscriptionService,
     ) -> None:
         self._pool = pool
         self.service = service
         self.billing = billing
+        self.contributions = contributions
+        self.payouts = payouts
         self.subscriptions = subscriptions
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -80,8 +89,10 @@ class AccountComponent:
         component = cls(
             pool,
             service,
-            BillingService(ledger),
-            SubscriptionService(PostgresSubscriptionStore(pool, ledger)),
+            BillingService(ledger, PostgresHoldStore(pool)),
+            ContributionService(PostgresContributionStore(pool)),
+            PayoutService(PostgresPayoutStore(pool)),
+            SubscriptionService(PostgresSubscriptionStore(pool)),
         )
         component._sweeper = asyncio.create_task(
             component._sweep(hold_sweep_interval_s), name="account-hold-sweeper"
@@ -95,12 +106,14 @@ class AccountComponent:
             AccountServicer(*args), server
         )
         api_key_service_pb2_grpc.add_ApiKeyServiceServicer_to_server(ApiKeyServicer(*args), server)
-        ledger_service_pb2_grpc.add_LedgerServiceServicer_to_server(LedgerServicer(*args), server)
+        ledger_service_pb2_grpc.add_LedgerServiceServicer_to_server(
+            LedgerServicer(*args, self.payouts), server
+        )
         node_token_service_pb2_grpc.add_NodeTokenServiceServicer_to_server(
             NodeTokenServicer(*args), server
         )
         contribution_service_pb2_grpc.add_ContributionServiceServicer_to_server(
-            ContributionServicer(*args), server
+            ContributionServicer(self.service, self.contributions), server
         )
         referral_service_pb2_grpc.add_ReferralServiceServicer_to_server(
             ReferralServicer(*args), server

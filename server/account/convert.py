@@ -19,12 +19,16 @@ from server.account.ledger import (
     Hold,
     HoldStatus,
     SettlementLine,
+    SettlementPolicy,
     Transaction,
     TransferKind,
 )
+from server.account.payouts import Payout, PayoutStatus
 from server.account.profiles import Account, Referral, ReferralRules
 from server.account.service import parse_id
 from server.common.errors import InvalidArgument
+from server.common.rate_limits_proto import rate_limits_from_pb, rate_limits_to_pb
+from server.common.transport import timestamp_to_pb
 
 HOLD_STATUS = {
     HoldStatus.OPEN: ledger_pb.HOLD_STATUS_OPEN,
@@ -39,6 +43,14 @@ TRANSFER_KIND = {
     TransferKind.PROMO_FUND: ledger_pb.TRANSFER_KIND_PROMOTIONAL_FUNDING,
     TransferKind.REFERRAL_BONUS: ledger_pb.TRANSFER_KIND_REFERRAL_BONUS,
     TransferKind.SUBSCRIPTION_ALLOWANCE: ledger_pb.TRANSFER_KIND_SUBSCRIPTION_ALLOWANCE,
+    TransferKind.SUBSCRIPTION_CHARGE: ledger_pb.TRANSFER_KIND_SUBSCRIPTION_CHARGE,
+    TransferKind.ALLOWANCE_EXPIRY: ledger_pb.TRANSFER_KIND_ALLOWANCE_EXPIRY,
+    TransferKind.PAYOUT: ledger_pb.TRANSFER_KIND_PAYOUT,
+}
+PAYOUT_STATUS = {
+    PayoutStatus.REQUESTED: ledger_pb.PAYOUT_STATUS_REQUESTED,
+    PayoutStatus.COMPLETED: ledger_pb.PAYOUT_STATUS_COMPLETED,
+    PayoutStatus.REJECTED: ledger_pb.PAYOUT_STATUS_REJECTED,
 }
 SCOPE_TO_PB = {
     Scope.INFERENCE: api_key_pb.API_KEY_SCOPE_INFERENCE,
@@ -47,12 +59,6 @@ SCOPE_TO_PB = {
     Scope.NODE: api_key_pb.API_KEY_SCOPE_NODE,
 }
 SCOPE_FROM_PB = {value: scope for scope, value in SCOPE_TO_PB.items()}
-
-
-def timestamp(value: datetime) -> Timestamp:
-    result = Timestamp()
-    result.FromDatetime(value)
-    return result
 
 
 def optional_time(message: object, field: str) -> datetime | None:
@@ -66,13 +72,14 @@ def account(value: Account) -> account_pb.Account:
     result = account_pb.Account(
         account_id=str(value.account_id),
         name=value.name,
-        created=timestamp(value.created_at),
+        created=timestamp_to_pb(value.created_at),
         email=value.email,
         disabled=value.disabled,
         referred_by_account_id=str(value.referred_by or ""),
+        rate_limits=rate_limits_to_pb(value.rate_limits),
     )
     if value.updated_at is not None:
-        result.updated.CopyFrom(timestamp(value.updated_at))
+        result.updated.CopyFrom(timestamp_to_pb(value.updated_at))
     return result
 
 
@@ -82,15 +89,16 @@ def api_key(key: ApiKey) -> api_key_pb.ApiKey:
         account_id=str(key.account_id),
         name=key.name,
         prefix=key.prefix,
-        created=timestamp(key.created_at),
+        created=timestamp_to_pb(key.created_at),
         scopes=sorted(SCOPE_TO_PB[scope] for scope in key.policy.scopes),
         allowed_models=key.policy.allowed_models,
         subcloud_id=key.policy.subcloud_id,
+        rate_limits=rate_limits_to_pb(key.policy.rate_limits),
     )
     if key.policy.expires_at is not None:
-        result.expires.CopyFrom(timestamp(key.policy.expires_at))
+        result.expires.CopyFrom(timestamp_to_pb(key.policy.expires_at))
     if key.revoked_at is not None:
-        result.revoked.CopyFrom(timestamp(key.revoked_at))
+        result.revoked.CopyFrom(timestamp_to_pb(key.revoked_at))
     return result
 
 
@@ -105,6 +113,7 @@ def key_policy(request: api_key_pb.CreateApiKeyRequest) -> KeyPolicy:
         expires_at=optional_time(request, "expires"),
         allowed_models=tuple(request.allowed_models),
         subcloud_id=request.subcloud_id,
+        rate_limits=rate_limits_from_pb(request.rate_limits),
     )
 
 
@@ -114,6 +123,7 @@ def balance(value: Balance) -> ledger_pb.Balance:
         available_micro_credits=value.available,
         held_micro_credits=value.held,
         earned_micro_credits=value.earned,
+        payout_pending_micro_credits=value.payout_pending,
     )
 
 
@@ -124,7 +134,7 @@ def hold(value: Hold) -> ledger_pb.Hold:
         amount_micro_credits=value.amount,
         captured_micro_credits=value.captured,
         status=HOLD_STATUS[value.status],
-        expires=timestamp(value.expires_at),
+        expires=timestamp_to_pb(value.expires_at),
     )
 
 
@@ -139,9 +149,23 @@ def transaction(value: Transaction) -> ledger_pb.Transaction:
             else ledger_pb.HOLD_STATUS_UNSPECIFIED
         ),
         hold_id=str(value.hold_id or ""),
-        created=timestamp(value.created_at),
+        created=timestamp_to_pb(value.created_at),
         operator_earnings=value.operator_earnings,
     )
+
+
+def payout(value: Payout) -> ledger_pb.Payout:
+    result = ledger_pb.Payout(
+        payout_id=str(value.payout_id),
+        account_id=str(value.account_id),
+        amount_micro_credits=value.amount,
+        status=PAYOUT_STATUS[value.status],
+        note=value.note,
+        requested=timestamp_to_pb(value.requested_at),
+    )
+    if value.resolved_at is not None:
+        result.resolved.CopyFrom(timestamp_to_pb(value.resolved_at))
+    return result
 
 
 def settlement_lines(request: ledger_pb.SettleHoldRequest) -> list[SettlementLine]:
@@ -156,6 +180,30 @@ def settlement_lines(request: ledger_pb.SettleHoldRequest) -> list[SettlementLin
     ]
 
 
+def policy_to_pb(value: SettlementPolicy) -> contribution_pb.SettlementPolicy:
+    result = contribution_pb.SettlementPolicy(
+        version=value.version,
+        operator_share_basis_points=value.operator_share_bps,
+        platform_fee_basis_points=value.platform_fee_bps,
+        epoch_seconds=value.epoch_seconds,
+        min_payout_micro_credits=value.min_payout,
+        max_payout_micro_credits=value.max_payout,
+    )
+    if value.created_at is not None:
+        result.created.CopyFrom(timestamp_to_pb(value.created_at))
+    return result
+
+
+def policy_from_pb(value: contribution_pb.SettlementPolicy) -> SettlementPolicy:
+    return SettlementPolicy(
+        operator_share_bps=value.operator_share_basis_points,
+        platform_fee_bps=value.platform_fee_basis_points,
+        epoch_seconds=value.epoch_seconds,
+        min_payout=value.min_payout_micro_credits,
+        max_payout=value.max_payout_micro_credits,
+    )
+
+
 def contribution(value: Contribution) -> contribution_pb.Contribution:
     return contribution_pb.Contribution(
         contribution_id=str(value.contribution_id),
@@ -165,7 +213,7 @@ def contribution(value: Contribution) -> contribution_pb.Contribution:
         model=value.model,
         tokens=value.tokens,
         amount_micro_credits=value.amount,
-        created=timestamp(value.created_at),
+        created=timestamp_to_pb(value.created_at),
         epoch=value.epoch,
     )
 
@@ -179,7 +227,7 @@ def contribution_total(value: ContributionTotal) -> contribution_pb.Contribution
 def referral(value: Referral) -> referral_pb.Referral:
     return referral_pb.Referral(
         referee_account_id=str(value.referee_account_id),
-        created=timestamp(value.created_at),
+        created=timestamp_to_pb(value.created_at),
         bonus_paid_micro_credits=value.bonus_paid,
         rewarded_top_ups=value.rewarded_top_ups,
     )

@@ -40,6 +40,9 @@ class TransferKind(StrEnum):
     PROMO_FUND = "promo_fund"
     REFERRAL_BONUS = "referral_bonus"
     SUBSCRIPTION_ALLOWANCE = "subscription_allowance"
+    SUBSCRIPTION_CHARGE = "subscription_charge"
+    ALLOWANCE_EXPIRY = "allowance_expiry"
+    PAYOUT = "payout"
 
 
 @dataclass(frozen=True)
@@ -47,7 +50,9 @@ class Balance:
     account_id: UUID
     available: int
     held: int
+    # Operator earnings not paid out or reserved, and those reserved by payouts.
     earned: int = 0
+    payout_pending: int = 0
 
 
 @dataclass(frozen=True)
@@ -87,6 +92,7 @@ class LedgerSummary:
     promotional_pool: int
     total_debits: int
     total_credits: int
+    cash_out: int = 0
 
 
 @dataclass(frozen=True)
@@ -101,10 +107,17 @@ class SettlementLine:
 
 @dataclass(frozen=True)
 class SettlementPolicy:
-    """How a capture is shared; stored as data (table settlement_policy)."""
+    """How captures are shared and operators paid; stored as data, versioned
+    (table settlement_policies: the newest version applies)."""
 
     operator_share_bps: int
+    platform_fee_bps: int
     epoch_seconds: int
+    # Bounds of one payout's amount.
+    min_payout: int
+    max_payout: int
+    version: int = 0  # 0: not stored yet
+    created_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -128,6 +141,32 @@ class ContributionTotal:
     amount: int
 
 
+MAX_EPOCH_SECONDS = 366 * 86_400
+
+
+def validate_policy(policy: SettlementPolicy) -> SettlementPolicy:
+    """A policy to store: shares in basis points adding up to the whole, sane bounds."""
+    if not (
+        0 <= policy.operator_share_bps <= BASIS_POINTS
+        and 0 <= policy.platform_fee_bps <= BASIS_POINTS
+        and policy.operator_share_bps + policy.platform_fee_bps == BASIS_POINTS
+    ):
+        raise InvalidArgument(
+            f"the operators' share and the platform fee must add up to {BASIS_POINTS} basis points",
+            field="policy.operator_share_basis_points",
+        )
+    if not 0 < policy.epoch_seconds <= MAX_EPOCH_SECONDS:
+        raise InvalidArgument(
+            f"epoch_seconds must be 1 to {MAX_EPOCH_SECONDS}", field="policy.epoch_seconds"
+        )
+    if not 0 < policy.min_payout <= policy.max_payout <= MAX_AMOUNT:
+        raise InvalidArgument(
+            "payout bounds must satisfy 0 < min_payout <= max_payout",
+            field="policy.min_payout_micro_credits",
+        )
+    return policy
+
+
 def validate_amount(amount: int, *, field: str) -> int:
     if not 0 < amount <= MAX_AMOUNT:
         raise InvalidArgument(f"{field} must be a positive number of micro-credits", field=field)
@@ -148,7 +187,10 @@ def validate_idempotency_key(key: str, *, field: str = "idempotency_key") -> str
     return key
 
 
-def validate_lines(lines: Sequence[SettlementLine]) -> tuple[SettlementLine, ...]:
+def validate_lines(
+    lines: Sequence[SettlementLine], total_tokens: int
+) -> tuple[tuple[SettlementLine, ...], int]:
+    """The lines, and the tokens the capture pays for (0: the lines' sum)."""
     operators = [line.operator_account_id for line in lines]
     if len(set(operators)) != len(operators):
         raise InvalidArgument("at most one line per operator", field="lines")
@@ -157,7 +199,14 @@ def validate_lines(lines: Sequence[SettlementLine]) -> tuple[SettlementLine, ...
             raise InvalidArgument("tokens must not be negative", field="lines")
         if len(line.node_id) > MAX_LINE_TEXT or len(line.model) > MAX_LINE_TEXT:
             raise InvalidArgument("node_id and model are at most 200 characters", field="lines")
-    return tuple(lines)
+    claimed = sum(line.tokens for line in lines)
+    if total_tokens == 0:
+        return tuple(lines), claimed
+    if not claimed <= total_tokens <= MAX_AMOUNT:
+        raise InvalidArgument(
+            f"total_tokens must be at least the lines' {claimed} tokens", field="total_tokens"
+        )
+    return tuple(lines), total_tokens
 
 
 def request_fingerprint(*parts: object) -> str:
@@ -165,12 +214,17 @@ def request_fingerprint(*parts: object) -> str:
     return hashlib.sha256("\x1f".join(str(part) for part in parts).encode()).hexdigest()
 
 
-def settle_fingerprint(capture: int, lines: Sequence[SettlementLine]) -> str:
-    return request_fingerprint(
+def settle_fingerprint(capture: int, lines: Sequence[SettlementLine], total_tokens: int) -> str:
+    parts: list[object] = [
         "settle",
         capture,
         *(f"{x.operator_account_id}/{x.node_id}/{x.model}/{x.tokens}" for x in lines),
-    )
+    ]
+    # Settlements whose lines cover every token keep the digest they had
+    # before total_tokens existed, so their replays still match.
+    if total_tokens != sum(x.tokens for x in lines):
+        parts.append(f"total/{total_tokens}")
+    return request_fingerprint(*parts)
 
 
 def ensure_same_request(stored_fingerprint: str, fingerprint: str) -> None:
@@ -202,15 +256,16 @@ def resolve_hold(
 
 
 def split_capture(
-    capture: int, operator_share_bps: int, tokens: Sequence[int]
+    capture: int, operator_share_bps: int, tokens: Sequence[int], total_tokens: int
 ) -> tuple[list[int], int]:
     """Each operator's part of ``capture`` and the platform's.
 
-    The operators' share is split by tokens, rounding down; the platform gets
-    the rest, so the parts always add up to the capture exactly. Without
-    lines (or tokens) the platform gets everything.
+    The operators' share of the capture is divided by ``total_tokens``: each
+    line earns its tokens' part, rounded down. The platform gets the rest:
+    its fee, the rounding remainders and the part of tokens no line claims
+    (``total_tokens`` - sum(``tokens``)), so the parts add up to the capture
+    exactly. Without tokens the platform gets everything.
     """
-    total_tokens = sum(tokens)
     if capture == 0 or total_tokens == 0:
         return [0] * len(tokens), capture
     operators = capture * operator_share_bps // BASIS_POINTS

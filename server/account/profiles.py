@@ -9,6 +9,7 @@ from uuid import UUID
 
 from server.account.ledger import BASIS_POINTS, MAX_AMOUNT
 from server.common.errors import InvalidArgument
+from server.common.rate_limits import NO_LIMITS, RateLimits
 
 MAX_NAME_LENGTH = 200
 MAX_EMAIL_LENGTH = 254
@@ -25,6 +26,7 @@ class Account:
     email: str = ""
     referred_by: UUID | None = None
     updated_at: datetime | None = None
+    rate_limits: RateLimits = NO_LIMITS
 
 
 @dataclass(frozen=True)

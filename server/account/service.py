@@ -15,6 +15,7 @@ from uuid import UUID
 import structlog
 
 from server.account.api_keys import (
+    ActiveKey,
     ApiKey,
     GeneratedKey,
     IssuedApiKey,
@@ -25,8 +26,7 @@ from server.account.api_keys import (
     validate_api_key,
     validate_policy,
 )
-from server.account.authz import Principal, bearer_credential, is_service_token
-from server.account.paging import decode_cursor, encode_cursor, page_size
+from server.account.authz import Principal
 from server.account.profiles import (
     Account,
     Referral,
@@ -36,7 +36,10 @@ from server.account.profiles import (
     validate_name,
     validate_rules,
 )
+from server.common.credentials import bearer_credential, is_service_token
 from server.common.errors import InvalidApiKey, InvalidArgument, NotFound, PermissionDenied
+from server.common.paging import decode_cursor, encode_cursor, page_size
+from server.common.rate_limits import RateLimits, validate_rate_limits
 
 log = structlog.get_logger(__name__)
 
@@ -50,15 +53,20 @@ class AccountStore(Protocol):
         self, account_id: UUID, name: str | None, email: str | None
     ) -> Account | None: ...
     async def disable_account(self, account_id: UUID) -> Account | None: ...
+    async def set_account_rate_limits(
+        self, account_id: UUID, limits: RateLimits
+    ) -> Account | None: ...
     async def list_accounts(
         self, limit: int, after: tuple[datetime, UUID] | None
     ) -> list[Account]: ...
     async def insert_api_key(
         self, account_id: UUID, name: str, key: GeneratedKey, policy: KeyPolicy
     ) -> ApiKey | None: ...
-    async def find_active_api_key(self, key_hash: str) -> tuple[ApiKey, str] | None: ...
+    async def find_active_api_key(self, key_hash: str) -> tuple[ActiveKey, str] | None: ...
     async def get_api_key(self, api_key_id: UUID) -> ApiKey | None: ...
-    async def list_api_keys(self, account_id: UUID) -> list[ApiKey]: ...
+    async def list_api_keys(
+        self, account_id: UUID, limit: int, after: tuple[datetime, UUID] | None
+    ) -> list[ApiKey]: ...
     async def revoke_api_key(self, api_key_id: UUID) -> ApiKey | None: ...
     async def referral_code(self, account_id: UUID, candidate: str) -> str | None: ...
     async def list_referrals(self, account_id: UUID) -> list[Referral]: ...
@@ -96,19 +104,20 @@ class AccountService:
             if self._service_token and is_service_token(credential, self._service_token):
                 return Principal.service()
             raise InvalidApiKey("Invalid credentials")
-        key = await self._active_key(credential)
+        key = (await self._active_key(credential)).api_key
         if Scope.ADMIN in key.policy.scopes:
             return Principal(key.account_id, admin=True)
         if Scope.MANAGEMENT in key.policy.scopes:
             return Principal(key.account_id, admin=False)
         raise PermissionDenied("This API key has no management scope")
 
-    async def authenticate_api_key(self, secret: str) -> ApiKey:
-        """The active key behind ``secret``; malformed, unknown, revoked and expired
-        keys (and keys of disabled accounts) all fail the same way."""
+    async def authenticate_api_key(self, secret: str) -> ActiveKey:
+        """The active key behind ``secret`` (with its account's rate limits); malformed,
+        unknown, revoked and expired keys (and keys of disabled accounts) all fail the
+        same way."""
         return await self._active_key(secret)
 
-    async def _active_key(self, secret: str) -> ApiKey:
+    async def _active_key(self, secret: str) -> ActiveKey:
         key_hash = self._hasher.hash(validate_api_key(secret))
         found = await self._store.find_active_api_key(key_hash)
         # The index lookup finds the row; the constant-time compare decides.
@@ -169,6 +178,19 @@ class AccountService:
         log.info("account disabled", account_id=account_id)
         return account
 
+    async def set_account_rate_limits(
+        self, caller: Principal, account_id: str, limits: RateLimits
+    ) -> Account:
+        """Admins set an account's limits (its own keys may only narrow them)."""
+        caller.require_admin()
+        account = await self._store.set_account_rate_limits(
+            parse_id(account_id, field="account_id"), validate_rate_limits(limits)
+        )
+        if account is None:
+            raise NotFound(f"Account {account_id} not found")
+        log.info("account rate limits set", account_id=account_id, limits=limits)
+        return account
+
     # API keys
 
     async def create_api_key(
@@ -178,6 +200,9 @@ class AccountService:
         policy = validate_policy(policy or KeyPolicy(), self._clock())
         if Scope.ADMIN in policy.scopes:
             caller.require_admin()
+        if policy.subcloud_id:
+            # The cloud layer checks subcloud membership before it binds a key.
+            caller.require_platform_service("bind a key to a subcloud")
         key = self._hasher.generate()
         stored = await self._store.insert_api_key(
             owner, validate_name(name, required=False), key, policy
@@ -204,13 +229,19 @@ class AccountService:
     async def authenticate_node_token(self, caller: Principal, secret: str) -> ApiKey:
         """The node token behind ``secret``; only the platform's services may ask."""
         caller.require_admin()
-        key = await self._active_key(secret)
+        key = (await self._active_key(secret)).api_key
         if Scope.NODE not in key.policy.scopes:
             raise InvalidApiKey("Invalid node token")
         return key
 
-    async def list_api_keys(self, caller: Principal, account_id: str) -> list[ApiKey]:
-        return await self._store.list_api_keys(self._access(caller, account_id))
+    async def list_api_keys(
+        self, caller: Principal, account_id: str, requested_size: int, page_token: str
+    ) -> tuple[list[ApiKey], str]:
+        owner = self._access(caller, account_id)
+        limit = page_size(requested_size)
+        keys = await self._store.list_api_keys(owner, limit, decode_cursor(page_token))
+        last = keys[-1] if len(keys) == limit else None
+        return keys, "" if last is None else encode_cursor(last.created_at, last.api_key_id)
 
     async def revoke_api_key(self, caller: Principal, api_key_id: str) -> ApiKey:
         key_id = parse_id(api_key_id, field="api_key_id")

@@ -7,11 +7,18 @@ from uuid import UUID, uuid4
 
 import asyncpg
 
-from server.account.api_keys import ApiKey, GeneratedKey, KeyPolicy, Scope
+from server.account.api_keys import ActiveKey, ApiKey, GeneratedKey, KeyPolicy, Scope
 from server.account.profiles import Account, Referral, ReferralRules
 from server.common.errors import InvalidArgument
+from server.common.rate_limits import RateLimits
 
 Record = asyncpg.Record
+
+
+def _rate_limits(row: Record) -> RateLimits:
+    return RateLimits(
+        row["requests_per_minute"], row["tokens_per_minute"], row["concurrent_requests"]
+    )
 
 
 def _account(row: Record) -> Account:
@@ -23,6 +30,7 @@ def _account(row: Record) -> Account:
         email=row["email"],
         referred_by=row["referred_by"],
         updated_at=row["updated_at"],
+        rate_limits=_rate_limits(row),
     )
 
 
@@ -38,6 +46,7 @@ def _api_key(row: Record) -> ApiKey:
             expires_at=row["expires_at"],
             allowed_models=tuple(row["allowed_models"]),
             subcloud_id=row["subcloud_id"],
+            rate_limits=_rate_limits(row),
         ),
         revoked_at=row["revoked_at"],
     )
@@ -100,6 +109,18 @@ class PostgresAccountStore:
         )
         return None if row is None else _account(row)
 
+    async def set_account_rate_limits(self, account_id: UUID, limits: RateLimits) -> Account | None:
+        row = await self._pool.fetchrow(
+            """UPDATE accounts SET requests_per_minute = $2, tokens_per_minute = $3,
+                                   concurrent_requests = $4, updated_at = now()
+               WHERE id = $1 RETURNING *""",
+            account_id,
+            limits.requests_per_minute,
+            limits.tokens_per_minute,
+            limits.concurrent_requests,
+        )
+        return None if row is None else _account(row)
+
     async def list_accounts(self, limit: int, after: tuple[datetime, UUID] | None) -> list[Account]:
         rows = await self._pool.fetch(
             """SELECT * FROM accounts
@@ -118,8 +139,9 @@ class PostgresAccountStore:
     ) -> ApiKey | None:
         row = await self._pool.fetchrow(
             """INSERT INTO api_keys (id, account_id, name, prefix, key_hash, scopes, expires_at,
-                                     allowed_models, subcloud_id)
-               SELECT $1, id, $3, $4, $5, $6, $7, $8, $9 FROM accounts
+                                     allowed_models, subcloud_id, requests_per_minute,
+                                     tokens_per_minute, concurrent_requests)
+               SELECT $1, id, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12 FROM accounts
                WHERE id = $2 AND NOT disabled
                RETURNING *""",
             uuid4(),
@@ -131,27 +153,48 @@ class PostgresAccountStore:
             policy.expires_at,
             list(policy.allowed_models),
             policy.subcloud_id,
+            policy.rate_limits.requests_per_minute,
+            policy.rate_limits.tokens_per_minute,
+            policy.rate_limits.concurrent_requests,
         )
         return None if row is None else _api_key(row)
 
-    async def find_active_api_key(self, key_hash: str) -> tuple[ApiKey, str] | None:
-        """The usable key with this hash, and the stored hash to compare it with."""
+    async def find_active_api_key(self, key_hash: str) -> tuple[ActiveKey, str] | None:
+        """The usable key with this hash (and its account's limits), and the stored hash
+        to compare it with."""
         row = await self._pool.fetchrow(
-            """SELECT k.* FROM api_keys k JOIN accounts a ON a.id = k.account_id
+            """SELECT k.*, a.requests_per_minute AS account_requests_per_minute,
+                      a.tokens_per_minute AS account_tokens_per_minute,
+                      a.concurrent_requests AS account_concurrent_requests
+               FROM api_keys k JOIN accounts a ON a.id = k.account_id
                WHERE k.key_hash = $1 AND k.revoked_at IS NULL AND NOT a.disabled
                  AND (k.expires_at IS NULL OR k.expires_at > now())""",
             key_hash,
         )
-        return None if row is None else (_api_key(row), row["key_hash"])
+        if row is None:
+            return None
+        account_limits = RateLimits(
+            row["account_requests_per_minute"],
+            row["account_tokens_per_minute"],
+            row["account_concurrent_requests"],
+        )
+        return ActiveKey(_api_key(row), account_limits), row["key_hash"]
 
     async def get_api_key(self, api_key_id: UUID) -> ApiKey | None:
         row = await self._pool.fetchrow("SELECT * FROM api_keys WHERE id = $1", api_key_id)
         return None if row is None else _api_key(row)
 
-    async def list_api_keys(self, account_id: UUID) -> list[ApiKey]:
+    async def list_api_keys(
+        self, account_id: UUID, limit: int, after: tuple[datetime, UUID] | None
+    ) -> list[ApiKey]:
         rows = await self._pool.fetch(
-            "SELECT * FROM api_keys WHERE account_id = $1 ORDER BY created_at DESC, id",
+            """SELECT * FROM api_keys WHERE account_id = $1
+                 AND ($2::timestamptz IS NULL OR (created_at, id) < ($2, $3))
+               ORDER BY created_at DESC, id DESC LIMIT $4""",
             account_id,
+            after[0] if after else None,
+            after[1] if after else None,
+            limit,
         )
         return [_api_key(row) for row in rows]
 

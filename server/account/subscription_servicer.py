@@ -5,9 +5,7 @@ from __future__ import annotations
 from resultity.account.v1 import subscription_service_pb2 as sub_pb
 from resultity.account.v1 import subscription_service_pb2_grpc as sub_grpc
 
-from server.account.convert import timestamp
 from server.account.service import AccountService
-from server.account.servicer import Context, authorization
 from server.account.subscriptions import (
     Plan,
     Subscription,
@@ -15,10 +13,12 @@ from server.account.subscriptions import (
     SubscriptionStatus,
 )
 from server.common.grpc_errors import translate_errors
+from server.common.transport import Context, authorization, timestamp_to_pb
 
 _STATUS = {
     SubscriptionStatus.ACTIVE: sub_pb.SUBSCRIPTION_STATUS_ACTIVE,
     SubscriptionStatus.CANCELLED: sub_pb.SUBSCRIPTION_STATUS_CANCELLED,
+    SubscriptionStatus.LAPSED: sub_pb.SUBSCRIPTION_STATUS_LAPSED,
 }
 
 
@@ -28,7 +28,7 @@ def _plan(plan: Plan) -> sub_pb.Plan:
         name=plan.name,
         monthly_price_micro_credits=plan.monthly_price,
         monthly_allowance_micro_credits=plan.monthly_allowance,
-        created=timestamp(plan.created_at),
+        created=timestamp_to_pb(plan.created_at),
     )
 
 
@@ -39,9 +39,9 @@ def _subscription(value: Subscription) -> sub_pb.Subscription:
         account_id=str(value.account_id),
         plan_id=str(value.plan_id),
         status=_STATUS[value.status],
-        started=timestamp(value.started_at),
-        current_period_start=timestamp(start),
-        current_period_end=timestamp(end),
+        started=timestamp_to_pb(value.started_at),
+        current_period_start=timestamp_to_pb(start),
+        current_period_end=timestamp_to_pb(end),
         periods_granted=value.periods_granted,
     )
 
@@ -93,6 +93,20 @@ class SubscriptionServicer(sub_grpc.SubscriptionServiceServicer):
         return sub_pb.GetSubscriptionResponse(subscription=_subscription(subscription))
 
     @translate_errors
+    async def ListSubscriptions(
+        self, request: sub_pb.ListSubscriptionsRequest, context: Context
+    ) -> sub_pb.ListSubscriptionsResponse:
+        items, token = await self._subscriptions.list_subscriptions(
+            await self._accounts.principal(authorization(context)),
+            request.account_id,
+            request.page_size,
+            request.page_token,
+        )
+        return sub_pb.ListSubscriptionsResponse(
+            subscriptions=[_subscription(s) for s in items], next_page_token=token
+        )
+
+    @translate_errors
     async def CancelSubscription(
         self, request: sub_pb.CancelSubscriptionRequest, context: Context
     ) -> sub_pb.CancelSubscriptionResponse:
@@ -105,7 +119,12 @@ class SubscriptionServicer(sub_grpc.SubscriptionServiceServicer):
     async def RenewSubscriptions(
         self, request: sub_pb.RenewSubscriptionsRequest, context: Context
     ) -> sub_pb.RenewSubscriptionsResponse:
-        granted = await self._subscriptions.renew(
+        report = await self._subscriptions.renew(
             await self._accounts.principal(authorization(context))
         )
-        return sub_pb.RenewSubscriptionsResponse(granted=granted)
+        return sub_pb.RenewSubscriptionsResponse(
+            granted=report.granted,
+            lapsed=report.lapsed,
+            expired_periods=report.expired_periods,
+            returned_micro_credits=report.returned,
+        )

@@ -1,13 +1,21 @@
 """Subscriptions: plans with a monthly price and credit allowance.
 
-Period n of a subscription starts n calendar months after it started. Its
-allowance is granted once: the grant is a ledger transfer (cash-in ->
-consumer) whose idempotency key names the subscription and the period, made
-in the transaction that advances the subscription's period counter under a
-row lock, so renewal running twice (or on two replicas) grants nothing
-twice. Missed periods are not back-filled: renewal grants the current one.
-The price is recorded for invoicing; payment is outside the ledger, like a
-top-up's.
+Period n of a subscription starts n calendar months after it started. Each
+period is paid for and then granted once: the price moves from the
+subscriber's available credits to platform revenue, the allowance from
+cash-in to the subscriber, with idempotency keys naming the subscription and
+the period, in the transaction that advances the subscription's period
+counter under its row lock; renewal running twice (or on two replicas)
+charges and grants nothing twice. A renewal whose price cannot be paid
+lapses the subscription. Missed periods are not back-filled: renewal charges
+and grants the current one.
+
+A period's allowance expires when the period ends and its unused part goes
+back to cash-in, where it came from. Allowance counts as spent first, so
+unused = allowance - the subscriber's captured spend within the period, at
+least 0 and at most what is available then (credits the subscriber already
+reserved or spent otherwise are never taken). Cancelling stops renewals; the
+current period's allowance stays until the period ends.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from server.account.ledger import MAX_AMOUNT
 from server.account.profiles import validate_name
 from server.account.service import parse_id
 from server.common.errors import InvalidArgument, NotFound
+from server.common.paging import decode_cursor, encode_cursor, page_size
 
 log = structlog.get_logger(__name__)
 
@@ -34,6 +43,8 @@ log = structlog.get_logger(__name__)
 class SubscriptionStatus(StrEnum):
     ACTIVE = "active"
     CANCELLED = "cancelled"
+    # Renewal could not charge the price.
+    LAPSED = "lapsed"
 
 
 @dataclass(frozen=True)
@@ -61,6 +72,21 @@ class Subscription:
         return add_months(self.started_at, n), add_months(self.started_at, n + 1)
 
 
+@dataclass(frozen=True)
+class RenewalReport:
+    """What one renewal run did."""
+
+    granted: int = 0
+    lapsed: int = 0
+    expired_periods: int = 0
+    returned: int = 0
+
+
+def unused_allowance(allowance: int, spent: int, available: int) -> int:
+    """The part of a period's allowance that expires (see the module docstring)."""
+    return max(0, min(allowance - spent, available))
+
+
 def add_months(start: datetime, months: int) -> datetime:
     """``start`` moved by whole calendar months; the day is clamped (Jan 31 -> Feb 28)."""
     index = start.month - 1 + months
@@ -83,8 +109,17 @@ class SubscriptionStore(Protocol):
     async def subscribe(self, account_id: UUID, plan_id: UUID, now: datetime) -> Subscription: ...
     async def active(self, account_id: UUID) -> Subscription | None: ...
     async def get(self, subscription_id: UUID) -> Subscription | None: ...
+    async def list_subscriptions(
+        self, account_id: UUID | None, limit: int, after: tuple[datetime, UUID] | None
+    ) -> list[Subscription]: ...
     async def cancel(self, subscription_id: UUID) -> Subscription | None: ...
-    async def renew_due(self, now: datetime) -> int: ...
+    async def expire_ended_periods(self, now: datetime) -> tuple[int, int]:
+        """Expires every ended period's allowance: (periods, micro-credits returned)."""
+        ...
+
+    async def renew_due(self, now: datetime) -> tuple[int, int]:
+        """Charges and grants every active subscription's current period: (granted, lapsed)."""
+        ...
 
 
 class SubscriptionService:
@@ -125,6 +160,20 @@ class SubscriptionService:
             raise NotFound(f"Account {account_id} has no active subscription")
         return subscription
 
+    async def list_subscriptions(
+        self, caller: Principal, account_id: str, requested_size: int, page_token: str
+    ) -> tuple[list[Subscription], str]:
+        owner = None
+        if account_id:
+            owner = parse_id(account_id, field="account_id")
+            caller.require_access(owner)
+        else:
+            caller.require_admin()
+        limit = page_size(requested_size)
+        items = await self._store.list_subscriptions(owner, limit, decode_cursor(page_token))
+        last = items[-1] if len(items) == limit else None
+        return items, "" if last is None else encode_cursor(last.started_at, last.subscription_id)
+
     async def cancel(self, caller: Principal, subscription_id: str) -> Subscription:
         sub_id = parse_id(subscription_id, field="subscription_id")
         existing = await self._store.get(sub_id)
@@ -135,9 +184,13 @@ class SubscriptionService:
         assert cancelled is not None
         return cancelled
 
-    async def renew(self, caller: Principal) -> int:
+    async def renew(self, caller: Principal) -> RenewalReport:
+        """Expires ended periods first, so renewal charges against what is left."""
         caller.require_admin()
-        granted = await self._store.renew_due(self._clock())
-        if granted:
-            log.info("subscription allowances granted", count=granted)
-        return granted
+        now = self._clock()
+        expired, returned = await self._store.expire_ended_periods(now)
+        granted, lapsed = await self._store.renew_due(now)
+        report = RenewalReport(granted, lapsed, expired, returned)
+        if report != RenewalReport():
+            log.info("subscriptions renewed", report=str(report))
+        return report

@@ -24,7 +24,7 @@ from resultity.account.v1 import subscription_service_pb2 as sub_pb
 from resultity.cloud.v1 import inference_service_pb2 as cloud_pb
 from resultity.common.v1 import inference_pb2 as common_pb
 
-from server.account.authz import service_metadata
+from server.common.credentials import service_metadata
 from tests.account_support import Stubs, expect_error
 from tests.harness import Platform, running_platform
 
@@ -110,6 +110,9 @@ async def test_a_user_cannot_read_or_change_another_users_objects(
         stubs.subscriptions.GetSubscription(
             sub_pb.GetSubscriptionRequest(account_id=other), metadata=a.auth
         ),
+        stubs.subscriptions.ListSubscriptions(
+            sub_pb.ListSubscriptionsRequest(account_id=other), metadata=a.auth
+        ),
     ]
     for call in denied:
         await expect_error(call, Code.PERMISSION_DENIED, "PERMISSION_DENIED")
@@ -156,6 +159,12 @@ async def test_admin_operations_need_admin_rights(platform: Platform, stubs: Stu
             metadata=user.auth,
         ),
         stubs.ledger.GetLedgerSummary(ledger_pb.GetLedgerSummaryRequest(), metadata=user.auth),
+        stubs.subscriptions.ListSubscriptions(
+            sub_pb.ListSubscriptionsRequest(), metadata=user.auth
+        ),
+        stubs.subscriptions.RenewSubscriptions(
+            sub_pb.RenewSubscriptionsRequest(), metadata=user.auth
+        ),
         stubs.keys.CreateApiKey(
             key_pb.CreateApiKeyRequest(account_id=mine, scopes=[key_pb.API_KEY_SCOPE_ADMIN]),
             metadata=user.auth,
@@ -187,7 +196,7 @@ async def test_missing_wrong_and_inference_only_credentials_are_refused(
     inference_only = await new_user(platform, stubs, key_pb.API_KEY_SCOPE_INFERENCE)
     request = ledger_pb.GetBalanceRequest(account_id=inference_only.account_id)
     await expect_error(stubs.ledger.GetBalance(request), Code.UNAUTHENTICATED, "INVALID_API_KEY")
-    for credential in ("rst_not-the-token", "rsk_malformed", inference_only.key[:-1] + "x"):
+    for credential in ("rst_not-the-token", "rsk_malformed", _altered(inference_only.key)):
         await expect_error(
             stubs.ledger.GetBalance(request, metadata=service_metadata(credential)),
             Code.UNAUTHENTICATED,
@@ -272,3 +281,67 @@ async def test_cloud_enforces_the_inference_scope_and_the_model_allow_list(
     # No hold was taken for the refused requests.
     balance = await platform.balance(restricted)  # type: ignore[arg-type]
     assert (balance.available_micro_credits, balance.held_micro_credits) == (1_000_000, 0)
+
+
+async def test_only_the_platform_service_binds_a_key_to_a_subcloud(
+    platform: Platform, stubs: Stubs
+) -> None:
+    user = await new_user(platform, stubs)
+    admin = await new_user(platform, stubs, key_pb.API_KEY_SCOPE_ADMIN)
+    bound = key_pb.CreateApiKeyRequest(account_id=user.account_id, subcloud_id="acme")
+    for caller in (user, admin):
+        await expect_error(
+            stubs.keys.CreateApiKey(bound, metadata=caller.auth),
+            Code.PERMISSION_DENIED,
+            "PERMISSION_DENIED",
+        )
+    keys = await stubs.keys.ListApiKeys(
+        key_pb.ListApiKeysRequest(account_id=user.account_id), metadata=user.auth
+    )
+    assert [k.api_key_id for k in keys.api_keys] == [user.key_id]
+
+    issued = await stubs.keys.CreateApiKey(bound, metadata=platform.service)
+    assert issued.api_key.subcloud_id == "acme"
+    authenticated = await stubs.keys.AuthenticateApiKey(
+        key_pb.AuthenticateApiKeyRequest(secret=issued.secret)
+    )
+    assert authenticated.api_key.subcloud_id == "acme"
+    assert authenticated.api_key.account_id == user.account_id
+
+
+async def test_api_keys_are_listed_newest_first_page_by_page(
+    platform: Platform, stubs: Stubs
+) -> None:
+    user = await new_user(platform, stubs)
+    created = [user.key_id]
+    for name in ("b", "c", "d"):
+        issued = await stubs.keys.CreateApiKey(
+            key_pb.CreateApiKeyRequest(account_id=user.account_id, name=name), metadata=user.auth
+        )
+        created.append(issued.api_key.api_key_id)
+    listed: list[str] = []
+    token = ""
+    while True:
+        page = await stubs.keys.ListApiKeys(
+            key_pb.ListApiKeysRequest(account_id=user.account_id, page_size=3, page_token=token),
+            metadata=user.auth,
+        )
+        assert len(page.api_keys) <= 3
+        listed += [key.api_key_id for key in page.api_keys]
+        token = page.next_page_token
+        if not token:
+            break
+    assert listed == created[::-1]
+    await expect_error(
+        stubs.keys.ListApiKeys(
+            key_pb.ListApiKeysRequest(account_id=user.account_id, page_token="not a token"),
+            metadata=user.auth,
+        ),
+        Code.INVALID_ARGUMENT,
+        "INVALID_ARGUMENT",
+    )
+
+
+def _altered(key: str) -> str:
+    """The key with its last character changed (to a different one, always)."""
+    return key[:-1] + ("y" if key.endswith("x") else "x")

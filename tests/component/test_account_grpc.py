@@ -29,7 +29,7 @@ from resultity.account.v1 import (
 
 from server.account.api_keys import KeyHasher
 from server.account.component import AccountComponent
-from server.account.ledger_store import PLATFORM_REVENUE_ID
+from server.account.ledger_sql import PLATFORM_REVENUE_ID
 from server.common.grpc_errors import error_info
 from server.secrets import PlatformSecrets
 from tests.account_support import Stubs, channel_as, expect_error
@@ -214,6 +214,52 @@ async def test_concurrent_holds_cannot_overspend(stubs: Stubs) -> None:
     assert await balance(stubs, account_id) == (0, 5_000)
 
 
+async def test_refused_hold_leaves_nothing_behind(stubs: Stubs, db: Any) -> None:
+    account_id = await new_account(stubs, funds=100)
+    idempotency_key = key()
+    await expect_error(
+        stubs.ledger.CreateHold(hold_request(account_id, 101, idempotency_key)),
+        Code.RESOURCE_EXHAUSTED,
+        "INSUFFICIENT_QUOTA",
+    )
+    assert (
+        await db.fetchval(
+            "SELECT count(*) FROM transfers WHERE idempotency_key = $1", idempotency_key
+        )
+        == 0
+    )
+    assert await balance(stubs, account_id) == (100, 0)
+    # Nothing was recorded under the key, so the same request succeeds once funded.
+    await stubs.ledger.TopUp(
+        ledger_pb.TopUpRequest(account_id=account_id, amount_micro_credits=1, idempotency_key=key())
+    )
+    hold = (await stubs.ledger.CreateHold(hold_request(account_id, 101, idempotency_key))).hold
+    assert hold.amount_micro_credits == 101
+    assert await balance(stubs, account_id) == (0, 101)
+
+
+async def test_settling_for_an_unknown_operator_changes_nothing(stubs: Stubs, db: Any) -> None:
+    account_id = await new_account(stubs, funds=1_000)
+    hold = (await stubs.ledger.CreateHold(hold_request(account_id, 600, key()))).hold
+    line = ledger_pb.SettlementLine(
+        operator_account_id=str(uuid.uuid4()), node_id="n1", model="m", tokens=10
+    )
+    await expect_error(
+        stubs.ledger.SettleHold(
+            ledger_pb.SettleHoldRequest(
+                hold_id=hold.hold_id, capture_micro_credits=300, lines=[line], total_tokens=10
+            )
+        ),
+        Code.NOT_FOUND,
+        "NOT_FOUND",
+    )
+    status = await db.fetchval(
+        "SELECT status FROM transfers WHERE id = $1", uuid.UUID(hold.hold_id)
+    )
+    assert status == "pending"
+    assert await balance(stubs, account_id) == (400, 600)
+
+
 async def test_settle_partial_capture_releases_the_rest(stubs: Stubs, db: Any) -> None:
     account_id = await new_account(stubs, funds=1_000)
     revenue_before = await db.fetchval(
@@ -267,6 +313,35 @@ async def test_settle_partial_capture_releases_the_rest(stubs: Stubs, db: Any) -
         Code.NOT_FOUND,
         "NOT_FOUND",
     )
+
+
+async def test_concurrent_settlements_resolve_a_hold_once(stubs: Stubs, db: Any) -> None:
+    account_id = await new_account(stubs, funds=1_000)
+    hold = (await stubs.ledger.CreateHold(hold_request(account_id, 600, key()))).hold
+
+    async def settle(capture: int) -> str:
+        request = ledger_pb.SettleHoldRequest(hold_id=hold.hold_id, capture_micro_credits=capture)
+        try:
+            settled = (await stubs.ledger.SettleHold(request)).hold
+        except grpc.aio.AioRpcError as error:
+            info = error_info(error)
+            assert info is not None
+            return info.reason
+        return f"captured {settled.captured_micro_credits}"
+
+    # Replays of one capture and competing captures, all at once: one resolution wins,
+    # its replays return it, every other capture is refused.
+    outcomes = await asyncio.gather(*(settle(capture) for capture in [250] * 20 + [300] * 20))
+    winner = next(outcome for outcome in outcomes if outcome.startswith("captured"))
+    won = int(winner.split()[1])
+    assert outcomes.count(winner) == 20
+    assert outcomes.count("HOLD_ALREADY_RESOLVED") == 20
+    assert await balance(stubs, account_id) == (1_000 - won, 0)
+    captures = await db.fetch(
+        "SELECT amount FROM transfers WHERE kind = 'capture' AND pending_id = $1",
+        uuid.UUID(hold.hold_id),
+    )
+    assert [row["amount"] for row in captures] == [won]
 
 
 async def test_zero_capture_releases_the_hold(stubs: Stubs) -> None:

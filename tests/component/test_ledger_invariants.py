@@ -24,8 +24,10 @@ from server.account.ledger import HoldStatus, SettlementLine
 from server.account.profiles import ReferralRules
 from server.common.errors import (
     DomainError,
+    HoldAlreadyResolved,
     IdempotencyKeyReused,
     InsufficientQuota,
+    InvalidArgument,
 )
 from server.secrets import PlatformSecrets
 
@@ -73,6 +75,9 @@ async def new_account(component: AccountComponent, funds: int = 0, referral: str
 async def assert_invariants(db: Any) -> None:
     row = await db.fetchrow(INVARIANTS)
     assert dict(row) == {"posted_gap": 0, "pending_gap": 0, "overdrawn": 0, "negative_pending": 0}
+
+
+REVENUE = "SELECT credits_posted FROM ledger_accounts WHERE kind = 'platform_revenue'"
 
 
 async def test_overspend_race_admits_exactly_one_of_200(
@@ -176,11 +181,11 @@ async def test_settlement_pays_operators_and_platform_and_records_contributions(
     consumer_balance = await component.billing.get_balance(ADMIN, consumer)
     assert (consumer_balance.available, consumer_balance.held) == (100_000 - 10_001, 0)
 
-    records, _ = await component.billing.list_contributions(ADMIN, str(bob), 0, "")
+    records, _ = await component.contributions.list_contributions(ADMIN, str(bob), 0, "")
     assert [(r.node_id, r.model, r.tokens, r.amount, r.hold_id) for r in records] == [
         ("node-b", "smollm2", 70, 5_600, hold.hold_id)
     ]
-    overall, epochs, epoch_seconds = await component.billing.contribution_totals(
+    overall, epochs, epoch_seconds = await component.contributions.contribution_totals(
         ADMIN, str(alice), 0
     )
     assert (overall.jobs, overall.tokens, overall.amount) == (1, 30, 2_400)
@@ -201,6 +206,39 @@ async def test_settlement_pays_operators_and_platform_and_records_contributions(
         - revenue_after
         == 999
     )
+    await assert_invariants(db)
+
+
+async def test_tokens_no_line_claims_earn_the_platform_their_share(
+    component: AccountComponent, db: Any
+) -> None:
+    consumer = await new_account(component, funds=100_000)
+    alice = uuid.UUID(await new_account(component))
+    bob = uuid.UUID(await new_account(component))
+    lines = [
+        SettlementLine(alice, "node-a", "m", 30),
+        SettlementLine(bob, "node-b", "m", 20),
+    ]
+    hold = await component.billing.create_hold(ADMIN, consumer, 50_000, key(), None)
+    # 50 more tokens came from a node without an operator.
+    with pytest.raises(InvalidArgument):
+        await component.billing.settle_hold(ADMIN, str(hold.hold_id), 10_001, lines, 49)
+    revenue_before = await db.fetchval(REVENUE)
+    settled = await component.billing.settle_hold(ADMIN, str(hold.hold_id), 10_001, lines, 100)
+    # Operators' share: 80% of 10,001 = 8,000; alice 30/100 of it, bob 20/100.
+    earned = [(await component.billing.get_balance(ADMIN, str(who))).earned for who in (alice, bob)]
+    assert earned == [2_400, 1_600]
+    assert await db.fetchval(REVENUE) - revenue_before == 10_001 - 4_000
+    records, _ = await component.contributions.list_contributions(ADMIN, str(bob), 0, "")
+    assert [(r.tokens, r.amount) for r in records] == [(20, 1_600)]
+    # A replay returns the same result; another split of the same hold is refused.
+    replay = await component.billing.settle_hold(ADMIN, str(hold.hold_id), 10_001, lines, 100)
+    assert replay == settled
+    with pytest.raises(HoldAlreadyResolved):
+        await component.billing.settle_hold(ADMIN, str(hold.hold_id), 10_001, lines, 60)
+    assert [
+        (await component.billing.get_balance(ADMIN, str(who))).earned for who in (alice, bob)
+    ] == [2_400, 1_600]
     await assert_invariants(db)
 
 
@@ -259,7 +297,8 @@ async def test_randomized_bank_workload_keeps_the_invariants_throughout(
                         SettlementLine(op, f"node-{i}", "m", rng.randint(0, 50))
                         for i, op in enumerate(rng.sample(operators, rng.randint(0, 3)))
                     ]
-                    await billing.settle_hold(ADMIN, hold_id, rng.randint(0, amount), lines)
+                    total = sum(line.tokens for line in lines) + rng.randint(0, 50)
+                    await billing.settle_hold(ADMIN, hold_id, rng.randint(0, amount), lines, total)
                 elif action == "release" and open_holds:
                     await billing.settle_hold(ADMIN, open_holds.pop()[0], 0)
                 elif action == "expire":

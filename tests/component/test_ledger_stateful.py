@@ -93,7 +93,9 @@ class LedgerMachine(RuleBasedStateMachine):
         operator = self.h.run(self.h.component.service.create_account(ADMIN, "operator"))
         self.operator = str(operator.account_id)
         self.model.earned[self.operator] = 0
-        self.share_bps = self.h.run(self.h.component.billing._store.policy()).operator_share_bps
+        self.share_bps = self.h.run(
+            self.h.component.contributions.settlement_policy(ADMIN)
+        ).operator_share_bps
         return multiple(*created)
 
     @rule(target=top_up_keys, account=accounts, amount=amounts)
@@ -122,11 +124,18 @@ class LedgerMachine(RuleBasedStateMachine):
         self.model.held[account] += amount
         return ModelHold(str(hold.hold_id), account, amount)
 
-    @rule(hold=holds, fraction=st.floats(min_value=0, max_value=1), tokens=st.integers(0, 100))
-    def settle(self, hold: ModelHold, fraction: float, tokens: int) -> None:
+    @rule(
+        hold=holds,
+        fraction=st.floats(min_value=0, max_value=1),
+        tokens=st.integers(0, 100),
+        unclaimed=st.integers(0, 100),
+    )
+    def settle(self, hold: ModelHold, fraction: float, tokens: int, unclaimed: int) -> None:
+        """Settles with tokens of nodes without an operator besides the line's."""
         capture = int(hold.amount * fraction)
         lines = [SettlementLine(uuid.UUID(self.operator), "node", "m", tokens)]
-        call = self.h.component.billing.settle_hold(ADMIN, hold.hold_id, capture, lines)
+        total = tokens + unclaimed
+        call = self.h.component.billing.settle_hold(ADMIN, hold.hold_id, capture, lines, total)
         if hold.resolved:
             # Settling again differently is refused; the model does not change.
             with contextlib.suppress(HoldAlreadyResolved):
@@ -137,7 +146,7 @@ class LedgerMachine(RuleBasedStateMachine):
         self.model.held[hold.account] -= hold.amount
         self.model.available[hold.account] += hold.amount - capture
         if capture:
-            parts, _ = split_capture(capture, self.share_bps, [tokens])
+            parts, _ = split_capture(capture, self.share_bps, [tokens], total)
             self.model.earned[self.operator] += parts[0]
 
     @invariant()

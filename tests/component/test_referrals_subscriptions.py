@@ -1,4 +1,5 @@
-"""Referral bonuses (paid from the promotional pool, capped) and subscription renewals."""
+"""Referral bonuses (paid from the promotional pool, capped) and paid subscriptions:
+charges, renewals, lapses and allowance expiry."""
 
 from __future__ import annotations
 
@@ -10,10 +11,19 @@ import pytest
 
 from server.account.authz import Principal
 from server.account.component import AccountComponent
+from server.account.ledger import TransferKind
 from server.account.profiles import ReferralRules
 from server.account.subscription_store import PostgresSubscriptionStore
-from server.account.subscriptions import SubscriptionService, add_months, period_index
-from server.common.errors import FailedPrecondition, InsufficientQuota, InvalidArgument
+from server.account.subscriptions import (
+    RenewalReport,
+    Subscription,
+    SubscriptionService,
+    SubscriptionStatus,
+    add_months,
+    period_index,
+    unused_allowance,
+)
+from server.common.errors import FailedPrecondition, InsufficientQuota, InvalidArgument, NotFound
 from server.secrets import PlatformSecrets
 
 ADMIN = Principal.service()
@@ -79,34 +89,111 @@ def test_periods_are_calendar_months() -> None:
     assert period_index(start, datetime(2026, 1, 31, 12, tzinfo=UTC)) == 12
 
 
-async def test_renewal_grants_each_period_once(
-    component: AccountComponent, postgres_dsn: str
-) -> None:
-    now = [datetime.now(UTC)]
-    subscriptions = SubscriptionService(
-        PostgresSubscriptionStore(component._pool, component.billing._store),  # type: ignore[arg-type]
-        clock=lambda: now[0],
-    )
-    plan = await subscriptions.create_plan(ADMIN, "pro", 20_000_000, 5_000)
+def test_allowance_counts_as_spent_first_and_never_takes_more_than_is_available() -> None:
+    assert unused_allowance(5_000, 2_000, 10_000) == 3_000
+    assert unused_allowance(5_000, 8_000, 10_000) == 0
+    assert unused_allowance(5_000, 0, 1_200) == 1_200
+
+
+class Clocked:
+    """A subscription service whose clock the test moves."""
+
+    def __init__(self, component: AccountComponent) -> None:
+        self.now = datetime.now(UTC)
+        self.service = SubscriptionService(
+            PostgresSubscriptionStore(component._pool), clock=lambda: self.now
+        )
+
+    def months_later(self, subscription: Subscription, months: int) -> None:
+        self.now = add_months(subscription.started_at, months) + timedelta(seconds=1)
+
+
+async def _funded(component: AccountComponent, credits: int) -> str:
     account = str((await component.service.create_account(ADMIN, "subscriber")).account_id)
-    subscription = await subscriptions.subscribe(ADMIN, account, str(plan.plan_id))
+    if credits:
+        await component.billing.top_up(ADMIN, account, credits, key())
+    return account
+
+
+async def _spend(component: AccountComponent, account: str, amount: int) -> None:
+    hold = await component.billing.create_hold(ADMIN, account, amount, key(), None)
+    await component.billing.settle_hold(ADMIN, str(hold.hold_id), amount)
+
+
+async def test_subscribing_pays_the_price_or_creates_nothing(component: AccountComponent) -> None:
+    clocked = Clocked(component)
+    plan = await clocked.service.create_plan(ADMIN, "basic", 3_000, 5_000)
+    account = await _funded(component, 2_000)
+    with pytest.raises(InsufficientQuota):
+        await clocked.service.subscribe(ADMIN, account, str(plan.plan_id))
+    assert (await clocked.service.list_subscriptions(ADMIN, account, 0, ""))[0] == []
+    assert (await component.billing.get_balance(ADMIN, account)).available == 2_000
+
+    await component.billing.top_up(ADMIN, account, 3_000, key())
+    revenue = (await component.billing.summary(ADMIN)).platform_revenue
+    subscription = await clocked.service.subscribe(ADMIN, account, str(plan.plan_id))
     assert subscription.periods_granted == 1
+    assert (await component.billing.summary(ADMIN)).platform_revenue - revenue == 3_000
+    assert (await component.billing.get_balance(ADMIN, account)).available == 5_000 - 3_000 + 5_000
     with pytest.raises(FailedPrecondition):
-        await subscriptions.subscribe(ADMIN, account, str(plan.plan_id))
+        await clocked.service.subscribe(ADMIN, account, str(plan.plan_id))
+
+    # Cancelled: no more charges; the allowance left expires with the period.
+    await _spend(component, account, 1_000)
+    await clocked.service.cancel(ADMIN, str(subscription.subscription_id))
+    clocked.months_later(subscription, 1)
+    await clocked.service.renew(ADMIN)
+    assert await clocked.service.renew(ADMIN) == RenewalReport()
+    # 5,000 granted - 1,000 spent = 4,000 unused, taken back.
+    assert (await component.billing.get_balance(ADMIN, account)).available == 2_000
+
+
+async def test_renewal_charges_grants_and_expires_each_period_once(
+    component: AccountComponent,
+) -> None:
+    clocked = Clocked(component)
+    plan = await clocked.service.create_plan(ADMIN, "pro", 3_000, 5_000)
+    account = await _funded(component, 10_000)
+    subscription = await clocked.service.subscribe(ADMIN, account, str(plan.plan_id))
 
     async def available() -> int:
         return (await component.billing.get_balance(ADMIN, account)).available
 
-    assert await available() == 5_000
-    await subscriptions.renew(ADMIN)
-    await subscriptions.renew(ADMIN)
-    assert await available() == 5_000  # same period: nothing more
-    now[0] = add_months(subscription.started_at, 1) + timedelta(seconds=1)
-    await subscriptions.renew(ADMIN)
-    await subscriptions.renew(ADMIN)
+    assert await available() == 12_000
+    await _spend(component, account, 2_000)
+    # Within the period, renewal does nothing, however often it runs.
+    await clocked.service.renew(ADMIN)
+    assert await clocked.service.renew(ADMIN) == RenewalReport()
     assert await available() == 10_000
-    cancelled = await subscriptions.cancel(ADMIN, str(subscription.subscription_id))
-    now[0] = add_months(subscription.started_at, 2) + timedelta(seconds=1)
-    await subscriptions.renew(ADMIN)
-    assert await available() == 10_000
-    assert cancelled.status.value == "cancelled"
+
+    clocked.months_later(subscription, 1)
+    first = await clocked.service.renew(ADMIN)
+    # Other tests' subscriptions share the database: at least ours.
+    assert first.granted >= 1
+    assert first.expired_periods >= 1
+    assert first.returned >= 3_000
+    assert await clocked.service.renew(ADMIN) == RenewalReport()
+    # Period 0: 5,000 - 2,000 spent = 3,000 expired; period 1: -3,000 price, +5,000.
+    assert await available() == 10_000 - 3_000 - 3_000 + 5_000
+    renewed = await clocked.service.get_active(ADMIN, account)
+    assert renewed.periods_granted == 2
+    history, _ = await component.billing.list_transactions(ADMIN, account, 0, "")
+    # The charge and the grant share a transaction (and timestamp): any order.
+    assert {(t.kind, t.amount) for t in history[:3]} == {
+        (TransferKind.SUBSCRIPTION_ALLOWANCE, 5_000),
+        (TransferKind.SUBSCRIPTION_CHARGE, -3_000),
+        (TransferKind.ALLOWANCE_EXPIRY, -3_000),
+    }
+
+    # Credits reserved elsewhere are not taken; the price then cannot be paid.
+    await component.billing.create_hold(ADMIN, account, 4_000, key(), None)
+    clocked.months_later(subscription, 2)
+    lapsing = await clocked.service.renew(ADMIN)
+    assert lapsing.lapsed >= 1
+    assert await clocked.service.renew(ADMIN) == RenewalReport()
+    balance = await component.billing.get_balance(ADMIN, account)
+    assert (balance.available, balance.held) == (0, 4_000)
+    [lapsed], _ = await clocked.service.list_subscriptions(ADMIN, account, 0, "")
+    assert (lapsed.status, lapsed.periods_granted) == (SubscriptionStatus.LAPSED, 2)
+    with pytest.raises(NotFound):
+        await clocked.service.get_active(ADMIN, account)

@@ -8,6 +8,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from resultity.account.v1 import rate_limits_pb2 as _rate_limits_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -20,6 +21,49 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class SetAccountRateLimitsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    RATE_LIMITS_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    @_builtins.property
+    def rate_limits(self) -> _rate_limits_pb2.RateLimits: ...
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        rate_limits: _rate_limits_pb2.RateLimits | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rate_limits", b"rate_limits"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "rate_limits", b"rate_limits"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetAccountRateLimitsRequest: _TypeAlias = SetAccountRateLimitsRequest  # noqa: Y015
+
+@_typing.final
+class SetAccountRateLimitsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def account(self) -> Global___Account: ...
+    def __init__(
+        self,
+        *,
+        account: Global___Account | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["account", b"account"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetAccountRateLimitsResponse: _TypeAlias = SetAccountRateLimitsResponse  # noqa: Y015
+
+@_typing.final
 class Account(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -30,6 +74,7 @@ class Account(_message.Message):
     DISABLED_FIELD_NUMBER: _builtins.int
     REFERRED_BY_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
     UPDATED_FIELD_NUMBER: _builtins.int
+    RATE_LIMITS_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     name: _builtins.str
     email: _builtins.str
@@ -40,6 +85,8 @@ class Account(_message.Message):
     def created(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def updated(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def rate_limits(self) -> _rate_limits_pb2.RateLimits: ...
     def __init__(
         self,
         *,
@@ -50,10 +97,11 @@ class Account(_message.Message):
         disabled: _builtins.bool = ...,
         referred_by_account_id: _builtins.str = ...,
         updated: _timestamp_pb2.Timestamp | None = ...,
+        rate_limits: _rate_limits_pb2.RateLimits | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "updated", b"updated"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "rate_limits", b"rate_limits", "updated", b"updated"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "created", b"created", "disabled", b"disabled", "email", b"email", "name", b"name", "referred_by_account_id", b"referred_by_account_id", "updated", b"updated"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "created", b"created", "disabled", b"disabled", "email", b"email", "name", b"name", "rate_limits", b"rate_limits", "referred_by_account_id", b"referred_by_account_id", "updated", b"updated"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -67,6 +67,11 @@ class AccountServiceStub:
                 request_serializer=resultity_dot_account_dot_v1_dot_account__service__pb2.DisableAccountRequest.SerializeToString,
                 response_deserializer=resultity_dot_account_dot_v1_dot_account__service__pb2.DisableAccountResponse.FromString,
                 _registered_method=True)
+        self.SetAccountRateLimits = channel.unary_unary(
+                '/resultity.account.v1.AccountService/SetAccountRateLimits',
+                request_serializer=resultity_dot_account_dot_v1_dot_account__service__pb2.SetAccountRateLimitsRequest.SerializeToString,
+                response_deserializer=resultity_dot_account_dot_v1_dot_account__service__pb2.SetAccountRateLimitsResponse.FromString,
+                _registered_method=True)
 
 
 class AccountServiceServicer:
@@ -114,6 +119,14 @@ class AccountServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetAccountRateLimits(self, request, context):
+        """Admin only. Replaces the account's stored rate limits (unset fields: the
+        platform default). Cloud applies them within 5 seconds.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AccountServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -141,6 +154,11 @@ def add_AccountServiceServicer_to_server(servicer, server):
                     servicer.DisableAccount,
                     request_deserializer=resultity_dot_account_dot_v1_dot_account__service__pb2.DisableAccountRequest.FromString,
                     response_serializer=resultity_dot_account_dot_v1_dot_account__service__pb2.DisableAccountResponse.SerializeToString,
+            ),
+            'SetAccountRateLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetAccountRateLimits,
+                    request_deserializer=resultity_dot_account_dot_v1_dot_account__service__pb2.SetAccountRateLimitsRequest.FromString,
+                    response_serializer=resultity_dot_account_dot_v1_dot_account__service__pb2.SetAccountRateLimitsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -286,6 +304,33 @@ class AccountService:
             '/resultity.account.v1.AccountService/DisableAccount',
             resultity_dot_account_dot_v1_dot_account__service__pb2.DisableAccountRequest.SerializeToString,
             resultity_dot_account_dot_v1_dot_account__service__pb2.DisableAccountResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetAccountRateLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/resultity.account.v1.AccountService/SetAccountRateLimits',
+            resultity_dot_account_dot_v1_dot_account__service__pb2.SetAccountRateLimitsRequest.SerializeToString,
+            resultity_dot_account_dot_v1_dot_account__service__pb2.SetAccountRateLimitsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -50,6 +50,10 @@ class AccountServiceStub:
     """Admin only. Oldest first."""
     DisableAccount: _grpc.UnaryUnaryMultiCallable[_account_service_pb2.DisableAccountRequest, _account_service_pb2.DisableAccountResponse]
     """Admin only. A disabled account's keys stop authenticating."""
+    SetAccountRateLimits: _grpc.UnaryUnaryMultiCallable[_account_service_pb2.SetAccountRateLimitsRequest, _account_service_pb2.SetAccountRateLimitsResponse]
+    """Admin only. Replaces the account's stored rate limits (unset fields: the
+    platform default). Cloud applies them within 5 seconds.
+    """
 
 @_typing.type_check_only
 class AccountServiceAsyncStub(AccountServiceStub):
@@ -73,6 +77,10 @@ class AccountServiceAsyncStub(AccountServiceStub):
     """Admin only. Oldest first."""
     DisableAccount: _aio.UnaryUnaryMultiCallable[_account_service_pb2.DisableAccountRequest, _account_service_pb2.DisableAccountResponse]  # type: ignore[assignment]
     """Admin only. A disabled account's keys stop authenticating."""
+    SetAccountRateLimits: _aio.UnaryUnaryMultiCallable[_account_service_pb2.SetAccountRateLimitsRequest, _account_service_pb2.SetAccountRateLimitsResponse]  # type: ignore[assignment]
+    """Admin only. Replaces the account's stored rate limits (unset fields: the
+    platform default). Cloud applies them within 5 seconds.
+    """
 
 class AccountServiceServicer(metaclass=_abc_1.ABCMeta):
     """Accounts (users and their profiles).
@@ -123,5 +131,15 @@ class AccountServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_account_service_pb2.DisableAccountResponse, _abc.Awaitable[_account_service_pb2.DisableAccountResponse]]:
         """Admin only. A disabled account's keys stop authenticating."""
+
+    @_abc_1.abstractmethod
+    def SetAccountRateLimits(
+        self,
+        request: _account_service_pb2.SetAccountRateLimitsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_account_service_pb2.SetAccountRateLimitsResponse, _abc.Awaitable[_account_service_pb2.SetAccountRateLimitsResponse]]:
+        """Admin only. Replaces the account's stored rate limits (unset fields: the
+        platform default). Cloud applies them within 5 seconds.
+        """
 
 def add_AccountServiceServicer_to_server(servicer: AccountServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

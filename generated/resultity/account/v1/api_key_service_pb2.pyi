@@ -9,6 +9,7 @@ from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from resultity.account.v1 import rate_limits_pb2 as _rate_limits_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -64,10 +65,14 @@ class CreateApiKeyRequest(_message.Message):
     EXPIRES_FIELD_NUMBER: _builtins.int
     ALLOWED_MODELS_FIELD_NUMBER: _builtins.int
     SUBCLOUD_ID_FIELD_NUMBER: _builtins.int
+    RATE_LIMITS_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     name: _builtins.str
     subcloud_id: _builtins.str
-    """The subcloud the key is bound to (optional; stored, not yet enforced)."""
+    """The subcloud the key is bound to (optional). Only the service token may
+    set it: the cloud layer binds keys after checking subcloud membership
+    (cloud SubcloudService.CreateSubcloudApiKey); others get PERMISSION_DENIED.
+    """
     @_builtins.property
     def scopes(self) -> _containers.RepeatedScalarFieldContainer[Global___ApiKeyScope.ValueType]:
         """Empty means INFERENCE only."""
@@ -80,6 +85,10 @@ class CreateApiKeyRequest(_message.Message):
     def allowed_models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Models the key may call; empty allows every model."""
 
+    @_builtins.property
+    def rate_limits(self) -> _rate_limits_pb2.RateLimits:
+        """Limits for this key alone (optional); the account's apply as well."""
+
     def __init__(
         self,
         *,
@@ -89,10 +98,11 @@ class CreateApiKeyRequest(_message.Message):
         expires: _timestamp_pb2.Timestamp | None = ...,
         allowed_models: _abc.Iterable[_builtins.str] | None = ...,
         subcloud_id: _builtins.str = ...,
+        rate_limits: _rate_limits_pb2.RateLimits | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["expires", b"expires"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expires", b"expires", "rate_limits", b"rate_limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "allowed_models", b"allowed_models", "expires", b"expires", "name", b"name", "scopes", b"scopes", "subcloud_id", b"subcloud_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "allowed_models", b"allowed_models", "expires", b"expires", "name", b"name", "rate_limits", b"rate_limits", "scopes", b"scopes", "subcloud_id", b"subcloud_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -136,6 +146,7 @@ class ApiKey(_message.Message):
     ALLOWED_MODELS_FIELD_NUMBER: _builtins.int
     SUBCLOUD_ID_FIELD_NUMBER: _builtins.int
     REVOKED_FIELD_NUMBER: _builtins.int
+    RATE_LIMITS_FIELD_NUMBER: _builtins.int
     api_key_id: _builtins.str
     account_id: _builtins.str
     name: _builtins.str
@@ -152,6 +163,8 @@ class ApiKey(_message.Message):
     def allowed_models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def revoked(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def rate_limits(self) -> _rate_limits_pb2.RateLimits: ...
     def __init__(
         self,
         *,
@@ -165,10 +178,11 @@ class ApiKey(_message.Message):
         allowed_models: _abc.Iterable[_builtins.str] | None = ...,
         subcloud_id: _builtins.str = ...,
         revoked: _timestamp_pb2.Timestamp | None = ...,
+        rate_limits: _rate_limits_pb2.RateLimits | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "expires", b"expires", "revoked", b"revoked"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "expires", b"expires", "rate_limits", b"rate_limits", "revoked", b"revoked"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "allowed_models", b"allowed_models", "api_key_id", b"api_key_id", "created", b"created", "expires", b"expires", "name", b"name", "prefix", b"prefix", "revoked", b"revoked", "scopes", b"scopes", "subcloud_id", b"subcloud_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "allowed_models", b"allowed_models", "api_key_id", b"api_key_id", "created", b"created", "expires", b"expires", "name", b"name", "prefix", b"prefix", "rate_limits", b"rate_limits", "revoked", b"revoked", "scopes", b"scopes", "subcloud_id", b"subcloud_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -179,15 +193,22 @@ class ListApiKeysRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
+    page_size: _builtins.int
+    """At most 100; 0 means 50."""
+    page_token: _builtins.str
     def __init__(
         self,
         *,
         account_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -198,16 +219,20 @@ class ListApiKeysResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     API_KEYS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty on the last page."""
     @_builtins.property
     def api_keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___ApiKey]: ...
     def __init__(
         self,
         *,
         api_keys: _abc.Iterable[Global___ApiKey] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_keys", b"api_keys"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_keys", b"api_keys", "next_page_token", b"next_page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -276,16 +301,22 @@ class AuthenticateApiKeyResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     API_KEY_FIELD_NUMBER: _builtins.int
+    ACCOUNT_RATE_LIMITS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def api_key(self) -> Global___ApiKey: ...
+    @_builtins.property
+    def account_rate_limits(self) -> _rate_limits_pb2.RateLimits:
+        """The limits stored with the key's account."""
+
     def __init__(
         self,
         *,
         api_key: Global___ApiKey | None = ...,
+        account_rate_limits: _rate_limits_pb2.RateLimits | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["api_key", b"api_key"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["account_rate_limits", b"account_rate_limits", "api_key", b"api_key"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key", b"api_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_rate_limits", b"account_rate_limits", "api_key", b"api_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

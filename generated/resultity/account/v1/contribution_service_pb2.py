@@ -26,7 +26,7 @@ from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n/resultity/account/v1/contribution_service.proto\x12\x14resultity.account.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xdf\x01\n\x0c\x43ontribution\x12\x17\n\x0f\x63ontribution_id\x18\x01 \x01(\t\x12\x1b\n\x13operator_account_id\x18\x02 \x01(\t\x12\x0f\n\x07hold_id\x18\x03 \x01(\t\x12\x0f\n\x07node_id\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\x0e\n\x06tokens\x18\x06 \x01(\x03\x12\x1c\n\x14\x61mount_micro_credits\x18\x07 \x01(\x03\x12+\n\x07\x63reated\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x65poch\x18\t \x01(\x03\"^\n\x18ListContributionsRequest\x12\x1b\n\x13operator_account_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"o\n\x19ListContributionsResponse\x12\x39\n\rcontributions\x18\x01 \x03(\x0b\x32\".resultity.account.v1.Contribution\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"^\n\x11\x43ontributionTotal\x12\r\n\x05\x65poch\x18\x01 \x01(\x03\x12\x0c\n\x04jobs\x18\x02 \x01(\x03\x12\x0e\n\x06tokens\x18\x03 \x01(\x03\x12\x1c\n\x14\x61mount_micro_credits\x18\x04 \x01(\x03\"K\n\x1cGetContributionTotalsRequest\x12\x1b\n\x13operator_account_id\x18\x01 \x01(\t\x12\x0e\n\x06\x65pochs\x18\x02 \x01(\x05\"\xa9\x01\n\x1dGetContributionTotalsResponse\x12\x38\n\x07overall\x18\x01 \x01(\x0b\x32\'.resultity.account.v1.ContributionTotal\x12\x37\n\x06\x65pochs\x18\x02 \x03(\x0b\x32\'.resultity.account.v1.ContributionTotal\x12\x15\n\repoch_seconds\x18\x03 \x01(\x03\x32\x8a\x03\n\x13\x43ontributionService\x12\xae\x01\n\x11ListContributions\x12..resultity.account.v1.ListContributionsRequest\x1a/.resultity.account.v1.ListContributionsResponse\"8\x82\xd3\xe4\x93\x02\x32\x12\x30/v1/accounts/{operator_account_id}/contributions\x12\xc1\x01\n\x15GetContributionTotals\x12\x32.resultity.account.v1.GetContributionTotalsRequest\x1a\x33.resultity.account.v1.GetContributionTotalsResponse\"?\x82\xd3\xe4\x93\x02\x39\x12\x37/v1/accounts/{operator_account_id}/contributions:totalsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n/resultity/account/v1/contribution_service.proto\x12\x14resultity.account.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf3\x01\n\x10SettlementPolicy\x12\x0f\n\x07version\x18\x01 \x01(\x05\x12#\n\x1boperator_share_basis_points\x18\x02 \x01(\x05\x12!\n\x19platform_fee_basis_points\x18\x03 \x01(\x05\x12\x15\n\repoch_seconds\x18\x04 \x01(\x05\x12 \n\x18min_payout_micro_credits\x18\x05 \x01(\x03\x12 \n\x18max_payout_micro_credits\x18\x06 \x01(\x03\x12+\n\x07\x63reated\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xdf\x01\n\x0c\x43ontribution\x12\x17\n\x0f\x63ontribution_id\x18\x01 \x01(\t\x12\x1b\n\x13operator_account_id\x18\x02 \x01(\t\x12\x0f\n\x07hold_id\x18\x03 \x01(\t\x12\x0f\n\x07node_id\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\x0e\n\x06tokens\x18\x06 \x01(\x03\x12\x1c\n\x14\x61mount_micro_credits\x18\x07 \x01(\x03\x12+\n\x07\x63reated\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x65poch\x18\t \x01(\x03\"^\n\x18ListContributionsRequest\x12\x1b\n\x13operator_account_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"o\n\x19ListContributionsResponse\x12\x39\n\rcontributions\x18\x01 \x03(\x0b\x32\".resultity.account.v1.Contribution\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"^\n\x11\x43ontributionTotal\x12\r\n\x05\x65poch\x18\x01 \x01(\x03\x12\x0c\n\x04jobs\x18\x02 \x01(\x03\x12\x0e\n\x06tokens\x18\x03 \x01(\x03\x12\x1c\n\x14\x61mount_micro_credits\x18\x04 \x01(\x03\"K\n\x1cGetContributionTotalsRequest\x12\x1b\n\x13operator_account_id\x18\x01 \x01(\t\x12\x0e\n\x06\x65pochs\x18\x02 \x01(\x05\"\xa9\x01\n\x1dGetContributionTotalsResponse\x12\x38\n\x07overall\x18\x01 \x01(\x0b\x32\'.resultity.account.v1.ContributionTotal\x12\x37\n\x06\x65pochs\x18\x02 \x03(\x0b\x32\'.resultity.account.v1.ContributionTotal\x12\x15\n\repoch_seconds\x18\x03 \x01(\x03\"\x1c\n\x1aGetSettlementPolicyRequest\"U\n\x1bGetSettlementPolicyResponse\x12\x36\n\x06policy\x18\x01 \x01(\x0b\x32&.resultity.account.v1.SettlementPolicy\"W\n\x1dUpdateSettlementPolicyRequest\x12\x36\n\x06policy\x18\x01 \x01(\x0b\x32&.resultity.account.v1.SettlementPolicy\"X\n\x1eUpdateSettlementPolicyResponse\x12\x36\n\x06policy\x18\x01 \x01(\x0b\x32&.resultity.account.v1.SettlementPolicy2\xce\x05\n\x13\x43ontributionService\x12\xae\x01\n\x11ListContributions\x12..resultity.account.v1.ListContributionsRequest\x1a/.resultity.account.v1.ListContributionsResponse\"8\x82\xd3\xe4\x93\x02\x32\x12\x30/v1/accounts/{operator_account_id}/contributions\x12\xc1\x01\n\x15GetContributionTotals\x12\x32.resultity.account.v1.GetContributionTotalsRequest\x1a\x33.resultity.account.v1.GetContributionTotalsResponse\"?\x82\xd3\xe4\x93\x02\x39\x12\x37/v1/accounts/{operator_account_id}/contributions:totals\x12\x99\x01\n\x13GetSettlementPolicy\x12\x30.resultity.account.v1.GetSettlementPolicyRequest\x1a\x31.resultity.account.v1.GetSettlementPolicyResponse\"\x1d\x82\xd3\xe4\x93\x02\x17\x12\x15/v1/settlement-policy\x12\xa5\x01\n\x16UpdateSettlementPolicy\x12\x33.resultity.account.v1.UpdateSettlementPolicyRequest\x1a\x34.resultity.account.v1.UpdateSettlementPolicyResponse\" \x82\xd3\xe4\x93\x02\x1a\"\x15/v1/settlement-policy:\x01*b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,18 +37,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CONTRIBUTIONSERVICE'].methods_by_name['ListContributions']._serialized_options = b'\202\323\344\223\0022\0220/v1/accounts/{operator_account_id}/contributions'
   _globals['_CONTRIBUTIONSERVICE'].methods_by_name['GetContributionTotals']._loaded_options = None
   _globals['_CONTRIBUTIONSERVICE'].methods_by_name['GetContributionTotals']._serialized_options = b'\202\323\344\223\0029\0227/v1/accounts/{operator_account_id}/contributions:totals'
-  _globals['_CONTRIBUTION']._serialized_start=137
-  _globals['_CONTRIBUTION']._serialized_end=360
-  _globals['_LISTCONTRIBUTIONSREQUEST']._serialized_start=362
-  _globals['_LISTCONTRIBUTIONSREQUEST']._serialized_end=456
-  _globals['_LISTCONTRIBUTIONSRESPONSE']._serialized_start=458
-  _globals['_LISTCONTRIBUTIONSRESPONSE']._serialized_end=569
-  _globals['_CONTRIBUTIONTOTAL']._serialized_start=571
-  _globals['_CONTRIBUTIONTOTAL']._serialized_end=665
-  _globals['_GETCONTRIBUTIONTOTALSREQUEST']._serialized_start=667
-  _globals['_GETCONTRIBUTIONTOTALSREQUEST']._serialized_end=742
-  _globals['_GETCONTRIBUTIONTOTALSRESPONSE']._serialized_start=745
-  _globals['_GETCONTRIBUTIONTOTALSRESPONSE']._serialized_end=914
-  _globals['_CONTRIBUTIONSERVICE']._serialized_start=917
-  _globals['_CONTRIBUTIONSERVICE']._serialized_end=1311
+  _globals['_CONTRIBUTIONSERVICE'].methods_by_name['GetSettlementPolicy']._loaded_options = None
+  _globals['_CONTRIBUTIONSERVICE'].methods_by_name['GetSettlementPolicy']._serialized_options = b'\202\323\344\223\002\027\022\025/v1/settlement-policy'
+  _globals['_CONTRIBUTIONSERVICE'].methods_by_name['UpdateSettlementPolicy']._loaded_options = None
+  _globals['_CONTRIBUTIONSERVICE'].methods_by_name['UpdateSettlementPolicy']._serialized_options = b'\202\323\344\223\002\032\"\025/v1/settlement-policy:\001*'
+  _globals['_SETTLEMENTPOLICY']._serialized_start=137
+  _globals['_SETTLEMENTPOLICY']._serialized_end=380
+  _globals['_CONTRIBUTION']._serialized_start=383
+  _globals['_CONTRIBUTION']._serialized_end=606
+  _globals['_LISTCONTRIBUTIONSREQUEST']._serialized_start=608
+  _globals['_LISTCONTRIBUTIONSREQUEST']._serialized_end=702
+  _globals['_LISTCONTRIBUTIONSRESPONSE']._serialized_start=704
+  _globals['_LISTCONTRIBUTIONSRESPONSE']._serialized_end=815
+  _globals['_CONTRIBUTIONTOTAL']._serialized_start=817
+  _globals['_CONTRIBUTIONTOTAL']._serialized_end=911
+  _globals['_GETCONTRIBUTIONTOTALSREQUEST']._serialized_start=913
+  _globals['_GETCONTRIBUTIONTOTALSREQUEST']._serialized_end=988
+  _globals['_GETCONTRIBUTIONTOTALSRESPONSE']._serialized_start=991
+  _globals['_GETCONTRIBUTIONTOTALSRESPONSE']._serialized_end=1160
+  _globals['_GETSETTLEMENTPOLICYREQUEST']._serialized_start=1162
+  _globals['_GETSETTLEMENTPOLICYREQUEST']._serialized_end=1190
+  _globals['_GETSETTLEMENTPOLICYRESPONSE']._serialized_start=1192
+  _globals['_GETSETTLEMENTPOLICYRESPONSE']._serialized_end=1277
+  _globals['_UPDATESETTLEMENTPOLICYREQUEST']._serialized_start=1279
+  _globals['_UPDATESETTLEMENTPOLICYREQUEST']._serialized_end=1366
+  _globals['_UPDATESETTLEMENTPOLICYRESPONSE']._serialized_start=1368
+  _globals['_UPDATESETTLEMENTPOLICYRESPONSE']._serialized_end=1456
+  _globals['_CONTRIBUTIONSERVICE']._serialized_start=1459
+  _globals['_CONTRIBUTIONSERVICE']._serialized_end=2177
 # @@protoc_insertion_point(module_scope)

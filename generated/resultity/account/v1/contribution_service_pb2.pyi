@@ -20,6 +20,54 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class SettlementPolicy(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    OPERATOR_SHARE_BASIS_POINTS_FIELD_NUMBER: _builtins.int
+    PLATFORM_FEE_BASIS_POINTS_FIELD_NUMBER: _builtins.int
+    EPOCH_SECONDS_FIELD_NUMBER: _builtins.int
+    MIN_PAYOUT_MICRO_CREDITS_FIELD_NUMBER: _builtins.int
+    MAX_PAYOUT_MICRO_CREDITS_FIELD_NUMBER: _builtins.int
+    CREATED_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    """Output only: 1 for the first policy, one more for each update."""
+    operator_share_basis_points: _builtins.int
+    """Of each capture, in basis points (1/100 of a percent): the node operators'
+    share, split by tokens, and the platform's fee. They add up to 10,000.
+    """
+    platform_fee_basis_points: _builtins.int
+    epoch_seconds: _builtins.int
+    """Length of a contribution epoch; records keep the epoch index they were
+    written with (Unix time / epoch_seconds), so a change starts a new count.
+    """
+    min_payout_micro_credits: _builtins.int
+    """Bounds of one payout's amount."""
+    max_payout_micro_credits: _builtins.int
+    @_builtins.property
+    def created(self) -> _timestamp_pb2.Timestamp:
+        """Output only: when this version was stored."""
+
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        operator_share_basis_points: _builtins.int = ...,
+        platform_fee_basis_points: _builtins.int = ...,
+        epoch_seconds: _builtins.int = ...,
+        min_payout_micro_credits: _builtins.int = ...,
+        max_payout_micro_credits: _builtins.int = ...,
+        created: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created", b"created"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "epoch_seconds", b"epoch_seconds", "max_payout_micro_credits", b"max_payout_micro_credits", "min_payout_micro_credits", b"min_payout_micro_credits", "operator_share_basis_points", b"operator_share_basis_points", "platform_fee_basis_points", b"platform_fee_basis_points", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SettlementPolicy: _TypeAlias = SettlementPolicy  # noqa: Y015
+
+@_typing.final
 class Contribution(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -193,3 +241,80 @@ class GetContributionTotalsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetContributionTotalsResponse: _TypeAlias = GetContributionTotalsResponse  # noqa: Y015
+
+@_typing.final
+class GetSettlementPolicyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSettlementPolicyRequest: _TypeAlias = GetSettlementPolicyRequest  # noqa: Y015
+
+@_typing.final
+class GetSettlementPolicyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def policy(self) -> Global___SettlementPolicy: ...
+    def __init__(
+        self,
+        *,
+        policy: Global___SettlementPolicy | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSettlementPolicyResponse: _TypeAlias = GetSettlementPolicyResponse  # noqa: Y015
+
+@_typing.final
+class UpdateSettlementPolicyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def policy(self) -> Global___SettlementPolicy:
+        """version and created are ignored."""
+
+    def __init__(
+        self,
+        *,
+        policy: Global___SettlementPolicy | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateSettlementPolicyRequest: _TypeAlias = UpdateSettlementPolicyRequest  # noqa: Y015
+
+@_typing.final
+class UpdateSettlementPolicyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def policy(self) -> Global___SettlementPolicy: ...
+    def __init__(
+        self,
+        *,
+        policy: Global___SettlementPolicy | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateSettlementPolicyResponse: _TypeAlias = UpdateSettlementPolicyResponse  # noqa: Y015

@@ -46,6 +46,16 @@ class ContributionServiceStub:
                 request_serializer=resultity_dot_account_dot_v1_dot_contribution__service__pb2.GetContributionTotalsRequest.SerializeToString,
                 response_deserializer=resultity_dot_account_dot_v1_dot_contribution__service__pb2.GetContributionTotalsResponse.FromString,
                 _registered_method=True)
+        self.GetSettlementPolicy = channel.unary_unary(
+                '/resultity.account.v1.ContributionService/GetSettlementPolicy',
+                request_serializer=resultity_dot_account_dot_v1_dot_contribution__service__pb2.GetSettlementPolicyRequest.SerializeToString,
+                response_deserializer=resultity_dot_account_dot_v1_dot_contribution__service__pb2.GetSettlementPolicyResponse.FromString,
+                _registered_method=True)
+        self.UpdateSettlementPolicy = channel.unary_unary(
+                '/resultity.account.v1.ContributionService/UpdateSettlementPolicy',
+                request_serializer=resultity_dot_account_dot_v1_dot_contribution__service__pb2.UpdateSettlementPolicyRequest.SerializeToString,
+                response_deserializer=resultity_dot_account_dot_v1_dot_contribution__service__pb2.UpdateSettlementPolicyResponse.FromString,
+                _registered_method=True)
 
 
 class ContributionServiceServicer:
@@ -67,6 +77,25 @@ class ContributionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetSettlementPolicy(self, request, context):
+        """The settlement policy in force: how captures are shared, how records are
+        grouped in epochs, the payout bounds.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateSettlementPolicy(self, request, context):
+        """Admin only. Stores the policy as a new version, in force for every
+        settlement and payout request from then on. INVALID_ARGUMENT unless the
+        operators' share and the platform fee add up to 10,000 basis points,
+        epoch_seconds is 1 to 31,622,400 (366 days) and 0 < min_payout <=
+        max_payout.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ContributionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -79,6 +108,16 @@ def add_ContributionServiceServicer_to_server(servicer, server):
                     servicer.GetContributionTotals,
                     request_deserializer=resultity_dot_account_dot_v1_dot_contribution__service__pb2.GetContributionTotalsRequest.FromString,
                     response_serializer=resultity_dot_account_dot_v1_dot_contribution__service__pb2.GetContributionTotalsResponse.SerializeToString,
+            ),
+            'GetSettlementPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSettlementPolicy,
+                    request_deserializer=resultity_dot_account_dot_v1_dot_contribution__service__pb2.GetSettlementPolicyRequest.FromString,
+                    response_serializer=resultity_dot_account_dot_v1_dot_contribution__service__pb2.GetSettlementPolicyResponse.SerializeToString,
+            ),
+            'UpdateSettlementPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateSettlementPolicy,
+                    request_deserializer=resultity_dot_account_dot_v1_dot_contribution__service__pb2.UpdateSettlementPolicyRequest.FromString,
+                    response_serializer=resultity_dot_account_dot_v1_dot_contribution__service__pb2.UpdateSettlementPolicyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -137,6 +176,60 @@ class ContributionService:
             '/resultity.account.v1.ContributionService/GetContributionTotals',
             resultity_dot_account_dot_v1_dot_contribution__service__pb2.GetContributionTotalsRequest.SerializeToString,
             resultity_dot_account_dot_v1_dot_contribution__service__pb2.GetContributionTotalsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSettlementPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/resultity.account.v1.ContributionService/GetSettlementPolicy',
+            resultity_dot_account_dot_v1_dot_contribution__service__pb2.GetSettlementPolicyRequest.SerializeToString,
+            resultity_dot_account_dot_v1_dot_contribution__service__pb2.GetSettlementPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateSettlementPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/resultity.account.v1.ContributionService/UpdateSettlementPolicy',
+            resultity_dot_account_dot_v1_dot_contribution__service__pb2.UpdateSettlementPolicyRequest.SerializeToString,
+            resultity_dot_account_dot_v1_dot_contribution__service__pb2.UpdateSettlementPolicyResponse.FromString,
             options,
             channel_credentials,
             insecure,

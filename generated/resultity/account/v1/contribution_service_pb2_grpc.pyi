@@ -39,6 +39,17 @@ class ContributionServiceStub:
     """The operator's records, newest first."""
     GetContributionTotals: _grpc.UnaryUnaryMultiCallable[_contribution_service_pb2.GetContributionTotalsRequest, _contribution_service_pb2.GetContributionTotalsResponse]
     """The operator's totals, overall and per epoch (newest epoch first)."""
+    GetSettlementPolicy: _grpc.UnaryUnaryMultiCallable[_contribution_service_pb2.GetSettlementPolicyRequest, _contribution_service_pb2.GetSettlementPolicyResponse]
+    """The settlement policy in force: how captures are shared, how records are
+    grouped in epochs, the payout bounds.
+    """
+    UpdateSettlementPolicy: _grpc.UnaryUnaryMultiCallable[_contribution_service_pb2.UpdateSettlementPolicyRequest, _contribution_service_pb2.UpdateSettlementPolicyResponse]
+    """Admin only. Stores the policy as a new version, in force for every
+    settlement and payout request from then on. INVALID_ARGUMENT unless the
+    operators' share and the platform fee add up to 10,000 basis points,
+    epoch_seconds is 1 to 31,622,400 (366 days) and 0 < min_payout <=
+    max_payout.
+    """
 
 @_typing.type_check_only
 class ContributionServiceAsyncStub(ContributionServiceStub):
@@ -51,6 +62,17 @@ class ContributionServiceAsyncStub(ContributionServiceStub):
     """The operator's records, newest first."""
     GetContributionTotals: _aio.UnaryUnaryMultiCallable[_contribution_service_pb2.GetContributionTotalsRequest, _contribution_service_pb2.GetContributionTotalsResponse]  # type: ignore[assignment]
     """The operator's totals, overall and per epoch (newest epoch first)."""
+    GetSettlementPolicy: _aio.UnaryUnaryMultiCallable[_contribution_service_pb2.GetSettlementPolicyRequest, _contribution_service_pb2.GetSettlementPolicyResponse]  # type: ignore[assignment]
+    """The settlement policy in force: how captures are shared, how records are
+    grouped in epochs, the payout bounds.
+    """
+    UpdateSettlementPolicy: _aio.UnaryUnaryMultiCallable[_contribution_service_pb2.UpdateSettlementPolicyRequest, _contribution_service_pb2.UpdateSettlementPolicyResponse]  # type: ignore[assignment]
+    """Admin only. Stores the policy as a new version, in force for every
+    settlement and payout request from then on. INVALID_ARGUMENT unless the
+    operators' share and the platform fee add up to 10,000 basis points,
+    epoch_seconds is 1 to 31,622,400 (366 days) and 0 < min_payout <=
+    max_payout.
+    """
 
 class ContributionServiceServicer(metaclass=_abc_1.ABCMeta):
     """Contribution records (RCP): one per settled job per node operator, written
@@ -72,5 +94,28 @@ class ContributionServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_contribution_service_pb2.GetContributionTotalsResponse, _abc.Awaitable[_contribution_service_pb2.GetContributionTotalsResponse]]:
         """The operator's totals, overall and per epoch (newest epoch first)."""
+
+    @_abc_1.abstractmethod
+    def GetSettlementPolicy(
+        self,
+        request: _contribution_service_pb2.GetSettlementPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_contribution_service_pb2.GetSettlementPolicyResponse, _abc.Awaitable[_contribution_service_pb2.GetSettlementPolicyResponse]]:
+        """The settlement policy in force: how captures are shared, how records are
+        grouped in epochs, the payout bounds.
+        """
+
+    @_abc_1.abstractmethod
+    def UpdateSettlementPolicy(
+        self,
+        request: _contribution_service_pb2.UpdateSettlementPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_contribution_service_pb2.UpdateSettlementPolicyResponse, _abc.Awaitable[_contribution_service_pb2.UpdateSettlementPolicyResponse]]:
+        """Admin only. Stores the policy as a new version, in force for every
+        settlement and payout request from then on. INVALID_ARGUMENT unless the
+        operators' share and the platform fee add up to 10,000 basis points,
+        epoch_seconds is 1 to 31,622,400 (366 days) and 0 < min_payout <=
+        max_payout.
+        """
 
 def add_ContributionServiceServicer_to_server(servicer: ContributionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

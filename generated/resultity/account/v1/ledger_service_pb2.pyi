@@ -34,6 +34,12 @@ class _TransferKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Transfer
     TRANSFER_KIND_PROMOTIONAL_FUNDING: _TransferKind.ValueType  # 5
     TRANSFER_KIND_REFERRAL_BONUS: _TransferKind.ValueType  # 6
     TRANSFER_KIND_SUBSCRIPTION_ALLOWANCE: _TransferKind.ValueType  # 7
+    TRANSFER_KIND_SUBSCRIPTION_CHARGE: _TransferKind.ValueType  # 8
+    """A subscription period's price, paid to the platform."""
+    TRANSFER_KIND_ALLOWANCE_EXPIRY: _TransferKind.ValueType  # 9
+    """The unused allowance of an ended subscription period, taken back."""
+    TRANSFER_KIND_PAYOUT: _TransferKind.ValueType  # 10
+    """A payout's reservation of operator earnings (then captured or released)."""
 
 class TransferKind(_TransferKind, metaclass=_TransferKindEnumTypeWrapper):
     """Why credits moved."""
@@ -46,6 +52,12 @@ TRANSFER_KIND_GRANT: TransferKind.ValueType  # 4
 TRANSFER_KIND_PROMOTIONAL_FUNDING: TransferKind.ValueType  # 5
 TRANSFER_KIND_REFERRAL_BONUS: TransferKind.ValueType  # 6
 TRANSFER_KIND_SUBSCRIPTION_ALLOWANCE: TransferKind.ValueType  # 7
+TRANSFER_KIND_SUBSCRIPTION_CHARGE: TransferKind.ValueType  # 8
+"""A subscription period's price, paid to the platform."""
+TRANSFER_KIND_ALLOWANCE_EXPIRY: TransferKind.ValueType  # 9
+"""The unused allowance of an ended subscription period, taken back."""
+TRANSFER_KIND_PAYOUT: TransferKind.ValueType  # 10
+"""A payout's reservation of operator earnings (then captured or released)."""
 Global___TransferKind: _TypeAlias = TransferKind  # noqa: Y015
 
 class _HoldStatus:
@@ -67,6 +79,28 @@ HOLD_STATUS_OPEN: HoldStatus.ValueType  # 1
 HOLD_STATUS_SETTLED: HoldStatus.ValueType  # 2
 HOLD_STATUS_RELEASED: HoldStatus.ValueType  # 3
 Global___HoldStatus: _TypeAlias = HoldStatus  # noqa: Y015
+
+class _PayoutStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PayoutStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PayoutStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PAYOUT_STATUS_UNSPECIFIED: _PayoutStatus.ValueType  # 0
+    PAYOUT_STATUS_REQUESTED: _PayoutStatus.ValueType  # 1
+    """Waiting for an admin; the amount is reserved."""
+    PAYOUT_STATUS_COMPLETED: _PayoutStatus.ValueType  # 2
+    PAYOUT_STATUS_REJECTED: _PayoutStatus.ValueType  # 3
+
+class PayoutStatus(_PayoutStatus, metaclass=_PayoutStatusEnumTypeWrapper):
+    """State of a payout."""
+
+PAYOUT_STATUS_UNSPECIFIED: PayoutStatus.ValueType  # 0
+PAYOUT_STATUS_REQUESTED: PayoutStatus.ValueType  # 1
+"""Waiting for an admin; the amount is reserved."""
+PAYOUT_STATUS_COMPLETED: PayoutStatus.ValueType  # 2
+PAYOUT_STATUS_REJECTED: PayoutStatus.ValueType  # 3
+Global___PayoutStatus: _TypeAlias = PayoutStatus  # noqa: Y015
 
 @_typing.final
 class TopUpRequest(_message.Message):
@@ -221,13 +255,16 @@ class Balance(_message.Message):
     AVAILABLE_MICRO_CREDITS_FIELD_NUMBER: _builtins.int
     HELD_MICRO_CREDITS_FIELD_NUMBER: _builtins.int
     EARNED_MICRO_CREDITS_FIELD_NUMBER: _builtins.int
+    PAYOUT_PENDING_MICRO_CREDITS_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     available_micro_credits: _builtins.int
     """Credits that can be spent or reserved now."""
     held_micro_credits: _builtins.int
     """Credits reserved by open holds."""
     earned_micro_credits: _builtins.int
-    """Credits earned as a node operator."""
+    """Credits earned as a node operator, neither paid out nor reserved for a payout."""
+    payout_pending_micro_credits: _builtins.int
+    """Earnings reserved by payouts waiting for an admin."""
     def __init__(
         self,
         *,
@@ -235,10 +272,11 @@ class Balance(_message.Message):
         available_micro_credits: _builtins.int = ...,
         held_micro_credits: _builtins.int = ...,
         earned_micro_credits: _builtins.int = ...,
+        payout_pending_micro_credits: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "available_micro_credits", b"available_micro_credits", "earned_micro_credits", b"earned_micro_credits", "held_micro_credits", b"held_micro_credits"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "available_micro_credits", b"available_micro_credits", "earned_micro_credits", b"earned_micro_credits", "held_micro_credits", b"held_micro_credits", "payout_pending_micro_credits", b"payout_pending_micro_credits"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -301,9 +339,9 @@ class Transaction(_message.Message):
     amount_micro_credits: _builtins.int
     """Positive: credited to the account; negative: debited."""
     hold_status: Global___HoldStatus.ValueType
-    """For holds: the hold's state; otherwise HOLD_STATUS_UNSPECIFIED."""
+    """For holds and payout reservations: their state; otherwise HOLD_STATUS_UNSPECIFIED."""
     hold_id: _builtins.str
-    """For captures: the hold they settle."""
+    """For captures: the hold (or payout reservation) they settle."""
     operator_earnings: _builtins.bool
     """True when the transfer moved operator earnings rather than spendable credits."""
     @_builtins.property
@@ -398,12 +436,15 @@ class GetLedgerSummaryResponse(_message.Message):
     CASH_IN_MICRO_CREDITS_FIELD_NUMBER: _builtins.int
     PLATFORM_REVENUE_MICRO_CREDITS_FIELD_NUMBER: _builtins.int
     PROMOTIONAL_POOL_MICRO_CREDITS_FIELD_NUMBER: _builtins.int
+    CASH_OUT_MICRO_CREDITS_FIELD_NUMBER: _builtins.int
     TOTAL_DEBITS_MICRO_CREDITS_FIELD_NUMBER: _builtins.int
     TOTAL_CREDITS_MICRO_CREDITS_FIELD_NUMBER: _builtins.int
     cash_in_micro_credits: _builtins.int
     """Net posted balance (credits - debits) of each system account."""
     platform_revenue_micro_credits: _builtins.int
     promotional_pool_micro_credits: _builtins.int
+    cash_out_micro_credits: _builtins.int
+    """Credits paid out to operators (they left the platform for money)."""
     total_debits_micro_credits: _builtins.int
     """Sums over every ledger account; equal when the ledger is conserved."""
     total_credits_micro_credits: _builtins.int
@@ -413,12 +454,13 @@ class GetLedgerSummaryResponse(_message.Message):
         cash_in_micro_credits: _builtins.int = ...,
         platform_revenue_micro_credits: _builtins.int = ...,
         promotional_pool_micro_credits: _builtins.int = ...,
+        cash_out_micro_credits: _builtins.int = ...,
         total_debits_micro_credits: _builtins.int = ...,
         total_credits_micro_credits: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cash_in_micro_credits", b"cash_in_micro_credits", "platform_revenue_micro_credits", b"platform_revenue_micro_credits", "promotional_pool_micro_credits", b"promotional_pool_micro_credits", "total_credits_micro_credits", b"total_credits_micro_credits", "total_debits_micro_credits", b"total_debits_micro_credits"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cash_in_micro_credits", b"cash_in_micro_credits", "cash_out_micro_credits", b"cash_out_micro_credits", "platform_revenue_micro_credits", b"platform_revenue_micro_credits", "promotional_pool_micro_credits", b"promotional_pool_micro_credits", "total_credits_micro_credits", b"total_credits_micro_credits", "total_debits_micro_credits", b"total_debits_micro_credits"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -547,14 +589,22 @@ class SettleHoldRequest(_message.Message):
     HOLD_ID_FIELD_NUMBER: _builtins.int
     CAPTURE_MICRO_CREDITS_FIELD_NUMBER: _builtins.int
     LINES_FIELD_NUMBER: _builtins.int
+    TOTAL_TOKENS_FIELD_NUMBER: _builtins.int
     hold_id: _builtins.str
     capture_micro_credits: _builtins.int
     """At most the hold's amount; zero releases the whole hold."""
+    total_tokens: _builtins.int
+    """Every token the capture pays for, whether or not a line claims it; at
+    least the lines' sum (INVALID_ARGUMENT otherwise). 0 means the lines'
+    sum: the lines cover every token.
+    """
     @_builtins.property
     def lines(self) -> _containers.RepeatedCompositeFieldContainer[Global___SettlementLine]:
-        """At most one line per operator. The operators' share of the capture is
-        split among the lines by tokens; the platform receives the rest. Without
-        lines the platform receives the whole capture.
+        """At most one line per operator. Each line earns tokens / total_tokens of
+        the operators' share of the capture (rounded down); the platform
+        receives the rest, including the part earned by tokens no line claims
+        (nodes without an operator). Without lines the platform receives the
+        whole capture.
         """
 
     def __init__(
@@ -563,10 +613,11 @@ class SettleHoldRequest(_message.Message):
         hold_id: _builtins.str = ...,
         capture_micro_credits: _builtins.int = ...,
         lines: _abc.Iterable[Global___SettlementLine] | None = ...,
+        total_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capture_micro_credits", b"capture_micro_credits", "hold_id", b"hold_id", "lines", b"lines"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capture_micro_credits", b"capture_micro_credits", "hold_id", b"hold_id", "lines", b"lines", "total_tokens", b"total_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -591,3 +642,227 @@ class SettleHoldResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SettleHoldResponse: _TypeAlias = SettleHoldResponse  # noqa: Y015
+
+@_typing.final
+class Payout(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAYOUT_ID_FIELD_NUMBER: _builtins.int
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    AMOUNT_MICRO_CREDITS_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
+    REQUESTED_FIELD_NUMBER: _builtins.int
+    RESOLVED_FIELD_NUMBER: _builtins.int
+    payout_id: _builtins.str
+    account_id: _builtins.str
+    """The operator account paid."""
+    amount_micro_credits: _builtins.int
+    status: Global___PayoutStatus.ValueType
+    note: _builtins.str
+    """The admin's payment reference (completed) or reason (rejected)."""
+    @_builtins.property
+    def requested(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def resolved(self) -> _timestamp_pb2.Timestamp:
+        """When an admin completed or rejected it; unset while requested."""
+
+    def __init__(
+        self,
+        *,
+        payout_id: _builtins.str = ...,
+        account_id: _builtins.str = ...,
+        amount_micro_credits: _builtins.int = ...,
+        status: Global___PayoutStatus.ValueType = ...,
+        note: _builtins.str = ...,
+        requested: _timestamp_pb2.Timestamp | None = ...,
+        resolved: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["requested", b"requested", "resolved", b"resolved"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "amount_micro_credits", b"amount_micro_credits", "note", b"note", "payout_id", b"payout_id", "requested", b"requested", "resolved", b"resolved", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Payout: _TypeAlias = Payout  # noqa: Y015
+
+@_typing.final
+class RequestPayoutRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    AMOUNT_MICRO_CREDITS_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    amount_micro_credits: _builtins.int
+    idempotency_key: _builtins.str
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        amount_micro_credits: _builtins.int = ...,
+        idempotency_key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "amount_micro_credits", b"amount_micro_credits", "idempotency_key", b"idempotency_key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RequestPayoutRequest: _TypeAlias = RequestPayoutRequest  # noqa: Y015
+
+@_typing.final
+class RequestPayoutResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAYOUT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def payout(self) -> Global___Payout: ...
+    def __init__(
+        self,
+        *,
+        payout: Global___Payout | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["payout", b"payout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["payout", b"payout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RequestPayoutResponse: _TypeAlias = RequestPayoutResponse  # noqa: Y015
+
+@_typing.final
+class ListPayoutsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    """Empty: every account's (admin only)."""
+    page_size: _builtins.int
+    """At most 100; 0 means 50."""
+    page_token: _builtins.str
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPayoutsRequest: _TypeAlias = ListPayoutsRequest  # noqa: Y015
+
+@_typing.final
+class ListPayoutsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAYOUTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    @_builtins.property
+    def payouts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Payout]: ...
+    def __init__(
+        self,
+        *,
+        payouts: _abc.Iterable[Global___Payout] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "payouts", b"payouts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPayoutsResponse: _TypeAlias = ListPayoutsResponse  # noqa: Y015
+
+@_typing.final
+class CompletePayoutRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAYOUT_ID_FIELD_NUMBER: _builtins.int
+    REFERENCE_FIELD_NUMBER: _builtins.int
+    payout_id: _builtins.str
+    reference: _builtins.str
+    """The payment's reference (bank transfer id, ...); at most 200 characters."""
+    def __init__(
+        self,
+        *,
+        payout_id: _builtins.str = ...,
+        reference: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["payout_id", b"payout_id", "reference", b"reference"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CompletePayoutRequest: _TypeAlias = CompletePayoutRequest  # noqa: Y015
+
+@_typing.final
+class CompletePayoutResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAYOUT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def payout(self) -> Global___Payout: ...
+    def __init__(
+        self,
+        *,
+        payout: Global___Payout | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["payout", b"payout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["payout", b"payout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CompletePayoutResponse: _TypeAlias = CompletePayoutResponse  # noqa: Y015
+
+@_typing.final
+class RejectPayoutRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAYOUT_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    payout_id: _builtins.str
+    reason: _builtins.str
+    """Why; at most 200 characters."""
+    def __init__(
+        self,
+        *,
+        payout_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["payout_id", b"payout_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RejectPayoutRequest: _TypeAlias = RejectPayoutRequest  # noqa: Y015
+
+@_typing.final
+class RejectPayoutResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAYOUT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def payout(self) -> Global___Payout: ...
+    def __init__(
+        self,
+        *,
+        payout: Global___Payout | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["payout", b"payout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["payout", b"payout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RejectPayoutResponse: _TypeAlias = RejectPayoutResponse  # noqa: Y015

@@ -78,6 +78,26 @@ class LedgerServiceStub:
                 request_serializer=resultity_dot_account_dot_v1_dot_ledger__service__pb2.SettleHoldRequest.SerializeToString,
                 response_deserializer=resultity_dot_account_dot_v1_dot_ledger__service__pb2.SettleHoldResponse.FromString,
                 _registered_method=True)
+        self.RequestPayout = channel.unary_unary(
+                '/resultity.account.v1.LedgerService/RequestPayout',
+                request_serializer=resultity_dot_account_dot_v1_dot_ledger__service__pb2.RequestPayoutRequest.SerializeToString,
+                response_deserializer=resultity_dot_account_dot_v1_dot_ledger__service__pb2.RequestPayoutResponse.FromString,
+                _registered_method=True)
+        self.ListPayouts = channel.unary_unary(
+                '/resultity.account.v1.LedgerService/ListPayouts',
+                request_serializer=resultity_dot_account_dot_v1_dot_ledger__service__pb2.ListPayoutsRequest.SerializeToString,
+                response_deserializer=resultity_dot_account_dot_v1_dot_ledger__service__pb2.ListPayoutsResponse.FromString,
+                _registered_method=True)
+        self.CompletePayout = channel.unary_unary(
+                '/resultity.account.v1.LedgerService/CompletePayout',
+                request_serializer=resultity_dot_account_dot_v1_dot_ledger__service__pb2.CompletePayoutRequest.SerializeToString,
+                response_deserializer=resultity_dot_account_dot_v1_dot_ledger__service__pb2.CompletePayoutResponse.FromString,
+                _registered_method=True)
+        self.RejectPayout = channel.unary_unary(
+                '/resultity.account.v1.LedgerService/RejectPayout',
+                request_serializer=resultity_dot_account_dot_v1_dot_ledger__service__pb2.RejectPayoutRequest.SerializeToString,
+                response_deserializer=resultity_dot_account_dot_v1_dot_ledger__service__pb2.RejectPayoutResponse.FromString,
+                _registered_method=True)
 
 
 class LedgerServiceServicer:
@@ -149,6 +169,43 @@ class LedgerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RequestPayout(self, request, context):
+        """An operator asks for earned credits to be paid out (the account itself
+        or an admin). Reserves the amount of the operator's earnings until an
+        admin completes or rejects it. The amount must lie within the
+        settlement policy's payout bounds (INVALID_ARGUMENT); RESOURCE_EXHAUSTED
+        (INSUFFICIENT_QUOTA) when the earnings not yet paid or reserved are short.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPayouts(self, request, context):
+        """Payouts, newest first: the account's, or (admin only, account_id empty)
+        everyone's.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CompletePayout(self, request, context):
+        """Admin only. The money was paid: the reserved credits leave the platform
+        through the cash-out account. Completing again is a replay; completing a
+        rejected payout fails with FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RejectPayout(self, request, context):
+        """Admin only. Releases the reserved credits back to the operator's
+        earnings. Rejecting again is a replay; rejecting a completed payout fails
+        with FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LedgerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -191,6 +248,26 @@ def add_LedgerServiceServicer_to_server(servicer, server):
                     servicer.SettleHold,
                     request_deserializer=resultity_dot_account_dot_v1_dot_ledger__service__pb2.SettleHoldRequest.FromString,
                     response_serializer=resultity_dot_account_dot_v1_dot_ledger__service__pb2.SettleHoldResponse.SerializeToString,
+            ),
+            'RequestPayout': grpc.unary_unary_rpc_method_handler(
+                    servicer.RequestPayout,
+                    request_deserializer=resultity_dot_account_dot_v1_dot_ledger__service__pb2.RequestPayoutRequest.FromString,
+                    response_serializer=resultity_dot_account_dot_v1_dot_ledger__service__pb2.RequestPayoutResponse.SerializeToString,
+            ),
+            'ListPayouts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPayouts,
+                    request_deserializer=resultity_dot_account_dot_v1_dot_ledger__service__pb2.ListPayoutsRequest.FromString,
+                    response_serializer=resultity_dot_account_dot_v1_dot_ledger__service__pb2.ListPayoutsResponse.SerializeToString,
+            ),
+            'CompletePayout': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompletePayout,
+                    request_deserializer=resultity_dot_account_dot_v1_dot_ledger__service__pb2.CompletePayoutRequest.FromString,
+                    response_serializer=resultity_dot_account_dot_v1_dot_ledger__service__pb2.CompletePayoutResponse.SerializeToString,
+            ),
+            'RejectPayout': grpc.unary_unary_rpc_method_handler(
+                    servicer.RejectPayout,
+                    request_deserializer=resultity_dot_account_dot_v1_dot_ledger__service__pb2.RejectPayoutRequest.FromString,
+                    response_serializer=resultity_dot_account_dot_v1_dot_ledger__service__pb2.RejectPayoutResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -413,6 +490,114 @@ class LedgerService:
             '/resultity.account.v1.LedgerService/SettleHold',
             resultity_dot_account_dot_v1_dot_ledger__service__pb2.SettleHoldRequest.SerializeToString,
             resultity_dot_account_dot_v1_dot_ledger__service__pb2.SettleHoldResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RequestPayout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/resultity.account.v1.LedgerService/RequestPayout',
+            resultity_dot_account_dot_v1_dot_ledger__service__pb2.RequestPayoutRequest.SerializeToString,
+            resultity_dot_account_dot_v1_dot_ledger__service__pb2.RequestPayoutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPayouts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/resultity.account.v1.LedgerService/ListPayouts',
+            resultity_dot_account_dot_v1_dot_ledger__service__pb2.ListPayoutsRequest.SerializeToString,
+            resultity_dot_account_dot_v1_dot_ledger__service__pb2.ListPayoutsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompletePayout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/resultity.account.v1.LedgerService/CompletePayout',
+            resultity_dot_account_dot_v1_dot_ledger__service__pb2.CompletePayoutRequest.SerializeToString,
+            resultity_dot_account_dot_v1_dot_ledger__service__pb2.CompletePayoutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RejectPayout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/resultity.account.v1.LedgerService/RejectPayout',
+            resultity_dot_account_dot_v1_dot_ledger__service__pb2.RejectPayoutRequest.SerializeToString,
+            resultity_dot_account_dot_v1_dot_ledger__service__pb2.RejectPayoutResponse.FromString,
             options,
             channel_credentials,
             insecure,

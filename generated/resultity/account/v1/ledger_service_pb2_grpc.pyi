@@ -63,6 +63,27 @@ class LedgerServiceStub:
     same transaction. A hold resolves once; settling it again with the same
     parameters returns the same result.
     """
+    RequestPayout: _grpc.UnaryUnaryMultiCallable[_ledger_service_pb2.RequestPayoutRequest, _ledger_service_pb2.RequestPayoutResponse]
+    """An operator asks for earned credits to be paid out (the account itself
+    or an admin). Reserves the amount of the operator's earnings until an
+    admin completes or rejects it. The amount must lie within the
+    settlement policy's payout bounds (INVALID_ARGUMENT); RESOURCE_EXHAUSTED
+    (INSUFFICIENT_QUOTA) when the earnings not yet paid or reserved are short.
+    """
+    ListPayouts: _grpc.UnaryUnaryMultiCallable[_ledger_service_pb2.ListPayoutsRequest, _ledger_service_pb2.ListPayoutsResponse]
+    """Payouts, newest first: the account's, or (admin only, account_id empty)
+    everyone's.
+    """
+    CompletePayout: _grpc.UnaryUnaryMultiCallable[_ledger_service_pb2.CompletePayoutRequest, _ledger_service_pb2.CompletePayoutResponse]
+    """Admin only. The money was paid: the reserved credits leave the platform
+    through the cash-out account. Completing again is a replay; completing a
+    rejected payout fails with FAILED_PRECONDITION.
+    """
+    RejectPayout: _grpc.UnaryUnaryMultiCallable[_ledger_service_pb2.RejectPayoutRequest, _ledger_service_pb2.RejectPayoutResponse]
+    """Admin only. Releases the reserved credits back to the operator's
+    earnings. Rejecting again is a replay; rejecting a completed payout fails
+    with FAILED_PRECONDITION.
+    """
 
 @_typing.type_check_only
 class LedgerServiceAsyncStub(LedgerServiceStub):
@@ -98,6 +119,27 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
     credits the node operators their share and the platform its fee in the
     same transaction. A hold resolves once; settling it again with the same
     parameters returns the same result.
+    """
+    RequestPayout: _aio.UnaryUnaryMultiCallable[_ledger_service_pb2.RequestPayoutRequest, _ledger_service_pb2.RequestPayoutResponse]  # type: ignore[assignment]
+    """An operator asks for earned credits to be paid out (the account itself
+    or an admin). Reserves the amount of the operator's earnings until an
+    admin completes or rejects it. The amount must lie within the
+    settlement policy's payout bounds (INVALID_ARGUMENT); RESOURCE_EXHAUSTED
+    (INSUFFICIENT_QUOTA) when the earnings not yet paid or reserved are short.
+    """
+    ListPayouts: _aio.UnaryUnaryMultiCallable[_ledger_service_pb2.ListPayoutsRequest, _ledger_service_pb2.ListPayoutsResponse]  # type: ignore[assignment]
+    """Payouts, newest first: the account's, or (admin only, account_id empty)
+    everyone's.
+    """
+    CompletePayout: _aio.UnaryUnaryMultiCallable[_ledger_service_pb2.CompletePayoutRequest, _ledger_service_pb2.CompletePayoutResponse]  # type: ignore[assignment]
+    """Admin only. The money was paid: the reserved credits leave the platform
+    through the cash-out account. Completing again is a replay; completing a
+    rejected payout fails with FAILED_PRECONDITION.
+    """
+    RejectPayout: _aio.UnaryUnaryMultiCallable[_ledger_service_pb2.RejectPayoutRequest, _ledger_service_pb2.RejectPayoutResponse]  # type: ignore[assignment]
+    """Admin only. Releases the reserved credits back to the operator's
+    earnings. Rejecting again is a replay; rejecting a completed payout fails
+    with FAILED_PRECONDITION.
     """
 
 class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -179,6 +221,51 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         credits the node operators their share and the platform its fee in the
         same transaction. A hold resolves once; settling it again with the same
         parameters returns the same result.
+        """
+
+    @_abc_1.abstractmethod
+    def RequestPayout(
+        self,
+        request: _ledger_service_pb2.RequestPayoutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_service_pb2.RequestPayoutResponse, _abc.Awaitable[_ledger_service_pb2.RequestPayoutResponse]]:
+        """An operator asks for earned credits to be paid out (the account itself
+        or an admin). Reserves the amount of the operator's earnings until an
+        admin completes or rejects it. The amount must lie within the
+        settlement policy's payout bounds (INVALID_ARGUMENT); RESOURCE_EXHAUSTED
+        (INSUFFICIENT_QUOTA) when the earnings not yet paid or reserved are short.
+        """
+
+    @_abc_1.abstractmethod
+    def ListPayouts(
+        self,
+        request: _ledger_service_pb2.ListPayoutsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_service_pb2.ListPayoutsResponse, _abc.Awaitable[_ledger_service_pb2.ListPayoutsResponse]]:
+        """Payouts, newest first: the account's, or (admin only, account_id empty)
+        everyone's.
+        """
+
+    @_abc_1.abstractmethod
+    def CompletePayout(
+        self,
+        request: _ledger_service_pb2.CompletePayoutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_service_pb2.CompletePayoutResponse, _abc.Awaitable[_ledger_service_pb2.CompletePayoutResponse]]:
+        """Admin only. The money was paid: the reserved credits leave the platform
+        through the cash-out account. Completing again is a replay; completing a
+        rejected payout fails with FAILED_PRECONDITION.
+        """
+
+    @_abc_1.abstractmethod
+    def RejectPayout(
+        self,
+        request: _ledger_service_pb2.RejectPayoutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_service_pb2.RejectPayoutResponse, _abc.Awaitable[_ledger_service_pb2.RejectPayoutResponse]]:
+        """Admin only. Releases the reserved credits back to the operator's
+        earnings. Rejecting again is a replay; rejecting a completed payout fails
+        with FAILED_PRECONDITION.
         """
 
 def add_LedgerServiceServicer_to_server(servicer: LedgerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

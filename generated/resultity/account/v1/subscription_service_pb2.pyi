@@ -29,6 +29,8 @@ class _SubscriptionStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Su
     SUBSCRIPTION_STATUS_UNSPECIFIED: _SubscriptionStatus.ValueType  # 0
     SUBSCRIPTION_STATUS_ACTIVE: _SubscriptionStatus.ValueType  # 1
     SUBSCRIPTION_STATUS_CANCELLED: _SubscriptionStatus.ValueType  # 2
+    SUBSCRIPTION_STATUS_LAPSED: _SubscriptionStatus.ValueType  # 3
+    """Renewal could not charge the price; nothing more is granted."""
 
 class SubscriptionStatus(_SubscriptionStatus, metaclass=_SubscriptionStatusEnumTypeWrapper):
     """State of a subscription."""
@@ -36,6 +38,8 @@ class SubscriptionStatus(_SubscriptionStatus, metaclass=_SubscriptionStatusEnumT
 SUBSCRIPTION_STATUS_UNSPECIFIED: SubscriptionStatus.ValueType  # 0
 SUBSCRIPTION_STATUS_ACTIVE: SubscriptionStatus.ValueType  # 1
 SUBSCRIPTION_STATUS_CANCELLED: SubscriptionStatus.ValueType  # 2
+SUBSCRIPTION_STATUS_LAPSED: SubscriptionStatus.ValueType  # 3
+"""Renewal could not charge the price; nothing more is granted."""
 Global___SubscriptionStatus: _TypeAlias = SubscriptionStatus  # noqa: Y015
 
 @_typing.final
@@ -87,11 +91,12 @@ class Subscription(_message.Message):
     plan_id: _builtins.str
     status: Global___SubscriptionStatus.ValueType
     periods_granted: _builtins.int
+    """Periods paid and granted so far."""
     @_builtins.property
     def started(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def current_period_start(self) -> _timestamp_pb2.Timestamp:
-        """The period whose allowance was granted last."""
+        """The period paid and granted last."""
 
     @_builtins.property
     def current_period_end(self) -> _timestamp_pb2.Timestamp: ...
@@ -277,6 +282,56 @@ class GetSubscriptionResponse(_message.Message):
 Global___GetSubscriptionResponse: _TypeAlias = GetSubscriptionResponse  # noqa: Y015
 
 @_typing.final
+class ListSubscriptionsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    """Empty: every account's (admin only)."""
+    page_size: _builtins.int
+    """At most 100; 0 means 50."""
+    page_token: _builtins.str
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSubscriptionsRequest: _TypeAlias = ListSubscriptionsRequest  # noqa: Y015
+
+@_typing.final
+class ListSubscriptionsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUBSCRIPTIONS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    @_builtins.property
+    def subscriptions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Subscription]: ...
+    def __init__(
+        self,
+        *,
+        subscriptions: _abc.Iterable[Global___Subscription] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "subscriptions", b"subscriptions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSubscriptionsResponse: _TypeAlias = ListSubscriptionsResponse  # noqa: Y015
+
+@_typing.final
 class CancelSubscriptionRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -335,16 +390,28 @@ class RenewSubscriptionsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     GRANTED_FIELD_NUMBER: _builtins.int
+    LAPSED_FIELD_NUMBER: _builtins.int
+    EXPIRED_PERIODS_FIELD_NUMBER: _builtins.int
+    RETURNED_MICRO_CREDITS_FIELD_NUMBER: _builtins.int
     granted: _builtins.int
-    """Allowances granted by this call."""
+    """Periods charged and granted by this call."""
+    lapsed: _builtins.int
+    """Subscriptions that lapsed because their price could not be paid."""
+    expired_periods: _builtins.int
+    """Ended periods whose allowance expired."""
+    returned_micro_credits: _builtins.int
+    """Unused allowance taken back by those expiries."""
     def __init__(
         self,
         *,
         granted: _builtins.int = ...,
+        lapsed: _builtins.int = ...,
+        expired_periods: _builtins.int = ...,
+        returned_micro_credits: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["granted", b"granted"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expired_periods", b"expired_periods", "granted", b"granted", "lapsed", b"lapsed", "returned_micro_credits", b"returned_micro_credits"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

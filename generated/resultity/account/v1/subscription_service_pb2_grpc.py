@@ -26,8 +26,13 @@ if _version_not_supported:
 
 
 class SubscriptionServiceStub:
-    """Subscription plans: a price per month and a monthly credit allowance,
-    granted once per period however often renewal runs.
+    """Subscription plans: a price per month and a monthly credit allowance.
+    Each period is paid from the subscriber's available credits (to the
+    platform) and then granted its allowance, once however often renewal runs.
+    The allowance expires at the period's end: the part not spent goes back.
+    Allowance counts as spent first: unused = allowance - the subscriber's
+    captured spend within the period, at least 0 and at most what is
+    available then.
     """
 
     def __init__(self, channel):
@@ -56,6 +61,11 @@ class SubscriptionServiceStub:
                 request_serializer=resultity_dot_account_dot_v1_dot_subscription__service__pb2.GetSubscriptionRequest.SerializeToString,
                 response_deserializer=resultity_dot_account_dot_v1_dot_subscription__service__pb2.GetSubscriptionResponse.FromString,
                 _registered_method=True)
+        self.ListSubscriptions = channel.unary_unary(
+                '/resultity.account.v1.SubscriptionService/ListSubscriptions',
+                request_serializer=resultity_dot_account_dot_v1_dot_subscription__service__pb2.ListSubscriptionsRequest.SerializeToString,
+                response_deserializer=resultity_dot_account_dot_v1_dot_subscription__service__pb2.ListSubscriptionsResponse.FromString,
+                _registered_method=True)
         self.CancelSubscription = channel.unary_unary(
                 '/resultity.account.v1.SubscriptionService/CancelSubscription',
                 request_serializer=resultity_dot_account_dot_v1_dot_subscription__service__pb2.CancelSubscriptionRequest.SerializeToString,
@@ -69,8 +79,13 @@ class SubscriptionServiceStub:
 
 
 class SubscriptionServiceServicer:
-    """Subscription plans: a price per month and a monthly credit allowance,
-    granted once per period however often renewal runs.
+    """Subscription plans: a price per month and a monthly credit allowance.
+    Each period is paid from the subscriber's available credits (to the
+    platform) and then granted its allowance, once however often renewal runs.
+    The allowance expires at the period's end: the part not spent goes back.
+    Allowance counts as spent first: unused = allowance - the subscriber's
+    captured spend within the period, at least 0 and at most what is
+    available then.
     """
 
     def CreatePlan(self, request, context):
@@ -87,7 +102,9 @@ class SubscriptionServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Subscribe(self, request, context):
-        """Starts a subscription and grants the first period's allowance. An
+        """Starts a subscription: charges the first period's price and grants its
+        allowance. Fails with RESOURCE_EXHAUSTED (reason INSUFFICIENT_QUOTA),
+        creating nothing, when the available credits do not cover the price. An
         account has at most one active subscription (FAILED_PRECONDITION).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -101,16 +118,27 @@ class SubscriptionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListSubscriptions(self, request, context):
+        """Subscriptions in every state, newest first: the account's, or (admin
+        only, account_id empty) everyone's.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CancelSubscription(self, request, context):
-        """Ends the subscription at once; granted allowances stay.
+        """Stops renewals at once. The current period's allowance stays usable
+        until the period ends, when its unused part expires.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def RenewSubscriptions(self, request, context):
-        """Admin only. Grants the allowance of every period that has started and
-        not been granted yet; running it twice grants nothing twice.
+        """Admin only. Expires the allowance of every period that has ended, then
+        charges and grants the current period of every active subscription that
+        lacks it; a subscription whose price cannot be paid lapses. Missed
+        periods are not back-filled. Running it twice does nothing twice.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -139,6 +167,11 @@ def add_SubscriptionServiceServicer_to_server(servicer, server):
                     request_deserializer=resultity_dot_account_dot_v1_dot_subscription__service__pb2.GetSubscriptionRequest.FromString,
                     response_serializer=resultity_dot_account_dot_v1_dot_subscription__service__pb2.GetSubscriptionResponse.SerializeToString,
             ),
+            'ListSubscriptions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSubscriptions,
+                    request_deserializer=resultity_dot_account_dot_v1_dot_subscription__service__pb2.ListSubscriptionsRequest.FromString,
+                    response_serializer=resultity_dot_account_dot_v1_dot_subscription__service__pb2.ListSubscriptionsResponse.SerializeToString,
+            ),
             'CancelSubscription': grpc.unary_unary_rpc_method_handler(
                     servicer.CancelSubscription,
                     request_deserializer=resultity_dot_account_dot_v1_dot_subscription__service__pb2.CancelSubscriptionRequest.FromString,
@@ -158,8 +191,13 @@ def add_SubscriptionServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class SubscriptionService:
-    """Subscription plans: a price per month and a monthly credit allowance,
-    granted once per period however often renewal runs.
+    """Subscription plans: a price per month and a monthly credit allowance.
+    Each period is paid from the subscriber's available credits (to the
+    platform) and then granted its allowance, once however often renewal runs.
+    The allowance expires at the period's end: the part not spent goes back.
+    Allowance counts as spent first: unused = allowance - the subscriber's
+    captured spend within the period, at least 0 and at most what is
+    available then.
     """
 
     @staticmethod
@@ -260,6 +298,33 @@ class SubscriptionService:
             '/resultity.account.v1.SubscriptionService/GetSubscription',
             resultity_dot_account_dot_v1_dot_subscription__service__pb2.GetSubscriptionRequest.SerializeToString,
             resultity_dot_account_dot_v1_dot_subscription__service__pb2.GetSubscriptionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSubscriptions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/resultity.account.v1.SubscriptionService/ListSubscriptions',
+            resultity_dot_account_dot_v1_dot_subscription__service__pb2.ListSubscriptionsRequest.SerializeToString,
+            resultity_dot_account_dot_v1_dot_subscription__service__pb2.ListSubscriptionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

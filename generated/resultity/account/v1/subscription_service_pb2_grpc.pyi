@@ -27,8 +27,13 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class SubscriptionServiceStub:
-    """Subscription plans: a price per month and a monthly credit allowance,
-    granted once per period however often renewal runs.
+    """Subscription plans: a price per month and a monthly credit allowance.
+    Each period is paid from the subscriber's available credits (to the
+    platform) and then granted its allowance, once however often renewal runs.
+    The allowance expires at the period's end: the part not spent goes back.
+    Allowance counts as spent first: unused = allowance - the subscriber's
+    captured spend within the period, at least 0 and at most what is
+    available then.
     """
 
     @_typing.overload
@@ -39,22 +44,37 @@ class SubscriptionServiceStub:
     """Admin only."""
     ListPlans: _grpc.UnaryUnaryMultiCallable[_subscription_service_pb2.ListPlansRequest, _subscription_service_pb2.ListPlansResponse]
     Subscribe: _grpc.UnaryUnaryMultiCallable[_subscription_service_pb2.SubscribeRequest, _subscription_service_pb2.SubscribeResponse]
-    """Starts a subscription and grants the first period's allowance. An
+    """Starts a subscription: charges the first period's price and grants its
+    allowance. Fails with RESOURCE_EXHAUSTED (reason INSUFFICIENT_QUOTA),
+    creating nothing, when the available credits do not cover the price. An
     account has at most one active subscription (FAILED_PRECONDITION).
     """
     GetSubscription: _grpc.UnaryUnaryMultiCallable[_subscription_service_pb2.GetSubscriptionRequest, _subscription_service_pb2.GetSubscriptionResponse]
     """The account's active subscription; NOT_FOUND when there is none."""
+    ListSubscriptions: _grpc.UnaryUnaryMultiCallable[_subscription_service_pb2.ListSubscriptionsRequest, _subscription_service_pb2.ListSubscriptionsResponse]
+    """Subscriptions in every state, newest first: the account's, or (admin
+    only, account_id empty) everyone's.
+    """
     CancelSubscription: _grpc.UnaryUnaryMultiCallable[_subscription_service_pb2.CancelSubscriptionRequest, _subscription_service_pb2.CancelSubscriptionResponse]
-    """Ends the subscription at once; granted allowances stay."""
+    """Stops renewals at once. The current period's allowance stays usable
+    until the period ends, when its unused part expires.
+    """
     RenewSubscriptions: _grpc.UnaryUnaryMultiCallable[_subscription_service_pb2.RenewSubscriptionsRequest, _subscription_service_pb2.RenewSubscriptionsResponse]
-    """Admin only. Grants the allowance of every period that has started and
-    not been granted yet; running it twice grants nothing twice.
+    """Admin only. Expires the allowance of every period that has ended, then
+    charges and grants the current period of every active subscription that
+    lacks it; a subscription whose price cannot be paid lapses. Missed
+    periods are not back-filled. Running it twice does nothing twice.
     """
 
 @_typing.type_check_only
 class SubscriptionServiceAsyncStub(SubscriptionServiceStub):
-    """Subscription plans: a price per month and a monthly credit allowance,
-    granted once per period however often renewal runs.
+    """Subscription plans: a price per month and a monthly credit allowance.
+    Each period is paid from the subscriber's available credits (to the
+    platform) and then granted its allowance, once however often renewal runs.
+    The allowance expires at the period's end: the part not spent goes back.
+    Allowance counts as spent first: unused = allowance - the subscriber's
+    captured spend within the period, at least 0 and at most what is
+    available then.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -62,21 +82,36 @@ class SubscriptionServiceAsyncStub(SubscriptionServiceStub):
     """Admin only."""
     ListPlans: _aio.UnaryUnaryMultiCallable[_subscription_service_pb2.ListPlansRequest, _subscription_service_pb2.ListPlansResponse]  # type: ignore[assignment]
     Subscribe: _aio.UnaryUnaryMultiCallable[_subscription_service_pb2.SubscribeRequest, _subscription_service_pb2.SubscribeResponse]  # type: ignore[assignment]
-    """Starts a subscription and grants the first period's allowance. An
+    """Starts a subscription: charges the first period's price and grants its
+    allowance. Fails with RESOURCE_EXHAUSTED (reason INSUFFICIENT_QUOTA),
+    creating nothing, when the available credits do not cover the price. An
     account has at most one active subscription (FAILED_PRECONDITION).
     """
     GetSubscription: _aio.UnaryUnaryMultiCallable[_subscription_service_pb2.GetSubscriptionRequest, _subscription_service_pb2.GetSubscriptionResponse]  # type: ignore[assignment]
     """The account's active subscription; NOT_FOUND when there is none."""
+    ListSubscriptions: _aio.UnaryUnaryMultiCallable[_subscription_service_pb2.ListSubscriptionsRequest, _subscription_service_pb2.ListSubscriptionsResponse]  # type: ignore[assignment]
+    """Subscriptions in every state, newest first: the account's, or (admin
+    only, account_id empty) everyone's.
+    """
     CancelSubscription: _aio.UnaryUnaryMultiCallable[_subscription_service_pb2.CancelSubscriptionRequest, _subscription_service_pb2.CancelSubscriptionResponse]  # type: ignore[assignment]
-    """Ends the subscription at once; granted allowances stay."""
+    """Stops renewals at once. The current period's allowance stays usable
+    until the period ends, when its unused part expires.
+    """
     RenewSubscriptions: _aio.UnaryUnaryMultiCallable[_subscription_service_pb2.RenewSubscriptionsRequest, _subscription_service_pb2.RenewSubscriptionsResponse]  # type: ignore[assignment]
-    """Admin only. Grants the allowance of every period that has started and
-    not been granted yet; running it twice grants nothing twice.
+    """Admin only. Expires the allowance of every period that has ended, then
+    charges and grants the current period of every active subscription that
+    lacks it; a subscription whose price cannot be paid lapses. Missed
+    periods are not back-filled. Running it twice does nothing twice.
     """
 
 class SubscriptionServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Subscription plans: a price per month and a monthly credit allowance,
-    granted once per period however often renewal runs.
+    """Subscription plans: a price per month and a monthly credit allowance.
+    Each period is paid from the subscriber's available credits (to the
+    platform) and then granted its allowance, once however often renewal runs.
+    The allowance expires at the period's end: the part not spent goes back.
+    Allowance counts as spent first: unused = allowance - the subscriber's
+    captured spend within the period, at least 0 and at most what is
+    available then.
     """
 
     @_abc_1.abstractmethod
@@ -100,7 +135,9 @@ class SubscriptionServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _subscription_service_pb2.SubscribeRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_subscription_service_pb2.SubscribeResponse, _abc.Awaitable[_subscription_service_pb2.SubscribeResponse]]:
-        """Starts a subscription and grants the first period's allowance. An
+        """Starts a subscription: charges the first period's price and grants its
+        allowance. Fails with RESOURCE_EXHAUSTED (reason INSUFFICIENT_QUOTA),
+        creating nothing, when the available credits do not cover the price. An
         account has at most one active subscription (FAILED_PRECONDITION).
         """
 
@@ -113,12 +150,24 @@ class SubscriptionServiceServicer(metaclass=_abc_1.ABCMeta):
         """The account's active subscription; NOT_FOUND when there is none."""
 
     @_abc_1.abstractmethod
+    def ListSubscriptions(
+        self,
+        request: _subscription_service_pb2.ListSubscriptionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_subscription_service_pb2.ListSubscriptionsResponse, _abc.Awaitable[_subscription_service_pb2.ListSubscriptionsResponse]]:
+        """Subscriptions in every state, newest first: the account's, or (admin
+        only, account_id empty) everyone's.
+        """
+
+    @_abc_1.abstractmethod
     def CancelSubscription(
         self,
         request: _subscription_service_pb2.CancelSubscriptionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_subscription_service_pb2.CancelSubscriptionResponse, _abc.Awaitable[_subscription_service_pb2.CancelSubscriptionResponse]]:
-        """Ends the subscription at once; granted allowances stay."""
+        """Stops renewals at once. The current period's allowance stays usable
+        until the period ends, when its unused part expires.
+        """
 
     @_abc_1.abstractmethod
     def RenewSubscriptions(
@@ -126,8 +175,10 @@ class SubscriptionServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _subscription_service_pb2.RenewSubscriptionsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_subscription_service_pb2.RenewSubscriptionsResponse, _abc.Awaitable[_subscription_service_pb2.RenewSubscriptionsResponse]]:
-        """Admin only. Grants the allowance of every period that has started and
-        not been granted yet; running it twice grants nothing twice.
+        """Admin only. Expires the allowance of every period that has ended, then
+        charges and grants the current period of every active subscription that
+        lacks it; a subscription whose price cannot be paid lapses. Missed
+        periods are not back-filled. Running it twice does nothing twice.
         """
 
 def add_SubscriptionServiceServicer_to_server(servicer: SubscriptionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
