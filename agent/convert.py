@@ -16,6 +16,7 @@ from agent.runtime.base import (
     StopReason,
     TokenLogprob,
 )
+from server.common import inference
 
 _ROLES = {
     common_pb.CHAT_ROLE_SYSTEM: Role.SYSTEM,
@@ -104,16 +105,16 @@ def _token(piece: bytes) -> str:
     return piece.decode("utf-8", errors="replace")
 
 
-def logprobs_to_pb(logprobs: tuple[TokenLogprob, ...]) -> list[common_pb.TokenLogprob]:
-    return [
-        common_pb.TokenLogprob(
+def delivered_logprobs(logprobs: tuple[TokenLogprob, ...]) -> tuple[inference.TokenLogprob, ...]:
+    """The runtime's logprobs as they are sent (and signed): text and exact bytes."""
+    return tuple(
+        inference.TokenLogprob(
             token=_token(item.piece),
-            bytes=item.piece,
+            token_bytes=item.piece,
             logprob=item.logprob,
-            top_logprobs=[
-                common_pb.TopLogprob(token=_token(top.piece), bytes=top.piece, logprob=top.logprob)
-                for top in item.top
-            ],
+            top_logprobs=tuple(
+                inference.TopLogprob(_token(top.piece), top.piece, top.logprob) for top in item.top
+            ),
         )
         for item in logprobs
-    ]
+    )

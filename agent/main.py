@@ -17,7 +17,12 @@ log = structlog.get_logger(__name__)
 
 async def run_agent(session_settings: SessionSettings, runtime_settings: RuntimeSettings) -> None:
     """Loads the runtime, then serves it (see ``serve``)."""
-    log.info("loading model", runtime=runtime_settings.runtime, model=runtime_settings.model_id)
+    log.info(
+        "loading model",
+        runtime=runtime_settings.runtime,
+        model=runtime_settings.model_id,
+        region=session_settings.region or None,
+    )
     runtime = await load_runtime(runtime_settings)
     await serve(session_settings, runtime)
 

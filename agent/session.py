@@ -1,7 +1,8 @@
 """The agent's session with the network: one bidirectional stream at a time.
 
-Registers with a hello, heartbeats at the interval the network asks for, runs
-assigned jobs and streams their tokens. When the stream breaks it cancels its
+Registers with a hello, heartbeats at the interval the network asks for (in
+its welcome, then in every network configuration it pushes), runs assigned
+jobs and streams their tokens. When the stream breaks it cancels its
 jobs (the network has already moved them elsewhere) and reconnects with
 jittered exponential backoff; so it does when the network asks it to
 reconnect (the server is going away), which is not a failure.
@@ -18,30 +19,24 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import grpc
-import psutil
 import structlog
 from resultity.agent.v1 import agent_service_pb2 as pb
 from resultity.agent.v1 import agent_service_pb2_grpc as pb_grpc
-from resultity.common.v1 import inference_pb2 as common_pb
 
 from agent.backoff import Backoff
 from agent.batching import MAX_BATCH_DELAY_S, MAX_BATCH_TOKENS
-from agent.convert import (
-    InvalidAssignment,
-    failure_reason,
-    finish_reason,
-    generation_request,
-    logprobs_to_pb,
-)
+from agent.convert import InvalidAssignment, generation_request
+from agent.heartbeats import Heartbeats
 from agent.identity import NodeIdentity, signed_hello
+from agent.results import ResultSink
 from agent.runner import FailureKind, JobRef, JobRunner
-from agent.runtime.base import Runtime, StopReason, TokenLogprob
+from agent.runtime.base import Runtime
 from server.common.channels import insecure_channel
-from server.common.node_signing import OutputDigest, result_payload
+from server.common.regions import validate_region
 
 log = structlog.get_logger(__name__)
 
-AGENT_VERSION = "0.1.0"
+AGENT_VERSION = "0.2.0"
 
 
 @dataclass(frozen=True)
@@ -62,106 +57,13 @@ class SessionSettings:
     # gathered within the delay (see agent/batching.py); 1 sends every token.
     batch_tokens: int = MAX_BATCH_TOKENS
     batch_delay_s: float = MAX_BATCH_DELAY_S
+    # Where the node runs (e.g. "eu-west"), declared in the signed hello for
+    # the network's region rules; empty: undeclared.
+    region: str = ""
 
-
-class _StreamSink:
-    """Turns job progress into messages on the current stream; signs results.
-
-    Each job's result is signed over a digest of every chunk sent for it
-    (server/common/node_signing.py), so the network can check that the node
-    stands behind exactly what it streamed.
-    """
-
-    def __init__(
-        self, outbound: asyncio.Queue[pb.ConnectRequest | None], identity: NodeIdentity
-    ) -> None:
-        self._outbound = outbound
-        self._identity = identity
-        self._outputs: dict[JobRef, OutputDigest] = {}
-
-    def _sign(
-        self, job: JobRef, *, done: bool, reason: int, prompt_tokens: int, completion_tokens: int
-    ) -> bytes:
-        payload = result_payload(
-            job_id=job.job_id,
-            epoch=job.epoch,
-            done=done,
-            reason=reason,
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            output=self._outputs.pop(job, OutputDigest()),
-        )
-        return self._identity.sign(payload)
-
-    def chunk(
-        self,
-        job: JobRef,
-        text: str,
-        token_count: int,
-        prompt_tokens: int,
-        token_ids: tuple[int, ...] = (),
-        logprobs: tuple[TokenLogprob, ...] = (),
-        embedding: tuple[float, ...] = (),
-    ) -> None:
-        self._outputs.setdefault(job, OutputDigest()).add(text, token_ids)
-        self._outbound.put_nowait(
-            pb.ConnectRequest(
-                job_chunk=pb.JobChunk(
-                    job_id=job.job_id,
-                    epoch=job.epoch,
-                    text=text,
-                    token_count=token_count,
-                    prompt_tokens=prompt_tokens,
-                    token_ids=token_ids,
-                    logprobs=logprobs_to_pb(logprobs),
-                    embedding=embedding,
-                )
-            )
-        )
-
-    def done(
-        self, job: JobRef, reason: StopReason, prompt_tokens: int, completion_tokens: int
-    ) -> None:
-        code = finish_reason(reason)
-        signature = self._sign(
-            job,
-            done=True,
-            reason=code,
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-        )
-        self._outbound.put_nowait(
-            pb.ConnectRequest(
-                job_done=pb.JobDone(
-                    job_id=job.job_id,
-                    epoch=job.epoch,
-                    finish_reason=code,
-                    usage=common_pb.Usage(
-                        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens
-                    ),
-                    signature=signature,
-                )
-            )
-        )
-
-    def failed(self, job: JobRef, kind: FailureKind, message: str) -> None:
-        code = failure_reason(kind)
-        signature = self._sign(job, done=False, reason=code, prompt_tokens=0, completion_tokens=0)
-        self._outbound.put_nowait(
-            pb.ConnectRequest(
-                job_failed=pb.JobFailed(
-                    job_id=job.job_id,
-                    epoch=job.epoch,
-                    reason=code,
-                    message=message,
-                    signature=signature,
-                )
-            )
-        )
-
-    def forget(self, job: JobRef) -> None:
-        """A cancelled job sends no result."""
-        self._outputs.pop(job, None)
+    def __post_init__(self) -> None:
+        if self.region:
+            validate_region(self.region)
 
 
 class AgentSession:
@@ -172,8 +74,10 @@ class AgentSession:
         self._runtime = runtime
         self._backoff = backoff or Backoff()
         self.node_id: str | None = None
-        # The network configuration version last applied.
+        # The network configuration version last applied, and the heartbeat
+        # interval in force.
         self.config_version = 0
+        self.heartbeat_interval_s = settings.heartbeat_interval_s
         self.connected = asyncio.Event()
         self.draining = False
         # The live session's outbound queue and runner, for drain().
@@ -235,13 +139,14 @@ class AgentSession:
                 for m in self._runtime.models
             ],
             max_concurrent_jobs=self._runtime.slots,
+            region=self._settings.region,
         )
         return signed_hello(self._settings.identity, hello, challenge, self._settings.node_token)
 
     async def _session(self) -> str | None:
         """One session; returns the reason if the network asked to reconnect."""
         outbound: asyncio.Queue[pb.ConnectRequest | None] = asyncio.Queue()
-        sink = _StreamSink(outbound, self._settings.identity)
+        sink = ResultSink(outbound, self._settings.identity)
         runner = JobRunner(
             self._runtime,
             sink,
@@ -249,7 +154,7 @@ class AgentSession:
             batch_delay_s=self._settings.batch_delay_s,
         )
         channel = insecure_channel(self._settings.network)
-        heartbeats: asyncio.Task[None] | None = None
+        heartbeats = Heartbeats(outbound, runner, self._settings.heartbeat_interval_s)
         try:
             call = pb_grpc.AgentServiceStub(channel).Connect(_drain(outbound))
             async for response in call:
@@ -258,26 +163,21 @@ class AgentSession:
                     outbound.put_nowait(self._hello(response.challenge))
                 elif kind == "welcome":
                     welcome = response.welcome
-                    interval = welcome.heartbeat_interval.ToNanoseconds() / 1e9
+                    heartbeats.set_interval(welcome.heartbeat_interval.ToNanoseconds() / 1e9)
+                    self.heartbeat_interval_s = heartbeats.interval_s
                     self.node_id = welcome.node_id
                     self._backoff.reset()
                     self._live = (outbound, runner)
                     self.connected.set()
-                    log.info("registered", node_id=self.node_id, heartbeat_s=interval)
-                    heartbeats = asyncio.create_task(
-                        _heartbeat(
-                            outbound, runner, interval or self._settings.heartbeat_interval_s
-                        )
+                    log.info(
+                        "registered",
+                        node_id=self.node_id,
+                        region=self._settings.region or None,
+                        heartbeat_s=heartbeats.interval_s,
                     )
+                    heartbeats.start()
                 elif kind == "config":
-                    # Applied by the next session's heartbeats (the welcome
-                    # carries the same timings); acknowledged so operators see it.
-                    self.config_version = response.config.version
-                    outbound.put_nowait(
-                        pb.ConnectRequest(
-                            config_applied=pb.ConfigApplied(version=response.config.version)
-                        )
-                    )
+                    self._apply(response.config, heartbeats, outbound)
                 elif kind == "assign_job":
                     self._assign(runner, sink, response.assign_job)
                 elif kind == "cancel_job":
@@ -290,16 +190,35 @@ class AgentSession:
         finally:
             self._live = None
             self.connected.clear()
-            if heartbeats is not None:
-                heartbeats.cancel()
+            heartbeats.stop()
             await runner.cancel_all()
             outbound.put_nowait(None)
             await channel.close(grace=None)
 
+    def _apply(
+        self,
+        config: pb.NetworkConfig,
+        heartbeats: Heartbeats,
+        outbound: asyncio.Queue[pb.ConnectRequest | None],
+    ) -> None:
+        """Applies what the agent uses of a configuration (its heartbeat interval; the
+        rest is the network's own), then acknowledges the version."""
+        heartbeats.set_interval(config.heartbeat_interval.ToNanoseconds() / 1e9)
+        self.heartbeat_interval_s = heartbeats.interval_s
+        self.config_version = config.version
+        log.info(
+            "network configuration applied",
+            version=config.version,
+            heartbeat_s=heartbeats.interval_s,
+        )
+        outbound.put_nowait(
+            pb.ConnectRequest(config_applied=pb.ConfigApplied(version=config.version))
+        )
+
     def _assign(
         self,
         runner: JobRunner,
-        sink: _StreamSink,
+        sink: ResultSink,
         assign: pb.AssignJob,
     ) -> None:
         job = JobRef(assign.job_id, assign.epoch)
@@ -317,21 +236,3 @@ async def _drain(
 ) -> AsyncIterator[pb.ConnectRequest]:
     while (message := await outbound.get()) is not None:
         yield message
-
-
-async def _heartbeat(
-    outbound: asyncio.Queue[pb.ConnectRequest | None], runner: JobRunner, interval_s: float
-) -> None:
-    with contextlib.suppress(asyncio.CancelledError):
-        while True:
-            await asyncio.sleep(interval_s)
-            outbound.put_nowait(
-                pb.ConnectRequest(
-                    heartbeat=pb.Heartbeat(
-                        active_jobs=runner.active,
-                        queued_jobs=runner.queued,
-                        recent_tokens_per_second=runner.tokens_per_second(),
-                        free_memory_bytes=psutil.virtual_memory().available,
-                    )
-                )
-            )

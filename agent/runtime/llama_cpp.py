@@ -38,9 +38,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import random
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,7 +49,6 @@ import llama_cpp.llama_cpp as llama_lib
 import numpy as np
 import structlog
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
 
 from agent.runtime.base import (
     Alternative,
@@ -61,7 +59,6 @@ from agent.runtime.base import (
     GenerationEvent,
     GenerationRequest,
     ModelInfo,
-    OutputFormat,
     PromptTooLong,
     Sampling,
     Started,
@@ -70,16 +67,12 @@ from agent.runtime.base import (
     UnknownModel,
 )
 from agent.runtime.channel import GenerationChannel
+from agent.runtime.sampling import Grammar, grammar_for, sample_tokens
 from agent.runtime.text_stream import TextStream
 
 log = structlog.get_logger(__name__)
 
 RUNTIME_NAME = "llama.cpp"
-DEFAULT_TEMPERATURE = 0.7
-DEFAULT_TOP_P = 1.0
-
-# llama.cpp treats seed 0xFFFFFFFF as "pick a random seed"; explicit seeds avoid it.
-_SEED_MODULUS = 0xFFFFFFFF
 
 # Llama() reads llama_model_default_params() while loading; patched under this lock.
 _LOAD_LOCK = threading.Lock()
@@ -167,7 +160,7 @@ class LlamaCppRuntime:
                 yield event
             return
         prompt, prefix, stream = await asyncio.to_thread(self._prepare, request)
-        grammar = await asyncio.to_thread(_grammar, request.sampling)
+        grammar = await asyncio.to_thread(grammar_for, request.sampling)
         budget = max(
             0, min(request.sampling.max_tokens, self._context_length - len(prompt) - len(prefix))
         )
@@ -318,7 +311,7 @@ def _generate(
     prefix: list[int],
     stream: TextStream,
     sampling: Sampling,
-    grammar: LlamaGrammar | None,
+    grammar: Grammar | None,
     budget: int,
     channel: GenerationChannel,
 ) -> None:
@@ -327,25 +320,26 @@ def _generate(
     try:
         completion = 0
         reason = StopReason.LENGTH
-        tokens = _sample(llama, prompt, prefix, sampling, grammar) if budget > 0 else iter(())
-        for token in tokens:
-            if channel.cancel.is_set():
-                channel.end(GenerationError("generation cancelled"))
-                return
-            if vocab.is_end(token):
-                reason = StopReason.STOP
-                break
-            completion += 1
-            # Read before the next decode overwrites the logits.
-            logprob = None
-            if sampling.top_logprobs is not None:
-                logprob = _logprob(llama, vocab, token, sampling.top_logprobs)
-            channel.put(stream.push(vocab.piece(token)), 1, token, logprob)
-            if stream.stopped:
-                reason = StopReason.STOP
-                break
-            if completion >= budget:
-                break
+        # Closed here, in the worker thread, so the sampler chain is freed at once.
+        with contextlib.closing(sample_tokens(llama, prompt, prefix, sampling, grammar)) as tokens:
+            for token in tokens if budget > 0 else ():
+                if channel.cancel.is_set():
+                    channel.end(GenerationError("generation cancelled"))
+                    return
+                if vocab.is_end(token):
+                    reason = StopReason.STOP
+                    break
+                completion += 1
+                # Read before the next decode overwrites the logits.
+                logprob = None
+                if sampling.top_logprobs is not None:
+                    logprob = _logprob(llama, vocab, token, sampling.top_logprobs)
+                channel.put(stream.push(vocab.piece(token)), 1, token, logprob)
+                if stream.stopped:
+                    reason = StopReason.STOP
+                    break
+                if completion >= budget:
+                    break
         channel.put(stream.finish(), 0)
         if stream.stopped:
             reason = StopReason.STOP
@@ -353,19 +347,6 @@ def _generate(
     except BaseException as exc:  # reported to the consumer, never lost in the pool
         with contextlib.suppress(RuntimeError):
             channel.end(exc)
-
-
-def _grammar(sampling: Sampling) -> LlamaGrammar | None:
-    """The grammar that enforces the requested output format (compiling it may take a
-    while for a large schema, hence outside the slot)."""
-    try:
-        if sampling.output_format is OutputFormat.JSON_OBJECT:
-            return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
-        if sampling.output_format is OutputFormat.JSON_SCHEMA:
-            return LlamaGrammar.from_json_schema(sampling.json_schema, verbose=False)
-    except Exception as exc:  # the converter raises assorted errors on schemas it cannot do
-        raise GenerationError(f"unsupported JSON schema: {exc}") from exc
-    return None
 
 
 def _logprob(llama: llama_cpp.Llama, vocab: _Vocab, token: int, top: int) -> TokenLogprob:
@@ -383,45 +364,6 @@ def _logprob(llama: llama_cpp.Llama, vocab: _Vocab, token: int, top: int) -> Tok
             Alternative(vocab.piece(int(i)), float(logits[i]) - normalizer) for i in best
         )
     return TokenLogprob(vocab.piece(token), float(logits[token]) - normalizer, alternatives)
-
-
-def _sample(
-    llama: llama_cpp.Llama,
-    prompt: list[int],
-    prefix: list[int],
-    sampling: Sampling,
-    grammar: LlamaGrammar | None,
-) -> Iterator[int]:
-    temperature = DEFAULT_TEMPERATURE if sampling.temperature is None else sampling.temperature
-    top_p = DEFAULT_TOP_P if sampling.top_p is None else sampling.top_p
-    seed = random.getrandbits(31) if sampling.seed is None else sampling.seed % _SEED_MODULUS
-    # A fresh state per request: no prefix reuse, so greedy output never depends
-    # on what the slot generated before.
-    llama.reset()  # type: ignore[no-untyped-call]  # unannotated upstream
-    llama.set_seed(seed)
-    if prefix:
-        # Evaluate exactly as the uninterrupted run did: the prompt as one
-        # prefill, then each delivered token as its own decode. generate()
-        # below then finds all of it cached and samples straight away.
-        llama.eval(prompt)
-        for token in prefix:
-            llama.eval([token])
-    # top_k/min_p/typical/repeat penalty are neutral: only OpenAI's knobs apply.
-    # The penalties look at llama's last_n_tokens_size (64) most recent tokens.
-    tokens: Iterator[int] = llama.generate(
-        prompt + prefix,
-        temp=max(temperature, 0.0),
-        top_p=top_p,
-        top_k=0,
-        min_p=0.0,
-        typical_p=1.0,
-        repeat_penalty=1.0,
-        presence_penalty=sampling.presence_penalty or 0.0,
-        frequency_penalty=sampling.frequency_penalty or 0.0,
-        grammar=grammar,
-        reset=True,
-    )
-    return tokens
 
 
 class _Vocab:

@@ -124,6 +124,7 @@ class NodeChecks:
                 if answer is None:
                     return
                 if not answer.done or not canary_passes(canary.expected, answer.text):
+                    node.failed_canary = True
                     failure = "wrong answer to a known-answer canary"
             if failure:
                 status.validation, status.reason = ModelValidation.FAILED, failure
@@ -145,6 +146,7 @@ class NodeChecks:
         if answer is None:
             return  # no verdict: the node was lost (or cut off) on the way
         passed = answer.done and canary_passes(canary.expected, answer.text)
+        node.failed_canary = node.failed_canary or not passed
         node.reputation = next_reputation(node.reputation, passed, self._settings.reputation_alpha)
         log.info("canary checked", node_id=node.node_id, passed=passed, reputation=node.reputation)
         if should_quarantine(node.reputation, self._settings.quarantine_below):

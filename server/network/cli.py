@@ -1,7 +1,8 @@
 """`resultity nodes list|get|drain|quarantine`: the node admin API from a terminal.
 
-Talks to a network server's NodeAdminService (--network HOST:PORT) and prints
-a table (list) or the node's details with its per-model validation.
+Talks to a network server's NodeAdminService (--network HOST:PORT) with the
+platform's service token (RESULTITY_SERVICE_TOKEN, or the one in --data-dir)
+and prints a table (list) or the node's details with its per-model validation.
 """
 
 from __future__ import annotations
@@ -9,12 +10,15 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from google.protobuf.timestamp_pb2 import Timestamp
 from resultity.network.v1 import node_admin_service_pb2 as pb
 from resultity.network.v1 import node_admin_service_pb2_grpc as pb_grpc
 
 from server.common import channels
+from server.common.credentials import service_metadata
+from server.secrets import service_token
 
 _STATES = {
     pb.NODE_STATE_READY: "ready",
@@ -28,7 +32,7 @@ _VALIDATIONS = {
     pb.MODEL_VALIDATION_PASSED: "passed",
     pb.MODEL_VALIDATION_FAILED: "failed",
 }
-_COLUMNS = ("NODE", "NAME", "STATE", "JOBS", "REPUTATION", "MODELS", "SEEN")
+_COLUMNS = ("NODE", "NAME", "REGION", "STATE", "JOBS", "REPUTATION", "MODELS", "SEEN")
 
 
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -36,6 +40,12 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     nodes = commands.add_parser("nodes", help="list and manage the nodes of a network server")
     nodes.add_argument(
         "--network", default="127.0.0.1:50051", help="HOST:PORT of the network server"
+    )
+    nodes.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(".resultity"),
+        help="where the service token is read from unless RESULTITY_SERVICE_TOKEN is set",
     )
     actions = nodes.add_subparsers(dest="nodes_command", required=True, metavar="COMMAND")
     actions.add_parser("list", help="connected nodes, one a line")
@@ -47,20 +57,24 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 
 async def run_command(args: argparse.Namespace) -> None:
+    token = service_token(args.data_dir)
+    metadata = service_metadata(token)
     async with channels.insecure_channel(args.network) as channel:
         stub = pb_grpc.NodeAdminServiceStub(channel)
         command = args.nodes_command
         if command == "list":
-            listed = await stub.ListNodes(pb.ListNodesRequest())
+            listed = await stub.ListNodes(pb.ListNodesRequest(), metadata=metadata)
             print(node_table(listed.nodes, now=time.time()))
             return
         if command == "get":
-            node = (await stub.GetNode(pb.GetNodeRequest(node_id=args.node_id))).node
+            request = pb.GetNodeRequest(node_id=args.node_id)
+            node = (await stub.GetNode(request, metadata=metadata)).node
         elif command == "drain":
-            node = (await stub.DrainNode(pb.DrainNodeRequest(node_id=args.node_id))).node
+            drain = pb.DrainNodeRequest(node_id=args.node_id)
+            node = (await stub.DrainNode(drain, metadata=metadata)).node
         else:
-            request = pb.QuarantineNodeRequest(node_id=args.node_id, reason=args.reason)
-            node = (await stub.QuarantineNode(request)).node
+            quarantine = pb.QuarantineNodeRequest(node_id=args.node_id, reason=args.reason)
+            node = (await stub.QuarantineNode(quarantine, metadata=metadata)).node
         print(node_details(node, now=time.time()))
 
 
@@ -87,6 +101,7 @@ def node_table(nodes: Sequence[pb.Node], *, now: float) -> str:
         (
             node.node_id,
             node.node_name,
+            node.region or "-",
             _state(node),
             f"{node.active_jobs}/{node.max_concurrent_jobs}",
             f"{node.reputation:.2f}",
@@ -113,6 +128,8 @@ def node_details(node: pb.Node, *, now: float) -> str:
     lines += [
         f"agent:         {node.agent_version}",
         f"operator:      {node.operator_account_id or '-'}",
+        f"region:        {node.region or '-'}",
+        f"verified:      {'yes' if node.verified else 'no'}",
         f"jobs:          {node.active_jobs}/{node.max_concurrent_jobs}",
         f"reputation:    {node.reputation:.2f}",
         f"config:        v{node.config_version}",

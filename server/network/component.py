@@ -8,7 +8,9 @@ from resultity.network.v1 import dispatch_service_pb2_grpc, node_admin_service_p
 
 from server.common import channels
 from server.common.inference import CatalogModel
+from server.network.admin_servicer import NodeAdminServicer
 from server.network.admission import AdmissionSettings, NodeAdmission
+from server.network.callers import ServiceCallers
 from server.network.catalog import DEFAULT_CATALOG, Catalog
 from server.network.service import (
     FailoverSettings,
@@ -16,7 +18,7 @@ from server.network.service import (
     NetworkService,
     ValidationSettings,
 )
-from server.network.servicer import AgentServicer, DispatchServicer, NodeAdminServicer
+from server.network.servicer import AgentServicer, DispatchServicer
 from server.network.tokens import AccountNodeTokens
 
 
@@ -30,10 +32,12 @@ class NetworkComponent:
         admission: AdmissionSettings | None = None,
         validation: ValidationSettings | None = None,
         account_target: str | None = None,
-        service_token: str = "",
+        service_token: str,
     ) -> None:
-        """With ``account_target`` node tokens are resolved by that account server
-        (with ``service_token``); without, tokens are not checked and nodes earn nothing."""
+        """Callers of the dispatch and node admin APIs must present ``service_token``.
+        With ``account_target`` node tokens are resolved by that account server (with
+        the same token); without, tokens are not checked and nodes earn nothing."""
+        self._callers = ServiceCallers(service_token)
         self._account_channel = (
             None if account_target is None else channels.insecure_channel(account_target)
         )
@@ -55,10 +59,10 @@ class NetworkComponent:
             AgentServicer(self.service), server
         )
         dispatch_service_pb2_grpc.add_DispatchServiceServicer_to_server(
-            DispatchServicer(self.service), server
+            DispatchServicer(self.service, self._callers), server
         )
         node_admin_service_pb2_grpc.add_NodeAdminServiceServicer_to_server(
-            NodeAdminServicer(self.service), server
+            NodeAdminServicer(self.service, self._callers), server
         )
 
     def start(self) -> None:

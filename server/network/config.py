@@ -12,6 +12,11 @@ from dataclasses import dataclass
 from server.common.errors import FailedPrecondition, InvalidArgument
 from server.common.inference import ModelPrice
 
+# Agents older than this sign results in a form the network no longer checks
+# (result digest v1, before logprobs and embeddings were covered): refused at
+# hello, whatever the configuration's own minimum.
+OLDEST_COMPATIBLE_AGENT = "0.2.0"
+
 
 @dataclass(frozen=True, slots=True)
 class ConfigModel:

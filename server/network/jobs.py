@@ -14,6 +14,7 @@ from server.common.inference import (
     FinishReason,
     GenerationSpec,
     JobDelta,
+    NodeRequirements,
     NodeUsage,
     TokenLogprob,
     Usage,
@@ -35,9 +36,9 @@ class ChunkReport:
     prompt_tokens: int
     # Vocabulary ids of the chunk's tokens; empty when the runtime has none.
     token_ids: tuple[int, ...] = ()
-    # One per token when the job asked for logprobs (not covered by the signature).
+    # One per token when the job asked for logprobs.
     logprobs: tuple[TokenLogprob, ...] = ()
-    # An embedding job's vector (not covered by the signature).
+    # An embedding job's vector.
     embedding: tuple[float, ...] = ()
 
 
@@ -114,6 +115,8 @@ class ActiveJob:
     # Digest of what each epoch's node streamed, for checking its signed result.
     _outputs: dict[int, OutputDigest] = field(default_factory=dict)
     operator_account_id: str = ""
+    # Which nodes may run the job: its first node and every one it moves to.
+    requirements: NodeRequirements = field(default_factory=NodeRequirements)
 
     def __post_init__(self) -> None:
         self.tried.add(self.node_id)

@@ -34,6 +34,8 @@ class NodeHello:
     nonce: bytes = b""
     network_id: str = ""
     signed_at: datetime | None = None
+    # Where the node runs, as its operator declares it; empty: undeclared.
+    region: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,11 +137,22 @@ class NodeSession:
     model_status: dict[str, ModelStatus] = field(default_factory=dict)
     # In [0, 1]: an average of canary results, recent ones weighing more.
     reputation: float = 1.0
+    # Some canary (join-time or in service) got a wrong answer this session.
+    failed_canary: bool = False
     outbox: asyncio.Queue[NodeCommand] = field(default_factory=asyncio.Queue)
 
     @property
     def models(self) -> frozenset[str]:
         return frozenset(model.model for model in self.hello.models)
+
+    @property
+    def region(self) -> str:
+        return self.hello.region
+
+    @property
+    def verified(self) -> bool:
+        """Admitted with an operator's node token, no failed canary since it joined."""
+        return bool(self.operator_account_id) and not self.failed_canary
 
     @property
     def load(self) -> float:

@@ -2,17 +2,21 @@
 
 A decision is ``filters`` then ``scorers``:
 
-- the index holds, per model, the nodes serving it, so a decision never looks
-  at nodes of other models;
-- candidates are all of the model's nodes when there are at most
-  ``sample_size`` of them, otherwise a random sample of that many (the "power
-  of d choices": a few random candidates balance load nearly as well as a
-  full scan, at a cost independent of the fleet size). If no sampled node
-  passes the filters, the decision falls back to a full scan;
+- the index (node_index.py) holds, per model, the nodes serving it, and per
+  model the nodes of each operator and region, so a decision never looks at
+  nodes of other models, nor, when the request names operators or regions,
+  at nodes outside them;
+- candidates are all of that pool when it holds at most ``sample_size``
+  nodes, otherwise a random sample of that many (the "power of d choices": a
+  few random candidates balance load nearly as well as a full scan, at a
+  cost independent of the fleet size). If no sampled node passes the
+  filters, the decision falls back to a full scan of the pool;
 - the index holds a node under a model only once the node passed validation
   for it (validation.py);
 - every filter must accept a candidate (serves the model, ready: not draining,
-  not suspect, not validating, not quarantined, not excluded for this job);
+  not suspect, not validating, not quarantined, not excluded for this job,
+  and meeting the request's node requirements: operator, region, minimum
+  reputation, verified);
 - every scorer returns a value in [0, 1], higher is better; the weighted sum
   ranks the candidates, and ties go to the node that has waited longest since
   it was last given a job, so equal nodes share work round-robin.
@@ -26,12 +30,16 @@ from __future__ import annotations
 import itertools
 import random
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
+from server.common.inference import NodeRequirements
+from server.network.node_index import NodeIndex
 from server.network.nodes import NodeSession, NodeState
 
 DEFAULT_SAMPLE_SIZE = 32
+# Any ready node serving the model.
+NO_REQUIREMENTS = NodeRequirements()
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +47,8 @@ class RouteRequest:
     model: str
     # Nodes the job may not go to (those it already ran on).
     exclude: frozenset[str] = frozenset()
+    # Which nodes may run the job at all (a subcloud's rules, a region).
+    requirements: NodeRequirements = NO_REQUIREMENTS
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +93,22 @@ def not_excluded(node: NodeSession, context: RouteContext) -> bool:
     return node.node_id not in context.request.exclude
 
 
+def meets(node: NodeSession, requirements: NodeRequirements) -> bool:
+    """Whether the node satisfies every rule that is set."""
+    operators, regions = requirements.operator_account_ids, requirements.regions
+    if operators and (not node.operator_account_id or node.operator_account_id not in operators):
+        return False
+    if regions and (not node.region or node.region not in regions):
+        return False
+    if node.reputation < requirements.min_reputation:
+        return False
+    return node.verified or not requirements.verified_only
+
+
+def meets_requirements(node: NodeSession, context: RouteContext) -> bool:
+    return meets(node, context.request.requirements)
+
+
 # --- scorers -----------------------------------------------------------------
 
 
@@ -103,7 +129,12 @@ def speed_score(node: NodeSession, context: RouteContext) -> float:
     return node.recent_tokens_per_second / context.best_tokens_per_second
 
 
-DEFAULT_FILTERS: tuple[NodeFilter, ...] = (serves_model, is_ready, not_excluded)
+DEFAULT_FILTERS: tuple[NodeFilter, ...] = (
+    serves_model,
+    is_ready,
+    not_excluded,
+    meets_requirements,
+)
 # Load dominates: one more job on an idle 1-slot node (1.0 -> 0.5) outweighs
 # any speed difference; speed decides between similarly loaded nodes.
 DEFAULT_SCORERS: tuple[NodeScorer, ...] = (
@@ -111,29 +142,6 @@ DEFAULT_SCORERS: tuple[NodeScorer, ...] = (
     NodeScorer("speed", 0.25, speed_score),
     NodeScorer("reputation", 0.25, reputation_score),
 )
-
-
-@dataclass
-class _ModelNodes:
-    """Nodes of one model: a list for O(1) random sampling, positions for O(1) removal."""
-
-    nodes: list[NodeSession] = field(default_factory=list)
-    positions: dict[str, int] = field(default_factory=dict)
-
-    def add(self, node: NodeSession) -> None:
-        if node.node_id in self.positions:
-            return
-        self.positions[node.node_id] = len(self.nodes)
-        self.nodes.append(node)
-
-    def remove(self, node_id: str) -> None:
-        index = self.positions.pop(node_id, None)
-        if index is None:
-            return
-        last = self.nodes.pop()
-        if index < len(self.nodes):
-            self.nodes[index] = last
-            self.positions[last.node_id] = index
 
 
 class Router:
@@ -146,43 +154,37 @@ class Router:
         sample_size: int = DEFAULT_SAMPLE_SIZE,
         rng: random.Random | None = None,
     ) -> None:
-        self._suspect_after_s = suspect_after_s
+        self.suspect_after_s = suspect_after_s
         self._filters = tuple(filters)
         self._scorers = tuple(scorers)
         self._sample_size = sample_size
         self._rng = rng or random.Random()
-        self._by_model: dict[str, _ModelNodes] = {}
+        self._index = NodeIndex()
         self._sequence = itertools.count()
         self._last_assigned: dict[str, int] = {}
 
     def add(self, node: NodeSession, models: Iterable[str] | None = None) -> None:
         """Indexes the node for ``models`` (default: all it offers); a node is indexed
         for a model once it passed validation for it."""
-        for model in node.models if models is None else models:
-            self._by_model.setdefault(model, _ModelNodes()).add(node)
+        self._index.add(node, node.models if models is None else models)
 
     def remove(self, node: NodeSession) -> None:
-        for model in node.models:
-            nodes = self._by_model.get(model)
-            if nodes is not None:
-                nodes.remove(node.node_id)
-                if not nodes.nodes:
-                    del self._by_model[model]
+        self._index.remove(node)
         self._last_assigned.pop(node.node_id, None)
 
-    def count(self, model: str) -> int:
-        nodes = self._by_model.get(model)
-        return len(nodes.nodes) if nodes else 0
+    def count(self, model: str, requirements: NodeRequirements = NO_REQUIREMENTS) -> int:
+        """Nodes serving ``model`` (live, whatever their load) that meet ``requirements``."""
+        pool = self._index.pool(model, requirements)
+        if requirements == NO_REQUIREMENTS:
+            return len(pool)
+        return sum(1 for node in pool if meets(node, requirements))
 
     def pick(self, request: RouteRequest, now: float) -> NodeSession | None:
         """The best node for ``request``, recorded as assigned; None if none qualifies."""
-        indexed = self._by_model.get(request.model)
-        if indexed is None:
-            return None
-        context = RouteContext(request, now, self._suspect_after_s)
-        pool = indexed.nodes
+        pool = self._index.pool(request.model, request.requirements)
+        context = RouteContext(request, now, self.suspect_after_s)
         if len(pool) > self._sample_size:
-            chosen = self._best(self._rng.sample(pool, self._sample_size), context)
+            chosen = self._best(pool.sample(self._sample_size, self._rng), context)
             if chosen is None:
                 chosen = self._best(pool, context)
         else:
@@ -191,7 +193,7 @@ class Router:
             self._last_assigned[chosen.node_id] = next(self._sequence)
         return chosen
 
-    def _best(self, nodes: Sequence[NodeSession], context: RouteContext) -> NodeSession | None:
+    def _best(self, nodes: Iterable[NodeSession], context: RouteContext) -> NodeSession | None:
         candidates = [node for node in nodes if all(f(node, context) for f in self._filters)]
         if not candidates:
             return None

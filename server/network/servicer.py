@@ -1,23 +1,22 @@
-"""gRPC transport of the network layer: thin conversions around NetworkService."""
+"""gRPC transport of the network layer: thin conversions around NetworkService.
+
+The agent stream (authenticated by its signed hello) and the dispatch API
+(the platform's service token); the node admin API is in admin_servicer.py.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import AsyncIterator
-from datetime import UTC
 
 import grpc
 import structlog
-from google.protobuf import duration_pb2, timestamp_pb2
 from google.protobuf.message import DecodeError
 from resultity.agent.v1 import agent_service_pb2 as agent_pb
 from resultity.agent.v1 import agent_service_pb2_grpc as agent_grpc
 from resultity.network.v1 import dispatch_service_pb2 as dispatch_pb
 from resultity.network.v1 import dispatch_service_pb2_grpc as dispatch_grpc
-from resultity.network.v1 import node_admin_service_pb2 as admin_pb
-from resultity.network.v1 import node_admin_service_pb2_grpc as admin_grpc
 
 from server.common.errors import (
     DomainError,
@@ -32,170 +31,24 @@ from server.common.inference_proto import (
     finish_reason_to_pb,
     logprobs_from_pb,
     logprobs_to_pb,
-    price_from_pb,
     price_to_pb,
+    requirements_from_pb,
     spec_from_pb,
-    spec_to_pb,
     usage_from_pb,
     usage_to_pb,
 )
-from server.network.config import ConfigModel, NetworkConfig
-from server.network.jobs import (
-    ChunkReport,
-    Continuation,
-    DoneReport,
-    FailedReport,
-    FailureKind,
-)
+from server.network.callers import ServiceCallers, service_only
+from server.network.convert import FAILURE_FROM_PB, command_to_pb, duration_to_pb, hello_from_pb
+from server.network.jobs import ChunkReport, DoneReport, FailedReport, FailureKind
 from server.network.nodes import (
-    AssignCommand,
-    CancelCommand,
-    ConfigCommand,
     DisconnectCommand,
-    ModelValidation,
     NodeCommand,
-    NodeHello,
-    NodeModel,
     NodeSession,
-    NodeState,
     ReconnectCommand,
 )
 from server.network.service import NetworkService
 
 log = structlog.get_logger(__name__)
-
-_FAILURE_FROM_PB = {
-    agent_pb.JOB_FAILURE_REASON_INVALID_REQUEST: FailureKind.INVALID_REQUEST,
-    agent_pb.JOB_FAILURE_REASON_MODEL_UNAVAILABLE: FailureKind.MODEL_UNAVAILABLE,
-    agent_pb.JOB_FAILURE_REASON_RUNTIME_ERROR: FailureKind.RUNTIME_ERROR,
-}
-
-
-def _hello_from_pb(hello: agent_pb.Hello) -> NodeHello:
-    return NodeHello(
-        name=hello.node_name,
-        agent_version=hello.agent_version,
-        models=tuple(NodeModel(m.model, m.runtime, m.context_length) for m in hello.models),
-        max_concurrent_jobs=hello.max_concurrent_jobs,
-        public_key=hello.public_key,
-        node_token=hello.node_token,
-        nonce=hello.nonce,
-        network_id=hello.network_id,
-        signed_at=hello.signed_at.ToDatetime(UTC) if hello.HasField("signed_at") else None,
-    )
-
-
-_STATE_TO_PB = {
-    NodeState.READY: admin_pb.NODE_STATE_READY,
-    NodeState.SUSPECT: admin_pb.NODE_STATE_SUSPECT,
-    NodeState.DRAINING: admin_pb.NODE_STATE_DRAINING,
-    NodeState.QUARANTINED: admin_pb.NODE_STATE_QUARANTINED,
-    NodeState.VALIDATING: admin_pb.NODE_STATE_VALIDATING,
-}
-
-_VALIDATION_TO_PB = {
-    ModelValidation.PENDING: admin_pb.MODEL_VALIDATION_PENDING,
-    ModelValidation.PASSED: admin_pb.MODEL_VALIDATION_PASSED,
-    ModelValidation.FAILED: admin_pb.MODEL_VALIDATION_FAILED,
-    # Served without validation (validation off): not passed, not failed.
-    ModelValidation.UNCHECKED: admin_pb.MODEL_VALIDATION_UNSPECIFIED,
-}
-
-
-def _duration(seconds: float) -> duration_pb2.Duration:
-    value = duration_pb2.Duration()
-    value.FromNanoseconds(int(seconds * 1e9))
-    return value
-
-
-def config_to_pb(config: NetworkConfig) -> agent_pb.NetworkConfig:
-    return agent_pb.NetworkConfig(
-        version=config.version,
-        heartbeat_interval=_duration(config.heartbeat_interval_s),
-        heartbeat_timeout=_duration(config.heartbeat_timeout_s),
-        min_agent_version=config.min_agent_version,
-        canary_rate=config.canary_rate,
-        models=[
-            agent_pb.ConfigModel(
-                model=m.model,
-                price=price_to_pb(m.price),
-                context_length=m.context_length,
-                runtimes=list(m.runtimes),
-            )
-            for m in config.models
-        ],
-    )
-
-
-def config_from_pb(config: agent_pb.NetworkConfig) -> NetworkConfig:
-    return NetworkConfig(
-        version=config.version,
-        heartbeat_interval_s=config.heartbeat_interval.ToNanoseconds() / 1e9,
-        heartbeat_timeout_s=config.heartbeat_timeout.ToNanoseconds() / 1e9,
-        min_agent_version=config.min_agent_version,
-        canary_rate=config.canary_rate,
-        models=tuple(
-            ConfigModel(m.model, price_from_pb(m.price), m.context_length, tuple(m.runtimes))
-            for m in config.models
-        ),
-    )
-
-
-def node_to_pb(node: NodeSession, now: float, suspect_after_s: float) -> admin_pb.Node:
-    return admin_pb.Node(
-        node_id=node.node_id,
-        node_name=node.hello.name,
-        agent_version=node.hello.agent_version,
-        models=sorted(node.models),
-        max_concurrent_jobs=node.hello.max_concurrent_jobs,
-        active_jobs=len(node.active_jobs),
-        connected_at=_timestamp(node.connected_at),
-        last_heartbeat_at=_timestamp(node.last_heartbeat_at),
-        state=_STATE_TO_PB[node.state(now, suspect_after_s)],
-        free_memory_bytes=node.free_memory_bytes,
-        operator_account_id=node.operator_account_id,
-        config_version=node.config_version,
-        quarantine_reason=node.quarantine_reason,
-        reputation=node.reputation,
-        model_status=[
-            admin_pb.NodeModelStatus(
-                model=model,
-                validation=_VALIDATION_TO_PB[status.validation],
-                time_to_first_token_ms=status.time_to_first_token_ms,
-                tokens_per_second=status.tokens_per_second,
-            )
-            for model, status in sorted(node.model_status.items())
-        ],
-    )
-
-
-def _continuation_to_pb(continuation: Continuation | None) -> agent_pb.Continuation | None:
-    if continuation is None:
-        return None
-    return agent_pb.Continuation(
-        text=continuation.text,
-        token_count=continuation.token_count,
-        token_ids=list(continuation.token_ids),
-    )
-
-
-def _command_to_pb(command: NodeCommand) -> agent_pb.ConnectResponse:
-    if isinstance(command, AssignCommand):
-        return agent_pb.ConnectResponse(
-            assign_job=agent_pb.AssignJob(
-                job_id=command.job_id,
-                epoch=command.epoch,
-                spec=spec_to_pb(command.spec),
-                continuation=_continuation_to_pb(command.continuation),
-            )
-        )
-    if isinstance(command, ConfigCommand):
-        return agent_pb.ConnectResponse(config=config_to_pb(command.config))
-    if isinstance(command, CancelCommand):
-        return agent_pb.ConnectResponse(
-            cancel_job=agent_pb.CancelJob(job_id=command.job_id, epoch=command.epoch)
-        )
-    raise TypeError(f"not a message for the agent: {command!r}")
 
 
 class AgentServicer(agent_grpc.AgentServiceServicer):
@@ -231,17 +84,16 @@ class AgentServicer(agent_grpc.AgentServiceServicer):
             await abort_with_error(context, InvalidNodeCredentials("the signed hello is malformed"))
         try:
             node = await self._service.register(
-                _hello_from_pb(hello), signed.hello, signed.signature, nonce
+                hello_from_pb(hello), signed.hello, signed.signature, nonce
             )
         except DomainError as error:
             await abort_with_error(context, error)
         liveness = self._service.liveness
-        interval, timeout = duration_pb2.Duration(), duration_pb2.Duration()
-        interval.FromNanoseconds(int(liveness.heartbeat_interval_s * 1e9))
-        timeout.FromNanoseconds(int(liveness.heartbeat_timeout_s * 1e9))
         yield agent_pb.ConnectResponse(
             welcome=agent_pb.Welcome(
-                node_id=node.node_id, heartbeat_interval=interval, heartbeat_timeout=timeout
+                node_id=node.node_id,
+                heartbeat_interval=duration_to_pb(liveness.heartbeat_interval_s),
+                heartbeat_timeout=duration_to_pb(liveness.heartbeat_timeout_s),
             )
         )
         reader = asyncio.create_task(self._read(node, request_iterator), name="agent-reader")
@@ -257,7 +109,7 @@ class AgentServicer(agent_grpc.AgentServiceServicer):
                     if reader.done():
                         return  # the agent ended the stream itself
                     await abort_with_error(context, command.error or SessionEnded(command.reason))
-                yield _command_to_pb(command)
+                yield command_to_pb(command)
         finally:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
@@ -320,7 +172,7 @@ class AgentServicer(agent_grpc.AgentServiceServicer):
         elif kind == "job_failed":
             failed = request.job_failed
             failure = FailedReport(
-                _FAILURE_FROM_PB.get(failed.reason, FailureKind.RUNTIME_ERROR),
+                FAILURE_FROM_PB.get(failed.reason, FailureKind.RUNTIME_ERROR),
                 failed.message,
                 usage_from_pb(failed.usage),
                 failed.signature,
@@ -332,16 +184,20 @@ class AgentServicer(agent_grpc.AgentServiceServicer):
 
 
 class DispatchServicer(dispatch_grpc.DispatchServiceServicer):
-    def __init__(self, service: NetworkService) -> None:
+    def __init__(self, service: NetworkService, callers: ServiceCallers) -> None:
         self._service = service
+        self.callers = callers
 
     @translate_errors
+    @service_only
     async def RunJob(
         self,
         request: dispatch_pb.RunJobRequest,
         context: grpc.aio.ServicerContext[dispatch_pb.RunJobRequest, dispatch_pb.RunJobResponse],
     ) -> AsyncIterator[dispatch_pb.RunJobResponse]:
-        events = self._service.run_job(request.job_id, spec_from_pb(request.spec))
+        events = self._service.run_job(
+            request.job_id, spec_from_pb(request.spec), requirements_from_pb(request.requirements)
+        )
         try:
             async for event in events:
                 if isinstance(event, JobAssigned):
@@ -384,6 +240,7 @@ class DispatchServicer(dispatch_grpc.DispatchServiceServicer):
             await events.aclose()
 
     @translate_errors
+    @service_only
     async def ListModels(
         self,
         request: dispatch_pb.ListModelsRequest,
@@ -401,84 +258,6 @@ class DispatchServicer(dispatch_grpc.DispatchServiceServicer):
                     chat_template_overhead_tokens=model.chat_template_overhead_tokens,
                     ready_nodes=model.ready_nodes,
                 )
-                for model in self._service.models()
+                for model in self._service.models(requirements_from_pb(request.requirements))
             ]
         )
-
-
-def _timestamp(value: object) -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(value)  # type: ignore[arg-type]
-    return stamp
-
-
-class NodeAdminServicer(admin_grpc.NodeAdminServiceServicer):
-    def __init__(self, service: NetworkService) -> None:
-        self._service = service
-
-    @translate_errors
-    async def ListNodes(
-        self,
-        request: admin_pb.ListNodesRequest,
-        context: grpc.aio.ServicerContext[admin_pb.ListNodesRequest, admin_pb.ListNodesResponse],
-    ) -> admin_pb.ListNodesResponse:
-        now = time.monotonic()
-        suspect_after_s = self._service.liveness.suspect_s
-        return admin_pb.ListNodesResponse(
-            nodes=[node_to_pb(node, now, suspect_after_s) for node in self._service.nodes()]
-        )
-
-    def _node(self, node: NodeSession) -> admin_pb.Node:
-        return node_to_pb(node, time.monotonic(), self._service.liveness.suspect_s)
-
-    @translate_errors
-    async def GetNode(
-        self,
-        request: admin_pb.GetNodeRequest,
-        context: grpc.aio.ServicerContext[admin_pb.GetNodeRequest, admin_pb.GetNodeResponse],
-    ) -> admin_pb.GetNodeResponse:
-        return admin_pb.GetNodeResponse(node=self._node(self._service.node(request.node_id)))
-
-    @translate_errors
-    async def DrainNode(
-        self,
-        request: admin_pb.DrainNodeRequest,
-        context: grpc.aio.ServicerContext[admin_pb.DrainNodeRequest, admin_pb.DrainNodeResponse],
-    ) -> admin_pb.DrainNodeResponse:
-        return admin_pb.DrainNodeResponse(
-            node=self._node(self._service.drain_node(request.node_id))
-        )
-
-    @translate_errors
-    async def QuarantineNode(
-        self,
-        request: admin_pb.QuarantineNodeRequest,
-        context: grpc.aio.ServicerContext[
-            admin_pb.QuarantineNodeRequest, admin_pb.QuarantineNodeResponse
-        ],
-    ) -> admin_pb.QuarantineNodeResponse:
-        node = self._service.quarantine(request.node_id, request.reason)
-        return admin_pb.QuarantineNodeResponse(node=self._node(node))
-
-    @translate_errors
-    async def GetNetworkConfig(
-        self,
-        request: admin_pb.GetNetworkConfigRequest,
-        context: grpc.aio.ServicerContext[
-            admin_pb.GetNetworkConfigRequest, admin_pb.GetNetworkConfigResponse
-        ],
-    ) -> admin_pb.GetNetworkConfigResponse:
-        return admin_pb.GetNetworkConfigResponse(config=config_to_pb(self._service.config))
-
-    @translate_errors
-    async def UpdateNetworkConfig(
-        self,
-        request: admin_pb.UpdateNetworkConfigRequest,
-        context: grpc.aio.ServicerContext[
-            admin_pb.UpdateNetworkConfigRequest, admin_pb.UpdateNetworkConfigResponse
-        ],
-    ) -> admin_pb.UpdateNetworkConfigResponse:
-        config = self._service.update_config(
-            config_from_pb(request.config), request.expected_version
-        )
-        return admin_pb.UpdateNetworkConfigResponse(config=config_to_pb(config))

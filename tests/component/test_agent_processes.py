@@ -64,7 +64,7 @@ class AgentProcesses:
 class JobStream:
     """RunJob's events as they arrive."""
 
-    def __init__(self, target: str, job_id: str) -> None:
+    def __init__(self, network: NetworkServer, job_id: str) -> None:
         self.events: list[dispatch_pb.RunJobResponse] = []
         spec = GenerationSpec(
             model=MODEL_ID,
@@ -72,12 +72,13 @@ class JobStream:
             sampling=Sampling(max_tokens=200),
             max_prompt_tokens=100,
         )
-        self.task = asyncio.create_task(self._run(target, job_id, spec))
+        self.task = asyncio.create_task(self._run(network, job_id, spec))
 
-    async def _run(self, target: str, job_id: str, spec: GenerationSpec) -> None:
-        async with channels.insecure_channel(target) as channel:
+    async def _run(self, network: NetworkServer, job_id: str, spec: GenerationSpec) -> None:
+        async with channels.insecure_channel(network.target) as channel:
             call = dispatch_grpc.DispatchServiceStub(channel).RunJob(
-                dispatch_pb.RunJobRequest(job_id=job_id, spec=spec_to_pb(spec))
+                dispatch_pb.RunJobRequest(job_id=job_id, spec=spec_to_pb(spec)),
+                metadata=network.service,
             )
             async for event in call:
                 self.events.append(event)
@@ -120,7 +121,7 @@ async def test_frozen_agent_process_is_declared_dead_and_its_job_moves_on(
     service = network.component.service
     await eventually(lambda: len(service.nodes()) == 2, timeout_s=60)
 
-    job = JobStream(network.target, "job-frozen")
+    job = JobStream(network, "job-frozen")
     await eventually(lambda: len(job.of("delta")) >= 5)
     frozen_id = job.of("assigned")[0].assigned.node_id
     frozen = agents.by_name[_name_of(network, frozen_id)]
@@ -145,14 +146,14 @@ async def test_sigterm_agent_finishes_its_job_and_takes_no_new_one(
     service = network.component.service
     await eventually(lambda: len(service.nodes()) == 2, timeout_s=60)
 
-    first = JobStream(network.target, "job-draining")
+    first = JobStream(network, "job-draining")
     await eventually(lambda: len(first.of("delta")) >= 3)
     draining_id = first.of("assigned")[0].assigned.node_id
     draining = agents.by_name[_name_of(network, draining_id)]
     draining.send_signal(signal.SIGTERM)
     await eventually(lambda: service.node(draining_id).draining)
 
-    second = JobStream(network.target, "job-after")
+    second = JobStream(network, "job-after")
     await asyncio.wait_for(asyncio.gather(first.task, second.task), timeout=60)
 
     assert first.text == SCRIPT

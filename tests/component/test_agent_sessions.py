@@ -16,8 +16,9 @@ from resultity.network.v1 import node_admin_service_pb2_grpc as admin_grpc
 
 from agent.backoff import Backoff
 from agent.identity import NodeIdentity, signed_hello
-from agent.session import AgentSession, SessionSettings
+from agent.session import AGENT_VERSION, AgentSession, SessionSettings
 from server.common import channels
+from server.common.credentials import generate_service_token, service_metadata
 from server.common.grpc_errors import error_info
 from server.network.component import NetworkComponent
 from server.network.service import LivenessSettings
@@ -25,6 +26,7 @@ from tests.doubles.scripted_runtime import MODEL_ID, ScriptedRuntime
 from tests.harness import eventually
 
 FAST = LivenessSettings(heartbeat_interval_s=0.05, heartbeat_timeout_s=0.3)
+SERVICE_TOKEN = generate_service_token()
 
 
 async def _network_server(
@@ -32,7 +34,7 @@ async def _network_server(
 ) -> tuple[grpc.aio.Server, NetworkComponent, int]:
     server = channels.server()
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
-    network = NetworkComponent(liveness=liveness)
+    network = NetworkComponent(liveness=liveness, service_token=SERVICE_TOKEN)
     network.register(server)
     network.start()
     await server.start()
@@ -53,7 +55,7 @@ Opening = Callable[[pb.Challenge], list[pb.ConnectRequest]]
 def _hello(model: str = MODEL_ID) -> Opening:
     hello = pb.Hello(
         node_name="raw",
-        agent_version="0.1.0",
+        agent_version=AGENT_VERSION,
         models=[pb.ServedModel(model=model, runtime="scripted", context_length=2048)],
         max_concurrent_jobs=1,
     )
@@ -149,7 +151,7 @@ async def test_heartbeating_agent_stays_and_is_listed(
     network: tuple[NetworkComponent, str],
 ) -> None:
     _, target = network
-    session = AgentSession(SessionSettings(target, "listed"), ScriptedRuntime())
+    session = AgentSession(SessionSettings(target, "listed", region="eu-west"), ScriptedRuntime())
     task = asyncio.create_task(session.run_forever())
     try:
         await session.connected.wait()
@@ -157,11 +159,12 @@ async def test_heartbeating_agent_stays_and_is_listed(
         await asyncio.sleep(FAST.heartbeat_timeout_s * 4)
         async with channels.insecure_channel(target) as channel:
             listing = await admin_grpc.NodeAdminServiceStub(channel).ListNodes(
-                admin_pb.ListNodesRequest()
+                admin_pb.ListNodesRequest(), metadata=service_metadata(SERVICE_TOKEN)
             )
         assert [node.node_id for node in listing.nodes] == [session.node_id]
         assert listing.nodes[0].models == [MODEL_ID]
         assert listing.nodes[0].node_name == "listed"
+        assert listing.nodes[0].region == "eu-west"
     finally:
         await _cancel(task)
 

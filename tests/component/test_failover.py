@@ -16,7 +16,7 @@ from resultity.network.v1 import dispatch_service_pb2 as dispatch_pb
 from resultity.network.v1 import dispatch_service_pb2_grpc as dispatch_grpc
 
 from agent.identity import NodeIdentity, signed_hello
-from agent.session import AgentSession, SessionSettings
+from agent.session import AGENT_VERSION, AgentSession, SessionSettings
 from server.common import channels
 from server.common.inference import ChatMessage, ChatRole, GenerationSpec, Sampling
 from server.common.inference_proto import spec_to_pb
@@ -104,7 +104,7 @@ class RawNode:
         challenge = (await self.responses.get()).challenge
         hello = agent_pb.Hello(
             node_name="raw",
-            agent_version="0.1.0",
+            agent_version=AGENT_VERSION,
             models=[agent_pb.ServedModel(model=MODEL_ID, runtime="raw", context_length=2048)],
             max_concurrent_jobs=1,
         )
@@ -159,11 +159,12 @@ class RawNode:
 
 
 async def _run_job(
-    target: str, job_id: str, spec: GenerationSpec
+    network: NetworkServer, job_id: str, spec: GenerationSpec
 ) -> list[dispatch_pb.RunJobResponse]:
-    async with channels.insecure_channel(target) as channel:
+    async with channels.insecure_channel(network.target) as channel:
         call = dispatch_grpc.DispatchServiceStub(channel).RunJob(
-            dispatch_pb.RunJobRequest(job_id=job_id, spec=spec_to_pb(spec))
+            dispatch_pb.RunJobRequest(job_id=job_id, spec=spec_to_pb(spec)),
+            metadata=network.service,
         )
         return [event async for event in call]
 
@@ -188,7 +189,7 @@ async def test_partitioned_nodes_late_output_is_dropped_and_earns_nothing(
     words = scripted_tokens(DEFAULT_SCRIPT)
     partitioned = RawNode(network.target)
     await partitioned.start()
-    job = asyncio.create_task(_run_job(network.target, "job-1", _spec()))
+    job = asyncio.create_task(_run_job(network, "job-1", _spec()))
     assign = (await partitioned.next("assign_job")).assign_job
     assert (assign.epoch, assign.HasField("continuation")) == (1, False)
 
@@ -248,7 +249,7 @@ async def test_job_fails_once_it_has_moved_max_migrations_times() -> None:
     try:
         for node in nodes:
             await node.start()
-        job = asyncio.create_task(_run_job(server.target, "job-2", _spec()))
+        job = asyncio.create_task(_run_job(server, "job-2", _spec()))
         # Nobody delivers anything: the job moves once, then fails.
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await job
@@ -266,7 +267,7 @@ async def test_continuation_with_nothing_left_only_finishes(network: NetworkServ
     words = scripted_tokens(DEFAULT_SCRIPT)
     partitioned = RawNode(network.target)
     await partitioned.start()
-    job = asyncio.create_task(_run_job(network.target, "job-3", _spec(max_tokens=4)))
+    job = asyncio.create_task(_run_job(network, "job-3", _spec(max_tokens=4)))
     await partitioned.next("assign_job")
     runtime = ScriptedRuntime()
     session = AgentSession(SessionSettings(network.target, "healthy"), runtime)

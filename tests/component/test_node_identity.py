@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import grpc
@@ -15,17 +16,25 @@ from resultity.network.v1 import dispatch_service_pb2 as dispatch_pb
 from resultity.network.v1 import dispatch_service_pb2_grpc as dispatch_grpc
 
 from agent.identity import NodeIdentity, signed_hello
+from agent.session import AGENT_VERSION
 from server.common import channels
 from server.common.grpc_errors import error_info
-from server.common.inference import ChatMessage, ChatRole, GenerationSpec, Sampling
-from server.common.inference_proto import spec_to_pb
-from server.common.node_signing import node_id_of
+from server.common.inference import (
+    ChatMessage,
+    ChatRole,
+    GenerationSpec,
+    Sampling,
+    TokenLogprob,
+    TopLogprob,
+)
+from server.common.inference_proto import logprobs_to_pb, spec_to_pb
+from server.common.node_signing import OutputDigest, node_id_of, result_payload
 from tests.doubles.scripted_runtime import MODEL_ID, ScriptedRuntime
 from tests.harness import NetworkServer, running_platform, start_network
 
 HELLO = pb.Hello(
     node_name="raw",
-    agent_version="0.1.0",
+    agent_version=AGENT_VERSION,
     models=[pb.ServedModel(model=MODEL_ID, runtime="raw", context_length=2048)],
     max_concurrent_jobs=1,
 )
@@ -135,6 +144,44 @@ async def test_unsigned_hello_is_refused(network: NetworkServer) -> None:
     _refused(error, "INVALID_NODE_CREDENTIALS")
 
 
+async def test_agent_older_than_the_protocol_is_refused(network: NetworkServer) -> None:
+    old = pb.Hello()
+    old.CopyFrom(HELLO)
+    old.agent_version = "0.1.0"
+    _, _, error = await _open(
+        network.target,
+        lambda challenge: [signed_hello(NodeIdentity.generate(), old, challenge, "")],
+    )
+    assert error is not None
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "upgrade the agent" in (error.details() or "")
+    assert not network.component.service.nodes()
+
+
+async def test_declared_region_is_kept_and_a_malformed_one_refused(
+    network: NetworkServer,
+) -> None:
+    identity = NodeIdentity.generate()
+    in_region = pb.Hello()
+    in_region.CopyFrom(HELLO)
+    in_region.region = "eu-west"
+    _, responses, _ = await _open(
+        network.target, lambda challenge: [signed_hello(identity, in_region, challenge, "")]
+    )
+    assert responses[0].welcome.node_id == identity.node_id
+
+    in_region.region = "EU West"
+    _, _, error = await _open(
+        network.target,
+        lambda challenge: [signed_hello(NodeIdentity.generate(), in_region, challenge, "")],
+    )
+    assert error is not None
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    info = error_info(error)
+    assert info is not None
+    assert info.metadata["field"] == "region"
+
+
 async def test_node_tokens_are_checked_and_bind_the_operator(postgres_dsn: str) -> None:
     async with running_platform(postgres_dsn) as platform:
         identity = NodeIdentity.generate()
@@ -153,7 +200,44 @@ async def test_node_tokens_are_checked_and_bind_the_operator(postgres_dsn: str) 
         assert node.operator_account_id == operator
 
 
-async def test_result_with_a_bad_signature_cuts_the_node_off(network: NetworkServer) -> None:
+STREAMED_LOGPROB = TokenLogprob("Hello", b"Hello", -0.5, (TopLogprob("Hello", b"Hello", -0.5),))
+STREAMED_EMBEDDING = (0.5, 0.25)
+# What the node signs, as (text, logprob, embedding): what it streamed, or not.
+SIGNED = {
+    "text": ("Goodbye", STREAMED_LOGPROB, STREAMED_EMBEDDING),
+    "logprob": ("Hello", replace(STREAMED_LOGPROB, logprob=-0.1), STREAMED_EMBEDDING),
+    "top logprob": ("Hello", replace(STREAMED_LOGPROB, top_logprobs=()), STREAMED_EMBEDDING),
+    "embedding": ("Hello", STREAMED_LOGPROB, (0.5, 0.26)),
+}
+
+
+def _signature(
+    identity: NodeIdentity,
+    assign: pb.AssignJob,
+    signed: tuple[str, TokenLogprob, tuple[float, ...]],
+) -> bytes:
+    text, logprob, embedding = signed
+    output = OutputDigest()
+    output.add(text, (), (logprob,), embedding)
+    return identity.sign(
+        result_payload(
+            job_id=assign.job_id,
+            epoch=assign.epoch,
+            done=True,
+            reason=common_pb.FINISH_REASON_STOP,
+            prompt_tokens=3,
+            completion_tokens=1,
+            output=output,
+        )
+    )
+
+
+@pytest.mark.parametrize("tampered", [*SIGNED, None])
+async def test_result_signed_over_other_output_cuts_the_node_off(
+    network: NetworkServer, tampered: str | None
+) -> None:
+    """A node whose signature does not cover exactly what it streamed (text,
+    logprobs, embedding) is cut off and the job fails; signed honestly, it finishes."""
     identity = NodeIdentity.generate()
     outbound: asyncio.Queue[pb.ConnectRequest | None] = asyncio.Queue()
 
@@ -174,7 +258,9 @@ async def test_result_with_a_bad_signature_cuts_the_node_off(network: NetworkSer
         outbound.put_nowait(signed_hello(identity, HELLO, challenge, ""))
         assert (await anext(responses)).welcome.node_id
         job = asyncio.create_task(
-            _collect_job(dispatch_grpc.DispatchServiceStub(channel), spec_to_pb(spec))
+            _collect_job(
+                dispatch_grpc.DispatchServiceStub(channel), spec_to_pb(spec), network.service
+            )
         )
         while (response := await anext(responses)).WhichOneof("message") != "assign_job":
             pass
@@ -182,11 +268,16 @@ async def test_result_with_a_bad_signature_cuts_the_node_off(network: NetworkSer
         outbound.put_nowait(
             pb.ConnectRequest(
                 job_chunk=pb.JobChunk(
-                    job_id=assign.job_id, epoch=assign.epoch, text="Hello", token_count=1
+                    job_id=assign.job_id,
+                    epoch=assign.epoch,
+                    text="Hello",
+                    token_count=1,
+                    logprobs=logprobs_to_pb((STREAMED_LOGPROB,)),
+                    embedding=STREAMED_EMBEDDING,
                 )
             )
         )
-        # Signed over other text than it streamed.
+        signed = SIGNED[tampered] if tampered else ("Hello", STREAMED_LOGPROB, STREAMED_EMBEDDING)
         outbound.put_nowait(
             pb.ConnectRequest(
                 job_done=pb.JobDone(
@@ -194,10 +285,18 @@ async def test_result_with_a_bad_signature_cuts_the_node_off(network: NetworkSer
                     epoch=assign.epoch,
                     finish_reason=common_pb.FINISH_REASON_STOP,
                     usage=common_pb.Usage(prompt_tokens=3, completion_tokens=1),
-                    signature=identity.sign(b"something else"),
+                    signature=_signature(identity, assign, signed),
                 )
             )
         )
+        if tampered is None:
+            events = await job
+            assert events[-1].finished.usage.completion_tokens == 1
+            [delta] = [e.delta for e in events if e.WhichOneof("event") == "delta"]
+            assert list(delta.embedding) == list(STREAMED_EMBEDDING)
+            assert delta.logprobs[0].logprob == STREAMED_LOGPROB.logprob
+            outbound.put_nowait(None)
+            return
         with pytest.raises(grpc.aio.AioRpcError) as ended:
             async for _ in responses:
                 pass
@@ -212,7 +311,39 @@ async def test_result_with_a_bad_signature_cuts_the_node_off(network: NetworkSer
 
 
 async def _collect_job(
-    stub: dispatch_grpc.DispatchServiceStub, spec: common_pb.GenerationSpec
+    stub: dispatch_grpc.DispatchServiceStub,
+    spec: common_pb.GenerationSpec,
+    metadata: tuple[tuple[str, str], ...],
 ) -> list[dispatch_pb.RunJobResponse]:
-    call = stub.RunJob(dispatch_pb.RunJobRequest(job_id="signed-job", spec=spec))
+    call = stub.RunJob(dispatch_pb.RunJobRequest(job_id="signed-job", spec=spec), metadata=metadata)
     return [event async for event in call]
+
+
+async def test_agent_signs_its_logprobs_and_embeddings(postgres_dsn: str) -> None:
+    """The real agent's results verify with logprobs and embeddings in them: its
+    operator is credited (only verified results name it) and it stays connected."""
+    async with running_platform(postgres_dsn) as platform:
+        operator, token = await platform.operator()
+        agent = await platform.start_agent(ScriptedRuntime(), node_token=token)
+        logprobs = GenerationSpec(
+            model=MODEL_ID,
+            messages=(ChatMessage(ChatRole.USER, "hi"),),
+            sampling=Sampling(max_tokens=4, logprobs=True, top_logprobs=2),
+            max_prompt_tokens=100,
+        )
+        embedding = GenerationSpec(
+            model=MODEL_ID,
+            messages=(),
+            sampling=Sampling(max_tokens=0),
+            max_prompt_tokens=100,
+            prompt="embed these words",
+            embed=True,
+        )
+        stub = dispatch_grpc.DispatchServiceStub(platform.channel)
+        for spec in (logprobs, embedding):
+            events = await _collect_job(stub, spec_to_pb(spec), platform.service)
+            deltas = [e.delta for e in events if e.WhichOneof("event") == "delta"]
+            assert any(d.logprobs for d in deltas) or any(d.embedding for d in deltas)
+            [share] = events[-1].finished.node_usage
+            assert (share.node_id, share.operator_account_id) == (agent.session.node_id, operator)
+        assert [n.node_id for n in platform.network.service.nodes()] == [agent.session.node_id]

@@ -68,7 +68,7 @@ async def _network(canary_rate: float) -> AsyncIterator[tuple[NetworkServer, Nod
 async def _node(network: NetworkServer, node_id: str) -> admin_pb.Node:
     async with channels.insecure_channel(network.target) as channel:
         response = await admin_grpc.NodeAdminServiceStub(channel).GetNode(
-            admin_pb.GetNodeRequest(node_id=node_id)
+            admin_pb.GetNodeRequest(node_id=node_id), metadata=network.service
         )
     return response.node
 
@@ -83,7 +83,8 @@ async def _run_job(network: NetworkServer) -> str:
     """Runs one ordinary job; returns the node it was assigned to."""
     async with channels.insecure_channel(network.target) as channel:
         call = dispatch_grpc.DispatchServiceStub(channel).RunJob(
-            dispatch_pb.RunJobRequest(job_id=uuid.uuid4().hex, spec=spec_to_pb(SPEC))
+            dispatch_pb.RunJobRequest(job_id=uuid.uuid4().hex, spec=spec_to_pb(SPEC)),
+            metadata=network.service,
         )
         events = [event async for event in call]
     assert events[-1].WhichOneof("event") == "finished"
@@ -114,6 +115,9 @@ async def test_node_answering_its_join_canary_serves_and_one_answering_wrongly_d
         assert bad_status.tokens_per_second > 0
         assert bad_node.state == admin_pb.NODE_STATE_QUARANTINED
         assert bad_node.quarantine_reason
+        # A wrong canary answer is on the session's record (verified_only rules).
+        service = network.component.service
+        assert (service.node(good).failed_canary, service.node(bad).failed_canary) == (False, True)
 
         bad_jobs = len(bad_runtime.started_jobs)
         assigned = [await _run_job(network) for _ in range(4)]
@@ -144,6 +148,7 @@ async def test_node_failing_disguised_canaries_is_quarantined_and_its_neighbour_
                 assert service.node(flaky).quarantine_reason
         await eventually(lambda: bool(service.node(flaky).quarantine_reason))
         flaky_node = await _node(network, flaky)
+        assert service.node(flaky).failed_canary
         assert flaky_node.state == admin_pb.NODE_STATE_QUARANTINED
         assert flaky_node.reputation < ValidationSettings().quarantine_below
 
@@ -160,9 +165,10 @@ async def test_node_failing_disguised_canaries_is_quarantined_and_its_neighbour_
 
 
 async def test_nodes_cli_lists_shows_drains_and_quarantines(
-    capsys: pytest.CaptureFixture[str],
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async with _network(canary_rate=0.0) as (network, nodes):
+        monkeypatch.setenv("RESULTITY_SERVICE_TOKEN", network.service_token)
         node_id = await nodes.start("cli-node", ScriptedRuntime(answers=canary_answers()))
         await _validated(network, node_id)
 
@@ -174,8 +180,17 @@ async def test_nodes_cli_lists_shows_drains_and_quarantines(
         # Logs go to stdout too: the table starts at its header.
         lines = (await nodes_command("list")).splitlines()
         table = lines[[line.startswith("NODE ") for line in lines].index(True) :]
-        assert table[0].split() == ["NODE", "NAME", "STATE", "JOBS", "REPUTATION", "MODELS", "SEEN"]
-        assert table[1].split()[:5] == [node_id, "cli-node", "ready", "0/1", "1.00"]
+        assert table[0].split() == [
+            "NODE",
+            "NAME",
+            "REGION",
+            "STATE",
+            "JOBS",
+            "REPUTATION",
+            "MODELS",
+            "SEEN",
+        ]
+        assert table[1].split()[:6] == [node_id, "cli-node", "-", "ready", "0/1", "1.00"]
         assert f"{MODEL_ID}(passed)" in table[1]
 
         details = await nodes_command("get", node_id)

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import sys
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from resultity.network.v1 import dispatch_service_pb2 as dispatch_pb
@@ -25,6 +27,7 @@ from agent.runtime.base import (
     Finished,
     GenerationRequest,
     Message,
+    OutputFormat,
     Role,
     Sampling,
     TokenText,
@@ -35,7 +38,7 @@ from server.common import channels
 from server.common.inference import ChatMessage, ChatRole, GenerationSpec
 from server.common.inference import Sampling as SpecSampling
 from server.common.inference_proto import spec_to_pb
-from tests.harness import eventually, start_network
+from tests.harness import NetworkServer, eventually, start_network
 
 REPO = Path(__file__).resolve().parents[2]
 PROMPTS = (
@@ -53,12 +56,15 @@ async def runtime() -> AsyncIterator[LlamaCppRuntime]:
 
 
 def _request(
-    prompt: str, max_tokens: int, continuation: Continuation | None = None
+    prompt: str,
+    max_tokens: int,
+    continuation: Continuation | None = None,
+    **sampling: Any,
 ) -> GenerationRequest:
     return GenerationRequest(
         model=DEFAULT_MODEL_ID,
         messages=(Message(Role.USER, prompt),),
-        sampling=Sampling(max_tokens=max_tokens, temperature=0.0),
+        sampling=Sampling(max_tokens=max_tokens, temperature=0.0, **sampling),
         max_prompt_tokens=400,
         continuation=continuation,
     )
@@ -83,12 +89,36 @@ def _cut(events: list[TokenText], tokens: int) -> int:
     return len(events)
 
 
+# A continued reply must go on under the same constraints: the JSON grammar has
+# already consumed the delivered prefix, and the penalties have counted it.
+CONSTRAINED: dict[str, dict[str, Any]] = {
+    "free text": {},
+    "json object": {"output_format": OutputFormat.JSON_OBJECT},
+    "json schema": {
+        "output_format": OutputFormat.JSON_SCHEMA,
+        "json_schema": json.dumps(
+            {
+                "type": "object",
+                "properties": {"name": {"type": "string"}, "fruits": {"type": "array"}},
+                "required": ["name", "fruits"],
+            }
+        ),
+    },
+    "penalties": {"presence_penalty": 1.5, "frequency_penalty": 1.0},
+}
+
+
 @pytest.mark.model
-@pytest.mark.parametrize("prompt", PROMPTS)
+@pytest.mark.parametrize(
+    ("prompt", "constraint"),
+    [(prompt, "free text") for prompt in PROMPTS]
+    + [(PROMPTS[1], constraint) for constraint in sorted(CONSTRAINED) if constraint != "free text"],
+)
 async def test_greedy_continuation_equals_the_uninterrupted_run(
-    runtime: LlamaCppRuntime, prompt: str
+    runtime: LlamaCppRuntime, prompt: str, constraint: str
 ) -> None:
-    whole, _ = await _run(runtime, _request(prompt, MAX_TOKENS))
+    sampling = CONSTRAINED[constraint]
+    whole, _ = await _run(runtime, _request(prompt, MAX_TOKENS, **sampling))
     expected = "".join(event.text for event in whole)
     cuts = {_cut(whole, k) for k in (1, 7, 20)}
     for cut in sorted(cuts):
@@ -102,7 +132,7 @@ async def test_greedy_continuation_equals_the_uninterrupted_run(
         )
         assert len(delivered.token_ids) == delivered.token_count
         left = MAX_TOKENS - delivered.token_count
-        rest, finished = await _run(runtime, _request(prompt, left, delivered))
+        rest, finished = await _run(runtime, _request(prompt, left, delivered, **sampling))
         assert delivered.text + "".join(event.text for event in rest) == expected, cut
         assert finished.completion_tokens == sum(event.token_count for event in rest)
 
@@ -143,16 +173,19 @@ async def _spawn_agent(target: str, name: str) -> asyncio.subprocess.Process:
     )
 
 
-async def _stream(target: str, job_id: str, events: list[dispatch_pb.RunJobResponse]) -> None:
+async def _stream(
+    network: NetworkServer, job_id: str, events: list[dispatch_pb.RunJobResponse]
+) -> None:
     spec = GenerationSpec(
         model=DEFAULT_MODEL_ID,
         messages=(ChatMessage(ChatRole.USER, PROMPTS[0]),),
         sampling=SpecSampling(max_tokens=MAX_TOKENS, temperature=0.0),
         max_prompt_tokens=400,
     )
-    async with channels.insecure_channel(target) as channel:
+    async with channels.insecure_channel(network.target) as channel:
         call = dispatch_grpc.DispatchServiceStub(channel).RunJob(
-            dispatch_pb.RunJobRequest(job_id=job_id, spec=spec_to_pb(spec))
+            dispatch_pb.RunJobRequest(job_id=job_id, spec=spec_to_pb(spec)),
+            metadata=network.service,
         )
         async for event in call:
             events.append(event)
@@ -174,10 +207,10 @@ async def test_killed_agent_process_is_continued_exactly_by_another() -> None:
     try:
         await eventually(lambda: len(service.nodes()) == 2, timeout_s=120)
         reference: list[dispatch_pb.RunJobResponse] = []
-        await asyncio.wait_for(_stream(network.target, "reference", reference), timeout=120)
+        await asyncio.wait_for(_stream(network, "reference", reference), timeout=120)
 
         events: list[dispatch_pb.RunJobResponse] = []
-        job = asyncio.create_task(_stream(network.target, "interrupted", events))
+        job = asyncio.create_task(_stream(network, "interrupted", events))
         await eventually(lambda: _tokens(events) >= 8, timeout_s=120)
         victim_id = events[0].assigned.node_id
         victim = processes[["a", "b"].index(service.node(victim_id).hello.name)]

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import random
 
+from server.common.inference import NodeRequirements
 from server.network.nodes import ModelStatus, ModelValidation, NodeHello, NodeModel, NodeSession
 from server.network.routing import Router, RouteRequest
 
@@ -132,3 +133,107 @@ def test_validating_and_quarantined_nodes_get_no_jobs() -> None:
     validating.model_status["m"] = ModelStatus(ModelValidation.PENDING)
     quarantined.quarantine_reason = "failed canaries"
     assert _pick(_router(validating, quarantined)) is None
+
+
+def _member(node_id: str, operator: str = "", region: str = "", slots: int = 2) -> NodeSession:
+    hello = NodeHello(node_id, "test", (NodeModel("m", "rt", 2048),), slots, region=region)
+    return NodeSession(node_id=node_id, hello=hello, operator_account_id=operator)
+
+
+def _picks(router: Router, rules: NodeRequirements, times: int = 20) -> set[str | None]:
+    picked = set()
+    for _ in range(times):
+        node = router.pick(RouteRequest("m", requirements=rules), nodes_now())
+        picked.add(None if node is None else node.node_id)
+    return picked
+
+
+def test_operator_rule_admits_only_those_operators_nodes() -> None:
+    router = _router(_member("a1", "op-a"), _member("b1", "op-b"), _member("none"))
+    assert _picks(router, NodeRequirements(operator_account_ids=frozenset({"op-a"}))) == {"a1"}
+    both = NodeRequirements(operator_account_ids=frozenset({"op-a", "op-b"}))
+    assert _picks(router, both) == {"a1", "b1"}
+    assert _picks(router, NodeRequirements(operator_account_ids=frozenset({"op-c"}))) == {None}
+
+
+def test_region_rule_admits_only_declared_regions() -> None:
+    router = _router(_member("eu", region="eu-west"), _member("us", region="us-east"), _member("x"))
+    assert _picks(router, NodeRequirements(regions=frozenset({"eu-west"}))) == {"eu"}
+    # An undeclared region matches no region rule.
+    assert _picks(router, NodeRequirements(regions=frozenset({"ap-south"}))) == {None}
+
+
+def test_min_reputation_rule() -> None:
+    clean, doubted = _member("clean"), _member("doubted")
+    doubted.reputation = 0.7
+    router = _router(clean, doubted)
+    clean.active_jobs.update({"1", "2"})  # busier: without the rule it would lose
+    assert _picks(router, NodeRequirements(min_reputation=0.8)) == {"clean"}
+    assert _picks(router, NodeRequirements(min_reputation=0.7)) == {"doubted"}
+
+
+def test_verified_rule_needs_an_operator_and_no_failed_canary() -> None:
+    verified, tokenless, failed = _member("v", "op"), _member("t"), _member("f", "op")
+    failed.failed_canary = True
+    router = _router(verified, tokenless, failed)
+    assert _picks(router, NodeRequirements(verified_only=True)) == {"v"}
+    verified.failed_canary = True
+    assert _picks(router, NodeRequirements(verified_only=True)) == {None}
+
+
+def test_every_rule_must_hold() -> None:
+    rules = NodeRequirements(
+        operator_account_ids=frozenset({"op-a"}), regions=frozenset({"eu"}), min_reputation=0.5
+    )
+    nodes = [
+        _member("right", "op-a", "eu"),
+        _member("wrong-operator", "op-b", "eu"),
+        _member("wrong-region", "op-a", "us"),
+        _member("low", "op-a", "eu"),
+    ]
+    nodes[3].reputation = 0.4
+    assert _picks(_router(*nodes), rules) == {"right"}
+
+
+def test_rules_are_kept_in_large_pools_and_a_lone_eligible_node_is_found() -> None:
+    """A thousand nodes, one of the required operator's among them, one in the
+    required region without a job slot to spare: sampled or scanned, the rules hold."""
+    nodes = [_member(f"n{i}", f"op-{i % 10}", f"r{i % 7}") for i in range(1000)]
+    router = _router(*nodes, sample_size=8)
+    lone = _member("lone", "op-lone", "r0")
+    router.add(lone)
+    assert _picks(router, NodeRequirements(operator_account_ids=frozenset({"op-lone"}))) == {"lone"}
+    in_r3 = {node.node_id for node in nodes if node.region == "r3"}
+    assert _picks(router, NodeRequirements(regions=frozenset({"r3"})), times=50) <= in_r3
+    # Only non-draining node of operator op-1 in region r1: found by the full scan.
+    ops = frozenset({"op-1", "op-2"})
+    eligible = [n for n in nodes if n.operator_account_id in ops and n.region == "r1"]
+    for node in eligible[1:]:
+        node.draining = True
+    rules = NodeRequirements(operator_account_ids=ops, regions=frozenset({"r1"}))
+    assert _picks(router, rules) == {eligible[0].node_id}
+
+
+def test_count_counts_only_nodes_meeting_the_rules() -> None:
+    a, b, c = _member("a", "op-a", "eu"), _member("b", "op-b", "eu"), _member("c", "op-a", "us")
+    router = _router(a, b, c)
+    assert router.count("m") == 3
+    assert router.count("m", NodeRequirements(regions=frozenset({"eu"}))) == 2
+    rules = NodeRequirements(operator_account_ids=frozenset({"op-a"}), regions=frozenset({"eu"}))
+    assert router.count("m", rules) == 1
+    router.remove(a)
+    assert router.count("m", rules) == 0
+    assert router.count("m", NodeRequirements(operator_account_ids=frozenset({"op-a"}))) == 1
+
+
+def test_a_rule_naming_several_operators_samples_across_all_of_them() -> None:
+    nodes = [_member(f"{op}-{i}", op) for op in ("op-a", "op-b", "op-c") for i in range(60)]
+    router = _router(*nodes, sample_size=8)
+    rules = NodeRequirements(operator_account_ids=frozenset({"op-a", "op-b"}))
+    operators = set()
+    for index in range(100):
+        picked = router.pick(RouteRequest("m", requirements=rules), nodes_now())
+        assert picked is not None
+        picked.active_jobs.add(str(index))
+        operators.add(picked.operator_account_id)
+    assert operators == {"op-a", "op-b"}

@@ -27,15 +27,15 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from resultity.common.v1 import inference_pb2 as resultity_dot_common_dot_v1_dot_inference__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&resultity/agent/v1/agent_service.proto\x12\x12resultity.agent.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a#resultity/common/v1/inference.proto\"\xbc\x03\n\x0e\x43onnectRequest\x12*\n\x05hello\x18\x01 \x01(\x0b\x32\x19.resultity.agent.v1.HelloH\x00\x12\x32\n\theartbeat\x18\x02 \x01(\x0b\x32\x1d.resultity.agent.v1.HeartbeatH\x00\x12\x31\n\tjob_chunk\x18\x03 \x01(\x0b\x32\x1c.resultity.agent.v1.JobChunkH\x00\x12/\n\x08job_done\x18\x04 \x01(\x0b\x32\x1b.resultity.agent.v1.JobDoneH\x00\x12\x33\n\njob_failed\x18\x05 \x01(\x0b\x32\x1d.resultity.agent.v1.JobFailedH\x00\x12\x30\n\x08\x64raining\x18\x06 \x01(\x0b\x32\x1c.resultity.agent.v1.DrainingH\x00\x12\x37\n\x0csigned_hello\x18\x07 \x01(\x0b\x32\x1f.resultity.agent.v1.SignedHelloH\x00\x12;\n\x0e\x63onfig_applied\x18\x08 \x01(\x0b\x32!.resultity.agent.v1.ConfigAppliedH\x00\x42\t\n\x07message\"\xd3\x02\n\x0f\x43onnectResponse\x12.\n\x07welcome\x18\x01 \x01(\x0b\x32\x1b.resultity.agent.v1.WelcomeH\x00\x12\x33\n\nassign_job\x18\x02 \x01(\x0b\x32\x1d.resultity.agent.v1.AssignJobH\x00\x12\x33\n\ncancel_job\x18\x03 \x01(\x0b\x32\x1d.resultity.agent.v1.CancelJobH\x00\x12\x32\n\treconnect\x18\x04 \x01(\x0b\x32\x1d.resultity.agent.v1.ReconnectH\x00\x12\x32\n\tchallenge\x18\x05 \x01(\x0b\x32\x1d.resultity.agent.v1.ChallengeH\x00\x12\x33\n\x06\x63onfig\x18\x06 \x01(\x0b\x32!.resultity.agent.v1.NetworkConfigH\x00\x42\t\n\x07message\".\n\tChallenge\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12\x12\n\nnetwork_id\x18\x02 \x01(\t\"/\n\x0bSignedHello\x12\r\n\x05hello\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"\xf9\x01\n\x05Hello\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\x15\n\ragent_version\x18\x02 \x01(\t\x12/\n\x06models\x18\x03 \x03(\x0b\x32\x1f.resultity.agent.v1.ServedModel\x12\x1b\n\x13max_concurrent_jobs\x18\x04 \x01(\x05\x12\x12\n\npublic_key\x18\x05 \x01(\x0c\x12\x12\n\nnode_token\x18\x06 \x01(\t\x12\r\n\x05nonce\x18\x07 \x01(\x0c\x12\x12\n\nnetwork_id\x18\x08 \x01(\t\x12-\n\tsigned_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"E\n\x0bServedModel\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07runtime\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\x05\"\x87\x01\n\x07Welcome\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x35\n\x12heartbeat_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x34\n\x11heartbeat_timeout\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"r\n\tHeartbeat\x12\x13\n\x0b\x61\x63tive_jobs\x18\x01 \x01(\x05\x12\x13\n\x0bqueued_jobs\x18\x02 \x01(\x05\x12 \n\x18recent_tokens_per_second\x18\x03 \x01(\x01\x12\x19\n\x11\x66ree_memory_bytes\x18\x04 \x01(\x03\"\n\n\x08\x44raining\"\x1b\n\tReconnect\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x95\x01\n\tAssignJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\x31\n\x04spec\x18\x03 \x01(\x0b\x32#.resultity.common.v1.GenerationSpec\x12\x36\n\x0c\x63ontinuation\x18\x04 \x01(\x0b\x32 .resultity.agent.v1.Continuation\"D\n\x0c\x43ontinuation\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x13\n\x0btoken_count\x18\x02 \x01(\x05\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\"*\n\tCancelJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\"\xbe\x01\n\x08JobChunk\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x13\n\x0btoken_count\x18\x04 \x01(\x05\x12\x15\n\rprompt_tokens\x18\x05 \x01(\x05\x12\x11\n\ttoken_ids\x18\x06 \x03(\x05\x12\x33\n\x08logprobs\x18\x07 \x03(\x0b\x32!.resultity.common.v1.TokenLogprob\x12\x11\n\tembedding\x18\x08 \x03(\x02\"\xa0\x01\n\x07JobDone\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\x38\n\rfinish_reason\x18\x03 \x01(\x0e\x32!.resultity.common.v1.FinishReason\x12)\n\x05usage\x18\x04 \x01(\x0b\x32\x1a.resultity.common.v1.Usage\x12\x11\n\tsignature\x18\x05 \x01(\x0c\"\x0e\n\x0cResultDigest\"\xaf\x01\n\tJobFailed\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\x34\n\x06reason\x18\x03 \x01(\x0e\x32$.resultity.agent.v1.JobFailureReason\x12\x0f\n\x07message\x18\x04 \x01(\t\x12)\n\x05usage\x18\x05 \x01(\x0b\x32\x1a.resultity.common.v1.Usage\x12\x11\n\tsignature\x18\x06 \x01(\x0c\"\xee\x01\n\rNetworkConfig\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x35\n\x12heartbeat_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x34\n\x11heartbeat_timeout\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x19\n\x11min_agent_version\x18\x04 \x01(\t\x12\x13\n\x0b\x63\x61nary_rate\x18\x05 \x01(\x01\x12/\n\x06models\x18\x06 \x03(\x0b\x32\x1f.resultity.agent.v1.ConfigModel\"v\n\x0b\x43onfigModel\x12\r\n\x05model\x18\x01 \x01(\t\x12.\n\x05price\x18\x02 \x01(\x0b\x32\x1f.resultity.common.v1.ModelPrice\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\x05\x12\x10\n\x08runtimes\x18\x04 \x03(\t\" \n\rConfigApplied\x12\x0f\n\x07version\x18\x01 \x01(\x03*\xae\x01\n\x10JobFailureReason\x12\"\n\x1eJOB_FAILURE_REASON_UNSPECIFIED\x10\x00\x12&\n\"JOB_FAILURE_REASON_INVALID_REQUEST\x10\x01\x12(\n$JOB_FAILURE_REASON_MODEL_UNAVAILABLE\x10\x02\x12$\n JOB_FAILURE_REASON_RUNTIME_ERROR\x10\x03\x32\x66\n\x0c\x41gentService\x12V\n\x07\x43onnect\x12\".resultity.agent.v1.ConnectRequest\x1a#.resultity.agent.v1.ConnectResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&resultity/agent/v1/agent_service.proto\x12\x12resultity.agent.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a#resultity/common/v1/inference.proto\"\xbc\x03\n\x0e\x43onnectRequest\x12*\n\x05hello\x18\x01 \x01(\x0b\x32\x19.resultity.agent.v1.HelloH\x00\x12\x32\n\theartbeat\x18\x02 \x01(\x0b\x32\x1d.resultity.agent.v1.HeartbeatH\x00\x12\x31\n\tjob_chunk\x18\x03 \x01(\x0b\x32\x1c.resultity.agent.v1.JobChunkH\x00\x12/\n\x08job_done\x18\x04 \x01(\x0b\x32\x1b.resultity.agent.v1.JobDoneH\x00\x12\x33\n\njob_failed\x18\x05 \x01(\x0b\x32\x1d.resultity.agent.v1.JobFailedH\x00\x12\x30\n\x08\x64raining\x18\x06 \x01(\x0b\x32\x1c.resultity.agent.v1.DrainingH\x00\x12\x37\n\x0csigned_hello\x18\x07 \x01(\x0b\x32\x1f.resultity.agent.v1.SignedHelloH\x00\x12;\n\x0e\x63onfig_applied\x18\x08 \x01(\x0b\x32!.resultity.agent.v1.ConfigAppliedH\x00\x42\t\n\x07message\"\xd3\x02\n\x0f\x43onnectResponse\x12.\n\x07welcome\x18\x01 \x01(\x0b\x32\x1b.resultity.agent.v1.WelcomeH\x00\x12\x33\n\nassign_job\x18\x02 \x01(\x0b\x32\x1d.resultity.agent.v1.AssignJobH\x00\x12\x33\n\ncancel_job\x18\x03 \x01(\x0b\x32\x1d.resultity.agent.v1.CancelJobH\x00\x12\x32\n\treconnect\x18\x04 \x01(\x0b\x32\x1d.resultity.agent.v1.ReconnectH\x00\x12\x32\n\tchallenge\x18\x05 \x01(\x0b\x32\x1d.resultity.agent.v1.ChallengeH\x00\x12\x33\n\x06\x63onfig\x18\x06 \x01(\x0b\x32!.resultity.agent.v1.NetworkConfigH\x00\x42\t\n\x07message\".\n\tChallenge\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12\x12\n\nnetwork_id\x18\x02 \x01(\t\"/\n\x0bSignedHello\x12\r\n\x05hello\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"\x89\x02\n\x05Hello\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\x15\n\ragent_version\x18\x02 \x01(\t\x12/\n\x06models\x18\x03 \x03(\x0b\x32\x1f.resultity.agent.v1.ServedModel\x12\x1b\n\x13max_concurrent_jobs\x18\x04 \x01(\x05\x12\x12\n\npublic_key\x18\x05 \x01(\x0c\x12\x12\n\nnode_token\x18\x06 \x01(\t\x12\r\n\x05nonce\x18\x07 \x01(\x0c\x12\x12\n\nnetwork_id\x18\x08 \x01(\t\x12-\n\tsigned_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06region\x18\n \x01(\t\"E\n\x0bServedModel\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07runtime\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\x05\"\x87\x01\n\x07Welcome\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x35\n\x12heartbeat_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x34\n\x11heartbeat_timeout\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"r\n\tHeartbeat\x12\x13\n\x0b\x61\x63tive_jobs\x18\x01 \x01(\x05\x12\x13\n\x0bqueued_jobs\x18\x02 \x01(\x05\x12 \n\x18recent_tokens_per_second\x18\x03 \x01(\x01\x12\x19\n\x11\x66ree_memory_bytes\x18\x04 \x01(\x03\"\n\n\x08\x44raining\"\x1b\n\tReconnect\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x95\x01\n\tAssignJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\x31\n\x04spec\x18\x03 \x01(\x0b\x32#.resultity.common.v1.GenerationSpec\x12\x36\n\x0c\x63ontinuation\x18\x04 \x01(\x0b\x32 .resultity.agent.v1.Continuation\"D\n\x0c\x43ontinuation\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x13\n\x0btoken_count\x18\x02 \x01(\x05\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\"*\n\tCancelJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\"\xbe\x01\n\x08JobChunk\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x13\n\x0btoken_count\x18\x04 \x01(\x05\x12\x15\n\rprompt_tokens\x18\x05 \x01(\x05\x12\x11\n\ttoken_ids\x18\x06 \x03(\x05\x12\x33\n\x08logprobs\x18\x07 \x03(\x0b\x32!.resultity.common.v1.TokenLogprob\x12\x11\n\tembedding\x18\x08 \x03(\x02\"\xa0\x01\n\x07JobDone\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\x38\n\rfinish_reason\x18\x03 \x01(\x0e\x32!.resultity.common.v1.FinishReason\x12)\n\x05usage\x18\x04 \x01(\x0b\x32\x1a.resultity.common.v1.Usage\x12\x11\n\tsignature\x18\x05 \x01(\x0c\"\x0e\n\x0cResultDigest\"\xaf\x01\n\tJobFailed\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\x34\n\x06reason\x18\x03 \x01(\x0e\x32$.resultity.agent.v1.JobFailureReason\x12\x0f\n\x07message\x18\x04 \x01(\t\x12)\n\x05usage\x18\x05 \x01(\x0b\x32\x1a.resultity.common.v1.Usage\x12\x11\n\tsignature\x18\x06 \x01(\x0c\"\xee\x01\n\rNetworkConfig\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x35\n\x12heartbeat_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x34\n\x11heartbeat_timeout\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x19\n\x11min_agent_version\x18\x04 \x01(\t\x12\x13\n\x0b\x63\x61nary_rate\x18\x05 \x01(\x01\x12/\n\x06models\x18\x06 \x03(\x0b\x32\x1f.resultity.agent.v1.ConfigModel\"v\n\x0b\x43onfigModel\x12\r\n\x05model\x18\x01 \x01(\t\x12.\n\x05price\x18\x02 \x01(\x0b\x32\x1f.resultity.common.v1.ModelPrice\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\x05\x12\x10\n\x08runtimes\x18\x04 \x03(\t\" \n\rConfigApplied\x12\x0f\n\x07version\x18\x01 \x01(\x03*\xae\x01\n\x10JobFailureReason\x12\"\n\x1eJOB_FAILURE_REASON_UNSPECIFIED\x10\x00\x12&\n\"JOB_FAILURE_REASON_INVALID_REQUEST\x10\x01\x12(\n$JOB_FAILURE_REASON_MODEL_UNAVAILABLE\x10\x02\x12$\n JOB_FAILURE_REASON_RUNTIME_ERROR\x10\x03\x32\x66\n\x0c\x41gentService\x12V\n\x07\x43onnect\x12\".resultity.agent.v1.ConnectRequest\x1a#.resultity.agent.v1.ConnectResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'resultity.agent.v1.agent_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_JOBFAILUREREASON']._serialized_start=2880
-  _globals['_JOBFAILUREREASON']._serialized_end=3054
+  _globals['_JOBFAILUREREASON']._serialized_start=2896
+  _globals['_JOBFAILUREREASON']._serialized_end=3070
   _globals['_CONNECTREQUEST']._serialized_start=165
   _globals['_CONNECTREQUEST']._serialized_end=609
   _globals['_CONNECTRESPONSE']._serialized_start=612
@@ -45,37 +45,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SIGNEDHELLO']._serialized_start=1001
   _globals['_SIGNEDHELLO']._serialized_end=1048
   _globals['_HELLO']._serialized_start=1051
-  _globals['_HELLO']._serialized_end=1300
-  _globals['_SERVEDMODEL']._serialized_start=1302
-  _globals['_SERVEDMODEL']._serialized_end=1371
-  _globals['_WELCOME']._serialized_start=1374
-  _globals['_WELCOME']._serialized_end=1509
-  _globals['_HEARTBEAT']._serialized_start=1511
-  _globals['_HEARTBEAT']._serialized_end=1625
-  _globals['_DRAINING']._serialized_start=1627
-  _globals['_DRAINING']._serialized_end=1637
-  _globals['_RECONNECT']._serialized_start=1639
-  _globals['_RECONNECT']._serialized_end=1666
-  _globals['_ASSIGNJOB']._serialized_start=1669
-  _globals['_ASSIGNJOB']._serialized_end=1818
-  _globals['_CONTINUATION']._serialized_start=1820
-  _globals['_CONTINUATION']._serialized_end=1888
-  _globals['_CANCELJOB']._serialized_start=1890
-  _globals['_CANCELJOB']._serialized_end=1932
-  _globals['_JOBCHUNK']._serialized_start=1935
-  _globals['_JOBCHUNK']._serialized_end=2125
-  _globals['_JOBDONE']._serialized_start=2128
-  _globals['_JOBDONE']._serialized_end=2288
-  _globals['_RESULTDIGEST']._serialized_start=2290
-  _globals['_RESULTDIGEST']._serialized_end=2304
-  _globals['_JOBFAILED']._serialized_start=2307
-  _globals['_JOBFAILED']._serialized_end=2482
-  _globals['_NETWORKCONFIG']._serialized_start=2485
-  _globals['_NETWORKCONFIG']._serialized_end=2723
-  _globals['_CONFIGMODEL']._serialized_start=2725
-  _globals['_CONFIGMODEL']._serialized_end=2843
-  _globals['_CONFIGAPPLIED']._serialized_start=2845
-  _globals['_CONFIGAPPLIED']._serialized_end=2877
-  _globals['_AGENTSERVICE']._serialized_start=3056
-  _globals['_AGENTSERVICE']._serialized_end=3158
+  _globals['_HELLO']._serialized_end=1316
+  _globals['_SERVEDMODEL']._serialized_start=1318
+  _globals['_SERVEDMODEL']._serialized_end=1387
+  _globals['_WELCOME']._serialized_start=1390
+  _globals['_WELCOME']._serialized_end=1525
+  _globals['_HEARTBEAT']._serialized_start=1527
+  _globals['_HEARTBEAT']._serialized_end=1641
+  _globals['_DRAINING']._serialized_start=1643
+  _globals['_DRAINING']._serialized_end=1653
+  _globals['_RECONNECT']._serialized_start=1655
+  _globals['_RECONNECT']._serialized_end=1682
+  _globals['_ASSIGNJOB']._serialized_start=1685
+  _globals['_ASSIGNJOB']._serialized_end=1834
+  _globals['_CONTINUATION']._serialized_start=1836
+  _globals['_CONTINUATION']._serialized_end=1904
+  _globals['_CANCELJOB']._serialized_start=1906
+  _globals['_CANCELJOB']._serialized_end=1948
+  _globals['_JOBCHUNK']._serialized_start=1951
+  _globals['_JOBCHUNK']._serialized_end=2141
+  _globals['_JOBDONE']._serialized_start=2144
+  _globals['_JOBDONE']._serialized_end=2304
+  _globals['_RESULTDIGEST']._serialized_start=2306
+  _globals['_RESULTDIGEST']._serialized_end=2320
+  _globals['_JOBFAILED']._serialized_start=2323
+  _globals['_JOBFAILED']._serialized_end=2498
+  _globals['_NETWORKCONFIG']._serialized_start=2501
+  _globals['_NETWORKCONFIG']._serialized_end=2739
+  _globals['_CONFIGMODEL']._serialized_start=2741
+  _globals['_CONFIGMODEL']._serialized_end=2859
+  _globals['_CONFIGAPPLIED']._serialized_start=2861
+  _globals['_CONFIGAPPLIED']._serialized_end=2893
+  _globals['_AGENTSERVICE']._serialized_start=3072
+  _globals['_AGENTSERVICE']._serialized_end=3174
 # @@protoc_insertion_point(module_scope)

@@ -230,6 +230,7 @@ class Hello(_message.Message):
     NONCE_FIELD_NUMBER: _builtins.int
     NETWORK_ID_FIELD_NUMBER: _builtins.int
     SIGNED_AT_FIELD_NUMBER: _builtins.int
+    REGION_FIELD_NUMBER: _builtins.int
     node_name: _builtins.str
     """Stable name the operator chose for this node (shown in node listings)."""
     agent_version: _builtins.str
@@ -244,6 +245,10 @@ class Hello(_message.Message):
     nonce: _builtins.bytes
     """Echo of Challenge.nonce and Challenge.network_id."""
     network_id: _builtins.str
+    region: _builtins.str
+    """Where the node runs, as its operator declares it (e.g. "eu-west"); used by
+    region rules in routing. Empty: undeclared (matches no region rule).
+    """
     @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ServedModel]: ...
     @_builtins.property
@@ -262,10 +267,11 @@ class Hello(_message.Message):
         nonce: _builtins.bytes = ...,
         network_id: _builtins.str = ...,
         signed_at: _timestamp_pb2.Timestamp | None = ...,
+        region: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["signed_at", b"signed_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "max_concurrent_jobs", b"max_concurrent_jobs", "models", b"models", "network_id", b"network_id", "node_name", b"node_name", "node_token", b"node_token", "nonce", b"nonce", "public_key", b"public_key", "signed_at", b"signed_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "max_concurrent_jobs", b"max_concurrent_jobs", "models", b"models", "network_id", b"network_id", "node_name", b"node_name", "node_token", b"node_token", "nonce", b"nonce", "public_key", b"public_key", "region", b"region", "signed_at", b"signed_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -599,7 +605,7 @@ class ResultDigest(_message.Message):
     the UTF-8 of these lines joined with "\\n" (independent of any protobuf
     library):
 
-      resultity-result-v1
+      resultity-result-v2
       <job_id>
       <epoch>
       done | failed
@@ -608,6 +614,15 @@ class ResultDigest(_message.Message):
       <completion_tokens>
       <hex SHA-256 of the UTF-8 text of every JobChunk of this job and epoch, in order>
       <hex SHA-256 of the token ids of those chunks, each as 4 bytes little-endian>
+      <hex SHA-256 of the logprobs of those chunks, in order>
+      <hex SHA-256 of the embedding values of those chunks, each as the 4-byte
+       little-endian IEEE 754 float it is sent as>
+
+    Each logprob is encoded as: its token's UTF-8 text and its bytes, each
+    preceded by its length (4 bytes little-endian), the logprob as an 8-byte
+    little-endian IEEE 754 double, the number of top_logprobs (4 bytes
+    little-endian), then each of those as text, bytes and logprob the same way.
+    Hashes over nothing (no logprobs, no embedding) are SHA-256 of no bytes.
 
     Chunks are not signed one by one: an Ed25519 signature per chunk costs more
     than generating a token on small models, and the network only needs the

@@ -25,23 +25,73 @@ class RunJobRequest(_message.Message):
 
     JOB_ID_FIELD_NUMBER: _builtins.int
     SPEC_FIELD_NUMBER: _builtins.int
+    REQUIREMENTS_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """Caller's identifier, used for logs and idempotent billing."""
     @_builtins.property
     def spec(self) -> _inference_pb2.GenerationSpec: ...
+    @_builtins.property
+    def requirements(self) -> Global___NodeRequirements:
+        """Which nodes may run the job, first assignment and every migration alike.
+        Unset: any ready node serving the model.
+        """
+
     def __init__(
         self,
         *,
         job_id: _builtins.str = ...,
         spec: _inference_pb2.GenerationSpec | None = ...,
+        requirements: Global___NodeRequirements | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["requirements", b"requirements", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "requirements", b"requirements", "spec", b"spec"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RunJobRequest: _TypeAlias = RunJobRequest  # noqa: Y015
+
+@_typing.final
+class NodeRequirements(_message.Message):
+    """Node-eligibility rules (a subcloud's, a request's region). Every set field
+    must hold; an empty field does not restrict.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPERATOR_ACCOUNT_IDS_FIELD_NUMBER: _builtins.int
+    REGIONS_FIELD_NUMBER: _builtins.int
+    MIN_REPUTATION_FIELD_NUMBER: _builtins.int
+    VERIFIED_ONLY_FIELD_NUMBER: _builtins.int
+    min_reputation: _builtins.float
+    """Only nodes whose reputation (0-1, from canaries) is at least this."""
+    verified_only: _builtins.bool
+    """Only verified nodes: admitted with an operator's node token and with a
+    clean canary record (no failed canary since they joined).
+    """
+    @_builtins.property
+    def operator_account_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only nodes whose operator (from the node token) is one of these accounts."""
+
+    @_builtins.property
+    def regions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only nodes whose declared region (agent Hello.region) is one of these."""
+
+    def __init__(
+        self,
+        *,
+        operator_account_ids: _abc.Iterable[_builtins.str] | None = ...,
+        regions: _abc.Iterable[_builtins.str] | None = ...,
+        min_reputation: _builtins.float = ...,
+        verified_only: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["min_reputation", b"min_reputation", "operator_account_ids", b"operator_account_ids", "regions", b"regions", "verified_only", b"verified_only"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NodeRequirements: _TypeAlias = NodeRequirements  # noqa: Y015
 
 @_typing.final
 class RunJobResponse(_message.Message):
@@ -234,12 +284,19 @@ Global___NodeUsage: _TypeAlias = NodeUsage  # noqa: Y015
 class ListModelsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    REQUIREMENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def requirements(self) -> Global___NodeRequirements:
+        """Count only nodes meeting these rules in CatalogModel.ready_nodes."""
+
     def __init__(
         self,
+        *,
+        requirements: Global___NodeRequirements | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["requirements", b"requirements"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["requirements", b"requirements"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

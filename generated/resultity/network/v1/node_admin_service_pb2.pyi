@@ -334,6 +334,8 @@ class Node(_message.Message):
     CONFIG_VERSION_FIELD_NUMBER: _builtins.int
     MODEL_STATUS_FIELD_NUMBER: _builtins.int
     QUARANTINE_REASON_FIELD_NUMBER: _builtins.int
+    REGION_FIELD_NUMBER: _builtins.int
+    VERIFIED_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     node_name: _builtins.str
     agent_version: _builtins.str
@@ -350,6 +352,14 @@ class Node(_message.Message):
     """The network configuration version the agent last acknowledged; 0: none."""
     quarantine_reason: _builtins.str
     """Why the node is quarantined, if it is."""
+    region: _builtins.str
+    """Where the node runs, as its operator declared it (agent Hello.region);
+    empty: undeclared.
+    """
+    verified: _builtins.bool
+    """Admitted with an operator's node token and no failed canary since it
+    joined (what NodeRequirements.verified_only asks for).
+    """
     @_builtins.property
     def models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -376,10 +386,12 @@ class Node(_message.Message):
         config_version: _builtins.int = ...,
         model_status: _abc.Iterable[Global___NodeModelStatus] | None = ...,
         quarantine_reason: _builtins.str = ...,
+        region: _builtins.str = ...,
+        verified: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["connected_at", b"connected_at", "last_heartbeat_at", b"last_heartbeat_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_jobs", b"active_jobs", "agent_version", b"agent_version", "config_version", b"config_version", "connected_at", b"connected_at", "free_memory_bytes", b"free_memory_bytes", "last_heartbeat_at", b"last_heartbeat_at", "max_concurrent_jobs", b"max_concurrent_jobs", "model_status", b"model_status", "models", b"models", "node_id", b"node_id", "node_name", b"node_name", "operator_account_id", b"operator_account_id", "quarantine_reason", b"quarantine_reason", "reputation", b"reputation", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_jobs", b"active_jobs", "agent_version", b"agent_version", "config_version", b"config_version", "connected_at", b"connected_at", "free_memory_bytes", b"free_memory_bytes", "last_heartbeat_at", b"last_heartbeat_at", "max_concurrent_jobs", b"max_concurrent_jobs", "model_status", b"model_status", "models", b"models", "node_id", b"node_id", "node_name", b"node_name", "operator_account_id", b"operator_account_id", "quarantine_reason", b"quarantine_reason", "region", b"region", "reputation", b"reputation", "state", b"state", "verified", b"verified"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class NodeAdminServiceStub:
-    """Operator view of the nodes connected to this network server.
+    """Operator view of the nodes connected to this network server. Callers
+    present the platform's service token (`authorization: Bearer <token>`).
     """
 
     def __init__(self, channel):
@@ -68,7 +69,8 @@ class NodeAdminServiceStub:
 
 
 class NodeAdminServiceServicer:
-    """Operator view of the nodes connected to this network server.
+    """Operator view of the nodes connected to this network server. Callers
+    present the platform's service token (`authorization: Bearer <token>`).
     """
 
     def ListNodes(self, request, context):
@@ -156,7 +158,8 @@ def add_NodeAdminServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class NodeAdminService:
-    """Operator view of the nodes connected to this network server.
+    """Operator view of the nodes connected to this network server. Callers
+    present the platform's service token (`authorization: Bearer <token>`).
     """
 
     @staticmethod

@@ -27,7 +27,9 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class NodeAdminServiceStub:
-    """Operator view of the nodes connected to this network server."""
+    """Operator view of the nodes connected to this network server. Callers
+    present the platform's service token (`authorization: Bearer <token>`).
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
@@ -51,7 +53,9 @@ class NodeAdminServiceStub:
 
 @_typing.type_check_only
 class NodeAdminServiceAsyncStub(NodeAdminServiceStub):
-    """Operator view of the nodes connected to this network server."""
+    """Operator view of the nodes connected to this network server. Callers
+    present the platform's service token (`authorization: Bearer <token>`).
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     ListNodes: _aio.UnaryUnaryMultiCallable[_node_admin_service_pb2.ListNodesRequest, _node_admin_service_pb2.ListNodesResponse]  # type: ignore[assignment]
@@ -71,7 +75,9 @@ class NodeAdminServiceAsyncStub(NodeAdminServiceStub):
     """
 
 class NodeAdminServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Operator view of the nodes connected to this network server."""
+    """Operator view of the nodes connected to this network server. Callers
+    present the platform's service token (`authorization: Bearer <token>`).
+    """
 
     @_abc_1.abstractmethod
     def ListNodes(

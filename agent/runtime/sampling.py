@@ -1,0 +1,134 @@
+"""Sampling for the llama.cpp backend: the sampler chain and the token loop.
+
+The chain is built here from llama.cpp's sampler API rather than by
+``Llama.generate`` because a continuation (a job moved here from a lost node)
+must start from the sampler state the uninterrupted run had after the
+delivered tokens: the grammar of a JSON response has consumed the delivered
+prefix (otherwise it would demand a new document from scratch), and the
+presence/frequency penalties have counted its tokens. Each delivered token is
+passed to ``llama_sampler_accept``, exactly as sampling it would have been.
+
+The chain mirrors what ``Llama.generate`` builds for the OpenAI parameters:
+penalties, grammar, then greedy at temperature 0, else top-p, temperature and
+a seeded draw (top-k, typical and min-p neutral).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Generator
+from dataclasses import dataclass
+
+import llama_cpp
+import llama_cpp.llama_cpp as llama_lib
+from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+
+from agent.runtime.base import GenerationError, OutputFormat, Sampling
+
+DEFAULT_TEMPERATURE = 0.7
+DEFAULT_TOP_P = 1.0
+# llama.cpp treats seed 0xFFFFFFFF as "pick a random seed"; explicit seeds avoid it.
+_SEED_MODULUS = 0xFFFFFFFF
+_GRAMMAR_ROOT = b"root"
+
+
+@dataclass(frozen=True, slots=True)
+class Grammar:
+    """A GBNF grammar the output must follow."""
+
+    text: str
+
+
+def grammar_for(sampling: Sampling) -> Grammar | None:
+    """The grammar that enforces the requested output format (converting a large
+    schema may take a while, hence before a slot is taken)."""
+    try:
+        if sampling.output_format is OutputFormat.JSON_OBJECT:
+            return Grammar(JSON_GBNF)
+        if sampling.output_format is OutputFormat.JSON_SCHEMA:
+            return Grammar(json_schema_to_gbnf(sampling.json_schema))
+    except Exception as exc:  # the converter raises assorted errors on schemas it cannot do
+        raise GenerationError(f"unsupported JSON schema: {exc}") from exc
+    return None
+
+
+class SamplerChain:
+    """A llama.cpp sampler chain, owned by one generation and freed with it."""
+
+    def __init__(self, llama: llama_cpp.Llama, sampling: Sampling, grammar: Grammar | None) -> None:
+        temperature = DEFAULT_TEMPERATURE if sampling.temperature is None else sampling.temperature
+        top_p = DEFAULT_TOP_P if sampling.top_p is None else sampling.top_p
+        seed = random.getrandbits(31) if sampling.seed is None else sampling.seed % _SEED_MODULUS
+        self._chain = llama_lib.llama_sampler_chain_init(
+            llama_lib.llama_sampler_chain_default_params()
+        )
+        # The penalties look at the last_n_tokens_size (64) most recent tokens.
+        self._add(
+            llama_lib.llama_sampler_init_penalties(
+                llama.n_vocab(),
+                llama.last_n_tokens_size,
+                1.0,
+                sampling.frequency_penalty or 0.0,
+                sampling.presence_penalty or 0.0,
+            )
+        )
+        if grammar is not None:
+            vocab = llama_lib.llama_model_get_vocab(llama.model)
+            compiled = llama_lib.llama_sampler_init_grammar(
+                vocab, grammar.text.encode(), _GRAMMAR_ROOT
+            )
+            if not compiled:
+                self.close()
+                raise GenerationError("the response format's grammar could not be compiled")
+            self._add(compiled)
+        if temperature <= 0.0:
+            self._add(llama_lib.llama_sampler_init_greedy())
+        else:
+            self._add(llama_lib.llama_sampler_init_top_p(top_p, 1))
+            self._add(llama_lib.llama_sampler_init_temp(temperature))
+            self._add(llama_lib.llama_sampler_init_dist(seed))
+
+    def _add(self, sampler: llama_lib.llama_sampler_p) -> None:
+        llama_lib.llama_sampler_chain_add(self._chain, sampler)
+
+    def accept(self, token: int) -> None:
+        llama_lib.llama_sampler_accept(self._chain, token)
+
+    def sample(self, llama: llama_cpp.Llama) -> int:
+        """A token from the logits of the last decode (the chain accepts it)."""
+        token: int = llama_lib.llama_sampler_sample(self._chain, llama.ctx, -1)
+        return token
+
+    def close(self) -> None:
+        if self._chain is not None:
+            llama_lib.llama_sampler_free(self._chain)
+            self._chain = None
+
+
+def sample_tokens(
+    llama: llama_cpp.Llama,
+    prompt: list[int],
+    prefix: list[int],
+    sampling: Sampling,
+    grammar: Grammar | None,
+) -> Generator[int, None, None]:
+    """Tokens sampled after ``prompt`` and the delivered ``prefix``, until the caller
+    stops asking.
+
+    A fresh state per request: no prefix reuse, so greedy output never depends on
+    what the slot generated before. The prompt is evaluated as one prefill and
+    each delivered token as its own decode, as the uninterrupted run did.
+    """
+    chain = SamplerChain(llama, sampling, grammar)
+    try:
+        llama.reset()  # type: ignore[no-untyped-call]  # unannotated upstream
+        llama.eval(prompt)
+        for token in prefix:
+            chain.accept(token)
+            llama.eval([token])
+        while True:
+            token = chain.sample(llama)
+            yield token
+            llama.eval([token])
+    finally:
+        chain.close()

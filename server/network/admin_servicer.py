@@ -1,0 +1,96 @@
+"""gRPC transport of the node admin API: list, inspect, drain and quarantine nodes;
+read and update the network configuration. Callers need the platform's service
+token (callers.py)."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+from resultity.network.v1 import node_admin_service_pb2 as admin_pb
+from resultity.network.v1 import node_admin_service_pb2_grpc as admin_grpc
+
+from server.common.grpc_errors import translate_errors
+from server.network.callers import ServiceCallers, service_only
+from server.network.convert import config_from_pb, config_to_pb, node_to_pb
+from server.network.nodes import NodeSession
+from server.network.service import NetworkService
+
+
+class NodeAdminServicer(admin_grpc.NodeAdminServiceServicer):
+    def __init__(self, service: NetworkService, callers: ServiceCallers) -> None:
+        self._service = service
+        self.callers = callers
+
+    @translate_errors
+    @service_only
+    async def ListNodes(
+        self,
+        request: admin_pb.ListNodesRequest,
+        context: grpc.aio.ServicerContext[admin_pb.ListNodesRequest, admin_pb.ListNodesResponse],
+    ) -> admin_pb.ListNodesResponse:
+        now = time.monotonic()
+        suspect_after_s = self._service.liveness.suspect_s
+        return admin_pb.ListNodesResponse(
+            nodes=[node_to_pb(node, now, suspect_after_s) for node in self._service.nodes()]
+        )
+
+    def _node(self, node: NodeSession) -> admin_pb.Node:
+        return node_to_pb(node, time.monotonic(), self._service.liveness.suspect_s)
+
+    @translate_errors
+    @service_only
+    async def GetNode(
+        self,
+        request: admin_pb.GetNodeRequest,
+        context: grpc.aio.ServicerContext[admin_pb.GetNodeRequest, admin_pb.GetNodeResponse],
+    ) -> admin_pb.GetNodeResponse:
+        return admin_pb.GetNodeResponse(node=self._node(self._service.node(request.node_id)))
+
+    @translate_errors
+    @service_only
+    async def DrainNode(
+        self,
+        request: admin_pb.DrainNodeRequest,
+        context: grpc.aio.ServicerContext[admin_pb.DrainNodeRequest, admin_pb.DrainNodeResponse],
+    ) -> admin_pb.DrainNodeResponse:
+        return admin_pb.DrainNodeResponse(
+            node=self._node(self._service.drain_node(request.node_id))
+        )
+
+    @translate_errors
+    @service_only
+    async def QuarantineNode(
+        self,
+        request: admin_pb.QuarantineNodeRequest,
+        context: grpc.aio.ServicerContext[
+            admin_pb.QuarantineNodeRequest, admin_pb.QuarantineNodeResponse
+        ],
+    ) -> admin_pb.QuarantineNodeResponse:
+        node = self._service.quarantine(request.node_id, request.reason)
+        return admin_pb.QuarantineNodeResponse(node=self._node(node))
+
+    @translate_errors
+    @service_only
+    async def GetNetworkConfig(
+        self,
+        request: admin_pb.GetNetworkConfigRequest,
+        context: grpc.aio.ServicerContext[
+            admin_pb.GetNetworkConfigRequest, admin_pb.GetNetworkConfigResponse
+        ],
+    ) -> admin_pb.GetNetworkConfigResponse:
+        return admin_pb.GetNetworkConfigResponse(config=config_to_pb(self._service.config))
+
+    @translate_errors
+    @service_only
+    async def UpdateNetworkConfig(
+        self,
+        request: admin_pb.UpdateNetworkConfigRequest,
+        context: grpc.aio.ServicerContext[
+            admin_pb.UpdateNetworkConfigRequest, admin_pb.UpdateNetworkConfigResponse
+        ],
+    ) -> admin_pb.UpdateNetworkConfigResponse:
+        config = self._service.update_config(
+            config_from_pb(request.config), request.expected_version
+        )
+        return admin_pb.UpdateNetworkConfigResponse(config=config_to_pb(config))

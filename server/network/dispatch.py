@@ -1,0 +1,301 @@
+"""Jobs in flight: assignment, relay of node reports, failover and probes.
+
+A job survives the loss of its node: when the node's stream ends, its
+heartbeats stop, it stalls on the job or it drains out without finishing it,
+the job moves to another node meeting the job's requirements under a new
+epoch, as a continuation of what the caller already received. Reports from
+a given-up epoch are dropped, and a result is relayed only when the node's
+signature covers what it streamed.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncGenerator, Callable, Mapping
+
+import structlog
+
+from server.common.errors import (
+    DomainError,
+    InvalidArgument,
+    InvalidResultSignature,
+    JobFailed,
+    NoCapacity,
+)
+from server.common.inference import (
+    GenerationSpec,
+    JobAssigned,
+    JobEvent,
+    JobFinished,
+    JobMigrated,
+    NodeRequirements,
+)
+from server.common.node_signing import result_payload, verify
+from server.network.catalog import Catalog
+from server.network.checks import Probe
+from server.network.jobs import (
+    ActiveJob,
+    ChunkReport,
+    DoneReport,
+    FailedReport,
+    FailureKind,
+    NodeLost,
+    NodeReport,
+)
+from server.network.nodes import AssignCommand, CancelCommand, NodeSession
+from server.network.routing import NO_REQUIREMENTS, Router, RouteRequest
+from server.network.settings import FailoverSettings
+
+log = structlog.get_logger(__name__)
+
+
+class JobDispatch:
+    def __init__(
+        self,
+        catalog: Catalog,
+        router: Router,
+        failover: FailoverSettings,
+        nodes: Mapping[str, NodeSession],
+        *,
+        cut_off: Callable[[NodeSession, DomainError], None],
+        canary: Callable[[NodeSession, str], None],
+    ) -> None:
+        """``nodes`` are the connected nodes (the service's own map); ``cut_off`` ends
+        a node's session; ``canary`` may send a node that got a job of a model a
+        disguised canary of it."""
+        self._catalog = catalog
+        self._router = router
+        self._failover = failover
+        self._nodes = nodes
+        self._cut_off = cut_off
+        self._canary = canary
+        self._jobs: dict[str, ActiveJob] = {}
+        # The server is shutting down: no new assignments.
+        self.closing = False
+
+    async def run_job(
+        self,
+        job_id: str,
+        spec: GenerationSpec,
+        requirements: NodeRequirements = NO_REQUIREMENTS,
+    ) -> AsyncGenerator[JobEvent, None]:
+        """Runs the job, moving it to another node if its node is lost; yields its events.
+
+        Only nodes meeting ``requirements`` run it, first and after every move.
+        Closing the iterator early (caller cancelled) cancels the job on the node.
+        """
+        catalog_model = self._catalog.get(spec.model)
+        if job_id in self._jobs:
+            raise InvalidArgument(f"job {job_id} is already running", field="job_id")
+        if spec.max_prompt_tokens > catalog_model.context_length:
+            raise InvalidArgument(
+                "max_prompt_tokens exceeds the context", field="max_prompt_tokens"
+            )
+        node = self._router.pick(
+            RouteRequest(spec.model, requirements=requirements), time.monotonic()
+        )
+        if node is None or self.closing:
+            allowed = "" if requirements == NO_REQUIREMENTS else " meeting the job's requirements"
+            raise NoCapacity(f"no node{allowed} is serving the model '{spec.model}' right now")
+
+        job = ActiveJob(
+            job_id=job_id,
+            spec=spec,
+            node_id=node.node_id,
+            operator_account_id=node.operator_account_id,
+            requirements=requirements,
+        )
+        self._jobs[job_id] = job
+        self._assign(job, node)
+        bound = log.bind(job_id=job_id)
+        bound.info("job assigned", node_id=node.node_id, model=spec.model)
+        self._canary(node, spec.model)
+        finished = False
+        try:
+            yield JobAssigned(node.node_id)
+            while True:
+                epoch, report = await job.reports.get()
+                if epoch != job.epoch:
+                    continue  # queued before the job moved on
+                if isinstance(report, ChunkReport):
+                    yield job.record(report)
+                elif isinstance(report, DoneReport):
+                    finished = True
+                    job.verified()
+                    # Completion tokens are what was relayed, not what the node claims.
+                    usage = job.usage(report.usage.prompt_tokens)
+                    if (
+                        report.usage.completion_tokens
+                        != job.node_usage()[-1].usage.completion_tokens
+                    ):
+                        bound.warning(
+                            "node usage differs from relayed tokens",
+                            node_id=job.node_id,
+                            claimed=report.usage.completion_tokens,
+                            relayed=job.node_usage()[-1].usage.completion_tokens,
+                        )
+                    yield JobFinished(report.finish_reason, usage, job.node_usage())
+                    return
+                elif isinstance(report, FailedReport):
+                    finished = True
+                    raise _failure_error(report)
+                else:
+                    moved = self._migrate(job, report, bound)
+                    if moved is None:
+                        finished = True
+                        raise JobFailed(f"node lost mid-job: {report.reason}")
+                    yield JobMigrated(moved.node_id, job.epoch, report.reason)
+        finally:
+            self._jobs.pop(job_id, None)
+            current = self._nodes.get(job.node_id)
+            if current is not None:
+                current.active_jobs.discard(job_id)
+                if not finished:
+                    current.outbox.put_nowait(CancelCommand(job_id, job.epoch))
+                    bound.info("job cancelled by caller", node_id=job.node_id)
+
+    def _assign(self, job: ActiveJob, node: NodeSession) -> None:
+        continuation = job.continuation() if job.migrations else None
+        spec = job.remaining_spec() if job.migrations else job.spec
+        node.active_jobs.add(job.job_id)
+        job.last_progress = time.monotonic()
+        node.outbox.put_nowait(AssignCommand(job.job_id, job.epoch, spec, continuation))
+
+    def _migrate(
+        self, job: ActiveJob, lost: NodeLost, bound: structlog.typing.FilteringBoundLogger
+    ) -> NodeSession | None:
+        """Moves ``job`` off its lost node; returns the new node, or None if it cannot."""
+        old = self._nodes.get(job.node_id)
+        if old is not None:
+            # Stalled or partitioned, not gone: stop it working on the job.
+            old.active_jobs.discard(job.job_id)
+            old.outbox.put_nowait(CancelCommand(job.job_id, job.epoch))
+        if self.closing or job.migrations >= self._failover.max_migrations:
+            bound.warning(
+                "job lost its node and cannot move", reason=lost.reason, migrations=job.migrations
+            )
+            return None
+        node = self._router.pick(
+            RouteRequest(job.spec.model, frozenset(job.tried), job.requirements),
+            time.monotonic(),
+        )
+        if node is None:
+            bound.warning("job lost its node and no other can continue it", reason=lost.reason)
+            return None
+        previous = job.node_id
+        job.reassign(node.node_id, node.operator_account_id)
+        self._assign(job, node)
+        bound.info(
+            "job migrated",
+            from_node=previous,
+            node_id=node.node_id,
+            epoch=job.epoch,
+            delivered_tokens=job.delivered_tokens,
+            reason=lost.reason,
+        )
+        return node
+
+    def report(self, node: NodeSession, job_id: str, epoch: int, report: NodeReport) -> None:
+        """Routes a node's report to its job, dropping reports the node does not own.
+
+        A result whose signature does not cover what the node streamed cuts the
+        node off (its jobs move on, unpaid).
+        """
+        job = self._jobs.get(job_id)
+        if job is None or not job.accepts(node.node_id, epoch):
+            log.info("stale job report dropped", node_id=node.node_id, job_id=job_id, epoch=epoch)
+            return
+        job.last_progress = time.monotonic()
+        if isinstance(report, ChunkReport):
+            job.output(epoch).add(report.text, report.token_ids, report.logprobs, report.embedding)
+        elif isinstance(report, DoneReport | FailedReport):
+            usage = report.usage
+            payload = result_payload(
+                job_id=job_id,
+                epoch=epoch,
+                done=isinstance(report, DoneReport),
+                reason=report.reason_code,
+                prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens,
+                output=job.output(epoch),
+            )
+            if not verify(node.hello.public_key, report.signature, payload):
+                self._cut_off(
+                    node,
+                    InvalidResultSignature(
+                        f"the result of job {job_id} (epoch {epoch}) is not signed by this "
+                        "node over what it streamed",
+                        metadata={"job_id": job_id, "epoch": str(epoch)},
+                    ),
+                )
+                return
+        job.post(epoch, report)
+
+    def node_lost(self, node: NodeSession, reason: str) -> None:
+        """Gives up the node's assignments: their jobs move on."""
+        for job_id in list(node.active_jobs):
+            job = self._jobs.get(job_id)
+            if job is not None and job.node_id == node.node_id:
+                job.give_up(reason)
+
+    def give_up_stalled(self, before: float, reason: str) -> None:
+        """Gives up assignments with no report since ``before`` (monotonic)."""
+        for job in list(self._jobs.values()):
+            if job.last_progress < before:
+                job.give_up(reason)
+
+    async def probe(self, node: NodeSession, spec: GenerationSpec) -> Probe | None:
+        """Runs ``spec`` on ``node`` as an ordinary job, keeping its output to itself.
+
+        None when the assignment was given up (node lost, stalled or cut off).
+        """
+        job_id = uuid.uuid4().hex
+        job = ActiveJob(
+            job_id=job_id,
+            spec=spec,
+            node_id=node.node_id,
+            operator_account_id=node.operator_account_id,
+        )
+        self._jobs[job_id] = job
+        assigned_at = time.monotonic()
+        self._assign(job, node)
+        texts: list[str] = []
+        tokens = 0
+        first_token_at = 0.0
+        finished = False
+        try:
+            while True:
+                _, report = await job.reports.get()
+                if isinstance(report, ChunkReport):
+                    if not texts:
+                        first_token_at = time.monotonic()
+                    texts.append(report.text)
+                    tokens += report.token_count
+                elif isinstance(report, DoneReport | FailedReport):
+                    done_at = time.monotonic()
+                    finished = True
+                    return Probe(
+                        done=isinstance(report, DoneReport),
+                        text="".join(texts),
+                        tokens=tokens,
+                        assigned_at=assigned_at,
+                        first_token_at=first_token_at or done_at,
+                        done_at=done_at,
+                    )
+                else:
+                    finished = True
+                    return None
+        finally:
+            self._jobs.pop(job_id, None)
+            node.active_jobs.discard(job_id)
+            if not finished and node.node_id in self._nodes:
+                node.outbox.put_nowait(CancelCommand(job_id, job.epoch))
+
+
+def _failure_error(report: FailedReport) -> Exception:
+    if report.kind is FailureKind.INVALID_REQUEST:
+        return InvalidArgument(report.message, field="messages")
+    if report.kind is FailureKind.MODEL_UNAVAILABLE:
+        return NoCapacity(report.message)
+    return JobFailed(report.message)

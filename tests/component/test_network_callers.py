@@ -1,0 +1,112 @@
+"""Only the platform's service token opens the network's dispatch and node admin
+APIs; agents keep authenticating their own stream with node tokens."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+import pytest
+from resultity.network.v1 import dispatch_service_pb2 as dispatch_pb
+from resultity.network.v1 import dispatch_service_pb2_grpc as dispatch_grpc
+from resultity.network.v1 import node_admin_service_pb2 as admin_pb
+from resultity.network.v1 import node_admin_service_pb2_grpc as admin_grpc
+
+from server.common import channels
+from server.common.credentials import generate_service_token, service_metadata
+from server.common.grpc_errors import error_info
+from server.common.inference import ChatMessage, ChatRole, GenerationSpec, Sampling
+from server.common.inference_proto import spec_to_pb
+from tests.doubles.scripted_runtime import MODEL_ID, ScriptedRuntime
+from tests.harness import Platform, running_platform
+
+Metadata = tuple[tuple[str, str], ...]
+SPEC = spec_to_pb(
+    GenerationSpec(
+        model=MODEL_ID,
+        messages=(ChatMessage(ChatRole.USER, "hello"),),
+        sampling=Sampling(max_tokens=3),
+        max_prompt_tokens=100,
+    )
+)
+
+
+@pytest.fixture
+async def platform(postgres_dsn: str) -> AsyncIterator[Platform]:
+    async with running_platform(postgres_dsn) as platform:
+        yield platform
+
+
+def _calls(channel: grpc.aio.Channel) -> dict[str, Callable[[Metadata], Awaitable[Any]]]:
+    """Every dispatch and node admin RPC, called with the given metadata."""
+    dispatch = dispatch_grpc.DispatchServiceStub(channel)
+    admin = admin_grpc.NodeAdminServiceStub(channel)
+
+    async def run_job(metadata: Metadata) -> list[dispatch_pb.RunJobResponse]:
+        call = dispatch.RunJob(dispatch_pb.RunJobRequest(job_id="j", spec=SPEC), metadata=metadata)
+        return [event async for event in call]
+
+    return {
+        "RunJob": run_job,
+        "ListModels": lambda m: dispatch.ListModels(dispatch_pb.ListModelsRequest(), metadata=m),
+        "ListNodes": lambda m: admin.ListNodes(admin_pb.ListNodesRequest(), metadata=m),
+        "GetNode": lambda m: admin.GetNode(admin_pb.GetNodeRequest(node_id="n"), metadata=m),
+        "DrainNode": lambda m: admin.DrainNode(admin_pb.DrainNodeRequest(node_id="n"), metadata=m),
+        "QuarantineNode": lambda m: admin.QuarantineNode(
+            admin_pb.QuarantineNodeRequest(node_id="n"), metadata=m
+        ),
+        "GetNetworkConfig": lambda m: admin.GetNetworkConfig(
+            admin_pb.GetNetworkConfigRequest(), metadata=m
+        ),
+        "UpdateNetworkConfig": lambda m: admin.UpdateNetworkConfig(
+            admin_pb.UpdateNetworkConfigRequest(), metadata=m
+        ),
+    }
+
+
+async def test_callers_without_the_service_token_are_refused(platform: Platform) -> None:
+    _, node_token = await platform.operator()
+    customer = await platform.customer(credits=1_000_000)
+    agent = await platform.start_agent(ScriptedRuntime())
+    strangers: dict[str, Metadata] = {
+        "no credentials": (),
+        "not bearer": (("authorization", "Basic abc"),),
+        "another service token": service_metadata(generate_service_token()),
+        "a customer's API key": customer.metadata,
+        "a node token": service_metadata(node_token),
+    }
+    async with channels.insecure_channel(platform.target) as channel:
+        for name, call in _calls(channel).items():
+            for who, metadata in strangers.items():
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await call(metadata)
+                assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED, (name, who)
+                info = error_info(refused.value)
+                assert info is not None
+                assert info.reason == "INVALID_API_KEY", (name, who)
+    # Nothing reached the node, nothing changed.
+    assert agent.runtime.started_jobs == []  # type: ignore[attr-defined]
+    [node] = platform.network.service.nodes()
+    assert not node.draining
+    assert not node.quarantine_reason
+    assert platform.network.service.config.version == 1
+
+
+async def test_the_service_token_opens_them(platform: Platform) -> None:
+    agent = await platform.start_agent(ScriptedRuntime())
+    node_id = agent.session.node_id
+    async with channels.insecure_channel(platform.target) as channel:
+        dispatch = dispatch_grpc.DispatchServiceStub(channel)
+        admin = admin_grpc.NodeAdminServiceStub(channel)
+        call = dispatch.RunJob(
+            dispatch_pb.RunJobRequest(job_id="j", spec=SPEC), metadata=platform.service
+        )
+        events = [event async for event in call]
+        assert events[-1].finished.usage.completion_tokens == 3
+        listed = await admin.ListNodes(admin_pb.ListNodesRequest(), metadata=platform.service)
+        assert [node.node_id for node in listed.nodes] == [node_id]
+        drained = await admin.DrainNode(
+            admin_pb.DrainNodeRequest(node_id=node_id), metadata=platform.service
+        )
+        assert drained.node.state == admin_pb.NODE_STATE_DRAINING
