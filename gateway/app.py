@@ -6,13 +6,12 @@ metadata, and convert the reply; cloud holds all business logic.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, TypeVar, cast
 
 import grpc
 import structlog
@@ -23,12 +22,19 @@ from resultity.cloud.v1 import inference_service_pb2 as pb
 from resultity.cloud.v1 import inference_service_pb2_grpc
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway import convert, errors, sse
 from gateway.errors import ApiError
-from gateway.openapi import describe
+from gateway.openapi import REGION_HEADER, describe
+from gateway.relay import (
+    ClientGone,
+    client_gone_response,
+    rate_limit_headers,
+    stream_sse,
+    unless_client_gone,
+)
 from gateway.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
 if TYPE_CHECKING:
@@ -36,13 +42,9 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("gateway")
 
-_T = TypeVar("_T")
-_Message = TypeVar("_Message")
 _Body = TypeVar("_Body", ChatCompletionRequest, CompletionRequest, EmbeddingRequest)
 Metadata = tuple[tuple[str, str], ...]
 
-# Status logged (never delivered) when the client went away before the answer.
-_CLIENT_CLOSED_REQUEST = 499
 _LIST_MODELS_TIMEOUT_S = 30.0
 # Request bodies above this are refused (413) before parsing.
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
@@ -50,10 +52,6 @@ DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 # RequestIdMiddleware), and what cloud reports the nodes spent generating.
 OVERHEAD_HEADER = "x-resultity-overhead-ms"
 GENERATION_MS_KEY = "x-resultity-generation-ms"
-
-
-class _ClientGone(Exception):
-    """The HTTP client disconnected while the gateway waited on cloud."""
 
 
 def create_app(cloud_target: str, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
@@ -184,6 +182,12 @@ def _call_metadata(request: Request) -> Metadata:
     return (("authorization", f"Bearer {key}"), ("x-request-id", request.state.request_id))
 
 
+def _region(request: Request) -> str:
+    """The region a request asks its nodes to be in (header REGION_HEADER; cloud
+    validates it)."""
+    return request.headers.get(REGION_HEADER, "").strip()
+
+
 async def _read_body(request: Request) -> bytes:
     """The body, refused with 413 as soon as it exceeds the limit (whatever
     content-length claims), so a huge body is never held in memory."""
@@ -217,34 +221,6 @@ def _record_generation(request: Request, trailing: grpc.aio.Metadata | None) -> 
                 request.state.generation_ms = float(value)
 
 
-async def _wait_for_disconnect(request: Request) -> None:
-    # The body is consumed, so the next ASGI message is the disconnect.
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def _unless_client_gone(request: Request, call: grpc.aio.Call, step: Awaitable[_T]) -> _T:
-    """Awaits one step of a cloud call; cancels the call if the HTTP client leaves first,
-    so cloud stops the job instead of generating for nobody."""
-    step_task = asyncio.ensure_future(step)
-    gone = asyncio.ensure_future(_wait_for_disconnect(request))
-    try:
-        await asyncio.wait((step_task, gone), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-        if not step_task.done():
-            step_task.cancel()
-            call.cancel()
-    if not step_task.done():
-        raise _ClientGone
-    return step_task.result()
-
-
-def _client_gone_response() -> Response:
-    log.info("gateway.client_disconnected")
-    return Response(status_code=_CLIENT_CLOSED_REQUEST)
-
-
 # --- routes ------------------------------------------------------------------------------
 
 _router = APIRouter()
@@ -255,6 +231,7 @@ async def chat_completions(request: Request) -> Response:
     metadata = _call_metadata(request)
     body = await _parse(request, ChatCompletionRequest)
     params = convert.params_from_request(body)
+    params.region = _region(request)
     logprobs = bool(body.logprobs)
     structlog.contextvars.bind_contextvars(model=body.model, stream=body.stream)
     cloud = _cloud(request)
@@ -270,17 +247,17 @@ async def chat_completions(request: Request) -> Response:
         stream = cloud.StreamChatCompletion(
             pb.StreamChatCompletionRequest(params=params), metadata=metadata
         )
-        return await _stream(request, stream, chunk)
+        return await stream_sse(request, stream, chunk)
     call = cloud.CreateChatCompletion(
         pb.CreateChatCompletionRequest(params=params), metadata=metadata
     )
     try:
-        response = await _unless_client_gone(request, call, call)
-    except _ClientGone:
-        return _client_gone_response()
+        response = await unless_client_gone(request, call, call)
+    except ClientGone:
+        return client_gone_response()
     _record_generation(request, await call.trailing_metadata())
     completion = convert.chat_completion_from_proto(response, logprobs=logprobs)
-    return _json(completion.model_dump_json(), await _rate_limit_headers(call))
+    return _json(completion.model_dump_json(), await rate_limit_headers(call))
 
 
 @_router.post("/v1/completions")
@@ -288,6 +265,7 @@ async def completions(request: Request) -> Response:
     metadata = _call_metadata(request)
     body = await _parse(request, CompletionRequest)
     params = convert.text_params_from_request(body)
+    params.region = _region(request)
     logprobs = body.logprobs is not None
     structlog.contextvars.bind_contextvars(model=body.model, stream=body.stream)
     cloud = _cloud(request)
@@ -304,15 +282,15 @@ async def completions(request: Request) -> Response:
         stream = cloud.StreamCompletion(
             pb.StreamCompletionRequest(params=params), metadata=metadata
         )
-        return await _stream(request, stream, chunk)
+        return await stream_sse(request, stream, chunk)
     call = cloud.CreateCompletion(pb.CreateCompletionRequest(params=params), metadata=metadata)
     try:
-        response = await _unless_client_gone(request, call, call)
-    except _ClientGone:
-        return _client_gone_response()
+        response = await unless_client_gone(request, call, call)
+    except ClientGone:
+        return client_gone_response()
     _record_generation(request, await call.trailing_metadata())
     completion = convert.text_completion_from_proto(response, logprobs=logprobs)
-    return _json(completion.model_dump_json(), await _rate_limit_headers(call))
+    return _json(completion.model_dump_json(), await rate_limit_headers(call))
 
 
 @_router.post("/v1/embeddings")
@@ -321,67 +299,17 @@ async def embeddings(request: Request) -> Response:
     body = await _parse(request, EmbeddingRequest)
     structlog.contextvars.bind_contextvars(model=body.model)
     call = _cloud(request).CreateEmbeddings(
-        pb.CreateEmbeddingsRequest(model=body.model, inputs=body.input, user=body.user or ""),
+        pb.CreateEmbeddingsRequest(
+            model=body.model, inputs=body.input, user=body.user or "", region=_region(request)
+        ),
         metadata=metadata,
     )
     try:
-        response = await _unless_client_gone(request, call, call)
-    except _ClientGone:
-        return _client_gone_response()
+        response = await unless_client_gone(request, call, call)
+    except ClientGone:
+        return client_gone_response()
     rendered = convert.embeddings_from_proto(response, body.encoding_format)
-    return _json(rendered.model_dump_json(), await _rate_limit_headers(call))
-
-
-async def _stream(
-    request: Request,
-    call: grpc.aio.UnaryStreamCall[Any, _Message],
-    render: Callable[[_Message], bytes | None],
-) -> Response:
-    """An SSE response relaying cloud's stream; each message becomes the event
-    ``render`` makes of it (None: not sent)."""
-    messages = aiter(call)
-    # Read the first message before answering so that errors cloud raises up front
-    # (bad key, unknown model, no funds) get a proper HTTP status.
-    try:
-        first: _Message | None = await _unless_client_gone(request, call, anext(messages))
-    except StopAsyncIteration:
-        first = None
-    except _ClientGone:
-        return _client_gone_response()
-
-    async def events() -> AsyncIterator[bytes]:
-        try:
-            message = first
-            while message is not None:
-                event = render(message)
-                if event is not None:
-                    yield event
-                message = await anext(messages, None)
-        except grpc.aio.AioRpcError as error:
-            api_error = errors.from_rpc_error(error)
-            log.info("gateway.cloud_error_in_stream", code=error.code().name)
-            yield sse.encode_error(api_error)
-        yield sse.DONE
-
-    return _CloudStreamResponse(call, events(), await _rate_limit_headers(call))
-
-
-class _CloudStreamResponse(StreamingResponse):
-    """An SSE response that cancels its cloud call however the response ends; Starlette
-    cancels the body on client disconnect, and this covers every other exit too."""
-
-    def __init__(
-        self, call: grpc.aio.Call, body: AsyncIterator[bytes], headers: dict[str, str]
-    ) -> None:
-        super().__init__(body, media_type=sse.MEDIA_TYPE, headers={**sse.HEADERS, **headers})
-        self._call = call
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            if self._call.cancel():
-                log.info("gateway.stream_cancelled")
+    return _json(rendered.model_dump_json(), await rate_limit_headers(call))
 
 
 @_router.get("/v1/models")
@@ -390,9 +318,9 @@ async def list_models(request: Request) -> Response:
         pb.ListModelsRequest(), metadata=_call_metadata(request), timeout=_LIST_MODELS_TIMEOUT_S
     )
     try:
-        response = await _unless_client_gone(request, call, call)
-    except _ClientGone:
-        return _client_gone_response()
+        response = await unless_client_gone(request, call, call)
+    except ClientGone:
+        return client_gone_response()
     return _json(convert.model_list_from_proto(response).model_dump_json())
 
 
@@ -404,19 +332,14 @@ async def get_model(request: Request, model: str) -> Response:
         timeout=_LIST_MODELS_TIMEOUT_S,
     )
     try:
-        response = await _unless_client_gone(request, call, call)
-    except _ClientGone:
-        return _client_gone_response()
+        response = await unless_client_gone(request, call, call)
+    except ClientGone:
+        return client_gone_response()
     return _json(convert.model_card_from_proto(response.model).model_dump_json())
 
 
 def _json(content: str, headers: dict[str, str] | None = None) -> Response:
     return Response(content=content, media_type="application/json", headers=headers)
-
-
-async def _rate_limit_headers(call: grpc.aio.Call) -> dict[str, str]:
-    """The caller's x-ratelimit-* state, as cloud sent it in initial metadata."""
-    return errors.rate_limit_headers(await call.initial_metadata() or ())
 
 
 __all__ = ["RequestIdMiddleware", "create_app"]

@@ -45,6 +45,10 @@ _ERRORS = {
 }
 
 
+# Optional request header: run only on nodes declared in this region.
+REGION_HEADER = "x-resultity-region"
+
+
 def _ref(model: type[BaseModel]) -> dict[str, str]:
     return {"$ref": _REF.format(model=model.__name__)}
 
@@ -85,6 +89,15 @@ def _operation(
             "required": True,
             "content": {"application/json": {"schema": _ref(body)}},
         }
+        operation["parameters"] = [
+            {
+                "name": REGION_HEADER,
+                "in": "header",
+                "required": False,
+                "schema": {"type": "string", "pattern": "^[a-z0-9](?:[a-z0-9-]*[a-z0-9])?$"},
+                "description": "Run only on nodes declared in this region, e.g. eu-west.",
+            }
+        ]
     if path == "/v1/models/{model}":
         operation["parameters"] = [
             {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}

@@ -11,7 +11,7 @@ import hashlib
 import time
 
 from server.cloud.ports import AccountPort, Caller
-from server.common.errors import InvalidApiKey
+from server.common.credentials import bearer_credential
 
 
 class CachedAuthenticator:
@@ -23,7 +23,7 @@ class CachedAuthenticator:
         self._cache: dict[bytes, tuple[float, Caller]] = {}
 
     async def authenticate(self, authorization: str | None) -> Caller:
-        secret = _bearer_token(authorization)
+        secret = bearer_credential(authorization)
         digest = hashlib.sha256(secret.encode()).digest()
         now = time.monotonic()
         cached = self._cache.get(digest)
@@ -36,12 +36,3 @@ class CachedAuthenticator:
                 self._cache.clear()
         self._cache[digest] = (now + self._ttl_s, caller)
         return caller
-
-
-def _bearer_token(authorization: str | None) -> str:
-    if not authorization:
-        raise InvalidApiKey("You didn't provide an API key (authorization: Bearer <key>)")
-    scheme, _, token = authorization.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise InvalidApiKey("The authorization header must be 'Bearer <key>'")
-    return token.strip()

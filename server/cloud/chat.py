@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncGenerator
@@ -18,7 +19,7 @@ import structlog
 
 from server.cloud.auth import CachedAuthenticator
 from server.cloud.models import ModelDirectory
-from server.cloud.ports import AccountPort, Caller, HoldRef, NetworkPort, OperatorLine
+from server.cloud.ports import AccountPort, Caller, HoldRef, NetworkPort, OperatorShares
 from server.cloud.pricing import (
     TokenBudget,
     cost,
@@ -44,14 +45,17 @@ from server.cloud.requests import (
     sampling_for,
     validate,
 )
-from server.cloud.settlement import operator_lines
-from server.common.errors import JobFailed, ModelNotFound, NoCapacity
+from server.cloud.settlement import operator_shares
+from server.cloud.subcloud_service import SubcloudResolver
+from server.cloud.subclouds import Subcloud, route_requirements
+from server.common.errors import InvalidApiKey, JobFailed, ModelNotFound, NoCapacity
 from server.common.inference import (
     CatalogModel,
     GenerationSpec,
     JobAssigned,
     JobDelta,
     JobMigrated,
+    NodeRequirements,
     NodeUsage,
     Sampling,
     TokenLogprob,
@@ -71,8 +75,11 @@ class ChatService:
         catalog_ttl_s: float = 2.0,
         hold_ttl: timedelta = timedelta(hours=1),
         rate_limits: RateLimitSettings | None = None,
+        subclouds: SubcloudResolver | None = None,
     ) -> None:
+        """``subclouds`` unset: keys bound to a subcloud are refused."""
         self.limiter = RateLimiter(rate_limits)
+        self._subclouds = subclouds
         self._account = account
         self._network = network
         self.authenticator = CachedAuthenticator(account, ttl_s=auth_ttl_s)
@@ -81,14 +88,21 @@ class ChatService:
         self._settlements: set[asyncio.Task[int]] = set()
 
     async def list_models(self, authorization: str | None) -> list[CatalogModel]:
+        """The models the caller may use that some node meeting its rules serves, at the
+        caller's prices."""
         caller = await self.authenticator.authenticate(authorization)
         caller.require_inference()
-        return [
-            model
-            for model in await self.models.all()
-            if model.ready_nodes > 0
-            and (not caller.allowed_models or model.id in caller.allowed_models)
-        ]
+        subcloud = await self._subcloud(caller)
+        listed = []
+        for model in await self.models.all(route_requirements(subcloud, "")):
+            offered = _offered(model, subcloud)
+            if (
+                offered is not None
+                and offered.ready_nodes > 0
+                and (not caller.allowed_models or model.id in caller.allowed_models)
+            ):
+                listed.append(offered)
+        return listed
 
     async def complete(
         self, authorization: str | None, request: ChatRequest, request_id: str
@@ -107,7 +121,7 @@ class ChatService:
     ) -> AsyncGenerator[CompletionEvent, None]:
         """One CompletionStarted; per choice (one after another) a ChoiceStarted, its
         ContentDeltas and a ChoiceFinished; then one CompletionFinished."""
-        caller, model = await self._admit(authorization, request)
+        caller, model, rules = await self._admit(authorization, request)
         budget = token_budget(
             prompt_token_bound(request.messages, model), request.max_tokens, model
         )
@@ -118,14 +132,14 @@ class ChatService:
             max_prompt_tokens=budget.max_prompt_tokens,
         )
         jobs = [(spec, budget)] * request.n
-        async for event in self._run(caller, model, jobs, "chatcmpl", request_id):
+        async for event in self._run(caller, model, rules, jobs, "chatcmpl", request_id):
             yield event
 
     async def stream_text(
         self, authorization: str | None, request: TextRequest, request_id: str
     ) -> AsyncGenerator[CompletionEvent, None]:
         """As ``stream``, for raw prompts: choice i*n+j is prompt i's j-th."""
-        caller, model = await self._admit(authorization, request)
+        caller, model, rules = await self._admit(authorization, request)
         jobs = []
         for prompt in request.prompts:
             budget = token_budget(text_token_bound(prompt, model), request.max_tokens, model)
@@ -137,7 +151,7 @@ class ChatService:
                 prompt=prompt,
             )
             jobs.extend([(spec, budget)] * request.n)
-        async for event in self._run(caller, model, jobs, "cmpl", request_id):
+        async for event in self._run(caller, model, rules, jobs, "cmpl", request_id):
             yield event
 
     async def complete_text(
@@ -149,7 +163,7 @@ class ChatService:
         self, authorization: str | None, request: EmbeddingRequest, request_id: str
     ) -> Embeddings:
         """Embeds each input as its own job (one after another); bills prompt tokens."""
-        caller, model = await self._admit(authorization, request)
+        caller, model, rules = await self._admit(authorization, request)
         jobs = []
         for text in request.inputs:
             bound = min(text_token_bound(text, model), model.context_length)
@@ -165,7 +179,7 @@ class ChatService:
         vectors: dict[int, tuple[float, ...]] = {}
         rate_limits: RateStatus | None = None
         async with contextlib.aclosing(
-            self._run(caller, model, jobs, "embd", request_id)
+            self._run(caller, model, rules, jobs, "embd", request_id)
         ) as events:
             async for event in events:
                 if isinstance(event, CompletionStarted):
@@ -186,20 +200,33 @@ class ChatService:
 
     async def _admit(
         self, authorization: str | None, request: ChatRequest | TextRequest | EmbeddingRequest
-    ) -> tuple[Caller, CatalogModel]:
+    ) -> tuple[Caller, CatalogModel, NodeRequirements]:
+        """The caller, the model at the caller's price, and the nodes that may run it."""
         caller = await self.authenticator.authenticate(authorization)
         caller.require_inference()
         validate(request)
         caller.require_model(request.model)
-        model = await self.models.get(request.model)
+        subcloud = await self._subcloud(caller)
+        rules = route_requirements(subcloud, request.region)
+        model = _offered(await self.models.get(request.model, rules), subcloud)
+        if model is None:
+            raise ModelNotFound(request.model)
         if model.ready_nodes == 0:
             raise NoCapacity(f"no node is serving the model '{model.id}' right now")
-        return caller, model
+        return caller, model, rules
+
+    async def _subcloud(self, caller: Caller) -> Subcloud | None:
+        if self._subclouds is None:
+            if caller.subcloud_id:
+                raise InvalidApiKey("This server does not serve subcloud keys")
+            return None
+        return await self._subclouds.for_caller(caller)
 
     async def _run(
         self,
         caller: Caller,
         model: CatalogModel,
+        rules: NodeRequirements,
         jobs: list[tuple[GenerationSpec, TokenBudget]],
         id_prefix: str,
         request_id: str,
@@ -215,6 +242,8 @@ class ChatService:
             caller.api_key_id,
             caller.account_id,
             sum(budget.max_prompt_tokens + budget.max_completion_tokens for _, budget in jobs),
+            key_limits=caller.key_limits,
+            account_limits=caller.account_limits,
         )
         # Usage of the finished choices, and of the one running.
         finished = Usage()
@@ -234,7 +263,7 @@ class ChatService:
                 for index, (job_id, (spec, _)) in enumerate(zip(job_ids, jobs, strict=True)):
                     delivered = Usage()
                     job = bound.bind(job_id=job_id, choice=index)
-                    events = self._network.run_job(job_id, spec)
+                    events = self._network.run_job(job_id, spec, rules)
                     assigned_at: float | None = None
                     try:
                         async for event in events:
@@ -277,15 +306,24 @@ class ChatService:
                     delivered = Usage()
                 settled = True
                 charged = await self._settle(
-                    hold, cost(model.price, finished), bound, operator_lines(model.id, shares)
+                    hold,
+                    cost(model.price, finished),
+                    bound,
+                    operator_shares(model.id, shares, finished),
                 )
                 yield CompletionFinished(finished, charged, generation_s)
             finally:
                 if not settled:
-                    # Cut short: no node reported a signed usage for the last choice, so
-                    # operators are not credited and the platform keeps the capture.
+                    # Cut short or failed: the operators of the finished choices are
+                    # credited; no node reported a signed usage for the last one, so its
+                    # tokens earn the platform.
                     usage = _add(finished, delivered)
-                    await self._settle(hold, cost(model.price, usage), bound)
+                    await self._settle(
+                        hold,
+                        cost(model.price, usage),
+                        bound,
+                        operator_shares(model.id, shares, usage),
+                    )
         finally:
             admission.release(_add(finished, delivered).total_tokens)
 
@@ -294,13 +332,13 @@ class ChatService:
         hold: HoldRef,
         amount: int,
         bound: structlog.typing.FilteringBoundLogger,
-        lines: tuple[OperatorLine, ...] = (),
+        shares: OperatorShares,
     ) -> int:
         capture = min(amount, hold.amount)
         if capture < amount:
             bound.error("usage exceeded the hold; charging the hold", cost=amount, hold=hold.amount)
         # A task outlives our cancellation: the hold is settled even if the client left.
-        task = asyncio.create_task(self._account.settle_hold(hold.hold_id, capture, lines))
+        task = asyncio.create_task(self._account.settle_hold(hold.hold_id, capture, shares))
         self._settlements.add(task)
         task.add_done_callback(self._settlements.discard)
         charged = await asyncio.shield(task)
@@ -311,6 +349,17 @@ class ChatService:
         """Waits for settlements in flight (used at shutdown)."""
         if self._settlements:
             await asyncio.gather(*self._settlements, return_exceptions=True)
+
+
+def _offered(model: CatalogModel, subcloud: Subcloud | None) -> CatalogModel | None:
+    """The model as the caller sees it: None if its subcloud does not offer it, else
+    at the subcloud's price when it sets one."""
+    if subcloud is None:
+        return model
+    offer = subcloud.offering(model.id)
+    if offer is None:
+        return None
+    return model if offer.price is None else dataclasses.replace(model, price=offer.price)
 
 
 def _add(a: Usage, b: Usage) -> Usage:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator
 from datetime import datetime
+from uuid import UUID
 
 import grpc
 from google.protobuf import timestamp_pb2
+from resultity.account.v1 import account_service_pb2 as account_pb
+from resultity.account.v1 import account_service_pb2_grpc as account_grpc
 from resultity.account.v1 import api_key_service_pb2 as keys_pb
 from resultity.account.v1 import api_key_service_pb2_grpc as keys_grpc
 from resultity.account.v1 import ledger_service_pb2 as ledger_pb
@@ -14,7 +17,7 @@ from resultity.account.v1 import ledger_service_pb2_grpc as ledger_grpc
 from resultity.network.v1 import dispatch_service_pb2 as dispatch_pb
 from resultity.network.v1 import dispatch_service_pb2_grpc as dispatch_grpc
 
-from server.cloud.ports import Caller, HoldRef, OperatorLine
+from server.cloud.ports import NO_REQUIREMENTS, Caller, HoldRef, IssuedKey, OperatorShares
 from server.common.grpc_errors import domain_error_from_rpc
 from server.common.inference import (
     CatalogModel,
@@ -24,19 +27,23 @@ from server.common.inference import (
     JobEvent,
     JobFinished,
     JobMigrated,
+    NodeRequirements,
     NodeUsage,
 )
 from server.common.inference_proto import (
     finish_reason_from_pb,
     logprobs_from_pb,
     price_from_pb,
+    requirements_to_pb,
     spec_to_pb,
     usage_from_pb,
 )
+from server.common.rate_limits_proto import rate_limits_from_pb
 
 
 class GrpcAccountClient:
     def __init__(self, channel: grpc.aio.Channel, service_token: str) -> None:
+        self._accounts = account_grpc.AccountServiceStub(channel)
         self._keys = keys_grpc.ApiKeyServiceStub(channel)
         self._ledger = ledger_grpc.LedgerServiceStub(channel)
         # Holds are the platform's business: the cloud calls the ledger as the service.
@@ -55,7 +62,45 @@ class GrpcAccountClient:
             key.api_key_id,
             may_infer=keys_pb.API_KEY_SCOPE_INFERENCE in key.scopes,
             allowed_models=frozenset(key.allowed_models),
+            may_manage=keys_pb.API_KEY_SCOPE_MANAGEMENT in key.scopes,
+            admin=keys_pb.API_KEY_SCOPE_ADMIN in key.scopes,
+            subcloud_id=key.subcloud_id,
+            key_limits=rate_limits_from_pb(key.rate_limits),
+            account_limits=rate_limits_from_pb(response.account_rate_limits),
         )
+
+    async def require_account(self, account_id: UUID) -> None:
+        try:
+            await self._accounts.GetAccount(
+                account_pb.GetAccountRequest(account_id=str(account_id)), metadata=self._metadata
+            )
+        except grpc.aio.AioRpcError as error:
+            raise domain_error_from_rpc(error) from None
+
+    async def issue_api_key(
+        self,
+        account_id: UUID,
+        *,
+        name: str,
+        expires: datetime | None,
+        allowed_models: tuple[str, ...],
+        subcloud_id: str,
+    ) -> IssuedKey:
+        request = keys_pb.CreateApiKeyRequest(
+            account_id=str(account_id),
+            name=name,
+            scopes=[keys_pb.API_KEY_SCOPE_INFERENCE],
+            allowed_models=allowed_models,
+            subcloud_id=subcloud_id,
+        )
+        if expires is not None:
+            request.expires.FromDatetime(expires)
+        try:
+            response = await self._keys.CreateApiKey(request, metadata=self._metadata)
+        except grpc.aio.AioRpcError as error:
+            raise domain_error_from_rpc(error) from None
+        key = response.api_key
+        return IssuedKey(key.api_key_id, key.account_id, key.prefix, response.secret)
 
     async def create_hold(
         self, account_id: str, amount: int, *, idempotency_key: str, expires: datetime
@@ -76,9 +121,7 @@ class GrpcAccountClient:
             raise domain_error_from_rpc(error) from None
         return HoldRef(response.hold.hold_id, response.hold.amount_micro_credits)
 
-    async def settle_hold(
-        self, hold_id: str, capture: int, lines: Sequence[OperatorLine] = ()
-    ) -> int:
+    async def settle_hold(self, hold_id: str, capture: int, shares: OperatorShares) -> int:
         try:
             response = await self._ledger.SettleHold(
                 ledger_pb.SettleHoldRequest(
@@ -91,8 +134,9 @@ class GrpcAccountClient:
                             model=line.model,
                             tokens=line.tokens,
                         )
-                        for line in lines
+                        for line in shares.lines
                     ],
+                    total_tokens=shares.total_tokens,
                 ),
                 metadata=self._metadata,
             )
@@ -102,12 +146,17 @@ class GrpcAccountClient:
 
 
 class GrpcNetworkClient:
-    def __init__(self, channel: grpc.aio.Channel) -> None:
+    def __init__(self, channel: grpc.aio.Channel, service_token: str) -> None:
         self._dispatch = dispatch_grpc.DispatchServiceStub(channel)
+        # The network's dispatch API serves only the platform's own services.
+        self._metadata = (("authorization", f"Bearer {service_token}"),)
 
-    async def list_models(self) -> list[CatalogModel]:
+    async def list_models(
+        self, requirements: NodeRequirements = NO_REQUIREMENTS
+    ) -> list[CatalogModel]:
+        request = dispatch_pb.ListModelsRequest(requirements=requirements_to_pb(requirements))
         try:
-            response = await self._dispatch.ListModels(dispatch_pb.ListModelsRequest())
+            response = await self._dispatch.ListModels(request, metadata=self._metadata)
         except grpc.aio.AioRpcError as error:
             raise domain_error_from_rpc(error) from None
         return [
@@ -122,9 +171,16 @@ class GrpcNetworkClient:
             for model in response.models
         ]
 
-    async def run_job(self, job_id: str, spec: GenerationSpec) -> AsyncGenerator[JobEvent, None]:
+    async def run_job(
+        self, job_id: str, spec: GenerationSpec, requirements: NodeRequirements = NO_REQUIREMENTS
+    ) -> AsyncGenerator[JobEvent, None]:
         call = self._dispatch.RunJob(
-            dispatch_pb.RunJobRequest(job_id=job_id, spec=spec_to_pb(spec))
+            dispatch_pb.RunJobRequest(
+                job_id=job_id,
+                spec=spec_to_pb(spec),
+                requirements=requirements_to_pb(requirements),
+            ),
+            metadata=self._metadata,
         )
         try:
             async for response in call:

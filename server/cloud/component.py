@@ -1,41 +1,95 @@
-"""The cloud server's parts, wired to the account and network services."""
+"""The cloud server's parts: its database (subclouds), and clients of the account and
+network services."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import asyncpg
 import grpc
-from resultity.cloud.v1 import inference_service_pb2_grpc
+from resultity.cloud.v1 import inference_service_pb2_grpc, subcloud_service_pb2_grpc
 
 from server.cloud.chat import ChatService
 from server.cloud.clients import GrpcAccountClient, GrpcNetworkClient
 from server.cloud.rate_limits import RateLimitSettings
 from server.cloud.servicer import InferenceServicer
+from server.cloud.subcloud_service import SubcloudResolver, SubcloudService
+from server.cloud.subcloud_servicer import SubcloudServicer
+from server.cloud.subcloud_store import PostgresSubcloudStore
 from server.common.channels import insecure_channel
+from server.common.database import apply_migrations, create_pool, load_migrations
+
+MIGRATIONS = Path(__file__).parent / "migrations"
 
 
 class CloudComponent:
     def __init__(
         self,
+        pool: asyncpg.Pool[asyncpg.Record],
         *,
         account_target: str,
         network_target: str,
         service_token: str,
         rate_limits: RateLimitSettings | None = None,
     ) -> None:
-        """``rate_limits`` unset: read from the RESULTITY_RATE_LIMIT_* environment."""
+        self._pool = pool
         self._account_channel = insecure_channel(account_target)
         self._network_channel = insecure_channel(network_target)
+        account = GrpcAccountClient(self._account_channel, service_token)
+        store = PostgresSubcloudStore(pool)
+        resolver = SubcloudResolver(store)
         self.chat = ChatService(
-            GrpcAccountClient(self._account_channel, service_token),
-            GrpcNetworkClient(self._network_channel),
+            account,
+            GrpcNetworkClient(self._network_channel, service_token),
             rate_limits=rate_limits or RateLimitSettings(),
+            subclouds=resolver,
+        )
+        self.subclouds = SubcloudService(
+            store,
+            account,
+            self.chat.authenticator,
+            self.chat.models,
+            resolver,
+            service_token=service_token,
+        )
+
+    @classmethod
+    async def start(
+        cls,
+        dsn: str,
+        *,
+        account_target: str,
+        network_target: str,
+        service_token: str,
+        rate_limits: RateLimitSettings | None = None,
+        pool_size: int = 5,
+    ) -> CloudComponent:
+        """Connects to the database and migrates it; ``rate_limits`` unset: read from the
+        RESULTITY_RATE_LIMIT_* environment."""
+        pool = await create_pool(dsn, max_size=pool_size)
+        try:
+            await apply_migrations(pool, load_migrations("cloud", MIGRATIONS))
+        except BaseException:
+            await pool.close()
+            raise
+        return cls(
+            pool,
+            account_target=account_target,
+            network_target=network_target,
+            service_token=service_token,
+            rate_limits=rate_limits,
         )
 
     def register(self, server: grpc.aio.Server) -> None:
         inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(
             InferenceServicer(self.chat), server
         )
+        subcloud_service_pb2_grpc.add_SubcloudServiceServicer_to_server(
+            SubcloudServicer(self.subclouds), server
+        )
 
     async def stop(self) -> None:
         await self.chat.drain()
         await self._account_channel.close(grace=None)
         await self._network_channel.close(grace=None)
+        await self._pool.close()

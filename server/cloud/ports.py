@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
+from uuid import UUID
 
 from server.common.errors import PermissionDenied
-from server.common.inference import CatalogModel, GenerationSpec, JobEvent
+from server.common.inference import CatalogModel, GenerationSpec, JobEvent, NodeRequirements
+from server.common.rate_limits import NO_LIMITS, RateLimits
+
+NO_REQUIREMENTS = NodeRequirements()
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,6 +23,14 @@ class Caller:
     # (empty: all).
     may_infer: bool = True
     allowed_models: frozenset[str] = frozenset()
+    # The "management" scope acts on the key's own account, "admin" on all.
+    may_manage: bool = False
+    admin: bool = False
+    # The subcloud the key is bound to: its models, prices and node rules apply.
+    subcloud_id: str = ""
+    # Rate limits stored with the key and with its account (unset: the defaults).
+    key_limits: RateLimits = NO_LIMITS
+    account_limits: RateLimits = NO_LIMITS
 
     def require_inference(self) -> None:
         if not self.may_infer:
@@ -36,6 +48,16 @@ class HoldRef:
 
 
 @dataclass(frozen=True, slots=True)
+class IssuedKey:
+    """A new API key; ``secret`` is shown once and kept nowhere."""
+
+    api_key_id: str
+    account_id: str
+    prefix: str
+    secret: str
+
+
+@dataclass(frozen=True, slots=True)
 class OperatorLine:
     """Tokens a node operator's nodes delivered for one request."""
 
@@ -45,22 +67,53 @@ class OperatorLine:
     tokens: int
 
 
+@dataclass(frozen=True, slots=True)
+class OperatorShares:
+    """The operator lines of a settlement, and every token its capture pays for
+    (lines claim part of them; the platform earns the operators' share of the rest)."""
+
+    lines: tuple[OperatorLine, ...] = ()
+    total_tokens: int = 0
+
+
 class AccountPort(Protocol):
     async def authenticate(self, secret: str) -> Caller: ...
+
+    async def require_account(self, account_id: UUID) -> None:
+        """Raises NotFound unless the account exists."""
+        ...
+
+    async def issue_api_key(
+        self,
+        account_id: UUID,
+        *,
+        name: str,
+        expires: datetime | None,
+        allowed_models: tuple[str, ...],
+        subcloud_id: str,
+    ) -> IssuedKey:
+        """An inference key of ``account_id`` bound to ``subcloud_id``."""
+        ...
 
     async def create_hold(
         self, account_id: str, amount: int, *, idempotency_key: str, expires: datetime
     ) -> HoldRef: ...
 
-    async def settle_hold(
-        self, hold_id: str, capture: int, lines: Sequence[OperatorLine] = ()
-    ) -> int:
+    async def settle_hold(self, hold_id: str, capture: int, shares: OperatorShares) -> int:
         """Captures ``capture`` of the hold, releases the rest, credits the operators of
-        ``lines`` their share; returns the captured amount."""
+        ``shares`` their part; returns the captured amount."""
         ...
 
 
 class NetworkPort(Protocol):
-    async def list_models(self) -> list[CatalogModel]: ...
+    async def list_models(
+        self, requirements: NodeRequirements = NO_REQUIREMENTS
+    ) -> list[CatalogModel]:
+        """The catalog; ``ready_nodes`` counts only nodes meeting ``requirements``."""
+        ...
 
-    def run_job(self, job_id: str, spec: GenerationSpec) -> AsyncGenerator[JobEvent, None]: ...
+    def run_job(
+        self, job_id: str, spec: GenerationSpec, requirements: NodeRequirements = NO_REQUIREMENTS
+    ) -> AsyncGenerator[JobEvent, None]:
+        """Runs the job on nodes meeting ``requirements`` (failover included)."""
+        ...

@@ -9,10 +9,11 @@ plus max_tokens) when admitted; when it ends, what it did not use goes back
 capped at the bucket's size, so such a request waits for a full bucket rather
 than being refused forever.
 
-Limits come from settings (the same for every key and every account); limits
-stored with a key or an account are not there yet. The counters live in this
-process's memory: with several cloud replicas each
-enforces the limits on its own share (the scale-out work moves them to Redis).
+Limits stored with a key or an account (the account layer returns them when
+the key authenticates) take precedence, field by field, over the defaults from
+settings; a changed limit applies from the next request. The counters live in
+this process's memory: with several cloud replicas each enforces the limits on
+its own share (the scale-out work moves them to Redis).
 """
 
 from __future__ import annotations
@@ -26,15 +27,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from server.common.errors import RateLimited
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    """None: unlimited."""
-
-    requests_per_minute: int | None = None
-    tokens_per_minute: int | None = None
-    concurrent_requests: int | None = None
+from server.common.rate_limits import NO_LIMITS, RateLimits
 
 
 class RateLimitSettings(BaseSettings):
@@ -51,16 +44,16 @@ class RateLimitSettings(BaseSettings):
     account_concurrent_requests: int | None = Field(default=None, gt=0)
 
     @property
-    def per_key(self) -> Limits:
-        return Limits(
+    def per_key(self) -> RateLimits:
+        return RateLimits(
             self.key_requests_per_minute,
             self.key_tokens_per_minute,
             self.key_concurrent_requests,
         )
 
     @property
-    def per_account(self) -> Limits:
-        return Limits(
+    def per_account(self) -> RateLimits:
+        return RateLimits(
             self.account_requests_per_minute,
             self.account_tokens_per_minute,
             self.account_concurrent_requests,
@@ -115,10 +108,19 @@ class _Bucket:
 
 @dataclass
 class _Scope:
-    limits: Limits
+    limits: RateLimits
     requests: _Bucket | None
     tokens: _Bucket | None
     in_flight: int = 0
+
+
+def _buckets(limits: RateLimits, now: float) -> tuple[_Bucket | None, _Bucket | None]:
+    """Full buckets for the requests and tokens per minute that are limited."""
+    rpm, tpm = limits.requests_per_minute, limits.tokens_per_minute
+    return (
+        _Bucket(rpm, now) if rpm is not None else None,
+        _Bucket(tpm, now) if tpm is not None else None,
+    )
 
 
 class Admission:
@@ -152,19 +154,19 @@ class RateLimiter:
         self._clock = clock
         self._scopes: dict[tuple[str, str], _Scope] = {}
 
-    def _scope(self, kind: str, owner: str, limits: Limits, now: float) -> _Scope:
-        if limits == Limits():
+    def _scope(self, kind: str, owner: str, limits: RateLimits, now: float) -> _Scope:
+        if limits == NO_LIMITS:
             # Nothing to enforce: keep no state for this key or account.
             return _Scope(limits, None, None)
         scope = self._scopes.get((kind, owner))
         if scope is None:
-            rpm, tpm = limits.requests_per_minute, limits.tokens_per_minute
-            scope = _Scope(
-                limits,
-                _Bucket(rpm, now) if rpm is not None else None,
-                _Bucket(tpm, now) if tpm is not None else None,
-            )
+            scope = _Scope(limits, *_buckets(limits, now))
             self._scopes[(kind, owner)] = scope
+        elif scope.limits != limits:
+            # Its stored limits changed: fresh buckets, updated in place so that
+            # requests admitted under the old limits release into the same counts.
+            scope.limits = limits
+            scope.requests, scope.tokens = _buckets(limits, now)
         return scope
 
     @property
@@ -172,13 +174,24 @@ class RateLimiter:
         """Keys and accounts with counters (those that have limits)."""
         return len(self._scopes)
 
-    def admit(self, api_key_id: str, account_id: str, tokens: int) -> Admission:
+    def admit(
+        self,
+        api_key_id: str,
+        account_id: str,
+        tokens: int,
+        *,
+        key_limits: RateLimits = NO_LIMITS,
+        account_limits: RateLimits = NO_LIMITS,
+    ) -> Admission:
         """Lets the request in, taking one request and ``tokens`` from the key's and
-        the account's budgets, or raises RateLimited with how long to wait."""
+        the account's budgets, or raises RateLimited with how long to wait.
+        ``key_limits``/``account_limits``: those stored, over the settings' defaults."""
         now = self._clock()
         scopes = [
-            self._scope("key", api_key_id, self._settings.per_key, now),
-            self._scope("account", account_id, self._settings.per_account, now),
+            self._scope("key", api_key_id, key_limits.over(self._settings.per_key), now),
+            self._scope(
+                "account", account_id, account_limits.over(self._settings.per_account), now
+            ),
         ]
         wait_s = 0.0
         for scope in scopes:

@@ -40,6 +40,8 @@ class ChatRequest:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     user: str = ""
+    # Run only on nodes declared in this region ("": anywhere allowed).
+    region: str = ""
     n: int = 1
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
@@ -60,6 +62,8 @@ class TextRequest:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     user: str = ""
+    # Run only on nodes declared in this region ("": anywhere allowed).
+    region: str = ""
     n: int = 1
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
@@ -72,6 +76,8 @@ class EmbeddingRequest:
     model: str
     inputs: tuple[str, ...]
     user: str = ""
+    # Run only on nodes declared in this region ("": anywhere allowed).
+    region: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
-from datetime import datetime
 from typing import Any
 
 import grpc
-from google.protobuf import timestamp_pb2
 from resultity.cloud.v1 import inference_service_pb2 as pb
 from resultity.cloud.v1 import inference_service_pb2_grpc as pb_grpc
 from resultity.common.v1 import inference_pb2 as common_pb
@@ -36,23 +34,11 @@ from server.common.inference_proto import (
     role_to_pb,
     usage_to_pb,
 )
-
-
-def _metadata(context: grpc.aio.ServicerContext[Any, Any], key: str) -> str | None:
-    for item_key, value in context.invocation_metadata() or ():
-        if item_key == key:
-            return value if isinstance(value, str) else value.decode()
-    return None
+from server.common.transport import authorization, metadata_value, timestamp_to_pb
 
 
 def _request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
-    return _metadata(context, "x-request-id") or uuid.uuid4().hex
-
-
-def _timestamp(value: datetime) -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
+    return metadata_value(context, "x-request-id") or uuid.uuid4().hex
 
 
 def _chat_request(params: pb.ChatCompletionParams) -> ChatRequest:
@@ -65,6 +51,7 @@ def _chat_request(params: pb.ChatCompletionParams) -> ChatRequest:
         stop=tuple(params.stop),
         seed=params.seed if params.HasField("seed") else None,
         user=params.user,
+        region=params.region,
         n=params.n if params.HasField("n") else 1,
         presence_penalty=(params.presence_penalty if params.HasField("presence_penalty") else None),
         frequency_penalty=(
@@ -86,6 +73,7 @@ def _text_request(params: pb.CompletionParams) -> TextRequest:
         stop=tuple(params.stop),
         seed=params.seed if params.HasField("seed") else None,
         user=params.user,
+        region=params.region,
         n=params.n if params.HasField("n") else 1,
         presence_penalty=(params.presence_penalty if params.HasField("presence_penalty") else None),
         frequency_penalty=(
@@ -114,10 +102,14 @@ def _report_generation(
 async def _report_rate_limits(
     context: grpc.aio.ServicerContext[Any, Any], started: CompletionStarted | RateStatus | None
 ) -> None:
-    """The caller's x-ratelimit-* state, in initial metadata (the gateway copies it)."""
+    """The caller's x-ratelimit-* state, in initial metadata (the gateway copies it).
+
+    Without limits there is nothing to report: gRPC then sends the initial metadata
+    with the first message instead of in a send operation of its own."""
     status = started.rate_limits if isinstance(started, CompletionStarted) else started
-    if status is not None:
-        await context.send_initial_metadata(status.headers())
+    headers = () if status is None else status.headers()
+    if headers:
+        await context.send_initial_metadata(headers)
 
 
 def _model_pb(model: CatalogModel) -> pb.Model:
@@ -140,7 +132,9 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> pb.CreateChatCompletionResponse:
         completion = await self._chat.complete(
-            _metadata(context, "authorization"), _chat_request(request.params), _request_id(context)
+            authorization(context),
+            _chat_request(request.params),
+            _request_id(context),
         )
         started, finished = completion.started, completion.finished
         await _report_rate_limits(context, started)
@@ -148,7 +142,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         return pb.CreateChatCompletionResponse(
             id=started.completion_id,
             model=started.model,
-            created=_timestamp(started.created),
+            created=timestamp_to_pb(started.created),
             choices=[
                 pb.ChatCompletionChoice(
                     index=choice.index,
@@ -171,7 +165,9 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[pb.StreamChatCompletionResponse]:
         events = self._chat.stream(
-            _metadata(context, "authorization"), _chat_request(request.params), _request_id(context)
+            authorization(context),
+            _chat_request(request.params),
+            _request_id(context),
         )
         header: dict[str, Any] = {}
         try:
@@ -181,7 +177,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                     header = {
                         "id": event.completion_id,
                         "model": event.model,
-                        "created": _timestamp(event.created),
+                        "created": timestamp_to_pb(event.created),
                     }
                     continue
                 if isinstance(event, ChoiceStarted):
@@ -210,14 +206,14 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ListModelsResponse:
-        models = await self._chat.list_models(_metadata(context, "authorization"))
+        models = await self._chat.list_models(authorization(context))
         return pb.ListModelsResponse(models=[_model_pb(model) for model in models])
 
     @translate_errors
     async def GetModel(
         self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetModelResponse:
-        model = await self._chat.get_model(_metadata(context, "authorization"), request.model)
+        model = await self._chat.get_model(authorization(context), request.model)
         return pb.GetModelResponse(model=_model_pb(model))
 
     @translate_errors
@@ -225,7 +221,9 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         self, request: pb.CreateCompletionRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.CreateCompletionResponse:
         completion = await self._chat.complete_text(
-            _metadata(context, "authorization"), _text_request(request.params), _request_id(context)
+            authorization(context),
+            _text_request(request.params),
+            _request_id(context),
         )
         started, finished = completion.started, completion.finished
         await _report_rate_limits(context, started)
@@ -233,7 +231,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         return pb.CreateCompletionResponse(
             id=started.completion_id,
             model=started.model,
-            created=_timestamp(started.created),
+            created=timestamp_to_pb(started.created),
             choices=[
                 pb.CompletionChoice(
                     index=choice.index,
@@ -252,7 +250,9 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         self, request: pb.StreamCompletionRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.StreamCompletionResponse]:
         events = self._chat.stream_text(
-            _metadata(context, "authorization"), _text_request(request.params), _request_id(context)
+            authorization(context),
+            _text_request(request.params),
+            _request_id(context),
         )
         header: dict[str, Any] = {}
         try:
@@ -262,7 +262,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                     header = {
                         "id": event.completion_id,
                         "model": event.model,
-                        "created": _timestamp(event.created),
+                        "created": timestamp_to_pb(event.created),
                     }
                     # Tells the caller the job has a node before any text exists.
                     yield pb.StreamCompletionResponse(**header)
@@ -288,8 +288,10 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         self, request: pb.CreateEmbeddingsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.CreateEmbeddingsResponse:
         embeddings = await self._chat.embed(
-            _metadata(context, "authorization"),
-            EmbeddingRequest(request.model, tuple(request.inputs), request.user),
+            authorization(context),
+            EmbeddingRequest(
+                request.model, tuple(request.inputs), request.user, region=request.region
+            ),
             _request_id(context),
         )
         await _report_rate_limits(context, embeddings.rate_limits)

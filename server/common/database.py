@@ -87,8 +87,17 @@ async def apply_migrations(pool: asyncpg.Pool, migrations: list[Migration]) -> l
     return applied
 
 
+async def _keep_session_state(conn: asyncpg.Connection) -> None:
+    """Releases a connection without asyncpg's default reset query (RESET ALL, UNLISTEN *,
+    advisory unlocks: one more round trip per transaction). Our queries leave no session
+    state behind (no SET, LISTEN or cursors; the migration lock is released explicitly),
+    and the pool still rolls back a transaction left open before this runs."""
+
+
 async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
-    pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size)
+    pool = await asyncpg.create_pool(
+        dsn, min_size=min_size, max_size=max_size, reset=_keep_session_state
+    )
     if pool is None:  # only when called in a non-awaiting way; keeps mypy honest
         raise RuntimeError("asyncpg did not create a pool")
     return pool

@@ -153,3 +153,18 @@ class JobFinished:
 
 
 JobEvent = JobAssigned | JobDelta | JobMigrated | JobFinished
+
+
+@dataclass(frozen=True, slots=True)
+class NodeRequirements:
+    """Which nodes may run a job (a subcloud's rules, a requested region).
+
+    Every non-empty field must hold; the default restricts nothing.
+    """
+
+    # Operator accounts (UUID text) whose nodes qualify.
+    operator_account_ids: frozenset[str] = frozenset()
+    regions: frozenset[str] = frozenset()
+    min_reputation: float = 0.0
+    # Admitted with an operator's node token and no failed canary since joining.
+    verified_only: bool = False

@@ -19,6 +19,7 @@ from resultity.cloud.v1 import inference_service_pb2 as pb
 from resultity.common.v1 import inference_pb2 as common_pb
 
 from agent.batching import MAX_BATCH_TOKENS
+from agent.runtime.base import GenerationEvent, GenerationRequest
 from server.common.grpc_errors import error_info
 from server.network.catalog import SMOLLM2_135M
 from tests.doubles.scripted_runtime import DEFAULT_SCRIPT, ScriptedRuntime, scripted_tokens
@@ -288,6 +289,52 @@ async def test_the_nodes_operator_earns_its_share_and_a_contribution_record(
     assert record.model == SMOLLM2_135M.id
     # The operators' share is 80% of the capture, rounded down; the platform keeps the rest.
     assert record.amount_micro_credits == charged * 8000 // 10_000
+    earned = await platform.ledger.GetBalance(
+        GetBalanceRequest(account_id=operator_id), metadata=platform.service
+    )
+    assert earned.balance.earned_micro_credits == record.amount_micro_credits
+
+
+class _FailsItsSecondJob(ScriptedRuntime):
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        if self.started_jobs:
+            self.fail_after = 2
+        async for event in super().generate(request):
+            yield event
+
+
+async def test_a_failed_request_still_credits_the_operator_for_the_finished_choices(
+    platform: Platform,
+) -> None:
+    operator_id, token = await platform.operator()
+    await platform.start_agent(_FailsItsSecondJob(), node_token=token)
+    customer = await platform.customer(credits=1_000_000)
+    params = _params()
+    params.n = 2
+
+    error = await _rpc_error(
+        platform.inference.CreateChatCompletion(
+            pb.CreateChatCompletionRequest(params=params), metadata=customer.metadata
+        )
+    )
+
+    assert error.code() == grpc.StatusCode.ABORTED
+    # Both choices are billed: the first finished (4 + 10 tokens), the second
+    # failed after 2 tokens, before its node reported usage.
+    charged = _charge(4, 10) + _charge(4, 2)
+    balance = await platform.balance(customer)
+    assert (balance.available_micro_credits, balance.held_micro_credits) == (
+        1_000_000 - charged,
+        0,
+    )
+    records = await ContributionServiceStub(platform.channel).ListContributions(
+        ListContributionsRequest(operator_account_id=operator_id), metadata=platform.service
+    )
+    [record] = records.contributions
+    assert record.tokens == 14
+    # The operator earns 14 of the 20 billed tokens' part of the operators' share;
+    # the failed choice's part goes to the platform.
+    assert record.amount_micro_credits == charged * 8000 // 10_000 * 14 // 20
     earned = await platform.ledger.GetBalance(
         GetBalanceRequest(account_id=operator_id), metadata=platform.service
     )

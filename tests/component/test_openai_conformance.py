@@ -352,6 +352,20 @@ async def test_invalid_requests_are_400_naming_the_param(
     assert envelope["param"] == param
 
 
+async def test_region_header_narrows_the_nodes(client: openai.AsyncOpenAI) -> None:
+    # The module's node declares no region, so none qualifies for a named one.
+    with pytest.raises(openai.InternalServerError) as unavailable:
+        await client.chat.completions.create(
+            model=MODEL, messages=HELLO, extra_headers={"x-resultity-region": "eu-west"}
+        )
+    assert unavailable.value.status_code == 503
+    with pytest.raises(openai.BadRequestError) as invalid:
+        await client.embeddings.create(
+            model=MODEL, input="x", extra_headers={"x-resultity-region": "Not A Region"}
+        )
+    assert _envelope(invalid.value)["param"] == "region"
+
+
 async def test_wrong_key_is_401(stack: Stack) -> None:
     async with stack.client(api_key="rsk_not-a-real-key") as sdk:
         with pytest.raises(openai.AuthenticationError) as raised:

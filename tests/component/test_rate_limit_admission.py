@@ -8,6 +8,11 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
+from resultity.account.v1 import account_service_pb2 as account_pb
+from resultity.account.v1 import account_service_pb2_grpc as account_grpc
+from resultity.account.v1 import api_key_service_pb2 as keys_pb
+from resultity.account.v1 import api_key_service_pb2_grpc as keys_grpc
+from resultity.account.v1 import rate_limits_pb2 as rate_limits_pb
 from resultity.cloud.v1 import inference_service_pb2 as pb
 from resultity.common.v1 import inference_pb2 as common_pb
 
@@ -17,6 +22,7 @@ from tests.doubles.scripted_runtime import ScriptedRuntime
 from tests.harness import Platform, running_platform
 
 REQUESTS_PER_MINUTE = 3
+LIMITED = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 @pytest.fixture
@@ -89,3 +95,59 @@ async def test_served_requests_report_the_limits_in_initial_metadata(platform: P
     assert unary["x-ratelimit-limit-tokens"] == "1000000"
     # The reservation is the worst case: prompt bound plus max_tokens.
     assert int(unary["x-ratelimit-remaining-tokens"]) < 1_000_000
+
+
+async def test_limits_stored_with_keys_and_accounts_apply(platform: Platform) -> None:
+    await platform.start_agent(ScriptedRuntime(slot_count=4))
+    customer = await platform.customer(credits=1_000_000)
+    keys = keys_grpc.ApiKeyServiceStub(platform.channel)
+    accounts = account_grpc.AccountServiceStub(platform.channel)
+
+    async def key(**fields: object) -> tuple[tuple[str, str], ...]:
+        issued = await keys.CreateApiKey(
+            keys_pb.CreateApiKeyRequest(account_id=customer.account_id, **fields),
+            metadata=platform.service,
+        )
+        return (("authorization", f"Bearer {issued.secret}"),)
+
+    async def served(metadata: tuple[tuple[str, str], ...]) -> bool | grpc.StatusCode:
+        try:
+            await platform.inference.CreateChatCompletion(_request(), metadata=metadata)
+        except grpc.aio.AioRpcError as error:
+            return error.code()
+        return True
+
+    # A key's own limit replaces the default of 3 per minute.
+    tight = await key(name="tight", rate_limits=rate_limits_pb.RateLimits(requests_per_minute=1))
+    assert [await served(tight) for _ in range(2)] == [True, LIMITED]
+
+    # An admin limits the whole account: a fresh key (default 3) gets only 2.
+    updated = await accounts.SetAccountRateLimits(
+        account_pb.SetAccountRateLimitsRequest(
+            account_id=customer.account_id,
+            rate_limits=rate_limits_pb.RateLimits(requests_per_minute=2),
+        ),
+        metadata=platform.service,
+    )
+    assert updated.account.rate_limits.requests_per_minute == 2
+    fresh = await key(name="fresh")
+    assert [await served(fresh) for _ in range(3)] == [True, True, LIMITED]
+
+    # Only admins set account limits, and only to positive values.
+    manager = await key(name="manage", scopes=[keys_pb.API_KEY_SCOPE_MANAGEMENT])
+    for metadata, limits, code in (
+        (manager, rate_limits_pb.RateLimits(), grpc.StatusCode.PERMISSION_DENIED),
+        (
+            platform.service,
+            rate_limits_pb.RateLimits(concurrent_requests=0),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await accounts.SetAccountRateLimits(
+                account_pb.SetAccountRateLimitsRequest(
+                    account_id=customer.account_id, rate_limits=limits
+                ),
+                metadata=metadata,
+            )
+        assert raised.value.code() == code

@@ -45,7 +45,7 @@ class _CountingAccount:
     async def create_hold(self, *args: object, **kwargs: object) -> HoldRef:
         raise NotImplementedError
 
-    async def settle_hold(self, hold_id: str, capture: int, lines: object = ()) -> int:
+    async def settle_hold(self, hold_id: str, capture: int, shares: object = None) -> int:
         raise NotImplementedError
 
 

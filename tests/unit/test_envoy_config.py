@@ -66,15 +66,21 @@ def _managers(bootstrap: bootstrap_pb2.Bootstrap) -> list[hcm_pb2.HttpConnection
     return managers
 
 
+def _transcoder(http_filter: hcm_pb2.HttpFilter) -> transcoder_pb2.GrpcJsonTranscoder | None:
+    transcoder = transcoder_pb2.GrpcJsonTranscoder()
+    if not http_filter.typed_config.Is(transcoder.DESCRIPTOR):
+        return None
+    assert http_filter.typed_config.Unpack(transcoder)
+    return transcoder
+
+
 def _transcoders(bootstrap: bootstrap_pb2.Bootstrap) -> list[transcoder_pb2.GrpcJsonTranscoder]:
-    found = []
-    for manager in _managers(bootstrap):
-        for http_filter in manager.http_filters:
-            transcoder = transcoder_pb2.GrpcJsonTranscoder()
-            if http_filter.typed_config.Is(transcoder.DESCRIPTOR):
-                assert http_filter.typed_config.Unpack(transcoder)
-                found.append(transcoder)
-    return found
+    return [
+        transcoder
+        for manager in _managers(bootstrap)
+        for http_filter in manager.http_filters
+        if (transcoder := _transcoder(http_filter)) is not None
+    ]
 
 
 def _descriptor_set() -> descriptor_pb2.FileDescriptorSet:
@@ -140,12 +146,32 @@ def test_transcoded_services_exist_in_the_descriptor_set(
     bootstrap: bootstrap_pb2.Bootstrap,
 ) -> None:
     services = _services(_descriptor_set())
-    [transcoder] = _transcoders(bootstrap)
+    transcoders = _transcoders(bootstrap)
+    exposed = [name for transcoder in transcoders for name in transcoder.services]
 
-    assert transcoder.proto_descriptor == VALUES["DESCRIPTOR_SET"]
-    assert set(transcoder.services) <= set(services)
-    # Every service with REST annotations is exposed, and only those.
-    assert set(transcoder.services) == {name for name, annotated in services.items() if annotated}
+    for transcoder in transcoders:
+        assert transcoder.proto_descriptor == VALUES["DESCRIPTOR_SET"]
+    assert set(exposed) <= set(services)
+    # Every service with REST annotations is exposed, once, and only those.
+    assert len(exposed) == len(set(exposed))
+    assert set(exposed) == {name for name, annotated in services.items() if annotated}
+
+
+def test_each_transcoder_serves_its_own_layers_host(bootstrap: bootstrap_pb2.Bootstrap) -> None:
+    """REST for resultity.<layer>.v1 services is only on <layer>.<domain>, routed to it."""
+    for manager in _managers(bootstrap):
+        layers = {
+            name.split(".")[1]
+            for http_filter in manager.http_filters
+            if (transcoder := _transcoder(http_filter)) is not None
+            for name in transcoder.services
+        }
+        if not layers:
+            continue
+        [layer] = layers
+        [host] = manager.route_config.virtual_hosts
+        assert host.domains[0] == f"{layer}.{DOMAIN}"
+        assert {route.route.cluster for route in host.routes} == {layer}
 
 
 def test_descriptor_set_holds_every_proto_file() -> None:

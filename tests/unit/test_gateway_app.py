@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any, cast
+
 import httpx
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Message
 
 from gateway.app import create_app
+from gateway.relay import CloudStreamResponse
 
 
 async def _explode(_: Request) -> Response:
@@ -42,3 +48,72 @@ async def test_missing_key_needs_no_cloud() -> None:
 
     assert response.status_code == 401
     assert response.json()["error"]["code"] == "invalid_api_key"
+
+
+class _FinishedCall:
+    """A cloud call that has already ended: nothing to cancel."""
+
+    def cancel(self) -> bool:
+        return False
+
+
+async def test_stream_ends_its_body_with_the_last_part() -> None:
+    async def parts() -> AsyncIterator[tuple[bytes, bool]]:
+        yield b"data: 1\n\n", True
+        yield b"data: usage\n\ndata: [DONE]\n\n", False
+
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    async def receive() -> Message:
+        await asyncio.Event().wait()  # the client never disconnects
+        raise AssertionError
+
+    response = CloudStreamResponse(cast(Any, _FinishedCall()), parts(), {})
+    await response({"type": "http", "asgi": {"spec_version": "2.3"}}, receive, send)
+
+    assert sent[0]["type"] == "http.response.start"
+    # The closing part ends the body itself: no empty part (a write of its own) after it.
+    assert [(m["body"], m["more_body"]) for m in sent[1:]] == [
+        (b"data: 1\n\n", True),
+        (b"data: usage\n\ndata: [DONE]\n\n", False),
+    ]
+
+
+class _RunningCall:
+    """A cloud call still streaming: cancelling it succeeds once."""
+
+    def __init__(self) -> None:
+        self.cancelled = False
+
+    def cancel(self) -> bool:
+        was_running, self.cancelled = not self.cancelled, True
+        return was_running
+
+
+async def test_client_leaving_mid_stream_cancels_the_cloud_call() -> None:
+    async def parts() -> AsyncIterator[tuple[bytes, bool]]:
+        yield b"data: 1\n\n", True
+        await asyncio.Event().wait()  # cloud has nothing more yet
+        yield b"data: [DONE]\n\n", False
+
+    sent: list[Message] = []
+    first_event = asyncio.Event()
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+        if message["type"] == "http.response.body":
+            first_event.set()
+
+    async def receive() -> Message:
+        await first_event.wait()  # the client leaves once it got the first event
+        return {"type": "http.disconnect"}
+
+    call = _RunningCall()
+    response = CloudStreamResponse(cast(Any, call), parts(), {})
+    await response({"type": "http", "asgi": {"spec_version": "2.3"}}, receive, send)
+
+    assert call.cancelled
+    assert [m.get("body") for m in sent[1:]] == [b"data: 1\n\n"]

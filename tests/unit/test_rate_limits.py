@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from server.cloud.rate_limits import RateLimiter, RateLimitSettings
-from server.common.errors import RateLimited
+from server.common.errors import InvalidArgument, RateLimited
+from server.common.rate_limits import RateLimits, validate_rate_limits
 
 
 class Clock:
@@ -114,3 +115,44 @@ def test_no_state_is_kept_for_callers_without_limits() -> None:
     for index in range(100):
         limiter.admit(f"key-{index}", f"account-{index}", 10).release(10)
     assert limiter.tracked == 0
+
+
+def test_stored_limits_override_the_defaults_field_by_field() -> None:
+    clock = Clock()
+    limiter = _limiter(clock, key_requests_per_minute=1, key_concurrent_requests=5)
+    stored = RateLimits(requests_per_minute=2)
+    for _ in range(2):
+        limiter.admit("key", "account", 0, key_limits=stored).release(0)
+    with pytest.raises(RateLimited):
+        limiter.admit("key", "account", 0, key_limits=stored)
+    # The default concurrency still applies where the stored limits say nothing.
+    concurrent = _limiter(clock, key_concurrent_requests=1)
+    held = concurrent.admit("key", "account", 0, key_limits=stored)
+    with pytest.raises(RateLimited):
+        concurrent.admit("key", "account", 0, key_limits=stored)
+    held.release(0)
+
+
+def test_a_changed_limit_applies_and_requests_in_flight_still_count() -> None:
+    clock = Clock()
+    limiter = _limiter(clock)
+    one = RateLimits(concurrent_requests=1)
+    first = limiter.admit("key", "account", 0, account_limits=one)
+    with pytest.raises(RateLimited):
+        limiter.admit("other-key", "account", 0, account_limits=one)
+    # Raised while the first is still running: one more fits, not two.
+    two = RateLimits(concurrent_requests=2)
+    second = limiter.admit("other-key", "account", 0, account_limits=two)
+    with pytest.raises(RateLimited):
+        limiter.admit("third-key", "account", 0, account_limits=two)
+    first.release(0)
+    second.release(0)
+    limiter.admit("key", "account", 0, account_limits=two)
+    limiter.admit("key", "account", 0, account_limits=two)
+
+
+def test_stored_limits_must_be_positive() -> None:
+    with pytest.raises(InvalidArgument) as raised:
+        validate_rate_limits(RateLimits(tokens_per_minute=0))
+    assert raised.value.metadata["field"] == "rate_limits.tokens_per_minute"
+    assert RateLimits(requests_per_minute=5).over(RateLimits(2, 3, 4)) == RateLimits(5, 3, 4)

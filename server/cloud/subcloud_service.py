@@ -1,0 +1,294 @@
+"""Managing subclouds, and resolving a bound key's subcloud on the request path."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Protocol
+from uuid import UUID
+
+from server.cloud.auth import CachedAuthenticator
+from server.cloud.models import ModelDirectory
+from server.cloud.ports import AccountPort, Caller, IssuedKey
+from server.cloud.subclouds import (
+    Actor,
+    Subcloud,
+    SubcloudMember,
+    SubcloudModel,
+    SubcloudRole,
+    require_active,
+    require_key_issuer,
+    require_manager,
+    require_reader,
+    validate_models,
+    validate_name,
+    validate_rules,
+)
+from server.common.credentials import bearer_credential, is_service_token
+from server.common.errors import InvalidApiKey, InvalidArgument, NotFound, PermissionDenied
+from server.common.inference import NodeRequirements
+from server.common.paging import decode_cursor, encode_cursor, page_size
+
+_MAX_CACHED = 10_000
+
+
+class SubcloudStore(Protocol):
+    async def insert(
+        self,
+        subcloud_id: UUID,
+        name: str,
+        owner_account_id: UUID,
+        rules: NodeRequirements,
+        models: tuple[SubcloudModel, ...],
+    ) -> Subcloud: ...
+
+    async def get(self, subcloud_id: UUID) -> Subcloud | None: ...
+
+    async def member(self, subcloud_id: UUID, account_id: UUID) -> SubcloudMember | None: ...
+
+    async def page(
+        self, member: UUID | None, limit: int, after: tuple[datetime, UUID] | None
+    ) -> list[Subcloud]: ...
+
+    async def update(
+        self,
+        subcloud_id: UUID,
+        *,
+        name: str | None = None,
+        rules: NodeRequirements | None = None,
+        models: tuple[SubcloudModel, ...] | None = None,
+    ) -> Subcloud | None: ...
+
+    async def archive(self, subcloud_id: UUID) -> Subcloud | None: ...
+
+    async def put_member(
+        self, subcloud_id: UUID, account_id: UUID, role: SubcloudRole
+    ) -> SubcloudMember | None: ...
+
+    async def remove_member(self, subcloud_id: UUID, account_id: UUID) -> None: ...
+
+    async def members(self, subcloud_id: UUID) -> list[SubcloudMember]: ...
+
+
+class SubcloudResolver:
+    """The subcloud of a bound key, on the request path, cached for ``ttl_s``."""
+
+    def __init__(self, store: SubcloudStore, *, ttl_s: float = 5.0) -> None:
+        self._store = store
+        self._ttl_s = ttl_s
+        # (subcloud, account) -> (expiry, the subcloud if the account may use it).
+        self._bound: dict[tuple[str, str], tuple[float, Subcloud | None]] = {}
+
+    async def for_caller(self, caller: Caller) -> Subcloud | None:
+        """None for an unbound key.
+
+        A key whose subcloud was archived, or whose account left it, stops
+        working: that is an invalid key, not a permission question.
+        """
+        if not caller.subcloud_id:
+            return None
+        key = (caller.subcloud_id, caller.account_id)
+        now = time.monotonic()
+        cached = self._bound.get(key)
+        if cached is None or cached[0] <= now:
+            subcloud_id, account_id = UUID(caller.subcloud_id), UUID(caller.account_id)
+            subcloud = await self._store.get(subcloud_id)
+            usable = (
+                subcloud is not None
+                and subcloud.archived is None
+                and await self._store.member(subcloud_id, account_id) is not None
+            )
+            cached = (now + self._ttl_s, subcloud if usable else None)
+            if len(self._bound) >= _MAX_CACHED:
+                self._bound = {k: v for k, v in self._bound.items() if v[0] > now}
+            self._bound[key] = cached
+        if cached[1] is None:
+            raise InvalidApiKey("This key's subcloud is archived or no longer includes you")
+        return cached[1]
+
+    def forget(self, subcloud_id: UUID) -> None:
+        """Changes made on this replica apply here at once (elsewhere within ``ttl_s``)."""
+        wanted = str(subcloud_id)
+        self._bound = {key: value for key, value in self._bound.items() if key[0] != wanted}
+
+
+class SubcloudService:
+    def __init__(
+        self,
+        store: SubcloudStore,
+        account: AccountPort,
+        authenticator: CachedAuthenticator,
+        catalog: ModelDirectory,
+        resolver: SubcloudResolver,
+        *,
+        service_token: str,
+    ) -> None:
+        self._store = store
+        self._account = account
+        self._authenticator = authenticator
+        self._catalog = catalog
+        self._resolver = resolver
+        self._service_token = service_token
+
+    async def actor(self, authorization: str | None) -> Actor:
+        """The service token acts as an admin; API keys need the management or admin scope."""
+        credential = bearer_credential(authorization)
+        if self._service_token and is_service_token(credential, self._service_token):
+            return Actor(None, admin=True)
+        caller = await self._authenticator.authenticate(authorization)
+        if not (caller.may_manage or caller.admin):
+            raise PermissionDenied("Managing subclouds needs a key with the management scope")
+        return Actor(UUID(caller.account_id), caller.admin)
+
+    # --- management ----------------------------------------------------------
+
+    async def create(
+        self,
+        actor: Actor,
+        name: str,
+        owner: UUID | None,
+        rules: NodeRequirements,
+        models: Sequence[SubcloudModel],
+    ) -> Subcloud:
+        owner_id = actor.account_or(owner)
+        name = validate_name(name)
+        rules = validate_rules(rules)
+        offered = await self._checked_models(models)
+        await self._account.require_account(owner_id)
+        return await self._store.insert(uuid.uuid4(), name, owner_id, rules, offered)
+
+    async def get(self, actor: Actor, subcloud_id: UUID) -> Subcloud:
+        subcloud, _ = await self._access(actor, subcloud_id, require_reader)
+        return subcloud
+
+    async def list_page(
+        self, actor: Actor, requested_page_size: int, page_token: str
+    ) -> tuple[list[Subcloud], str]:
+        limit = page_size(requested_page_size)
+        member = None if actor.admin else actor.account_or(None)
+        listed = await self._store.page(member, limit + 1, decode_cursor(page_token))
+        if len(listed) <= limit:
+            return listed, ""
+        last = listed[limit - 1]
+        return listed[:limit], encode_cursor(last.created, last.subcloud_id)
+
+    async def update(
+        self,
+        actor: Actor,
+        subcloud_id: UUID,
+        *,
+        name: str | None = None,
+        rules: NodeRequirements | None = None,
+        models: Sequence[SubcloudModel] | None = None,
+    ) -> Subcloud:
+        subcloud, _ = await self._access(actor, subcloud_id, require_manager)
+        require_active(subcloud)
+        updated = await self._store.update(
+            subcloud_id,
+            name=None if name is None else validate_name(name),
+            rules=None if rules is None else validate_rules(rules),
+            models=None if models is None else await self._checked_models(models),
+        )
+        if updated is None:
+            raise InvalidArgument("The subcloud is archived", field="subcloud_id")
+        self._resolver.forget(subcloud_id)
+        return updated
+
+    async def archive(self, actor: Actor, subcloud_id: UUID) -> Subcloud:
+        await self._access(actor, subcloud_id, require_manager)
+        archived = await self._store.archive(subcloud_id)
+        assert archived is not None  # subclouds are never deleted
+        self._resolver.forget(subcloud_id)
+        return archived
+
+    async def put_member(
+        self, actor: Actor, subcloud_id: UUID, account_id: UUID, role: SubcloudRole
+    ) -> SubcloudMember:
+        if role is SubcloudRole.OWNER:
+            raise InvalidArgument("A subcloud has one owner, its creator", field="role")
+        subcloud, _ = await self._access(actor, subcloud_id, require_manager)
+        require_active(subcloud)
+        await self._account.require_account(account_id)
+        member = await self._store.put_member(subcloud_id, account_id, role)
+        if member is None:
+            raise InvalidArgument("The owner's role cannot be changed", field="account_id")
+        self._resolver.forget(subcloud_id)
+        return member
+
+    async def remove_member(self, actor: Actor, subcloud_id: UUID, account_id: UUID) -> None:
+        subcloud, _ = await self._access(actor, subcloud_id, require_manager)
+        if account_id == subcloud.owner_account_id:
+            raise InvalidArgument("The owner cannot be removed", field="account_id")
+        await self._store.remove_member(subcloud_id, account_id)
+        self._resolver.forget(subcloud_id)
+
+    async def members(self, actor: Actor, subcloud_id: UUID) -> list[SubcloudMember]:
+        await self._access(actor, subcloud_id, require_reader)
+        return await self._store.members(subcloud_id)
+
+    async def issue_key(
+        self,
+        actor: Actor,
+        subcloud_id: UUID,
+        *,
+        holder: UUID | None,
+        name: str,
+        expires: datetime | None,
+        allowed_models: Sequence[str],
+    ) -> IssuedKey:
+        """An inference key of a member's account, bound to the subcloud."""
+        holder_id = actor.account_or(None) if holder is None else holder
+        subcloud, _ = await self._access(
+            actor, subcloud_id, lambda who, member: require_key_issuer(who, member, holder_id)
+        )
+        require_active(subcloud)
+        if await self._store.member(subcloud_id, holder_id) is None:
+            raise InvalidArgument("The key's account must be a member", field="account_id")
+        outside = set(allowed_models) - {offer.model for offer in subcloud.models}
+        if outside:
+            raise InvalidArgument(
+                f"not offered by the subcloud: {', '.join(sorted(outside))}",
+                field="allowed_models",
+            )
+        return await self._account.issue_api_key(
+            holder_id,
+            name=name,
+            expires=expires,
+            allowed_models=tuple(allowed_models),
+            subcloud_id=str(subcloud_id),
+        )
+
+    # --- helpers ---------------------------------------------------------------
+
+    async def _access(
+        self,
+        actor: Actor,
+        subcloud_id: UUID,
+        check: _AccessCheck,
+    ) -> tuple[Subcloud, SubcloudMember | None]:
+        subcloud = await self._store.get(subcloud_id)
+        if subcloud is None:
+            raise NotFound("No such subcloud")
+        member = (
+            None
+            if actor.account_id is None
+            else await self._store.member(subcloud_id, actor.account_id)
+        )
+        check(actor, member)
+        return subcloud, member
+
+    async def _checked_models(self, models: Sequence[SubcloudModel]) -> tuple[SubcloudModel, ...]:
+        offered = validate_models(models)
+        known = {model.id for model in await self._catalog.all()}
+        unknown = sorted({offer.model for offer in offered} - known)
+        if unknown:
+            raise InvalidArgument(
+                f"not in the network's catalog: {', '.join(unknown)}", field="models"
+            )
+        return offered
+
+
+class _AccessCheck(Protocol):
+    def __call__(self, actor: Actor, member: SubcloudMember | None) -> None: ...

@@ -1,0 +1,29 @@
+"""What every servicer reads from a call and writes into messages: call metadata
+(the caller's credential, the request id) and protobuf timestamps."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def metadata_value(context: Context, key: str) -> str | None:
+    for item_key, value in context.invocation_metadata() or ():
+        if item_key == key:
+            return value if isinstance(value, str) else value.decode()
+    return None
+
+
+def authorization(context: Context) -> str | None:
+    return metadata_value(context, "authorization")
+
+
+def timestamp_to_pb(value: datetime) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
