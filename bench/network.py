@@ -45,7 +45,8 @@ from resultity.network.v1 import dispatch_service_pb2_grpc as dispatch_grpc
 from agent.identity import NodeIdentity, signed_hello
 from agent.session import AGENT_VERSION, AgentSession, SessionSettings
 from bench.paced_runtime import MODEL_ID, PacedRuntime, token_text
-from server.common import channels
+from server.common import channels, event_loop
+from server.common.credentials import generate_service_token, service_metadata
 from server.common.inference import ChatMessage, ChatRole, GenerationSpec, Sampling
 from server.common.inference_proto import spec_to_pb
 from server.common.logging import configure_logging
@@ -58,8 +59,10 @@ CONNECT_BATCH = 50  # handshakes in flight at once while building the fleet
 # --- the network server (spawned child process) -------------------------------
 
 
-async def _serve(conn: Connection) -> None:
-    network = NetworkComponent(validation=ValidationSettings(enabled=False))
+async def _serve(conn: Connection, service_token: str) -> None:
+    network = NetworkComponent(
+        validation=ValidationSettings(enabled=False), service_token=service_token
+    )
     ingested = 0
     beat = network.service.heartbeat
 
@@ -85,9 +88,9 @@ async def _serve(conn: Connection) -> None:
         await server.stop(1.0)
 
 
-def _server_main(conn: Connection) -> None:
+def _server_main(conn: Connection, service_token: str) -> None:
     configure_logging("warning")
-    asyncio.run(_serve(conn))
+    event_loop.run(_serve(conn, service_token))  # the loop the network server runs on
 
 
 @dataclass
@@ -95,6 +98,8 @@ class NetworkProcess:
     process: multiprocessing.process.BaseProcess
     conn: Connection
     target: str
+    # What the dispatch API's callers present.
+    service_token: str
 
     def counts(self) -> tuple[int, int]:
         """Heartbeats ingested so far and nodes connected."""
@@ -118,13 +123,14 @@ class NetworkProcess:
 def _start_network() -> NetworkProcess:
     context = multiprocessing.get_context("spawn")
     parent, child = context.Pipe()
-    process = context.Process(target=_server_main, args=(child,), name="bench-network")
+    token = generate_service_token()
+    process = context.Process(target=_server_main, args=(child, token), name="bench-network")
     process.daemon = True
     process.start()
     if not parent.poll(START_TIMEOUT_S):
         process.terminate()
         raise RuntimeError("the network server did not start")
-    return NetworkProcess(process, parent, str(parent.recv()))
+    return NetworkProcess(process, parent, str(parent.recv()), token)
 
 
 # --- raw agents ----------------------------------------------------------------
@@ -358,7 +364,8 @@ async def failover(
         stub = dispatch_grpc.DispatchServiceStub(channel)
         for run in range(runs):
             call = stub.RunJob(
-                dispatch_pb.RunJobRequest(job_id=f"bench-failover-{run}", spec=spec_to_pb(spec))
+                dispatch_pb.RunJobRequest(job_id=f"bench-failover-{run}", spec=spec_to_pb(spec)),
+                metadata=service_metadata(network.service_token),
             )
             serving = ""
             received, text = 0, ""

@@ -7,6 +7,14 @@ the way an assignment and a later completion change it, so loads vary during
 the run. Nodes serve one of four models (a quarter of the fleet each) except
 ``--one-model``, where every node serves the same model; a tenth of the nodes
 are draining or suspect and must be skipped.
+
+Each operator runs ten nodes, each node declares one of four regions;
+reputations are spread over [0.6, 1] and one node in twenty has failed a
+canary. Each size is measured with three kinds of requests: no requirements,
+one region (a quarter of the nodes), and a subcloud's rules (5 operators, so
+50 nodes whatever the fleet's size, two regions, reputation at least 0.7,
+verified only: about 18 eligible nodes, four or five per model). A decision
+that finds no eligible node counts as a miss (it is timed too).
 """
 
 from __future__ import annotations
@@ -17,11 +25,24 @@ import statistics
 import time
 from collections.abc import Sequence
 
+from server.common.inference import NodeRequirements
 from server.network.nodes import NodeHello, NodeModel, NodeSession
-from server.network.routing import Router, RouteRequest
+from server.network.routing import NO_REQUIREMENTS, Router, RouteRequest
 
 MODELS = ("model-a", "model-b", "model-c", "model-d")
+REGIONS = ("eu-west", "us-east", "us-west", "ap-south")
+NODES_PER_OPERATOR = 10
 SUSPECT_AFTER_S = 15.0
+CASES = {
+    "any node": NO_REQUIREMENTS,
+    "one region": NodeRequirements(regions=frozenset({"eu-west"})),
+    "subcloud": NodeRequirements(
+        operator_account_ids=frozenset(f"op-{i}" for i in range(5)),
+        regions=frozenset({"eu-west", "us-east"}),
+        min_reputation=0.7,
+        verified_only=True,
+    ),
+}
 
 
 def _fleet(size: int, models: Sequence[str], rng: random.Random) -> list[NodeSession]:
@@ -30,10 +51,17 @@ def _fleet(size: int, models: Sequence[str], rng: random.Random) -> list[NodeSes
     for index in range(size):
         model = models[index % len(models)]
         hello = NodeHello(
-            f"n{index}", "bench", (NodeModel(model, "rt", 4096),), rng.choice((1, 2, 4))
+            f"n{index}",
+            "bench",
+            (NodeModel(model, "rt", 4096),),
+            rng.choice((1, 2, 4)),
+            region=rng.choice(REGIONS),
         )
-        node = NodeSession(node_id=f"node-{index}", hello=hello)
+        operator = f"op-{index // NODES_PER_OPERATOR}"
+        node = NodeSession(node_id=f"node-{index}", hello=hello, operator_account_id=operator)
         node.recent_tokens_per_second = rng.uniform(5.0, 80.0)
+        node.reputation = rng.uniform(0.6, 1.0)
+        node.failed_canary = rng.random() < 0.05
         if index % 20 == 0:
             node.draining = True
         elif index % 20 == 1:
@@ -42,20 +70,29 @@ def _fleet(size: int, models: Sequence[str], rng: random.Random) -> list[NodeSes
     return nodes
 
 
-def measure(size: int, decisions: int, models: Sequence[str], seed: int = 1) -> dict[str, float]:
+def measure(
+    size: int,
+    decisions: int,
+    models: Sequence[str],
+    requirements: NodeRequirements = NO_REQUIREMENTS,
+    seed: int = 1,
+) -> dict[str, float]:
     rng = random.Random(seed)
     router = Router(suspect_after_s=SUSPECT_AFTER_S, rng=random.Random(seed))
     for node in _fleet(size, models, rng):
         router.add(node)
     running: list[tuple[NodeSession, str]] = []
     timings: list[float] = []
+    misses = 0
     for index in range(decisions):
-        request = RouteRequest(models[index % len(models)])
+        request = RouteRequest(models[index % len(models)], requirements=requirements)
         now = time.monotonic()
         started = time.perf_counter_ns()
         picked = router.pick(request, now)
         timings.append((time.perf_counter_ns() - started) / 1000)
-        assert picked is not None
+        if picked is None:
+            misses += 1
+            continue
         job = f"job-{index}"
         picked.active_jobs.add(job)
         running.append((picked, job))
@@ -68,6 +105,7 @@ def measure(size: int, decisions: int, models: Sequence[str], seed: int = 1) -> 
         "p99_us": timings[len(timings) * 99 // 100],
         "max_us": timings[-1],
         "mean_us": statistics.fmean(timings),
+        "misses": misses,
     }
 
 
@@ -78,12 +116,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     models = MODELS[:1] if args.one_model else MODELS
     print(f"routing decisions ({len(models)} model(s), {args.decisions} decisions per size)")
-    print(f"{'nodes':>7} {'p50 µs':>8} {'p99 µs':>8} {'max µs':>8}")
-    for size in (100, 1_000, 10_000):
-        result = measure(size, args.decisions, models)
-        print(
-            f"{size:>7,} {result['p50_us']:>8.1f} {result['p99_us']:>8.1f} {result['max_us']:>8.1f}"
-        )
+    print(f"{'requests':<11} {'nodes':>7} {'p50 µs':>8} {'p99 µs':>8} {'max µs':>8} misses")
+    for case, requirements in CASES.items():
+        for size in (100, 1_000, 10_000):
+            result = measure(size, args.decisions, models, requirements)
+            print(
+                f"{case:<11} {size:>7,} {result['p50_us']:>8.1f} {result['p99_us']:>8.1f} "
+                f"{result['max_us']:>8.1f} {result['misses']:>6.0f}"
+            )
 
 
 if __name__ == "__main__":

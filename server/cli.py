@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 import structlog
 
-from server.common import channels
+from server.common import channels, event_loop
 from server.common.logging import configure_logging
 
 log = structlog.get_logger(__name__)
@@ -36,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--database-url", help="use this PostgreSQL instead of an embedded one")
     up.add_argument("--no-agent", action="store_true", help="do not start a local agent")
     up.add_argument("--agent-threads", type=int, help="llama.cpp threads of the local agent")
+    up.add_argument(
+        "--agent-region", type=_region, help="region the local agent declares, e.g. eu-west"
+    )
 
     agent = commands.add_parser("agent", help="run a node agent")
     agent.add_argument("--network", required=True, help="HOST:PORT of a network server")
@@ -46,6 +49,13 @@ def _parser() -> argparse.ArgumentParser:
     agent.add_argument("--context-length", type=int, default=2048)
     agent.add_argument("--slots", type=int, default=1, help="jobs run at the same time")
     agent.add_argument("--threads", type=int, help="CPU threads per generation")
+    agent.add_argument(
+        "--region",
+        type=_region,
+        default="",
+        help="where the node runs, e.g. eu-west (lowercase a-z, 0-9, '-'; at most 32); "
+        "requests may ask for regions",
+    )
     agent.add_argument(
         "--data-dir",
         type=Path,
@@ -75,7 +85,8 @@ def _parser() -> argparse.ArgumentParser:
         "--data-dir",
         type=Path,
         default=Path(".resultity"),
-        help="where the service token is read from unless RESULTITY_SERVICE_TOKEN is set",
+        help="where the service token (required of dispatch and node admin callers) is "
+        "read from, or created if missing, unless RESULTITY_SERVICE_TOKEN is set",
     )
 
     account = commands.add_parser("account", help="run the account server alone")
@@ -96,6 +107,11 @@ def _parser() -> argparse.ArgumentParser:
     cloud.add_argument("--account", required=True, help="HOST:PORT of the account server")
     cloud.add_argument("--network", required=True, help="HOST:PORT of the network server")
     cloud.add_argument(
+        "--database-url",
+        default=os.environ.get("RESULTITY_DATABASE_URL"),
+        help="PostgreSQL for subclouds (may be the account server's database)",
+    )
+    cloud.add_argument(
         "--data-dir",
         type=Path,
         default=Path(".resultity"),
@@ -106,6 +122,10 @@ def _parser() -> argparse.ArgumentParser:
 
     add_node_commands(commands)
 
+    from server.cloud.cli import add_commands as add_subcloud_commands
+
+    add_subcloud_commands(commands)
+
     gateway = commands.add_parser("gateway", help="run the OpenAI HTTP gateway alone")
     gateway.add_argument("--cloud", required=True, help="HOST:PORT of the cloud server")
     gateway.add_argument("--host", default="127.0.0.1")
@@ -113,11 +133,21 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _region(value: str) -> str:
+    from server.common.errors import InvalidArgument
+    from server.common.regions import validate_region
+
+    try:
+        return validate_region(value) if value else value  # empty: undeclared
+    except InvalidArgument as error:
+        raise argparse.ArgumentTypeError(error.message) from None
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     configure_logging(args.log_level, json=args.log_json)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_run(args))
+        event_loop.run(_run(args))
 
 
 async def _run(args: argparse.Namespace) -> None:
@@ -130,6 +160,10 @@ async def _run(args: argparse.Namespace) -> None:
         from gateway.server import serve
 
         await _until_signal(serve(create_app(args.cloud), args.host, args.port))
+    elif args.command == "subclouds":
+        from server.cloud.cli import run_command as run_subclouds_command
+
+        await run_subclouds_command(args)
     elif args.command == "nodes":
         from server.network.cli import run_command as run_nodes_command
 
@@ -155,6 +189,7 @@ async def _up(args: argparse.Namespace) -> None:
         "database_url": args.database_url,
         "log_level": args.log_level,
         "local_agent_threads": args.agent_threads,
+        "local_agent_region": args.agent_region,
     }
     settings = PlatformSettings(**{k: v for k, v in overrides.items() if v is not None})
     if args.no_agent:
@@ -184,6 +219,7 @@ async def _agent(args: argparse.Namespace) -> None:
             drain_grace_s=args.drain_grace,
             node_token=args.node_token,
             identity=NodeIdentity.load_or_create(args.data_dir),
+            region=args.region,
         ),
         runtime,
     )
@@ -198,15 +234,13 @@ async def _serve_one(args: argparse.Namespace) -> None:
     stop_component: Callable[[], Awaitable[None]]
     if args.command == "network":
         from server.network.component import NetworkComponent
-        from server.secrets import read_service_token
+        from server.secrets import service_token
 
         if args.account is None:
             log.warning("no --account: node tokens are not checked and nodes earn nothing")
         network = NetworkComponent(
             account_target=args.account,
-            service_token=""
-            if args.account is None
-            else os.environ.get("RESULTITY_SERVICE_TOKEN") or read_service_token(args.data_dir),
+            service_token=service_token(args.data_dir, create=True),
         )
         network.register(server)
         network.start()
@@ -228,13 +262,15 @@ async def _serve_one(args: argparse.Namespace) -> None:
         stop_component = account.stop
     else:
         from server.cloud.component import CloudComponent
-        from server.secrets import read_service_token
+        from server.secrets import service_token
 
-        cloud = CloudComponent(
+        if not args.database_url:
+            raise SystemExit("cloud: --database-url or RESULTITY_DATABASE_URL is required")
+        cloud = await CloudComponent.start(
+            args.database_url,
             account_target=args.account,
             network_target=args.network,
-            service_token=os.environ.get("RESULTITY_SERVICE_TOKEN")
-            or read_service_token(args.data_dir),
+            service_token=service_token(args.data_dir),
         )
         cloud.register(server)
         stop_component = cloud.stop

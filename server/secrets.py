@@ -14,7 +14,7 @@ import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from server.account.authz import generate_service_token
+from server.common.credentials import generate_service_token
 
 KEY_HASH_SECRET_FILE = "key-hash-secret"
 SERVICE_TOKEN_FILE = "service-token"
@@ -53,6 +53,17 @@ def read_service_token(data_dir: Path, *, create: bool = False) -> str:
             f"no service token: set RESULTITY_SERVICE_TOKEN or start `resultity up` "
             f"once with this data dir ({path} is missing)"
         ) from None
+
+
+def service_token(data_dir: Path, *, create: bool = False) -> str:
+    """RESULTITY_SERVICE_TOKEN if set, else the data dir's (created if ``create``)."""
+    return os.environ.get("RESULTITY_SERVICE_TOKEN") or read_service_token(data_dir, create=create)
+
+
+def cli_credential(data_dir: Path) -> str:
+    """What operator commands present: RESULTITY_API_KEY (a management or admin key) if
+    set, else the service token."""
+    return os.environ.get("RESULTITY_API_KEY") or service_token(data_dir)
 
 
 def _load_or_create(path: Path, make: object) -> str:

@@ -35,3 +35,5 @@ class PlatformSettings(BaseSettings):
     # llama.cpp threads of the local agent; unset: every core. The control plane
     # needs little CPU of its own because the agent batches tokens.
     local_agent_threads: int | None = None
+    # Region the local agent declares (e.g. "eu-west"); unset: undeclared.
+    local_agent_region: str | None = None

@@ -73,6 +73,7 @@ async def _local_agent(
         str(settings.local_agent_threads or os.cpu_count() or 1),
         "--data-dir",
         str(settings.data_dir.resolve() / "agent"),
+        *(("--region", settings.local_agent_region) if settings.local_agent_region else ()),
         env={**os.environ, "RESULTITY_NODE_TOKEN": node_token},
     )
     try:
@@ -125,7 +126,8 @@ async def run_platform(settings: PlatformSettings, *, ready: asyncio.Event | Non
             account_target=grpc_target,
             service_token=secrets.service_token,
         )
-        cloud = CloudComponent(
+        cloud = await CloudComponent.start(
+            dsn,
             account_target=grpc_target,
             network_target=grpc_target,
             service_token=secrets.service_token,

@@ -7,9 +7,10 @@ started for the test session. Each session works in a fresh database.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -17,12 +18,20 @@ import asyncpg
 import pytest
 from hypothesis import settings
 
+from server.common import event_loop
 from server.common.database import EmbeddedPostgres
 
 # Hypothesis's per-example deadline is a timing threshold: on a shared machine
 # a slow example is load, not a bug.
 settings.register_profile("resultity", deadline=None)
 settings.load_profile("resultity")
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """Tests run on the event loop every process of the platform runs on."""
+    return {"event_loop": event_loop.new_event_loop}
 
 
 def _with_database(dsn: str, database: str) -> str:

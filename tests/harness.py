@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
+import pytest
 from resultity.account.v1 import account_service_pb2 as account_pb
 from resultity.account.v1 import account_service_pb2_grpc as account_grpc
 from resultity.account.v1 import api_key_service_pb2 as keys_pb
@@ -27,10 +30,11 @@ from resultity.cloud.v1 import inference_service_pb2_grpc as cloud_grpc
 from agent.backoff import Backoff
 from agent.runtime.base import Runtime
 from agent.session import AgentSession, SessionSettings
-from server.account.authz import service_metadata
 from server.account.component import AccountComponent
+from server.cli import _parser, _run
 from server.cloud.component import CloudComponent
 from server.common import channels
+from server.common.credentials import generate_service_token, service_metadata
 from server.network.component import NetworkComponent
 from server.network.service import FailoverSettings, LivenessSettings, ValidationSettings
 from server.secrets import PlatformSecrets
@@ -128,6 +132,7 @@ class Platform:
         node_token: str = "",
         *,
         batch_tokens: int = 1,
+        region: str = "",
     ) -> RunningAgent:
         """An agent whose every token is its own message unless ``batch_tokens`` says
         otherwise, so tests can count chunks."""
@@ -139,6 +144,7 @@ class Platform:
                 node_name=name,
                 node_token=node_token,
                 batch_tokens=batch_tokens,
+                region=region,
             ),
             runtime,
             backoff=Backoff(base_s=0.05, cap_s=0.2),
@@ -156,6 +162,31 @@ class Platform:
             a for a in self.agents if len(getattr(a.runtime, "started_jobs", ())) == job_count
         ]
         return agent
+
+
+def operator_command(
+    platform: Platform,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    *prefix: str,
+) -> Callable[..., Awaitable[Any]]:
+    """Runs `resultity <prefix> <argv>` in-process with the service token, and returns
+    the JSON object it printed."""
+    [(_, bearer)] = platform.service
+    monkeypatch.setenv("RESULTITY_SERVICE_TOKEN", bearer.removeprefix("Bearer "))
+    monkeypatch.delenv("RESULTITY_API_KEY", raising=False)
+
+    async def run(*argv: str) -> Any:
+
+        await _run(_parser().parse_args([*prefix, *argv]))
+        # In-process platforms log to stdout too: the command's output is the last
+        # JSON object, from a line "{" to a line "}" (or "{}").
+        lines = capsys.readouterr().out.splitlines()
+        start = max(i for i, line in enumerate(lines) if line in ("{", "{}"))
+        end = start if lines[start] == "{}" else lines.index("}", start)
+        return json.loads("\n".join(lines[start : end + 1]))
+
+    return run
 
 
 def free_port() -> int:
@@ -192,8 +223,8 @@ async def running_platform(
         account_target=target,
         service_token=secrets.service_token,
     )
-    cloud = CloudComponent(
-        account_target=target, network_target=target, service_token=secrets.service_token
+    cloud = await CloudComponent.start(
+        dsn, account_target=target, network_target=target, service_token=secrets.service_token
     )
     for component in (account, network, cloud):
         component.register(server)
@@ -220,10 +251,16 @@ class NetworkServer:
     component: NetworkComponent
     server: grpc.aio.Server
     port: int
+    service_token: str
 
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def service(self) -> tuple[tuple[str, str], ...]:
+        """Metadata of the dispatch and node admin APIs' callers (the platform)."""
+        return service_metadata(self.service_token)
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Like a real shutdown: agents are asked to reconnect, then the server stops."""
@@ -240,8 +277,11 @@ async def start_network(
 ) -> NetworkServer:
     server = channels.server()
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
-    component = NetworkComponent(liveness=liveness, failover=failover, validation=validation)
+    token = generate_service_token()
+    component = NetworkComponent(
+        liveness=liveness, failover=failover, validation=validation, service_token=token
+    )
     component.register(server)
     component.start()
     await server.start()
-    return NetworkServer(component, server, bound)
+    return NetworkServer(component, server, bound, token)
