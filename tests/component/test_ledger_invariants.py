@@ -209,6 +209,46 @@ async def test_settlement_pays_operators_and_platform_and_records_contributions(
     await assert_invariants(db)
 
 
+async def test_concurrent_settlements_on_shared_accounts_all_complete(
+    component: AccountComponent, db: Any
+) -> None:
+    """Holds, settlements, releases and top-ups racing on the same consumers and
+    operators: none is refused by a deadlock, and every credit is accounted for."""
+    billing = component.billing
+    consumers = [await new_account(component, funds=1_000_000) for _ in range(2)]
+    operators = [uuid.UUID(await new_account(component)) for _ in range(2)]
+    spent = {consumer: 0 for consumer in consumers}
+    earned = {operator: 0 for operator in operators}
+    topped_up = {consumer: 0 for consumer in consumers}
+    share_bps = (await component.contributions.settlement_policy(ADMIN)).operator_share_bps
+
+    async def worker(seed: int) -> None:
+        rng = random.Random(seed)
+        for _ in range(12):
+            consumer = rng.choice(consumers)
+            if rng.random() < 0.2:
+                await billing.top_up(ADMIN, consumer, 10, key())
+                topped_up[consumer] += 10
+                continue
+            hold = await billing.create_hold(ADMIN, consumer, 1_000, key(), None)
+            capture = rng.choice([0, 1_000, rng.randint(1, 999)])
+            lines = [SettlementLine(op, f"node-{i}", "m", 10) for i, op in enumerate(operators)]
+            await billing.settle_hold(ADMIN, str(hold.hold_id), capture, lines, 20)
+            spent[consumer] += capture
+            operators_part = capture * share_bps // 10_000
+            for operator in operators:
+                earned[operator] += operators_part * 10 // 20
+
+    await asyncio.gather(*(worker(seed) for seed in range(24)))
+    for consumer in consumers:
+        balance = await billing.get_balance(ADMIN, consumer)
+        expected = 1_000_000 + topped_up[consumer] - spent[consumer]
+        assert (balance.available, balance.held) == (expected, 0)
+    for operator in operators:
+        assert (await billing.get_balance(ADMIN, str(operator))).earned == earned[operator]
+    await assert_invariants(db)
+
+
 async def test_tokens_no_line_claims_earn_the_platform_their_share(
     component: AccountComponent, db: Any
 ) -> None:
