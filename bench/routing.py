@@ -60,8 +60,8 @@ def _fleet(size: int, models: Sequence[str], rng: random.Random) -> list[NodeSes
         operator = f"op-{index // NODES_PER_OPERATOR}"
         node = NodeSession(node_id=f"node-{index}", hello=hello, operator_account_id=operator)
         node.recent_tokens_per_second = rng.uniform(5.0, 80.0)
-        node.reputation = rng.uniform(0.6, 1.0)
-        node.failed_canary = rng.random() < 0.05
+        node.standing.reputation = rng.uniform(0.6, 1.0)
+        node.standing.failed_canary = rng.random() < 0.05
         if index % 20 == 0:
             node.draining = True
         elif index % 20 == 1:

@@ -25,6 +25,8 @@ from resultity.account.v1 import ledger_service_pb2 as ledger_pb
 from resultity.account.v1 import ledger_service_pb2_grpc as ledger_grpc
 from resultity.account.v1 import node_token_service_pb2 as node_token_pb
 from resultity.account.v1 import node_token_service_pb2_grpc as node_token_grpc
+from resultity.agent.v1 import agent_service_pb2 as agent_pb
+from resultity.agent.v1 import agent_service_pb2_grpc as agent_grpc
 from resultity.cloud.v1 import inference_service_pb2_grpc as cloud_grpc
 
 from agent.backoff import Backoff
@@ -201,6 +203,33 @@ async def eventually(condition: Callable[[], bool], *, timeout_s: float = 10.0) 
     async with asyncio.timeout(timeout_s):
         while not condition():  # noqa: ASYNC110 - polls state owned by other tasks
             await asyncio.sleep(0.01)
+
+
+Opening = Callable[[agent_pb.Challenge], list[agent_pb.ConnectRequest]]
+
+
+async def open_raw_session(
+    target: str, opening: Opening
+) -> tuple[agent_pb.Challenge, list[agent_pb.ConnectResponse], grpc.aio.AioRpcError | None]:
+    """A node session by hand: answers the network's challenge with ``opening`` and
+    returns what came back until the stream ended (and the error it ended with)."""
+    challenge: asyncio.Future[agent_pb.Challenge] = asyncio.get_running_loop().create_future()
+    responses: list[agent_pb.ConnectResponse] = []
+
+    async def outgoing() -> AsyncIterator[agent_pb.ConnectRequest]:
+        for request in opening(await challenge):
+            yield request
+
+    async with channels.insecure_channel(target) as channel:
+        try:
+            async for response in agent_grpc.AgentServiceStub(channel).Connect(outgoing()):
+                if response.WhichOneof("message") == "challenge":
+                    challenge.set_result(response.challenge)
+                else:
+                    responses.append(response)
+        except grpc.aio.AioRpcError as error:
+            return challenge.result(), responses, error
+    return challenge.result(), responses, None
 
 
 @contextlib.asynccontextmanager

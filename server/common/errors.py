@@ -29,6 +29,7 @@ class ErrorReason(StrEnum):
     SESSION_ENDED = "SESSION_ENDED"
     INVALID_NODE_CREDENTIALS = "INVALID_NODE_CREDENTIALS"
     INVALID_RESULT_SIGNATURE = "INVALID_RESULT_SIGNATURE"
+    NODE_QUARANTINED = "NODE_QUARANTINED"
     INTERNAL = "INTERNAL"
 
 
@@ -131,6 +132,12 @@ class InvalidNodeCredentials(DomainError):
     """A node's hello is unsigned, badly signed, replayed, stale, or its token is invalid."""
 
     reason = ErrorReason.INVALID_NODE_CREDENTIALS
+
+
+class NodeQuarantined(DomainError):
+    """A quarantined node tried to join; it stays out until an operator releases it."""
+
+    reason = ErrorReason.NODE_QUARANTINED
 
 
 class InvalidResultSignature(DomainError):

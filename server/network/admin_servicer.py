@@ -1,4 +1,4 @@
-"""gRPC transport of the node admin API: list, inspect, drain and quarantine nodes;
+"""gRPC transport of the node admin API: list, inspect, drain, quarantine and release nodes;
 read and update the network configuration. Callers need the platform's service
 token (callers.py)."""
 
@@ -69,6 +69,18 @@ class NodeAdminServicer(admin_grpc.NodeAdminServiceServicer):
     ) -> admin_pb.QuarantineNodeResponse:
         node = self._service.quarantine(request.node_id, request.reason)
         return admin_pb.QuarantineNodeResponse(node=self._node(node))
+
+    @translate_errors
+    @service_only
+    async def ReleaseNode(
+        self,
+        request: admin_pb.ReleaseNodeRequest,
+        context: grpc.aio.ServicerContext[
+            admin_pb.ReleaseNodeRequest, admin_pb.ReleaseNodeResponse
+        ],
+    ) -> admin_pb.ReleaseNodeResponse:
+        node = self._service.release(request.node_id)
+        return admin_pb.ReleaseNodeResponse(node=self._node(node) if node else None)
 
     @translate_errors
     @service_only

@@ -124,7 +124,7 @@ class NodeChecks:
                 if answer is None:
                     return
                 if not answer.done or not canary_passes(canary.expected, answer.text):
-                    node.failed_canary = True
+                    node.standing.failed_canary = True
                     failure = "wrong answer to a known-answer canary"
             if failure:
                 status.validation, status.reason = ModelValidation.FAILED, failure
@@ -146,11 +146,20 @@ class NodeChecks:
         if answer is None:
             return  # no verdict: the node was lost (or cut off) on the way
         passed = answer.done and canary_passes(canary.expected, answer.text)
-        node.failed_canary = node.failed_canary or not passed
-        node.reputation = next_reputation(node.reputation, passed, self._settings.reputation_alpha)
-        log.info("canary checked", node_id=node.node_id, passed=passed, reputation=node.reputation)
-        if should_quarantine(node.reputation, self._settings.quarantine_below):
-            self._quarantine(node, f"reputation {node.reputation:.2f} after failed canaries")
+        node.standing.failed_canary = node.standing.failed_canary or not passed
+        node.standing.reputation = next_reputation(
+            node.standing.reputation, passed, self._settings.reputation_alpha
+        )
+        log.info(
+            "canary checked",
+            node_id=node.node_id,
+            passed=passed,
+            reputation=node.standing.reputation,
+        )
+        if should_quarantine(node.standing.reputation, self._settings.quarantine_below):
+            self._quarantine(
+                node, f"reputation {node.standing.reputation:.2f} after failed canaries"
+            )
 
     def _spec(self, model: str, prompt: str, max_tokens: int) -> GenerationSpec:
         context = self._catalog.get(model).context_length

@@ -1,4 +1,4 @@
-"""`resultity nodes list|get|drain|quarantine`: the node admin API from a terminal.
+"""`resultity nodes list|get|drain|quarantine|release`: the node admin API from a terminal.
 
 Talks to a network server's NodeAdminService (--network HOST:PORT) with the
 platform's service token (RESULTITY_SERVICE_TOKEN, or the one in --data-dir)
@@ -54,6 +54,10 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     quarantine = actions.add_parser("quarantine", help="take a node out of service")
     quarantine.add_argument("node_id")
     quarantine.add_argument("--reason", default="", help="shown to operators")
+    release = actions.add_parser(
+        "release", help="return a quarantined node to service (now, or when it joins again)"
+    )
+    release.add_argument("node_id")
 
 
 async def run_command(args: argparse.Namespace) -> None:
@@ -69,6 +73,14 @@ async def run_command(args: argparse.Namespace) -> None:
         if command == "get":
             request = pb.GetNodeRequest(node_id=args.node_id)
             node = (await stub.GetNode(request, metadata=metadata)).node
+        elif command == "release":
+            released = await stub.ReleaseNode(
+                pb.ReleaseNodeRequest(node_id=args.node_id), metadata=metadata
+            )
+            if not released.HasField("node"):
+                print(f"{args.node_id} released; it may join again")
+                return
+            node = released.node
         elif command == "drain":
             drain = pb.DrainNodeRequest(node_id=args.node_id)
             node = (await stub.DrainNode(drain, metadata=metadata)).node

@@ -116,8 +116,8 @@ def node_to_pb(node: NodeSession, now: float, suspect_after_s: float) -> admin_p
         free_memory_bytes=node.free_memory_bytes,
         operator_account_id=node.operator_account_id,
         config_version=node.config_version,
-        quarantine_reason=node.quarantine_reason,
-        reputation=node.reputation,
+        quarantine_reason=node.standing.quarantine_reason,
+        reputation=node.standing.reputation,
         region=node.region,
         verified=node.verified,
         model_status=[

@@ -110,6 +110,20 @@ class ModelStatus:
         return self.validation in (ModelValidation.PASSED, ModelValidation.UNCHECKED)
 
 
+@dataclass(slots=True)
+class NodeStanding:
+    """What the network remembers of a node (by its key) from one session to the next,
+    so that reconnecting does not wipe a record of wrong answers."""
+
+    # In [0, 1]: an average of canary results, recent ones weighing more.
+    reputation: float = 1.0
+    # Some canary (join-time or in service) got a wrong answer.
+    failed_canary: bool = False
+    # Set when the node is taken out of service; it gets no jobs, and cannot
+    # join again, until an operator releases it.
+    quarantine_reason: str = ""
+
+
 @dataclass(eq=False)
 class NodeSession:
     """A connected node: what it serves, its load, and its outgoing queue."""
@@ -128,17 +142,12 @@ class NodeSession:
     free_memory_bytes: int = 0
     # The agent is shutting down: it finishes its jobs and gets no new ones.
     draining: bool = False
-    # Set when the node is taken out of service; it gets no jobs until it
-    # reconnects (and is admitted again).
-    quarantine_reason: str = ""
     # The configuration version the agent last acknowledged.
     config_version: int = 0
     # Per offered model: join validation and benchmark figures.
     model_status: dict[str, ModelStatus] = field(default_factory=dict)
-    # In [0, 1]: an average of canary results, recent ones weighing more.
-    reputation: float = 1.0
-    # Some canary (join-time or in service) got a wrong answer this session.
-    failed_canary: bool = False
+    # Shared with the network's record of the node: it outlives the session.
+    standing: NodeStanding = field(default_factory=NodeStanding)
     outbox: asyncio.Queue[NodeCommand] = field(default_factory=asyncio.Queue)
 
     @property
@@ -151,8 +160,8 @@ class NodeSession:
 
     @property
     def verified(self) -> bool:
-        """Admitted with an operator's node token, no failed canary since it joined."""
-        return bool(self.operator_account_id) and not self.failed_canary
+        """Admitted with an operator's node token, no failed canary on record."""
+        return bool(self.operator_account_id) and not self.standing.failed_canary
 
     @property
     def load(self) -> float:
@@ -171,7 +180,7 @@ class NodeSession:
         self.last_seen = time.monotonic()
 
     def state(self, now: float, suspect_after_s: float) -> NodeState:
-        if self.quarantine_reason:
+        if self.standing.quarantine_reason:
             return NodeState.QUARANTINED
         if self.draining:
             return NodeState.DRAINING

@@ -100,7 +100,7 @@ def meets(node: NodeSession, requirements: NodeRequirements) -> bool:
         return False
     if regions and (not node.region or node.region not in regions):
         return False
-    if node.reputation < requirements.min_reputation:
+    if node.standing.reputation < requirements.min_reputation:
         return False
     return node.verified or not requirements.verified_only
 
@@ -119,7 +119,7 @@ def load_score(node: NodeSession, context: RouteContext) -> float:
 
 def reputation_score(node: NodeSession, context: RouteContext) -> float:
     """The node's canary record in [0, 1] (quarantined nodes are filtered out)."""
-    return node.reputation
+    return node.standing.reputation
 
 
 def speed_score(node: NodeSession, context: RouteContext) -> float:

@@ -27,6 +27,7 @@ from server.common.errors import (
     DomainError,
     FailedPrecondition,
     InvalidArgument,
+    NodeQuarantined,
     NotFound,
 )
 from server.common.inference import (
@@ -58,6 +59,7 @@ from server.network.nodes import (
     NodeCommand,
     NodeHello,
     NodeSession,
+    NodeStanding,
     ReconnectCommand,
 )
 from server.network.routing import NO_REQUIREMENTS, Router
@@ -86,6 +88,8 @@ class NetworkService:
         self.liveness = liveness
         self.failover = failover or FailoverSettings()
         self._nodes: dict[str, NodeSession] = {}
+        # Every admitted node's standing, connected or not (nodes.NodeStanding).
+        self._standings: dict[str, NodeStanding] = {}
         self._router = Router(suspect_after_s=liveness.suspect_s)
         self._dispatch = JobDispatch(
             catalog,
@@ -146,9 +150,17 @@ class NetworkService:
     ) -> NodeSession:
         """Admits the node (signature, challenge, clock window, token), then registers it.
 
-        A node whose previous session is still registered (same key) replaces it.
+        A node whose previous session is still registered (same key) replaces it. The
+        new session keeps the node's standing (reputation, failed canaries); a
+        quarantined node is refused until an operator releases it.
         """
         admitted = await self.admission.admit(hello, raw_hello, signature, session_nonce)
+        standing = self._standings.setdefault(admitted.node_id, NodeStanding())
+        if standing.quarantine_reason:
+            raise NodeQuarantined(
+                f"node {admitted.node_id} is quarantined ({standing.quarantine_reason}); "
+                "an operator must release it first (resultity nodes release)"
+            )
         for minimum, why in (
             (OLDEST_COMPATIBLE_AGENT, "the protocol's"),
             (self._config.min_agent_version, "the network's"),
@@ -177,6 +189,7 @@ class NetworkService:
             node_id=admitted.node_id,
             hello=replace(hello, models=served, node_token=""),
             operator_account_id=admitted.operator_account_id,
+            standing=standing,
         )
         self._nodes[node.node_id] = node
         node.outbox.put_nowait(ConfigCommand(self._config))
@@ -231,12 +244,25 @@ class NetworkService:
             self.quarantine(node.node_id, reason)
 
     def quarantine(self, node_id: str, reason: str) -> NodeSession:
-        """Takes the node out of service until it reconnects."""
+        """Takes the node out of service until an operator releases it (reconnecting
+        does not)."""
         node = self.node(node_id)
-        if not node.quarantine_reason:
-            node.quarantine_reason = reason or "quarantined by an operator"
-            log.warning("node quarantined", node_id=node_id, reason=node.quarantine_reason)
+        if not node.standing.quarantine_reason:
+            node.standing.quarantine_reason = reason or "quarantined by an operator"
+            log.warning("node quarantined", node_id=node_id, reason=node.standing.quarantine_reason)
         return node
+
+    def release(self, node_id: str) -> NodeSession | None:
+        """Returns a quarantined node to service with a fresh reputation: a connected
+        one at once, another when it joins again. The node, if connected."""
+        standing = self._standings.get(node_id)
+        if standing is None:
+            raise NotFound(f"node {node_id} never joined this network server")
+        if standing.quarantine_reason:
+            log.warning("node released", node_id=node_id, reason=standing.quarantine_reason)
+            standing.quarantine_reason = ""
+            standing.reputation = NodeStanding().reputation
+        return self._nodes.get(node_id)
 
     @property
     def config(self) -> NetworkConfig:

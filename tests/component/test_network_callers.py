@@ -56,6 +56,9 @@ def _calls(channel: grpc.aio.Channel) -> dict[str, Callable[[Metadata], Awaitabl
         "QuarantineNode": lambda m: admin.QuarantineNode(
             admin_pb.QuarantineNodeRequest(node_id="n"), metadata=m
         ),
+        "ReleaseNode": lambda m: admin.ReleaseNode(
+            admin_pb.ReleaseNodeRequest(node_id="n"), metadata=m
+        ),
         "GetNetworkConfig": lambda m: admin.GetNetworkConfig(
             admin_pb.GetNetworkConfigRequest(), metadata=m
         ),
@@ -89,7 +92,7 @@ async def test_callers_without_the_service_token_are_refused(platform: Platform)
     assert agent.runtime.started_jobs == []  # type: ignore[attr-defined]
     [node] = platform.network.service.nodes()
     assert not node.draining
-    assert not node.quarantine_reason
+    assert not node.standing.quarantine_reason
     assert platform.network.service.config.version == 1
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
@@ -30,7 +30,7 @@ from server.common.inference import (
 from server.common.inference_proto import logprobs_to_pb, spec_to_pb
 from server.common.node_signing import OutputDigest, node_id_of, result_payload
 from tests.doubles.scripted_runtime import MODEL_ID, ScriptedRuntime
-from tests.harness import NetworkServer, running_platform, start_network
+from tests.harness import NetworkServer, open_raw_session, running_platform, start_network
 
 HELLO = pb.Hello(
     node_name="raw",
@@ -38,31 +38,6 @@ HELLO = pb.Hello(
     models=[pb.ServedModel(model=MODEL_ID, runtime="raw", context_length=2048)],
     max_concurrent_jobs=1,
 )
-
-Opening = Callable[[pb.Challenge], list[pb.ConnectRequest]]
-
-
-async def _open(
-    target: str, opening: Opening
-) -> tuple[pb.Challenge, list[pb.ConnectResponse], grpc.aio.AioRpcError | None]:
-    """Answers the challenge with ``opening``; returns what came back until the end."""
-    challenge: asyncio.Future[pb.Challenge] = asyncio.get_running_loop().create_future()
-    responses: list[pb.ConnectResponse] = []
-
-    async def outgoing() -> AsyncIterator[pb.ConnectRequest]:
-        for request in opening(await challenge):
-            yield request
-
-    async with channels.insecure_channel(target) as channel:
-        try:
-            async for response in pb_grpc.AgentServiceStub(channel).Connect(outgoing()):
-                if response.WhichOneof("message") == "challenge":
-                    challenge.set_result(response.challenge)
-                else:
-                    responses.append(response)
-        except grpc.aio.AioRpcError as error:
-            return challenge.result(), responses, error
-    return challenge.result(), responses, None
 
 
 def _refused(error: grpc.aio.AioRpcError | None, reason: str) -> str:
@@ -83,7 +58,7 @@ async def network() -> AsyncIterator[NetworkServer]:
 
 async def test_node_id_is_the_fingerprint_of_its_key(network: NetworkServer) -> None:
     identity = NodeIdentity.generate()
-    _, responses, _ = await _open(
+    _, responses, _ = await open_raw_session(
         network.target, lambda challenge: [signed_hello(identity, HELLO, challenge, "")]
     )
     assert responses[0].welcome.node_id == node_id_of(identity.public_key) == identity.node_id
@@ -98,7 +73,7 @@ async def test_forged_signature_is_refused(network: NetworkServer) -> None:
         request.signed_hello.signature = forger.sign(request.signed_hello.hello)
         return [request]
 
-    _, _, error = await _open(network.target, forged)
+    _, _, error = await open_raw_session(network.target, forged)
     assert "signature" in _refused(error, "INVALID_NODE_CREDENTIALS")
     assert not network.component.service.nodes()
 
@@ -111,17 +86,17 @@ async def test_replayed_hello_is_refused(network: NetworkServer) -> None:
         captured.append(signed_hello(identity, HELLO, challenge, ""))
         return captured
 
-    _, first, _ = await _open(network.target, record)
+    _, first, _ = await open_raw_session(network.target, record)
     assert first[0].welcome.node_id
     # The same signed bytes on a new stream: the nonce is not this stream's.
-    _, _, error = await _open(network.target, lambda _: captured)
+    _, _, error = await open_raw_session(network.target, lambda _: captured)
     assert "challenge" in _refused(error, "INVALID_NODE_CREDENTIALS")
 
 
 async def test_stale_hello_is_refused(network: NetworkServer) -> None:
     identity = NodeIdentity.generate()
     old = datetime.now(UTC) - timedelta(hours=1)
-    _, _, error = await _open(
+    _, _, error = await open_raw_session(
         network.target,
         lambda challenge: [signed_hello(identity, HELLO, challenge, "", signed_at=old)],
     )
@@ -135,12 +110,12 @@ async def test_hello_for_another_network_is_refused(network: NetworkServer) -> N
         other = pb.Challenge(nonce=challenge.nonce, network_id="another-network")
         return [signed_hello(identity, HELLO, other, "")]
 
-    _, _, error = await _open(network.target, elsewhere)
+    _, _, error = await open_raw_session(network.target, elsewhere)
     assert "another network" in _refused(error, "INVALID_NODE_CREDENTIALS")
 
 
 async def test_unsigned_hello_is_refused(network: NetworkServer) -> None:
-    _, _, error = await _open(network.target, lambda _: [pb.ConnectRequest(hello=HELLO)])
+    _, _, error = await open_raw_session(network.target, lambda _: [pb.ConnectRequest(hello=HELLO)])
     _refused(error, "INVALID_NODE_CREDENTIALS")
 
 
@@ -148,7 +123,7 @@ async def test_agent_older_than_the_protocol_is_refused(network: NetworkServer) 
     old = pb.Hello()
     old.CopyFrom(HELLO)
     old.agent_version = "0.1.0"
-    _, _, error = await _open(
+    _, _, error = await open_raw_session(
         network.target,
         lambda challenge: [signed_hello(NodeIdentity.generate(), old, challenge, "")],
     )
@@ -165,13 +140,13 @@ async def test_declared_region_is_kept_and_a_malformed_one_refused(
     in_region = pb.Hello()
     in_region.CopyFrom(HELLO)
     in_region.region = "eu-west"
-    _, responses, _ = await _open(
+    _, responses, _ = await open_raw_session(
         network.target, lambda challenge: [signed_hello(identity, in_region, challenge, "")]
     )
     assert responses[0].welcome.node_id == identity.node_id
 
     in_region.region = "EU West"
-    _, _, error = await _open(
+    _, _, error = await open_raw_session(
         network.target,
         lambda challenge: [signed_hello(NodeIdentity.generate(), in_region, challenge, "")],
     )
@@ -186,7 +161,7 @@ async def test_node_tokens_are_checked_and_bind_the_operator(postgres_dsn: str) 
     async with running_platform(postgres_dsn) as platform:
         identity = NodeIdentity.generate()
         for bad in ("", "rsk_not-a-token", (await platform.customer(0)).api_key):
-            _, _, error = await _open(
+            _, _, error = await open_raw_session(
                 platform.target,
                 lambda challenge, token=bad: [signed_hello(identity, HELLO, challenge, token)],
             )

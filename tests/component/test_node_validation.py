@@ -6,23 +6,28 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import grpc
 import pytest
+from resultity.agent.v1 import agent_service_pb2 as agent_pb
 from resultity.network.v1 import dispatch_service_pb2 as dispatch_pb
 from resultity.network.v1 import dispatch_service_pb2_grpc as dispatch_grpc
 from resultity.network.v1 import node_admin_service_pb2 as admin_pb
 from resultity.network.v1 import node_admin_service_pb2_grpc as admin_grpc
 
-from agent.session import AgentSession, SessionSettings
+from agent.identity import NodeIdentity, signed_hello
+from agent.session import AGENT_VERSION, AgentSession, SessionSettings
 from server.cli import _parser
 from server.common import channels
+from server.common.credentials import service_metadata
+from server.common.grpc_errors import error_info
 from server.common.inference import ChatMessage, ChatRole, GenerationSpec, Sampling
 from server.common.inference_proto import spec_to_pb
 from server.network.cli import run_command
 from server.network.service import ValidationSettings
 from tests.doubles.scripted_runtime import MODEL_ID, ScriptedRuntime, canary_answers
-from tests.harness import NetworkServer, eventually, start_network
+from tests.harness import NetworkServer, eventually, open_raw_session, start_network
 
 SPEC = GenerationSpec(
     model=MODEL_ID,
@@ -40,8 +45,11 @@ class Nodes:
         self._network = network
         self._tasks: list[asyncio.Task[None]] = []
 
-    async def start(self, name: str, runtime: ScriptedRuntime) -> str:
-        session = AgentSession(SessionSettings(self._network.target, name), runtime)
+    async def start(
+        self, name: str, runtime: ScriptedRuntime, identity: NodeIdentity | None = None
+    ) -> str:
+        settings = SessionSettings(self._network.target, name)
+        session = AgentSession(replace(settings, identity=identity or settings.identity), runtime)
         self._tasks.append(asyncio.create_task(session.run_forever()))
         await session.connected.wait()
         assert session.node_id is not None
@@ -77,6 +85,14 @@ async def _validated(network: NetworkServer, node_id: str) -> admin_pb.Node:
     service = network.component.service
     await eventually(lambda: not service.node(node_id).validating)
     return await _node(network, node_id)
+
+
+async def _nodes_command(
+    network: NetworkServer, capsys: pytest.CaptureFixture[str], *argv: str
+) -> str:
+    """`resultity nodes ...` against the network server; what it printed."""
+    await run_command(_parser().parse_args(["nodes", "--network", network.target, *argv]))
+    return capsys.readouterr().out
 
 
 async def _run_job(network: NetworkServer) -> str:
@@ -117,7 +133,10 @@ async def test_node_answering_its_join_canary_serves_and_one_answering_wrongly_d
         assert bad_node.quarantine_reason
         # A wrong canary answer is on the session's record (verified_only rules).
         service = network.component.service
-        assert (service.node(good).failed_canary, service.node(bad).failed_canary) == (False, True)
+        assert (
+            service.node(good).standing.failed_canary,
+            service.node(bad).standing.failed_canary,
+        ) == (False, True)
 
         bad_jobs = len(bad_runtime.started_jobs)
         assigned = [await _run_job(network) for _ in range(4)]
@@ -138,17 +157,17 @@ async def test_node_failing_disguised_canaries_is_quarantined_and_its_neighbour_
         flaky_runtime.answers = dict(WRONG)
         service = network.component.service
         for _ in range(50):
-            if service.node(flaky).quarantine_reason:
+            if service.node(flaky).standing.quarantine_reason:
                 break
             try:
                 await _run_job(network)
             except grpc.aio.AioRpcError as error:
                 # The verdict of the last canary may land between two jobs.
                 assert error.code() == grpc.StatusCode.UNAVAILABLE  # noqa: PT017
-                assert service.node(flaky).quarantine_reason
-        await eventually(lambda: bool(service.node(flaky).quarantine_reason))
+                assert service.node(flaky).standing.quarantine_reason
+        await eventually(lambda: bool(service.node(flaky).standing.quarantine_reason))
         flaky_node = await _node(network, flaky)
-        assert service.node(flaky).failed_canary
+        assert service.node(flaky).standing.failed_canary
         assert flaky_node.state == admin_pb.NODE_STATE_QUARANTINED
         assert flaky_node.reputation < ValidationSettings().quarantine_below
 
@@ -173,9 +192,7 @@ async def test_nodes_cli_lists_shows_drains_and_quarantines(
         await _validated(network, node_id)
 
         async def nodes_command(*argv: str) -> str:
-            args = _parser().parse_args(["nodes", "--network", network.target, *argv])
-            await run_command(args)
-            return capsys.readouterr().out
+            return await _nodes_command(network, capsys, *argv)
 
         # Logs go to stdout too: the table starts at its header.
         lines = (await nodes_command("list")).splitlines()
@@ -201,3 +218,73 @@ async def test_nodes_cli_lists_shows_drains_and_quarantines(
         quarantined = await nodes_command("quarantine", node_id, "--reason", "checking")
         assert "state:         quarantined" in quarantined
         assert "quarantined:   checking" in quarantined
+
+
+async def test_a_quarantine_outlives_reconnects_until_the_node_is_released(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with _network(canary_rate=0.0) as (network, nodes):
+        monkeypatch.setenv("RESULTITY_SERVICE_TOKEN", network.service_token)
+        service = network.component.service
+        identity = NodeIdentity.generate()
+        node_id = await nodes.start("kept", ScriptedRuntime(answers=canary_answers()), identity)
+        await _validated(network, node_id)
+        await _nodes_command(network, capsys, "quarantine", node_id, "--reason", "checking")
+        await nodes.stop()
+        await eventually(lambda: all(node.node_id != node_id for node in service.nodes()))
+
+        # The same key comes back: refused at hello, with the reason, and not registered.
+        hello = agent_pb.Hello(
+            node_name="kept",
+            agent_version=AGENT_VERSION,
+            models=[agent_pb.ServedModel(model=MODEL_ID, runtime="raw", context_length=2048)],
+            max_concurrent_jobs=1,
+        )
+        _, responses, refused = await open_raw_session(
+            network.target, lambda challenge: [signed_hello(identity, hello, challenge, "")]
+        )
+        assert responses == []
+        assert refused is not None
+        assert refused.code() == grpc.StatusCode.FAILED_PRECONDITION
+        info = error_info(refused)
+        assert info is not None
+        assert info.reason == "NODE_QUARANTINED"
+        assert "checking" in (refused.details() or "")
+        assert all(node.node_id != node_id for node in service.nodes())
+
+        released = await _nodes_command(network, capsys, "release", node_id)
+        assert f"{node_id} released" in released
+        assert await nodes.start("kept", ScriptedRuntime(answers=canary_answers()), identity) == (
+            node_id
+        )
+        node = await _validated(network, node_id)
+        assert (node.state, node.reputation, node.quarantine_reason) == (
+            admin_pb.NODE_STATE_READY,
+            1.0,
+            "",
+        )
+        assert await _run_job(network) == node_id
+        # Releasing a node in service changes nothing; a node never seen is not found.
+        assert "state:         ready" in await _nodes_command(network, capsys, "release", node_id)
+        async with channels.insecure_channel(network.target) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as unknown:
+                await admin_grpc.NodeAdminServiceStub(channel).ReleaseNode(
+                    admin_pb.ReleaseNodeRequest(node_id="nobody"),
+                    metadata=service_metadata(network.service_token),
+                )
+        assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_a_quarantined_node_in_service_is_released_at_once(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with _network(canary_rate=0.0) as (network, nodes):
+        monkeypatch.setenv("RESULTITY_SERVICE_TOKEN", network.service_token)
+        node_id = await nodes.start("stays", ScriptedRuntime(answers=canary_answers()))
+        await _validated(network, node_id)
+        await _nodes_command(network, capsys, "quarantine", node_id)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await _run_job(network)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "state:         ready" in await _nodes_command(network, capsys, "release", node_id)
+        assert await _run_job(network) == node_id

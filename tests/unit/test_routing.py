@@ -116,7 +116,7 @@ def test_sampling_spreads_jobs_over_a_large_pool() -> None:
 
 def test_reputation_decides_between_equally_loaded_nodes() -> None:
     trusted, doubted = _node("trusted"), _node("doubted")
-    doubted.reputation = 0.6
+    doubted.standing.reputation = 0.6
     assert _pick(_router(doubted, trusted)) == "trusted"
 
 
@@ -131,7 +131,7 @@ def test_a_node_is_routed_only_the_models_it_was_indexed_for() -> None:
 def test_validating_and_quarantined_nodes_get_no_jobs() -> None:
     validating, quarantined = _node("validating"), _node("quarantined")
     validating.model_status["m"] = ModelStatus(ModelValidation.PENDING)
-    quarantined.quarantine_reason = "failed canaries"
+    quarantined.standing.quarantine_reason = "failed canaries"
     assert _pick(_router(validating, quarantined)) is None
 
 
@@ -165,7 +165,7 @@ def test_region_rule_admits_only_declared_regions() -> None:
 
 def test_min_reputation_rule() -> None:
     clean, doubted = _member("clean"), _member("doubted")
-    doubted.reputation = 0.7
+    doubted.standing.reputation = 0.7
     router = _router(clean, doubted)
     clean.active_jobs.update({"1", "2"})  # busier: without the rule it would lose
     assert _picks(router, NodeRequirements(min_reputation=0.8)) == {"clean"}
@@ -174,10 +174,10 @@ def test_min_reputation_rule() -> None:
 
 def test_verified_rule_needs_an_operator_and_no_failed_canary() -> None:
     verified, tokenless, failed = _member("v", "op"), _member("t"), _member("f", "op")
-    failed.failed_canary = True
+    failed.standing.failed_canary = True
     router = _router(verified, tokenless, failed)
     assert _picks(router, NodeRequirements(verified_only=True)) == {"v"}
-    verified.failed_canary = True
+    verified.standing.failed_canary = True
     assert _picks(router, NodeRequirements(verified_only=True)) == {None}
 
 
@@ -191,7 +191,7 @@ def test_every_rule_must_hold() -> None:
         _member("wrong-region", "op-a", "us"),
         _member("low", "op-a", "eu"),
     ]
-    nodes[3].reputation = 0.4
+    nodes[3].standing.reputation = 0.4
     assert _picks(_router(*nodes), rules) == {"right"}
 
 

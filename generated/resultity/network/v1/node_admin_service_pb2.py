@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from resultity.agent.v1 import agent_service_pb2 as resultity_dot_agent_dot_v1_dot_agent__service__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n-resultity/network/v1/node_admin_service.proto\x12\x14resultity.network.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a&resultity/agent/v1/agent_service.proto\"\x12\n\x10ListNodesRequest\"!\n\x0eGetNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\";\n\x0fGetNodeResponse\x12(\n\x04node\x18\x01 \x01(\x0b\x32\x1a.resultity.network.v1.Node\"#\n\x10\x44rainNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"=\n\x11\x44rainNodeResponse\x12(\n\x04node\x18\x01 \x01(\x0b\x32\x1a.resultity.network.v1.Node\"8\n\x15QuarantineNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"B\n\x16QuarantineNodeResponse\x12(\n\x04node\x18\x01 \x01(\x0b\x32\x1a.resultity.network.v1.Node\"\x19\n\x17GetNetworkConfigRequest\"M\n\x18GetNetworkConfigResponse\x12\x31\n\x06\x63onfig\x18\x01 \x01(\x0b\x32!.resultity.agent.v1.NetworkConfig\"i\n\x1aUpdateNetworkConfigRequest\x12\x31\n\x06\x63onfig\x18\x01 \x01(\x0b\x32!.resultity.agent.v1.NetworkConfig\x12\x18\n\x10\x65xpected_version\x18\x02 \x01(\x03\"P\n\x1bUpdateNetworkConfigResponse\x12\x31\n\x06\x63onfig\x18\x01 \x01(\x0b\x32!.resultity.agent.v1.NetworkConfig\">\n\x11ListNodesResponse\x12)\n\x05nodes\x18\x01 \x03(\x0b\x32\x1a.resultity.network.v1.Node\"\xfa\x03\n\x04Node\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x11\n\tnode_name\x18\x02 \x01(\t\x12\x15\n\ragent_version\x18\x03 \x01(\t\x12\x0e\n\x06models\x18\x04 \x03(\t\x12\x1b\n\x13max_concurrent_jobs\x18\x05 \x01(\x05\x12\x13\n\x0b\x61\x63tive_jobs\x18\x06 \x01(\x05\x12\x30\n\x0c\x63onnected_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x11last_heartbeat_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\x05state\x18\t \x01(\x0e\x32\x1f.resultity.network.v1.NodeState\x12\x19\n\x11\x66ree_memory_bytes\x18\n \x01(\x03\x12\x1b\n\x13operator_account_id\x18\x0b \x01(\t\x12\x12\n\nreputation\x18\x0c \x01(\x01\x12\x16\n\x0e\x63onfig_version\x18\r \x01(\x03\x12;\n\x0cmodel_status\x18\x0e \x03(\x0b\x32%.resultity.network.v1.NodeModelStatus\x12\x19\n\x11quarantine_reason\x18\x0f \x01(\t\x12\x0e\n\x06region\x18\x10 \x01(\t\x12\x10\n\x08verified\x18\x11 \x01(\x08\"\x96\x01\n\x0fNodeModelStatus\x12\r\n\x05model\x18\x01 \x01(\t\x12\x39\n\nvalidation\x18\x02 \x01(\x0e\x32%.resultity.network.v1.ModelValidation\x12\x1e\n\x16time_to_first_token_ms\x18\x03 \x01(\x01\x12\x19\n\x11tokens_per_second\x18\x04 \x01(\x01*\x8b\x01\n\x0fModelValidation\x12 \n\x1cMODEL_VALIDATION_UNSPECIFIED\x10\x00\x12\x1c\n\x18MODEL_VALIDATION_PENDING\x10\x01\x12\x1b\n\x17MODEL_VALIDATION_PASSED\x10\x02\x12\x1b\n\x17MODEL_VALIDATION_FAILED\x10\x03*\xa5\x01\n\tNodeState\x12\x1a\n\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10NODE_STATE_READY\x10\x01\x12\x16\n\x12NODE_STATE_SUSPECT\x10\x02\x12\x17\n\x13NODE_STATE_DRAINING\x10\x03\x12\x1a\n\x16NODE_STATE_QUARANTINED\x10\x04\x12\x19\n\x15NODE_STATE_VALIDATING\x10\x05\x32\xc2\x06\n\x10NodeAdminService\x12o\n\tListNodes\x12&.resultity.network.v1.ListNodesRequest\x1a\'.resultity.network.v1.ListNodesResponse\"\x11\x82\xd3\xe4\x93\x02\x0b\x12\t/v1/nodes\x12s\n\x07GetNode\x12$.resultity.network.v1.GetNodeRequest\x1a%.resultity.network.v1.GetNodeResponse\"\x1b\x82\xd3\xe4\x93\x02\x15\x12\x13/v1/nodes/{node_id}\x12\x82\x01\n\tDrainNode\x12&.resultity.network.v1.DrainNodeRequest\x1a\'.resultity.network.v1.DrainNodeResponse\"$\x82\xd3\xe4\x93\x02\x1e\"\x19/v1/nodes/{node_id}:drain:\x01*\x12\x96\x01\n\x0eQuarantineNode\x12+.resultity.network.v1.QuarantineNodeRequest\x1a,.resultity.network.v1.QuarantineNodeResponse\")\x82\xd3\xe4\x93\x02#\"\x1e/v1/nodes/{node_id}:quarantine:\x01*\x12\x8d\x01\n\x10GetNetworkConfig\x12-.resultity.network.v1.GetNetworkConfigRequest\x1a..resultity.network.v1.GetNetworkConfigResponse\"\x1a\x82\xd3\xe4\x93\x02\x14\x12\x12/v1/network-config\x12\x99\x01\n\x13UpdateNetworkConfig\x12\x30.resultity.network.v1.UpdateNetworkConfigRequest\x1a\x31.resultity.network.v1.UpdateNetworkConfigResponse\"\x1d\x82\xd3\xe4\x93\x02\x17\x1a\x12/v1/network-config:\x01*b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n-resultity/network/v1/node_admin_service.proto\x12\x14resultity.network.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a&resultity/agent/v1/agent_service.proto\"\x12\n\x10ListNodesRequest\"!\n\x0eGetNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\";\n\x0fGetNodeResponse\x12(\n\x04node\x18\x01 \x01(\x0b\x32\x1a.resultity.network.v1.Node\"#\n\x10\x44rainNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"=\n\x11\x44rainNodeResponse\x12(\n\x04node\x18\x01 \x01(\x0b\x32\x1a.resultity.network.v1.Node\"8\n\x15QuarantineNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"B\n\x16QuarantineNodeResponse\x12(\n\x04node\x18\x01 \x01(\x0b\x32\x1a.resultity.network.v1.Node\"%\n\x12ReleaseNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"?\n\x13ReleaseNodeResponse\x12(\n\x04node\x18\x01 \x01(\x0b\x32\x1a.resultity.network.v1.Node\"\x19\n\x17GetNetworkConfigRequest\"M\n\x18GetNetworkConfigResponse\x12\x31\n\x06\x63onfig\x18\x01 \x01(\x0b\x32!.resultity.agent.v1.NetworkConfig\"i\n\x1aUpdateNetworkConfigRequest\x12\x31\n\x06\x63onfig\x18\x01 \x01(\x0b\x32!.resultity.agent.v1.NetworkConfig\x12\x18\n\x10\x65xpected_version\x18\x02 \x01(\x03\"P\n\x1bUpdateNetworkConfigResponse\x12\x31\n\x06\x63onfig\x18\x01 \x01(\x0b\x32!.resultity.agent.v1.NetworkConfig\">\n\x11ListNodesResponse\x12)\n\x05nodes\x18\x01 \x03(\x0b\x32\x1a.resultity.network.v1.Node\"\xfa\x03\n\x04Node\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x11\n\tnode_name\x18\x02 \x01(\t\x12\x15\n\ragent_version\x18\x03 \x01(\t\x12\x0e\n\x06models\x18\x04 \x03(\t\x12\x1b\n\x13max_concurrent_jobs\x18\x05 \x01(\x05\x12\x13\n\x0b\x61\x63tive_jobs\x18\x06 \x01(\x05\x12\x30\n\x0c\x63onnected_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x11last_heartbeat_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\x05state\x18\t \x01(\x0e\x32\x1f.resultity.network.v1.NodeState\x12\x19\n\x11\x66ree_memory_bytes\x18\n \x01(\x03\x12\x1b\n\x13operator_account_id\x18\x0b \x01(\t\x12\x12\n\nreputation\x18\x0c \x01(\x01\x12\x16\n\x0e\x63onfig_version\x18\r \x01(\x03\x12;\n\x0cmodel_status\x18\x0e \x03(\x0b\x32%.resultity.network.v1.NodeModelStatus\x12\x19\n\x11quarantine_reason\x18\x0f \x01(\t\x12\x0e\n\x06region\x18\x10 \x01(\t\x12\x10\n\x08verified\x18\x11 \x01(\x08\"\x96\x01\n\x0fNodeModelStatus\x12\r\n\x05model\x18\x01 \x01(\t\x12\x39\n\nvalidation\x18\x02 \x01(\x0e\x32%.resultity.network.v1.ModelValidation\x12\x1e\n\x16time_to_first_token_ms\x18\x03 \x01(\x01\x12\x19\n\x11tokens_per_second\x18\x04 \x01(\x01*\x8b\x01\n\x0fModelValidation\x12 \n\x1cMODEL_VALIDATION_UNSPECIFIED\x10\x00\x12\x1c\n\x18MODEL_VALIDATION_PENDING\x10\x01\x12\x1b\n\x17MODEL_VALIDATION_PASSED\x10\x02\x12\x1b\n\x17MODEL_VALIDATION_FAILED\x10\x03*\xa5\x01\n\tNodeState\x12\x1a\n\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10NODE_STATE_READY\x10\x01\x12\x16\n\x12NODE_STATE_SUSPECT\x10\x02\x12\x17\n\x13NODE_STATE_DRAINING\x10\x03\x12\x1a\n\x16NODE_STATE_QUARANTINED\x10\x04\x12\x19\n\x15NODE_STATE_VALIDATING\x10\x05\x32\xcf\x07\n\x10NodeAdminService\x12o\n\tListNodes\x12&.resultity.network.v1.ListNodesRequest\x1a\'.resultity.network.v1.ListNodesResponse\"\x11\x82\xd3\xe4\x93\x02\x0b\x12\t/v1/nodes\x12s\n\x07GetNode\x12$.resultity.network.v1.GetNodeRequest\x1a%.resultity.network.v1.GetNodeResponse\"\x1b\x82\xd3\xe4\x93\x02\x15\x12\x13/v1/nodes/{node_id}\x12\x82\x01\n\tDrainNode\x12&.resultity.network.v1.DrainNodeRequest\x1a\'.resultity.network.v1.DrainNodeResponse\"$\x82\xd3\xe4\x93\x02\x1e\"\x19/v1/nodes/{node_id}:drain:\x01*\x12\x96\x01\n\x0eQuarantineNode\x12+.resultity.network.v1.QuarantineNodeRequest\x1a,.resultity.network.v1.QuarantineNodeResponse\")\x82\xd3\xe4\x93\x02#\"\x1e/v1/nodes/{node_id}:quarantine:\x01*\x12\x8a\x01\n\x0bReleaseNode\x12(.resultity.network.v1.ReleaseNodeRequest\x1a).resultity.network.v1.ReleaseNodeResponse\"&\x82\xd3\xe4\x93\x02 \"\x1b/v1/nodes/{node_id}:release:\x01*\x12\x8d\x01\n\x10GetNetworkConfig\x12-.resultity.network.v1.GetNetworkConfigRequest\x1a..resultity.network.v1.GetNetworkConfigResponse\"\x1a\x82\xd3\xe4\x93\x02\x14\x12\x12/v1/network-config\x12\x99\x01\n\x13UpdateNetworkConfig\x12\x30.resultity.network.v1.UpdateNetworkConfigRequest\x1a\x31.resultity.network.v1.UpdateNetworkConfigResponse\"\x1d\x82\xd3\xe4\x93\x02\x17\x1a\x12/v1/network-config:\x01*b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,14 +42,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_NODEADMINSERVICE'].methods_by_name['DrainNode']._serialized_options = b'\202\323\344\223\002\036\"\031/v1/nodes/{node_id}:drain:\001*'
   _globals['_NODEADMINSERVICE'].methods_by_name['QuarantineNode']._loaded_options = None
   _globals['_NODEADMINSERVICE'].methods_by_name['QuarantineNode']._serialized_options = b'\202\323\344\223\002#\"\036/v1/nodes/{node_id}:quarantine:\001*'
+  _globals['_NODEADMINSERVICE'].methods_by_name['ReleaseNode']._loaded_options = None
+  _globals['_NODEADMINSERVICE'].methods_by_name['ReleaseNode']._serialized_options = b'\202\323\344\223\002 \"\033/v1/nodes/{node_id}:release:\001*'
   _globals['_NODEADMINSERVICE'].methods_by_name['GetNetworkConfig']._loaded_options = None
   _globals['_NODEADMINSERVICE'].methods_by_name['GetNetworkConfig']._serialized_options = b'\202\323\344\223\002\024\022\022/v1/network-config'
   _globals['_NODEADMINSERVICE'].methods_by_name['UpdateNetworkConfig']._loaded_options = None
   _globals['_NODEADMINSERVICE'].methods_by_name['UpdateNetworkConfig']._serialized_options = b'\202\323\344\223\002\027\032\022/v1/network-config:\001*'
-  _globals['_MODELVALIDATION']._serialized_start=1538
-  _globals['_MODELVALIDATION']._serialized_end=1677
-  _globals['_NODESTATE']._serialized_start=1680
-  _globals['_NODESTATE']._serialized_end=1845
+  _globals['_MODELVALIDATION']._serialized_start=1642
+  _globals['_MODELVALIDATION']._serialized_end=1781
+  _globals['_NODESTATE']._serialized_start=1784
+  _globals['_NODESTATE']._serialized_end=1949
   _globals['_LISTNODESREQUEST']._serialized_start=174
   _globals['_LISTNODESREQUEST']._serialized_end=192
   _globals['_GETNODEREQUEST']._serialized_start=194
@@ -64,20 +66,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_QUARANTINENODEREQUEST']._serialized_end=446
   _globals['_QUARANTINENODERESPONSE']._serialized_start=448
   _globals['_QUARANTINENODERESPONSE']._serialized_end=514
-  _globals['_GETNETWORKCONFIGREQUEST']._serialized_start=516
-  _globals['_GETNETWORKCONFIGREQUEST']._serialized_end=541
-  _globals['_GETNETWORKCONFIGRESPONSE']._serialized_start=543
-  _globals['_GETNETWORKCONFIGRESPONSE']._serialized_end=620
-  _globals['_UPDATENETWORKCONFIGREQUEST']._serialized_start=622
-  _globals['_UPDATENETWORKCONFIGREQUEST']._serialized_end=727
-  _globals['_UPDATENETWORKCONFIGRESPONSE']._serialized_start=729
-  _globals['_UPDATENETWORKCONFIGRESPONSE']._serialized_end=809
-  _globals['_LISTNODESRESPONSE']._serialized_start=811
-  _globals['_LISTNODESRESPONSE']._serialized_end=873
-  _globals['_NODE']._serialized_start=876
-  _globals['_NODE']._serialized_end=1382
-  _globals['_NODEMODELSTATUS']._serialized_start=1385
-  _globals['_NODEMODELSTATUS']._serialized_end=1535
-  _globals['_NODEADMINSERVICE']._serialized_start=1848
-  _globals['_NODEADMINSERVICE']._serialized_end=2682
+  _globals['_RELEASENODEREQUEST']._serialized_start=516
+  _globals['_RELEASENODEREQUEST']._serialized_end=553
+  _globals['_RELEASENODERESPONSE']._serialized_start=555
+  _globals['_RELEASENODERESPONSE']._serialized_end=618
+  _globals['_GETNETWORKCONFIGREQUEST']._serialized_start=620
+  _globals['_GETNETWORKCONFIGREQUEST']._serialized_end=645
+  _globals['_GETNETWORKCONFIGRESPONSE']._serialized_start=647
+  _globals['_GETNETWORKCONFIGRESPONSE']._serialized_end=724
+  _globals['_UPDATENETWORKCONFIGREQUEST']._serialized_start=726
+  _globals['_UPDATENETWORKCONFIGREQUEST']._serialized_end=831
+  _globals['_UPDATENETWORKCONFIGRESPONSE']._serialized_start=833
+  _globals['_UPDATENETWORKCONFIGRESPONSE']._serialized_end=913
+  _globals['_LISTNODESRESPONSE']._serialized_start=915
+  _globals['_LISTNODESRESPONSE']._serialized_end=977
+  _globals['_NODE']._serialized_start=980
+  _globals['_NODE']._serialized_end=1486
+  _globals['_NODEMODELSTATUS']._serialized_start=1489
+  _globals['_NODEMODELSTATUS']._serialized_end=1639
+  _globals['_NODEADMINSERVICE']._serialized_start=1952
+  _globals['_NODEADMINSERVICE']._serialized_end=2927
 # @@protoc_insertion_point(module_scope)

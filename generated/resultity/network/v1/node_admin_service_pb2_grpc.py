@@ -56,6 +56,11 @@ class NodeAdminServiceStub:
                 request_serializer=resultity_dot_network_dot_v1_dot_node__admin__service__pb2.QuarantineNodeRequest.SerializeToString,
                 response_deserializer=resultity_dot_network_dot_v1_dot_node__admin__service__pb2.QuarantineNodeResponse.FromString,
                 _registered_method=True)
+        self.ReleaseNode = channel.unary_unary(
+                '/resultity.network.v1.NodeAdminService/ReleaseNode',
+                request_serializer=resultity_dot_network_dot_v1_dot_node__admin__service__pb2.ReleaseNodeRequest.SerializeToString,
+                response_deserializer=resultity_dot_network_dot_v1_dot_node__admin__service__pb2.ReleaseNodeResponse.FromString,
+                _registered_method=True)
         self.GetNetworkConfig = channel.unary_unary(
                 '/resultity.network.v1.NodeAdminService/GetNetworkConfig',
                 request_serializer=resultity_dot_network_dot_v1_dot_node__admin__service__pb2.GetNetworkConfigRequest.SerializeToString,
@@ -93,8 +98,18 @@ class NodeAdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def QuarantineNode(self, request, context):
-        """Takes the node out of service (no jobs, no earnings) until it reconnects
-        and passes validation again.
+        """Takes the node out of service (no jobs, no earnings). Reconnecting does not
+        end it: the node is refused at hello (FAILED_PRECONDITION, ErrorInfo reason
+        NODE_QUARANTINED) until it is released.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseNode(self, request, context):
+        """Returns a quarantined node to service with a fresh reputation: a connected
+        node at once, another when it joins again. Releasing a node that is not
+        quarantined changes nothing. NOT_FOUND for a node that never joined.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -138,6 +153,11 @@ def add_NodeAdminServiceServicer_to_server(servicer, server):
                     servicer.QuarantineNode,
                     request_deserializer=resultity_dot_network_dot_v1_dot_node__admin__service__pb2.QuarantineNodeRequest.FromString,
                     response_serializer=resultity_dot_network_dot_v1_dot_node__admin__service__pb2.QuarantineNodeResponse.SerializeToString,
+            ),
+            'ReleaseNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseNode,
+                    request_deserializer=resultity_dot_network_dot_v1_dot_node__admin__service__pb2.ReleaseNodeRequest.FromString,
+                    response_serializer=resultity_dot_network_dot_v1_dot_node__admin__service__pb2.ReleaseNodeResponse.SerializeToString,
             ),
             'GetNetworkConfig': grpc.unary_unary_rpc_method_handler(
                     servicer.GetNetworkConfig,
@@ -260,6 +280,33 @@ class NodeAdminService:
             '/resultity.network.v1.NodeAdminService/QuarantineNode',
             resultity_dot_network_dot_v1_dot_node__admin__service__pb2.QuarantineNodeRequest.SerializeToString,
             resultity_dot_network_dot_v1_dot_node__admin__service__pb2.QuarantineNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/resultity.network.v1.NodeAdminService/ReleaseNode',
+            resultity_dot_network_dot_v1_dot_node__admin__service__pb2.ReleaseNodeRequest.SerializeToString,
+            resultity_dot_network_dot_v1_dot_node__admin__service__pb2.ReleaseNodeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -40,8 +40,14 @@ class NodeAdminServiceStub:
     DrainNode: _grpc.UnaryUnaryMultiCallable[_node_admin_service_pb2.DrainNodeRequest, _node_admin_service_pb2.DrainNodeResponse]
     """Sends the node no new jobs; its running jobs finish. It stays connected."""
     QuarantineNode: _grpc.UnaryUnaryMultiCallable[_node_admin_service_pb2.QuarantineNodeRequest, _node_admin_service_pb2.QuarantineNodeResponse]
-    """Takes the node out of service (no jobs, no earnings) until it reconnects
-    and passes validation again.
+    """Takes the node out of service (no jobs, no earnings). Reconnecting does not
+    end it: the node is refused at hello (FAILED_PRECONDITION, ErrorInfo reason
+    NODE_QUARANTINED) until it is released.
+    """
+    ReleaseNode: _grpc.UnaryUnaryMultiCallable[_node_admin_service_pb2.ReleaseNodeRequest, _node_admin_service_pb2.ReleaseNodeResponse]
+    """Returns a quarantined node to service with a fresh reputation: a connected
+    node at once, another when it joins again. Releasing a node that is not
+    quarantined changes nothing. NOT_FOUND for a node that never joined.
     """
     GetNetworkConfig: _grpc.UnaryUnaryMultiCallable[_node_admin_service_pb2.GetNetworkConfigRequest, _node_admin_service_pb2.GetNetworkConfigResponse]
     """The current network configuration."""
@@ -63,8 +69,14 @@ class NodeAdminServiceAsyncStub(NodeAdminServiceStub):
     DrainNode: _aio.UnaryUnaryMultiCallable[_node_admin_service_pb2.DrainNodeRequest, _node_admin_service_pb2.DrainNodeResponse]  # type: ignore[assignment]
     """Sends the node no new jobs; its running jobs finish. It stays connected."""
     QuarantineNode: _aio.UnaryUnaryMultiCallable[_node_admin_service_pb2.QuarantineNodeRequest, _node_admin_service_pb2.QuarantineNodeResponse]  # type: ignore[assignment]
-    """Takes the node out of service (no jobs, no earnings) until it reconnects
-    and passes validation again.
+    """Takes the node out of service (no jobs, no earnings). Reconnecting does not
+    end it: the node is refused at hello (FAILED_PRECONDITION, ErrorInfo reason
+    NODE_QUARANTINED) until it is released.
+    """
+    ReleaseNode: _aio.UnaryUnaryMultiCallable[_node_admin_service_pb2.ReleaseNodeRequest, _node_admin_service_pb2.ReleaseNodeResponse]  # type: ignore[assignment]
+    """Returns a quarantined node to service with a fresh reputation: a connected
+    node at once, another when it joins again. Releasing a node that is not
+    quarantined changes nothing. NOT_FOUND for a node that never joined.
     """
     GetNetworkConfig: _aio.UnaryUnaryMultiCallable[_node_admin_service_pb2.GetNetworkConfigRequest, _node_admin_service_pb2.GetNetworkConfigResponse]  # type: ignore[assignment]
     """The current network configuration."""
@@ -107,8 +119,20 @@ class NodeAdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _node_admin_service_pb2.QuarantineNodeRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_node_admin_service_pb2.QuarantineNodeResponse, _abc.Awaitable[_node_admin_service_pb2.QuarantineNodeResponse]]:
-        """Takes the node out of service (no jobs, no earnings) until it reconnects
-        and passes validation again.
+        """Takes the node out of service (no jobs, no earnings). Reconnecting does not
+        end it: the node is refused at hello (FAILED_PRECONDITION, ErrorInfo reason
+        NODE_QUARANTINED) until it is released.
+        """
+
+    @_abc_1.abstractmethod
+    def ReleaseNode(
+        self,
+        request: _node_admin_service_pb2.ReleaseNodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_admin_service_pb2.ReleaseNodeResponse, _abc.Awaitable[_node_admin_service_pb2.ReleaseNodeResponse]]:
+        """Returns a quarantined node to service with a fresh reputation: a connected
+        node at once, another when it joins again. Releasing a node that is not
+        quarantined changes nothing. NOT_FOUND for a node that never joined.
         """
 
     @_abc_1.abstractmethod
