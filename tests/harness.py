@@ -209,16 +209,19 @@ Opening = Callable[[agent_pb.Challenge], list[agent_pb.ConnectRequest]]
 
 
 async def open_raw_session(
-    target: str, opening: Opening
+    target: str, opening: Opening, *, keep_open: bool = False
 ) -> tuple[agent_pb.Challenge, list[agent_pb.ConnectResponse], grpc.aio.AioRpcError | None]:
-    """A node session by hand: answers the network's challenge with ``opening`` and
-    returns what came back until the stream ended (and the error it ended with)."""
+    """A node session by hand: answers the network's challenge with ``opening``, then
+    (``keep_open``) stays silent, and returns what came back until the stream ended
+    (and the error it ended with)."""
     challenge: asyncio.Future[agent_pb.Challenge] = asyncio.get_running_loop().create_future()
     responses: list[agent_pb.ConnectResponse] = []
 
     async def outgoing() -> AsyncIterator[agent_pb.ConnectRequest]:
         for request in opening(await challenge):
             yield request
+        if keep_open:
+            await asyncio.Event().wait()
 
     async with channels.insecure_channel(target) as channel:
         try:

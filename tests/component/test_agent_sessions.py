@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
 from google.rpc.error_details_pb2 import ErrorInfo
 from resultity.agent.v1 import agent_service_pb2 as pb
-from resultity.agent.v1 import agent_service_pb2_grpc as pb_grpc
 from resultity.network.v1 import node_admin_service_pb2 as admin_pb
 from resultity.network.v1 import node_admin_service_pb2_grpc as admin_grpc
 
@@ -23,7 +22,7 @@ from server.common.grpc_errors import error_info
 from server.network.component import NetworkComponent
 from server.network.service import LivenessSettings
 from tests.doubles.scripted_runtime import MODEL_ID, ScriptedRuntime
-from tests.harness import eventually
+from tests.harness import Opening, eventually, open_raw_session
 
 FAST = LivenessSettings(heartbeat_interval_s=0.05, heartbeat_timeout_s=0.3)
 SERVICE_TOKEN = generate_service_token()
@@ -49,9 +48,6 @@ async def network() -> AsyncIterator[tuple[NetworkComponent, str]]:
     await component.stop()
 
 
-Opening = Callable[[pb.Challenge], list[pb.ConnectRequest]]
-
-
 def _hello(model: str = MODEL_ID) -> Opening:
     hello = pb.Hello(
         node_name="raw",
@@ -69,32 +65,6 @@ def _info(error: grpc.aio.AioRpcError) -> ErrorInfo:
     return info
 
 
-async def _collect(
-    target: str, opening: Opening, *, keep_open: bool
-) -> tuple[list[pb.ConnectResponse], grpc.aio.AioRpcError | None]:
-    """Answers the challenge with ``opening`` then (optionally) stays silent;
-    returns what came back after the challenge."""
-    challenge: asyncio.Future[pb.Challenge] = asyncio.get_running_loop().create_future()
-
-    async def outgoing() -> AsyncIterator[pb.ConnectRequest]:
-        for request in opening(await challenge):
-            yield request
-        if keep_open:
-            await asyncio.Event().wait()
-
-    responses: list[pb.ConnectResponse] = []
-    async with channels.insecure_channel(target) as channel:
-        try:
-            async for response in pb_grpc.AgentServiceStub(channel).Connect(outgoing()):
-                if response.WhichOneof("message") == "challenge":
-                    challenge.set_result(response.challenge)
-                else:
-                    responses.append(response)
-        except grpc.aio.AioRpcError as error:
-            return responses, error
-    return responses, None
-
-
 async def _cancel(task: asyncio.Task[None]) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
@@ -106,7 +76,7 @@ async def test_hello_is_welcomed_with_the_heartbeat_timing(
 ) -> None:
     _, target = network
     async with asyncio.timeout(10):
-        responses, error = await _collect(target, _hello(), keep_open=True)
+        _, responses, error = await open_raw_session(target, _hello(), keep_open=True)
     welcome = responses[0].welcome
     assert welcome.node_id
     assert welcome.heartbeat_interval.ToMilliseconds() == 50
@@ -122,7 +92,7 @@ async def test_first_message_must_be_a_signed_hello(
 ) -> None:
     _, target = network
     beat = pb.ConnectRequest(heartbeat=pb.Heartbeat())
-    _, error = await _collect(target, lambda _: [beat], keep_open=False)
+    _, _, error = await open_raw_session(target, lambda _: [beat])
     assert error is not None
     assert error.code() == grpc.StatusCode.UNAUTHENTICATED
     assert _info(error).reason == "INVALID_NODE_CREDENTIALS"
@@ -132,7 +102,7 @@ async def test_node_without_a_catalog_model_is_refused(
     network: tuple[NetworkComponent, str],
 ) -> None:
     _, target = network
-    _, error = await _collect(target, _hello("unknown-model"), keep_open=False)
+    _, _, error = await open_raw_session(target, _hello("unknown-model"))
     assert error is not None
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert _info(error).metadata["field"] == "models"
@@ -142,7 +112,7 @@ async def test_closed_stream_removes_the_node_at_once(
     network: tuple[NetworkComponent, str],
 ) -> None:
     component, target = network
-    responses, _ = await _collect(target, _hello(), keep_open=False)
+    _, responses, _ = await open_raw_session(target, _hello())
     assert responses[0].welcome.node_id
     await eventually(lambda: not component.service.nodes())
 
