@@ -146,8 +146,14 @@ def _region(value: str) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     configure_logging(args.log_level, json=args.log_json)
-    with contextlib.suppress(KeyboardInterrupt):
-        event_loop.run(_run(args))
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            event_loop.run(_run(args))
+    except grpc.aio.AioRpcError as error:
+        # A refused or failed call is the answer, not a crash: one line, exit 1.
+        from server.common.grpc_errors import describe_rpc_error
+
+        raise SystemExit(f"error: {describe_rpc_error(error)}") from None
 
 
 async def _run(args: argparse.Namespace) -> None:

@@ -70,6 +70,13 @@ async def abort_with_error(
     raise AssertionError("abort returned")  # abort always raises
 
 
+def describe_rpc_error(error: grpc.aio.AioRpcError) -> str:
+    """A failed call in one line: status, message and the ErrorInfo reason if any."""
+    info = error_info(error)
+    reason = f" [{info.reason}]" if info is not None else ""
+    return f"{error.code().name}: {error.details()}{reason}"
+
+
 def error_info(error: grpc.aio.AioRpcError | grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
     """The ErrorInfo detail of a failed call, if it has one."""
     if not isinstance(error, grpc.aio.AioRpcError):

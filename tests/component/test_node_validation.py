@@ -21,7 +21,7 @@ from agent.session import AGENT_VERSION, AgentSession, SessionSettings
 from server.cli import _parser
 from server.common import channels
 from server.common.credentials import service_metadata
-from server.common.grpc_errors import error_info
+from server.common.grpc_errors import describe_rpc_error, error_info
 from server.common.inference import ChatMessage, ChatRole, GenerationSpec, Sampling
 from server.common.inference_proto import spec_to_pb
 from server.network.cli import run_command
@@ -272,7 +272,9 @@ async def test_a_quarantine_outlives_reconnects_until_the_node_is_released(
                     admin_pb.ReleaseNodeRequest(node_id="nobody"),
                     metadata=service_metadata(network.service_token),
                 )
-        assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+        assert describe_rpc_error(unknown.value) == (
+            "NOT_FOUND: node nobody never joined this network server [NOT_FOUND]"
+        )
 
 
 async def test_a_quarantined_node_in_service_is_released_at_once(

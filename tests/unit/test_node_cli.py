@@ -6,8 +6,11 @@ import pytest
 from resultity.network.v1 import node_admin_service_pb2 as pb
 
 from agent.session import SessionSettings
+from server.cli import main
+from server.common.credentials import generate_service_token
 from server.common.errors import InvalidArgument
 from server.network.cli import node_details, node_table
+from tests.harness import free_port
 
 
 def _node(region: str) -> pb.Node:
@@ -55,3 +58,12 @@ def test_agent_and_up_take_a_region_and_refuse_a_malformed_one(
     with pytest.raises(SystemExit):
         _parser().parse_args(["agent", "--network", "h:1", "--region", "EU West"])
     assert "lowercase letters" in capsys.readouterr().err
+
+
+def test_a_failed_call_ends_the_cli_with_one_line_not_a_traceback(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("RESULTITY_SERVICE_TOKEN", generate_service_token())
+    with pytest.raises(SystemExit) as exited:
+        main(["nodes", "--network", f"127.0.0.1:{free_port()}", "get", "some-node"])
+    assert str(exited.value.code).startswith("error: UNAVAILABLE: ")
