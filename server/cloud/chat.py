@@ -41,6 +41,7 @@ from server.cloud.requests import (
     ContentDelta,
     EmbeddingRequest,
     Embeddings,
+    GenerationRequest,
     TextRequest,
     sampling_for,
     validate,
@@ -199,7 +200,7 @@ class ChatService:
         raise AssertionError("embedding jobs ended without finishing")
 
     async def _admit(
-        self, authorization: str | None, request: ChatRequest | TextRequest | EmbeddingRequest
+        self, authorization: str | None, request: GenerationRequest | EmbeddingRequest
     ) -> tuple[Caller, CatalogModel, NodeRequirements]:
         """The caller, the model at the caller's price, and the nodes that may run it."""
         caller = await self.authenticator.authenticate(authorization)

@@ -30,10 +30,11 @@ MAX_TOP_LOGPROBS = 20
 MAX_EMBEDDING_INPUTS = 64
 
 
-@dataclass(frozen=True, slots=True)
-class ChatRequest:
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GenerationRequest:
+    """What chat and text completions share: the model and how to sample it."""
+
     model: str
-    messages: tuple[ChatMessage, ...]
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
@@ -47,28 +48,19 @@ class ChatRequest:
     frequency_penalty: float | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ChatRequest(GenerationRequest):
+    messages: tuple[ChatMessage, ...]
     response_format: ResponseFormat | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class TextRequest:
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TextRequest(GenerationRequest):
     """A text completion: raw prompts, no chat template."""
 
-    model: str
     prompts: tuple[str, ...]
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    user: str = ""
-    # Run only on nodes declared in this region ("": anywhere allowed).
-    region: str = ""
-    n: int = 1
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logprobs: bool = False
-    top_logprobs: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,7 +159,7 @@ def _validate_response_format(response_format: ResponseFormat | None) -> None:
         )
 
 
-def validate(request: ChatRequest | TextRequest | EmbeddingRequest) -> None:
+def validate(request: GenerationRequest | EmbeddingRequest) -> None:
     if not request.model:
         raise InvalidArgument("model is required", field="model")
     if isinstance(request, EmbeddingRequest):
@@ -184,7 +176,7 @@ def validate(request: ChatRequest | TextRequest | EmbeddingRequest) -> None:
         if not request.messages:
             raise InvalidArgument("messages must contain at least one message", field="messages")
         _validate_response_format(request.response_format)
-    else:
+    elif isinstance(request, TextRequest):
         if not request.prompts:
             raise InvalidArgument("prompt must contain at least one prompt", field="prompt")
         if not all(request.prompts):
@@ -211,7 +203,7 @@ def validate(request: ChatRequest | TextRequest | EmbeddingRequest) -> None:
         _check_range(request.top_logprobs, 0, MAX_TOP_LOGPROBS, "top_logprobs")
 
 
-def sampling_for(request: ChatRequest | TextRequest, max_tokens: int) -> Sampling:
+def sampling_for(request: GenerationRequest, max_tokens: int) -> Sampling:
     return Sampling(
         max_tokens=max_tokens,
         temperature=request.temperature,

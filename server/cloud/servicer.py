@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal
 
 import grpc
 from resultity.cloud.v1 import inference_service_pb2 as pb
@@ -41,47 +41,50 @@ def _request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     return metadata_value(context, "x-request-id") or uuid.uuid4().hex
 
 
+_OptionalField = Literal[
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "top_logprobs",
+]
+
+
+def _generation_fields(params: pb.ChatCompletionParams | pb.CompletionParams) -> dict[str, Any]:
+    """The fields chat and text completions share (requests.GenerationRequest)."""
+
+    def optional(name: _OptionalField) -> Any:
+        return getattr(params, name) if params.HasField(name) else None
+
+    return {
+        "model": params.model,
+        "max_tokens": optional("max_tokens"),
+        "temperature": optional("temperature"),
+        "top_p": optional("top_p"),
+        "stop": tuple(params.stop),
+        "seed": optional("seed"),
+        "user": params.user,
+        "region": params.region,
+        "n": params.n if params.HasField("n") else 1,
+        "presence_penalty": optional("presence_penalty"),
+        "frequency_penalty": optional("frequency_penalty"),
+        "logprobs": params.logprobs,
+        "top_logprobs": optional("top_logprobs"),
+    }
+
+
 def _chat_request(params: pb.ChatCompletionParams) -> ChatRequest:
     return ChatRequest(
-        model=params.model,
         messages=messages_from_pb(list(params.messages)),
-        max_tokens=params.max_tokens if params.HasField("max_tokens") else None,
-        temperature=params.temperature if params.HasField("temperature") else None,
-        top_p=params.top_p if params.HasField("top_p") else None,
-        stop=tuple(params.stop),
-        seed=params.seed if params.HasField("seed") else None,
-        user=params.user,
-        region=params.region,
-        n=params.n if params.HasField("n") else 1,
-        presence_penalty=(params.presence_penalty if params.HasField("presence_penalty") else None),
-        frequency_penalty=(
-            params.frequency_penalty if params.HasField("frequency_penalty") else None
-        ),
-        logprobs=params.logprobs,
-        top_logprobs=params.top_logprobs if params.HasField("top_logprobs") else None,
         response_format=response_format_from_pb(params.response_format),
+        **_generation_fields(params),
     )
 
 
 def _text_request(params: pb.CompletionParams) -> TextRequest:
-    return TextRequest(
-        model=params.model,
-        prompts=tuple(params.prompts),
-        max_tokens=params.max_tokens if params.HasField("max_tokens") else None,
-        temperature=params.temperature if params.HasField("temperature") else None,
-        top_p=params.top_p if params.HasField("top_p") else None,
-        stop=tuple(params.stop),
-        seed=params.seed if params.HasField("seed") else None,
-        user=params.user,
-        region=params.region,
-        n=params.n if params.HasField("n") else 1,
-        presence_penalty=(params.presence_penalty if params.HasField("presence_penalty") else None),
-        frequency_penalty=(
-            params.frequency_penalty if params.HasField("frequency_penalty") else None
-        ),
-        logprobs=params.logprobs,
-        top_logprobs=params.top_logprobs if params.HasField("top_logprobs") else None,
-    )
+    return TextRequest(prompts=tuple(params.prompts), **_generation_fields(params))
 
 
 def _billing(finished: CompletionFinished) -> pb.Billing:
