@@ -14,7 +14,7 @@ $(BIN)/python:
 
 # Reinstall when the dependency list changes.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -e '.[llama,dev]'
+	$(BIN)/pip install -e '.[all,dev]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -37,9 +37,10 @@ check-generated: generate
 		|| (echo "generated/ is stale: run 'make generate' and commit" && exit 1)
 
 lint: install
-	$(BIN)/ruff check server agent gateway tests bench
-	$(BIN)/ruff format --check server agent gateway tests bench
+	$(BIN)/ruff check core server agent gateway tests bench
+	$(BIN)/ruff format --check core server agent gateway tests bench
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 	$(BIN)/buf lint
 
 test: install

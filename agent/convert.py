@@ -16,7 +16,7 @@ from agent.runtime.base import (
     StopReason,
     TokenLogprob,
 )
-from server.common import inference
+from core import inference
 
 _ROLES = {
     common_pb.CHAT_ROLE_SYSTEM: Role.SYSTEM,

@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from resultity.agent.v1 import agent_service_pb2 as pb
 
-from server.common.node_signing import node_id_of
+from core.node_signing import node_id_of
 
 KEY_FILE = "node-key.pem"
 

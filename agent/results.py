@@ -18,8 +18,8 @@ from agent.convert import delivered_logprobs, failure_reason, finish_reason
 from agent.identity import NodeIdentity
 from agent.runner import FailureKind, JobRef
 from agent.runtime.base import StopReason, TokenLogprob
-from server.common.inference_proto import logprobs_to_pb
-from server.common.node_signing import OutputDigest, result_payload
+from core.inference_proto import logprobs_to_pb
+from core.node_signing import OutputDigest, result_payload
 
 
 class ResultSink:

@@ -31,8 +31,8 @@ from agent.identity import NodeIdentity, signed_hello
 from agent.results import ResultSink
 from agent.runner import FailureKind, JobRef, JobRunner
 from agent.runtime.base import Runtime
-from server.common.channels import insecure_channel
-from server.common.regions import validate_region
+from core.channels import insecure_channel
+from core.regions import validate_region
 
 log = structlog.get_logger(__name__)
 

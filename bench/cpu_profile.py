@@ -26,7 +26,7 @@ from pathlib import Path
 
 from bench.gateway import PlatformStream, Stream, run_load
 from bench.gateway_sides import start_side
-from server.common.logging import configure_logging
+from core.logging import configure_logging
 
 # (marker in a frame, layer): the outermost platform frame names the layer.
 LAYERS = (

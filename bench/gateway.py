@@ -31,7 +31,7 @@ import grpc
 from bench.gateway_sides import FLOOR_METHOD, ServerProcess, start_side
 from bench.http_client import HttpConnection
 from bench.paced_runtime import MODEL_ID
-from server.common.logging import configure_logging
+from core.logging import configure_logging
 
 LEVELS = (1, 16, 64, 256)
 REQUEST_TIMEOUT_S = 60.0

@@ -41,15 +41,15 @@ from resultity.account.v1 import node_token_service_pb2_grpc as node_token_grpc
 from agent.session import AgentSession, SessionSettings
 from bench.paced_runtime import PacedRuntime
 from bench.platform_process import free_port
+from core import channels, event_loop
+from core.logging import configure_logging
 from gateway.app import create_app
 from gateway.server import serve
 from server.account.component import AccountComponent
 from server.cloud.component import CloudComponent
-from server.cloud.rate_limits import RateLimitSettings
-from server.common import channels, event_loop
+from server.cloud.settings import RateLimitSettings
 from server.common.credentials import service_metadata
 from server.common.database import EmbeddedPostgres
-from server.common.logging import configure_logging
 from server.network.component import NetworkComponent
 from server.network.service import ValidationSettings
 from server.secrets import PlatformSecrets

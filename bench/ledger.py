@@ -29,11 +29,11 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
+from core.logging import configure_logging
 from server.account.authz import Principal
 from server.account.component import AccountComponent
 from server.account.ledger import SettlementLine
 from server.common.database import EmbeddedPostgres
-from server.common.logging import configure_logging
 from server.secrets import PlatformSecrets
 
 CLIENTS = (1, 8, 32)

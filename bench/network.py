@@ -45,11 +45,11 @@ from resultity.network.v1 import dispatch_service_pb2_grpc as dispatch_grpc
 from agent.identity import NodeIdentity, signed_hello
 from agent.session import AGENT_VERSION, AgentSession, SessionSettings
 from bench.paced_runtime import MODEL_ID, PacedRuntime, token_text
-from server.common import channels, event_loop
+from core import channels, event_loop
+from core.inference import ChatMessage, ChatRole, GenerationSpec, Sampling
+from core.inference_proto import spec_to_pb
+from core.logging import configure_logging
 from server.common.credentials import generate_service_token, service_metadata
-from server.common.inference import ChatMessage, ChatRole, GenerationSpec, Sampling
-from server.common.inference_proto import spec_to_pb
-from server.common.logging import configure_logging
 from server.network.component import NetworkComponent
 from server.network.service import FailoverSettings, LivenessSettings, ValidationSettings
 

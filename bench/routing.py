@@ -25,7 +25,7 @@ import statistics
 import time
 from collections.abc import Sequence
 
-from server.common.inference import NodeRequirements
+from core.inference import NodeRequirements
 from server.network.nodes import NodeHello, NodeModel, NodeSession
 from server.network.routing import NO_REQUIREMENTS, Router, RouteRequest
 

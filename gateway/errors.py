@@ -15,9 +15,9 @@ from typing import Any
 import grpc
 from starlette.responses import Response
 
+from core.errors import ErrorReason
+from core.grpc_errors import error_info
 from gateway.schemas import ErrorBody, ErrorEnvelope
-from server.common.errors import ErrorReason
-from server.common.grpc_errors import error_info
 
 INVALID_REQUEST = "invalid_request_error"
 SERVER_ERROR = "server_error"

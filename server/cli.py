@@ -15,8 +15,8 @@ from typing import Any
 import grpc
 import structlog
 
-from server.common import channels, event_loop
-from server.common.logging import configure_logging
+from core import channels, event_loop
+from core.logging import configure_logging
 
 log = structlog.get_logger(__name__)
 
@@ -134,8 +134,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _region(value: str) -> str:
-    from server.common.errors import InvalidArgument
-    from server.common.regions import validate_region
+    from core.errors import InvalidArgument
+    from core.regions import validate_region
 
     try:
         return validate_region(value) if value else value  # empty: undeclared
@@ -151,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             event_loop.run(_run(args))
     except grpc.aio.AioRpcError as error:
         # A refused or failed call is the answer, not a crash: one line, exit 1.
-        from server.common.grpc_errors import describe_rpc_error
+        from core.grpc_errors import describe_rpc_error
 
         raise SystemExit(f"error: {describe_rpc_error(error)}") from None
 

@@ -20,12 +20,12 @@ from typing import Any
 import structlog
 from pydantic import SecretStr
 
+from core import channels
 from gateway.app import create_app
 from gateway.server import serve as serve_gateway
 from server.account.component import AccountComponent
 from server.bootstrap import DEMO_KEY_FILE, ensure_demo_key, ensure_node_token
 from server.cloud.component import CloudComponent
-from server.common import channels
 from server.common.database import EmbeddedPostgres
 from server.network.component import NetworkComponent
 from server.network.service import LivenessSettings

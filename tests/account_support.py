@@ -18,7 +18,7 @@ from resultity.account.v1 import ledger_service_pb2_grpc as ledger_grpc
 from resultity.account.v1 import referral_service_pb2_grpc as referral_grpc
 from resultity.account.v1 import subscription_service_pb2_grpc as subscription_grpc
 
-from server.common.grpc_errors import error_info
+from core.grpc_errors import error_info
 
 Metadata = tuple[tuple[str, str], ...]
 

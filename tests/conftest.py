@@ -18,7 +18,7 @@ import asyncpg
 import pytest
 from hypothesis import settings
 
-from server.common import event_loop
+from core import event_loop
 from server.common.database import EmbeddedPostgres
 
 # Hypothesis's per-example deadline is a timing threshold: on a shared machine

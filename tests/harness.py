@@ -32,10 +32,10 @@ from resultity.cloud.v1 import inference_service_pb2_grpc as cloud_grpc
 from agent.backoff import Backoff
 from agent.runtime.base import Runtime
 from agent.session import AgentSession, SessionSettings
+from core import channels
 from server.account.component import AccountComponent
 from server.cli import _parser, _run
 from server.cloud.component import CloudComponent
-from server.common import channels
 from server.common.credentials import generate_service_token, service_metadata
 from server.network.component import NetworkComponent
 from server.network.service import FailoverSettings, LivenessSettings, ValidationSettings

@@ -32,8 +32,8 @@ from resultity.account.v1 import rate_limits_pb2 as rate_limits_pb
 from resultity.account.v1 import referral_service_pb2 as referral_pb
 from resultity.account.v1 import referral_service_pb2_grpc as referral_grpc
 
+from core import channels
 from server.account.billing_cli import TOPICS, add_topics, micro, topic_calls
-from server.common import channels
 from server.secrets import cli_credential
 
 SCOPES = {

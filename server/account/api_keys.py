@@ -21,7 +21,7 @@ from datetime import datetime
 from enum import StrEnum
 from uuid import UUID
 
-from server.common.errors import InvalidApiKey, InvalidArgument
+from core.errors import InvalidApiKey, InvalidArgument
 from server.common.rate_limits import NO_LIMITS, RateLimits, validate_rate_limits
 
 KEY_PREFIX = "rsk_"

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from uuid import UUID
 
-from server.common.errors import PermissionDenied
+from core.errors import PermissionDenied
 
 
 @dataclass(frozen=True)

@@ -5,11 +5,11 @@ from __future__ import annotations
 from resultity.account.v1 import contribution_service_pb2 as contribution_pb
 from resultity.account.v1 import contribution_service_pb2_grpc as contribution_grpc
 
+from core.grpc_errors import translate_errors
 from server.account import convert
 from server.account.authz import Principal
 from server.account.contributions import ContributionService
 from server.account.service import AccountService
-from server.common.grpc_errors import translate_errors
 from server.common.transport import Context, authorization
 
 

@@ -13,6 +13,7 @@ from uuid import UUID
 
 import structlog
 
+from core.errors import InvalidArgument
 from server.account.authz import Principal
 from server.account.ledger import (
     Contribution,
@@ -21,7 +22,6 @@ from server.account.ledger import (
     validate_policy,
 )
 from server.account.service import parse_id
-from server.common.errors import InvalidArgument
 from server.common.paging import decode_cursor, encode_cursor, page_size
 
 log = structlog.get_logger(__name__)

@@ -9,6 +9,7 @@ from uuid import UUID, uuid4
 
 import asyncpg
 
+from core.errors import InsufficientQuota, NotFound
 from server.account.ledger import (
     Hold,
     HoldStatus,
@@ -26,7 +27,6 @@ from server.account.ledger_sql import (
     apply_deltas,
     policy_from_row,
 )
-from server.common.errors import InsufficientQuota, NotFound
 
 _HOLD_COLUMNS = """t.id, la.owner_id, t.amount, t.captured, t.status, t.expires_at,
                    t.request_fingerprint"""

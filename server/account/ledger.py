@@ -14,7 +14,7 @@ from datetime import datetime
 from enum import StrEnum
 from uuid import UUID
 
-from server.common.errors import HoldAlreadyResolved, IdempotencyKeyReused, InvalidArgument
+from core.errors import HoldAlreadyResolved, IdempotencyKeyReused, InvalidArgument
 
 MAX_AMOUNT = 2**63 - 1  # PostgreSQL bigint
 MAX_IDEMPOTENCY_KEY_LENGTH = 200

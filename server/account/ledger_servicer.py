@@ -5,12 +5,12 @@ from __future__ import annotations
 from resultity.account.v1 import ledger_service_pb2 as ledger_pb
 from resultity.account.v1 import ledger_service_pb2_grpc as ledger_grpc
 
+from core.grpc_errors import translate_errors
 from server.account import convert
 from server.account.billing import BillingService
 from server.account.payouts import PayoutService
 from server.account.service import AccountService
 from server.account.servicer import CallerBase
-from server.common.grpc_errors import translate_errors
 from server.common.transport import Context
 
 

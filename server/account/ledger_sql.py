@@ -19,13 +19,13 @@ from uuid import UUID, uuid4
 
 import asyncpg
 
+from core.errors import InsufficientQuota, InvalidArgument, NotFound
 from server.account.ledger import (
     Balance,
     SettlementPolicy,
     TransferKind,
     ensure_same_request,
 )
-from server.common.errors import InsufficientQuota, InvalidArgument, NotFound
 
 # Fixed ids of the system ledger accounts; created by migrations 0001, 0002 and 0004.
 CASH_IN_ID = UUID("00000000-0000-4000-8000-000000000001")

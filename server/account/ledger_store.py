@@ -13,6 +13,7 @@ from uuid import UUID
 
 import asyncpg
 
+from core.errors import InsufficientQuota, InvalidArgument, NotFound
 from server.account.ledger import (
     Balance,
     HoldStatus,
@@ -38,7 +39,6 @@ from server.account.ledger_sql import (
     read_balance,
     replay,
 )
-from server.common.errors import InsufficientQuota, InvalidArgument, NotFound
 
 _RESERVATIONS = (TransferKind.HOLD, TransferKind.PAYOUT)
 

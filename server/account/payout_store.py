@@ -9,6 +9,7 @@ from uuid import UUID, uuid4
 
 import asyncpg
 
+from core.errors import InsufficientQuota, NotFound
 from server.account.ledger import SettlementPolicy, ensure_same_request
 from server.account.ledger_sql import (
     AVAILABLE,
@@ -21,7 +22,6 @@ from server.account.ledger_sql import (
     ledger_account_id,
 )
 from server.account.payouts import Payout, PayoutStatus, resolution
-from server.common.errors import InsufficientQuota, NotFound
 
 _PAYOUT_COLUMNS = """p.id, p.account_id, p.amount, p.status, p.note, p.requested_at,
                      p.resolved_at, p.request_fingerprint, p.transfer_id"""

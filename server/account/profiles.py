@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from uuid import UUID
 
+from core.errors import InvalidArgument
 from server.account.ledger import BASIS_POINTS, MAX_AMOUNT
-from server.common.errors import InvalidArgument
 from server.common.rate_limits import NO_LIMITS, RateLimits
 
 MAX_NAME_LENGTH = 200

@@ -14,6 +14,7 @@ from uuid import UUID
 
 import structlog
 
+from core.errors import InvalidApiKey, InvalidArgument, NotFound, PermissionDenied
 from server.account.api_keys import (
     ActiveKey,
     ApiKey,
@@ -37,7 +38,6 @@ from server.account.profiles import (
     validate_rules,
 )
 from server.common.credentials import bearer_credential, is_service_token
-from server.common.errors import InvalidApiKey, InvalidArgument, NotFound, PermissionDenied
 from server.common.paging import decode_cursor, encode_cursor, page_size
 from server.common.rate_limits import RateLimits, validate_rate_limits
 

@@ -16,11 +16,11 @@ from resultity.account.v1 import node_token_service_pb2_grpc as node_token_grpc
 from resultity.account.v1 import referral_service_pb2 as referral_pb
 from resultity.account.v1 import referral_service_pb2_grpc as referral_grpc
 
+from core.grpc_errors import translate_errors
 from server.account import convert
 from server.account.authz import Principal
 from server.account.billing import BillingService
 from server.account.service import AccountService
-from server.common.grpc_errors import translate_errors
 from server.common.rate_limits_proto import rate_limits_from_pb, rate_limits_to_pb
 from server.common.transport import Context, authorization
 

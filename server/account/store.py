@@ -7,9 +7,9 @@ from uuid import UUID, uuid4
 
 import asyncpg
 
+from core.errors import InvalidArgument
 from server.account.api_keys import ActiveKey, ApiKey, GeneratedKey, KeyPolicy, Scope
 from server.account.profiles import Account, Referral, ReferralRules
-from server.common.errors import InvalidArgument
 from server.common.rate_limits import RateLimits
 
 Record = asyncpg.Record

@@ -5,6 +5,7 @@ from __future__ import annotations
 from resultity.account.v1 import subscription_service_pb2 as sub_pb
 from resultity.account.v1 import subscription_service_pb2_grpc as sub_grpc
 
+from core.grpc_errors import translate_errors
 from server.account.service import AccountService
 from server.account.subscriptions import (
     Plan,
@@ -12,7 +13,6 @@ from server.account.subscriptions import (
     SubscriptionService,
     SubscriptionStatus,
 )
-from server.common.grpc_errors import translate_errors
 from server.common.transport import Context, authorization, timestamp_to_pb
 
 _STATUS = {

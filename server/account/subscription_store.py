@@ -12,6 +12,7 @@ from uuid import UUID, uuid4
 
 import asyncpg
 
+from core.errors import FailedPrecondition, InsufficientQuota, NotFound
 from server.account.ledger import TransferKind
 from server.account.ledger_sql import (
     AVAILABLE,
@@ -30,7 +31,6 @@ from server.account.subscriptions import (
     period_index,
     unused_allowance,
 )
-from server.common.errors import FailedPrecondition, InsufficientQuota, NotFound
 
 
 def _plan(row: Record) -> Plan:

@@ -30,11 +30,11 @@ from uuid import UUID
 
 import structlog
 
+from core.errors import InvalidArgument, NotFound
 from server.account.authz import Principal
 from server.account.ledger import MAX_AMOUNT
 from server.account.profiles import validate_name
 from server.account.service import parse_id
-from server.common.errors import InvalidArgument, NotFound
 from server.common.paging import decode_cursor, encode_cursor, page_size
 
 log = structlog.get_logger(__name__)

@@ -17,6 +17,19 @@ from datetime import UTC, datetime, timedelta
 
 import structlog
 
+from core.errors import InvalidApiKey, JobFailed, ModelNotFound, NoCapacity
+from core.inference import (
+    CatalogModel,
+    GenerationSpec,
+    JobAssigned,
+    JobDelta,
+    JobMigrated,
+    NodeRequirements,
+    NodeUsage,
+    Sampling,
+    TokenLogprob,
+    Usage,
+)
 from server.cloud.auth import CachedAuthenticator
 from server.cloud.models import ModelDirectory
 from server.cloud.ports import AccountPort, Caller, HoldRef, NetworkPort, OperatorShares
@@ -28,7 +41,7 @@ from server.cloud.pricing import (
     token_budget,
     worst_case_cost,
 )
-from server.cloud.rate_limits import RateLimiter, RateLimitSettings, RateStatus
+from server.cloud.rate_limits import DefaultLimits, RateLimiter, RateStatus
 from server.cloud.requests import (
     ChatCompletion,
     ChatRequest,
@@ -49,19 +62,6 @@ from server.cloud.requests import (
 from server.cloud.settlement import operator_shares
 from server.cloud.subcloud_service import SubcloudResolver
 from server.cloud.subclouds import Subcloud, route_requirements
-from server.common.errors import InvalidApiKey, JobFailed, ModelNotFound, NoCapacity
-from server.common.inference import (
-    CatalogModel,
-    GenerationSpec,
-    JobAssigned,
-    JobDelta,
-    JobMigrated,
-    NodeRequirements,
-    NodeUsage,
-    Sampling,
-    TokenLogprob,
-    Usage,
-)
 
 log = structlog.get_logger(__name__)
 
@@ -75,7 +75,7 @@ class ChatService:
         auth_ttl_s: float = 5.0,
         catalog_ttl_s: float = 2.0,
         hold_ttl: timedelta = timedelta(hours=1),
-        rate_limits: RateLimitSettings | None = None,
+        rate_limits: DefaultLimits | None = None,
         subclouds: SubcloudResolver | None = None,
     ) -> None:
         """``subclouds`` unset: keys bound to a subcloud are refused."""

@@ -20,7 +20,7 @@ from resultity.cloud.v1 import subcloud_service_pb2 as pb
 from resultity.cloud.v1 import subcloud_service_pb2_grpc as pb_grpc
 from resultity.common.v1 import inference_pb2 as common_pb
 
-from server.common import channels
+from core import channels
 from server.secrets import cli_credential
 
 _ROLES = {"member": pb.SUBCLOUD_ROLE_MEMBER, "admin": pb.SUBCLOUD_ROLE_ADMIN}

@@ -17,9 +17,8 @@ from resultity.account.v1 import ledger_service_pb2_grpc as ledger_grpc
 from resultity.network.v1 import dispatch_service_pb2 as dispatch_pb
 from resultity.network.v1 import dispatch_service_pb2_grpc as dispatch_grpc
 
-from server.cloud.ports import NO_REQUIREMENTS, Caller, HoldRef, IssuedKey, OperatorShares
-from server.common.grpc_errors import domain_error_from_rpc
-from server.common.inference import (
+from core.grpc_errors import domain_error_from_rpc
+from core.inference import (
     CatalogModel,
     GenerationSpec,
     JobAssigned,
@@ -30,7 +29,7 @@ from server.common.inference import (
     NodeRequirements,
     NodeUsage,
 )
-from server.common.inference_proto import (
+from core.inference_proto import (
     finish_reason_from_pb,
     logprobs_from_pb,
     price_from_pb,
@@ -38,6 +37,7 @@ from server.common.inference_proto import (
     spec_to_pb,
     usage_from_pb,
 )
+from server.cloud.ports import NO_REQUIREMENTS, Caller, HoldRef, IssuedKey, OperatorShares
 from server.common.rate_limits_proto import rate_limits_from_pb
 
 

@@ -9,14 +9,14 @@ import asyncpg
 import grpc
 from resultity.cloud.v1 import inference_service_pb2_grpc, subcloud_service_pb2_grpc
 
+from core.channels import insecure_channel
 from server.cloud.chat import ChatService
 from server.cloud.clients import GrpcAccountClient, GrpcNetworkClient
-from server.cloud.rate_limits import RateLimitSettings
 from server.cloud.servicer import InferenceServicer
+from server.cloud.settings import RateLimitSettings
 from server.cloud.subcloud_service import SubcloudResolver, SubcloudService
 from server.cloud.subcloud_servicer import SubcloudServicer
 from server.cloud.subcloud_store import PostgresSubcloudStore
-from server.common.channels import insecure_channel
 from server.common.database import apply_migrations, create_pool, load_migrations
 
 MIGRATIONS = Path(__file__).parent / "migrations"

@@ -9,9 +9,9 @@ from __future__ import annotations
 import asyncio
 import time
 
+from core.errors import ModelNotFound
+from core.inference import CatalogModel, NodeRequirements
 from server.cloud.ports import NO_REQUIREMENTS, NetworkPort
-from server.common.errors import ModelNotFound
-from server.common.inference import CatalogModel, NodeRequirements
 
 # Distinct rule sets kept at once; past that the expired ones are dropped.
 _MAX_RULE_SETS = 1_000

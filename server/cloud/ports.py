@@ -8,8 +8,8 @@ from datetime import datetime
 from typing import Protocol
 from uuid import UUID
 
-from server.common.errors import PermissionDenied
-from server.common.inference import CatalogModel, GenerationSpec, JobEvent, NodeRequirements
+from core.errors import PermissionDenied
+from core.inference import CatalogModel, GenerationSpec, JobEvent, NodeRequirements
 from server.common.rate_limits import NO_LIMITS, RateLimits
 
 NO_REQUIREMENTS = NodeRequirements()

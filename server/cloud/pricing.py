@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from server.common.errors import InvalidArgument
-from server.common.inference import CatalogModel, ChatMessage, ModelPrice, Usage
+from core.errors import InvalidArgument
+from core.inference import CatalogModel, ChatMessage, ModelPrice, Usage
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,42 +22,27 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
-
-from server.common.errors import RateLimited
+from core.errors import RateLimited
 from server.common.rate_limits import NO_LIMITS, RateLimits
 
 
-class RateLimitSettings(BaseSettings):
-    """Limits every key and every account gets, from RESULTITY_RATE_LIMIT_* variables
-    (e.g. RESULTITY_RATE_LIMIT_KEY_REQUESTS_PER_MINUTE=600). Unset: unlimited."""
-
-    model_config = SettingsConfigDict(env_prefix="RESULTITY_RATE_LIMIT_", frozen=True)
-
-    key_requests_per_minute: int | None = Field(default=None, gt=0)
-    key_tokens_per_minute: int | None = Field(default=None, gt=0)
-    key_concurrent_requests: int | None = Field(default=None, gt=0)
-    account_requests_per_minute: int | None = Field(default=None, gt=0)
-    account_tokens_per_minute: int | None = Field(default=None, gt=0)
-    account_concurrent_requests: int | None = Field(default=None, gt=0)
+class DefaultLimits(Protocol):
+    """The limits every key and every account gets unless stored ones replace them
+    (server/cloud/settings.py reads them from the environment)."""
 
     @property
-    def per_key(self) -> RateLimits:
-        return RateLimits(
-            self.key_requests_per_minute,
-            self.key_tokens_per_minute,
-            self.key_concurrent_requests,
-        )
+    def per_key(self) -> RateLimits: ...
 
     @property
-    def per_account(self) -> RateLimits:
-        return RateLimits(
-            self.account_requests_per_minute,
-            self.account_tokens_per_minute,
-            self.account_concurrent_requests,
-        )
+    def per_account(self) -> RateLimits: ...
+
+
+@dataclass(frozen=True, slots=True)
+class FixedLimits:
+    per_key: RateLimits = NO_LIMITS
+    per_account: RateLimits = NO_LIMITS
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,11 +131,11 @@ class Admission:
 class RateLimiter:
     def __init__(
         self,
-        settings: RateLimitSettings | None = None,
+        settings: DefaultLimits | None = None,
         *,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._settings = settings or RateLimitSettings()
+        self._settings: DefaultLimits = settings or FixedLimits()
         self._clock = clock
         self._scopes: dict[tuple[str, str], _Scope] = {}
 

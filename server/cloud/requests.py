@@ -10,9 +10,8 @@ import json
 from dataclasses import dataclass
 from datetime import datetime
 
-from server.cloud.rate_limits import RateStatus
-from server.common.errors import InvalidArgument
-from server.common.inference import (
+from core.errors import InvalidArgument
+from core.inference import (
     ChatMessage,
     FinishReason,
     ResponseFormat,
@@ -21,6 +20,7 @@ from server.common.inference import (
     TokenLogprob,
     Usage,
 )
+from server.cloud.rate_limits import RateStatus
 
 MAX_STOP_SEQUENCES = 4
 # Choices run one after another (each its own job), so n bounds the request's time.

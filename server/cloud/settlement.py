@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 
+from core.inference import NodeUsage, Usage
 from server.cloud.ports import OperatorLine, OperatorShares
-from server.common.inference import NodeUsage, Usage
 
 
 def operator_shares(model: str, shares: Sequence[NodeUsage], billed: Usage) -> OperatorShares:

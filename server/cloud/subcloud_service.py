@@ -9,6 +9,8 @@ from datetime import datetime
 from typing import Protocol
 from uuid import UUID
 
+from core.errors import InvalidApiKey, InvalidArgument, NotFound, PermissionDenied
+from core.inference import NodeRequirements
 from server.cloud.auth import CachedAuthenticator
 from server.cloud.models import ModelDirectory
 from server.cloud.ports import AccountPort, Caller, IssuedKey
@@ -27,8 +29,6 @@ from server.cloud.subclouds import (
     validate_rules,
 )
 from server.common.credentials import bearer_credential, is_service_token
-from server.common.errors import InvalidApiKey, InvalidArgument, NotFound, PermissionDenied
-from server.common.inference import NodeRequirements
 from server.common.paging import decode_cursor, encode_cursor, page_size
 
 _MAX_CACHED = 10_000

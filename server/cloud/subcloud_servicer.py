@@ -9,6 +9,14 @@ from uuid import UUID
 from resultity.cloud.v1 import subcloud_service_pb2 as pb
 from resultity.cloud.v1 import subcloud_service_pb2_grpc as pb_grpc
 
+from core.errors import InvalidArgument
+from core.grpc_errors import translate_errors
+from core.inference_proto import (
+    price_from_pb,
+    price_to_pb,
+    requirements_fields,
+    requirements_from_pb,
+)
 from server.cloud.subcloud_service import SubcloudService
 from server.cloud.subclouds import (
     Subcloud,
@@ -16,14 +24,6 @@ from server.cloud.subclouds import (
     SubcloudModel,
     SubcloudRole,
     parse_id,
-)
-from server.common.errors import InvalidArgument
-from server.common.grpc_errors import translate_errors
-from server.common.inference_proto import (
-    price_from_pb,
-    price_to_pb,
-    requirements_fields,
-    requirements_from_pb,
 )
 from server.common.transport import Context, authorization, timestamp_to_pb
 

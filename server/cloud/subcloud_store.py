@@ -9,8 +9,8 @@ from uuid import UUID
 import asyncpg
 from asyncpg import Record
 
+from core.inference import ModelPrice, NodeRequirements
 from server.cloud.subclouds import Subcloud, SubcloudMember, SubcloudModel, SubcloudRole
-from server.common.inference import ModelPrice, NodeRequirements
 
 if TYPE_CHECKING:
     Connection = asyncpg.pool.PoolConnectionProxy[Record]

@@ -16,9 +16,9 @@ from datetime import datetime
 from enum import StrEnum
 from uuid import UUID
 
-from server.common.errors import InvalidArgument, NotFound, PermissionDenied
-from server.common.inference import ModelPrice, NodeRequirements
-from server.common.regions import validate_region
+from core.errors import InvalidArgument, NotFound, PermissionDenied
+from core.inference import ModelPrice, NodeRequirements
+from core.regions import validate_region
 
 MAX_NAME_LENGTH = 100
 MAX_MODELS = 100

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hmac
 import secrets
 
-from server.common.errors import InvalidApiKey
+from core.errors import InvalidApiKey
 
 SERVICE_TOKEN_PREFIX = "rst_"
 

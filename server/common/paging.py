@@ -6,7 +6,7 @@ import base64
 from datetime import datetime
 from uuid import UUID
 
-from server.common.errors import InvalidArgument
+from core.errors import InvalidArgument
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 100

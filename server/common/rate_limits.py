@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from server.common.errors import InvalidArgument
+from core.errors import InvalidArgument
 
 # Stored as PostgreSQL integers.
 MAX_LIMIT = 2**31 - 1

@@ -10,7 +10,7 @@ import grpc
 from resultity.network.v1 import node_admin_service_pb2 as admin_pb
 from resultity.network.v1 import node_admin_service_pb2_grpc as admin_grpc
 
-from server.common.grpc_errors import translate_errors
+from core.grpc_errors import translate_errors
 from server.network.callers import ServiceCallers, service_only
 from server.network.convert import config_from_pb, config_to_pb, node_to_pb
 from server.network.nodes import NodeSession

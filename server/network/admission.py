@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
 
-from server.common.errors import InvalidNodeCredentials
-from server.common.node_signing import PUBLIC_KEY_BYTES, node_id_of, verify
+from core.errors import InvalidNodeCredentials
+from core.node_signing import PUBLIC_KEY_BYTES, node_id_of, verify
 from server.network.nodes import NodeHello
 
 NONCE_BYTES = 32

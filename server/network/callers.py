@@ -18,8 +18,8 @@ from typing import Any, Protocol, TypeVar, cast
 
 import grpc
 
+from core.errors import InvalidApiKey
 from server.common.credentials import bearer_credential, is_service_token
-from server.common.errors import InvalidApiKey
 from server.common.transport import authorization
 
 

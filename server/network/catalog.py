@@ -12,8 +12,8 @@ import json
 from collections.abc import Iterable, Iterator
 from importlib import resources
 
-from server.common.errors import ModelNotFound
-from server.common.inference import CatalogModel, ModelPrice
+from core.errors import ModelNotFound
+from core.inference import CatalogModel, ModelPrice
 from server.network.validation import Canary
 
 SMOLLM2_135M = CatalogModel(

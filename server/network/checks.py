@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from server.common.inference import ChatMessage, ChatRole, GenerationSpec, Sampling
+from core.inference import ChatMessage, ChatRole, GenerationSpec, Sampling
 from server.network.catalog import Catalog
 from server.network.nodes import ModelStatus, ModelValidation, NodeSession
 from server.network.settings import ValidationSettings

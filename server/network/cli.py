@@ -16,7 +16,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from resultity.network.v1 import node_admin_service_pb2 as pb
 from resultity.network.v1 import node_admin_service_pb2_grpc as pb_grpc
 
-from server.common import channels
+from core import channels
 from server.common.credentials import service_metadata
 from server.secrets import service_token
 

@@ -6,8 +6,8 @@ import grpc
 from resultity.agent.v1 import agent_service_pb2_grpc
 from resultity.network.v1 import dispatch_service_pb2_grpc, node_admin_service_pb2_grpc
 
-from server.common import channels
-from server.common.inference import CatalogModel
+from core import channels
+from core.inference import CatalogModel
 from server.network.admin_servicer import NodeAdminServicer
 from server.network.admission import AdmissionSettings, NodeAdmission
 from server.network.callers import ServiceCallers

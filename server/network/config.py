@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from server.common.errors import FailedPrecondition, InvalidArgument
-from server.common.inference import ModelPrice
+from core.errors import FailedPrecondition, InvalidArgument
+from core.inference import ModelPrice
 
 # Agents older than this sign results in a form the network no longer checks
 # (result digest v1, before logprobs and embeddings were covered): refused at

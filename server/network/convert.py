@@ -8,7 +8,7 @@ from google.protobuf import duration_pb2
 from resultity.agent.v1 import agent_service_pb2 as agent_pb
 from resultity.network.v1 import node_admin_service_pb2 as admin_pb
 
-from server.common.inference_proto import price_from_pb, price_to_pb, spec_to_pb
+from core.inference_proto import price_from_pb, price_to_pb, spec_to_pb
 from server.common.transport import timestamp_to_pb
 from server.network.config import ConfigModel, NetworkConfig
 from server.network.jobs import Continuation, FailureKind

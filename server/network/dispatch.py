@@ -16,14 +16,14 @@ from collections.abc import AsyncGenerator, Callable, Mapping
 
 import structlog
 
-from server.common.errors import (
+from core.errors import (
     DomainError,
     InvalidArgument,
     InvalidResultSignature,
     JobFailed,
     NoCapacity,
 )
-from server.common.inference import (
+from core.inference import (
     GenerationSpec,
     JobAssigned,
     JobEvent,
@@ -31,7 +31,7 @@ from server.common.inference import (
     JobMigrated,
     NodeRequirements,
 )
-from server.common.node_signing import result_payload, verify
+from core.node_signing import result_payload, verify
 from server.network.catalog import Catalog
 from server.network.checks import Probe
 from server.network.jobs import (

@@ -10,7 +10,7 @@ import asyncio
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
-from server.common.inference import (
+from core.inference import (
     FinishReason,
     GenerationSpec,
     JobDelta,
@@ -19,7 +19,7 @@ from server.common.inference import (
     TokenLogprob,
     Usage,
 )
-from server.common.node_signing import OutputDigest
+from core.node_signing import OutputDigest
 
 
 class FailureKind(StrEnum):

@@ -16,7 +16,7 @@ import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-from server.common.inference import NodeRequirements
+from core.inference import NodeRequirements
 from server.network.nodes import NodeSession
 
 # Index keys: (model, "", "") holds all nodes of a model; (model, OPERATOR, id)

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 
-from server.common.errors import DomainError
-from server.common.inference import GenerationSpec
+from core.errors import DomainError
+from core.inference import GenerationSpec
 from server.network.config import NetworkConfig
 from server.network.jobs import Continuation
 

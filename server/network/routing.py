@@ -33,7 +33,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from server.common.inference import NodeRequirements
+from core.inference import NodeRequirements
 from server.network.node_index import NodeIndex
 from server.network.nodes import NodeSession, NodeState
 

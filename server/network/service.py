@@ -23,20 +23,20 @@ from datetime import UTC, datetime
 
 import structlog
 
-from server.common.errors import (
+from core.errors import (
     DomainError,
     FailedPrecondition,
     InvalidArgument,
     NodeQuarantined,
     NotFound,
 )
-from server.common.inference import (
+from core.inference import (
     CatalogModel,
     GenerationSpec,
     JobEvent,
     NodeRequirements,
 )
-from server.common.regions import validate_region
+from core.regions import validate_region
 from server.network.admission import AdmissionSettings, NodeAdmission
 from server.network.catalog import Catalog
 from server.network.checks import NodeChecks

@@ -18,15 +18,15 @@ from resultity.agent.v1 import agent_service_pb2_grpc as agent_grpc
 from resultity.network.v1 import dispatch_service_pb2 as dispatch_pb
 from resultity.network.v1 import dispatch_service_pb2_grpc as dispatch_grpc
 
-from server.common.errors import (
+from core.errors import (
     DomainError,
     InvalidNodeCredentials,
     ProtocolViolation,
     SessionEnded,
 )
-from server.common.grpc_errors import abort_with_error, translate_errors
-from server.common.inference import JobAssigned, JobDelta, JobMigrated
-from server.common.inference_proto import (
+from core.grpc_errors import abort_with_error, translate_errors
+from core.inference import JobAssigned, JobDelta, JobMigrated
+from core.inference_proto import (
     finish_reason_from_pb,
     finish_reason_to_pb,
     logprobs_from_pb,

@@ -6,8 +6,8 @@ import grpc
 from resultity.account.v1 import node_token_service_pb2 as pb
 from resultity.account.v1 import node_token_service_pb2_grpc as pb_grpc
 
-from server.common.errors import InvalidNodeCredentials
-from server.common.grpc_errors import domain_error_from_rpc
+from core.errors import InvalidNodeCredentials
+from core.grpc_errors import domain_error_from_rpc
 
 
 class AccountNodeTokens:

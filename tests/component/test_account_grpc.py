@@ -27,10 +27,10 @@ from resultity.account.v1 import (
     ledger_service_pb2 as ledger_pb,
 )
 
+from core.grpc_errors import error_info
 from server.account.api_keys import KeyHasher
 from server.account.component import AccountComponent
 from server.account.ledger_sql import PLATFORM_REVENUE_ID
-from server.common.grpc_errors import error_info
 from server.secrets import PlatformSecrets
 from tests.account_support import Stubs, channel_as, expect_error
 

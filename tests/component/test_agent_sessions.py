@@ -16,9 +16,9 @@ from resultity.network.v1 import node_admin_service_pb2_grpc as admin_grpc
 from agent.backoff import Backoff
 from agent.identity import NodeIdentity, signed_hello
 from agent.session import AGENT_VERSION, AgentSession, SessionSettings
-from server.common import channels
+from core import channels
+from core.grpc_errors import error_info
 from server.common.credentials import generate_service_token, service_metadata
-from server.common.grpc_errors import error_info
 from server.network.component import NetworkComponent
 from server.network.service import LivenessSettings
 from tests.doubles.scripted_runtime import MODEL_ID, ScriptedRuntime

@@ -11,7 +11,7 @@ from resultity.cloud.v1 import inference_service_pb2 as pb
 from resultity.common.v1 import inference_pb2 as common_pb
 
 from agent.runtime.base import OutputFormat
-from server.common.grpc_errors import error_info
+from core.grpc_errors import error_info
 from server.network.catalog import SMOLLM2_135M
 from tests.doubles.scripted_runtime import (
     DEFAULT_SCRIPT,

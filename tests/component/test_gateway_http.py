@@ -24,9 +24,7 @@ from openai.types.chat import ChatCompletionMessageParam
 from resultity.cloud.v1 import inference_service_pb2 as pb
 from resultity.common.v1 import inference_pb2
 
-from gateway.app import create_app
-from gateway.server import serve
-from server.common.errors import (
+from core.errors import (
     DomainError,
     ErrorReason,
     InsufficientQuota,
@@ -36,6 +34,8 @@ from server.common.errors import (
     NoCapacity,
     RateLimited,
 )
+from gateway.app import create_app
+from gateway.server import serve
 from tests.doubles.scripted_cloud import (
     COMPLETION_ID,
     CREATED,

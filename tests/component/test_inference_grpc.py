@@ -20,7 +20,7 @@ from resultity.common.v1 import inference_pb2 as common_pb
 
 from agent.batching import MAX_BATCH_TOKENS
 from agent.runtime.base import GenerationEvent, GenerationRequest
-from server.common.grpc_errors import error_info
+from core.grpc_errors import error_info
 from server.network.catalog import SMOLLM2_135M
 from tests.doubles.scripted_runtime import DEFAULT_SCRIPT, ScriptedRuntime, scripted_tokens
 from tests.harness import Customer, Platform, eventually, running_platform

@@ -18,17 +18,17 @@ from typing import Any
 import asyncpg
 import pytest
 
-from server.account.authz import Principal
-from server.account.component import AccountComponent
-from server.account.ledger import HoldStatus, SettlementLine
-from server.account.profiles import ReferralRules
-from server.common.errors import (
+from core.errors import (
     DomainError,
     HoldAlreadyResolved,
     IdempotencyKeyReused,
     InsufficientQuota,
     InvalidArgument,
 )
+from server.account.authz import Principal
+from server.account.component import AccountComponent
+from server.account.ledger import HoldStatus, SettlementLine
+from server.account.profiles import ReferralRules
 from server.secrets import PlatformSecrets
 
 ADMIN = Principal.service()

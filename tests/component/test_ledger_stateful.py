@@ -27,10 +27,10 @@ from hypothesis.stateful import (
     rule,
 )
 
+from core.errors import HoldAlreadyResolved, InsufficientQuota
 from server.account.authz import Principal
 from server.account.component import AccountComponent
 from server.account.ledger import SettlementLine, split_capture
-from server.common.errors import HoldAlreadyResolved, InsufficientQuota
 from server.secrets import PlatformSecrets
 from tests.component.test_ledger_invariants import INVARIANTS
 

@@ -13,11 +13,11 @@ from resultity.network.v1 import dispatch_service_pb2_grpc as dispatch_grpc
 from resultity.network.v1 import node_admin_service_pb2 as admin_pb
 from resultity.network.v1 import node_admin_service_pb2_grpc as admin_grpc
 
-from server.common import channels
+from core import channels
+from core.grpc_errors import error_info
+from core.inference import ChatMessage, ChatRole, GenerationSpec, Sampling
+from core.inference_proto import spec_to_pb
 from server.common.credentials import generate_service_token, service_metadata
-from server.common.grpc_errors import error_info
-from server.common.inference import ChatMessage, ChatRole, GenerationSpec, Sampling
-from server.common.inference_proto import spec_to_pb
 from tests.doubles.scripted_runtime import MODEL_ID, ScriptedRuntime
 from tests.harness import Platform, running_platform
 

@@ -18,8 +18,8 @@ from resultity.network.v1 import node_admin_service_pb2_grpc as admin_grpc
 
 from agent.identity import NodeIdentity, signed_hello
 from agent.session import AGENT_VERSION, AgentSession, SessionSettings
-from server.common import channels
-from server.common.grpc_errors import error_info
+from core import channels
+from core.grpc_errors import error_info
 from server.network.service import LivenessSettings
 from tests.doubles.scripted_runtime import MODEL_ID, ScriptedRuntime
 from tests.harness import NetworkServer, eventually, start_network

@@ -18,12 +18,12 @@ from resultity.network.v1 import node_admin_service_pb2_grpc as admin_grpc
 
 from agent.identity import NodeIdentity, signed_hello
 from agent.session import AGENT_VERSION, AgentSession, SessionSettings
+from core import channels
+from core.grpc_errors import describe_rpc_error, error_info
+from core.inference import ChatMessage, ChatRole, GenerationSpec, Sampling
+from core.inference_proto import spec_to_pb
 from server.cli import _parser
-from server.common import channels
 from server.common.credentials import service_metadata
-from server.common.grpc_errors import describe_rpc_error, error_info
-from server.common.inference import ChatMessage, ChatRole, GenerationSpec, Sampling
-from server.common.inference_proto import spec_to_pb
 from server.network.cli import run_command
 from server.network.service import ValidationSettings
 from tests.doubles.scripted_runtime import MODEL_ID, ScriptedRuntime, canary_answers

@@ -16,7 +16,7 @@ from resultity.account.v1 import rate_limits_pb2 as rate_limits_pb
 from resultity.cloud.v1 import inference_service_pb2 as pb
 from resultity.common.v1 import inference_pb2 as common_pb
 
-from server.common.grpc_errors import error_info
+from core.grpc_errors import error_info
 from server.network.catalog import SMOLLM2_135M
 from tests.doubles.scripted_runtime import ScriptedRuntime
 from tests.harness import Platform, running_platform

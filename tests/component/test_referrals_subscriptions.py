@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from core.errors import FailedPrecondition, InsufficientQuota, InvalidArgument, NotFound
 from server.account.authz import Principal
 from server.account.component import AccountComponent
 from server.account.ledger import TransferKind
@@ -23,7 +24,6 @@ from server.account.subscriptions import (
     period_index,
     unused_allowance,
 )
-from server.common.errors import FailedPrecondition, InsufficientQuota, InvalidArgument, NotFound
 from server.secrets import PlatformSecrets
 
 ADMIN = Principal.service()

@@ -16,7 +16,7 @@ from resultity.cloud.v1 import subcloud_service_pb2 as sc_pb
 from resultity.cloud.v1 import subcloud_service_pb2_grpc as sc_grpc
 from resultity.common.v1 import inference_pb2 as common_pb
 
-from server.common.grpc_errors import error_info
+from core.grpc_errors import error_info
 from server.network.catalog import SMOLLM2_135M
 from tests.doubles.scripted_runtime import DEFAULT_SCRIPT, ScriptedRuntime
 from tests.harness import Customer, Platform, running_platform

@@ -14,7 +14,7 @@ import asyncio
 
 from agent.main import serve
 from agent.session import SessionSettings
-from server.common.logging import configure_logging
+from core.logging import configure_logging
 from tests.doubles.scripted_runtime import DEFAULT_SCRIPT, ScriptedRuntime
 
 

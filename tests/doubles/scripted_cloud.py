@@ -18,8 +18,8 @@ from resultity.cloud.v1 import inference_service_pb2 as pb
 from resultity.cloud.v1 import inference_service_pb2_grpc
 from resultity.common.v1 import inference_pb2
 
-from server.common.errors import DomainError, InvalidApiKey, ModelNotFound
-from server.common.grpc_errors import translate_errors
+from core.errors import DomainError, InvalidApiKey, ModelNotFound
+from core.grpc_errors import translate_errors
 
 TEST_API_KEY = "sk-test-0123456789"
 CREATED = 1_700_000_000

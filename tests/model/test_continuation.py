@@ -34,10 +34,10 @@ from agent.runtime.base import (
 )
 from agent.runtime.llama_cpp import LlamaCppRuntime
 from agent.runtime.models import DEFAULT_MODEL_ID, smollm2_gguf_path
-from server.common import channels
-from server.common.inference import ChatMessage, ChatRole, GenerationSpec
-from server.common.inference import Sampling as SpecSampling
-from server.common.inference_proto import spec_to_pb
+from core import channels
+from core.inference import ChatMessage, ChatRole, GenerationSpec
+from core.inference import Sampling as SpecSampling
+from core.inference_proto import spec_to_pb
 from tests.harness import NetworkServer, eventually, start_network
 
 REPO = Path(__file__).resolve().parents[2]

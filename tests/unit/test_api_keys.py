@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from core.errors import InvalidApiKey
 from server.account.api_keys import (
     BASE62,
     KEY_LENGTH,
@@ -15,7 +16,6 @@ from server.account.api_keys import (
     KeyHasher,
     validate_api_key,
 )
-from server.common.errors import InvalidApiKey
 
 SERVER_SECRET = b"s" * 32
 HASHER = KeyHasher(SERVER_SECRET)

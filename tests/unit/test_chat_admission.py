@@ -2,11 +2,11 @@ from __future__ import annotations
 
 import pytest
 
+from core.errors import InvalidApiKey, InvalidArgument
+from core.inference import ChatMessage, ChatRole
 from server.cloud.auth import CachedAuthenticator
 from server.cloud.ports import Caller, HoldRef
 from server.cloud.requests import ChatRequest, validate
-from server.common.errors import InvalidApiKey, InvalidArgument
-from server.common.inference import ChatMessage, ChatRole
 
 HI = (ChatMessage(ChatRole.USER, "hi"),)
 

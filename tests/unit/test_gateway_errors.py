@@ -8,9 +8,7 @@ import grpc
 import pytest
 from pydantic import ValidationError
 
-from gateway import errors
-from gateway.schemas import ChatCompletionRequest
-from server.common.errors import (
+from core.errors import (
     DomainError,
     ErrorReason,
     InsufficientQuota,
@@ -21,7 +19,9 @@ from server.common.errors import (
     NoCapacity,
     PermissionDenied,
 )
-from server.common.grpc_errors import to_status
+from core.grpc_errors import to_status
+from gateway import errors
+from gateway.schemas import ChatCompletionRequest
 
 
 def _rpc_error(error: DomainError) -> grpc.aio.AioRpcError:

@@ -6,9 +6,9 @@ import pytest
 from resultity.network.v1 import node_admin_service_pb2 as pb
 
 from agent.session import SessionSettings
+from core.errors import InvalidArgument
 from server.cli import main
 from server.common.credentials import generate_service_token
-from server.common.errors import InvalidArgument
 from server.network.cli import node_details, node_table
 from tests.harness import free_port
 

@@ -10,9 +10,9 @@ import pytest
 from agent.convert import delivered_logprobs
 from agent.runtime.base import Alternative
 from agent.runtime.base import TokenLogprob as RuntimeLogprob
-from server.common.inference import TokenLogprob, TopLogprob
-from server.common.inference_proto import logprobs_from_pb, logprobs_to_pb
-from server.common.node_signing import OutputDigest, result_payload
+from core.inference import TokenLogprob, TopLogprob
+from core.inference_proto import logprobs_from_pb, logprobs_to_pb
+from core.node_signing import OutputDigest, result_payload
 
 LOGPROBS = (
     TokenLogprob(" Paris", b" Paris", -0.25, (TopLogprob(" Paris", b" Paris", -0.25),)),

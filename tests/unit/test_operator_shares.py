@@ -1,8 +1,8 @@
 from __future__ import annotations
 
+from core.inference import NodeUsage, Usage
 from server.cloud.ports import OperatorLine, OperatorShares
 from server.cloud.settlement import operator_shares
-from server.common.inference import NodeUsage, Usage
 
 
 def test_each_operator_gets_one_line_with_all_its_nodes_tokens() -> None:

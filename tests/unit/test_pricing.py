@@ -4,6 +4,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from core.errors import InvalidArgument
+from core.inference import ChatMessage, ChatRole, ModelPrice, Usage
 from server.cloud.pricing import (
     RAW_PROMPT_OVERHEAD_TOKENS,
     cost,
@@ -12,8 +14,6 @@ from server.cloud.pricing import (
     token_budget,
     worst_case_cost,
 )
-from server.common.errors import InvalidArgument
-from server.common.inference import ChatMessage, ChatRole, ModelPrice, Usage
 from server.network.catalog import SMOLLM2_135M
 
 MODEL = SMOLLM2_135M

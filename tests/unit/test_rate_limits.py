@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from server.cloud.rate_limits import RateLimiter, RateLimitSettings
-from server.common.errors import InvalidArgument, RateLimited
+from core.errors import InvalidArgument, RateLimited
+from server.cloud.rate_limits import RateLimiter
+from server.cloud.settings import RateLimitSettings
 from server.common.rate_limits import RateLimits, validate_rate_limits
 
 

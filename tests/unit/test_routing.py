@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import random
 
-from server.common.inference import NodeRequirements
+from core.inference import NodeRequirements
 from server.network.nodes import ModelStatus, ModelValidation, NodeHello, NodeModel, NodeSession
 from server.network.routing import Router, RouteRequest
 

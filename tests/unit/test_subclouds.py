@@ -7,6 +7,8 @@ from datetime import UTC, datetime
 
 import pytest
 
+from core.errors import InvalidArgument, NotFound, PermissionDenied
+from core.inference import ModelPrice, NodeRequirements
 from server.cloud.subclouds import (
     Actor,
     Subcloud,
@@ -21,8 +23,6 @@ from server.cloud.subclouds import (
     validate_name,
     validate_rules,
 )
-from server.common.errors import InvalidArgument, NotFound, PermissionDenied
-from server.common.inference import ModelPrice, NodeRequirements
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 OWNER = uuid.uuid4()

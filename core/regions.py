@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from server.common.errors import InvalidArgument
+from core.errors import InvalidArgument
 
 MAX_REGION_LENGTH = 32
 _REGION = re.compile(r"^[a-z0-9](?:[a-z0-9-]*[a-z0-9])?$")

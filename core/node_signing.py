@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from server.common.inference import TokenLogprob
+from core.inference import TokenLogprob
 
 PUBLIC_KEY_BYTES = 32
 # v2: the digest covers logprobs and embeddings too.

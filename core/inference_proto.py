@@ -8,8 +8,8 @@ from typing import Any, Protocol
 from resultity.common.v1 import inference_pb2 as pb
 from resultity.network.v1 import dispatch_service_pb2 as dispatch_pb
 
-from server.common.errors import InvalidArgument
-from server.common.inference import (
+from core.errors import InvalidArgument
+from core.inference import (
     ChatMessage,
     ChatRole,
     FinishReason,
@@ -23,7 +23,7 @@ from server.common.inference import (
     TopLogprob,
     Usage,
 )
-from server.common.regions import validate_region
+from core.regions import validate_region
 
 _ROLE_TO_PB = {
     ChatRole.SYSTEM: pb.CHAT_ROLE_SYSTEM,

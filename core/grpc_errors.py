@@ -19,7 +19,7 @@ import grpc
 from google.protobuf import any_pb2
 from grpc_status import rpc_status
 
-from server.common.errors import DomainError, ErrorReason
+from core.errors import DomainError, ErrorReason
 
 ERROR_DOMAIN = "resultity"
 _STATUS_DETAILS_KEY = "grpc-status-details-bin"

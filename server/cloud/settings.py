@@ -1,0 +1,38 @@
+"""The cloud service's settings read from the environment."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from server.common.rate_limits import RateLimits
+
+
+class RateLimitSettings(BaseSettings):
+    """Limits every key and every account gets, from RESULTITY_RATE_LIMIT_* variables
+    (e.g. RESULTITY_RATE_LIMIT_KEY_REQUESTS_PER_MINUTE=600). Unset: unlimited."""
+
+    model_config = SettingsConfigDict(env_prefix="RESULTITY_RATE_LIMIT_", frozen=True)
+
+    key_requests_per_minute: int | None = Field(default=None, gt=0)
+    key_tokens_per_minute: int | None = Field(default=None, gt=0)
+    key_concurrent_requests: int | None = Field(default=None, gt=0)
+    account_requests_per_minute: int | None = Field(default=None, gt=0)
+    account_tokens_per_minute: int | None = Field(default=None, gt=0)
+    account_concurrent_requests: int | None = Field(default=None, gt=0)
+
+    @property
+    def per_key(self) -> RateLimits:
+        return RateLimits(
+            self.key_requests_per_minute,
+            self.key_tokens_per_minute,
+            self.key_concurrent_requests,
+        )
+
+    @property
+    def per_account(self) -> RateLimits:
+        return RateLimits(
+            self.account_requests_per_minute,
+            self.account_tokens_per_minute,
+            self.account_concurrent_requests,
+        )
