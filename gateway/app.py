@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway import convert, errors, sse
+from gateway import convert, errors, health, sse
 from gateway.errors import ApiError
 from gateway.openapi import REGION_HEADER, describe
 from gateway.relay import (
@@ -61,6 +61,7 @@ def create_app(cloud_target: str, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTE
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         channel = grpc.aio.insecure_channel(cloud_target)
         app.state.cloud = inference_service_pb2_grpc.InferenceServiceStub(channel)
+        app.state.cloud_health = health.health_stub(channel)
         log.info("gateway.cloud_channel_opened", target=cloud_target)
         try:
             yield
@@ -82,6 +83,7 @@ def create_app(cloud_target: str, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTE
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_middleware(RequestIdMiddleware)
     app.include_router(_router)
+    app.include_router(health.router)
     describe(app)
     return app
 

@@ -10,13 +10,16 @@ import signal
 import socket
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import structlog
 
 from core import channels, event_loop
 from core.logging import configure_logging
+
+if TYPE_CHECKING:
+    from server.common.health import GrpcHealth
 
 log = structlog.get_logger(__name__)
 
@@ -233,13 +236,16 @@ async def _agent(args: argparse.Namespace) -> None:
 
 async def _serve_one(args: argparse.Namespace) -> None:
     """One service on its own gRPC server, until SIGINT or SIGTERM."""
+    from server.common.health import GrpcHealth
+
     server = channels.server()
     # A network server tells its agents to reconnect before it stops serving;
     # the others finish their in-flight calls first.
     stop_first: Callable[[], Awaitable[None]] | None = None
     stop_component: Callable[[], Awaitable[None]]
+    readiness: Callable[[GrpcHealth], Coroutine[Any, Any, None]] | None = None
     if args.command == "network":
-        from server.network.component import NetworkComponent
+        from server.network.component import SERVICE_NAMES, NetworkComponent
         from server.secrets import service_token
 
         if args.account is None:
@@ -252,7 +258,7 @@ async def _serve_one(args: argparse.Namespace) -> None:
         network.start()
         stop_first = stop_component = network.stop
     elif args.command == "account":
-        from server.account.component import AccountComponent
+        from server.account.component import SERVICE_NAMES, AccountComponent
 
         if not args.database_url:
             raise SystemExit("account: --database-url or RESULTITY_DATABASE_URL is required")
@@ -267,7 +273,7 @@ async def _serve_one(args: argparse.Namespace) -> None:
         account.register(server)
         stop_component = account.stop
     else:
-        from server.cloud.component import CloudComponent
+        from server.cloud.component import SERVICE_NAMES, CloudComponent
         from server.secrets import service_token
 
         if not args.database_url:
@@ -280,12 +286,20 @@ async def _serve_one(args: argparse.Namespace) -> None:
         )
         cloud.register(server)
         stop_component = cloud.stop
+        readiness = cloud.follow_readiness
+    health = GrpcHealth(server, SERVICE_NAMES)
+    await health.starting()
     server.add_insecure_port(args.listen)
     await server.start()
+    await health.serving()
     log.info("serving", service=args.command, address=args.listen)
+    follow = asyncio.create_task(readiness(health)) if readiness is not None else None
     try:
         await _until_signal(server.wait_for_termination())
     finally:
+        if follow is not None:
+            follow.cancel()
+        await health.draining()
         if stop_first is not None:
             await stop_first()
         await server.stop(5.0)

@@ -23,10 +23,14 @@ from pydantic import SecretStr
 from core import channels
 from gateway.app import create_app
 from gateway.server import serve as serve_gateway
+from server.account.component import SERVICE_NAMES as ACCOUNT_SERVICES
 from server.account.component import AccountComponent
 from server.bootstrap import DEMO_KEY_FILE, ensure_demo_key, ensure_node_token
+from server.cloud.component import SERVICE_NAMES as CLOUD_SERVICES
 from server.cloud.component import CloudComponent
 from server.common.database import EmbeddedPostgres
+from server.common.health import GrpcHealth
+from server.network.component import SERVICE_NAMES as NETWORK_SERVICES
 from server.network.component import NetworkComponent
 from server.network.service import LivenessSettings
 from server.secrets import load_or_create_secrets
@@ -137,12 +141,19 @@ async def run_platform(settings: PlatformSettings, *, ready: asyncio.Event | Non
         server = channels.server()
         for component in (account, network, cloud):
             component.register(server)
+        health = GrpcHealth(server, (*ACCOUNT_SERVICES, *NETWORK_SERVICES, *CLOUD_SERVICES))
+        await health.starting()
         server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
         await server.start()
         stack.push_async_callback(server.stop, 5.0)
         network.start()
+        await health.serving()
+        readiness = asyncio.create_task(cloud.follow_readiness(health), name="cloud-readiness")
+        stack.push_async_callback(_cancel, readiness)
         # Unwinds before the server stops, so connected agents are told to reconnect.
         stack.push_async_callback(network.stop)
+        # Unwinds before that: probes see NOT_SERVING while the rest shuts down.
+        stack.push_async_callback(health.draining)
         log.info("grpc services listening", address=f"{settings.grpc_host}:{settings.grpc_port}")
 
         bootstrap_channel = channels.insecure_channel(grpc_target)

@@ -10,12 +10,19 @@ import asyncpg
 import grpc
 import structlog
 from resultity.account.v1 import (
+    account_service_pb2,
     account_service_pb2_grpc,
+    api_key_service_pb2,
     api_key_service_pb2_grpc,
+    contribution_service_pb2,
     contribution_service_pb2_grpc,
+    ledger_service_pb2,
     ledger_service_pb2_grpc,
+    node_token_service_pb2,
     node_token_service_pb2_grpc,
+    referral_service_pb2,
     referral_service_pb2_grpc,
+    subscription_service_pb2,
     subscription_service_pb2_grpc,
 )
 
@@ -41,11 +48,23 @@ from server.account.subscription_servicer import SubscriptionServicer
 from server.account.subscription_store import PostgresSubscriptionStore
 from server.account.subscriptions import SubscriptionService
 from server.common.database import apply_migrations, create_pool, load_migrations
+from server.common.health import service_names
 from server.secrets import PlatformSecrets
 
 log = structlog.get_logger(__name__)
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+SERVICE_NAMES = service_names(
+    account_service_pb2,
+    api_key_service_pb2,
+    contribution_service_pb2,
+    ledger_service_pb2,
+    node_token_service_pb2,
+    referral_service_pb2,
+    subscription_service_pb2,
+)
 
 
 class AccountComponent:

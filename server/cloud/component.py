@@ -3,11 +3,18 @@ network services."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import asyncpg
 import grpc
-from resultity.cloud.v1 import inference_service_pb2_grpc, subcloud_service_pb2_grpc
+import structlog
+from resultity.cloud.v1 import (
+    inference_service_pb2,
+    inference_service_pb2_grpc,
+    subcloud_service_pb2,
+    subcloud_service_pb2_grpc,
+)
 
 from core.channels import insecure_channel
 from server.cloud.chat import ChatService
@@ -18,8 +25,15 @@ from server.cloud.subcloud_service import SubcloudResolver, SubcloudService
 from server.cloud.subcloud_servicer import SubcloudServicer
 from server.cloud.subcloud_store import PostgresSubcloudStore
 from server.common.database import apply_migrations, create_pool, load_migrations
+from server.common.health import GrpcHealth, service_names
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+log = structlog.get_logger(__name__)
+
+SERVICE_NAMES = service_names(inference_service_pb2, subcloud_service_pb2)
+INFERENCE_SERVICE = inference_service_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+# How often the inference service's health follows whether any model is servable.
+READINESS_INTERVAL_S = 2.0
 
 
 class CloudComponent:
@@ -87,6 +101,18 @@ class CloudComponent:
         subcloud_service_pb2_grpc.add_SubcloudServiceServicer_to_server(
             SubcloudServicer(self.subclouds), server
         )
+
+    async def follow_readiness(self, health: GrpcHealth) -> None:
+        """Keeps the inference service's health SERVING only while some model has a
+        ready node (what the gateway's /ready asks); runs until cancelled."""
+        while True:
+            try:
+                servable = await self.chat.models.any_servable()
+            except Exception:  # the network unreachable: nothing is servable
+                log.warning("readiness check failed", exc_info=True)
+                servable = False
+            await health.set(INFERENCE_SERVICE, servable)
+            await asyncio.sleep(READINESS_INTERVAL_S)
 
     async def stop(self) -> None:
         await self.chat.drain()

@@ -30,6 +30,10 @@ class ModelDirectory:
         """The catalog; ``ready_nodes`` counts the nodes meeting ``requirements``."""
         return list((await self._catalog(requirements)).values())
 
+    async def any_servable(self) -> bool:
+        """Whether some model has a ready node (with no node rules)."""
+        return any(model.ready_nodes > 0 for model in await self.all())
+
     async def get(
         self, model_id: str, requirements: NodeRequirements = NO_REQUIREMENTS
     ) -> CatalogModel:

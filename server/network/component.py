@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import grpc
-from resultity.agent.v1 import agent_service_pb2_grpc
-from resultity.network.v1 import dispatch_service_pb2_grpc, node_admin_service_pb2_grpc
+from resultity.agent.v1 import agent_service_pb2, agent_service_pb2_grpc
+from resultity.network.v1 import (
+    dispatch_service_pb2,
+    dispatch_service_pb2_grpc,
+    node_admin_service_pb2,
+    node_admin_service_pb2_grpc,
+)
 
 from core import channels
 from core.inference import CatalogModel
+from server.common.health import service_names
 from server.network.admin_servicer import NodeAdminServicer
 from server.network.admission import AdmissionSettings, NodeAdmission
 from server.network.callers import ServiceCallers
@@ -20,6 +26,8 @@ from server.network.service import (
 )
 from server.network.servicer import AgentServicer, DispatchServicer
 from server.network.tokens import AccountNodeTokens
+
+SERVICE_NAMES = service_names(agent_service_pb2, dispatch_service_pb2, node_admin_service_pb2)
 
 
 class NetworkComponent:

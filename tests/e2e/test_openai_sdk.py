@@ -20,6 +20,7 @@ import grpc
 import httpx
 import openai
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from resultity.account.v1 import api_key_service_pb2 as keys_pb
 from resultity.account.v1 import api_key_service_pb2_grpc as keys_grpc
 from resultity.account.v1 import ledger_service_pb2 as ledger_pb
@@ -256,3 +257,25 @@ async def test_embeddings_are_unit_vectors_and_billed_per_prompt_token(
     assert response.usage.prompt_tokens > 0
     spent = before - await platform.balance()
     assert spent == response.usage.prompt_tokens * model.price.prompt_micro_credits_per_token
+
+
+async def test_probes_and_grpc_health_report_a_serving_platform(platform: RunningPlatform) -> None:
+    root = platform.base_url.removesuffix("/v1")
+    async with httpx.AsyncClient() as http:
+        assert (await http.get(f"{root}/health")).json() == {"status": "ok"}
+        # Readiness follows the catalog every 2 s, so it may trail /v1/models briefly.
+        for _ in range(60):
+            ready = await http.get(f"{root}/ready")
+            if ready.status_code == 200:
+                break
+            await asyncio.sleep(0.5)
+    assert ready.json() == {"status": "ready"}
+    async with grpc.aio.insecure_channel(platform.grpc_target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for service in (
+            "",
+            "resultity.account.v1.LedgerService",
+            "resultity.network.v1.DispatchService",
+        ):
+            answer = await stub.Check(health_pb2.HealthCheckRequest(service=service))
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING, service
