@@ -27,7 +27,12 @@ log = structlog.get_logger(__name__)
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="resultity", description=__doc__)
     parser.add_argument("--log-level", default=os.environ.get("RESULTITY_LOG_LEVEL", "info"))
-    parser.add_argument("--log-json", action="store_true", help="log as JSON lines")
+    parser.add_argument(
+        "--log-json",
+        action="store_true",
+        default=os.environ.get("RESULTITY_LOG_JSON", "").lower() in ("1", "true", "yes"),
+        help="log as JSON lines (default: $RESULTITY_LOG_JSON)",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     up = commands.add_parser("up", help="run the whole platform on this machine")
