@@ -16,17 +16,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import multiprocessing
-import os
-import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
-import asyncpg
 import grpc
 import psutil
 from resultity.account.v1 import account_service_pb2 as account_pb
@@ -41,6 +36,7 @@ from resultity.account.v1 import node_token_service_pb2_grpc as node_token_grpc
 from agent.session import AgentSession, SessionSettings
 from bench.paced_runtime import PacedRuntime
 from bench.platform_process import free_port
+from bench.scratch_database import scratch_database
 from core import channels, event_loop
 from core.logging import configure_logging
 from gateway.app import create_app
@@ -49,7 +45,6 @@ from server.account.component import AccountComponent
 from server.cloud.component import CloudComponent
 from server.cloud.settings import RateLimitSettings
 from server.common.credentials import service_metadata
-from server.common.database import EmbeddedPostgres
 from server.network.component import NetworkComponent
 from server.network.service import ValidationSettings
 from server.secrets import PlatformSecrets
@@ -85,30 +80,6 @@ async def _serve_floor(conn: Connection, tokens: int) -> None:
         await _until_stopped(conn)
     finally:
         await server.stop(None)
-
-
-def _with_database(dsn: str, database: str) -> str:
-    return urlunsplit(urlsplit(dsn)._replace(path=f"/{database}"))
-
-
-@contextlib.asynccontextmanager
-async def _scratch_database() -> AsyncIterator[str]:
-    """A new database on RESULTITY_DATABASE_URL's server (or an embedded one), dropped after."""
-    base = os.environ.get("RESULTITY_DATABASE_URL")
-    async with contextlib.AsyncExitStack() as stack:
-        if base is None:
-            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="resultity-bench-"))
-            embedded = EmbeddedPostgres(Path(tmp) / "pg")
-            base = await embedded.start("postgres")
-            stack.push_async_callback(embedded.stop)
-        scratch = f"resultity_bench_{uuid.uuid4().hex[:8]}"
-        admin = await asyncpg.connect(base)
-        stack.push_async_callback(admin.close)
-        await admin.execute(f'CREATE DATABASE "{scratch}"')
-        try:
-            yield _with_database(base, scratch)
-        finally:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{scratch}" WITH (FORCE)')
 
 
 async def _customer_key(channel: grpc.aio.Channel, service: tuple[tuple[str, str], ...]) -> str:
@@ -155,7 +126,7 @@ async def _serve_platform(conn: Connection, tokens: int) -> None:
     """Account, network and cloud on one gRPC server and the HTTP gateway, in this
     process (as `resultity up` runs them); the node is the agent side's."""
     async with contextlib.AsyncExitStack() as stack:
-        dsn = await stack.enter_async_context(_scratch_database())
+        dsn = await stack.enter_async_context(scratch_database())
         server = channels.server()
         port = server.add_insecure_port("127.0.0.1:0")
         target = f"127.0.0.1:{port}"
@@ -167,7 +138,9 @@ async def _serve_platform(conn: Connection, tokens: int) -> None:
             validation=ValidationSettings(enabled=False),
             account_target=target,
             service_token=secrets.service_token,
+            database_url=dsn,
         )
+        await network.start()
         stack.push_async_callback(network.stop)
         cloud = await CloudComponent.start(
             dsn,
@@ -186,7 +159,6 @@ async def _serve_platform(conn: Connection, tokens: int) -> None:
         stack.push_async_callback(cloud.stop)
         for component in (account, network, cloud):
             component.register(server)
-        network.start()
         await server.start()
         stack.push_async_callback(server.stop, None)
         channel = channels.insecure_channel(target)

@@ -45,6 +45,7 @@ from resultity.network.v1 import dispatch_service_pb2_grpc as dispatch_grpc
 from agent.identity import NodeIdentity, signed_hello
 from agent.session import AGENT_VERSION, AgentSession, SessionSettings
 from bench.paced_runtime import MODEL_ID, PacedRuntime, token_text
+from bench.scratch_database import scratch_database
 from core import channels, event_loop
 from core.inference import ChatMessage, ChatRole, GenerationSpec, Sampling
 from core.inference_proto import spec_to_pb
@@ -60,9 +61,17 @@ CONNECT_BATCH = 50  # handshakes in flight at once while building the fleet
 
 
 async def _serve(conn: Connection, service_token: str) -> None:
+    async with scratch_database() as dsn:
+        await _serve_on(conn, service_token, dsn)
+
+
+async def _serve_on(conn: Connection, service_token: str, dsn: str) -> None:
     network = NetworkComponent(
-        validation=ValidationSettings(enabled=False), service_token=service_token
+        validation=ValidationSettings(enabled=False),
+        service_token=service_token,
+        database_url=dsn,
     )
+    await network.start()
     ingested = 0
     beat = network.service.heartbeat
 
@@ -76,7 +85,6 @@ async def _serve(conn: Connection, service_token: str) -> None:
     server = channels.server()
     network.register(server)
     port = server.add_insecure_port("127.0.0.1:0")
-    network.start()
     await server.start()
     conn.send(f"127.0.0.1:{port}")
     try:

@@ -168,3 +168,16 @@ class NodeRequirements:
     min_reputation: float = 0.0
     # Admitted with an operator's node token and no failed canary since joining.
     verified_only: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class JobOrigin:
+    """Whose request a job serves, for the network's job record; empty: unknown."""
+
+    request_id: str = ""
+    # Account (UUID text) the request is billed to.
+    account_id: str = ""
+    subcloud_id: str = ""
+
+
+NO_ORIGIN = JobOrigin()

@@ -14,6 +14,7 @@ from core.inference import (
     ChatRole,
     FinishReason,
     GenerationSpec,
+    JobOrigin,
     ModelPrice,
     NodeRequirements,
     ResponseFormat,
@@ -233,3 +234,15 @@ def requirements_from_pb(
         min_reputation=message.min_reputation,
         verified_only=message.verified_only,
     )
+
+
+def origin_to_pb(origin: JobOrigin) -> dispatch_pb.JobOrigin:
+    return dispatch_pb.JobOrigin(
+        request_id=origin.request_id,
+        account_id=origin.account_id,
+        subcloud_id=origin.subcloud_id,
+    )
+
+
+def origin_from_pb(message: dispatch_pb.JobOrigin) -> JobOrigin:
+    return JobOrigin(message.request_id, message.account_id, message.subcloud_id)

@@ -96,6 +96,18 @@ def _parser() -> argparse.ArgumentParser:
         help="where the service token (required of dispatch and node admin callers) is "
         "read from, or created if missing, unless RESULTITY_SERVICE_TOKEN is set",
     )
+    network.add_argument(
+        "--database-url",
+        default=os.environ.get("RESULTITY_DATABASE_URL"),
+        help="PostgreSQL for node standings, configuration versions and job records "
+        "(replicas of one network share it; may be the account server's database)",
+    )
+    network.add_argument(
+        "--redis-url",
+        default=os.environ.get("RESULTITY_REDIS_URL"),
+        help="Redis that carries configuration changes to the other replicas "
+        "(without it, this replica hears only its own)",
+    )
 
     account = commands.add_parser("account", help="run the account server alone")
     account.add_argument("--listen", default="127.0.0.1:50052")
@@ -250,18 +262,29 @@ async def _serve_one(args: argparse.Namespace) -> None:
     stop_component: Callable[[], Awaitable[None]]
     readiness: Callable[[GrpcHealth], Coroutine[Any, Any, None]] | None = None
     if args.command == "network":
+        from server.common.bus_connect import connect_bus
         from server.network.component import SERVICE_NAMES, NetworkComponent
         from server.secrets import service_token
 
+        if not args.database_url:
+            raise SystemExit("network: --database-url or RESULTITY_DATABASE_URL is required")
         if args.account is None:
             log.warning("no --account: node tokens are not checked and nodes earn nothing")
+        bus = connect_bus(args.redis_url)
         network = NetworkComponent(
             account_target=args.account,
             service_token=service_token(args.data_dir, create=True),
+            database_url=args.database_url,
+            bus=bus,
         )
+        await network.start()
         network.register(server)
-        network.start()
-        stop_first = stop_component = network.stop
+
+        async def stop_network() -> None:
+            await network.stop()
+            await bus.close()
+
+        stop_first = stop_component = stop_network
     elif args.command == "account":
         from server.account.component import SERVICE_NAMES, AccountComponent
 

@@ -129,7 +129,9 @@ async def run_platform(settings: PlatformSettings, *, ready: asyncio.Event | Non
             liveness=LivenessSettings(settings.heartbeat_interval_s, settings.heartbeat_timeout_s),
             account_target=grpc_target,
             service_token=secrets.service_token,
+            database_url=dsn,
         )
+        await network.start()
         cloud = await CloudComponent.start(
             dsn,
             account_target=grpc_target,
@@ -146,7 +148,6 @@ async def run_platform(settings: PlatformSettings, *, ready: asyncio.Event | Non
         server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
         await server.start()
         stack.push_async_callback(server.stop, 5.0)
-        network.start()
         await health.serving()
         readiness = asyncio.create_task(cloud.follow_readiness(health), name="cloud-readiness")
         stack.push_async_callback(_cancel, readiness)

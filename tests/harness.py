@@ -36,7 +36,9 @@ from core import channels
 from server.account.component import AccountComponent
 from server.cli import _parser, _run
 from server.cloud.component import CloudComponent
+from server.common.bus import Bus
 from server.common.credentials import generate_service_token, service_metadata
+from server.network.admission import AdmissionSettings
 from server.network.component import NetworkComponent
 from server.network.service import FailoverSettings, LivenessSettings, ValidationSettings
 from server.secrets import PlatformSecrets
@@ -252,15 +254,17 @@ async def running_platform(
         liveness=liveness,
         failover=failover,
         validation=validation,
+        admission=AdmissionSettings(network_id=new_network_id()),
         account_target=target,
         service_token=secrets.service_token,
+        database_url=dsn,
     )
+    await network.start()
     cloud = await CloudComponent.start(
         dsn, account_target=target, network_target=target, service_token=secrets.service_token
     )
     for component in (account, network, cloud):
         component.register(server)
-    network.start()
     await server.start()
     channel = channels.insecure_channel(target)
     platform = Platform(target, network, account, channel, service_metadata(secrets.service_token))
@@ -300,20 +304,38 @@ class NetworkServer:
         await self.server.stop(grace_s)
 
 
+def new_network_id() -> str:
+    """A network of its own in the shared test database: its configuration versions
+    and node standings are not another test's."""
+    return f"test-{uuid.uuid4().hex[:12]}"
+
+
 async def start_network(
+    dsn: str,
     *,
     liveness: LivenessSettings | None = None,
     failover: FailoverSettings | None = None,
     port: int = 0,
     validation: ValidationSettings = NO_VALIDATION,
+    network_id: str = "",
+    service_token: str = "",
+    bus: Bus | None = None,
 ) -> NetworkServer:
+    """The network alone on ``dsn``; a ``network_id`` already used there restarts
+    that network (its standings, configuration and job records)."""
     server = channels.server()
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
-    token = generate_service_token()
+    token = service_token or generate_service_token()
     component = NetworkComponent(
-        liveness=liveness, failover=failover, validation=validation, service_token=token
+        liveness=liveness,
+        failover=failover,
+        validation=validation,
+        admission=AdmissionSettings(network_id=network_id or new_network_id()),
+        service_token=token,
+        database_url=dsn,
+        bus=bus,
     )
+    await component.start()
     component.register(server)
-    component.start()
     await server.start()
     return NetworkServer(component, server, bound, token)

@@ -24,6 +24,7 @@ from core.inference import (
     JobAssigned,
     JobDelta,
     JobMigrated,
+    JobOrigin,
     NodeRequirements,
     NodeUsage,
     Sampling,
@@ -264,7 +265,12 @@ class ChatService:
                 for index, (job_id, (spec, _)) in enumerate(zip(job_ids, jobs, strict=True)):
                     delivered = Usage()
                     job = bound.bind(job_id=job_id, choice=index)
-                    events = self._network.run_job(job_id, spec, rules)
+                    events = self._network.run_job(
+                        job_id,
+                        spec,
+                        rules,
+                        JobOrigin(request_id, caller.account_id, caller.subcloud_id),
+                    )
                     assigned_at: float | None = None
                     try:
                         async for event in events:

@@ -19,6 +19,7 @@ from resultity.network.v1 import dispatch_service_pb2_grpc as dispatch_grpc
 
 from core.grpc_errors import domain_error_from_rpc
 from core.inference import (
+    NO_ORIGIN,
     CatalogModel,
     GenerationSpec,
     JobAssigned,
@@ -26,12 +27,14 @@ from core.inference import (
     JobEvent,
     JobFinished,
     JobMigrated,
+    JobOrigin,
     NodeRequirements,
     NodeUsage,
 )
 from core.inference_proto import (
     finish_reason_from_pb,
     logprobs_from_pb,
+    origin_to_pb,
     price_from_pb,
     requirements_to_pb,
     spec_to_pb,
@@ -172,13 +175,18 @@ class GrpcNetworkClient:
         ]
 
     async def run_job(
-        self, job_id: str, spec: GenerationSpec, requirements: NodeRequirements = NO_REQUIREMENTS
+        self,
+        job_id: str,
+        spec: GenerationSpec,
+        requirements: NodeRequirements = NO_REQUIREMENTS,
+        origin: JobOrigin = NO_ORIGIN,
     ) -> AsyncGenerator[JobEvent, None]:
         call = self._dispatch.RunJob(
             dispatch_pb.RunJobRequest(
                 job_id=job_id,
                 spec=spec_to_pb(spec),
                 requirements=requirements_to_pb(requirements),
+                origin=origin_to_pb(origin),
             ),
             metadata=self._metadata,
         )

@@ -9,7 +9,14 @@ from typing import Protocol
 from uuid import UUID
 
 from core.errors import PermissionDenied
-from core.inference import CatalogModel, GenerationSpec, JobEvent, NodeRequirements
+from core.inference import (
+    NO_ORIGIN,
+    CatalogModel,
+    GenerationSpec,
+    JobEvent,
+    JobOrigin,
+    NodeRequirements,
+)
 from server.common.rate_limits import NO_LIMITS, RateLimits
 
 NO_REQUIREMENTS = NodeRequirements()
@@ -113,7 +120,12 @@ class NetworkPort(Protocol):
         ...
 
     def run_job(
-        self, job_id: str, spec: GenerationSpec, requirements: NodeRequirements = NO_REQUIREMENTS
+        self,
+        job_id: str,
+        spec: GenerationSpec,
+        requirements: NodeRequirements = NO_REQUIREMENTS,
+        origin: JobOrigin = NO_ORIGIN,
     ) -> AsyncGenerator[JobEvent, None]:
-        """Runs the job on nodes meeting ``requirements`` (failover included)."""
+        """Runs the job on nodes meeting ``requirements`` (failover included); the
+        network's record of it names ``origin``."""
         ...

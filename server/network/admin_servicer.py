@@ -1,16 +1,21 @@
 """gRPC transport of the node admin API: list, inspect, drain, quarantine and release nodes;
-read and update the network configuration. Callers need the platform's service
-token (callers.py)."""
+read and update the network configuration and list its acknowledgements. Callers
+need the platform's service token (callers.py)."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import time
 
 import grpc
 from resultity.network.v1 import node_admin_service_pb2 as admin_pb
 from resultity.network.v1 import node_admin_service_pb2_grpc as admin_grpc
 
+from core.errors import InvalidArgument
 from core.grpc_errors import translate_errors
+from server.common.paging import page_size
+from server.common.transport import timestamp_to_pb
 from server.network.callers import ServiceCallers, service_only
 from server.network.convert import config_from_pb, config_to_pb, node_to_pb
 from server.network.nodes import NodeSession
@@ -67,7 +72,7 @@ class NodeAdminServicer(admin_grpc.NodeAdminServiceServicer):
             admin_pb.QuarantineNodeRequest, admin_pb.QuarantineNodeResponse
         ],
     ) -> admin_pb.QuarantineNodeResponse:
-        node = self._service.quarantine(request.node_id, request.reason)
+        node = await self._service.quarantine(request.node_id, request.reason)
         return admin_pb.QuarantineNodeResponse(node=self._node(node))
 
     @translate_errors
@@ -79,7 +84,7 @@ class NodeAdminServicer(admin_grpc.NodeAdminServiceServicer):
             admin_pb.ReleaseNodeRequest, admin_pb.ReleaseNodeResponse
         ],
     ) -> admin_pb.ReleaseNodeResponse:
-        node = self._service.release(request.node_id)
+        node = await self._service.release(request.node_id)
         return admin_pb.ReleaseNodeResponse(node=self._node(node) if node else None)
 
     @translate_errors
@@ -102,7 +107,45 @@ class NodeAdminServicer(admin_grpc.NodeAdminServiceServicer):
             admin_pb.UpdateNetworkConfigRequest, admin_pb.UpdateNetworkConfigResponse
         ],
     ) -> admin_pb.UpdateNetworkConfigResponse:
-        config = self._service.update_config(
+        config = await self._service.update_config(
             config_from_pb(request.config), request.expected_version
         )
         return admin_pb.UpdateNetworkConfigResponse(config=config_to_pb(config))
+
+    @translate_errors
+    @service_only
+    async def ListConfigAcks(
+        self,
+        request: admin_pb.ListConfigAcksRequest,
+        context: grpc.aio.ServicerContext[
+            admin_pb.ListConfigAcksRequest, admin_pb.ListConfigAcksResponse
+        ],
+    ) -> admin_pb.ListConfigAcksResponse:
+        limit = page_size(request.page_size)
+        version, acks = await self._service.config_acks(
+            request.version, _after_node(request.page_token), limit
+        )
+        return admin_pb.ListConfigAcksResponse(
+            version=version,
+            acks=[
+                admin_pb.ConfigAck(
+                    node_id=ack.node_id,
+                    version=ack.version,
+                    acked_at=timestamp_to_pb(ack.acked_at),
+                )
+                for ack in acks
+            ],
+            next_page_token=_page_token(acks[-1].node_id) if len(acks) == limit else "",
+        )
+
+
+def _page_token(node_id: str) -> str:
+    return base64.urlsafe_b64encode(node_id.encode()).decode()
+
+
+def _after_node(token: str) -> str:
+    """The last node id of the previous page; empty for the first."""
+    try:
+        return base64.urlsafe_b64decode(token.encode()).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise InvalidArgument("page_token is not valid", field="page_token") from None

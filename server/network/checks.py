@@ -61,15 +61,17 @@ class NodeChecks:
         *,
         serve: Callable[[NodeSession, str], None],
         quarantine: Callable[[NodeSession, str], None],
+        standing_changed: Callable[[NodeSession], None],
         rng: random.Random | None = None,
     ) -> None:
         """``serve`` routes a model to a node that passed it; ``quarantine`` takes a
-        node out of service."""
+        node out of service; ``standing_changed`` records a canary's verdict."""
         self._catalog = catalog
         self._settings = settings
         self._probe = probe
         self._serve = serve
         self._quarantine = quarantine
+        self._standing_changed = standing_changed
         self._rng = rng or random.Random()
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -125,6 +127,7 @@ class NodeChecks:
                     return
                 if not answer.done or not canary_passes(canary.expected, answer.text):
                     node.standing.failed_canary = True
+                    self._standing_changed(node)
                     failure = "wrong answer to a known-answer canary"
             if failure:
                 status.validation, status.reason = ModelValidation.FAILED, failure
@@ -150,6 +153,7 @@ class NodeChecks:
         node.standing.reputation = next_reputation(
             node.standing.reputation, passed, self._settings.reputation_alpha
         )
+        self._standing_changed(node)
         log.info(
             "canary checked",
             node_id=node.node_id,

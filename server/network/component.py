@@ -1,7 +1,11 @@
-"""The network server's parts, ready to be hosted on a gRPC server."""
+"""The network server's parts, ready to be hosted on a gRPC server: the service,
+its PostgreSQL state (migrations, stores) and the bus to the other replicas."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import asyncpg
 import grpc
 from resultity.agent.v1 import agent_service_pb2, agent_service_pb2_grpc
 from resultity.network.v1 import (
@@ -13,11 +17,16 @@ from resultity.network.v1 import (
 
 from core import channels
 from core.inference import CatalogModel
+from server.common.bus import Bus
+from server.common.bus_memory import MemoryBus
+from server.common.database import apply_migrations, create_pool, load_migrations
 from server.common.health import service_names
 from server.network.admin_servicer import NodeAdminServicer
 from server.network.admission import AdmissionSettings, NodeAdmission
 from server.network.callers import ServiceCallers
 from server.network.catalog import DEFAULT_CATALOG, Catalog
+from server.network.config_store import PostgresConfigStore
+from server.network.job_store import PostgresJobRecordStore
 from server.network.service import (
     FailoverSettings,
     LivenessSettings,
@@ -25,9 +34,12 @@ from server.network.service import (
     ValidationSettings,
 )
 from server.network.servicer import AgentServicer, DispatchServicer
+from server.network.standing_store import PostgresStandingStore
+from server.network.state_ports import NetworkStores
 from server.network.tokens import AccountNodeTokens
 
 SERVICE_NAMES = service_names(agent_service_pb2, dispatch_service_pb2, node_admin_service_pb2)
+MIGRATIONS = Path(__file__).parent / "migrations"
 
 
 class NetworkComponent:
@@ -41,10 +53,19 @@ class NetworkComponent:
         validation: ValidationSettings | None = None,
         account_target: str | None = None,
         service_token: str,
+        database_url: str,
+        bus: Bus | None = None,
     ) -> None:
         """Callers of the dispatch and node admin APIs must present ``service_token``.
         With ``account_target`` node tokens are resolved by that account server (with
-        the same token); without, tokens are not checked and nodes earn nothing."""
+        the same token); without, tokens are not checked and nodes earn nothing.
+        The network's state lives in the PostgreSQL at ``database_url``; replicas of
+        one network share it and a ``bus`` (default: this process alone)."""
+        self._database_url = database_url
+        self._pool: asyncpg.Pool[asyncpg.Record] | None = None
+        # A bus given is the caller's to close.
+        self._own_bus = bus is None
+        self._bus = bus or MemoryBus()
         self._callers = ServiceCallers(service_token)
         self._account_channel = (
             None if account_target is None else channels.insecure_channel(account_target)
@@ -54,13 +75,18 @@ class NetworkComponent:
             if self._account_channel is None
             else AccountNodeTokens(self._account_channel, service_token)
         )
-        self.service = NetworkService(
-            Catalog(catalog),
-            liveness or LivenessSettings(),
-            failover,
-            NodeAdmission(admission or AdmissionSettings(), tokens),
-            validation,
-        )
+        self._catalog = Catalog(catalog)
+        self._liveness = liveness or LivenessSettings()
+        self._failover = failover
+        self._admission = NodeAdmission(admission or AdmissionSettings(), tokens)
+        self._validation = validation
+        self._service: NetworkService | None = None
+
+    @property
+    def service(self) -> NetworkService:
+        if self._service is None:
+            raise RuntimeError("the network component is not started")
+        return self._service
 
     def register(self, server: grpc.aio.Server) -> None:
         agent_service_pb2_grpc.add_AgentServiceServicer_to_server(
@@ -73,12 +99,40 @@ class NetworkComponent:
             NodeAdminServicer(self.service, self._callers), server
         )
 
-    def start(self) -> None:
-        self.service.start()
+    async def start(self) -> None:
+        """Connects to PostgreSQL, migrates, and starts the service; call before
+        ``register``."""
+        pool = await create_pool(self._database_url)
+        try:
+            await apply_migrations(pool, load_migrations("network", MIGRATIONS))
+            network_id = self._admission.settings.network_id
+            self._service = NetworkService(
+                self._catalog,
+                self._liveness,
+                self._failover,
+                self._admission,
+                self._validation,
+                stores=NetworkStores(
+                    PostgresStandingStore(pool, network_id),
+                    PostgresConfigStore(pool, network_id),
+                    PostgresJobRecordStore(pool, network_id),
+                ),
+                bus=self._bus,
+            )
+            await self._service.start()
+        except BaseException:
+            await pool.close()
+            raise
+        self._pool = pool
 
     async def stop(self) -> None:
-        """Tells connected agents to reconnect; call before stopping the gRPC server
-        (with a grace period) so that the message reaches them."""
-        await self.service.stop()
+        """Tells connected agents to reconnect and writes what is pending; call before
+        stopping the gRPC server (with a grace period) so that the message reaches them."""
+        if self._service is not None:
+            await self._service.stop()
+        if self._own_bus:
+            await self._bus.close()
+        if self._pool is not None:
+            await self._pool.close()
         if self._account_channel is not None:
             await self._account_channel.close(grace=None)

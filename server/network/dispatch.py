@@ -24,16 +24,19 @@ from core.errors import (
     NoCapacity,
 )
 from core.inference import (
+    NO_ORIGIN,
     GenerationSpec,
     JobAssigned,
     JobEvent,
     JobFinished,
     JobMigrated,
+    JobOrigin,
     NodeRequirements,
 )
 from core.node_signing import result_payload, verify
 from server.network.catalog import Catalog
 from server.network.checks import Probe
+from server.network.job_records import JobJournal, JobOutcome
 from server.network.jobs import (
     ActiveJob,
     ChunkReport,
@@ -60,16 +63,18 @@ class JobDispatch:
         *,
         cut_off: Callable[[NodeSession, DomainError], None],
         canary: Callable[[NodeSession, str], None],
+        journal: JobJournal,
     ) -> None:
         """``nodes`` are the connected nodes (the service's own map); ``cut_off`` ends
         a node's session; ``canary`` may send a node that got a job of a model a
-        disguised canary of it."""
+        disguised canary of it; ``journal`` records each job (probes are not jobs)."""
         self._catalog = catalog
         self._router = router
         self._failover = failover
         self._nodes = nodes
         self._cut_off = cut_off
         self._canary = canary
+        self._journal = journal
         self._jobs: dict[str, ActiveJob] = {}
         # The server is shutting down: no new assignments.
         self.closing = False
@@ -79,6 +84,7 @@ class JobDispatch:
         job_id: str,
         spec: GenerationSpec,
         requirements: NodeRequirements = NO_REQUIREMENTS,
+        origin: JobOrigin = NO_ORIGIN,
     ) -> AsyncGenerator[JobEvent, None]:
         """Runs the job, moving it to another node if its node is lost; yields its events.
 
@@ -108,10 +114,12 @@ class JobDispatch:
         )
         self._jobs[job_id] = job
         self._assign(job, node)
+        self._journal.assigned(job, origin)
         bound = log.bind(job_id=job_id)
         bound.info("job assigned", node_id=node.node_id, model=spec.model)
         self._canary(node, spec.model)
         finished = False
+        outcome, detail = JobOutcome.CANCELLED, "cancelled by the caller"
         try:
             yield JobAssigned(node.node_id)
             while True:
@@ -119,9 +127,12 @@ class JobDispatch:
                 if epoch != job.epoch:
                     continue  # queued before the job moved on
                 if isinstance(report, ChunkReport):
+                    if not job.delivered_tokens:
+                        self._journal.first_token(job)
                     yield job.record(report)
                 elif isinstance(report, DoneReport):
                     finished = True
+                    outcome, detail = JobOutcome.FINISHED, report.finish_reason.value
                     job.verified()
                     # Completion tokens are what was relayed, not what the node claims.
                     usage = job.usage(report.usage.prompt_tokens)
@@ -139,15 +150,19 @@ class JobDispatch:
                     return
                 elif isinstance(report, FailedReport):
                     finished = True
+                    outcome, detail = JobOutcome.FAILED, f"{report.kind}: {report.message}"
                     raise _failure_error(report)
                 else:
                     moved = self._migrate(job, report, bound)
                     if moved is None:
                         finished = True
+                        outcome, detail = JobOutcome.FAILED, f"node lost: {report.reason}"
                         raise JobFailed(f"node lost mid-job: {report.reason}")
+                    self._journal.migrated(job, moved.operator_account_id)
                     yield JobMigrated(moved.node_id, job.epoch, report.reason)
         finally:
             self._jobs.pop(job_id, None)
+            self._journal.ended(job, outcome, detail)
             current = self._nodes.get(job.node_id)
             if current is not None:
                 current.active_jobs.discard(job_id)
@@ -238,6 +253,11 @@ class JobDispatch:
             job = self._jobs.get(job_id)
             if job is not None and job.node_id == node.node_id:
                 job.give_up(reason)
+
+    @property
+    def running(self) -> int:
+        """Jobs and probes in flight."""
+        return len(self._jobs)
 
     def give_up_stalled(self, before: float, reason: str) -> None:
         """Gives up assignments with no report since ``before`` (monotonic)."""

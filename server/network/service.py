@@ -31,12 +31,15 @@ from core.errors import (
     NotFound,
 )
 from core.inference import (
+    NO_ORIGIN,
     CatalogModel,
     GenerationSpec,
     JobEvent,
+    JobOrigin,
     NodeRequirements,
 )
 from core.regions import validate_region
+from server.common.bus import Bus
 from server.network.admission import AdmissionSettings, NodeAdmission
 from server.network.catalog import Catalog
 from server.network.checks import NodeChecks
@@ -47,6 +50,7 @@ from server.network.config import (
     next_version,
     version_at_least,
 )
+from server.network.config_fanout import ConfigFanout
 from server.network.dispatch import JobDispatch
 from server.network.jobs import (
     NodeReport,
@@ -64,6 +68,8 @@ from server.network.nodes import (
 )
 from server.network.routing import NO_REQUIREMENTS, Router
 from server.network.settings import FailoverSettings, LivenessSettings, ValidationSettings
+from server.network.state import NetworkState
+from server.network.state_ports import ConfigAck, NetworkStores
 
 __all__ = ["FailoverSettings", "LivenessSettings", "NetworkService", "ValidationSettings"]
 
@@ -79,8 +85,13 @@ class NetworkService:
         admission: NodeAdmission | None = None,
         validation: ValidationSettings | None = None,
         *,
+        stores: NetworkStores,
+        bus: Bus,
         rng: random.Random | None = None,
     ) -> None:
+        """Standings, configuration versions, acknowledgements and job records live
+        in ``stores``; new configuration versions are announced to the other
+        replicas over ``bus``."""
         self.admission = admission or NodeAdmission(AdmissionSettings(), None)
         self.validation = validation or ValidationSettings()
 
@@ -88,8 +99,7 @@ class NetworkService:
         self.liveness = liveness
         self.failover = failover or FailoverSettings()
         self._nodes: dict[str, NodeSession] = {}
-        # Every admitted node's standing, connected or not (nodes.NodeStanding).
-        self._standings: dict[str, NodeStanding] = {}
+        self._state = NetworkState(stores)
         self._router = Router(suspect_after_s=liveness.suspect_s)
         self._dispatch = JobDispatch(
             catalog,
@@ -100,6 +110,7 @@ class NetworkService:
             canary=lambda node, model: self._checks.maybe_canary(
                 node, model, self._config.canary_rate
             ),
+            journal=self._state.journal,
         )
         self._checks = NodeChecks(
             catalog,
@@ -107,11 +118,16 @@ class NetworkService:
             self._dispatch.probe,
             serve=lambda node, model: self._router.add(node, (model,)),
             quarantine=self._quarantine,
+            standing_changed=self._state.standing_changed,
             rng=rng,
         )
         self._monitor: asyncio.Task[None] | None = None
         # Set when the configuration changes the timings the monitor sleeps by.
         self._retimed = asyncio.Event()
+        self._fanout = ConfigFanout(bus, self.admission.settings.network_id, self._catch_up)
+        # Serialises this replica's configuration changes; the store orders replicas.
+        self._config_lock = asyncio.Lock()
+        # Version 1 when the store holds none; start() loads the current one.
         self._config = NetworkConfig(
             version=1,
             heartbeat_interval_s=liveness.heartbeat_interval_s,
@@ -124,12 +140,18 @@ class NetworkService:
 
     # --- lifecycle -------------------------------------------------------
 
-    def start(self) -> None:
+    async def start(self) -> None:
+        """Loads the current configuration and follows its changes on every replica."""
+        self._state.start()
+        self._apply_config(await self._state.current_config(self._config))
+        await self._fanout.start()
         self._monitor = asyncio.create_task(self._watch(), name="liveness")
 
-    async def stop(self) -> None:
-        """Asks every agent to reconnect (to another server, or to this one restarted)."""
+    async def stop(self, *, grace_s: float = 5.0) -> None:
+        """Asks every agent to reconnect (to another server, or to this one restarted),
+        then writes the records of the jobs that ended (within ``grace_s``)."""
         self._dispatch.closing = True
+        await self._fanout.stop()
         if self._monitor is not None:
             self._monitor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -138,6 +160,12 @@ class NetworkService:
         for node in list(self._nodes.values()):
             reason = "network server shutting down"
             self._remove(node, reason, ReconnectCommand(reason))
+        # Jobs whose nodes were removed end as their callers read the news.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace_s):
+                while self._dispatch.running:  # noqa: ASYNC110 - jobs end in their callers' tasks
+                    await asyncio.sleep(0.05)
+        await self._state.close(grace_s)
 
     # --- node sessions ---------------------------------------------------
 
@@ -155,7 +183,12 @@ class NetworkService:
         quarantined node is refused until an operator releases it.
         """
         admitted = await self.admission.admit(hello, raw_hello, signature, session_nonce)
-        standing = self._standings.setdefault(admitted.node_id, NodeStanding())
+        previous = self._nodes.get(admitted.node_id)
+        if previous is not None:
+            standing = previous.standing
+        else:
+            stored = await self._state.standing(admitted.node_id)
+            standing = NodeStanding() if stored is None else stored.standing()
         if standing.quarantine_reason:
             raise NodeQuarantined(
                 f"node {admitted.node_id} is quarantined ({standing.quarantine_reason}); "
@@ -192,6 +225,8 @@ class NetworkService:
             standing=standing,
         )
         self._nodes[node.node_id] = node
+        # Records that the node joined (and for which operator).
+        self._state.standing_changed(node)
         node.outbox.put_nowait(ConfigCommand(self._config))
         if self.validation.enabled:
             self._checks.validate(node)
@@ -240,41 +275,78 @@ class NetworkService:
         return node
 
     def _quarantine(self, node: NodeSession, reason: str) -> None:
-        if node.node_id in self._nodes:
-            self.quarantine(node.node_id, reason)
-
-    def quarantine(self, node_id: str, reason: str) -> NodeSession:
-        """Takes the node out of service until an operator releases it (reconnecting
-        does not)."""
-        node = self.node(node_id)
-        if not node.standing.quarantine_reason:
+        if node.node_id in self._nodes and not node.standing.quarantine_reason:
             node.standing.quarantine_reason = reason or "quarantined by an operator"
-            log.warning("node quarantined", node_id=node_id, reason=node.standing.quarantine_reason)
+            log.warning(
+                "node quarantined", node_id=node.node_id, reason=node.standing.quarantine_reason
+            )
+            self._state.standing_changed(node)
+
+    async def quarantine(self, node_id: str, reason: str) -> NodeSession:
+        """Takes the node out of service until an operator releases it (reconnecting,
+        to any replica, does not); stored before this returns."""
+        node = self.node(node_id)
+        self._quarantine(node, reason)
+        await self._state.standing_written(node_id)
         return node
 
-    def release(self, node_id: str) -> NodeSession | None:
+    async def release(self, node_id: str) -> NodeSession | None:
         """Returns a quarantined node to service with a fresh reputation: a connected
-        one at once, another when it joins again. The node, if connected."""
-        standing = self._standings.get(node_id)
-        if standing is None:
-            raise NotFound(f"node {node_id} never joined this network server")
+        one at once, another when it joins again. The node, if connected here."""
+        node = self._nodes.get(node_id)
+        if node is not None:
+            standing, operator = node.standing, node.operator_account_id
+        else:
+            stored = await self._state.standing(node_id)
+            if stored is None:
+                raise NotFound(f"node {node_id} never joined this network")
+            standing, operator = stored.standing(), stored.operator_account_id
         if standing.quarantine_reason:
             log.warning("node released", node_id=node_id, reason=standing.quarantine_reason)
             standing.quarantine_reason = ""
             standing.reputation = NodeStanding().reputation
-        return self._nodes.get(node_id)
+            self._state.put_standing(node_id, operator, standing)
+            await self._state.standing_written(node_id)
+        return node
 
     @property
     def config(self) -> NetworkConfig:
         return self._config
 
-    def update_config(self, proposed: NetworkConfig, expected_version: int) -> NetworkConfig:
-        """Stores the next version and pushes it to every connected agent.
+    async def update_config(self, proposed: NetworkConfig, expected_version: int) -> NetworkConfig:
+        """Stores the next version, pushes it to this replica's agents and announces
+        it to the other replicas, which push it to theirs.
 
         Its heartbeat timings take effect here too: the agents beat at the new
         interval, so liveness (timeout, suspect threshold) follows it.
         """
-        self._config = next_version(self._config, proposed, expected_version)
+        async with self._config_lock:
+            await self._load_newer_config()
+            config = next_version(self._config, proposed, expected_version)
+            if not await self._state.add_config(config):
+                raise FailedPrecondition(
+                    f"the configuration changed meanwhile (version {config.version} exists); "
+                    "read it again"
+                )
+            self._apply_config(config)
+        await self._fanout.announce(config.version)
+        return config
+
+    async def _catch_up(self, version: int) -> None:
+        """Applies the newest stored version if it is newer than this replica's
+        (``version``: the one announced, 0 when unknown)."""
+        if version and version <= self._config.version:
+            return
+        async with self._config_lock:
+            await self._load_newer_config()
+
+    async def _load_newer_config(self) -> None:
+        latest = await self._state.latest_config()
+        if latest is not None and latest.version > self._config.version:
+            self._apply_config(latest)
+
+    def _apply_config(self, config: NetworkConfig) -> None:
+        self._config = config
         self.liveness = replace(
             self.liveness,
             heartbeat_interval_s=self._config.heartbeat_interval_s,
@@ -284,12 +356,23 @@ class NetworkService:
         self._retimed.set()
         for node in self._nodes.values():
             node.outbox.put_nowait(ConfigCommand(self._config))
-        log.info("network configuration updated", version=self._config.version)
-        return self._config
+        log.info("network configuration applied", version=self._config.version)
 
     def config_applied(self, node: NodeSession, version: int) -> None:
         node.touch()
         node.config_version = max(node.config_version, version)
+        # Only versions this replica sent the agent exist to be acknowledged.
+        if 0 < version <= self._config.version:
+            self._state.config_acked(node.node_id, version)
+
+    async def config_acks(
+        self, version: int, after_node_id: str, limit: int
+    ) -> tuple[int, list[ConfigAck]]:
+        """The acknowledgements of ``version`` (0: the current one), by node id."""
+        version = version or self._config.version
+        if not await self._state.config_exists(version):
+            raise NotFound(f"configuration version {version} does not exist")
+        return version, await self._state.config_acks(version, after_node_id, limit)
 
     def report(self, node: NodeSession, job_id: str, epoch: int, report: NodeReport) -> None:
         node.touch()
@@ -365,7 +448,9 @@ class NetworkService:
         job_id: str,
         spec: GenerationSpec,
         requirements: NodeRequirements = NO_REQUIREMENTS,
+        origin: JobOrigin = NO_ORIGIN,
     ) -> AsyncGenerator[JobEvent, None]:
         """The job's events (dispatch.py): only nodes meeting ``requirements`` run it,
-        first and after every move; closing the iterator early cancels it."""
-        return self._dispatch.run_job(job_id, spec, requirements)
+        first and after every move; closing the iterator early cancels it. Its record
+        names ``origin``."""
+        return self._dispatch.run_job(job_id, spec, requirements, origin)

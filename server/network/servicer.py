@@ -31,6 +31,7 @@ from core.inference_proto import (
     finish_reason_to_pb,
     logprobs_from_pb,
     logprobs_to_pb,
+    origin_from_pb,
     price_to_pb,
     requirements_from_pb,
     spec_from_pb,
@@ -196,7 +197,10 @@ class DispatchServicer(dispatch_grpc.DispatchServiceServicer):
         context: grpc.aio.ServicerContext[dispatch_pb.RunJobRequest, dispatch_pb.RunJobResponse],
     ) -> AsyncIterator[dispatch_pb.RunJobResponse]:
         events = self._service.run_job(
-            request.job_id, spec_from_pb(request.spec), requirements_from_pb(request.requirements)
+            request.job_id,
+            spec_from_pb(request.spec),
+            requirements_from_pb(request.requirements),
+            origin_from_pb(request.origin),
         )
         try:
             async for event in events:

@@ -92,11 +92,12 @@ class JobStream:
 
 
 @pytest.fixture
-async def network() -> AsyncIterator[NetworkServer]:
+async def network(postgres_dsn: str) -> AsyncIterator[NetworkServer]:
     server = await start_network(
+        postgres_dsn,
         liveness=LivenessSettings(
             heartbeat_interval_s=0.1, heartbeat_timeout_s=1.0, suspect_after_s=0.5
-        )
+        ),
     )
     yield server
     await server.stop()

@@ -22,27 +22,24 @@ from server.common.credentials import generate_service_token, service_metadata
 from server.network.component import NetworkComponent
 from server.network.service import LivenessSettings
 from tests.doubles.scripted_runtime import MODEL_ID, ScriptedRuntime
-from tests.harness import Opening, eventually, open_raw_session
+from tests.harness import Opening, eventually, open_raw_session, start_network
 
 FAST = LivenessSettings(heartbeat_interval_s=0.05, heartbeat_timeout_s=0.3)
 SERVICE_TOKEN = generate_service_token()
 
 
 async def _network_server(
-    liveness: LivenessSettings, port: int = 0
+    dsn: str, liveness: LivenessSettings, port: int = 0, network_id: str = ""
 ) -> tuple[grpc.aio.Server, NetworkComponent, int]:
-    server = channels.server()
-    bound = server.add_insecure_port(f"127.0.0.1:{port}")
-    network = NetworkComponent(liveness=liveness, service_token=SERVICE_TOKEN)
-    network.register(server)
-    network.start()
-    await server.start()
-    return server, network, bound
+    network = await start_network(
+        dsn, liveness=liveness, port=port, network_id=network_id, service_token=SERVICE_TOKEN
+    )
+    return network.server, network.component, network.port
 
 
 @pytest.fixture
-async def network() -> AsyncIterator[tuple[NetworkComponent, str]]:
-    server, component, port = await _network_server(FAST)
+async def network(postgres_dsn: str) -> AsyncIterator[tuple[NetworkComponent, str]]:
+    server, component, port = await _network_server(postgres_dsn, FAST)
     yield component, f"127.0.0.1:{port}"
     await server.stop(None)
     await component.stop()
@@ -139,8 +136,8 @@ async def test_heartbeating_agent_stays_and_is_listed(
         await _cancel(task)
 
 
-async def test_agent_reconnects_after_the_network_server_restarts() -> None:
-    server, component, port = await _network_server(FAST)
+async def test_agent_reconnects_after_the_network_server_restarts(postgres_dsn: str) -> None:
+    server, component, port = await _network_server(postgres_dsn, FAST)
     session = AgentSession(
         SessionSettings(f"127.0.0.1:{port}", "phoenix"),
         ScriptedRuntime(),
@@ -154,7 +151,8 @@ async def test_agent_reconnects_after_the_network_server_restarts() -> None:
         await component.stop()
         await eventually(lambda: not session.connected.is_set())
 
-        server, component, _ = await _network_server(FAST, port=port)
+        network_id = component.service.admission.settings.network_id
+        server, component, _ = await _network_server(postgres_dsn, FAST, port, network_id)
         await eventually(lambda: bool(component.service.nodes()))
         # The node's id is its key's fingerprint: the same across sessions.
         assert session.node_id == first_id

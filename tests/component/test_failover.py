@@ -174,8 +174,9 @@ def _text(events: list[dispatch_pb.RunJobResponse]) -> str:
 
 
 @pytest.fixture
-async def network() -> AsyncIterator[NetworkServer]:
+async def network(postgres_dsn: str) -> AsyncIterator[NetworkServer]:
     server = await start_network(
+        postgres_dsn,
         liveness=LivenessSettings(heartbeat_interval_s=0.05, heartbeat_timeout_s=5.0),
         failover=FailoverSettings(stall_timeout_s=0.3),
     )
@@ -240,8 +241,9 @@ async def test_partitioned_nodes_late_output_is_dropped_and_earns_nothing(
     assert shares == [(partitioned.node_id, 4, 3), (session.node_id, 0, 7)]
 
 
-async def test_job_fails_once_it_has_moved_max_migrations_times() -> None:
+async def test_job_fails_once_it_has_moved_max_migrations_times(postgres_dsn: str) -> None:
     server = await start_network(
+        postgres_dsn,
         liveness=LivenessSettings(heartbeat_interval_s=0.05, heartbeat_timeout_s=5.0),
         failover=FailoverSettings(max_migrations=1, stall_timeout_s=0.2),
     )

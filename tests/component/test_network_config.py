@@ -30,8 +30,8 @@ SLOW = LivenessSettings(heartbeat_interval_s=1000.0, heartbeat_timeout_s=3000.0)
 
 
 @pytest.fixture
-async def network() -> AsyncIterator[NetworkServer]:
-    server = await start_network(liveness=SLOW)
+async def network(postgres_dsn: str) -> AsyncIterator[NetworkServer]:
+    server = await start_network(postgres_dsn, liveness=SLOW)
     yield server
     await server.stop()
 

@@ -50,8 +50,8 @@ def _refused(error: grpc.aio.AioRpcError | None, reason: str) -> str:
 
 
 @pytest.fixture
-async def network() -> AsyncIterator[NetworkServer]:
-    server = await start_network()
+async def network(postgres_dsn: str) -> AsyncIterator[NetworkServer]:
+    server = await start_network(postgres_dsn)
     yield server
     await server.stop()
 

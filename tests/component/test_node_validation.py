@@ -63,8 +63,8 @@ class Nodes:
 
 
 @contextlib.asynccontextmanager
-async def _network(canary_rate: float) -> AsyncIterator[tuple[NetworkServer, Nodes]]:
-    network = await start_network(validation=ValidationSettings(canary_rate=canary_rate))
+async def _network(dsn: str, canary_rate: float) -> AsyncIterator[tuple[NetworkServer, Nodes]]:
+    network = await start_network(dsn, validation=ValidationSettings(canary_rate=canary_rate))
     nodes = Nodes(network)
     try:
         yield network, nodes
@@ -107,8 +107,10 @@ async def _run_job(network: NetworkServer) -> str:
     return events[0].assigned.node_id
 
 
-async def test_node_answering_its_join_canary_serves_and_one_answering_wrongly_does_not() -> None:
-    async with _network(canary_rate=0.0) as (network, nodes):
+async def test_node_answering_its_join_canary_serves_and_one_answering_wrongly_does_not(
+    postgres_dsn: str,
+) -> None:
+    async with _network(postgres_dsn, canary_rate=0.0) as (network, nodes):
         good_runtime = ScriptedRuntime(answers=canary_answers(), token_delay_s=0.001)
         bad_runtime = ScriptedRuntime(answers=WRONG, token_delay_s=0.001)
         good = await nodes.start("good", good_runtime)
@@ -146,8 +148,10 @@ async def test_node_answering_its_join_canary_serves_and_one_answering_wrongly_d
         assert model.ready_nodes == 1
 
 
-async def test_node_failing_disguised_canaries_is_quarantined_and_its_neighbour_serves() -> None:
-    async with _network(canary_rate=1.0) as (network, nodes):
+async def test_node_failing_disguised_canaries_is_quarantined_and_its_neighbour_serves(
+    postgres_dsn: str,
+) -> None:
+    async with _network(postgres_dsn, canary_rate=1.0) as (network, nodes):
         flaky_runtime = ScriptedRuntime(answers=canary_answers())
         flaky = await nodes.start("flaky", flaky_runtime)
         assert (await _validated(network, flaky)).state == admin_pb.NODE_STATE_READY
@@ -184,9 +188,9 @@ async def test_node_failing_disguised_canaries_is_quarantined_and_its_neighbour_
 
 
 async def test_nodes_cli_lists_shows_drains_and_quarantines(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, postgres_dsn: str
 ) -> None:
-    async with _network(canary_rate=0.0) as (network, nodes):
+    async with _network(postgres_dsn, canary_rate=0.0) as (network, nodes):
         monkeypatch.setenv("RESULTITY_SERVICE_TOKEN", network.service_token)
         node_id = await nodes.start("cli-node", ScriptedRuntime(answers=canary_answers()))
         await _validated(network, node_id)
@@ -221,9 +225,9 @@ async def test_nodes_cli_lists_shows_drains_and_quarantines(
 
 
 async def test_a_quarantine_outlives_reconnects_until_the_node_is_released(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, postgres_dsn: str
 ) -> None:
-    async with _network(canary_rate=0.0) as (network, nodes):
+    async with _network(postgres_dsn, canary_rate=0.0) as (network, nodes):
         monkeypatch.setenv("RESULTITY_SERVICE_TOKEN", network.service_token)
         service = network.component.service
         identity = NodeIdentity.generate()
@@ -273,14 +277,14 @@ async def test_a_quarantine_outlives_reconnects_until_the_node_is_released(
                     metadata=service_metadata(network.service_token),
                 )
         assert describe_rpc_error(unknown.value) == (
-            "NOT_FOUND: node nobody never joined this network server [NOT_FOUND]"
+            "NOT_FOUND: node nobody never joined this network [NOT_FOUND]"
         )
 
 
 async def test_a_quarantined_node_in_service_is_released_at_once(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, postgres_dsn: str
 ) -> None:
-    async with _network(canary_rate=0.0) as (network, nodes):
+    async with _network(postgres_dsn, canary_rate=0.0) as (network, nodes):
         monkeypatch.setenv("RESULTITY_SERVICE_TOKEN", network.service_token)
         node_id = await nodes.start("stays", ScriptedRuntime(answers=canary_answers()))
         await _validated(network, node_id)

@@ -20,9 +20,9 @@ LIVENESS = LivenessSettings(heartbeat_interval_s=2.0, heartbeat_timeout_s=30.0)
 BACKOFF_BASE_S = 1.0
 
 
-async def test_agents_reconnect_after_a_restart_spread_by_jitter() -> None:
-    network = await start_network(liveness=LIVENESS)
-    port = network.port
+async def test_agents_reconnect_after_a_restart_spread_by_jitter(postgres_dsn: str) -> None:
+    network = await start_network(postgres_dsn, liveness=LIVENESS)
+    port, network_id = network.port, network.component.service.admission.settings.network_id
     sessions = [
         AgentSession(
             SessionSettings(network.target, f"n{i}"),
@@ -41,7 +41,9 @@ async def test_agents_reconnect_after_a_restart_spread_by_jitter() -> None:
         # The server goes away telling everyone to reconnect, and comes straight back.
         restarted_at = datetime.now(UTC)
         await network.stop(grace_s=2.0)
-        network = await start_network(liveness=LIVENESS, port=port)
+        network = await start_network(
+            postgres_dsn, liveness=LIVENESS, port=port, network_id=network_id
+        )
         service = network.component.service
         await eventually(lambda: len(service.nodes()) == AGENTS, timeout_s=60)
 

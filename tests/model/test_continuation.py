@@ -200,8 +200,8 @@ def _tokens(events: list[dispatch_pb.RunJobResponse]) -> int:
 
 
 @pytest.mark.model
-async def test_killed_agent_process_is_continued_exactly_by_another() -> None:
-    network = await start_network()
+async def test_killed_agent_process_is_continued_exactly_by_another(postgres_dsn: str) -> None:
+    network = await start_network(postgres_dsn)
     processes = [await _spawn_agent(network.target, name) for name in ("a", "b")]
     service = network.component.service
     try:

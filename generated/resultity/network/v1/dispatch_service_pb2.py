@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from resultity.common.v1 import inference_pb2 as resultity_dot_common_dot_v1_dot_inference__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+resultity/network/v1/dispatch_service.proto\x12\x14resultity.network.v1\x1a#resultity/common/v1/inference.proto\"\x90\x01\n\rRunJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x31\n\x04spec\x18\x02 \x01(\x0b\x32#.resultity.common.v1.GenerationSpec\x12<\n\x0crequirements\x18\x03 \x01(\x0b\x32&.resultity.network.v1.NodeRequirements\"p\n\x10NodeRequirements\x12\x1c\n\x14operator_account_ids\x18\x01 \x03(\t\x12\x0f\n\x07regions\x18\x02 \x03(\t\x12\x16\n\x0emin_reputation\x18\x03 \x01(\x01\x12\x15\n\rverified_only\x18\x04 \x01(\x08\"\xf1\x01\n\x0eRunJobResponse\x12\x35\n\x08\x61ssigned\x18\x01 \x01(\x0b\x32!.resultity.network.v1.JobAssignedH\x00\x12\x31\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32 .resultity.network.v1.TokenDeltaH\x00\x12\x35\n\x08\x66inished\x18\x03 \x01(\x0b\x32!.resultity.network.v1.JobFinishedH\x00\x12\x35\n\x08migrated\x18\x04 \x01(\x0b\x32!.resultity.network.v1.JobMigratedH\x00\x42\x07\n\x05\x65vent\"\x1e\n\x0bJobAssigned\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"=\n\x0bJobMigrated\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x8e\x01\n\nTokenDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x13\n\x0btoken_count\x18\x02 \x01(\x05\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x05\x12\x33\n\x08logprobs\x18\x04 \x03(\x0b\x32!.resultity.common.v1.TokenLogprob\x12\x11\n\tembedding\x18\x05 \x03(\x02\"\xa7\x01\n\x0bJobFinished\x12\x38\n\rfinish_reason\x18\x01 \x01(\x0e\x32!.resultity.common.v1.FinishReason\x12)\n\x05usage\x18\x02 \x01(\x0b\x32\x1a.resultity.common.v1.Usage\x12\x33\n\nnode_usage\x18\x03 \x03(\x0b\x32\x1f.resultity.network.v1.NodeUsage\"d\n\tNodeUsage\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12)\n\x05usage\x18\x02 \x01(\x0b\x32\x1a.resultity.common.v1.Usage\x12\x1b\n\x13operator_account_id\x18\x03 \x01(\t\"Q\n\x11ListModelsRequest\x12<\n\x0crequirements\x18\x01 \x01(\x0b\x32&.resultity.network.v1.NodeRequirements\"H\n\x12ListModelsResponse\x12\x32\n\x06models\x18\x01 \x03(\x0b\x32\".resultity.network.v1.CatalogModel\"\xb0\x01\n\x0c\x43\x61talogModel\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08owned_by\x18\x02 \x01(\t\x12.\n\x05price\x18\x03 \x01(\x0b\x32\x1f.resultity.common.v1.ModelPrice\x12\x16\n\x0e\x63ontext_length\x18\x04 \x01(\x05\x12%\n\x1d\x63hat_template_overhead_tokens\x18\x05 \x01(\x05\x12\x13\n\x0bready_nodes\x18\x06 \x01(\x05\x32\xc9\x01\n\x0f\x44ispatchService\x12U\n\x06RunJob\x12#.resultity.network.v1.RunJobRequest\x1a$.resultity.network.v1.RunJobResponse0\x01\x12_\n\nListModels\x12\'.resultity.network.v1.ListModelsRequest\x1a(.resultity.network.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+resultity/network/v1/dispatch_service.proto\x12\x14resultity.network.v1\x1a#resultity/common/v1/inference.proto\"\xc1\x01\n\rRunJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x31\n\x04spec\x18\x02 \x01(\x0b\x32#.resultity.common.v1.GenerationSpec\x12<\n\x0crequirements\x18\x03 \x01(\x0b\x32&.resultity.network.v1.NodeRequirements\x12/\n\x06origin\x18\x04 \x01(\x0b\x32\x1f.resultity.network.v1.JobOrigin\"H\n\tJobOrigin\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12\x13\n\x0bsubcloud_id\x18\x03 \x01(\t\"p\n\x10NodeRequirements\x12\x1c\n\x14operator_account_ids\x18\x01 \x03(\t\x12\x0f\n\x07regions\x18\x02 \x03(\t\x12\x16\n\x0emin_reputation\x18\x03 \x01(\x01\x12\x15\n\rverified_only\x18\x04 \x01(\x08\"\xf1\x01\n\x0eRunJobResponse\x12\x35\n\x08\x61ssigned\x18\x01 \x01(\x0b\x32!.resultity.network.v1.JobAssignedH\x00\x12\x31\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32 .resultity.network.v1.TokenDeltaH\x00\x12\x35\n\x08\x66inished\x18\x03 \x01(\x0b\x32!.resultity.network.v1.JobFinishedH\x00\x12\x35\n\x08migrated\x18\x04 \x01(\x0b\x32!.resultity.network.v1.JobMigratedH\x00\x42\x07\n\x05\x65vent\"\x1e\n\x0bJobAssigned\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"=\n\x0bJobMigrated\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x8e\x01\n\nTokenDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x13\n\x0btoken_count\x18\x02 \x01(\x05\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x05\x12\x33\n\x08logprobs\x18\x04 \x03(\x0b\x32!.resultity.common.v1.TokenLogprob\x12\x11\n\tembedding\x18\x05 \x03(\x02\"\xa7\x01\n\x0bJobFinished\x12\x38\n\rfinish_reason\x18\x01 \x01(\x0e\x32!.resultity.common.v1.FinishReason\x12)\n\x05usage\x18\x02 \x01(\x0b\x32\x1a.resultity.common.v1.Usage\x12\x33\n\nnode_usage\x18\x03 \x03(\x0b\x32\x1f.resultity.network.v1.NodeUsage\"d\n\tNodeUsage\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12)\n\x05usage\x18\x02 \x01(\x0b\x32\x1a.resultity.common.v1.Usage\x12\x1b\n\x13operator_account_id\x18\x03 \x01(\t\"Q\n\x11ListModelsRequest\x12<\n\x0crequirements\x18\x01 \x01(\x0b\x32&.resultity.network.v1.NodeRequirements\"H\n\x12ListModelsResponse\x12\x32\n\x06models\x18\x01 \x03(\x0b\x32\".resultity.network.v1.CatalogModel\"\xb0\x01\n\x0c\x43\x61talogModel\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08owned_by\x18\x02 \x01(\t\x12.\n\x05price\x18\x03 \x01(\x0b\x32\x1f.resultity.common.v1.ModelPrice\x12\x16\n\x0e\x63ontext_length\x18\x04 \x01(\x05\x12%\n\x1d\x63hat_template_overhead_tokens\x18\x05 \x01(\x05\x12\x13\n\x0bready_nodes\x18\x06 \x01(\x05\x32\xc9\x01\n\x0f\x44ispatchService\x12U\n\x06RunJob\x12#.resultity.network.v1.RunJobRequest\x1a$.resultity.network.v1.RunJobResponse0\x01\x12_\n\nListModels\x12\'.resultity.network.v1.ListModelsRequest\x1a(.resultity.network.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,27 +33,29 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'resultity.network.v1.dispat
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_RUNJOBREQUEST']._serialized_start=107
-  _globals['_RUNJOBREQUEST']._serialized_end=251
-  _globals['_NODEREQUIREMENTS']._serialized_start=253
-  _globals['_NODEREQUIREMENTS']._serialized_end=365
-  _globals['_RUNJOBRESPONSE']._serialized_start=368
-  _globals['_RUNJOBRESPONSE']._serialized_end=609
-  _globals['_JOBASSIGNED']._serialized_start=611
-  _globals['_JOBASSIGNED']._serialized_end=641
-  _globals['_JOBMIGRATED']._serialized_start=643
-  _globals['_JOBMIGRATED']._serialized_end=704
-  _globals['_TOKENDELTA']._serialized_start=707
-  _globals['_TOKENDELTA']._serialized_end=849
-  _globals['_JOBFINISHED']._serialized_start=852
-  _globals['_JOBFINISHED']._serialized_end=1019
-  _globals['_NODEUSAGE']._serialized_start=1021
-  _globals['_NODEUSAGE']._serialized_end=1121
-  _globals['_LISTMODELSREQUEST']._serialized_start=1123
-  _globals['_LISTMODELSREQUEST']._serialized_end=1204
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1206
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1278
-  _globals['_CATALOGMODEL']._serialized_start=1281
-  _globals['_CATALOGMODEL']._serialized_end=1457
-  _globals['_DISPATCHSERVICE']._serialized_start=1460
-  _globals['_DISPATCHSERVICE']._serialized_end=1661
+  _globals['_RUNJOBREQUEST']._serialized_end=300
+  _globals['_JOBORIGIN']._serialized_start=302
+  _globals['_JOBORIGIN']._serialized_end=374
+  _globals['_NODEREQUIREMENTS']._serialized_start=376
+  _globals['_NODEREQUIREMENTS']._serialized_end=488
+  _globals['_RUNJOBRESPONSE']._serialized_start=491
+  _globals['_RUNJOBRESPONSE']._serialized_end=732
+  _globals['_JOBASSIGNED']._serialized_start=734
+  _globals['_JOBASSIGNED']._serialized_end=764
+  _globals['_JOBMIGRATED']._serialized_start=766
+  _globals['_JOBMIGRATED']._serialized_end=827
+  _globals['_TOKENDELTA']._serialized_start=830
+  _globals['_TOKENDELTA']._serialized_end=972
+  _globals['_JOBFINISHED']._serialized_start=975
+  _globals['_JOBFINISHED']._serialized_end=1142
+  _globals['_NODEUSAGE']._serialized_start=1144
+  _globals['_NODEUSAGE']._serialized_end=1244
+  _globals['_LISTMODELSREQUEST']._serialized_start=1246
+  _globals['_LISTMODELSREQUEST']._serialized_end=1327
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1329
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1401
+  _globals['_CATALOGMODEL']._serialized_start=1404
+  _globals['_CATALOGMODEL']._serialized_end=1580
+  _globals['_DISPATCHSERVICE']._serialized_start=1583
+  _globals['_DISPATCHSERVICE']._serialized_end=1784
 # @@protoc_insertion_point(module_scope)

@@ -26,6 +26,7 @@ class RunJobRequest(_message.Message):
     JOB_ID_FIELD_NUMBER: _builtins.int
     SPEC_FIELD_NUMBER: _builtins.int
     REQUIREMENTS_FIELD_NUMBER: _builtins.int
+    ORIGIN_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """Caller's identifier, used for logs and idempotent billing."""
     @_builtins.property
@@ -36,20 +37,53 @@ class RunJobRequest(_message.Message):
         Unset: any ready node serving the model.
         """
 
+    @_builtins.property
+    def origin(self) -> Global___JobOrigin:
+        """Whose request the job serves; kept in the network's job record."""
+
     def __init__(
         self,
         *,
         job_id: _builtins.str = ...,
         spec: _inference_pb2.GenerationSpec | None = ...,
         requirements: Global___NodeRequirements | None = ...,
+        origin: Global___JobOrigin | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["requirements", b"requirements", "spec", b"spec"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["origin", b"origin", "requirements", b"requirements", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "requirements", b"requirements", "spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "origin", b"origin", "requirements", b"requirements", "spec", b"spec"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RunJobRequest: _TypeAlias = RunJobRequest  # noqa: Y015
+
+@_typing.final
+class JobOrigin(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    SUBCLOUD_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """The caller's request id (x-request-id at the gateway)."""
+    account_id: _builtins.str
+    """The account the request is billed to."""
+    subcloud_id: _builtins.str
+    """The subcloud the request runs in; empty for the public cloud."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        account_id: _builtins.str = ...,
+        subcloud_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "request_id", b"request_id", "subcloud_id", b"subcloud_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobOrigin: _TypeAlias = JobOrigin  # noqa: Y015
 
 @_typing.final
 class NodeRequirements(_message.Message):

@@ -337,6 +337,90 @@ class UpdateNetworkConfigResponse(_message.Message):
 Global___UpdateNetworkConfigResponse: _TypeAlias = UpdateNetworkConfigResponse  # noqa: Y015
 
 @_typing.final
+class ListConfigAcksRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    """0: the current version."""
+    page_size: _builtins.int
+    """At most this many acknowledgements (default 50, at most 100)."""
+    page_token: _builtins.str
+    """From a previous response's next_page_token; empty: the first page."""
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListConfigAcksRequest: _TypeAlias = ListConfigAcksRequest  # noqa: Y015
+
+@_typing.final
+class ListConfigAcksResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    ACKS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    """The version listed."""
+    next_page_token: _builtins.str
+    """Empty on the last page."""
+    @_builtins.property
+    def acks(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConfigAck]: ...
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        acks: _abc.Iterable[Global___ConfigAck] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acks", b"acks", "next_page_token", b"next_page_token", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListConfigAcksResponse: _TypeAlias = ListConfigAcksResponse  # noqa: Y015
+
+@_typing.final
+class ConfigAck(_message.Message):
+    """A node applied a configuration version."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    ACKED_AT_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    version: _builtins.int
+    @_builtins.property
+    def acked_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        version: _builtins.int = ...,
+        acked_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["acked_at", b"acked_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked_at", b"acked_at", "node_id", b"node_id", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConfigAck: _TypeAlias = ConfigAck  # noqa: Y015
+
+@_typing.final
 class ListNodesResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -71,6 +71,11 @@ class NodeAdminServiceStub:
                 request_serializer=resultity_dot_network_dot_v1_dot_node__admin__service__pb2.UpdateNetworkConfigRequest.SerializeToString,
                 response_deserializer=resultity_dot_network_dot_v1_dot_node__admin__service__pb2.UpdateNetworkConfigResponse.FromString,
                 _registered_method=True)
+        self.ListConfigAcks = channel.unary_unary(
+                '/resultity.network.v1.NodeAdminService/ListConfigAcks',
+                request_serializer=resultity_dot_network_dot_v1_dot_node__admin__service__pb2.ListConfigAcksRequest.SerializeToString,
+                response_deserializer=resultity_dot_network_dot_v1_dot_node__admin__service__pb2.ListConfigAcksResponse.FromString,
+                _registered_method=True)
 
 
 class NodeAdminServiceServicer:
@@ -131,6 +136,15 @@ class NodeAdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListConfigAcks(self, request, context):
+        """Which nodes acknowledged a configuration version (the current one unless
+        a version is given) and when, over every replica of the network, ordered
+        by node id. NOT_FOUND for a version that was never stored.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeAdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -168,6 +182,11 @@ def add_NodeAdminServiceServicer_to_server(servicer, server):
                     servicer.UpdateNetworkConfig,
                     request_deserializer=resultity_dot_network_dot_v1_dot_node__admin__service__pb2.UpdateNetworkConfigRequest.FromString,
                     response_serializer=resultity_dot_network_dot_v1_dot_node__admin__service__pb2.UpdateNetworkConfigResponse.SerializeToString,
+            ),
+            'ListConfigAcks': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListConfigAcks,
+                    request_deserializer=resultity_dot_network_dot_v1_dot_node__admin__service__pb2.ListConfigAcksRequest.FromString,
+                    response_serializer=resultity_dot_network_dot_v1_dot_node__admin__service__pb2.ListConfigAcksResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -361,6 +380,33 @@ class NodeAdminService:
             '/resultity.network.v1.NodeAdminService/UpdateNetworkConfig',
             resultity_dot_network_dot_v1_dot_node__admin__service__pb2.UpdateNetworkConfigRequest.SerializeToString,
             resultity_dot_network_dot_v1_dot_node__admin__service__pb2.UpdateNetworkConfigResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListConfigAcks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/resultity.network.v1.NodeAdminService/ListConfigAcks',
+            resultity_dot_network_dot_v1_dot_node__admin__service__pb2.ListConfigAcksRequest.SerializeToString,
+            resultity_dot_network_dot_v1_dot_node__admin__service__pb2.ListConfigAcksResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -56,6 +56,11 @@ class NodeAdminServiceStub:
     connected agent. Fails with FAILED_PRECONDITION unless
     expected_version is the current version (0: any).
     """
+    ListConfigAcks: _grpc.UnaryUnaryMultiCallable[_node_admin_service_pb2.ListConfigAcksRequest, _node_admin_service_pb2.ListConfigAcksResponse]
+    """Which nodes acknowledged a configuration version (the current one unless
+    a version is given) and when, over every replica of the network, ordered
+    by node id. NOT_FOUND for a version that was never stored.
+    """
 
 @_typing.type_check_only
 class NodeAdminServiceAsyncStub(NodeAdminServiceStub):
@@ -84,6 +89,11 @@ class NodeAdminServiceAsyncStub(NodeAdminServiceStub):
     """Replaces the configuration with a new version and pushes it to every
     connected agent. Fails with FAILED_PRECONDITION unless
     expected_version is the current version (0: any).
+    """
+    ListConfigAcks: _aio.UnaryUnaryMultiCallable[_node_admin_service_pb2.ListConfigAcksRequest, _node_admin_service_pb2.ListConfigAcksResponse]  # type: ignore[assignment]
+    """Which nodes acknowledged a configuration version (the current one unless
+    a version is given) and when, over every replica of the network, ordered
+    by node id. NOT_FOUND for a version that was never stored.
     """
 
 class NodeAdminServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -152,6 +162,17 @@ class NodeAdminServiceServicer(metaclass=_abc_1.ABCMeta):
         """Replaces the configuration with a new version and pushes it to every
         connected agent. Fails with FAILED_PRECONDITION unless
         expected_version is the current version (0: any).
+        """
+
+    @_abc_1.abstractmethod
+    def ListConfigAcks(
+        self,
+        request: _node_admin_service_pb2.ListConfigAcksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_admin_service_pb2.ListConfigAcksResponse, _abc.Awaitable[_node_admin_service_pb2.ListConfigAcksResponse]]:
+        """Which nodes acknowledged a configuration version (the current one unless
+        a version is given) and when, over every replica of the network, ordered
+        by node id. NOT_FOUND for a version that was never stored.
         """
 
 def add_NodeAdminServiceServicer_to_server(servicer: NodeAdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,93 @@
+"""The network's durable state as the service uses it: reads go to the stores,
+writes go behind (write_behind.py) so that no PostgreSQL round trip sits on a
+session's or a job's path, except where an operator's change must be durable
+before it is confirmed (quarantine, release, a new configuration version).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from server.network.config import NetworkConfig
+from server.network.job_records import JobJournal, JobRecord
+from server.network.nodes import NodeSession, NodeStanding
+from server.network.state_ports import ConfigAck, NetworkStores, StandingRecord
+from server.network.write_behind import WriteBehind
+
+
+class NetworkState:
+    def __init__(
+        self,
+        stores: NetworkStores,
+        *,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._stores = stores
+        self._clock = clock
+        self._standings: WriteBehind[str, StandingRecord] = WriteBehind(
+            "standings", stores.standings.save_standings
+        )
+        self._acks: WriteBehind[tuple[str, int], ConfigAck] = WriteBehind(
+            "config-acks", stores.configs.save_acks
+        )
+        self._jobs: WriteBehind[str, JobRecord] = WriteBehind("jobs", stores.jobs.save_jobs)
+        self.journal = JobJournal(lambda record: self._jobs.put(record.job_id, record), clock=clock)
+
+    def start(self) -> None:
+        for writer in (self._standings, self._acks, self._jobs):
+            writer.start()
+
+    async def close(self, timeout_s: float) -> None:
+        """Writes what is pending (for at most ``timeout_s`` each)."""
+        for writer in (self._standings, self._acks, self._jobs):
+            await writer.close(timeout_s)
+
+    # --- standings ---------------------------------------------------------
+
+    async def standing(self, node_id: str) -> StandingRecord | None:
+        """The node's stored standing, including what this replica has yet to write."""
+        await self._standings.flush(node_id)
+        return await self._stores.standings.load_standing(node_id)
+
+    def standing_changed(self, node: NodeSession) -> None:
+        self.put_standing(node.node_id, node.operator_account_id, node.standing)
+
+    def put_standing(self, node_id: str, operator_account_id: str, standing: NodeStanding) -> None:
+        self._standings.put(node_id, StandingRecord.of(node_id, operator_account_id, standing))
+
+    async def standing_written(self, node_id: str) -> None:
+        """Waits until the node's standing as last put is stored."""
+        await self._standings.flush(node_id)
+
+    # --- configuration -------------------------------------------------------
+
+    async def current_config(self, initial: NetworkConfig) -> NetworkConfig:
+        """The stored configuration; ``initial`` becomes version 1 when none is."""
+        latest = await self._stores.configs.latest_config()
+        if latest is not None:
+            return latest
+        if await self._stores.configs.add_config(initial):
+            return initial
+        # Another replica stored the first version meanwhile.
+        stored = await self._stores.configs.latest_config()
+        if stored is None:
+            raise RuntimeError("the network configuration was stored and is gone")
+        return stored
+
+    async def latest_config(self) -> NetworkConfig | None:
+        return await self._stores.configs.latest_config()
+
+    async def add_config(self, config: NetworkConfig) -> bool:
+        return await self._stores.configs.add_config(config)
+
+    async def config_exists(self, version: int) -> bool:
+        return await self._stores.configs.config_exists(version)
+
+    def config_acked(self, node_id: str, version: int) -> None:
+        self._acks.put((node_id, version), ConfigAck(node_id, version, self._clock()))
+
+    async def config_acks(self, version: int, after_node_id: str, limit: int) -> list[ConfigAck]:
+        """Acknowledgements of ``version`` on every replica; this one's are written first."""
+        await self._acks.flush()
+        return await self._stores.configs.list_acks(version, after_node_id, limit)
