@@ -1,8 +1,10 @@
-"""`resultity nodes list|get|drain|quarantine|release`: the node admin API from a terminal.
+"""`resultity nodes list|get|drain|quarantine|release|acks`: the node admin API from a
+terminal.
 
 Talks to a network server's NodeAdminService (--network HOST:PORT) with the
 platform's service token (RESULTITY_SERVICE_TOKEN, or the one in --data-dir)
-and prints a table (list) or the node's details with its per-model validation.
+and prints a table (list, acks) or the node's details with its per-model
+validation.
 """
 
 from __future__ import annotations
@@ -58,6 +60,10 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "release", help="return a quarantined node to service (now, or when it joins again)"
     )
     release.add_argument("node_id")
+    acks = actions.add_parser(
+        "acks", help="which nodes acknowledged a configuration version (on every replica)"
+    )
+    acks.add_argument("--version", type=int, default=0, help="default: the current version")
 
 
 async def run_command(args: argparse.Namespace) -> None:
@@ -69,6 +75,9 @@ async def run_command(args: argparse.Namespace) -> None:
         if command == "list":
             listed = await stub.ListNodes(pb.ListNodesRequest(), metadata=metadata)
             print(node_table(listed.nodes, now=time.time()))
+            return
+        if command == "acks":
+            print(await _acks_table(stub, args.version, metadata))
             return
         if command == "get":
             request = pb.GetNodeRequest(node_id=args.node_id)
@@ -88,6 +97,27 @@ async def run_command(args: argparse.Namespace) -> None:
             quarantine = pb.QuarantineNodeRequest(node_id=args.node_id, reason=args.reason)
             node = (await stub.QuarantineNode(quarantine, metadata=metadata)).node
         print(node_details(node, now=time.time()))
+
+
+async def _acks_table(
+    stub: pb_grpc.NodeAdminServiceAsyncStub, version: int, metadata: tuple[tuple[str, str], ...]
+) -> str:
+    """Every page of the version's acknowledgements, one node a line."""
+    rows = [("NODE", "ACKED AT")]
+    token = ""
+    while True:
+        page = await stub.ListConfigAcks(
+            pb.ListConfigAcksRequest(version=version, page_token=token), metadata=metadata
+        )
+        version = page.version
+        rows += [(ack.node_id, ack.acked_at.ToDatetime().isoformat()) for ack in page.acks]
+        token = page.next_page_token
+        if not token:
+            break
+    width = max(len(node) for node, _ in rows)
+    lines = [f"version {version}: {len(rows) - 1} nodes acknowledged"]
+    lines += [f"{node.ljust(width)}  {acked}" for node, acked in rows]
+    return "\n".join(lines)
 
 
 def _ago(stamp: Timestamp, now: float) -> str:
