@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 ARGS ?=
 PROTO_FILES := $(shell find proto -name '*.proto')
 
-.PHONY: install generate check-generated lint test run bench clean
+.PHONY: install generate check-generated lint test test-integration run bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,12 @@ lint: install
 
 test: install
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# tests/integration/: services as separate processes against the real PostgreSQL and
+# Redis named by RESULTITY_DATABASE_URL and RESULTITY_REDIS_URL (loopback defaults).
+# A service that does not answer fails the run.
+test-integration: install
+	$(BIN)/pytest -m integration tests/integration $(PYTEST_ARGS)
 
 run: install
 	$(BIN)/resultity up --data-dir ./.resultity --http-port 8080 $(ARGS)

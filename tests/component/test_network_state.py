@@ -23,6 +23,7 @@ from agent.session import AGENT_VERSION
 from core import channels
 from core.grpc_errors import error_info
 from server.cli import _parser
+from server.common.bus_memory import MemoryBus
 from server.network.cli import run_command
 from server.network.service import ValidationSettings
 from tests.component.test_node_validation import WRONG, Nodes, _run_job
@@ -260,3 +261,45 @@ async def test_job_records_tell_how_each_job_went(postgres_dsn: str) -> None:
         left = by_request["req-left"]
         assert left["outcome"] == "cancelled"
         assert 3 <= left["completion_tokens"] < 60
+
+
+async def test_a_configuration_change_on_one_replica_reaches_agents_of_another(
+    postgres_dsn: str,
+) -> None:
+    bus = MemoryBus()
+    first = await start_network(postgres_dsn, bus=bus)
+    network_id = _network_id(first)
+    second = await start_network(postgres_dsn, bus=bus, network_id=network_id)
+    nodes = Nodes(second)
+    try:
+        node_id = await nodes.start("far", ScriptedRuntime())
+        config = await _update_config(first, interval_s=9)
+        assert config.version == 2
+        service = second.component.service
+        await eventually(lambda: service.node(node_id).config_version == 2)
+        assert service.config.heartbeat_interval_s == 9.0
+        # Acknowledged on the second replica, listed by the first once written there.
+        async with asyncio.timeout(10):
+            while not (listed := await _acks(first, version=2)).acks:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        assert [ack.node_id for ack in listed.acks] == [node_id]
+        # Each replica numbers from the store: a stale expectation is refused on either.
+        with pytest.raises(grpc.aio.AioRpcError) as stale:
+            await _update_config_expecting(second, expected_version=1)
+        assert stale.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    finally:
+        await nodes.stop()
+        await second.stop()
+        await first.stop()
+        await bus.close()
+
+
+async def _update_config_expecting(network: NetworkServer, expected_version: int) -> None:
+    async with channels.insecure_channel(network.target) as channel:
+        admin = admin_grpc.NodeAdminServiceStub(channel)
+        get = admin_pb.GetNetworkConfigRequest()
+        config = (await admin.GetNetworkConfig(get, metadata=network.service)).config
+        await admin.UpdateNetworkConfig(
+            admin_pb.UpdateNetworkConfigRequest(config=config, expected_version=expected_version),
+            metadata=network.service,
+        )
