@@ -41,6 +41,7 @@ from core.inference import (
 from core.regions import validate_region
 from server.common.bus import Bus
 from server.network.admission import AdmissionSettings, NodeAdmission
+from server.network.announcements import ChannelFollower, network_channel, version_of
 from server.network.catalog import Catalog
 from server.network.checks import NodeChecks
 from server.network.config import (
@@ -50,7 +51,6 @@ from server.network.config import (
     next_version,
     version_at_least,
 )
-from server.network.config_fanout import ConfigFanout
 from server.network.dispatch import JobDispatch
 from server.network.jobs import (
     NodeReport,
@@ -124,7 +124,16 @@ class NetworkService:
         self._monitor: asyncio.Task[None] | None = None
         # Set when the configuration changes the timings the monitor sleeps by.
         self._retimed = asyncio.Event()
-        self._fanout = ConfigFanout(bus, self.admission.settings.network_id, self._catch_up)
+        network_id = self.admission.settings.network_id
+        self._configs = ChannelFollower(
+            bus,
+            network_channel(network_id, "config"),
+            lambda message: self._catch_up(version_of(message)),
+            catch_up=lambda: self._catch_up(0),
+        )
+        self._standings = ChannelFollower(
+            bus, network_channel(network_id, "standings"), self._standing_announced
+        )
         # Serialises this replica's configuration changes; the store orders replicas.
         self._config_lock = asyncio.Lock()
         # Version 1 when the store holds none; start() loads the current one.
@@ -144,14 +153,16 @@ class NetworkService:
         """Loads the current configuration and follows its changes on every replica."""
         self._state.start()
         self._apply_config(await self._state.current_config(self._config))
-        await self._fanout.start()
+        await self._configs.start()
+        await self._standings.start()
         self._monitor = asyncio.create_task(self._watch(), name="liveness")
 
     async def stop(self, *, grace_s: float = 5.0) -> None:
         """Asks every agent to reconnect (to another server, or to this one restarted),
         then writes the records of the jobs that ended (within ``grace_s``)."""
         self._dispatch.closing = True
-        await self._fanout.stop()
+        await self._configs.stop()
+        await self._standings.stop()
         if self._monitor is not None:
             self._monitor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -307,7 +318,19 @@ class NetworkService:
             standing.reputation = NodeStanding().reputation
             self._state.put_standing(node_id, operator, standing)
             await self._state.standing_written(node_id)
+            # The replica the node is connected to, if another, restores it at once.
+            await self._standings.announce(node_id.encode())
         return node
+
+    async def _standing_announced(self, message: bytes) -> None:
+        """Another replica changed a node's standing: a node connected here takes the
+        stored one, unless this replica has a newer change of its own to write."""
+        node = self._nodes.get(message.decode(errors="replace"))
+        if node is None:
+            return
+        stored = await self._state.standing_unless_pending(node.node_id)
+        if stored is not None:
+            stored.apply_to(node.standing)
 
     @property
     def config(self) -> NetworkConfig:
@@ -329,7 +352,7 @@ class NetworkService:
                     "read it again"
                 )
             self._apply_config(config)
-        await self._fanout.announce(config.version)
+        await self._configs.announce(str(config.version).encode())
         return config
 
     async def _catch_up(self, version: int) -> None:

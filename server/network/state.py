@@ -50,6 +50,13 @@ class NetworkState:
         await self._standings.flush(node_id)
         return await self._stores.standings.load_standing(node_id)
 
+    async def standing_unless_pending(self, node_id: str) -> StandingRecord | None:
+        """The node's stored standing; None while this replica has a change of it to
+        write (then this replica's is the newer)."""
+        if self._standings.pending(node_id):
+            return None
+        return await self._stores.standings.load_standing(node_id)
+
     def standing_changed(self, node: NodeSession) -> None:
         self.put_standing(node.node_id, node.operator_account_id, node.standing)
 

@@ -38,6 +38,12 @@ class StandingRecord:
     def standing(self) -> NodeStanding:
         return NodeStanding(self.reputation, self.failed_canary, self.quarantine_reason)
 
+    def apply_to(self, standing: NodeStanding) -> None:
+        """Makes a connected node's live standing this one (the router reads it)."""
+        standing.reputation = self.reputation
+        standing.failed_canary = self.failed_canary
+        standing.quarantine_reason = self.quarantine_reason
+
 
 @dataclass(frozen=True, slots=True)
 class ConfigAck:

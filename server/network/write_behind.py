@@ -50,15 +50,17 @@ class WriteBehind(Generic[K, V]):
         self._pending[key] = value
         self._wake.set()
 
+    def pending(self, key: K) -> bool:
+        """Whether a value of ``key`` waits to be written (or is being written)."""
+        return key in self._pending or key in self._in_flight
+
     async def flush(self, key: K | None = None) -> None:
         """Waits until what was put (for ``key``, or all of it) is written."""
         async with self._changed:
             if key is None:
                 await self._changed.wait_for(lambda: not self._pending and not self._in_flight)
             else:
-                await self._changed.wait_for(
-                    lambda: key not in self._pending and key not in self._in_flight
-                )
+                await self._changed.wait_for(lambda: not self.pending(key))
 
     async def close(self, timeout_s: float) -> None:
         """Writes what is pending, for at most ``timeout_s``, then stops the writer."""

@@ -303,3 +303,33 @@ async def _update_config_expecting(network: NetworkServer, expected_version: int
             admin_pb.UpdateNetworkConfigRequest(config=config, expected_version=expected_version),
             metadata=network.service,
         )
+
+
+async def test_a_node_released_on_one_replica_serves_at_once_on_the_other(
+    postgres_dsn: str,
+) -> None:
+    bus = MemoryBus()
+    first = await start_network(postgres_dsn, bus=bus)
+    second = await start_network(postgres_dsn, bus=bus, network_id=_network_id(first))
+    nodes = Nodes(second)
+    try:
+        node_id = await nodes.start("far", ScriptedRuntime())
+        async with channels.insecure_channel(second.target) as channel:
+            await admin_grpc.NodeAdminServiceStub(channel).QuarantineNode(
+                admin_pb.QuarantineNodeRequest(node_id=node_id, reason="checking"),
+                metadata=second.service,
+            )
+        # Released through the replica the node is not connected to.
+        async with channels.insecure_channel(first.target) as channel:
+            released = await admin_grpc.NodeAdminServiceStub(channel).ReleaseNode(
+                admin_pb.ReleaseNodeRequest(node_id=node_id), metadata=first.service
+            )
+        assert not released.HasField("node")
+        service = second.component.service
+        await eventually(lambda: not service.node(node_id).standing.quarantine_reason)
+        assert await _run_job(second) == node_id
+    finally:
+        await nodes.stop()
+        await second.stop()
+        await first.stop()
+        await bus.close()
