@@ -90,8 +90,8 @@ class NetworkService:
         rng: random.Random | None = None,
     ) -> None:
         """Standings, configuration versions, acknowledgements and job records live
-        in ``stores``; new configuration versions are announced to the other
-        replicas over ``bus``."""
+        in ``stores``; new configuration versions and released nodes are announced
+        to the other replicas over ``bus``."""
         self.admission = admission or NodeAdmission(AdmissionSettings(), None)
         self.validation = validation or ValidationSettings()
 

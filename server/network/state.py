@@ -6,6 +6,7 @@ before it is confirmed (quarantine, release, a new configuration version).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from datetime import UTC, datetime
 
@@ -39,9 +40,11 @@ class NetworkState:
             writer.start()
 
     async def close(self, timeout_s: float) -> None:
-        """Writes what is pending (for at most ``timeout_s`` each)."""
+        """Writes what is pending, for at most ``timeout_s`` in all."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
         for writer in (self._standings, self._acks, self._jobs):
-            await writer.close(timeout_s)
+            await writer.close(max(0.0, deadline - loop.time()))
 
     # --- standings ---------------------------------------------------------
 
