@@ -17,6 +17,8 @@ from agent.runtime.base import (
     TokenLogprob,
 )
 from core import inference
+from core.errors import InvalidArgument
+from core.request_limits import check_messages, check_prompt_bytes, parse_json_schema
 
 _ROLES = {
     common_pb.CHAT_ROLE_SYSTEM: Role.SYSTEM,
@@ -39,7 +41,26 @@ _FAILURES = {
 
 
 class InvalidAssignment(ValueError):
-    pass
+    """An assignment the node refuses; ``param`` names the request field at fault."""
+
+    def __init__(self, message: str, param: str = "") -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def check_bounds(spec: common_pb.GenerationSpec) -> None:
+    """The bounds cloud checked (core/request_limits.py), again, before the runtime
+    templates, tokenizes or compiles anything: a node does not trust its caller."""
+    try:
+        if spec.HasField("prompt"):
+            check_prompt_bytes(len(spec.prompt.encode()), "prompt")
+        else:
+            check_messages([m.content for m in spec.messages], spec.max_prompt_tokens)
+        response_format = spec.sampling.response_format
+        if response_format.type == common_pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA:
+            parse_json_schema(response_format.json_schema)
+    except InvalidArgument as error:
+        raise InvalidAssignment(error.message, error.metadata.get("field", "")) from error
 
 
 def generation_request(
@@ -52,7 +73,8 @@ def generation_request(
             raise InvalidAssignment("message without a role")
         messages.append(Message(role, message.content))
     if not messages and not spec.HasField("prompt"):
-        raise InvalidAssignment("a job needs messages or a prompt")
+        raise InvalidAssignment("a job needs messages or a prompt", "messages")
+    check_bounds(spec)
     sampling = spec.sampling
     if spec.embed and not spec.HasField("prompt"):
         raise InvalidAssignment("an embedding job needs a prompt")

@@ -98,7 +98,12 @@ class ResultSink:
             )
         )
 
-    def failed(self, job: JobRef, kind: FailureKind, message: str) -> None:
+    def started(self, job: JobRef) -> None:
+        self._outbound.put_nowait(
+            pb.ConnectRequest(job_started=pb.JobStarted(job_id=job.job_id, epoch=job.epoch))
+        )
+
+    def failed(self, job: JobRef, kind: FailureKind, message: str, param: str = "") -> None:
         code = failure_reason(kind)
         signature = self._sign(job, done=False, reason=code, prompt_tokens=0, completion_tokens=0)
         self._outbound.put_nowait(
@@ -109,6 +114,7 @@ class ResultSink:
                     reason=code,
                     message=message,
                     signature=signature,
+                    param=param,
                 )
             )
         )

@@ -20,6 +20,7 @@ from agent.runtime.base import (
     Embedding,
     Finished,
     GenerationRequest,
+    InvalidRequest,
     PromptTooLong,
     Runtime,
     Started,
@@ -62,7 +63,10 @@ class JobSink(Protocol):
         self, job: JobRef, reason: StopReason, prompt_tokens: int, completion_tokens: int
     ) -> None: ...
 
-    def failed(self, job: JobRef, kind: FailureKind, message: str) -> None: ...
+    def started(self, job: JobRef) -> None:
+        """The job took a slot: it runs from now on (before, it waited in the queue)."""
+
+    def failed(self, job: JobRef, kind: FailureKind, message: str, param: str = "") -> None: ...
 
 
 class JobRunner:
@@ -152,6 +156,7 @@ class JobRunner:
             bound.info("continuing a job", delivered_tokens=request.continuation.token_count)
         async with self._slots:
             self._running += 1
+            self._sink.started(job)
             sent = 0
             prompt_tokens = 0
             batcher = TokenBatcher(self._batch_tokens, self._batch_delay_s)
@@ -174,7 +179,10 @@ class JobRunner:
                         )
                         bound.info("job done", tokens=event.completion_tokens, reason=event.reason)
             except PromptTooLong as error:
-                self._sink.failed(job, FailureKind.INVALID_REQUEST, str(error))
+                param = "messages" if request.prompt is None else "prompt"
+                self._sink.failed(job, FailureKind.INVALID_REQUEST, str(error), param)
+            except InvalidRequest as error:
+                self._sink.failed(job, FailureKind.INVALID_REQUEST, str(error), error.param)
             except UnknownModel as error:
                 self._sink.failed(job, FailureKind.MODEL_UNAVAILABLE, str(error))
             except asyncio.CancelledError:

@@ -226,7 +226,7 @@ class AgentSession:
         try:
             request = generation_request(assign.spec, continuation)
         except InvalidAssignment as error:
-            sink.failed(job, FailureKind.INVALID_REQUEST, str(error))
+            sink.failed(job, FailureKind.INVALID_REQUEST, str(error), error.param)
             return
         runner.start(job, request)
 

@@ -113,9 +113,10 @@ def from_rpc_error(error: grpc.aio.AioRpcError) -> ApiError:
     headers = dict(mapped.headers)
     if info.reason == ErrorReason.RATE_LIMITED:
         headers.update(rate_limit_headers(info.metadata.items()))
-        retry_after = info.metadata.get("retry_after_s", "")
-        if retry_after.isdigit():
-            headers["retry-after"] = retry_after
+    # Over a rate limit, or no node could start the job in time (NO_CAPACITY).
+    retry_after = info.metadata.get("retry_after_s", "")
+    if retry_after.isdigit():
+        headers["retry-after"] = retry_after
     return ApiError(
         status=mapped.status,
         message=error.details() or info.reason,

@@ -151,6 +151,15 @@ class PromptTooLong(GenerationError):
     pass
 
 
+class InvalidRequest(GenerationError):
+    """The request cannot be run as given (the caller's fault, not the node's);
+    ``param`` names the request field at fault, as the API names it."""
+
+    def __init__(self, message: str, param: str = "") -> None:
+        super().__init__(message)
+        self.param = param
+
+
 class UnknownModel(GenerationError):
     pass
 

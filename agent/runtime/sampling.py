@@ -23,7 +23,8 @@ import llama_cpp
 import llama_cpp.llama_cpp as llama_lib
 from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
-from agent.runtime.base import GenerationError, OutputFormat, Sampling
+from agent.runtime.base import InvalidRequest, OutputFormat, Sampling
+from core.request_limits import SCHEMA_FIELD
 
 DEFAULT_TEMPERATURE = 0.7
 DEFAULT_TOP_P = 1.0
@@ -48,7 +49,7 @@ def grammar_for(sampling: Sampling) -> Grammar | None:
         if sampling.output_format is OutputFormat.JSON_SCHEMA:
             return Grammar(json_schema_to_gbnf(sampling.json_schema))
     except Exception as exc:  # the converter raises assorted errors on schemas it cannot do
-        raise GenerationError(f"unsupported JSON schema: {exc}") from exc
+        raise InvalidRequest(f"unsupported JSON schema: {exc}", SCHEMA_FIELD) from exc
     return None
 
 
@@ -79,7 +80,11 @@ class SamplerChain:
             )
             if not compiled:
                 self.close()
-                raise GenerationError("the response format's grammar could not be compiled")
+                # Bounded schemas compile (core/request_limits.py); what still fails is
+                # a construct llama.cpp's grammar does not take: the caller's to fix.
+                raise InvalidRequest(
+                    "the response format's grammar could not be compiled", SCHEMA_FIELD
+                )
             self._add(compiled)
         if temperature <= 0.0:
             self._add(llama_lib.llama_sampler_init_greedy())

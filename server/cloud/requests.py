@@ -6,7 +6,6 @@ validation here is pure, so it is unit-tested without a platform.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -20,6 +19,7 @@ from core.inference import (
     TokenLogprob,
     Usage,
 )
+from core.request_limits import check_messages, check_prompt_bytes, parse_json_schema
 from server.cloud.rate_limits import RateStatus
 
 MAX_STOP_SEQUENCES = 4
@@ -146,17 +146,10 @@ def _check_range(value: float | None, low: float, high: float, field: str) -> No
 
 
 def _validate_response_format(response_format: ResponseFormat | None) -> None:
-    if response_format is None or response_format.type != ResponseFormatType.JSON_SCHEMA:
-        return
-    try:
-        schema = json.loads(response_format.json_schema)
-    except ValueError:
-        schema = None
-    if not isinstance(schema, dict):
-        raise InvalidArgument(
-            "response_format.json_schema.schema must be a JSON object",
-            field="response_format.json_schema.schema",
-        )
+    """A schema must be a JSON object within the size and complexity bounds
+    (core/request_limits.py) that keep its grammar cheap and compilable."""
+    if response_format is not None and response_format.type == ResponseFormatType.JSON_SCHEMA:
+        parse_json_schema(response_format.json_schema)
 
 
 def validate(request: GenerationRequest | EmbeddingRequest) -> None:
@@ -167,6 +160,8 @@ def validate(request: GenerationRequest | EmbeddingRequest) -> None:
             raise InvalidArgument("input must contain at least one text", field="input")
         if not all(request.inputs):
             raise InvalidArgument("input texts must not be empty", field="input")
+        for text in request.inputs:
+            check_prompt_bytes(len(text.encode()), "input")
         if len(request.inputs) > MAX_EMBEDDING_INPUTS:
             raise InvalidArgument(
                 f"at most {MAX_EMBEDDING_INPUTS} inputs per request", field="input"
@@ -175,12 +170,15 @@ def validate(request: GenerationRequest | EmbeddingRequest) -> None:
     if isinstance(request, ChatRequest):
         if not request.messages:
             raise InvalidArgument("messages must contain at least one message", field="messages")
+        check_messages([message.content for message in request.messages])
         _validate_response_format(request.response_format)
     elif isinstance(request, TextRequest):
         if not request.prompts:
             raise InvalidArgument("prompt must contain at least one prompt", field="prompt")
         if not all(request.prompts):
             raise InvalidArgument("prompts must not be empty", field="prompt")
+        for prompt in request.prompts:
+            check_prompt_bytes(len(prompt.encode()), "prompt")
         if len(request.prompts) * request.n > MAX_CHOICES:
             raise InvalidArgument(
                 f"at most {MAX_CHOICES} choices (prompts times n) per request", field="n"

@@ -45,6 +45,8 @@ from server.network.jobs import (
     FailureKind,
     NodeLost,
     NodeReport,
+    QueueTimeout,
+    StartedReport,
 )
 from server.network.nodes import AssignCommand, CancelCommand, NodeSession
 from server.network.routing import NO_REQUIREMENTS, Router, RouteRequest
@@ -126,10 +128,21 @@ class JobDispatch:
                 epoch, report = await job.reports.get()
                 if epoch != job.epoch:
                     continue  # queued before the job moved on
+                if isinstance(report, StartedReport):
+                    continue
                 if isinstance(report, ChunkReport):
                     if not job.delivered_tokens:
                         self._journal.first_token(job)
                     yield job.record(report)
+                elif isinstance(report, QueueTimeout):
+                    bound.warning("job waited too long in its node's queue", node_id=job.node_id)
+                    # Not finished: the node is told to drop it (finally, below).
+                    outcome, detail = JobOutcome.FAILED, "waited too long in the node's queue"
+                    raise NoCapacity(
+                        f"the job waited {report.waited_s:.0f} s for a free slot on its node; "
+                        "the model's nodes are busy, retry later",
+                        metadata={"retry_after_s": str(self._failover.queue_retry_after_s)},
+                    )
                 elif isinstance(report, DoneReport):
                     finished = True
                     outcome, detail = JobOutcome.FINISHED, report.finish_reason.value
@@ -174,7 +187,8 @@ class JobDispatch:
         continuation = job.continuation() if job.migrations else None
         spec = job.remaining_spec() if job.migrations else job.spec
         node.active_jobs.add(job.job_id)
-        job.last_progress = time.monotonic()
+        job.last_progress = job.assigned_at = time.monotonic()
+        job.running = False
         node.outbox.put_nowait(AssignCommand(job.job_id, job.epoch, spec, continuation))
 
     def _migrate(
@@ -222,6 +236,8 @@ class JobDispatch:
             log.info("stale job report dropped", node_id=node.node_id, job_id=job_id, epoch=epoch)
             return
         job.last_progress = time.monotonic()
+        if isinstance(report, StartedReport | ChunkReport):
+            job.running = True
         if isinstance(report, ChunkReport):
             job.output(epoch).add(report.text, report.token_ids, report.logprobs, report.embedding)
         elif isinstance(report, DoneReport | FailedReport):
@@ -259,11 +275,16 @@ class JobDispatch:
         """Jobs and probes in flight."""
         return len(self._jobs)
 
-    def give_up_stalled(self, before: float, reason: str) -> None:
-        """Gives up assignments with no report since ``before`` (monotonic)."""
+    def give_up_stalled(self, now: float, reason: str) -> None:
+        """Gives up running assignments silent for the stall timeout, and fails those
+        still queued on their node after the queue timeout."""
+        stalled_before = now - self._failover.stall_timeout_s
+        queued_before = now - self._failover.queue_timeout_s
         for job in list(self._jobs.values()):
-            if job.last_progress < before:
+            if job.running and job.last_progress < stalled_before:
                 job.give_up(reason)
+            elif not job.running and job.assigned_at < queued_before:
+                job.expire(now)
 
     async def probe(self, node: NodeSession, spec: GenerationSpec) -> Probe | None:
         """Runs ``spec`` on ``node`` as an ordinary job, keeping its output to itself.
@@ -292,6 +313,10 @@ class JobDispatch:
                         first_token_at = time.monotonic()
                     texts.append(report.text)
                     tokens += report.token_count
+                elif isinstance(report, StartedReport):
+                    continue
+                elif isinstance(report, QueueTimeout):
+                    return None  # still queued on the node: cancelled there below
                 elif isinstance(report, DoneReport | FailedReport):
                     done_at = time.monotonic()
                     finished = True
@@ -315,7 +340,7 @@ class JobDispatch:
 
 def _failure_error(report: FailedReport) -> Exception:
     if report.kind is FailureKind.INVALID_REQUEST:
-        return InvalidArgument(report.message, field="messages")
+        return InvalidArgument(report.message, field=report.param or "messages")
     if report.kind is FailureKind.MODEL_UNAVAILABLE:
         return NoCapacity(report.message)
     return JobFailed(report.message)

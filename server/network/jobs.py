@@ -30,6 +30,11 @@ class FailureKind(StrEnum):
 
 # Reports from the node, fed into the job's queue by the node's session.
 @dataclass(frozen=True, slots=True)
+class StartedReport:
+    """The job left the node's queue and runs (its first chunk implies as much)."""
+
+
+@dataclass(frozen=True, slots=True)
 class ChunkReport:
     text: str
     token_count: int
@@ -59,6 +64,8 @@ class FailedReport:
     usage: Usage = field(default_factory=Usage)
     signature: bytes = b""
     reason_code: int = 0
+    # For INVALID_REQUEST: the request field at fault, as the API names it.
+    param: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +76,15 @@ class NodeLost:
     epoch: int
 
 
-NodeReport = ChunkReport | DoneReport | FailedReport | NodeLost
+@dataclass(frozen=True, slots=True)
+class QueueTimeout:
+    """The assignment of ``epoch`` waited in its node's queue too long to start."""
+
+    waited_s: float
+    epoch: int
+
+
+NodeReport = StartedReport | ChunkReport | DoneReport | FailedReport | NodeLost | QueueTimeout
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +117,10 @@ class ActiveJob:
     migrations: int = 0
     # Monotonic time of the current assignment's last report (or its start).
     last_progress: float = 0.0
+    # The current assignment left its node's queue: its silence now counts as a stall.
+    running: bool = False
+    # Monotonic time of the current assignment.
+    assigned_at: float = 0.0
     # Nodes this job ran on; a continuation never goes back to one of them.
     tried: set[str] = field(default_factory=set)
     # Highest epoch given up: its late reports are dropped even before the
@@ -132,6 +151,12 @@ class ActiveJob:
 
     def post(self, epoch: int, report: NodeReport) -> None:
         self.reports.put_nowait((epoch, report))
+
+    def expire(self, now: float) -> None:
+        """Fences the current, still queued assignment: it waited too long to start."""
+        if self.fenced_epoch < self.epoch:
+            self.fenced_epoch = self.epoch
+            self.post(self.epoch, QueueTimeout(now - self.assigned_at, self.epoch))
 
     def give_up(self, reason: str) -> None:
         """Fences the current assignment and tells the relay to move the job."""

@@ -432,9 +432,7 @@ class NetworkService:
             for node in list(self._nodes.values()):
                 if node.last_seen < dead_before:
                     self.disconnect(node, "heartbeat timeout")
-            self._dispatch.give_up_stalled(
-                now - failover.stall_timeout_s, f"no output for {failover.stall_timeout_s:g} s"
-            )
+            self._dispatch.give_up_stalled(now, f"no output for {failover.stall_timeout_s:g} s")
 
     def _check_interval_s(self) -> float:
         liveness = self.liveness
@@ -444,6 +442,7 @@ class NetworkService:
                 liveness.heartbeat_timeout_s,
                 liveness.suspect_s,
                 self.failover.stall_timeout_s,
+                self.failover.queue_timeout_s,
             )
             / 2
         )

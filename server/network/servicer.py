@@ -40,7 +40,13 @@ from core.inference_proto import (
 )
 from server.network.callers import ServiceCallers, service_only
 from server.network.convert import FAILURE_FROM_PB, command_to_pb, duration_to_pb, hello_from_pb
-from server.network.jobs import ChunkReport, DoneReport, FailedReport, FailureKind
+from server.network.jobs import (
+    ChunkReport,
+    DoneReport,
+    FailedReport,
+    FailureKind,
+    StartedReport,
+)
 from server.network.nodes import (
     DisconnectCommand,
     NodeCommand,
@@ -146,6 +152,9 @@ class AgentServicer(agent_grpc.AgentServiceServicer):
             self._service.draining(node)
         elif kind == "config_applied":
             self._service.config_applied(node, request.config_applied.version)
+        elif kind == "job_started":
+            started = request.job_started
+            self._service.report(node, started.job_id, started.epoch, StartedReport())
         elif kind == "job_chunk":
             chunk = request.job_chunk
             report = ChunkReport(
@@ -178,6 +187,7 @@ class AgentServicer(agent_grpc.AgentServiceServicer):
                 usage_from_pb(failed.usage),
                 failed.signature,
                 failed.reason,
+                failed.param,
             )
             self._service.report(node, failed.job_id, failed.epoch, failure)
         else:

@@ -34,8 +34,15 @@ class FailoverSettings:
     max_migrations: int = 2
     # A node that sends nothing for a running job this long is given up for that
     # job (it may be stuck or partitioned) and the job moves on. Generous: a job
-    # waiting in the node's queue or prefilling a long prompt sends nothing.
+    # prefilling a long prompt sends nothing. Counted from the job's start on the
+    # node (JobStarted), not from its assignment: time in the node's queue is
+    # bounded by queue_timeout_s instead.
     stall_timeout_s: float = 60.0
+    # A job still waiting in its node's queue this long after assignment fails
+    # with NO_CAPACITY and a retry hint (a 503 with retry-after), instead of
+    # waiting on behind the node's running jobs.
+    queue_timeout_s: float = 30.0
+    queue_retry_after_s: int = 5
 
 
 @dataclass(frozen=True, slots=True)

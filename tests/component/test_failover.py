@@ -18,6 +18,7 @@ from resultity.network.v1 import dispatch_service_pb2_grpc as dispatch_grpc
 from agent.identity import NodeIdentity, signed_hello
 from agent.session import AGENT_VERSION, AgentSession, SessionSettings
 from core import channels
+from core.grpc_errors import error_info
 from core.inference import ChatMessage, ChatRole, GenerationSpec, Sampling
 from core.inference_proto import spec_to_pb
 from server.network.catalog import SMOLLM2_135M
@@ -88,9 +89,14 @@ def _spec(max_tokens: int = 100) -> GenerationSpec:
 
 
 class RawNode:
-    """A hand-driven agent: it says what the test tells it to, when it is told."""
+    """A hand-driven agent: it says what the test tells it to, when it is told.
 
-    def __init__(self, target: str) -> None:
+    It reports each assigned job as started at once (running, not queued),
+    unless ``starts_jobs`` is off: then they wait in its queue for ever.
+    """
+
+    def __init__(self, target: str, *, starts_jobs: bool = True) -> None:
+        self._starts_jobs = starts_jobs
         self._channel = channels.insecure_channel(target)
         self._outbound: asyncio.Queue[agent_pb.ConnectRequest | None] = asyncio.Queue()
         self.responses: asyncio.Queue[agent_pb.ConnectResponse] = asyncio.Queue()
@@ -149,6 +155,13 @@ class RawNode:
 
     async def _read(self, call: AsyncIterator[agent_pb.ConnectResponse]) -> None:
         async for response in call:
+            if self._starts_jobs and response.WhichOneof("message") == "assign_job":
+                assign = response.assign_job
+                self.send(
+                    agent_pb.ConnectRequest(
+                        job_started=agent_pb.JobStarted(job_id=assign.job_id, epoch=assign.epoch)
+                    )
+                )
             self.responses.put_nowait(response)
 
     async def _beat(self) -> None:
@@ -289,3 +302,55 @@ async def test_continuation_with_nothing_left_only_finishes(network: NetworkServ
     assert finished.finish_reason == common_pb.FINISH_REASON_LENGTH
     assert finished.usage.completion_tokens == 4
     await eventually(lambda: len(network.component.service.nodes()) == 1)
+
+
+async def test_a_job_queued_behind_a_slow_one_is_not_taken_for_a_stall() -> None:
+    """Time in the node's queue is not silence: the stall timer starts with the job."""
+    server = await start_network(
+        liveness=LivenessSettings(heartbeat_interval_s=0.05, heartbeat_timeout_s=5.0),
+        failover=FailoverSettings(stall_timeout_s=0.3),
+    )
+    # One slot; each job takes about ten stall timeouts (150 tokens, 0.02 s apart).
+    runtime = ScriptedRuntime(script=LONG_SCRIPT, token_delay_s=0.02)
+    session = AgentSession(SessionSettings(server.target, "busy"), runtime)
+    agent = asyncio.create_task(session.run_forever())
+    try:
+        await session.connected.wait()
+        slow = asyncio.create_task(_run_job(server, "slow", _spec(max_tokens=150)))
+        await eventually(lambda: len(runtime.started_jobs) == 1)
+        innocent = await _run_job(server, "innocent", _spec(max_tokens=150))
+        first = await slow
+    finally:
+        agent.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await agent
+        await server.stop()
+
+    for events in (first, innocent):
+        assert _text(events) == LONG_SCRIPT
+        assert not [e for e in events if e.WhichOneof("event") == "migrated"]
+
+
+async def test_a_job_that_never_leaves_the_queue_fails_with_a_retry_hint() -> None:
+    server = await start_network(
+        liveness=LivenessSettings(heartbeat_interval_s=0.05, heartbeat_timeout_s=5.0),
+        failover=FailoverSettings(stall_timeout_s=0.1, queue_timeout_s=0.5),
+    )
+    stuck = RawNode(server.target, starts_jobs=False)
+    try:
+        await stuck.start()
+        job = asyncio.create_task(_run_job(server, "queued", _spec()))
+        await stuck.next("assign_job")
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await job
+        cancel = (await stuck.next("cancel_job")).cancel_job
+    finally:
+        await stuck.close()
+        await server.stop()
+
+    assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+    info = error_info(raised.value)
+    assert info is not None
+    assert info.reason == "NO_CAPACITY"
+    assert info.metadata["retry_after_s"] == str(FailoverSettings().queue_retry_after_s)
+    assert (cancel.job_id, cancel.epoch) == ("queued", 1)

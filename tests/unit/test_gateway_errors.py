@@ -91,6 +91,14 @@ def test_insufficient_quota_tells_clients_not_to_retry() -> None:
     assert api_error.response().headers["x-should-retry"] == "false"
 
 
+def test_busy_nodes_answer_503_with_retry_after() -> None:
+    error = NoCapacity("nodes busy", metadata={"retry_after_s": "5"})
+
+    api_error = errors.from_rpc_error(_rpc_error(error))
+
+    assert (api_error.status, api_error.headers) == (503, {"retry-after": "5"})
+
+
 def test_unlisted_reason_is_a_server_error_without_details() -> None:
     error = DomainError("db password wrong", reason=ErrorReason.INTERNAL)
 

@@ -62,6 +62,7 @@ class ConnectRequest(_message.Message):
     DRAINING_FIELD_NUMBER: _builtins.int
     SIGNED_HELLO_FIELD_NUMBER: _builtins.int
     CONFIG_APPLIED_FIELD_NUMBER: _builtins.int
+    JOB_STARTED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___Hello: ...
     @_builtins.property
@@ -82,6 +83,10 @@ class ConnectRequest(_message.Message):
     def config_applied(self) -> Global___ConfigApplied:
         """The agent applied a network configuration version."""
 
+    @_builtins.property
+    def job_started(self) -> Global___JobStarted:
+        """A job left the node's queue and began running."""
+
     def __init__(
         self,
         *,
@@ -93,12 +98,13 @@ class ConnectRequest(_message.Message):
         draining: Global___Draining | None = ...,
         signed_hello: Global___SignedHello | None = ...,
         config_applied: Global___ConfigApplied | None = ...,
+        job_started: Global___JobStarted | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["config_applied", b"config_applied", "draining", b"draining", "heartbeat", b"heartbeat", "hello", b"hello", "job_chunk", b"job_chunk", "job_done", b"job_done", "job_failed", b"job_failed", "message", b"message", "signed_hello", b"signed_hello"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["config_applied", b"config_applied", "draining", b"draining", "heartbeat", b"heartbeat", "hello", b"hello", "job_chunk", b"job_chunk", "job_done", b"job_done", "job_failed", b"job_failed", "job_started", b"job_started", "message", b"message", "signed_hello", b"signed_hello"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config_applied", b"config_applied", "draining", b"draining", "heartbeat", b"heartbeat", "hello", b"hello", "job_chunk", b"job_chunk", "job_done", b"job_done", "job_failed", b"job_failed", "message", b"message", "signed_hello", b"signed_hello"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config_applied", b"config_applied", "draining", b"draining", "heartbeat", b"heartbeat", "hello", b"hello", "job_chunk", b"job_chunk", "job_done", b"job_done", "job_failed", b"job_failed", "job_started", b"job_started", "message", b"message", "signed_hello", b"signed_hello"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["hello", "heartbeat", "job_chunk", "job_done", "job_failed", "draining", "signed_hello", "config_applied"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["hello", "heartbeat", "job_chunk", "job_done", "job_failed", "draining", "signed_hello", "config_applied", "job_started"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
@@ -508,6 +514,33 @@ class CancelJob(_message.Message):
 Global___CancelJob: _TypeAlias = CancelJob  # noqa: Y015
 
 @_typing.final
+class JobStarted(_message.Message):
+    """A job took one of the node's slots: from here on, its silence counts as a
+    stall. Until then it waits in the node's queue (bounded by the network's
+    queue timeout, not its stall timeout). A first chunk implies it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    epoch: _builtins.int
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        epoch: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobStarted: _TypeAlias = JobStarted  # noqa: Y015
+
+@_typing.final
 class JobChunk(_message.Message):
     """Generated text. One chunk may carry several tokens when the agent
     produces them faster than the stream drains.
@@ -653,12 +686,17 @@ class JobFailed(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
     SIGNATURE_FIELD_NUMBER: _builtins.int
+    PARAM_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     epoch: _builtins.int
     reason: Global___JobFailureReason.ValueType
     message: _builtins.str
     signature: _builtins.bytes
     """Ed25519 signature of the node over the job's result; see ResultDigest."""
+    param: _builtins.str
+    """For INVALID_REQUEST: the request field at fault, as the API names it
+    (e.g. "messages", "response_format.json_schema.schema"); empty if unknown.
+    """
     @_builtins.property
     def usage(self) -> _inference_pb2.Usage:
         """Tokens generated and sent before the failure."""
@@ -672,10 +710,11 @@ class JobFailed(_message.Message):
         message: _builtins.str = ...,
         usage: _inference_pb2.Usage | None = ...,
         signature: _builtins.bytes = ...,
+        param: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "job_id", b"job_id", "message", b"message", "reason", b"reason", "signature", b"signature", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "job_id", b"job_id", "message", b"message", "param", b"param", "reason", b"reason", "signature", b"signature", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

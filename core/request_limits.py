@@ -1,0 +1,178 @@
+"""Bounds on the work a request may cause before a node looks at it.
+
+Cloud checks them at admission (a 400 naming the field) and the agent checks
+them again before templating or compiling anything, so a hostile request is
+refused for the price of a scan of its own bytes:
+
+- a JSON schema becomes a llama.cpp grammar, and the converter writes
+  ``maxItems``/``maxLength`` and pattern quantifiers ``{m,n}`` out as nested
+  optional groups: at 1,024 the grammar no longer compiles, at 100,000
+  llama.cpp's recursive grammar parser overflows the stack and kills the
+  process. Sizes, depth, counts and repetition bounds are capped here well
+  below where compilation fails, and only local ``$ref`` s are allowed (the
+  converter would otherwise try to fetch remote ones);
+- a chat is templated and tokenized as a whole: 100,000 empty messages fit in
+  a 4 MiB body and cost a node most of a minute before their length is known.
+  Every message costs at least one token once templated, so more messages than
+  the prompt's token bound can never fit; a byte cap bounds the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from core.errors import InvalidArgument
+
+SCHEMA_FIELD = "response_format.json_schema.schema"
+MESSAGES_FIELD = "messages"
+
+# A quantifier of a regular expression: {m}, {m,} or {m,n}.
+_QUANTIFIER = re.compile(r"\{(\d+)(?:,(\d*))?\}")
+# Keywords whose value becomes that many repetitions in the grammar.
+_REPETITION_KEYWORDS = (
+    "minItems",
+    "maxItems",
+    "minLength",
+    "maxLength",
+    "minProperties",
+    "maxProperties",
+    "minContains",
+    "maxContains",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class SchemaLimits:
+    max_bytes: int = 16 * 1024
+    # Nesting of JSON objects and arrays in the schema document.
+    max_depth: int = 16
+    # Properties over all "properties" objects of the schema.
+    max_properties: int = 256
+    # Values over all "enum" lists (and "const" values).
+    max_enum_values: int = 256
+    max_refs: int = 64
+    # Any minItems/maxItems/minLength/maxLength/... and pattern quantifier bound.
+    max_repetitions: int = 256
+    max_pattern_length: int = 512
+
+
+@dataclass(frozen=True, slots=True)
+class PromptLimits:
+    max_messages: int = 2048
+    # UTF-8 bytes of all message contents (or of a raw prompt).
+    max_bytes: int = 1024 * 1024
+
+
+SCHEMA_LIMITS = SchemaLimits()
+PROMPT_LIMITS = PromptLimits()
+
+
+def _schema_error(message: str) -> InvalidArgument:
+    return InvalidArgument(f"response_format json_schema: {message}", field=SCHEMA_FIELD)
+
+
+def parse_json_schema(text: str, limits: SchemaLimits = SCHEMA_LIMITS) -> dict[str, Any]:
+    """The schema as a JSON object, if it is within ``limits``; else InvalidArgument."""
+    size = len(text.encode())
+    if size > limits.max_bytes:
+        raise _schema_error(f"{size} bytes, at most {limits.max_bytes} allowed")
+    try:
+        schema = json.loads(text)
+    except (ValueError, RecursionError):
+        schema = None
+    if not isinstance(schema, dict):
+        raise _schema_error("must be a JSON object")
+    _check_schema(schema, limits)
+    return schema
+
+
+def _check_schema(schema: dict[str, Any], limits: SchemaLimits) -> None:
+    """One iterative walk over the document (no recursion on hostile depth)."""
+    properties = enum_values = refs = 0
+    stack: list[tuple[Any, int]] = [(schema, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limits.max_depth:
+            raise _schema_error(f"nested deeper than {limits.max_depth} levels")
+        if isinstance(node, list):
+            stack.extend((item, depth + 1) for item in node)
+            continue
+        if not isinstance(node, dict):
+            continue
+        for key in _REPETITION_KEYWORDS:
+            _check_repetition(key, node.get(key), limits)
+        if isinstance(node.get("properties"), dict):
+            properties += len(node["properties"])
+        if isinstance(node.get("enum"), list):
+            enum_values += len(node["enum"])
+        if "const" in node:
+            enum_values += 1
+        ref = node.get("$ref")
+        if ref is not None:
+            refs += 1
+            if not isinstance(ref, str) or not ref.startswith("#/"):
+                raise _schema_error("only local $ref values (starting with '#/') are allowed")
+        pattern = node.get("pattern")
+        if isinstance(pattern, str):
+            _check_pattern(pattern, limits)
+        stack.extend((value, depth + 1) for value in node.values())
+    for count, limit, what in (
+        (properties, limits.max_properties, "properties"),
+        (enum_values, limits.max_enum_values, "enum and const values"),
+        (refs, limits.max_refs, "$ref values"),
+    ):
+        if count > limit:
+            raise _schema_error(f"{count} {what}, at most {limit} allowed")
+
+
+def _check_repetition(key: str, value: object, limits: SchemaLimits) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _schema_error(f"{key} must be a non-negative integer")
+    if value > limits.max_repetitions:
+        raise _schema_error(f"{key} is {value}, at most {limits.max_repetitions} allowed")
+
+
+def _check_pattern(pattern: str, limits: SchemaLimits) -> None:
+    if len(pattern) > limits.max_pattern_length:
+        raise _schema_error(
+            f"pattern has {len(pattern)} characters, at most {limits.max_pattern_length} allowed"
+        )
+    for match in _QUANTIFIER.finditer(pattern):
+        for bound in match.groups():
+            if bound and int(bound) > limits.max_repetitions:
+                raise _schema_error(
+                    f"pattern repeats {bound} times, at most {limits.max_repetitions} allowed"
+                )
+
+
+def check_messages(
+    contents: Sequence[str],
+    max_prompt_tokens: int | None = None,
+    limits: PromptLimits = PROMPT_LIMITS,
+) -> None:
+    """Refuses a chat over ``limits`` or one that cannot fit ``max_prompt_tokens``
+    (when known), without templating it: each message takes at least one token."""
+    count = len(contents)
+    if count > limits.max_messages:
+        raise InvalidArgument(
+            f"{count} messages, at most {limits.max_messages} allowed", field=MESSAGES_FIELD
+        )
+    if max_prompt_tokens is not None and count > max_prompt_tokens:
+        raise InvalidArgument(
+            f"{count} messages cannot fit a prompt of at most {max_prompt_tokens} tokens",
+            field=MESSAGES_FIELD,
+        )
+    check_prompt_bytes(sum(len(content.encode()) for content in contents), MESSAGES_FIELD, limits)
+
+
+def check_prompt_bytes(size: int, field: str, limits: PromptLimits = PROMPT_LIMITS) -> None:
+    if size > limits.max_bytes:
+        raise InvalidArgument(
+            f"the prompt has {size} bytes, at most {limits.max_bytes} allowed", field=field
+        )
