@@ -4,26 +4,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import signal
 
 import structlog
 
 from agent.runtime.base import Runtime
 from agent.runtime.loader import RuntimeSettings, load_runtime
+from agent.runtime.worker import WorkerRuntime
 from agent.session import AgentSession, SessionSettings
 
 log = structlog.get_logger(__name__)
 
 
 async def run_agent(session_settings: SessionSettings, runtime_settings: RuntimeSettings) -> None:
-    """Loads the runtime, then serves it (see ``serve``)."""
+    """Loads the runtime in a supervised worker process (agent/runtime/worker.py),
+    then serves it (see ``serve``)."""
     log.info(
         "loading model",
         runtime=runtime_settings.runtime,
         model=runtime_settings.model_id,
         region=session_settings.region or None,
     )
-    runtime = await load_runtime(runtime_settings)
+    runtime = await WorkerRuntime.start(functools.partial(load_runtime, runtime_settings))
     await serve(session_settings, runtime)
 
 

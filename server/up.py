@@ -35,6 +35,7 @@ from server.network.component import NetworkComponent
 from server.network.service import LivenessSettings
 from server.secrets import load_or_create_secrets
 from server.settings import PlatformSettings
+from server.supervisor import SupervisedProcess
 
 log = structlog.get_logger(__name__)
 
@@ -58,9 +59,11 @@ async def _database(settings: PlatformSettings) -> AsyncIterator[str]:
 async def _local_agent(
     settings: PlatformSettings, network: NetworkComponent, node_token: str
 ) -> AsyncIterator[None]:
-    """A child agent process, stopped with SIGTERM (then SIGKILL) on exit. Its key
-    lives in <data dir>/agent; its node token comes through the environment."""
-    process = await asyncio.create_subprocess_exec(
+    """A child agent process, restarted with backoff if it exits (server/supervisor.py)
+    and stopped with SIGTERM (then SIGKILL) on exit. Its key lives in
+    <data dir>/agent, so a restarted agent is the same node; its node token comes
+    through the environment."""
+    argv = (
         sys.executable,
         "-m",
         "server.cli",
@@ -78,29 +81,29 @@ async def _local_agent(
         "--data-dir",
         str(settings.data_dir.resolve() / "agent"),
         *(("--region", settings.local_agent_region) if settings.local_agent_region else ()),
-        env={**os.environ, "RESULTITY_NODE_TOKEN": node_token},
     )
+    agent = SupervisedProcess(
+        "local agent", argv, {**os.environ, "RESULTITY_NODE_TOKEN": node_token}
+    )
+    await agent.start()
     try:
-        await _wait_for_node(network, process)
+        await _wait_for_node(network, agent)
         yield
     finally:
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(process.wait(), timeout=15)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
+        await agent.stop()
 
 
-async def _wait_for_node(network: NetworkComponent, process: asyncio.subprocess.Process) -> None:
+async def _wait_for_node(network: NetworkComponent, agent: SupervisedProcess) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + AGENT_READY_TIMEOUT_S
     # Registered and through join validation (a node failing it is quarantined;
     # the platform still starts and the operator sees why in `resultity nodes`).
     while not any(not node.validating for node in network.service.nodes()):
-        if process.returncode is not None:
-            raise RuntimeError(f"the local agent exited with code {process.returncode}")
+        # Exiting during start-up is a configuration problem, not one to retry.
+        process = agent.process
+        if agent.restarts or (process is not None and process.returncode is not None):
+            code = process.returncode if process is not None else None
+            raise RuntimeError(f"the local agent exited during start-up (code {code})")
         if loop.time() > deadline:
             raise RuntimeError("the local agent did not register and validate in time")
         await asyncio.sleep(0.2)

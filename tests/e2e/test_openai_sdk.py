@@ -19,6 +19,7 @@ from pathlib import Path
 import grpc
 import httpx
 import openai
+import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from resultity.account.v1 import api_key_service_pb2 as keys_pb
@@ -28,7 +29,7 @@ from resultity.account.v1 import ledger_service_pb2_grpc as ledger_grpc
 from resultity.cloud.v1 import inference_service_pb2 as cloud_pb
 from resultity.cloud.v1 import inference_service_pb2_grpc as cloud_grpc
 
-from tests.harness import free_port
+from tests.harness import eventually, free_port
 
 MODEL = "smollm2-135m-instruct"
 QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
@@ -279,3 +280,79 @@ async def test_probes_and_grpc_health_report_a_serving_platform(platform: Runnin
         ):
             answer = await stub.Check(health_pb2.HealthCheckRequest(service=service))
             assert answer.status == health_pb2.HealthCheckResponse.SERVING, service
+
+
+async def test_hostile_requests_get_a_400_naming_the_field(platform: RunningPlatform) -> None:
+    client = platform.client()
+    with pytest.raises(openai.BadRequestError) as schema:
+        await client.chat.completions.create(
+            model=MODEL,
+            messages=QUESTION,  # type: ignore[arg-type]
+            response_format={
+                "type": "json_schema",
+                "json_schema": {
+                    "name": "numbers",
+                    "schema": {"type": "array", "items": {"type": "integer"}, "maxItems": 100000},
+                },
+            },
+        )
+    assert schema.value.param == "response_format.json_schema.schema"
+
+    with pytest.raises(openai.BadRequestError) as many:
+        await client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": ""}] * 100_000,
+        )
+    assert many.value.param == "messages"
+
+
+def _children(pid: int, module: str) -> list[psutil.Process]:
+    return [
+        child for child in psutil.Process(pid).children(recursive=True) if module in child.cmdline()
+    ]
+
+
+async def _answer_when_served(platform: RunningPlatform) -> str:
+    """Asks until the platform answers (a restarting node may refuse for a while)."""
+    async with asyncio.timeout(START_TIMEOUT_S):
+        while True:
+            try:
+                completion = await platform.client().chat.completions.create(
+                    model=MODEL,
+                    messages=QUESTION,  # type: ignore[arg-type]
+                    temperature=0,
+                    max_tokens=4,
+                )
+                return completion.choices[0].message.content or ""
+            except (openai.APIStatusError, openai.APIConnectionError):
+                await asyncio.sleep(0.5)
+
+
+# Last in the module: it kills processes of the shared platform.
+async def test_a_killed_runtime_worker_and_a_killed_agent_come_back(
+    platform: RunningPlatform,
+) -> None:
+    pid = platform.process.pid
+    [worker] = _children(pid, "agent.runtime.worker_main")
+    [agent] = [p for p in _children(pid, "agent") if "server.cli" in p.cmdline()]
+
+    worker.kill()
+    await eventually(
+        lambda: (
+            [p.pid for p in _children(pid, "agent.runtime.worker_main")] not in ([], [worker.pid])
+        ),
+        timeout_s=60,
+    )
+    assert await _answer_when_served(platform)
+    assert agent.is_running()  # the agent and its session outlived its runtime
+
+    agent.kill()
+    await eventually(
+        lambda: (
+            [p.pid for p in _children(pid, "agent") if "server.cli" in p.cmdline()]
+            not in ([], [agent.pid])
+        ),
+        timeout_s=60,
+    )
+    assert await _answer_when_served(platform)
+    assert platform.process.returncode is None
