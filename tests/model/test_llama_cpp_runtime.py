@@ -136,6 +136,18 @@ async def test_prompt_that_fills_the_context_is_refused(runtime: LlamaCppRuntime
 
 
 @pytest.mark.model
+async def test_a_prompt_too_big_for_its_token_bound_is_refused_before_templating(
+    runtime: LlamaCppRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def never(**_: object) -> object:
+        raise AssertionError("the prompt was templated")
+
+    monkeypatch.setattr(runtime, "_template", never)
+    with pytest.raises(PromptTooLong):
+        await _collect(runtime, _request("x" * 100_000, max_prompt_tokens=400))
+
+
+@pytest.mark.model
 async def test_unknown_model_is_refused(runtime: LlamaCppRuntime) -> None:
     request = GenerationRequest("other", _request().messages, Sampling(max_tokens=1), 100)
     with pytest.raises(UnknownModel):
