@@ -52,7 +52,8 @@ log = structlog.get_logger(__name__)
 RuntimeFactory = Callable[[], Awaitable[Runtime]]
 # Loading a model may take a while (reading gigabytes from disk).
 DEFAULT_START_TIMEOUT_S = 600.0
-DEFAULT_CANCEL_GRACE_S = 10.0
+# A token of a healthy but overloaded node can take seconds; a stuck call never ends.
+DEFAULT_CANCEL_GRACE_S = 30.0
 _STOP_GRACE_S = 10.0
 
 
