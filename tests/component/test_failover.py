@@ -304,9 +304,12 @@ async def test_continuation_with_nothing_left_only_finishes(network: NetworkServ
     await eventually(lambda: len(network.component.service.nodes()) == 1)
 
 
-async def test_a_job_queued_behind_a_slow_one_is_not_taken_for_a_stall() -> None:
+async def test_a_job_queued_behind_a_slow_one_is_not_taken_for_a_stall(
+    postgres_dsn: str,
+) -> None:
     """Time in the node's queue is not silence: the stall timer starts with the job."""
     server = await start_network(
+        postgres_dsn,
         liveness=LivenessSettings(heartbeat_interval_s=0.05, heartbeat_timeout_s=5.0),
         failover=FailoverSettings(stall_timeout_s=0.3),
     )
@@ -331,8 +334,11 @@ async def test_a_job_queued_behind_a_slow_one_is_not_taken_for_a_stall() -> None
         assert not [e for e in events if e.WhichOneof("event") == "migrated"]
 
 
-async def test_a_job_that_never_leaves_the_queue_fails_with_a_retry_hint() -> None:
+async def test_a_job_that_never_leaves_the_queue_fails_with_a_retry_hint(
+    postgres_dsn: str,
+) -> None:
     server = await start_network(
+        postgres_dsn,
         liveness=LivenessSettings(heartbeat_interval_s=0.05, heartbeat_timeout_s=5.0),
         failover=FailoverSettings(stall_timeout_s=0.1, queue_timeout_s=0.5),
     )

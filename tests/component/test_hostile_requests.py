@@ -98,10 +98,10 @@ def _spec(messages: tuple[ChatMessage, ...], schema: str = "") -> GenerationSpec
     ],
 )
 async def test_the_node_refuses_what_gets_past_cloud_without_running_it(
-    spec: GenerationSpec, field: str
+    postgres_dsn: str, spec: GenerationSpec, field: str
 ) -> None:
     """Straight to the network (as a caller that skipped cloud's checks would be)."""
-    network = await start_network()
+    network = await start_network(postgres_dsn)
     runtime = ScriptedRuntime()
     session = AgentSession(SessionSettings(network.target, "node"), runtime)
     agent = asyncio.create_task(session.run_forever())

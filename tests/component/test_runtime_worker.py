@@ -137,8 +137,10 @@ def test_schema_errors_are_the_callers_not_the_nodes() -> None:
     assert rebuilt.param == "response_format"
 
 
-async def test_an_agent_keeps_its_session_while_its_runtime_crashes_and_restarts() -> None:
-    network = await start_network()
+async def test_an_agent_keeps_its_session_while_its_runtime_crashes_and_restarts(
+    postgres_dsn: str,
+) -> None:
+    network = await start_network(postgres_dsn)
     runtime = await WorkerRuntime.start(crashing_runtime, backoff=FAST_RESTART)
     session = AgentSession(SessionSettings(network.target, "node"), runtime)
     agent = asyncio.create_task(session.run_forever())
