@@ -21,7 +21,7 @@ from server.cloud.chat import ChatService
 from server.cloud.clients import GrpcAccountClient, GrpcNetworkClient
 from server.cloud.redis_rate_limits import FallbackCounters, RedisCounters
 from server.cloud.servicer import InferenceServicer
-from server.cloud.settings import RateLimitSettings
+from server.cloud.settings import CacheSettings, RateLimitSettings
 from server.cloud.subcloud_service import SubcloudResolver, SubcloudService
 from server.cloud.subcloud_servicer import SubcloudServicer
 from server.cloud.subcloud_store import PostgresSubcloudStore
@@ -48,19 +48,23 @@ class CloudComponent:
         service_token: str,
         rate_limits: RateLimitSettings | None = None,
         shared: SharedState | None = None,
+        caches: CacheSettings | None = None,
     ) -> None:
-        """``shared`` unset: rate limits and invalidations within this process."""
+        """``shared`` unset: rate limits and invalidations within this process.
+        ``caches`` unset: read from the environment."""
         shared = shared or SharedState()
+        ttl_s = (caches or CacheSettings()).cache_ttl_s
         self._pool = pool
         self._redis_counters = None if shared.redis is None else RedisCounters(shared.redis)
         self._account_channel = insecure_channel(account_target)
         self._network_channel = insecure_channel(network_target)
         account = GrpcAccountClient(self._account_channel, service_token)
         store = PostgresSubcloudStore(pool)
-        resolver = SubcloudResolver(store)
+        resolver = SubcloudResolver(store, ttl_s=ttl_s)
         self.chat = ChatService(
             account,
             GrpcNetworkClient(self._network_channel, service_token),
+            auth_ttl_s=ttl_s,
             rate_limits=rate_limits or RateLimitSettings(),
             subclouds=resolver,
             rate_limit_counters=(
