@@ -315,9 +315,11 @@ async def _serve_one(args: argparse.Namespace) -> None:
         )
         from server.common.shared_state import SharedState
 
-        shared = SharedState(args.redis_url)
+        shared = await SharedState.open(args.redis_url)
         close_shared = shared.close
-        account = await AccountComponent.start(args.database_url, secrets, changes=shared.bus)
+        account = await AccountComponent.start(
+            args.database_url, secrets, changes=shared.invalidations
+        )
         account.register(server)
         stop_component = account.stop
     else:
@@ -328,7 +330,7 @@ async def _serve_one(args: argparse.Namespace) -> None:
             raise SystemExit("cloud: --database-url or RESULTITY_DATABASE_URL is required")
         from server.common.shared_state import SharedState
 
-        shared = SharedState(args.redis_url)
+        shared = await SharedState.open(args.redis_url)
         close_shared = shared.close
         cloud = await CloudComponent.start(
             args.database_url,

@@ -124,9 +124,9 @@ async def run_platform(settings: PlatformSettings, *, ready: asyncio.Event | Non
             key_hash_secret=_secret(settings.key_hash_secret),
             service_token=_secret(settings.service_token),
         )
-        shared = SharedState(settings.redis_url)
+        shared = await SharedState.open(settings.redis_url)
         stack.push_async_callback(shared.close)
-        account = await AccountComponent.start(dsn, secrets, changes=shared.bus)
+        account = await AccountComponent.start(dsn, secrets, changes=shared.invalidations)
         stack.push_async_callback(account.stop)
         network = NetworkComponent(
             liveness=LivenessSettings(settings.heartbeat_interval_s, settings.heartbeat_timeout_s),

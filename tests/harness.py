@@ -38,8 +38,8 @@ from server.cli import _parser, _run
 from server.cloud.component import CloudComponent
 from server.common.bus import Bus
 from server.common.credentials import generate_service_token, service_metadata
-from server.network.admission import AdmissionSettings
 from server.common.shared_state import SharedState
+from server.network.admission import AdmissionSettings
 from server.network.component import NetworkComponent
 from server.network.service import FailoverSettings, LivenessSettings, ValidationSettings
 from server.secrets import PlatformSecrets
@@ -251,8 +251,8 @@ async def running_platform(
     target = f"127.0.0.1:{port}"
     secrets = PlatformSecrets.generate()
     # As in `resultity up`: account announces key changes to cloud in-process.
-    shared = SharedState()
-    account = await AccountComponent.start(dsn, secrets, changes=shared.bus)
+    shared = await SharedState.open()
+    account = await AccountComponent.start(dsn, secrets, changes=shared.invalidations)
     network = NetworkComponent(
         liveness=liveness,
         failover=failover,

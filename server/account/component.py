@@ -49,7 +49,7 @@ from server.account.subscription_store import PostgresSubscriptionStore
 from server.account.subscriptions import SubscriptionService
 from server.common.database import apply_migrations, create_pool, load_migrations
 from server.common.health import service_names
-from server.common.invalidation import InvalidationBus
+from server.common.invalidation import Announcer
 from server.secrets import PlatformSecrets
 
 log = structlog.get_logger(__name__)
@@ -94,7 +94,7 @@ class AccountComponent:
         *,
         hold_sweep_interval_s: float = 30.0,
         pool_size: int = 10,
-        changes: InvalidationBus | None = None,
+        changes: Announcer | None = None,
     ) -> AccountComponent:
         """Connects, migrates, and starts releasing expired holds in the background.
         ``changes``: where revoked keys and changed accounts are announced to cloud."""

@@ -71,8 +71,8 @@ class CloudComponent:
                 None if self._redis_counters is None else FallbackCounters(self._redis_counters)
             ),
         )
-        shared.bus.subscribe(self.chat.authenticator)
-        shared.bus.subscribe(resolver)
+        shared.invalidations.subscribe(self.chat.authenticator)
+        shared.invalidations.subscribe(resolver)
         self.subclouds = SubcloudService(
             store,
             account,
@@ -80,7 +80,7 @@ class CloudComponent:
             self.chat.models,
             resolver,
             service_token=service_token,
-            changes=shared.bus,
+            changes=shared.invalidations,
         )
 
     @classmethod

@@ -29,7 +29,7 @@ from server.cloud.subclouds import (
     validate_rules,
 )
 from server.common.credentials import bearer_credential, is_service_token
-from server.common.invalidation import Invalidation, InvalidationBus, LocalBus, Subject
+from server.common.invalidation import Announcer, Invalidation, Subject
 from server.common.paging import decode_cursor, encode_cursor, page_size
 
 _MAX_CACHED = 10_000
@@ -133,7 +133,7 @@ class SubcloudService:
         resolver: SubcloudResolver,
         *,
         service_token: str,
-        changes: InvalidationBus | None = None,
+        changes: Announcer | None = None,
     ) -> None:
         """``changes``: where changes that stop or alter a subcloud's keys are announced
         to every replica (unset: this replica alone)."""
@@ -143,7 +143,7 @@ class SubcloudService:
         self._catalog = catalog
         self._resolver = resolver
         self._service_token = service_token
-        self._changes: InvalidationBus = changes or LocalBus()
+        self._changes = changes
 
     async def actor(self, authorization: str | None) -> Actor:
         """The service token acts as an admin; API keys need the management or admin scope."""
@@ -280,7 +280,8 @@ class SubcloudService:
         bus delivers (within the resolver's TTL at worst)."""
         change = Invalidation(Subject.SUBCLOUD, str(subcloud_id))
         self._resolver.invalidate(change)
-        await self._changes.publish(change)
+        if self._changes is not None:
+            await self._changes.announce(change)
 
     async def _access(
         self,

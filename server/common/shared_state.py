@@ -6,19 +6,27 @@ from __future__ import annotations
 
 from redis.asyncio import Redis
 
-from server.common.invalidation import InvalidationBus, LocalBus
+from server.common.bus_connect import connect_bus
+from server.common.invalidation import Invalidations
 from server.common.redis_client import connect
-from server.common.redis_invalidation import RedisBus
 
 
 class SharedState:
     def __init__(self, redis_url: str | None = None) -> None:
+        # The rate-limit counters' client; the bus keeps its own connections.
         self.redis: Redis | None = connect(redis_url) if redis_url else None
-        self._redis_bus = RedisBus(self.redis) if self.redis is not None else None
-        self.bus: InvalidationBus = self._redis_bus or LocalBus()
+        self._bus = connect_bus(redis_url)
+        self.invalidations = Invalidations(self._bus)
+
+    @classmethod
+    async def open(cls, redis_url: str | None = None) -> SharedState:
+        """Listening for invalidations when this returns (Redis must answer)."""
+        shared = cls(redis_url)
+        await shared.invalidations.start()
+        return shared
 
     async def close(self) -> None:
-        if self._redis_bus is not None:
-            await self._redis_bus.close()
+        await self.invalidations.stop()
+        await self._bus.close()
         if self.redis is not None:
             await self.redis.aclose()

@@ -203,6 +203,8 @@ async def scaled_out(
             "network",
             "--listen",
             f"127.0.0.1:{ports['network']}",
+            "--database-url",
+            database_url,
             "--data-dir",
             str(logs / "network"),
             env=env,

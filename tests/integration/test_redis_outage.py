@@ -17,7 +17,7 @@ import pytest
 import redis.asyncio
 from resultity.account.v1 import rate_limits_pb2 as rate_limits_pb
 
-from server.common.redis_invalidation import CHANNEL
+from server.common.invalidation import CHANNEL
 from tests.harness import eventually, free_port
 from tests.integration.scaled_out import (
     Customer,

@@ -1,5 +1,5 @@
-"""Invalidations: the bus (a contract, in-process and over Redis) and what the caches
-of cloud drop when one arrives."""
+"""Invalidations: announced to every replica (a contract, over the in-process and
+the Redis bus) and what the caches of cloud drop when one arrives."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import pytest
+from structlog.testing import capture_logs
 
 from core.errors import InvalidApiKey
 from core.inference import NodeRequirements
@@ -17,14 +18,10 @@ from server.cloud.auth import CachedAuthenticator
 from server.cloud.ports import Caller
 from server.cloud.subcloud_service import SubcloudResolver
 from server.cloud.subclouds import Subcloud, SubcloudMember, SubcloudModel, SubcloudRole
-from server.common.invalidation import (
-    Invalidation,
-    InvalidationBus,
-    LocalBus,
-    Subject,
-)
-from server.common.redis_client import connect
-from server.common.redis_invalidation import RedisBus
+from server.common.bus import Bus
+from server.common.bus_memory import MemoryBus
+from server.common.bus_redis import RedisBus
+from server.common.invalidation import CHANNEL, Invalidation, Invalidations, Subject
 from tests.harness import eventually
 
 KEY = Invalidation(Subject.API_KEY, "key-1")
@@ -44,57 +41,71 @@ class _Recorder:
 
 @dataclasses.dataclass
 class Replicas:
-    """A bus that publishes, and one bus per replica that listens."""
+    """One replica that announces, and two that listen (each with a recorder)."""
 
-    publisher: InvalidationBus
-    listening: list[InvalidationBus]
+    announcer: Invalidations
+    recorders: list[_Recorder]
 
 
 @pytest.fixture(params=["in-process", pytest.param("redis", marks=pytest.mark.integration)])
 async def replicas(request: pytest.FixtureRequest) -> AsyncIterator[Replicas]:
-    if request.param == "in-process":
-        local = LocalBus()
-        yield Replicas(local, [local, local])
-        return
-    url = request.getfixturevalue("redis_url")
     channel = f"test:{uuid.uuid4().hex}"
-    clients = [connect(url) for _ in range(3)]
-    buses = [RedisBus(client, channel=channel) for client in clients]
+    if request.param == "in-process":
+        memory = MemoryBus()
+        buses: list[Bus] = [memory]
+    else:
+        url = request.getfixturevalue("redis_url")
+        buses = [RedisBus(url) for _ in range(3)]
+    each = [Invalidations(buses[index % len(buses)], channel=channel) for index in range(3)]
+    recorders = [_Recorder() for _ in each[1:]]
+    for invalidations, recorder in zip(each[1:], recorders, strict=True):
+        invalidations.subscribe(recorder)
+    for invalidations in each:
+        await invalidations.start()
     try:
-        yield Replicas(buses[0], list(buses[1:]))
+        yield Replicas(each[0], recorders)
     finally:
-        for bus, client in zip(buses, clients, strict=True):
+        for invalidations in each:
+            await invalidations.stop()
+        for bus in buses:
             await bus.close()
-            await client.aclose()
-
-
-async def _subscribed(replicas: Replicas) -> list[_Recorder]:
-    recorders = [_Recorder() for _ in replicas.listening]
-    for bus, recorder in zip(replicas.listening, recorders, strict=True):
-        bus.subscribe(recorder)
-        if isinstance(bus, RedisBus):
-            await asyncio.wait_for(bus.subscribed.wait(), timeout=10)
-    return recorders
 
 
 async def test_every_replica_hears_a_change(replicas: Replicas) -> None:
-    recorders = await _subscribed(replicas)
-    await replicas.publisher.publish(KEY)
-    await eventually(lambda: all(recorder.changes == [KEY] for recorder in recorders))
+    await replicas.announcer.announce(KEY)
+    await eventually(lambda: all(r.changes == [KEY] for r in replicas.recorders))
 
 
 async def test_changes_arrive_in_order(replicas: Replicas) -> None:
-    [first, *_] = await _subscribed(replicas)
     changes = [Invalidation(Subject.SUBCLOUD, str(index)) for index in range(20)]
     for change in changes:
-        await replicas.publisher.publish(change)
-    await eventually(lambda: first.changes == changes)
+        await replicas.announcer.announce(change)
+    await eventually(lambda: all(r.changes == changes for r in replicas.recorders))
+
+
+async def test_a_replica_that_resubscribes_drops_everything() -> None:
+    """What was announced while it was not subscribed is lost to it: its caches
+    may hold what changed meanwhile."""
+    bus = MemoryBus()
+    invalidations = Invalidations(bus, retry_s=0.01)
+    recorder = _Recorder()
+    invalidations.subscribe(recorder)
+    await invalidations.start()
+    try:
+        # The subscription ends, as when Redis goes away.
+        for subscription in list(bus._subscribers[CHANNEL]):
+            await subscription.close()
+        await eventually(lambda: recorder.cleared == 1)
+        await invalidations.announce(KEY)  # and it listens again
+        await eventually(lambda: recorder.changes == [KEY])
+    finally:
+        await invalidations.stop()
 
 
 def test_unknown_messages_decode_to_nothing() -> None:
     assert Invalidation.decode(KEY.encode()) == KEY
-    assert Invalidation.decode("node:1") is None
-    assert Invalidation.decode("api_key:") is None
+    assert Invalidation.decode(b"node:1") is None
+    assert Invalidation.decode(b"api_key:") is None
 
 
 # --- the caches --------------------------------------------------------------
@@ -210,3 +221,20 @@ async def test_a_subcloud_change_drops_its_resolutions() -> None:
     resolver.invalidate(Invalidation(Subject.SUBCLOUD, str(subcloud.subcloud_id)))
     with pytest.raises(InvalidApiKey):
         await resolver.for_caller(caller)
+
+
+class _StuckBus(MemoryBus):
+    """A bus whose publish never completes (Redis unreachable, no answer)."""
+
+    async def publish(self, channel: str, message: bytes) -> None:
+        await asyncio.Event().wait()
+
+
+async def test_an_announcement_the_bus_does_not_take_gives_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("server.common.invalidation.ANNOUNCE_TIMEOUT_S", 0.01)
+    invalidations = Invalidations(_StuckBus())
+    with capture_logs() as logs:
+        await invalidations.announce(KEY)  # returns: the revocation is committed
+    assert [entry["event"] for entry in logs] == ["invalidation not announced in time"]
