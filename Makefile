@@ -46,11 +46,12 @@ lint: install
 test: install
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-# tests/integration/: services as separate processes against the real PostgreSQL and
-# Redis named by RESULTITY_DATABASE_URL and RESULTITY_REDIS_URL (loopback defaults).
-# A service that does not answer fails the run.
+# Tests marked `integration` (tests/integration/ and the Redis runs of the contract
+# tests) against the real services named by RESULTITY_DATABASE_URL, RESULTITY_REDIS_URL
+# and RESULTITY_AMQP_URL (loopback defaults). A service that does not answer fails the
+# run; so does collecting no test at all (pytest exits 5).
 test-integration: install
-	$(BIN)/pytest -m integration tests/integration $(PYTEST_ARGS)
+	$(BIN)/pytest -m integration $(PYTEST_ARGS)
 
 run: install
 	$(BIN)/resultity up --data-dir ./.resultity --http-port 8080 $(ARGS)

@@ -42,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--grpc-host", help="0.0.0.0 lets agents on other machines connect")
     up.add_argument("--grpc-port", type=int)
     up.add_argument("--database-url", help="use this PostgreSQL instead of an embedded one")
+    up.add_argument(
+        "--redis-url", help="share rate limits and invalidations with other replicas here"
+    )
     up.add_argument("--no-agent", action="store_true", help="do not start a local agent")
     up.add_argument("--agent-threads", type=int, help="llama.cpp threads of the local agent")
     up.add_argument(
@@ -112,6 +115,7 @@ def _parser() -> argparse.ArgumentParser:
     account = commands.add_parser("account", help="run the account server alone")
     account.add_argument("--listen", default="127.0.0.1:50052")
     account.add_argument("--database-url", default=os.environ.get("RESULTITY_DATABASE_URL"))
+    _redis_option(account, "where revoked keys and changed accounts are announced to cloud")
     account.add_argument(
         "--data-dir",
         type=Path,
@@ -131,6 +135,7 @@ def _parser() -> argparse.ArgumentParser:
         default=os.environ.get("RESULTITY_DATABASE_URL"),
         help="PostgreSQL for subclouds (may be the account server's database)",
     )
+    _redis_option(cloud, "rate-limit counters and cache invalidations shared by cloud replicas")
     cloud.add_argument(
         "--data-dir",
         type=Path,
@@ -151,6 +156,14 @@ def _parser() -> argparse.ArgumentParser:
     gateway.add_argument("--host", default="127.0.0.1")
     gateway.add_argument("--port", type=int, default=8080)
     return parser
+
+
+def _redis_option(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--redis-url",
+        default=os.environ.get("RESULTITY_REDIS_URL"),
+        help=f"Redis for {what} (default: $RESULTITY_REDIS_URL; unset: this process alone)",
+    )
 
 
 def _region(value: str) -> str:
@@ -213,6 +226,7 @@ async def _up(args: argparse.Namespace) -> None:
         "grpc_host": args.grpc_host,
         "grpc_port": args.grpc_port,
         "database_url": args.database_url,
+        "redis_url": args.redis_url,
         "log_level": args.log_level,
         "local_agent_threads": args.agent_threads,
         "local_agent_region": args.agent_region,
@@ -261,6 +275,8 @@ async def _serve_one(args: argparse.Namespace) -> None:
     stop_first: Callable[[], Awaitable[None]] | None = None
     stop_component: Callable[[], Awaitable[None]]
     readiness: Callable[[GrpcHealth], Coroutine[Any, Any, None]] | None = None
+    # What this service shares with its replicas (Redis), closed last.
+    close_shared: Callable[[], Awaitable[None]] | None = None
     if args.command == "network":
         from server.common.bus_connect import connect_bus
         from server.network.component import SERVICE_NAMES, NetworkComponent
@@ -297,7 +313,13 @@ async def _serve_one(args: argparse.Namespace) -> None:
             key_hash_secret=os.environ.get("RESULTITY_KEY_HASH_SECRET"),
             service_token=os.environ.get("RESULTITY_SERVICE_TOKEN"),
         )
-        account = await AccountComponent.start(args.database_url, secrets)
+        from server.common.shared_state import SharedState
+
+        shared = await SharedState.open(args.redis_url)
+        close_shared = shared.close
+        account = await AccountComponent.start(
+            args.database_url, secrets, changes=shared.invalidations
+        )
         account.register(server)
         stop_component = account.stop
     else:
@@ -306,11 +328,16 @@ async def _serve_one(args: argparse.Namespace) -> None:
 
         if not args.database_url:
             raise SystemExit("cloud: --database-url or RESULTITY_DATABASE_URL is required")
+        from server.common.shared_state import SharedState
+
+        shared = await SharedState.open(args.redis_url)
+        close_shared = shared.close
         cloud = await CloudComponent.start(
             args.database_url,
             account_target=args.account,
             network_target=args.network,
             service_token=service_token(args.data_dir),
+            shared=shared,
         )
         cloud.register(server)
         stop_component = cloud.stop
@@ -333,6 +360,8 @@ async def _serve_one(args: argparse.Namespace) -> None:
         await server.stop(5.0)
         if stop_component is not stop_first:
             await stop_component()
+        if close_shared is not None:
+            await close_shared()
 
 
 async def _until_signal(work: Coroutine[Any, Any, Any]) -> None:

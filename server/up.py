@@ -30,6 +30,7 @@ from server.cloud.component import SERVICE_NAMES as CLOUD_SERVICES
 from server.cloud.component import CloudComponent
 from server.common.database import EmbeddedPostgres
 from server.common.health import GrpcHealth
+from server.common.shared_state import SharedState
 from server.network.component import SERVICE_NAMES as NETWORK_SERVICES
 from server.network.component import NetworkComponent
 from server.network.service import LivenessSettings
@@ -126,7 +127,9 @@ async def run_platform(settings: PlatformSettings, *, ready: asyncio.Event | Non
             key_hash_secret=_secret(settings.key_hash_secret),
             service_token=_secret(settings.service_token),
         )
-        account = await AccountComponent.start(dsn, secrets)
+        shared = await SharedState.open(settings.redis_url)
+        stack.push_async_callback(shared.close)
+        account = await AccountComponent.start(dsn, secrets, changes=shared.invalidations)
         stack.push_async_callback(account.stop)
         network = NetworkComponent(
             liveness=LivenessSettings(settings.heartbeat_interval_s, settings.heartbeat_timeout_s),
@@ -140,6 +143,7 @@ async def run_platform(settings: PlatformSettings, *, ready: asyncio.Event | Non
             account_target=grpc_target,
             network_target=grpc_target,
             service_token=secrets.service_token,
+            shared=shared,
         )
         stack.push_async_callback(cloud.stop)
 

@@ -3,6 +3,10 @@
 PostgreSQL is real everywhere: the server named by RESULTITY_DATABASE_URL when
 set (CI points it at the machine's PostgreSQL), otherwise an embedded server
 started for the test session. Each session works in a fresh database.
+
+Redis is needed only by tests marked ``integration`` (`make test-integration`):
+the server named by RESULTITY_REDIS_URL, loopback by default. Unreachable, those
+tests fail; they never skip.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
+import redis
 from hypothesis import settings
 
 from core import event_loop
@@ -32,6 +37,23 @@ def pytest_asyncio_loop_factories(
 ) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
     """Tests run on the event loop every process of the platform runs on."""
     return {"event_loop": event_loop.new_event_loop}
+
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """The Redis of integration tests; fails the test when it does not answer."""
+    url = os.environ.get("RESULTITY_REDIS_URL", DEFAULT_REDIS_URL)
+    client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+    try:
+        client.ping()
+    except (redis.RedisError, OSError) as error:
+        pytest.fail(f"Redis at {url} is unreachable ({error}); start it or set RESULTITY_REDIS_URL")
+    finally:
+        client.close()
+    return url
 
 
 def _with_database(dsn: str, database: str) -> str:

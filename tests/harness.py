@@ -38,6 +38,7 @@ from server.cli import _parser, _run
 from server.cloud.component import CloudComponent
 from server.common.bus import Bus
 from server.common.credentials import generate_service_token, service_metadata
+from server.common.shared_state import SharedState
 from server.network.admission import AdmissionSettings
 from server.network.component import NetworkComponent
 from server.network.service import FailoverSettings, LivenessSettings, ValidationSettings
@@ -249,7 +250,9 @@ async def running_platform(
     port = server.add_insecure_port("127.0.0.1:0")
     target = f"127.0.0.1:{port}"
     secrets = PlatformSecrets.generate()
-    account = await AccountComponent.start(dsn, secrets)
+    # As in `resultity up`: account announces key changes to cloud in-process.
+    shared = await SharedState.open()
+    account = await AccountComponent.start(dsn, secrets, changes=shared.invalidations)
     network = NetworkComponent(
         liveness=liveness,
         failover=failover,
@@ -261,7 +264,11 @@ async def running_platform(
     )
     await network.start()
     cloud = await CloudComponent.start(
-        dsn, account_target=target, network_target=target, service_token=secrets.service_token
+        dsn,
+        account_target=target,
+        network_target=target,
+        service_token=secrets.service_token,
+        shared=shared,
     )
     for component in (account, network, cloud):
         component.register(server)
@@ -278,6 +285,7 @@ async def running_platform(
         await cloud.stop()
         await network.stop()
         await account.stop()
+        await shared.close()
 
 
 @dataclass

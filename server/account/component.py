@@ -49,6 +49,7 @@ from server.account.subscription_store import PostgresSubscriptionStore
 from server.account.subscriptions import SubscriptionService
 from server.common.database import apply_migrations, create_pool, load_migrations
 from server.common.health import service_names
+from server.common.invalidation import Announcer
 from server.secrets import PlatformSecrets
 
 log = structlog.get_logger(__name__)
@@ -93,8 +94,10 @@ class AccountComponent:
         *,
         hold_sweep_interval_s: float = 30.0,
         pool_size: int = 10,
+        changes: Announcer | None = None,
     ) -> AccountComponent:
-        """Connects, migrates, and starts releasing expired holds in the background."""
+        """Connects, migrates, and starts releasing expired holds in the background.
+        ``changes``: where revoked keys and changed accounts are announced to cloud."""
         pool = await create_pool(dsn, max_size=pool_size)
         try:
             await apply_migrations(pool, load_migrations("account", MIGRATIONS))
@@ -102,7 +105,10 @@ class AccountComponent:
             await pool.close()
             raise
         service = AccountService(
-            PostgresAccountStore(pool), KeyHasher(secrets.key_hash_secret), secrets.service_token
+            PostgresAccountStore(pool),
+            KeyHasher(secrets.key_hash_secret),
+            secrets.service_token,
+            changes=changes,
         )
         ledger = PostgresLedgerStore(pool)
         component = cls(

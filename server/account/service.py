@@ -38,6 +38,7 @@ from server.account.profiles import (
     validate_rules,
 )
 from server.common.credentials import bearer_credential, is_service_token
+from server.common.invalidation import Announcer, Invalidation, Subject
 from server.common.paging import decode_cursor, encode_cursor, page_size
 from server.common.rate_limits import RateLimits, validate_rate_limits
 
@@ -89,8 +90,12 @@ class AccountService:
         service_token: str,
         *,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        changes: Announcer | None = None,
     ) -> None:
+        """``changes``: where revoked keys and changed accounts are announced, so that
+        every cloud replica drops its cached lookups at once (unset: nobody listens)."""
         self._store = store
+        self._changes = changes
         self._hasher = hasher
         self._service_token = service_token
         self._clock = clock
@@ -176,6 +181,7 @@ class AccountService:
         if account is None:
             raise NotFound(f"Account {account_id} not found")
         log.info("account disabled", account_id=account_id)
+        await self._announce(Invalidation(Subject.ACCOUNT, str(account.account_id)))
         return account
 
     async def set_account_rate_limits(
@@ -189,6 +195,7 @@ class AccountService:
         if account is None:
             raise NotFound(f"Account {account_id} not found")
         log.info("account rate limits set", account_id=account_id, limits=limits)
+        await self._announce(Invalidation(Subject.ACCOUNT, str(account.account_id)))
         return account
 
     # API keys
@@ -252,6 +259,7 @@ class AccountService:
         revoked = await self._store.revoke_api_key(key_id)
         assert revoked is not None  # keys are never deleted
         log.info("api key revoked", api_key_id=api_key_id, prefix=key.prefix)
+        await self._announce(Invalidation(Subject.API_KEY, str(key_id)))
         return revoked
 
     # referrals
@@ -277,6 +285,10 @@ class AccountService:
         updated = await self._store.set_referral_rules(validate_rules(rules))
         log.info("referral rules updated", rules=str(updated))
         return updated
+
+    async def _announce(self, change: Invalidation) -> None:
+        if self._changes is not None:
+            await self._changes.announce(change)
 
     @staticmethod
     def _access(caller: Principal, account_id: str) -> UUID:

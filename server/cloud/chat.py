@@ -42,7 +42,7 @@ from server.cloud.pricing import (
     token_budget,
     worst_case_cost,
 )
-from server.cloud.rate_limits import DefaultLimits, RateLimiter, RateStatus
+from server.cloud.rate_limits import DefaultLimits, LimitCounters, RateLimiter, RateStatus
 from server.cloud.requests import (
     ChatCompletion,
     ChatRequest,
@@ -78,9 +78,11 @@ class ChatService:
         hold_ttl: timedelta = timedelta(hours=1),
         rate_limits: DefaultLimits | None = None,
         subclouds: SubcloudResolver | None = None,
+        rate_limit_counters: LimitCounters | None = None,
     ) -> None:
-        """``subclouds`` unset: keys bound to a subcloud are refused."""
-        self.limiter = RateLimiter(rate_limits)
+        """``subclouds`` unset: keys bound to a subcloud are refused.
+        ``rate_limit_counters`` unset: this replica's own."""
+        self.limiter = RateLimiter(rate_limits, counters=rate_limit_counters)
         self._subclouds = subclouds
         self._account = account
         self._network = network
@@ -240,7 +242,7 @@ class ChatService:
         bound = log.bind(request_id=request_id, job_id=job_ids[0], account_id=caller.account_id)
         # Tokens per minute are reserved for the worst case, like the hold, and
         # corrected to what was delivered when the request ends.
-        admission = self.limiter.admit(
+        admission = await self.limiter.admit(
             caller.api_key_id,
             caller.account_id,
             sum(budget.max_prompt_tokens + budget.max_completion_tokens for _, budget in jobs),
@@ -332,7 +334,7 @@ class ChatService:
                         operator_shares(model.id, shares, usage),
                     )
         finally:
-            admission.release(_add(finished, delivered).total_tokens)
+            await admission.release(_add(finished, delivered).total_tokens)
 
     async def _settle(
         self,

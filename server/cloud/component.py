@@ -19,13 +19,15 @@ from resultity.cloud.v1 import (
 from core.channels import insecure_channel
 from server.cloud.chat import ChatService
 from server.cloud.clients import GrpcAccountClient, GrpcNetworkClient
+from server.cloud.redis_rate_limits import FallbackCounters, RedisCounters
 from server.cloud.servicer import InferenceServicer
-from server.cloud.settings import RateLimitSettings
+from server.cloud.settings import CacheSettings, RateLimitSettings
 from server.cloud.subcloud_service import SubcloudResolver, SubcloudService
 from server.cloud.subcloud_servicer import SubcloudServicer
 from server.cloud.subcloud_store import PostgresSubcloudStore
 from server.common.database import apply_migrations, create_pool, load_migrations
 from server.common.health import GrpcHealth, service_names
+from server.common.shared_state import SharedState
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 log = structlog.get_logger(__name__)
@@ -45,19 +47,32 @@ class CloudComponent:
         network_target: str,
         service_token: str,
         rate_limits: RateLimitSettings | None = None,
+        shared: SharedState | None = None,
+        caches: CacheSettings | None = None,
     ) -> None:
+        """``shared`` unset: rate limits and invalidations within this process.
+        ``caches`` unset: read from the environment."""
+        shared = shared or SharedState()
+        ttl_s = (caches or CacheSettings()).cache_ttl_s
         self._pool = pool
+        self._redis_counters = None if shared.redis is None else RedisCounters(shared.redis)
         self._account_channel = insecure_channel(account_target)
         self._network_channel = insecure_channel(network_target)
         account = GrpcAccountClient(self._account_channel, service_token)
         store = PostgresSubcloudStore(pool)
-        resolver = SubcloudResolver(store)
+        resolver = SubcloudResolver(store, ttl_s=ttl_s)
         self.chat = ChatService(
             account,
             GrpcNetworkClient(self._network_channel, service_token),
+            auth_ttl_s=ttl_s,
             rate_limits=rate_limits or RateLimitSettings(),
             subclouds=resolver,
+            rate_limit_counters=(
+                None if self._redis_counters is None else FallbackCounters(self._redis_counters)
+            ),
         )
+        shared.invalidations.subscribe(self.chat.authenticator)
+        shared.invalidations.subscribe(resolver)
         self.subclouds = SubcloudService(
             store,
             account,
@@ -65,6 +80,7 @@ class CloudComponent:
             self.chat.models,
             resolver,
             service_token=service_token,
+            changes=shared.invalidations,
         )
 
     @classmethod
@@ -77,9 +93,11 @@ class CloudComponent:
         service_token: str,
         rate_limits: RateLimitSettings | None = None,
         pool_size: int = 5,
+        shared: SharedState | None = None,
     ) -> CloudComponent:
         """Connects to the database and migrates it; ``rate_limits`` unset: read from the
-        RESULTITY_RATE_LIMIT_* environment."""
+        RESULTITY_RATE_LIMIT_* environment. ``shared``: what replicas share (the caller
+        closes it)."""
         pool = await create_pool(dsn, max_size=pool_size)
         try:
             await apply_migrations(pool, load_migrations("cloud", MIGRATIONS))
@@ -92,6 +110,7 @@ class CloudComponent:
             network_target=network_target,
             service_token=service_token,
             rate_limits=rate_limits,
+            shared=shared,
         )
 
     def register(self, server: grpc.aio.Server) -> None:
@@ -116,6 +135,8 @@ class CloudComponent:
 
     async def stop(self) -> None:
         await self.chat.drain()
+        if self._redis_counters is not None:
+            await self._redis_counters.close()
         await self._account_channel.close(grace=None)
         await self._network_channel.close(grace=None)
         await self._pool.close()

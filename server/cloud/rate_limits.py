@@ -11,16 +11,20 @@ than being refused forever.
 
 Limits stored with a key or an account (the account layer returns them when
 the key authenticates) take precedence, field by field, over the defaults from
-settings; a changed limit applies from the next request. The counters live in
-this process's memory: with several cloud replicas each enforces the limits on
-its own share (the scale-out work moves them to Redis).
+settings; a changed limit applies from the next request.
+
+The counters sit behind a port (``LimitCounters``): ``LocalCounters`` keeps them
+in this process (one replica), the Redis adapter
+(server/cloud/redis_rate_limits.py) keeps them where every cloud replica
+decides on the same state, each decision one atomic step.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -65,7 +69,59 @@ class RateStatus:
         return tuple((key, str(value)) for key, value in values.items() if value is not None)
 
 
-class _Bucket:
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """One key's or one account's counters (``name``), under its resolved limits."""
+
+    name: str
+    limits: RateLimits
+
+    def tokens_taken(self, reserved: int) -> int:
+        """What a reservation takes from this scope's tokens bucket (capped at its size)."""
+        capacity = self.limits.tokens_per_minute
+        return 0 if capacity is None else min(reserved, capacity)
+
+
+@dataclass(frozen=True, slots=True)
+class Levels:
+    """What a scope's buckets hold after a decision (None: not limited)."""
+
+    requests: float | None
+    tokens: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """A decision on all scopes of a request: admitted (all taken), or refused (nothing
+    taken) because one scope has ``in_flight_limit`` requests running, or because a
+    bucket refills enough only in ``wait_s``."""
+
+    levels: tuple[Levels, ...]
+    in_flight_limit: int | None = None
+    wait_s: float = 0.0
+
+    @property
+    def admitted(self) -> bool:
+        return self.in_flight_limit is None and self.wait_s <= 0
+
+
+class LimitCounters(Protocol):
+    """Where the buckets and in-flight counts live. ``acquire`` decides on every scope
+    at once and takes one request and ``tokens`` (each scope's ``tokens_taken``) from
+    all of them, or nothing; ``lease`` names the request until ``release``, which
+    returns what was taken but not ``used``. ``now``: seconds on a clock every replica
+    shares (wall time)."""
+
+    async def acquire(
+        self, lease: str, scopes: Sequence[Scope], tokens: int, now: float
+    ) -> Verdict: ...
+
+    async def release(
+        self, lease: str, scopes: Sequence[Scope], reserved: int, used: int, now: float
+    ) -> None: ...
+
+
+class Bucket:
     """Holds up to ``capacity``; refills ``capacity`` per 60 s."""
 
     def __init__(self, capacity: int, now: float) -> None:
@@ -75,8 +131,9 @@ class _Bucket:
 
     def level(self, now: float) -> float:
         rate = self.capacity / 60.0
-        self._level = min(float(self.capacity), self._level + (now - self._at) * rate)
-        self._at = now
+        # A clock that stepped back refills nothing.
+        self._level = min(float(self.capacity), self._level + max(0.0, now - self._at) * rate)
+        self._at = max(self._at, now)
         return self._level
 
     def wait_s(self, amount: float, now: float) -> float:
@@ -92,40 +149,110 @@ class _Bucket:
 
 
 @dataclass
-class _Scope:
+class _Counts:
     limits: RateLimits
-    requests: _Bucket | None
-    tokens: _Bucket | None
+    requests: Bucket | None
+    tokens: Bucket | None
     in_flight: int = 0
 
 
-def _buckets(limits: RateLimits, now: float) -> tuple[_Bucket | None, _Bucket | None]:
+def _buckets(limits: RateLimits, now: float) -> tuple[Bucket | None, Bucket | None]:
     """Full buckets for the requests and tokens per minute that are limited."""
     rpm, tpm = limits.requests_per_minute, limits.tokens_per_minute
     return (
-        _Bucket(rpm, now) if rpm is not None else None,
-        _Bucket(tpm, now) if tpm is not None else None,
+        Bucket(rpm, now) if rpm is not None else None,
+        Bucket(tpm, now) if tpm is not None else None,
     )
+
+
+class LocalCounters:
+    """The counters in this process's memory: exact for one replica."""
+
+    def __init__(self) -> None:
+        self._counts: dict[str, _Counts] = {}
+
+    def _for(self, scope: Scope, now: float) -> _Counts:
+        counts = self._counts.get(scope.name)
+        if counts is None:
+            counts = _Counts(scope.limits, *_buckets(scope.limits, now))
+            self._counts[scope.name] = counts
+        elif counts.limits != scope.limits:
+            # Its stored limits changed: fresh buckets, updated in place so that
+            # requests admitted under the old limits release into the same counts.
+            counts.limits = scope.limits
+            counts.requests, counts.tokens = _buckets(scope.limits, now)
+        return counts
+
+    async def acquire(
+        self, lease: str, scopes: Sequence[Scope], tokens: int, now: float
+    ) -> Verdict:
+        all_counts = [self._for(scope, now) for scope in scopes]
+        in_flight_limit: int | None = None
+        wait_s = 0.0
+        for scope, counts in zip(scopes, all_counts, strict=True):
+            limit = scope.limits.concurrent_requests
+            if in_flight_limit is None and limit is not None and counts.in_flight >= limit:
+                in_flight_limit = limit
+            if counts.requests is not None:
+                wait_s = max(wait_s, counts.requests.wait_s(1, now))
+            if counts.tokens is not None:
+                wait_s = max(wait_s, counts.tokens.wait_s(scope.tokens_taken(tokens), now))
+        verdict = Verdict((), in_flight_limit, wait_s)
+        if verdict.admitted:
+            for scope, counts in zip(scopes, all_counts, strict=True):
+                counts.in_flight += 1
+                if counts.requests is not None:
+                    counts.requests.take(1)
+                if counts.tokens is not None:
+                    counts.tokens.take(scope.tokens_taken(tokens))
+        levels = tuple(
+            Levels(
+                None if c.requests is None else c.requests.level(now),
+                None if c.tokens is None else c.tokens.level(now),
+            )
+            for c in all_counts
+        )
+        return Verdict(levels, in_flight_limit, wait_s)
+
+    async def release(
+        self, lease: str, scopes: Sequence[Scope], reserved: int, used: int, now: float
+    ) -> None:
+        for scope in scopes:
+            counts = self._counts[scope.name]
+            counts.in_flight -= 1
+            if counts.tokens is not None:
+                # Over-use (never beyond the hold) is taken too, so it counts.
+                counts.tokens.give_back(scope.tokens_taken(reserved) - used, now)
 
 
 class Admission:
     """A request let in; ``release`` must be called once when it ends."""
 
     def __init__(
-        self, limiter: RateLimiter, scopes: list[_Scope], reserved: int, status: RateStatus
+        self,
+        counters: LimitCounters,
+        clock: Callable[[], float],
+        lease: str,
+        scopes: list[Scope],
+        reserved: int,
+        status: RateStatus,
     ) -> None:
-        self._limiter = limiter
+        self._counters = counters
+        self._clock = clock
+        self._lease = lease
         self._scopes = scopes
         self._reserved = reserved
         self.status = status
         self._released = False
 
-    def release(self, used_tokens: int) -> None:
+    async def release(self, used_tokens: int) -> None:
         """Ends the request: tokens reserved but not used go back."""
-        if self._released:
+        if self._released or not self._scopes:
             return
         self._released = True
-        self._limiter._release(self._scopes, self._reserved, used_tokens)
+        await self._counters.release(
+            self._lease, self._scopes, self._reserved, used_tokens, self._clock()
+        )
 
 
 class RateLimiter:
@@ -133,33 +260,15 @@ class RateLimiter:
         self,
         settings: DefaultLimits | None = None,
         *,
-        clock: Callable[[], float] = time.monotonic,
+        counters: LimitCounters | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        """``counters`` unset: this process's own (one replica)."""
         self._settings: DefaultLimits = settings or FixedLimits()
+        self._counters: LimitCounters = counters or LocalCounters()
         self._clock = clock
-        self._scopes: dict[tuple[str, str], _Scope] = {}
 
-    def _scope(self, kind: str, owner: str, limits: RateLimits, now: float) -> _Scope:
-        if limits == NO_LIMITS:
-            # Nothing to enforce: keep no state for this key or account.
-            return _Scope(limits, None, None)
-        scope = self._scopes.get((kind, owner))
-        if scope is None:
-            scope = _Scope(limits, *_buckets(limits, now))
-            self._scopes[(kind, owner)] = scope
-        elif scope.limits != limits:
-            # Its stored limits changed: fresh buckets, updated in place so that
-            # requests admitted under the old limits release into the same counts.
-            scope.limits = limits
-            scope.requests, scope.tokens = _buckets(limits, now)
-        return scope
-
-    @property
-    def tracked(self) -> int:
-        """Keys and accounts with counters (those that have limits)."""
-        return len(self._scopes)
-
-    def admit(
+    async def admit(
         self,
         api_key_id: str,
         account_id: str,
@@ -171,57 +280,48 @@ class RateLimiter:
         """Lets the request in, taking one request and ``tokens`` from the key's and
         the account's budgets, or raises RateLimited with how long to wait.
         ``key_limits``/``account_limits``: those stored, over the settings' defaults."""
-        now = self._clock()
-        scopes = [
-            self._scope("key", api_key_id, key_limits.over(self._settings.per_key), now),
-            self._scope(
-                "account", account_id, account_limits.over(self._settings.per_account), now
-            ),
+        candidates = [
+            Scope(f"key:{api_key_id}", key_limits.over(self._settings.per_key)),
+            Scope(f"account:{account_id}", account_limits.over(self._settings.per_account)),
         ]
-        wait_s = 0.0
-        for scope in scopes:
-            limit = scope.limits.concurrent_requests
-            if limit is not None and scope.in_flight >= limit:
-                raise RateLimited(
-                    f"Too many requests in flight (limit {limit}); retry when one ends.",
-                    retry_after_s=1,
-                    headers=self._status(scopes, now).headers(),
-                )
-            if scope.requests is not None:
-                wait_s = max(wait_s, scope.requests.wait_s(1, now))
-            if scope.tokens is not None:
-                wanted = min(tokens, scope.tokens.capacity)
-                wait_s = max(wait_s, scope.tokens.wait_s(wanted, now))
-        if wait_s > 0:
+        # Nothing to enforce for a scope without limits: no counters are kept for it.
+        scopes = [scope for scope in candidates if scope.limits != NO_LIMITS]
+        lease = uuid.uuid4().hex
+        if not scopes:
+            return Admission(self._counters, self._clock, lease, [], tokens, _status([], []))
+        verdict = await self._counters.acquire(lease, scopes, tokens, self._clock())
+        status = _status(scopes, verdict.levels)
+        if verdict.in_flight_limit is not None:
+            raise RateLimited(
+                f"Too many requests in flight (limit {verdict.in_flight_limit}); "
+                "retry when one ends.",
+                retry_after_s=1,
+                headers=status.headers(),
+            )
+        if not verdict.admitted:
             raise RateLimited(
                 "Rate limit reached for requests or tokens per minute.",
-                retry_after_s=max(1, math.ceil(wait_s)),
-                headers=self._status(scopes, now).headers(),
+                retry_after_s=max(1, math.ceil(verdict.wait_s)),
+                headers=status.headers(),
             )
-        for scope in scopes:
-            scope.in_flight += 1
-            if scope.requests is not None:
-                scope.requests.take(1)
-            if scope.tokens is not None:
-                scope.tokens.take(min(tokens, scope.tokens.capacity))
-        return Admission(self, scopes, tokens, self._status(scopes, now))
+        return Admission(self._counters, self._clock, lease, scopes, tokens, status)
 
-    def _release(self, scopes: list[_Scope], reserved: int, used: int) -> None:
-        now = self._clock()
-        for scope in scopes:
-            scope.in_flight -= 1
-            if scope.tokens is not None:
-                taken = min(reserved, scope.tokens.capacity)
-                # Over-use (never beyond the hold) is taken too, so it counts.
-                scope.tokens.give_back(taken - used, now)
 
-    def _status(self, scopes: list[_Scope], now: float) -> RateStatus:
-        def tightest(buckets: list[_Bucket | None]) -> tuple[int | None, int | None]:
-            present = [(b.capacity, max(0, math.floor(b.level(now)))) for b in buckets if b]
-            if not present:
-                return None, None
-            return min(present, key=lambda pair: pair[1])
+def _status(scopes: Sequence[Scope], levels: Sequence[Levels]) -> RateStatus:
+    """The tighter state of the scopes' buckets (the one with less left)."""
 
-        limit_requests, remaining_requests = tightest([s.requests for s in scopes])
-        limit_tokens, remaining_tokens = tightest([s.tokens for s in scopes])
-        return RateStatus(limit_requests, remaining_requests, limit_tokens, remaining_tokens)
+    def tightest(present: list[tuple[int, int]]) -> tuple[int | None, int | None]:
+        if not present:
+            return None, None
+        return min(present, key=lambda pair: pair[1])
+
+    requests, tokens = [], []
+    for scope, level in zip(scopes, levels, strict=True):
+        rpm, tpm = scope.limits.requests_per_minute, scope.limits.tokens_per_minute
+        if rpm is not None and level.requests is not None:
+            requests.append((rpm, max(0, math.floor(level.requests))))
+        if tpm is not None and level.tokens is not None:
+            tokens.append((tpm, max(0, math.floor(level.tokens))))
+    limit_requests, remaining_requests = tightest(requests)
+    limit_tokens, remaining_tokens = tightest(tokens)
+    return RateStatus(limit_requests, remaining_requests, limit_tokens, remaining_tokens)

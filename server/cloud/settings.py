@@ -36,3 +36,13 @@ class RateLimitSettings(BaseSettings):
             self.account_tokens_per_minute,
             self.account_concurrent_requests,
         )
+
+
+class CacheSettings(BaseSettings):
+    """How long cloud trusts a cached key lookup or subcloud resolution, from
+    RESULTITY_CLOUD_CACHE_TTL_S. Changes reach every replica's cache as
+    invalidations at once; the TTL bounds how long a lost one keeps an entry."""
+
+    model_config = SettingsConfigDict(env_prefix="RESULTITY_CLOUD_", frozen=True)
+
+    cache_ttl_s: float = Field(default=5.0, gt=0)

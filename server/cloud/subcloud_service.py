@@ -29,6 +29,7 @@ from server.cloud.subclouds import (
     validate_rules,
 )
 from server.common.credentials import bearer_credential, is_service_token
+from server.common.invalidation import Announcer, Invalidation, Subject
 from server.common.paging import decode_cursor, encode_cursor, page_size
 
 _MAX_CACHED = 10_000
@@ -80,6 +81,8 @@ class SubcloudResolver:
         self._ttl_s = ttl_s
         # (subcloud, account) -> (expiry, the subcloud if the account may use it).
         self._bound: dict[tuple[str, str], tuple[float, Subcloud | None]] = {}
+        # Bumped by every invalidation: a lookup that overlapped one is not cached.
+        self._generation = 0
 
     async def for_caller(self, caller: Caller) -> Subcloud | None:
         """None for an unbound key.
@@ -93,6 +96,7 @@ class SubcloudResolver:
         now = time.monotonic()
         cached = self._bound.get(key)
         if cached is None or cached[0] <= now:
+            generation = self._generation
             subcloud_id, account_id = UUID(caller.subcloud_id), UUID(caller.account_id)
             subcloud = await self._store.get(subcloud_id)
             usable = (
@@ -101,17 +105,22 @@ class SubcloudResolver:
                 and await self._store.member(subcloud_id, account_id) is not None
             )
             cached = (now + self._ttl_s, subcloud if usable else None)
-            if len(self._bound) >= _MAX_CACHED:
-                self._bound = {k: v for k, v in self._bound.items() if v[0] > now}
-            self._bound[key] = cached
+            if generation == self._generation:
+                if len(self._bound) >= _MAX_CACHED:
+                    self._bound = {k: v for k, v in self._bound.items() if v[0] > now}
+                self._bound[key] = cached
         if cached[1] is None:
             raise InvalidApiKey("This key's subcloud is archived or no longer includes you")
         return cached[1]
 
-    def forget(self, subcloud_id: UUID) -> None:
-        """Changes made on this replica apply here at once (elsewhere within ``ttl_s``)."""
-        wanted = str(subcloud_id)
-        self._bound = {key: value for key, value in self._bound.items() if key[0] != wanted}
+    def invalidate(self, change: Invalidation) -> None:
+        if change.subject is Subject.SUBCLOUD:
+            self._generation += 1
+            self._bound = {key: value for key, value in self._bound.items() if key[0] != change.id}
+
+    def invalidate_all(self) -> None:
+        self._generation += 1
+        self._bound.clear()
 
 
 class SubcloudService:
@@ -124,13 +133,17 @@ class SubcloudService:
         resolver: SubcloudResolver,
         *,
         service_token: str,
+        changes: Announcer | None = None,
     ) -> None:
+        """``changes``: where changes that stop or alter a subcloud's keys are announced
+        to every replica (unset: this replica alone)."""
         self._store = store
         self._account = account
         self._authenticator = authenticator
         self._catalog = catalog
         self._resolver = resolver
         self._service_token = service_token
+        self._changes = changes
 
     async def actor(self, authorization: str | None) -> Actor:
         """The service token acts as an admin; API keys need the management or admin scope."""
@@ -193,14 +206,14 @@ class SubcloudService:
         )
         if updated is None:
             raise InvalidArgument("The subcloud is archived", field="subcloud_id")
-        self._resolver.forget(subcloud_id)
+        await self._changed(subcloud_id)
         return updated
 
     async def archive(self, actor: Actor, subcloud_id: UUID) -> Subcloud:
         await self._access(actor, subcloud_id, require_manager)
         archived = await self._store.archive(subcloud_id)
         assert archived is not None  # subclouds are never deleted
-        self._resolver.forget(subcloud_id)
+        await self._changed(subcloud_id)
         return archived
 
     async def put_member(
@@ -214,7 +227,7 @@ class SubcloudService:
         member = await self._store.put_member(subcloud_id, account_id, role)
         if member is None:
             raise InvalidArgument("The owner's role cannot be changed", field="account_id")
-        self._resolver.forget(subcloud_id)
+        await self._changed(subcloud_id)
         return member
 
     async def remove_member(self, actor: Actor, subcloud_id: UUID, account_id: UUID) -> None:
@@ -222,7 +235,7 @@ class SubcloudService:
         if account_id == subcloud.owner_account_id:
             raise InvalidArgument("The owner cannot be removed", field="account_id")
         await self._store.remove_member(subcloud_id, account_id)
-        self._resolver.forget(subcloud_id)
+        await self._changed(subcloud_id)
 
     async def members(self, actor: Actor, subcloud_id: UUID) -> list[SubcloudMember]:
         await self._access(actor, subcloud_id, require_reader)
@@ -261,6 +274,14 @@ class SubcloudService:
         )
 
     # --- helpers ---------------------------------------------------------------
+
+    async def _changed(self, subcloud_id: UUID) -> None:
+        """Applies here at once, even when the bus is down; on other replicas when the
+        bus delivers (within the resolver's TTL at worst)."""
+        change = Invalidation(Subject.SUBCLOUD, str(subcloud_id))
+        self._resolver.invalidate(change)
+        if self._changes is not None:
+            await self._changes.announce(change)
 
     async def _access(
         self,

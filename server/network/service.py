@@ -40,8 +40,9 @@ from core.inference import (
 )
 from core.regions import validate_region
 from server.common.bus import Bus
+from server.common.channel_follower import ChannelFollower
 from server.network.admission import AdmissionSettings, NodeAdmission
-from server.network.announcements import ChannelFollower, network_channel, version_of
+from server.network.announcements import network_channel, version_of
 from server.network.catalog import Catalog
 from server.network.checks import NodeChecks
 from server.network.config import (

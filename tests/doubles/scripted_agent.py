@@ -1,7 +1,7 @@
 """An agent process with the scripted runtime, for tests that signal real processes.
 
     python -m tests.doubles.scripted_agent --network HOST:PORT --name NAME
-        [--script TEXT] [--token-delay S] [--drain-grace S]
+        [--script TEXT] [--token-delay S] [--drain-grace S] [--slots N] [--answer-canaries]
 
 The same session and signal handling as `resultity agent` (SIGTERM drains),
 without loading a model.
@@ -15,7 +15,7 @@ import asyncio
 from agent.main import serve
 from agent.session import SessionSettings
 from core.logging import configure_logging
-from tests.doubles.scripted_runtime import DEFAULT_SCRIPT, ScriptedRuntime
+from tests.doubles.scripted_runtime import DEFAULT_SCRIPT, ScriptedRuntime, canary_answers
 
 
 def main() -> None:
@@ -25,12 +25,20 @@ def main() -> None:
     parser.add_argument("--script", default=DEFAULT_SCRIPT)
     parser.add_argument("--token-delay", type=float, default=0.0)
     parser.add_argument("--drain-grace", type=float, default=30.0)
+    parser.add_argument("--slots", type=int, default=1)
+    # Passes a validating network's join checks and in-service canaries.
+    parser.add_argument("--answer-canaries", action="store_true")
     args = parser.parse_args()
     configure_logging("info")
     settings = SessionSettings(
         network=args.network, node_name=args.name, drain_grace_s=args.drain_grace
     )
-    runtime = ScriptedRuntime(script=args.script, token_delay_s=args.token_delay)
+    runtime = ScriptedRuntime(
+        script=args.script,
+        token_delay_s=args.token_delay,
+        slot_count=args.slots,
+        answers=canary_answers() if args.answer_canaries else {},
+    )
     asyncio.run(serve(settings, runtime))
 
 
