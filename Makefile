@@ -46,8 +46,9 @@ lint: install
 test: install
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-# tests/integration/: services as separate processes against the real PostgreSQL and
-# Redis named by RESULTITY_DATABASE_URL and RESULTITY_REDIS_URL (loopback defaults).
+# tests/integration/: services as separate processes against the real PostgreSQL,
+# Redis and RabbitMQ named by RESULTITY_DATABASE_URL, RESULTITY_REDIS_URL and
+# RESULTITY_AMQP_URL (loopback defaults).
 # A service that does not answer fails the run.
 test-integration: install
 	$(BIN)/pytest -m integration tests/integration $(PYTEST_ARGS)

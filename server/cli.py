@@ -112,6 +112,7 @@ def _parser() -> argparse.ArgumentParser:
     account = commands.add_parser("account", help="run the account server alone")
     account.add_argument("--listen", default="127.0.0.1:50052")
     account.add_argument("--database-url", default=os.environ.get("RESULTITY_DATABASE_URL"))
+    _amqp_option(account, "applies deferred settlements from it and relays ledger events")
     account.add_argument(
         "--data-dir",
         type=Path,
@@ -131,6 +132,7 @@ def _parser() -> argparse.ArgumentParser:
         default=os.environ.get("RESULTITY_DATABASE_URL"),
         help="PostgreSQL for subclouds (may be the account server's database)",
     )
+    _amqp_option(cloud, "settlements the account server does not answer wait in it")
     cloud.add_argument(
         "--data-dir",
         type=Path,
@@ -151,6 +153,14 @@ def _parser() -> argparse.ArgumentParser:
     gateway.add_argument("--host", default="127.0.0.1")
     gateway.add_argument("--port", type=int, default=8080)
     return parser
+
+
+def _amqp_option(parser: argparse.ArgumentParser, use: str) -> None:
+    parser.add_argument(
+        "--amqp-url",
+        default=os.environ.get("RESULTITY_AMQP_URL"),
+        help=f"RabbitMQ: {use} (unset: a queue in this process)",
+    )
 
 
 def _region(value: str) -> str:
@@ -297,7 +307,7 @@ async def _serve_one(args: argparse.Namespace) -> None:
             key_hash_secret=os.environ.get("RESULTITY_KEY_HASH_SECRET"),
             service_token=os.environ.get("RESULTITY_SERVICE_TOKEN"),
         )
-        account = await AccountComponent.start(args.database_url, secrets)
+        account = await AccountComponent.start(args.database_url, secrets, amqp_url=args.amqp_url)
         account.register(server)
         stop_component = account.stop
     else:
@@ -311,6 +321,7 @@ async def _serve_one(args: argparse.Namespace) -> None:
             account_target=args.account,
             network_target=args.network,
             service_token=service_token(args.data_dir),
+            amqp_url=args.amqp_url,
         )
         cloud.register(server)
         stop_component = cloud.stop

@@ -16,6 +16,9 @@ class PlatformSettings(BaseSettings):
     data_dir: Path = Path(".resultity")
     # Unset: an embedded PostgreSQL runs in <data_dir>/postgres.
     database_url: str | None = None
+    # RabbitMQ (RESULTITY_AMQP_URL) for settlements and ledger events; unset: queues
+    # in this process.
+    amqp_url: str | None = None
     http_host: str = "127.0.0.1"
     http_port: int = 8080
     # Loopback by default: agents on other machines need 0.0.0.0.

@@ -30,6 +30,7 @@ from server.cloud.component import SERVICE_NAMES as CLOUD_SERVICES
 from server.cloud.component import CloudComponent
 from server.common.database import EmbeddedPostgres
 from server.common.health import GrpcHealth
+from server.common.settlement_queue import InProcessSettlementQueue
 from server.network.component import SERVICE_NAMES as NETWORK_SERVICES
 from server.network.component import NetworkComponent
 from server.network.service import LivenessSettings
@@ -123,7 +124,12 @@ async def run_platform(settings: PlatformSettings, *, ready: asyncio.Event | Non
             key_hash_secret=_secret(settings.key_hash_secret),
             service_token=_secret(settings.service_token),
         )
-        account = await AccountComponent.start(dsn, secrets)
+        # Without RabbitMQ, one in-process settlement queue: cloud defers to it, the
+        # account component applies from it and sees what waits before releasing holds.
+        settlements = None if settings.amqp_url else InProcessSettlementQueue()
+        account = await AccountComponent.start(
+            dsn, secrets, amqp_url=settings.amqp_url, settlements=settlements
+        )
         stack.push_async_callback(account.stop)
         network = NetworkComponent(
             liveness=LivenessSettings(settings.heartbeat_interval_s, settings.heartbeat_timeout_s),
@@ -137,6 +143,8 @@ async def run_platform(settings: PlatformSettings, *, ready: asyncio.Event | Non
             account_target=grpc_target,
             network_target=grpc_target,
             service_token=secrets.service_token,
+            amqp_url=settings.amqp_url,
+            settlements=settlements,
         )
         stack.push_async_callback(cloud.stop)
 

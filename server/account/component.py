@@ -43,12 +43,15 @@ from server.account.servicer import (
     NodeTokenServicer,
     ReferralServicer,
 )
+from server.account.settlement_inbox import SettlementInbox
 from server.account.store import PostgresAccountStore
 from server.account.subscription_servicer import SubscriptionServicer
 from server.account.subscription_store import PostgresSubscriptionStore
 from server.account.subscriptions import SubscriptionService
 from server.common.database import apply_migrations, create_pool, load_migrations
 from server.common.health import service_names
+from server.common.settlement_amqp import AmqpSettlementQueue
+from server.common.settlements import QueueUnavailable, SettlementQueue
 from server.secrets import PlatformSecrets
 
 log = structlog.get_logger(__name__)
@@ -76,6 +79,7 @@ class AccountComponent:
         contributions: ContributionService,
         payouts: PayoutService,
         subscriptions: SubscriptionService,
+        settlements: SettlementQueue | None = None,
     ) -> None:
         self._pool = pool
         self.service = service
@@ -84,6 +88,9 @@ class AccountComponent:
         self.payouts = payouts
         self.subscriptions = subscriptions
         self._sweeper: asyncio.Task[None] | None = None
+        # Settlements cloud could not deliver directly: applied from here, and holds
+        # are not released while some wait (their expiry may have passed meanwhile).
+        self._settlements = settlements
 
     @classmethod
     async def start(
@@ -93,8 +100,14 @@ class AccountComponent:
         *,
         hold_sweep_interval_s: float = 30.0,
         pool_size: int = 10,
+        amqp_url: str | None = None,
+        settlements: SettlementQueue | None = None,
     ) -> AccountComponent:
-        """Connects, migrates, and starts releasing expired holds in the background."""
+        """Connects, migrates, and starts releasing expired holds in the background.
+
+        Consumes the settlement queue: ``settlements`` (which it then owns), else the
+        RabbitMQ one at ``amqp_url``, else none (cloud then keeps its own).
+        """
         pool = await create_pool(dsn, max_size=pool_size)
         try:
             await apply_migrations(pool, load_migrations("account", MIGRATIONS))
@@ -112,7 +125,10 @@ class AccountComponent:
             ContributionService(PostgresContributionStore(pool)),
             PayoutService(PostgresPayoutStore(pool)),
             SubscriptionService(PostgresSubscriptionStore(pool)),
+            settlements or (AmqpSettlementQueue(amqp_url) if amqp_url else None),
         )
+        if component._settlements is not None:
+            await component._settlements.consume(SettlementInbox(component.billing).apply)
         component._sweeper = asyncio.create_task(
             component._sweep(hold_sweep_interval_s), name="account-hold-sweeper"
         )
@@ -147,14 +163,35 @@ class AccountComponent:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
             self._sweeper = None
+        if self._settlements is not None:
+            await self._settlements.close()
         await self._pool.close()
         log.info("account component stopped")
 
     async def _sweep(self, interval_s: float) -> None:
+        # The first sweep waits one interval: a cloud process that kept settlements
+        # while this server was down retries more often than that, so those holds are
+        # settled before their expiry can release them.
         while True:
+            await asyncio.sleep(interval_s)
             try:
+                if await self._settlements_waiting():
+                    continue
                 await self.billing.release_expired_holds()
             except Exception:
                 # A failed sweep (database restarting, ...) is retried next round.
                 log.exception("releasing expired holds failed")
-            await asyncio.sleep(interval_s)
+
+    async def _settlements_waiting(self) -> bool:
+        """Whether queued settlements wait (or the queue cannot tell): expired holds
+        stay until they are applied."""
+        if self._settlements is None:
+            return False
+        try:
+            waiting = await self._settlements.pending()
+        except QueueUnavailable as error:
+            log.warning("settlement queue unreachable; expired holds kept", error=str(error))
+            return True
+        if waiting:
+            log.info("expired holds kept until queued settlements are applied", waiting=waiting)
+        return waiting > 0

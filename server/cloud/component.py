@@ -21,11 +21,15 @@ from server.cloud.chat import ChatService
 from server.cloud.clients import GrpcAccountClient, GrpcNetworkClient
 from server.cloud.servicer import InferenceServicer
 from server.cloud.settings import RateLimitSettings
+from server.cloud.settler import Settler
 from server.cloud.subcloud_service import SubcloudResolver, SubcloudService
 from server.cloud.subcloud_servicer import SubcloudServicer
 from server.cloud.subcloud_store import PostgresSubcloudStore
 from server.common.database import apply_migrations, create_pool, load_migrations
 from server.common.health import GrpcHealth, service_names
+from server.common.settlement_amqp import AmqpSettlementQueue
+from server.common.settlement_queue import InProcessSettlementQueue
+from server.common.settlements import SettlementQueue
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 log = structlog.get_logger(__name__)
@@ -45,16 +49,29 @@ class CloudComponent:
         network_target: str,
         service_token: str,
         rate_limits: RateLimitSettings | None = None,
+        amqp_url: str | None = None,
+        settlements: SettlementQueue | None = None,
     ) -> None:
+        """Deferred settlements go to ``settlements`` (shared with an account component in
+        this process, which applies them), else to RabbitMQ at ``amqp_url``, else to a
+        queue of this process that applies them through the account API."""
         self._pool = pool
         self._account_channel = insecure_channel(account_target)
         self._network_channel = insecure_channel(network_target)
         account = GrpcAccountClient(self._account_channel, service_token)
+        self._owns_queue = settlements is None
+        # A queue only this process holds is applied from here, through the account API.
+        self._consume_locally = settlements is None and not amqp_url
+        if settlements is None:
+            settlements = AmqpSettlementQueue(amqp_url) if amqp_url else InProcessSettlementQueue()
+        self._settlement_queue = settlements
+        self.settler = Settler(account, settlements)
         store = PostgresSubcloudStore(pool)
         resolver = SubcloudResolver(store)
         self.chat = ChatService(
             account,
             GrpcNetworkClient(self._network_channel, service_token),
+            settlements=self.settler,
             rate_limits=rate_limits or RateLimitSettings(),
             subclouds=resolver,
         )
@@ -77,6 +94,8 @@ class CloudComponent:
         service_token: str,
         rate_limits: RateLimitSettings | None = None,
         pool_size: int = 5,
+        amqp_url: str | None = None,
+        settlements: SettlementQueue | None = None,
     ) -> CloudComponent:
         """Connects to the database and migrates it; ``rate_limits`` unset: read from the
         RESULTITY_RATE_LIMIT_* environment."""
@@ -86,13 +105,18 @@ class CloudComponent:
         except BaseException:
             await pool.close()
             raise
-        return cls(
+        component = cls(
             pool,
             account_target=account_target,
             network_target=network_target,
             service_token=service_token,
             rate_limits=rate_limits,
+            amqp_url=amqp_url,
+            settlements=settlements,
         )
+        if component._consume_locally:
+            await component.settler.consume_queue()
+        return component
 
     def register(self, server: grpc.aio.Server) -> None:
         inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(
@@ -116,6 +140,9 @@ class CloudComponent:
 
     async def stop(self) -> None:
         await self.chat.drain()
+        await self.settler.close()
+        if self._owns_queue:
+            await self._settlement_queue.close()
         await self._account_channel.close(grace=None)
         await self._network_channel.close(grace=None)
         await self._pool.close()

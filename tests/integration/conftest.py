@@ -1,5 +1,6 @@
-"""Integration tests: real services as separate processes, on the PostgreSQL and
-Redis named by RESULTITY_DATABASE_URL and RESULTITY_REDIS_URL (loopback defaults).
+"""Integration tests: real services as separate processes, on the PostgreSQL, Redis
+and RabbitMQ named by RESULTITY_DATABASE_URL, RESULTITY_REDIS_URL and
+RESULTITY_AMQP_URL (loopback defaults).
 
 They are left out of the ordinary run (marker ``integration``; `make
 test-integration` runs them). A service that does not answer fails the run: an
@@ -13,12 +14,14 @@ import uuid
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit, urlunsplit
 
+import aio_pika
 import asyncpg
 import pytest
 import redis.asyncio as redis
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -37,6 +40,19 @@ async def redis_url() -> str:
         pytest.fail(f"Redis at {url} is unreachable ({error}); start it or set RESULTITY_REDIS_URL")
     finally:
         await client.aclose()
+    return url
+
+
+@pytest.fixture(scope="session")
+async def amqp_url() -> str:
+    url = os.environ.get("RESULTITY_AMQP_URL", DEFAULT_AMQP_URL)
+    try:
+        connection = await aio_pika.connect(url, timeout=5)
+    except Exception as error:
+        pytest.fail(
+            f"RabbitMQ at {url} is unreachable ({error}); start it or set RESULTITY_AMQP_URL"
+        )
+    await connection.close()
     return url
 
 
