@@ -1,4 +1,5 @@
-"""The account server as a component: pool, migrations, servicers, sweeper."""
+"""The account server as a component: pool, migrations, servicers, hold sweeper,
+settlement queue consumer, ledger outbox relay and the earnings projection."""
 
 from __future__ import annotations
 
@@ -31,9 +32,20 @@ from server.account.billing import BillingService
 from server.account.contribution_servicer import ContributionServicer
 from server.account.contribution_store import PostgresContributionStore
 from server.account.contributions import ContributionService
+from server.account.earnings import CONSUMER as EARNINGS_CONSUMER
+from server.account.earnings import OperatorEarnings
+from server.account.earnings_store import PostgresEarningsStore
 from server.account.hold_store import PostgresHoldStore
+from server.account.ledger_events import (
+    CONTRIBUTION_RECORDED,
+    InProcessLedgerEvents,
+    LedgerEventBus,
+)
+from server.account.ledger_events_amqp import AmqpLedgerEvents
 from server.account.ledger_servicer import LedgerServicer
 from server.account.ledger_store import PostgresLedgerStore
+from server.account.outbox_relay import OutboxRelay
+from server.account.outbox_store import PostgresOutboxStore
 from server.account.payout_store import PostgresPayoutStore
 from server.account.payouts import PayoutService
 from server.account.service import AccountService
@@ -79,6 +91,8 @@ class AccountComponent:
         contributions: ContributionService,
         payouts: PayoutService,
         subscriptions: SubscriptionService,
+        earnings: OperatorEarnings,
+        events: LedgerEventBus,
         settlements: SettlementQueue | None = None,
     ) -> None:
         self._pool = pool
@@ -87,7 +101,10 @@ class AccountComponent:
         self.contributions = contributions
         self.payouts = payouts
         self.subscriptions = subscriptions
+        self.earnings = earnings
+        self._events = events
         self._sweeper: asyncio.Task[None] | None = None
+        self._relay: asyncio.Task[None] | None = None
         # Settlements cloud could not deliver directly: applied from here, and holds
         # are not released while some wait (their expiry may have passed meanwhile).
         self._settlements = settlements
@@ -125,7 +142,16 @@ class AccountComponent:
             ContributionService(PostgresContributionStore(pool)),
             PayoutService(PostgresPayoutStore(pool)),
             SubscriptionService(PostgresSubscriptionStore(pool)),
+            OperatorEarnings(PostgresEarningsStore(pool)),
+            AmqpLedgerEvents(amqp_url) if amqp_url else InProcessLedgerEvents(),
             settlements or (AmqpSettlementQueue(amqp_url) if amqp_url else None),
+        )
+        await component._events.subscribe(
+            CONTRIBUTION_RECORDED, EARNINGS_CONSUMER, component.earnings.project
+        )
+        component._relay = asyncio.create_task(
+            OutboxRelay(PostgresOutboxStore(pool), component._events).run(),
+            name="ledger-outbox-relay",
         )
         if component._settlements is not None:
             await component._settlements.consume(SettlementInbox(component.billing).apply)
@@ -148,7 +174,7 @@ class AccountComponent:
             NodeTokenServicer(*args), server
         )
         contribution_service_pb2_grpc.add_ContributionServiceServicer_to_server(
-            ContributionServicer(self.service, self.contributions), server
+            ContributionServicer(self.service, self.contributions, self.earnings), server
         )
         referral_service_pb2_grpc.add_ReferralServiceServicer_to_server(
             ReferralServicer(*args), server
@@ -158,11 +184,13 @@ class AccountComponent:
         )
 
     async def stop(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
-            self._sweeper = None
+        for task in (self._sweeper, self._relay):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._sweeper = self._relay = None
+        await self._events.close()
         if self._settlements is not None:
             await self._settlements.close()
         await self._pool.close()
