@@ -42,6 +42,8 @@ class AmqpSettlementQueue:
         self._channel: AbstractChannel | None = None
         self._connecting = asyncio.Lock()
         self._consumer: asyncio.Task[None] | None = None
+        # Delivered to this process and not yet acknowledged (applying or waiting to retry).
+        self._in_flight = 0
 
     async def publish(self, settlement: Settlement) -> None:
         message = aio_pika.Message(
@@ -67,10 +69,12 @@ class AmqpSettlementQueue:
         self._consumer = asyncio.create_task(self._consume(handler), name="settlement-consumer")
 
     async def pending(self) -> int:
+        """Ready in the broker plus being applied here (another replica's in-flight
+        messages are not counted: those holds are locked while they settle)."""
         try:
             await self._publishing_channel()
             assert self._connection is not None  # made by the channel
-            return await amqp.waiting_messages(self._connection, self._name)
+            return self._in_flight + await amqp.waiting_messages(self._connection, self._name)
         except Exception as error:
             raise QueueUnavailable(f"settlement queue unavailable: {error!r}") from error
 
@@ -104,7 +108,17 @@ class AmqpSettlementQueue:
             async def apply(message: AbstractIncomingMessage) -> None:
                 await handler(_decode(message))
 
-            await queue.consume(amqp.acknowledging(apply, retry_s=self._retry_s))
+            acknowledged = amqp.acknowledging(apply, retry_s=self._retry_s)
+
+            async def counted(message: AbstractIncomingMessage) -> None:
+                # Counted until acknowledged or back in the queue (retries wait here).
+                self._in_flight += 1
+                try:
+                    await acknowledged(message)
+                finally:
+                    self._in_flight -= 1
+
+            await queue.consume(counted)
             log.info("consuming settlements", queue=self._name)
             await asyncio.Future()  # until cancelled; the connection restores the consumer
         finally:
