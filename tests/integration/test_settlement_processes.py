@@ -86,7 +86,7 @@ async def test_account_down_during_settlement_is_settled_once_when_back(
     database_url: str, amqp_url: str, tmp_path: Path
 ) -> None:
     dsn = database_url
-    network = await start_network()
+    network = await start_network(dsn)
     runtime = ScriptedRuntime(token_delay_s=0.3)
     agent = AgentSession(
         SessionSettings(network=network.target, node_name="node"),
