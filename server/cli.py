@@ -116,6 +116,7 @@ def _parser() -> argparse.ArgumentParser:
     account.add_argument("--listen", default="127.0.0.1:50052")
     account.add_argument("--database-url", default=os.environ.get("RESULTITY_DATABASE_URL"))
     _redis_option(account, "where revoked keys and changed accounts are announced to cloud")
+    _amqp_option(account, "applies deferred settlements from it and relays ledger events")
     account.add_argument(
         "--data-dir",
         type=Path,
@@ -136,6 +137,7 @@ def _parser() -> argparse.ArgumentParser:
         help="PostgreSQL for subclouds (may be the account server's database)",
     )
     _redis_option(cloud, "rate-limit counters and cache invalidations shared by cloud replicas")
+    _amqp_option(cloud, "settlements the account server does not answer wait in it")
     cloud.add_argument(
         "--data-dir",
         type=Path,
@@ -163,6 +165,14 @@ def _redis_option(parser: argparse.ArgumentParser, what: str) -> None:
         "--redis-url",
         default=os.environ.get("RESULTITY_REDIS_URL"),
         help=f"Redis for {what} (default: $RESULTITY_REDIS_URL; unset: this process alone)",
+    )
+
+
+def _amqp_option(parser: argparse.ArgumentParser, use: str) -> None:
+    parser.add_argument(
+        "--amqp-url",
+        default=os.environ.get("RESULTITY_AMQP_URL"),
+        help=f"RabbitMQ: {use} (unset: a queue in this process)",
     )
 
 
@@ -318,7 +328,7 @@ async def _serve_one(args: argparse.Namespace) -> None:
         shared = await SharedState.open(args.redis_url)
         close_shared = shared.close
         account = await AccountComponent.start(
-            args.database_url, secrets, changes=shared.invalidations
+            args.database_url, secrets, changes=shared.invalidations, amqp_url=args.amqp_url
         )
         account.register(server)
         stop_component = account.stop
@@ -338,6 +348,7 @@ async def _serve_one(args: argparse.Namespace) -> None:
             network_target=args.network,
             service_token=service_token(args.data_dir),
             shared=shared,
+            amqp_url=args.amqp_url,
         )
         cloud.register(server)
         stop_component = cloud.stop

@@ -19,6 +19,9 @@ class PlatformSettings(BaseSettings):
     # Unset: rate limits and cache invalidations stay in this process; set (several
     # platforms sharing one database), they are shared through this Redis.
     redis_url: str | None = None
+    # RabbitMQ (RESULTITY_AMQP_URL) for settlements and ledger events; unset: queues
+    # in this process.
+    amqp_url: str | None = None
     http_host: str = "127.0.0.1"
     http_port: int = 8080
     # Loopback by default: agents on other machines need 0.0.0.0.

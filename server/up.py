@@ -30,6 +30,7 @@ from server.cloud.component import SERVICE_NAMES as CLOUD_SERVICES
 from server.cloud.component import CloudComponent
 from server.common.database import EmbeddedPostgres
 from server.common.health import GrpcHealth
+from server.common.settlement_queue import InProcessSettlementQueue
 from server.common.shared_state import SharedState
 from server.network.component import SERVICE_NAMES as NETWORK_SERVICES
 from server.network.component import NetworkComponent
@@ -129,7 +130,16 @@ async def run_platform(settings: PlatformSettings, *, ready: asyncio.Event | Non
         )
         shared = await SharedState.open(settings.redis_url)
         stack.push_async_callback(shared.close)
-        account = await AccountComponent.start(dsn, secrets, changes=shared.invalidations)
+        # Without RabbitMQ, one in-process settlement queue: cloud defers to it, the
+        # account component applies from it and sees what waits before releasing holds.
+        settlements = None if settings.amqp_url else InProcessSettlementQueue()
+        account = await AccountComponent.start(
+            dsn,
+            secrets,
+            changes=shared.invalidations,
+            amqp_url=settings.amqp_url,
+            settlements=settlements,
+        )
         stack.push_async_callback(account.stop)
         network = NetworkComponent(
             liveness=LivenessSettings(settings.heartbeat_interval_s, settings.heartbeat_timeout_s),
@@ -144,6 +154,8 @@ async def run_platform(settings: PlatformSettings, *, ready: asyncio.Event | Non
             network_target=grpc_target,
             service_token=secrets.service_token,
             shared=shared,
+            amqp_url=settings.amqp_url,
+            settlements=settlements,
         )
         stack.push_async_callback(cloud.stop)
 

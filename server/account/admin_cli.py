@@ -60,6 +60,7 @@ def add_commands(account: argparse.ArgumentParser) -> None:
         ("keys", "list API keys"),
         ("referral-code", "show the referral code"),
         ("contributions", "contribution totals per epoch"),
+        ("earnings", "an operator's earnings per epoch (from the ledger's events)"),
     ):
         commands.add_parser(name, help=text).add_argument("account_id")
     for name, text in (("top-up", "add paid credits"), ("grant", "grant from the promo pool")):
@@ -131,6 +132,12 @@ async def run_command(args: argparse.Namespace) -> None:
                 channel
             ).GetContributionTotals(
                 contribution_pb.GetContributionTotalsRequest(operator_account_id=args.account_id),
+                metadata=metadata,
+            ),
+            "earnings": lambda: contribution_grpc.ContributionServiceStub(
+                channel
+            ).GetOperatorEarnings(
+                contribution_pb.GetOperatorEarningsRequest(operator_account_id=args.account_id),
                 metadata=metadata,
             ),
             "top-up": lambda: ledger.TopUp(

@@ -1,4 +1,5 @@
-"""The account server as a component: pool, migrations, servicers, sweeper."""
+"""The account server as a component: pool, migrations, servicers, hold sweeper,
+settlement queue consumer, ledger outbox relay and the earnings projection."""
 
 from __future__ import annotations
 
@@ -31,9 +32,20 @@ from server.account.billing import BillingService
 from server.account.contribution_servicer import ContributionServicer
 from server.account.contribution_store import PostgresContributionStore
 from server.account.contributions import ContributionService
+from server.account.earnings import CONSUMER as EARNINGS_CONSUMER
+from server.account.earnings import OperatorEarnings
+from server.account.earnings_store import PostgresEarningsStore
 from server.account.hold_store import PostgresHoldStore
+from server.account.ledger_events import (
+    CONTRIBUTION_RECORDED,
+    InProcessLedgerEvents,
+    LedgerEventBus,
+)
+from server.account.ledger_events_amqp import AmqpLedgerEvents
 from server.account.ledger_servicer import LedgerServicer
 from server.account.ledger_store import PostgresLedgerStore
+from server.account.outbox_relay import OutboxRelay
+from server.account.outbox_store import PostgresOutboxStore
 from server.account.payout_store import PostgresPayoutStore
 from server.account.payouts import PayoutService
 from server.account.service import AccountService
@@ -43,6 +55,7 @@ from server.account.servicer import (
     NodeTokenServicer,
     ReferralServicer,
 )
+from server.account.settlement_inbox import SettlementInbox
 from server.account.store import PostgresAccountStore
 from server.account.subscription_servicer import SubscriptionServicer
 from server.account.subscription_store import PostgresSubscriptionStore
@@ -50,6 +63,8 @@ from server.account.subscriptions import SubscriptionService
 from server.common.database import apply_migrations, create_pool, load_migrations
 from server.common.health import service_names
 from server.common.invalidation import Announcer
+from server.common.settlement_amqp import AmqpSettlementQueue
+from server.common.settlements import QueueUnavailable, SettlementQueue
 from server.secrets import PlatformSecrets
 
 log = structlog.get_logger(__name__)
@@ -77,6 +92,9 @@ class AccountComponent:
         contributions: ContributionService,
         payouts: PayoutService,
         subscriptions: SubscriptionService,
+        earnings: OperatorEarnings,
+        events: LedgerEventBus,
+        settlements: SettlementQueue | None = None,
     ) -> None:
         self._pool = pool
         self.service = service
@@ -84,7 +102,13 @@ class AccountComponent:
         self.contributions = contributions
         self.payouts = payouts
         self.subscriptions = subscriptions
+        self.earnings = earnings
+        self._events = events
         self._sweeper: asyncio.Task[None] | None = None
+        self._relay: asyncio.Task[None] | None = None
+        # Settlements cloud could not deliver directly: applied from here, and holds
+        # are not released while some wait (their expiry may have passed meanwhile).
+        self._settlements = settlements
 
     @classmethod
     async def start(
@@ -95,9 +119,15 @@ class AccountComponent:
         hold_sweep_interval_s: float = 30.0,
         pool_size: int = 10,
         changes: Announcer | None = None,
+        amqp_url: str | None = None,
+        settlements: SettlementQueue | None = None,
     ) -> AccountComponent:
         """Connects, migrates, and starts releasing expired holds in the background.
-        ``changes``: where revoked keys and changed accounts are announced to cloud."""
+
+        ``changes``: where revoked keys and changed accounts are announced to cloud.
+        Consumes the settlement queue: ``settlements`` (which it then owns), else the
+        RabbitMQ one at ``amqp_url``, else none (cloud then keeps its own).
+        """
         pool = await create_pool(dsn, max_size=pool_size)
         try:
             await apply_migrations(pool, load_migrations("account", MIGRATIONS))
@@ -118,7 +148,19 @@ class AccountComponent:
             ContributionService(PostgresContributionStore(pool)),
             PayoutService(PostgresPayoutStore(pool)),
             SubscriptionService(PostgresSubscriptionStore(pool)),
+            OperatorEarnings(PostgresEarningsStore(pool)),
+            AmqpLedgerEvents(amqp_url) if amqp_url else InProcessLedgerEvents(),
+            settlements or (AmqpSettlementQueue(amqp_url) if amqp_url else None),
         )
+        await component._events.subscribe(
+            CONTRIBUTION_RECORDED, EARNINGS_CONSUMER, component.earnings.project
+        )
+        component._relay = asyncio.create_task(
+            OutboxRelay(PostgresOutboxStore(pool), component._events).run(),
+            name="ledger-outbox-relay",
+        )
+        if component._settlements is not None:
+            await component._settlements.consume(SettlementInbox(component.billing).apply)
         component._sweeper = asyncio.create_task(
             component._sweep(hold_sweep_interval_s), name="account-hold-sweeper"
         )
@@ -138,7 +180,7 @@ class AccountComponent:
             NodeTokenServicer(*args), server
         )
         contribution_service_pb2_grpc.add_ContributionServiceServicer_to_server(
-            ContributionServicer(self.service, self.contributions), server
+            ContributionServicer(self.service, self.contributions, self.earnings), server
         )
         referral_service_pb2_grpc.add_ReferralServiceServicer_to_server(
             ReferralServicer(*args), server
@@ -148,19 +190,42 @@ class AccountComponent:
         )
 
     async def stop(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
-            self._sweeper = None
+        for task in (self._sweeper, self._relay):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._sweeper = self._relay = None
+        await self._events.close()
+        if self._settlements is not None:
+            await self._settlements.close()
         await self._pool.close()
         log.info("account component stopped")
 
     async def _sweep(self, interval_s: float) -> None:
+        # The first sweep waits one interval: a cloud process that kept settlements
+        # while this server was down retries more often than that, so those holds are
+        # settled before their expiry can release them.
         while True:
+            await asyncio.sleep(interval_s)
             try:
+                if await self._settlements_waiting():
+                    continue
                 await self.billing.release_expired_holds()
             except Exception:
                 # A failed sweep (database restarting, ...) is retried next round.
                 log.exception("releasing expired holds failed")
-            await asyncio.sleep(interval_s)
+
+    async def _settlements_waiting(self) -> bool:
+        """Whether queued settlements wait (or the queue cannot tell): expired holds
+        stay until they are applied."""
+        if self._settlements is None:
+            return False
+        try:
+            waiting = await self._settlements.pending()
+        except QueueUnavailable as error:
+            log.warning("settlement queue unreachable; expired holds kept", error=str(error))
+            return True
+        if waiting:
+            log.info("expired holds kept until queued settlements are applied", waiting=waiting)
+        return waiting > 0

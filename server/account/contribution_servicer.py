@@ -9,14 +9,21 @@ from core.grpc_errors import translate_errors
 from server.account import convert
 from server.account.authz import Principal
 from server.account.contributions import ContributionService
+from server.account.earnings import OperatorEarnings
 from server.account.service import AccountService
 from server.common.transport import Context, authorization
 
 
 class ContributionServicer(contribution_grpc.ContributionServiceServicer):
-    def __init__(self, accounts: AccountService, contributions: ContributionService) -> None:
+    def __init__(
+        self,
+        accounts: AccountService,
+        contributions: ContributionService,
+        earnings: OperatorEarnings,
+    ) -> None:
         self._accounts = accounts
         self._contributions = contributions
+        self._earnings = earnings
 
     async def _caller(self, context: Context) -> Principal:
         return await self._accounts.principal(authorization(context))
@@ -46,6 +53,17 @@ class ContributionServicer(contribution_grpc.ContributionServiceServicer):
             overall=convert.contribution_total(overall),
             epochs=[convert.contribution_total(e) for e in epochs],
             epoch_seconds=epoch_seconds,
+        )
+
+    @translate_errors
+    async def GetOperatorEarnings(
+        self, request: contribution_pb.GetOperatorEarningsRequest, context: Context
+    ) -> contribution_pb.GetOperatorEarningsResponse:
+        epochs = await self._earnings.operator_earnings(
+            await self._caller(context), request.operator_account_id, request.epochs
+        )
+        return contribution_pb.GetOperatorEarningsResponse(
+            epochs=[convert.contribution_total(e) for e in epochs]
         )
 
     @translate_errors

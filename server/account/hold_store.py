@@ -187,8 +187,8 @@ _READ_FOR_SETTLEMENT = f"""
     FROM {_HOLD_FROM} WHERE t.id = $1 AND t.kind = 'hold'
     FOR NO KEY UPDATE OF t"""
 
-# The hold's resolution, its captures and the contribution records, in one statement
-# (the running totals moved before, in lock order).
+# The hold's resolution, its captures, the contribution records and their events
+# in the outbox, in one statement (the running totals moved before, in lock order).
 _WRITE_SETTLEMENT = """
     WITH resolved AS (
         UPDATE transfers SET status = $2, captured = $3, resolved_at = now(),
@@ -199,13 +199,27 @@ _WRITE_SETTLEMENT = """
                                pending_id)
         SELECT c.id, $5, c.credit, c.amount, 'capture', 'posted', $1
         FROM unnest($6::uuid[], $7::uuid[], $8::bigint[]) AS c(id, credit, amount)
+    ), recorded AS (
+        INSERT INTO contributions (id, hold_id, operator_account_id, node_id, model, tokens,
+                                   amount, epoch)
+        SELECT r.id, $1, r.operator, r.node, r.model, r.tokens, r.amount,
+               floor(extract(epoch FROM now()) / $9)::bigint
+        FROM unnest($10::uuid[], $11::uuid[], $12::text[], $13::text[], $14::bigint[],
+                    $15::bigint[]) AS r(id, operator, node, model, tokens, amount)
+        RETURNING id, operator_account_id, node_id, model, tokens, amount, epoch, created_at
     )
-    INSERT INTO contributions (id, hold_id, operator_account_id, node_id, model, tokens,
-                               amount, epoch)
-    SELECT r.id, $1, r.operator, r.node, r.model, r.tokens, r.amount,
-           floor(extract(epoch FROM now()) / $9)::bigint
-    FROM unnest($10::uuid[], $11::uuid[], $12::text[], $13::text[], $14::bigint[],
-                $15::bigint[]) AS r(id, operator, node, model, tokens, amount)"""
+    INSERT INTO ledger_outbox (id, kind, payload)
+    SELECT gen_random_uuid(), 'usage.settled',
+           jsonb_build_object('hold_id', $1::uuid, 'account_id', $16::uuid, 'status', $2::text,
+                              'held', $17::bigint, 'captured', $3::bigint,
+                              'total_tokens', $18::bigint, 'settled_at', now())
+    UNION ALL
+    SELECT gen_random_uuid(), 'contribution.recorded',
+           jsonb_build_object('contribution_id', id, 'hold_id', $1::uuid,
+                              'operator_account_id', operator_account_id, 'node_id', node_id,
+                              'model', model, 'tokens', tokens, 'amount', amount,
+                              'epoch', epoch, 'recorded_at', created_at)
+    FROM recorded"""
 
 
 async def _write_settlement(
@@ -256,6 +270,9 @@ async def _write_settlement(
         [line.model for line in lines],
         [line.tokens for line in lines],
         parts,
+        row["owner_id"],
+        amount,
+        total_tokens,
     )
 
 

@@ -33,7 +33,14 @@ from core.inference import (
 )
 from server.cloud.auth import CachedAuthenticator
 from server.cloud.models import ModelDirectory
-from server.cloud.ports import AccountPort, Caller, HoldRef, NetworkPort, OperatorShares
+from server.cloud.ports import (
+    AccountPort,
+    Caller,
+    HoldRef,
+    NetworkPort,
+    OperatorShares,
+    SettlementPort,
+)
 from server.cloud.pricing import (
     TokenBudget,
     cost,
@@ -63,6 +70,7 @@ from server.cloud.requests import (
 from server.cloud.settlement import operator_shares
 from server.cloud.subcloud_service import SubcloudResolver
 from server.cloud.subclouds import Subcloud, route_requirements
+from server.common.settlements import Settlement
 
 log = structlog.get_logger(__name__)
 
@@ -73,6 +81,7 @@ class ChatService:
         account: AccountPort,
         network: NetworkPort,
         *,
+        settlements: SettlementPort,
         auth_ttl_s: float = 5.0,
         catalog_ttl_s: float = 2.0,
         hold_ttl: timedelta = timedelta(hours=1),
@@ -86,6 +95,7 @@ class ChatService:
         self._subclouds = subclouds
         self._account = account
         self._network = network
+        self._settler = settlements
         self.authenticator = CachedAuthenticator(account, ttl_s=auth_ttl_s)
         self.models = ModelDirectory(network, ttl_s=catalog_ttl_s)
         self._hold_ttl = hold_ttl
@@ -347,7 +357,7 @@ class ChatService:
         if capture < amount:
             bound.error("usage exceeded the hold; charging the hold", cost=amount, hold=hold.amount)
         # A task outlives our cancellation: the hold is settled even if the client left.
-        task = asyncio.create_task(self._account.settle_hold(hold.hold_id, capture, shares))
+        task = asyncio.create_task(self._settler.settle(Settlement(hold.hold_id, capture, shares)))
         self._settlements.add(task)
         task.add_done_callback(self._settlements.discard)
         charged = await asyncio.shield(task)

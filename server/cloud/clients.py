@@ -17,7 +17,7 @@ from resultity.account.v1 import ledger_service_pb2_grpc as ledger_grpc
 from resultity.network.v1 import dispatch_service_pb2 as dispatch_pb
 from resultity.network.v1 import dispatch_service_pb2_grpc as dispatch_grpc
 
-from core.grpc_errors import domain_error_from_rpc
+from core.grpc_errors import describe_rpc_error, domain_error_from_rpc
 from core.inference import (
     NO_ORIGIN,
     CatalogModel,
@@ -42,6 +42,19 @@ from core.inference_proto import (
 )
 from server.cloud.ports import NO_REQUIREMENTS, Caller, HoldRef, IssuedKey, OperatorShares
 from server.common.rate_limits_proto import rate_limits_from_pb
+from server.common.settlement_proto import settlement_to_pb
+from server.common.settlements import LedgerUnavailable, Settlement
+
+# A settlement the account layer has not answered within this goes to the queue (it
+# may have been applied meanwhile: applying it again is a replay).
+SETTLE_TIMEOUT_S = 10.0
+# The account layer is down, slow, or failed inside (its transaction rolled back):
+# the settlement may be sent again.
+_LEDGER_UNAVAILABLE = (
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.UNKNOWN,
+)
 
 
 class GrpcAccountClient:
@@ -125,25 +138,14 @@ class GrpcAccountClient:
         return HoldRef(response.hold.hold_id, response.hold.amount_micro_credits)
 
     async def settle_hold(self, hold_id: str, capture: int, shares: OperatorShares) -> int:
+        request = settlement_to_pb(Settlement(hold_id, capture, shares))
         try:
             response = await self._ledger.SettleHold(
-                ledger_pb.SettleHoldRequest(
-                    hold_id=hold_id,
-                    capture_micro_credits=capture,
-                    lines=[
-                        ledger_pb.SettlementLine(
-                            operator_account_id=line.operator_account_id,
-                            node_id=line.node_id,
-                            model=line.model,
-                            tokens=line.tokens,
-                        )
-                        for line in shares.lines
-                    ],
-                    total_tokens=shares.total_tokens,
-                ),
-                metadata=self._metadata,
+                request, metadata=self._metadata, timeout=SETTLE_TIMEOUT_S
             )
         except grpc.aio.AioRpcError as error:
+            if error.code() in _LEDGER_UNAVAILABLE:
+                raise LedgerUnavailable(describe_rpc_error(error)) from None
             raise domain_error_from_rpc(error) from None
         return response.hold.captured_micro_credits
 

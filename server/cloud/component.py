@@ -22,11 +22,15 @@ from server.cloud.clients import GrpcAccountClient, GrpcNetworkClient
 from server.cloud.redis_rate_limits import FallbackCounters, RedisCounters
 from server.cloud.servicer import InferenceServicer
 from server.cloud.settings import CacheSettings, RateLimitSettings
+from server.cloud.settler import Settler
 from server.cloud.subcloud_service import SubcloudResolver, SubcloudService
 from server.cloud.subcloud_servicer import SubcloudServicer
 from server.cloud.subcloud_store import PostgresSubcloudStore
 from server.common.database import apply_migrations, create_pool, load_migrations
 from server.common.health import GrpcHealth, service_names
+from server.common.settlement_amqp import AmqpSettlementQueue
+from server.common.settlement_queue import InProcessSettlementQueue
+from server.common.settlements import SettlementQueue
 from server.common.shared_state import SharedState
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -49,9 +53,14 @@ class CloudComponent:
         rate_limits: RateLimitSettings | None = None,
         shared: SharedState | None = None,
         caches: CacheSettings | None = None,
+        amqp_url: str | None = None,
+        settlements: SettlementQueue | None = None,
     ) -> None:
         """``shared`` unset: rate limits and invalidations within this process.
-        ``caches`` unset: read from the environment."""
+        ``caches`` unset: read from the environment. Deferred settlements go to
+        ``settlements`` (shared with an account component in this process, which
+        applies them), else to RabbitMQ at ``amqp_url``, else to a queue of this
+        process that applies them through the account API."""
         shared = shared or SharedState()
         ttl_s = (caches or CacheSettings()).cache_ttl_s
         self._pool = pool
@@ -59,12 +68,20 @@ class CloudComponent:
         self._account_channel = insecure_channel(account_target)
         self._network_channel = insecure_channel(network_target)
         account = GrpcAccountClient(self._account_channel, service_token)
+        self._owns_queue = settlements is None
+        # A queue only this process holds is applied from here, through the account API.
+        self._consume_locally = settlements is None and not amqp_url
+        if settlements is None:
+            settlements = AmqpSettlementQueue(amqp_url) if amqp_url else InProcessSettlementQueue()
+        self._settlement_queue = settlements
+        self.settler = Settler(account, settlements)
         store = PostgresSubcloudStore(pool)
         resolver = SubcloudResolver(store, ttl_s=ttl_s)
         self.chat = ChatService(
             account,
             GrpcNetworkClient(self._network_channel, service_token),
             auth_ttl_s=ttl_s,
+            settlements=self.settler,
             rate_limits=rate_limits or RateLimitSettings(),
             subclouds=resolver,
             rate_limit_counters=(
@@ -94,6 +111,8 @@ class CloudComponent:
         rate_limits: RateLimitSettings | None = None,
         pool_size: int = 5,
         shared: SharedState | None = None,
+        amqp_url: str | None = None,
+        settlements: SettlementQueue | None = None,
     ) -> CloudComponent:
         """Connects to the database and migrates it; ``rate_limits`` unset: read from the
         RESULTITY_RATE_LIMIT_* environment. ``shared``: what replicas share (the caller
@@ -104,14 +123,19 @@ class CloudComponent:
         except BaseException:
             await pool.close()
             raise
-        return cls(
+        component = cls(
             pool,
             account_target=account_target,
             network_target=network_target,
             service_token=service_token,
             rate_limits=rate_limits,
             shared=shared,
+            amqp_url=amqp_url,
+            settlements=settlements,
         )
+        if component._consume_locally:
+            await component.settler.consume_queue()
+        return component
 
     def register(self, server: grpc.aio.Server) -> None:
         inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(
@@ -137,6 +161,9 @@ class CloudComponent:
         await self.chat.drain()
         if self._redis_counters is not None:
             await self._redis_counters.close()
+        await self.settler.close()
+        if self._owns_queue:
+            await self._settlement_queue.close()
         await self._account_channel.close(grace=None)
         await self._network_channel.close(grace=None)
         await self._pool.close()

@@ -19,6 +19,11 @@ from core.inference import (
 )
 from server.common.rate_limits import NO_LIMITS, RateLimits
 
+# Settlements travel beyond the cloud layer (server/common/settlements.py).
+from server.common.settlements import OperatorLine as OperatorLine
+from server.common.settlements import OperatorShares as OperatorShares
+from server.common.settlements import Settlement
+
 NO_REQUIREMENTS = NodeRequirements()
 
 
@@ -64,25 +69,6 @@ class IssuedKey:
     secret: str
 
 
-@dataclass(frozen=True, slots=True)
-class OperatorLine:
-    """Tokens a node operator's nodes delivered for one request."""
-
-    operator_account_id: str
-    node_id: str
-    model: str
-    tokens: int
-
-
-@dataclass(frozen=True, slots=True)
-class OperatorShares:
-    """The operator lines of a settlement, and every token its capture pays for
-    (lines claim part of them; the platform earns the operators' share of the rest)."""
-
-    lines: tuple[OperatorLine, ...] = ()
-    total_tokens: int = 0
-
-
 class AccountPort(Protocol):
     async def authenticate(self, secret: str) -> Caller: ...
 
@@ -108,7 +94,14 @@ class AccountPort(Protocol):
 
     async def settle_hold(self, hold_id: str, capture: int, shares: OperatorShares) -> int:
         """Captures ``capture`` of the hold, releases the rest, credits the operators of
-        ``shares`` their part; returns the captured amount."""
+        ``shares`` their part; returns the captured amount. LedgerUnavailable when the
+        account layer does not answer."""
+        ...
+
+
+class SettlementPort(Protocol):
+    async def settle(self, settlement: Settlement) -> int:
+        """Settles the hold now or later, but exactly once; returns the captured amount."""
         ...
 
 

@@ -107,6 +107,10 @@ async def test_a_user_cannot_read_or_change_another_users_objects(
             contribution_pb.GetContributionTotalsRequest(operator_account_id=other),
             metadata=a.auth,
         ),
+        stubs.contributions.GetOperatorEarnings(
+            contribution_pb.GetOperatorEarningsRequest(operator_account_id=other),
+            metadata=a.auth,
+        ),
         stubs.subscriptions.GetSubscription(
             sub_pb.GetSubscriptionRequest(account_id=other), metadata=a.auth
         ),

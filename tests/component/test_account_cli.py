@@ -3,6 +3,7 @@ payouts and the settlement policy, against a running platform over gRPC."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -110,3 +111,20 @@ async def test_payouts_are_requested_listed_and_resolved(
     ]
     summary = await account_cli("summary")
     assert int(summary["cash_out_micro_credits"]) >= 1_500_000
+
+
+async def test_earnings_show_what_the_ledger_events_projected(
+    platform: Platform, account_cli: Any
+) -> None:
+    operator = (await account_cli("create", "operator"))["account"]["account_id"]
+    await earn(Stubs.on(platform.channel), platform.service, operator, 1_000)
+    await earn(Stubs.on(platform.channel), platform.service, operator, 2_000)
+
+    async def projected() -> list[Any]:
+        return list((await account_cli("earnings", operator)).get("epochs", []))
+
+    async with asyncio.timeout(30):
+        while not (epochs := await projected()) or epochs[0]["jobs"] != "2":  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+    # 80% of each capture; 9 tokens each.
+    assert (epochs[0]["tokens"], epochs[0]["amount_micro_credits"]) == ("18", "2400")

@@ -243,6 +243,51 @@ class GetContributionTotalsResponse(_message.Message):
 Global___GetContributionTotalsResponse: _TypeAlias = GetContributionTotalsResponse  # noqa: Y015
 
 @_typing.final
+class GetOperatorEarningsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPERATOR_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    EPOCHS_FIELD_NUMBER: _builtins.int
+    operator_account_id: _builtins.str
+    epochs: _builtins.int
+    """How many of the latest epochs to return; 0 means 30."""
+    def __init__(
+        self,
+        *,
+        operator_account_id: _builtins.str = ...,
+        epochs: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epochs", b"epochs", "operator_account_id", b"operator_account_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetOperatorEarningsRequest: _TypeAlias = GetOperatorEarningsRequest  # noqa: Y015
+
+@_typing.final
+class GetOperatorEarningsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EPOCHS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def epochs(self) -> _containers.RepeatedCompositeFieldContainer[Global___ContributionTotal]:
+        """Per epoch, newest first: jobs, tokens and micro-credits earned."""
+
+    def __init__(
+        self,
+        *,
+        epochs: _abc.Iterable[Global___ContributionTotal] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epochs", b"epochs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetOperatorEarningsResponse: _TypeAlias = GetOperatorEarningsResponse  # noqa: Y015
+
+@_typing.final
 class GetSettlementPolicyRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

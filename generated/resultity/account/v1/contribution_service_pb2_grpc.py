@@ -46,6 +46,11 @@ class ContributionServiceStub:
                 request_serializer=resultity_dot_account_dot_v1_dot_contribution__service__pb2.GetContributionTotalsRequest.SerializeToString,
                 response_deserializer=resultity_dot_account_dot_v1_dot_contribution__service__pb2.GetContributionTotalsResponse.FromString,
                 _registered_method=True)
+        self.GetOperatorEarnings = channel.unary_unary(
+                '/resultity.account.v1.ContributionService/GetOperatorEarnings',
+                request_serializer=resultity_dot_account_dot_v1_dot_contribution__service__pb2.GetOperatorEarningsRequest.SerializeToString,
+                response_deserializer=resultity_dot_account_dot_v1_dot_contribution__service__pb2.GetOperatorEarningsResponse.FromString,
+                _registered_method=True)
         self.GetSettlementPolicy = channel.unary_unary(
                 '/resultity.account.v1.ContributionService/GetSettlementPolicy',
                 request_serializer=resultity_dot_account_dot_v1_dot_contribution__service__pb2.GetSettlementPolicyRequest.SerializeToString,
@@ -72,6 +77,15 @@ class ContributionServiceServicer:
 
     def GetContributionTotals(self, request, context):
         """The operator's totals, overall and per epoch (newest epoch first).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetOperatorEarnings(self, request, context):
+        """The operator's earnings per epoch (newest first) as projected from the
+        ledger's contribution events: each event counts once, and the totals
+        follow the ledger within the event relay's delay.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -108,6 +122,11 @@ def add_ContributionServiceServicer_to_server(servicer, server):
                     servicer.GetContributionTotals,
                     request_deserializer=resultity_dot_account_dot_v1_dot_contribution__service__pb2.GetContributionTotalsRequest.FromString,
                     response_serializer=resultity_dot_account_dot_v1_dot_contribution__service__pb2.GetContributionTotalsResponse.SerializeToString,
+            ),
+            'GetOperatorEarnings': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetOperatorEarnings,
+                    request_deserializer=resultity_dot_account_dot_v1_dot_contribution__service__pb2.GetOperatorEarningsRequest.FromString,
+                    response_serializer=resultity_dot_account_dot_v1_dot_contribution__service__pb2.GetOperatorEarningsResponse.SerializeToString,
             ),
             'GetSettlementPolicy': grpc.unary_unary_rpc_method_handler(
                     servicer.GetSettlementPolicy,
@@ -176,6 +195,33 @@ class ContributionService:
             '/resultity.account.v1.ContributionService/GetContributionTotals',
             resultity_dot_account_dot_v1_dot_contribution__service__pb2.GetContributionTotalsRequest.SerializeToString,
             resultity_dot_account_dot_v1_dot_contribution__service__pb2.GetContributionTotalsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetOperatorEarnings(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/resultity.account.v1.ContributionService/GetOperatorEarnings',
+            resultity_dot_account_dot_v1_dot_contribution__service__pb2.GetOperatorEarningsRequest.SerializeToString,
+            resultity_dot_account_dot_v1_dot_contribution__service__pb2.GetOperatorEarningsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -39,6 +39,11 @@ class ContributionServiceStub:
     """The operator's records, newest first."""
     GetContributionTotals: _grpc.UnaryUnaryMultiCallable[_contribution_service_pb2.GetContributionTotalsRequest, _contribution_service_pb2.GetContributionTotalsResponse]
     """The operator's totals, overall and per epoch (newest epoch first)."""
+    GetOperatorEarnings: _grpc.UnaryUnaryMultiCallable[_contribution_service_pb2.GetOperatorEarningsRequest, _contribution_service_pb2.GetOperatorEarningsResponse]
+    """The operator's earnings per epoch (newest first) as projected from the
+    ledger's contribution events: each event counts once, and the totals
+    follow the ledger within the event relay's delay.
+    """
     GetSettlementPolicy: _grpc.UnaryUnaryMultiCallable[_contribution_service_pb2.GetSettlementPolicyRequest, _contribution_service_pb2.GetSettlementPolicyResponse]
     """The settlement policy in force: how captures are shared, how records are
     grouped in epochs, the payout bounds.
@@ -62,6 +67,11 @@ class ContributionServiceAsyncStub(ContributionServiceStub):
     """The operator's records, newest first."""
     GetContributionTotals: _aio.UnaryUnaryMultiCallable[_contribution_service_pb2.GetContributionTotalsRequest, _contribution_service_pb2.GetContributionTotalsResponse]  # type: ignore[assignment]
     """The operator's totals, overall and per epoch (newest epoch first)."""
+    GetOperatorEarnings: _aio.UnaryUnaryMultiCallable[_contribution_service_pb2.GetOperatorEarningsRequest, _contribution_service_pb2.GetOperatorEarningsResponse]  # type: ignore[assignment]
+    """The operator's earnings per epoch (newest first) as projected from the
+    ledger's contribution events: each event counts once, and the totals
+    follow the ledger within the event relay's delay.
+    """
     GetSettlementPolicy: _aio.UnaryUnaryMultiCallable[_contribution_service_pb2.GetSettlementPolicyRequest, _contribution_service_pb2.GetSettlementPolicyResponse]  # type: ignore[assignment]
     """The settlement policy in force: how captures are shared, how records are
     grouped in epochs, the payout bounds.
@@ -94,6 +104,17 @@ class ContributionServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_contribution_service_pb2.GetContributionTotalsResponse, _abc.Awaitable[_contribution_service_pb2.GetContributionTotalsResponse]]:
         """The operator's totals, overall and per epoch (newest epoch first)."""
+
+    @_abc_1.abstractmethod
+    def GetOperatorEarnings(
+        self,
+        request: _contribution_service_pb2.GetOperatorEarningsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_contribution_service_pb2.GetOperatorEarningsResponse, _abc.Awaitable[_contribution_service_pb2.GetOperatorEarningsResponse]]:
+        """The operator's earnings per epoch (newest first) as projected from the
+        ledger's contribution events: each event counts once, and the totals
+        follow the ledger within the event relay's delay.
+        """
 
     @_abc_1.abstractmethod
     def GetSettlementPolicy(
