@@ -361,7 +361,9 @@ async def _serve_one(args: argparse.Namespace) -> None:
     log.info("serving", service=args.command, address=args.listen)
     follow = asyncio.create_task(readiness(health)) if readiness is not None else None
     try:
-        await _until_signal(server.wait_for_termination())
+        # Waits for the signal alone: cancelling server.wait_for_termination() would
+        # cancel the server's own shutdown, which stop() below still needs.
+        await _until_signal(asyncio.Event().wait())
     finally:
         if follow is not None:
             follow.cancel()
