@@ -37,16 +37,18 @@ async def ensure_demo_key(
     key_file = data_dir / DEMO_KEY_FILE
     keys = keys_grpc.ApiKeyServiceStub(channel)
     secret = _read_key(key_file)
+    metadata = service_metadata(service_token)
     if secret is not None:
         try:
-            await keys.AuthenticateApiKey(keys_pb.AuthenticateApiKeyRequest(secret=secret))
+            await keys.AuthenticateApiKey(
+                keys_pb.AuthenticateApiKeyRequest(secret=secret), metadata=metadata
+            )
             return secret
         except grpc.aio.AioRpcError as error:
             if error.code() != grpc.StatusCode.UNAUTHENTICATED:
                 raise
             log.warning("stored demo key no longer valid; creating a new demo account")
 
-    metadata = service_metadata(service_token)
     account = (
         await account_grpc.AccountServiceStub(channel).CreateAccount(
             account_pb.CreateAccountRequest(name="demo"), metadata=metadata

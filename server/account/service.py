@@ -116,10 +116,12 @@ class AccountService:
             return Principal(key.account_id, admin=False)
         raise PermissionDenied("This API key has no management scope")
 
-    async def authenticate_api_key(self, secret: str) -> ActiveKey:
+    async def authenticate_api_key(self, caller: Principal, secret: str) -> ActiveKey:
         """The active key behind ``secret`` (with its account's rate limits); malformed,
         unknown, revoked and expired keys (and keys of disabled accounts) all fail the
-        same way."""
+        same way. Only the platform's services may ask: anyone else could use this to
+        test guessed or stolen keys without ever making a request."""
+        caller.require_platform_service("authenticate API keys")
         return await self._active_key(secret)
 
     async def _active_key(self, secret: str) -> ActiveKey:

@@ -132,7 +132,9 @@ class ApiKeyServicer(CallerBase, api_key_grpc.ApiKeyServiceServicer):
     async def AuthenticateApiKey(
         self, request: api_key_pb.AuthenticateApiKeyRequest, context: Context
     ) -> api_key_pb.AuthenticateApiKeyResponse:
-        active = await self._accounts.authenticate_api_key(request.secret)
+        active = await self._accounts.authenticate_api_key(
+            await self._caller(context), request.secret
+        )
         return api_key_pb.AuthenticateApiKeyResponse(
             api_key=convert.api_key(active.api_key),
             account_rate_limits=rate_limits_to_pb(active.account_limits),

@@ -68,7 +68,7 @@ class GrpcAccountClient:
     async def authenticate(self, secret: str) -> Caller:
         try:
             response = await self._keys.AuthenticateApiKey(
-                keys_pb.AuthenticateApiKeyRequest(secret=secret)
+                keys_pb.AuthenticateApiKeyRequest(secret=secret), metadata=self._metadata
             )
         except grpc.aio.AioRpcError as error:
             raise domain_error_from_rpc(error) from None

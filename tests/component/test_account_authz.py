@@ -213,6 +213,26 @@ async def test_missing_wrong_and_inference_only_credentials_are_refused(
     )
 
 
+async def test_only_the_service_token_may_authenticate_api_keys(
+    platform: Platform, stubs: Stubs
+) -> None:
+    """Otherwise anyone could test guessed or stolen keys without making a request."""
+    user = await new_user(platform, stubs)
+    admin = await new_user(platform, stubs, key_pb.API_KEY_SCOPE_ADMIN)
+    request = key_pb.AuthenticateApiKeyRequest(secret=user.key)
+    await expect_error(
+        stubs.keys.AuthenticateApiKey(request), Code.UNAUTHENTICATED, "INVALID_API_KEY"
+    )
+    for credential in (user.auth, admin.auth):
+        await expect_error(
+            stubs.keys.AuthenticateApiKey(request, metadata=credential),
+            Code.PERMISSION_DENIED,
+            "PERMISSION_DENIED",
+        )
+    authenticated = await stubs.keys.AuthenticateApiKey(request, metadata=platform.service)
+    assert authenticated.api_key.api_key_id == user.key_id
+
+
 async def test_revoked_expired_and_disabled_keys_stop_at_once(
     platform: Platform, stubs: Stubs
 ) -> None:
@@ -221,7 +241,9 @@ async def test_revoked_expired_and_disabled_keys_stop_at_once(
         key_pb.RevokeApiKeyRequest(api_key_id=user.key_id), metadata=user.auth
     )
     await expect_error(
-        stubs.keys.AuthenticateApiKey(key_pb.AuthenticateApiKeyRequest(secret=user.key)),
+        stubs.keys.AuthenticateApiKey(
+            key_pb.AuthenticateApiKeyRequest(secret=user.key), metadata=platform.service
+        ),
         Code.UNAUTHENTICATED,
         "INVALID_API_KEY",
     )
@@ -229,7 +251,7 @@ async def test_revoked_expired_and_disabled_keys_stop_at_once(
     expires.FromDatetime(datetime.now(UTC) + timedelta(seconds=1))
     short = await new_user(platform, stubs, expires=expires)
     authenticated = await stubs.keys.AuthenticateApiKey(
-        key_pb.AuthenticateApiKeyRequest(secret=short.key)
+        key_pb.AuthenticateApiKeyRequest(secret=short.key), metadata=platform.service
     )
     assert authenticated.api_key.expires == expires
     past = Timestamp()
@@ -248,7 +270,9 @@ async def test_revoked_expired_and_disabled_keys_stop_at_once(
         metadata=platform.service,
     )
     await expect_error(
-        stubs.keys.AuthenticateApiKey(key_pb.AuthenticateApiKeyRequest(secret=disabled.key)),
+        stubs.keys.AuthenticateApiKey(
+            key_pb.AuthenticateApiKeyRequest(secret=disabled.key), metadata=platform.service
+        ),
         Code.UNAUTHENTICATED,
         "INVALID_API_KEY",
     )
@@ -307,7 +331,7 @@ async def test_only_the_platform_service_binds_a_key_to_a_subcloud(
     issued = await stubs.keys.CreateApiKey(bound, metadata=platform.service)
     assert issued.api_key.subcloud_id == "acme"
     authenticated = await stubs.keys.AuthenticateApiKey(
-        key_pb.AuthenticateApiKeyRequest(secret=issued.secret)
+        key_pb.AuthenticateApiKeyRequest(secret=issued.secret), metadata=platform.service
     )
     assert authenticated.api_key.subcloud_id == "acme"
     assert authenticated.api_key.account_id == user.account_id

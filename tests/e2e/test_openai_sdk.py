@@ -44,6 +44,7 @@ class RunningPlatform:
     base_url: str
     grpc_target: str
     api_key: str
+    service_token: str
 
     def client(self, api_key: str | None = None) -> openai.AsyncOpenAI:
         return openai.AsyncOpenAI(
@@ -55,8 +56,10 @@ class RunningPlatform:
 
     async def balance(self) -> int:
         async with grpc.aio.insecure_channel(self.grpc_target) as channel:
+            # Only the platform's services may authenticate keys.
             key = await keys_grpc.ApiKeyServiceStub(channel).AuthenticateApiKey(
-                keys_pb.AuthenticateApiKeyRequest(secret=self.api_key)
+                keys_pb.AuthenticateApiKeyRequest(secret=self.api_key),
+                metadata=(("authorization", f"Bearer {self.service_token}"),),
             )
             # The demo key has the management scope: it may read its own balance.
             response = await ledger_grpc.LedgerServiceStub(channel).GetBalance(
@@ -119,7 +122,8 @@ async def platform(
     base_url = f"http://127.0.0.1:{http_port}/v1"
     try:
         key = await _wait_until_serving(data_dir, base_url, process)
-        yield RunningPlatform(process, base_url, f"127.0.0.1:{grpc_port}", key)
+        service_token = (data_dir / "service-token").read_text().strip()
+        yield RunningPlatform(process, base_url, f"127.0.0.1:{grpc_port}", key, service_token)
     finally:
         if process.returncode is None:
             process.send_signal(signal.SIGINT)
