@@ -328,6 +328,7 @@ async def start_network(
     network_id: str = "",
     service_token: str = "",
     bus: Bus | None = None,
+    hello_timeout_s: float = AdmissionSettings().hello_timeout_s,
 ) -> NetworkServer:
     """The network alone on ``dsn``; a ``network_id`` already used there restarts
     that network (its standings, configuration and job records)."""
@@ -338,7 +339,9 @@ async def start_network(
         liveness=liveness,
         failover=failover,
         validation=validation,
-        admission=AdmissionSettings(network_id=network_id or new_network_id()),
+        admission=AdmissionSettings(
+            network_id=network_id or new_network_id(), hello_timeout_s=hello_timeout_s
+        ),
         service_token=token,
         database_url=dsn,
         bus=bus,

@@ -21,11 +21,20 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
 
-from core.errors import InvalidNodeCredentials
+from core.errors import InvalidArgument, InvalidNodeCredentials
 from core.node_signing import PUBLIC_KEY_BYTES, node_id_of, verify
 from server.network.nodes import NodeHello
 
 NONCE_BYTES = 32
+# What a hello may hold: a node is a stranger's device, and what it declares is
+# stored, indexed and logged.
+MAX_NODE_NAME_LENGTH = 64
+MAX_AGENT_VERSION_LENGTH = 32
+MAX_NODE_MODELS = 64
+MAX_MODEL_ID_LENGTH = 256
+MAX_RUNTIME_LENGTH = 32
+MAX_NODE_TOKEN_LENGTH = 256
+MAX_NETWORK_ID_LENGTH = 64
 
 
 class NodeTokenVerifier(Protocol):
@@ -40,6 +49,8 @@ class AdmissionSettings:
     network_id: str = "resultity-local"
     # How far the hello's signing time may be from the network's clock.
     clock_window_s: float = 120.0
+    # How long a new stream may take to send its signed hello before it is closed.
+    hello_timeout_s: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +88,7 @@ class NodeAdmission:
         self, hello: NodeHello, raw_hello: bytes, signature: bytes, session_nonce: bytes
     ) -> Admitted:
         issued = self._issued.pop(session_nonce, None)
+        check_hello_bounds(hello)
         if issued is None or hello.nonce != session_nonce:
             raise InvalidNodeCredentials("the hello does not answer this session's challenge")
         if hello.network_id != self.settings.network_id:
@@ -104,3 +116,25 @@ class NodeAdmission:
             if issued >= expired:
                 break  # insertion order is issue order
             del self._issued[nonce]
+
+
+def check_hello_bounds(hello: NodeHello) -> None:
+    """Refuses a hello with a field longer or a list larger than a real agent sends."""
+    for value, limit, field in (
+        (hello.name, MAX_NODE_NAME_LENGTH, "node_name"),
+        (hello.agent_version, MAX_AGENT_VERSION_LENGTH, "agent_version"),
+        (hello.node_token, MAX_NODE_TOKEN_LENGTH, "node_token"),
+        (hello.network_id, MAX_NETWORK_ID_LENGTH, "network_id"),
+        (hello.nonce, NONCE_BYTES, "nonce"),
+    ):
+        if len(value) > limit:
+            raise InvalidArgument(f"{field} must be at most {limit} long", field=field)
+    if len(hello.models) > MAX_NODE_MODELS:
+        raise InvalidArgument(f"at most {MAX_NODE_MODELS} models per node", field="models")
+    for model in hello.models:
+        if len(model.model) > MAX_MODEL_ID_LENGTH or len(model.runtime) > MAX_RUNTIME_LENGTH:
+            raise InvalidArgument(
+                f"model ids must be at most {MAX_MODEL_ID_LENGTH} characters and runtimes"
+                f" at most {MAX_RUNTIME_LENGTH}",
+                field="models",
+            )

@@ -73,7 +73,13 @@ class AgentServicer(agent_grpc.AgentServiceServicer):
                 nonce=nonce, network_id=self._service.admission.settings.network_id
             )
         )
-        first = await anext(aiter(request_iterator), None)
+        try:
+            async with asyncio.timeout(self._service.admission.settings.hello_timeout_s):
+                first = await anext(aiter(request_iterator), None)
+        except TimeoutError:
+            # A stream that never says who it is would hold its slot forever.
+            self._service.admission.withdraw(nonce)
+            await abort_with_error(context, SessionEnded("no signed hello in time"))
         if first is None:
             self._service.admission.withdraw(nonce)
             return

@@ -119,6 +119,51 @@ async def test_unsigned_hello_is_refused(network: NetworkServer) -> None:
     _refused(error, "INVALID_NODE_CREDENTIALS")
 
 
+async def test_a_stream_without_a_hello_is_closed(postgres_dsn: str) -> None:
+    network = await start_network(postgres_dsn, hello_timeout_s=0.2)
+    try:
+        async with asyncio.timeout(10):  # bounds the test, not the network
+            _, responses, error = await open_raw_session(
+                network.target, lambda _: [], keep_open=True
+            )
+    finally:
+        await network.stop()
+    assert not responses
+    assert error is not None
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    info = error_info(error)
+    assert info is not None
+    assert info.reason == "SESSION_ENDED"
+
+
+def _oversized(field: str) -> pb.Hello:
+    hello = pb.Hello()
+    hello.CopyFrom(HELLO)
+    if field == "models":
+        hello.models.extend(pb.ServedModel(model=f"m{index}", runtime="raw") for index in range(65))
+    elif field == "model_id":
+        hello.models.add(model="m" * 257, runtime="raw")
+    elif field != "node_token":  # signed_hello sets the token
+        setattr(hello, field, "x" * 300)
+    return hello
+
+
+@pytest.mark.parametrize(
+    "field", ["node_name", "agent_version", "node_token", "models", "model_id"]
+)
+async def test_oversized_hello_fields_are_refused(network: NetworkServer, field: str) -> None:
+    hello = _oversized(field)
+    token = "x" * 300 if field == "node_token" else ""
+    _, _, error = await open_raw_session(
+        network.target,
+        lambda challenge: [signed_hello(NodeIdentity.generate(), hello, challenge, token)],
+    )
+    assert error is not None
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert len(error.details() or "") < 200
+    assert not network.component.service.nodes()
+
+
 async def test_agent_older_than_the_protocol_is_refused(network: NetworkServer) -> None:
     old = pb.Hello()
     old.CopyFrom(HELLO)
