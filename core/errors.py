@@ -9,6 +9,15 @@ from __future__ import annotations
 
 from enum import StrEnum
 
+# What a message may quote of a caller's input: enough to recognise it, never so
+# much that an error (or a log line) grows with the input.
+QUOTE_LIMIT = 64
+
+
+def quote(value: str, limit: int = QUOTE_LIMIT) -> str:
+    """``value``, cut to ``limit`` characters with a marker when longer."""
+    return value if len(value) <= limit else f"{value[:limit]}...({len(value)} chars)"
+
 
 class ErrorReason(StrEnum):
     """Machine-readable reason, carried as ErrorInfo.reason across services."""
@@ -83,7 +92,9 @@ class ModelNotFound(DomainError):
     reason = ErrorReason.MODEL_NOT_FOUND
 
     def __init__(self, model: str) -> None:
-        super().__init__(f"The model '{model}' does not exist", metadata={"model": model})
+        super().__init__(
+            f"The model '{quote(model)}' does not exist", metadata={"model": quote(model)}
+        )
 
 
 class InsufficientQuota(DomainError):

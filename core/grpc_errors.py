@@ -19,10 +19,14 @@ import grpc
 from google.protobuf import any_pb2
 from grpc_status import rpc_status
 
-from core.errors import DomainError, ErrorReason
+from core.errors import DomainError, ErrorReason, quote
 
 ERROR_DOMAIN = "resultity"
 _STATUS_DETAILS_KEY = "grpc-status-details-bin"
+# A status travels in trailers, which peers limit (8 KiB by default): an error that
+# quotes a huge input must still arrive, so its message and metadata are bounded.
+MAX_MESSAGE_LENGTH = 256
+MAX_METADATA_VALUE_LENGTH = 128
 
 STATUS_BY_REASON: dict[ErrorReason, grpc.StatusCode] = {
     ErrorReason.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
@@ -50,13 +54,19 @@ _REASON_BY_VALUE = {reason.value: reason for reason in ErrorReason}
 def to_status(error: DomainError) -> grpc.Status:
     """A gRPC status carrying the error's reason and metadata as ErrorInfo."""
     code = STATUS_BY_REASON[error.reason]
+    metadata = {
+        quote(key, MAX_METADATA_VALUE_LENGTH): quote(value, MAX_METADATA_VALUE_LENGTH)
+        for key, value in error.metadata.items()
+    }
     info = error_details_pb2.ErrorInfo(
-        reason=error.reason.value, domain=ERROR_DOMAIN, metadata=error.metadata
+        reason=error.reason.value, domain=ERROR_DOMAIN, metadata=metadata
     )
     detail = any_pb2.Any()
     detail.Pack(info)
     status = status_pb2.Status(
-        code=cast(int, code.value[0]), message=error.message, details=[detail]
+        code=cast(int, code.value[0]),
+        message=quote(error.message, MAX_MESSAGE_LENGTH),
+        details=[detail],
     )
     return rpc_status.to_status(status)
 

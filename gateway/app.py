@@ -25,8 +25,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from core.errors import quote
+from core.regions import MAX_REGION_LENGTH
 from gateway import convert, errors, health, sse
-from gateway.errors import ApiError
+from gateway.errors import ApiError, RequestParams
 from gateway.openapi import REGION_HEADER, describe
 from gateway.relay import (
     ClientGone,
@@ -48,6 +50,8 @@ Metadata = tuple[tuple[str, str], ...]
 _LIST_MODELS_TIMEOUT_S = 30.0
 # Request bodies above this are refused (413) before parsing.
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+# Longer than any key the platform issues.
+MAX_API_KEY_LENGTH = 256
 # What the platform itself added to the request's time, in milliseconds (see
 # RequestIdMiddleware), and what cloud reports the nodes spent generating.
 OVERHEAD_HEADER = "x-resultity-overhead-ms"
@@ -130,7 +134,7 @@ class RequestIdMiddleware:
             try:
                 await self.app(scope, receive, send_with_id)
             except Exception:
-                log.exception("gateway.unhandled_error", path=scope["path"])
+                log.exception("gateway.unhandled_error", path=quote(scope["path"]))
                 if status is not None:
                     raise  # headers are out; the server aborts the connection
                 await errors.internal_error().response()(scope, receive, send_with_id)
@@ -138,7 +142,7 @@ class RequestIdMiddleware:
                 log.info(
                     "gateway.request",
                     method=scope["method"],
-                    path=scope["path"],
+                    path=quote(scope["path"]),
                     status=status,
                     duration_ms=round((time.monotonic() - began) * 1000, 1),
                 )
@@ -148,9 +152,9 @@ async def _api_error(_: Request, exc: Exception) -> Response:
     return cast(ApiError, exc).response()
 
 
-async def _rpc_error(_: Request, exc: Exception) -> Response:
+async def _rpc_error(request: Request, exc: Exception) -> Response:
     error = cast(grpc.aio.AioRpcError, exc)
-    api_error = errors.from_rpc_error(error)
+    api_error = errors.from_rpc_error(error, getattr(request.state, "params", None))
     log.info("gateway.cloud_error", code=error.code().name, status=api_error.status)
     return api_error.response()
 
@@ -181,13 +185,19 @@ def _call_metadata(request: Request) -> Metadata:
     # gRPC metadata is ASCII; no valid key is anything else.
     if scheme.lower() != "bearer" or not key or not key.isascii() or not key.isprintable():
         raise errors.missing_api_key()
+    # Refused here: gRPC would fail the call on metadata that large.
+    if len(key) > MAX_API_KEY_LENGTH:
+        raise errors.invalid_api_key()
     return (("authorization", f"Bearer {key}"), ("x-request-id", request.state.request_id))
 
 
 def _region(request: Request) -> str:
     """The region a request asks its nodes to be in (header REGION_HEADER; cloud
-    validates it)."""
-    return request.headers.get(REGION_HEADER, "").strip()
+    validates its form, the gateway only its length)."""
+    region = request.headers.get(REGION_HEADER, "").strip()
+    if len(region) > MAX_REGION_LENGTH:
+        raise errors.bad_region_header(REGION_HEADER, MAX_REGION_LENGTH)
+    return region
 
 
 async def _read_body(request: Request) -> bytes:
@@ -215,6 +225,12 @@ async def _parse(request: Request, model: type[_Body]) -> _Body:
         raise errors.from_validation_errors(error.errors()) from None
 
 
+def _bind_request(model: str, **fields: object) -> None:
+    """Log context of the request; before cloud has authenticated the caller, only a
+    prefix of what the caller chose goes into the log."""
+    structlog.contextvars.bind_contextvars(model=quote(model), **fields)
+
+
 def _record_generation(request: Request, trailing: grpc.aio.Metadata | None) -> None:
     """Keeps cloud's report of the nodes' time for the overhead header."""
     for key, value in trailing or ():
@@ -234,8 +250,11 @@ async def chat_completions(request: Request) -> Response:
     body = await _parse(request, ChatCompletionRequest)
     params = convert.params_from_request(body)
     params.region = _region(request)
+    # Cloud names the effective limit max_tokens; the caller may have called it otherwise.
+    renames = {"max_tokens": "max_completion_tokens"} if body.max_completion_tokens else {}
+    request.state.params = RequestParams.of(ChatCompletionRequest, **renames)
     logprobs = bool(body.logprobs)
-    structlog.contextvars.bind_contextvars(model=body.model, stream=body.stream)
+    _bind_request(body.model, stream=body.stream)
     cloud = _cloud(request)
     if body.stream:
         include_usage = body.include_usage
@@ -268,8 +287,10 @@ async def completions(request: Request) -> Response:
     body = await _parse(request, CompletionRequest)
     params = convert.text_params_from_request(body)
     params.region = _region(request)
+    # A node reports a prompt too long for its context as the messages'.
+    request.state.params = RequestParams.of(CompletionRequest, messages="prompt")
     logprobs = body.logprobs is not None
-    structlog.contextvars.bind_contextvars(model=body.model, stream=body.stream)
+    _bind_request(body.model, stream=body.stream)
     cloud = _cloud(request)
     if body.stream:
         include_usage = body.include_usage
@@ -299,7 +320,8 @@ async def completions(request: Request) -> Response:
 async def embeddings(request: Request) -> Response:
     metadata = _call_metadata(request)
     body = await _parse(request, EmbeddingRequest)
-    structlog.contextvars.bind_contextvars(model=body.model)
+    request.state.params = RequestParams.of(EmbeddingRequest, messages="input")
+    _bind_request(body.model)
     call = _cloud(request).CreateEmbeddings(
         pb.CreateEmbeddingsRequest(
             model=body.model, inputs=body.input, user=body.user or "", region=_region(request)

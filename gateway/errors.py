@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+from pydantic import BaseModel
 from starlette.responses import Response
 
 from core.errors import ErrorReason
@@ -86,6 +87,26 @@ _BY_REASON: dict[str, _Mapped] = {
 RATE_LIMIT_PREFIX = "x-ratelimit-"
 
 
+@dataclass(frozen=True)
+class RequestParams:
+    """The OpenAI request a route serves, so that a field cloud names in an error
+    becomes that request's param: renamed where the request calls it otherwise, and
+    dropped where the request has no such field (cloud's own names, headers)."""
+
+    fields: frozenset[str]
+    renames: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, body: type[BaseModel], **renames: str) -> RequestParams:
+        names = {info.alias or name for name, info in body.model_fields.items()}
+        return cls(frozenset(names), renames)
+
+    def param(self, cloud_field: str) -> str | None:
+        root, dot, rest = cloud_field.partition(".")
+        root = self.renames.get(root, root)
+        return f"{root}{dot}{rest}" if root in self.fields else None
+
+
 def rate_limit_headers(metadata: Iterable[tuple[str, str | bytes]]) -> dict[str, str]:
     """The x-ratelimit-* entries of gRPC metadata (or ErrorInfo metadata), as headers."""
     return {
@@ -95,8 +116,9 @@ def rate_limit_headers(metadata: Iterable[tuple[str, str | bytes]]) -> dict[str,
     }
 
 
-def from_rpc_error(error: grpc.aio.AioRpcError) -> ApiError:
-    """The HTTP error for a failed cloud call."""
+def from_rpc_error(error: grpc.aio.AioRpcError, params: RequestParams | None = None) -> ApiError:
+    """The HTTP error for a failed cloud call; ``params`` names fields as the
+    route's request does."""
     info = error_info(error)
     mapped = _BY_REASON.get(info.reason) if info is not None else None
     if info is None or mapped is None:
@@ -110,6 +132,8 @@ def from_rpc_error(error: grpc.aio.AioRpcError) -> ApiError:
         param = "model"
     elif info.reason == ErrorReason.INVALID_ARGUMENT:
         param = info.metadata.get("field") or None
+        if param is not None and params is not None:
+            param = params.param(param)
     headers = dict(mapped.headers)
     if info.reason == ErrorReason.RATE_LIMITED:
         headers.update(rate_limit_headers(info.metadata.items()))
@@ -157,6 +181,16 @@ def malformed_json() -> ApiError:
 def body_too_large(limit: int) -> ApiError:
     return ApiError(
         413, f"The request body is larger than the limit of {limit} bytes.", INVALID_REQUEST
+    )
+
+
+def invalid_api_key() -> ApiError:
+    return ApiError(401, "Incorrect API key provided.", INVALID_REQUEST, code="invalid_api_key")
+
+
+def bad_region_header(header: str, limit: int) -> ApiError:
+    return ApiError(
+        400, f"The {header} header must be at most {limit} characters.", INVALID_REQUEST
     )
 
 

@@ -100,7 +100,7 @@ async def stream_sse(
                     yield event, True
                 message = await anext(messages, None)
         except grpc.aio.AioRpcError as error:
-            api_error = errors.from_rpc_error(error)
+            api_error = errors.from_rpc_error(error, getattr(request.state, "params", None))
             log.info("gateway.cloud_error_in_stream", code=error.code().name)
             yield sse.encode_error(api_error) + sse.DONE, False
             return

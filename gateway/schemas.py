@@ -1,7 +1,8 @@
 """Pydantic models of the OpenAI JSON the gateway accepts and returns.
 
-Requests ignore unknown fields because OpenAI clients send many we do not
-serve; responses carry exactly the fields the official SDKs validate.
+Requests ignore unknown fields because OpenAI clients send many that do not
+change the reply; the ones that would and that no node serves are refused
+(`Unserved`). Responses carry exactly the fields the official SDKs validate.
 """
 
 from __future__ import annotations
@@ -14,20 +15,36 @@ from pydantic import (
     ConfigDict,
     Field,
     SerializerFunctionWrapHandler,
+    StrictBool,
     ValidationInfo,
     field_serializer,
     field_validator,
 )
+from pydantic.json_schema import SkipJsonSchema
 
 INT32_MAX = 2**31 - 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# The bounds below are cloud's (server/cloud/requests.py); stating them here puts them
+# in the OpenAPI document and answers a bad request before it leaves the gateway.
 MAX_STOP_SEQUENCES = 4
+MAX_STOP_LENGTH = 256
+MAX_CHOICES = 8
+MAX_EMBEDDING_INPUTS = 64
+MAX_MODEL_LENGTH = 256
+MAX_USER_LENGTH = 256
+
+ModelName = Annotated[str, Field(min_length=1, max_length=MAX_MODEL_LENGTH)]
+User = Annotated[str, Field(max_length=MAX_USER_LENGTH)]
+StopSequences = Annotated[
+    list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_LENGTH)]],
+    Field(max_length=MAX_STOP_SEQUENCES),
+]
 
 FinishReason = Literal["stop", "length"]
 
 
 def _str_as_list(value: object) -> object:
-    """`stop` may be one string or a list of them."""
+    """`stop` may be one string or a list of them (or null: none)."""
     return [value] if isinstance(value, str) else value
 
 
@@ -37,7 +54,21 @@ def _str_as_text_parts(value: object) -> object:
 
 
 class _Request(BaseModel):
+    """Booleans in requests are StrictBool: "stream": "yes" is a 400, not true."""
+
     model_config = ConfigDict(extra="ignore")
+
+
+def _unserved(value: object) -> object:
+    """A field of OpenAI's API that changes what is generated but that no node serves:
+    refused when given (null or empty is not given), never silently dropped."""
+    if value is not None and value != [] and value != {}:
+        raise ValueError("not supported by this server")
+    return None
+
+
+# Kept out of the OpenAPI document: no value of it is accepted.
+Unserved = Annotated[SkipJsonSchema[object], BeforeValidator(_unserved)]
 
 
 class TextPart(_Request):
@@ -56,7 +87,7 @@ class ChatMessage(_Request):
 
 
 class StreamOptions(_Request):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class JsonSchemaFormat(_Request):
@@ -64,7 +95,7 @@ class JsonSchemaFormat(_Request):
     description: str | None = None
     # "schema" would shadow a BaseModel attribute.
     json_schema: dict[str, object] = Field(default_factory=dict, alias="schema")
-    strict: bool | None = None
+    strict: StrictBool | None = None
 
 
 class ResponseFormat(_Request):
@@ -82,26 +113,28 @@ class ResponseFormat(_Request):
 
 
 class ChatCompletionRequest(_Request):
-    model: str
+    model: ModelName
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, gt=0, le=INT32_MAX)
     max_completion_tokens: int | None = Field(default=None, gt=0, le=INT32_MAX)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    stop: Annotated[
-        list[str] | None, BeforeValidator(_str_as_list), Field(max_length=MAX_STOP_SEQUENCES)
-    ] = None
+    stop: Annotated[StopSequences | None, BeforeValidator(_str_as_list)] = None
     seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
-    user: str | None = None
-    stream: bool = False
+    user: User | None = None
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    # Bounds beyond the wire type's are cloud's to enforce.
-    n: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    n: int | None = Field(default=None, ge=1, le=MAX_CHOICES)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-    logprobs: bool | None = None
+    logprobs: StrictBool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     response_format: ResponseFormat | None = None
+    logit_bias: Unserved = None
+    tools: Unserved = None
+    functions: Unserved = None
+    audio: Unserved = None
+    prediction: Unserved = None
 
     @field_validator("top_logprobs")
     @classmethod
@@ -130,25 +163,31 @@ MAX_LEGACY_LOGPROBS = 5
 class CompletionRequest(_Request):
     """`POST /v1/completions`: raw text prompts, no chat template."""
 
-    model: str
-    prompt: Annotated[list[str], BeforeValidator(_str_as_list), Field(min_length=1)]
+    model: ModelName
+    # Each prompt is a choice of its own: prompts times n is at most MAX_CHOICES.
+    prompt: Annotated[
+        list[Annotated[str, Field(min_length=1)]],
+        BeforeValidator(_str_as_list),
+        Field(min_length=1, max_length=MAX_CHOICES),
+    ]
     max_tokens: int | None = Field(default=DEFAULT_COMPLETION_MAX_TOKENS, gt=0, le=INT32_MAX)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    stop: Annotated[
-        list[str] | None, BeforeValidator(_str_as_list), Field(max_length=MAX_STOP_SEQUENCES)
-    ] = None
+    stop: Annotated[StopSequences | None, BeforeValidator(_str_as_list)] = None
     seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
-    user: str | None = None
-    stream: bool = False
+    user: User | None = None
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    n: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    n: int | None = Field(default=None, ge=1, le=MAX_CHOICES)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     # The legacy API's logprobs is the number of alternatives (0-5) to report.
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LEGACY_LOGPROBS)
-    echo: bool | None = None
+    echo: StrictBool | None = None
     suffix: str | None = None
+    logit_bias: Unserved = None
+    # More than one candidate per choice is not served.
+    best_of: int | None = Field(default=None, ge=1, le=1)
 
     @field_validator("echo")
     @classmethod
@@ -172,12 +211,16 @@ class CompletionRequest(_Request):
 class EmbeddingRequest(_Request):
     """`POST /v1/embeddings`."""
 
-    model: str
-    input: Annotated[list[str], BeforeValidator(_str_as_list), Field(min_length=1)]
+    model: ModelName
+    input: Annotated[
+        list[Annotated[str, Field(min_length=1)]],
+        BeforeValidator(_str_as_list),
+        Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS),
+    ]
     # The openai SDK asks for base64 unless told otherwise, and decodes it.
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
-    user: str | None = None
+    user: User | None = None
 
     @field_validator("dimensions")
     @classmethod

@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import Protocol
 from uuid import UUID
 
-from core.errors import PermissionDenied
+from core.errors import PermissionDenied, quote
 from core.inference import (
     NO_ORIGIN,
     CatalogModel,
@@ -50,7 +50,7 @@ class Caller:
 
     def require_model(self, model: str) -> None:
         if self.allowed_models and model not in self.allowed_models:
-            raise PermissionDenied(f"This API key may not use the model '{model}'")
+            raise PermissionDenied(f"This API key may not use the model '{quote(model)}'")
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,6 +23,10 @@ from core.request_limits import check_messages, check_prompt_bytes, parse_json_s
 from server.cloud.rate_limits import RateStatus
 
 MAX_STOP_SEQUENCES = 4
+MAX_STOP_LENGTH = 256
+# Names and tags, bounded so that what is echoed or logged stays small.
+MAX_MODEL_LENGTH = 256
+MAX_USER_LENGTH = 256
 # Choices run one after another (each its own job), so n bounds the request's time.
 MAX_CHOICES = 8
 MAX_TOP_LOGPROBS = 20
@@ -155,6 +159,10 @@ def _validate_response_format(response_format: ResponseFormat | None) -> None:
 def validate(request: GenerationRequest | EmbeddingRequest) -> None:
     if not request.model:
         raise InvalidArgument("model is required", field="model")
+    if len(request.model) > MAX_MODEL_LENGTH:
+        raise InvalidArgument(f"model must be at most {MAX_MODEL_LENGTH} characters", field="model")
+    if len(request.user) > MAX_USER_LENGTH:
+        raise InvalidArgument(f"user must be at most {MAX_USER_LENGTH} characters", field="user")
     if isinstance(request, EmbeddingRequest):
         if not request.inputs:
             raise InvalidArgument("input must contain at least one text", field="input")
@@ -191,6 +199,10 @@ def validate(request: GenerationRequest | EmbeddingRequest) -> None:
         raise InvalidArgument("at most 4 stop sequences are allowed", field="stop")
     if any(not sequence for sequence in request.stop):
         raise InvalidArgument("stop sequences must not be empty", field="stop")
+    if any(len(sequence) > MAX_STOP_LENGTH for sequence in request.stop):
+        raise InvalidArgument(
+            f"stop sequences must be at most {MAX_STOP_LENGTH} characters", field="stop"
+        )
     if not 1 <= request.n <= MAX_CHOICES:
         raise InvalidArgument(f"n must be between 1 and {MAX_CHOICES}", field="n")
     _check_range(request.presence_penalty, -2.0, 2.0, "presence_penalty")

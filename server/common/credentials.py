@@ -13,6 +13,9 @@ import secrets
 from core.errors import InvalidApiKey
 
 SERVICE_TOKEN_PREFIX = "rst_"
+# Longer than any key or token the platform issues; a longer credential is refused
+# before anything hashes, compares or logs it.
+MAX_CREDENTIAL_LENGTH = 256
 
 
 def generate_service_token() -> str:
@@ -30,6 +33,8 @@ def bearer_credential(authorization: str | None) -> str:
     scheme, _, token = authorization.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise InvalidApiKey("The authorization must be 'Bearer <key>'")
+    if len(token) > MAX_CREDENTIAL_LENGTH:
+        raise InvalidApiKey("Invalid API key")
     return token.strip()
 
 

@@ -19,6 +19,7 @@ import grpc
 import httpx
 import openai
 import pytest
+import structlog
 from openai.types import CompletionUsage
 from openai.types.chat import ChatCompletionMessageParam
 from resultity.cloud.v1 import inference_service_pb2 as pb
@@ -140,7 +141,7 @@ async def test_chat_completion(client: openai.AsyncOpenAI, cloud: ScriptedCloud)
             "type": "json_schema",
             "json_schema": {"name": "greeting", "schema": {"type": "object"}, "strict": True},
         },
-        logit_bias={"1": 5},  # not served: ignored, as unknown fields are
+        logit_bias={},  # empty: nothing to honour
     )
     completion = raw.parse()
 
@@ -509,6 +510,15 @@ async def test_in_band_error_after_stream_started(
         ({"model": MODEL, "messages": HELLO, "n": 0}, "n"),
         ({"model": MODEL, "messages": HELLO, "n": 0, "stream": True}, "n"),
         ({"model": MODEL, "messages": HELLO, "top_logprobs": 2}, "top_logprobs"),
+        ({"model": MODEL, "messages": HELLO, "stream": "yes"}, "stream"),
+        ({"model": MODEL, "messages": HELLO, "logprobs": "true"}, "logprobs"),
+        ({"model": MODEL, "messages": HELLO, "logit_bias": {"15339": -100}}, "logit_bias"),
+        ({"model": MODEL, "messages": HELLO, "tools": [{"type": "function"}]}, "tools"),
+        ({"model": MODEL, "messages": HELLO, "n": 9}, "n"),
+        ({"model": MODEL, "messages": HELLO, "stop": [""]}, "stop.0"),
+        ({"model": MODEL, "messages": HELLO, "stop": ["x" * 257]}, "stop.0"),
+        ({"model": "m" * 1_000_000, "messages": HELLO}, "model"),
+        ({"model": MODEL, "messages": HELLO, "user": "u" * 257}, "user"),
     ],
 )
 async def test_bad_input_envelope(
@@ -521,7 +531,117 @@ async def test_bad_input_envelope(
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert (error["type"], error["param"], error["code"]) == ("invalid_request_error", param, None)
+    assert len(error["message"]) < 200
     assert cloud.calls == []
+
+
+async def test_a_huge_model_with_a_bad_key_is_not_logged(stack: Stack) -> None:
+    captured = structlog.testing.LogCapture()
+    previous = structlog.get_config()
+    structlog.configure(processors=[structlog.contextvars.merge_contextvars, captured])
+    try:
+        async with httpx.AsyncClient(
+            base_url=stack.base_url, headers={"authorization": "Bearer rsk_wrong"}
+        ) as raw:
+            response = await raw.post(
+                "/v1/chat/completions", json={"model": "m" * 3_000_000, "messages": HELLO}
+            )
+            await raw.get("/v1/models/" + "m" * 20_000)
+    finally:
+        structlog.configure(**previous)
+
+    assert response.status_code == 400
+    logged = sum(len(str(value)) for entry in captured.entries for value in entry.values())
+    assert captured.entries
+    assert logged < 2_000
+
+
+@pytest.mark.parametrize(
+    ("path", "prompt"), [("/v1/chat/completions", None), ("/v1/completions", "x")]
+)
+async def test_null_stop_means_none(
+    http: httpx.AsyncClient, cloud: ScriptedCloud, path: str, prompt: str | None
+) -> None:
+    """What the openai SDK sends for stop=None."""
+    body: dict[str, Any] = {"model": MODEL, "stop": None}
+    body.update({"messages": HELLO} if prompt is None else {"prompt": prompt})
+    response = await http.post(path, json=body)
+
+    assert response.status_code == 200
+    assert list(cloud.calls[0].request.params.stop) == []
+
+
+async def test_oversized_key_is_refused_without_calling_cloud(
+    stack: Stack, cloud: ScriptedCloud
+) -> None:
+    headers = {"authorization": "Bearer " + "k" * 100_000}
+    async with httpx.AsyncClient(base_url=stack.base_url, headers=headers) as raw:
+        response = await raw.post("/v1/chat/completions", json={"model": MODEL, "messages": HELLO})
+
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "invalid_api_key"
+    assert cloud.calls == []
+
+
+async def test_oversized_region_header_is_refused(
+    http: httpx.AsyncClient, cloud: ScriptedCloud
+) -> None:
+    response = await http.post(
+        "/v1/chat/completions",
+        json={"model": MODEL, "messages": HELLO},
+        headers={"x-resultity-region": "r" * 100_000},
+    )
+
+    assert response.status_code == 400
+    assert cloud.calls == []
+
+
+async def test_oversized_model_in_a_path_gets_a_short_404(
+    http: httpx.AsyncClient, cloud: ScriptedCloud
+) -> None:
+    response = await http.get("/v1/models/" + "m" * 20_000)
+
+    assert response.status_code == 404
+    assert len(response.json()["error"]["message"]) < 200
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "cloud_field", "param"),
+    [
+        # The caller named the limit max_completion_tokens; cloud calls it max_tokens.
+        (
+            "/v1/chat/completions",
+            {"max_completion_tokens": 9},
+            "max_tokens",
+            "max_completion_tokens",
+        ),
+        ("/v1/chat/completions", {"max_tokens": 9}, "max_tokens", "max_tokens"),
+        # A header, not a field of the request.
+        ("/v1/chat/completions", {}, "region", None),
+        # A node reports a prompt too long for its context as the messages'.
+        ("/v1/completions", {}, "messages", "prompt"),
+        ("/v1/embeddings", {}, "messages", "input"),
+        ("/v1/chat/completions", {}, "messages", "messages"),
+    ],
+)
+async def test_cloud_fields_become_the_requests_params(
+    http: httpx.AsyncClient,
+    cloud: ScriptedCloud,
+    path: str,
+    body: dict[str, Any],
+    cloud_field: str,
+    param: str | None,
+) -> None:
+    cloud.script.error = InvalidArgument("refused", field=cloud_field)
+    base: dict[str, Any] = {
+        "/v1/chat/completions": {"model": MODEL, "messages": HELLO},
+        "/v1/completions": {"model": MODEL, "prompt": "x"},
+        "/v1/embeddings": {"model": MODEL, "input": "x"},
+    }[path]
+    response = await http.post(path, json={**base, **body})
+
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == param
 
 
 @pytest.mark.parametrize("content", [b"{not json", b"[1]", b""])

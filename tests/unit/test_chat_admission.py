@@ -20,6 +20,9 @@ HI = (ChatMessage(ChatRole.USER, "hi"),)
         (ChatRequest(model="m", messages=HI, top_p=0.0), "top_p"),
         (ChatRequest(model="m", messages=HI, stop=("a", "b", "c", "d", "e")), "stop"),
         (ChatRequest(model="m", messages=HI, stop=("",)), "stop"),
+        (ChatRequest(model="m", messages=HI, stop=("x" * 257,)), "stop"),
+        (ChatRequest(model="m" * 1_000_000, messages=HI), "model"),
+        (ChatRequest(model="m", messages=HI, user="u" * 257), "user"),
     ],
 )
 def test_invalid_requests_name_the_field(request_: ChatRequest, field: str) -> None:
@@ -47,6 +50,13 @@ class _CountingAccount:
 
     async def settle_hold(self, hold_id: str, capture: int, shares: object = None) -> int:
         raise NotImplementedError
+
+
+async def test_an_oversized_credential_is_refused_without_a_lookup() -> None:
+    account = _CountingAccount()
+    with pytest.raises(InvalidApiKey):
+        await CachedAuthenticator(account, ttl_s=60).authenticate("Bearer " + "k" * 100_000)
+    assert account.calls == 0
 
 
 async def test_successful_lookups_are_cached_failures_are_not() -> None:
