@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Protocol
 from uuid import UUID
 
-from core.errors import InvalidApiKey, InvalidArgument, NotFound, PermissionDenied
-from core.inference import NodeRequirements
+from core.errors import (
+    FailedPrecondition,
+    InvalidApiKey,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+)
+from core.inference import ModelPrice, NodeRequirements
 from server.cloud.auth import CachedAuthenticator
 from server.cloud.models import ModelDirectory
 from server.cloud.ports import AccountPort, Caller, IssuedKey
@@ -20,10 +26,13 @@ from server.cloud.subclouds import (
     SubcloudMember,
     SubcloudModel,
     SubcloudRole,
+    check_prices,
     require_active,
     require_key_issuer,
     require_manager,
     require_reader,
+    rule_operators,
+    undercut_models,
     validate_models,
     validate_name,
     validate_rules,
@@ -168,7 +177,10 @@ class SubcloudService:
         owner_id = actor.account_or(owner)
         name = validate_name(name)
         rules = validate_rules(rules)
-        offered = await self._checked_models(models)
+        catalog = await self._catalog_prices()
+        offered = _checked_models(models, catalog)
+        # The owner is the only member of a new subcloud.
+        check_prices(offered, catalog, rules, (owner_id,))
         await self._account.require_account(owner_id)
         return await self._store.insert(uuid.uuid4(), name, owner_id, rules, offered)
 
@@ -198,11 +210,21 @@ class SubcloudService:
     ) -> Subcloud:
         subcloud, _ = await self._access(actor, subcloud_id, require_manager)
         require_active(subcloud)
+        rules = None if rules is None else validate_rules(rules)
+        catalog = await self._catalog_prices()
+        offered = subcloud.models if models is None else _checked_models(models, catalog)
+        members = await self._store.members(subcloud_id)
+        check_prices(
+            offered,
+            catalog,
+            subcloud.rules if rules is None else rules,
+            (member.account_id for member in members),
+        )
         updated = await self._store.update(
             subcloud_id,
             name=None if name is None else validate_name(name),
-            rules=None if rules is None else validate_rules(rules),
-            models=None if models is None else await self._checked_models(models),
+            rules=rules,
+            models=None if models is None else offered,
         )
         if updated is None:
             raise InvalidArgument("The subcloud is archived", field="subcloud_id")
@@ -234,6 +256,14 @@ class SubcloudService:
         subcloud, _ = await self._access(actor, subcloud_id, require_manager)
         if account_id == subcloud.owner_account_id:
             raise InvalidArgument("The owner cannot be removed", field="account_id")
+        if account_id in rule_operators(subcloud.rules) and undercut_models(
+            subcloud.models, await self._catalog_prices()
+        ):
+            # The member's nodes would go on serving prices below the catalog's.
+            raise FailedPrecondition(
+                "This member's nodes serve the subcloud's prices below the catalog;"
+                " remove the account from rules.operator_account_ids first"
+            )
         await self._store.remove_member(subcloud_id, account_id)
         await self._changed(subcloud_id)
 
@@ -300,15 +330,18 @@ class SubcloudService:
         check(actor, member)
         return subcloud, member
 
-    async def _checked_models(self, models: Sequence[SubcloudModel]) -> tuple[SubcloudModel, ...]:
-        offered = validate_models(models)
-        known = {model.id for model in await self._catalog.all()}
-        unknown = sorted({offer.model for offer in offered} - known)
-        if unknown:
-            raise InvalidArgument(
-                f"not in the network's catalog: {', '.join(unknown)}", field="models"
-            )
-        return offered
+    async def _catalog_prices(self) -> dict[str, ModelPrice]:
+        return {model.id: model.price for model in await self._catalog.all()}
+
+
+def _checked_models(
+    models: Sequence[SubcloudModel], catalog: Mapping[str, ModelPrice]
+) -> tuple[SubcloudModel, ...]:
+    offered = validate_models(models)
+    unknown = sorted({offer.model for offer in offered} - catalog.keys())
+    if unknown:
+        raise InvalidArgument(f"not in the network's catalog: {', '.join(unknown)}", field="models")
+    return offered
 
 
 class _AccessCheck(Protocol):

@@ -10,7 +10,7 @@ subcloud_service.py.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -149,6 +149,52 @@ def validate_models(models: Iterable[SubcloudModel]) -> tuple[SubcloudModel, ...
         if price is not None and min(price.prompt, price.completion) < 0:
             raise InvalidArgument("prices must not be negative", field="models.price")
     return offered
+
+
+def undercut_models(
+    models: Iterable[SubcloudModel], catalog: Mapping[str, ModelPrice]
+) -> list[str]:
+    """The models offered below the catalog's price (either per-token price)."""
+    return sorted(
+        offer.model
+        for offer in models
+        if offer.price is not None
+        and offer.model in catalog
+        and (
+            offer.price.prompt < catalog[offer.model].prompt
+            or offer.price.completion < catalog[offer.model].completion
+        )
+    )
+
+
+def rule_operators(rules: NodeRequirements) -> set[UUID]:
+    """The operator accounts the rules restrict nodes to (none: any operator)."""
+    return {
+        parse_id(operator, "rules.operator_account_ids") for operator in rules.operator_account_ids
+    }
+
+
+def check_prices(
+    models: Iterable[SubcloudModel],
+    catalog: Mapping[str, ModelPrice],
+    rules: NodeRequirements,
+    members: Iterable[UUID],
+) -> None:
+    """A subcloud may sell a model below the catalog's price only on its own members'
+    nodes: public operators are paid a share of what a request is billed, so a price
+    they never agreed to must never run on their nodes. The rules must then name
+    operator accounts, all of them members."""
+    undercut = undercut_models(models, catalog)
+    if not undercut:
+        return
+    operators = rule_operators(rules)
+    if not operators or not operators <= set(members):
+        raise InvalidArgument(
+            f"{', '.join(undercut[:5])} priced below the catalog: allowed only when"
+            " rules.operator_account_ids names only the subcloud's own members, whose"
+            " nodes then serve it",
+            field="models.price",
+        )
 
 
 def parse_id(value: str, field: str) -> UUID:

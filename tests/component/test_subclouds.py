@@ -346,3 +346,72 @@ async def _complete_long(platform: Platform, metadata: Metadata) -> None:
         pb.CreateChatCompletionRequest(params=_long_params()), metadata=metadata
     )
     assert response.choices[0].message.content == LONG_SCRIPT
+
+
+async def test_a_price_below_the_catalog_runs_only_on_the_members_own_nodes(
+    platform: Platform,
+) -> None:
+    """Public operators are paid from what a request is billed: a subcloud may not
+    undercut the catalog on their nodes."""
+    owner, owner_md = await _manager(platform)
+    member, _ = await _manager(platform)
+    stub = _subclouds(platform)
+    cheap = [sc_pb.SubcloudModel(model=SMOLLM2_135M.id, price=common_pb.ModelPrice())]
+    code, reason = await _rpc_error(
+        stub.CreateSubcloud(
+            sc_pb.CreateSubcloudRequest(name="cheap", models=cheap), metadata=owner_md
+        )
+    )
+    assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT")
+    created = await stub.CreateSubcloud(
+        sc_pb.CreateSubcloudRequest(
+            name="cheap",
+            models=cheap,
+            rules=sc_pb.NodeRules(operator_account_ids=[owner.account_id]),
+        ),
+        metadata=owner_md,
+    )
+    subcloud_id = created.subcloud.subcloud_id
+
+    async def update_rules(*operators: str) -> sc_pb.Subcloud:
+        subcloud = sc_pb.Subcloud(
+            subcloud_id=subcloud_id, rules=sc_pb.NodeRules(operator_account_ids=operators)
+        )
+        response = await stub.UpdateSubcloud(
+            sc_pb.UpdateSubcloudRequest(subcloud=subcloud, update_mask=FieldMask(paths=["rules"])),
+            metadata=owner_md,
+        )
+        return response.subcloud
+
+    # Opening it to every node, or to a stranger's, is refused.
+    for operators in ((), (owner.account_id, member.account_id)):
+        code, _ = await _rpc_error(update_rules(*operators))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+    await stub.PutSubcloudMember(
+        sc_pb.PutSubcloudMemberRequest(subcloud_id=subcloud_id, account_id=member.account_id),
+        metadata=owner_md,
+    )
+    updated = await update_rules(owner.account_id, member.account_id)
+    assert set(updated.rules.operator_account_ids) == {owner.account_id, member.account_id}
+    # A member whose nodes serve the undercut price stays until the rules drop them.
+    code, reason = await _rpc_error(
+        stub.RemoveSubcloudMember(
+            sc_pb.RemoveSubcloudMemberRequest(
+                subcloud_id=subcloud_id, account_id=member.account_id
+            ),
+            metadata=owner_md,
+        )
+    )
+    assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "FAILED_PRECONDITION")
+    # Back at the catalog's price, any node may serve it again.
+    at_catalog = sc_pb.Subcloud(
+        subcloud_id=subcloud_id,
+        models=[sc_pb.SubcloudModel(model=SMOLLM2_135M.id)],
+        rules=sc_pb.NodeRules(),
+    )
+    await stub.UpdateSubcloud(
+        sc_pb.UpdateSubcloudRequest(
+            subcloud=at_catalog, update_mask=FieldMask(paths=["models", "rules"])
+        ),
+        metadata=owner_md,
+    )

@@ -15,6 +15,7 @@ from server.cloud.subclouds import (
     SubcloudMember,
     SubcloudModel,
     SubcloudRole,
+    check_prices,
     require_key_issuer,
     require_manager,
     require_reader,
@@ -118,3 +119,31 @@ def test_actors_act_for_themselves_unless_admin() -> None:
     assert Actor(None, admin=True).account_or(OWNER) == OWNER
     with pytest.raises(InvalidArgument):
         Actor(None, admin=True).account_or(None)
+
+
+CATALOG = {"m": ModelPrice(prompt=10, completion=20)}
+
+
+@pytest.mark.parametrize(
+    ("price", "operators", "allowed"),
+    [
+        (ModelPrice(10, 20), (), True),  # the catalog's price: any node
+        (ModelPrice(50, 50), (), True),  # above it: any node
+        (None, (), True),
+        (ModelPrice(9, 20), (), False),  # below it on public nodes
+        (ModelPrice(10, 19), (), False),
+        (ModelPrice(0, 0), (OWNER,), True),  # below it on the members' own nodes
+        (ModelPrice(0, 0), (OWNER, OTHER), False),  # OTHER is no member
+    ],
+)
+def test_a_price_below_the_catalog_needs_the_members_own_nodes(
+    price: ModelPrice | None, operators: tuple[uuid.UUID, ...], allowed: bool
+) -> None:
+    rules = NodeRequirements(operator_account_ids=frozenset(str(op) for op in operators))
+    offers = (SubcloudModel("m", price),)
+    if allowed:
+        check_prices(offers, CATALOG, rules, (OWNER,))
+    else:
+        with pytest.raises(InvalidArgument) as raised:
+            check_prices(offers, CATALOG, rules, (OWNER,))
+        assert raised.value.metadata == {"field": "models.price"}
