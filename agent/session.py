@@ -31,7 +31,8 @@ from agent.identity import NodeIdentity, signed_hello
 from agent.results import ResultSink
 from agent.runner import FailureKind, JobRef, JobRunner
 from agent.runtime.base import Runtime
-from core.channels import insecure_channel
+from core.channels import PLAINTEXT, Tls
+from core.channels import channel as open_channel
 from core.regions import validate_region
 
 log = structlog.get_logger(__name__)
@@ -60,6 +61,8 @@ class SessionSettings:
     # Where the node runs (e.g. "eu-west"), declared in the signed hello for
     # the network's region rules; empty: undeclared.
     region: str = ""
+    # TLS to the network: verified with the system's CAs or a pinned CA file.
+    tls: Tls = PLAINTEXT
 
     def __post_init__(self) -> None:
         if self.region:
@@ -153,7 +156,7 @@ class AgentSession:
             batch_tokens=self._settings.batch_tokens,
             batch_delay_s=self._settings.batch_delay_s,
         )
-        channel = insecure_channel(self._settings.network)
+        channel = open_channel(self._settings.network, self._settings.tls)
         heartbeats = Heartbeats(outbound, runner, self._settings.heartbeat_interval_s)
         try:
             call = pb_grpc.AgentServiceStub(channel).Connect(_drain(outbound))

@@ -1,10 +1,20 @@
-"""gRPC channel and server options shared by every service and the agent.
+"""gRPC channels and servers of every service and the agent: keepalive, and TLS.
 
 Keepalive settings are set on both sides together: clients ping idle
 connections so half-open ones are noticed, and servers accept those pings.
+
+TLS (`Tls`): a process given a certificate and key serves TLS on its gRPC
+listener and presents that certificate to peers that ask for a client
+certificate; a server given a client CA requires one (mutual TLS). Outgoing
+channels use TLS when asked to, verifying the peer with the system's CAs or a
+pinned CA file. Without any of it everything is plaintext, which is only fit
+for loopback (`make run`).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 
@@ -28,9 +38,74 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
 ]
 
 
+@dataclass(frozen=True, slots=True)
+class Tls:
+    """One process's TLS material (PEM files). The default is plaintext."""
+
+    # This process's certificate chain and key: served by its listener, and
+    # presented by its channels to servers that require client certificates.
+    cert: Path | None = None
+    key: Path | None = None
+    # Outgoing channels use TLS; they verify servers with `ca` if given, else
+    # with the system's CAs.
+    connect: bool = False
+    ca: Path | None = None
+    # The listener requires client certificates signed by this CA (mutual TLS).
+    client_ca: Path | None = None
+
+    def __post_init__(self) -> None:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("a TLS certificate needs its key, and a key its certificate")
+        if self.client_ca is not None and self.cert is None:
+            raise ValueError("requiring client certificates needs a server certificate")
+
+    @property
+    def serves(self) -> bool:
+        return self.cert is not None
+
+    def _identity(self) -> tuple[bytes, bytes] | None:
+        if self.cert is None or self.key is None:
+            return None
+        return self.key.read_bytes(), self.cert.read_bytes()
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        identity = self._identity()
+        if identity is None:
+            raise ValueError("serving TLS needs a certificate and its key")
+        client_ca = None if self.client_ca is None else self.client_ca.read_bytes()
+        return grpc.ssl_server_credentials(
+            [identity], root_certificates=client_ca, require_client_auth=client_ca is not None
+        )
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        key, cert = self._identity() or (None, None)
+        return grpc.ssl_channel_credentials(
+            root_certificates=None if self.ca is None else self.ca.read_bytes(),
+            private_key=key,
+            certificate_chain=cert,
+        )
+
+
+PLAINTEXT = Tls()
+
+
 def insecure_channel(target: str) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(target, options=CLIENT_OPTIONS)
 
 
+def channel(target: str, tls: Tls = PLAINTEXT) -> grpc.aio.Channel:
+    """A channel to ``target``: TLS if ``tls.connect``, else plaintext."""
+    if not tls.connect:
+        return insecure_channel(target)
+    return grpc.aio.secure_channel(target, tls.channel_credentials(), options=CLIENT_OPTIONS)
+
+
 def server() -> grpc.aio.Server:
     return grpc.aio.server(options=SERVER_OPTIONS)
+
+
+def listen(grpc_server: grpc.aio.Server, address: str, tls: Tls = PLAINTEXT) -> int:
+    """Adds a listener on ``address`` (TLS if ``tls`` has a certificate); the port bound."""
+    if tls.serves:
+        return grpc_server.add_secure_port(address, tls.server_credentials())
+    return grpc_server.add_insecure_port(address)

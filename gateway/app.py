@@ -25,6 +25,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from core.channels import PLAINTEXT, Tls
+from core.channels import channel as tls_channel
 from core.errors import quote
 from core.regions import MAX_REGION_LENGTH
 from gateway import convert, errors, health, sse
@@ -58,12 +60,18 @@ OVERHEAD_HEADER = "x-resultity-overhead-ms"
 GENERATION_MS_KEY = "x-resultity-generation-ms"
 
 
-def create_app(cloud_target: str, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+def create_app(
+    cloud_target: str, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, tls: Tls = PLAINTEXT
+) -> FastAPI:
     """The gateway app; its lifespan owns the gRPC channel to cloud at `cloud_target`."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        channel = grpc.aio.insecure_channel(cloud_target)
+        channel = (
+            tls_channel(cloud_target, tls)
+            if tls.connect
+            else grpc.aio.insecure_channel(cloud_target)
+        )
         app.state.cloud = inference_service_pb2_grpc.InferenceServiceStub(channel)
         app.state.cloud_health = health.health_stub(channel)
         log.info("gateway.cloud_channel_opened", target=cloud_target)

@@ -50,6 +50,11 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--agent-region", type=_region, help="region the local agent declares, e.g. eu-west"
     )
+    up.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve gRPC over TLS")
+    up.add_argument("--tls-key", type=Path)
+    up.add_argument(
+        "--tls-client-ca", type=Path, help="require client certificates signed by this CA"
+    )
 
     agent = commands.add_parser("agent", help="run a node agent")
     agent.add_argument("--network", required=True, help="HOST:PORT of a network server")
@@ -84,6 +89,7 @@ def _parser() -> argparse.ArgumentParser:
         default=30.0,
         help="seconds running jobs may take to finish after SIGTERM",
     )
+    _tls_arguments(agent, serves=False)
 
     network = commands.add_parser("network", help="run the network server alone")
     network.add_argument("--listen", default="127.0.0.1:50051")
@@ -111,6 +117,7 @@ def _parser() -> argparse.ArgumentParser:
         help="Redis that carries configuration changes to the other replicas "
         "(without it, this replica hears only its own)",
     )
+    _tls_arguments(network, serves=True)
 
     account = commands.add_parser("account", help="run the account server alone")
     account.add_argument("--listen", default="127.0.0.1:50052")
@@ -123,6 +130,7 @@ def _parser() -> argparse.ArgumentParser:
         default=Path(".resultity"),
         help="where the key hashing secret and service token live (created if missing)",
     )
+    _tls_arguments(account, serves=True)
     from server.account.admin_cli import add_commands
 
     add_commands(account)
@@ -144,6 +152,7 @@ def _parser() -> argparse.ArgumentParser:
         default=Path(".resultity"),
         help="where the service token is read from unless RESULTITY_SERVICE_TOKEN is set",
     )
+    _tls_arguments(cloud, serves=True)
 
     from server.network.cli import add_commands as add_node_commands
 
@@ -157,6 +166,7 @@ def _parser() -> argparse.ArgumentParser:
     gateway.add_argument("--cloud", required=True, help="HOST:PORT of the cloud server")
     gateway.add_argument("--host", default="127.0.0.1")
     gateway.add_argument("--port", type=int, default=8080)
+    _tls_arguments(gateway, serves=False)
     return parser
 
 
@@ -174,6 +184,50 @@ def _amqp_option(parser: argparse.ArgumentParser, use: str) -> None:
         default=os.environ.get("RESULTITY_AMQP_URL"),
         help=f"RabbitMQ: {use} (unset: a queue in this process)",
     )
+
+
+def _tls_arguments(parser: argparse.ArgumentParser, *, serves: bool) -> None:
+    """TLS flags; each defaults to its RESULTITY_TLS_* environment variable."""
+    env = os.environ.get
+    if serves:
+        parser.add_argument(
+            "--tls-cert",
+            type=Path,
+            default=env("RESULTITY_TLS_CERT"),
+            help="PEM certificate chain: serve TLS (and present it to servers that ask)",
+        )
+        parser.add_argument("--tls-key", type=Path, default=env("RESULTITY_TLS_KEY"))
+        parser.add_argument(
+            "--tls-client-ca",
+            type=Path,
+            default=env("RESULTITY_TLS_CLIENT_CA"),
+            help="require client certificates signed by this CA (mutual TLS)",
+        )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        default=env("RESULTITY_TLS", "") == "1",
+        help="connect to other services over TLS, verified with the system's CAs",
+    )
+    parser.add_argument(
+        "--tls-ca",
+        type=Path,
+        default=env("RESULTITY_TLS_CA"),
+        help="connect over TLS, verifying servers with this CA file instead",
+    )
+
+
+def _tls(args: argparse.Namespace) -> channels.Tls:
+    try:
+        return channels.Tls(
+            cert=getattr(args, "tls_cert", None),
+            key=getattr(args, "tls_key", None),
+            connect=args.tls or args.tls_ca is not None,
+            ca=args.tls_ca,
+            client_ca=getattr(args, "tls_client_ca", None),
+        )
+    except ValueError as error:
+        raise SystemExit(f"{args.command}: {error}") from None
 
 
 def _region(value: str) -> str:
@@ -208,7 +262,7 @@ async def _run(args: argparse.Namespace) -> None:
         from gateway.app import create_app
         from gateway.server import serve
 
-        await _until_signal(serve(create_app(args.cloud), args.host, args.port))
+        await _until_signal(serve(create_app(args.cloud, tls=_tls(args)), args.host, args.port))
     elif args.command == "subclouds":
         from server.cloud.cli import run_command as run_subclouds_command
 
@@ -235,6 +289,9 @@ async def _up(args: argparse.Namespace) -> None:
         "http_port": args.http_port,
         "grpc_host": args.grpc_host,
         "grpc_port": args.grpc_port,
+        "tls_cert": args.tls_cert,
+        "tls_key": args.tls_key,
+        "tls_client_ca": args.tls_client_ca,
         "database_url": args.database_url,
         "redis_url": args.redis_url,
         "log_level": args.log_level,
@@ -270,6 +327,7 @@ async def _agent(args: argparse.Namespace) -> None:
             node_token=args.node_token,
             identity=NodeIdentity.load_or_create(args.data_dir),
             region=args.region,
+            tls=_tls(args),
         ),
         runtime,
     )
@@ -280,6 +338,7 @@ async def _serve_one(args: argparse.Namespace) -> None:
     from server.common.health import GrpcHealth
 
     server = channels.server()
+    tls = _tls(args)
     # A network server tells its agents to reconnect before it stops serving;
     # the others finish their in-flight calls first.
     stop_first: Callable[[], Awaitable[None]] | None = None
@@ -302,6 +361,7 @@ async def _serve_one(args: argparse.Namespace) -> None:
             service_token=service_token(args.data_dir, create=True),
             database_url=args.database_url,
             bus=bus,
+            tls=tls,
         )
         await network.start()
         network.register(server)
@@ -349,16 +409,17 @@ async def _serve_one(args: argparse.Namespace) -> None:
             service_token=service_token(args.data_dir),
             shared=shared,
             amqp_url=args.amqp_url,
+            tls=tls,
         )
         cloud.register(server)
         stop_component = cloud.stop
         readiness = cloud.follow_readiness
     health = GrpcHealth(server, SERVICE_NAMES)
     await health.starting()
-    server.add_insecure_port(args.listen)
+    channels.listen(server, args.listen, tls)
     await server.start()
     await health.serving()
-    log.info("serving", service=args.command, address=args.listen)
+    log.info("serving", service=args.command, address=args.listen, tls=tls.serves)
     follow = asyncio.create_task(readiness(health)) if readiness is not None else None
     try:
         # Waits for the signal alone: cancelling server.wait_for_termination() would

@@ -43,3 +43,8 @@ class PlatformSettings(BaseSettings):
     local_agent_threads: int | None = None
     # Region the local agent declares (e.g. "eu-west"); unset: undeclared.
     local_agent_region: str | None = None
+    # TLS on the gRPC listener (PEM files); unset: plaintext, fit for loopback only.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    # Require client certificates signed by this CA on the gRPC listener.
+    tls_client_ca: Path | None = None

@@ -119,7 +119,19 @@ async def run_platform(settings: PlatformSettings, *, ready: asyncio.Event | Non
         loop.add_signal_handler(signum, stop.set)
     data_dir = settings.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    grpc_target = f"127.0.0.1:{settings.grpc_port}"
+    address = f"{settings.grpc_host}:{settings.grpc_port}"
+    tls = channels.Tls(
+        cert=settings.tls_cert, key=settings.tls_key, client_ca=settings.tls_client_ca
+    )
+    server = channels.server()
+    channels.listen(server, address, tls)
+    # With TLS on the public listener, the platform's own calls (and its local agent)
+    # use a plaintext listener of their own on loopback.
+    grpc_target = (
+        f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+        if tls.serves
+        else f"127.0.0.1:{settings.grpc_port}"
+    )
 
     async with AsyncExitStack() as stack:
         dsn = await stack.enter_async_context(_database(settings))
@@ -159,12 +171,10 @@ async def run_platform(settings: PlatformSettings, *, ready: asyncio.Event | Non
         )
         stack.push_async_callback(cloud.stop)
 
-        server = channels.server()
         for component in (account, network, cloud):
             component.register(server)
         health = GrpcHealth(server, (*ACCOUNT_SERVICES, *NETWORK_SERVICES, *CLOUD_SERVICES))
         await health.starting()
-        server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
         await server.start()
         stack.push_async_callback(server.stop, 5.0)
         await health.serving()
@@ -174,7 +184,7 @@ async def run_platform(settings: PlatformSettings, *, ready: asyncio.Event | Non
         stack.push_async_callback(network.stop)
         # Unwinds before that: probes see NOT_SERVING while the rest shuts down.
         stack.push_async_callback(health.draining)
-        log.info("grpc services listening", address=f"{settings.grpc_host}:{settings.grpc_port}")
+        log.info("grpc services listening", address=address, tls=tls.serves)
 
         bootstrap_channel = channels.insecure_channel(grpc_target)
         try:

@@ -16,7 +16,7 @@ from resultity.cloud.v1 import (
     subcloud_service_pb2_grpc,
 )
 
-from core.channels import insecure_channel
+from core.channels import PLAINTEXT, Tls, channel
 from server.cloud.chat import ChatService
 from server.cloud.clients import GrpcAccountClient, GrpcNetworkClient
 from server.cloud.redis_rate_limits import FallbackCounters, RedisCounters
@@ -55,6 +55,7 @@ class CloudComponent:
         caches: CacheSettings | None = None,
         amqp_url: str | None = None,
         settlements: SettlementQueue | None = None,
+        tls: Tls = PLAINTEXT,
     ) -> None:
         """``shared`` unset: rate limits and invalidations within this process.
         ``caches`` unset: read from the environment. Deferred settlements go to
@@ -65,8 +66,8 @@ class CloudComponent:
         ttl_s = (caches or CacheSettings()).cache_ttl_s
         self._pool = pool
         self._redis_counters = None if shared.redis is None else RedisCounters(shared.redis)
-        self._account_channel = insecure_channel(account_target)
-        self._network_channel = insecure_channel(network_target)
+        self._account_channel = channel(account_target, tls)
+        self._network_channel = channel(network_target, tls)
         account = GrpcAccountClient(self._account_channel, service_token)
         self._owns_queue = settlements is None
         # A queue only this process holds is applied from here, through the account API.
@@ -113,6 +114,7 @@ class CloudComponent:
         shared: SharedState | None = None,
         amqp_url: str | None = None,
         settlements: SettlementQueue | None = None,
+        tls: Tls = PLAINTEXT,
     ) -> CloudComponent:
         """Connects to the database and migrates it; ``rate_limits`` unset: read from the
         RESULTITY_RATE_LIMIT_* environment. ``shared``: what replicas share (the caller
@@ -132,6 +134,7 @@ class CloudComponent:
             shared=shared,
             amqp_url=amqp_url,
             settlements=settlements,
+            tls=tls,
         )
         if component._consume_locally:
             await component.settler.consume_queue()

@@ -55,6 +55,7 @@ class NetworkComponent:
         service_token: str,
         database_url: str,
         bus: Bus | None = None,
+        tls: channels.Tls = channels.PLAINTEXT,
     ) -> None:
         """Callers of the dispatch and node admin APIs must present ``service_token``.
         With ``account_target`` node tokens are resolved by that account server (with
@@ -68,7 +69,7 @@ class NetworkComponent:
         self._bus = bus or MemoryBus()
         self._callers = ServiceCallers(service_token)
         self._account_channel = (
-            None if account_target is None else channels.insecure_channel(account_target)
+            None if account_target is None else channels.channel(account_target, tls)
         )
         tokens = (
             None

@@ -1,0 +1,107 @@
+"""gRPC over TLS with certificates made in the test: an agent verifies the
+network's certificate (pinned CA), plaintext and unknown CAs are refused, and a
+server that requires client certificates (mutual TLS) refuses callers without one."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from resultity.network.v1 import node_admin_service_pb2 as admin_pb
+from resultity.network.v1 import node_admin_service_pb2_grpc as admin_grpc
+
+from agent.session import AgentSession, SessionSettings
+from core import channels
+from server.common.credentials import generate_service_token, service_metadata
+from server.network.component import NetworkComponent
+from tests.doubles.scripted_runtime import ScriptedRuntime
+from tests.tls_support import CertificateAuthority, Issued
+
+SERVICE_TOKEN = generate_service_token()
+
+
+@contextlib.asynccontextmanager
+async def _network(tls: channels.Tls) -> AsyncIterator[str]:
+    server = channels.server()
+    port = channels.listen(server, "127.0.0.1:0", tls)
+    network = NetworkComponent(service_token=SERVICE_TOKEN)
+    network.register(server)
+    network.start()
+    await server.start()
+    try:
+        yield f"localhost:{port}"
+    finally:
+        await network.stop()
+        await server.stop(None)
+
+
+async def _list_nodes(target: str, tls: channels.Tls) -> list[str]:
+    async with channels.channel(target, tls) as channel:
+        listing = await admin_grpc.NodeAdminServiceStub(channel).ListNodes(
+            admin_pb.ListNodesRequest(), metadata=service_metadata(SERVICE_TOKEN), timeout=5
+        )
+    return [node.node_id for node in listing.nodes]
+
+
+@pytest.fixture
+def ca(tmp_path: Path) -> CertificateAuthority:
+    return CertificateAuthority(tmp_path)
+
+
+@pytest.fixture
+def server_cert(ca: CertificateAuthority) -> Issued:
+    return ca.issue("network", server=True)
+
+
+async def test_an_agent_joins_a_tls_network_that_it_verifies(
+    ca: CertificateAuthority, server_cert: Issued
+) -> None:
+    client = channels.Tls(connect=True, ca=ca.cert)
+    async with _network(channels.Tls(cert=server_cert.cert, key=server_cert.key)) as target:
+        session = AgentSession(SessionSettings(target, "tls", tls=client), ScriptedRuntime())
+        task = asyncio.create_task(session.run_forever())
+        try:
+            async with asyncio.timeout(10):
+                await session.connected.wait()
+            assert await _list_nodes(target, client) == [session.node_id]
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+async def test_plaintext_and_unknown_cas_are_refused(
+    ca: CertificateAuthority, server_cert: Issued, tmp_path: Path
+) -> None:
+    stranger = CertificateAuthority(tmp_path, "stranger-ca")
+    async with _network(channels.Tls(cert=server_cert.cert, key=server_cert.key)) as target:
+        for client in (channels.PLAINTEXT, channels.Tls(connect=True, ca=stranger.cert)):
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await _list_nodes(target, client)
+            assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_mutual_tls_requires_a_client_certificate_of_its_ca(
+    ca: CertificateAuthority, server_cert: Issued, tmp_path: Path
+) -> None:
+    mutual = channels.Tls(cert=server_cert.cert, key=server_cert.key, client_ca=ca.cert)
+    cloud = ca.issue("cloud", server=False)
+    outsider = CertificateAuthority(tmp_path, "outsider-ca").issue("intruder", server=False)
+    async with _network(mutual) as target:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await _list_nodes(target, channels.Tls(connect=True, ca=ca.cert))
+        assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+        intruder = channels.Tls(connect=True, ca=ca.cert, cert=outsider.cert, key=outsider.key)
+        with pytest.raises(grpc.aio.AioRpcError):
+            await _list_nodes(target, intruder)
+        member = channels.Tls(connect=True, ca=ca.cert, cert=cloud.cert, key=cloud.key)
+        assert await _list_nodes(target, member) == []
+
+
+def test_a_certificate_needs_its_key(server_cert: Issued) -> None:
+    with pytest.raises(ValueError, match="key"):
+        channels.Tls(cert=server_cert.cert)
