@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 ARGS ?=
 PROTO_FILES := $(shell find proto -name '*.proto')
 
-.PHONY: install generate check-generated lint test test-integration run bench clean
+.PHONY: install generate check-generated lint test test-integration fuzz run bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,11 @@ test: install
 # run; so does collecting no test at all (pytest exits 5).
 test-integration: install
 	$(BIN)/pytest -m integration $(PYTEST_ARGS)
+
+# Generated hostile requests against the gateway's OpenAPI document and the gRPC
+# APIs (tests/fuzz, marked fuzz so that `make test` leaves them out).
+fuzz: install
+	$(BIN)/pytest -m fuzz tests/fuzz $(PYTEST_ARGS)
 
 run: install
 	$(BIN)/resultity up --data-dir ./.resultity --http-port 8080 $(ARGS)
