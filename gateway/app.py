@@ -27,8 +27,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from core.channels import PLAINTEXT, Tls
 from core.channels import channel as tls_channel
-from core.errors import quote
-from core.regions import MAX_REGION_LENGTH
+from core.errors import InvalidArgument, quote
+from core.regions import validate_region
 from gateway import convert, errors, health, sse
 from gateway.errors import ApiError, RequestParams
 from gateway.openapi import REGION_HEADER, describe
@@ -200,11 +200,14 @@ def _call_metadata(request: Request) -> Metadata:
 
 
 def _region(request: Request) -> str:
-    """The region a request asks its nodes to be in (header REGION_HEADER; cloud
-    validates its form, the gateway only its length)."""
+    """The region a request asks its nodes to be in (header REGION_HEADER), checked
+    here: a header is no field of the request for cloud's errors to name."""
     region = request.headers.get(REGION_HEADER, "").strip()
-    if len(region) > MAX_REGION_LENGTH:
-        raise errors.bad_region_header(REGION_HEADER, MAX_REGION_LENGTH)
+    if region:
+        try:
+            validate_region(region, field=REGION_HEADER)
+        except InvalidArgument as error:
+            raise errors.bad_header(error.message) from None
     return region
 
 

@@ -188,10 +188,9 @@ def invalid_api_key() -> ApiError:
     return ApiError(401, "Incorrect API key provided.", INVALID_REQUEST, code="invalid_api_key")
 
 
-def bad_region_header(header: str, limit: int) -> ApiError:
-    return ApiError(
-        400, f"The {header} header must be at most {limit} characters.", INVALID_REQUEST
-    )
+def bad_header(message: str) -> ApiError:
+    """A request header's value is refused; param names body fields only."""
+    return ApiError(400, f"{message}.", INVALID_REQUEST)
 
 
 def missing_api_key() -> ApiError:
