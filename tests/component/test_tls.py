@@ -17,20 +17,26 @@ from resultity.network.v1 import node_admin_service_pb2_grpc as admin_grpc
 from agent.session import AgentSession, SessionSettings
 from core import channels
 from server.common.credentials import generate_service_token, service_metadata
+from server.network.admission import AdmissionSettings
 from server.network.component import NetworkComponent
 from tests.doubles.scripted_runtime import ScriptedRuntime
+from tests.harness import new_network_id
 from tests.tls_support import CertificateAuthority, Issued
 
 SERVICE_TOKEN = generate_service_token()
 
 
 @contextlib.asynccontextmanager
-async def _network(tls: channels.Tls) -> AsyncIterator[str]:
+async def _network(tls: channels.Tls, dsn: str) -> AsyncIterator[str]:
     server = channels.server()
     port = channels.listen(server, "127.0.0.1:0", tls)
-    network = NetworkComponent(service_token=SERVICE_TOKEN)
+    network = NetworkComponent(
+        admission=AdmissionSettings(network_id=new_network_id()),
+        service_token=SERVICE_TOKEN,
+        database_url=dsn,
+    )
+    await network.start()
     network.register(server)
-    network.start()
     await server.start()
     try:
         yield f"localhost:{port}"
@@ -58,10 +64,12 @@ def server_cert(ca: CertificateAuthority) -> Issued:
 
 
 async def test_an_agent_joins_a_tls_network_that_it_verifies(
-    ca: CertificateAuthority, server_cert: Issued
+    ca: CertificateAuthority, server_cert: Issued, postgres_dsn: str
 ) -> None:
     client = channels.Tls(connect=True, ca=ca.cert)
-    async with _network(channels.Tls(cert=server_cert.cert, key=server_cert.key)) as target:
+    async with _network(
+        channels.Tls(cert=server_cert.cert, key=server_cert.key), postgres_dsn
+    ) as target:
         session = AgentSession(SessionSettings(target, "tls", tls=client), ScriptedRuntime())
         task = asyncio.create_task(session.run_forever())
         try:
@@ -75,10 +83,12 @@ async def test_an_agent_joins_a_tls_network_that_it_verifies(
 
 
 async def test_plaintext_and_unknown_cas_are_refused(
-    ca: CertificateAuthority, server_cert: Issued, tmp_path: Path
+    ca: CertificateAuthority, server_cert: Issued, tmp_path: Path, postgres_dsn: str
 ) -> None:
     stranger = CertificateAuthority(tmp_path, "stranger-ca")
-    async with _network(channels.Tls(cert=server_cert.cert, key=server_cert.key)) as target:
+    async with _network(
+        channels.Tls(cert=server_cert.cert, key=server_cert.key), postgres_dsn
+    ) as target:
         for client in (channels.PLAINTEXT, channels.Tls(connect=True, ca=stranger.cert)):
             with pytest.raises(grpc.aio.AioRpcError) as raised:
                 await _list_nodes(target, client)
@@ -86,12 +96,12 @@ async def test_plaintext_and_unknown_cas_are_refused(
 
 
 async def test_mutual_tls_requires_a_client_certificate_of_its_ca(
-    ca: CertificateAuthority, server_cert: Issued, tmp_path: Path
+    ca: CertificateAuthority, server_cert: Issued, tmp_path: Path, postgres_dsn: str
 ) -> None:
     mutual = channels.Tls(cert=server_cert.cert, key=server_cert.key, client_ca=ca.cert)
     cloud = ca.issue("cloud", server=False)
     outsider = CertificateAuthority(tmp_path, "outsider-ca").issue("intruder", server=False)
-    async with _network(mutual) as target:
+    async with _network(mutual, postgres_dsn) as target:
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await _list_nodes(target, channels.Tls(connect=True, ca=ca.cert))
         assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
