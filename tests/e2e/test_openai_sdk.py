@@ -312,8 +312,16 @@ async def test_hostile_requests_get_a_400_naming_the_field(platform: RunningPlat
 
 def _children(pid: int, module: str) -> list[psutil.Process]:
     return [
-        child for child in psutil.Process(pid).children(recursive=True) if module in child.cmdline()
+        child for child in psutil.Process(pid).children(recursive=True) if module in _cmdline(child)
     ]
+
+
+def _cmdline(process: psutil.Process) -> list[str]:
+    """Its command line; none for one that exited and was not yet reaped (a zombie)."""
+    try:
+        return process.cmdline()
+    except psutil.Error:
+        return []
 
 
 async def _answer_when_served(platform: RunningPlatform) -> str:
@@ -338,7 +346,7 @@ async def test_a_killed_runtime_worker_and_a_killed_agent_come_back(
 ) -> None:
     pid = platform.process.pid
     [worker] = _children(pid, "agent.runtime.worker_main")
-    [agent] = [p for p in _children(pid, "agent") if "server.cli" in p.cmdline()]
+    [agent] = [p for p in _children(pid, "agent") if "server.cli" in _cmdline(p)]
 
     worker.kill()
     await eventually(
@@ -353,7 +361,7 @@ async def test_a_killed_runtime_worker_and_a_killed_agent_come_back(
     agent.kill()
     await eventually(
         lambda: (
-            [p.pid for p in _children(pid, "agent") if "server.cli" in p.cmdline()]
+            [p.pid for p in _children(pid, "agent") if "server.cli" in _cmdline(p)]
             not in ([], [agent.pid])
         ),
         timeout_s=60,
