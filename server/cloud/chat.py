@@ -32,6 +32,7 @@ from core.inference import (
     Usage,
 )
 from server.cloud.auth import CachedAuthenticator
+from server.cloud.inflight import InFlightLeases, InFlightRequest
 from server.cloud.models import ModelDirectory
 from server.cloud.ports import (
     AccountPort,
@@ -82,6 +83,7 @@ class ChatService:
         network: NetworkPort,
         *,
         settlements: SettlementPort,
+        inflight: InFlightLeases,
         auth_ttl_s: float = 5.0,
         catalog_ttl_s: float = 2.0,
         hold_ttl: timedelta = timedelta(hours=1),
@@ -96,6 +98,7 @@ class ChatService:
         self._account = account
         self._network = network
         self._settler = settlements
+        self._inflight = inflight
         self.authenticator = CachedAuthenticator(account, ttl_s=auth_ttl_s)
         self.models = ModelDirectory(network, ttl_s=catalog_ttl_s)
         self._hold_ttl = hold_ttl
@@ -274,6 +277,9 @@ class ChatService:
             )
             settled = False
             try:
+                await self._inflight.open(
+                    InFlightRequest(hold, request_id, tuple(job_ids), model.id, model.price)
+                )
                 for index, (job_id, (spec, _)) in enumerate(zip(job_ids, jobs, strict=True)):
                     delivered = Usage()
                     job = bound.bind(job_id=job_id, choice=index)
@@ -357,11 +363,17 @@ class ChatService:
         if capture < amount:
             bound.error("usage exceeded the hold; charging the hold", cost=amount, hold=hold.amount)
         # A task outlives our cancellation: the hold is settled even if the client left.
-        task = asyncio.create_task(self._settler.settle(Settlement(hold.hold_id, capture, shares)))
+        settlement = Settlement(hold.hold_id, capture, shares)
+        task = asyncio.create_task(self._settle_and_close(settlement))
         self._settlements.add(task)
         task.add_done_callback(self._settlements.discard)
         charged = await asyncio.shield(task)
         bound.info("settled", charged=charged, held=hold.amount)
+        return charged
+
+    async def _settle_and_close(self, settlement: Settlement) -> int:
+        charged = await self._settler.settle(settlement)
+        await self._inflight.close(settlement.hold_id)
         return charged
 
     async def drain(self) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from datetime import datetime
 from uuid import UUID
 
@@ -40,7 +40,14 @@ from core.inference_proto import (
     spec_to_pb,
     usage_from_pb,
 )
-from server.cloud.ports import NO_REQUIREMENTS, Caller, HoldRef, IssuedKey, OperatorShares
+from server.cloud.ports import (
+    NO_REQUIREMENTS,
+    Caller,
+    HoldRef,
+    IssuedKey,
+    OperatorShares,
+    RelayedJob,
+)
 from server.common.rate_limits_proto import rate_limits_from_pb
 from server.common.settlement_proto import settlement_to_pb
 from server.common.settlements import LedgerUnavailable, Settlement
@@ -174,6 +181,22 @@ class GrpcNetworkClient:
                 ready_nodes=model.ready_nodes,
             )
             for model in response.models
+        ]
+
+    async def job_records(self, job_ids: Sequence[str]) -> list[RelayedJob]:
+        request = dispatch_pb.GetJobRecordsRequest(job_ids=job_ids)
+        try:
+            response = await self._dispatch.GetJobRecords(request, metadata=self._metadata)
+        except grpc.aio.AioRpcError as error:
+            raise domain_error_from_rpc(error) from None
+        return [
+            RelayedJob(
+                record.job_id,
+                usage_from_pb(record.usage),
+                tuple((a.node_id, a.operator_account_id) for a in record.assignments),
+                record.outcome != dispatch_pb.JOB_OUTCOME_RUNNING,
+            )
+            for record in response.records
         ]
 
     async def run_job(

@@ -1,5 +1,5 @@
-"""The cloud server's parts: its database (subclouds), and clients of the account and
-network services."""
+"""The cloud server's parts: its database (subclouds, requests in flight), and clients
+of the account and network services."""
 
 from __future__ import annotations
 
@@ -19,9 +19,12 @@ from resultity.cloud.v1 import (
 from core.channels import PLAINTEXT, Tls, channel
 from server.cloud.chat import ChatService
 from server.cloud.clients import GrpcAccountClient, GrpcNetworkClient
+from server.cloud.inflight import InFlightLeases
+from server.cloud.inflight_store import PostgresInFlightStore
+from server.cloud.orphans import OrphanSweeper
 from server.cloud.redis_rate_limits import FallbackCounters, RedisCounters
 from server.cloud.servicer import InferenceServicer
-from server.cloud.settings import CacheSettings, RateLimitSettings
+from server.cloud.settings import CacheSettings, InFlightSettings, RateLimitSettings
 from server.cloud.settler import Settler
 from server.cloud.subcloud_service import SubcloudResolver, SubcloudService
 from server.cloud.subcloud_servicer import SubcloudServicer
@@ -56,12 +59,14 @@ class CloudComponent:
         amqp_url: str | None = None,
         settlements: SettlementQueue | None = None,
         tls: Tls = PLAINTEXT,
+        inflight: InFlightSettings | None = None,
     ) -> None:
         """``shared`` unset: rate limits and invalidations within this process.
         ``caches`` unset: read from the environment. Deferred settlements go to
         ``settlements`` (shared with an account component in this process, which
         applies them), else to RabbitMQ at ``amqp_url``, else to a queue of this
-        process that applies them through the account API."""
+        process that applies them through the account API. ``inflight`` unset: read
+        from the environment."""
         shared = shared or SharedState()
         ttl_s = (caches or CacheSettings()).cache_ttl_s
         self._pool = pool
@@ -78,11 +83,24 @@ class CloudComponent:
         self.settler = Settler(account, settlements)
         store = PostgresSubcloudStore(pool)
         resolver = SubcloudResolver(store, ttl_s=ttl_s)
+        network = GrpcNetworkClient(self._network_channel, service_token)
+        self._inflight_settings = inflight or InFlightSettings()
+        inflight_store = PostgresInFlightStore(pool)
+        self.inflight = InFlightLeases(inflight_store, lease_s=self._inflight_settings.lease_s)
+        self.orphans = OrphanSweeper(
+            inflight_store,
+            network,
+            self.settler,
+            claim_s=self._inflight_settings.lease_s,
+            running_grace_s=self._inflight_settings.running_grace_s,
+        )
+        self._background: list[asyncio.Task[None]] = []
         self.chat = ChatService(
             account,
-            GrpcNetworkClient(self._network_channel, service_token),
+            network,
             auth_ttl_s=ttl_s,
             settlements=self.settler,
+            inflight=self.inflight,
             rate_limits=rate_limits or RateLimitSettings(),
             subclouds=resolver,
             rate_limit_counters=(
@@ -115,6 +133,7 @@ class CloudComponent:
         amqp_url: str | None = None,
         settlements: SettlementQueue | None = None,
         tls: Tls = PLAINTEXT,
+        inflight: InFlightSettings | None = None,
     ) -> CloudComponent:
         """Connects to the database and migrates it; ``rate_limits`` unset: read from the
         RESULTITY_RATE_LIMIT_* environment. ``shared``: what replicas share (the caller
@@ -135,10 +154,22 @@ class CloudComponent:
             amqp_url=amqp_url,
             settlements=settlements,
             tls=tls,
+            inflight=inflight,
         )
         if component._consume_locally:
             await component.settler.consume_queue()
+        component._start_background()
         return component
+
+    def _start_background(self) -> None:
+        """Renews this replica's leases and settles the requests of dead replicas."""
+        self._background = [
+            asyncio.create_task(self.inflight.renew_forever(), name="inflight-leases"),
+            asyncio.create_task(
+                self.orphans.sweep_forever(self._inflight_settings.sweep_interval_s),
+                name="orphan-sweeper",
+            ),
+        ]
 
     def register(self, server: grpc.aio.Server) -> None:
         inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(
@@ -162,6 +193,9 @@ class CloudComponent:
 
     async def stop(self) -> None:
         await self.chat.drain()
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
         if self._redis_counters is not None:
             await self._redis_counters.close()
         await self.settler.close()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
@@ -16,6 +16,8 @@ from core.inference import (
     JobEvent,
     JobOrigin,
     NodeRequirements,
+    NodeUsage,
+    Usage,
 )
 from server.common.rate_limits import NO_LIMITS, RateLimits
 
@@ -67,6 +69,27 @@ class IssuedKey:
     account_id: str
     prefix: str
     secret: str
+
+
+@dataclass(frozen=True, slots=True)
+class RelayedJob:
+    """The network's record of a job: what it relayed and who ran it."""
+
+    job_id: str
+    # Prompt tokens as billed, completion tokens as relayed.
+    usage: Usage
+    # (node id, operator account id) of each assignment, in epoch order.
+    nodes: tuple[tuple[str, str], ...]
+    # False while the job runs (or its end is not written yet).
+    ended: bool
+
+    def node_usage(self) -> tuple[NodeUsage, ...]:
+        """The job's usage credited to the node that ran it last (the record does
+        not split it between the nodes of a migrated job)."""
+        if not self.nodes:
+            return ()
+        node_id, operator = self.nodes[-1]
+        return (NodeUsage(node_id, self.usage, operator),)
 
 
 class AccountPort(Protocol):
@@ -121,4 +144,8 @@ class NetworkPort(Protocol):
     ) -> AsyncGenerator[JobEvent, None]:
         """Runs the job on nodes meeting ``requirements`` (failover included); the
         network's record of it names ``origin``."""
+        ...
+
+    async def job_records(self, job_ids: Sequence[str]) -> list[RelayedJob]:
+        """The network's records of those of ``job_ids`` it has one of."""
         ...

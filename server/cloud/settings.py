@@ -46,3 +46,19 @@ class CacheSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RESULTITY_CLOUD_", frozen=True)
 
     cache_ttl_s: float = Field(default=5.0, gt=0)
+
+
+class InFlightSettings(BaseSettings):
+    """How fast a dead replica's requests are settled, from RESULTITY_CLOUD_INFLIGHT_*.
+
+    A replica renews the lease of its requests every third of ``lease_s``; every
+    replica looks for lapsed leases every ``sweep_interval_s`` and settles them from
+    the network's job records, waiting up to ``running_grace_s`` for a job the
+    network still records as running. A dead replica's holds are settled within
+    about ``lease_s + sweep_interval_s``."""
+
+    model_config = SettingsConfigDict(env_prefix="RESULTITY_CLOUD_INFLIGHT_", frozen=True)
+
+    lease_s: float = Field(default=30.0, gt=0)
+    sweep_interval_s: float = Field(default=10.0, gt=0)
+    running_grace_s: float = Field(default=60.0, ge=0)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from datetime import datetime
 
 import asyncpg
 
-from server.network.job_records import JobRecord
+from core.inference import JobOrigin, Usage
+from server.network.job_records import Assignment, JobOutcome, JobRecord
 
 
 def _assignments_to_json(record: JobRecord) -> str:
@@ -21,6 +23,29 @@ def _assignments_to_json(record: JobRecord) -> str:
             }
             for a in record.assignments
         ]
+    )
+
+
+def _record_from_row(row: asyncpg.Record) -> JobRecord:
+    return JobRecord(
+        job_id=row["job_id"],
+        origin=JobOrigin(row["request_id"], row["account_id"], row["subcloud_id"]),
+        model=row["model"],
+        assignments=tuple(
+            Assignment(
+                a["node_id"],
+                a["epoch"],
+                a["operator_account_id"],
+                datetime.fromisoformat(a["assigned_at"]),
+            )
+            for a in json.loads(row["assignments"])
+        ),
+        usage=Usage(row["prompt_tokens"], row["completion_tokens"]),
+        created_at=row["created_at"],
+        first_token_at=row["first_token_at"],
+        finished_at=row["finished_at"],
+        outcome=JobOutcome(row["outcome"]),
+        detail=row["detail"],
     )
 
 
@@ -63,3 +88,14 @@ class PostgresJobRecordStore:
                 for r in records
             ],
         )
+
+    async def load_jobs(self, job_ids: Sequence[str]) -> list[JobRecord]:
+        rows = await self._pool.fetch(
+            """SELECT job_id, request_id, account_id, subcloud_id, model,
+                   assignments::text AS assignments, prompt_tokens, completion_tokens,
+                   created_at, first_token_at, finished_at, outcome, detail
+               FROM network_jobs WHERE network_id = $1 AND job_id = ANY($2::text[])""",
+            self._network_id,
+            list(job_ids),
+        )
+        return [_record_from_row(row) for row in rows]

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 
@@ -53,6 +53,7 @@ from server.network.config import (
     version_at_least,
 )
 from server.network.dispatch import JobDispatch
+from server.network.job_records import JobRecord
 from server.network.jobs import (
     NodeReport,
 )
@@ -75,6 +76,9 @@ from server.network.state_ports import ConfigAck, NetworkStores
 __all__ = ["FailoverSettings", "LivenessSettings", "NetworkService", "ValidationSettings"]
 
 log = structlog.get_logger(__name__)
+
+# Job records one call may ask for (a request's jobs: one per choice or input).
+MAX_JOB_RECORDS = 128
 
 
 class NetworkService:
@@ -388,6 +392,12 @@ class NetworkService:
         # Only versions this replica sent the agent exist to be acknowledged.
         if 0 < version <= self._config.version:
             self._state.config_acked(node.node_id, version)
+
+    async def job_records(self, job_ids: Sequence[str]) -> list[JobRecord]:
+        """The records of those of ``job_ids`` this network ran (on any replica)."""
+        if len(job_ids) > MAX_JOB_RECORDS:
+            raise InvalidArgument(f"at most {MAX_JOB_RECORDS} job ids per call", field="job_ids")
+        return await self._state.job_records(job_ids)
 
     async def config_acks(
         self, version: int, after_node_id: str, limit: int

@@ -32,6 +32,7 @@ from core.inference_proto import (
     logprobs_from_pb,
     logprobs_to_pb,
     origin_from_pb,
+    origin_to_pb,
     price_to_pb,
     requirements_from_pb,
     spec_from_pb,
@@ -40,6 +41,7 @@ from core.inference_proto import (
 )
 from server.network.callers import ServiceCallers, service_only
 from server.network.convert import FAILURE_FROM_PB, command_to_pb, duration_to_pb, hello_from_pb
+from server.network.job_records import JobOutcome, JobRecord
 from server.network.jobs import (
     ChunkReport,
     DoneReport,
@@ -281,3 +283,39 @@ class DispatchServicer(dispatch_grpc.DispatchServiceServicer):
                 for model in self._service.models(requirements_from_pb(request.requirements))
             ]
         )
+
+    @translate_errors
+    @service_only
+    async def GetJobRecords(
+        self,
+        request: dispatch_pb.GetJobRecordsRequest,
+        context: grpc.aio.ServicerContext[
+            dispatch_pb.GetJobRecordsRequest, dispatch_pb.GetJobRecordsResponse
+        ],
+    ) -> dispatch_pb.GetJobRecordsResponse:
+        records = await self._service.job_records(list(request.job_ids))
+        return dispatch_pb.GetJobRecordsResponse(records=[_record_to_pb(r) for r in records])
+
+
+_OUTCOME_TO_PB = {
+    JobOutcome.RUNNING: dispatch_pb.JOB_OUTCOME_RUNNING,
+    JobOutcome.FINISHED: dispatch_pb.JOB_OUTCOME_FINISHED,
+    JobOutcome.FAILED: dispatch_pb.JOB_OUTCOME_FAILED,
+    JobOutcome.CANCELLED: dispatch_pb.JOB_OUTCOME_CANCELLED,
+}
+
+
+def _record_to_pb(record: JobRecord) -> dispatch_pb.JobRecord:
+    return dispatch_pb.JobRecord(
+        job_id=record.job_id,
+        origin=origin_to_pb(record.origin),
+        model=record.model,
+        assignments=[
+            dispatch_pb.JobAssignment(
+                node_id=a.node_id, epoch=a.epoch, operator_account_id=a.operator_account_id
+            )
+            for a in record.assignments
+        ],
+        usage=usage_to_pb(record.usage),
+        outcome=_OUTCOME_TO_PB[record.outcome],
+    )

@@ -7,7 +7,7 @@ before it is confirmed (quarantine, release, a new configuration version).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
 from server.network.config import NetworkConfig
@@ -69,6 +69,15 @@ class NetworkState:
     async def standing_written(self, node_id: str) -> None:
         """Waits until the node's standing as last put is stored."""
         await self._standings.flush(node_id)
+
+    # --- job records ---------------------------------------------------------
+
+    async def job_records(self, job_ids: Sequence[str]) -> list[JobRecord]:
+        """The stored records of ``job_ids``; this replica's pending ones are written
+        first."""
+        for job_id in job_ids:
+            await self._jobs.flush(job_id)
+        return await self._stores.jobs.load_jobs(job_ids)
 
     # --- configuration -------------------------------------------------------
 

@@ -84,6 +84,10 @@ class JobRecordStore(Protocol):
         """Inserts or replaces each job's record."""
         ...
 
+    async def load_jobs(self, job_ids: Sequence[str]) -> list[JobRecord]:
+        """The stored records of those of ``job_ids`` that have one."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class NetworkStores:

@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from resultity.common.v1 import inference_pb2 as _inference_pb2
 import builtins as _builtins
 import sys
@@ -18,6 +19,31 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _JobOutcome:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _JobOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_JobOutcome.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    JOB_OUTCOME_UNSPECIFIED: _JobOutcome.ValueType  # 0
+    JOB_OUTCOME_RUNNING: _JobOutcome.ValueType  # 1
+    """Still running (or its end not yet written)."""
+    JOB_OUTCOME_FINISHED: _JobOutcome.ValueType  # 2
+    JOB_OUTCOME_FAILED: _JobOutcome.ValueType  # 3
+    JOB_OUTCOME_CANCELLED: _JobOutcome.ValueType  # 4
+    """The caller went away before the job ended."""
+
+class JobOutcome(_JobOutcome, metaclass=_JobOutcomeEnumTypeWrapper): ...
+
+JOB_OUTCOME_UNSPECIFIED: JobOutcome.ValueType  # 0
+JOB_OUTCOME_RUNNING: JobOutcome.ValueType  # 1
+"""Still running (or its end not yet written)."""
+JOB_OUTCOME_FINISHED: JobOutcome.ValueType  # 2
+JOB_OUTCOME_FAILED: JobOutcome.ValueType  # 3
+JOB_OUTCOME_CANCELLED: JobOutcome.ValueType  # 4
+"""The caller went away before the job ended."""
+Global___JobOutcome: _TypeAlias = JobOutcome  # noqa: Y015
 
 @_typing.final
 class RunJobRequest(_message.Message):
@@ -395,3 +421,114 @@ class CatalogModel(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CatalogModel: _TypeAlias = CatalogModel  # noqa: Y015
+
+@_typing.final
+class GetJobRecordsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def job_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """At most 128 job ids (RunJobRequest.job_id)."""
+
+    def __init__(
+        self,
+        *,
+        job_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_ids", b"job_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetJobRecordsRequest: _TypeAlias = GetJobRecordsRequest  # noqa: Y015
+
+@_typing.final
+class GetJobRecordsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def records(self) -> _containers.RepeatedCompositeFieldContainer[Global___JobRecord]:
+        """One per known job, in no particular order; unknown ids are left out."""
+
+    def __init__(
+        self,
+        *,
+        records: _abc.Iterable[Global___JobRecord] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["records", b"records"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetJobRecordsResponse: _TypeAlias = GetJobRecordsResponse  # noqa: Y015
+
+@_typing.final
+class JobRecord(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    ORIGIN_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    ASSIGNMENTS_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    model: _builtins.str
+    outcome: Global___JobOutcome.ValueType
+    @_builtins.property
+    def origin(self) -> Global___JobOrigin: ...
+    @_builtins.property
+    def assignments(self) -> _containers.RepeatedCompositeFieldContainer[Global___JobAssignment]:
+        """In epoch order: the first node, then each one the job moved to."""
+
+    @_builtins.property
+    def usage(self) -> _inference_pb2.Usage:
+        """Prompt tokens as billed, completion tokens as relayed to the caller."""
+
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        origin: Global___JobOrigin | None = ...,
+        model: _builtins.str = ...,
+        assignments: _abc.Iterable[Global___JobAssignment] | None = ...,
+        usage: _inference_pb2.Usage | None = ...,
+        outcome: Global___JobOutcome.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["origin", b"origin", "usage", b"usage"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments", "job_id", b"job_id", "model", b"model", "origin", b"origin", "outcome", b"outcome", "usage", b"usage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobRecord: _TypeAlias = JobRecord  # noqa: Y015
+
+@_typing.final
+class JobAssignment(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    OPERATOR_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    epoch: _builtins.int
+    operator_account_id: _builtins.str
+    """Empty for a node admitted without a node token."""
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        epoch: _builtins.int = ...,
+        operator_account_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "node_id", b"node_id", "operator_account_id", b"operator_account_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobAssignment: _TypeAlias = JobAssignment  # noqa: Y015

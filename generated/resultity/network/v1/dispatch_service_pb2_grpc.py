@@ -45,6 +45,11 @@ class DispatchServiceStub:
                 request_serializer=resultity_dot_network_dot_v1_dot_dispatch__service__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=resultity_dot_network_dot_v1_dot_dispatch__service__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.GetJobRecords = channel.unary_unary(
+                '/resultity.network.v1.DispatchService/GetJobRecords',
+                request_serializer=resultity_dot_network_dot_v1_dot_dispatch__service__pb2.GetJobRecordsRequest.SerializeToString,
+                response_deserializer=resultity_dot_network_dot_v1_dot_dispatch__service__pb2.GetJobRecordsResponse.FromString,
+                _registered_method=True)
 
 
 class DispatchServiceServicer:
@@ -66,6 +71,14 @@ class DispatchServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetJobRecords(self, request, context):
+        """The stored records of the given jobs (those the network has a record of):
+        what a caller that lost a request settles from.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DispatchServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -78,6 +91,11 @@ def add_DispatchServiceServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=resultity_dot_network_dot_v1_dot_dispatch__service__pb2.ListModelsRequest.FromString,
                     response_serializer=resultity_dot_network_dot_v1_dot_dispatch__service__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'GetJobRecords': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJobRecords,
+                    request_deserializer=resultity_dot_network_dot_v1_dot_dispatch__service__pb2.GetJobRecordsRequest.FromString,
+                    response_serializer=resultity_dot_network_dot_v1_dot_dispatch__service__pb2.GetJobRecordsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -135,6 +153,33 @@ class DispatchService:
             '/resultity.network.v1.DispatchService/ListModels',
             resultity_dot_network_dot_v1_dot_dispatch__service__pb2.ListModelsRequest.SerializeToString,
             resultity_dot_network_dot_v1_dot_dispatch__service__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJobRecords(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/resultity.network.v1.DispatchService/GetJobRecords',
+            resultity_dot_network_dot_v1_dot_dispatch__service__pb2.GetJobRecordsRequest.SerializeToString,
+            resultity_dot_network_dot_v1_dot_dispatch__service__pb2.GetJobRecordsResponse.FromString,
             options,
             channel_credentials,
             insecure,

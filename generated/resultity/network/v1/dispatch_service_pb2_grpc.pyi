@@ -39,6 +39,10 @@ class DispatchServiceStub:
     """
     ListModels: _grpc.UnaryUnaryMultiCallable[_dispatch_service_pb2.ListModelsRequest, _dispatch_service_pb2.ListModelsResponse]
     """The model catalog, with prices and whether some live node serves each."""
+    GetJobRecords: _grpc.UnaryUnaryMultiCallable[_dispatch_service_pb2.GetJobRecordsRequest, _dispatch_service_pb2.GetJobRecordsResponse]
+    """The stored records of the given jobs (those the network has a record of):
+    what a caller that lost a request settles from.
+    """
 
 @_typing.type_check_only
 class DispatchServiceAsyncStub(DispatchServiceStub):
@@ -51,6 +55,10 @@ class DispatchServiceAsyncStub(DispatchServiceStub):
     """
     ListModels: _aio.UnaryUnaryMultiCallable[_dispatch_service_pb2.ListModelsRequest, _dispatch_service_pb2.ListModelsResponse]  # type: ignore[assignment]
     """The model catalog, with prices and whether some live node serves each."""
+    GetJobRecords: _aio.UnaryUnaryMultiCallable[_dispatch_service_pb2.GetJobRecordsRequest, _dispatch_service_pb2.GetJobRecordsResponse]  # type: ignore[assignment]
+    """The stored records of the given jobs (those the network has a record of):
+    what a caller that lost a request settles from.
+    """
 
 class DispatchServiceServicer(metaclass=_abc_1.ABCMeta):
     """Used by the cloud layer to run jobs on the network's nodes."""
@@ -72,5 +80,15 @@ class DispatchServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_dispatch_service_pb2.ListModelsResponse, _abc.Awaitable[_dispatch_service_pb2.ListModelsResponse]]:
         """The model catalog, with prices and whether some live node serves each."""
+
+    @_abc_1.abstractmethod
+    def GetJobRecords(
+        self,
+        request: _dispatch_service_pb2.GetJobRecordsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dispatch_service_pb2.GetJobRecordsResponse, _abc.Awaitable[_dispatch_service_pb2.GetJobRecordsResponse]]:
+        """The stored records of the given jobs (those the network has a record of):
+        what a caller that lost a request settles from.
+        """
 
 def add_DispatchServiceServicer_to_server(servicer: DispatchServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

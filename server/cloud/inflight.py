@@ -1,0 +1,88 @@
+"""Requests in flight, recorded durably so that a replica's death loses no hold.
+
+At admission a request's hold and what settling it takes (its jobs, the model's
+prices) are stored under a lease; the replica renews the leases of all its
+requests in one write every third of the lease, and deletes a request's row once
+its hold is settled. A replica that dies stops renewing: its rows' leases lapse
+and any replica settles them from the network's job records (orphans.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import structlog
+
+from core.inference import ModelPrice
+from server.cloud.ports import HoldRef
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class InFlightRequest:
+    hold: HoldRef
+    request_id: str
+    job_ids: tuple[str, ...]
+    model: str
+    price: ModelPrice
+
+
+@dataclass(frozen=True, slots=True)
+class Orphan:
+    request: InFlightRequest
+    # Seconds since a sweeper first took the row.
+    orphaned_for_s: float
+
+
+class InFlightStore(Protocol):
+    async def add(self, request: InFlightRequest, replica_id: str, lease_s: float) -> None: ...
+
+    async def remove(self, hold_id: str) -> None: ...
+
+    async def renew(self, hold_ids: Sequence[str], lease_s: float) -> None:
+        """Extends the leases of ``hold_ids`` to ``lease_s`` from now."""
+        ...
+
+    async def claim_lapsed(self, limit: int, claim_s: float) -> list[Orphan]:
+        """Up to ``limit`` rows whose lease lapsed, leased for ``claim_s`` to the
+        caller (rows another caller is claiming at the same moment are skipped)."""
+        ...
+
+
+class InFlightLeases:
+    """This replica's requests in flight and their leases."""
+
+    def __init__(self, store: InFlightStore, *, lease_s: float) -> None:
+        self.replica_id = uuid.uuid4().hex
+        self._store = store
+        self._lease_s = lease_s
+        self._live: set[str] = set()
+
+    async def open(self, request: InFlightRequest) -> None:
+        """Records the request before its first job runs."""
+        self._live.add(request.hold.hold_id)
+        await self._store.add(request, self.replica_id, self._lease_s)
+
+    async def close(self, hold_id: str) -> None:
+        """Forgets a request whose hold is settled."""
+        self._live.discard(hold_id)
+        try:
+            await self._store.remove(hold_id)
+        except Exception:  # the lease lapses; the sweeper's settlement is then a replay
+            log.warning("forgetting a settled request failed", hold_id=hold_id, exc_info=True)
+
+    async def renew_forever(self) -> None:
+        """Renews this replica's leases every third of the lease until cancelled."""
+        while True:
+            await asyncio.sleep(self._lease_s / 3)
+            if not self._live:
+                continue
+            try:
+                await self._store.renew(sorted(self._live), self._lease_s)
+            except Exception:  # the next round tries again, well within the lease
+                log.warning("renewing in-flight leases failed", exc_info=True)
