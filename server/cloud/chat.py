@@ -149,8 +149,12 @@ class ChatService:
             max_prompt_tokens=budget.max_prompt_tokens,
         )
         jobs = [(spec, budget)] * request.n
-        async for event in self._run(caller, model, rules, jobs, "chatcmpl", request_id):
-            yield event
+        # Closed with this stream, not when collected: the hold is settled on close.
+        async with contextlib.aclosing(
+            self._run(caller, model, rules, jobs, "chatcmpl", request_id)
+        ) as events:
+            async for event in events:
+                yield event
 
     async def stream_text(
         self, authorization: str | None, request: TextRequest, request_id: str
@@ -168,8 +172,12 @@ class ChatService:
                 prompt=prompt,
             )
             jobs.extend([(spec, budget)] * request.n)
-        async for event in self._run(caller, model, rules, jobs, "cmpl", request_id):
-            yield event
+        # Closed with this stream, not when collected: the hold is settled on close.
+        async with contextlib.aclosing(
+            self._run(caller, model, rules, jobs, "cmpl", request_id)
+        ) as events:
+            async for event in events:
+                yield event
 
     async def complete_text(
         self, authorization: str | None, request: TextRequest, request_id: str

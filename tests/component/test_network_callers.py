@@ -50,6 +50,9 @@ def _calls(channel: grpc.aio.Channel) -> dict[str, Callable[[Metadata], Awaitabl
     return {
         "RunJob": run_job,
         "ListModels": lambda m: dispatch.ListModels(dispatch_pb.ListModelsRequest(), metadata=m),
+        "GetJobRecords": lambda m: dispatch.GetJobRecords(
+            dispatch_pb.GetJobRecordsRequest(job_ids=["j"]), metadata=m
+        ),
         "ListNodes": lambda m: admin.ListNodes(admin_pb.ListNodesRequest(), metadata=m),
         "GetNode": lambda m: admin.GetNode(admin_pb.GetNodeRequest(node_id="n"), metadata=m),
         "DrainNode": lambda m: admin.DrainNode(admin_pb.DrainNodeRequest(node_id="n"), metadata=m),
@@ -107,6 +110,18 @@ async def test_the_service_token_opens_them(platform: Platform) -> None:
         )
         events = [event async for event in call]
         assert events[-1].finished.usage.completion_tokens == 3
+        records = await dispatch.GetJobRecords(
+            dispatch_pb.GetJobRecordsRequest(job_ids=["j", "unknown"]), metadata=platform.service
+        )
+        [record] = records.records
+        assert (record.job_id, record.usage.completion_tokens) == ("j", 3)
+        assert [a.node_id for a in record.assignments] == [node_id]
+        with pytest.raises(grpc.aio.AioRpcError) as too_many:
+            await dispatch.GetJobRecords(
+                dispatch_pb.GetJobRecordsRequest(job_ids=[str(i) for i in range(129)]),
+                metadata=platform.service,
+            )
+        assert too_many.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         listed = await admin.ListNodes(admin_pb.ListNodesRequest(), metadata=platform.service)
         assert [node.node_id for node in listed.nodes] == [node_id]
         drained = await admin.DrainNode(
