@@ -38,13 +38,13 @@ from bench.paced_runtime import PacedRuntime
 from bench.platform_process import free_port
 from bench.scratch_database import scratch_database
 from core import channels, event_loop
+from core.channels import bearer_metadata
 from core.logging import configure_logging
 from gateway.app import create_app
 from gateway.server import serve
 from server.account.component import AccountComponent
 from server.cloud.component import CloudComponent
 from server.cloud.settings import RateLimitSettings
-from server.common.credentials import service_metadata
 from server.network.component import NetworkComponent
 from server.network.service import ValidationSettings
 from server.secrets import PlatformSecrets
@@ -163,7 +163,7 @@ async def _serve_platform(conn: Connection, tokens: int) -> None:
         stack.push_async_callback(server.stop, None)
         channel = channels.insecure_channel(target)
         stack.push_async_callback(channel.close, None)
-        service = service_metadata(secrets.service_token)
+        service = bearer_metadata(secrets.service_token)
 
         conn.send(("agent", target, await _node_token(channel, service)))
         await _eventually(lambda: bool(network.service.nodes()), timeout_s=START_TIMEOUT_S)

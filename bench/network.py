@@ -47,10 +47,11 @@ from agent.session import AGENT_VERSION, AgentSession, SessionSettings
 from bench.paced_runtime import MODEL_ID, PacedRuntime, token_text
 from bench.scratch_database import scratch_database
 from core import channels, event_loop
+from core.channels import bearer_metadata
 from core.inference import ChatMessage, ChatRole, GenerationSpec, Sampling
 from core.inference_proto import spec_to_pb
 from core.logging import configure_logging
-from server.common.credentials import generate_service_token, service_metadata
+from server.common.credentials import generate_service_token
 from server.network.component import NetworkComponent
 from server.network.service import FailoverSettings, LivenessSettings, ValidationSettings
 
@@ -373,7 +374,7 @@ async def failover(
         for run in range(runs):
             call = stub.RunJob(
                 dispatch_pb.RunJobRequest(job_id=f"bench-failover-{run}", spec=spec_to_pb(spec)),
-                metadata=service_metadata(network.service_token),
+                metadata=bearer_metadata(network.service_token),
             )
             serving = ""
             received, text = 0, ""

@@ -7,6 +7,7 @@ to HTTP and the OpenAI error envelope (gateway/errors.py).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import StrEnum
 
 # What a message may quote of a caller's input: enough to recognise it, never so
@@ -155,3 +156,38 @@ class InvalidResultSignature(DomainError):
     """A node's signed result does not match what it streamed: it is cut off."""
 
     reason = ErrorReason.INVALID_RESULT_SIGNATURE
+
+
+_ERROR_BY_REASON: dict[ErrorReason, type[DomainError]] = {
+    kind.reason: kind
+    for kind in (
+        InvalidArgument,
+        InvalidApiKey,
+        PermissionDenied,
+        FailedPrecondition,
+        NotFound,
+        ModelNotFound,
+        InsufficientQuota,
+        RateLimited,
+        IdempotencyKeyReused,
+        HoldAlreadyResolved,
+        NoCapacity,
+        JobFailed,
+        ProtocolViolation,
+        SessionEnded,
+        InvalidNodeCredentials,
+        NodeQuarantined,
+        InvalidResultSignature,
+    )
+}
+
+
+def rebuild_error(reason: ErrorReason, message: str, metadata: Mapping[str, str]) -> DomainError:
+    """The error another service raised, from what crossed the wire: an instance of its
+    reason's class (so callers can catch e.g. InsufficientQuota) with the same message and
+    metadata. The class's own constructor is bypassed: its arguments are already folded
+    into those."""
+    kind = _ERROR_BY_REASON.get(reason, DomainError)
+    error = kind.__new__(kind)
+    DomainError.__init__(error, message, reason=reason, metadata=dict(metadata))
+    return error

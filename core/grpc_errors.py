@@ -2,15 +2,17 @@
 
 A servicer method decorated with ``@translate_errors`` aborts with the status
 code that matches the error's reason and a ``google.rpc.ErrorInfo`` detail; a
-client turns a failed call back into the same ``DomainError`` with
-``domain_error_from_rpc``, so reasons survive a chain of services.
+client runs its calls inside ``with domain_errors():``, which turns a failed call
+back into the same ``DomainError`` (``domain_error_from_rpc``), so reasons survive
+a chain of services.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from typing import Any, NoReturn, TypeVar, cast
 
 import google.rpc.error_details_pb2 as error_details_pb2
@@ -19,7 +21,7 @@ import grpc
 from google.protobuf import any_pb2
 from grpc_status import rpc_status
 
-from core.errors import DomainError, ErrorReason, quote
+from core.errors import DomainError, ErrorReason, quote, rebuild_error
 
 ERROR_DOMAIN = "resultity"
 _STATUS_DETAILS_KEY = "grpc-status-details-bin"
@@ -105,23 +107,34 @@ def error_info(error: grpc.aio.AioRpcError | grpc.RpcError) -> error_details_pb2
 
 
 def domain_error_from_rpc(error: grpc.aio.AioRpcError) -> DomainError:
-    """Rebuilds the DomainError a downstream service raised.
+    """Rebuilds the DomainError a downstream service raised (its reason's subclass).
 
     A failure without ErrorInfo (transport failure, crash) becomes
     NO_CAPACITY when the peer was unreachable and INTERNAL otherwise.
     """
     info = error_info(error)
     if info is not None and info.reason in _REASON_BY_VALUE:
-        return DomainError(
-            error.details() or info.reason,
-            reason=_REASON_BY_VALUE[info.reason],
-            metadata=dict(info.metadata),
+        return rebuild_error(
+            _REASON_BY_VALUE[info.reason], error.details() or info.reason, info.metadata
         )
     if error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-        return DomainError(
-            f"upstream unavailable: {error.details()}", reason=ErrorReason.NO_CAPACITY
+        return rebuild_error(
+            ErrorReason.NO_CAPACITY, f"upstream unavailable: {error.details()}", {}
         )
-    return DomainError(f"upstream error: {error.details()}", reason=ErrorReason.INTERNAL)
+    return rebuild_error(ErrorReason.INTERNAL, f"upstream error: {error.details()}", {})
+
+
+@contextlib.contextmanager
+def domain_errors() -> Iterator[None]:
+    """A gRPC call that fails inside this block raises the DomainError it carries.
+
+    The one place a client turns a failed call into the domain's error; wrap the
+    await of a unary call or the iteration of a stream.
+    """
+    try:
+        yield
+    except grpc.aio.AioRpcError as error:
+        raise domain_error_from_rpc(error) from None
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -158,6 +171,7 @@ def translate_errors(method: _F) -> _F:
 __all__ = [
     "STATUS_BY_REASON",
     "domain_error_from_rpc",
+    "domain_errors",
     "error_info",
     "to_status",
     "translate_errors",

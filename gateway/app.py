@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from core.channels import PLAINTEXT, Tls
+from core.channels import PLAINTEXT, Tls, bearer_metadata
 from core.channels import channel as tls_channel
 from core.errors import InvalidArgument, quote
 from core.regions import validate_region
@@ -196,7 +196,7 @@ def _call_metadata(request: Request) -> Metadata:
     # Refused here: gRPC would fail the call on metadata that large.
     if len(key) > MAX_API_KEY_LENGTH:
         raise errors.invalid_api_key()
-    return (("authorization", f"Bearer {key}"), ("x-request-id", request.state.request_id))
+    return (*bearer_metadata(key), ("x-request-id", request.state.request_id))
 
 
 def _region(request: Request) -> str:

@@ -22,7 +22,7 @@ from resultity.account.v1 import ledger_service_pb2_grpc as ledger_grpc
 from resultity.account.v1 import node_token_service_pb2 as node_token_pb
 from resultity.account.v1 import node_token_service_pb2_grpc as node_token_grpc
 
-from server.common.credentials import service_metadata
+from core.channels import bearer_metadata
 
 log = structlog.get_logger(__name__)
 
@@ -37,7 +37,7 @@ async def ensure_demo_key(
     key_file = data_dir / DEMO_KEY_FILE
     keys = keys_grpc.ApiKeyServiceStub(channel)
     secret = _read_key(key_file)
-    metadata = service_metadata(service_token)
+    metadata = bearer_metadata(service_token)
     if secret is not None:
         try:
             await keys.AuthenticateApiKey(
@@ -97,7 +97,7 @@ async def ensure_node_token(channel: grpc.aio.Channel, data_dir: Path, service_t
     """
     key_file = data_dir / NODE_TOKEN_FILE
     tokens = node_token_grpc.NodeTokenServiceStub(channel)
-    metadata = service_metadata(service_token)
+    metadata = bearer_metadata(service_token)
     secret = _read_key(key_file)
     if secret is not None:
         try:

@@ -33,11 +33,12 @@ from agent.backoff import Backoff
 from agent.runtime.base import Runtime
 from agent.session import AgentSession, SessionSettings
 from core import channels
+from core.channels import bearer_metadata
 from server.account.component import AccountComponent
 from server.cli import _parser, _run
 from server.cloud.component import CloudComponent
 from server.common.bus import Bus
-from server.common.credentials import generate_service_token, service_metadata
+from server.common.credentials import generate_service_token
 from server.common.shared_state import SharedState
 from server.network.admission import AdmissionSettings
 from server.network.component import NetworkComponent
@@ -274,7 +275,7 @@ async def running_platform(
         component.register(server)
     await server.start()
     channel = channels.insecure_channel(target)
-    platform = Platform(target, network, account, channel, service_metadata(secrets.service_token))
+    platform = Platform(target, network, account, channel, bearer_metadata(secrets.service_token))
     try:
         yield platform
     finally:
@@ -304,7 +305,7 @@ class NetworkServer:
     @property
     def service(self) -> tuple[tuple[str, str], ...]:
         """Metadata of the dispatch and node admin APIs' callers (the platform)."""
-        return service_metadata(self.service_token)
+        return bearer_metadata(self.service_token)
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Like a real shutdown: agents are asked to reconnect, then the server stops."""

@@ -94,7 +94,7 @@ def add_commands(account: argparse.ArgumentParser) -> None:
 
 
 async def run_command(args: argparse.Namespace) -> None:
-    metadata = (("authorization", f"Bearer {cli_credential(args.data_dir)}"),)
+    metadata = channels.bearer_metadata(cli_credential(args.data_dir))
     async with channels.insecure_channel(args.target) as channel:
         accounts = account_grpc.AccountServiceStub(channel)
         keys = key_grpc.ApiKeyServiceStub(channel)

@@ -143,7 +143,7 @@ def _key_request(args: argparse.Namespace) -> pb.CreateSubcloudApiKeyRequest:
 
 
 async def run_command(args: argparse.Namespace) -> None:
-    metadata = (("authorization", f"Bearer {cli_credential(args.data_dir)}"),)
+    metadata = channels.bearer_metadata(cli_credential(args.data_dir))
     async with channels.insecure_channel(args.cloud) as channel:
         stub = pb_grpc.SubcloudServiceStub(channel)
         calls: dict[str, Callable[[], Awaitable[Message]]] = {

@@ -17,7 +17,8 @@ from resultity.account.v1 import ledger_service_pb2_grpc as ledger_grpc
 from resultity.network.v1 import dispatch_service_pb2 as dispatch_pb
 from resultity.network.v1 import dispatch_service_pb2_grpc as dispatch_grpc
 
-from core.grpc_errors import describe_rpc_error, domain_error_from_rpc
+from core.channels import bearer_metadata
+from core.grpc_errors import describe_rpc_error, domain_error_from_rpc, domain_errors
 from core.inference import (
     NO_ORIGIN,
     CatalogModel,
@@ -70,15 +71,13 @@ class GrpcAccountClient:
         self._keys = keys_grpc.ApiKeyServiceStub(channel)
         self._ledger = ledger_grpc.LedgerServiceStub(channel)
         # Holds are the platform's business: the cloud calls the ledger as the service.
-        self._metadata = (("authorization", f"Bearer {service_token}"),)
+        self._metadata = bearer_metadata(service_token)
 
     async def authenticate(self, secret: str) -> Caller:
-        try:
+        with domain_errors():
             response = await self._keys.AuthenticateApiKey(
                 keys_pb.AuthenticateApiKeyRequest(secret=secret), metadata=self._metadata
             )
-        except grpc.aio.AioRpcError as error:
-            raise domain_error_from_rpc(error) from None
         key = response.api_key
         return Caller(
             key.account_id,
@@ -93,12 +92,10 @@ class GrpcAccountClient:
         )
 
     async def require_account(self, account_id: UUID) -> None:
-        try:
+        with domain_errors():
             await self._accounts.GetAccount(
                 account_pb.GetAccountRequest(account_id=str(account_id)), metadata=self._metadata
             )
-        except grpc.aio.AioRpcError as error:
-            raise domain_error_from_rpc(error) from None
 
     async def issue_api_key(
         self,
@@ -118,10 +115,8 @@ class GrpcAccountClient:
         )
         if expires is not None:
             request.expires.FromDatetime(expires)
-        try:
+        with domain_errors():
             response = await self._keys.CreateApiKey(request, metadata=self._metadata)
-        except grpc.aio.AioRpcError as error:
-            raise domain_error_from_rpc(error) from None
         key = response.api_key
         return IssuedKey(key.api_key_id, key.account_id, key.prefix, response.secret)
 
@@ -130,7 +125,7 @@ class GrpcAccountClient:
     ) -> HoldRef:
         expires_pb = timestamp_pb2.Timestamp()
         expires_pb.FromDatetime(expires)
-        try:
+        with domain_errors():
             response = await self._ledger.CreateHold(
                 ledger_pb.CreateHoldRequest(
                     account_id=account_id,
@@ -140,8 +135,6 @@ class GrpcAccountClient:
                 ),
                 metadata=self._metadata,
             )
-        except grpc.aio.AioRpcError as error:
-            raise domain_error_from_rpc(error) from None
         return HoldRef(response.hold.hold_id, response.hold.amount_micro_credits)
 
     async def settle_hold(self, hold_id: str, capture: int, shares: OperatorShares) -> int:
@@ -151,6 +144,8 @@ class GrpcAccountClient:
                 request, metadata=self._metadata, timeout=SETTLE_TIMEOUT_S
             )
         except grpc.aio.AioRpcError as error:
+            # The status first: a settlement the ledger did not answer is sent again,
+            # not refused.
             if error.code() in _LEDGER_UNAVAILABLE:
                 raise LedgerUnavailable(describe_rpc_error(error)) from None
             raise domain_error_from_rpc(error) from None
@@ -161,16 +156,14 @@ class GrpcNetworkClient:
     def __init__(self, channel: grpc.aio.Channel, service_token: str) -> None:
         self._dispatch = dispatch_grpc.DispatchServiceStub(channel)
         # The network's dispatch API serves only the platform's own services.
-        self._metadata = (("authorization", f"Bearer {service_token}"),)
+        self._metadata = bearer_metadata(service_token)
 
     async def list_models(
         self, requirements: NodeRequirements = NO_REQUIREMENTS
     ) -> list[CatalogModel]:
         request = dispatch_pb.ListModelsRequest(requirements=requirements_to_pb(requirements))
-        try:
+        with domain_errors():
             response = await self._dispatch.ListModels(request, metadata=self._metadata)
-        except grpc.aio.AioRpcError as error:
-            raise domain_error_from_rpc(error) from None
         return [
             CatalogModel(
                 id=model.id,
@@ -216,38 +209,37 @@ class GrpcNetworkClient:
             metadata=self._metadata,
         )
         try:
-            async for response in call:
-                kind = response.WhichOneof("event")
-                if kind == "assigned":
-                    yield JobAssigned(response.assigned.node_id)
-                elif kind == "delta":
-                    delta = response.delta
-                    yield JobDelta(
-                        delta.text,
-                        delta.token_count,
-                        delta.prompt_tokens,
-                        logprobs_from_pb(delta.logprobs),
-                        tuple(delta.embedding),
-                    )
-                elif kind == "migrated":
-                    migrated = response.migrated
-                    yield JobMigrated(migrated.node_id, migrated.epoch, migrated.reason)
-                elif kind == "finished":
-                    finished = response.finished
-                    yield JobFinished(
-                        finish_reason_from_pb(finished.finish_reason),
-                        usage_from_pb(finished.usage),
-                        tuple(
-                            NodeUsage(
-                                share.node_id,
-                                usage_from_pb(share.usage),
-                                share.operator_account_id,
-                            )
-                            for share in finished.node_usage
-                        ),
-                    )
-        except grpc.aio.AioRpcError as error:
-            raise domain_error_from_rpc(error) from None
+            with domain_errors():
+                async for response in call:
+                    kind = response.WhichOneof("event")
+                    if kind == "assigned":
+                        yield JobAssigned(response.assigned.node_id)
+                    elif kind == "delta":
+                        delta = response.delta
+                        yield JobDelta(
+                            delta.text,
+                            delta.token_count,
+                            delta.prompt_tokens,
+                            logprobs_from_pb(delta.logprobs),
+                            tuple(delta.embedding),
+                        )
+                    elif kind == "migrated":
+                        migrated = response.migrated
+                        yield JobMigrated(migrated.node_id, migrated.epoch, migrated.reason)
+                    elif kind == "finished":
+                        finished = response.finished
+                        yield JobFinished(
+                            finish_reason_from_pb(finished.finish_reason),
+                            usage_from_pb(finished.usage),
+                            tuple(
+                                NodeUsage(
+                                    share.node_id,
+                                    usage_from_pb(share.usage),
+                                    share.operator_account_id,
+                                )
+                                for share in finished.node_usage
+                            ),
+                        )
         finally:
             # Leaving early (our caller went away) cancels the job upstream.
             call.cancel()

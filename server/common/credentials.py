@@ -36,8 +36,3 @@ def bearer_credential(authorization: str | None) -> str:
     if len(token) > MAX_CREDENTIAL_LENGTH:
         raise InvalidApiKey("Invalid API key")
     return token.strip()
-
-
-def service_metadata(service_token: str) -> tuple[tuple[str, str], ...]:
-    """gRPC call metadata that authenticates an internal caller."""
-    return (("authorization", f"Bearer {service_token}"),)

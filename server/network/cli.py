@@ -19,7 +19,6 @@ from resultity.network.v1 import node_admin_service_pb2 as pb
 from resultity.network.v1 import node_admin_service_pb2_grpc as pb_grpc
 
 from core import channels
-from server.common.credentials import service_metadata
 from server.secrets import service_token
 
 _STATES = {
@@ -68,7 +67,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 async def run_command(args: argparse.Namespace) -> None:
     token = service_token(args.data_dir)
-    metadata = service_metadata(token)
+    metadata = channels.bearer_metadata(token)
     async with channels.insecure_channel(args.network) as channel:
         stub = pb_grpc.NodeAdminServiceStub(channel)
         command = args.nodes_command

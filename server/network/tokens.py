@@ -6,8 +6,9 @@ import grpc
 from resultity.account.v1 import node_token_service_pb2 as pb
 from resultity.account.v1 import node_token_service_pb2_grpc as pb_grpc
 
-from core.errors import InvalidNodeCredentials
-from core.grpc_errors import domain_error_from_rpc
+from core.channels import bearer_metadata
+from core.errors import InvalidApiKey, InvalidNodeCredentials
+from core.grpc_errors import domain_errors
 
 
 class AccountNodeTokens:
@@ -15,15 +16,14 @@ class AccountNodeTokens:
 
     def __init__(self, channel: grpc.aio.Channel, service_token: str) -> None:
         self._stub = pb_grpc.NodeTokenServiceStub(channel)
-        self._metadata = (("authorization", f"Bearer {service_token}"),)
+        self._metadata = bearer_metadata(service_token)
 
     async def operator_of(self, node_token: str) -> str:
         try:
-            response = await self._stub.AuthenticateNodeToken(
-                pb.AuthenticateNodeTokenRequest(secret=node_token), metadata=self._metadata
-            )
-        except grpc.aio.AioRpcError as error:
-            if error.code() == grpc.StatusCode.UNAUTHENTICATED:
-                raise InvalidNodeCredentials("the node token is not valid") from None
-            raise domain_error_from_rpc(error) from None
+            with domain_errors():
+                response = await self._stub.AuthenticateNodeToken(
+                    pb.AuthenticateNodeTokenRequest(secret=node_token), metadata=self._metadata
+                )
+        except InvalidApiKey:
+            raise InvalidNodeCredentials("the node token is not valid") from None
         return response.node_token.account_id

@@ -24,7 +24,7 @@ from resultity.account.v1 import subscription_service_pb2 as sub_pb
 from resultity.cloud.v1 import inference_service_pb2 as cloud_pb
 from resultity.common.v1 import inference_pb2 as common_pb
 
-from server.common.credentials import service_metadata
+from core.channels import bearer_metadata
 from tests.account_support import Stubs, expect_error
 from tests.harness import Platform, running_platform
 
@@ -202,7 +202,7 @@ async def test_missing_wrong_and_inference_only_credentials_are_refused(
     await expect_error(stubs.ledger.GetBalance(request), Code.UNAUTHENTICATED, "INVALID_API_KEY")
     for credential in ("rst_not-the-token", "rsk_malformed", _altered(inference_only.key)):
         await expect_error(
-            stubs.ledger.GetBalance(request, metadata=service_metadata(credential)),
+            stubs.ledger.GetBalance(request, metadata=bearer_metadata(credential)),
             Code.UNAUTHENTICATED,
             "INVALID_API_KEY",
         )

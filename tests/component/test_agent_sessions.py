@@ -17,8 +17,9 @@ from agent.backoff import Backoff
 from agent.identity import NodeIdentity, signed_hello
 from agent.session import AGENT_VERSION, AgentSession, SessionSettings
 from core import channels
+from core.channels import bearer_metadata
 from core.grpc_errors import error_info
-from server.common.credentials import generate_service_token, service_metadata
+from server.common.credentials import generate_service_token
 from server.network.component import NetworkComponent
 from server.network.service import LivenessSettings
 from tests.doubles.scripted_runtime import MODEL_ID, ScriptedRuntime
@@ -126,7 +127,7 @@ async def test_heartbeating_agent_stays_and_is_listed(
         await asyncio.sleep(FAST.heartbeat_timeout_s * 4)
         async with channels.insecure_channel(target) as channel:
             listing = await admin_grpc.NodeAdminServiceStub(channel).ListNodes(
-                admin_pb.ListNodesRequest(), metadata=service_metadata(SERVICE_TOKEN)
+                admin_pb.ListNodesRequest(), metadata=bearer_metadata(SERVICE_TOKEN)
             )
         assert [node.node_id for node in listing.nodes] == [session.node_id]
         assert listing.nodes[0].models == [MODEL_ID]

@@ -14,10 +14,11 @@ from resultity.network.v1 import node_admin_service_pb2 as admin_pb
 from resultity.network.v1 import node_admin_service_pb2_grpc as admin_grpc
 
 from core import channels
+from core.channels import bearer_metadata
 from core.grpc_errors import error_info
 from core.inference import ChatMessage, ChatRole, GenerationSpec, Sampling
 from core.inference_proto import spec_to_pb
-from server.common.credentials import generate_service_token, service_metadata
+from server.common.credentials import generate_service_token
 from tests.doubles.scripted_runtime import MODEL_ID, ScriptedRuntime
 from tests.harness import Platform, running_platform
 
@@ -78,9 +79,9 @@ async def test_callers_without_the_service_token_are_refused(platform: Platform)
     strangers: dict[str, Metadata] = {
         "no credentials": (),
         "not bearer": (("authorization", "Basic abc"),),
-        "another service token": service_metadata(generate_service_token()),
+        "another service token": bearer_metadata(generate_service_token()),
         "a customer's API key": customer.metadata,
-        "a node token": service_metadata(node_token),
+        "a node token": bearer_metadata(node_token),
     }
     async with channels.insecure_channel(platform.target) as channel:
         for name, call in _calls(channel).items():

@@ -19,11 +19,11 @@ from resultity.network.v1 import node_admin_service_pb2_grpc as admin_grpc
 from agent.identity import NodeIdentity, signed_hello
 from agent.session import AGENT_VERSION, AgentSession, SessionSettings
 from core import channels
+from core.channels import bearer_metadata
 from core.grpc_errors import describe_rpc_error, error_info
 from core.inference import ChatMessage, ChatRole, GenerationSpec, Sampling
 from core.inference_proto import spec_to_pb
 from server.cli import _parser
-from server.common.credentials import service_metadata
 from server.network.cli import run_command
 from server.network.service import ValidationSettings
 from tests.doubles.scripted_runtime import MODEL_ID, ScriptedRuntime, canary_answers
@@ -274,7 +274,7 @@ async def test_a_quarantine_outlives_reconnects_until_the_node_is_released(
             with pytest.raises(grpc.aio.AioRpcError) as unknown:
                 await admin_grpc.NodeAdminServiceStub(channel).ReleaseNode(
                     admin_pb.ReleaseNodeRequest(node_id="nobody"),
-                    metadata=service_metadata(network.service_token),
+                    metadata=bearer_metadata(network.service_token),
                 )
         assert describe_rpc_error(unknown.value) == (
             "NOT_FOUND: node nobody never joined this network [NOT_FOUND]"

@@ -16,7 +16,8 @@ from resultity.network.v1 import node_admin_service_pb2_grpc as admin_grpc
 
 from agent.session import AgentSession, SessionSettings
 from core import channels
-from server.common.credentials import generate_service_token, service_metadata
+from core.channels import bearer_metadata
+from server.common.credentials import generate_service_token
 from server.network.admission import AdmissionSettings
 from server.network.component import NetworkComponent
 from tests.doubles.scripted_runtime import ScriptedRuntime
@@ -48,7 +49,7 @@ async def _network(tls: channels.Tls, dsn: str) -> AsyncIterator[str]:
 async def _list_nodes(target: str, tls: channels.Tls) -> list[str]:
     async with channels.channel(target, tls) as channel:
         listing = await admin_grpc.NodeAdminServiceStub(channel).ListNodes(
-            admin_pb.ListNodesRequest(), metadata=service_metadata(SERVICE_TOKEN), timeout=5
+            admin_pb.ListNodesRequest(), metadata=bearer_metadata(SERVICE_TOKEN), timeout=5
         )
     return [node.node_id for node in listing.nodes]
 

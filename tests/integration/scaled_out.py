@@ -25,7 +25,8 @@ from resultity.account.v1 import ledger_service_pb2_grpc as ledger_grpc
 from resultity.account.v1 import rate_limits_pb2 as rate_limits_pb
 
 from core import channels
-from server.common.credentials import generate_service_token, service_metadata
+from core.channels import bearer_metadata
+from server.common.credentials import generate_service_token
 from server.network.catalog import SMOLLM2_135M
 from tests.harness import free_port
 
@@ -103,7 +104,7 @@ class ScaledOut:
 
     @property
     def service(self) -> tuple[tuple[str, str], ...]:
-        return service_metadata(self.service_token)
+        return bearer_metadata(self.service_token)
 
     async def customer(
         self, credits: int, limits: rate_limits_pb.RateLimits | None = None

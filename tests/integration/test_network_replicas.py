@@ -19,7 +19,8 @@ from resultity.network.v1 import node_admin_service_pb2_grpc as admin_grpc
 
 from agent.session import AgentSession, SessionSettings
 from core import channels
-from server.common.credentials import generate_service_token, service_metadata
+from core.channels import bearer_metadata
+from server.common.credentials import generate_service_token
 from tests.doubles.scripted_runtime import ScriptedRuntime
 from tests.harness import free_port
 
@@ -69,7 +70,7 @@ async def _answering(target: str, token: str, process: asyncio.subprocess.Proces
             assert process.returncode is None, "the network replica exited"
             try:
                 await admin.GetNetworkConfig(
-                    admin_pb.GetNetworkConfigRequest(), metadata=service_metadata(token)
+                    admin_pb.GetNetworkConfigRequest(), metadata=bearer_metadata(token)
                 )
                 return
             except grpc.aio.AioRpcError:
@@ -80,7 +81,7 @@ async def test_a_config_change_on_one_replica_is_acked_by_an_agent_on_the_other(
     database_url: str, redis_url: str, tmp_path: Path
 ) -> None:
     token = generate_service_token()
-    metadata = service_metadata(token)
+    metadata = bearer_metadata(token)
     async with (
         _replica(database_url, redis_url, token, tmp_path / "a") as first,
         _replica(database_url, redis_url, token, tmp_path / "b") as second,
