@@ -17,8 +17,8 @@ from resultity.cloud.v1 import (
 )
 
 from core.channels import PLAINTEXT, Tls, channel
-from server.cloud.chat import ChatService
 from server.cloud.clients import GrpcAccountClient, GrpcNetworkClient
+from server.cloud.inference import InferenceService
 from server.cloud.inflight import InFlightLeases
 from server.cloud.inflight_store import PostgresInFlightStore
 from server.cloud.orphans import OrphanSweeper
@@ -95,7 +95,7 @@ class CloudComponent:
             running_grace_s=self._inflight_settings.running_grace_s,
         )
         self._background: list[asyncio.Task[None]] = []
-        self.chat = ChatService(
+        self.inference = InferenceService(
             account,
             network,
             auth_ttl_s=ttl_s,
@@ -107,13 +107,13 @@ class CloudComponent:
                 None if self._redis_counters is None else FallbackCounters(self._redis_counters)
             ),
         )
-        shared.invalidations.subscribe(self.chat.authenticator)
+        shared.invalidations.subscribe(self.inference.authenticator)
         shared.invalidations.subscribe(resolver)
         self.subclouds = SubcloudService(
             store,
             account,
-            self.chat.authenticator,
-            self.chat.models,
+            self.inference.authenticator,
+            self.inference.models,
             resolver,
             service_token=service_token,
             changes=shared.invalidations,
@@ -173,7 +173,7 @@ class CloudComponent:
 
     def register(self, server: grpc.aio.Server) -> None:
         inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(
-            InferenceServicer(self.chat), server
+            InferenceServicer(self.inference), server
         )
         subcloud_service_pb2_grpc.add_SubcloudServiceServicer_to_server(
             SubcloudServicer(self.subclouds), server
@@ -184,7 +184,7 @@ class CloudComponent:
         ready node (what the gateway's /ready asks); runs until cancelled."""
         while True:
             try:
-                servable = await self.chat.models.any_servable()
+                servable = await self.inference.models.any_servable()
             except Exception:  # the network unreachable: nothing is servable
                 log.warning("readiness check failed", exc_info=True)
                 servable = False
@@ -192,7 +192,7 @@ class CloudComponent:
             await asyncio.sleep(READINESS_INTERVAL_S)
 
     async def stop(self) -> None:
-        await self.chat.drain()
+        await self.inference.drain()
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)

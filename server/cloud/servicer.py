@@ -1,4 +1,4 @@
-"""gRPC transport of the cloud inference API: conversions around ChatService."""
+"""gRPC transport of the cloud inference API: conversions around InferenceService."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from core.inference_proto import (
     role_to_pb,
     usage_to_pb,
 )
-from server.cloud.chat import ChatService
+from server.cloud.inference import InferenceService
 from server.cloud.rate_limits import RateStatus
 from server.cloud.requests import (
     ChatRequest,
@@ -125,8 +125,8 @@ def _model_pb(model: CatalogModel) -> pb.Model:
 
 
 class InferenceServicer(pb_grpc.InferenceServiceServicer):
-    def __init__(self, chat: ChatService) -> None:
-        self._chat = chat
+    def __init__(self, inference: InferenceService) -> None:
+        self._inference = inference
 
     @translate_errors
     async def CreateChatCompletion(
@@ -134,7 +134,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         request: pb.CreateChatCompletionRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> pb.CreateChatCompletionResponse:
-        completion = await self._chat.complete(
+        completion = await self._inference.complete(
             authorization(context),
             _chat_request(request.params),
             _request_id(context),
@@ -167,7 +167,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         request: pb.StreamChatCompletionRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[pb.StreamChatCompletionResponse]:
-        events = self._chat.stream(
+        events = self._inference.stream(
             authorization(context),
             _chat_request(request.params),
             _request_id(context),
@@ -209,21 +209,21 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ListModelsResponse:
-        models = await self._chat.list_models(authorization(context))
+        models = await self._inference.list_models(authorization(context))
         return pb.ListModelsResponse(models=[_model_pb(model) for model in models])
 
     @translate_errors
     async def GetModel(
         self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetModelResponse:
-        model = await self._chat.get_model(authorization(context), request.model)
+        model = await self._inference.get_model(authorization(context), request.model)
         return pb.GetModelResponse(model=_model_pb(model))
 
     @translate_errors
     async def CreateCompletion(
         self, request: pb.CreateCompletionRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.CreateCompletionResponse:
-        completion = await self._chat.complete_text(
+        completion = await self._inference.complete_text(
             authorization(context),
             _text_request(request.params),
             _request_id(context),
@@ -252,7 +252,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     async def StreamCompletion(
         self, request: pb.StreamCompletionRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.StreamCompletionResponse]:
-        events = self._chat.stream_text(
+        events = self._inference.stream_text(
             authorization(context),
             _text_request(request.params),
             _request_id(context),
@@ -290,7 +290,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     async def CreateEmbeddings(
         self, request: pb.CreateEmbeddingsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.CreateEmbeddingsResponse:
-        embeddings = await self._chat.embed(
+        embeddings = await self._inference.embed(
             authorization(context),
             EmbeddingRequest(
                 request.model, tuple(request.inputs), request.user, region=request.region

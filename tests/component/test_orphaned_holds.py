@@ -14,9 +14,9 @@ import pytest
 
 from core import channels
 from core.inference import ChatMessage, ChatRole, Usage
-from server.cloud.chat import ChatService
 from server.cloud.clients import GrpcAccountClient, GrpcNetworkClient
 from server.cloud.component import CloudComponent
+from server.cloud.inference import InferenceService
 from server.cloud.inflight import InFlightLeases
 from server.cloud.inflight_store import PostgresInFlightStore
 from server.cloud.pricing import cost
@@ -100,7 +100,7 @@ async def test_a_dead_replicas_hold_is_settled_from_the_job_record(
     pool = await create_pool(postgres_dsn)
     channel = channels.insecure_channel(platform.target)
     try:
-        dying = ChatService(
+        dying = InferenceService(
             GrpcAccountClient(channel, token),
             GrpcNetworkClient(channel, token),
             settlements=DiesBeforeSettling(),
@@ -134,7 +134,7 @@ async def test_a_dead_replicas_hold_is_settled_from_the_job_record(
         await _until(settled)
         # Nothing left to settle: a second sweep settles nothing.
         assert await replica.orphans.sweep() == 0
-        price = (await replica.chat.models.get(MODEL_ID)).price
+        price = (await replica.inference.models.get(MODEL_ID)).price
 
     job = await db.fetchrow(
         """SELECT prompt_tokens, completion_tokens, outcome FROM network_jobs
@@ -164,7 +164,7 @@ async def test_a_live_request_keeps_its_lease_and_settles_itself(
     await platform.start_agent(ScriptedRuntime(script=LONG_SCRIPT[:200]), "n")
     customer = await platform.customer(credits=1_000_000)
     async with _replica(platform, postgres_dsn) as replica:
-        events = replica.chat.stream(f"Bearer {customer.api_key}", REQUEST, "req-live")
+        events = replica.inference.stream(f"Bearer {customer.api_key}", REQUEST, "req-live")
         async with contextlib.aclosing(events):
             async for event in events:
                 if isinstance(event, ContentDelta):
@@ -178,7 +178,7 @@ async def test_a_live_request_keeps_its_lease_and_settles_itself(
             assert row["orphaned_at"] is None
             finished = [event async for event in events][-1]
         assert isinstance(finished, CompletionFinished)
-        price = (await replica.chat.models.get(MODEL_ID)).price
+        price = (await replica.inference.models.get(MODEL_ID)).price
         assert finished.charged == cost(price, finished.usage) > 0
         assert not await db.fetchval(
             "SELECT count(*) FROM cloud_inflight_requests WHERE request_id = 'req-live'"

@@ -1,4 +1,5 @@
-"""Chat completions: admission, dispatch, and exact settlement.
+"""The contract's InferenceService: chat and text completions and embeddings, with
+admission, dispatch and exact settlement.
 
 The worst-case cost is held before the job starts; whatever happens after
 (completion, failure, client gone) the hold is settled for the tokens the
@@ -12,7 +13,7 @@ import contextlib
 import dataclasses
 import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 
 import structlog
@@ -34,14 +35,7 @@ from core.inference import (
 from server.cloud.auth import CachedAuthenticator
 from server.cloud.inflight import InFlightLeases, InFlightRequest
 from server.cloud.models import ModelDirectory
-from server.cloud.ports import (
-    AccountPort,
-    Caller,
-    HoldRef,
-    NetworkPort,
-    OperatorShares,
-    SettlementPort,
-)
+from server.cloud.ports import AccountPort, Caller, HoldRef, NetworkPort, SettlementPort
 from server.cloud.pricing import (
     TokenBudget,
     cost,
@@ -76,7 +70,7 @@ from server.common.settlements import Settlement
 log = structlog.get_logger(__name__)
 
 
-class ChatService:
+class InferenceService:
     def __init__(
         self,
         account: AccountPort,
@@ -260,7 +254,6 @@ class ChatService:
         all ``jobs``, runs them one after another (one choice each) and settles what
         was delivered, however the stream ends."""
         job_ids = [uuid.uuid4().hex for _ in jobs]
-        bound = log.bind(request_id=request_id, job_id=job_ids[0], account_id=caller.account_id)
         # Tokens per minute are reserved for the worst case, like the hold, and
         # corrected to what was delivered when the request ends.
         admission = await self.limiter.admit(
@@ -270,12 +263,15 @@ class ChatService:
             key_limits=caller.key_limits,
             account_limits=caller.account_limits,
         )
-        # Usage of the finished choices, and of the one running.
-        finished = Usage()
-        delivered = Usage()
-        # What each node delivered for the choices that finished, for its operator.
-        shares: list[NodeUsage] = []
-        generation_s = 0.0
+        run = _Run(
+            model,
+            rules,
+            f"{id_prefix}-{job_ids[0]}",
+            admission.status,
+            JobOrigin(request_id, caller.account_id, caller.subcloud_id),
+            log.bind(request_id=request_id, job_id=job_ids[0], account_id=caller.account_id),
+        )
+        tally = _Tally()
         try:
             hold = await self._account.create_hold(
                 caller.account_id,
@@ -283,100 +279,84 @@ class ChatService:
                 idempotency_key=f"chat:{job_ids[0]}",
                 expires=datetime.now(UTC) + self._hold_ttl,
             )
-            settled = False
-            try:
+            async with self._settling(run, hold, tally) as settlement:
                 await self._inflight.open(
                     InFlightRequest(hold, request_id, tuple(job_ids), model.id, model.price)
                 )
                 for index, (job_id, (spec, _)) in enumerate(zip(job_ids, jobs, strict=True)):
-                    delivered = Usage()
-                    job = bound.bind(job_id=job_id, choice=index)
-                    events = self._network.run_job(
-                        job_id,
-                        spec,
-                        rules,
-                        JobOrigin(request_id, caller.account_id, caller.subcloud_id),
-                    )
-                    assigned_at: float | None = None
-                    try:
+                    choice = self._run_choice(run, index, job_id, spec, tally)
+                    async with contextlib.aclosing(choice) as events:
                         async for event in events:
-                            if isinstance(event, JobAssigned):
-                                job.info("job started", node_id=event.node_id)
-                                assigned_at = time.monotonic()
-                                if index == 0:
-                                    yield CompletionStarted(
-                                        f"{id_prefix}-{job_id}",
-                                        model.id,
-                                        datetime.now(UTC),
-                                        admission.status,
-                                    )
-                                yield ChoiceStarted(index)
-                            elif isinstance(event, JobDelta):
-                                delivered = Usage(
-                                    event.prompt_tokens or delivered.prompt_tokens,
-                                    delivered.completion_tokens + event.token_count,
-                                )
-                                yield ContentDelta(
-                                    event.text, index, event.logprobs, event.embedding
-                                )
-                            elif isinstance(event, JobMigrated):
-                                job.info("job continues on another node", node_id=event.node_id)
-                            else:
-                                # Bill what the caller received; the node's prompt count is
-                                # final.
-                                delivered = Usage(
-                                    event.usage.prompt_tokens or delivered.prompt_tokens,
-                                    delivered.completion_tokens,
-                                )
-                                shares.extend(event.node_usage)
-                                if assigned_at is not None:
-                                    generation_s += time.monotonic() - assigned_at
-                                yield ChoiceFinished(index, event.finish_reason)
-                                break
-                    finally:
-                        await events.aclose()
-                    finished = _add(finished, delivered)
-                    delivered = Usage()
-                settled = True
-                charged = await self._settle(
-                    hold,
-                    cost(model.price, finished),
-                    bound,
-                    operator_shares(model.id, shares, finished),
-                )
-                yield CompletionFinished(finished, charged, generation_s)
-            finally:
-                if not settled:
-                    # Cut short or failed: the operators of the finished choices are
-                    # credited; no node reported a signed usage for the last one, so its
-                    # tokens earn the platform.
-                    usage = _add(finished, delivered)
-                    await self._settle(
-                        hold,
-                        cost(model.price, usage),
-                        bound,
-                        operator_shares(model.id, shares, usage),
-                    )
+                            yield event
+                    tally.end_choice()
+            yield CompletionFinished(tally.finished, settlement.charged, tally.generation_s)
         finally:
-            await admission.release(_add(finished, delivered).total_tokens)
+            await admission.release(tally.delivered.total_tokens)
 
-    async def _settle(
-        self,
-        hold: HoldRef,
-        amount: int,
-        bound: structlog.typing.FilteringBoundLogger,
-        shares: OperatorShares,
-    ) -> int:
+    @contextlib.asynccontextmanager
+    async def _settling(
+        self, run: _Run, hold: HoldRef, tally: _Tally
+    ) -> AsyncIterator[_Settlement]:
+        """Settles ``hold`` once for what the block delivered, however it ends: the
+        finished choices when it completes, also the running one's tokens when it is
+        cut short or fails."""
+        settlement = _Settlement()
+        try:
+            yield settlement
+        except BaseException:
+            # The operators of the finished choices are credited; no node reported a
+            # signed usage for the running one, so its tokens earn the platform.
+            await self._settle(run, hold, tally.delivered, tally.shares)
+            raise
+        settlement.charged = await self._settle(run, hold, tally.finished, tally.shares)
+
+    async def _run_choice(
+        self, run: _Run, index: int, job_id: str, spec: GenerationSpec, tally: _Tally
+    ) -> AsyncGenerator[CompletionEvent, None]:
+        """One choice as one network job: ChoiceStarted (the first choice's preceded by
+        CompletionStarted), its ContentDeltas, ChoiceFinished. Counts what it delivered
+        in ``tally``."""
+        job = run.log.bind(job_id=job_id, choice=index)
+        assigned_at: float | None = None
+        async with contextlib.aclosing(
+            self._network.run_job(job_id, spec, run.rules, run.origin)
+        ) as events:
+            async for event in events:
+                if isinstance(event, JobAssigned):
+                    job.info("job started", node_id=event.node_id)
+                    assigned_at = time.monotonic()
+                    if index == 0:
+                        yield CompletionStarted(
+                            run.completion_id, run.model.id, datetime.now(UTC), run.rate_limits
+                        )
+                    yield ChoiceStarted(index)
+                elif isinstance(event, JobDelta):
+                    tally.add_delta(event.prompt_tokens, event.token_count)
+                    yield ContentDelta(event.text, index, event.logprobs, event.embedding)
+                elif isinstance(event, JobMigrated):
+                    job.info("job continues on another node", node_id=event.node_id)
+                else:
+                    elapsed = 0.0 if assigned_at is None else time.monotonic() - assigned_at
+                    tally.finish(event.usage.prompt_tokens, event.node_usage, elapsed)
+                    yield ChoiceFinished(index, event.finish_reason)
+                    return
+
+    async def _settle(self, run: _Run, hold: HoldRef, usage: Usage, shares: list[NodeUsage]) -> int:
+        """Captures the cost of ``usage`` (at most the hold) and releases the rest, crediting
+        the operators of ``shares``; returns the amount charged."""
+        amount = cost(run.model.price, usage)
         capture = min(amount, hold.amount)
         if capture < amount:
-            bound.error("usage exceeded the hold; charging the hold", cost=amount, hold=hold.amount)
+            run.log.error(
+                "usage exceeded the hold; charging the hold", cost=amount, hold=hold.amount
+            )
+        settlement = Settlement(hold.hold_id, capture, operator_shares(run.model.id, shares, usage))
         # A task outlives our cancellation: the hold is settled even if the client left.
-        settlement = Settlement(hold.hold_id, capture, shares)
         task = asyncio.create_task(self._settle_and_close(settlement))
         self._settlements.add(task)
         task.add_done_callback(self._settlements.discard)
         charged = await asyncio.shield(task)
-        bound.info("settled", charged=charged, held=hold.amount)
+        run.log.info("settled", charged=charged, held=hold.amount)
         return charged
 
     async def _settle_and_close(self, settlement: Settlement) -> int:
@@ -388,6 +368,58 @@ class ChatService:
         """Waits for settlements in flight (used at shutdown)."""
         if self._settlements:
             await asyncio.gather(*self._settlements, return_exceptions=True)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Run:
+    """What the choices of one admitted request share."""
+
+    model: CatalogModel  # at the caller's price
+    rules: NodeRequirements
+    completion_id: str
+    rate_limits: RateStatus  # the caller's limits after admitting the request
+    origin: JobOrigin  # whose request the jobs serve, for the network's job records
+    log: structlog.typing.FilteringBoundLogger
+
+
+@dataclasses.dataclass(slots=True)
+class _Settlement:
+    charged: int = 0
+
+
+@dataclasses.dataclass(slots=True)
+class _Tally:
+    """What a request delivered so far: the choices that finished, the one running, and
+    what each node delivered for the finished ones (for its operator)."""
+
+    finished: Usage = dataclasses.field(default_factory=Usage)
+    running: Usage = dataclasses.field(default_factory=Usage)
+    shares: list[NodeUsage] = dataclasses.field(default_factory=list)
+    generation_s: float = 0.0
+
+    @property
+    def delivered(self) -> Usage:
+        return _add(self.finished, self.running)
+
+    def add_delta(self, prompt_tokens: int, token_count: int) -> None:
+        self.running = Usage(
+            prompt_tokens or self.running.prompt_tokens,
+            self.running.completion_tokens + token_count,
+        )
+
+    def finish(
+        self, prompt_tokens: int, node_usage: Sequence[NodeUsage], generation_s: float
+    ) -> None:
+        """The running choice's node finished: bill what the caller received, with the
+        node's prompt count, which is final."""
+        self.running = Usage(
+            prompt_tokens or self.running.prompt_tokens, self.running.completion_tokens
+        )
+        self.shares.extend(node_usage)
+        self.generation_s += generation_s
+
+    def end_choice(self) -> None:
+        self.finished, self.running = self.delivered, Usage()
 
 
 def _offered(model: CatalogModel, subcloud: Subcloud | None) -> CatalogModel | None:
