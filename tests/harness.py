@@ -58,7 +58,7 @@ class Customer:
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
-        return (("authorization", f"Bearer {self.api_key}"),)
+        return bearer_metadata(self.api_key)
 
 
 @dataclass
