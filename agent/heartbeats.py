@@ -14,6 +14,8 @@ import psutil
 from resultity.agent.v1 import agent_service_pb2 as pb
 
 from agent.runner import JobRunner
+from core.agent_messages import Heartbeat
+from core.convert.agent_reports import report_to_pb
 
 
 class Heartbeats:
@@ -49,13 +51,10 @@ class Heartbeats:
         with contextlib.suppress(asyncio.CancelledError):
             while True:
                 await asyncio.sleep(interval_s)
-                self._outbound.put_nowait(
-                    pb.ConnectRequest(
-                        heartbeat=pb.Heartbeat(
-                            active_jobs=self._runner.active,
-                            queued_jobs=self._runner.queued,
-                            recent_tokens_per_second=self._runner.tokens_per_second(),
-                            free_memory_bytes=psutil.virtual_memory().available,
-                        )
-                    )
+                beat = Heartbeat(
+                    active_jobs=self._runner.active,
+                    queued_jobs=self._runner.queued,
+                    recent_tokens_per_second=self._runner.tokens_per_second(),
+                    free_memory_bytes=psutil.virtual_memory().available,
                 )
+                self._outbound.put_nowait(report_to_pb(beat))

@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import time
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Protocol
 
 import structlog
@@ -24,11 +23,11 @@ from agent.runtime.base import (
     PromptTooLong,
     Runtime,
     Started,
-    StopReason,
-    TokenLogprob,
     TokenText,
     UnknownModel,
 )
+from core.agent_messages import ChunkReport, FailureKind
+from core.inference import FinishReason
 
 log = structlog.get_logger(__name__)
 
@@ -39,28 +38,13 @@ class JobRef:
     epoch: int
 
 
-class FailureKind(StrEnum):
-    INVALID_REQUEST = "invalid_request"
-    MODEL_UNAVAILABLE = "model_unavailable"
-    RUNTIME_ERROR = "runtime_error"
-
-
 class JobSink(Protocol):
     """Where job progress goes (the session turns it into stream messages)."""
 
-    def chunk(
-        self,
-        job: JobRef,
-        text: str,
-        token_count: int,
-        prompt_tokens: int,
-        token_ids: tuple[int, ...] = (),
-        logprobs: tuple[TokenLogprob, ...] = (),
-        embedding: tuple[float, ...] = (),
-    ) -> None: ...
+    def chunk(self, chunk: ChunkReport) -> None: ...
 
     def done(
-        self, job: JobRef, reason: StopReason, prompt_tokens: int, completion_tokens: int
+        self, job: JobRef, reason: FinishReason, prompt_tokens: int, completion_tokens: int
     ) -> None: ...
 
     def started(self, job: JobRef) -> None:
@@ -141,12 +125,15 @@ class JobRunner:
         self._tokens += text.token_count
         # The first chunk carries the prompt size, for billing a cancelled job.
         self._sink.chunk(
-            job,
-            text.text,
-            text.token_count,
-            prompt_tokens if sent == 0 else 0,
-            text.token_ids,
-            text.logprobs,
+            ChunkReport(
+                job.job_id,
+                job.epoch,
+                text.text,
+                text.token_count,
+                prompt_tokens if sent == 0 else 0,
+                text.token_ids,
+                text.logprobs,
+            )
         )
         return sent + text.token_count
 
@@ -169,7 +156,11 @@ class JobRunner:
                         if merged is not None:
                             sent = self._send(job, merged, prompt_tokens, sent)
                     elif isinstance(event, Embedding):
-                        self._sink.chunk(job, "", 0, prompt_tokens, embedding=event.values)
+                        self._sink.chunk(
+                            ChunkReport(
+                                job.job_id, job.epoch, "", 0, prompt_tokens, embedding=event.values
+                            )
+                        )
                     elif isinstance(event, Finished):
                         rest = batcher.flush(time.monotonic())
                         if rest is not None:

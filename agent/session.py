@@ -23,16 +23,20 @@ import structlog
 from resultity.agent.v1 import agent_service_pb2 as pb
 from resultity.agent.v1 import agent_service_pb2_grpc as pb_grpc
 
+from agent.assignments import generation_request
 from agent.backoff import Backoff
 from agent.batching import MAX_BATCH_DELAY_S, MAX_BATCH_TOKENS
-from agent.convert import InvalidAssignment, generation_request
 from agent.heartbeats import Heartbeats
 from agent.identity import NodeIdentity, signed_hello
 from agent.results import ResultSink
-from agent.runner import FailureKind, JobRef, JobRunner
+from agent.runner import JobRef, JobRunner
 from agent.runtime.base import Runtime
+from core.agent_messages import ConfigApplied, Draining, FailureKind
 from core.channels import PLAINTEXT, Tls
 from core.channels import channel as open_channel
+from core.convert.agent_reports import report_to_pb
+from core.convert.job_events import assign_from_pb, cancel_from_pb
+from core.errors import InvalidArgument
 from core.regions import validate_region
 
 log = structlog.get_logger(__name__)
@@ -119,7 +123,7 @@ class AgentSession:
         live = self._live
         if live is not None:
             outbound, runner = live
-            outbound.put_nowait(pb.ConnectRequest(draining=pb.Draining()))
+            outbound.put_nowait(report_to_pb(Draining()))
             log.info("draining", node_id=self.node_id, active=runner.active, grace_s=grace)
             try:
                 async with asyncio.timeout(grace):
@@ -184,7 +188,7 @@ class AgentSession:
                 elif kind == "assign_job":
                     self._assign(runner, sink, response.assign_job)
                 elif kind == "cancel_job":
-                    cancel = response.cancel_job
+                    cancel = cancel_from_pb(response.cancel_job)
                     runner.cancel(JobRef(cancel.job_id, cancel.epoch))
                     sink.forget(JobRef(cancel.job_id, cancel.epoch))
                 elif kind == "reconnect":
@@ -214,9 +218,7 @@ class AgentSession:
             version=config.version,
             heartbeat_s=heartbeats.interval_s,
         )
-        outbound.put_nowait(
-            pb.ConnectRequest(config_applied=pb.ConfigApplied(version=config.version))
-        )
+        outbound.put_nowait(report_to_pb(ConfigApplied(config.version)))
 
     def _assign(
         self,
@@ -225,11 +227,11 @@ class AgentSession:
         assign: pb.AssignJob,
     ) -> None:
         job = JobRef(assign.job_id, assign.epoch)
-        continuation = assign.continuation if assign.HasField("continuation") else None
         try:
-            request = generation_request(assign.spec, continuation)
-        except InvalidAssignment as error:
-            sink.failed(job, FailureKind.INVALID_REQUEST, str(error), error.param)
+            request = generation_request(assign_from_pb(assign))
+        except InvalidArgument as error:
+            param = error.metadata.get("field", "")
+            sink.failed(job, FailureKind.INVALID_REQUEST, error.message, param)
             return
         runner.start(job, request)
 

@@ -7,7 +7,8 @@ refuses it first (the agent's own bounds bypassed): each probe runs in a fresh
 child process, which reports its CPU seconds and peak memory, or dies (its
 exit status is the result). *Refusal* is what cloud's validation and the
 agent's bounds cost on the same input (``server.cloud.requests.validate``,
-``agent.convert.generation_request``), timed in this process. *Recovery* is
+``agent.assignments.generation_request`` of the assignment as it arrives),
+timed in this process. *Recovery* is
 the time from a runtime worker's crash to the next generation's first event,
 with the real model (the worker restarts and loads it again).
 """
@@ -24,25 +25,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from resultity.agent.v1 import agent_service_pb2 as agent_pb
 from resultity.common.v1 import inference_pb2 as common_pb
 
+from agent.assignments import generation_request
 from agent.backoff import Backoff
-from agent.convert import InvalidAssignment, generation_request
-from agent.runtime.base import (
-    GenerationError,
-    GenerationRequest,
-    Message,
-    OutputFormat,
-    Role,
-    Sampling,
-    Started,
-)
+from agent.runtime.base import GenerationError, GenerationRequest, Started
 from agent.runtime.loader import RuntimeSettings, load_runtime
 from agent.runtime.models import DEFAULT_MODEL_ID
 from agent.runtime.worker import WorkerRuntime
 from core import event_loop
+from core.convert.job_events import assign_from_pb
 from core.errors import InvalidArgument
-from core.inference import ChatMessage, ChatRole, ResponseFormat, ResponseFormatType
+from core.inference import ChatMessage, ChatRole, ResponseFormat, ResponseFormatType, Sampling
 from server.cloud.requests import ChatRequest, validate
 
 
@@ -73,13 +68,14 @@ MAX_PROMPT_TOKENS = CONTEXT - 1
 def _runtime_request(item: HostileInput) -> GenerationRequest:
     return GenerationRequest(
         model=DEFAULT_MODEL_ID,
-        messages=(Message(Role.USER, "" if item.messages > 1 else "Numbers, please."),)
+        messages=(ChatMessage(ChatRole.USER, "" if item.messages > 1 else "Numbers, please."),)
         * item.messages,
         sampling=Sampling(
             max_tokens=8,
             temperature=0.0,
-            output_format=OutputFormat.JSON_SCHEMA if item.schema else None,
-            json_schema=item.schema,
+            response_format=ResponseFormat(ResponseFormatType.JSON_SCHEMA, item.schema)
+            if item.schema
+            else None,
         ),
         max_prompt_tokens=MAX_PROMPT_TOKENS,
     )
@@ -125,7 +121,7 @@ def _timed(check: Callable[[], object]) -> tuple[float, str]:
     try:
         check()
         outcome = "accepted"
-    except (InvalidArgument, InvalidAssignment) as error:
+    except InvalidArgument as error:
         outcome = f"refused: {str(error)[:50]}"
     return (time.perf_counter() - started) * 1000, outcome
 
@@ -151,7 +147,8 @@ def _agent_check(item: HostileInput) -> tuple[float, str]:
     if item.schema:
         spec.sampling.response_format.type = common_pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA
         spec.sampling.response_format.json_schema = item.schema
-    return _timed(lambda: generation_request(spec))
+    assign = agent_pb.AssignJob(job_id="bench", epoch=1, spec=spec)
+    return _timed(lambda: generation_request(assign_from_pb(assign)))
 
 
 async def _recovery(rounds: int) -> list[float]:

@@ -20,10 +20,10 @@ from agent.runtime.base import (
     GenerationRequest,
     ModelInfo,
     Started,
-    StopReason,
     TokenText,
     UnknownModel,
 )
+from core.inference import FinishReason
 
 MODEL_ID = "smollm2-135m-instruct"  # a catalog model, so the network routes it
 PROMPT_TOKENS = 8
@@ -59,7 +59,7 @@ class PacedRuntime:
             if self.interval_s:
                 await asyncio.sleep(self.interval_s)
             yield TokenText(token_text(index), 1, (index,))
-        reason = StopReason.LENGTH if count == budget else StopReason.STOP
+        reason = FinishReason.LENGTH if count == budget else FinishReason.STOP
         yield Finished(reason, PROMPT_TOKENS, count)
 
     async def close(self) -> None:

@@ -1,4 +1,5 @@
-"""Domain shapes of an inference job, shared by the cloud and network layers."""
+"""Domain shapes of an inference job, shared by the cloud, the network, the agent
+and its runtimes."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ class ChatRole(StrEnum):
 
 
 class FinishReason(StrEnum):
-    STOP = "stop"
-    LENGTH = "length"
+    STOP = "stop"  # end-of-generation token or a stop sequence
+    LENGTH = "length"  # max_tokens or the context window
     CANCELLED = "cancelled"
 
 
@@ -38,6 +39,22 @@ class ResponseFormat:
 
 
 @dataclass(frozen=True, slots=True)
+class Continuation:
+    """The start of the assistant's reply, already delivered by another node.
+
+    The runtime continues the same turn: it templates the messages with the
+    generation prompt, appends the delivered tokens and generates what follows,
+    emitting only new text. ``token_ids`` (when given) are replayed as they
+    are; otherwise ``text`` is tokenized, which may split it differently.
+    """
+
+    text: str
+    token_count: int
+    # Empty unless every delivered chunk came with its token ids.
+    token_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class TopLogprob:
     token: str
     token_bytes: bytes
@@ -46,6 +63,10 @@ class TopLogprob:
 
 @dataclass(frozen=True, slots=True)
 class TokenLogprob:
+    """A generated token (its text and exact bytes: a token may end inside a UTF-8
+    character), its log-probability under the model, and the most likely tokens at
+    its position, most likely first."""
+
     token: str
     token_bytes: bytes
     logprob: float
@@ -64,6 +85,7 @@ class Sampling:
     # Report per-token logprobs, with this many alternatives each (0-20).
     logprobs: bool = False
     top_logprobs: int = 0
+    # None: free text. A runtime constrains the output (llama.cpp: a grammar).
     response_format: ResponseFormat | None = None
 
 
@@ -181,3 +203,9 @@ class JobOrigin:
 
 
 NO_ORIGIN = JobOrigin()
+
+
+def token_text(piece: bytes) -> str:
+    """A token's text; a token may end inside a UTF-8 character (its exact bytes
+    travel alongside)."""
+    return piece.decode("utf-8", errors="replace")

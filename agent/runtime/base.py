@@ -2,69 +2,23 @@
 
 The agent speaks only to this interface, so a backend (llama.cpp, TensorRT-LLM,
 a scripted double in tests) can be swapped without touching the agent. Types
-here are plain dataclasses: backends never see protobuf or gRPC.
+are plain dataclasses, the request's parts those of core/inference.py:
+backends never see protobuf or gRPC.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Protocol
 
-
-class Role(StrEnum):
-    SYSTEM = "system"
-    USER = "user"
-    ASSISTANT = "assistant"
-
-
-@dataclass(frozen=True)
-class Message:
-    role: Role
-    content: str
-
-
-class OutputFormat(StrEnum):
-    JSON_OBJECT = "json_object"  # any JSON object
-    JSON_SCHEMA = "json_schema"  # JSON valid against Sampling.json_schema
-
-
-@dataclass(frozen=True)
-class Sampling:
-    max_tokens: int
-    temperature: float | None = None
-    top_p: float | None = None
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    # None: no logprobs; n >= 0: each token's logprob and its n most likely alternatives.
-    top_logprobs: int | None = None
-    # None: free text. The backend constrains the output (llama.cpp: a grammar).
-    output_format: OutputFormat | None = None
-    json_schema: str = ""
-
-
-@dataclass(frozen=True)
-class Continuation:
-    """The start of the assistant's reply, already delivered by another node.
-
-    The runtime continues the same turn: it templates the messages with the
-    generation prompt, appends the delivered tokens and generates what follows,
-    emitting only new text. ``token_ids`` (when given) are replayed as they
-    are; otherwise ``text`` is tokenized, which may split it differently.
-    """
-
-    text: str
-    token_count: int
-    token_ids: tuple[int, ...] = ()
+from core.inference import ChatMessage, Continuation, FinishReason, Sampling, TokenLogprob
 
 
 @dataclass(frozen=True)
 class GenerationRequest:
     model: str
-    messages: tuple[Message, ...]
+    messages: tuple[ChatMessage, ...]
     # For a continuation, max_tokens is what remains of the budget (may be 0).
     sampling: Sampling
     # Refuse (PromptTooLong) if the templated prompt has more tokens than this.
@@ -76,32 +30,11 @@ class GenerationRequest:
     embed: bool = False
 
 
-class StopReason(StrEnum):
-    STOP = "stop"  # end-of-generation token or a stop sequence
-    LENGTH = "length"  # max_tokens or the context window
-
-
 @dataclass(frozen=True)
 class Started:
     """First event of a generation: the prompt was accepted and tokenized."""
 
     prompt_tokens: int
-
-
-@dataclass(frozen=True)
-class Alternative:
-    piece: bytes
-    logprob: float
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    """A generated token's bytes, its log-probability under the model, and the most
-    likely tokens at its position (most likely first)."""
-
-    piece: bytes
-    logprob: float
-    top: tuple[Alternative, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -120,7 +53,7 @@ class TokenText:
 class Finished:
     """Last event of a generation; a continuation counts only its new tokens."""
 
-    reason: StopReason
+    reason: FinishReason  # STOP or LENGTH
     prompt_tokens: int
     completion_tokens: int
 

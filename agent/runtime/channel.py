@@ -6,13 +6,8 @@ import asyncio
 import threading
 from collections.abc import AsyncGenerator
 
-from agent.runtime.base import (
-    Finished,
-    GenerationError,
-    GenerationEvent,
-    TokenLogprob,
-    TokenText,
-)
+from agent.runtime.base import Finished, GenerationError, GenerationEvent, TokenText
+from core.inference import TokenLogprob
 
 
 class GenerationChannel:

@@ -51,8 +51,6 @@ import structlog
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from agent.runtime.base import (
-    Alternative,
-    Continuation,
     Embedding,
     Finished,
     GenerationError,
@@ -60,15 +58,20 @@ from agent.runtime.base import (
     GenerationRequest,
     ModelInfo,
     PromptTooLong,
-    Sampling,
     Started,
-    StopReason,
-    TokenLogprob,
     UnknownModel,
 )
 from agent.runtime.channel import GenerationChannel
 from agent.runtime.sampling import Grammar, grammar_for, sample_tokens
 from agent.runtime.text_stream import TextStream
+from core.inference import (
+    Continuation,
+    FinishReason,
+    Sampling,
+    TokenLogprob,
+    TopLogprob,
+    token_text,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -230,7 +233,7 @@ class LlamaCppRuntime:
             values, count = await asyncio.to_thread(_embed, self._embedder, text)
         yield Started(count)
         yield Embedding(values)
-        yield Finished(StopReason.STOP, count, 0)
+        yield Finished(FinishReason.STOP, count, 0)
 
     async def close(self) -> None:
         if self._closed:
@@ -329,7 +332,7 @@ def _generate(
     delivered ``prefix``, and report through ``channel``."""
     try:
         completion = 0
-        reason = StopReason.LENGTH
+        reason = FinishReason.LENGTH
         # Closed here, in the worker thread, so the sampler chain is freed at once.
         with contextlib.closing(sample_tokens(llama, prompt, prefix, sampling, grammar)) as tokens:
             for token in tokens if budget > 0 else ():
@@ -337,22 +340,22 @@ def _generate(
                     channel.end(GenerationError("generation cancelled"))
                     return
                 if vocab.is_end(token):
-                    reason = StopReason.STOP
+                    reason = FinishReason.STOP
                     break
                 completion += 1
                 # Read before the next decode overwrites the logits.
                 logprob = None
-                if sampling.top_logprobs is not None:
+                if sampling.logprobs:
                     logprob = _logprob(llama, vocab, token, sampling.top_logprobs)
                 channel.put(stream.push(vocab.piece(token)), 1, token, logprob)
                 if stream.stopped:
-                    reason = StopReason.STOP
+                    reason = FinishReason.STOP
                     break
                 if completion >= budget:
                     break
         channel.put(stream.finish(), 0)
         if stream.stopped:
-            reason = StopReason.STOP
+            reason = FinishReason.STOP
         channel.end(Finished(reason, len(prompt), completion))
     except BaseException as exc:  # reported to the consumer, never lost in the pool
         with contextlib.suppress(RuntimeError):
@@ -366,14 +369,17 @@ def _logprob(llama: llama_cpp.Llama, vocab: _Vocab, token: int, top: int) -> Tok
     logits = np.ctypeslib.as_array(pointer, shape=(vocab.size,)).astype(np.float64)
     peak = float(logits.max())
     normalizer = peak + float(np.log(np.exp(logits - peak).sum()))
-    alternatives: tuple[Alternative, ...] = ()
+    alternatives: tuple[TopLogprob, ...] = ()
     if top > 0:
         best = np.argpartition(-logits, top - 1)[:top]
         best = best[np.argsort(-logits[best], kind="stable")]
+        pieces = [vocab.piece(int(i)) for i in best]
         alternatives = tuple(
-            Alternative(vocab.piece(int(i)), float(logits[i]) - normalizer) for i in best
+            TopLogprob(token_text(piece), piece, float(logits[i]) - normalizer)
+            for piece, i in zip(pieces, best, strict=True)
         )
-    return TokenLogprob(vocab.piece(token), float(logits[token]) - normalizer, alternatives)
+    piece = vocab.piece(token)
+    return TokenLogprob(token_text(piece), piece, float(logits[token]) - normalizer, alternatives)
 
 
 class _Vocab:

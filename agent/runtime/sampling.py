@@ -23,7 +23,8 @@ import llama_cpp
 import llama_cpp.llama_cpp as llama_lib
 from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
-from agent.runtime.base import InvalidRequest, OutputFormat, Sampling
+from agent.runtime.base import InvalidRequest
+from core.inference import ResponseFormatType, Sampling
 from core.request_limits import SCHEMA_FIELD
 
 DEFAULT_TEMPERATURE = 0.7
@@ -43,11 +44,13 @@ class Grammar:
 def grammar_for(sampling: Sampling) -> Grammar | None:
     """The grammar that enforces the requested output format (converting a large
     schema may take a while, hence before a slot is taken)."""
+    response_format = sampling.response_format
+    kind = None if response_format is None else response_format.type
     try:
-        if sampling.output_format is OutputFormat.JSON_OBJECT:
+        if kind is ResponseFormatType.JSON_OBJECT:
             return Grammar(JSON_GBNF)
-        if sampling.output_format is OutputFormat.JSON_SCHEMA:
-            return Grammar(json_schema_to_gbnf(sampling.json_schema))
+        if kind is ResponseFormatType.JSON_SCHEMA and response_format is not None:
+            return Grammar(json_schema_to_gbnf(response_format.json_schema))
     except Exception as exc:  # the converter raises assorted errors on schemas it cannot do
         raise InvalidRequest(f"unsupported JSON schema: {exc}", SCHEMA_FIELD) from exc
     return None

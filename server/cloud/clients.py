@@ -18,28 +18,18 @@ from resultity.network.v1 import dispatch_service_pb2 as dispatch_pb
 from resultity.network.v1 import dispatch_service_pb2_grpc as dispatch_grpc
 
 from core.channels import bearer_metadata
+from core.convert.catalog import models_from_pb
+from core.convert.generation import usage_from_pb
+from core.convert.job_events import job_event_from_pb, run_job_request_to_pb
+from core.convert.requirements import requirements_to_pb
 from core.grpc_errors import describe_rpc_error, domain_error_from_rpc, domain_errors
 from core.inference import (
     NO_ORIGIN,
     CatalogModel,
     GenerationSpec,
-    JobAssigned,
-    JobDelta,
     JobEvent,
-    JobFinished,
-    JobMigrated,
     JobOrigin,
     NodeRequirements,
-    NodeUsage,
-)
-from core.inference_proto import (
-    finish_reason_from_pb,
-    logprobs_from_pb,
-    origin_to_pb,
-    price_from_pb,
-    requirements_to_pb,
-    spec_to_pb,
-    usage_from_pb,
 )
 from server.cloud.ports import (
     NO_REQUIREMENTS,
@@ -164,17 +154,7 @@ class GrpcNetworkClient:
         request = dispatch_pb.ListModelsRequest(requirements=requirements_to_pb(requirements))
         with domain_errors():
             response = await self._dispatch.ListModels(request, metadata=self._metadata)
-        return [
-            CatalogModel(
-                id=model.id,
-                owned_by=model.owned_by,
-                price=price_from_pb(model.price),
-                context_length=model.context_length,
-                chat_template_overhead_tokens=model.chat_template_overhead_tokens,
-                ready_nodes=model.ready_nodes,
-            )
-            for model in response.models
-        ]
+        return models_from_pb(response)
 
     async def job_records(self, job_ids: Sequence[str]) -> list[RelayedJob]:
         request = dispatch_pb.GetJobRecordsRequest(job_ids=job_ids)
@@ -200,46 +180,14 @@ class GrpcNetworkClient:
         origin: JobOrigin = NO_ORIGIN,
     ) -> AsyncGenerator[JobEvent, None]:
         call = self._dispatch.RunJob(
-            dispatch_pb.RunJobRequest(
-                job_id=job_id,
-                spec=spec_to_pb(spec),
-                requirements=requirements_to_pb(requirements),
-                origin=origin_to_pb(origin),
-            ),
-            metadata=self._metadata,
+            run_job_request_to_pb(job_id, spec, requirements, origin), metadata=self._metadata
         )
         try:
             with domain_errors():
                 async for response in call:
-                    kind = response.WhichOneof("event")
-                    if kind == "assigned":
-                        yield JobAssigned(response.assigned.node_id)
-                    elif kind == "delta":
-                        delta = response.delta
-                        yield JobDelta(
-                            delta.text,
-                            delta.token_count,
-                            delta.prompt_tokens,
-                            logprobs_from_pb(delta.logprobs),
-                            tuple(delta.embedding),
-                        )
-                    elif kind == "migrated":
-                        migrated = response.migrated
-                        yield JobMigrated(migrated.node_id, migrated.epoch, migrated.reason)
-                    elif kind == "finished":
-                        finished = response.finished
-                        yield JobFinished(
-                            finish_reason_from_pb(finished.finish_reason),
-                            usage_from_pb(finished.usage),
-                            tuple(
-                                NodeUsage(
-                                    share.node_id,
-                                    usage_from_pb(share.usage),
-                                    share.operator_account_id,
-                                )
-                                for share in finished.node_usage
-                            ),
-                        )
+                    event = job_event_from_pb(response)
+                    if event is not None:
+                        yield event
         finally:
             # Leaving early (our caller went away) cancels the job upstream.
             call.cancel()

@@ -11,17 +11,17 @@ from resultity.cloud.v1 import inference_service_pb2 as pb
 from resultity.cloud.v1 import inference_service_pb2_grpc as pb_grpc
 from resultity.common.v1 import inference_pb2 as common_pb
 
-from core.grpc_errors import translate_errors
-from core.inference import CatalogModel, ChatRole
-from core.inference_proto import (
+from core.convert.catalog import price_to_pb
+from core.convert.generation import (
     finish_reason_to_pb,
     logprobs_to_pb,
     messages_from_pb,
-    price_to_pb,
     response_format_from_pb,
     role_to_pb,
     usage_to_pb,
 )
+from core.grpc_errors import translate_errors
+from core.inference import CatalogModel, ChatRole
 from server.cloud.inference import InferenceService
 from server.cloud.rate_limits import RateStatus
 from server.cloud.requests import (

@@ -9,14 +9,10 @@ from uuid import UUID
 from resultity.cloud.v1 import subcloud_service_pb2 as pb
 from resultity.cloud.v1 import subcloud_service_pb2_grpc as pb_grpc
 
+from core.convert.catalog import price_from_pb, price_to_pb
+from core.convert.requirements import requirements_fields, requirements_from_pb
 from core.errors import InvalidArgument
 from core.grpc_errors import translate_errors
-from core.inference_proto import (
-    price_from_pb,
-    price_to_pb,
-    requirements_fields,
-    requirements_from_pb,
-)
 from server.cloud.subcloud_service import SubcloudService
 from server.cloud.subclouds import (
     Subcloud,

@@ -5,16 +5,20 @@ from __future__ import annotations
 from datetime import UTC
 
 from google.protobuf import duration_pb2
+from google.protobuf.message import DecodeError
 from resultity.agent.v1 import agent_service_pb2 as agent_pb
+from resultity.network.v1 import dispatch_service_pb2 as dispatch_pb
 from resultity.network.v1 import node_admin_service_pb2 as admin_pb
 
-from core.inference_proto import price_from_pb, price_to_pb, spec_to_pb
+from core.agent_messages import AssignCommand, CancelCommand
+from core.convert.catalog import price_from_pb, price_to_pb
+from core.convert.generation import usage_to_pb
+from core.convert.job_events import assign_to_pb, cancel_to_pb, origin_to_pb
+from core.errors import InvalidNodeCredentials
 from server.common.transport import timestamp_to_pb
 from server.network.config import ConfigModel, NetworkConfig
-from server.network.jobs import Continuation, FailureKind
+from server.network.job_records import JobOutcome, JobRecord
 from server.network.nodes import (
-    AssignCommand,
-    CancelCommand,
     ConfigCommand,
     ModelValidation,
     NodeCommand,
@@ -22,13 +26,10 @@ from server.network.nodes import (
     NodeModel,
     NodeSession,
     NodeState,
+    ReconnectCommand,
+    SignedHello,
 )
-
-FAILURE_FROM_PB = {
-    agent_pb.JOB_FAILURE_REASON_INVALID_REQUEST: FailureKind.INVALID_REQUEST,
-    agent_pb.JOB_FAILURE_REASON_MODEL_UNAVAILABLE: FailureKind.MODEL_UNAVAILABLE,
-    agent_pb.JOB_FAILURE_REASON_RUNTIME_ERROR: FailureKind.RUNTIME_ERROR,
-}
+from server.network.settings import LivenessSettings
 
 
 def hello_from_pb(hello: agent_pb.Hello) -> NodeHello:
@@ -43,6 +44,34 @@ def hello_from_pb(hello: agent_pb.Hello) -> NodeHello:
         network_id=hello.network_id,
         signed_at=hello.signed_at.ToDatetime(UTC) if hello.HasField("signed_at") else None,
         region=hello.region,
+    )
+
+
+def signed_hello_from_pb(request: agent_pb.ConnectRequest) -> SignedHello:
+    """A session's first message; anything but a well-formed signed hello is refused."""
+    if request.WhichOneof("message") != "signed_hello":
+        raise InvalidNodeCredentials("the first message of a session must be a signed hello")
+    signed = request.signed_hello
+    try:
+        hello = agent_pb.Hello.FromString(signed.hello)
+    except DecodeError:
+        raise InvalidNodeCredentials("the signed hello is malformed") from None
+    return SignedHello(hello_from_pb(hello), signed.hello, signed.signature)
+
+
+def challenge_to_pb(nonce: bytes, network_id: str) -> agent_pb.ConnectResponse:
+    return agent_pb.ConnectResponse(
+        challenge=agent_pb.Challenge(nonce=nonce, network_id=network_id)
+    )
+
+
+def welcome_to_pb(node_id: str, liveness: LivenessSettings) -> agent_pb.ConnectResponse:
+    return agent_pb.ConnectResponse(
+        welcome=agent_pb.Welcome(
+            node_id=node_id,
+            heartbeat_interval=duration_to_pb(liveness.heartbeat_interval_s),
+            heartbeat_timeout=duration_to_pb(liveness.heartbeat_timeout_s),
+        )
     )
 
 
@@ -132,30 +161,37 @@ def node_to_pb(node: NodeSession, now: float, suspect_after_s: float) -> admin_p
     )
 
 
-def _continuation_to_pb(continuation: Continuation | None) -> agent_pb.Continuation | None:
-    if continuation is None:
-        return None
-    return agent_pb.Continuation(
-        text=continuation.text,
-        token_count=continuation.token_count,
-        token_ids=list(continuation.token_ids),
-    )
-
-
 def command_to_pb(command: NodeCommand) -> agent_pb.ConnectResponse:
     if isinstance(command, AssignCommand):
-        return agent_pb.ConnectResponse(
-            assign_job=agent_pb.AssignJob(
-                job_id=command.job_id,
-                epoch=command.epoch,
-                spec=spec_to_pb(command.spec),
-                continuation=_continuation_to_pb(command.continuation),
-            )
-        )
+        return agent_pb.ConnectResponse(assign_job=assign_to_pb(command))
     if isinstance(command, ConfigCommand):
         return agent_pb.ConnectResponse(config=config_to_pb(command.config))
     if isinstance(command, CancelCommand):
-        return agent_pb.ConnectResponse(
-            cancel_job=agent_pb.CancelJob(job_id=command.job_id, epoch=command.epoch)
-        )
+        return agent_pb.ConnectResponse(cancel_job=cancel_to_pb(command))
+    if isinstance(command, ReconnectCommand):
+        return agent_pb.ConnectResponse(reconnect=agent_pb.Reconnect(reason=command.reason))
     raise TypeError(f"not a message for the agent: {command!r}")
+
+
+_OUTCOME_TO_PB = {
+    JobOutcome.RUNNING: dispatch_pb.JOB_OUTCOME_RUNNING,
+    JobOutcome.FINISHED: dispatch_pb.JOB_OUTCOME_FINISHED,
+    JobOutcome.FAILED: dispatch_pb.JOB_OUTCOME_FAILED,
+    JobOutcome.CANCELLED: dispatch_pb.JOB_OUTCOME_CANCELLED,
+}
+
+
+def record_to_pb(record: JobRecord) -> dispatch_pb.JobRecord:
+    return dispatch_pb.JobRecord(
+        job_id=record.job_id,
+        origin=origin_to_pb(record.origin),
+        model=record.model,
+        assignments=[
+            dispatch_pb.JobAssignment(
+                node_id=a.node_id, epoch=a.epoch, operator_account_id=a.operator_account_id
+            )
+            for a in record.assignments
+        ],
+        usage=usage_to_pb(record.usage),
+        outcome=_OUTCOME_TO_PB[record.outcome],
+    )

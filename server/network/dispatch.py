@@ -16,6 +16,15 @@ from collections.abc import AsyncGenerator, Callable, Mapping
 
 import structlog
 
+from core.agent_messages import (
+    AssignCommand,
+    CancelCommand,
+    ChunkReport,
+    DoneReport,
+    FailedReport,
+    FailureKind,
+    StartedReport,
+)
 from core.errors import (
     DomainError,
     InvalidArgument,
@@ -37,18 +46,8 @@ from core.node_signing import result_payload, verify
 from server.network.catalog import Catalog
 from server.network.checks import Probe
 from server.network.job_records import JobJournal, JobOutcome
-from server.network.jobs import (
-    ActiveJob,
-    ChunkReport,
-    DoneReport,
-    FailedReport,
-    FailureKind,
-    NodeLost,
-    NodeReport,
-    QueueTimeout,
-    StartedReport,
-)
-from server.network.nodes import AssignCommand, CancelCommand, NodeSession
+from server.network.jobs import ActiveJob, NodeLost, NodeReport, QueueTimeout
+from server.network.nodes import NodeSession
 from server.network.routing import NO_REQUIREMENTS, Router, RouteRequest
 from server.network.settings import FailoverSettings
 

@@ -8,64 +8,17 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field, replace
-from enum import StrEnum
 
+from core.agent_messages import ChunkReport, DoneReport, FailedReport, StartedReport
 from core.inference import (
-    FinishReason,
+    Continuation,
     GenerationSpec,
     JobDelta,
     NodeRequirements,
     NodeUsage,
-    TokenLogprob,
     Usage,
 )
 from core.node_signing import OutputDigest
-
-
-class FailureKind(StrEnum):
-    INVALID_REQUEST = "invalid_request"
-    MODEL_UNAVAILABLE = "model_unavailable"
-    RUNTIME_ERROR = "runtime_error"
-
-
-# Reports from the node, fed into the job's queue by the node's session.
-@dataclass(frozen=True, slots=True)
-class StartedReport:
-    """The job left the node's queue and runs (its first chunk implies as much)."""
-
-
-@dataclass(frozen=True, slots=True)
-class ChunkReport:
-    text: str
-    token_count: int
-    prompt_tokens: int
-    # Vocabulary ids of the chunk's tokens; empty when the runtime has none.
-    token_ids: tuple[int, ...] = ()
-    # One per token when the job asked for logprobs.
-    logprobs: tuple[TokenLogprob, ...] = ()
-    # An embedding job's vector.
-    embedding: tuple[float, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class DoneReport:
-    finish_reason: FinishReason
-    usage: Usage
-    # The node's signature over the result (server/common/node_signing.py) and
-    # the finish reason as the wire enum number it covers.
-    signature: bytes = b""
-    reason_code: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class FailedReport:
-    kind: FailureKind
-    message: str
-    usage: Usage = field(default_factory=Usage)
-    signature: bytes = b""
-    reason_code: int = 0
-    # For INVALID_REQUEST: the request field at fault, as the API names it.
-    param: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,17 +37,9 @@ class QueueTimeout:
     epoch: int
 
 
+# What the relay reads from a job's queue: the node's reports, its loss, or its
+# waiting too long to start.
 NodeReport = StartedReport | ChunkReport | DoneReport | FailedReport | NodeLost | QueueTimeout
-
-
-@dataclass(frozen=True, slots=True)
-class Continuation:
-    """What the caller already has of the reply, for the node that continues it."""
-
-    text: str
-    token_count: int
-    # Empty unless every delivered chunk came with its token ids.
-    token_ids: tuple[int, ...] = ()
 
 
 @dataclass(slots=True)

@@ -8,10 +8,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 
+from core.agent_messages import AssignCommand, CancelCommand
 from core.errors import DomainError
-from core.inference import GenerationSpec
 from server.network.config import NetworkConfig
-from server.network.jobs import Continuation
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,18 +38,12 @@ class NodeHello:
 
 
 @dataclass(frozen=True, slots=True)
-class AssignCommand:
-    job_id: str
-    epoch: int
-    spec: GenerationSpec
-    # Set when the job continues what another node started.
-    continuation: Continuation | None = None
+class SignedHello:
+    """A session's opening: the hello, its serialized bytes as signed, and the signature."""
 
-
-@dataclass(frozen=True, slots=True)
-class CancelCommand:
-    job_id: str
-    epoch: int
+    hello: NodeHello
+    raw: bytes
+    signature: bytes
 
 
 @dataclass(frozen=True, slots=True)

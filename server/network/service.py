@@ -17,18 +17,29 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 
 import structlog
 
+from core.agent_messages import (
+    AgentReport,
+    ChunkReport,
+    ConfigApplied,
+    DoneReport,
+    Draining,
+    FailedReport,
+    Heartbeat,
+    StartedReport,
+)
 from core.errors import (
     DomainError,
     FailedPrecondition,
     InvalidArgument,
     NodeQuarantined,
     NotFound,
+    SessionEnded,
 )
 from core.inference import (
     NO_ORIGIN,
@@ -67,6 +78,7 @@ from server.network.nodes import (
     NodeSession,
     NodeStanding,
     ReconnectCommand,
+    SignedHello,
 )
 from server.network.routing import NO_REQUIREMENTS, Router
 from server.network.settings import FailoverSettings, LivenessSettings, ValidationSettings
@@ -188,6 +200,45 @@ class NetworkService:
     def challenge(self) -> bytes:
         """The nonce a new session's hello must be bound to."""
         return self.admission.challenge()
+
+    async def join(
+        self, nonce: bytes, opening: Awaitable[SignedHello | None]
+    ) -> NodeSession | None:
+        """Registers the node whose signed hello (``opening``, the stream's first message)
+        answers the challenge ``nonce``; None if the stream ended before it. A stream
+        that sends no hello within the admission's timeout is ended: it would hold its
+        slot forever. However the opening fails, the nonce is withdrawn: it can never be
+        answered again."""
+        try:
+            try:
+                async with asyncio.timeout(self.admission.settings.hello_timeout_s):
+                    signed = await opening
+            except TimeoutError:
+                raise SessionEnded("no signed hello in time") from None
+            if signed is not None:
+                return await self.register(signed.hello, signed.raw, signed.signature, nonce)
+        except BaseException:
+            self.admission.withdraw(nonce)
+            raise
+        self.admission.withdraw(nonce)
+        return None
+
+    def handle(self, node: NodeSession, report: AgentReport) -> None:
+        """One message of the node's session after its hello."""
+        if isinstance(report, ChunkReport | StartedReport | DoneReport | FailedReport):
+            self.report(node, report.job_id, report.epoch, report)
+        elif isinstance(report, Heartbeat):
+            self.heartbeat(
+                node,
+                active=report.active_jobs,
+                queued=report.queued_jobs,
+                tokens_per_second=report.recent_tokens_per_second,
+                free_memory_bytes=report.free_memory_bytes,
+            )
+        elif isinstance(report, ConfigApplied):
+            self.config_applied(node, report.version)
+        elif isinstance(report, Draining):
+            self.draining(node)
 
     async def register(
         self, hello: NodeHello, raw_hello: bytes, signature: bytes, session_nonce: bytes

@@ -16,8 +16,8 @@ from resultity.network.v1 import dispatch_service_pb2 as dispatch_pb
 from resultity.network.v1 import dispatch_service_pb2_grpc as dispatch_grpc
 
 from core import channels
+from core.convert.generation import spec_to_pb
 from core.inference import ChatMessage, ChatRole, GenerationSpec, Sampling
-from core.inference_proto import spec_to_pb
 from server.network.service import LivenessSettings
 from tests.doubles.scripted_runtime import MODEL_ID
 from tests.harness import NetworkServer, eventually, start_network

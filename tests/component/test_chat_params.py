@@ -10,8 +10,8 @@ import pytest
 from resultity.cloud.v1 import inference_service_pb2 as pb
 from resultity.common.v1 import inference_pb2 as common_pb
 
-from agent.runtime.base import OutputFormat
 from core.grpc_errors import error_info
+from core.inference import ResponseFormat, ResponseFormatType
 from server.network.catalog import SMOLLM2_135M
 from tests.doubles.scripted_runtime import (
     DEFAULT_SCRIPT,
@@ -110,8 +110,8 @@ async def test_sampling_parameters_reach_the_node(platform: Platform) -> None:
     [job] = agent.runtime.started_jobs  # type: ignore[attr-defined]
     sampling = job.sampling
     assert (sampling.presence_penalty, sampling.frequency_penalty) == (0.5, -1.0)
-    assert sampling.top_logprobs == 4
-    assert (sampling.output_format, sampling.json_schema) == (OutputFormat.JSON_SCHEMA, schema)
+    assert (sampling.logprobs, sampling.top_logprobs) == (True, 4)
+    assert sampling.response_format == ResponseFormat(ResponseFormatType.JSON_SCHEMA, schema)
 
 
 async def test_unset_parameters_stay_unset_on_the_node(platform: Platform) -> None:
@@ -125,7 +125,7 @@ async def test_unset_parameters_stay_unset_on_the_node(platform: Platform) -> No
     [job] = agent.runtime.started_jobs  # type: ignore[attr-defined]
     sampling = job.sampling
     assert (sampling.presence_penalty, sampling.frequency_penalty) == (None, None)
-    assert (sampling.top_logprobs, sampling.output_format) == (None, None)
+    assert (sampling.logprobs, sampling.response_format) == (False, None)
 
 
 @pytest.mark.parametrize(

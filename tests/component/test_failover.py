@@ -18,9 +18,9 @@ from resultity.network.v1 import dispatch_service_pb2_grpc as dispatch_grpc
 from agent.identity import NodeIdentity, signed_hello
 from agent.session import AGENT_VERSION, AgentSession, SessionSettings
 from core import channels
+from core.convert.generation import spec_to_pb
 from core.grpc_errors import error_info
 from core.inference import ChatMessage, ChatRole, GenerationSpec, Sampling
-from core.inference_proto import spec_to_pb
 from server.network.catalog import SMOLLM2_135M
 from server.network.service import FailoverSettings, LivenessSettings
 from tests.doubles.scripted_runtime import (

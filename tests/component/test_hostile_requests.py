@@ -16,6 +16,7 @@ from resultity.network.v1 import dispatch_service_pb2_grpc as dispatch_grpc
 
 from agent.session import AgentSession, SessionSettings
 from core import channels
+from core.convert.generation import spec_to_pb
 from core.grpc_errors import error_info
 from core.inference import (
     ChatMessage,
@@ -25,7 +26,6 @@ from core.inference import (
     ResponseFormatType,
     Sampling,
 )
-from core.inference_proto import spec_to_pb
 from core.request_limits import SCHEMA_FIELD
 from server.network.catalog import SMOLLM2_135M
 from tests.doubles.scripted_runtime import MODEL_ID, ScriptedRuntime

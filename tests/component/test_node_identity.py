@@ -18,6 +18,7 @@ from resultity.network.v1 import dispatch_service_pb2_grpc as dispatch_grpc
 from agent.identity import NodeIdentity, signed_hello
 from agent.session import AGENT_VERSION
 from core import channels
+from core.convert.generation import logprobs_to_pb, spec_to_pb
 from core.grpc_errors import error_info
 from core.inference import (
     ChatMessage,
@@ -27,7 +28,6 @@ from core.inference import (
     TokenLogprob,
     TopLogprob,
 )
-from core.inference_proto import logprobs_to_pb, spec_to_pb
 from core.node_signing import OutputDigest, node_id_of, result_payload
 from tests.doubles.scripted_runtime import MODEL_ID, ScriptedRuntime
 from tests.harness import NetworkServer, open_raw_session, running_platform, start_network

@@ -13,9 +13,9 @@ from google.rpc.error_details_pb2 import ErrorInfo
 from resultity.network.v1 import dispatch_service_pb2 as dispatch_pb
 from resultity.network.v1 import dispatch_service_pb2_grpc as dispatch_grpc
 
+from core.convert.generation import spec_to_pb
 from core.grpc_errors import error_info
 from core.inference import ChatMessage, ChatRole, GenerationSpec, Sampling
-from core.inference_proto import spec_to_pb
 from tests.doubles.scripted_runtime import MODEL_ID, ScriptedRuntime
 from tests.harness import Platform, RunningAgent, running_platform
 

@@ -20,10 +20,7 @@ from agent.runtime.base import (
     GenerationEvent,
     GenerationRequest,
     InvalidRequest,
-    Message,
     PromptTooLong,
-    Role,
-    Sampling,
     Started,
     TokenText,
 )
@@ -31,10 +28,9 @@ from agent.runtime.worker import WorkerRuntime
 from agent.runtime.worker_protocol import Failed
 from agent.session import AgentSession, SessionSettings
 from core import channels
+from core.convert.generation import spec_to_pb
 from core.grpc_errors import error_info
-from core.inference import ChatMessage, ChatRole, GenerationSpec
-from core.inference import Sampling as JobSampling
-from core.inference_proto import spec_to_pb
+from core.inference import ChatMessage, ChatRole, GenerationSpec, Sampling
 from tests.doubles.crashing_runtime import ABORT, HANG, SEGFAULT, crashing_runtime
 from tests.doubles.scripted_runtime import DEFAULT_SCRIPT, MODEL_ID
 from tests.harness import eventually, start_network
@@ -45,7 +41,7 @@ FAST_RESTART = Backoff(base_s=0.05, cap_s=0.2)
 def _request(prompt: str = "hello there", max_tokens: int = 100) -> GenerationRequest:
     return GenerationRequest(
         model=MODEL_ID,
-        messages=(Message(Role.USER, prompt),),
+        messages=(ChatMessage(ChatRole.USER, prompt),),
         sampling=Sampling(max_tokens=max_tokens),
         max_prompt_tokens=100,
     )
@@ -173,7 +169,7 @@ async def _run_job(
     spec = GenerationSpec(
         model=MODEL_ID,
         messages=(ChatMessage(ChatRole.USER, prompt),),
-        sampling=JobSampling(max_tokens=100),
+        sampling=Sampling(max_tokens=100),
         max_prompt_tokens=100,
     )
     async with channels.insecure_channel(target) as channel:

@@ -19,7 +19,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from agent.runtime.base import (
-    Alternative,
     Embedding,
     Finished,
     GenerationError,
@@ -28,11 +27,10 @@ from agent.runtime.base import (
     ModelInfo,
     PromptTooLong,
     Started,
-    StopReason,
-    TokenLogprob,
     TokenText,
     UnknownModel,
 )
+from core.inference import FinishReason, TokenLogprob, TopLogprob, token_text
 from server.network.catalog import Catalog
 
 MODEL_ID = "smollm2-135m-instruct"
@@ -85,7 +83,7 @@ class ScriptedRuntime:
             self.started_jobs.append(request)
             yield Started(prompt)
             yield Embedding(scripted_embedding(request.prompt or ""))
-            yield Finished(StopReason.STOP, prompt, 0)
+            yield Finished(FinishReason.STOP, prompt, 0)
             return
         tokens = scripted_tokens(self.answers.get(_prompt_text(request), self.script))
         start = _resume_at(request, tokens)
@@ -105,7 +103,9 @@ class ScriptedRuntime:
                 self.cancelled_jobs += 1
                 raise
             reason = (
-                StopReason.LENGTH if produced == request.sampling.max_tokens else StopReason.STOP
+                FinishReason.LENGTH
+                if produced == request.sampling.max_tokens
+                else FinishReason.STOP
             )
             yield Finished(reason, prompt, produced)
 
@@ -142,15 +142,18 @@ SCRIPTED_LOGPROB = -0.5
 
 
 def _logprobs(request: GenerationRequest, token: str) -> tuple[TokenLogprob, ...]:
-    top = request.sampling.top_logprobs
-    if top is None:
+    if not request.sampling.logprobs:
         return ()
+    top = request.sampling.top_logprobs
     piece = token.encode()
     alternatives = (
-        Alternative(piece, SCRIPTED_LOGPROB),
-        *(Alternative(f"alt{rank}".encode(), SCRIPTED_LOGPROB - rank) for rank in range(1, top)),
+        TopLogprob(token, piece, SCRIPTED_LOGPROB),
+        *(
+            TopLogprob(f"alt{rank}", f"alt{rank}".encode(), SCRIPTED_LOGPROB - rank)
+            for rank in range(1, top)
+        ),
     )
-    return (TokenLogprob(piece, SCRIPTED_LOGPROB, alternatives[:top]),)
+    return (TokenLogprob(token_text(piece), piece, SCRIPTED_LOGPROB, alternatives[:top]),)
 
 
 def scripted_embedding(text: str) -> tuple[float, ...]:

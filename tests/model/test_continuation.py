@@ -22,22 +22,20 @@ import pytest
 from resultity.network.v1 import dispatch_service_pb2 as dispatch_pb
 from resultity.network.v1 import dispatch_service_pb2_grpc as dispatch_grpc
 
-from agent.runtime.base import (
-    Continuation,
-    Finished,
-    GenerationRequest,
-    Message,
-    OutputFormat,
-    Role,
-    Sampling,
-    TokenText,
-)
+from agent.runtime.base import Finished, GenerationRequest, TokenText
 from agent.runtime.llama_cpp import LlamaCppRuntime
 from agent.runtime.models import DEFAULT_MODEL_ID, smollm2_gguf_path
 from core import channels
-from core.inference import ChatMessage, ChatRole, GenerationSpec
-from core.inference import Sampling as SpecSampling
-from core.inference_proto import spec_to_pb
+from core.convert.generation import spec_to_pb
+from core.inference import (
+    ChatMessage,
+    ChatRole,
+    Continuation,
+    GenerationSpec,
+    ResponseFormat,
+    ResponseFormatType,
+    Sampling,
+)
 from tests.harness import NetworkServer, eventually, start_network
 
 REPO = Path(__file__).resolve().parents[2]
@@ -63,7 +61,7 @@ def _request(
 ) -> GenerationRequest:
     return GenerationRequest(
         model=DEFAULT_MODEL_ID,
-        messages=(Message(Role.USER, prompt),),
+        messages=(ChatMessage(ChatRole.USER, prompt),),
         sampling=Sampling(max_tokens=max_tokens, temperature=0.0, **sampling),
         max_prompt_tokens=400,
         continuation=continuation,
@@ -93,16 +91,18 @@ def _cut(events: list[TokenText], tokens: int) -> int:
 # already consumed the delivered prefix, and the penalties have counted it.
 CONSTRAINED: dict[str, dict[str, Any]] = {
     "free text": {},
-    "json object": {"output_format": OutputFormat.JSON_OBJECT},
+    "json object": {"response_format": ResponseFormat(ResponseFormatType.JSON_OBJECT)},
     "json schema": {
-        "output_format": OutputFormat.JSON_SCHEMA,
-        "json_schema": json.dumps(
-            {
-                "type": "object",
-                "properties": {"name": {"type": "string"}, "fruits": {"type": "array"}},
-                "required": ["name", "fruits"],
-            }
-        ),
+        "response_format": ResponseFormat(
+            ResponseFormatType.JSON_SCHEMA,
+            json.dumps(
+                {
+                    "type": "object",
+                    "properties": {"name": {"type": "string"}, "fruits": {"type": "array"}},
+                    "required": ["name", "fruits"],
+                }
+            ),
+        )
     },
     "penalties": {"presence_penalty": 1.5, "frequency_penalty": 1.0},
 }
@@ -179,7 +179,7 @@ async def _stream(
     spec = GenerationSpec(
         model=DEFAULT_MODEL_ID,
         messages=(ChatMessage(ChatRole.USER, PROMPTS[0]),),
-        sampling=SpecSampling(max_tokens=MAX_TOKENS, temperature=0.0),
+        sampling=Sampling(max_tokens=MAX_TOKENS, temperature=0.0),
         max_prompt_tokens=400,
     )
     async with channels.insecure_channel(network.target) as channel:

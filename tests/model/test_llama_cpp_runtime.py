@@ -14,19 +14,22 @@ from agent.runtime.base import (
     Finished,
     GenerationEvent,
     GenerationRequest,
-    Message,
-    OutputFormat,
     PromptTooLong,
-    Role,
-    Sampling,
     Started,
-    StopReason,
     TokenText,
     UnknownModel,
 )
 from agent.runtime.channel import GenerationChannel
 from agent.runtime.llama_cpp import LlamaCppRuntime
 from agent.runtime.models import DEFAULT_MODEL_ID, smollm2_gguf_path
+from core.inference import (
+    ChatMessage,
+    ChatRole,
+    FinishReason,
+    ResponseFormat,
+    ResponseFormatType,
+    Sampling,
+)
 
 STORY = "Write a long story about a dragon."
 
@@ -49,7 +52,7 @@ def _request(
 ) -> GenerationRequest:
     return GenerationRequest(
         model=DEFAULT_MODEL_ID,
-        messages=(Message(Role.USER, text),),
+        messages=(ChatMessage(ChatRole.USER, text),),
         sampling=Sampling(max_tokens=max_tokens, temperature=temperature, stop=stop, seed=seed),
         max_prompt_tokens=max_prompt_tokens,
     )
@@ -99,14 +102,14 @@ async def test_same_seed_gives_same_sampled_text(runtime: LlamaCppRuntime) -> No
 @pytest.mark.model
 async def test_max_tokens_ends_with_length(runtime: LlamaCppRuntime) -> None:
     _, finished = _check_shape(await _collect(runtime, _request(max_tokens=5)))
-    assert finished.reason is StopReason.LENGTH
+    assert finished.reason is FinishReason.LENGTH
     assert finished.completion_tokens == 5
 
 
 @pytest.mark.model
 async def test_end_of_generation_token_stops_and_is_not_shown(runtime: LlamaCppRuntime) -> None:
     text, finished = _check_shape(await _collect(runtime, _request("Say hi.", max_tokens=64)))
-    assert finished.reason is StopReason.STOP
+    assert finished.reason is FinishReason.STOP
     assert finished.completion_tokens < 64
     assert "<|im_end|>" not in text
 
@@ -118,7 +121,7 @@ async def test_stop_sequence_cuts_the_text(runtime: LlamaCppRuntime) -> None:
     assert len(words) > 3, full
     stop = " " + words[2]
     cut, finished = _check_shape(await _collect(runtime, _request(max_tokens=12, stop=(stop,))))
-    assert finished.reason is StopReason.STOP
+    assert finished.reason is FinishReason.STOP
     assert cut == full[: full.index(stop)]
     assert finished.completion_tokens < 12
 
@@ -164,7 +167,7 @@ async def test_context_window_ends_with_length() -> None:
     finally:
         await small.close()
     _, finished = _check_shape(events)
-    assert finished.reason is StopReason.LENGTH
+    assert finished.reason is FinishReason.LENGTH
     assert finished.prompt_tokens + finished.completion_tokens == small.models[0].context_length
 
 
@@ -215,11 +218,11 @@ async def test_tokens_produced_before_a_read_arrive_as_one_event() -> None:
         for piece in ("Hel", "", "lo", " there"):
             channel.put(piece, 1)
         channel.put("", 0)
-        channel.end(Finished(StopReason.STOP, 7, 4))
+        channel.end(Finished(FinishReason.STOP, 7, 4))
 
     await asyncio.to_thread(worker)
     events = [event async for event in channel.events()]
-    assert events == [TokenText("Hello there", 4), Finished(StopReason.STOP, 7, 4)]
+    assert events == [TokenText("Hello there", 4), Finished(FinishReason.STOP, 7, 4)]
 
 
 async def test_counts_of_textless_tokens_ride_on_the_next_text() -> None:
@@ -235,10 +238,10 @@ async def test_counts_of_textless_tokens_ride_on_the_next_text() -> None:
     channel.put("ab", 1)
     assert await reading == TokenText("ab", 3)
     channel.put("", 1)
-    channel.end(Finished(StopReason.STOP, 1, 4))
+    channel.end(Finished(FinishReason.STOP, 1, 4))
     assert [event async for event in events] == [
         TokenText("", 1),
-        Finished(StopReason.STOP, 1, 4),
+        Finished(FinishReason.STOP, 1, 4),
     ]
 
 
@@ -250,10 +253,10 @@ def _sampled(request: GenerationRequest, **changes: object) -> GenerationRequest
 async def test_json_object_format_gives_parseable_json(runtime: LlamaCppRuntime) -> None:
     request = _sampled(
         _request("Give a JSON object with the keys name and color of a cat.", max_tokens=60),
-        output_format=OutputFormat.JSON_OBJECT,
+        response_format=ResponseFormat(ResponseFormatType.JSON_OBJECT),
     )
     text, finished = _check_shape(await _collect(runtime, request))
-    assert finished.reason is StopReason.STOP
+    assert finished.reason is FinishReason.STOP
     assert isinstance(json.loads(text), dict)
 
 
@@ -267,11 +270,10 @@ async def test_json_schema_format_follows_the_schema(runtime: LlamaCppRuntime) -
     }
     request = _sampled(
         _request("Invent a person.", max_tokens=60),
-        output_format=OutputFormat.JSON_SCHEMA,
-        json_schema=json.dumps(schema),
+        response_format=ResponseFormat(ResponseFormatType.JSON_SCHEMA, json.dumps(schema)),
     )
     text, finished = _check_shape(await _collect(runtime, request))
-    assert finished.reason is StopReason.STOP
+    assert finished.reason is FinishReason.STOP
     value = json.loads(text)
     assert set(value) == {"name", "age"}
     assert isinstance(value["name"], str)
@@ -280,7 +282,7 @@ async def test_json_schema_format_follows_the_schema(runtime: LlamaCppRuntime) -
 
 @pytest.mark.model
 async def test_logprobs_cover_every_token(runtime: LlamaCppRuntime) -> None:
-    events = await _collect(runtime, _sampled(_request(), top_logprobs=3))
+    events = await _collect(runtime, _sampled(_request(), logprobs=True, top_logprobs=3))
     _check_shape(events)
     tokens = [event for event in events if isinstance(event, TokenText)]
     for event in tokens:
@@ -288,14 +290,14 @@ async def test_logprobs_cover_every_token(runtime: LlamaCppRuntime) -> None:
     logprobs = [item for event in tokens for item in event.logprobs]
     for item in logprobs:
         assert item.logprob <= 0.0
-        assert len(item.top) == 3
-        assert [alt.logprob for alt in item.top] == sorted(
-            (alt.logprob for alt in item.top), reverse=True
+        assert len(item.top_logprobs) == 3
+        assert [alt.logprob for alt in item.top_logprobs] == sorted(
+            (alt.logprob for alt in item.top_logprobs), reverse=True
         )
         # Greedy decoding picks the most likely token.
-        assert item.top[0].piece == item.piece
-        assert item.top[0].logprob == pytest.approx(item.logprob)
-    pieces = b"".join(item.piece for item in logprobs)
+        assert item.top_logprobs[0].token_bytes == item.token_bytes
+        assert item.top_logprobs[0].logprob == pytest.approx(item.logprob)
+    pieces = b"".join(item.token_bytes for item in logprobs)
     assert pieces.decode() == "".join(event.text for event in tokens)
 
 

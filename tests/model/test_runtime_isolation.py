@@ -18,15 +18,12 @@ from agent.runtime.base import (
     GenerationEvent,
     GenerationRequest,
     InvalidRequest,
-    Message,
-    OutputFormat,
-    Role,
-    Sampling,
     TokenText,
 )
 from agent.runtime.loader import RuntimeSettings, load_runtime
 from agent.runtime.models import DEFAULT_MODEL_ID
 from agent.runtime.worker import WorkerRuntime
+from core.inference import ChatMessage, ChatRole, ResponseFormat, ResponseFormatType, Sampling
 from core.request_limits import SCHEMA_FIELD
 
 pytestmark = pytest.mark.model
@@ -47,12 +44,13 @@ async def worker() -> AsyncIterator[WorkerRuntime]:
 def _request(schema: str = "") -> GenerationRequest:
     return GenerationRequest(
         model=DEFAULT_MODEL_ID,
-        messages=(Message(Role.USER, "List some numbers."),),
+        messages=(ChatMessage(ChatRole.USER, "List some numbers."),),
         sampling=Sampling(
             max_tokens=8,
             temperature=0.0,
-            output_format=OutputFormat.JSON_SCHEMA if schema else None,
-            json_schema=schema,
+            response_format=ResponseFormat(ResponseFormatType.JSON_SCHEMA, schema)
+            if schema
+            else None,
         ),
         max_prompt_tokens=400,
     )

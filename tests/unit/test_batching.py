@@ -1,11 +1,12 @@
 from __future__ import annotations
 
 from agent.batching import TokenBatcher
-from agent.runtime.base import TokenLogprob, TokenText
+from agent.runtime.base import TokenText
+from core.inference import TokenLogprob
 
 
 def _token(text: str, token_id: int) -> TokenText:
-    return TokenText(text, 1, (token_id,), (TokenLogprob(text.encode(), -0.5, ()),))
+    return TokenText(text, 1, (token_id,), (TokenLogprob(text, text.encode(), -0.5),))
 
 
 def test_first_text_goes_out_at_once() -> None:
@@ -21,7 +22,7 @@ def test_fast_tokens_are_merged_until_the_delay_passes() -> None:
     merged = batcher.add(_token("d", 4), now=0.030)
     assert merged is not None
     assert (merged.text, merged.token_count, merged.token_ids) == ("bcd", 3, (2, 3, 4))
-    assert [lp.piece for lp in merged.logprobs] == [b"b", b"c", b"d"]
+    assert [lp.token_bytes for lp in merged.logprobs] == [b"b", b"c", b"d"]
 
 
 def test_a_full_batch_goes_out_without_waiting() -> None:

@@ -7,11 +7,8 @@ from dataclasses import replace
 
 import pytest
 
-from agent.convert import delivered_logprobs
-from agent.runtime.base import Alternative
-from agent.runtime.base import TokenLogprob as RuntimeLogprob
-from core.inference import TokenLogprob, TopLogprob
-from core.inference_proto import logprobs_from_pb, logprobs_to_pb
+from core.convert.generation import logprobs_from_pb, logprobs_to_pb
+from core.inference import TokenLogprob, TopLogprob, token_text
 from core.node_signing import OutputDigest, result_payload
 
 LOGPROBS = (
@@ -90,9 +87,14 @@ def test_embedding_is_digested_as_the_float32_it_is_sent_as() -> None:
 
 def test_agent_and_network_digest_the_same_logprobs() -> None:
     """The agent digests what it sends; the network what it parsed off the wire."""
-    runtime = (
-        RuntimeLogprob(b"\xe2\x82", -1.5, (Alternative(b"\xe2\x82", -1.5), Alternative(b"x", -2))),
+    piece = b"\xe2\x82"
+    sent = (
+        TokenLogprob(
+            token_text(piece),
+            piece,
+            -1.5,
+            (TopLogprob(token_text(piece), piece, -1.5), TopLogprob("x", b"x", -2)),
+        ),
     )
-    sent = delivered_logprobs(runtime)
     received = logprobs_from_pb(logprobs_to_pb(sent))
     assert _payload(logprobs=sent) == _payload(logprobs=received)

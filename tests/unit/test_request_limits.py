@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from resultity.agent.v1 import agent_service_pb2 as agent_pb
 from resultity.common.v1 import inference_pb2 as common_pb
 
-from agent.convert import InvalidAssignment, generation_request
+from agent.assignments import generation_request
+from core.convert.job_events import assign_from_pb
 from core.errors import InvalidArgument
 from core.inference import ChatMessage, ChatRole, ResponseFormat, ResponseFormatType
 from core.request_limits import (
@@ -164,6 +166,6 @@ def _assignment(**fields: object) -> common_pb.GenerationSpec:
 def test_the_agent_refuses_hostile_assignments_before_its_runtime(
     spec: common_pb.GenerationSpec, param: str
 ) -> None:
-    with pytest.raises(InvalidAssignment) as raised:
-        generation_request(spec)
-    assert raised.value.param == param
+    with pytest.raises(InvalidArgument) as raised:
+        generation_request(assign_from_pb(agent_pb.AssignJob(job_id="j", epoch=1, spec=spec)))
+    assert raised.value.metadata.get("field") == param

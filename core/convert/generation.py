@@ -1,12 +1,11 @@
-"""Conversions between the inference protos and the domain shapes."""
+"""The generation request and its parts (messages, sampling, logprobs, usage, finish
+reason), shared by every contract that carries a job."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, Protocol
 
 from resultity.common.v1 import inference_pb2 as pb
-from resultity.network.v1 import dispatch_service_pb2 as dispatch_pb
 
 from core.errors import InvalidArgument
 from core.inference import (
@@ -14,9 +13,6 @@ from core.inference import (
     ChatRole,
     FinishReason,
     GenerationSpec,
-    JobOrigin,
-    ModelPrice,
-    NodeRequirements,
     ResponseFormat,
     ResponseFormatType,
     Sampling,
@@ -24,7 +20,6 @@ from core.inference import (
     TopLogprob,
     Usage,
 )
-from core.regions import validate_region
 
 _ROLE_TO_PB = {
     ChatRole.SYSTEM: pb.CHAT_ROLE_SYSTEM,
@@ -176,73 +171,3 @@ def usage_to_pb(usage: Usage) -> pb.Usage:
 
 def usage_from_pb(usage: pb.Usage) -> Usage:
     return Usage(usage.prompt_tokens, usage.completion_tokens)
-
-
-def price_to_pb(price: ModelPrice) -> pb.ModelPrice:
-    return pb.ModelPrice(
-        prompt_micro_credits_per_token=price.prompt,
-        completion_micro_credits_per_token=price.completion,
-    )
-
-
-def price_from_pb(price: pb.ModelPrice) -> ModelPrice:
-    return ModelPrice(
-        price.prompt_micro_credits_per_token, price.completion_micro_credits_per_token
-    )
-
-
-class RequirementsMessage(Protocol):
-    """The fields shared by network NodeRequirements and cloud NodeRules."""
-
-    @property
-    def operator_account_ids(self) -> Iterable[str]: ...
-    @property
-    def regions(self) -> Iterable[str]: ...
-    @property
-    def min_reputation(self) -> float: ...
-    @property
-    def verified_only(self) -> bool: ...
-
-
-def requirements_fields(requirements: NodeRequirements) -> dict[str, Any]:
-    """Keyword arguments for either message type, in a stable order."""
-    return {
-        "operator_account_ids": sorted(requirements.operator_account_ids),
-        "regions": sorted(requirements.regions),
-        "min_reputation": requirements.min_reputation,
-        "verified_only": requirements.verified_only,
-    }
-
-
-def requirements_to_pb(requirements: NodeRequirements) -> dispatch_pb.NodeRequirements:
-    return dispatch_pb.NodeRequirements(**requirements_fields(requirements))
-
-
-def requirements_from_pb(
-    message: RequirementsMessage, *, field: str = "requirements"
-) -> NodeRequirements:
-    """The domain rules; rejects out-of-range reputations and malformed regions."""
-    if not 0.0 <= message.min_reputation <= 1.0:
-        raise InvalidArgument(
-            f"{field}.min_reputation must be between 0 and 1", field=f"{field}.min_reputation"
-        )
-    return NodeRequirements(
-        operator_account_ids=frozenset(message.operator_account_ids),
-        regions=frozenset(
-            validate_region(region, field=f"{field}.regions") for region in message.regions
-        ),
-        min_reputation=message.min_reputation,
-        verified_only=message.verified_only,
-    )
-
-
-def origin_to_pb(origin: JobOrigin) -> dispatch_pb.JobOrigin:
-    return dispatch_pb.JobOrigin(
-        request_id=origin.request_id,
-        account_id=origin.account_id,
-        subcloud_id=origin.subcloud_id,
-    )
-
-
-def origin_from_pb(message: dispatch_pb.JobOrigin) -> JobOrigin:
-    return JobOrigin(message.request_id, message.account_id, message.subcloud_id)

@@ -1,0 +1,80 @@
+"""What an agent sends on its stream after its hello: heartbeats, draining, applied
+configuration, and its jobs' starts, chunks and signed results (job_events.py)."""
+
+from __future__ import annotations
+
+from resultity.agent.v1 import agent_service_pb2 as pb
+
+from core.agent_messages import (
+    AgentReport,
+    ChunkReport,
+    ConfigApplied,
+    DoneReport,
+    Draining,
+    FailedReport,
+    Heartbeat,
+    StartedReport,
+)
+from core.convert.job_events import (
+    chunk_from_pb,
+    chunk_to_pb,
+    done_from_pb,
+    done_to_pb,
+    failed_from_pb,
+    failed_to_pb,
+    started_from_pb,
+    started_to_pb,
+)
+from core.errors import ProtocolViolation
+
+
+def heartbeat_to_pb(beat: Heartbeat) -> pb.Heartbeat:
+    return pb.Heartbeat(
+        active_jobs=beat.active_jobs,
+        queued_jobs=beat.queued_jobs,
+        recent_tokens_per_second=beat.recent_tokens_per_second,
+        free_memory_bytes=beat.free_memory_bytes,
+    )
+
+
+def heartbeat_from_pb(beat: pb.Heartbeat) -> Heartbeat:
+    return Heartbeat(
+        beat.active_jobs, beat.queued_jobs, beat.recent_tokens_per_second, beat.free_memory_bytes
+    )
+
+
+def report_to_pb(report: AgentReport) -> pb.ConnectRequest:
+    # Chunks first: they are nearly every message.
+    if isinstance(report, ChunkReport):
+        return pb.ConnectRequest(job_chunk=chunk_to_pb(report))
+    if isinstance(report, StartedReport):
+        return pb.ConnectRequest(job_started=started_to_pb(report))
+    if isinstance(report, Heartbeat):
+        return pb.ConnectRequest(heartbeat=heartbeat_to_pb(report))
+    if isinstance(report, DoneReport):
+        return pb.ConnectRequest(job_done=done_to_pb(report))
+    if isinstance(report, FailedReport):
+        return pb.ConnectRequest(job_failed=failed_to_pb(report))
+    if isinstance(report, ConfigApplied):
+        return pb.ConnectRequest(config_applied=pb.ConfigApplied(version=report.version))
+    return pb.ConnectRequest(draining=pb.Draining())
+
+
+def report_from_pb(request: pb.ConnectRequest) -> AgentReport:
+    """Raises ProtocolViolation for anything but a report (a second hello)."""
+    kind = request.WhichOneof("message")
+    if kind == "job_chunk":
+        return chunk_from_pb(request.job_chunk)
+    if kind == "job_started":
+        return started_from_pb(request.job_started)
+    if kind == "heartbeat":
+        return heartbeat_from_pb(request.heartbeat)
+    if kind == "job_done":
+        return done_from_pb(request.job_done)
+    if kind == "job_failed":
+        return failed_from_pb(request.job_failed)
+    if kind == "config_applied":
+        return ConfigApplied(request.config_applied.version)
+    if kind == "draining":
+        return Draining()
+    raise ProtocolViolation(f"unexpected message in session: {kind}")
