@@ -16,6 +16,7 @@ from uuid import UUID
 import structlog
 
 from core.errors import InvalidArgument, NotFound
+from core.ids import parse_id
 from server.account.authz import Principal
 from server.account.ledger import (
     Balance,
@@ -31,7 +32,6 @@ from server.account.ledger import (
     validate_idempotency_key,
     validate_lines,
 )
-from server.account.service import parse_id
 from server.common.paging import decode_cursor, encode_cursor, page_size
 
 log = structlog.get_logger(__name__)

@@ -14,6 +14,7 @@ from uuid import UUID
 import structlog
 
 from core.errors import InvalidArgument
+from core.ids import parse_id
 from server.account.authz import Principal
 from server.account.ledger import (
     Contribution,
@@ -21,7 +22,6 @@ from server.account.ledger import (
     SettlementPolicy,
     validate_policy,
 )
-from server.account.service import parse_id
 from server.common.paging import decode_cursor, encode_cursor, page_size
 
 log = structlog.get_logger(__name__)

@@ -12,6 +12,7 @@ from resultity.account.v1 import ledger_service_pb2 as ledger_pb
 from resultity.account.v1 import referral_service_pb2 as referral_pb
 
 from core.errors import InvalidArgument
+from core.ids import parse_id
 from server.account.api_keys import ApiKey, KeyPolicy, Scope
 from server.account.ledger import (
     Balance,
@@ -26,7 +27,6 @@ from server.account.ledger import (
 )
 from server.account.payouts import Payout, PayoutStatus
 from server.account.profiles import Account, Referral, ReferralRules
-from server.account.service import parse_id
 from server.common.rate_limits_proto import rate_limits_from_pb, rate_limits_to_pb
 from server.common.transport import timestamp_to_pb
 

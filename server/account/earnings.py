@@ -14,11 +14,11 @@ from uuid import UUID
 import structlog
 
 from core.errors import InvalidArgument
+from core.ids import parse_id
 from server.account.authz import Principal
 from server.account.contributions import DEFAULT_TOTAL_EPOCHS, MAX_TOTAL_EPOCHS
 from server.account.ledger import ContributionTotal
 from server.account.ledger_events import CONTRIBUTION_RECORDED, LedgerEvent
-from server.account.service import parse_id
 
 log = structlog.get_logger(__name__)
 

@@ -20,6 +20,7 @@ from uuid import UUID
 import structlog
 
 from core.errors import FailedPrecondition, InvalidArgument
+from core.ids import parse_id
 from server.account.authz import Principal
 from server.account.ledger import (
     MAX_LINE_TEXT,
@@ -28,7 +29,6 @@ from server.account.ledger import (
     validate_amount,
     validate_idempotency_key,
 )
-from server.account.service import parse_id
 from server.common.paging import decode_cursor, encode_cursor, page_size
 
 log = structlog.get_logger(__name__)

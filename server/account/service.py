@@ -14,7 +14,8 @@ from uuid import UUID
 
 import structlog
 
-from core.errors import InvalidApiKey, InvalidArgument, NotFound, PermissionDenied
+from core.errors import InvalidApiKey, NotFound, PermissionDenied
+from core.ids import parse_id
 from server.account.api_keys import (
     ActiveKey,
     ApiKey,
@@ -73,13 +74,6 @@ class AccountStore(Protocol):
     async def list_referrals(self, account_id: UUID) -> list[Referral]: ...
     async def referral_rules(self) -> ReferralRules: ...
     async def set_referral_rules(self, rules: ReferralRules) -> ReferralRules: ...
-
-
-def parse_id(value: str, *, field: str) -> UUID:
-    try:
-        return UUID(value)
-    except ValueError:
-        raise InvalidArgument(f"{field} must be a UUID", field=field) from None
 
 
 class AccountService:

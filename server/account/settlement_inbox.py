@@ -3,10 +3,10 @@ ledger as the platform's service, exactly as ``SettleHold`` would."""
 
 from __future__ import annotations
 
+from core.ids import parse_id
 from server.account.authz import Principal
 from server.account.billing import BillingService
 from server.account.ledger import SettlementLine
-from server.account.service import parse_id
 from server.common.settlements import Settlement
 
 _SERVICE = Principal.service()

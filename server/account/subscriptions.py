@@ -31,10 +31,10 @@ from uuid import UUID
 import structlog
 
 from core.errors import InvalidArgument, NotFound
+from core.ids import parse_id
 from server.account.authz import Principal
 from server.account.ledger import MAX_AMOUNT
 from server.account.profiles import validate_name
-from server.account.service import parse_id
 from server.common.paging import decode_cursor, encode_cursor, page_size
 
 log = structlog.get_logger(__name__)

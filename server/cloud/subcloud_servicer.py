@@ -13,13 +13,13 @@ from core.convert.catalog import price_from_pb, price_to_pb
 from core.convert.requirements import requirements_fields, requirements_from_pb
 from core.errors import InvalidArgument
 from core.grpc_errors import translate_errors
+from core.ids import parse_id
 from server.cloud.subcloud_service import SubcloudService
 from server.cloud.subclouds import (
     Subcloud,
     SubcloudMember,
     SubcloudModel,
     SubcloudRole,
-    parse_id,
 )
 from server.common.transport import Context, authorization, timestamp_to_pb
 
@@ -66,7 +66,7 @@ def member_to_pb(member: SubcloudMember) -> pb.SubcloudMember:
 
 
 def _optional_id(value: str, field: str) -> UUID | None:
-    return parse_id(value, field) if value else None
+    return parse_id(value, field=field) if value else None
 
 
 class SubcloudServicer(pb_grpc.SubcloudServiceServicer):
@@ -92,7 +92,9 @@ class SubcloudServicer(pb_grpc.SubcloudServiceServicer):
         self, request: pb.GetSubcloudRequest, context: Context
     ) -> pb.GetSubcloudResponse:
         actor = await self._service.actor(authorization(context))
-        subcloud = await self._service.get(actor, parse_id(request.subcloud_id, "subcloud_id"))
+        subcloud = await self._service.get(
+            actor, parse_id(request.subcloud_id, field="subcloud_id")
+        )
         return pb.GetSubcloudResponse(subcloud=subcloud_to_pb(subcloud))
 
     @translate_errors
@@ -122,7 +124,7 @@ class SubcloudServicer(pb_grpc.SubcloudServiceServicer):
         given = request.subcloud
         subcloud = await self._service.update(
             actor,
-            parse_id(given.subcloud_id, "subcloud.subcloud_id"),
+            parse_id(given.subcloud_id, field="subcloud.subcloud_id"),
             name=given.name if "name" in paths else None,
             rules=requirements_from_pb(given.rules, field="subcloud.rules")
             if "rules" in paths
@@ -136,7 +138,9 @@ class SubcloudServicer(pb_grpc.SubcloudServiceServicer):
         self, request: pb.ArchiveSubcloudRequest, context: Context
     ) -> pb.ArchiveSubcloudResponse:
         actor = await self._service.actor(authorization(context))
-        subcloud = await self._service.archive(actor, parse_id(request.subcloud_id, "subcloud_id"))
+        subcloud = await self._service.archive(
+            actor, parse_id(request.subcloud_id, field="subcloud_id")
+        )
         return pb.ArchiveSubcloudResponse(subcloud=subcloud_to_pb(subcloud))
 
     @translate_errors
@@ -153,8 +157,8 @@ class SubcloudServicer(pb_grpc.SubcloudServiceServicer):
             raise InvalidArgument("role is not a known role", field="role")
         member = await self._service.put_member(
             actor,
-            parse_id(request.subcloud_id, "subcloud_id"),
-            parse_id(request.account_id, "account_id"),
+            parse_id(request.subcloud_id, field="subcloud_id"),
+            parse_id(request.account_id, field="account_id"),
             role,
         )
         return pb.PutSubcloudMemberResponse(member=member_to_pb(member))
@@ -166,8 +170,8 @@ class SubcloudServicer(pb_grpc.SubcloudServiceServicer):
         actor = await self._service.actor(authorization(context))
         await self._service.remove_member(
             actor,
-            parse_id(request.subcloud_id, "subcloud_id"),
-            parse_id(request.account_id, "account_id"),
+            parse_id(request.subcloud_id, field="subcloud_id"),
+            parse_id(request.account_id, field="account_id"),
         )
         return pb.RemoveSubcloudMemberResponse()
 
@@ -176,7 +180,9 @@ class SubcloudServicer(pb_grpc.SubcloudServiceServicer):
         self, request: pb.ListSubcloudMembersRequest, context: Context
     ) -> pb.ListSubcloudMembersResponse:
         actor = await self._service.actor(authorization(context))
-        members = await self._service.members(actor, parse_id(request.subcloud_id, "subcloud_id"))
+        members = await self._service.members(
+            actor, parse_id(request.subcloud_id, field="subcloud_id")
+        )
         return pb.ListSubcloudMembersResponse(members=[member_to_pb(m) for m in members])
 
     @translate_errors
@@ -186,7 +192,7 @@ class SubcloudServicer(pb_grpc.SubcloudServiceServicer):
         actor = await self._service.actor(authorization(context))
         issued = await self._service.issue_key(
             actor,
-            parse_id(request.subcloud_id, "subcloud_id"),
+            parse_id(request.subcloud_id, field="subcloud_id"),
             holder=_optional_id(request.account_id, "account_id"),
             name=request.name,
             expires=request.expires.ToDatetime(tzinfo=UTC) if request.HasField("expires") else None,

@@ -17,6 +17,7 @@ from enum import StrEnum
 from uuid import UUID
 
 from core.errors import InvalidArgument, NotFound, PermissionDenied
+from core.ids import parse_id
 from core.inference import ModelPrice, NodeRequirements
 from core.regions import validate_region
 
@@ -126,7 +127,7 @@ def validate_rules(rules: NodeRequirements) -> NodeRequirements:
             f"at most {MAX_OPERATORS} operators", field="rules.operator_account_ids"
         )
     for operator in rules.operator_account_ids:
-        parse_id(operator, "rules.operator_account_ids")
+        parse_id(operator, field="rules.operator_account_ids")
     if not 0.0 <= rules.min_reputation <= 1.0:
         raise InvalidArgument(
             "rules.min_reputation must be between 0 and 1", field="rules.min_reputation"
@@ -170,7 +171,8 @@ def undercut_models(
 def rule_operators(rules: NodeRequirements) -> set[UUID]:
     """The operator accounts the rules restrict nodes to (none: any operator)."""
     return {
-        parse_id(operator, "rules.operator_account_ids") for operator in rules.operator_account_ids
+        parse_id(operator, field="rules.operator_account_ids")
+        for operator in rules.operator_account_ids
     }
 
 
@@ -195,13 +197,6 @@ def check_prices(
             " nodes then serve it",
             field="models.price",
         )
-
-
-def parse_id(value: str, field: str) -> UUID:
-    try:
-        return UUID(value)
-    except ValueError:
-        raise InvalidArgument(f"{field} is not a valid id", field=field) from None
 
 
 def route_requirements(subcloud: Subcloud | None, region: str) -> NodeRequirements:
