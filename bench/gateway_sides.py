@@ -38,8 +38,8 @@ from bench.paced_runtime import PacedRuntime
 from bench.platform_process import free_port
 from bench.scratch_database import scratch_database
 from core import channels, event_loop
-from core.channels import bearer_metadata
 from core.logging import configure_logging
+from core.metadata import bearer_metadata
 from gateway.app import create_app
 from gateway.server import serve
 from server.account.component import AccountComponent

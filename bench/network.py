@@ -47,10 +47,10 @@ from agent.session import AGENT_VERSION, AgentSession, SessionSettings
 from bench.paced_runtime import MODEL_ID, PacedRuntime, token_text
 from bench.scratch_database import scratch_database
 from core import channels, event_loop
-from core.channels import bearer_metadata
 from core.convert.generation import spec_to_pb
 from core.inference import ChatMessage, ChatRole, GenerationSpec, Sampling
 from core.logging import configure_logging
+from core.metadata import bearer_metadata
 from server.common.credentials import generate_service_token
 from server.network.component import NetworkComponent
 from server.network.service import FailoverSettings, LivenessSettings, ValidationSettings

@@ -110,9 +110,3 @@ def listen(grpc_server: grpc.aio.Server, address: str, tls: Tls = PLAINTEXT) -> 
     if tls.serves:
         return grpc_server.add_secure_port(address, tls.server_credentials())
     return grpc_server.add_insecure_port(address)
-
-
-def bearer_metadata(credential: str) -> tuple[tuple[str, str], ...]:
-    """Call metadata presenting ``credential`` (an API key, the service token, the CLI's
-    credential) as every layer's gRPC API expects it: ``authorization: Bearer <credential>``."""
-    return (("authorization", f"Bearer {credential}"),)

@@ -22,9 +22,9 @@ from google.protobuf import any_pb2
 from grpc_status import rpc_status
 
 from core.errors import DomainError, ErrorReason, quote, rebuild_error
+from core.metadata import STATUS_DETAILS
 
 ERROR_DOMAIN = "resultity"
-_STATUS_DETAILS_KEY = "grpc-status-details-bin"
 # A status travels in trailers, which peers limit (8 KiB by default): an error that
 # quotes a huge input must still arrive, so its message and metadata are bounded.
 MAX_MESSAGE_LENGTH = 256
@@ -96,7 +96,7 @@ def error_info(error: grpc.aio.AioRpcError | grpc.RpcError) -> error_details_pb2
     # aio metadata iterates as (key, value) pairs; the stubs type it loosely.
     trailing = cast("Iterable[tuple[str, str | bytes]]", error.trailing_metadata() or ())
     for key, value in trailing:
-        if key != _STATUS_DETAILS_KEY:
+        if key != STATUS_DETAILS:
             continue
         status = status_pb2.Status.FromString(cast(bytes, value))
         for detail in status.details:

@@ -25,9 +25,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from core.channels import PLAINTEXT, Tls, bearer_metadata
+from core.channels import PLAINTEXT, Tls
 from core.channels import channel as tls_channel
 from core.errors import InvalidArgument, quote
+from core.metadata import AUTHORIZATION, GENERATION_MS, REQUEST_ID, Metadata, bearer_metadata
 from core.regions import validate_region
 from gateway import convert, errors, health, sse
 from gateway.errors import ApiError, RequestParams
@@ -47,7 +48,6 @@ if TYPE_CHECKING:
 log = structlog.get_logger("gateway")
 
 _Body = TypeVar("_Body", ChatCompletionRequest, CompletionRequest, EmbeddingRequest)
-Metadata = tuple[tuple[str, str], ...]
 
 _LIST_MODELS_TIMEOUT_S = 30.0
 # Request bodies above this are refused (413) before parsing.
@@ -55,9 +55,8 @@ DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 # Longer than any key the platform issues.
 MAX_API_KEY_LENGTH = 256
 # What the platform itself added to the request's time, in milliseconds (see
-# RequestIdMiddleware), and what cloud reports the nodes spent generating.
+# RequestIdMiddleware).
 OVERHEAD_HEADER = "x-resultity-overhead-ms"
-GENERATION_MS_KEY = "x-resultity-generation-ms"
 
 
 def create_app(
@@ -132,7 +131,7 @@ class RequestIdMiddleware:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 headers = MutableHeaders(scope=message)
-                headers.append("x-request-id", request_id)
+                headers.append(REQUEST_ID, request_id)
                 elapsed_ms = (time.monotonic() - began) * 1000
                 overhead_ms = max(0.0, elapsed_ms - float(state.get("generation_ms", 0.0)))
                 headers.append(OVERHEAD_HEADER, f"{overhead_ms:.1f}")
@@ -188,7 +187,7 @@ def _cloud(request: Request) -> InferenceServiceAsyncStub:
 
 def _call_metadata(request: Request) -> Metadata:
     """The caller's key and the request id, as cloud expects them; 401 without a key."""
-    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    scheme, _, key = request.headers.get(AUTHORIZATION, "").partition(" ")
     key = key.strip()
     # gRPC metadata is ASCII; no valid key is anything else.
     if scheme.lower() != "bearer" or not key or not key.isascii() or not key.isprintable():
@@ -196,7 +195,7 @@ def _call_metadata(request: Request) -> Metadata:
     # Refused here: gRPC would fail the call on metadata that large.
     if len(key) > MAX_API_KEY_LENGTH:
         raise errors.invalid_api_key()
-    return (*bearer_metadata(key), ("x-request-id", request.state.request_id))
+    return (*bearer_metadata(key), (REQUEST_ID, request.state.request_id))
 
 
 def _region(request: Request) -> str:
@@ -245,7 +244,7 @@ def _bind_request(model: str, **fields: object) -> None:
 def _record_generation(request: Request, trailing: grpc.aio.Metadata | None) -> None:
     """Keeps cloud's report of the nodes' time for the overhead header."""
     for key, value in trailing or ():
-        if key == GENERATION_MS_KEY:
+        if key == GENERATION_MS:
             with contextlib.suppress(ValueError):
                 request.state.generation_ms = float(value)
 

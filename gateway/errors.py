@@ -18,6 +18,7 @@ from starlette.responses import Response
 
 from core.errors import ErrorReason
 from core.grpc_errors import error_info
+from core.metadata import RATE_LIMIT_PREFIX
 from gateway.schemas import ErrorBody, ErrorEnvelope
 
 INVALID_REQUEST = "invalid_request_error"
@@ -82,9 +83,6 @@ _BY_REASON: dict[str, _Mapped] = {
     ErrorReason.NO_CAPACITY: _Mapped(503, SERVICE_UNAVAILABLE, "no_capacity"),
     ErrorReason.JOB_FAILED: _Mapped(502, SERVER_ERROR),
 }
-
-
-RATE_LIMIT_PREFIX = "x-ratelimit-"
 
 
 @dataclass(frozen=True)

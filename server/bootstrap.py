@@ -22,7 +22,7 @@ from resultity.account.v1 import ledger_service_pb2_grpc as ledger_grpc
 from resultity.account.v1 import node_token_service_pb2 as node_token_pb
 from resultity.account.v1 import node_token_service_pb2_grpc as node_token_grpc
 
-from core.channels import bearer_metadata
+from core.metadata import bearer_metadata
 
 log = structlog.get_logger(__name__)
 

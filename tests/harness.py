@@ -33,7 +33,7 @@ from agent.backoff import Backoff
 from agent.runtime.base import Runtime
 from agent.session import AgentSession, SessionSettings
 from core import channels
-from core.channels import bearer_metadata
+from core.metadata import bearer_metadata
 from server.account.component import AccountComponent
 from server.cli import _parser, _run
 from server.cloud.component import CloudComponent

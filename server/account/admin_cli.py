@@ -33,6 +33,7 @@ from resultity.account.v1 import referral_service_pb2 as referral_pb
 from resultity.account.v1 import referral_service_pb2_grpc as referral_grpc
 
 from core import channels
+from core.metadata import bearer_metadata
 from server.account.billing_cli import TOPICS, add_topics, micro, topic_calls
 from server.secrets import cli_credential
 
@@ -94,7 +95,7 @@ def add_commands(account: argparse.ArgumentParser) -> None:
 
 
 async def run_command(args: argparse.Namespace) -> None:
-    metadata = channels.bearer_metadata(cli_credential(args.data_dir))
+    metadata = bearer_metadata(cli_credential(args.data_dir))
     async with channels.insecure_channel(args.target) as channel:
         accounts = account_grpc.AccountServiceStub(channel)
         keys = key_grpc.ApiKeyServiceStub(channel)

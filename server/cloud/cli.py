@@ -21,6 +21,7 @@ from resultity.cloud.v1 import subcloud_service_pb2_grpc as pb_grpc
 from resultity.common.v1 import inference_pb2 as common_pb
 
 from core import channels
+from core.metadata import bearer_metadata
 from server.secrets import cli_credential
 
 _ROLES = {"member": pb.SUBCLOUD_ROLE_MEMBER, "admin": pb.SUBCLOUD_ROLE_ADMIN}
@@ -143,7 +144,7 @@ def _key_request(args: argparse.Namespace) -> pb.CreateSubcloudApiKeyRequest:
 
 
 async def run_command(args: argparse.Namespace) -> None:
-    metadata = channels.bearer_metadata(cli_credential(args.data_dir))
+    metadata = bearer_metadata(cli_credential(args.data_dir))
     async with channels.insecure_channel(args.cloud) as channel:
         stub = pb_grpc.SubcloudServiceStub(channel)
         calls: dict[str, Callable[[], Awaitable[Message]]] = {

@@ -17,7 +17,6 @@ from resultity.account.v1 import ledger_service_pb2_grpc as ledger_grpc
 from resultity.network.v1 import dispatch_service_pb2 as dispatch_pb
 from resultity.network.v1 import dispatch_service_pb2_grpc as dispatch_grpc
 
-from core.channels import bearer_metadata
 from core.convert.catalog import models_from_pb
 from core.convert.generation import usage_from_pb
 from core.convert.job_events import job_event_from_pb, run_job_request_to_pb
@@ -31,6 +30,7 @@ from core.inference import (
     JobOrigin,
     NodeRequirements,
 )
+from core.metadata import bearer_metadata
 from server.cloud.ports import (
     NO_REQUIREMENTS,
     Caller,

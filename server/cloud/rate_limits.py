@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from core.errors import RateLimited
+from core.metadata import LIMIT_REQUESTS, LIMIT_TOKENS, REMAINING_REQUESTS, REMAINING_TOKENS
 from server.common.rate_limits import NO_LIMITS, RateLimits
 
 
@@ -61,10 +62,10 @@ class RateStatus:
 
     def headers(self) -> tuple[tuple[str, str], ...]:
         values = {
-            "x-ratelimit-limit-requests": self.limit_requests,
-            "x-ratelimit-remaining-requests": self.remaining_requests,
-            "x-ratelimit-limit-tokens": self.limit_tokens,
-            "x-ratelimit-remaining-tokens": self.remaining_tokens,
+            LIMIT_REQUESTS: self.limit_requests,
+            REMAINING_REQUESTS: self.remaining_requests,
+            LIMIT_TOKENS: self.limit_tokens,
+            REMAINING_TOKENS: self.remaining_tokens,
         }
         return tuple((key, str(value)) for key, value in values.items() if value is not None)
 

@@ -22,6 +22,7 @@ from core.convert.generation import (
 )
 from core.grpc_errors import translate_errors
 from core.inference import CatalogModel, ChatRole
+from core.metadata import GENERATION_MS, REQUEST_ID
 from server.cloud.inference import InferenceService
 from server.cloud.rate_limits import RateStatus
 from server.cloud.requests import (
@@ -38,7 +39,7 @@ from server.common.transport import authorization, metadata_value, timestamp_to_
 
 
 def _request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
-    return metadata_value(context, "x-request-id") or uuid.uuid4().hex
+    return metadata_value(context, REQUEST_ID) or uuid.uuid4().hex
 
 
 _OptionalField = Literal[
@@ -91,15 +92,12 @@ def _billing(finished: CompletionFinished) -> pb.Billing:
     return pb.Billing(charged_micro_credits=finished.charged)
 
 
-# Trailing metadata: milliseconds the nodes spent on the request's jobs, from
-# assignment to end as cloud saw it, so a caller can tell the platform's own time.
-GENERATION_MS_KEY = "x-resultity-generation-ms"
-
-
 def _report_generation(
     context: grpc.aio.ServicerContext[Any, Any], finished: CompletionFinished
 ) -> None:
-    context.set_trailing_metadata(((GENERATION_MS_KEY, f"{finished.generation_s * 1000:.1f}"),))
+    """The nodes' time on the request's jobs, from assignment to end as cloud saw it,
+    so a caller can tell the platform's own time."""
+    context.set_trailing_metadata(((GENERATION_MS, f"{finished.generation_s * 1000:.1f}"),))
 
 
 async def _report_rate_limits(

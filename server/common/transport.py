@@ -9,6 +9,8 @@ from typing import Any
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from core.metadata import AUTHORIZATION
+
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
@@ -20,7 +22,7 @@ def metadata_value(context: Context, key: str) -> str | None:
 
 
 def authorization(context: Context) -> str | None:
-    return metadata_value(context, "authorization")
+    return metadata_value(context, AUTHORIZATION)
 
 
 def timestamp_to_pb(value: datetime) -> Timestamp:

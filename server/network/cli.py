@@ -19,6 +19,7 @@ from resultity.network.v1 import node_admin_service_pb2 as pb
 from resultity.network.v1 import node_admin_service_pb2_grpc as pb_grpc
 
 from core import channels
+from core.metadata import bearer_metadata
 from server.secrets import service_token
 
 _STATES = {
@@ -67,7 +68,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 async def run_command(args: argparse.Namespace) -> None:
     token = service_token(args.data_dir)
-    metadata = channels.bearer_metadata(token)
+    metadata = bearer_metadata(token)
     async with channels.insecure_channel(args.network) as channel:
         stub = pb_grpc.NodeAdminServiceStub(channel)
         command = args.nodes_command

@@ -6,9 +6,9 @@ import grpc
 from resultity.account.v1 import node_token_service_pb2 as pb
 from resultity.account.v1 import node_token_service_pb2_grpc as pb_grpc
 
-from core.channels import bearer_metadata
 from core.errors import InvalidApiKey, InvalidNodeCredentials
 from core.grpc_errors import domain_errors
+from core.metadata import bearer_metadata
 
 
 class AccountNodeTokens:

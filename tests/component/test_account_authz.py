@@ -24,7 +24,7 @@ from resultity.account.v1 import subscription_service_pb2 as sub_pb
 from resultity.cloud.v1 import inference_service_pb2 as cloud_pb
 from resultity.common.v1 import inference_pb2 as common_pb
 
-from core.channels import bearer_metadata
+from core.metadata import bearer_metadata
 from tests.account_support import Stubs, expect_error
 from tests.harness import Platform, running_platform
 

@@ -17,8 +17,8 @@ from agent.backoff import Backoff
 from agent.identity import NodeIdentity, signed_hello
 from agent.session import AGENT_VERSION, AgentSession, SessionSettings
 from core import channels
-from core.channels import bearer_metadata
 from core.grpc_errors import error_info
+from core.metadata import bearer_metadata
 from server.common.credentials import generate_service_token
 from server.network.component import NetworkComponent
 from server.network.service import LivenessSettings

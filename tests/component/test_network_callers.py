@@ -14,10 +14,10 @@ from resultity.network.v1 import node_admin_service_pb2 as admin_pb
 from resultity.network.v1 import node_admin_service_pb2_grpc as admin_grpc
 
 from core import channels
-from core.channels import bearer_metadata
 from core.convert.generation import spec_to_pb
 from core.grpc_errors import error_info
 from core.inference import ChatMessage, ChatRole, GenerationSpec, Sampling
+from core.metadata import bearer_metadata
 from server.common.credentials import generate_service_token
 from tests.doubles.scripted_runtime import MODEL_ID, ScriptedRuntime
 from tests.harness import Platform, running_platform

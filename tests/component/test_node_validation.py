@@ -19,10 +19,10 @@ from resultity.network.v1 import node_admin_service_pb2_grpc as admin_grpc
 from agent.identity import NodeIdentity, signed_hello
 from agent.session import AGENT_VERSION, AgentSession, SessionSettings
 from core import channels
-from core.channels import bearer_metadata
 from core.convert.generation import spec_to_pb
 from core.grpc_errors import describe_rpc_error, error_info
 from core.inference import ChatMessage, ChatRole, GenerationSpec, Sampling
+from core.metadata import bearer_metadata
 from server.cli import _parser
 from server.network.cli import run_command
 from server.network.service import ValidationSettings

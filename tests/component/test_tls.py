@@ -16,7 +16,7 @@ from resultity.network.v1 import node_admin_service_pb2_grpc as admin_grpc
 
 from agent.session import AgentSession, SessionSettings
 from core import channels
-from core.channels import bearer_metadata
+from core.metadata import bearer_metadata
 from server.common.credentials import generate_service_token
 from server.network.admission import AdmissionSettings
 from server.network.component import NetworkComponent

@@ -20,6 +20,7 @@ from resultity.common.v1 import inference_pb2
 
 from core.errors import DomainError, InvalidApiKey, ModelNotFound
 from core.grpc_errors import translate_errors
+from core.metadata import AUTHORIZATION, GENERATION_MS
 
 TEST_API_KEY = "sk-test-0123456789"
 CREATED = 1_700_000_000
@@ -74,7 +75,7 @@ class _ScriptedChatCloud(inference_service_pb2_grpc.InferenceServiceServicer):
     async def _begin(self, method: str, request: Any, context: Any) -> None:
         metadata = {key: str(value) for key, value in context.invocation_metadata() or ()}
         self.calls.append(Call(method, request, metadata))
-        if metadata.get("authorization") != f"Bearer {TEST_API_KEY}":
+        if metadata.get(AUTHORIZATION) != f"Bearer {TEST_API_KEY}":
             raise InvalidApiKey("Incorrect API key provided.")
         if self.script.abort is not None:
             await context.abort(*self.script.abort)
@@ -118,9 +119,7 @@ class _ScriptedChatCloud(inference_service_pb2_grpc.InferenceServiceServicer):
         await context.send_initial_metadata(self.script.rate_limits)
         if self.script.hang:
             await self._hang()
-        context.set_trailing_metadata(
-            (("x-resultity-generation-ms", str(self.script.generation_ms)),)
-        )
+        context.set_trailing_metadata(((GENERATION_MS, str(self.script.generation_ms)),))
         return pb.CreateChatCompletionResponse(
             id=COMPLETION_ID,
             model=request.params.model,
@@ -213,9 +212,7 @@ class ScriptedCloud(_ScriptedChatCloud):
     ) -> pb.CreateCompletionResponse:
         await self._begin("CreateCompletion", request, context)
         params = request.params
-        context.set_trailing_metadata(
-            (("x-resultity-generation-ms", str(self.script.generation_ms)),)
-        )
+        context.set_trailing_metadata(((GENERATION_MS, str(self.script.generation_ms)),))
         return pb.CreateCompletionResponse(
             id=TEXT_COMPLETION_ID,
             model=params.model,

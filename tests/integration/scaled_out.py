@@ -25,7 +25,7 @@ from resultity.account.v1 import ledger_service_pb2_grpc as ledger_grpc
 from resultity.account.v1 import rate_limits_pb2 as rate_limits_pb
 
 from core import channels
-from core.channels import bearer_metadata
+from core.metadata import bearer_metadata
 from server.common.credentials import generate_service_token
 from server.network.catalog import SMOLLM2_135M
 from tests.harness import free_port
