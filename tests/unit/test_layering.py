@@ -54,6 +54,12 @@ def _add_import(module: Path, statement: str) -> None:
         ("agent/session.py", "import server.cloud.pricing", "never import the control plane"),
         ("core/errors.py", "import gateway.sse", "core is neutral"),
         ("server/network/routing.py", "import asyncpg", "domain modules import no transport"),
+        (
+            "server/network/service.py",
+            "import core.convert.job_events",
+            "domain modules import no transport",
+        ),
+        ("core/convert/catalog.py", "import grpc", "conversion modules import generated stubs"),
     ],
 )
 def test_a_broken_import_fails_the_linter(
