@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pydantic import TypeAdapter
+
 from gateway.errors import ApiError
 from gateway.schemas import ChatCompletionChunk, TextCompletion
 
@@ -9,6 +11,9 @@ MEDIA_TYPE = "text/event-stream"
 # Proxies must pass each event on as it comes rather than buffer the body.
 HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 DONE = b"data: [DONE]\n\n"
+# Serializers straight to JSON bytes: a chunk is rendered without a str in between.
+_CHAT_CHUNK = TypeAdapter(ChatCompletionChunk)
+_TEXT_CHUNK = TypeAdapter(TextCompletion)
 
 
 def event(data: str) -> bytes:
@@ -21,7 +26,12 @@ def encode_chunk(chunk: ChatCompletionChunk | TextCompletion, *, include_usage: 
     # With include_usage every chunk carries "usage" (null until the last); without it
     # the key is absent, as in OpenAI's stream.
     exclude = None if include_usage else {"usage"}
-    return event(chunk.model_dump_json(exclude=exclude))
+    if isinstance(chunk, ChatCompletionChunk):
+        data = _CHAT_CHUNK.dump_json(chunk, exclude=exclude)
+    else:
+        data = _TEXT_CHUNK.dump_json(chunk, exclude=exclude)
+    # Compact JSON holds no raw newline (strings escape it): the event is one line.
+    return b"data: " + data + b"\n\n"
 
 
 def encode_error(error: ApiError) -> bytes:

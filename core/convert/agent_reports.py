@@ -17,11 +17,11 @@ from core.agent_messages import (
 )
 from core.convert.job_events import (
     chunk_from_pb,
-    chunk_to_pb,
     done_from_pb,
     done_to_pb,
     failed_from_pb,
     failed_to_pb,
+    fill_chunk,
     started_from_pb,
     started_to_pb,
 )
@@ -46,7 +46,9 @@ def heartbeat_from_pb(beat: pb.Heartbeat) -> Heartbeat:
 def report_to_pb(report: AgentReport) -> pb.ConnectRequest:
     # Chunks first: they are nearly every message.
     if isinstance(report, ChunkReport):
-        return pb.ConnectRequest(job_chunk=chunk_to_pb(report))
+        request = pb.ConnectRequest()
+        fill_chunk(request.job_chunk, report)
+        return request
     if isinstance(report, StartedReport):
         return pb.ConnectRequest(job_started=started_to_pb(report))
     if isinstance(report, Heartbeat):

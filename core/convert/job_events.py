@@ -107,17 +107,18 @@ def started_from_pb(started: agent_pb.JobStarted) -> StartedReport:
     return StartedReport(started.job_id, started.epoch)
 
 
-def chunk_to_pb(chunk: ChunkReport) -> agent_pb.JobChunk:
-    return agent_pb.JobChunk(
-        job_id=chunk.job_id,
-        epoch=chunk.epoch,
-        text=chunk.text,
-        token_count=chunk.token_count,
-        prompt_tokens=chunk.prompt_tokens,
-        token_ids=chunk.token_ids,
-        logprobs=logprobs_to_pb(chunk.logprobs),
-        embedding=chunk.embedding,
-    )
+def fill_chunk(message: agent_pb.JobChunk, chunk: ChunkReport) -> None:
+    """Writes ``chunk`` into ``message`` where it lies (in its ConnectRequest): no
+    message is built only to be copied in."""
+    message.job_id = chunk.job_id
+    message.epoch = chunk.epoch
+    message.text = chunk.text
+    message.token_count = chunk.token_count
+    message.prompt_tokens = chunk.prompt_tokens
+    message.token_ids.extend(chunk.token_ids)
+    if chunk.logprobs:
+        message.logprobs.extend(logprobs_to_pb(chunk.logprobs))
+    message.embedding.extend(chunk.embedding)
 
 
 def chunk_from_pb(chunk: agent_pb.JobChunk) -> ChunkReport:
@@ -218,15 +219,16 @@ def _node_usage_to_pb(share: NodeUsage) -> dispatch_pb.NodeUsage:
 
 def job_event_to_pb(event: JobEvent) -> dispatch_pb.RunJobResponse:
     if isinstance(event, JobDelta):
-        return dispatch_pb.RunJobResponse(
-            delta=dispatch_pb.TokenDelta(
-                text=event.text,
-                token_count=event.token_count,
-                prompt_tokens=event.prompt_tokens,
-                logprobs=logprobs_to_pb(event.logprobs),
-                embedding=event.embedding,
-            )
-        )
+        # Written in place: the stream's commonest message builds nothing to copy.
+        response = dispatch_pb.RunJobResponse()
+        delta = response.delta
+        delta.text = event.text
+        delta.token_count = event.token_count
+        delta.prompt_tokens = event.prompt_tokens
+        if event.logprobs:
+            delta.logprobs.extend(logprobs_to_pb(event.logprobs))
+        delta.embedding.extend(event.embedding)
+        return response
     if isinstance(event, JobAssigned):
         return dispatch_pb.RunJobResponse(assigned=dispatch_pb.JobAssigned(node_id=event.node_id))
     if isinstance(event, JobMigrated):
