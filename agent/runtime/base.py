@@ -12,22 +12,20 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from core.inference import ChatMessage, Continuation, FinishReason, Sampling, TokenLogprob
+from core.inference import Continuation, FinishReason, GenerationSpec, TokenLogprob
 
 
-@dataclass(frozen=True)
-class GenerationRequest:
-    model: str
-    messages: tuple[ChatMessage, ...]
-    # For a continuation, max_tokens is what remains of the budget (may be 0).
-    sampling: Sampling
-    # Refuse (PromptTooLong) if the templated prompt has more tokens than this.
-    max_prompt_tokens: int
+@dataclass(frozen=True, slots=True)
+class GenerationRequest(GenerationSpec):
+    """The job's spec, and where to pick it up when another node started it.
+
+    For a continuation, ``sampling.max_tokens`` is what remains of the budget (may
+    be 0). The runtime refuses (PromptTooLong) a templated prompt longer than
+    ``max_prompt_tokens``; a text completion's ``prompt`` is used as it is (no chat
+    template, no messages); ``embed`` asks for Started, one Embedding, Finished.
+    """
+
     continuation: Continuation | None = None
-    # A text completion: this is the prompt as it is, no chat template (messages empty).
-    prompt: str | None = None
-    # Embed ``prompt`` instead of generating: Started, one Embedding, Finished.
-    embed: bool = False
 
 
 @dataclass(frozen=True)
