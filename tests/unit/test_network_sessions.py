@@ -4,18 +4,34 @@ nonce, and what each of the agent's reports changes."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
 from core.agent_messages import ChunkReport, ConfigApplied, Draining, Heartbeat
 from core.errors import InvalidNodeCredentials
+from server.common.bus_memory import MemoryBus
 from server.network.catalog import SMOLLM2_135M, Catalog
 from server.network.nodes import NodeHello, NodeModel, NodeSession, SignedHello
 from server.network.service import LivenessSettings, NetworkService
+from server.network.state_ports import NetworkStores
+
+
+class _Untouched:
+    """A store these tests must not reach: joining and reports read and write none."""
+
+    def __getattr__(self, name: str) -> Any:
+        async def untouched(*args: object) -> None:
+            raise AssertionError(f"the store was used: {name}")
+
+        return untouched
 
 
 def _service() -> NetworkService:
-    return NetworkService(Catalog([SMOLLM2_135M]), LivenessSettings())
+    stores = NetworkStores(_Untouched(), _Untouched(), _Untouched())  # type: ignore[arg-type]
+    return NetworkService(
+        Catalog([SMOLLM2_135M]), LivenessSettings(), stores=stores, bus=MemoryBus()
+    )
 
 
 def _hello(nonce: bytes) -> NodeHello:
