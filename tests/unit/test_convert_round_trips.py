@@ -21,6 +21,7 @@ from core.agent_messages import (
     FailedReport,
     FailureKind,
     Heartbeat,
+    StartedReport,
 )
 from core.convert.agent_reports import report_from_pb, report_to_pb
 from core.convert.catalog import models_from_pb, models_to_pb
@@ -212,8 +213,8 @@ dones = st.builds(
     st.binary(max_size=64),
 )
 faileds = st.builds(
-    lambda job_id, epoch, kind, message, usage, signature: FailedReport(
-        job_id, epoch, kind, message, usage, signature, failure_to_pb(kind)
+    lambda job_id, epoch, kind, message, usage, signature, param: FailedReport(
+        job_id, epoch, kind, message, usage, signature, failure_to_pb(kind), param
     ),
     texts,
     int64s,
@@ -221,8 +222,10 @@ faileds = st.builds(
     texts,
     usages,
     st.binary(max_size=64),
+    texts,
 )
 reports = st.one_of(
+    st.builds(StartedReport, texts, int64s),
     chunks,
     dones,
     faileds,

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from core.agent_messages import ChunkReport, ConfigApplied, Draining, Heartbeat
+from core.agent_messages import ChunkReport, ConfigApplied, Draining, Heartbeat, StartedReport
 from core.errors import InvalidNodeCredentials
 from server.common.bus_memory import MemoryBus
 from server.network.catalog import SMOLLM2_135M, Catalog
@@ -120,6 +120,7 @@ def test_a_report_for_a_job_the_node_does_not_run_is_dropped() -> None:
     node = NodeSession("n1", _hello(b""))
     node.last_seen = 0.0
 
+    service.handle(node, StartedReport("unknown-job", 1))
     service.handle(node, ChunkReport("unknown-job", 1, "text", 1, 3))
 
     # A sign of life all the same; nothing goes back to the node.
