@@ -1,6 +1,6 @@
 """What the network and a node's agent tell each other, as domain shapes.
 
-The network sends commands about jobs; the agent reports on its jobs (chunks,
+The network sends commands about jobs; the agent reports on its jobs (starts, chunks,
 signed results) and on itself (heartbeats, draining, applied configuration).
 Both ends convert these with core/convert/job_events.py and agent_reports.py.
 """
