@@ -12,8 +12,9 @@ local node was lost.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -50,7 +51,7 @@ class ReplicaUnavailable(Exception):
 
 
 class Forwarder(Protocol):
-    def run(self, replica_address: str, assignment: Assignment) -> AsyncIterator[NodeReport]:
+    def run(self, replica_address: str, assignment: Assignment) -> AsyncGenerator[NodeReport, None]:
         """The node's reports of ``assignment``, through the replica at
         ``replica_address``; ends after a final report (done, failed, lost).
         Raises ReplicaUnavailable, or a DomainError the owner answered with."""
@@ -83,17 +84,19 @@ class ForwardedJobs:
     async def _relay(self, job: ActiveJob, node: RemoteNode, assignment: Assignment) -> None:
         epoch = assignment.epoch
         reason = f"replica {node.replica_id} ended the job's stream"
+        stream = self._forwarder.run(node.replica_address, assignment)
         try:
-            async for report in self._forwarder.run(node.replica_address, assignment):
-                if not job.accepts(node.node_id, epoch):
-                    return
-                job.last_progress = time.monotonic()
-                if isinstance(report, NodeLost):
-                    reason = report.reason
-                    break
-                job.post(epoch, report)
-                if isinstance(report, DoneReport | FailedReport):
-                    return
+            async with contextlib.aclosing(stream):
+                async for report in stream:
+                    if not job.accepts(node.node_id, epoch):
+                        return
+                    job.last_progress = time.monotonic()
+                    if isinstance(report, NodeLost):
+                        reason = report.reason
+                        break
+                    job.post(epoch, report)
+                    if isinstance(report, DoneReport | FailedReport):
+                        return
         except ReplicaUnavailable as error:
             reason = f"replica {node.replica_id} unreachable"
             log.warning(reason, job_id=job.job_id, node_id=node.node_id, error=str(error))

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 import grpc
 from resultity.network.v1 import replica_service_pb2_grpc as pb_grpc
@@ -25,7 +25,9 @@ class GrpcForwarder:
         self._tls = tls
         self._channels: dict[str, grpc.aio.Channel] = {}
 
-    async def run(self, replica_address: str, assignment: Assignment) -> AsyncIterator[NodeReport]:
+    async def run(
+        self, replica_address: str, assignment: Assignment
+    ) -> AsyncGenerator[NodeReport, None]:
         channel = self._channels.get(replica_address)
         if channel is None:
             channel = self._channels[replica_address] = channels.channel(replica_address, self._tls)
