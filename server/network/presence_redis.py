@@ -15,9 +15,12 @@ import time
 from collections.abc import Iterator, Sequence
 
 import redis.asyncio as redis
+import structlog
 from redis.exceptions import RedisError
 
 from server.network.presence import NodePresence, PresenceUnavailable
+
+log = structlog.get_logger(__name__)
 
 # KEYS: record keys; ARGV: index key, then (record JSON, expiry ms) per key.
 _PUBLISH = """
@@ -97,8 +100,18 @@ class RedisPresence:
             if not node_ids:
                 return []
             values = await self._client.mget([self._key(n) for n in node_ids])
-        records = (NodePresence.from_json(value) for value in values if value is not None)
-        return [record for record in records if record.expires_at > now]
+        records = []
+        for value in values:
+            if value is None:
+                continue  # lapsed between the two reads
+            try:
+                record = NodePresence.from_json(value)
+            except (ValueError, TypeError, KeyError) as error:
+                log.warning("malformed presence record skipped", error=str(error))
+                continue
+            if record.expires_at > now:
+                records.append(record)
+        return records
 
     async def close(self) -> None:
         await self._client.aclose()

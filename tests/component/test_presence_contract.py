@@ -112,3 +112,17 @@ async def test_many_records_in_one_publish(presence: Presence) -> None:
     records = [record(f"n{i}", f"r{i % 4}") for i in range(1_200)]
     await presence.publish(records)
     assert len(await presence.snapshot()) == 1_200
+
+
+async def test_redis_skips_a_malformed_record() -> None:
+    prefix = fresh_prefix()
+    client = redis.Redis.from_url(redis_url())
+    store = RedisPresence(client, prefix=prefix)
+    try:
+        await store.publish([record("good")])
+        await client.set(f"{prefix}:node:bad", b"{not json", px=30_000)
+        await client.zadd(f"{prefix}:nodes", {"bad": int((time.time() + 30) * 1000)})
+        assert [r.node_id for r in await store.snapshot()] == ["good"]
+    finally:
+        await client.delete(f"{prefix}:node:bad", f"{prefix}:node:good", f"{prefix}:nodes")
+        await store.close()
