@@ -6,7 +6,8 @@ node's reports back (ReplicaService.RunForwardedJob). The relay here feeds
 those reports into the job as if the node were local, under the same fencing:
 a report counts only while its epoch is the job's current one. When the owner
 gives the assignment up, or cannot be reached, the job moves on like one whose
-local node was lost.
+local node was lost; when the job waited too long in the node's queue, it
+fails like a local one.
 """
 
 from __future__ import annotations
@@ -24,11 +25,14 @@ from core.errors import DomainError
 from core.inference import GenerationSpec
 from server.network.jobs import (
     ActiveJob,
+    ChunkReport,
     Continuation,
     DoneReport,
     FailedReport,
     NodeLost,
     NodeReport,
+    QueueTimeout,
+    StartedReport,
 )
 from server.network.remote_nodes import RemoteNode
 
@@ -94,6 +98,11 @@ class ForwardedJobs:
                     if isinstance(report, NodeLost):
                         reason = report.reason
                         break
+                    if isinstance(report, QueueTimeout):
+                        job.expire(job.last_progress)
+                        return
+                    if isinstance(report, StartedReport | ChunkReport):
+                        job.running = True
                     job.post(epoch, report)
                     if isinstance(report, DoneReport | FailedReport):
                         return

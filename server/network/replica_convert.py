@@ -23,6 +23,8 @@ from server.network.jobs import (
     FailureKind,
     NodeLost,
     NodeReport,
+    QueueTimeout,
+    StartedReport,
 )
 
 _FAILURE_TO_PB = {
@@ -63,6 +65,8 @@ def assignment_from_pb(request: pb.RunForwardedJobRequest) -> Assignment:
 
 
 def report_to_pb(report: NodeReport) -> pb.RunForwardedJobResponse:
+    if isinstance(report, StartedReport):
+        return pb.RunForwardedJobResponse(started=pb.ForwardedStarted())
     if isinstance(report, ChunkReport):
         return pb.RunForwardedJobResponse(
             chunk=pb.ForwardedChunk(
@@ -87,14 +91,21 @@ def report_to_pb(report: NodeReport) -> pb.RunForwardedJobResponse:
                 reason=_FAILURE_TO_PB[report.kind],
                 message=report.message,
                 usage=usage_to_pb(report.usage),
+                param=report.param,
             )
+        )
+    if isinstance(report, QueueTimeout):
+        return pb.RunForwardedJobResponse(
+            queue_timeout=pb.ForwardedQueueTimeout(waited_s=report.waited_s)
         )
     return pb.RunForwardedJobResponse(lost=pb.ForwardedLost(reason=report.reason))
 
 
 def report_from_pb(response: pb.RunForwardedJobResponse, epoch: int) -> NodeReport:
-    """``epoch``: the assignment's, for a loss."""
+    """``epoch``: the assignment's, for a loss or a queue timeout."""
     kind = response.WhichOneof("event")
+    if kind == "started":
+        return StartedReport()
     if kind == "chunk":
         chunk = response.chunk
         return ChunkReport(
@@ -115,5 +126,8 @@ def report_from_pb(response: pb.RunForwardedJobResponse, epoch: int) -> NodeRepo
             _FAILURE_FROM_PB.get(failed.reason, FailureKind.RUNTIME_ERROR),
             failed.message,
             usage_from_pb(failed.usage),
+            param=failed.param,
         )
+    if kind == "queue_timeout":
+        return QueueTimeout(response.queue_timeout.waited_s, epoch)
     return NodeLost(response.lost.reason or "lost by its replica", epoch)

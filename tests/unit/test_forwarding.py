@@ -9,7 +9,15 @@ from collections.abc import AsyncGenerator
 from core.errors import NotFound
 from core.inference import ChatMessage, ChatRole, FinishReason, GenerationSpec, Sampling, Usage
 from server.network.forwarding import Assignment, ForwardedJobs, ReplicaUnavailable
-from server.network.jobs import ActiveJob, ChunkReport, DoneReport, NodeLost, NodeReport
+from server.network.jobs import (
+    ActiveJob,
+    ChunkReport,
+    DoneReport,
+    NodeLost,
+    NodeReport,
+    QueueTimeout,
+    StartedReport,
+)
 from server.network.nodes import NodeState
 from server.network.presence import NodePresence
 from server.network.remote_nodes import RemoteNode
@@ -115,3 +123,23 @@ async def test_reports_of_a_superseded_epoch_are_dropped() -> None:
     job.reassign("n2")  # the coordinator moved on before the owner answered
     ForwardedJobs(forwarder).start(job, remote_node(), Assignment("j", 1, "n1", SPEC))
     assert await drained(job, forwarder) == []
+
+
+async def test_a_started_job_runs_and_its_stall_timer_applies() -> None:
+    forwarder = ScriptedForwarder([StartedReport()])
+    job = ActiveJob("j", SPEC, "n1")
+    ForwardedJobs(forwarder).start(job, remote_node(), Assignment("j", 1, "n1", SPEC))
+    reports = await drained(job, forwarder)
+    assert reports[0] == (1, StartedReport())
+    assert job.running
+    # The stream ended without a result: the assignment is given up.
+    assert isinstance(reports[1][1], NodeLost)
+
+
+async def test_a_queue_timeout_on_the_owner_expires_the_job() -> None:
+    forwarder = ScriptedForwarder([QueueTimeout(31.0, 1)])
+    job = ActiveJob("j", SPEC, "n1")
+    ForwardedJobs(forwarder).start(job, remote_node(), Assignment("j", 1, "n1", SPEC))
+    [(epoch, expired)] = await drained(job, forwarder)
+    assert (epoch, type(expired)) == (1, QueueTimeout)
+    assert job.fenced_epoch == 1

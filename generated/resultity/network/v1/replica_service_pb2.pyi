@@ -116,6 +116,8 @@ class RunForwardedJobResponse(_message.Message):
     DONE_FIELD_NUMBER: _builtins.int
     FAILED_FIELD_NUMBER: _builtins.int
     LOST_FIELD_NUMBER: _builtins.int
+    STARTED_FIELD_NUMBER: _builtins.int
+    QUEUE_TIMEOUT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def chunk(self) -> Global___ForwardedChunk: ...
     @_builtins.property
@@ -124,6 +126,10 @@ class RunForwardedJobResponse(_message.Message):
     def failed(self) -> Global___ForwardedFailed: ...
     @_builtins.property
     def lost(self) -> Global___ForwardedLost: ...
+    @_builtins.property
+    def started(self) -> Global___ForwardedStarted: ...
+    @_builtins.property
+    def queue_timeout(self) -> Global___ForwardedQueueTimeout: ...
     def __init__(
         self,
         *,
@@ -131,16 +137,59 @@ class RunForwardedJobResponse(_message.Message):
         done: Global___ForwardedDone | None = ...,
         failed: Global___ForwardedFailed | None = ...,
         lost: Global___ForwardedLost | None = ...,
+        started: Global___ForwardedStarted | None = ...,
+        queue_timeout: Global___ForwardedQueueTimeout | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "done", b"done", "event", b"event", "failed", b"failed", "lost", b"lost"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "done", b"done", "event", b"event", "failed", b"failed", "lost", b"lost", "queue_timeout", b"queue_timeout", "started", b"started"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "done", b"done", "event", b"event", "failed", b"failed", "lost", b"lost"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "done", b"done", "event", b"event", "failed", b"failed", "lost", b"lost", "queue_timeout", b"queue_timeout", "started", b"started"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["chunk", "done", "failed", "lost"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["chunk", "done", "failed", "lost", "started", "queue_timeout"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 
 Global___RunForwardedJobResponse: _TypeAlias = RunForwardedJobResponse  # noqa: Y015
+
+@_typing.final
+class ForwardedStarted(_message.Message):
+    """The job left the node's queue and runs: the coordinator's stall timer starts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ForwardedStarted: _TypeAlias = ForwardedStarted  # noqa: Y015
+
+@_typing.final
+class ForwardedQueueTimeout(_message.Message):
+    """The assignment waited in the node's queue too long to start; the owner
+    cancelled it there.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WAITED_S_FIELD_NUMBER: _builtins.int
+    waited_s: _builtins.float
+    """Seconds it waited."""
+    def __init__(
+        self,
+        *,
+        waited_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["waited_s", b"waited_s"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ForwardedQueueTimeout: _TypeAlias = ForwardedQueueTimeout  # noqa: Y015
 
 @_typing.final
 class ForwardedChunk(_message.Message):
@@ -219,8 +268,11 @@ class ForwardedFailed(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
+    PARAM_FIELD_NUMBER: _builtins.int
     reason: Global___ForwardedFailure.ValueType
     message: _builtins.str
+    param: _builtins.str
+    """For an invalid request: the request field at fault, as the API names it."""
     @_builtins.property
     def usage(self) -> _inference_pb2.Usage: ...
     def __init__(
@@ -229,10 +281,11 @@ class ForwardedFailed(_message.Message):
         reason: Global___ForwardedFailure.ValueType = ...,
         message: _builtins.str = ...,
         usage: _inference_pb2.Usage | None = ...,
+        param: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "reason", b"reason", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "param", b"param", "reason", b"reason", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
