@@ -1,8 +1,7 @@
 """Scenarios of two network replicas in one process sharing node presence: each
 routes over both replicas' nodes, a job for the other's node runs through it, and
 jobs and agents survive the loss of a node or of a replica. A test module
-subclasses ``ReplicaScenarios`` and provides the ``pair`` fixture (presence
-in-process, or in Redis)."""
+subclasses ``ReplicaScenarios`` and provides the ``pair`` fixture."""
 
 from __future__ import annotations
 
@@ -203,3 +202,22 @@ class ReplicaScenarios:
         await eventually(lambda: homeless.node_id in {n.node_id for n in service.nodes()})
         assert homeless.target == pair.a.target
         await eventually(lambda: ready_nodes(pair.a) == 2)
+
+    async def test_when_a_replica_drains_its_agents_rehome_and_forwarded_jobs_continue(
+        self, pair: ReplicaPair
+    ) -> None:
+        homeless, _ = await pair.agent(f"{pair.b.target},{pair.a.target}", "on-b")
+        await eventually(lambda: ready_nodes(pair.a) == 1)
+        job = Job(pair.a, "job-replica-drained")
+        await eventually(lambda: len(job.of("delta")) >= 10)
+        survivor, _ = await pair.agent(pair.a.target, "on-a")
+
+        # Replica B shuts down cleanly: its agents are told to reconnect elsewhere.
+        await pair.b.stop()
+
+        await asyncio.wait_for(job.task, timeout=30)
+        assert job.text == SCRIPT
+        assert [m.migrated.node_id for m in job.of("migrated")] == [survivor.node_id]
+        service = pair.a.component.service
+        await eventually(lambda: homeless.node_id in {n.node_id for n in service.nodes()})
+        assert homeless.target == pair.a.target

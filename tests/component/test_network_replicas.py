@@ -1,5 +1,5 @@
-"""Two network replicas in one process sharing in-process presence (the same
-scenarios over Redis: tests/integration/test_redis_presence.py)."""
+"""Two network replicas in one process sharing in-process presence (replicas as
+processes over Redis: tests/integration/test_replica_failover.py)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""Presence in a real Redis: the port's contract, Redis's handling of a malformed
-record, and two network replicas in this process sharing presence through it."""
+"""Presence in a real Redis: the port's contract and Redis's handling of a malformed
+record. Replicas sharing presence through Redis, as processes:
+test_replica_failover.py."""
 
 from __future__ import annotations
 
@@ -12,9 +13,7 @@ import redis.asyncio as redis
 
 from server.network.presence import Presence
 from server.network.presence_redis import RedisPresence
-from tests.harness import new_network_id
 from tests.presence_contract import PresenceContract, record
-from tests.replica_scenarios import ReplicaPair, ReplicaScenarios, replica_pair
 
 
 @pytest.fixture
@@ -46,15 +45,3 @@ class TestRedisPresence(PresenceContract):
             assert [r.node_id for r in await store.snapshot()] == ["good"]
         finally:
             await store.close()
-
-
-class TestReplicasOverRedis(ReplicaScenarios):
-    @pytest.fixture
-    async def pair(
-        self, postgres_dsn: str, redis_url: str, prefix: str
-    ) -> AsyncIterator[ReplicaPair]:
-        presences = [RedisPresence.from_url(redis_url, prefix=prefix) for _ in range(2)]
-        async with replica_pair(postgres_dsn, new_network_id(), presences) as pair:
-            yield pair
-        for presence in presences:
-            await presence.close()
