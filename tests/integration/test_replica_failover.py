@@ -37,9 +37,9 @@ from resultity.network.v1 import node_admin_service_pb2 as admin_pb
 from resultity.network.v1 import node_admin_service_pb2_grpc as admin_grpc
 
 from core import channels
+from core.channels import bearer_metadata
 from server.account.component import AccountComponent
 from server.cloud.component import CloudComponent
-from server.common.credentials import service_metadata
 from server.network.catalog import SMOLLM2_135M
 from server.secrets import PlatformSecrets
 from tests.harness import eventually, free_port
@@ -194,7 +194,7 @@ async def control(database_url: str) -> AsyncIterator[tuple[Control, PlatformSec
     cloud.register(server)
     await server.start()
     channel = channels.insecure_channel(target)
-    yield Control(channel, service_metadata(secrets.service_token)), secrets, network_a
+    yield Control(channel, bearer_metadata(secrets.service_token)), secrets, network_a
     await channel.close(grace=None)
     await server.stop(None)
     await cloud.stop()
