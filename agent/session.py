@@ -7,6 +7,12 @@ jobs (the network has already moved them elsewhere) and reconnects with
 jittered exponential backoff; so it does when the network asks it to
 reconnect (the server is going away), which is not a failure.
 
+The network may run as several replicas: the agent knows their addresses
+(``network`` is comma-separated) and, when a session ends, opens the next one
+with the next address, so an agent whose replica crashed or drained re-homes
+to another within its backoff. A DNS name resolving to several addresses
+works too: each session's channel connects to the first that answers.
+
 ``drain`` is the graceful stop: the network is told to send no more jobs, the
 running ones finish within a grace period, then the stream is closed.
 """
@@ -46,6 +52,7 @@ AGENT_VERSION = "0.2.0"
 
 @dataclass(frozen=True)
 class SessionSettings:
+    # HOST:PORT of a network replica, or several, comma-separated.
     network: str
     node_name: str
     # Used until the network's welcome says otherwise.
@@ -71,6 +78,13 @@ class SessionSettings:
     def __post_init__(self) -> None:
         if self.region:
             validate_region(self.region)
+        if not self.targets:
+            raise ValueError("no network address given")
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """The network replicas' addresses, in the order they are tried."""
+        return tuple(t for t in (part.strip() for part in self.network.split(",")) if t)
 
 
 class AgentSession:
@@ -80,6 +94,8 @@ class AgentSession:
         self._settings = settings
         self._runtime = runtime
         self._backoff = backoff or Backoff()
+        # Sessions so far: each one opens with the next replica address.
+        self._sessions = 0
         self.node_id: str | None = None
         # The network configuration version last applied, and the heartbeat
         # interval in force.
@@ -137,6 +153,12 @@ class AgentSession:
                     await self._stopped.wait()
         log.info("drained", node_id=self.node_id)
 
+    @property
+    def target(self) -> str:
+        """The replica address the current (or next) session uses."""
+        targets = self._settings.targets
+        return targets[self._sessions % len(targets)]
+
     def _hello(self, challenge: pb.Challenge) -> pb.ConnectRequest:
         hello = pb.Hello(
             node_name=self._settings.node_name,
@@ -160,7 +182,7 @@ class AgentSession:
             batch_tokens=self._settings.batch_tokens,
             batch_delay_s=self._settings.batch_delay_s,
         )
-        channel = open_channel(self._settings.network, self._settings.tls)
+        channel = open_channel(self.target, self._settings.tls)
         heartbeats = Heartbeats(outbound, runner, self._settings.heartbeat_interval_s)
         try:
             call = pb_grpc.AgentServiceStub(channel).Connect(_drain(outbound))
@@ -179,6 +201,7 @@ class AgentSession:
                     log.info(
                         "registered",
                         node_id=self.node_id,
+                        network=self.target,
                         region=self._settings.region or None,
                         heartbeat_s=heartbeats.interval_s,
                     )
@@ -201,6 +224,7 @@ class AgentSession:
             await runner.cancel_all()
             outbound.put_nowait(None)
             await channel.close(grace=None)
+            self._sessions += 1
 
     def _apply(
         self,

@@ -15,6 +15,12 @@ one region (a quarter of the nodes), and a subcloud's rules (5 operators, so
 50 nodes whatever the fleet's size, two regions, reputation at least 0.7,
 verified only: about 18 eligible nodes, four or five per model). A decision
 that finds no eligible node counts as a miss (it is timed too).
+
+``--replicas N`` spreads the fleet over N network replicas and measures one of
+them: it holds its share as local sessions and the rest as remote nodes built
+from presence records (``RemoteNodes.apply``, as a heartbeat-cadence refresh
+does), re-applied every 1,000 decisions; a remote pick is reserved the way a
+forwarded job reserves it. The refresh is timed apart from the decisions.
 """
 
 from __future__ import annotations
@@ -26,7 +32,10 @@ import time
 from collections.abc import Sequence
 
 from core.inference import NodeRequirements
-from server.network.nodes import NodeHello, NodeModel, NodeSession
+from server.network.nodes import ModelStatus, ModelValidation, NodeHello, NodeModel, NodeSession
+from server.network.presence import NodePresence
+from server.network.remote_nodes import RemoteNode, RemoteNodes
+from server.network.routable import RoutableNode
 from server.network.routing import NO_REQUIREMENTS, Router, RouteRequest
 
 MODELS = ("model-a", "model-b", "model-c", "model-d")
@@ -70,21 +79,62 @@ def _fleet(size: int, models: Sequence[str], rng: random.Random) -> list[NodeSes
     return nodes
 
 
+def _record(node: NodeSession, replica: int, now: float) -> NodePresence:
+    """The presence record replica ``replica`` would publish for ``node``."""
+    for model in node.models:
+        node.model_status[model] = ModelStatus(ModelValidation.UNCHECKED)
+    return NodePresence(
+        node_id=node.node_id,
+        replica_id=f"replica-{replica}",
+        replica_address=f"replica-{replica}:50051",
+        state=node.state(time.monotonic(), SUSPECT_AFTER_S),
+        models=tuple(sorted(node.models)),
+        region=node.region,
+        operator_account_id=node.operator_account_id,
+        reputation=node.standing.reputation,
+        verified=node.verified,
+        active_jobs=0,
+        max_concurrent_jobs=node.hello.max_concurrent_jobs,
+        recent_tokens_per_second=node.recent_tokens_per_second,
+        connected_at=now,
+        published_at=now,
+        expires_at=now + 3600,
+    )
+
+
 def measure(
     size: int,
     decisions: int,
     models: Sequence[str],
     requirements: NodeRequirements = NO_REQUIREMENTS,
     seed: int = 1,
+    replicas: int = 1,
 ) -> dict[str, float]:
+    """Decision times; with ``replicas`` above 1, as seen by one of them."""
     rng = random.Random(seed)
     router = Router(suspect_after_s=SUSPECT_AFTER_S, rng=random.Random(seed))
-    for node in _fleet(size, models, rng):
-        router.add(node)
-    running: list[tuple[NodeSession, str]] = []
+    records = []
+    wall_now = time.time()
+    for index, node in enumerate(_fleet(size, models, rng)):
+        if index % replicas == 0:
+            router.add(node)
+        else:
+            records.append(_record(node, index % replicas, wall_now))
+    remote = RemoteNodes(router, "replica-0", is_local=lambda node_id: False)
+    refreshes: list[float] = []
+
+    def refresh() -> None:
+        started = time.perf_counter_ns()
+        remote.apply(records)
+        refreshes.append((time.perf_counter_ns() - started) / 1e6)
+
+    refresh()
+    running: list[tuple[RoutableNode, str]] = []
     timings: list[float] = []
     misses = 0
     for index in range(decisions):
+        if records and index % 1_000 == 999:
+            refresh()
         request = RouteRequest(models[index % len(models)], requirements=requirements)
         now = time.monotonic()
         started = time.perf_counter_ns()
@@ -94,11 +144,19 @@ def measure(
             misses += 1
             continue
         job = f"job-{index}"
-        picked.active_jobs.add(job)
+        if isinstance(picked, RemoteNode):
+            picked.reserve()
+        else:
+            assert isinstance(picked, NodeSession)
+            picked.active_jobs.add(job)
         running.append((picked, job))
         if len(running) > size:  # jobs finish: keep about one per node in flight
             done_node, done_job = running.pop(rng.randrange(len(running)))
-            done_node.active_jobs.discard(done_job)
+            if isinstance(done_node, RemoteNode):
+                done_node.active_jobs = max(0, done_node.active_jobs - 1)
+            else:
+                assert isinstance(done_node, NodeSession)
+                done_node.active_jobs.discard(done_job)
     timings.sort()
     return {
         "p50_us": timings[len(timings) // 2],
@@ -106,6 +164,7 @@ def measure(
         "max_us": timings[-1],
         "mean_us": statistics.fmean(timings),
         "misses": misses,
+        "refresh_ms": max(refreshes) if records else 0.0,
     }
 
 
@@ -113,16 +172,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.routing", description=__doc__)
     parser.add_argument("--decisions", type=int, default=20_000)
     parser.add_argument("--one-model", action="store_true", help="every node serves one model")
+    parser.add_argument(
+        "--replicas", type=int, default=1, help="network replicas the fleet is spread over"
+    )
     args = parser.parse_args(argv)
     models = MODELS[:1] if args.one_model else MODELS
-    print(f"routing decisions ({len(models)} model(s), {args.decisions} decisions per size)")
-    print(f"{'requests':<11} {'nodes':>7} {'p50 µs':>8} {'p99 µs':>8} {'max µs':>8} misses")
+    print(
+        f"routing decisions ({len(models)} model(s), {args.decisions} decisions per size, "
+        f"{args.replicas} replica(s))"
+    )
+    print(
+        f"{'requests':<11} {'nodes':>7} {'p50 µs':>8} {'p99 µs':>8} {'max µs':>8} misses refresh ms"
+    )
     for case, requirements in CASES.items():
         for size in (100, 1_000, 10_000):
-            result = measure(size, args.decisions, models, requirements)
+            result = measure(size, args.decisions, models, requirements, replicas=args.replicas)
             print(
                 f"{case:<11} {size:>7,} {result['p50_us']:>8.1f} {result['p99_us']:>8.1f} "
-                f"{result['max_us']:>8.1f} {result['misses']:>6.0f}"
+                f"{result['max_us']:>8.1f} {result['misses']:>6.0f} {result['refresh_ms']:>10.1f}"
             )
 
 

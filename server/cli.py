@@ -20,6 +20,8 @@ from core.logging import configure_logging
 
 if TYPE_CHECKING:
     from server.common.health import GrpcHealth
+    from server.network.fleet import ReplicaSettings
+    from server.network.presence import Presence
 
 log = structlog.get_logger(__name__)
 
@@ -57,7 +59,13 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     agent = commands.add_parser("agent", help="run a node agent")
-    agent.add_argument("--network", required=True, help="HOST:PORT of a network server")
+    agent.add_argument(
+        "--network",
+        required=True,
+        help="HOST:PORT of a network server, or of several replicas comma-separated "
+        "(or a DNS name resolving to several): the agent re-homes to another when its "
+        "replica goes away",
+    )
     agent.add_argument("--name", default=socket.gethostname(), help="node name shown to operators")
     agent.add_argument("--runtime", default="llama.cpp")
     agent.add_argument("--model-id")
@@ -114,8 +122,17 @@ def _parser() -> argparse.ArgumentParser:
     network.add_argument(
         "--redis-url",
         default=os.environ.get("RESULTITY_REDIS_URL"),
-        help="Redis that carries configuration changes to the other replicas "
-        "(without it, this replica hears only its own)",
+        help="Redis the replicas share node presence and configuration changes through "
+        "(without it, this server is the only replica)",
+    )
+    network.add_argument(
+        "--replica-id",
+        help="this replica's name among the network's replicas (default: random)",
+    )
+    network.add_argument(
+        "--advertise",
+        help="HOST:PORT other replicas forward jobs to (default: --listen, with this "
+        "machine's hostname if it listens on all interfaces)",
     )
     _tls_arguments(network, serves=True)
 
@@ -356,12 +373,15 @@ async def _serve_one(args: argparse.Namespace) -> None:
         if args.account is None:
             log.warning("no --account: node tokens are not checked and nodes earn nothing")
         bus = connect_bus(args.redis_url)
+        replica, presence = _replica(args)
         network = NetworkComponent(
             account_target=args.account,
             service_token=service_token(args.data_dir, create=True),
             database_url=args.database_url,
             bus=bus,
             tls=tls,
+            replica=replica,
+            presence=presence,
         )
         await network.start()
         network.register(server)
@@ -369,6 +389,8 @@ async def _serve_one(args: argparse.Namespace) -> None:
         async def stop_network() -> None:
             await network.stop()
             await bus.close()
+            if presence is not None:
+                await presence.close()
 
         stop_first = stop_component = stop_network
     elif args.command == "account":
@@ -436,6 +458,29 @@ async def _serve_one(args: argparse.Namespace) -> None:
             await stop_component()
         if close_shared is not None:
             await close_shared()
+
+
+def _replica(args: argparse.Namespace) -> tuple[ReplicaSettings, Presence | None]:
+    """This network server's replica settings, and the presence it shares with the
+    other replicas: Redis at --redis-url, or none (the only replica)."""
+    import uuid
+
+    from server.network.fleet import ReplicaSettings
+
+    host, _, port = args.listen.rpartition(":")
+    if host in ("0.0.0.0", "[::]", ""):
+        host = socket.gethostname()
+    replica = ReplicaSettings(
+        replica_id=args.replica_id or uuid.uuid4().hex[:12],
+        address=args.advertise or f"{host}:{port}",
+    )
+    if not args.redis_url:
+        log.info("no Redis: this network server is the only replica")
+        return replica, None
+    from server.network.presence_redis import RedisPresence
+
+    log.info("network replica", replica_id=replica.replica_id, advertise=replica.address)
+    return replica, RedisPresence.from_url(args.redis_url)
 
 
 async def _until_signal(work: Coroutine[Any, Any, Any]) -> None:

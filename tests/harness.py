@@ -42,6 +42,8 @@ from server.common.credentials import generate_service_token
 from server.common.shared_state import SharedState
 from server.network.admission import AdmissionSettings
 from server.network.component import NetworkComponent
+from server.network.fleet import ReplicaSettings
+from server.network.presence import Presence
 from server.network.service import FailoverSettings, LivenessSettings, ValidationSettings
 from server.secrets import PlatformSecrets
 
@@ -330,9 +332,13 @@ async def start_network(
     service_token: str = "",
     bus: Bus | None = None,
     hello_timeout_s: float = AdmissionSettings().hello_timeout_s,
+    replica_id: str | None = None,
+    presence: Presence | None = None,
 ) -> NetworkServer:
     """The network alone on ``dsn``; a ``network_id`` already used there restarts
-    that network (its standings, configuration and job records)."""
+    that network (its standings, configuration and job records). With the same
+    ``network_id``, ``service_token``, ``bus`` and a ``presence`` as other servers,
+    and a ``replica_id``, one replica of a network of several."""
     server = channels.server()
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
     token = service_token or generate_service_token()
@@ -346,6 +352,10 @@ async def start_network(
         service_token=token,
         database_url=dsn,
         bus=bus,
+        replica=None
+        if replica_id is None
+        else ReplicaSettings(replica_id=replica_id, address=f"127.0.0.1:{bound}"),
+        presence=presence,
     )
     await component.start()
     component.register(server)

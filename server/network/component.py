@@ -13,6 +13,8 @@ from resultity.network.v1 import (
     dispatch_service_pb2_grpc,
     node_admin_service_pb2,
     node_admin_service_pb2_grpc,
+    replica_service_pb2,
+    replica_service_pb2_grpc,
 )
 
 from core import channels
@@ -26,7 +28,11 @@ from server.network.admission import AdmissionSettings, NodeAdmission
 from server.network.callers import ServiceCallers
 from server.network.catalog import DEFAULT_CATALOG, Catalog
 from server.network.config_store import PostgresConfigStore
+from server.network.fleet import ReplicaSettings
 from server.network.job_store import PostgresJobRecordStore
+from server.network.presence import Presence
+from server.network.replica_client import GrpcForwarder
+from server.network.replica_servicer import ReplicaServicer
 from server.network.service import (
     FailoverSettings,
     LivenessSettings,
@@ -38,7 +44,9 @@ from server.network.standing_store import PostgresStandingStore
 from server.network.state_ports import NetworkStores
 from server.network.tokens import AccountNodeTokens
 
-SERVICE_NAMES = service_names(agent_service_pb2, dispatch_service_pb2, node_admin_service_pb2)
+SERVICE_NAMES = service_names(
+    agent_service_pb2, dispatch_service_pb2, node_admin_service_pb2, replica_service_pb2
+)
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
@@ -56,18 +64,25 @@ class NetworkComponent:
         database_url: str,
         bus: Bus | None = None,
         tls: channels.Tls = channels.PLAINTEXT,
+        replica: ReplicaSettings | None = None,
+        presence: Presence | None = None,
     ) -> None:
-        """Callers of the dispatch and node admin APIs must present ``service_token``.
-        With ``account_target`` node tokens are resolved by that account server (with
-        the same token); without, tokens are not checked and nodes earn nothing.
-        The network's state lives in the PostgreSQL at ``database_url``; replicas of
-        one network share it and a ``bus`` (default: this process alone)."""
+        """Callers of the dispatch, node admin and replica APIs must present
+        ``service_token``. With ``account_target`` node tokens are resolved by that
+        account server (with the same token); without, tokens are not checked and
+        nodes earn nothing. The network's state lives in the PostgreSQL at
+        ``database_url``; replicas of one network share it and a ``bus`` (default:
+        this process alone). ``replica`` and a ``presence`` shared with the other
+        replicas make this server one replica of a fleet (default: the only one)."""
         self._database_url = database_url
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
-        # A bus given is the caller's to close.
+        # A bus or presence given is the caller's to close.
         self._own_bus = bus is None
         self._bus = bus or MemoryBus()
+        self._replica = replica
+        self._presence = presence
         self._callers = ServiceCallers(service_token)
+        self._forwarder = GrpcForwarder(service_token, tls)
         self._account_channel = (
             None if account_target is None else channels.channel(account_target, tls)
         )
@@ -99,6 +114,9 @@ class NetworkComponent:
         node_admin_service_pb2_grpc.add_NodeAdminServiceServicer_to_server(
             NodeAdminServicer(self.service, self._callers), server
         )
+        replica_service_pb2_grpc.add_ReplicaServiceServicer_to_server(
+            ReplicaServicer(self.service, self._callers), server
+        )
 
     async def start(self) -> None:
         """Connects to PostgreSQL, migrates, and starts the service; call before
@@ -119,6 +137,9 @@ class NetworkComponent:
                     PostgresJobRecordStore(pool, network_id),
                 ),
                 bus=self._bus,
+                forwarder=self._forwarder,
+                replica=self._replica,
+                presence=self._presence,
             )
             await self._service.start()
         except BaseException:
@@ -131,6 +152,7 @@ class NetworkComponent:
         stopping the gRPC server (with a grace period) so that the message reaches them."""
         if self._service is not None:
             await self._service.stop()
+        await self._forwarder.close()
         if self._own_bus:
             await self._bus.close()
         if self._pool is not None:

@@ -6,10 +6,16 @@ the job moves to another node meeting the job's requirements under a new
 epoch, as a continuation of what the caller already received. Reports from
 a given-up epoch are dropped, and a result is relayed only when the node's
 signature covers what it streamed.
+
+The fleet may span several network replicas: the router also holds nodes
+other replicas own (remote_nodes.py). A job on such a node runs through its
+owner (forwarding.py) while this replica stays its coordinator; the owner's
+side of that is ``run_forwarded``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncGenerator, Callable, Mapping
@@ -27,13 +33,16 @@ from core.agent_messages import (
 )
 from core.errors import (
     DomainError,
+    FailedPrecondition,
     InvalidArgument,
     InvalidResultSignature,
     JobFailed,
     NoCapacity,
+    NotFound,
 )
 from core.inference import (
     NO_ORIGIN,
+    Continuation,
     GenerationSpec,
     JobAssigned,
     JobEvent,
@@ -45,9 +54,12 @@ from core.inference import (
 from core.node_signing import result_payload, verify
 from server.network.catalog import Catalog
 from server.network.checks import Probe
+from server.network.forwarding import Assignment, ForwardedJobs
 from server.network.job_records import JobJournal, JobOutcome
 from server.network.jobs import ActiveJob, NodeLost, NodeReport, QueueTimeout
 from server.network.nodes import NodeSession
+from server.network.remote_nodes import RemoteNode
+from server.network.routable import RoutableNode
 from server.network.routing import NO_REQUIREMENTS, Router, RouteRequest
 from server.network.settings import FailoverSettings
 
@@ -65,10 +77,12 @@ class JobDispatch:
         cut_off: Callable[[NodeSession, DomainError], None],
         canary: Callable[[NodeSession, str], None],
         journal: JobJournal,
+        forwarded: ForwardedJobs,
     ) -> None:
         """``nodes`` are the connected nodes (the service's own map); ``cut_off`` ends
         a node's session; ``canary`` may send a node that got a job of a model a
-        disguised canary of it; ``journal`` records each job (probes are not jobs)."""
+        disguised canary of it; ``journal`` records each job (probes are not jobs);
+        ``forwarded`` runs assignments on other replicas' nodes."""
         self._catalog = catalog
         self._router = router
         self._failover = failover
@@ -76,6 +90,7 @@ class JobDispatch:
         self._cut_off = cut_off
         self._canary = canary
         self._journal = journal
+        self._forwarded = forwarded
         self._jobs: dict[str, ActiveJob] = {}
         # The server is shutting down: no new assignments.
         self.closing = False
@@ -118,7 +133,8 @@ class JobDispatch:
         self._journal.assigned(job, origin)
         bound = log.bind(job_id=job_id)
         bound.info("job assigned", node_id=node.node_id, model=spec.model)
-        self._canary(node, spec.model)
+        if isinstance(node, NodeSession):
+            self._canary(node, spec.model)
         finished = False
         outcome, detail = JobOutcome.CANCELLED, "cancelled by the caller"
         try:
@@ -175,6 +191,7 @@ class JobDispatch:
         finally:
             self._jobs.pop(job_id, None)
             self._journal.ended(job, outcome, detail)
+            self._forwarded.stop(job_id)
             current = self._nodes.get(job.node_id)
             if current is not None:
                 current.active_jobs.discard(job_id)
@@ -182,18 +199,24 @@ class JobDispatch:
                     current.outbox.put_nowait(CancelCommand(job_id, job.epoch))
                     bound.info("job cancelled by caller", node_id=job.node_id)
 
-    def _assign(self, job: ActiveJob, node: NodeSession) -> None:
+    def _assign(self, job: ActiveJob, node: RoutableNode) -> None:
         continuation = job.continuation() if job.migrations else None
         spec = job.remaining_spec() if job.migrations else job.spec
-        node.active_jobs.add(job.job_id)
         job.last_progress = job.assigned_at = time.monotonic()
         job.running = False
+        if isinstance(node, RemoteNode):
+            assignment = Assignment(job.job_id, job.epoch, node.node_id, spec, continuation)
+            self._forwarded.start(job, node, assignment)
+            return
+        assert isinstance(node, NodeSession)
+        node.active_jobs.add(job.job_id)
         node.outbox.put_nowait(AssignCommand(job.job_id, job.epoch, spec, continuation))
 
     def _migrate(
         self, job: ActiveJob, lost: NodeLost, bound: structlog.typing.FilteringBoundLogger
-    ) -> NodeSession | None:
+    ) -> RoutableNode | None:
         """Moves ``job`` off its lost node; returns the new node, or None if it cannot."""
+        self._forwarded.stop(job.job_id)
         old = self._nodes.get(job.node_id)
         if old is not None:
             # Stalled or partitioned, not gone: stop it working on the job.
@@ -290,23 +313,18 @@ class JobDispatch:
 
         None when the assignment was given up (node lost, stalled or cut off).
         """
-        job_id = uuid.uuid4().hex
         job = ActiveJob(
-            job_id=job_id,
+            job_id=uuid.uuid4().hex,
             spec=spec,
             node_id=node.node_id,
             operator_account_id=node.operator_account_id,
         )
-        self._jobs[job_id] = job
         assigned_at = time.monotonic()
-        self._assign(job, node)
         texts: list[str] = []
         tokens = 0
         first_token_at = 0.0
-        finished = False
-        try:
-            while True:
-                _, report = await job.reports.get()
+        async with contextlib.aclosing(self._run_on(node, job)) as reports:
+            async for report in reports:
                 if isinstance(report, ChunkReport):
                     if not texts:
                         first_token_at = time.monotonic()
@@ -318,7 +336,6 @@ class JobDispatch:
                     return None  # still queued on the node: cancelled there below
                 elif isinstance(report, DoneReport | FailedReport):
                     done_at = time.monotonic()
-                    finished = True
                     return Probe(
                         done=isinstance(report, DoneReport),
                         text="".join(texts),
@@ -327,14 +344,71 @@ class JobDispatch:
                         first_token_at=first_token_at or done_at,
                         done_at=done_at,
                     )
-                else:
+        return None
+
+    def run_forwarded(
+        self,
+        job_id: str,
+        epoch: int,
+        node_id: str,
+        spec: GenerationSpec,
+        continuation: Continuation | None = None,
+    ) -> AsyncGenerator[NodeReport, None]:
+        """Runs one assignment of a job another replica coordinates on a node of this
+        one; yields the node's reports (results checked against their signatures)
+        until the final one. Closing the iterator early cancels it on the node.
+
+        A newer epoch of the same job replaces an older one still running here (the
+        coordinator moved the job from one of this replica's nodes to another).
+        """
+        node = self._nodes.get(node_id)
+        if node is None or self.closing:
+            raise NotFound(f"node {node_id} is not connected to this network replica")
+        existing = self._jobs.get(job_id)
+        if existing is not None:
+            if existing.epoch >= epoch:
+                raise FailedPrecondition(
+                    f"job {job_id} already runs here under epoch {existing.epoch}"
+                )
+            existing.give_up(f"superseded by epoch {epoch}")
+        job = ActiveJob(
+            job_id=job_id,
+            spec=spec,
+            node_id=node_id,
+            epoch=epoch,
+            operator_account_id=node.operator_account_id,
+        )
+        log.info("forwarded job assigned", job_id=job_id, node_id=node_id, epoch=epoch)
+        self._canary(node, spec.model)
+        return self._run_on(node, job, continuation)
+
+    async def _run_on(
+        self, node: NodeSession, job: ActiveJob, continuation: Continuation | None = None
+    ) -> AsyncGenerator[NodeReport, None]:
+        """Assigns ``job`` (its current epoch) to ``node`` and yields the node's reports
+        until a final one (done, failed, lost, or queued too long); cancels the
+        assignment unless the node finished it or is gone."""
+        self._jobs[job.job_id] = job
+        job.last_progress = job.assigned_at = time.monotonic()
+        job.running = False
+        node.active_jobs.add(job.job_id)
+        node.outbox.put_nowait(AssignCommand(job.job_id, job.epoch, job.spec, continuation))
+        finished = False
+        try:
+            while True:
+                _, report = await job.reports.get()
+                yield report
+                if isinstance(report, QueueTimeout):
+                    return  # still queued on the node: cancelled there below
+                if isinstance(report, DoneReport | FailedReport | NodeLost):
                     finished = True
-                    return None
+                    return
         finally:
-            self._jobs.pop(job_id, None)
-            node.active_jobs.discard(job_id)
+            if self._jobs.get(job.job_id) is job:
+                del self._jobs[job.job_id]
+            node.active_jobs.discard(job.job_id)
             if not finished and node.node_id in self._nodes:
-                node.outbox.put_nowait(CancelCommand(job_id, job.epoch))
+                node.outbox.put_nowait(CancelCommand(job.job_id, job.epoch))
 
 
 def _failure_error(report: FailedReport) -> Exception:

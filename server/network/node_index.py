@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from core.inference import NodeRequirements
-from server.network.nodes import NodeSession
+from server.network.routable import RoutableNode
 
 # Index keys: (model, "", "") holds all nodes of a model; (model, OPERATOR, id)
 # and (model, REGION, name) the model's nodes of one operator or region.
@@ -29,10 +29,10 @@ _Key = tuple[str, str, str]
 class NodeList:
     """A list for O(1) random sampling, positions for O(1) removal."""
 
-    nodes: list[NodeSession] = field(default_factory=list)
+    nodes: list[RoutableNode] = field(default_factory=list)
     positions: dict[str, int] = field(default_factory=dict)
 
-    def add(self, node: NodeSession) -> None:
+    def add(self, node: RoutableNode) -> None:
         if node.node_id in self.positions:
             return
         self.positions[node.node_id] = len(self.nodes)
@@ -57,10 +57,10 @@ class Pool:
     def __len__(self) -> int:
         return sum(len(nodes.nodes) for nodes in self.lists)
 
-    def __iter__(self) -> Iterator[NodeSession]:
+    def __iter__(self) -> Iterator[RoutableNode]:
         return itertools.chain.from_iterable(nodes.nodes for nodes in self.lists)
 
-    def sample(self, count: int, rng: random.Random) -> list[NodeSession]:
+    def sample(self, count: int, rng: random.Random) -> list[RoutableNode]:
         """``count`` distinct nodes drawn uniformly (``count`` at most the pool's size)."""
         if len(self.lists) == 1:
             return rng.sample(self.lists[0].nodes, count)
@@ -77,12 +77,12 @@ class NodeIndex:
     def __init__(self) -> None:
         self._lists: dict[_Key, NodeList] = {}
 
-    def add(self, node: NodeSession, models: Iterable[str]) -> None:
+    def add(self, node: RoutableNode, models: Iterable[str]) -> None:
         for model in models:
             for key in _keys(node, model):
                 self._lists.setdefault(key, NodeList()).add(node)
 
-    def remove(self, node: NodeSession) -> None:
+    def remove(self, node: RoutableNode) -> None:
         for model in node.models:
             for key in _keys(node, model):
                 nodes = self._lists.get(key)
@@ -106,7 +106,7 @@ class NodeIndex:
         return Pool(tuple(nodes for nodes in lists if nodes is not None))
 
 
-def _keys(node: NodeSession, model: str) -> Iterator[_Key]:
+def _keys(node: RoutableNode, model: str) -> Iterator[_Key]:
     yield (model, _ALL, "")
     if node.operator_account_id:
         yield (model, OPERATOR, node.operator_account_id)

@@ -35,7 +35,8 @@ from typing import Protocol
 
 from core.inference import NodeRequirements
 from server.network.node_index import NodeIndex
-from server.network.nodes import NodeSession, NodeState
+from server.network.nodes import NodeState
+from server.network.routable import RoutableNode
 
 DEFAULT_SAMPLE_SIZE = 32
 # Any ready node serving the model.
@@ -63,7 +64,7 @@ class RouteContext:
 
 
 class NodeFilter(Protocol):
-    def __call__(self, node: NodeSession, context: RouteContext) -> bool: ...
+    def __call__(self, node: RoutableNode, context: RouteContext) -> bool: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,26 +75,26 @@ class NodeScorer:
 
 
 class ScoreFunction(Protocol):
-    def __call__(self, node: NodeSession, context: RouteContext) -> float: ...
+    def __call__(self, node: RoutableNode, context: RouteContext) -> float: ...
 
 
 # --- filters -----------------------------------------------------------------
 
 
-def serves_model(node: NodeSession, context: RouteContext) -> bool:
+def serves_model(node: RoutableNode, context: RouteContext) -> bool:
     return context.request.model in node.models
 
 
-def is_ready(node: NodeSession, context: RouteContext) -> bool:
+def is_ready(node: RoutableNode, context: RouteContext) -> bool:
     """Heard from recently; not quarantined, draining or validating."""
     return node.state(context.now, context.suspect_after_s) is NodeState.READY
 
 
-def not_excluded(node: NodeSession, context: RouteContext) -> bool:
+def not_excluded(node: RoutableNode, context: RouteContext) -> bool:
     return node.node_id not in context.request.exclude
 
 
-def meets(node: NodeSession, requirements: NodeRequirements) -> bool:
+def meets(node: RoutableNode, requirements: NodeRequirements) -> bool:
     """Whether the node satisfies every rule that is set."""
     operators, regions = requirements.operator_account_ids, requirements.regions
     if operators and (not node.operator_account_id or node.operator_account_id not in operators):
@@ -105,24 +106,24 @@ def meets(node: NodeSession, requirements: NodeRequirements) -> bool:
     return node.verified or not requirements.verified_only
 
 
-def meets_requirements(node: NodeSession, context: RouteContext) -> bool:
+def meets_requirements(node: RoutableNode, context: RouteContext) -> bool:
     return meets(node, context.request.requirements)
 
 
 # --- scorers -----------------------------------------------------------------
 
 
-def load_score(node: NodeSession, context: RouteContext) -> float:
+def load_score(node: RoutableNode, context: RouteContext) -> float:
     """1 when idle, falling as the node's slots fill (and its queue grows)."""
     return 1.0 / (1.0 + node.load)
 
 
-def reputation_score(node: NodeSession, context: RouteContext) -> float:
+def reputation_score(node: RoutableNode, context: RouteContext) -> float:
     """The node's canary record in [0, 1] (quarantined nodes are filtered out)."""
     return node.standing.reputation
 
 
-def speed_score(node: NodeSession, context: RouteContext) -> float:
+def speed_score(node: RoutableNode, context: RouteContext) -> float:
     """Measured recent tokens/s relative to the fastest candidate; 0 if unmeasured."""
     if context.best_tokens_per_second <= 0.0:
         return 0.0
@@ -163,12 +164,12 @@ class Router:
         self._sequence = itertools.count()
         self._last_assigned: dict[str, int] = {}
 
-    def add(self, node: NodeSession, models: Iterable[str] | None = None) -> None:
+    def add(self, node: RoutableNode, models: Iterable[str] | None = None) -> None:
         """Indexes the node for ``models`` (default: all it offers); a node is indexed
         for a model once it passed validation for it."""
         self._index.add(node, node.models if models is None else models)
 
-    def remove(self, node: NodeSession) -> None:
+    def remove(self, node: RoutableNode) -> None:
         self._index.remove(node)
         self._last_assigned.pop(node.node_id, None)
 
@@ -179,7 +180,7 @@ class Router:
             return len(pool)
         return sum(1 for node in pool if meets(node, requirements))
 
-    def pick(self, request: RouteRequest, now: float) -> NodeSession | None:
+    def pick(self, request: RouteRequest, now: float) -> RoutableNode | None:
         """The best node for ``request``, recorded as assigned; None if none qualifies."""
         pool = self._index.pool(request.model, request.requirements)
         context = RouteContext(request, now, self.suspect_after_s)
@@ -193,7 +194,7 @@ class Router:
             self._last_assigned[chosen.node_id] = next(self._sequence)
         return chosen
 
-    def _best(self, nodes: Iterable[NodeSession], context: RouteContext) -> NodeSession | None:
+    def _best(self, nodes: Iterable[RoutableNode], context: RouteContext) -> RoutableNode | None:
         candidates = [node for node in nodes if all(f(node, context) for f in self._filters)]
         if not candidates:
             return None
@@ -203,7 +204,7 @@ class Router:
         )
         last = self._last_assigned
 
-        def rank(node: NodeSession) -> tuple[float, int]:
+        def rank(node: RoutableNode) -> tuple[float, int]:
             total = sum(s.weight * s.score(node, scoring) for s in self._scorers)
             return (-total, last.get(node.node_id, -1))
 

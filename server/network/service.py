@@ -9,6 +9,10 @@ may send it that model; in service, a sampled share of dispatched jobs also
 sends the node a disguised canary, an ordinary-looking job whose output is
 compared with the reference instead of relayed. Canary results move the
 node's reputation; below the threshold it is quarantined.
+
+The service is one replica of the network (fleet.py): it publishes its nodes'
+presence, routes over every replica's nodes, and runs a job on another
+replica's node through that replica (forwarding.py).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import asyncio
 import contextlib
 import random
 import time
+import uuid
 from collections.abc import AsyncGenerator, Awaitable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -44,6 +49,7 @@ from core.errors import (
 from core.inference import (
     NO_ORIGIN,
     CatalogModel,
+    Continuation,
     GenerationSpec,
     JobEvent,
     JobOrigin,
@@ -64,10 +70,10 @@ from server.network.config import (
     version_at_least,
 )
 from server.network.dispatch import JobDispatch
+from server.network.fleet import Fleet, ReplicaSettings
+from server.network.forwarding import ForwardedJobs, Forwarder
 from server.network.job_records import JobRecord
-from server.network.jobs import (
-    NodeReport,
-)
+from server.network.jobs import NodeReport
 from server.network.nodes import (
     ConfigCommand,
     DisconnectCommand,
@@ -80,6 +86,7 @@ from server.network.nodes import (
     ReconnectCommand,
     SignedHello,
 )
+from server.network.presence import InProcessPresence, Presence
 from server.network.routing import NO_REQUIREMENTS, Router
 from server.network.settings import FailoverSettings, LivenessSettings, ValidationSettings
 from server.network.state import NetworkState
@@ -104,11 +111,17 @@ class NetworkService:
         *,
         stores: NetworkStores,
         bus: Bus,
+        forwarder: Forwarder,
+        replica: ReplicaSettings | None = None,
+        presence: Presence | None = None,
         rng: random.Random | None = None,
     ) -> None:
         """Standings, configuration versions, acknowledgements and job records live
         in ``stores``; new configuration versions and released nodes are announced
-        to the other replicas over ``bus``."""
+        to the other replicas over ``bus``. ``replica`` names this replica and the
+        address others forward jobs to; ``presence`` is shared with the other
+        replicas (default: this process's own, one replica); ``forwarder`` runs jobs
+        through the replica owning a node."""
         self.admission = admission or NodeAdmission(AdmissionSettings(), None)
         self.validation = validation or ValidationSettings()
 
@@ -118,6 +131,13 @@ class NetworkService:
         self._nodes: dict[str, NodeSession] = {}
         self._state = NetworkState(stores)
         self._router = Router(suspect_after_s=liveness.suspect_s)
+        self._fleet = Fleet(
+            replica or ReplicaSettings(replica_id=uuid.uuid4().hex, address=""),
+            presence or InProcessPresence(),
+            self._router,
+            self._nodes,
+            interval_s=lambda: self.liveness.heartbeat_interval_s,
+        )
         self._dispatch = JobDispatch(
             catalog,
             self._router,
@@ -128,6 +148,7 @@ class NetworkService:
                 node, model, self._config.canary_rate
             ),
             journal=self._state.journal,
+            forwarded=ForwardedJobs(forwarder, unreachable=self._fleet.remote.unreachable),
         )
         self._checks = NodeChecks(
             catalog,
@@ -173,6 +194,7 @@ class NetworkService:
         await self._configs.start()
         await self._standings.start()
         self._monitor = asyncio.create_task(self._watch(), name="liveness")
+        self._fleet.start()
 
     async def stop(self, *, grace_s: float = 5.0) -> None:
         """Asks every agent to reconnect (to another server, or to this one restarted),
@@ -188,12 +210,17 @@ class NetworkService:
         for node in list(self._nodes.values()):
             reason = "network server shutting down"
             self._remove(node, reason, ReconnectCommand(reason))
+        await self._fleet.stop()
         # Jobs whose nodes were removed end as their callers read the news.
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(grace_s):
                 while self._dispatch.running:  # noqa: ASYNC110 - jobs end in their callers' tasks
                     await asyncio.sleep(0.05)
         await self._state.close(grace_s)
+
+    @property
+    def replica_id(self) -> str:
+        return self._fleet.settings.replica_id
 
     # --- node sessions ---------------------------------------------------
 
@@ -294,6 +321,7 @@ class NetworkService:
         self._nodes[node.node_id] = node
         # Records that the node joined (and for which operator).
         self._state.standing_changed(node)
+        self._fleet.joined(node)
         node.outbox.put_nowait(ConfigCommand(self._config))
         if self.validation.enabled:
             self._checks.validate(node)
@@ -476,6 +504,7 @@ class NetworkService:
         if self._nodes.pop(node.node_id, None) is None:
             return
         self._router.remove(node)
+        self._fleet.left(node)
         self._dispatch.node_lost(node, reason)
         node.outbox.put_nowait(farewell)
         log.info("node removed", node_id=node.node_id, reason=reason)
@@ -538,3 +567,15 @@ class NetworkService:
         first and after every move; closing the iterator early cancels it. Its record
         names ``origin``."""
         return self._dispatch.run_job(job_id, spec, requirements, origin)
+
+    def run_forwarded(
+        self,
+        job_id: str,
+        epoch: int,
+        node_id: str,
+        spec: GenerationSpec,
+        continuation: Continuation | None = None,
+    ) -> AsyncGenerator[NodeReport, None]:
+        """One assignment of a job another replica coordinates, on a node of this one
+        (dispatch.py); closing the iterator early cancels it."""
+        return self._dispatch.run_forwarded(job_id, epoch, node_id, spec, continuation)
