@@ -18,7 +18,7 @@ from server.network.state_ports import NetworkStores
 
 
 class _Untouched:
-    """A store these tests must not reach: joining and reports read and write none."""
+    """A port these tests must not reach: joining and reports use no store or forwarder."""
 
     def __getattr__(self, name: str) -> Any:
         async def untouched(*args: object) -> None:
@@ -30,7 +30,11 @@ class _Untouched:
 def _service() -> NetworkService:
     stores = NetworkStores(_Untouched(), _Untouched(), _Untouched())  # type: ignore[arg-type]
     return NetworkService(
-        Catalog([SMOLLM2_135M]), LivenessSettings(), stores=stores, bus=MemoryBus()
+        Catalog([SMOLLM2_135M]),
+        LivenessSettings(),
+        stores=stores,
+        bus=MemoryBus(),
+        forwarder=_Untouched(),  # type: ignore[arg-type]  # no job is forwarded here
     )
 
 
