@@ -28,11 +28,15 @@ from resultity.account.v1 import node_token_service_pb2_grpc as node_token_grpc
 from resultity.agent.v1 import agent_service_pb2 as agent_pb
 from resultity.agent.v1 import agent_service_pb2_grpc as agent_grpc
 from resultity.cloud.v1 import inference_service_pb2_grpc as cloud_grpc
+from resultity.network.v1 import dispatch_service_pb2 as dispatch_pb
+from resultity.network.v1 import dispatch_service_pb2_grpc as dispatch_grpc
 
 from agent.backoff import Backoff
 from agent.runtime.base import Runtime
 from agent.session import AgentSession, SessionSettings
 from core import channels
+from core.convert.generation import spec_to_pb
+from core.inference import ChatMessage, ChatRole, GenerationSpec, Sampling
 from core.metadata import bearer_metadata
 from server.account.component import AccountComponent
 from server.cli import _parser, _run
@@ -46,6 +50,7 @@ from server.network.fleet import ReplicaSettings
 from server.network.presence import Presence
 from server.network.service import FailoverSettings, LivenessSettings, ValidationSettings
 from server.secrets import PlatformSecrets
+from tests.doubles.scripted_runtime import MODEL_ID
 
 # Join validation and canaries run extra jobs on every node; tests of other
 # concerns count jobs and texts exactly, so they run without them. Tests of
@@ -361,3 +366,33 @@ async def start_network(
     component.register(server)
     await server.start()
     return NetworkServer(component, server, bound, token)
+
+
+class JobStream:
+    """RunJob's events through a network server, as they arrive."""
+
+    def __init__(self, network: NetworkServer, job_id: str) -> None:
+        self.events: list[dispatch_pb.RunJobResponse] = []
+        spec = GenerationSpec(
+            model=MODEL_ID,
+            messages=(ChatMessage(ChatRole.USER, "hello there"),),
+            sampling=Sampling(max_tokens=200),
+            max_prompt_tokens=100,
+        )
+        self.task = asyncio.create_task(self._run(network, job_id, spec))
+
+    async def _run(self, network: NetworkServer, job_id: str, spec: GenerationSpec) -> None:
+        async with channels.insecure_channel(network.target) as channel:
+            call = dispatch_grpc.DispatchServiceStub(channel).RunJob(
+                dispatch_pb.RunJobRequest(job_id=job_id, spec=spec_to_pb(spec)),
+                metadata=network.service,
+            )
+            async for event in call:
+                self.events.append(event)
+
+    def of(self, kind: str) -> list[dispatch_pb.RunJobResponse]:
+        return [event for event in self.events if event.WhichOneof("event") == kind]
+
+    @property
+    def text(self) -> str:
+        return "".join(event.delta.text for event in self.of("delta"))

@@ -10,20 +10,14 @@ import contextlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
-from resultity.network.v1 import dispatch_service_pb2 as dispatch_pb
-from resultity.network.v1 import dispatch_service_pb2_grpc as dispatch_grpc
-
 from agent.backoff import Backoff
 from agent.session import AgentSession, SessionSettings
-from core import channels
-from core.convert.generation import spec_to_pb
-from core.inference import ChatMessage, ChatRole, GenerationSpec, Sampling
 from server.common.bus_memory import MemoryBus
 from server.common.credentials import generate_service_token
 from server.network.presence import Presence
 from server.network.service import LivenessSettings
 from tests.doubles.scripted_runtime import MODEL_ID, ScriptedRuntime
-from tests.harness import NetworkServer, eventually, start_network
+from tests.harness import JobStream, NetworkServer, eventually, start_network
 
 SCRIPT = " ".join(f"w{i}" for i in range(60))
 LIVENESS = LivenessSettings(heartbeat_interval_s=0.1, heartbeat_timeout_s=1.0, suspect_after_s=0.5)
@@ -94,36 +88,6 @@ async def replica_pair(
         await bus.close()
 
 
-class Job:
-    """RunJob's events through one replica, as they arrive."""
-
-    def __init__(self, network: NetworkServer, job_id: str) -> None:
-        self.events: list[dispatch_pb.RunJobResponse] = []
-        spec = GenerationSpec(
-            model=MODEL_ID,
-            messages=(ChatMessage(ChatRole.USER, "hello there"),),
-            sampling=Sampling(max_tokens=200),
-            max_prompt_tokens=100,
-        )
-        self.task = asyncio.create_task(self._run(network, job_id, spec))
-
-    async def _run(self, network: NetworkServer, job_id: str, spec: GenerationSpec) -> None:
-        async with channels.insecure_channel(network.target) as channel:
-            call = dispatch_grpc.DispatchServiceStub(channel).RunJob(
-                dispatch_pb.RunJobRequest(job_id=job_id, spec=spec_to_pb(spec)),
-                metadata=network.service,
-            )
-            async for event in call:
-                self.events.append(event)
-
-    def of(self, kind: str) -> list[dispatch_pb.RunJobResponse]:
-        return [event for event in self.events if event.WhichOneof("event") == kind]
-
-    @property
-    def text(self) -> str:
-        return "".join(event.delta.text for event in self.of("delta"))
-
-
 class ReplicaScenarios:
     async def test_a_job_through_one_replica_runs_on_a_node_of_the_other(
         self, pair: ReplicaPair
@@ -132,7 +96,7 @@ class ReplicaScenarios:
         await eventually(lambda: ready_nodes(pair.a) == 1)
         assert pair.a.component.service.nodes() == []
 
-        job = Job(pair.a, "job-forwarded")
+        job = JobStream(pair.a, "job-forwarded")
         await asyncio.wait_for(job.task, timeout=30)
 
         assert job.text == SCRIPT
@@ -150,7 +114,7 @@ class ReplicaScenarios:
     ) -> None:
         lost, _ = await pair.agent(pair.b.target, "on-b")
         await eventually(lambda: ready_nodes(pair.a) == 1)
-        job = Job(pair.a, "job-moves")
+        job = JobStream(pair.a, "job-moves")
         await eventually(lambda: len(job.of("delta")) >= 10)
         survivor, _ = await pair.agent(pair.a.target, "on-a")
         await pair.stop_agent(lost)
@@ -169,7 +133,7 @@ class ReplicaScenarios:
     ) -> None:
         session, runtime = await pair.agent(pair.b.target, "on-b")
         await eventually(lambda: ready_nodes(pair.a) == 1)
-        job = Job(pair.a, "job-cancelled")
+        job = JobStream(pair.a, "job-cancelled")
         await eventually(lambda: len(job.of("delta")) >= 3)
         job.task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -184,7 +148,7 @@ class ReplicaScenarios:
     ) -> None:
         homeless, _ = await pair.agent(f"{pair.b.target},{pair.a.target}", "on-b")
         await eventually(lambda: ready_nodes(pair.a) == 1)
-        job = Job(pair.a, "job-replica-lost")
+        job = JobStream(pair.a, "job-replica-lost")
         await eventually(lambda: len(job.of("delta")) >= 10)
         survivor, _ = await pair.agent(pair.a.target, "on-a")
 
@@ -208,7 +172,7 @@ class ReplicaScenarios:
     ) -> None:
         homeless, _ = await pair.agent(f"{pair.b.target},{pair.a.target}", "on-b")
         await eventually(lambda: ready_nodes(pair.a) == 1)
-        job = Job(pair.a, "job-replica-drained")
+        job = JobStream(pair.a, "job-replica-drained")
         await eventually(lambda: len(job.of("delta")) >= 10)
         survivor, _ = await pair.agent(pair.a.target, "on-a")
 

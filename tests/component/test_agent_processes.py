@@ -12,15 +12,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from resultity.network.v1 import dispatch_service_pb2 as dispatch_pb
-from resultity.network.v1 import dispatch_service_pb2_grpc as dispatch_grpc
 
-from core import channels
-from core.convert.generation import spec_to_pb
-from core.inference import ChatMessage, ChatRole, GenerationSpec, Sampling
 from server.network.service import LivenessSettings
-from tests.doubles.scripted_runtime import MODEL_ID
-from tests.harness import NetworkServer, eventually, start_network
+from tests.harness import JobStream, NetworkServer, eventually, start_network
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = " ".join(f"w{i}" for i in range(100))
@@ -59,36 +53,6 @@ class AgentProcesses:
                     process.send_signal(signal.SIGCONT)
                     process.kill()
                 await process.wait()
-
-
-class JobStream:
-    """RunJob's events as they arrive."""
-
-    def __init__(self, network: NetworkServer, job_id: str) -> None:
-        self.events: list[dispatch_pb.RunJobResponse] = []
-        spec = GenerationSpec(
-            model=MODEL_ID,
-            messages=(ChatMessage(ChatRole.USER, "hello there"),),
-            sampling=Sampling(max_tokens=200),
-            max_prompt_tokens=100,
-        )
-        self.task = asyncio.create_task(self._run(network, job_id, spec))
-
-    async def _run(self, network: NetworkServer, job_id: str, spec: GenerationSpec) -> None:
-        async with channels.insecure_channel(network.target) as channel:
-            call = dispatch_grpc.DispatchServiceStub(channel).RunJob(
-                dispatch_pb.RunJobRequest(job_id=job_id, spec=spec_to_pb(spec)),
-                metadata=network.service,
-            )
-            async for event in call:
-                self.events.append(event)
-
-    def of(self, kind: str) -> list[dispatch_pb.RunJobResponse]:
-        return [event for event in self.events if event.WhichOneof("event") == kind]
-
-    @property
-    def text(self) -> str:
-        return "".join(event.delta.text for event in self.of("delta"))
 
 
 @pytest.fixture
