@@ -158,10 +158,8 @@ class GrpcNetworkClient:
 
     async def job_records(self, job_ids: Sequence[str]) -> list[RelayedJob]:
         request = dispatch_pb.GetJobRecordsRequest(job_ids=job_ids)
-        try:
+        with domain_errors():
             response = await self._dispatch.GetJobRecords(request, metadata=self._metadata)
-        except grpc.aio.AioRpcError as error:
-            raise domain_error_from_rpc(error) from None
         return [
             RelayedJob(
                 record.job_id,
