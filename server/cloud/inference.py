@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import structlog
 
@@ -96,7 +97,8 @@ class InferenceService:
         self.authenticator = CachedAuthenticator(account, ttl_s=auth_ttl_s)
         self.models = ModelDirectory(network, ttl_s=catalog_ttl_s)
         self._hold_ttl = hold_ttl
-        self._settlements: set[asyncio.Task[int]] = set()
+        # Settlements, and the forgetting of settled requests, in flight.
+        self._settlements: set[asyncio.Task[Any]] = set()
 
     async def list_models(self, authorization: str | None) -> list[CatalogModel]:
         """The models the caller may use that some node meeting its rules serves, at the
@@ -280,7 +282,7 @@ class InferenceService:
                 expires=datetime.now(UTC) + self._hold_ttl,
             )
             async with self._settling(run, hold, tally) as settlement:
-                await self._inflight.open(
+                self._inflight.open(
                     InFlightRequest(hold, request_id, tuple(job_ids), model.id, model.price)
                 )
                 for index, (job_id, (spec, _)) in enumerate(zip(job_ids, jobs, strict=True)):
@@ -353,20 +355,25 @@ class InferenceService:
         settlement = Settlement(hold.hold_id, capture, operator_shares(run.model.id, shares, usage))
         # A task outlives our cancellation: the hold is settled even if the client left.
         task = asyncio.create_task(self._settle_and_close(settlement))
-        self._settlements.add(task)
-        task.add_done_callback(self._settlements.discard)
+        self._track(task)
         charged = await asyncio.shield(task)
         run.log.info("settled", charged=charged, held=hold.amount)
         return charged
 
     async def _settle_and_close(self, settlement: Settlement) -> int:
         charged = await self._settler.settle(settlement)
-        await self._inflight.close(settlement.hold_id)
+        # Forgetting the record is no part of the answer: the caller does not wait.
+        self._track(asyncio.create_task(self._inflight.close(settlement.hold_id)))
         return charged
 
+    def _track(self, task: asyncio.Task[Any]) -> None:
+        """Keeps ``task`` until it ends, so that drain() waits for it."""
+        self._settlements.add(task)
+        task.add_done_callback(self._settlements.discard)
+
     async def drain(self) -> None:
-        """Waits for settlements in flight (used at shutdown)."""
-        if self._settlements:
+        """Waits for settlements in flight and what they start (used at shutdown)."""
+        while self._settlements:
             await asyncio.gather(*self._settlements, return_exceptions=True)
 
 

@@ -62,16 +62,25 @@ class InFlightLeases:
         self._store = store
         self._lease_s = lease_s
         self._live: set[str] = set()
+        # Records being written, by hold id: a request is forgotten only once written.
+        self._writes: dict[str, asyncio.Task[None]] = {}
 
-    async def open(self, request: InFlightRequest) -> None:
-        """Records the request before its first job runs."""
-        self._live.add(request.hold.hold_id)
-        await self._store.add(request, self.replica_id, self._lease_s)
+    def open(self, request: InFlightRequest) -> None:
+        """Records the request; the write runs beside its first job rather than before
+        it (a replica dying in that moment leaves the hold to expire, as before)."""
+        hold_id = request.hold.hold_id
+        self._live.add(hold_id)
+        self._writes[hold_id] = asyncio.create_task(
+            self._store.add(request, self.replica_id, self._lease_s)
+        )
 
     async def close(self, hold_id: str) -> None:
-        """Forgets a request whose hold is settled."""
+        """Forgets a request whose hold is settled (after its record was written)."""
         self._live.discard(hold_id)
+        written = self._writes.pop(hold_id, None)
         try:
+            if written is not None:
+                await written
             await self._store.remove(hold_id)
         except Exception:  # the lease lapses; the sweeper's settlement is then a replay
             log.warning("forgetting a settled request failed", hold_id=hold_id, exc_info=True)

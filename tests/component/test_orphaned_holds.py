@@ -180,6 +180,7 @@ async def test_a_live_request_keeps_its_lease_and_settles_itself(
         assert isinstance(finished, CompletionFinished)
         price = (await replica.inference.models.get(MODEL_ID)).price
         assert finished.charged == cost(price, finished.usage) > 0
+        await replica.inference.drain()  # the record is forgotten beside the answer
         assert not await db.fetchval(
             "SELECT count(*) FROM cloud_inflight_requests WHERE request_id = 'req-live'"
         )
