@@ -1,5 +1,5 @@
 """The account server as a component: pool, migrations, servicers, hold sweeper,
-settlement queue consumer, ledger outbox relay and the earnings projection."""
+settlement queue consumer, ledger outbox relay and the earnings and usage projections."""
 
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ from resultity.account.v1 import (
     referral_service_pb2_grpc,
     subscription_service_pb2,
     subscription_service_pb2_grpc,
+    usage_service_pb2,
+    usage_service_pb2_grpc,
 )
 
 from server.account.api_keys import KeyHasher
@@ -38,6 +40,7 @@ from server.account.earnings_store import PostgresEarningsStore
 from server.account.hold_store import PostgresHoldStore
 from server.account.ledger_events import (
     CONTRIBUTION_RECORDED,
+    USAGE_SETTLED,
     InProcessLedgerEvents,
     LedgerEventBus,
 )
@@ -60,6 +63,10 @@ from server.account.store import PostgresAccountStore
 from server.account.subscription_servicer import SubscriptionServicer
 from server.account.subscription_store import PostgresSubscriptionStore
 from server.account.subscriptions import SubscriptionService
+from server.account.usage import CONSUMER as USAGE_CONSUMER
+from server.account.usage import ConsumerUsage
+from server.account.usage_servicer import UsageServicer
+from server.account.usage_store import PostgresUsageStore
 from server.common.database import apply_migrations, create_pool, load_migrations
 from server.common.health import service_names
 from server.common.invalidation import Announcer
@@ -80,6 +87,7 @@ SERVICE_NAMES = service_names(
     node_token_service_pb2,
     referral_service_pb2,
     subscription_service_pb2,
+    usage_service_pb2,
 )
 
 
@@ -93,6 +101,7 @@ class AccountComponent:
         payouts: PayoutService,
         subscriptions: SubscriptionService,
         earnings: OperatorEarnings,
+        usage: ConsumerUsage,
         events: LedgerEventBus,
         settlements: SettlementQueue | None = None,
     ) -> None:
@@ -103,6 +112,7 @@ class AccountComponent:
         self.payouts = payouts
         self.subscriptions = subscriptions
         self.earnings = earnings
+        self.usage = usage
         self._events = events
         self._sweeper: asyncio.Task[None] | None = None
         self._relay: asyncio.Task[None] | None = None
@@ -149,12 +159,14 @@ class AccountComponent:
             PayoutService(PostgresPayoutStore(pool)),
             SubscriptionService(PostgresSubscriptionStore(pool)),
             OperatorEarnings(PostgresEarningsStore(pool)),
+            ConsumerUsage(PostgresUsageStore(pool)),
             AmqpLedgerEvents(amqp_url) if amqp_url else InProcessLedgerEvents(),
             settlements or (AmqpSettlementQueue(amqp_url) if amqp_url else None),
         )
         await component._events.subscribe(
             CONTRIBUTION_RECORDED, EARNINGS_CONSUMER, component.earnings.project
         )
+        await component._events.subscribe(USAGE_SETTLED, USAGE_CONSUMER, component.usage.project)
         component._relay = asyncio.create_task(
             OutboxRelay(PostgresOutboxStore(pool), component._events).run(),
             name="ledger-outbox-relay",
@@ -187,6 +199,9 @@ class AccountComponent:
         )
         subscription_service_pb2_grpc.add_SubscriptionServiceServicer_to_server(
             SubscriptionServicer(self.service, self.subscriptions), server
+        )
+        usage_service_pb2_grpc.add_UsageServiceServicer_to_server(
+            UsageServicer(self.service, self.usage), server
         )
 
     async def stop(self) -> None:

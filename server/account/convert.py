@@ -10,6 +10,7 @@ from resultity.account.v1 import api_key_service_pb2 as api_key_pb
 from resultity.account.v1 import contribution_service_pb2 as contribution_pb
 from resultity.account.v1 import ledger_service_pb2 as ledger_pb
 from resultity.account.v1 import referral_service_pb2 as referral_pb
+from resultity.account.v1 import usage_service_pb2 as usage_pb
 
 from core.errors import InvalidArgument
 from core.ids import parse_id
@@ -27,6 +28,7 @@ from server.account.ledger import (
 )
 from server.account.payouts import Payout, PayoutStatus
 from server.account.profiles import Account, Referral, ReferralRules
+from server.account.usage import Interval, UsageBucket, UsageRecord
 from server.common.rate_limits_proto import rate_limits_from_pb, rate_limits_to_pb
 from server.common.transport import timestamp_to_pb
 
@@ -59,6 +61,11 @@ SCOPE_TO_PB = {
     Scope.NODE: api_key_pb.API_KEY_SCOPE_NODE,
 }
 SCOPE_FROM_PB = {value: scope for scope, value in SCOPE_TO_PB.items()}
+INTERVAL_TO_PB = {
+    Interval.HOUR: usage_pb.USAGE_INTERVAL_HOUR,
+    Interval.DAY: usage_pb.USAGE_INTERVAL_DAY,
+}
+INTERVAL_FROM_PB = {value: interval for interval, value in INTERVAL_TO_PB.items()}
 
 
 def optional_time(message: object, field: str) -> datetime | None:
@@ -245,3 +252,37 @@ def rules_from_pb(value: referral_pb.ReferralRules) -> ReferralRules:
     return ReferralRules(
         value.bonus_basis_points, value.rewarded_top_ups, value.max_bonus_micro_credits
     )
+
+
+def usage_record(value: UsageRecord) -> usage_pb.UsageRecord:
+    return usage_pb.UsageRecord(
+        hold_id=str(value.hold_id),
+        held_micro_credits=value.held,
+        charged_micro_credits=value.charged,
+        tokens=value.tokens,
+        status=HOLD_STATUS[value.status],
+        settled=timestamp_to_pb(value.settled_at),
+    )
+
+
+def usage_bucket(value: UsageBucket) -> usage_pb.UsageBucket:
+    return usage_pb.UsageBucket(
+        start=timestamp_to_pb(value.start),
+        requests=value.requests,
+        tokens=value.tokens,
+        charged_micro_credits=value.charged,
+    )
+
+
+def usage_interval(value: usage_pb.UsageInterval.ValueType) -> Interval:
+    """UNSPECIFIED is an hour."""
+    if value == usage_pb.USAGE_INTERVAL_UNSPECIFIED:
+        return Interval.HOUR
+    try:
+        return INTERVAL_FROM_PB[value]
+    except KeyError:
+        raise InvalidArgument(f"unknown usage interval {value}", field="interval") from None
+
+
+def usage_interval_to_pb(value: Interval) -> usage_pb.UsageInterval.ValueType:
+    return INTERVAL_TO_PB[value]

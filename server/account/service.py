@@ -98,16 +98,32 @@ class AccountService:
 
     async def principal(self, authorization: str | None) -> Principal:
         """The caller behind ``authorization`` metadata (service token or API key)."""
+        return (await self._resolve(authorization))[0]
+
+    async def describe_caller(
+        self, authorization: str | None
+    ) -> tuple[Principal, Account | None, ApiKey | None]:
+        """The caller behind ``authorization`` with its account and key (neither for
+        the service token), for a console or CLI to learn whom a key acts for."""
+        principal, key = await self._resolve(authorization)
+        if key is None:
+            return principal, None, None
+        account = await self._store.get_account(key.account_id)
+        if account is None:
+            raise InvalidApiKey("Invalid API key")
+        return principal, account, key
+
+    async def _resolve(self, authorization: str | None) -> tuple[Principal, ApiKey | None]:
         credential = bearer_credential(authorization)
         if not looks_like_api_key(credential):
             if self._service_token and is_service_token(credential, self._service_token):
-                return Principal.service()
+                return Principal.service(), None
             raise InvalidApiKey("Invalid credentials")
         key = (await self._active_key(credential)).api_key
         if Scope.ADMIN in key.policy.scopes:
-            return Principal(key.account_id, admin=True)
+            return Principal(key.account_id, admin=True), key
         if Scope.MANAGEMENT in key.policy.scopes:
-            return Principal(key.account_id, admin=False)
+            return Principal(key.account_id, admin=False), key
         raise PermissionDenied("This API key has no management scope")
 
     async def authenticate_api_key(self, caller: Principal, secret: str) -> ActiveKey:

@@ -52,6 +52,17 @@ class AccountServicer(CallerBase, account_grpc.AccountServiceServicer):
         return account_pb.GetAccountResponse(account=convert.account(account))
 
     @translate_errors
+    async def GetCaller(
+        self, request: account_pb.GetCallerRequest, context: Context
+    ) -> account_pb.GetCallerResponse:
+        principal, account, key = await self._accounts.describe_caller(authorization(context))
+        return account_pb.GetCallerResponse(
+            account=None if account is None else convert.account(account),
+            admin=principal.admin,
+            api_key=None if key is None else convert.api_key(key),
+        )
+
+    @translate_errors
     async def UpdateAccount(
         self, request: account_pb.UpdateAccountRequest, context: Context
     ) -> account_pb.UpdateAccountResponse:

@@ -1,6 +1,7 @@
 """gRPC transport of the node admin API: list, inspect, drain, quarantine and release nodes;
 read and update the network configuration and list its acknowledgements. Callers
-need the platform's service token (callers.py)."""
+present the platform's service token or an admin key; an operator's management
+key reads its own nodes (callers.py)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,11 @@ import grpc
 from resultity.network.v1 import node_admin_service_pb2 as admin_pb
 from resultity.network.v1 import node_admin_service_pb2_grpc as admin_grpc
 
-from core.errors import InvalidArgument
+from core.errors import InvalidArgument, NotFound
 from core.grpc_errors import translate_errors
 from server.common.paging import page_size
-from server.common.transport import timestamp_to_pb
-from server.network.callers import ServiceCallers, service_only
+from server.common.transport import authorization, timestamp_to_pb
+from server.network.callers import ServiceCallers, admin_only
 from server.network.convert import config_from_pb, config_to_pb, node_to_pb
 from server.network.nodes import NodeSession
 from server.network.service import NetworkService
@@ -28,32 +29,40 @@ class NodeAdminServicer(admin_grpc.NodeAdminServiceServicer):
         self.callers = callers
 
     @translate_errors
-    @service_only
     async def ListNodes(
         self,
         request: admin_pb.ListNodesRequest,
         context: grpc.aio.ServicerContext[admin_pb.ListNodesRequest, admin_pb.ListNodesResponse],
     ) -> admin_pb.ListNodesResponse:
+        viewer = await self.callers.viewer(authorization(context))
         now = time.monotonic()
         suspect_after_s = self._service.liveness.suspect_s
         return admin_pb.ListNodesResponse(
-            nodes=[node_to_pb(node, now, suspect_after_s) for node in self._service.nodes()]
+            nodes=[
+                node_to_pb(node, now, suspect_after_s)
+                for node in self._service.nodes()
+                if viewer.sees(node.operator_account_id)
+            ]
         )
 
     def _node(self, node: NodeSession) -> admin_pb.Node:
         return node_to_pb(node, time.monotonic(), self._service.liveness.suspect_s)
 
     @translate_errors
-    @service_only
     async def GetNode(
         self,
         request: admin_pb.GetNodeRequest,
         context: grpc.aio.ServicerContext[admin_pb.GetNodeRequest, admin_pb.GetNodeResponse],
     ) -> admin_pb.GetNodeResponse:
-        return admin_pb.GetNodeResponse(node=self._node(self._service.node(request.node_id)))
+        viewer = await self.callers.viewer(authorization(context))
+        node = self._service.node(request.node_id)
+        if not viewer.sees(node.operator_account_id):
+            # As for a node that is not here: others' nodes are not even confirmed.
+            raise NotFound(f"node {request.node_id} is not connected")
+        return admin_pb.GetNodeResponse(node=self._node(node))
 
     @translate_errors
-    @service_only
+    @admin_only
     async def DrainNode(
         self,
         request: admin_pb.DrainNodeRequest,
@@ -64,7 +73,7 @@ class NodeAdminServicer(admin_grpc.NodeAdminServiceServicer):
         )
 
     @translate_errors
-    @service_only
+    @admin_only
     async def QuarantineNode(
         self,
         request: admin_pb.QuarantineNodeRequest,
@@ -76,7 +85,7 @@ class NodeAdminServicer(admin_grpc.NodeAdminServiceServicer):
         return admin_pb.QuarantineNodeResponse(node=self._node(node))
 
     @translate_errors
-    @service_only
+    @admin_only
     async def ReleaseNode(
         self,
         request: admin_pb.ReleaseNodeRequest,
@@ -88,7 +97,7 @@ class NodeAdminServicer(admin_grpc.NodeAdminServiceServicer):
         return admin_pb.ReleaseNodeResponse(node=self._node(node) if node else None)
 
     @translate_errors
-    @service_only
+    @admin_only
     async def GetNetworkConfig(
         self,
         request: admin_pb.GetNetworkConfigRequest,
@@ -99,7 +108,7 @@ class NodeAdminServicer(admin_grpc.NodeAdminServiceServicer):
         return admin_pb.GetNetworkConfigResponse(config=config_to_pb(self._service.config))
 
     @translate_errors
-    @service_only
+    @admin_only
     async def UpdateNetworkConfig(
         self,
         request: admin_pb.UpdateNetworkConfigRequest,
@@ -113,7 +122,7 @@ class NodeAdminServicer(admin_grpc.NodeAdminServiceServicer):
         return admin_pb.UpdateNetworkConfigResponse(config=config_to_pb(config))
 
     @translate_errors
-    @service_only
+    @admin_only
     async def ListConfigAcks(
         self,
         request: admin_pb.ListConfigAcksRequest,

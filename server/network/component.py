@@ -42,7 +42,7 @@ from server.network.service import (
 from server.network.servicer import AgentServicer, DispatchServicer
 from server.network.standing_store import PostgresStandingStore
 from server.network.state_ports import NetworkStores
-from server.network.tokens import AccountNodeTokens
+from server.network.tokens import AccountApiKeys, AccountNodeTokens
 
 SERVICE_NAMES = service_names(
     agent_service_pb2, dispatch_service_pb2, node_admin_service_pb2, replica_service_pb2
@@ -68,12 +68,13 @@ class NetworkComponent:
         presence: Presence | None = None,
     ) -> None:
         """Callers of the dispatch, node admin and replica APIs must present
-        ``service_token``. With ``account_target`` node tokens are resolved by that
-        account server (with the same token); without, tokens are not checked and
-        nodes earn nothing. The network's state lives in the PostgreSQL at
-        ``database_url``; replicas of one network share it and a ``bus`` (default:
-        this process alone). ``replica`` and a ``presence`` shared with the other
-        replicas make this server one replica of a fleet (default: the only one)."""
+        ``service_token``. With ``account_target`` node tokens, and the API keys the
+        node admin API also takes, are resolved by that account server (with the same
+        token); without, tokens are not checked and nodes earn nothing. The network's
+        state lives in the PostgreSQL at ``database_url``; replicas of one network
+        share it and a ``bus`` (default: this process alone). ``replica`` and a
+        ``presence`` shared with the other replicas make this server one replica of a
+        fleet (default: the only one)."""
         self._database_url = database_url
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
         # A bus or presence given is the caller's to close.
@@ -81,7 +82,6 @@ class NetworkComponent:
         self._bus = bus or MemoryBus()
         self._replica = replica
         self._presence = presence
-        self._callers = ServiceCallers(service_token)
         self._forwarder = GrpcForwarder(service_token, tls)
         self._account_channel = (
             None if account_target is None else channels.channel(account_target, tls)
@@ -90,6 +90,12 @@ class NetworkComponent:
             None
             if self._account_channel is None
             else AccountNodeTokens(self._account_channel, service_token)
+        )
+        self._callers = ServiceCallers(
+            service_token,
+            None
+            if self._account_channel is None
+            else AccountApiKeys(self._account_channel, service_token),
         )
         self._catalog = Catalog(catalog)
         self._liveness = liveness or LivenessSettings()

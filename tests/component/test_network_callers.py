@@ -1,5 +1,6 @@
-"""Only the platform's service token opens the network's dispatch and node admin
-APIs; agents keep authenticating their own stream with node tokens."""
+"""Only the platform's service token opens the network's dispatch API; the node admin
+API also takes admin keys, and an operator's management key reads that operator's
+nodes. Agents keep authenticating their own stream with node tokens."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from typing import Any
 
 import grpc
 import pytest
+from resultity.account.v1 import api_key_service_pb2 as keys_pb
+from resultity.account.v1 import api_key_service_pb2_grpc as keys_grpc
 from resultity.network.v1 import dispatch_service_pb2 as dispatch_pb
 from resultity.network.v1 import dispatch_service_pb2_grpc as dispatch_grpc
 from resultity.network.v1 import node_admin_service_pb2 as admin_pb
@@ -88,9 +91,14 @@ async def test_callers_without_the_service_token_are_refused(platform: Platform)
             for who, metadata in strangers.items():
                 with pytest.raises(grpc.aio.AioRpcError) as refused:
                     await call(metadata)
-                assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED, (name, who)
                 info = error_info(refused.value)
                 assert info is not None
+                # The node admin API resolves API keys: an inference key or a node
+                # token is known but has no right there.
+                if who in {"a customer's API key", "a node token"} and name not in _DISPATCH:
+                    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED, name
+                    continue
+                assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED, (name, who)
                 assert info.reason == "INVALID_API_KEY", (name, who)
     # Nothing reached the node, nothing changed.
     assert agent.runtime.started_jobs == []  # type: ignore[attr-defined]
@@ -98,6 +106,55 @@ async def test_callers_without_the_service_token_are_refused(platform: Platform)
     assert not node.draining
     assert not node.standing.quarantine_reason
     assert platform.network.service.config.version == 1
+
+
+_DISPATCH = {"RunJob", "ListModels", "GetJobRecords"}
+
+
+async def _key(platform: Platform, account_id: str, scope: int) -> Metadata:
+    issued = await keys_grpc.ApiKeyServiceStub(platform.channel).CreateApiKey(
+        keys_pb.CreateApiKeyRequest(account_id=account_id, name="console", scopes=[scope]),
+        metadata=platform.service,
+    )
+    return bearer_metadata(issued.secret)
+
+
+async def test_an_operator_key_reads_only_its_own_nodes_and_an_admin_key_all(
+    platform: Platform,
+) -> None:
+    ada, ada_token = await platform.operator()
+    bob, bob_token = await platform.operator()
+    ada_node = (await platform.start_agent(ScriptedRuntime(), "ada", ada_token)).session.node_id
+    bob_node = (await platform.start_agent(ScriptedRuntime(), "bob", bob_token)).session.node_id
+    ada_key = await _key(platform, ada, keys_pb.API_KEY_SCOPE_MANAGEMENT)
+    admin_key = await _key(platform, bob, keys_pb.API_KEY_SCOPE_ADMIN)
+    async with channels.insecure_channel(platform.target) as channel:
+        admin = admin_grpc.NodeAdminServiceStub(channel)
+        mine = await admin.ListNodes(admin_pb.ListNodesRequest(), metadata=ada_key)
+        assert [node.node_id for node in mine.nodes] == [ada_node]
+        got = await admin.GetNode(admin_pb.GetNodeRequest(node_id=ada_node), metadata=ada_key)
+        assert got.node.operator_account_id == ada
+        with pytest.raises(grpc.aio.AioRpcError) as hidden:
+            await admin.GetNode(admin_pb.GetNodeRequest(node_id=bob_node), metadata=ada_key)
+        assert hidden.value.code() == grpc.StatusCode.NOT_FOUND
+        for name, call in _calls(channel).items():
+            if name in _DISPATCH or name in {"ListNodes", "GetNode"}:
+                continue
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await call(ada_key)
+            assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED, name
+        everyone = await admin.ListNodes(admin_pb.ListNodesRequest(), metadata=admin_key)
+        assert {node.node_id for node in everyone.nodes} == {ada_node, bob_node}
+        drained = await admin.DrainNode(
+            admin_pb.DrainNodeRequest(node_id=ada_node), metadata=admin_key
+        )
+        assert drained.node.state == admin_pb.NODE_STATE_DRAINING
+        # Keys never open the dispatch API.
+        with pytest.raises(grpc.aio.AioRpcError) as dispatch_refused:
+            await dispatch_grpc.DispatchServiceStub(channel).ListModels(
+                dispatch_pb.ListModelsRequest(), metadata=admin_key
+            )
+        assert dispatch_refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
 async def test_the_service_token_opens_them(platform: Platform) -> None:

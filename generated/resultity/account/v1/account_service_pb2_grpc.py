@@ -52,6 +52,11 @@ class AccountServiceStub:
                 request_serializer=resultity_dot_account_dot_v1_dot_account__service__pb2.GetAccountRequest.SerializeToString,
                 response_deserializer=resultity_dot_account_dot_v1_dot_account__service__pb2.GetAccountResponse.FromString,
                 _registered_method=True)
+        self.GetCaller = channel.unary_unary(
+                '/resultity.account.v1.AccountService/GetCaller',
+                request_serializer=resultity_dot_account_dot_v1_dot_account__service__pb2.GetCallerRequest.SerializeToString,
+                response_deserializer=resultity_dot_account_dot_v1_dot_account__service__pb2.GetCallerResponse.FromString,
+                _registered_method=True)
         self.UpdateAccount = channel.unary_unary(
                 '/resultity.account.v1.AccountService/UpdateAccount',
                 request_serializer=resultity_dot_account_dot_v1_dot_account__service__pb2.UpdateAccountRequest.SerializeToString,
@@ -98,6 +103,15 @@ class AccountServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetCaller(self, request, context):
+        """Who the presented credential is: the key's account, whether it acts with
+        admin rights, and the key itself (never its secret). For the platform's
+        service token: admin, with neither account nor key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def UpdateAccount(self, request, context):
         """Changes the fields that are set in the request.
         """
@@ -139,6 +153,11 @@ def add_AccountServiceServicer_to_server(servicer, server):
                     servicer.GetAccount,
                     request_deserializer=resultity_dot_account_dot_v1_dot_account__service__pb2.GetAccountRequest.FromString,
                     response_serializer=resultity_dot_account_dot_v1_dot_account__service__pb2.GetAccountResponse.SerializeToString,
+            ),
+            'GetCaller': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCaller,
+                    request_deserializer=resultity_dot_account_dot_v1_dot_account__service__pb2.GetCallerRequest.FromString,
+                    response_serializer=resultity_dot_account_dot_v1_dot_account__service__pb2.GetCallerResponse.SerializeToString,
             ),
             'UpdateAccount': grpc.unary_unary_rpc_method_handler(
                     servicer.UpdateAccount,
@@ -223,6 +242,33 @@ class AccountService:
             '/resultity.account.v1.AccountService/GetAccount',
             resultity_dot_account_dot_v1_dot_account__service__pb2.GetAccountRequest.SerializeToString,
             resultity_dot_account_dot_v1_dot_account__service__pb2.GetAccountResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCaller(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/resultity.account.v1.AccountService/GetCaller',
+            resultity_dot_account_dot_v1_dot_account__service__pb2.GetCallerRequest.SerializeToString,
+            resultity_dot_account_dot_v1_dot_account__service__pb2.GetCallerResponse.FromString,
             options,
             channel_credentials,
             insecure,

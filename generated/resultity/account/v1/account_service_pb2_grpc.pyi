@@ -44,6 +44,11 @@ class AccountServiceStub:
     CreateAccount: _grpc.UnaryUnaryMultiCallable[_account_service_pb2.CreateAccountRequest, _account_service_pb2.CreateAccountResponse]
     """Admin only. With a referral code, links the new account to its referrer."""
     GetAccount: _grpc.UnaryUnaryMultiCallable[_account_service_pb2.GetAccountRequest, _account_service_pb2.GetAccountResponse]
+    GetCaller: _grpc.UnaryUnaryMultiCallable[_account_service_pb2.GetCallerRequest, _account_service_pb2.GetCallerResponse]
+    """Who the presented credential is: the key's account, whether it acts with
+    admin rights, and the key itself (never its secret). For the platform's
+    service token: admin, with neither account nor key.
+    """
     UpdateAccount: _grpc.UnaryUnaryMultiCallable[_account_service_pb2.UpdateAccountRequest, _account_service_pb2.UpdateAccountResponse]
     """Changes the fields that are set in the request."""
     ListAccounts: _grpc.UnaryUnaryMultiCallable[_account_service_pb2.ListAccountsRequest, _account_service_pb2.ListAccountsResponse]
@@ -71,6 +76,11 @@ class AccountServiceAsyncStub(AccountServiceStub):
     CreateAccount: _aio.UnaryUnaryMultiCallable[_account_service_pb2.CreateAccountRequest, _account_service_pb2.CreateAccountResponse]  # type: ignore[assignment]
     """Admin only. With a referral code, links the new account to its referrer."""
     GetAccount: _aio.UnaryUnaryMultiCallable[_account_service_pb2.GetAccountRequest, _account_service_pb2.GetAccountResponse]  # type: ignore[assignment]
+    GetCaller: _aio.UnaryUnaryMultiCallable[_account_service_pb2.GetCallerRequest, _account_service_pb2.GetCallerResponse]  # type: ignore[assignment]
+    """Who the presented credential is: the key's account, whether it acts with
+    admin rights, and the key itself (never its secret). For the platform's
+    service token: admin, with neither account nor key.
+    """
     UpdateAccount: _aio.UnaryUnaryMultiCallable[_account_service_pb2.UpdateAccountRequest, _account_service_pb2.UpdateAccountResponse]  # type: ignore[assignment]
     """Changes the fields that are set in the request."""
     ListAccounts: _aio.UnaryUnaryMultiCallable[_account_service_pb2.ListAccountsRequest, _account_service_pb2.ListAccountsResponse]  # type: ignore[assignment]
@@ -107,6 +117,17 @@ class AccountServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _account_service_pb2.GetAccountRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_account_service_pb2.GetAccountResponse, _abc.Awaitable[_account_service_pb2.GetAccountResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetCaller(
+        self,
+        request: _account_service_pb2.GetCallerRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_account_service_pb2.GetCallerResponse, _abc.Awaitable[_account_service_pb2.GetCallerResponse]]:
+        """Who the presented credential is: the key's account, whether it acts with
+        admin rights, and the key itself (never its secret). For the platform's
+        service token: admin, with neither account nor key.
+        """
 
     @_abc_1.abstractmethod
     def UpdateAccount(

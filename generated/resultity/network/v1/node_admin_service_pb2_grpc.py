@@ -27,7 +27,12 @@ if _version_not_supported:
 
 class NodeAdminServiceStub:
     """Operator view of the nodes connected to this network server. Callers
-    present the platform's service token (`authorization: Bearer <token>`).
+    present `authorization: Bearer <credential>`: the platform's service token
+    or an API key with the ADMIN scope may call every method; a key with the
+    MANAGEMENT scope may list and get its own account's nodes (ListNodes
+    returns only those; GetNode of another's node is NOT_FOUND) and nothing
+    else (PERMISSION_DENIED). API keys are checked by the account layer, so a
+    network started without one accepts only the service token.
     """
 
     def __init__(self, channel):
@@ -80,7 +85,12 @@ class NodeAdminServiceStub:
 
 class NodeAdminServiceServicer:
     """Operator view of the nodes connected to this network server. Callers
-    present the platform's service token (`authorization: Bearer <token>`).
+    present `authorization: Bearer <credential>`: the platform's service token
+    or an API key with the ADMIN scope may call every method; a key with the
+    MANAGEMENT scope may list and get its own account's nodes (ListNodes
+    returns only those; GetNode of another's node is NOT_FOUND) and nothing
+    else (PERMISSION_DENIED). API keys are checked by the account layer, so a
+    network started without one accepts only the service token.
     """
 
     def ListNodes(self, request, context):
@@ -198,7 +208,12 @@ def add_NodeAdminServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class NodeAdminService:
     """Operator view of the nodes connected to this network server. Callers
-    present the platform's service token (`authorization: Bearer <token>`).
+    present `authorization: Bearer <credential>`: the platform's service token
+    or an API key with the ADMIN scope may call every method; a key with the
+    MANAGEMENT scope may list and get its own account's nodes (ListNodes
+    returns only those; GetNode of another's node is NOT_FOUND) and nothing
+    else (PERMISSION_DENIED). API keys are checked by the account layer, so a
+    network started without one accepts only the service token.
     """
 
     @staticmethod

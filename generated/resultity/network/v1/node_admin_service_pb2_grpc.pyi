@@ -28,7 +28,12 @@ GRPC_VERSION: str
 
 class NodeAdminServiceStub:
     """Operator view of the nodes connected to this network server. Callers
-    present the platform's service token (`authorization: Bearer <token>`).
+    present `authorization: Bearer <credential>`: the platform's service token
+    or an API key with the ADMIN scope may call every method; a key with the
+    MANAGEMENT scope may list and get its own account's nodes (ListNodes
+    returns only those; GetNode of another's node is NOT_FOUND) and nothing
+    else (PERMISSION_DENIED). API keys are checked by the account layer, so a
+    network started without one accepts only the service token.
     """
 
     @_typing.overload
@@ -65,7 +70,12 @@ class NodeAdminServiceStub:
 @_typing.type_check_only
 class NodeAdminServiceAsyncStub(NodeAdminServiceStub):
     """Operator view of the nodes connected to this network server. Callers
-    present the platform's service token (`authorization: Bearer <token>`).
+    present `authorization: Bearer <credential>`: the platform's service token
+    or an API key with the ADMIN scope may call every method; a key with the
+    MANAGEMENT scope may list and get its own account's nodes (ListNodes
+    returns only those; GetNode of another's node is NOT_FOUND) and nothing
+    else (PERMISSION_DENIED). API keys are checked by the account layer, so a
+    network started without one accepts only the service token.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -98,7 +108,12 @@ class NodeAdminServiceAsyncStub(NodeAdminServiceStub):
 
 class NodeAdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """Operator view of the nodes connected to this network server. Callers
-    present the platform's service token (`authorization: Bearer <token>`).
+    present `authorization: Bearer <credential>`: the platform's service token
+    or an API key with the ADMIN scope may call every method; a key with the
+    MANAGEMENT scope may list and get its own account's nodes (ListNodes
+    returns only those; GetNode of another's node is NOT_FOUND) and nothing
+    else (PERMISSION_DENIED). API keys are checked by the account layer, so a
+    network started without one accepts only the service token.
     """
 
     @_abc_1.abstractmethod
