@@ -31,6 +31,7 @@ from core.errors import InvalidArgument, quote
 from core.metadata import AUTHORIZATION, GENERATION_MS, REQUEST_ID, Metadata, bearer_metadata
 from core.regions import validate_region
 from gateway import convert, errors, health, sse
+from gateway.console import ConsoleTargets, console_router
 from gateway.errors import ApiError, RequestParams
 from gateway.openapi import REGION_HEADER, describe
 from gateway.relay import (
@@ -60,9 +61,14 @@ OVERHEAD_HEADER = "x-resultity-overhead-ms"
 
 
 def create_app(
-    cloud_target: str, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, tls: Tls = PLAINTEXT
+    cloud_target: str,
+    *,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    tls: Tls = PLAINTEXT,
+    console: ConsoleTargets | None = None,
 ) -> FastAPI:
-    """The gateway app; its lifespan owns the gRPC channel to cloud at `cloud_target`."""
+    """The gateway app; its lifespan owns the gRPC channel to cloud at `cloud_target`.
+    With `console`, it serves the web console at /console too."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -95,6 +101,8 @@ def create_app(
     app.add_middleware(RequestIdMiddleware)
     app.include_router(_router)
     app.include_router(health.router)
+    if console is not None:
+        app.include_router(console_router(console, tls))
     describe(app)
     return app
 

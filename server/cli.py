@@ -19,6 +19,8 @@ from core import channels, event_loop
 from core.logging import configure_logging
 
 if TYPE_CHECKING:
+    from fastapi import FastAPI
+
     from server.common.health import GrpcHealth
     from server.network.fleet import ReplicaSettings
     from server.network.presence import Presence
@@ -181,6 +183,10 @@ def _parser() -> argparse.ArgumentParser:
 
     gateway = commands.add_parser("gateway", help="run the OpenAI HTTP gateway alone")
     gateway.add_argument("--cloud", required=True, help="HOST:PORT of the cloud server")
+    gateway.add_argument(
+        "--account", help="HOST:PORT of the account server: with --network, serves /console"
+    )
+    gateway.add_argument("--network", help="HOST:PORT of the network server (for /console)")
     gateway.add_argument("--host", default="127.0.0.1")
     gateway.add_argument("--port", type=int, default=8080)
     _tls_arguments(gateway, serves=False)
@@ -276,10 +282,9 @@ async def _run(args: argparse.Namespace) -> None:
     elif args.command == "agent":
         await _agent(args)
     elif args.command == "gateway":
-        from gateway.app import create_app
         from gateway.server import serve
 
-        await _until_signal(serve(create_app(args.cloud, tls=_tls(args)), args.host, args.port))
+        await _until_signal(serve(_gateway_app(args), args.host, args.port))
     elif args.command == "subclouds":
         from server.cloud.cli import run_command as run_subclouds_command
 
@@ -294,6 +299,16 @@ async def _run(args: argparse.Namespace) -> None:
         await run_command(args)
     else:
         await _serve_one(args)
+
+
+def _gateway_app(args: argparse.Namespace) -> FastAPI:
+    from gateway.app import create_app
+    from gateway.console import ConsoleTargets
+
+    if (args.account is None) != (args.network is None):
+        raise SystemExit("gateway: the console needs both --account and --network")
+    console = None if args.account is None else ConsoleTargets(args.account, args.network)
+    return create_app(args.cloud, tls=_tls(args), console=console)
 
 
 async def _up(args: argparse.Namespace) -> None:

@@ -22,6 +22,7 @@ from pydantic import SecretStr
 
 from core import channels
 from gateway.app import create_app
+from gateway.console import ConsoleTargets
 from gateway.server import serve as serve_gateway
 from server.account.component import SERVICE_NAMES as ACCOUNT_SERVICES
 from server.account.component import AccountComponent
@@ -201,7 +202,7 @@ async def run_platform(settings: PlatformSettings, *, ready: asyncio.Event | Non
         gateway_started = asyncio.Event()
         gateway = asyncio.create_task(
             serve_gateway(
-                create_app(grpc_target),
+                create_app(grpc_target, console=ConsoleTargets(grpc_target, grpc_target)),
                 settings.http_host,
                 settings.http_port,
                 started=gateway_started,
@@ -239,10 +240,12 @@ async def _cancel(task: asyncio.Task[None]) -> None:
 
 def _print_banner(settings: PlatformSettings, api_key: str, key_file: Path) -> None:
     base = f"http://{settings.http_host}:{settings.http_port}/v1"
+    console = f"http://{settings.http_host}:{settings.http_port}/console"
     print(
         f"""
 Resultity is running.
   OpenAI-compatible API: {base}
+  Web console:           {console}   (sign in with the demo key)
   gRPC services:         {settings.grpc_host}:{settings.grpc_port}
   Demo API key:          {api_key}   (saved in {key_file})
 
