@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 ARGS ?=
 PROTO_FILES := $(shell find proto -name '*.proto')
 
-.PHONY: install generate check-generated lint test test-integration fuzz run bench clean
+.PHONY: install generate check-generated lint test test-integration test-browser fuzz run bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,13 @@ test: install
 # run; so does collecting no test at all (pytest exits 5).
 test-integration: install
 	$(BIN)/pytest -m integration $(PYTEST_ARGS)
+
+# The web console in a real headless Chromium (Debian's `chromium`, driven by
+# Playwright; tests/browser, marked browser). Screenshots land in
+# $(SCREENSHOTS), which CI keeps.
+SCREENSHOTS ?= .ci/artifacts/console
+test-browser: install
+	RESULTITY_SCREENSHOTS=$(SCREENSHOTS) $(BIN)/pytest -m browser tests/browser $(PYTEST_ARGS)
 
 # Generated hostile requests against the gateway's OpenAPI document and the gRPC
 # APIs (tests/fuzz, marked fuzz so that `make test` leaves them out).

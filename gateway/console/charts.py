@@ -8,7 +8,9 @@ from dataclasses import dataclass
 from html import escape
 
 WIDTH, HEIGHT = 720, 200
-_LEFT, _RIGHT, _TOP, _BOTTOM = 64, 8, 12, 28
+_LEFT, _RIGHT, _TOP, _BOTTOM = 72, 8, 26, 28
+# Fewer bars than this do not get wider.
+_MIN_SLOTS = 12
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,7 +24,7 @@ def bar_chart(bars: Sequence[Bar], *, title: str, unit: str) -> str:
     """An accessible SVG bar chart of ``bars`` scaled to the largest value."""
     plot_w, plot_h = WIDTH - _LEFT - _RIGHT, HEIGHT - _TOP - _BOTTOM
     top = _nice_ceiling(max((bar.value for bar in bars), default=0.0))
-    slot = plot_w / max(len(bars), 1)
+    slot = plot_w / max(len(bars), _MIN_SLOTS)
     parts = [
         f'<svg class="chart" viewBox="0 0 {WIDTH} {HEIGHT}" role="img" '
         f'aria-label="{escape(title)}" xmlns="http://www.w3.org/2000/svg">',
@@ -50,7 +52,7 @@ def bar_chart(bars: Sequence[Bar], *, title: str, unit: str) -> str:
                 f'text-anchor="middle">{escape(bar.label)}</text>'
             )
     parts.append(
-        f'<text class="axis unit" x="{_LEFT}" y="{_TOP - 2}" text-anchor="start">'
+        f'<text class="axis unit" x="{_LEFT}" y="{_TOP - 12}" text-anchor="start">'
         f"{escape(unit)}</text></svg>"
     )
     return "".join(parts)
@@ -73,4 +75,6 @@ def _short(value: float) -> str:
     for limit, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
         if abs(value) >= limit:
             return f"{value / limit:.3g}{suffix}"
-    return f"{value:.3g}"
+    if value >= 1 or value == 0:
+        return f"{value:.3g}"
+    return f"{value:.6f}".rstrip("0")  # credits have 6 decimals; no 5e-05

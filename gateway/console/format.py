@@ -73,16 +73,25 @@ def usage_chart(history: usage_pb.GetUsageHistoryResponse) -> str:
     return bar_chart(bars, title=f"Credits spent per {period}", unit="credits")
 
 
-def earnings_chart(epochs: Sequence[contribution_pb.ContributionTotal], epoch_seconds: int) -> str:
+def earnings_chart(
+    epochs: Sequence[contribution_pb.ContributionTotal],
+    epoch_seconds: int,
+    count: int,
+    now: datetime | None = None,
+) -> str:
+    """The last ``count`` epochs up to the current one, those without work as zeros."""
+    current = int((now or datetime.now(UTC)).timestamp()) // epoch_seconds
+    earned = {epoch.epoch: epoch for epoch in epochs}
     bars = []
-    for epoch in sorted(epochs, key=lambda e: e.epoch):
-        start = datetime.fromtimestamp(epoch.epoch * epoch_seconds, UTC)
+    for index in range(current - count + 1, current + 1):
+        epoch = earned.get(index, contribution_pb.ContributionTotal(epoch=index))
+        start = datetime.fromtimestamp(index * epoch_seconds, UTC)
         label = f"{start:%b %d}" if epoch_seconds >= 86_400 else f"{start:%H:%M}"
         bars.append(
             Bar(
                 label,
                 epoch.amount_micro_credits / MICRO,
-                f"epoch {epoch.epoch} ({start:%Y-%m-%d %H:%M} UTC): {epoch.jobs} jobs, "
+                f"epoch {index} ({start:%Y-%m-%d %H:%M} UTC): {epoch.jobs} jobs, "
                 f"{epoch.tokens} tokens, {credits(epoch.amount_micro_credits)} credits",
             )
         )

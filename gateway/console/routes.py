@@ -30,7 +30,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 
 from core.channels import Tls
 from gateway.console import format as fmt
-from gateway.console.platform import ConsoleTargets, Platform
+from gateway.console.platform import EARNING_EPOCHS, ConsoleTargets, Platform
 from gateway.console.sessions import Identity, Session, SessionStore, csrf_matches
 
 log = structlog.get_logger("gateway.console")
@@ -240,7 +240,7 @@ def console_router(
 
     async def nodes(request: Request, session_id: str, session: Session) -> Response:
         view = await platform(request).operator(session.api_key, session.identity.account_id)
-        chart = fmt.earnings_chart(view.earnings, view.epoch_seconds)
+        chart = fmt.earnings_chart(view.earnings, view.epoch_seconds, EARNING_EPOCHS)
         return render(
             request,
             "nodes.html",
