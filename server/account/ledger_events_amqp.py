@@ -39,6 +39,8 @@ class AmqpLedgerEvents:
         self._exchange: AbstractExchange | None = None
         self._connecting = asyncio.Lock()
         self._consumers: list[asyncio.Task[None]] = []
+        # (kind, queue) of each subscription, declared by the publisher too.
+        self._bindings: list[tuple[str, str]] = []
 
     async def publish(self, events: Sequence[LedgerEvent]) -> None:
         exchange = await self._publishing_exchange()
@@ -57,6 +59,7 @@ class AmqpLedgerEvents:
             )
 
     async def subscribe(self, kind: str, consumer: str, handler: EventHandler) -> None:
+        self._bindings.append((kind, consumer))
         task = asyncio.create_task(self._consume(kind, consumer, handler), name=consumer)
         self._consumers.append(task)
 
@@ -76,7 +79,13 @@ class AmqpLedgerEvents:
                 self._connection = await amqp.connect(self._url)
             if self._channel is None or self._channel.is_closed or self._exchange is None:
                 self._channel = await self._connection.channel(publisher_confirms=True)
-                self._exchange = await self._declare_exchange(self._channel)
+                exchange = await self._declare_exchange(self._channel)
+                # A consumer's queue may not be bound yet when the first events go out
+                # (its task starts alongside the relay): bound here, none is lost.
+                for kind, consumer in self._bindings:
+                    queue = await amqp.declare_work_queue(self._channel, consumer)
+                    await queue.bind(exchange, kind)
+                self._exchange = exchange
             return self._exchange
 
     async def _declare_exchange(self, channel: AbstractChannel) -> AbstractExchange:

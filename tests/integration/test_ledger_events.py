@@ -1,5 +1,5 @@
 """Ledger events over RabbitMQ: the outbox relay publishes to the topic exchange and
-the earnings projection consumes its own durable queue."""
+the earnings and usage projections consume their own durable queues."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from server.secrets import PlatformSecrets
 ADMIN = Principal.service()
 
 
-async def test_a_settlement_reaches_the_earnings_projection_through_rabbitmq(
+async def test_a_settlement_reaches_the_earnings_and_usage_projections_through_rabbitmq(
     database_url: str, amqp_url: str
 ) -> None:
     component = await AccountComponent.start(
@@ -38,5 +38,17 @@ async def test_a_settlement_reaches_the_earnings_projection_through_rabbitmq(
             ):
                 await asyncio.sleep(0.05)
         assert earnings == [ContributionTotal(earnings[0].epoch, 1, 100, 2_400)]
+        async with asyncio.timeout(30):
+            while not (  # noqa: ASYNC110 - relay and consumer run in the background
+                usage := (await component.usage.records(ADMIN, str(consumer.account_id), 0, ""))[0]
+            ):
+                await asyncio.sleep(0.05)
+        [record] = usage
+        assert (record.hold_id, record.held, record.charged, record.tokens) == (
+            hold.hold_id,
+            5_000,
+            3_000,
+            100,
+        )
     finally:
         await component.stop()
