@@ -44,6 +44,7 @@ from core.convert.agent_reports import report_to_pb
 from core.convert.job_events import assign_from_pb, cancel_from_pb
 from core.errors import InvalidArgument
 from core.regions import validate_region
+from core.replica_channels import parse_targets
 
 log = structlog.get_logger(__name__)
 
@@ -84,7 +85,7 @@ class SessionSettings:
     @property
     def targets(self) -> tuple[str, ...]:
         """The network replicas' addresses, in the order they are tried."""
-        return tuple(t for t in (part.strip() for part in self.network.split(",")) if t)
+        return parse_targets(self.network)
 
 
 class AgentSession:

@@ -105,8 +105,9 @@ def _parser() -> argparse.ArgumentParser:
     network.add_argument("--listen", default="127.0.0.1:50051")
     network.add_argument(
         "--account",
-        help="HOST:PORT of the account server that resolves node tokens "
-        "(without it, tokens are not checked and nodes earn nothing)",
+        help="HOST:PORT of the account server that resolves node tokens, or of its "
+        "replicas comma-separated (without it, tokens are not checked and nodes earn "
+        "nothing)",
     )
     network.add_argument(
         "--data-dir",
@@ -156,8 +157,18 @@ def _parser() -> argparse.ArgumentParser:
 
     cloud = commands.add_parser("cloud", help="run the cloud server alone")
     cloud.add_argument("--listen", default="127.0.0.1:50053")
-    cloud.add_argument("--account", required=True, help="HOST:PORT of the account server")
-    cloud.add_argument("--network", required=True, help="HOST:PORT of the network server")
+    cloud.add_argument(
+        "--account",
+        required=True,
+        help="HOST:PORT of the account server, or of its replicas comma-separated: calls "
+        "are spread over them and go on to the next when one is unreachable",
+    )
+    cloud.add_argument(
+        "--network",
+        required=True,
+        help="HOST:PORT of the network server, or of its replicas comma-separated "
+        "(spread and failed over alike)",
+    )
     cloud.add_argument(
         "--database-url",
         default=os.environ.get("RESULTITY_DATABASE_URL"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncGenerator, Sequence
 from datetime import datetime
 from uuid import UUID
@@ -31,6 +32,7 @@ from core.inference import (
     NodeRequirements,
 )
 from core.metadata import bearer_metadata
+from core.replica_channels import ReplicaChannels
 from server.cloud.ports import (
     NO_REQUIREMENTS,
     Caller,
@@ -56,17 +58,21 @@ _LEDGER_UNAVAILABLE = (
 
 
 class GrpcAccountClient:
-    def __init__(self, channel: grpc.aio.Channel, service_token: str) -> None:
-        self._accounts = account_grpc.AccountServiceStub(channel)
-        self._keys = keys_grpc.ApiKeyServiceStub(channel)
-        self._ledger = ledger_grpc.LedgerServiceStub(channel)
+    """The account service's replicas: reads and keyed writes (holds, settlements) go on
+    to the next replica when one is unreachable; a key is issued by one replica."""
+
+    def __init__(self, replicas: ReplicaChannels, service_token: str) -> None:
+        self._accounts = replicas.stubs(account_grpc.AccountServiceStub)
+        self._keys = replicas.stubs(keys_grpc.ApiKeyServiceStub)
+        self._ledger = replicas.stubs(ledger_grpc.LedgerServiceStub)
         # Holds are the platform's business: the cloud calls the ledger as the service.
         self._metadata = bearer_metadata(service_token)
 
     async def authenticate(self, secret: str) -> Caller:
+        request = keys_pb.AuthenticateApiKeyRequest(secret=secret)
         with domain_errors():
-            response = await self._keys.AuthenticateApiKey(
-                keys_pb.AuthenticateApiKeyRequest(secret=secret), metadata=self._metadata
+            response = await self._keys.call(
+                lambda keys: keys.AuthenticateApiKey(request, metadata=self._metadata)
             )
         key = response.api_key
         return Caller(
@@ -82,9 +88,10 @@ class GrpcAccountClient:
         )
 
     async def require_account(self, account_id: UUID) -> None:
+        request = account_pb.GetAccountRequest(account_id=str(account_id))
         with domain_errors():
-            await self._accounts.GetAccount(
-                account_pb.GetAccountRequest(account_id=str(account_id)), metadata=self._metadata
+            await self._accounts.call(
+                lambda accounts: accounts.GetAccount(request, metadata=self._metadata)
             )
 
     async def issue_api_key(
@@ -106,7 +113,10 @@ class GrpcAccountClient:
         if expires is not None:
             request.expires.FromDatetime(expires)
         with domain_errors():
-            response = await self._keys.CreateApiKey(request, metadata=self._metadata)
+            # Not sent again: a second replica would issue a second key.
+            response = await self._keys.call(
+                lambda keys: keys.CreateApiKey(request, metadata=self._metadata), again=False
+            )
         key = response.api_key
         return IssuedKey(key.api_key_id, key.account_id, key.prefix, response.secret)
 
@@ -115,23 +125,25 @@ class GrpcAccountClient:
     ) -> HoldRef:
         expires_pb = timestamp_pb2.Timestamp()
         expires_pb.FromDatetime(expires)
+        request = ledger_pb.CreateHoldRequest(
+            account_id=account_id,
+            amount_micro_credits=amount,
+            idempotency_key=idempotency_key,
+            expires=expires_pb,
+        )
         with domain_errors():
-            response = await self._ledger.CreateHold(
-                ledger_pb.CreateHoldRequest(
-                    account_id=account_id,
-                    amount_micro_credits=amount,
-                    idempotency_key=idempotency_key,
-                    expires=expires_pb,
-                ),
-                metadata=self._metadata,
+            response = await self._ledger.call(
+                lambda ledger: ledger.CreateHold(request, metadata=self._metadata)
             )
         return HoldRef(response.hold.hold_id, response.hold.amount_micro_credits)
 
     async def settle_hold(self, hold_id: str, capture: int, shares: OperatorShares) -> int:
         request = settlement_to_pb(Settlement(hold_id, capture, shares))
         try:
-            response = await self._ledger.SettleHold(
-                request, metadata=self._metadata, timeout=SETTLE_TIMEOUT_S
+            response = await self._ledger.call(
+                lambda ledger: ledger.SettleHold(
+                    request, metadata=self._metadata, timeout=SETTLE_TIMEOUT_S
+                )
             )
         except grpc.aio.AioRpcError as error:
             # The status first: a settlement the ledger did not answer is sent again,
@@ -143,8 +155,11 @@ class GrpcAccountClient:
 
 
 class GrpcNetworkClient:
-    def __init__(self, channel: grpc.aio.Channel, service_token: str) -> None:
-        self._dispatch = dispatch_grpc.DispatchServiceStub(channel)
+    """The network's replicas, each routing over the whole fleet: a call goes on to the
+    next replica when one is unreachable (a job only before its first event)."""
+
+    def __init__(self, replicas: ReplicaChannels, service_token: str) -> None:
+        self._dispatch = replicas.stubs(dispatch_grpc.DispatchServiceStub)
         # The network's dispatch API serves only the platform's own services.
         self._metadata = bearer_metadata(service_token)
 
@@ -153,13 +168,17 @@ class GrpcNetworkClient:
     ) -> list[CatalogModel]:
         request = dispatch_pb.ListModelsRequest(requirements=requirements_to_pb(requirements))
         with domain_errors():
-            response = await self._dispatch.ListModels(request, metadata=self._metadata)
+            response = await self._dispatch.call(
+                lambda dispatch: dispatch.ListModels(request, metadata=self._metadata)
+            )
         return models_from_pb(response)
 
     async def job_records(self, job_ids: Sequence[str]) -> list[RelayedJob]:
         request = dispatch_pb.GetJobRecordsRequest(job_ids=job_ids)
         with domain_errors():
-            response = await self._dispatch.GetJobRecords(request, metadata=self._metadata)
+            response = await self._dispatch.call(
+                lambda dispatch: dispatch.GetJobRecords(request, metadata=self._metadata)
+            )
         return [
             RelayedJob(
                 record.job_id,
@@ -177,15 +196,16 @@ class GrpcNetworkClient:
         requirements: NodeRequirements = NO_REQUIREMENTS,
         origin: JobOrigin = NO_ORIGIN,
     ) -> AsyncGenerator[JobEvent, None]:
-        call = self._dispatch.RunJob(
-            run_job_request_to_pb(job_id, spec, requirements, origin), metadata=self._metadata
+        request = run_job_request_to_pb(job_id, spec, requirements, origin)
+        # A replica that never answered ran nothing the caller saw: the next one
+        # takes the job, under the same id (so that its record is the job's).
+        responses = self._dispatch.stream(
+            lambda dispatch: dispatch.RunJob(request, metadata=self._metadata)
         )
-        try:
+        # Closing the responses (our caller went away) cancels the job upstream.
+        async with contextlib.aclosing(responses):
             with domain_errors():
-                async for response in call:
+                async for response in responses:
                     event = job_event_from_pb(response)
                     if event is not None:
                         yield event
-        finally:
-            # Leaving early (our caller went away) cancels the job upstream.
-            call.cancel()

@@ -16,7 +16,8 @@ from resultity.cloud.v1 import (
     subcloud_service_pb2_grpc,
 )
 
-from core.channels import PLAINTEXT, Tls, channel
+from core.channels import PLAINTEXT, Tls
+from core.replica_channels import ReplicaChannels
 from server.cloud.clients import GrpcAccountClient, GrpcNetworkClient
 from server.cloud.inference import InferenceService
 from server.cloud.inflight import InFlightLeases
@@ -61,7 +62,9 @@ class CloudComponent:
         tls: Tls = PLAINTEXT,
         inflight: InFlightSettings | None = None,
     ) -> None:
-        """``shared`` unset: rate limits and invalidations within this process.
+        """``account_target`` and ``network_target``: each service's HOST:PORT, or its
+        replicas' comma-separated. ``shared`` unset: rate limits and invalidations within
+        this process.
         ``caches`` unset: read from the environment. Deferred settlements go to
         ``settlements`` (shared with an account component in this process, which
         applies them), else to RabbitMQ at ``amqp_url``, else to a queue of this
@@ -71,9 +74,9 @@ class CloudComponent:
         ttl_s = (caches or CacheSettings()).cache_ttl_s
         self._pool = pool
         self._redis_counters = None if shared.redis is None else RedisCounters(shared.redis)
-        self._account_channel = channel(account_target, tls)
-        self._network_channel = channel(network_target, tls)
-        account = GrpcAccountClient(self._account_channel, service_token)
+        self._account_replicas = ReplicaChannels(account_target, tls)
+        self._network_replicas = ReplicaChannels(network_target, tls)
+        account = GrpcAccountClient(self._account_replicas, service_token)
         self._owns_queue = settlements is None
         # A queue only this process holds is applied from here, through the account API.
         self._consume_locally = settlements is None and not amqp_url
@@ -83,7 +86,7 @@ class CloudComponent:
         self.settler = Settler(account, settlements)
         store = PostgresSubcloudStore(pool)
         resolver = SubcloudResolver(store, ttl_s=ttl_s)
-        network = GrpcNetworkClient(self._network_channel, service_token)
+        network = GrpcNetworkClient(self._network_replicas, service_token)
         self._inflight_settings = inflight or InFlightSettings()
         inflight_store = PostgresInFlightStore(pool)
         self.inflight = InFlightLeases(inflight_store, lease_s=self._inflight_settings.lease_s)
@@ -201,6 +204,6 @@ class CloudComponent:
         await self.settler.close()
         if self._owns_queue:
             await self._settlement_queue.close()
-        await self._account_channel.close(grace=None)
-        await self._network_channel.close(grace=None)
+        await self._account_replicas.close()
+        await self._network_replicas.close()
         await self._pool.close()

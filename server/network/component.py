@@ -19,6 +19,7 @@ from resultity.network.v1 import (
 
 from core import channels
 from core.inference import CatalogModel
+from core.replica_channels import ReplicaChannels
 from server.common.bus import Bus
 from server.common.bus_memory import MemoryBus
 from server.common.database import apply_migrations, create_pool, load_migrations
@@ -68,13 +69,14 @@ class NetworkComponent:
         presence: Presence | None = None,
     ) -> None:
         """Callers of the dispatch, node admin and replica APIs must present
-        ``service_token``. With ``account_target`` node tokens, and the API keys the
-        node admin API also takes, are resolved by that account server (with the same
-        token); without, tokens are not checked and nodes earn nothing. The network's
-        state lives in the PostgreSQL at ``database_url``; replicas of one network
-        share it and a ``bus`` (default: this process alone). ``replica`` and a
-        ``presence`` shared with the other replicas make this server one replica of a
-        fleet (default: the only one)."""
+        ``service_token``. With ``account_target`` (HOST:PORT, or its replicas'
+        comma-separated) node tokens, and the API keys the node admin API also takes,
+        are resolved by the account service (with the same token); without, tokens
+        are not checked and nodes earn nothing. The network's state lives in the
+        PostgreSQL at ``database_url``; replicas of one network share it and a
+        ``bus`` (default: this process alone). ``replica`` and a ``presence`` shared
+        with the other replicas make this server one replica of a fleet (default:
+        the only one)."""
         self._database_url = database_url
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
         # A bus or presence given is the caller's to close.
@@ -83,19 +85,19 @@ class NetworkComponent:
         self._replica = replica
         self._presence = presence
         self._forwarder = GrpcForwarder(service_token, tls)
-        self._account_channel = (
-            None if account_target is None else channels.channel(account_target, tls)
+        self._account_replicas = (
+            None if account_target is None else ReplicaChannels(account_target, tls)
         )
         tokens = (
             None
-            if self._account_channel is None
-            else AccountNodeTokens(self._account_channel, service_token)
+            if self._account_replicas is None
+            else AccountNodeTokens(self._account_replicas, service_token)
         )
         self._callers = ServiceCallers(
             service_token,
             None
-            if self._account_channel is None
-            else AccountApiKeys(self._account_channel, service_token),
+            if self._account_replicas is None
+            else AccountApiKeys(self._account_replicas, service_token),
         )
         self._catalog = Catalog(catalog)
         self._liveness = liveness or LivenessSettings()
@@ -163,5 +165,5 @@ class NetworkComponent:
             await self._bus.close()
         if self._pool is not None:
             await self._pool.close()
-        if self._account_channel is not None:
-            await self._account_channel.close(grace=None)
+        if self._account_replicas is not None:
+            await self._account_replicas.close()

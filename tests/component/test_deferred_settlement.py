@@ -15,6 +15,7 @@ import grpc
 import pytest
 
 from core import channels
+from core.replica_channels import ReplicaChannels
 from server.account.authz import Principal
 from server.account.component import AccountComponent
 from server.account.settlement_inbox import SettlementInbox
@@ -77,9 +78,9 @@ async def db(postgres_dsn: str) -> AsyncIterator[Any]:
 
 @pytest.fixture
 async def client(account: AccountServer) -> AsyncIterator[GrpcAccountClient]:
-    channel = channels.insecure_channel(f"127.0.0.1:{account.port}")
-    yield GrpcAccountClient(channel, SECRETS.service_token)
-    await channel.close(grace=None)
+    replicas = ReplicaChannels(f"127.0.0.1:{account.port}")
+    yield GrpcAccountClient(replicas, SECRETS.service_token)
+    await replicas.close()
 
 
 async def _request(component: AccountComponent) -> tuple[str, str, Settlement]:

@@ -12,8 +12,8 @@ from typing import Any
 import asyncpg
 import pytest
 
-from core import channels
 from core.inference import ChatMessage, ChatRole, Usage
+from core.replica_channels import ReplicaChannels
 from server.cloud.clients import GrpcAccountClient, GrpcNetworkClient
 from server.cloud.component import CloudComponent
 from server.cloud.inference import InferenceService
@@ -98,11 +98,11 @@ async def test_a_dead_replicas_hold_is_settled_from_the_job_record(
     customer = await platform.customer(credits=1_000_000)
     token = _token(platform)
     pool = await create_pool(postgres_dsn)
-    channel = channels.insecure_channel(platform.target)
+    replicas = ReplicaChannels(platform.target)
     try:
         dying = InferenceService(
-            GrpcAccountClient(channel, token),
-            GrpcNetworkClient(channel, token),
+            GrpcAccountClient(replicas, token),
+            GrpcNetworkClient(replicas, token),
             settlements=DiesBeforeSettling(),
             # It never renews: dead right after admission, as far as the others can tell.
             inflight=InFlightLeases(PostgresInFlightStore(pool), lease_s=FAST.lease_s),
@@ -121,7 +121,7 @@ async def test_a_dead_replicas_hold_is_settled_from_the_job_record(
         held = (await platform.balance(customer)).held_micro_credits
         assert held == row["hold_amount"] > 0
     finally:
-        await channel.close(grace=None)
+        await replicas.close()
         await pool.close()
 
     async with _replica(platform, postgres_dsn) as replica:

@@ -1,0 +1,138 @@
+"""Channels to a service that runs as several replicas.
+
+A service's address (cloud's ``--account`` and ``--network``, the network's
+``--account``) is one HOST:PORT or several, comma-separated; one of them may be a
+DNS name resolving to several hosts (a Kubernetes Service), among which gRPC's
+resolver picks within that channel.
+
+Calls are spread over the replicas in turn. A call that did not reach its
+replica's service (UNAVAILABLE without the service's ErrorInfo: the transport
+failed, nothing answered) goes on to the next replica when delivering it twice
+would be harmless: reads, writes that carry an idempotency key, and a stream
+that had no response yet. A replica found unreachable is tried last for
+``DOWN_FOR_S``, so that a dead one costs a failed connection now and then, not
+on every call.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from typing import Any, Generic, TypeVar
+
+import grpc
+import structlog
+
+from core.channels import PLAINTEXT, Tls, channel
+from core.grpc_errors import error_info
+
+log = structlog.get_logger(__name__)
+
+S = TypeVar("S")  # a service's stub
+T = TypeVar("T")
+R = TypeVar("R")  # a streamed response
+
+# How long a replica found unreachable goes to the back of the turn.
+DOWN_FOR_S = 5.0
+
+
+def parse_targets(addresses: str) -> tuple[str, ...]:
+    """The HOST:PORT entries of a comma-separated list, in order (blanks dropped)."""
+    return tuple(target for target in (part.strip() for part in addresses.split(",")) if target)
+
+
+def unreachable(error: grpc.aio.AioRpcError) -> bool:
+    """Whether a call failed before the service answered it, so that another replica
+    may take it: UNAVAILABLE from the transport, not a service's error (which carries
+    ErrorInfo, even one that maps to UNAVAILABLE such as NO_CAPACITY)."""
+    return error.code() == grpc.StatusCode.UNAVAILABLE and error_info(error) is None
+
+
+class ReplicaChannels:
+    """One channel per replica address, their turn, and which seem down; closed together."""
+
+    def __init__(self, addresses: str, tls: Tls = PLAINTEXT) -> None:
+        self.targets = parse_targets(addresses)
+        if not self.targets:
+            raise ValueError(f"no HOST:PORT in {addresses!r}")
+        self._channels = tuple(channel(target, tls) for target in self.targets)
+        self._turn = 0
+        # Monotonic time until which each replica is tried last.
+        self._down_until = [0.0] * len(self.targets)
+
+    def stubs(self, factory: Callable[[grpc.aio.Channel], S]) -> ReplicatedStub[S]:
+        """A stub of one service on every replica."""
+        return ReplicatedStub(self, tuple(factory(each) for each in self._channels))
+
+    def order(self) -> list[int]:
+        """The replicas one call tries, by index: from the next in turn, those found
+        unreachable lately last."""
+        start = self._turn
+        self._turn = (start + 1) % len(self._channels)
+        turn = [*range(start, len(self._channels)), *range(start)]
+        now = time.monotonic()
+        # A stable sort: the replicas keep their turn within each group.
+        return sorted(turn, key=lambda index: self._down_until[index] > now)
+
+    def answered(self, index: int) -> None:
+        self._down_until[index] = 0.0
+
+    def unreachable(self, index: int, error: grpc.aio.AioRpcError) -> None:
+        self._down_until[index] = time.monotonic() + DOWN_FOR_S
+        log.warning("replica unreachable", target=self.targets[index], error=error.details())
+
+    async def close(self) -> None:
+        for each in self._channels:
+            await each.close(grace=None)
+
+
+class ReplicatedStub(Generic[S]):
+    def __init__(self, replicas: ReplicaChannels, stubs: tuple[S, ...]) -> None:
+        self._replicas = replicas
+        self._stubs = stubs
+
+    async def call(self, attempt: Callable[[S], Awaitable[T]], *, again: bool = True) -> T:
+        """``attempt`` on one replica, and while none answers (with a result or an
+        error) on the next ones if ``again``: for calls a replica may receive twice."""
+        order = self._replicas.order()
+        failure: grpc.aio.AioRpcError | None = None
+        for index in order if again else order[:1]:
+            try:
+                result = await attempt(self._stubs[index])
+            except grpc.aio.AioRpcError as error:
+                if not unreachable(error):
+                    self._replicas.answered(index)
+                    raise
+                self._replicas.unreachable(index, error)
+                failure = error
+            else:
+                self._replicas.answered(index)
+                return result
+        assert failure is not None  # there is at least one replica
+        raise failure
+
+    async def stream(
+        self, start: Callable[[S], grpc.aio.UnaryStreamCall[Any, R]]
+    ) -> AsyncGenerator[R, None]:
+        """The responses of a server-streaming call started by ``start`` on one
+        replica; one that fails unreachable before its first response passes the call
+        to the next. Leaving early cancels the call (close the generator)."""
+        order = self._replicas.order()
+        for index in order:
+            call = start(self._stubs[index])
+            answered = False
+            try:
+                async for response in call:
+                    if not answered:
+                        answered = True
+                        self._replicas.answered(index)
+                    yield response
+                return
+            except grpc.aio.AioRpcError as error:
+                if answered or not unreachable(error):
+                    raise
+                self._replicas.unreachable(index, error)
+                if index == order[-1]:
+                    raise
+            finally:
+                call.cancel()
