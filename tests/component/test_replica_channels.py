@@ -160,7 +160,7 @@ async def test_a_stream_moves_on_before_its_first_response_only(
 
 def test_only_a_transport_failure_counts_as_unreachable() -> None:
     def error(code: grpc.StatusCode, trailing: grpc.aio.Metadata) -> grpc.aio.AioRpcError:
-        return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), trailing, "details")
+        return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), trailing, "details", None)
 
     status = to_status(NoCapacity("no ready node serves the model"))
     assert status.code == grpc.StatusCode.UNAVAILABLE
