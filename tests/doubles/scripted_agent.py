@@ -1,16 +1,19 @@
 """An agent process with the scripted runtime, for tests that signal real processes.
 
     python -m tests.doubles.scripted_agent --network HOST:PORT --name NAME
-        [--script TEXT] [--token-delay S] [--drain-grace S] [--slots N] [--answer-canaries]
+        [--script TEXT] [--token-delay S] [--drain-grace S] [--slots N] [--region R]
+        [--answer-canaries]
 
 The same session and signal handling as `resultity agent` (SIGTERM drains),
-without loading a model.
+without loading a model; its node token comes from RESULTITY_NODE_TOKEN, as
+`resultity agent`'s does by default.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 
 from agent.main import serve
 from agent.session import SessionSettings
@@ -26,12 +29,17 @@ def main() -> None:
     parser.add_argument("--token-delay", type=float, default=0.0)
     parser.add_argument("--drain-grace", type=float, default=30.0)
     parser.add_argument("--slots", type=int, default=1)
+    parser.add_argument("--region", default="")
     # Passes a validating network's join checks and in-service canaries.
     parser.add_argument("--answer-canaries", action="store_true")
     args = parser.parse_args()
     configure_logging("info")
     settings = SessionSettings(
-        network=args.network, node_name=args.name, drain_grace_s=args.drain_grace
+        network=args.network,
+        node_name=args.name,
+        drain_grace_s=args.drain_grace,
+        node_token=os.environ.get("RESULTITY_NODE_TOKEN", ""),
+        region=args.region,
     )
     runtime = ScriptedRuntime(
         script=args.script,

@@ -1,6 +1,11 @@
-"""The control plane scaled out on this machine, every service its own OS process:
-one account and one network server, cloud and gateway replicas (gateway i calls
-cloud i), and a scripted agent; what replicas share lives in one Redis."""
+"""The platform scaled out on this machine, every service its own OS process:
+account and network replicas, cloud replicas each calling every account replica
+and every network replica (each starting the turn at another one), a gateway per
+cloud replica (gateway i calls cloud i), and the agents a test starts, homed on
+the network replicas it chooses: scripted, or `resultity agent` running the
+bundled SmolLM2. The network replicas resolve the agents' node tokens through the
+account replicas. What replicas share lives in one PostgreSQL database, one Redis
+and, when given, RabbitMQ."""
 
 from __future__ import annotations
 
@@ -11,21 +16,29 @@ import secrets
 import signal
 import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import redis.asyncio as redis
 from resultity.account.v1 import account_service_pb2 as account_pb
 from resultity.account.v1 import account_service_pb2_grpc as account_grpc
 from resultity.account.v1 import api_key_service_pb2 as keys_pb
 from resultity.account.v1 import api_key_service_pb2_grpc as keys_grpc
 from resultity.account.v1 import ledger_service_pb2 as ledger_pb
 from resultity.account.v1 import ledger_service_pb2_grpc as ledger_grpc
+from resultity.account.v1 import node_token_service_pb2 as node_token_pb
+from resultity.account.v1 import node_token_service_pb2_grpc as node_token_grpc
 from resultity.account.v1 import rate_limits_pb2 as rate_limits_pb
+from resultity.network.v1 import dispatch_service_pb2 as dispatch_pb
+from resultity.network.v1 import dispatch_service_pb2_grpc as dispatch_grpc
+from resultity.network.v1 import node_admin_service_pb2 as admin_pb
+from resultity.network.v1 import node_admin_service_pb2_grpc as admin_grpc
 
 from core import channels
 from core.metadata import bearer_metadata
+from core.replica_channels import ReplicaChannels
 from server.common.credentials import generate_service_token
 from server.network.catalog import SMOLLM2_135M
 from tests.harness import free_port
@@ -35,31 +48,57 @@ REPO = Path(__file__).resolve().parents[2]
 # because an invalidation reached the replica, not because its entry expired.
 CACHE_TTL_S = "3600"
 READY_TIMEOUT_S = 60.0
+# Until every agent serves: it connects, (the real one) loads its model, and
+# passes the network's join checks, on a loaded machine.
+NODES_TIMEOUT_S = 240.0
+# Presence records of network replicas in the shared Redis; a previous test's may
+# linger until their leases lapse.
+PRESENCE_KEYS = "resultity:presence:*"
+CLI = (sys.executable, "-m", "server.cli", "--log-level", "warning")
 
 
 @dataclass
 class Processes:
-    """Started processes, their output in ``logs``; ended with SIGTERM, then SIGKILL."""
+    """Started processes by name, their output in ``<logs>/<name>.log``; ended with
+    SIGTERM, then SIGKILL."""
 
     logs: Path
-    started: list[asyncio.subprocess.Process] = field(default_factory=list)
+    env: dict[str, str]
+    running: dict[str, asyncio.subprocess.Process] = field(default_factory=dict)
+    _commands: dict[str, tuple[tuple[str, ...], dict[str, str]]] = field(default_factory=dict)
 
-    async def spawn(self, name: str, *argv: str, env: dict[str, str]) -> asyncio.subprocess.Process:
-        log = (self.logs / f"{name}.log").open("ab")
-        try:
+    async def spawn(
+        self, name: str, *argv: str, env: Mapping[str, str] | None = None
+    ) -> asyncio.subprocess.Process:
+        """Starts ``argv`` as ``name``, with ``env`` added to the platform's environment."""
+        self._commands[name] = (argv, {**self.env, **(env or {})})
+        return await self._start(name)
+
+    async def _start(self, name: str) -> asyncio.subprocess.Process:
+        argv, env = self._commands[name]
+        with (self.logs / f"{name}.log").open("ab") as log:
             process = await asyncio.create_subprocess_exec(
                 *argv, cwd=REPO, env=env, stdout=log, stderr=asyncio.subprocess.STDOUT
             )
-        finally:
-            log.close()
-        self.started.append(process)
+        self.running[name] = process
         return process
 
+    async def kill(self, name: str) -> None:
+        """SIGKILL: the process ends with no chance to clean up."""
+        process = self.running[name]
+        process.kill()
+        await process.wait()
+
+    async def restart(self, name: str) -> asyncio.subprocess.Process:
+        """Starts a process that ended again, with the same command."""
+        assert self.running[name].returncode is not None, f"{name} still runs"
+        return await self._start(name)
+
     async def close(self) -> None:
-        for process in reversed(self.started):
+        for process in reversed(self.running.values()):
             if process.returncode is None:
                 process.send_signal(signal.SIGTERM)
-        for process in self.started:
+        for process in self.running.values():
             try:
                 await asyncio.wait_for(process.wait(), timeout=15)
             except TimeoutError:
@@ -93,63 +132,142 @@ class Customer:
         return {"authorization": f"Bearer {self.api_key}"}
 
 
+@dataclass(frozen=True)
+class Agent:
+    name: str
+    # The node operator's account, credited for the node's work.
+    operator_id: str
+
+
 @dataclass
 class ScaledOut:
-    account: str
-    network: str
+    accounts: list[str]
+    networks: list[str]
     clouds: list[str]
     gateways: list[str]
     service_token: str
     processes: Processes
+    # The test's own calls to the account service, to whichever replica is up.
+    account_replicas: ReplicaChannels
 
     @property
     def service(self) -> tuple[tuple[str, str], ...]:
         return bearer_metadata(self.service_token)
 
+    async def create_account(self, name: str) -> str:
+        accounts = self.account_replicas.stubs(account_grpc.AccountServiceStub)
+        request = account_pb.CreateAccountRequest(name=name)
+        response = await accounts.call(
+            lambda stub: stub.CreateAccount(request, metadata=self.service)
+        )
+        return response.account.account_id
+
+    async def top_up(self, account_id: str, credits: int) -> None:
+        ledger = self.account_replicas.stubs(ledger_grpc.LedgerServiceStub)
+        request = ledger_pb.TopUpRequest(
+            account_id=account_id, amount_micro_credits=credits, idempotency_key=uuid.uuid4().hex
+        )
+        await ledger.call(lambda stub: stub.TopUp(request, metadata=self.service))
+
     async def customer(
         self, credits: int, limits: rate_limits_pb.RateLimits | None = None
     ) -> Customer:
-        async with channels.insecure_channel(self.account) as channel:
-            account = (
-                await account_grpc.AccountServiceStub(channel).CreateAccount(
-                    account_pb.CreateAccountRequest(name="customer"), metadata=self.service
-                )
-            ).account
-            await ledger_grpc.LedgerServiceStub(channel).TopUp(
-                ledger_pb.TopUpRequest(
-                    account_id=account.account_id,
-                    amount_micro_credits=credits,
-                    idempotency_key=uuid.uuid4().hex,
-                ),
-                metadata=self.service,
-            )
-            issued = await keys_grpc.ApiKeyServiceStub(channel).CreateApiKey(
-                keys_pb.CreateApiKeyRequest(
-                    account_id=account.account_id, name="test", rate_limits=limits
-                ),
-                metadata=self.service,
-            )
-        return Customer(account.account_id, issued.secret, issued.api_key.api_key_id)
+        account_id = await self.create_account("customer")
+        await self.top_up(account_id, credits)
+        keys = self.account_replicas.stubs(keys_grpc.ApiKeyServiceStub)
+        request = keys_pb.CreateApiKeyRequest(
+            account_id=account_id, name="test", rate_limits=limits
+        )
+        issued = await keys.call(lambda stub: stub.CreateApiKey(request, metadata=self.service))
+        return Customer(account_id, issued.secret, issued.api_key.api_key_id)
 
-    async def balance(self, customer: Customer) -> ledger_pb.Balance:
-        async with channels.insecure_channel(self.account) as channel:
-            response = await ledger_grpc.LedgerServiceStub(channel).GetBalance(
-                ledger_pb.GetBalanceRequest(account_id=customer.account_id),
-                metadata=self.service,
-            )
+    async def operator(self) -> tuple[str, str]:
+        """A new node operator account and a node token of it."""
+        account_id = await self.create_account("operator")
+        tokens = self.account_replicas.stubs(node_token_grpc.NodeTokenServiceStub)
+        request = node_token_pb.CreateNodeTokenRequest(account_id=account_id, name="node")
+        issued = await tokens.call(
+            lambda stub: stub.CreateNodeToken(request, metadata=self.service)
+        )
+        return account_id, issued.secret
+
+    async def balance(self, account_id: str) -> ledger_pb.Balance:
+        ledger = self.account_replicas.stubs(ledger_grpc.LedgerServiceStub)
+        request = ledger_pb.GetBalanceRequest(account_id=account_id)
+        response = await ledger.call(lambda stub: stub.GetBalance(request, metadata=self.service))
         return response.balance
 
+    async def ledger_summary(self) -> ledger_pb.GetLedgerSummaryResponse:
+        ledger = self.account_replicas.stubs(ledger_grpc.LedgerServiceStub)
+        request = ledger_pb.GetLedgerSummaryRequest()
+        return await ledger.call(lambda stub: stub.GetLedgerSummary(request, metadata=self.service))
+
     async def revoke(self, customer: Customer) -> None:
-        async with channels.insecure_channel(self.account) as channel:
-            await keys_grpc.ApiKeyServiceStub(channel).RevokeApiKey(
-                keys_pb.RevokeApiKeyRequest(api_key_id=customer.api_key_id),
-                metadata=self.service,
+        keys = self.account_replicas.stubs(keys_grpc.ApiKeyServiceStub)
+        request = keys_pb.RevokeApiKeyRequest(api_key_id=customer.api_key_id)
+        await keys.call(lambda stub: stub.RevokeApiKey(request, metadata=self.service))
+
+    async def agent(
+        self,
+        name: str,
+        *,
+        homes: Sequence[int] = (0,),
+        region: str = "",
+        script: str | None = None,
+        token_delay_s: float = 0.0,
+        slots: int = 4,
+        llama: bool = False,
+    ) -> Agent:
+        """An agent process with a node token of an operator of its own, connecting to
+        the network replicas ``homes`` (indexes, in the order it tries them): the
+        scripted runtime answering the join checks, or with ``llama`` `resultity
+        agent` running the bundled SmolLM2 (one slot, one thread)."""
+        operator_id, node_token = await self.operator()
+        networks = ",".join(self.networks[index] for index in homes)
+        regions = ("--region", region) if region else ()
+        if llama:
+            argv: tuple[str, ...] = (
+                *CLI, "agent", "--network", networks, "--name", name, *regions,
+                "--data-dir", str(self.processes.logs / name), "--threads", "1",
+                "--context-length", "1024", "--drain-grace", "5",
+            )  # fmt: skip
+        else:
+            argv = (
+                sys.executable, "-m", "tests.doubles.scripted_agent", "--network", networks,
+                "--name", name, *regions, "--slots", str(slots), "--answer-canaries",
+                "--token-delay", str(token_delay_s), *(("--script", script) if script else ()),
+            )  # fmt: skip
+        await self.processes.spawn(name, *argv, env={"RESULTITY_NODE_TOKEN": node_token})
+        return Agent(name, operator_id)
+
+    async def nodes_of(self, network: int) -> list[admin_pb.Node]:
+        """The nodes network replica ``network`` owns (their sessions are with it)."""
+        async with channels.insecure_channel(self.networks[network]) as channel:
+            response = await admin_grpc.NodeAdminServiceStub(channel).ListNodes(
+                admin_pb.ListNodesRequest(), metadata=self.service
             )
+        return list(response.nodes)
+
+    async def ready_nodes(self, network: int) -> int:
+        """The nodes network replica ``network`` routes to, its own and the others'."""
+        async with channels.insecure_channel(self.networks[network]) as channel:
+            response = await dispatch_grpc.DispatchServiceStub(channel).ListModels(
+                dispatch_pb.ListModelsRequest(), metadata=self.service
+            )
+        ready = [model.ready_nodes for model in response.models if model.id == SMOLLM2_135M.id]
+        return ready[0] if ready else 0
+
+    async def wait_for_nodes(self, count: int) -> None:
+        """Until every network replica routes over ``count`` ready nodes."""
+        async with asyncio.timeout(NODES_TIMEOUT_S):
+            for network in range(len(self.networks)):
+                while await self.ready_nodes(network) != count:  # noqa: ASYNC110 - polls a process
+                    await asyncio.sleep(0.2)
 
     async def wait_until_serving(self, http: httpx.AsyncClient) -> None:
-        """Until every gateway lists the model: the agent passed validation."""
+        """Until every gateway lists the model: an agent passed validation."""
         probe = await self.customer(credits=1)
-        async with asyncio.timeout(READY_TIMEOUT_S):
+        async with asyncio.timeout(NODES_TIMEOUT_S):
             for gateway in self.gateways:
                 while True:
                     response = await http.get(f"{gateway}/v1/models", headers=probe.headers)
@@ -158,7 +276,9 @@ class ScaledOut:
                     await asyncio.sleep(0.2)
 
 
-def _environment(service_token: str, redis_url: str) -> dict[str, str]:
+def _environment(
+    service_token: str, redis_url: str, extra: Mapping[str, str] | None
+) -> dict[str, str]:
     env = {
         key: value
         for key, value in os.environ.items()
@@ -173,102 +293,96 @@ def _environment(service_token: str, redis_url: str) -> dict[str, str]:
             [str(REPO), str(REPO / "generated"), os.environ.get("PYTHONPATH", "")]
         ),
     )
+    env.update(extra or {})
     return env
+
+
+async def _forget_presence(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    try:
+        keys = [key async for key in client.scan_iter(PRESENCE_KEYS)]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
 
 
 @contextlib.asynccontextmanager
 async def scaled_out(
-    logs: Path, database_url: str, redis_url: str, *, replicas: int = 2
+    logs: Path,
+    database_url: str,
+    redis_url: str,
+    *,
+    accounts: int = 1,
+    networks: int = 1,
+    replicas: int = 2,
+    amqp_url: str | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> AsyncIterator[ScaledOut]:
+    """``accounts`` account and ``networks`` network replicas, ``replicas`` cloud
+    replicas and as many gateways; ``env`` adds to every process's environment (e.g.
+    RESULTITY_CLOUD_INFLIGHT_* settings). No agent: the test starts its own."""
     service_token = generate_service_token()
-    env = _environment(service_token, redis_url)
-    processes = Processes(logs)
-    cli = (sys.executable, "-m", "server.cli", "--log-level", "warning")
-    ports = {"account": free_port(), "network": free_port()}
+    processes = Processes(logs, _environment(service_token, redis_url, env))
+    queue = ("--amqp-url", amqp_url) if amqp_url else ()
+    stores = ("--database-url", database_url, *queue)
+    ports = {
+        name: free_port()
+        for kind, count in (
+            ("account", accounts),
+            ("network", networks),
+            ("cloud", replicas),
+            ("gateway", replicas),
+        )
+        for name in (f"{kind}-{index}" for index in range(count))
+    }
+
+    def addresses(kind: str) -> list[str]:
+        return [f"127.0.0.1:{port}" for name, port in ports.items() if name.startswith(kind)]
+
+    account_list, network_list = addresses("account"), addresses("network")
+    await _forget_presence(redis_url)
+    account_replicas = ReplicaChannels(",".join(account_list))
     try:
-        account = await processes.spawn(
-            "account",
-            *cli,
-            "account",
-            "--listen",
-            f"127.0.0.1:{ports['account']}",
-            "--database-url",
-            database_url,
-            "--data-dir",
-            str(logs / "account"),
-            env=env,
-        )
-        network = await processes.spawn(
-            "network",
-            *cli,
-            "network",
-            "--listen",
-            f"127.0.0.1:{ports['network']}",
-            "--database-url",
-            database_url,
-            "--data-dir",
-            str(logs / "network"),
-            env=env,
-        )
-        await wait_until_listening(ports["account"], account)
-        await wait_until_listening(ports["network"], network)
-        clouds, gateways = [], []
-        for index in range(replicas):
-            cloud_port, gateway_port = free_port(), free_port()
-            cloud = await processes.spawn(
-                f"cloud-{index}",
-                *cli,
-                "cloud",
-                "--listen",
-                f"127.0.0.1:{cloud_port}",
-                "--account",
-                f"127.0.0.1:{ports['account']}",
-                "--network",
-                f"127.0.0.1:{ports['network']}",
-                "--database-url",
-                database_url,
-                "--data-dir",
-                str(logs / f"cloud-{index}"),
-                env=env,
-            )
-            await wait_until_listening(cloud_port, cloud)
-            gateway = await processes.spawn(
-                f"gateway-{index}",
-                *cli,
-                "gateway",
-                "--cloud",
-                f"127.0.0.1:{cloud_port}",
-                "--port",
-                str(gateway_port),
-                env=env,
-            )
-            await wait_until_listening(gateway_port, gateway)
-            clouds.append(f"127.0.0.1:{cloud_port}")
-            gateways.append(f"http://127.0.0.1:{gateway_port}")
-        await processes.spawn(
-            "agent",
-            sys.executable,
-            "-m",
-            "tests.doubles.scripted_agent",
-            "--network",
-            f"127.0.0.1:{ports['network']}",
-            "--name",
-            "node",
-            "--slots",
-            "4",
-            "--answer-canaries",
-            env=env,
-        )
+        # All at once: replicas starting together take turns at the migrations.
+        for name, port in ports.items():
+            kind, _, index = name.partition("-")
+            listen = f"127.0.0.1:{port}"
+            data_dir = ("--data-dir", str(logs / name))
+            if kind == "account":
+                await processes.spawn(name, *CLI, "account", "--listen", listen, *stores, *data_dir)
+            elif kind == "network":
+                await processes.spawn(
+                    name, *CLI, "network", "--listen", listen, "--replica-id", name,
+                    "--account", ",".join(account_list), "--database-url", database_url,
+                    *data_dir,
+                )  # fmt: skip
+            elif kind == "cloud":
+                turn = int(index) % len(network_list)
+                await processes.spawn(
+                    name, *CLI, "cloud", "--listen", listen,
+                    "--account", ",".join(account_list),
+                    "--network", ",".join(network_list[turn:] + network_list[:turn]),
+                    *stores, *data_dir,
+                )  # fmt: skip
+            else:
+                cloud = f"127.0.0.1:{ports[f'cloud-{index}']}"
+                await processes.spawn(name, *CLI, "gateway", "--cloud", cloud, "--port", str(port))
+        for name, port in ports.items():
+            await wait_until_listening(port, processes.running[name])
         yield ScaledOut(
-            f"127.0.0.1:{ports['account']}",
-            f"127.0.0.1:{ports['network']}",
-            clouds,
-            gateways,
+            account_list,
+            network_list,
+            addresses("cloud"),
+            [f"http://{address}" for address in addresses("gateway")],
             service_token,
             processes,
+            account_replicas,
         )
     finally:
         await processes.close()
+        await account_replicas.close()
+        await _forget_presence(redis_url)
 
 
 def chat_request(max_tokens: int = 2) -> dict[str, object]:

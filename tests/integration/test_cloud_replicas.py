@@ -36,6 +36,7 @@ async def platform(
 ) -> AsyncIterator[ScaledOut]:
     logs = Path(tmp_path_factory.mktemp("replicas"))
     async with scaled_out(logs, integration_database, redis_url) as running:
+        await running.agent("node")
         async with httpx.AsyncClient(timeout=30) as http:
             await running.wait_until_serving(http)
         yield running
@@ -75,7 +76,7 @@ async def test_a_per_key_limit_admits_exactly_the_limit_across_replicas(
         assert int(refused.headers["retry-after"]) >= 1
         # Refused requests cost nothing; served ones exactly their usage.
         served = [response.json()["usage"] for response in responses if response.status_code == 200]
-        balance = await platform.balance(customer)
+        balance = await platform.balance(customer.account_id)
         assert balance.held_micro_credits == 0
         assert balance.available_micro_credits == 10_000_000 - sum(map(cost, served))
 

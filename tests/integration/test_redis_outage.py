@@ -84,6 +84,7 @@ async def platform(
 ) -> AsyncIterator[ScaledOut]:
     logs = Path(tmp_path_factory.mktemp("outage"))
     async with scaled_out(logs, integration_database, own_redis.url) as running:
+        await running.agent("node")
         async with httpx.AsyncClient(timeout=30) as http:
             await running.wait_until_serving(http)
         yield running
@@ -143,7 +144,7 @@ async def test_requests_are_served_through_a_redis_outage_and_charged_once(
 
         codes = [response.status_code for response in load.responses]
         assert set(codes) == {200}, codes
-        balance = await platform.balance(load.customer)
+        balance = await platform.balance(load.customer.account_id)
         assert balance.held_micro_credits == 0
         charged = sum(cost(response.json()["usage"]) for response in load.responses)
         assert balance.available_micro_credits == CREDITS - charged
