@@ -2,11 +2,12 @@
 
     python -m tests.doubles.scripted_agent --network HOST:PORT --name NAME
         [--script TEXT] [--token-delay S] [--drain-grace S] [--slots N] [--region R]
-        [--answer-canaries]
+        [--data-dir DIR] [--answer-canaries]
 
 The same session and signal handling as `resultity agent` (SIGTERM drains),
 without loading a model; its node token comes from RESULTITY_NODE_TOKEN, as
-`resultity agent`'s does by default.
+`resultity agent`'s does by default, and with --data-dir its key is kept there
+(the same node when started again), else it is a new node.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+from pathlib import Path
 
+from agent.identity import NodeIdentity
 from agent.main import serve
 from agent.session import SessionSettings
 from core.logging import configure_logging
@@ -30,6 +33,7 @@ def main() -> None:
     parser.add_argument("--drain-grace", type=float, default=30.0)
     parser.add_argument("--slots", type=int, default=1)
     parser.add_argument("--region", default="")
+    parser.add_argument("--data-dir", type=Path)
     # Passes a validating network's join checks and in-service canaries.
     parser.add_argument("--answer-canaries", action="store_true")
     args = parser.parse_args()
@@ -40,6 +44,11 @@ def main() -> None:
         drain_grace_s=args.drain_grace,
         node_token=os.environ.get("RESULTITY_NODE_TOKEN", ""),
         region=args.region,
+        identity=(
+            NodeIdentity.generate()
+            if args.data_dir is None
+            else NodeIdentity.load_or_create(args.data_dir)
+        ),
     )
     runtime = ScriptedRuntime(
         script=args.script,

@@ -135,8 +135,11 @@ class Customer:
 @dataclass(frozen=True)
 class Agent:
     name: str
-    # The node operator's account, credited for the node's work.
+    # The node operator's account, credited for the node's work, and its token.
     operator_id: str
+    node_token: str
+    # Where the node's key is kept: the same node when started again.
+    data_dir: Path
 
 
 @dataclass
@@ -149,10 +152,16 @@ class ScaledOut:
     processes: Processes
     # The test's own calls to the account service, to whichever replica is up.
     account_replicas: ReplicaChannels
+    # Each service process's port, by name (account-0, network-1, cloud-0, ...).
+    ports: dict[str, int]
 
     @property
     def service(self) -> tuple[tuple[str, str], ...]:
         return bearer_metadata(self.service_token)
+
+    async def restart(self, name: str) -> None:
+        """Starts a service process that ended again; returns once it listens."""
+        await wait_until_listening(self.ports[name], await self.processes.restart(name))
 
     async def create_account(self, name: str) -> str:
         accounts = self.account_replicas.stubs(account_grpc.AccountServiceStub)
@@ -223,22 +232,24 @@ class ScaledOut:
         scripted runtime answering the join checks, or with ``llama`` `resultity
         agent` running the bundled SmolLM2 (one slot, one thread)."""
         operator_id, node_token = await self.operator()
-        networks = ",".join(self.networks[index] for index in homes)
-        regions = ("--region", region) if region else ()
+        data_dir = self.processes.logs / name
+        common = (
+            "--network", ",".join(self.networks[index] for index in homes), "--name", name,
+            *(("--region", region) if region else ()), "--data-dir", str(data_dir),
+        )  # fmt: skip
         if llama:
             argv: tuple[str, ...] = (
-                *CLI, "agent", "--network", networks, "--name", name, *regions,
-                "--data-dir", str(self.processes.logs / name), "--threads", "1",
-                "--context-length", "1024", "--drain-grace", "5",
+                *CLI, "agent", *common, "--threads", "1", "--context-length", "1024",
+                "--drain-grace", "5",
             )  # fmt: skip
         else:
             argv = (
-                sys.executable, "-m", "tests.doubles.scripted_agent", "--network", networks,
-                "--name", name, *regions, "--slots", str(slots), "--answer-canaries",
-                "--token-delay", str(token_delay_s), *(("--script", script) if script else ()),
+                sys.executable, "-m", "tests.doubles.scripted_agent", *common,
+                "--slots", str(slots), "--answer-canaries", "--token-delay", str(token_delay_s),
+                *(("--script", script) if script else ()),
             )  # fmt: skip
         await self.processes.spawn(name, *argv, env={"RESULTITY_NODE_TOKEN": node_token})
-        return Agent(name, operator_id)
+        return Agent(name, operator_id, node_token, data_dir)
 
     async def nodes_of(self, network: int) -> list[admin_pb.Node]:
         """The nodes network replica ``network`` owns (their sessions are with it)."""
@@ -378,6 +389,7 @@ async def scaled_out(
             service_token,
             processes,
             account_replicas,
+            ports,
         )
     finally:
         await processes.close()

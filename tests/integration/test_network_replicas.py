@@ -1,119 +1,146 @@
-"""Two network replicas as separate processes on one PostgreSQL and one Redis: a
-configuration change made on one reaches, and is acknowledged by, an agent
-connected to the other."""
+"""Two network replicas as separate processes on one PostgreSQL and one Redis, with
+an account server resolving node tokens and agents as processes: a configuration
+change made on one replica is acknowledged by an agent connected to the other,
+and a replica killed and restarted keeps what it knew of its nodes: a quarantined
+node stays refused, the others come back with their standing, the configuration
+stays the version last stored."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import signal
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
+import pytest
 from google.protobuf import duration_pb2
+from resultity.agent.v1 import agent_service_pb2 as agent_pb
 from resultity.network.v1 import node_admin_service_pb2 as admin_pb
 from resultity.network.v1 import node_admin_service_pb2_grpc as admin_grpc
 
-from agent.session import AgentSession, SessionSettings
+from agent.identity import NodeIdentity, signed_hello
+from agent.session import AGENT_VERSION
 from core import channels
-from core.metadata import bearer_metadata
-from server.common.credentials import generate_service_token
-from tests.doubles.scripted_runtime import ScriptedRuntime
-from tests.harness import free_port
+from core.grpc_errors import error_info
+from server.network.catalog import SMOLLM2_135M
+from tests.harness import open_raw_session
+from tests.integration.scaled_out import ScaledOut, scaled_out
 
-START_TIMEOUT_S = 60.0
+pytestmark = pytest.mark.integration
 
-
-@contextlib.asynccontextmanager
-async def _replica(
-    database_url: str, redis_url: str, token: str, data_dir: Path
-) -> AsyncIterator[str]:
-    """`resultity network` in its own process; yields its address once it answers."""
-    target = f"127.0.0.1:{free_port()}"
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "server.cli",
-        "--log-level",
-        "warning",
-        "network",
-        "--listen",
-        target,
-        "--database-url",
-        database_url,
-        "--redis-url",
-        redis_url,
-        "--data-dir",
-        str(data_dir),
-        env={**os.environ, "RESULTITY_SERVICE_TOKEN": token},
-    )
-    try:
-        await _answering(target, token, process)
-        yield target
-    finally:
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(process.wait(), timeout=15)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
+# Bounds a broken test (waits poll), not the platform's latency.
+TIMEOUT_S = 120.0
 
 
-async def _answering(target: str, token: str, process: asyncio.subprocess.Process) -> None:
-    async with asyncio.timeout(START_TIMEOUT_S), channels.insecure_channel(target) as channel:
-        admin = admin_grpc.NodeAdminServiceStub(channel)
+@pytest.fixture(scope="module")
+async def platform(
+    tmp_path_factory: pytest.TempPathFactory, integration_database: str, redis_url: str
+) -> AsyncIterator[ScaledOut]:
+    logs = Path(tmp_path_factory.mktemp("network-replicas"))
+    async with scaled_out(logs, integration_database, redis_url, networks=2, replicas=0) as running:
+        yield running
+
+
+async def _ready(platform: ScaledOut, network: int, name: str) -> admin_pb.Node:
+    """The node ``name`` once it serves through replica ``network`` (joined there)."""
+    async with asyncio.timeout(TIMEOUT_S):
         while True:
-            assert process.returncode is None, "the network replica exited"
-            try:
-                await admin.GetNetworkConfig(
-                    admin_pb.GetNetworkConfigRequest(), metadata=bearer_metadata(token)
-                )
-                return
-            except grpc.aio.AioRpcError:
-                await asyncio.sleep(0.1)
+            for node in await platform.nodes_of(network):
+                if node.node_name == name and node.state == admin_pb.NODE_STATE_READY:
+                    return node
+            await asyncio.sleep(0.2)
 
 
 async def test_a_config_change_on_one_replica_is_acked_by_an_agent_on_the_other(
-    database_url: str, redis_url: str, tmp_path: Path
+    platform: ScaledOut,
 ) -> None:
-    token = generate_service_token()
-    metadata = bearer_metadata(token)
-    async with (
-        _replica(database_url, redis_url, token, tmp_path / "a") as first,
-        _replica(database_url, redis_url, token, tmp_path / "b") as second,
-    ):
-        session = AgentSession(SessionSettings(second, "far"), ScriptedRuntime())
-        agent = asyncio.create_task(session.run_forever())
-        try:
-            await session.connected.wait()
-            async with channels.insecure_channel(first) as channel:
-                admin = admin_grpc.NodeAdminServiceStub(channel)
-                get = admin_pb.GetNetworkConfigRequest()
-                config = (await admin.GetNetworkConfig(get, metadata=metadata)).config
-                config.heartbeat_interval.CopyFrom(duration_pb2.Duration(seconds=3))
-                updated = await admin.UpdateNetworkConfig(
-                    admin_pb.UpdateNetworkConfigRequest(
-                        config=config, expected_version=config.version
-                    ),
-                    metadata=metadata,
+    await platform.agent("far", homes=(1,))
+    far = await _ready(platform, 1, "far")
+    async with channels.insecure_channel(platform.networks[0]) as channel:
+        admin = admin_grpc.NodeAdminServiceStub(channel)
+        get = admin_pb.GetNetworkConfigRequest()
+        config = (await admin.GetNetworkConfig(get, metadata=platform.service)).config
+        config.heartbeat_interval.CopyFrom(duration_pb2.Duration(seconds=3))
+        updated = await admin.UpdateNetworkConfig(
+            admin_pb.UpdateNetworkConfigRequest(config=config, expected_version=config.version),
+            metadata=platform.service,
+        )
+        version = updated.config.version
+        # Pushed by the second replica, acknowledged there, listed by the first.
+        async with asyncio.timeout(TIMEOUT_S):
+            while True:
+                listed = await admin.ListConfigAcks(
+                    admin_pb.ListConfigAcksRequest(version=version), metadata=platform.service
                 )
-                version = updated.config.version
-                # Pushed by the second replica, acknowledged there, listed by the first.
-                async with asyncio.timeout(10):
-                    while True:
-                        listed = await admin.ListConfigAcks(
-                            admin_pb.ListConfigAcksRequest(version=version), metadata=metadata
-                        )
-                        if listed.acks:
-                            break
-                        await asyncio.sleep(0.05)
-            assert [ack.node_id for ack in listed.acks] == [session.node_id]
-            assert session.heartbeat_interval_s == 3.0
-        finally:
-            agent.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await agent
+                if listed.acks:
+                    break
+                await asyncio.sleep(0.05)
+    assert [ack.node_id for ack in listed.acks] == [far.node_id]
+    [node] = [n for n in await platform.nodes_of(1) if n.node_name == "far"]
+    assert node.config_version == version
+
+
+async def test_a_restarted_replica_keeps_a_quarantine_standings_and_its_configuration(
+    platform: ScaledOut,
+) -> None:
+    held = await platform.agent("held", homes=(0,))
+    await platform.agent("steady", homes=(0,))
+    held_node = await _ready(platform, 0, "held")
+    steady = await _ready(platform, 0, "steady")
+    assert steady.verified
+    async with channels.insecure_channel(platform.networks[0]) as channel:
+        admin = admin_grpc.NodeAdminServiceStub(channel)
+        await admin.QuarantineNode(
+            admin_pb.QuarantineNodeRequest(node_id=held_node.node_id, reason="under review"),
+            metadata=platform.service,
+        )
+        config = (
+            await admin.GetNetworkConfig(
+                admin_pb.GetNetworkConfigRequest(), metadata=platform.service
+            )
+        ).config
+    await platform.processes.kill("held")
+
+    await platform.processes.kill("network-0")
+    await platform.restart("network-0")
+
+    # The steady node reconnects to the restarted replica as it was.
+    back = await _ready(platform, 0, "steady")
+    assert back.node_id == steady.node_id
+    assert (back.reputation, back.verified, back.operator_account_id, back.quarantine_reason) == (
+        steady.reputation,
+        steady.verified,
+        steady.operator_account_id,
+        "",
+    )
+    assert back.config_version == config.version
+    async with channels.insecure_channel(platform.networks[0]) as channel:
+        stored = (
+            await admin_grpc.NodeAdminServiceStub(channel).GetNetworkConfig(
+                admin_pb.GetNetworkConfigRequest(), metadata=platform.service
+            )
+        ).config
+    assert stored == config
+
+    # The quarantined node is refused at hello, by the restarted replica and the other.
+    identity = NodeIdentity.load_or_create(held.data_dir)
+    hello = agent_pb.Hello(
+        node_name="held",
+        agent_version=AGENT_VERSION,
+        models=[
+            agent_pb.ServedModel(model=SMOLLM2_135M.id, runtime="scripted", context_length=2048)
+        ],
+        max_concurrent_jobs=1,
+    )
+    for target in platform.networks:
+        _, responses, refused = await open_raw_session(
+            target,
+            lambda challenge: [signed_hello(identity, hello, challenge, held.node_token)],
+        )
+        assert responses == []
+        assert refused is not None
+        assert refused.code() == grpc.StatusCode.FAILED_PRECONDITION
+        info = error_info(refused)
+        assert info is not None
+        assert info.reason == "NODE_QUARANTINED"
+        assert "under review" in (refused.details() or "")
