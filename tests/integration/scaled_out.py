@@ -329,10 +329,12 @@ async def scaled_out(
     replicas: int = 2,
     amqp_url: str | None = None,
     env: Mapping[str, str] | None = None,
+    cloud_networks: Sequence[int] | None = None,
 ) -> AsyncIterator[ScaledOut]:
     """``accounts`` account and ``networks`` network replicas, ``replicas`` cloud
     replicas and as many gateways; ``env`` adds to every process's environment (e.g.
-    RESULTITY_CLOUD_INFLIGHT_* settings). No agent: the test starts its own."""
+    RESULTITY_CLOUD_INFLIGHT_* settings); ``cloud_networks``: the network replicas
+    (indexes) the cloud replicas call, unset all. No agent: the test starts its own."""
     service_token = generate_service_token()
     processes = Processes(logs, _environment(service_token, redis_url, env))
     queue = ("--amqp-url", amqp_url) if amqp_url else ()
@@ -352,6 +354,7 @@ async def scaled_out(
         return [f"127.0.0.1:{port}" for name, port in ports.items() if name.startswith(kind)]
 
     account_list, network_list = addresses("account"), addresses("network")
+    called = network_list if cloud_networks is None else [network_list[i] for i in cloud_networks]
     await _forget_presence(redis_url)
     account_replicas = ReplicaChannels(",".join(account_list))
     try:
@@ -369,11 +372,11 @@ async def scaled_out(
                     *data_dir,
                 )  # fmt: skip
             elif kind == "cloud":
-                turn = int(index) % len(network_list)
+                turn = int(index) % len(called)
                 await processes.spawn(
                     name, *CLI, "cloud", "--listen", listen,
                     "--account", ",".join(account_list),
-                    "--network", ",".join(network_list[turn:] + network_list[:turn]),
+                    "--network", ",".join(called[turn:] + called[:turn]),
                     *stores, *data_dir,
                 )  # fmt: skip
             else:
