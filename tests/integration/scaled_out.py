@@ -131,6 +131,11 @@ class Customer:
     def headers(self) -> dict[str, str]:
         return {"authorization": f"Bearer {self.api_key}"}
 
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """The key as gRPC calls to cloud present it."""
+        return bearer_metadata(self.api_key)
+
 
 @dataclass(frozen=True)
 class Agent:
