@@ -1,6 +1,7 @@
 """The platform scaled out on this machine, every service its own OS process:
 account and network replicas, cloud replicas each calling every account replica
-and every network replica (each starting the turn at another one), a gateway per
+and every network replica, or those the test names (each cloud replica starting
+the turn at another one), a gateway per
 cloud replica (gateway i calls cloud i), and the agents a test starts, homed on
 the network replicas it chooses: scripted, or `resultity agent` running the
 bundled SmolLM2. The network replicas resolve the agents' node tokens through the
