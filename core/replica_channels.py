@@ -129,7 +129,10 @@ class ReplicatedStub(Generic[S]):
                     yield response
                 return
             except grpc.aio.AioRpcError as error:
-                if answered or not unreachable(error):
+                if answered:
+                    raise
+                if not unreachable(error):
+                    self._replicas.answered(index)
                     raise
                 self._replicas.unreachable(index, error)
                 if index == order[-1]:
