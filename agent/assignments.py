@@ -6,7 +6,13 @@ from agent.runtime.base import GenerationRequest
 from core.agent_messages import AssignCommand
 from core.errors import InvalidArgument
 from core.inference import GenerationSpec, ResponseFormatType
-from core.request_limits import check_messages, check_prompt_bytes, parse_json_schema
+from core.request_limits import (
+    check_messages,
+    check_prompt_bytes,
+    check_tool_sampling,
+    check_tool_use,
+    parse_json_schema,
+)
 
 
 def check_bounds(spec: GenerationSpec) -> None:
@@ -15,7 +21,13 @@ def check_bounds(spec: GenerationSpec) -> None:
     if spec.prompt is not None:
         check_prompt_bytes(len(spec.prompt.encode()), "prompt")
     else:
-        check_messages([m.content for m in spec.messages], spec.max_prompt_tokens)
+        tools = spec.tool_use.tools if spec.tool_use is not None else ()
+        check_messages(spec.messages, spec.max_prompt_tokens, tools=tools)
+    if spec.tool_use is not None:
+        if spec.prompt is not None or spec.embed:
+            raise InvalidArgument("tools are offered in chat jobs only", field="tools")
+        check_tool_use(spec.tool_use)
+        check_tool_sampling(spec.sampling)
     response_format = spec.sampling.response_format
     if response_format is not None and response_format.type is ResponseFormatType.JSON_SCHEMA:
         parse_json_schema(response_format.json_schema)
@@ -42,4 +54,5 @@ def generation_request(assign: AssignCommand) -> GenerationRequest:
         continuation=assign.continuation,
         prompt=spec.prompt,
         embed=spec.embed,
+        tool_use=spec.tool_use,
     )

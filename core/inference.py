@@ -11,18 +11,64 @@ class ChatRole(StrEnum):
     SYSTEM = "system"
     USER = "user"
     ASSISTANT = "assistant"
+    # Rendered as a system message by templates that have no developer role.
+    DEVELOPER = "developer"
+    TOOL = "tool"
 
 
 class FinishReason(StrEnum):
     STOP = "stop"  # end-of-generation token or a stop sequence
     LENGTH = "length"  # max_tokens or the context window
     CANCELLED = "cancelled"
+    TOOL_CALLS = "tool_calls"  # the model called tools (cloud's verdict; nodes say STOP)
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """A call of a function tool; ``arguments`` is JSON text."""
+
+    id: str
+    name: str
+    arguments: str
 
 
 @dataclass(frozen=True, slots=True)
 class ChatMessage:
     role: ChatRole
     content: str
+    # An assistant message's tool calls.
+    tool_calls: tuple[ToolCall, ...] = ()
+    # A tool message: the call it answers ("" for a legacy function result).
+    tool_call_id: str = ""
+    # The author's name, or a tool result's function; "" for none.
+    name: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class FunctionTool:
+    name: str
+    description: str = ""
+    # The arguments' JSON Schema as JSON text; "" takes no arguments.
+    parameters: str = ""
+
+
+class ToolChoiceMode(StrEnum):
+    NONE = "none"  # answer in text; tools not offered
+    AUTO = "auto"  # text or calls, as the model chooses
+    REQUIRED = "required"  # one or more calls
+    FUNCTION = "function"  # exactly one call of ToolUse.function
+
+
+@dataclass(frozen=True, slots=True)
+class ToolUse:
+    """The functions a job's model may call, and how."""
+
+    tools: tuple[FunctionTool, ...]
+    mode: ToolChoiceMode = ToolChoiceMode.AUTO
+    # With FUNCTION: the function to call.
+    function: str = ""
+    # AUTO and REQUIRED: several calls in one turn allowed (else exactly one).
+    parallel_calls: bool = True
 
 
 class ResponseFormatType(StrEnum):
@@ -99,6 +145,8 @@ class GenerationSpec:
     prompt: str | None = None
     # An embedding job: the node returns the embedding of ``prompt`` instead.
     embed: bool = False
+    # Functions the model may call; None: none offered.
+    tool_use: ToolUse | None = None
 
 
 @dataclass(frozen=True, slots=True)

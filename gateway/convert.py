@@ -18,8 +18,18 @@ from gateway import schemas
 
 _ROLES: dict[str, inference_pb2.ChatRole.ValueType] = {
     "system": inference_pb2.CHAT_ROLE_SYSTEM,
+    "developer": inference_pb2.CHAT_ROLE_DEVELOPER,
     "user": inference_pb2.CHAT_ROLE_USER,
     "assistant": inference_pb2.CHAT_ROLE_ASSISTANT,
+    "tool": inference_pb2.CHAT_ROLE_TOOL,
+    # A legacy function result is a tool result that names its function.
+    "function": inference_pb2.CHAT_ROLE_TOOL,
+}
+_TOOL_CHOICES: dict[str, inference_pb2.ToolChoiceMode.ValueType] = {
+    "none": inference_pb2.TOOL_CHOICE_MODE_NONE,
+    "auto": inference_pb2.TOOL_CHOICE_MODE_AUTO,
+    "required": inference_pb2.TOOL_CHOICE_MODE_REQUIRED,
+    "function": inference_pb2.TOOL_CHOICE_MODE_FUNCTION,
 }
 
 # A cancelled job ended because the caller stopped it; OpenAI has no such reason and
@@ -28,6 +38,7 @@ _FINISH_REASONS: dict[inference_pb2.FinishReason.ValueType, schemas.FinishReason
     inference_pb2.FINISH_REASON_STOP: "stop",
     inference_pb2.FINISH_REASON_LENGTH: "length",
     inference_pb2.FINISH_REASON_CANCELLED: "stop",
+    inference_pb2.FINISH_REASON_TOOL_CALLS: "tool_calls",
 }
 
 
@@ -52,13 +63,49 @@ def _response_format(
     )
 
 
+def _message(message: schemas.ChatMessage) -> inference_pb2.ChatMessage:
+    calls = [
+        inference_pb2.ToolCall(
+            id=call.id, name=call.function.name, arguments=call.function.arguments
+        )
+        for call in message.tool_calls or ()
+    ]
+    if message.function_call is not None:
+        # The legacy form of one call, which had no id.
+        legacy = message.function_call
+        calls.append(inference_pb2.ToolCall(name=legacy.name, arguments=legacy.arguments))
+    return inference_pb2.ChatMessage(
+        role=_ROLES[message.role],
+        content=message.text,
+        tool_calls=calls,
+        tool_call_id=message.tool_call_id or "",
+        name=message.name or "",
+    )
+
+
+def _tool(tool: schemas.Tool) -> inference_pb2.FunctionTool:
+    function = tool.function
+    return inference_pb2.FunctionTool(
+        name=function.name,
+        description=function.description or "",
+        parameters="" if function.parameters is None else json.dumps(function.parameters),
+    )
+
+
+def _tool_choice(choice: schemas.ToolChoice | None) -> inference_pb2.ToolChoice | None:
+    if choice is None:
+        return None
+    name = choice.function.name if choice.function is not None else ""
+    return inference_pb2.ToolChoice(mode=_TOOL_CHOICES[choice.type], function_name=name)
+
+
 def params_from_request(request: schemas.ChatCompletionRequest) -> pb.ChatCompletionParams:
     return pb.ChatCompletionParams(
         model=request.model,
-        messages=[
-            inference_pb2.ChatMessage(role=_ROLES[message.role], content=message.text)
-            for message in request.messages
-        ],
+        messages=[_message(message) for message in request.messages],
+        tools=[_tool(tool) for tool in request.tools or ()],
+        tool_choice=_tool_choice(request.tool_choice),
+        parallel_tool_calls=request.parallel_tool_calls,
         max_tokens=request.effective_max_tokens,
         temperature=request.temperature,
         top_p=request.top_p,
@@ -122,7 +169,7 @@ def chat_completion_from_proto(
         choices=[
             schemas.Choice(
                 index=choice.index,
-                message=schemas.AssistantMessage(content=choice.message.content),
+                message=_assistant_message(choice.message),
                 logprobs=_logprobs(choice.logprobs, logprobs),
                 # A finished completion always has a reason; OpenAI's schema requires one.
                 finish_reason=finish_reason(choice.finish_reason) or "stop",
@@ -133,10 +180,39 @@ def chat_completion_from_proto(
     )
 
 
+def _assistant_message(message: inference_pb2.ChatMessage) -> schemas.AssistantMessage:
+    calls = [
+        schemas.ToolCall(
+            id=call.id, function=schemas.FunctionCall(name=call.name, arguments=call.arguments)
+        )
+        for call in message.tool_calls
+    ]
+    if not calls:
+        return schemas.AssistantMessage(content=message.content)
+    # A reply of calls alone has no content, as OpenAI's.
+    return schemas.AssistantMessage(content=message.content or None, tool_calls=calls)
+
+
+def _tool_call_chunk(call: pb.ToolCallDelta) -> schemas.ToolCallChunk:
+    if call.id:
+        # A call's first piece: OpenAI sends its id, type and name with empty arguments.
+        return schemas.ToolCallChunk(
+            index=call.index,
+            id=call.id,
+            type="function",
+            function=schemas.FunctionDelta(name=call.name, arguments=call.arguments),
+        )
+    return schemas.ToolCallChunk(
+        index=call.index, function=schemas.FunctionDelta(arguments=call.arguments)
+    )
+
+
 def _delta(delta: pb.ChatCompletionDelta) -> schemas.Delta:
     if delta.role != inference_pb2.CHAT_ROLE_UNSPECIFIED:
         # The opening delta: OpenAI sends the role with empty content.
         return schemas.Delta(role="assistant", content=delta.content)
+    if delta.tool_calls:
+        return schemas.Delta(tool_calls=[_tool_call_chunk(call) for call in delta.tool_calls])
     return schemas.Delta(content=delta.content or None)
 
 

@@ -19,6 +19,7 @@ from pydantic import (
     ValidationInfo,
     field_serializer,
     field_validator,
+    model_serializer,
 )
 from pydantic.json_schema import SkipJsonSchema
 
@@ -32,6 +33,9 @@ MAX_CHOICES = 8
 MAX_EMBEDDING_INPUTS = 64
 MAX_MODEL_LENGTH = 256
 MAX_USER_LENGTH = 256
+MAX_TOOLS = 128
+MAX_NAME_LENGTH = 256
+MAX_TOOL_CALL_ID_LENGTH = 256
 
 ModelName = Annotated[str, Field(min_length=1, max_length=MAX_MODEL_LENGTH)]
 User = Annotated[str, Field(max_length=MAX_USER_LENGTH)]
@@ -40,7 +44,8 @@ StopSequences = Annotated[
     Field(max_length=MAX_STOP_SEQUENCES),
 ]
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
+FunctionName = Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
 
 
 def _str_as_list(value: object) -> object:
@@ -76,14 +81,130 @@ class TextPart(_Request):
     text: str
 
 
+class FunctionCallParam(_Request):
+    name: FunctionName
+    # JSON text, as the model wrote it.
+    arguments: str
+
+
+class ToolCallParam(_Request):
+    id: str = Field(min_length=1, max_length=MAX_TOOL_CALL_ID_LENGTH)
+    type: Literal["function"]
+    function: FunctionCallParam
+
+
+Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
+# Roles whose messages must have content (an assistant's may be calls only, a legacy
+# function result's may be null).
+_CONTENT_REQUIRED: frozenset[str] = frozenset({"system", "developer", "user", "tool"})
+
+
+def _only_for(role: str, field: str, value: object, info: ValidationInfo) -> None:
+    if value is not None and info.data.get("role") != role:
+        raise ValueError(f"only {role} messages have {field}")
+
+
 class ChatMessage(_Request):
-    role: Literal["system", "user", "assistant"]
-    content: Annotated[list[TextPart], BeforeValidator(_str_as_text_parts)]
+    """One message of any role; the fields a role does not have are refused, those it
+    needs required. Validated in field order: role first."""
+
+    role: Role
+    # Assistant: the calls it made (legacy: one function_call).
+    tool_calls: list[ToolCallParam] | None = None
+    function_call: FunctionCallParam | None = None
+    # Tool: the call it answers.
+    tool_call_id: str | None = Field(
+        default=None, min_length=1, max_length=MAX_TOOL_CALL_ID_LENGTH, validate_default=True
+    )
+    # A participant's name; a legacy function result's function.
+    name: str | None = Field(
+        default=None, min_length=1, max_length=MAX_NAME_LENGTH, validate_default=True
+    )
+    content: Annotated[list[TextPart] | None, BeforeValidator(_str_as_text_parts)] = Field(
+        default=None, validate_default=True
+    )
+    refusal: Unserved = None
+    audio: Unserved = None
+
+    @field_validator("tool_calls", "function_call")
+    @classmethod
+    def _assistant_calls(cls, value: object, info: ValidationInfo) -> object:
+        _only_for("assistant", str(info.field_name), value, info)
+        return value
+
+    @field_validator("tool_call_id")
+    @classmethod
+    def _answers_a_call(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None and info.data.get("role") == "tool":
+            raise ValueError("tool messages need the tool_call_id they answer")
+        _only_for("tool", "tool_call_id", value, info)
+        return value
+
+    @field_validator("name")
+    @classmethod
+    def _function_named(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None and info.data.get("role") == "function":
+            raise ValueError("function messages need the name of their function")
+        return value
+
+    @field_validator("content")
+    @classmethod
+    def _content_of_role(
+        cls, value: list[TextPart] | None, info: ValidationInfo
+    ) -> list[TextPart] | None:
+        role = info.data.get("role")
+        calls = info.data.get("tool_calls") or info.data.get("function_call")
+        if value is None and (role in _CONTENT_REQUIRED or (role == "assistant" and not calls)):
+            raise ValueError("content is required")
+        return value
 
     @property
     def text(self) -> str:
         # Separate parts stay separate for the model, as most OpenAI-compatible servers do.
-        return "\n".join(part.text for part in self.content)
+        return "\n".join(part.text for part in self.content or ())
+
+
+class FunctionDefinition(_Request):
+    name: FunctionName
+    description: str | None = None
+    # The arguments' JSON Schema (an object schema); absent: no arguments.
+    parameters: dict[str, object] | None = None
+    # Calls always follow the schema (they are generated under its grammar).
+    strict: StrictBool | None = None
+
+
+class Tool(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Request):
+    name: FunctionName
+
+
+_TOOL_CHOICE_MODES = ("none", "auto", "required")
+
+
+def _tool_choice_object(value: object) -> object:
+    """tool_choice is a mode's name or a named function: one shape, so that an error
+    names the field rather than a member of a union."""
+    if isinstance(value, str):
+        if value not in _TOOL_CHOICE_MODES:
+            raise ValueError("must be 'none', 'auto', 'required' or a named function")
+        return {"type": value}
+    return value
+
+
+class ToolChoice(_Request):
+    type: Literal["none", "auto", "required", "function"]
+    function: NamedFunction | None = Field(default=None, validate_default=True)
+
+    @field_validator("function")
+    @classmethod
+    def _named(cls, value: NamedFunction | None, info: ValidationInfo) -> NamedFunction | None:
+        if info.data.get("type") == "function" and value is None:
+            raise ValueError("a function tool choice names the function")
+        return value
 
 
 class StreamOptions(_Request):
@@ -130,9 +251,13 @@ class ChatCompletionRequest(_Request):
     logprobs: StrictBool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_choice: Annotated[ToolChoice | None, BeforeValidator(_tool_choice_object)] = None
+    parallel_tool_calls: StrictBool | None = None
     logit_bias: Unserved = None
-    tools: Unserved = None
+    # The legacy form of tools: refused (not translated), callers use tools instead.
     functions: Unserved = None
+    function_call: Unserved = None
     audio: Unserved = None
     prediction: Unserved = None
 
@@ -236,9 +361,29 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    # None when the model only called tools.
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_no_calls(self, handler: SerializerFunctionWrapHandler) -> object:
+        dumped = handler(self)
+        if isinstance(dumped, dict) and dumped.get("tool_calls") is None:
+            dumped.pop("tool_calls", None)
+        return dumped
 
 
 class TopLogprob(BaseModel):
@@ -275,9 +420,34 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
+class FunctionDelta(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallChunk(BaseModel):
+    """A piece of a streamed tool call: its first has id, type and name (arguments
+    empty), the next ones only pieces of the arguments."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionDelta
+
+    @model_serializer(mode="wrap")
+    def _omit_absent(self, handler: SerializerFunctionWrapHandler) -> object:
+        dumped = handler(self)
+        if not isinstance(dumped, dict):
+            return dumped
+        function = {key: value for key, value in dumped["function"].items() if value is not None}
+        present = {key: value for key, value in dumped.items() if value is not None}
+        return {**present, "function": function}
+
+
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallChunk] | None = None
 
 
 class ChunkChoice(BaseModel):

@@ -62,8 +62,10 @@ from agent.runtime.base import (
     UnknownModel,
 )
 from agent.runtime.channel import GenerationChannel
+from agent.runtime.chat_prompt import template_inputs
 from agent.runtime.sampling import Grammar, grammar_for, sample_tokens
 from agent.runtime.text_stream import TextStream
+from agent.runtime.tool_grammar import tool_grammar
 from core.inference import (
     Continuation,
     FinishReason,
@@ -110,7 +112,7 @@ class LlamaCppRuntime:
         first = self._llamas[0]
         self._context_length: int = first.n_ctx()
         self._vocab = _Vocab(first)
-        self._template = _chat_formatter(first, self._vocab)
+        self._template, self._template_source = _chat_formatter(first, self._vocab)
         self._free: asyncio.Queue[llama_cpp.Llama] = asyncio.Queue()
         for llama in self._llamas:
             self._free.put_nowait(llama)
@@ -163,7 +165,7 @@ class LlamaCppRuntime:
                 yield event
             return
         prompt, prefix, stream = await asyncio.to_thread(self._prepare, request)
-        grammar = await asyncio.to_thread(grammar_for, request.sampling)
+        grammar = await asyncio.to_thread(_grammar, request)
         budget = max(
             0, min(request.sampling.max_tokens, self._context_length - len(prompt) - len(prefix))
         )
@@ -297,11 +299,9 @@ class LlamaCppRuntime:
         if request.prompt is not None:
             text = request.prompt
         else:
-            messages: list[Any] = [
-                {"role": m.role.value, "content": m.content} for m in request.messages
-            ]
+            inputs = template_inputs(request.messages, request.tool_use, self._template_source)
             try:
-                text = self._template(messages=messages).prompt
+                text = self._template(**inputs).prompt
             except Exception as exc:
                 # Chat templates are model-supplied Jinja; they reject input by raising.
                 raise GenerationError(f"chat template rejected the messages: {exc}") from exc
@@ -315,6 +315,14 @@ class LlamaCppRuntime:
                 f"prompt has {len(tokens)} tokens, context window is {self._context_length}"
             )
         return tokens
+
+
+def _grammar(request: GenerationRequest) -> Grammar | None:
+    """The grammar of the tool calls, or of the response format (cloud offers tools
+    only without one)."""
+    if request.tool_use is not None:
+        return tool_grammar(request.tool_use)
+    return grammar_for(request.sampling)
 
 
 def _generate(
@@ -430,16 +438,18 @@ class _Vocab:
         return bytes(llama_lib.llama_vocab_get_text(self._ptr, token)).decode()
 
 
-def _chat_formatter(llama: llama_cpp.Llama, vocab: _Vocab) -> Jinja2ChatFormatter:
+def _chat_formatter(llama: llama_cpp.Llama, vocab: _Vocab) -> tuple[Jinja2ChatFormatter, str]:
+    """The model's chat template, and its source (what it knows: tools, roles)."""
     template = llama.metadata.get("tokenizer.chat_template")
     if not template:
         raise ValueError("the GGUF has no tokenizer.chat_template")
-    return Jinja2ChatFormatter(
+    formatter = Jinja2ChatFormatter(
         template=template,
         eos_token=vocab.text(llama.token_eos()),
         bos_token=vocab.text(llama.token_bos()),
         add_generation_prompt=True,
     )
+    return formatter, str(template)
 
 
 def _embed(llama: llama_cpp.Llama, text: str) -> tuple[tuple[float, ...], int]:

@@ -15,7 +15,9 @@ a seeded draw (top-k, typical and min-p neutral).
 
 from __future__ import annotations
 
+import ctypes
 import random
+import re
 from collections.abc import Generator
 from dataclasses import dataclass
 
@@ -36,9 +38,13 @@ _GRAMMAR_ROOT = b"root"
 
 @dataclass(frozen=True, slots=True)
 class Grammar:
-    """A GBNF grammar the output must follow."""
+    """A GBNF grammar the output must follow; with a ``trigger``, lazily: only from
+    where the output first contains that text (the text included)."""
 
     text: str
+    trigger: str = ""
+    # The request field the grammar comes from, named when it does not compile.
+    param: str = SCHEMA_FIELD
 
 
 def grammar_for(sampling: Sampling) -> Grammar | None:
@@ -77,16 +83,14 @@ class SamplerChain:
             )
         )
         if grammar is not None:
-            vocab = llama_lib.llama_model_get_vocab(llama.model)
-            compiled = llama_lib.llama_sampler_init_grammar(
-                vocab, grammar.text.encode(), _GRAMMAR_ROOT
-            )
+            compiled = _compile(llama, grammar)
             if not compiled:
                 self.close()
                 # Bounded schemas compile (core/request_limits.py); what still fails is
                 # a construct llama.cpp's grammar does not take: the caller's to fix.
                 raise InvalidRequest(
-                    "the response format's grammar could not be compiled", SCHEMA_FIELD
+                    f"the grammar built from {grammar.param} could not be compiled",
+                    grammar.param,
                 )
             self._add(compiled)
         if temperature <= 0.0:
@@ -111,6 +115,20 @@ class SamplerChain:
         if self._chain is not None:
             llama_lib.llama_sampler_free(self._chain)
             self._chain = None
+
+
+def _compile(llama: llama_cpp.Llama, grammar: Grammar) -> llama_lib.llama_sampler_p:
+    vocab = llama_lib.llama_model_get_vocab(llama.model)
+    compiled: llama_lib.llama_sampler_p
+    if not grammar.trigger:
+        compiled = llama_lib.llama_sampler_init_grammar(vocab, grammar.text.encode(), _GRAMMAR_ROOT)
+    else:
+        # A trigger is a regular expression to llama.cpp; the text is matched literally.
+        patterns = (ctypes.c_char_p * 1)(re.escape(grammar.trigger).encode())
+        compiled = llama_lib.llama_sampler_init_grammar_lazy_patterns(
+            vocab, grammar.text.encode(), _GRAMMAR_ROOT, patterns, 1, None, 0
+        )
+    return compiled
 
 
 def sample_tokens(

@@ -12,11 +12,15 @@ from core.inference import (
     ChatMessage,
     ChatRole,
     FinishReason,
+    FunctionTool,
     GenerationSpec,
     ResponseFormat,
     ResponseFormatType,
     Sampling,
     TokenLogprob,
+    ToolCall,
+    ToolChoiceMode,
+    ToolUse,
     TopLogprob,
     Usage,
 )
@@ -25,12 +29,15 @@ _ROLE_TO_PB = {
     ChatRole.SYSTEM: pb.CHAT_ROLE_SYSTEM,
     ChatRole.USER: pb.CHAT_ROLE_USER,
     ChatRole.ASSISTANT: pb.CHAT_ROLE_ASSISTANT,
+    ChatRole.DEVELOPER: pb.CHAT_ROLE_DEVELOPER,
+    ChatRole.TOOL: pb.CHAT_ROLE_TOOL,
 }
 _ROLE_FROM_PB = {value: key for key, value in _ROLE_TO_PB.items()}
 _FINISH_TO_PB = {
     FinishReason.STOP: pb.FINISH_REASON_STOP,
     FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
     FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
+    FinishReason.TOOL_CALLS: pb.FINISH_REASON_TOOL_CALLS,
 }
 _FINISH_FROM_PB = {value: key for key, value in _FINISH_TO_PB.items()}
 _FORMAT_TO_PB = {
@@ -39,6 +46,13 @@ _FORMAT_TO_PB = {
     ResponseFormatType.JSON_SCHEMA: pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA,
 }
 _FORMAT_FROM_PB = {value: key for key, value in _FORMAT_TO_PB.items()}
+_TOOL_CHOICE_TO_PB = {
+    ToolChoiceMode.NONE: pb.TOOL_CHOICE_MODE_NONE,
+    ToolChoiceMode.AUTO: pb.TOOL_CHOICE_MODE_AUTO,
+    ToolChoiceMode.REQUIRED: pb.TOOL_CHOICE_MODE_REQUIRED,
+    ToolChoiceMode.FUNCTION: pb.TOOL_CHOICE_MODE_FUNCTION,
+}
+_TOOL_CHOICE_FROM_PB = {value: key for key, value in _TOOL_CHOICE_TO_PB.items()}
 
 
 def role_to_pb(role: ChatRole) -> pb.ChatRole.ValueType:
@@ -53,12 +67,81 @@ def messages_from_pb(
         role = _ROLE_FROM_PB.get(message.role)
         if role is None:
             raise InvalidArgument("message role must be set", field=f"{field}.{index}.role")
-        converted.append(ChatMessage(role, message.content))
+        converted.append(
+            ChatMessage(
+                role,
+                message.content,
+                tool_calls_from_pb(message.tool_calls),
+                message.tool_call_id,
+                message.name,
+            )
+        )
     return tuple(converted)
 
 
+def message_to_pb(message: ChatMessage) -> pb.ChatMessage:
+    return pb.ChatMessage(
+        role=_ROLE_TO_PB[message.role],
+        content=message.content,
+        tool_calls=tool_calls_to_pb(message.tool_calls),
+        tool_call_id=message.tool_call_id,
+        name=message.name,
+    )
+
+
 def messages_to_pb(messages: tuple[ChatMessage, ...]) -> list[pb.ChatMessage]:
-    return [pb.ChatMessage(role=_ROLE_TO_PB[m.role], content=m.content) for m in messages]
+    return [message_to_pb(message) for message in messages]
+
+
+def tool_calls_to_pb(calls: tuple[ToolCall, ...]) -> list[pb.ToolCall]:
+    return [pb.ToolCall(id=call.id, name=call.name, arguments=call.arguments) for call in calls]
+
+
+def tool_calls_from_pb(calls: Iterable[pb.ToolCall]) -> tuple[ToolCall, ...]:
+    return tuple(ToolCall(call.id, call.name, call.arguments) for call in calls)
+
+
+def tools_to_pb(tools: tuple[FunctionTool, ...]) -> list[pb.FunctionTool]:
+    return [
+        pb.FunctionTool(name=tool.name, description=tool.description, parameters=tool.parameters)
+        for tool in tools
+    ]
+
+
+def tools_from_pb(tools: Iterable[pb.FunctionTool]) -> tuple[FunctionTool, ...]:
+    return tuple(FunctionTool(tool.name, tool.description, tool.parameters) for tool in tools)
+
+
+def tool_choice_to_pb(mode: ToolChoiceMode, function: str = "") -> pb.ToolChoice:
+    return pb.ToolChoice(mode=_TOOL_CHOICE_TO_PB[mode], function_name=function)
+
+
+def tool_choice_from_pb(choice: pb.ToolChoice) -> ToolChoiceMode | None:
+    """None when unset (the caller's default applies)."""
+    return _TOOL_CHOICE_FROM_PB.get(choice.mode)
+
+
+def tool_use_to_pb(tool_use: ToolUse | None) -> pb.ToolUse | None:
+    if tool_use is None:
+        return None
+    return pb.ToolUse(
+        tools=tools_to_pb(tool_use.tools),
+        choice=tool_choice_to_pb(tool_use.mode, tool_use.function),
+        parallel_calls=tool_use.parallel_calls,
+    )
+
+
+def tool_use_from_pb(tool_use: pb.ToolUse) -> ToolUse | None:
+    """None for no tools, or tools offered with mode NONE."""
+    mode = tool_choice_from_pb(tool_use.choice) or ToolChoiceMode.AUTO
+    if not tool_use.tools or mode is ToolChoiceMode.NONE:
+        return None
+    return ToolUse(
+        tools_from_pb(tool_use.tools),
+        mode,
+        tool_use.choice.function_name,
+        tool_use.parallel_calls,
+    )
 
 
 def finish_reason_to_pb(reason: FinishReason) -> pb.FinishReason.ValueType:
@@ -108,6 +191,7 @@ def spec_to_pb(spec: GenerationSpec) -> pb.GenerationSpec:
         max_prompt_tokens=spec.max_prompt_tokens,
         prompt=spec.prompt,
         embed=spec.embed,
+        tool_use=tool_use_to_pb(spec.tool_use),
     )
 
 
@@ -135,6 +219,7 @@ def spec_from_pb(spec: pb.GenerationSpec) -> GenerationSpec:
         max_prompt_tokens=spec.max_prompt_tokens,
         prompt=spec.prompt if spec.HasField("prompt") else None,
         embed=spec.embed,
+        tool_use=tool_use_from_pb(spec.tool_use),
     )
 
 

@@ -14,6 +14,9 @@ from core.convert.generation import (
     messages_from_pb,
     response_format_from_pb,
     role_to_pb,
+    tool_calls_to_pb,
+    tool_choice_from_pb,
+    tools_from_pb,
     usage_to_pb,
 )
 from core.inference import CatalogModel, ChatRole
@@ -28,6 +31,7 @@ from server.cloud.requests import (
     ContentDelta,
     Embeddings,
     TextRequest,
+    ToolCallDelta,
 )
 from server.common.transport import timestamp_to_pb
 
@@ -69,6 +73,12 @@ def chat_request_from_pb(params: pb.ChatCompletionParams) -> ChatRequest:
     return ChatRequest(
         messages=messages_from_pb(list(params.messages)),
         response_format=response_format_from_pb(params.response_format),
+        tools=tools_from_pb(params.tools),
+        tool_choice=tool_choice_from_pb(params.tool_choice),
+        tool_choice_function=params.tool_choice.function_name,
+        parallel_tool_calls=(
+            params.parallel_tool_calls if params.HasField("parallel_tool_calls") else None
+        ),
         **_generation_fields(params),
     )
 
@@ -106,7 +116,9 @@ def chat_completion_to_pb(completion: ChatCompletion) -> pb.CreateChatCompletion
             pb.ChatCompletionChoice(
                 index=choice.index,
                 message=common_pb.ChatMessage(
-                    role=role_to_pb(ChatRole.ASSISTANT), content=choice.content
+                    role=role_to_pb(ChatRole.ASSISTANT),
+                    content=choice.content,
+                    tool_calls=tool_calls_to_pb(choice.tool_calls),
                 ),
                 finish_reason=finish_reason_to_pb(choice.finish_reason),
                 logprobs=logprobs_to_pb(choice.logprobs),
@@ -144,6 +156,11 @@ def chat_chunk_to_pb(
         delta = pb.ChatCompletionDelta(
             index=event.index, content=event.text, logprobs=logprobs_to_pb(event.logprobs)
         )
+    elif isinstance(event, ToolCallDelta):
+        call = pb.ToolCallDelta(
+            index=event.call_index, id=event.id, name=event.name, arguments=event.arguments
+        )
+        delta = pb.ChatCompletionDelta(index=event.index, tool_calls=[call])
     elif isinstance(event, ChoiceStarted):
         delta = pb.ChatCompletionDelta(index=event.index, role=role_to_pb(ChatRole.ASSISTANT))
     elif isinstance(event, ChoiceFinished):

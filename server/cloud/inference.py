@@ -31,6 +31,7 @@ from core.inference import (
     NodeUsage,
     Sampling,
     TokenLogprob,
+    ToolCall,
     Usage,
 )
 from server.cloud.auth import CachedAuthenticator
@@ -60,12 +61,14 @@ from server.cloud.requests import (
     Embeddings,
     GenerationRequest,
     TextRequest,
+    ToolCallDelta,
     sampling_for,
     validate,
 )
 from server.cloud.settlement import operator_shares
 from server.cloud.subcloud_service import SubcloudResolver
 from server.cloud.subclouds import Subcloud, route_requirements
+from server.cloud.tool_call_events import with_tool_calls
 from server.common.settlements import Settlement
 
 log = structlog.get_logger(__name__)
@@ -133,21 +136,26 @@ class InferenceService:
         self, authorization: str | None, request: ChatRequest, request_id: str
     ) -> AsyncGenerator[CompletionEvent, None]:
         """One CompletionStarted; per choice (one after another) a ChoiceStarted, its
-        ContentDeltas and a ChoiceFinished; then one CompletionFinished."""
+        ContentDeltas (and, with tools, ToolCallDeltas after them) and a
+        ChoiceFinished; then one CompletionFinished."""
         caller, model, rules = await self._admit(authorization, request)
+        tool_use = request.tool_use
+        tools = tool_use.tools if tool_use is not None else ()
         budget = token_budget(
-            prompt_token_bound(request.messages, model), request.max_tokens, model
+            prompt_token_bound(request.messages, model, tools), request.max_tokens, model
         )
         spec = GenerationSpec(
             model=model.id,
             messages=request.messages,
             sampling=sampling_for(request, budget.max_completion_tokens),
             max_prompt_tokens=budget.max_prompt_tokens,
+            tool_use=tool_use,
         )
         jobs = [(spec, budget)] * request.n
+        run = self._run(caller, model, rules, jobs, "chatcmpl", request_id)
         # Closed with this stream, not when collected: the hold is settled on close.
         async with contextlib.aclosing(
-            self._run(caller, model, rules, jobs, "chatcmpl", request_id)
+            run if tool_use is None else with_tool_calls(run, tool_use)
         ) as events:
             async for event in events:
                 yield event
@@ -444,25 +452,47 @@ def _add(a: Usage, b: Usage) -> Usage:
     return Usage(a.prompt_tokens + b.prompt_tokens, a.completion_tokens + b.completion_tokens)
 
 
+def _add_call_piece(calls: list[ToolCall], delta: ToolCallDelta) -> None:
+    """A call's first piece opens it; the next ones extend its arguments."""
+    if delta.call_index == len(calls):
+        calls.append(ToolCall(delta.id, delta.name, delta.arguments))
+    else:
+        call = calls[delta.call_index]
+        calls[delta.call_index] = dataclasses.replace(
+            call, arguments=call.arguments + delta.arguments
+        )
+
+
 async def _collect(events: AsyncGenerator[CompletionEvent, None]) -> ChatCompletion:
     """A whole completion from its stream of events."""
     started: CompletionStarted | None = None
     parts: dict[int, list[str]] = {}
     logprobs: dict[int, list[TokenLogprob]] = {}
+    calls: dict[int, list[ToolCall]] = {}
     choices: list[Choice] = []
     async with contextlib.aclosing(events):
         async for event in events:
             if isinstance(event, CompletionStarted):
                 started = event
             elif isinstance(event, ChoiceStarted):
-                parts[event.index], logprobs[event.index] = [], []
+                parts[event.index], logprobs[event.index], calls[event.index] = [], [], []
             elif isinstance(event, ContentDelta):
                 parts[event.index].append(event.text)
                 logprobs[event.index].extend(event.logprobs)
+            elif isinstance(event, ToolCallDelta):
+                _add_call_piece(calls[event.index], event)
             elif isinstance(event, ChoiceFinished):
                 text = "".join(parts[event.index])
                 choice_logprobs = tuple(logprobs[event.index])
-                choices.append(Choice(event.index, text, event.finish_reason, choice_logprobs))
+                choices.append(
+                    Choice(
+                        event.index,
+                        text,
+                        event.finish_reason,
+                        choice_logprobs,
+                        tuple(calls[event.index]),
+                    )
+                )
             else:
                 assert started is not None  # a stream always starts first
                 return ChatCompletion(started, tuple(choices), event)

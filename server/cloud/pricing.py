@@ -9,7 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from core.errors import InvalidArgument
-from core.inference import CatalogModel, ChatMessage, ModelPrice, Usage
+from core.inference import CatalogModel, ChatMessage, ChatRole, FunctionTool, ModelPrice, Usage
+from core.request_limits import message_bytes, tool_bytes
+from core.tool_calls import MARKUP_OVERHEAD_BYTES, TOOL_PROMPT_OVERHEAD_BYTES
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,14 +20,31 @@ class TokenBudget:
     max_completion_tokens: int
 
 
-def prompt_token_bound(messages: tuple[ChatMessage, ...], model: CatalogModel) -> int:
+def prompt_token_bound(
+    messages: tuple[ChatMessage, ...], model: CatalogModel, tools: tuple[FunctionTool, ...] = ()
+) -> int:
     """An upper bound on the templated prompt's tokens.
 
     Byte-level BPE tokenizers never produce more tokens than UTF-8 bytes; the
-    template adds at most the catalog's overhead plus a few markers per message.
+    template adds at most the catalog's overhead plus a few markers per message,
+    and a node renders tools, calls and their results with markup of bounded size
+    (core/tool_calls.py). JSON it re-serializes (schemas, arguments) may gain a
+    space after each separator, so at most doubles.
     """
-    content_bytes = sum(len(m.content.encode()) + len(m.role.value) + 4 for m in messages)
+    content_bytes = sum(_message_bound(m) for m in messages)
+    if tools:
+        content_bytes += 2 * tool_bytes(tools) + TOOL_PROMPT_OVERHEAD_BYTES
+        content_bytes += MARKUP_OVERHEAD_BYTES * len(tools)
     return content_bytes + model.chat_template_overhead_tokens
+
+
+def _message_bound(message: ChatMessage) -> int:
+    size = message_bytes(message) + len(message.role.value) + 4
+    if message.tool_calls or message.role is ChatRole.TOOL:
+        size += MARKUP_OVERHEAD_BYTES
+    for call in message.tool_calls:
+        size += MARKUP_OVERHEAD_BYTES + len(call.arguments.encode())
+    return size
 
 
 # A raw prompt gets no template; the tokenizer may add a BOS token or two.

@@ -12,14 +12,26 @@ from datetime import datetime
 from core.errors import InvalidArgument
 from core.inference import (
     ChatMessage,
+    ChatRole,
     FinishReason,
+    FunctionTool,
     ResponseFormat,
     ResponseFormatType,
     Sampling,
     TokenLogprob,
+    ToolCall,
+    ToolChoiceMode,
+    ToolUse,
     Usage,
 )
-from core.request_limits import check_messages, check_prompt_bytes, parse_json_schema
+from core.request_limits import (
+    TOOL_CHOICE_FIELD,
+    check_messages,
+    check_prompt_bytes,
+    check_tool_sampling,
+    check_tool_use,
+    parse_json_schema,
+)
 from server.cloud.rate_limits import RateStatus
 
 MAX_STOP_SEQUENCES = 4
@@ -58,6 +70,22 @@ class GenerationRequest:
 class ChatRequest(GenerationRequest):
     messages: tuple[ChatMessage, ...]
     response_format: ResponseFormat | None = None
+    tools: tuple[FunctionTool, ...] = ()
+    # None: AUTO when there are tools.
+    tool_choice: ToolChoiceMode | None = None
+    # With tool_choice FUNCTION: the function.
+    tool_choice_function: str = ""
+    # None: allowed.
+    parallel_tool_calls: bool | None = None
+
+    @property
+    def tool_use(self) -> ToolUse | None:
+        """What the jobs offer the model: None without tools or with tool choice NONE."""
+        mode = self.tool_choice or ToolChoiceMode.AUTO
+        if not self.tools or mode is ToolChoiceMode.NONE:
+            return None
+        parallel = self.parallel_tool_calls is not False
+        return ToolUse(self.tools, mode, self.tool_choice_function, parallel)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -110,6 +138,18 @@ class ContentDelta:
 
 
 @dataclass(frozen=True, slots=True)
+class ToolCallDelta:
+    """A piece of a choice's tool call: the first of a call has its id and name, the
+    next ones pieces of its arguments."""
+
+    index: int
+    call_index: int
+    id: str = ""
+    name: str = ""
+    arguments: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class ChoiceFinished:
     index: int
     finish_reason: FinishReason
@@ -125,7 +165,12 @@ class CompletionFinished:
 
 
 CompletionEvent = (
-    CompletionStarted | ChoiceStarted | ContentDelta | ChoiceFinished | CompletionFinished
+    CompletionStarted
+    | ChoiceStarted
+    | ContentDelta
+    | ToolCallDelta
+    | ChoiceFinished
+    | CompletionFinished
 )
 
 
@@ -135,6 +180,7 @@ class Choice:
     content: str
     finish_reason: FinishReason
     logprobs: tuple[TokenLogprob, ...] = ()
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +200,61 @@ def _validate_response_format(response_format: ResponseFormat | None) -> None:
     (core/request_limits.py) that keep its grammar cheap and compilable."""
     if response_format is not None and response_format.type == ResponseFormatType.JSON_SCHEMA:
         parse_json_schema(response_format.json_schema)
+
+
+def _validate_tools(request: ChatRequest) -> None:
+    """OpenAI's rules: tool choice and parallel calls only with tools, and with a
+    choice that offers them, nothing a call could not coexist with."""
+    if not request.tools:
+        if request.tool_choice is not None:
+            raise InvalidArgument(
+                "tool_choice is only allowed when tools are specified", field=TOOL_CHOICE_FIELD
+            )
+        if request.parallel_tool_calls is not None:
+            raise InvalidArgument(
+                "parallel_tool_calls is only allowed when tools are specified",
+                field="parallel_tool_calls",
+            )
+        return
+    mode = request.tool_choice or ToolChoiceMode.AUTO
+    check_tool_use(ToolUse(request.tools, mode, request.tool_choice_function))
+    if request.tool_use is not None:
+        check_tool_sampling(sampling_for(request, 1))
+
+
+def _validate_conversation(messages: tuple[ChatMessage, ...]) -> None:
+    """Calls only in assistant messages, each naming its function (and with an id,
+    but for the legacy function_call); a tool message answers a call made before it
+    (or, a legacy function result, names its function)."""
+    called: set[str] = set()
+    for index, message in enumerate(messages):
+        field = f"messages.{index}"
+        if message.tool_calls and message.role is not ChatRole.ASSISTANT:
+            raise InvalidArgument(
+                "only assistant messages carry tool_calls", field=f"{field}.tool_calls"
+            )
+        for number, call in enumerate(message.tool_calls):
+            if not call.name:
+                raise InvalidArgument(
+                    "a tool call needs a function name",
+                    field=f"{field}.tool_calls.{number}.function.name",
+                )
+            called.add(call.id)
+        if message.role is ChatRole.TOOL:
+            if message.tool_call_id and message.tool_call_id not in called:
+                raise InvalidArgument(
+                    f"tool_call_id {message.tool_call_id!r} answers no earlier tool call",
+                    field=f"{field}.tool_call_id",
+                )
+            if not message.tool_call_id and not message.name:
+                raise InvalidArgument(
+                    "a tool message needs the tool_call_id it answers",
+                    field=f"{field}.tool_call_id",
+                )
+        elif message.tool_call_id:
+            raise InvalidArgument(
+                "only tool messages carry a tool_call_id", field=f"{field}.tool_call_id"
+            )
 
 
 def validate(request: GenerationRequest | EmbeddingRequest) -> None:
@@ -178,8 +279,10 @@ def validate(request: GenerationRequest | EmbeddingRequest) -> None:
     if isinstance(request, ChatRequest):
         if not request.messages:
             raise InvalidArgument("messages must contain at least one message", field="messages")
-        check_messages([message.content for message in request.messages])
+        check_messages(request.messages, tools=request.tools)
+        _validate_conversation(request.messages)
         _validate_response_format(request.response_format)
+        _validate_tools(request)
     elif isinstance(request, TextRequest):
         if not request.prompts:
             raise InvalidArgument("prompt must contain at least one prompt", field="prompt")

@@ -504,7 +504,11 @@ async def test_in_band_error_after_stream_started(
     [
         ({"messages": HELLO}, "model"),
         ({"model": MODEL, "messages": []}, "messages"),
-        ({"model": MODEL, "messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
+        ({"model": MODEL, "messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
+        (
+            {"model": MODEL, "messages": [{"role": "tool", "content": "x"}]},
+            "messages.0.tool_call_id",
+        ),
         ({"model": MODEL, "messages": HELLO, "temperature": 3}, "temperature"),
         ({"model": MODEL, "messages": HELLO, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"model": MODEL, "messages": HELLO, "n": 0}, "n"),

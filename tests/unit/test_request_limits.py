@@ -80,22 +80,26 @@ def test_ordinary_schemas_pass() -> None:
     assert parse_json_schema(json.dumps(_nested(SCHEMA_LIMITS.max_depth // 2 - 1)))
 
 
+def _user(*contents: str) -> list[ChatMessage]:
+    return [ChatMessage(ChatRole.USER, content) for content in contents]
+
+
 def test_many_empty_messages_are_refused_without_templating() -> None:
     with pytest.raises(InvalidArgument) as raised:
-        check_messages([""] * 100_000)
+        check_messages(_user(*[""] * 100_000))
     assert raised.value.metadata == {"field": "messages"}
 
 
 def test_more_messages_than_prompt_tokens_cannot_fit() -> None:
-    check_messages([""] * 10, max_prompt_tokens=10)
+    check_messages(_user(*[""] * 10), max_prompt_tokens=10)
     with pytest.raises(InvalidArgument):
-        check_messages([""] * 11, max_prompt_tokens=10)
+        check_messages(_user(*[""] * 11), max_prompt_tokens=10)
 
 
 def test_prompt_bytes_are_bounded() -> None:
-    check_messages(["x" * PROMPT_LIMITS.max_bytes])
+    check_messages(_user("x" * PROMPT_LIMITS.max_bytes))
     with pytest.raises(InvalidArgument):
-        check_messages(["x" * PROMPT_LIMITS.max_bytes, "y"])
+        check_messages(_user("x" * PROMPT_LIMITS.max_bytes, "y"))
 
 
 @pytest.mark.parametrize(

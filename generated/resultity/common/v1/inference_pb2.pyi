@@ -29,6 +29,12 @@ class _ChatRoleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ChatRole.Val
     CHAT_ROLE_SYSTEM: _ChatRole.ValueType  # 1
     CHAT_ROLE_USER: _ChatRole.ValueType  # 2
     CHAT_ROLE_ASSISTANT: _ChatRole.ValueType  # 3
+    CHAT_ROLE_DEVELOPER: _ChatRole.ValueType  # 4
+    """Instructions from the application's developer; runtimes whose chat
+    template has no such role render it as a system message.
+    """
+    CHAT_ROLE_TOOL: _ChatRole.ValueType  # 5
+    """The result of a tool call (tool_call_id names the call)."""
 
 class ChatRole(_ChatRole, metaclass=_ChatRoleEnumTypeWrapper):
     """Shapes shared by every layer that carries an inference job: the cloud API,
@@ -41,7 +47,44 @@ CHAT_ROLE_UNSPECIFIED: ChatRole.ValueType  # 0
 CHAT_ROLE_SYSTEM: ChatRole.ValueType  # 1
 CHAT_ROLE_USER: ChatRole.ValueType  # 2
 CHAT_ROLE_ASSISTANT: ChatRole.ValueType  # 3
+CHAT_ROLE_DEVELOPER: ChatRole.ValueType  # 4
+"""Instructions from the application's developer; runtimes whose chat
+template has no such role render it as a system message.
+"""
+CHAT_ROLE_TOOL: ChatRole.ValueType  # 5
+"""The result of a tool call (tool_call_id names the call)."""
 Global___ChatRole: _TypeAlias = ChatRole  # noqa: Y015
+
+class _ToolChoiceMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ToolChoiceModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ToolChoiceMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TOOL_CHOICE_MODE_UNSPECIFIED: _ToolChoiceMode.ValueType  # 0
+    """As AUTO when tools are given."""
+    TOOL_CHOICE_MODE_NONE: _ToolChoiceMode.ValueType  # 1
+    """The model answers in text; the tools are not offered."""
+    TOOL_CHOICE_MODE_AUTO: _ToolChoiceMode.ValueType  # 2
+    """The model answers in text or calls one or more tools."""
+    TOOL_CHOICE_MODE_REQUIRED: _ToolChoiceMode.ValueType  # 3
+    """The model calls one or more tools."""
+    TOOL_CHOICE_MODE_FUNCTION: _ToolChoiceMode.ValueType  # 4
+    """The model calls ToolChoice.function_name, once."""
+
+class ToolChoiceMode(_ToolChoiceMode, metaclass=_ToolChoiceModeEnumTypeWrapper): ...
+
+TOOL_CHOICE_MODE_UNSPECIFIED: ToolChoiceMode.ValueType  # 0
+"""As AUTO when tools are given."""
+TOOL_CHOICE_MODE_NONE: ToolChoiceMode.ValueType  # 1
+"""The model answers in text; the tools are not offered."""
+TOOL_CHOICE_MODE_AUTO: ToolChoiceMode.ValueType  # 2
+"""The model answers in text or calls one or more tools."""
+TOOL_CHOICE_MODE_REQUIRED: ToolChoiceMode.ValueType  # 3
+"""The model calls one or more tools."""
+TOOL_CHOICE_MODE_FUNCTION: ToolChoiceMode.ValueType  # 4
+"""The model calls ToolChoice.function_name, once."""
+Global___ToolChoiceMode: _TypeAlias = ToolChoiceMode  # noqa: Y015
 
 class _FinishReason:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -56,6 +99,8 @@ class _FinishReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FinishRe
     """max_tokens or the context window was reached."""
     FINISH_REASON_CANCELLED: _FinishReason.ValueType  # 3
     """The caller cancelled; only the delivered tokens count."""
+    FINISH_REASON_TOOL_CALLS: _FinishReason.ValueType  # 4
+    """The model called tools; set by cloud (a node reports STOP)."""
 
 class FinishReason(_FinishReason, metaclass=_FinishReasonEnumTypeWrapper):
     """Why generation stopped."""
@@ -67,6 +112,8 @@ FINISH_REASON_LENGTH: FinishReason.ValueType  # 2
 """max_tokens or the context window was reached."""
 FINISH_REASON_CANCELLED: FinishReason.ValueType  # 3
 """The caller cancelled; only the delivered tokens count."""
+FINISH_REASON_TOOL_CALLS: FinishReason.ValueType  # 4
+"""The model called tools; set by cloud (a node reports STOP)."""
 Global___FinishReason: _TypeAlias = FinishReason  # noqa: Y015
 
 class _ResponseFormatType:
@@ -98,21 +145,162 @@ class ChatMessage(_message.Message):
 
     ROLE_FIELD_NUMBER: _builtins.int
     CONTENT_FIELD_NUMBER: _builtins.int
+    TOOL_CALLS_FIELD_NUMBER: _builtins.int
+    TOOL_CALL_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
     role: Global___ChatRole.ValueType
     content: _builtins.str
+    tool_call_id: _builtins.str
+    """A tool message: the id of the call whose result it is. Empty only for a
+    legacy function result, which names the function in `name` instead.
+    """
+    name: _builtins.str
+    """The author's name (a participant's, or a tool result's function); empty:
+    none.
+    """
+    @_builtins.property
+    def tool_calls(self) -> _containers.RepeatedCompositeFieldContainer[Global___ToolCall]:
+        """An assistant message's calls of the request's tools, in order."""
+
     def __init__(
         self,
         *,
         role: Global___ChatRole.ValueType = ...,
         content: _builtins.str = ...,
+        tool_calls: _abc.Iterable[Global___ToolCall] | None = ...,
+        tool_call_id: _builtins.str = ...,
+        name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "role", b"role"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "name", b"name", "role", b"role", "tool_call_id", b"tool_call_id", "tool_calls", b"tool_calls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ChatMessage: _TypeAlias = ChatMessage  # noqa: Y015
+
+@_typing.final
+class ToolCall(_message.Message):
+    """A call of a function tool, as the model made it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    ARGUMENTS_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Unique within a conversation; a tool message answers it by this id."""
+    name: _builtins.str
+    """The function's name, one of the request's tools."""
+    arguments: _builtins.str
+    """The arguments as JSON text (an object that matches the tool's parameters
+    when the model generated it; as given for calls in the history).
+    """
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        arguments: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arguments", b"arguments", "id", b"id", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ToolCall: _TypeAlias = ToolCall  # noqa: Y015
+
+@_typing.final
+class FunctionTool(_message.Message):
+    """A function the model may call."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    PARAMETERS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """1-64 of a-z, A-Z, 0-9, '_' and '-'; unique among a request's tools."""
+    description: _builtins.str
+    parameters: _builtins.str
+    """The arguments' JSON Schema as JSON text (an object schema); empty: the
+    function takes no arguments.
+    """
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        description: _builtins.str = ...,
+        parameters: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "name", b"name", "parameters", b"parameters"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FunctionTool: _TypeAlias = FunctionTool  # noqa: Y015
+
+@_typing.final
+class ToolChoice(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODE_FIELD_NUMBER: _builtins.int
+    FUNCTION_NAME_FIELD_NUMBER: _builtins.int
+    mode: Global___ToolChoiceMode.ValueType
+    function_name: _builtins.str
+    """With TOOL_CHOICE_MODE_FUNCTION: one of the tools' names."""
+    def __init__(
+        self,
+        *,
+        mode: Global___ToolChoiceMode.ValueType = ...,
+        function_name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["function_name", b"function_name", "mode", b"mode"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ToolChoice: _TypeAlias = ToolChoice  # noqa: Y015
+
+@_typing.final
+class ToolUse(_message.Message):
+    """The tools a job's model may call and how. A node generates the calls under a
+    grammar built from the tools' parameters, so their arguments always parse and
+    match; it writes them in its text as
+      <tool_call>[\\n{"name": "NAME", "arguments": {...}},\\n...\\n]</tool_call>
+    (core/tool_calls.py), after any text the model wrote first (AUTO only).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOOLS_FIELD_NUMBER: _builtins.int
+    CHOICE_FIELD_NUMBER: _builtins.int
+    PARALLEL_CALLS_FIELD_NUMBER: _builtins.int
+    parallel_calls: _builtins.bool
+    """AUTO and REQUIRED: the model may make several calls in one turn (at most
+    8); else exactly one. FUNCTION always makes one.
+    """
+    @_builtins.property
+    def tools(self) -> _containers.RepeatedCompositeFieldContainer[Global___FunctionTool]: ...
+    @_builtins.property
+    def choice(self) -> Global___ToolChoice: ...
+    def __init__(
+        self,
+        *,
+        tools: _abc.Iterable[Global___FunctionTool] | None = ...,
+        choice: Global___ToolChoice | None = ...,
+        parallel_calls: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["choice", b"choice"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["choice", b"choice", "parallel_calls", b"parallel_calls", "tools", b"tools"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ToolUse: _TypeAlias = ToolUse  # noqa: Y015
 
 @_typing.final
 class SamplingParams(_message.Message):
@@ -290,6 +478,7 @@ class GenerationSpec(_message.Message):
     MAX_PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
     PROMPT_FIELD_NUMBER: _builtins.int
     EMBED_FIELD_NUMBER: _builtins.int
+    TOOL_USE_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     max_prompt_tokens: _builtins.int
     """The prompt, after the model's chat template, may not exceed this many
@@ -307,6 +496,12 @@ class GenerationSpec(_message.Message):
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]: ...
     @_builtins.property
     def sampling(self) -> Global___SamplingParams: ...
+    @_builtins.property
+    def tool_use(self) -> Global___ToolUse:
+        """Functions the model may call; unset: none. Excludes a response_format
+        other than text, stop sequences and logprobs.
+        """
+
     def __init__(
         self,
         *,
@@ -316,10 +511,11 @@ class GenerationSpec(_message.Message):
         max_prompt_tokens: _builtins.int = ...,
         prompt: _builtins.str | None = ...,
         embed: _builtins.bool = ...,
+        tool_use: Global___ToolUse | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_prompt", b"_prompt", "prompt", b"prompt", "sampling", b"sampling"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_prompt", b"_prompt", "prompt", b"prompt", "sampling", b"sampling", "tool_use", b"tool_use"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_prompt", b"_prompt", "embed", b"embed", "max_prompt_tokens", b"max_prompt_tokens", "messages", b"messages", "model", b"model", "prompt", b"prompt", "sampling", b"sampling"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_prompt", b"_prompt", "embed", b"embed", "max_prompt_tokens", b"max_prompt_tokens", "messages", b"messages", "model", b"model", "prompt", b"prompt", "sampling", b"sampling", "tool_use", b"tool_use"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__prompt: _TypeAlias = _typing.Literal["prompt"]  # noqa: Y015
     _WhichOneofArgType__prompt: _TypeAlias = _typing.Literal["_prompt", b"_prompt"]  # noqa: Y015
