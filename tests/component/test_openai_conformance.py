@@ -8,10 +8,8 @@ Raw httpx checks the bytes where the SDK would hide them (SSE framing, headers).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -19,11 +17,10 @@ import openai
 import pytest
 from openai.types import CompletionUsage
 from resultity.account.v1 import api_key_service_pb2 as keys_pb
-from resultity.account.v1 import api_key_service_pb2_grpc as keys_grpc
 
 from agent.runtime.base import GenerationEvent, GenerationRequest, Started, TokenText
-from gateway.app import create_app
-from gateway.server import serve
+from core.inference import ChatRole, ToolCall, ToolChoiceMode
+from core.tool_calls import render_calls
 from server.network.catalog import SMOLLM2_135M
 from tests.doubles.scripted_runtime import (
     DEFAULT_SCRIPT,
@@ -33,7 +30,8 @@ from tests.doubles.scripted_runtime import (
     scripted_embedding,
     scripted_tokens,
 )
-from tests.harness import Customer, Platform, free_port, running_platform
+from tests.harness import running_platform
+from tests.openai_stack import CREDITS, Stack, gateway_stack
 
 MODEL = SMOLLM2_135M.id
 PRICE = SMOLLM2_135M.price
@@ -41,66 +39,60 @@ HELLO: list[Any] = [{"role": "user", "content": "hello there"}]
 # "hello there": 2 words + 2 template tokens in the scripted runtime.
 HELLO_PROMPT_TOKENS = 4
 TOKENS = scripted_tokens(DEFAULT_SCRIPT)
-CREDITS = 100_000_000
+
+WEATHER_PARAMETERS = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string"},
+        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+    },
+    "required": ["city"],
+}
+TOOLS: list[Any] = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The weather in a city now",
+            "parameters": WEATHER_PARAMETERS,
+            "strict": True,
+        },
+    },
+    {"type": "function", "function": {"name": "get_time", "description": "The time now"}},
+]
+PARIS: Any = {"role": "user", "content": "What is the weather in Paris?"}
+PARIS_ARGUMENTS = {"city": "Paris", "unit": "celsius"}
+TIME: Any = {"role": "user", "content": "What time is it?"}
+BOTH: Any = {"role": "user", "content": "Weather in Oslo, and the time?"}
+
+
+def _tool_call_block(*calls: tuple[str, dict[str, Any]]) -> str:
+    """Calls as a node writes them (core/tool_calls.py)."""
+    return render_calls([ToolCall("", name, json.dumps(arguments)) for name, arguments in calls])
+
+
+# What the scripted node writes for these prompts when offered tools.
+TOOL_ANSWERS = {
+    PARIS["content"]: _tool_call_block(("get_weather", PARIS_ARGUMENTS)),
+    TIME["content"]: _tool_call_block(("get_time", {})),
+    BOTH["content"]: "Checking both. "
+    + _tool_call_block(("get_weather", {"city": "Oslo"}), ("get_time", {})),
+}
 
 
 def _charge(prompt: int, completion: int) -> int:
     return prompt * PRICE.prompt + completion * PRICE.completion
 
 
-@dataclass
-class Stack:
-    platform: Platform
-    base_url: str
-    customer: Customer
-
-    def client(self, api_key: str | None = None) -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(
-            base_url=f"{self.base_url}/v1",
-            api_key=api_key or self.customer.api_key,
-            max_retries=0,
-            _strict_response_validation=True,
-        )
-
-    def http(self, api_key: str | None = None) -> httpx.AsyncClient:
-        key = api_key or self.customer.api_key
-        return httpx.AsyncClient(
-            base_url=self.base_url, headers={"authorization": f"Bearer {key}"}, timeout=30
-        )
-
-    async def key(self, **fields: Any) -> str:
-        response = await keys_grpc.ApiKeyServiceStub(self.platform.channel).CreateApiKey(
-            keys_pb.CreateApiKeyRequest(
-                account_id=self.customer.account_id, name="conformance", **fields
-            ),
-            metadata=self.platform.service,
-        )
-        return response.secret
-
-
-@contextlib.asynccontextmanager
-async def _stack(platform: Platform, credits: int = CREDITS) -> AsyncIterator[Stack]:
-    port = free_port()
-    started = asyncio.Event()
-    gateway = asyncio.create_task(
-        serve(create_app(platform.target), "127.0.0.1", port, started=started)
-    )
-    waiter = asyncio.create_task(started.wait())
-    await asyncio.wait((gateway, waiter), return_when=asyncio.FIRST_COMPLETED)
-    if gateway.done():
-        gateway.result()
-    try:
-        yield Stack(platform, f"http://127.0.0.1:{port}", await platform.customer(credits))
-    finally:
-        gateway.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await gateway
+@pytest.fixture(scope="module")
+def runtime() -> ScriptedRuntime:
+    return ScriptedRuntime(slot_count=4, tool_answers=TOOL_ANSWERS)
 
 
 @pytest.fixture(scope="module")
-async def stack(postgres_dsn: str) -> AsyncIterator[Stack]:
-    async with running_platform(postgres_dsn) as platform, _stack(platform) as running:
-        await platform.start_agent(ScriptedRuntime(slot_count=4))
+async def stack(postgres_dsn: str, runtime: ScriptedRuntime) -> AsyncIterator[Stack]:
+    async with running_platform(postgres_dsn) as platform, gateway_stack(platform) as running:
+        await platform.start_agent(runtime)
         yield running
 
 
@@ -249,6 +241,274 @@ async def test_stream_bytes(http: httpx.AsyncClient, include_usage: bool) -> Non
         assert all(chunk["usage"] is None for chunk in chunks[:-1])
     else:
         assert chunks[-1] is finishing[0]
+
+
+# --- tools and roles -----------------------------------------------------------------------
+
+
+async def test_required_tool_choice_returns_the_call(
+    client: openai.AsyncOpenAI, runtime: ScriptedRuntime
+) -> None:
+    completion = await client.chat.completions.create(
+        model=MODEL, messages=[PARIS], tools=TOOLS, tool_choice="required"
+    )
+
+    choice = completion.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content is None
+    assert choice.message.tool_calls is not None
+    [call] = choice.message.tool_calls
+    assert call.type == "function"
+    assert call.id.startswith("call_")
+    assert call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == PARIS_ARGUMENTS
+    # Billed as generated: every scripted token of the block.
+    tokens = len(scripted_tokens(TOOL_ANSWERS[PARIS["content"]]))
+    assert completion.usage is not None
+    assert completion.usage.completion_tokens == tokens
+    offered = runtime.started_jobs[-1].tool_use
+    assert offered is not None
+    assert (offered.mode, offered.parallel_calls) == (ToolChoiceMode.REQUIRED, True)
+    assert [tool.name for tool in offered.tools] == ["get_weather", "get_time"]
+    assert json.loads(offered.tools[0].parameters) == WEATHER_PARAMETERS
+
+
+async def test_named_tool_choice_forces_that_function(
+    client: openai.AsyncOpenAI, runtime: ScriptedRuntime
+) -> None:
+    completion = await client.chat.completions.create(
+        model=MODEL,
+        messages=[TIME],
+        tools=TOOLS,
+        tool_choice={"type": "function", "function": {"name": "get_time"}},
+        parallel_tool_calls=False,
+    )
+
+    [call] = completion.choices[0].message.tool_calls or []
+    assert (call.function.name, json.loads(call.function.arguments)) == ("get_time", {})
+    assert completion.choices[0].finish_reason == "tool_calls"
+    offered = runtime.started_jobs[-1].tool_use
+    assert offered is not None
+    assert (offered.mode, offered.function, offered.parallel_calls) == (
+        ToolChoiceMode.FUNCTION,
+        "get_time",
+        False,
+    )
+
+
+async def test_auto_streams_text_then_parallel_calls(
+    client: openai.AsyncOpenAI, runtime: ScriptedRuntime
+) -> None:
+    stream = await client.chat.completions.create(
+        model=MODEL, messages=[BOTH], tools=TOOLS, stream=True
+    )
+    deltas = [choice for chunk in [c async for c in stream] for choice in chunk.choices]
+
+    assert "".join(d.delta.content or "" for d in deltas) == "Checking both. "
+    pieces = [call for d in deltas for call in d.delta.tool_calls or ()]
+    # Per call: its index, id, type and name first (arguments empty), then arguments.
+    firsts = [piece for piece in pieces if piece.id]
+    assert [(p.index, p.type, p.function and p.function.name) for p in firsts] == [
+        (0, "function", "get_weather"),
+        (1, "function", "get_time"),
+    ]
+    assert all(p.function is not None and p.function.arguments == "" for p in firsts)
+    rest = [piece for piece in pieces if not piece.id]
+    assert all(p.type is None and p.function and p.function.name is None for p in rest)
+    arguments = {
+        index: "".join(p.function.arguments or "" for p in rest if p.index == index and p.function)
+        for index in (0, 1)
+    }
+    assert len([p for p in rest if p.index == 0]) > 1  # the arguments come in pieces
+    assert [json.loads(text) for text in arguments.values()] == [{"city": "Oslo"}, {}]
+    assert [d.finish_reason for d in deltas if d.finish_reason] == ["tool_calls"]
+    offered = runtime.started_jobs[-1].tool_use
+    assert offered is not None
+    assert offered.mode is ToolChoiceMode.AUTO
+
+
+async def test_auto_may_answer_in_text(client: openai.AsyncOpenAI) -> None:
+    completion = await client.chat.completions.create(model=MODEL, messages=HELLO, tools=TOOLS)
+
+    assert completion.choices[0].message.content == DEFAULT_SCRIPT
+    assert completion.choices[0].message.tool_calls is None
+    assert completion.choices[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_tool_choice_none_offers_no_tools(
+    client: openai.AsyncOpenAI, runtime: ScriptedRuntime, stream: bool
+) -> None:
+    if stream:
+        chunks = await client.chat.completions.create(
+            model=MODEL, messages=[PARIS], tools=TOOLS, tool_choice="none", stream=True
+        )
+        deltas = [choice for chunk in [c async for c in chunks] for choice in chunk.choices]
+        text = "".join(d.delta.content or "" for d in deltas)
+        assert not any(d.delta.tool_calls for d in deltas)
+        reasons = [d.finish_reason for d in deltas if d.finish_reason]
+    else:
+        completion = await client.chat.completions.create(
+            model=MODEL, messages=[PARIS], tools=TOOLS, tool_choice="none"
+        )
+        text = completion.choices[0].message.content or ""
+        assert completion.choices[0].message.tool_calls is None
+        reasons = [completion.choices[0].finish_reason]
+
+    assert (text, reasons) == (DEFAULT_SCRIPT, ["stop"])
+    assert runtime.started_jobs[-1].tool_use is None
+
+
+async def test_streamed_tool_call_bytes(http: httpx.AsyncClient) -> None:
+    body = {
+        "model": MODEL,
+        "messages": [PARIS],
+        "tools": TOOLS,
+        "tool_choice": "required",
+        "stream": True,
+    }
+    response = await http.post("/v1/chat/completions", json=body)
+
+    chunks = [json.loads(frame) for frame in _frames(response.content)[:-1]]
+    deltas = [chunk["choices"][0]["delta"] for chunk in chunks]
+    calls = [delta["tool_calls"] for delta in deltas if "tool_calls" in delta]
+    first = calls[0]
+    assert first == [
+        {
+            "index": 0,
+            "id": first[0]["id"],
+            "type": "function",
+            "function": {"name": "get_weather", "arguments": ""},
+        }
+    ]
+    assert all(list(call[0]) == ["index", "function"] for call in calls[1:])
+    assert all(list(call[0]["function"]) == ["arguments"] for call in calls[1:])
+    arguments = "".join(call[0]["function"]["arguments"] for call in calls[1:])
+    assert json.loads(arguments) == PARIS_ARGUMENTS
+    assert chunks[-1]["choices"][0] == {
+        "index": 0,
+        "delta": {},
+        "logprobs": None,
+        "finish_reason": "tool_calls",
+    }
+
+
+async def test_round_trip_with_the_tool_result(
+    client: openai.AsyncOpenAI, runtime: ScriptedRuntime
+) -> None:
+    asked = await client.chat.completions.create(
+        model=MODEL, messages=[PARIS], tools=TOOLS, tool_choice="required"
+    )
+    called = asked.choices[0].message
+    [call] = called.tool_calls or []
+    result = {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21}'}
+
+    answered = await client.chat.completions.create(
+        model=MODEL,
+        messages=[PARIS, called.model_dump(exclude_none=True), result],  # type: ignore[list-item]
+        tools=TOOLS,
+    )
+
+    assert answered.choices[0].message.content == DEFAULT_SCRIPT
+    assert answered.choices[0].finish_reason == "stop"
+    history = runtime.started_jobs[-1].messages
+    assert [message.role for message in history] == [
+        ChatRole.USER,
+        ChatRole.ASSISTANT,
+        ChatRole.TOOL,
+    ]
+    assert history[1].tool_calls == (ToolCall(call.id, "get_weather", call.function.arguments),)
+    assert (history[2].tool_call_id, history[2].content) == (call.id, '{"temperature": 21}')
+
+
+async def test_every_role(client: openai.AsyncOpenAI, runtime: ScriptedRuntime) -> None:
+    completion = await client.chat.completions.create(
+        model=MODEL,
+        messages=[
+            {"role": "system", "content": "Be brief."},
+            {"role": "developer", "content": [{"type": "text", "text": "Use tools."}]},
+            {"role": "user", "content": [{"type": "text", "text": "weather?"}], "name": "ann"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'},
+                    }
+                ],
+            },
+            {
+                "role": "tool",
+                "tool_call_id": "call_1",
+                "content": [{"type": "text", "text": "sun"}],
+            },
+            {"role": "assistant", "content": "Sunny.", "function_call": None},
+            {"role": "user", "content": "and the time?"},
+            {"role": "assistant", "function_call": {"name": "get_time", "arguments": "{}"}},
+            {"role": "function", "name": "get_time", "content": "noon"},
+        ],
+    )
+
+    assert completion.choices[0].message.content == DEFAULT_SCRIPT
+    received = [
+        (message.role, message.content, message.name, message.tool_call_id)
+        for message in runtime.started_jobs[-1].messages
+    ]
+    assert received == [
+        (ChatRole.SYSTEM, "Be brief.", "", ""),
+        (ChatRole.DEVELOPER, "Use tools.", "", ""),
+        (ChatRole.USER, "weather?", "ann", ""),
+        (ChatRole.ASSISTANT, "", "", ""),
+        (ChatRole.TOOL, "sun", "", "call_1"),
+        (ChatRole.ASSISTANT, "Sunny.", "", ""),
+        (ChatRole.USER, "and the time?", "", ""),
+        (ChatRole.ASSISTANT, "", "", ""),
+        # A legacy function result: a tool result that names its function.
+        (ChatRole.TOOL, "noon", "get_time", ""),
+    ]
+    calls = [message.tool_calls for message in runtime.started_jobs[-1].messages]
+    assert calls[3] == (ToolCall("call_1", "get_weather", '{"city": "Rome"}'),)
+    assert calls[7] == (ToolCall("", "get_time", "{}"),)
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"parallel_tool_calls": False}, "parallel_tool_calls"),
+        (
+            {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+            "tool_choice",
+        ),
+        ({"tools": TOOLS, "stop": ["x"]}, "stop"),
+        ({"tools": TOOLS, "logprobs": True}, "logprobs"),
+        ({"tools": TOOLS, "response_format": {"type": "json_object"}}, "response_format"),
+        (
+            {
+                "tools": [
+                    {
+                        "type": "function",
+                        "function": {"name": "f", "parameters": {"type": "string"}},
+                    }
+                ]
+            },
+            "tools.0.function.parameters",
+        ),
+        ({"tools": [TOOLS[0], TOOLS[0]]}, "tools.1.function.name"),
+        (
+            {"messages": [PARIS, {"role": "tool", "tool_call_id": "call_x", "content": "?"}]},
+            "messages.1.tool_call_id",
+        ),
+    ],
+)
+async def test_tools_that_cannot_be_honoured_are_refused(
+    client: openai.AsyncOpenAI, fields: dict[str, Any], param: str
+) -> None:
+    with pytest.raises(openai.BadRequestError) as raised:
+        await client.chat.completions.create(**{"model": MODEL, "messages": [PARIS], **fields})
+    assert _envelope(raised.value)["param"] == param
 
 
 # --- text completions, models --------------------------------------------------------------
@@ -428,7 +688,7 @@ async def test_every_response_has_a_request_id_and_the_overhead(
 
 
 async def test_no_serving_node_is_503(postgres_dsn: str) -> None:
-    async with running_platform(postgres_dsn) as platform, _stack(platform) as stack:
+    async with running_platform(postgres_dsn) as platform, gateway_stack(platform) as stack:
         async with stack.client() as sdk:
             with pytest.raises(openai.InternalServerError) as raised:
                 await sdk.chat.completions.create(model=MODEL, messages=HELLO)
@@ -438,7 +698,7 @@ async def test_no_serving_node_is_503(postgres_dsn: str) -> None:
 
 async def test_rate_limit_under_a_burst(postgres_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RESULTITY_RATE_LIMIT_KEY_REQUESTS_PER_MINUTE", "2")
-    async with running_platform(postgres_dsn) as platform, _stack(platform) as stack:
+    async with running_platform(postgres_dsn) as platform, gateway_stack(platform) as stack:
         await platform.start_agent(ScriptedRuntime(slot_count=4))
         async with stack.client() as sdk:
 
@@ -486,7 +746,7 @@ async def test_disconnect_mid_stream_settles_exactly_what_was_delivered(
     postgres_dsn: str,
 ) -> None:
     runtime = StallingRuntime(deliver=3)
-    async with running_platform(postgres_dsn) as platform, _stack(platform) as stack:
+    async with running_platform(postgres_dsn) as platform, gateway_stack(platform) as stack:
         await platform.start_agent(runtime)
         body = {"model": MODEL, "messages": HELLO, "stream": True}
         async with (

@@ -9,7 +9,8 @@ exactly the text of an uninterrupted one.
 ``answers`` maps a prompt (the last message, or a text completion's prompt) to
 the text generated for it instead of the script: give it the catalog's
 canaries (``canary_answers()``) for a node that answers them correctly, or
-other texts for one that does not.
+other texts for one that does not. ``tool_answers`` does the same for jobs
+that offer tools: give it the calls as a node writes them (core/tool_calls.py).
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ class ScriptedRuntime:
     # Raise this from generate() after that many tokens (a runtime crash).
     fail_after: int | None = None
     answers: dict[str, str] = field(default_factory=dict)
+    tool_answers: dict[str, str] = field(default_factory=dict)
     started_jobs: list[GenerationRequest] = field(default_factory=list)
     cancelled_jobs: int = 0
     _slots: asyncio.Semaphore | None = None
@@ -85,7 +87,8 @@ class ScriptedRuntime:
             yield Embedding(scripted_embedding(request.prompt or ""))
             yield Finished(FinishReason.STOP, prompt, 0)
             return
-        tokens = scripted_tokens(self.answers.get(_prompt_text(request), self.script))
+        answers = self.answers if request.tool_use is None else self.tool_answers
+        tokens = scripted_tokens(answers.get(_prompt_text(request), self.script))
         start = _resume_at(request, tokens)
         async with self._slots:
             self.started_jobs.append(request)
