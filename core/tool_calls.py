@@ -131,14 +131,12 @@ class ToolCallParser:
 
     def finish(self, *, complete: bool) -> list[ParsedPiece]:
         """The text ended; ``complete``: on the model's own end (not cut short by
-        max_tokens), when an unfinished block or a missing call is malformed."""
+        max_tokens), when an unfinished block (REQUIRED and FUNCTION: a reply without
+        one) is malformed."""
         self._emit_text(self._pending)
         self._pending = ""
-        if complete:
-            if self._block is not None and not self._closed:
-                raise MalformedToolCall("the tool call block is not closed")
-            if self._tool_use.mode is not ToolChoiceMode.AUTO and self._calls == 0:
-                raise MalformedToolCall("the tool choice requires a call, and none was made")
+        if complete and self._block is not None and not self._closed:
+            raise MalformedToolCall("the tool call block is not closed")
         self._flush_arguments()
         return self._take()
 

@@ -48,6 +48,7 @@ from core.inference import (
     ChatRole,
     Continuation,
     FinishReason,
+    FunctionTool,
     GenerationSpec,
     JobAssigned,
     JobDelta,
@@ -61,6 +62,9 @@ from core.inference import (
     ResponseFormatType,
     Sampling,
     TokenLogprob,
+    ToolCall,
+    ToolChoiceMode,
+    ToolUse,
     TopLogprob,
     Usage,
 )
@@ -100,16 +104,25 @@ samplings = st.builds(
     top_logprobs=st.integers(0, 20),
     response_format=response_formats,
 )
+tool_calls = st.lists(st.builds(ToolCall, texts, texts, texts), **small_tuples).map(tuple)
+messages = st.builds(ChatMessage, st.sampled_from(ChatRole), texts, tool_calls, texts, texts)
+# A spec offers tools or none (NONE is no tools on the wire).
+tool_uses = st.none() | st.builds(
+    ToolUse,
+    st.lists(st.builds(FunctionTool, texts, texts, texts), min_size=1, max_size=3).map(tuple),
+    st.sampled_from([mode for mode in ToolChoiceMode if mode is not ToolChoiceMode.NONE]),
+    texts,
+    st.booleans(),
+)
 specs = st.builds(
     GenerationSpec,
     model=texts,
-    messages=st.lists(st.builds(ChatMessage, st.sampled_from(ChatRole), texts), **small_tuples).map(
-        tuple
-    ),
+    messages=st.lists(messages, **small_tuples).map(tuple),
     sampling=samplings,
     max_prompt_tokens=int32s,
     prompt=st.none() | texts,
     embed=st.booleans(),
+    tool_use=tool_uses,
 )
 continuations = st.builds(Continuation, texts, int32s, st.lists(int32s, **small_tuples).map(tuple))
 regions = st.from_regex(r"\A[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?\Z")
