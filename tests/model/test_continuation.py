@@ -31,10 +31,13 @@ from core.inference import (
     ChatMessage,
     ChatRole,
     Continuation,
+    FunctionTool,
     GenerationSpec,
     ResponseFormat,
     ResponseFormatType,
     Sampling,
+    ToolChoiceMode,
+    ToolUse,
 )
 from tests.harness import NetworkServer, eventually, start_network
 
@@ -57,6 +60,7 @@ def _request(
     prompt: str,
     max_tokens: int,
     continuation: Continuation | None = None,
+    tool_use: ToolUse | None = None,
     **sampling: Any,
 ) -> GenerationRequest:
     return GenerationRequest(
@@ -65,6 +69,7 @@ def _request(
         sampling=Sampling(max_tokens=max_tokens, temperature=0.0, **sampling),
         max_prompt_tokens=400,
         continuation=continuation,
+        tool_use=tool_use,
     )
 
 
@@ -87,8 +92,9 @@ def _cut(events: list[TokenText], tokens: int) -> int:
     return len(events)
 
 
-# A continued reply must go on under the same constraints: the JSON grammar has
-# already consumed the delivered prefix, and the penalties have counted it.
+# A continued reply must go on under the same constraints: the JSON grammar (and
+# the tool calls' grammar) has already consumed the delivered prefix, and the
+# penalties have counted it.
 CONSTRAINED: dict[str, dict[str, Any]] = {
     "free text": {},
     "json object": {"response_format": ResponseFormat(ResponseFormatType.JSON_OBJECT)},
@@ -105,6 +111,12 @@ CONSTRAINED: dict[str, dict[str, Any]] = {
         )
     },
     "penalties": {"presence_penalty": 1.5, "frequency_penalty": 1.0},
+    "tool call": {
+        "tool_use": ToolUse(
+            (FunctionTool("list_fruits", "Lists fruits", json.dumps({"type": "object"})),),
+            ToolChoiceMode.REQUIRED,
+        )
+    },
 }
 
 

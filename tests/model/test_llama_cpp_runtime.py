@@ -26,10 +26,14 @@ from core.inference import (
     ChatMessage,
     ChatRole,
     FinishReason,
+    FunctionTool,
     ResponseFormat,
     ResponseFormatType,
     Sampling,
+    ToolChoiceMode,
+    ToolUse,
 )
+from core.tool_calls import ArgumentsPiece, CallStart, ToolCallParser
 
 STORY = "Write a long story about a dragon."
 
@@ -49,12 +53,14 @@ def _request(
     stop: tuple[str, ...] = (),
     seed: int | None = None,
     max_prompt_tokens: int = 400,
+    tool_use: ToolUse | None = None,
 ) -> GenerationRequest:
     return GenerationRequest(
         model=DEFAULT_MODEL_ID,
         messages=(ChatMessage(ChatRole.USER, text),),
         sampling=Sampling(max_tokens=max_tokens, temperature=temperature, stop=stop, seed=seed),
         max_prompt_tokens=max_prompt_tokens,
+        tool_use=tool_use,
     )
 
 
@@ -278,6 +284,75 @@ async def test_json_schema_format_follows_the_schema(runtime: LlamaCppRuntime) -
     assert set(value) == {"name", "age"}
     assert isinstance(value["name"], str)
     assert isinstance(value["age"], int)
+
+
+WEATHER = FunctionTool(
+    "get_weather",
+    "The weather in a city now",
+    json.dumps(
+        {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 20},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+            },
+            "required": ["city"],
+            "additionalProperties": False,
+        }
+    ),
+)
+TIME = FunctionTool("get_time", "The time now")
+
+
+def _calls(text: str, tool_use: ToolUse) -> list[tuple[str, dict[str, object]]]:
+    """The calls in a reply, read as cloud reads them (it raises on a malformed one)."""
+    parser = ToolCallParser(tool_use)
+    pieces = [*parser.feed(text), *parser.finish(complete=True)]
+    names = [piece.name for piece in pieces if isinstance(piece, CallStart)]
+    arguments = [
+        "".join(p.text for p in pieces if isinstance(p, ArgumentsPiece) and p.index == index)
+        for index in range(len(names))
+    ]
+    return [(name, json.loads(text)) for name, text in zip(names, arguments, strict=True)]
+
+
+@pytest.mark.model
+async def test_a_required_tool_call_follows_its_schema(runtime: LlamaCppRuntime) -> None:
+    tool_use = ToolUse((WEATHER, TIME), ToolChoiceMode.REQUIRED, parallel_calls=False)
+    # Sampled, not greedy: the grammar holds whatever the draw.
+    request = _request(
+        "What is the weather in Paris?", max_tokens=60, temperature=0.9, seed=5, tool_use=tool_use
+    )
+    text, finished = _check_shape(await _collect(runtime, request))
+    assert finished.reason is FinishReason.STOP
+    [(name, arguments)] = _calls(text, tool_use)
+    if name == "get_weather":
+        assert isinstance(arguments["city"], str)
+        assert set(arguments) <= {"city", "unit"}
+        assert arguments.get("unit", "celsius") in ("celsius", "fahrenheit")
+    else:
+        assert (name, arguments) == ("get_time", {})
+
+
+@pytest.mark.model
+async def test_a_named_tool_choice_calls_that_function(runtime: LlamaCppRuntime) -> None:
+    tool_use = ToolUse((WEATHER, TIME), ToolChoiceMode.FUNCTION, "get_time")
+    request = _request("What time is it?", max_tokens=40, tool_use=tool_use)
+    text, finished = _check_shape(await _collect(runtime, request))
+    assert finished.reason is FinishReason.STOP
+    assert _calls(text, tool_use) == [("get_time", {})]
+
+
+@pytest.mark.model
+async def test_auto_tool_choice_answers_in_text_or_a_valid_call(
+    runtime: LlamaCppRuntime,
+) -> None:
+    tool_use = ToolUse((WEATHER, TIME))
+    request = _request("What is the weather in Paris?", max_tokens=40, tool_use=tool_use)
+    text, finished = _check_shape(await _collect(runtime, request))
+    if finished.reason is FinishReason.STOP:
+        # Plain text, or text and calls that parse: never a broken block.
+        _calls(text, tool_use)
 
 
 @pytest.mark.model
