@@ -517,7 +517,7 @@ async def test_in_band_error_after_stream_started(
         ({"model": MODEL, "messages": HELLO, "stream": "yes"}, "stream"),
         ({"model": MODEL, "messages": HELLO, "logprobs": "true"}, "logprobs"),
         ({"model": MODEL, "messages": HELLO, "logit_bias": {"15339": -100}}, "logit_bias"),
-        ({"model": MODEL, "messages": HELLO, "tools": [{"type": "function"}]}, "tools"),
+        ({"model": MODEL, "messages": HELLO, "tools": [{"type": "function"}]}, "tools.0.function"),
         ({"model": MODEL, "messages": HELLO, "n": 9}, "n"),
         ({"model": MODEL, "messages": HELLO, "stop": [""]}, "stop.0"),
         ({"model": MODEL, "messages": HELLO, "stop": ["x" * 257]}, "stop.0"),

@@ -21,6 +21,8 @@ from resultity.common.v1 import inference_pb2 as common_pb
 from agent.batching import MAX_BATCH_TOKENS
 from agent.runtime.base import GenerationEvent, GenerationRequest
 from core.grpc_errors import error_info
+from core.inference import ToolCall
+from core.tool_calls import render_calls
 from server.network.catalog import SMOLLM2_135M
 from tests.doubles.scripted_runtime import DEFAULT_SCRIPT, ScriptedRuntime, scripted_tokens
 from tests.harness import Customer, Platform, eventually, running_platform
@@ -84,6 +86,65 @@ async def test_stream_sends_role_then_content_then_finish_then_usage(platform: P
     assert messages[-1].usage.completion_tokens == 3
     assert messages[-1].billing.charged_micro_credits == _charge(4, 3)
     assert len({m.id for m in messages}) == 1
+
+
+WEATHER = common_pb.FunctionTool(
+    name="get_weather",
+    parameters='{"type": "object", "properties": {"city": {"type": "string"}}}',
+)
+CALL_BLOCK = render_calls([ToolCall("", "get_weather", '{"city": "Paris"}')])
+
+
+def _tool_params() -> pb.ChatCompletionParams:
+    params = _params(content="weather in Paris?")
+    params.tools.append(WEATHER)
+    params.tool_choice.mode = common_pb.TOOL_CHOICE_MODE_REQUIRED
+    return params
+
+
+async def test_tool_calls_reach_grpc_callers_whole_and_streamed(platform: Platform) -> None:
+    runtime = ScriptedRuntime(tool_answers={"weather in Paris?": CALL_BLOCK})
+    await platform.start_agent(runtime)
+    customer = await platform.customer(credits=1_000_000)
+
+    whole = await platform.inference.CreateChatCompletion(
+        pb.CreateChatCompletionRequest(params=_tool_params()), metadata=customer.metadata
+    )
+    streamed = [
+        message
+        async for message in platform.inference.StreamChatCompletion(
+            pb.StreamChatCompletionRequest(params=_tool_params()), metadata=customer.metadata
+        )
+    ]
+
+    [call] = whole.choices[0].message.tool_calls
+    assert (call.name, call.arguments) == ("get_weather", '{"city": "Paris"}')
+    assert call.id.startswith("call_")
+    assert whole.choices[0].finish_reason == common_pb.FINISH_REASON_TOOL_CALLS
+    # Billed as generated: every token of the block.
+    tokens = len(scripted_tokens(CALL_BLOCK))
+    assert whole.usage.completion_tokens == tokens
+    pieces = [call for m in streamed for choice in m.choices for call in choice.tool_calls]
+    assert (pieces[0].index, pieces[0].name, pieces[0].arguments) == (0, "get_weather", "")
+    assert pieces[0].id.startswith("call_")
+    assert all(not piece.id and not piece.name for piece in pieces[1:])
+    assert "".join(piece.arguments for piece in pieces) == '{"city": "Paris"}'
+    assert streamed[-2].choices[0].finish_reason == common_pb.FINISH_REASON_TOOL_CALLS
+    assert streamed[-1].usage.completion_tokens == tokens
+    assert [job.tool_use is not None for job in runtime.started_jobs] == [True, True]
+
+
+async def test_tool_choice_without_tools_is_invalid(platform: Platform) -> None:
+    customer = await platform.customer(credits=1_000)
+    params = _params()
+    params.tool_choice.mode = common_pb.TOOL_CHOICE_MODE_AUTO
+    error = await _rpc_error(
+        platform.inference.CreateChatCompletion(
+            pb.CreateChatCompletionRequest(params=params), metadata=customer.metadata
+        )
+    )
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert dict(_details(error).metadata) == {"field": "tool_choice"}
 
 
 def _details(error: grpc.aio.AioRpcError) -> ErrorInfo:
