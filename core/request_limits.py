@@ -71,6 +71,9 @@ class SchemaLimits:
     # Any minItems/maxItems/minLength/maxLength/... and pattern quantifier bound.
     max_repetitions: int = 256
     max_pattern_length: int = 512
+    # The parameters of all of a request's tools together: one grammar is built from
+    # them (at this size it compiles in about a second on a loaded 2-core machine).
+    max_tools_bytes: int = 32 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,14 +220,21 @@ def tool_bytes(tools: Sequence[FunctionTool]) -> int:
 
 
 def check_tool_use(tool_use: ToolUse, limits: SchemaLimits = SCHEMA_LIMITS) -> None:
-    """Refuses tools a grammar cannot be built from: too many, names that are not
-    identifiers or repeat, parameters that are no bounded object schema, and a
-    tool choice naming no tool."""
+    """Refuses tools a grammar cannot be built from: too many or too large together,
+    names that are not identifiers or repeat, parameters that are no bounded object
+    schema, and a tool choice naming no tool."""
     tools = tool_use.tools
     if not tools:
         raise InvalidArgument("tools must contain at least one tool", field=TOOLS_FIELD)
     if len(tools) > MAX_TOOLS:
         raise InvalidArgument(f"{len(tools)} tools, at most {MAX_TOOLS} allowed", field=TOOLS_FIELD)
+    schemas = sum(len(tool.parameters.encode()) for tool in tools)
+    if schemas > limits.max_tools_bytes:
+        raise InvalidArgument(
+            f"the tools' parameters have {schemas} bytes together, "
+            f"at most {limits.max_tools_bytes} allowed",
+            field=TOOLS_FIELD,
+        )
     names: set[str] = set()
     for index, tool in enumerate(tools):
         field = f"{TOOLS_FIELD}.{index}.function"

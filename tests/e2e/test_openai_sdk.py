@@ -16,6 +16,8 @@ import openai
 import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from langchain_openai import ChatOpenAI
+from pydantic import BaseModel
 
 from tests.harness import eventually
 from tests.running_platform import MODEL, START_TIMEOUT_S, RunningPlatform
@@ -123,6 +125,63 @@ async def test_json_object_format_logprobs_and_several_choices(platform: Running
         assert all(item.logprob <= 0 and len(item.top_logprobs) == 2 for item in tokens)
     # Greedy: both choices are the same text.
     assert completion.choices[0].message.content == completion.choices[1].message.content
+
+
+class Weather(BaseModel):
+    """A weather report."""
+
+    city: str
+    celsius: int
+
+
+async def test_an_agent_framework_gets_tool_calls_from_the_bundled_model(
+    platform: RunningPlatform,
+) -> None:
+    chat = ChatOpenAI(
+        model=MODEL,
+        base_url=platform.base_url,
+        api_key=platform.api_key,  # type: ignore[arg-type]
+        max_retries=0,
+        temperature=0,
+        max_tokens=60,  # type: ignore[call-arg]
+    )
+    structured = chat.with_structured_output(Weather, method="function_calling")
+
+    report = await structured.ainvoke("Report the weather in Paris.")
+    stream = await platform.client().chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "What time is it in Tokyo?"}],
+        tools=[
+            {
+                "type": "function",
+                "function": {
+                    "name": "get_time",
+                    "parameters": {
+                        "type": "object",
+                        "properties": {"city": {"type": "string", "maxLength": 20}},
+                        "required": ["city"],
+                    },
+                },
+            }
+        ],
+        tool_choice="required",
+        temperature=0,
+        max_tokens=60,
+        stream=True,
+    )
+    pieces = [
+        call
+        async for chunk in stream
+        for choice in chunk.choices
+        for call in choice.delta.tool_calls or ()
+    ]
+
+    assert isinstance(report, Weather)
+    assert pieces[0].id is not None
+    assert pieces[0].function is not None
+    assert pieces[0].function.name == "get_time"
+    arguments = json.loads("".join(p.function.arguments or "" for p in pieces if p.function))
+    assert isinstance(arguments["city"], str)
 
 
 async def test_text_completion_continues_a_raw_prompt(platform: RunningPlatform) -> None:

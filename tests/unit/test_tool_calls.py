@@ -214,6 +214,16 @@ USER = ChatMessage(ChatRole.USER, "hi")
         (_chat(USER, parallel_tool_calls=True), "parallel_tool_calls"),
         (_chat(USER, tools=(FunctionTool("a b"),)), "tools.0.function.name"),
         (_chat(USER, tools=(TIME,) * 129), "tools"),
+        (
+            _chat(
+                USER,
+                tools=tuple(
+                    FunctionTool(f"t{i}", parameters=json.dumps({"description": "x" * 9000}))
+                    for i in range(4)
+                ),
+            ),
+            "tools",
+        ),
         (_chat(USER, tools=(FunctionTool("f", parameters="[]"),)), "tools.0.function.parameters"),
         (
             _chat(
