@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator
 
 import grpc
@@ -20,7 +21,8 @@ from agent.session import AGENT_VERSION, AgentSession, SessionSettings
 from core import channels
 from core.convert.generation import spec_to_pb
 from core.grpc_errors import error_info
-from core.inference import ChatMessage, ChatRole, GenerationSpec, Sampling
+from core.inference import ChatMessage, ChatRole, GenerationSpec, Sampling, ToolCall
+from core.tool_calls import render_calls
 from server.network.catalog import SMOLLM2_135M
 from server.network.service import FailoverSettings, LivenessSettings
 from tests.doubles.scripted_runtime import (
@@ -77,6 +79,57 @@ async def test_node_killed_mid_stream_is_continued_on_another_and_billed_once(
         balance = await platform.balance(customer)
         assert balance.held_micro_credits == 0
         assert 1_000_000 - balance.available_micro_credits == _charge(4, 150)
+
+
+async def test_a_tool_call_cut_by_a_lost_node_is_finished_by_another(
+    postgres_dsn: str,
+) -> None:
+    arguments = json.dumps({"note": LONG_SCRIPT[:200]})
+    block = render_calls([ToolCall("", "write_note", arguments)])
+    runtimes = [
+        ScriptedRuntime(tool_answers={"hello there": block}, token_delay_s=0.005) for _ in "ab"
+    ]
+    async with running_platform(postgres_dsn) as platform:
+        for name, runtime in zip("ab", runtimes, strict=True):
+            await platform.start_agent(runtime, name=name)
+        customer = await platform.customer(credits=1_000_000)
+        params = pb.ChatCompletionParams(
+            model=SMOLLM2_135M.id,
+            messages=[common_pb.ChatMessage(role=common_pb.CHAT_ROLE_USER, content="hello there")],
+            tools=[common_pb.FunctionTool(name="write_note")],
+            tool_choice=common_pb.ToolChoice(mode=common_pb.TOOL_CHOICE_MODE_REQUIRED),
+        )
+
+        pieces: list[pb.ToolCallDelta] = []
+        reasons = []
+        usage = None
+        async for message in platform.inference.StreamChatCompletion(
+            pb.StreamChatCompletionRequest(params=params), metadata=customer.metadata
+        ):
+            if message.HasField("usage"):
+                usage = message.usage
+            for choice in message.choices:
+                if choice.finish_reason:
+                    reasons.append(choice.finish_reason)
+                pieces.extend(choice.tool_calls)
+                if len(pieces) == 3 and choice.tool_calls:
+                    await platform.agent_running().stop()
+
+        # The second node continued the first's call under the same tools.
+        [first], [second] = (runtime.started_jobs for runtime in runtimes)
+        assert sorted(job.continuation is not None for job in (first, second)) == [False, True]
+        assert first.tool_use is not None
+        assert second.tool_use == first.tool_use
+        # One call, announced once, its arguments whole across the two nodes.
+        assert [(piece.index, piece.name) for piece in pieces if piece.id] == [(0, "write_note")]
+        assert "".join(piece.arguments for piece in pieces) == arguments
+        assert reasons == [common_pb.FINISH_REASON_TOOL_CALLS]
+        assert usage is not None
+        assert usage.completion_tokens == len(scripted_tokens(block))
+        balance = await platform.balance(customer)
+        assert 1_000_000 - balance.available_micro_credits == _charge(
+            usage.prompt_tokens, usage.completion_tokens
+        )
 
 
 def _spec(max_tokens: int = 100) -> GenerationSpec:
