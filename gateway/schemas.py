@@ -252,7 +252,13 @@ class ChatCompletionRequest(_Request):
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     response_format: ResponseFormat | None = None
     tools: list[Tool] | None = Field(default=None, max_length=MAX_TOOLS)
-    tool_choice: Annotated[ToolChoice | None, BeforeValidator(_tool_choice_object)] = None
+    tool_choice: Annotated[
+        ToolChoice | None,
+        BeforeValidator(
+            _tool_choice_object,
+            json_schema_input_type=Literal["none", "auto", "required"] | ToolChoice | None,
+        ),
+    ] = None
     parallel_tool_calls: StrictBool | None = None
     logit_bias: Unserved = None
     # The legacy form of tools: refused (not translated), callers use tools instead.
