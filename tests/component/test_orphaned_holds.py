@@ -30,6 +30,9 @@ from tests.harness import Customer, Platform, running_platform
 LONG_SCRIPT = " ".join(f"w{i}" for i in range(200))
 # Short, so that a dead replica's requests are settled quickly here.
 FAST = InFlightSettings(lease_s=0.3, sweep_interval_s=0.05, running_grace_s=10)
+# A live replica renews every third of its lease; on a loaded machine a renewal
+# can come 0.2 s late, so the test that a live request keeps its lease gives it room.
+ROOMY = InFlightSettings(lease_s=1.5, sweep_interval_s=0.05, running_grace_s=10)
 REQUEST = ChatRequest(
     model=MODEL_ID, messages=(ChatMessage(ChatRole.USER, "hello there"),), max_tokens=500
 )
@@ -67,13 +70,15 @@ def _token(platform: Platform) -> str:
 
 
 @contextlib.asynccontextmanager
-async def _replica(platform: Platform, dsn: str) -> AsyncIterator[CloudComponent]:
+async def _replica(
+    platform: Platform, dsn: str, inflight: InFlightSettings = FAST
+) -> AsyncIterator[CloudComponent]:
     cloud = await CloudComponent.start(
         dsn,
         account_target=platform.target,
         network_target=platform.target,
         service_token=_token(platform),
-        inflight=FAST,
+        inflight=inflight,
     )
     try:
         yield cloud
@@ -163,14 +168,14 @@ async def test_a_live_request_keeps_its_lease_and_settles_itself(
 ) -> None:
     await platform.start_agent(ScriptedRuntime(script=LONG_SCRIPT[:200]), "n")
     customer = await platform.customer(credits=1_000_000)
-    async with _replica(platform, postgres_dsn) as replica:
+    async with _replica(platform, postgres_dsn, ROOMY) as replica:
         events = replica.inference.stream(f"Bearer {customer.api_key}", REQUEST, "req-live")
         async with contextlib.aclosing(events):
             async for event in events:
                 if isinstance(event, ContentDelta):
                     break
             # Several leases and many sweeps pass while the request waits on its caller.
-            await asyncio.sleep(4 * FAST.lease_s)
+            await asyncio.sleep(3 * ROOMY.lease_s)
             row = await db.fetchrow(
                 "SELECT * FROM cloud_inflight_requests WHERE request_id = 'req-live'"
             )
