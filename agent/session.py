@@ -37,6 +37,8 @@ from agent.identity import NodeIdentity, signed_hello
 from agent.results import ResultSink
 from agent.runner import JobRef, JobRunner
 from agent.runtime.base import Runtime
+from agent.telemetry import AgentMetrics, JobTelemetry
+from core import tracing
 from core.agent_messages import ConfigApplied, Draining, FailureKind
 from core.channels import PLAINTEXT, Tls
 from core.channels import channel as open_channel
@@ -90,8 +92,16 @@ class SessionSettings:
 
 class AgentSession:
     def __init__(
-        self, settings: SessionSettings, runtime: Runtime, *, backoff: Backoff | None = None
+        self,
+        settings: SessionSettings,
+        runtime: Runtime,
+        *,
+        backoff: Backoff | None = None,
+        metrics: AgentMetrics | None = None,
     ) -> None:
+        """Jobs are measured (agent/telemetry.py) when ``metrics`` is given or tracing
+        is on."""
+        self._metrics = metrics
         self._settings = settings
         self._runtime = runtime
         self._backoff = backoff or Backoff()
@@ -154,6 +164,11 @@ class AgentSession:
                     await self._stopped.wait()
         log.info("drained", node_id=self.node_id)
 
+    def load(self) -> tuple[int, int]:
+        """Jobs running and queued on the live session (none between sessions)."""
+        live = self._live
+        return (0, 0) if live is None else (live[1].active, live[1].queued)
+
     @property
     def target(self) -> str:
         """The replica address the current (or next) session uses."""
@@ -177,9 +192,14 @@ class AgentSession:
         """One session; returns the reason if the network asked to reconnect."""
         outbound: asyncio.Queue[pb.ConnectRequest | None] = asyncio.Queue()
         sink = ResultSink(outbound, self._settings.identity)
+        telemetry = (
+            JobTelemetry(sink, self._metrics or AgentMetrics())
+            if self._metrics is not None or tracing.enabled()
+            else None
+        )
         runner = JobRunner(
             self._runtime,
-            sink,
+            telemetry or sink,
             batch_tokens=self._settings.batch_tokens,
             batch_delay_s=self._settings.batch_delay_s,
         )
@@ -196,6 +216,8 @@ class AgentSession:
                     heartbeats.set_interval(welcome.heartbeat_interval.ToNanoseconds() / 1e9)
                     self.heartbeat_interval_s = heartbeats.interval_s
                     self.node_id = welcome.node_id
+                    if telemetry is not None:
+                        telemetry.node_id = welcome.node_id
                     self._backoff.reset()
                     self._live = (outbound, runner)
                     self.connected.set()
@@ -210,11 +232,14 @@ class AgentSession:
                 elif kind == "config":
                     self._apply(response.config, heartbeats, outbound)
                 elif kind == "assign_job":
-                    self._assign(runner, sink, response.assign_job)
+                    self._assign(runner, sink, telemetry, response.assign_job)
                 elif kind == "cancel_job":
                     cancel = cancel_from_pb(response.cancel_job)
-                    runner.cancel(JobRef(cancel.job_id, cancel.epoch))
-                    sink.forget(JobRef(cancel.job_id, cancel.epoch))
+                    job = JobRef(cancel.job_id, cancel.epoch)
+                    runner.cancel(job)
+                    sink.forget(job)
+                    if telemetry is not None:
+                        telemetry.cancelled(job)
                 elif kind == "reconnect":
                     return response.reconnect.reason
             return None
@@ -223,6 +248,8 @@ class AgentSession:
             self.connected.clear()
             heartbeats.stop()
             await runner.cancel_all()
+            if telemetry is not None:
+                telemetry.close()
             outbound.put_nowait(None)
             await channel.close(grace=None)
             self._sessions += 1
@@ -249,15 +276,19 @@ class AgentSession:
         self,
         runner: JobRunner,
         sink: ResultSink,
+        telemetry: JobTelemetry | None,
         assign: pb.AssignJob,
     ) -> None:
         job = JobRef(assign.job_id, assign.epoch)
         try:
-            request = generation_request(assign_from_pb(assign))
+            command = assign_from_pb(assign)
+            request = generation_request(command)
         except InvalidArgument as error:
             param = error.metadata.get("field", "")
             sink.failed(job, FailureKind.INVALID_REQUEST, error.message, param)
             return
+        if telemetry is not None:
+            telemetry.assigned(job, command)
         runner.start(job, request)
 
 

@@ -20,6 +20,8 @@ class AssignCommand:
     spec: GenerationSpec
     # Set when the job continues what another node started.
     continuation: Continuation | None = None
+    # W3C trace context of the dispatch (traceparent, tracestate); empty untraced.
+    trace_context: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,10 +14,14 @@ for loopback (`make run`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
+
+from core import tracing
 
 KEEPALIVE_TIME_MS = 20_000
 KEEPALIVE_TIMEOUT_MS = 10_000
@@ -91,18 +95,28 @@ PLAINTEXT = Tls()
 
 
 def insecure_channel(target: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(target, options=CLIENT_OPTIONS)
+    return grpc.aio.insecure_channel(
+        target, options=CLIENT_OPTIONS, interceptors=tracing.client_interceptors() or None
+    )
 
 
 def channel(target: str, tls: Tls = PLAINTEXT) -> grpc.aio.Channel:
-    """A channel to ``target``: TLS if ``tls.connect``, else plaintext."""
+    """A channel to ``target``: TLS if ``tls.connect``, else plaintext. Traced calls
+    (core/tracing.py) send their trace context along."""
     if not tls.connect:
         return insecure_channel(target)
-    return grpc.aio.secure_channel(target, tls.channel_credentials(), options=CLIENT_OPTIONS)
+    return grpc.aio.secure_channel(
+        target,
+        tls.channel_credentials(),
+        options=CLIENT_OPTIONS,
+        interceptors=tracing.client_interceptors() or None,
+    )
 
 
-def server() -> grpc.aio.Server:
-    return grpc.aio.server(options=SERVER_OPTIONS)
+def server(interceptors: Sequence[grpc.aio.ServerInterceptor[Any, Any]] = ()) -> grpc.aio.Server:
+    """A server with ``interceptors`` (metrics), after those of tracing when it is on."""
+    chain = [*tracing.server_interceptors(), *interceptors]
+    return grpc.aio.server(options=SERVER_OPTIONS, interceptors=chain or None)
 
 
 def listen(grpc_server: grpc.aio.Server, address: str, tls: Tls = PLAINTEXT) -> int:

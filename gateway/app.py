@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, TypeVar, cast
 
@@ -29,8 +29,10 @@ from core.channels import PLAINTEXT, Tls
 from core.channels import channel as tls_channel
 from core.errors import InvalidArgument, quote
 from core.metadata import AUTHORIZATION, GENERATION_MS, REQUEST_ID, Metadata, bearer_metadata
+from core.metrics import NO_METRICS
+from core.prometheus import CONTENT_TYPE, PrometheusMetrics
 from core.regions import validate_region
-from gateway import convert, errors, health, sse
+from gateway import convert, errors, health, observe, sse
 from gateway.console import ConsoleTargets, console_router
 from gateway.errors import ApiError, RequestParams
 from gateway.openapi import REGION_HEADER, describe
@@ -66,17 +68,16 @@ def create_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     tls: Tls = PLAINTEXT,
     console: ConsoleTargets | None = None,
+    metrics: PrometheusMetrics | None = None,
 ) -> FastAPI:
     """The gateway app; its lifespan owns the gRPC channel to cloud at `cloud_target`.
-    With `console`, it serves the web console at /console too."""
+    With `console`, it serves the web console at /console too. With ``metrics``,
+    requests are counted there and `GET /metrics` serves its registry (the whole
+    process's); without, there is no /metrics."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        channel = (
-            tls_channel(cloud_target, tls)
-            if tls.connect
-            else grpc.aio.insecure_channel(cloud_target)
-        )
+        channel = tls_channel(cloud_target, tls)
         app.state.cloud = inference_service_pb2_grpc.InferenceServiceStub(channel)
         app.state.cloud_health = health.health_stub(channel)
         log.info("gateway.cloud_channel_opened", target=cloud_target)
@@ -98,11 +99,15 @@ def create_app(
     app.add_exception_handler(grpc.aio.AioRpcError, _rpc_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(RequestIdMiddleware, metrics=observe.GatewayMetrics(metrics or NO_METRICS))
     app.include_router(_router)
     app.include_router(health.router)
     if console is not None:
         app.include_router(console_router(console, tls))
+    if metrics is not None:
+        app.add_api_route(
+            "/metrics", _exposition(metrics), methods=["GET"], include_in_schema=False
+        )
     describe(app)
     return app
 
@@ -121,8 +126,9 @@ class RequestIdMiddleware:
     there it is the time of admission and routing; a whole response starts after
     generation, so there it is the total less the nodes' time."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, metrics: observe.GatewayMetrics) -> None:
         self.app = app
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -145,7 +151,10 @@ class RequestIdMiddleware:
                 headers.append(OVERHEAD_HEADER, f"{overhead_ms:.1f}")
             await send(message)
 
-        with structlog.contextvars.bound_contextvars(request_id=request_id):
+        with (
+            structlog.contextvars.bound_contextvars(request_id=request_id),
+            observe.request_span(scope) as span,
+        ):
             try:
                 await self.app(scope, receive, send_with_id)
             except Exception:
@@ -154,13 +163,17 @@ class RequestIdMiddleware:
                     raise  # headers are out; the server aborts the connection
                 await errors.internal_error().response()(scope, receive, send_with_id)
             finally:
+                elapsed = time.monotonic() - began
                 log.info(
                     "gateway.request",
                     method=scope["method"],
                     path=quote(scope["path"]),
                     status=status,
-                    duration_ms=round((time.monotonic() - began) * 1000, 1),
+                    duration_ms=round(elapsed * 1000, 1),
                 )
+                self.metrics.request(scope, status, elapsed)
+                if span is not None:
+                    observe.end_span(span, scope, status)
 
 
 async def _api_error(_: Request, exc: Exception) -> Response:
@@ -243,9 +256,11 @@ async def _parse(request: Request, model: type[_Body]) -> _Body:
         raise errors.from_validation_errors(error.errors()) from None
 
 
-def _bind_request(model: str, **fields: object) -> None:
+def _bind_request(request: Request, model: str, **fields: object) -> None:
     """Log context of the request; before cloud has authenticated the caller, only a
-    prefix of what the caller chose goes into the log."""
+    prefix of what the caller chose goes into the log. The model is kept for the
+    request's metrics and span too (gateway/observe.py bounds it)."""
+    setattr(request.state, observe.MODEL_STATE, model)
     structlog.contextvars.bind_contextvars(model=quote(model), **fields)
 
 
@@ -272,7 +287,7 @@ async def chat_completions(request: Request) -> Response:
     renames = {"max_tokens": "max_completion_tokens"} if body.max_completion_tokens else {}
     request.state.params = RequestParams.of(ChatCompletionRequest, **renames)
     logprobs = bool(body.logprobs)
-    _bind_request(body.model, stream=body.stream)
+    _bind_request(request, body.model, stream=body.stream)
     cloud = _cloud(request)
     if body.stream:
         include_usage = body.include_usage
@@ -308,7 +323,7 @@ async def completions(request: Request) -> Response:
     # A node reports a prompt too long for its context as the messages'.
     request.state.params = RequestParams.of(CompletionRequest, messages="prompt")
     logprobs = body.logprobs is not None
-    _bind_request(body.model, stream=body.stream)
+    _bind_request(request, body.model, stream=body.stream)
     cloud = _cloud(request)
     if body.stream:
         include_usage = body.include_usage
@@ -339,7 +354,7 @@ async def embeddings(request: Request) -> Response:
     metadata = _call_metadata(request)
     body = await _parse(request, EmbeddingRequest)
     request.state.params = RequestParams.of(EmbeddingRequest, messages="input")
-    _bind_request(body.model)
+    _bind_request(request, body.model)
     call = _cloud(request).CreateEmbeddings(
         pb.CreateEmbeddingsRequest(
             model=body.model, inputs=body.input, user=body.user or "", region=_region(request)
@@ -378,6 +393,13 @@ async def get_model(request: Request, model: str) -> Response:
     except ClientGone:
         return client_gone_response()
     return _json(convert.model_card_from_proto(response.model).model_dump_json())
+
+
+def _exposition(metrics: PrometheusMetrics) -> Callable[[], Awaitable[Response]]:
+    async def exposition() -> Response:
+        return Response(content=metrics.exposition(), media_type=CONTENT_TYPE)
+
+    return exposition
 
 
 def _json(content: str, headers: dict[str, str] | None = None) -> Response:

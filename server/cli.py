@@ -15,12 +15,13 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import structlog
 
-from core import channels, event_loop
+from core import channels, event_loop, tracing
 from core.logging import configure_logging
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
+    from core.prometheus import PrometheusMetrics
     from server.common.health import GrpcHealth
     from server.network.fleet import ReplicaSettings
     from server.network.presence import Presence
@@ -59,6 +60,14 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--tls-client-ca", type=Path, help="require client certificates signed by this CA"
     )
+    up.add_argument(
+        "--agent-metrics-port",
+        type=int,
+        help="serve the local agent's Prometheus metrics on this port (the platform's "
+        "are at the HTTP API's /metrics)",
+    )
+    # Also accepted after `up`, for `make run ARGS=--log-json`.
+    up.add_argument("--log-json", action="store_true", default=argparse.SUPPRESS)
 
     agent = commands.add_parser("agent", help="run a node agent")
     agent.add_argument(
@@ -100,6 +109,7 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds running jobs may take to finish after SIGTERM",
     )
     _tls_arguments(agent, serves=False)
+    _metrics_arguments(agent)
 
     network = commands.add_parser("network", help="run the network server alone")
     network.add_argument("--listen", default="127.0.0.1:50051")
@@ -138,6 +148,7 @@ def _parser() -> argparse.ArgumentParser:
         "machine's hostname if it listens on all interfaces)",
     )
     _tls_arguments(network, serves=True)
+    _metrics_arguments(network)
 
     account = commands.add_parser("account", help="run the account server alone")
     account.add_argument("--listen", default="127.0.0.1:50052")
@@ -151,6 +162,7 @@ def _parser() -> argparse.ArgumentParser:
         help="where the key hashing secret and service token live (created if missing)",
     )
     _tls_arguments(account, serves=True)
+    _metrics_arguments(account)
     from server.account.admin_cli import add_commands
 
     add_commands(account)
@@ -183,6 +195,7 @@ def _parser() -> argparse.ArgumentParser:
         help="where the service token is read from unless RESULTITY_SERVICE_TOKEN is set",
     )
     _tls_arguments(cloud, serves=True)
+    _metrics_arguments(cloud)
 
     from server.network.cli import add_commands as add_node_commands
 
@@ -251,6 +264,36 @@ def _tls_arguments(parser: argparse.ArgumentParser, *, serves: bool) -> None:
     )
 
 
+def _metrics_arguments(parser: argparse.ArgumentParser) -> None:
+    env = os.environ.get
+    port = env("RESULTITY_METRICS_PORT", "")
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(port) if port.isdigit() else None,
+        help="serve Prometheus metrics at http://HOST:PORT/metrics "
+        "(default: $RESULTITY_METRICS_PORT; unset: not collected)",
+    )
+    parser.add_argument(
+        "--metrics-host",
+        default=env("RESULTITY_METRICS_HOST", "127.0.0.1"),
+        help="interface the metrics are served on (default: $RESULTITY_METRICS_HOST, "
+        "else loopback; 0.0.0.0 for a Prometheus on another machine)",
+    )
+
+
+def _served_metrics(args: argparse.Namespace) -> PrometheusMetrics | None:
+    """This process's metrics, served on --metrics-port; None without one."""
+    if args.metrics_port is None:
+        return None
+    from core.prometheus import PrometheusMetrics
+
+    metrics = PrometheusMetrics()
+    port = metrics.serve(args.metrics_port, args.metrics_host)
+    log.info("metrics served", url=f"http://{args.metrics_host}:{port}/metrics")
+    return metrics
+
+
 def _tls(args: argparse.Namespace) -> channels.Tls:
     try:
         return channels.Tls(
@@ -274,9 +317,25 @@ def _region(value: str) -> str:
         raise argparse.ArgumentTypeError(error.message) from None
 
 
+# What each long-running command is called in traces (resultity-<name>).
+_TRACED = {"up": "platform", "agent": "agent", "network": "network", "cloud": "cloud"}
+
+
+def _traced_as(args: argparse.Namespace) -> str | None:
+    """The service name a command's process traces as; None for one-shot commands."""
+    if args.command == "account":
+        return None if args.account_command else "account"
+    if args.command == "gateway":
+        return "gateway"
+    return _TRACED.get(args.command)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     configure_logging(args.log_level, json=args.log_json)
+    service = _traced_as(args)
+    if service is not None and tracing.configure_tracing(service):
+        log.info("tracing", service=f"resultity-{service}", exporter="otlp")
     try:
         with contextlib.suppress(KeyboardInterrupt):
             event_loop.run(_run(args))
@@ -285,6 +344,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         from core.grpc_errors import describe_rpc_error
 
         raise SystemExit(f"error: {describe_rpc_error(error)}") from None
+    finally:
+        tracing.shutdown_tracing()
 
 
 async def _run(args: argparse.Namespace) -> None:
@@ -319,7 +380,10 @@ def _gateway_app(args: argparse.Namespace) -> FastAPI:
     if (args.account is None) != (args.network is None):
         raise SystemExit("gateway: the console needs both --account and --network")
     console = None if args.account is None else ConsoleTargets(args.account, args.network)
-    return create_app(args.cloud, tls=_tls(args), console=console)
+    # The gateway's metrics are always collected: its /metrics serves them.
+    from core.prometheus import PrometheusMetrics
+
+    return create_app(args.cloud, tls=_tls(args), console=console, metrics=PrometheusMetrics())
 
 
 async def _up(args: argparse.Namespace) -> None:
@@ -340,6 +404,8 @@ async def _up(args: argparse.Namespace) -> None:
         "log_level": args.log_level,
         "local_agent_threads": args.agent_threads,
         "local_agent_region": args.agent_region,
+        "local_agent_metrics_port": args.agent_metrics_port,
+        "log_json": args.log_json or None,
     }
     settings = PlatformSettings(**{k: v for k, v in overrides.items() if v is not None})
     if args.no_agent:
@@ -352,6 +418,7 @@ async def _agent(args: argparse.Namespace) -> None:
     from agent.main import run_agent
     from agent.runtime.loader import RuntimeSettings
     from agent.session import SessionSettings
+    from agent.telemetry import AgentMetrics
 
     runtime = RuntimeSettings(
         runtime=args.runtime,
@@ -373,14 +440,19 @@ async def _agent(args: argparse.Namespace) -> None:
             tls=_tls(args),
         ),
         runtime,
+        metrics=None if (served := _served_metrics(args)) is None else AgentMetrics(served),
     )
 
 
 async def _serve_one(args: argparse.Namespace) -> None:
     """One service on its own gRPC server, until SIGINT or SIGTERM."""
+    from core.grpc_metrics import GrpcServerMetrics
+    from core.metrics import NO_METRICS
     from server.common.health import GrpcHealth
 
-    server = channels.server()
+    served = _served_metrics(args)
+    metrics = served or NO_METRICS
+    server = channels.server([GrpcServerMetrics(served)] if served is not None else [])
     tls = _tls(args)
     # A network server tells its agents to reconnect before it stops serving;
     # the others finish their in-flight calls first.
@@ -408,6 +480,7 @@ async def _serve_one(args: argparse.Namespace) -> None:
             tls=tls,
             replica=replica,
             presence=presence,
+            metrics=metrics,
         )
         await network.start()
         network.register(server)
@@ -436,7 +509,11 @@ async def _serve_one(args: argparse.Namespace) -> None:
         shared = await SharedState.open(args.redis_url)
         close_shared = shared.close
         account = await AccountComponent.start(
-            args.database_url, secrets, changes=shared.invalidations, amqp_url=args.amqp_url
+            args.database_url,
+            secrets,
+            changes=shared.invalidations,
+            amqp_url=args.amqp_url,
+            metrics=metrics,
         )
         account.register(server)
         stop_component = account.stop
@@ -458,6 +535,7 @@ async def _serve_one(args: argparse.Namespace) -> None:
             shared=shared,
             amqp_url=args.amqp_url,
             tls=tls,
+            metrics=metrics,
         )
         cloud.register(server)
         stop_component = cloud.stop

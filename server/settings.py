@@ -32,6 +32,8 @@ class PlatformSettings(BaseSettings):
     # Credits granted to the demo account on first start (micro-credits).
     demo_credits: int = 100_000_000
     log_level: str = "info"
+    # JSON log lines (RESULTITY_LOG_JSON), the local agent's too.
+    log_json: bool = False
     # Unset: generated into <data_dir>/key-hash-secret and <data_dir>/service-token.
     key_hash_secret: SecretStr | None = None
     service_token: SecretStr | None = None
@@ -43,6 +45,8 @@ class PlatformSettings(BaseSettings):
     local_agent_threads: int | None = None
     # Region the local agent declares (e.g. "eu-west"); unset: undeclared.
     local_agent_region: str | None = None
+    # Port the local agent serves its Prometheus metrics on (loopback); unset: none.
+    local_agent_metrics_port: int | None = None
     # TLS on the gRPC listener (PEM files); unset: plaintext, fit for loopback only.
     tls_cert: Path | None = None
     tls_key: Path | None = None

@@ -21,11 +21,14 @@ import structlog
 from pydantic import SecretStr
 
 from core import channels
+from core.grpc_metrics import GrpcServerMetrics
+from core.prometheus import PrometheusMetrics
 from gateway.app import create_app
 from gateway.console import ConsoleTargets
 from gateway.server import serve as serve_gateway
 from server.account.component import SERVICE_NAMES as ACCOUNT_SERVICES
 from server.account.component import AccountComponent
+from server.addresses import PlatformAddresses, remove_addresses, write_addresses
 from server.bootstrap import DEMO_KEY_FILE, ensure_demo_key, ensure_node_token
 from server.cloud.component import SERVICE_NAMES as CLOUD_SERVICES
 from server.cloud.component import CloudComponent
@@ -72,6 +75,7 @@ async def _local_agent(
         "server.cli",
         "--log-level",
         settings.log_level,
+        *(("--log-json",) if settings.log_json else ()),
         "agent",
         "--network",
         f"127.0.0.1:{settings.grpc_port}",
@@ -84,6 +88,11 @@ async def _local_agent(
         "--data-dir",
         str(settings.data_dir.resolve() / "agent"),
         *(("--region", settings.local_agent_region) if settings.local_agent_region else ()),
+        *(
+            ("--metrics-port", str(settings.local_agent_metrics_port))
+            if settings.local_agent_metrics_port is not None
+            else ()
+        ),
     )
     agent = SupervisedProcess(
         "local agent", argv, {**os.environ, "RESULTITY_NODE_TOKEN": node_token}
@@ -124,7 +133,9 @@ async def run_platform(settings: PlatformSettings, *, ready: asyncio.Event | Non
     tls = channels.Tls(
         cert=settings.tls_cert, key=settings.tls_key, client_ca=settings.tls_client_ca
     )
-    server = channels.server()
+    # One registry for the whole process, served at the gateway's /metrics.
+    metrics = PrometheusMetrics()
+    server = channels.server([GrpcServerMetrics(metrics)])
     channels.listen(server, address, tls)
     # With TLS on the public listener, the platform's own calls (and its local agent)
     # use a plaintext listener of their own on loopback.
@@ -152,6 +163,7 @@ async def run_platform(settings: PlatformSettings, *, ready: asyncio.Event | Non
             changes=shared.invalidations,
             amqp_url=settings.amqp_url,
             settlements=settlements,
+            metrics=metrics,
         )
         stack.push_async_callback(account.stop)
         network = NetworkComponent(
@@ -159,6 +171,7 @@ async def run_platform(settings: PlatformSettings, *, ready: asyncio.Event | Non
             account_target=grpc_target,
             service_token=secrets.service_token,
             database_url=dsn,
+            metrics=metrics,
         )
         await network.start()
         cloud = await CloudComponent.start(
@@ -169,6 +182,7 @@ async def run_platform(settings: PlatformSettings, *, ready: asyncio.Event | Non
             shared=shared,
             amqp_url=settings.amqp_url,
             settlements=settlements,
+            metrics=metrics,
         )
         stack.push_async_callback(cloud.stop)
 
@@ -202,7 +216,11 @@ async def run_platform(settings: PlatformSettings, *, ready: asyncio.Event | Non
         gateway_started = asyncio.Event()
         gateway = asyncio.create_task(
             serve_gateway(
-                create_app(grpc_target, console=ConsoleTargets(grpc_target, grpc_target)),
+                create_app(
+                    grpc_target,
+                    console=ConsoleTargets(grpc_target, grpc_target),
+                    metrics=metrics,
+                ),
                 settings.http_host,
                 settings.http_port,
                 started=gateway_started,
@@ -211,11 +229,26 @@ async def run_platform(settings: PlatformSettings, *, ready: asyncio.Event | Non
         )
         stack.push_async_callback(_cancel, gateway)
         await _first(gateway_started.wait(), gateway)
+        write_addresses(data_dir, _addresses(settings, grpc_target))
+        stack.callback(remove_addresses, data_dir)
         _print_banner(settings, api_key, data_dir / DEMO_KEY_FILE)
         if ready is not None:
             ready.set()
         await _first(stop.wait(), gateway)
         log.info("shutting down")
+
+
+def _addresses(settings: PlatformSettings, grpc_target: str) -> PlatformAddresses:
+    agent_port = settings.local_agent_metrics_port
+    return PlatformAddresses(
+        grpc=grpc_target,
+        http=f"http://{settings.http_host}:{settings.http_port}",
+        agent_metrics=(
+            f"http://127.0.0.1:{agent_port}/metrics"
+            if settings.local_agent and agent_port is not None
+            else ""
+        ),
+    )
 
 
 def _secret(value: SecretStr | None) -> str | None:
@@ -246,6 +279,7 @@ def _print_banner(settings: PlatformSettings, api_key: str, key_file: Path) -> N
 Resultity is running.
   OpenAI-compatible API: {base}
   Web console:           {console}   (sign in with the demo key)
+  Prometheus metrics:    http://{settings.http_host}:{settings.http_port}/metrics
   gRPC services:         {settings.grpc_host}:{settings.grpc_port}
   Demo API key:          {api_key}   (saved in {key_file})
 

@@ -71,6 +71,7 @@ def assign_to_pb(command: AssignCommand) -> agent_pb.AssignJob:
         epoch=command.epoch,
         spec=spec_to_pb(command.spec),
         continuation=continuation_to_pb(command.continuation),
+        trace_context=dict(command.trace_context),
     )
 
 
@@ -81,6 +82,7 @@ def assign_from_pb(assign: agent_pb.AssignJob) -> AssignCommand:
         assign.epoch,
         spec_from_pb(assign.spec),
         continuation_from_pb(assign.continuation) if assign.HasField("continuation") else None,
+        tuple(sorted(assign.trace_context.items())),
     )
 
 

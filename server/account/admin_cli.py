@@ -35,6 +35,7 @@ from resultity.account.v1 import referral_service_pb2_grpc as referral_grpc
 from core import channels
 from core.metadata import bearer_metadata
 from server.account.billing_cli import TOPICS, add_topics, micro, topic_calls
+from server.addresses import grpc_target
 from server.secrets import cli_credential
 
 SCOPES = {
@@ -46,7 +47,11 @@ SCOPES = {
 
 def add_commands(account: argparse.ArgumentParser) -> None:
     """Adds the operator commands under `resultity account` (no command: serve)."""
-    account.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT (commands)")
+    account.add_argument(
+        "--target",
+        help="HOST:PORT the commands call (default: the one `resultity up` wrote in "
+        "--data-dir, else 127.0.0.1:50051)",
+    )
     commands = account.add_subparsers(dest="account_command", metavar="COMMAND")
     create = commands.add_parser("create", help="create an account")
     create.add_argument("name")
@@ -96,7 +101,7 @@ def add_commands(account: argparse.ArgumentParser) -> None:
 
 async def run_command(args: argparse.Namespace) -> None:
     metadata = bearer_metadata(cli_credential(args.data_dir))
-    async with channels.insecure_channel(args.target) as channel:
+    async with channels.insecure_channel(grpc_target(args.data_dir, args.target)) as channel:
         accounts = account_grpc.AccountServiceStub(channel)
         keys = key_grpc.ApiKeyServiceStub(channel)
         ledger = ledger_grpc.LedgerServiceStub(channel)

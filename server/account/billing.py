@@ -32,6 +32,7 @@ from server.account.ledger import (
     validate_idempotency_key,
     validate_lines,
 )
+from server.account.metrics import LedgerMetrics
 from server.common.paging import decode_cursor, encode_cursor, page_size
 
 log = structlog.get_logger(__name__)
@@ -90,7 +91,9 @@ class BillingService:
         default_hold_ttl: timedelta = timedelta(minutes=10),
         max_hold_ttl: timedelta = timedelta(days=1),
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        metrics: LedgerMetrics | None = None,
     ) -> None:
+        self._metrics = metrics or LedgerMetrics()
         self._store = store
         self._holds = holds
         self._default_hold_ttl = default_hold_ttl
@@ -196,6 +199,7 @@ class BillingService:
         hold = await self._holds.create_hold(
             owner, amount, expires_at, idempotency_key, fingerprint
         )
+        self._metrics.holds_created.inc()
         log.debug("hold created", account_id=account_id, hold_id=str(hold.hold_id), amount=amount)
         return hold
 
@@ -219,6 +223,7 @@ class BillingService:
             total_tokens,
             settle_fingerprint(capture, lines, total_tokens),
         )
+        self._metrics.holds_settled.inc()
         log.debug(
             "hold settled",
             hold_id=hold_id,
@@ -234,6 +239,7 @@ class BillingService:
         released = 0
         while True:
             count = await self._holds.release_expired_holds(batch_size)
+            self._metrics.holds_expired.inc(amount=count)
             released += count
             if count < batch_size:
                 break

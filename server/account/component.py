@@ -29,6 +29,7 @@ from resultity.account.v1 import (
     usage_service_pb2_grpc,
 )
 
+from core.metrics import NO_METRICS, MetricsFactory
 from server.account.api_keys import KeyHasher
 from server.account.billing import BillingService
 from server.account.contribution_servicer import ContributionServicer
@@ -47,6 +48,7 @@ from server.account.ledger_events import (
 from server.account.ledger_events_amqp import AmqpLedgerEvents
 from server.account.ledger_servicer import LedgerServicer
 from server.account.ledger_store import PostgresLedgerStore
+from server.account.metrics import LedgerMetrics
 from server.account.outbox_relay import OutboxRelay
 from server.account.outbox_store import PostgresOutboxStore
 from server.account.payout_store import PostgresPayoutStore
@@ -131,6 +133,7 @@ class AccountComponent:
         changes: Announcer | None = None,
         amqp_url: str | None = None,
         settlements: SettlementQueue | None = None,
+        metrics: MetricsFactory = NO_METRICS,
     ) -> AccountComponent:
         """Connects, migrates, and starts releasing expired holds in the background.
 
@@ -154,7 +157,7 @@ class AccountComponent:
         component = cls(
             pool,
             service,
-            BillingService(ledger, PostgresHoldStore(pool)),
+            BillingService(ledger, PostgresHoldStore(pool), metrics=LedgerMetrics(metrics)),
             ContributionService(PostgresContributionStore(pool)),
             PayoutService(PostgresPayoutStore(pool)),
             SubscriptionService(PostgresSubscriptionStore(pool)),

@@ -22,6 +22,7 @@ from resultity.common.v1 import inference_pb2 as common_pb
 
 from core import channels
 from core.metadata import bearer_metadata
+from server.addresses import grpc_target
 from server.secrets import cli_credential
 
 _ROLES = {"member": pb.SUBCLOUD_ROLE_MEMBER, "admin": pb.SUBCLOUD_ROLE_ADMIN}
@@ -30,7 +31,11 @@ _ROLES = {"member": pb.SUBCLOUD_ROLE_MEMBER, "admin": pb.SUBCLOUD_ROLE_ADMIN}
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Adds `resultity subclouds ...` to the top-level commands."""
     subclouds = commands.add_parser("subclouds", help="create and manage subclouds")
-    subclouds.add_argument("--cloud", default="127.0.0.1:50051", help="HOST:PORT of cloud")
+    subclouds.add_argument(
+        "--cloud",
+        help="HOST:PORT of cloud (default: the one `resultity up` wrote in --data-dir, "
+        "else 127.0.0.1:50051)",
+    )
     subclouds.add_argument(
         "--data-dir",
         type=Path,
@@ -145,7 +150,7 @@ def _key_request(args: argparse.Namespace) -> pb.CreateSubcloudApiKeyRequest:
 
 async def run_command(args: argparse.Namespace) -> None:
     metadata = bearer_metadata(cli_credential(args.data_dir))
-    async with channels.insecure_channel(args.cloud) as channel:
+    async with channels.insecure_channel(grpc_target(args.data_dir, args.cloud)) as channel:
         stub = pb_grpc.SubcloudServiceStub(channel)
         calls: dict[str, Callable[[], Awaitable[Message]]] = {
             "create": lambda: stub.CreateSubcloud(

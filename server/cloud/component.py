@@ -17,11 +17,13 @@ from resultity.cloud.v1 import (
 )
 
 from core.channels import PLAINTEXT, Tls
+from core.metrics import NO_METRICS, MetricsFactory
 from core.replica_channels import ReplicaChannels
 from server.cloud.clients import GrpcAccountClient, GrpcNetworkClient
 from server.cloud.inference import InferenceService
 from server.cloud.inflight import InFlightLeases
 from server.cloud.inflight_store import PostgresInFlightStore
+from server.cloud.metrics import CloudMetrics
 from server.cloud.orphans import OrphanSweeper
 from server.cloud.redis_rate_limits import FallbackCounters, RedisCounters
 from server.cloud.servicer import InferenceServicer
@@ -61,6 +63,7 @@ class CloudComponent:
         settlements: SettlementQueue | None = None,
         tls: Tls = PLAINTEXT,
         inflight: InFlightSettings | None = None,
+        metrics: MetricsFactory = NO_METRICS,
     ) -> None:
         """``account_target`` and ``network_target``: each service's HOST:PORT, or its
         replicas' comma-separated. ``shared`` unset: rate limits and invalidations within
@@ -83,7 +86,8 @@ class CloudComponent:
         if settlements is None:
             settlements = AmqpSettlementQueue(amqp_url) if amqp_url else InProcessSettlementQueue()
         self._settlement_queue = settlements
-        self.settler = Settler(account, settlements)
+        cloud_metrics = CloudMetrics(metrics)
+        self.settler = Settler(account, settlements, metrics=cloud_metrics)
         store = PostgresSubcloudStore(pool)
         resolver = SubcloudResolver(store, ttl_s=ttl_s)
         network = GrpcNetworkClient(self._network_replicas, service_token)
@@ -109,6 +113,7 @@ class CloudComponent:
             rate_limit_counters=(
                 None if self._redis_counters is None else FallbackCounters(self._redis_counters)
             ),
+            metrics=cloud_metrics,
         )
         shared.invalidations.subscribe(self.inference.authenticator)
         shared.invalidations.subscribe(resolver)
@@ -137,6 +142,7 @@ class CloudComponent:
         settlements: SettlementQueue | None = None,
         tls: Tls = PLAINTEXT,
         inflight: InFlightSettings | None = None,
+        metrics: MetricsFactory = NO_METRICS,
     ) -> CloudComponent:
         """Connects to the database and migrates it; ``rate_limits`` unset: read from the
         RESULTITY_RATE_LIMIT_* environment. ``shared``: what replicas share (the caller
@@ -158,6 +164,7 @@ class CloudComponent:
             settlements=settlements,
             tls=tls,
             inflight=inflight,
+            metrics=metrics,
         )
         if component._consume_locally:
             await component.settler.consume_queue()

@@ -19,7 +19,7 @@ from typing import Any
 
 import structlog
 
-from core.errors import InvalidApiKey, JobFailed, ModelNotFound, NoCapacity
+from core.errors import DomainError, InvalidApiKey, JobFailed, ModelNotFound, NoCapacity
 from core.inference import (
     CatalogModel,
     GenerationSpec,
@@ -36,6 +36,7 @@ from core.inference import (
 )
 from server.cloud.auth import CachedAuthenticator
 from server.cloud.inflight import InFlightLeases, InFlightRequest
+from server.cloud.metrics import CANCELLED, COMPLETED, OPERATIONS, CloudMetrics
 from server.cloud.models import ModelDirectory
 from server.cloud.ports import AccountPort, Caller, HoldRef, NetworkPort, SettlementPort
 from server.cloud.pricing import (
@@ -88,10 +89,16 @@ class InferenceService:
         rate_limits: DefaultLimits | None = None,
         subclouds: SubcloudResolver | None = None,
         rate_limit_counters: LimitCounters | None = None,
+        metrics: CloudMetrics | None = None,
     ) -> None:
         """``subclouds`` unset: keys bound to a subcloud are refused.
         ``rate_limit_counters`` unset: this replica's own."""
-        self.limiter = RateLimiter(rate_limits, counters=rate_limit_counters)
+        self._metrics = metrics or CloudMetrics()
+        self.limiter = RateLimiter(
+            rate_limits,
+            counters=rate_limit_counters,
+            rejections=self._metrics.rate_limit_rejections,
+        )
         self._subclouds = subclouds
         self._account = account
         self._network = network
@@ -262,46 +269,64 @@ class InferenceService:
     ) -> AsyncGenerator[CompletionEvent, None]:
         """Admits the request under the caller's rate limits, holds the worst case of
         all ``jobs``, runs them one after another (one choice each) and settles what
-        was delivered, however the stream ends."""
+        was delivered, however the stream ends. Counts it in the metrics."""
         job_ids = [uuid.uuid4().hex for _ in jobs]
-        # Tokens per minute are reserved for the worst case, like the hold, and
-        # corrected to what was delivered when the request ends.
-        admission = await self.limiter.admit(
-            caller.api_key_id,
-            caller.account_id,
-            sum(budget.max_prompt_tokens + budget.max_completion_tokens for _, budget in jobs),
-            key_limits=caller.key_limits,
-            account_limits=caller.account_limits,
-        )
-        run = _Run(
-            model,
-            rules,
-            f"{id_prefix}-{job_ids[0]}",
-            admission.status,
-            JobOrigin(request_id, caller.account_id, caller.subcloud_id),
-            log.bind(request_id=request_id, job_id=job_ids[0], account_id=caller.account_id),
-        )
-        tally = _Tally()
+        tally = _Tally(began=time.monotonic())
+        outcome = CANCELLED
         try:
-            hold = await self._account.create_hold(
+            # Tokens per minute are reserved for the worst case, like the hold, and
+            # corrected to what was delivered when the request ends.
+            admission = await self.limiter.admit(
+                caller.api_key_id,
                 caller.account_id,
-                sum(worst_case_cost(model.price, budget) for _, budget in jobs),
-                idempotency_key=f"chat:{job_ids[0]}",
-                expires=datetime.now(UTC) + self._hold_ttl,
+                sum(budget.max_prompt_tokens + budget.max_completion_tokens for _, budget in jobs),
+                key_limits=caller.key_limits,
+                account_limits=caller.account_limits,
             )
-            async with self._settling(run, hold, tally) as settlement:
-                self._inflight.open(
-                    InFlightRequest(hold, request_id, tuple(job_ids), model.id, model.price)
+            run = _Run(
+                model,
+                rules,
+                f"{id_prefix}-{job_ids[0]}",
+                admission.status,
+                JobOrigin(request_id, caller.account_id, caller.subcloud_id),
+                log.bind(request_id=request_id, job_id=job_ids[0], account_id=caller.account_id),
+            )
+            try:
+                hold = await self._account.create_hold(
+                    caller.account_id,
+                    sum(worst_case_cost(model.price, budget) for _, budget in jobs),
+                    idempotency_key=f"chat:{job_ids[0]}",
+                    expires=datetime.now(UTC) + self._hold_ttl,
                 )
-                for index, (job_id, (spec, _)) in enumerate(zip(job_ids, jobs, strict=True)):
-                    choice = self._run_choice(run, index, job_id, spec, tally)
-                    async with contextlib.aclosing(choice) as events:
-                        async for event in events:
-                            yield event
-                    tally.end_choice()
-            yield CompletionFinished(tally.finished, settlement.charged, tally.generation_s)
+                async with self._settling(run, hold, tally) as settlement:
+                    self._inflight.open(
+                        InFlightRequest(hold, request_id, tuple(job_ids), model.id, model.price)
+                    )
+                    for index, (job_id, (spec, _)) in enumerate(zip(job_ids, jobs, strict=True)):
+                        choice = self._run_choice(run, index, job_id, spec, tally)
+                        async with contextlib.aclosing(choice) as events:
+                            async for event in events:
+                                yield event
+                        tally.end_choice()
+                outcome = COMPLETED
+                yield CompletionFinished(tally.finished, settlement.charged, tally.generation_s)
+            finally:
+                await admission.release(tally.delivered.total_tokens)
+        except DomainError as error:
+            outcome = error.reason.value.lower()
+            raise
         finally:
-            await admission.release(tally.delivered.total_tokens)
+            self._count(OPERATIONS[id_prefix], model.id, outcome, tally)
+
+    def _count(self, operation: str, model: str, outcome: str, tally: _Tally) -> None:
+        metrics = self._metrics
+        metrics.requests.inc(operation, model, outcome)
+        metrics.request_duration.observe(time.monotonic() - tally.began, operation, model)
+        billed = tally.delivered
+        if billed.prompt_tokens:
+            metrics.prompt_tokens.inc(model, amount=billed.prompt_tokens)
+        if billed.completion_tokens:
+            metrics.completion_tokens.inc(model, amount=billed.completion_tokens)
 
     @contextlib.asynccontextmanager
     async def _settling(
@@ -328,6 +353,7 @@ class InferenceService:
         in ``tally``."""
         job = run.log.bind(job_id=job_id, choice=index)
         assigned_at: float | None = None
+        gaps = _TokenGaps()
         async with contextlib.aclosing(
             self._network.run_job(job_id, spec, run.rules, run.origin)
         ) as events:
@@ -341,6 +367,11 @@ class InferenceService:
                         )
                     yield ChoiceStarted(index)
                 elif isinstance(event, JobDelta):
+                    now = time.monotonic()
+                    if tally.first_token_at is None:
+                        tally.first_token_at = now
+                        self._metrics.time_to_first_token.observe(now - tally.began, run.model.id)
+                    gaps.add(now, event.token_count)
                     tally.add_delta(event.prompt_tokens, event.token_count)
                     yield ContentDelta(event.text, index, event.logprobs, event.embedding)
                 elif isinstance(event, JobMigrated):
@@ -348,6 +379,8 @@ class InferenceService:
                 else:
                     elapsed = 0.0 if assigned_at is None else time.monotonic() - assigned_at
                     tally.finish(event.usage.prompt_tokens, event.node_usage, elapsed)
+                    if gaps.mean_s is not None:
+                        self._metrics.inter_token_latency.observe(gaps.mean_s, run.model.id)
                     yield ChoiceFinished(index, event.finish_reason)
                     return
 
@@ -411,6 +444,9 @@ class _Tally:
     running: Usage = dataclasses.field(default_factory=Usage)
     shares: list[NodeUsage] = dataclasses.field(default_factory=list)
     generation_s: float = 0.0
+    # When the request reached cloud, and when its first token came (monotonic).
+    began: float = 0.0
+    first_token_at: float | None = None
 
     @property
     def delivered(self) -> Usage:
@@ -435,6 +471,28 @@ class _Tally:
 
     def end_choice(self) -> None:
         self.finished, self.running = self.delivered, Usage()
+
+
+@dataclasses.dataclass(slots=True)
+class _TokenGaps:
+    """One job's tokens after its first, and the time they took."""
+
+    first_at: float | None = None
+    last_at: float = 0.0
+    tokens: int = 0
+
+    def add(self, now: float, token_count: int) -> None:
+        if self.first_at is None:
+            self.first_at = now
+            token_count -= 1  # the gaps are those after the first token
+        self.last_at = now
+        self.tokens += token_count
+
+    @property
+    def mean_s(self) -> float | None:
+        if self.first_at is None or self.tokens <= 0:
+            return None
+        return (self.last_at - self.first_at) / self.tokens
 
 
 def _offered(model: CatalogModel, subcloud: Subcloud | None) -> CatalogModel | None:

@@ -30,6 +30,7 @@ from typing import Protocol
 
 from core.errors import RateLimited
 from core.metadata import LIMIT_REQUESTS, LIMIT_TOKENS, REMAINING_REQUESTS, REMAINING_TOKENS
+from core.metrics import NO_COUNTER, Counter
 from server.common.rate_limits import NO_LIMITS, RateLimits
 
 
@@ -263,8 +264,11 @@ class RateLimiter:
         *,
         counters: LimitCounters | None = None,
         clock: Callable[[], float] = time.time,
+        rejections: Counter = NO_COUNTER,
     ) -> None:
-        """``counters`` unset: this process's own (one replica)."""
+        """``counters`` unset: this process's own (one replica). ``rejections``
+        counts refused requests by the limit that refused them."""
+        self._rejections = rejections
         self._settings: DefaultLimits = settings or FixedLimits()
         self._counters: LimitCounters = counters or LocalCounters()
         self._clock = clock
@@ -293,6 +297,7 @@ class RateLimiter:
         verdict = await self._counters.acquire(lease, scopes, tokens, self._clock())
         status = _status(scopes, verdict.levels)
         if verdict.in_flight_limit is not None:
+            self._rejections.inc("concurrent_requests")
             raise RateLimited(
                 f"Too many requests in flight (limit {verdict.in_flight_limit}); "
                 "retry when one ends.",
@@ -300,6 +305,7 @@ class RateLimiter:
                 headers=status.headers(),
             )
         if not verdict.admitted:
+            self._rejections.inc("per_minute")
             raise RateLimited(
                 "Rate limit reached for requests or tokens per minute.",
                 retry_after_s=max(1, math.ceil(verdict.wait_s)),

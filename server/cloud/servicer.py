@@ -10,6 +10,7 @@ import grpc
 from resultity.cloud.v1 import inference_service_pb2 as pb
 from resultity.cloud.v1 import inference_service_pb2_grpc as pb_grpc
 
+from core import tracing
 from core.grpc_errors import translate_errors
 from core.metadata import GENERATION_MS, REQUEST_ID
 from server.cloud.convert import (
@@ -39,6 +40,13 @@ def _report_generation(
     """The nodes' time on the request's jobs, from assignment to end as cloud saw it,
     so a caller can tell the platform's own time."""
     context.set_trailing_metadata(((GENERATION_MS, f"{finished.generation_s * 1000:.1f}"),))
+    if tracing.enabled():
+        tracing.annotate(
+            {
+                tracing.GEN_AI_INPUT_TOKENS: finished.usage.prompt_tokens,
+                tracing.GEN_AI_OUTPUT_TOKENS: finished.usage.completion_tokens,
+            }
+        )
 
 
 async def _report_rate_limits(
@@ -48,6 +56,15 @@ async def _report_rate_limits(
 
     Without limits there is nothing to report: gRPC then sends the initial metadata
     with the first message instead of in a send operation of its own."""
+    if isinstance(started, CompletionStarted) and tracing.enabled():
+        tracing.annotate(
+            {
+                tracing.GEN_AI_PROVIDER: tracing.PROVIDER,
+                tracing.GEN_AI_REQUEST_MODEL: started.model,
+                tracing.GEN_AI_RESPONSE_ID: started.completion_id,
+                tracing.GEN_AI_RESPONSE_MODEL: started.model,
+            }
+        )
     status = started.rate_limits if isinstance(started, CompletionStarted) else started
     headers = () if status is None else status.headers()
     if headers:

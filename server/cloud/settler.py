@@ -17,6 +17,7 @@ from typing import Protocol
 
 import structlog
 
+from server.cloud.metrics import CloudMetrics
 from server.common.settlements import (
     LedgerUnavailable,
     OperatorShares,
@@ -41,7 +42,9 @@ class Settler:
         *,
         first_retry_s: float = 0.5,
         max_retry_s: float = 10.0,
+        metrics: CloudMetrics | None = None,
     ) -> None:
+        self._metrics = metrics or CloudMetrics()
         self._ledger = ledger
         self._queue = queue
         self._first_retry_s = first_retry_s
@@ -53,9 +56,13 @@ class Settler:
     async def settle(self, settlement: Settlement) -> int:
         """The captured amount: the ledger's answer, or, when the settlement is
         deferred, the capture it will apply (a settlement captures exactly that)."""
+        metrics = self._metrics
         try:
-            return await self._apply(settlement)
+            charged = await self._apply(settlement)
+            metrics.settlements.inc("applied")
+            return charged
         except LedgerUnavailable as error:
+            metrics.settlement_failures.inc("ledger_unavailable")
             log.warning(
                 "ledger unreachable; settlement deferred",
                 error=str(error),
@@ -63,8 +70,11 @@ class Settler:
             )
         try:
             await self._queue.publish(settlement)
+            metrics.settlements.inc("queued")
             log.info("settlement queued", hold_id=settlement.hold_id)
         except QueueUnavailable as error:
+            metrics.settlement_failures.inc("queue_unavailable")
+            metrics.settlements.inc("kept")
             log.error(
                 "settlement queue unreachable; settlement kept in memory",
                 error=str(error),
@@ -128,15 +138,17 @@ class Settler:
             log.info("deferred settlement applied", hold_id=settlement.hold_id)
             return True
         except LedgerUnavailable:
-            pass
+            self._metrics.settlement_failures.inc("ledger_unavailable")
         except Exception as error:
             if not is_refusal(error):
+                self._metrics.settlement_failures.inc("ledger_error")
                 log.warning(
                     "deferred settlement failed; retrying",
                     error=str(error),
                     hold_id=settlement.hold_id,
                 )
                 return False
+            self._metrics.settlement_failures.inc("refused")
             log.error("deferred settlement refused", error=str(error), **settlement.fields())
             return True
         try:
@@ -144,4 +156,5 @@ class Settler:
             log.info("deferred settlement queued", hold_id=settlement.hold_id)
             return True
         except QueueUnavailable:
+            self._metrics.settlement_failures.inc("queue_unavailable")
             return False

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import structlog
 
 from core.inference import ChatMessage, ChatRole, GenerationSpec, Sampling
+from core.metrics import NO_COUNTER, Counter
 from server.network.catalog import Catalog
 from server.network.nodes import ModelStatus, ModelValidation, NodeSession
 from server.network.settings import ValidationSettings
@@ -63,9 +64,12 @@ class NodeChecks:
         quarantine: Callable[[NodeSession, str], None],
         standing_changed: Callable[[NodeSession], None],
         rng: random.Random | None = None,
+        canaries: Counter = NO_COUNTER,
     ) -> None:
         """``serve`` routes a model to a node that passed it; ``quarantine`` takes a
-        node out of service; ``standing_changed`` records a canary's verdict."""
+        node out of service; ``standing_changed`` records a canary's verdict;
+        ``canaries`` counts verdicts by model, phase and result."""
+        self._canaries = canaries
         self._catalog = catalog
         self._settings = settings
         self._probe = probe
@@ -125,7 +129,9 @@ class NodeChecks:
                 answer = await self._probe(node, self._canary_spec(canary))
                 if answer is None:
                     return
-                if not answer.done or not canary_passes(canary.expected, answer.text):
+                passed = answer.done and canary_passes(canary.expected, answer.text)
+                self._canaries.inc(model, "join", _result(passed))
+                if not passed:
                     node.standing.failed_canary = True
                     self._standing_changed(node)
                     failure = "wrong answer to a known-answer canary"
@@ -149,6 +155,7 @@ class NodeChecks:
         if answer is None:
             return  # no verdict: the node was lost (or cut off) on the way
         passed = answer.done and canary_passes(canary.expected, answer.text)
+        self._canaries.inc(canary.model, "service", _result(passed))
         node.standing.failed_canary = node.standing.failed_canary or not passed
         node.standing.reputation = next_reputation(
             node.standing.reputation, passed, self._settings.reputation_alpha
@@ -176,3 +183,7 @@ class NodeChecks:
 
     def _canary_spec(self, canary: Canary) -> GenerationSpec:
         return self._spec(canary.model, canary.prompt, canary.max_tokens)
+
+
+def _result(passed: bool) -> str:
+    return "passed" if passed else "failed"

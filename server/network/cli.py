@@ -20,6 +20,7 @@ from resultity.network.v1 import node_admin_service_pb2_grpc as pb_grpc
 
 from core import channels
 from core.metadata import bearer_metadata
+from server.addresses import grpc_target
 from server.secrets import service_token
 
 _STATES = {
@@ -41,7 +42,9 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     """Adds `resultity nodes ...` to the top-level commands."""
     nodes = commands.add_parser("nodes", help="list and manage the nodes of a network server")
     nodes.add_argument(
-        "--network", default="127.0.0.1:50051", help="HOST:PORT of the network server"
+        "--network",
+        help="HOST:PORT of the network server (default: the one `resultity up` wrote in "
+        "--data-dir, else 127.0.0.1:50051)",
     )
     nodes.add_argument(
         "--data-dir",
@@ -69,7 +72,8 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
 async def run_command(args: argparse.Namespace) -> None:
     token = service_token(args.data_dir)
     metadata = bearer_metadata(token)
-    async with channels.insecure_channel(args.network) as channel:
+    target = grpc_target(args.data_dir, args.network)
+    async with channels.insecure_channel(target) as channel:
         stub = pb_grpc.NodeAdminServiceStub(channel)
         command = args.nodes_command
         if command == "list":

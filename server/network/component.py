@@ -3,6 +3,7 @@ its PostgreSQL state (migrations, stores) and the bus to the other replicas."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import asyncpg
@@ -17,8 +18,9 @@ from resultity.network.v1 import (
     replica_service_pb2_grpc,
 )
 
-from core import channels
+from core import channels, tracing
 from core.inference import CatalogModel
+from core.metrics import NO_METRICS, MetricsFactory
 from core.replica_channels import ReplicaChannels
 from server.common.bus import Bus
 from server.common.bus_memory import MemoryBus
@@ -31,6 +33,7 @@ from server.network.catalog import DEFAULT_CATALOG, Catalog
 from server.network.config_store import PostgresConfigStore
 from server.network.fleet import ReplicaSettings
 from server.network.job_store import PostgresJobRecordStore
+from server.network.metrics import NetworkMetrics
 from server.network.presence import Presence
 from server.network.replica_client import GrpcForwarder
 from server.network.replica_servicer import ReplicaServicer
@@ -67,6 +70,7 @@ class NetworkComponent:
         tls: channels.Tls = channels.PLAINTEXT,
         replica: ReplicaSettings | None = None,
         presence: Presence | None = None,
+        metrics: MetricsFactory = NO_METRICS,
     ) -> None:
         """Callers of the dispatch, node admin and replica APIs must present
         ``service_token``. With ``account_target`` (HOST:PORT, or its replicas'
@@ -104,6 +108,8 @@ class NetworkComponent:
         self._failover = failover
         self._admission = NodeAdmission(admission or AdmissionSettings(), tokens)
         self._validation = validation
+        self._metrics = NetworkMetrics(metrics)
+        self._stop_watching: Callable[[], None] | None = None
         self._service: NetworkService | None = None
 
     @property
@@ -148,16 +154,24 @@ class NetworkComponent:
                 forwarder=self._forwarder,
                 replica=self._replica,
                 presence=self._presence,
+                metrics=self._metrics,
+                trace_context=tracing.trace_context(),
             )
             await self._service.start()
         except BaseException:
             await pool.close()
             raise
         self._pool = pool
+        service = self._service
+        self._stop_watching = self._metrics.watch_nodes(
+            service.nodes, lambda: service.liveness.suspect_s
+        )
 
     async def stop(self) -> None:
         """Tells connected agents to reconnect and writes what is pending; call before
         stopping the gRPC server (with a grace period) so that the message reaches them."""
+        if self._stop_watching is not None:
+            self._stop_watching()
         if self._service is not None:
             await self._service.stop()
         await self._forwarder.close()

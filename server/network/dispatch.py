@@ -52,11 +52,13 @@ from core.inference import (
     NodeRequirements,
 )
 from core.node_signing import result_payload, verify
+from core.trace_context import UNTRACED, Carrier, TraceContext
 from server.network.catalog import Catalog
 from server.network.checks import Probe
 from server.network.forwarding import Assignment, ForwardedJobs
 from server.network.job_records import JobJournal, JobOutcome
 from server.network.jobs import ActiveJob, NodeLost, NodeReport, QueueTimeout
+from server.network.metrics import NetworkMetrics
 from server.network.nodes import NodeSession
 from server.network.remote_nodes import RemoteNode
 from server.network.routable import RoutableNode
@@ -78,11 +80,16 @@ class JobDispatch:
         canary: Callable[[NodeSession, str], None],
         journal: JobJournal,
         forwarded: ForwardedJobs,
+        metrics: NetworkMetrics | None = None,
+        trace_context: TraceContext = UNTRACED,
     ) -> None:
         """``nodes`` are the connected nodes (the service's own map); ``cut_off`` ends
         a node's session; ``canary`` may send a node that got a job of a model a
         disguised canary of it; ``journal`` records each job (probes are not jobs);
-        ``forwarded`` runs assignments on other replicas' nodes."""
+        ``forwarded`` runs assignments on other replicas' nodes. Each assignment
+        carries ``trace_context``'s current context (a probe a decoy)."""
+        self._metrics = metrics or NetworkMetrics()
+        self._trace_context = trace_context
         self._catalog = catalog
         self._router = router
         self._failover = failover
@@ -114,9 +121,7 @@ class JobDispatch:
             raise InvalidArgument(
                 "max_prompt_tokens exceeds the context", field="max_prompt_tokens"
             )
-        node = self._router.pick(
-            RouteRequest(spec.model, requirements=requirements), time.monotonic()
-        )
+        node = self._pick(RouteRequest(spec.model, requirements=requirements))
         if node is None or self.closing:
             allowed = "" if requirements == NO_REQUIREMENTS else " meeting the job's requirements"
             raise NoCapacity(f"no node{allowed} is serving the model '{spec.model}' right now")
@@ -191,6 +196,7 @@ class JobDispatch:
         finally:
             self._jobs.pop(job_id, None)
             self._journal.ended(job, outcome, detail)
+            self._metrics.jobs.inc(spec.model, outcome.value)
             self._forwarded.stop(job_id)
             current = self._nodes.get(job.node_id)
             if current is not None:
@@ -198,6 +204,14 @@ class JobDispatch:
                 if not finished:
                     current.outbox.put_nowait(CancelCommand(job_id, job.epoch))
                     bound.info("job cancelled by caller", node_id=job.node_id)
+
+    def _pick(self, request: RouteRequest) -> RoutableNode | None:
+        began = time.monotonic()
+        node = self._router.pick(request, began)
+        self._metrics.routing_decision.observe(
+            time.monotonic() - began, "none" if node is None else "picked"
+        )
+        return node
 
     def _assign(self, job: ActiveJob, node: RoutableNode) -> None:
         continuation = job.continuation() if job.migrations else None
@@ -210,7 +224,9 @@ class JobDispatch:
             return
         assert isinstance(node, NodeSession)
         node.active_jobs.add(job.job_id)
-        node.outbox.put_nowait(AssignCommand(job.job_id, job.epoch, spec, continuation))
+        node.outbox.put_nowait(
+            AssignCommand(job.job_id, job.epoch, spec, continuation, self._trace_context.current())
+        )
 
     def _migrate(
         self, job: ActiveJob, lost: NodeLost, bound: structlog.typing.FilteringBoundLogger
@@ -226,14 +242,14 @@ class JobDispatch:
             bound.warning(
                 "job lost its node and cannot move", reason=lost.reason, migrations=job.migrations
             )
+            self._metrics.failovers.inc(job.spec.model, "abandoned")
             return None
-        node = self._router.pick(
-            RouteRequest(job.spec.model, frozenset(job.tried), job.requirements),
-            time.monotonic(),
-        )
+        node = self._pick(RouteRequest(job.spec.model, frozenset(job.tried), job.requirements))
         if node is None:
             bound.warning("job lost its node and no other can continue it", reason=lost.reason)
+            self._metrics.failovers.inc(job.spec.model, "abandoned")
             return None
+        self._metrics.failovers.inc(job.spec.model, "migrated")
         previous = job.node_id
         job.reassign(node.node_id, node.operator_account_id)
         self._assign(job, node)
@@ -323,7 +339,8 @@ class JobDispatch:
         texts: list[str] = []
         tokens = 0
         first_token_at = 0.0
-        async with contextlib.aclosing(self._run_on(node, job)) as reports:
+        running = self._run_on(node, job, trace_context=self._trace_context.decoy())
+        async with contextlib.aclosing(running) as reports:
             async for report in reports:
                 if isinstance(report, ChunkReport):
                     if not texts:
@@ -380,10 +397,14 @@ class JobDispatch:
         )
         log.info("forwarded job assigned", job_id=job_id, node_id=node_id, epoch=epoch)
         self._canary(node, spec.model)
-        return self._run_on(node, job, continuation)
+        return self._run_on(node, job, continuation, self._trace_context.current())
 
     async def _run_on(
-        self, node: NodeSession, job: ActiveJob, continuation: Continuation | None = None
+        self,
+        node: NodeSession,
+        job: ActiveJob,
+        continuation: Continuation | None = None,
+        trace_context: Carrier = (),
     ) -> AsyncGenerator[NodeReport, None]:
         """Assigns ``job`` (its current epoch) to ``node`` and yields the node's reports
         until a final one (done, failed, lost, or queued too long); cancels the
@@ -392,7 +413,9 @@ class JobDispatch:
         job.last_progress = job.assigned_at = time.monotonic()
         job.running = False
         node.active_jobs.add(job.job_id)
-        node.outbox.put_nowait(AssignCommand(job.job_id, job.epoch, job.spec, continuation))
+        node.outbox.put_nowait(
+            AssignCommand(job.job_id, job.epoch, job.spec, continuation, trace_context)
+        )
         finished = False
         try:
             while True:

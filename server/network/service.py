@@ -56,6 +56,7 @@ from core.inference import (
     NodeRequirements,
 )
 from core.regions import validate_region
+from core.trace_context import UNTRACED, TraceContext
 from server.common.bus import Bus
 from server.common.channel_follower import ChannelFollower
 from server.network.admission import AdmissionSettings, NodeAdmission
@@ -74,6 +75,7 @@ from server.network.fleet import Fleet, ReplicaSettings
 from server.network.forwarding import ForwardedJobs, Forwarder
 from server.network.job_records import JobRecord
 from server.network.jobs import NodeReport
+from server.network.metrics import NetworkMetrics
 from server.network.nodes import (
     ConfigCommand,
     DisconnectCommand,
@@ -115,13 +117,17 @@ class NetworkService:
         replica: ReplicaSettings | None = None,
         presence: Presence | None = None,
         rng: random.Random | None = None,
+        metrics: NetworkMetrics | None = None,
+        trace_context: TraceContext = UNTRACED,
     ) -> None:
         """Standings, configuration versions, acknowledgements and job records live
         in ``stores``; new configuration versions and released nodes are announced
         to the other replicas over ``bus``. ``replica`` names this replica and the
         address others forward jobs to; ``presence`` is shared with the other
         replicas (default: this process's own, one replica); ``forwarder`` runs jobs
-        through the replica owning a node."""
+        through the replica owning a node. ``metrics`` counts jobs, routing,
+        failovers and canaries; assignments carry ``trace_context``'s."""
+        self.metrics = metrics or NetworkMetrics()
         self.admission = admission or NodeAdmission(AdmissionSettings(), None)
         self.validation = validation or ValidationSettings()
 
@@ -149,6 +155,8 @@ class NetworkService:
             ),
             journal=self._state.journal,
             forwarded=ForwardedJobs(forwarder, unreachable=self._fleet.remote.unreachable),
+            metrics=self.metrics,
+            trace_context=trace_context,
         )
         self._checks = NodeChecks(
             catalog,
@@ -158,6 +166,7 @@ class NetworkService:
             quarantine=self._quarantine,
             standing_changed=self._state.standing_changed,
             rng=rng,
+            canaries=self.metrics.canaries,
         )
         self._monitor: asyncio.Task[None] | None = None
         # Set when the configuration changes the timings the monitor sleeps by.

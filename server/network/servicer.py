@@ -17,6 +17,7 @@ from resultity.agent.v1 import agent_service_pb2_grpc as agent_grpc
 from resultity.network.v1 import dispatch_service_pb2 as dispatch_pb
 from resultity.network.v1 import dispatch_service_pb2_grpc as dispatch_grpc
 
+from core import tracing
 from core.convert.agent_reports import report_from_pb
 from core.convert.catalog import models_to_pb
 from core.convert.generation import spec_from_pb
@@ -24,6 +25,14 @@ from core.convert.job_events import job_event_to_pb, origin_from_pb
 from core.convert.requirements import requirements_from_pb
 from core.errors import DomainError, ProtocolViolation, SessionEnded
 from core.grpc_errors import abort_with_error, translate_errors
+from core.inference import (
+    GenerationSpec,
+    JobAssigned,
+    JobDelta,
+    JobEvent,
+    JobFinished,
+    JobMigrated,
+)
 from server.network.callers import ServiceCallers, service_only
 from server.network.convert import (
     challenge_to_pb,
@@ -112,14 +121,20 @@ class DispatchServicer(dispatch_grpc.DispatchServiceServicer):
         request: dispatch_pb.RunJobRequest,
         context: grpc.aio.ServicerContext[dispatch_pb.RunJobRequest, dispatch_pb.RunJobResponse],
     ) -> AsyncIterator[dispatch_pb.RunJobResponse]:
+        spec = spec_from_pb(request.spec)
         events = self._service.run_job(
             request.job_id,
-            spec_from_pb(request.spec),
+            spec,
             requirements_from_pb(request.requirements),
             origin_from_pb(request.origin),
         )
+        traced = tracing.enabled()
+        if traced:
+            tracing.annotate(_job_attributes(request.job_id, spec))
         try:
             async for event in events:
+                if traced and not isinstance(event, JobDelta):
+                    tracing.annotate(_event_attributes(event))
                 yield job_event_to_pb(event)
         finally:
             # Runs the job's own cleanup (cancel on the node) even when the caller went away.
@@ -147,3 +162,28 @@ class DispatchServicer(dispatch_grpc.DispatchServiceServicer):
     ) -> dispatch_pb.GetJobRecordsResponse:
         records = await self._service.job_records(list(request.job_ids))
         return dispatch_pb.GetJobRecordsResponse(records=[record_to_pb(r) for r in records])
+
+
+def _job_attributes(job_id: str, spec: GenerationSpec) -> tracing.Attributes:
+    return {
+        tracing.GEN_AI_OPERATION: "embeddings" if spec.embed else "chat",
+        tracing.GEN_AI_PROVIDER: tracing.PROVIDER,
+        tracing.GEN_AI_REQUEST_MODEL: spec.model,
+        tracing.GEN_AI_REQUEST_MAX_TOKENS: spec.sampling.max_tokens,
+        "resultity.job.id": job_id,
+    }
+
+
+def _event_attributes(event: JobEvent) -> tracing.Attributes:
+    """What a job's event adds to the RunJob span (its node, its usage)."""
+    if isinstance(event, JobAssigned):
+        return {"resultity.node.id": event.node_id}
+    if isinstance(event, JobMigrated):
+        return {"resultity.node.id": event.node_id, "resultity.job.epoch": event.epoch}
+    if isinstance(event, JobFinished):
+        return {
+            tracing.GEN_AI_INPUT_TOKENS: event.usage.prompt_tokens,
+            tracing.GEN_AI_OUTPUT_TOKENS: event.usage.completion_tokens,
+            tracing.GEN_AI_FINISH_REASONS: (event.finish_reason.value,),
+        }
+    return {}

@@ -1,0 +1,119 @@
+"""Every gRPC server's calls counted by service, method and status code, and timed.
+
+A server interceptor (``GrpcServerMetrics``), so that the account, network and
+cloud services, alone or together under `resultity up`, report their calls the
+same way. Services and methods are those the server registered (bounded); a call
+of an unknown method is not counted. A streaming call's time is the stream's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from core.metrics import LATENCY_BUCKETS, MetricsFactory
+
+
+class GrpcServerMetrics(grpc.aio.ServerInterceptor[Any, Any]):
+    def __init__(self, metrics: MetricsFactory) -> None:
+        self._handled = metrics.counter(
+            "resultity_grpc_server_handled_total",
+            "gRPC calls completed, by service, method and status code.",
+            ("grpc_service", "grpc_method", "grpc_code"),
+        )
+        self._seconds = metrics.histogram(
+            "resultity_grpc_server_handling_seconds",
+            "Time from a gRPC call's start to its status (a stream's whole length).",
+            ("grpc_service", "grpc_method"),
+            LATENCY_BUCKETS,
+        )
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        service, _, method = handler_call_details.method.lstrip("/").rpartition("/")
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary(handler.unary_unary, service, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(
+                self._unary(handler.stream_unary, service, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._streaming(handler.unary_stream, service, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            self._streaming(handler.stream_stream, service, method),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _unary(self, behavior: Any, service: str, method: str) -> Any:
+        async def observed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            began = time.monotonic()
+            code = grpc.StatusCode.UNKNOWN
+            try:
+                response = await behavior(request, context)
+                code = context.code() or grpc.StatusCode.OK
+                return response
+            except grpc.aio.AbortError:
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            except BaseException as error:
+                code = _code_of(error)
+                raise
+            finally:
+                self._record(service, method, code, began)
+
+        return observed
+
+    def _streaming(self, behavior: Any, service: str, method: str) -> Any:
+        async def observed(
+            request: Any, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
+            began = time.monotonic()
+            code = grpc.StatusCode.UNKNOWN
+            try:
+                async for response in behavior(request, context):
+                    yield response
+                code = context.code() or grpc.StatusCode.OK
+            except grpc.aio.AbortError:
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            except BaseException as error:
+                code = _code_of(error)
+                raise
+            finally:
+                self._record(service, method, code, began)
+
+        return observed
+
+    def _record(self, service: str, method: str, code: grpc.StatusCode, began: float) -> None:
+        self._handled.inc(service, method, code.name)
+        self._seconds.observe(time.monotonic() - began, service, method)
+
+
+def _code_of(error: BaseException) -> grpc.StatusCode:
+    """The status of a call its handler left with ``error`` (not an abort)."""
+    if isinstance(error, asyncio.CancelledError | GeneratorExit):
+        return grpc.StatusCode.CANCELLED
+    return grpc.StatusCode.UNKNOWN

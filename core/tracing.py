@@ -1,0 +1,202 @@
+"""OpenTelemetry traces of every process, on when OTEL_EXPORTER_OTLP_ENDPOINT is set.
+
+``configure_tracing`` (called once by each process's entry point) installs a
+tracer provider exporting spans over OTLP/gRPC to that endpoint (the standard
+OTEL_* variables apply: headers, timeouts, the batch processor's delays). Without
+the variable nothing is configured and nothing of OpenTelemetry is imported: the
+gRPC servers and channels get no interceptors, the gateway opens no span, and
+the other calls here return at once.
+
+A request's trace crosses processes as W3C trace context: in gRPC metadata
+(``traceparent``), put there and read by OpenTelemetry's gRPC interceptors, and,
+from the network to an agent, in the job's assignment (``AssignJob.trace_context``)
+since the agent's session is one long stream that outlives any request.
+
+Spans carry OpenTelemetry's GenAI attributes (``GEN_AI_*`` below) where a
+process knows them: the gateway the request, cloud and the network the model and
+the usage, the agent its own job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+from core.trace_context import UNTRACED, Carrier, TraceContext
+
+if TYPE_CHECKING:
+    import grpc
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.trace import Tracer
+
+ENDPOINT_ENV = "OTEL_EXPORTER_OTLP_ENDPOINT"
+TRACES_ENDPOINT_ENV = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
+
+# OpenTelemetry's semantic conventions for generative AI.
+GEN_AI_OPERATION = "gen_ai.operation.name"
+GEN_AI_PROVIDER = "gen_ai.provider.name"
+GEN_AI_REQUEST_MODEL = "gen_ai.request.model"
+GEN_AI_REQUEST_MAX_TOKENS = "gen_ai.request.max_tokens"
+GEN_AI_REQUEST_TEMPERATURE = "gen_ai.request.temperature"
+GEN_AI_REQUEST_TOP_P = "gen_ai.request.top_p"
+GEN_AI_REQUEST_CHOICES = "gen_ai.request.choice.count"
+GEN_AI_RESPONSE_ID = "gen_ai.response.id"
+GEN_AI_RESPONSE_MODEL = "gen_ai.response.model"
+GEN_AI_FINISH_REASONS = "gen_ai.response.finish_reasons"
+GEN_AI_INPUT_TOKENS = "gen_ai.usage.input_tokens"
+GEN_AI_OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
+PROVIDER = "resultity"
+
+AttributeValue = str | bool | int | float | Sequence[str]
+Attributes = Mapping[str, AttributeValue]
+
+# The agent's session stream lasts as long as the agent: a span of it would span
+# days and parent nothing. Its jobs carry their trace context in their assignments.
+_UNTRACED_METHODS = ("/resultity.agent.v1.AgentService/Connect", "/grpc.health.v1.Health/")
+
+_provider: TracerProvider | None = None
+_tracer: Tracer | None = None
+
+
+def configure_tracing(service: str, environ: Mapping[str, str] = os.environ) -> bool:
+    """Traces this process as ``resultity-<service>`` if an OTLP endpoint is set;
+    returns whether it does."""
+    global _provider, _tracer
+    if not (environ.get(ENDPOINT_ENV) or environ.get(TRACES_ENDPOINT_ENV)):
+        return False
+    from opentelemetry import trace
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_NAMESPACE, Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    provider = TracerProvider(
+        resource=Resource.create(
+            {SERVICE_NAME: f"resultity-{service}", SERVICE_NAMESPACE: "resultity"}
+        )
+    )
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    trace.set_tracer_provider(provider)
+    _provider = provider
+    _tracer = provider.get_tracer("resultity")
+    return True
+
+
+def shutdown_tracing() -> None:
+    """Exports the spans still buffered (at exit)."""
+    global _provider, _tracer
+    if _provider is not None:
+        _provider.shutdown()
+    _provider = _tracer = None
+
+
+def enabled() -> bool:
+    return _tracer is not None
+
+
+def server_interceptors() -> list[grpc.aio.ServerInterceptor[Any, Any]]:
+    """A server span per call, continuing the caller's trace; none when off."""
+    if _provider is None:
+        return []
+    from opentelemetry.instrumentation.grpc import aio_server_interceptor
+
+    interceptor: grpc.aio.ServerInterceptor[Any, Any] = aio_server_interceptor(  # type: ignore[no-untyped-call]
+        tracer_provider=_provider, filter_=_traced
+    )
+    return [interceptor]
+
+
+def client_interceptors() -> list[grpc.aio.ClientInterceptor]:
+    """A client span per call, its trace context sent along; none when off."""
+    if _provider is None:
+        return []
+    from opentelemetry.instrumentation.grpc import aio_client_interceptors
+
+    interceptors: list[grpc.aio.ClientInterceptor] = aio_client_interceptors(  # type: ignore[no-untyped-call]
+        tracer_provider=_provider, filter_=_traced
+    )
+    return interceptors
+
+
+def _traced(details: Any) -> bool:
+    method = details.method
+    if isinstance(method, bytes):
+        method = method.decode()
+    return not str(method).startswith(_UNTRACED_METHODS)
+
+
+def current_carrier() -> Carrier:
+    """The current span's W3C trace context, to hand to another process; () when off."""
+    if _tracer is None:
+        return ()
+    from opentelemetry.propagate import inject
+
+    carrier: dict[str, str] = {}
+    inject(carrier)
+    return tuple(sorted(carrier.items()))
+
+
+class _OtelTraceContext:
+    def current(self) -> Carrier:
+        return current_carrier()
+
+    def decoy(self) -> Carrier:
+        # What a sampled span's context looks like, of a trace nobody records.
+        return (("traceparent", f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"),)
+
+
+def trace_context() -> TraceContext:
+    """The job trace context port (core/trace_context.py) of this process."""
+    return _OtelTraceContext() if _tracer is not None else UNTRACED
+
+
+def annotate(attributes: Attributes) -> None:
+    """Adds ``attributes`` to the current span (none when off)."""
+    if _tracer is None:
+        return
+    from opentelemetry import trace
+
+    trace.get_current_span().set_attributes(attributes)
+
+
+class Span(Protocol):
+    def set_attributes(self, attributes: Attributes) -> None: ...
+
+    def update_name(self, name: str) -> None: ...
+
+    def end(self) -> None: ...
+
+
+def start_span(name: str, parent: Mapping[str, str], attributes: Attributes) -> Span | None:
+    """A span of work that is no call's (an agent's job), child of the span whose
+    trace context ``parent`` carries; the caller ends it. None when off."""
+    if _tracer is None:
+        return None
+    from opentelemetry.propagate import extract
+
+    span: Span = _tracer.start_span(name, context=extract(parent), attributes=attributes)
+    return span
+
+
+def fail(span: Span, description: str) -> None:
+    """Marks ``span`` as failed."""
+    from opentelemetry.trace import Status, StatusCode
+
+    span.set_status(Status(StatusCode.ERROR, description))  # type: ignore[attr-defined]
+
+
+@contextlib.contextmanager
+def server_span(name: str, headers: Mapping[str, str], attributes: Attributes) -> Iterator[Span]:
+    """The current span while an HTTP request is handled, continuing the trace its
+    headers carry (``traceparent``); only called when tracing is on."""
+    assert _tracer is not None
+    from opentelemetry.propagate import extract
+    from opentelemetry.trace import SpanKind
+
+    with _tracer.start_as_current_span(
+        name, context=extract(headers), kind=SpanKind.SERVER, attributes=attributes
+    ) as span:
+        yield span
