@@ -83,8 +83,8 @@ class AgentMetrics:
             return [(("active",), float(active)), (("queued",), float(queued))]
 
         return self._factory.gauge(
-            "resultity_agent_jobs",
-            "Jobs on this agent: running in a slot, or queued for one.",
+            "resultity_agent_jobs_in_progress",
+            "Jobs on this agent: running in a slot (active), or queued for one.",
             ("state",),
             samples,
         )

@@ -11,14 +11,20 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from core.metrics import LATENCY_BUCKETS, MetricsFactory
 
 
-class GrpcServerMetrics(grpc.aio.ServerInterceptor[Any, Any]):
+if TYPE_CHECKING:
+    _ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
+else:  # not subscriptable at run time
+    _ServerInterceptor = grpc.aio.ServerInterceptor
+
+
+class GrpcServerMetrics(_ServerInterceptor):
     def __init__(self, metrics: MetricsFactory) -> None:
         self._handled = metrics.counter(
             "resultity_grpc_server_handled_total",

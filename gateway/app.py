@@ -88,6 +88,9 @@ def create_app(
 
     app = FastAPI(
         title="Resultity gateway",
+        # The request's span is RequestIdMiddleware's (gateway/observe.py), current
+        # while the request is handled, so cloud calls are its children.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
         lifespan=lifespan,
         version="1",
         docs_url=None,

@@ -4,10 +4,11 @@
         [--script TEXT] [--token-delay S] [--drain-grace S] [--slots N] [--region R]
         [--data-dir DIR] [--answer-canaries]
 
-The same session and signal handling as `resultity agent` (SIGTERM drains),
-without loading a model; its node token comes from RESULTITY_NODE_TOKEN, as
-`resultity agent`'s does by default, and with --data-dir its key is kept there
-(the same node when started again), else it is a new node.
+The same session and signal handling as `resultity agent` (SIGTERM drains), and
+its tracing (OTEL_EXPORTER_OTLP_ENDPOINT), without loading a model; its node
+token comes from RESULTITY_NODE_TOKEN, as `resultity agent`'s does by default,
+and with --data-dir its key is kept there (the same node when started again),
+else it is a new node.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from agent.identity import NodeIdentity
 from agent.main import serve
 from agent.session import SessionSettings
+from core import tracing
 from core.logging import configure_logging
 from tests.doubles.scripted_runtime import DEFAULT_SCRIPT, ScriptedRuntime, canary_answers
 
@@ -38,6 +40,7 @@ def main() -> None:
     parser.add_argument("--answer-canaries", action="store_true")
     args = parser.parse_args()
     configure_logging("info")
+    tracing.configure_tracing("agent")
     settings = SessionSettings(
         network=args.network,
         node_name=args.name,
@@ -56,7 +59,10 @@ def main() -> None:
         slot_count=args.slots,
         answers=canary_answers() if args.answer_canaries else {},
     )
-    asyncio.run(serve(settings, runtime))
+    try:
+        asyncio.run(serve(settings, runtime))
+    finally:
+        tracing.shutdown_tracing()
 
 
 if __name__ == "__main__":
