@@ -17,7 +17,6 @@ import grpc
 
 from core.metrics import LATENCY_BUCKETS, MetricsFactory
 
-
 if TYPE_CHECKING:
     _ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
 else:  # not subscriptable at run time

@@ -73,6 +73,14 @@ def _plain(value: object) -> object:
     return str(value)
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever sys.stderr is when a record comes (tests swap it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 def configure_logging(level: str = "info", *, json: bool = False) -> None:
     """Routes structlog, and the standard library's loggers (uvicorn, asyncio, ...),
     to key=value lines, or JSON lines (one object a line) with ``json``."""
@@ -87,7 +95,7 @@ def configure_logging(level: str = "info", *, json: bool = False) -> None:
         plain_values,
         truncate_values,
     ]
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],

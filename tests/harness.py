@@ -34,10 +34,13 @@ from resultity.network.v1 import dispatch_service_pb2_grpc as dispatch_grpc
 from agent.backoff import Backoff
 from agent.runtime.base import Runtime
 from agent.session import AgentSession, SessionSettings
+from agent.telemetry import AgentMetrics
 from core import channels
 from core.convert.generation import spec_to_pb
+from core.grpc_metrics import GrpcServerMetrics
 from core.inference import ChatMessage, ChatRole, GenerationSpec, Sampling
 from core.metadata import bearer_metadata
+from core.metrics import NO_METRICS, MetricsFactory
 from server.account.component import AccountComponent
 from server.cli import _parser, _run
 from server.cloud.component import CloudComponent
@@ -146,6 +149,7 @@ class Platform:
         *,
         batch_tokens: int = 1,
         region: str = "",
+        metrics: AgentMetrics | None = None,
     ) -> RunningAgent:
         """An agent whose every token is its own message unless ``batch_tokens`` says
         otherwise, so tests can count chunks."""
@@ -161,6 +165,7 @@ class Platform:
             ),
             runtime,
             backoff=Backoff(base_s=0.05, cap_s=0.2),
+            metrics=metrics,
         )
         agent = RunningAgent(session, runtime, asyncio.create_task(session.run_forever()))
         self.agents.append(agent)
@@ -253,14 +258,18 @@ async def running_platform(
     liveness: LivenessSettings | None = None,
     failover: FailoverSettings | None = None,
     validation: ValidationSettings = NO_VALIDATION,
+    metrics: MetricsFactory = NO_METRICS,
 ) -> AsyncIterator[Platform]:
-    server = channels.server()
+    """``metrics``: where the services count their work, as `resultity up`'s do."""
+    server = channels.server([GrpcServerMetrics(metrics)] if metrics is not NO_METRICS else [])
     port = server.add_insecure_port("127.0.0.1:0")
     target = f"127.0.0.1:{port}"
     secrets = PlatformSecrets.generate()
     # As in `resultity up`: account announces key changes to cloud in-process.
     shared = await SharedState.open()
-    account = await AccountComponent.start(dsn, secrets, changes=shared.invalidations)
+    account = await AccountComponent.start(
+        dsn, secrets, changes=shared.invalidations, metrics=metrics
+    )
     network = NetworkComponent(
         liveness=liveness,
         failover=failover,
@@ -269,6 +278,7 @@ async def running_platform(
         account_target=target,
         service_token=secrets.service_token,
         database_url=dsn,
+        metrics=metrics,
     )
     await network.start()
     cloud = await CloudComponent.start(
@@ -277,6 +287,7 @@ async def running_platform(
         network_target=target,
         service_token=secrets.service_token,
         shared=shared,
+        metrics=metrics,
     )
     for component in (account, network, cloud):
         component.register(server)

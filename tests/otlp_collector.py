@@ -42,6 +42,7 @@ def _attributes(pairs: Iterable[KeyValue]) -> dict[str, Any]:
 class OtlpCollector(pb_grpc.TraceServiceServicer):
     def __init__(self) -> None:
         self.spans: list[ReceivedSpan] = []
+        self._received = asyncio.Condition()
         self._server: grpc.aio.Server | None = None
         self.endpoint = ""
 
@@ -62,6 +63,8 @@ class OtlpCollector(pb_grpc.TraceServiceServicer):
                             _attributes(span.attributes),
                         )
                     )
+        async with self._received:
+            self._received.notify_all()
         return pb.ExportTraceServiceResponse()
 
     async def start(self) -> str:
@@ -80,11 +83,14 @@ class OtlpCollector(pb_grpc.TraceServiceServicer):
     def trace(self, trace_id: str) -> list[ReceivedSpan]:
         return [span for span in self.spans if span.trace_id == trace_id]
 
-    async def wait_for_services(
-        self, trace_id: str, services: set[str], *, timeout_s: float = 60.0
+    async def wait_for(
+        self, trace_id: str, expected: set[tuple[str, str]], *, timeout_s: float = 60.0
     ) -> list[ReceivedSpan]:
-        """The trace's spans once every one of ``services`` has sent some."""
-        async with asyncio.timeout(timeout_s):
-            while not services <= {span.service for span in self.trace(trace_id)}:
-                await asyncio.sleep(0.1)
+        """The trace's spans once it holds each (service, span name) of ``expected``."""
+
+        def complete() -> bool:
+            return expected <= {(span.service, span.name) for span in self.trace(trace_id)}
+
+        async with asyncio.timeout(timeout_s), self._received:
+            await self._received.wait_for(complete)
         return self.trace(trace_id)
