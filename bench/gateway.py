@@ -28,8 +28,9 @@ from typing import Protocol
 
 import grpc
 
-from bench.gateway_sides import FLOOR_METHOD, ServerProcess, start_side
+from bench.gateway_sides import FLOOR_METHOD, OBSERVED, ServerProcess, start_side
 from bench.http_client import HttpConnection
+from bench.otlp_sink import OtlpSink
 from bench.paced_runtime import MODEL_ID
 from core.logging import configure_logging
 
@@ -262,6 +263,96 @@ def _print_table(results: list[tuple[Level, Level]]) -> None:
         )
 
 
+# The sides compared by --observability: (name, arguments of the platform side).
+_OBSERVABILITY = ("off", "metrics", "metrics + traces")
+
+
+async def _compare(
+    sides: Sequence[ServerProcess],
+    tokens: int,
+    levels: Sequence[int],
+    seconds: float,
+    max_requests: int,
+) -> list[list[Level]]:
+    """The same load on each side (no metrics or tracing, metrics, both), level by
+    level, alternating."""
+
+    def stream_to(side: ServerProcess) -> Callable[[], Stream]:
+        return lambda: PlatformStream(side.address, side.secret, tokens)
+
+    for side in sides:
+        await run_load(stream_to(side), WARM_UP_STREAMS, WARM_UP_S, max_requests)
+    results = []
+    for streams in levels:
+        measured = [
+            await _measured(side, stream_to(side), streams, seconds, max_requests) for side in sides
+        ]
+        results.append(measured)
+        print(
+            f"streams={streams:>3}  platform CPU per request: "
+            + ", ".join(
+                f"{name} {level.cpu_ms_per_request:.2f} ms"
+                for name, level in zip(_OBSERVABILITY, measured, strict=True)
+            )
+            + f" ({sum(level.errors for level in measured)} errors)",
+            flush=True,
+        )
+    return results
+
+
+def _print_comparison(results: list[list[Level]], spans: int) -> None:
+    names = _OBSERVABILITY
+    print(
+        "\n| streams | "
+        + " | ".join(f"req/s {name}" for name in names)
+        + " | "
+        + " | ".join(f"platform CPU per request, {name}" for name in names)
+        + " | "
+        + " | ".join(f"agent CPU per request, {name}" for name in names)
+        + " |"
+    )
+    print("|---:" * (1 + 3 * len(names)) + "|")
+    for levels in results:
+        off = levels[0].cpu_ms_per_request
+        print(
+            f"| {levels[0].streams} | "
+            + " | ".join(f"{level.per_s:.0f}" for level in levels)
+            + " | "
+            + " | ".join(
+                f"{level.cpu_ms_per_request:.2f} ms"
+                + ("" if level is levels[0] else f" ({level.cpu_ms_per_request / off - 1:+.0%})")
+                for level in levels
+            )
+            + " | "
+            + " | ".join(f"{level.agent_cpu_ms_per_request:.2f} ms" for level in levels)
+            + " |"
+        )
+    traced = sum(levels[-1].requests for levels in results)
+    print(f"\nspans received by the collector: {spans} ({spans / max(traced, 1):.1f} per request)")
+
+
+def _observability(args: argparse.Namespace) -> None:
+    print(
+        f"platform without metrics or tracing, with metrics, with both: {args.tokens}-token "
+        f"streamed completions, {args.seconds:g} s per level and side, levels "
+        f"{','.join(map(str, args.levels))}",
+        flush=True,
+    )
+    servers: list[ServerProcess] = []
+    with OtlpSink() as sink:
+        try:
+            servers.append(start_side("platform", args.tokens))
+            servers.append(start_side("platform", args.tokens, OBSERVED, ""))
+            servers.append(start_side("platform", args.tokens, OBSERVED, sink.endpoint))
+            results = asyncio.run(
+                _compare(servers, args.tokens, args.levels, args.seconds, args.max_requests)
+            )
+        finally:
+            for server in reversed(servers):
+                server.stop()
+        _print_comparison(results, sink.spans)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.gateway", description=__doc__)
     parser.add_argument("--tokens", type=int, default=16, help="tokens per completion")
@@ -273,8 +364,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=LEVELS,
         help="concurrent streams, comma-separated (default 1,16,64,256)",
     )
+    parser.add_argument(
+        "--observability",
+        action="store_true",
+        help="compare the platform without metrics or tracing, with metrics, and with "
+        "both (exporting to a collector in this process) instead of platform and floor",
+    )
     args = parser.parse_args(argv)
     configure_logging("warning")
+    if args.observability:
+        _observability(args)
+        return
     print(
         f"gateway overhead: {args.tokens}-token streamed completions, "
         f"{args.seconds:g} s per level and side, levels {','.join(map(str, args.levels))}",

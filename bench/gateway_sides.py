@@ -6,6 +6,10 @@
 - *agent*: the platform's one node (AgentSession over gRPC, the zero runtime),
   in a process of its own, as `resultity up` runs its local agent.
 
+An *observed* platform (``OBSERVED`` among its arguments, then an OTLP endpoint
+or "") counts into a Prometheus registry as `resultity up` does and, given an
+endpoint, traces every request to it; so does its agent.
+
 Each reports ("ready", address, secret) on its pipe, or ("error", repr, ""), and
 stops when the parent sends anything. The platform side first asks for its agent
 with ("agent", network target, node token) and is ready once that node registered.
@@ -34,12 +38,16 @@ from resultity.account.v1 import node_token_service_pb2 as node_token_pb
 from resultity.account.v1 import node_token_service_pb2_grpc as node_token_grpc
 
 from agent.session import AgentSession, SessionSettings
+from agent.telemetry import AgentMetrics
 from bench.paced_runtime import PacedRuntime
 from bench.platform_process import free_port
 from bench.scratch_database import scratch_database
-from core import channels, event_loop
+from core import channels, event_loop, tracing
+from core.grpc_metrics import GrpcServerMetrics
 from core.logging import configure_logging
 from core.metadata import bearer_metadata
+from core.metrics import NO_METRICS, MetricsFactory
+from core.prometheus import PrometheusMetrics
 from gateway.app import create_app
 from gateway.server import serve
 from server.account.component import AccountComponent
@@ -50,6 +58,8 @@ from server.network.service import ValidationSettings
 from server.secrets import PlatformSecrets
 
 FLOOR_METHOD = "/bench.Echo/Stream"
+# A side's argument: metrics and tracing on (the OTLP endpoint follows).
+OBSERVED = "observed"
 FLOOR_PIECE = b" tok"
 CREDITS = 10**12  # micro-credits: far more than a run spends
 START_TIMEOUT_S = 120.0
@@ -122,16 +132,18 @@ async def _eventually(condition: Callable[[], bool], timeout_s: float = 30.0) ->
             await asyncio.sleep(0.01)
 
 
-async def _serve_platform(conn: Connection, tokens: int) -> None:
+async def _serve_platform(conn: Connection, tokens: int, *observed: str) -> None:
     """Account, network and cloud on one gRPC server and the HTTP gateway, in this
     process (as `resultity up` runs them); the node is the agent side's."""
+    prometheus = _observe("platform", observed)
+    metrics: MetricsFactory = prometheus or NO_METRICS
     async with contextlib.AsyncExitStack() as stack:
         dsn = await stack.enter_async_context(scratch_database())
-        server = channels.server()
+        server = channels.server([GrpcServerMetrics(metrics)] if prometheus else [])
         port = server.add_insecure_port("127.0.0.1:0")
         target = f"127.0.0.1:{port}"
         secrets = PlatformSecrets.generate()
-        account = await AccountComponent.start(dsn, secrets)
+        account = await AccountComponent.start(dsn, secrets, metrics=metrics)
         stack.push_async_callback(account.stop)
         network = NetworkComponent(
             # The zero runtime does not answer canaries; see bench/README.md.
@@ -139,6 +151,7 @@ async def _serve_platform(conn: Connection, tokens: int) -> None:
             account_target=target,
             service_token=secrets.service_token,
             database_url=dsn,
+            metrics=metrics,
         )
         await network.start()
         stack.push_async_callback(network.stop)
@@ -155,6 +168,7 @@ async def _serve_platform(conn: Connection, tokens: int) -> None:
                 account_tokens_per_minute=None,
                 account_concurrent_requests=None,
             ),
+            metrics=metrics,
         )
         stack.push_async_callback(cloud.stop)
         for component in (account, network, cloud):
@@ -165,14 +179,14 @@ async def _serve_platform(conn: Connection, tokens: int) -> None:
         stack.push_async_callback(channel.close, None)
         service = bearer_metadata(secrets.service_token)
 
-        conn.send(("agent", target, await _node_token(channel, service)))
+        conn.send(("agent", target, await _node_token(channel, service), *observed))
         await _eventually(lambda: bool(network.service.nodes()), timeout_s=START_TIMEOUT_S)
         api_key = await _customer_key(channel, service)
 
         http_port = free_port()
         started = asyncio.Event()
         gateway = asyncio.create_task(
-            serve(create_app(target), "127.0.0.1", http_port, started=started)
+            serve(create_app(target, metrics=prometheus), "127.0.0.1", http_port, started=started)
         )
         stack.push_async_callback(_cancel, gateway)
         waiter = asyncio.create_task(started.wait())
@@ -183,12 +197,16 @@ async def _serve_platform(conn: Connection, tokens: int) -> None:
         await _until_stopped(conn)
 
 
-async def _serve_agent(conn: Connection, tokens: int, network: str, node_token: str) -> None:
+async def _serve_agent(
+    conn: Connection, tokens: int, network: str, node_token: str, *observed: str
+) -> None:
     """The platform's node: default token batching, a runtime that generates instantly
     and slots enough that jobs never wait for one."""
+    prometheus = _observe("agent", observed)
     session = AgentSession(
         SessionSettings(network=network, node_name="bench-node", node_token=node_token),
         PacedRuntime(interval_s=0.0, tokens=tokens, slot_count=1024),
+        metrics=AgentMetrics(prometheus) if prometheus else None,
     )
     agent = asyncio.create_task(session.run_forever())
     try:
@@ -197,6 +215,16 @@ async def _serve_agent(conn: Connection, tokens: int, network: str, node_token: 
         await _until_stopped(conn)
     finally:
         await _cancel(agent)
+
+
+def _observe(service: str, observed: tuple[str, ...]) -> PrometheusMetrics | None:
+    """For an observed side: its metrics registry, and tracing to its endpoint if any."""
+    if not observed:
+        return None
+    _, endpoint = observed
+    if endpoint:
+        tracing.configure_tracing(service, {tracing.ENDPOINT_ENV: endpoint})
+    return PrometheusMetrics()
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:
@@ -220,6 +248,8 @@ def _side_main(kind: str, conn: Connection, tokens: int, *args: str) -> None:
         with contextlib.suppress(OSError):
             conn.send(("error", repr(error), ""))
         raise
+    finally:
+        tracing.shutdown_tracing()
 
 
 @dataclass
@@ -261,10 +291,10 @@ def start_side(kind: str, tokens: int, *args: str) -> ServerProcess:
     process.start()
     side = ServerProcess(kind, process, parent)
     try:
-        status, address, secret = _receive(parent, kind)
+        status, address, secret, *observed = _receive(parent, kind)
         if status == "agent":
-            side.agent = start_side("agent", tokens, address, secret)
-            status, address, secret = _receive(parent, kind)
+            side.agent = start_side("agent", tokens, address, secret, *observed)
+            status, address, secret, *_ = _receive(parent, kind)
         if status != "ready":
             raise RuntimeError(f"the {kind} side failed to start: {address}")
     except BaseException:
@@ -274,8 +304,8 @@ def start_side(kind: str, tokens: int, *args: str) -> ServerProcess:
     return side
 
 
-def _receive(conn: Connection, kind: str) -> tuple[str, str, str]:
+def _receive(conn: Connection, kind: str) -> tuple[str, ...]:
+    """(status, address, secret, then an observed agent's own arguments)."""
     if not conn.poll(START_TIMEOUT_S):
         raise RuntimeError(f"the {kind} side did not start in {START_TIMEOUT_S:.0f} s")
-    status, address, secret = conn.recv()
-    return str(status), str(address), str(secret)
+    return tuple(str(part) for part in conn.recv())

@@ -65,7 +65,8 @@ def configure_tracing(service: str, environ: Mapping[str, str] = os.environ) -> 
     """Traces this process as ``resultity-<service>`` if an OTLP endpoint is set;
     returns whether it does."""
     global _provider, _tracer
-    if not (environ.get(ENDPOINT_ENV) or environ.get(TRACES_ENDPOINT_ENV)):
+    endpoint = environ.get(TRACES_ENDPOINT_ENV) or environ.get(ENDPOINT_ENV)
+    if not endpoint:
         return False
     from opentelemetry import trace
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
@@ -78,7 +79,7 @@ def configure_tracing(service: str, environ: Mapping[str, str] = os.environ) -> 
             {SERVICE_NAME: f"resultity-{service}", SERVICE_NAMESPACE: "resultity"}
         )
     )
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
     trace.set_tracer_provider(provider)
     _provider = provider
     _tracer = provider.get_tracer("resultity")
