@@ -216,6 +216,8 @@ class AgentSession:
                     heartbeats.set_interval(welcome.heartbeat_interval.ToNanoseconds() / 1e9)
                     self.heartbeat_interval_s = heartbeats.interval_s
                     self.node_id = welcome.node_id
+                    # This session's task and the jobs it starts log the node's id.
+                    structlog.contextvars.bind_contextvars(node_id=self.node_id)
                     if telemetry is not None:
                         telemetry.node_id = welcome.node_id
                     self._backoff.reset()

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+import structlog
 from resultity.cloud.v1 import inference_service_pb2 as pb
 from resultity.cloud.v1 import inference_service_pb2_grpc as pb_grpc
 
@@ -31,7 +32,11 @@ from server.common.transport import authorization, metadata_value
 
 
 def _request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
-    return metadata_value(context, REQUEST_ID) or uuid.uuid4().hex
+    """The caller's request id (a new one if it sent none), bound to this call's logs
+    (each call runs in a task of its own)."""
+    request_id = metadata_value(context, REQUEST_ID) or uuid.uuid4().hex
+    structlog.contextvars.bind_contextvars(request_id=request_id)
+    return request_id
 
 
 def _report_generation(

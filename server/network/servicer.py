@@ -71,6 +71,8 @@ class AgentServicer(agent_grpc.AgentServiceServicer):
         if node is None:
             return
         yield welcome_to_pb(node.node_id, self._service.liveness)
+        # This stream's task and its reader log the node's id.
+        structlog.contextvars.bind_contextvars(node_id=node.node_id)
         reader = asyncio.create_task(self._read(node, request_iterator), name="agent-reader")
         try:
             async for response in self._commands(node, reader, context):
@@ -122,11 +124,12 @@ class DispatchServicer(dispatch_grpc.DispatchServiceServicer):
         context: grpc.aio.ServicerContext[dispatch_pb.RunJobRequest, dispatch_pb.RunJobResponse],
     ) -> AsyncIterator[dispatch_pb.RunJobResponse]:
         spec = spec_from_pb(request.spec)
+        origin = origin_from_pb(request.origin)
+        structlog.contextvars.bind_contextvars(
+            job_id=request.job_id, request_id=origin.request_id or None
+        )
         events = self._service.run_job(
-            request.job_id,
-            spec,
-            requirements_from_pb(request.requirements),
-            origin_from_pb(request.origin),
+            request.job_id, spec, requirements_from_pb(request.requirements), origin
         )
         traced = tracing.enabled()
         if traced:
