@@ -161,9 +161,7 @@ class JobTelemetry:
         self._sink.done(job, reason, prompt_tokens, completion_tokens)
 
     def failed(self, job: JobRef, kind: FailureKind, message: str, param: str = "") -> None:
-        state = self._end(job, "failed")
-        if state is not None and state.span is not None:
-            tracing.fail(state.span, f"{kind.value}: {message}")
+        self._end(job, "failed", error=f"{kind.value}: {message}")
         self._sink.failed(job, kind, message, param)
 
     def cancelled(self, job: JobRef) -> None:
@@ -182,10 +180,11 @@ class JobTelemetry:
         prompt_tokens: int = 0,
         completion_tokens: int = 0,
         finish_reason: str = "",
-    ) -> _Job | None:
+        error: str = "",
+    ) -> None:
         state = self._jobs.pop(job, None)
         if state is None:
-            return None
+            return
         metrics = self._metrics
         metrics.jobs.inc(state.model, outcome)
         if prompt_tokens:
@@ -206,5 +205,6 @@ class JobTelemetry:
             if finish_reason:
                 attributes[tracing.GEN_AI_FINISH_REASONS] = (finish_reason,)
             state.span.set_attributes(attributes)
+            if error:
+                tracing.fail(state.span, error)
             state.span.end()
-        return state
