@@ -25,12 +25,17 @@ import secrets
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
+import grpc
+
 from core.trace_context import UNTRACED, Carrier, TraceContext
 
 if TYPE_CHECKING:
-    import grpc
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.trace import Tracer
+
+    _UnaryStreamInterceptor = grpc.aio.UnaryStreamClientInterceptor[Any, Any]
+else:  # not subscriptable at run time
+    _UnaryStreamInterceptor = grpc.aio.UnaryStreamClientInterceptor
 
 ENDPOINT_ENV = "OTEL_EXPORTER_OTLP_ENDPOINT"
 TRACES_ENDPOINT_ENV = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
@@ -112,14 +117,77 @@ def server_interceptors() -> list[grpc.aio.ServerInterceptor[Any, Any]]:
 
 def client_interceptors() -> list[grpc.aio.ClientInterceptor]:
     """A client span per call, its trace context sent along; none when off."""
-    if _provider is None:
+    if _provider is None or _tracer is None:
         return []
     from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
     interceptors: list[grpc.aio.ClientInterceptor] = aio_client_interceptors(  # type: ignore[no-untyped-call]
         tracer_provider=_provider, filter_=_traced
     )
-    return interceptors
+    # OpenTelemetry's server-streaming interceptor ends its span only when the
+    # responses are read to their end, and a caller that stops after the message
+    # it waited for (a job's last event) and cancels the call would leave it open.
+    streaming: Any = _ServerStreamingSpans(_tracer)
+    return [
+        streaming if isinstance(each, grpc.aio.UnaryStreamClientInterceptor) else each
+        for each in interceptors
+    ]
+
+
+class _ServerStreamingSpans(_UnaryStreamInterceptor):
+    """A client span per server-streaming call, ended when the call ends however it
+    ends (read to its end, failed, or cancelled by its caller)."""
+
+    def __init__(self, tracer: Tracer) -> None:
+        self._tracer = tracer
+
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        method = details.method.decode() if isinstance(details.method, bytes) else details.method
+        if not _traced(details):
+            return await continuation(details, request)
+        from opentelemetry.propagate import inject
+        from opentelemetry.trace import SpanKind, set_span_in_context
+
+        service, _, name = method.lstrip("/").rpartition("/")
+        span = self._tracer.start_span(
+            method,
+            kind=SpanKind.CLIENT,
+            attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name},
+        )
+        carrier: dict[str, str] = {}
+        inject(carrier, context=set_span_in_context(span))
+        details = grpc.aio.ClientCallDetails(
+            details.method,
+            details.timeout,
+            grpc.aio.Metadata(*(details.metadata or ()), *carrier.items()),
+            details.credentials,
+            details.wait_for_ready,
+        )
+        call = await continuation(details, request)
+        call.add_done_callback(lambda done: _end_call_span(span, done))
+        return call
+
+
+def _end_call_span(span: Any, call: Any) -> None:
+    """Ends a call's span with its status code (a caller's cancel is no error)."""
+    import asyncio
+
+    async def end() -> None:
+        from opentelemetry.trace import Status, StatusCode
+
+        code = await call.code()
+        span.set_attribute("rpc.grpc.status_code", code.value[0])
+        if code.name not in ("OK", "CANCELLED"):
+            span.set_status(Status(StatusCode.ERROR, code.name))
+        span.end()
+
+    task = asyncio.ensure_future(end())
+    _ending.add(task)
+    task.add_done_callback(_ending.discard)
+
+
+# Span endings in flight (a task is only weakly held by the loop).
+_ending: set[Any] = set()
 
 
 def _traced(details: Any) -> bool:

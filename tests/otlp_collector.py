@@ -91,6 +91,14 @@ class OtlpCollector(pb_grpc.TraceServiceServicer):
         def complete() -> bool:
             return expected <= {(span.service, span.name) for span in self.trace(trace_id)}
 
-        async with asyncio.timeout(timeout_s), self._received:
-            await self._received.wait_for(complete)
+        try:
+            async with asyncio.timeout(timeout_s), self._received:
+                await self._received.wait_for(complete)
+        except TimeoutError:
+            received = {(span.service, span.name) for span in self.trace(trace_id)}
+            raise AssertionError(
+                f"spans never received: {sorted(expected - received)}; received: "
+                f"{sorted(received)}; services heard from: "
+                f"{sorted({span.service for span in self.spans})}"
+            ) from None
         return self.trace(trace_id)
