@@ -120,6 +120,16 @@ async def test_a_dead_replicas_hold_is_settled_from_the_job_record(
                 break
         with pytest.raises(ReplicaDied):
             await events.aclose()
+
+        async def recorded() -> bool:
+            # The record is written beside the first job, not before it: wait for it.
+            return bool(
+                await db.fetchval(
+                    "SELECT count(*) FROM cloud_inflight_requests WHERE request_id = 'req-orphan'"
+                )
+            )
+
+        await _until(recorded)
         [row] = await db.fetch(
             "SELECT * FROM cloud_inflight_requests WHERE request_id = 'req-orphan'"
         )
