@@ -26,9 +26,10 @@ from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from resultity.account.v1 import api_key_service_pb2 as resultity_dot_account_dot_v1_dot_api__key__service__pb2
 from resultity.account.v1 import rate_limits_pb2 as resultity_dot_account_dot_v1_dot_rate__limits__pb2
+from resultity.common.v1 import inference_logging_pb2 as resultity_dot_common_dot_v1_dot_inference__logging__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*resultity/account/v1/account_service.proto\x12\x14resultity.account.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a*resultity/account/v1/api_key_service.proto\x1a&resultity/account/v1/rate_limits.proto\"h\n\x1bSetAccountRateLimitsRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x35\n\x0brate_limits\x18\x02 \x01(\x0b\x32 .resultity.account.v1.RateLimits\"N\n\x1cSetAccountRateLimitsResponse\x12.\n\x07\x61\x63\x63ount\x18\x01 \x01(\x0b\x32\x1d.resultity.account.v1.Account\"\xfd\x01\n\x07\x41\x63\x63ount\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12+\n\x07\x63reated\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x65mail\x18\x04 \x01(\t\x12\x10\n\x08\x64isabled\x18\x05 \x01(\x08\x12\x1e\n\x16referred_by_account_id\x18\x06 \x01(\t\x12+\n\x07updated\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x0brate_limits\x18\x08 \x01(\x0b\x32 .resultity.account.v1.RateLimits\"J\n\x14\x43reateAccountRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x65mail\x18\x02 \x01(\t\x12\x15\n\rreferral_code\x18\x03 \x01(\t\"G\n\x15\x43reateAccountResponse\x12.\n\x07\x61\x63\x63ount\x18\x01 \x01(\x0b\x32\x1d.resultity.account.v1.Account\"\'\n\x11GetAccountRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\"D\n\x12GetAccountResponse\x12.\n\x07\x61\x63\x63ount\x18\x01 \x01(\x0b\x32\x1d.resultity.account.v1.Account\"\x12\n\x10GetCallerRequest\"\x81\x01\n\x11GetCallerResponse\x12.\n\x07\x61\x63\x63ount\x18\x01 \x01(\x0b\x32\x1d.resultity.account.v1.Account\x12\r\n\x05\x61\x64min\x18\x02 \x01(\x08\x12-\n\x07\x61pi_key\x18\x03 \x01(\x0b\x32\x1c.resultity.account.v1.ApiKey\"d\n\x14UpdateAccountRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x11\n\x04name\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x12\n\x05\x65mail\x18\x03 \x01(\tH\x01\x88\x01\x01\x42\x07\n\x05_nameB\x08\n\x06_email\"G\n\x15UpdateAccountResponse\x12.\n\x07\x61\x63\x63ount\x18\x01 \x01(\x0b\x32\x1d.resultity.account.v1.Account\"<\n\x13ListAccountsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"`\n\x14ListAccountsResponse\x12/\n\x08\x61\x63\x63ounts\x18\x01 \x03(\x0b\x32\x1d.resultity.account.v1.Account\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"+\n\x15\x44isableAccountRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\"H\n\x16\x44isableAccountResponse\x12.\n\x07\x61\x63\x63ount\x18\x01 \x01(\x0b\x32\x1d.resultity.account.v1.Account2\xe7\x07\n\x0e\x41\x63\x63ountService\x12\x81\x01\n\rCreateAccount\x12*.resultity.account.v1.CreateAccountRequest\x1a+.resultity.account.v1.CreateAccountResponse\"\x17\x82\xd3\xe4\x93\x02\x11\"\x0c/v1/accounts:\x01*\x12\x82\x01\n\nGetAccount\x12\'.resultity.account.v1.GetAccountRequest\x1a(.resultity.account.v1.GetAccountResponse\"!\x82\xd3\xe4\x93\x02\x1b\x12\x19/v1/accounts/{account_id}\x12p\n\tGetCaller\x12&.resultity.account.v1.GetCallerRequest\x1a\'.resultity.account.v1.GetCallerResponse\"\x12\x82\xd3\xe4\x93\x02\x0c\x12\n/v1/caller\x12\x8e\x01\n\rUpdateAccount\x12*.resultity.account.v1.UpdateAccountRequest\x1a+.resultity.account.v1.UpdateAccountResponse\"$\x82\xd3\xe4\x93\x02\x1e\x32\x19/v1/accounts/{account_id}:\x01*\x12{\n\x0cListAccounts\x12).resultity.account.v1.ListAccountsRequest\x1a*.resultity.account.v1.ListAccountsResponse\"\x14\x82\xd3\xe4\x93\x02\x0e\x12\x0c/v1/accounts\x12\x99\x01\n\x0e\x44isableAccount\x12+.resultity.account.v1.DisableAccountRequest\x1a,.resultity.account.v1.DisableAccountResponse\",\x82\xd3\xe4\x93\x02&\"!/v1/accounts/{account_id}:disable:\x01*\x12\xaf\x01\n\x14SetAccountRateLimits\x12\x31.resultity.account.v1.SetAccountRateLimitsRequest\x1a\x32.resultity.account.v1.SetAccountRateLimitsResponse\"0\x82\xd3\xe4\x93\x02*\x1a%/v1/accounts/{account_id}/rate-limits:\x01*b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*resultity/account/v1/account_service.proto\x12\x14resultity.account.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a*resultity/account/v1/api_key_service.proto\x1a&resultity/account/v1/rate_limits.proto\x1a+resultity/common/v1/inference_logging.proto\"y\n!SetAccountInferenceLoggingRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12@\n\x11inference_logging\x18\x02 \x01(\x0b\x32%.resultity.common.v1.InferenceLogging\"T\n\"SetAccountInferenceLoggingResponse\x12.\n\x07\x61\x63\x63ount\x18\x01 \x01(\x0b\x32\x1d.resultity.account.v1.Account\"h\n\x1bSetAccountRateLimitsRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x35\n\x0brate_limits\x18\x02 \x01(\x0b\x32 .resultity.account.v1.RateLimits\"N\n\x1cSetAccountRateLimitsResponse\x12.\n\x07\x61\x63\x63ount\x18\x01 \x01(\x0b\x32\x1d.resultity.account.v1.Account\"\xbf\x02\n\x07\x41\x63\x63ount\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12+\n\x07\x63reated\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x65mail\x18\x04 \x01(\t\x12\x10\n\x08\x64isabled\x18\x05 \x01(\x08\x12\x1e\n\x16referred_by_account_id\x18\x06 \x01(\t\x12+\n\x07updated\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x0brate_limits\x18\x08 \x01(\x0b\x32 .resultity.account.v1.RateLimits\x12@\n\x11inference_logging\x18\t \x01(\x0b\x32%.resultity.common.v1.InferenceLogging\"J\n\x14\x43reateAccountRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x65mail\x18\x02 \x01(\t\x12\x15\n\rreferral_code\x18\x03 \x01(\t\"G\n\x15\x43reateAccountResponse\x12.\n\x07\x61\x63\x63ount\x18\x01 \x01(\x0b\x32\x1d.resultity.account.v1.Account\"\'\n\x11GetAccountRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\"D\n\x12GetAccountResponse\x12.\n\x07\x61\x63\x63ount\x18\x01 \x01(\x0b\x32\x1d.resultity.account.v1.Account\"\x12\n\x10GetCallerRequest\"\x81\x01\n\x11GetCallerResponse\x12.\n\x07\x61\x63\x63ount\x18\x01 \x01(\x0b\x32\x1d.resultity.account.v1.Account\x12\r\n\x05\x61\x64min\x18\x02 \x01(\x08\x12-\n\x07\x61pi_key\x18\x03 \x01(\x0b\x32\x1c.resultity.account.v1.ApiKey\"d\n\x14UpdateAccountRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x11\n\x04name\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x12\n\x05\x65mail\x18\x03 \x01(\tH\x01\x88\x01\x01\x42\x07\n\x05_nameB\x08\n\x06_email\"G\n\x15UpdateAccountResponse\x12.\n\x07\x61\x63\x63ount\x18\x01 \x01(\x0b\x32\x1d.resultity.account.v1.Account\"<\n\x13ListAccountsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"`\n\x14ListAccountsResponse\x12/\n\x08\x61\x63\x63ounts\x18\x01 \x03(\x0b\x32\x1d.resultity.account.v1.Account\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"+\n\x15\x44isableAccountRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\"H\n\x16\x44isableAccountResponse\x12.\n\x07\x61\x63\x63ount\x18\x01 \x01(\x0b\x32\x1d.resultity.account.v1.Account2\xb1\t\n\x0e\x41\x63\x63ountService\x12\x81\x01\n\rCreateAccount\x12*.resultity.account.v1.CreateAccountRequest\x1a+.resultity.account.v1.CreateAccountResponse\"\x17\x82\xd3\xe4\x93\x02\x11\"\x0c/v1/accounts:\x01*\x12\x82\x01\n\nGetAccount\x12\'.resultity.account.v1.GetAccountRequest\x1a(.resultity.account.v1.GetAccountResponse\"!\x82\xd3\xe4\x93\x02\x1b\x12\x19/v1/accounts/{account_id}\x12p\n\tGetCaller\x12&.resultity.account.v1.GetCallerRequest\x1a\'.resultity.account.v1.GetCallerResponse\"\x12\x82\xd3\xe4\x93\x02\x0c\x12\n/v1/caller\x12\x8e\x01\n\rUpdateAccount\x12*.resultity.account.v1.UpdateAccountRequest\x1a+.resultity.account.v1.UpdateAccountResponse\"$\x82\xd3\xe4\x93\x02\x1e\x32\x19/v1/accounts/{account_id}:\x01*\x12{\n\x0cListAccounts\x12).resultity.account.v1.ListAccountsRequest\x1a*.resultity.account.v1.ListAccountsResponse\"\x14\x82\xd3\xe4\x93\x02\x0e\x12\x0c/v1/accounts\x12\x99\x01\n\x0e\x44isableAccount\x12+.resultity.account.v1.DisableAccountRequest\x1a,.resultity.account.v1.DisableAccountResponse\",\x82\xd3\xe4\x93\x02&\"!/v1/accounts/{account_id}:disable:\x01*\x12\xaf\x01\n\x14SetAccountRateLimits\x12\x31.resultity.account.v1.SetAccountRateLimitsRequest\x1a\x32.resultity.account.v1.SetAccountRateLimitsResponse\"0\x82\xd3\xe4\x93\x02*\x1a%/v1/accounts/{account_id}/rate-limits:\x01*\x12\xc7\x01\n\x1aSetAccountInferenceLogging\x12\x37.resultity.account.v1.SetAccountInferenceLoggingRequest\x1a\x38.resultity.account.v1.SetAccountInferenceLoggingResponse\"6\x82\xd3\xe4\x93\x02\x30\x1a+/v1/accounts/{account_id}/inference-logging:\x01*b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -49,36 +50,42 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ACCOUNTSERVICE'].methods_by_name['DisableAccount']._serialized_options = b'\202\323\344\223\002&\"!/v1/accounts/{account_id}:disable:\001*'
   _globals['_ACCOUNTSERVICE'].methods_by_name['SetAccountRateLimits']._loaded_options = None
   _globals['_ACCOUNTSERVICE'].methods_by_name['SetAccountRateLimits']._serialized_options = b'\202\323\344\223\002*\032%/v1/accounts/{account_id}/rate-limits:\001*'
-  _globals['_SETACCOUNTRATELIMITSREQUEST']._serialized_start=215
-  _globals['_SETACCOUNTRATELIMITSREQUEST']._serialized_end=319
-  _globals['_SETACCOUNTRATELIMITSRESPONSE']._serialized_start=321
-  _globals['_SETACCOUNTRATELIMITSRESPONSE']._serialized_end=399
-  _globals['_ACCOUNT']._serialized_start=402
-  _globals['_ACCOUNT']._serialized_end=655
-  _globals['_CREATEACCOUNTREQUEST']._serialized_start=657
-  _globals['_CREATEACCOUNTREQUEST']._serialized_end=731
-  _globals['_CREATEACCOUNTRESPONSE']._serialized_start=733
-  _globals['_CREATEACCOUNTRESPONSE']._serialized_end=804
-  _globals['_GETACCOUNTREQUEST']._serialized_start=806
-  _globals['_GETACCOUNTREQUEST']._serialized_end=845
-  _globals['_GETACCOUNTRESPONSE']._serialized_start=847
-  _globals['_GETACCOUNTRESPONSE']._serialized_end=915
-  _globals['_GETCALLERREQUEST']._serialized_start=917
-  _globals['_GETCALLERREQUEST']._serialized_end=935
-  _globals['_GETCALLERRESPONSE']._serialized_start=938
-  _globals['_GETCALLERRESPONSE']._serialized_end=1067
-  _globals['_UPDATEACCOUNTREQUEST']._serialized_start=1069
-  _globals['_UPDATEACCOUNTREQUEST']._serialized_end=1169
-  _globals['_UPDATEACCOUNTRESPONSE']._serialized_start=1171
-  _globals['_UPDATEACCOUNTRESPONSE']._serialized_end=1242
-  _globals['_LISTACCOUNTSREQUEST']._serialized_start=1244
-  _globals['_LISTACCOUNTSREQUEST']._serialized_end=1304
-  _globals['_LISTACCOUNTSRESPONSE']._serialized_start=1306
-  _globals['_LISTACCOUNTSRESPONSE']._serialized_end=1402
-  _globals['_DISABLEACCOUNTREQUEST']._serialized_start=1404
-  _globals['_DISABLEACCOUNTREQUEST']._serialized_end=1447
-  _globals['_DISABLEACCOUNTRESPONSE']._serialized_start=1449
-  _globals['_DISABLEACCOUNTRESPONSE']._serialized_end=1521
-  _globals['_ACCOUNTSERVICE']._serialized_start=1524
-  _globals['_ACCOUNTSERVICE']._serialized_end=2523
+  _globals['_ACCOUNTSERVICE'].methods_by_name['SetAccountInferenceLogging']._loaded_options = None
+  _globals['_ACCOUNTSERVICE'].methods_by_name['SetAccountInferenceLogging']._serialized_options = b'\202\323\344\223\0020\032+/v1/accounts/{account_id}/inference-logging:\001*'
+  _globals['_SETACCOUNTINFERENCELOGGINGREQUEST']._serialized_start=260
+  _globals['_SETACCOUNTINFERENCELOGGINGREQUEST']._serialized_end=381
+  _globals['_SETACCOUNTINFERENCELOGGINGRESPONSE']._serialized_start=383
+  _globals['_SETACCOUNTINFERENCELOGGINGRESPONSE']._serialized_end=467
+  _globals['_SETACCOUNTRATELIMITSREQUEST']._serialized_start=469
+  _globals['_SETACCOUNTRATELIMITSREQUEST']._serialized_end=573
+  _globals['_SETACCOUNTRATELIMITSRESPONSE']._serialized_start=575
+  _globals['_SETACCOUNTRATELIMITSRESPONSE']._serialized_end=653
+  _globals['_ACCOUNT']._serialized_start=656
+  _globals['_ACCOUNT']._serialized_end=975
+  _globals['_CREATEACCOUNTREQUEST']._serialized_start=977
+  _globals['_CREATEACCOUNTREQUEST']._serialized_end=1051
+  _globals['_CREATEACCOUNTRESPONSE']._serialized_start=1053
+  _globals['_CREATEACCOUNTRESPONSE']._serialized_end=1124
+  _globals['_GETACCOUNTREQUEST']._serialized_start=1126
+  _globals['_GETACCOUNTREQUEST']._serialized_end=1165
+  _globals['_GETACCOUNTRESPONSE']._serialized_start=1167
+  _globals['_GETACCOUNTRESPONSE']._serialized_end=1235
+  _globals['_GETCALLERREQUEST']._serialized_start=1237
+  _globals['_GETCALLERREQUEST']._serialized_end=1255
+  _globals['_GETCALLERRESPONSE']._serialized_start=1258
+  _globals['_GETCALLERRESPONSE']._serialized_end=1387
+  _globals['_UPDATEACCOUNTREQUEST']._serialized_start=1389
+  _globals['_UPDATEACCOUNTREQUEST']._serialized_end=1489
+  _globals['_UPDATEACCOUNTRESPONSE']._serialized_start=1491
+  _globals['_UPDATEACCOUNTRESPONSE']._serialized_end=1562
+  _globals['_LISTACCOUNTSREQUEST']._serialized_start=1564
+  _globals['_LISTACCOUNTSREQUEST']._serialized_end=1624
+  _globals['_LISTACCOUNTSRESPONSE']._serialized_start=1626
+  _globals['_LISTACCOUNTSRESPONSE']._serialized_end=1722
+  _globals['_DISABLEACCOUNTREQUEST']._serialized_start=1724
+  _globals['_DISABLEACCOUNTREQUEST']._serialized_end=1767
+  _globals['_DISABLEACCOUNTRESPONSE']._serialized_start=1769
+  _globals['_DISABLEACCOUNTRESPONSE']._serialized_end=1841
+  _globals['_ACCOUNTSERVICE']._serialized_start=1844
+  _globals['_ACCOUNTSERVICE']._serialized_end=3045
 # @@protoc_insertion_point(module_scope)

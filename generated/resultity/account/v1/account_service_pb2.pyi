@@ -10,6 +10,7 @@ from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from resultity.account.v1 import api_key_service_pb2 as _api_key_service_pb2
 from resultity.account.v1 import rate_limits_pb2 as _rate_limits_pb2
+from resultity.common.v1 import inference_logging_pb2 as _inference_logging_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -20,6 +21,49 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+@_typing.final
+class SetAccountInferenceLoggingRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    INFERENCE_LOGGING_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    @_builtins.property
+    def inference_logging(self) -> _inference_logging_pb2.InferenceLogging: ...
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        inference_logging: _inference_logging_pb2.InferenceLogging | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["inference_logging", b"inference_logging"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "inference_logging", b"inference_logging"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetAccountInferenceLoggingRequest: _TypeAlias = SetAccountInferenceLoggingRequest  # noqa: Y015
+
+@_typing.final
+class SetAccountInferenceLoggingResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def account(self) -> Global___Account: ...
+    def __init__(
+        self,
+        *,
+        account: Global___Account | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["account", b"account"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetAccountInferenceLoggingResponse: _TypeAlias = SetAccountInferenceLoggingResponse  # noqa: Y015
 
 @_typing.final
 class SetAccountRateLimitsRequest(_message.Message):
@@ -76,6 +120,7 @@ class Account(_message.Message):
     REFERRED_BY_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
     UPDATED_FIELD_NUMBER: _builtins.int
     RATE_LIMITS_FIELD_NUMBER: _builtins.int
+    INFERENCE_LOGGING_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     name: _builtins.str
     email: _builtins.str
@@ -88,6 +133,12 @@ class Account(_message.Message):
     def updated(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def rate_limits(self) -> _rate_limits_pb2.RateLimits: ...
+    @_builtins.property
+    def inference_logging(self) -> _inference_logging_pb2.InferenceLogging:
+        """Off unless the account opted in; retention_days is always set (the
+        default filled in).
+        """
+
     def __init__(
         self,
         *,
@@ -99,10 +150,11 @@ class Account(_message.Message):
         referred_by_account_id: _builtins.str = ...,
         updated: _timestamp_pb2.Timestamp | None = ...,
         rate_limits: _rate_limits_pb2.RateLimits | None = ...,
+        inference_logging: _inference_logging_pb2.InferenceLogging | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "rate_limits", b"rate_limits", "updated", b"updated"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "inference_logging", b"inference_logging", "rate_limits", b"rate_limits", "updated", b"updated"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "created", b"created", "disabled", b"disabled", "email", b"email", "name", b"name", "rate_limits", b"rate_limits", "referred_by_account_id", b"referred_by_account_id", "updated", b"updated"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "created", b"created", "disabled", b"disabled", "email", b"email", "inference_logging", b"inference_logging", "name", b"name", "rate_limits", b"rate_limits", "referred_by_account_id", b"referred_by_account_id", "updated", b"updated"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -77,6 +77,11 @@ class AccountServiceStub:
                 request_serializer=resultity_dot_account_dot_v1_dot_account__service__pb2.SetAccountRateLimitsRequest.SerializeToString,
                 response_deserializer=resultity_dot_account_dot_v1_dot_account__service__pb2.SetAccountRateLimitsResponse.FromString,
                 _registered_method=True)
+        self.SetAccountInferenceLogging = channel.unary_unary(
+                '/resultity.account.v1.AccountService/SetAccountInferenceLogging',
+                request_serializer=resultity_dot_account_dot_v1_dot_account__service__pb2.SetAccountInferenceLoggingRequest.SerializeToString,
+                response_deserializer=resultity_dot_account_dot_v1_dot_account__service__pb2.SetAccountInferenceLoggingResponse.FromString,
+                _registered_method=True)
 
 
 class AccountServiceServicer:
@@ -141,6 +146,16 @@ class AccountServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetAccountInferenceLogging(self, request, context):
+        """Opts the account in to (or out of) full logs of its inference requests,
+        with their retention. The account itself (a MANAGEMENT key) or an admin.
+        Applies to requests cloud admits from then on (within 5 seconds); logs
+        already kept stay until their retention ends.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AccountServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -178,6 +193,11 @@ def add_AccountServiceServicer_to_server(servicer, server):
                     servicer.SetAccountRateLimits,
                     request_deserializer=resultity_dot_account_dot_v1_dot_account__service__pb2.SetAccountRateLimitsRequest.FromString,
                     response_serializer=resultity_dot_account_dot_v1_dot_account__service__pb2.SetAccountRateLimitsResponse.SerializeToString,
+            ),
+            'SetAccountInferenceLogging': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetAccountInferenceLogging,
+                    request_deserializer=resultity_dot_account_dot_v1_dot_account__service__pb2.SetAccountInferenceLoggingRequest.FromString,
+                    response_serializer=resultity_dot_account_dot_v1_dot_account__service__pb2.SetAccountInferenceLoggingResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -377,6 +397,33 @@ class AccountService:
             '/resultity.account.v1.AccountService/SetAccountRateLimits',
             resultity_dot_account_dot_v1_dot_account__service__pb2.SetAccountRateLimitsRequest.SerializeToString,
             resultity_dot_account_dot_v1_dot_account__service__pb2.SetAccountRateLimitsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetAccountInferenceLogging(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/resultity.account.v1.AccountService/SetAccountInferenceLogging',
+            resultity_dot_account_dot_v1_dot_account__service__pb2.SetAccountInferenceLoggingRequest.SerializeToString,
+            resultity_dot_account_dot_v1_dot_account__service__pb2.SetAccountInferenceLoggingResponse.FromString,
             options,
             channel_credentials,
             insecure,

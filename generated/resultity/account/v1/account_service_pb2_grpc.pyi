@@ -59,6 +59,12 @@ class AccountServiceStub:
     """Admin only. Replaces the account's stored rate limits (unset fields: the
     platform default). Cloud applies them within 5 seconds.
     """
+    SetAccountInferenceLogging: _grpc.UnaryUnaryMultiCallable[_account_service_pb2.SetAccountInferenceLoggingRequest, _account_service_pb2.SetAccountInferenceLoggingResponse]
+    """Opts the account in to (or out of) full logs of its inference requests,
+    with their retention. The account itself (a MANAGEMENT key) or an admin.
+    Applies to requests cloud admits from then on (within 5 seconds); logs
+    already kept stay until their retention ends.
+    """
 
 @_typing.type_check_only
 class AccountServiceAsyncStub(AccountServiceStub):
@@ -90,6 +96,12 @@ class AccountServiceAsyncStub(AccountServiceStub):
     SetAccountRateLimits: _aio.UnaryUnaryMultiCallable[_account_service_pb2.SetAccountRateLimitsRequest, _account_service_pb2.SetAccountRateLimitsResponse]  # type: ignore[assignment]
     """Admin only. Replaces the account's stored rate limits (unset fields: the
     platform default). Cloud applies them within 5 seconds.
+    """
+    SetAccountInferenceLogging: _aio.UnaryUnaryMultiCallable[_account_service_pb2.SetAccountInferenceLoggingRequest, _account_service_pb2.SetAccountInferenceLoggingResponse]  # type: ignore[assignment]
+    """Opts the account in to (or out of) full logs of its inference requests,
+    with their retention. The account itself (a MANAGEMENT key) or an admin.
+    Applies to requests cloud admits from then on (within 5 seconds); logs
+    already kept stay until their retention ends.
     """
 
 class AccountServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -161,6 +173,18 @@ class AccountServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_account_service_pb2.SetAccountRateLimitsResponse, _abc.Awaitable[_account_service_pb2.SetAccountRateLimitsResponse]]:
         """Admin only. Replaces the account's stored rate limits (unset fields: the
         platform default). Cloud applies them within 5 seconds.
+        """
+
+    @_abc_1.abstractmethod
+    def SetAccountInferenceLogging(
+        self,
+        request: _account_service_pb2.SetAccountInferenceLoggingRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_account_service_pb2.SetAccountInferenceLoggingResponse, _abc.Awaitable[_account_service_pb2.SetAccountInferenceLoggingResponse]]:
+        """Opts the account in to (or out of) full logs of its inference requests,
+        with their retention. The account itself (a MANAGEMENT key) or an admin.
+        Applies to requests cloud admits from then on (within 5 seconds); logs
+        already kept stay until their retention ends.
         """
 
 def add_AccountServiceServicer_to_server(servicer: AccountServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -25,9 +25,10 @@ _sym_db = _symbol_database.Default()
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from resultity.account.v1 import rate_limits_pb2 as resultity_dot_account_dot_v1_dot_rate__limits__pb2
+from resultity.common.v1 import inference_logging_pb2 as resultity_dot_common_dot_v1_dot_inference__logging__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*resultity/account/v1/api_key_service.proto\x12\x14resultity.account.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a&resultity/account/v1/rate_limits.proto\"\xfb\x01\n\x13\x43reateApiKeyRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x31\n\x06scopes\x18\x03 \x03(\x0e\x32!.resultity.account.v1.ApiKeyScope\x12+\n\x07\x65xpires\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x61llowed_models\x18\x05 \x03(\t\x12\x13\n\x0bsubcloud_id\x18\x06 \x01(\t\x12\x35\n\x0brate_limits\x18\x07 \x01(\x0b\x32 .resultity.account.v1.RateLimits\"U\n\x14\x43reateApiKeyResponse\x12-\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x1c.resultity.account.v1.ApiKey\x12\x0e\n\x06secret\x18\x02 \x01(\t\"\xec\x02\n\x06\x41piKey\x12\x12\n\napi_key_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0e\n\x06prefix\x18\x04 \x01(\t\x12+\n\x07\x63reated\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\x06scopes\x18\x06 \x03(\x0e\x32!.resultity.account.v1.ApiKeyScope\x12+\n\x07\x65xpires\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x61llowed_models\x18\x08 \x03(\t\x12\x13\n\x0bsubcloud_id\x18\t \x01(\t\x12+\n\x07revoked\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x0brate_limits\x18\x0b \x01(\x0b\x32 .resultity.account.v1.RateLimits\"O\n\x12ListApiKeysRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"^\n\x13ListApiKeysResponse\x12.\n\x08\x61pi_keys\x18\x01 \x03(\x0b\x32\x1c.resultity.account.v1.ApiKey\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\")\n\x13RevokeApiKeyRequest\x12\x12\n\napi_key_id\x18\x01 \x01(\t\"E\n\x14RevokeApiKeyResponse\x12-\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x1c.resultity.account.v1.ApiKey\"+\n\x19\x41uthenticateApiKeyRequest\x12\x0e\n\x06secret\x18\x01 \x01(\t\"\x8a\x01\n\x1a\x41uthenticateApiKeyResponse\x12-\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x1c.resultity.account.v1.ApiKey\x12=\n\x13\x61\x63\x63ount_rate_limits\x18\x02 \x01(\x0b\x32 .resultity.account.v1.RateLimits*\x98\x01\n\x0b\x41piKeyScope\x12\x1d\n\x19\x41PI_KEY_SCOPE_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x41PI_KEY_SCOPE_INFERENCE\x10\x01\x12\x1c\n\x18\x41PI_KEY_SCOPE_MANAGEMENT\x10\x02\x12\x17\n\x13\x41PI_KEY_SCOPE_ADMIN\x10\x03\x12\x16\n\x12\x41PI_KEY_SCOPE_NODE\x10\x04\x32\xc5\x04\n\rApiKeyService\x12\x94\x01\n\x0c\x43reateApiKey\x12).resultity.account.v1.CreateApiKeyRequest\x1a*.resultity.account.v1.CreateApiKeyResponse\"-\x82\xd3\xe4\x93\x02\'\"\"/v1/accounts/{account_id}/api-keys:\x01*\x12\x8e\x01\n\x0bListApiKeys\x12(.resultity.account.v1.ListApiKeysRequest\x1a).resultity.account.v1.ListApiKeysResponse\"*\x82\xd3\xe4\x93\x02$\x12\"/v1/accounts/{account_id}/api-keys\x12\x92\x01\n\x0cRevokeApiKey\x12).resultity.account.v1.RevokeApiKeyRequest\x1a*.resultity.account.v1.RevokeApiKeyResponse\"+\x82\xd3\xe4\x93\x02%\" /v1/api-keys/{api_key_id}:revoke:\x01*\x12w\n\x12\x41uthenticateApiKey\x12/.resultity.account.v1.AuthenticateApiKeyRequest\x1a\x30.resultity.account.v1.AuthenticateApiKeyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*resultity/account/v1/api_key_service.proto\x12\x14resultity.account.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a&resultity/account/v1/rate_limits.proto\x1a+resultity/common/v1/inference_logging.proto\"\xfb\x01\n\x13\x43reateApiKeyRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x31\n\x06scopes\x18\x03 \x03(\x0e\x32!.resultity.account.v1.ApiKeyScope\x12+\n\x07\x65xpires\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x61llowed_models\x18\x05 \x03(\t\x12\x13\n\x0bsubcloud_id\x18\x06 \x01(\t\x12\x35\n\x0brate_limits\x18\x07 \x01(\x0b\x32 .resultity.account.v1.RateLimits\"U\n\x14\x43reateApiKeyResponse\x12-\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x1c.resultity.account.v1.ApiKey\x12\x0e\n\x06secret\x18\x02 \x01(\t\"\xec\x02\n\x06\x41piKey\x12\x12\n\napi_key_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0e\n\x06prefix\x18\x04 \x01(\t\x12+\n\x07\x63reated\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\x06scopes\x18\x06 \x03(\x0e\x32!.resultity.account.v1.ApiKeyScope\x12+\n\x07\x65xpires\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x61llowed_models\x18\x08 \x03(\t\x12\x13\n\x0bsubcloud_id\x18\t \x01(\t\x12+\n\x07revoked\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x0brate_limits\x18\x0b \x01(\x0b\x32 .resultity.account.v1.RateLimits\"O\n\x12ListApiKeysRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"^\n\x13ListApiKeysResponse\x12.\n\x08\x61pi_keys\x18\x01 \x03(\x0b\x32\x1c.resultity.account.v1.ApiKey\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\")\n\x13RevokeApiKeyRequest\x12\x12\n\napi_key_id\x18\x01 \x01(\t\"E\n\x14RevokeApiKeyResponse\x12-\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x1c.resultity.account.v1.ApiKey\"+\n\x19\x41uthenticateApiKeyRequest\x12\x0e\n\x06secret\x18\x01 \x01(\t\"\xd4\x01\n\x1a\x41uthenticateApiKeyResponse\x12-\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x1c.resultity.account.v1.ApiKey\x12=\n\x13\x61\x63\x63ount_rate_limits\x18\x02 \x01(\x0b\x32 .resultity.account.v1.RateLimits\x12H\n\x19\x61\x63\x63ount_inference_logging\x18\x03 \x01(\x0b\x32%.resultity.common.v1.InferenceLogging*\x98\x01\n\x0b\x41piKeyScope\x12\x1d\n\x19\x41PI_KEY_SCOPE_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x41PI_KEY_SCOPE_INFERENCE\x10\x01\x12\x1c\n\x18\x41PI_KEY_SCOPE_MANAGEMENT\x10\x02\x12\x17\n\x13\x41PI_KEY_SCOPE_ADMIN\x10\x03\x12\x16\n\x12\x41PI_KEY_SCOPE_NODE\x10\x04\x32\xc5\x04\n\rApiKeyService\x12\x94\x01\n\x0c\x43reateApiKey\x12).resultity.account.v1.CreateApiKeyRequest\x1a*.resultity.account.v1.CreateApiKeyResponse\"-\x82\xd3\xe4\x93\x02\'\"\"/v1/accounts/{account_id}/api-keys:\x01*\x12\x8e\x01\n\x0bListApiKeys\x12(.resultity.account.v1.ListApiKeysRequest\x1a).resultity.account.v1.ListApiKeysResponse\"*\x82\xd3\xe4\x93\x02$\x12\"/v1/accounts/{account_id}/api-keys\x12\x92\x01\n\x0cRevokeApiKey\x12).resultity.account.v1.RevokeApiKeyRequest\x1a*.resultity.account.v1.RevokeApiKeyResponse\"+\x82\xd3\xe4\x93\x02%\" /v1/api-keys/{api_key_id}:revoke:\x01*\x12w\n\x12\x41uthenticateApiKey\x12/.resultity.account.v1.AuthenticateApiKeyRequest\x1a\x30.resultity.account.v1.AuthenticateApiKeyResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,26 +41,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_APIKEYSERVICE'].methods_by_name['ListApiKeys']._serialized_options = b'\202\323\344\223\002$\022\"/v1/accounts/{account_id}/api-keys'
   _globals['_APIKEYSERVICE'].methods_by_name['RevokeApiKey']._loaded_options = None
   _globals['_APIKEYSERVICE'].methods_by_name['RevokeApiKey']._serialized_options = b'\202\323\344\223\002%\" /v1/api-keys/{api_key_id}:revoke:\001*'
-  _globals['_APIKEYSCOPE']._serialized_start=1357
-  _globals['_APIKEYSCOPE']._serialized_end=1509
-  _globals['_CREATEAPIKEYREQUEST']._serialized_start=172
-  _globals['_CREATEAPIKEYREQUEST']._serialized_end=423
-  _globals['_CREATEAPIKEYRESPONSE']._serialized_start=425
-  _globals['_CREATEAPIKEYRESPONSE']._serialized_end=510
-  _globals['_APIKEY']._serialized_start=513
-  _globals['_APIKEY']._serialized_end=877
-  _globals['_LISTAPIKEYSREQUEST']._serialized_start=879
-  _globals['_LISTAPIKEYSREQUEST']._serialized_end=958
-  _globals['_LISTAPIKEYSRESPONSE']._serialized_start=960
-  _globals['_LISTAPIKEYSRESPONSE']._serialized_end=1054
-  _globals['_REVOKEAPIKEYREQUEST']._serialized_start=1056
-  _globals['_REVOKEAPIKEYREQUEST']._serialized_end=1097
-  _globals['_REVOKEAPIKEYRESPONSE']._serialized_start=1099
-  _globals['_REVOKEAPIKEYRESPONSE']._serialized_end=1168
-  _globals['_AUTHENTICATEAPIKEYREQUEST']._serialized_start=1170
-  _globals['_AUTHENTICATEAPIKEYREQUEST']._serialized_end=1213
-  _globals['_AUTHENTICATEAPIKEYRESPONSE']._serialized_start=1216
-  _globals['_AUTHENTICATEAPIKEYRESPONSE']._serialized_end=1354
-  _globals['_APIKEYSERVICE']._serialized_start=1512
-  _globals['_APIKEYSERVICE']._serialized_end=2093
+  _globals['_APIKEYSCOPE']._serialized_start=1476
+  _globals['_APIKEYSCOPE']._serialized_end=1628
+  _globals['_CREATEAPIKEYREQUEST']._serialized_start=217
+  _globals['_CREATEAPIKEYREQUEST']._serialized_end=468
+  _globals['_CREATEAPIKEYRESPONSE']._serialized_start=470
+  _globals['_CREATEAPIKEYRESPONSE']._serialized_end=555
+  _globals['_APIKEY']._serialized_start=558
+  _globals['_APIKEY']._serialized_end=922
+  _globals['_LISTAPIKEYSREQUEST']._serialized_start=924
+  _globals['_LISTAPIKEYSREQUEST']._serialized_end=1003
+  _globals['_LISTAPIKEYSRESPONSE']._serialized_start=1005
+  _globals['_LISTAPIKEYSRESPONSE']._serialized_end=1099
+  _globals['_REVOKEAPIKEYREQUEST']._serialized_start=1101
+  _globals['_REVOKEAPIKEYREQUEST']._serialized_end=1142
+  _globals['_REVOKEAPIKEYRESPONSE']._serialized_start=1144
+  _globals['_REVOKEAPIKEYRESPONSE']._serialized_end=1213
+  _globals['_AUTHENTICATEAPIKEYREQUEST']._serialized_start=1215
+  _globals['_AUTHENTICATEAPIKEYREQUEST']._serialized_end=1258
+  _globals['_AUTHENTICATEAPIKEYRESPONSE']._serialized_start=1261
+  _globals['_AUTHENTICATEAPIKEYRESPONSE']._serialized_end=1473
+  _globals['_APIKEYSERVICE']._serialized_start=1631
+  _globals['_APIKEYSERVICE']._serialized_end=2212
 # @@protoc_insertion_point(module_scope)

@@ -10,6 +10,7 @@ from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from resultity.account.v1 import rate_limits_pb2 as _rate_limits_pb2
+from resultity.common.v1 import inference_logging_pb2 as _inference_logging_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -302,21 +303,27 @@ class AuthenticateApiKeyResponse(_message.Message):
 
     API_KEY_FIELD_NUMBER: _builtins.int
     ACCOUNT_RATE_LIMITS_FIELD_NUMBER: _builtins.int
+    ACCOUNT_INFERENCE_LOGGING_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def api_key(self) -> Global___ApiKey: ...
     @_builtins.property
     def account_rate_limits(self) -> _rate_limits_pb2.RateLimits:
         """The limits stored with the key's account."""
 
+    @_builtins.property
+    def account_inference_logging(self) -> _inference_logging_pb2.InferenceLogging:
+        """Whether the key's account opted in to inference logs, and their retention."""
+
     def __init__(
         self,
         *,
         api_key: Global___ApiKey | None = ...,
         account_rate_limits: _rate_limits_pb2.RateLimits | None = ...,
+        account_inference_logging: _inference_logging_pb2.InferenceLogging | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["account_rate_limits", b"account_rate_limits", "api_key", b"api_key"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["account_inference_logging", b"account_inference_logging", "account_rate_limits", b"account_rate_limits", "api_key", b"api_key"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_rate_limits", b"account_rate_limits", "api_key", b"api_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_inference_logging", b"account_inference_logging", "account_rate_limits", b"account_rate_limits", "api_key", b"api_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -26,9 +26,10 @@ from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from resultity.common.v1 import inference_pb2 as resultity_dot_common_dot_v1_dot_inference__pb2
+from resultity.common.v1 import inference_logging_pb2 as resultity_dot_common_dot_v1_dot_inference__logging__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)resultity/cloud/v1/subcloud_service.proto\x12\x12resultity.cloud.v1\x1a\x1cgoogle/api/annotations.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a#resultity/common/v1/inference.proto\"\x83\x02\n\x08Subcloud\x12\x13\n\x0bsubcloud_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x18\n\x10owner_account_id\x18\x03 \x01(\t\x12+\n\x07\x63reated\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x05rules\x18\x05 \x01(\x0b\x32\x1d.resultity.cloud.v1.NodeRules\x12\x31\n\x06models\x18\x06 \x03(\x0b\x32!.resultity.cloud.v1.SubcloudModel\x12,\n\x08\x61rchived\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"i\n\tNodeRules\x12\x1c\n\x14operator_account_ids\x18\x01 \x03(\t\x12\x0f\n\x07regions\x18\x02 \x03(\t\x12\x16\n\x0emin_reputation\x18\x03 \x01(\x01\x12\x15\n\rverified_only\x18\x04 \x01(\x08\"N\n\rSubcloudModel\x12\r\n\x05model\x18\x01 \x01(\t\x12.\n\x05price\x18\x02 \x01(\x0b\x32\x1f.resultity.common.v1.ModelPrice\"\x7f\n\x0eSubcloudMember\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12.\n\x04role\x18\x02 \x01(\x0e\x32 .resultity.cloud.v1.SubcloudRole\x12)\n\x05\x61\x64\x64\x65\x64\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa0\x01\n\x15\x43reateSubcloudRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x18\n\x10owner_account_id\x18\x02 \x01(\t\x12,\n\x05rules\x18\x03 \x01(\x0b\x32\x1d.resultity.cloud.v1.NodeRules\x12\x31\n\x06models\x18\x04 \x03(\x0b\x32!.resultity.cloud.v1.SubcloudModel\"H\n\x16\x43reateSubcloudResponse\x12.\n\x08subcloud\x18\x01 \x01(\x0b\x32\x1c.resultity.cloud.v1.Subcloud\")\n\x12GetSubcloudRequest\x12\x13\n\x0bsubcloud_id\x18\x01 \x01(\t\"E\n\x13GetSubcloudResponse\x12.\n\x08subcloud\x18\x01 \x01(\x0b\x32\x1c.resultity.cloud.v1.Subcloud\"=\n\x14ListSubcloudsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"a\n\x15ListSubcloudsResponse\x12/\n\tsubclouds\x18\x01 \x03(\x0b\x32\x1c.resultity.cloud.v1.Subcloud\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"x\n\x15UpdateSubcloudRequest\x12.\n\x08subcloud\x18\x01 \x01(\x0b\x32\x1c.resultity.cloud.v1.Subcloud\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"H\n\x16UpdateSubcloudResponse\x12.\n\x08subcloud\x18\x01 \x01(\x0b\x32\x1c.resultity.cloud.v1.Subcloud\"-\n\x16\x41rchiveSubcloudRequest\x12\x13\n\x0bsubcloud_id\x18\x01 \x01(\t\"I\n\x17\x41rchiveSubcloudResponse\x12.\n\x08subcloud\x18\x01 \x01(\x0b\x32\x1c.resultity.cloud.v1.Subcloud\"s\n\x18PutSubcloudMemberRequest\x12\x13\n\x0bsubcloud_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12.\n\x04role\x18\x03 \x01(\x0e\x32 .resultity.cloud.v1.SubcloudRole\"O\n\x19PutSubcloudMemberResponse\x12\x32\n\x06member\x18\x01 \x01(\x0b\x32\".resultity.cloud.v1.SubcloudMember\"F\n\x1bRemoveSubcloudMemberRequest\x12\x13\n\x0bsubcloud_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\"\x1e\n\x1cRemoveSubcloudMemberResponse\"1\n\x1aListSubcloudMembersRequest\x12\x13\n\x0bsubcloud_id\x18\x01 \x01(\t\"R\n\x1bListSubcloudMembersResponse\x12\x33\n\x07members\x18\x01 \x03(\x0b\x32\".resultity.cloud.v1.SubcloudMember\"\x99\x01\n\x1b\x43reateSubcloudApiKeyRequest\x12\x13\n\x0bsubcloud_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12+\n\x07\x65xpires\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x61llowed_models\x18\x05 \x03(\t\"f\n\x1c\x43reateSubcloudApiKeyResponse\x12\x12\n\napi_key_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12\x0e\n\x06prefix\x18\x03 \x01(\t\x12\x0e\n\x06secret\x18\x04 \x01(\t*y\n\x0cSubcloudRole\x12\x1d\n\x19SUBCLOUD_ROLE_UNSPECIFIED\x10\x00\x12\x18\n\x14SUBCLOUD_ROLE_MEMBER\x10\x01\x12\x17\n\x13SUBCLOUD_ROLE_ADMIN\x10\x02\x12\x17\n\x13SUBCLOUD_ROLE_OWNER\x10\x03\x32\x90\x0b\n\x0fSubcloudService\x12\x81\x01\n\x0e\x43reateSubcloud\x12).resultity.cloud.v1.CreateSubcloudRequest\x1a*.resultity.cloud.v1.CreateSubcloudResponse\"\x18\x82\xd3\xe4\x93\x02\x12\"\r/v1/subclouds:\x01*\x12\x83\x01\n\x0bGetSubcloud\x12&.resultity.cloud.v1.GetSubcloudRequest\x1a\'.resultity.cloud.v1.GetSubcloudResponse\"#\x82\xd3\xe4\x93\x02\x1d\x12\x1b/v1/subclouds/{subcloud_id}\x12{\n\rListSubclouds\x12(.resultity.cloud.v1.ListSubcloudsRequest\x1a).resultity.cloud.v1.ListSubcloudsResponse\"\x15\x82\xd3\xe4\x93\x02\x0f\x12\r/v1/subclouds\x12\x9f\x01\n\x0eUpdateSubcloud\x12).resultity.cloud.v1.UpdateSubcloudRequest\x1a*.resultity.cloud.v1.UpdateSubcloudResponse\"6\x82\xd3\xe4\x93\x02\x30\x32$/v1/subclouds/{subcloud.subcloud_id}:\x08subcloud\x12\x9a\x01\n\x0f\x41rchiveSubcloud\x12*.resultity.cloud.v1.ArchiveSubcloudRequest\x1a+.resultity.cloud.v1.ArchiveSubcloudResponse\".\x82\xd3\xe4\x93\x02(\"#/v1/subclouds/{subcloud_id}:archive:\x01*\x12\xad\x01\n\x11PutSubcloudMember\x12,.resultity.cloud.v1.PutSubcloudMemberRequest\x1a-.resultity.cloud.v1.PutSubcloudMemberResponse\";\x82\xd3\xe4\x93\x02\x35\x1a\x30/v1/subclouds/{subcloud_id}/members/{account_id}:\x01*\x12\xb3\x01\n\x14RemoveSubcloudMember\x12/.resultity.cloud.v1.RemoveSubcloudMemberRequest\x1a\x30.resultity.cloud.v1.RemoveSubcloudMemberResponse\"8\x82\xd3\xe4\x93\x02\x32*0/v1/subclouds/{subcloud_id}/members/{account_id}\x12\xa3\x01\n\x13ListSubcloudMembers\x12..resultity.cloud.v1.ListSubcloudMembersRequest\x1a/.resultity.cloud.v1.ListSubcloudMembersResponse\"+\x82\xd3\xe4\x93\x02%\x12#/v1/subclouds/{subcloud_id}/members\x12\xaa\x01\n\x14\x43reateSubcloudApiKey\x12/.resultity.cloud.v1.CreateSubcloudApiKeyRequest\x1a\x30.resultity.cloud.v1.CreateSubcloudApiKeyResponse\"/\x82\xd3\xe4\x93\x02)\"$/v1/subclouds/{subcloud_id}/api-keys:\x01*b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)resultity/cloud/v1/subcloud_service.proto\x12\x12resultity.cloud.v1\x1a\x1cgoogle/api/annotations.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a#resultity/common/v1/inference.proto\x1a+resultity/common/v1/inference_logging.proto\"\xc5\x02\n\x08Subcloud\x12\x13\n\x0bsubcloud_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x18\n\x10owner_account_id\x18\x03 \x01(\t\x12+\n\x07\x63reated\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x05rules\x18\x05 \x01(\x0b\x32\x1d.resultity.cloud.v1.NodeRules\x12\x31\n\x06models\x18\x06 \x03(\x0b\x32!.resultity.cloud.v1.SubcloudModel\x12,\n\x08\x61rchived\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12@\n\x11inference_logging\x18\x08 \x01(\x0b\x32%.resultity.common.v1.InferenceLogging\"i\n\tNodeRules\x12\x1c\n\x14operator_account_ids\x18\x01 \x03(\t\x12\x0f\n\x07regions\x18\x02 \x03(\t\x12\x16\n\x0emin_reputation\x18\x03 \x01(\x01\x12\x15\n\rverified_only\x18\x04 \x01(\x08\"N\n\rSubcloudModel\x12\r\n\x05model\x18\x01 \x01(\t\x12.\n\x05price\x18\x02 \x01(\x0b\x32\x1f.resultity.common.v1.ModelPrice\"\x7f\n\x0eSubcloudMember\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12.\n\x04role\x18\x02 \x01(\x0e\x32 .resultity.cloud.v1.SubcloudRole\x12)\n\x05\x61\x64\x64\x65\x64\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xe2\x01\n\x15\x43reateSubcloudRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x18\n\x10owner_account_id\x18\x02 \x01(\t\x12,\n\x05rules\x18\x03 \x01(\x0b\x32\x1d.resultity.cloud.v1.NodeRules\x12\x31\n\x06models\x18\x04 \x03(\x0b\x32!.resultity.cloud.v1.SubcloudModel\x12@\n\x11inference_logging\x18\x05 \x01(\x0b\x32%.resultity.common.v1.InferenceLogging\"H\n\x16\x43reateSubcloudResponse\x12.\n\x08subcloud\x18\x01 \x01(\x0b\x32\x1c.resultity.cloud.v1.Subcloud\")\n\x12GetSubcloudRequest\x12\x13\n\x0bsubcloud_id\x18\x01 \x01(\t\"E\n\x13GetSubcloudResponse\x12.\n\x08subcloud\x18\x01 \x01(\x0b\x32\x1c.resultity.cloud.v1.Subcloud\"=\n\x14ListSubcloudsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"a\n\x15ListSubcloudsResponse\x12/\n\tsubclouds\x18\x01 \x03(\x0b\x32\x1c.resultity.cloud.v1.Subcloud\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"x\n\x15UpdateSubcloudRequest\x12.\n\x08subcloud\x18\x01 \x01(\x0b\x32\x1c.resultity.cloud.v1.Subcloud\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"H\n\x16UpdateSubcloudResponse\x12.\n\x08subcloud\x18\x01 \x01(\x0b\x32\x1c.resultity.cloud.v1.Subcloud\"-\n\x16\x41rchiveSubcloudRequest\x12\x13\n\x0bsubcloud_id\x18\x01 \x01(\t\"I\n\x17\x41rchiveSubcloudResponse\x12.\n\x08subcloud\x18\x01 \x01(\x0b\x32\x1c.resultity.cloud.v1.Subcloud\"s\n\x18PutSubcloudMemberRequest\x12\x13\n\x0bsubcloud_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12.\n\x04role\x18\x03 \x01(\x0e\x32 .resultity.cloud.v1.SubcloudRole\"O\n\x19PutSubcloudMemberResponse\x12\x32\n\x06member\x18\x01 \x01(\x0b\x32\".resultity.cloud.v1.SubcloudMember\"F\n\x1bRemoveSubcloudMemberRequest\x12\x13\n\x0bsubcloud_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\"\x1e\n\x1cRemoveSubcloudMemberResponse\"1\n\x1aListSubcloudMembersRequest\x12\x13\n\x0bsubcloud_id\x18\x01 \x01(\t\"R\n\x1bListSubcloudMembersResponse\x12\x33\n\x07members\x18\x01 \x03(\x0b\x32\".resultity.cloud.v1.SubcloudMember\"\x99\x01\n\x1b\x43reateSubcloudApiKeyRequest\x12\x13\n\x0bsubcloud_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12+\n\x07\x65xpires\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x61llowed_models\x18\x05 \x03(\t\"f\n\x1c\x43reateSubcloudApiKeyResponse\x12\x12\n\napi_key_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12\x0e\n\x06prefix\x18\x03 \x01(\t\x12\x0e\n\x06secret\x18\x04 \x01(\t*y\n\x0cSubcloudRole\x12\x1d\n\x19SUBCLOUD_ROLE_UNSPECIFIED\x10\x00\x12\x18\n\x14SUBCLOUD_ROLE_MEMBER\x10\x01\x12\x17\n\x13SUBCLOUD_ROLE_ADMIN\x10\x02\x12\x17\n\x13SUBCLOUD_ROLE_OWNER\x10\x03\x32\x90\x0b\n\x0fSubcloudService\x12\x81\x01\n\x0e\x43reateSubcloud\x12).resultity.cloud.v1.CreateSubcloudRequest\x1a*.resultity.cloud.v1.CreateSubcloudResponse\"\x18\x82\xd3\xe4\x93\x02\x12\"\r/v1/subclouds:\x01*\x12\x83\x01\n\x0bGetSubcloud\x12&.resultity.cloud.v1.GetSubcloudRequest\x1a\'.resultity.cloud.v1.GetSubcloudResponse\"#\x82\xd3\xe4\x93\x02\x1d\x12\x1b/v1/subclouds/{subcloud_id}\x12{\n\rListSubclouds\x12(.resultity.cloud.v1.ListSubcloudsRequest\x1a).resultity.cloud.v1.ListSubcloudsResponse\"\x15\x82\xd3\xe4\x93\x02\x0f\x12\r/v1/subclouds\x12\x9f\x01\n\x0eUpdateSubcloud\x12).resultity.cloud.v1.UpdateSubcloudRequest\x1a*.resultity.cloud.v1.UpdateSubcloudResponse\"6\x82\xd3\xe4\x93\x02\x30\x32$/v1/subclouds/{subcloud.subcloud_id}:\x08subcloud\x12\x9a\x01\n\x0f\x41rchiveSubcloud\x12*.resultity.cloud.v1.ArchiveSubcloudRequest\x1a+.resultity.cloud.v1.ArchiveSubcloudResponse\".\x82\xd3\xe4\x93\x02(\"#/v1/subclouds/{subcloud_id}:archive:\x01*\x12\xad\x01\n\x11PutSubcloudMember\x12,.resultity.cloud.v1.PutSubcloudMemberRequest\x1a-.resultity.cloud.v1.PutSubcloudMemberResponse\";\x82\xd3\xe4\x93\x02\x35\x1a\x30/v1/subclouds/{subcloud_id}/members/{account_id}:\x01*\x12\xb3\x01\n\x14RemoveSubcloudMember\x12/.resultity.cloud.v1.RemoveSubcloudMemberRequest\x1a\x30.resultity.cloud.v1.RemoveSubcloudMemberResponse\"8\x82\xd3\xe4\x93\x02\x32*0/v1/subclouds/{subcloud_id}/members/{account_id}\x12\xa3\x01\n\x13ListSubcloudMembers\x12..resultity.cloud.v1.ListSubcloudMembersRequest\x1a/.resultity.cloud.v1.ListSubcloudMembersResponse\"+\x82\xd3\xe4\x93\x02%\x12#/v1/subclouds/{subcloud_id}/members\x12\xaa\x01\n\x14\x43reateSubcloudApiKey\x12/.resultity.cloud.v1.CreateSubcloudApiKeyRequest\x1a\x30.resultity.cloud.v1.CreateSubcloudApiKeyResponse\"/\x82\xd3\xe4\x93\x02)\"$/v1/subclouds/{subcloud_id}/api-keys:\x01*b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -53,52 +54,52 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SUBCLOUDSERVICE'].methods_by_name['ListSubcloudMembers']._serialized_options = b'\202\323\344\223\002%\022#/v1/subclouds/{subcloud_id}/members'
   _globals['_SUBCLOUDSERVICE'].methods_by_name['CreateSubcloudApiKey']._loaded_options = None
   _globals['_SUBCLOUDSERVICE'].methods_by_name['CreateSubcloudApiKey']._serialized_options = b'\202\323\344\223\002)\"$/v1/subclouds/{subcloud_id}/api-keys:\001*'
-  _globals['_SUBCLOUDROLE']._serialized_start=2305
-  _globals['_SUBCLOUDROLE']._serialized_end=2426
-  _globals['_SUBCLOUD']._serialized_start=200
-  _globals['_SUBCLOUD']._serialized_end=459
-  _globals['_NODERULES']._serialized_start=461
-  _globals['_NODERULES']._serialized_end=566
-  _globals['_SUBCLOUDMODEL']._serialized_start=568
-  _globals['_SUBCLOUDMODEL']._serialized_end=646
-  _globals['_SUBCLOUDMEMBER']._serialized_start=648
-  _globals['_SUBCLOUDMEMBER']._serialized_end=775
-  _globals['_CREATESUBCLOUDREQUEST']._serialized_start=778
-  _globals['_CREATESUBCLOUDREQUEST']._serialized_end=938
-  _globals['_CREATESUBCLOUDRESPONSE']._serialized_start=940
-  _globals['_CREATESUBCLOUDRESPONSE']._serialized_end=1012
-  _globals['_GETSUBCLOUDREQUEST']._serialized_start=1014
-  _globals['_GETSUBCLOUDREQUEST']._serialized_end=1055
-  _globals['_GETSUBCLOUDRESPONSE']._serialized_start=1057
-  _globals['_GETSUBCLOUDRESPONSE']._serialized_end=1126
-  _globals['_LISTSUBCLOUDSREQUEST']._serialized_start=1128
-  _globals['_LISTSUBCLOUDSREQUEST']._serialized_end=1189
-  _globals['_LISTSUBCLOUDSRESPONSE']._serialized_start=1191
-  _globals['_LISTSUBCLOUDSRESPONSE']._serialized_end=1288
-  _globals['_UPDATESUBCLOUDREQUEST']._serialized_start=1290
-  _globals['_UPDATESUBCLOUDREQUEST']._serialized_end=1410
-  _globals['_UPDATESUBCLOUDRESPONSE']._serialized_start=1412
-  _globals['_UPDATESUBCLOUDRESPONSE']._serialized_end=1484
-  _globals['_ARCHIVESUBCLOUDREQUEST']._serialized_start=1486
-  _globals['_ARCHIVESUBCLOUDREQUEST']._serialized_end=1531
-  _globals['_ARCHIVESUBCLOUDRESPONSE']._serialized_start=1533
-  _globals['_ARCHIVESUBCLOUDRESPONSE']._serialized_end=1606
-  _globals['_PUTSUBCLOUDMEMBERREQUEST']._serialized_start=1608
-  _globals['_PUTSUBCLOUDMEMBERREQUEST']._serialized_end=1723
-  _globals['_PUTSUBCLOUDMEMBERRESPONSE']._serialized_start=1725
-  _globals['_PUTSUBCLOUDMEMBERRESPONSE']._serialized_end=1804
-  _globals['_REMOVESUBCLOUDMEMBERREQUEST']._serialized_start=1806
-  _globals['_REMOVESUBCLOUDMEMBERREQUEST']._serialized_end=1876
-  _globals['_REMOVESUBCLOUDMEMBERRESPONSE']._serialized_start=1878
-  _globals['_REMOVESUBCLOUDMEMBERRESPONSE']._serialized_end=1908
-  _globals['_LISTSUBCLOUDMEMBERSREQUEST']._serialized_start=1910
-  _globals['_LISTSUBCLOUDMEMBERSREQUEST']._serialized_end=1959
-  _globals['_LISTSUBCLOUDMEMBERSRESPONSE']._serialized_start=1961
-  _globals['_LISTSUBCLOUDMEMBERSRESPONSE']._serialized_end=2043
-  _globals['_CREATESUBCLOUDAPIKEYREQUEST']._serialized_start=2046
-  _globals['_CREATESUBCLOUDAPIKEYREQUEST']._serialized_end=2199
-  _globals['_CREATESUBCLOUDAPIKEYRESPONSE']._serialized_start=2201
-  _globals['_CREATESUBCLOUDAPIKEYRESPONSE']._serialized_end=2303
-  _globals['_SUBCLOUDSERVICE']._serialized_start=2429
-  _globals['_SUBCLOUDSERVICE']._serialized_end=3853
+  _globals['_SUBCLOUDROLE']._serialized_start=2482
+  _globals['_SUBCLOUDROLE']._serialized_end=2603
+  _globals['_SUBCLOUD']._serialized_start=245
+  _globals['_SUBCLOUD']._serialized_end=570
+  _globals['_NODERULES']._serialized_start=572
+  _globals['_NODERULES']._serialized_end=677
+  _globals['_SUBCLOUDMODEL']._serialized_start=679
+  _globals['_SUBCLOUDMODEL']._serialized_end=757
+  _globals['_SUBCLOUDMEMBER']._serialized_start=759
+  _globals['_SUBCLOUDMEMBER']._serialized_end=886
+  _globals['_CREATESUBCLOUDREQUEST']._serialized_start=889
+  _globals['_CREATESUBCLOUDREQUEST']._serialized_end=1115
+  _globals['_CREATESUBCLOUDRESPONSE']._serialized_start=1117
+  _globals['_CREATESUBCLOUDRESPONSE']._serialized_end=1189
+  _globals['_GETSUBCLOUDREQUEST']._serialized_start=1191
+  _globals['_GETSUBCLOUDREQUEST']._serialized_end=1232
+  _globals['_GETSUBCLOUDRESPONSE']._serialized_start=1234
+  _globals['_GETSUBCLOUDRESPONSE']._serialized_end=1303
+  _globals['_LISTSUBCLOUDSREQUEST']._serialized_start=1305
+  _globals['_LISTSUBCLOUDSREQUEST']._serialized_end=1366
+  _globals['_LISTSUBCLOUDSRESPONSE']._serialized_start=1368
+  _globals['_LISTSUBCLOUDSRESPONSE']._serialized_end=1465
+  _globals['_UPDATESUBCLOUDREQUEST']._serialized_start=1467
+  _globals['_UPDATESUBCLOUDREQUEST']._serialized_end=1587
+  _globals['_UPDATESUBCLOUDRESPONSE']._serialized_start=1589
+  _globals['_UPDATESUBCLOUDRESPONSE']._serialized_end=1661
+  _globals['_ARCHIVESUBCLOUDREQUEST']._serialized_start=1663
+  _globals['_ARCHIVESUBCLOUDREQUEST']._serialized_end=1708
+  _globals['_ARCHIVESUBCLOUDRESPONSE']._serialized_start=1710
+  _globals['_ARCHIVESUBCLOUDRESPONSE']._serialized_end=1783
+  _globals['_PUTSUBCLOUDMEMBERREQUEST']._serialized_start=1785
+  _globals['_PUTSUBCLOUDMEMBERREQUEST']._serialized_end=1900
+  _globals['_PUTSUBCLOUDMEMBERRESPONSE']._serialized_start=1902
+  _globals['_PUTSUBCLOUDMEMBERRESPONSE']._serialized_end=1981
+  _globals['_REMOVESUBCLOUDMEMBERREQUEST']._serialized_start=1983
+  _globals['_REMOVESUBCLOUDMEMBERREQUEST']._serialized_end=2053
+  _globals['_REMOVESUBCLOUDMEMBERRESPONSE']._serialized_start=2055
+  _globals['_REMOVESUBCLOUDMEMBERRESPONSE']._serialized_end=2085
+  _globals['_LISTSUBCLOUDMEMBERSREQUEST']._serialized_start=2087
+  _globals['_LISTSUBCLOUDMEMBERSREQUEST']._serialized_end=2136
+  _globals['_LISTSUBCLOUDMEMBERSRESPONSE']._serialized_start=2138
+  _globals['_LISTSUBCLOUDMEMBERSRESPONSE']._serialized_end=2220
+  _globals['_CREATESUBCLOUDAPIKEYREQUEST']._serialized_start=2223
+  _globals['_CREATESUBCLOUDAPIKEYREQUEST']._serialized_end=2376
+  _globals['_CREATESUBCLOUDAPIKEYRESPONSE']._serialized_start=2378
+  _globals['_CREATESUBCLOUDAPIKEYRESPONSE']._serialized_end=2480
+  _globals['_SUBCLOUDSERVICE']._serialized_start=2606
+  _globals['_SUBCLOUDSERVICE']._serialized_end=4030
 # @@protoc_insertion_point(module_scope)

@@ -10,6 +10,7 @@ from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from resultity.common.v1 import inference_logging_pb2 as _inference_logging_pb2
 from resultity.common.v1 import inference_pb2 as _inference_pb2
 import builtins as _builtins
 import sys
@@ -58,6 +59,7 @@ class Subcloud(_message.Message):
     RULES_FIELD_NUMBER: _builtins.int
     MODELS_FIELD_NUMBER: _builtins.int
     ARCHIVED_FIELD_NUMBER: _builtins.int
+    INFERENCE_LOGGING_FIELD_NUMBER: _builtins.int
     subcloud_id: _builtins.str
     name: _builtins.str
     owner_account_id: _builtins.str
@@ -75,6 +77,12 @@ class Subcloud(_message.Message):
     def archived(self) -> _timestamp_pb2.Timestamp:
         """Set once archived."""
 
+    @_builtins.property
+    def inference_logging(self) -> _inference_logging_pb2.InferenceLogging:
+        """Whether requests made with the subcloud's keys are logged (for members
+        whose accounts opted in too), and for how long. Off unless set.
+        """
+
     def __init__(
         self,
         *,
@@ -85,10 +93,11 @@ class Subcloud(_message.Message):
         rules: Global___NodeRules | None = ...,
         models: _abc.Iterable[Global___SubcloudModel] | None = ...,
         archived: _timestamp_pb2.Timestamp | None = ...,
+        inference_logging: _inference_logging_pb2.InferenceLogging | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["archived", b"archived", "created", b"created", "rules", b"rules"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["archived", b"archived", "created", b"created", "inference_logging", b"inference_logging", "rules", b"rules"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["archived", b"archived", "created", b"created", "models", b"models", "name", b"name", "owner_account_id", b"owner_account_id", "rules", b"rules", "subcloud_id", b"subcloud_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["archived", b"archived", "created", b"created", "inference_logging", b"inference_logging", "models", b"models", "name", b"name", "owner_account_id", b"owner_account_id", "rules", b"rules", "subcloud_id", b"subcloud_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -196,6 +205,7 @@ class CreateSubcloudRequest(_message.Message):
     OWNER_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
     RULES_FIELD_NUMBER: _builtins.int
     MODELS_FIELD_NUMBER: _builtins.int
+    INFERENCE_LOGGING_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     owner_account_id: _builtins.str
     """Empty: the caller's account (required for admins and the service)."""
@@ -203,6 +213,10 @@ class CreateSubcloudRequest(_message.Message):
     def rules(self) -> Global___NodeRules: ...
     @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___SubcloudModel]: ...
+    @_builtins.property
+    def inference_logging(self) -> _inference_logging_pb2.InferenceLogging:
+        """Unset: off."""
+
     def __init__(
         self,
         *,
@@ -210,10 +224,11 @@ class CreateSubcloudRequest(_message.Message):
         owner_account_id: _builtins.str = ...,
         rules: Global___NodeRules | None = ...,
         models: _abc.Iterable[Global___SubcloudModel] | None = ...,
+        inference_logging: _inference_logging_pb2.InferenceLogging | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["rules", b"rules"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["inference_logging", b"inference_logging", "rules", b"rules"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["models", b"models", "name", b"name", "owner_account_id", b"owner_account_id", "rules", b"rules"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["inference_logging", b"inference_logging", "models", b"models", "name", b"name", "owner_account_id", b"owner_account_id", "rules", b"rules"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -135,7 +135,8 @@ class SubcloudServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UpdateSubcloud(self, request, context):
-        """Changes the fields named in `update_mask` ("name", "rules", "models").
+        """Changes the fields named in `update_mask` ("name", "rules", "models",
+        "inference_logging").
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -57,7 +57,9 @@ class SubcloudServiceStub:
     first.
     """
     UpdateSubcloud: _grpc.UnaryUnaryMultiCallable[_subcloud_service_pb2.UpdateSubcloudRequest, _subcloud_service_pb2.UpdateSubcloudResponse]
-    """Changes the fields named in `update_mask` ("name", "rules", "models")."""
+    """Changes the fields named in `update_mask` ("name", "rules", "models",
+    "inference_logging").
+    """
     ArchiveSubcloud: _grpc.UnaryUnaryMultiCallable[_subcloud_service_pb2.ArchiveSubcloudRequest, _subcloud_service_pb2.ArchiveSubcloudResponse]
     """Archives a subcloud: its keys stop working (within 5 seconds) and it can
     no longer be changed. Archiving twice is not an error.
@@ -106,7 +108,9 @@ class SubcloudServiceAsyncStub(SubcloudServiceStub):
     first.
     """
     UpdateSubcloud: _aio.UnaryUnaryMultiCallable[_subcloud_service_pb2.UpdateSubcloudRequest, _subcloud_service_pb2.UpdateSubcloudResponse]  # type: ignore[assignment]
-    """Changes the fields named in `update_mask` ("name", "rules", "models")."""
+    """Changes the fields named in `update_mask` ("name", "rules", "models",
+    "inference_logging").
+    """
     ArchiveSubcloud: _aio.UnaryUnaryMultiCallable[_subcloud_service_pb2.ArchiveSubcloudRequest, _subcloud_service_pb2.ArchiveSubcloudResponse]  # type: ignore[assignment]
     """Archives a subcloud: its keys stop working (within 5 seconds) and it can
     no longer be changed. Archiving twice is not an error.
@@ -176,7 +180,9 @@ class SubcloudServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _subcloud_service_pb2.UpdateSubcloudRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_subcloud_service_pb2.UpdateSubcloudResponse, _abc.Awaitable[_subcloud_service_pb2.UpdateSubcloudResponse]]:
-        """Changes the fields named in `update_mask` ("name", "rules", "models")."""
+        """Changes the fields named in `update_mask` ("name", "rules", "models",
+        "inference_logging").
+        """
 
     @_abc_1.abstractmethod
     def ArchiveSubcloud(

@@ -6,6 +6,7 @@ isort:skip_file
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from resultity.common.v1 import inference_pb2 as _inference_pb2
@@ -90,22 +91,30 @@ class JobOrigin(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     ACCOUNT_ID_FIELD_NUMBER: _builtins.int
     SUBCLOUD_ID_FIELD_NUMBER: _builtins.int
+    PRICE_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The caller's request id (x-request-id at the gateway)."""
     account_id: _builtins.str
     """The account the request is billed to."""
     subcloud_id: _builtins.str
     """The subcloud the request runs in; empty for the public cloud."""
+    @_builtins.property
+    def price(self) -> _inference_pb2.ModelPrice:
+        """The per-token prices the request was admitted at (the caller's, a
+        subcloud's included): the job's cost is its usage at these prices.
+        """
+
     def __init__(
         self,
         *,
         request_id: _builtins.str = ...,
         account_id: _builtins.str = ...,
         subcloud_id: _builtins.str = ...,
+        price: _inference_pb2.ModelPrice | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["price", b"price"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "request_id", b"request_id", "subcloud_id", b"subcloud_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "price", b"price", "request_id", b"request_id", "subcloud_id", b"subcloud_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -476,9 +485,15 @@ class JobRecord(_message.Message):
     ASSIGNMENTS_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
     OUTCOME_FIELD_NUMBER: _builtins.int
+    CREATED_FIELD_NUMBER: _builtins.int
+    FIRST_TOKEN_FIELD_NUMBER: _builtins.int
+    FINISHED_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     model: _builtins.str
     outcome: Global___JobOutcome.ValueType
+    detail: _builtins.str
+    """A finished job's finish reason; why a failed or cancelled job ended."""
     @_builtins.property
     def origin(self) -> Global___JobOrigin: ...
     @_builtins.property
@@ -489,6 +504,20 @@ class JobRecord(_message.Message):
     def usage(self) -> _inference_pb2.Usage:
         """Prompt tokens as billed, completion tokens as relayed to the caller."""
 
+    @_builtins.property
+    def created(self) -> _timestamp_pb2.Timestamp:
+        """When the job got its first node."""
+
+    @_builtins.property
+    def first_token(self) -> _timestamp_pb2.Timestamp:
+        """When its first token reached the network; unset before (and for a job
+        that produced none).
+        """
+
+    @_builtins.property
+    def finished(self) -> _timestamp_pb2.Timestamp:
+        """When it ended; unset while running."""
+
     def __init__(
         self,
         *,
@@ -498,10 +527,14 @@ class JobRecord(_message.Message):
         assignments: _abc.Iterable[Global___JobAssignment] | None = ...,
         usage: _inference_pb2.Usage | None = ...,
         outcome: Global___JobOutcome.ValueType = ...,
+        created: _timestamp_pb2.Timestamp | None = ...,
+        first_token: _timestamp_pb2.Timestamp | None = ...,
+        finished: _timestamp_pb2.Timestamp | None = ...,
+        detail: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["origin", b"origin", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "finished", b"finished", "first_token", b"first_token", "origin", b"origin", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments", "job_id", b"job_id", "model", b"model", "origin", b"origin", "outcome", b"outcome", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments", "created", b"created", "detail", b"detail", "finished", b"finished", "first_token", b"first_token", "job_id", b"job_id", "model", b"model", "origin", b"origin", "outcome", b"outcome", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -514,21 +547,123 @@ class JobAssignment(_message.Message):
     NODE_ID_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
     OPERATOR_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    ASSIGNED_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     epoch: _builtins.int
     operator_account_id: _builtins.str
     """Empty for a node admitted without a node token."""
+    @_builtins.property
+    def assigned(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
         node_id: _builtins.str = ...,
         epoch: _builtins.int = ...,
         operator_account_id: _builtins.str = ...,
+        assigned: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["assigned", b"assigned"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "node_id", b"node_id", "operator_account_id", b"operator_account_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assigned", b"assigned", "epoch", b"epoch", "node_id", b"node_id", "operator_account_id", b"operator_account_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___JobAssignment: _TypeAlias = JobAssignment  # noqa: Y015
+
+@_typing.final
+class JobRecordFilter(_message.Message):
+    """Which job records to list; every set field must hold."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    OUTCOMES_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CREATED_AFTER_FIELD_NUMBER: _builtins.int
+    CREATED_BEFORE_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    model: _builtins.str
+    request_id: _builtins.str
+    """The caller's request id (JobOrigin.request_id)."""
+    @_builtins.property
+    def outcomes(self) -> _containers.RepeatedScalarFieldContainer[Global___JobOutcome.ValueType]:
+        """Any of these outcomes; empty: any."""
+
+    @_builtins.property
+    def created_after(self) -> _timestamp_pb2.Timestamp:
+        """Created at or after this time."""
+
+    @_builtins.property
+    def created_before(self) -> _timestamp_pb2.Timestamp:
+        """Created before this time."""
+
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        model: _builtins.str = ...,
+        outcomes: _abc.Iterable[Global___JobOutcome.ValueType] | None = ...,
+        request_id: _builtins.str = ...,
+        created_after: _timestamp_pb2.Timestamp | None = ...,
+        created_before: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_after", b"created_after", "created_before", b"created_before"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "created_after", b"created_after", "created_before", b"created_before", "model", b"model", "outcomes", b"outcomes", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobRecordFilter: _TypeAlias = JobRecordFilter  # noqa: Y015
+
+@_typing.final
+class ListJobRecordsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILTER_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """At most 100; 0 means 50."""
+    page_token: _builtins.str
+    """From the previous response; empty for the first page."""
+    @_builtins.property
+    def filter(self) -> Global___JobRecordFilter: ...
+    def __init__(
+        self,
+        *,
+        filter: Global___JobRecordFilter | None = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListJobRecordsRequest: _TypeAlias = ListJobRecordsRequest  # noqa: Y015
+
+@_typing.final
+class ListJobRecordsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORDS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty on the last page."""
+    @_builtins.property
+    def records(self) -> _containers.RepeatedCompositeFieldContainer[Global___JobRecord]: ...
+    def __init__(
+        self,
+        *,
+        records: _abc.Iterable[Global___JobRecord] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "records", b"records"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListJobRecordsResponse: _TypeAlias = ListJobRecordsResponse  # noqa: Y015

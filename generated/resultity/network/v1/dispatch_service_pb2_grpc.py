@@ -50,6 +50,11 @@ class DispatchServiceStub:
                 request_serializer=resultity_dot_network_dot_v1_dot_dispatch__service__pb2.GetJobRecordsRequest.SerializeToString,
                 response_deserializer=resultity_dot_network_dot_v1_dot_dispatch__service__pb2.GetJobRecordsResponse.FromString,
                 _registered_method=True)
+        self.ListJobRecords = channel.unary_unary(
+                '/resultity.network.v1.DispatchService/ListJobRecords',
+                request_serializer=resultity_dot_network_dot_v1_dot_dispatch__service__pb2.ListJobRecordsRequest.SerializeToString,
+                response_deserializer=resultity_dot_network_dot_v1_dot_dispatch__service__pb2.ListJobRecordsResponse.FromString,
+                _registered_method=True)
 
 
 class DispatchServiceServicer:
@@ -79,6 +84,14 @@ class DispatchServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListJobRecords(self, request, context):
+        """The stored records matching a filter, newest first (this replica's pending
+        writes included; another replica's reach the store within moments).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DispatchServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -96,6 +109,11 @@ def add_DispatchServiceServicer_to_server(servicer, server):
                     servicer.GetJobRecords,
                     request_deserializer=resultity_dot_network_dot_v1_dot_dispatch__service__pb2.GetJobRecordsRequest.FromString,
                     response_serializer=resultity_dot_network_dot_v1_dot_dispatch__service__pb2.GetJobRecordsResponse.SerializeToString,
+            ),
+            'ListJobRecords': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobRecords,
+                    request_deserializer=resultity_dot_network_dot_v1_dot_dispatch__service__pb2.ListJobRecordsRequest.FromString,
+                    response_serializer=resultity_dot_network_dot_v1_dot_dispatch__service__pb2.ListJobRecordsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -180,6 +198,33 @@ class DispatchService:
             '/resultity.network.v1.DispatchService/GetJobRecords',
             resultity_dot_network_dot_v1_dot_dispatch__service__pb2.GetJobRecordsRequest.SerializeToString,
             resultity_dot_network_dot_v1_dot_dispatch__service__pb2.GetJobRecordsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobRecords(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/resultity.network.v1.DispatchService/ListJobRecords',
+            resultity_dot_network_dot_v1_dot_dispatch__service__pb2.ListJobRecordsRequest.SerializeToString,
+            resultity_dot_network_dot_v1_dot_dispatch__service__pb2.ListJobRecordsResponse.FromString,
             options,
             channel_credentials,
             insecure,

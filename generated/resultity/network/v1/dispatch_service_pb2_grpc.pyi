@@ -43,6 +43,10 @@ class DispatchServiceStub:
     """The stored records of the given jobs (those the network has a record of):
     what a caller that lost a request settles from.
     """
+    ListJobRecords: _grpc.UnaryUnaryMultiCallable[_dispatch_service_pb2.ListJobRecordsRequest, _dispatch_service_pb2.ListJobRecordsResponse]
+    """The stored records matching a filter, newest first (this replica's pending
+    writes included; another replica's reach the store within moments).
+    """
 
 @_typing.type_check_only
 class DispatchServiceAsyncStub(DispatchServiceStub):
@@ -58,6 +62,10 @@ class DispatchServiceAsyncStub(DispatchServiceStub):
     GetJobRecords: _aio.UnaryUnaryMultiCallable[_dispatch_service_pb2.GetJobRecordsRequest, _dispatch_service_pb2.GetJobRecordsResponse]  # type: ignore[assignment]
     """The stored records of the given jobs (those the network has a record of):
     what a caller that lost a request settles from.
+    """
+    ListJobRecords: _aio.UnaryUnaryMultiCallable[_dispatch_service_pb2.ListJobRecordsRequest, _dispatch_service_pb2.ListJobRecordsResponse]  # type: ignore[assignment]
+    """The stored records matching a filter, newest first (this replica's pending
+    writes included; another replica's reach the store within moments).
     """
 
 class DispatchServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -89,6 +97,16 @@ class DispatchServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_dispatch_service_pb2.GetJobRecordsResponse, _abc.Awaitable[_dispatch_service_pb2.GetJobRecordsResponse]]:
         """The stored records of the given jobs (those the network has a record of):
         what a caller that lost a request settles from.
+        """
+
+    @_abc_1.abstractmethod
+    def ListJobRecords(
+        self,
+        request: _dispatch_service_pb2.ListJobRecordsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dispatch_service_pb2.ListJobRecordsResponse, _abc.Awaitable[_dispatch_service_pb2.ListJobRecordsResponse]]:
+        """The stored records matching a filter, newest first (this replica's pending
+        writes included; another replica's reach the store within moments).
         """
 
 def add_DispatchServiceServicer_to_server(servicer: DispatchServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
