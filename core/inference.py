@@ -248,6 +248,8 @@ class JobOrigin:
     # Account (UUID text) the request is billed to.
     account_id: str = ""
     subcloud_id: str = ""
+    # The per-token prices the request was admitted at (what its jobs cost).
+    price: ModelPrice = ModelPrice(0, 0)
 
 
 NO_ORIGIN = JobOrigin()

@@ -88,6 +88,7 @@ class Platform:
     target: str
     network: NetworkComponent
     account: AccountComponent
+    cloud: CloudComponent
     channel: grpc.aio.Channel
     # Calls the account layer as the platform's own services do.
     service: tuple[tuple[str, str], ...] = ()
@@ -121,6 +122,16 @@ class Platform:
             metadata=self.service,
         )
         return Customer(account.account_id, key.secret)
+
+    async def key(
+        self, account_id: str, scope: keys_pb.ApiKeyScope.ValueType
+    ) -> tuple[tuple[str, str], ...]:
+        """The metadata of a new key of the account with ``scope``."""
+        issued = await keys_grpc.ApiKeyServiceStub(self.channel).CreateApiKey(
+            keys_pb.CreateApiKeyRequest(account_id=account_id, name="test", scopes=[scope]),
+            metadata=self.service,
+        )
+        return bearer_metadata(issued.secret)
 
     async def balance(self, customer: Customer) -> ledger_pb.Balance:
         response = await self.ledger.GetBalance(
@@ -293,7 +304,9 @@ async def running_platform(
         component.register(server)
     await server.start()
     channel = channels.insecure_channel(target)
-    platform = Platform(target, network, account, channel, bearer_metadata(secrets.service_token))
+    platform = Platform(
+        target, network, account, cloud, channel, bearer_metadata(secrets.service_token)
+    )
     try:
         yield platform
     finally:

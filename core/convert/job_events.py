@@ -16,6 +16,7 @@ from core.agent_messages import (
     FailureKind,
     StartedReport,
 )
+from core.convert.catalog import price_from_pb, price_to_pb
 from core.convert.generation import (
     finish_reason_from_pb,
     finish_reason_to_pb,
@@ -193,11 +194,14 @@ def origin_to_pb(origin: JobOrigin) -> dispatch_pb.JobOrigin:
         request_id=origin.request_id,
         account_id=origin.account_id,
         subcloud_id=origin.subcloud_id,
+        price=price_to_pb(origin.price),
     )
 
 
 def origin_from_pb(message: dispatch_pb.JobOrigin) -> JobOrigin:
-    return JobOrigin(message.request_id, message.account_id, message.subcloud_id)
+    return JobOrigin(
+        message.request_id, message.account_id, message.subcloud_id, price_from_pb(message.price)
+    )
 
 
 def run_job_request_to_pb(

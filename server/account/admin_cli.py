@@ -36,6 +36,7 @@ from core import channels
 from core.metadata import bearer_metadata
 from server.account.billing_cli import TOPICS, add_topics, micro, topic_calls
 from server.addresses import grpc_target
+from server.common.inference_logging_cli import logging_from_args, logging_options
 from server.secrets import cli_credential
 
 SCOPES = {
@@ -89,6 +90,12 @@ def add_commands(account: argparse.ArgumentParser) -> None:
     )
     limits.add_argument("account_id")
     _rate_limit_options(limits)
+    logging = commands.add_parser(
+        "set-inference-logging",
+        help="opt an account in to (or out of) full logs of its inference requests",
+    )
+    logging.add_argument("account_id")
+    logging_options(logging)
     commands.add_parser("revoke-key", help="revoke an API key").add_argument("api_key_id")
     node_token = commands.add_parser(
         "create-node-token", help="issue a node token for an operator's agent (shown once)"
@@ -172,6 +179,12 @@ async def run_command(args: argparse.Namespace) -> None:
             "set-rate-limits": lambda: accounts.SetAccountRateLimits(
                 account_pb.SetAccountRateLimitsRequest(
                     account_id=args.account_id, rate_limits=_rate_limits(args)
+                ),
+                metadata=metadata,
+            ),
+            "set-inference-logging": lambda: accounts.SetAccountInferenceLogging(
+                account_pb.SetAccountInferenceLoggingRequest(
+                    account_id=args.account_id, inference_logging=logging_from_args(args)
                 ),
                 metadata=metadata,
             ),

@@ -22,6 +22,7 @@ from enum import StrEnum
 from uuid import UUID
 
 from core.errors import InvalidApiKey, InvalidArgument
+from server.common.inference_logging import LOGGING_OFF, InferenceLogging
 from server.common.rate_limits import NO_LIMITS, RateLimits, validate_rate_limits
 
 KEY_PREFIX = "rsk_"
@@ -72,10 +73,12 @@ class ApiKey:
 
 @dataclass(frozen=True)
 class ActiveKey:
-    """A key that authenticated, with the rate limits stored with its account."""
+    """A key that authenticated, with the rate limits and the inference logging
+    setting stored with its account."""
 
     api_key: ApiKey
     account_limits: RateLimits = NO_LIMITS
+    account_logging: InferenceLogging = LOGGING_OFF
 
 
 @dataclass(frozen=True)

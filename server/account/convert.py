@@ -29,6 +29,7 @@ from server.account.ledger import (
 from server.account.payouts import Payout, PayoutStatus
 from server.account.profiles import Account, Referral, ReferralRules
 from server.account.usage import Interval, UsageBucket, UsageRecord
+from server.common.inference_logging_proto import logging_to_pb
 from server.common.rate_limits_proto import rate_limits_from_pb, rate_limits_to_pb
 from server.common.transport import timestamp_to_pb
 
@@ -84,6 +85,7 @@ def account(value: Account) -> account_pb.Account:
         disabled=value.disabled,
         referred_by_account_id=str(value.referred_by or ""),
         rate_limits=rate_limits_to_pb(value.rate_limits),
+        inference_logging=logging_to_pb(value.inference_logging),
     )
     if value.updated_at is not None:
         result.updated.CopyFrom(timestamp_to_pb(value.updated_at))

@@ -9,6 +9,7 @@ from uuid import UUID
 
 from core.errors import InvalidArgument
 from server.account.ledger import BASIS_POINTS, MAX_AMOUNT
+from server.common.inference_logging import LOGGING_OFF, InferenceLogging
 from server.common.rate_limits import NO_LIMITS, RateLimits
 
 MAX_NAME_LENGTH = 200
@@ -27,6 +28,7 @@ class Account:
     referred_by: UUID | None = None
     updated_at: datetime | None = None
     rate_limits: RateLimits = NO_LIMITS
+    inference_logging: InferenceLogging = LOGGING_OFF
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ from server.account.profiles import (
     validate_rules,
 )
 from server.common.credentials import bearer_credential, is_service_token
+from server.common.inference_logging import InferenceLogging, validate_logging
 from server.common.invalidation import Announcer, Invalidation, Subject
 from server.common.paging import decode_cursor, encode_cursor, page_size
 from server.common.rate_limits import RateLimits, validate_rate_limits
@@ -57,6 +58,9 @@ class AccountStore(Protocol):
     async def disable_account(self, account_id: UUID) -> Account | None: ...
     async def set_account_rate_limits(
         self, account_id: UUID, limits: RateLimits
+    ) -> Account | None: ...
+    async def set_account_inference_logging(
+        self, account_id: UUID, setting: InferenceLogging
     ) -> Account | None: ...
     async def list_accounts(
         self, limit: int, after: tuple[datetime, UUID] | None
@@ -207,6 +211,24 @@ class AccountService:
         if account is None:
             raise NotFound(f"Account {account_id} not found")
         log.info("account rate limits set", account_id=account_id, limits=limits)
+        await self._announce(Invalidation(Subject.ACCOUNT, str(account.account_id)))
+        return account
+
+    async def set_account_inference_logging(
+        self, caller: Principal, account_id: str, setting: InferenceLogging
+    ) -> Account:
+        """The account itself or an admin opts it in to (or out of) inference logs."""
+        owner = self._access(caller, account_id)
+        account = await self._store.set_account_inference_logging(owner, validate_logging(setting))
+        if account is None:
+            raise NotFound(f"Account {account_id} not found")
+        log.info(
+            "account inference logging set",
+            account_id=account_id,
+            enabled=account.inference_logging.enabled,
+            retention_days=account.inference_logging.retention_days,
+        )
+        # Cloud drops its cached lookups of the account's keys: new requests follow it.
         await self._announce(Invalidation(Subject.ACCOUNT, str(account.account_id)))
         return account
 

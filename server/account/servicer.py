@@ -21,6 +21,7 @@ from server.account import convert
 from server.account.authz import Principal
 from server.account.billing import BillingService
 from server.account.service import AccountService
+from server.common.inference_logging_proto import logging_from_pb, logging_to_pb
 from server.common.rate_limits_proto import rate_limits_from_pb, rate_limits_to_pb
 from server.common.transport import Context, authorization
 
@@ -105,6 +106,17 @@ class AccountServicer(CallerBase, account_grpc.AccountServiceServicer):
         )
         return account_pb.SetAccountRateLimitsResponse(account=convert.account(account))
 
+    @translate_errors
+    async def SetAccountInferenceLogging(
+        self, request: account_pb.SetAccountInferenceLoggingRequest, context: Context
+    ) -> account_pb.SetAccountInferenceLoggingResponse:
+        account = await self._accounts.set_account_inference_logging(
+            await self._caller(context),
+            request.account_id,
+            logging_from_pb(request.inference_logging),
+        )
+        return account_pb.SetAccountInferenceLoggingResponse(account=convert.account(account))
+
 
 class ApiKeyServicer(CallerBase, api_key_grpc.ApiKeyServiceServicer):
     @translate_errors
@@ -149,6 +161,7 @@ class ApiKeyServicer(CallerBase, api_key_grpc.ApiKeyServiceServicer):
         return api_key_pb.AuthenticateApiKeyResponse(
             api_key=convert.api_key(active.api_key),
             account_rate_limits=rate_limits_to_pb(active.account_limits),
+            account_inference_logging=logging_to_pb(active.account_logging),
         )
 
 

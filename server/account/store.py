@@ -10,6 +10,7 @@ import asyncpg
 from core.errors import InvalidArgument
 from server.account.api_keys import ActiveKey, ApiKey, GeneratedKey, KeyPolicy, Scope
 from server.account.profiles import Account, Referral, ReferralRules
+from server.common.inference_logging import InferenceLogging
 from server.common.rate_limits import RateLimits
 
 Record = asyncpg.Record
@@ -31,6 +32,13 @@ def _account(row: Record) -> Account:
         referred_by=row["referred_by"],
         updated_at=row["updated_at"],
         rate_limits=_rate_limits(row),
+        inference_logging=_logging(row),
+    )
+
+
+def _logging(row: Record, prefix: str = "") -> InferenceLogging:
+    return InferenceLogging(
+        row[f"{prefix}inference_logging"], row[f"{prefix}inference_log_retention_days"]
     )
 
 
@@ -121,6 +129,19 @@ class PostgresAccountStore:
         )
         return None if row is None else _account(row)
 
+    async def set_account_inference_logging(
+        self, account_id: UUID, setting: InferenceLogging
+    ) -> Account | None:
+        row = await self._pool.fetchrow(
+            """UPDATE accounts SET inference_logging = $2, inference_log_retention_days = $3,
+                                   updated_at = now()
+               WHERE id = $1 RETURNING *""",
+            account_id,
+            setting.enabled,
+            setting.retention_days,
+        )
+        return None if row is None else _account(row)
+
     async def list_accounts(self, limit: int, after: tuple[datetime, UUID] | None) -> list[Account]:
         rows = await self._pool.fetch(
             """SELECT * FROM accounts
@@ -165,7 +186,9 @@ class PostgresAccountStore:
         row = await self._pool.fetchrow(
             """SELECT k.*, a.requests_per_minute AS account_requests_per_minute,
                       a.tokens_per_minute AS account_tokens_per_minute,
-                      a.concurrent_requests AS account_concurrent_requests
+                      a.concurrent_requests AS account_concurrent_requests,
+                      a.inference_logging AS account_inference_logging,
+                      a.inference_log_retention_days AS account_inference_log_retention_days
                FROM api_keys k JOIN accounts a ON a.id = k.account_id
                WHERE k.key_hash = $1 AND k.revoked_at IS NULL AND NOT a.disabled
                  AND (k.expires_at IS NULL OR k.expires_at > now())""",
@@ -178,7 +201,10 @@ class PostgresAccountStore:
             row["account_tokens_per_minute"],
             row["account_concurrent_requests"],
         )
-        return ActiveKey(_api_key(row), account_limits), row["key_hash"]
+        return (
+            ActiveKey(_api_key(row), account_limits, _logging(row, "account_")),
+            row["key_hash"],
+        )
 
     async def get_api_key(self, api_key_id: UUID) -> ApiKey | None:
         row = await self._pool.fetchrow("SELECT * FROM api_keys WHERE id = $1", api_key_id)

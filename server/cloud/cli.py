@@ -23,6 +23,7 @@ from resultity.common.v1 import inference_pb2 as common_pb
 from core import channels
 from core.metadata import bearer_metadata
 from server.addresses import grpc_target
+from server.common.inference_logging_cli import logging_from_args, logging_options
 from server.secrets import cli_credential
 
 _ROLES = {"member": pb.SUBCLOUD_ROLE_MEMBER, "admin": pb.SUBCLOUD_ROLE_ADMIN}
@@ -68,6 +69,12 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     rules = actions.add_parser("set-rules", help="replace the node-eligibility rules")
     rules.add_argument("subcloud_id")
     _rule_options(rules)
+    logging = actions.add_parser(
+        "set-inference-logging",
+        help="log the requests of the subcloud's keys (of members who opted in too), or stop",
+    )
+    logging.add_argument("subcloud_id")
+    logging_options(logging)
 
     add = actions.add_parser("add-member", help="add a member or change its role")
     add.add_argument("subcloud_id")
@@ -182,6 +189,10 @@ async def run_command(args: argparse.Namespace) -> None:
             ),
             "set-rules": lambda: stub.UpdateSubcloud(
                 _update(args, "rules", rules=_rules(args)), metadata=metadata
+            ),
+            "set-inference-logging": lambda: stub.UpdateSubcloud(
+                _update(args, "inference_logging", inference_logging=logging_from_args(args)),
+                metadata=metadata,
             ),
             "add-member": lambda: stub.PutSubcloudMember(
                 pb.PutSubcloudMemberRequest(

@@ -19,8 +19,8 @@ from resultity.network.v1 import dispatch_service_pb2 as dispatch_pb
 from resultity.network.v1 import dispatch_service_pb2_grpc as dispatch_grpc
 
 from core.convert.catalog import models_from_pb
-from core.convert.generation import usage_from_pb
 from core.convert.job_events import job_event_from_pb, run_job_request_to_pb
+from core.convert.job_records import query_to_pb, record_from_pb
 from core.convert.requirements import requirements_to_pb
 from core.grpc_errors import describe_rpc_error, domain_error_from_rpc, domain_errors
 from core.inference import (
@@ -31,6 +31,7 @@ from core.inference import (
     JobOrigin,
     NodeRequirements,
 )
+from core.job_records import JobQuery, JobRecord
 from core.metadata import bearer_metadata
 from core.replica_channels import ReplicaChannels
 from server.cloud.ports import (
@@ -41,6 +42,7 @@ from server.cloud.ports import (
     OperatorShares,
     RelayedJob,
 )
+from server.common.inference_logging_proto import logging_from_pb
 from server.common.rate_limits_proto import rate_limits_from_pb
 from server.common.settlement_proto import settlement_to_pb
 from server.common.settlements import LedgerUnavailable, Settlement
@@ -85,6 +87,7 @@ class GrpcAccountClient:
             subcloud_id=key.subcloud_id,
             key_limits=rate_limits_from_pb(key.rate_limits),
             account_limits=rate_limits_from_pb(response.account_rate_limits),
+            inference_logging=logging_from_pb(response.account_inference_logging),
         )
 
     async def require_account(self, account_id: UUID) -> None:
@@ -174,20 +177,31 @@ class GrpcNetworkClient:
         return models_from_pb(response)
 
     async def job_records(self, job_ids: Sequence[str]) -> list[RelayedJob]:
+        return [RelayedJob.of(record) for record in await self._records(job_ids)]
+
+    async def job_record(self, job_id: str) -> JobRecord | None:
+        found = await self._records([job_id])
+        return found[0] if found else None
+
+    async def list_job_records(
+        self, query: JobQuery, page_size: int, page_token: str
+    ) -> tuple[list[JobRecord], str]:
+        request = dispatch_pb.ListJobRecordsRequest(
+            filter=query_to_pb(query), page_size=page_size, page_token=page_token
+        )
+        with domain_errors():
+            response = await self._dispatch.call(
+                lambda dispatch: dispatch.ListJobRecords(request, metadata=self._metadata)
+            )
+        return [record_from_pb(r) for r in response.records], response.next_page_token
+
+    async def _records(self, job_ids: Sequence[str]) -> list[JobRecord]:
         request = dispatch_pb.GetJobRecordsRequest(job_ids=job_ids)
         with domain_errors():
             response = await self._dispatch.call(
                 lambda dispatch: dispatch.GetJobRecords(request, metadata=self._metadata)
             )
-        return [
-            RelayedJob(
-                record.job_id,
-                usage_from_pb(record.usage),
-                tuple((a.node_id, a.operator_account_id) for a in record.assignments),
-                record.outcome != dispatch_pb.JOB_OUTCOME_RUNNING,
-            )
-            for record in response.records
-        ]
+        return [record_from_pb(record) for record in response.records]
 
     async def run_job(
         self,

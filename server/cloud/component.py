@@ -1,5 +1,5 @@
-"""The cloud server's parts: its database (subclouds, requests in flight), and clients
-of the account and network services."""
+"""The cloud server's parts: its database (subclouds, requests in flight, inference
+logs), and clients of the account and network services."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import structlog
 from resultity.cloud.v1 import (
     inference_service_pb2,
     inference_service_pb2_grpc,
+    job_service_pb2,
+    job_service_pb2_grpc,
     subcloud_service_pb2,
     subcloud_service_pb2_grpc,
 )
@@ -21,13 +23,22 @@ from core.metrics import NO_METRICS, MetricsFactory
 from core.replica_channels import ReplicaChannels
 from server.cloud.clients import GrpcAccountClient, GrpcNetworkClient
 from server.cloud.inference import InferenceService
+from server.cloud.inference_log_store import PostgresInferenceLogStore
+from server.cloud.inference_logs import InferenceLogWriter, LogSweeper
 from server.cloud.inflight import InFlightLeases
 from server.cloud.inflight_store import PostgresInFlightStore
+from server.cloud.job_servicer import JobServicer
+from server.cloud.jobs import JobService
 from server.cloud.metrics import CloudMetrics
 from server.cloud.orphans import OrphanSweeper
 from server.cloud.redis_rate_limits import FallbackCounters, RedisCounters
 from server.cloud.servicer import InferenceServicer
-from server.cloud.settings import CacheSettings, InFlightSettings, RateLimitSettings
+from server.cloud.settings import (
+    CacheSettings,
+    InferenceLogSettings,
+    InFlightSettings,
+    RateLimitSettings,
+)
 from server.cloud.settler import Settler
 from server.cloud.subcloud_service import SubcloudResolver, SubcloudService
 from server.cloud.subcloud_servicer import SubcloudServicer
@@ -42,10 +53,12 @@ from server.common.shared_state import SharedState
 MIGRATIONS = Path(__file__).parent / "migrations"
 log = structlog.get_logger(__name__)
 
-SERVICE_NAMES = service_names(inference_service_pb2, subcloud_service_pb2)
+SERVICE_NAMES = service_names(inference_service_pb2, subcloud_service_pb2, job_service_pb2)
 INFERENCE_SERVICE = inference_service_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
 # How often the inference service's health follows whether any model is servable.
 READINESS_INTERVAL_S = 2.0
+# How long shutdown waits for queued inference logs to be stored.
+LOG_FLUSH_S = 5.0
 
 
 class CloudComponent:
@@ -64,6 +77,7 @@ class CloudComponent:
         tls: Tls = PLAINTEXT,
         inflight: InFlightSettings | None = None,
         metrics: MetricsFactory = NO_METRICS,
+        inference_logs: InferenceLogSettings | None = None,
     ) -> None:
         """``account_target`` and ``network_target``: each service's HOST:PORT, or its
         replicas' comma-separated. ``shared`` unset: rate limits and invalidations within
@@ -71,8 +85,8 @@ class CloudComponent:
         ``caches`` unset: read from the environment. Deferred settlements go to
         ``settlements`` (shared with an account component in this process, which
         applies them), else to RabbitMQ at ``amqp_url``, else to a queue of this
-        process that applies them through the account API. ``inflight`` unset: read
-        from the environment."""
+        process that applies them through the account API. ``inflight`` and
+        ``inference_logs`` unset: read from the environment."""
         shared = shared or SharedState()
         ttl_s = (caches or CacheSettings()).cache_ttl_s
         self._pool = pool
@@ -101,6 +115,10 @@ class CloudComponent:
             claim_s=self._inflight_settings.lease_s,
             running_grace_s=self._inflight_settings.running_grace_s,
         )
+        self._log_settings = inference_logs or InferenceLogSettings()
+        log_store = PostgresInferenceLogStore(pool)
+        self.log_writer = InferenceLogWriter(log_store, capacity=self._log_settings.queue_capacity)
+        self.log_sweeper = LogSweeper(log_store)
         self._background: list[asyncio.Task[None]] = []
         self.inference = InferenceService(
             account,
@@ -114,6 +132,7 @@ class CloudComponent:
                 None if self._redis_counters is None else FallbackCounters(self._redis_counters)
             ),
             metrics=cloud_metrics,
+            logs=self.log_writer,
         )
         shared.invalidations.subscribe(self.inference.authenticator)
         shared.invalidations.subscribe(resolver)
@@ -125,6 +144,9 @@ class CloudComponent:
             resolver,
             service_token=service_token,
             changes=shared.invalidations,
+        )
+        self.jobs = JobService(
+            network, self.inference.authenticator, log_store, service_token=service_token
         )
 
     @classmethod
@@ -143,6 +165,7 @@ class CloudComponent:
         tls: Tls = PLAINTEXT,
         inflight: InFlightSettings | None = None,
         metrics: MetricsFactory = NO_METRICS,
+        inference_logs: InferenceLogSettings | None = None,
     ) -> CloudComponent:
         """Connects to the database and migrates it; ``rate_limits`` unset: read from the
         RESULTITY_RATE_LIMIT_* environment. ``shared``: what replicas share (the caller
@@ -165,6 +188,7 @@ class CloudComponent:
             tls=tls,
             inflight=inflight,
             metrics=metrics,
+            inference_logs=inference_logs,
         )
         if component._consume_locally:
             await component.settler.consume_queue()
@@ -172,12 +196,18 @@ class CloudComponent:
         return component
 
     def _start_background(self) -> None:
-        """Renews this replica's leases and settles the requests of dead replicas."""
+        """Renews this replica's leases, settles the requests of dead replicas, writes
+        inference logs and deletes expired ones."""
+        self.log_writer.start()
         self._background = [
             asyncio.create_task(self.inflight.renew_forever(), name="inflight-leases"),
             asyncio.create_task(
                 self.orphans.sweep_forever(self._inflight_settings.sweep_interval_s),
                 name="orphan-sweeper",
+            ),
+            asyncio.create_task(
+                self.log_sweeper.sweep_forever(self._log_settings.sweep_interval_s),
+                name="inference-log-sweeper",
             ),
         ]
 
@@ -188,6 +218,7 @@ class CloudComponent:
         subcloud_service_pb2_grpc.add_SubcloudServiceServicer_to_server(
             SubcloudServicer(self.subclouds), server
         )
+        job_service_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(self.jobs), server)
 
     async def follow_readiness(self, health: GrpcHealth) -> None:
         """Keeps the inference service's health SERVING only while some model has a
@@ -203,6 +234,7 @@ class CloudComponent:
 
     async def stop(self) -> None:
         await self.inference.drain()
+        await self.log_writer.close(LOG_FLUSH_S)
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)

@@ -35,6 +35,7 @@ from core.inference import (
     Usage,
 )
 from server.cloud.auth import CachedAuthenticator
+from server.cloud.inference_logs import InferenceLogWriter, LogCapture
 from server.cloud.inflight import InFlightLeases, InFlightRequest
 from server.cloud.metrics import CANCELLED, COMPLETED, OPERATIONS, CloudMetrics
 from server.cloud.models import ModelDirectory
@@ -70,6 +71,7 @@ from server.cloud.settlement import operator_shares
 from server.cloud.subcloud_service import SubcloudResolver
 from server.cloud.subclouds import Subcloud, route_requirements
 from server.cloud.tool_call_events import with_tool_calls
+from server.common.inference_logging import log_retention
 from server.common.settlements import Settlement
 
 log = structlog.get_logger(__name__)
@@ -90,9 +92,11 @@ class InferenceService:
         subclouds: SubcloudResolver | None = None,
         rate_limit_counters: LimitCounters | None = None,
         metrics: CloudMetrics | None = None,
+        logs: InferenceLogWriter | None = None,
     ) -> None:
         """``subclouds`` unset: keys bound to a subcloud are refused.
-        ``rate_limit_counters`` unset: this replica's own."""
+        ``rate_limit_counters`` unset: this replica's own. ``logs`` unset: no request
+        is logged, whoever opted in."""
         self._metrics = metrics or CloudMetrics()
         self.limiter = RateLimiter(
             rate_limits,
@@ -104,6 +108,7 @@ class InferenceService:
         self._network = network
         self._settler = settlements
         self._inflight = inflight
+        self._logs = logs
         self.authenticator = CachedAuthenticator(account, ttl_s=auth_ttl_s)
         self.models = ModelDirectory(network, ttl_s=catalog_ttl_s)
         self._hold_ttl = hold_ttl
@@ -145,7 +150,7 @@ class InferenceService:
         """One CompletionStarted; per choice (one after another) a ChoiceStarted, its
         ContentDeltas (and, with tools, ToolCallDeltas after them) and a
         ChoiceFinished; then one CompletionFinished."""
-        caller, model, rules = await self._admit(authorization, request)
+        caller, model, rules, retention = await self._admit(authorization, request)
         tool_use = request.tool_use
         tools = tool_use.tools if tool_use is not None else ()
         budget = token_budget(
@@ -162,7 +167,14 @@ class InferenceService:
         run = self._run(caller, model, rules, jobs, "chatcmpl", request_id)
         # Closed with this stream, not when collected: the hold is settled on close.
         async with contextlib.aclosing(
-            run if tool_use is None else with_tool_calls(run, tool_use)
+            self._logged(
+                run if tool_use is None else with_tool_calls(run, tool_use),
+                "chat.completions",
+                request,
+                caller,
+                request_id,
+                retention,
+            )
         ) as events:
             async for event in events:
                 yield event
@@ -171,7 +183,7 @@ class InferenceService:
         self, authorization: str | None, request: TextRequest, request_id: str
     ) -> AsyncGenerator[CompletionEvent, None]:
         """As ``stream``, for raw prompts: choice i*n+j is prompt i's j-th."""
-        caller, model, rules = await self._admit(authorization, request)
+        caller, model, rules, retention = await self._admit(authorization, request)
         jobs = []
         for prompt in request.prompts:
             budget = token_budget(text_token_bound(prompt, model), request.max_tokens, model)
@@ -183,9 +195,10 @@ class InferenceService:
                 prompt=prompt,
             )
             jobs.extend([(spec, budget)] * request.n)
+        run = self._run(caller, model, rules, jobs, "cmpl", request_id)
         # Closed with this stream, not when collected: the hold is settled on close.
         async with contextlib.aclosing(
-            self._run(caller, model, rules, jobs, "cmpl", request_id)
+            self._logged(run, "completions", request, caller, request_id, retention)
         ) as events:
             async for event in events:
                 yield event
@@ -199,7 +212,7 @@ class InferenceService:
         self, authorization: str | None, request: EmbeddingRequest, request_id: str
     ) -> Embeddings:
         """Embeds each input as its own job (one after another); bills prompt tokens."""
-        caller, model, rules = await self._admit(authorization, request)
+        caller, model, rules, retention = await self._admit(authorization, request)
         jobs = []
         for text in request.inputs:
             bound = min(text_token_bound(text, model), model.context_length)
@@ -214,8 +227,9 @@ class InferenceService:
             jobs.append((spec, TokenBudget(max_prompt_tokens=bound, max_completion_tokens=0)))
         vectors: dict[int, tuple[float, ...]] = {}
         rate_limits: RateStatus | None = None
+        run = self._run(caller, model, rules, jobs, "embd", request_id)
         async with contextlib.aclosing(
-            self._run(caller, model, rules, jobs, "embd", request_id)
+            self._logged(run, "embeddings", request, caller, request_id, retention)
         ) as events:
             async for event in events:
                 if isinstance(event, CompletionStarted):
@@ -236,8 +250,9 @@ class InferenceService:
 
     async def _admit(
         self, authorization: str | None, request: GenerationRequest | EmbeddingRequest
-    ) -> tuple[Caller, CatalogModel, NodeRequirements]:
-        """The caller, the model at the caller's price, and the nodes that may run it."""
+    ) -> tuple[Caller, CatalogModel, NodeRequirements, timedelta | None]:
+        """The caller, the model at the caller's price, the nodes that may run it, and
+        how long the request's log is kept (None: not logged)."""
         caller = await self.authenticator.authenticate(authorization)
         caller.require_inference()
         validate(request)
@@ -249,7 +264,32 @@ class InferenceService:
             raise ModelNotFound(request.model)
         if model.ready_nodes == 0:
             raise NoCapacity(f"no node is serving the model '{model.id}' right now")
-        return caller, model, rules
+        retention = log_retention(
+            caller.inference_logging, None if subcloud is None else subcloud.inference_logging
+        )
+        return caller, model, rules, retention
+
+    def _logged(
+        self,
+        events: AsyncGenerator[CompletionEvent, None],
+        endpoint: str,
+        request: GenerationRequest | EmbeddingRequest,
+        caller: Caller,
+        request_id: str,
+        retention: timedelta | None,
+    ) -> AsyncGenerator[CompletionEvent, None]:
+        """``events``, and the request's log written behind them when it is kept."""
+        if retention is None or self._logs is None:
+            return events
+        capture = LogCapture(
+            endpoint,
+            request,
+            request_id=request_id,
+            account_id=caller.account_id,
+            subcloud_id=caller.subcloud_id,
+            retention=retention,
+        )
+        return self._logs.recorded(events, capture)
 
     async def _subcloud(self, caller: Caller) -> Subcloud | None:
         if self._subclouds is None:
@@ -287,8 +327,9 @@ class InferenceService:
                 model,
                 rules,
                 f"{id_prefix}-{job_ids[0]}",
+                tuple(job_ids),
                 admission.status,
-                JobOrigin(request_id, caller.account_id, caller.subcloud_id),
+                JobOrigin(request_id, caller.account_id, caller.subcloud_id, model.price),
                 log.bind(request_id=request_id, job_id=job_ids[0], account_id=caller.account_id),
             )
             try:
@@ -363,7 +404,11 @@ class InferenceService:
                     assigned_at = time.monotonic()
                     if index == 0:
                         yield CompletionStarted(
-                            run.completion_id, run.model.id, datetime.now(UTC), run.rate_limits
+                            run.completion_id,
+                            run.model.id,
+                            datetime.now(UTC),
+                            run.rate_limits,
+                            run.job_ids,
                         )
                     yield ChoiceStarted(index)
                 elif isinstance(event, JobDelta):
@@ -425,6 +470,7 @@ class _Run:
     model: CatalogModel  # at the caller's price
     rules: NodeRequirements
     completion_id: str
+    job_ids: tuple[str, ...]  # one per choice, in order
     rate_limits: RateStatus  # the caller's limits after admitting the request
     origin: JobOrigin  # whose request the jobs serve, for the network's job records
     log: structlog.typing.FilteringBoundLogger

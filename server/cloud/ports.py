@@ -19,6 +19,8 @@ from core.inference import (
     NodeUsage,
     Usage,
 )
+from core.job_records import JobOutcome, JobQuery, JobRecord
+from server.common.inference_logging import LOGGING_OFF, InferenceLogging
 from server.common.rate_limits import NO_LIMITS, RateLimits
 
 # Settlements travel beyond the cloud layer (server/common/settlements.py).
@@ -45,6 +47,8 @@ class Caller:
     # Rate limits stored with the key and with its account (unset: the defaults).
     key_limits: RateLimits = NO_LIMITS
     account_limits: RateLimits = NO_LIMITS
+    # Whether the account opted in to inference logs (and their retention).
+    inference_logging: InferenceLogging = LOGGING_OFF
 
     def require_inference(self) -> None:
         if not self.may_infer:
@@ -82,6 +86,15 @@ class RelayedJob:
     nodes: tuple[tuple[str, str], ...]
     # False while the job runs (or its end is not written yet).
     ended: bool
+
+    @classmethod
+    def of(cls, record: JobRecord) -> RelayedJob:
+        return cls(
+            record.job_id,
+            record.usage,
+            tuple((a.node_id, a.operator_account_id) for a in record.assignments),
+            record.outcome is not JobOutcome.RUNNING,
+        )
 
     def node_usage(self) -> tuple[NodeUsage, ...]:
         """The job's usage credited to the node that ran it last (the record does
@@ -148,4 +161,15 @@ class NetworkPort(Protocol):
 
     async def job_records(self, job_ids: Sequence[str]) -> list[RelayedJob]:
         """The network's records of those of ``job_ids`` it has one of."""
+        ...
+
+    async def job_record(self, job_id: str) -> JobRecord | None:
+        """The network's whole record of one job; None if it has none."""
+        ...
+
+    async def list_job_records(
+        self, query: JobQuery, page_size: int, page_token: str
+    ) -> tuple[list[JobRecord], str]:
+        """Records matching ``query``, newest first, and the next page's token (the
+        network's paging: 0 means its default size)."""
         ...

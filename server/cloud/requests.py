@@ -121,6 +121,8 @@ class CompletionStarted:
     created: datetime
     # The caller's rate limits after this request was admitted.
     rate_limits: RateStatus | None = None
+    # The request's jobs, one per choice (or input), in order.
+    job_ids: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

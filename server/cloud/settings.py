@@ -62,3 +62,16 @@ class InFlightSettings(BaseSettings):
     lease_s: float = Field(default=30.0, gt=0)
     sweep_interval_s: float = Field(default=10.0, gt=0)
     running_grace_s: float = Field(default=60.0, ge=0)
+
+
+class InferenceLogSettings(BaseSettings):
+    """How inference logs are written and swept, from RESULTITY_CLOUD_INFERENCE_LOG_*.
+
+    Logs wait in a queue of ``queue_capacity`` entries for the writer; when it is
+    full, new ones are dropped (a warning says how many) rather than slow a request.
+    Expired logs are deleted every ``sweep_interval_s``."""
+
+    model_config = SettingsConfigDict(env_prefix="RESULTITY_CLOUD_INFERENCE_LOG_", frozen=True)
+
+    queue_capacity: int = Field(default=1_000, gt=0)
+    sweep_interval_s: float = Field(default=300.0, gt=0)

@@ -38,6 +38,7 @@ from server.cloud.subclouds import (
     validate_rules,
 )
 from server.common.credentials import bearer_credential, is_service_token
+from server.common.inference_logging import LOGGING_OFF, InferenceLogging, validate_logging
 from server.common.invalidation import Announcer, Invalidation, Subject
 from server.common.paging import decode_cursor, encode_cursor, page_size
 
@@ -52,6 +53,7 @@ class SubcloudStore(Protocol):
         owner_account_id: UUID,
         rules: NodeRequirements,
         models: tuple[SubcloudModel, ...],
+        inference_logging: InferenceLogging,
     ) -> Subcloud: ...
 
     async def get(self, subcloud_id: UUID) -> Subcloud | None: ...
@@ -69,6 +71,7 @@ class SubcloudStore(Protocol):
         name: str | None = None,
         rules: NodeRequirements | None = None,
         models: tuple[SubcloudModel, ...] | None = None,
+        inference_logging: InferenceLogging | None = None,
     ) -> Subcloud | None: ...
 
     async def archive(self, subcloud_id: UUID) -> Subcloud | None: ...
@@ -173,6 +176,7 @@ class SubcloudService:
         owner: UUID | None,
         rules: NodeRequirements,
         models: Sequence[SubcloudModel],
+        inference_logging: InferenceLogging = LOGGING_OFF,
     ) -> Subcloud:
         owner_id = actor.account_or(owner)
         name = validate_name(name)
@@ -182,7 +186,9 @@ class SubcloudService:
         # The owner is the only member of a new subcloud.
         check_prices(offered, catalog, rules, (owner_id,))
         await self._account.require_account(owner_id)
-        return await self._store.insert(uuid.uuid4(), name, owner_id, rules, offered)
+        return await self._store.insert(
+            uuid.uuid4(), name, owner_id, rules, offered, validate_logging(inference_logging)
+        )
 
     async def get(self, actor: Actor, subcloud_id: UUID) -> Subcloud:
         subcloud, _ = await self._access(actor, subcloud_id, require_reader)
@@ -207,6 +213,7 @@ class SubcloudService:
         name: str | None = None,
         rules: NodeRequirements | None = None,
         models: Sequence[SubcloudModel] | None = None,
+        inference_logging: InferenceLogging | None = None,
     ) -> Subcloud:
         subcloud, _ = await self._access(actor, subcloud_id, require_manager)
         require_active(subcloud)
@@ -225,6 +232,9 @@ class SubcloudService:
             name=None if name is None else validate_name(name),
             rules=rules,
             models=None if models is None else offered,
+            inference_logging=(
+                None if inference_logging is None else validate_logging(inference_logging)
+            ),
         )
         if updated is None:
             raise InvalidArgument("The subcloud is archived", field="subcloud_id")

@@ -21,6 +21,7 @@ from server.cloud.subclouds import (
     SubcloudModel,
     SubcloudRole,
 )
+from server.common.inference_logging_proto import logging_from_pb, logging_to_pb
 from server.common.transport import Context, authorization, timestamp_to_pb
 
 _ROLE_TO_PB = {
@@ -29,7 +30,7 @@ _ROLE_TO_PB = {
     SubcloudRole.OWNER: pb.SUBCLOUD_ROLE_OWNER,
 }
 _ROLE_FROM_PB = {value: key for key, value in _ROLE_TO_PB.items()}
-_UPDATABLE = frozenset({"name", "rules", "models"})
+_UPDATABLE = frozenset({"name", "rules", "models", "inference_logging"})
 
 
 def models_from_pb(models: Any) -> list[SubcloudModel]:
@@ -54,6 +55,7 @@ def subcloud_to_pb(subcloud: Subcloud) -> pb.Subcloud:
             for offer in subcloud.models
         ],
         archived=None if subcloud.archived is None else timestamp_to_pb(subcloud.archived),
+        inference_logging=logging_to_pb(subcloud.inference_logging),
     )
 
 
@@ -84,6 +86,7 @@ class SubcloudServicer(pb_grpc.SubcloudServiceServicer):
             _optional_id(request.owner_account_id, "owner_account_id"),
             requirements_from_pb(request.rules, field="rules"),
             models_from_pb(request.models),
+            logging_from_pb(request.inference_logging),
         )
         return pb.CreateSubcloudResponse(subcloud=subcloud_to_pb(subcloud))
 
@@ -130,6 +133,9 @@ class SubcloudServicer(pb_grpc.SubcloudServiceServicer):
             if "rules" in paths
             else None,
             models=models_from_pb(given.models) if "models" in paths else None,
+            inference_logging=(
+                logging_from_pb(given.inference_logging) if "inference_logging" in paths else None
+            ),
         )
         return pb.UpdateSubcloudResponse(subcloud=subcloud_to_pb(subcloud))
 

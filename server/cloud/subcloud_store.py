@@ -11,12 +11,14 @@ from asyncpg import Record
 
 from core.inference import ModelPrice, NodeRequirements
 from server.cloud.subclouds import Subcloud, SubcloudMember, SubcloudModel, SubcloudRole
+from server.common.inference_logging import InferenceLogging
 
 if TYPE_CHECKING:
     Connection = asyncpg.pool.PoolConnectionProxy[Record]
 
 _SUBCLOUD_COLUMNS = """s.subcloud_id, s.name, s.owner_account_id, s.created_at, s.archived_at,
     s.operator_account_ids, s.regions, s.min_reputation, s.verified_only,
+    s.inference_logging, s.inference_log_retention_days,
     coalesce((SELECT array_agg((m.model, m.prompt_price, m.completion_price) ORDER BY m.model)
               FROM subcloud_models m WHERE m.subcloud_id = s.subcloud_id), '{}') AS models"""
 
@@ -40,6 +42,9 @@ def _subcloud(row: Record) -> Subcloud:
         ),
         models=tuple(_model(offer) for offer in row["models"]),
         archived=row["archived_at"],
+        inference_logging=InferenceLogging(
+            row["inference_logging"], row["inference_log_retention_days"]
+        ),
     )
 
 
@@ -58,13 +63,15 @@ class PostgresSubcloudStore:
         owner_account_id: UUID,
         rules: NodeRequirements,
         models: tuple[SubcloudModel, ...],
+        inference_logging: InferenceLogging,
     ) -> Subcloud:
         """The subcloud with its owner as first member, in one transaction."""
         async with self._pool.acquire() as conn, conn.transaction():
             await conn.execute(
                 """INSERT INTO subclouds (subcloud_id, name, owner_account_id,
-                       operator_account_ids, regions, min_reputation, verified_only)
-                   VALUES ($1, $2, $3, $4, $5, $6, $7)""",
+                       operator_account_ids, regions, min_reputation, verified_only,
+                       inference_logging, inference_log_retention_days)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)""",
                 subcloud_id,
                 name,
                 owner_account_id,
@@ -72,6 +79,8 @@ class PostgresSubcloudStore:
                 sorted(rules.regions),
                 rules.min_reputation,
                 rules.verified_only,
+                inference_logging.enabled,
+                inference_logging.retention_days,
             )
             await conn.execute(
                 "INSERT INTO subcloud_members (subcloud_id, account_id, role) VALUES ($1, $2, $3)",
@@ -126,6 +135,7 @@ class PostgresSubcloudStore:
         name: str | None = None,
         rules: NodeRequirements | None = None,
         models: tuple[SubcloudModel, ...] | None = None,
+        inference_logging: InferenceLogging | None = None,
     ) -> Subcloud | None:
         """Replaces the given fields of an active subcloud; None if it is not active."""
         async with self._pool.acquire() as conn, conn.transaction():
@@ -153,6 +163,15 @@ class PostgresSubcloudStore:
                 )
             if models is not None:
                 await _replace_models(conn, subcloud_id, models)
+            if inference_logging is not None:
+                await conn.execute(
+                    """UPDATE subclouds SET inference_logging = $2,
+                           inference_log_retention_days = $3
+                       WHERE subcloud_id = $1""",
+                    subcloud_id,
+                    inference_logging.enabled,
+                    inference_logging.retention_days,
+                )
             return await _get(conn, subcloud_id)
 
     async def archive(self, subcloud_id: UUID) -> Subcloud | None:

@@ -20,6 +20,7 @@ from core.errors import InvalidArgument, NotFound, PermissionDenied
 from core.ids import parse_id
 from core.inference import ModelPrice, NodeRequirements
 from core.regions import validate_region
+from server.common.inference_logging import LOGGING_OFF, InferenceLogging
 
 MAX_NAME_LENGTH = 100
 MAX_MODELS = 100
@@ -54,6 +55,8 @@ class Subcloud:
     rules: NodeRequirements
     models: tuple[SubcloudModel, ...]
     archived: datetime | None = None
+    # Whether its keys' requests are logged (for accounts that opted in too).
+    inference_logging: InferenceLogging = LOGGING_OFF
 
     def offering(self, model: str) -> SubcloudModel | None:
         return next((offer for offer in self.models if offer.model == model), None)

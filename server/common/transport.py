@@ -3,12 +3,12 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any
 
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 
+# Servicers write timestamps as every end of a contract does.
+from core.convert.timestamps import timestamp_to_pb as timestamp_to_pb
 from core.metadata import AUTHORIZATION
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -23,9 +23,3 @@ def metadata_value(context: Context, key: str) -> str | None:
 
 def authorization(context: Context) -> str | None:
     return metadata_value(context, AUTHORIZATION)
-
-
-def timestamp_to_pb(value: datetime) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromDatetime(value)
-    return stamp

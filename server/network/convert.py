@@ -7,17 +7,14 @@ from datetime import UTC
 from google.protobuf import duration_pb2
 from google.protobuf.message import DecodeError
 from resultity.agent.v1 import agent_service_pb2 as agent_pb
-from resultity.network.v1 import dispatch_service_pb2 as dispatch_pb
 from resultity.network.v1 import node_admin_service_pb2 as admin_pb
 
 from core.agent_messages import AssignCommand, CancelCommand
 from core.convert.catalog import price_from_pb, price_to_pb
-from core.convert.generation import usage_to_pb
-from core.convert.job_events import assign_to_pb, cancel_to_pb, origin_to_pb
+from core.convert.job_events import assign_to_pb, cancel_to_pb
 from core.errors import InvalidNodeCredentials
 from server.common.transport import timestamp_to_pb
 from server.network.config import ConfigModel, NetworkConfig
-from server.network.job_records import JobOutcome, JobRecord
 from server.network.nodes import (
     ConfigCommand,
     ModelValidation,
@@ -171,27 +168,3 @@ def command_to_pb(command: NodeCommand) -> agent_pb.ConnectResponse:
     if isinstance(command, ReconnectCommand):
         return agent_pb.ConnectResponse(reconnect=agent_pb.Reconnect(reason=command.reason))
     raise TypeError(f"not a message for the agent: {command!r}")
-
-
-_OUTCOME_TO_PB = {
-    JobOutcome.RUNNING: dispatch_pb.JOB_OUTCOME_RUNNING,
-    JobOutcome.FINISHED: dispatch_pb.JOB_OUTCOME_FINISHED,
-    JobOutcome.FAILED: dispatch_pb.JOB_OUTCOME_FAILED,
-    JobOutcome.CANCELLED: dispatch_pb.JOB_OUTCOME_CANCELLED,
-}
-
-
-def record_to_pb(record: JobRecord) -> dispatch_pb.JobRecord:
-    return dispatch_pb.JobRecord(
-        job_id=record.job_id,
-        origin=origin_to_pb(record.origin),
-        model=record.model,
-        assignments=[
-            dispatch_pb.JobAssignment(
-                node_id=a.node_id, epoch=a.epoch, operator_account_id=a.operator_account_id
-            )
-            for a in record.assignments
-        ],
-        usage=usage_to_pb(record.usage),
-        outcome=_OUTCOME_TO_PB[record.outcome],
-    )

@@ -51,12 +51,13 @@ from core.inference import (
     JobOrigin,
     NodeRequirements,
 )
+from core.job_records import JobOutcome
 from core.node_signing import result_payload, verify
 from core.trace_context import UNTRACED, Carrier, TraceContext
 from server.network.catalog import Catalog
 from server.network.checks import Probe
 from server.network.forwarding import Assignment, ForwardedJobs
-from server.network.job_records import JobJournal, JobOutcome
+from server.network.job_records import JobJournal
 from server.network.jobs import ActiveJob, NodeLost, NodeReport, QueueTimeout
 from server.network.metrics import NetworkMetrics
 from server.network.nodes import NodeSession

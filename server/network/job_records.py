@@ -1,5 +1,5 @@
-"""The durable record of each job: whose request it served, the nodes and epochs
-it ran on, what was relayed, when, and how it ended.
+"""The journal of each job's durable record (core/job_records.py): whose request it
+served, the nodes and epochs it ran on, what was relayed, when, and how it ended.
 
 The journal builds records from the dispatch's events and hands them to a
 writer (write_behind.py): at assignment, at each migration and at the end,
@@ -11,43 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from enum import StrEnum
 
 from core.inference import JobOrigin, Usage
+from core.job_records import Assignment, JobOutcome, JobRecord
 from server.network.jobs import ActiveJob
-
-
-class JobOutcome(StrEnum):
-    RUNNING = "running"
-    FINISHED = "finished"
-    FAILED = "failed"
-    # The caller went away (or cancelled) before the job ended.
-    CANCELLED = "cancelled"
-
-
-@dataclass(frozen=True, slots=True)
-class Assignment:
-    node_id: str
-    epoch: int
-    operator_account_id: str
-    assigned_at: datetime
-
-
-@dataclass(frozen=True, slots=True)
-class JobRecord:
-    job_id: str
-    origin: JobOrigin
-    model: str
-    # In epoch order: the first node, then each one the job moved to.
-    assignments: tuple[Assignment, ...]
-    # Prompt tokens as billed, completion tokens as relayed to the caller.
-    usage: Usage
-    created_at: datetime
-    first_token_at: datetime | None
-    finished_at: datetime | None
-    outcome: JobOutcome
-    # The finish reason of a finished job; why a failed or cancelled one ended.
-    detail: str = ""
 
 
 @dataclass(slots=True)

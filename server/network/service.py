@@ -55,10 +55,12 @@ from core.inference import (
     JobOrigin,
     NodeRequirements,
 )
+from core.job_records import JobQuery, JobRecord, validate_query
 from core.regions import validate_region
 from core.trace_context import UNTRACED, TraceContext
 from server.common.bus import Bus
 from server.common.channel_follower import ChannelFollower
+from server.common.paging import decode_text_cursor, encode_cursor, page_size
 from server.network.admission import AdmissionSettings, NodeAdmission
 from server.network.announcements import network_channel, version_of
 from server.network.catalog import Catalog
@@ -73,7 +75,6 @@ from server.network.config import (
 from server.network.dispatch import JobDispatch
 from server.network.fleet import Fleet, ReplicaSettings
 from server.network.forwarding import ForwardedJobs, Forwarder
-from server.network.job_records import JobRecord
 from server.network.jobs import NodeReport
 from server.network.metrics import NetworkMetrics
 from server.network.nodes import (
@@ -486,6 +487,20 @@ class NetworkService:
         if len(job_ids) > MAX_JOB_RECORDS:
             raise InvalidArgument(f"at most {MAX_JOB_RECORDS} job ids per call", field="job_ids")
         return await self._state.job_records(job_ids)
+
+    async def list_job_records(
+        self, query: JobQuery, requested_size: int, page_token: str
+    ) -> tuple[list[JobRecord], str]:
+        """Records matching ``query`` (of every replica), newest first, and the next
+        page's token."""
+        limit = page_size(requested_size)
+        records = await self._state.list_job_records(
+            validate_query(query), limit + 1, decode_text_cursor(page_token)
+        )
+        if len(records) <= limit:
+            return records, ""
+        last = records[limit - 1]
+        return records[:limit], encode_cursor(last.created_at, last.job_id)
 
     async def config_acks(
         self, version: int, after_node_id: str, limit: int

@@ -22,6 +22,7 @@ from core.convert.agent_reports import report_from_pb
 from core.convert.catalog import models_to_pb
 from core.convert.generation import spec_from_pb
 from core.convert.job_events import job_event_to_pb, origin_from_pb
+from core.convert.job_records import query_from_pb, record_to_pb
 from core.convert.requirements import requirements_from_pb
 from core.errors import DomainError, ProtocolViolation, SessionEnded
 from core.grpc_errors import abort_with_error, translate_errors
@@ -37,7 +38,6 @@ from server.network.callers import ServiceCallers, service_only
 from server.network.convert import (
     challenge_to_pb,
     command_to_pb,
-    record_to_pb,
     signed_hello_from_pb,
     welcome_to_pb,
 )
@@ -165,6 +165,22 @@ class DispatchServicer(dispatch_grpc.DispatchServiceServicer):
     ) -> dispatch_pb.GetJobRecordsResponse:
         records = await self._service.job_records(list(request.job_ids))
         return dispatch_pb.GetJobRecordsResponse(records=[record_to_pb(r) for r in records])
+
+    @translate_errors
+    @service_only
+    async def ListJobRecords(
+        self,
+        request: dispatch_pb.ListJobRecordsRequest,
+        context: grpc.aio.ServicerContext[
+            dispatch_pb.ListJobRecordsRequest, dispatch_pb.ListJobRecordsResponse
+        ],
+    ) -> dispatch_pb.ListJobRecordsResponse:
+        records, next_token = await self._service.list_job_records(
+            query_from_pb(request.filter), request.page_size, request.page_token
+        )
+        return dispatch_pb.ListJobRecordsResponse(
+            records=[record_to_pb(r) for r in records], next_page_token=next_token
+        )
 
 
 def _job_attributes(job_id: str, spec: GenerationSpec) -> tracing.Attributes:

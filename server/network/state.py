@@ -10,8 +10,9 @@ import asyncio
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
+from core.job_records import JobQuery, JobRecord
 from server.network.config import NetworkConfig
-from server.network.job_records import JobJournal, JobRecord
+from server.network.job_records import JobJournal
 from server.network.nodes import NodeSession, NodeStanding
 from server.network.state_ports import ConfigAck, NetworkStores, StandingRecord
 from server.network.write_behind import WriteBehind
@@ -78,6 +79,14 @@ class NetworkState:
         for job_id in job_ids:
             await self._jobs.flush(job_id)
         return await self._stores.jobs.load_jobs(job_ids)
+
+    async def list_job_records(
+        self, query: JobQuery, limit: int, after: tuple[datetime, str] | None
+    ) -> list[JobRecord]:
+        """Stored records matching ``query``; this replica's pending ones are written
+        first."""
+        await self._jobs.flush()
+        return await self._stores.jobs.list_jobs(query, limit, after)
 
     # --- configuration -------------------------------------------------------
 

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
+from core.job_records import JobQuery, JobRecord
 from server.network.config import NetworkConfig
-from server.network.job_records import JobRecord
 from server.network.nodes import NodeStanding
 
 
@@ -86,6 +86,13 @@ class JobRecordStore(Protocol):
 
     async def load_jobs(self, job_ids: Sequence[str]) -> list[JobRecord]:
         """The stored records of those of ``job_ids`` that have one."""
+        ...
+
+    async def list_jobs(
+        self, query: JobQuery, limit: int, after: tuple[datetime, str] | None
+    ) -> list[JobRecord]:
+        """Records matching ``query``, newest first (by creation, then job id), from
+        after the (created at, job id) ``after``."""
         ...
 
 

@@ -57,6 +57,9 @@ def _calls(channel: grpc.aio.Channel) -> dict[str, Callable[[Metadata], Awaitabl
         "GetJobRecords": lambda m: dispatch.GetJobRecords(
             dispatch_pb.GetJobRecordsRequest(job_ids=["j"]), metadata=m
         ),
+        "ListJobRecords": lambda m: dispatch.ListJobRecords(
+            dispatch_pb.ListJobRecordsRequest(), metadata=m
+        ),
         "ListNodes": lambda m: admin.ListNodes(admin_pb.ListNodesRequest(), metadata=m),
         "GetNode": lambda m: admin.GetNode(admin_pb.GetNodeRequest(node_id="n"), metadata=m),
         "DrainNode": lambda m: admin.DrainNode(admin_pb.DrainNodeRequest(node_id="n"), metadata=m),
@@ -108,7 +111,7 @@ async def test_callers_without_the_service_token_are_refused(platform: Platform)
     assert platform.network.service.config.version == 1
 
 
-_DISPATCH = {"RunJob", "ListModels", "GetJobRecords"}
+_DISPATCH = {"RunJob", "ListModels", "GetJobRecords", "ListJobRecords"}
 
 
 async def _key(platform: Platform, account_id: str, scope: int) -> Metadata:
@@ -180,6 +183,13 @@ async def test_the_service_token_opens_them(platform: Platform) -> None:
                 metadata=platform.service,
             )
         assert too_many.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        running = await dispatch.ListJobRecords(
+            dispatch_pb.ListJobRecordsRequest(
+                filter=dispatch_pb.JobRecordFilter(outcomes=[dispatch_pb.JOB_OUTCOME_FINISHED])
+            ),
+            metadata=platform.service,
+        )
+        assert [r.job_id for r in running.records] == ["j"]
         listed = await admin.ListNodes(admin_pb.ListNodesRequest(), metadata=platform.service)
         assert [node.node_id for node in listed.nodes] == [node_id]
         drained = await admin.DrainNode(

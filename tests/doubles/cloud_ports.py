@@ -6,7 +6,9 @@ the credits do not cover (InsufficientQuota) and records every settlement.
 ``FakeNetwork`` runs each job from a script the test queues: job events, an exception
 to raise (a failed node), or ``STALL`` (the node goes quiet until the job is cancelled);
 it records every job and whether its stream was closed. ``InMemoryInFlight`` holds the
-requests in flight that a replica leases (inflight.InFlightStore).
+requests in flight that a replica leases (inflight.InFlightStore);
+``InMemoryInferenceLogs`` the inference logs (inference_logs.InferenceLogStore), and
+fails every write while ``failing`` is set.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from core.inference import (
     NodeUsage,
     Usage,
 )
+from server.cloud.inference_logs import InferenceLog
 from server.cloud.inflight import InFlightRequest, Orphan
 from server.cloud.ports import (
     NO_REQUIREMENTS,
@@ -52,6 +55,7 @@ from server.cloud.ports import (
     OperatorShares,
     RelayedJob,
 )
+from server.common.inference_logging import LOGGING_OFF, InferenceLogging
 
 
 @dataclass(frozen=True)
@@ -80,9 +84,12 @@ class FakeAccount:
         self.settle_gate: asyncio.Event | None = None
         self.settling = asyncio.Event()
 
-    def add_customer(self, secret: str, credits: int) -> Caller:
-        """An account with ``credits`` and an inference key ``secret``."""
-        caller = Caller(str(uuid.uuid4()), f"key-{len(self.callers)}")
+    def add_customer(
+        self, secret: str, credits: int, logging: InferenceLogging = LOGGING_OFF
+    ) -> Caller:
+        """An account with ``credits`` (and ``logging`` as its inference log setting) and
+        an inference key ``secret``."""
+        caller = Caller(str(uuid.uuid4()), f"key-{len(self.callers)}", inference_logging=logging)
         self.callers[secret] = caller
         self.available[caller.account_id] = credits
         return caller
@@ -173,6 +180,30 @@ class InMemoryInFlight:
             lease.until = now + claim_s
             lease.claimed_at = now if lease.claimed_at is None else lease.claimed_at
         return [Orphan(lease.request, now - (lease.claimed_at or now)) for lease in lapsed]
+
+
+class InMemoryInferenceLogs:
+    def __init__(self) -> None:
+        self.entries: dict[str, InferenceLog] = {}
+        self.failing = False
+        # Writes attempted (failed or not), for tests that wait for the writer.
+        self.writes = 0
+
+    async def add(self, entries: Sequence[InferenceLog]) -> None:
+        self.writes += 1
+        if self.failing:
+            raise ConnectionError("the database is down")
+        for entry in entries:
+            self.entries.setdefault(entry.log_id, entry)
+
+    async def for_job(self, job_id: str) -> InferenceLog | None:
+        return next((e for e in self.entries.values() if job_id in e.job_ids), None)
+
+    async def delete_expired(self, now: datetime, limit: int) -> int:
+        expired = [key for key, e in self.entries.items() if e.expires_at <= now][:limit]
+        for key in expired:
+            del self.entries[key]
+        return len(expired)
 
 
 class _Stall:

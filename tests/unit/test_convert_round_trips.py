@@ -3,6 +3,7 @@ domain gives back what was sent, with the conversions both ends use (core/conver
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import TypeVar
 
 from google.protobuf.message import Message
@@ -41,6 +42,7 @@ from core.convert.job_events import (
     job_event_from_pb,
     job_event_to_pb,
 )
+from core.convert.job_records import query_from_pb, query_to_pb, record_from_pb, record_to_pb
 from core.convert.requirements import requirements_from_pb, requirements_to_pb
 from core.inference import (
     CatalogModel,
@@ -55,6 +57,7 @@ from core.inference import (
     JobEvent,
     JobFinished,
     JobMigrated,
+    JobOrigin,
     ModelPrice,
     NodeRequirements,
     NodeUsage,
@@ -68,6 +71,7 @@ from core.inference import (
     TopLogprob,
     Usage,
 )
+from core.job_records import Assignment, JobOutcome, JobQuery, JobRecord
 
 _M = TypeVar("_M", bound=Message)
 
@@ -276,3 +280,44 @@ catalog_models = st.builds(
 @given(st.lists(catalog_models, max_size=4))
 def test_the_catalog_round_trips(models: list[CatalogModel]) -> None:
     assert models_from_pb(_wire(models_to_pb(models))) == models
+
+
+# --- job records (network to cloud) -------------------------------------------------
+
+moments = st.datetimes(
+    min_value=datetime(1970, 1, 2), max_value=datetime(9999, 1, 1), timezones=st.just(UTC)
+)
+job_records = st.builds(
+    JobRecord,
+    job_id=texts,
+    origin=st.builds(JobOrigin, texts, texts, texts, st.builds(ModelPrice, int64s, int64s)),
+    model=texts,
+    assignments=st.lists(st.builds(Assignment, texts, int64s, texts, moments), **small_tuples).map(
+        tuple
+    ),
+    usage=usages,
+    created_at=moments,
+    first_token_at=st.none() | moments,
+    finished_at=st.none() | moments,
+    outcome=st.sampled_from(JobOutcome),
+    detail=texts,
+)
+job_queries = st.builds(
+    JobQuery,
+    account_id=texts,
+    model=texts,
+    outcomes=st.frozensets(st.sampled_from(JobOutcome)),
+    request_id=texts,
+    created_after=st.none() | moments,
+    created_before=st.none() | moments,
+)
+
+
+@given(job_records)
+def test_a_job_record_round_trips(record: JobRecord) -> None:
+    assert record_from_pb(_wire(record_to_pb(record))) == record
+
+
+@given(job_queries)
+def test_a_job_query_round_trips(query: JobQuery) -> None:
+    assert query_from_pb(_wire(query_to_pb(query))) == query

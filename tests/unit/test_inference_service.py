@@ -105,7 +105,8 @@ async def test_a_completion_is_charged_what_it_delivered_and_credits_its_operato
     )
     assert account.available[customer.account_id] == CREDITS - charged
     assert network.jobs[0].closed
-    assert network.jobs[0].origin == JobOrigin("req-1", customer.account_id)
+    # The record names whose request it served and at which prices.
+    assert network.jobs[0].origin == JobOrigin("req-1", customer.account_id, "", PRICE)
 
 
 async def _leave_after_two_deltas(
