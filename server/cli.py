@@ -205,6 +205,10 @@ def _parser() -> argparse.ArgumentParser:
 
     add_subcloud_commands(commands)
 
+    from server.cloud.jobs_cli import add_commands as add_job_commands
+
+    add_job_commands(commands)
+
     gateway = commands.add_parser("gateway", help="run the OpenAI HTTP gateway alone")
     gateway.add_argument("--cloud", required=True, help="HOST:PORT of the cloud server")
     gateway.add_argument(
@@ -361,6 +365,10 @@ async def _run(args: argparse.Namespace) -> None:
         from server.cloud.cli import run_command as run_subclouds_command
 
         await run_subclouds_command(args)
+    elif args.command == "jobs":
+        from server.cloud.jobs_cli import run_command as run_jobs_command
+
+        await run_jobs_command(args)
     elif args.command == "nodes":
         from server.network.cli import run_command as run_nodes_command
 

@@ -13,7 +13,7 @@ import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import pytest
@@ -230,6 +230,20 @@ async def eventually(condition: Callable[[], bool], *, timeout_s: float = 10.0) 
     async with asyncio.timeout(timeout_s):
         while not condition():  # noqa: ASYNC110 - polls state owned by other tasks
             await asyncio.sleep(0.01)
+
+
+_T = TypeVar("_T")
+
+
+async def until(
+    fetch: Callable[[], Awaitable[_T]], ready: Callable[[_T], bool], *, timeout_s: float = 10.0
+) -> _T:
+    """``await fetch()`` once ``ready`` holds of it (for what is written behind a
+    request); the timeout only bounds a broken test."""
+    async with asyncio.timeout(timeout_s):
+        while not ready(found := await fetch()):  # noqa: ASYNC110 - written by other tasks
+            await asyncio.sleep(0.02)
+    return found
 
 
 Opening = Callable[[agent_pb.Challenge], list[agent_pb.ConnectRequest]]

@@ -5,10 +5,8 @@ that opted in, and deleted once their retention ends."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from datetime import UTC, datetime, timedelta
-from typing import TypeVar
 
 import grpc
 import pytest
@@ -31,10 +29,9 @@ from server.cloud.inference_logs import LogSweeper
 from server.common.database import create_pool
 from server.network.catalog import SMOLLM2_135M
 from tests.doubles.scripted_runtime import DEFAULT_SCRIPT, MODEL_ID, ScriptedRuntime
-from tests.harness import Platform, running_platform
+from tests.harness import Platform, running_platform, until
 
 Metadata = tuple[tuple[str, str], ...]
-_T = TypeVar("_T")
 MANAGEMENT = keys_pb.API_KEY_SCOPE_MANAGEMENT
 
 
@@ -63,15 +60,6 @@ async def _chat(
     )
 
 
-async def _until(fetch: Callable[[], Awaitable[_T]], ready: Callable[[_T], bool]) -> _T:
-    """``fetch()`` once ``ready`` holds of it (records and logs are written behind the
-    requests); the timeout only bounds a broken test."""
-    async with asyncio.timeout(10):
-        while not ready(found := await fetch()):  # noqa: ASYNC110 - written by other tasks
-            await asyncio.sleep(0.02)
-    return found
-
-
 async def _refusal(call: Awaitable[object]) -> tuple[grpc.StatusCode, str]:
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await call
@@ -80,7 +68,7 @@ async def _refusal(call: Awaitable[object]) -> tuple[grpc.StatusCode, str]:
 
 
 async def _finished_jobs(platform: Platform, metadata: Metadata, count: int) -> list[jobs_pb.Job]:
-    listed = await _until(
+    listed = await until(
         lambda: _jobs(platform).ListJobs(jobs_pb.ListJobsRequest(), metadata=metadata),
         lambda page: (
             len(page.jobs) == count
@@ -154,7 +142,7 @@ async def test_admins_filter_and_page_every_accounts_jobs(platform: Platform) ->
         return [job.request_id for job in response.jobs]
 
     mine = {"account_id": ada.account_id}
-    await _until(
+    await until(
         lambda: listed(**mine, outcomes=[jobs_pb.JOB_OUTCOME_FINISHED]), lambda r: len(r) == 3
     )
     assert await listed(**mine) == ["ada-3", "ada-2", "ada-1"]
@@ -280,7 +268,7 @@ async def _get(platform: Platform, job_id: str, metadata: Metadata) -> jobs_pb.G
 
 
 async def _log(platform: Platform, job_id: str, metadata: Metadata) -> jobs_pb.InferenceLog:
-    found = await _until(lambda: _get(platform, job_id, metadata), lambda r: r.HasField("log"))
+    found = await until(lambda: _get(platform, job_id, metadata), lambda r: r.HasField("log"))
     return found.log
 
 
