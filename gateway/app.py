@@ -19,7 +19,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from resultity.cloud.v1 import inference_service_pb2 as pb
-from resultity.cloud.v1 import inference_service_pb2_grpc
+from resultity.cloud.v1 import inference_service_pb2_grpc, job_service_pb2_grpc
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
@@ -35,6 +35,7 @@ from core.regions import validate_region
 from gateway import convert, errors, health, observe, sse
 from gateway.console import ConsoleTargets, console_router
 from gateway.errors import ApiError, RequestParams
+from gateway.jobs import jobs_router
 from gateway.openapi import REGION_HEADER, describe
 from gateway.relay import (
     ClientGone,
@@ -79,6 +80,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         channel = tls_channel(cloud_target, tls)
         app.state.cloud = inference_service_pb2_grpc.InferenceServiceStub(channel)
+        app.state.jobs = job_service_pb2_grpc.JobServiceStub(channel)
         app.state.cloud_health = health.health_stub(channel)
         log.info("gateway.cloud_channel_opened", target=cloud_target)
         try:
@@ -104,6 +106,7 @@ def create_app(
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_middleware(RequestIdMiddleware, metrics=observe.GatewayMetrics(metrics or NO_METRICS))
     app.include_router(_router)
+    app.include_router(jobs_router(_call_metadata))
     app.include_router(health.router)
     if console is not None:
         app.include_router(console_router(console, tls))

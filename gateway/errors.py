@@ -71,6 +71,8 @@ class _Mapped:
 _BY_REASON: dict[str, _Mapped] = {
     ErrorReason.INVALID_API_KEY: _Mapped(401, INVALID_REQUEST, "invalid_api_key"),
     ErrorReason.MODEL_NOT_FOUND: _Mapped(404, INVALID_REQUEST, "model_not_found"),
+    # An object the caller may not see, or that does not exist (a job).
+    ErrorReason.NOT_FOUND: _Mapped(404, INVALID_REQUEST, "not_found"),
     # A valid key used outside its scopes or model allow-list.
     ErrorReason.PERMISSION_DENIED: _Mapped(403, PERMISSION_DENIED, PERMISSION_DENIED),
     ErrorReason.INVALID_ARGUMENT: _Mapped(400, INVALID_REQUEST),

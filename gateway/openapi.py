@@ -15,7 +15,8 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from gateway import schemas
+from gateway import job_schemas, schemas
+from gateway.jobs import MAX_PAGE_SIZE, MAX_UNIX_SECONDS
 
 _REF = "#/components/schemas/{model}"
 
@@ -28,6 +29,8 @@ _OPERATIONS: dict[str, dict[str, tuple[type[BaseModel] | None, type[BaseModel], 
     "/v1/embeddings": {"post": (schemas.EmbeddingRequest, schemas.EmbeddingList, False)},
     "/v1/models": {"get": (None, schemas.ModelList, False)},
     "/v1/models/{model}": {"get": (None, schemas.ModelCard, False)},
+    "/v1/jobs": {"get": (None, job_schemas.JobList, False)},
+    "/v1/jobs/{job_id}": {"get": (None, job_schemas.Job, False)},
 }
 # Streamed events: chat chunks and text completion chunks.
 _STREAM_MODELS: dict[str, type[BaseModel]] = {
@@ -38,7 +41,7 @@ _ERRORS = {
     "400": "Invalid request (param names the field)",
     "401": "Missing or invalid API key",
     "403": "The key may not do this or use this model",
-    "404": "Unknown model",
+    "404": "Unknown model, or a job the key may not see",
     "413": "Request body too large",
     "429": "Rate limited or out of credits",
     "503": "No node can serve the model right now",
@@ -47,6 +50,62 @@ _ERRORS = {
 
 # Optional request header: run only on nodes declared in this region.
 REGION_HEADER = "x-resultity-region"
+
+
+def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "schema": schema,
+        "description": description,
+    }
+
+
+_TEXT = {"type": "string", "maxLength": 256}
+_UNIX = {"type": "integer", "minimum": 0, "maximum": MAX_UNIX_SECONDS}
+# Query and path parameters of the GET operations that take any.
+_PARAMETERS: dict[str, list[dict[str, Any]]] = {
+    "/v1/models/{model}": [
+        {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}
+    ],
+    "/v1/jobs": [
+        _query("account_id", _TEXT, "Only this account's jobs (admin keys; default: all)."),
+        _query("model", _TEXT, "Only jobs of this model."),
+        {
+            **_query(
+                "outcome",
+                {
+                    "type": "array",
+                    "items": {
+                        "type": "string",
+                        "enum": ["running", "finished", "failed", "cancelled"],
+                    },
+                },
+                "Only jobs with one of these statuses (repeatable).",
+            ),
+            "style": "form",
+            "explode": True,
+        },
+        _query("request_id", _TEXT, "Only the jobs of this request (its x-request-id)."),
+        _query("created_after", _UNIX, "Created at or after (Unix seconds)."),
+        _query("created_before", _UNIX, "Created before (Unix seconds)."),
+        _query(
+            "limit",
+            {"type": "integer", "minimum": 1, "maximum": MAX_PAGE_SIZE, "default": 20},
+            "Jobs per page.",
+        ),
+        _query("page_token", {"type": "string", "maxLength": 1024}, "A next_page_token."),
+    ],
+    "/v1/jobs/{job_id}": [
+        {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}},
+        _query(
+            "with_log",
+            {"type": "boolean", "default": False},
+            "Also the log of the job's request, if its account opted in.",
+        ),
+    ],
+}
 
 
 def _ref(model: type[BaseModel]) -> dict[str, str]:
@@ -98,10 +157,8 @@ def _operation(
                 "description": "Run only on nodes declared in this region, e.g. eu-west.",
             }
         ]
-    if path == "/v1/models/{model}":
-        operation["parameters"] = [
-            {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}
-        ]
+    if path in _PARAMETERS:
+        operation["parameters"] = _PARAMETERS[path]
     operation["security"] = [{"bearer": []}]
     return operation
 

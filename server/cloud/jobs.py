@@ -86,8 +86,7 @@ class JobService:
         self, viewer: JobViewer, job_id: str, *, with_log: bool
     ) -> tuple[JobView, InferenceLog | None]:
         """The job, and (``with_log``) the log of its request if one is kept."""
-        if not job_id or len(job_id) > MAX_ID_LENGTH:
-            raise InvalidArgument(f"job_id must be 1 to {MAX_ID_LENGTH} characters", field="job_id")
+        _check_text(job_id, "job_id", MAX_ID_LENGTH, required=True)
         record = await self._network.job_record(job_id)
         if record is None or not viewer.sees(record):
             raise NotFound("No such job")
@@ -100,13 +99,19 @@ def _checked(query: JobQuery) -> JobQuery:
     malformed."""
     if query.account_id:
         query = replace(query, account_id=str(parse_id(query.account_id, field="account_id")))
-    if len(query.model) > MAX_MODEL_LENGTH:
-        raise InvalidArgument(f"model must be at most {MAX_MODEL_LENGTH} characters", field="model")
-    if len(query.request_id) > MAX_ID_LENGTH:
-        raise InvalidArgument(
-            f"request_id must be at most {MAX_ID_LENGTH} characters", field="request_id"
-        )
+    _check_text(query.model, "model", MAX_MODEL_LENGTH)
+    _check_text(query.request_id, "request_id", MAX_ID_LENGTH)
     return query
+
+
+def _check_text(value: str, field: str, limit: int, *, required: bool = False) -> None:
+    """Ids and names are printable text of a bounded length (no id the platform makes is
+    anything else, and PostgreSQL text holds no NUL)."""
+    if len(value) > limit or (required and not value):
+        least = 1 if required else 0
+        raise InvalidArgument(f"{field} must be {least} to {limit} characters", field=field)
+    if not value.isprintable():
+        raise InvalidArgument(f"{field} must be printable text", field=field)
 
 
 def _scoped(viewer: JobViewer, query: JobQuery) -> JobQuery:
