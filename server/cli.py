@@ -387,7 +387,9 @@ def _gateway_app(args: argparse.Namespace) -> FastAPI:
 
     if (args.account is None) != (args.network is None):
         raise SystemExit("gateway: the console needs both --account and --network")
-    console = None if args.account is None else ConsoleTargets(args.account, args.network)
+    console = (
+        None if args.account is None else ConsoleTargets(args.account, args.network, args.cloud)
+    )
     # The gateway's metrics are always collected: its /metrics serves them.
     from core.prometheus import PrometheusMetrics
 

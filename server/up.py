@@ -218,7 +218,7 @@ async def run_platform(settings: PlatformSettings, *, ready: asyncio.Event | Non
             serve_gateway(
                 create_app(
                     grpc_target,
-                    console=ConsoleTargets(grpc_target, grpc_target),
+                    console=ConsoleTargets(grpc_target, grpc_target, grpc_target),
                     metrics=metrics,
                 ),
                 settings.http_host,

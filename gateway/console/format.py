@@ -12,6 +12,7 @@ from resultity.account.v1 import api_key_service_pb2 as keys_pb
 from resultity.account.v1 import contribution_service_pb2 as contribution_pb
 from resultity.account.v1 import ledger_service_pb2 as ledger_pb
 from resultity.account.v1 import usage_service_pb2 as usage_pb
+from resultity.cloud.v1 import job_service_pb2 as jobs_pb
 from resultity.network.v1 import node_admin_service_pb2 as admin_pb
 
 from gateway.console.charts import Bar, bar_chart
@@ -41,10 +42,29 @@ def node_state(value: int) -> str:
     return enum_name(admin_pb.NodeState, value, "NODE_STATE_")
 
 
-def hold_status(value: int) -> str:
-    if value == ledger_pb.HOLD_STATUS_SETTLED:
-        return "charged"
-    return enum_name(ledger_pb.HoldStatus, value, "HOLD_STATUS_")
+def job_status(value: int) -> str:
+    return enum_name(jobs_pb.JobOutcome, value, "JOB_OUTCOME_")
+
+
+def elapsed(start: Timestamp, end: Timestamp) -> str:
+    """The time from ``start`` to ``end`` ("—" when it has not happened): "240 ms",
+    "3.2 s"."""
+    if not end.seconds and not end.nanos:
+        return "—"
+    milliseconds = (end.ToNanoseconds() - start.ToNanoseconds()) / 1e6
+    return f"{milliseconds:.0f} ms" if milliseconds < 1000 else f"{milliseconds / 1000:.1f} s"
+
+
+def running_for(start: Timestamp, now: datetime | None = None) -> str:
+    """How long since ``start``: "8 s", "3 min"."""
+    seconds = max(0.0, ((now or datetime.now(UTC)) - start.ToDatetime(UTC)).total_seconds())
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+
+
+def job_nodes(job: jobs_pb.Job, names: dict[str, str] | None = None) -> str:
+    """The nodes a job ran on, in order, by name where ``names`` knows them."""
+    known = names or {}
+    return " → ".join(known.get(node.node_id, node.node_id[:12]) for node in job.nodes) or "—"
 
 
 def payout_status(value: int) -> str:

@@ -1,6 +1,6 @@
-"""The console's calls to the platform: the account and network gRPC APIs, each made
-with the signed-in user's own key, so the services' authorization decides what a
-user sees (their account; an operator their nodes; an admin everything)."""
+"""The console's calls to the platform: the account, network and cloud gRPC APIs, each
+made with the signed-in user's own key, so the services' authorization decides what a
+user sees (their account and its jobs; an operator their nodes; an admin everything)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import asyncio
 from dataclasses import dataclass
 from typing import TypedDict
 
+import grpc
 from resultity.account.v1 import account_service_pb2 as account_pb
 from resultity.account.v1 import account_service_pb2_grpc as account_grpc
 from resultity.account.v1 import api_key_service_pb2 as keys_pb
@@ -18,6 +19,8 @@ from resultity.account.v1 import ledger_service_pb2 as ledger_pb
 from resultity.account.v1 import ledger_service_pb2_grpc as ledger_grpc
 from resultity.account.v1 import usage_service_pb2 as usage_pb
 from resultity.account.v1 import usage_service_pb2_grpc as usage_grpc
+from resultity.cloud.v1 import job_service_pb2 as jobs_pb
+from resultity.cloud.v1 import job_service_pb2_grpc as jobs_grpc
 from resultity.network.v1 import node_admin_service_pb2 as admin_pb
 from resultity.network.v1 import node_admin_service_pb2_grpc as admin_grpc
 
@@ -28,21 +31,25 @@ from core.metadata import Metadata, bearer_metadata
 CALL_TIMEOUT_S = 10.0
 RECENT_REQUESTS = 20
 EARNING_EPOCHS = 14
+# Running jobs the admin page lists (newest first).
+LIVE_JOBS = 50
 
 
 @dataclass(frozen=True, slots=True)
 class ConsoleTargets:
-    """Where the console finds the account and network services (HOST:PORT)."""
+    """Where the console finds the account, network and cloud services (HOST:PORT)."""
 
     account: str
     network: str
+    cloud: str
 
 
 @dataclass(frozen=True, slots=True)
 class ConsumerView:
     balance: ledger_pb.Balance
     history: usage_pb.GetUsageHistoryResponse
-    recent: list[usage_pb.UsageRecord]
+    # The account's latest jobs (one per choice, prompt or input of a request).
+    recent: list[jobs_pb.Job]
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,27 +67,31 @@ class AdminView:
     summary: ledger_pb.GetLedgerSummaryResponse
     config_version: int
     acks: int
+    # Jobs running now, on every account.
+    live: list[jobs_pb.Job]
 
 
 class Platform:
     """gRPC stubs over one channel per service; every call carries the user's key."""
 
     def __init__(self, targets: ConsoleTargets, tls: Tls) -> None:
-        self._channels = [channel(targets.account, tls)]
-        account = self._channels[0]
-        self._channels.append(
-            account if targets.network == targets.account else channel(targets.network, tls)
-        )
-        network = self._channels[1]
+        # One channel per distinct target (`resultity up` serves all three on one).
+        opened: dict[str, grpc.aio.Channel] = {}
+        for target in (targets.account, targets.network, targets.cloud):
+            if target not in opened:
+                opened[target] = channel(target, tls)
+        self._channels = list(opened.values())
+        account, network = opened[targets.account], opened[targets.network]
         self._accounts = account_grpc.AccountServiceStub(account)
         self._keys = keys_grpc.ApiKeyServiceStub(account)
         self._ledger = ledger_grpc.LedgerServiceStub(account)
         self._usage = usage_grpc.UsageServiceStub(account)
         self._contributions = contribution_grpc.ContributionServiceStub(account)
         self._nodes = admin_grpc.NodeAdminServiceStub(network)
+        self._jobs = jobs_grpc.JobServiceStub(opened[targets.cloud])
 
     async def close(self) -> None:
-        for opened in set(self._channels):
+        for opened in self._channels:
             await opened.close(grace=None)
 
     async def caller(self, key: str) -> account_pb.GetCallerResponse:
@@ -97,12 +108,12 @@ class Platform:
                 ),
                 **_as(key),
             ),
-            self._usage.ListUsageRecords(
-                usage_pb.ListUsageRecordsRequest(account_id=account_id, page_size=RECENT_REQUESTS),
+            self._jobs.ListJobs(
+                jobs_pb.ListJobsRequest(account_id=account_id, page_size=RECENT_REQUESTS),
                 **_as(key),
             ),
         )
-        return ConsumerView(balance, history, list(recent.records))
+        return ConsumerView(balance, history, list(recent.jobs))
 
     async def balance(self, key: str, account_id: str) -> ledger_pb.Balance:
         return await self._balance(key, account_id)
@@ -169,13 +180,19 @@ class Platform:
         return response.payout
 
     async def admin(self, key: str) -> AdminView:
-        nodes, summary, config, acks = await asyncio.gather(
+        nodes, summary, config, acks, live = await asyncio.gather(
             self._nodes.ListNodes(admin_pb.ListNodesRequest(), **_as(key)),
             self._ledger.GetLedgerSummary(ledger_pb.GetLedgerSummaryRequest(), **_as(key)),
             self._nodes.GetNetworkConfig(admin_pb.GetNetworkConfigRequest(), **_as(key)),
             self._acks(key),
+            self._jobs.ListJobs(
+                jobs_pb.ListJobsRequest(
+                    outcomes=[jobs_pb.JOB_OUTCOME_RUNNING], page_size=LIVE_JOBS
+                ),
+                **_as(key),
+            ),
         )
-        return AdminView(list(nodes.nodes), summary, config.config.version, acks)
+        return AdminView(list(nodes.nodes), summary, config.config.version, acks, list(live.jobs))
 
     async def _acks(self, key: str) -> int:
         """How many nodes acknowledged the current configuration version."""

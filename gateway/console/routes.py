@@ -274,7 +274,7 @@ def console_router(
             view=view,
             fleet=fmt.fleet(view.nodes),
             versions=fmt.config_versions(view.nodes),
-            busy=[node for node in view.nodes if node.active_jobs],
+            node_names={node.node_id: node.node_name for node in view.nodes},
         )
 
     for path, method, page in (
@@ -314,10 +314,13 @@ def _templates() -> Environment:
         credits=fmt.credits,
         when=fmt.when,
         node_state=fmt.node_state,
-        hold_status=fmt.hold_status,
         payout_status=fmt.payout_status,
         scopes=fmt.scopes,
+        job_status=fmt.job_status,
+        job_nodes=fmt.job_nodes,
     )
+    pages.globals["elapsed"] = fmt.elapsed
+    pages.globals["running_for"] = fmt.running_for
     # Static URLs carry a digest of the file, so a new release is fetched at once.
     pages.globals["static"] = {
         name: f"{PREFIX}/static/{name}?v="

@@ -100,8 +100,11 @@ async def test_a_consumer_watches_the_balance_drop_and_manages_keys(
     await expect(available).not_to_have_text(before, timeout=WAIT_MS)
     after = await available.inner_text()
     assert float(after.replace(",", "")) < float(before.replace(",", ""))
-    # The request is listed once its usage record is in (the ledger's relay).
+    # The request is listed, as the job that ran it, once its record is written.
     await _until_listed(page)
+    recent = page.get_by_test_id("recent-requests").locator("tbody tr").first
+    await expect(recent).to_contain_text(MODEL)
+    await expect(recent).to_contain_text("finished")
     await expect(page.locator("svg.chart rect.bar")).to_have_count(24)
     await page.screenshot(path=SHOTS / "02-usage.png", full_page=True)
 
@@ -151,9 +154,27 @@ async def test_the_operator_and_an_admin_see_the_local_node(
     await expect(page.get_by_text("balanced", exact=True)).to_be_visible()
     await page.screenshot(path=SHOTS / "06-admin.png", full_page=True)
 
+    # A request streaming now is a live job, on the local node.
+    stream = await platform.client().chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Write a long story about a lighthouse keeper."}],
+        max_tokens=400,
+        stream=True,
+    )
+    try:
+        await anext(aiter(stream))
+        await page.reload()
+        live = page.get_by_test_id("live-jobs").locator("tbody tr")
+        await expect(live).to_have_count(1)
+        await expect(live).to_contain_text("local")
+        await expect(live).to_contain_text(MODEL)
+        await page.screenshot(path=SHOTS / "07-live-jobs.png", full_page=True)
+    finally:
+        await stream.close()
+
 
 async def _until_listed(page: Page) -> None:
-    """Reloads until the page lists a request (usage records follow the ledger's relay)."""
+    """Reloads until the page lists a request (job records are written behind it)."""
     for _ in range(WAIT_MS // 500):
         await page.reload()
         if await page.locator("table tbody tr").count():

@@ -18,7 +18,7 @@ from gateway.app import create_app
 from gateway.console import ConsoleTargets
 from server.network.catalog import SMOLLM2_135M
 from tests.doubles.scripted_runtime import ScriptedRuntime
-from tests.harness import Platform, running_platform
+from tests.harness import Platform, running_platform, until
 
 BASE = "http://console.test"
 
@@ -31,7 +31,9 @@ async def platform(postgres_dsn: str) -> AsyncIterator[Platform]:
 
 @pytest.fixture
 async def web(platform: Platform) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(platform.target, console=ConsoleTargets(platform.target, platform.target))
+    app = create_app(
+        platform.target, console=ConsoleTargets(platform.target, platform.target, platform.target)
+    )
     async with (
         app.router.lifespan_context(app),
         httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=BASE) as client,
@@ -174,3 +176,42 @@ async def test_a_revoked_key_ends_its_session(platform: Platform, web: httpx.Asy
     gone = await web.get("/console/usage")
     assert gone.headers["location"] == "/console/sign-in"
     assert (await web.get("/console/usage")).headers["location"] == "/console/sign-in"
+
+
+async def test_recent_requests_are_jobs_and_admins_see_the_live_ones(
+    platform: Platform, web: httpx.AsyncClient
+) -> None:
+    # A long, paced script: the streamed job below is still running when the admin looks.
+    await platform.start_agent(
+        ScriptedRuntime(script=" ".join(["word"] * 400), token_delay_s=0.05), "ada-laptop"
+    )
+    customer = await platform.customer(credits=10**6)
+    params = cloud_pb.ChatCompletionParams(
+        model=SMOLLM2_135M.id,
+        messages=[common_pb.ChatMessage(role=common_pb.CHAT_ROLE_USER, content="hi")],
+        max_tokens=3,
+    )
+    await platform.inference.CreateChatCompletion(
+        cloud_pb.CreateChatCompletionRequest(params=params), metadata=customer.metadata
+    )
+    await _sign_in(web, await _key(platform, customer.account_id, keys_pb.API_KEY_SCOPE_MANAGEMENT))
+    usage = await until(lambda: web.get("/console/usage"), lambda page: "data-job=" in page.text)
+    row = re.search(r"<tr data-job=.*?</tr>", usage.text, re.DOTALL)
+    assert row is not None
+    for shown in (SMOLLM2_135M.id, "finished", " + 3<"):
+        assert shown in row.group(0)
+
+    params.max_tokens = 400
+    stream = platform.inference.StreamChatCompletion(
+        cloud_pb.StreamChatCompletionRequest(params=params), metadata=customer.metadata
+    )
+    async for message in stream:
+        if message.choices and message.choices[0].content:
+            break  # the job is running on the node
+    await _sign_in(web, await _key(platform, customer.account_id, keys_pb.API_KEY_SCOPE_ADMIN))
+    admin = await web.get("/console/admin")
+    live = re.search(r'data-testid="live-jobs">.*?</table>', admin.text, re.DOTALL)
+    assert live is not None
+    assert "ada-laptop" in live.group(0)  # the node, by name
+    assert customer.account_id[:8] in live.group(0)
+    stream.cancel()

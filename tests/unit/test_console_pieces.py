@@ -4,8 +4,9 @@ the SVG charts."""
 from __future__ import annotations
 
 import pickle
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
+from google.protobuf.timestamp_pb2 import Timestamp
 from resultity.account.v1 import contribution_service_pb2 as contribution_pb
 
 from gateway.console import format as fmt
@@ -110,3 +111,13 @@ def test_earnings_fill_the_epochs_without_work_with_zeros() -> None:
     assert svg.count('class="bar"') == 14
     assert "3 jobs" in svg
     assert "Mar 10" in svg
+
+
+def test_job_timings_read_as_milliseconds_seconds_or_minutes() -> None:
+    start, later = Timestamp(seconds=1_000), Timestamp(seconds=1_000, nanos=240_000_000)
+    assert fmt.elapsed(start, later) == "240 ms"
+    assert fmt.elapsed(start, Timestamp(seconds=1_003, nanos=200_000_000)) == "3.2 s"
+    assert fmt.elapsed(start, Timestamp()) == "—"  # not yet
+    at = datetime.fromtimestamp(1_008, UTC)
+    assert fmt.running_for(start, at) == "8 s"
+    assert fmt.running_for(start, at + timedelta(minutes=5)) == "5 min"
