@@ -34,6 +34,7 @@ from core.prometheus import CONTENT_TYPE, PrometheusMetrics
 from core.regions import validate_region
 from gateway import convert, errors, health, observe, sse
 from gateway.console import ConsoleTargets, console_router
+from gateway.console.sessions import SessionStore
 from gateway.errors import ApiError, RequestParams
 from gateway.jobs import jobs_router
 from gateway.openapi import REGION_HEADER, describe
@@ -70,9 +71,11 @@ def create_app(
     tls: Tls = PLAINTEXT,
     console: ConsoleTargets | None = None,
     metrics: PrometheusMetrics | None = None,
+    console_sessions: SessionStore | None = None,
 ) -> FastAPI:
     """The gateway app; its lifespan owns the gRPC channel to cloud at `cloud_target`.
-    With `console`, it serves the web console at /console too. With ``metrics``,
+    With `console`, it serves the web console at /console too, its sessions in
+    `console_sessions` (default: this process's memory). With ``metrics``,
     requests are counted there and `GET /metrics` serves its registry (the whole
     process's); without, there is no /metrics."""
 
@@ -109,7 +112,7 @@ def create_app(
     app.include_router(jobs_router(_call_metadata))
     app.include_router(health.router)
     if console is not None:
-        app.include_router(console_router(console, tls))
+        app.include_router(console_router(console, tls, console_sessions))
     if metrics is not None:
         app.add_api_route(
             "/metrics", _exposition(metrics), methods=["GET"], include_in_schema=False

@@ -215,6 +215,7 @@ def _parser() -> argparse.ArgumentParser:
         "--account", help="HOST:PORT of the account server: with --network, serves /console"
     )
     gateway.add_argument("--network", help="HOST:PORT of the network server (for /console)")
+    _redis_option(gateway, "console sessions shared by gateway replicas (no sticky sessions)")
     gateway.add_argument("--host", default="127.0.0.1")
     gateway.add_argument("--port", type=int, default=8080)
     _tls_arguments(gateway, serves=False)
@@ -383,7 +384,7 @@ async def _run(args: argparse.Namespace) -> None:
 
 def _gateway_app(args: argparse.Namespace) -> FastAPI:
     from gateway.app import create_app
-    from gateway.console import ConsoleTargets
+    from gateway.console import ConsoleTargets, console_sessions
 
     if (args.account is None) != (args.network is None):
         raise SystemExit("gateway: the console needs both --account and --network")
@@ -393,7 +394,13 @@ def _gateway_app(args: argparse.Namespace) -> FastAPI:
     # The gateway's metrics are always collected: its /metrics serves them.
     from core.prometheus import PrometheusMetrics
 
-    return create_app(args.cloud, tls=_tls(args), console=console, metrics=PrometheusMetrics())
+    return create_app(
+        args.cloud,
+        tls=_tls(args),
+        console=console,
+        metrics=PrometheusMetrics(),
+        console_sessions=console_sessions(args.redis_url),
+    )
 
 
 async def _up(args: argparse.Namespace) -> None:

@@ -24,7 +24,7 @@ from core import channels
 from core.grpc_metrics import GrpcServerMetrics
 from core.prometheus import PrometheusMetrics
 from gateway.app import create_app
-from gateway.console import ConsoleTargets
+from gateway.console import ConsoleTargets, console_sessions
 from gateway.server import serve as serve_gateway
 from server.account.component import SERVICE_NAMES as ACCOUNT_SERVICES
 from server.account.component import AccountComponent
@@ -220,6 +220,7 @@ async def run_platform(settings: PlatformSettings, *, ready: asyncio.Event | Non
                     grpc_target,
                     console=ConsoleTargets(grpc_target, grpc_target, grpc_target),
                     metrics=metrics,
+                    console_sessions=console_sessions(settings.redis_url),
                 ),
                 settings.http_host,
                 settings.http_port,

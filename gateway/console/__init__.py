@@ -2,5 +2,14 @@
 
 from gateway.console.platform import ConsoleTargets
 from gateway.console.routes import console_router
+from gateway.console.sessions import SessionStore
+from gateway.console.sessions_redis import RedisSessions
 
-__all__ = ["ConsoleTargets", "console_router"]
+
+def console_sessions(redis_url: str | None) -> SessionStore | None:
+    """Sessions in Redis at ``redis_url`` (any gateway replica serves any browser), or
+    None: in each gateway's memory."""
+    return None if not redis_url else SessionStore(RedisSessions.from_url(redis_url))
+
+
+__all__ = ["ConsoleTargets", "console_router", "console_sessions"]

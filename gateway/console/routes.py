@@ -31,7 +31,13 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from core.channels import Tls
 from gateway.console import format as fmt
 from gateway.console.platform import EARNING_EPOCHS, ConsoleTargets, Platform
-from gateway.console.sessions import Identity, Session, SessionStore, csrf_matches
+from gateway.console.sessions import (
+    Identity,
+    Session,
+    SessionStore,
+    SessionsUnavailable,
+    csrf_matches,
+)
 
 log = structlog.get_logger("gateway.console")
 
@@ -72,8 +78,9 @@ class _Problem(Exception):
 def console_router(
     targets: ConsoleTargets, tls: Tls, sessions: SessionStore | None = None
 ) -> APIRouter:
-    """The console's routes; mounting them opens (and closes) its gRPC channels with the
-    app's lifespan."""
+    """The console's routes; mounting them opens (and closes) its gRPC channels and
+    ``sessions`` (default: in this process) with the app's lifespan."""
+    store = sessions or SessionStore()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -82,9 +89,9 @@ def console_router(
             yield
         finally:
             await app.state.console.close()
+            await store.close()
 
     router = APIRouter(prefix=PREFIX, include_in_schema=False, lifespan=lifespan)
-    store = sessions or SessionStore()
     pages = _templates()
 
     def platform(request: Request) -> Platform:
@@ -100,12 +107,32 @@ def console_router(
         html = pages.get_template(template).render(request=request, prefix=PREFIX, **context)
         return HTMLResponse(html, status_code=status, headers=_SECURITY_HEADERS)
 
+    def sessions_answering(
+        route: Callable[[Request], Awaitable[Response]],
+    ) -> Callable[[Request], Awaitable[Response]]:
+        """``route``, or a page saying so when the session store does not answer."""
+
+        async def guarded(request: Request) -> Response:
+            try:
+                return await route(request)
+            except SessionsUnavailable:
+                log.warning("console.sessions_unavailable", exc_info=True)
+                return render(
+                    request,
+                    "error.html",
+                    503,
+                    error="Sign-in is unavailable for a moment; try again shortly.",
+                )
+
+        return guarded
+
     def signed_in(
         page: Callable[[Request, str, Session], Awaitable[Response]],
     ) -> Callable[[Request], Awaitable[Response]]:
         """Runs ``page`` for a live session; otherwise to the sign-in page. A key that
         stopped working (revoked, account disabled) ends the session."""
 
+        @sessions_answering
         async def handler(request: Request) -> Response:
             found = await current(request)
             if found is None:
@@ -141,6 +168,7 @@ def console_router(
     # --- signing in and out ---------------------------------------------------------
 
     @router.get("")
+    @sessions_answering
     async def home(request: Request) -> Response:
         return _redirect("/usage" if await current(request) else "/sign-in")
 
@@ -149,6 +177,7 @@ def console_router(
         return render(request, "sign_in.html")
 
     @router.post("/sign-in")
+    @sessions_answering
     async def sign_in(request: Request) -> Response:
         try:
             key = _one(await _form(request), "api_key").strip()

@@ -3,7 +3,8 @@
 The browser holds only the session id (an HttpOnly cookie). The store keeps, under
 a hash of that id, who signed in and their key encrypted with a key derived from
 the id (AES-GCM): what the store holds is useless without the cookie, so a store
-shared by several gateways (or a dump of one) reveals no API key.
+shared by several gateways (Redis, sessions_redis.py; or a dump of one) reveals no
+API key.
 """
 
 from __future__ import annotations
@@ -64,12 +65,18 @@ class SealedSession:
     last_seen_at: float
 
 
+class SessionsUnavailable(Exception):
+    """The session backend does not answer (a shared store that is down)."""
+
+
 class SessionBackend(Protocol):
-    """Where sealed sessions live, by the hash of their id."""
+    """Where sealed sessions live, by the hash of their id; a backend that does not
+    answer raises SessionsUnavailable."""
 
     async def get(self, handle: str) -> SealedSession | None: ...
     async def put(self, handle: str, sealed: SealedSession, ttl_s: float) -> None: ...
     async def delete(self, handle: str) -> None: ...
+    async def close(self) -> None: ...
 
 
 class MemorySessions:
@@ -97,6 +104,9 @@ class MemorySessions:
 
     async def delete(self, handle: str) -> None:
         self._items.pop(handle, None)
+
+    async def close(self) -> None:
+        self._items.clear()
 
 
 class SessionStore:
@@ -155,6 +165,9 @@ class SessionStore:
         raw = _decode(session_id)
         if raw is not None:
             await self._backend.delete(_handle(raw))
+
+    async def close(self) -> None:
+        await self._backend.close()
 
     async def _save(self, session_id: str, session: Session) -> None:
         raw = _decode(session_id)

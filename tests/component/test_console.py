@@ -16,6 +16,7 @@ from resultity.common.v1 import inference_pb2 as common_pb
 
 from gateway.app import create_app
 from gateway.console import ConsoleTargets
+from gateway.console.sessions import SealedSession, SessionStore, SessionsUnavailable
 from server.network.catalog import SMOLLM2_135M
 from tests.doubles.scripted_runtime import ScriptedRuntime
 from tests.harness import Platform, running_platform, until
@@ -215,3 +216,46 @@ async def test_recent_requests_are_jobs_and_admins_see_the_live_ones(
     assert "ada-laptop" in live.group(0)  # the node, by name
     assert customer.account_id[:8] in live.group(0)
     stream.cancel()
+
+
+class _DownSessions:
+    """A shared session store that does not answer (Redis down)."""
+
+    async def get(self, handle: str) -> SealedSession | None:
+        raise SessionsUnavailable("connection refused")
+
+    async def put(self, handle: str, sealed: SealedSession, ttl_s: float) -> None:
+        raise SessionsUnavailable("connection refused")
+
+    async def delete(self, handle: str) -> None:
+        raise SessionsUnavailable("connection refused")
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_a_session_store_that_does_not_answer_is_a_page_saying_so(
+    platform: Platform,
+) -> None:
+    targets = ConsoleTargets(platform.target, platform.target, platform.target)
+    app = create_app(
+        platform.target, console=targets, console_sessions=SessionStore(_DownSessions())
+    )
+    customer = await platform.customer(credits=0)
+    key = await _key(platform, customer.account_id, keys_pb.API_KEY_SCOPE_MANAGEMENT)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app),
+            base_url=BASE,
+            # A well-formed session id: looking it up needs the store.
+            cookies={"resultity_console": "x" * 43},
+        ) as web,
+    ):
+        for response in (
+            await web.get("/console"),
+            await web.get("/console/usage"),
+            await _sign_in(web, key),
+        ):
+            assert response.status_code == 503
+            assert "unavailable for a moment" in response.text
