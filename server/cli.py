@@ -48,7 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--grpc-port", type=int)
     up.add_argument("--database-url", help="use this PostgreSQL instead of an embedded one")
     up.add_argument(
-        "--redis-url", help="share rate limits and invalidations with other replicas here"
+        "--redis-url",
+        help="share rate limits, invalidations and console sessions with other replicas here",
     )
     up.add_argument("--no-agent", action="store_true", help="do not start a local agent")
     up.add_argument("--agent-threads", type=int, help="llama.cpp threads of the local agent")

@@ -88,9 +88,13 @@ def query_from_pb(query: dispatch_pb.JobRecordFilter) -> JobQuery:
         outcomes=frozenset(outcome_from_pb(value) for value in query.outcomes),
         request_id=query.request_id,
         created_after=(
-            timestamp_from_pb(query.created_after) if query.HasField("created_after") else None
+            timestamp_from_pb(query.created_after, field="created_after")
+            if query.HasField("created_after")
+            else None
         ),
         created_before=(
-            timestamp_from_pb(query.created_before) if query.HasField("created_before") else None
+            timestamp_from_pb(query.created_before, field="created_before")
+            if query.HasField("created_before")
+            else None
         ),
     )

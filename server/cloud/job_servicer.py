@@ -37,10 +37,12 @@ def query_from_pb(request: pb.ListJobsRequest) -> JobQuery:
         outcomes=frozenset(outcomes),
         request_id=request.request_id,
         created_after=(
-            timestamp_from_pb(request.created_after) if request.HasField("created_after") else None
+            timestamp_from_pb(request.created_after, field="created_after")
+            if request.HasField("created_after")
+            else None
         ),
         created_before=(
-            timestamp_from_pb(request.created_before)
+            timestamp_from_pb(request.created_before, field="created_before")
             if request.HasField("created_before")
             else None
         ),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import base64
-from datetime import datetime
+from datetime import UTC, datetime
 from uuid import UUID
 
 from core.errors import InvalidArgument
@@ -41,9 +41,10 @@ def decode_text_cursor(token: str) -> tuple[datetime, str] | None:
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
         created, separator, item = raw.partition("|")
-        if not separator:
-            raise ValueError("no separator")
-        return datetime.fromisoformat(created), item
+        if not separator or not item.isprintable():
+            raise ValueError("not a cursor")
+        moment = datetime.fromisoformat(created)
+        return moment if moment.tzinfo else moment.replace(tzinfo=UTC), item
     except ValueError:
         raise _invalid() from None
 

@@ -5,6 +5,7 @@ that opted in, and deleted once their retention ends."""
 
 from __future__ import annotations
 
+import base64
 from collections.abc import AsyncIterator, Awaitable
 from datetime import UTC, datetime, timedelta
 
@@ -171,6 +172,11 @@ async def test_admins_filter_and_page_every_accounts_jobs(platform: Platform) ->
         jobs_pb.ListJobsRequest(page_size=-1),
         jobs_pb.ListJobsRequest(created_after=_stamp(before), created_before=_stamp(before)),
         jobs_pb.ListJobsRequest(outcomes=[99]),  # type: ignore[list-item]
+        jobs_pb.ListJobsRequest(created_after=Timestamp(seconds=10**12)),
+        # A forged cursor whose job id could not be stored.
+        jobs_pb.ListJobsRequest(
+            page_token=base64.urlsafe_b64encode(b"2026-01-01T00:00:00|\x00").decode()
+        ),
     ):
         assert await _refusal(stub.ListJobs(bad, metadata=admin)) == (
             grpc.StatusCode.INVALID_ARGUMENT,
