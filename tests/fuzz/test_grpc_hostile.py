@@ -1,4 +1,4 @@
-"""Hypothesis-driven hostile calls to cloud's inference API and, through the
+"""Hypothesis-driven hostile calls to cloud's inference and jobs APIs and, through the
 network's dispatch API, to an agent's job handling, on a real platform.
 
 The property: every refusal is a domain error (a status with ErrorInfo, never
@@ -14,10 +14,13 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from resultity.cloud.v1 import inference_service_pb2 as pb
 from resultity.cloud.v1 import inference_service_pb2_grpc as pb_grpc
+from resultity.cloud.v1 import job_service_pb2 as jobs_pb
+from resultity.cloud.v1 import job_service_pb2_grpc as jobs_grpc
 from resultity.common.v1 import inference_pb2 as common_pb
 from resultity.network.v1 import dispatch_service_pb2 as dispatch_pb
 from resultity.network.v1 import dispatch_service_pb2_grpc as dispatch_grpc
@@ -181,6 +184,28 @@ SPECS = _hostile_message(
 )
 
 
+TIMESTAMPS = st.none() | st.builds(Timestamp, seconds=INT64, nanos=INT32)
+# The jobs API read with the service token, so that nothing stops a case before
+# its filters reach cloud's checks and the network's query.
+JOB_CALLS: list[tuple[str, st.SearchStrategy[Any]]] = [
+    (
+        "ListJobs",
+        st.builds(
+            jobs_pb.ListJobsRequest,
+            account_id=HOSTILE_TEXT | st.just(str(uuid.uuid4())),
+            model=HOSTILE_TEXT,
+            outcomes=st.lists(INT32, max_size=3),
+            request_id=HOSTILE_TEXT,
+            created_after=TIMESTAMPS,
+            created_before=TIMESTAMPS,
+            page_size=INT32,
+            page_token=HOSTILE_TEXT,
+        ),
+    ),
+    ("GetJob", st.builds(jobs_pb.GetJobRequest, job_id=HOSTILE_TEXT, with_log=st.booleans())),
+]
+
+
 def _refusal(error: grpc.RpcError) -> str | None:
     """None for a proper refusal, else what is wrong with it."""
     assert isinstance(error, grpc.Call)
@@ -209,13 +234,13 @@ def _check_calls(
     streams: bool,
     requests: st.SearchStrategy[Any],
     call: Callable[[Callable[[], Any], str], None],
-    customer: Customer,
+    metadata: tuple[tuple[str, str], ...],
 ) -> Callable[[], None]:
     @given(request=requests)
     @_hostile
     def check(request: Any) -> None:
         def invoke() -> Any:
-            answer = rpc(request, metadata=customer.metadata, timeout=30)
+            answer = rpc(request, metadata=metadata, timeout=30)
             return list(answer) if streams else answer
 
         call(invoke, f"{type(request).__name__} {str(request)[:300]!r}")
@@ -242,7 +267,11 @@ def _run_hostile(
 
         for method, requests in CALLS:
             _check_calls(
-                getattr(cloud, method), method.startswith("Stream"), requests, call, customer
+                getattr(cloud, method),
+                method.startswith("Stream"),
+                requests,
+                call,
+                customer.metadata,
             )()
 
         @given(spec=SPECS)
@@ -255,6 +284,10 @@ def _run_hostile(
             )
 
         check_job()
+
+        jobs = jobs_grpc.JobServiceStub(channel)
+        for method, requests in JOB_CALLS:
+            _check_calls(getattr(jobs, method), False, requests, call, service)()
     return failures
 
 
