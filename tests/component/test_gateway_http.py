@@ -927,6 +927,8 @@ async def test_openapi_document_describes_the_bodies(http: httpx.AsyncClient) ->
         "/v1/embeddings",
         "/v1/models",
         "/v1/models/{model}",
+        "/v1/jobs",
+        "/v1/jobs/{job_id}",
     }
     chat = document["paths"]["/v1/chat/completions"]["post"]
     assert chat["requestBody"]["content"]["application/json"]["schema"] == {
