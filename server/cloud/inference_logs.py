@@ -34,6 +34,7 @@ from server.cloud.requests import (
     ContentDelta,
     EmbeddingRequest,
     GenerationRequest,
+    ToolCallDelta,
 )
 
 log = structlog.get_logger(__name__)
@@ -83,6 +84,8 @@ class _Choice:
     text: list[str] = field(default_factory=list)
     logprobs: list[Json] = field(default_factory=list)
     embedding: list[float] | None = None
+    # By call index: id, name and the arguments' JSON text.
+    tool_calls: dict[int, Json] = field(default_factory=dict)
     finish_reason: str | None = None
 
 
@@ -115,6 +118,12 @@ class LogCapture:
             choice.logprobs.extend(_logprob(token) for token in event.logprobs)
             if event.embedding:
                 choice.embedding = list(event.embedding)
+        elif isinstance(event, ToolCallDelta):
+            calls = self._choices.setdefault(event.index, _Choice()).tool_calls
+            call = calls.setdefault(event.call_index, {"id": "", "name": "", "arguments": ""})
+            call["id"] = event.id or call["id"]
+            call["name"] = event.name or call["name"]
+            call["arguments"] += event.arguments
         elif isinstance(event, ChoiceFinished):
             self._choices.setdefault(
                 event.index, _Choice()
@@ -184,6 +193,8 @@ def _choice(index: int, choice: _Choice) -> Json:
         entry["embedding"] = choice.embedding
     else:
         entry["text"] = "".join(choice.text)
+    if choice.tool_calls:
+        entry["tool_calls"] = [call for _, call in sorted(choice.tool_calls.items())]
     if choice.logprobs:
         entry["logprobs"] = choice.logprobs
     return entry

@@ -104,7 +104,8 @@ async def test_a_request_is_found_by_its_request_id_with_its_cost_and_log(
         )
 
     got = (await until(with_log, lambda r: r.json()["log"] is not None)).json()
-    assert got["log"]["request"]["messages"] == [{"role": "user", "content": "hi"}]
+    [message] = got["log"]["request"]["messages"]
+    assert (message["role"], message["content"]) == ("user", "hi")
     assert got["log"]["response"]["choices"][0]["text"] == DEFAULT_SCRIPT
 
 

@@ -209,7 +209,8 @@ async def test_inference_logs_are_kept_only_with_consent_and_deleted_after_reten
     assert logged.expires.ToDatetime() - logged.created.ToDatetime() == timedelta(days=3)
     request, response = dict(logged.request), dict(logged.response)
     assert (request["endpoint"], request["model"]) == ("chat.completions", MODEL_ID)
-    assert [dict(m) for m in request["messages"]] == [{"role": "user", "content": "hi"}]
+    [message] = request["messages"]
+    assert (message["role"], message["content"]) == ("user", "hi")
     assert response["status"] == "completed"
     assert dict(response["choices"][0])["text"] == DEFAULT_SCRIPT
 

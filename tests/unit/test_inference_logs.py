@@ -13,16 +13,30 @@ from core.inference import (
     CatalogModel,
     ChatMessage,
     ChatRole,
+    FinishReason,
     JobAssigned,
     JobDelta,
     ModelPrice,
     Usage,
 )
 from server.cloud.inference import InferenceService
-from server.cloud.inference_logs import SWEEP_BATCH, InferenceLog, InferenceLogWriter, LogSweeper
+from server.cloud.inference_logs import (
+    SWEEP_BATCH,
+    InferenceLog,
+    InferenceLogWriter,
+    LogCapture,
+    LogSweeper,
+)
 from server.cloud.inflight import InFlightLeases
 from server.cloud.pricing import cost
-from server.cloud.requests import ChatRequest, ContentDelta
+from server.cloud.requests import (
+    ChatRequest,
+    ChoiceFinished,
+    ChoiceStarted,
+    CompletionStarted,
+    ContentDelta,
+    ToolCallDelta,
+)
 from server.cloud.settler import Settler
 from server.common.inference_logging import (
     DEFAULT_RETENTION_DAYS,
@@ -126,7 +140,8 @@ async def test_an_opted_in_accounts_request_is_logged_whole(cloud: Cloud) -> Non
     )
     assert entry.expires_at - entry.created_at == timedelta(days=7)
     assert entry.request["endpoint"] == "chat.completions"
-    assert entry.request["messages"] == [{"role": "user", "content": "hello there"}]
+    [message] = entry.request["messages"]
+    assert (message["role"], message["content"]) == ("user", "hello there")
     assert (entry.request["max_tokens"], entry.request["n"]) == (16, 2)
     response = entry.response
     assert (response["id"], response["status"]) == (done.started.completion_id, "completed")
@@ -218,3 +233,33 @@ async def test_the_sweeper_deletes_the_logs_whose_retention_ended() -> None:
     assert list(store.entries) == ["fresh"]
     assert await LogSweeper(store, clock=lambda: now + timedelta(days=1)).sweep() == 1
     assert store.entries == {}
+
+
+def test_tool_calls_are_logged_whole_with_the_choice() -> None:
+    capture = LogCapture(
+        "chat.completions",
+        _chat(),
+        request_id="req-1",
+        account_id="acct",
+        subcloud_id="",
+        retention=timedelta(days=1),
+    )
+    started = CompletionStarted("chatcmpl-j1", "m", datetime(2026, 1, 1, tzinfo=UTC), None, ("j1",))
+    for event in (
+        started,
+        ChoiceStarted(0),
+        ToolCallDelta(0, 0, id="call_1", name="get_weather"),
+        ToolCallDelta(0, 0, arguments='{"city": '),
+        ToolCallDelta(0, 0, arguments='"Oslo"}'),
+        ToolCallDelta(0, 1, id="call_2", name="get_time", arguments="{}"),
+        ChoiceFinished(0, FinishReason.TOOL_CALLS),
+    ):
+        capture.see(event)
+    entry = capture.entry(None)
+    assert entry is not None
+    [choice] = entry.response["choices"]
+    assert choice["finish_reason"] == "tool_calls"
+    assert choice["tool_calls"] == [
+        {"id": "call_1", "name": "get_weather", "arguments": '{"city": "Oslo"}'},
+        {"id": "call_2", "name": "get_time", "arguments": "{}"},
+    ]
