@@ -3,7 +3,7 @@
 `up` writes <data dir>/addresses.json once its servers listen (and removes it when
 it stops): the gRPC address its own commands reach (the plaintext loopback
 listener when the public one is TLS), the HTTP API, and where the local agent's
-metrics are served. `resultity account|nodes|subclouds --data-dir DIR` take
+metrics are served. `resultity account|nodes|subclouds|jobs --data-dir DIR` take
 their target from it unless one is given on the command line.
 """
 

@@ -117,7 +117,9 @@ class CloudComponent:
         )
         self._log_settings = inference_logs or InferenceLogSettings()
         log_store = PostgresInferenceLogStore(pool)
-        self.log_writer = InferenceLogWriter(log_store, capacity=self._log_settings.queue_capacity)
+        self.log_writer = InferenceLogWriter(
+            log_store, capacity=self._log_settings.queue_capacity, metrics=cloud_metrics
+        )
         self.log_sweeper = LogSweeper(log_store)
         self._background: list[asyncio.Task[None]] = []
         self.inference = InferenceService(

@@ -26,6 +26,7 @@ import structlog
 
 from core.errors import DomainError
 from core.inference import TokenLogprob
+from server.cloud.metrics import CloudMetrics
 from server.cloud.requests import (
     ChoiceFinished,
     CompletionEvent,
@@ -215,8 +216,10 @@ class InferenceLogWriter:
         *,
         capacity: int = DEFAULT_QUEUE_CAPACITY,
         batch: int = WRITE_BATCH,
+        metrics: CloudMetrics | None = None,
     ) -> None:
         self._store = store
+        self._metrics = metrics or CloudMetrics()
         self._queue: asyncio.Queue[InferenceLog] = asyncio.Queue(capacity)
         self._batch = batch
         self._task: asyncio.Task[None] | None = None
@@ -254,6 +257,7 @@ class InferenceLogWriter:
             self._queue.put_nowait(entry)
         except asyncio.QueueFull:
             self.dropped += 1
+            self._metrics.inference_logs_dropped.inc("queue_full")
             self._unreported += 1
             now = time.monotonic()
             if now - self._reported_at >= _DROP_LOG_INTERVAL_S:
@@ -271,6 +275,7 @@ class InferenceLogWriter:
                 await self._queue.join()
         if self._queue.qsize():
             self.dropped += self._queue.qsize()
+            self._metrics.inference_logs_dropped.inc("shutdown", amount=self._queue.qsize())
             log.warning("inference logs not stored before shutdown", count=self._queue.qsize())
         if self._task is not None:
             self._task.cancel()
@@ -284,8 +289,10 @@ class InferenceLogWriter:
                 batch.append(self._queue.get_nowait())
             try:
                 await self._store.add(batch)
+                self._metrics.inference_logs_written.inc(amount=len(batch))
             except Exception:
                 self.dropped += len(batch)
+                self._metrics.inference_logs_dropped.inc("store_failed", amount=len(batch))
                 log.exception(
                     "storing inference logs failed; dropped", count=len(batch), total=self.dropped
                 )

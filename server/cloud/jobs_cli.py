@@ -23,6 +23,7 @@ from resultity.cloud.v1 import job_service_pb2_grpc as pb_grpc
 
 from core import channels
 from core.metadata import bearer_metadata
+from server.addresses import grpc_target
 from server.secrets import cli_credential
 
 _OUTCOMES = {
@@ -51,7 +52,11 @@ _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Adds `resultity jobs ...` to the top-level commands."""
     jobs = commands.add_parser("jobs", help="the jobs that ran inference requests")
-    jobs.add_argument("--cloud", default="127.0.0.1:50051", help="HOST:PORT of cloud")
+    jobs.add_argument(
+        "--cloud",
+        help="HOST:PORT of cloud (default: the one `resultity up` wrote in --data-dir, "
+        "else 127.0.0.1:50051)",
+    )
     jobs.add_argument(
         "--data-dir",
         type=Path,
@@ -112,7 +117,7 @@ def _stamp(moment: datetime | None) -> Timestamp | None:
 
 async def run_command(args: argparse.Namespace) -> None:
     metadata = bearer_metadata(cli_credential(args.data_dir))
-    async with channels.insecure_channel(args.cloud) as channel:
+    async with channels.insecure_channel(grpc_target(args.data_dir, args.cloud)) as channel:
         stub = pb_grpc.JobServiceStub(channel)
         response: Message
         if args.jobs_command == "list":

@@ -68,6 +68,17 @@ class CloudMetrics:
             "it (the ledger unreachable), or kept in memory (the queue unreachable too).",
             ("path",),
         )
+        self.inference_logs_written = metrics.counter(
+            "resultity_inference_logs_written_total",
+            "Inference logs stored (requests of accounts that opted in).",
+        )
+        self.inference_logs_dropped = metrics.counter(
+            "resultity_inference_logs_dropped_total",
+            "Inference logs given up rather than delay a request: the writer's queue full "
+            "(queue_full), the database failing (store_failed), or not stored before "
+            "shutdown (shutdown).",
+            ("reason",),
+        )
         self.settlement_failures = metrics.counter(
             "resultity_settlement_failures_total",
             "Settlement attempts that failed: the ledger or the queue unreachable, "

@@ -7,6 +7,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from core.errors import InvalidArgument, JobFailed, NoCapacity
 from core.inference import (
@@ -19,6 +20,7 @@ from core.inference import (
     ModelPrice,
     Usage,
 )
+from core.prometheus import PrometheusMetrics
 from server.cloud.inference import InferenceService
 from server.cloud.inference_logs import (
     SWEEP_BATCH,
@@ -28,6 +30,7 @@ from server.cloud.inference_logs import (
     LogSweeper,
 )
 from server.cloud.inflight import InFlightLeases
+from server.cloud.metrics import CloudMetrics
 from server.cloud.pricing import cost
 from server.cloud.requests import (
     ChatRequest,
@@ -78,7 +81,12 @@ class Cloud:
         self.account.add_customer("sk-not-opted-in", 1_000_000)
         self.network = FakeNetwork([MODEL])
         self.store = InMemoryInferenceLogs()
-        self.writer = InferenceLogWriter(self.store, capacity=capacity)
+        self.registry = CollectorRegistry()
+        self.writer = InferenceLogWriter(
+            self.store,
+            capacity=capacity,
+            metrics=CloudMetrics(PrometheusMetrics(self.registry)),
+        )
         if start_writer:
             self.writer.start()
         self.service = InferenceService(
@@ -88,6 +96,13 @@ class Cloud:
             inflight=InFlightLeases(InMemoryInFlight(), lease_s=60),
             logs=self.writer,
         )
+
+    def dropped(self, reason: str) -> float:
+        """The count of ``resultity_inference_logs_dropped_total`` for ``reason``."""
+        value = self.registry.get_sample_value(
+            "resultity_inference_logs_dropped_total", {"reason": reason}
+        )
+        return value or 0.0
 
     async def logs(self) -> list[InferenceLog]:
         """Every log stored, once what was queued is written."""
@@ -157,7 +172,8 @@ async def test_nothing_is_logged_for_an_account_that_did_not_opt_in(cloud: Cloud
     cloud.network.scripts.append(completion(["Hi"], prompt_tokens=7))
     await cloud.service.complete(NOT_OPTED_IN, _chat(), "req-1")
     assert await cloud.logs() == []
-    assert (cloud.store.writes, cloud.writer.dropped) == (0, 0)
+    assert cloud.store.writes == 0
+    assert cloud.writer.dropped == 0
 
 
 async def test_a_failed_request_is_logged_with_its_error_and_one_that_never_ran_is_not(
@@ -201,7 +217,7 @@ async def test_a_full_queue_drops_logs_and_no_request_waits_for_it() -> None:
         cloud.network.scripts.append(completion(["Hi"], prompt_tokens=7))
         done = await cloud.service.complete(OPTED_IN, _chat(), request_id)
         assert done.choices[0].content == "Hi"
-    assert cloud.writer.dropped == 2
+    assert cloud.writer.dropped == cloud.dropped("queue_full") == 2
 
 
 async def test_a_failing_store_drops_logs_and_the_requests_succeed(cloud: Cloud) -> None:
@@ -209,12 +225,13 @@ async def test_a_failing_store_drops_logs_and_the_requests_succeed(cloud: Cloud)
     cloud.network.scripts.append(completion(["Hi"], prompt_tokens=7))
     done = await cloud.service.complete(OPTED_IN, _chat(), "req-lost")
     assert done.choices[0].content == "Hi"
-    await eventually(lambda: cloud.writer.dropped == 1)
+    await eventually(lambda: cloud.dropped("store_failed") == 1)
     # The writer goes on once the store is back.
     cloud.store.failing = False
     cloud.network.scripts.append(completion(["Yo"], prompt_tokens=7))
     await cloud.service.complete(OPTED_IN, _chat(), "req-kept")
     assert [entry.request_id for entry in await cloud.logs()] == ["req-kept"]
+    assert cloud.registry.get_sample_value("resultity_inference_logs_written_total") == 1
 
 
 async def test_the_sweeper_deletes_the_logs_whose_retention_ended() -> None:
