@@ -32,7 +32,7 @@ from core.metadata import AUTHORIZATION, GENERATION_MS, REQUEST_ID, Metadata, be
 from core.metrics import NO_METRICS
 from core.prometheus import CONTENT_TYPE, PrometheusMetrics
 from core.regions import validate_region
-from gateway import convert, errors, health, observe, sse
+from gateway import convert, errors, health, observe, responses_convert, sse
 from gateway.console import ConsoleTargets, console_router
 from gateway.console.sessions import SessionStore
 from gateway.errors import ApiError, RequestParams
@@ -40,11 +40,13 @@ from gateway.jobs import jobs_router
 from gateway.openapi import REGION_HEADER, describe
 from gateway.relay import (
     ClientGone,
+    StreamEnding,
     client_gone_response,
     rate_limit_headers,
     stream_sse,
     unless_client_gone,
 )
+from gateway.responses_schemas import ResponseRequest
 from gateway.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
 if TYPE_CHECKING:
@@ -52,7 +54,9 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("gateway")
 
-_Body = TypeVar("_Body", ChatCompletionRequest, CompletionRequest, EmbeddingRequest)
+_Body = TypeVar(
+    "_Body", ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ResponseRequest
+)
 
 _LIST_MODELS_TIMEOUT_S = 30.0
 # Request bodies above this are refused (413) before parsing.
@@ -356,6 +360,34 @@ async def completions(request: Request) -> Response:
     _record_generation(request, await call.trailing_metadata())
     completion = convert.text_completion_from_proto(response, logprobs=logprobs)
     return _json(completion.model_dump_json(), await rate_limit_headers(call))
+
+
+@_router.post("/v1/responses")
+async def responses(request: Request) -> Response:
+    """The Responses API, answered by a chat completion (gateway/responses_convert.py)."""
+    metadata = _call_metadata(request)
+    body = await _parse(request, ResponseRequest)
+    params = responses_convert.params_from_request(body)
+    params.region = _region(request)
+    request.state.params = RequestParams.of(ResponseRequest, **responses_convert.PARAM_RENAMES)
+    _bind_request(request, body.model, stream=body.stream)
+    cloud = _cloud(request)
+    if body.stream:
+        events = responses_convert.ResponseEvents(body, sse.encode_response_event)
+        stream = cloud.StreamChatCompletion(
+            pb.StreamChatCompletionRequest(params=params), metadata=metadata
+        )
+        return await stream_sse(request, stream, events.render, StreamEnding(b"", events.failed))
+    call = cloud.CreateChatCompletion(
+        pb.CreateChatCompletionRequest(params=params), metadata=metadata
+    )
+    try:
+        completion = await unless_client_gone(request, call, call)
+    except ClientGone:
+        return client_gone_response()
+    _record_generation(request, await call.trailing_metadata())
+    rendered = responses_convert.response_from_proto(body, completion)
+    return _json(rendered.model_dump_json(), await rate_limit_headers(call))
 
 
 @_router.post("/v1/embeddings")

@@ -102,9 +102,13 @@ class RequestParams:
         return cls(frozenset(names), renames)
 
     def param(self, cloud_field: str) -> str | None:
-        root, dot, rest = cloud_field.partition(".")
-        root = self.renames.get(root, root)
-        return f"{root}{dot}{rest}" if root in self.fields else None
+        """``cloud_field`` as the request names it; a rename applies to the longest
+        dotted prefix it names ("messages" renames "messages.0.content")."""
+        for prefix in sorted(self.renames, key=len, reverse=True):
+            if cloud_field == prefix or cloud_field.startswith(f"{prefix}."):
+                cloud_field = self.renames[prefix] + cloud_field[len(prefix) :]
+                break
+        return cloud_field if cloud_field.partition(".")[0] in self.fields else None
 
 
 def rate_limit_headers(metadata: Iterable[tuple[str, str | bytes]]) -> dict[str, str]:
@@ -162,6 +166,8 @@ def from_validation_errors(errors: Sequence[Mapping[str, Any]]) -> ApiError:
     param = path or None
     if first.get("type") == "missing":
         message = f"Missing required parameter: '{path}'."
+    elif first.get("type") == "extra_forbidden":
+        message = f"Unsupported parameter: '{path}' is not supported by this server."
     else:
         # Pydantic prefixes our own ValueErrors with "Value error, "; callers need the reason.
         ctx = first.get("ctx") or {}

@@ -15,7 +15,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from gateway import job_schemas, schemas
+from gateway import job_schemas, responses_schemas, schemas
 from gateway.jobs import MAX_PAGE_SIZE, MAX_UNIX_SECONDS
 
 _REF = "#/components/schemas/{model}"
@@ -26,17 +26,23 @@ _OPERATIONS: dict[str, dict[str, tuple[type[BaseModel] | None, type[BaseModel], 
         "post": (schemas.ChatCompletionRequest, schemas.ChatCompletion, True),
     },
     "/v1/completions": {"post": (schemas.CompletionRequest, schemas.TextCompletion, True)},
+    "/v1/responses": {
+        "post": (responses_schemas.ResponseRequest, responses_schemas.ResponseObject, True)
+    },
     "/v1/embeddings": {"post": (schemas.EmbeddingRequest, schemas.EmbeddingList, False)},
     "/v1/models": {"get": (None, schemas.ModelList, False)},
     "/v1/models/{model}": {"get": (None, schemas.ModelCard, False)},
     "/v1/jobs": {"get": (None, job_schemas.JobList, False)},
     "/v1/jobs/{job_id}": {"get": (None, job_schemas.Job, False)},
 }
-# Streamed events: chat chunks and text completion chunks.
+# Streamed events: chat chunks, text completion chunks and the Responses API's events.
 _STREAM_MODELS: dict[str, type[BaseModel]] = {
     "/v1/chat/completions": schemas.ChatCompletionChunk,
     "/v1/completions": schemas.TextCompletion,
+    "/v1/responses": responses_schemas.ResponseStreamEvent,
 }
+_STREAM_FRAMING = "With stream=true: `data: <chunk JSON>` events, then `data: [DONE]`."
+_EVENT_FRAMING = "With stream=true: `event: <type>` and `data: <event JSON>` per event."
 _ERRORS = {
     "400": "Invalid request (param names the field)",
     "401": "Missing or invalid API key",
@@ -117,7 +123,12 @@ def _components() -> dict[str, Any]:
     for methods in _OPERATIONS.values():
         for request, response, _ in methods.values():
             models.extend(m for m in (request, response) if m is not None)
-    inputs = {schemas.ChatCompletionRequest, schemas.CompletionRequest, schemas.EmbeddingRequest}
+    inputs = {
+        schemas.ChatCompletionRequest,
+        schemas.CompletionRequest,
+        schemas.EmbeddingRequest,
+        responses_schemas.ResponseRequest,
+    }
     _, top = models_json_schema(
         [(model, "validation" if model in inputs else "serialization") for model in models],
         ref_template=_REF,
@@ -133,7 +144,7 @@ def _operation(
     if stream:
         content["text/event-stream"] = {
             "schema": {"type": "string"},
-            "description": "With stream=true: `data: <chunk JSON>` events, then `data: [DONE]`.",
+            "description": _EVENT_FRAMING if path == "/v1/responses" else _STREAM_FRAMING,
             "x-event-schema": _ref(_STREAM_MODELS[path]),
         }
     responses: dict[str, Any] = {"200": {"description": "Success", "content": content}}

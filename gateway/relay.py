@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
@@ -66,16 +67,30 @@ async def rate_limit_headers(call: grpc.aio.Call) -> dict[str, str]:
     return errors.rate_limit_headers(await call.initial_metadata() or ())
 
 
+@dataclass(frozen=True)
+class StreamEnding:
+    """What closes a stream: after its last message (``done``), and in place of the
+    rest when cloud's call fails once the response started (``failure``)."""
+
+    done: bytes
+    failure: Callable[[errors.ApiError], bytes]
+
+
+# Chat and text completions end with `[DONE]`, also after an error event.
+COMPLETION_ENDING = StreamEnding(sse.DONE, lambda error: sse.encode_error(error) + sse.DONE)
+
+
 async def stream_sse(
     request: Request,
     call: grpc.aio.UnaryStreamCall[Any, _Message],
     render: Callable[[_Message], bytes | None],
+    ending: StreamEnding = COMPLETION_ENDING,
 ) -> Response:
     """An SSE response relaying cloud's stream; each message becomes the event
     ``render`` makes of it (None: not sent).
 
     Cloud's closing message (the only one with usage) goes out in one write with
-    `[DONE]` and the end of the body, before the call's status arrives."""
+    ``ending.done`` and the end of the body, before the call's status arrives."""
     messages = aiter(call)
     # Read the first message before answering so that errors cloud raises up front
     # (bad key, unknown model, no funds) get a proper HTTP status.
@@ -93,7 +108,7 @@ async def stream_sse(
             while message is not None:
                 event = render(message)
                 if message.HasField("usage"):
-                    yield (event or b"") + sse.DONE, False
+                    yield (event or b"") + ending.done, False
                     await _ended(call, messages)
                     return
                 if event is not None:
@@ -102,9 +117,9 @@ async def stream_sse(
         except grpc.aio.AioRpcError as error:
             api_error = errors.from_rpc_error(error, getattr(request.state, "params", None))
             log.info("gateway.cloud_error_in_stream", code=error.code().name)
-            yield sse.encode_error(api_error) + sse.DONE, False
+            yield ending.failure(api_error), False
             return
-        yield sse.DONE, False
+        yield ending.done, False
 
     return CloudStreamResponse(call, events(), await rate_limit_headers(call))
 

@@ -1,10 +1,11 @@
-"""Server-sent events framing of a streamed chat completion, as OpenAI sends it."""
+"""Server-sent events framing of streamed completions and responses, as OpenAI sends them."""
 
 from __future__ import annotations
 
 from pydantic import TypeAdapter
 
 from gateway.errors import ApiError
+from gateway.responses_schemas import StreamEvent
 from gateway.schemas import ChatCompletionChunk, TextCompletion
 
 MEDIA_TYPE = "text/event-stream"
@@ -14,6 +15,7 @@ DONE = b"data: [DONE]\n\n"
 # Serializers straight to JSON bytes: a chunk is rendered without a str in between.
 _CHAT_CHUNK = TypeAdapter(ChatCompletionChunk)
 _TEXT_CHUNK = TypeAdapter(TextCompletion)
+_RESPONSE_EVENT: TypeAdapter[StreamEvent] = TypeAdapter(StreamEvent)
 
 
 def event(data: str) -> bytes:
@@ -37,3 +39,9 @@ def encode_chunk(chunk: ChatCompletionChunk | TextCompletion, *, include_usage: 
 def encode_error(error: ApiError) -> bytes:
     """An error that happened after the stream started, when no status can be sent."""
     return event(error.envelope().model_dump_json())
+
+
+def encode_response_event(event: StreamEvent) -> bytes:
+    """One Responses API event: its type as the SSE event name, then its JSON."""
+    data = _RESPONSE_EVENT.dump_json(event)
+    return b"event: " + event.type.encode() + b"\ndata: " + data + b"\n\n"

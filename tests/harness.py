@@ -41,6 +41,8 @@ from core.grpc_metrics import GrpcServerMetrics
 from core.inference import ChatMessage, ChatRole, GenerationSpec, Sampling
 from core.metadata import bearer_metadata
 from core.metrics import NO_METRICS, MetricsFactory
+from gateway.app import create_app
+from gateway.server import serve
 from server.account.component import AccountComponent
 from server.cli import _parser, _run
 from server.cloud.component import CloudComponent
@@ -216,6 +218,28 @@ def operator_command(
         return json.loads("\n".join(lines[start : end + 1]))
 
     return run
+
+
+@contextlib.asynccontextmanager
+async def serving_gateway(cloud_target: str) -> AsyncIterator[str]:
+    """The OpenAI gateway over the cloud at ``cloud_target``, on a free loopback port;
+    yields its base URL (no /v1)."""
+    port = free_port()
+    started = asyncio.Event()
+    gateway = asyncio.create_task(
+        serve(create_app(cloud_target), "127.0.0.1", port, started=started)
+    )
+    waiter = asyncio.create_task(started.wait())
+    await asyncio.wait((gateway, waiter), return_when=asyncio.FIRST_COMPLETED)
+    if gateway.done():
+        waiter.cancel()
+        gateway.result()  # surfaces a start-up failure
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        gateway.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await gateway
 
 
 def free_port() -> int:

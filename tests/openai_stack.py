@@ -3,7 +3,6 @@ with real clients (the `openai` SDK, httpx, LangChain)."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -14,9 +13,7 @@ import openai
 from resultity.account.v1 import api_key_service_pb2 as keys_pb
 from resultity.account.v1 import api_key_service_pb2_grpc as keys_grpc
 
-from gateway.app import create_app
-from gateway.server import serve
-from tests.harness import Customer, Platform, free_port
+from tests.harness import Customer, Platform, serving_gateway
 
 CREDITS = 100_000_000
 
@@ -55,18 +52,5 @@ class Stack:
 @contextlib.asynccontextmanager
 async def gateway_stack(platform: Platform, credits: int = CREDITS) -> AsyncIterator[Stack]:
     """A gateway in front of ``platform`` on a free port, and a customer with credits."""
-    port = free_port()
-    started = asyncio.Event()
-    gateway = asyncio.create_task(
-        serve(create_app(platform.target), "127.0.0.1", port, started=started)
-    )
-    waiter = asyncio.create_task(started.wait())
-    await asyncio.wait((gateway, waiter), return_when=asyncio.FIRST_COMPLETED)
-    if gateway.done():
-        gateway.result()
-    try:
-        yield Stack(platform, f"http://127.0.0.1:{port}", await platform.customer(credits))
-    finally:
-        gateway.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await gateway
+    async with serving_gateway(platform.target) as base_url:
+        yield Stack(platform, base_url, await platform.customer(credits))

@@ -45,7 +45,7 @@ from tests.doubles.scripted_cloud import (
     ScriptedCloud,
     start_cloud,
 )
-from tests.harness import free_port
+from tests.harness import serving_gateway
 
 MODEL = "smollm2-135m"
 HELLO: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Say hello"}]
@@ -61,19 +61,10 @@ class Stack:
 async def stack() -> AsyncIterator[Stack]:
     cloud = ScriptedCloud()
     grpc_server, target = await start_cloud(cloud)
-    port = free_port()
-    started = asyncio.Event()
-    gateway = asyncio.create_task(serve(create_app(target), "127.0.0.1", port, started=started))
-    waiter = asyncio.create_task(started.wait())
-    await asyncio.wait((gateway, waiter), return_when=asyncio.FIRST_COMPLETED)
-    if gateway.done():
-        gateway.result()  # surfaces a start-up failure
     try:
-        yield Stack(cloud, f"http://127.0.0.1:{port}")
+        async with serving_gateway(target) as base_url:
+            yield Stack(cloud, base_url)
     finally:
-        gateway.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await gateway
         await grpc_server.stop(grace=None)
 
 
@@ -929,6 +920,7 @@ async def test_openapi_document_describes_the_bodies(http: httpx.AsyncClient) ->
         "/v1/models/{model}",
         "/v1/jobs",
         "/v1/jobs/{job_id}",
+        "/v1/responses",
     }
     chat = document["paths"]["/v1/chat/completions"]["post"]
     assert chat["requestBody"]["content"]["application/json"]["schema"] == {
@@ -937,6 +929,7 @@ async def test_openapi_document_describes_the_bodies(http: httpx.AsyncClient) ->
     components = document["components"]["schemas"]
     assert "messages" in components["ChatCompletionRequest"]["properties"]
     assert "prompt" in components["CompletionRequest"]["properties"]
+    assert "input" in components["ResponseRequest"]["properties"]
     # Every reference resolves inside the document.
     references = set(re.findall(r'"#/components/schemas/([^"]+)"', response.text))
     assert references <= set(components)

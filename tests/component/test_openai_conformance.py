@@ -580,6 +580,58 @@ async def test_embeddings(client: openai.AsyncOpenAI, stack: Stack) -> None:
     assert spent == (4 + 6) * PRICE.prompt
 
 
+# --- the Responses API ---------------------------------------------------------------------
+
+
+async def test_responses_whole_and_billed_as_a_chat_completion(
+    client: openai.AsyncOpenAI, stack: Stack
+) -> None:
+    before = await stack.platform.balance(stack.customer)
+    response = await client.responses.create(
+        model=MODEL,
+        instructions="Be brief.",
+        input=[{"role": "user", "content": "hello there"}],
+        max_output_tokens=3,
+        text={"format": {"type": "json_schema", "name": "any", "schema": {"type": "object"}}},
+    )
+    after = await stack.platform.balance(stack.customer)
+
+    assert response.object == "response"
+    assert response.status == "incomplete"
+    assert response.output_text == "".join(TOKENS[:3])
+    assert response.usage is not None
+    # The instructions are a system message: two words and two template tokens.
+    prompt = HELLO_PROMPT_TOKENS + 4
+    assert (response.usage.input_tokens, response.usage.output_tokens) == (prompt, 3)
+    charged = before.available_micro_credits - after.available_micro_credits
+    assert charged == _charge(prompt, 3)
+
+
+async def test_responses_streamed_through_the_sdk(client: openai.AsyncOpenAI) -> None:
+    stream = await client.responses.create(model=MODEL, input="hello there", stream=True)
+    events = [event async for event in stream]
+
+    assert [event.type for event in events[:4]] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+    ]
+    assert [event.type for event in events[-4:]] == [
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    deltas = [event.delta for event in events if event.type == "response.output_text.delta"]
+    assert "".join(deltas) == DEFAULT_SCRIPT
+    completed = events[-1]
+    assert completed.type == "response.completed"
+    assert completed.response.output_text == DEFAULT_SCRIPT
+    assert completed.response.usage is not None
+    assert completed.response.usage.output_tokens == len(TOKENS)
+
+
 # --- errors and headers --------------------------------------------------------------------
 
 

@@ -10,7 +10,6 @@ serves afterwards.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -20,12 +19,10 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.app import create_app
 from gateway.openapi import REGION_HEADER
-from gateway.server import serve
 from server.network.catalog import SMOLLM2_135M
 from tests.doubles.scripted_runtime import ScriptedRuntime
-from tests.harness import Platform, free_port, running_platform
+from tests.harness import Platform, running_platform, serving_gateway
 
 pytestmark = pytest.mark.fuzz
 
@@ -45,18 +42,8 @@ async def gateway(postgres_dsn: str) -> AsyncIterator[Gateway]:
     async with running_platform(postgres_dsn) as platform:
         await platform.start_agent(ScriptedRuntime(), batch_tokens=8)
         customer = await platform.customer(10**12)
-        port = free_port()
-        started = asyncio.Event()
-        task = asyncio.create_task(
-            serve(create_app(platform.target), "127.0.0.1", port, started=started)
-        )
-        await started.wait()
-        try:
-            yield Gateway(platform, f"http://127.0.0.1:{port}", customer.api_key)
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        async with serving_gateway(platform.target) as base_url:
+            yield Gateway(platform, base_url, customer.api_key)
 
 
 def _fuzz(base_url: str, api_key: str) -> list[str]:

@@ -1,0 +1,386 @@
+"""The Responses API (`POST /v1/responses`) over real HTTP and real gRPC, against a
+scripted cloud: what the gateway asks cloud for, and what the official SDK (strict
+validation) and raw bytes get back."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from resultity.common.v1 import inference_pb2
+
+from core.errors import InvalidArgument, JobFailed, ModelNotFound
+from tests.doubles.scripted_cloud import (
+    CREATED,
+    TEST_API_KEY,
+    ScriptedCloud,
+    start_cloud,
+)
+from tests.harness import serving_gateway
+
+MODEL = "smollm2-135m"
+
+
+@pytest.fixture(scope="module")
+async def stack() -> AsyncIterator[tuple[ScriptedCloud, str]]:
+    cloud = ScriptedCloud()
+    server, target = await start_cloud(cloud)
+    try:
+        async with serving_gateway(target) as base_url:
+            yield cloud, base_url
+    finally:
+        await server.stop(grace=None)
+
+
+@pytest.fixture
+def cloud(stack: tuple[ScriptedCloud, str]) -> ScriptedCloud:
+    stack[0].reset()
+    return stack[0]
+
+
+@pytest.fixture
+async def client(stack: tuple[ScriptedCloud, str]) -> AsyncIterator[openai.AsyncOpenAI]:
+    async with openai.AsyncOpenAI(
+        base_url=f"{stack[1]}/v1",
+        api_key=TEST_API_KEY,
+        max_retries=0,
+        _strict_response_validation=True,
+    ) as sdk:
+        yield sdk
+
+
+@pytest.fixture
+async def http(stack: tuple[ScriptedCloud, str]) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(
+        base_url=stack[1], headers={"authorization": f"Bearer {TEST_API_KEY}"}
+    ) as raw:
+        yield raw
+
+
+def _sse(body: bytes) -> list[tuple[str, dict[str, Any]]]:
+    """(event name, data) of each event, checking the framing: `event:` then one
+    `data:` line, and the name repeats the data's type."""
+    assert body.endswith(b"\n\n")
+    events = []
+    for frame in body[:-2].decode().split("\n\n"):
+        name_line, data_line = frame.split("\n")
+        name = name_line.removeprefix("event: ")
+        data = json.loads(data_line.removeprefix("data: "))
+        assert data["type"] == name
+        events.append((name, data))
+    return events
+
+
+async def test_a_string_input_is_one_user_message(
+    client: openai.AsyncOpenAI, cloud: ScriptedCloud
+) -> None:
+    response = await client.responses.create(model=MODEL, input="Say hello")
+
+    assert response.status == "completed"
+    assert response.output_text == "Hello world"
+    assert response.id == "resp_scripted"
+    assert response.created_at == CREATED
+    [message] = response.output
+    assert message.type == "message"
+    assert (message.id, message.status, message.role) == ("msg_scripted", "completed", "assistant")
+    assert response.usage is not None
+    assert (response.usage.input_tokens, response.usage.output_tokens) == (7, 2)
+    assert response.usage.total_tokens == 9
+    assert (response.tools, response.tool_choice) == ([], "auto")
+    # Nothing is stored, whatever store asked.
+    assert response.to_dict()["store"] is False
+    [call] = cloud.calls
+    assert call.method == "CreateChatCompletion"
+    params = call.request.params
+    assert [(m.role, m.content) for m in params.messages] == [
+        (inference_pb2.CHAT_ROLE_USER, "Say hello")
+    ]
+    assert not params.HasField("max_tokens")
+
+
+async def test_items_instructions_and_sampling_reach_cloud(
+    client: openai.AsyncOpenAI, cloud: ScriptedCloud
+) -> None:
+    response = await client.responses.create(
+        model=MODEL,
+        instructions="Be brief.",
+        input=[
+            {"role": "developer", "content": "Answer in English."},
+            {"role": "user", "content": [{"type": "input_text", "text": "hi"}]},
+            {
+                "type": "message",
+                "id": "msg_earlier",
+                "status": "completed",
+                "role": "assistant",
+                "content": [{"type": "output_text", "text": "hello", "annotations": []}],
+            },
+            {"type": "message", "role": "user", "content": "count to 3"},
+        ],
+        max_output_tokens=32,
+        temperature=0.5,
+        top_p=0.9,
+        store=True,
+        metadata={"ticket": "42"},
+        safety_identifier="user-7",
+        parallel_tool_calls=False,
+        tool_choice="none",
+        truncation="disabled",
+    )
+
+    params = cloud.calls[0].request.params
+    system, user, assistant = (
+        inference_pb2.CHAT_ROLE_SYSTEM,
+        inference_pb2.CHAT_ROLE_USER,
+        inference_pb2.CHAT_ROLE_ASSISTANT,
+    )
+    assert [(m.role, m.content) for m in params.messages] == [
+        (system, "Be brief."),
+        (system, "Answer in English."),
+        (user, "hi"),
+        (assistant, "hello"),
+        (user, "count to 3"),
+    ]
+    assert (params.max_tokens, params.temperature, params.top_p) == (32, 0.5, 0.9)
+    assert params.user == "user-7"
+    # The response repeats the request's settings; nothing was stored.
+    assert (response.instructions, response.max_output_tokens) == ("Be brief.", 32)
+    assert (response.temperature, response.top_p) == (0.5, 0.9)
+    assert response.metadata == {"ticket": "42"}
+    assert (response.parallel_tool_calls, response.tool_choice) == (False, "none")
+    assert response.to_dict()["store"] is False
+
+
+@pytest.mark.parametrize(
+    ("text_format", "kind", "schema"),
+    [
+        ({"type": "json_object"}, inference_pb2.RESPONSE_FORMAT_TYPE_JSON_OBJECT, ""),
+        (
+            {"type": "json_schema", "name": "point", "schema": {"type": "object"}, "strict": True},
+            inference_pb2.RESPONSE_FORMAT_TYPE_JSON_SCHEMA,
+            '{"type": "object"}',
+        ),
+        ({"type": "text"}, inference_pb2.RESPONSE_FORMAT_TYPE_UNSPECIFIED, ""),
+    ],
+)
+async def test_text_format_becomes_the_response_format(
+    client: openai.AsyncOpenAI,
+    cloud: ScriptedCloud,
+    text_format: Any,
+    kind: int,
+    schema: str,
+) -> None:
+    response = await client.responses.create(
+        model=MODEL, input="a point", text={"format": text_format}
+    )
+
+    sent = cloud.calls[0].request.params.response_format
+    assert (sent.type, sent.json_schema) == (kind, schema)
+    assert response.text is not None and response.text.format is not None
+    assert response.text.format.type == text_format["type"]
+
+
+async def test_max_output_tokens_reached_is_incomplete(
+    client: openai.AsyncOpenAI, cloud: ScriptedCloud
+) -> None:
+    cloud.script.finish_reason = inference_pb2.FINISH_REASON_LENGTH
+
+    response = await client.responses.create(model=MODEL, input="hi", max_output_tokens=2)
+
+    assert response.status == "incomplete"
+    assert response.incomplete_details is not None
+    assert response.incomplete_details.reason == "max_output_tokens"
+    assert response.output[0].status == "incomplete"  # type: ignore[union-attr]
+
+
+EXPECTED_EVENTS = [
+    "response.created",
+    "response.in_progress",
+    "response.output_item.added",
+    "response.content_part.added",
+    "response.output_text.delta",
+    "response.output_text.delta",
+    "response.output_text.done",
+    "response.content_part.done",
+    "response.output_item.done",
+    "response.completed",
+]
+
+
+async def test_stream_through_the_sdk(client: openai.AsyncOpenAI, cloud: ScriptedCloud) -> None:
+    stream = await client.responses.create(model=MODEL, input="Say hello", stream=True)
+    events = [event async for event in stream]
+
+    assert [event.type for event in events] == EXPECTED_EVENTS
+    assert [event.sequence_number for event in events] == list(range(len(events)))
+    created, completed = events[0], events[-1]
+    assert created.type == "response.created"
+    assert (created.response.status, created.response.output) == ("in_progress", [])
+    deltas = [event.delta for event in events if event.type == "response.output_text.delta"]
+    assert deltas == ["Hello", " world"]
+    assert completed.type == "response.completed"
+    assert completed.response.output_text == "Hello world"
+    assert completed.response.usage is not None
+    assert completed.response.usage.output_tokens == 2
+    assert completed.response.id == created.response.id == "resp_scripted"
+    assert cloud.calls[0].method == "StreamChatCompletion"
+
+
+async def test_stream_bytes(http: httpx.AsyncClient, cloud: ScriptedCloud) -> None:
+    cloud.script.finish_reason = inference_pb2.FINISH_REASON_LENGTH
+    response = await http.post(
+        "/v1/responses", json={"model": MODEL, "input": "hi", "stream": True}
+    )
+
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = _sse(response.content)
+    assert [name for name, _ in events] == [*EXPECTED_EVENTS[:-1], "response.incomplete"]
+    item_done = events[-2][1]
+    assert item_done["item"]["status"] == "incomplete"
+    assert item_done["item"]["content"] == [
+        {"type": "output_text", "text": "Hello world", "annotations": [], "logprobs": []}
+    ]
+    final = events[-1][1]["response"]
+    assert final["status"] == "incomplete"
+    assert final["incomplete_details"] == {"reason": "max_output_tokens"}
+    assert b"[DONE]" not in response.content
+
+
+async def test_a_failure_mid_stream_is_an_error_event_then_response_failed(
+    http: httpx.AsyncClient, cloud: ScriptedCloud
+) -> None:
+    cloud.script.error_mid_stream = JobFailed("the node failed")
+    response = await http.post(
+        "/v1/responses", json={"model": MODEL, "input": "hi", "stream": True}
+    )
+
+    events = _sse(response.content)
+    assert [name for name, _ in events][-2:] == ["error", "response.failed"]
+    error, failed = events[-2][1], events[-1][1]
+    assert error["message"] == "the node failed"
+    assert failed["response"]["status"] == "failed"
+    assert failed["response"]["error"] == {"code": "server_error", "message": "the node failed"}
+    # What was delivered before the failure stays in the output.
+    assert failed["response"]["output"][0]["content"][0]["text"] == "Hello world"
+
+
+async def test_errors_before_the_stream_are_http_errors(
+    client: openai.AsyncOpenAI, cloud: ScriptedCloud
+) -> None:
+    cloud.script.error = ModelNotFound("nope")
+    with pytest.raises(openai.NotFoundError) as raised:
+        await client.responses.create(model="nope", input="hi", stream=True)
+    assert raised.value.param == "model"
+
+
+async def test_cloud_fields_are_named_as_the_request_does(
+    client: openai.AsyncOpenAI, cloud: ScriptedCloud
+) -> None:
+    cloud.script.error = InvalidArgument(
+        "schema too deep", field="response_format.json_schema.schema"
+    )
+    with pytest.raises(openai.BadRequestError) as raised:
+        await client.responses.create(
+            model=MODEL,
+            input="hi",
+            text={"format": {"type": "json_schema", "name": "x", "schema": {"type": "object"}}},
+        )
+    assert raised.value.param == "text.format.schema"
+
+    cloud.script.error = InvalidArgument("too long", field="max_tokens")
+    with pytest.raises(openai.BadRequestError) as raised:
+        await client.responses.create(model=MODEL, input="hi", max_output_tokens=10**6)
+    assert raised.value.param == "max_output_tokens"
+
+
+async def test_rate_limit_state_is_copied_to_the_response(
+    http: httpx.AsyncClient, cloud: ScriptedCloud
+) -> None:
+    cloud.script.rate_limits = (("x-ratelimit-remaining-requests", "59"),)
+    for stream in (False, True):
+        response = await http.post(
+            "/v1/responses", json={"model": MODEL, "input": "hi", "stream": stream}
+        )
+        assert response.headers["x-ratelimit-remaining-requests"] == "59"
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "says"),
+    [
+        ({"previous_response_id": "resp_1"}, "previous_response_id", "not stored"),
+        ({"conversation": "conv_1"}, "conversation", "not stored"),
+        (
+            {"tools": [{"type": "function", "name": "f", "parameters": {}}]},
+            "tools",
+            "not supported",
+        ),
+        ({"tool_choice": "required"}, "tool_choice", "needs tools"),
+        ({"reasoning": {"effort": "high"}}, "reasoning", "do not reason"),
+        ({"background": True}, "background", "not stored"),
+        ({"include": ["message.output_text.logprobs"]}, "include", "not supported"),
+        ({"truncation": "auto"}, "truncation", "disabled"),
+        ({"text": {"verbosity": "low"}}, "text.verbosity", "max_output_tokens"),
+        (
+            {"stream_options": {"include_obfuscation": True}},
+            "stream_options.include_obfuscation",
+            "obfuscation",
+        ),
+        ({"top_logprobs": 3}, "top_logprobs", "not supported by this server"),
+        ({"prompt_cache_key": "k"}, "prompt_cache_key", "not supported by this server"),
+        ({"service_tier": "priority"}, "service_tier", "auto"),
+        (
+            {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
+            "input.0.content",
+            "text only",
+        ),
+        (
+            {"input": [{"type": "function_call_output", "call_id": "c", "output": "1"}]},
+            "input",
+            "not supported",
+        ),
+        ({"input": []}, "input", "at least 1"),
+        ({"temperature": 3}, "temperature", "less than or equal to 2"),
+        (
+            {"text": {"format": {"type": "json_schema", "name": "bad name", "schema": {}}}},
+            "text.format.json_schema.name",
+            "pattern",
+        ),
+    ],
+)
+async def test_what_is_not_served_is_refused_by_name(
+    http: httpx.AsyncClient, cloud: ScriptedCloud, fields: dict[str, Any], param: str, says: str
+) -> None:
+    response = await http.post("/v1/responses", json={"model": MODEL, "input": "hi", **fields})
+
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param
+    assert says in error["message"]
+    assert error["type"] == "invalid_request_error"
+    assert cloud.calls == []
+
+
+async def test_nulls_and_empty_values_are_no_values(
+    http: httpx.AsyncClient, cloud: ScriptedCloud
+) -> None:
+    response = await http.post(
+        "/v1/responses",
+        json={
+            "model": MODEL,
+            "input": "hi",
+            "previous_response_id": None,
+            "tools": [],
+            "include": [],
+            "reasoning": {},
+            "background": False,
+            "prompt_cache_key": None,
+            "service_tier": "auto",
+        },
+    )
+
+    assert response.status_code == 200, response.text
+    assert response.json()["status"] == "completed"
