@@ -15,6 +15,9 @@ LIMIT_REQUESTS = RATE_LIMIT_PREFIX + "limit-requests"
 REMAINING_REQUESTS = RATE_LIMIT_PREFIX + "remaining-requests"
 LIMIT_TOKENS = RATE_LIMIT_PREFIX + "limit-tokens"
 REMAINING_TOKENS = RATE_LIMIT_PREFIX + "remaining-tokens"
+# Until the bucket is full again, as OpenAI writes durations ("1s", "6m0s", "20ms").
+RESET_REQUESTS = RATE_LIMIT_PREFIX + "reset-requests"
+RESET_TOKENS = RATE_LIMIT_PREFIX + "reset-tokens"
 # Where gRPC carries a google.rpc.Status (with its ErrorInfo).
 STATUS_DETAILS = "grpc-status-details-bin"
 

@@ -52,6 +52,11 @@ def _parser() -> argparse.ArgumentParser:
         help="share rate limits, invalidations and console sessions with other replicas here",
     )
     up.add_argument("--no-agent", action="store_true", help="do not start a local agent")
+    up.add_argument(
+        "--no-rate-limits",
+        action="store_true",
+        help="no default rate limits: only those RESULTITY_RATE_LIMIT_* variables set",
+    )
     up.add_argument("--agent-threads", type=int, help="llama.cpp threads of the local agent")
     up.add_argument(
         "--agent-region", type=_region, help="region the local agent declares, e.g. eu-west"
@@ -428,6 +433,8 @@ async def _up(args: argparse.Namespace) -> None:
     settings = PlatformSettings(**{k: v for k, v in overrides.items() if v is not None})
     if args.no_agent:
         settings = settings.model_copy(update={"local_agent": False})
+    if args.no_rate_limits:
+        settings = settings.model_copy(update={"default_rate_limits": False})
     await run_platform(settings)
 
 

@@ -29,6 +29,9 @@ class PlatformSettings(BaseSettings):
     grpc_port: int = 50051
     heartbeat_interval_s: float = 5.0
     heartbeat_timeout_s: float = 30.0
+    # Rate limits for every key where no RESULTITY_RATE_LIMIT_* variable sets one
+    # (server/cloud/settings.py, LOCAL_RATE_LIMITS); false: only what variables set.
+    default_rate_limits: bool = True
     # Credits granted to the demo account on first start (micro-credits).
     demo_credits: int = 100_000_000
     log_level: str = "info"

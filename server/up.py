@@ -32,6 +32,7 @@ from server.addresses import PlatformAddresses, remove_addresses, write_addresse
 from server.bootstrap import DEMO_KEY_FILE, ensure_demo_key, ensure_node_token
 from server.cloud.component import SERVICE_NAMES as CLOUD_SERVICES
 from server.cloud.component import CloudComponent
+from server.cloud.settings import LOCAL_RATE_LIMITS, RateLimitSettings
 from server.common.database import EmbeddedPostgres
 from server.common.health import GrpcHealth
 from server.common.settlement_queue import InProcessSettlementQueue
@@ -174,11 +175,15 @@ async def run_platform(settings: PlatformSettings, *, ready: asyncio.Event | Non
             metrics=metrics,
         )
         await network.start()
+        rate_limits = RateLimitSettings()
+        if settings.default_rate_limits:
+            rate_limits = rate_limits.over(LOCAL_RATE_LIMITS)
         cloud = await CloudComponent.start(
             dsn,
             account_target=grpc_target,
             network_target=grpc_target,
             service_token=secrets.service_token,
+            rate_limits=rate_limits,
             shared=shared,
             amqp_url=settings.amqp_url,
             settlements=settlements,

@@ -29,7 +29,14 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from core.errors import RateLimited
-from core.metadata import LIMIT_REQUESTS, LIMIT_TOKENS, REMAINING_REQUESTS, REMAINING_TOKENS
+from core.metadata import (
+    LIMIT_REQUESTS,
+    LIMIT_TOKENS,
+    REMAINING_REQUESTS,
+    REMAINING_TOKENS,
+    RESET_REQUESTS,
+    RESET_TOKENS,
+)
 from core.metrics import NO_COUNTER, Counter
 from server.common.rate_limits import NO_LIMITS, RateLimits
 
@@ -54,21 +61,37 @@ class FixedLimits:
 @dataclass(frozen=True, slots=True)
 class RateStatus:
     """What the x-ratelimit-* response headers report: the key's limits, or the
-    account's where those leave less."""
+    account's where those leave less; ``reset_*_s``: seconds until that bucket is
+    full again."""
 
     limit_requests: int | None
     remaining_requests: int | None
     limit_tokens: int | None
     remaining_tokens: int | None
+    reset_requests_s: float | None = None
+    reset_tokens_s: float | None = None
 
     def headers(self) -> tuple[tuple[str, str], ...]:
         values = {
             LIMIT_REQUESTS: self.limit_requests,
             REMAINING_REQUESTS: self.remaining_requests,
+            RESET_REQUESTS: _duration(self.reset_requests_s),
             LIMIT_TOKENS: self.limit_tokens,
             REMAINING_TOKENS: self.remaining_tokens,
+            RESET_TOKENS: _duration(self.reset_tokens_s),
         }
         return tuple((key, str(value)) for key, value in values.items() if value is not None)
+
+
+def _duration(seconds: float | None) -> str | None:
+    """A duration as OpenAI's reset headers write it: "20ms", "1.5s", "6m0s"."""
+    if seconds is None:
+        return None
+    if seconds < 1:
+        return f"{round(seconds * 1000)}ms" if seconds > 0 else "0s"
+    minutes, rest = divmod(round(seconds, 3), 60)
+    text = f"{rest:.3f}".rstrip("0").rstrip(".")
+    return f"{int(minutes)}m{text}s" if minutes else f"{text}s"
 
 
 @dataclass(frozen=True, slots=True)
@@ -317,18 +340,32 @@ class RateLimiter:
 def _status(scopes: Sequence[Scope], levels: Sequence[Levels]) -> RateStatus:
     """The tighter state of the scopes' buckets (the one with less left)."""
 
-    def tightest(present: list[tuple[int, int]]) -> tuple[int | None, int | None]:
+    def tightest(
+        present: list[tuple[int, int, float]],
+    ) -> tuple[int | None, int | None, float | None]:
         if not present:
-            return None, None
-        return min(present, key=lambda pair: pair[1])
+            return None, None, None
+        limit, left, reset_s = min(present, key=lambda state: state[1])
+        return limit, left, reset_s
+
+    def state(capacity: int, level: float) -> tuple[int, int, float]:
+        """Limit, what is left, and seconds until the bucket refills to its limit."""
+        return capacity, max(0, math.floor(level)), max(0.0, capacity - level) * 60 / capacity
 
     requests, tokens = [], []
     for scope, level in zip(scopes, levels, strict=True):
         rpm, tpm = scope.limits.requests_per_minute, scope.limits.tokens_per_minute
         if rpm is not None and level.requests is not None:
-            requests.append((rpm, max(0, math.floor(level.requests))))
+            requests.append(state(rpm, level.requests))
         if tpm is not None and level.tokens is not None:
-            tokens.append((tpm, max(0, math.floor(level.tokens))))
-    limit_requests, remaining_requests = tightest(requests)
-    limit_tokens, remaining_tokens = tightest(tokens)
-    return RateStatus(limit_requests, remaining_requests, limit_tokens, remaining_tokens)
+            tokens.append(state(tpm, level.tokens))
+    limit_requests, remaining_requests, reset_requests = tightest(requests)
+    limit_tokens, remaining_tokens, reset_tokens = tightest(tokens)
+    return RateStatus(
+        limit_requests,
+        remaining_requests,
+        limit_tokens,
+        remaining_tokens,
+        reset_requests,
+        reset_tokens,
+    )

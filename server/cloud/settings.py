@@ -21,6 +21,15 @@ class RateLimitSettings(BaseSettings):
     account_tokens_per_minute: int | None = Field(default=None, gt=0)
     account_concurrent_requests: int | None = Field(default=None, gt=0)
 
+    def over(self, defaults: RateLimitSettings) -> RateLimitSettings:
+        """These settings, with ``defaults``' values where no variable set a field."""
+        unset = {
+            name: getattr(defaults, name)
+            for name in type(self).model_fields
+            if name not in self.model_fields_set
+        }
+        return self.model_copy(update=unset)
+
     @property
     def per_key(self) -> RateLimits:
         return RateLimits(
@@ -36,6 +45,16 @@ class RateLimitSettings(BaseSettings):
             self.account_tokens_per_minute,
             self.account_concurrent_requests,
         )
+
+
+# What `resultity up` applies where no RESULTITY_RATE_LIMIT_* variable says otherwise:
+# generous for one person on one machine, a bound on a runaway client. Tokens count
+# each request's worst case (prompt bound plus max_tokens, the context when unset).
+LOCAL_RATE_LIMITS = RateLimitSettings.model_construct(
+    key_requests_per_minute=600,
+    key_tokens_per_minute=1_000_000,
+    key_concurrent_requests=32,
+)
 
 
 class CacheSettings(BaseSettings):

@@ -153,9 +153,26 @@ async def test_headers_report_the_tighter_of_key_and_account(limiter: Limiter) -
     assert dict(status.headers()) == {
         "x-ratelimit-limit-requests": "5",
         "x-ratelimit-remaining-requests": "4",
+        # A minute refills the whole limit: one request of 5 in 12 s, 30 tokens of 100 in 18.
+        "x-ratelimit-reset-requests": "12s",
         "x-ratelimit-limit-tokens": "100",
         "x-ratelimit-remaining-tokens": "70",
+        "x-ratelimit-reset-tokens": "18s",
     }
+
+
+async def test_reset_counts_down_as_the_buckets_refill(limiter: Limiter, clock: Clock) -> None:
+    limits = limiter(key_requests_per_minute=600, key_tokens_per_minute=6000)
+    await limits.admit("key", "account", 1500)
+    clock.now += 5
+    status = dict((await limits.admit("key", "account", 0)).status.headers())
+    # Requests: full again after 5 s, one short after the second (100 ms at 10/s);
+    # tokens: 1500 taken, 500 refilled, 1000 short (10 s at 100/s).
+    assert status["x-ratelimit-reset-requests"] == "100ms"
+    assert status["x-ratelimit-reset-tokens"] == "10s"
+    clock.now += 600
+    status = dict((await limits.admit("key", "account", 0)).status.headers())
+    assert status["x-ratelimit-reset-tokens"] == "0s"
 
 
 async def test_stored_limits_override_the_defaults_field_by_field(limiter: Limiter) -> None:
