@@ -7,6 +7,7 @@ from core.agent_messages import AssignCommand
 from core.errors import InvalidArgument
 from core.inference import GenerationSpec, ResponseFormatType
 from core.request_limits import (
+    check_logit_bias,
     check_messages,
     check_prompt_bytes,
     check_tool_sampling,
@@ -31,6 +32,7 @@ def check_bounds(spec: GenerationSpec) -> None:
     response_format = spec.sampling.response_format
     if response_format is not None and response_format.type is ResponseFormatType.JSON_SCHEMA:
         parse_json_schema(response_format.json_schema)
+    check_logit_bias(spec.sampling.logit_bias)
 
 
 def generation_request(assign: AssignCommand) -> GenerationRequest:

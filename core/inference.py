@@ -4,6 +4,7 @@ and its runtimes."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from enum import StrEnum
 
 
@@ -133,6 +134,8 @@ class Sampling:
     top_logprobs: int = 0
     # None: free text. A runtime constrains the output (llama.cpp: a grammar).
     response_format: ResponseFormat | None = None
+    # (token id, bias added to its logit), by token id.
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +179,8 @@ class CatalogModel:
     # Tokens a chat template may add on top of the messages' UTF-8 bytes.
     chat_template_overhead_tokens: int
     ready_nodes: int = 0
+    # When the model entered the network's catalog (None: not recorded yet).
+    created: datetime | None = None
 
 
 # Events of a job as the network reports them to its caller.

@@ -42,6 +42,11 @@ TOOL_CHOICE_FIELD = "tool_choice"
 # OpenAI's bounds on a request's tools and their names.
 MAX_TOOLS = 128
 _TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+LOGIT_BIAS_FIELD = "logit_bias"
+# OpenAI's bounds: each bias in [-100, 100]; at most 300 biased tokens (a node adds
+# every bias to the logits of each generated token).
+MAX_LOGIT_BIAS_TOKENS = 300
+MAX_LOGIT_BIAS = 100.0
 
 # A quantifier of a regular expression: {m}, {m,} or {m,n}.
 _QUANTIFIER = re.compile(r"\{(\d+)(?:,(\d*))?\}")
@@ -280,3 +285,24 @@ def check_tool_sampling(sampling: Sampling) -> None:
             "a response_format other than text cannot be combined with tools",
             field="response_format",
         )
+
+
+def check_logit_bias(logit_bias: Sequence[tuple[int, float]]) -> None:
+    """Token ids non-negative, biases within OpenAI's range, at most 300 of them (a
+    node checks the ids against its vocabulary)."""
+    if len(logit_bias) > MAX_LOGIT_BIAS_TOKENS:
+        raise InvalidArgument(
+            f"logit_bias has {len(logit_bias)} tokens, at most {MAX_LOGIT_BIAS_TOKENS} allowed",
+            field=LOGIT_BIAS_FIELD,
+        )
+    for token, bias in logit_bias:
+        if token < 0:
+            raise InvalidArgument(
+                f"logit_bias token ids are non-negative, not {token}", field=LOGIT_BIAS_FIELD
+            )
+        # NaN fails both comparisons.
+        if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+            raise InvalidArgument(
+                f"logit_bias values are between -100 and 100, not {bias} (token {token})",
+                field=LOGIT_BIAS_FIELD,
+            )

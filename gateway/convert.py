@@ -118,6 +118,7 @@ def params_from_request(request: schemas.ChatCompletionRequest) -> pb.ChatComple
         logprobs=bool(request.logprobs),
         top_logprobs=request.top_logprobs,
         response_format=_response_format(request.response_format),
+        logit_bias=request.logit_bias,
     )
 
 
@@ -261,6 +262,7 @@ def text_params_from_request(request: schemas.CompletionRequest) -> pb.Completio
         frequency_penalty=request.frequency_penalty,
         logprobs=request.logprobs is not None,
         top_logprobs=request.logprobs,
+        logit_bias=request.logit_bias,
     )
 
 

@@ -37,7 +37,14 @@ MAX_TOOLS = 128
 MAX_NAME_LENGTH = 256
 MAX_TOOL_CALL_ID_LENGTH = 256
 
+MAX_LOGIT_BIAS_TOKENS = 300
+
 ModelName = Annotated[str, Field(min_length=1, max_length=MAX_MODEL_LENGTH)]
+# Token id (JSON keys are strings: "50256") -> bias added to its logit.
+LogitBias = Annotated[
+    dict[Annotated[int, Field(ge=0, le=INT32_MAX)], Annotated[float, Field(ge=-100, le=100)]],
+    Field(max_length=MAX_LOGIT_BIAS_TOKENS),
+]
 User = Annotated[str, Field(max_length=MAX_USER_LENGTH)]
 StopSequences = Annotated[
     list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_LENGTH)]],
@@ -260,7 +267,7 @@ class ChatCompletionRequest(_Request):
         ),
     ] = None
     parallel_tool_calls: StrictBool | None = None
-    logit_bias: Unserved = None
+    logit_bias: LogitBias | None = None
     # The legacy form of tools: refused (not translated), callers use tools instead.
     functions: Unserved = None
     function_call: Unserved = None
@@ -316,7 +323,7 @@ class CompletionRequest(_Request):
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LEGACY_LOGPROBS)
     echo: StrictBool | None = None
     suffix: str | None = None
-    logit_bias: Unserved = None
+    logit_bias: LogitBias | None = None
     # More than one candidate per choice is not served.
     best_of: int | None = Field(default=None, ge=1, le=1)
 

@@ -9,8 +9,8 @@ presence/frequency penalties have counted its tokens. Each delivered token is
 passed to ``llama_sampler_accept``, exactly as sampling it would have been.
 
 The chain mirrors what ``Llama.generate`` builds for the OpenAI parameters:
-penalties, grammar, then greedy at temperature 0, else top-p, temperature and
-a seeded draw (top-k, typical and min-p neutral).
+logit biases, penalties, grammar, then greedy at temperature 0, else top-p,
+temperature and a seeded draw (top-k, typical and min-p neutral).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
 from agent.runtime.base import InvalidRequest
 from core.inference import ResponseFormatType, Sampling
-from core.request_limits import SCHEMA_FIELD
+from core.request_limits import LOGIT_BIAS_FIELD, SCHEMA_FIELD
 
 DEFAULT_TEMPERATURE = 0.7
 DEFAULT_TOP_P = 1.0
@@ -69,13 +69,32 @@ class SamplerChain:
         temperature = DEFAULT_TEMPERATURE if sampling.temperature is None else sampling.temperature
         top_p = DEFAULT_TOP_P if sampling.top_p is None else sampling.top_p
         seed = random.getrandbits(31) if sampling.seed is None else sampling.seed % _SEED_MODULUS
+        vocab_size = llama.n_vocab()
+        unknown = [token for token, _ in sampling.logit_bias if token >= vocab_size]
+        if unknown:
+            # Token ids are the model's: only the node knows its vocabulary.
+            raise InvalidRequest(
+                f"logit_bias token {unknown[0]} is not in the model's vocabulary "
+                f"(ids 0 to {vocab_size - 1})",
+                LOGIT_BIAS_FIELD,
+            )
         self._chain = llama_lib.llama_sampler_chain_init(
             llama_lib.llama_sampler_chain_default_params()
         )
+        if sampling.logit_bias:
+            # First, as in llama.cpp's own chain: the biases shift the raw logits.
+            biases = (llama_lib.llama_logit_bias * len(sampling.logit_bias))(
+                *(llama_lib.llama_logit_bias(token, bias) for token, bias in sampling.logit_bias)
+            )
+            self._add(
+                llama_lib.llama_sampler_init_logit_bias(
+                    vocab_size, len(sampling.logit_bias), biases
+                )
+            )
         # The penalties look at the last_n_tokens_size (64) most recent tokens.
         self._add(
             llama_lib.llama_sampler_init_penalties(
-                llama.n_vocab(),
+                vocab_size,
                 llama.last_n_tokens_size,
                 1.0,
                 sampling.frequency_penalty or 0.0,

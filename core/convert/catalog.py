@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from datetime import UTC, datetime
 
+from google.protobuf.timestamp_pb2 import Timestamp
 from resultity.common.v1 import inference_pb2 as pb
 from resultity.network.v1 import dispatch_service_pb2 as dispatch_pb
 
@@ -31,7 +33,16 @@ def catalog_model_to_pb(model: CatalogModel) -> dispatch_pb.CatalogModel:
         context_length=model.context_length,
         chat_template_overhead_tokens=model.chat_template_overhead_tokens,
         ready_nodes=model.ready_nodes,
+        created=_timestamp(model.created),
     )
+
+
+def _timestamp(value: datetime | None) -> Timestamp | None:
+    if value is None:
+        return None
+    stamp = Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
 
 
 def catalog_model_from_pb(model: dispatch_pb.CatalogModel) -> CatalogModel:
@@ -42,6 +53,7 @@ def catalog_model_from_pb(model: dispatch_pb.CatalogModel) -> CatalogModel:
         context_length=model.context_length,
         chat_template_overhead_tokens=model.chat_template_overhead_tokens,
         ready_nodes=model.ready_nodes,
+        created=model.created.ToDatetime(tzinfo=UTC) if model.HasField("created") else None,
     )
 
 

@@ -3,7 +3,7 @@ reason), shared by every contract that carries a job."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from resultity.common.v1 import inference_pb2 as pb
 
@@ -171,6 +171,11 @@ def response_format_from_pb(response_format: pb.ResponseFormat) -> ResponseForma
     return ResponseFormat(kind, response_format.json_schema)
 
 
+def logit_bias_from_pb(logit_bias: Mapping[int, float]) -> tuple[tuple[int, float], ...]:
+    """The biases in token order (a map's order on the wire is unspecified)."""
+    return tuple(sorted(logit_bias.items()))
+
+
 def spec_to_pb(spec: GenerationSpec) -> pb.GenerationSpec:
     sampling = spec.sampling
     return pb.GenerationSpec(
@@ -187,6 +192,7 @@ def spec_to_pb(spec: GenerationSpec) -> pb.GenerationSpec:
             logprobs=sampling.logprobs,
             top_logprobs=sampling.top_logprobs,
             response_format=response_format_to_pb(sampling.response_format),
+            logit_bias=dict(sampling.logit_bias),
         ),
         max_prompt_tokens=spec.max_prompt_tokens,
         prompt=spec.prompt,
@@ -215,6 +221,7 @@ def spec_from_pb(spec: pb.GenerationSpec) -> GenerationSpec:
             logprobs=sampling.logprobs,
             top_logprobs=sampling.top_logprobs,
             response_format=response_format_from_pb(sampling.response_format),
+            logit_bias=logit_bias_from_pb(sampling.logit_bias),
         ),
         max_prompt_tokens=spec.max_prompt_tokens,
         prompt=spec.prompt if spec.HasField("prompt") else None,

@@ -10,6 +10,7 @@ from resultity.common.v1 import inference_pb2 as common_pb
 from core.convert.catalog import price_to_pb
 from core.convert.generation import (
     finish_reason_to_pb,
+    logit_bias_from_pb,
     logprobs_to_pb,
     messages_from_pb,
     response_format_from_pb,
@@ -66,6 +67,7 @@ def _generation_fields(params: pb.ChatCompletionParams | pb.CompletionParams) ->
         "frequency_penalty": optional("frequency_penalty"),
         "logprobs": params.logprobs,
         "top_logprobs": optional("top_logprobs"),
+        "logit_bias": logit_bias_from_pb(params.logit_bias),
     }
 
 
@@ -95,6 +97,7 @@ def model_to_pb(model: CatalogModel) -> pb.Model:
     return pb.Model(
         id=model.id,
         owned_by=model.owned_by,
+        created=None if model.created is None else timestamp_to_pb(model.created),
         price=price_to_pb(model.price),
         context_length=model.context_length,
     )

@@ -26,6 +26,7 @@ from core.inference import (
 )
 from core.request_limits import (
     TOOL_CHOICE_FIELD,
+    check_logit_bias,
     check_messages,
     check_prompt_bytes,
     check_tool_sampling,
@@ -64,6 +65,8 @@ class GenerationRequest:
     frequency_penalty: float | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    # (token id, bias), by token id.
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -316,6 +319,7 @@ def validate(request: GenerationRequest | EmbeddingRequest) -> None:
         if not request.logprobs:
             raise InvalidArgument("top_logprobs requires logprobs to be true", field="top_logprobs")
         _check_range(request.top_logprobs, 0, MAX_TOP_LOGPROBS, "top_logprobs")
+    check_logit_bias(request.logit_bias)
 
 
 def sampling_for(request: GenerationRequest, max_tokens: int) -> Sampling:
@@ -330,4 +334,5 @@ def sampling_for(request: GenerationRequest, max_tokens: int) -> Sampling:
         logprobs=request.logprobs,
         top_logprobs=request.top_logprobs or 0,
         response_format=request.response_format if isinstance(request, ChatRequest) else None,
+        logit_bias=request.logit_bias,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -89,6 +90,33 @@ class PostgresConfigStore:
             version,
         )
         return bool(found)
+
+    async def catalog_added(self, model_ids: Sequence[str]) -> dict[str, datetime]:
+        # Replicas starting together agree on the first time: one inserts, the others
+        # read it (a row committed after this statement's snapshot is read again).
+        rows = await self._pool.fetch(
+            """WITH new AS (
+                   INSERT INTO network_catalog_models (network_id, model_id)
+                   SELECT $1, unnest($2::text[])
+                   ON CONFLICT DO NOTHING
+                   RETURNING model_id, added_at)
+               SELECT model_id, added_at FROM new
+               UNION ALL
+               SELECT model_id, added_at FROM network_catalog_models
+               WHERE network_id = $1 AND model_id = ANY($2::text[])""",
+            self._network_id,
+            list(model_ids),
+        )
+        added = {row["model_id"]: row["added_at"] for row in rows}
+        if len(added) < len(set(model_ids)):
+            rows = await self._pool.fetch(
+                """SELECT model_id, added_at FROM network_catalog_models
+                   WHERE network_id = $1 AND model_id = ANY($2::text[])""",
+                self._network_id,
+                list(model_ids),
+            )
+            added = {row["model_id"]: row["added_at"] for row in rows}
+        return added
 
     async def save_acks(self, acks: Sequence[ConfigAck]) -> None:
         await self._pool.executemany(

@@ -170,6 +170,8 @@ class NetworkService:
             canaries=self.metrics.canaries,
         )
         self._monitor: asyncio.Task[None] | None = None
+        # When each catalog model entered the catalog (start() reads it).
+        self._catalog_added: dict[str, datetime] = {}
         # Set when the configuration changes the timings the monitor sleeps by.
         self._retimed = asyncio.Event()
         network_id = self.admission.settings.network_id
@@ -201,6 +203,7 @@ class NetworkService:
         """Loads the current configuration and follows its changes on every replica."""
         self._state.start()
         self._apply_config(await self._state.current_config(self._config))
+        self._catalog_added = await self._state.catalog_added([m.id for m in self._catalog])
         await self._configs.start()
         await self._standings.start()
         self._monitor = asyncio.create_task(self._watch(), name="liveness")
@@ -576,7 +579,11 @@ class NetworkService:
     def models(self, requirements: NodeRequirements = NO_REQUIREMENTS) -> list[CatalogModel]:
         """The catalog; ``ready_nodes`` counts the nodes meeting ``requirements``."""
         return [
-            replace(model, ready_nodes=self._router.count(model.id, requirements))
+            replace(
+                model,
+                ready_nodes=self._router.count(model.id, requirements),
+                created=self._catalog_added.get(model.id),
+            )
             for model in self._catalog
         ]
 

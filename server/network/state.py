@@ -109,6 +109,9 @@ class NetworkState:
     async def add_config(self, config: NetworkConfig) -> bool:
         return await self._stores.configs.add_config(config)
 
+    async def catalog_added(self, model_ids: Sequence[str]) -> dict[str, datetime]:
+        return await self._stores.configs.catalog_added(model_ids)
+
     async def config_exists(self, version: int) -> bool:
         return await self._stores.configs.config_exists(version)
 

@@ -72,6 +72,10 @@ class ConfigStore(Protocol):
 
     async def config_exists(self, version: int) -> bool: ...
 
+    async def catalog_added(self, model_ids: Sequence[str]) -> dict[str, datetime]:
+        """When each model entered the catalog; those never seen before enter now."""
+        ...
+
     async def save_acks(self, acks: Sequence[ConfigAck]) -> None: ...
 
     async def list_acks(self, version: int, after_node_id: str, limit: int) -> list[ConfigAck]:

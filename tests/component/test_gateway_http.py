@@ -132,7 +132,7 @@ async def test_chat_completion(client: openai.AsyncOpenAI, cloud: ScriptedCloud)
             "type": "json_schema",
             "json_schema": {"name": "greeting", "schema": {"type": "object"}, "strict": True},
         },
-        logit_bias={},  # empty: nothing to honour
+        logit_bias={"15339": -100, "7": 2.5},
     )
     completion = raw.parse()
 
@@ -173,6 +173,7 @@ async def test_chat_completion(client: openai.AsyncOpenAI, cloud: ScriptedCloud)
                 type=inference_pb2.RESPONSE_FORMAT_TYPE_JSON_SCHEMA,
                 json_schema='{"type": "object"}',
             ),
+            logit_bias={15339: -100, 7: 2.5},
         )
     )
     logprobs = completion.choices[0].logprobs
@@ -507,7 +508,8 @@ async def test_in_band_error_after_stream_started(
         ({"model": MODEL, "messages": HELLO, "top_logprobs": 2}, "top_logprobs"),
         ({"model": MODEL, "messages": HELLO, "stream": "yes"}, "stream"),
         ({"model": MODEL, "messages": HELLO, "logprobs": "true"}, "logprobs"),
-        ({"model": MODEL, "messages": HELLO, "logit_bias": {"15339": -100}}, "logit_bias"),
+        ({"model": MODEL, "messages": HELLO, "logit_bias": {"15339": -101}}, "logit_bias.15339"),
+        ({"model": MODEL, "messages": HELLO, "logit_bias": {"-1": 5}}, "logit_bias.-1.[key]"),
         ({"model": MODEL, "messages": HELLO, "tools": [{"type": "function"}]}, "tools.0.function"),
         ({"model": MODEL, "messages": HELLO, "n": 9}, "n"),
         ({"model": MODEL, "messages": HELLO, "stop": [""]}, "stop.0"),

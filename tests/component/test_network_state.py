@@ -201,6 +201,29 @@ async def _job_rows(dsn: str, network_id: str) -> list[dict[str, Any]]:
     return [dict(row) | {"assignments": json.loads(row["assignments"])} for row in rows]
 
 
+async def test_a_model_keeps_the_time_it_entered_the_catalog(postgres_dsn: str) -> None:
+    network = await start_network(postgres_dsn)
+    network_id = _network_id(network)
+    try:
+        [model] = network.component.service.models()
+    finally:
+        await network.stop()
+    assert model.created is not None
+
+    restarted = await start_network(postgres_dsn, network_id=network_id)
+    other = await start_network(postgres_dsn)
+    try:
+        [again] = restarted.component.service.models()
+        [elsewhere] = other.component.service.models()
+    finally:
+        await restarted.stop()
+        await other.stop()
+    assert again.created == model.created
+    # Another network's catalog is its own: the model entered it later.
+    assert elsewhere.created is not None
+    assert elsewhere.created > model.created
+
+
 async def test_job_records_tell_how_each_job_went(postgres_dsn: str) -> None:
     async with running_platform(postgres_dsn) as platform:
         for name in ("a", "b"):

@@ -14,6 +14,7 @@ from agent.runtime.base import (
     Finished,
     GenerationEvent,
     GenerationRequest,
+    InvalidRequest,
     PromptTooLong,
     Started,
     TokenText,
@@ -353,6 +354,27 @@ async def test_auto_tool_choice_answers_in_text_or_a_valid_call(
     if finished.reason is FinishReason.STOP:
         # Plain text, or text and calls that parse: never a broken block.
         _calls(text, tool_use)
+
+
+def _token_ids(events: list[GenerationEvent]) -> list[int]:
+    return [token for event in events if isinstance(event, TokenText) for token in event.token_ids]
+
+
+@pytest.mark.model
+async def test_logit_bias_bans_and_forces_tokens(runtime: LlamaCppRuntime) -> None:
+    request = _request(max_tokens=4)
+    first, *rest = _token_ids(await _collect(runtime, request))
+    other = next(token for token in rest if token != first)
+
+    banned = await _collect(runtime, _sampled(request, logit_bias=((first, -100.0),)))
+    forced = await _collect(runtime, _sampled(request, logit_bias=((other, 100.0),)))
+
+    _check_shape(banned)
+    assert _token_ids(banned)[0] != first
+    assert _token_ids(forced) == [other] * 4
+    with pytest.raises(InvalidRequest) as raised:
+        await _collect(runtime, _sampled(request, logit_bias=((10**7, 1.0),)))
+    assert raised.value.param == "logit_bias"
 
 
 @pytest.mark.model

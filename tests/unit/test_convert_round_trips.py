@@ -107,6 +107,10 @@ samplings = st.builds(
     logprobs=st.booleans(),
     top_logprobs=st.integers(0, 20),
     response_format=response_formats,
+    # Travel as a map: in token order once converted back.
+    logit_bias=st.dictionaries(int32s, float32s, max_size=4).map(
+        lambda m: tuple(sorted(m.items()))
+    ),
 )
 tool_calls = st.lists(st.builds(ToolCall, texts, texts, texts), **small_tuples).map(tuple)
 messages = st.builds(ChatMessage, st.sampled_from(ChatRole), texts, tool_calls, texts, texts)
@@ -274,6 +278,11 @@ catalog_models = st.builds(
     context_length=int32s,
     chat_template_overhead_tokens=int32s,
     ready_nodes=int32s,
+    # Protobuf timestamps keep microseconds (datetime's precision) exactly.
+    created=st.none()
+    | st.datetimes(
+        min_value=datetime(1970, 1, 1), max_value=datetime(9999, 12, 31), timezones=st.just(UTC)
+    ),
 )
 
 

@@ -13,6 +13,7 @@ from core.convert.job_events import assign_from_pb
 from core.errors import InvalidArgument
 from core.inference import ChatMessage, ChatRole, ResponseFormat, ResponseFormatType
 from core.request_limits import (
+    MAX_LOGIT_BIAS_TOKENS,
     PROMPT_LIMITS,
     SCHEMA_FIELD,
     SCHEMA_LIMITS,
@@ -121,6 +122,17 @@ def test_prompt_bytes_are_bounded() -> None:
             SCHEMA_FIELD,
         ),
         (TextRequest(model="m", prompts=("x" * (PROMPT_LIMITS.max_bytes + 1),)), "prompt"),
+        (
+            TextRequest(
+                model="m",
+                prompts=("hi",),
+                logit_bias=tuple((token, 1.0) for token in range(MAX_LOGIT_BIAS_TOKENS + 1)),
+            ),
+            "logit_bias",
+        ),
+        (TextRequest(model="m", prompts=("hi",), logit_bias=((5, 100.5),)), "logit_bias"),
+        (TextRequest(model="m", prompts=("hi",), logit_bias=((5, float("nan")),)), "logit_bias"),
+        (TextRequest(model="m", prompts=("hi",), logit_bias=((-1, 1.0),)), "logit_bias"),
         (EmbeddingRequest(model="m", inputs=("x" * (PROMPT_LIMITS.max_bytes + 1),)), "input"),
     ],
 )
@@ -143,6 +155,8 @@ def _assignment(**fields: object) -> common_pb.GenerationSpec:
         if name == "messages":
             del spec.messages[:]
             spec.messages.extend(value)  # type: ignore[arg-type]
+        elif name == "logit_bias":
+            spec.sampling.logit_bias.update(value)  # type: ignore[call-overload]
         elif name == "schema":
             spec.sampling.response_format.type = common_pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA
             spec.sampling.response_format.json_schema = str(value)
@@ -165,6 +179,8 @@ def _assignment(**fields: object) -> common_pb.GenerationSpec:
             "messages",
         ),
         (_assignment(prompt="x" * (PROMPT_LIMITS.max_bytes + 1)), "prompt"),
+        (_assignment(logit_bias={token: -100 for token in range(1000)}), "logit_bias"),
+        (_assignment(logit_bias={3: 1e9}), "logit_bias"),
     ],
 )
 def test_the_agent_refuses_hostile_assignments_before_its_runtime(

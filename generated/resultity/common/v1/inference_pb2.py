@@ -24,21 +24,23 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#resultity/common/v1/inference.proto\x12\x13resultity.common.v1\"\xa2\x01\n\x0b\x43hatMessage\x12+\n\x04role\x18\x01 \x01(\x0e\x32\x1d.resultity.common.v1.ChatRole\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x31\n\ntool_calls\x18\x03 \x03(\x0b\x32\x1d.resultity.common.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"E\n\x0c\x46unctionTool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x12\n\nparameters\x18\x03 \x01(\t\"V\n\nToolChoice\x12\x31\n\x04mode\x18\x01 \x01(\x0e\x32#.resultity.common.v1.ToolChoiceMode\x12\x15\n\rfunction_name\x18\x02 \x01(\t\"\x84\x01\n\x07ToolUse\x12\x30\n\x05tools\x18\x01 \x03(\x0b\x32!.resultity.common.v1.FunctionTool\x12/\n\x06\x63hoice\x18\x02 \x01(\x0b\x32\x1f.resultity.common.v1.ToolChoice\x12\x16\n\x0eparallel_calls\x18\x03 \x01(\x08\"\xe6\x02\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\x04 \x03(\t\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x02\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x06 \x01(\x01H\x03\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x07 \x01(\x01H\x04\x88\x01\x01\x12\x10\n\x08logprobs\x18\x08 \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\t \x01(\x05\x12<\n\x0fresponse_format\x18\n \x01(\x0b\x32#.resultity.common.v1.ResponseFormatB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penalty\"\\\n\x0eResponseFormat\x12\x35\n\x04type\x18\x01 \x01(\x0e\x32\'.resultity.common.v1.ResponseFormatType\x12\x13\n\x0bjson_schema\x18\x02 \x01(\t\"t\n\x0cTokenLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x0c\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\x12\x35\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x1f.resultity.common.v1.TopLogprob\";\n\nTopLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x0c\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\"\x84\x02\n\x0eGenerationSpec\x12\r\n\x05model\x18\x01 \x01(\t\x12\x32\n\x08messages\x18\x02 \x03(\x0b\x32 .resultity.common.v1.ChatMessage\x12\x35\n\x08sampling\x18\x03 \x01(\x0b\x32#.resultity.common.v1.SamplingParams\x12\x19\n\x11max_prompt_tokens\x18\x04 \x01(\x05\x12\x13\n\x06prompt\x18\x05 \x01(\tH\x00\x88\x01\x01\x12\r\n\x05\x65mbed\x18\x06 \x01(\x08\x12.\n\x08tool_use\x18\x07 \x01(\x0b\x32\x1c.resultity.common.v1.ToolUseB\t\n\x07_prompt\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x03\"`\n\nModelPrice\x12&\n\x1eprompt_micro_credits_per_token\x18\x01 \x01(\x03\x12*\n\"completion_micro_credits_per_token\x18\x02 \x01(\x03*\x95\x01\n\x08\x43hatRole\x12\x19\n\x15\x43HAT_ROLE_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43HAT_ROLE_SYSTEM\x10\x01\x12\x12\n\x0e\x43HAT_ROLE_USER\x10\x02\x12\x17\n\x13\x43HAT_ROLE_ASSISTANT\x10\x03\x12\x17\n\x13\x43HAT_ROLE_DEVELOPER\x10\x04\x12\x12\n\x0e\x43HAT_ROLE_TOOL\x10\x05*\xa6\x01\n\x0eToolChoiceMode\x12 \n\x1cTOOL_CHOICE_MODE_UNSPECIFIED\x10\x00\x12\x19\n\x15TOOL_CHOICE_MODE_NONE\x10\x01\x12\x19\n\x15TOOL_CHOICE_MODE_AUTO\x10\x02\x12\x1d\n\x19TOOL_CHOICE_MODE_REQUIRED\x10\x03\x12\x1d\n\x19TOOL_CHOICE_MODE_FUNCTION\x10\x04*\x9a\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x04*\xa5\x01\n\x12ResponseFormatType\x12$\n RESPONSE_FORMAT_TYPE_UNSPECIFIED\x10\x00\x12\x1d\n\x19RESPONSE_FORMAT_TYPE_TEXT\x10\x01\x12$\n RESPONSE_FORMAT_TYPE_JSON_OBJECT\x10\x02\x12$\n RESPONSE_FORMAT_TYPE_JSON_SCHEMA\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#resultity/common/v1/inference.proto\x12\x13resultity.common.v1\"\xa2\x01\n\x0b\x43hatMessage\x12+\n\x04role\x18\x01 \x01(\x0e\x32\x1d.resultity.common.v1.ChatRole\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x31\n\ntool_calls\x18\x03 \x03(\x0b\x32\x1d.resultity.common.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"E\n\x0c\x46unctionTool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x12\n\nparameters\x18\x03 \x01(\t\"V\n\nToolChoice\x12\x31\n\x04mode\x18\x01 \x01(\x0e\x32#.resultity.common.v1.ToolChoiceMode\x12\x15\n\rfunction_name\x18\x02 \x01(\t\"\x84\x01\n\x07ToolUse\x12\x30\n\x05tools\x18\x01 \x03(\x0b\x32!.resultity.common.v1.FunctionTool\x12/\n\x06\x63hoice\x18\x02 \x01(\x0b\x32\x1f.resultity.common.v1.ToolChoice\x12\x16\n\x0eparallel_calls\x18\x03 \x01(\x08\"\xe0\x03\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\x04 \x03(\t\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x02\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x06 \x01(\x01H\x03\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x07 \x01(\x01H\x04\x88\x01\x01\x12\x10\n\x08logprobs\x18\x08 \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\t \x01(\x05\x12<\n\x0fresponse_format\x18\n \x01(\x0b\x32#.resultity.common.v1.ResponseFormat\x12\x46\n\nlogit_bias\x18\x0b \x03(\x0b\x32\x32.resultity.common.v1.SamplingParams.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penalty\"\\\n\x0eResponseFormat\x12\x35\n\x04type\x18\x01 \x01(\x0e\x32\'.resultity.common.v1.ResponseFormatType\x12\x13\n\x0bjson_schema\x18\x02 \x01(\t\"t\n\x0cTokenLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x0c\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\x12\x35\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x1f.resultity.common.v1.TopLogprob\";\n\nTopLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x0c\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\"\x84\x02\n\x0eGenerationSpec\x12\r\n\x05model\x18\x01 \x01(\t\x12\x32\n\x08messages\x18\x02 \x03(\x0b\x32 .resultity.common.v1.ChatMessage\x12\x35\n\x08sampling\x18\x03 \x01(\x0b\x32#.resultity.common.v1.SamplingParams\x12\x19\n\x11max_prompt_tokens\x18\x04 \x01(\x05\x12\x13\n\x06prompt\x18\x05 \x01(\tH\x00\x88\x01\x01\x12\r\n\x05\x65mbed\x18\x06 \x01(\x08\x12.\n\x08tool_use\x18\x07 \x01(\x0b\x32\x1c.resultity.common.v1.ToolUseB\t\n\x07_prompt\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x03\"`\n\nModelPrice\x12&\n\x1eprompt_micro_credits_per_token\x18\x01 \x01(\x03\x12*\n\"completion_micro_credits_per_token\x18\x02 \x01(\x03*\x95\x01\n\x08\x43hatRole\x12\x19\n\x15\x43HAT_ROLE_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43HAT_ROLE_SYSTEM\x10\x01\x12\x12\n\x0e\x43HAT_ROLE_USER\x10\x02\x12\x17\n\x13\x43HAT_ROLE_ASSISTANT\x10\x03\x12\x17\n\x13\x43HAT_ROLE_DEVELOPER\x10\x04\x12\x12\n\x0e\x43HAT_ROLE_TOOL\x10\x05*\xa6\x01\n\x0eToolChoiceMode\x12 \n\x1cTOOL_CHOICE_MODE_UNSPECIFIED\x10\x00\x12\x19\n\x15TOOL_CHOICE_MODE_NONE\x10\x01\x12\x19\n\x15TOOL_CHOICE_MODE_AUTO\x10\x02\x12\x1d\n\x19TOOL_CHOICE_MODE_REQUIRED\x10\x03\x12\x1d\n\x19TOOL_CHOICE_MODE_FUNCTION\x10\x04*\x9a\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x04*\xa5\x01\n\x12ResponseFormatType\x12$\n RESPONSE_FORMAT_TYPE_UNSPECIFIED\x10\x00\x12\x1d\n\x19RESPONSE_FORMAT_TYPE_TEXT\x10\x01\x12$\n RESPONSE_FORMAT_TYPE_JSON_OBJECT\x10\x02\x12$\n RESPONSE_FORMAT_TYPE_JSON_SCHEMA\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'resultity.common.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CHATROLE']._serialized_start=1631
-  _globals['_CHATROLE']._serialized_end=1780
-  _globals['_TOOLCHOICEMODE']._serialized_start=1783
-  _globals['_TOOLCHOICEMODE']._serialized_end=1949
-  _globals['_FINISHREASON']._serialized_start=1952
-  _globals['_FINISHREASON']._serialized_end=2106
-  _globals['_RESPONSEFORMATTYPE']._serialized_start=2109
-  _globals['_RESPONSEFORMATTYPE']._serialized_end=2274
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
+  _globals['_CHATROLE']._serialized_start=1753
+  _globals['_CHATROLE']._serialized_end=1902
+  _globals['_TOOLCHOICEMODE']._serialized_start=1905
+  _globals['_TOOLCHOICEMODE']._serialized_end=2071
+  _globals['_FINISHREASON']._serialized_start=2074
+  _globals['_FINISHREASON']._serialized_end=2228
+  _globals['_RESPONSEFORMATTYPE']._serialized_start=2231
+  _globals['_RESPONSEFORMATTYPE']._serialized_end=2396
   _globals['_CHATMESSAGE']._serialized_start=61
   _globals['_CHATMESSAGE']._serialized_end=223
   _globals['_TOOLCALL']._serialized_start=225
@@ -50,17 +52,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOOLUSE']._serialized_start=442
   _globals['_TOOLUSE']._serialized_end=574
   _globals['_SAMPLINGPARAMS']._serialized_start=577
-  _globals['_SAMPLINGPARAMS']._serialized_end=935
-  _globals['_RESPONSEFORMAT']._serialized_start=937
-  _globals['_RESPONSEFORMAT']._serialized_end=1029
-  _globals['_TOKENLOGPROB']._serialized_start=1031
-  _globals['_TOKENLOGPROB']._serialized_end=1147
-  _globals['_TOPLOGPROB']._serialized_start=1149
-  _globals['_TOPLOGPROB']._serialized_end=1208
-  _globals['_GENERATIONSPEC']._serialized_start=1211
-  _globals['_GENERATIONSPEC']._serialized_end=1471
-  _globals['_USAGE']._serialized_start=1473
-  _globals['_USAGE']._serialized_end=1530
-  _globals['_MODELPRICE']._serialized_start=1532
-  _globals['_MODELPRICE']._serialized_end=1628
+  _globals['_SAMPLINGPARAMS']._serialized_end=1057
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=931
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=979
+  _globals['_RESPONSEFORMAT']._serialized_start=1059
+  _globals['_RESPONSEFORMAT']._serialized_end=1151
+  _globals['_TOKENLOGPROB']._serialized_start=1153
+  _globals['_TOKENLOGPROB']._serialized_end=1269
+  _globals['_TOPLOGPROB']._serialized_start=1271
+  _globals['_TOPLOGPROB']._serialized_end=1330
+  _globals['_GENERATIONSPEC']._serialized_start=1333
+  _globals['_GENERATIONSPEC']._serialized_end=1593
+  _globals['_USAGE']._serialized_start=1595
+  _globals['_USAGE']._serialized_end=1652
+  _globals['_MODELPRICE']._serialized_start=1654
+  _globals['_MODELPRICE']._serialized_end=1750
 # @@protoc_insertion_point(module_scope)

@@ -401,6 +401,7 @@ class CatalogModel(_message.Message):
     CONTEXT_LENGTH_FIELD_NUMBER: _builtins.int
     CHAT_TEMPLATE_OVERHEAD_TOKENS_FIELD_NUMBER: _builtins.int
     READY_NODES_FIELD_NUMBER: _builtins.int
+    CREATED_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     owned_by: _builtins.str
     context_length: _builtins.int
@@ -413,6 +414,10 @@ class CatalogModel(_message.Message):
     """Live nodes currently serving this model."""
     @_builtins.property
     def price(self) -> _inference_pb2.ModelPrice: ...
+    @_builtins.property
+    def created(self) -> _timestamp_pb2.Timestamp:
+        """When the model entered this network's catalog."""
+
     def __init__(
         self,
         *,
@@ -422,10 +427,11 @@ class CatalogModel(_message.Message):
         context_length: _builtins.int = ...,
         chat_template_overhead_tokens: _builtins.int = ...,
         ready_nodes: _builtins.int = ...,
+        created: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["price", b"price"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "price", b"price"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat_template_overhead_tokens", b"chat_template_overhead_tokens", "context_length", b"context_length", "id", b"id", "owned_by", b"owned_by", "price", b"price", "ready_nodes", b"ready_nodes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat_template_overhead_tokens", b"chat_template_overhead_tokens", "context_length", b"context_length", "created", b"created", "id", b"id", "owned_by", b"owned_by", "price", b"price", "ready_nodes", b"ready_nodes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
