@@ -15,8 +15,8 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
-    StrictBool,
     RootModel,
+    StrictBool,
     model_validator,
 )
 from pydantic.json_schema import SkipJsonSchema

@@ -179,7 +179,8 @@ async def test_text_format_becomes_the_response_format(
 
     sent = cloud.calls[0].request.params.response_format
     assert (sent.type, sent.json_schema) == (kind, schema)
-    assert response.text is not None and response.text.format is not None
+    assert response.text is not None
+    assert response.text.format is not None
     assert response.text.format.type == text_format["type"]
 
 
