@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 ARGS ?=
 PROTO_FILES := $(shell find proto -name '*.proto')
 
-.PHONY: install generate check-generated lint test test-integration test-browser fuzz run bench clean
+.PHONY: install generate check-generated lint test test-integration test-browser test-node fuzz run bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,11 @@ test-integration: install
 SCREENSHOTS ?= .ci/artifacts/console
 test-browser: install
 	RESULTITY_SCREENSHOTS=$(SCREENSHOTS) $(BIN)/pytest -m browser tests/browser $(PYTEST_ARGS)
+
+# A partner's Node.js client built from proto/ alone (examples/node; needs node and npm,
+# installs its packages from npm into examples/node/node_modules on first run).
+test-node: install
+	$(BIN)/pytest -m node tests/node $(PYTEST_ARGS)
 
 # Generated hostile requests against the gateway's OpenAPI document and the gRPC
 # APIs (tests/fuzz, marked fuzz so that `make test` leaves them out).
