@@ -23,9 +23,9 @@ from dataclasses import dataclass
 
 import llama_cpp
 import llama_cpp.llama_cpp as llama_lib
-from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
 from agent.runtime.base import InvalidRequest
+from agent.runtime.json_grammar import JSON_OBJECT_GBNF, json_schema_grammar
 from core.inference import ResponseFormatType, Sampling
 from core.request_limits import LOGIT_BIAS_FIELD, SCHEMA_FIELD
 
@@ -54,9 +54,9 @@ def grammar_for(sampling: Sampling) -> Grammar | None:
     kind = None if response_format is None else response_format.type
     try:
         if kind is ResponseFormatType.JSON_OBJECT:
-            return Grammar(JSON_GBNF)
+            return Grammar(JSON_OBJECT_GBNF)
         if kind is ResponseFormatType.JSON_SCHEMA and response_format is not None:
-            return Grammar(json_schema_to_gbnf(response_format.json_schema))
+            return Grammar(json_schema_grammar(response_format.json_schema))
     except Exception as exc:  # the converter raises assorted errors on schemas it cannot do
         raise InvalidRequest(f"unsupported JSON schema: {exc}", SCHEMA_FIELD) from exc
     return None
