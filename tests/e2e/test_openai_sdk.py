@@ -75,6 +75,54 @@ async def test_completion_streamed_and_not_gives_the_same_greedy_answer_billed_e
     assert spent == 2 * per_request
 
 
+async def test_defaults_clients_expect(platform: RunningPlatform) -> None:
+    async with httpx.AsyncClient(
+        base_url=platform.base_url,
+        headers={"authorization": f"Bearer {platform.api_key}"},
+        timeout=120,
+    ) as http:
+        answered = await http.post(
+            "/chat/completions", json={"model": MODEL, "messages": QUESTION, "max_tokens": 4}
+        )
+        models = (await http.get("/models")).json()["data"]
+        unknown_token = await http.post(
+            "/chat/completions",
+            json={"model": MODEL, "messages": QUESTION, "logit_bias": {"1000000": 5}},
+        )
+
+    # resultity up's default limits, reported as OpenAI names them.
+    assert answered.status_code == 200
+    assert answered.headers["x-ratelimit-limit-requests"] == "600"
+    assert answered.headers["x-ratelimit-limit-tokens"] == "1000000"
+    for name in ("remaining-requests", "reset-requests", "remaining-tokens", "reset-tokens"):
+        assert answered.headers[f"x-ratelimit-{name}"]
+    # When the model entered the catalog: this platform's first start, today.
+    assert models[0]["created"] > 1_700_000_000
+    # Token ids are the model's; the node knows its vocabulary.
+    assert unknown_token.status_code == 400
+    assert unknown_token.json()["error"]["param"] == "logit_bias"
+
+
+async def test_responses_api_streamed_and_not(platform: RunningPlatform) -> None:
+    client = platform.client()
+    whole = await client.responses.create(
+        model=MODEL, input=QUESTION, temperature=0, max_output_tokens=16
+    )
+    stream = await client.responses.create(
+        model=MODEL, input=QUESTION, temperature=0, max_output_tokens=16, stream=True
+    )
+    events = [event async for event in stream]
+
+    assert "paris" in whole.output_text.lower()
+    assert events[0].type == "response.created"
+    final = events[-1]
+    assert final.type in {"response.completed", "response.incomplete"}
+    assert final.response.output_text == whole.output_text
+    assert final.response.usage is not None
+    assert whole.usage is not None
+    assert final.response.usage.output_tokens == whole.usage.output_tokens
+
+
 async def test_models_lists_the_served_model(platform: RunningPlatform) -> None:
     models = await platform.client().models.list()
     assert [model.id for model in models.data] == [MODEL]
