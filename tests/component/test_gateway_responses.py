@@ -230,6 +230,18 @@ async def test_stream_through_the_sdk(client: openai.AsyncOpenAI, cloud: Scripte
     assert cloud.calls[0].method == "StreamChatCompletion"
 
 
+async def test_the_sdks_stream_helper_assembles_the_response(client: openai.AsyncOpenAI) -> None:
+    async with client.responses.stream(model=MODEL, input="Say hello") as stream:
+        texts = [
+            event.delta async for event in stream if event.type == "response.output_text.delta"
+        ]
+        final = await stream.get_final_response()
+
+    assert texts == ["Hello", " world"]
+    assert final.output_text == "Hello world"
+    assert final.status == "completed"
+
+
 async def test_stream_bytes(http: httpx.AsyncClient, cloud: ScriptedCloud) -> None:
     cloud.script.finish_reason = inference_pb2.FINISH_REASON_LENGTH
     response = await http.post(
