@@ -60,7 +60,9 @@ async def test_a_node_client_streams_and_decodes_error_info(platform: Platform) 
     await platform.start_agent(ScriptedRuntime())
     customer = await platform.customer(credits=1_000_000)
 
-    output = await _run("node", "chat_stream.js", platform.target, customer.api_key, SMOLLM2_135M.id)
+    output = await _run(
+        "node", "chat_stream.js", platform.target, customer.api_key, SMOLLM2_135M.id
+    )
 
     result = json.loads(output)
     streamed = result["streamed"]
