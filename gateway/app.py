@@ -46,7 +46,7 @@ from gateway.relay import (
     stream_sse,
     unless_client_gone,
 )
-from gateway.responses_schemas import ResponseRequest
+from gateway.responses_schemas import ResponseRequest, without_union_tags
 from gateway.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
 if TYPE_CHECKING:
@@ -261,12 +261,21 @@ async def _read_body(request: Request) -> bytes:
     return b"".join(chunks)
 
 
-async def _parse(request: Request, model: type[_Body]) -> _Body:
+async def _parse(
+    request: Request,
+    model: type[_Body],
+    located: Callable[[tuple[int | str, ...]], tuple[int | str, ...]] | None = None,
+) -> _Body:
+    """The body as ``model``; a 400 naming the first bad field, whose location
+    ``located`` rewrites as the request names it."""
     body = await _read_body(request)
     try:
         return model.model_validate_json(body)
     except ValidationError as error:
-        raise errors.from_validation_errors(error.errors()) from None
+        found = error.errors()
+        if located is not None:
+            found = [{**item, "loc": located(tuple(item["loc"]))} for item in found]
+        raise errors.from_validation_errors(found) from None
 
 
 def _bind_request(request: Request, model: str, **fields: object) -> None:
@@ -366,7 +375,7 @@ async def completions(request: Request) -> Response:
 async def responses(request: Request) -> Response:
     """The Responses API, answered by a chat completion (gateway/responses_convert.py)."""
     metadata = _call_metadata(request)
-    body = await _parse(request, ResponseRequest)
+    body = await _parse(request, ResponseRequest, without_union_tags)
     params = responses_convert.params_from_request(body)
     params.region = _region(request)
     request.state.params = RequestParams.of(ResponseRequest, **responses_convert.PARAM_RENAMES)

@@ -3,13 +3,13 @@ completion parameters, and the chat completion (whole or streamed) becomes a
 response or its stream of events.
 
 Pure conversions: cloud runs the request exactly as a chat completion (admission,
-holds, rate limits, settlement); nothing here decides anything.
+holds, rate limits, settlement, tool calls); nothing here decides anything.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from resultity.cloud.v1 import inference_service_pb2 as pb
@@ -18,12 +18,21 @@ from resultity.common.v1 import inference_pb2
 from gateway import convert
 from gateway.errors import INVALID_REQUEST, RATE_LIMIT_EXCEEDED, ApiError
 from gateway.responses_schemas import (
+    ArgumentsDeltaEvent,
+    ArgumentsDoneEvent,
     ContentPartEvent,
     ErrorEvent,
+    FunctionCallItem,
+    FunctionCallOutputItem,
+    FunctionToolParam,
     IncompleteDetails,
+    InputItem,
     InputMessage,
     LifecycleEvent,
     MessageStatus,
+    NamedFunctionChoice,
+    OutputFunctionCall,
+    OutputItem,
     OutputItemEvent,
     OutputMessage,
     OutputText,
@@ -40,12 +49,16 @@ from gateway.responses_schemas import (
     TextSettings,
 )
 
-# Developer messages are instructions, as system messages are for the models served.
 _ROLES: dict[str, inference_pb2.ChatRole.ValueType] = {
     "system": inference_pb2.CHAT_ROLE_SYSTEM,
-    "developer": inference_pb2.CHAT_ROLE_SYSTEM,
+    "developer": inference_pb2.CHAT_ROLE_DEVELOPER,
     "user": inference_pb2.CHAT_ROLE_USER,
     "assistant": inference_pb2.CHAT_ROLE_ASSISTANT,
+}
+_TOOL_CHOICES: dict[str, inference_pb2.ToolChoiceMode.ValueType] = {
+    "none": inference_pb2.TOOL_CHOICE_MODE_NONE,
+    "auto": inference_pb2.TOOL_CHOICE_MODE_AUTO,
+    "required": inference_pb2.TOOL_CHOICE_MODE_REQUIRED,
 }
 
 # Where cloud's field names (chat completion parameters) are the request's others.
@@ -69,34 +82,73 @@ def _response_format(request: ResponseRequest) -> inference_pb2.ResponseFormat |
     return None
 
 
-def _message(message: InputMessage) -> inference_pb2.ChatMessage:
-    return inference_pb2.ChatMessage(role=_ROLES[message.role], content=message.text)
+def _messages(items: Sequence[InputItem]) -> list[inference_pb2.ChatMessage]:
+    """The chat's messages: a function call joins the assistant message before it (or
+    opens one), as the calls of one assistant turn; a call's output is a tool message."""
+    messages: list[inference_pb2.ChatMessage] = []
+    for item in items:
+        if isinstance(item, InputMessage):
+            messages.append(inference_pb2.ChatMessage(role=_ROLES[item.role], content=item.text))
+        elif isinstance(item, FunctionCallItem):
+            call = inference_pb2.ToolCall(id=item.call_id, name=item.name, arguments=item.arguments)
+            if not messages or messages[-1].role != inference_pb2.CHAT_ROLE_ASSISTANT:
+                messages.append(inference_pb2.ChatMessage(role=inference_pb2.CHAT_ROLE_ASSISTANT))
+            messages[-1].tool_calls.append(call)
+        else:
+            messages.append(_tool_result(item))
+    return messages
+
+
+def _tool_result(item: FunctionCallOutputItem) -> inference_pb2.ChatMessage:
+    return inference_pb2.ChatMessage(
+        role=inference_pb2.CHAT_ROLE_TOOL, content=item.text, tool_call_id=item.call_id
+    )
+
+
+def _tool(tool: FunctionToolParam) -> inference_pb2.FunctionTool:
+    return inference_pb2.FunctionTool(
+        name=tool.name,
+        description=tool.description or "",
+        parameters="" if tool.parameters is None else json.dumps(tool.parameters),
+    )
+
+
+def _tool_choice(
+    choice: str | NamedFunctionChoice | None,
+) -> inference_pb2.ToolChoice | None:
+    if choice is None:
+        return None
+    if isinstance(choice, NamedFunctionChoice):
+        return inference_pb2.ToolChoice(
+            mode=inference_pb2.TOOL_CHOICE_MODE_FUNCTION, function_name=choice.name
+        )
+    return inference_pb2.ToolChoice(mode=_TOOL_CHOICES[choice])
 
 
 def params_from_request(request: ResponseRequest) -> pb.ChatCompletionParams:
     """The chat completion that answers ``request``: its instructions as the first
     system message, then its input items in order."""
-    messages = [_message(item) for item in request.input]
+    messages = _messages(request.input)
     if request.instructions is not None:
         instructions = inference_pb2.ChatMessage(
             role=inference_pb2.CHAT_ROLE_SYSTEM, content=request.instructions
         )
         messages.insert(0, instructions)
+    # Without tools, "none", "auto" and parallel_tool_calls change nothing (the schema
+    # refuses a choice that needs tools); chat completions take them only with tools.
+    tools = request.tools or []
     return pb.ChatCompletionParams(
         model=request.model,
         messages=messages,
+        tools=[_tool(tool) for tool in tools],
+        tool_choice=_tool_choice(request.tool_choice) if tools else None,
+        parallel_tool_calls=request.parallel_tool_calls if tools else None,
         max_tokens=request.max_output_tokens,
         temperature=request.temperature,
         top_p=request.top_p,
         user=request.end_user,
         response_format=_response_format(request),
     )
-
-
-def _ids(completion_id: str) -> tuple[str, str]:
-    """The response's id and its message's, from the chat completion's ("chatcmpl-<hex>")."""
-    suffix = completion_id.partition("-")[2] or completion_id
-    return f"resp_{suffix}", f"msg_{suffix}"
 
 
 def _usage(usage: inference_pb2.Usage) -> ResponseUsage:
@@ -113,29 +165,39 @@ def _status(reason: inference_pb2.FinishReason.ValueType) -> MessageStatus:
 
 @dataclass
 class _Envelope:
-    """What a response repeats of its request, and its identity."""
+    """What a response repeats of its request, and its identity: ids derive from the
+    chat completion's ("chatcmpl-<hex>": "resp_<hex>", its message "msg_<hex>", the
+    call at output index n "fc_<hex>_<n>")."""
 
     request: ResponseRequest
-    response_id: str = ""
-    message_id: str = ""
+    suffix: str = ""
     created_at: int = 0
     model: str = ""
 
     def start(self, completion_id: str, created_at: int, model: str) -> None:
-        self.response_id, self.message_id = _ids(completion_id)
+        self.suffix = completion_id.partition("-")[2] or completion_id
         self.created_at, self.model = created_at, model
+
+    @property
+    def message_id(self) -> str:
+        return f"msg_{self.suffix}"
+
+    def call_id(self, output_index: int) -> str:
+        return f"fc_{self.suffix}_{output_index}"
 
     def response(
         self,
         status: ResponseStatus,
-        output: list[OutputMessage],
+        output: list[OutputItem],
         usage: ResponseUsage | None = None,
         error: ResponseError | None = None,
     ) -> ResponseObject:
         request = self.request
         text_format = request.text.format if request.text is not None else None
+        # Unset: "auto", as OpenAI reports it.
+        choice = request.tool_choice
         return ResponseObject(
-            id=self.response_id,
+            id=f"resp_{self.suffix}",
             created_at=self.created_at,
             status=status,
             error=error,
@@ -155,7 +217,10 @@ class _Envelope:
                 if text_format is None
                 else text_format.model_dump(by_alias=True, exclude_none=True)
             ),
-            tool_choice=request.tool_choice or "auto",
+            tool_choice=choice.model_dump()
+            if isinstance(choice, NamedFunctionChoice)
+            else (choice or "auto"),
+            tools=[tool.model_dump(exclude_none=True) for tool in request.tools or ()],
             top_p=request.top_p,
             usage=usage,
             user=request.user,
@@ -166,17 +231,35 @@ class _Envelope:
         content = [] if text is None else [OutputText(text=text)]
         return OutputMessage(id=self.message_id, status=status, content=content)
 
+    def call(
+        self, output_index: int, status: MessageStatus, call: inference_pb2.ToolCall
+    ) -> OutputFunctionCall:
+        return OutputFunctionCall(
+            id=self.call_id(output_index),
+            status=status,
+            call_id=call.id,
+            name=call.name,
+            arguments=call.arguments,
+        )
+
 
 def response_from_proto(
     request: ResponseRequest, completion: pb.CreateChatCompletionResponse
 ) -> ResponseObject:
-    """The whole response to ``request``, from its chat completion (one choice)."""
+    """The whole response to ``request``, from its chat completion (one choice): its
+    text as a message (unless it is only calls), then each call as a function_call."""
     envelope = _Envelope(request)
     envelope.start(completion.id, int(completion.created.seconds), completion.model)
     [choice] = completion.choices
     status = _status(choice.finish_reason)
+    reply = choice.message
+    output: list[OutputItem] = []
+    if reply.content or not reply.tool_calls:
+        output.append(envelope.message(status, reply.content))
+    for call in reply.tool_calls:
+        output.append(envelope.call(len(output), status, call))
     return envelope.response(
-        status, [envelope.message(status, choice.message.content)], _usage(completion.usage)
+        "incomplete" if status == "incomplete" else "completed", output, _usage(completion.usage)
     )
 
 
@@ -188,19 +271,35 @@ def _error_code(error: ApiError) -> str:
 
 
 @dataclass
+class _OpenItem:
+    """The output item being streamed: the message (``call`` None) or a call."""
+
+    index: int
+    item_id: str
+    text: list[str] = field(default_factory=list)
+    call: inference_pb2.ToolCall | None = None
+
+
+@dataclass
 class ResponseEvents:
     """Renders a streamed chat completion as the Responses API's events, in OpenAI's
-    order: response.created, response.in_progress, response.output_item.added,
-    response.content_part.added, response.output_text.delta..., then
-    response.output_text.done, response.content_part.done, response.output_item.done
-    and response.completed (response.incomplete at max_output_tokens) with usage."""
+    order: response.created and response.in_progress; per output item
+    response.output_item.added, then for the message response.content_part.added,
+    response.output_text.delta..., response.output_text.done and
+    response.content_part.done, for a function call
+    response.function_call_arguments.delta... and .done; response.output_item.done;
+    at last response.completed (response.incomplete at max_output_tokens) with usage.
+
+    The message opens with the first text, so a reply of calls alone has only
+    function_call items (a reply with neither has an empty message)."""
 
     request: ResponseRequest
     encode: Callable[[StreamEvent], bytes]
     _envelope: _Envelope = field(init=False)
     _sequence: int = 0
-    _text: list[str] = field(default_factory=list)
-    _status: MessageStatus = "in_progress"
+    _output: list[OutputItem] = field(default_factory=list)
+    _open: _OpenItem | None = None
+    _status: MessageStatus = "completed"
 
     def __post_init__(self) -> None:
         self._envelope = _Envelope(self.request)
@@ -215,25 +314,22 @@ class ResponseEvents:
         for delta in message.choices:
             if delta.role != inference_pb2.CHAT_ROLE_UNSPECIFIED:
                 self._envelope.start(message.id, int(message.created.seconds), message.model)
-                events.extend(self._opened())
+                events.extend(self._created())
             if delta.content:
-                self._text.append(delta.content)
-                events.append(
-                    TextDeltaEvent(
-                        sequence_number=self._next(),
-                        item_id=self._envelope.message_id,
-                        output_index=0,
-                        content_index=0,
-                        delta=delta.content,
-                    )
-                )
+                events.extend(self._text(delta.content))
+            for piece in delta.tool_calls:
+                events.extend(self._call_piece(piece))
             if convert.finish_reason(delta.finish_reason) is not None:
                 self._status = _status(delta.finish_reason)
-                events.extend(self._closed())
+                if self._open is None and not self._output:
+                    events.extend(self._open_message())
+                events.extend(self._close())
         if message.HasField("usage"):
             incomplete = self._status == "incomplete"
             response = self._envelope.response(
-                "incomplete" if incomplete else "completed", self._output(), _usage(message.usage)
+                "incomplete" if incomplete else "completed",
+                list(self._output),
+                _usage(message.usage),
             )
             events.append(
                 LifecycleEvent(
@@ -245,73 +341,144 @@ class ResponseEvents:
         return b"".join(self.encode(event) for event in events) or None
 
     def failed(self, error: ApiError) -> bytes:
-        """An error after the stream started: an `error` event, then response.failed."""
+        """An error after the stream started: an `error` event, then response.failed
+        with what was delivered."""
         failure = ErrorEvent(
             sequence_number=self._next(), code=error.code, message=error.message, param=error.param
         )
+        output = list(self._output)
+        if self._open is not None:
+            output.append(self._item(self._open, "incomplete"))
         response = self._envelope.response(
-            "failed",
-            self._output(),
-            error=ResponseError(code=_error_code(error), message=error.message),
+            "failed", output, error=ResponseError(code=_error_code(error), message=error.message)
         )
         failed = LifecycleEvent(
             type="response.failed", sequence_number=self._next(), response=response
         )
         return self.encode(failure) + self.encode(failed)
 
-    def _output(self) -> list[OutputMessage]:
-        """The output so far: none before the message opened."""
-        if not self._envelope.message_id:
-            return []
-        return [self._envelope.message(self._status, "".join(self._text))]
-
-    def _opened(self) -> list[StreamEvent]:
-        envelope = self._envelope
-        opening = envelope.response("in_progress", [])
+    def _created(self) -> list[StreamEvent]:
+        opening = self._envelope.response("in_progress", [])
         return [
             LifecycleEvent(type="response.created", sequence_number=self._next(), response=opening),
             LifecycleEvent(
                 type="response.in_progress", sequence_number=self._next(), response=opening
             ),
+        ]
+
+    def _item(self, item: _OpenItem, status: MessageStatus) -> OutputItem:
+        if item.call is None:
+            return self._envelope.message(status, "".join(item.text))
+        return self._envelope.call(item.index, status, item.call)
+
+    def _open_message(self) -> list[StreamEvent]:
+        index = len(self._output)
+        envelope = self._envelope
+        self._open = _OpenItem(index, envelope.message_id)
+        return [
             OutputItemEvent(
                 type="response.output_item.added",
                 sequence_number=self._next(),
-                output_index=0,
+                output_index=index,
                 item=envelope.message("in_progress", None),
             ),
             ContentPartEvent(
                 type="response.content_part.added",
                 sequence_number=self._next(),
                 item_id=envelope.message_id,
-                output_index=0,
+                output_index=index,
                 content_index=0,
                 part=OutputText(text=""),
             ),
         ]
 
-    def _closed(self) -> list[StreamEvent]:
-        envelope = self._envelope
-        text = "".join(self._text)
-        return [
-            TextDoneEvent(
+    def _text(self, text: str) -> list[StreamEvent]:
+        events = [] if self._open is not None else self._open_message()
+        assert self._open is not None
+        self._open.text.append(text)
+        events.append(
+            TextDeltaEvent(
                 sequence_number=self._next(),
-                item_id=envelope.message_id,
-                output_index=0,
+                item_id=self._open.item_id,
+                output_index=self._open.index,
                 content_index=0,
-                text=text,
-            ),
-            ContentPartEvent(
-                type="response.content_part.done",
-                sequence_number=self._next(),
-                item_id=envelope.message_id,
-                output_index=0,
-                content_index=0,
-                part=OutputText(text=text),
-            ),
+                delta=text,
+            )
+        )
+        return events
+
+    def _call_piece(self, piece: pb.ToolCallDelta) -> list[StreamEvent]:
+        """A call's first piece (its id and name) closes the item before it and opens the
+        call's; the next ones are pieces of its arguments."""
+        events: list[StreamEvent] = []
+        if piece.id:
+            events.extend(self._close())
+            index = len(self._output)
+            call = inference_pb2.ToolCall(id=piece.id, name=piece.name)
+            self._open = _OpenItem(index, self._envelope.call_id(index), call=call)
+            events.append(
+                OutputItemEvent(
+                    type="response.output_item.added",
+                    sequence_number=self._next(),
+                    output_index=index,
+                    item=self._item(self._open, "in_progress"),
+                )
+            )
+        if piece.arguments and self._open is not None and self._open.call is not None:
+            self._open.call.arguments += piece.arguments
+            events.append(
+                ArgumentsDeltaEvent(
+                    sequence_number=self._next(),
+                    item_id=self._open.item_id,
+                    output_index=self._open.index,
+                    delta=piece.arguments,
+                )
+            )
+        return events
+
+    def _close(self) -> list[StreamEvent]:
+        """The events that end the open item (none when none is open)."""
+        item, self._open = self._open, None
+        if item is None:
+            return []
+        events: list[StreamEvent]
+        if item.call is None:
+            text = "".join(item.text)
+            events = [
+                TextDoneEvent(
+                    sequence_number=self._next(),
+                    item_id=item.item_id,
+                    output_index=item.index,
+                    content_index=0,
+                    text=text,
+                ),
+                ContentPartEvent(
+                    type="response.content_part.done",
+                    sequence_number=self._next(),
+                    item_id=item.item_id,
+                    output_index=item.index,
+                    content_index=0,
+                    part=OutputText(text=text),
+                ),
+            ]
+        else:
+            events = [
+                ArgumentsDoneEvent(
+                    sequence_number=self._next(),
+                    item_id=item.item_id,
+                    output_index=item.index,
+                    name=item.call.name,
+                    arguments=item.call.arguments,
+                )
+            ]
+        done = self._item(item, self._status)
+        self._output.append(done)
+        events.append(
             OutputItemEvent(
                 type="response.output_item.done",
                 sequence_number=self._next(),
-                output_index=0,
-                item=envelope.message(self._status, text),
-            ),
-        ]
+                output_index=item.index,
+                item=done,
+            )
+        )
+        return events

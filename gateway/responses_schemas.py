@@ -17,11 +17,20 @@ from pydantic import (
     Field,
     RootModel,
     StrictBool,
+    ValidationInfo,
+    field_validator,
     model_validator,
 )
 from pydantic.json_schema import SkipJsonSchema
 
-from gateway.schemas import INT32_MAX, ModelName, User
+from gateway.schemas import (
+    INT32_MAX,
+    MAX_TOOL_CALL_ID_LENGTH,
+    MAX_TOOLS,
+    FunctionName,
+    ModelName,
+    User,
+)
 
 # OpenAI's bounds on metadata: 16 pairs, keys of 64 and values of 512 characters.
 MAX_METADATA_PAIRS = 16
@@ -126,19 +135,89 @@ class InputMessage(_Strict):
         )
 
 
-def _input_items(value: object) -> object:
-    """A string is one user message; items other than messages are refused."""
-    if isinstance(value, str):
-        return [{"role": "user", "content": value}]
+class FunctionCallItem(_Strict):
+    """A function call the model made earlier, passed back (its id and status describe
+    it and change nothing)."""
+
+    type: Literal["function_call"]
+    call_id: str = Field(min_length=1, max_length=MAX_TOOL_CALL_ID_LENGTH)
+    name: FunctionName
+    # JSON text, as the model wrote it.
+    arguments: str
+    id: str | None = None
+    status: Literal["in_progress", "completed", "incomplete"] | None = None
+
+
+def _output_text(value: object) -> object:
+    """A function's output is a string or a list of text parts."""
     if isinstance(value, list):
-        for item in value:
-            kind = item.get("type", "message") if isinstance(item, dict) else None
-            if kind != "message":
-                raise ValueError(
-                    f"input items of type {kind!r} are not supported: "
-                    "send messages (function calls and tools are not served)"
-                )
+        for part in value:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind not in ("input_text", "output_text"):
+                raise ValueError(f"output part type {kind!r} {_TEXT_ONLY}")
     return value
+
+
+class FunctionCallOutputItem(_Strict):
+    """The result of a function call, for the call ``call_id`` names."""
+
+    type: Literal["function_call_output"]
+    call_id: str = Field(min_length=1, max_length=MAX_TOOL_CALL_ID_LENGTH)
+    output: Annotated[str | list[InputText], BeforeValidator(_output_text)]
+    id: str | None = None
+    status: Literal["in_progress", "completed", "incomplete"] | None = None
+
+    @property
+    def text(self) -> str:
+        if isinstance(self.output, str):
+            return self.output
+        return "\n".join(part.text for part in self.output)
+
+
+_ITEM_TYPES = ("message", "function_call", "function_call_output")
+_FORMAT_TYPES = ("text", "json_object", "json_schema")
+# Tags of the unions in lists: input items, and a message's content parts.
+_LISTED_TAGS = (*_ITEM_TYPES, "input_text", "output_text", "refusal")
+
+
+def without_union_tags(loc: tuple[int | str, ...]) -> tuple[int | str, ...]:
+    """A validation error's location as the request names the field: pydantic puts
+    the union member's tag after an input item's index and after "format"
+    ("input.0.function_call.name"), which no request has."""
+    kept: list[int | str] = []
+    for part in loc:
+        after_index = bool(kept) and isinstance(kept[-1], int)
+        after_format = bool(kept) and kept[-1] == "format"
+        if (after_index and part in _LISTED_TAGS) or (after_format and part in _FORMAT_TYPES):
+            continue
+        kept.append(part)
+    return tuple(kept)
+
+
+def _input_items(value: object) -> object:
+    """A string is one user message; an item without a type is a message; items of
+    other types (images, files, reasoning, other tools' calls) are refused."""
+    if isinstance(value, str):
+        return [{"type": "message", "role": "user", "content": value}]
+    if not isinstance(value, list):
+        return value
+    items = []
+    for item in value:
+        if isinstance(item, dict):
+            kind = item.get("type", "message")
+            if kind not in _ITEM_TYPES:
+                raise ValueError(
+                    f"input items of type {kind!r} are not supported: send messages, "
+                    "function calls and their outputs"
+                )
+            item = {**item, "type": kind}
+        items.append(item)
+    return items
+
+
+InputItem = Annotated[
+    InputMessage | FunctionCallItem | FunctionCallOutputItem, Field(discriminator="type")
+]
 
 
 class TextFormatText(_Strict):
@@ -176,11 +255,44 @@ class ResponseStreamOptions(_Strict):
     ] = None
 
 
-def _no_forced_tool(value: object) -> object:
-    """Without tools, only "none" and "auto" (which then mean the same) are choices."""
-    if value is not None and value not in ("none", "auto"):
-        raise ValueError("a required or named tool needs tools, which are not supported yet")
+class FunctionToolParam(_Strict):
+    """A function the model may call: the Responses API's flat form of a chat tool."""
+
+    type: Literal["function"]
+    name: FunctionName
+    description: str | None = None
+    # The arguments' JSON Schema (an object schema); absent: no arguments.
+    parameters: dict[str, object] | None = None
+    # Calls always follow the schema (they are generated under its grammar).
+    strict: StrictBool | None = None
+
+
+def _function_tools(value: object) -> object:
+    """Only function tools are served (no hosted tools: search, files, computers)."""
+    if isinstance(value, list):
+        for tool in value:
+            kind = tool.get("type") if isinstance(tool, dict) else None
+            if kind != "function":
+                raise ValueError(f"tools of type {kind!r} are not supported: only functions")
     return value
+
+
+class NamedFunctionChoice(_Strict):
+    type: Literal["function"]
+    name: FunctionName
+
+
+_TOOL_CHOICE_MODES = ("none", "auto", "required")
+
+
+def _tool_choice(value: object) -> object:
+    """A mode's name or a named function; other choices (hosted tools, allowed_tools)
+    are refused in one clear message rather than as a union's members."""
+    if value is None or value in _TOOL_CHOICE_MODES:
+        return value
+    if isinstance(value, dict) and value.get("type") == "function":
+        return value
+    raise ValueError("must be 'none', 'auto', 'required' or {'type': 'function', 'name': ...}")
 
 
 _NOT_STORED = "is not supported: responses are not stored; send the whole conversation in input"
@@ -190,7 +302,7 @@ class ResponseRequest(_Strict):
     """`POST /v1/responses`."""
 
     model: ModelName
-    input: Annotated[list[InputMessage], BeforeValidator(_input_items), Field(min_length=1)]
+    input: Annotated[list[InputItem], BeforeValidator(_input_items), Field(min_length=1)]
     instructions: str | None = None
     max_output_tokens: int | None = Field(default=None, gt=0, le=INT32_MAX)
     temperature: float | None = Field(default=None, ge=0, le=2)
@@ -216,9 +328,14 @@ class ResponseRequest(_Strict):
     previous_response_id: Annotated[Refused, _refuse(f"previous_response_id {_NOT_STORED}")] = None
     conversation: Annotated[Refused, _refuse(f"conversation {_NOT_STORED}")] = None
     tools: Annotated[
-        Refused, _refuse("tools are not supported by this server's Responses API yet")
+        list[FunctionToolParam] | None,
+        BeforeValidator(_function_tools),
+        Field(max_length=MAX_TOOLS),
     ] = None
-    tool_choice: Annotated[Literal["none", "auto"] | None, BeforeValidator(_no_forced_tool)] = None
+    tool_choice: Annotated[
+        Literal["none", "auto", "required"] | NamedFunctionChoice | None,
+        BeforeValidator(_tool_choice),
+    ] = None
     truncation: Literal["disabled"] | None = None
     include: Annotated[Refused, _refuse("include is not supported")] = None
     reasoning: Annotated[
@@ -228,6 +345,15 @@ class ResponseRequest(_Strict):
         Refused, _refuse("background responses are not supported: responses are not stored")
     ] = None
     service_tier: Literal["auto", "default"] | None = None
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _forced_calls_need_tools(
+        cls, value: str | NamedFunctionChoice | None, info: ValidationInfo
+    ) -> str | NamedFunctionChoice | None:
+        if not info.data.get("tools") and value not in (None, "none", "auto"):
+            raise ValueError("'required' or a named function needs tools")
+        return value
 
     @property
     def end_user(self) -> str:
@@ -254,6 +380,18 @@ class OutputMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     status: MessageStatus
     content: list[OutputText]
+
+
+class OutputFunctionCall(BaseModel):
+    id: str
+    type: Literal["function_call"] = "function_call"
+    status: MessageStatus
+    call_id: str
+    name: str
+    arguments: str
+
+
+OutputItem = OutputMessage | OutputFunctionCall
 
 
 class InputTokensDetails(BaseModel):
@@ -307,14 +445,14 @@ class ResponseObject(BaseModel):
     instructions: str | None
     max_output_tokens: int | None
     model: str
-    output: list[OutputMessage]
+    output: list[OutputItem]
     parallel_tool_calls: bool
     previous_response_id: None = None
     reasoning: Reasoning = Field(default_factory=Reasoning)
     store: Literal[False] = False
     temperature: float | None
     text: TextSettings
-    tool_choice: Literal["none", "auto"]
+    tool_choice: str | dict[str, str]
     tools: list[dict[str, Any]] = Field(default_factory=list)
     top_p: float | None
     truncation: Literal["disabled"] = "disabled"
@@ -339,7 +477,7 @@ class OutputItemEvent(BaseModel):
     type: Literal["response.output_item.added", "response.output_item.done"]
     sequence_number: int
     output_index: int
-    item: OutputMessage
+    item: OutputItem
 
 
 class ContentPartEvent(BaseModel):
@@ -371,6 +509,25 @@ class TextDoneEvent(BaseModel):
     logprobs: list[object] = Field(default_factory=list)
 
 
+class ArgumentsDeltaEvent(BaseModel):
+    type: Literal["response.function_call_arguments.delta"] = (
+        "response.function_call_arguments.delta"
+    )
+    sequence_number: int
+    item_id: str
+    output_index: int
+    delta: str
+
+
+class ArgumentsDoneEvent(BaseModel):
+    type: Literal["response.function_call_arguments.done"] = "response.function_call_arguments.done"
+    sequence_number: int
+    item_id: str
+    output_index: int
+    name: str
+    arguments: str
+
+
 class ErrorEvent(BaseModel):
     """A failure after the stream started (then `response.failed`)."""
 
@@ -387,6 +544,8 @@ StreamEvent = (
     | ContentPartEvent
     | TextDeltaEvent
     | TextDoneEvent
+    | ArgumentsDeltaEvent
+    | ArgumentsDoneEvent
     | ErrorEvent
 )
 

@@ -100,6 +100,8 @@ async def test_a_string_input_is_one_user_message(
         (inference_pb2.CHAT_ROLE_USER, "Say hello")
     ]
     assert not params.HasField("max_tokens")
+    assert not params.tools
+    assert not params.HasField("tool_choice")
 
 
 async def test_items_instructions_and_sampling_reach_cloud(
@@ -139,12 +141,15 @@ async def test_items_instructions_and_sampling_reach_cloud(
     )
     assert [(m.role, m.content) for m in params.messages] == [
         (system, "Be brief."),
-        (system, "Answer in English."),
+        (inference_pb2.CHAT_ROLE_DEVELOPER, "Answer in English."),
         (user, "hi"),
         (assistant, "hello"),
         (user, "count to 3"),
     ]
     assert (params.max_tokens, params.temperature, params.top_p) == (32, 0.5, 0.9)
+    # Without tools, a choice of none and parallel calls change nothing: not sent.
+    assert not params.HasField("tool_choice")
+    assert not params.HasField("parallel_tool_calls")
     assert params.user == "user-7"
     # The response repeats the request's settings; nothing was stored.
     assert (response.instructions, response.max_output_tokens) == ("Be brief.", 32)
@@ -326,11 +331,9 @@ async def test_rate_limit_state_is_copied_to_the_response(
     [
         ({"previous_response_id": "resp_1"}, "previous_response_id", "not stored"),
         ({"conversation": "conv_1"}, "conversation", "not stored"),
-        (
-            {"tools": [{"type": "function", "name": "f", "parameters": {}}]},
-            "tools",
-            "not supported",
-        ),
+        ({"tools": [{"type": "web_search"}]}, "tools", "only functions"),
+        ({"tools": [{"type": "function", "name": "bad name"}]}, "tools.0.name", "pattern"),
+        ({"tool_choice": {"type": "file_search"}}, "tool_choice", "must be"),
         ({"tool_choice": "required"}, "tool_choice", "needs tools"),
         ({"reasoning": {"effort": "high"}}, "reasoning", "do not reason"),
         ({"background": True}, "background", "not stored"),
@@ -350,16 +353,35 @@ async def test_rate_limit_state_is_copied_to_the_response(
             "input.0.content",
             "text only",
         ),
+        ({"input": [{"type": "reasoning", "summary": []}]}, "input", "not supported"),
         (
-            {"input": [{"type": "function_call_output", "call_id": "c", "output": "1"}]},
-            "input",
-            "not supported",
+            {"input": [{"type": "function_call", "call_id": "c", "name": "f"}]},
+            "input.0.arguments",
+            "Missing",
+        ),
+        (
+            {
+                "input": [
+                    {
+                        "type": "function_call_output",
+                        "call_id": "c",
+                        "output": [{"type": "input_file"}],
+                    }
+                ]
+            },
+            "input.0.output",
+            "text only",
+        ),
+        (
+            {"input": [{"role": "user", "content": [{"type": "input_text"}]}]},
+            "input.0.content.0.text",
+            "Missing",
         ),
         ({"input": []}, "input", "at least 1"),
         ({"temperature": 3}, "temperature", "less than or equal to 2"),
         (
             {"text": {"format": {"type": "json_schema", "name": "bad name", "schema": {}}}},
-            "text.format.json_schema.name",
+            "text.format.name",
             "pattern",
         ),
     ],
@@ -397,3 +419,177 @@ async def test_nulls_and_empty_values_are_no_values(
 
     assert response.status_code == 200, response.text
     assert response.json()["status"] == "completed"
+
+
+# --- function tools -------------------------------------------------------------------------
+
+WEATHER = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    "strict": True,
+}
+CALL = ("call_1", "get_weather", '{"city": "Paris"}')
+
+
+async def test_tools_and_the_turns_of_a_call_reach_cloud(
+    client: openai.AsyncOpenAI, cloud: ScriptedCloud
+) -> None:
+    await client.responses.create(
+        model=MODEL,
+        input=[
+            {"role": "user", "content": "Weather in Paris?"},
+            {"type": "message", "role": "assistant", "content": "Checking."},
+            {
+                "type": "function_call",
+                "call_id": "call_1",
+                "name": "get_weather",
+                "arguments": '{"city": "Paris"}',
+            },
+            {
+                "type": "function_call",
+                "call_id": "call_2",
+                "name": "get_weather",
+                "arguments": '{"city": "Oslo"}',
+            },
+            {"type": "function_call_output", "call_id": "call_1", "output": "21 C"},
+            {
+                "type": "function_call_output",
+                "call_id": "call_2",
+                "output": [{"type": "input_text", "text": "4 C"}],
+            },
+        ],
+        tools=[WEATHER],  # type: ignore[list-item]
+        tool_choice={"type": "function", "name": "get_weather"},
+        parallel_tool_calls=False,
+    )
+
+    params = cloud.calls[0].request.params
+    assert [tool.name for tool in params.tools] == ["get_weather"]
+    assert json.loads(params.tools[0].parameters) == WEATHER["parameters"]
+    assert params.tool_choice == inference_pb2.ToolChoice(
+        mode=inference_pb2.TOOL_CHOICE_MODE_FUNCTION, function_name="get_weather"
+    )
+    assert params.parallel_tool_calls is False
+    user, assistant, first, second = params.messages
+    assert (user.role, assistant.role, assistant.content) == (
+        inference_pb2.CHAT_ROLE_USER,
+        inference_pb2.CHAT_ROLE_ASSISTANT,
+        "Checking.",
+    )
+    # The calls join the assistant's turn; each output answers its call.
+    assert [(c.id, c.name, c.arguments) for c in assistant.tool_calls] == [
+        ("call_1", "get_weather", '{"city": "Paris"}'),
+        ("call_2", "get_weather", '{"city": "Oslo"}'),
+    ]
+    assert [(m.role, m.tool_call_id, m.content) for m in (first, second)] == [
+        (inference_pb2.CHAT_ROLE_TOOL, "call_1", "21 C"),
+        (inference_pb2.CHAT_ROLE_TOOL, "call_2", "4 C"),
+    ]
+
+
+@pytest.mark.parametrize(("text", "message_items"), [([], 0), (["Let me check."], 1)])
+async def test_calls_are_function_call_items(
+    client: openai.AsyncOpenAI, cloud: ScriptedCloud, text: list[str], message_items: int
+) -> None:
+    cloud.script.text = text
+    cloud.script.tool_calls = (CALL,)
+
+    response = await client.responses.create(
+        model=MODEL,
+        input="Weather in Paris?",
+        tools=[WEATHER],  # type: ignore[list-item]
+        tool_choice="required",
+    )
+
+    assert response.status == "completed"
+    assert [item.type for item in response.output] == ["message"] * message_items + [
+        "function_call"
+    ]
+    call = response.output[-1]
+    assert call.type == "function_call"
+    assert (call.call_id, call.name, call.arguments, call.status) == (*CALL, "completed")
+    assert call.id == f"fc_scripted_{message_items}"
+    assert response.tool_choice == "required"
+    assert response.to_dict()["tools"] == [WEATHER]
+
+
+async def test_streamed_calls(client: openai.AsyncOpenAI, cloud: ScriptedCloud) -> None:
+    cloud.script.text = ["Let me check."]
+    cloud.script.tool_calls = (CALL, ("call_2", "get_weather", '{"city": "Oslo"}'))
+
+    stream = await client.responses.create(
+        model=MODEL,
+        input="Weather?",
+        tools=[WEATHER],
+        stream=True,  # type: ignore[list-item]
+    )
+    events = [event async for event in stream]
+
+    assert [event.type for event in events] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+        "response.output_text.delta",
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        *(
+            "response.output_item.added",
+            "response.function_call_arguments.delta",
+            "response.function_call_arguments.delta",
+            "response.function_call_arguments.done",
+            "response.output_item.done",
+        )
+        * 2,
+        "response.completed",
+    ]
+    assert [event.sequence_number for event in events] == list(range(len(events)))
+    added = [e for e in events if e.type == "response.output_item.added"]
+    assert [(e.output_index, e.item.type) for e in added] == [
+        (0, "message"),
+        (1, "function_call"),
+        (2, "function_call"),
+    ]
+    first_call = added[1].item
+    assert first_call.type == "function_call"
+    assert (first_call.call_id, first_call.name, first_call.arguments) == (
+        "call_1",
+        "get_weather",
+        "",
+    )
+    done = [e for e in events if e.type == "response.function_call_arguments.done"]
+    assert [(e.item_id, e.arguments) for e in done] == [
+        ("fc_scripted_1", '{"city": "Paris"}'),
+        ("fc_scripted_2", '{"city": "Oslo"}'),
+    ]
+    final = events[-1]
+    assert final.type == "response.completed"
+    assert [item.type for item in final.response.output] == [
+        "message",
+        "function_call",
+        "function_call",
+    ]
+    assert final.response.output_text == "Let me check."
+
+
+async def test_a_reply_of_calls_alone_streams_no_message(
+    client: openai.AsyncOpenAI, cloud: ScriptedCloud
+) -> None:
+    cloud.script.text = []
+    cloud.script.tool_calls = (CALL,)
+
+    async with client.responses.stream(
+        model=MODEL,
+        input="Weather?",
+        tools=[WEATHER],  # type: ignore[list-item]
+    ) as stream:
+        types = [event.type async for event in stream]
+        final = await stream.get_final_response()
+
+    assert "response.content_part.added" not in types
+    [call] = final.output
+    assert call.type == "function_call"
+    assert call.arguments == CALL[2]

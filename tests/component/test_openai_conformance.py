@@ -632,6 +632,60 @@ async def test_responses_streamed_through_the_sdk(client: openai.AsyncOpenAI) ->
     assert completed.response.usage.output_tokens == len(TOKENS)
 
 
+# The Responses API's flat form of the chat tools above.
+RESPONSE_TOOLS: list[Any] = [{"type": "function", **tool["function"]} for tool in TOOLS]
+
+
+async def test_responses_calls_a_function_and_takes_its_output(
+    client: openai.AsyncOpenAI, runtime: ScriptedRuntime
+) -> None:
+    asked = await client.responses.create(
+        model=MODEL, input=[PARIS], tools=RESPONSE_TOOLS, tool_choice="required"
+    )
+    [call] = asked.output
+    assert call.type == "function_call"
+    assert call.name == "get_weather"
+    assert json.loads(call.arguments) == PARIS_ARGUMENTS
+    assert call.call_id.startswith("call_")
+
+    answered = await client.responses.create(
+        model=MODEL,
+        input=[
+            PARIS,
+            call.model_dump(exclude_none=True),  # type: ignore[list-item]
+            {"type": "function_call_output", "call_id": call.call_id, "output": "21 C"},
+        ],
+        tools=RESPONSE_TOOLS,
+    )
+
+    assert answered.output_text == DEFAULT_SCRIPT
+    history = runtime.started_jobs[-1].messages
+    assert [message.role for message in history] == [
+        ChatRole.USER,
+        ChatRole.ASSISTANT,
+        ChatRole.TOOL,
+    ]
+    assert history[1].tool_calls == (ToolCall(call.call_id, "get_weather", call.arguments),)
+    assert (history[2].tool_call_id, history[2].content) == (call.call_id, "21 C")
+
+
+async def test_responses_stream_a_function_call(client: openai.AsyncOpenAI) -> None:
+    async with client.responses.stream(
+        model=MODEL,
+        input=[TIME],
+        tools=RESPONSE_TOOLS,
+        tool_choice={"type": "function", "name": "get_time"},
+    ) as stream:
+        types = [event.type async for event in stream]
+        final = await stream.get_final_response()
+
+    assert "response.function_call_arguments.delta" in types
+    assert types[-2:] == ["response.output_item.done", "response.completed"]
+    [call] = final.output
+    assert call.type == "function_call"
+    assert (call.name, json.loads(call.arguments)) == ("get_time", {})
+
+
 # --- errors and headers --------------------------------------------------------------------
 
 

@@ -47,6 +47,15 @@ class Script:
     generation_ms: float = 0.0
     # Sent as initial metadata of chat completions (x-ratelimit-* entries).
     rate_limits: tuple[tuple[str, str], ...] = ()
+    # Chat completions: calls (id, name, arguments) after the text; the finish reason
+    # is then TOOL_CALLS. Streamed: id and name first, the arguments in two pieces.
+    tool_calls: tuple[tuple[str, str, str], ...] = ()
+
+    @property
+    def chat_finish_reason(self) -> inference_pb2.FinishReason.ValueType:
+        if self.tool_calls and self.finish_reason == inference_pb2.FINISH_REASON_STOP:
+            return inference_pb2.FINISH_REASON_TOOL_CALLS
+        return self.finish_reason
 
 
 @dataclass
@@ -128,9 +137,14 @@ class _ScriptedChatCloud(inference_service_pb2_grpc.InferenceServiceServicer):
                 pb.ChatCompletionChoice(
                     index=index,
                     message=inference_pb2.ChatMessage(
-                        role=inference_pb2.CHAT_ROLE_ASSISTANT, content="".join(self.script.text)
+                        role=inference_pb2.CHAT_ROLE_ASSISTANT,
+                        content="".join(self.script.text),
+                        tool_calls=[
+                            inference_pb2.ToolCall(id=id_, name=name, arguments=arguments)
+                            for id_, name, arguments in self.script.tool_calls
+                        ],
                     ),
-                    finish_reason=self.script.finish_reason,
+                    finish_reason=self.script.chat_finish_reason,
                     logprobs=[
                         item
                         for text in self.script.text
@@ -166,13 +180,20 @@ class _ScriptedChatCloud(inference_service_pb2_grpc.InferenceServiceServicer):
             yield message(
                 choices=[pb.ChatCompletionDelta(index=0, content=text, logprobs=logprobs)]
             )
+        for index, (id_, name, arguments) in enumerate(self.script.tool_calls):
+            half = len(arguments) // 2
+            for piece in (
+                pb.ToolCallDelta(index=index, id=id_, name=name),
+                pb.ToolCallDelta(index=index, arguments=arguments[:half]),
+                pb.ToolCallDelta(index=index, arguments=arguments[half:]),
+            ):
+                yield message(choices=[pb.ChatCompletionDelta(index=0, tool_calls=[piece])])
         if self.script.hang:
             await self._hang()
         if self.script.error_mid_stream is not None:
             raise self.script.error_mid_stream
-        yield message(
-            choices=[pb.ChatCompletionDelta(index=0, finish_reason=self.script.finish_reason)]
-        )
+        finish = self.script.chat_finish_reason
+        yield message(choices=[pb.ChatCompletionDelta(index=0, finish_reason=finish)])
         yield message(usage=self._usage(), billing=pb.Billing(charged_micro_credits=42))
 
     @translate_errors

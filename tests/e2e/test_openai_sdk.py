@@ -122,6 +122,29 @@ async def test_responses_api_streamed_and_not(platform: RunningPlatform) -> None
     assert whole.usage is not None
     assert final.response.usage.output_tokens == whole.usage.output_tokens
 
+    # A function call the bundled model makes under the tool's grammar.
+    weather = {
+        "type": "function",
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 20}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    }
+    called = await client.responses.create(
+        model=MODEL,
+        input="What is the weather in Paris?",
+        tools=[weather],  # type: ignore[list-item]
+        tool_choice="required",
+        max_output_tokens=60,
+    )
+    call = called.output[-1]
+    assert call.type == "function_call"
+    assert call.name == "get_weather"
+    assert set(json.loads(call.arguments)) == {"city"}
+
 
 async def test_models_lists_the_served_model(platform: RunningPlatform) -> None:
     models = await platform.client().models.list()
