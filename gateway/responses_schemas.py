@@ -328,9 +328,8 @@ class ResponseRequest(_Strict):
     previous_response_id: Annotated[Refused, _refuse(f"previous_response_id {_NOT_STORED}")] = None
     conversation: Annotated[Refused, _refuse(f"conversation {_NOT_STORED}")] = None
     tools: Annotated[
-        list[FunctionToolParam] | None,
+        Annotated[list[FunctionToolParam], Field(max_length=MAX_TOOLS)] | None,
         BeforeValidator(_function_tools),
-        Field(max_length=MAX_TOOLS),
     ] = None
     tool_choice: Annotated[
         Literal["none", "auto", "required"] | NamedFunctionChoice | None,
