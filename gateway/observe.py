@@ -29,6 +29,8 @@ MODEL_STATE = "model"
 _OPERATIONS = {
     "/v1/chat/completions": "chat",
     "/v1/completions": "text_completion",
+    # A response is a chat completion in another shape (gateway/responses_convert.py).
+    "/v1/responses": "chat",
     "/v1/embeddings": "embeddings",
 }
 
