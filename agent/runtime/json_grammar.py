@@ -79,7 +79,13 @@ JSON_OBJECT_GBNF = json_object_grammar()
 
 def json_schema_grammar(schema: str) -> str:
     """GBNF for JSON that validates against ``schema`` (JSON text), with JSON strings."""
-    lines = json_schema_to_gbnf(schema).splitlines()
+    return with_json_strings(json_schema_to_gbnf(schema))
+
+
+def with_json_strings(converted: str) -> str:
+    """The schema converter's grammar ``converted`` with strings limited to what JSON
+    allows (tool-call arguments come from the same converter)."""
     return "\n".join(
-        f"char ::= {_JSON_CHAR}" if line == _CONVERTER_CHAR else line for line in lines
+        f"char ::= {_JSON_CHAR}" if line == _CONVERTER_CHAR else line
+        for line in converted.splitlines()
     )

@@ -26,6 +26,7 @@ from typing import Any
 from llama_cpp.llama_grammar import SchemaConverter
 
 from agent.runtime.base import InvalidRequest
+from agent.runtime.json_grammar import with_json_strings
 from agent.runtime.sampling import Grammar
 from core.inference import FunctionTool, ToolChoiceMode, ToolUse
 from core.request_limits import TOOLS_FIELD
@@ -83,7 +84,7 @@ def _grammar(tool_use: ToolUse) -> Grammar:
     rules = [
         f"root ::= {_literal(_BLOCK_START)} tc-call{repeat} {_literal(_BLOCK_END)}",
         f"tc-call ::= {' | '.join(calls)}",
-        converter.format_grammar(),
+        with_json_strings(converter.format_grammar()),
     ]
     lazy = tool_use.mode is ToolChoiceMode.AUTO
     return Grammar("\n".join(rules), trigger=OPENER if lazy else "", param=TOOLS_FIELD)

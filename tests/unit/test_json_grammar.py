@@ -1,4 +1,5 @@
-"""The JSON grammars' text: json_object's bounds, and json_schema's strings."""
+"""The JSON grammars' text: json_object's bounds, and the strings of json_schema and
+of tool-call arguments."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import json
 import pytest
 
 from agent.runtime.json_grammar import json_object_grammar, json_schema_grammar
+from agent.runtime.tool_grammar import tool_grammar
+from core.inference import FunctionTool, ToolChoiceMode, ToolUse
 
 
 def test_the_deepest_level_holds_only_scalars() -> None:
@@ -37,3 +40,12 @@ def test_a_schemas_strings_exclude_raw_control_characters() -> None:
 
     assert rules["char"].startswith('[^"\\\\\\x7F\\x00-\\x1F]')
     assert rules["string"] == '"\\"" char* "\\"" space'
+
+
+def test_tool_arguments_strings_exclude_raw_control_characters() -> None:
+    parameters = {"type": "object", "properties": {"city": {"type": "string"}}}
+    tool = FunctionTool("weather", parameters=json.dumps(parameters))
+    grammar = tool_grammar(ToolUse((tool,), ToolChoiceMode.REQUIRED)).text
+    rules = dict(line.split(" ::= ", 1) for line in grammar.splitlines() if " ::= " in line)
+
+    assert rules["char"].startswith('[^"\\\\\\x7F\\x00-\\x1F]')
