@@ -13,8 +13,13 @@ $(BIN)/python:
 	$(BIN)/pip install --upgrade pip
 
 # Reinstall when the dependency list changes.
+# xds-protos (dev only: Envoy's API types) bundles an old copy of OpenTelemetry's
+# protos at opentelemetry-proto's paths; whichever pip installs last wins, so the
+# real package is written again (the OTLP exporter needs its current messages).
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -e '.[all,dev]'
+	$(BIN)/pip install --no-deps --force-reinstall \
+		"opentelemetry-proto==$$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("opentelemetry-proto"))')"
 	touch $@
 
 install: $(VENV)/.installed
