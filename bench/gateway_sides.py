@@ -10,7 +10,8 @@ An *observed* platform (``OBSERVED`` among its arguments, then an OTLP endpoint
 or "") counts into a Prometheus registry as `resultity up` does and, given an
 endpoint, traces every request to it; so does its agent.
 
-Each reports ("ready", address, secret) on its pipe, or ("error", repr, ""), and
+Each reports ("ready", address, secret) on its pipe (the platform adds its
+PostgreSQL database's name), or ("error", repr, ""), and
 stops when the parent sends anything. The platform side first asks for its agent
 with ("agent", network target, node token) and is ready once that node registered.
 """
@@ -25,6 +26,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
+from urllib.parse import urlsplit
 
 import grpc
 import psutil
@@ -39,7 +41,7 @@ from resultity.account.v1 import node_token_service_pb2_grpc as node_token_grpc
 
 from agent.session import AgentSession, SessionSettings
 from agent.telemetry import AgentMetrics
-from bench.paced_runtime import PacedRuntime
+from bench.paced_runtime import PacedRuntime, canary_answers
 from bench.platform_process import free_port
 from bench.scratch_database import scratch_database
 from core import channels, event_loop, tracing
@@ -92,7 +94,7 @@ async def _serve_floor(conn: Connection, tokens: int) -> None:
         await server.stop(None)
 
 
-async def _customer_key(channel: grpc.aio.Channel, service: tuple[tuple[str, str], ...]) -> str:
+async def create_customer_key(channel: grpc.aio.Channel, service: tuple[tuple[str, str], ...]) -> str:
     account = (
         await account_grpc.AccountServiceStub(channel).CreateAccount(
             account_pb.CreateAccountRequest(name="bench-customer"), metadata=service
@@ -113,7 +115,7 @@ async def _customer_key(channel: grpc.aio.Channel, service: tuple[tuple[str, str
     return key.secret
 
 
-async def _node_token(channel: grpc.aio.Channel, service: tuple[tuple[str, str], ...]) -> str:
+async def create_node_token(channel: grpc.aio.Channel, service: tuple[tuple[str, str], ...]) -> str:
     account = (
         await account_grpc.AccountServiceStub(channel).CreateAccount(
             account_pb.CreateAccountRequest(name="bench-operator"), metadata=service
@@ -179,9 +181,9 @@ async def _serve_platform(conn: Connection, tokens: int, *observed: str) -> None
         stack.push_async_callback(channel.close, None)
         service = bearer_metadata(secrets.service_token)
 
-        conn.send(("agent", target, await _node_token(channel, service), *observed))
+        conn.send(("agent", target, await create_node_token(channel, service), *observed))
         await _eventually(lambda: bool(network.service.nodes()), timeout_s=START_TIMEOUT_S)
-        api_key = await _customer_key(channel, service)
+        api_key = await create_customer_key(channel, service)
 
         http_port = free_port()
         started = asyncio.Event()
@@ -193,7 +195,7 @@ async def _serve_platform(conn: Connection, tokens: int, *observed: str) -> None
         await asyncio.wait((gateway, waiter), return_when=asyncio.FIRST_COMPLETED)
         if gateway.done():
             gateway.result()  # surfaces a start-up failure
-        conn.send(("ready", f"http://127.0.0.1:{http_port}", api_key))
+        conn.send(("ready", f"http://127.0.0.1:{http_port}", api_key, urlsplit(dsn).path[1:]))
         await _until_stopped(conn)
 
 
@@ -201,11 +203,12 @@ async def _serve_agent(
     conn: Connection, tokens: int, network: str, node_token: str, *observed: str
 ) -> None:
     """The platform's node: default token batching, a runtime that generates instantly
-    and slots enough that jobs never wait for one."""
+    and slots enough that jobs never wait for one; it answers a validating network's
+    canaries."""
     prometheus = _observe("agent", observed)
     session = AgentSession(
         SessionSettings(network=network, node_name="bench-node", node_token=node_token),
-        PacedRuntime(interval_s=0.0, tokens=tokens, slot_count=1024),
+        PacedRuntime(interval_s=0.0, tokens=tokens, slot_count=1024, answers=canary_answers()),
         metrics=AgentMetrics(prometheus) if prometheus else None,
     )
     agent = asyncio.create_task(session.run_forever())
@@ -259,6 +262,7 @@ class ServerProcess:
     conn: Connection
     address: str = ""
     secret: str = ""  # the platform's customer API key
+    database: str = ""  # the platform's PostgreSQL database
     agent: ServerProcess | None = None  # the platform's node
     psutil_process: psutil.Process = field(init=False)
 
@@ -294,7 +298,8 @@ def start_side(kind: str, tokens: int, *args: str) -> ServerProcess:
         status, address, secret, *observed = _receive(parent, kind)
         if status == "agent":
             side.agent = start_side("agent", tokens, address, secret, *observed)
-            status, address, secret, *_ = _receive(parent, kind)
+            status, address, secret, *ready = _receive(parent, kind)
+            side.database = ready[0] if ready else ""
         if status != "ready":
             raise RuntimeError(f"the {kind} side failed to start: {address}")
     except BaseException:
@@ -305,7 +310,8 @@ def start_side(kind: str, tokens: int, *args: str) -> ServerProcess:
 
 
 def _receive(conn: Connection, kind: str) -> tuple[str, ...]:
-    """(status, address, secret, then an observed agent's own arguments)."""
+    """(status, address, secret, then an observed agent's own arguments, or the
+    platform's database)."""
     if not conn.poll(START_TIMEOUT_S):
         raise RuntimeError(f"the {kind} side did not start in {START_TIMEOUT_S:.0f} s")
     return tuple(str(part) for part in conn.recv())

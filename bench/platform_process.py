@@ -99,7 +99,7 @@ def running_platform(
         processes: list[subprocess.Popen[bytes]] = []
         with log_file.open("wb") as log:
             try:
-                processes.append(_spawn(up, log))
+                processes.append(spawn(up, log))
                 api_key = _wait_until_serving(
                     processes, data_dir / DEMO_KEY_FILE, base_url, model, deadline, log_file
                 )
@@ -115,18 +115,21 @@ def running_platform(
                         raise PlatformError(f"{_label(process)} exited ({process.returncode})")
             except BaseException:
                 _stop_all(processes)
-                print(_log_tail(log_file), file=sys.stderr)
+                print(log_tail(log_file), file=sys.stderr)
                 raise
             _stop_all(processes)
 
 
-def _spawn(argv: list[str], log: IO[bytes]) -> subprocess.Popen[bytes]:
+def spawn(
+    argv: list[str], log: IO[bytes], env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """``argv`` with its output in ``log``, in ``env`` (default: this one's)."""
     return subprocess.Popen(
         argv,
         stdin=subprocess.DEVNULL,
         stdout=log,
         stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"},
     )
 
 
@@ -170,10 +173,10 @@ def _wait_until_serving(
 def _stop_all(processes: list[subprocess.Popen[bytes]]) -> None:
     """The last started first: a separate agent before the control plane."""
     for process in reversed(processes):
-        _stop(process)
+        stop(process)
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
+def stop(process: subprocess.Popen[bytes]) -> None:
     """SIGINT as Ctrl-C does; escalates only if the platform does not exit."""
     for signum, grace in (
         (signal.SIGINT, STOP_GRACE_S),
@@ -208,11 +211,16 @@ def _argv(process: subprocess.Popen[bytes]) -> list[str]:
     return [str(arg) for arg in args] if isinstance(args, list) else [str(args)]
 
 
+COMMANDS = ("up", "agent", "account", "network", "cloud", "gateway")
+
+
 def _label(process: subprocess.Popen[bytes]) -> str:
-    return "resultity agent" if "agent" in _argv(process) else "resultity up"
+    """ "resultity <command>" of the process's command line."""
+    command = next((arg for arg in _argv(process) if arg in COMMANDS), "up")
+    return f"resultity {command}"
 
 
-def _log_tail(path: Path) -> str:
+def log_tail(path: Path) -> str:
     try:
         lines = path.read_text(errors="replace").splitlines()
     except OSError:

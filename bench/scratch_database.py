@@ -20,9 +20,10 @@ def _with_database(dsn: str, database: str) -> str:
 
 
 @contextlib.asynccontextmanager
-async def scratch_database() -> AsyncIterator[str]:
-    """A new database on RESULTITY_DATABASE_URL's server (or an embedded one), dropped after."""
-    base = os.environ.get("RESULTITY_DATABASE_URL")
+async def scratch_database(base: str | None = None) -> AsyncIterator[str]:
+    """A new database on the server of ``base``, else of RESULTITY_DATABASE_URL, else on an
+    embedded one; dropped after."""
+    base = base or os.environ.get("RESULTITY_DATABASE_URL")
     async with contextlib.AsyncExitStack() as stack:
         if base is None:
             tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="resultity-bench-"))
