@@ -9,8 +9,10 @@ runs (the outermost gateway/, server/cloud/, server/network/ or server/account/
 frame), or to the event loop and gRPC's completion handling when no platform
 code is on the stack; within a layer, to the library at the top of the stack.
 Prints each layer's share, its CPU milliseconds per request (the thread's CPU
-time over the sampling window divided by the requests completed in it) and
-what the whole process (every thread) spent per request.
+time over the sampling window divided by the requests completed in it), what
+the whole process (every thread) spent per request, and the machine's load
+during the window (bench/machine_load.py): shares hold under foreign load, the
+milliseconds less so.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pathlib import Path
 
 from bench.gateway import PlatformStream, Stream, run_load
 from bench.gateway_sides import start_side
+from bench.machine_load import POSTGRES, MachineLoad
 from core.logging import configure_logging
 
 # (marker in a frame, layer): the outermost platform frame names the layer.
@@ -123,7 +126,10 @@ async def _profile(streams: int, seconds: float, out: Path) -> None:
         )
         await asyncio.sleep(0.5)  # py-spy attaches
         main_before, process_before = _thread_cpu_s(pid), platform.cpu_s()
+        load = MachineLoad(databases={platform.database}, services=frozenset({POSTGRES}))
+        began = load.start()
         level = await run_load(open_stream, streams, seconds - 0.5, 10**6)
+        window = load.stop(began)
         main_ms = (_thread_cpu_s(pid) - main_before) * 1000 / max(level.requests, 1)
         process_ms = (platform.cpu_s() - process_before) * 1000 / max(level.requests, 1)
         await spy.wait()
@@ -133,7 +139,7 @@ async def _profile(streams: int, seconds: float, out: Path) -> None:
     print(
         f"{level.requests} requests at {streams} streams ({level.errors} errors); CPU per "
         f"request: event-loop thread {main_ms:.2f} ms, whole process {process_ms:.2f} ms; "
-        f"{total} event-loop samples"
+        f"{total} event-loop samples\nduring the window: {window.describe()}"
     )
     print("\n| layer | share | ms per request | where (share of the layer) |")
     print("|---|---:|---:|---|")

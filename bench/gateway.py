@@ -6,7 +6,10 @@ token batching) whose runtime generates instantly (bench/paced_runtime.py, no pa
 with the account layer holding and settling every request in PostgreSQL;
 against a floor measured in the same run: a bare ``grpc.aio`` server-streaming
 call that streams the same number of messages. Both at 1, 16, 64 and 256
-concurrent streams; each level runs for ``--seconds`` (or ``--max-requests``).
+concurrent streams; each level runs for ``--seconds`` (or ``--max-requests``),
+``--rounds`` times, alternating floor and platform; each run records the
+machine's load (bench/machine_load.py) and the table gives every column across
+rounds.
 
 Each server side runs in its own child process (bench/gateway_sides.py), and so
 does the platform's agent, as with `resultity up`; the load generator runs in
@@ -30,6 +33,7 @@ import grpc
 
 from bench.gateway_sides import FLOOR_METHOD, OBSERVED, ServerProcess, start_side
 from bench.http_client import HttpConnection
+from bench.machine_load import MARKS, POSTGRES, LoadSample, MachineLoad, cell, worse
 from bench.otlp_sink import OtlpSink
 from bench.paced_runtime import MODEL_ID
 from core.logging import configure_logging
@@ -53,6 +57,13 @@ class Level:
     chunks: list[int]  # content messages per request as the client saw them
     server_cpu_s: float = 0.0  # the server side's process (user + system), PostgreSQL apart
     agent_cpu_s: float = 0.0  # the platform's agent process
+    load: LoadSample | None = None  # the machine while it ran
+
+    @property
+    def sample(self) -> LoadSample:
+        if self.load is None:
+            raise RuntimeError("the level was not measured with a load sample")
+        return self.load
 
     @property
     def cpu_ms_per_request(self) -> float:
@@ -184,30 +195,31 @@ class PlatformStream:
 async def _measure(
     floor: ServerProcess,
     platform: ServerProcess,
-    tokens: int,
-    levels: Sequence[int],
-    seconds: float,
-    max_requests: int,
+    load: MachineLoad,
+    args: argparse.Namespace,
 ) -> list[tuple[Level, Level]]:
+    """Per round and level: (floor, platform), alternating, each with its load sample."""
     async with grpc.aio.insecure_channel(floor.address) as channel:
 
         def floor_stream() -> Stream:
-            return _FloorStream(channel, tokens)
+            return _FloorStream(channel, args.tokens)
 
         def platform_stream() -> Stream:
-            return PlatformStream(platform.address, platform.secret, tokens)
+            return PlatformStream(platform.address, platform.secret, args.tokens)
 
         # Unmeasured: caches, first connections.
         for open_stream in (floor_stream, platform_stream):
-            await run_load(open_stream, WARM_UP_STREAMS, WARM_UP_S, max_requests)
+            await run_load(open_stream, WARM_UP_STREAMS, WARM_UP_S, args.max_requests)
         results = []
-        for streams in levels:
-            floor_level = await _measured(floor, floor_stream, streams, seconds, max_requests)
-            platform_level = await _measured(
-                platform, platform_stream, streams, seconds, max_requests
-            )
-            results.append((floor_level, platform_level))
-            _print_level(floor_level, platform_level)
+        for round_ in range(args.rounds):
+            for streams in args.levels:
+                pair = []
+                for side, open_stream in ((floor, floor_stream), (platform, platform_stream)):
+                    label = f"{side.kind}@{streams} r{round_ + 1}"
+                    pair.append(await _measured(side, open_stream, streams, load, label, args))
+                floor_level, platform_level = pair
+                results.append((floor_level, platform_level))
+                _print_level(floor_level, platform_level, round_)
         return results
 
 
@@ -215,12 +227,16 @@ async def _measured(
     server: ServerProcess,
     open_stream: Callable[[], Stream],
     streams: int,
-    seconds: float,
-    max_requests: int,
+    load: MachineLoad,
+    label: str,
+    args: argparse.Namespace,
 ) -> Level:
     agent = server.agent
+    await asyncio.to_thread(load.wait_for_quiet)
     before, agent_before = server.cpu_s(), agent.cpu_s() if agent else 0.0
-    level = await run_load(open_stream, streams, seconds, max_requests)
+    started = load.start()
+    level = await run_load(open_stream, streams, args.seconds, args.max_requests)
+    level.load = load.stop(started, label)
     level.server_cpu_s = server.cpu_s() - before
     level.agent_cpu_s = agent.cpu_s() - agent_before if agent else 0.0
     return level
@@ -230,37 +246,52 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.2f} ms"
 
 
-def _print_level(floor: Level, platform: Level) -> None:
+def _print_level(floor: Level, platform: Level, round_: int) -> None:
     chunks = sorted(platform.chunks)
     print(
-        f"streams={platform.streams:>3}  floor {floor.per_s:7.0f} req/s "
+        f"round {round_ + 1} streams={platform.streams:>3}  floor {floor.per_s:7.0f} req/s "
         f"p50 {_ms(floor.percentile(50))} p99 {_ms(floor.percentile(99))}  |  "
         f"platform {platform.per_s:6.0f} req/s p50 {_ms(platform.percentile(50))} "
         f"p99 {_ms(platform.percentile(99))}  ({platform.requests} requests, "
         f"{platform.errors} errors, {chunks[len(chunks) // 2] if chunks else 0} content "
         f"chunks per request; server CPU per request: floor {floor.cpu_ms_per_request:.2f} ms, "
         f"platform {platform.cpu_ms_per_request:.2f} ms, "
-        f"its agent {platform.agent_cpu_ms_per_request:.2f} ms)",
+        f"its agent {platform.agent_cpu_ms_per_request:.2f} ms)\n"
+        f"  floor: {floor.sample.describe()}\n  platform: {platform.sample.describe()}",
         flush=True,
     )
 
 
-def _print_table(results: list[tuple[Level, Level]]) -> None:
+def _print_table(results: list[tuple[Level, Level]], levels: Sequence[int]) -> None:
+    """Per level, each column across rounds: median [min..max] sd (see MARKS)."""
     print(
-        "\n| streams | floor req/s | floor p50 | floor p99 | platform req/s | platform p50 "
-        "| platform p99 | added p50 | added p99 | platform CPU per request "
-        "| agent CPU per request |"
+        "\n| streams | floor req/s | floor p50 ms | floor p99 ms | platform req/s "
+        "| platform p50 ms | platform p99 ms | added p50 ms | added p99 ms "
+        "| platform CPU ms per request | agent CPU ms per request |"
     )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for floor, platform in results:
-        f50, f99 = floor.percentile(50), floor.percentile(99)
-        p50, p99 = platform.percentile(50), platform.percentile(99)
-        print(
-            f"| {platform.streams} | {floor.per_s:.0f} | {_ms(f50)} | {_ms(f99)} "
-            f"| {platform.per_s:.0f} | {_ms(p50)} | {_ms(p99)} "
-            f"| {_ms(p50 - f50)} | {_ms(p99 - f99)} | {_ms(platform.cpu_ms_per_request / 1000)} "
-            f"| {_ms(platform.agent_cpu_ms_per_request / 1000)} |"
-        )
+    for streams in levels:
+        pairs = [(f, p) for f, p in results if p.streams == streams]
+        floors, platforms = [f.sample for f, _ in pairs], [p.sample for _, p in pairs]
+        both = [worse(f.sample, p.sample) for f, p in pairs]
+
+        def ms(values: Sequence[float], samples: Sequence[LoadSample]) -> str:
+            return cell([v * 1000 for v in values], samples, "{:.2f}")
+
+        columns = [
+            cell([f.per_s for f, _ in pairs], floors, "{:.0f}"),
+            ms([f.percentile(50) for f, _ in pairs], floors),
+            ms([f.percentile(99) for f, _ in pairs], floors),
+            cell([p.per_s for _, p in pairs], platforms, "{:.0f}"),
+            ms([p.percentile(50) for _, p in pairs], platforms),
+            ms([p.percentile(99) for _, p in pairs], platforms),
+            ms([p.percentile(50) - f.percentile(50) for f, p in pairs], both),
+            ms([p.percentile(99) - f.percentile(99) for f, p in pairs], both),
+            cell([p.cpu_ms_per_request for _, p in pairs], platforms, "{:.2f}"),
+            cell([p.agent_cpu_ms_per_request for _, p in pairs], platforms, "{:.2f}"),
+        ]
+        print(f"| {streams} | {' | '.join(columns)} |")
+    print(MARKS)
 
 
 # The sides compared by --observability: (name, arguments of the platform side).
@@ -268,74 +299,91 @@ _OBSERVABILITY = ("off", "metrics", "metrics + traces")
 
 
 async def _compare(
-    sides: Sequence[ServerProcess],
-    tokens: int,
-    levels: Sequence[int],
-    seconds: float,
-    max_requests: int,
+    sides: Sequence[ServerProcess], load: MachineLoad, args: argparse.Namespace
 ) -> list[list[Level]]:
-    """The same load on each side (no metrics or tracing, metrics, both), level by
-    level, alternating."""
+    """The same load on each side (no metrics or tracing, metrics, both), per round
+    and level, alternating; one list of levels (one per side) per round and level."""
 
     def stream_to(side: ServerProcess) -> Callable[[], Stream]:
-        return lambda: PlatformStream(side.address, side.secret, tokens)
+        return lambda: PlatformStream(side.address, side.secret, args.tokens)
 
     for side in sides:
-        await run_load(stream_to(side), WARM_UP_STREAMS, WARM_UP_S, max_requests)
+        await run_load(stream_to(side), WARM_UP_STREAMS, WARM_UP_S, args.max_requests)
     results = []
-    for streams in levels:
-        measured = [
-            await _measured(side, stream_to(side), streams, seconds, max_requests) for side in sides
-        ]
-        results.append(measured)
-        print(
-            f"streams={streams:>3}  platform CPU per request: "
-            + ", ".join(
-                f"{name} {level.cpu_ms_per_request:.2f} ms"
-                for name, level in zip(_OBSERVABILITY, measured, strict=True)
+    for round_ in range(args.rounds):
+        for streams in args.levels:
+            measured = [
+                await _measured(
+                    side, stream_to(side), streams, load, f"{name}@{streams} r{round_ + 1}", args
+                )
+                for name, side in zip(_OBSERVABILITY, sides, strict=True)
+            ]
+            results.append(measured)
+            print(
+                f"round {round_ + 1} streams={streams:>3}  platform CPU per request: "
+                + ", ".join(
+                    f"{name} {level.cpu_ms_per_request:.2f} ms"
+                    + (" (FOREIGN LOAD)" if level.sample.foreign else "")
+                    for name, level in zip(_OBSERVABILITY, measured, strict=True)
+                )
+                + f" ({sum(level.errors for level in measured)} errors)",
+                flush=True,
             )
-            + f" ({sum(level.errors for level in measured)} errors)",
-            flush=True,
-        )
     return results
 
 
-def _print_comparison(results: list[list[Level]], spans: int) -> None:
+def _print_comparison(results: list[list[Level]], levels: Sequence[int], spans: int) -> None:
+    """Per level, each side's figures across rounds, and its CPU per request over the
+    first side's within each round (see MARKS)."""
     names = _OBSERVABILITY
     print(
         "\n| streams | "
         + " | ".join(f"req/s {name}" for name in names)
         + " | "
-        + " | ".join(f"platform CPU per request, {name}" for name in names)
+        + " | ".join(f"platform CPU ms per request, {name}" for name in names)
         + " | "
-        + " | ".join(f"agent CPU per request, {name}" for name in names)
+        + " | ".join(f"agent CPU ms per request, {name}" for name in names)
         + " |"
     )
     print("|---:" * (1 + 3 * len(names)) + "|")
-    for levels in results:
-        off = levels[0].cpu_ms_per_request
-        print(
-            f"| {levels[0].streams} | "
-            + " | ".join(f"{level.per_s:.0f}" for level in levels)
-            + " | "
-            + " | ".join(
-                f"{level.cpu_ms_per_request:.2f} ms"
-                + ("" if level is levels[0] else f" ({level.cpu_ms_per_request / off - 1:+.0%})")
-                for level in levels
+    for streams in levels:
+        rows = [sides for sides in results if sides[0].streams == streams]
+        cells = []
+        for index in range(len(names)):
+            levels_ = [sides[index] for sides in rows]
+            cells.append(
+                cell([lv.per_s for lv in levels_], [lv.sample for lv in levels_], "{:.0f}")
             )
-            + " | "
-            + " | ".join(f"{level.agent_cpu_ms_per_request:.2f} ms" for level in levels)
-            + " |"
-        )
-    traced = sum(levels[-1].requests for levels in results)
+        for index in range(len(names)):
+            levels_ = [sides[index] for sides in rows]
+            text = cell(
+                [lv.cpu_ms_per_request for lv in levels_], [lv.sample for lv in levels_], "{:.2f}"
+            )
+            if index:
+                ratios = [s[index].cpu_ms_per_request / s[0].cpu_ms_per_request - 1 for s in rows]
+                pairs = [worse(s[0].sample, s[index].sample) for s in rows]
+                text += f" ({cell([100 * r for r in ratios], pairs, '{:+.0f}')} %)"
+            cells.append(text)
+        for index in range(len(names)):
+            levels_ = [sides[index] for sides in rows]
+            cells.append(
+                cell(
+                    [lv.agent_cpu_ms_per_request for lv in levels_],
+                    [lv.sample for lv in levels_],
+                    "{:.2f}",
+                )
+            )
+        print(f"| {streams} | " + " | ".join(cells) + " |")
+    print(MARKS)
+    traced = sum(sides[-1].requests for sides in results)
     print(f"\nspans received by the collector: {spans} ({spans / max(traced, 1):.1f} per request)")
 
 
 def _observability(args: argparse.Namespace) -> None:
     print(
         f"platform without metrics or tracing, with metrics, with both: {args.tokens}-token "
-        f"streamed completions, {args.seconds:g} s per level and side, levels "
-        f"{','.join(map(str, args.levels))}",
+        f"streamed completions, {args.rounds} rounds of {args.seconds:g} s per level and "
+        f"side, levels {','.join(map(str, args.levels))}",
         flush=True,
     )
     servers: list[ServerProcess] = []
@@ -344,20 +392,25 @@ def _observability(args: argparse.Namespace) -> None:
             servers.append(start_side("platform", args.tokens))
             servers.append(start_side("platform", args.tokens, OBSERVED, ""))
             servers.append(start_side("platform", args.tokens, OBSERVED, sink.endpoint))
-            results = asyncio.run(
-                _compare(servers, args.tokens, args.levels, args.seconds, args.max_requests)
+            load = MachineLoad(
+                databases={side.database for side in servers}, services=frozenset({POSTGRES})
             )
+            results = asyncio.run(_compare(servers, load, args))
         finally:
             for server in reversed(servers):
                 server.stop()
-        _print_comparison(results, sink.spans)
+        _print_comparison(results, args.levels, sink.spans)
+    print(load.summary())
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.gateway", description=__doc__)
     parser.add_argument("--tokens", type=int, default=16, help="tokens per completion")
-    parser.add_argument("--seconds", type=float, default=4.0, help="per level and side")
-    parser.add_argument("--max-requests", type=int, default=20_000, help="per level and side")
+    parser.add_argument("--seconds", type=float, default=3.0, help="per level, side and round")
+    parser.add_argument("--rounds", type=int, default=3, help="of every level and side")
+    parser.add_argument(
+        "--max-requests", type=int, default=20_000, help="per level, side and round"
+    )
     parser.add_argument(
         "--levels",
         type=lambda text: tuple(int(part) for part in text.split(",")),
@@ -371,12 +424,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         "both (exporting to a collector in this process) instead of platform and floor",
     )
     args = parser.parse_args(argv)
+    if args.rounds < 1 or args.seconds <= 0:
+        raise SystemExit("--rounds and --seconds must be positive")
     configure_logging("warning")
     if args.observability:
         _observability(args)
         return
     print(
-        f"gateway overhead: {args.tokens}-token streamed completions, "
+        f"gateway overhead: {args.tokens}-token streamed completions, {args.rounds} rounds of "
         f"{args.seconds:g} s per level and side, levels {','.join(map(str, args.levels))}",
         flush=True,
     )
@@ -385,13 +440,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         servers.append(start_side("floor", args.tokens))
         servers.append(start_side("platform", args.tokens))
         floor, platform = servers
-        results = asyncio.run(
-            _measure(floor, platform, args.tokens, args.levels, args.seconds, args.max_requests)
-        )
+        # The backends of the platform's database do the platform's work.
+        load = MachineLoad(databases={platform.database}, services=frozenset({POSTGRES}))
+        results = asyncio.run(_measure(floor, platform, load, args))
     finally:
         for server in reversed(servers):
             server.stop()
-    _print_table(results)
+    _print_table(results, args.levels)
+    print(load.summary())
 
 
 if __name__ == "__main__":

@@ -94,7 +94,9 @@ async def _serve_floor(conn: Connection, tokens: int) -> None:
         await server.stop(None)
 
 
-async def create_customer_key(channel: grpc.aio.Channel, service: tuple[tuple[str, str], ...]) -> str:
+async def create_customer_key(
+    channel: grpc.aio.Channel, service: tuple[tuple[str, str], ...]
+) -> str:
     account = (
         await account_grpc.AccountServiceStub(channel).CreateAccount(
             account_pb.CreateAccountRequest(name="bench-customer"), metadata=service

@@ -10,7 +10,8 @@ agent's bounds cost on the same input (``server.cloud.requests.validate``,
 ``agent.assignments.generation_request`` of the assignment as it arrives),
 timed in this process. *Recovery* is
 the time from a runtime worker's crash to the next generation's first event,
-with the real model (the worker restarts and loads it again).
+with the real model (the worker restarts and loads it again). Each probe and
+each crash records the machine's load (bench/machine_load.py).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from agent.runtime.base import GenerationError, GenerationRequest, Started
 from agent.runtime.loader import RuntimeSettings, load_runtime
 from agent.runtime.models import DEFAULT_MODEL_ID
 from agent.runtime.worker import WorkerRuntime
+from bench.machine_load import MARKS, LoadSample, MachineLoad, cell
 from core import event_loop
 from core.convert.job_events import assign_from_pb
 from core.errors import InvalidArgument
@@ -98,7 +100,8 @@ async def _probe(name: str) -> None:
     print(json.dumps({"cpu_s": used, "peak_mb": peak_mb, "outcome": outcome}))
 
 
-def _node_work(item: HostileInput) -> str:
+def _node_work(item: HostileInput, load: MachineLoad) -> str:
+    began = load.start()
     started = time.perf_counter()
     child = subprocess.run(
         [sys.executable, "-m", "bench.hostile_inputs", "--probe", item.name],
@@ -107,12 +110,14 @@ def _node_work(item: HostileInput) -> str:
         check=False,
     )
     wall = time.perf_counter() - started
+    machine = load.stop(began, item.name)
+    foreign = f"; foreign load {machine.foreign_cores:.2f} cores{' (!)' if machine.foreign else ''}"
     if child.returncode != 0:
-        return f"process died (exit {child.returncode}) after {wall:.1f} s"
+        return f"process died (exit {child.returncode}) after {wall:.1f} s{foreign}"
     result = json.loads(child.stdout.strip().splitlines()[-1])
     return (
         f"{result['cpu_s']:.2f} CPU s, peak {result['peak_mb']:.0f} MB (process), "
-        f"{result['outcome']}"
+        f"{result['outcome']}{foreign}"
     )
 
 
@@ -151,16 +156,18 @@ def _agent_check(item: HostileInput) -> tuple[float, str]:
     return _timed(lambda: generation_request(assign_from_pb(assign)))
 
 
-async def _recovery(rounds: int) -> list[float]:
+async def _recovery(rounds: int, load: MachineLoad) -> list[tuple[float, LoadSample]]:
     """Seconds from a worker crash (a schema that overflows llama.cpp's grammar
-    parser, sent to the runtime directly) to the next generation's first event."""
+    parser, sent to the runtime directly) to the next generation's first event, and
+    the machine's load over each crash and recovery."""
     runtime = await WorkerRuntime.start(
         functools.partial(load_runtime, RuntimeSettings(context_length=CONTEXT)),
         backoff=Backoff(base_s=0.5, cap_s=30.0),
     )
     times = []
     try:
-        for _ in range(rounds):
+        for round_ in range(rounds):
+            began = load.start()
             crashed = 0.0
             try:
                 async for _ in runtime.generate(_runtime_request(INPUTS[0])):
@@ -170,9 +177,13 @@ async def _recovery(rounds: int) -> list[float]:
             if not crashed:
                 raise RuntimeError("the schema did not crash the runtime worker")
             # Run to the end (8 tokens): a cancelled one would hold the slot a while.
+            recovered: float | None = None
             async for event in runtime.generate(_runtime_request(HostileInput("ordinary"))):
-                if isinstance(event, Started):
-                    times.append(time.perf_counter() - crashed)
+                if isinstance(event, Started) and recovered is None:
+                    recovered = time.perf_counter() - crashed
+            if recovered is None:
+                raise RuntimeError("the generation after the crash never started")
+            times.append((recovered, load.stop(began, f"recovery r{round_ + 1}")))
     finally:
         await runtime.close()
     return times
@@ -186,20 +197,24 @@ def main() -> None:
     if args.probe:
         event_loop.run(_probe(args.probe))
         return
+    load = MachineLoad()  # the probes and the worker are this process's children
     print("| input | node work without bounds | cloud refusal | agent refusal |")
     print("|---|---|---|---|")
     for item in INPUTS:
         cloud_ms, cloud = _cloud_check(item)
         agent_ms, agent = _agent_check(item)
         print(
-            f"| {item.name} | {_node_work(item)} | {cloud_ms:.2f} ms, {cloud} "
+            f"| {item.name} | {_node_work(item, load)} | {cloud_ms:.2f} ms, {cloud} "
             f"| {agent_ms:.2f} ms, {agent} |"
         )
-    times = sorted(event_loop.run(_recovery(args.rounds)))
+    recoveries = event_loop.run(_recovery(args.rounds, load))
+    times = [seconds for seconds, _ in recoveries]
     print(
-        f"\nruntime worker crash -> next generation started: median {times[len(times) // 2]:.2f} s,"
-        f" min {times[0]:.2f} s, max {times[-1]:.2f} s ({len(times)} crashes)"
+        f"\nruntime worker crash -> next generation started: "
+        f"{cell(times, [sample for _, sample in recoveries], '{:.2f}')} s "
+        f"({len(times)} crashes)\n{MARKS}; (!) under foreign load"
     )
+    print(load.summary())
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ funded account, every capture split between an operator and the platform
 (so each pair writes a hold, two captures, a contribution record and five
 ledger accounts). In the same run, on the same server, pgbench's built-in
 simple-update script gives the physical baseline at the same client counts.
+Every measurement is taken ``--rounds`` times, each with the machine's load
+(bench/machine_load.py); the table gives each across rounds.
 
 The database is the one RESULTITY_DATABASE_URL names (a scratch database is
 created on that server and dropped afterwards), or an embedded PostgreSQL.
@@ -29,6 +31,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
+from bench.machine_load import MARKS, POSTGRES, LoadSample, MachineLoad, cell, worse
 from core.logging import configure_logging
 from server.account.authz import Principal
 from server.account.component import AccountComponent
@@ -43,8 +46,11 @@ ADMIN = Principal.service()
 @dataclass(frozen=True)
 class Result:
     clients: int
+    round: int
     ledger_pairs_per_s: float
     pgbench_tps: float
+    ledger_load: LoadSample
+    pgbench_load: LoadSample
 
 
 def _with_database(dsn: str, database: str) -> str:
@@ -115,7 +121,7 @@ async def _ledger_pairs_per_s(component: AccountComponent, clients: int, seconds
     return done / (time.perf_counter() - started)
 
 
-async def run(seconds: int) -> list[Result]:
+async def run(seconds: int, rounds: int) -> tuple[list[Result], MachineLoad]:
     base = os.environ.get("RESULTITY_DATABASE_URL")
     embedded = None
     tmp = None
@@ -129,6 +135,8 @@ async def run(seconds: int) -> list[Result]:
     dsn = _with_database(base, scratch)
     binary = _pgbench_binary(embedded is not None)
     results = []
+    # pgbench is this process's child; the backends of the scratch database are ours too.
+    load = MachineLoad(databases={scratch}, services=frozenset({POSTGRES}))
     try:
         await asyncio.to_thread(
             subprocess.run, [binary, "-i", "-q", "-s", "4", dsn], check=True, capture_output=True
@@ -137,15 +145,25 @@ async def run(seconds: int) -> list[Result]:
             dsn, PlatformSecrets.generate(), hold_sweep_interval_s=3600, pool_size=max(CLIENTS)
         )
         try:
-            for clients in CLIENTS:
-                pairs = await _ledger_pairs_per_s(component, clients, seconds)
-                tps = await asyncio.to_thread(_pgbench, binary, dsn, clients, seconds)
-                results.append(Result(clients, pairs, tps))
-                print(
-                    f"clients={clients:>2}  ledger hold+capture pairs/s={pairs:8.1f}"
-                    f"  pgbench simple-update tps={tps:8.1f}",
-                    flush=True,
-                )
+            for round_ in range(rounds):
+                for clients in CLIENTS:
+                    label = f"{clients} clients r{round_ + 1}"
+                    await asyncio.to_thread(load.wait_for_quiet)
+                    started = load.start()
+                    pairs = await _ledger_pairs_per_s(component, clients, seconds)
+                    ledger_load = load.stop(started, f"ledger {label}")
+                    await asyncio.to_thread(load.wait_for_quiet)
+                    started = load.start()
+                    tps = await asyncio.to_thread(_pgbench, binary, dsn, clients, seconds)
+                    pgbench_load = load.stop(started, f"pgbench {label}")
+                    results.append(Result(clients, round_, pairs, tps, ledger_load, pgbench_load))
+                    print(
+                        f"round {round_ + 1} clients={clients:>2}  ledger hold+capture "
+                        f"pairs/s={pairs:8.1f}  pgbench simple-update tps={tps:8.1f}\n"
+                        f"  ledger: {ledger_load.describe()}\n"
+                        f"  pgbench: {pgbench_load.describe()}",
+                        flush=True,
+                    )
         finally:
             await component.stop()
     finally:
@@ -155,22 +173,36 @@ async def run(seconds: int) -> list[Result]:
             await embedded.stop()
         if tmp is not None:
             tmp.cleanup()
-    return results
+    return results, load
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.ledger", description=__doc__)
-    parser.add_argument("--seconds", type=int, default=10, help="per measurement")
+    parser.add_argument("--seconds", type=int, default=5, help="per measurement")
+    parser.add_argument("--rounds", type=int, default=3, help="of every measurement")
     args = parser.parse_args(argv)
+    if args.rounds < 1 or args.seconds < 1:
+        raise SystemExit("--rounds and --seconds must be positive")
     configure_logging("warning")
-    results = asyncio.run(run(args.seconds))
-    print("\n| clients | ledger hold+capture pairs/s | pgbench simple-update TPS | ratio |")
+    results, load = asyncio.run(run(args.seconds, args.rounds))
+    print(
+        "\n| clients | ledger hold+capture pairs/s | pgbench simple-update TPS "
+        "| ratio (per round) |"
+    )
     print("|---:|---:|---:|---:|")
-    for r in results:
+    for clients in CLIENTS:
+        rows = [r for r in results if r.clients == clients]
+        ledger = [r.ledger_load for r in rows]
+        pgbench = [r.pgbench_load for r in rows]
+        both = [worse(r.ledger_load, r.pgbench_load) for r in rows]
+        ratios = [r.ledger_pairs_per_s / r.pgbench_tps for r in rows]
         print(
-            f"| {r.clients} | {r.ledger_pairs_per_s:.0f} | {r.pgbench_tps:.0f} "
-            f"| {r.ledger_pairs_per_s / r.pgbench_tps:.2f} |"
+            f"| {clients} | {cell([r.ledger_pairs_per_s for r in rows], ledger, '{:.0f}')} "
+            f"| {cell([r.pgbench_tps for r in rows], pgbench, '{:.0f}')} "
+            f"| {cell(ratios, both, '{:.2f}')} |"
         )
+    print(MARKS)
+    print(load.summary())
 
 
 if __name__ == "__main__":

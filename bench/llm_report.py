@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.clients import Sample
+from bench.machine_load import LoadSample
 
 METRICS: dict[str, Callable[[Sample], float]] = {
     "ttft_ms": lambda s: s.ttft_s * 1000,
@@ -52,6 +53,20 @@ class Rounds:
     platform_cpu: list[dict[str, float]] = field(default_factory=list)
     warmup: dict[str, Sample] = field(default_factory=dict)
     idle_waits_s: list[float] = field(default_factory=list)
+    direct_load: list[LoadSample] = field(default_factory=list)
+    platform_load: list[LoadSample] = field(default_factory=list)
+
+    def counted(self) -> tuple[list[int], str]:
+        """Indices of the rounds the medians use: those whose two sides ran without
+        foreign load, or every round when none did (and what was used, in words)."""
+        every = list(range(len(self.platform)))
+        loads = zip(self.direct_load, self.platform_load, strict=True)
+        clean = [i for i, pair in enumerate(loads) if not any(s.foreign for s in pair)]
+        if not clean:
+            return every, f"all {len(every)} rounds, EVERY ONE UNDER FOREIGN LOAD"
+        if len(clean) < len(every):
+            return clean, f"{len(clean)} of {len(every)} rounds (the others under foreign load)"
+        return every, f"all {len(every)} rounds (none under foreign load)"
 
 
 def _summary(samples: list[Sample]) -> dict[str, dict[str, float]]:
@@ -67,7 +82,11 @@ def _summary(samples: list[Sample]) -> dict[str, dict[str, float]]:
 
 
 def build_report(config: dict[str, Any], rounds: Rounds) -> dict[str, Any]:
-    direct, platform = _summary(rounds.direct), _summary(rounds.platform)
+    """Medians, ranges and ratios over the rounds ``Rounds.counted`` picks; the checks
+    over every round."""
+    used, used_said = rounds.counted()
+    direct = _summary([rounds.direct[i] for i in used])
+    platform = _summary([rounds.platform[i] for i in used])
     ratios = {name: _ratio(platform[name]["median"], direct[name]["median"]) for name in METRICS}
     best = {name: _ratio(platform[name][BEST[name]], direct[name][BEST[name]]) for name in METRICS}
     direct_counts = sorted({s.completion_tokens for s in rounds.direct})
@@ -84,8 +103,8 @@ def build_report(config: dict[str, Any], rounds: Rounds) -> dict[str, Any]:
         "platform_content_deltas": sorted({s.content_deltas for s in rounds.platform}),
     }
     cpu = {
-        "direct": _cpu_summary(rounds.direct_cpu),
-        "platform": _cpu_summary(rounds.platform_cpu),
+        "direct": _cpu_summary([rounds.direct_cpu[i] for i in used]),
+        "platform": _cpu_summary([rounds.platform_cpu[i] for i in used]),
     }
     return {
         "benchmark": "llm_throughput",
@@ -93,6 +112,11 @@ def build_report(config: dict[str, Any], rounds: Rounds) -> dict[str, Any]:
         "machine": _machine(),
         "config": config,
         "rounds_completed": len(rounds.platform),
+        "rounds_used": used_said,
+        "machine_load": {
+            "direct": [load.as_json() for load in rounds.direct_load],
+            "platform": [load.as_json() for load in rounds.platform_load],
+        },
         "direct": {"median": direct, "samples": [_sample_json(s) for s in rounds.direct]},
         "platform": {"median": platform, "samples": [_sample_json(s) for s in rounds.platform]},
         "warmup": {name: _sample_json(s) for name, s in rounds.warmup.items()},
@@ -175,7 +199,7 @@ def render(report: dict[str, Any]) -> str:
         f"  machine   {machine['cpus']} CPUs ({machine['cpu']}), llama-cpp-python "
         f"{machine['llama_cpp_python']}, commit {machine['commit']}",
         f"  rounds    {report['rounds_completed']} per side (+{config['warmup']} warm-up), "
-        f"interleaved; median [min..max]",
+        f"interleaved; median [min..max] over {report['rounds_used']}",
         "",
         f"{'metric':38}{'direct':>26}{'platform':>26}{'ratio':>8}{'best':>7}",
     ]

@@ -3,7 +3,9 @@
 Both sides stream the same greedy chat completion of SmolLM2-135M-Instruct
 from the same GGUF with the same llama.cpp settings. Rounds alternate (direct,
 platform, direct, ...) after one warm-up each, so that both see the same
-machine; the report gives medians and the platform/direct ratio of medians.
+machine; each records the machine's load (bench/machine_load.py), and the
+report gives medians over the rounds without foreign load and the
+platform/direct ratio of medians.
 See bench/README.md for the method and the latest numbers.
 """
 
@@ -33,6 +35,7 @@ from bench.clients import (
 )
 from bench.cpu_usage import measured, wait_until_idle
 from bench.llm_report import Rounds, build_report, render
+from bench.machine_load import MachineLoad
 from bench.platform_process import PlatformError, running_platform
 
 PROMPT = "Write a long, detailed story about a lighthouse keeper who finds a message in a bottle."
@@ -132,8 +135,10 @@ def _main(args: argparse.Namespace) -> None:
             def settle() -> float:
                 return wait_until_idle(running.process_roots)
 
+            # The platform's processes (and an embedded PostgreSQL) are this run's own.
+            load = MachineLoad(roots=set(running.process_roots))
             rounds = _interleave(
-                direct, platform, settle, args.rounds, args.warmup, began + args.budget
+                direct, platform, settle, args.rounds, args.warmup, began + args.budget, load
             )
             config["platform_canaries"] = _count_lines(running.log_path, CANARY_LOG_EVENT)
     finally:
@@ -142,6 +147,7 @@ def _main(args: argparse.Namespace) -> None:
     report = build_report(config, rounds)
     report["wall_s"] = round(time.monotonic() - began, 1)
     print(render(report))
+    print(load.summary())
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
         log(f"JSON written to {args.json}")
@@ -154,9 +160,11 @@ def _interleave(
     rounds: int,
     warmup: int,
     deadline: float,
+    load: MachineLoad,
 ) -> Rounds:
     """direct, platform, direct, platform, ...; never both at once, each from an
-    idle platform (``settle`` waits for that and returns the seconds it took)."""
+    idle platform (``settle`` waits for that and returns the seconds it took), each
+    with the machine's load."""
     result = Rounds()
     for index in range(warmup):
         for name, run in (("direct", direct), ("platform", platform)):
@@ -164,22 +172,25 @@ def _interleave(
             result.warmup[f"{name}_{index}"] = run()[0]
     for index in range(rounds):
         pair_began = time.monotonic()
-        for name, run, samples, cpu in (
-            ("direct", direct, result.direct, result.direct_cpu),
-            ("platform", platform, result.platform, result.platform_cpu),
+        for name, run, samples, cpu, loads in (
+            ("direct", direct, result.direct, result.direct_cpu, result.direct_load),
+            ("platform", platform, result.platform, result.platform_cpu, result.platform_load),
         ):
             waited = settle()
             result.idle_waits_s.append(waited)
             if waited > 1.0:
                 log(f"waited {waited:.1f} s for the platform to become idle")
+            load.wait_for_quiet()
+            began = load.start()
             sample, used = run()
+            loads.append(load.stop(began, f"{name} r{index + 1}"))
             samples.append(sample)
             cpu.append(used)
             log(
                 f"round {index + 1}/{rounds} {name:8}: TTFT {sample.ttft_s * 1000:7.1f} ms, "
                 f"{sample.decode_tokens_per_s:6.1f} tok/s decode, "
                 f"{sample.end_to_end_tokens_per_s:6.1f} tok/s end-to-end, "
-                f"{sample.completion_tokens} tokens"
+                f"{sample.completion_tokens} tokens; {loads[-1].describe()}"
             )
         if index + 1 < rounds and time.monotonic() + (time.monotonic() - pair_began) > deadline:
             log(f"time budget spent: stopping after {index + 1} of {rounds} rounds")

@@ -51,14 +51,21 @@ def machine_busy_s(stat: Path = Path("/proc/stat")) -> float:
 
 
 @dataclass(frozen=True)
+class _Process:
+    role: str  # "own" or "service"
+    pid: int
+    ppid: int
+    cpu_s: float  # its own and its reaped children's
+
+
+@dataclass(frozen=True)
 class _Usage:
-    """CPU seconds so far, per process (pid, start time) and role."""
+    """CPU seconds so far, of the processes that count, by (pid, start time)."""
 
     at: float
     busy_s: float
     loadavg: float
-    own: dict[tuple[int, float], tuple[int, float]]  # (pid, created) -> (ppid, seconds)
-    services: dict[tuple[int, float], float]
+    processes: dict[tuple[int, float], _Process]
 
 
 @dataclass(frozen=True)
@@ -126,8 +133,8 @@ class MachineLoad:
         sample = LoadSample(
             wall_s=wall,
             busy_cores=(ended.busy_s - started.busy_s) / wall,
-            own_cores=_own_delta(started.own, ended.own) / wall,
-            service_cores=_delta(started.services, ended.services) / wall,
+            own_cores=_delta(started.processes, ended.processes, "own") / wall,
+            service_cores=_delta(started.processes, ended.processes, "service") / wall,
             loadavg=(started.loadavg, ended.loadavg),
             cpus=psutil.cpu_count() or 1,
             threshold_cores=self.threshold_cores,
@@ -165,13 +172,12 @@ class MachineLoad:
             f"foreign {foreign.render('{:.2f}')} cores, own {own.render('{:.2f}')} cores, "
             f"1-min load average {min(loads):.1f}-{max(loads):.1f}",
             f"rounds under foreign load (over {self.threshold_cores:g} cores): "
-            + (f"{len(flagged)}: {', '.join(flagged)}" if flagged else "none"),
+            + (f"{len(flagged)}: {_listed(flagged)}" if flagged else "none"),
         ]
         return "\n".join(lines)
 
     def _usage(self) -> _Usage:
-        own: dict[tuple[int, float], tuple[int, float]] = {}
-        services: dict[tuple[int, float], float] = {}
+        counted: dict[tuple[int, float], _Process] = {}
         children: dict[int, list[int]] = {}
         processes: dict[int, psutil.Process] = {}
         for process in psutil.process_iter(["ppid", "name", "create_time"]):
@@ -186,14 +192,11 @@ class MachineLoad:
                 times = process.cpu_times()
             except psutil.Error:
                 continue  # exited meanwhile
+            # A reaped child's time moves to its parent's children's time: see _delta.
+            seconds = times.user + times.system + times.children_user + times.children_system
             key = (pid, float(process.info["create_time"] or 0.0))
-            if role == "own":
-                # Reaped children's time moves to their parent: see _own_delta.
-                seconds = times.user + times.system + times.children_user + times.children_system
-                own[key] = (int(process.info["ppid"] or 0), seconds)
-            else:
-                services[key] = times.user + times.system
-        return _Usage(time.monotonic(), machine_busy_s(), os.getloadavg()[0], own, services)
+            counted[key] = _Process(role, pid, int(process.info["ppid"] or 0), seconds)
+        return _Usage(time.monotonic(), machine_busy_s(), os.getloadavg()[0], counted)
 
     def _service_role(self, process: psutil.Process) -> str | None:
         """ "own" for a backend of one of our databases, "service" for a shared
@@ -219,6 +222,11 @@ def postgres_role(process: psutil.Process, databases: Collection[str]) -> str | 
     return "backend" if any(database in title for database in databases) else None
 
 
+def _listed(labels: Sequence[str], shown: int = 8) -> str:
+    more = f", and {len(labels) - shown} more" if len(labels) > shown else ""
+    return ", ".join(labels[:shown]) + more
+
+
 def _descendants(roots: set[int], children: dict[int, list[int]]) -> set[int]:
     found, pending = set(), list(roots)
     while pending:
@@ -229,25 +237,24 @@ def _descendants(roots: set[int], children: dict[int, list[int]]) -> set[int]:
     return found
 
 
-def _delta(before: dict[tuple[int, float], float], after: dict[tuple[int, float], float]) -> float:
-    """CPU seconds between two snapshots of processes: a process started since counts
-    whole, one that ended since counts nothing (its last interval is unknown)."""
-    return sum(seconds - before.get(key, 0.0) for key, seconds in after.items())
-
-
-def _own_delta(
-    before: dict[tuple[int, float], tuple[int, float]],
-    after: dict[tuple[int, float], tuple[int, float]],
+def _delta(
+    before: dict[tuple[int, float], _Process], after: dict[tuple[int, float], _Process], role: str
 ) -> float:
-    """Like _delta; an own process that ended since and whose parent is own was reaped
-    by it, so its whole time reappears in the parent's children's time: the part
-    already counted before is taken off again."""
-    total = sum(seconds - before.get(key, (0, 0.0))[1] for key, (_, seconds) in after.items())
-    parents = {pid for pid, _ in after}
-    for key, (ppid, seconds) in before.items():
-        if key not in after and ppid in parents:
-            total -= seconds
+    """CPU seconds of ``role``'s processes between two snapshots. A process started
+    since counts whole. One that ended since was reaped by its parent, if that is
+    counted too (a PostgreSQL backend by the server, a child by this process): its
+    whole time reappears in the parent's, so the part counted before is taken off
+    there; one whose parent is not counted is lost for its last interval."""
+    total = sum(p.cpu_s - _seconds(before.get(key)) for key, p in after.items() if p.role == role)
+    parents = {p.pid: p.role for p in after.values()}
+    for key, process in before.items():
+        if key not in after and parents.get(process.ppid) == role:
+            total -= process.cpu_s
     return total
+
+
+def _seconds(process: _Process | None) -> float:
+    return 0.0 if process is None else process.cpu_s
 
 
 @dataclass(frozen=True)
@@ -305,6 +312,23 @@ def clean_or_all(values: Sequence[float], samples: Sequence[LoadSample]) -> tupl
     if clean:
         return Spread.of(clean), f"{len(values)} rounds"
     return Spread.of(values), f"{len(values)} rounds, ALL under foreign load"
+
+
+def worse(*samples: LoadSample) -> LoadSample:
+    """The sample of a pair (or more) of measurements that stands for all of them: under
+    foreign load if any of them was."""
+    return max(samples, key=lambda sample: sample.foreign_cores - sample.threshold_cores)
+
+
+# What ``cell`` appends to a spread.
+MARKS = "* rounds under foreign load left out; ! every round under foreign load"
+
+
+def cell(values: Sequence[float], samples: Sequence[LoadSample], number: str = "{:.1f}") -> str:
+    """``clean_or_all``'s spread for a table cell, marked as MARKS says."""
+    spread, said = clean_or_all(values, samples)
+    mark = "!" if "ALL" in said else ("*" if " of " in said else "")
+    return spread.render(number) + mark
 
 
 def _env_float(name: str, default: float) -> float:

@@ -44,6 +44,7 @@ from resultity.network.v1 import dispatch_service_pb2_grpc as dispatch_grpc
 
 from agent.identity import NodeIdentity, signed_hello
 from agent.session import AGENT_VERSION, AgentSession, SessionSettings
+from bench.machine_load import MARKS, LoadSample, MachineLoad, cell
 from bench.paced_runtime import MODEL_ID, PacedRuntime, token_text
 from bench.scratch_database import scratch_database
 from core import channels, event_loop
@@ -241,14 +242,19 @@ class Saturation:
     heartbeats_per_s: float
     server_cores: float  # CPU seconds per second
     bench_cores: float
+    load: LoadSample
 
     @property
     def server_us_per_heartbeat(self) -> float:
         return self.server_cores / self.heartbeats_per_s * 1e6
 
 
-async def saturate(network: NetworkProcess, streams: int, seconds: float) -> Saturation:
+async def saturate(
+    network: NetworkProcess, streams: int, seconds: float, rounds: int, load: MachineLoad
+) -> list[Saturation]:
+    """``rounds`` windows of ``seconds`` each, back to back."""
     agents = await _connect_fleet(network.target, streams)
+    measured = []
     try:
         await _settle(network, streams)
         stop = asyncio.Event()
@@ -260,20 +266,31 @@ async def saturate(network: NetworkProcess, streams: int, seconds: float) -> Sat
         pumps = [asyncio.create_task(pump(agent)) for agent in agents]
         await asyncio.sleep(0.5)  # warm-up, not measured
         bench = psutil.Process()
-        beats0, _ = network.counts()
-        cpu0, bench0, t0 = network.cpu_s(), bench.cpu_times(), time.perf_counter()
-        await asyncio.sleep(seconds)
-        beats1, _ = network.counts()
-        cpu1, bench1, t1 = network.cpu_s(), bench.cpu_times(), time.perf_counter()
+        for round_ in range(rounds):
+            beats0, _ = network.counts()
+            cpu0, bench0, t0 = network.cpu_s(), bench.cpu_times(), time.perf_counter()
+            began = load.start()
+            await asyncio.sleep(seconds)
+            beats1, _ = network.counts()
+            cpu1, bench1, t1 = network.cpu_s(), bench.cpu_times(), time.perf_counter()
+            sample = load.stop(began, f"saturation r{round_ + 1}")
+            elapsed = t1 - t0
+            bench_s = (bench1.user + bench1.system) - (bench0.user + bench0.system)
+            measured.append(
+                Saturation(
+                    streams,
+                    elapsed,
+                    (beats1 - beats0) / elapsed,
+                    (cpu1 - cpu0) / elapsed,
+                    bench_s / elapsed,
+                    sample,
+                )
+            )
         stop.set()
         await asyncio.gather(*pumps, return_exceptions=True)
     finally:
         await _close_all(agents)
-    elapsed = t1 - t0
-    bench_s = (bench1.user + bench1.system) - (bench0.user + bench0.system)
-    return Saturation(
-        streams, elapsed, (beats1 - beats0) / elapsed, (cpu1 - cpu0) / elapsed, bench_s / elapsed
-    )
+    return measured
 
 
 @dataclass(frozen=True)
@@ -282,11 +299,16 @@ class Fleet:
     connect_s: float
     interval_s: float
     idle_cores: float
-    beating_cores: float
-    heartbeats_per_s: float
+    idle_load: LoadSample
+    beating_cores: list[float]  # per round
+    heartbeats_per_s: list[float]
+    beating_loads: list[LoadSample]
 
 
-async def fleet(network: NetworkProcess, size: int, idle_s: float, beat_s: float) -> Fleet:
+async def fleet(
+    network: NetworkProcess, size: int, idle_s: float, beat_s: float, load: MachineLoad
+) -> Fleet:
+    """The heartbeating phase is measured in windows of one heartbeat interval."""
     began = time.perf_counter()
     agents = await _connect_fleet(network.target, size)
     try:
@@ -294,8 +316,10 @@ async def fleet(network: NetworkProcess, size: int, idle_s: float, beat_s: float
         connect_s = time.perf_counter() - began
         await asyncio.sleep(1.0)  # configuration messages and their acks settle
         cpu0, t0 = network.cpu_s(), time.perf_counter()
+        window = load.start()
         await asyncio.sleep(idle_s)
         idle = (network.cpu_s() - cpu0) / (time.perf_counter() - t0)
+        idle_load = load.stop(window, "fleet idle")
 
         interval = agents[0].interval_s
         rng = random.Random(1)
@@ -310,19 +334,24 @@ async def fleet(network: NetworkProcess, size: int, idle_s: float, beat_s: float
         beaters = [
             asyncio.create_task(heartbeat(agent, rng.uniform(0, interval))) for agent in agents
         ]
-        beats0, _ = network.counts()
-        cpu0, t0 = network.cpu_s(), time.perf_counter()
-        await asyncio.sleep(beat_s)
-        beats1, _ = network.counts()
-        elapsed = time.perf_counter() - t0
-        beating = (network.cpu_s() - cpu0) / elapsed
+        beating, rates, loads = [], [], []
+        for round_ in range(max(1, round(beat_s / interval))):
+            beats0, _ = network.counts()
+            cpu0, t0 = network.cpu_s(), time.perf_counter()
+            window = load.start()
+            await asyncio.sleep(interval)
+            beats1, _ = network.counts()
+            elapsed = time.perf_counter() - t0
+            beating.append((network.cpu_s() - cpu0) / elapsed)
+            rates.append((beats1 - beats0) / elapsed)
+            loads.append(load.stop(window, f"fleet heartbeating r{round_ + 1}"))
         stop.set()
         for task in beaters:
             task.cancel()
         await asyncio.gather(*beaters, return_exceptions=True)
     finally:
         await _close_all(agents)
-    return Fleet(size, connect_s, interval, idle, beating, (beats1 - beats0) / elapsed)
+    return Fleet(size, connect_s, interval, idle, idle_load, beating, rates, loads)
 
 
 # --- failover ------------------------------------------------------------------
@@ -354,9 +383,15 @@ async def _wait_nodes(network: NetworkProcess, count: int) -> None:
 
 
 async def failover(
-    network: NetworkProcess, runs: int, tokens: int, kill_after: int, interval_s: float
-) -> list[float]:
-    """Seconds from killing the serving agent to the client's next token, per run."""
+    network: NetworkProcess,
+    runs: int,
+    tokens: int,
+    kill_after: int,
+    interval_s: float,
+    load: MachineLoad,
+) -> list[tuple[float, LoadSample]]:
+    """Seconds from killing the serving agent to the client's next token, per run, and
+    the machine's load during the run."""
     agents = [
         await PacedAgent.start(network.target, f"paced-{index}", interval_s) for index in range(2)
     ]
@@ -368,10 +403,11 @@ async def failover(
         max_prompt_tokens=1024,
     )
     expected = "".join(token_text(index) for index in range(tokens))
-    recoveries: list[float] = []
+    recoveries: list[tuple[float, LoadSample]] = []
     async with channels.insecure_channel(network.target) as channel:
         stub = dispatch_grpc.DispatchServiceStub(channel)
         for run in range(runs):
+            began = load.start()
             call = stub.RunJob(
                 dispatch_pb.RunJobRequest(job_id=f"bench-failover-{run}", spec=spec_to_pb(spec)),
                 metadata=bearer_metadata(network.service_token),
@@ -400,7 +436,7 @@ async def failover(
                         agents.remove(victim)
             if text != expected or not migrated or recovery is None:
                 raise RuntimeError(f"run {run}: no clean failover (migrated={migrated})")
-            recoveries.append(recovery)
+            recoveries.append((recovery, load.stop(began, f"failover r{run + 1}")))
             agents.append(await PacedAgent.start(network.target, f"paced-r{run}", interval_s))
             await _wait_nodes(network, 2)
     for agent in agents:
@@ -417,38 +453,51 @@ def _percentile(values: Sequence[float], p: float) -> float:
 
 
 async def _run(args: argparse.Namespace) -> None:
+    load = MachineLoad()  # the network server is this process's child
     network = _start_network()
     try:
-        sat = await saturate(network, args.saturate_streams, args.saturate_seconds)
-        print(
-            f"saturation, {sat.streams} streams back to back for {sat.seconds:.1f} s: "
-            f"{sat.heartbeats_per_s:,.0f} heartbeats/s ingested; server "
-            f"{sat.server_cores:.2f} cores ({sat.server_us_per_heartbeat:.1f} µs CPU per "
-            f"heartbeat), load generator {sat.bench_cores:.2f} cores"
+        rounds = await saturate(
+            network, args.saturate_streams, args.saturate_seconds, args.rounds, load
         )
-        fl = await fleet(network, args.agents, args.idle_seconds, args.beat_seconds)
+        loads = [r.load for r in rounds]
+        print(
+            f"saturation, {args.saturate_streams} streams back to back, {len(rounds)} rounds "
+            f"of {args.saturate_seconds:g} s: "
+            f"{cell([r.heartbeats_per_s for r in rounds], loads, '{:,.0f}')} heartbeats/s "
+            f"ingested; server {cell([r.server_cores for r in rounds], loads, '{:.2f}')} cores "
+            f"({cell([r.server_us_per_heartbeat for r in rounds], loads, '{:.1f}')} µs CPU per "
+            f"heartbeat), load generator {cell([r.bench_cores for r in rounds], loads, '{:.2f}')}"
+            " cores",
+            flush=True,
+        )
+        fl = await fleet(network, args.agents, args.idle_seconds, args.beat_seconds, load)
         per_k = 1000 / fl.agents
+        beating = [cores * per_k * 1000 for cores in fl.beating_cores]
         print(
             f"fleet of {fl.agents} agents (handshakes took {fl.connect_s:.1f} s): server CPU "
-            f"idle {fl.idle_cores * per_k * 1000:.1f} ms/s per 1,000 agents; heartbeating "
-            f"every {fl.interval_s:g} s ({fl.heartbeats_per_s:,.0f}/s) "
-            f"{fl.beating_cores * per_k * 1000:.1f} ms/s per 1,000 agents"
+            f"idle {cell([fl.idle_cores * per_k * 1000], [fl.idle_load], '{:.1f}')} ms/s per "
+            f"1,000 agents; heartbeating every {fl.interval_s:g} s "
+            f"({cell(fl.heartbeats_per_s, fl.beating_loads, '{:,.0f}')}/s, "
+            f"{len(beating)} rounds of one interval) "
+            f"{cell(beating, fl.beating_loads, '{:.1f}')} ms/s per 1,000 agents",
+            flush=True,
         )
     finally:
         network.stop()
     network = _start_network()
     try:
-        recoveries = await failover(
-            network, args.failover_runs, args.tokens, args.kill_after, args.token_interval
+        runs = await failover(
+            network, args.failover_runs, args.tokens, args.kill_after, args.token_interval, load
         )
     finally:
         network.stop()
-    ms = [r * 1000 for r in recoveries]
+    ms = [r * 1000 for r, _ in runs]
     print(
         f"failover, {len(ms)} runs (agent killed after {args.kill_after} of {args.tokens} "
         f"tokens, a token every {args.token_interval * 1000:g} ms): kill → next token "
         f"p50 {_percentile(ms, 50):.1f} ms, p99 {_percentile(ms, 99):.1f} ms, "
-        f"min {min(ms):.1f} ms, max {max(ms):.1f} ms"
+        f"min {min(ms):.1f} ms, max {max(ms):.1f} ms; across runs "
+        f"{cell(ms, [sample for _, sample in runs], '{:.1f}')} ms"
     )
     liveness, stall = LivenessSettings(), FailoverSettings()
     print(
@@ -458,12 +507,15 @@ async def _run(args: argparse.Namespace) -> None:
         f"{stall.stall_timeout_s:g} s; checked every "
         f"{min(liveness.heartbeat_interval_s, liveness.suspect_s) / 2:g} s"
     )
+    print(MARKS)
+    print(load.summary())
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.network", description=__doc__)
     parser.add_argument("--saturate-streams", type=int, default=100)
-    parser.add_argument("--saturate-seconds", type=float, default=5.0)
+    parser.add_argument("--saturate-seconds", type=float, default=2.0, help="per round")
+    parser.add_argument("--rounds", type=int, default=3, help="of the saturation")
     parser.add_argument("--agents", type=int, default=1000)
     parser.add_argument("--idle-seconds", type=float, default=5.0)
     parser.add_argument("--beat-seconds", type=float, default=10.0)

@@ -21,6 +21,10 @@ them: it holds its share as local sessions and the rest as remote nodes built
 from presence records (``RemoteNodes.apply``, as a heartbeat-cadence refresh
 does), re-applied every 1,000 decisions; a remote pick is reserved the way a
 forwarded job reserves it. The refresh is timed apart from the decisions.
+
+The decisions of each case and size are split in ``--rounds`` rounds, each with
+the machine's load (bench/machine_load.py): p50/p99 over all decisions, then
+each round's across rounds.
 """
 
 from __future__ import annotations
@@ -30,7 +34,9 @@ import random
 import statistics
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
+from bench.machine_load import MARKS, LoadSample, MachineLoad, cell
 from core.inference import NodeRequirements
 from server.network.nodes import ModelStatus, ModelValidation, NodeHello, NodeModel, NodeSession
 from server.network.presence import NodePresence
@@ -102,6 +108,13 @@ def _record(node: NodeSession, replica: int, now: float) -> NodePresence:
     )
 
 
+@dataclass(frozen=True)
+class Round:
+    p50_us: float
+    p99_us: float
+    load: LoadSample
+
+
 def measure(
     size: int,
     decisions: int,
@@ -109,8 +122,12 @@ def measure(
     requirements: NodeRequirements = NO_REQUIREMENTS,
     seed: int = 1,
     replicas: int = 1,
-) -> dict[str, float]:
-    """Decision times; with ``replicas`` above 1, as seen by one of them."""
+    rounds: int = 1,
+    load: MachineLoad | None = None,
+) -> tuple[dict[str, float], list[Round]]:
+    """Decision times over all ``decisions`` and per round (``decisions / rounds``
+    each, with the machine's load); with ``replicas`` above 1, as seen by one of them."""
+    load = load or MachineLoad()
     rng = random.Random(seed)
     router = Router(suspect_after_s=SUSPECT_AFTER_S, rng=random.Random(seed))
     records = []
@@ -131,8 +148,14 @@ def measure(
     refresh()
     running: list[tuple[RoutableNode, str]] = []
     timings: list[float] = []
+    per_round: list[Round] = []
+    ends = {decisions * r // rounds for r in range(1, rounds)}  # where each round ends
     misses = 0
+    round_began, first = load.start(), 0
     for index in range(decisions):
+        if index in ends:
+            per_round.append(_round(timings[first:], load.stop(round_began)))
+            round_began, first = load.start(), index
         if records and index % 1_000 == 999:
             refresh()
         request = RouteRequest(models[index % len(models)], requirements=requirements)
@@ -157,8 +180,9 @@ def measure(
             else:
                 assert isinstance(done_node, NodeSession)
                 done_node.active_jobs.discard(done_job)
+    per_round.append(_round(timings[first:], load.stop(round_began)))
     timings.sort()
-    return {
+    pooled = {
         "p50_us": timings[len(timings) // 2],
         "p99_us": timings[len(timings) * 99 // 100],
         "max_us": timings[-1],
@@ -166,31 +190,58 @@ def measure(
         "misses": misses,
         "refresh_ms": max(refreshes) if records else 0.0,
     }
+    return pooled, per_round
+
+
+def _round(timings: Sequence[float], load: LoadSample) -> Round:
+    ordered = sorted(timings)
+    return Round(ordered[len(ordered) // 2], ordered[len(ordered) * 99 // 100], load)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.routing", description=__doc__)
-    parser.add_argument("--decisions", type=int, default=20_000)
+    parser.add_argument("--decisions", type=int, default=20_000, help="per case and size")
+    parser.add_argument("--rounds", type=int, default=5, help="the decisions split in rounds")
     parser.add_argument("--one-model", action="store_true", help="every node serves one model")
     parser.add_argument(
         "--replicas", type=int, default=1, help="network replicas the fleet is spread over"
     )
     args = parser.parse_args(argv)
     models = MODELS[:1] if args.one_model else MODELS
+    if args.rounds < 1 or args.decisions < args.rounds:
+        raise SystemExit("--rounds must be positive and at most --decisions")
     print(
-        f"routing decisions ({len(models)} model(s), {args.decisions} decisions per size, "
-        f"{args.replicas} replica(s))"
+        f"routing decisions ({len(models)} model(s), {args.decisions} decisions per size in "
+        f"{args.rounds} rounds, {args.replicas} replica(s)); p50/p99 over all decisions, "
+        "then across rounds"
     )
     print(
-        f"{'requests':<11} {'nodes':>7} {'p50 µs':>8} {'p99 µs':>8} {'max µs':>8} misses refresh ms"
+        f"{'requests':<11} {'nodes':>7} {'p50 µs':>8} {'p99 µs':>8} {'max µs':>8} misses "
+        "refresh ms | p50 µs across rounds | p99 µs across rounds"
     )
+    load = MachineLoad()
     for case, requirements in CASES.items():
         for size in (100, 1_000, 10_000):
-            result = measure(size, args.decisions, models, requirements, replicas=args.replicas)
+            result, rounds = measure(
+                size,
+                args.decisions,
+                models,
+                requirements,
+                replicas=args.replicas,
+                rounds=args.rounds,
+                load=load,
+            )
+            loads = [r.load for r in rounds]
+            load.samples += [(f"{case}@{size:,} r{i + 1}", r.load) for i, r in enumerate(rounds)]
             print(
                 f"{case:<11} {size:>7,} {result['p50_us']:>8.1f} {result['p99_us']:>8.1f} "
                 f"{result['max_us']:>8.1f} {result['misses']:>6.0f} {result['refresh_ms']:>10.1f}"
+                f" | {cell([r.p50_us for r in rounds], loads, '{:.0f}')} "
+                f"| {cell([r.p99_us for r in rounds], loads, '{:.0f}')}",
+                flush=True,
             )
+    print(MARKS)
+    print(load.summary())
 
 
 if __name__ == "__main__":

@@ -58,7 +58,16 @@ from bench.deployment import (
     rabbitmq_vhost,
 )
 from bench.gateway import Level, PlatformStream, Stream, run_load
-from bench.machine_load import POSTGRES, RABBITMQ, REDIS, LoadSample, MachineLoad, clean_or_all
+from bench.machine_load import (
+    MARKS,
+    POSTGRES,
+    RABBITMQ,
+    REDIS,
+    LoadSample,
+    MachineLoad,
+    cell,
+    worse,
+)
 from core.logging import configure_logging
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -222,14 +231,6 @@ async def _check_services(shared: SharedServices, topologies: Any) -> None:
 
 # --- report ------------------------------------------------------------------------
 
-MARKS = "* rounds under foreign load left out; ! every round under foreign load"
-
-
-def _cell(values: Sequence[float], samples: Sequence[LoadSample], number: str) -> str:
-    spread, said = clean_or_all(values, samples)
-    mark = "!" if "ALL" in said else ("*" if "of" in said else "")
-    return spread.render(number) + mark
-
 
 def _rows(measurements: Sequence[Measurement], topology: str, streams: int) -> list[Measurement]:
     return sorted(
@@ -253,9 +254,9 @@ def _paired(
             strict=True,
         )
     )
-    # A pair counts as under foreign load when either of its two measurements was.
-    worse = [a.load if a.load.foreign else b.load for a, b in pairs]
-    return _cell([value(a, b) for a, b in pairs], worse, "{:.2f}")
+    return cell(
+        [value(a, b) for a, b in pairs], [worse(a.load, b.load) for a, b in pairs], "{:.2f}"
+    )
 
 
 def _ms(number: float) -> float:
@@ -292,12 +293,12 @@ def render_forward(measurements: Sequence[Measurement], comparison: Comparison) 
             ]
             lines.append(
                 f"| {streams} | {topology.name} "
-                f"| {_cell([m.level.per_s for m in rows], loads, '{:.0f}')} "
-                f"| {_cell([_ms(m.level.percentile(50)) for m in rows], loads, '{:.2f}')} "
-                f"| {_cell([_ms(m.level.percentile(99)) for m in rows], loads, '{:.2f}')} "
+                f"| {cell([m.level.per_s for m in rows], loads, '{:.0f}')} "
+                f"| {cell([_ms(m.level.percentile(50)) for m in rows], loads, '{:.2f}')} "
+                f"| {cell([_ms(m.level.percentile(99)) for m in rows], loads, '{:.2f}')} "
                 f"| {added[0]} | {added[1]} "
-                f"| {_cell([m.cpu_ms_per_request(*CONTROL_PLANE) for m in rows], loads, '{:.2f}')} "
-                f"| {_cell([m.cpu_ms_per_request('postgres') for m in rows], loads, '{:.2f}')} |"
+                f"| {cell([m.cpu_ms_per_request(*CONTROL_PLANE) for m in rows], loads, '{:.2f}')} "
+                f"| {cell([m.cpu_ms_per_request('postgres') for m in rows], loads, '{:.2f}')} |"
             )
     return "\n".join(lines)
 
@@ -333,14 +334,14 @@ def render_replicas(measurements: Sequence[Measurement], comparison: Comparison)
                 for role in CONTROL_PLANE
             )
             others = " | ".join(
-                _cell([m.cpu_ms_per_request(role) for m in rows], loads, "{:.2f}") for role in roles
+                cell([m.cpu_ms_per_request(role) for m in rows], loads, "{:.2f}") for role in roles
             )
             lines.append(
                 f"| {streams} | {topology.name} "
-                f"| {_cell([m.level.per_s for m in rows], loads, '{:.0f}')} | {ratio} "
-                f"| {_cell([_ms(m.level.percentile(50)) for m in rows], loads, '{:.1f}')} "
-                f"| {_cell([_ms(m.level.percentile(99)) for m in rows], loads, '{:.1f}')} "
-                f"| {_cell([m.cpu_ms_per_request(*CONTROL_PLANE) for m in rows], loads, '{:.2f}')} "
+                f"| {cell([m.level.per_s for m in rows], loads, '{:.0f}')} | {ratio} "
+                f"| {cell([_ms(m.level.percentile(50)) for m in rows], loads, '{:.1f}')} "
+                f"| {cell([_ms(m.level.percentile(99)) for m in rows], loads, '{:.1f}')} "
+                f"| {cell([m.cpu_ms_per_request(*CONTROL_PLANE) for m in rows], loads, '{:.2f}')} "
                 f"| {split} (medians) | {others} |"
             )
     return "\n".join(lines)
