@@ -1,7 +1,8 @@
 """CPU time spent per completion, by process, to see where the platform's cost goes.
 
 The platform's processes are `resultity up` (gateway, cloud, network and
-account in one event loop), its local agent (session + llama.cpp) and the
+account in one event loop), its local agent (session, and llama.cpp in the
+agent's runtime worker process) and the
 embedded PostgreSQL; the bench process itself is the HTTP client on the
 platform side and llama.cpp + llama-cpp-python on the direct side.
 """
@@ -22,7 +23,9 @@ CPU_ROLES = ("bench", "up", "agent", "postgres")
 def _role(process: psutil.Process) -> str:
     if "postgres" in process.name():
         return "postgres"
-    return "agent" if "agent" in process.cmdline() else "up"
+    # `resultity agent` and its runtime worker (`python -m agent.runtime.worker_main`).
+    node = any(arg == "agent" or arg.startswith("agent.") for arg in process.cmdline())
+    return "agent" if node else "up"
 
 
 def cpu_seconds(roots: Sequence[int]) -> dict[str, float]:

@@ -195,18 +195,24 @@ async def _run(args: argparse.Namespace, comparisons: Sequence[Comparison]) -> l
     return measurements
 
 
+class ServicesUnreachable(SystemExit):
+    """A shared service the deployments need does not answer."""
+
+
 async def _check_services(shared: SharedServices, topologies: Any) -> None:
     """Every shared service answers, or the run stops here with what to do."""
     try:
         connection = await asyncpg.connect(shared.database_url, timeout=5)
         await connection.close()
     except (OSError, asyncpg.PostgresError) as error:
-        raise SystemExit(f"PostgreSQL at {shared.database_url} is unreachable: {error}") from None
+        raise ServicesUnreachable(
+            f"PostgreSQL at {shared.database_url} is unreachable: {error}"
+        ) from None
     client = redis.Redis.from_url(shared.redis_url, socket_connect_timeout=5)
     try:
         client.ping()
     except (redis.RedisError, OSError) as error:
-        raise SystemExit(f"Redis at {shared.redis_url} is unreachable: {error}") from None
+        raise ServicesUnreachable(f"Redis at {shared.redis_url} is unreachable: {error}") from None
     finally:
         client.close()
     if not shared.amqp_url:
@@ -221,7 +227,7 @@ async def _check_services(shared: SharedServices, topologies: Any) -> None:
             broker = await aio_pika.connect(url, timeout=5)
         except Exception as error:  # aio_pika raises several kinds; all mean "not usable"
             vhost = url.rsplit("/", 1)[1]
-            raise SystemExit(
+            raise ServicesUnreachable(
                 f"RabbitMQ virtual host {vhost} is not usable at {url} ({error!r}); create it: "
                 f"rabbitmqctl add_vhost {vhost} && rabbitmqctl set_permissions -p {vhost} "
                 "guest '.*' '.*' '.*'"
