@@ -407,6 +407,7 @@ async def failover(
     async with channels.insecure_channel(network.target) as channel:
         stub = dispatch_grpc.DispatchServiceStub(channel)
         for run in range(runs):
+            await asyncio.to_thread(load.wait_for_quiet)
             began = load.start()
             call = stub.RunJob(
                 dispatch_pb.RunJobRequest(job_id=f"bench-failover-{run}", spec=spec_to_pb(spec)),

@@ -151,10 +151,12 @@ def measure(
     per_round: list[Round] = []
     ends = {decisions * r // rounds for r in range(1, rounds)}  # where each round ends
     misses = 0
+    load.wait_for_quiet()
     round_began, first = load.start(), 0
     for index in range(decisions):
         if index in ends:
             per_round.append(_round(timings[first:], load.stop(round_began)))
+            load.wait_for_quiet()
             round_began, first = load.start(), index
         if records and index % 1_000 == 999:
             refresh()
