@@ -5,9 +5,10 @@ and gets a ``LoadSample``: how many cores the whole machine was busy (from
 /proc/stat, so every process counts, not only the benchmark's), how many of them
 the benchmark's own processes used (this process and its descendants, extra
 roots such as a detached PostgreSQL, and the PostgreSQL backends of its own
-databases), how many the shared services it uses (the PostgreSQL server's own
-processes, Redis, RabbitMQ: other users' work there counts as theirs), and the
-rest: *foreign* load, other people's work. A round whose foreign load averaged
+databases), how many the shared services it says it uses (the PostgreSQL
+server's own processes, which collect the time of backends that ended, and the
+Redis and RabbitMQ servers: other users' work on them included), and the rest:
+*foreign* load, other people's work. A round whose foreign load averaged
 over ``RESULTITY_BENCH_FOREIGN_CORES`` (default 0.25 cores) is flagged; with
 ``RESULTITY_BENCH_QUIET_WAIT_S`` set, a round waits up to that long for a quiet
 second before it starts (``wait_for_quiet``).
@@ -59,8 +60,9 @@ class _Process:
 
 
 @dataclass(frozen=True)
-class _Usage:
-    """CPU seconds so far, of the processes that count, by (pid, start time)."""
+class Snapshot:
+    """The machine when a round starts or ends: busy time, load average, and the CPU
+    seconds so far of the processes that count, by (pid, start time)."""
 
     at: float
     busy_s: float
@@ -123,10 +125,10 @@ class MachineLoad:
     quiet_wait_s: float = field(default_factory=lambda: _env_float(QUIET_WAIT_ENV, 0.0))
     samples: list[tuple[str, LoadSample]] = field(default_factory=list)
 
-    def start(self) -> _Usage:
+    def start(self) -> Snapshot:
         return self._usage()
 
-    def stop(self, started: _Usage, label: str = "") -> LoadSample:
+    def stop(self, started: Snapshot, label: str = "") -> LoadSample:
         """The sample since ``started``; kept in ``samples`` under ``label`` if given."""
         ended = self._usage()
         wall = max(ended.at - started.at, 1e-9)
@@ -143,18 +145,15 @@ class MachineLoad:
             self.samples.append((label, sample))
         return sample
 
-    def wait_for_quiet(self) -> LoadSample | None:
-        """Up to ``quiet_wait_s``, until a second passes with foreign load under the
-        threshold; the last window measured, or None when waiting is off."""
-        if self.quiet_wait_s <= 0:
-            return None
+    def wait_for_quiet(self) -> None:
+        """Up to ``quiet_wait_s`` (0: not at all), until a second passes with foreign
+        load under the threshold."""
         deadline = time.monotonic() + self.quiet_wait_s
-        while True:
+        while time.monotonic() < deadline:
             started = self.start()
             time.sleep(QUIET_WINDOW_S)
-            window = self.stop(started)
-            if not window.foreign or time.monotonic() >= deadline:
-                return window
+            if not self.stop(started).foreign:
+                return
 
     def flagged(self) -> list[str]:
         return [label for label, sample in self.samples if sample.foreign]
@@ -176,7 +175,7 @@ class MachineLoad:
         ]
         return "\n".join(lines)
 
-    def _usage(self) -> _Usage:
+    def _usage(self) -> Snapshot:
         counted: dict[tuple[int, float], _Process] = {}
         children: dict[int, list[int]] = {}
         processes: dict[int, psutil.Process] = {}
@@ -196,7 +195,7 @@ class MachineLoad:
             seconds = times.user + times.system + times.children_user + times.children_system
             key = (pid, float(process.info["create_time"] or 0.0))
             counted[key] = _Process(role, pid, int(process.info["ppid"] or 0), seconds)
-        return _Usage(time.monotonic(), machine_busy_s(), os.getloadavg()[0], counted)
+        return Snapshot(time.monotonic(), machine_busy_s(), os.getloadavg()[0], counted)
 
     def _service_role(self, process: psutil.Process) -> str | None:
         """ "own" for a backend of one of our databases, "service" for a shared
