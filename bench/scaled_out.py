@@ -41,7 +41,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -199,7 +199,7 @@ class ServicesUnreachable(SystemExit):
     """A shared service the deployments need does not answer."""
 
 
-async def _check_services(shared: SharedServices, topologies: Any) -> None:
+async def _check_services(shared: SharedServices, topologies: Iterable[Topology]) -> None:
     """Every shared service answers, or the run stops here with what to do."""
     try:
         connection = await asyncpg.connect(shared.database_url, timeout=5)
@@ -340,7 +340,10 @@ def render_replicas(measurements: Sequence[Measurement], comparison: Comparison)
                 for role in CONTROL_PLANE
             )
             others = " | ".join(
-                cell([m.cpu_ms_per_request(role) for m in rows], loads, "{:.2f}") for role in roles
+                cell([m.cpu_ms_per_request(role) for m in rows], loads, "{:.2f}")
+                if any(m.cpu_s[role] for m in rows)
+                else "—"  # not used (RabbitMQ without --amqp-url), or not on this machine
+                for role in roles
             )
             lines.append(
                 f"| {streams} | {topology.name} "
@@ -425,6 +428,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     for comparison in chosen:
         print(RENDER[comparison.name](measurements, comparison))
     print(MARKS)
+    print(f"requests that failed: {sum(m.level.errors for m in measurements)}")
     if args.json:
         args.json.write_text(json.dumps(_json(measurements, args), indent=2) + "\n")
         print(f"JSON written to {args.json}", file=sys.stderr)
