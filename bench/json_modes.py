@@ -12,7 +12,8 @@ fixed seeds), under two grammars:
 - ``bounded``: the runtime's own JSON grammar (``agent.runtime.sampling``).
 
 A reply counts as finished when its finish reason is ``stop`` and its text
-parses as a JSON object.
+parses as a JSON object. Each reply records the machine's load
+(bench/machine_load.py); its seconds are stated across replies.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from agent.runtime import json_grammar, sampling
 from agent.runtime.base import Finished, GenerationRequest, TokenText
 from agent.runtime.llama_cpp import LlamaCppRuntime
 from agent.runtime.models import DEFAULT_MODEL_ID, smollm2_gguf_path
+from bench.machine_load import MARKS, LoadSample, MachineLoad, cell
 from core import event_loop
 from core.inference import (
     ChatMessage,
@@ -80,6 +82,7 @@ class Outcome:
     parses: bool
     seconds: float
     text: str
+    load: LoadSample
 
     @property
     def finished(self) -> bool:
@@ -99,7 +102,12 @@ def _parses_as_object(text: str) -> bool:
 
 
 async def _run_one(
-    runtime: LlamaCppRuntime, grammar: str, index: int, temperature: float, max_tokens: int
+    runtime: LlamaCppRuntime,
+    grammar: str,
+    index: int,
+    temperature: float,
+    max_tokens: int,
+    load: MachineLoad,
 ) -> Outcome:
     request = GenerationRequest(
         model=DEFAULT_MODEL_ID,
@@ -114,6 +122,8 @@ async def _run_one(
     )
     parts: list[str] = []
     finished: Finished | None = None
+    load.wait_for_quiet()
+    round_began = load.start()
     began = time.monotonic()
     # The runtime's json_object grammar, replaced meanwhile.
     with mock.patch.object(sampling, "JSON_OBJECT_GBNF", GRAMMARS[grammar]):
@@ -123,6 +133,8 @@ async def _run_one(
             elif isinstance(event, Finished):
                 finished = event
     assert finished is not None
+    seconds = round(time.monotonic() - began, 2)
+    sample = load.stop(round_began, f"{grammar} t={temperature} #{index}")
     text = "".join(parts)
     return Outcome(
         grammar,
@@ -131,12 +143,13 @@ async def _run_one(
         finished.reason.value,
         finished.completion_tokens,
         _parses_as_object(text),
-        round(time.monotonic() - began, 2),
+        seconds,
         text,
+        sample,
     )
 
 
-async def _main(args: argparse.Namespace) -> list[Outcome]:
+async def _main(args: argparse.Namespace, load: MachineLoad) -> list[Outcome]:
     runtime = await LlamaCppRuntime.load(
         DEFAULT_MODEL_ID, smollm2_gguf_path(), n_threads=args.threads
     )
@@ -145,11 +158,14 @@ async def _main(args: argparse.Namespace) -> list[Outcome]:
         for grammar in args.grammar:
             for temperature in args.temperature:
                 for index in range(len(PROMPTS)):
-                    outcome = await _run_one(runtime, grammar, index, temperature, args.max_tokens)
+                    outcome = await _run_one(
+                        runtime, grammar, index, temperature, args.max_tokens, load
+                    )
                     outcomes.append(outcome)
                     print(
                         f"{grammar:8} t={temperature} #{index:2} {outcome.finish_reason:6} "
-                        f"{outcome.completion_tokens:4} tokens parses={outcome.parses}",
+                        f"{outcome.completion_tokens:4} tokens parses={outcome.parses} "
+                        f"{outcome.seconds:.2f} s | {outcome.load.describe()}",
                         flush=True,
                     )
                     if args.json is not None:
@@ -177,6 +193,9 @@ def _summary(outcomes: Sequence[Outcome]) -> list[dict[str, object]]:
                         sum(o.completion_tokens for o in group) / len(group), 1
                     ),
                     "seconds": round(sum(o.seconds for o in group), 1),
+                    "seconds_per_reply": cell(
+                        [o.seconds for o in group], [o.load for o in group], "{:.2f}"
+                    ),
                 }
             )
     return rows
@@ -199,8 +218,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     args.grammar = args.grammar or list(GRAMMARS)
     args.temperature = args.temperature or [0.0, SAMPLED_TEMPERATURE]
-    for row in _summary(event_loop.run(_main(args))):
+    load = MachineLoad()  # the runtime runs in this process
+    for row in _summary(event_loop.run(_main(args, load))):
         print(json.dumps(row))
+    print(f"seconds_per_reply: median [min..max] sd; {MARKS}")
+    print(load.summary())
 
 
 if __name__ == "__main__":
