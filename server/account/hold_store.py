@@ -1,54 +1,75 @@
-"""PostgreSQL adapter of holds: reserve, settle (captures, operator shares, RCP), expire."""
+"""PostgreSQL adapter of holds: reserve, settle (captures, operator shares, RCP), expire.
+
+Concurrent holds, and concurrent settlements, are committed in groups
+(server/common/batcher.py): a lone call runs alone, as one statement (a hold)
+or one transaction (a settlement, hold_settlement.py); under load one
+transaction carries a batch of them, so that its round trips, its commit and
+each account's update serve them all, as TigerBeetle batches transfers.
+Every decision is still taken per call under the rows' locks: no hold is
+ever reserved beyond its account's credits, each resolves at most once.
+"""
 
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from uuid import UUID, uuid4
 
 import asyncpg
 
 from core.errors import InsufficientQuota, NotFound
-from server.account.ledger import (
-    Hold,
-    HoldStatus,
-    SettlementLine,
-    ensure_same_request,
-    resolve_hold,
-    split_capture,
+from server.account.hold_settlement import (
+    HOLD_COLUMNS,
+    HOLD_FROM,
+    Settlement,
+    hold_from_row,
+    settle,
 )
-from server.account.ledger_sql import (
-    CURRENT_POLICY,
-    PLATFORM_REVENUE_ID,
-    Connection,
-    Delta,
-    Record,
-    apply_deltas,
-    policy_from_row,
-)
+from server.account.ledger import Hold, HoldStatus, SettlementLine, ensure_same_request
+from server.account.ledger_sql import PLATFORM_REVENUE, Delta, Record, apply_deltas
+from server.common.batcher import Batcher
 
-_HOLD_COLUMNS = """t.id, la.owner_id, t.amount, t.captured, t.status, t.expires_at,
-                   t.request_fingerprint"""
-_HOLD_FROM = "transfers t JOIN ledger_accounts la ON la.id = t.debit_account_id"
 # The CHECK constraint that keeps a consumer's debits (pending and posted) within its credits.
 _DEBITS_WITHIN_CREDITS = "ledger_accounts_debits_within_credits"
+# Calls one batch carries at most, and batches of each kind in flight at once.
+MAX_BATCH = 64
+MAX_IN_FLIGHT = 2
 
 
-def _hold(row: Record) -> Hold:
-    return Hold(
-        hold_id=row["id"],
-        account_id=row["owner_id"],
-        amount=row["amount"],
-        captured=row["captured"],
-        status=HoldStatus(row["status"]),
-        expires_at=row["expires_at"],
-    )
+@dataclass(frozen=True)
+class _HoldRequest:
+    account_id: UUID
+    amount: int
+    expires_at: datetime
+    idempotency_key: str
+    fingerprint: str
 
 
 class PostgresHoldStore:
-    def __init__(self, pool: asyncpg.Pool[Record]) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool[Record],
+        *,
+        max_batch: int = MAX_BATCH,
+        max_in_flight: int = MAX_IN_FLIGHT,
+    ) -> None:
         self._pool = pool
+        self._holds = Batcher(
+            self._create_one,
+            self._create_many,
+            key=lambda request: request.idempotency_key,
+            max_size=max_batch,
+            max_in_flight=max_in_flight,
+        )
+        self._settlements = Batcher(
+            self._settle_one,
+            self._settle_many,
+            key=lambda settlement: settlement.hold_id,
+            max_size=max_batch,
+            max_in_flight=max_in_flight,
+        )
 
     async def create_hold(
         self,
@@ -58,6 +79,24 @@ class PostgresHoldStore:
         idempotency_key: str,
         fingerprint: str,
     ) -> Hold:
+        """Reserves ``amount`` on the account, or refuses: InsufficientQuota, NotFound,
+        or IdempotencyKeyReused for a key used before with other parameters."""
+        request = _HoldRequest(account_id, amount, expires_at, idempotency_key, fingerprint)
+        return await self._holds.submit(request)
+
+    async def settle_hold(
+        self,
+        hold_id: UUID,
+        capture: int,
+        lines: Sequence[SettlementLine],
+        total_tokens: int,
+        fingerprint: str,
+    ) -> Hold:
+        """Captures ``capture`` (platform fee + operator shares + RCP), releases the rest."""
+        settlement = Settlement(hold_id, capture, tuple(lines), total_tokens, fingerprint)
+        return await self._settlements.submit(settlement)
+
+    async def _create_one(self, request: _HoldRequest) -> Hold:
         """Reserves ``amount`` in one statement (one round trip, its own transaction).
 
         The reservation is refused by the consumer account's CHECK constraint (debits
@@ -66,6 +105,8 @@ class PostgresHoldStore:
         check and reserve are one atomic step and an account is never overspent.
         Lock order: the consumer's ledger account, then the platform's.
         """
+        account_id, amount = request.account_id, request.amount
+        idempotency_key, fingerprint = request.idempotency_key, request.fingerprint
         async with self._pool.acquire() as conn:
             try:
                 row = await conn.fetchrow(
@@ -97,59 +138,99 @@ class PostgresHoldStore:
                        FROM (VALUES (true)) AS one LEFT JOIN hold ON true""",
                     account_id,
                     uuid4(),
-                    PLATFORM_REVENUE_ID,
+                    PLATFORM_REVENUE.any_shard(),
                     amount,
                     idempotency_key,
                     fingerprint,
-                    expires_at,
+                    request.expires_at,
                 )
             except asyncpg.CheckViolationError as error:
                 if error.constraint_name != _DEBITS_WITHIN_CREDITS:
                     raise
-                raise InsufficientQuota(
-                    f"Not enough available credits for a hold of {amount} micro-credits"
-                ) from None
+                raise _insufficient(amount) from None
             assert row is not None  # the outer join always yields one row
             if not row["account_exists"]:
                 raise NotFound(f"Account {account_id} not found")
             if row["id"] is None:
                 # The key was used before: a replay returns the first hold.
                 existing = await conn.fetchrow(
-                    f"SELECT {_HOLD_COLUMNS} FROM {_HOLD_FROM} WHERE t.idempotency_key = $1",
+                    f"SELECT {HOLD_COLUMNS} FROM {HOLD_FROM} WHERE t.idempotency_key = $1",
                     idempotency_key,
                 )
                 assert existing is not None  # the conflicting row is committed
                 ensure_same_request(existing["request_fingerprint"], fingerprint)
-                return _hold(existing)
+                return hold_from_row(existing)
             assert row["credited"]  # the platform's pending credit moved with the reservation
-            return _hold(row)
+            return hold_from_row(row)
 
-    async def settle_hold(
-        self,
-        hold_id: UUID,
-        capture: int,
-        lines: Sequence[SettlementLine],
-        total_tokens: int,
-        fingerprint: str,
-    ) -> Hold:
-        """Captures ``capture`` (platform fee + operator shares + RCP), releases the rest.
+    async def _create_many(self, requests: Sequence[_HoldRequest]) -> list[Hold | Exception | None]:
+        """Reserves a batch of holds (distinct keys) in one transaction of two statements.
 
-        One transaction: the hold's row is locked first (as the sweeper locks it), so
-        it resolves at most once; a hold no longer pending is a replay or a refusal.
-        Then the ledger accounts' totals move in lock order, each update locking its
-        row itself, and the resolution, captures and contribution records are written.
+        The first inserts the holds and then locks their consumers' ledger accounts in
+        id order, reading what each has available; each hold is then granted, in the
+        batch's order, only if its account still covers it, and the second statement
+        takes the refused ones out and reserves the rest. Lock order as for one hold:
+        the new holds' keys, the consumers' ledger accounts, the platform's shard. A
+        key used before, or an unknown account, is left to the single path.
         """
-        owners = [line.operator_account_id for line in lines]
+        revenue = PLATFORM_REVENUE.any_shard()
+        ids = [uuid4() for _ in requests]
+        outcomes: list[Hold | Exception | None] = [None] * len(requests)
         async with self._pool.acquire() as conn, conn.transaction():
-            row = await conn.fetchrow(_READ_FOR_SETTLEMENT, hold_id, owners)
-            if row is None:
-                raise NotFound(f"Hold {hold_id} not found")
-            hold = _hold(row)
-            status = resolve_hold(hold, capture, fingerprint, row["settle_fingerprint"])
-            if status is None:
-                return hold
-            await _write_settlement(conn, row, status, capture, lines, total_tokens, fingerprint)
-        return Hold(hold.hold_id, hold.account_id, hold.amount, capture, status, hold.expires_at)
+            rows = await conn.fetch(
+                _INSERT_HOLDS,
+                ids,
+                [r.account_id for r in requests],
+                [r.amount for r in requests],
+                [r.idempotency_key for r in requests],
+                [r.fingerprint for r in requests],
+                [r.expires_at for r in requests],
+                revenue,
+            )
+            inserted = {row["id"]: row["debit_account_id"] for row in rows}
+            available = {row["debit_account_id"]: row["available"] for row in rows}
+            reserved: dict[UUID, int] = defaultdict(int)
+            refused = []
+            for i, (hold_id, request) in enumerate(zip(ids, requests, strict=True)):
+                consumer = inserted.get(hold_id)
+                if consumer is None:
+                    continue
+                if available[consumer] < request.amount:
+                    refused.append(hold_id)
+                    outcomes[i] = _insufficient(request.amount)
+                    continue
+                available[consumer] -= request.amount
+                reserved[consumer] += request.amount
+                outcomes[i] = Hold(
+                    hold_id,
+                    request.account_id,
+                    request.amount,
+                    0,
+                    HoldStatus.OPEN,
+                    request.expires_at,
+                )
+            await conn.execute(
+                _RESERVE_HOLDS,
+                refused,
+                list(reserved),
+                list(reserved.values()),
+                sum(reserved.values()),
+                revenue,
+            )
+        return outcomes
+
+    async def _settle_one(self, settlement: Settlement) -> Hold:
+        """One settlement, one transaction (hold_settlement.py)."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            (outcome,) = await settle(conn, [settlement])
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    async def _settle_many(self, settlements: Sequence[Settlement]) -> list[Hold | Exception]:
+        """A batch of settlements (distinct holds), one transaction."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            return list(await settle(conn, settlements))
 
     async def release_expired_holds(self, limit: int) -> int:
         """Releases up to ``limit`` expired holds in one transaction.
@@ -177,111 +258,39 @@ class PostgresHoldStore:
         return len(rows)
 
 
-# A hold with what settling it needs: its operators' ledger accounts (pairs of owner
-# and ledger account) and the policy in force.
-_READ_FOR_SETTLEMENT = f"""
-    SELECT {_HOLD_COLUMNS}, t.debit_account_id, t.credit_account_id, t.settle_fingerprint,
-           (SELECT array_agg(ARRAY[o.owner_id, o.id]) FROM ledger_accounts o
-            WHERE o.kind = 'operator' AND o.owner_id = ANY($2::uuid[])) AS operators,
-           (SELECT p FROM {CURRENT_POLICY}) AS policy
-    FROM {_HOLD_FROM} WHERE t.id = $1 AND t.kind = 'hold'
-    FOR NO KEY UPDATE OF t"""
+def _insufficient(amount: int) -> InsufficientQuota:
+    return InsufficientQuota(f"Not enough available credits for a hold of {amount} micro-credits")
 
-# The hold's resolution, its captures, the contribution records and their events
-# in the outbox, in one statement (the running totals moved before, in lock order).
-_WRITE_SETTLEMENT = """
-    WITH resolved AS (
-        UPDATE transfers SET status = $2, captured = $3, resolved_at = now(),
-                             settle_fingerprint = $4
-        WHERE id = $1
-    ), captures AS (
+
+# A batch's holds, inserted (a key used before inserts nothing), then their consumers'
+# ledger accounts locked in id order, with what each has available.
+_INSERT_HOLDS = """
+    WITH hold AS (
         INSERT INTO transfers (id, debit_account_id, credit_account_id, amount, kind, status,
-                               pending_id)
-        SELECT c.id, $5, c.credit, c.amount, 'capture', 'posted', $1
-        FROM unnest($6::uuid[], $7::uuid[], $8::bigint[]) AS c(id, credit, amount)
-    ), recorded AS (
-        INSERT INTO contributions (id, hold_id, operator_account_id, node_id, model, tokens,
-                                   amount, epoch)
-        SELECT r.id, $1, r.operator, r.node, r.model, r.tokens, r.amount,
-               floor(extract(epoch FROM now()) / $9)::bigint
-        FROM unnest($10::uuid[], $11::uuid[], $12::text[], $13::text[], $14::bigint[],
-                    $15::bigint[]) AS r(id, operator, node, model, tokens, amount)
-        RETURNING id, operator_account_id, node_id, model, tokens, amount, epoch, created_at
+                               idempotency_key, request_fingerprint, expires_at)
+        SELECT h.id, la.id, $7::uuid, h.amount, 'hold', 'pending', h.key, h.fingerprint,
+               h.expires_at
+        FROM unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::text[], $5::text[],
+                    $6::timestamptz[]) AS h(id, owner_id, amount, key, fingerprint, expires_at)
+        JOIN ledger_accounts la ON la.owner_id = h.owner_id AND la.kind = 'consumer'
+        ON CONFLICT (idempotency_key) DO NOTHING
+        RETURNING id, debit_account_id
+    ), consumer AS (
+        SELECT id, credits_posted - debits_posted - debits_pending AS available
+        FROM ledger_accounts WHERE id IN (SELECT debit_account_id FROM hold)
+        ORDER BY id FOR NO KEY UPDATE
     )
-    INSERT INTO ledger_outbox (id, kind, payload)
-    SELECT gen_random_uuid(), 'usage.settled',
-           jsonb_build_object('hold_id', $1::uuid, 'account_id', $16::uuid, 'status', $2::text,
-                              'held', $17::bigint, 'captured', $3::bigint,
-                              'total_tokens', $18::bigint, 'settled_at', now())
-    UNION ALL
-    SELECT gen_random_uuid(), 'contribution.recorded',
-           jsonb_build_object('contribution_id', id, 'hold_id', $1::uuid,
-                              'operator_account_id', operator_account_id, 'node_id', node_id,
-                              'model', model, 'tokens', tokens, 'amount', amount,
-                              'epoch', epoch, 'recorded_at', created_at)
-    FROM recorded"""
+    SELECT hold.id, hold.debit_account_id, consumer.available
+    FROM hold JOIN consumer ON consumer.id = hold.debit_account_id"""
 
-
-async def _write_settlement(
-    conn: Connection,
-    row: Record,
-    status: HoldStatus,
-    capture: int,
-    lines: Sequence[SettlementLine],
-    total_tokens: int,
-    fingerprint: str,
-) -> None:
-    """Writes the settlement of the pending hold in ``row``, locked by the caller."""
-    if status is HoldStatus.RELEASED:
-        lines = ()
-    operators = _operator_accounts(row["operators"] or (), lines)
-    policy = policy_from_row(row["policy"])
-    parts, platform = split_capture(
-        capture, policy.operator_share_bps, [x.tokens for x in lines], total_tokens
+# The refused holds taken out, the granted ones reserved on their consumers' accounts
+# (locked already) and credited, as pending, to the platform's shard.
+_RESERVE_HOLDS = """
+    WITH refused AS (
+        DELETE FROM transfers WHERE id = ANY($1::uuid[])
+    ), reserved AS (
+        UPDATE ledger_accounts la SET debits_pending = la.debits_pending + r.amount
+        FROM unnest($2::uuid[], $3::bigint[]) AS r(id, amount) WHERE la.id = r.id
     )
-    consumer, revenue, amount = row["debit_account_id"], row["credit_account_id"], row["amount"]
-    captures = [(revenue, platform)] + [
-        (operators[line.operator_account_id], part) for line, part in zip(lines, parts, strict=True)
-    ]
-    captures = [(credit, moved) for credit, moved in captures if moved]
-    deltas: dict[UUID, Delta] = defaultdict(Delta)
-    deltas[consumer].debits_pending -= amount
-    deltas[consumer].debits_posted += capture
-    deltas[revenue].credits_pending -= amount
-    deltas[revenue].credits_posted += platform
-    for line, part in zip(lines, parts, strict=True):
-        if part:
-            deltas[operators[line.operator_account_id]].credits_posted += part
-    await apply_deltas(conn, deltas)
-    await conn.execute(
-        _WRITE_SETTLEMENT,
-        row["id"],
-        status.value,
-        capture,
-        fingerprint,
-        consumer,
-        [uuid4() for _ in captures],
-        [credit for credit, _ in captures],
-        [moved for _, moved in captures],
-        policy.epoch_seconds,
-        [uuid4() for _ in lines],
-        [line.operator_account_id for line in lines],
-        [line.node_id for line in lines],
-        [line.model for line in lines],
-        [line.tokens for line in lines],
-        parts,
-        row["owner_id"],
-        amount,
-        total_tokens,
-    )
-
-
-def _operator_accounts(
-    found: Sequence[Sequence[UUID]], lines: Sequence[SettlementLine]
-) -> dict[UUID, UUID]:
-    """Each line's operator's ledger account, from (owner, ledger account) pairs."""
-    accounts = {owner: account for owner, account in found}
-    for line in lines:
-        if line.operator_account_id not in accounts:
-            raise NotFound(f"Operator account {line.operator_account_id} not found")
-    return accounts
+    UPDATE ledger_accounts SET credits_pending = credits_pending + $4
+    WHERE id = $5 AND $4 > 0"""

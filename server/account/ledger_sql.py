@@ -11,6 +11,7 @@ ledger accounts (by id).
 
 from __future__ import annotations
 
+import random
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,12 +28,39 @@ from server.account.ledger import (
     ensure_same_request,
 )
 
-# Fixed ids of the system ledger accounts; created by migrations 0001, 0002 and 0004.
-CASH_IN_ID = UUID("00000000-0000-4000-8000-000000000001")
-PLATFORM_REVENUE_ID = UUID("00000000-0000-4000-8000-000000000002")
+# Rows (shards) of each sharded system account; migration 0006 creates them.
+SHARDS = 16
+
+
+@dataclass(frozen=True)
+class SystemAccount:
+    """A system ledger account kept in SHARDS rows, so that concurrent transfers
+    lock different rows; a transfer names any one shard, reads sum them all."""
+
+    kind: str
+    shards: tuple[UUID, ...]
+
+    @classmethod
+    def sharded(cls, kind: str, first: UUID) -> SystemAccount:
+        # Shard s adds s to the UUID's clock-sequence field: ...-8000-... is shard 0.
+        return cls(kind, tuple(UUID(int=first.int + (s << 48)) for s in range(SHARDS)))
+
+    def any_shard(self) -> UUID:
+        """A shard picked at random: concurrent transactions rarely pick the same."""
+        return random.choice(self.shards)
+
+
+# Fixed ids of the system ledger accounts; created by migrations 0001, 0002, 0004
+# and 0006 (the shards).
+CASH_IN = SystemAccount.sharded("cash_in", UUID("00000000-0000-4000-8000-000000000001"))
+PLATFORM_REVENUE = SystemAccount.sharded(
+    "platform_revenue", UUID("00000000-0000-4000-8000-000000000002")
+)
 PROMO_POOL_ID = UUID("00000000-0000-4000-8000-000000000003")
-CASH_OUT_ID = UUID("00000000-0000-4000-8000-000000000004")
-SYSTEM_IDS = frozenset({CASH_IN_ID, PLATFORM_REVENUE_ID, PROMO_POOL_ID, CASH_OUT_ID})
+CASH_OUT = SystemAccount.sharded("cash_out", UUID("00000000-0000-4000-8000-000000000004"))
+SYSTEM_IDS = frozenset(
+    {*CASH_IN.shards, *PLATFORM_REVENUE.shards, *CASH_OUT.shards, PROMO_POOL_ID}
+)
 
 Record = asyncpg.Record
 if TYPE_CHECKING:  # the proxy is generic only in the type stubs

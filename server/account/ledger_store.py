@@ -25,9 +25,9 @@ from server.account.ledger import (
 )
 from server.account.ledger_sql import (
     AVAILABLE,
-    CASH_IN_ID,
-    CASH_OUT_ID,
-    PLATFORM_REVENUE_ID,
+    CASH_IN,
+    CASH_OUT,
+    PLATFORM_REVENUE,
     PROMO_POOL_ID,
     Connection,
     Delta,
@@ -96,17 +96,18 @@ class PostgresLedgerStore:
         return result
 
     async def summary(self) -> LedgerSummary:
+        """One snapshot of the ledger's totals; a sharded account is the sum of its shards."""
         row = await self._pool.fetchrow(
             f"""SELECT sum(debits_posted) AS debits, sum(credits_posted) AS credits,
-                       sum(credits_posted - debits_posted) FILTER (WHERE id = $1) AS cash_in,
-                       sum(credits_posted - debits_posted) FILTER (WHERE id = $2) AS revenue,
+                       sum(credits_posted - debits_posted) FILTER (WHERE kind = $1) AS cash_in,
+                       sum(credits_posted - debits_posted) FILTER (WHERE kind = $2) AS revenue,
                        sum({AVAILABLE}) FILTER (WHERE id = $3) AS pool,
-                       sum(credits_posted - debits_posted) FILTER (WHERE id = $4) AS cash_out
+                       sum(credits_posted - debits_posted) FILTER (WHERE kind = $4) AS cash_out
                 FROM ledger_accounts""",
-            CASH_IN_ID,
-            PLATFORM_REVENUE_ID,
+            CASH_IN.kind,
+            PLATFORM_REVENUE.kind,
             PROMO_POOL_ID,
-            CASH_OUT_ID,
+            CASH_OUT.kind,
         )
         assert row is not None
         # sum() over bigint is numeric in PostgreSQL: convert to int.
@@ -136,13 +137,14 @@ class PostgresLedgerStore:
         fingerprint: str,
         with_bonus: bool,
     ) -> TopUpResult:
+        cash_in = CASH_IN.any_shard()
         async with self._pool.acquire() as conn, conn.transaction():
             consumer = await ledger_account_id(conn, account_id, "consumer")
             # Inserting first makes concurrent calls with one key queue on the
             # unique index: the first one does the work, the others replay it.
             transfer_id = await insert_posted(
                 conn,
-                CASH_IN_ID,
+                cash_in,
                 consumer,
                 amount,
                 TransferKind.TOP_UP,
@@ -162,7 +164,7 @@ class PostgresLedgerStore:
                 bonus, referrer = await _due_referral_bonus(conn, account_id, consumer, amount)
             deltas: dict[UUID, Delta] = defaultdict(Delta)
             deltas[consumer].credits_posted += amount
-            deltas[CASH_IN_ID].debits_posted += amount
+            deltas[cash_in].debits_posted += amount
             if referrer is not None:
                 deltas[referrer[1]].credits_posted += bonus
                 deltas[PROMO_POOL_ID].debits_posted += bonus
@@ -219,7 +221,7 @@ class PostgresLedgerStore:
         async with self._pool.acquire() as conn, conn.transaction():
             transfer_id = await post(
                 conn,
-                CASH_IN_ID,
+                CASH_IN.any_shard(),
                 PROMO_POOL_ID,
                 amount,
                 TransferKind.PROMO_FUND,

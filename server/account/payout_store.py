@@ -13,7 +13,7 @@ from core.errors import InsufficientQuota, NotFound
 from server.account.ledger import SettlementPolicy, ensure_same_request
 from server.account.ledger_sql import (
     AVAILABLE,
-    CASH_OUT_ID,
+    CASH_OUT,
     Connection,
     Delta,
     Record,
@@ -50,6 +50,7 @@ class PostgresPayoutStore:
     async def request(
         self, account_id: UUID, amount: int, idempotency_key: str, fingerprint: str
     ) -> Payout:
+        cash_out = CASH_OUT.any_shard()
         async with self._pool.acquire() as conn, conn.transaction():
             earnings = await ledger_account_id(conn, account_id, "operator")
             # Inserting first makes concurrent calls with one key queue on the
@@ -61,7 +62,7 @@ class PostgresPayoutStore:
                    ON CONFLICT (idempotency_key) DO NOTHING RETURNING id""",
                 uuid4(),
                 earnings,
-                CASH_OUT_ID,
+                cash_out,
                 amount,
                 idempotency_key,
                 fingerprint,
@@ -85,7 +86,7 @@ class PostgresPayoutStore:
                 raise InsufficientQuota(f"Not enough earnings to pay out {amount} micro-credits")
             await conn.execute(
                 "UPDATE ledger_accounts SET credits_pending = credits_pending + $2 WHERE id = $1",
-                CASH_OUT_ID,
+                cash_out,
                 amount,
             )
             row = await conn.fetchrow(
@@ -106,7 +107,8 @@ class PostgresPayoutStore:
         """Captures (completed) or releases (rejected) the payout's reservation."""
         async with self._pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
-                f"""SELECT {_PAYOUT_COLUMNS}, t.debit_account_id FROM payouts p
+                f"""SELECT {_PAYOUT_COLUMNS}, t.debit_account_id, t.credit_account_id
+                    FROM payouts p
                     JOIN transfers t ON t.id = p.transfer_id
                     WHERE p.id = $1 FOR UPDATE OF p, t""",
                 payout_id,
@@ -146,6 +148,7 @@ class PostgresPayoutStore:
 async def _settle_reservation(conn: Connection, row: Record, paid: bool) -> None:
     """Ends the reservation: the amount leaves through cash-out, or returns to earnings."""
     amount, earnings, transfer_id = row["amount"], row["debit_account_id"], row["transfer_id"]
+    cash_out = row["credit_account_id"]  # the shard the reservation credited
     await conn.execute(
         """UPDATE transfers SET status = $2, captured = $3, resolved_at = now()
            WHERE id = $1""",
@@ -155,17 +158,17 @@ async def _settle_reservation(conn: Connection, row: Record, paid: bool) -> None
     )
     deltas: dict[UUID, Delta] = defaultdict(Delta)
     deltas[earnings].debits_pending -= amount
-    deltas[CASH_OUT_ID].credits_pending -= amount
+    deltas[cash_out].credits_pending -= amount
     if paid:
         deltas[earnings].debits_posted += amount
-        deltas[CASH_OUT_ID].credits_posted += amount
+        deltas[cash_out].credits_posted += amount
         await conn.execute(
             """INSERT INTO transfers (id, debit_account_id, credit_account_id, amount, kind,
                                       status, pending_id)
                VALUES ($1, $2, $3, $4, 'capture', 'posted', $5)""",
             uuid4(),
             earnings,
-            CASH_OUT_ID,
+            cash_out,
             amount,
             transfer_id,
         )

@@ -16,8 +16,8 @@ from core.errors import FailedPrecondition, InsufficientQuota, NotFound
 from server.account.ledger import TransferKind
 from server.account.ledger_sql import (
     AVAILABLE,
-    CASH_IN_ID,
-    PLATFORM_REVENUE_ID,
+    CASH_IN,
+    PLATFORM_REVENUE,
     Connection,
     Record,
     ledger_account_id,
@@ -203,7 +203,7 @@ async def _start_period(
         charge = await post(
             conn,
             consumer,
-            PLATFORM_REVENUE_ID,
+            PLATFORM_REVENUE.any_shard(),
             price,
             TransferKind.SUBSCRIPTION_CHARGE,
             f"subscription:{sub_id}:{period}:charge",
@@ -212,7 +212,7 @@ async def _start_period(
     if allowance:
         grant = await post(
             conn,
-            CASH_IN_ID,
+            CASH_IN.any_shard(),
             consumer,
             allowance,
             TransferKind.SUBSCRIPTION_ALLOWANCE,
@@ -271,7 +271,7 @@ async def _expire_period(conn: Connection, subscription_id: UUID, period: int) -
         await post(
             conn,
             consumer,
-            CASH_IN_ID,
+            CASH_IN.any_shard(),
             unused,
             TransferKind.ALLOWANCE_EXPIRY,
             f"subscription:{subscription_id}:{period}:expiry",

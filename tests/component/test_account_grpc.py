@@ -30,7 +30,6 @@ from resultity.account.v1 import (
 from core.grpc_errors import error_info
 from server.account.api_keys import KeyHasher
 from server.account.component import AccountComponent
-from server.account.ledger_sql import PLATFORM_REVENUE_ID
 from server.secrets import PlatformSecrets
 from tests.account_support import Stubs, channel_as, expect_error
 
@@ -263,7 +262,7 @@ async def test_settling_for_an_unknown_operator_changes_nothing(stubs: Stubs, db
 async def test_settle_partial_capture_releases_the_rest(stubs: Stubs, db: Any) -> None:
     account_id = await new_account(stubs, funds=1_000)
     revenue_before = await db.fetchval(
-        "SELECT credits_posted FROM ledger_accounts WHERE id = $1", PLATFORM_REVENUE_ID
+        "SELECT sum(credits_posted) FROM ledger_accounts WHERE kind = 'platform_revenue'"
     )
     hold = (await stubs.ledger.CreateHold(hold_request(account_id, 600, key()))).hold
     assert hold.status == ledger_pb.HOLD_STATUS_OPEN
@@ -286,7 +285,7 @@ async def test_settle_partial_capture_releases_the_rest(stubs: Stubs, db: Any) -
     assert settled.amount_micro_credits == 600
     assert await balance(stubs, account_id) == (750, 0)
     revenue_after = await db.fetchval(
-        "SELECT credits_posted FROM ledger_accounts WHERE id = $1", PLATFORM_REVENUE_ID
+        "SELECT sum(credits_posted) FROM ledger_accounts WHERE kind = 'platform_revenue'"
     )
     assert revenue_after - revenue_before == 250
     captures = await db.fetch(

@@ -77,7 +77,8 @@ async def assert_invariants(db: Any) -> None:
     assert dict(row) == {"posted_gap": 0, "pending_gap": 0, "overdrawn": 0, "negative_pending": 0}
 
 
-REVENUE = "SELECT credits_posted FROM ledger_accounts WHERE kind = 'platform_revenue'"
+# The platform's revenue: the sum of its account's shards.
+REVENUE = "SELECT sum(credits_posted) FROM ledger_accounts WHERE kind = 'platform_revenue'"
 
 
 async def test_overspend_race_admits_exactly_one_of_200(
@@ -158,10 +159,7 @@ async def test_settlement_pays_operators_and_platform_and_records_contributions(
     consumer = await new_account(component, funds=100_000)
     alice = uuid.UUID(await new_account(component))
     bob = uuid.UUID(await new_account(component))
-    revenue_before = await db.fetchval(
-        """SELECT credits_posted FROM ledger_accounts
-           WHERE kind = 'platform_revenue'"""
-    )
+    revenue_before = await db.fetchval(REVENUE)
     hold = await component.billing.create_hold(ADMIN, consumer, 50_000, key(), None)
     lines = [
         SettlementLine(alice, "node-a", "smollm2", 30),
@@ -174,9 +172,7 @@ async def test_settlement_pays_operators_and_platform_and_records_contributions(
     bob_balance = await component.billing.get_balance(ADMIN, str(bob))
     assert (alice_balance.earned, bob_balance.earned) == (2_400, 5_600)
     assert alice_balance.available == 0  # earnings are not spendable credits
-    revenue_after = await db.fetchval(
-        "SELECT credits_posted FROM ledger_accounts WHERE kind = 'platform_revenue'"
-    )
+    revenue_after = await db.fetchval(REVENUE)
     assert revenue_after - revenue_before == 10_001 - 8_000
     consumer_balance = await component.billing.get_balance(ADMIN, consumer)
     assert (consumer_balance.available, consumer_balance.held) == (100_000 - 10_001, 0)
@@ -199,13 +195,7 @@ async def test_settlement_pays_operators_and_platform_and_records_contributions(
     # Without lines the platform gets the whole capture.
     plain = await component.billing.create_hold(ADMIN, consumer, 1_000, key(), None)
     await component.billing.settle_hold(ADMIN, str(plain.hold_id), 999)
-    assert (
-        await db.fetchval(
-            "SELECT credits_posted FROM ledger_accounts WHERE kind = 'platform_revenue'"
-        )
-        - revenue_after
-        == 999
-    )
+    assert await db.fetchval(REVENUE) - revenue_after == 999
     await assert_invariants(db)
 
 
