@@ -10,6 +10,7 @@ record: operator, node, model, tokens, amount, epoch).
 
 from __future__ import annotations
 
+import asyncio
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -49,15 +50,21 @@ class LedgerEventBus(Protocol):
 class InProcessLedgerEvents:
     """The bus without a broker: publishing hands each event to its handlers and
     returns when they are done, so a failing handler fails the relay's batch, which
-    is relayed again later (handlers count each event once)."""
+    is relayed again later (handlers count each event once). The events of a batch
+    are handled side by side, as a broker's consumer takes several at once, so a
+    handler can commit them together."""
 
     def __init__(self) -> None:
         self._handlers: dict[str, list[EventHandler]] = defaultdict(list)
 
     async def publish(self, events: Sequence[LedgerEvent]) -> None:
-        for event in events:
-            for handler in self._handlers[event.kind]:
-                await handler(event)
+        outcomes = await asyncio.gather(
+            *(handler(event) for event in events for handler in self._handlers[event.kind]),
+            return_exceptions=True,
+        )
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
 
     async def subscribe(self, kind: str, consumer: str, handler: EventHandler) -> None:
         self._handlers[kind].append(handler)

@@ -1,7 +1,8 @@
 """The ledger's group commit and sharded system accounts on the real PostgreSQL.
 
-Holds and settlements that arrive while others are being committed share one
-transaction; each must still get exactly the outcome it would get alone. The
+Holds, settlements and projected contribution events that arrive while others
+are being committed share one transaction; each must still get exactly the
+outcome it would get alone. The
 system accounts are kept in shards, summed in every read, and a database
 created before the shards existed upgrades keeping its totals.
 """
@@ -22,15 +23,19 @@ import pytest
 from core.errors import HoldAlreadyResolved, InsufficientQuota, InvalidArgument, NotFound
 from server.account.authz import Principal
 from server.account.component import MIGRATIONS, AccountComponent
+from server.account.earnings import OperatorEarnings
+from server.account.earnings_store import PostgresEarningsStore
 from server.account.hold_settlement import Settlement
 from server.account.hold_store import PostgresHoldStore
 from server.account.ledger import (
+    ContributionTotal,
     Hold,
     HoldStatus,
     SettlementLine,
     request_fingerprint,
     settle_fingerprint,
 )
+from server.account.ledger_events import CONTRIBUTION_RECORDED, LedgerEvent
 from server.account.ledger_sql import CASH_IN, CASH_OUT, PLATFORM_REVENUE, SHARDS
 from server.account.ledger_store import PostgresLedgerStore
 from server.common.database import apply_migrations, create_pool, load_migrations
@@ -329,3 +334,29 @@ SELECT gen_random_uuid(), id, '00000000-0000-4000-8000-000000000002', 500, 'hold
        now() + interval '1 hour'
 FROM consumer RETURNING id
 """
+
+
+async def test_contribution_events_arriving_together_are_each_counted_once(
+    postgres_dsn: str, component: AccountComponent
+) -> None:
+    pool = await create_pool(postgres_dsn)
+    try:
+        earnings = OperatorEarnings(PostgresEarningsStore(pool))
+        operators = [str(uuid.uuid4()) for _ in range(2)]
+
+        def event(operator: str, epoch: int) -> LedgerEvent:
+            payload = {"operator_account_id": operator, "epoch": epoch, "tokens": 10, "amount": 80}
+            return LedgerEvent(uuid.uuid4(), CONTRIBUTION_RECORDED, payload, datetime.now(UTC))
+
+        seen = event(operators[0], 1)
+        await earnings.project(seen)
+        events = [event(operators[0], 1) for _ in range(5)] + [event(operators[1], 2)] * 3
+        await asyncio.gather(*(earnings.project(e) for e in [*events, seen, *events]))
+        assert await earnings.operator_earnings(ADMIN, operators[0], 0) == [
+            ContributionTotal(1, 6, 60, 480)
+        ]
+        assert await earnings.operator_earnings(ADMIN, operators[1], 0) == [
+            ContributionTotal(2, 1, 10, 80)
+        ]
+    finally:
+        await pool.close()
