@@ -5,8 +5,9 @@ each resolves at most once; a hold no longer pending is a replay or a refusal,
 decided by ledger.resolve_hold. Then one statement writes every resolution,
 capture, contribution record and their events in the outbox, and last the
 running totals move, each account once however many of the batch's holds
-touched it, in lock order: shared rows (an operator's, the platform's
-shards) stay locked only for that statement and the commit.
+touched it, in lock order, in the round trip of the COMMIT: shared rows (an
+operator's account, the platform's shards) stay locked only for those updates
+and the commit.
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ from server.account.ledger import (
 )
 from server.account.ledger_sql import (
     CURRENT_POLICY,
-    Connection,
     Delta,
     Record,
-    apply_deltas,
+    Transaction,
+    deltas_sql,
     policy_from_row,
 )
 
@@ -60,7 +61,9 @@ class Settlement:
     fingerprint: str
 
 
-async def settle(conn: Connection, settlements: Sequence[Settlement]) -> list[Hold | DomainError]:
+async def settle(
+    transaction: Transaction, settlements: Sequence[Settlement]
+) -> list[Hold | DomainError]:
     """Settles each of ``settlements`` (distinct holds) in the caller's transaction.
 
     A settlement the ledger refuses (unknown hold or operator, a conflicting
@@ -68,7 +71,9 @@ async def settle(conn: Connection, settlements: Sequence[Settlement]) -> list[Ho
     nothing; the others are written.
     """
     owners = sorted({line.operator_account_id for s in settlements for line in s.lines})
-    rows = await conn.fetch(_READ_FOR_SETTLEMENT, [s.hold_id for s in settlements], owners)
+    rows = await transaction.conn.fetch(
+        _READ_FOR_SETTLEMENT, [s.hold_id for s in settlements], owners
+    )
     found = {row["id"]: row for row in rows}
     writes = _Writes()
     outcomes: list[Hold | DomainError] = []
@@ -80,7 +85,7 @@ async def settle(conn: Connection, settlements: Sequence[Settlement]) -> list[Ho
             outcomes.append(writes.add(row, settlement))
         except DomainError as error:
             outcomes.append(error)
-    await writes.apply(conn)
+    await writes.apply(transaction)
     return outcomes
 
 
@@ -190,10 +195,10 @@ class _Writes:
         self.deltas[revenue].credits_pending -= amount
         return Hold(hold.hold_id, hold.account_id, amount, capture, status, hold.expires_at)
 
-    async def apply(self, conn: Connection) -> None:
+    async def apply(self, transaction: Transaction) -> None:
         if not self.resolved:
             return
-        await conn.execute(
+        await transaction.conn.execute(
             _WRITE_SETTLEMENTS,
             *_columns(self.resolved, 4),
             *_columns(self.captures, 4),
@@ -201,7 +206,7 @@ class _Writes:
             *_columns(self.contributions, 6),
             *_columns([r[4:] for r in self.resolved], 3),
         )
-        await apply_deltas(conn, self.deltas)
+        transaction.finally_run(deltas_sql(self.deltas))
 
 
 def _columns(rows: Sequence[tuple[object, ...]], width: int) -> list[list[object]]:

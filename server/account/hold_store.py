@@ -28,7 +28,15 @@ from server.account.hold_settlement import (
     settle,
 )
 from server.account.ledger import Hold, HoldStatus, SettlementLine, ensure_same_request
-from server.account.ledger_sql import PLATFORM_REVENUE, Delta, Record, apply_deltas
+from server.account.ledger_sql import (
+    PLATFORM_REVENUE,
+    Delta,
+    Record,
+    apply_deltas,
+    deltas_sql,
+    transaction,
+    uuid_literal,
+)
 from server.common.batcher import Batcher
 
 # The CHECK constraint that keeps a consumer's debits (pending and posted) within its credits.
@@ -164,20 +172,22 @@ class PostgresHoldStore:
             return hold_from_row(row)
 
     async def _create_many(self, requests: Sequence[_HoldRequest]) -> list[Hold | Exception | None]:
-        """Reserves a batch of holds (distinct keys) in one transaction of two statements.
+        """Reserves a batch of holds (distinct keys) in one transaction.
 
-        The first inserts the holds and then locks their consumers' ledger accounts in
-        id order, reading what each has available; each hold is then granted, in the
-        batch's order, only if its account still covers it, and the second statement
-        takes the refused ones out and reserves the rest. Lock order as for one hold:
-        the new holds' keys, the consumers' ledger accounts, the platform's shard. A
-        key used before, or an unknown account, is left to the single path.
+        One statement inserts the holds and then locks their consumers' ledger
+        accounts in id order, reading what each has available; each hold is then
+        granted, in the batch's order, only if its account still covers it. With
+        the COMMIT go the removal of the refused holds and the reservations: the
+        consumers' pending debits and the pending credit of one platform shard.
+        Lock order as for one hold: the new holds' keys, the consumers' ledger
+        accounts, the shard. A key used before, or an unknown account, inserts
+        nothing and is left to the single path.
         """
         revenue = PLATFORM_REVENUE.any_shard()
         ids = [uuid4() for _ in requests]
         outcomes: list[Hold | Exception | None] = [None] * len(requests)
-        async with self._pool.acquire() as conn, conn.transaction():
-            rows = await conn.fetch(
+        async with transaction(self._pool) as tx:
+            rows = await tx.conn.fetch(
                 _INSERT_HOLDS,
                 ids,
                 [r.account_id for r in requests],
@@ -189,7 +199,7 @@ class PostgresHoldStore:
             )
             inserted = {row["id"]: row["debit_account_id"] for row in rows}
             available = {row["debit_account_id"]: row["available"] for row in rows}
-            reserved: dict[UUID, int] = defaultdict(int)
+            reserved: dict[UUID, Delta] = defaultdict(Delta)
             refused = []
             for i, (hold_id, request) in enumerate(zip(ids, requests, strict=True)):
                 consumer = inserted.get(hold_id)
@@ -200,7 +210,8 @@ class PostgresHoldStore:
                     outcomes[i] = _insufficient(request.amount)
                     continue
                 available[consumer] -= request.amount
-                reserved[consumer] += request.amount
+                reserved[consumer].debits_pending += request.amount
+                reserved[revenue].credits_pending += request.amount
                 outcomes[i] = Hold(
                     hold_id,
                     request.account_id,
@@ -209,28 +220,24 @@ class PostgresHoldStore:
                     HoldStatus.OPEN,
                     request.expires_at,
                 )
-            await conn.execute(
-                _RESERVE_HOLDS,
-                refused,
-                list(reserved),
-                list(reserved.values()),
-                sum(reserved.values()),
-                revenue,
-            )
+            if refused:
+                ids_sql = ", ".join(uuid_literal(hold_id) for hold_id in refused)
+                tx.finally_run(f"DELETE FROM transfers WHERE id IN ({ids_sql});")
+            tx.finally_run(deltas_sql(reserved))
         return outcomes
 
     async def _settle_one(self, settlement: Settlement) -> Hold:
         """One settlement, one transaction (hold_settlement.py)."""
-        async with self._pool.acquire() as conn, conn.transaction():
-            (outcome,) = await settle(conn, [settlement])
+        async with transaction(self._pool) as tx:
+            (outcome,) = await settle(tx, [settlement])
         if isinstance(outcome, Exception):
             raise outcome
         return outcome
 
     async def _settle_many(self, settlements: Sequence[Settlement]) -> list[Hold | Exception]:
         """A batch of settlements (distinct holds), one transaction."""
-        async with self._pool.acquire() as conn, conn.transaction():
-            return list(await settle(conn, settlements))
+        async with transaction(self._pool) as tx:
+            return list(await settle(tx, settlements))
 
     async def release_expired_holds(self, limit: int) -> int:
         """Releases up to ``limit`` expired holds in one transaction.
@@ -282,15 +289,3 @@ _INSERT_HOLDS = """
     )
     SELECT hold.id, hold.debit_account_id, consumer.available
     FROM hold JOIN consumer ON consumer.id = hold.debit_account_id"""
-
-# The refused holds taken out, the granted ones reserved on their consumers' accounts
-# (locked already) and credited, as pending, to the platform's shard.
-_RESERVE_HOLDS = """
-    WITH refused AS (
-        DELETE FROM transfers WHERE id = ANY($1::uuid[])
-    ), reserved AS (
-        UPDATE ledger_accounts la SET debits_pending = la.debits_pending + r.amount
-        FROM unnest($2::uuid[], $3::bigint[]) AS r(id, amount) WHERE la.id = r.id
-    )
-    UPDATE ledger_accounts SET credits_pending = credits_pending + $4
-    WHERE id = $5 AND $4 > 0"""
