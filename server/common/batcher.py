@@ -1,11 +1,13 @@
 """Group commit: concurrent calls of one operation run together, as batches.
 
-Each caller submits its item and awaits its own outcome. A batch starts at once
-while fewer than ``max_in_flight`` batches run; otherwise items wait, and the
-next batch takes every waiting item (up to ``max_size``). A lone call thus runs
-alone and without delay, while under load one batch (one transaction, one
-commit) carries many calls: the cost per call falls as the load rises, instead
-of calls queueing one by one on the same rows.
+Each caller submits its item and awaits its own outcome. A batch starts as soon
+as the event loop has run what was ready with the first item (calls made
+together, say by callers a finished batch just woke, share it) while fewer
+than ``max_in_flight`` batches run; otherwise items wait, and the next batch
+takes every waiting item (up to ``max_size``). A lone call thus runs alone and
+without delay, while under load one batch (one transaction, one commit)
+carries many calls: the cost per call falls as the load rises, instead of
+calls queueing one by one on the same rows.
 
 A batch of one item runs ``run_one``; a larger one ``run_many``, which gives
 each item its outcome: a result, an exception, or None for an item to run
@@ -52,16 +54,21 @@ class Batcher(Generic[T, R]):
         self._waiting: list[tuple[T, asyncio.Future[R]]] = []
         self._busy_keys: set[Hashable] = set()
         self._in_flight = 0
+        self._starting = False  # a start is scheduled on the event loop
         self._tasks: set[asyncio.Task[None]] = set()  # referenced until done
 
     async def submit(self, item: T) -> R:
         """The item's outcome, once the batch that carried it has run."""
-        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[R] = loop.create_future()
         self._waiting.append((item, future))
-        self._start_batches()
+        if not self._starting:
+            self._starting = True
+            loop.call_soon(self._start_batches)
         return await future
 
     def _start_batches(self) -> None:
+        self._starting = False
         while self._waiting and self._in_flight < self._max_in_flight:
             batch = self._take()
             if not batch:

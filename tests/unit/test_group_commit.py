@@ -60,6 +60,14 @@ async def test_a_lone_call_runs_alone_at_once() -> None:
     assert (operation.alone, operation.batches) == ([21], [])
 
 
+async def test_calls_made_together_share_one_batch() -> None:
+    operation = Operation()
+    operation.gate.set()
+    calls = batcher(operation)
+    assert await asyncio.gather(*(calls.submit(n) for n in (2, 4, 6))) == [4, 8, 12]
+    assert (operation.alone, operation.batches) == ([], [[2, 4, 6]])
+
+
 async def test_calls_arriving_while_a_batch_runs_share_the_next_one() -> None:
     operation = Operation()
     calls = batcher(operation)
