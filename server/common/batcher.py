@@ -54,7 +54,9 @@ class Batcher(Generic[T, R]):
         self._waiting: list[tuple[T, asyncio.Future[R]]] = []
         self._busy_keys: set[Hashable] = set()
         self._in_flight = 0
-        self._starting = False  # a start is scheduled on the event loop
+        # The event loop a start is scheduled on, if any (one that closed first
+        # leaves it set: the next call schedules again on its own loop).
+        self._start_scheduled_on: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[None]] = set()  # referenced until done
 
     async def submit(self, item: T) -> R:
@@ -62,13 +64,13 @@ class Batcher(Generic[T, R]):
         loop = asyncio.get_running_loop()
         future: asyncio.Future[R] = loop.create_future()
         self._waiting.append((item, future))
-        if not self._starting:
-            self._starting = True
+        if self._start_scheduled_on is not loop:
+            self._start_scheduled_on = loop
             loop.call_soon(self._start_batches)
         return await future
 
     def _start_batches(self) -> None:
-        self._starting = False
+        self._start_scheduled_on = None
         while self._waiting and self._in_flight < self._max_in_flight:
             batch = self._take()
             if not batch:
