@@ -1,7 +1,8 @@
 """The ledger's group commit and sharded system accounts on the real PostgreSQL.
 
-Holds, settlements and projected contribution events that arrive while others
-are being committed share one transaction; each must still get exactly the
+Holds, settlements and the projections of their events (operator earnings,
+consumer usage) that arrive while others are being committed share one
+transaction; each must still get exactly the
 outcome it would get alone. The
 system accounts are kept in shards, summed in every read, and a database
 created before the shards existed upgrades keeping its totals.
@@ -38,6 +39,8 @@ from server.account.ledger import (
 from server.account.ledger_events import CONTRIBUTION_RECORDED, LedgerEvent
 from server.account.ledger_sql import CASH_IN, CASH_OUT, PLATFORM_REVENUE, SHARDS
 from server.account.ledger_store import PostgresLedgerStore
+from server.account.usage import Interval, UsageRecord
+from server.account.usage_store import PostgresUsageStore
 from server.common.database import apply_migrations, create_pool, load_migrations
 from server.secrets import PlatformSecrets
 from tests.component.test_ledger_invariants import INVARIANTS, TOTALS_MATCH_TRANSFERS
@@ -357,6 +360,35 @@ async def test_contribution_events_arriving_together_are_each_counted_once(
         ]
         assert await earnings.operator_earnings(ADMIN, operators[1], 0) == [
             ContributionTotal(2, 1, 10, 80)
+        ]
+    finally:
+        await pool.close()
+
+
+async def test_usage_records_arriving_together_are_each_counted_once(
+    postgres_dsn: str, component: AccountComponent
+) -> None:
+    pool = await create_pool(postgres_dsn)
+    try:
+        store = PostgresUsageStore(pool)
+        account = uuid.uuid4()
+        hour = datetime(2026, 3, 1, 10, tzinfo=UTC)
+
+        def record(minute: int, charged: int) -> UsageRecord:
+            settled_at = hour + timedelta(minutes=minute)
+            return UsageRecord(
+                uuid.uuid4(), account, HoldStatus.SETTLED, 100, charged, 7, settled_at
+            )
+
+        first = record(0, 10)
+        assert await store.add(first)
+        later = [record(minute, 20) for minute in (1, 30, 59, 60, 61)]
+        counted = await asyncio.gather(*(store.add(r) for r in [*later, first, *later]))
+        assert counted == [True] * 5 + [False] * 6
+        buckets = await store.totals(account, Interval.HOUR, hour)
+        assert [(b.start, b.requests, b.tokens, b.charged) for b in buckets] == [
+            (hour, 4, 28, 70),
+            (hour + timedelta(hours=1), 2, 14, 40),
         ]
     finally:
         await pool.close()
