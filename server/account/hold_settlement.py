@@ -1,13 +1,18 @@
-"""Settling holds in PostgreSQL: one transaction settles one hold or a batch of them.
+"""Settling holds in PostgreSQL: one hold or a batch of them in two statements.
 
-The holds' rows are locked first, in id order (as the sweeper locks them), so
-each resolves at most once; a hold no longer pending is a replay or a refusal,
-decided by ledger.resolve_hold. Then one statement writes every resolution,
-capture, contribution record and their events in the outbox, and last the
-running totals move, each account once however many of the batch's holds
-touched it, in lock order, in the round trip of the COMMIT: shared rows (an
-operator's account, the platform's shards) stay locked only for those updates
-and the commit.
+The first reads the holds with what settling them needs (their operators'
+ledger accounts, the policy in force); ledger.resolve_hold then decides each
+settlement: a hold no longer pending makes it a replay or a refusal. The
+second statement writes every settlement decided in one go, each only if its
+hold is still pending when the statement reaches its row (the resolution is a
+compare-and-set under the row lock, so a hold resolves at most once):
+resolutions, captures, contribution records and their events in the outbox,
+and last the running totals, each account once for the batch, moved in lock
+order by ledger_move (migration 0008). A settlement whose hold was resolved
+in between writes nothing; reading it again makes it a replay or a refusal.
+Being one statement, the write commits as it ends: shared rows (an operator's
+account, the platform's shards) stay locked only for its updates and the
+commit.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from uuid import UUID
 
+import asyncpg
+
 from core.errors import DomainError, NotFound
 from server.account.ledger import (
     Hold,
@@ -25,14 +32,7 @@ from server.account.ledger import (
     resolve_hold,
     split_capture,
 )
-from server.account.ledger_sql import (
-    CURRENT_POLICY,
-    Delta,
-    Record,
-    Transaction,
-    deltas_sql,
-    policy_from_row,
-)
+from server.account.ledger_sql import CURRENT_POLICY, SYSTEM_IDS, Delta, Record, policy_from_row
 
 HOLD_COLUMNS = """t.id, la.owner_id, t.amount, t.captured, t.status, t.expires_at,
                   t.request_fingerprint"""
@@ -62,21 +62,20 @@ class Settlement:
 
 
 async def settle(
-    transaction: Transaction, settlements: Sequence[Settlement]
-) -> list[Hold | DomainError]:
-    """Settles each of ``settlements`` (distinct holds) in the caller's transaction.
+    pool: asyncpg.Pool[Record], settlements: Sequence[Settlement]
+) -> list[Hold | DomainError | None]:
+    """Settles each of ``settlements`` (distinct holds).
 
     A settlement the ledger refuses (unknown hold or operator, a conflicting
     resolution, a capture above the hold) is that item's outcome and writes
-    nothing; the others are written.
+    nothing. None: the hold was resolved by someone else between the read and
+    the write; settling it again decides.
     """
     owners = sorted({line.operator_account_id for s in settlements for line in s.lines})
-    rows = await transaction.conn.fetch(
-        _READ_FOR_SETTLEMENT, [s.hold_id for s in settlements], owners
-    )
+    rows = await pool.fetch(_READ_FOR_SETTLEMENT, [s.hold_id for s in settlements], owners)
     found = {row["id"]: row for row in rows}
     writes = _Writes()
-    outcomes: list[Hold | DomainError] = []
+    outcomes: list[Hold | DomainError | None] = []
     for settlement in settlements:
         row = found.get(settlement.hold_id)
         try:
@@ -85,8 +84,11 @@ async def settle(
             outcomes.append(writes.add(row, settlement))
         except DomainError as error:
             outcomes.append(error)
-    await writes.apply(transaction)
-    return outcomes
+    written = await writes.apply(pool)
+    return [
+        None if isinstance(outcome, Hold) and outcome.hold_id in writes.holds - written else outcome
+        for outcome in outcomes
+    ]
 
 
 # The holds with what settling them needs: their operators' ledger accounts
@@ -96,25 +98,26 @@ _READ_FOR_SETTLEMENT = f"""
            (SELECT array_agg(ARRAY[o.owner_id, o.id]) FROM ledger_accounts o
             WHERE o.kind = 'operator' AND o.owner_id = ANY($2::uuid[])) AS operators,
            (SELECT p FROM {CURRENT_POLICY}) AS policy
-    FROM {HOLD_FROM} WHERE t.id = ANY($1::uuid[]) AND t.kind = 'hold'
-    ORDER BY t.id FOR NO KEY UPDATE OF t"""
+    FROM {HOLD_FROM} WHERE t.id = ANY($1::uuid[]) AND t.kind = 'hold'"""
 
-# The holds' resolutions, their captures, the contribution records and their
-# events in the outbox, in one statement.
+# The holds' resolutions (each only if still pending), then for those resolved
+# their captures, contribution records, events in the outbox and the running
+# totals, in one statement.
 _WRITE_SETTLEMENTS = """
     WITH resolved AS (
         UPDATE transfers t SET status = r.status, captured = r.captured, resolved_at = now(),
                                settle_fingerprint = r.fingerprint
         FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::text[])
              AS r(id, status, captured, fingerprint)
-        WHERE t.id = r.id
+        WHERE t.id = r.id AND t.status = 'pending'
+        RETURNING t.id
     ), captures AS (
         INSERT INTO transfers (id, debit_account_id, credit_account_id, amount, kind, status,
                                pending_id)
-        SELECT gen_random_uuid(), c.debit, c.credit, c.amount, 'capture', 'posted',
-               c.hold
+        SELECT gen_random_uuid(), c.debit, c.credit, c.amount, 'capture', 'posted', c.hold
         FROM unnest($5::uuid[], $6::uuid[], $7::uuid[], $8::bigint[])
              AS c(hold, debit, credit, amount)
+        JOIN resolved ON resolved.id = c.hold
     ), recorded AS (
         INSERT INTO contributions (id, hold_id, operator_account_id, node_id, model, tokens,
                                    amount, epoch)
@@ -122,38 +125,59 @@ _WRITE_SETTLEMENTS = """
                floor(extract(epoch FROM now()) / $9)::bigint
         FROM unnest($10::uuid[], $11::uuid[], $12::text[], $13::text[], $14::bigint[],
                     $15::bigint[]) AS r(hold, operator, node, model, tokens, amount)
+        JOIN resolved ON resolved.id = r.hold
         RETURNING id, hold_id, operator_account_id, node_id, model, tokens, amount, epoch,
                   created_at
+    ), moved AS (
+        SELECT ledger_move(array_agg(m.account ORDER BY m.system, m.account),
+                           array_agg(m.debits_pending ORDER BY m.system, m.account),
+                           array_agg(m.debits_posted ORDER BY m.system, m.account),
+                           array_agg(m.credits_pending ORDER BY m.system, m.account),
+                           array_agg(m.credits_posted ORDER BY m.system, m.account))
+        FROM (SELECT d.account, d.system, sum(d.debits_pending)::bigint AS debits_pending,
+                     sum(d.debits_posted)::bigint AS debits_posted,
+                     sum(d.credits_pending)::bigint AS credits_pending,
+                     sum(d.credits_posted)::bigint AS credits_posted
+              FROM unnest($19::uuid[], $20::uuid[], $21::boolean[], $22::bigint[],
+                          $23::bigint[], $24::bigint[], $25::bigint[])
+                   AS d(hold, account, system, debits_pending, debits_posted, credits_pending,
+                        credits_posted)
+              JOIN resolved ON resolved.id = d.hold
+              GROUP BY d.account, d.system) m
+    ), events AS (
+        INSERT INTO ledger_outbox (id, kind, payload)
+        SELECT gen_random_uuid(), 'usage.settled',
+               jsonb_build_object('hold_id', u.hold, 'account_id', u.account,
+                                  'status', u.status, 'held', u.held, 'captured', u.captured,
+                                  'total_tokens', u.total_tokens, 'settled_at', now())
+        FROM unnest($1::uuid[], $16::uuid[], $2::text[], $17::bigint[], $3::bigint[],
+                    $18::bigint[]) AS u(hold, account, status, held, captured, total_tokens)
+        JOIN resolved ON resolved.id = u.hold
+        UNION ALL
+        SELECT gen_random_uuid(), 'contribution.recorded',
+               jsonb_build_object('contribution_id', id, 'hold_id', hold_id,
+                                  'operator_account_id', operator_account_id,
+                                  'node_id', node_id, 'model', model, 'tokens', tokens,
+                                  'amount', amount, 'epoch', epoch, 'recorded_at', created_at)
+        FROM recorded
     )
-    INSERT INTO ledger_outbox (id, kind, payload)
-    SELECT gen_random_uuid(), 'usage.settled',
-           jsonb_build_object('hold_id', u.hold, 'account_id', u.account, 'status', u.status,
-                              'held', u.held, 'captured', u.captured,
-                              'total_tokens', u.total_tokens, 'settled_at', now())
-    FROM unnest($1::uuid[], $16::uuid[], $2::text[], $17::bigint[], $3::bigint[],
-                $18::bigint[]) AS u(hold, account, status, held, captured, total_tokens)
-    UNION ALL
-    SELECT gen_random_uuid(), 'contribution.recorded',
-           jsonb_build_object('contribution_id', id, 'hold_id', hold_id,
-                              'operator_account_id', operator_account_id, 'node_id', node_id,
-                              'model', model, 'tokens', tokens, 'amount', amount,
-                              'epoch', epoch, 'recorded_at', created_at)
-    FROM recorded"""
+    SELECT resolved.id FROM resolved, moved"""
 
 
 @dataclass
 class _Writes:
-    """The settlements of a batch, as the columns of _WRITE_SETTLEMENTS and the
-    running totals' deltas."""
+    """The settlements of a batch, as the columns of _WRITE_SETTLEMENTS: per hold its
+    resolution, captures, contribution records and deltas of the running totals."""
 
     epoch_seconds: int = 0
     resolved: list[tuple[UUID, str, int, str, UUID, int, int]] = field(default_factory=list)
     captures: list[tuple[UUID, UUID, UUID, int]] = field(default_factory=list)
     contributions: list[tuple[UUID, UUID, str, str, int, int]] = field(default_factory=list)
-    deltas: dict[UUID, Delta] = field(default_factory=lambda: defaultdict(Delta))
+    moves: list[tuple[UUID, UUID, bool, int, int, int, int]] = field(default_factory=list)
+    holds: set[UUID] = field(default_factory=set)
 
     def add(self, row: Record, settlement: Settlement) -> Hold:
-        """The hold in ``row`` (locked) settled by ``settlement``; a replay writes nothing."""
+        """The hold in ``row`` settled by ``settlement``; a replay writes nothing."""
         hold = hold_from_row(row)
         capture = settlement.capture
         status = resolve_hold(hold, capture, settlement.fingerprint, row["settle_fingerprint"])
@@ -167,6 +191,7 @@ class _Writes:
         )
         self.epoch_seconds = policy.epoch_seconds
         consumer, revenue, amount = row["debit_account_id"], row["credit_account_id"], row["amount"]
+        self.holds.add(hold.hold_id)
         self.resolved.append(
             (
                 hold.hold_id,
@@ -178,6 +203,10 @@ class _Writes:
                 settlement.total_tokens,
             )
         )
+        deltas: dict[UUID, Delta] = defaultdict(Delta)
+        deltas[consumer].debits_pending -= amount
+        deltas[consumer].debits_posted += capture
+        deltas[revenue].credits_pending -= amount
         credited = [(revenue, platform)] + [
             (operators[line.operator_account_id], part)
             for line, part in zip(lines, parts, strict=True)
@@ -185,28 +214,39 @@ class _Writes:
         for credit, moved in credited:
             if moved:
                 self.captures.append((hold.hold_id, consumer, credit, moved))
-                self.deltas[credit].credits_posted += moved
+                deltas[credit].credits_posted += moved
         self.contributions += [
             (hold.hold_id, line.operator_account_id, line.node_id, line.model, line.tokens, part)
             for line, part in zip(lines, parts, strict=True)
         ]
-        self.deltas[consumer].debits_pending -= amount
-        self.deltas[consumer].debits_posted += capture
-        self.deltas[revenue].credits_pending -= amount
+        self.moves += [
+            (
+                hold.hold_id,
+                account,
+                account in SYSTEM_IDS,
+                d.debits_pending,
+                d.debits_posted,
+                d.credits_pending,
+                d.credits_posted,
+            )
+            for account, d in deltas.items()
+        ]
         return Hold(hold.hold_id, hold.account_id, amount, capture, status, hold.expires_at)
 
-    async def apply(self, transaction: Transaction) -> None:
+    async def apply(self, pool: asyncpg.Pool[Record]) -> set[UUID]:
+        """Writes the settlements; the holds they resolved (those still pending)."""
         if not self.resolved:
-            return
-        await transaction.conn.execute(
+            return set()
+        rows = await pool.fetch(
             _WRITE_SETTLEMENTS,
             *_columns(self.resolved, 4),
             *_columns(self.captures, 4),
             self.epoch_seconds,
             *_columns(self.contributions, 6),
             *_columns([r[4:] for r in self.resolved], 3),
+            *_columns(self.moves, 7),
         )
-        transaction.finally_run(deltas_sql(self.deltas))
+        return {row["id"] for row in rows}
 
 
 def _columns(rows: Sequence[tuple[object, ...]], width: int) -> list[list[object]]:

@@ -1,12 +1,12 @@
 """PostgreSQL adapter of holds: reserve, settle (captures, operator shares, RCP), expire.
 
 Concurrent holds, and concurrent settlements, are committed in groups
-(server/common/batcher.py): a lone call runs alone, as one statement (a hold)
-or one transaction (a settlement, hold_settlement.py); under load one
-transaction carries a batch of them, so that its round trips, its commit and
-each account's update serve them all, as TigerBeetle batches transfers.
-Every decision is still taken per call under the rows' locks: no hold is
-ever reserved beyond its account's credits, each resolves at most once.
+(server/common/batcher.py): a lone call runs alone; under load one statement
+carries a batch of them (a hold: one statement; a settlement: a read and one
+statement, hold_settlement.py), so that its round trip, its commit and each
+account's update serve them all, as TigerBeetle batches transfers. Every
+decision is still taken per call under the rows' locks: no hold is ever
+reserved beyond its account's credits, each resolves at most once.
 """
 
 from __future__ import annotations
@@ -28,15 +28,7 @@ from server.account.hold_settlement import (
     settle,
 )
 from server.account.ledger import Hold, HoldStatus, SettlementLine, ensure_same_request
-from server.account.ledger_sql import (
-    PLATFORM_REVENUE,
-    Delta,
-    Record,
-    apply_deltas,
-    deltas_sql,
-    transaction,
-    uuid_literal,
-)
+from server.account.ledger_sql import PLATFORM_REVENUE, Delta, Record, apply_deltas
 from server.common.batcher import Batcher
 
 # The CHECK constraint that keeps a consumer's debits (pending and posted) within its credits.
@@ -172,72 +164,60 @@ class PostgresHoldStore:
             return hold_from_row(row)
 
     async def _create_many(self, requests: Sequence[_HoldRequest]) -> list[Hold | Exception | None]:
-        """Reserves a batch of holds (distinct keys) in one transaction.
-
-        One statement inserts the holds and then locks their consumers' ledger
-        accounts in id order, reading what each has available; each hold is then
-        granted, in the batch's order, only if its account still covers it. With
-        the COMMIT go the removal of the refused holds and the reservations: the
-        consumers' pending debits and the pending credit of one platform shard.
-        Lock order as for one hold: the new holds' keys, the consumers' ledger
-        accounts, the shard. A key used before, or an unknown account, inserts
-        nothing and is left to the single path.
+        """Reserves a batch of holds (distinct keys) in one statement, ledger_reserve_holds
+        (migration 0008): each is reserved, consumer by consumer and in the batch's order,
+        only if its account still covers it, under the account's row lock. A key used
+        before, or an unknown account, inserts nothing and is left to the single path.
         """
-        revenue = PLATFORM_REVENUE.any_shard()
         ids = [uuid4() for _ in requests]
-        outcomes: list[Hold | Exception | None] = [None] * len(requests)
-        async with transaction(self._pool) as tx:
-            rows = await tx.conn.fetch(
-                _INSERT_HOLDS,
-                ids,
-                [r.account_id for r in requests],
-                [r.amount for r in requests],
-                [r.idempotency_key for r in requests],
-                [r.fingerprint for r in requests],
-                [r.expires_at for r in requests],
-                revenue,
-            )
-            inserted = {row["id"]: row["debit_account_id"] for row in rows}
-            available = {row["debit_account_id"]: row["available"] for row in rows}
-            reserved: dict[UUID, Delta] = defaultdict(Delta)
-            refused = []
-            for i, (hold_id, request) in enumerate(zip(ids, requests, strict=True)):
-                consumer = inserted.get(hold_id)
-                if consumer is None:
-                    continue
-                if available[consumer] < request.amount:
-                    refused.append(hold_id)
-                    outcomes[i] = _insufficient(request.amount)
-                    continue
-                available[consumer] -= request.amount
-                reserved[consumer].debits_pending += request.amount
-                reserved[revenue].credits_pending += request.amount
-                outcomes[i] = Hold(
-                    hold_id,
-                    request.account_id,
-                    request.amount,
-                    0,
-                    HoldStatus.OPEN,
-                    request.expires_at,
+        rows = await self._pool.fetch(
+            "SELECT hold_id, reserved FROM ledger_reserve_holds($1, $2, $3, $4, $5, $6, $7)",
+            ids,
+            [r.account_id for r in requests],
+            [r.amount for r in requests],
+            [r.idempotency_key for r in requests],
+            [r.fingerprint for r in requests],
+            [r.expires_at for r in requests],
+            PLATFORM_REVENUE.any_shard(),
+        )
+        reserved = {row["hold_id"]: row["reserved"] for row in rows}
+        outcomes: list[Hold | Exception | None] = []
+        for hold_id, request in zip(ids, requests, strict=True):
+            if hold_id not in reserved:
+                outcomes.append(None)
+            elif reserved[hold_id]:
+                outcomes.append(
+                    Hold(
+                        hold_id,
+                        request.account_id,
+                        request.amount,
+                        0,
+                        HoldStatus.OPEN,
+                        request.expires_at,
+                    )
                 )
-            if refused:
-                ids_sql = ", ".join(uuid_literal(hold_id) for hold_id in refused)
-                tx.finally_run(f"DELETE FROM transfers WHERE id IN ({ids_sql});")
-            tx.finally_run(deltas_sql(reserved))
+            else:
+                outcomes.append(_insufficient(request.amount))
         return outcomes
 
     async def _settle_one(self, settlement: Settlement) -> Hold:
-        """One settlement, one transaction (hold_settlement.py)."""
-        async with transaction(self._pool) as tx:
-            (outcome,) = await settle(tx, [settlement])
-        if isinstance(outcome, Exception):
-            raise outcome
-        return outcome
+        """One settlement (hold_settlement.py). When the hold was resolved by someone
+        else between its read and its write, reading it again decides: a replay or a
+        refusal."""
+        for _ in range(2):
+            (outcome,) = await settle(self._pool, [settlement])
+            if isinstance(outcome, Exception):
+                raise outcome
+            if outcome is not None:
+                return outcome
+        raise RuntimeError(f"hold {settlement.hold_id} changed under two settlements in a row")
 
-    async def _settle_many(self, settlements: Sequence[Settlement]) -> list[Hold | Exception]:
-        """A batch of settlements (distinct holds), one transaction."""
-        async with transaction(self._pool) as tx:
-            return list(await settle(tx, settlements))
+    async def _settle_many(
+        self, settlements: Sequence[Settlement]
+    ) -> list[Hold | Exception | None]:
+        """A batch of settlements (distinct holds); one whose hold was resolved by
+        someone else meanwhile is settled again alone."""
+        return list(await settle(self._pool, settlements))
 
     async def release_expired_holds(self, limit: int) -> int:
         """Releases up to ``limit`` expired holds in one transaction.
@@ -267,25 +247,3 @@ class PostgresHoldStore:
 
 def _insufficient(amount: int) -> InsufficientQuota:
     return InsufficientQuota(f"Not enough available credits for a hold of {amount} micro-credits")
-
-
-# A batch's holds, inserted (a key used before inserts nothing), then their consumers'
-# ledger accounts locked in id order, with what each has available.
-_INSERT_HOLDS = """
-    WITH hold AS (
-        INSERT INTO transfers (id, debit_account_id, credit_account_id, amount, kind, status,
-                               idempotency_key, request_fingerprint, expires_at)
-        SELECT h.id, la.id, $7::uuid, h.amount, 'hold', 'pending', h.key, h.fingerprint,
-               h.expires_at
-        FROM unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::text[], $5::text[],
-                    $6::timestamptz[]) AS h(id, owner_id, amount, key, fingerprint, expires_at)
-        JOIN ledger_accounts la ON la.owner_id = h.owner_id AND la.kind = 'consumer'
-        ON CONFLICT (idempotency_key) DO NOTHING
-        RETURNING id, debit_account_id
-    ), consumer AS (
-        SELECT id, credits_posted - debits_posted - debits_pending AS available
-        FROM ledger_accounts WHERE id IN (SELECT debit_account_id FROM hold)
-        ORDER BY id FOR NO KEY UPDATE
-    )
-    SELECT hold.id, hold.debit_account_id, consumer.available
-    FROM hold JOIN consumer ON consumer.id = hold.debit_account_id"""

@@ -11,11 +11,10 @@ ledger accounts (by id).
 
 from __future__ import annotations
 
-import contextlib
 import random
 from collections import defaultdict
-from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from uuid import UUID, uuid4
 
@@ -105,62 +104,6 @@ async def apply_deltas(conn: Connection, deltas: Mapping[UUID, Delta]) -> None:
             for account in sorted(deltas, key=_lock_order)
         ],
     )
-
-
-def deltas_sql(deltas: Mapping[UUID, Delta]) -> str:
-    """apply_deltas as SQL text, for the round trip that ends a transaction (see
-    Transaction): one UPDATE per account, in lock order."""
-    return "".join(
-        f"""UPDATE ledger_accounts SET debits_pending = debits_pending + {int(d.debits_pending)},
-                                       debits_posted = debits_posted + {int(d.debits_posted)},
-                                       credits_pending = credits_pending + {int(d.credits_pending)},
-                                       credits_posted = credits_posted + {int(d.credits_posted)}
-            WHERE id = {uuid_literal(account)};"""
-        for account in sorted(deltas, key=_lock_order)
-        if (d := deltas[account]) != Delta()
-    )
-
-
-def uuid_literal(value: UUID) -> str:
-    """A UUID as a SQL literal; only a UUID object, whose text is hex digits and dashes."""
-    if not isinstance(value, UUID):
-        raise TypeError(f"not a UUID: {value!r}")
-    return f"'{value}'::uuid"
-
-
-@dataclass
-class Transaction:
-    """An open transaction whose last statements travel with its COMMIT.
-
-    Statements added with ``finally_run`` are sent with the COMMIT in one round trip,
-    as SQL text (so they may only carry values written by uuid_literal and integers):
-    the rows they lock, shared rows such as an operator's account or a platform
-    shard, stay locked for those statements and the commit only, not for a round
-    trip to the client and back in between.
-    """
-
-    conn: Connection
-    tail: list[str] = field(default_factory=list)
-
-    def finally_run(self, sql: str) -> None:
-        self.tail.append(sql)
-
-
-@contextlib.asynccontextmanager
-async def transaction(pool: asyncpg.Pool[Record]) -> AsyncIterator[Transaction]:
-    """A Transaction on a pooled connection: committed with its tail, or rolled back."""
-    async with pool.acquire() as conn:
-        await conn.execute("BEGIN")
-        opened = Transaction(conn)
-        try:
-            yield opened
-            await conn.execute("".join(opened.tail) + "COMMIT")
-        except BaseException:
-            if not conn.is_closed() and conn.is_in_transaction():
-                # A failure here leaves the connection to the pool, which resets it.
-                with contextlib.suppress(Exception):
-                    await conn.execute("ROLLBACK")
-            raise
 
 
 async def insert_posted(

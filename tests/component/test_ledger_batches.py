@@ -22,6 +22,7 @@ import asyncpg
 import pytest
 
 from core.errors import HoldAlreadyResolved, InsufficientQuota, InvalidArgument, NotFound
+from server.account import hold_settlement
 from server.account.authz import Principal
 from server.account.component import MIGRATIONS, AccountComponent
 from server.account.earnings import OperatorEarnings
@@ -235,6 +236,44 @@ async def test_a_batch_of_settlements_gives_each_its_own_outcome(
     # Captured 7,000; the two refused settlements' holds are still held.
     assert await available(component, consumer) == (100_000 - 7_000 - 20_000, 20_000)
     await assert_invariants(db)
+
+
+async def test_a_hold_resolved_between_the_read_and_the_write_is_settled_once(
+    component: AccountComponent,
+    db: Any,
+    postgres_dsn: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The sweeper releases the hold after the settlement read it as pending: the
+    settlement's write changes nothing, and reading the hold again refuses it."""
+    pool = await create_pool(postgres_dsn)
+    try:
+        store = PostgresHoldStore(pool)
+        consumer = await new_account(component, funds=10_000)
+        expires = datetime.now(UTC) + timedelta(milliseconds=200)
+        fingerprint = request_fingerprint("hold", consumer, 1_000)
+        held = await store.create_hold(consumer, 1_000, expires, uuid.uuid4().hex, fingerprint)
+        await asyncio.sleep(0.3)
+        apply = hold_settlement._Writes.apply
+        swept: list[int] = []
+
+        async def released_first(writes: Any, pool: Any) -> set[uuid.UUID]:
+            if not swept:
+                swept.append(await store.release_expired_holds(10))
+            return await apply(writes, pool)
+
+        monkeypatch.setattr(hold_settlement._Writes, "apply", released_first)
+        with pytest.raises(HoldAlreadyResolved):
+            await settle(store, held.hold_id, 600)
+        assert swept[0] >= 1
+        captures = await db.fetchval(
+            "SELECT count(*) FROM transfers WHERE pending_id = $1", held.hold_id
+        )
+        assert captures == 0
+        assert await available(component, consumer) == (10_000, 0)
+        await assert_invariants(db)
+    finally:
+        await pool.close()
 
 
 async def test_holds_spread_over_the_platform_shards_and_reads_sum_them(
