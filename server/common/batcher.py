@@ -132,10 +132,19 @@ class Batcher(Generic[T, R]):
                 )
                 together = [None] * len(items)
         alone = [i for i, outcome in enumerate(together) if outcome is None]
-        results = await asyncio.gather(
-            *(self._run_one(items[i]) for i in alone), return_exceptions=True
-        )
+        if len(alone) == 1:  # most often a lone call: no need to gather
+            results: list[R | BaseException] = [await self._alone(items[alone[0]])]
+        else:
+            results = await asyncio.gather(
+                *(self._run_one(items[i]) for i in alone), return_exceptions=True
+            )
         outcomes = list(together)
         for i, result in zip(alone, results, strict=True):
             outcomes[i] = result
         return cast(list[R | BaseException], outcomes)  # no None is left
+
+    async def _alone(self, item: T) -> R | BaseException:
+        try:
+            return await self._run_one(item)
+        except Exception as error:
+            return error
