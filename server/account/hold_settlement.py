@@ -109,7 +109,7 @@ _WRITE_SETTLEMENTS = """
                                settle_fingerprint = r.fingerprint
         FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::text[])
              AS r(id, status, captured, fingerprint)
-        WHERE t.id = r.id AND t.status = 'pending'
+        WHERE t.id = ANY($1::uuid[]) AND t.id = r.id AND t.status = 'pending'
         RETURNING t.id
     ), captures AS (
         INSERT INTO transfers (id, debit_account_id, credit_account_id, amount, kind, status,
