@@ -8,7 +8,7 @@ hold is still pending when the statement reaches its row (the resolution is a
 compare-and-set under the row lock, so a hold resolves at most once):
 resolutions, captures, contribution records and their events in the outbox,
 and last the running totals, each account once for the batch, moved in lock
-order by ledger_move (migration 0008). A settlement whose hold was resolved
+order by ledger_move (migration 0009). A settlement whose hold was resolved
 in between writes nothing; reading it again makes it a replay or a refusal.
 Being one statement, the write commits as it ends: shared rows (an operator's
 account, the platform's shards) stay locked only for its updates and the

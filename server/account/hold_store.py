@@ -165,7 +165,7 @@ class PostgresHoldStore:
 
     async def _create_many(self, requests: Sequence[_HoldRequest]) -> list[Hold | Exception | None]:
         """Reserves a batch of holds (distinct keys) in one statement, ledger_reserve_holds
-        (migration 0008): each is reserved, consumer by consumer and in the batch's order,
+        (migration 0009): each is reserved, consumer by consumer and in the batch's order,
         only if its account still covers it, under the account's row lock. A key used
         before, or an unknown account, inserts nothing and is left to the single path.
         """

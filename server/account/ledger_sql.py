@@ -28,7 +28,7 @@ from server.account.ledger import (
     ensure_same_request,
 )
 
-# Rows (shards) of each sharded system account; migration 0007 creates them.
+# Rows (shards) of each sharded system account; migration 0008 creates them.
 SHARDS = 16
 
 
@@ -51,7 +51,7 @@ class SystemAccount:
 
 
 # Fixed ids of the system ledger accounts; created by migrations 0001, 0002, 0004
-# and 0007 (the shards).
+# and 0008 (the shards).
 CASH_IN = SystemAccount.sharded("cash_in", UUID("00000000-0000-4000-8000-000000000001"))
 PLATFORM_REVENUE = SystemAccount.sharded(
     "platform_revenue", UUID("00000000-0000-4000-8000-000000000002")

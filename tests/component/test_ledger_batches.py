@@ -308,7 +308,7 @@ async def test_a_ledger_from_before_the_shards_upgrades_keeping_its_totals(
         pool = await create_pool(dsn)
         try:
             migrations = load_migrations("account", MIGRATIONS)
-            shards = next(m for m in migrations if m.name == "0007_system_account_shards")
+            shards = next(m for m in migrations if m.name == "0008_system_account_shards")
             await apply_migrations(pool, migrations[: shards.version - 1])
             hold_id = await pool.fetchval(_LEDGER_BEFORE_SHARDS)
             before = await PostgresLedgerStore(pool).summary()
