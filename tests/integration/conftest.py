@@ -18,6 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
+import redis.asyncio as redis
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
@@ -54,6 +55,19 @@ def amqp_url() -> str:
 def services(redis_url: str, amqp_url: str) -> None:
     """Every service the integration tests may use answers, or the run fails here
     (PostgreSQL: when a test asks for a database)."""
+
+
+@pytest.fixture
+async def redis_prefix(redis_url: str) -> AsyncIterator[str]:
+    """A Redis key prefix of the test's own (no trailing separator), its keys deleted
+    afterwards."""
+    prefix = f"resultity-test:{uuid.uuid4().hex[:12]}"
+    yield prefix
+    client = redis.Redis.from_url(redis_url)
+    keys = [key async for key in client.scan_iter(f"{prefix}*")]
+    if keys:
+        await client.delete(*keys)
+    await client.aclose()
 
 
 @contextlib.asynccontextmanager

@@ -3,7 +3,6 @@ clients, one Redis), a malformed entry, and a Redis that does not answer."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator
 
 import pytest
@@ -15,36 +14,26 @@ from tests.console_sessions_contract import SessionBackendContract, sealed
 from tests.harness import free_port
 
 
-@pytest.fixture
-async def prefix(redis_url: str) -> AsyncIterator[str]:
-    """A key prefix of this test's own, its keys deleted afterwards."""
-    prefix = f"resultity-test:{uuid.uuid4().hex[:12]}:"
-    yield prefix
-    client = redis.Redis.from_url(redis_url)
-    keys = [key async for key in client.scan_iter(f"{prefix}*")]
-    if keys:
-        await client.delete(*keys)
-    await client.aclose()
-
-
 class TestRedisSessions(SessionBackendContract):
     @pytest.fixture
-    async def backend(self, redis_url: str, prefix: str) -> AsyncIterator[SessionBackend]:
-        sessions = RedisSessions.from_url(redis_url, prefix=prefix)
+    async def backend(self, redis_url: str, redis_prefix: str) -> AsyncIterator[SessionBackend]:
+        sessions = RedisSessions.from_url(redis_url, prefix=f"{redis_prefix}:")
         yield sessions
         await sessions.close()
 
     @pytest.fixture
-    async def other_gateway(self, redis_url: str, prefix: str) -> AsyncIterator[SessionBackend]:
-        sessions = RedisSessions.from_url(redis_url, prefix=prefix)
+    async def other_gateway(
+        self, redis_url: str, redis_prefix: str
+    ) -> AsyncIterator[SessionBackend]:
+        sessions = RedisSessions.from_url(redis_url, prefix=f"{redis_prefix}:")
         yield sessions
         await sessions.close()
 
-    async def test_a_malformed_entry_is_no_session(self, redis_url: str, prefix: str) -> None:
+    async def test_a_malformed_entry_is_no_session(self, redis_url: str, redis_prefix: str) -> None:
         client = redis.Redis.from_url(redis_url)
-        await client.set(f"{prefix}h1", b"{not json")
+        await client.set(f"{redis_prefix}:h1", b"{not json")
         await client.aclose()
-        sessions = RedisSessions.from_url(redis_url, prefix=prefix)
+        sessions = RedisSessions.from_url(redis_url, prefix=f"{redis_prefix}:")
         assert await sessions.get("h1") is None
         await sessions.close()
 

@@ -5,7 +5,6 @@ test_replica_failover.py."""
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import AsyncIterator
 
 import pytest
@@ -16,32 +15,20 @@ from server.network.presence_redis import RedisPresence
 from tests.presence_contract import PresenceContract, record
 
 
-@pytest.fixture
-async def prefix(redis_url: str) -> AsyncIterator[str]:
-    """A key prefix of this test's own, its keys deleted afterwards."""
-    prefix = f"resultity-test:{uuid.uuid4().hex[:12]}"
-    yield prefix
-    client = redis.Redis.from_url(redis_url)
-    keys = [key async for key in client.scan_iter(f"{prefix}:*")]
-    if keys:
-        await client.delete(*keys)
-    await client.aclose()
-
-
 class TestRedisPresence(PresenceContract):
     @pytest.fixture
-    async def presence(self, redis_url: str, prefix: str) -> AsyncIterator[Presence]:
-        store = RedisPresence.from_url(redis_url, prefix=prefix)
+    async def presence(self, redis_url: str, redis_prefix: str) -> AsyncIterator[Presence]:
+        store = RedisPresence.from_url(redis_url, prefix=redis_prefix)
         yield store
         await store.close()
 
-    async def test_a_malformed_record_is_skipped(self, redis_url: str, prefix: str) -> None:
+    async def test_a_malformed_record_is_skipped(self, redis_url: str, redis_prefix: str) -> None:
         client = redis.Redis.from_url(redis_url)
-        store = RedisPresence(client, prefix=prefix)
+        store = RedisPresence(client, prefix=redis_prefix)
         try:
             await store.publish([record("good")])
-            await client.set(f"{prefix}:node:bad", b"{not json", px=30_000)
-            await client.zadd(f"{prefix}:nodes", {"bad": int((time.time() + 30) * 1000)})
+            await client.set(f"{redis_prefix}:node:bad", b"{not json", px=30_000)
+            await client.zadd(f"{redis_prefix}:nodes", {"bad": int((time.time() + 30) * 1000)})
             assert [r.node_id for r in await store.snapshot()] == ["good"]
         finally:
             await store.close()
