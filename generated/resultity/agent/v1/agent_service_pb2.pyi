@@ -352,12 +352,22 @@ class Heartbeat(_message.Message):
     QUEUED_JOBS_FIELD_NUMBER: _builtins.int
     RECENT_TOKENS_PER_SECOND_FIELD_NUMBER: _builtins.int
     FREE_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    CACHED_PREFIXES_FIELD_NUMBER: _builtins.int
     active_jobs: _builtins.int
     queued_jobs: _builtins.int
     recent_tokens_per_second: _builtins.float
     """Tokens per second generated over the last interval."""
     free_memory_bytes: _builtins.int
     """Memory available to new work on the node (host RAM), in bytes; 0 if unknown."""
+    @_builtins.property
+    def cached_prefixes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Fingerprints of the conversations whose tokens the node holds in its
+        cache, newest first, at most 64 (core/prompt_prefixes.py: each covers the
+        model, the tools offered and the messages up to a message boundary). The
+        network prefers this node for a request that starts with one of them and
+        ignores any beyond the 64th.
+        """
+
     def __init__(
         self,
         *,
@@ -365,10 +375,11 @@ class Heartbeat(_message.Message):
         queued_jobs: _builtins.int = ...,
         recent_tokens_per_second: _builtins.float = ...,
         free_memory_bytes: _builtins.int = ...,
+        cached_prefixes: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_jobs", b"active_jobs", "free_memory_bytes", b"free_memory_bytes", "queued_jobs", b"queued_jobs", "recent_tokens_per_second", b"recent_tokens_per_second"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_jobs", b"active_jobs", "cached_prefixes", b"cached_prefixes", "free_memory_bytes", b"free_memory_bytes", "queued_jobs", b"queued_jobs", "recent_tokens_per_second", b"recent_tokens_per_second"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
