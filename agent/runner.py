@@ -73,6 +73,9 @@ class JobRunner:
         self._rate_since = time.monotonic()
         self._idle = asyncio.Event()
         self._idle.set()
+        # Set whenever a job leaves the runner (its conversation may now be
+        # cached); whoever watches for that clears it.
+        self.job_ended = asyncio.Event()
 
     @property
     def active(self) -> int:
@@ -102,8 +105,13 @@ class JobRunner:
         self._idle.clear()
         task.add_done_callback(lambda _: self._forget(job.job_id))
 
+    def cached_prefixes(self) -> tuple[int, ...]:
+        """What the runtime holds for reuse (Runtime.cached_prefixes)."""
+        return self._runtime.cached_prefixes()
+
     def _forget(self, job_id: str) -> None:
         self._tasks.pop(job_id, None)
+        self.job_ended.set()
         if not self._tasks:
             self._idle.set()
 

@@ -77,6 +77,9 @@ class PacedRuntime:
         reason = FinishReason.LENGTH if count == budget else FinishReason.STOP
         yield Finished(reason, PROMPT_TOKENS, count)
 
+    def cached_prefixes(self) -> tuple[int, ...]:
+        return ()
+
     async def close(self) -> None:
         return None
 

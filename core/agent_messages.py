@@ -95,6 +95,9 @@ class Heartbeat:
     queued_jobs: int
     recent_tokens_per_second: float
     free_memory_bytes: int = 0
+    # Fingerprints of the conversations the node holds (core/prompt_prefixes.py),
+    # newest first; at most MAX_ADVERTISED_PREFIXES once read from the wire.
+    cached_prefixes: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

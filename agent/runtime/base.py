@@ -113,4 +113,10 @@ class Runtime(Protocol):
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]: ...
 
+    def cached_prefixes(self) -> tuple[int, ...]:
+        """Fingerprints (core/prompt_prefixes.py) of the conversations whose tokens
+        the backend holds for reuse, newest first, at most MAX_ADVERTISED_PREFIXES:
+        the node advertises them so that a conversation's next turn is routed here."""
+        ...
+
     async def close(self) -> None: ...

@@ -237,6 +237,10 @@ class LlamaCppRuntime:
         yield Embedding(values)
         yield Finished(FinishReason.STOP, count, 0)
 
+    def cached_prefixes(self) -> tuple[int, ...]:
+        """None: every job starts from an empty cache, so no conversation is held."""
+        return ()
+
     async def close(self) -> None:
         if self._closed:
             return

@@ -184,6 +184,10 @@ class WorkerRuntime:
                 worker.cancelling.add(stream)
                 self._watch_cancel(worker, stream)
 
+    def cached_prefixes(self) -> tuple[int, ...]:
+        """None: every job starts from an empty cache, so no conversation is held."""
+        return ()
+
     async def close(self) -> None:
         if self._closing:
             return

@@ -26,6 +26,7 @@ from core.convert.job_events import (
     started_to_pb,
 )
 from core.errors import ProtocolViolation
+from core.prompt_prefixes import MAX_ADVERTISED_PREFIXES
 
 
 def heartbeat_to_pb(beat: Heartbeat) -> pb.Heartbeat:
@@ -34,12 +35,20 @@ def heartbeat_to_pb(beat: Heartbeat) -> pb.Heartbeat:
         queued_jobs=beat.queued_jobs,
         recent_tokens_per_second=beat.recent_tokens_per_second,
         free_memory_bytes=beat.free_memory_bytes,
+        cached_prefixes=beat.cached_prefixes,
     )
 
 
 def heartbeat_from_pb(beat: pb.Heartbeat) -> Heartbeat:
+    """Keeps the first MAX_ADVERTISED_PREFIXES fingerprints (the newest): a node's
+    list is stored and scanned on routing decisions, so it may not grow with what
+    a node sends."""
     return Heartbeat(
-        beat.active_jobs, beat.queued_jobs, beat.recent_tokens_per_second, beat.free_memory_bytes
+        beat.active_jobs,
+        beat.queued_jobs,
+        beat.recent_tokens_per_second,
+        beat.free_memory_bytes,
+        tuple(beat.cached_prefixes[:MAX_ADVERTISED_PREFIXES]),
     )
 
 

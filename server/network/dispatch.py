@@ -63,7 +63,7 @@ from server.network.metrics import NetworkMetrics
 from server.network.nodes import NodeSession
 from server.network.remote_nodes import RemoteNode
 from server.network.routable import RoutableNode
-from server.network.routing import NO_REQUIREMENTS, Router, RouteRequest
+from server.network.routing import NO_REQUIREMENTS, Router, RouteRequest, job_prefixes
 from server.network.settings import FailoverSettings
 
 log = structlog.get_logger(__name__)
@@ -122,7 +122,8 @@ class JobDispatch:
             raise InvalidArgument(
                 "max_prompt_tokens exceeds the context", field="max_prompt_tokens"
             )
-        node = self._pick(RouteRequest(spec.model, requirements=requirements))
+        prefixes = job_prefixes(spec)
+        node = self._pick(RouteRequest(spec.model, requirements=requirements, prefixes=prefixes))
         if node is None or self.closing:
             allowed = "" if requirements == NO_REQUIREMENTS else " meeting the job's requirements"
             raise NoCapacity(f"no node{allowed} is serving the model '{spec.model}' right now")
@@ -133,6 +134,7 @@ class JobDispatch:
             node_id=node.node_id,
             operator_account_id=node.operator_account_id,
             requirements=requirements,
+            prefixes=prefixes,
         )
         self._jobs[job_id] = job
         self._assign(job, node)
@@ -245,7 +247,9 @@ class JobDispatch:
             )
             self._metrics.failovers.inc(job.spec.model, "abandoned")
             return None
-        node = self._pick(RouteRequest(job.spec.model, frozenset(job.tried), job.requirements))
+        node = self._pick(
+            RouteRequest(job.spec.model, frozenset(job.tried), job.requirements, job.prefixes)
+        )
         if node is None:
             bound.warning("job lost its node and no other can continue it", reason=lost.reason)
             self._metrics.failovers.inc(job.spec.model, "abandoned")

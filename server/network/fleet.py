@@ -110,6 +110,7 @@ class Fleet:
                 connected_at=node.connected_at.timestamp(),
                 published_at=wall_now,
                 expires_at=expires_at,
+                cached_prefixes=tuple(node.cached_prefixes),
             )
             for node in self._nodes.values()
         ]

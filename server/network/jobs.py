@@ -68,6 +68,9 @@ class ActiveJob:
     assigned_at: float = 0.0
     # Nodes this job ran on; a continuation never goes back to one of them.
     tried: set[str] = field(default_factory=set)
+    # The fingerprints of the job's conversation (routing.job_prefixes): a
+    # continuation too is best run where the conversation is cached.
+    prefixes: tuple[int, ...] = ()
     # Highest epoch given up: its late reports are dropped even before the
     # job has moved on.
     fenced_epoch: int = 0

@@ -133,6 +133,10 @@ class NodeSession:
     queued_jobs: int = 0
     recent_tokens_per_second: float = 0.0
     free_memory_bytes: int = 0
+    # Fingerprints of the conversations the node holds (core/prompt_prefixes.py),
+    # as its last heartbeat advertised them: the router prefers it for their
+    # next turns.
+    cached_prefixes: frozenset[int] = frozenset()
     # The agent is shutting down: it finishes its jobs and gets no new ones.
     draining: bool = False
     # The configuration version the agent last acknowledged.

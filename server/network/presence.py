@@ -1,10 +1,11 @@
 """Presence: which node is connected to which network replica, and how it is doing.
 
 Each replica publishes a record per node it owns (its address for forwarded
-jobs, the node's state, served models, operator, region, reputation and a
-load snapshot) under a lease: the record counts until ``expires_at`` and the
-replica renews it at its heartbeat cadence. A node that leaves is withdrawn at
-once; a replica that dies stops renewing and its records lapse.
+jobs, the node's state, served models, operator, region, reputation, a load
+snapshot and the conversations it holds in its cache) under a lease: the
+record counts until ``expires_at`` and the replica renews it at its heartbeat
+cadence. A node that leaves is withdrawn at once; a replica that dies stops
+renewing and its records lapse.
 
 Two adapters keep the same contract (tests/unit/test_presence_contract.py):
 ``InProcessPresence`` here, for one replica or several in one process, and
@@ -17,13 +18,18 @@ only records it owns.
 
 from __future__ import annotations
 
+import base64
 import json
+import struct
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
+from core.prompt_prefixes import MAX_ADVERTISED_PREFIXES
 from server.network.nodes import NodeState
+
+_PREFIX = struct.Struct(">Q")
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,21 +53,45 @@ class NodePresence:
     connected_at: float
     published_at: float
     expires_at: float
+    # The fingerprints the node advertised (core/prompt_prefixes.py), at most
+    # MAX_ADVERTISED_PREFIXES. In JSON one base64 string of 8-byte big-endian
+    # values: half the size of decimal numbers, and opaque to the store's
+    # scripts (Lua reads numbers as doubles).
+    cached_prefixes: tuple[int, ...] = ()
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
+        fields = asdict(self)
+        fields["cached_prefixes"] = _pack_prefixes(self.cached_prefixes)
+        return json.dumps(fields, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str | bytes) -> NodePresence:
+        """Raises ValueError, TypeError or KeyError for a malformed record."""
         fields = json.loads(text)
         fields["state"] = NodeState(fields["state"])
         fields["models"] = tuple(fields["models"])
+        # A record from a replica that predates the field has none.
+        fields["cached_prefixes"] = _unpack_prefixes(fields.get("cached_prefixes", ""))
         return cls(**fields)
 
     def supersedes(self, other: NodePresence) -> bool:
         """Whether this record may replace ``other`` (same node): its own replica's
         renewal, or a session at least as new."""
         return self.replica_id == other.replica_id or self.connected_at >= other.connected_at
+
+
+def _pack_prefixes(prefixes: tuple[int, ...]) -> str:
+    kept = prefixes[:MAX_ADVERTISED_PREFIXES]
+    return base64.b64encode(struct.pack(f">{len(kept)}Q", *kept)).decode("ascii")
+
+
+def _unpack_prefixes(text: str) -> tuple[int, ...]:
+    """The first MAX_ADVERTISED_PREFIXES of them, whatever another replica wrote."""
+    data = base64.b64decode(text, validate=True)
+    if len(data) % _PREFIX.size:
+        raise ValueError("cached_prefixes is not a whole number of fingerprints")
+    kept = data[: MAX_ADVERTISED_PREFIXES * _PREFIX.size]
+    return tuple(value for (value,) in _PREFIX.iter_unpack(kept))
 
 
 class PresenceUnavailable(Exception):

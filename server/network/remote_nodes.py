@@ -36,6 +36,7 @@ class RemoteNode:
     active_jobs: int
     max_concurrent_jobs: int
     recent_tokens_per_second: float
+    cached_prefixes: frozenset[int]
     connected_at: float
     # Monotonic time the record's lease lapses: not routed to after that.
     lease_deadline: float
@@ -55,6 +56,7 @@ class RemoteNode:
             active_jobs=0,
             max_concurrent_jobs=1,
             recent_tokens_per_second=0.0,
+            cached_prefixes=frozenset(),
             connected_at=record.connected_at,
             lease_deadline=0.0,
         )
@@ -77,6 +79,7 @@ class RemoteNode:
         self.active_jobs = record.active_jobs
         self.max_concurrent_jobs = record.max_concurrent_jobs
         self.recent_tokens_per_second = record.recent_tokens_per_second
+        self.cached_prefixes = frozenset(record.cached_prefixes)
         self.lease_deadline = now + (record.expires_at - wall_now)
 
     def reserve(self) -> None:

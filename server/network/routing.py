@@ -21,8 +21,11 @@ A decision is ``filters`` then ``scorers``:
   ranks the candidates, and ties go to the node that has waited longest since
   it was last given a job, so equal nodes share work round-robin.
 
-New policies (prefix affinity: prefer the node whose cache holds the prompt's
-prefix) are one more scorer reading a field of ``RouteRequest``.
+Prefix affinity is one such scorer: a chat request carries the fingerprints
+of its messages' prefixes (core/prompt_prefixes.py), nodes advertise those of
+the conversations their caches hold, and the node holding the longest prefix
+of the request gains, so a conversation's next turn lands where its start is
+already computed.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from core.inference import NodeRequirements
+from core.inference import GenerationSpec, NodeRequirements
+from core.prompt_prefixes import longest_cached_prefix, prefix_fingerprints
 from server.network.node_index import NodeIndex
 from server.network.nodes import NodeState
 from server.network.routable import RoutableNode
@@ -50,6 +54,16 @@ class RouteRequest:
     exclude: frozenset[str] = frozenset()
     # Which nodes may run the job at all (a subcloud's rules, a region).
     requirements: NodeRequirements = NO_REQUIREMENTS
+    # The fingerprints of the request's conversation (``job_prefixes``); none
+    # for text completions and embeddings.
+    prefixes: tuple[int, ...] = ()
+
+
+def job_prefixes(spec: GenerationSpec) -> tuple[int, ...]:
+    """What a job's route requests carry to find the node caching its conversation."""
+    if spec.prompt is not None or spec.embed:
+        return ()
+    return prefix_fingerprints(spec.model, spec.tool_use, spec.messages)
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +144,16 @@ def speed_score(node: RoutableNode, context: RouteContext) -> float:
     return node.recent_tokens_per_second / context.best_tokens_per_second
 
 
+def prefix_score(node: RoutableNode, context: RouteContext) -> float:
+    """The share of the request's messages the node holds cached as a prefix; 0
+    for a node with no free slot: a job queued behind another's whole generation
+    waits longer than a cold prefill elsewhere takes."""
+    prefixes = context.request.prefixes
+    if not prefixes or not node.cached_prefixes or node.load >= 1.0:
+        return 0.0
+    return longest_cached_prefix(prefixes, node.cached_prefixes) / len(prefixes)
+
+
 DEFAULT_FILTERS: tuple[NodeFilter, ...] = (
     serves_model,
     is_ready,
@@ -138,8 +162,19 @@ DEFAULT_FILTERS: tuple[NodeFilter, ...] = (
 )
 # Load dominates: one more job on an idle 1-slot node (1.0 -> 0.5) outweighs
 # any speed difference; speed decides between similarly loaded nodes.
+#
+# A cached prefix is worth up to 0.6. A chat's next turn finds all its messages
+# but the new one cached: 2/3 of them (user, assistant, user) or more, worth
+# 0.4 to 0.6. That outweighs any speed difference (at most 0.25) and the load
+# score's lead of an idle node over a half-busy one (1.0 vs 0.67), so the turn
+# goes where its conversation is cached while that node is as busy as the
+# others or a little busier. It stops short of the lead over a node three
+# quarters busy (1.0 vs 0.57, for a 2/3 share), and a node with no free slot
+# gets no affinity at all: a node holding popular conversations sheds new work
+# to the others rather than queue it.
 DEFAULT_SCORERS: tuple[NodeScorer, ...] = (
     NodeScorer("load", 1.0, load_score),
+    NodeScorer("prefix", 0.6, prefix_score),
     NodeScorer("speed", 0.25, speed_score),
     NodeScorer("reputation", 0.25, reputation_score),
 )

@@ -274,6 +274,7 @@ class NetworkService:
                 queued=report.queued_jobs,
                 tokens_per_second=report.recent_tokens_per_second,
                 free_memory_bytes=report.free_memory_bytes,
+                cached_prefixes=report.cached_prefixes,
             )
         elif isinstance(report, ConfigApplied):
             self.config_applied(node, report.version)
@@ -360,12 +361,14 @@ class NetworkService:
         queued: int,
         tokens_per_second: float,
         free_memory_bytes: int = 0,
+        cached_prefixes: Sequence[int] = (),
     ) -> None:
         node.touch()
         node.last_heartbeat_at = datetime.now(UTC)
         node.queued_jobs = queued
         node.recent_tokens_per_second = tokens_per_second
         node.free_memory_bytes = free_memory_bytes
+        node.cached_prefixes = frozenset(cached_prefixes)
 
     def draining(self, node: NodeSession) -> None:
         """The node takes no new jobs; it finishes its own and then closes."""

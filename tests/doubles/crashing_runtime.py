@@ -48,6 +48,9 @@ class CrashingRuntime:
         async for event in self.scripted.generate(request):
             yield event
 
+    def cached_prefixes(self) -> tuple[int, ...]:
+        return self.scripted.cached_prefixes()
+
     async def close(self) -> None:
         await self.scripted.close()
 

@@ -11,6 +11,8 @@ the text generated for it instead of the script: give it the catalog's
 canaries (``canary_answers()``) for a node that answers them correctly, or
 other texts for one that does not. ``tool_answers`` does the same for jobs
 that offer tools: give it the calls as a node writes them (core/tool_calls.py).
+``cached`` is what it advertises as the conversations it holds (a node
+routed to for their next turns).
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ class ScriptedRuntime:
     fail_after: int | None = None
     answers: dict[str, str] = field(default_factory=dict)
     tool_answers: dict[str, str] = field(default_factory=dict)
+    # The fingerprints the node advertises as cached (core/prompt_prefixes.py).
+    cached: tuple[int, ...] = ()
     started_jobs: list[GenerationRequest] = field(default_factory=list)
     cancelled_jobs: int = 0
     _slots: asyncio.Semaphore | None = None
@@ -111,6 +115,9 @@ class ScriptedRuntime:
                 else FinishReason.STOP
             )
             yield Finished(reason, prompt, produced)
+
+    def cached_prefixes(self) -> tuple[int, ...]:
+        return self.cached
 
     async def close(self) -> None:
         return None

@@ -72,6 +72,7 @@ from core.inference import (
     Usage,
 )
 from core.job_records import Assignment, JobOutcome, JobQuery, JobRecord
+from core.prompt_prefixes import MAX_ADVERTISED_PREFIXES
 
 _M = TypeVar("_M", bound=Message)
 
@@ -79,6 +80,7 @@ _M = TypeVar("_M", bound=Message)
 texts = st.text(st.characters(exclude_categories=("Cs",)), max_size=20)
 int32s = st.integers(0, 2**31 - 1)
 int64s = st.integers(0, 2**63 - 1)
+uint64s = st.integers(0, 2**64 - 1)
 doubles = st.floats(allow_nan=False)
 # Embeddings travel as float32.
 float32s = st.floats(allow_nan=False, width=32)
@@ -250,7 +252,14 @@ reports = st.one_of(
     chunks,
     dones,
     faileds,
-    st.builds(Heartbeat, int32s, int32s, doubles, int64s),
+    st.builds(
+        Heartbeat,
+        int32s,
+        int32s,
+        doubles,
+        int64s,
+        st.lists(uint64s, max_size=MAX_ADVERTISED_PREFIXES).map(tuple),
+    ),
     st.just(Draining()),
     st.builds(ConfigApplied, int64s),
 )
@@ -259,6 +268,14 @@ reports = st.one_of(
 @given(reports)
 def test_an_agent_report_round_trips(report: AgentReport) -> None:
     assert report_from_pb(_wire(report_to_pb(report))) == report
+
+
+def test_a_heartbeat_keeps_only_the_newest_advertised_prefixes() -> None:
+    sent = tuple(range(MAX_ADVERTISED_PREFIXES + 100))
+    message = report_to_pb(Heartbeat(0, 0, 0.0, 0, sent))
+    beat = report_from_pb(_wire(message))
+    assert isinstance(beat, Heartbeat)
+    assert beat.cached_prefixes == sent[:MAX_ADVERTISED_PREFIXES]
 
 
 def test_an_unknown_failure_reason_is_a_runtime_error_signed_as_sent() -> None:
