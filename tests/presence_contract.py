@@ -31,6 +31,7 @@ def record(
         connected_at=now - 10,
         published_at=now,
         expires_at=now + lease_s,
+        cached_prefixes=(2**64 - 1, 42, 0),
     )
     return replace(base, **changes)  # type: ignore[arg-type]
 

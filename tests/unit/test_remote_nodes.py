@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import random
 import time
 from dataclasses import replace
 
+import pytest
+
+from core.inference import ChatMessage, ChatRole
+from core.prompt_prefixes import MAX_ADVERTISED_PREFIXES, prefix_fingerprints
 from server.network.nodes import NodeHello, NodeModel, NodeSession, NodeState
 from server.network.presence import NodePresence
 from server.network.remote_nodes import RemoteNode, RemoteNodes
@@ -115,3 +121,34 @@ def test_a_node_that_connects_here_is_forgotten_as_remote() -> None:
     local = NodeSession("a", NodeHello("a", "test", (NodeModel("m", "rt", 2048),), 1))
     router.add(local)
     assert router.pick(RouteRequest("m"), time.monotonic()) is local
+
+
+def test_a_record_carries_the_nodes_cached_conversations_bounded() -> None:
+    advertised = (2**64 - 1, 0, 7)
+    sent = record("a", cached_prefixes=advertised)
+    assert NodePresence.from_json(sent.to_json()) == sent
+    many = record("a", cached_prefixes=tuple(range(MAX_ADVERTISED_PREFIXES + 10)))
+    # A replica bounds what it publishes and what it reads.
+    assert len(NodePresence.from_json(many.to_json()).cached_prefixes) == MAX_ADVERTISED_PREFIXES
+    fields = json.loads(sent.to_json())
+    fields["cached_prefixes"] = base64.b64encode(bytes(8 * 100)).decode()
+    assert NodePresence.from_json(json.dumps(fields)).cached_prefixes == (0,) * 64
+    fields["cached_prefixes"] = base64.b64encode(b"odd").decode()
+    with pytest.raises(ValueError, match="whole number"):
+        NodePresence.from_json(json.dumps(fields))
+    # A record from a replica that predates the field holds none.
+    del fields["cached_prefixes"]
+    assert NodePresence.from_json(json.dumps(fields)).cached_prefixes == ()
+
+
+def test_a_remote_node_holding_the_conversation_takes_its_next_turn() -> None:
+    turn = (ChatMessage(ChatRole.USER, "hi"), ChatMessage(ChatRole.ASSISTANT, "hello"))
+    follow_up = prefix_fingerprints("m", None, (*turn, ChatMessage(ChatRole.USER, "more")))
+    router, remote = view()
+    remote.apply([record("other"), record("cached", cached_prefixes=follow_up[1:2])])
+    picks = [router.pick(RouteRequest("m", prefixes=follow_up), time.monotonic()) for _ in "abc"]
+    assert [node.node_id for node in picks if node is not None] == ["cached"] * 3
+    # It advertises nothing any more: the next snapshot says so.
+    remote.apply([record("other"), record("cached")])
+    picks = {router.pick(RouteRequest("m", prefixes=follow_up), time.monotonic()) for _ in "ab"}
+    assert {node.node_id for node in picks if node is not None} == {"cached", "other"}

@@ -2,9 +2,10 @@ from __future__ import annotations
 
 import random
 
-from core.inference import NodeRequirements
+from core.inference import ChatMessage, ChatRole, GenerationSpec, NodeRequirements, Sampling
+from core.prompt_prefixes import prefix_fingerprints
 from server.network.nodes import ModelStatus, ModelValidation, NodeHello, NodeModel, NodeSession
-from server.network.routing import Router, RouteRequest
+from server.network.routing import Router, RouteRequest, job_prefixes
 
 SUSPECT_S = 15.0
 
@@ -237,3 +238,75 @@ def test_a_rule_naming_several_operators_samples_across_all_of_them() -> None:
         picked.active_jobs.add(str(index))
         operators.add(picked.operator_account_id)
     assert operators == {"op-a", "op-b"}
+
+
+# --- prefix affinity ----------------------------------------------------------------
+
+TURN_ONE = (ChatMessage(ChatRole.USER, "plan a trip"), ChatMessage(ChatRole.ASSISTANT, "where to?"))
+FOLLOW_UP = (*TURN_ONE, ChatMessage(ChatRole.USER, "Lisbon"))
+
+
+def _holding(node: NodeSession, messages: tuple[ChatMessage, ...]) -> NodeSession:
+    node.cached_prefixes = frozenset({prefix_fingerprints("m", None, messages)[-1]})
+    return node
+
+
+def _follow_up(router: Router, exclude: frozenset[str] = frozenset()) -> str | None:
+    spec = GenerationSpec("m", FOLLOW_UP, Sampling(max_tokens=8), 100)
+    request = RouteRequest("m", exclude, prefixes=job_prefixes(spec))
+    node = router.pick(request, now=nodes_now())
+    return None if node is None else node.node_id
+
+
+def test_a_follow_up_goes_to_the_node_holding_its_conversation() -> None:
+    cached, other = _holding(_node("cached"), TURN_ONE), _node("other")
+    router = _router(cached, other)
+    # Round-robin alone would send the next job to the node that waited longest.
+    assert _pick(router) == "cached"
+    assert [_follow_up(router) for _ in range(3)] == ["cached"] * 3
+
+
+def test_the_longest_cached_prefix_wins() -> None:
+    first_message = _holding(_node("short"), TURN_ONE[:1])
+    whole_turn = _holding(_node("long"), TURN_ONE)
+    assert _follow_up(_router(first_message, whole_turn)) == "long"
+
+
+def test_affinity_outweighs_a_little_more_load() -> None:
+    cached, idle = _holding(_node("cached", slots=4), TURN_ONE), _node("idle", slots=4)
+    cached.active_jobs.update({"1", "2"})
+    assert _follow_up(_router(cached, idle)) == "cached"
+
+
+def test_affinity_outweighs_speed() -> None:
+    cached, fast = _holding(_node("cached"), TURN_ONE), _node("fast")
+    cached.recent_tokens_per_second, fast.recent_tokens_per_second = 1.0, 100.0
+    assert _follow_up(_router(cached, fast)) == "cached"
+
+
+def test_a_much_busier_cached_node_does_not_take_the_follow_up() -> None:
+    cached, idle = _holding(_node("cached", slots=4), TURN_ONE), _node("idle", slots=4)
+    cached.active_jobs.update({"1", "2", "3"})
+    assert _follow_up(_router(cached, idle)) == "idle"
+
+
+def test_a_saturated_cached_node_leaves_the_follow_up_to_a_node_with_a_free_slot() -> None:
+    cached, busy = _holding(_node("cached", slots=2), TURN_ONE), _node("busy", slots=2)
+    cached.active_jobs.update({"1", "2"})
+    busy.active_jobs.add("3")
+    assert _follow_up(_router(cached, busy)) == "busy"
+
+
+def test_an_excluded_cached_node_is_not_routed_to() -> None:
+    cached, other = _holding(_node("cached"), TURN_ONE), _node("other")
+    assert _follow_up(_router(cached, other), frozenset({"cached"})) == "other"
+
+
+def test_text_completions_and_embeddings_carry_no_prefixes() -> None:
+    completion = GenerationSpec("m", (), Sampling(max_tokens=8), 100, prompt="plan a trip")
+    embedding = GenerationSpec("m", (), Sampling(max_tokens=0), 100, prompt="trip", embed=True)
+    assert job_prefixes(completion) == job_prefixes(embedding) == ()
+    cached, other = _holding(_node("cached"), TURN_ONE), _node("other")
+    router = _router(cached, other)
+    picks = [router.pick(RouteRequest("m"), nodes_now()) for _ in range(2)]
+    assert sorted(node.node_id for node in picks if node is not None) == ["cached", "other"]
