@@ -22,6 +22,14 @@ from presence records (``RemoteNodes.apply``, as a heartbeat-cadence refresh
 does), re-applied every 1,000 decisions; a remote pick is reserved the way a
 forwarded job reserves it. The refresh is timed apart from the decisions.
 
+``--conversations`` makes every request a chat turn carrying the fingerprints
+of its CONVERSATION_MESSAGES messages' prefixes, and every node advertise
+MAX_ADVERTISED_PREFIXES cached conversations; half the requests continue a
+conversation one node of their model holds (its first CONVERSATION_MESSAGES
+- 1 messages), so the prefix scorer finds a hit among the candidates when
+that node is sampled and misses on every other node. Fingerprinting a
+request's messages (once per job, in dispatch) is timed apart.
+
 The decisions of each case and size are split in ``--rounds`` rounds, each with
 the machine's load (bench/machine_load.py): p50/p99 over all decisions, then
 each round's across rounds.
@@ -37,17 +45,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from bench.machine_load import MARKS, LoadSample, MachineLoad, cell
-from core.inference import NodeRequirements
+from core.inference import ChatMessage, ChatRole, GenerationSpec, NodeRequirements, Sampling
+from core.prompt_prefixes import MAX_ADVERTISED_PREFIXES
 from server.network.nodes import ModelStatus, ModelValidation, NodeHello, NodeModel, NodeSession
 from server.network.presence import NodePresence
 from server.network.remote_nodes import RemoteNode, RemoteNodes
 from server.network.routable import RoutableNode
-from server.network.routing import NO_REQUIREMENTS, Router, RouteRequest
+from server.network.routing import NO_REQUIREMENTS, Router, RouteRequest, job_prefixes
 
 MODELS = ("model-a", "model-b", "model-c", "model-d")
 REGIONS = ("eu-west", "us-east", "us-west", "ap-south")
 NODES_PER_OPERATOR = 10
 SUSPECT_AFTER_S = 15.0
+# Messages of a --conversations request, and how many different ones there are.
+CONVERSATION_MESSAGES = 8
+CONVERSATIONS = 1_000
 CASES = {
     "any node": NO_REQUIREMENTS,
     "one region": NodeRequirements(regions=frozenset({"eu-west"})),
@@ -105,7 +117,48 @@ def _record(node: NodeSession, replica: int, now: float) -> NodePresence:
         connected_at=now,
         published_at=now,
         expires_at=now + 3600,
+        cached_prefixes=tuple(node.cached_prefixes),
     )
+
+
+def _conversation(index: int) -> tuple[ChatMessage, ...]:
+    roles = (ChatRole.USER, ChatRole.ASSISTANT)
+    return tuple(
+        ChatMessage(roles[turn % 2], f"conversation {index}, message {turn}: " + "words " * 60)
+        for turn in range(CONVERSATION_MESSAGES)
+    )
+
+
+def _requests(
+    nodes: Sequence[NodeSession],
+    models: Sequence[str],
+    requirements: NodeRequirements,
+    conversations: bool,
+    rng: random.Random,
+) -> tuple[list[RouteRequest], list[float]]:
+    """The requests the decisions cycle through, and with --conversations the
+    time (µs) fingerprinting each one's messages took."""
+    if not conversations:
+        return [RouteRequest(model, requirements=requirements) for model in models], []
+    for node in nodes:
+        node.cached_prefixes = frozenset(
+            rng.getrandbits(64) for _ in range(MAX_ADVERTISED_PREFIXES)
+        )
+    serving = {model: [node for node in nodes if model in node.models] for model in models}
+    requests, timings = [], []
+    for index in range(CONVERSATIONS):
+        model = models[index % len(models)]
+        spec = GenerationSpec(model, _conversation(index), Sampling(max_tokens=64), 4096)
+        started = time.perf_counter_ns()
+        prefixes = job_prefixes(spec)
+        timings.append((time.perf_counter_ns() - started) / 1000)
+        if index % 2:
+            holder = rng.choice(serving[model])
+            held = set(holder.cached_prefixes)
+            held.pop()
+            holder.cached_prefixes = frozenset({*held, prefixes[-2]})
+        requests.append(RouteRequest(model, requirements=requirements, prefixes=prefixes))
+    return requests, timings
 
 
 @dataclass(frozen=True)
@@ -124,6 +177,7 @@ def measure(
     replicas: int = 1,
     rounds: int = 1,
     load: MachineLoad | None = None,
+    conversations: bool = False,
 ) -> tuple[dict[str, float], list[Round]]:
     """Decision times over all ``decisions`` and per round (``decisions / rounds``
     each, with the machine's load); with ``replicas`` above 1, as seen by one of them."""
@@ -133,7 +187,9 @@ def measure(
     records = []
     wall_now = time.time()
     beating: list[NodeSession] = []  # this replica's nodes that are not meant to be suspect
-    for index, node in enumerate(_fleet(size, models, rng)):
+    fleet = _fleet(size, models, rng)
+    requests, fingerprinting = _requests(fleet, models, requirements, conversations, rng)
+    for index, node in enumerate(fleet):
         if index % replicas == 0:
             router.add(node)
             if index % 20 != 1:
@@ -168,7 +224,7 @@ def measure(
                 node.last_seen = time.monotonic()
             if records:
                 refresh()
-        request = RouteRequest(models[index % len(models)], requirements=requirements)
+        request = requests[index % len(requests)]
         now = time.monotonic()
         started = time.perf_counter_ns()
         picked = router.pick(request, now)
@@ -199,6 +255,7 @@ def measure(
         "mean_us": statistics.fmean(timings),
         "misses": misses,
         "refresh_ms": max(refreshes) if records else 0.0,
+        "fingerprint_us": statistics.median(fingerprinting) if fingerprinting else 0.0,
     }
     return pooled, per_round
 
@@ -216,14 +273,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--replicas", type=int, default=1, help="network replicas the fleet is spread over"
     )
+    parser.add_argument(
+        "--conversations",
+        action="store_true",
+        help="chat turns against nodes advertising cached conversations",
+    )
     args = parser.parse_args(argv)
     models = MODELS[:1] if args.one_model else MODELS
     if args.rounds < 1 or args.decisions < args.rounds:
         raise SystemExit("--rounds must be positive and at most --decisions")
     print(
         f"routing decisions ({len(models)} model(s), {args.decisions} decisions per size in "
-        f"{args.rounds} rounds, {args.replicas} replica(s)); p50/p99 over all decisions, "
-        "then across rounds"
+        f"{args.rounds} rounds, {args.replicas} replica(s)"
+        f"{', chat turns of cached conversations' if args.conversations else ''}); "
+        "p50/p99 over all decisions, then across rounds"
     )
     print(
         f"{'requests':<11} {'nodes':>7} {'p50 µs':>8} {'p99 µs':>8} {'max µs':>8} misses "
@@ -240,6 +303,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 replicas=args.replicas,
                 rounds=args.rounds,
                 load=load,
+                conversations=args.conversations,
             )
             loads = [r.load for r in rounds]
             load.samples += [(f"{case}@{size:,} r{i + 1}", r.load) for i, r in enumerate(rounds)]
@@ -250,6 +314,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                 f"| {cell([r.p99_us for r in rounds], loads, '{:.0f}')}",
                 flush=True,
             )
+            fingerprint_us = result["fingerprint_us"]
+    if args.conversations:
+        print(
+            f"fingerprinting a request's {CONVERSATION_MESSAGES} messages "
+            f"(once per job, in dispatch): p50 {fingerprint_us:.1f} µs"
+        )
     print(MARKS)
     print(load.summary())
 

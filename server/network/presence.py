@@ -29,7 +29,7 @@ from typing import Protocol
 from core.prompt_prefixes import MAX_ADVERTISED_PREFIXES
 from server.network.nodes import NodeState
 
-_PREFIX = struct.Struct(">Q")
+_PREFIX_BYTES = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,10 +88,10 @@ def _pack_prefixes(prefixes: tuple[int, ...]) -> str:
 def _unpack_prefixes(text: str) -> tuple[int, ...]:
     """The first MAX_ADVERTISED_PREFIXES of them, whatever another replica wrote."""
     data = base64.b64decode(text, validate=True)
-    if len(data) % _PREFIX.size:
+    if len(data) % _PREFIX_BYTES:
         raise ValueError("cached_prefixes is not a whole number of fingerprints")
-    kept = data[: MAX_ADVERTISED_PREFIXES * _PREFIX.size]
-    return tuple(value for (value,) in _PREFIX.iter_unpack(kept))
+    count = min(len(data) // _PREFIX_BYTES, MAX_ADVERTISED_PREFIXES)
+    return struct.unpack(f">{count}Q", data[: count * _PREFIX_BYTES])
 
 
 class PresenceUnavailable(Exception):

@@ -148,10 +148,11 @@ def prefix_score(node: RoutableNode, context: RouteContext) -> float:
     """The share of the request's messages the node holds cached as a prefix; 0
     for a node with no free slot: a job queued behind another's whole generation
     waits longer than a cold prefill elsewhere takes."""
-    prefixes = context.request.prefixes
-    if not prefixes or not node.cached_prefixes or node.load >= 1.0:
+    prefixes, cached = context.request.prefixes, node.cached_prefixes
+    # Most candidates hold none of the request: one C-level pass tells.
+    if not prefixes or node.load >= 1.0 or cached.isdisjoint(prefixes):
         return 0.0
-    return longest_cached_prefix(prefixes, node.cached_prefixes) / len(prefixes)
+    return longest_cached_prefix(prefixes, cached) / len(prefixes)
 
 
 DEFAULT_FILTERS: tuple[NodeFilter, ...] = (
