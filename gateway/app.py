@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, TypeVar, cast
 
 import grpc
 import structlog
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from resultity.cloud.v1 import inference_service_pb2 as pb
@@ -23,6 +23,7 @@ from resultity.cloud.v1 import inference_service_pb2_grpc, job_service_pb2_grpc
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from core.channels import PLAINTEXT, Tls
@@ -112,7 +113,8 @@ def create_app(
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_middleware(RequestIdMiddleware, metrics=observe.GatewayMetrics(metrics or NO_METRICS))
-    app.include_router(_router)
+    for method, path, endpoint in _ROUTES:
+        app.router.routes.append(_Route(path, endpoint, methods=[method]))
     app.include_router(jobs_router(_call_metadata))
     app.include_router(health.router)
     if console is not None:
@@ -296,10 +298,33 @@ def _record_generation(request: Request, trailing: grpc.aio.Metadata | None) -> 
 
 # --- routes ------------------------------------------------------------------------------
 
-_router = APIRouter()
+# The OpenAI endpoints take the request alone, so they are plain Starlette routes:
+# FastAPI's per-request dependency solving would have nothing to solve (the OpenAPI
+# document is gateway/openapi.py's, not inferred from routes).
+_Endpoint = Callable[[Request], Awaitable[Response]]
+_ROUTES: list[tuple[str, str, _Endpoint]] = []
 
 
-@_router.post("/v1/chat/completions")
+class _Route(Route):
+    """Names itself in the scope as FastAPI's routes do: the request's metrics and span
+    are labelled by its template (gateway/observe.py)."""
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        match, child_scope = super().matches(scope)
+        if match is not Match.NONE:
+            child_scope["route"] = self
+        return match, child_scope
+
+
+def _route(method: str, path: str) -> Callable[[_Endpoint], _Endpoint]:
+    def register(endpoint: _Endpoint) -> _Endpoint:
+        _ROUTES.append((method, path, endpoint))
+        return endpoint
+
+    return register
+
+
+@_route("POST", "/v1/chat/completions")
 async def chat_completions(request: Request) -> Response:
     metadata = _call_metadata(request)
     body = await _parse(request, ChatCompletionRequest)
@@ -336,7 +361,7 @@ async def chat_completions(request: Request) -> Response:
     return _json(completion.model_dump_json(), await rate_limit_headers(call))
 
 
-@_router.post("/v1/completions")
+@_route("POST", "/v1/completions")
 async def completions(request: Request) -> Response:
     metadata = _call_metadata(request)
     body = await _parse(request, CompletionRequest)
@@ -371,7 +396,7 @@ async def completions(request: Request) -> Response:
     return _json(completion.model_dump_json(), await rate_limit_headers(call))
 
 
-@_router.post("/v1/responses")
+@_route("POST", "/v1/responses")
 async def responses(request: Request) -> Response:
     """The Responses API, answered by a chat completion (gateway/responses_convert.py)."""
     metadata = _call_metadata(request)
@@ -399,7 +424,7 @@ async def responses(request: Request) -> Response:
     return _json(rendered.model_dump_json(), await rate_limit_headers(call))
 
 
-@_router.post("/v1/embeddings")
+@_route("POST", "/v1/embeddings")
 async def embeddings(request: Request) -> Response:
     metadata = _call_metadata(request)
     body = await _parse(request, EmbeddingRequest)
@@ -419,7 +444,7 @@ async def embeddings(request: Request) -> Response:
     return _json(rendered.model_dump_json(), await rate_limit_headers(call))
 
 
-@_router.get("/v1/models")
+@_route("GET", "/v1/models")
 async def list_models(request: Request) -> Response:
     call = _cloud(request).ListModels(
         pb.ListModelsRequest(), metadata=_call_metadata(request), timeout=_LIST_MODELS_TIMEOUT_S
@@ -431,10 +456,10 @@ async def list_models(request: Request) -> Response:
     return _json(convert.model_list_from_proto(response).model_dump_json())
 
 
-@_router.get("/v1/models/{model:path}")
-async def get_model(request: Request, model: str) -> Response:
+@_route("GET", "/v1/models/{model:path}")
+async def get_model(request: Request) -> Response:
     call = _cloud(request).GetModel(
-        pb.GetModelRequest(model=model),
+        pb.GetModelRequest(model=request.path_params["model"]),
         metadata=_call_metadata(request),
         timeout=_LIST_MODELS_TIMEOUT_S,
     )
