@@ -7,8 +7,8 @@ metadata, and convert the reply; cloud holds all business logic.
 from __future__ import annotations
 
 import contextlib
+import secrets
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, TypeVar, cast
@@ -20,7 +20,6 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from resultity.cloud.v1 import inference_service_pb2 as pb
 from resultity.cloud.v1 import inference_service_pb2_grpc, job_service_pb2_grpc
-from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.routing import Match, Route
@@ -67,6 +66,8 @@ MAX_API_KEY_LENGTH = 256
 # What the platform itself added to the request's time, in milliseconds (see
 # RequestIdMiddleware).
 OVERHEAD_HEADER = "x-resultity-overhead-ms"
+_OVERHEAD_HEADER = OVERHEAD_HEADER.encode()
+_REQUEST_ID_HEADER = REQUEST_ID.encode()
 
 
 def create_app(
@@ -149,9 +150,11 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = uuid.uuid4().hex
+        # 32 hex digits, as a UUID4's hex, at a fraction of its cost.
+        request_id = secrets.token_hex(16)
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
+        id_header = (_REQUEST_ID_HEADER, request_id.encode())
         status: int | None = None
         began = time.monotonic()
 
@@ -159,36 +162,42 @@ class RequestIdMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                headers = MutableHeaders(scope=message)
-                headers.append(REQUEST_ID, request_id)
                 elapsed_ms = (time.monotonic() - began) * 1000
                 overhead_ms = max(0.0, elapsed_ms - float(state.get("generation_ms", 0.0)))
-                headers.append(OVERHEAD_HEADER, f"{overhead_ms:.1f}")
+                # A new list: the response's own may be sent again.
+                message["headers"] = [
+                    *message.get("headers", ()),
+                    id_header,
+                    (_OVERHEAD_HEADER, b"%.1f" % overhead_ms),
+                ]
             await send(message)
 
-        with (
-            structlog.contextvars.bound_contextvars(request_id=request_id),
-            observe.request_span(scope) as span,
-        ):
-            try:
-                await self.app(scope, receive, send_with_id)
-            except Exception:
-                log.exception("gateway.unhandled_error", path=quote(scope["path"]))
-                if status is not None:
-                    raise  # headers are out; the server aborts the connection
-                await errors.internal_error().response()(scope, receive, send_with_id)
-            finally:
-                elapsed = time.monotonic() - began
-                log.info(
-                    "gateway.request",
-                    method=scope["method"],
-                    path=quote(scope["path"]),
-                    status=status,
-                    duration_ms=round(elapsed * 1000, 1),
-                )
-                self.metrics.request(scope, status, elapsed)
-                if span is not None:
-                    observe.end_span(span, scope, status)
+        # Reset afterwards (structlog's bound_contextvars reads the whole context to
+        # restore it).
+        log_context = structlog.contextvars.bind_contextvars(request_id=request_id)
+        try:
+            with observe.request_span(scope) as span:
+                try:
+                    await self.app(scope, receive, send_with_id)
+                except Exception:
+                    log.exception("gateway.unhandled_error", path=quote(scope["path"]))
+                    if status is not None:
+                        raise  # headers are out; the server aborts the connection
+                    await errors.internal_error().response()(scope, receive, send_with_id)
+                finally:
+                    elapsed = time.monotonic() - began
+                    log.info(
+                        "gateway.request",
+                        method=scope["method"],
+                        path=quote(scope["path"]),
+                        status=status,
+                        duration_ms=round(elapsed * 1000, 1),
+                    )
+                    self.metrics.request(scope, status, elapsed)
+                    if span is not None:
+                        observe.end_span(span, scope, status)
+        finally:
+            structlog.contextvars.reset_contextvars(**log_context)
 
 
 async def _api_error(_: Request, exc: Exception) -> Response:
