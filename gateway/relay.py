@@ -92,14 +92,19 @@ async def stream_sse(
     Cloud's closing message (the only one with usage) goes out in one write with
     ``ending.done`` and the end of the body, before the call's status arrives."""
     messages = aiter(call)
+    watch = ClientWatch(request.receive, call)
     # Read the first message before answering so that errors cloud raises up front
     # (bad key, unknown model, no funds) get a proper HTTP status.
     try:
-        first: _Message | None = await unless_client_gone(request, call, anext(messages))
+        first: _Message | None = await anext(messages)
     except StopAsyncIteration:
         first = None
-    except ClientGone:
-        return client_gone_response()
+    except BaseException as error:
+        watch.stop()
+        if watch.gone and isinstance(error, asyncio.CancelledError):
+            return client_gone_response()
+        call.cancel()
+        raise
 
     async def events() -> AsyncIterator[tuple[bytes, bool]]:
         """(bytes, more to come); the last item ends the body."""
@@ -121,7 +126,31 @@ async def stream_sse(
             return
         yield ending.done, False
 
-    return CloudStreamResponse(call, events(), await rate_limit_headers(call))
+    try:
+        headers = await rate_limit_headers(call)
+    except BaseException:
+        watch.stop()
+        call.cancel()
+        raise
+    return CloudStreamResponse(call, events(), headers, watch)
+
+
+class ClientWatch:
+    """Cancels a cloud call as soon as the HTTP client disconnects: one task per
+    request, the call's own reads wake the request (they raise CancelledError)."""
+
+    def __init__(self, receive: Receive, call: grpc.aio.Call) -> None:
+        self.gone = False
+        self._task = asyncio.ensure_future(self._watch(receive, call))
+
+    async def _watch(self, receive: Receive, call: grpc.aio.Call) -> None:
+        await _wait_for_disconnect(receive)
+        self.gone = True
+        call.cancel()
+
+    def stop(self) -> None:
+        """Before the response completes: the server then reports a disconnect too."""
+        self._task.cancel()
 
 
 async def _ended(call: grpc.aio.Call, messages: AsyncIterator[Any]) -> None:
@@ -141,40 +170,43 @@ class CloudStreamResponse(StreamingResponse):
     client disconnects, and on every other exit too.
 
     The body yields (bytes, more to come): the last part ends the body in the same
-    write, where StreamingResponse would send an empty part of its own."""
+    write, where StreamingResponse would send an empty part of its own. It is sent
+    from the request's own task (Starlette would add a task group with cancel scopes
+    to watch for the disconnect; ``watch`` does that, for the whole request)."""
 
     def __init__(
         self,
         call: grpc.aio.Call,
         parts: AsyncIterator[tuple[bytes, bool]],
         headers: dict[str, str],
+        watch: ClientWatch,
     ) -> None:
-        # The body is ``parts``, which stream_response below sends; StreamingResponse's
-        # own content stays empty.
+        # The body is ``parts``, which __call__ below sends; StreamingResponse's own
+        # content stays empty.
         super().__init__((), media_type=sse.MEDIA_TYPE, headers={**sse.HEADERS, **headers})
         self._call = call
         self._parts = parts
-
-    async def stream_response(self, send: Send) -> None:
-        await send(
-            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
-        )
-        async for part, more in self._parts:
-            await send({"type": "http.response.body", "body": part, "more_body": more})
+        self._watch = watch
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        # One task watches for the disconnect (Starlette would run an anyio task group
-        # with cancel scopes for it, at several times the cost).
-        streaming = asyncio.ensure_future(self.stream_response(send))
-        gone = asyncio.ensure_future(_wait_for_disconnect(receive))
         try:
-            await asyncio.wait((streaming, gone), return_when=asyncio.FIRST_COMPLETED)
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": self.status_code,
+                    "headers": self.raw_headers,
+                }
+            )
+            async for part, more in self._parts:
+                if not more:
+                    self._watch.stop()
+                await send({"type": "http.response.body", "body": part, "more_body": more})
+        except asyncio.CancelledError:
+            if not self._watch.gone:
+                raise
+            # The client left and the watch cancelled the call: nobody to answer.
+            log.info("gateway.stream_cancelled")
         finally:
-            gone.cancel()
-            if not streaming.done():
-                streaming.cancel()
-                await asyncio.wait((streaming,))
+            self._watch.stop()
             if self._call.cancel():
                 log.info("gateway.stream_cancelled")
-        if not streaming.cancelled():
-            streaming.result()  # the body's own failure, if any

@@ -12,7 +12,7 @@ from starlette.responses import Response
 from starlette.types import Message
 
 from gateway.app import create_app
-from gateway.relay import CloudStreamResponse
+from gateway.relay import ClientWatch, CloudStreamResponse
 
 
 async def _explode(_: Request) -> Response:
@@ -71,7 +71,8 @@ async def test_stream_ends_its_body_with_the_last_part() -> None:
         await asyncio.Event().wait()  # the client never disconnects
         raise AssertionError
 
-    response = CloudStreamResponse(cast(Any, _FinishedCall()), parts(), {})
+    call = cast(Any, _FinishedCall())
+    response = CloudStreamResponse(call, parts(), {}, ClientWatch(receive, call))
     await response({"type": "http", "asgi": {"spec_version": "2.3"}}, receive, send)
 
     assert sent[0]["type"] == "http.response.start"
@@ -83,20 +84,29 @@ async def test_stream_ends_its_body_with_the_last_part() -> None:
 
 
 class _RunningCall:
-    """A cloud call still streaming: cancelling it succeeds once."""
+    """A cloud call still streaming: cancelling it succeeds once, and a read waiting on
+    it then raises CancelledError, as gRPC's do."""
 
     def __init__(self) -> None:
         self.cancelled = False
+        self._cancelled = asyncio.Event()
 
     def cancel(self) -> bool:
         was_running, self.cancelled = not self.cancelled, True
+        self._cancelled.set()
         return was_running
+
+    async def read(self) -> None:
+        await self._cancelled.wait()
+        raise asyncio.CancelledError
 
 
 async def test_client_leaving_mid_stream_cancels_the_cloud_call() -> None:
+    call = _RunningCall()
+
     async def parts() -> AsyncIterator[tuple[bytes, bool]]:
         yield b"data: 1\n\n", True
-        await asyncio.Event().wait()  # cloud has nothing more yet
+        await call.read()  # cloud has nothing more yet
         yield b"data: [DONE]\n\n", False
 
     sent: list[Message] = []
@@ -111,8 +121,8 @@ async def test_client_leaving_mid_stream_cancels_the_cloud_call() -> None:
         await first_event.wait()  # the client leaves once it got the first event
         return {"type": "http.disconnect"}
 
-    call = _RunningCall()
-    response = CloudStreamResponse(cast(Any, call), parts(), {})
+    watch = ClientWatch(receive, cast(Any, call))
+    response = CloudStreamResponse(cast(Any, call), parts(), {}, watch)
     await response({"type": "http", "asgi": {"spec_version": "2.3"}}, receive, send)
 
     assert call.cancelled
