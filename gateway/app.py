@@ -357,7 +357,7 @@ async def chat_completions(request: Request) -> Response:
         stream = cloud.StreamChatCompletion(
             pb.StreamChatCompletionRequest(params=params), metadata=metadata
         )
-        return await stream_sse(request, stream, chunk)
+        return await stream_sse(request, stream, chunk, held=convert.shows_nothing)
     call = cloud.CreateChatCompletion(
         pb.CreateChatCompletionRequest(params=params), metadata=metadata
     )
@@ -394,7 +394,7 @@ async def completions(request: Request) -> Response:
         stream = cloud.StreamCompletion(
             pb.StreamCompletionRequest(params=params), metadata=metadata
         )
-        return await stream_sse(request, stream, chunk)
+        return await stream_sse(request, stream, chunk, held=convert.text_shows_nothing)
     call = cloud.CreateCompletion(pb.CreateCompletionRequest(params=params), metadata=metadata)
     try:
         response = await unless_client_gone(request, call, call)

@@ -238,6 +238,17 @@ def chunk_from_proto(
     )
 
 
+def shows_nothing(message: pb.StreamChatCompletionResponse) -> bool:
+    """A message without text or tool calls: the role that opens a choice, the finish
+    reasons that end it."""
+    return not any(delta.content or delta.tool_calls for delta in message.choices)
+
+
+def text_shows_nothing(message: pb.StreamCompletionResponse) -> bool:
+    """A text completion's message without text: the finish reasons that end choices."""
+    return not any(delta.text for delta in message.choices)
+
+
 def is_usage_only(message: pb.StreamChatCompletionResponse) -> bool:
     """The closing message of a stream, sent to callers only with include_usage."""
     return not message.choices

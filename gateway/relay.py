@@ -85,12 +85,16 @@ async def stream_sse(
     call: grpc.aio.UnaryStreamCall[Any, _Message],
     render: Callable[[_Message], bytes | None],
     ending: StreamEnding = COMPLETION_ENDING,
+    held: Callable[[_Message], bool] = lambda _: False,
 ) -> Response:
     """An SSE response relaying cloud's stream; each message becomes the event
     ``render`` makes of it (None: not sent).
 
     Cloud's closing message (the only one with usage) goes out in one write with
-    ``ending.done`` and the end of the body, before the call's status arrives."""
+    ``ending.done`` and the end of the body, before the call's status arrives. The
+    events of messages ``held`` picks (those that show the caller nothing: a role, a
+    finish reason) wait to go out in one write with the next part: one socket write
+    is much of what a part costs."""
     messages = aiter(call)
     watch = ClientWatch(request.receive, call)
     # Read the first message before answering so that errors cloud raises up front
@@ -108,23 +112,28 @@ async def stream_sse(
 
     async def events() -> AsyncIterator[tuple[bytes, bool]]:
         """(bytes, more to come); the last item ends the body."""
+        waiting = b""  # events held for the next part
         try:
             message = first
             while message is not None:
                 event = render(message)
                 if message.HasField("usage"):
-                    yield (event or b"") + ending.done, False
+                    yield waiting + (event or b"") + ending.done, False
                     await _ended(call, messages)
                     return
                 if event is not None:
-                    yield event, True
+                    if held(message):
+                        waiting += event
+                    else:
+                        yield waiting + event, True
+                        waiting = b""
                 message = await anext(messages, None)
         except grpc.aio.AioRpcError as error:
             api_error = errors.from_rpc_error(error, getattr(request.state, "params", None))
             log.info("gateway.cloud_error_in_stream", code=error.code().name)
-            yield ending.failure(api_error), False
+            yield waiting + ending.failure(api_error), False
             return
-        yield ending.done, False
+        yield waiting + ending.done, False
 
     try:
         headers = await rate_limit_headers(call)
