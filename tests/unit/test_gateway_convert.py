@@ -6,11 +6,12 @@ import json
 
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
+from pydantic_core import to_json
 from resultity.cloud.v1 import inference_service_pb2 as pb
 from resultity.common.v1 import inference_pb2
 
 from gateway import convert
-from gateway.schemas import ChatCompletionRequest
+from gateway.schemas import ChatCompletionChunk, ChatCompletionRequest
 
 
 def _request(**fields: object) -> ChatCompletionRequest:
@@ -151,7 +152,7 @@ def test_chunk_deltas(
 ) -> None:
     chunk = convert.chunk_from_proto(_stream_message(choices=[delta]))
 
-    assert chunk.model_dump(mode="json") == {
+    assert json.loads(to_json(chunk)) == {
         "id": "c-1",
         "object": "chat.completion.chunk",
         "created": 5,
@@ -171,12 +172,33 @@ def test_chunk_deltas(
 def test_usage_chunk() -> None:
     message = _stream_message(usage=inference_pb2.Usage(prompt_tokens=2, completion_tokens=3))
 
-    chunk = convert.chunk_from_proto(message)
+    chunk = json.loads(to_json(convert.chunk_from_proto(message)))
 
     assert convert.is_usage_only(message)
-    assert chunk.choices == []
-    assert chunk.usage is not None
-    assert chunk.usage.total_tokens == 5
+    assert chunk["choices"] == []
+    assert chunk["usage"]["total_tokens"] == 5
+
+
+def test_chunks_are_what_the_chunk_model_serialises() -> None:
+    # The stream renders chunks as plain data; the model (and the OpenAPI document) is
+    # the contract they keep.
+    logprobs = [inference_pb2.TokenLogprob(token="Hé", logprob=-0.25, bytes=b"H\xc3\xa9")]
+    deltas = [
+        pb.ChatCompletionDelta(role=inference_pb2.CHAT_ROLE_ASSISTANT),
+        pb.ChatCompletionDelta(index=1, content='"Hé"\n', logprobs=logprobs),
+        pb.ChatCompletionDelta(tool_calls=[pb.ToolCallDelta(id="call_1", name="f")]),
+        pb.ChatCompletionDelta(tool_calls=[pb.ToolCallDelta(arguments='{"a": 1}')]),
+        pb.ChatCompletionDelta(finish_reason=inference_pb2.FINISH_REASON_STOP),
+    ]
+    usage = inference_pb2.Usage(prompt_tokens=2, completion_tokens=3)
+    for message in [
+        *(_stream_message(choices=[delta]) for delta in deltas),
+        _stream_message(usage=usage),
+    ]:
+        rendered = to_json(convert.chunk_from_proto(message, logprobs=True))
+
+        model = ChatCompletionChunk.model_validate_json(rendered)
+        assert model.model_dump_json().encode() == rendered
 
 
 def test_content_chunk_is_not_usage_only() -> None:
