@@ -42,7 +42,7 @@ from core import tracing
 from core.agent_messages import ConfigApplied, Draining, FailureKind
 from core.channels import PLAINTEXT, Tls
 from core.channels import channel as open_channel
-from core.convert.agent_reports import report_to_pb
+from core.convert.agent_reports import batch_to_pb, report_to_pb
 from core.convert.job_events import assign_from_pb, cancel_from_pb
 from core.errors import InvalidArgument
 from core.regions import validate_region
@@ -297,5 +297,15 @@ class AgentSession:
 async def _drain(
     outbound: asyncio.Queue[pb.ConnectRequest | None],
 ) -> AsyncIterator[pb.ConnectRequest]:
-    while (message := await outbound.get()) is not None:
-        yield message
+    """The session's messages until its end (None). What queued up while the stream
+    sent the previous message goes as one batch; nothing waits for more."""
+    ended = False
+    while not ended and (message := await outbound.get()) is not None:
+        ready = [message]
+        while not ended and not outbound.empty():
+            more = outbound.get_nowait()
+            if more is None:
+                ended = True
+            else:
+                ready.append(more)
+        yield message if len(ready) == 1 else batch_to_pb(ready)

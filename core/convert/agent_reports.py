@@ -3,6 +3,8 @@ configuration, and its jobs' starts, chunks and signed results (job_events.py)."
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from resultity.agent.v1 import agent_service_pb2 as pb
 
 from core.agent_messages import (
@@ -71,8 +73,21 @@ def report_to_pb(report: AgentReport) -> pb.ConnectRequest:
     return pb.ConnectRequest(draining=pb.Draining())
 
 
+def batch_to_pb(requests: Sequence[pb.ConnectRequest]) -> pb.ConnectRequest:
+    """Reports that were ready together, as one message (agent ReportBatch)."""
+    return pb.ConnectRequest(batch=pb.ReportBatch(reports=requests))
+
+
+def reports_from_pb(request: pb.ConnectRequest) -> Sequence[AgentReport]:
+    """The reports of one message, in order: itself, or those of its batch. Raises
+    ProtocolViolation for anything but reports (a second hello, a batch in a batch)."""
+    if request.WhichOneof("message") == "batch":
+        return [report_from_pb(report) for report in request.batch.reports]
+    return (report_from_pb(request),)
+
+
 def report_from_pb(request: pb.ConnectRequest) -> AgentReport:
-    """Raises ProtocolViolation for anything but a report (a second hello)."""
+    """Raises ProtocolViolation for anything but a report (a second hello, a batch)."""
     kind = request.WhichOneof("message")
     if kind == "job_chunk":
         return chunk_from_pb(request.job_chunk)

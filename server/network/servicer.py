@@ -18,7 +18,7 @@ from resultity.network.v1 import dispatch_service_pb2 as dispatch_pb
 from resultity.network.v1 import dispatch_service_pb2_grpc as dispatch_grpc
 
 from core import tracing
-from core.convert.agent_reports import report_from_pb
+from core.convert.agent_reports import reports_from_pb
 from core.convert.catalog import models_to_pb
 from core.convert.generation import spec_from_pb
 from core.convert.job_events import job_event_to_pb, origin_from_pb
@@ -102,7 +102,8 @@ class AgentServicer(agent_grpc.AgentServiceServicer):
         reason = "agent closed the stream"
         try:
             async for request in requests:
-                self._service.handle(node, report_from_pb(request))
+                for report in reports_from_pb(request):
+                    self._service.handle(node, report)
         except ProtocolViolation as error:
             reason = f"protocol violation: {error.message}"
         except grpc.aio.AioRpcError as error:

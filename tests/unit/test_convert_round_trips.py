@@ -6,6 +6,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import TypeVar
 
+import pytest
 from google.protobuf.message import Message
 from hypothesis import given
 from hypothesis import strategies as st
@@ -24,7 +25,7 @@ from core.agent_messages import (
     Heartbeat,
     StartedReport,
 )
-from core.convert.agent_reports import report_from_pb, report_to_pb
+from core.convert.agent_reports import batch_to_pb, report_from_pb, report_to_pb, reports_from_pb
 from core.convert.catalog import models_from_pb, models_to_pb
 from core.convert.generation import (
     finish_reason_to_pb,
@@ -44,6 +45,7 @@ from core.convert.job_events import (
 )
 from core.convert.job_records import query_from_pb, query_to_pb, record_from_pb, record_to_pb
 from core.convert.requirements import requirements_from_pb, requirements_to_pb
+from core.errors import ProtocolViolation
 from core.inference import (
     CatalogModel,
     ChatMessage,
@@ -276,6 +278,28 @@ def test_a_heartbeat_keeps_only_the_newest_advertised_prefixes() -> None:
     beat = report_from_pb(_wire(message))
     assert isinstance(beat, Heartbeat)
     assert beat.cached_prefixes == sent[:MAX_ADVERTISED_PREFIXES]
+
+
+@given(st.lists(reports, min_size=2, max_size=5))
+def test_reports_ready_together_round_trip_as_one_batch_in_order(
+    batch: list[AgentReport],
+) -> None:
+    message = _wire(batch_to_pb([report_to_pb(report) for report in batch]))
+    assert list(reports_from_pb(message)) == batch
+
+
+def test_a_lone_report_is_its_own_message() -> None:
+    report = StartedReport("j", 1)
+    assert list(reports_from_pb(report_to_pb(report))) == [report]
+
+
+def test_a_batch_holds_only_reports() -> None:
+    nested = batch_to_pb([batch_to_pb([report_to_pb(Draining())])])
+    with pytest.raises(ProtocolViolation):
+        reports_from_pb(nested)
+    hello = batch_to_pb([agent_pb.ConnectRequest(signed_hello=agent_pb.SignedHello())])
+    with pytest.raises(ProtocolViolation):
+        reports_from_pb(hello)
 
 
 def test_an_unknown_failure_reason_is_a_runtime_error_signed_as_sent() -> None:

@@ -63,6 +63,7 @@ class ConnectRequest(_message.Message):
     SIGNED_HELLO_FIELD_NUMBER: _builtins.int
     CONFIG_APPLIED_FIELD_NUMBER: _builtins.int
     JOB_STARTED_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___Hello: ...
     @_builtins.property
@@ -87,6 +88,10 @@ class ConnectRequest(_message.Message):
     def job_started(self) -> Global___JobStarted:
         """A job left the node's queue and began running."""
 
+    @_builtins.property
+    def batch(self) -> Global___ReportBatch:
+        """Reports that were ready together (see ReportBatch)."""
+
     def __init__(
         self,
         *,
@@ -99,16 +104,45 @@ class ConnectRequest(_message.Message):
         signed_hello: Global___SignedHello | None = ...,
         config_applied: Global___ConfigApplied | None = ...,
         job_started: Global___JobStarted | None = ...,
+        batch: Global___ReportBatch | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["config_applied", b"config_applied", "draining", b"draining", "heartbeat", b"heartbeat", "hello", b"hello", "job_chunk", b"job_chunk", "job_done", b"job_done", "job_failed", b"job_failed", "job_started", b"job_started", "message", b"message", "signed_hello", b"signed_hello"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "config_applied", b"config_applied", "draining", b"draining", "heartbeat", b"heartbeat", "hello", b"hello", "job_chunk", b"job_chunk", "job_done", b"job_done", "job_failed", b"job_failed", "job_started", b"job_started", "message", b"message", "signed_hello", b"signed_hello"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config_applied", b"config_applied", "draining", b"draining", "heartbeat", b"heartbeat", "hello", b"hello", "job_chunk", b"job_chunk", "job_done", b"job_done", "job_failed", b"job_failed", "job_started", b"job_started", "message", b"message", "signed_hello", b"signed_hello"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "config_applied", b"config_applied", "draining", b"draining", "heartbeat", b"heartbeat", "hello", b"hello", "job_chunk", b"job_chunk", "job_done", b"job_done", "job_failed", b"job_failed", "job_started", b"job_started", "message", b"message", "signed_hello", b"signed_hello"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["hello", "heartbeat", "job_chunk", "job_done", "job_failed", "draining", "signed_hello", "config_applied", "job_started"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["hello", "heartbeat", "job_chunk", "job_done", "job_failed", "draining", "signed_hello", "config_applied", "job_started", "batch"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
 Global___ConnectRequest: _TypeAlias = ConnectRequest  # noqa: Y015
+
+@_typing.final
+class ReportBatch(_message.Message):
+    """Several reports in one message: whatever the agent had queued by the time
+    the stream could take its next message (a job's last chunk and its JobDone,
+    chunks of concurrent jobs), so that each costs no send and receive of its
+    own. The agent never waits for more to fill a batch. The network handles
+    them in order, each as if it had come alone. A batch holds only reports:
+    never a hello or another batch.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPORTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def reports(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConnectRequest]: ...
+    def __init__(
+        self,
+        *,
+        reports: _abc.Iterable[Global___ConnectRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reports", b"reports"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportBatch: _TypeAlias = ReportBatch  # noqa: Y015
 
 @_typing.final
 class ConnectResponse(_message.Message):
