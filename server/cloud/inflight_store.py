@@ -18,9 +18,17 @@ class PostgresInFlightStore:
     def __init__(self, pool: asyncpg.Pool[asyncpg.Record]) -> None:
         self._pool = pool
 
-    async def add(self, request: InFlightRequest, replica_id: str, lease_s: float) -> None:
+    async def add(
+        self,
+        request: InFlightRequest,
+        replica_id: str,
+        lease_s: float,
+        forget: Sequence[str] = (),
+    ) -> None:
         await self._pool.execute(
-            """INSERT INTO cloud_inflight_requests (hold_id, hold_amount, request_id, job_ids,
+            """WITH forgotten AS (
+                   DELETE FROM cloud_inflight_requests WHERE hold_id = ANY($10::text[]))
+               INSERT INTO cloud_inflight_requests (hold_id, hold_amount, request_id, job_ids,
                    model, prompt_price, completion_price, replica_id, lease_expires)
                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now() + make_interval(secs => $9))""",
             request.hold.hold_id,
@@ -32,6 +40,7 @@ class PostgresInFlightStore:
             request.price.completion,
             replica_id,
             lease_s,
+            list(forget),
         )
 
     async def remove(self, hold_id: str) -> None:

@@ -162,7 +162,15 @@ class InMemoryInFlight:
     def __init__(self) -> None:
         self.requests: dict[str, _Lease] = {}
 
-    async def add(self, request: InFlightRequest, replica_id: str, lease_s: float) -> None:
+    async def add(
+        self,
+        request: InFlightRequest,
+        replica_id: str,
+        lease_s: float,
+        forget: Sequence[str] = (),
+    ) -> None:
+        for hold_id in forget:
+            self.requests.pop(hold_id, None)
         self.requests[request.hold.hold_id] = _Lease(request, time.monotonic() + lease_s)
 
     async def remove(self, hold_id: str) -> None:
