@@ -4,6 +4,8 @@ start, chunks and signed results (agent to network), and the dispatch stream's e
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from resultity.agent.v1 import agent_service_pb2 as agent_pb
 from resultity.network.v1 import dispatch_service_pb2 as dispatch_pb
 
@@ -205,13 +207,19 @@ def origin_from_pb(message: dispatch_pb.JobOrigin) -> JobOrigin:
 
 
 def run_job_request_to_pb(
-    job_id: str, spec: GenerationSpec, requirements: NodeRequirements, origin: JobOrigin
+    job_id: str,
+    spec: GenerationSpec,
+    requirements: NodeRequirements,
+    origin: JobOrigin,
+    *,
+    batch_events: bool = False,
 ) -> dispatch_pb.RunJobRequest:
     return dispatch_pb.RunJobRequest(
         job_id=job_id,
         spec=spec_to_pb(spec),
         requirements=requirements_to_pb(requirements),
         origin=origin_to_pb(origin),
+        batch_events=batch_events,
     )
 
 
@@ -250,6 +258,23 @@ def job_event_to_pb(event: JobEvent) -> dispatch_pb.RunJobResponse:
             node_usage=[_node_usage_to_pb(share) for share in event.node_usage],
         )
     )
+
+
+def job_events_to_pb(events: Sequence[JobEvent]) -> dispatch_pb.RunJobResponse:
+    """Events ready together, as one message (RunJobResponse.batch)."""
+    return dispatch_pb.RunJobResponse(
+        batch=dispatch_pb.JobEvents(events=[job_event_to_pb(event) for event in events])
+    )
+
+
+def job_events_from_pb(response: dispatch_pb.RunJobResponse) -> list[JobEvent]:
+    """The events of one message, in order: itself, or those of its batch (a batch in
+    a batch, like an event this side does not know, gives nothing)."""
+    if response.WhichOneof("event") == "batch":
+        events = (job_event_from_pb(event) for event in response.batch.events)
+        return [event for event in events if event is not None]
+    event = job_event_from_pb(response)
+    return [] if event is None else [event]
 
 
 def job_event_from_pb(response: dispatch_pb.RunJobResponse) -> JobEvent | None:

@@ -19,7 +19,7 @@ from resultity.network.v1 import dispatch_service_pb2 as dispatch_pb
 from resultity.network.v1 import dispatch_service_pb2_grpc as dispatch_grpc
 
 from core.convert.catalog import models_from_pb
-from core.convert.job_events import job_event_from_pb, run_job_request_to_pb
+from core.convert.job_events import job_events_from_pb, run_job_request_to_pb
 from core.convert.job_records import query_to_pb, record_from_pb
 from core.convert.requirements import requirements_to_pb
 from core.grpc_errors import describe_rpc_error, domain_error_from_rpc, domain_errors
@@ -210,7 +210,7 @@ class GrpcNetworkClient:
         requirements: NodeRequirements = NO_REQUIREMENTS,
         origin: JobOrigin = NO_ORIGIN,
     ) -> AsyncGenerator[JobEvent, None]:
-        request = run_job_request_to_pb(job_id, spec, requirements, origin)
+        request = run_job_request_to_pb(job_id, spec, requirements, origin, batch_events=True)
         # A replica that never answered ran nothing the caller saw: the next one
         # takes the job, under the same id (so that its record is the job's).
         responses = self._dispatch.stream(
@@ -220,6 +220,5 @@ class GrpcNetworkClient:
         async with contextlib.aclosing(responses):
             with domain_errors():
                 async for response in responses:
-                    event = job_event_from_pb(response)
-                    if event is not None:
+                    for event in job_events_from_pb(response):
                         yield event

@@ -19,6 +19,7 @@ import contextlib
 import time
 import uuid
 from collections.abc import AsyncGenerator, Callable, Mapping
+from dataclasses import dataclass
 
 import structlog
 
@@ -109,8 +110,9 @@ class JobDispatch:
         spec: GenerationSpec,
         requirements: NodeRequirements = NO_REQUIREMENTS,
         origin: JobOrigin = NO_ORIGIN,
-    ) -> AsyncGenerator[JobEvent, None]:
-        """Runs the job, moving it to another node if its node is lost; yields its events.
+    ) -> AsyncGenerator[list[JobEvent], None]:
+        """Runs the job, moving it to another node if its node is lost; yields its events,
+        those ready together (reported by the time the relay got to them) in one list.
 
         Only nodes meeting ``requirements`` run it, first and after every move.
         Closing the iterator early (caller cancelled) cancels the job on the node.
@@ -143,70 +145,91 @@ class JobDispatch:
         bound.info("job assigned", node_id=node.node_id, model=spec.model)
         if isinstance(node, NodeSession):
             self._canary(node, spec.model)
-        finished = False
-        outcome, detail = JobOutcome.CANCELLED, "cancelled by the caller"
+        end = _End()
         try:
-            yield JobAssigned(node.node_id)
-            while True:
-                epoch, report = await job.reports.get()
-                if epoch != job.epoch:
-                    continue  # queued before the job moved on
-                if isinstance(report, StartedReport):
-                    continue
-                if isinstance(report, ChunkReport):
-                    if not job.delivered_tokens:
-                        self._journal.first_token(job)
-                    yield job.record(report)
-                elif isinstance(report, QueueTimeout):
-                    bound.warning("job waited too long in its node's queue", node_id=job.node_id)
-                    # Not finished: the node is told to drop it (finally, below).
-                    outcome, detail = JobOutcome.FAILED, "waited too long in the node's queue"
-                    raise NoCapacity(
-                        f"the job waited {report.waited_s:.0f} s for a free slot on its node; "
-                        "the model's nodes are busy, retry later",
-                        metadata={"retry_after_s": str(self._failover.queue_retry_after_s)},
-                    )
-                elif isinstance(report, DoneReport):
-                    finished = True
-                    outcome, detail = JobOutcome.FINISHED, report.finish_reason.value
-                    job.verified()
-                    # Completion tokens are what was relayed, not what the node claims.
-                    usage = job.usage(report.usage.prompt_tokens)
-                    if (
-                        report.usage.completion_tokens
-                        != job.node_usage()[-1].usage.completion_tokens
-                    ):
-                        bound.warning(
-                            "node usage differs from relayed tokens",
-                            node_id=job.node_id,
-                            claimed=report.usage.completion_tokens,
-                            relayed=job.node_usage()[-1].usage.completion_tokens,
-                        )
-                    yield JobFinished(report.finish_reason, usage, job.node_usage())
-                    return
-                elif isinstance(report, FailedReport):
-                    finished = True
-                    outcome, detail = JobOutcome.FAILED, f"{report.kind}: {report.message}"
-                    raise _failure_error(report)
-                else:
-                    moved = self._migrate(job, report, bound)
-                    if moved is None:
-                        finished = True
-                        outcome, detail = JobOutcome.FAILED, f"node lost: {report.reason}"
-                        raise JobFailed(f"node lost mid-job: {report.reason}")
-                    self._journal.migrated(job, moved.operator_account_id)
-                    yield JobMigrated(moved.node_id, job.epoch, report.reason)
+            yield [JobAssigned(node.node_id)]
+            while not end.finished:
+                reports = [await job.reports.get()]
+                while not job.reports.empty():
+                    reports.append(job.reports.get_nowait())
+                events: list[JobEvent] = []
+                failure: Exception | None = None
+                try:
+                    for epoch, report in reports:
+                        event = self._relay(job, epoch, report, end, bound)
+                        if event is not None:
+                            events.append(event)
+                        if end.finished:
+                            break
+                except Exception as error:  # the job's failure, raised after its events
+                    failure = error
+                # What came before a failure is delivered before it.
+                if events:
+                    yield events
+                if failure is not None:
+                    raise failure
         finally:
             self._jobs.pop(job_id, None)
-            self._journal.ended(job, outcome, detail)
-            self._metrics.jobs.inc(spec.model, outcome.value)
+            self._journal.ended(job, end.outcome, end.detail)
+            self._metrics.jobs.inc(spec.model, end.outcome.value)
             self._forwarded.stop(job_id)
             current = self._nodes.get(job.node_id)
             if current is not None:
                 current.active_jobs.discard(job_id)
-                if not finished:
+                if not end.finished:
                     current.outbox.put_nowait(CancelCommand(job_id, job.epoch))
                     bound.info("job cancelled by caller", node_id=job.node_id)
+
+    def _relay(
+        self,
+        job: ActiveJob,
+        epoch: int,
+        report: NodeReport,
+        end: _End,
+        bound: structlog.typing.FilteringBoundLogger,
+    ) -> JobEvent | None:
+        """The caller's event for one of the job's reports, if any; raises the job's
+        failure. Records how the job ended in ``end``."""
+        if epoch != job.epoch or isinstance(report, StartedReport):
+            return None  # queued before the job moved on; or no news for the caller
+        if isinstance(report, ChunkReport):
+            if not job.delivered_tokens:
+                self._journal.first_token(job)
+            return job.record(report)
+        if isinstance(report, QueueTimeout):
+            bound.warning("job waited too long in its node's queue", node_id=job.node_id)
+            # Not finished: the node is told to drop it (run_job's finally).
+            end.outcome, end.detail = JobOutcome.FAILED, "waited too long in the node's queue"
+            raise NoCapacity(
+                f"the job waited {report.waited_s:.0f} s for a free slot on its node; "
+                "the model's nodes are busy, retry later",
+                metadata={"retry_after_s": str(self._failover.queue_retry_after_s)},
+            )
+        if isinstance(report, DoneReport):
+            end.finished = True
+            end.outcome, end.detail = JobOutcome.FINISHED, report.finish_reason.value
+            job.verified()
+            # Completion tokens are what was relayed, not what the node claims.
+            usage = job.usage(report.usage.prompt_tokens)
+            if report.usage.completion_tokens != job.node_usage()[-1].usage.completion_tokens:
+                bound.warning(
+                    "node usage differs from relayed tokens",
+                    node_id=job.node_id,
+                    claimed=report.usage.completion_tokens,
+                    relayed=job.node_usage()[-1].usage.completion_tokens,
+                )
+            return JobFinished(report.finish_reason, usage, job.node_usage())
+        if isinstance(report, FailedReport):
+            end.finished = True
+            end.outcome, end.detail = JobOutcome.FAILED, f"{report.kind}: {report.message}"
+            raise _failure_error(report)
+        moved = self._migrate(job, report, bound)
+        if moved is None:
+            end.finished = True
+            end.outcome, end.detail = JobOutcome.FAILED, f"node lost: {report.reason}"
+            raise JobFailed(f"node lost mid-job: {report.reason}")
+        self._journal.migrated(job, moved.operator_account_id)
+        return JobMigrated(moved.node_id, job.epoch, report.reason)
 
     def _pick(self, request: RouteRequest) -> RoutableNode | None:
         began = time.monotonic()
@@ -445,3 +468,12 @@ def _failure_error(report: FailedReport) -> Exception:
     if report.kind is FailureKind.MODEL_UNAVAILABLE:
         return NoCapacity(report.message)
     return JobFailed(report.message)
+
+
+@dataclass(slots=True)
+class _End:
+    """How a job ended, for its record; until then, cancelled by its caller."""
+
+    finished: bool = False
+    outcome: JobOutcome = JobOutcome.CANCELLED
+    detail: str = "cancelled by the caller"

@@ -596,10 +596,10 @@ class NetworkService:
         spec: GenerationSpec,
         requirements: NodeRequirements = NO_REQUIREMENTS,
         origin: JobOrigin = NO_ORIGIN,
-    ) -> AsyncGenerator[JobEvent, None]:
-        """The job's events (dispatch.py): only nodes meeting ``requirements`` run it,
-        first and after every move; closing the iterator early cancels it. Its record
-        names ``origin``."""
+    ) -> AsyncGenerator[list[JobEvent], None]:
+        """The job's events (dispatch.py), those ready together in one list: only nodes
+        meeting ``requirements`` run it, first and after every move; closing the
+        iterator early cancels it. Its record names ``origin``."""
         return self._dispatch.run_job(job_id, spec, requirements, origin)
 
     def run_forwarded(

@@ -21,7 +21,7 @@ from core import tracing
 from core.convert.agent_reports import reports_from_pb
 from core.convert.catalog import models_to_pb
 from core.convert.generation import spec_from_pb
-from core.convert.job_events import job_event_to_pb, origin_from_pb
+from core.convert.job_events import job_event_to_pb, job_events_to_pb, origin_from_pb
 from core.convert.job_records import query_from_pb, record_to_pb
 from core.convert.requirements import requirements_from_pb
 from core.errors import DomainError, ProtocolViolation, SessionEnded
@@ -136,10 +136,16 @@ class DispatchServicer(dispatch_grpc.DispatchServiceServicer):
         if traced:
             tracing.annotate(_job_attributes(request.job_id, spec))
         try:
-            async for event in events:
-                if traced and not isinstance(event, JobDelta):
-                    tracing.annotate(_event_attributes(event))
-                yield job_event_to_pb(event)
+            async for ready in events:
+                if traced:
+                    for event in ready:
+                        if not isinstance(event, JobDelta):
+                            tracing.annotate(_event_attributes(event))
+                if len(ready) > 1 and request.batch_events:
+                    yield job_events_to_pb(ready)
+                else:
+                    for event in ready:
+                        yield job_event_to_pb(event)
         finally:
             # Runs the job's own cleanup (cancel on the node) even when the caller went away.
             await events.aclose()

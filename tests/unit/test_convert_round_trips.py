@@ -11,6 +11,7 @@ from google.protobuf.message import Message
 from hypothesis import given
 from hypothesis import strategies as st
 from resultity.agent.v1 import agent_service_pb2 as agent_pb
+from resultity.network.v1 import dispatch_service_pb2 as dispatch_pb
 
 from core.agent_messages import (
     AgentReport,
@@ -42,6 +43,8 @@ from core.convert.job_events import (
     failure_to_pb,
     job_event_from_pb,
     job_event_to_pb,
+    job_events_from_pb,
+    job_events_to_pb,
 )
 from core.convert.job_records import query_from_pb, query_to_pb, record_from_pb, record_to_pb
 from core.convert.requirements import requirements_from_pb, requirements_to_pb
@@ -211,6 +214,21 @@ job_events = st.one_of(
 @given(job_events)
 def test_a_dispatch_stream_event_round_trips(event: JobEvent) -> None:
     assert job_event_from_pb(_wire(job_event_to_pb(event))) == event
+    assert job_events_from_pb(_wire(job_event_to_pb(event))) == [event]
+
+
+@given(st.lists(job_events, min_size=2, max_size=5))
+def test_dispatch_events_ready_together_round_trip_as_one_batch_in_order(
+    events: list[JobEvent],
+) -> None:
+    assert job_events_from_pb(_wire(job_events_to_pb(events))) == events
+
+
+def test_a_batch_in_a_batch_gives_nothing() -> None:
+    nested = dispatch_pb.RunJobResponse(
+        batch=dispatch_pb.JobEvents(events=[job_events_to_pb([JobAssigned("n")])])
+    )
+    assert job_events_from_pb(nested) == []
 
 
 # --- agent reports (job chunks and results, heartbeats, session messages) ------------

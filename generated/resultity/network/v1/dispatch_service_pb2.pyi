@@ -54,8 +54,13 @@ class RunJobRequest(_message.Message):
     SPEC_FIELD_NUMBER: _builtins.int
     REQUIREMENTS_FIELD_NUMBER: _builtins.int
     ORIGIN_FIELD_NUMBER: _builtins.int
+    BATCH_EVENTS_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """Caller's identifier, used for logs and idempotent billing."""
+    batch_events: _builtins.bool
+    """The caller takes events that are ready together in one message
+    (RunJobResponse.batch). Unset: every event in a message of its own.
+    """
     @_builtins.property
     def spec(self) -> _inference_pb2.GenerationSpec: ...
     @_builtins.property
@@ -75,10 +80,11 @@ class RunJobRequest(_message.Message):
         spec: _inference_pb2.GenerationSpec | None = ...,
         requirements: Global___NodeRequirements | None = ...,
         origin: Global___JobOrigin | None = ...,
+        batch_events: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["origin", b"origin", "requirements", b"requirements", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "origin", b"origin", "requirements", b"requirements", "spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_events", b"batch_events", "job_id", b"job_id", "origin", b"origin", "requirements", b"requirements", "spec", b"spec"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -170,6 +176,7 @@ class RunJobResponse(_message.Message):
     DELTA_FIELD_NUMBER: _builtins.int
     FINISHED_FIELD_NUMBER: _builtins.int
     MIGRATED_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def assigned(self) -> Global___JobAssigned: ...
     @_builtins.property
@@ -178,6 +185,10 @@ class RunJobResponse(_message.Message):
     def finished(self) -> Global___JobFinished: ...
     @_builtins.property
     def migrated(self) -> Global___JobMigrated: ...
+    @_builtins.property
+    def batch(self) -> Global___JobEvents:
+        """Only when the request set batch_events (see JobEvents)."""
+
     def __init__(
         self,
         *,
@@ -185,16 +196,44 @@ class RunJobResponse(_message.Message):
         delta: Global___TokenDelta | None = ...,
         finished: Global___JobFinished | None = ...,
         migrated: Global___JobMigrated | None = ...,
+        batch: Global___JobEvents | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["assigned", b"assigned", "delta", b"delta", "event", b"event", "finished", b"finished", "migrated", b"migrated"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["assigned", b"assigned", "batch", b"batch", "delta", b"delta", "event", b"event", "finished", b"finished", "migrated", b"migrated"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assigned", b"assigned", "delta", b"delta", "event", b"event", "finished", b"finished", "migrated", b"migrated"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assigned", b"assigned", "batch", b"batch", "delta", b"delta", "event", b"event", "finished", b"finished", "migrated", b"migrated"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["assigned", "delta", "finished", "migrated"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["assigned", "delta", "finished", "migrated", "batch"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 
 Global___RunJobResponse: _TypeAlias = RunJobResponse  # noqa: Y015
+
+@_typing.final
+class JobEvents(_message.Message):
+    """Events of the job that were ready together, in order, as one message: what
+    the node had reported by the time the network relayed (the job's last delta
+    and its JobFinished; deltas the node sent while the stream was busy). The
+    network never waits for more to fill a batch. Each event is one of the
+    others above: never a batch.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___RunJobResponse]: ...
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[Global___RunJobResponse] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobEvents: _TypeAlias = JobEvents  # noqa: Y015
 
 @_typing.final
 class JobAssigned(_message.Message):
