@@ -1,9 +1,12 @@
 """llama.cpp backend: runs a GGUF chat model on the node's CPU.
 
-Each slot is its own ``llama_cpp.Llama`` (one generation at a time each). The
-token loop runs in a worker thread and is driven here, not by llama-cpp-python's
-completion helpers, so that token counts are exact. ``Started`` is yielded once
-the prompt is tokenized and a slot has begun working on it. Counting rules:
+One ``llama_cpp.Llama`` (one copy of the model) serves every slot: its context
+holds a sequence per slot, and a scheduler thread decodes them together
+(continuous batching and prompt-prefix reuse, ``llama_batch.py``). The token
+loop is driven there, not by llama-cpp-python's completion helpers, so that
+token counts are exact. ``Started`` is yielded once the prompt is tokenized
+and handed to the scheduler, which starts it as soon as a slot is free.
+Counting rules:
 
 - ``prompt_tokens`` is the length of the chat-templated, tokenized prompt;
 - ``completion_tokens`` counts every sampled token except an end-of-generation
@@ -37,16 +40,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import threading
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import llama_cpp
 import llama_cpp.llama_cpp as llama_lib
-import numpy as np
 import structlog
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
@@ -63,24 +64,25 @@ from agent.runtime.base import (
 )
 from agent.runtime.channel import GenerationChannel
 from agent.runtime.chat_prompt import template_inputs
-from agent.runtime.sampling import Grammar, grammar_for, sample_tokens
+from agent.runtime.llama_batch import PREFILL_CHUNK, BatchScheduler, Job
+from agent.runtime.llama_vocab import Vocab
+from agent.runtime.sampling import Grammar, SamplerChain, grammar_for
 from agent.runtime.text_stream import TextStream
 from agent.runtime.tool_grammar import tool_grammar
-from core.inference import (
-    Continuation,
-    FinishReason,
-    Sampling,
-    TokenLogprob,
-    TopLogprob,
-    token_text,
-)
+from core.inference import ChatMessage, ChatRole, Continuation, FinishReason
+from core.prompt_prefixes import prefix_fingerprints
 
 log = structlog.get_logger(__name__)
 
 RUNTIME_NAME = "llama.cpp"
 
-# Llama() reads llama_model_default_params() while loading; patched under this lock.
+# Llama() reads llama_{model,context}_default_params() while loading; patched under this lock.
 _LOAD_LOCK = threading.Lock()
+# Whole contexts the slots' K/V cache holds at most: generations rarely fill
+# theirs, and the cache's cells cost memory whether used or not (SmolLM2-135M:
+# 12 KB a token at q8_0). A generation waits while its worst case does not fit.
+CACHED_CONTEXTS = 4
+_DEFAULT_BATCH = 512
 
 
 class LlamaCppRuntime:
@@ -98,26 +100,28 @@ class LlamaCppRuntime:
     ) -> None:
         """Load the model (blocking; prefer ``await LlamaCppRuntime.load(...)``).
 
-        ``cpu_repack`` enables llama.cpp's repacked CPU weight buffers (AMX,
-        AVX/ARM repack). Off by default: the AMX path segfaults on multi-token
-        batches on some Xeons (seen with SmolLM2 Q4_1), and repacked kernels
-        can shift numerics, which greedy canaries compare across nodes.
+        ``context_length`` bounds each generation; the K/V cache the slots share
+        holds ``min(slots, CACHED_CONTEXTS)`` such contexts. ``cpu_repack`` enables
+        llama.cpp's repacked CPU weight buffers (AMX, AVX/ARM repack). Off by
+        default: the AMX path segfaults on multi-token batches on some Xeons (seen
+        with SmolLM2 Q4_1), and repacked kernels can shift numerics, which greedy
+        canaries compare across nodes.
         """
-        if slots < 1:
-            raise ValueError("slots must be at least 1")
+        if not 1 <= slots <= llama_lib.llama_max_parallel_sequences():
+            raise ValueError(f"slots must be from 1 to {llama_lib.llama_max_parallel_sequences()}")
         self._model_id = model_id
-        self._llamas = [
-            _load_llama(model_path, context_length, n_threads, cpu_repack) for _ in range(slots)
-        ]
-        first = self._llamas[0]
-        self._context_length: int = first.n_ctx()
-        self._vocab = _Vocab(first)
-        self._template, self._template_source = _chat_formatter(first, self._vocab)
-        self._free: asyncio.Queue[llama_cpp.Llama] = asyncio.Queue()
-        for llama in self._llamas:
-            self._free.put_nowait(llama)
-        self._executor = ThreadPoolExecutor(slots, thread_name_prefix="llama-cpp")
-        self._running: set[threading.Event] = set()
+        self._slots = slots
+        self._context_length = context_length
+        self._llama = _load_llama(
+            model_path,
+            context_length * min(slots, CACHED_CONTEXTS),
+            n_threads,
+            cpu_repack,
+            sequences=slots,
+        )
+        self._vocab = Vocab(self._llama)
+        self._template, self._template_source = _chat_formatter(self._llama, self._vocab)
+        self._scheduler = BatchScheduler(self._llama, self._vocab, slots)
         self._closed = False
         self._model_path = model_path
         self._n_threads = n_threads
@@ -153,7 +157,15 @@ class LlamaCppRuntime:
 
     @property
     def slots(self) -> int:
-        return len(self._llamas)
+        return self._slots
+
+    @property
+    def reused_tokens(self) -> int:
+        """Prompt tokens taken from the cache instead of evaluated, since loading."""
+        return self._scheduler.reused_tokens
+
+    def cached_prefixes(self) -> tuple[int, ...]:
+        return self._scheduler.cached_prefixes()
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         if self._closed:
@@ -169,38 +181,27 @@ class LlamaCppRuntime:
         budget = max(
             0, min(request.sampling.max_tokens, self._context_length - len(prompt) - len(prefix))
         )
-        llama = await self._free.get()
-        if self._closed:  # close() began while this request waited for a slot
-            self._free.put_nowait(llama)
-            raise GenerationError("runtime is closed")
-        loop = asyncio.get_running_loop()
-        channel = GenerationChannel(loop)
-        self._running.add(channel.cancel)
+        chain = None
+        if budget > 0:
+            # Compiling a large grammar takes a while: here, not in the scheduler's steps.
+            chain = await asyncio.to_thread(SamplerChain, self._llama, request.sampling, grammar)
+        channel = GenerationChannel(asyncio.get_running_loop())
+        job = Job(
+            prompt,
+            prefix,
+            stream,
+            request.sampling,
+            chain,
+            budget,
+            channel,
+            None if request.prompt is not None else partial(_conversation_fingerprints, request),
+        )
         try:
-            job = loop.run_in_executor(
-                self._executor,
-                _generate,
-                llama,
-                self._vocab,
-                prompt,
-                prefix,
-                stream,
-                request.sampling,
-                grammar,
-                budget,
-                channel,
-            )
+            self._scheduler.submit(job)
         except BaseException:
-            self._running.discard(channel.cancel)
-            self._free.put_nowait(llama)
+            if chain is not None:
+                chain.close()
             raise
-
-        def release(_: object) -> None:
-            # The slot is free only once its thread has left the Llama object.
-            self._running.discard(channel.cancel)
-            self._free.put_nowait(llama)
-
-        job.add_done_callback(release)
         try:
             yield Started(len(prompt))
             async with contextlib.aclosing(channel.events()) as events:
@@ -208,9 +209,8 @@ class LlamaCppRuntime:
                     yield event
         finally:
             channel.cancel.set()
-            # Waits without raising; a second cancellation still leaves the
-            # slot to ``release``.
-            await asyncio.wait({job})
+            # Waits without raising: the slot is free once the scheduler let go of the job.
+            await asyncio.wait({asyncio.wrap_future(job.done)})
 
     async def _embed(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         """Embeds the prompt with a second Llama in embedding mode (loaded on first use,
@@ -237,10 +237,6 @@ class LlamaCppRuntime:
         yield Embedding(values)
         yield Finished(FinishReason.STOP, count, 0)
 
-    def cached_prefixes(self) -> tuple[int, ...]:
-        """None: every job starts from an empty cache, so no conversation is held."""
-        return ()
-
     async def close(self) -> None:
         if self._closed:
             return
@@ -248,12 +244,8 @@ class LlamaCppRuntime:
         if self._embedder is not None:
             async with self._embedder_lock:
                 self._embedder.close()
-        for cancel in list(self._running):
-            cancel.set()
-        for _ in self._llamas:
-            llama = await self._free.get()
-            llama.close()
-        self._executor.shutdown(wait=False)
+        await asyncio.to_thread(self._scheduler.close)
+        self._llama.close()
 
     def _prepare(self, request: GenerationRequest) -> tuple[list[int], list[int], TextStream]:
         """The prompt's tokens, a continuation's delivered tokens, and the text stream
@@ -329,120 +321,15 @@ def _grammar(request: GenerationRequest) -> Grammar | None:
     return grammar_for(request.sampling)
 
 
-def _generate(
-    llama: llama_cpp.Llama,
-    vocab: _Vocab,
-    prompt: list[int],
-    prefix: list[int],
-    stream: TextStream,
-    sampling: Sampling,
-    grammar: Grammar | None,
-    budget: int,
-    channel: GenerationChannel,
-) -> None:
-    """Worker thread: sample up to ``budget`` tokens after ``prompt`` and the already
-    delivered ``prefix``, and report through ``channel``."""
-    try:
-        completion = 0
-        reason = FinishReason.LENGTH
-        # Closed here, in the worker thread, so the sampler chain is freed at once.
-        with contextlib.closing(sample_tokens(llama, prompt, prefix, sampling, grammar)) as tokens:
-            for token in tokens if budget > 0 else ():
-                if channel.cancel.is_set():
-                    channel.end(GenerationError("generation cancelled"))
-                    return
-                if vocab.is_end(token):
-                    reason = FinishReason.STOP
-                    break
-                completion += 1
-                # Read before the next decode overwrites the logits.
-                logprob = None
-                if sampling.logprobs:
-                    logprob = _logprob(llama, vocab, token, sampling.top_logprobs)
-                channel.put(stream.push(vocab.piece(token)), 1, token, logprob)
-                if stream.stopped:
-                    reason = FinishReason.STOP
-                    break
-                if completion >= budget:
-                    break
-        channel.put(stream.finish(), 0)
-        if stream.stopped:
-            reason = FinishReason.STOP
-        channel.end(Finished(reason, len(prompt), completion))
-    except BaseException as exc:  # reported to the consumer, never lost in the pool
-        with contextlib.suppress(RuntimeError):
-            channel.end(exc)
+def _conversation_fingerprints(request: GenerationRequest, reply: str) -> tuple[int, ...]:
+    """The prefix fingerprints of the chat as its next turn will send it: the
+    messages, then the assistant's reply (a continuation's delivered text first)."""
+    delivered = request.continuation.text if request.continuation is not None else ""
+    answer = ChatMessage(ChatRole.ASSISTANT, delivered + reply)
+    return prefix_fingerprints(request.model, request.tool_use, (*request.messages, answer))
 
 
-def _logprob(llama: llama_cpp.Llama, vocab: _Vocab, token: int, top: int) -> TokenLogprob:
-    """The token's log-probability under the model's raw distribution (before
-    temperature, penalties or grammar) and the ``top`` most likely tokens there."""
-    pointer = llama_lib.llama_get_logits_ith(llama.ctx, -1)
-    logits = np.ctypeslib.as_array(pointer, shape=(vocab.size,)).astype(np.float64)
-    peak = float(logits.max())
-    normalizer = peak + float(np.log(np.exp(logits - peak).sum()))
-    alternatives: tuple[TopLogprob, ...] = ()
-    if top > 0:
-        best = np.argpartition(-logits, top - 1)[:top]
-        best = best[np.argsort(-logits[best], kind="stable")]
-        pieces = [vocab.piece(int(i)) for i in best]
-        alternatives = tuple(
-            TopLogprob(token_text(piece), piece, float(logits[i]) - normalizer)
-            for piece, i in zip(pieces, best, strict=True)
-        )
-    piece = vocab.piece(token)
-    return TokenLogprob(token_text(piece), piece, float(logits[token]) - normalizer, alternatives)
-
-
-class _Vocab:
-    """Tokenizer-level calls on a model's vocabulary (thread-safe in llama.cpp)."""
-
-    def __init__(self, llama: llama_cpp.Llama) -> None:
-        self._llama = llama
-        self._ptr = llama_lib.llama_model_get_vocab(llama.model)
-        # Bytes of the longest token (81 for SmolLM2); found once, in ~0.1 s.
-        self.longest_piece = max(len(self.piece(token)) for token in range(self.size))
-
-    def tokenize(self, text: str) -> list[int]:
-        tokens: list[int] = self._llama.tokenize(text.encode(), add_bos=False, special=True)
-        bos = llama_lib.llama_vocab_bos(self._ptr)
-        # Templates usually write BOS themselves; add it only where the model
-        # wants one and the template left it out.
-        if llama_lib.llama_vocab_get_add_bos(self._ptr) and tokens[:1] != [bos]:
-            tokens.insert(0, bos)
-        return tokens
-
-    @property
-    def size(self) -> int:
-        return int(llama_lib.llama_vocab_n_tokens(self._ptr))
-
-    def tokenize_text(self, text: str) -> list[int]:
-        """Plain text (special-token markup stays text), no BOS."""
-        if not text:
-            return []
-        tokens: list[int] = self._llama.tokenize(text.encode(), add_bos=False, special=False)
-        return tokens
-
-    def is_end(self, token: int) -> bool:
-        return bool(llama_lib.llama_vocab_is_eog(self._ptr, token))
-
-    def piece(self, token: int) -> bytes:
-        # Own buffer handling: llama-cpp-python's detokenize mangles pieces over 32 bytes.
-        size = 64
-        while True:
-            buffer = ctypes.create_string_buffer(size)
-            n = llama_lib.llama_token_to_piece(self._ptr, token, buffer, size, 0, False)
-            if n >= 0:
-                return buffer.raw[:n]
-            size = -n
-
-    def text(self, token: int) -> str:
-        if token < 0:
-            return ""
-        return bytes(llama_lib.llama_vocab_get_text(self._ptr, token)).decode()
-
-
-def _chat_formatter(llama: llama_cpp.Llama, vocab: _Vocab) -> tuple[Jinja2ChatFormatter, str]:
+def _chat_formatter(llama: llama_cpp.Llama, vocab: Vocab) -> tuple[Jinja2ChatFormatter, str]:
     """The model's chat template, and its source (what it knows: tools, roles)."""
     template = llama.metadata.get("tokenizer.chat_template")
     if not template:
@@ -467,32 +354,57 @@ def _load_llama(
     n_threads: int | None,
     cpu_repack: bool,
     *,
+    sequences: int = 1,
     embedding: bool = False,
 ) -> llama_cpp.Llama:
+    """The model with a context of ``context_length`` cells shared by ``sequences``
+    sequences; for generation with flash attention and a q8_0 K/V cache, which keep
+    greedy output the same however sequences are batched (llama_batch.py)."""
     with _LOAD_LOCK:
-        defaults = llama_lib.llama_model_default_params
+        model_defaults = llama_lib.llama_model_default_params
+        context_defaults = llama_lib.llama_context_default_params
 
         def model_params() -> Any:
-            params = defaults()
+            params = model_defaults()
             params.use_extra_bufts = cpu_repack
             return params
 
-        # Llama() has no argument for this model parameter.
+        def context_params() -> Any:
+            params = context_defaults()
+            params.n_seq_max = sequences
+            params.kv_unified = True
+            return params
+
+        # Llama() has no argument for these parameters.
         llama_lib.llama_model_default_params = model_params
+        llama_lib.llama_context_default_params = context_params
+        batch = max(_DEFAULT_BATCH, sequences + PREFILL_CHUNK)
         try:
+            if embedding:
+                return llama_cpp.Llama(
+                    str(path),
+                    n_ctx=context_length,
+                    n_threads=n_threads,
+                    n_threads_batch=n_threads,
+                    embedding=True,
+                    pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN,
+                    verbose=False,
+                )
             return llama_cpp.Llama(
                 str(path),
                 n_ctx=context_length,
+                n_batch=batch,
+                n_ubatch=batch,
                 n_threads=n_threads,
                 n_threads_batch=n_threads,
-                embedding=embedding,
-                pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN
-                if embedding
-                else llama_cpp.LLAMA_POOLING_TYPE_UNSPECIFIED,
+                flash_attn=True,
+                type_k=llama_lib.GGML_TYPE_Q8_0,
+                type_v=llama_lib.GGML_TYPE_Q8_0,
                 verbose=False,
             )
         finally:
-            llama_lib.llama_model_default_params = defaults
+            llama_lib.llama_model_default_params = model_defaults
+            llama_lib.llama_context_default_params = context_defaults
 
 
 if TYPE_CHECKING:

@@ -1,4 +1,4 @@
-"""Sampling for the llama.cpp backend: the sampler chain and the token loop.
+"""Sampling for the llama.cpp backend: one generation's sampler chain.
 
 The chain is built here from llama.cpp's sampler API rather than by
 ``Llama.generate`` because a continuation (a job moved here from a lost node)
@@ -18,7 +18,6 @@ from __future__ import annotations
 import ctypes
 import random
 import re
-from collections.abc import Generator
 from dataclasses import dataclass
 
 import llama_cpp
@@ -125,9 +124,9 @@ class SamplerChain:
     def accept(self, token: int) -> None:
         llama_lib.llama_sampler_accept(self._chain, token)
 
-    def sample(self, llama: llama_cpp.Llama) -> int:
-        """A token from the logits of the last decode (the chain accepts it)."""
-        token: int = llama_lib.llama_sampler_sample(self._chain, llama.ctx, -1)
+    def sample(self, ctx: llama_lib.llama_context_p, row: int) -> int:
+        """A token from the last decode's logits ``row`` (the chain accepts it)."""
+        token: int = llama_lib.llama_sampler_sample(self._chain, ctx, row)
         return token
 
     def close(self) -> None:
@@ -148,32 +147,3 @@ def _compile(llama: llama_cpp.Llama, grammar: Grammar) -> llama_lib.llama_sample
             vocab, grammar.text.encode(), _GRAMMAR_ROOT, patterns, 1, None, 0
         )
     return compiled
-
-
-def sample_tokens(
-    llama: llama_cpp.Llama,
-    prompt: list[int],
-    prefix: list[int],
-    sampling: Sampling,
-    grammar: Grammar | None,
-) -> Generator[int, None, None]:
-    """Tokens sampled after ``prompt`` and the delivered ``prefix``, until the caller
-    stops asking.
-
-    A fresh state per request: no prefix reuse, so greedy output never depends on
-    what the slot generated before. The prompt is evaluated as one prefill and
-    each delivered token as its own decode, as the uninterrupted run did.
-    """
-    chain = SamplerChain(llama, sampling, grammar)
-    try:
-        llama.reset()  # type: ignore[no-untyped-call]  # unannotated upstream
-        llama.eval(prompt)
-        for token in prefix:
-            chain.accept(token)
-            llama.eval([token])
-        while True:
-            token = chain.sample(llama)
-            yield token
-            llama.eval([token])
-    finally:
-        chain.close()

@@ -106,6 +106,7 @@ class WorkerRuntime:
         self._ready = asyncio.Event()
         self._models: list[ModelInfo] = []
         self._slots = 1
+        self._cached_prefixes: tuple[int, ...] = ()
         self._closing = False
         self._supervisor: asyncio.Task[None] | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -143,6 +144,10 @@ class WorkerRuntime:
     @property
     def slots(self) -> int:
         return self._slots
+
+    def cached_prefixes(self) -> tuple[int, ...]:
+        """What the worker's runtime last reported (nothing while it restarts)."""
+        return self._cached_prefixes
 
     @property
     def pid(self) -> int | None:
@@ -183,10 +188,6 @@ class WorkerRuntime:
                 worker.send(protocol.Cancel(stream))
                 worker.cancelling.add(stream)
                 self._watch_cancel(worker, stream)
-
-    def cached_prefixes(self) -> tuple[int, ...]:
-        """None: every job starts from an empty cache, so no conversation is held."""
-        return ()
 
     async def close(self) -> None:
         if self._closing:
@@ -243,6 +244,9 @@ class WorkerRuntime:
         stdout = worker.process.stdout
         assert stdout is not None
         while (message := await protocol.read(stdout)) is not None:
+            if isinstance(message, protocol.CachedPrefixes):
+                self._cached_prefixes = message.prefixes
+                continue
             if isinstance(message, protocol.Ended):
                 worker.cancelling.discard(message.stream)
             stream = getattr(message, "stream", None)
@@ -259,6 +263,7 @@ class WorkerRuntime:
             if self._reader is not None:
                 await self._reader
             self._ready.clear()
+            self._cached_prefixes = ()  # a new worker starts with an empty cache
             lost = WorkerLost(f"the runtime worker exited (code {_describe(code)})")
             for queue in worker.streams.values():
                 queue.put_nowait(lost)

@@ -34,6 +34,7 @@ class _Worker:
         self._runtime = runtime
         self._writer = writer
         self._streams: dict[int, asyncio.Task[None]] = {}
+        self._prefixes: tuple[int, ...] = ()
 
     def send(self, message: protocol.FromWorker) -> None:
         self._writer.write(protocol.encode(message))
@@ -55,9 +56,11 @@ class _Worker:
             )
             async with contextlib.aclosing(generation) as events:
                 async for event in events:
-                    self.send(protocol.Event(stream, event))
                     if isinstance(event, Finished):
+                        self._advertise()
+                        self.send(protocol.Event(stream, event))
                         break
+                    self.send(protocol.Event(stream, event))
                     await self._writer.drain()
         except asyncio.CancelledError:
             pass  # the agent gave the stream up; it expects nothing more but Ended
@@ -65,7 +68,14 @@ class _Worker:
             self.send(protocol.Failed.of(stream, error))
         finally:
             self._streams.pop(stream, None)
+            self._advertise()
             self.send(protocol.Ended(stream))
+
+    def _advertise(self) -> None:
+        prefixes = self._runtime.cached_prefixes()
+        if prefixes != self._prefixes:
+            self._prefixes = prefixes
+            self.send(protocol.CachedPrefixes(prefixes))
 
     async def stop(self) -> None:
         for task in list(self._streams.values()):

@@ -56,6 +56,14 @@ class Event:
     event: GenerationEvent
 
 
+@dataclass(frozen=True, slots=True)
+class CachedPrefixes:
+    """The runtime's ``cached_prefixes()`` changed (sent before the Finished that
+    changed it, so the agent sees the cache a finished generation left)."""
+
+    prefixes: tuple[int, ...]
+
+
 class FailureClass(StrEnum):
     PROMPT_TOO_LONG = "prompt_too_long"
     UNKNOWN_MODEL = "unknown_model"
@@ -100,7 +108,7 @@ class Ended:
 
 
 ToWorker = Generate | Cancel
-FromWorker = Ready | Event | Failed | Ended
+FromWorker = Ready | Event | CachedPrefixes | Failed | Ended
 
 
 def encode(message: object) -> bytes:

@@ -31,6 +31,7 @@ from core import channels
 from core.convert.generation import spec_to_pb
 from core.grpc_errors import error_info
 from core.inference import ChatMessage, ChatRole, GenerationSpec, Sampling
+from core.prompt_prefixes import prefix_fingerprints
 from tests.doubles.crashing_runtime import ABORT, HANG, SEGFAULT, crashing_runtime
 from tests.doubles.scripted_runtime import DEFAULT_SCRIPT, MODEL_ID
 from tests.harness import eventually, start_network
@@ -72,6 +73,18 @@ async def test_tokens_stream_through_the_worker_as_the_runtime_yields_them(
     assert isinstance(events[-1], Finished)
     assert events[-1].completion_tokens == 10
     assert [model.model for model in worker.models] == [MODEL_ID]
+
+
+async def test_the_conversations_the_runtime_caches_reach_the_agent() -> None:
+    cached = prefix_fingerprints(MODEL_ID, None, (ChatMessage(ChatRole.USER, "hello there"),))
+    worker = await WorkerRuntime.start(functools.partial(crashing_runtime, cached=cached))
+    try:
+        assert worker.cached_prefixes() == ()  # reported once a generation changed them
+        await _events(worker, _request())
+        # Known by the time the generation has finished: the next turn may follow at once.
+        assert worker.cached_prefixes() == cached
+    finally:
+        await worker.close()
 
 
 async def test_runtime_errors_keep_their_kind_across_the_process_boundary(

@@ -60,9 +60,12 @@ def _stuck_in_native_code() -> None:
     time.sleep(3600)
 
 
-async def crashing_runtime(script: str = "", token_delay_s: float = 0.0) -> Runtime:
-    """The worker's factory (pickled to it: a module-level function)."""
-    scripted = ScriptedRuntime(token_delay_s=token_delay_s)
+async def crashing_runtime(
+    script: str = "", token_delay_s: float = 0.0, cached: tuple[int, ...] = ()
+) -> Runtime:
+    """The worker's factory (pickled to it: a module-level function); ``cached`` is
+    what the runtime reports as its cached conversations."""
+    scripted = ScriptedRuntime(token_delay_s=token_delay_s, cached=cached)
     if script:
         scripted.script = script
     return CrashingRuntime(scripted)

@@ -1,0 +1,403 @@
+"""Continuous batching: all of a node's generations in one llama.cpp context.
+
+One model and one context whose K/V cache holds up to ``slots`` sequences in
+shared cells. A single scheduler thread runs steps; a step is one
+``llama_decode`` of one batch holding, for every running sequence, the next
+token it must evaluate (the one it just sampled, or one delivered token of a
+continuation, one per decode as ``llama_cpp.py`` explains) or the next chunk
+of its prompt. Prompt chunks share ``PREFILL_CHUNK`` tokens a step, so a long
+prompt does not stall the other sequences' tokens for long. Each sequence then
+samples from its own row of the logits with its own sampler chain.
+
+Greedy output is the same alone or batched because the context uses flash
+attention and a q8_0 K/V cache: a token's K/V are quantized into the cache
+before attention reads them, and its logits no longer depend on which tokens
+share its batch or how its prompt was chunked. With the f16 cache and plain
+attention, batched sums differed and greedy picks flipped at near-ties. One
+dependence remains: attention adds up a sequence's cells in their order in the
+cache, and llama.cpp fills the lowest freed cells first. So cells are freed
+only when a generation is admitted (it takes over or evicts an idle sequence),
+never when one ends or is cancelled; a sequence that runs while another's
+cells below its own are freed may still see its sums reordered.
+
+Prompt-prefix reuse: a finished sequence keeps its tokens in the cache (it is
+idle). A new generation whose prompt starts with an idle sequence's tokens
+takes that sequence and evaluates only the rest: the previous turn of a chat,
+its reply included, or a shared system prompt. Tokens are compared, never
+hashes. Idle sequences are evicted, least recently used first, when a
+generation needs their sequence or cells.
+
+Cells: a generation reserves its worst case (prompt, delivered tokens and
+budget) when it is admitted, and waits while that does not fit beside the
+running ones, so a decode never runs out of cells mid-generation. A
+generation always fits once idle sequences are evicted: the cache holds at
+least one whole context.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import threading
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import llama_cpp
+import llama_cpp.llama_cpp as llama_lib
+import structlog
+
+from agent.runtime.base import Finished, GenerationError
+from agent.runtime.channel import GenerationChannel
+from agent.runtime.llama_vocab import Vocab
+from agent.runtime.sampling import SamplerChain
+from agent.runtime.text_stream import TextStream
+from core.inference import FinishReason, Sampling
+from core.prompt_prefixes import MAX_ADVERTISED_PREFIXES
+
+log = structlog.get_logger(__name__)
+
+# Prompt tokens evaluated per step over all sequences: large enough that a
+# prompt's prefill stays efficient, small enough that the running sequences'
+# next tokens wait one short decode, not a whole prompt.
+PREFILL_CHUNK = 128
+
+
+@dataclass(eq=False)
+class Job:
+    """One generation handed to the scheduler: sample up to ``budget`` tokens after
+    ``prompt`` and the delivered ``prefix``, and report through ``channel``.
+
+    ``fingerprints`` gives, from the reply's text, the prefix fingerprints of the
+    conversation the sequence then holds (None: nothing to advertise). ``done`` is
+    set once the scheduler no longer touches the job (its chain freed)."""
+
+    prompt: list[int]
+    prefix: list[int]
+    stream: TextStream
+    sampling: Sampling
+    chain: SamplerChain | None
+    budget: int
+    channel: GenerationChannel
+    fingerprints: Callable[[str], tuple[int, ...]] | None = None
+    done: Future[None] = field(default_factory=Future)
+
+    @property
+    def reserved(self) -> int:
+        """Cells the generation may occupy at most."""
+        return len(self.prompt) + len(self.prefix) + self.budget
+
+
+@dataclass(eq=False)
+class _Sequence:
+    """A sequence id of the context: its tokens in the cache and, while it runs, its job."""
+
+    seq_id: int
+    held: list[int] = field(default_factory=list)
+    job: Job | None = None
+    # What the idle sequence's tokens are, for the router (newest conversation last).
+    fingerprints: tuple[int, ...] = ()
+    last_used: int = 0
+    # Running state: tokens still to evaluate: prompt_left prompt tokens (evaluated
+    # in chunks), then replay delivered tokens (one per decode), or the last sampled.
+    feed: list[int] = field(default_factory=list)
+    prompt_left: int = 0
+    replay: int = 0
+    completion: int = 0
+    reply: list[str] = field(default_factory=list)
+
+
+class BatchScheduler:
+    """Runs every generation of one ``llama_cpp.Llama`` context in its own thread."""
+
+    def __init__(self, llama: llama_cpp.Llama, vocab: Vocab, slots: int) -> None:
+        self._llama = llama
+        self._vocab = vocab
+        self._ctx = llama.ctx
+        self._memory = llama_lib.llama_get_memory(llama.ctx)
+        self._capacity = llama.n_ctx()
+        self._sequences = [_Sequence(seq_id) for seq_id in range(slots)]
+        self._batch_size = slots + PREFILL_CHUNK
+        self._batch = llama_lib.llama_batch_init(self._batch_size, 0, 1)
+        self._pending: deque[Job] = deque()
+        self._wake = threading.Condition()
+        self._closed = False
+        self._clock = itertools.count(1)
+        self._advertised: tuple[int, ...] = ()
+        # Prompt tokens taken from idle sequences instead of evaluated (for operators and tests).
+        self.reused_tokens = 0
+        self._thread = threading.Thread(target=self._run, name="llama-batch", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        with self._wake:
+            if self._closed:
+                raise GenerationError("runtime is closed")
+            self._pending.append(job)
+            self._wake.notify()
+
+    def cached_prefixes(self) -> tuple[int, ...]:
+        return self._advertised
+
+    def close(self) -> None:
+        """Ends every generation (running or waiting) and stops the thread; blocks."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join()
+        llama_lib.llama_batch_free(self._batch)
+
+    # --- scheduler thread ------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._closed and not self._pending and not self._running():
+                    self._wake.wait()
+                if self._closed:
+                    break
+            try:
+                self._admit()
+                self._step()
+            except BaseException as error:  # reported to every generation, never lost
+                log.exception("batch step failed")
+                for sequence in self._running():
+                    self._drop(sequence, error)
+        closed = GenerationError("runtime is closed")
+        for sequence in self._running():
+            self._drop(sequence, closed)
+        with self._wake:
+            waiting, self._pending = list(self._pending), deque()
+        for job in waiting:
+            _fail(job, closed)
+
+    def _running(self) -> list[_Sequence]:
+        return [sequence for sequence in self._sequences if sequence.job is not None]
+
+    def _admit(self) -> None:
+        """Starts waiting jobs, in order, while a sequence and cells are free."""
+        while True:
+            with self._wake:
+                if not self._pending:
+                    return
+                job = self._pending[0]
+                if job.channel.cancel.is_set():
+                    self._pending.popleft()
+                    _fail(job, GenerationError("generation cancelled"))
+                    continue
+                if job.budget <= 0:
+                    self._pending.popleft()
+                    job.channel.put(job.stream.finish(), 0)
+                    _end(job, FinishReason.LENGTH, 0)
+                    continue
+                chosen = self._choose(job.prompt)
+                if chosen is None:
+                    return
+                sequence, reuse = chosen
+                if not self._make_room(sequence, job.reserved):
+                    return
+                self._pending.popleft()
+            self._start(sequence, job, reuse)
+
+    def _choose(self, prompt: list[int]) -> tuple[_Sequence, int] | None:
+        """The idle sequence holding the longest start of ``prompt`` (and its
+        length), else an empty one, else the least recently used idle one."""
+        idle = [sequence for sequence in self._sequences if sequence.job is None]
+        if not idle:
+            return None
+        # At least the prompt's last token is evaluated: its logits are sampled.
+        reuse = {id(s): min(_common_length(s.held, prompt), len(prompt) - 1) for s in idle}
+        best = max(idle, key=lambda s: (reuse[id(s)], s.last_used))
+        if reuse[id(best)] > 0:
+            return best, reuse[id(best)]
+        return min(idle, key=lambda s: (bool(s.held), s.last_used)), 0
+
+    def _make_room(self, chosen: _Sequence, reserved: int) -> bool:
+        """Evicts idle sequences, oldest first, until ``reserved`` cells fit."""
+        used = sum(s.job.reserved for s in self._sequences if s.job is not None)
+        others = sorted(
+            (s for s in self._sequences if s.job is None and s is not chosen and s.held),
+            key=lambda s: s.last_used,
+        )
+        held = sum(len(s.held) for s in others)
+        for victim in others:
+            if used + held + reserved <= self._capacity:
+                break
+            held -= len(victim.held)
+            self._forget(victim, 0)
+        return used + held + reserved <= self._capacity
+
+    def _start(self, sequence: _Sequence, job: Job, reuse: int) -> None:
+        if reuse:
+            self.reused_tokens += reuse
+            log.debug("prompt prefix reused", tokens=reuse, prompt_tokens=len(job.prompt))
+        self._forget(sequence, reuse)
+        sequence.job = job
+        sequence.feed = job.prompt[reuse:] + job.prefix
+        sequence.prompt_left = len(job.prompt) - reuse
+        sequence.replay = len(job.prefix)
+        sequence.completion = 0
+        sequence.reply = []
+        self._advertise()
+
+    def _forget(self, sequence: _Sequence, keep: int) -> None:
+        """Drops the sequence's cached tokens from position ``keep`` on."""
+        if len(sequence.held) > keep:
+            llama_lib.llama_memory_seq_rm(self._memory, sequence.seq_id, keep, -1)
+            del sequence.held[keep:]
+        sequence.fingerprints = ()
+
+    def _step(self) -> None:
+        """One decode for every running sequence, then their sampling."""
+        running = self._running()
+        for sequence in running:
+            assert sequence.job is not None
+            if sequence.job.channel.cancel.is_set():
+                self._drop(sequence, GenerationError("generation cancelled"), keep=True)
+        # Sequences past their prompt first: one token each, always in the batch.
+        running = sorted(self._running(), key=lambda s: s.prompt_left > 0)
+        if not running:
+            return
+        batch = self._batch
+        rows: list[tuple[_Sequence, int]] = []
+        fed: list[tuple[_Sequence, list[int]]] = []
+        count = 0
+        prefill = PREFILL_CHUNK
+        for sequence in running:
+            job = sequence.job
+            assert job is not None
+            assert job.chain is not None
+            if sequence.prompt_left:
+                take = min(sequence.prompt_left, prefill)
+                if take == 0:
+                    continue
+                prefill -= take
+                sequence.prompt_left -= take
+            else:
+                take = 1
+                if sequence.replay:
+                    # A delivered token: the chain accepts it as if it had sampled it.
+                    job.chain.accept(sequence.feed[0])
+                    sequence.replay -= 1
+            tokens = sequence.feed[:take]
+            del sequence.feed[:take]
+            position = len(sequence.held)
+            for offset, token in enumerate(tokens):
+                batch.token[count] = token
+                batch.pos[count] = position + offset
+                batch.n_seq_id[count] = 1
+                batch.seq_id[count][0] = sequence.seq_id
+                batch.logits[count] = False
+                count += 1
+            if not sequence.feed:
+                batch.logits[count - 1] = True
+                rows.append((sequence, count - 1))
+            fed.append((sequence, tokens))
+        batch.n_tokens = count
+        result = llama_lib.llama_decode(self._ctx, batch)
+        if result != 0:
+            error = GenerationError(f"llama_decode failed ({result})")
+            for sequence, _ in fed:
+                self._drop(sequence, error)
+            return
+        for sequence, tokens in fed:
+            sequence.held.extend(tokens)
+        for sequence, row in rows:
+            self._sampled(sequence, row)
+
+    def _sampled(self, sequence: _Sequence, row: int) -> None:
+        """Samples the sequence's next token from logits ``row`` and reports it."""
+        job = sequence.job
+        assert job is not None
+        assert job.chain is not None
+        token = job.chain.sample(self._ctx, row)
+        if self._vocab.is_end(token):
+            self._finish(sequence, FinishReason.STOP)
+            return
+        sequence.completion += 1
+        logprob = None
+        if job.sampling.logprobs:
+            logprob = self._vocab.logprob(self._ctx, row, token, job.sampling.top_logprobs)
+        text = job.stream.push(self._vocab.piece(token))
+        sequence.reply.append(text)
+        job.channel.put(text, 1, token, logprob)
+        if job.stream.stopped:
+            self._finish(sequence, FinishReason.STOP)
+        elif sequence.completion >= job.budget:
+            self._finish(sequence, FinishReason.LENGTH)
+        else:
+            sequence.feed.append(token)
+
+    def _finish(self, sequence: _Sequence, reason: FinishReason) -> None:
+        """The generation ended normally: its tokens stay cached for the next turn."""
+        job = sequence.job
+        assert job is not None
+        tail = job.stream.finish()
+        job.channel.put(tail, 0)
+        sequence.feed = []
+        sequence.last_used = next(self._clock)
+        if job.fingerprints is not None:
+            sequence.fingerprints = job.fingerprints("".join(sequence.reply) + tail)
+        sequence.job = None
+        # Before the end: whoever sees the generation end sees the cache it left.
+        self._advertise()
+        _end(job, reason, sequence.completion)
+
+    def _drop(self, sequence: _Sequence, error: BaseException, *, keep: bool = False) -> None:
+        """The generation failed, or was cancelled (``keep``: its evaluated tokens stay
+        cached, and freeing no cells mid-run keeps the running sequences' cells in
+        order, see ``_forget``)."""
+        job = sequence.job
+        assert job is not None
+        sequence.job = None
+        sequence.feed = []
+        sequence.prompt_left = 0
+        sequence.replay = 0
+        sequence.last_used = next(self._clock)
+        if not keep:
+            self._forget(sequence, 0)
+        self._advertise()
+        _fail(job, error)
+
+    def _advertise(self) -> None:
+        """The fingerprints of the idle sequences' conversations, newest first."""
+        idle = sorted(
+            (s for s in self._sequences if s.job is None and s.fingerprints),
+            key=lambda s: -s.last_used,
+        )
+        seen: dict[int, None] = {}
+        for sequence in idle:
+            for fingerprint in reversed(sequence.fingerprints):
+                seen.setdefault(fingerprint, None)
+        self._advertised = tuple(seen)[:MAX_ADVERTISED_PREFIXES]
+
+
+def _common_length(held: list[int], prompt: list[int]) -> int:
+    length = 0
+    for mine, theirs in zip(held, prompt, strict=False):
+        if mine != theirs:
+            break
+        length += 1
+    return length
+
+
+def _end(job: Job, reason: FinishReason, completion: int) -> None:
+    """Ends the job with Finished (its stream already finished)."""
+    if job.stream.stopped:
+        reason = FinishReason.STOP
+    job.channel.end(Finished(reason, len(job.prompt), completion))
+    _release(job)
+
+
+def _fail(job: Job, error: BaseException) -> None:
+    with contextlib.suppress(RuntimeError):  # the consumer's loop is gone
+        job.channel.end(error)
+    _release(job)
+
+
+def _release(job: Job) -> None:
+    if job.chain is not None:
+        job.chain.close()
+    if not job.done.done():
+        job.done.set_result(None)
