@@ -1,0 +1,165 @@
+"""Several generations in one llama.cpp context, against the real SmolLM2-135M model:
+greedy output is the same batched as alone, a cancelled stream leaves the others
+alone, and a chat's next turn reuses the cached tokens of the previous one."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from agent.runtime.base import Finished, GenerationRequest, TokenText
+from agent.runtime.llama_cpp import LlamaCppRuntime
+from agent.runtime.models import DEFAULT_MODEL_ID, smollm2_gguf_path
+from core.inference import ChatMessage, ChatRole, Continuation, Sampling
+from core.prompt_prefixes import prefix_fingerprints
+
+PROMPTS = (
+    "Write a long story about a dragon.",
+    "Name a colour and explain why you like it.",
+    "What is the capital of France? Tell me about it.",
+    "Explain gravity to a child.",
+)
+SLOTS = 4
+
+
+async def _runtime(slots: int = SLOTS) -> LlamaCppRuntime:
+    return await LlamaCppRuntime.load(
+        DEFAULT_MODEL_ID, smollm2_gguf_path(), context_length=512, slots=slots
+    )
+
+
+@pytest.fixture
+async def batched() -> AsyncIterator[LlamaCppRuntime]:
+    runtime = await _runtime()
+    yield runtime
+    await runtime.close()
+
+
+@pytest.fixture
+async def alone() -> AsyncIterator[LlamaCppRuntime]:
+    """A second copy for reference runs, one generation at a time."""
+    runtime = await _runtime()
+    yield runtime
+    await runtime.close()
+
+
+def _request(messages: tuple[ChatMessage, ...], max_tokens: int = 40) -> GenerationRequest:
+    return GenerationRequest(
+        model=DEFAULT_MODEL_ID,
+        messages=messages,
+        sampling=Sampling(max_tokens=max_tokens, temperature=0.0),
+        max_prompt_tokens=400,
+    )
+
+
+def _ask(prompt: str, max_tokens: int = 40) -> GenerationRequest:
+    return _request((ChatMessage(ChatRole.USER, prompt),), max_tokens)
+
+
+async def _run(
+    runtime: LlamaCppRuntime, request: GenerationRequest
+) -> tuple[str, tuple[int, ...], Finished]:
+    text, ids, finished = "", (), None
+    async for event in runtime.generate(request):
+        if isinstance(event, TokenText):
+            text += event.text
+            ids += event.token_ids
+        elif isinstance(event, Finished):
+            finished = event
+    assert finished is not None
+    return text, ids, finished
+
+
+@pytest.mark.model
+async def test_concurrent_greedy_streams_equal_their_runs_alone(
+    batched: LlamaCppRuntime, alone: LlamaCppRuntime
+) -> None:
+    expected = [await _run(alone, _ask(prompt)) for prompt in PROMPTS]
+
+    together = await asyncio.gather(*(_run(batched, _ask(prompt)) for prompt in PROMPTS))
+
+    assert together == expected
+    assert all(finished.completion_tokens > 0 for _, _, finished in together)
+
+
+@pytest.mark.model
+async def test_more_streams_than_slots_wait_and_all_finish(batched: LlamaCppRuntime) -> None:
+    prompts = [f"Count to {n}." for n in range(SLOTS * 2)]
+    results = await asyncio.gather(*(_run(batched, _ask(p, 6)) for p in prompts))
+    assert [finished.completion_tokens for _, _, finished in results] == [6] * len(prompts)
+
+
+@pytest.mark.model
+async def test_a_cancelled_stream_leaves_the_others_as_they_were(
+    batched: LlamaCppRuntime, alone: LlamaCppRuntime
+) -> None:
+    expected = [await _run(alone, _ask(prompt)) for prompt in PROMPTS[1:]]
+    first_text = asyncio.Event()
+
+    async def cancelled() -> None:
+        async for event in batched.generate(_ask(PROMPTS[0], 400)):
+            if isinstance(event, TokenText):
+                first_text.set()
+
+    victim = asyncio.create_task(cancelled())
+    others = asyncio.gather(*(_run(batched, _ask(prompt)) for prompt in PROMPTS[1:]))
+    await first_text.wait()
+    victim.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await victim
+
+    assert await others == expected
+
+
+@pytest.mark.model
+async def test_a_follow_up_turn_reuses_the_cached_conversation_and_answers_as_cold(
+    batched: LlamaCppRuntime, alone: LlamaCppRuntime
+) -> None:
+    system = ChatMessage(ChatRole.SYSTEM, "You are a helpful assistant who loves lighthouses.")
+    first = (system, ChatMessage(ChatRole.USER, "Describe a lighthouse in two sentences."))
+    reply, _, _ = await _run(batched, _request(first))
+    follow_up = (
+        *first,
+        ChatMessage(ChatRole.ASSISTANT, reply),
+        ChatMessage(ChatRole.USER, "Who lives there?"),
+    )
+    # The conversation so far, as the router will fingerprint the follow-up.
+    held = prefix_fingerprints(DEFAULT_MODEL_ID, None, follow_up[:3])
+    assert held[-1] in batched.cached_prefixes()
+    assert batched.cached_prefixes()[0] == held[-1]  # newest, longest first
+    reused_before = batched.reused_tokens
+
+    warm = await _run(batched, _request(follow_up))
+    cold = await _run(alone, _request(follow_up))
+
+    assert warm == cold
+    # Nearly all of the follow-up's prompt came from the cache: the first turn's
+    # prompt and reply, up to where the template closes the reply.
+    reused = batched.reused_tokens - reused_before
+    assert reused > 0.8 * cold[2].prompt_tokens
+
+
+@pytest.mark.model
+async def test_a_continuation_in_a_batch_equals_the_uninterrupted_run(
+    batched: LlamaCppRuntime, alone: LlamaCppRuntime
+) -> None:
+    text, ids, finished = await _run(alone, _ask(PROMPTS[0]))
+    delivered = 12
+    delivered_text, delivered_ids, _ = await _run(alone, _ask(PROMPTS[0], delivered))
+    continued = GenerationRequest(
+        model=DEFAULT_MODEL_ID,
+        messages=(ChatMessage(ChatRole.USER, PROMPTS[0]),),
+        sampling=Sampling(max_tokens=finished.completion_tokens - delivered, temperature=0.0),
+        max_prompt_tokens=400,
+        continuation=Continuation(delivered_text, delivered, delivered_ids),
+    )
+
+    results = await asyncio.gather(
+        _run(batched, continued), *(_run(batched, _ask(p)) for p in PROMPTS[1:])
+    )
+
+    rest, rest_ids, _ = results[0]
+    assert delivered_ids + rest_ids == ids
+    assert delivered_text + rest == text
