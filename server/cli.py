@@ -57,6 +57,11 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="no default rate limits: only those RESULTITY_RATE_LIMIT_* variables set",
     )
+    up.add_argument(
+        "--agent-slots",
+        type=_slots,
+        help="generations the local agent runs at once, batched on one copy of the model",
+    )
     up.add_argument("--agent-threads", type=int, help="llama.cpp threads of the local agent")
     up.add_argument(
         "--agent-region", type=_region, help="region the local agent declares, e.g. eu-west"
@@ -88,7 +93,12 @@ def _parser() -> argparse.ArgumentParser:
     agent.add_argument("--model-id")
     agent.add_argument("--model-path", type=Path, help="GGUF file (default: bundled SmolLM2)")
     agent.add_argument("--context-length", type=int, default=2048)
-    agent.add_argument("--slots", type=int, default=1, help="jobs run at the same time")
+    agent.add_argument(
+        "--slots",
+        type=_slots,
+        default=1,
+        help="jobs run at the same time, batched on one copy of the model",
+    )
     agent.add_argument("--threads", type=int, help="CPU threads per generation")
     agent.add_argument(
         "--region",
@@ -318,6 +328,16 @@ def _tls(args: argparse.Namespace) -> channels.Tls:
         raise SystemExit(f"{args.command}: {error}") from None
 
 
+def _slots(value: str) -> int:
+    try:
+        slots = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
+    if slots < 1:
+        raise argparse.ArgumentTypeError("at least 1")
+    return slots
+
+
 def _region(value: str) -> str:
     from core.errors import InvalidArgument
     from core.regions import validate_region
@@ -425,6 +445,7 @@ async def _up(args: argparse.Namespace) -> None:
         "database_url": args.database_url,
         "redis_url": args.redis_url,
         "log_level": args.log_level,
+        "local_agent_slots": args.agent_slots,
         "local_agent_threads": args.agent_threads,
         "local_agent_region": args.agent_region,
         "local_agent_metrics_port": args.agent_metrics_port,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import SecretStr
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -42,7 +42,9 @@ class PlatformSettings(BaseSettings):
     service_token: SecretStr | None = None
     # Start one local agent serving the bundled model.
     local_agent: bool = True
-    local_agent_slots: int = 1
+    # Generations the local agent runs at once (RESULTITY_LOCAL_AGENT_SLOTS, or
+    # `resultity up --agent-slots N`), batched on one copy of the model.
+    local_agent_slots: int = Field(default=1, ge=1)
     # llama.cpp threads of the local agent; unset: every core. The control plane
     # needs little CPU of its own because the agent batches tokens.
     local_agent_threads: int | None = None
