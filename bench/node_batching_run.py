@@ -4,7 +4,8 @@ Run by bench/node_batching.py as a script, with PYTHONPATH at the tree under
 test (this one, or a baseline commit's): it imports only what every revision
 of the llama.cpp runtime has (``LlamaCppRuntime.load`` and ``generate``). It
 prints one JSON object: aggregate tokens/s per number of concurrent streams,
-the TTFT of a cold prompt and of a follow-up turn, and the process's peak RSS.
+the TTFT of a chat's follow-up turn and of the same prompt cold, and the
+process's peak RSS.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import asyncio
 import json
 import resource
 import time
+from pathlib import Path
 from typing import Any
 
 from agent.runtime.base import GenerationRequest, TokenText
@@ -84,41 +86,36 @@ async def _throughput(runtime: LlamaCppRuntime, streams: int, max_tokens: int) -
     return {"streams": streams, "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall}
 
 
-async def _follow_up(runtime: LlamaCppRuntime, variant: str) -> tuple[GenerationRequest, float]:
-    """A chat's second turn, and the TTFT of its first turn."""
-    system = ChatMessage(ChatRole.SYSTEM, f"{variant} {RULES}")
-    first = (system, ChatMessage(ChatRole.USER, "Describe a lighthouse in three sentences."))
-    reply, _, ttft = await _generate(runtime, _request(first, 48))
+async def _turns(runtime: LlamaCppRuntime) -> tuple[float, float]:
+    """The TTFT of a chat's second turn right after its first (its start may be
+    cached), and of the same second turn under another system prompt (cold)."""
+    system = ChatMessage(ChatRole.SYSTEM, f"You keep a lighthouse. {RULES}")
+    first = (system, ChatMessage(ChatRole.USER, "Describe your lighthouse in three sentences."))
+    reply, _, _ = await _generate(runtime, _request(first, 48))
     second = (
         *first,
         ChatMessage(ChatRole.ASSISTANT, reply),
-        ChatMessage(ChatRole.USER, "Now describe its keeper."),
+        ChatMessage(ChatRole.USER, "Now describe your evenings there."),
     )
-    return _request(second, 8), ttft
+    _, _, follow_up = await _generate(runtime, _request(second, 8))
+    other = ChatMessage(ChatRole.SYSTEM, f"You guard a lighthouse. {RULES}")
+    _, _, cold = await _generate(runtime, _request((other, *second[1:]), 8))
+    return follow_up, cold
 
 
-async def run(slots: int, threads: int | None, streams: list[int], max_tokens: int) -> Any:
-    runtime = await LlamaCppRuntime.load(
-        DEFAULT_MODEL_ID, smollm2_gguf_path(), slots=slots, n_threads=threads
-    )
+async def run(
+    model: Path, slots: int, threads: int | None, streams: list[int], max_tokens: int
+) -> Any:
+    runtime = await LlamaCppRuntime.load(DEFAULT_MODEL_ID, model, slots=slots, n_threads=threads)
     try:
         await _throughput(runtime, 1, 8)  # warm-up
         throughput = [await _throughput(runtime, n, max_tokens) for n in streams]
-        # Cold: a second turn whose first never ran here (another system prompt);
-        # warm: the second turn of the chat whose first turn just ran.
-        cold_request, _ = await _follow_up(runtime, "Cold variant.")
-        cold_request = _request(
-            (ChatMessage(ChatRole.SYSTEM, f"Other variant. {RULES}"), *cold_request.messages[1:]),
-            8,
-        )
-        _, _, cold = await _generate(runtime, cold_request)
-        warm_request, _ = await _follow_up(runtime, "Warm variant.")
-        _, _, warm = await _generate(runtime, warm_request)
+        follow_up, cold = await _turns(runtime)
         return {
             "slots": slots,
             "throughput": throughput,
             "ttft_cold_s": cold,
-            "ttft_follow_up_s": warm,
+            "ttft_follow_up_s": follow_up,
             "reused_tokens": getattr(runtime, "reused_tokens", None),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         }
@@ -132,8 +129,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int)
     parser.add_argument("--streams", type=int, nargs="+", required=True)
     parser.add_argument("--max-tokens", type=int, required=True)
+    parser.add_argument("--model", type=Path, help="GGUF file (default: bundled SmolLM2)")
     args = parser.parse_args()
-    result = asyncio.run(run(args.slots, args.threads, args.streams, args.max_tokens))
+    model = args.model or smollm2_gguf_path()
+    result = asyncio.run(run(model, args.slots, args.threads, args.streams, args.max_tokens))
     print(json.dumps(result))
 
 
