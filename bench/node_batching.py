@@ -85,8 +85,8 @@ def _run(config: Config, args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def _rate(result: dict[str, Any], streams: int) -> float:
-    rate: float = next(r["tokens_per_s"] for r in result["throughput"] if r["streams"] == streams)
+def _rate(result: dict[str, Any], streams: int, key: str = "tokens_per_s") -> float:
+    rate: float = next(r[key] for r in result["throughput"] if r["streams"] == streams)
     return rate
 
 
@@ -97,12 +97,16 @@ def _report(configs: list[Config], args: argparse.Namespace, load: MachineLoad) 
         "",
         "| configuration | "
         + " | ".join(f"tokens/s, {n} stream(s)" for n in args.streams)
+        + f" | CPU ms/token, {max(args.streams)} streams"
         + " | TTFT cold (s) | TTFT follow-up (s) | peak RSS (MB) |",
-        "|---" * (len(args.streams) + 4) + "|",
+        "|---" * (len(args.streams) + 5) + "|",
     ]
     for config in configs:
         row = [config.name]
         row += [cell([_rate(r, n) for r in config.results], config.samples) for n in args.streams]
+        most = max(args.streams)
+        cpu = [_rate(r, most, "cpu_ms_per_token") for r in config.results]
+        row.append(cell(cpu, config.samples))
         for key, number in (
             ("ttft_cold_s", "{:.2f}"),
             ("ttft_follow_up_s", "{:.2f}"),
@@ -130,15 +134,20 @@ def _ratios(configs: list[Config], args: argparse.Namespace) -> list[str]:
     for config in configs[1:]:
         rate = _median(config, lambda r: _rate(r, streams))
         base = _median(reference, lambda r: _rate(r, streams))
-        rss = _median(config, lambda r: r["peak_rss_mb"]) / _median(
-            one_slot, lambda r: r["peak_rss_mb"]
+        cpu = _median(reference, lambda r: _rate(r, streams, "cpu_ms_per_token")) / _median(
+            config, lambda r: _rate(r, streams, "cpu_ms_per_token")
         )
+        peak = _median(config, lambda r: r["peak_rss_mb"])
+        rss = peak / _median(one_slot, lambda r: r["peak_rss_mb"])
+        rss_reference = peak / _median(reference, lambda r: r["peak_rss_mb"])
         ttft = _median(config, lambda r: r["ttft_follow_up_s"]) / _median(
             config, lambda r: r["ttft_cold_s"]
         )
         lines.append(
             f"{config.name}: {rate / base:.2f}x the tokens/s of {reference.name} at {streams} "
-            f"streams; peak RSS {rss:.2f}x 1 slot's; follow-up TTFT {ttft:.2f}x cold"
+            f"streams ({cpu:.2f}x its tokens per CPU second); peak RSS {rss:.2f}x 1 slot's "
+            f"({rss_reference:.2f}x {reference.name}'s); "
+            f"follow-up TTFT {ttft:.2f}x cold"
         )
     return lines
 

@@ -176,16 +176,19 @@ class BatchScheduler:
         return [sequence for sequence in self._sequences if sequence.job is not None]
 
     def _admit(self) -> None:
-        """Starts waiting jobs, in order, while a sequence and cells are free."""
+        """Starts waiting jobs, in order, while a sequence and cells are free; ends
+        those cancelled while they waited, wherever they are in the queue."""
+        with self._wake:
+            cancelled = [job for job in self._pending if job.channel.cancel.is_set()]
+            for job in cancelled:
+                self._pending.remove(job)
+        for job in cancelled:
+            _fail(job, GenerationError("generation cancelled"))
         while True:
             with self._wake:
                 if not self._pending:
                     return
                 job = self._pending[0]
-                if job.channel.cancel.is_set():
-                    self._pending.popleft()
-                    _fail(job, GenerationError("generation cancelled"))
-                    continue
                 if job.budget <= 0:
                     self._pending.popleft()
                     job.channel.put(job.stream.finish(), 0)

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from agent.runtime.base import Finished, GenerationRequest, TokenText
+from agent.runtime.base import Finished, GenerationRequest, Started, TokenText
 from agent.runtime.llama_cpp import LlamaCppRuntime
 from agent.runtime.models import DEFAULT_MODEL_ID, smollm2_gguf_path
 from core.inference import ChatMessage, ChatRole, Continuation, Sampling
@@ -163,3 +163,36 @@ async def test_a_continuation_in_a_batch_equals_the_uninterrupted_run(
     rest, rest_ids, _ = results[0]
     assert delivered_ids + rest_ids == ids
     assert delivered_text + rest == text
+
+
+@pytest.mark.model
+async def test_a_generation_cancelled_while_queued_ends_without_waiting_for_a_slot() -> None:
+    single = await _runtime(slots=1)
+    try:
+        started = asyncio.Event()
+
+        async def running() -> None:
+            async for event in single.generate(_ask(PROMPTS[0], 400)):
+                if isinstance(event, TokenText):
+                    started.set()
+
+        long = asyncio.create_task(running())
+        await started.wait()
+        submitted = asyncio.Event()
+
+        async def waiting() -> None:
+            async for event in single.generate(_ask(PROMPTS[1])):
+                if isinstance(event, Started):
+                    submitted.set()  # queued behind the only slot's generation
+
+        queued = asyncio.create_task(waiting())
+        await submitted.wait()
+        queued.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await queued
+        assert not long.done()  # the slot's generation goes on meanwhile
+        long.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await long
+    finally:
+        await single.close()
