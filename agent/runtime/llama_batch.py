@@ -16,9 +16,9 @@ share its batch or how its prompt was chunked. With the f16 cache and plain
 attention, batched sums differed and greedy picks flipped at near-ties. One
 dependence remains: attention adds up a sequence's cells in their order in the
 cache, and llama.cpp fills the lowest freed cells first. So cells are freed
-only when a generation is admitted (it takes over or evicts an idle sequence),
-never when one ends or is cancelled; a sequence that runs while another's
-cells below its own are freed may still see its sums reordered.
+only when a generation is admitted (it takes over or evicts an idle sequence)
+or preempted, never when one ends or is cancelled; a sequence that runs while
+another's cells below its own are freed may still see its sums reordered.
 
 Prompt-prefix reuse: a finished sequence keeps its tokens in the cache (it is
 idle). A new generation whose prompt starts with an idle sequence's tokens
@@ -27,11 +27,13 @@ its reply included, or a shared system prompt. Tokens are compared, never
 hashes. Idle sequences are evicted, least recently used first, when a
 generation needs their sequence or cells.
 
-Cells: a generation reserves its worst case (prompt, delivered tokens and
-budget) when it is admitted, and waits while that does not fit beside the
-running ones, so a decode never runs out of cells mid-generation. A
-generation always fits once idle sequences are evicted: the cache holds at
-least one whole context.
+Cells: a generation is admitted when its tokens fit beside the running
+ones with a step's worth to spare. When a step finds the cells full (the
+running generations grew), idle sequences are evicted first; then the
+generation admitted last is preempted: its cells are freed and it waits at the
+head of the queue, to evaluate again what it had (prompt in chunks, the tokens
+after it one per decode, as before) and go on where it was. A lone generation
+always fits: the cache holds at least one whole context.
 """
 
 from __future__ import annotations
@@ -82,11 +84,12 @@ class Job:
     channel: GenerationChannel
     fingerprints: Callable[[str], tuple[int, ...]] | None = None
     done: Future[None] = field(default_factory=Future)
-
-    @property
-    def reserved(self) -> int:
-        """Cells the generation may occupy at most."""
-        return len(self.prompt) + len(self.prefix) + self.budget
+    # Progress, kept here so that a preempted generation resumes where it was:
+    # the tokens sampled (counted ones), their text, and how many of the tokens
+    # after the prompt (delivered, then sampled) the chain has accepted.
+    generated: list[int] = field(default_factory=list)
+    reply: list[str] = field(default_factory=list)
+    accepted: int = 0
 
 
 @dataclass(eq=False)
@@ -100,12 +103,12 @@ class _Sequence:
     fingerprints: tuple[int, ...] = ()
     last_used: int = 0
     # Running state: tokens still to evaluate: prompt_left prompt tokens (evaluated
-    # in chunks), then replay delivered tokens (one per decode), or the last sampled.
+    # in chunks), then those after the prompt, one per decode (post_fed of them
+    # evaluated so far); started orders the running sequences by admission.
     feed: list[int] = field(default_factory=list)
     prompt_left: int = 0
-    replay: int = 0
-    completion: int = 0
-    reply: list[str] = field(default_factory=list)
+    post_fed: int = 0
+    started: int = 0
 
 
 class BatchScheduler:
@@ -125,8 +128,10 @@ class BatchScheduler:
         self._closed = False
         self._clock = itertools.count(1)
         self._advertised: tuple[int, ...] = ()
-        # Prompt tokens taken from idle sequences instead of evaluated (for operators and tests).
+        # Prompt tokens taken from idle sequences instead of evaluated, and generations
+        # preempted for want of cells (for operators and tests).
         self.reused_tokens = 0
+        self.preemptions = 0
         self._thread = threading.Thread(target=self._run, name="llama-batch", daemon=True)
         self._thread.start()
 
@@ -198,7 +203,9 @@ class BatchScheduler:
                 if chosen is None:
                     return
                 sequence, reuse = chosen
-                if not self._make_room(sequence, job.reserved):
+                # The chosen sequence's cells past ``reuse`` are freed as it starts.
+                needed = _length(job) - len(sequence.held) + self._headroom()
+                if not self._make_room(needed, sequence):
                     return
                 self._pending.popleft()
             self._start(sequence, job, reuse)
@@ -216,20 +223,27 @@ class BatchScheduler:
             return best, reuse[id(best)]
         return min(idle, key=lambda s: (bool(s.held), s.last_used)), 0
 
-    def _make_room(self, chosen: _Sequence, reserved: int) -> bool:
-        """Evicts idle sequences, oldest first, until ``reserved`` cells fit."""
-        used = sum(s.job.reserved for s in self._sequences if s.job is not None)
-        others = sorted(
-            (s for s in self._sequences if s.job is None and s is not chosen and s.held),
+    def _headroom(self) -> int:
+        """Cells a new generation leaves free: one step of the running ones (so that
+        admitting it does not preempt them at once), none when none runs (a lone
+        generation always fits: the cache holds a whole context)."""
+        running = len(self._running())
+        return running + PREFILL_CHUNK if running else 0
+
+    def _make_room(self, needed: int, keep: _Sequence | None = None) -> bool:
+        """Evicts idle sequences (not ``keep``), oldest first, until ``needed`` cells
+        are free; whether they are."""
+        free = self._capacity - sum(len(s.held) for s in self._sequences)
+        idle = sorted(
+            (s for s in self._sequences if s.job is None and s is not keep and s.held),
             key=lambda s: s.last_used,
         )
-        held = sum(len(s.held) for s in others)
-        for victim in others:
-            if used + held + reserved <= self._capacity:
+        for victim in idle:
+            if free >= needed:
                 break
-            held -= len(victim.held)
+            free += len(victim.held)
             self._forget(victim, 0)
-        return used + held + reserved <= self._capacity
+        return free >= needed
 
     def _start(self, sequence: _Sequence, job: Job, reuse: int) -> None:
         if reuse:
@@ -237,11 +251,12 @@ class BatchScheduler:
             log.debug("prompt prefix reused", tokens=reuse, prompt_tokens=len(job.prompt))
         self._forget(sequence, reuse)
         sequence.job = job
-        sequence.feed = job.prompt[reuse:] + job.prefix
+        # A preempted generation evaluates again what it had evaluated, and the
+        # token it sampled last.
+        sequence.feed = job.prompt[reuse:] + job.prefix + job.generated
         sequence.prompt_left = len(job.prompt) - reuse
-        sequence.replay = len(job.prefix)
-        sequence.completion = 0
-        sequence.reply = []
+        sequence.post_fed = 0
+        sequence.started = next(self._clock)
         self._advertise()
 
     def _forget(self, sequence: _Sequence, keep: int) -> None:
@@ -253,36 +268,33 @@ class BatchScheduler:
 
     def _step(self) -> None:
         """One decode for every running sequence, then their sampling."""
-        running = self._running()
-        for sequence in running:
+        for sequence in self._running():
             assert sequence.job is not None
             if sequence.job.channel.cancel.is_set():
                 self._drop(sequence, GenerationError("generation cancelled"), keep=True)
-        # Sequences past their prompt first: one token each, always in the batch.
-        running = sorted(self._running(), key=lambda s: s.prompt_left > 0)
-        if not running:
+        plan = self._plan()
+        while plan and not self._make_room(sum(take for _, take in plan)):
+            # Out of cells: the generation admitted last gives its own back and waits.
+            self._preempt(max(self._running(), key=lambda s: s.started))
+            plan = self._plan()
+        if not plan:
             return
         batch = self._batch
         rows: list[tuple[_Sequence, int]] = []
         fed: list[tuple[_Sequence, list[int]]] = []
         count = 0
-        prefill = PREFILL_CHUNK
-        for sequence in running:
+        for sequence, take in plan:
             job = sequence.job
             assert job is not None
             assert job.chain is not None
             if sequence.prompt_left:
-                take = min(sequence.prompt_left, prefill)
-                if take == 0:
-                    continue
-                prefill -= take
                 sequence.prompt_left -= take
             else:
-                take = 1
-                if sequence.replay:
+                if sequence.post_fed >= job.accepted:
                     # A delivered token: the chain accepts it as if it had sampled it.
                     job.chain.accept(sequence.feed[0])
-                    sequence.replay -= 1
+                    job.accepted += 1
+                sequence.post_fed += 1
             tokens = sequence.feed[:take]
             del sequence.feed[:take]
             position = len(sequence.held)
@@ -309,6 +321,33 @@ class BatchScheduler:
         for sequence, row in rows:
             self._sampled(sequence, row)
 
+    def _plan(self) -> list[tuple[_Sequence, int]]:
+        """How many tokens each running sequence evaluates this step: one past its
+        prompt (those first: always in the batch), else its share of PREFILL_CHUNK."""
+        plan = []
+        prefill = PREFILL_CHUNK
+        for sequence in sorted(self._running(), key=lambda s: s.prompt_left > 0):
+            if not sequence.prompt_left:
+                plan.append((sequence, 1))
+            elif prefill:
+                take = min(sequence.prompt_left, prefill)
+                prefill -= take
+                plan.append((sequence, take))
+        return plan
+
+    def _preempt(self, sequence: _Sequence) -> None:
+        """Frees a running sequence's cells and queues its job first, to resume."""
+        job = sequence.job
+        assert job is not None
+        self.preemptions += 1
+        log.debug("generation preempted", tokens=len(sequence.held))
+        sequence.job = None
+        sequence.feed = []
+        sequence.prompt_left = 0
+        self._forget(sequence, 0)
+        with self._wake:
+            self._pending.appendleft(job)
+
     def _sampled(self, sequence: _Sequence, row: int) -> None:
         """Samples the sequence's next token from logits ``row`` and reports it."""
         job = sequence.job
@@ -318,16 +357,17 @@ class BatchScheduler:
         if self._vocab.is_end(token):
             self._finish(sequence, FinishReason.STOP)
             return
-        sequence.completion += 1
+        job.generated.append(token)
+        job.accepted += 1
         logprob = None
         if job.sampling.logprobs:
             logprob = self._vocab.logprob(self._ctx, row, token, job.sampling.top_logprobs)
         text = job.stream.push(self._vocab.piece(token))
-        sequence.reply.append(text)
+        job.reply.append(text)
         job.channel.put(text, 1, token, logprob)
         if job.stream.stopped:
             self._finish(sequence, FinishReason.STOP)
-        elif sequence.completion >= job.budget:
+        elif len(job.generated) >= job.budget:
             self._finish(sequence, FinishReason.LENGTH)
         else:
             sequence.feed.append(token)
@@ -341,11 +381,11 @@ class BatchScheduler:
         sequence.feed = []
         sequence.last_used = next(self._clock)
         if job.fingerprints is not None:
-            sequence.fingerprints = job.fingerprints("".join(sequence.reply) + tail)
+            sequence.fingerprints = job.fingerprints("".join(job.reply) + tail)
         sequence.job = None
         # Before the end: whoever sees the generation end sees the cache it left.
         self._advertise()
-        _end(job, reason, sequence.completion)
+        _end(job, reason, len(job.generated))
 
     def _drop(self, sequence: _Sequence, error: BaseException, *, keep: bool = False) -> None:
         """The generation failed, or was cancelled (``keep``: its evaluated tokens stay
@@ -356,7 +396,6 @@ class BatchScheduler:
         sequence.job = None
         sequence.feed = []
         sequence.prompt_left = 0
-        sequence.replay = 0
         sequence.last_used = next(self._clock)
         if not keep:
             self._forget(sequence, 0)
@@ -374,6 +413,11 @@ class BatchScheduler:
             for fingerprint in reversed(sequence.fingerprints):
                 seen.setdefault(fingerprint, None)
         self._advertised = tuple(seen)[:MAX_ADVERTISED_PREFIXES]
+
+
+def _length(job: Job) -> int:
+    """Tokens the job's sequence evaluates: prompt, delivered and sampled ones."""
+    return len(job.prompt) + len(job.prefix) + len(job.generated)
 
 
 def _common_length(held: list[int], prompt: list[int]) -> int:

@@ -80,7 +80,8 @@ RUNTIME_NAME = "llama.cpp"
 _LOAD_LOCK = threading.Lock()
 # Whole contexts the slots' K/V cache holds at most: generations rarely fill
 # theirs, and the cache's cells cost memory whether used or not (SmolLM2-135M:
-# 12 KB a token at q8_0). A generation waits while its worst case does not fit.
+# 12 KB a token at q8_0). When running generations fill it, the one admitted
+# last is preempted and resumed later (llama_batch.py).
 CACHED_CONTEXTS = 4
 _DEFAULT_BATCH = 512
 
@@ -163,6 +164,11 @@ class LlamaCppRuntime:
     def reused_tokens(self) -> int:
         """Prompt tokens taken from the cache instead of evaluated, since loading."""
         return self._scheduler.reused_tokens
+
+    @property
+    def preemptions(self) -> int:
+        """Generations preempted for want of cache cells (and resumed), since loading."""
+        return self._scheduler.preemptions
 
     def cached_prefixes(self) -> tuple[int, ...]:
         return self._scheduler.cached_prefixes()

@@ -12,7 +12,7 @@ import pytest
 from agent.runtime.base import Finished, GenerationRequest, Started, TokenText
 from agent.runtime.llama_cpp import LlamaCppRuntime
 from agent.runtime.models import DEFAULT_MODEL_ID, smollm2_gguf_path
-from core.inference import ChatMessage, ChatRole, Continuation, Sampling
+from core.inference import ChatMessage, ChatRole, Continuation, FinishReason, Sampling
 from core.prompt_prefixes import prefix_fingerprints
 
 PROMPTS = (
@@ -196,3 +196,22 @@ async def test_a_generation_cancelled_while_queued_ends_without_waiting_for_a_sl
             await long
     finally:
         await single.close()
+
+
+@pytest.mark.model
+async def test_generations_that_outgrow_the_cache_are_preempted_and_still_finish() -> None:
+    # 5 slots of 256 tokens share cells for 4 contexts (1024): 5 generations of
+    # about 35 prompt and 215 sampled tokens outgrow them.
+    crowded = await LlamaCppRuntime.load(
+        DEFAULT_MODEL_ID, smollm2_gguf_path(), context_length=256, slots=5
+    )
+    try:
+        prompts = [f"Write a very long story about the number {n}." for n in range(5)]
+        results = await asyncio.gather(*(_run(crowded, _ask(p, 215)) for p in prompts))
+        assert crowded.preemptions > 0
+    finally:
+        await crowded.close()
+    for text, ids, finished in results:
+        assert finished.completion_tokens == len(ids) > 0
+        assert finished.completion_tokens == 215 or finished.reason is FinishReason.STOP
+        assert text
