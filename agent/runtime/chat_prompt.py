@@ -13,6 +13,11 @@ tool format:
 - an assistant's calls as that block, after its text;
 - a tool result as a user turn ``<tool_response>...</tool_response>``.
 
+Every caller string goes through ``caller_text`` (the node's own wording
+around it, such as the tool instructions and ``<tool_response>``, goes with
+it: none of it is the template's markup), so that the prompt can be tokenized
+with only the template's control tokens read as such (template_markup.py).
+
 Either way the calls themselves are generated under a grammar in that block's
 format (tool_grammar.py). ``developer`` messages become ``system`` ones unless
 the template names a developer role.
@@ -21,6 +26,7 @@ the template names a developer role.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from core.inference import ChatMessage, ChatRole, FunctionTool, ToolChoiceMode, ToolUse
@@ -31,20 +37,26 @@ RESPONSE_CLOSE = "\n</tool_response>"
 
 
 def template_inputs(
-    messages: tuple[ChatMessage, ...], tool_use: ToolUse | None, template: str
+    messages: tuple[ChatMessage, ...],
+    tool_use: ToolUse | None,
+    template: str,
+    caller_text: Callable[[str], str] = str,
 ) -> dict[str, Any]:
     """The keyword arguments of the template's rendering: ``messages`` and, for a
-    template that knows tools, ``tools``."""
+    template that knows tools, ``tools``; each string from the caller as
+    ``caller_text`` maps it."""
     developer = "developer" in template
     if "tools" in template:
-        native: dict[str, Any] = {"messages": [_native(m, developer) for m in messages]}
+        native: dict[str, Any] = {
+            "messages": [_native(m, developer, caller_text) for m in messages]
+        }
         if tool_use is not None:
-            native["tools"] = [_tool_dict(tool) for tool in tool_use.tools]
+            native["tools"] = [_tool_dict(tool, caller_text) for tool in tool_use.tools]
         return native
     plain = [_plain(message, developer) for message in messages]
     if tool_use is not None:
         plain = _with_tool_instructions(plain, tool_use)
-    return {"messages": plain}
+    return {"messages": [_caller_fields(message, caller_text) for message in plain]}
 
 
 def tool_instructions(tool_use: ToolUse) -> str:
@@ -107,27 +119,55 @@ def _plain(message: ChatMessage, developer: bool) -> dict[str, Any]:
     return rendered
 
 
-def _native(message: ChatMessage, developer: bool) -> dict[str, Any]:
-    rendered: dict[str, Any] = {"role": _role(message.role, developer), "content": message.content}
+def _caller_fields(message: dict[str, Any], caller_text: Callable[[str], str]) -> dict[str, Any]:
+    """A plain message with its content and name (the role is the node's) mapped."""
+    return {key: value if key == "role" else caller_text(value) for key, value in message.items()}
+
+
+def _native(
+    message: ChatMessage, developer: bool, caller_text: Callable[[str], str]
+) -> dict[str, Any]:
+    rendered: dict[str, Any] = {
+        "role": _role(message.role, developer),
+        "content": caller_text(message.content),
+    }
     if message.tool_calls:
         rendered["tool_calls"] = [
             {
-                "id": call.id,
+                "id": caller_text(call.id),
                 "type": "function",
-                "function": {"name": call.name, "arguments": _json_or_text(call.arguments)},
+                "function": {
+                    "name": caller_text(call.name),
+                    "arguments": _mapped(_json_or_text(call.arguments), caller_text),
+                },
             }
             for call in message.tool_calls
         ]
     if message.tool_call_id:
-        rendered["tool_call_id"] = message.tool_call_id
+        rendered["tool_call_id"] = caller_text(message.tool_call_id)
     if message.name:
-        rendered["name"] = message.name
+        rendered["name"] = caller_text(message.name)
     return rendered
 
 
-def _tool_dict(tool: FunctionTool) -> dict[str, Any]:
-    function = {"name": tool.name, "description": tool.description, "parameters": _parameters(tool)}
+def _tool_dict(tool: FunctionTool, caller_text: Callable[[str], str]) -> dict[str, Any]:
+    function = {
+        "name": caller_text(tool.name),
+        "description": caller_text(tool.description),
+        "parameters": _mapped(_parameters(tool), caller_text),
+    }
     return {"type": "function", "function": function}
+
+
+def _mapped(value: Any, caller_text: Callable[[str], str]) -> Any:
+    """Parsed JSON with its every string, keys included, mapped."""
+    if isinstance(value, str):
+        return caller_text(value)
+    if isinstance(value, dict):
+        return {caller_text(k): _mapped(v, caller_text) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_mapped(item, caller_text) for item in value]
+    return value
 
 
 def _parameters(tool: FunctionTool) -> Any:

@@ -8,7 +8,9 @@ token counts are exact. ``Started`` is yielded once the prompt is tokenized
 and handed to the scheduler, which starts it as soon as a slot is free.
 Counting rules:
 
-- ``prompt_tokens`` is the length of the chat-templated, tokenized prompt;
+- ``prompt_tokens`` is the length of the chat-templated, tokenized prompt
+  (only the template's own control tokens are read as such, the callers'
+  text is plain text: ``llama_prompt.py``);
 - ``completion_tokens`` counts every sampled token except an end-of-generation
   token (EOS, ``<|im_end|>``, ...), which is consumed, never shown or counted;
   the token that completes a stop sequence is counted;
@@ -49,7 +51,6 @@ from typing import TYPE_CHECKING, Any
 import llama_cpp
 import llama_cpp.llama_cpp as llama_lib
 import structlog
-from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from agent.runtime.base import (
     Embedding,
@@ -63,8 +64,8 @@ from agent.runtime.base import (
     UnknownModel,
 )
 from agent.runtime.channel import GenerationChannel
-from agent.runtime.chat_prompt import template_inputs
 from agent.runtime.llama_batch import PREFILL_CHUNK, BatchScheduler, Job
+from agent.runtime.llama_prompt import PromptTokenizer
 from agent.runtime.llama_vocab import Vocab
 from agent.runtime.sampling import Grammar, SamplerChain, grammar_for
 from agent.runtime.text_stream import TextStream
@@ -121,7 +122,7 @@ class LlamaCppRuntime:
             sequences=slots,
         )
         self._vocab = Vocab(self._llama)
-        self._template, self._template_source = _chat_formatter(self._llama, self._vocab)
+        self._prompts = PromptTokenizer(self._llama, self._vocab)
         self._scheduler = BatchScheduler(self._llama, self._vocab, slots)
         self._closed = False
         self._model_path = model_path
@@ -222,7 +223,8 @@ class LlamaCppRuntime:
         """Embeds the prompt with a second Llama in embedding mode (loaded on first use,
         one embedding at a time), mean-pooled and normalized to unit length."""
         text = request.prompt or ""
-        tokens = len(self._vocab.tokenize(text))
+        # Plain text, as llama.embed tokenizes it.
+        tokens = len(self._prompts.text(text))
         if tokens > min(request.max_prompt_tokens, self._context_length):
             raise PromptTooLong(
                 f"input has {tokens} tokens, limit is "
@@ -299,15 +301,9 @@ class LlamaCppRuntime:
                 f"prompt has {size} bytes, more than {request.max_prompt_tokens} tokens can hold"
             )
         if request.prompt is not None:
-            text = request.prompt
+            tokens = self._prompts.text(request.prompt)
         else:
-            inputs = template_inputs(request.messages, request.tool_use, self._template_source)
-            try:
-                text = self._template(**inputs).prompt
-            except Exception as exc:
-                # Chat templates are model-supplied Jinja; they reject input by raising.
-                raise GenerationError(f"chat template rejected the messages: {exc}") from exc
-        tokens = self._vocab.tokenize(text)
+            tokens = self._prompts.chat(request.messages, request.tool_use)
         if len(tokens) > request.max_prompt_tokens:
             raise PromptTooLong(
                 f"prompt has {len(tokens)} tokens, limit is {request.max_prompt_tokens}"
@@ -333,20 +329,6 @@ def _conversation_fingerprints(request: GenerationRequest, reply: str) -> tuple[
     delivered = request.continuation.text if request.continuation is not None else ""
     answer = ChatMessage(ChatRole.ASSISTANT, delivered + reply)
     return prefix_fingerprints(request.model, request.tool_use, (*request.messages, answer))
-
-
-def _chat_formatter(llama: llama_cpp.Llama, vocab: Vocab) -> tuple[Jinja2ChatFormatter, str]:
-    """The model's chat template, and its source (what it knows: tools, roles)."""
-    template = llama.metadata.get("tokenizer.chat_template")
-    if not template:
-        raise ValueError("the GGUF has no tokenizer.chat_template")
-    formatter = Jinja2ChatFormatter(
-        template=template,
-        eos_token=vocab.text(llama.token_eos()),
-        bos_token=vocab.text(llama.token_bos()),
-        add_generation_prompt=True,
-    )
-    return formatter, str(template)
 
 
 def _embed(llama: llama_cpp.Llama, text: str) -> tuple[tuple[float, ...], int]:

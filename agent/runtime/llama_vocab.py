@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Iterable
 
 import llama_cpp
 import llama_cpp.llama_cpp as llama_lib
 import numpy as np
 
+from agent.runtime.template_markup import ControlTokens, Piece
 from core.inference import TokenLogprob, TopLogprob, token_text
+
+# Tokens llama.cpp reads from text only when special tokens are parsed.
+_CONTROL_ATTRS = llama_lib.LLAMA_TOKEN_ATTR_CONTROL | llama_lib.LLAMA_TOKEN_ATTR_UNKNOWN
 
 
 class Vocab:
@@ -19,9 +24,21 @@ class Vocab:
         self._ptr = llama_lib.llama_model_get_vocab(llama.model)
         # Bytes of the longest token (81 for SmolLM2); found once, in ~0.1 s.
         self.longest_piece = max(len(self.piece(token)) for token in range(self.size))
+        self.control = ControlTokens(
+            {
+                self.text(token): token
+                for token in range(self.size)
+                if llama_lib.llama_vocab_get_attr(self._ptr, token) & _CONTROL_ATTRS
+                and self.text(token)
+            }
+        )
 
-    def tokenize(self, text: str) -> list[int]:
-        tokens: list[int] = self._llama.tokenize(text.encode(), add_bos=False, special=True)
+    def tokenize(self, pieces: Iterable[Piece]) -> list[int]:
+        """A prompt: its text pieces as plain text, its control tokens as they are
+        (template_markup.py), and BOS where the model wants one."""
+        tokens: list[int] = []
+        for piece in pieces:
+            tokens.extend(self.tokenize_text(piece) if isinstance(piece, str) else [piece])
         bos = llama_lib.llama_vocab_bos(self._ptr)
         # Templates usually write BOS themselves; add it only where the model
         # wants one and the template left it out.
