@@ -7,19 +7,20 @@ message could end its turn early or forge a system turn. So only the control
 tokens the template itself writes become control tokens; every caller string
 (content, names, tool calls and results, tool definitions) stays plain text.
 
-How: the template is rendered with every caller string and again with each
-replaced by a sentinel (a random nonce and an index, which no caller string
-contains). Control tokens are looked for only between the sentinels; in the
-real rendering the caller strings take the sentinels' places. The text between
-two control tokens is tokenized as one piece, template and caller text alike,
-as llama.cpp splits a prompt at its special tokens, so a prompt without markup
-in its caller text gets exactly the tokens a whole-string tokenization gives.
+How: the template is rendered as it is, and again with each caller string
+wrapped in markers (a random nonce, which no caller string contains). Control
+tokens are looked for only outside the markers; what is inside is the caller's
+text as the template wrote it (``| tojson`` escapes it, the markers stay). If
+that rendering without its markers is the real one, the text between two
+control tokens is tokenized as one piece, template and caller text alike, as
+llama.cpp splits a prompt at its special tokens: a prompt without markup in
+its callers' text gets exactly the tokens a whole-string tokenization gives.
 
-A template that transforms what it is given (``| trim``, ``| tojson`` escaping
-quotes, a branch on a message's text) renders something else than the
-sentinels' places filled in. Then the real rendering is split at every control
-token, which is safe only if those are the template's own: the same ones, in
-the same order, as in the sentinel rendering; otherwise the request is refused.
+A template that changes what it is given otherwise (``| trim`` on text with
+outer spaces, a branch on a message's text) renders something else. Then the
+real rendering is split at every control token, which is safe only if those
+are the template's own: the same ones, in the same order, as it writes with
+stand-ins for the caller strings; if not, the request is refused.
 """
 
 from __future__ import annotations
@@ -73,22 +74,18 @@ def prompt_pieces(render: Render, control: ControlTokens) -> list[Piece]:
     template itself writes (adjacent text merged into one run)."""
     real = render(_verbatim)
     while True:
-        sentinels = _Sentinels()
-        marked = render(sentinels)
-        if not any(sentinels.nonce in text for text in sentinels.texts):
+        markers = _Markers()
+        wrapped = render(markers.wrap)
+        if not any(markers.nonce in text for text in markers.texts):
             break
-    parts = sentinels.pattern.split(marked)
-    pieces: list[Piece] = []
-    for index, part in enumerate(parts):
-        if index % 2:
-            pieces.append(sentinels.texts[int(part)])
-        else:
-            pieces.extend(control.split(part))
-    if _spelled(pieces, control) == real:
+    pieces = markers.pieces(wrapped, control)
+    if pieces is not None and _spelled(pieces, control) == real:
         return _merged(pieces)
-    template_tokens = [piece for piece in pieces if isinstance(piece, int)]
+    # The template changed what it was given: its control tokens are those it writes
+    # around stand-ins that hold none.
+    template_tokens = _tokens(control.split(render(markers.stand_in)))
     split = control.split(real)
-    if [piece for piece in split if isinstance(piece, int)] != template_tokens:
+    if _tokens(split) != template_tokens:
         raise InvalidRequest(
             "message text contains the model's control tokens, which its chat template "
             "does not let the node keep as plain text",
@@ -101,20 +98,47 @@ def _verbatim(text: str) -> str:
     return text
 
 
-class _Sentinels:
-    """Stands in for caller strings, remembering them (empty ones stay empty: they hold
-    no markup, and templates test them for emptiness)."""
+class _Markers:
+    """Marks caller strings in a rendering with a nonce of digits (which no caller
+    string contains, and which case changes, trimming and JSON escaping keep).
+    Empty strings stay empty: they hold no markup, and templates test them."""
 
     def __init__(self) -> None:
-        self.nonce = secrets.token_hex(16)
-        self.pattern = re.compile(f"{self.nonce}_([0-9]+)_")
+        self.nonce = f"{secrets.randbits(128):039d}"
+        self._pattern = re.compile(f"{self.nonce}([01])")
         self.texts: list[str] = []
 
-    def __call__(self, text: str) -> str:
+    def wrap(self, text: str) -> str:
         if not text:
             return text
         self.texts.append(text)
-        return f"{self.nonce}_{len(self.texts) - 1}_"
+        return f"{self.nonce}0{text}{self.nonce}1"
+
+    def stand_in(self, text: str) -> str:
+        return self.nonce if text else text
+
+    def pieces(self, wrapped: str, control: ControlTokens) -> list[Piece] | None:
+        """The rendering with the template's text split at control tokens and the
+        (rendered) caller text between its markers kept whole; None if the markers do
+        not pair up."""
+        pieces: list[Piece] = []
+        start = 0
+        inside = False
+        for match in self._pattern.finditer(wrapped):
+            if inside != (match.group(1) == "1"):
+                return None
+            text = wrapped[start : match.start()]
+            pieces.extend([text] if inside else control.split(text))
+            inside = not inside
+            start = match.end()
+        if inside:
+            return None
+        pieces.extend(control.split(wrapped[start:]))
+        return pieces
+
+
+def _tokens(pieces: list[Piece]) -> list[int]:
+    return [piece for piece in pieces if isinstance(piece, int)]
 
 
 def _spelled(pieces: list[Piece], control: ControlTokens) -> str:
