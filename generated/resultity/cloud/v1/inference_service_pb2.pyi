@@ -274,16 +274,22 @@ class StreamChatCompletionRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     PARAMS_FIELD_NUMBER: _builtins.int
+    BATCH_EVENTS_FIELD_NUMBER: _builtins.int
+    batch_events: _builtins.bool
+    """The caller takes the events that are ready together in one message (see
+    StreamChatCompletionResponse). Unset: every event in a message of its own.
+    """
     @_builtins.property
     def params(self) -> Global___ChatCompletionParams: ...
     def __init__(
         self,
         *,
         params: Global___ChatCompletionParams | None = ...,
+        batch_events: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["params", b"params"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_events", b"batch_events", "params", b"params"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -291,9 +297,18 @@ Global___StreamChatCompletionRequest: _TypeAlias = StreamChatCompletionRequest  
 
 @_typing.final
 class StreamChatCompletionResponse(_message.Message):
-    """One event of a streamed completion: first a delta carrying the role, then
-    content and tool call deltas, then one with the finish reason; the last
-    message carries usage and billing and no choices.
+    """The events of a streamed completion, in order: per choice a delta carrying
+    the role, then content and tool call deltas, then one with the finish reason;
+    at last usage and billing.
+
+    Without batch_events a message is one event: one delta, or usage and billing
+    and no choices (the last message).
+
+    With batch_events a message carries the events that were ready together,
+    in order: each entry of choices is one event (several deltas of a choice,
+    say its last content and its finish reason), and usage and billing, when
+    set, come after them and end the stream. Cloud never waits for more events
+    to fill a message.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -753,16 +768,22 @@ class StreamCompletionRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     PARAMS_FIELD_NUMBER: _builtins.int
+    BATCH_EVENTS_FIELD_NUMBER: _builtins.int
+    batch_events: _builtins.bool
+    """The caller takes the events that are ready together in one message (see
+    StreamCompletionResponse). Unset: every event in a message of its own.
+    """
     @_builtins.property
     def params(self) -> Global___CompletionParams: ...
     def __init__(
         self,
         *,
         params: Global___CompletionParams | None = ...,
+        batch_events: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["params", b"params"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_events", b"batch_events", "params", b"params"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -770,10 +791,19 @@ Global___StreamCompletionRequest: _TypeAlias = StreamCompletionRequest  # noqa: 
 
 @_typing.final
 class StreamCompletionResponse(_message.Message):
-    """One event of a streamed text completion: first one with neither choices
-    nor usage (a node took the job), then per choice its text deltas and one
-    with the finish reason; the last message carries usage and billing and no
-    choices.
+    """The events of a streamed text completion, in order: first one with neither
+    choices nor usage (a node took the job), then per choice its text deltas and
+    one with the finish reason; at last usage and billing.
+
+    Without batch_events a message is one event: the opening one, one delta, or
+    usage and billing and no choices (the last message).
+
+    With batch_events a message carries the events that were ready together, in
+    order: each entry of choices is one event, and usage and billing, when set,
+    come after them and end the stream. A message with neither choices nor usage
+    is the opening one; when the first deltas are ready with it, the message that
+    carries them opens the stream instead. Cloud never waits for more events to
+    fill a message.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
