@@ -333,6 +333,20 @@ def _route(method: str, path: str) -> Callable[[_Endpoint], _Endpoint]:
     return register
 
 
+_Stream = TypeVar("_Stream", pb.StreamChatCompletionResponse, pb.StreamCompletionResponse)
+
+
+def _each_event(render: Callable[[_Stream], bytes | None]) -> Callable[[_Stream], bytes | None]:
+    """``render`` of a message of one event, applied to each event of one of cloud's
+    messages (those ready together): the chunks they would be one by one."""
+
+    def render_events(message: _Stream) -> bytes | None:
+        rendered = [render(event) for event in convert.single_events(message)]
+        return b"".join(part for part in rendered if part is not None) or None
+
+    return render_events
+
+
 @_route("POST", "/v1/chat/completions")
 async def chat_completions(request: Request) -> Response:
     metadata = _call_metadata(request)
@@ -355,9 +369,9 @@ async def chat_completions(request: Request) -> Response:
             return sse.encode_chat_chunk(rendered, include_usage=include_usage)
 
         stream = cloud.StreamChatCompletion(
-            pb.StreamChatCompletionRequest(params=params), metadata=metadata
+            pb.StreamChatCompletionRequest(params=params, batch_events=True), metadata=metadata
         )
-        return await stream_sse(request, stream, chunk, held=convert.shows_nothing)
+        return await stream_sse(request, stream, _each_event(chunk), held=convert.shows_nothing)
     call = cloud.CreateChatCompletion(
         pb.CreateChatCompletionRequest(params=params), metadata=metadata
     )
@@ -392,9 +406,11 @@ async def completions(request: Request) -> Response:
             return sse.encode_chunk(rendered, include_usage=include_usage)
 
         stream = cloud.StreamCompletion(
-            pb.StreamCompletionRequest(params=params), metadata=metadata
+            pb.StreamCompletionRequest(params=params, batch_events=True), metadata=metadata
         )
-        return await stream_sse(request, stream, chunk, held=convert.text_shows_nothing)
+        return await stream_sse(
+            request, stream, _each_event(chunk), held=convert.text_shows_nothing
+        )
     call = cloud.CreateCompletion(pb.CreateCompletionRequest(params=params), metadata=metadata)
     try:
         response = await unless_client_gone(request, call, call)
@@ -416,9 +432,10 @@ async def responses(request: Request) -> Response:
     _bind_request(request, body.model, stream=body.stream)
     cloud = _cloud(request)
     if body.stream:
+        # Its rendering takes the events of a message in order, however many.
         events = responses_convert.ResponseEvents(body, sse.encode_response_event)
         stream = cloud.StreamChatCompletion(
-            pb.StreamChatCompletionRequest(params=params), metadata=metadata
+            pb.StreamChatCompletionRequest(params=params, batch_events=True), metadata=metadata
         )
         return await stream_sse(request, stream, events.render, StreamEnding(b"", events.failed))
     call = cloud.CreateChatCompletion(

@@ -9,6 +9,7 @@ import base64
 import json
 import struct
 from collections.abc import Sequence
+from typing import TypeVar
 
 from google.protobuf.timestamp_pb2 import Timestamp
 from resultity.cloud.v1 import inference_service_pb2 as pb
@@ -241,6 +242,27 @@ def chunk_from_proto(
         ],
         "usage": _usage(message.usage) if message.HasField("usage") else None,
     }
+
+
+_Stream = TypeVar("_Stream", pb.StreamChatCompletionResponse, pb.StreamCompletionResponse)
+
+
+def single_events(message: _Stream) -> list[_Stream]:
+    """One of cloud's streamed messages as messages of one event each, in order: one per
+    delta, then the usage and billing. The gateway asks for the events that are ready
+    together in one message (batch_events) and sends each as the chunk it is alone."""
+    usage = message.HasField("usage")
+    if len(message.choices) + usage <= 1:
+        return [message]
+    kind, id_, model, created = type(message), message.id, message.model, message.created
+    events = [
+        kind(id=id_, model=model, created=created, choices=[delta]) for delta in message.choices
+    ]
+    if usage:
+        events.append(
+            kind(id=id_, model=model, created=created, usage=message.usage, billing=message.billing)
+        )
+    return events
 
 
 def shows_nothing(message: pb.StreamChatCompletionResponse) -> bool:
