@@ -209,7 +209,7 @@ class GrpcNetworkClient:
         spec: GenerationSpec,
         requirements: NodeRequirements = NO_REQUIREMENTS,
         origin: JobOrigin = NO_ORIGIN,
-    ) -> AsyncGenerator[JobEvent, None]:
+    ) -> AsyncGenerator[list[JobEvent], None]:
         request = run_job_request_to_pb(job_id, spec, requirements, origin, batch_events=True)
         # A replica that never answered ran nothing the caller saw: the next one
         # takes the job, under the same id (so that its record is the job's).
@@ -220,5 +220,6 @@ class GrpcNetworkClient:
         async with contextlib.aclosing(responses):
             with domain_errors():
                 async for response in responses:
-                    for event in job_events_from_pb(response):
-                        yield event
+                    events = job_events_from_pb(response)
+                    if events:
+                        yield events

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from collections.abc import Sequence
+from typing import Any, Literal, TypeVar
 
 from resultity.cloud.v1 import inference_service_pb2 as pb
 from resultity.common.v1 import inference_pb2 as common_pb
@@ -199,6 +200,38 @@ def text_chunk_to_pb(
     else:
         return None
     return pb.StreamCompletionResponse(choices=[delta], **header)
+
+
+def chat_events_to_pb(
+    events: Sequence[CompletionEvent], header: dict[str, Any]
+) -> pb.StreamChatCompletionResponse | None:
+    """Events ready together as one message (StreamChatCompletionRequest.batch_events):
+    the messages of each, merged (their deltas in order, usage and billing of the
+    CompletionFinished after them); None when none of them has a message."""
+    return _merged([chat_chunk_to_pb(event, header) for event in events])
+
+
+def text_events_to_pb(
+    events: Sequence[CompletionEvent], header: dict[str, Any]
+) -> pb.StreamCompletionResponse | None:
+    """As ``chat_events_to_pb``, for a text completion (StreamCompletionRequest): the
+    opening message's ``header`` merges into the deltas ready with it."""
+    return _merged([text_chunk_to_pb(event, header) for event in events])
+
+
+_Stream = TypeVar("_Stream", pb.StreamChatCompletionResponse, pb.StreamCompletionResponse)
+
+
+def _merged(messages: list[_Stream | None]) -> _Stream | None:
+    merged: _Stream | None = None
+    for message in messages:
+        if message is None:
+            continue
+        if merged is None:
+            merged = message
+        else:
+            merged.MergeFrom(message)
+    return merged
 
 
 def embeddings_to_pb(embeddings: Embeddings) -> pb.CreateEmbeddingsResponse:

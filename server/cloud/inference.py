@@ -50,6 +50,7 @@ from server.cloud.pricing import (
 )
 from server.cloud.rate_limits import DefaultLimits, LimitCounters, RateLimiter, RateStatus
 from server.cloud.requests import (
+    FLUSH,
     ChatCompletion,
     ChatRequest,
     Choice,
@@ -61,6 +62,7 @@ from server.cloud.requests import (
     ContentDelta,
     EmbeddingRequest,
     Embeddings,
+    Flush,
     GenerationRequest,
     TextRequest,
     ToolCallDelta,
@@ -145,11 +147,17 @@ class InferenceService:
         raise ModelNotFound(model_id)
 
     async def stream(
-        self, authorization: str | None, request: ChatRequest, request_id: str
+        self,
+        authorization: str | None,
+        request: ChatRequest,
+        request_id: str,
+        *,
+        flushes: bool = False,
     ) -> AsyncGenerator[CompletionEvent, None]:
         """One CompletionStarted; per choice (one after another) a ChoiceStarted, its
         ContentDeltas (and, with tools, ToolCallDeltas after them) and a
-        ChoiceFinished; then one CompletionFinished."""
+        ChoiceFinished; then one CompletionFinished. With ``flushes``, a Flush after
+        each run of events that were ready together."""
         caller, model, rules, retention = await self._admit(authorization, request)
         tool_use = request.tool_use
         tools = tool_use.tools if tool_use is not None else ()
@@ -177,10 +185,16 @@ class InferenceService:
             )
         ) as events:
             async for event in events:
-                yield event
+                if flushes or not isinstance(event, Flush):
+                    yield event
 
     async def stream_text(
-        self, authorization: str | None, request: TextRequest, request_id: str
+        self,
+        authorization: str | None,
+        request: TextRequest,
+        request_id: str,
+        *,
+        flushes: bool = False,
     ) -> AsyncGenerator[CompletionEvent, None]:
         """As ``stream``, for raw prompts: choice i*n+j is prompt i's j-th."""
         caller, model, rules, retention = await self._admit(authorization, request)
@@ -201,7 +215,8 @@ class InferenceService:
             self._logged(run, "completions", request, caller, request_id, retention)
         ) as events:
             async for event in events:
-                yield event
+                if flushes or not isinstance(event, Flush):
+                    yield event
 
     async def complete_text(
         self, authorization: str | None, request: TextRequest, request_id: str
@@ -309,7 +324,8 @@ class InferenceService:
     ) -> AsyncGenerator[CompletionEvent, None]:
         """Admits the request under the caller's rate limits, holds the worst case of
         all ``jobs``, runs them one after another (one choice each) and settles what
-        was delivered, however the stream ends. Counts it in the metrics."""
+        was delivered, however the stream ends. Counts it in the metrics. A Flush
+        follows each run of events that were ready together."""
         job_ids = [uuid.uuid4().hex for _ in jobs]
         tally = _Tally(began=time.monotonic())
         outcome = CANCELLED
@@ -351,6 +367,8 @@ class InferenceService:
                         tally.end_choice()
                 outcome = COMPLETED
                 yield CompletionFinished(tally.finished, settlement.charged, tally.generation_s)
+                # Releasing the rate limits below may wait (shared counters).
+                yield FLUSH
             finally:
                 await admission.release(tally.delivered.total_tokens)
         except DomainError as error:
@@ -390,44 +408,51 @@ class InferenceService:
         self, run: _Run, index: int, job_id: str, spec: GenerationSpec, tally: _Tally
     ) -> AsyncGenerator[CompletionEvent, None]:
         """One choice as one network job: ChoiceStarted (the first choice's preceded by
-        CompletionStarted), its ContentDeltas, ChoiceFinished. Counts what it delivered
-        in ``tally``."""
+        CompletionStarted), its ContentDeltas, ChoiceFinished; a Flush after the events
+        of each of the network's batches (those ready together). Counts what it
+        delivered in ``tally``."""
         job = run.log.bind(job_id=job_id, choice=index)
         assigned_at: float | None = None
         gaps = _TokenGaps()
         async with contextlib.aclosing(
             self._network.run_job(job_id, spec, run.rules, run.origin)
-        ) as events:
-            async for event in events:
-                if isinstance(event, JobAssigned):
-                    job.info("job started", node_id=event.node_id)
-                    assigned_at = time.monotonic()
-                    if index == 0:
-                        yield CompletionStarted(
-                            run.completion_id,
-                            run.model.id,
-                            datetime.now(UTC),
-                            run.rate_limits,
-                            run.job_ids,
-                        )
-                    yield ChoiceStarted(index)
-                elif isinstance(event, JobDelta):
-                    now = time.monotonic()
-                    if tally.first_token_at is None:
-                        tally.first_token_at = now
-                        self._metrics.time_to_first_token.observe(now - tally.began, run.model.id)
-                    gaps.add(now, event.token_count)
-                    tally.add_delta(event.prompt_tokens, event.token_count)
-                    yield ContentDelta(event.text, index, event.logprobs, event.embedding)
-                elif isinstance(event, JobMigrated):
-                    job.info("job continues on another node", node_id=event.node_id)
-                else:
-                    elapsed = 0.0 if assigned_at is None else time.monotonic() - assigned_at
-                    tally.finish(event.usage.prompt_tokens, event.node_usage, elapsed)
-                    if gaps.mean_s is not None:
-                        self._metrics.inter_token_latency.observe(gaps.mean_s, run.model.id)
-                    yield ChoiceFinished(index, event.finish_reason)
-                    return
+        ) as batches:
+            async for ready in batches:
+                for event in ready:
+                    if isinstance(event, JobAssigned):
+                        job.info("job started", node_id=event.node_id)
+                        assigned_at = time.monotonic()
+                        if index == 0:
+                            yield CompletionStarted(
+                                run.completion_id,
+                                run.model.id,
+                                datetime.now(UTC),
+                                run.rate_limits,
+                                run.job_ids,
+                            )
+                        yield ChoiceStarted(index)
+                    elif isinstance(event, JobDelta):
+                        now = time.monotonic()
+                        if tally.first_token_at is None:
+                            tally.first_token_at = now
+                            self._metrics.time_to_first_token.observe(
+                                now - tally.began, run.model.id
+                            )
+                        gaps.add(now, event.token_count)
+                        tally.add_delta(event.prompt_tokens, event.token_count)
+                        yield ContentDelta(event.text, index, event.logprobs, event.embedding)
+                    elif isinstance(event, JobMigrated):
+                        job.info("job continues on another node", node_id=event.node_id)
+                    else:
+                        elapsed = 0.0 if assigned_at is None else time.monotonic() - assigned_at
+                        tally.finish(event.usage.prompt_tokens, event.node_usage, elapsed)
+                        if gaps.mean_s is not None:
+                            self._metrics.inter_token_latency.observe(gaps.mean_s, run.model.id)
+                        yield ChoiceFinished(index, event.finish_reason)
+                        # What follows (the next choice's job, the settlement) waits.
+                        yield FLUSH
+                        return
+                yield FLUSH
 
     async def _settle(self, run: _Run, hold: HoldRef, usage: Usage, shares: list[NodeUsage]) -> int:
         """Captures the cost of ``usage`` (at most the hold) and releases the rest, crediting
@@ -597,7 +622,7 @@ async def _collect(events: AsyncGenerator[CompletionEvent, None]) -> ChatComplet
                         tuple(calls[event.index]),
                     )
                 )
-            else:
+            elif isinstance(event, CompletionFinished):
                 assert started is not None  # a stream always starts first
                 return ChatCompletion(started, tuple(choices), event)
     raise AssertionError("completion stream ended without finishing")

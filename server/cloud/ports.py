@@ -154,9 +154,10 @@ class NetworkPort(Protocol):
         spec: GenerationSpec,
         requirements: NodeRequirements = NO_REQUIREMENTS,
         origin: JobOrigin = NO_ORIGIN,
-    ) -> AsyncGenerator[JobEvent, None]:
+    ) -> AsyncGenerator[Sequence[JobEvent], None]:
         """Runs the job on nodes meeting ``requirements`` (failover included); the
-        network's record of it names ``origin``."""
+        network's record of it names ``origin``. Yields the job's events, those that
+        were ready together in one sequence."""
         ...
 
     async def job_records(self, job_ids: Sequence[str]) -> list[RelayedJob]:

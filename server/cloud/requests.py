@@ -169,6 +169,15 @@ class CompletionFinished:
     generation_s: float = 0.0
 
 
+@dataclass(frozen=True, slots=True)
+class Flush:
+    """No event of the completion: the events since the last Flush were ready together
+    and the next one is not (the stream waits for it), so a caller that sends events
+    ready together as one message sends what it holds now."""
+
+
+FLUSH = Flush()
+
 CompletionEvent = (
     CompletionStarted
     | ChoiceStarted
@@ -176,6 +185,7 @@ CompletionEvent = (
     | ToolCallDelta
     | ChoiceFinished
     | CompletionFinished
+    | Flush
 )
 
 

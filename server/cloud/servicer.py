@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from typing import Any, TypeVar
 
 import grpc
 import structlog
@@ -12,22 +12,29 @@ from resultity.cloud.v1 import inference_service_pb2 as pb
 from resultity.cloud.v1 import inference_service_pb2_grpc as pb_grpc
 
 from core import tracing
+from core.errors import DomainError
 from core.grpc_errors import translate_errors
 from core.metadata import GENERATION_MS, REQUEST_ID
 from server.cloud.convert import (
-    chat_chunk_to_pb,
     chat_completion_to_pb,
+    chat_events_to_pb,
     chat_request_from_pb,
     embeddings_to_pb,
     model_to_pb,
     stream_header,
-    text_chunk_to_pb,
     text_completion_to_pb,
+    text_events_to_pb,
     text_request_from_pb,
 )
 from server.cloud.inference import InferenceService
 from server.cloud.rate_limits import RateStatus
-from server.cloud.requests import CompletionFinished, CompletionStarted, EmbeddingRequest
+from server.cloud.requests import (
+    CompletionEvent,
+    CompletionFinished,
+    CompletionStarted,
+    EmbeddingRequest,
+    Flush,
+)
 from server.common.transport import authorization, metadata_value
 
 
@@ -84,6 +91,43 @@ async def _report_event(context: grpc.aio.ServicerContext[Any, Any], event: obje
         _report_generation(context, event)
 
 
+_Message = TypeVar("_Message")
+
+
+async def _messages(
+    context: grpc.aio.ServicerContext[Any, Any],
+    events: AsyncGenerator[CompletionEvent, None],
+    to_pb: Callable[[Sequence[CompletionEvent], dict[str, Any]], _Message | None],
+    *,
+    batched: bool,
+) -> AsyncIterator[_Message]:
+    """A streamed completion's messages: ``to_pb`` of each event, or (``batched``: then
+    ``events`` has Flushes) of the events up to each Flush, those ready together."""
+    header: dict[str, Any] = {}
+    ready: list[CompletionEvent] = []
+    try:
+        async for event in events:
+            if not isinstance(event, Flush):
+                await _report_event(context, event)
+                if isinstance(event, CompletionStarted):
+                    header = stream_header(event)
+                ready.append(event)
+                if batched:
+                    continue
+            message = to_pb(ready, header)
+            ready = []
+            if message is not None:
+                yield message
+    except DomainError:
+        # The events ready with the failure go out before it, as they would one by one.
+        message = to_pb(ready, header) if ready else None
+        if message is not None:
+            yield message
+        raise
+    finally:
+        await events.aclose()
+
+
 class InferenceServicer(pb_grpc.InferenceServiceServicer):
     def __init__(self, inference: InferenceService) -> None:
         self._inference = inference
@@ -109,22 +153,15 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         request: pb.StreamChatCompletionRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[pb.StreamChatCompletionResponse]:
+        batched = request.batch_events
         events = self._inference.stream(
             authorization(context),
             chat_request_from_pb(request.params),
             _request_id(context),
+            flushes=batched,
         )
-        header: dict[str, Any] = {}
-        try:
-            async for event in events:
-                await _report_event(context, event)
-                if isinstance(event, CompletionStarted):
-                    header = stream_header(event)
-                message = chat_chunk_to_pb(event, header)
-                if message is not None:
-                    yield message
-        finally:
-            await events.aclose()
+        async for message in _messages(context, events, chat_events_to_pb, batched=batched):
+            yield message
 
     @translate_errors
     async def ListModels(
@@ -157,22 +194,15 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     async def StreamCompletion(
         self, request: pb.StreamCompletionRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.StreamCompletionResponse]:
+        batched = request.batch_events
         events = self._inference.stream_text(
             authorization(context),
             text_request_from_pb(request.params),
             _request_id(context),
+            flushes=batched,
         )
-        header: dict[str, Any] = {}
-        try:
-            async for event in events:
-                await _report_event(context, event)
-                if isinstance(event, CompletionStarted):
-                    header = stream_header(event)
-                message = text_chunk_to_pb(event, header)
-                if message is not None:
-                    yield message
-        finally:
-            await events.aclose()
+        async for message in _messages(context, events, text_events_to_pb, batched=batched):
+            yield message
 
     @translate_errors
     async def CreateEmbeddings(

@@ -274,7 +274,8 @@ class FakeNetwork:
         spec: GenerationSpec,
         requirements: NodeRequirements = NO_REQUIREMENTS,
         origin: JobOrigin = NO_ORIGIN,
-    ) -> AsyncGenerator[JobEvent, None]:
+    ) -> AsyncGenerator[list[JobEvent], None]:
+        """Each step of the script is an event of its own (ready alone)."""
         job = RunJob(job_id, spec, requirements, origin)
         self.jobs.append(job)
         script = self.scripts.popleft()
@@ -286,7 +287,7 @@ class FakeNetwork:
                     await asyncio.Event().wait()
                 else:
                     job.relayed(step)
-                    yield step
+                    yield [step]
         finally:
             job.closed = True
 
