@@ -4,7 +4,9 @@ The gateway app (`create_app`) served by uvicorn as `gateway.server.serve` runs 
 in a spawned process of its own, in front of a cloud stub in that process that
 answers at once, without gRPC: the messages a streamed chat completion of 16 tokens
 gets from cloud in `bench.gateway` (the role, one token, fifteen tokens, the finish
-reason, usage). ``--streams`` keep-alive connections (bench/http_client.py) post
+reason, usage: five messages, or three to a gateway that asks for the events ready
+together in one, `batch_events`: the role; the tokens and the finish; usage).
+``--streams`` keep-alive connections (bench/http_client.py) post
 requests back to back for ``--seconds``, ``--rounds`` times; each round reports the
 gateway process's CPU time (user + system) per request. Nothing else runs in that
 process, so this isolates what bench.gateway charges to the gateway (HTTP parsing,
@@ -41,34 +43,38 @@ _HEADER: dict[str, Any] = {
     "model": _MODEL,
     "created": Timestamp(seconds=1_700_000_000),
 }
-_MESSAGES = (
-    pb.StreamChatCompletionResponse(
-        choices=[pb.ChatCompletionDelta(role=inference_pb2.CHAT_ROLE_ASSISTANT)], **_HEADER
-    ),
-    pb.StreamChatCompletionResponse(choices=[pb.ChatCompletionDelta(content="tok")], **_HEADER),
-    pb.StreamChatCompletionResponse(
-        choices=[pb.ChatCompletionDelta(content="tok" * 15)], **_HEADER
-    ),
-    pb.StreamChatCompletionResponse(
-        choices=[pb.ChatCompletionDelta(finish_reason=inference_pb2.FINISH_REASON_LENGTH)],
-        **_HEADER,
-    ),
-    pb.StreamChatCompletionResponse(
-        usage=inference_pb2.Usage(prompt_tokens=7, completion_tokens=16),
-        billing=pb.Billing(charged_micro_credits=42),
-        **_HEADER,
-    ),
+_ROLE = pb.ChatCompletionDelta(role=inference_pb2.CHAT_ROLE_ASSISTANT)
+_TOKENS = (pb.ChatCompletionDelta(content="tok"), pb.ChatCompletionDelta(content="tok" * 15))
+_FINISH = pb.ChatCompletionDelta(finish_reason=inference_pb2.FINISH_REASON_LENGTH)
+_USAGE = pb.StreamChatCompletionResponse(
+    usage=inference_pb2.Usage(prompt_tokens=7, completion_tokens=16),
+    billing=pb.Billing(charged_micro_credits=42),
+    **_HEADER,
+)
+_SINGLE_EVENTS = (
+    *(pb.StreamChatCompletionResponse(choices=[delta], **_HEADER) for delta in (_ROLE, *_TOKENS)),
+    pb.StreamChatCompletionResponse(choices=[_FINISH], **_HEADER),
+    _USAGE,
+)
+# Cloud relays the node's tokens and its finish together (the agent reports them in
+# one batch, the network relays them in one message).
+_READY_TOGETHER = (
+    pb.StreamChatCompletionResponse(choices=[_ROLE], **_HEADER),
+    pb.StreamChatCompletionResponse(choices=[*_TOKENS, _FINISH], **_HEADER),
+    _USAGE,
 )
 
 
 class _InstantStream:
     """A streamed cloud call whose messages are all there: one per loop iteration."""
 
-    def __init__(self) -> None:
-        self._messages = self._each()
+    def __init__(self, messages: tuple[pb.StreamChatCompletionResponse, ...]) -> None:
+        self._messages = self._each(messages)
 
-    async def _each(self) -> AsyncIterator[pb.StreamChatCompletionResponse]:
-        for message in _MESSAGES:
+    async def _each(
+        self, messages: tuple[pb.StreamChatCompletionResponse, ...]
+    ) -> AsyncIterator[pb.StreamChatCompletionResponse]:
+        for message in messages:
             await asyncio.sleep(0)
             yield message
 
@@ -83,8 +89,10 @@ class _InstantStream:
 
 
 class _InstantCloud:
-    def StreamChatCompletion(self, request: Any, metadata: Any = None) -> _InstantStream:
-        return _InstantStream()
+    def StreamChatCompletion(
+        self, request: pb.StreamChatCompletionRequest, metadata: Any = None
+    ) -> _InstantStream:
+        return _InstantStream(_READY_TOGETHER if request.batch_events else _SINGLE_EVENTS)
 
 
 def _gateway_main(port: int, pipe: Connection) -> None:
