@@ -36,6 +36,8 @@ class Sample:
     content_deltas: int
     prompt_tokens: int | None
     text: str
+    # The platform's x-request-id (the jobs API finds the request's jobs by it).
+    request_id: str | None = None
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -73,7 +75,9 @@ class _Timer:
         self.deltas += 1
         self.parts.append(text)
 
-    def sample(self, completion_tokens: int, prompt_tokens: int | None) -> Sample:
+    def sample(
+        self, completion_tokens: int, prompt_tokens: int | None, request_id: str | None = None
+    ) -> Sample:
         end = time.perf_counter()
         if self.first is None or self.last is None:
             raise BenchError("the stream carried no content")
@@ -85,6 +89,7 @@ class _Timer:
             content_deltas=self.deltas,
             prompt_tokens=prompt_tokens,
             text="".join(self.parts),
+            request_id=request_id,
         )
 
 
@@ -158,6 +163,7 @@ def run_platform(
     with http.stream(
         "POST", f"{base_url}/chat/completions", json=body, headers=headers
     ) as response:
+        request_id = response.headers.get("x-request-id")
         if response.status_code != 200:
             response.read()
             raise BenchError(f"HTTP {response.status_code}: {response.text[:500]}")
@@ -175,4 +181,4 @@ def run_platform(
             usage = event.get("usage") or usage
     if usage is None:
         raise BenchError("the stream reported no usage")
-    return timer.sample(int(usage["completion_tokens"]), int(usage["prompt_tokens"]))
+    return timer.sample(int(usage["completion_tokens"]), int(usage["prompt_tokens"]), request_id)

@@ -4,7 +4,11 @@ Started on free ports in a fresh data dir (embedded PostgreSQL unless
 ``RESULTITY_DATABASE_URL`` is set), ready once the demo key exists and
 ``GET /v1/models`` lists the model, and always stopped with SIGINT (then
 SIGTERM, then SIGKILL if it hangs). ``agent_threads`` sets the local agent's
-llama.cpp threads (`resultity up --agent-threads N`).
+llama.cpp threads (`resultity up --agent-threads N`). ``extra_agents`` more
+nodes join as an operator's would (`resultity agent --network ...` with the
+platform operator's node token, README "An extra agent on another machine"),
+with the same threads and their own keys; the platform is ready once every
+node passed join validation.
 """
 
 from __future__ import annotations
@@ -28,6 +32,10 @@ import httpx
 DEMO_KEY_FILE = "demo-api-key"
 # Logged by the network when a node fails join validation; it will never serve.
 QUARANTINE_LOG_EVENT = "node quarantined"
+# Logged by the network when a node passed join validation for a model.
+VALIDATED_LOG_EVENT = "model validated"
+# The platform operator's node token, which `resultity up` gives its local agent.
+NODE_TOKEN_FILE = "node-token"
 DATABASE_URL_ENV = "RESULTITY_DATABASE_URL"
 STOP_GRACE_S = 60.0
 KILL_GRACE_S = 15.0
@@ -73,6 +81,7 @@ def running_platform(
     start_timeout_s: float,
     log_path: Path | None = None,
     agent_threads: int | None = None,
+    extra_agents: int = 0,
 ) -> Iterator[RunningPlatform]:
     """Starts `resultity up`, yields once it serves ``model``, stops it on exit."""
     with tempfile.TemporaryDirectory(prefix="resultity-bench-", ignore_cleanup_errors=True) as tmp:
@@ -103,6 +112,13 @@ def running_platform(
                 api_key = _wait_until_serving(
                     processes, data_dir / DEMO_KEY_FILE, base_url, model, deadline, log_file
                 )
+                for number in range(1, extra_agents + 1):
+                    agent = _agent_command(grpc_port, Path(tmp) / f"agent-{number}", agent_threads)
+                    token = (data_dir / NODE_TOKEN_FILE).read_text().strip()
+                    processes.append(
+                        spawn([*agent, "--name", f"extra-{number}"], log, _with_token(token))
+                    )
+                _wait_until_validated(processes, 1 + extra_agents, deadline, log_file)
                 yield RunningPlatform(
                     base_url,
                     api_key,
@@ -168,6 +184,36 @@ def _wait_until_serving(
                 except httpx.TransportError:
                     pass  # the gateway is not listening yet
             time.sleep(0.5)
+
+
+def _agent_command(grpc_port: int, data_dir: Path, threads: int | None) -> list[str]:
+    command = [
+        *resultity_command(),
+        "agent",
+        "--network",
+        f"127.0.0.1:{grpc_port}",
+        "--data-dir",
+        str(data_dir),
+    ]
+    return command + (["--threads", str(threads)] if threads is not None else [])
+
+
+def _with_token(node_token: str) -> dict[str, str]:
+    return {**os.environ, "RESULTITY_NODE_TOKEN": node_token}
+
+
+def _wait_until_validated(
+    processes: list[subprocess.Popen[bytes]], nodes: int, deadline: float, log_file: Path
+) -> None:
+    """Until ``nodes`` nodes passed join validation (each logs it once per model)."""
+    while True:
+        text = log_file.read_text(errors="replace")
+        if QUARANTINE_LOG_EVENT in text:
+            raise PlatformError("the network quarantined an agent (join validation failed)")
+        if text.count(VALIDATED_LOG_EVENT) >= nodes:
+            return
+        _check_alive(processes, deadline, f"validate {nodes} nodes")
+        time.sleep(0.5)
 
 
 def _stop_all(processes: list[subprocess.Popen[bytes]]) -> None:
