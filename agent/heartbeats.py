@@ -10,13 +10,17 @@ changed: a chat's next turn (a tool loop's at once, a person's within
 seconds) usually comes sooner than the next regular beat, and the network
 routes it here only once it knows this node holds its start. Early beats are
 at least EARLY_BEAT_GAP_S apart, so a node finishing many jobs a second sends
-a few beats, not one per job; a change within the gap goes at its end.
+a few beats, not one per job; a change within the gap goes at its end. A
+regular beat does not start that gap: one sent just before the job ended
+carried the old conversations, and a tool loop's next turn, arriving within
+milliseconds, would otherwise go elsewhere.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 
 import psutil
 from resultity.agent.v1 import agent_service_pb2 as pb
@@ -26,7 +30,7 @@ from core.agent_messages import Heartbeat
 from core.convert.agent_reports import report_to_pb
 from core.prompt_prefixes import MAX_ADVERTISED_PREFIXES
 
-# The least time between a beat and an early one (see above).
+# The least time between two early beats (see above).
 EARLY_BEAT_GAP_S = 0.5
 
 
@@ -62,15 +66,20 @@ class Heartbeats:
     async def _beat(self, interval_s: float) -> None:
         loop = asyncio.get_running_loop()
         sent_at = loop.time()
+        early_at = -math.inf
         advertised: tuple[int, ...] = ()
         with contextlib.suppress(asyncio.CancelledError):
             while True:
+                early = False
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout_at(sent_at + interval_s):
                         await self._cache_changed(advertised)
-                        await asyncio.sleep(sent_at + EARLY_BEAT_GAP_S - loop.time())
+                        await asyncio.sleep(max(0.0, early_at + EARLY_BEAT_GAP_S - loop.time()))
+                        early = True
                 advertised = self._send()
                 sent_at = loop.time()
+                if early:
+                    early_at = sent_at
 
     async def _cache_changed(self, advertised: tuple[int, ...]) -> None:
         """Returns once a job ended and the runtime holds other than ``advertised``."""

@@ -97,3 +97,27 @@ async def test_a_beat_advertises_at_most_the_newest_bound() -> None:
         assert beat.cached_prefixes == tuple(range(MAX_ADVERTISED_PREFIXES))
     finally:
         beats.stop()
+
+
+async def test_an_early_beat_waits_for_the_previous_early_one_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The beats start as if one had just gone (as a regular beat would have, just
+    before the job ended): the first change still goes at once, since a tool loop's
+    next turn comes within milliseconds; the next change waits for the gap."""
+    monkeypatch.setattr(heartbeats, "EARLY_BEAT_GAP_S", HOUR_S)
+    runtime = ScriptedRuntime()
+    runner = JobRunner(runtime, _Ignored())
+    outbound: asyncio.Queue[pb.ConnectRequest | None] = asyncio.Queue()
+    beats = Heartbeats(outbound, runner, HOUR_S)
+    beats.start()
+    try:
+        runtime.cached = (11, 7)
+        await _run_job(runner, "first")
+        assert _beat(await outbound.get()).cached_prefixes == (11, 7)
+
+        runtime.cached = (12, 11, 7)
+        await _run_job(runner, "second")
+        assert outbound.empty()
+    finally:
+        beats.stop()
