@@ -12,7 +12,7 @@ slot and one llama.cpp thread. A round is two conversations:
    **follow-ups** (the opening, the answer and a new question), one after the
    other, each alone: a choice between two idle nodes of which one holds it.
    Without the prefix scorer, speed and then the least recently assigned node
-   decide, the same node for both, so one of the two would land right: 50 %;
+   would decide, neither of which knows where a conversation is: about 50 %;
 3. the **cold follow-ups**, alone too: the same shape, cached nowhere (the
    follow-up's messages under a system prompt whose first word differs, so as
    long but sharing no cached tokens): what a follow-up costs on a node without
