@@ -3,7 +3,9 @@
 - direct: llama-cpp-python's own ``Llama.create_chat_completion(stream=True)``
   in this process, on a ``Llama`` built by the agent's loader;
 - platform: ``POST /v1/chat/completions`` with ``stream: true`` over HTTP to
-  the gateway of a running `resultity up`.
+  the gateway of a running `resultity up`;
+- peer: the same request to llama-cpp-python's own OpenAI-compatible server
+  (``python -m llama_cpp.server``, bench/peer_process.py).
 
 TTFT is the time from sending the request to the first non-empty content
 delta; the timestamps of every content delta are taken on arrival.
@@ -146,8 +148,15 @@ def run_platform(
     model: str,
     messages: list[dict[str, str]],
     max_tokens: int,
+    *,
+    sampler: dict[str, Any] | None = None,
+    one_token_per_chunk: bool = False,
 ) -> Sample:
-    """The gateway's SSE stream; token counts from the usage chunk it reports."""
+    """An OpenAI-compatible server's SSE stream (the gateway's, or the peer's); token
+    counts from the usage chunk it reports. llama-cpp-python's server sends none
+    (``one_token_per_chunk``): each of its content chunks is one token, as on the
+    direct side; its sampler defaults are not greedy (e.g. repeat_penalty 1.1), so
+    the peer also gets ``greedy_kwargs`` as ``sampler``."""
     body = {
         "model": model,
         "messages": messages,
@@ -156,6 +165,7 @@ def run_platform(
         "seed": SEED,
         "stream": True,
         "stream_options": {"include_usage": True},
+        **(sampler or {}),
     }
     headers = {"authorization": f"Bearer {api_key}"}
     timer = _Timer()
@@ -179,6 +189,8 @@ def run_platform(
             for choice in event.get("choices") or ():
                 timer.content((choice.get("delta") or {}).get("content"))
             usage = event.get("usage") or usage
+    if one_token_per_chunk:
+        return timer.sample(timer.deltas, None)
     if usage is None:
         raise BenchError("the stream reported no usage")
     return timer.sample(int(usage["completion_tokens"]), int(usage["prompt_tokens"]), request_id)

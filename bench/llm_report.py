@@ -1,4 +1,7 @@
-"""The LLM throughput report: medians, ratios, checks, the table and the JSON."""
+"""The LLM throughput report: medians, ratios, checks, the table and the JSON.
+
+Sides: direct (llama.cpp in this process), platform (`resultity up`), and, unless
+skipped, peer (llama-cpp-python's OpenAI server)."""
 
 from __future__ import annotations
 
@@ -55,13 +58,16 @@ class Rounds:
     idle_waits_s: list[float] = field(default_factory=list)
     direct_load: list[LoadSample] = field(default_factory=list)
     platform_load: list[LoadSample] = field(default_factory=list)
+    peer: list[Sample] = field(default_factory=list)
+    peer_cpu: list[dict[str, float]] = field(default_factory=list)
+    peer_load: list[LoadSample] = field(default_factory=list)
 
     def counted(self) -> tuple[list[int], str]:
         """Indices of the rounds the medians use: those whose two sides ran without
         foreign load, or every round when none did (and what was used, in words)."""
         every = list(range(len(self.platform)))
-        loads = zip(self.direct_load, self.platform_load, strict=True)
-        clean = [i for i, pair in enumerate(loads) if not any(s.foreign for s in pair)]
+        sides = [self.direct_load, self.platform_load] + ([self.peer_load] if self.peer else [])
+        clean = [i for i in every if not any(side[i].foreign for side in sides)]
         if not clean:
             return every, f"all {len(every)} rounds, EVERY ONE UNDER FOREIGN LOAD"
         if len(clean) < len(every):
@@ -91,7 +97,7 @@ def build_report(config: dict[str, Any], rounds: Rounds) -> dict[str, Any]:
     best = {name: _ratio(platform[name][BEST[name]], direct[name][BEST[name]]) for name in METRICS}
     direct_counts = sorted({s.completion_tokens for s in rounds.direct})
     platform_counts = sorted({s.completion_tokens for s in rounds.platform})
-    texts = {s.text for s in rounds.direct} | {s.text for s in rounds.platform}
+    texts = {s.text for s in [*rounds.direct, *rounds.platform, *rounds.peer]}
     prompt_tokens = sorted({s.prompt_tokens for s in rounds.platform if s.prompt_tokens})
     checks = {
         "completion_tokens_direct": direct_counts,
@@ -106,6 +112,18 @@ def build_report(config: dict[str, Any], rounds: Rounds) -> dict[str, Any]:
         "direct": _cpu_summary([rounds.direct_cpu[i] for i in used]),
         "platform": _cpu_summary([rounds.platform_cpu[i] for i in used]),
     }
+    peer: dict[str, Any] = {}
+    if rounds.peer:
+        peer_median = _summary([rounds.peer[i] for i in used])
+        checks["completion_tokens_peer"] = sorted({s.completion_tokens for s in rounds.peer})
+        cpu["peer"] = _cpu_summary([rounds.peer_cpu[i] for i in used])
+        peer = {
+            "peer": {"median": peer_median, "samples": [_sample_json(s) for s in rounds.peer]},
+            "ratio_platform_to_peer": {
+                name: _ratio(platform[name]["median"], peer_median[name]["median"])
+                for name in METRICS
+            },
+        }
     return {
         "benchmark": "llm_throughput",
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -116,6 +134,7 @@ def build_report(config: dict[str, Any], rounds: Rounds) -> dict[str, Any]:
         "machine_load": {
             "direct": [load.as_json() for load in rounds.direct_load],
             "platform": [load.as_json() for load in rounds.platform_load],
+            "peer": [load.as_json() for load in rounds.peer_load],
         },
         "direct": {"median": direct, "samples": [_sample_json(s) for s in rounds.direct]},
         "platform": {"median": platform, "samples": [_sample_json(s) for s in rounds.platform]},
@@ -126,6 +145,7 @@ def build_report(config: dict[str, Any], rounds: Rounds) -> dict[str, Any]:
         "checks": checks,
         "cpu_seconds_per_completion": cpu,
         "max_idle_wait_s": max(rounds.idle_waits_s, default=0.0),
+        **peer,
     }
 
 
@@ -190,7 +210,8 @@ def render(report: dict[str, Any]) -> str:
     config, checks = report["config"], report["checks"]
     machine = report["machine"]
     lines = [
-        f"LLM throughput: platform vs llama.cpp direct ({report['date']})",
+        f"LLM throughput: platform vs llama.cpp direct"
+        f"{' and its OpenAI server (peer)' if 'peer' in report else ''} ({report['date']})",
         f"  model     {config['model_id']} ({config['model_file']}), greedy, "
         f"max_tokens {config['max_tokens']}, prompt {config['prompt_tokens_direct']} tokens",
         f"  llama.cpp n_threads {config['n_threads']}, n_threads_batch "
@@ -201,7 +222,8 @@ def render(report: dict[str, Any]) -> str:
         f"  rounds    {report['rounds_completed']} per side (+{config['warmup']} warm-up), "
         f"interleaved; median [min..max] over {report['rounds_used']}",
         "",
-        f"{'metric':38}{'direct':>26}{'platform':>26}{'ratio':>8}{'best':>7}",
+        f"{'metric':38}{'direct':>26}{'platform':>26}{'ratio':>8}{'best':>7}"
+        + (f"{'peer':>26}{'p/peer':>8}" if "peer" in report else ""),
     ]
     for name, label in LABELS.items():
         d, p = report["direct"]["median"][name], report["platform"]["median"][name]
@@ -212,10 +234,20 @@ def render(report: dict[str, Any]) -> str:
                 f"{report['ratio_platform_to_direct'][name]:>8.3f}"
                 f"{report['ratio_best_case'][name]:>7.3f}"
             )
+        if "peer" in report:
+            peer = report["peer"]["median"][name]
+            versus = (
+                f"{p['median'] - peer['median']:>+8.1f}"
+                if name in DIFFERENCE_ONLY
+                else f"{report['ratio_platform_to_peer'][name]:>8.3f}"
+            )
+            ratios += f"{_cell(peer):>26}{versus}"
         lines.append(f"{label:38}{_cell(d):>26}{_cell(p):>26}{ratios}")
     lines += [
         "ratio = platform/direct of the medians; best = of the best cases (min time, max rate);",
-        "for the time after the last token (about 0 direct) the difference in ms instead",
+        "for the time after the last token (about 0 direct) the difference in ms instead;",
+        "peer = llama-cpp-python's OpenAI server, p/peer = platform/peer of the medians",
+        "(for the time after the last token, platform - peer in ms)",
         "",
         f"TTFT overhead (median difference): {report['ttft_overhead_ms']:+.1f} ms",
         f"completion tokens: direct {checks['completion_tokens_direct']} (streamed chunks), "
@@ -224,9 +256,14 @@ def render(report: dict[str, Any]) -> str:
         f"prompt tokens: direct {config['prompt_tokens_direct']}, platform "
         f"{checks['prompt_tokens_platform']} -> "
         f"{'match' if checks['prompt_tokens_match'] else 'DIFFER'}",
-        f"generated text identical on both sides and all rounds: "
+        f"generated text identical on every side and in all rounds: "
         f"{'yes' if checks['same_text_everywhere'] else 'NO'}",
         f"platform SSE content deltas per completion: {checks['platform_content_deltas']}",
+        *(
+            [f"completion tokens, peer (streamed chunks): {checks['completion_tokens_peer']}"]
+            if "peer" in report
+            else []
+        ),
         _render_cpu(report["cpu_seconds_per_completion"]),
         f"disguised canaries the network sent the node during the run: "
         f"{config['platform_canaries']}; longest wait for an idle platform before a round: "
@@ -244,9 +281,14 @@ def _render_cpu(cpu: dict[str, dict[str, float]]) -> str:
         if role in platform
     )
     ratio = platform["total"] / direct["total"] if direct["total"] else math.nan
+    peer = (
+        f"; peer {cpu['peer']['total']:.2f} (server {cpu['peer']['peer']:.2f} + HTTP client)"
+        if "peer" in cpu
+        else ""
+    )
     return (
         f"CPU s per completion (median): direct {direct['total']:.2f} (this process); "
-        f"platform {platform['total']:.2f} = {parts} (bench = HTTP client) -> {ratio:.2f}x"
+        f"platform {platform['total']:.2f} = {parts} (bench = HTTP client) -> {ratio:.2f}x{peer}"
     )
 
 

@@ -1,17 +1,19 @@
-"""LLM throughput: the whole platform against llama.cpp called directly.
+"""LLM throughput: the whole platform against llama.cpp called directly, and
+against llama-cpp-python's own OpenAI server (the peer; `--no-peer` skips it).
 
-Both sides stream the same greedy chat completion of SmolLM2-135M-Instruct
+Every side streams the same greedy chat completion of SmolLM2-135M-Instruct
 from the same GGUF with the same llama.cpp settings. Rounds alternate (direct,
-platform, direct, ...) after one warm-up each, so that both see the same
+platform, peer, direct, ...) after one warm-up each, so that all see the same
 machine; each records the machine's load (bench/machine_load.py), and the
 report gives medians over the rounds without foreign load and the
-platform/direct ratio of medians.
+platform/direct and platform/peer ratios of medians.
 See bench/README.md for the method and the latest numbers.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -30,12 +32,14 @@ from bench.clients import (
     BenchError,
     Sample,
     direct_prompt_tokens,
+    greedy_kwargs,
     run_direct,
     run_platform,
 )
 from bench.cpu_usage import measured, wait_until_idle
 from bench.llm_report import Rounds, build_report, render
-from bench.machine_load import MachineLoad
+from bench.machine_load import LoadSample, MachineLoad
+from bench.peer_process import running_peer
 from bench.platform_process import PlatformError, running_platform
 
 PROMPT = "Write a long, detailed story about a lighthouse keeper who finds a message in a bottle."
@@ -43,6 +47,8 @@ PROMPT = "Write a long, detailed story about a lighthouse keeper who finds a mes
 CANARY_LOG_EVENT = "canary checked"
 # LlamaCppRuntime's default, which the agent uses: repacked CPU buffers (AMX) off.
 CPU_REPACK = False
+# The peer server runs without --api_key and ignores the bearer token.
+PEER_KEY = "none"
 Measure = Callable[[], tuple[Sample, dict[str, float]]]
 
 
@@ -57,6 +63,11 @@ def _parser() -> argparse.ArgumentParser:
         "--budget", type=float, default=300.0, help="seconds; no new round starts past it"
     )
     parser.add_argument("--platform-log", type=Path, help="keep the platform's log here")
+    parser.add_argument(
+        "--no-peer",
+        action="store_true",
+        help="skip the peer side (llama-cpp-python's OpenAI server, `python -m llama_cpp.server`)",
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -108,6 +119,7 @@ def _main(args: argparse.Namespace) -> None:
         log("starting the platform (resultity up)")
         start = time.monotonic()
         with (
+            contextlib.ExitStack() as peer_stack,
             running_platform(
                 settings.model_id,
                 start_timeout_s=args.start_timeout,
@@ -132,14 +144,34 @@ def _main(args: argparse.Namespace) -> None:
                     running.process_roots,
                 )  # fmt: skip
 
+            sides: list[tuple[str, Measure]] = [("direct", direct), ("platform", platform)]
+            if not args.no_peer:
+                peer = peer_stack.enter_context(
+                    running_peer(
+                        model_path, settings.model_id, llama, start_timeout_s=args.start_timeout
+                    )
+                )
+                config["peer_command"] = peer.command
+                log("peer serving (llama_cpp.server)")
+
+                def peer_side() -> tuple[Sample, dict[str, float]]:
+                    return measured(
+                        lambda: run_platform(
+                            http, peer.base_url, PEER_KEY, settings.model_id, messages,
+                            args.max_tokens, sampler=greedy_kwargs(args.max_tokens),
+                            one_token_per_chunk=True,
+                        ),
+                        (peer.pid,),
+                    )  # fmt: skip
+
+                sides.append(("peer", peer_side))
+
             def settle() -> float:
                 return wait_until_idle(running.process_roots)
 
             # The platform's processes (and an embedded PostgreSQL) are this run's own.
             load = MachineLoad(roots=set(running.process_roots))
-            rounds = _interleave(
-                direct, platform, settle, args.rounds, args.warmup, began + args.budget, load
-            )
+            rounds = _interleave(sides, settle, args.rounds, args.warmup, began + args.budget, load)
             config["platform_canaries"] = _count_lines(running.log_path, CANARY_LOG_EVENT)
     finally:
         llama.close()
@@ -154,28 +186,27 @@ def _main(args: argparse.Namespace) -> None:
 
 
 def _interleave(
-    direct: Measure,
-    platform: Measure,
+    sides: list[tuple[str, Measure]],
     settle: Callable[[], float],
     rounds: int,
     warmup: int,
     deadline: float,
     load: MachineLoad,
 ) -> Rounds:
-    """direct, platform, direct, platform, ...; never both at once, each from an
-    idle platform (``settle`` waits for that and returns the seconds it took), each
-    with the machine's load."""
+    """direct, platform, peer, direct, ...; never two at once, each from an idle
+    platform (``settle`` waits for that and returns the seconds it took), each with
+    the machine's load; stored in the ``Rounds`` fields named after the side."""
     result = Rounds()
     for index in range(warmup):
-        for name, run in (("direct", direct), ("platform", platform)):
+        for name, run in sides:
             result.idle_waits_s.append(settle())
             result.warmup[f"{name}_{index}"] = run()[0]
     for index in range(rounds):
         pair_began = time.monotonic()
-        for name, run, samples, cpu, loads in (
-            ("direct", direct, result.direct, result.direct_cpu, result.direct_load),
-            ("platform", platform, result.platform, result.platform_cpu, result.platform_load),
-        ):
+        for name, run in sides:
+            samples: list[Sample] = getattr(result, name)
+            cpu: list[dict[str, float]] = getattr(result, f"{name}_cpu")
+            loads: list[LoadSample] = getattr(result, f"{name}_load")
             waited = settle()
             result.idle_waits_s.append(waited)
             if waited > 1.0:
