@@ -245,9 +245,15 @@ def render(report: dict[str, Any]) -> str:
         lines.append(f"{label:38}{_cell(d):>26}{_cell(p):>26}{ratios}")
     lines += [
         "ratio = platform/direct of the medians; best = of the best cases (min time, max rate);",
-        "for the time after the last token (about 0 direct) the difference in ms instead;",
-        "peer = llama-cpp-python's OpenAI server, p/peer = platform/peer of the medians",
-        "(for the time after the last token, platform - peer in ms)",
+        "for the time after the last token (about 0 direct) the difference in ms instead",
+        *(
+            [
+                "peer = llama-cpp-python's OpenAI server, p/peer = platform/peer of the medians",
+                "(for the time after the last token, platform - peer in ms)",
+            ]
+            if "peer" in report
+            else []
+        ),
         "",
         f"TTFT overhead (median difference): {report['ttft_overhead_ms']:+.1f} ms",
         f"completion tokens: direct {checks['completion_tokens_direct']} (streamed chunks), "
