@@ -261,8 +261,12 @@ COMMANDS = ("up", "agent", "account", "network", "cloud", "gateway")
 
 
 def _label(process: subprocess.Popen[bytes]) -> str:
-    """ "resultity <command>" of the process's command line."""
-    command = next((arg for arg in _argv(process) if arg in COMMANDS), "up")
+    """ "resultity <command>" of the process's command line, or the module it runs
+    (``python -m llama_cpp.server`` for the peer)."""
+    argv = _argv(process)
+    if "-m" in argv[:-1] and argv[argv.index("-m") + 1] != "server.cli":
+        return argv[argv.index("-m") + 1]
+    command = next((arg for arg in argv if arg in COMMANDS), "up")
     return f"resultity {command}"
 
 
@@ -272,4 +276,4 @@ def log_tail(path: Path) -> str:
     except OSError:
         return ""
     tail = "\n".join(lines[-LOG_TAIL_LINES:])
-    return f"--- last lines of the platform log ({path}) ---\n{tail}"
+    return f"--- last lines of {path.name} ({path}) ---\n{tail}"
