@@ -52,10 +52,15 @@ def test_keys_are_unique_and_secret_is_not_in_repr() -> None:
     assert keys[0].secret not in repr(keys[0])
 
 
-@given(position=st.integers(min_value=4, max_value=KEY_LENGTH - 1), data=st.data())
-def test_checksum_rejects_any_one_character_change(position: int, data: st.DataObject) -> None:
+# The replacement is a shift through the alphabet, not a filtered draw: the key is random, so a
+# filter on it would make Hypothesis draw differently on replay.
+@given(
+    position=st.integers(min_value=4, max_value=KEY_LENGTH - 1),
+    shift=st.integers(min_value=1, max_value=len(BASE62) - 1),
+)
+def test_checksum_rejects_any_one_character_change(position: int, shift: int) -> None:
     secret = generate_api_key().secret
-    replacement = data.draw(st.sampled_from(BASE62).filter(lambda c: c != secret[position]))
+    replacement = BASE62[(BASE62.index(secret[position]) + shift) % len(BASE62)]
     tampered = secret[:position] + replacement + secret[position + 1 :]
     with pytest.raises(InvalidApiKey):
         validate_api_key(tampered)
