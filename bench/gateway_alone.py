@@ -6,6 +6,9 @@ answers at once, without gRPC: the messages a streamed chat completion of 16 tok
 gets from cloud in `bench.gateway` (the role, one token, fifteen tokens, the finish
 reason, usage: five messages, or three to a gateway that asks for the events ready
 together in one, `batch_events`: the role; the tokens and the finish; usage).
+``--api`` picks the endpoint: chat completions (the default), text completions (the
+same tokens; the stream opens with a message of no delta instead of the role) or
+the Responses API (over the chat completion's messages).
 ``--streams`` keep-alive connections (bench/http_client.py) post
 requests back to back for ``--seconds``, ``--rounds`` times; each round reports the
 gateway process's CPU time (user + system) per request. Nothing else runs in that
@@ -24,6 +27,7 @@ import os
 import statistics
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -63,22 +67,38 @@ _READY_TOGETHER = (
     pb.StreamChatCompletionResponse(choices=[*_TOKENS, _FINISH], **_HEADER),
     _USAGE,
 )
+_TEXT_HEADER = {**_HEADER, "id": "cmpl-0123456789abcdef0123456789abcdef"}
+_TEXT_TOKENS = (pb.CompletionDelta(text="tok"), pb.CompletionDelta(text="tok" * 15))
+_TEXT_FINISH = pb.CompletionDelta(finish_reason=inference_pb2.FINISH_REASON_LENGTH)
+_TEXT_USAGE = pb.StreamCompletionResponse(
+    usage=_USAGE.usage, billing=_USAGE.billing, **_TEXT_HEADER
+)
+_TEXT_SINGLE_EVENTS = (
+    pb.StreamCompletionResponse(**_TEXT_HEADER),
+    *(pb.StreamCompletionResponse(choices=[delta], **_TEXT_HEADER) for delta in _TEXT_TOKENS),
+    pb.StreamCompletionResponse(choices=[_TEXT_FINISH], **_TEXT_HEADER),
+    _TEXT_USAGE,
+)
+_TEXT_READY_TOGETHER = (
+    pb.StreamCompletionResponse(**_TEXT_HEADER),
+    pb.StreamCompletionResponse(choices=[*_TEXT_TOKENS, _TEXT_FINISH], **_TEXT_HEADER),
+    _TEXT_USAGE,
+)
+_Message = pb.StreamChatCompletionResponse | pb.StreamCompletionResponse
 
 
 class _InstantStream:
     """A streamed cloud call whose messages are all there: one per loop iteration."""
 
-    def __init__(self, messages: tuple[pb.StreamChatCompletionResponse, ...]) -> None:
+    def __init__(self, messages: tuple[_Message, ...]) -> None:
         self._messages = self._each(messages)
 
-    async def _each(
-        self, messages: tuple[pb.StreamChatCompletionResponse, ...]
-    ) -> AsyncIterator[pb.StreamChatCompletionResponse]:
+    async def _each(self, messages: tuple[_Message, ...]) -> AsyncIterator[_Message]:
         for message in messages:
             await asyncio.sleep(0)
             yield message
 
-    def __aiter__(self) -> AsyncIterator[pb.StreamChatCompletionResponse]:
+    def __aiter__(self) -> AsyncIterator[_Message]:
         return self._messages
 
     async def initial_metadata(self) -> tuple[()]:
@@ -93,6 +113,51 @@ class _InstantCloud:
         self, request: pb.StreamChatCompletionRequest, metadata: Any = None
     ) -> _InstantStream:
         return _InstantStream(_READY_TOGETHER if request.batch_events else _SINGLE_EVENTS)
+
+    def StreamCompletion(
+        self, request: pb.StreamCompletionRequest, metadata: Any = None
+    ) -> _InstantStream:
+        return _InstantStream(_TEXT_READY_TOGETHER if request.batch_events else _TEXT_SINGLE_EVENTS)
+
+
+@dataclass(frozen=True)
+class _Api:
+    path: str
+    body: dict[str, Any]
+    # How the last event of a whole response's body starts.
+    last_event: bytes
+
+
+_APIS = {
+    "chat": _Api(
+        "/v1/chat/completions",
+        {
+            "model": _MODEL,
+            "messages": [{"role": "user", "content": "Say something."}],
+            "max_tokens": 16,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+        b"data: [DONE]",
+    ),
+    "completions": _Api(
+        "/v1/completions",
+        {
+            "model": _MODEL,
+            "prompt": "Say something.",
+            "max_tokens": 16,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+        b"data: [DONE]",
+    ),
+    # The length finish ends the response as incomplete; its event is the last.
+    "responses": _Api(
+        "/v1/responses",
+        {"model": _MODEL, "input": "Say something.", "max_output_tokens": 16, "stream": True},
+        b"event: response.incomplete\n",
+    ),
+}
 
 
 def _gateway_main(port: int, pipe: Connection) -> None:
@@ -115,26 +180,20 @@ def _gateway_main(port: int, pipe: Connection) -> None:
     run(main())
 
 
-async def _load(port: int, streams: int, seconds: float) -> int:
-    body = {
-        "model": _MODEL,
-        "messages": [{"role": "user", "content": "Say something."}],
-        "max_tokens": 16,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
+async def _load(port: int, api: _Api, streams: int, seconds: float) -> int:
     headers = {"authorization": "Bearer sk-bench", "content-type": "application/json"}
-    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    url = f"http://127.0.0.1:{port}{api.path}"
     deadline = time.monotonic() + seconds
     done = 0
 
     async def worker() -> None:
         nonlocal done
-        connection = HttpConnection(url, json.dumps(body).encode(), headers)
+        connection = HttpConnection(url, json.dumps(api.body).encode(), headers)
         try:
             while time.monotonic() < deadline:
                 response = await connection.post()
-                if response.status != 200 or not response.body.endswith(b"data: [DONE]\n\n"):
+                last_event = response.body.rsplit(b"\n\n", 2)[-2]
+                if response.status != 200 or not last_event.startswith(api.last_event):
                     raise RuntimeError(f"HTTP {response.status}: {response.body[-200:]!r}")
                 done += 1
         finally:
@@ -146,11 +205,13 @@ async def _load(port: int, streams: int, seconds: float) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--api", choices=sorted(_APIS), default="chat")
     parser.add_argument("--streams", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=3.0, help="per round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--port", type=int, default=18_431)
     args = parser.parse_args()
+    api = _APIS[args.api]
     context = multiprocessing.get_context("spawn")
     ours, theirs = context.Pipe()
     gateway = context.Process(target=_gateway_main, args=(args.port, theirs))
@@ -158,12 +219,12 @@ def main() -> None:
     try:
         if ours.recv() != "ready":
             raise RuntimeError("the gateway did not start")
-        asyncio.run(_load(args.port, args.streams, 1.0))  # warm-up
+        asyncio.run(_load(args.port, api, args.streams, 1.0))  # warm-up
         per_request = []
         for _ in range(args.rounds):
             ours.send("cpu")
             before = ours.recv()
-            requests = asyncio.run(_load(args.port, args.streams, args.seconds))
+            requests = asyncio.run(_load(args.port, api, args.streams, args.seconds))
             ours.send("cpu")
             per_request.append((ours.recv() - before) / requests * 1e6)
             print(f"{requests} requests, gateway CPU {per_request[-1]:.1f} µs per request")
@@ -171,7 +232,7 @@ def main() -> None:
         ours.send("stop")
         gateway.join(10)
     print(
-        f"gateway CPU per request at {args.streams} streams: median "
+        f"gateway CPU per {args.api} request at {args.streams} streams: median "
         f"{statistics.median(per_request):.1f} µs, min {min(per_request):.1f} µs "
         f"(load average {os.getloadavg()[0]:.1f})"
     )
