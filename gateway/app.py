@@ -366,7 +366,7 @@ async def chat_completions(request: Request) -> Response:
             if convert.is_usage_only(message) and not include_usage:
                 return None
             rendered = convert.chunk_from_proto(message, logprobs=logprobs)
-            return sse.encode_chat_chunk(rendered, include_usage=include_usage)
+            return sse.encode_chunk(rendered, include_usage=include_usage)
 
         stream = cloud.StreamChatCompletion(
             pb.StreamChatCompletionRequest(params=params, batch_events=True), metadata=metadata

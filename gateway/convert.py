@@ -219,29 +219,40 @@ def _delta(delta: pb.ChatCompletionDelta) -> dict[str, object]:
     return {"content": delta.content} if delta.content else {}
 
 
+_StreamMessage = pb.StreamChatCompletionResponse | pb.StreamCompletionResponse
+
+
+def _chunk(
+    message: _StreamMessage, kind: str, choices: list[dict[str, object]]
+) -> dict[str, object]:
+    """A streamed chunk as plain data, in the fields and order of its model
+    (ChatCompletionChunk, TextCompletion), for sse.encode_chunk: building and dumping
+    the model costs four times as much, on every chunk of every stream."""
+    return {
+        "id": message.id,
+        "object": kind,
+        "created": _unix_seconds(message.created),
+        "model": message.model,
+        "choices": choices,
+        "usage": _usage(message.usage) if message.HasField("usage") else None,
+    }
+
+
 def chunk_from_proto(
     message: pb.StreamChatCompletionResponse, *, logprobs: bool = False
 ) -> dict[str, object]:
-    """A streamed chunk as plain data in ChatCompletionChunk's shape (its fields in its
-    order, the delta as ChunkChoice serialises it), for sse.encode_chat_chunk: building
-    and dumping the model costs four times as much, on every chunk of every stream."""
-    return {
-        "id": message.id,
-        "object": "chat.completion.chunk",
-        "created": _unix_seconds(message.created),
-        "model": message.model,
-        "choices": [
-            {
-                "index": delta.index,
-                "delta": _delta(delta),
-                # Content deltas carry their tokens' logprobs; the role and finish deltas none.
-                "logprobs": _logprobs(delta.logprobs, logprobs and bool(delta.content)),
-                "finish_reason": finish_reason(delta.finish_reason),
-            }
-            for delta in message.choices
-        ],
-        "usage": _usage(message.usage) if message.HasField("usage") else None,
-    }
+    """A chat chunk, each delta as ChunkChoice serialises it."""
+    choices: list[dict[str, object]] = [
+        {
+            "index": delta.index,
+            "delta": _delta(delta),
+            # Content deltas carry their tokens' logprobs; the role and finish deltas none.
+            "logprobs": _logprobs(delta.logprobs, logprobs and bool(delta.content)),
+            "finish_reason": finish_reason(delta.finish_reason),
+        }
+        for delta in message.choices
+    ]
+    return _chunk(message, "chat.completion.chunk", choices)
 
 
 _Stream = TypeVar("_Stream", pb.StreamChatCompletionResponse, pb.StreamCompletionResponse)
@@ -344,27 +355,22 @@ def text_completion_from_proto(
 
 def text_chunk_from_proto(
     message: pb.StreamCompletionResponse, *, logprobs: bool = False, offsets: dict[int, int]
-) -> schemas.TextCompletion:
-    """One chunk; ``offsets`` (choice index -> text sent so far) is updated."""
-    choices = []
+) -> dict[str, object]:
+    """A text completion's chunk, each delta as TextChoice serialises it; ``offsets``
+    (choice index -> text sent so far) is updated."""
+    choices: list[dict[str, object]] = []
     for delta in message.choices:
         offset = offsets.get(delta.index, 0)
         choices.append(
-            schemas.TextChoice(
-                index=delta.index,
-                text=delta.text,
-                logprobs=_text_logprobs(delta.logprobs, logprobs and bool(delta.text), offset),
-                finish_reason=finish_reason(delta.finish_reason),
-            )
+            {
+                "index": delta.index,
+                "text": delta.text,
+                "logprobs": _text_logprobs(delta.logprobs, logprobs and bool(delta.text), offset),
+                "finish_reason": finish_reason(delta.finish_reason),
+            }
         )
         offsets[delta.index] = offset + len(delta.text)
-    return schemas.TextCompletion(
-        id=message.id,
-        created=_unix_seconds(message.created),
-        model=message.model,
-        choices=choices,
-        usage=_usage(message.usage) if message.HasField("usage") else None,
-    )
+    return _chunk(message, "text_completion", choices)
 
 
 def model_card_from_proto(model: pb.Model) -> schemas.ModelCard:

@@ -7,14 +7,12 @@ from pydantic_core import to_json
 
 from gateway.errors import ApiError
 from gateway.responses_schemas import StreamEvent
-from gateway.schemas import TextCompletion
 
 MEDIA_TYPE = "text/event-stream"
 # Proxies must pass each event on as it comes rather than buffer the body.
 HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 DONE = b"data: [DONE]\n\n"
 # Serializers straight to JSON bytes: a chunk is rendered without a str in between.
-_TEXT_CHUNK = TypeAdapter(TextCompletion)
 _RESPONSE_EVENT: TypeAdapter[StreamEvent] = TypeAdapter(StreamEvent)
 
 
@@ -24,21 +22,20 @@ def event(data: str) -> bytes:
     return "".join(f"data: {line}\n" for line in lines).encode() + b"\n"
 
 
-def encode_chat_chunk(chunk: dict[str, object], *, include_usage: bool) -> bytes:
-    """A chat chunk as convert.chunk_from_proto renders it (its pydantic parts dump
-    themselves)."""
+def _data(payload: object) -> bytes:
+    """A `data:` event of ``payload`` as JSON (its pydantic parts dump themselves)."""
+    # Compact JSON holds no raw newline (strings escape it): the event is one line.
+    return b"data: " + to_json(payload) + b"\n\n"
+
+
+def encode_chunk(chunk: dict[str, object], *, include_usage: bool) -> bytes:
+    """A chat or text completion's chunk as convert renders it (chunk_from_proto,
+    text_chunk_from_proto)."""
     # With include_usage every chunk carries "usage" (null until the last); without it
     # the key is absent, as in OpenAI's stream.
     if not include_usage:
         del chunk["usage"]
-    # Compact JSON holds no raw newline (strings escape it): the event is one line.
-    return b"data: " + to_json(chunk) + b"\n\n"
-
-
-def encode_chunk(chunk: TextCompletion, *, include_usage: bool) -> bytes:
-    """A text completion's chunk."""
-    data = _TEXT_CHUNK.dump_json(chunk, exclude=None if include_usage else {"usage"})
-    return b"data: " + data + b"\n\n"
+    return _data(chunk)
 
 
 def encode_error(error: ApiError) -> bytes:

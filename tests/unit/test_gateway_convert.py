@@ -11,7 +11,7 @@ from resultity.cloud.v1 import inference_service_pb2 as pb
 from resultity.common.v1 import inference_pb2
 
 from gateway import convert
-from gateway.schemas import ChatCompletionChunk, ChatCompletionRequest
+from gateway.schemas import ChatCompletionChunk, ChatCompletionRequest, TextCompletion
 
 
 def _request(**fields: object) -> ChatCompletionRequest:
@@ -199,6 +199,28 @@ def test_chunks_are_what_the_chunk_model_serialises() -> None:
 
         model = ChatCompletionChunk.model_validate_json(rendered)
         assert model.model_dump_json().encode() == rendered
+
+
+def test_text_chunks_are_what_the_text_completion_model_serialises() -> None:
+    logprobs = [inference_pb2.TokenLogprob(token="Hé", logprob=-0.25, bytes=b"H\xc3\xa9")]
+    header = {"id": "cmpl-1", "model": "m", "created": Timestamp(seconds=5)}
+    deltas = [
+        pb.CompletionDelta(text='"Hé"\n', logprobs=logprobs),
+        pb.CompletionDelta(index=1, text="x"),
+        pb.CompletionDelta(finish_reason=inference_pb2.FINISH_REASON_LENGTH),
+    ]
+    usage = inference_pb2.Usage(prompt_tokens=2, completion_tokens=3)
+    offsets: dict[int, int] = {}
+    for message in [
+        *(pb.StreamCompletionResponse(choices=[delta], **header) for delta in deltas),
+        pb.StreamCompletionResponse(usage=usage, **header),
+    ]:
+        chunk = convert.text_chunk_from_proto(message, logprobs=True, offsets=offsets)
+        rendered = to_json(chunk)
+
+        model = TextCompletion.model_validate_json(rendered)
+        assert model.model_dump_json().encode() == rendered
+    assert offsets == {0: 5, 1: 1}
 
 
 def test_content_chunk_is_not_usage_only() -> None:

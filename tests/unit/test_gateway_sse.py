@@ -30,7 +30,7 @@ def _payload(frame: bytes) -> dict[str, object]:
 
 
 def test_chunk_without_usage_has_no_usage_key() -> None:
-    payload = _payload(sse.encode_chat_chunk(_chunk(), include_usage=False))
+    payload = _payload(sse.encode_chunk(_chunk(), include_usage=False))
 
     assert "usage" not in payload
     assert payload["choices"] == [
@@ -39,9 +39,9 @@ def test_chunk_without_usage_has_no_usage_key() -> None:
 
 
 def test_chunk_with_usage_has_null_usage_until_the_last() -> None:
-    assert _payload(sse.encode_chat_chunk(_chunk(), include_usage=True))["usage"] is None
+    assert _payload(sse.encode_chunk(_chunk(), include_usage=True))["usage"] is None
     usage = Usage(prompt_tokens=1, completion_tokens=2, total_tokens=3)
-    assert _payload(sse.encode_chat_chunk(_chunk(usage), include_usage=True))["usage"] == {
+    assert _payload(sse.encode_chunk(_chunk(usage), include_usage=True))["usage"] == {
         "prompt_tokens": 1,
         "completion_tokens": 2,
         "total_tokens": 3,
