@@ -18,22 +18,16 @@ from resultity.common.v1 import inference_pb2
 from gateway import convert
 from gateway.errors import INVALID_REQUEST, RATE_LIMIT_EXCEEDED, ApiError
 from gateway.responses_schemas import (
-    ArgumentsDeltaEvent,
-    ArgumentsDoneEvent,
-    ContentPartEvent,
-    ErrorEvent,
     FunctionCallItem,
     FunctionCallOutputItem,
     FunctionToolParam,
     IncompleteDetails,
     InputItem,
     InputMessage,
-    LifecycleEvent,
     MessageStatus,
     NamedFunctionChoice,
     OutputFunctionCall,
     OutputItem,
-    OutputItemEvent,
     OutputMessage,
     OutputText,
     ResponseError,
@@ -41,9 +35,7 @@ from gateway.responses_schemas import (
     ResponseRequest,
     ResponseStatus,
     ResponseUsage,
-    StreamEvent,
-    TextDeltaEvent,
-    TextDoneEvent,
+    StreamEventData,
     TextFormatJsonObject,
     TextFormatJsonSchema,
     TextSettings,
@@ -294,7 +286,7 @@ class ResponseEvents:
     function_call items (a reply with neither has an empty message)."""
 
     request: ResponseRequest
-    encode: Callable[[StreamEvent], bytes]
+    encode: Callable[[StreamEventData], bytes]
     _envelope: _Envelope = field(init=False)
     _sequence: int = 0
     _output: list[OutputItem] = field(default_factory=list)
@@ -304,13 +296,15 @@ class ResponseEvents:
     def __post_init__(self) -> None:
         self._envelope = _Envelope(self.request)
 
-    def _next(self) -> int:
+    def _event(self, type_: str, **fields: object) -> StreamEventData:
+        """The next event: ``fields`` in the order of its model's after type and
+        sequence_number."""
         self._sequence += 1
-        return self._sequence - 1
+        return {"type": type_, "sequence_number": self._sequence - 1, **fields}
 
     def render(self, message: pb.StreamChatCompletionResponse) -> bytes | None:
         """The events of one of cloud's messages (None: none)."""
-        events: list[StreamEvent] = []
+        events: list[StreamEventData] = []
         for delta in message.choices:
             if delta.role != inference_pb2.CHAT_ROLE_UNSPECIFIED:
                 self._envelope.start(message.id, int(message.created.seconds), message.model)
@@ -332,9 +326,8 @@ class ResponseEvents:
                 _usage(message.usage),
             )
             events.append(
-                LifecycleEvent(
-                    type="response.incomplete" if incomplete else "response.completed",
-                    sequence_number=self._next(),
+                self._event(
+                    "response.incomplete" if incomplete else "response.completed",
                     response=response,
                 )
             )
@@ -343,27 +336,21 @@ class ResponseEvents:
     def failed(self, error: ApiError) -> bytes:
         """An error after the stream started: an `error` event, then response.failed
         with what was delivered."""
-        failure = ErrorEvent(
-            sequence_number=self._next(), code=error.code, message=error.message, param=error.param
-        )
+        failure = self._event("error", code=error.code, message=error.message, param=error.param)
         output = list(self._output)
         if self._open is not None:
             output.append(self._item(self._open, "incomplete"))
         response = self._envelope.response(
             "failed", output, error=ResponseError(code=_error_code(error), message=error.message)
         )
-        failed = LifecycleEvent(
-            type="response.failed", sequence_number=self._next(), response=response
-        )
+        failed = self._event("response.failed", response=response)
         return self.encode(failure) + self.encode(failed)
 
-    def _created(self) -> list[StreamEvent]:
+    def _created(self) -> list[StreamEventData]:
         opening = self._envelope.response("in_progress", [])
         return [
-            LifecycleEvent(type="response.created", sequence_number=self._next(), response=opening),
-            LifecycleEvent(
-                type="response.in_progress", sequence_number=self._next(), response=opening
-            ),
+            self._event("response.created", response=opening),
+            self._event("response.in_progress", response=opening),
         ]
 
     def _item(self, item: _OpenItem, status: MessageStatus) -> OutputItem:
@@ -371,20 +358,18 @@ class ResponseEvents:
             return self._envelope.message(status, "".join(item.text))
         return self._envelope.call(item.index, status, item.call)
 
-    def _open_message(self) -> list[StreamEvent]:
+    def _open_message(self) -> list[StreamEventData]:
         index = len(self._output)
         envelope = self._envelope
         self._open = _OpenItem(index, envelope.message_id)
         return [
-            OutputItemEvent(
-                type="response.output_item.added",
-                sequence_number=self._next(),
+            self._event(
+                "response.output_item.added",
                 output_index=index,
                 item=envelope.message("in_progress", None),
             ),
-            ContentPartEvent(
-                type="response.content_part.added",
-                sequence_number=self._next(),
+            self._event(
+                "response.content_part.added",
                 item_id=envelope.message_id,
                 output_index=index,
                 content_index=0,
@@ -392,34 +377,34 @@ class ResponseEvents:
             ),
         ]
 
-    def _text(self, text: str) -> list[StreamEvent]:
+    def _text(self, text: str) -> list[StreamEventData]:
         events = [] if self._open is not None else self._open_message()
         assert self._open is not None
         self._open.text.append(text)
         events.append(
-            TextDeltaEvent(
-                sequence_number=self._next(),
+            self._event(
+                "response.output_text.delta",
                 item_id=self._open.item_id,
                 output_index=self._open.index,
                 content_index=0,
                 delta=text,
+                logprobs=[],
             )
         )
         return events
 
-    def _call_piece(self, piece: pb.ToolCallDelta) -> list[StreamEvent]:
+    def _call_piece(self, piece: pb.ToolCallDelta) -> list[StreamEventData]:
         """A call's first piece (its id and name) closes the item before it and opens the
         call's; the next ones are pieces of its arguments."""
-        events: list[StreamEvent] = []
+        events: list[StreamEventData] = []
         if piece.id:
             events.extend(self._close())
             index = len(self._output)
             call = inference_pb2.ToolCall(id=piece.id, name=piece.name)
             self._open = _OpenItem(index, self._envelope.call_id(index), call=call)
             events.append(
-                OutputItemEvent(
-                    type="response.output_item.added",
-                    sequence_number=self._next(),
+                self._event(
+                    "response.output_item.added",
                     output_index=index,
                     item=self._item(self._open, "in_progress"),
                 )
@@ -427,8 +412,8 @@ class ResponseEvents:
         if piece.arguments and self._open is not None and self._open.call is not None:
             self._open.call.arguments += piece.arguments
             events.append(
-                ArgumentsDeltaEvent(
-                    sequence_number=self._next(),
+                self._event(
+                    "response.function_call_arguments.delta",
                     item_id=self._open.item_id,
                     output_index=self._open.index,
                     delta=piece.arguments,
@@ -436,25 +421,25 @@ class ResponseEvents:
             )
         return events
 
-    def _close(self) -> list[StreamEvent]:
+    def _close(self) -> list[StreamEventData]:
         """The events that end the open item (none when none is open)."""
         item, self._open = self._open, None
         if item is None:
             return []
-        events: list[StreamEvent]
+        events: list[StreamEventData]
         if item.call is None:
             text = "".join(item.text)
             events = [
-                TextDoneEvent(
-                    sequence_number=self._next(),
+                self._event(
+                    "response.output_text.done",
                     item_id=item.item_id,
                     output_index=item.index,
                     content_index=0,
                     text=text,
+                    logprobs=[],
                 ),
-                ContentPartEvent(
-                    type="response.content_part.done",
-                    sequence_number=self._next(),
+                self._event(
+                    "response.content_part.done",
                     item_id=item.item_id,
                     output_index=item.index,
                     content_index=0,
@@ -463,8 +448,8 @@ class ResponseEvents:
             ]
         else:
             events = [
-                ArgumentsDoneEvent(
-                    sequence_number=self._next(),
+                self._event(
+                    "response.function_call_arguments.done",
                     item_id=item.item_id,
                     output_index=item.index,
                     name=item.call.name,
@@ -473,12 +458,5 @@ class ResponseEvents:
             ]
         done = self._item(item, self._status)
         self._output.append(done)
-        events.append(
-            OutputItemEvent(
-                type="response.output_item.done",
-                sequence_number=self._next(),
-                output_index=item.index,
-                item=done,
-            )
-        )
+        events.append(self._event("response.output_item.done", output_index=item.index, item=done))
         return events

@@ -549,5 +549,11 @@ StreamEvent = (
 )
 
 
+# A streamed event as the stream renders it: plain data with a StreamEvent's fields
+# in their order, its response, item or part the models themselves (building and
+# dumping the event's model on every token would cost far more).
+StreamEventData = dict[str, object]
+
+
 class ResponseStreamEvent(RootModel[StreamEvent]):
     """One event of a streamed response (for the OpenAPI document)."""

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-from pydantic import TypeAdapter
 from pydantic_core import to_json
 
 from gateway.errors import ApiError
-from gateway.responses_schemas import StreamEvent
+from gateway.responses_schemas import StreamEventData
 
 MEDIA_TYPE = "text/event-stream"
 # Proxies must pass each event on as it comes rather than buffer the body.
 HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 DONE = b"data: [DONE]\n\n"
-# Serializers straight to JSON bytes: a chunk is rendered without a str in between.
-_RESPONSE_EVENT: TypeAdapter[StreamEvent] = TypeAdapter(StreamEvent)
 
 
 def event(data: str) -> bytes:
@@ -43,7 +40,7 @@ def encode_error(error: ApiError) -> bytes:
     return event(error.envelope().model_dump_json())
 
 
-def encode_response_event(event: StreamEvent) -> bytes:
-    """One Responses API event: its type as the SSE event name, then its JSON."""
-    data = _RESPONSE_EVENT.dump_json(event)
-    return b"event: " + event.type.encode() + b"\ndata: " + data + b"\n\n"
+def encode_response_event(event: StreamEventData) -> bytes:
+    """One Responses API event as responses_convert renders it: its type as the SSE
+    event name, then its JSON."""
+    return b"event: " + str(event["type"]).encode() + b"\n" + _data(event)
