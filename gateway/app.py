@@ -432,12 +432,15 @@ async def responses(request: Request) -> Response:
     _bind_request(request, body.model, stream=body.stream)
     cloud = _cloud(request)
     if body.stream:
-        # Its rendering takes the events of a message in order, however many.
+        # Its rendering takes the events of a message in order, however many. The
+        # events of a role or a finish alone (the response's opening, an item's end)
+        # wait for the next part, as the chat chunks they answer do.
         events = responses_convert.ResponseEvents(body, sse.encode_response_event)
         stream = cloud.StreamChatCompletion(
             pb.StreamChatCompletionRequest(params=params, batch_events=True), metadata=metadata
         )
-        return await stream_sse(request, stream, events.render, StreamEnding(b"", events.failed))
+        ending = StreamEnding(b"", events.failed)
+        return await stream_sse(request, stream, events.render, ending, held=convert.shows_nothing)
     call = cloud.CreateChatCompletion(
         pb.CreateChatCompletionRequest(params=params), metadata=metadata
     )

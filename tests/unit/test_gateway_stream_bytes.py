@@ -20,6 +20,7 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 from resultity.cloud.v1 import inference_service_pb2 as pb
 from resultity.common.v1 import inference_pb2
+from starlette.types import Message
 
 from core.errors import DomainError, JobFailed, RateLimited
 from core.grpc_errors import to_status
@@ -254,3 +255,54 @@ async def test_stream_bytes_are_the_expected_ones(name: str) -> None:
     rendered = await _body(route, body, _Cloud(messages, error))
 
     assert rendered == (EXPECTED / f"{name}.txt").read_bytes()
+
+
+async def _writes(route: str, body: dict[str, object], cloud: _Cloud) -> list[bytes]:
+    """The body's parts, one per ASGI message (each a socket write)."""
+    app = create_app("127.0.0.1:1")
+    app.state.cloud = cloud
+    request = json.dumps(body).encode()
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": route,
+        "raw_path": route.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"authorization", b"Bearer sk-test"), (b"host", b"gateway")],
+        "client": ("127.0.0.1", 1),
+        "server": ("gateway", 80),
+    }
+    received = False
+    parts: list[bytes] = []
+
+    async def receive() -> Message:
+        nonlocal received
+        if not received:
+            received = True
+            return {"type": "http.request", "body": request, "more_body": False}
+        await asyncio.Event().wait()  # the client stays
+        raise AssertionError
+
+    async def send(message: Message) -> None:
+        if message["type"] == "http.response.body":
+            parts.append(message["body"])
+
+    await app(scope, receive, send)
+    return parts
+
+
+@pytest.mark.parametrize("name", ["completion_plain", "response_text"])
+async def test_a_stream_of_three_messages_goes_out_in_two_writes(name: str) -> None:
+    # Cloud's opening message (the role; for a text completion, a message of no delta)
+    # shows nothing alone: its events go out with the text and finish, then usage ends
+    # the body.
+    route, body, messages, error = CASES[name]
+
+    parts = await _writes(route, body, _Cloud(messages, error))
+
+    assert len(parts) == 2
+    assert b"".join(parts) == (EXPECTED / f"{name}.txt").read_bytes()
