@@ -140,7 +140,11 @@ class RequestIdMiddleware:
     reports that in trailing metadata; routes put it in `request.state.generation_ms`).
     A stream's response starts once a node has the job, before any generation, so
     there it is the time of admission and routing; a whole response starts after
-    generation, so there it is the total less the nodes' time."""
+    generation, so there it is the total less the nodes' time.
+
+    A HEAD is answered as the GET of the same URL without its body, on every route:
+    the same status and headers (a 401 without a key, a 404 for an unknown model),
+    not the 405 of a route that serves GET alone."""
 
     def __init__(self, app: ASGIApp, metrics: observe.GatewayMetrics) -> None:
         self.app = app
@@ -150,6 +154,11 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        head = scope["method"] == "HEAD"
+        if head:
+            # A scope of the app's own: the server's still says HEAD, so the server
+            # sends no body and keeps the GET's content-length.
+            scope = dict(scope)
         # 32 hex digits, as a UUID4's hex, at a fraction of its cost.
         request_id = secrets.token_hex(16)
         state = scope.setdefault("state", {})
@@ -170,6 +179,8 @@ class RequestIdMiddleware:
                     id_header,
                     (_OVERHEAD_HEADER, b"%.1f" % overhead_ms),
                 ]
+            elif head and message["type"] == "http.response.body":
+                message = {**message, "body": b""}
             await send(message)
 
         # Reset afterwards (structlog's bound_contextvars reads the whole context to
@@ -178,6 +189,8 @@ class RequestIdMiddleware:
         try:
             with observe.request_span(scope) as span:
                 try:
+                    if head:
+                        scope["method"] = "GET"
                     await self.app(scope, receive, send_with_id)
                 except Exception:
                     log.exception("gateway.unhandled_error", path=quote(scope["path"]))
@@ -185,6 +198,8 @@ class RequestIdMiddleware:
                         raise  # headers are out; the server aborts the connection
                     await errors.internal_error().response()(scope, receive, send_with_id)
                 finally:
+                    if head:
+                        scope["method"] = "HEAD"  # as the log, metrics and span report it
                     elapsed = time.monotonic() - began
                     log.info(
                         "gateway.request",
