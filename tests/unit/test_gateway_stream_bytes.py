@@ -1,4 +1,4 @@
-"""The bytes of streamed text completions and responses, whole bodies against fixed
+"""The bytes of streamed completions and responses, whole bodies against fixed
 expected output (tests/unit/stream_bytes/): what the wire carries must not change
 when their rendering does.
 
@@ -172,6 +172,28 @@ CASES: dict[str, tuple[str, dict[str, object], list[_Message], DomainError | Non
         _TEXT_PROMPT,
         [_text(), _text(pb.CompletionDelta(text=" upon"))],
         JobFailed("the node stopped answering"),
+    ),
+    # Chat completions share the chunks' rendering.
+    "chat_usage_logprobs_tool_call": (
+        "/v1/chat/completions",
+        {
+            "model": "smollm2-135m",
+            "messages": [{"role": "user", "content": "Say hi."}],
+            "stream": True,
+            "logprobs": True,
+            "stream_options": {"include_usage": True},
+        },
+        [
+            _chat(_ROLE),
+            _chat(
+                pb.ChatCompletionDelta(content="Hé", logprobs=_logprobs("H", "é")),
+                pb.ChatCompletionDelta(tool_calls=[pb.ToolCallDelta(id="call_1", name="f")]),
+                pb.ChatCompletionDelta(tool_calls=[pb.ToolCallDelta(arguments="{}")]),
+                pb.ChatCompletionDelta(finish_reason=_TOOL_CALLS),
+            ),
+            _chat(usage=True),
+        ],
+        None,
     ),
     "response_text": (
         "/v1/responses",
