@@ -8,7 +8,13 @@ import time
 from dataclasses import replace
 
 from server.network.nodes import NodeState
-from server.network.presence import NodePresence, Presence
+from server.network.presence import (
+    LOG_SLACK,
+    NodePresence,
+    Presence,
+    PresenceCursor,
+    ReplicaLease,
+)
 
 
 def record(
@@ -85,3 +91,68 @@ class PresenceContract:
         records = [record(f"n{i}", f"r{i % 4}") for i in range(1_200)]
         await presence.publish(records)
         assert len(await presence.snapshot()) == 1_200
+
+    async def test_a_first_read_of_changes_is_everything_with_each_replicas_lease(
+        self, presence: Presence
+    ) -> None:
+        first, second = record("n1", "r1"), record("n2", "r2")
+        await presence.publish([first, second])
+        changes = await presence.changes(None)
+        assert changes.full
+        assert sorted(changes.records, key=lambda r: r.node_id) == [first, second]
+        assert changes.leases == {
+            "r1": ReplicaLease(first.expires_at, first.published_at),
+            "r2": ReplicaLease(second.expires_at, second.published_at),
+        }
+
+    async def test_a_renewal_is_no_change_but_renews_its_replicas_lease(
+        self, presence: Presence
+    ) -> None:
+        first = record(lease_s=10)
+        await presence.publish([first])
+        read = await presence.changes(None)
+        renewal = replace(
+            first, published_at=first.published_at + 1, expires_at=first.expires_at + 5
+        )
+        await presence.publish([renewal])
+        renewed = await presence.changes(read.cursor)
+        assert (renewed.full, renewed.records, renewed.removed) == (False, [], [])
+        assert renewed.leases == {"r1": ReplicaLease(renewal.expires_at, renewal.published_at)}
+        busier = replace(renewal, active_jobs=2)
+        await presence.publish([busier])
+        changed = await presence.changes(renewed.cursor)
+        assert (changed.full, changed.records, changed.removed) == (False, [busier], [])
+        # Read from its cursor, nothing changed since.
+        assert (await presence.changes(changed.cursor)).records == []
+
+    async def test_withdrawn_and_lapsed_records_are_reported_removed(
+        self, presence: Presence
+    ) -> None:
+        await presence.publish([record("n1"), record("n2", lease_s=0.2), record("n3", "r2")])
+        read = await presence.changes(None)
+        await presence.withdraw("r1", ["n1"])
+        await asyncio.sleep(0.4)
+        changes = await presence.changes(read.cursor)
+        assert (changes.full, changes.records) == (False, [])
+        assert sorted(changes.removed) == ["n1", "n2"]
+
+    async def test_a_cursor_the_log_does_not_know_reads_everything(
+        self, presence: Presence
+    ) -> None:
+        await presence.publish([record("n1")])
+        await presence.changes(None)
+        changes = await presence.changes(PresenceCursor("another log", 0))
+        assert changes.full
+        assert [r.node_id for r in changes.records] == ["n1"]
+
+    async def test_a_reader_behind_a_trimmed_log_reads_everything(self, presence: Presence) -> None:
+        await presence.publish([record("kept")])
+        behind = await presence.changes(None)
+        # Nodes come and go until their entries outgrow what the log keeps.
+        gone = [f"gone-{i}" for i in range(LOG_SLACK + 10)]
+        await presence.publish([record(node_id) for node_id in gone])
+        await presence.withdraw("r1", gone)
+        caught_up = await presence.changes(behind.cursor)
+        assert caught_up.full
+        assert [r.node_id for r in caught_up.records] == ["kept"]
+        assert not (await presence.changes(caught_up.cursor)).full

@@ -2,10 +2,10 @@
 
 At the agents' heartbeat cadence the replica publishes a presence record for
 every node connected to it (presence.py) under a lease of a few intervals,
-withdraws the nodes that left, and rebuilds its view of the other replicas'
-nodes from a snapshot (remote_nodes.py), so routing decisions read memory
-only. One replica alone publishes to in-process presence and sees no remote
-node.
+withdraws the nodes that left, and brings its view of the other replicas'
+nodes up to date with what changed since its last refresh (remote_nodes.py),
+so routing decisions read memory only. One replica alone publishes to
+in-process presence and sees no remote node.
 """
 
 from __future__ import annotations
@@ -87,7 +87,9 @@ class Fleet:
             await self._presence.withdraw(self.settings.replica_id, left)
         self._left.clear()
         await self._presence.publish(self._records())
-        self.remote.apply(await self._presence.snapshot())
+        self.remote.update(await self._presence.changes(self.remote.cursor))
+        if self.remote.cursor is None:  # it wants everything (a replica is back)
+            self.remote.update(await self._presence.changes(None))
 
     def _records(self) -> list[NodePresence]:
         now, wall_now = time.monotonic(), time.time()

@@ -14,22 +14,33 @@ Two adapters keep the same contract (tests/unit/test_presence_contract.py):
 A node that re-homes to another replica may briefly be claimed by two: the
 record of the newer session (``connected_at``) wins, and a replica withdraws
 only records it owns.
+
+Every replica renews every record each interval, but few records change in
+anything but their lease: readers follow ``changes`` from a cursor and get only
+the records that changed, the nodes withdrawn or lapsed, and each replica's
+latest lease, so a refresh costs what changed rather than the fleet's size.
 """
 
 from __future__ import annotations
 
 import base64
+import heapq
 import json
 import struct
 import time
+import uuid
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from typing import Protocol
 
 from core.prompt_prefixes import MAX_ADVERTISED_PREFIXES
 from server.network.nodes import NodeState
 
 _PREFIX_BYTES = 8
+# Entries the change log keeps beyond twice the live records before it drops
+# its oldest (those of nodes long gone, mostly); a reader whose cursor is older
+# than what was dropped reads everything again.
+LOG_SLACK = 1_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +90,11 @@ class NodePresence:
         renewal, or a session at least as new."""
         return self.replica_id == other.replica_id or self.connected_at >= other.connected_at
 
+    def renews(self, other: NodePresence) -> bool:
+        """Whether this record only renews ``other``'s lease: nothing a reader routes by
+        changed, so it is no change for ``Presence.changes``."""
+        return replace(other, published_at=self.published_at, expires_at=self.expires_at) == self
+
 
 def _pack_prefixes(prefixes: tuple[int, ...]) -> str:
     kept = prefixes[:MAX_ADVERTISED_PREFIXES]
@@ -92,6 +108,40 @@ def _unpack_prefixes(text: str) -> tuple[int, ...]:
         raise ValueError("cached_prefixes is not a whole number of fingerprints")
     count = min(len(data) // _PREFIX_BYTES, MAX_ADVERTISED_PREFIXES)
     return struct.unpack(f">{count}Q", data[: count * _PREFIX_BYTES])
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceCursor:
+    """Where a reader of ``Presence.changes`` stands: opaque to it."""
+
+    # The change log's identity: a log lost and begun again (a store restarted)
+    # has another, and its reader must read everything again.
+    epoch: str
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaLease:
+    """A replica's latest publish: it renewed the records it carried until ``expires_at``."""
+
+    expires_at: float
+    published_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceChanges:
+    cursor: PresenceCursor
+    # Whether ``records`` are every live record (the cursor was none, too old, or
+    # of a lost log): the reader's nodes missing from them are gone.
+    full: bool
+    # Live records that changed since the cursor (beyond a renewal, NodePresence.renews).
+    records: list[NodePresence]
+    # Nodes whose record was withdrawn or lapsed since the cursor (none when full).
+    removed: list[str] = field(default_factory=list)
+    # Per replica with a live lease. A record renewed without a change lasts until
+    # its replica's lease, which it may outlive; a record a replica stopped
+    # renewing shows up in ``removed`` once it lapsed.
+    leases: dict[str, ReplicaLease] = field(default_factory=dict)
 
 
 class PresenceUnavailable(Exception):
@@ -109,6 +159,11 @@ class Presence(Protocol):
     async def snapshot(self) -> list[NodePresence]:
         """Every record whose lease has not lapsed, of every replica."""
 
+    async def changes(self, since: PresenceCursor | None) -> PresenceChanges:
+        """What changed since ``since`` (everything when it is None, too old or of a
+        lost log), with the cursor to ask from next time. A change may be reported
+        again; none is left out."""
+
     async def close(self) -> None: ...
 
 
@@ -118,28 +173,106 @@ class InProcessPresence:
 
     def __init__(self) -> None:
         self._records: dict[str, NodePresence] = {}
+        self._leases: dict[str, ReplicaLease] = {}
+        # (expires_at, node id) of every stored record, renewals included: the
+        # lapsed ones are found without a scan of all records.
+        self._expiries: list[tuple[float, str]] = []
+        self._log = ChangeLog()
 
     async def publish(self, records: Sequence[NodePresence]) -> None:
+        now = time.time()
         for record in records:
-            current = self._live(record.node_id, time.time())
-            if current is None or record.supersedes(current):
-                self._records[record.node_id] = record
+            self._leases[record.replica_id] = ReplicaLease(record.expires_at, record.published_at)
+            current = self._live(record.node_id, now)
+            if current is not None and not record.supersedes(current):
+                continue
+            self._records[record.node_id] = record
+            heapq.heappush(self._expiries, (record.expires_at, record.node_id))
+            if current is None or not record.renews(current):
+                self._log.changed(record.node_id)
 
     async def withdraw(self, replica_id: str, node_ids: Sequence[str]) -> None:
         for node_id in node_ids:
             current = self._records.get(node_id)
             if current is not None and current.replica_id == replica_id:
                 del self._records[node_id]
+                self._log.changed(node_id)
 
     async def snapshot(self) -> list[NodePresence]:
-        now = time.time()
-        for node_id in [n for n, r in self._records.items() if r.expires_at <= now]:
-            del self._records[node_id]
-        return list(self._records.values())
+        return (await self.changes(None)).records
+
+    async def changes(self, since: PresenceCursor | None) -> PresenceChanges:
+        self._lapse(time.time())
+        self._log.trim(len(self._records))
+        cursor = self._log.cursor()
+        leases = dict(self._leases)
+        if not self._log.follows(since):
+            return PresenceChanges(cursor, True, list(self._records.values()), leases=leases)
+        assert since is not None
+        changed, removed = [], []
+        for node_id in self._log.since(since.seq):
+            record = self._records.get(node_id)
+            if record is None:
+                removed.append(node_id)
+            else:
+                changed.append(record)
+        return PresenceChanges(cursor, False, changed, removed, leases)
 
     async def close(self) -> None:
         self._records.clear()
+        self._leases.clear()
+        self._expiries.clear()
+        self._log = ChangeLog()
 
     def _live(self, node_id: str, now: float) -> NodePresence | None:
         record = self._records.get(node_id)
         return record if record is not None and record.expires_at > now else None
+
+    def _lapse(self, now: float) -> None:
+        while self._expiries and self._expiries[0][0] <= now:
+            _, node_id = heapq.heappop(self._expiries)
+            record = self._records.get(node_id)
+            if record is not None and record.expires_at <= now:
+                del self._records[node_id]
+                self._log.changed(node_id)
+        for replica_id in [r for r, lease in self._leases.items() if lease.expires_at <= now]:
+            del self._leases[replica_id]
+
+
+class ChangeLog:
+    """Which nodes changed, in order, for InProcessPresence: each node once, at its
+    latest change, so a reader walks back from the newest only as far as its cursor."""
+
+    def __init__(self) -> None:
+        self._epoch = uuid.uuid4().hex
+        self._seq = 0
+        # Cursors below this may have missed entries trimmed away.
+        self._floor = 0
+        self._entries: dict[str, int] = {}  # node id -> seq, oldest first
+
+    def changed(self, node_id: str) -> None:
+        self._seq += 1
+        self._entries.pop(node_id, None)
+        self._entries[node_id] = self._seq
+
+    def cursor(self) -> PresenceCursor:
+        return PresenceCursor(self._epoch, self._seq)
+
+    def follows(self, since: PresenceCursor | None) -> bool:
+        """Whether every change after ``since`` is still in the log."""
+        return since is not None and since.epoch == self._epoch and since.seq >= self._floor
+
+    def since(self, seq: int) -> list[str]:
+        changed = []
+        for node_id, logged in reversed(self._entries.items()):
+            if logged <= seq:
+                break
+            changed.append(node_id)
+        return changed
+
+    def trim(self, live: int) -> None:
+        """Drops the oldest entries once gone nodes' entries pile up (LOG_SLACK)."""
+        if len(self._entries) <= 2 * live + LOG_SLACK:
+            return
+        for node_id in list(self._entries)[: len(self._entries) - live]:
+            self._floor = self._entries.pop(node_id)

@@ -13,7 +13,7 @@ import pytest
 from core.inference import ChatMessage, ChatRole
 from core.prompt_prefixes import MAX_ADVERTISED_PREFIXES, prefix_fingerprints
 from server.network.nodes import NodeHello, NodeModel, NodeSession, NodeState
-from server.network.presence import NodePresence
+from server.network.presence import NodePresence, PresenceChanges, PresenceCursor, ReplicaLease
 from server.network.remote_nodes import RemoteNode, RemoteNodes
 from server.network.routing import Router, RouteRequest
 
@@ -152,3 +152,77 @@ def test_a_remote_node_holding_the_conversation_takes_its_next_turn() -> None:
     remote.apply([record("other"), record("cached")])
     picks = {router.pick(RouteRequest("m", prefixes=follow_up), time.monotonic()) for _ in "ab"}
     assert {node.node_id for node in picks if node is not None} == {"cached", "other"}
+
+
+def changes(
+    *records: NodePresence,
+    removed: tuple[str, ...] = (),
+    leases: dict[str, ReplicaLease] | None = None,
+    full: bool = False,
+    seq: int = 1,
+) -> PresenceChanges:
+    if leases is None:
+        leases = {r.replica_id: ReplicaLease(r.expires_at, r.published_at) for r in records}
+    return PresenceChanges(PresenceCursor("log", seq), full, list(records), list(removed), leases)
+
+
+def test_changes_touch_only_the_nodes_they_name() -> None:
+    router, remote = view()
+    remote.update(changes(record("a"), record("b"), record("c"), full=True))
+    remote.update(changes(record("a", active_jobs=1), removed=("b",), seq=2))
+    assert remote.cursor == PresenceCursor("log", 2)
+    assert remote.get("b") is None
+    assert remote.get("c") is not None
+    assert {pick(router, frozenset({"c"})) for _ in "abc"} == {"a"}
+    assert pick(router) == "c"  # "a" is busy now
+
+
+def test_a_full_read_drops_the_nodes_it_lacks() -> None:
+    router, remote = view()
+    remote.update(changes(record("a"), record("b"), full=True))
+    remote.update(changes(record("b"), full=True, seq=5))
+    assert remote.get("a") is None
+    assert router.count("m") == 1
+
+
+def test_a_replicas_renewed_lease_keeps_its_unchanged_nodes_routable() -> None:
+    router, remote = view()
+    short = record("a", expires_at=time.time() + 0.01)
+    remote.update(changes(short, full=True))
+    renewed = {"r2": ReplicaLease(time.time() + 30, time.time())}
+    remote.update(changes(leases=renewed, seq=2))
+    time.sleep(0.02)
+    assert pick(router) == "a"
+    # The replica stops renewing: its nodes turn suspect when its lease lapses.
+    remote.update(changes(leases={"r2": ReplicaLease(time.time() - 1, time.time())}, seq=3))
+    assert pick(router) is None
+
+
+def test_a_changed_record_of_a_node_connected_here_drops_its_remote_entry() -> None:
+    router, remote = view()
+    remote.update(changes(record("b"), full=True))
+    remote.update(changes(record("b", replica_id="r1", connected_at=time.time()), seq=2))
+    assert remote.get("b") is None
+    assert router.count("m") == 0
+
+
+def test_an_unreachable_replica_that_publishes_again_is_read_anew() -> None:
+    router, remote = view()
+    remote.update(changes(record("a", replica_id="r2"), record("b", replica_id="r3"), full=True))
+    remote.unreachable("r2")
+    # A renewal from before it was found unreachable does not bring it back.
+    before = {"r2": ReplicaLease(time.time() + 30, time.time() - 1)}
+    remote.update(changes(leases=before, seq=2))
+    assert remote.cursor == PresenceCursor("log", 2)
+    assert remote.get("a") is None
+    # Its unchanged records are in no change: the view asks for everything.
+    after = {"r2": ReplicaLease(time.time() + 30, time.time() + 1)}
+    remote.update(changes(leases=after, seq=3))
+    assert remote.cursor is None
+    everything = (
+        record("a", replica_id="r2", published_at=time.time() + 1),
+        record("b", replica_id="r3"),
+    )
+    remote.update(changes(*everything, leases=after, full=True, seq=3))
+    assert remote.get("a") is not None
+    assert pick(router, frozenset({"b"})) == "a"
