@@ -18,9 +18,14 @@ that finds no eligible node counts as a miss (it is timed too).
 
 ``--replicas N`` spreads the fleet over N network replicas and measures one of
 them: it holds its share as local sessions and the rest as remote nodes built
-from presence records (``RemoteNodes.apply``, as a heartbeat-cadence refresh
-does), re-applied every 1,000 decisions; a remote pick is reserved the way a
-forwarded job reserves it. The refresh is timed apart from the decisions.
+from the other replicas' presence records (in-process presence, followed by
+``RemoteNodes.update`` as a heartbeat-cadence refresh does); a remote pick is
+reserved the way a forwarded job reserves it. Every 1,000 decisions the view
+reads every record again (a full refresh: a replica's first, or one after its
+cursor was lost) and then, once ``--changed`` percent of the remote records
+changed, only those (a delta refresh: every other one). Both are timed apart
+from the decisions, the view's update alone: reading the records from Redis
+costs their decoding on top, for as many records as the refresh reads.
 
 ``--conversations`` makes every request a chat turn carrying the fingerprints
 of its CONVERSATION_MESSAGES messages' prefixes, and every node advertise
@@ -38,17 +43,18 @@ each round's across rounds.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import random
 import statistics
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from bench.machine_load import MARKS, LoadSample, MachineLoad, cell
 from core.inference import ChatMessage, ChatRole, GenerationSpec, NodeRequirements, Sampling
 from core.prompt_prefixes import MAX_ADVERTISED_PREFIXES
 from server.network.nodes import ModelStatus, ModelValidation, NodeHello, NodeModel, NodeSession
-from server.network.presence import NodePresence
+from server.network.presence import InProcessPresence, NodePresence
 from server.network.remote_nodes import RemoteNode, RemoteNodes
 from server.network.routable import RoutableNode
 from server.network.routing import NO_REQUIREMENTS, Router, RouteRequest, job_prefixes
@@ -178,9 +184,11 @@ def measure(
     rounds: int = 1,
     load: MachineLoad | None = None,
     conversations: bool = False,
+    changed: float = 1.0,
 ) -> tuple[dict[str, float], list[Round]]:
     """Decision times over all ``decisions`` and per round (``decisions / rounds``
-    each, with the machine's load); with ``replicas`` above 1, as seen by one of them."""
+    each, with the machine's load); with ``replicas`` above 1, as seen by one of them,
+    ``changed`` percent of the remote records changing between two delta refreshes."""
     load = load or MachineLoad()
     rng = random.Random(seed)
     router = Router(suspect_after_s=SUSPECT_AFTER_S, rng=random.Random(seed))
@@ -197,12 +205,27 @@ def measure(
         else:
             records.append(_record(node, index % replicas, wall_now))
     remote = RemoteNodes(router, "replica-0", is_local=lambda node_id: False)
-    refreshes: list[float] = []
+    presence = InProcessPresence()
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(presence.publish(records))
+    full: list[float] = []
+    delta: list[float] = []
+    changing = random.Random(seed + 1)  # apart from ``rng``: the decisions stay as they were
 
     def refresh() -> None:
+        """A full refresh, then a delta one after ``changed`` percent of the records changed."""
+        changes = loop.run_until_complete(presence.changes(None))
         started = time.perf_counter_ns()
-        remote.apply(records)
-        refreshes.append((time.perf_counter_ns() - started) / 1e6)
+        remote.update(changes)
+        full.append((time.perf_counter_ns() - started) / 1e6)
+        for index in changing.sample(range(len(records)), round(len(records) * changed / 100)):
+            record = records[index]
+            records[index] = replace(record, active_jobs=1 - record.active_jobs)
+            loop.run_until_complete(presence.publish([records[index]]))
+        changes = loop.run_until_complete(presence.changes(remote.cursor))
+        started = time.perf_counter_ns()
+        remote.update(changes)
+        delta.append((time.perf_counter_ns() - started) / 1e6)
 
     refresh()
     running: list[tuple[RoutableNode, str]] = []
@@ -247,6 +270,7 @@ def measure(
                 assert isinstance(done_node, NodeSession)
                 done_node.active_jobs.discard(done_job)
     per_round.append(_round(timings[first:], load.stop(round_began)))
+    loop.close()
     timings.sort()
     pooled = {
         "p50_us": timings[len(timings) // 2],
@@ -254,7 +278,8 @@ def measure(
         "max_us": timings[-1],
         "mean_us": statistics.fmean(timings),
         "misses": misses,
-        "refresh_ms": max(refreshes) if records else 0.0,
+        "refresh_ms": max(full) if records else 0.0,
+        "delta_ms": max(delta) if records else 0.0,
         "fingerprint_us": statistics.median(fingerprinting) if fingerprinting else 0.0,
     }
     return pooled, per_round
@@ -278,6 +303,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         action="store_true",
         help="chat turns against nodes advertising cached conversations",
     )
+    parser.add_argument(
+        "--changed",
+        type=float,
+        default=1.0,
+        help="with --replicas: percent of the remote records a delta refresh reads",
+    )
     args = parser.parse_args(argv)
     models = MODELS[:1] if args.one_model else MODELS
     if args.rounds < 1 or args.decisions < args.rounds:
@@ -285,12 +316,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(
         f"routing decisions ({len(models)} model(s), {args.decisions} decisions per size in "
         f"{args.rounds} rounds, {args.replicas} replica(s)"
+        f"{f', {args.changed:g}% of remote records changed per delta' if args.replicas > 1 else ''}"
         f"{', chat turns of cached conversations' if args.conversations else ''}); "
         "p50/p99 over all decisions, then across rounds"
     )
     print(
         f"{'requests':<11} {'nodes':>7} {'p50 µs':>8} {'p99 µs':>8} {'max µs':>8} misses "
-        "refresh ms | p50 µs across rounds | p99 µs across rounds"
+        "refresh ms delta ms | p50 µs across rounds | p99 µs across rounds"
     )
     load = MachineLoad()
     for case, requirements in CASES.items():
@@ -304,12 +336,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                 rounds=args.rounds,
                 load=load,
                 conversations=args.conversations,
+                changed=args.changed,
             )
             loads = [r.load for r in rounds]
             load.samples += [(f"{case}@{size:,} r{i + 1}", r.load) for i, r in enumerate(rounds)]
             print(
                 f"{case:<11} {size:>7,} {result['p50_us']:>8.1f} {result['p99_us']:>8.1f} "
-                f"{result['max_us']:>8.1f} {result['misses']:>6.0f} {result['refresh_ms']:>10.1f}"
+                f"{result['max_us']:>8.1f} {result['misses']:>6.0f} "
+                f"{result['refresh_ms']:>10.1f} {result['delta_ms']:>8.2f}"
                 f" | {cell([r.p50_us for r in rounds], loads, '{:.0f}')} "
                 f"| {cell([r.p99_us for r in rounds], loads, '{:.0f}')}",
                 flush=True,
