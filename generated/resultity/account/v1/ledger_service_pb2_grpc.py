@@ -78,6 +78,16 @@ class LedgerServiceStub:
                 request_serializer=resultity_dot_account_dot_v1_dot_ledger__service__pb2.SettleHoldRequest.SerializeToString,
                 response_deserializer=resultity_dot_account_dot_v1_dot_ledger__service__pb2.SettleHoldResponse.FromString,
                 _registered_method=True)
+        self.CreateHolds = channel.unary_unary(
+                '/resultity.account.v1.LedgerService/CreateHolds',
+                request_serializer=resultity_dot_account_dot_v1_dot_ledger__service__pb2.CreateHoldsRequest.SerializeToString,
+                response_deserializer=resultity_dot_account_dot_v1_dot_ledger__service__pb2.CreateHoldsResponse.FromString,
+                _registered_method=True)
+        self.SettleHolds = channel.unary_unary(
+                '/resultity.account.v1.LedgerService/SettleHolds',
+                request_serializer=resultity_dot_account_dot_v1_dot_ledger__service__pb2.SettleHoldsRequest.SerializeToString,
+                response_deserializer=resultity_dot_account_dot_v1_dot_ledger__service__pb2.SettleHoldsResponse.FromString,
+                _registered_method=True)
         self.RequestPayout = channel.unary_unary(
                 '/resultity.account.v1.LedgerService/RequestPayout',
                 request_serializer=resultity_dot_account_dot_v1_dot_ledger__service__pb2.RequestPayoutRequest.SerializeToString,
@@ -169,6 +179,24 @@ class LedgerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateHolds(self, request, context):
+        """Admin only. CreateHold for each item, in one call: each item is applied
+        on its own (items that repeat an idempotency key are a replay of each
+        other), and its result, in the items' order, is its hold or the status
+        CreateHold would have failed with (code, message and google.rpc.ErrorInfo).
+        At most 256 items (INVALID_ARGUMENT otherwise).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SettleHolds(self, request, context):
+        """Admin only. SettleHold for each item, in one call, as CreateHolds does.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def RequestPayout(self, request, context):
         """An operator asks for earned credits to be paid out (the account itself
         or an admin). Reserves the amount of the operator's earnings until an
@@ -248,6 +276,16 @@ def add_LedgerServiceServicer_to_server(servicer, server):
                     servicer.SettleHold,
                     request_deserializer=resultity_dot_account_dot_v1_dot_ledger__service__pb2.SettleHoldRequest.FromString,
                     response_serializer=resultity_dot_account_dot_v1_dot_ledger__service__pb2.SettleHoldResponse.SerializeToString,
+            ),
+            'CreateHolds': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateHolds,
+                    request_deserializer=resultity_dot_account_dot_v1_dot_ledger__service__pb2.CreateHoldsRequest.FromString,
+                    response_serializer=resultity_dot_account_dot_v1_dot_ledger__service__pb2.CreateHoldsResponse.SerializeToString,
+            ),
+            'SettleHolds': grpc.unary_unary_rpc_method_handler(
+                    servicer.SettleHolds,
+                    request_deserializer=resultity_dot_account_dot_v1_dot_ledger__service__pb2.SettleHoldsRequest.FromString,
+                    response_serializer=resultity_dot_account_dot_v1_dot_ledger__service__pb2.SettleHoldsResponse.SerializeToString,
             ),
             'RequestPayout': grpc.unary_unary_rpc_method_handler(
                     servicer.RequestPayout,
@@ -490,6 +528,60 @@ class LedgerService:
             '/resultity.account.v1.LedgerService/SettleHold',
             resultity_dot_account_dot_v1_dot_ledger__service__pb2.SettleHoldRequest.SerializeToString,
             resultity_dot_account_dot_v1_dot_ledger__service__pb2.SettleHoldResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateHolds(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/resultity.account.v1.LedgerService/CreateHolds',
+            resultity_dot_account_dot_v1_dot_ledger__service__pb2.CreateHoldsRequest.SerializeToString,
+            resultity_dot_account_dot_v1_dot_ledger__service__pb2.CreateHoldsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SettleHolds(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/resultity.account.v1.LedgerService/SettleHolds',
+            resultity_dot_account_dot_v1_dot_ledger__service__pb2.SettleHoldsRequest.SerializeToString,
+            resultity_dot_account_dot_v1_dot_ledger__service__pb2.SettleHoldsResponse.FromString,
             options,
             channel_credentials,
             insecure,

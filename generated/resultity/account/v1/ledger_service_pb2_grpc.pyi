@@ -63,6 +63,15 @@ class LedgerServiceStub:
     same transaction. A hold resolves once; settling it again with the same
     parameters returns the same result.
     """
+    CreateHolds: _grpc.UnaryUnaryMultiCallable[_ledger_service_pb2.CreateHoldsRequest, _ledger_service_pb2.CreateHoldsResponse]
+    """Admin only. CreateHold for each item, in one call: each item is applied
+    on its own (items that repeat an idempotency key are a replay of each
+    other), and its result, in the items' order, is its hold or the status
+    CreateHold would have failed with (code, message and google.rpc.ErrorInfo).
+    At most 256 items (INVALID_ARGUMENT otherwise).
+    """
+    SettleHolds: _grpc.UnaryUnaryMultiCallable[_ledger_service_pb2.SettleHoldsRequest, _ledger_service_pb2.SettleHoldsResponse]
+    """Admin only. SettleHold for each item, in one call, as CreateHolds does."""
     RequestPayout: _grpc.UnaryUnaryMultiCallable[_ledger_service_pb2.RequestPayoutRequest, _ledger_service_pb2.RequestPayoutResponse]
     """An operator asks for earned credits to be paid out (the account itself
     or an admin). Reserves the amount of the operator's earnings until an
@@ -120,6 +129,15 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
     same transaction. A hold resolves once; settling it again with the same
     parameters returns the same result.
     """
+    CreateHolds: _aio.UnaryUnaryMultiCallable[_ledger_service_pb2.CreateHoldsRequest, _ledger_service_pb2.CreateHoldsResponse]  # type: ignore[assignment]
+    """Admin only. CreateHold for each item, in one call: each item is applied
+    on its own (items that repeat an idempotency key are a replay of each
+    other), and its result, in the items' order, is its hold or the status
+    CreateHold would have failed with (code, message and google.rpc.ErrorInfo).
+    At most 256 items (INVALID_ARGUMENT otherwise).
+    """
+    SettleHolds: _aio.UnaryUnaryMultiCallable[_ledger_service_pb2.SettleHoldsRequest, _ledger_service_pb2.SettleHoldsResponse]  # type: ignore[assignment]
+    """Admin only. SettleHold for each item, in one call, as CreateHolds does."""
     RequestPayout: _aio.UnaryUnaryMultiCallable[_ledger_service_pb2.RequestPayoutRequest, _ledger_service_pb2.RequestPayoutResponse]  # type: ignore[assignment]
     """An operator asks for earned credits to be paid out (the account itself
     or an admin). Reserves the amount of the operator's earnings until an
@@ -222,6 +240,27 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         same transaction. A hold resolves once; settling it again with the same
         parameters returns the same result.
         """
+
+    @_abc_1.abstractmethod
+    def CreateHolds(
+        self,
+        request: _ledger_service_pb2.CreateHoldsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_service_pb2.CreateHoldsResponse, _abc.Awaitable[_ledger_service_pb2.CreateHoldsResponse]]:
+        """Admin only. CreateHold for each item, in one call: each item is applied
+        on its own (items that repeat an idempotency key are a replay of each
+        other), and its result, in the items' order, is its hold or the status
+        CreateHold would have failed with (code, message and google.rpc.ErrorInfo).
+        At most 256 items (INVALID_ARGUMENT otherwise).
+        """
+
+    @_abc_1.abstractmethod
+    def SettleHolds(
+        self,
+        request: _ledger_service_pb2.SettleHoldsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_service_pb2.SettleHoldsResponse, _abc.Awaitable[_ledger_service_pb2.SettleHoldsResponse]]:
+        """Admin only. SettleHold for each item, in one call, as CreateHolds does."""
 
     @_abc_1.abstractmethod
     def RequestPayout(
