@@ -4,7 +4,8 @@ A servicer method decorated with ``@translate_errors`` aborts with the status
 code that matches the error's reason and a ``google.rpc.ErrorInfo`` detail; a
 client runs its calls inside ``with domain_errors():``, which turns a failed call
 back into the same ``DomainError`` (``domain_error_from_rpc``), so reasons survive
-a chain of services.
+a chain of services. A batch call's failed item carries the same status
+(``error_status``) and is read back the same way (``Failure.of_status``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import contextlib
 import functools
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar, cast
 
 import google.rpc.error_details_pb2 as error_details_pb2
@@ -51,10 +53,14 @@ STATUS_BY_REASON: dict[ErrorReason, grpc.StatusCode] = {
     ErrorReason.INTERNAL: grpc.StatusCode.INTERNAL,
 }
 _REASON_BY_VALUE = {reason.value: reason for reason in ErrorReason}
+_CODE_BY_VALUE: dict[int, grpc.StatusCode] = {
+    cast(int, code.value[0]): code for code in grpc.StatusCode
+}
 
 
-def to_status(error: DomainError) -> grpc.Status:
-    """A gRPC status carrying the error's reason and metadata as ErrorInfo."""
+def error_status(error: DomainError) -> status_pb2.Status:
+    """The google.rpc.Status of the error: its reason's code, and its reason and metadata
+    as ErrorInfo; what a failed call carries, and a batch call's failed item."""
     code = STATUS_BY_REASON[error.reason]
     metadata = {
         quote(key, MAX_METADATA_VALUE_LENGTH): quote(value, MAX_METADATA_VALUE_LENGTH)
@@ -65,12 +71,16 @@ def to_status(error: DomainError) -> grpc.Status:
     )
     detail = any_pb2.Any()
     detail.Pack(info)
-    status = status_pb2.Status(
+    return status_pb2.Status(
         code=cast(int, code.value[0]),
         message=quote(error.message, MAX_MESSAGE_LENGTH),
         details=[detail],
     )
-    return rpc_status.to_status(status)
+
+
+def to_status(error: DomainError) -> grpc.Status:
+    """A gRPC status carrying the error's reason and metadata as ErrorInfo."""
+    return rpc_status.to_status(error_status(error))
 
 
 async def abort_with_error(
@@ -82,11 +92,53 @@ async def abort_with_error(
     raise AssertionError("abort returned")  # abort always raises
 
 
+@dataclass(frozen=True)
+class Failure:
+    """A failed call as it crossed the wire: a failed RPC's status, or a batch call's
+    failed item (a google.rpc.Status), read the same way."""
+
+    code: grpc.StatusCode
+    message: str
+    info: error_details_pb2.ErrorInfo | None
+
+    @classmethod
+    def of_rpc(cls, error: grpc.aio.AioRpcError) -> Failure:
+        return cls(error.code(), error.details() or "", error_info(error))
+
+    @classmethod
+    def of_status(cls, status: status_pb2.Status) -> Failure:
+        return cls(
+            _CODE_BY_VALUE.get(status.code, grpc.StatusCode.UNKNOWN),
+            status.message,
+            _status_error_info(status),
+        )
+
+    def describe(self) -> str:
+        """The failure in one line: status, message and the ErrorInfo reason if any."""
+        reason = f" [{self.info.reason}]" if self.info is not None else ""
+        return f"{self.code.name}: {self.message}{reason}"
+
+    def domain_error(self) -> DomainError:
+        """The DomainError the peer raised (its reason's subclass).
+
+        A failure without ErrorInfo (transport failure, crash) becomes NO_CAPACITY
+        when the peer was unreachable and INTERNAL otherwise.
+        """
+        info = self.info
+        if info is not None and info.reason in _REASON_BY_VALUE:
+            return rebuild_error(
+                _REASON_BY_VALUE[info.reason], self.message or info.reason, info.metadata
+            )
+        if self.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            return rebuild_error(
+                ErrorReason.NO_CAPACITY, f"upstream unavailable: {self.message}", {}
+            )
+        return rebuild_error(ErrorReason.INTERNAL, f"upstream error: {self.message}", {})
+
+
 def describe_rpc_error(error: grpc.aio.AioRpcError) -> str:
     """A failed call in one line: status, message and the ErrorInfo reason if any."""
-    info = error_info(error)
-    reason = f" [{info.reason}]" if info is not None else ""
-    return f"{error.code().name}: {error.details()}{reason}"
+    return Failure.of_rpc(error).describe()
 
 
 def error_info(error: grpc.aio.AioRpcError | grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
@@ -96,32 +148,22 @@ def error_info(error: grpc.aio.AioRpcError | grpc.RpcError) -> error_details_pb2
     # aio metadata iterates as (key, value) pairs; the stubs type it loosely.
     trailing = cast("Iterable[tuple[str, str | bytes]]", error.trailing_metadata() or ())
     for key, value in trailing:
-        if key != STATUS_DETAILS:
-            continue
-        status = status_pb2.Status.FromString(cast(bytes, value))
-        for detail in status.details:
-            info = error_details_pb2.ErrorInfo()
-            if detail.Unpack(info):
-                return info
+        if key == STATUS_DETAILS:
+            return _status_error_info(status_pb2.Status.FromString(cast(bytes, value)))
+    return None
+
+
+def _status_error_info(status: status_pb2.Status) -> error_details_pb2.ErrorInfo | None:
+    for detail in status.details:
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            return info
     return None
 
 
 def domain_error_from_rpc(error: grpc.aio.AioRpcError) -> DomainError:
-    """Rebuilds the DomainError a downstream service raised (its reason's subclass).
-
-    A failure without ErrorInfo (transport failure, crash) becomes
-    NO_CAPACITY when the peer was unreachable and INTERNAL otherwise.
-    """
-    info = error_info(error)
-    if info is not None and info.reason in _REASON_BY_VALUE:
-        return rebuild_error(
-            _REASON_BY_VALUE[info.reason], error.details() or info.reason, info.metadata
-        )
-    if error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-        return rebuild_error(
-            ErrorReason.NO_CAPACITY, f"upstream unavailable: {error.details()}", {}
-        )
-    return rebuild_error(ErrorReason.INTERNAL, f"upstream error: {error.details()}", {})
+    """Rebuilds the DomainError a downstream service raised (Failure.domain_error)."""
+    return Failure.of_rpc(error).domain_error()
 
 
 @contextlib.contextmanager
@@ -170,9 +212,11 @@ def translate_errors(method: _F) -> _F:
 
 __all__ = [
     "STATUS_BY_REASON",
+    "Failure",
     "domain_error_from_rpc",
     "domain_errors",
     "error_info",
+    "error_status",
     "to_status",
     "translate_errors",
 ]
