@@ -1,12 +1,19 @@
-"""gRPC servicer of LedgerService: proto in, one service call, proto out."""
+"""gRPC servicer of LedgerService: proto in, one service call, proto out.
+
+CreateHolds and SettleHolds make, for each item, the call CreateHold and SettleHold
+make (concurrently: the hold store commits them in groups); an item's error becomes
+its status (core/batch_calls.py)."""
 
 from __future__ import annotations
 
+import google.rpc.status_pb2 as status_pb2
 from resultity.account.v1 import ledger_service_pb2 as ledger_pb
 from resultity.account.v1 import ledger_service_pb2_grpc as ledger_grpc
 
+from core.batch_calls import check_items, item_outcomes
 from core.grpc_errors import translate_errors
 from server.account import convert
+from server.account.authz import Principal
 from server.account.billing import BillingService
 from server.account.payouts import PayoutService
 from server.account.service import AccountService
@@ -98,8 +105,57 @@ class LedgerServicer(CallerBase, ledger_grpc.LedgerServiceServicer):
     async def CreateHold(
         self, request: ledger_pb.CreateHoldRequest, context: Context
     ) -> ledger_pb.CreateHoldResponse:
+        return await self._create_hold(await self._caller(context), request)
+
+    @translate_errors
+    async def CreateHolds(
+        self, request: ledger_pb.CreateHoldsRequest, context: Context
+    ) -> ledger_pb.CreateHoldsResponse:
+        caller = await self._batch_caller(context, len(request.items))
+        outcomes = await item_outcomes([self._create_hold(caller, item) for item in request.items])
+        return ledger_pb.CreateHoldsResponse(
+            results=[
+                ledger_pb.CreateHoldResult(error=outcome)
+                if isinstance(outcome, status_pb2.Status)
+                else ledger_pb.CreateHoldResult(response=outcome)
+                for outcome in outcomes
+            ]
+        )
+
+    @translate_errors
+    async def SettleHold(
+        self, request: ledger_pb.SettleHoldRequest, context: Context
+    ) -> ledger_pb.SettleHoldResponse:
+        return await self._settle_hold(await self._caller(context), request)
+
+    @translate_errors
+    async def SettleHolds(
+        self, request: ledger_pb.SettleHoldsRequest, context: Context
+    ) -> ledger_pb.SettleHoldsResponse:
+        caller = await self._batch_caller(context, len(request.items))
+        outcomes = await item_outcomes([self._settle_hold(caller, item) for item in request.items])
+        return ledger_pb.SettleHoldsResponse(
+            results=[
+                ledger_pb.SettleHoldResult(error=outcome)
+                if isinstance(outcome, status_pb2.Status)
+                else ledger_pb.SettleHoldResult(response=outcome)
+                for outcome in outcomes
+            ]
+        )
+
+    async def _batch_caller(self, context: Context, items: int) -> Principal:
+        """The caller of a batch call, who must be an admin: one who may make none of
+        its items' calls is refused as a whole, not item by item."""
+        caller = await self._caller(context)
+        caller.require_admin()
+        check_items(items)
+        return caller
+
+    async def _create_hold(
+        self, caller: Principal, request: ledger_pb.CreateHoldRequest
+    ) -> ledger_pb.CreateHoldResponse:
         hold = await self._billing.create_hold(
-            await self._caller(context),
+            caller,
             request.account_id,
             request.amount_micro_credits,
             request.idempotency_key,
@@ -107,12 +163,11 @@ class LedgerServicer(CallerBase, ledger_grpc.LedgerServiceServicer):
         )
         return ledger_pb.CreateHoldResponse(hold=convert.hold(hold))
 
-    @translate_errors
-    async def SettleHold(
-        self, request: ledger_pb.SettleHoldRequest, context: Context
+    async def _settle_hold(
+        self, caller: Principal, request: ledger_pb.SettleHoldRequest
     ) -> ledger_pb.SettleHoldResponse:
         hold = await self._billing.settle_hold(
-            await self._caller(context),
+            caller,
             request.hold_id,
             request.capture_micro_credits,
             convert.settlement_lines(request),
