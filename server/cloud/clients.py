@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from datetime import datetime
+from typing import TypeVar
 from uuid import UUID
 
 import grpc
@@ -18,11 +19,12 @@ from resultity.account.v1 import ledger_service_pb2_grpc as ledger_grpc
 from resultity.network.v1 import dispatch_service_pb2 as dispatch_pb
 from resultity.network.v1 import dispatch_service_pb2_grpc as dispatch_grpc
 
+from core.batch_calls import MAX_ITEMS
 from core.convert.catalog import models_from_pb
 from core.convert.job_events import job_events_from_pb, run_job_request_to_pb
 from core.convert.job_records import query_to_pb, record_from_pb
 from core.convert.requirements import requirements_to_pb
-from core.grpc_errors import describe_rpc_error, domain_error_from_rpc, domain_errors
+from core.grpc_errors import Failure, domain_errors
 from core.inference import (
     NO_ORIGIN,
     CatalogModel,
@@ -42,10 +44,13 @@ from server.cloud.ports import (
     OperatorShares,
     RelayedJob,
 )
+from server.common.batcher import Batcher
 from server.common.inference_logging_proto import logging_from_pb
 from server.common.rate_limits_proto import rate_limits_from_pb
 from server.common.settlement_proto import settlement_to_pb
 from server.common.settlements import LedgerUnavailable, Settlement
+
+R = TypeVar("R")
 
 # A settlement the account layer has not answered within this goes to the queue (it
 # may have been applied meanwhile: applying it again is a replay).
@@ -69,6 +74,20 @@ class GrpcAccountClient:
         self._ledger = replicas.stubs(ledger_grpc.LedgerServiceStub)
         # Holds are the platform's business: the cloud calls the ledger as the service.
         self._metadata = bearer_metadata(service_token)
+        # Holds (and settlements) asked for together travel in one call; a lone one
+        # in its unary call. Two for one key (a retry) never share a call.
+        self._holds: Batcher[ledger_pb.CreateHoldRequest, HoldRef] = Batcher(
+            self._create_hold,
+            self._create_holds,
+            key=lambda request: request.idempotency_key,
+            max_size=MAX_ITEMS,
+        )
+        self._settlements: Batcher[ledger_pb.SettleHoldRequest, int] = Batcher(
+            self._settle_hold,
+            self._settle_holds,
+            key=lambda request: request.hold_id,
+            max_size=MAX_ITEMS,
+        )
 
     async def authenticate(self, secret: str) -> Caller:
         request = keys_pb.AuthenticateApiKeyRequest(secret=secret)
@@ -128,20 +147,45 @@ class GrpcAccountClient:
     ) -> HoldRef:
         expires_pb = timestamp_pb2.Timestamp()
         expires_pb.FromDatetime(expires)
-        request = ledger_pb.CreateHoldRequest(
-            account_id=account_id,
-            amount_micro_credits=amount,
-            idempotency_key=idempotency_key,
-            expires=expires_pb,
+        return await self._holds.submit(
+            ledger_pb.CreateHoldRequest(
+                account_id=account_id,
+                amount_micro_credits=amount,
+                idempotency_key=idempotency_key,
+                expires=expires_pb,
+            )
         )
+
+    async def settle_hold(self, hold_id: str, capture: int, shares: OperatorShares) -> int:
+        return await self._settlements.submit(
+            settlement_to_pb(Settlement(hold_id, capture, shares))
+        )
+
+    async def _create_hold(self, request: ledger_pb.CreateHoldRequest) -> HoldRef:
         with domain_errors():
             response = await self._ledger.call(
                 lambda ledger: ledger.CreateHold(request, metadata=self._metadata)
             )
-        return HoldRef(response.hold.hold_id, response.hold.amount_micro_credits)
+        return _hold_ref(response)
 
-    async def settle_hold(self, hold_id: str, capture: int, shares: OperatorShares) -> int:
-        request = settlement_to_pb(Settlement(hold_id, capture, shares))
+    async def _create_holds(
+        self, requests: Sequence[ledger_pb.CreateHoldRequest]
+    ) -> list[HoldRef | BaseException | None]:
+        batch = ledger_pb.CreateHoldsRequest(items=requests)
+        try:
+            response = await self._ledger.call(
+                lambda ledger: ledger.CreateHolds(batch, metadata=self._metadata)
+            )
+        except grpc.aio.AioRpcError as error:
+            return _batch_failed(error, len(requests), Failure.domain_error)
+        return [
+            _hold_ref(result.response)
+            if result.HasField("response")
+            else Failure.of_status(result.error).domain_error()
+            for result in response.results
+        ]
+
+    async def _settle_hold(self, request: ledger_pb.SettleHoldRequest) -> int:
         try:
             response = await self._ledger.call(
                 lambda ledger: ledger.SettleHold(
@@ -149,12 +193,50 @@ class GrpcAccountClient:
                 )
             )
         except grpc.aio.AioRpcError as error:
-            # The status first: a settlement the ledger did not answer is sent again,
-            # not refused.
-            if error.code() in _LEDGER_UNAVAILABLE:
-                raise LedgerUnavailable(describe_rpc_error(error)) from None
-            raise domain_error_from_rpc(error) from None
+            raise _settle_error(Failure.of_rpc(error)) from None
         return response.hold.captured_micro_credits
+
+    async def _settle_holds(
+        self, requests: Sequence[ledger_pb.SettleHoldRequest]
+    ) -> list[int | BaseException | None]:
+        batch = ledger_pb.SettleHoldsRequest(items=requests)
+        try:
+            response = await self._ledger.call(
+                lambda ledger: ledger.SettleHolds(
+                    batch, metadata=self._metadata, timeout=SETTLE_TIMEOUT_S
+                )
+            )
+        except grpc.aio.AioRpcError as error:
+            return _batch_failed(error, len(requests), _settle_error)
+        return [
+            result.response.hold.captured_micro_credits
+            if result.HasField("response")
+            else _settle_error(Failure.of_status(result.error))
+            for result in response.results
+        ]
+
+
+def _hold_ref(response: ledger_pb.CreateHoldResponse) -> HoldRef:
+    return HoldRef(response.hold.hold_id, response.hold.amount_micro_credits)
+
+
+def _settle_error(failure: Failure) -> Exception:
+    # The status first: a settlement the ledger did not answer is sent again, not refused.
+    if failure.code in _LEDGER_UNAVAILABLE:
+        return LedgerUnavailable(failure.describe())
+    return failure.domain_error()
+
+
+def _batch_failed(
+    error: grpc.aio.AioRpcError, count: int, error_of: Callable[[Failure], Exception]
+) -> list[R | BaseException | None]:
+    """Each item's outcome when the batch call itself failed: the error its unary call
+    would have raised (one per caller), or None, to send it alone, from a replica that
+    does not know the batch call (one not yet upgraded)."""
+    if error.code() == grpc.StatusCode.UNIMPLEMENTED:
+        return [None] * count
+    failure = Failure.of_rpc(error)
+    return [error_of(failure) for _ in range(count)]
 
 
 class GrpcNetworkClient:
