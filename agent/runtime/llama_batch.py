@@ -1,7 +1,8 @@
 """Continuous batching: all of a node's generations in one llama.cpp context.
 
-One model and one context whose K/V cache holds up to ``slots`` sequences in
-shared cells. A single scheduler thread runs steps; a step is one
+One model and one context whose K/V cache holds, in shared cells, up to
+``slots`` running sequences and idle ones (finished conversations, kept as a
+prefix cache). A single scheduler thread runs steps; a step is one
 ``llama_decode`` of one batch holding, for every running sequence, the next
 token it must evaluate (the one it just sampled, or one delivered token of a
 continuation, one per decode as ``llama_cpp.py`` explains) or the next chunk
@@ -16,16 +17,21 @@ share its batch or how its prompt was chunked. With the f16 cache and plain
 attention, batched sums differed and greedy picks flipped at near-ties. One
 dependence remains: attention adds up a sequence's cells in their order in the
 cache, and llama.cpp fills the lowest freed cells first. So cells are freed
-only when a generation is admitted (it takes over or evicts an idle sequence)
-or preempted, never when one ends or is cancelled; a sequence that runs while
+only when cells are short (an idle sequence evicted for a generation, or one
+preempted), never when one ends or is cancelled; a sequence that runs while
 another's cells below its own are freed may still see its sums reordered.
 
 Prompt-prefix reuse: a finished sequence keeps its tokens in the cache (it is
-idle). A new generation whose prompt starts with an idle sequence's tokens
-takes that sequence and evaluates only the rest: the previous turn of a chat,
-its reply included, or a shared system prompt. Tokens are compared, never
-hashes. Idle sequences are evicted, least recently used first, when a
-generation needs their sequence or cells.
+idle), whatever the slots do: the context has ``IDLE_SEQUENCES`` sequence ids
+beyond the slots, so a one-slot node still holds a conversation while it
+answers someone else. A new generation whose prompt starts with all of an idle
+sequence's tokens takes that sequence and evaluates only the rest (a chat's
+next turn: the previous prompt and reply). One whose prompt shares only a
+start with it (a system prompt, the template's first tokens) gets a sequence
+of its own that shares the common cells (``llama_memory_seq_cp``: one cell
+held by both), and the idle conversation stays whole. Tokens are compared,
+never hashes. Idle sequences are evicted, least recently used first, only when
+running or admitted generations need their cells (or, all ids taken, an id).
 
 Cells: a generation is admitted when its tokens fit beside the running
 ones with a step's worth to spare. When a step finds the cells full (the
@@ -59,6 +65,11 @@ from core.inference import FinishReason, Sampling
 from core.prompt_prefixes import MAX_ADVERTISED_PREFIXES
 
 log = structlog.get_logger(__name__)
+
+# Sequence ids the context has beyond the slots, for idle conversations. Cells,
+# not ids, bound what stays cached; an id costs a row of the context's logits
+# buffer (n_vocab floats, 196 KB for SmolLM2), so not every id llama.cpp allows.
+IDLE_SEQUENCES = 16
 
 # Prompt tokens evaluated per step over all sequences: large enough that a
 # prompt's prefill stays efficient, small enough that the running sequences'
@@ -98,6 +109,9 @@ class _Sequence:
 
     seq_id: int
     held: list[int] = field(default_factory=list)
+    # The cache cells of ``held`` (the scheduler's own numbers, one per token):
+    # a cell may be shared with other sequences (see ``_Cells``).
+    cells: list[int] = field(default_factory=list)
     job: Job | None = None
     # What the idle sequence's tokens are, for the router (newest conversation last).
     fingerprints: tuple[int, ...] = ()
@@ -115,12 +129,18 @@ class BatchScheduler:
     """Runs every generation of one ``llama_cpp.Llama`` context in its own thread."""
 
     def __init__(self, llama: llama_cpp.Llama, vocab: Vocab, slots: int) -> None:
+        """``slots`` generations run at once; the context's other sequence ids hold
+        idle conversations."""
         self._llama = llama
         self._vocab = vocab
         self._ctx = llama.ctx
         self._memory = llama_lib.llama_get_memory(llama.ctx)
         self._capacity = llama.n_ctx()
-        self._sequences = [_Sequence(seq_id) for seq_id in range(slots)]
+        self._slots = slots
+        self._cells = _Cells()
+        self._sequences = [
+            _Sequence(seq_id) for seq_id in range(llama_lib.llama_n_seq_max(self._ctx))
+        ]
         self._batch_size = slots + PREFILL_CHUNK
         self._batch = llama_lib.llama_batch_init(self._batch_size, 0, 1)
         self._pending: deque[Job] = deque()
@@ -199,29 +219,34 @@ class BatchScheduler:
                     job.channel.put(job.stream.finish(), 0)
                     _end(job, FinishReason.LENGTH, 0)
                     continue
-                chosen = self._choose(job.prompt)
-                if chosen is None:
+                if len(self._running()) >= self._slots:
                     return
-                sequence, reuse = chosen
-                # The chosen sequence's cells past ``reuse`` are freed as it starts.
-                needed = _length(job) - len(sequence.held) + self._headroom()
-                if not self._make_room(needed, sequence):
+                sequence, source, reuse = self._choose(job.prompt)
+                # The source's first ``reuse`` cells become the job's; the others it
+                # needs must be free, the source kept.
+                needed = _length(job) - reuse + self._headroom()
+                if not self._make_room(needed, source):
                     return
                 self._pending.popleft()
-            self._start(sequence, job, reuse)
+            self._start(sequence, job, source, reuse)
 
-    def _choose(self, prompt: list[int]) -> tuple[_Sequence, int] | None:
-        """The idle sequence holding the longest start of ``prompt`` (and its
-        length), else an empty one, else the least recently used idle one."""
+    def _choose(self, prompt: list[int]) -> tuple[_Sequence, _Sequence | None, int]:
+        """Where a job with ``prompt`` runs: a sequence, the idle one holding the
+        longest start of the prompt (None: none does) and that start's length.
+
+        A sequence holding nothing but that start is taken; otherwise an empty
+        one, else the least recently used idle one (not the source), will share
+        the start and the source stays cached."""
         idle = [sequence for sequence in self._sequences if sequence.job is None]
-        if not idle:
-            return None
         # At least the prompt's last token is evaluated: its logits are sampled.
         reuse = {id(s): min(_common_length(s.held, prompt), len(prompt) - 1) for s in idle}
         best = max(idle, key=lambda s: (reuse[id(s)], s.last_used))
-        if reuse[id(best)] > 0:
-            return best, reuse[id(best)]
-        return min(idle, key=lambda s: (bool(s.held), s.last_used)), 0
+        source = best if reuse[id(best)] > 0 else None
+        if source is not None and reuse[id(source)] == len(source.held):
+            return source, source, len(source.held)
+        others = [s for s in idle if s is not source]
+        target = min(others, key=lambda s: (bool(s.held), s.last_used))
+        return target, source, reuse[id(best)] if source is not None else 0
 
     def _headroom(self) -> int:
         """Cells a new generation leaves free: one step of the running ones (so that
@@ -232,24 +257,38 @@ class BatchScheduler:
 
     def _make_room(self, needed: int, keep: _Sequence | None = None) -> bool:
         """Evicts idle sequences (not ``keep``), oldest first, until ``needed`` cells
-        are free; whether they are."""
-        free = self._capacity - sum(len(s.held) for s in self._sequences)
+        are free; whether they are. (Evicting one frees only the cells no other
+        sequence shares.)"""
         idle = sorted(
             (s for s in self._sequences if s.job is None and s is not keep and s.held),
             key=lambda s: s.last_used,
         )
+        evicted = False
         for victim in idle:
-            if free >= needed:
+            if self._free() >= needed:
                 break
-            free += len(victim.held)
             self._forget(victim, 0)
-        return free >= needed
+            evicted = True
+        if evicted:
+            self._advertise()
+        return self._free() >= needed
 
-    def _start(self, sequence: _Sequence, job: Job, reuse: int) -> None:
+    def _free(self) -> int:
+        return self._capacity - self._cells.used
+
+    def _start(self, sequence: _Sequence, job: Job, source: _Sequence | None, reuse: int) -> None:
         if reuse:
             self.reused_tokens += reuse
             log.debug("prompt prefix reused", tokens=reuse, prompt_tokens=len(job.prompt))
-        self._forget(sequence, reuse)
+        if source is not sequence:
+            self._forget(sequence, 0)
+            if source is not None:
+                llama_lib.llama_memory_seq_cp(
+                    self._memory, source.seq_id, sequence.seq_id, 0, reuse
+                )
+                sequence.held = source.held[:reuse]
+                sequence.cells = self._cells.share(source.cells[:reuse])
+        sequence.fingerprints = ()
         sequence.job = job
         # A preempted generation evaluates again what it had evaluated, and the
         # token it sampled last.
@@ -264,6 +303,8 @@ class BatchScheduler:
         if len(sequence.held) > keep:
             llama_lib.llama_memory_seq_rm(self._memory, sequence.seq_id, keep, -1)
             del sequence.held[keep:]
+            self._cells.release(sequence.cells[keep:])
+            del sequence.cells[keep:]
         sequence.fingerprints = ()
 
     def _step(self) -> None:
@@ -318,6 +359,7 @@ class BatchScheduler:
             return
         for sequence, tokens in fed:
             sequence.held.extend(tokens)
+            sequence.cells.extend(self._cells.take(len(tokens)))
         for sequence, row in rows:
             self._sampled(sequence, row)
 
@@ -413,6 +455,38 @@ class BatchScheduler:
             for fingerprint in reversed(sequence.fingerprints):
                 seen.setdefault(fingerprint, None)
         self._advertised = tuple(seen)[:MAX_ADVERTISED_PREFIXES]
+
+
+class _Cells:
+    """How many cache cells the sequences hold, a cell shared by several counted once.
+
+    Cells are numbered here, not by llama.cpp (which does not say where it put a
+    token); a number is held while some sequence's ``cells`` lists it."""
+
+    def __init__(self) -> None:
+        self._numbers = itertools.count()
+        self._holders: dict[int, int] = {}
+
+    @property
+    def used(self) -> int:
+        return len(self._holders)
+
+    def take(self, count: int) -> list[int]:
+        cells = list(itertools.islice(self._numbers, count))
+        self._holders.update(dict.fromkeys(cells, 1))
+        return cells
+
+    def share(self, cells: list[int]) -> list[int]:
+        for cell in cells:
+            self._holders[cell] += 1
+        return list(cells)
+
+    def release(self, cells: list[int]) -> None:
+        for cell in cells:
+            if self._holders[cell] == 1:
+                del self._holders[cell]
+            else:
+                self._holders[cell] -= 1
 
 
 def _length(job: Job) -> int:

@@ -1,8 +1,9 @@
 """llama.cpp backend: runs a GGUF chat model on the node's CPU.
 
 One ``llama_cpp.Llama`` (one copy of the model) serves every slot: its context
-holds a sequence per slot, and a scheduler thread decodes them together
-(continuous batching and prompt-prefix reuse, ``llama_batch.py``). The token
+holds a sequence per slot and ``IDLE_SEQUENCES`` more for cached conversations,
+and a scheduler thread decodes the running ones together (continuous batching
+and prompt-prefix reuse, ``llama_batch.py``). The token
 loop is driven there, not by llama-cpp-python's completion helpers, so that
 token counts are exact. ``Started`` is yielded once the prompt is tokenized
 and handed to the scheduler, which starts it as soon as a slot is free.
@@ -64,7 +65,7 @@ from agent.runtime.base import (
     UnknownModel,
 )
 from agent.runtime.channel import GenerationChannel
-from agent.runtime.llama_batch import PREFILL_CHUNK, BatchScheduler, Job
+from agent.runtime.llama_batch import IDLE_SEQUENCES, PREFILL_CHUNK, BatchScheduler, Job
 from agent.runtime.llama_prompt import PromptTokenizer
 from agent.runtime.llama_vocab import Vocab
 from agent.runtime.sampling import Grammar, SamplerChain, grammar_for
@@ -109,8 +110,9 @@ class LlamaCppRuntime:
         with SmolLM2 Q4_1), and repacked kernels can shift numerics, which greedy
         canaries compare across nodes.
         """
-        if not 1 <= slots <= llama_lib.llama_max_parallel_sequences():
-            raise ValueError(f"slots must be from 1 to {llama_lib.llama_max_parallel_sequences()}")
+        most = llama_lib.llama_max_parallel_sequences() - IDLE_SEQUENCES
+        if not 1 <= slots <= most:
+            raise ValueError(f"slots must be from 1 to {most}")
         self._model_id = model_id
         self._slots = slots
         self._context_length = context_length
@@ -119,7 +121,7 @@ class LlamaCppRuntime:
             context_length * min(slots, CACHED_CONTEXTS),
             n_threads,
             cpu_repack,
-            sequences=slots,
+            sequences=slots + IDLE_SEQUENCES,
         )
         self._vocab = Vocab(self._llama)
         self._prompts = PromptTokenizer(self._llama, self._vocab)

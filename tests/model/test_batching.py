@@ -215,3 +215,68 @@ async def test_generations_that_outgrow_the_cache_are_preempted_and_still_finish
         assert finished.completion_tokens == len(ids) > 0
         assert finished.completion_tokens == 215 or finished.reason is FinishReason.STOP
         assert text
+
+
+def _turns(topic: str) -> tuple[ChatMessage, ...]:
+    return (
+        ChatMessage(ChatRole.SYSTEM, f"You are a helpful assistant who loves {topic}."),
+        ChatMessage(ChatRole.USER, f"Describe {topic} in two sentences."),
+    )
+
+
+def _follow_up(first: tuple[ChatMessage, ...], reply: str) -> tuple[ChatMessage, ...]:
+    return (*first, ChatMessage(ChatRole.ASSISTANT, reply), ChatMessage(ChatRole.USER, "Why?"))
+
+
+@pytest.mark.model
+async def test_a_one_slot_node_keeps_a_conversation_while_it_answers_others(
+    alone: LlamaCppRuntime,
+) -> None:
+    single = await _runtime(slots=1)
+    try:
+        first = _turns("lighthouses")
+        reply, _, _ = await _run(single, _request(first))
+        # Another request (another user's, or a canary) takes the only slot meanwhile;
+        # it shares the template's first tokens with the conversation, in cells of
+        # its own sequence, and answers as alone.
+        reused_before = single.reused_tokens
+        assert await _run(single, _ask(PROMPTS[1])) == await _run(alone, _ask(PROMPTS[1]))
+        assert single.reused_tokens > reused_before
+        follow_up = _follow_up(first, reply)
+        held = prefix_fingerprints(DEFAULT_MODEL_ID, None, follow_up[:3])
+        assert held[-1] in single.cached_prefixes()
+        reused_before = single.reused_tokens
+
+        warm = await _run(single, _request(follow_up))
+        cold = await _run(alone, _request(follow_up))
+
+        assert warm == cold
+        assert single.reused_tokens - reused_before > 0.8 * cold[2].prompt_tokens
+    finally:
+        await single.close()
+
+
+@pytest.mark.model
+async def test_idle_conversations_make_room_least_recently_used_first() -> None:
+    # One slot of 256 cells: six conversations of about 70 tokens outgrow them.
+    single = await LlamaCppRuntime.load(
+        DEFAULT_MODEL_ID, smollm2_gguf_path(), context_length=256, slots=1
+    )
+    try:
+        topics = ("lighthouses", "volcanoes", "penguins", "glaciers", "deserts", "comets")
+        held = []
+        for topic in topics:
+            first = _turns(topic)
+            reply, _, _ = await _run(single, _request(first, 40))
+            follow_up = _follow_up(first, reply)
+            held.append((follow_up, prefix_fingerprints(DEFAULT_MODEL_ID, None, follow_up[:3])))
+        cached = single.cached_prefixes()
+        assert held[0][1][-1] not in cached  # evicted, and no longer advertised
+        assert held[-1][1][-1] == cached[0]  # the newest, first
+
+        follow_up, _ = held[0]
+        reused_before = single.reused_tokens
+        _, _, finished = await _run(single, _request(follow_up, 1))
+        assert single.reused_tokens - reused_before < 0.5 * finished.prompt_tokens
+    finally:
+        await single.close()
