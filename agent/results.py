@@ -21,6 +21,7 @@ from core.agent_messages import (
     FailedReport,
     FailureKind,
     StartedReport,
+    WaitingReport,
 )
 from core.convert.agent_reports import report_to_pb
 from core.convert.generation import finish_reason_to_pb
@@ -67,6 +68,9 @@ class ResultSink:
 
     def started(self, job: JobRef) -> None:
         self._outbound.put_nowait(report_to_pb(StartedReport(job.job_id, job.epoch)))
+
+    def waiting(self, job: JobRef) -> None:
+        self._outbound.put_nowait(report_to_pb(WaitingReport(job.job_id, job.epoch)))
 
     def failed(self, job: JobRef, kind: FailureKind, message: str, param: str = "") -> None:
         code = failure_to_pb(kind)

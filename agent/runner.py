@@ -25,6 +25,7 @@ from agent.runtime.base import (
     Started,
     TokenText,
     UnknownModel,
+    Waiting,
 )
 from core.agent_messages import ChunkReport, FailureKind
 from core.inference import FinishReason
@@ -49,6 +50,10 @@ class JobSink(Protocol):
 
     def started(self, job: JobRef) -> None:
         """The job took a slot: it runs from now on (before, it waited in the queue)."""
+
+    def waiting(self, job: JobRef) -> None:
+        """The started job waits on the runtime's scheduler, which works (repeated
+        every few seconds while it waits): not a stall."""
 
     def failed(self, job: JobRef, kind: FailureKind, message: str, param: str = "") -> None: ...
 
@@ -159,6 +164,8 @@ class JobRunner:
                 async for event in self._runtime.generate(request):
                     if isinstance(event, Started):
                         prompt_tokens = event.prompt_tokens
+                    elif isinstance(event, Waiting):
+                        self._sink.waiting(job)
                     elif isinstance(event, TokenText):
                         merged = batcher.add(event, time.monotonic())
                         if merged is not None:

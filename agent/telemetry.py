@@ -142,6 +142,9 @@ class JobTelemetry:
             self._metrics.queue_wait.observe(state.started_at - state.assigned_at, state.model)
         self._sink.started(job)
 
+    def waiting(self, job: JobRef) -> None:
+        self._sink.waiting(job)
+
     def chunk(self, chunk: ChunkReport) -> None:
         state = self._jobs.get(JobRef(chunk.job_id, chunk.epoch))
         if state is not None and chunk.token_count:

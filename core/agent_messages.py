@@ -45,6 +45,15 @@ class StartedReport:
 
 
 @dataclass(frozen=True, slots=True)
+class WaitingReport:
+    """The started job waits on the node's scheduler, which works (preempted for, or
+    waiting for, cache cells); repeated while it waits. Progress without output."""
+
+    job_id: str
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
 class ChunkReport:
     job_id: str
     epoch: int
@@ -86,7 +95,7 @@ class FailedReport:
     param: str = ""
 
 
-JobReport = StartedReport | ChunkReport | DoneReport | FailedReport
+JobReport = StartedReport | WaitingReport | ChunkReport | DoneReport | FailedReport
 
 
 @dataclass(frozen=True, slots=True)

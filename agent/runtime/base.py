@@ -63,7 +63,15 @@ class Embedding:
     values: tuple[float, ...]
 
 
-GenerationEvent = Started | TokenText | Embedding | Finished
+@dataclass(frozen=True)
+class Waiting:
+    """The generation waits on the runtime's scheduler, which works (preempted for
+    K/V cache cells, or waiting for them) and will resume it. Sent when it starts
+    waiting and again every few seconds while it waits, by the scheduler itself:
+    a hung runtime sends none."""
+
+
+GenerationEvent = Started | Waiting | TokenText | Embedding | Finished
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ import asyncio
 import threading
 from collections.abc import AsyncGenerator
 
-from agent.runtime.base import Finished, GenerationError, GenerationEvent, TokenText
+from agent.runtime.base import Finished, GenerationError, GenerationEvent, TokenText, Waiting
 from core.inference import TokenLogprob
 
 
@@ -27,6 +27,7 @@ class GenerationChannel:
         self._ids: list[int] = []
         self._logprobs: list[TokenLogprob] = []
         self._end: Finished | BaseException | None = None
+        self._waiting: Waiting | None = None
         self._wake_pending = False
 
     def put(
@@ -42,6 +43,15 @@ class GenerationChannel:
                 self._ids.append(token)
             if logprob is not None:
                 self._logprobs.append(logprob)
+            wake = not self._wake_pending
+            self._wake_pending = True
+        if wake:
+            self._wake()
+
+    def wait(self, waiting: Waiting) -> None:
+        """The generation waits on the scheduler (reported once per read)."""
+        with self._lock:
+            self._waiting = waiting
             wake = not self._wake_pending
             self._wake_pending = True
         if wake:
@@ -80,11 +90,14 @@ class GenerationChannel:
                 logprobs.extend(self._logprobs)
                 self._logprobs.clear()
                 end = self._end
+                waiting, self._waiting = self._waiting, None
             if text:
                 yield TokenText(text, uncarried, tuple(ids), tuple(logprobs))
                 uncarried = 0
                 ids = []
                 logprobs = []
+            if waiting is not None and end is None:
+                yield waiting
             if isinstance(end, GenerationError):
                 raise end
             if isinstance(end, BaseException):

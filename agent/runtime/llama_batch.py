@@ -39,7 +39,10 @@ running generations grew), idle sequences are evicted first; then the
 generation admitted last is preempted: its cells are freed and it waits at the
 head of the queue, to evaluate again what it had (prompt in chunks, the tokens
 after it one per decode, as before) and go on where it was. A lone generation
-always fits: the cache holds at least one whole context.
+always fits: the cache holds at least one whole context. A generation held
+back in the queue (preempted, or waiting for cells) is told so (``Waiting``)
+when it starts waiting and every ``WAITING_REPORT_S`` while it waits, by this
+scheduler's thread: the network then tells it from a hung one.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -56,7 +60,7 @@ import llama_cpp
 import llama_cpp.llama_cpp as llama_lib
 import structlog
 
-from agent.runtime.base import Finished, GenerationError
+from agent.runtime.base import Finished, GenerationError, Waiting
 from agent.runtime.channel import GenerationChannel
 from agent.runtime.llama_vocab import Vocab
 from agent.runtime.sampling import SamplerChain
@@ -70,6 +74,11 @@ log = structlog.get_logger(__name__)
 # not ids, bound what stays cached; an id costs a row of the context's logits
 # buffer (n_vocab floats, 196 KB for SmolLM2), so not every id llama.cpp allows.
 IDLE_SEQUENCES = 16
+
+# How often a generation held back in the queue is told it still waits: well
+# within the network's stall timeout (60 s by default), after which a silent
+# running job is taken for a stalled one.
+WAITING_REPORT_S = 5.0
 
 # Prompt tokens evaluated per step over all sequences: large enough that a
 # prompt's prefill stays efficient, small enough that the running sequences'
@@ -101,6 +110,9 @@ class Job:
     generated: list[int] = field(default_factory=list)
     reply: list[str] = field(default_factory=list)
     accepted: int = 0
+    # Monotonic time it was last told it waits (None: it has not waited since it
+    # last started).
+    waiting_reported: float | None = None
 
 
 @dataclass(eq=False)
@@ -184,6 +196,7 @@ class BatchScheduler:
                     break
             try:
                 self._admit()
+                self._report_waiting()
                 self._step()
             except BaseException as error:  # reported to every generation, never lost
                 log.exception("batch step failed")
@@ -229,6 +242,18 @@ class BatchScheduler:
                     return
                 self._pending.popleft()
             self._start(sequence, job, source, reuse)
+
+    def _report_waiting(self) -> None:
+        """Tells the jobs left in the queue after admission that they wait: when they
+        start waiting, then every WAITING_REPORT_S."""
+        now = time.monotonic()
+        with self._wake:
+            for job in self._pending:
+                reported = job.waiting_reported
+                if reported is None or now - reported >= WAITING_REPORT_S:
+                    job.waiting_reported = now
+                    with contextlib.suppress(RuntimeError):  # gone: cancelled, see _admit
+                        job.channel.wait(Waiting())
 
     def _choose(self, prompt: list[int]) -> tuple[_Sequence, _Sequence | None, int]:
         """Where a job with ``prompt`` runs: a sequence, the idle one holding the
@@ -290,6 +315,7 @@ class BatchScheduler:
                 sequence.cells = self._cells.share(source.cells[:reuse])
         sequence.fingerprints = ()
         sequence.job = job
+        job.waiting_reported = None
         # A preempted generation evaluates again what it had evaluated, and the
         # token it sampled last.
         sequence.feed = job.prompt[reuse:] + job.prefix + job.generated

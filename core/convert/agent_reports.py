@@ -16,6 +16,7 @@ from core.agent_messages import (
     FailedReport,
     Heartbeat,
     StartedReport,
+    WaitingReport,
 )
 from core.convert.job_events import (
     chunk_from_pb,
@@ -26,6 +27,8 @@ from core.convert.job_events import (
     fill_chunk,
     started_from_pb,
     started_to_pb,
+    waiting_from_pb,
+    waiting_to_pb,
 )
 from core.errors import ProtocolViolation
 from core.prompt_prefixes import MAX_ADVERTISED_PREFIXES
@@ -62,6 +65,8 @@ def report_to_pb(report: AgentReport) -> pb.ConnectRequest:
         return request
     if isinstance(report, StartedReport):
         return pb.ConnectRequest(job_started=started_to_pb(report))
+    if isinstance(report, WaitingReport):
+        return pb.ConnectRequest(job_waiting=waiting_to_pb(report))
     if isinstance(report, Heartbeat):
         return pb.ConnectRequest(heartbeat=heartbeat_to_pb(report))
     if isinstance(report, DoneReport):
@@ -93,6 +98,8 @@ def report_from_pb(request: pb.ConnectRequest) -> AgentReport:
         return chunk_from_pb(request.job_chunk)
     if kind == "job_started":
         return started_from_pb(request.job_started)
+    if kind == "job_waiting":
+        return waiting_from_pb(request.job_waiting)
     if kind == "heartbeat":
         return heartbeat_from_pb(request.heartbeat)
     if kind == "job_done":

@@ -17,6 +17,7 @@ from core.agent_messages import (
     FailedReport,
     FailureKind,
     StartedReport,
+    WaitingReport,
 )
 from core.convert.catalog import price_from_pb, price_to_pb
 from core.convert.generation import (
@@ -110,6 +111,14 @@ def started_to_pb(started: StartedReport) -> agent_pb.JobStarted:
 
 def started_from_pb(started: agent_pb.JobStarted) -> StartedReport:
     return StartedReport(started.job_id, started.epoch)
+
+
+def waiting_to_pb(waiting: WaitingReport) -> agent_pb.JobWaiting:
+    return agent_pb.JobWaiting(job_id=waiting.job_id, epoch=waiting.epoch)
+
+
+def waiting_from_pb(waiting: agent_pb.JobWaiting) -> WaitingReport:
+    return WaitingReport(waiting.job_id, waiting.epoch)
 
 
 def fill_chunk(message: agent_pb.JobChunk, chunk: ChunkReport) -> None:

@@ -31,6 +31,7 @@ from core.agent_messages import (
     FailedReport,
     FailureKind,
     StartedReport,
+    WaitingReport,
 )
 from core.errors import (
     DomainError,
@@ -190,7 +191,7 @@ class JobDispatch:
     ) -> JobEvent | None:
         """The caller's event for one of the job's reports, if any; raises the job's
         failure. Records how the job ended in ``end``."""
-        if epoch != job.epoch or isinstance(report, StartedReport):
+        if epoch != job.epoch or isinstance(report, StartedReport | WaitingReport):
             return None  # queued before the job moved on; or no news for the caller
         if isinstance(report, ChunkReport):
             if not job.delivered_tokens:
@@ -301,9 +302,7 @@ class JobDispatch:
         if job is None or not job.accepts(node.node_id, epoch):
             log.info("stale job report dropped", node_id=node.node_id, job_id=job_id, epoch=epoch)
             return
-        job.last_progress = time.monotonic()
-        if isinstance(report, StartedReport | ChunkReport):
-            job.running = True
+        job.heard(report, time.monotonic())
         if isinstance(report, ChunkReport):
             job.output(epoch).add(report.text, report.token_ids, report.logprobs, report.embedding)
         elif isinstance(report, DoneReport | FailedReport):
@@ -344,12 +343,10 @@ class JobDispatch:
     def give_up_stalled(self, now: float, reason: str) -> None:
         """Gives up running assignments silent for the stall timeout, and fails those
         still queued on their node after the queue timeout."""
-        stalled_before = now - self._failover.stall_timeout_s
-        queued_before = now - self._failover.queue_timeout_s
         for job in list(self._jobs.values()):
-            if job.running and job.last_progress < stalled_before:
+            if job.stalled(now, self._failover.stall_timeout_s):
                 job.give_up(reason)
-            elif not job.running and job.assigned_at < queued_before:
+            elif job.queued_too_long(now, self._failover.queue_timeout_s):
                 job.expire(now)
 
     async def probe(self, node: NodeSession, spec: GenerationSpec) -> Probe | None:
@@ -375,7 +372,7 @@ class JobDispatch:
                         first_token_at = time.monotonic()
                     texts.append(report.text)
                     tokens += report.token_count
-                elif isinstance(report, StartedReport):
+                elif isinstance(report, StartedReport | WaitingReport):
                     continue
                 elif isinstance(report, QueueTimeout):
                     return None  # still queued on the node: cancelled there below

@@ -21,7 +21,7 @@ from typing import Protocol
 
 import structlog
 
-from core.agent_messages import ChunkReport, DoneReport, FailedReport, StartedReport
+from core.agent_messages import DoneReport, FailedReport
 from core.errors import DomainError
 from core.inference import Continuation, GenerationSpec
 from server.network.jobs import ActiveJob, NodeLost, NodeReport, QueueTimeout
@@ -85,15 +85,14 @@ class ForwardedJobs:
                 async for report in stream:
                     if not job.accepts(node.node_id, epoch):
                         return
-                    job.last_progress = time.monotonic()
+                    now = time.monotonic()
+                    job.heard(report, now)
                     if isinstance(report, NodeLost):
                         reason = report.reason
                         break
                     if isinstance(report, QueueTimeout):
-                        job.expire(job.last_progress)
+                        job.expire(now)
                         return
-                    if isinstance(report, StartedReport | ChunkReport):
-                        job.running = True
                     job.post(epoch, report)
                     if isinstance(report, DoneReport | FailedReport):
                         return

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field, replace
 
-from core.agent_messages import ChunkReport, DoneReport, FailedReport, StartedReport
+from core.agent_messages import ChunkReport, DoneReport, FailedReport, StartedReport, WaitingReport
 from core.inference import (
     Continuation,
     GenerationSpec,
@@ -37,9 +37,13 @@ class QueueTimeout:
     epoch: int
 
 
+# Reports that show the job running on its node (no longer queued there): its
+# stall timer counts from the last one. A waiting job's repeated report keeps a
+# job the node's scheduler holds back from passing for a stalled one.
+RunningReport = StartedReport | WaitingReport | ChunkReport
 # What the relay reads from a job's queue: the node's reports, its loss, or its
 # waiting too long to start.
-NodeReport = StartedReport | ChunkReport | DoneReport | FailedReport | NodeLost | QueueTimeout
+NodeReport = RunningReport | DoneReport | FailedReport | NodeLost | QueueTimeout
 
 
 @dataclass(slots=True)
@@ -99,6 +103,22 @@ class ActiveJob:
 
     def post(self, epoch: int, report: NodeReport) -> None:
         self.reports.put_nowait((epoch, report))
+
+    def heard(self, report: NodeReport, now: float) -> None:
+        """The current assignment's node reported at ``now`` (monotonic)."""
+        self.last_progress = now
+        if isinstance(report, RunningReport):
+            self.running = True
+
+    def stalled(self, now: float, stall_timeout_s: float) -> bool:
+        """Running, and nothing heard for ``stall_timeout_s``. A job its node's
+        scheduler holds back is heard from (WaitingReport) for as long as that
+        scheduler works, so only a node that stopped working on it stalls."""
+        return self.running and now - self.last_progress > stall_timeout_s
+
+    def queued_too_long(self, now: float, queue_timeout_s: float) -> bool:
+        """Still in its node's queue ``queue_timeout_s`` after its assignment."""
+        return not self.running and now - self.assigned_at > queue_timeout_s
 
     def expire(self, now: float) -> None:
         """Fences the current, still queued assignment: it waited too long to start."""

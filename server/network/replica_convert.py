@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from resultity.network.v1 import replica_service_pb2 as pb
 
-from core.agent_messages import ChunkReport, DoneReport, FailedReport, FailureKind, StartedReport
+from core.agent_messages import (
+    ChunkReport,
+    DoneReport,
+    FailedReport,
+    FailureKind,
+    StartedReport,
+    WaitingReport,
+)
 from core.convert.generation import (
     finish_reason_from_pb,
     finish_reason_to_pb,
@@ -59,6 +66,8 @@ def assignment_from_pb(request: pb.RunForwardedJobRequest) -> Assignment:
 def report_to_pb(report: NodeReport) -> pb.RunForwardedJobResponse:
     if isinstance(report, StartedReport):
         return pb.RunForwardedJobResponse(started=pb.ForwardedStarted())
+    if isinstance(report, WaitingReport):
+        return pb.RunForwardedJobResponse(waiting=pb.ForwardedWaiting())
     if isinstance(report, ChunkReport):
         return pb.RunForwardedJobResponse(
             chunk=pb.ForwardedChunk(
@@ -98,6 +107,8 @@ def report_from_pb(response: pb.RunForwardedJobResponse, job_id: str, epoch: int
     kind = response.WhichOneof("event")
     if kind == "started":
         return StartedReport(job_id, epoch)
+    if kind == "waiting":
+        return WaitingReport(job_id, epoch)
     if kind == "chunk":
         chunk = response.chunk
         return ChunkReport(

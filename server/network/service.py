@@ -37,6 +37,7 @@ from core.agent_messages import (
     FailedReport,
     Heartbeat,
     StartedReport,
+    WaitingReport,
 )
 from core.errors import (
     DomainError,
@@ -265,7 +266,9 @@ class NetworkService:
 
     def handle(self, node: NodeSession, report: AgentReport) -> None:
         """One message of the node's session after its hello."""
-        if isinstance(report, ChunkReport | StartedReport | DoneReport | FailedReport):
+        if isinstance(
+            report, ChunkReport | StartedReport | WaitingReport | DoneReport | FailedReport
+        ):
             self.report(node, report.job_id, report.epoch, report)
         elif isinstance(report, Heartbeat):
             self.heartbeat(

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import grpc
 import pytest
@@ -17,6 +18,7 @@ from resultity.network.v1 import dispatch_service_pb2 as dispatch_pb
 from resultity.network.v1 import dispatch_service_pb2_grpc as dispatch_grpc
 
 from agent.identity import NodeIdentity, signed_hello
+from agent.runtime.base import GenerationEvent, GenerationRequest, TokenText, Waiting
 from agent.session import AGENT_VERSION, AgentSession, SessionSettings
 from core import channels
 from core.convert.generation import spec_to_pb
@@ -385,6 +387,52 @@ async def test_a_job_queued_behind_a_slow_one_is_not_taken_for_a_stall(
     for events in (first, innocent):
         assert _text(events) == LONG_SCRIPT
         assert not [e for e in events if e.WhichOneof("event") == "migrated"]
+
+
+@dataclass
+class PreemptedRuntime(ScriptedRuntime):
+    """Pauses each generation after its second token for ``pause_s`` (preempted for
+    cache cells), saying so every ``every_s`` as the llama.cpp scheduler does."""
+
+    pause_s: float = 0.0
+    every_s: float = 0.0
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        tokens = 0
+        async for event in super().generate(request):
+            yield event
+            if isinstance(event, TokenText):
+                tokens += 1
+                if tokens == 2:
+                    for _ in range(round(self.pause_s / self.every_s)):
+                        yield Waiting()
+                        await asyncio.sleep(self.every_s)
+
+
+async def test_a_job_its_node_reports_waiting_is_not_taken_for_a_stall(
+    postgres_dsn: str,
+) -> None:
+    """Silence while the node's scheduler holds the job back, reported, is not a stall."""
+    server = await start_network(
+        postgres_dsn,
+        liveness=LivenessSettings(heartbeat_interval_s=0.05, heartbeat_timeout_s=5.0),
+        failover=FailoverSettings(stall_timeout_s=0.3),
+    )
+    # Silent for five stall timeouts, reported waiting six times per stall timeout.
+    runtime = PreemptedRuntime(pause_s=1.5, every_s=0.05)
+    session = AgentSession(SessionSettings(server.target, "preempting"), runtime)
+    agent = asyncio.create_task(session.run_forever())
+    try:
+        await session.connected.wait()
+        events = await _run_job(server, "preempted", _spec())
+    finally:
+        agent.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await agent
+        await server.stop()
+
+    assert _text(events) == DEFAULT_SCRIPT
+    assert not [e for e in events if e.WhichOneof("event") == "migrated"]
 
 
 async def test_a_job_that_never_leaves_the_queue_fails_with_a_retry_hint(

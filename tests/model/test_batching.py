@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from agent.runtime.base import Finished, GenerationRequest, Started, TokenText
+from agent.runtime.base import Finished, GenerationRequest, Started, TokenText, Waiting
 from agent.runtime.llama_cpp import LlamaCppRuntime
 from agent.runtime.models import DEFAULT_MODEL_ID, smollm2_gguf_path
 from core.inference import ChatMessage, ChatRole, Continuation, FinishReason, Sampling
@@ -59,11 +59,14 @@ def _ask(prompt: str, max_tokens: int = 40) -> GenerationRequest:
 
 
 async def _run(
-    runtime: LlamaCppRuntime, request: GenerationRequest
+    runtime: LlamaCppRuntime, request: GenerationRequest, waits: list[Waiting] | None = None
 ) -> tuple[str, tuple[int, ...], Finished]:
+    """The generation's text, token ids and end; its Waiting events go to ``waits``."""
     text, ids, finished = "", (), None
     async for event in runtime.generate(request):
-        if isinstance(event, TokenText):
+        if isinstance(event, Waiting) and waits is not None:
+            waits.append(event)
+        elif isinstance(event, TokenText):
             text += event.text
             ids += event.token_ids
         elif isinstance(event, Finished):
@@ -207,8 +210,11 @@ async def test_generations_that_outgrow_the_cache_are_preempted_and_still_finish
     )
     try:
         prompts = [f"Write a very long story about the number {n}." for n in range(5)]
-        results = await asyncio.gather(*(_run(crowded, _ask(p, 215)) for p in prompts))
+        waits: list[Waiting] = []
+        results = await asyncio.gather(*(_run(crowded, _ask(p, 215), waits) for p in prompts))
         assert crowded.preemptions > 0
+        # A preempted generation is told it waits (the network's sign of a working node).
+        assert waits
     finally:
         await crowded.close()
     for text, ids, finished in results:

@@ -19,6 +19,7 @@ from agent.runtime.base import (
     Started,
     TokenText,
     UnknownModel,
+    Waiting,
 )
 from agent.runtime.channel import GenerationChannel
 from agent.runtime.llama_cpp import LlamaCppRuntime
@@ -70,12 +71,13 @@ async def _collect(runtime: LlamaCppRuntime, request: GenerationRequest) -> list
 
 
 def _check_shape(events: list[GenerationEvent]) -> tuple[str, Finished]:
-    """Started first, TokenTexts, exactly one Finished last; counts add up."""
+    """Started first, TokenTexts (and Waiting while queued behind another
+    generation), exactly one Finished last; counts add up."""
     assert isinstance(events[0], Started)
     finished = events[-1]
     assert isinstance(finished, Finished)
     texts = events[1:-1]
-    assert all(isinstance(event, TokenText) for event in texts)
+    assert all(isinstance(event, TokenText | Waiting) for event in texts)
     tokens = [event for event in texts if isinstance(event, TokenText)]
     assert sum(event.token_count for event in tokens) == finished.completion_tokens
     assert events[0].prompt_tokens == finished.prompt_tokens > 0
@@ -230,6 +232,21 @@ async def test_tokens_produced_before_a_read_arrive_as_one_event() -> None:
     await asyncio.to_thread(worker)
     events = [event async for event in channel.events()]
     assert events == [TokenText("Hello there", 4), Finished(FinishReason.STOP, 7, 4)]
+
+
+async def test_a_wait_reported_by_the_scheduler_reaches_the_reader_after_earlier_text() -> None:
+    channel = GenerationChannel(asyncio.get_running_loop())
+    events = channel.events()
+    channel.put("Hi", 1)
+    channel.wait(Waiting())  # preempted after its first token
+    channel.wait(Waiting())  # told again before the reader came: one event
+    assert [await anext(events), await anext(events)] == [TokenText("Hi", 1), Waiting()]
+    channel.put("!", 1)
+    channel.end(Finished(FinishReason.STOP, 3, 2))
+    assert [event async for event in events] == [
+        TokenText("!", 1),
+        Finished(FinishReason.STOP, 3, 2),
+    ]
 
 
 async def test_counts_of_textless_tokens_ride_on_the_next_text() -> None:

@@ -28,6 +28,9 @@ class _Sink:
     def started(self, job: JobRef) -> None:
         self.reports.append(("started", job.job_id))
 
+    def waiting(self, job: JobRef) -> None:
+        self.reports.append(("waiting", job.job_id))
+
     def failed(self, job: JobRef, kind: FailureKind, message: str, param: str = "") -> None:
         self.reports.append(("failed", kind))
 

@@ -25,6 +25,7 @@ from core.agent_messages import (
     FailureKind,
     Heartbeat,
     StartedReport,
+    WaitingReport,
 )
 from core.convert.agent_reports import batch_to_pb, report_from_pb, report_to_pb, reports_from_pb
 from core.convert.catalog import models_from_pb, models_to_pb
@@ -269,6 +270,7 @@ faileds = st.builds(
 )
 reports = st.one_of(
     st.builds(StartedReport, texts, int64s),
+    st.builds(WaitingReport, texts, int64s),
     chunks,
     dones,
     faileds,

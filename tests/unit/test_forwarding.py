@@ -6,7 +6,7 @@ import asyncio
 import time
 from collections.abc import AsyncGenerator
 
-from core.agent_messages import ChunkReport, DoneReport, StartedReport
+from core.agent_messages import ChunkReport, DoneReport, StartedReport, WaitingReport
 from core.errors import NotFound
 from core.inference import ChatMessage, ChatRole, FinishReason, GenerationSpec, Sampling, Usage
 from server.network.forwarding import Assignment, ForwardedJobs, ReplicaUnavailable
@@ -127,6 +127,15 @@ async def test_a_started_job_runs_and_its_stall_timer_applies() -> None:
     assert job.running
     # The stream ended without a result: the assignment is given up.
     assert isinstance(reports[1][1], NodeLost)
+
+
+async def test_a_waiting_job_reported_by_the_owner_runs_and_is_relayed_as_progress() -> None:
+    forwarder = ScriptedForwarder([StartedReport("j", 1), WaitingReport("j", 1)])
+    job = ActiveJob("j", SPEC, "n1")
+    ForwardedJobs(forwarder).start(job, remote_node(), Assignment("j", 1, "n1", SPEC))
+    reports = await drained(job, forwarder)
+    assert reports[1] == (1, WaitingReport("j", 1))
+    assert job.running
 
 
 async def test_a_queue_timeout_on_the_owner_expires_the_job() -> None:

@@ -34,6 +34,9 @@ class _Ignored:
     def started(self, job: JobRef) -> None:
         pass
 
+    def waiting(self, job: JobRef) -> None:
+        pass
+
     def failed(self, job: JobRef, kind: FailureKind, message: str, param: str = "") -> None:
         pass
 

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from core.agent_messages import ChunkReport, DoneReport, FailedReport, FailureKind, StartedReport
+from core.agent_messages import (
+    ChunkReport,
+    DoneReport,
+    FailedReport,
+    FailureKind,
+    StartedReport,
+    WaitingReport,
+)
 from core.inference import (
     ChatMessage,
     ChatRole,
@@ -41,6 +48,7 @@ def test_an_assignment_round_trips(continuation: Continuation | None) -> None:
     "report",
     [
         StartedReport("job", 3),
+        WaitingReport("job", 3),
         ChunkReport("job", 3, "hi", 1, 4, (7,), (TokenLogprob("hi", b"hi", -0.5, ()),)),
         ChunkReport("job", 3, "", 0, 3, embedding=(0.25, -1.0)),
         DoneReport("job", 3, FinishReason.LENGTH, Usage(4, 8)),

@@ -64,6 +64,7 @@ class ConnectRequest(_message.Message):
     CONFIG_APPLIED_FIELD_NUMBER: _builtins.int
     JOB_STARTED_FIELD_NUMBER: _builtins.int
     BATCH_FIELD_NUMBER: _builtins.int
+    JOB_WAITING_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___Hello: ...
     @_builtins.property
@@ -92,6 +93,10 @@ class ConnectRequest(_message.Message):
     def batch(self) -> Global___ReportBatch:
         """Reports that were ready together (see ReportBatch)."""
 
+    @_builtins.property
+    def job_waiting(self) -> Global___JobWaiting:
+        """A running job waits on the node's scheduler, which works."""
+
     def __init__(
         self,
         *,
@@ -105,12 +110,13 @@ class ConnectRequest(_message.Message):
         config_applied: Global___ConfigApplied | None = ...,
         job_started: Global___JobStarted | None = ...,
         batch: Global___ReportBatch | None = ...,
+        job_waiting: Global___JobWaiting | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "config_applied", b"config_applied", "draining", b"draining", "heartbeat", b"heartbeat", "hello", b"hello", "job_chunk", b"job_chunk", "job_done", b"job_done", "job_failed", b"job_failed", "job_started", b"job_started", "message", b"message", "signed_hello", b"signed_hello"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "config_applied", b"config_applied", "draining", b"draining", "heartbeat", b"heartbeat", "hello", b"hello", "job_chunk", b"job_chunk", "job_done", b"job_done", "job_failed", b"job_failed", "job_started", b"job_started", "job_waiting", b"job_waiting", "message", b"message", "signed_hello", b"signed_hello"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "config_applied", b"config_applied", "draining", b"draining", "heartbeat", b"heartbeat", "hello", b"hello", "job_chunk", b"job_chunk", "job_done", b"job_done", "job_failed", b"job_failed", "job_started", b"job_started", "message", b"message", "signed_hello", b"signed_hello"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "config_applied", b"config_applied", "draining", b"draining", "heartbeat", b"heartbeat", "hello", b"hello", "job_chunk", b"job_chunk", "job_done", b"job_done", "job_failed", b"job_failed", "job_started", b"job_started", "job_waiting", b"job_waiting", "message", b"message", "signed_hello", b"signed_hello"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["hello", "heartbeat", "job_chunk", "job_done", "job_failed", "draining", "signed_hello", "config_applied", "job_started", "batch"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["hello", "heartbeat", "job_chunk", "job_done", "job_failed", "draining", "signed_hello", "config_applied", "job_started", "batch", "job_waiting"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
@@ -613,6 +619,36 @@ class JobStarted(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___JobStarted: _TypeAlias = JobStarted  # noqa: Y015
+
+@_typing.final
+class JobWaiting(_message.Message):
+    """A started job that the node's scheduler holds back for now (preempted for
+    K/V cache cells, or waiting for them): it resumes where it was. Sent when it
+    starts waiting and again every few seconds (well within the network's stall
+    timeout) for as long as it waits, by the scheduler itself, so that the
+    network tells a job waiting on a working node from a hung one: this report
+    counts as progress, and a hung scheduler stops sending it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    epoch: _builtins.int
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        epoch: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobWaiting: _TypeAlias = JobWaiting  # noqa: Y015
 
 @_typing.final
 class JobChunk(_message.Message):

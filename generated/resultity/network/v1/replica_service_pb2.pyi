@@ -118,6 +118,7 @@ class RunForwardedJobResponse(_message.Message):
     LOST_FIELD_NUMBER: _builtins.int
     STARTED_FIELD_NUMBER: _builtins.int
     QUEUE_TIMEOUT_FIELD_NUMBER: _builtins.int
+    WAITING_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def chunk(self) -> Global___ForwardedChunk: ...
     @_builtins.property
@@ -130,6 +131,8 @@ class RunForwardedJobResponse(_message.Message):
     def started(self) -> Global___ForwardedStarted: ...
     @_builtins.property
     def queue_timeout(self) -> Global___ForwardedQueueTimeout: ...
+    @_builtins.property
+    def waiting(self) -> Global___ForwardedWaiting: ...
     def __init__(
         self,
         *,
@@ -139,12 +142,13 @@ class RunForwardedJobResponse(_message.Message):
         lost: Global___ForwardedLost | None = ...,
         started: Global___ForwardedStarted | None = ...,
         queue_timeout: Global___ForwardedQueueTimeout | None = ...,
+        waiting: Global___ForwardedWaiting | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "done", b"done", "event", b"event", "failed", b"failed", "lost", b"lost", "queue_timeout", b"queue_timeout", "started", b"started"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "done", b"done", "event", b"event", "failed", b"failed", "lost", b"lost", "queue_timeout", b"queue_timeout", "started", b"started", "waiting", b"waiting"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "done", b"done", "event", b"event", "failed", b"failed", "lost", b"lost", "queue_timeout", b"queue_timeout", "started", b"started"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "done", b"done", "event", b"event", "failed", b"failed", "lost", b"lost", "queue_timeout", b"queue_timeout", "started", b"started", "waiting", b"waiting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["chunk", "done", "failed", "lost", "started", "queue_timeout"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["chunk", "done", "failed", "lost", "started", "queue_timeout", "waiting"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 
@@ -166,6 +170,25 @@ class ForwardedStarted(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ForwardedStarted: _TypeAlias = ForwardedStarted  # noqa: Y015
+
+@_typing.final
+class ForwardedWaiting(_message.Message):
+    """The node's scheduler holds the running job back for now (agent JobWaiting):
+    progress for the coordinator's stall timer.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ForwardedWaiting: _TypeAlias = ForwardedWaiting  # noqa: Y015
 
 @_typing.final
 class ForwardedQueueTimeout(_message.Message):
