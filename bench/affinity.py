@@ -121,6 +121,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             running_platform(
                 model,
                 start_timeout_s=args.start_timeout,
+                agent_slots=1,
                 log_path=args.platform_log,
                 agent_threads=args.threads,
                 extra_agents=1,

@@ -123,6 +123,8 @@ def _main(args: argparse.Namespace) -> None:
             running_platform(
                 settings.model_id,
                 start_timeout_s=args.start_timeout,
+                # One slot, as on the direct side (streams are measured one at a time).
+                agent_slots=1,
                 log_path=args.platform_log,
                 agent_threads=args.threads,
             ) as running,

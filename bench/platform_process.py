@@ -79,11 +79,15 @@ def running_platform(
     model: str,
     *,
     start_timeout_s: float,
+    agent_slots: int,
     log_path: Path | None = None,
     agent_threads: int | None = None,
     extra_agents: int = 0,
 ) -> Iterator[RunningPlatform]:
-    """Starts `resultity up`, yields once it serves ``model``, stops it on exit."""
+    """Starts `resultity up`, yields once it serves ``model``, stops it on exit.
+
+    Every agent runs ``agent_slots`` generations at once, passed explicitly
+    whatever the commands' defaults, so that results stay comparable."""
     with tempfile.TemporaryDirectory(prefix="resultity-bench-", ignore_cleanup_errors=True) as tmp:
         data_dir = Path(tmp) / "data"
         log_file = log_path or Path(tmp) / "platform.log"
@@ -97,6 +101,8 @@ def running_platform(
             str(http_port),
             "--grpc-port",
             str(grpc_port),
+            "--agent-slots",
+            str(agent_slots),
         ]
         database_url = os.environ.get(DATABASE_URL_ENV)
         if database_url:
@@ -113,7 +119,9 @@ def running_platform(
                     processes, data_dir / DEMO_KEY_FILE, base_url, model, deadline, log_file
                 )
                 for number in range(1, extra_agents + 1):
-                    agent = _agent_command(grpc_port, Path(tmp) / f"agent-{number}", agent_threads)
+                    agent = _agent_command(
+                        grpc_port, Path(tmp) / f"agent-{number}", agent_threads, agent_slots
+                    )
                     token = (data_dir / NODE_TOKEN_FILE).read_text().strip()
                     processes.append(
                         spawn([*agent, "--name", f"extra-{number}"], log, _with_token(token))
@@ -186,7 +194,7 @@ def _wait_until_serving(
             time.sleep(0.5)
 
 
-def _agent_command(grpc_port: int, data_dir: Path, threads: int | None) -> list[str]:
+def _agent_command(grpc_port: int, data_dir: Path, threads: int | None, slots: int) -> list[str]:
     command = [
         *resultity_command(),
         "agent",
@@ -194,6 +202,8 @@ def _agent_command(grpc_port: int, data_dir: Path, threads: int | None) -> list[
         f"127.0.0.1:{grpc_port}",
         "--data-dir",
         str(data_dir),
+        "--slots",
+        str(slots),
     ]
     return command + (["--threads", str(threads)] if threads is not None else [])
 

@@ -60,7 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--agent-slots",
         type=_slots,
-        help="generations the local agent runs at once, batched on one copy of the model",
+        help="generations the local agent runs at once, batched on one copy of the model "
+        "(default 4)",
     )
     up.add_argument("--agent-threads", type=int, help="llama.cpp threads of the local agent")
     up.add_argument(

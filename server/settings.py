@@ -43,8 +43,10 @@ class PlatformSettings(BaseSettings):
     # Start one local agent serving the bundled model.
     local_agent: bool = True
     # Generations the local agent runs at once (RESULTITY_LOCAL_AGENT_SLOTS, or
-    # `resultity up --agent-slots N`), batched on one copy of the model.
-    local_agent_slots: int = Field(default=1, ge=1)
+    # `resultity up --agent-slots N`), batched on one copy of the model. 4: a
+    # local deployment's concurrent users do not queue behind each other, and
+    # the slots share one model and at most 4 contexts' cache cells.
+    local_agent_slots: int = Field(default=4, ge=1)
     # llama.cpp threads of the local agent; unset: every core. The control plane
     # needs little CPU of its own because the agent batches tokens.
     local_agent_threads: int | None = None

@@ -11,7 +11,7 @@ from server.settings import PlatformSettings
 
 def test_up_takes_the_local_agents_slots() -> None:
     assert _parser().parse_args(["up", "--agent-slots", "8"]).agent_slots == 8
-    assert _parser().parse_args(["up"]).agent_slots is None  # the setting's default, 1
+    assert _parser().parse_args(["up"]).agent_slots is None  # the setting's default, 4
 
 
 @pytest.mark.parametrize("value", ["0", "-2", "two", "1.5"])
@@ -25,6 +25,6 @@ def test_slots_below_one_or_not_whole_are_refused(
 
 
 def test_the_setting_refuses_fewer_than_one_slot() -> None:
-    assert PlatformSettings().local_agent_slots == 1
+    assert PlatformSettings().local_agent_slots == 4
     with pytest.raises(pydantic.ValidationError):
         PlatformSettings(local_agent_slots=0)
