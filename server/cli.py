@@ -17,6 +17,7 @@ import structlog
 
 from core import channels, event_loop, tracing
 from core.logging import configure_logging
+from core.namespace import DEFAULT_NAMESPACE, RedisNames, validate_namespace
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -51,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
         "--redis-url",
         help="share rate limits, invalidations and console sessions with other replicas here",
     )
+    _namespace_option(up)
     up.add_argument("--no-agent", action="store_true", help="do not start a local agent")
     up.add_argument(
         "--no-rate-limits",
@@ -155,6 +157,7 @@ def _parser() -> argparse.ArgumentParser:
         help="Redis the replicas share node presence and configuration changes through "
         "(without it, this server is the only replica)",
     )
+    _namespace_option(network)
     network.add_argument(
         "--replica-id",
         help="this replica's name among the network's replicas (default: random)",
@@ -172,6 +175,7 @@ def _parser() -> argparse.ArgumentParser:
     account.add_argument("--database-url", default=os.environ.get("RESULTITY_DATABASE_URL"))
     _redis_option(account, "where revoked keys and changed accounts are announced to cloud")
     _amqp_option(account, "applies deferred settlements from it and relays ledger events")
+    _namespace_option(account)
     account.add_argument(
         "--data-dir",
         type=Path,
@@ -205,6 +209,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     _redis_option(cloud, "rate-limit counters and cache invalidations shared by cloud replicas")
     _amqp_option(cloud, "settlements the account server does not answer wait in it")
+    _namespace_option(cloud)
     cloud.add_argument(
         "--data-dir",
         type=Path,
@@ -233,6 +238,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     gateway.add_argument("--network", help="HOST:PORT of the network server (for /console)")
     _redis_option(gateway, "console sessions shared by gateway replicas (no sticky sessions)")
+    _namespace_option(gateway)
     gateway.add_argument("--host", default="127.0.0.1")
     gateway.add_argument("--port", type=int, default=8080)
     _tls_arguments(gateway, serves=False)
@@ -252,6 +258,17 @@ def _amqp_option(parser: argparse.ArgumentParser, use: str) -> None:
         "--amqp-url",
         default=os.environ.get("RESULTITY_AMQP_URL"),
         help=f"RabbitMQ: {use} (unset: a queue in this process)",
+    )
+
+
+def _namespace_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--namespace",
+        type=_namespace,
+        default=os.environ.get("RESULTITY_NAMESPACE", DEFAULT_NAMESPACE),
+        help="the deployment's name in Redis and RabbitMQ, prefixing every key, channel, "
+        "exchange and queue: deployments sharing them need their own (default: "
+        f"$RESULTITY_NAMESPACE, else {DEFAULT_NAMESPACE!r})",
     )
 
 
@@ -337,6 +354,15 @@ def _slots(value: str) -> int:
     if slots < 1:
         raise argparse.ArgumentTypeError("at least 1")
     return slots
+
+
+def _namespace(value: str) -> str:
+    from core.errors import InvalidArgument
+
+    try:
+        return validate_namespace(value)
+    except InvalidArgument as error:
+        raise argparse.ArgumentTypeError(error.message) from None
 
 
 def _region(value: str) -> str:
@@ -426,7 +452,7 @@ def _gateway_app(args: argparse.Namespace) -> FastAPI:
         tls=_tls(args),
         console=console,
         metrics=PrometheusMetrics(),
-        console_sessions=console_sessions(args.redis_url),
+        console_sessions=console_sessions(args.redis_url, RedisNames(args.namespace)),
     )
 
 
@@ -445,6 +471,7 @@ async def _up(args: argparse.Namespace) -> None:
         "tls_client_ca": args.tls_client_ca,
         "database_url": args.database_url,
         "redis_url": args.redis_url,
+        "namespace": args.namespace,
         "log_level": args.log_level,
         "local_agent_slots": args.agent_slots,
         "local_agent_threads": args.agent_threads,
@@ -517,13 +544,15 @@ async def _serve_one(args: argparse.Namespace) -> None:
             raise SystemExit("network: --database-url or RESULTITY_DATABASE_URL is required")
         if args.account is None:
             log.warning("no --account: node tokens are not checked and nodes earn nothing")
+        names = RedisNames(args.namespace)
         bus = connect_bus(args.redis_url)
-        replica, presence = _replica(args)
+        replica, presence = _replica(args, names)
         network = NetworkComponent(
             account_target=args.account,
             service_token=service_token(args.data_dir, create=True),
             database_url=args.database_url,
             bus=bus,
+            names=names,
             tls=tls,
             replica=replica,
             presence=presence,
@@ -553,13 +582,14 @@ async def _serve_one(args: argparse.Namespace) -> None:
         )
         from server.common.shared_state import SharedState
 
-        shared = await SharedState.open(args.redis_url)
+        shared = await SharedState.open(args.redis_url, RedisNames(args.namespace))
         close_shared = shared.close
         account = await AccountComponent.start(
             args.database_url,
             secrets,
             changes=shared.invalidations,
             amqp_url=args.amqp_url,
+            namespace=args.namespace,
             metrics=metrics,
         )
         account.register(server)
@@ -572,7 +602,7 @@ async def _serve_one(args: argparse.Namespace) -> None:
             raise SystemExit("cloud: --database-url or RESULTITY_DATABASE_URL is required")
         from server.common.shared_state import SharedState
 
-        shared = await SharedState.open(args.redis_url)
+        shared = await SharedState.open(args.redis_url, RedisNames(args.namespace))
         close_shared = shared.close
         cloud = await CloudComponent.start(
             args.database_url,
@@ -581,6 +611,7 @@ async def _serve_one(args: argparse.Namespace) -> None:
             service_token=service_token(args.data_dir),
             shared=shared,
             amqp_url=args.amqp_url,
+            namespace=args.namespace,
             tls=tls,
             metrics=metrics,
         )
@@ -611,9 +642,11 @@ async def _serve_one(args: argparse.Namespace) -> None:
             await close_shared()
 
 
-def _replica(args: argparse.Namespace) -> tuple[ReplicaSettings, Presence | None]:
+def _replica(
+    args: argparse.Namespace, names: RedisNames
+) -> tuple[ReplicaSettings, Presence | None]:
     """This network server's replica settings, and the presence it shares with the
-    other replicas: Redis at --redis-url, or none (the only replica)."""
+    other replicas: Redis at --redis-url (under ``names``), or none (the only replica)."""
     import uuid
 
     from server.network.fleet import ReplicaSettings
@@ -631,7 +664,7 @@ def _replica(args: argparse.Namespace) -> tuple[ReplicaSettings, Presence | None
     from server.network.presence_redis import RedisPresence
 
     log.info("network replica", replica_id=replica.replica_id, advertise=replica.address)
-    return replica, RedisPresence.from_url(args.redis_url)
+    return replica, RedisPresence.from_url(args.redis_url, names)
 
 
 async def _until_signal(work: Coroutine[Any, Any, Any]) -> None:

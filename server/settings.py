@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from core.errors import InvalidArgument
+from core.namespace import DEFAULT_NAMESPACE, validate_namespace
 
 
 class PlatformSettings(BaseSettings):
@@ -22,6 +25,10 @@ class PlatformSettings(BaseSettings):
     # RabbitMQ (RESULTITY_AMQP_URL) for settlements and ledger events; unset: queues
     # in this process.
     amqp_url: str | None = None
+    # Names every Redis key and channel and RabbitMQ exchange and queue of this
+    # deployment (core/namespace.py): deployments sharing a Redis or a broker each
+    # need their own.
+    namespace: str = DEFAULT_NAMESPACE
     http_host: str = "127.0.0.1"
     http_port: int = 8080
     # Loopback by default: agents on other machines need 0.0.0.0.
@@ -59,3 +66,11 @@ class PlatformSettings(BaseSettings):
     tls_key: Path | None = None
     # Require client certificates signed by this CA on the gRPC listener.
     tls_client_ca: Path | None = None
+
+    @field_validator("namespace")
+    @classmethod
+    def _valid_namespace(cls, value: str) -> str:
+        try:
+            return validate_namespace(value)
+        except InvalidArgument as error:
+            raise ValueError(error.message) from None

@@ -22,6 +22,7 @@ from pydantic import SecretStr
 
 from core import channels
 from core.grpc_metrics import GrpcServerMetrics
+from core.namespace import RedisNames
 from core.prometheus import PrometheusMetrics
 from gateway.app import create_app
 from gateway.console import ConsoleTargets, console_sessions
@@ -153,7 +154,8 @@ async def run_platform(settings: PlatformSettings, *, ready: asyncio.Event | Non
             key_hash_secret=_secret(settings.key_hash_secret),
             service_token=_secret(settings.service_token),
         )
-        shared = await SharedState.open(settings.redis_url)
+        redis_names = RedisNames(settings.namespace)
+        shared = await SharedState.open(settings.redis_url, redis_names)
         stack.push_async_callback(shared.close)
         # Without RabbitMQ, one in-process settlement queue: cloud defers to it, the
         # account component applies from it and sees what waits before releasing holds.
@@ -163,6 +165,7 @@ async def run_platform(settings: PlatformSettings, *, ready: asyncio.Event | Non
             secrets,
             changes=shared.invalidations,
             amqp_url=settings.amqp_url,
+            namespace=settings.namespace,
             settlements=settlements,
             metrics=metrics,
         )
@@ -186,6 +189,7 @@ async def run_platform(settings: PlatformSettings, *, ready: asyncio.Event | Non
             rate_limits=rate_limits,
             shared=shared,
             amqp_url=settings.amqp_url,
+            namespace=settings.namespace,
             settlements=settlements,
             metrics=metrics,
         )
@@ -225,7 +229,7 @@ async def run_platform(settings: PlatformSettings, *, ready: asyncio.Event | Non
                     grpc_target,
                     console=ConsoleTargets(grpc_target, grpc_target, grpc_target),
                     metrics=metrics,
-                    console_sessions=console_sessions(settings.redis_url),
+                    console_sessions=console_sessions(settings.redis_url, redis_names),
                 ),
                 settings.http_host,
                 settings.http_port,

@@ -6,7 +6,8 @@ started for the test session. Each session works in a fresh database.
 
 Redis is needed only by tests marked ``integration`` (`make test-integration`):
 the server named by RESULTITY_REDIS_URL, loopback by default. Unreachable, those
-tests fail; they never skip.
+tests fail; they never skip. Each test keeps to a namespace of its own there
+(``namespace``; tests/namespaces.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from hypothesis import settings
 
 from core import event_loop
 from server.common.database import EmbeddedPostgres
+from tests.namespaces import new_namespace
 
 # Hypothesis's per-example deadline is a timing threshold: on a shared machine
 # a slow example is load, not a bug.
@@ -54,6 +56,12 @@ def redis_url() -> str:
     finally:
         client.close()
     return url
+
+
+@pytest.fixture
+def namespace() -> str:
+    """The test's own namespace in the shared Redis and RabbitMQ."""
+    return new_namespace()
 
 
 def _with_database(dsn: str, database: str) -> str:

@@ -1,7 +1,7 @@
 """Console sessions in Redis (RESULTITY_REDIS_URL), so that any gateway replica serves
 any signed-in browser: no sticky sessions.
 
-Each sealed session is one key, ``<prefix><handle>``, holding JSON, with Redis's own
+Each sealed session is one key (``RedisNames.console_session``) holding JSON, with Redis's own
 expiry as its TTL. What is stored is what ``SessionStore`` seals: the API key only
 encrypted under a key derived from the cookie, which Redis never sees.
 """
@@ -15,11 +15,11 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from core.namespace import RedisNames
 from gateway.console.sessions import Identity, SealedSession, SessionsUnavailable
 
 log = structlog.get_logger("gateway.console")
 
-PREFIX = "resultity:console:session:"
 # A page waits this long for Redis, then says the console is unavailable.
 TIMEOUT_S = 1.0
 
@@ -54,18 +54,18 @@ def _decode(raw: bytes | str) -> SealedSession:
 
 
 class RedisSessions:
-    def __init__(self, client: Redis, *, prefix: str = PREFIX) -> None:
+    def __init__(self, client: Redis, names: RedisNames) -> None:
         self._client = client
-        self._prefix = prefix
+        self._names = names
 
     @classmethod
-    def from_url(cls, url: str, *, prefix: str = PREFIX) -> RedisSessions:
+    def from_url(cls, url: str, names: RedisNames) -> RedisSessions:
         client = Redis.from_url(url, socket_timeout=TIMEOUT_S, socket_connect_timeout=TIMEOUT_S)
-        return cls(client, prefix=prefix)
+        return cls(client, names)
 
     async def get(self, handle: str) -> SealedSession | None:
         try:
-            raw = await self._client.get(self._prefix + handle)
+            raw = await self._client.get(self._names.console_session(handle))
         except (RedisError, OSError) as error:
             raise SessionsUnavailable(str(error)) from error
         if raw is None:
@@ -79,14 +79,16 @@ class RedisSessions:
     async def put(self, handle: str, sealed: SealedSession, ttl_s: float) -> None:
         try:
             await self._client.set(
-                self._prefix + handle, _encode(sealed), px=max(1, int(ttl_s * 1000))
+                self._names.console_session(handle),
+                _encode(sealed),
+                px=max(1, int(ttl_s * 1000)),
             )
         except (RedisError, OSError) as error:
             raise SessionsUnavailable(str(error)) from error
 
     async def delete(self, handle: str) -> None:
         try:
-            await self._client.delete(self._prefix + handle)
+            await self._client.delete(self._names.console_session(handle))
         except (RedisError, OSError) as error:
             raise SessionsUnavailable(str(error)) from error
 

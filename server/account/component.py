@@ -30,6 +30,7 @@ from resultity.account.v1 import (
 )
 
 from core.metrics import NO_METRICS, MetricsFactory
+from core.namespace import DEFAULT_NAMESPACE, AmqpNames
 from server.account.api_keys import KeyHasher
 from server.account.billing import BillingService
 from server.account.contribution_servicer import ContributionServicer
@@ -132,6 +133,7 @@ class AccountComponent:
         pool_size: int = 10,
         changes: Announcer | None = None,
         amqp_url: str | None = None,
+        namespace: str = DEFAULT_NAMESPACE,
         settlements: SettlementQueue | None = None,
         metrics: MetricsFactory = NO_METRICS,
     ) -> AccountComponent:
@@ -139,8 +141,10 @@ class AccountComponent:
 
         ``changes``: where revoked keys and changed accounts are announced to cloud.
         Consumes the settlement queue: ``settlements`` (which it then owns), else the
-        RabbitMQ one at ``amqp_url``, else none (cloud then keeps its own).
+        RabbitMQ one at ``amqp_url``, else none (cloud then keeps its own). On RabbitMQ,
+        its queues and exchanges are those of ``namespace`` (core/namespace.py).
         """
+        names = AmqpNames(namespace)
         pool = await create_pool(dsn, max_size=pool_size)
         try:
             await apply_migrations(pool, load_migrations("account", MIGRATIONS))
@@ -163,8 +167,8 @@ class AccountComponent:
             SubscriptionService(PostgresSubscriptionStore(pool)),
             OperatorEarnings(PostgresEarningsStore(pool)),
             ConsumerUsage(PostgresUsageStore(pool)),
-            AmqpLedgerEvents(amqp_url) if amqp_url else InProcessLedgerEvents(),
-            settlements or (AmqpSettlementQueue(amqp_url) if amqp_url else None),
+            AmqpLedgerEvents(amqp_url, names) if amqp_url else InProcessLedgerEvents(),
+            settlements or (AmqpSettlementQueue(amqp_url, names) if amqp_url else None),
         )
         await component._events.subscribe(
             CONTRIBUTION_RECORDED, EARNINGS_CONSUMER, component.earnings.project

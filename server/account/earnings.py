@@ -22,8 +22,9 @@ from server.account.ledger_events import CONTRIBUTION_RECORDED, LedgerEvent
 
 log = structlog.get_logger(__name__)
 
-# The durable name of the projection's subscription (its queue on RabbitMQ).
-CONSUMER = "resultity.ledger.operator-earnings"
+# The durable name of the projection's subscription (its queue on RabbitMQ is
+# ``AmqpNames.ledger_queue`` of it).
+CONSUMER = "operator-earnings"
 
 
 class EarningsStore(Protocol):

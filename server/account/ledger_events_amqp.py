@@ -21,25 +21,24 @@ from aio_pika.abc import (
 )
 
 from core.errors import InvalidArgument
+from core.namespace import AmqpNames
 from server.account.ledger_events import EventHandler, LedgerEvent
 from server.common import amqp
 
 log = structlog.get_logger(__name__)
 
-LEDGER_EXCHANGE = "resultity.ledger"
-
 
 class AmqpLedgerEvents:
-    def __init__(self, url: str, *, exchange: str = LEDGER_EXCHANGE, retry_s: float = 1.0) -> None:
+    def __init__(self, url: str, names: AmqpNames, *, retry_s: float = 1.0) -> None:
         self._url = url
-        self._exchange_name = exchange
+        self._names = names
         self._retry_s = retry_s
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
         self._exchange: AbstractExchange | None = None
         self._connecting = asyncio.Lock()
         self._consumers: list[asyncio.Task[None]] = []
-        # (kind, queue) of each subscription, declared by the publisher too.
+        # (kind, queue name) of each subscription, declared by the publisher too.
         self._bindings: list[tuple[str, str]] = []
 
     async def publish(self, events: Sequence[LedgerEvent]) -> None:
@@ -59,8 +58,9 @@ class AmqpLedgerEvents:
             )
 
     async def subscribe(self, kind: str, consumer: str, handler: EventHandler) -> None:
-        self._bindings.append((kind, consumer))
-        task = asyncio.create_task(self._consume(kind, consumer, handler), name=consumer)
+        queue = self._names.ledger_queue(consumer)
+        self._bindings.append((kind, queue))
+        task = asyncio.create_task(self._consume(kind, queue, handler), name=queue)
         self._consumers.append(task)
 
     async def close(self) -> None:
@@ -82,31 +82,31 @@ class AmqpLedgerEvents:
                 exchange = await self._declare_exchange(self._channel)
                 # A consumer's queue may not be bound yet when the first events go out
                 # (its task starts alongside the relay): bound here, none is lost.
-                for kind, consumer in self._bindings:
-                    queue = await amqp.declare_work_queue(self._channel, consumer)
+                for kind, name in self._bindings:
+                    queue = await amqp.declare_work_queue(self._channel, name)
                     await queue.bind(exchange, kind)
                 self._exchange = exchange
             return self._exchange
 
     async def _declare_exchange(self, channel: AbstractChannel) -> AbstractExchange:
         return await channel.declare_exchange(
-            self._exchange_name, aio_pika.ExchangeType.TOPIC, durable=True
+            self._names.ledger_exchange, aio_pika.ExchangeType.TOPIC, durable=True
         )
 
-    async def _consume(self, kind: str, consumer: str, handler: EventHandler) -> None:
+    async def _consume(self, kind: str, name: str, handler: EventHandler) -> None:
         connection = await amqp.connect_eventually(self._url)
         try:
             channel = await connection.channel()
             await channel.set_qos(prefetch_count=32)
             exchange = await self._declare_exchange(channel)
-            queue = await amqp.declare_work_queue(channel, consumer)
+            queue = await amqp.declare_work_queue(channel, name)
             await queue.bind(exchange, kind)
 
             async def handle(message: AbstractIncomingMessage) -> None:
                 await handler(decode(message.body))
 
             await queue.consume(amqp.acknowledging(handle, retry_s=self._retry_s))
-            log.info("consuming ledger events", kind=kind, queue=consumer)
+            log.info("consuming ledger events", kind=kind, queue=name)
             await asyncio.Future()  # until cancelled; the connection restores the consumer
         finally:
             await connection.close()

@@ -27,8 +27,9 @@ from server.common.paging import decode_cursor, encode_cursor, page_size
 
 log = structlog.get_logger(__name__)
 
-# The durable name of the projection's subscription (its queue on RabbitMQ).
-CONSUMER = "resultity.ledger.consumer-usage"
+# The durable name of the projection's subscription (its queue on RabbitMQ is
+# ``AmqpNames.ledger_queue`` of it).
+CONSUMER = "consumer-usage"
 
 DEFAULT_INTERVALS = 24
 MAX_INTERVALS = 366

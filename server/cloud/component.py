@@ -20,6 +20,7 @@ from resultity.cloud.v1 import (
 
 from core.channels import PLAINTEXT, Tls
 from core.metrics import NO_METRICS, MetricsFactory
+from core.namespace import DEFAULT_NAMESPACE, AmqpNames
 from core.replica_channels import ReplicaChannels
 from server.cloud.clients import GrpcAccountClient, GrpcNetworkClient
 from server.cloud.inference import InferenceService
@@ -73,6 +74,7 @@ class CloudComponent:
         shared: SharedState | None = None,
         caches: CacheSettings | None = None,
         amqp_url: str | None = None,
+        namespace: str = DEFAULT_NAMESPACE,
         settlements: SettlementQueue | None = None,
         tls: Tls = PLAINTEXT,
         inflight: InFlightSettings | None = None,
@@ -84,13 +86,15 @@ class CloudComponent:
         this process.
         ``caches`` unset: read from the environment. Deferred settlements go to
         ``settlements`` (shared with an account component in this process, which
-        applies them), else to RabbitMQ at ``amqp_url``, else to a queue of this
-        process that applies them through the account API. ``inflight`` and
+        applies them), else to RabbitMQ at ``amqp_url`` (the queue of ``namespace``),
+        else to a queue of this process that applies them through the account API. ``inflight`` and
         ``inference_logs`` unset: read from the environment."""
         shared = shared or SharedState()
         ttl_s = (caches or CacheSettings()).cache_ttl_s
         self._pool = pool
-        self._redis_counters = None if shared.redis is None else RedisCounters(shared.redis)
+        self._redis_counters = (
+            None if shared.redis is None else RedisCounters(shared.redis, shared.names)
+        )
         self._account_replicas = ReplicaChannels(account_target, tls)
         self._network_replicas = ReplicaChannels(network_target, tls)
         account = GrpcAccountClient(self._account_replicas, service_token)
@@ -98,7 +102,11 @@ class CloudComponent:
         # A queue only this process holds is applied from here, through the account API.
         self._consume_locally = settlements is None and not amqp_url
         if settlements is None:
-            settlements = AmqpSettlementQueue(amqp_url) if amqp_url else InProcessSettlementQueue()
+            settlements = (
+                AmqpSettlementQueue(amqp_url, AmqpNames(namespace))
+                if amqp_url
+                else InProcessSettlementQueue()
+            )
         self._settlement_queue = settlements
         cloud_metrics = CloudMetrics(metrics)
         self.settler = Settler(account, settlements, metrics=cloud_metrics)
@@ -163,6 +171,7 @@ class CloudComponent:
         pool_size: int = 5,
         shared: SharedState | None = None,
         amqp_url: str | None = None,
+        namespace: str = DEFAULT_NAMESPACE,
         settlements: SettlementQueue | None = None,
         tls: Tls = PLAINTEXT,
         inflight: InFlightSettings | None = None,
@@ -186,6 +195,7 @@ class CloudComponent:
             rate_limits=rate_limits,
             shared=shared,
             amqp_url=amqp_url,
+            namespace=namespace,
             settlements=settlements,
             tls=tls,
             inflight=inflight,

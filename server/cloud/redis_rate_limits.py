@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 import structlog
 from redis.asyncio import Redis
 
+from core.namespace import RedisNames
 from server.cloud.rate_limits import Levels, LimitCounters, LocalCounters, Scope, Verdict
 from server.common.redis_client import UNAVAILABLE
 
@@ -113,13 +114,13 @@ class RedisCounters:
     def __init__(
         self,
         redis: Redis,
+        names: RedisNames,
         *,
-        prefix: str = "resultity:rate:",
         lease_s: float = 60.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._redis = redis
-        self._prefix = prefix
+        self._names = names
         self._lease_s = lease_s
         self._clock = clock
         self._acquire = redis.register_script(_ACQUIRE)
@@ -132,7 +133,7 @@ class RedisCounters:
     def _keys(self, scopes: Sequence[Scope]) -> list[str]:
         keys = []
         for scope in scopes:
-            keys += [f"{self._prefix}{scope.name}", f"{self._prefix}{scope.name}:flight"]
+            keys += [self._names.rate_bucket(scope.name), self._names.rate_in_flight(scope.name)]
         return keys
 
     async def acquire(

@@ -17,6 +17,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 
+from core.namespace import AmqpNames
 from server.common.settlements import is_refusal
 
 log = structlog.get_logger(__name__)
@@ -47,8 +48,9 @@ async def connect_eventually(url: str, *, max_retry_s: float = 10.0) -> Abstract
 
 
 async def declare_work_queue(channel: AbstractChannel, name: str) -> AbstractQueue:
-    """A durable queue whose rejected messages go to the durable queue ``<name>.dead``."""
-    dead = f"{name}.dead"
+    """A durable queue whose rejected messages go to the durable queue of its dead
+    letters (``AmqpNames.dead_letter``)."""
+    dead = AmqpNames.dead_letter(name)
     exchange = await channel.declare_exchange(dead, aio_pika.ExchangeType.FANOUT, durable=True)
     dead_queue = await channel.declare_queue(dead, durable=True)
     await dead_queue.bind(exchange)

@@ -23,7 +23,6 @@ from server.common.channel_follower import ChannelFollower
 
 log = structlog.get_logger(__name__)
 
-CHANNEL = "resultity:invalidations"
 ANNOUNCE_TIMEOUT_S = 1.0
 
 
@@ -69,10 +68,11 @@ class Announcer(Protocol):
 
 
 class Invalidations:
-    """Announces changes on ``bus`` and hands every announced change, this replica's
-    own included, to the listeners of this replica."""
+    """Announces changes on ``channel`` of ``bus`` (``RedisNames.invalidations``) and
+    hands every announced change, this replica's own included, to the listeners of
+    this replica."""
 
-    def __init__(self, bus: Bus, *, channel: str = CHANNEL, retry_s: float = 1.0) -> None:
+    def __init__(self, bus: Bus, channel: str, *, retry_s: float = 1.0) -> None:
         self._listeners: list[InvalidationListener] = []
         self._follower = ChannelFollower(
             bus, channel, self._received, catch_up=self._missed, poll_s=None, retry_s=retry_s

@@ -19,23 +19,23 @@ from google.protobuf.message import DecodeError
 from resultity.account.v1 import ledger_service_pb2 as ledger_pb
 
 from core.errors import InvalidArgument
+from core.namespace import AmqpNames
 from server.common import amqp
 from server.common.settlement_proto import settlement_from_pb, settlement_to_pb
 from server.common.settlements import QueueUnavailable, Settlement, SettlementHandler
 
 log = structlog.get_logger(__name__)
 
-SETTLEMENT_QUEUE = "resultity.settlements"
 _CONTENT_TYPE = "application/x-protobuf"
 _MESSAGE_TYPE = ledger_pb.SettleHoldRequest.DESCRIPTOR.full_name
 
 
 class AmqpSettlementQueue:
     def __init__(
-        self, url: str, *, name: str = SETTLEMENT_QUEUE, retry_s: float = 1.0, prefetch: int = 16
+        self, url: str, names: AmqpNames, *, retry_s: float = 1.0, prefetch: int = 16
     ) -> None:
         self._url = url
-        self._name = name
+        self._name = names.settlements
         self._retry_s = retry_s
         self._prefetch = prefetch
         self._connection: AbstractRobustConnection | None = None

@@ -4,7 +4,8 @@
 An announcement only says that something changed (a configuration version, a
 node's standing); each replica reads the change itself from PostgreSQL, and
 catches up from the store after resubscribing and every 30 s: a missed
-announcement then delays a change, never loses it.
+announcement then delays a change, never loses it. The channels are named by
+``RedisNames.network_channel`` (core/namespace.py).
 """
 
 from __future__ import annotations
@@ -12,10 +13,6 @@ from __future__ import annotations
 import structlog
 
 log = structlog.get_logger(__name__)
-
-
-def network_channel(network_id: str, topic: str) -> str:
-    return f"resultity:network:{network_id}:{topic}"
 
 
 def version_of(message: bytes) -> int:

@@ -21,6 +21,7 @@ from resultity.network.v1 import (
 from core import channels, tracing
 from core.inference import CatalogModel
 from core.metrics import NO_METRICS, MetricsFactory
+from core.namespace import RedisNames
 from core.replica_channels import ReplicaChannels
 from server.common.bus import Bus
 from server.common.bus_memory import MemoryBus
@@ -67,6 +68,7 @@ class NetworkComponent:
         service_token: str,
         database_url: str,
         bus: Bus | None = None,
+        names: RedisNames | None = None,
         tls: channels.Tls = channels.PLAINTEXT,
         replica: ReplicaSettings | None = None,
         presence: Presence | None = None,
@@ -78,7 +80,8 @@ class NetworkComponent:
         are resolved by the account service (with the same token); without, tokens
         are not checked and nodes earn nothing. The network's state lives in the
         PostgreSQL at ``database_url``; replicas of one network share it and a
-        ``bus`` (default: this process alone). ``replica`` and a ``presence`` shared
+        ``bus`` (default: this process alone), on channels named by ``names`` (default:
+        the default namespace's). ``replica`` and a ``presence`` shared
         with the other replicas make this server one replica of a fleet (default:
         the only one)."""
         self._database_url = database_url
@@ -86,6 +89,7 @@ class NetworkComponent:
         # A bus or presence given is the caller's to close.
         self._own_bus = bus is None
         self._bus = bus or MemoryBus()
+        self._names = names or RedisNames()
         self._replica = replica
         self._presence = presence
         self._forwarder = GrpcForwarder(service_token, tls)
@@ -151,6 +155,7 @@ class NetworkComponent:
                     PostgresJobRecordStore(pool, network_id),
                 ),
                 bus=self._bus,
+                names=self._names,
                 forwarder=self._forwarder,
                 replica=self._replica,
                 presence=self._presence,

@@ -22,6 +22,7 @@ import redis.asyncio as redis
 import structlog
 from redis.exceptions import RedisError
 
+from core.namespace import RedisNames
 from server.network.presence import (
     LOG_SLACK,
     NodePresence,
@@ -155,16 +156,16 @@ _BATCH = 500
 
 
 class RedisPresence:
-    def __init__(self, client: redis.Redis, *, prefix: str = "resultity:presence") -> None:
+    def __init__(self, client: redis.Redis, names: RedisNames) -> None:
         self._client = client
-        self._prefix = prefix
+        self._names = names
         # Index, change log, log state (epoch, seq, floor), leases; and the epoch
         # of a log this instance is the first to write.
         self._keys: list[str | int] = [
-            f"{prefix}:nodes",
-            f"{prefix}:changes",
-            f"{prefix}:log",
-            f"{prefix}:leases",
+            names.presence_index,
+            names.presence_changes,
+            names.presence_log,
+            names.presence_leases,
             uuid.uuid4().hex,
         ]
         self._publish = client.register_script(_PUBLISH)
@@ -172,11 +173,11 @@ class RedisPresence:
         self._changes = client.register_script(_CHANGES)
 
     @classmethod
-    def from_url(cls, url: str, *, prefix: str = "resultity:presence") -> RedisPresence:
-        return cls(redis.Redis.from_url(url), prefix=prefix)
+    def from_url(cls, url: str, names: RedisNames) -> RedisPresence:
+        return cls(redis.Redis.from_url(url), names)
 
     def _key(self, node_id: str) -> str:
-        return f"{self._prefix}:node:{node_id}"
+        return self._names.presence_record(node_id)
 
     async def publish(self, records: Sequence[NodePresence]) -> None:
         with _unavailable():

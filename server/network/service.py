@@ -57,13 +57,14 @@ from core.inference import (
     NodeRequirements,
 )
 from core.job_records import JobQuery, JobRecord, validate_query
+from core.namespace import RedisNames
 from core.regions import validate_region
 from core.trace_context import UNTRACED, TraceContext
 from server.common.bus import Bus
 from server.common.channel_follower import ChannelFollower
 from server.common.paging import decode_text_cursor, encode_cursor, page_size
 from server.network.admission import AdmissionSettings, NodeAdmission
-from server.network.announcements import network_channel, version_of
+from server.network.announcements import version_of
 from server.network.catalog import Catalog
 from server.network.checks import NodeChecks
 from server.network.config import (
@@ -115,6 +116,7 @@ class NetworkService:
         *,
         stores: NetworkStores,
         bus: Bus,
+        names: RedisNames,
         forwarder: Forwarder,
         replica: ReplicaSettings | None = None,
         presence: Presence | None = None,
@@ -124,7 +126,8 @@ class NetworkService:
     ) -> None:
         """Standings, configuration versions, acknowledgements and job records live
         in ``stores``; new configuration versions and released nodes are announced
-        to the other replicas over ``bus``. ``replica`` names this replica and the
+        to the other replicas over ``bus``, on the channels ``names`` gives them.
+        ``replica`` names this replica and the
         address others forward jobs to; ``presence`` is shared with the other
         replicas (default: this process's own, one replica); ``forwarder`` runs jobs
         through the replica owning a node. ``metrics`` counts jobs, routing,
@@ -178,12 +181,12 @@ class NetworkService:
         network_id = self.admission.settings.network_id
         self._configs = ChannelFollower(
             bus,
-            network_channel(network_id, "config"),
+            names.network_channel(network_id, "config"),
             lambda message: self._catch_up(version_of(message)),
             catch_up=lambda: self._catch_up(0),
         )
         self._standings = ChannelFollower(
-            bus, network_channel(network_id, "standings"), self._standing_announced
+            bus, names.network_channel(network_id, "standings"), self._standing_announced
         )
         # Serialises this replica's configuration changes; the store orders replicas.
         self._config_lock = asyncio.Lock()

@@ -15,6 +15,7 @@ import grpc
 import pytest
 
 from core import channels
+from core.namespace import AmqpNames
 from core.replica_channels import ReplicaChannels
 from server.account.authz import Principal
 from server.account.component import AccountComponent
@@ -164,7 +165,7 @@ async def test_account_and_broker_down_settlements_wait_in_memory(
     account: AccountServer, client: GrpcAccountClient, db: Any
 ) -> None:
     consumer, operator, settlement = await _request(account.component)
-    queue = AmqpSettlementQueue(BROKER_DOWN)
+    queue = AmqpSettlementQueue(BROKER_DOWN, AmqpNames())
     settler = Settler(client, queue, first_retry_s=0.05, max_retry_s=0.2)
     await account.stop()
     try:

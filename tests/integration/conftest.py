@@ -18,7 +18,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
-import redis.asyncio as redis
+
+from core.namespace import AmqpNames, RedisNames
+from tests.namespaces import forget_amqp, forget_redis
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
@@ -58,16 +60,19 @@ def services(redis_url: str, amqp_url: str) -> None:
 
 
 @pytest.fixture
-async def redis_prefix(redis_url: str) -> AsyncIterator[str]:
-    """A Redis key prefix of the test's own (no trailing separator), its keys deleted
-    afterwards."""
-    prefix = f"resultity-test:{uuid.uuid4().hex[:12]}"
-    yield prefix
-    client = redis.Redis.from_url(redis_url)
-    keys = [key async for key in client.scan_iter(f"{prefix}*")]
-    if keys:
-        await client.delete(*keys)
-    await client.aclose()
+async def redis_names(redis_url: str, namespace: str) -> AsyncIterator[RedisNames]:
+    """The Redis names of the test's own namespace, its keys deleted afterwards."""
+    yield RedisNames(namespace)
+    await forget_redis(redis_url, namespace)
+
+
+@pytest.fixture
+async def amqp_names(amqp_url: str, namespace: str) -> AsyncIterator[AmqpNames]:
+    """The RabbitMQ names of the test's own namespace, its queues and exchanges
+    deleted afterwards."""
+    names = AmqpNames(namespace)
+    yield names
+    await forget_amqp(amqp_url, names)
 
 
 @contextlib.asynccontextmanager

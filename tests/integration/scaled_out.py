@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-import redis.asyncio as redis
 from resultity.account.v1 import account_service_pb2 as account_pb
 from resultity.account.v1 import account_service_pb2_grpc as account_grpc
 from resultity.account.v1 import api_key_service_pb2 as keys_pb
@@ -39,10 +38,12 @@ from resultity.network.v1 import node_admin_service_pb2_grpc as admin_grpc
 
 from core import channels
 from core.metadata import bearer_metadata
+from core.namespace import AmqpNames, RedisNames
 from core.replica_channels import ReplicaChannels
 from server.common.credentials import generate_service_token
 from server.network.catalog import SMOLLM2_135M
 from tests.harness import free_port
+from tests.namespaces import forget_amqp, forget_redis, new_namespace
 
 REPO = Path(__file__).resolve().parents[2]
 # Cloud replicas trust cached keys this long: a key refused sooner was refused
@@ -52,9 +53,6 @@ READY_TIMEOUT_S = 60.0
 # Until every agent serves: it connects, (the real one) loads its model, and
 # passes the network's join checks, on a loaded machine.
 NODES_TIMEOUT_S = 240.0
-# Presence records of network replicas in the shared Redis; a previous test's may
-# linger until their leases lapse.
-PRESENCE_KEYS = "resultity:presence:*"
 CLI = (sys.executable, "-m", "server.cli", "--log-level", "warning")
 
 
@@ -160,6 +158,8 @@ class ScaledOut:
     account_replicas: ReplicaChannels
     # Each service process's port, by name (account-0, network-1, cloud-0, ...).
     ports: dict[str, int]
+    # The platform's keys and channels in Redis (a namespace of its own).
+    redis_names: RedisNames
 
     @property
     def service(self) -> tuple[tuple[str, str], ...]:
@@ -294,7 +294,7 @@ class ScaledOut:
 
 
 def _environment(
-    service_token: str, redis_url: str, extra: Mapping[str, str] | None
+    service_token: str, redis_url: str, namespace: str, extra: Mapping[str, str] | None
 ) -> dict[str, str]:
     env = {
         key: value
@@ -305,6 +305,7 @@ def _environment(
         RESULTITY_SERVICE_TOKEN=service_token,
         RESULTITY_KEY_HASH_SECRET=secrets.token_hex(32),
         RESULTITY_REDIS_URL=redis_url,
+        RESULTITY_NAMESPACE=namespace,
         RESULTITY_CLOUD_CACHE_TTL_S=CACHE_TTL_S,
         PYTHONPATH=os.pathsep.join(
             [str(REPO), str(REPO / "generated"), os.environ.get("PYTHONPATH", "")]
@@ -312,16 +313,6 @@ def _environment(
     )
     env.update(extra or {})
     return env
-
-
-async def _forget_presence(redis_url: str) -> None:
-    client = redis.Redis.from_url(redis_url)
-    try:
-        keys = [key async for key in client.scan_iter(PRESENCE_KEYS)]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()
 
 
 @contextlib.asynccontextmanager
@@ -340,9 +331,11 @@ async def scaled_out(
     """``accounts`` account and ``networks`` network replicas, ``replicas`` cloud
     replicas and as many gateways; ``env`` adds to every process's environment (e.g.
     RESULTITY_CLOUD_INFLIGHT_* settings); ``cloud_networks``: the network replicas
-    (indexes) the cloud replicas call, unset all. No agent: the test starts its own."""
+    (indexes) the cloud replicas call, unset all. No agent: the test starts its own.
+    The platform keeps to a namespace of its own in Redis and RabbitMQ."""
     service_token = generate_service_token()
-    processes = Processes(logs, _environment(service_token, redis_url, env))
+    namespace = new_namespace()
+    processes = Processes(logs, _environment(service_token, redis_url, namespace, env))
     queue = ("--amqp-url", amqp_url) if amqp_url else ()
     stores = ("--database-url", database_url, *queue)
     ports = {
@@ -361,7 +354,6 @@ async def scaled_out(
 
     account_list, network_list = addresses("account"), addresses("network")
     called = network_list if cloud_networks is None else [network_list[i] for i in cloud_networks]
-    await _forget_presence(redis_url)
     account_replicas = ReplicaChannels(",".join(account_list))
     try:
         # All at once: replicas starting together take turns at the migrations.
@@ -399,11 +391,14 @@ async def scaled_out(
             processes,
             account_replicas,
             ports,
+            RedisNames(namespace),
         )
     finally:
         await processes.close()
         await account_replicas.close()
-        await _forget_presence(redis_url)
+        await forget_redis(redis_url, namespace)
+        if amqp_url:
+            await forget_amqp(amqp_url, AmqpNames(namespace))
 
 
 def chat_request(max_tokens: int = 2) -> dict[str, object]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 
+from core.namespace import AmqpNames
 from server.account.authz import Principal
 from server.account.component import AccountComponent
 from server.account.ledger import ContributionTotal, SettlementLine
@@ -15,10 +16,14 @@ ADMIN = Principal.service()
 
 
 async def test_a_settlement_reaches_the_earnings_and_usage_projections_through_rabbitmq(
-    database_url: str, amqp_url: str
+    database_url: str, amqp_url: str, amqp_names: AmqpNames
 ) -> None:
     component = await AccountComponent.start(
-        database_url, PlatformSecrets.generate(), hold_sweep_interval_s=3600, amqp_url=amqp_url
+        database_url,
+        PlatformSecrets.generate(),
+        hold_sweep_interval_s=3600,
+        amqp_url=amqp_url,
+        namespace=amqp_names.namespace,
     )
     try:
         consumer = await component.service.create_account(ADMIN, "consumer")

@@ -17,7 +17,6 @@ import pytest
 import redis.asyncio
 from resultity.account.v1 import rate_limits_pb2 as rate_limits_pb
 
-from server.common.invalidation import CHANNEL
 from tests.harness import eventually, free_port
 from tests.integration.scaled_out import (
     Customer,
@@ -111,7 +110,7 @@ async def test_requests_are_served_through_a_redis_outage_and_charged_once(
     # Limits high enough never to refuse: every request goes through the counters.
     limits = rate_limits_pb.RateLimits(requests_per_minute=100_000, concurrent_requests=100)
     load = Load(await platform.customer(credits=CREDITS, limits=limits))
-    key_counters = f"resultity:rate:key:{load.customer.api_key_id}"
+    key_counters = platform.redis_names.rate_bucket(f"key:{load.customer.api_key_id}")
     # Trusted by both replicas for an hour, revoked while Redis is down.
     revoked_unheard = await platform.customer(credits=1_000_000)
     stop = asyncio.Event()
@@ -134,7 +133,7 @@ async def test_requests_are_served_through_a_redis_outage_and_charged_once(
             async with asyncio.timeout(60):
                 while not await _holds(own_redis, key_counters):  # noqa: ASYNC110
                     await asyncio.sleep(0.05)
-                while await _subscribers(own_redis) < len(platform.clouds):  # noqa: ASYNC110
+                while await _subscribers(own_redis, platform) < len(platform.clouds):  # noqa: ASYNC110
                     await asyncio.sleep(0.05)
             served = len(load.responses)
             await eventually(load.more_than(served + 10), timeout_s=60)
@@ -180,11 +179,11 @@ async def _holds(server: OwnRedis, key: str) -> bool:
         await client.aclose()
 
 
-async def _subscribers(server: OwnRedis) -> int:
+async def _subscribers(server: OwnRedis, platform: ScaledOut) -> int:
     """How many replicas listen for invalidations."""
     client = redis.asyncio.Redis.from_url(server.url)
     try:
-        [(_, count)] = await client.pubsub_numsub(CHANNEL)
+        [(_, count)] = await client.pubsub_numsub(platform.redis_names.invalidations)
         return int(count)
     finally:
         await client.aclose()

@@ -14,6 +14,7 @@ from structlog.testing import capture_logs
 
 from core.errors import InvalidApiKey
 from core.inference import NodeRequirements
+from core.namespace import RedisNames
 from server.cloud.auth import CachedAuthenticator
 from server.cloud.ports import Caller
 from server.cloud.subcloud_service import SubcloudResolver
@@ -21,10 +22,11 @@ from server.cloud.subclouds import Subcloud, SubcloudMember, SubcloudModel, Subc
 from server.common.bus import Bus
 from server.common.bus_memory import MemoryBus
 from server.common.bus_redis import RedisBus
-from server.common.invalidation import CHANNEL, Invalidation, Invalidations, Subject
+from server.common.invalidation import Invalidation, Invalidations, Subject
 from tests.harness import eventually
 
 KEY = Invalidation(Subject.API_KEY, "key-1")
+CHANNEL = RedisNames().invalidations
 
 
 class _Recorder:
@@ -49,7 +51,7 @@ class Replicas:
 
 @pytest.fixture(params=["in-process", pytest.param("redis", marks=pytest.mark.integration)])
 async def replicas(request: pytest.FixtureRequest) -> AsyncIterator[Replicas]:
-    channel = f"test:{uuid.uuid4().hex}"
+    channel = RedisNames(request.getfixturevalue("namespace")).invalidations
     if request.param == "in-process":
         memory = MemoryBus()
         buses: list[Bus] = [memory]
@@ -87,7 +89,7 @@ async def test_a_replica_that_resubscribes_drops_everything() -> None:
     """What was announced while it was not subscribed is lost to it: its caches
     may hold what changed meanwhile."""
     bus = MemoryBus()
-    invalidations = Invalidations(bus, retry_s=0.01)
+    invalidations = Invalidations(bus, CHANNEL, retry_s=0.01)
     recorder = _Recorder()
     invalidations.subscribe(recorder)
     await invalidations.start()
@@ -234,7 +236,7 @@ async def test_an_announcement_the_bus_does_not_take_gives_up(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr("server.common.invalidation.ANNOUNCE_TIMEOUT_S", 0.01)
-    invalidations = Invalidations(_StuckBus())
+    invalidations = Invalidations(_StuckBus(), CHANNEL)
     with capture_logs() as logs:
         await invalidations.announce(KEY)  # returns: the revocation is committed
     assert [entry["event"] for entry in logs] == ["invalidation not announced in time"]

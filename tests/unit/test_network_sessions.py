@@ -10,6 +10,7 @@ import pytest
 
 from core.agent_messages import ChunkReport, ConfigApplied, Draining, Heartbeat, StartedReport
 from core.errors import InvalidNodeCredentials
+from core.namespace import RedisNames
 from server.common.bus_memory import MemoryBus
 from server.network.catalog import SMOLLM2_135M, Catalog
 from server.network.nodes import NodeHello, NodeModel, NodeSession, SignedHello
@@ -34,6 +35,7 @@ def _service() -> NetworkService:
         LivenessSettings(),
         stores=stores,
         bus=MemoryBus(),
+        names=RedisNames(),
         forwarder=_Untouched(),  # type: ignore[arg-type]  # no job is forwarded here
     )
 

@@ -5,12 +5,12 @@ Redis ones (those runs need Redis: `make test-integration`)."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 
 import pytest
 
 from core.errors import InvalidArgument, RateLimited
+from core.namespace import RedisNames
 from server.cloud.rate_limits import LimitCounters, LocalCounters, RateLimiter, Scope, Verdict
 from server.cloud.redis_rate_limits import RedisCounters
 from server.cloud.settings import RateLimitSettings
@@ -33,7 +33,7 @@ async def counters(request: pytest.FixtureRequest) -> AsyncIterator[LimitCounter
         return
     redis = connect(request.getfixturevalue("redis_url"))
     # A namespace of its own per test: the counters start empty.
-    shared = RedisCounters(redis, prefix=f"test:{uuid.uuid4().hex}:")
+    shared = RedisCounters(redis, RedisNames(request.getfixturevalue("namespace")))
     try:
         yield shared
     finally:

@@ -3,7 +3,6 @@ fall back to this replica's own counters while Redis does not answer."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator, Sequence
 
 import pytest
@@ -11,6 +10,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from structlog.testing import capture_logs
 
 from core.errors import RateLimited
+from core.namespace import RedisNames
 from server.cloud.rate_limits import LocalCounters, RateLimiter, Scope, Verdict
 from server.cloud.redis_rate_limits import FallbackCounters, RedisCounters
 from server.cloud.settings import RateLimitSettings
@@ -92,9 +92,11 @@ async def test_a_failed_release_does_not_fail_the_request() -> None:
 
 
 @pytest.fixture
-async def redis_counters(redis_url: str) -> AsyncIterator[tuple[RedisCounters, Clock]]:
+async def redis_counters(
+    redis_url: str, namespace: str
+) -> AsyncIterator[tuple[RedisCounters, Clock]]:
     redis, clock = connect(redis_url), Clock()
-    counters = RedisCounters(redis, prefix=f"test:{uuid.uuid4().hex}:", lease_s=60, clock=clock)
+    counters = RedisCounters(redis, RedisNames(namespace), lease_s=60, clock=clock)
     try:
         yield counters, clock
     finally:
