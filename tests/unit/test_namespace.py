@@ -20,7 +20,9 @@ from core.namespace import (
 from server.account.earnings import CONSUMER as EARNINGS_CONSUMER
 from server.account.usage import CONSUMER as USAGE_CONSUMER
 from server.cli import _parser
+from server.common.bus_memory import MemoryBus
 from server.settings import PlatformSettings
+from tests.namespace_contract import *  # noqa: F403
 
 # Without a namespace set, a deployment keeps the names it had before there were any.
 HISTORICAL_REDIS = {
@@ -68,6 +70,11 @@ def amqp_names(names: AmqpNames) -> set[str]:
         names.ledger_queue(USAGE_CONSUMER),
         names.ledger_queue(EARNINGS_CONSUMER),
     }
+
+
+@pytest.fixture
+def bus() -> MemoryBus:
+    return MemoryBus()
 
 
 def test_the_default_namespace_keeps_the_historical_names() -> None:
