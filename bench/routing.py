@@ -250,11 +250,12 @@ def measure(
         request = requests[index % len(requests)]
         now = time.monotonic()
         started = time.perf_counter_ns()
-        picked = router.pick(request, now)
+        route = router.pick(request, now)
         timings.append((time.perf_counter_ns() - started) / 1000)
-        if picked is None:
+        if route is None:
             misses += 1
             continue
+        picked = route.node
         job = f"job-{index}"
         if isinstance(picked, RemoteNode):
             picked.reserve()

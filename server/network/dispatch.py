@@ -234,11 +234,14 @@ class JobDispatch:
 
     def _pick(self, request: RouteRequest) -> RoutableNode | None:
         began = time.monotonic()
-        node = self._router.pick(request, began)
+        route = self._router.pick(request, began)
         self._metrics.routing_decision.observe(
-            time.monotonic() - began, "none" if node is None else "picked"
+            time.monotonic() - began, "none" if route is None else "picked"
         )
-        return node
+        if route is None:
+            return None
+        self._metrics.routing_affinity.inc(request.model, route.affinity.value)
+        return route.node
 
     def _assign(self, job: ActiveJob, node: RoutableNode) -> None:
         continuation = job.continuation() if job.migrations else None

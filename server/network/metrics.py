@@ -29,6 +29,15 @@ class NetworkMetrics:
             ("result",),
             DECISION_BUCKETS,
         )
+        self.routing_affinity = metrics.counter(
+            "resultity_routing_affinity_total",
+            "Nodes picked for jobs (first assignments and migrations), by model and how "
+            "prefix affinity fared: hit (the node advertises a prefix of the request's "
+            "conversation), passed_over (a candidate advertising one lost to a less busy "
+            "node), miss (no candidate advertises one), none (no conversation: text "
+            "completions, embeddings).",
+            ("model", "outcome"),
+        )
         self.jobs = metrics.counter(
             "resultity_network_jobs_total",
             "Jobs dispatched by this replica, by model and outcome (finished, failed, cancelled).",

@@ -25,7 +25,8 @@ Prefix affinity is one such scorer: a chat request carries the fingerprints
 of its messages' prefixes (core/prompt_prefixes.py), nodes advertise those of
 the conversations their caches hold, and the node holding the longest prefix
 of the request gains, so a conversation's next turn lands where its start is
-already computed.
+already computed. Each decision says how affinity fared (``Affinity``), for
+the operators' metrics.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import itertools
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Protocol
 
 from core.inference import GenerationSpec, NodeRequirements
@@ -57,6 +59,29 @@ class RouteRequest:
     # The fingerprints of the request's conversation (``job_prefixes``); none
     # for text completions and embeddings.
     prefixes: tuple[int, ...] = ()
+
+
+class Affinity(StrEnum):
+    """How a routed request's conversation fared: a chat turn should land where
+    its start is cached."""
+
+    # The chosen node advertises a prefix of the request.
+    HIT = "hit"
+    # A candidate advertising one passed the filters, but another node won: the
+    # holder was busier (or had no free slot, which earns no affinity at all).
+    PASSED_OVER = "passed_over"
+    # No candidate advertises one: a first turn, or the conversation's cache is
+    # gone (evicted, its node left). Above ``sample_size`` nodes of a pool the
+    # candidates are a sample, which may leave the holder out.
+    MISS = "miss"
+    # The request carries no fingerprints (a text completion, an embedding).
+    NONE = "none"
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    node: RoutableNode
+    affinity: Affinity
 
 
 def job_prefixes(spec: GenerationSpec) -> tuple[int, ...]:
@@ -216,7 +241,7 @@ class Router:
             return len(pool)
         return sum(1 for node in pool if meets(node, requirements))
 
-    def pick(self, request: RouteRequest, now: float) -> RoutableNode | None:
+    def pick(self, request: RouteRequest, now: float) -> Route | None:
         """The best node for ``request``, recorded as assigned; None if none qualifies."""
         pool = self._index.pool(request.model, request.requirements)
         context = RouteContext(request, now, self.suspect_after_s)
@@ -227,10 +252,10 @@ class Router:
         else:
             chosen = self._best(pool, context)
         if chosen is not None:
-            self._last_assigned[chosen.node_id] = next(self._sequence)
+            self._last_assigned[chosen.node.node_id] = next(self._sequence)
         return chosen
 
-    def _best(self, nodes: Iterable[RoutableNode], context: RouteContext) -> RoutableNode | None:
+    def _best(self, nodes: Iterable[RoutableNode], context: RouteContext) -> Route | None:
         candidates = [node for node in nodes if all(f(node, context) for f in self._filters)]
         if not candidates:
             return None
@@ -244,4 +269,18 @@ class Router:
             total = sum(s.weight * s.score(node, scoring) for s in self._scorers)
             return (-total, last.get(node.node_id, -1))
 
-        return min(candidates, key=rank)
+        chosen = min(candidates, key=rank)
+        return Route(chosen, _affinity(context.request.prefixes, chosen, candidates))
+
+
+def _affinity(
+    prefixes: tuple[int, ...], chosen: RoutableNode, candidates: list[RoutableNode]
+) -> Affinity:
+    if not prefixes:
+        return Affinity.NONE
+    if not chosen.cached_prefixes.isdisjoint(prefixes):
+        return Affinity.HIT
+    # Only when the chosen node holds none: one more C-level pass per candidate.
+    if any(not node.cached_prefixes.isdisjoint(prefixes) for node in candidates):
+        return Affinity.PASSED_OVER
+    return Affinity.MISS

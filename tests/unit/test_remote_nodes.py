@@ -48,8 +48,8 @@ def view(*local: str) -> tuple[Router, RemoteNodes]:
 
 
 def pick(router: Router, exclude: frozenset[str] = frozenset()) -> str | None:
-    node = router.pick(RouteRequest("m", exclude), time.monotonic())
-    return None if node is None else node.node_id
+    route = router.pick(RouteRequest("m", exclude), time.monotonic())
+    return None if route is None else route.node.node_id
 
 
 def test_other_replicas_nodes_are_routed_to_and_own_records_are_ignored() -> None:
@@ -120,7 +120,9 @@ def test_a_node_that_connects_here_is_forgotten_as_remote() -> None:
     remote.forget("a")
     local = NodeSession("a", NodeHello("a", "test", (NodeModel("m", "rt", 2048),), 1))
     router.add(local)
-    assert router.pick(RouteRequest("m"), time.monotonic()) is local
+    route = router.pick(RouteRequest("m"), time.monotonic())
+    assert route is not None
+    assert route.node is local
 
 
 def test_a_record_carries_the_nodes_cached_conversations_bounded() -> None:
@@ -147,11 +149,11 @@ def test_a_remote_node_holding_the_conversation_takes_its_next_turn() -> None:
     router, remote = view()
     remote.apply([record("other"), record("cached", cached_prefixes=follow_up[1:2])])
     picks = [router.pick(RouteRequest("m", prefixes=follow_up), time.monotonic()) for _ in "abc"]
-    assert [node.node_id for node in picks if node is not None] == ["cached"] * 3
+    assert [route.node.node_id for route in picks if route is not None] == ["cached"] * 3
     # It advertises nothing any more: the next snapshot says so.
     remote.apply([record("other"), record("cached")])
     picks = {router.pick(RouteRequest("m", prefixes=follow_up), time.monotonic()) for _ in "ab"}
-    assert {node.node_id for node in picks if node is not None} == {"cached", "other"}
+    assert {route.node.node_id for route in picks if route is not None} == {"cached", "other"}
 
 
 def changes(

@@ -5,7 +5,7 @@ import random
 from core.inference import ChatMessage, ChatRole, GenerationSpec, NodeRequirements, Sampling
 from core.prompt_prefixes import prefix_fingerprints
 from server.network.nodes import ModelStatus, ModelValidation, NodeHello, NodeModel, NodeSession
-from server.network.routing import Router, RouteRequest, job_prefixes
+from server.network.routing import Affinity, Router, RouteRequest, job_prefixes
 
 SUSPECT_S = 15.0
 
@@ -23,8 +23,8 @@ def _router(*nodes: NodeSession, sample_size: int = 32) -> Router:
 
 
 def _pick(router: Router, model: str = "m", exclude: frozenset[str] = frozenset()) -> str | None:
-    node = router.pick(RouteRequest(model, exclude), now=nodes_now())
-    return None if node is None else node.node_id
+    route = router.pick(RouteRequest(model, exclude), now=nodes_now())
+    return None if route is None else route.node.node_id
 
 
 def nodes_now() -> float:
@@ -108,9 +108,9 @@ def test_sampling_spreads_jobs_over_a_large_pool() -> None:
     nodes = [_node(f"n{i}", slots=4) for i in range(200)]
     router = _router(*nodes, sample_size=8)
     for index in range(400):
-        picked = router.pick(RouteRequest("m"), nodes_now())
-        assert picked is not None
-        picked.active_jobs.add(str(index))
+        route = router.pick(RouteRequest("m"), nodes_now())
+        assert route is not None
+        route.node.active_jobs.add(str(index))
     # Power of d choices: 2 jobs per node on average, never a pile-up.
     assert max(len(node.active_jobs) for node in nodes) <= 4
 
@@ -144,8 +144,8 @@ def _member(node_id: str, operator: str = "", region: str = "", slots: int = 2) 
 def _picks(router: Router, rules: NodeRequirements, times: int = 20) -> set[str | None]:
     picked = set()
     for _ in range(times):
-        node = router.pick(RouteRequest("m", requirements=rules), nodes_now())
-        picked.add(None if node is None else node.node_id)
+        route = router.pick(RouteRequest("m", requirements=rules), nodes_now())
+        picked.add(None if route is None else route.node.node_id)
     return picked
 
 
@@ -233,10 +233,10 @@ def test_a_rule_naming_several_operators_samples_across_all_of_them() -> None:
     rules = NodeRequirements(operator_account_ids=frozenset({"op-a", "op-b"}))
     operators = set()
     for index in range(100):
-        picked = router.pick(RouteRequest("m", requirements=rules), nodes_now())
-        assert picked is not None
-        picked.active_jobs.add(str(index))
-        operators.add(picked.operator_account_id)
+        route = router.pick(RouteRequest("m", requirements=rules), nodes_now())
+        assert route is not None
+        route.node.active_jobs.add(str(index))
+        operators.add(route.node.operator_account_id)
     assert operators == {"op-a", "op-b"}
 
 
@@ -254,8 +254,8 @@ def _holding(node: NodeSession, messages: tuple[ChatMessage, ...]) -> NodeSessio
 def _follow_up(router: Router, exclude: frozenset[str] = frozenset()) -> str | None:
     spec = GenerationSpec("m", FOLLOW_UP, Sampling(max_tokens=8), 100)
     request = RouteRequest("m", exclude, prefixes=job_prefixes(spec))
-    node = router.pick(request, now=nodes_now())
-    return None if node is None else node.node_id
+    route = router.pick(request, now=nodes_now())
+    return None if route is None else route.node.node_id
 
 
 def test_a_follow_up_goes_to_the_node_holding_its_conversation() -> None:
@@ -309,4 +309,31 @@ def test_text_completions_and_embeddings_carry_no_prefixes() -> None:
     cached, other = _holding(_node("cached"), TURN_ONE), _node("other")
     router = _router(cached, other)
     picks = [router.pick(RouteRequest("m"), nodes_now()) for _ in range(2)]
-    assert sorted(node.node_id for node in picks if node is not None) == ["cached", "other"]
+    assert sorted(route.node.node_id for route in picks if route is not None) == [
+        "cached",
+        "other",
+    ]
+
+
+def _follow_up_affinity(router: Router, exclude: frozenset[str] = frozenset()) -> Affinity:
+    spec = GenerationSpec("m", FOLLOW_UP, Sampling(max_tokens=8), 100)
+    route = router.pick(RouteRequest("m", exclude, prefixes=job_prefixes(spec)), nodes_now())
+    assert route is not None
+    return route.affinity
+
+
+def test_each_decision_says_how_affinity_fared() -> None:
+    # Landed where the conversation is cached.
+    cached, other = _holding(_node("cached"), TURN_ONE), _node("other")
+    assert _follow_up_affinity(_router(cached, other)) is Affinity.HIT
+    # Its holder had no free slot: the turn went elsewhere.
+    cached.active_jobs.update({"1", "2"})
+    assert _follow_up_affinity(_router(cached, other)) is Affinity.PASSED_OVER
+    # Only an excluded node holds it, or none does.
+    cached.active_jobs.clear()
+    assert _follow_up_affinity(_router(cached, other), frozenset({"cached"})) is Affinity.MISS
+    assert _follow_up_affinity(_router(_node("a"), _node("b"))) is Affinity.MISS
+    # No conversation to look for (a text completion, an embedding).
+    route = _router(cached, other).pick(RouteRequest("m"), nodes_now())
+    assert route is not None
+    assert route.affinity is Affinity.NONE
