@@ -58,8 +58,15 @@ class ResultSink:
         self._outbound.put_nowait(report_to_pb(chunk))
 
     def done(
-        self, job: JobRef, reason: FinishReason, prompt_tokens: int, completion_tokens: int
+        self,
+        job: JobRef,
+        reason: FinishReason,
+        prompt_tokens: int,
+        completion_tokens: int,
+        cached_prompt_tokens: int,
     ) -> None:
+        """Reports the job done. ``cached_prompt_tokens`` stays on the node (its
+        metrics): the network is told, and bills, every prompt token."""
         code = finish_reason_to_pb(reason)
         usage = Usage(prompt_tokens, completion_tokens)
         signature = self._sign(job, done=True, reason=code, usage=usage)

@@ -45,8 +45,15 @@ class JobSink(Protocol):
     def chunk(self, chunk: ChunkReport) -> None: ...
 
     def done(
-        self, job: JobRef, reason: FinishReason, prompt_tokens: int, completion_tokens: int
-    ) -> None: ...
+        self,
+        job: JobRef,
+        reason: FinishReason,
+        prompt_tokens: int,
+        completion_tokens: int,
+        cached_prompt_tokens: int,
+    ) -> None:
+        """The job finished; ``cached_prompt_tokens`` of its ``prompt_tokens`` came from
+        the runtime's cache."""
 
     def started(self, job: JobRef) -> None:
         """The job took a slot: it runs from now on (before, it waited in the queue)."""
@@ -181,7 +188,11 @@ class JobRunner:
                         if rest is not None:
                             sent = self._send(job, rest, prompt_tokens, sent)
                         self._sink.done(
-                            job, event.reason, event.prompt_tokens, event.completion_tokens
+                            job,
+                            event.reason,
+                            event.prompt_tokens,
+                            event.completion_tokens,
+                            event.cached_prompt_tokens,
                         )
                         bound.info("job done", tokens=event.completion_tokens, reason=event.reason)
             except PromptTooLong as error:

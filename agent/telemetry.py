@@ -40,6 +40,12 @@ class AgentMetrics:
         self.prompt_tokens = metrics.counter(
             "resultity_agent_prompt_tokens_total", "Prompt tokens processed, by model.", ("model",)
         )
+        self.prompt_cache_tokens = metrics.counter(
+            "resultity_agent_prompt_cache_tokens_total",
+            "Prompt tokens of finished jobs by model and result: reused (taken from the "
+            "runtime's cache, a conversation's start it held) or evaluated.",
+            ("model", "result"),
+        )
         self.generated_tokens = metrics.counter(
             "resultity_agent_generated_tokens_total",
             "Tokens generated and sent, by model (its rate is the agent's tokens/s).",
@@ -158,10 +164,15 @@ class JobTelemetry:
         self._sink.chunk(chunk)
 
     def done(
-        self, job: JobRef, reason: FinishReason, prompt_tokens: int, completion_tokens: int
+        self,
+        job: JobRef,
+        reason: FinishReason,
+        prompt_tokens: int,
+        completion_tokens: int,
+        cached_prompt_tokens: int,
     ) -> None:
-        self._end(job, "done", prompt_tokens, completion_tokens, reason.value)
-        self._sink.done(job, reason, prompt_tokens, completion_tokens)
+        self._end(job, "done", prompt_tokens, completion_tokens, reason.value, cached_prompt_tokens)
+        self._sink.done(job, reason, prompt_tokens, completion_tokens, cached_prompt_tokens)
 
     def failed(self, job: JobRef, kind: FailureKind, message: str, param: str = "") -> None:
         self._end(job, "failed", error=f"{kind.value}: {message}")
@@ -183,6 +194,7 @@ class JobTelemetry:
         prompt_tokens: int = 0,
         completion_tokens: int = 0,
         finish_reason: str = "",
+        cached_prompt_tokens: int = 0,
         error: str = "",
     ) -> None:
         state = self._jobs.pop(job, None)
@@ -192,6 +204,9 @@ class JobTelemetry:
         metrics.jobs.inc(state.model, outcome)
         if prompt_tokens:
             metrics.prompt_tokens.inc(state.model, amount=prompt_tokens)
+            cache = metrics.prompt_cache_tokens
+            cache.inc(state.model, "reused", amount=cached_prompt_tokens)
+            cache.inc(state.model, "evaluated", amount=prompt_tokens - cached_prompt_tokens)
         if state.tokens:
             metrics.generated_tokens.inc(state.model, amount=state.tokens)
         first = state.first_token_at

@@ -54,6 +54,10 @@ class Finished:
     reason: FinishReason  # STOP or LENGTH
     prompt_tokens: int
     completion_tokens: int
+    # Of prompt_tokens, those the runtime took from its cache (a conversation's
+    # start it held) instead of evaluating them. What the cache saved is not what
+    # the generation produced: two ends differing only in it are equal.
+    cached_prompt_tokens: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True)

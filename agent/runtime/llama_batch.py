@@ -113,6 +113,10 @@ class Job:
     # Monotonic time it was last told it waits (None: it has not waited since it
     # last started).
     waiting_reported: float | None = None
+    # Prompt tokens taken from an idle sequence when it was first admitted (None:
+    # not yet admitted). A preempted generation evaluating its prompt again when
+    # it resumes does not change it: it says what the cache saved the prompt.
+    cached_prompt: int | None = None
 
 
 @dataclass(eq=False)
@@ -305,6 +309,8 @@ class BatchScheduler:
         if reuse:
             self.reused_tokens += reuse
             log.debug("prompt prefix reused", tokens=reuse, prompt_tokens=len(job.prompt))
+        if job.cached_prompt is None:
+            job.cached_prompt = reuse
         if source is not sequence:
             self._forget(sequence, 0)
             if source is not None:
@@ -533,7 +539,7 @@ def _end(job: Job, reason: FinishReason, completion: int) -> None:
     """Ends the job with Finished (its stream already finished)."""
     if job.stream.stopped:
         reason = FinishReason.STOP
-    job.channel.end(Finished(reason, len(job.prompt), completion))
+    job.channel.end(Finished(reason, len(job.prompt), completion, job.cached_prompt or 0))
     _release(job)
 
 

@@ -142,6 +142,9 @@ async def test_a_follow_up_turn_reuses_the_cached_conversation_and_answers_as_co
     # prompt and reply, up to where the template closes the reply.
     reused = batched.reused_tokens - reused_before
     assert reused > 0.8 * cold[2].prompt_tokens
+    # The generation's end says so (the agent's metrics count it); cold evaluated all.
+    assert warm[2].cached_prompt_tokens == reused
+    assert cold[2].cached_prompt_tokens < 0.5 * cold[2].prompt_tokens
 
 
 @pytest.mark.model
@@ -284,5 +287,6 @@ async def test_idle_conversations_make_room_least_recently_used_first() -> None:
         reused_before = single.reused_tokens
         _, _, finished = await _run(single, _request(follow_up, 1))
         assert single.reused_tokens - reused_before < 0.5 * finished.prompt_tokens
+        assert finished.cached_prompt_tokens == single.reused_tokens - reused_before
     finally:
         await single.close()

@@ -21,9 +21,14 @@ class _Sink:
         self.reports.append(("chunk", chunk.token_count))
 
     def done(
-        self, job: JobRef, reason: FinishReason, prompt_tokens: int, completion_tokens: int
+        self,
+        job: JobRef,
+        reason: FinishReason,
+        prompt_tokens: int,
+        completion_tokens: int,
+        cached_prompt_tokens: int,
     ) -> None:
-        self.reports.append(("done", completion_tokens))
+        self.reports.append(("done", (completion_tokens, cached_prompt_tokens)))
 
     def started(self, job: JobRef) -> None:
         self.reports.append(("started", job.job_id))
@@ -62,7 +67,7 @@ def test_every_ending_is_counted_with_the_tokens_sent() -> None:
     done, failed, cancelled, dropped = (JobRef(name, 1) for name in ("a", "b", "c", "d"))
 
     _run(telemetry, done, 3)
-    telemetry.done(done, FinishReason.STOP, 3, 3)
+    telemetry.done(done, FinishReason.STOP, 3, 3, 2)
     _run(telemetry, failed, 1)
     telemetry.failed(failed, FailureKind.RUNTIME_ERROR, "boom")
     _run(telemetry, cancelled, 2)
@@ -74,8 +79,12 @@ def test_every_ending_is_counted_with_the_tokens_sent() -> None:
         assert _value(metrics, "resultity_agent_jobs_total", model=MODEL, outcome=outcome) == count
     assert _value(metrics, "resultity_agent_generated_tokens_total", model=MODEL) == 6
     assert _value(metrics, "resultity_agent_prompt_tokens_total", model=MODEL) == 3
+    # Of those, what the runtime's cache held and what it evaluated.
+    cache = "resultity_agent_prompt_cache_tokens_total"
+    assert _value(metrics, cache, model=MODEL, result="reused") == 2
+    assert _value(metrics, cache, model=MODEL, result="evaluated") == 1
     assert _value(metrics, "resultity_agent_time_to_first_token_seconds_count", model=MODEL) == 3
     # What the network hears is exactly what the runner reported.
     assert [kind for kind, _ in sink.reports].count("chunk") == 6
-    assert ("done", 3) in sink.reports
+    assert ("done", (3, 2)) in sink.reports
     assert ("failed", FailureKind.RUNTIME_ERROR) in sink.reports

@@ -27,7 +27,12 @@ class _Ignored:
         pass
 
     def done(
-        self, job: JobRef, reason: FinishReason, prompt_tokens: int, completion_tokens: int
+        self,
+        job: JobRef,
+        reason: FinishReason,
+        prompt_tokens: int,
+        completion_tokens: int,
+        cached_prompt_tokens: int,
     ) -> None:
         pass
 
