@@ -120,9 +120,10 @@ async def test_a_request_moves_the_counters_and_histograms_it_should(served: Ser
     # The ledger: one hold taken and settled.
     assert moved("resultity_holds_created_total") == 1
     assert moved("resultity_holds_settled_total") == 1
-    # The network: one job finished, one routing decision.
+    # The network: one job finished, one routing decision, a first turn no node caches.
     assert moved("resultity_network_jobs_total", model=model, outcome="finished") == 1
     assert moved("resultity_routing_decision_seconds_count", result="picked") == 1
+    assert moved("resultity_routing_affinity_total", model=model, outcome="miss") == 1
     # Every gRPC service's calls: cloud's stream, the ledger's hold.
     assert (
         moved(
@@ -146,6 +147,12 @@ async def test_a_request_moves_the_counters_and_histograms_it_should(served: Ser
     assert moved("resultity_agent_jobs_total", model=model, outcome="done") == 1
     assert moved("resultity_agent_generated_tokens_total", model=model) == 5
     assert moved("resultity_agent_time_to_first_token_seconds_count", model=model) == 1
+    # The scripted runtime caches nothing: it evaluated the whole prompt.
+    prompt_tokens = moved("resultity_agent_prompt_tokens_total", model=model)
+    cache = "resultity_agent_prompt_cache_tokens_total"
+    assert prompt_tokens > 0
+    assert moved(cache, model=model, result="evaluated") == prompt_tokens
+    assert moved(cache, model=model, result="reused") == 0
     # Gauges read when scraped: the node and its (now finished) jobs.
     assert _value(after, "resultity_nodes", state="ready", model=model, region="undeclared") == 1
     assert _value(after, "resultity_node_jobs", node=served.node_id, state="active") == 0
