@@ -45,7 +45,8 @@ from agent.runtime.loader import RuntimeSettings
 from bench.clients import REQUEST_TIMEOUT_S, BenchError, Sample, run_platform
 from bench.cpu_usage import wait_until_idle
 from bench.machine_load import MARKS, LoadSample, MachineLoad, cell
-from bench.platform_process import PlatformError, RunningPlatform, running_platform
+from bench.platform_process import RunningPlatform, running_platform
+from bench.processes import ProcessError
 
 # Facts the system prompts are drawn from: plain words, about 12 tokens a fact.
 _NAMES = ("Ada", "Bruno", "Chiara", "Dmitri", "Elif", "Farid", "Greta", "Hiro", "Ines", "Jonas")
@@ -131,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             log(f"two nodes serving after {time.monotonic() - began:.1f} s")
             load = MachineLoad(roots=set(running.process_roots))
             rounds = _run(http, running, model, args, load)
-    except (PlatformError, BenchError) as error:
+    except (ProcessError, BenchError) as error:
         raise SystemExit(f"bench: {error}") from None
     report = _report(rounds, args)
     print(_render(report))

@@ -35,7 +35,7 @@ import redis
 
 from bench.gateway_sides import ServerProcess, create_customer_key, create_node_token, start_side
 from bench.machine_load import POSTGRES, RABBITMQ, REDIS, postgres_role
-from bench.platform_process import free_port, log_tail, spawn, stop
+from bench.processes import free_port, log_tail, spawn, stop
 from bench.scratch_database import scratch_database
 from core import channels
 from core.metadata import bearer_metadata

@@ -42,7 +42,7 @@ from resultity.account.v1 import node_token_service_pb2_grpc as node_token_grpc
 from agent.session import AgentSession, SessionSettings
 from agent.telemetry import AgentMetrics
 from bench.paced_runtime import PacedRuntime, canary_answers
-from bench.platform_process import free_port
+from bench.processes import free_port
 from bench.scratch_database import scratch_database
 from core import channels, event_loop, tracing
 from core.grpc_metrics import GrpcServerMetrics

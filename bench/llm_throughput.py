@@ -40,7 +40,8 @@ from bench.cpu_usage import measured, wait_until_idle
 from bench.llm_report import Rounds, build_report, render
 from bench.machine_load import LoadSample, MachineLoad
 from bench.peer_process import running_peer
-from bench.platform_process import PlatformError, running_platform
+from bench.platform_process import running_platform
+from bench.processes import ProcessError
 
 PROMPT = "Write a long, detailed story about a lighthouse keeper who finds a message in a bottle."
 # Logged by the network for each disguised canary it sent a node (2% of jobs by default).
@@ -84,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except KeyboardInterrupt:
         log("interrupted; the platform was stopped")
         raise SystemExit(130) from None
-    except (BenchError, PlatformError, httpx.HTTPError) as error:
+    except (BenchError, ProcessError, httpx.HTTPError) as error:
         log(f"failed: {error}")
         raise SystemExit(1) from None
 

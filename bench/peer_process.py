@@ -10,7 +10,6 @@ another streams interrupts it, and concurrent streams end as empty 200s.
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,7 +22,7 @@ import httpx
 import llama_cpp
 
 from bench.clients import SEED
-from bench.platform_process import PlatformError, free_port, log_tail, spawn, stop
+from bench.processes import free_port, lists_model, supervised
 
 
 @dataclass(frozen=True)
@@ -63,39 +62,18 @@ def running_peer(
 ) -> Iterator[RunningPeer]:
     """Starts the server, yields once it lists ``model_id``, stops it on exit."""
     port = free_port()
-    argv = peer_command(model_path, model_id, port, llama)
+    command = peer_command(model_path, model_id, port, llama)
     base_url = f"http://127.0.0.1:{port}/v1"
-    with tempfile.TemporaryDirectory(prefix="resultity-bench-peer-") as tmp:
-        log_file = Path(tmp) / "peer.log"
-        with log_file.open("wb") as log:
-            process = spawn(argv, log)
-            try:
-                _wait_until_serving(process, base_url, model_id, time.monotonic() + start_timeout_s)
-                yield RunningPeer(base_url, " ".join(argv), process.pid)
-                if process.poll() is not None:
-                    raise PlatformError(f"the peer server exited ({process.returncode})")
-            except BaseException:
-                stop(process)
-                print(log_tail(log_file), file=sys.stderr)
-                raise
-            stop(process)
-
-
-def _wait_until_serving(
-    process: subprocess.Popen[bytes], base_url: str, model_id: str, deadline: float
-) -> None:
-    with httpx.Client(timeout=10.0) as http:
-        while True:
-            if process.poll() is not None:
-                raise PlatformError("the peer server exited during start-up")
-            if time.monotonic() > deadline:
-                raise PlatformError(f"the peer server did not serve {model_id!r} in time")
-            try:
-                response = http.get(f"{base_url}/models")
-                if response.status_code == 200 and any(
-                    entry.get("id") == model_id for entry in response.json().get("data", [])
-                ):
-                    return
-            except httpx.TransportError:
-                pass  # not listening yet
-            time.sleep(0.5)
+    deadline = time.monotonic() + start_timeout_s
+    with (
+        tempfile.TemporaryDirectory(prefix="resultity-bench-peer-") as tmp,
+        supervised(Path(tmp) / "peer.log") as group,
+        httpx.Client(timeout=10.0) as http,
+    ):
+        pid = group.start(command)
+        group.wait_until(
+            lambda: True if lists_model(http, base_url, model_id) else None,
+            deadline,
+            f"the peer server to serve {model_id!r}",
+        )
+        yield RunningPeer(base_url, " ".join(command), pid)
