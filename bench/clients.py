@@ -118,13 +118,11 @@ def direct_prompt_tokens(llama: llama_cpp.Llama, messages: list[dict[str, str]])
 
 
 def run_direct(llama: llama_cpp.Llama, messages: list[dict[str, str]], max_tokens: int) -> Sample:
-    """llama-cpp-python's own streaming chat completion.
-
-    ``reset()`` first: the agent starts every job from an empty KV cache, while
-    llama-cpp-python would otherwise reuse the previous round's prompt prefix.
-    Each streamed chunk with content is one token.
+    """llama-cpp-python's own streaming chat completion. It keeps its KV cache and
+    evaluates the prompt from where it differs from what it ran last, as the agent
+    and the peer server do (the caller decides what the prompts share). Each
+    streamed chunk with content is one token.
     """
-    llama.reset()  # type: ignore[no-untyped-call]  # unannotated upstream
     timer = _Timer()
     stream = cast(
         Iterator[dict[str, Any]],

@@ -95,17 +95,20 @@ def build_report(config: dict[str, Any], rounds: Rounds) -> dict[str, Any]:
     platform = _summary([rounds.platform[i] for i in used])
     ratios = {name: _ratio(platform[name]["median"], direct[name]["median"]) for name in METRICS}
     best = {name: _ratio(platform[name][BEST[name]], direct[name][BEST[name]]) for name in METRICS}
-    direct_counts = sorted({s.completion_tokens for s in rounds.direct})
-    platform_counts = sorted({s.completion_tokens for s in rounds.platform})
-    texts = {s.text for s in [*rounds.direct, *rounds.platform, *rounds.peer]}
+    # Every side of a round got the same prompt (cold rounds differ from each other).
+    sides = [side for side in (rounds.direct, rounds.platform, rounds.peer) if side]
+    each_round = list(zip(*sides, strict=True))
     prompt_tokens = sorted({s.prompt_tokens for s in rounds.platform if s.prompt_tokens})
     checks = {
-        "completion_tokens_direct": direct_counts,
-        "completion_tokens_platform": platform_counts,
-        "completion_tokens_match": direct_counts == platform_counts and len(direct_counts) == 1,
+        "completion_tokens_direct": sorted({s.completion_tokens for s in rounds.direct}),
+        "completion_tokens_platform": sorted({s.completion_tokens for s in rounds.platform}),
+        "completion_tokens_match": all(
+            len({s.completion_tokens for s in samples}) == 1 for samples in each_round
+        ),
         "prompt_tokens_platform": prompt_tokens,
         "prompt_tokens_match": prompt_tokens == [config["prompt_tokens_direct"]],
-        "same_text_everywhere": len(texts) == 1,
+        "same_text_each_round": all(len({s.text for s in samples}) == 1 for samples in each_round),
+        "distinct_texts": len({s.text for s in rounds.platform}),
         "platform_content_deltas": sorted({s.content_deltas for s in rounds.platform}),
     }
     cpu = {
@@ -214,6 +217,7 @@ def render(report: dict[str, Any]) -> str:
         f"{' and its OpenAI server (peer)' if 'peer' in report else ''} ({report['date']})",
         f"  model     {config['model_id']} ({config['model_file']}), greedy, "
         f"max_tokens {config['max_tokens']}, prompt {config['prompt_tokens_direct']} tokens",
+        f"  cache     {config['cache']}: {config['cache_conditions']}",
         f"  llama.cpp n_threads {config['n_threads']}, n_threads_batch "
         f"{config['n_threads_batch']}, n_ctx {config['n_ctx']}, cpu_repack "
         f"{config['cpu_repack']}, 1 slot",
@@ -258,12 +262,13 @@ def render(report: dict[str, Any]) -> str:
         f"TTFT overhead (median difference): {report['ttft_overhead_ms']:+.1f} ms",
         f"completion tokens: direct {checks['completion_tokens_direct']} (streamed chunks), "
         f"platform {checks['completion_tokens_platform']} (usage) -> "
-        f"{'match' if checks['completion_tokens_match'] else 'DIFFER'}",
+        f"{'match in every round' if checks['completion_tokens_match'] else 'DIFFER'}",
         f"prompt tokens: direct {config['prompt_tokens_direct']}, platform "
         f"{checks['prompt_tokens_platform']} -> "
         f"{'match' if checks['prompt_tokens_match'] else 'DIFFER'}",
-        f"generated text identical on every side and in all rounds: "
-        f"{'yes' if checks['same_text_everywhere'] else 'NO'}",
+        f"generated text identical on every side in each round: "
+        f"{'yes' if checks['same_text_each_round'] else 'NO'} "
+        f"({checks['distinct_texts']} distinct texts over the rounds)",
         f"platform SSE content deltas per completion: {checks['platform_content_deltas']}",
         *(
             [f"completion tokens, peer (streamed chunks): {checks['completion_tokens_peer']}"]

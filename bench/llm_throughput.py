@@ -2,11 +2,15 @@
 against llama-cpp-python's own OpenAI server (the peer; `--no-peer` skips it).
 
 Every side streams the same greedy chat completion of SmolLM2-135M-Instruct
-from the same GGUF with the same llama.cpp settings. Rounds alternate (direct,
-platform, peer, direct, ...) after one warm-up each, so that all see the same
-machine; each records the machine's load (bench/machine_load.py), and the
-report gives medians over the rounds without foreign load and the
-platform/direct and platform/peer ratios of medians.
+from the same GGUF with the same llama.cpp settings, under the same cache
+conditions: every side keeps its KV cache between requests, and each round's
+prompt either starts a new conversation (``--cache cold``, the default: only
+the chat template's opening can be reused) or repeats the previous one
+(``--cache warm``: all of it can). Rounds alternate (direct, platform, peer,
+direct, ...) after one warm-up each, so that all see the same machine; each
+records the machine's load (bench/machine_load.py), and the report gives
+medians over the rounds without foreign load and the platform/direct and
+platform/peer ratios of medians.
 See bench/README.md for the method and the latest numbers.
 """
 
@@ -16,6 +20,7 @@ import argparse
 import contextlib
 import json
 import os
+import string
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -44,13 +49,38 @@ from bench.platform_process import running_platform
 from bench.processes import ProcessError
 
 PROMPT = "Write a long, detailed story about a lighthouse keeper who finds a message in a bottle."
+# What each round's prompt shares with what every side ran before (round_messages).
+COLD, WARM = "cold", "warm"
+CACHE_CONDITIONS = {
+    COLD: "every side keeps its KV cache; each round's prompt starts a new conversation "
+    "(a nonce of the round), so only the chat template's opening can be reused",
+    WARM: "every side keeps its KV cache; the same prompt every round, reused but for "
+    "its last token",
+}
 # Logged by the network for each disguised canary it sent a node (2% of jobs by default).
 CANARY_LOG_EVENT = "canary checked"
 # LlamaCppRuntime's default, which the agent uses: repacked CPU buffers (AMX) off.
 CPU_REPACK = False
 # The peer server runs without --api_key and ignores the bearer token.
 PEER_KEY = "none"
-Measure = Callable[[], tuple[Sample, dict[str, float]]]
+Messages = list[dict[str, str]]
+Measure = Callable[[Messages], tuple[Sample, dict[str, float]]]
+
+
+def round_messages(sequence: int, cache: str) -> Messages:
+    """The chat of the ``sequence``-th round (warm-ups first), the same on every side.
+
+    Cold: the user message starts with the round's nonce, two letters, the one
+    that changes every round first: it differs at its first token from the 25
+    rounds before (more than any side keeps: the agent 16 idle conversations,
+    the others one), so every side can reuse only the chat template's opening
+    before it; it is as many tokens every round. Warm: the first round's chat
+    every time, which every side can reuse but for its last token (evaluated
+    again for its logits)."""
+    number = sequence if cache == COLD else 0
+    letters = string.ascii_uppercase
+    nonce = f"Request {letters[number % 26]} {letters[number // 26 % 26]}: "
+    return [{"role": "user", "content": nonce + PROMPT}]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -58,6 +88,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=int, default=10, help="measured rounds per side")
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured rounds per side")
     parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument(
+        "--cache",
+        choices=(COLD, WARM),
+        default=COLD,
+        help="cold: each round's prompt starts a new conversation, no side can reuse more "
+        "than the chat template's opening; warm: the same prompt every round, every side "
+        "reuses it (needs a warm-up round)",
+    )
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
     parser.add_argument("--start-timeout", type=float, default=180.0, help="seconds")
     parser.add_argument(
@@ -93,10 +131,11 @@ def main(argv: Sequence[str] | None = None) -> None:
 def _main(args: argparse.Namespace) -> None:
     if args.rounds < 1 or args.warmup < 0 or args.max_tokens < 1:
         raise SystemExit("--rounds and --max-tokens must be positive, --warmup not negative")
+    if args.cache == WARM and args.warmup < 1:
+        raise SystemExit("--cache warm needs a warm-up round: it fills every side's cache")
     began = time.monotonic()
     settings = RuntimeSettings(threads=args.threads)
     model_path = settings.model_path or smollm2_gguf_path()
-    messages = [{"role": "user", "content": PROMPT}]
 
     # Same loader, path, context and threads as the agent's LlamaCppRuntime.
     llama = _load_llama(model_path, settings.context_length, settings.threads, CPU_REPACK)
@@ -105,7 +144,12 @@ def _main(args: argparse.Namespace) -> None:
             "model_id": settings.model_id,
             "model_file": model_path.name,
             "prompt": PROMPT,
-            "prompt_tokens_direct": direct_prompt_tokens(llama, messages),
+            "cache": args.cache,
+            "cache_conditions": CACHE_CONDITIONS[args.cache],
+            "first_message": round_messages(0, args.cache)[0]["content"],
+            # Every round's prompt is as long (round_messages); the checks hold the
+            # platform's count of each to this.
+            "prompt_tokens_direct": direct_prompt_tokens(llama, round_messages(0, args.cache)),
             "max_tokens": args.max_tokens,
             "rounds": args.rounds,
             "warmup": args.warmup,
@@ -135,10 +179,10 @@ def _main(args: argparse.Namespace) -> None:
             config["platform_commands"] = list(running.commands)
             log(f"platform serving after {config['platform_start_s']} s")
 
-            def direct() -> tuple[Sample, dict[str, float]]:
+            def direct(messages: Messages) -> tuple[Sample, dict[str, float]]:
                 return measured(lambda: run_direct(llama, messages, args.max_tokens), ())
 
-            def platform() -> tuple[Sample, dict[str, float]]:
+            def platform(messages: Messages) -> tuple[Sample, dict[str, float]]:
                 return measured(
                     lambda: run_platform(
                         http, running.base_url, running.api_key, settings.model_id, messages,
@@ -157,7 +201,7 @@ def _main(args: argparse.Namespace) -> None:
                 config["peer_command"] = peer.command
                 log("peer serving (llama_cpp.server)")
 
-                def peer_side() -> tuple[Sample, dict[str, float]]:
+                def peer_side(messages: Messages) -> tuple[Sample, dict[str, float]]:
                     return measured(
                         lambda: run_platform(
                             http, peer.base_url, PEER_KEY, settings.model_id, messages,
@@ -174,7 +218,15 @@ def _main(args: argparse.Namespace) -> None:
 
             # The platform's processes (and an embedded PostgreSQL) are this run's own.
             load = MachineLoad(roots=set(running.process_roots))
-            rounds = _interleave(sides, settle, args.rounds, args.warmup, began + args.budget, load)
+            rounds = _interleave(
+                sides,
+                settle,
+                args.rounds,
+                args.warmup,
+                began + args.budget,
+                load,
+                lambda sequence: round_messages(sequence, args.cache),
+            )
             config["platform_canaries"] = _count_lines(running.log_path, CANARY_LOG_EVENT)
     finally:
         llama.close()
@@ -195,17 +247,21 @@ def _interleave(
     warmup: int,
     deadline: float,
     load: MachineLoad,
+    messages: Callable[[int], Messages],
 ) -> Rounds:
     """direct, platform, peer, direct, ...; never two at once, each from an idle
     platform (``settle`` waits for that and returns the seconds it took), each with
-    the machine's load; stored in the ``Rounds`` fields named after the side."""
+    the machine's load; stored in the ``Rounds`` fields named after the side. Every
+    side of a round sends ``messages`` of the round's number (warm-ups first)."""
     result = Rounds()
     for index in range(warmup):
+        chat = messages(index)
         for name, run in sides:
             result.idle_waits_s.append(settle())
-            result.warmup[f"{name}_{index}"] = run()[0]
+            result.warmup[f"{name}_{index}"] = run(chat)[0]
     for index in range(rounds):
         pair_began = time.monotonic()
+        chat = messages(warmup + index)
         for name, run in sides:
             samples: list[Sample] = getattr(result, name)
             cpu: list[dict[str, float]] = getattr(result, f"{name}_cpu")
@@ -216,7 +272,7 @@ def _interleave(
                 log(f"waited {waited:.1f} s for the platform to become idle")
             load.wait_for_quiet()
             began = load.start()
-            sample, used = run()
+            sample, used = run(chat)
             loads.append(load.stop(began, f"{name} r{index + 1}"))
             samples.append(sample)
             cpu.append(used)
