@@ -401,6 +401,7 @@ async def start_network(
     hello_timeout_s: float = AdmissionSettings().hello_timeout_s,
     replica_id: str | None = None,
     presence: Presence | None = None,
+    metrics: MetricsFactory = NO_METRICS,
 ) -> NetworkServer:
     """The network alone on ``dsn``; a ``network_id`` already used there restarts
     that network (its standings, configuration and job records). With the same
@@ -423,6 +424,7 @@ async def start_network(
         if replica_id is None
         else ReplicaSettings(replica_id=replica_id, address=f"127.0.0.1:{bound}"),
         presence=presence,
+        metrics=metrics,
     )
     await component.start()
     component.register(server)

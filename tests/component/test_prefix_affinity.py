@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from resultity.network.v1 import dispatch_service_pb2 as dispatch_pb
 from resultity.network.v1 import dispatch_service_pb2_grpc as dispatch_grpc
 
@@ -17,6 +18,7 @@ from agent.session import AgentSession, SessionSettings
 from core import channels
 from core.convert.generation import spec_to_pb
 from core.inference import ChatMessage, ChatRole, GenerationSpec, Sampling
+from core.prometheus import PrometheusMetrics
 from core.prompt_prefixes import MAX_ADVERTISED_PREFIXES, prefix_fingerprints
 from server.network.nodes import NodeSession
 from server.network.service import LivenessSettings
@@ -88,19 +90,35 @@ def _session(network: NetworkServer, agent: AgentSession) -> NodeSession:
 
 
 @pytest.fixture
-async def network(postgres_dsn: str) -> AsyncIterator[NetworkServer]:
+def metrics() -> PrometheusMetrics:
+    return PrometheusMetrics()
+
+
+@pytest.fixture
+async def network(postgres_dsn: str, metrics: PrometheusMetrics) -> AsyncIterator[NetworkServer]:
     server = await start_network(
         postgres_dsn,
         liveness=LivenessSettings(heartbeat_interval_s=0.05, heartbeat_timeout_s=5.0),
+        metrics=metrics,
     )
     yield server
     await server.stop()
 
 
+def _affinity(metrics: PrometheusMetrics) -> dict[str, float]:
+    """resultity_routing_affinity_total by outcome (the one model)."""
+    return {
+        sample.labels["outcome"]: sample.value
+        for family in text_string_to_metric_families(metrics.exposition().decode())
+        for sample in family.samples
+        if sample.name == "resultity_routing_affinity_total"
+    }
+
+
 # Either node may come first in the router's tie order: the other holds the prefix.
 @pytest.mark.parametrize("holder", ["a", "b"])
 async def test_the_next_turn_goes_to_the_equally_free_node_holding_its_prefix(
-    network: NetworkServer, holder: str
+    network: NetworkServer, metrics: PrometheusMetrics, holder: str
 ) -> None:
     runtimes = {name: ScriptedRuntime() for name in "ab"}
     runtimes[holder].cached = prefix_fingerprints(MODEL_ID, None, TURN_ONE)[-1:]
@@ -114,10 +132,11 @@ async def test_the_next_turn_goes_to_the_equally_free_node_holding_its_prefix(
 
     assert picks == [held.node_id] * 3
     assert len(runtimes[holder].started_jobs) == 3
+    assert _affinity(metrics) == {"hit": 3}
 
 
 async def test_a_saturated_holder_leaves_the_next_turn_to_a_free_node(
-    network: NetworkServer,
+    network: NetworkServer, metrics: PrometheusMetrics
 ) -> None:
     # One slot each; the holder is kept busy by a long answer to the same turn.
     holder = ScriptedRuntime(
@@ -137,6 +156,8 @@ async def test_a_saturated_holder_leaves_the_next_turn_to_a_free_node(
     assert first == held.node_id
     assert retried == agents["free"].node_id
     assert [len(holder.started_jobs), len(free.started_jobs)] == [1, 1]
+    # The second turn passed the holder over: it had no free slot.
+    assert _affinity(metrics) == {"hit": 1, "passed_over": 1}
 
 
 async def test_a_node_advertises_a_conversation_as_soon_as_it_answered_it(
