@@ -1,9 +1,9 @@
 """Channels to a service that runs as several replicas.
 
 A service's address (cloud's ``--account`` and ``--network``, the network's
-``--account``) is one HOST:PORT or several, comma-separated; one of them may be a
-DNS name resolving to several hosts (a Kubernetes Service), among which gRPC's
-resolver picks within that channel.
+``--account``, the gateway's ``--cloud``) is one HOST:PORT or several,
+comma-separated; one of them may be a DNS name resolving to several hosts (a
+Kubernetes Service), among which gRPC's resolver picks within that channel.
 
 Calls are spread over the replicas in turn. A call that did not reach its
 replica's service (UNAVAILABLE without the service's ErrorInfo: the transport
@@ -16,6 +16,7 @@ on every call.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, Generic, TypeVar
@@ -90,6 +91,24 @@ class ReplicatedStub(Generic[S]):
     def __init__(self, replicas: ReplicaChannels, stubs: tuple[S, ...]) -> None:
         self._replicas = replicas
         self._stubs = stubs
+
+    async def each(self, attempt: Callable[[S], Awaitable[T]]) -> list[T | grpc.aio.AioRpcError]:
+        """``attempt`` on every replica at once (a probe of them all): each one's
+        result or the error it failed with, in the order of the addresses."""
+
+        async def on(index: int) -> T | grpc.aio.AioRpcError:
+            try:
+                result = await attempt(self._stubs[index])
+            except grpc.aio.AioRpcError as error:
+                if unreachable(error):
+                    self._replicas.unreachable(index, error)
+                else:
+                    self._replicas.answered(index)
+                return error
+            self._replicas.answered(index)
+            return result
+
+        return list(await asyncio.gather(*(on(index) for index in range(len(self._stubs)))))
 
     async def call(self, attempt: Callable[[S], Awaitable[T]], *, again: bool = True) -> T:
         """``attempt`` on one replica, and while none answers (with a result or an

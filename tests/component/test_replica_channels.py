@@ -143,6 +143,24 @@ async def test_no_replica_reachable_is_unavailable(tried: Callable[[str], Tried]
     assert calls.indexes == [0, 1]
 
 
+async def test_each_replica_is_asked_and_the_unreachable_then_come_last(
+    tried: Callable[[str], Tried],
+) -> None:
+    async with _replica(SERVING) as (first, _), _replica(NOT_SERVING) as (second, _):
+        calls = tried(f"{_dead()},{first},{second}")
+        dead, serving, not_serving = await calls.stubs.each(calls.check())
+        assert isinstance(dead, grpc.aio.AioRpcError)
+        assert dead.code() == grpc.StatusCode.UNAVAILABLE
+        assert (serving, not_serving) == (
+            health_pb2.HealthCheckResponse(status=SERVING),
+            health_pb2.HealthCheckResponse(status=NOT_SERVING),
+        )
+        assert sorted(calls.indexes) == [0, 1, 2]
+        # Found down by the probe, the dead replica takes no call in its turn.
+        assert (await calls.stubs.call(calls.check(), again=False)).status == SERVING
+    assert calls.indexes[3:] == [1]
+
+
 async def test_a_stream_moves_on_before_its_first_response_only(
     tried: Callable[[str], Tried],
 ) -> None:
