@@ -38,6 +38,7 @@ from resultity.common.v1 import inference_pb2
 from bench.http_client import HttpConnection
 from core.event_loop import run
 from core.logging import configure_logging
+from core.replica_channels import ReplicaChannels, ReplicatedStub
 from gateway.app import create_app
 from gateway.server import serve
 
@@ -168,7 +169,7 @@ def _gateway_main(port: int, pipe: Connection) -> None:
         started = asyncio.Event()
         serving = asyncio.ensure_future(serve(app, "127.0.0.1", port, started=started))
         await started.wait()
-        app.state.cloud = _InstantCloud()
+        app.state.cloud = ReplicatedStub(ReplicaChannels("127.0.0.1:1"), (_InstantCloud(),))
         loop = asyncio.get_running_loop()
         pipe.send("ready")
         while await loop.run_in_executor(None, pipe.recv) == "cpu":

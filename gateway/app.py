@@ -19,20 +19,20 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from resultity.cloud.v1 import inference_service_pb2 as pb
-from resultity.cloud.v1 import inference_service_pb2_grpc, job_service_pb2_grpc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from core.channels import PLAINTEXT, Tls
-from core.channels import channel as tls_channel
 from core.errors import InvalidArgument, quote
 from core.metadata import AUTHORIZATION, GENERATION_MS, REQUEST_ID, Metadata, bearer_metadata
 from core.metrics import NO_METRICS
 from core.prometheus import CONTENT_TYPE, PrometheusMetrics
 from core.regions import validate_region
+from core.replica_channels import ReplicatedStub
 from gateway import convert, errors, health, observe, responses_convert, sse
+from gateway.cloud import Cloud, streamed, unary
 from gateway.console import ConsoleTargets, console_router
 from gateway.console.sessions import SessionStore
 from gateway.errors import ApiError, RequestParams
@@ -79,23 +79,24 @@ def create_app(
     metrics: PrometheusMetrics | None = None,
     console_sessions: SessionStore | None = None,
 ) -> FastAPI:
-    """The gateway app; its lifespan owns the gRPC channel to cloud at `cloud_target`.
-    With `console`, it serves the web console at /console too, its sessions in
+    """The gateway app; its lifespan owns the gRPC channels to cloud at `cloud_target`
+    (HOST:PORT, or cloud's replicas comma-separated: gateway/cloud.py). With
+    `console`, it serves the web console at /console too, its sessions in
     `console_sessions` (default: this process's memory). With ``metrics``,
     requests are counted there and `GET /metrics` serves its registry (the whole
     process's); without, there is no /metrics."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        channel = tls_channel(cloud_target, tls)
-        app.state.cloud = inference_service_pb2_grpc.InferenceServiceStub(channel)
-        app.state.jobs = job_service_pb2_grpc.JobServiceStub(channel)
-        app.state.cloud_health = health.health_stub(channel)
-        log.info("gateway.cloud_channel_opened", target=cloud_target)
+        cloud = Cloud(cloud_target, tls)
+        app.state.cloud = cloud.inference
+        app.state.jobs = cloud.jobs
+        app.state.cloud_health = cloud.health
+        log.info("gateway.cloud_channels_opened", targets=list(cloud.targets))
         try:
             yield
         finally:
-            await channel.close(grace=None)
+            await cloud.close()
 
     app = FastAPI(
         title="Resultity gateway",
@@ -241,8 +242,8 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 # --- helpers -----------------------------------------------------------------------------
 
 
-def _cloud(request: Request) -> InferenceServiceAsyncStub:
-    return cast("InferenceServiceAsyncStub", request.app.state.cloud)
+def _cloud(request: Request) -> ReplicatedStub[InferenceServiceAsyncStub]:
+    return cast("ReplicatedStub[InferenceServiceAsyncStub]", request.app.state.cloud)
 
 
 def _call_metadata(request: Request) -> Metadata:
@@ -383,15 +384,19 @@ async def chat_completions(request: Request) -> Response:
             rendered = convert.chunk_from_proto(message, logprobs=logprobs)
             return sse.encode_chunk(rendered, include_usage=include_usage)
 
-        stream = cloud.StreamChatCompletion(
-            pb.StreamChatCompletionRequest(params=params, batch_events=True), metadata=metadata
+        streaming = pb.StreamChatCompletionRequest(params=params, batch_events=True)
+        call, stream = streamed(
+            cloud, lambda stub: stub.StreamChatCompletion(streaming, metadata=metadata)
         )
-        return await stream_sse(request, stream, _each_event(chunk), held=convert.shows_nothing)
-    call = cloud.CreateChatCompletion(
-        pb.CreateChatCompletionRequest(params=params), metadata=metadata
+        return await stream_sse(
+            request, call, stream, _each_event(chunk), held=convert.shows_nothing
+        )
+    whole = pb.CreateChatCompletionRequest(params=params)
+    call, answer = unary(
+        cloud, lambda stub: stub.CreateChatCompletion(whole, metadata=metadata), again=False
     )
     try:
-        response = await unless_client_gone(request, call, call)
+        response = await unless_client_gone(request, call, answer)
     except ClientGone:
         return client_gone_response()
     _record_generation(request, await call.trailing_metadata())
@@ -420,15 +425,19 @@ async def completions(request: Request) -> Response:
             rendered = convert.text_chunk_from_proto(message, logprobs=logprobs, offsets=offsets)
             return sse.encode_chunk(rendered, include_usage=include_usage)
 
-        stream = cloud.StreamCompletion(
-            pb.StreamCompletionRequest(params=params, batch_events=True), metadata=metadata
+        streaming = pb.StreamCompletionRequest(params=params, batch_events=True)
+        call, stream = streamed(
+            cloud, lambda stub: stub.StreamCompletion(streaming, metadata=metadata)
         )
         return await stream_sse(
-            request, stream, _each_event(chunk), held=convert.text_shows_nothing
+            request, call, stream, _each_event(chunk), held=convert.text_shows_nothing
         )
-    call = cloud.CreateCompletion(pb.CreateCompletionRequest(params=params), metadata=metadata)
+    whole = pb.CreateCompletionRequest(params=params)
+    call, answer = unary(
+        cloud, lambda stub: stub.CreateCompletion(whole, metadata=metadata), again=False
+    )
     try:
-        response = await unless_client_gone(request, call, call)
+        response = await unless_client_gone(request, call, answer)
     except ClientGone:
         return client_gone_response()
     _record_generation(request, await call.trailing_metadata())
@@ -451,16 +460,20 @@ async def responses(request: Request) -> Response:
         # events of a role or a finish alone (the response's opening, an item's end)
         # wait for the next part, as the chat chunks they answer do.
         events = responses_convert.ResponseEvents(body, sse.encode_response_event)
-        stream = cloud.StreamChatCompletion(
-            pb.StreamChatCompletionRequest(params=params, batch_events=True), metadata=metadata
+        streaming = pb.StreamChatCompletionRequest(params=params, batch_events=True)
+        call, stream = streamed(
+            cloud, lambda stub: stub.StreamChatCompletion(streaming, metadata=metadata)
         )
         ending = StreamEnding(b"", events.failed)
-        return await stream_sse(request, stream, events.render, ending, held=convert.shows_nothing)
-    call = cloud.CreateChatCompletion(
-        pb.CreateChatCompletionRequest(params=params), metadata=metadata
+        return await stream_sse(
+            request, call, stream, events.render, ending, held=convert.shows_nothing
+        )
+    whole = pb.CreateChatCompletionRequest(params=params)
+    call, answer = unary(
+        cloud, lambda stub: stub.CreateChatCompletion(whole, metadata=metadata), again=False
     )
     try:
-        completion = await unless_client_gone(request, call, call)
+        completion = await unless_client_gone(request, call, answer)
     except ClientGone:
         return client_gone_response()
     _record_generation(request, await call.trailing_metadata())
@@ -474,14 +487,14 @@ async def embeddings(request: Request) -> Response:
     body = await _parse(request, EmbeddingRequest)
     request.state.params = RequestParams.of(EmbeddingRequest, messages="input")
     _bind_request(request, body.model)
-    call = _cloud(request).CreateEmbeddings(
-        pb.CreateEmbeddingsRequest(
-            model=body.model, inputs=body.input, user=body.user or "", region=_region(request)
-        ),
-        metadata=metadata,
+    embed = pb.CreateEmbeddingsRequest(
+        model=body.model, inputs=body.input, user=body.user or "", region=_region(request)
+    )
+    call, answer = unary(
+        _cloud(request), lambda stub: stub.CreateEmbeddings(embed, metadata=metadata), again=False
     )
     try:
-        response = await unless_client_gone(request, call, call)
+        response = await unless_client_gone(request, call, answer)
     except ClientGone:
         return client_gone_response()
     rendered = convert.embeddings_from_proto(response, body.encoding_format)
@@ -490,11 +503,16 @@ async def embeddings(request: Request) -> Response:
 
 @_route("GET", "/v1/models")
 async def list_models(request: Request) -> Response:
-    call = _cloud(request).ListModels(
-        pb.ListModelsRequest(), metadata=_call_metadata(request), timeout=_LIST_MODELS_TIMEOUT_S
+    metadata = _call_metadata(request)
+    call, answer = unary(
+        _cloud(request),
+        lambda stub: stub.ListModels(
+            pb.ListModelsRequest(), metadata=metadata, timeout=_LIST_MODELS_TIMEOUT_S
+        ),
+        again=True,
     )
     try:
-        response = await unless_client_gone(request, call, call)
+        response = await unless_client_gone(request, call, answer)
     except ClientGone:
         return client_gone_response()
     return _json(convert.model_list_from_proto(response).model_dump_json())
@@ -502,13 +520,15 @@ async def list_models(request: Request) -> Response:
 
 @_route("GET", "/v1/models/{model:path}")
 async def get_model(request: Request) -> Response:
-    call = _cloud(request).GetModel(
-        pb.GetModelRequest(model=request.path_params["model"]),
-        metadata=_call_metadata(request),
-        timeout=_LIST_MODELS_TIMEOUT_S,
+    metadata = _call_metadata(request)
+    wanted = pb.GetModelRequest(model=request.path_params["model"])
+    call, answer = unary(
+        _cloud(request),
+        lambda stub: stub.GetModel(wanted, metadata=metadata, timeout=_LIST_MODELS_TIMEOUT_S),
+        again=True,
     )
     try:
-        response = await unless_client_gone(request, call, call)
+        response = await unless_client_gone(request, call, answer)
     except ClientGone:
         return client_gone_response()
     return _json(convert.model_card_from_proto(response.model).model_dump_json())

@@ -14,6 +14,8 @@ from resultity.cloud.v1 import job_service_pb2 as pb
 from starlette.responses import Response
 
 from core.metadata import Metadata
+from core.replica_channels import ReplicatedStub
+from gateway.cloud import unary
 from gateway.errors import RequestParams
 from gateway.job_schemas import (
     InferenceLog,
@@ -81,22 +83,23 @@ def jobs_router(call_metadata: Callable[[Request], Metadata]) -> APIRouter:
     ) -> Response:
         metadata = call_metadata(request)
         request.state.params = LIST_PARAMS
-        call = _stub(request).ListJobs(
-            pb.ListJobsRequest(
-                account_id=account_id,
-                model=model,
-                outcomes=[_STATUS_TO_PB[status] for status in outcome],
-                request_id=request_id,
-                created_after=_timestamp(created_after),
-                created_before=_timestamp(created_before),
-                page_size=limit,
-                page_token=page_token,
-            ),
-            metadata=metadata,
-            timeout=_TIMEOUT_S,
+        wanted = pb.ListJobsRequest(
+            account_id=account_id,
+            model=model,
+            outcomes=[_STATUS_TO_PB[status] for status in outcome],
+            request_id=request_id,
+            created_after=_timestamp(created_after),
+            created_before=_timestamp(created_before),
+            page_size=limit,
+            page_token=page_token,
+        )
+        call, answer = unary(
+            _stub(request),
+            lambda jobs: jobs.ListJobs(wanted, metadata=metadata, timeout=_TIMEOUT_S),
+            again=True,
         )
         try:
-            listed = await unless_client_gone(request, call, call)
+            listed = await unless_client_gone(request, call, answer)
         except ClientGone:
             return client_gone_response()
         page = JobList(
@@ -110,13 +113,14 @@ def jobs_router(call_metadata: Callable[[Request], Metadata]) -> APIRouter:
     async def get_job(request: Request, job_id: str, with_log: bool = False) -> Response:
         metadata = call_metadata(request)
         request.state.params = GET_PARAMS
-        call = _stub(request).GetJob(
-            pb.GetJobRequest(job_id=job_id, with_log=with_log),
-            metadata=metadata,
-            timeout=_TIMEOUT_S,
+        wanted = pb.GetJobRequest(job_id=job_id, with_log=with_log)
+        call, answer = unary(
+            _stub(request),
+            lambda jobs: jobs.GetJob(wanted, metadata=metadata, timeout=_TIMEOUT_S),
+            again=True,
         )
         try:
-            got = await unless_client_gone(request, call, call)
+            got = await unless_client_gone(request, call, answer)
         except ClientGone:
             return client_gone_response()
         job = job_from_proto(got.job)
@@ -127,8 +131,8 @@ def jobs_router(call_metadata: Callable[[Request], Metadata]) -> APIRouter:
     return router
 
 
-def _stub(request: Request) -> JobServiceAsyncStub:
-    return cast("JobServiceAsyncStub", request.app.state.jobs)
+def _stub(request: Request) -> ReplicatedStub[JobServiceAsyncStub]:
+    return cast("ReplicatedStub[JobServiceAsyncStub]", request.app.state.jobs)
 
 
 def _timestamp(seconds: int | None) -> Timestamp | None:

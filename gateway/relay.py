@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 import structlog
@@ -20,6 +20,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from gateway import errors, sse
+from gateway.cloud import CloudCall
 
 log = structlog.get_logger("gateway")
 
@@ -28,6 +29,10 @@ _Message = TypeVar("_Message", bound=ProtoMessage)
 
 # Status logged (never delivered) when the client went away before the answer.
 _CLIENT_CLOSED_REQUEST = 499
+
+
+class Cancellable(Protocol):
+    def cancel(self) -> bool: ...
 
 
 class ClientGone(Exception):
@@ -40,7 +45,7 @@ async def _wait_for_disconnect(receive: Receive) -> None:
         pass
 
 
-async def unless_client_gone(request: Request, call: grpc.aio.Call, step: Awaitable[_T]) -> _T:
+async def unless_client_gone(request: Request, call: Cancellable, step: Awaitable[_T]) -> _T:
     """Awaits one step of a cloud call; cancels the call (and raises ClientGone) if the
     HTTP client leaves first."""
     step_task = asyncio.ensure_future(step)
@@ -62,7 +67,7 @@ def client_gone_response() -> Response:
     return Response(status_code=_CLIENT_CLOSED_REQUEST)
 
 
-async def rate_limit_headers(call: grpc.aio.Call) -> dict[str, str]:
+async def rate_limit_headers(call: CloudCall) -> dict[str, str]:
     """The caller's x-ratelimit-* state, as cloud sent it in initial metadata."""
     return errors.rate_limit_headers(await call.initial_metadata() or ())
 
@@ -82,20 +87,20 @@ COMPLETION_ENDING = StreamEnding(sse.DONE, lambda error: sse.encode_error(error)
 
 async def stream_sse(
     request: Request,
-    call: grpc.aio.UnaryStreamCall[Any, _Message],
+    call: CloudCall,
+    messages: AsyncIterator[_Message],
     render: Callable[[_Message], bytes | None],
     ending: StreamEnding = COMPLETION_ENDING,
     held: Callable[[_Message], bool] = lambda _: False,
 ) -> Response:
-    """An SSE response relaying cloud's stream; each message becomes the event
-    ``render`` makes of it (None: not sent).
+    """An SSE response relaying cloud's stream, the ``messages`` of ``call``; each
+    becomes the event ``render`` makes of it (None: not sent).
 
     Cloud's closing message (the only one with usage) goes out in one write with
     ``ending.done`` and the end of the body, before the call's status arrives. The
     events of messages ``held`` picks (those that show the caller nothing: a role, a
     finish reason) wait to go out in one write with the next part: one socket write
     is much of what a part costs."""
-    messages = aiter(call)
     watch = ClientWatch(request.receive, call)
     # Read the first message before answering so that errors cloud raises up front
     # (bad key, unknown model, no funds) get a proper HTTP status.
@@ -148,11 +153,11 @@ class ClientWatch:
     """Cancels a cloud call as soon as the HTTP client disconnects: one task per
     request, the call's own reads wake the request (they raise CancelledError)."""
 
-    def __init__(self, receive: Receive, call: grpc.aio.Call) -> None:
+    def __init__(self, receive: Receive, call: Cancellable) -> None:
         self.gone = False
         self._task = asyncio.ensure_future(self._watch(receive, call))
 
-    async def _watch(self, receive: Receive, call: grpc.aio.Call) -> None:
+    async def _watch(self, receive: Receive, call: Cancellable) -> None:
         await _wait_for_disconnect(receive)
         self.gone = True
         call.cancel()
@@ -162,7 +167,7 @@ class ClientWatch:
         self._task.cancel()
 
 
-async def _ended(call: grpc.aio.Call, messages: AsyncIterator[Any]) -> None:
+async def _ended(call: Cancellable, messages: AsyncIterator[Any]) -> None:
     """Waits for the status of a call that sent its closing message (the body is complete)."""
     try:
         extra = await anext(messages, None)
@@ -185,7 +190,7 @@ class CloudStreamResponse(StreamingResponse):
 
     def __init__(
         self,
-        call: grpc.aio.Call,
+        call: Cancellable,
         parts: AsyncIterator[tuple[bytes, bool]],
         headers: dict[str, str],
         watch: ClientWatch,

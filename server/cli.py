@@ -232,7 +232,12 @@ def _parser() -> argparse.ArgumentParser:
     add_job_commands(commands)
 
     gateway = commands.add_parser("gateway", help="run the OpenAI HTTP gateway alone")
-    gateway.add_argument("--cloud", required=True, help="HOST:PORT of the cloud server")
+    gateway.add_argument(
+        "--cloud",
+        required=True,
+        help="HOST:PORT of the cloud server, or of its replicas comma-separated "
+        "(spread and failed over alike; /ready while any one serves)",
+    )
     gateway.add_argument(
         "--account", help="HOST:PORT of the account server: with --network, serves /console"
     )

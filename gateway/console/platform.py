@@ -26,6 +26,7 @@ from resultity.network.v1 import node_admin_service_pb2_grpc as admin_grpc
 
 from core.channels import Tls, channel
 from core.metadata import Metadata, bearer_metadata
+from core.replica_channels import ReplicaChannels
 
 # A page waits this long for the platform, then shows what failed.
 CALL_TIMEOUT_S = 10.0
@@ -37,7 +38,8 @@ LIVE_JOBS = 50
 
 @dataclass(frozen=True, slots=True)
 class ConsoleTargets:
-    """Where the console finds the account, network and cloud services (HOST:PORT)."""
+    """Where the console finds the account, network and cloud services (HOST:PORT;
+    cloud's replicas comma-separated, as the gateway's ``--cloud``)."""
 
     account: str
     network: str
@@ -72,15 +74,18 @@ class AdminView:
 
 
 class Platform:
-    """gRPC stubs over one channel per service; every call carries the user's key."""
+    """gRPC stubs over one channel per service (cloud's: one per replica, its reads
+    going on to the next replica when one is unreachable); every call carries the
+    user's key."""
 
     def __init__(self, targets: ConsoleTargets, tls: Tls) -> None:
-        # One channel per distinct target (`resultity up` serves all three on one).
+        # One channel per distinct target (`resultity up` serves both on one).
         opened: dict[str, grpc.aio.Channel] = {}
-        for target in (targets.account, targets.network, targets.cloud):
+        for target in (targets.account, targets.network):
             if target not in opened:
                 opened[target] = channel(target, tls)
         self._channels = list(opened.values())
+        self._cloud = ReplicaChannels(targets.cloud, tls)
         account, network = opened[targets.account], opened[targets.network]
         self._accounts = account_grpc.AccountServiceStub(account)
         self._keys = keys_grpc.ApiKeyServiceStub(account)
@@ -88,11 +93,12 @@ class Platform:
         self._usage = usage_grpc.UsageServiceStub(account)
         self._contributions = contribution_grpc.ContributionServiceStub(account)
         self._nodes = admin_grpc.NodeAdminServiceStub(network)
-        self._jobs = jobs_grpc.JobServiceStub(opened[targets.cloud])
+        self._jobs = self._cloud.stubs(jobs_grpc.JobServiceStub)
 
     async def close(self) -> None:
         for opened in self._channels:
             await opened.close(grace=None)
+        await self._cloud.close()
 
     async def caller(self, key: str) -> account_pb.GetCallerResponse:
         return await self._accounts.GetCaller(account_pb.GetCallerRequest(), **_as(key))
@@ -108,9 +114,11 @@ class Platform:
                 ),
                 **_as(key),
             ),
-            self._jobs.ListJobs(
-                jobs_pb.ListJobsRequest(account_id=account_id, page_size=RECENT_REQUESTS),
-                **_as(key),
+            self._jobs.call(
+                lambda jobs: jobs.ListJobs(
+                    jobs_pb.ListJobsRequest(account_id=account_id, page_size=RECENT_REQUESTS),
+                    **_as(key),
+                )
             ),
         )
         return ConsumerView(balance, history, list(recent.jobs))
@@ -185,11 +193,13 @@ class Platform:
             self._ledger.GetLedgerSummary(ledger_pb.GetLedgerSummaryRequest(), **_as(key)),
             self._nodes.GetNetworkConfig(admin_pb.GetNetworkConfigRequest(), **_as(key)),
             self._acks(key),
-            self._jobs.ListJobs(
-                jobs_pb.ListJobsRequest(
-                    outcomes=[jobs_pb.JOB_OUTCOME_RUNNING], page_size=LIVE_JOBS
-                ),
-                **_as(key),
+            self._jobs.call(
+                lambda jobs: jobs.ListJobs(
+                    jobs_pb.ListJobsRequest(
+                        outcomes=[jobs_pb.JOB_OUTCOME_RUNNING], page_size=LIVE_JOBS
+                    ),
+                    **_as(key),
+                )
             ),
         )
         return AdminView(list(nodes.nodes), summary, config.config.version, acks, list(live.jobs))

@@ -19,6 +19,7 @@ from core.grpc_errors import to_status
 from core.prometheus import PrometheusMetrics
 from gateway.app import MAX_API_KEY_LENGTH, create_app
 from gateway.console import ConsoleTargets
+from tests.doubles.one_replica import one_replica
 
 _KEY = {"authorization": "Bearer sk-test"}
 # Differ between any two answers.
@@ -63,16 +64,19 @@ class _Service:
 def _app() -> FastAPI:
     targets = ConsoleTargets("127.0.0.1:1", "127.0.0.1:1", "127.0.0.1:1")
     app = create_app("127.0.0.1:1", console=targets, metrics=PrometheusMetrics())
-    app.state.cloud = _Service(
-        ListModels=pb.ListModelsResponse(models=[pb.Model(id="m", owned_by="resultity")]),
-        GetModel=ModelNotFound("The model 'nope' does not exist."),
+    app.state.cloud = one_replica(
+        _Service(
+            ListModels=pb.ListModelsResponse(models=[pb.Model(id="m", owned_by="resultity")]),
+            GetModel=ModelNotFound("The model 'nope' does not exist."),
+        )
     )
-    app.state.jobs = _Service(
-        ListJobs=job_service_pb2.ListJobsResponse(),
-        GetJob=NotFound("No job 'j-1'."),
+    app.state.jobs = one_replica(
+        _Service(ListJobs=job_service_pb2.ListJobsResponse(), GetJob=NotFound("No job 'j-1'."))
     )
-    app.state.cloud_health = _Service(
-        Check=health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+    app.state.cloud_health = one_replica(
+        _Service(
+            Check=health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+        )
     )
     return app
 

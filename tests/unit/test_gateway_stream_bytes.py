@@ -25,6 +25,7 @@ from starlette.types import Message
 from core.errors import DomainError, JobFailed, RateLimited
 from core.grpc_errors import to_status
 from gateway.app import create_app
+from tests.doubles.one_replica import one_replica
 
 EXPECTED = Path(__file__).parent / "stream_bytes"
 _Message = pb.StreamCompletionResponse | pb.StreamChatCompletionResponse
@@ -259,7 +260,7 @@ CASES: dict[str, tuple[str, dict[str, object], list[_Message], DomainError | Non
 
 async def _body(route: str, body: dict[str, object], cloud: _Cloud) -> bytes:
     app = create_app("127.0.0.1:1")
-    app.state.cloud = cloud
+    app.state.cloud = one_replica(cloud)
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
         response = await client.post(
@@ -282,7 +283,7 @@ async def test_stream_bytes_are_the_expected_ones(name: str) -> None:
 async def _writes(route: str, body: dict[str, object], cloud: _Cloud) -> list[bytes]:
     """The body's parts, one per ASGI message (each a socket write)."""
     app = create_app("127.0.0.1:1")
-    app.state.cloud = cloud
+    app.state.cloud = one_replica(cloud)
     request = json.dumps(body).encode()
     scope = {
         "type": "http",
