@@ -119,3 +119,44 @@ async def test_gateway_ready_is_503_when_cloud_is_unreachable() -> None:
         answer = await http.get("/ready")
     assert answer.status_code == 503
     assert answer.json()["reason"].startswith("cloud unreachable")
+
+
+async def test_gateway_ready_while_any_cloud_replica_serves() -> None:
+    servers: list[tuple[GrpcHealth, grpc.aio.Server, str]] = []
+    for _ in range(2):
+        server = channels.server()
+        port = server.add_insecure_port("127.0.0.1:0")
+        health = GrpcHealth(server, CLOUD_SERVICES)
+        await health.starting()
+        await server.start()
+        servers.append((health, server, f"127.0.0.1:{port}"))
+    (serving, serving_server, first), (_, other_server, second) = servers
+    await serving.serving()
+    app = create_app(f"{first},{second}")
+    try:
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://gateway"
+            ) as http,
+        ):
+            # One replica serves, the other is still starting.
+            assert (await http.get("/ready")).status_code == 200
+
+            await other_server.stop(None)
+            assert (await http.get("/ready")).status_code == 200
+
+            await serving.set(INFERENCE_SERVICE, serving=False)
+            reachable = await http.get("/ready")
+            assert (reachable.status_code, reachable.json()["reason"]) == (
+                503,
+                "no model is servable",
+            )
+
+            await serving_server.stop(None)
+            unreachable = await http.get("/ready")
+            assert unreachable.status_code == 503
+            assert unreachable.json()["reason"] == "cloud unreachable: UNAVAILABLE"
+    finally:
+        for _, server, _ in servers:
+            await server.stop(None)
