@@ -1,8 +1,8 @@
 """The platform scaled out on this machine, every service its own OS process:
 account and network replicas, cloud replicas each calling every account replica
 and every network replica, or those the test names (each cloud replica starting
-the turn at another one), a gateway per
-cloud replica (gateway i calls cloud i), and the agents a test starts, homed on
+the turn at another one), a gateway per cloud replica (gateway i calls cloud i,
+or the cloud replicas the test names), and the agents a test starts, homed on
 the network replicas it chooses: scripted, or `resultity agent` running the
 bundled SmolLM2. The network replicas resolve the agents' node tokens through the
 account replicas. What replicas share lives in one PostgreSQL database, one Redis
@@ -327,11 +327,14 @@ async def scaled_out(
     amqp_url: str | None = None,
     env: Mapping[str, str] | None = None,
     cloud_networks: Sequence[int] | None = None,
+    gateway_clouds: Sequence[Sequence[int]] | None = None,
 ) -> AsyncIterator[ScaledOut]:
     """``accounts`` account and ``networks`` network replicas, ``replicas`` cloud
     replicas and as many gateways; ``env`` adds to every process's environment (e.g.
     RESULTITY_CLOUD_INFLIGHT_* settings); ``cloud_networks``: the network replicas
-    (indexes) the cloud replicas call, unset all. No agent: the test starts its own.
+    (indexes) the cloud replicas call, unset all; ``gateway_clouds``: the cloud
+    replicas (indexes, in turn from the first) each gateway calls, unset its own
+    alone. No agent: the test starts its own.
     The platform keeps to a namespace of its own in Redis and RabbitMQ."""
     service_token = generate_service_token()
     namespace = new_namespace()
@@ -378,7 +381,8 @@ async def scaled_out(
                     *stores, *data_dir,
                 )  # fmt: skip
             else:
-                cloud = f"127.0.0.1:{ports[f'cloud-{index}']}"
+                clouds = [int(index)] if gateway_clouds is None else gateway_clouds[int(index)]
+                cloud = ",".join(f"127.0.0.1:{ports[f'cloud-{each}']}" for each in clouds)
                 await processes.spawn(name, *CLI, "gateway", "--cloud", cloud, "--port", str(port))
         for name, port in ports.items():
             await wait_until_listening(port, processes.running[name])

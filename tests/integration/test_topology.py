@@ -1,14 +1,16 @@
 """The whole platform scaled out, every service its own OS process on the real
 PostgreSQL, Redis and RabbitMQ: 2 account, 2 network, 2 cloud and 2 gateway
-replicas, and three agents spread over both network replicas, one of them
-`resultity agent` running SmolLM2 through llama.cpp.
+replicas (the first gateway calling the first cloud replica, the second both),
+and three agents spread over both network replicas, one of them `resultity agent`
+running SmolLM2 through llama.cpp.
 
 Requests through either gateway reach the nodes of either network replica (each
 request pinned to one node by its region, and the job record naming that node),
 and each is billed for its usage, the operators paid and the ledger conserved.
 An account replica killed costs no request; a cloud replica killed mid-stream
-fails that stream, and another cloud replica settles its hold from the network's
-job record within the in-flight lease, not an hour later.
+fails that stream, another cloud replica settles its hold from the network's
+job record within the in-flight lease, not an hour later, and the gateway given
+both cloud replicas stays ready and serves on through the other.
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ async def topology(
         replicas=2,
         amqp_url=amqp_url,
         env=INFLIGHT,
+        gateway_clouds=((0,), (1, 0)),
     ) as platform:
         # The agents' first addresses: alpha on replica 0, beta and the real model on 1.
         agents = {
@@ -293,10 +296,19 @@ async def test_a_cloud_replica_killed_mid_stream_has_its_hold_settled_by_another
     )
     _assert_conserved(before, await Books.read(platform, topology.operators), charged)
 
-    # The other gateway and its cloud replica serve on.
-    response = await http.post(
-        f"{platform.gateways[1]}/v1/chat/completions",
-        json=_chat(max_tokens=4),
-        headers=_headers(customer, "r-beta"),
-    )
-    assert response.status_code == 200, response.text
+    # The other gateway, given both cloud replicas, serves on through the live one:
+    # reads and streams that meet the dead replica go on to the other (a unary
+    # completion is sent once: one meeting the dead replica would fail, by design).
+    gateway = platform.gateways[1]
+    assert (await http.get(f"{gateway}/ready")).status_code == 200
+    for _ in range(4):
+        models = await http.get(f"{gateway}/v1/models", headers=customer.headers)
+        assert models.status_code == 200, models.text
+        streamed = await http.post(
+            f"{gateway}/v1/chat/completions",
+            json=_chat(max_tokens=4, stream=True),
+            headers=_headers(customer, "r-beta"),
+        )
+        assert streamed.status_code == 200, streamed.text
+        assert '"error"' not in streamed.text
+        assert SCRIPTS["beta"].split()[0] in streamed.text
