@@ -1,6 +1,7 @@
 """gRPC over TLS with certificates made in the test: an agent verifies the
-network's certificate (pinned CA), plaintext and unknown CAs are refused, and a
-server that requires client certificates (mutual TLS) refuses callers without one."""
+network's certificate (pinned CA), plaintext and unknown CAs are refused, a
+server that requires client certificates (mutual TLS) refuses callers without one,
+and the gateway calls every cloud replica over mutual TLS."""
 
 from __future__ import annotations
 
@@ -10,16 +11,20 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
+from resultity.cloud.v1 import inference_service_pb2_grpc
 from resultity.network.v1 import node_admin_service_pb2 as admin_pb
 from resultity.network.v1 import node_admin_service_pb2_grpc as admin_grpc
 
 from agent.session import AgentSession, SessionSettings
 from core import channels
 from core.metadata import bearer_metadata
+from gateway.app import create_app
 from server.common.credentials import generate_service_token
 from server.network.admission import AdmissionSettings
 from server.network.component import NetworkComponent
+from tests.doubles.scripted_cloud import TEST_API_KEY, ScriptedCloud
 from tests.doubles.scripted_runtime import ScriptedRuntime
 from tests.harness import new_network_id
 from tests.tls_support import CertificateAuthority, Issued
@@ -116,3 +121,36 @@ async def test_mutual_tls_requires_a_client_certificate_of_its_ca(
 def test_a_certificate_needs_its_key(server_cert: Issued) -> None:
     with pytest.raises(ValueError, match="key"):
         channels.Tls(cert=server_cert.cert)
+
+
+async def test_a_gateway_calls_every_cloud_replica_over_mutual_tls(
+    ca: CertificateAuthority, server_cert: Issued
+) -> None:
+    mutual = channels.Tls(cert=server_cert.cert, key=server_cert.key, client_ca=ca.cert)
+    gateway_cert = ca.issue("gateway", server=False)
+    clouds = [ScriptedCloud(), ScriptedCloud()]
+    servers: list[grpc.aio.Server] = []
+    targets: list[str] = []
+    for cloud in clouds:
+        server = channels.server()
+        inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(cloud, server)
+        targets.append(f"127.0.0.1:{channels.listen(server, '127.0.0.1:0', mutual)}")
+        await server.start()
+        servers.append(server)
+    tls = channels.Tls(connect=True, ca=ca.cert, cert=gateway_cert.cert, key=gateway_cert.key)
+    app = create_app(",".join(targets), tls=tls)
+    try:
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app),
+                base_url="http://gateway",
+                headers={"authorization": f"Bearer {TEST_API_KEY}"},
+            ) as http,
+        ):
+            statuses = [(await http.get("/v1/models")).status_code for _ in range(2)]
+    finally:
+        for server in servers:
+            await server.stop(None)
+    assert statuses == [200, 200]
+    assert [len(cloud.calls) for cloud in clouds] == [1, 1]
