@@ -1,7 +1,8 @@
 """The peer baseline: llama-cpp-python's own OpenAI-compatible server, as a subprocess.
 
-`python -m llama_cpp.server` on a free loopback port with the GGUF and the
-llama.cpp settings of the direct side (context, batch, threads, flash
+`python -m llama_cpp.server` (through bench/peer_server.py, which turns llama.cpp's
+repacked CPU buffers off as the other sides do) on a free loopback port with the
+GGUF and the llama.cpp settings of the direct side (context, batch, threads, flash
 attention, q8_0 K/V cache; the chat template from the GGUF on every side),
 ready once ``GET /v1/models`` lists the model, always stopped at the end.
 ``--interrupt_requests False``: with its default, a request arriving while
@@ -53,7 +54,7 @@ def peer_command(model_path: Path, model_id: str, port: int, llama: llama_cpp.Ll
         "verbose": False,
     }
     flags = [part for name, value in settings.items() for part in (f"--{name}", str(value))]
-    return [sys.executable, "-m", "llama_cpp.server", *flags]
+    return [sys.executable, "-m", "bench.peer_server", *flags]
 
 
 @contextmanager
