@@ -241,7 +241,7 @@ class ReleaseNodeResponse(_message.Message):
     NODE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def node(self) -> Global___Node:
-        """Set when the node is connected."""
+        """Set when the node is connected (to any replica)."""
 
     def __init__(
         self,
@@ -442,6 +442,17 @@ Global___ListNodesResponse: _TypeAlias = ListNodesResponse  # noqa: Y015
 
 @_typing.final
 class Node(_message.Message):
+    """A node as the replica holding its session knows it. A node connected to
+    another replica than the one asked is described by that replica's last
+    presence record, published every heartbeat interval: node_id, node_name,
+    models (those it serves), max_concurrent_jobs, active_jobs, connected_at,
+    state, operator_account_id, reputation, quarantine_reason, region, verified
+    and replica_id, each as much as one interval behind (state turns SUSPECT
+    once that replica stops renewing the record); agent_version,
+    last_heartbeat_at, free_memory_bytes, config_version and model_status are
+    left unset (GetNode through the node's own replica has them).
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     NODE_ID_FIELD_NUMBER: _builtins.int
@@ -461,6 +472,7 @@ class Node(_message.Message):
     QUARANTINE_REASON_FIELD_NUMBER: _builtins.int
     REGION_FIELD_NUMBER: _builtins.int
     VERIFIED_FIELD_NUMBER: _builtins.int
+    REPLICA_ID_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     node_name: _builtins.str
     agent_version: _builtins.str
@@ -485,6 +497,8 @@ class Node(_message.Message):
     """Admitted with an operator's node token and no failed canary since it
     joined (what NodeRequirements.verified_only asks for).
     """
+    replica_id: _builtins.str
+    """The network replica holding the node's session (its --replica-id)."""
     @_builtins.property
     def models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -513,10 +527,11 @@ class Node(_message.Message):
         quarantine_reason: _builtins.str = ...,
         region: _builtins.str = ...,
         verified: _builtins.bool = ...,
+        replica_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["connected_at", b"connected_at", "last_heartbeat_at", b"last_heartbeat_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_jobs", b"active_jobs", "agent_version", b"agent_version", "config_version", b"config_version", "connected_at", b"connected_at", "free_memory_bytes", b"free_memory_bytes", "last_heartbeat_at", b"last_heartbeat_at", "max_concurrent_jobs", b"max_concurrent_jobs", "model_status", b"model_status", "models", b"models", "node_id", b"node_id", "node_name", b"node_name", "operator_account_id", b"operator_account_id", "quarantine_reason", b"quarantine_reason", "region", b"region", "reputation", b"reputation", "state", b"state", "verified", b"verified"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_jobs", b"active_jobs", "agent_version", b"agent_version", "config_version", b"config_version", "connected_at", b"connected_at", "free_memory_bytes", b"free_memory_bytes", "last_heartbeat_at", b"last_heartbeat_at", "max_concurrent_jobs", b"max_concurrent_jobs", "model_status", b"model_status", "models", b"models", "node_id", b"node_id", "node_name", b"node_name", "operator_account_id", b"operator_account_id", "quarantine_reason", b"quarantine_reason", "region", b"region", "replica_id", b"replica_id", "reputation", b"reputation", "state", b"state", "verified", b"verified"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

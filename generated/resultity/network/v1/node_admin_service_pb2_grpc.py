@@ -26,8 +26,15 @@ if _version_not_supported:
 
 
 class NodeAdminServiceStub:
-    """Operator view of the nodes connected to this network server. Callers
-    present `authorization: Bearer <credential>`: the platform's service token
+    """Operator view of the network's nodes, over every replica of the network:
+    whichever replica is asked lists and gets every live node of the fleet, and
+    carries out an action on a node connected to another replica through that
+    replica (ReplicaService.AdministerNode), which holds the node's session. A
+    node connected to another replica is described by its presence record (see
+    Node) and may lag it by one heartbeat interval; an action on it fails with
+    UNAVAILABLE (ErrorInfo reason REPLICA_UNREACHABLE) when that replica cannot
+    be reached, and is then to be tried again (every action is idempotent).
+    Callers present `authorization: Bearer <credential>`: the platform's service token
     or an API key with the ADMIN scope may call every method; a key with the
     MANAGEMENT scope may list and get its own account's nodes (ListNodes
     returns only those; GetNode of another's node is NOT_FOUND) and nothing
@@ -84,8 +91,15 @@ class NodeAdminServiceStub:
 
 
 class NodeAdminServiceServicer:
-    """Operator view of the nodes connected to this network server. Callers
-    present `authorization: Bearer <credential>`: the platform's service token
+    """Operator view of the network's nodes, over every replica of the network:
+    whichever replica is asked lists and gets every live node of the fleet, and
+    carries out an action on a node connected to another replica through that
+    replica (ReplicaService.AdministerNode), which holds the node's session. A
+    node connected to another replica is described by its presence record (see
+    Node) and may lag it by one heartbeat interval; an action on it fails with
+    UNAVAILABLE (ErrorInfo reason REPLICA_UNREACHABLE) when that replica cannot
+    be reached, and is then to be tried again (every action is idempotent).
+    Callers present `authorization: Bearer <credential>`: the platform's service token
     or an API key with the ADMIN scope may call every method; a key with the
     MANAGEMENT scope may list and get its own account's nodes (ListNodes
     returns only those; GetNode of another's node is NOT_FOUND) and nothing
@@ -94,19 +108,24 @@ class NodeAdminServiceServicer:
     """
 
     def ListNodes(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Every live node of the network: this replica's sessions and the other
+        replicas' nodes as their presence records describe them.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetNode(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """A live node of the network, on any replica; NOT_FOUND for one connected
+        to none.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def DrainNode(self, request, context):
         """Sends the node no new jobs; its running jobs finish. It stays connected.
+        NOT_FOUND for a node connected to no replica.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -115,7 +134,8 @@ class NodeAdminServiceServicer:
     def QuarantineNode(self, request, context):
         """Takes the node out of service (no jobs, no earnings). Reconnecting does not
         end it: the node is refused at hello (FAILED_PRECONDITION, ErrorInfo reason
-        NODE_QUARANTINED) until it is released.
+        NODE_QUARANTINED) until it is released. Stored before the call returns.
+        NOT_FOUND for a node connected to no replica.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -207,8 +227,15 @@ def add_NodeAdminServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class NodeAdminService:
-    """Operator view of the nodes connected to this network server. Callers
-    present `authorization: Bearer <credential>`: the platform's service token
+    """Operator view of the network's nodes, over every replica of the network:
+    whichever replica is asked lists and gets every live node of the fleet, and
+    carries out an action on a node connected to another replica through that
+    replica (ReplicaService.AdministerNode), which holds the node's session. A
+    node connected to another replica is described by its presence record (see
+    Node) and may lag it by one heartbeat interval; an action on it fails with
+    UNAVAILABLE (ErrorInfo reason REPLICA_UNREACHABLE) when that replica cannot
+    be reached, and is then to be tried again (every action is idempotent).
+    Callers present `authorization: Bearer <credential>`: the platform's service token
     or an API key with the ADMIN scope may call every method; a key with the
     MANAGEMENT scope may list and get its own account's nodes (ListNodes
     returns only those; GetNode of another's node is NOT_FOUND) and nothing

@@ -27,8 +27,15 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class NodeAdminServiceStub:
-    """Operator view of the nodes connected to this network server. Callers
-    present `authorization: Bearer <credential>`: the platform's service token
+    """Operator view of the network's nodes, over every replica of the network:
+    whichever replica is asked lists and gets every live node of the fleet, and
+    carries out an action on a node connected to another replica through that
+    replica (ReplicaService.AdministerNode), which holds the node's session. A
+    node connected to another replica is described by its presence record (see
+    Node) and may lag it by one heartbeat interval; an action on it fails with
+    UNAVAILABLE (ErrorInfo reason REPLICA_UNREACHABLE) when that replica cannot
+    be reached, and is then to be tried again (every action is idempotent).
+    Callers present `authorization: Bearer <credential>`: the platform's service token
     or an API key with the ADMIN scope may call every method; a key with the
     MANAGEMENT scope may list and get its own account's nodes (ListNodes
     returns only those; GetNode of another's node is NOT_FOUND) and nothing
@@ -41,13 +48,22 @@ class NodeAdminServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> NodeAdminServiceAsyncStub: ...
     ListNodes: _grpc.UnaryUnaryMultiCallable[_node_admin_service_pb2.ListNodesRequest, _node_admin_service_pb2.ListNodesResponse]
+    """Every live node of the network: this replica's sessions and the other
+    replicas' nodes as their presence records describe them.
+    """
     GetNode: _grpc.UnaryUnaryMultiCallable[_node_admin_service_pb2.GetNodeRequest, _node_admin_service_pb2.GetNodeResponse]
+    """A live node of the network, on any replica; NOT_FOUND for one connected
+    to none.
+    """
     DrainNode: _grpc.UnaryUnaryMultiCallable[_node_admin_service_pb2.DrainNodeRequest, _node_admin_service_pb2.DrainNodeResponse]
-    """Sends the node no new jobs; its running jobs finish. It stays connected."""
+    """Sends the node no new jobs; its running jobs finish. It stays connected.
+    NOT_FOUND for a node connected to no replica.
+    """
     QuarantineNode: _grpc.UnaryUnaryMultiCallable[_node_admin_service_pb2.QuarantineNodeRequest, _node_admin_service_pb2.QuarantineNodeResponse]
     """Takes the node out of service (no jobs, no earnings). Reconnecting does not
     end it: the node is refused at hello (FAILED_PRECONDITION, ErrorInfo reason
-    NODE_QUARANTINED) until it is released.
+    NODE_QUARANTINED) until it is released. Stored before the call returns.
+    NOT_FOUND for a node connected to no replica.
     """
     ReleaseNode: _grpc.UnaryUnaryMultiCallable[_node_admin_service_pb2.ReleaseNodeRequest, _node_admin_service_pb2.ReleaseNodeResponse]
     """Returns a quarantined node to service with a fresh reputation: a connected
@@ -69,8 +85,15 @@ class NodeAdminServiceStub:
 
 @_typing.type_check_only
 class NodeAdminServiceAsyncStub(NodeAdminServiceStub):
-    """Operator view of the nodes connected to this network server. Callers
-    present `authorization: Bearer <credential>`: the platform's service token
+    """Operator view of the network's nodes, over every replica of the network:
+    whichever replica is asked lists and gets every live node of the fleet, and
+    carries out an action on a node connected to another replica through that
+    replica (ReplicaService.AdministerNode), which holds the node's session. A
+    node connected to another replica is described by its presence record (see
+    Node) and may lag it by one heartbeat interval; an action on it fails with
+    UNAVAILABLE (ErrorInfo reason REPLICA_UNREACHABLE) when that replica cannot
+    be reached, and is then to be tried again (every action is idempotent).
+    Callers present `authorization: Bearer <credential>`: the platform's service token
     or an API key with the ADMIN scope may call every method; a key with the
     MANAGEMENT scope may list and get its own account's nodes (ListNodes
     returns only those; GetNode of another's node is NOT_FOUND) and nothing
@@ -80,13 +103,22 @@ class NodeAdminServiceAsyncStub(NodeAdminServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     ListNodes: _aio.UnaryUnaryMultiCallable[_node_admin_service_pb2.ListNodesRequest, _node_admin_service_pb2.ListNodesResponse]  # type: ignore[assignment]
+    """Every live node of the network: this replica's sessions and the other
+    replicas' nodes as their presence records describe them.
+    """
     GetNode: _aio.UnaryUnaryMultiCallable[_node_admin_service_pb2.GetNodeRequest, _node_admin_service_pb2.GetNodeResponse]  # type: ignore[assignment]
+    """A live node of the network, on any replica; NOT_FOUND for one connected
+    to none.
+    """
     DrainNode: _aio.UnaryUnaryMultiCallable[_node_admin_service_pb2.DrainNodeRequest, _node_admin_service_pb2.DrainNodeResponse]  # type: ignore[assignment]
-    """Sends the node no new jobs; its running jobs finish. It stays connected."""
+    """Sends the node no new jobs; its running jobs finish. It stays connected.
+    NOT_FOUND for a node connected to no replica.
+    """
     QuarantineNode: _aio.UnaryUnaryMultiCallable[_node_admin_service_pb2.QuarantineNodeRequest, _node_admin_service_pb2.QuarantineNodeResponse]  # type: ignore[assignment]
     """Takes the node out of service (no jobs, no earnings). Reconnecting does not
     end it: the node is refused at hello (FAILED_PRECONDITION, ErrorInfo reason
-    NODE_QUARANTINED) until it is released.
+    NODE_QUARANTINED) until it is released. Stored before the call returns.
+    NOT_FOUND for a node connected to no replica.
     """
     ReleaseNode: _aio.UnaryUnaryMultiCallable[_node_admin_service_pb2.ReleaseNodeRequest, _node_admin_service_pb2.ReleaseNodeResponse]  # type: ignore[assignment]
     """Returns a quarantined node to service with a fresh reputation: a connected
@@ -107,8 +139,15 @@ class NodeAdminServiceAsyncStub(NodeAdminServiceStub):
     """
 
 class NodeAdminServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Operator view of the nodes connected to this network server. Callers
-    present `authorization: Bearer <credential>`: the platform's service token
+    """Operator view of the network's nodes, over every replica of the network:
+    whichever replica is asked lists and gets every live node of the fleet, and
+    carries out an action on a node connected to another replica through that
+    replica (ReplicaService.AdministerNode), which holds the node's session. A
+    node connected to another replica is described by its presence record (see
+    Node) and may lag it by one heartbeat interval; an action on it fails with
+    UNAVAILABLE (ErrorInfo reason REPLICA_UNREACHABLE) when that replica cannot
+    be reached, and is then to be tried again (every action is idempotent).
+    Callers present `authorization: Bearer <credential>`: the platform's service token
     or an API key with the ADMIN scope may call every method; a key with the
     MANAGEMENT scope may list and get its own account's nodes (ListNodes
     returns only those; GetNode of another's node is NOT_FOUND) and nothing
@@ -121,14 +160,20 @@ class NodeAdminServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _node_admin_service_pb2.ListNodesRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_node_admin_service_pb2.ListNodesResponse, _abc.Awaitable[_node_admin_service_pb2.ListNodesResponse]]: ...
+    ) -> _typing.Union[_node_admin_service_pb2.ListNodesResponse, _abc.Awaitable[_node_admin_service_pb2.ListNodesResponse]]:
+        """Every live node of the network: this replica's sessions and the other
+        replicas' nodes as their presence records describe them.
+        """
 
     @_abc_1.abstractmethod
     def GetNode(
         self,
         request: _node_admin_service_pb2.GetNodeRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_node_admin_service_pb2.GetNodeResponse, _abc.Awaitable[_node_admin_service_pb2.GetNodeResponse]]: ...
+    ) -> _typing.Union[_node_admin_service_pb2.GetNodeResponse, _abc.Awaitable[_node_admin_service_pb2.GetNodeResponse]]:
+        """A live node of the network, on any replica; NOT_FOUND for one connected
+        to none.
+        """
 
     @_abc_1.abstractmethod
     def DrainNode(
@@ -136,7 +181,9 @@ class NodeAdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _node_admin_service_pb2.DrainNodeRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_node_admin_service_pb2.DrainNodeResponse, _abc.Awaitable[_node_admin_service_pb2.DrainNodeResponse]]:
-        """Sends the node no new jobs; its running jobs finish. It stays connected."""
+        """Sends the node no new jobs; its running jobs finish. It stays connected.
+        NOT_FOUND for a node connected to no replica.
+        """
 
     @_abc_1.abstractmethod
     def QuarantineNode(
@@ -146,7 +193,8 @@ class NodeAdminServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_node_admin_service_pb2.QuarantineNodeResponse, _abc.Awaitable[_node_admin_service_pb2.QuarantineNodeResponse]]:
         """Takes the node out of service (no jobs, no earnings). Reconnecting does not
         end it: the node is refused at hello (FAILED_PRECONDITION, ErrorInfo reason
-        NODE_QUARANTINED) until it is released.
+        NODE_QUARANTINED) until it is released. Stored before the call returns.
+        NOT_FOUND for a node connected to no replica.
         """
 
     @_abc_1.abstractmethod

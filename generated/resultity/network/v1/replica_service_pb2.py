@@ -23,37 +23,48 @@ _sym_db = _symbol_database.Default()
 
 
 from resultity.common.v1 import inference_pb2 as resultity_dot_common_dot_v1_dot_inference__pb2
+from resultity.network.v1 import node_admin_service_pb2 as resultity_dot_network_dot_v1_dot_node__admin__service__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*resultity/network/v1/replica_service.proto\x12\x14resultity.network.v1\x1a#resultity/common/v1/inference.proto\"\xbe\x01\n\x16RunForwardedJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x31\n\x04spec\x18\x04 \x01(\x0b\x32#.resultity.common.v1.GenerationSpec\x12\x41\n\x0c\x63ontinuation\x18\x05 \x01(\x0b\x32+.resultity.network.v1.ForwardedContinuation\"M\n\x15\x46orwardedContinuation\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x13\n\x0btoken_count\x18\x02 \x01(\x05\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\"\xb8\x03\n\x17RunForwardedJobResponse\x12\x35\n\x05\x63hunk\x18\x01 \x01(\x0b\x32$.resultity.network.v1.ForwardedChunkH\x00\x12\x33\n\x04\x64one\x18\x02 \x01(\x0b\x32#.resultity.network.v1.ForwardedDoneH\x00\x12\x37\n\x06\x66\x61iled\x18\x03 \x01(\x0b\x32%.resultity.network.v1.ForwardedFailedH\x00\x12\x33\n\x04lost\x18\x04 \x01(\x0b\x32#.resultity.network.v1.ForwardedLostH\x00\x12\x39\n\x07started\x18\x05 \x01(\x0b\x32&.resultity.network.v1.ForwardedStartedH\x00\x12\x44\n\rqueue_timeout\x18\x06 \x01(\x0b\x32+.resultity.network.v1.ForwardedQueueTimeoutH\x00\x12\x39\n\x07waiting\x18\x07 \x01(\x0b\x32&.resultity.network.v1.ForwardedWaitingH\x00\x42\x07\n\x05\x65vent\"\x12\n\x10\x46orwardedStarted\"\x12\n\x10\x46orwardedWaiting\")\n\x15\x46orwardedQueueTimeout\x12\x10\n\x08waited_s\x18\x01 \x01(\x01\"\xa5\x01\n\x0e\x46orwardedChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x13\n\x0btoken_count\x18\x02 \x01(\x05\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x05\x12\x11\n\ttoken_ids\x18\x04 \x03(\x05\x12\x33\n\x08logprobs\x18\x05 \x03(\x0b\x32!.resultity.common.v1.TokenLogprob\x12\x11\n\tembedding\x18\x06 \x03(\x02\"t\n\rForwardedDone\x12\x38\n\rfinish_reason\x18\x01 \x01(\x0e\x32!.resultity.common.v1.FinishReason\x12)\n\x05usage\x18\x02 \x01(\x0b\x32\x1a.resultity.common.v1.Usage\"\x94\x01\n\x0f\x46orwardedFailed\x12\x36\n\x06reason\x18\x01 \x01(\x0e\x32&.resultity.network.v1.ForwardedFailure\x12\x0f\n\x07message\x18\x02 \x01(\t\x12)\n\x05usage\x18\x03 \x01(\x0b\x32\x1a.resultity.common.v1.Usage\x12\r\n\x05param\x18\x04 \x01(\t\"\x1f\n\rForwardedLost\x12\x0e\n\x06reason\x18\x01 \x01(\t*\xaa\x01\n\x10\x46orwardedFailure\x12!\n\x1d\x46ORWARDED_FAILURE_UNSPECIFIED\x10\x00\x12%\n!FORWARDED_FAILURE_INVALID_REQUEST\x10\x01\x12\'\n#FORWARDED_FAILURE_MODEL_UNAVAILABLE\x10\x02\x12#\n\x1f\x46ORWARDED_FAILURE_RUNTIME_ERROR\x10\x03\x32\x82\x01\n\x0eReplicaService\x12p\n\x0fRunForwardedJob\x12,.resultity.network.v1.RunForwardedJobRequest\x1a-.resultity.network.v1.RunForwardedJobResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*resultity/network/v1/replica_service.proto\x12\x14resultity.network.v1\x1a#resultity/common/v1/inference.proto\x1a-resultity/network/v1/node_admin_service.proto\"\xd6\x01\n\x15\x41\x64ministerNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x30\n\x05\x64rain\x18\x02 \x01(\x0b\x32\x1f.resultity.network.v1.NodeDrainH\x00\x12:\n\nquarantine\x18\x03 \x01(\x0b\x32$.resultity.network.v1.NodeQuarantineH\x00\x12\x34\n\x07release\x18\x04 \x01(\x0b\x32!.resultity.network.v1.NodeReleaseH\x00\x42\x08\n\x06\x61\x63tion\"\x0b\n\tNodeDrain\" \n\x0eNodeQuarantine\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\r\n\x0bNodeRelease\"\x8a\x01\n\x16\x41\x64ministerNodeResponse\x12\x11\n\tconnected\x18\x01 \x01(\x08\x12.\n\x05state\x18\x02 \x01(\x0e\x32\x1f.resultity.network.v1.NodeState\x12\x19\n\x11quarantine_reason\x18\x03 \x01(\t\x12\x12\n\nreputation\x18\x04 \x01(\x01\"\xbe\x01\n\x16RunForwardedJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x31\n\x04spec\x18\x04 \x01(\x0b\x32#.resultity.common.v1.GenerationSpec\x12\x41\n\x0c\x63ontinuation\x18\x05 \x01(\x0b\x32+.resultity.network.v1.ForwardedContinuation\"M\n\x15\x46orwardedContinuation\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x13\n\x0btoken_count\x18\x02 \x01(\x05\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\"\xb8\x03\n\x17RunForwardedJobResponse\x12\x35\n\x05\x63hunk\x18\x01 \x01(\x0b\x32$.resultity.network.v1.ForwardedChunkH\x00\x12\x33\n\x04\x64one\x18\x02 \x01(\x0b\x32#.resultity.network.v1.ForwardedDoneH\x00\x12\x37\n\x06\x66\x61iled\x18\x03 \x01(\x0b\x32%.resultity.network.v1.ForwardedFailedH\x00\x12\x33\n\x04lost\x18\x04 \x01(\x0b\x32#.resultity.network.v1.ForwardedLostH\x00\x12\x39\n\x07started\x18\x05 \x01(\x0b\x32&.resultity.network.v1.ForwardedStartedH\x00\x12\x44\n\rqueue_timeout\x18\x06 \x01(\x0b\x32+.resultity.network.v1.ForwardedQueueTimeoutH\x00\x12\x39\n\x07waiting\x18\x07 \x01(\x0b\x32&.resultity.network.v1.ForwardedWaitingH\x00\x42\x07\n\x05\x65vent\"\x12\n\x10\x46orwardedStarted\"\x12\n\x10\x46orwardedWaiting\")\n\x15\x46orwardedQueueTimeout\x12\x10\n\x08waited_s\x18\x01 \x01(\x01\"\xa5\x01\n\x0e\x46orwardedChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x13\n\x0btoken_count\x18\x02 \x01(\x05\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x05\x12\x11\n\ttoken_ids\x18\x04 \x03(\x05\x12\x33\n\x08logprobs\x18\x05 \x03(\x0b\x32!.resultity.common.v1.TokenLogprob\x12\x11\n\tembedding\x18\x06 \x03(\x02\"t\n\rForwardedDone\x12\x38\n\rfinish_reason\x18\x01 \x01(\x0e\x32!.resultity.common.v1.FinishReason\x12)\n\x05usage\x18\x02 \x01(\x0b\x32\x1a.resultity.common.v1.Usage\"\x94\x01\n\x0f\x46orwardedFailed\x12\x36\n\x06reason\x18\x01 \x01(\x0e\x32&.resultity.network.v1.ForwardedFailure\x12\x0f\n\x07message\x18\x02 \x01(\t\x12)\n\x05usage\x18\x03 \x01(\x0b\x32\x1a.resultity.common.v1.Usage\x12\r\n\x05param\x18\x04 \x01(\t\"\x1f\n\rForwardedLost\x12\x0e\n\x06reason\x18\x01 \x01(\t*\xaa\x01\n\x10\x46orwardedFailure\x12!\n\x1d\x46ORWARDED_FAILURE_UNSPECIFIED\x10\x00\x12%\n!FORWARDED_FAILURE_INVALID_REQUEST\x10\x01\x12\'\n#FORWARDED_FAILURE_MODEL_UNAVAILABLE\x10\x02\x12#\n\x1f\x46ORWARDED_FAILURE_RUNTIME_ERROR\x10\x03\x32\xef\x01\n\x0eReplicaService\x12p\n\x0fRunForwardedJob\x12,.resultity.network.v1.RunForwardedJobRequest\x1a-.resultity.network.v1.RunForwardedJobResponse0\x01\x12k\n\x0e\x41\x64ministerNode\x12+.resultity.network.v1.AdministerNodeRequest\x1a,.resultity.network.v1.AdministerNodeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'resultity.network.v1.replica_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FORWARDEDFAILURE']._serialized_start=1374
-  _globals['_FORWARDEDFAILURE']._serialized_end=1544
-  _globals['_RUNFORWARDEDJOBREQUEST']._serialized_start=106
-  _globals['_RUNFORWARDEDJOBREQUEST']._serialized_end=296
-  _globals['_FORWARDEDCONTINUATION']._serialized_start=298
-  _globals['_FORWARDEDCONTINUATION']._serialized_end=375
-  _globals['_RUNFORWARDEDJOBRESPONSE']._serialized_start=378
-  _globals['_RUNFORWARDEDJOBRESPONSE']._serialized_end=818
-  _globals['_FORWARDEDSTARTED']._serialized_start=820
-  _globals['_FORWARDEDSTARTED']._serialized_end=838
-  _globals['_FORWARDEDWAITING']._serialized_start=840
-  _globals['_FORWARDEDWAITING']._serialized_end=858
-  _globals['_FORWARDEDQUEUETIMEOUT']._serialized_start=860
-  _globals['_FORWARDEDQUEUETIMEOUT']._serialized_end=901
-  _globals['_FORWARDEDCHUNK']._serialized_start=904
-  _globals['_FORWARDEDCHUNK']._serialized_end=1069
-  _globals['_FORWARDEDDONE']._serialized_start=1071
-  _globals['_FORWARDEDDONE']._serialized_end=1187
-  _globals['_FORWARDEDFAILED']._serialized_start=1190
-  _globals['_FORWARDEDFAILED']._serialized_end=1338
-  _globals['_FORWARDEDLOST']._serialized_start=1340
-  _globals['_FORWARDEDLOST']._serialized_end=1371
-  _globals['_REPLICASERVICE']._serialized_start=1547
-  _globals['_REPLICASERVICE']._serialized_end=1677
+  _globals['_FORWARDEDFAILURE']._serialized_start=1841
+  _globals['_FORWARDEDFAILURE']._serialized_end=2011
+  _globals['_ADMINISTERNODEREQUEST']._serialized_start=153
+  _globals['_ADMINISTERNODEREQUEST']._serialized_end=367
+  _globals['_NODEDRAIN']._serialized_start=369
+  _globals['_NODEDRAIN']._serialized_end=380
+  _globals['_NODEQUARANTINE']._serialized_start=382
+  _globals['_NODEQUARANTINE']._serialized_end=414
+  _globals['_NODERELEASE']._serialized_start=416
+  _globals['_NODERELEASE']._serialized_end=429
+  _globals['_ADMINISTERNODERESPONSE']._serialized_start=432
+  _globals['_ADMINISTERNODERESPONSE']._serialized_end=570
+  _globals['_RUNFORWARDEDJOBREQUEST']._serialized_start=573
+  _globals['_RUNFORWARDEDJOBREQUEST']._serialized_end=763
+  _globals['_FORWARDEDCONTINUATION']._serialized_start=765
+  _globals['_FORWARDEDCONTINUATION']._serialized_end=842
+  _globals['_RUNFORWARDEDJOBRESPONSE']._serialized_start=845
+  _globals['_RUNFORWARDEDJOBRESPONSE']._serialized_end=1285
+  _globals['_FORWARDEDSTARTED']._serialized_start=1287
+  _globals['_FORWARDEDSTARTED']._serialized_end=1305
+  _globals['_FORWARDEDWAITING']._serialized_start=1307
+  _globals['_FORWARDEDWAITING']._serialized_end=1325
+  _globals['_FORWARDEDQUEUETIMEOUT']._serialized_start=1327
+  _globals['_FORWARDEDQUEUETIMEOUT']._serialized_end=1368
+  _globals['_FORWARDEDCHUNK']._serialized_start=1371
+  _globals['_FORWARDEDCHUNK']._serialized_end=1536
+  _globals['_FORWARDEDDONE']._serialized_start=1538
+  _globals['_FORWARDEDDONE']._serialized_end=1654
+  _globals['_FORWARDEDFAILED']._serialized_start=1657
+  _globals['_FORWARDEDFAILED']._serialized_end=1805
+  _globals['_FORWARDEDLOST']._serialized_start=1807
+  _globals['_FORWARDEDLOST']._serialized_end=1838
+  _globals['_REPLICASERVICE']._serialized_start=2014
+  _globals['_REPLICASERVICE']._serialized_end=2253
 # @@protoc_insertion_point(module_scope)

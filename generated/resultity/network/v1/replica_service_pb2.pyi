@@ -9,6 +9,7 @@ from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from resultity.common.v1 import inference_pb2 as _inference_pb2
+from resultity.network.v1 import node_admin_service_pb2 as _node_admin_service_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -38,6 +39,130 @@ FORWARDED_FAILURE_INVALID_REQUEST: ForwardedFailure.ValueType  # 1
 FORWARDED_FAILURE_MODEL_UNAVAILABLE: ForwardedFailure.ValueType  # 2
 FORWARDED_FAILURE_RUNTIME_ERROR: ForwardedFailure.ValueType  # 3
 Global___ForwardedFailure: _TypeAlias = ForwardedFailure  # noqa: Y015
+
+@_typing.final
+class AdministerNodeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    DRAIN_FIELD_NUMBER: _builtins.int
+    QUARANTINE_FIELD_NUMBER: _builtins.int
+    RELEASE_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    @_builtins.property
+    def drain(self) -> Global___NodeDrain: ...
+    @_builtins.property
+    def quarantine(self) -> Global___NodeQuarantine: ...
+    @_builtins.property
+    def release(self) -> Global___NodeRelease: ...
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        drain: Global___NodeDrain | None = ...,
+        quarantine: Global___NodeQuarantine | None = ...,
+        release: Global___NodeRelease | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "drain", b"drain", "quarantine", b"quarantine", "release", b"release"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "drain", b"drain", "node_id", b"node_id", "quarantine", b"quarantine", "release", b"release"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_action: _TypeAlias = _typing.Literal["drain", "quarantine", "release"]  # noqa: Y015
+    _WhichOneofArgType_action: _TypeAlias = _typing.Literal["action", b"action"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_action) -> _WhichOneofReturnType_action | None: ...
+
+Global___AdministerNodeRequest: _TypeAlias = AdministerNodeRequest  # noqa: Y015
+
+@_typing.final
+class NodeDrain(_message.Message):
+    """DrainNode's action."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NodeDrain: _TypeAlias = NodeDrain  # noqa: Y015
+
+@_typing.final
+class NodeQuarantine(_message.Message):
+    """QuarantineNode's action."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REASON_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    """Why, shown to operators (empty: "quarantined by an operator")."""
+    def __init__(
+        self,
+        *,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NodeQuarantine: _TypeAlias = NodeQuarantine  # noqa: Y015
+
+@_typing.final
+class NodeRelease(_message.Message):
+    """ReleaseNode's action."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NodeRelease: _TypeAlias = NodeRelease  # noqa: Y015
+
+@_typing.final
+class AdministerNodeResponse(_message.Message):
+    """Where the node stands after the action: the calling replica shows it at
+    once, before this replica's next presence record carries it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONNECTED_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    QUARANTINE_REASON_FIELD_NUMBER: _builtins.int
+    REPUTATION_FIELD_NUMBER: _builtins.int
+    connected: _builtins.bool
+    """Whether the node is connected to this replica; when not (a release that
+    found it gone), the other fields are unset.
+    """
+    state: _node_admin_service_pb2.NodeState.ValueType
+    quarantine_reason: _builtins.str
+    reputation: _builtins.float
+    def __init__(
+        self,
+        *,
+        connected: _builtins.bool = ...,
+        state: _node_admin_service_pb2.NodeState.ValueType = ...,
+        quarantine_reason: _builtins.str = ...,
+        reputation: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connected", b"connected", "quarantine_reason", b"quarantine_reason", "reputation", b"reputation", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AdministerNodeResponse: _TypeAlias = AdministerNodeResponse  # noqa: Y015
 
 @_typing.final
 class RunForwardedJobRequest(_message.Message):

@@ -44,6 +44,11 @@ class ReplicaServiceStub:
                 request_serializer=resultity_dot_network_dot_v1_dot_replica__service__pb2.RunForwardedJobRequest.SerializeToString,
                 response_deserializer=resultity_dot_network_dot_v1_dot_replica__service__pb2.RunForwardedJobResponse.FromString,
                 _registered_method=True)
+        self.AdministerNode = channel.unary_unary(
+                '/resultity.network.v1.ReplicaService/AdministerNode',
+                request_serializer=resultity_dot_network_dot_v1_dot_replica__service__pb2.AdministerNodeRequest.SerializeToString,
+                response_deserializer=resultity_dot_network_dot_v1_dot_replica__service__pb2.AdministerNodeResponse.FromString,
+                _registered_method=True)
 
 
 class ReplicaServiceServicer:
@@ -63,6 +68,19 @@ class ReplicaServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AdministerNode(self, request, context):
+        """Carries out an operator's action (NodeAdminService's DrainNode,
+        QuarantineNode or ReleaseNode) on a node connected to this replica, for
+        the replica the operator called, which checked the operator's rights.
+        Answers as that method would here: NOT_FOUND when the node is not
+        connected to this replica (a release then clears the node's stored
+        quarantine, as for a node connected to none). Never passed on to a third
+        replica.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ReplicaServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -70,6 +88,11 @@ def add_ReplicaServiceServicer_to_server(servicer, server):
                     servicer.RunForwardedJob,
                     request_deserializer=resultity_dot_network_dot_v1_dot_replica__service__pb2.RunForwardedJobRequest.FromString,
                     response_serializer=resultity_dot_network_dot_v1_dot_replica__service__pb2.RunForwardedJobResponse.SerializeToString,
+            ),
+            'AdministerNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.AdministerNode,
+                    request_deserializer=resultity_dot_network_dot_v1_dot_replica__service__pb2.AdministerNodeRequest.FromString,
+                    response_serializer=resultity_dot_network_dot_v1_dot_replica__service__pb2.AdministerNodeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -104,6 +127,33 @@ class ReplicaService:
             '/resultity.network.v1.ReplicaService/RunForwardedJob',
             resultity_dot_network_dot_v1_dot_replica__service__pb2.RunForwardedJobRequest.SerializeToString,
             resultity_dot_network_dot_v1_dot_replica__service__pb2.RunForwardedJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AdministerNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/resultity.network.v1.ReplicaService/AdministerNode',
+            resultity_dot_network_dot_v1_dot_replica__service__pb2.AdministerNodeRequest.SerializeToString,
+            resultity_dot_network_dot_v1_dot_replica__service__pb2.AdministerNodeResponse.FromString,
             options,
             channel_credentials,
             insecure,

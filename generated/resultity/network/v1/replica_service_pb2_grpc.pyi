@@ -43,6 +43,15 @@ class ReplicaServiceStub:
     the node reports, until it finishes, fails or is lost. Cancelling the call
     cancels the assignment on the node.
     """
+    AdministerNode: _grpc.UnaryUnaryMultiCallable[_replica_service_pb2.AdministerNodeRequest, _replica_service_pb2.AdministerNodeResponse]
+    """Carries out an operator's action (NodeAdminService's DrainNode,
+    QuarantineNode or ReleaseNode) on a node connected to this replica, for
+    the replica the operator called, which checked the operator's rights.
+    Answers as that method would here: NOT_FOUND when the node is not
+    connected to this replica (a release then clears the node's stored
+    quarantine, as for a node connected to none). Never passed on to a third
+    replica.
+    """
 
 @_typing.type_check_only
 class ReplicaServiceAsyncStub(ReplicaServiceStub):
@@ -58,6 +67,15 @@ class ReplicaServiceAsyncStub(ReplicaServiceStub):
     """Runs one assignment of a job on a node this replica owns and streams what
     the node reports, until it finishes, fails or is lost. Cancelling the call
     cancels the assignment on the node.
+    """
+    AdministerNode: _aio.UnaryUnaryMultiCallable[_replica_service_pb2.AdministerNodeRequest, _replica_service_pb2.AdministerNodeResponse]  # type: ignore[assignment]
+    """Carries out an operator's action (NodeAdminService's DrainNode,
+    QuarantineNode or ReleaseNode) on a node connected to this replica, for
+    the replica the operator called, which checked the operator's rights.
+    Answers as that method would here: NOT_FOUND when the node is not
+    connected to this replica (a release then clears the node's stored
+    quarantine, as for a node connected to none). Never passed on to a third
+    replica.
     """
 
 class ReplicaServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -77,6 +95,21 @@ class ReplicaServiceServicer(metaclass=_abc_1.ABCMeta):
         """Runs one assignment of a job on a node this replica owns and streams what
         the node reports, until it finishes, fails or is lost. Cancelling the call
         cancels the assignment on the node.
+        """
+
+    @_abc_1.abstractmethod
+    def AdministerNode(
+        self,
+        request: _replica_service_pb2.AdministerNodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_replica_service_pb2.AdministerNodeResponse, _abc.Awaitable[_replica_service_pb2.AdministerNodeResponse]]:
+        """Carries out an operator's action (NodeAdminService's DrainNode,
+        QuarantineNode or ReleaseNode) on a node connected to this replica, for
+        the replica the operator called, which checked the operator's rights.
+        Answers as that method would here: NOT_FOUND when the node is not
+        connected to this replica (a release then clears the node's stored
+        quarantine, as for a node connected to none). Never passed on to a third
+        replica.
         """
 
 def add_ReplicaServiceServicer_to_server(servicer: ReplicaServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
