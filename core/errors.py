@@ -40,6 +40,7 @@ class ErrorReason(StrEnum):
     INVALID_NODE_CREDENTIALS = "INVALID_NODE_CREDENTIALS"
     INVALID_RESULT_SIGNATURE = "INVALID_RESULT_SIGNATURE"
     NODE_QUARANTINED = "NODE_QUARANTINED"
+    REPLICA_UNREACHABLE = "REPLICA_UNREACHABLE"
     INTERNAL = "INTERNAL"
 
 
@@ -158,6 +159,13 @@ class InvalidResultSignature(DomainError):
     reason = ErrorReason.INVALID_RESULT_SIGNATURE
 
 
+class ReplicaUnreachable(DomainError):
+    """The network replica holding a node's session cannot be reached to act on the
+    node; the action may be tried again."""
+
+    reason = ErrorReason.REPLICA_UNREACHABLE
+
+
 _ERROR_BY_REASON: dict[ErrorReason, type[DomainError]] = {
     kind.reason: kind
     for kind in (
@@ -178,6 +186,7 @@ _ERROR_BY_REASON: dict[ErrorReason, type[DomainError]] = {
         InvalidNodeCredentials,
         NodeQuarantined,
         InvalidResultSignature,
+        ReplicaUnreachable,
     )
 }
 

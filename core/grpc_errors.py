@@ -50,6 +50,7 @@ STATUS_BY_REASON: dict[ErrorReason, grpc.StatusCode] = {
     ErrorReason.INVALID_NODE_CREDENTIALS: grpc.StatusCode.UNAUTHENTICATED,
     ErrorReason.INVALID_RESULT_SIGNATURE: grpc.StatusCode.PERMISSION_DENIED,
     ErrorReason.NODE_QUARANTINED: grpc.StatusCode.FAILED_PRECONDITION,
+    ErrorReason.REPLICA_UNREACHABLE: grpc.StatusCode.UNAVAILABLE,
     ErrorReason.INTERNAL: grpc.StatusCode.INTERNAL,
 }
 _REASON_BY_VALUE = {reason.value: reason for reason in ErrorReason}

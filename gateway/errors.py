@@ -83,6 +83,8 @@ _BY_REASON: dict[str, _Mapped] = {
     # Retrying helps after retry-after (added from the error's metadata).
     ErrorReason.RATE_LIMITED: _Mapped(429, RATE_LIMIT_EXCEEDED, RATE_LIMIT_EXCEEDED),
     ErrorReason.NO_CAPACITY: _Mapped(503, SERVICE_UNAVAILABLE, "no_capacity"),
+    # A node admin action could not reach the replica holding the node: try again.
+    ErrorReason.REPLICA_UNREACHABLE: _Mapped(503, SERVICE_UNAVAILABLE, "replica_unreachable"),
     ErrorReason.JOB_FAILED: _Mapped(502, SERVER_ERROR),
 }
 

@@ -1,7 +1,8 @@
-"""gRPC transport of the node admin API: list, inspect, drain, quarantine and release nodes;
-read and update the network configuration and list its acknowledgements. Callers
-present the platform's service token or an admin key; an operator's management
-key reads its own nodes (callers.py)."""
+"""gRPC transport of the node admin API: list, inspect, drain, quarantine and release nodes,
+on every replica of the network (node_actions.py); read and update the network
+configuration and list its acknowledgements. Callers present the platform's
+service token or an admin key; an operator's management key reads its own nodes
+(callers.py)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,10 @@ from core.grpc_errors import translate_errors
 from server.common.paging import page_size
 from server.common.transport import authorization, timestamp_to_pb
 from server.network.callers import ServiceCallers, admin_only
-from server.network.convert import config_from_pb, config_to_pb, node_to_pb
+from server.network.convert import config_from_pb, config_to_pb, fleet_node_to_pb
+from server.network.node_actions import Drain, NodeAction, Quarantine, Release
 from server.network.nodes import NodeSession
+from server.network.remote_nodes import RemoteNode
 from server.network.service import NetworkService
 
 
@@ -35,18 +38,19 @@ class NodeAdminServicer(admin_grpc.NodeAdminServiceServicer):
         context: grpc.aio.ServicerContext[admin_pb.ListNodesRequest, admin_pb.ListNodesResponse],
     ) -> admin_pb.ListNodesResponse:
         viewer = await self.callers.viewer(authorization(context))
-        now = time.monotonic()
-        suspect_after_s = self._service.liveness.suspect_s
         return admin_pb.ListNodesResponse(
             nodes=[
-                node_to_pb(node, now, suspect_after_s)
-                for node in self._service.nodes()
+                self._node(node)
+                for node in self._service.fleet_nodes()
                 if viewer.sees(node.operator_account_id)
             ]
         )
 
-    def _node(self, node: NodeSession) -> admin_pb.Node:
-        return node_to_pb(node, time.monotonic(), self._service.liveness.suspect_s)
+    def _node(self, node: NodeSession | RemoteNode) -> admin_pb.Node:
+        service = self._service
+        return fleet_node_to_pb(
+            node, time.monotonic(), service.liveness.suspect_s, service.replica_id
+        )
 
     @translate_errors
     async def GetNode(
@@ -55,11 +59,15 @@ class NodeAdminServicer(admin_grpc.NodeAdminServiceServicer):
         context: grpc.aio.ServicerContext[admin_pb.GetNodeRequest, admin_pb.GetNodeResponse],
     ) -> admin_pb.GetNodeResponse:
         viewer = await self.callers.viewer(authorization(context))
-        node = self._service.node(request.node_id)
+        node = self._service.fleet_node(request.node_id)
         if not viewer.sees(node.operator_account_id):
             # As for a node that is not here: others' nodes are not even confirmed.
             raise NotFound(f"node {request.node_id} is not connected")
         return admin_pb.GetNodeResponse(node=self._node(node))
+
+    async def _act(self, node_id: str, action: NodeAction) -> admin_pb.Node | None:
+        node = await self._service.act(node_id, action)
+        return None if node is None else self._node(node)
 
     @translate_errors
     @admin_only
@@ -68,9 +76,7 @@ class NodeAdminServicer(admin_grpc.NodeAdminServiceServicer):
         request: admin_pb.DrainNodeRequest,
         context: grpc.aio.ServicerContext[admin_pb.DrainNodeRequest, admin_pb.DrainNodeResponse],
     ) -> admin_pb.DrainNodeResponse:
-        return admin_pb.DrainNodeResponse(
-            node=self._node(self._service.drain_node(request.node_id))
-        )
+        return admin_pb.DrainNodeResponse(node=await self._act(request.node_id, Drain()))
 
     @translate_errors
     @admin_only
@@ -81,8 +87,8 @@ class NodeAdminServicer(admin_grpc.NodeAdminServiceServicer):
             admin_pb.QuarantineNodeRequest, admin_pb.QuarantineNodeResponse
         ],
     ) -> admin_pb.QuarantineNodeResponse:
-        node = await self._service.quarantine(request.node_id, request.reason)
-        return admin_pb.QuarantineNodeResponse(node=self._node(node))
+        node = await self._act(request.node_id, Quarantine(request.reason))
+        return admin_pb.QuarantineNodeResponse(node=node)
 
     @translate_errors
     @admin_only
@@ -93,8 +99,7 @@ class NodeAdminServicer(admin_grpc.NodeAdminServiceServicer):
             admin_pb.ReleaseNodeRequest, admin_pb.ReleaseNodeResponse
         ],
     ) -> admin_pb.ReleaseNodeResponse:
-        node = await self._service.release(request.node_id)
-        return admin_pb.ReleaseNodeResponse(node=self._node(node) if node else None)
+        return admin_pb.ReleaseNodeResponse(node=await self._act(request.node_id, Release()))
 
     @translate_errors
     @admin_only

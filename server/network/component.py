@@ -157,6 +157,7 @@ class NetworkComponent:
                 bus=self._bus,
                 names=self._names,
                 forwarder=self._forwarder,
+                node_admin=self._forwarder,
                 replica=self._replica,
                 presence=self._presence,
                 metrics=self._metrics,

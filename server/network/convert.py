@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC
+from datetime import UTC, datetime
 
 from google.protobuf import duration_pb2
 from google.protobuf.message import DecodeError
@@ -26,6 +26,7 @@ from server.network.nodes import (
     ReconnectCommand,
     SignedHello,
 )
+from server.network.remote_nodes import RemoteNode
 from server.network.settings import LivenessSettings
 
 
@@ -79,6 +80,7 @@ _STATE_TO_PB = {
     NodeState.QUARANTINED: admin_pb.NODE_STATE_QUARANTINED,
     NodeState.VALIDATING: admin_pb.NODE_STATE_VALIDATING,
 }
+_STATE_FROM_PB = {value: state for state, value in _STATE_TO_PB.items()}
 
 _VALIDATION_TO_PB = {
     ModelValidation.PENDING: admin_pb.MODEL_VALIDATION_PENDING,
@@ -128,7 +130,46 @@ def config_from_pb(config: agent_pb.NetworkConfig) -> NetworkConfig:
     )
 
 
-def node_to_pb(node: NodeSession, now: float, suspect_after_s: float) -> admin_pb.Node:
+def state_to_pb(state: NodeState) -> admin_pb.NodeState.ValueType:
+    return _STATE_TO_PB[state]
+
+
+def state_from_pb(state: admin_pb.NodeState.ValueType) -> NodeState:
+    # A state this replica does not know (a newer replica's): not routed to.
+    return _STATE_FROM_PB.get(state, NodeState.SUSPECT)
+
+
+def fleet_node_to_pb(
+    node: NodeSession | RemoteNode, now: float, suspect_after_s: float, replica_id: str
+) -> admin_pb.Node:
+    """A node of this replica (``replica_id``) or, as presence describes it, another's."""
+    if isinstance(node, RemoteNode):
+        return remote_node_to_pb(node, now, suspect_after_s)
+    return node_to_pb(node, now, suspect_after_s, replica_id)
+
+
+def remote_node_to_pb(node: RemoteNode, now: float, suspect_after_s: float) -> admin_pb.Node:
+    """What the presence record carries (see the Node message)."""
+    return admin_pb.Node(
+        node_id=node.node_id,
+        node_name=node.node_name,
+        models=sorted(node.models),
+        max_concurrent_jobs=node.max_concurrent_jobs,
+        active_jobs=node.active_jobs,
+        connected_at=timestamp_to_pb(datetime.fromtimestamp(node.connected_at, UTC)),
+        state=_STATE_TO_PB[node.state(now, suspect_after_s)],
+        operator_account_id=node.operator_account_id,
+        quarantine_reason=node.standing.quarantine_reason,
+        reputation=node.standing.reputation,
+        region=node.region,
+        verified=node.verified,
+        replica_id=node.replica_id,
+    )
+
+
+def node_to_pb(
+    node: NodeSession, now: float, suspect_after_s: float, replica_id: str
+) -> admin_pb.Node:
     return admin_pb.Node(
         node_id=node.node_id,
         node_name=node.hello.name,
@@ -146,6 +187,7 @@ def node_to_pb(node: NodeSession, now: float, suspect_after_s: float) -> admin_p
         reputation=node.standing.reputation,
         region=node.region,
         verified=node.verified,
+        replica_id=replica_id,
         model_status=[
             admin_pb.NodeModelStatus(
                 model=model,

@@ -113,6 +113,8 @@ class Fleet:
                 published_at=wall_now,
                 expires_at=expires_at,
                 cached_prefixes=tuple(node.cached_prefixes),
+                node_name=node.hello.name,
+                quarantine_reason=node.standing.quarantine_reason,
             )
             for node in self._nodes.values()
         ]

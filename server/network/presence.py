@@ -1,8 +1,8 @@
 """Presence: which node is connected to which network replica, and how it is doing.
 
 Each replica publishes a record per node it owns (its address for forwarded
-jobs, the node's state, served models, operator, region, reputation, a load
-snapshot and the conversations it holds in its cache) under a lease: the
+jobs, the node's name, state, served models, operator, region, reputation and
+quarantine reason, a load snapshot and the conversations it holds in its cache) under a lease: the
 record counts until ``expires_at`` and the replica renews it at its heartbeat
 cadence. A node that leaves is withdrawn at once; a replica that dies stops
 renewing and its records lapse.
@@ -69,6 +69,10 @@ class NodePresence:
     # values: half the size of decimal numbers, and opaque to the store's
     # scripts (Lua reads numbers as doubles).
     cached_prefixes: tuple[int, ...] = ()
+    # What the node admin API shows of a node on another replica (a record from
+    # a replica that predates them has neither).
+    node_name: str = ""
+    quarantine_reason: str = ""
 
     def to_json(self) -> str:
         fields = asdict(self)

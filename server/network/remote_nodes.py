@@ -40,6 +40,7 @@ class Lease:
 @dataclass(eq=False, slots=True)
 class RemoteNode:
     node_id: str
+    node_name: str
     replica_id: str
     replica_address: str
     models: frozenset[str]
@@ -66,6 +67,7 @@ class RemoteNode:
         lease = Lease() if lease is None else lease
         node = cls(
             node_id=record.node_id,
+            node_name=record.node_name,
             replica_id=record.replica_id,
             replica_address=record.replica_address,
             models=frozenset(record.models),
@@ -97,6 +99,7 @@ class RemoteNode:
         self.replica_lease = lease
         self.replica_address = record.replica_address
         self.standing.reputation = record.reputation
+        self.standing.quarantine_reason = record.quarantine_reason
         self.verified = record.verified
         self.published_state = record.state
         self.active_jobs = record.active_jobs
@@ -140,6 +143,9 @@ class RemoteNodes:
 
     def get(self, node_id: str) -> RemoteNode | None:
         return self._nodes.get(node_id)
+
+    def nodes(self) -> list[RemoteNode]:
+        return list(self._nodes.values())
 
     def update(self, changes: PresenceChanges) -> None:
         """Applies what changed since ``cursor``. A replica found unreachable that has

@@ -1,4 +1,5 @@
-"""Conversions of ReplicaService messages: forwarded assignments and node reports."""
+"""Conversions of ReplicaService messages: forwarded assignments, node reports, and
+operators' actions on nodes and their outcomes."""
 
 from __future__ import annotations
 
@@ -22,9 +23,12 @@ from core.convert.generation import (
     usage_from_pb,
     usage_to_pb,
 )
+from core.errors import InvalidArgument
 from core.inference import Continuation
+from server.network.convert import state_from_pb, state_to_pb
 from server.network.forwarding import Assignment
 from server.network.jobs import NodeLost, NodeReport, QueueTimeout
+from server.network.node_actions import ActionOutcome, Drain, NodeAction, Quarantine, Release
 
 _FAILURE_TO_PB = {
     FailureKind.INVALID_REQUEST: pb.FORWARDED_FAILURE_INVALID_REQUEST,
@@ -141,3 +145,43 @@ def report_from_pb(response: pb.RunForwardedJobResponse, job_id: str, epoch: int
     if kind == "queue_timeout":
         return QueueTimeout(response.queue_timeout.waited_s, epoch)
     return NodeLost(response.lost.reason or "lost by its replica", epoch)
+
+
+def action_to_pb(node_id: str, action: NodeAction) -> pb.AdministerNodeRequest:
+    if isinstance(action, Drain):
+        return pb.AdministerNodeRequest(node_id=node_id, drain=pb.NodeDrain())
+    if isinstance(action, Quarantine):
+        return pb.AdministerNodeRequest(
+            node_id=node_id, quarantine=pb.NodeQuarantine(reason=action.reason)
+        )
+    return pb.AdministerNodeRequest(node_id=node_id, release=pb.NodeRelease())
+
+
+def action_from_pb(request: pb.AdministerNodeRequest) -> NodeAction:
+    kind = request.WhichOneof("action")
+    if kind == "drain":
+        return Drain()
+    if kind == "quarantine":
+        return Quarantine(request.quarantine.reason)
+    if kind == "release":
+        return Release()
+    raise InvalidArgument("an action (drain, quarantine or release) is required", field="action")
+
+
+def outcome_to_pb(outcome: ActionOutcome) -> pb.AdministerNodeResponse:
+    if outcome.state is None:
+        return pb.AdministerNodeResponse()
+    return pb.AdministerNodeResponse(
+        connected=True,
+        state=state_to_pb(outcome.state),
+        quarantine_reason=outcome.quarantine_reason,
+        reputation=outcome.reputation,
+    )
+
+
+def outcome_from_pb(response: pb.AdministerNodeResponse) -> ActionOutcome:
+    if not response.connected:
+        return ActionOutcome(None)
+    return ActionOutcome(
+        state_from_pb(response.state), response.quarantine_reason, response.reputation
+    )

@@ -1,8 +1,10 @@
 """gRPC transport of ReplicaService: jobs other network replicas forward to this
-one's nodes. Only the platform's service token may call it (callers.py)."""
+one's nodes, and operators' actions on them. Only the platform's service token
+may call it (callers.py)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -11,7 +13,13 @@ from resultity.network.v1 import replica_service_pb2_grpc as pb_grpc
 
 from core.grpc_errors import translate_errors
 from server.network.callers import ServiceCallers, service_only
-from server.network.replica_convert import assignment_from_pb, report_to_pb
+from server.network.node_actions import ActionOutcome
+from server.network.replica_convert import (
+    action_from_pb,
+    assignment_from_pb,
+    outcome_to_pb,
+    report_to_pb,
+)
 from server.network.service import NetworkService
 
 
@@ -41,3 +49,15 @@ class ReplicaServicer(pb_grpc.ReplicaServiceServicer):
         finally:
             # Cancels the assignment on the node when the coordinator went away.
             await reports.aclose()
+
+    @translate_errors
+    @service_only
+    async def AdministerNode(
+        self,
+        request: pb.AdministerNodeRequest,
+        context: grpc.aio.ServicerContext[pb.AdministerNodeRequest, pb.AdministerNodeResponse],
+    ) -> pb.AdministerNodeResponse:
+        node = await self._service.act_here(request.node_id, action_from_pb(request))
+        return outcome_to_pb(
+            ActionOutcome.of(node, time.monotonic(), self._service.liveness.suspect_s)
+        )

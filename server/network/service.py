@@ -12,7 +12,8 @@ node's reputation; below the threshold it is quarantined.
 
 The service is one replica of the network (fleet.py): it publishes its nodes'
 presence, routes over every replica's nodes, and runs a job on another
-replica's node through that replica (forwarding.py).
+replica's node through that replica (forwarding.py); an operator's action on
+such a node is carried out by that replica too (node_actions.py).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from core.errors import (
     InvalidArgument,
     NodeQuarantined,
     NotFound,
+    ReplicaUnreachable,
     SessionEnded,
 )
 from core.inference import (
@@ -76,9 +78,10 @@ from server.network.config import (
 )
 from server.network.dispatch import JobDispatch
 from server.network.fleet import Fleet, ReplicaSettings
-from server.network.forwarding import ForwardedJobs, Forwarder
+from server.network.forwarding import ForwardedJobs, Forwarder, ReplicaUnavailable
 from server.network.jobs import NodeReport
 from server.network.metrics import NetworkMetrics
+from server.network.node_actions import Drain, NodeAction, NodeAdmin, Release
 from server.network.nodes import (
     ConfigCommand,
     DisconnectCommand,
@@ -92,6 +95,7 @@ from server.network.nodes import (
     SignedHello,
 )
 from server.network.presence import InProcessPresence, Presence
+from server.network.remote_nodes import RemoteNode
 from server.network.routing import NO_REQUIREMENTS, Router
 from server.network.settings import FailoverSettings, LivenessSettings, ValidationSettings
 from server.network.state import NetworkState
@@ -118,6 +122,7 @@ class NetworkService:
         bus: Bus,
         names: RedisNames,
         forwarder: Forwarder,
+        node_admin: NodeAdmin,
         replica: ReplicaSettings | None = None,
         presence: Presence | None = None,
         rng: random.Random | None = None,
@@ -129,9 +134,10 @@ class NetworkService:
         to the other replicas over ``bus``, on the channels ``names`` gives them.
         ``replica`` names this replica and the
         address others forward jobs to; ``presence`` is shared with the other
-        replicas (default: this process's own, one replica); ``forwarder`` runs jobs
-        through the replica owning a node. ``metrics`` counts jobs, routing,
-        failovers and canaries; assignments carry ``trace_context``'s."""
+        replicas (default: this process's own, one replica); ``forwarder`` runs jobs,
+        and ``node_admin`` operators' actions, through the replica owning a node.
+        ``metrics`` counts jobs, routing, failovers and canaries; assignments carry
+        ``trace_context``'s."""
         self.metrics = metrics or NetworkMetrics()
         self.admission = admission or NodeAdmission(AdmissionSettings(), None)
         self.validation = validation or ValidationSettings()
@@ -142,6 +148,7 @@ class NetworkService:
         self._nodes: dict[str, NodeSession] = {}
         self._state = NetworkState(stores)
         self._router = Router(suspect_after_s=liveness.suspect_s)
+        self._node_admin = node_admin
         self._fleet = Fleet(
             replica or ReplicaSettings(replica_id=uuid.uuid4().hex, address=""),
             presence or InProcessPresence(),
@@ -385,10 +392,54 @@ class NetworkService:
 
     # --- admin and configuration -------------------------------------------
 
-    def drain_node(self, node_id: str) -> NodeSession:
-        """No new jobs for the node; it keeps its session and finishes its jobs."""
+    def fleet_nodes(self) -> list[NodeSession | RemoteNode]:
+        """Every live node of the network: this replica's and the others' (as presence
+        describes them)."""
+        return [*self._nodes.values(), *self._fleet.remote.nodes()]
+
+    def fleet_node(self, node_id: str) -> NodeSession | RemoteNode:
+        node = self._nodes.get(node_id) or self._fleet.remote.get(node_id)
+        if node is None:
+            raise NotFound(f"node {node_id} is not connected")
+        return node
+
+    async def act(self, node_id: str, action: NodeAction) -> NodeSession | RemoteNode | None:
+        """Carries an operator's action out on the node (node_actions.py): here when it
+        is connected here or to no replica, else through the replica holding it. The
+        node afterwards; None when a release found it connected nowhere."""
+        remote = None if node_id in self._nodes else self._fleet.remote.get(node_id)
+        if remote is None:
+            return await self.act_here(node_id, action)
+        try:
+            outcome = await self._node_admin.act(remote.replica_address, node_id, action)
+        except ReplicaUnavailable as error:
+            log.warning(
+                "node action unreachable",
+                node_id=node_id,
+                replica_id=remote.replica_id,
+                error=str(error),
+            )
+            raise ReplicaUnreachable(
+                f"node {node_id} is connected to network replica {remote.replica_id}, which "
+                "cannot be reached; the action may not have been carried out: try again",
+                metadata={"replica_id": remote.replica_id},
+            ) from None
+        if outcome.state is None:
+            return None
+        outcome.apply_to(remote)
+        return remote
+
+    async def act_here(self, node_id: str, action: NodeAction) -> NodeSession | None:
+        """Carries the action out on a node connected here (NotFound for another); a
+        release also clears the stored quarantine of a node connected nowhere."""
+        if isinstance(action, Release):
+            return await self._release(node_id)
         node = self.node(node_id)
-        self.draining(node)
+        if isinstance(action, Drain):
+            self.draining(node)
+        else:
+            self._quarantine(node, action.reason)
+            await self._state.standing_written(node_id)
         return node
 
     def _quarantine(self, node: NodeSession, reason: str) -> None:
@@ -399,15 +450,7 @@ class NetworkService:
             )
             self._state.standing_changed(node)
 
-    async def quarantine(self, node_id: str, reason: str) -> NodeSession:
-        """Takes the node out of service until an operator releases it (reconnecting,
-        to any replica, does not); stored before this returns."""
-        node = self.node(node_id)
-        self._quarantine(node, reason)
-        await self._state.standing_written(node_id)
-        return node
-
-    async def release(self, node_id: str) -> NodeSession | None:
+    async def _release(self, node_id: str) -> NodeSession | None:
         """Returns a quarantined node to service with a fresh reputation: a connected
         one at once, another when it joins again. The node, if connected here."""
         node = self._nodes.get(node_id)

@@ -258,12 +258,13 @@ class ScaledOut:
         return Agent(name, operator_id, node_token, data_dir)
 
     async def nodes_of(self, network: int) -> list[admin_pb.Node]:
-        """The nodes network replica ``network`` owns (their sessions are with it)."""
+        """The nodes network replica ``network`` owns (their sessions are with it), as
+        it lists them (it lists the other replicas' too)."""
         async with channels.insecure_channel(self.networks[network]) as channel:
             response = await admin_grpc.NodeAdminServiceStub(channel).ListNodes(
                 admin_pb.ListNodesRequest(), metadata=self.service
             )
-        return list(response.nodes)
+        return [node for node in response.nodes if node.replica_id == f"network-{network}"]
 
     async def ready_nodes(self, network: int) -> int:
         """The nodes network replica ``network`` routes to, its own and the others'."""

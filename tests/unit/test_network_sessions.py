@@ -19,7 +19,8 @@ from server.network.state_ports import NetworkStores
 
 
 class _Untouched:
-    """A port these tests must not reach: joining and reports use no store or forwarder."""
+    """A port these tests must not reach: joining and reports use no store, forwarder
+    or other replica."""
 
     def __getattr__(self, name: str) -> Any:
         async def untouched(*args: object) -> None:
@@ -37,6 +38,7 @@ def _service() -> NetworkService:
         bus=MemoryBus(),
         names=RedisNames(),
         forwarder=_Untouched(),  # type: ignore[arg-type]  # no job is forwarded here
+        node_admin=_Untouched(),  # type: ignore[arg-type]  # nor an operator's action
     )
 
 
