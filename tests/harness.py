@@ -308,8 +308,11 @@ async def running_platform(
     failover: FailoverSettings | None = None,
     validation: ValidationSettings = NO_VALIDATION,
     metrics: MetricsFactory = NO_METRICS,
+    presence: Presence | None = None,
 ) -> AsyncIterator[Platform]:
-    """``metrics``: where the services count their work, as `resultity up`'s do."""
+    """``metrics``: where the services count their work, as `resultity up`'s do. With
+    ``presence``, the network is replica "replica-a" of a fleet on it (others join
+    with start_network, ``account_target`` the platform's)."""
     server = channels.server([GrpcServerMetrics(metrics)] if metrics is not NO_METRICS else [])
     port = server.add_insecure_port("127.0.0.1:0")
     target = f"127.0.0.1:{port}"
@@ -327,6 +330,8 @@ async def running_platform(
         account_target=target,
         service_token=secrets.service_token,
         database_url=dsn,
+        replica=None if presence is None else ReplicaSettings("replica-a", target),
+        presence=presence,
         metrics=metrics,
     )
     await network.start()
@@ -402,11 +407,13 @@ async def start_network(
     replica_id: str | None = None,
     presence: Presence | None = None,
     metrics: MetricsFactory = NO_METRICS,
+    account_target: str | None = None,
 ) -> NetworkServer:
     """The network alone on ``dsn``; a ``network_id`` already used there restarts
     that network (its standings, configuration and job records). With the same
     ``network_id``, ``service_token``, ``bus`` and a ``presence`` as other servers,
-    and a ``replica_id``, one replica of a network of several."""
+    and a ``replica_id``, one replica of a network of several. ``account_target``:
+    the account layer resolving node tokens and API keys (none: not checked)."""
     server = channels.server()
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
     token = service_token or generate_service_token()
@@ -417,6 +424,7 @@ async def start_network(
         admission=AdmissionSettings(
             network_id=network_id or new_network_id(), hello_timeout_s=hello_timeout_s
         ),
+        account_target=account_target,
         service_token=token,
         database_url=dsn,
         bus=bus,

@@ -1,9 +1,12 @@
 """Only the platform's service token opens the network's dispatch API; the node admin
 API also takes admin keys, and an operator's management key reads that operator's
-nodes. Agents keep authenticating their own stream with node tokens."""
+nodes, on whichever network replica they are connected. Agents keep
+authenticating their own stream with node tokens."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -16,14 +19,25 @@ from resultity.network.v1 import dispatch_service_pb2_grpc as dispatch_grpc
 from resultity.network.v1 import node_admin_service_pb2 as admin_pb
 from resultity.network.v1 import node_admin_service_pb2_grpc as admin_grpc
 
+from agent.backoff import Backoff
+from agent.session import AgentSession, SessionSettings
 from core import channels
 from core.convert.generation import spec_to_pb
 from core.grpc_errors import error_info
 from core.inference import ChatMessage, ChatRole, GenerationSpec, Sampling
 from core.metadata import bearer_metadata
 from server.common.credentials import generate_service_token
+from server.network.presence import InProcessPresence
 from tests.doubles.scripted_runtime import MODEL_ID, ScriptedRuntime
-from tests.harness import Platform, running_platform
+from tests.harness import (
+    NetworkServer,
+    Platform,
+    eventually,
+    running_platform,
+    start_network,
+    until,
+)
+from tests.replica_scenarios import LIVENESS
 
 Metadata = tuple[tuple[str, str], ...]
 SPEC = spec_to_pb(
@@ -196,3 +210,84 @@ async def test_the_service_token_opens_them(platform: Platform) -> None:
             admin_pb.DrainNodeRequest(node_id=node_id), metadata=platform.service
         )
         assert drained.node.state == admin_pb.NODE_STATE_DRAINING
+
+
+async def test_an_operator_key_reads_its_nodes_on_another_replica_and_acts_on_none(
+    postgres_dsn: str,
+) -> None:
+    presence = InProcessPresence()
+    async with running_platform(postgres_dsn, liveness=LIVENESS, presence=presence) as platform:
+        [(_, bearer)] = platform.service
+        other = await start_network(
+            postgres_dsn,
+            liveness=LIVENESS,
+            network_id=platform.network.service.admission.settings.network_id,
+            service_token=bearer.removeprefix("Bearer "),
+            replica_id="replica-b",
+            presence=presence,
+            account_target=platform.target,
+        )
+        agents: list[asyncio.Task[None]] = []
+        try:
+            ada, ada_token = await platform.operator()
+            _, bob_token = await platform.operator()
+            ada_node = await _agent_on(other, "ada", ada_token, agents)
+            bob_node = await _agent_on(other, "bob", bob_token, agents)
+            here = (await platform.start_agent(ScriptedRuntime(), "here")).session.node_id
+            ada_key = await _key(platform, ada, keys_pb.API_KEY_SCOPE_MANAGEMENT)
+            async with channels.insecure_channel(platform.target) as channel:
+                admin = admin_grpc.NodeAdminServiceStub(channel)
+                everyone = await until(
+                    lambda: admin.ListNodes(admin_pb.ListNodesRequest(), metadata=platform.service),
+                    lambda listed: len(listed.nodes) == 3,
+                )
+                assert {(n.node_id, n.replica_id) for n in everyone.nodes} == {
+                    (ada_node, "replica-b"),
+                    (bob_node, "replica-b"),
+                    (here, "replica-a"),
+                }
+                mine = await admin.ListNodes(admin_pb.ListNodesRequest(), metadata=ada_key)
+                assert [(n.node_id, n.operator_account_id) for n in mine.nodes] == [(ada_node, ada)]
+                got = await admin.GetNode(
+                    admin_pb.GetNodeRequest(node_id=ada_node), metadata=ada_key
+                )
+                assert (got.node.node_name, got.node.replica_id) == ("ada", "replica-b")
+                with pytest.raises(grpc.aio.AioRpcError) as hidden:
+                    await admin.GetNode(admin_pb.GetNodeRequest(node_id=bob_node), metadata=ada_key)
+                assert hidden.value.code() == grpc.StatusCode.NOT_FOUND
+                # Even on its own node, a management key takes no action.
+                for call in (
+                    admin.DrainNode(admin_pb.DrainNodeRequest(node_id=ada_node), metadata=ada_key),
+                    admin.QuarantineNode(
+                        admin_pb.QuarantineNodeRequest(node_id=ada_node), metadata=ada_key
+                    ),
+                    admin.ReleaseNode(
+                        admin_pb.ReleaseNodeRequest(node_id=ada_node), metadata=ada_key
+                    ),
+                ):
+                    with pytest.raises(grpc.aio.AioRpcError) as refused:
+                        await call
+                    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            held = other.component.service.node(ada_node)
+            assert not held.draining
+            assert not held.standing.quarantine_reason
+        finally:
+            for task in agents:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            await other.stop()
+
+
+async def _agent_on(
+    network: NetworkServer, name: str, node_token: str, tasks: list[asyncio.Task[None]]
+) -> str:
+    """The id of a node of ``node_token``'s operator, connected to ``network``."""
+    session = AgentSession(
+        SessionSettings(network=network.target, node_name=name, node_token=node_token),
+        ScriptedRuntime(),
+        backoff=Backoff(base_s=0.05, cap_s=0.2),
+    )
+    tasks.append(asyncio.create_task(session.run_forever()))
+    await eventually(lambda: session.connected.is_set())
+    return str(session.node_id)

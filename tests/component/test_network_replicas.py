@@ -9,10 +9,15 @@ import pytest
 
 from server.network.presence import InProcessPresence
 from tests.harness import new_network_id
-from tests.replica_scenarios import ReplicaPair, ReplicaScenarios, replica_pair
+from tests.replica_scenarios import (
+    NodeAdminScenarios,
+    ReplicaPair,
+    ReplicaScenarios,
+    replica_pair,
+)
 
 
-class TestReplicasInProcess(ReplicaScenarios):
+class TestReplicasInProcess(ReplicaScenarios, NodeAdminScenarios):
     @pytest.fixture
     async def pair(self, postgres_dsn: str) -> AsyncIterator[ReplicaPair]:
         presence = InProcessPresence()

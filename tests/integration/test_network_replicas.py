@@ -1,9 +1,10 @@
 """Two network replicas as separate processes on one PostgreSQL and one Redis, with
 an account server resolving node tokens and agents as processes: a configuration
-change made on one replica is acknowledged by an agent connected to the other,
-and a replica killed and restarted keeps what it knew of its nodes: a quarantined
-node stays refused, the others come back with their standing, the configuration
-stays the version last stored."""
+change made on one replica is acknowledged by an agent connected to the other, a
+node connected to one is listed and drained through the other, and a replica
+killed and restarted keeps what it knew of its nodes: a quarantined node stays
+refused, the others come back with their standing, the configuration stays the
+version last stored."""
 
 from __future__ import annotations
 
@@ -78,6 +79,36 @@ async def test_a_config_change_on_one_replica_is_acked_by_an_agent_on_the_other(
     assert [ack.node_id for ack in listed.acks] == [far.node_id]
     [node] = [n for n in await platform.nodes_of(1) if n.node_name == "far"]
     assert node.config_version == version
+
+
+async def test_a_node_on_one_replica_is_listed_and_drained_through_the_other(
+    platform: ScaledOut,
+) -> None:
+    await platform.agent("drained", homes=(1,))
+    node = await _ready(platform, 1, "drained")
+    async with channels.insecure_channel(platform.networks[0]) as channel:
+        admin = admin_grpc.NodeAdminServiceStub(channel)
+        async with asyncio.timeout(TIMEOUT_S):
+            while True:
+                listed = await admin.ListNodes(
+                    admin_pb.ListNodesRequest(), metadata=platform.service
+                )
+                if node.node_id in {n.node_id for n in listed.nodes}:
+                    break
+                await asyncio.sleep(0.2)
+        [remote] = [n for n in listed.nodes if n.node_id == node.node_id]
+        assert (remote.node_name, remote.replica_id, remote.operator_account_id) == (
+            "drained",
+            "network-1",
+            node.operator_account_id,
+        )
+        drained = await admin.DrainNode(
+            admin_pb.DrainNodeRequest(node_id=node.node_id), metadata=platform.service
+        )
+    assert drained.node.state == admin_pb.NODE_STATE_DRAINING
+    # Carried out by the replica holding the session: the node stays connected there.
+    [owned] = [n for n in await platform.nodes_of(1) if n.node_id == node.node_id]
+    assert owned.state == admin_pb.NODE_STATE_DRAINING
 
 
 async def test_a_restarted_replica_keeps_a_quarantine_standings_and_its_configuration(
