@@ -254,7 +254,11 @@ class NodeAdminScenarios:
             admin_pb.NODE_STATE_READY,
         )
         assert list(remote.models) == [MODEL_ID]
-        assert (await listed(pair.b))[node_id].replica_id == "replica-b"
+        owner_view = (await listed(pair.b))[node_id]
+        assert (owner_view.replica_id, owner_view.agent_version) == (
+            "replica-b",
+            remote.agent_version,
+        )
         async with channels.insecure_channel(pair.a.target) as channel:
             got = await admin(channel).GetNode(
                 admin_pb.GetNodeRequest(node_id=node_id), metadata=pair.a.service

@@ -153,6 +153,8 @@ def remote_node_to_pb(node: RemoteNode, now: float, suspect_after_s: float) -> a
     return admin_pb.Node(
         node_id=node.node_id,
         node_name=node.node_name,
+        agent_version=node.agent_version,
+        config_version=node.config_version,
         models=sorted(node.models),
         max_concurrent_jobs=node.max_concurrent_jobs,
         active_jobs=node.active_jobs,

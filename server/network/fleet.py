@@ -115,6 +115,8 @@ class Fleet:
                 cached_prefixes=tuple(node.cached_prefixes),
                 node_name=node.hello.name,
                 quarantine_reason=node.standing.quarantine_reason,
+                agent_version=node.hello.agent_version,
+                config_version=node.config_version,
             )
             for node in self._nodes.values()
         ]

@@ -1,11 +1,12 @@
 """Presence: which node is connected to which network replica, and how it is doing.
 
 Each replica publishes a record per node it owns (its address for forwarded
-jobs, the node's name, state, served models, operator, region, reputation and
-quarantine reason, a load snapshot and the conversations it holds in its cache) under a lease: the
-record counts until ``expires_at`` and the replica renews it at its heartbeat
-cadence. A node that leaves is withdrawn at once; a replica that dies stops
-renewing and its records lapse.
+jobs, the node's name, agent and configuration versions, state, served
+models, operator, region, reputation and quarantine reason, a load snapshot
+and the conversations it holds in its cache) under a lease: the record counts
+until ``expires_at`` and the replica renews it at its heartbeat cadence. A
+node that leaves is withdrawn at once; a replica that dies stops renewing and
+its records lapse.
 
 Two adapters keep the same contract (tests/unit/test_presence_contract.py):
 ``InProcessPresence`` here, for one replica or several in one process, and
@@ -73,6 +74,9 @@ class NodePresence:
     # a replica that predates them has neither).
     node_name: str = ""
     quarantine_reason: str = ""
+    agent_version: str = ""
+    # The network configuration version the agent last acknowledged.
+    config_version: int = 0
 
     def to_json(self) -> str:
         fields = asdict(self)

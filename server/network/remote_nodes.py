@@ -41,6 +41,8 @@ class Lease:
 class RemoteNode:
     node_id: str
     node_name: str
+    agent_version: str
+    config_version: int
     replica_id: str
     replica_address: str
     models: frozenset[str]
@@ -68,6 +70,8 @@ class RemoteNode:
         node = cls(
             node_id=record.node_id,
             node_name=record.node_name,
+            agent_version=record.agent_version,
+            config_version=record.config_version,
             replica_id=record.replica_id,
             replica_address=record.replica_address,
             models=frozenset(record.models),
@@ -100,6 +104,7 @@ class RemoteNode:
         self.replica_address = record.replica_address
         self.standing.reputation = record.reputation
         self.standing.quarantine_reason = record.quarantine_reason
+        self.config_version = record.config_version
         self.verified = record.verified
         self.published_state = record.state
         self.active_jobs = record.active_jobs

@@ -74,9 +74,14 @@ def test_the_outcome_shows_in_the_view_until_the_next_record() -> None:
     assert node.standing.quarantine_reason == ""
 
 
-def test_a_record_of_a_replica_that_predates_names_and_reasons_reads_as_empty() -> None:
-    fields = json.loads(record("n1", node_name="far", quarantine_reason="why").to_json())
-    assert NodePresence.from_json(json.dumps(fields)).quarantine_reason == "why"
-    del fields["node_name"], fields["quarantine_reason"]
+def test_a_record_of_a_replica_that_predates_the_admin_fields_reads_them_empty() -> None:
+    sent = record(
+        "n1", node_name="far", quarantine_reason="why", agent_version="1.2.3", config_version=4
+    )
+    fields = json.loads(sent.to_json())
+    assert NodePresence.from_json(json.dumps(fields)) == sent
+    for name in ("node_name", "quarantine_reason", "agent_version", "config_version"):
+        del fields[name]
     older = NodePresence.from_json(json.dumps(fields))
-    assert (older.node_name, older.quarantine_reason) == ("", "")
+    assert (older.node_name, older.quarantine_reason, older.agent_version) == ("", "", "")
+    assert older.config_version == 0

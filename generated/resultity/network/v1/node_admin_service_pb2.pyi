@@ -445,12 +445,12 @@ class Node(_message.Message):
     """A node as the replica holding its session knows it. A node connected to
     another replica than the one asked is described by that replica's last
     presence record, published every heartbeat interval: node_id, node_name,
-    models (those it serves), max_concurrent_jobs, active_jobs, connected_at,
-    state, operator_account_id, reputation, quarantine_reason, region, verified
-    and replica_id, each as much as one interval behind (state turns SUSPECT
-    once that replica stops renewing the record); agent_version,
-    last_heartbeat_at, free_memory_bytes, config_version and model_status are
-    left unset (GetNode through the node's own replica has them).
+    agent_version, models (those it serves), max_concurrent_jobs, active_jobs,
+    connected_at, state, operator_account_id, reputation, config_version,
+    quarantine_reason, region, verified and replica_id, each as much as one
+    interval behind (state turns SUSPECT once that replica stops renewing the
+    record); last_heartbeat_at, free_memory_bytes and model_status are left
+    unset (GetNode through the node's own replica has them).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
