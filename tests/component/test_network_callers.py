@@ -18,6 +18,8 @@ from resultity.network.v1 import dispatch_service_pb2 as dispatch_pb
 from resultity.network.v1 import dispatch_service_pb2_grpc as dispatch_grpc
 from resultity.network.v1 import node_admin_service_pb2 as admin_pb
 from resultity.network.v1 import node_admin_service_pb2_grpc as admin_grpc
+from resultity.network.v1 import replica_service_pb2 as replica_pb
+from resultity.network.v1 import replica_service_pb2_grpc as replica_grpc
 
 from agent.backoff import Backoff
 from agent.session import AgentSession, SessionSettings
@@ -268,6 +270,19 @@ async def test_an_operator_key_reads_its_nodes_on_another_replica_and_acts_on_no
                     with pytest.raises(grpc.aio.AioRpcError) as refused:
                         await call
                     assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            # Between replicas only the service token passes, not even an admin key.
+            admin_key = await _key(platform, ada, keys_pb.API_KEY_SCOPE_ADMIN)
+            async with channels.insecure_channel(other.target) as channel:
+                replica = replica_grpc.ReplicaServiceStub(channel)
+                for key in (ada_key, admin_key):
+                    with pytest.raises(grpc.aio.AioRpcError) as refused:
+                        await replica.AdministerNode(
+                            replica_pb.AdministerNodeRequest(
+                                node_id=ada_node, drain=replica_pb.NodeDrain()
+                            ),
+                            metadata=key,
+                        )
+                    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
             held = other.component.service.node(ada_node)
             assert not held.draining
             assert not held.standing.quarantine_reason
