@@ -4,10 +4,10 @@ The replica an operator calls carries an action out itself on a node connected
 to it, and on a node connected to no replica (a release clears its stored
 quarantine). A node another replica holds (remote_nodes.py) is acted on by
 that replica, asked over ReplicaService (``NodeAdmin``): only the session's
-holder can stop routing to it at once, cut its session's jobs short or take its
-quarantine into the node's standing. The caller shows the outcome in its view
-of the node at once; presence carries it to the other replicas at the holder's
-next publish.
+holder can stop every replica routing to it (through its presence record) and
+put a quarantine into the standing its session shares. The caller shows the
+outcome in its view of the node at once; presence carries it to the other
+replicas at the holder's next publish.
 """
 
 from __future__ import annotations

@@ -71,7 +71,7 @@ class NodePresence:
     # scripts (Lua reads numbers as doubles).
     cached_prefixes: tuple[int, ...] = ()
     # What the node admin API shows of a node on another replica (a record from
-    # a replica that predates them has neither).
+    # a replica that predates them has none of them).
     node_name: str = ""
     quarantine_reason: str = ""
     agent_version: str = ""
