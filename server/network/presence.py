@@ -32,6 +32,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
+from dataclasses import fields as dataclass_fields
 from typing import Protocol
 
 from core.prompt_prefixes import MAX_ADVERTISED_PREFIXES
@@ -86,7 +87,9 @@ class NodePresence:
     @classmethod
     def from_json(cls, text: str | bytes) -> NodePresence:
         """Raises ValueError, TypeError or KeyError for a malformed record."""
-        fields = json.loads(text)
+        # Fields a newer replica added are left out: replicas of two versions share
+        # presence during a rolling upgrade.
+        fields = {name: value for name, value in json.loads(text).items() if name in _FIELDS}
         fields["state"] = NodeState(fields["state"])
         fields["models"] = tuple(fields["models"])
         # A record from a replica that predates the field has none.
@@ -102,6 +105,9 @@ class NodePresence:
         """Whether this record only renews ``other``'s lease: nothing a reader routes by
         changed, so it is no change for ``Presence.changes``."""
         return replace(other, published_at=self.published_at, expires_at=self.expires_at) == self
+
+
+_FIELDS = frozenset(each.name for each in dataclass_fields(NodePresence))
 
 
 def _pack_prefixes(prefixes: tuple[int, ...]) -> str:

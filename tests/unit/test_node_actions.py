@@ -85,3 +85,10 @@ def test_a_record_of_a_replica_that_predates_the_admin_fields_reads_them_empty()
     older = NodePresence.from_json(json.dumps(fields))
     assert (older.node_name, older.quarantine_reason, older.agent_version) == ("", "", "")
     assert older.config_version == 0
+
+
+def test_a_record_of_a_newer_replica_reads_without_the_fields_it_added() -> None:
+    sent = record("n1", node_name="far")
+    fields = json.loads(sent.to_json())
+    fields["a_field_from_a_later_version"] = {"any": "value"}
+    assert NodePresence.from_json(json.dumps(fields)) == sent
