@@ -8,7 +8,7 @@ until ``expires_at`` and the replica renews it at its heartbeat cadence. A
 node that leaves is withdrawn at once; a replica that dies stops renewing and
 its records lapse.
 
-Two adapters keep the same contract (tests/unit/test_presence_contract.py):
+Two adapters keep the same contract (tests/component/test_presence_contract.py):
 ``InProcessPresence`` here, for one replica or several in one process, and
 ``RedisPresence`` (presence_redis.py) for replicas on several machines.
 
