@@ -23,58 +23,67 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 from resultity.common.v1 import inference_pb2 as resultity_dot_common_dot_v1_dot_inference__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+resultity/network/v1/dispatch_service.proto\x12\x14resultity.network.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a#resultity/common/v1/inference.proto\"\xd7\x01\n\rRunJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x31\n\x04spec\x18\x02 \x01(\x0b\x32#.resultity.common.v1.GenerationSpec\x12<\n\x0crequirements\x18\x03 \x01(\x0b\x32&.resultity.network.v1.NodeRequirements\x12/\n\x06origin\x18\x04 \x01(\x0b\x32\x1f.resultity.network.v1.JobOrigin\x12\x14\n\x0c\x62\x61tch_events\x18\x05 \x01(\x08\"x\n\tJobOrigin\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12\x13\n\x0bsubcloud_id\x18\x03 \x01(\t\x12.\n\x05price\x18\x04 \x01(\x0b\x32\x1f.resultity.common.v1.ModelPrice\"p\n\x10NodeRequirements\x12\x1c\n\x14operator_account_ids\x18\x01 \x03(\t\x12\x0f\n\x07regions\x18\x02 \x03(\t\x12\x16\n\x0emin_reputation\x18\x03 \x01(\x01\x12\x15\n\rverified_only\x18\x04 \x01(\x08\"\xa3\x02\n\x0eRunJobResponse\x12\x35\n\x08\x61ssigned\x18\x01 \x01(\x0b\x32!.resultity.network.v1.JobAssignedH\x00\x12\x31\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32 .resultity.network.v1.TokenDeltaH\x00\x12\x35\n\x08\x66inished\x18\x03 \x01(\x0b\x32!.resultity.network.v1.JobFinishedH\x00\x12\x35\n\x08migrated\x18\x04 \x01(\x0b\x32!.resultity.network.v1.JobMigratedH\x00\x12\x30\n\x05\x62\x61tch\x18\x05 \x01(\x0b\x32\x1f.resultity.network.v1.JobEventsH\x00\x42\x07\n\x05\x65vent\"A\n\tJobEvents\x12\x34\n\x06\x65vents\x18\x01 \x03(\x0b\x32$.resultity.network.v1.RunJobResponse\"\x1e\n\x0bJobAssigned\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"=\n\x0bJobMigrated\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x8e\x01\n\nTokenDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x13\n\x0btoken_count\x18\x02 \x01(\x05\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x05\x12\x33\n\x08logprobs\x18\x04 \x03(\x0b\x32!.resultity.common.v1.TokenLogprob\x12\x11\n\tembedding\x18\x05 \x03(\x02\"\xa7\x01\n\x0bJobFinished\x12\x38\n\rfinish_reason\x18\x01 \x01(\x0e\x32!.resultity.common.v1.FinishReason\x12)\n\x05usage\x18\x02 \x01(\x0b\x32\x1a.resultity.common.v1.Usage\x12\x33\n\nnode_usage\x18\x03 \x03(\x0b\x32\x1f.resultity.network.v1.NodeUsage\"d\n\tNodeUsage\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12)\n\x05usage\x18\x02 \x01(\x0b\x32\x1a.resultity.common.v1.Usage\x12\x1b\n\x13operator_account_id\x18\x03 \x01(\t\"Q\n\x11ListModelsRequest\x12<\n\x0crequirements\x18\x01 \x01(\x0b\x32&.resultity.network.v1.NodeRequirements\"H\n\x12ListModelsResponse\x12\x32\n\x06models\x18\x01 \x03(\x0b\x32\".resultity.network.v1.CatalogModel\"\xdd\x01\n\x0c\x43\x61talogModel\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08owned_by\x18\x02 \x01(\t\x12.\n\x05price\x18\x03 \x01(\x0b\x32\x1f.resultity.common.v1.ModelPrice\x12\x16\n\x0e\x63ontext_length\x18\x04 \x01(\x05\x12%\n\x1d\x63hat_template_overhead_tokens\x18\x05 \x01(\x05\x12\x13\n\x0bready_nodes\x18\x06 \x01(\x05\x12+\n\x07\x63reated\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\'\n\x14GetJobRecordsRequest\x12\x0f\n\x07job_ids\x18\x01 \x03(\t\"I\n\x15GetJobRecordsResponse\x12\x30\n\x07records\x18\x01 \x03(\x0b\x32\x1f.resultity.network.v1.JobRecord\"\x8f\x03\n\tJobRecord\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12/\n\x06origin\x18\x02 \x01(\x0b\x32\x1f.resultity.network.v1.JobOrigin\x12\r\n\x05model\x18\x03 \x01(\t\x12\x38\n\x0b\x61ssignments\x18\x04 \x03(\x0b\x32#.resultity.network.v1.JobAssignment\x12)\n\x05usage\x18\x05 \x01(\x0b\x32\x1a.resultity.common.v1.Usage\x12\x31\n\x07outcome\x18\x06 \x01(\x0e\x32 .resultity.network.v1.JobOutcome\x12+\n\x07\x63reated\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66irst_token\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x66inished\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x64\x65tail\x18\n \x01(\t\"z\n\rJobAssignment\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\x1b\n\x13operator_account_id\x18\x03 \x01(\t\x12,\n\x08\x61ssigned\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xe3\x01\n\x0fJobRecordFilter\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x32\n\x08outcomes\x18\x03 \x03(\x0e\x32 .resultity.network.v1.JobOutcome\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x31\n\rcreated_after\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0e\x63reated_before\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"u\n\x15ListJobRecordsRequest\x12\x35\n\x06\x66ilter\x18\x01 \x01(\x0b\x32%.resultity.network.v1.JobRecordFilter\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"c\n\x16ListJobRecordsResponse\x12\x30\n\x07records\x18\x01 \x03(\x0b\x32\x1f.resultity.network.v1.JobRecord\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\x8f\x01\n\nJobOutcome\x12\x1b\n\x17JOB_OUTCOME_UNSPECIFIED\x10\x00\x12\x17\n\x13JOB_OUTCOME_RUNNING\x10\x01\x12\x18\n\x14JOB_OUTCOME_FINISHED\x10\x02\x12\x16\n\x12JOB_OUTCOME_FAILED\x10\x03\x12\x19\n\x15JOB_OUTCOME_CANCELLED\x10\x04\x32\xa0\x03\n\x0f\x44ispatchService\x12U\n\x06RunJob\x12#.resultity.network.v1.RunJobRequest\x1a$.resultity.network.v1.RunJobResponse0\x01\x12_\n\nListModels\x12\'.resultity.network.v1.ListModelsRequest\x1a(.resultity.network.v1.ListModelsResponse\x12h\n\rGetJobRecords\x12*.resultity.network.v1.GetJobRecordsRequest\x1a+.resultity.network.v1.GetJobRecordsResponse\x12k\n\x0eListJobRecords\x12+.resultity.network.v1.ListJobRecordsRequest\x1a,.resultity.network.v1.ListJobRecordsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+resultity/network/v1/dispatch_service.proto\x12\x14resultity.network.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a#resultity/common/v1/inference.proto\"\xda\x02\n\rRunJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x31\n\x04spec\x18\x02 \x01(\x0b\x32#.resultity.common.v1.GenerationSpec\x12<\n\x0crequirements\x18\x03 \x01(\x0b\x32&.resultity.network.v1.NodeRequirements\x12/\n\x06origin\x18\x04 \x01(\x0b\x32\x1f.resultity.network.v1.JobOrigin\x12\x14\n\x0c\x62\x61tch_events\x18\x05 \x01(\x08\x12L\n\rtrace_context\x18\x06 \x03(\x0b\x32\x35.resultity.network.v1.RunJobRequest.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"c\n\x0eRunJobsRequest\x12\x34\n\x05start\x18\x01 \x01(\x0b\x32#.resultity.network.v1.RunJobRequestH\x00\x12\x10\n\x06\x63\x61ncel\x18\x02 \x01(\tH\x00\x42\t\n\x07request\"\x87\x01\n\x0fRunJobsResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x35\n\x05\x65vent\x18\x02 \x01(\x0b\x32$.resultity.network.v1.RunJobResponseH\x00\x12!\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x42\n\n\x08response\"x\n\tJobOrigin\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12\x13\n\x0bsubcloud_id\x18\x03 \x01(\t\x12.\n\x05price\x18\x04 \x01(\x0b\x32\x1f.resultity.common.v1.ModelPrice\"p\n\x10NodeRequirements\x12\x1c\n\x14operator_account_ids\x18\x01 \x03(\t\x12\x0f\n\x07regions\x18\x02 \x03(\t\x12\x16\n\x0emin_reputation\x18\x03 \x01(\x01\x12\x15\n\rverified_only\x18\x04 \x01(\x08\"\xa3\x02\n\x0eRunJobResponse\x12\x35\n\x08\x61ssigned\x18\x01 \x01(\x0b\x32!.resultity.network.v1.JobAssignedH\x00\x12\x31\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32 .resultity.network.v1.TokenDeltaH\x00\x12\x35\n\x08\x66inished\x18\x03 \x01(\x0b\x32!.resultity.network.v1.JobFinishedH\x00\x12\x35\n\x08migrated\x18\x04 \x01(\x0b\x32!.resultity.network.v1.JobMigratedH\x00\x12\x30\n\x05\x62\x61tch\x18\x05 \x01(\x0b\x32\x1f.resultity.network.v1.JobEventsH\x00\x42\x07\n\x05\x65vent\"A\n\tJobEvents\x12\x34\n\x06\x65vents\x18\x01 \x03(\x0b\x32$.resultity.network.v1.RunJobResponse\"\x1e\n\x0bJobAssigned\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"=\n\x0bJobMigrated\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x8e\x01\n\nTokenDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x13\n\x0btoken_count\x18\x02 \x01(\x05\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x05\x12\x33\n\x08logprobs\x18\x04 \x03(\x0b\x32!.resultity.common.v1.TokenLogprob\x12\x11\n\tembedding\x18\x05 \x03(\x02\"\xa7\x01\n\x0bJobFinished\x12\x38\n\rfinish_reason\x18\x01 \x01(\x0e\x32!.resultity.common.v1.FinishReason\x12)\n\x05usage\x18\x02 \x01(\x0b\x32\x1a.resultity.common.v1.Usage\x12\x33\n\nnode_usage\x18\x03 \x03(\x0b\x32\x1f.resultity.network.v1.NodeUsage\"d\n\tNodeUsage\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12)\n\x05usage\x18\x02 \x01(\x0b\x32\x1a.resultity.common.v1.Usage\x12\x1b\n\x13operator_account_id\x18\x03 \x01(\t\"Q\n\x11ListModelsRequest\x12<\n\x0crequirements\x18\x01 \x01(\x0b\x32&.resultity.network.v1.NodeRequirements\"H\n\x12ListModelsResponse\x12\x32\n\x06models\x18\x01 \x03(\x0b\x32\".resultity.network.v1.CatalogModel\"\xdd\x01\n\x0c\x43\x61talogModel\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08owned_by\x18\x02 \x01(\t\x12.\n\x05price\x18\x03 \x01(\x0b\x32\x1f.resultity.common.v1.ModelPrice\x12\x16\n\x0e\x63ontext_length\x18\x04 \x01(\x05\x12%\n\x1d\x63hat_template_overhead_tokens\x18\x05 \x01(\x05\x12\x13\n\x0bready_nodes\x18\x06 \x01(\x05\x12+\n\x07\x63reated\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\'\n\x14GetJobRecordsRequest\x12\x0f\n\x07job_ids\x18\x01 \x03(\t\"I\n\x15GetJobRecordsResponse\x12\x30\n\x07records\x18\x01 \x03(\x0b\x32\x1f.resultity.network.v1.JobRecord\"\x8f\x03\n\tJobRecord\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12/\n\x06origin\x18\x02 \x01(\x0b\x32\x1f.resultity.network.v1.JobOrigin\x12\r\n\x05model\x18\x03 \x01(\t\x12\x38\n\x0b\x61ssignments\x18\x04 \x03(\x0b\x32#.resultity.network.v1.JobAssignment\x12)\n\x05usage\x18\x05 \x01(\x0b\x32\x1a.resultity.common.v1.Usage\x12\x31\n\x07outcome\x18\x06 \x01(\x0e\x32 .resultity.network.v1.JobOutcome\x12+\n\x07\x63reated\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66irst_token\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x66inished\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x64\x65tail\x18\n \x01(\t\"z\n\rJobAssignment\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\x1b\n\x13operator_account_id\x18\x03 \x01(\t\x12,\n\x08\x61ssigned\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xe3\x01\n\x0fJobRecordFilter\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x32\n\x08outcomes\x18\x03 \x03(\x0e\x32 .resultity.network.v1.JobOutcome\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x31\n\rcreated_after\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0e\x63reated_before\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"u\n\x15ListJobRecordsRequest\x12\x35\n\x06\x66ilter\x18\x01 \x01(\x0b\x32%.resultity.network.v1.JobRecordFilter\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"c\n\x16ListJobRecordsResponse\x12\x30\n\x07records\x18\x01 \x03(\x0b\x32\x1f.resultity.network.v1.JobRecord\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\x8f\x01\n\nJobOutcome\x12\x1b\n\x17JOB_OUTCOME_UNSPECIFIED\x10\x00\x12\x17\n\x13JOB_OUTCOME_RUNNING\x10\x01\x12\x18\n\x14JOB_OUTCOME_FINISHED\x10\x02\x12\x16\n\x12JOB_OUTCOME_FAILED\x10\x03\x12\x19\n\x15JOB_OUTCOME_CANCELLED\x10\x04\x32\xfc\x03\n\x0f\x44ispatchService\x12U\n\x06RunJob\x12#.resultity.network.v1.RunJobRequest\x1a$.resultity.network.v1.RunJobResponse0\x01\x12Z\n\x07RunJobs\x12$.resultity.network.v1.RunJobsRequest\x1a%.resultity.network.v1.RunJobsResponse(\x01\x30\x01\x12_\n\nListModels\x12\'.resultity.network.v1.ListModelsRequest\x1a(.resultity.network.v1.ListModelsResponse\x12h\n\rGetJobRecords\x12*.resultity.network.v1.GetJobRecordsRequest\x1a+.resultity.network.v1.GetJobRecordsResponse\x12k\n\x0eListJobRecords\x12+.resultity.network.v1.ListJobRecordsRequest\x1a,.resultity.network.v1.ListJobRecordsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'resultity.network.v1.dispatch_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_JOBOUTCOME']._serialized_start=2940
-  _globals['_JOBOUTCOME']._serialized_end=3083
-  _globals['_RUNJOBREQUEST']._serialized_start=140
-  _globals['_RUNJOBREQUEST']._serialized_end=355
-  _globals['_JOBORIGIN']._serialized_start=357
-  _globals['_JOBORIGIN']._serialized_end=477
-  _globals['_NODEREQUIREMENTS']._serialized_start=479
-  _globals['_NODEREQUIREMENTS']._serialized_end=591
-  _globals['_RUNJOBRESPONSE']._serialized_start=594
-  _globals['_RUNJOBRESPONSE']._serialized_end=885
-  _globals['_JOBEVENTS']._serialized_start=887
-  _globals['_JOBEVENTS']._serialized_end=952
-  _globals['_JOBASSIGNED']._serialized_start=954
-  _globals['_JOBASSIGNED']._serialized_end=984
-  _globals['_JOBMIGRATED']._serialized_start=986
-  _globals['_JOBMIGRATED']._serialized_end=1047
-  _globals['_TOKENDELTA']._serialized_start=1050
-  _globals['_TOKENDELTA']._serialized_end=1192
-  _globals['_JOBFINISHED']._serialized_start=1195
-  _globals['_JOBFINISHED']._serialized_end=1362
-  _globals['_NODEUSAGE']._serialized_start=1364
-  _globals['_NODEUSAGE']._serialized_end=1464
-  _globals['_LISTMODELSREQUEST']._serialized_start=1466
-  _globals['_LISTMODELSREQUEST']._serialized_end=1547
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1549
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1621
-  _globals['_CATALOGMODEL']._serialized_start=1624
-  _globals['_CATALOGMODEL']._serialized_end=1845
-  _globals['_GETJOBRECORDSREQUEST']._serialized_start=1847
-  _globals['_GETJOBRECORDSREQUEST']._serialized_end=1886
-  _globals['_GETJOBRECORDSRESPONSE']._serialized_start=1888
-  _globals['_GETJOBRECORDSRESPONSE']._serialized_end=1961
-  _globals['_JOBRECORD']._serialized_start=1964
-  _globals['_JOBRECORD']._serialized_end=2363
-  _globals['_JOBASSIGNMENT']._serialized_start=2365
-  _globals['_JOBASSIGNMENT']._serialized_end=2487
-  _globals['_JOBRECORDFILTER']._serialized_start=2490
-  _globals['_JOBRECORDFILTER']._serialized_end=2717
-  _globals['_LISTJOBRECORDSREQUEST']._serialized_start=2719
-  _globals['_LISTJOBRECORDSREQUEST']._serialized_end=2836
-  _globals['_LISTJOBRECORDSRESPONSE']._serialized_start=2838
-  _globals['_LISTJOBRECORDSRESPONSE']._serialized_end=2937
-  _globals['_DISPATCHSERVICE']._serialized_start=3086
-  _globals['_DISPATCHSERVICE']._serialized_end=3502
+  _globals['_RUNJOBREQUEST_TRACECONTEXTENTRY']._loaded_options = None
+  _globals['_RUNJOBREQUEST_TRACECONTEXTENTRY']._serialized_options = b'8\001'
+  _globals['_JOBOUTCOME']._serialized_start=3335
+  _globals['_JOBOUTCOME']._serialized_end=3478
+  _globals['_RUNJOBREQUEST']._serialized_start=165
+  _globals['_RUNJOBREQUEST']._serialized_end=511
+  _globals['_RUNJOBREQUEST_TRACECONTEXTENTRY']._serialized_start=460
+  _globals['_RUNJOBREQUEST_TRACECONTEXTENTRY']._serialized_end=511
+  _globals['_RUNJOBSREQUEST']._serialized_start=513
+  _globals['_RUNJOBSREQUEST']._serialized_end=612
+  _globals['_RUNJOBSRESPONSE']._serialized_start=615
+  _globals['_RUNJOBSRESPONSE']._serialized_end=750
+  _globals['_JOBORIGIN']._serialized_start=752
+  _globals['_JOBORIGIN']._serialized_end=872
+  _globals['_NODEREQUIREMENTS']._serialized_start=874
+  _globals['_NODEREQUIREMENTS']._serialized_end=986
+  _globals['_RUNJOBRESPONSE']._serialized_start=989
+  _globals['_RUNJOBRESPONSE']._serialized_end=1280
+  _globals['_JOBEVENTS']._serialized_start=1282
+  _globals['_JOBEVENTS']._serialized_end=1347
+  _globals['_JOBASSIGNED']._serialized_start=1349
+  _globals['_JOBASSIGNED']._serialized_end=1379
+  _globals['_JOBMIGRATED']._serialized_start=1381
+  _globals['_JOBMIGRATED']._serialized_end=1442
+  _globals['_TOKENDELTA']._serialized_start=1445
+  _globals['_TOKENDELTA']._serialized_end=1587
+  _globals['_JOBFINISHED']._serialized_start=1590
+  _globals['_JOBFINISHED']._serialized_end=1757
+  _globals['_NODEUSAGE']._serialized_start=1759
+  _globals['_NODEUSAGE']._serialized_end=1859
+  _globals['_LISTMODELSREQUEST']._serialized_start=1861
+  _globals['_LISTMODELSREQUEST']._serialized_end=1942
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1944
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2016
+  _globals['_CATALOGMODEL']._serialized_start=2019
+  _globals['_CATALOGMODEL']._serialized_end=2240
+  _globals['_GETJOBRECORDSREQUEST']._serialized_start=2242
+  _globals['_GETJOBRECORDSREQUEST']._serialized_end=2281
+  _globals['_GETJOBRECORDSRESPONSE']._serialized_start=2283
+  _globals['_GETJOBRECORDSRESPONSE']._serialized_end=2356
+  _globals['_JOBRECORD']._serialized_start=2359
+  _globals['_JOBRECORD']._serialized_end=2758
+  _globals['_JOBASSIGNMENT']._serialized_start=2760
+  _globals['_JOBASSIGNMENT']._serialized_end=2882
+  _globals['_JOBRECORDFILTER']._serialized_start=2885
+  _globals['_JOBRECORDFILTER']._serialized_end=3112
+  _globals['_LISTJOBRECORDSREQUEST']._serialized_start=3114
+  _globals['_LISTJOBRECORDSREQUEST']._serialized_end=3231
+  _globals['_LISTJOBRECORDSRESPONSE']._serialized_start=3233
+  _globals['_LISTJOBRECORDSRESPONSE']._serialized_end=3332
+  _globals['_DISPATCHSERVICE']._serialized_start=3481
+  _globals['_DISPATCHSERVICE']._serialized_end=3989
 # @@protoc_insertion_point(module_scope)

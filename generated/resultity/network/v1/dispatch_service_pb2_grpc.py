@@ -40,6 +40,11 @@ class DispatchServiceStub:
                 request_serializer=resultity_dot_network_dot_v1_dot_dispatch__service__pb2.RunJobRequest.SerializeToString,
                 response_deserializer=resultity_dot_network_dot_v1_dot_dispatch__service__pb2.RunJobResponse.FromString,
                 _registered_method=True)
+        self.RunJobs = channel.stream_stream(
+                '/resultity.network.v1.DispatchService/RunJobs',
+                request_serializer=resultity_dot_network_dot_v1_dot_dispatch__service__pb2.RunJobsRequest.SerializeToString,
+                response_deserializer=resultity_dot_network_dot_v1_dot_dispatch__service__pb2.RunJobsResponse.FromString,
+                _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/resultity.network.v1.DispatchService/ListModels',
                 request_serializer=resultity_dot_network_dot_v1_dot_dispatch__service__pb2.ListModelsRequest.SerializeToString,
@@ -64,6 +69,25 @@ class DispatchServiceServicer:
     def RunJob(self, request, context):
         """Runs one job on a node and streams its events. Cancelling the call
         cancels the job on the node.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RunJobs(self, request_iterator, context):
+        """Runs many jobs over one long-lived stream, each exactly as its own RunJob
+        call would: a start runs a job, its events come back tagged with its id,
+        in order, then its end: OK, or the status its RunJob call would have
+        failed with (code, message, ErrorInfo). A cancel for a job cancels it as
+        cancelling its RunJob call does; so does the caller's end of the stream
+        (its half-close or cancellation) for every job still running on it.
+        Authorized as RunJob (the service token, in the stream's metadata). A
+        caller starts a job id at most once at a time on a stream: a second start
+        of a running one is refused with an end under that id (INVALID_ARGUMENT),
+        which the caller cannot tell from the running job's. At most 1024 jobs
+        run at once on one stream: a start beyond them ends at once with
+        RESOURCE_EXHAUSTED (RATE_LIMITED), the others untouched. A request that
+        carries neither a start nor a cancel ends the stream (INVALID_ARGUMENT).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -99,6 +123,11 @@ def add_DispatchServiceServicer_to_server(servicer, server):
                     servicer.RunJob,
                     request_deserializer=resultity_dot_network_dot_v1_dot_dispatch__service__pb2.RunJobRequest.FromString,
                     response_serializer=resultity_dot_network_dot_v1_dot_dispatch__service__pb2.RunJobResponse.SerializeToString,
+            ),
+            'RunJobs': grpc.stream_stream_rpc_method_handler(
+                    servicer.RunJobs,
+                    request_deserializer=resultity_dot_network_dot_v1_dot_dispatch__service__pb2.RunJobsRequest.FromString,
+                    response_serializer=resultity_dot_network_dot_v1_dot_dispatch__service__pb2.RunJobsResponse.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
@@ -144,6 +173,33 @@ class DispatchService:
             '/resultity.network.v1.DispatchService/RunJob',
             resultity_dot_network_dot_v1_dot_dispatch__service__pb2.RunJobRequest.SerializeToString,
             resultity_dot_network_dot_v1_dot_dispatch__service__pb2.RunJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RunJobs(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/resultity.network.v1.DispatchService/RunJobs',
+            resultity_dot_network_dot_v1_dot_dispatch__service__pb2.RunJobsRequest.SerializeToString,
+            resultity_dot_network_dot_v1_dot_dispatch__service__pb2.RunJobsResponse.FromString,
             options,
             channel_credentials,
             insecure,

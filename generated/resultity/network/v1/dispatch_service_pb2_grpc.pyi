@@ -37,6 +37,21 @@ class DispatchServiceStub:
     """Runs one job on a node and streams its events. Cancelling the call
     cancels the job on the node.
     """
+    RunJobs: _grpc.StreamStreamMultiCallable[_dispatch_service_pb2.RunJobsRequest, _dispatch_service_pb2.RunJobsResponse]
+    """Runs many jobs over one long-lived stream, each exactly as its own RunJob
+    call would: a start runs a job, its events come back tagged with its id,
+    in order, then its end: OK, or the status its RunJob call would have
+    failed with (code, message, ErrorInfo). A cancel for a job cancels it as
+    cancelling its RunJob call does; so does the caller's end of the stream
+    (its half-close or cancellation) for every job still running on it.
+    Authorized as RunJob (the service token, in the stream's metadata). A
+    caller starts a job id at most once at a time on a stream: a second start
+    of a running one is refused with an end under that id (INVALID_ARGUMENT),
+    which the caller cannot tell from the running job's. At most 1024 jobs
+    run at once on one stream: a start beyond them ends at once with
+    RESOURCE_EXHAUSTED (RATE_LIMITED), the others untouched. A request that
+    carries neither a start nor a cancel ends the stream (INVALID_ARGUMENT).
+    """
     ListModels: _grpc.UnaryUnaryMultiCallable[_dispatch_service_pb2.ListModelsRequest, _dispatch_service_pb2.ListModelsResponse]
     """The model catalog, with prices and whether some live node serves each."""
     GetJobRecords: _grpc.UnaryUnaryMultiCallable[_dispatch_service_pb2.GetJobRecordsRequest, _dispatch_service_pb2.GetJobRecordsResponse]
@@ -56,6 +71,21 @@ class DispatchServiceAsyncStub(DispatchServiceStub):
     RunJob: _aio.UnaryStreamMultiCallable[_dispatch_service_pb2.RunJobRequest, _dispatch_service_pb2.RunJobResponse]  # type: ignore[assignment]
     """Runs one job on a node and streams its events. Cancelling the call
     cancels the job on the node.
+    """
+    RunJobs: _aio.StreamStreamMultiCallable[_dispatch_service_pb2.RunJobsRequest, _dispatch_service_pb2.RunJobsResponse]  # type: ignore[assignment]
+    """Runs many jobs over one long-lived stream, each exactly as its own RunJob
+    call would: a start runs a job, its events come back tagged with its id,
+    in order, then its end: OK, or the status its RunJob call would have
+    failed with (code, message, ErrorInfo). A cancel for a job cancels it as
+    cancelling its RunJob call does; so does the caller's end of the stream
+    (its half-close or cancellation) for every job still running on it.
+    Authorized as RunJob (the service token, in the stream's metadata). A
+    caller starts a job id at most once at a time on a stream: a second start
+    of a running one is refused with an end under that id (INVALID_ARGUMENT),
+    which the caller cannot tell from the running job's. At most 1024 jobs
+    run at once on one stream: a start beyond them ends at once with
+    RESOURCE_EXHAUSTED (RATE_LIMITED), the others untouched. A request that
+    carries neither a start nor a cancel ends the stream (INVALID_ARGUMENT).
     """
     ListModels: _aio.UnaryUnaryMultiCallable[_dispatch_service_pb2.ListModelsRequest, _dispatch_service_pb2.ListModelsResponse]  # type: ignore[assignment]
     """The model catalog, with prices and whether some live node serves each."""
@@ -79,6 +109,27 @@ class DispatchServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_dispatch_service_pb2.RunJobResponse], _abc.AsyncIterator[_dispatch_service_pb2.RunJobResponse]]:
         """Runs one job on a node and streams its events. Cancelling the call
         cancels the job on the node.
+        """
+
+    @_abc_1.abstractmethod
+    def RunJobs(
+        self,
+        request_iterator: _MaybeAsyncIterator[_dispatch_service_pb2.RunJobsRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_dispatch_service_pb2.RunJobsResponse], _abc.AsyncIterator[_dispatch_service_pb2.RunJobsResponse]]:
+        """Runs many jobs over one long-lived stream, each exactly as its own RunJob
+        call would: a start runs a job, its events come back tagged with its id,
+        in order, then its end: OK, or the status its RunJob call would have
+        failed with (code, message, ErrorInfo). A cancel for a job cancels it as
+        cancelling its RunJob call does; so does the caller's end of the stream
+        (its half-close or cancellation) for every job still running on it.
+        Authorized as RunJob (the service token, in the stream's metadata). A
+        caller starts a job id at most once at a time on a stream: a second start
+        of a running one is refused with an end under that id (INVALID_ARGUMENT),
+        which the caller cannot tell from the running job's. At most 1024 jobs
+        run at once on one stream: a start beyond them ends at once with
+        RESOURCE_EXHAUSTED (RATE_LIMITED), the others untouched. A request that
+        carries neither a start nor a cancel ends the stream (INVALID_ARGUMENT).
         """
 
     @_abc_1.abstractmethod
