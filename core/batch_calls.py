@@ -39,22 +39,27 @@ def check_items(count: int) -> None:
 
 
 async def item_outcomes(calls: Sequence[Awaitable[R]]) -> list[R | status_pb2.Status]:
-    """Each call's result, or the status its unary RPC would have failed with: a
-    DomainError's own status, anything else UNKNOWN (as gRPC answers a unary
-    method that raised it)."""
+    """Each call's result, or the status its unary RPC would have failed with
+    (``failure_status``)."""
     outcomes = await asyncio.gather(*calls, return_exceptions=True)
     return [_outcome(outcome) for outcome in outcomes]
 
 
+def failure_status(error: Exception) -> status_pb2.Status:
+    """The status an RPC that raised ``error`` ends with: a DomainError's own status,
+    anything else UNKNOWN (as gRPC answers a method that raised it)."""
+    if isinstance(error, DomainError):
+        return error_status(error)
+    log.error("call failed", exc_info=error)
+    return status_pb2.Status(
+        code=cast(int, grpc.StatusCode.UNKNOWN.value[0]),
+        message=quote(f"Unexpected {type(error).__name__}: {error}", MAX_MESSAGE_LENGTH),
+    )
+
+
 def _outcome(outcome: R | BaseException) -> R | status_pb2.Status:
-    if isinstance(outcome, DomainError):
-        return error_status(outcome)
     if isinstance(outcome, Exception):
-        log.error("batch item failed", exc_info=outcome)
-        return status_pb2.Status(
-            code=cast(int, grpc.StatusCode.UNKNOWN.value[0]),
-            message=quote(f"Unexpected {type(outcome).__name__}: {outcome}", MAX_MESSAGE_LENGTH),
-        )
+        return failure_status(outcome)
     if isinstance(outcome, BaseException):
         raise outcome  # cancelled: the call ends, as a unary one would
     return outcome

@@ -137,6 +137,18 @@ class Failure:
         return rebuild_error(ErrorReason.INTERNAL, f"upstream error: {self.message}", {})
 
 
+def rpc_error(status: status_pb2.Status) -> grpc.aio.AioRpcError:
+    """The error a call raises that ended with ``status`` (a job's end on a stream that
+    carries many jobs): read back by ``domain_errors`` as the call's own would be."""
+    return grpc.aio.AioRpcError(
+        _CODE_BY_VALUE.get(status.code, grpc.StatusCode.UNKNOWN),
+        grpc.aio.Metadata(),
+        grpc.aio.Metadata((STATUS_DETAILS, status.SerializeToString())),
+        status.message,
+        None,
+    )
+
+
 def describe_rpc_error(error: grpc.aio.AioRpcError) -> str:
     """A failed call in one line: status, message and the ErrorInfo reason if any."""
     return Failure.of_rpc(error).describe()
@@ -218,6 +230,7 @@ __all__ = [
     "domain_errors",
     "error_info",
     "error_status",
+    "rpc_error",
     "to_status",
     "translate_errors",
 ]

@@ -32,6 +32,8 @@ log = structlog.get_logger(__name__)
 S = TypeVar("S")  # a service's stub
 T = TypeVar("T")
 R = TypeVar("R")  # a streamed response
+# A server-streaming call, or a generator of its responses standing for it.
+Streamed = grpc.aio.UnaryStreamCall[Any, R] | AsyncGenerator[R, None]
 
 # How long a replica found unreachable goes to the back of the turn.
 DOWN_FOR_S = 5.0
@@ -130,12 +132,12 @@ class ReplicatedStub(Generic[S]):
         assert failure is not None  # there is at least one replica
         raise failure
 
-    async def stream(
-        self, start: Callable[[S], grpc.aio.UnaryStreamCall[Any, R]]
-    ) -> AsyncGenerator[R, None]:
+    async def stream(self, start: Callable[[S], Streamed[R]]) -> AsyncGenerator[R, None]:
         """The responses of a server-streaming call started by ``start`` on one
-        replica; one that fails unreachable before its first response passes the call
-        to the next. Leaving early cancels the call (close the generator)."""
+        replica (the call, or a generator standing for it: one that raises the
+        call's errors and cancels it when closed); one that fails unreachable before
+        its first response passes the call to the next. Leaving early cancels the
+        call (close this generator)."""
         order = self._replicas.order()
         for index in order:
             call = start(self._stubs[index])
@@ -157,4 +159,7 @@ class ReplicatedStub(Generic[S]):
                 if index == order[-1]:
                     raise
             finally:
-                call.cancel()
+                if isinstance(call, AsyncGenerator):
+                    await call.aclose()
+                else:
+                    call.cancel()

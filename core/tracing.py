@@ -9,8 +9,10 @@ the other calls here return at once.
 
 A request's trace crosses processes as W3C trace context: in gRPC metadata
 (``traceparent``), put there and read by OpenTelemetry's gRPC interceptors, and,
-from the network to an agent, in the job's assignment (``AssignJob.trace_context``)
-since the agent's session is one long stream that outlives any request.
+where one long stream outlives any request, in the message that starts the job:
+from the network to an agent in the job's assignment (``AssignJob.trace_context``),
+from cloud to the network in RunJobs' start (``RunJobRequest.trace_context``),
+under spans named as RunJob's (``stream_call_span``, ``stream_server_span``).
 
 Spans carry OpenTelemetry's GenAI attributes (``GEN_AI_*`` below) where a
 process knows them: the gateway the request, cloud and the network the model and
@@ -27,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 
+from core.job_streams import RUN_JOBS_METHOD
 from core.trace_context import UNTRACED, Carrier, TraceContext
 
 if TYPE_CHECKING:
@@ -58,9 +61,14 @@ PROVIDER = "resultity"
 AttributeValue = str | bool | int | float | Sequence[str]
 Attributes = Mapping[str, AttributeValue]
 
-# The agent's session stream lasts as long as the agent: a span of it would span
-# days and parent nothing. Its jobs carry their trace context in their assignments.
-_UNTRACED_METHODS = ("/resultity.agent.v1.AgentService/Connect", "/grpc.health.v1.Health/")
+# The agent's session stream lasts as long as the agent, a cloud replica's job
+# stream as long as the replica: a span of either would span days and parent
+# nothing. Their jobs carry their trace context in their assignments and starts.
+_UNTRACED_METHODS = (
+    "/resultity.agent.v1.AgentService/Connect",
+    RUN_JOBS_METHOD,
+    "/grpc.health.v1.Health/",
+)
 
 _provider: TracerProvider | None = None
 _tracer: Tracer | None = None
@@ -148,11 +156,8 @@ class _ServerStreamingSpans(_UnaryStreamInterceptor):
         from opentelemetry.propagate import inject
         from opentelemetry.trace import SpanKind, set_span_in_context
 
-        service, _, name = method.lstrip("/").rpartition("/")
         span = self._tracer.start_span(
-            method,
-            kind=SpanKind.CLIENT,
-            attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name},
+            method, kind=SpanKind.CLIENT, attributes=_rpc_attributes(method)
         )
         carrier: dict[str, str] = {}
         inject(carrier, context=set_span_in_context(span))
@@ -168,22 +173,76 @@ class _ServerStreamingSpans(_UnaryStreamInterceptor):
         return call
 
 
+def _rpc_attributes(method: str) -> Attributes:
+    service, _, name = method.lstrip("/").rpartition("/")
+    return {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
+
+
 def _end_call_span(span: Any, call: Any) -> None:
     """Ends a call's span with its status code (a caller's cancel is no error)."""
     import asyncio
 
     async def end() -> None:
-        from opentelemetry.trace import Status, StatusCode
-
-        code = await call.code()
-        span.set_attribute("rpc.grpc.status_code", code.value[0])
-        if code.name not in ("OK", "CANCELLED"):
-            span.set_status(Status(StatusCode.ERROR, code.name))
-        span.end()
+        _end_span(span, await call.code())
 
     task = asyncio.ensure_future(end())
     _ending.add(task)
     task.add_done_callback(_ending.discard)
+
+
+def _end_span(span: Any, code: grpc.StatusCode) -> None:
+    from opentelemetry.trace import Status, StatusCode
+
+    span.set_attribute("rpc.grpc.status_code", code.value[0])
+    if code not in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED):
+        span.set_status(Status(StatusCode.ERROR, code.name))
+    span.end()
+
+
+@contextlib.contextmanager
+def stream_call_span(method: str) -> Iterator[Carrier]:
+    """The client span of a call that travels as messages of a longer stream (a job
+    on DispatchService.RunJobs), named, parented and ended as the call's own span
+    would be; yields the trace context to send in the call's place, () when off. The
+    span is not made current: the block may be an async generator's, which yields."""
+    if _tracer is None:
+        yield ()
+        return
+    from opentelemetry.propagate import inject
+    from opentelemetry.trace import SpanKind, set_span_in_context
+
+    span = _tracer.start_span(method, kind=SpanKind.CLIENT, attributes=_rpc_attributes(method))
+    carrier: dict[str, str] = {}
+    inject(carrier, context=set_span_in_context(span))
+    code = grpc.StatusCode.OK
+    try:
+        yield tuple(sorted(carrier.items()))
+    except grpc.aio.AioRpcError as error:
+        code = error.code()
+        raise
+    except BaseException:
+        code = grpc.StatusCode.CANCELLED  # the caller left (closed or cancelled)
+        raise
+    finally:
+        _end_span(span, code)
+
+
+@contextlib.contextmanager
+def stream_server_span(method: str, parent: Mapping[str, str]) -> Iterator[None]:
+    """The current span while a call that travels as messages of a longer stream is
+    served (a job on DispatchService.RunJobs), as the server interceptor's span of
+    the call would be: child of the span whose trace context ``parent`` carries. A
+    block that raises an error (not a cancellation) marks it failed. Nothing when off."""
+    if _tracer is None:
+        yield
+        return
+    from opentelemetry.propagate import extract
+    from opentelemetry.trace import SpanKind
+
+    with _tracer.start_as_current_span(
+        method, context=extract(parent), kind=SpanKind.SERVER, attributes=_rpc_attributes(method)
+    ):
+        yield
 
 
 # Span endings in flight (a task is only weakly held by the loop).
