@@ -1,14 +1,16 @@
 """gRPC transport of the network layer: thin conversions around NetworkService.
 
 The agent stream (authenticated by its signed hello) and the dispatch API
-(the platform's service token); the node admin API is in admin_servicer.py.
+(the platform's service token); the node admin API is in admin_servicer.py. A job
+runs the same path whether it came in its own RunJob call or on a RunJobs stream
+(job_streams.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 import grpc
 import structlog
@@ -34,6 +36,7 @@ from core.inference import (
     JobFinished,
     JobMigrated,
 )
+from core.job_streams import RUN_JOB_METHOD
 from server.network.callers import ServiceCallers, service_only
 from server.network.convert import (
     challenge_to_pb,
@@ -41,6 +44,7 @@ from server.network.convert import (
     signed_hello_from_pb,
     welcome_to_pb,
 )
+from server.network.job_streams import serve_jobs
 from server.network.nodes import DisconnectCommand, NodeSession, ReconnectCommand, SignedHello
 from server.network.service import NetworkService
 
@@ -124,6 +128,32 @@ class DispatchServicer(dispatch_grpc.DispatchServiceServicer):
         request: dispatch_pb.RunJobRequest,
         context: grpc.aio.ServicerContext[dispatch_pb.RunJobRequest, dispatch_pb.RunJobResponse],
     ) -> AsyncIterator[dispatch_pb.RunJobResponse]:
+        async for response in self._job(request):
+            yield response
+
+    @translate_errors
+    @service_only
+    async def RunJobs(
+        self,
+        request_iterator: AsyncIterator[dispatch_pb.RunJobsRequest],
+        context: grpc.aio.ServicerContext[dispatch_pb.RunJobsRequest, dispatch_pb.RunJobsResponse],
+    ) -> AsyncIterator[dispatch_pb.RunJobsResponse]:
+        async for response in serve_jobs(request_iterator, self._streamed_job):
+            yield response
+
+    async def _streamed_job(
+        self, request: dispatch_pb.RunJobRequest
+    ) -> AsyncGenerator[dispatch_pb.RunJobResponse, None]:
+        """A job of RunJobs, under the span its RunJob call would have had."""
+        with tracing.stream_server_span(RUN_JOB_METHOD, request.trace_context):
+            async for response in self._job(request):
+                yield response
+
+    async def _job(
+        self, request: dispatch_pb.RunJobRequest
+    ) -> AsyncGenerator[dispatch_pb.RunJobResponse, None]:
+        """One job's responses, a RunJob call's or a job's of RunJobs; closing the
+        generator early cancels the job."""
         spec = spec_from_pb(request.spec)
         origin = origin_from_pb(request.origin)
         structlog.contextvars.bind_contextvars(
