@@ -36,6 +36,7 @@ from core.inference import (
 from core.job_records import JobQuery, JobRecord
 from core.metadata import bearer_metadata
 from core.replica_channels import ReplicaChannels
+from server.cloud.job_streams import JobLink
 from server.cloud.ports import (
     NO_REQUIREMENTS,
     Caller,
@@ -241,12 +242,25 @@ def _batch_failed(
 
 class GrpcNetworkClient:
     """The network's replicas, each routing over the whole fleet: a call goes on to the
-    next replica when one is unreachable (a job only before its first event)."""
+    next replica when one is unreachable (a job only before its first event). Jobs
+    travel on one stream per replica."""
 
     def __init__(self, replicas: ReplicaChannels, service_token: str) -> None:
         self._dispatch = replicas.stubs(dispatch_grpc.DispatchServiceStub)
         # The network's dispatch API serves only the platform's own services.
         self._metadata = bearer_metadata(service_token)
+        self._links: list[JobLink] = []
+        self._jobs = replicas.stubs(self._link)
+
+    def _link(self, channel: grpc.aio.Channel) -> JobLink:
+        link = JobLink(dispatch_grpc.DispatchServiceStub(channel), self._metadata)
+        self._links.append(link)
+        return link
+
+    async def close(self) -> None:
+        """Closes the job streams (before the replicas' channels)."""
+        for link in self._links:
+            await link.close()
 
     async def list_models(
         self, requirements: NodeRequirements = NO_REQUIREMENTS
@@ -294,10 +308,9 @@ class GrpcNetworkClient:
     ) -> AsyncGenerator[list[JobEvent], None]:
         request = run_job_request_to_pb(job_id, spec, requirements, origin, batch_events=True)
         # A replica that never answered ran nothing the caller saw: the next one
-        # takes the job, under the same id (so that its record is the job's).
-        responses = self._dispatch.stream(
-            lambda dispatch: dispatch.RunJob(request, metadata=self._metadata)
-        )
+        # takes the job, under the same id (so that its record is the job's). On
+        # each, the job is a message of the replica's job stream (job_streams.py).
+        responses = self._jobs.stream(lambda link: link.run(request))
         # Closing the responses (our caller went away) cancels the job upstream.
         async with contextlib.aclosing(responses):
             with domain_errors():

@@ -112,7 +112,7 @@ class CloudComponent:
         self.settler = Settler(account, settlements, metrics=cloud_metrics)
         store = PostgresSubcloudStore(pool)
         resolver = SubcloudResolver(store, ttl_s=ttl_s)
-        network = GrpcNetworkClient(self._network_replicas, service_token)
+        network = self._network = GrpcNetworkClient(self._network_replicas, service_token)
         self._inflight_settings = inflight or InFlightSettings()
         inflight_store = PostgresInFlightStore(pool)
         self.inflight = InFlightLeases(inflight_store, lease_s=self._inflight_settings.lease_s)
@@ -256,5 +256,6 @@ class CloudComponent:
         if self._owns_queue:
             await self._settlement_queue.close()
         await self._account_replicas.close()
+        await self._network.close()
         await self._network_replicas.close()
         await self._pool.close()
