@@ -53,7 +53,8 @@ def failure_status(error: Exception) -> status_pb2.Status:
     log.error("call failed", exc_info=error)
     return status_pb2.Status(
         code=cast(int, grpc.StatusCode.UNKNOWN.value[0]),
-        message=quote(f"Unexpected {type(error).__name__}: {error}", MAX_MESSAGE_LENGTH),
+        # gRPC's own words for a method that raised it.
+        message=quote(f"Unexpected {type(error)}: {error}", MAX_MESSAGE_LENGTH),
     )
 
 
