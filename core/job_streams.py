@@ -14,6 +14,13 @@ from __future__ import annotations
 # The jobs one stream runs at once; a caller with more runs the others in RunJob calls.
 MAX_JOBS = 1024
 
+# The header the network accepts a stream with, sent at once. A caller writes
+# nothing before it: a stream refused at its opening (UNIMPLEMENTED from a replica
+# without RunJobs, UNAUTHENTICATED) then ends with its own status, which a write
+# racing the refusal would replace with INTERNAL (gRPC's asyncio calls do).
+ACCEPTED_HEADER = "resultity-job-stream"
+ACCEPTED = "accepted"
+
 # The call a job on the stream stands for: its spans' name (core/tracing.py).
 RUN_JOB_METHOD = "/resultity.network.v1.DispatchService/RunJob"
 RUN_JOBS_METHOD = "/resultity.network.v1.DispatchService/RunJobs"

@@ -26,7 +26,7 @@ from resultity.network.v1 import dispatch_service_pb2_grpc as dispatch_grpc
 
 from core import tracing
 from core.grpc_errors import describe_rpc_error, rpc_error
-from core.job_streams import MAX_JOBS, RUN_JOB_METHOD
+from core.job_streams import ACCEPTED, ACCEPTED_HEADER, MAX_JOBS, RUN_JOB_METHOD
 from core.metadata import Metadata
 from core.replica_channels import Streamed
 
@@ -35,6 +35,9 @@ log = structlog.get_logger(__name__)
 # How long a replica that answered RunJobs with UNIMPLEMENTED gets RunJob calls
 # before a stream is tried again (it may have been upgraded meanwhile).
 CALLS_ONLY_FOR_S = 60.0
+
+# The status gRPC's asyncio call takes when a write fails under it.
+_WRITE_FAILED = (grpc.StatusCode.INTERNAL, "Internal error from Core")
 
 # What a job's inbox holds: the stream's messages of the job, or the stream's error.
 _Inbox = asyncio.Queue[dispatch_pb.RunJobsResponse | grpc.aio.AioRpcError]
@@ -123,6 +126,10 @@ class _JobStream:
         )
 
     async def _requests(self) -> AsyncGenerator[dispatch_pb.RunJobsRequest, None]:
+        headers = await self._call.initial_metadata()
+        if headers.get(ACCEPTED_HEADER) != ACCEPTED:
+            await self._call.code()  # refused: nothing to write before its end
+            return
         while (request := await self._outbox.get()) is not None:
             yield request
 
@@ -170,6 +177,10 @@ class _JobStream:
                     inbox.put_nowait(response)
         except grpc.aio.AioRpcError as broken:
             error = broken
+            if (error.code(), error.details()) == _WRITE_FAILED:
+                # The stream ended under a start or cancel being written (the transport
+                # broke, or the replica went away): its own status is lost.
+                error = _stream_error(grpc.StatusCode.UNAVAILABLE, "the job stream broke")
         except asyncio.CancelledError:
             error = _stream_error(grpc.StatusCode.CANCELLED, "the job stream was closed")
             raise

@@ -36,7 +36,7 @@ from core.inference import (
     JobFinished,
     JobMigrated,
 )
-from core.job_streams import RUN_JOB_METHOD
+from core.job_streams import ACCEPTED, ACCEPTED_HEADER, RUN_JOB_METHOD
 from server.network.callers import ServiceCallers, service_only
 from server.network.convert import (
     challenge_to_pb,
@@ -138,6 +138,7 @@ class DispatchServicer(dispatch_grpc.DispatchServiceServicer):
         request_iterator: AsyncIterator[dispatch_pb.RunJobsRequest],
         context: grpc.aio.ServicerContext[dispatch_pb.RunJobsRequest, dispatch_pb.RunJobsResponse],
     ) -> AsyncIterator[dispatch_pb.RunJobsResponse]:
+        await context.send_initial_metadata(((ACCEPTED_HEADER, ACCEPTED),))
         async for response in serve_jobs(request_iterator, self._streamed_job):
             yield response
 
