@@ -44,7 +44,10 @@ class DispatchServiceStub:
     failed with (code, message, ErrorInfo). A cancel for a job cancels it as
     cancelling its RunJob call does; so does the caller's end of the stream
     (its half-close or cancellation) for every job still running on it.
-    Authorized as RunJob (the service token, in the stream's metadata). A
+    Authorized as RunJob (the service token, in the stream's metadata). The
+    network accepts a stream with the header "resultity-job-stream: accepted"
+    at once; a caller writes nothing before it (a write racing a refusal of the
+    stream would hide the refusal's status). A
     caller starts a job id at most once at a time on a stream: a second start
     of a running one is refused with an end under that id (INVALID_ARGUMENT),
     which the caller cannot tell from the running job's. At most 1024 jobs
@@ -79,7 +82,10 @@ class DispatchServiceAsyncStub(DispatchServiceStub):
     failed with (code, message, ErrorInfo). A cancel for a job cancels it as
     cancelling its RunJob call does; so does the caller's end of the stream
     (its half-close or cancellation) for every job still running on it.
-    Authorized as RunJob (the service token, in the stream's metadata). A
+    Authorized as RunJob (the service token, in the stream's metadata). The
+    network accepts a stream with the header "resultity-job-stream: accepted"
+    at once; a caller writes nothing before it (a write racing a refusal of the
+    stream would hide the refusal's status). A
     caller starts a job id at most once at a time on a stream: a second start
     of a running one is refused with an end under that id (INVALID_ARGUMENT),
     which the caller cannot tell from the running job's. At most 1024 jobs
@@ -123,7 +129,10 @@ class DispatchServiceServicer(metaclass=_abc_1.ABCMeta):
         failed with (code, message, ErrorInfo). A cancel for a job cancels it as
         cancelling its RunJob call does; so does the caller's end of the stream
         (its half-close or cancellation) for every job still running on it.
-        Authorized as RunJob (the service token, in the stream's metadata). A
+        Authorized as RunJob (the service token, in the stream's metadata). The
+        network accepts a stream with the header "resultity-job-stream: accepted"
+        at once; a caller writes nothing before it (a write racing a refusal of the
+        stream would hide the refusal's status). A
         caller starts a job id at most once at a time on a stream: a second start
         of a running one is refused with an end under that id (INVALID_ARGUMENT),
         which the caller cannot tell from the running job's. At most 1024 jobs
