@@ -79,8 +79,10 @@ class JobLink:
             if error.code() != grpc.StatusCode.UNIMPLEMENTED:
                 raise
             self._calls_until = time.monotonic() + CALLS_ONLY_FOR_S
-        # Refused before it started (no replica answers UNIMPLEMENTED later).
-        request.ClearField("trace_context")  # a call carries it in its metadata
+        # UNIMPLEMENTED ends a stream at its opening, before the job had a response:
+        # the job goes to the same replica as a RunJob call, whose metadata carries
+        # its trace context.
+        request.ClearField("trace_context")
         call = self._call(request)
         try:
             async for response in call:

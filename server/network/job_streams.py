@@ -32,9 +32,10 @@ _ENDED_OK = status_pb2.Status()
 
 @dataclass(frozen=True, slots=True)
 class _Closed:
-    """The caller's requests ended (None) or broke the stream's contract."""
+    """The caller's requests ended (None), or reading them failed (a request that
+    breaks the stream's contract: a DomainError)."""
 
-    error: DomainError | None
+    error: Exception | None
 
 
 async def serve_jobs(
@@ -68,13 +69,13 @@ class _Jobs:
         )
 
     async def read(self, requests: AsyncIterator[dispatch_pb.RunJobsRequest]) -> None:
-        error: DomainError | None = None
+        closed = _Closed(None)
         try:
             async for request in requests:
                 await self._take(request)
-        except DomainError as refused:
-            error = refused
-        await self.outbox.put(_Closed(error))
+        except Exception as error:
+            closed = _Closed(error)
+        await self.outbox.put(closed)
 
     async def _take(self, request: dispatch_pb.RunJobsRequest) -> None:
         kind = request.WhichOneof("request")
