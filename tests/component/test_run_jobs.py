@@ -205,8 +205,8 @@ async def test_a_duplicate_start_and_one_beyond_the_limit_are_refused_alone(
 async def test_only_the_service_token_opens_a_stream(platform: Platform) -> None:
     stub = dispatch_grpc.DispatchServiceStub(platform.channel)
     for metadata in ((), bearer_metadata("not-the-token")):
+        # Refused at opening, before any job: writing first would race the refusal.
         call = stub.RunJobs(metadata=metadata)
-        await call.write(_start("j", "hi"))
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await call.read()
         assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
