@@ -1,4 +1,5 @@
-"""The router's index of nodes: by model, and by model and operator or region.
+"""The router's index of nodes: by model, and by model and operator or region;
+and by the fingerprints of the conversations they cache.
 
 A decision draws its candidates from the smallest set that can hold every
 eligible node: the nodes serving the model or, when the request names
@@ -6,6 +7,12 @@ operators or regions, those of the model with one of them. A subcloud of a
 few operators in a large fleet thus samples its own nodes, not the fleet.
 A node keeps its operator and region for its whole session, so its keys
 never change while it is indexed.
+
+A sample of a large pool would mostly leave out the node caching a chat's
+conversation, so the index also maps each advertised fingerprint to the
+nodes advertising it, for the router to add to its sample. A node's
+fingerprints do change while it is indexed: the index follows them through
+the node's ``prefix_listeners`` (advertised.py).
 """
 
 from __future__ import annotations
@@ -13,10 +20,12 @@ from __future__ import annotations
 import bisect
 import itertools
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 from core.inference import NodeRequirements
+from server.network.advertised import PrefixListener
 from server.network.routable import RoutableNode
 
 # Index keys: (model, "", "") holds all nodes of a model; (model, OPERATOR, id)
@@ -73,16 +82,81 @@ class Pool:
         return picked
 
 
+class PrefixHolders:
+    """Each advertised fingerprint's nodes: most fingerprints have one, a shared
+    opening (a system prompt) may have many."""
+
+    def __init__(self) -> None:
+        # A lone holder is held as itself, several in a list: with 10,000 nodes
+        # advertising 64 fingerprints each, a list per fingerprint took 83 MB
+        # rather than 27 and made a full garbage collection half again as long.
+        self._holders: dict[int, RoutableNode | list[RoutableNode]] = {}
+        # The listener registered on each node followed, to unregister it.
+        self._following: dict[str, PrefixListener] = {}
+
+    def follow(self, node: RoutableNode) -> None:
+        if node.node_id not in self._following:
+            listener = self._following[node.node_id] = partial(self._moved, node)
+            node.prefix_listeners.append(listener)
+            self._add(node, node.cached_prefixes)
+
+    def drop(self, node: RoutableNode) -> None:
+        listener = self._following.pop(node.node_id, None)
+        if listener is not None:
+            node.prefix_listeners.remove(listener)
+            self._remove(node, node.cached_prefixes)
+
+    def holders(self, fingerprint: int) -> Sequence[RoutableNode]:
+        held = self._holders.get(fingerprint)
+        if held is None:
+            return ()
+        return held if isinstance(held, list) else (held,)
+
+    def _moved(self, node: RoutableNode, old: frozenset[int], new: frozenset[int]) -> None:
+        self._remove(node, old - new)
+        self._add(node, new - old)
+
+    def _add(self, node: RoutableNode, fingerprints: Iterable[int]) -> None:
+        holders = self._holders
+        for fingerprint in fingerprints:
+            held = holders.setdefault(fingerprint, node)
+            if held is node:  # the fingerprint's first holder: most often
+                continue
+            if isinstance(held, list):
+                held.append(node)
+            else:
+                holders[fingerprint] = [held, node]
+
+    def _remove(self, node: RoutableNode, fingerprints: Iterable[int]) -> None:
+        for fingerprint in fingerprints:
+            held = self._holders[fingerprint]
+            if not isinstance(held, list):
+                del self._holders[fingerprint]
+                continue
+            # By identity (nodes compare so): a scan, long only for a shared opening.
+            held.remove(node)
+            if len(held) == 1:
+                self._holders[fingerprint] = held[0]
+
+
 class NodeIndex:
     def __init__(self) -> None:
         self._lists: dict[_Key, NodeList] = {}
+        self.prefixes = PrefixHolders()
 
     def add(self, node: RoutableNode, models: Iterable[str]) -> None:
         for model in models:
             for key in _keys(node, model):
                 self._lists.setdefault(key, NodeList()).add(node)
+        self.prefixes.follow(node)
+
+    def serves(self, model: str, node: RoutableNode) -> bool:
+        """Whether ``node`` is indexed for ``model``."""
+        nodes = self._lists.get((model, _ALL, ""))
+        return nodes is not None and node.node_id in nodes.positions
 
     def remove(self, node: RoutableNode) -> None:
+        self.prefixes.drop(node)
         for model in node.models:
             for key in _keys(node, model):
                 nodes = self._lists.get(key)

@@ -10,6 +10,7 @@ from enum import StrEnum
 
 from core.agent_messages import AssignCommand, CancelCommand
 from core.errors import DomainError
+from server.network.advertised import AdvertisesPrefixes, PrefixListener
 from server.network.config import NetworkConfig
 
 
@@ -118,7 +119,7 @@ class NodeStanding:
 
 
 @dataclass(eq=False)
-class NodeSession:
+class NodeSession(AdvertisesPrefixes):
     """A connected node: what it serves, its load, and its outgoing queue."""
 
     node_id: str
@@ -134,9 +135,10 @@ class NodeSession:
     recent_tokens_per_second: float = 0.0
     free_memory_bytes: int = 0
     # Fingerprints of the conversations the node holds (core/prompt_prefixes.py),
-    # as its last heartbeat advertised them: the router prefers it for their
-    # next turns.
-    cached_prefixes: frozenset[int] = frozenset()
+    # as its last heartbeat advertised them (``cached_prefixes``): the router
+    # prefers it for their next turns.
+    _advertised: frozenset[int] = field(default=frozenset(), init=False, repr=False)
+    prefix_listeners: list[PrefixListener] = field(default_factory=list, init=False, repr=False)
     # The agent is shutting down: it finishes its jobs and gets no new ones.
     draining: bool = False
     # The configuration version the agent last acknowledged.

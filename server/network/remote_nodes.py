@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import structlog
 
+from server.network.advertised import AdvertisesPrefixes, PrefixListener
 from server.network.nodes import NodeStanding, NodeState
 from server.network.presence import (
     NodePresence,
@@ -38,7 +39,7 @@ class Lease:
 
 
 @dataclass(eq=False, slots=True)
-class RemoteNode:
+class RemoteNode(AdvertisesPrefixes):
     node_id: str
     node_name: str
     agent_version: str
@@ -54,12 +55,14 @@ class RemoteNode:
     active_jobs: int
     max_concurrent_jobs: int
     recent_tokens_per_second: float
-    cached_prefixes: frozenset[int]
     connected_at: float
     # Monotonic time the record's own lease lapses, and its replica's latest
     # lease: not routed to once both lapsed.
     lease_deadline: float
     replica_lease: Lease
+    # As the record advertised them (``cached_prefixes``).
+    _advertised: frozenset[int] = field(default=frozenset(), init=False, repr=False)
+    prefix_listeners: list[PrefixListener] = field(default_factory=list, init=False, repr=False)
 
     @classmethod
     def from_record(
@@ -83,7 +86,6 @@ class RemoteNode:
             active_jobs=0,
             max_concurrent_jobs=1,
             recent_tokens_per_second=0.0,
-            cached_prefixes=frozenset(),
             connected_at=record.connected_at,
             lease_deadline=0.0,
             replica_lease=lease,

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from server.network.advertised import PrefixListener
 from server.network.nodes import NodeStanding, NodeState
 
 
 class RoutableNode(Protocol):
+    # One per router index holding the node (advertised.py).
+    prefix_listeners: list[PrefixListener]
+
     @property
     def node_id(self) -> str: ...
 

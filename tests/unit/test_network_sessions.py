@@ -13,6 +13,7 @@ from core.errors import InvalidNodeCredentials
 from core.namespace import RedisNames
 from server.common.bus_memory import MemoryBus
 from server.network.catalog import SMOLLM2_135M, Catalog
+from server.network.node_index import NodeIndex
 from server.network.nodes import NodeHello, NodeModel, NodeSession, SignedHello
 from server.network.service import LivenessSettings, NetworkService
 from server.network.state_ports import NetworkStores
@@ -121,6 +122,17 @@ def test_reports_update_the_node() -> None:
         4096,
     )
     assert (node.config_version, node.draining) == (3, True)
+
+
+def test_a_heartbeat_keeps_the_router_index_of_cached_prefixes_right() -> None:
+    service = _service()
+    node = NodeSession("n1", _hello(b""))
+    index = NodeIndex()
+    index.add(node, node.models)
+    service.handle(node, Heartbeat(0, 0, 0.0, cached_prefixes=(7, 5)))
+    assert [list(index.prefixes.holders(f)) for f in (5, 7)] == [[node], [node]]
+    service.handle(node, Heartbeat(0, 0, 0.0, cached_prefixes=(9, 7)))
+    assert [list(index.prefixes.holders(f)) for f in (5, 7, 9)] == [[], [node], [node]]
 
 
 def test_a_report_for_a_job_the_node_does_not_run_is_dropped() -> None:

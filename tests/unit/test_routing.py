@@ -4,6 +4,7 @@ import random
 
 from core.inference import ChatMessage, ChatRole, GenerationSpec, NodeRequirements, Sampling
 from core.prompt_prefixes import prefix_fingerprints
+from server.network.node_index import NodeIndex
 from server.network.nodes import ModelStatus, ModelValidation, NodeHello, NodeModel, NodeSession
 from server.network.routing import Affinity, Router, RouteRequest, job_prefixes
 
@@ -337,3 +338,31 @@ def test_each_decision_says_how_affinity_fared() -> None:
     route = _router(cached, other).pick(RouteRequest("m"), nodes_now())
     assert route is not None
     assert route.affinity is Affinity.NONE
+
+
+# --- the index of advertised fingerprints ------------------------------------------
+
+
+def test_the_index_holds_what_each_node_advertises_now() -> None:
+    a, b = _node("a", ("m", "other")), _node("b")
+    index = NodeIndex()
+    a.cached_prefixes = frozenset({1, 2})
+    index.add(a, ("m",))
+    index.add(a, ("other",))  # indexed once however many models
+    index.add(b, ("m",))
+    b.cached_prefixes = frozenset({2, 3})
+    assert [list(index.prefixes.holders(f)) for f in (1, 2, 3)] == [[a], [a, b], [b]]
+    a.cached_prefixes = frozenset({3})
+    assert [list(index.prefixes.holders(f)) for f in (1, 2, 3)] == [[], [b], [b, a]]
+    index.remove(b)
+    assert [list(index.prefixes.holders(f)) for f in (1, 2, 3)] == [[], [], [a]]
+    b.cached_prefixes = frozenset({1})  # no longer indexed: nothing follows it
+    assert list(index.prefixes.holders(1)) == []
+    # A node held by two routers' indexes keeps both right.
+    other = NodeIndex()
+    other.add(a, ("m",))
+    a.cached_prefixes = frozenset({4})
+    assert list(index.prefixes.holders(4)) == list(other.prefixes.holders(4)) == [a]
+    index.remove(a)
+    other.remove(a)
+    assert a.prefix_listeners == []
