@@ -9,7 +9,8 @@ A decision is ``filters`` then ``scorers``:
 - candidates are all of that pool when it holds at most ``sample_size``
   nodes, otherwise a random sample of that many (the "power of d choices": a
   few random candidates balance load nearly as well as a full scan, at a
-  cost independent of the fleet size). If no sampled node passes the
+  cost independent of the fleet size), plus the pool's nodes that advertise
+  the request's conversation (below). If no such candidate passes the
   filters, the decision falls back to a full scan of the pool;
 - the index holds a node under a model only once the node passed validation
   for it (validation.py);
@@ -25,8 +26,12 @@ Prefix affinity is one such scorer: a chat request carries the fingerprints
 of its messages' prefixes (core/prompt_prefixes.py), nodes advertise those of
 the conversations their caches hold, and the node holding the longest prefix
 of the request gains, so a conversation's next turn lands where its start is
-already computed. Each decision says how affinity fared (``Affinity``), for
-the operators' metrics.
+already computed. A sample of a large pool would mostly leave that node out,
+so the index maps fingerprints to the nodes advertising them, and a sampled
+decision adds up to ``AFFINITY_HOLDERS`` eligible holders of the request's
+``AFFINITY_LOOKUPS`` longest prefixes (longest first) to its candidates: a
+bounded cost whatever the fleet's size. Each decision says how affinity fared
+(``Affinity``), for the operators' metrics.
 """
 
 from __future__ import annotations
@@ -45,6 +50,13 @@ from server.network.nodes import NodeState
 from server.network.routable import RoutableNode
 
 DEFAULT_SAMPLE_SIZE = 32
+# A chat's next turn repeats the conversation its node cached plus the answer
+# and one new message, so its second-longest prefix is the one held; a tool
+# loop's turn may add several tool results. The longest 8 are looked up.
+AFFINITY_LOOKUPS = 8
+# At most this many holders join a sample: a few, so that a shared opening
+# (a system prompt many nodes cache) cannot crowd out the sample's balance.
+AFFINITY_HOLDERS = 4
 # Any ready node serving the model.
 NO_REQUIREMENTS = NodeRequirements()
 
@@ -72,7 +84,9 @@ class Affinity(StrEnum):
     PASSED_OVER = "passed_over"
     # No candidate advertises one: a first turn, or the conversation's cache is
     # gone (evicted, its node left). Above ``sample_size`` nodes of a pool the
-    # candidates are a sample, which may leave the holder out.
+    # candidates are a sample plus a few holders of the request's longest
+    # prefixes, which may leave out a holder of a shorter one, or one of many
+    # holders of the same prefix.
     MISS = "miss"
     # The request carries no fingerprints (a text completion, an embedding).
     NONE = "none"
@@ -246,7 +260,9 @@ class Router:
         pool = self._index.pool(request.model, request.requirements)
         context = RouteContext(request, now, self.suspect_after_s)
         if len(pool) > self._sample_size:
-            chosen = self._best(pool.sample(self._sample_size, self._rng), context)
+            sample = pool.sample(self._sample_size, self._rng)
+            sample += self._holders(sample, context)
+            chosen = self._best(sample, context)
             if chosen is None:
                 chosen = self._best(pool, context)
         else:
@@ -254,6 +270,29 @@ class Router:
         if chosen is not None:
             self._last_assigned[chosen.node.node_id] = next(self._sequence)
         return chosen
+
+    def _holders(self, sample: list[RoutableNode], context: RouteContext) -> list[RoutableNode]:
+        """Eligible nodes of the pool, not in ``sample``, advertising the request's
+        longest prefixes: at most ``AFFINITY_HOLDERS`` of each prefix's holders
+        (drawn at random when there are more) are looked at, and as many taken."""
+        request = context.request
+        extra: list[RoutableNode] = []
+        for fingerprint in reversed(request.prefixes[-AFFINITY_LOOKUPS:]):
+            holders = self._index.prefixes.holders(fingerprint)
+            if len(holders) > AFFINITY_HOLDERS:
+                holders = self._rng.sample(holders, AFFINITY_HOLDERS)
+            for node in holders:
+                # By identity (nodes compare so): a holder is rare, a scan cheap.
+                if (
+                    node not in sample
+                    and node not in extra
+                    and self._index.serves(request.model, node)
+                    and all(f(node, context) for f in self._filters)
+                ):
+                    extra.append(node)
+                    if len(extra) == AFFINITY_HOLDERS:
+                        return extra
+        return extra
 
     def _best(self, nodes: Iterable[RoutableNode], context: RouteContext) -> Route | None:
         candidates = [node for node in nodes if all(f(node, context) for f in self._filters)]

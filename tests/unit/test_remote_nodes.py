@@ -156,6 +156,35 @@ def test_a_remote_node_holding_the_conversation_takes_its_next_turn() -> None:
     assert {route.node.node_id for route in picks if route is not None} == {"cached", "other"}
 
 
+def test_in_a_large_fleet_the_remote_holder_follows_its_records() -> None:
+    turn = (ChatMessage(ChatRole.USER, "hi"), ChatMessage(ChatRole.ASSISTANT, "hello"))
+    follow_up = prefix_fingerprints("m", None, (*turn, ChatMessage(ChatRole.USER, "more")))
+    held = follow_up[1:2]
+    router, remote = view()
+    fleet = [record(f"n{i}") for i in range(1000)]
+
+    def landed() -> set[str]:
+        asked = RouteRequest("m", prefixes=follow_up)
+        routes = [router.pick(asked, time.monotonic()) for _ in range(30)]
+        return {route.node.node_id for route in routes if route is not None}
+
+    remote.update(changes(*fleet, replace(fleet[10], cached_prefixes=held), full=True))
+    assert landed() == {"n10"}
+    # A delta: the conversation moved to another node.
+    remote.update(changes(fleet[10], replace(fleet[20], cached_prefixes=held), seq=2))
+    assert landed() == {"n20"}
+    # Its record changed place (another model set): the node is indexed anew.
+    moved = replace(fleet[20], models=("m", "m2"), cached_prefixes=held)
+    remote.update(changes(moved, seq=3))
+    assert landed() == {"n20"}
+    remote.update(changes(removed=("n20",), seq=4))
+    assert "n20" not in landed()
+    remote.update(changes(*fleet[:500], replace(fleet[700], cached_prefixes=held), full=True))
+    assert landed() == {"n700"}
+    remote.forget("n700")
+    assert "n700" not in landed()
+
+
 def changes(
     *records: NodePresence,
     removed: tuple[str, ...] = (),

@@ -6,7 +6,17 @@ from core.inference import ChatMessage, ChatRole, GenerationSpec, NodeRequiremen
 from core.prompt_prefixes import prefix_fingerprints
 from server.network.node_index import NodeIndex
 from server.network.nodes import ModelStatus, ModelValidation, NodeHello, NodeModel, NodeSession
-from server.network.routing import Affinity, Router, RouteRequest, job_prefixes
+from server.network.routable import RoutableNode
+from server.network.routing import (
+    AFFINITY_HOLDERS,
+    NO_REQUIREMENTS,
+    Affinity,
+    Route,
+    RouteContext,
+    Router,
+    RouteRequest,
+    job_prefixes,
+)
 
 SUSPECT_S = 15.0
 
@@ -338,6 +348,106 @@ def test_each_decision_says_how_affinity_fared() -> None:
     route = _router(cached, other).pick(RouteRequest("m"), nodes_now())
     assert route is not None
     assert route.affinity is Affinity.NONE
+
+
+# --- prefix affinity in large pools -----------------------------------------------
+
+
+def _pool(size: int) -> list[NodeSession]:
+    return [_node(f"n{i}") for i in range(size)]
+
+
+def _follow_ups(
+    router: Router,
+    times: int = 50,
+    exclude: frozenset[str] = frozenset(),
+    requirements: NodeRequirements = NO_REQUIREMENTS,
+) -> list[Route | None]:
+    spec = GenerationSpec("m", FOLLOW_UP, Sampling(max_tokens=8), 100)
+    asked = RouteRequest("m", exclude, requirements, job_prefixes(spec))
+    return [router.pick(asked, nodes_now()) for _ in range(times)]
+
+
+def _landed(routes: list[Route | None]) -> set[str]:
+    return {route.node.node_id for route in routes if route is not None}
+
+
+def test_in_a_large_pool_the_node_holding_the_conversation_takes_every_next_turn() -> None:
+    nodes = _pool(1000)
+    holder = _holding(nodes[617], TURN_ONE)
+    routes = _follow_ups(_router(*nodes))
+    assert _landed(routes) == {holder.node_id}
+    assert {route.affinity for route in routes if route is not None} == {Affinity.HIT}
+
+
+def test_in_a_large_pool_a_busy_or_ineligible_holder_is_not_forced() -> None:
+    nodes = _pool(1000)
+    holder = _holding(nodes[617], TURN_ONE)
+    router = _router(*nodes)
+    # No free slot: it is a candidate, and another node wins.
+    holder.active_jobs.update({"1", "2"})
+    routes = _follow_ups(router)
+    assert holder.node_id not in _landed(routes)
+    assert {route.affinity for route in routes if route is not None} == {Affinity.PASSED_OVER}
+    holder.active_jobs.clear()
+    assert holder.node_id not in _landed(_follow_ups(router, exclude=frozenset({"n617"})))
+    rules = NodeRequirements(operator_account_ids=frozenset({"op-a"}))
+    others = [_member(f"a{i}", "op-a") for i in range(40)]
+    for node in others:
+        router.add(node)
+    assert _landed(_follow_ups(router, requirements=rules)) <= {n.node_id for n in others}
+    holder.draining = True
+    routes = _follow_ups(router)
+    assert holder.node_id not in _landed(routes)
+    assert {route.affinity for route in routes if route is not None} == {Affinity.MISS}
+
+
+def test_a_holder_not_indexed_for_the_model_is_not_forced() -> None:
+    nodes = _pool(100)
+    router = _router(*nodes)
+    # Still validating "m": indexed for "other" alone.
+    holder = _holding(_node("holder", ("m", "other")), TURN_ONE)
+    router.add(holder, ("other",))
+    assert "holder" not in _landed(_follow_ups(router))
+
+
+def test_the_holders_follow_heartbeats_and_removal() -> None:
+    nodes = _pool(1000)
+    first, second = nodes[3], nodes[900]
+    router = _router(*nodes)
+    # Advertised after joining, as a heartbeat does.
+    _holding(first, TURN_ONE)
+    assert _landed(_follow_ups(router)) == {first.node_id}
+    # The conversation moved.
+    first.cached_prefixes = frozenset()
+    _holding(second, TURN_ONE)
+    assert _landed(_follow_ups(router)) == {second.node_id}
+    router.remove(second)
+    assert second.node_id not in _landed(_follow_ups(router))
+    # Its advertisement changed while it was out of the router, and back in.
+    second.cached_prefixes = frozenset()
+    router.add(second)
+    _holding(second, TURN_ONE)
+    assert _landed(_follow_ups(router)) == {second.node_id}
+
+
+def test_a_shared_opening_adds_only_a_few_holders_to_the_sample() -> None:
+    """Every node of a large pool holds the first message (a system prompt): the
+    decision still looks at the sample and a few holders, not at the pool."""
+    nodes = [_holding(node, TURN_ONE[:1]) for node in _pool(1000)]
+    looked_at: list[str] = []
+
+    def counted(node: RoutableNode, context: RouteContext) -> bool:
+        looked_at.append(node.node_id)
+        return True
+
+    router = Router(
+        suspect_after_s=SUSPECT_S, filters=(counted,), sample_size=32, rng=random.Random(7)
+    )
+    for node in nodes:
+        router.add(node)
+    _follow_ups(router, times=1)
+    assert len(looked_at) <= 32 + 2 * AFFINITY_HOLDERS
 
 
 # --- the index of advertised fingerprints ------------------------------------------
