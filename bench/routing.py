@@ -31,9 +31,13 @@ costs their decoding on top, for as many records as the refresh reads.
 of its CONVERSATION_MESSAGES messages' prefixes, and every node advertise
 MAX_ADVERTISED_PREFIXES cached conversations; half the requests continue a
 conversation one node of their model holds (its first CONVERSATION_MESSAGES
-- 1 messages), so the prefix scorer finds a hit among the candidates when
-that node is sampled and misses on every other node. Fingerprinting a
-request's messages (once per job, in dispatch) is timed apart.
+- 1 messages), so the prefix scorer finds a hit on that node, a candidate
+whatever the pool's size (the router adds the holders of a request's longest
+prefixes to its sample), and misses on every other node. For those continued
+turns the run counts how affinity fared (routing.Affinity): hit, passed over
+(the holder was busier, or had no free slot) or miss (the holder is draining,
+suspect or outside the request's rules). Fingerprinting a request's messages
+(once per job, in dispatch) is timed apart.
 
 The decisions of each case and size are split in ``--rounds`` rounds, each with
 the machine's load (bench/machine_load.py): p50/p99 over all decisions, then
@@ -47,6 +51,7 @@ import asyncio
 import random
 import statistics
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -57,7 +62,13 @@ from server.network.nodes import ModelStatus, ModelValidation, NodeHello, NodeMo
 from server.network.presence import InProcessPresence, NodePresence
 from server.network.remote_nodes import RemoteNode, RemoteNodes
 from server.network.routable import RoutableNode
-from server.network.routing import NO_REQUIREMENTS, Router, RouteRequest, job_prefixes
+from server.network.routing import (
+    NO_REQUIREMENTS,
+    Affinity,
+    Router,
+    RouteRequest,
+    job_prefixes,
+)
 
 MODELS = ("model-a", "model-b", "model-c", "model-d")
 REGIONS = ("eu-west", "us-east", "us-west", "ap-south")
@@ -158,13 +169,19 @@ def _requests(
         started = time.perf_counter_ns()
         prefixes = job_prefixes(spec)
         timings.append((time.perf_counter_ns() - started) / 1000)
-        if index % 2:
+        if _continued(index):
             holder = rng.choice(serving[model])
             held = set(holder.cached_prefixes)
             held.pop()
             holder.cached_prefixes = frozenset({*held, prefixes[-2]})
         requests.append(RouteRequest(model, requirements=requirements, prefixes=prefixes))
     return requests, timings
+
+
+def _continued(position: int) -> bool:
+    """Whether the --conversations request at ``position`` continues a conversation
+    a node holds."""
+    return position % 2 == 1
 
 
 @dataclass(frozen=True)
@@ -233,6 +250,7 @@ def measure(
     per_round: list[Round] = []
     ends = {decisions * r // rounds for r in range(1, rounds)}  # where each round ends
     misses = 0
+    affinity = Counter[Affinity]()  # of the continued conversations' turns
     load.wait_for_quiet()
     round_began, first = load.start(), 0
     for index in range(decisions):
@@ -247,7 +265,8 @@ def measure(
                 node.last_seen = time.monotonic()
             if records:
                 refresh()
-        request = requests[index % len(requests)]
+        position = index % len(requests)
+        request = requests[position]
         now = time.monotonic()
         started = time.perf_counter_ns()
         route = router.pick(request, now)
@@ -255,6 +274,8 @@ def measure(
         if route is None:
             misses += 1
             continue
+        if conversations and _continued(position):
+            affinity[route.affinity] += 1
         picked = route.node
         job = f"job-{index}"
         if isinstance(picked, RemoteNode):
@@ -282,6 +303,10 @@ def measure(
         "refresh_ms": max(full) if records else 0.0,
         "delta_ms": max(delta) if records else 0.0,
         "fingerprint_us": statistics.median(fingerprinting) if fingerprinting else 0.0,
+        **{
+            f"{outcome}_pct": 100 * affinity[outcome] / max(1, affinity.total())
+            for outcome in (Affinity.HIT, Affinity.PASSED_OVER, Affinity.MISS)
+        },
     }
     return pooled, per_round
 
@@ -324,6 +349,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(
         f"{'requests':<11} {'nodes':>7} {'p50 µs':>8} {'p99 µs':>8} {'max µs':>8} misses "
         "refresh ms delta ms | p50 µs across rounds | p99 µs across rounds"
+        f"{' | continued turns % hit/passed over/miss' if args.conversations else ''}"
     )
     load = MachineLoad()
     for case, requirements in CASES.items():
@@ -346,7 +372,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                 f"{result['max_us']:>8.1f} {result['misses']:>6.0f} "
                 f"{result['refresh_ms']:>10.1f} {result['delta_ms']:>8.2f}"
                 f" | {cell([r.p50_us for r in rounds], loads, '{:.0f}')} "
-                f"| {cell([r.p99_us for r in rounds], loads, '{:.0f}')}",
+                f"| {cell([r.p99_us for r in rounds], loads, '{:.0f}')}"
+                + (
+                    f" | {result['hit_pct']:.0f}/{result['passed_over_pct']:.0f}/"
+                    f"{result['miss_pct']:.0f}"
+                    if args.conversations
+                    else ""
+                ),
                 flush=True,
             )
             fingerprint_us = result["fingerprint_us"]
