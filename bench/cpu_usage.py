@@ -23,7 +23,7 @@ CPU_ROLES = ("bench", "up", "agent", "postgres", "peer")
 def _role(process: psutil.Process) -> str:
     if "postgres" in process.name():
         return "postgres"
-    if "llama_cpp.server" in process.cmdline():  # the peer baseline (bench/peer_process.py)
+    if "bench.peer_server" in process.cmdline():  # the peer baseline (bench/peer_process.py)
         return "peer"
     # `resultity agent` and its runtime worker (`python -m agent.runtime.worker_main`).
     node = any(arg == "agent" or arg.startswith("agent.") for arg in process.cmdline())
