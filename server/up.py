@@ -201,6 +201,9 @@ async def run_platform(settings: PlatformSettings, *, ready: asyncio.Event | Non
         await health.starting()
         await server.start()
         stack.push_async_callback(server.stop, 5.0)
+        # Unwinds before the server stops (the gateway has stopped by then): the server's
+        # grace would otherwise wait for cloud's open job streams to the network.
+        stack.push_async_callback(cloud.close_job_streams)
         await health.serving()
         readiness = asyncio.create_task(cloud.follow_readiness(health), name="cloud-readiness")
         stack.push_async_callback(_cancel, readiness)

@@ -244,6 +244,11 @@ class CloudComponent:
             await health.set(INFERENCE_SERVICE, servable)
             await asyncio.sleep(READINESS_INTERVAL_S)
 
+    async def close_job_streams(self) -> None:
+        """Ends the job streams to the network (opened again if a job comes): a gRPC
+        server stopping with a grace period waits for open streams, these included."""
+        await self._network.close()
+
     async def stop(self) -> None:
         await self.inference.drain()
         await self.log_writer.close(LOG_FLUSH_S)
