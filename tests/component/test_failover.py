@@ -359,30 +359,40 @@ async def test_continuation_with_nothing_left_only_finishes(network: NetworkServ
     await eventually(lambda: len(network.component.service.nodes()) == 1)
 
 
-async def test_a_job_queued_behind_a_slow_one_is_not_taken_for_a_stall(
-    postgres_dsn: str,
-) -> None:
-    """Time in the node's queue is not silence: the stall timer starts with the job."""
+@contextlib.asynccontextmanager
+async def _one_node_stalling_after(
+    postgres_dsn: str, stall_timeout_s: float, runtime: ScriptedRuntime, name: str
+) -> AsyncIterator[NetworkServer]:
+    """A network that gives up a job silent for ``stall_timeout_s``, with one connected
+    agent running ``runtime``."""
     server = await start_network(
         postgres_dsn,
         liveness=LivenessSettings(heartbeat_interval_s=0.05, heartbeat_timeout_s=5.0),
-        failover=FailoverSettings(stall_timeout_s=0.3),
+        failover=FailoverSettings(stall_timeout_s=stall_timeout_s),
     )
-    # One slot; each job takes about ten stall timeouts (150 tokens, 0.02 s apart).
-    runtime = ScriptedRuntime(script=LONG_SCRIPT, token_delay_s=0.02)
-    session = AgentSession(SessionSettings(server.target, "busy"), runtime)
+    session = AgentSession(SessionSettings(server.target, name), runtime)
     agent = asyncio.create_task(session.run_forever())
     try:
         await session.connected.wait()
-        slow = asyncio.create_task(_run_job(server, "slow", _spec(max_tokens=150)))
-        await eventually(lambda: len(runtime.started_jobs) == 1)
-        innocent = await _run_job(server, "innocent", _spec(max_tokens=150))
-        first = await slow
+        yield server
     finally:
         agent.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await agent
         await server.stop()
+
+
+async def test_a_job_queued_behind_a_slow_one_is_not_taken_for_a_stall(
+    postgres_dsn: str,
+) -> None:
+    """Time in the node's queue is not silence: the stall timer starts with the job."""
+    # One slot; each job takes about ten stall timeouts (150 tokens, 0.02 s apart).
+    runtime = ScriptedRuntime(script=LONG_SCRIPT, token_delay_s=0.02)
+    async with _one_node_stalling_after(postgres_dsn, 0.3, runtime, "busy") as server:
+        slow = asyncio.create_task(_run_job(server, "slow", _spec(max_tokens=150)))
+        await eventually(lambda: len(runtime.started_jobs) == 1)
+        innocent = await _run_job(server, "innocent", _spec(max_tokens=150))
+        first = await slow
 
     for events in (first, innocent):
         assert _text(events) == LONG_SCRIPT
@@ -413,23 +423,10 @@ async def test_a_job_its_node_reports_waiting_is_not_taken_for_a_stall(
     postgres_dsn: str,
 ) -> None:
     """Silence while the node's scheduler holds the job back, reported, is not a stall."""
-    server = await start_network(
-        postgres_dsn,
-        liveness=LivenessSettings(heartbeat_interval_s=0.05, heartbeat_timeout_s=5.0),
-        failover=FailoverSettings(stall_timeout_s=0.3),
-    )
     # Silent for five stall timeouts, reported waiting six times per stall timeout.
     runtime = PreemptedRuntime(pause_s=1.5, every_s=0.05)
-    session = AgentSession(SessionSettings(server.target, "preempting"), runtime)
-    agent = asyncio.create_task(session.run_forever())
-    try:
-        await session.connected.wait()
+    async with _one_node_stalling_after(postgres_dsn, 0.3, runtime, "preempting") as server:
         events = await _run_job(server, "preempted", _spec())
-    finally:
-        agent.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await agent
-        await server.stop()
 
     assert _text(events) == DEFAULT_SCRIPT
     assert not [e for e in events if e.WhichOneof("event") == "migrated"]
