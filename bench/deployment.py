@@ -20,12 +20,13 @@ import asyncio
 import contextlib
 import os
 import secrets
-import subprocess
 import sys
 import tempfile
+import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
 
@@ -35,7 +36,7 @@ import redis
 
 from bench.gateway_sides import ServerProcess, create_customer_key, create_node_token, start_side
 from bench.machine_load import POSTGRES, RABBITMQ, REDIS, postgres_role
-from bench.processes import free_port, log_tail, spawn, stop
+from bench.processes import ProcessGroup, accepts, cpu_s, free_port, supervised
 from bench.scratch_database import scratch_database
 from core import channels
 from core.metadata import bearer_metadata
@@ -94,27 +95,16 @@ class Deployment:
         servers ("redis", "rabbitmq"), when it uses them and they run here."""
         out = dict.fromkeys((*CONTROL_PLANE, "agent", "postgres", "redis", "rabbitmq"), 0.0)
         for role, processes in self.processes.items():
-            out[role] += sum(_cpu_s(process) for process in processes)
+            out[role] += sum(cpu_s(process) for process in processes)
         for process in psutil.process_iter(["name"]):
             name = process.info["name"]
             if name == POSTGRES and postgres_role(process, (self.database,)) == "backend":
-                out["postgres"] += _cpu_s(process)
+                out["postgres"] += cpu_s(process)
             elif name == REDIS and REDIS in self.services:
-                out["redis"] += _cpu_s(process)
+                out["redis"] += cpu_s(process)
             elif name == RABBITMQ and RABBITMQ in self.services:
-                out["rabbitmq"] += _cpu_s(process)
+                out["rabbitmq"] += cpu_s(process)
         return out
-
-    def pids(self) -> set[int]:
-        return {process.pid for group in self.processes.values() for process in group}
-
-
-def _cpu_s(process: psutil.Process) -> float:
-    try:
-        times = process.cpu_times()
-    except psutil.Error:
-        return 0.0
-    return float(times.user + times.system)
 
 
 def rabbitmq_vhost(amqp_url: str, topology: Topology) -> str:
@@ -170,61 +160,18 @@ def _environment(service_token: str, rate_limits: bool) -> dict[str, str]:
     return env
 
 
-class _Processes:
-    """CLI processes of one deployment, their output in one log each."""
-
-    def __init__(self, logs: Path, env: dict[str, str]) -> None:
-        self._logs = logs
-        self._env = env
-        self._started: list[tuple[str, str, subprocess.Popen[bytes]]] = []  # role, name
-
-    def start(self, role: str, name: str, argv: list[str]) -> None:
-        command = [sys.executable, "-m", "server.cli", "--log-level", "warning", role, *argv]
-        with (self._logs / f"{name}.log").open("ab") as log:
-            self._started.append((role, name, spawn(command, log, self._env)))
-
-    def by_role(self) -> dict[str, list[psutil.Process]]:
-        out: dict[str, list[psutil.Process]] = {role: [] for role in CONTROL_PLANE}
-        for role, _, process in self._started:
-            out[role].append(psutil.Process(process.pid))
-        return out
-
-    def check(self) -> None:
-        for _, name, process in self._started:
-            if process.poll() is not None:
-                raise RuntimeError(
-                    f"{name} exited ({process.returncode})\n{log_tail(self._logs / f'{name}.log')}"
-                )
-
-    def stop(self) -> None:
-        for _, _, process in reversed(self._started):
-            stop(process)
+async def _wait_until(group: ProcessGroup, ready: Callable[[], bool], what: str) -> None:
+    """Until ``ready()``, polled in a thread: the deployments start side by side."""
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    await asyncio.to_thread(group.wait_until, lambda: True if ready() else None, deadline, what)
 
 
-async def _listening(address: str, processes: _Processes) -> None:
-    host, _, port = address.rpartition(":")
-    async with asyncio.timeout(READY_TIMEOUT_S):
-        while True:
-            processes.check()
-            try:
-                _, writer = await asyncio.open_connection(host, int(port))
-            except OSError:
-                await asyncio.sleep(0.1)
-                continue
-            writer.close()
-            await writer.wait_closed()
-            return
-
-
-async def _serving(gateway: str, processes: _Processes) -> None:
-    """Until the gateway's readiness probe says a model has a ready node."""
-    async with asyncio.timeout(READY_TIMEOUT_S), httpx.AsyncClient(timeout=5.0) as http:
-        while True:
-            processes.check()
-            with contextlib.suppress(httpx.TransportError):
-                if (await http.get(f"{gateway}/ready")).status_code == 200:
-                    return
-            await asyncio.sleep(0.2)
+def _serving(gateway: str) -> bool:
+    """Whether the gateway's readiness probe says a model has a ready node."""
+    try:
+        return httpx.get(f"{gateway}/ready", timeout=5.0).status_code == 200
+    except httpx.TransportError:
+        return False
 
 
 @contextlib.asynccontextmanager
@@ -249,19 +196,23 @@ async def deployed(
         )
         if amqp:
             services.add(RABBITMQ)
-        processes = _Processes(logs, _environment(service_token, rate_limits))
-        stack.callback(processes.stop)
-        common = [*flags, "--data-dir", str(logs / "data")]
+        group = stack.enter_context(supervised(logs / "control-plane.log"))
+        env = _environment(service_token, rate_limits)
+        pids: dict[str, list[int]] = {role: [] for role in CONTROL_PLANE}
 
+        def start(role: str, argv: list[str]) -> None:
+            command = [sys.executable, "-m", "server.cli", "--log-level", "warning", role, *argv]
+            pids[role].append(group.start(command, env))
+
+        common = [*flags, "--data-dir", str(logs / "data")]
         account = f"127.0.0.1:{free_port()}"
-        processes.start("account", "account", ["--listen", account, *common, *amqp])
+        start("account", ["--listen", account, *common, *amqp])
         networks = [f"127.0.0.1:{free_port()}" for _ in range(topology.networks)]
         for index, network in enumerate(networks):
             replica = ["--replica-id", f"net-{index}"] if topology.shared else []
-            listen = ["--listen", network, "--account", account]
-            processes.start("network", f"network-{index}", [*listen, *common, *replica])
+            start("network", ["--listen", network, "--account", account, *common, *replica])
         for address in (account, *networks):
-            await _listening(address, processes)
+            await _wait_until(group, partial(accepts, address), f"a server to listen at {address}")
 
         async with channels.insecure_channel(account) as channel:
             service = bearer_metadata(service_token)
@@ -273,23 +224,21 @@ async def deployed(
         stack.callback(agent.stop)
 
         gateways = []
-        for index in range(topology.pairs):
+        for _ in range(topology.pairs):
             cloud, gateway_port = f"127.0.0.1:{free_port()}", free_port()
             upstream = ["--account", account, "--network", networks[topology.cloud_network]]
-            processes.start(
-                "cloud", f"cloud-{index}", ["--listen", cloud, *upstream, *common, *amqp]
-            )
-            await _listening(cloud, processes)
-            gateway_argv = ["--cloud", cloud, "--port", str(gateway_port)]
-            processes.start("gateway", f"gateway-{index}", gateway_argv)
+            start("cloud", ["--listen", cloud, *upstream, *common, *amqp])
+            await _wait_until(group, partial(accepts, cloud), f"cloud to listen at {cloud}")
+            start("gateway", ["--cloud", cloud, "--port", str(gateway_port)])
             gateways.append(f"http://127.0.0.1:{gateway_port}")
         for gateway in gateways:
-            await _serving(gateway, processes)
+            await _wait_until(group, partial(_serving, gateway), f"{gateway} to serve the model")
+        roles = {role: [psutil.Process(pid) for pid in started] for role, started in pids.items()}
         yield Deployment(
             topology,
             gateways,
             api_key,
             urlsplit(dsn).path.lstrip("/"),
-            {**processes.by_role(), "agent": [agent.psutil_process]},
+            {**roles, "agent": [agent.psutil_process]},
             frozenset(services),
         )

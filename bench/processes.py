@@ -5,7 +5,8 @@ one log file, waits until a readiness check passes (failing as soon as one of
 them exits, or at a deadline), and on leaving checks that none exited while
 it was in use, then stops them all, the last started first: SIGINT as Ctrl-C
 does, escalating to SIGTERM and SIGKILL only if one hangs. When anything
-failed, the log's tail goes to stderr.
+failed, the log's tail goes to stderr. Readiness checks: ``lists_model`` (an
+OpenAI-compatible server serves a model), ``accepts`` (a port listens).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import IO, TypeVar
 
 import httpx
+import psutil
 
 STOP_GRACE_S = 60.0
 KILL_GRACE_S = 15.0
@@ -108,6 +110,25 @@ def lists_model(
     return response.status_code == 200 and any(
         entry.get("id") == model for entry in response.json().get("data", [])
     )
+
+
+def accepts(address: str) -> bool:
+    """Whether something accepts connections at ``address`` (HOST:PORT)."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=POLL_S):
+            return True
+    except OSError:
+        return False
+
+
+def cpu_s(process: psutil.Process) -> float:
+    """User + system CPU seconds so far of ``process``; 0 once it is gone."""
+    try:
+        times = process.cpu_times()
+    except psutil.Error:
+        return 0.0
+    return float(times.user + times.system)
 
 
 def free_port() -> int:
