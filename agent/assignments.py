@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from agent.runtime.base import GenerationRequest
+from agent.runtime.base import WAITING_REPORT_S, GenerationRequest
 from core.agent_messages import AssignCommand
 from core.errors import InvalidArgument
 from core.inference import GenerationSpec, ResponseFormatType
@@ -14,6 +14,21 @@ from core.request_limits import (
     check_tool_use,
     parse_json_schema,
 )
+
+# Waiting reports within one stall timeout of the network: a late report (a busy
+# event loop, a slow link) still leaves others before the network gives up.
+WAITING_REPORTS_PER_STALL = 4
+
+
+def waiting_report_s(stall_timeout_s: float) -> float:
+    """How often a job held back by the runtime's scheduler is reported waiting under
+    a network that gives up a started job silent for ``stall_timeout_s`` (0: it did
+    not say): WAITING_REPORTS_PER_STALL times within it, and at least every
+    WAITING_REPORT_S. The network's stall timeout thus cannot undercut the reports,
+    however short it is set."""
+    if stall_timeout_s <= 0:
+        return WAITING_REPORT_S
+    return min(WAITING_REPORT_S, stall_timeout_s / WAITING_REPORTS_PER_STALL)
 
 
 def check_bounds(spec: GenerationSpec) -> None:
@@ -35,9 +50,12 @@ def check_bounds(spec: GenerationSpec) -> None:
     check_logit_bias(spec.sampling.logit_bias)
 
 
-def generation_request(assign: AssignCommand) -> GenerationRequest:
+def generation_request(
+    assign: AssignCommand, waiting_report_s: float = WAITING_REPORT_S
+) -> GenerationRequest:
     """Raises InvalidArgument (its field: the request field at fault) for a job the
-    agent cannot run as given."""
+    agent cannot run as given. A held-back job is reported waiting every
+    ``waiting_report_s``."""
     spec = assign.spec
     if not spec.messages and spec.prompt is None:
         raise InvalidArgument("a job needs messages or a prompt", field="messages")
@@ -57,4 +75,5 @@ def generation_request(assign: AssignCommand) -> GenerationRequest:
         prompt=spec.prompt,
         embed=spec.embed,
         tool_use=spec.tool_use,
+        waiting_report_s=waiting_report_s,
     )

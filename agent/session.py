@@ -29,14 +29,14 @@ import structlog
 from resultity.agent.v1 import agent_service_pb2 as pb
 from resultity.agent.v1 import agent_service_pb2_grpc as pb_grpc
 
-from agent.assignments import generation_request
+from agent.assignments import generation_request, waiting_report_s
 from agent.backoff import Backoff
 from agent.batching import MAX_BATCH_DELAY_S, MAX_BATCH_TOKENS
 from agent.heartbeats import Heartbeats
 from agent.identity import NodeIdentity, signed_hello
 from agent.results import ResultSink
 from agent.runner import JobRef, JobRunner
-from agent.runtime.base import Runtime
+from agent.runtime.base import WAITING_REPORT_S, Runtime
 from agent.telemetry import AgentMetrics, JobTelemetry
 from core import tracing
 from core.agent_messages import ConfigApplied, Draining, FailureKind
@@ -112,6 +112,9 @@ class AgentSession:
         # interval in force.
         self.config_version = 0
         self.heartbeat_interval_s = settings.heartbeat_interval_s
+        # How often a job the runtime holds back is reported waiting: within the
+        # stall timeout of the network this session joined (its welcome).
+        self.waiting_report_s = WAITING_REPORT_S
         self.connected = asyncio.Event()
         self.draining = False
         # The live session's outbound queue and runner, for drain().
@@ -215,6 +218,9 @@ class AgentSession:
                     welcome = response.welcome
                     heartbeats.set_interval(welcome.heartbeat_interval.ToNanoseconds() / 1e9)
                     self.heartbeat_interval_s = heartbeats.interval_s
+                    self.waiting_report_s = waiting_report_s(
+                        welcome.stall_timeout.ToNanoseconds() / 1e9
+                    )
                     self.node_id = welcome.node_id
                     # This session's task and the jobs it starts log the node's id.
                     structlog.contextvars.bind_contextvars(node_id=self.node_id)
@@ -229,6 +235,7 @@ class AgentSession:
                         network=self.target,
                         region=self._settings.region or None,
                         heartbeat_s=heartbeats.interval_s,
+                        waiting_report_s=self.waiting_report_s,
                     )
                     heartbeats.start()
                 elif kind == "config":
@@ -284,7 +291,7 @@ class AgentSession:
         job = JobRef(assign.job_id, assign.epoch)
         try:
             command = assign_from_pb(assign)
-            request = generation_request(command)
+            request = generation_request(command, self.waiting_report_s)
         except InvalidArgument as error:
             param = error.metadata.get("field", "")
             sink.failed(job, FailureKind.INVALID_REQUEST, error.message, param)

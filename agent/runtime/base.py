@@ -14,6 +14,11 @@ from typing import Protocol
 
 from core.inference import Continuation, FinishReason, GenerationSpec, TokenLogprob
 
+# The longest a generation the runtime's scheduler holds back goes between two
+# Waiting reports, and the interval where the network does not say its stall
+# timeout (agent/assignments.py): well within its default (60 s).
+WAITING_REPORT_S = 5.0
+
 
 @dataclass(frozen=True, slots=True)
 class GenerationRequest(GenerationSpec):
@@ -23,9 +28,13 @@ class GenerationRequest(GenerationSpec):
     be 0). The runtime refuses (PromptTooLong) a templated prompt longer than
     ``max_prompt_tokens``; a text completion's ``prompt`` is used as it is (no chat
     template, no messages); ``embed`` asks for Started, one Embedding, Finished.
+    A generation held back by the runtime's scheduler is told it waits when it
+    starts waiting and then every ``waiting_report_s`` (within the network's stall
+    timeout: agent/assignments.py).
     """
 
     continuation: Continuation | None = None
+    waiting_report_s: float = WAITING_REPORT_S
 
 
 @dataclass(frozen=True)
@@ -71,8 +80,8 @@ class Embedding:
 class Waiting:
     """The generation waits on the runtime's scheduler, which works (preempted for
     K/V cache cells, or waiting for them) and will resume it. Sent when it starts
-    waiting and again every few seconds while it waits, by the scheduler itself:
-    a hung runtime sends none."""
+    waiting and again every ``GenerationRequest.waiting_report_s`` while it waits,
+    by the scheduler itself: a hung runtime sends none."""
 
 
 GenerationEvent = Started | Waiting | TokenText | Embedding | Finished

@@ -41,8 +41,8 @@ head of the queue, to evaluate again what it had (prompt in chunks, the tokens
 after it one per decode, as before) and go on where it was. A lone generation
 always fits: the cache holds at least one whole context. A generation held
 back in the queue (preempted, or waiting for cells) is told so (``Waiting``)
-when it starts waiting and every ``WAITING_REPORT_S`` while it waits, by this
-scheduler's thread: the network then tells it from a hung one.
+when it starts waiting and every ``waiting_report_s`` of its request while it
+waits, by this scheduler's thread: the network then tells it from a hung one.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ import llama_cpp
 import llama_cpp.llama_cpp as llama_lib
 import structlog
 
-from agent.runtime.base import Finished, GenerationError, Waiting
+from agent.runtime.base import WAITING_REPORT_S, Finished, GenerationError, Waiting
 from agent.runtime.channel import GenerationChannel
 from agent.runtime.llama_vocab import Vocab
 from agent.runtime.sampling import SamplerChain
@@ -74,11 +74,6 @@ log = structlog.get_logger(__name__)
 # not ids, bound what stays cached; an id costs a row of the context's logits
 # buffer (n_vocab floats, 196 KB for SmolLM2), so not every id llama.cpp allows.
 IDLE_SEQUENCES = 16
-
-# How often a generation held back in the queue is told it still waits: well
-# within the network's stall timeout (60 s by default), after which a silent
-# running job is taken for a stalled one.
-WAITING_REPORT_S = 5.0
 
 # Prompt tokens evaluated per step over all sequences: large enough that a
 # prompt's prefill stays efficient, small enough that the running sequences'
@@ -103,6 +98,8 @@ class Job:
     budget: int
     channel: GenerationChannel
     fingerprints: Callable[[str], tuple[int, ...]] | None = None
+    # How often it is told it still waits (GenerationRequest.waiting_report_s).
+    waiting_report_s: float = WAITING_REPORT_S
     done: Future[None] = field(default_factory=Future)
     # Progress, kept here so that a preempted generation resumes where it was:
     # the tokens sampled (counted ones), their text, and how many of the tokens
@@ -249,12 +246,12 @@ class BatchScheduler:
 
     def _report_waiting(self) -> None:
         """Tells the jobs left in the queue after admission that they wait: when they
-        start waiting, then every WAITING_REPORT_S."""
+        start waiting, then every ``waiting_report_s`` of theirs."""
         now = time.monotonic()
         with self._wake:
             for job in self._pending:
                 reported = job.waiting_reported
-                if reported is None or now - reported >= WAITING_REPORT_S:
+                if reported is None or now - reported >= job.waiting_report_s:
                     job.waiting_reported = now
                     with contextlib.suppress(RuntimeError):  # gone: cancelled, see _admit
                         job.channel.wait(Waiting())

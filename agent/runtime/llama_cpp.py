@@ -204,6 +204,7 @@ class LlamaCppRuntime:
             budget,
             channel,
             None if request.prompt is not None else partial(_conversation_fingerprints, request),
+            request.waiting_report_s,
         )
         try:
             self._scheduler.submit(job)

@@ -27,7 +27,7 @@ from server.network.nodes import (
     SignedHello,
 )
 from server.network.remote_nodes import RemoteNode
-from server.network.settings import LivenessSettings
+from server.network.settings import FailoverSettings, LivenessSettings
 
 
 def hello_from_pb(hello: agent_pb.Hello) -> NodeHello:
@@ -63,12 +63,15 @@ def challenge_to_pb(nonce: bytes, network_id: str) -> agent_pb.ConnectResponse:
     )
 
 
-def welcome_to_pb(node_id: str, liveness: LivenessSettings) -> agent_pb.ConnectResponse:
+def welcome_to_pb(
+    node_id: str, liveness: LivenessSettings, failover: FailoverSettings
+) -> agent_pb.ConnectResponse:
     return agent_pb.ConnectResponse(
         welcome=agent_pb.Welcome(
             node_id=node_id,
             heartbeat_interval=duration_to_pb(liveness.heartbeat_interval_s),
             heartbeat_timeout=duration_to_pb(liveness.heartbeat_timeout_s),
+            stall_timeout=duration_to_pb(failover.stall_timeout_s),
         )
     )
 

@@ -74,7 +74,7 @@ class AgentServicer(agent_grpc.AgentServiceServicer):
             await abort_with_error(context, error)
         if node is None:
             return
-        yield welcome_to_pb(node.node_id, self._service.liveness)
+        yield welcome_to_pb(node.node_id, self._service.liveness, self._service.failover)
         # This stream's task and its reader log the node's id.
         structlog.contextvars.bind_contextvars(node_id=node.node_id)
         reader = asyncio.create_task(self._read(node, request_iterator), name="agent-reader")

@@ -37,7 +37,8 @@ class FailoverSettings:
     # prefilling a long prompt sends nothing. Counted from the job's start on the
     # node (JobStarted), not from its assignment: time in the node's queue is
     # bounded by queue_timeout_s instead. A job the node's scheduler holds back
-    # is reported waiting every 5 s (JobWaiting): keep this well above that.
+    # is reported waiting (JobWaiting) four times per stall timeout, at least
+    # every 5 s: the welcome tells each agent this timeout, so any value holds.
     stall_timeout_s: float = 60.0
     # A job still waiting in its node's queue this long after assignment fails
     # with NO_CAPACITY and a retry hint (a 503 with retry-after), instead of

@@ -402,21 +402,24 @@ async def test_a_job_queued_behind_a_slow_one_is_not_taken_for_a_stall(
 @dataclass
 class PreemptedRuntime(ScriptedRuntime):
     """Pauses each generation after its second token for ``pause_s`` (preempted for
-    cache cells), saying so every ``every_s`` as the llama.cpp scheduler does."""
+    cache cells), saying so every ``every_s`` (unset: every ``waiting_report_s`` of
+    the request) as the llama.cpp scheduler does."""
 
     pause_s: float = 0.0
-    every_s: float = 0.0
+    every_s: float | None = None
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        every_s = request.waiting_report_s if self.every_s is None else self.every_s
         tokens = 0
         async for event in super().generate(request):
             yield event
             if isinstance(event, TokenText):
                 tokens += 1
-                if tokens == 2:
-                    for _ in range(round(self.pause_s / self.every_s)):
-                        yield Waiting()
-                        await asyncio.sleep(self.every_s)
+                paused = 0.0
+                while tokens == 2 and paused < self.pause_s:
+                    yield Waiting()
+                    await asyncio.sleep(every_s)
+                    paused += every_s
 
 
 async def test_a_job_its_node_reports_waiting_is_not_taken_for_a_stall(
@@ -428,6 +431,21 @@ async def test_a_job_its_node_reports_waiting_is_not_taken_for_a_stall(
     async with _one_node_stalling_after(postgres_dsn, 0.3, runtime, "preempting") as server:
         events = await _run_job(server, "preempted", _spec())
 
+    assert _text(events) == DEFAULT_SCRIPT
+    assert not [e for e in events if e.WhichOneof("event") == "migrated"]
+
+
+async def test_a_stall_timeout_under_the_default_report_interval_quickens_the_reports(
+    postgres_dsn: str,
+) -> None:
+    """The welcome tells the agent the network's stall timeout (0.3 s, far under the
+    runtime's default 5 s between waiting reports): the agent asks its runtime to
+    report a held-back job four times per stall timeout, so it is not given up."""
+    runtime = PreemptedRuntime(pause_s=1.5)
+    async with _one_node_stalling_after(postgres_dsn, 0.3, runtime, "told") as server:
+        events = await _run_job(server, "held-back", _spec())
+
+    assert [job.waiting_report_s for job in runtime.started_jobs] == [pytest.approx(0.3 / 4)]
     assert _text(events) == DEFAULT_SCRIPT
     assert not [e for e in events if e.WhichOneof("event") == "migrated"]
 

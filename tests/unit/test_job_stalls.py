@@ -1,9 +1,13 @@
 """The network's stall and queue timers of one assignment (ActiveJob): a job its
 node's scheduler holds back, reported waiting, is not a stalled one; a node that
-stops reporting is."""
+stops reporting is. The agent reports waiting within any stall timeout."""
 
 from __future__ import annotations
 
+import pytest
+
+from agent.assignments import waiting_report_s
+from agent.runtime.base import WAITING_REPORT_S
 from core.agent_messages import ChunkReport, StartedReport, WaitingReport
 from core.inference import ChatMessage, ChatRole, GenerationSpec, Sampling
 from server.network.jobs import ActiveJob
@@ -60,3 +64,11 @@ def test_a_waiting_report_implies_the_job_started() -> None:
     job.heard(WaitingReport("j", 1), 2.0)
     assert job.running
     assert not job.queued_too_long(1000.0, QUEUE_S)
+
+
+def test_the_agent_reports_waiting_four_times_per_stall_timeout_and_at_least_every_5_s() -> None:
+    assert waiting_report_s(STALL_S) == WAITING_REPORT_S == 5.0
+    assert waiting_report_s(2.0) == 0.5
+    assert waiting_report_s(0.3) == pytest.approx(0.075)
+    # A network that does not tell its stall timeout (the welcome's field unset).
+    assert waiting_report_s(0.0) == WAITING_REPORT_S

@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from resultity.common.v1 import inference_pb2 as resultity_dot_common_dot_v1_dot_inference__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&resultity/agent/v1/agent_service.proto\x12\x12resultity.agent.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a#resultity/common/v1/inference.proto\"\xdc\x04\n\x0e\x43onnectRequest\x12*\n\x05hello\x18\x01 \x01(\x0b\x32\x19.resultity.agent.v1.HelloH\x00\x12\x32\n\theartbeat\x18\x02 \x01(\x0b\x32\x1d.resultity.agent.v1.HeartbeatH\x00\x12\x31\n\tjob_chunk\x18\x03 \x01(\x0b\x32\x1c.resultity.agent.v1.JobChunkH\x00\x12/\n\x08job_done\x18\x04 \x01(\x0b\x32\x1b.resultity.agent.v1.JobDoneH\x00\x12\x33\n\njob_failed\x18\x05 \x01(\x0b\x32\x1d.resultity.agent.v1.JobFailedH\x00\x12\x30\n\x08\x64raining\x18\x06 \x01(\x0b\x32\x1c.resultity.agent.v1.DrainingH\x00\x12\x37\n\x0csigned_hello\x18\x07 \x01(\x0b\x32\x1f.resultity.agent.v1.SignedHelloH\x00\x12;\n\x0e\x63onfig_applied\x18\x08 \x01(\x0b\x32!.resultity.agent.v1.ConfigAppliedH\x00\x12\x35\n\x0bjob_started\x18\t \x01(\x0b\x32\x1e.resultity.agent.v1.JobStartedH\x00\x12\x30\n\x05\x62\x61tch\x18\n \x01(\x0b\x32\x1f.resultity.agent.v1.ReportBatchH\x00\x12\x35\n\x0bjob_waiting\x18\x0b \x01(\x0b\x32\x1e.resultity.agent.v1.JobWaitingH\x00\x42\t\n\x07message\"B\n\x0bReportBatch\x12\x33\n\x07reports\x18\x01 \x03(\x0b\x32\".resultity.agent.v1.ConnectRequest\"\xd3\x02\n\x0f\x43onnectResponse\x12.\n\x07welcome\x18\x01 \x01(\x0b\x32\x1b.resultity.agent.v1.WelcomeH\x00\x12\x33\n\nassign_job\x18\x02 \x01(\x0b\x32\x1d.resultity.agent.v1.AssignJobH\x00\x12\x33\n\ncancel_job\x18\x03 \x01(\x0b\x32\x1d.resultity.agent.v1.CancelJobH\x00\x12\x32\n\treconnect\x18\x04 \x01(\x0b\x32\x1d.resultity.agent.v1.ReconnectH\x00\x12\x32\n\tchallenge\x18\x05 \x01(\x0b\x32\x1d.resultity.agent.v1.ChallengeH\x00\x12\x33\n\x06\x63onfig\x18\x06 \x01(\x0b\x32!.resultity.agent.v1.NetworkConfigH\x00\x42\t\n\x07message\".\n\tChallenge\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12\x12\n\nnetwork_id\x18\x02 \x01(\t\"/\n\x0bSignedHello\x12\r\n\x05hello\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"\x89\x02\n\x05Hello\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\x15\n\ragent_version\x18\x02 \x01(\t\x12/\n\x06models\x18\x03 \x03(\x0b\x32\x1f.resultity.agent.v1.ServedModel\x12\x1b\n\x13max_concurrent_jobs\x18\x04 \x01(\x05\x12\x12\n\npublic_key\x18\x05 \x01(\x0c\x12\x12\n\nnode_token\x18\x06 \x01(\t\x12\r\n\x05nonce\x18\x07 \x01(\x0c\x12\x12\n\nnetwork_id\x18\x08 \x01(\t\x12-\n\tsigned_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06region\x18\n \x01(\t\"E\n\x0bServedModel\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07runtime\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\x05\"\x87\x01\n\x07Welcome\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x35\n\x12heartbeat_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x34\n\x11heartbeat_timeout\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x8b\x01\n\tHeartbeat\x12\x13\n\x0b\x61\x63tive_jobs\x18\x01 \x01(\x05\x12\x13\n\x0bqueued_jobs\x18\x02 \x01(\x05\x12 \n\x18recent_tokens_per_second\x18\x03 \x01(\x01\x12\x19\n\x11\x66ree_memory_bytes\x18\x04 \x01(\x03\x12\x17\n\x0f\x63\x61\x63hed_prefixes\x18\x05 \x03(\x06\"\n\n\x08\x44raining\"\x1b\n\tReconnect\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x92\x02\n\tAssignJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\x31\n\x04spec\x18\x03 \x01(\x0b\x32#.resultity.common.v1.GenerationSpec\x12\x36\n\x0c\x63ontinuation\x18\x04 \x01(\x0b\x32 .resultity.agent.v1.Continuation\x12\x46\n\rtrace_context\x18\x05 \x03(\x0b\x32/.resultity.agent.v1.AssignJob.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"D\n\x0c\x43ontinuation\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x13\n\x0btoken_count\x18\x02 \x01(\x05\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\"*\n\tCancelJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\"+\n\nJobStarted\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\"+\n\nJobWaiting\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\"\xbe\x01\n\x08JobChunk\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x13\n\x0btoken_count\x18\x04 \x01(\x05\x12\x15\n\rprompt_tokens\x18\x05 \x01(\x05\x12\x11\n\ttoken_ids\x18\x06 \x03(\x05\x12\x33\n\x08logprobs\x18\x07 \x03(\x0b\x32!.resultity.common.v1.TokenLogprob\x12\x11\n\tembedding\x18\x08 \x03(\x02\"\xa0\x01\n\x07JobDone\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\x38\n\rfinish_reason\x18\x03 \x01(\x0e\x32!.resultity.common.v1.FinishReason\x12)\n\x05usage\x18\x04 \x01(\x0b\x32\x1a.resultity.common.v1.Usage\x12\x11\n\tsignature\x18\x05 \x01(\x0c\"\x0e\n\x0cResultDigest\"\xbe\x01\n\tJobFailed\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\x34\n\x06reason\x18\x03 \x01(\x0e\x32$.resultity.agent.v1.JobFailureReason\x12\x0f\n\x07message\x18\x04 \x01(\t\x12)\n\x05usage\x18\x05 \x01(\x0b\x32\x1a.resultity.common.v1.Usage\x12\x11\n\tsignature\x18\x06 \x01(\x0c\x12\r\n\x05param\x18\x07 \x01(\t\"\xee\x01\n\rNetworkConfig\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x35\n\x12heartbeat_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x34\n\x11heartbeat_timeout\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x19\n\x11min_agent_version\x18\x04 \x01(\t\x12\x13\n\x0b\x63\x61nary_rate\x18\x05 \x01(\x01\x12/\n\x06models\x18\x06 \x03(\x0b\x32\x1f.resultity.agent.v1.ConfigModel\"v\n\x0b\x43onfigModel\x12\r\n\x05model\x18\x01 \x01(\t\x12.\n\x05price\x18\x02 \x01(\x0b\x32\x1f.resultity.common.v1.ModelPrice\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\x05\x12\x10\n\x08runtimes\x18\x04 \x03(\t\" \n\rConfigApplied\x12\x0f\n\x07version\x18\x01 \x01(\x03*\xae\x01\n\x10JobFailureReason\x12\"\n\x1eJOB_FAILURE_REASON_UNSPECIFIED\x10\x00\x12&\n\"JOB_FAILURE_REASON_INVALID_REQUEST\x10\x01\x12(\n$JOB_FAILURE_REASON_MODEL_UNAVAILABLE\x10\x02\x12$\n JOB_FAILURE_REASON_RUNTIME_ERROR\x10\x03\x32\x66\n\x0c\x41gentService\x12V\n\x07\x43onnect\x12\".resultity.agent.v1.ConnectRequest\x1a#.resultity.agent.v1.ConnectResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&resultity/agent/v1/agent_service.proto\x12\x12resultity.agent.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a#resultity/common/v1/inference.proto\"\xdc\x04\n\x0e\x43onnectRequest\x12*\n\x05hello\x18\x01 \x01(\x0b\x32\x19.resultity.agent.v1.HelloH\x00\x12\x32\n\theartbeat\x18\x02 \x01(\x0b\x32\x1d.resultity.agent.v1.HeartbeatH\x00\x12\x31\n\tjob_chunk\x18\x03 \x01(\x0b\x32\x1c.resultity.agent.v1.JobChunkH\x00\x12/\n\x08job_done\x18\x04 \x01(\x0b\x32\x1b.resultity.agent.v1.JobDoneH\x00\x12\x33\n\njob_failed\x18\x05 \x01(\x0b\x32\x1d.resultity.agent.v1.JobFailedH\x00\x12\x30\n\x08\x64raining\x18\x06 \x01(\x0b\x32\x1c.resultity.agent.v1.DrainingH\x00\x12\x37\n\x0csigned_hello\x18\x07 \x01(\x0b\x32\x1f.resultity.agent.v1.SignedHelloH\x00\x12;\n\x0e\x63onfig_applied\x18\x08 \x01(\x0b\x32!.resultity.agent.v1.ConfigAppliedH\x00\x12\x35\n\x0bjob_started\x18\t \x01(\x0b\x32\x1e.resultity.agent.v1.JobStartedH\x00\x12\x30\n\x05\x62\x61tch\x18\n \x01(\x0b\x32\x1f.resultity.agent.v1.ReportBatchH\x00\x12\x35\n\x0bjob_waiting\x18\x0b \x01(\x0b\x32\x1e.resultity.agent.v1.JobWaitingH\x00\x42\t\n\x07message\"B\n\x0bReportBatch\x12\x33\n\x07reports\x18\x01 \x03(\x0b\x32\".resultity.agent.v1.ConnectRequest\"\xd3\x02\n\x0f\x43onnectResponse\x12.\n\x07welcome\x18\x01 \x01(\x0b\x32\x1b.resultity.agent.v1.WelcomeH\x00\x12\x33\n\nassign_job\x18\x02 \x01(\x0b\x32\x1d.resultity.agent.v1.AssignJobH\x00\x12\x33\n\ncancel_job\x18\x03 \x01(\x0b\x32\x1d.resultity.agent.v1.CancelJobH\x00\x12\x32\n\treconnect\x18\x04 \x01(\x0b\x32\x1d.resultity.agent.v1.ReconnectH\x00\x12\x32\n\tchallenge\x18\x05 \x01(\x0b\x32\x1d.resultity.agent.v1.ChallengeH\x00\x12\x33\n\x06\x63onfig\x18\x06 \x01(\x0b\x32!.resultity.agent.v1.NetworkConfigH\x00\x42\t\n\x07message\".\n\tChallenge\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12\x12\n\nnetwork_id\x18\x02 \x01(\t\"/\n\x0bSignedHello\x12\r\n\x05hello\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"\x89\x02\n\x05Hello\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\x15\n\ragent_version\x18\x02 \x01(\t\x12/\n\x06models\x18\x03 \x03(\x0b\x32\x1f.resultity.agent.v1.ServedModel\x12\x1b\n\x13max_concurrent_jobs\x18\x04 \x01(\x05\x12\x12\n\npublic_key\x18\x05 \x01(\x0c\x12\x12\n\nnode_token\x18\x06 \x01(\t\x12\r\n\x05nonce\x18\x07 \x01(\x0c\x12\x12\n\nnetwork_id\x18\x08 \x01(\t\x12-\n\tsigned_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06region\x18\n \x01(\t\"E\n\x0bServedModel\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07runtime\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\x05\"\xb9\x01\n\x07Welcome\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x35\n\x12heartbeat_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x34\n\x11heartbeat_timeout\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x30\n\rstall_timeout\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x8b\x01\n\tHeartbeat\x12\x13\n\x0b\x61\x63tive_jobs\x18\x01 \x01(\x05\x12\x13\n\x0bqueued_jobs\x18\x02 \x01(\x05\x12 \n\x18recent_tokens_per_second\x18\x03 \x01(\x01\x12\x19\n\x11\x66ree_memory_bytes\x18\x04 \x01(\x03\x12\x17\n\x0f\x63\x61\x63hed_prefixes\x18\x05 \x03(\x06\"\n\n\x08\x44raining\"\x1b\n\tReconnect\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x92\x02\n\tAssignJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\x31\n\x04spec\x18\x03 \x01(\x0b\x32#.resultity.common.v1.GenerationSpec\x12\x36\n\x0c\x63ontinuation\x18\x04 \x01(\x0b\x32 .resultity.agent.v1.Continuation\x12\x46\n\rtrace_context\x18\x05 \x03(\x0b\x32/.resultity.agent.v1.AssignJob.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"D\n\x0c\x43ontinuation\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x13\n\x0btoken_count\x18\x02 \x01(\x05\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\"*\n\tCancelJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\"+\n\nJobStarted\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\"+\n\nJobWaiting\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\"\xbe\x01\n\x08JobChunk\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x13\n\x0btoken_count\x18\x04 \x01(\x05\x12\x15\n\rprompt_tokens\x18\x05 \x01(\x05\x12\x11\n\ttoken_ids\x18\x06 \x03(\x05\x12\x33\n\x08logprobs\x18\x07 \x03(\x0b\x32!.resultity.common.v1.TokenLogprob\x12\x11\n\tembedding\x18\x08 \x03(\x02\"\xa0\x01\n\x07JobDone\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\x38\n\rfinish_reason\x18\x03 \x01(\x0e\x32!.resultity.common.v1.FinishReason\x12)\n\x05usage\x18\x04 \x01(\x0b\x32\x1a.resultity.common.v1.Usage\x12\x11\n\tsignature\x18\x05 \x01(\x0c\"\x0e\n\x0cResultDigest\"\xbe\x01\n\tJobFailed\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\x34\n\x06reason\x18\x03 \x01(\x0e\x32$.resultity.agent.v1.JobFailureReason\x12\x0f\n\x07message\x18\x04 \x01(\t\x12)\n\x05usage\x18\x05 \x01(\x0b\x32\x1a.resultity.common.v1.Usage\x12\x11\n\tsignature\x18\x06 \x01(\x0c\x12\r\n\x05param\x18\x07 \x01(\t\"\xee\x01\n\rNetworkConfig\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x35\n\x12heartbeat_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x34\n\x11heartbeat_timeout\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x19\n\x11min_agent_version\x18\x04 \x01(\t\x12\x13\n\x0b\x63\x61nary_rate\x18\x05 \x01(\x01\x12/\n\x06models\x18\x06 \x03(\x0b\x32\x1f.resultity.agent.v1.ConfigModel\"v\n\x0b\x43onfigModel\x12\r\n\x05model\x18\x01 \x01(\t\x12.\n\x05price\x18\x02 \x01(\x0b\x32\x1f.resultity.common.v1.ModelPrice\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\x05\x12\x10\n\x08runtimes\x18\x04 \x03(\t\" \n\rConfigApplied\x12\x0f\n\x07version\x18\x01 \x01(\x03*\xae\x01\n\x10JobFailureReason\x12\"\n\x1eJOB_FAILURE_REASON_UNSPECIFIED\x10\x00\x12&\n\"JOB_FAILURE_REASON_INVALID_REQUEST\x10\x01\x12(\n$JOB_FAILURE_REASON_MODEL_UNAVAILABLE\x10\x02\x12$\n JOB_FAILURE_REASON_RUNTIME_ERROR\x10\x03\x32\x66\n\x0c\x41gentService\x12V\n\x07\x43onnect\x12\".resultity.agent.v1.ConnectRequest\x1a#.resultity.agent.v1.ConnectResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,8 +36,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ASSIGNJOB_TRACECONTEXTENTRY']._loaded_options = None
   _globals['_ASSIGNJOB_TRACECONTEXTENTRY']._serialized_options = b'8\001'
-  _globals['_JOBFAILUREREASON']._serialized_start=3380
-  _globals['_JOBFAILUREREASON']._serialized_end=3554
+  _globals['_JOBFAILUREREASON']._serialized_start=3430
+  _globals['_JOBFAILUREREASON']._serialized_end=3604
   _globals['_CONNECTREQUEST']._serialized_start=165
   _globals['_CONNECTREQUEST']._serialized_end=769
   _globals['_REPORTBATCH']._serialized_start=771
@@ -53,39 +53,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SERVEDMODEL']._serialized_start=1546
   _globals['_SERVEDMODEL']._serialized_end=1615
   _globals['_WELCOME']._serialized_start=1618
-  _globals['_WELCOME']._serialized_end=1753
-  _globals['_HEARTBEAT']._serialized_start=1756
-  _globals['_HEARTBEAT']._serialized_end=1895
-  _globals['_DRAINING']._serialized_start=1897
-  _globals['_DRAINING']._serialized_end=1907
-  _globals['_RECONNECT']._serialized_start=1909
-  _globals['_RECONNECT']._serialized_end=1936
-  _globals['_ASSIGNJOB']._serialized_start=1939
-  _globals['_ASSIGNJOB']._serialized_end=2213
-  _globals['_ASSIGNJOB_TRACECONTEXTENTRY']._serialized_start=2162
-  _globals['_ASSIGNJOB_TRACECONTEXTENTRY']._serialized_end=2213
-  _globals['_CONTINUATION']._serialized_start=2215
-  _globals['_CONTINUATION']._serialized_end=2283
-  _globals['_CANCELJOB']._serialized_start=2285
-  _globals['_CANCELJOB']._serialized_end=2327
-  _globals['_JOBSTARTED']._serialized_start=2329
-  _globals['_JOBSTARTED']._serialized_end=2372
-  _globals['_JOBWAITING']._serialized_start=2374
-  _globals['_JOBWAITING']._serialized_end=2417
-  _globals['_JOBCHUNK']._serialized_start=2420
-  _globals['_JOBCHUNK']._serialized_end=2610
-  _globals['_JOBDONE']._serialized_start=2613
-  _globals['_JOBDONE']._serialized_end=2773
-  _globals['_RESULTDIGEST']._serialized_start=2775
-  _globals['_RESULTDIGEST']._serialized_end=2789
-  _globals['_JOBFAILED']._serialized_start=2792
-  _globals['_JOBFAILED']._serialized_end=2982
-  _globals['_NETWORKCONFIG']._serialized_start=2985
-  _globals['_NETWORKCONFIG']._serialized_end=3223
-  _globals['_CONFIGMODEL']._serialized_start=3225
-  _globals['_CONFIGMODEL']._serialized_end=3343
-  _globals['_CONFIGAPPLIED']._serialized_start=3345
-  _globals['_CONFIGAPPLIED']._serialized_end=3377
-  _globals['_AGENTSERVICE']._serialized_start=3556
-  _globals['_AGENTSERVICE']._serialized_end=3658
+  _globals['_WELCOME']._serialized_end=1803
+  _globals['_HEARTBEAT']._serialized_start=1806
+  _globals['_HEARTBEAT']._serialized_end=1945
+  _globals['_DRAINING']._serialized_start=1947
+  _globals['_DRAINING']._serialized_end=1957
+  _globals['_RECONNECT']._serialized_start=1959
+  _globals['_RECONNECT']._serialized_end=1986
+  _globals['_ASSIGNJOB']._serialized_start=1989
+  _globals['_ASSIGNJOB']._serialized_end=2263
+  _globals['_ASSIGNJOB_TRACECONTEXTENTRY']._serialized_start=2212
+  _globals['_ASSIGNJOB_TRACECONTEXTENTRY']._serialized_end=2263
+  _globals['_CONTINUATION']._serialized_start=2265
+  _globals['_CONTINUATION']._serialized_end=2333
+  _globals['_CANCELJOB']._serialized_start=2335
+  _globals['_CANCELJOB']._serialized_end=2377
+  _globals['_JOBSTARTED']._serialized_start=2379
+  _globals['_JOBSTARTED']._serialized_end=2422
+  _globals['_JOBWAITING']._serialized_start=2424
+  _globals['_JOBWAITING']._serialized_end=2467
+  _globals['_JOBCHUNK']._serialized_start=2470
+  _globals['_JOBCHUNK']._serialized_end=2660
+  _globals['_JOBDONE']._serialized_start=2663
+  _globals['_JOBDONE']._serialized_end=2823
+  _globals['_RESULTDIGEST']._serialized_start=2825
+  _globals['_RESULTDIGEST']._serialized_end=2839
+  _globals['_JOBFAILED']._serialized_start=2842
+  _globals['_JOBFAILED']._serialized_end=3032
+  _globals['_NETWORKCONFIG']._serialized_start=3035
+  _globals['_NETWORKCONFIG']._serialized_end=3273
+  _globals['_CONFIGMODEL']._serialized_start=3275
+  _globals['_CONFIGMODEL']._serialized_end=3393
+  _globals['_CONFIGAPPLIED']._serialized_start=3395
+  _globals['_CONFIGAPPLIED']._serialized_end=3427
+  _globals['_AGENTSERVICE']._serialized_start=3606
+  _globals['_AGENTSERVICE']._serialized_end=3708
 # @@protoc_insertion_point(module_scope)

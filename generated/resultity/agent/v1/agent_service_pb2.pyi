@@ -359,6 +359,7 @@ class Welcome(_message.Message):
     NODE_ID_FIELD_NUMBER: _builtins.int
     HEARTBEAT_INTERVAL_FIELD_NUMBER: _builtins.int
     HEARTBEAT_TIMEOUT_FIELD_NUMBER: _builtins.int
+    STALL_TIMEOUT_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """The node's id: the first 16 bytes of SHA-256 of its public key, in hex.
     The same key always gets the same id.
@@ -369,16 +370,24 @@ class Welcome(_message.Message):
     def heartbeat_timeout(self) -> _duration_pb2.Duration:
         """Silence longer than this and the network drops the node."""
 
+    @_builtins.property
+    def stall_timeout(self) -> _duration_pb2.Duration:
+        """A started job the node sends nothing for this long is given up on this node
+        and moved elsewhere. The agent reports a job its runtime's scheduler holds
+        back (JobWaiting) well within it. Unset: the network does not say.
+        """
+
     def __init__(
         self,
         *,
         node_id: _builtins.str = ...,
         heartbeat_interval: _duration_pb2.Duration | None = ...,
         heartbeat_timeout: _duration_pb2.Duration | None = ...,
+        stall_timeout: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "heartbeat_timeout", b"heartbeat_timeout"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "heartbeat_timeout", b"heartbeat_timeout", "stall_timeout", b"stall_timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "heartbeat_timeout", b"heartbeat_timeout", "node_id", b"node_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "heartbeat_timeout", b"heartbeat_timeout", "node_id", b"node_id", "stall_timeout", b"stall_timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -624,10 +633,11 @@ Global___JobStarted: _TypeAlias = JobStarted  # noqa: Y015
 class JobWaiting(_message.Message):
     """A started job that the node's scheduler holds back for now (preempted for
     K/V cache cells, or waiting for them): it resumes where it was. Sent when it
-    starts waiting and again every few seconds (well within the network's stall
-    timeout) for as long as it waits, by the scheduler itself, so that the
-    network tells a job waiting on a working node from a hung one: this report
-    counts as progress, and a hung scheduler stops sending it.
+    starts waiting and again, for as long as it waits, every quarter of the
+    network's stall timeout (Welcome.stall_timeout) or every 5 s, whichever is
+    sooner, by the scheduler itself, so that the network tells a job waiting on a
+    working node from a hung one: this report counts as progress, and a hung
+    scheduler stops sending it.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
