@@ -19,6 +19,7 @@ from resultity.network.v1 import (
 )
 
 from core import channels, tracing
+from core.grpc_metrics import GrpcCalls
 from core.inference import CatalogModel
 from core.metrics import NO_METRICS, MetricsFactory
 from core.namespace import RedisNames
@@ -113,6 +114,8 @@ class NetworkComponent:
         self._admission = NodeAdmission(admission or AdmissionSettings(), tokens)
         self._validation = validation
         self._metrics = NetworkMetrics(metrics)
+        # The server's gRPC call metrics, where each job of a RunJobs stream counts.
+        self._calls = GrpcCalls(metrics)
         self._stop_watching: Callable[[], None] | None = None
         self._service: NetworkService | None = None
 
@@ -127,7 +130,7 @@ class NetworkComponent:
             AgentServicer(self.service), server
         )
         dispatch_service_pb2_grpc.add_DispatchServiceServicer_to_server(
-            DispatchServicer(self.service, self._callers), server
+            DispatchServicer(self.service, self._callers, self._calls), server
         )
         node_admin_service_pb2_grpc.add_NodeAdminServiceServicer_to_server(
             NodeAdminServicer(self.service, self._callers), server

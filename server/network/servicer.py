@@ -28,6 +28,7 @@ from core.convert.job_records import query_from_pb, record_to_pb
 from core.convert.requirements import requirements_from_pb
 from core.errors import DomainError, ProtocolViolation, SessionEnded
 from core.grpc_errors import abort_with_error, translate_errors
+from core.grpc_metrics import GrpcCalls
 from core.inference import (
     GenerationSpec,
     JobAssigned,
@@ -117,9 +118,10 @@ class AgentServicer(agent_grpc.AgentServiceServicer):
 
 
 class DispatchServicer(dispatch_grpc.DispatchServiceServicer):
-    def __init__(self, service: NetworkService, callers: ServiceCallers) -> None:
+    def __init__(self, service: NetworkService, callers: ServiceCallers, calls: GrpcCalls) -> None:
         self._service = service
         self.callers = callers
+        self._calls = calls
 
     @translate_errors
     @service_only
@@ -145,8 +147,12 @@ class DispatchServicer(dispatch_grpc.DispatchServiceServicer):
     async def _streamed_job(
         self, request: dispatch_pb.RunJobRequest
     ) -> AsyncGenerator[dispatch_pb.RunJobResponse, None]:
-        """A job of RunJobs, under the span its RunJob call would have had."""
-        with tracing.stream_server_span(RUN_JOB_METHOD, request.trace_context):
+        """A job of RunJobs, under the span its RunJob call would have had, and counted
+        as that call (jobs per second and their outcomes stay in the gRPC metrics)."""
+        with (
+            tracing.stream_server_span(RUN_JOB_METHOD, request.trace_context),
+            self._calls.call(RUN_JOB_METHOD),
+        ):
             async for response in self._job(request):
                 yield response
 

@@ -124,7 +124,8 @@ async def test_a_request_moves_the_counters_and_histograms_it_should(served: Ser
     assert moved("resultity_network_jobs_total", model=model, outcome="finished") == 1
     assert moved("resultity_routing_decision_seconds_count", result="picked") == 1
     assert moved("resultity_routing_affinity_total", model=model, outcome="miss") == 1
-    # Every gRPC service's calls: cloud's stream, the ledger's hold.
+    # Every gRPC service's calls: cloud's stream, the ledger's hold, and the job
+    # (a message of cloud's RunJobs stream) as the RunJob call it stands for.
     assert (
         moved(
             "resultity_grpc_server_handled_total",
@@ -139,6 +140,15 @@ async def test_a_request_moves_the_counters_and_histograms_it_should(served: Ser
             "resultity_grpc_server_handled_total",
             grpc_service="resultity.account.v1.LedgerService",
             grpc_method="CreateHold",
+            grpc_code="OK",
+        )
+        == 1
+    )
+    assert (
+        moved(
+            "resultity_grpc_server_handled_total",
+            grpc_service="resultity.network.v1.DispatchService",
+            grpc_method="RunJob",
             grpc_code="OK",
         )
         == 1

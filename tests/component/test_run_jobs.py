@@ -2,7 +2,8 @@
 stream, each with its own events in order and its end; a cancel, or the stream's
 end, cancels a job on its node as cancelling its RunJob call does; a job's error
 is the status its RunJob call ends with; a duplicate start and a start beyond the
-stream's limit are refused for that job alone; the caller is checked as RunJob's."""
+stream's limit are refused for that job alone; the caller is checked as RunJob's;
+each job counts in the gRPC call metrics as its RunJob call would."""
 
 from __future__ import annotations
 
@@ -18,11 +19,13 @@ from core.grpc_errors import Failure
 from core.inference import ChatMessage, ChatRole, GenerationSpec, Sampling
 from core.job_records import JobOutcome
 from core.metadata import bearer_metadata
+from core.prometheus import PrometheusMetrics
 from server.network import job_streams
 from tests.doubles.scripted_runtime import MODEL_ID, ScriptedRuntime, scripted_tokens
 from tests.harness import Platform, eventually, running_platform, until
 
 Call = grpc.aio.StreamStreamCall[dispatch_pb.RunJobsRequest, dispatch_pb.RunJobsResponse]
+DISPATCH = "resultity.network.v1.DispatchService"
 
 
 def _answer(n: int) -> str:
@@ -221,3 +224,43 @@ async def test_a_request_without_start_or_cancel_ends_the_stream(platform: Platf
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await call.read()
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_each_job_on_the_stream_counts_as_the_run_job_call_it_stands_for(
+    postgres_dsn: str,
+) -> None:
+    """In the server's gRPC call metrics, by the status its RunJob call would end
+    with; the stream itself counts once, when it ends."""
+    metrics = PrometheusMetrics()
+
+    def calls(method: str, code: str) -> float | None:
+        labels = {"grpc_service": DISPATCH, "grpc_method": method, "grpc_code": code}
+        return metrics.registry.get_sample_value("resultity_grpc_server_handled_total", labels)
+
+    def timed(method: str) -> float | None:
+        labels = {"grpc_service": DISPATCH, "grpc_method": method}
+        return metrics.registry.get_sample_value(
+            "resultity_grpc_server_handling_seconds_count", labels
+        )
+
+    async with running_platform(postgres_dsn, metrics=metrics) as platform:
+        runtime = ScriptedRuntime(answers=ANSWERS, slot_count=4, token_delay_s=0.05)
+        await platform.start_agent(runtime)
+        call = _stream(platform)
+        await call.write(_start("cancelled", "question 0"))
+        first = await call.read()
+        assert isinstance(first, dispatch_pb.RunJobsResponse)
+        await call.write(dispatch_pb.RunJobsRequest(cancel="cancelled"))
+        for n in (1, 2):
+            await call.write(_start(f"fine-{n}", f"question {n}"))
+        await call.write(_start("unknown-model", "hi", model="no-such-model"))
+        await _until_ended(call, {"fine-1", "fine-2", "unknown-model"})
+        await eventually(lambda: calls("RunJob", "CANCELLED") == 1)
+        assert calls("RunJob", "OK") == 2
+        assert calls("RunJob", "NOT_FOUND") == 1
+        assert timed("RunJob") == 4
+        assert timed("RunJobs") is None  # still open
+        call.cancel()
+        await eventually(lambda: timed("RunJobs") == 1)
+    assert calls("RunJobs", "CANCELLED") == 1
+    assert timed("RunJob") == 4
