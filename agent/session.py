@@ -11,7 +11,9 @@ The network may run as several replicas: the agent knows their addresses
 (``network`` is comma-separated) and, when a session ends, opens the next one
 with the next address, so an agent whose replica crashed or drained re-homes
 to another within its backoff. A DNS name resolving to several addresses
-works too: each session's channel connects to the first that answers.
+works too: each session's channel takes one of those that answer
+(round_robin, core/channels.py). A network server that tells an old connection
+to go lets the session on it run on (core/channels.py).
 
 ``drain`` is the graceful stop: the network is told to send no more jobs, the
 running ones finish within a grace period, then the stream is closed.

@@ -4,6 +4,11 @@ credential metadata every call carries.
 Keepalive settings are set on both sides together: clients ping idle
 connections so half-open ones are noticed, and servers accept those pings.
 
+Load sharing: a channel spreads its calls over every address its target
+resolves to (round_robin), such as a Kubernetes headless Service's pods, and
+servers tell connections past an age to go, so that long-lived clients resolve
+again and find pods that came since (see MAX_CONNECTION_AGE_MS).
+
 TLS (`Tls`): a process given a certificate and key serves TLS on its gRPC
 listener and presents that certificate to peers that ask for a client
 certificate; a server given a client CA requires one (mutual TLS). Outgoing
@@ -14,6 +19,7 @@ for loopback (`make run`).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,22 +31,48 @@ from core import tracing
 
 KEEPALIVE_TIME_MS = 20_000
 KEEPALIVE_TIMEOUT_MS = 10_000
+# round_robin reconnects an address whose connection went at once and, while it
+# cannot, fails calls fast (they do not wait for ready) until the next try after
+# a backoff. gRPC's default backoff grows to 120 s, so a channel whose server was
+# down a while kept failing long after the server came back; capped, an existing
+# channel reaches a restarted server within about a second.
+RECONNECT_BACKOFF_INITIAL_MS = 100
+RECONNECT_BACKOFF_MAX_MS = 1_000
+# A connection older than this is told to go (GOAWAY): its client resolves its
+# target again and opens new calls on a new connection, to any pod since added.
+MAX_CONNECTION_AGE_MS = 300_000
+# Calls open on a connection told to go run on to their end, however long: an
+# agent's session, cloud's RunJobs stream to the network (cutting it fails every
+# job on it) and streamed completions would otherwise lose work once the grace
+# ran out. Only new calls move, which is all that re-resolving needs; the
+# agent-facing listener shares the network's port, so it is not set apart. gRPC
+# reads INT_MAX as no limit.
+MAX_CONNECTION_AGE_GRACE_MS = 2**31 - 1
 
-CLIENT_OPTIONS: list[tuple[str, int]] = [
+LOAD_BALANCING = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
+
+CLIENT_OPTIONS: list[tuple[str, int | str]] = [
     ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
     ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.service_config", LOAD_BALANCING),
+    ("grpc.initial_reconnect_backoff_ms", RECONNECT_BACKOFF_INITIAL_MS),
+    ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MAX_MS),
 ]
 
-SERVER_OPTIONS: list[tuple[str, int]] = [
-    ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
-    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
-    ("grpc.keepalive_permit_without_calls", 1),
-    # Must not exceed the clients' ping interval, or the server closes them.
-    ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_TIME_MS // 2),
-    ("grpc.http2.max_ping_strikes", 0),
-]
+
+def server_options(max_connection_age_ms: int = MAX_CONNECTION_AGE_MS) -> list[tuple[str, int]]:
+    return [
+        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.keepalive_permit_without_calls", 1),
+        # Must not exceed the clients' ping interval, or the server closes them.
+        ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_TIME_MS // 2),
+        ("grpc.http2.max_ping_strikes", 0),
+        ("grpc.max_connection_age_ms", max_connection_age_ms),
+        ("grpc.max_connection_age_grace_ms", MAX_CONNECTION_AGE_GRACE_MS),
+    ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,10 +145,16 @@ def channel(target: str, tls: Tls = PLAINTEXT) -> grpc.aio.Channel:
     )
 
 
-def server(interceptors: Sequence[grpc.aio.ServerInterceptor[Any, Any]] = ()) -> grpc.aio.Server:
+def server(
+    interceptors: Sequence[grpc.aio.ServerInterceptor[Any, Any]] = (),
+    *,
+    max_connection_age_ms: int = MAX_CONNECTION_AGE_MS,
+) -> grpc.aio.Server:
     """A server with ``interceptors`` (metrics), after those of tracing when it is on."""
     chain = [*tracing.server_interceptors(), *interceptors]
-    return grpc.aio.server(options=SERVER_OPTIONS, interceptors=chain or None)
+    return grpc.aio.server(
+        options=server_options(max_connection_age_ms), interceptors=chain or None
+    )
 
 
 def listen(grpc_server: grpc.aio.Server, address: str, tls: Tls = PLAINTEXT) -> int:

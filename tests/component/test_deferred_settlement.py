@@ -44,7 +44,7 @@ class AccountServer:
 
     async def start(self) -> None:
         # Without SO_REUSEPORT: a stopped server's socket must not share the port.
-        server = grpc.aio.server(options=[*channels.SERVER_OPTIONS, ("grpc.so_reuseport", 0)])
+        server = grpc.aio.server(options=[*channels.server_options(), ("grpc.so_reuseport", 0)])
         self.component.register(server)
         assert server.add_insecure_port(f"127.0.0.1:{self.port}") == self.port
         await server.start()
