@@ -3,7 +3,8 @@
 A service's address (cloud's ``--account`` and ``--network``, the network's
 ``--account``, the gateway's ``--cloud``) is one HOST:PORT or several,
 comma-separated; one of them may be a DNS name resolving to several hosts (a
-Kubernetes Service), among which gRPC's resolver picks within that channel.
+Kubernetes headless Service), over which that channel spreads its calls
+(round_robin, core/channels.py).
 
 Calls are spread over the replicas in turn. A call that did not reach its
 replica's service (UNAVAILABLE without the service's ErrorInfo: the transport
@@ -11,7 +12,8 @@ failed, nothing answered) goes on to the next replica when delivering it twice
 would be harmless: reads, writes that carry an idempotency key, and a stream
 that had no response yet. A replica found unreachable is tried last for
 ``DOWN_FOR_S``, so that a dead one costs a failed connection now and then, not
-on every call.
+on every call. So is one whose channel already failed to connect (gRPC saw it
+go before any call of ours did), so that a call sent once does not fail on it.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ Streamed = grpc.aio.UnaryStreamCall[Any, R] | AsyncGenerator[R, None]
 
 # How long a replica found unreachable goes to the back of the turn.
 DOWN_FOR_S = 5.0
+# Channels in these states have no connection and fail calls at once.
+_FAILING = (grpc.ChannelConnectivity.TRANSIENT_FAILURE, grpc.ChannelConnectivity.SHUTDOWN)
 
 
 def parse_targets(addresses: str) -> tuple[str, ...]:
@@ -69,13 +73,16 @@ class ReplicaChannels:
 
     def order(self) -> list[int]:
         """The replicas one call tries, by index: from the next in turn, those found
-        unreachable lately last."""
+        unreachable lately or whose channel cannot connect last."""
         start = self._turn
         self._turn = (start + 1) % len(self._channels)
         turn = [*range(start, len(self._channels)), *range(start)]
         now = time.monotonic()
         # A stable sort: the replicas keep their turn within each group.
-        return sorted(turn, key=lambda index: self._down_until[index] > now)
+        return sorted(turn, key=lambda index: self._down_until[index] > now or self._failing(index))
+
+    def _failing(self, index: int) -> bool:
+        return self._channels[index].get_state(try_to_connect=False) in _FAILING
 
     def answered(self, index: int) -> None:
         self._down_until[index] = 0.0

@@ -1,10 +1,12 @@
 """Calls to a service given as several replica addresses: spread in turn, passed on
 from an unreachable replica when a second delivery is harmless, never when the
-service itself answered; and a cloud whose first account and network replicas are
-down serves and bills every request through the others."""
+service itself answered, and kept from a replica whose channel lost it; and a
+cloud whose first account and network replicas are down serves and bills every
+request through the others."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -55,10 +57,12 @@ class Tried:
     def __init__(self, addresses: str) -> None:
         self.replicas = ReplicaChannels(addresses)
         self._made: list[health_pb2_grpc.HealthStub] = []
+        self.channels: list[grpc.aio.Channel] = []
         self.stubs: ReplicatedStub[health_pb2_grpc.HealthStub] = self.replicas.stubs(self._stub)
         self.indexes: list[int] = []
 
     def _stub(self, channel: grpc.aio.Channel) -> health_pb2_grpc.HealthStub:
+        self.channels.append(channel)
         self._made.append(health_pb2_grpc.HealthStub(channel))
         return self._made[-1]
 
@@ -133,6 +137,27 @@ async def test_a_call_made_once_is_not_passed_on(tried: Callable[[str], Tried]) 
         # The next call made once goes to the replica that is up.
         assert (await calls.stubs.call(calls.check(), again=False)).status == SERVING
     assert calls.indexes == [0, 1]
+
+
+async def test_a_replica_whose_channel_lost_its_server_is_skipped_before_a_call_fails(
+    tried: Callable[[str], Tried],
+) -> None:
+    async with _replica(SERVING) as (first, first_server), _replica(NOT_SERVING) as (second, _):
+        calls = tried(f"{first},{second}")
+        assert (await calls.stubs.call(calls.check())).status == SERVING
+        assert (await calls.stubs.call(calls.check())).status == NOT_SERVING
+        await first_server.stop(None)
+        # The first replica died; no call of ours failed on it, but its channel
+        # found it gone and cannot reconnect. The timeout bounds a broken test.
+        channel = calls.channels[0]
+        async with asyncio.timeout(10):
+            while (state := channel.get_state()) != grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+                await channel.wait_for_state_change(state)
+        # Its turns go to the live replica, the calls sent once among them.
+        assert (await calls.stubs.call(calls.check(), again=False)).status == NOT_SERVING
+        assert (await calls.stubs.call(calls.check())).status == NOT_SERVING
+        assert (await calls.stubs.call(calls.check(), again=False)).status == NOT_SERVING
+    assert calls.indexes == [0, 1, 1, 1, 1]
 
 
 async def test_no_replica_reachable_is_unavailable(tried: Callable[[str], Tried]) -> None:
