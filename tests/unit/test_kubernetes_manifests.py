@@ -1,7 +1,7 @@
 """deploy/kubernetes/ is valid Kubernetes (kubernetes-validate, strict), and what it
 runs matches this code: every container's arguments parse as a `resultity`
 command, probes hit the health endpoints, Services select a Deployment's pods
-on a port they expose."""
+on a port they expose, and the services calling each other find every pod."""
 
 from __future__ import annotations
 
@@ -87,3 +87,13 @@ def test_services_reach_each_other_by_their_service_names() -> None:
             target = getattr(args, peer, None)
             if isinstance(target, str) and args.command != peer:
                 assert target in addresses, (deployment["metadata"]["name"], target)
+
+
+def test_the_services_called_inside_are_headless_and_the_outside_ones_not() -> None:
+    """A headless Service's name resolves to every ready pod, over which a client's
+    channel spreads its calls (core/channels.py); a ClusterIP's gives it one. The
+    gateway's HTTP and the agents' Service take connections from outside."""
+    headless = {s["metadata"]["name"] for s in SERVICES if s["spec"].get("clusterIP") == "None"}
+    assert headless == {f"resultity-{s}" for s in ("account", "cloud", "network")}
+    others = {s["metadata"]["name"] for s in SERVICES} - headless
+    assert others == {"resultity-gateway", "resultity-network-agents"}
