@@ -21,7 +21,9 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
 import httpx
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from resultity.account.v1 import account_service_pb2 as account_pb
 from resultity.account.v1 import account_service_pb2_grpc as account_grpc
 from resultity.account.v1 import api_key_service_pb2 as keys_pb
@@ -166,8 +168,23 @@ class ScaledOut:
         return bearer_metadata(self.service_token)
 
     async def restart(self, name: str) -> None:
-        """Starts a service process that ended again; returns once it listens."""
+        """Starts a service process that ended again; returns once it listens and,
+        for an account replica, once the test's own channel to it answers again
+        (until its next reconnect attempt it fails calls fast, core/channels.py)."""
         await wait_until_listening(self.ports[name], await self.processes.restart(name))
+        service, _, index = name.partition("-")
+        if service == "account":
+            await self._reconnected(int(index))
+
+    async def _reconnected(self, account: int) -> None:
+        health = self.account_replicas.stubs(health_pb2_grpc.HealthStub)
+        request = health_pb2.HealthCheckRequest()
+        async with asyncio.timeout(READY_TIMEOUT_S):
+            while True:
+                answers = await health.each(lambda stub: stub.Check(request))
+                if not isinstance(answers[account], grpc.aio.AioRpcError):
+                    return
+                await asyncio.sleep(0.1)
 
     async def create_account(self, name: str) -> str:
         accounts = self.account_replicas.stubs(account_grpc.AccountServiceStub)
