@@ -309,11 +309,15 @@ async def running_platform(
     validation: ValidationSettings = NO_VALIDATION,
     metrics: MetricsFactory = NO_METRICS,
     presence: Presence | None = None,
+    max_connection_age_ms: int = channels.MAX_CONNECTION_AGE_MS,
 ) -> AsyncIterator[Platform]:
     """``metrics``: where the services count their work, as `resultity up`'s do. With
     ``presence``, the network is replica "replica-a" of a fleet on it (others join
     with start_network, ``account_target`` the platform's)."""
-    server = channels.server([GrpcServerMetrics(metrics)] if metrics is not NO_METRICS else [])
+    server = channels.server(
+        [GrpcServerMetrics(metrics)] if metrics is not NO_METRICS else [],
+        max_connection_age_ms=max_connection_age_ms,
+    )
     port = server.add_insecure_port("127.0.0.1:0")
     target = f"127.0.0.1:{port}"
     secrets = PlatformSecrets.generate()

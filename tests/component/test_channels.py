@@ -1,7 +1,8 @@
 """core/channels.py's channels and servers on loopback: a channel spreads its calls
 over every address of its target, reaches a server restarted on the same port
 through the same channel, and a server's old connection sends new calls to a new
-one while the calls still open on it run on."""
+one while the calls still open on it run on: an agent's session, cloud's job
+stream to the network and a streamed completion outlive many connection ages."""
 
 from __future__ import annotations
 
@@ -11,9 +12,13 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import grpc
+from resultity.cloud.v1 import inference_service_pb2 as pb
+from resultity.common.v1 import inference_pb2 as common_pb
 
 from core import channels
-from tests.harness import free_port
+from server.network.catalog import SMOLLM2_135M
+from tests.doubles.scripted_runtime import ScriptedRuntime
+from tests.harness import free_port, running_platform
 
 PEER = "/test.Peers/Peer"
 FOLLOW = "/test.Peers/Follow"
@@ -127,3 +132,31 @@ async def test_an_old_connection_moves_new_calls_and_runs_open_ones_to_their_end
         peers.sent.put_nowait(b"still here")
         assert await stream.read() == b"still here"
         stream.cancel()
+
+
+async def test_sessions_and_streams_outlive_many_connection_ages(postgres_dsn: str) -> None:
+    age_ms = 100
+    script = " ".join(f"w{i}" for i in range(100))
+    runtime = ScriptedRuntime(script=script, token_delay_s=0.01)
+    params = pb.ChatCompletionParams(
+        model=SMOLLM2_135M.id,
+        messages=[common_pb.ChatMessage(role=common_pb.CHAT_ROLE_USER, content="hello there")],
+    )
+    async with running_platform(postgres_dsn, max_connection_age_ms=age_ms) as platform:
+        agent = await platform.start_agent(runtime, "node")
+        customer = await platform.customer(credits=1_000_000)
+        for request in range(2):
+            # Each streams over about ten ages; between them, the agent's session
+            # and every connection grow older still.
+            parts = [
+                message.choices[0].content
+                async for message in platform.inference.StreamChatCompletion(
+                    pb.StreamChatCompletionRequest(params=params), metadata=customer.metadata
+                )
+                if message.choices
+            ]
+            assert "".join(parts) == script
+            await asyncio.sleep(5 * age_ms / 1000)
+            # One run each, on the one session: none was cut and continued.
+            assert len(runtime.started_jobs) == request + 1
+        assert agent.session.connected.is_set()
