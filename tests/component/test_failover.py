@@ -386,9 +386,10 @@ async def test_a_job_queued_behind_a_slow_one_is_not_taken_for_a_stall(
     postgres_dsn: str,
 ) -> None:
     """Time in the node's queue is not silence: the stall timer starts with the job."""
-    # One slot; each job takes about ten stall timeouts (150 tokens, 0.02 s apart).
+    # One slot; each job takes about three stall timeouts (150 tokens, 0.02 s apart),
+    # while a token is late only if the loop stalls for a whole second.
     runtime = ScriptedRuntime(script=LONG_SCRIPT, token_delay_s=0.02)
-    async with _one_node_stalling_after(postgres_dsn, 0.3, runtime, "busy") as server:
+    async with _one_node_stalling_after(postgres_dsn, 1.0, runtime, "busy") as server:
         slow = asyncio.create_task(_run_job(server, "slow", _spec(max_tokens=150)))
         await eventually(lambda: len(runtime.started_jobs) == 1)
         innocent = await _run_job(server, "innocent", _spec(max_tokens=150))
@@ -426,9 +427,9 @@ async def test_a_job_its_node_reports_waiting_is_not_taken_for_a_stall(
     postgres_dsn: str,
 ) -> None:
     """Silence while the node's scheduler holds the job back, reported, is not a stall."""
-    # Silent for five stall timeouts, reported waiting six times per stall timeout.
-    runtime = PreemptedRuntime(pause_s=1.5, every_s=0.05)
-    async with _one_node_stalling_after(postgres_dsn, 0.3, runtime, "preempting") as server:
+    # Silent for three stall timeouts, reported waiting ten times per stall timeout.
+    runtime = PreemptedRuntime(pause_s=3.0, every_s=0.1)
+    async with _one_node_stalling_after(postgres_dsn, 1.0, runtime, "preempting") as server:
         events = await _run_job(server, "preempted", _spec())
 
     assert _text(events) == DEFAULT_SCRIPT
@@ -438,14 +439,14 @@ async def test_a_job_its_node_reports_waiting_is_not_taken_for_a_stall(
 async def test_a_stall_timeout_under_the_default_report_interval_quickens_the_reports(
     postgres_dsn: str,
 ) -> None:
-    """The welcome tells the agent the network's stall timeout (0.3 s, far under the
+    """The welcome tells the agent the network's stall timeout (1 s, far under the
     runtime's default 5 s between waiting reports): the agent asks its runtime to
     report a held-back job four times per stall timeout, so it is not given up."""
-    runtime = PreemptedRuntime(pause_s=1.5)
-    async with _one_node_stalling_after(postgres_dsn, 0.3, runtime, "told") as server:
+    runtime = PreemptedRuntime(pause_s=3.0)
+    async with _one_node_stalling_after(postgres_dsn, 1.0, runtime, "told") as server:
         events = await _run_job(server, "held-back", _spec())
 
-    assert [job.waiting_report_s for job in runtime.started_jobs] == [pytest.approx(0.3 / 4)]
+    assert [job.waiting_report_s for job in runtime.started_jobs] == [pytest.approx(1.0 / 4)]
     assert _text(events) == DEFAULT_SCRIPT
     assert not [e for e in events if e.WhichOneof("event") == "migrated"]
 
