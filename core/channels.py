@@ -19,6 +19,7 @@ for loopback (`make run`).
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -50,6 +51,34 @@ MAX_CONNECTION_AGE_MS = 300_000
 MAX_CONNECTION_AGE_GRACE_MS = 2**31 - 1
 
 LOAD_BALANCING = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
+
+# Target schemes that name their addresses (gRPC's naming): a list of IP literals,
+# or one socket.
+_ADDRESS_LISTS = ("ipv4:", "ipv6:")
+_SOCKETS = ("unix:", "unix-abstract:", "vsock:")
+
+
+def addresses(target: str) -> int | None:
+    """How many addresses a channel's ``target`` names (round_robin spreads its calls
+    over them): its IP literals, or its one socket; None for a DNS name, whose
+    addresses only its resolution knows (a headless Service's pods, which change)."""
+    if target.startswith(_ADDRESS_LISTS):
+        return len(target.split(","))
+    if target.startswith(_SOCKETS):
+        return 1
+    host_port = target.removeprefix("dns:")
+    if host_port.startswith("//"):  # dns://[authority]/host:port
+        host_port = host_port[2:].partition("/")[2]
+    if host_port.startswith("["):  # [ipv6]:port
+        host = host_port[1:].partition("]")[0]
+    else:
+        host = host_port.rpartition(":")[0] if host_port.count(":") == 1 else host_port
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    return 1
+
 
 CLIENT_OPTIONS: list[tuple[str, int | str]] = [
     ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),

@@ -69,7 +69,12 @@ class ReplicaChannels:
 
     def stubs(self, factory: Callable[[grpc.aio.Channel], S]) -> ReplicatedStub[S]:
         """A stub of one service on every replica."""
-        return ReplicatedStub(self, tuple(factory(each) for each in self._channels))
+        return self.targeted_stubs(lambda each, _: factory(each))
+
+    def targeted_stubs(self, factory: Callable[[grpc.aio.Channel, str], S]) -> ReplicatedStub[S]:
+        """A stub of one service on every replica, made from its channel and target."""
+        pairs = zip(self._channels, self.targets, strict=True)
+        return ReplicatedStub(self, tuple(factory(each, target) for each, target in pairs))
 
     def order(self) -> list[int]:
         """The replicas one call tries, by index: from the next in turn, those found
