@@ -36,7 +36,7 @@ from core.inference import (
 from core.job_records import JobQuery, JobRecord
 from core.metadata import bearer_metadata
 from core.replica_channels import ReplicaChannels
-from server.cloud.job_streams import JobLink
+from server.cloud.job_streams import JobLink, pool_size
 from server.cloud.ports import (
     NO_REQUIREMENTS,
     Caller,
@@ -243,17 +243,19 @@ def _batch_failed(
 class GrpcNetworkClient:
     """The network's replicas, each routing over the whole fleet: a call goes on to the
     next replica when one is unreachable (a job only before its first event). Jobs
-    travel on one stream per replica."""
+    travel on a few streams per replica (job_streams.py)."""
 
     def __init__(self, replicas: ReplicaChannels, service_token: str) -> None:
         self._dispatch = replicas.stubs(dispatch_grpc.DispatchServiceStub)
         # The network's dispatch API serves only the platform's own services.
         self._metadata = bearer_metadata(service_token)
         self._links: list[JobLink] = []
-        self._jobs = replicas.stubs(self._link)
+        self._jobs = replicas.targeted_stubs(self._link)
 
-    def _link(self, channel: grpc.aio.Channel) -> JobLink:
-        link = JobLink(dispatch_grpc.DispatchServiceStub(channel), self._metadata)
+    def _link(self, channel: grpc.aio.Channel, target: str) -> JobLink:
+        link = JobLink(
+            dispatch_grpc.DispatchServiceStub(channel), self._metadata, pool_size(target)
+        )
         self._links.append(link)
         return link
 

@@ -1,14 +1,22 @@
 """A cloud replica's side of DispatchService.RunJobs (core/job_streams.py).
 
-Per network replica one ``JobLink``: its jobs share one RunJobs stream, opened
-when a job first needs it and again after it broke. A job behaves as its RunJob
-call would: its events in order; its end raises the error the call would have
-raised (``rpc_error``), so the caller's error path is the call's; closing it
-early sends its cancel; a stream that breaks fails every job on it with the
-stream's error, which sends a job that had no response yet on to the next replica
-(``ReplicatedStub.stream``, as for a call). A replica that does not know RunJobs
-(one not yet upgraded), and a job beyond the stream's MAX_JOBS or under an id
-already on it, run in RunJob calls.
+Per network replica one ``JobLink``: its jobs share a few RunJobs streams (a pool,
+``pool_size``), each opened when a job first needs it and again after it broke. A
+replica's target may name several pods (a DNS name of a headless Service):
+round_robin places each stream, a call of its own, on the next of them, and a new
+job takes the stream with the fewest jobs, so one replica's jobs enter the network
+through several pods rather than one. A stream older than ``STREAM_AGE_S`` takes
+no new jobs: a fresh one takes its place (on a connection opened since, which
+reaches pods that came meanwhile) and the old one is half-closed once its last
+job ended, so that none is cut.
+
+A job behaves as its RunJob call would: its events in order; its end raises the
+error the call would have raised (``rpc_error``), so the caller's error path is
+the call's; closing it early sends its cancel; a stream that breaks fails every
+job on it with the stream's error, which sends a job that had no response yet on
+to the next replica (``ReplicatedStub.stream``, as for a call). A replica that
+does not know RunJobs (one not yet upgraded), and a job beyond its stream's
+MAX_JOBS or under an id already on it, run in RunJob calls.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from resultity.network.v1 import dispatch_service_pb2 as dispatch_pb
 from resultity.network.v1 import dispatch_service_pb2_grpc as dispatch_grpc
 
 from core import tracing
+from core.channels import MAX_CONNECTION_AGE_MS, addresses
 from core.grpc_errors import describe_rpc_error, rpc_error
 from core.job_streams import ACCEPTED, ACCEPTED_HEADER, MAX_JOBS, RUN_JOB_METHOD
 from core.metadata import Metadata
@@ -36,6 +45,17 @@ log = structlog.get_logger(__name__)
 # before a stream is tried again (it may have been upgraded meanwhile).
 CALLS_ONLY_FOR_S = 60.0
 
+# The streams taking jobs on one link at most: a cloud replica's jobs enter the
+# network through up to four pods (deploy/kubernetes runs two), and as each cloud
+# replica's round_robin starts at an address of its own, several together reach
+# more. A stream more costs a call per STREAM_AGE_S and a task on each side,
+# nothing per job; beyond a few pods the network's share per pod is already small.
+STREAMS = 4
+
+# A stream this old takes no new jobs: as old as a connection the network sends
+# away (core/channels.py), so that a fresh stream finds the pods resolved since.
+STREAM_AGE_S = MAX_CONNECTION_AGE_MS / 1000
+
 # The status gRPC's asyncio call takes when a write fails under it.
 _WRITE_FAILED = (grpc.StatusCode.INTERNAL, "Internal error from Core")
 
@@ -43,46 +63,61 @@ _WRITE_FAILED = (grpc.StatusCode.INTERNAL, "Internal error from Core")
 _Inbox = asyncio.Queue[dispatch_pb.RunJobsResponse | grpc.aio.AioRpcError]
 
 
+def pool_size(target: str) -> int:
+    """The streams for a replica's ``target``: one per address it names (streams
+    beyond would share a pod), at most STREAMS; STREAMS for a DNS name, which may
+    stand for as many pods."""
+    named = addresses(target)
+    return STREAMS if named is None else min(named, STREAMS)
+
+
 class JobLink:
-    """The jobs run on one network replica."""
+    """The jobs run on one network replica: new ones on ``streams`` streams at most."""
 
     def __init__(
-        self, dispatch: dispatch_grpc.DispatchServiceAsyncStub, metadata: Metadata
+        self, dispatch: dispatch_grpc.DispatchServiceAsyncStub, metadata: Metadata, streams: int
     ) -> None:
         self._dispatch = dispatch
         self._metadata = metadata
-        self._stream: _JobStream | None = None
+        self._size = streams
+        # The streams taking new jobs, and the turn that breaks a tie between them.
+        self._streams: list[_JobStream] = []
+        self._turn = 0
+        # Streams past their age, until their last job ended (closed with the link).
+        self._retired: list[_JobStream] = []
         self._calls_until = 0.0
 
     def run(self, request: dispatch_pb.RunJobRequest) -> Streamed[dispatch_pb.RunJobResponse]:
         """The job's responses, raising the error its RunJob call would; closing the
         generator (cancelling the call) early cancels the job."""
-        stream = self._stream_for(request.job_id)
-        if stream is None:
+        if time.monotonic() < self._calls_until:
             return self._call(request)
-        return self._streamed(stream, request)
+        return self._streamed(request)
 
     async def _streamed(
-        self, stream: _JobStream, request: dispatch_pb.RunJobRequest
+        self, request: dispatch_pb.RunJobRequest
     ) -> AsyncGenerator[dispatch_pb.RunJobResponse, None]:
-        try:
-            with tracing.stream_call_span(RUN_JOB_METHOD) as carrier:
-                request.trace_context.update(carrier)
-                inbox = stream.start(request)
-                try:
-                    while (response := await stream.receive(inbox)) is not None:
-                        yield response
-                finally:
-                    stream.leave(request.job_id, inbox)
-            return
-        except grpc.aio.AioRpcError as error:
-            if error.code() != grpc.StatusCode.UNIMPLEMENTED:
-                raise
-            self._calls_until = time.monotonic() + CALLS_ONLY_FOR_S
-        # UNIMPLEMENTED ends a stream at its opening, before the job had a response:
-        # the job goes to the same replica as a RunJob call, whose metadata carries
-        # its trace context.
-        request.ClearField("trace_context")
+        # Chosen as the job starts, so that it starts on a stream still taking jobs.
+        stream = self._stream_for(request.job_id)
+        if stream is not None:
+            try:
+                with tracing.stream_call_span(RUN_JOB_METHOD) as carrier:
+                    request.trace_context.update(carrier)
+                    inbox = stream.start(request)
+                    try:
+                        while (response := await stream.receive(inbox)) is not None:
+                            yield response
+                    finally:
+                        stream.leave(request.job_id, inbox)
+                return
+            except grpc.aio.AioRpcError as error:
+                if error.code() != grpc.StatusCode.UNIMPLEMENTED:
+                    raise
+                self._calls_until = time.monotonic() + CALLS_ONLY_FOR_S
+            # UNIMPLEMENTED ends a stream at its opening, before the job had a
+            # response: the job goes to the same replica as a RunJob call, whose
+            # metadata carries its trace context.
+            request.ClearField("trace_context")
         call = self._call(request)
         try:
             async for response in call:
@@ -97,18 +132,37 @@ class JobLink:
 
     def _stream_for(self, job_id: str) -> _JobStream | None:
         """The stream to run the job on; None: a RunJob call of its own."""
-        if time.monotonic() < self._calls_until:
-            return None
-        stream = self._stream
-        if stream is None or stream.broken is not None:
-            stream = self._stream = _JobStream(self._dispatch, self._metadata)
+        streams = self._taking()
+        if len(streams) < self._size:
+            stream = _JobStream(self._dispatch, self._metadata)
+            streams.append(stream)
+        else:
+            self._turn = (self._turn + 1) % len(streams)
+            stream = streams[self._turn]
+            for other in streams:
+                if len(other.jobs) < len(stream.jobs):
+                    stream = other
         if len(stream.jobs) >= MAX_JOBS or job_id in stream.jobs:
             return None
         return stream
 
+    def _taking(self) -> list[_JobStream]:
+        """The streams that take new jobs: a broken one goes, one past its age retires."""
+        oldest = time.monotonic() - STREAM_AGE_S
+        streams = self._streams
+        if all(s.broken is None and s.opened > oldest for s in streams):
+            return streams
+        self._retired = [s for s in self._retired if not s.ended]
+        for stream in streams:
+            if stream.broken is None and stream.opened <= oldest:
+                stream.retire()
+                self._retired.append(stream)
+        self._streams = [s for s in streams if s.broken is None and s.opened > oldest]
+        return self._streams
+
     async def close(self) -> None:
-        if self._stream is not None:
-            await self._stream.close()
+        for stream in [*self._streams, *self._retired]:
+            await stream.close()
 
 
 class _JobStream:
@@ -121,6 +175,10 @@ class _JobStream:
         self._outbox: asyncio.Queue[dispatch_pb.RunJobsRequest | None] = asyncio.Queue()
         self.jobs: dict[str, _Inbox] = {}
         self.broken: grpc.aio.AioRpcError | None = None
+        self.opened = time.monotonic()
+        # Set: the stream takes no new job and ends its requests after its last job
+        # ends (their end cancels the jobs still on the stream).
+        self._retired = False
         self._call = dispatch.RunJobs(self._requests(), metadata=metadata)
         # The stream outlives the job that opened it: its reader logs no job's context.
         self._reader = asyncio.create_task(
@@ -166,6 +224,20 @@ class _JobStream:
         if self.jobs.get(job_id) is inbox:
             del self.jobs[job_id]
             self._outbox.put_nowait(dispatch_pb.RunJobsRequest(cancel=job_id))
+            self._end_if_done()
+
+    def retire(self) -> None:
+        """Takes no new job; half-closes once the jobs on it ended."""
+        self._retired = True
+        self._end_if_done()
+
+    def _end_if_done(self) -> None:
+        if self._retired and not self.jobs:
+            self._outbox.put_nowait(None)
+
+    @property
+    def ended(self) -> bool:
+        return self._reader.done()
 
     async def _read(self) -> None:
         error = _stream_error(grpc.StatusCode.UNAVAILABLE, "the network ended the job stream")
@@ -176,6 +248,7 @@ class _JobStream:
                 if inbox is not None:
                     if response.HasField("end"):
                         del self.jobs[response.job_id]
+                        self._end_if_done()
                     inbox.put_nowait(response)
         except grpc.aio.AioRpcError as broken:
             error = broken

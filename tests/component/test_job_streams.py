@@ -1,8 +1,10 @@
-"""A cloud replica's jobs on a network replica's one RunJobs stream (the network
+"""A cloud replica's jobs on a network replica's RunJobs streams (the network
 client against replicas whose jobs are scripted): each job's events its own and in
 order, a cancel that ends one job alone, a job's error the one its RunJob call
 raises, a broken stream failing its jobs (or moving one that had no response yet
-to the next replica), and RunJob calls for a replica without RunJobs."""
+to the next replica), RunJob calls for a replica without RunJobs, a link's streams
+spread over every address of its target, and a stream past its age replaced
+while its jobs run on to their end."""
 
 from __future__ import annotations
 
@@ -16,12 +18,16 @@ from resultity.common.v1 import inference_pb2 as common_pb
 from resultity.network.v1 import dispatch_service_pb2 as dispatch_pb
 from resultity.network.v1 import dispatch_service_pb2_grpc as dispatch_grpc
 
+from core import channels
 from core.errors import DomainError, InsufficientQuota, NoCapacity
 from core.grpc_errors import translate_errors
 from core.inference import ChatMessage, ChatRole, GenerationSpec, JobDelta, JobEvent, Sampling
 from core.job_streams import ACCEPTED, ACCEPTED_HEADER
+from core.metadata import bearer_metadata
 from core.replica_channels import ReplicaChannels
+from server.cloud import job_streams
 from server.cloud.clients import GrpcNetworkClient
+from server.cloud.job_streams import JobLink, pool_size
 from server.network.job_streams import serve_jobs
 from tests.harness import eventually
 
@@ -43,7 +49,10 @@ class ScriptedReplica(dispatch_grpc.DispatchServiceServicer):
 
     def __init__(self) -> None:
         self.streams = 0
+        # Streams that ended as their caller's requests did (half-closed).
+        self.closed = 0
         self.calls = 0
+        self.listed = 0
         self.jobs: list[str] = []
         self.cancelled: list[str] = []
         self.release = asyncio.Event()
@@ -70,6 +79,15 @@ class ScriptedReplica(dispatch_grpc.DispatchServiceServicer):
                 if self.breaking:
                     await context.abort(grpc.StatusCode.UNAVAILABLE, "replica going away")
                 yield response
+        self.closed += 1
+
+    async def ListModels(
+        self,
+        request: dispatch_pb.ListModelsRequest,
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> dispatch_pb.ListModelsResponse:
+        self.listed += 1
+        return dispatch_pb.ListModelsResponse()
 
     async def _job(
         self, request: dispatch_pb.RunJobRequest
@@ -257,3 +275,60 @@ async def test_a_replica_without_run_jobs_gets_run_job_calls() -> None:
     for job_id, events in zip([*ids, "later"], [*results, later], strict=True):
         assert _texts(events) == _expected(job_id)
     assert replica.calls == 6
+
+
+async def _texts_on(link: JobLink, job_id: str) -> list[str]:
+    return [
+        response.delta.text
+        async for response in link.run(dispatch_pb.RunJobRequest(job_id=job_id))
+        if response.HasField("delta")
+    ]
+
+
+async def test_a_links_streams_spread_its_jobs_over_every_address_of_its_target() -> None:
+    first, second = ScriptedReplica(), ScriptedReplica()
+    async with _serving(first) as one, _serving(second) as two:
+        target = f"ipv4:{one},{two}"
+        async with channels.channel(target) as channel:
+            dispatch = dispatch_grpc.DispatchServiceStub(channel)
+            # Calls until both addresses answered one: round_robin takes an address
+            # once it connected. The timeout only bounds a channel that never does.
+            async with asyncio.timeout(10):
+                while not (first.listed and second.listed):
+                    await dispatch.ListModels(dispatch_pb.ListModelsRequest())
+            link = JobLink(dispatch, bearer_metadata(TOKEN), pool_size(target))
+            ids = [f"hold-{n}" for n in range(4)]
+            held = [asyncio.create_task(_texts_on(link, job_id)) for job_id in ids]
+            await eventually(lambda: len(first.jobs) + len(second.jobs) == len(ids))
+            first.release.set()
+            second.release.set()
+            results = await asyncio.gather(*held)
+            await link.close()
+    assert results == [_expected(job_id) for job_id in ids]
+    # Two streams, one per address, each given half of the jobs (the fewest first).
+    assert (first.streams, second.streams) == (1, 1)
+    assert (len(first.jobs), len(second.jobs)) == (2, 2)
+    assert first.cancelled == second.cancelled == []
+
+
+async def test_a_stream_past_its_age_takes_no_new_job_and_closes_after_its_last(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Every stream is past its age by the next job.
+    monkeypatch.setattr(job_streams, "STREAM_AGE_S", 0.0)
+    replica = ScriptedReplica()
+    async with _serving(replica) as target, _client(target) as client:
+        old = asyncio.create_task(_run(client, "hold-old"))
+        await eventually(lambda: "hold-old" in replica.jobs)
+        # A new job goes on a new stream; the old one stays open for its job.
+        assert _texts(await _run(client, "job-new")) == _expected("job-new")
+        assert (replica.streams, replica.closed) == (2, 0)
+        replica.release.set()
+        assert _texts(await old) == _expected("hold-old")
+        await eventually(lambda: replica.closed == 1)
+        # The next job retires the second stream, which had no job left: it closes.
+        assert _texts(await _run(client, "job-later")) == _expected("job-later")
+        await eventually(lambda: replica.closed == 2)
+        assert replica.streams == 3
+    assert replica.jobs == ["hold-old", "job-new", "job-later"]
+    assert (replica.cancelled, replica.calls) == ([], 0)
