@@ -1,12 +1,14 @@
-"""DispatchService.RunJobs: the network's jobs of one caller over one long-lived stream.
+"""DispatchService.RunJobs: the network's jobs of one caller over long-lived streams.
 
 Each gRPC call costs both sides far more CPU (metadata, half-close, status, a
 dozen completions) than a message on an open stream, so a cloud replica runs its
-jobs on a network replica as messages of one stream: a job's start and cancel one
-way, its events and its end the other, each tagged with its id. A job keeps its
-RunJob call's semantics (server/network/job_streams.py, server/cloud/job_streams.py),
-its span included: the call's span is opened per job under the RunJob call's name,
-its trace context carried in the start instead of the call's metadata.
+jobs on a network replica as messages of a few streams (spread over the pods
+behind the replica's address, server/cloud/job_streams.py): a job's start and
+cancel one way, its events and its end the other, each tagged with its id. A job
+keeps its RunJob call's semantics (server/network/job_streams.py,
+server/cloud/job_streams.py), its span included: the call's span is opened per job
+under the RunJob call's name, its trace context carried in the start instead of
+the call's metadata.
 """
 
 from __future__ import annotations
