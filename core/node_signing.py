@@ -17,6 +17,7 @@ what it relayed and refuses a result that does not match).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
 from collections.abc import Sequence
@@ -41,10 +42,17 @@ def verify(public_key: bytes, signature: bytes, message: bytes) -> bool:
     if len(public_key) != PUBLIC_KEY_BYTES:
         return False
     try:
-        Ed25519PublicKey.from_public_bytes(public_key).verify(signature, message)
+        _public_key(public_key).verify(signature, message)
     except (InvalidSignature, ValueError):
         return False
     return True
+
+
+# A network checks every result of its nodes against their few keys: each is loaded
+# once (a key that fails to load raises, and is not kept).
+@functools.lru_cache(maxsize=4096)
+def _public_key(public_key: bytes) -> Ed25519PublicKey:
+    return Ed25519PublicKey.from_public_bytes(public_key)
 
 
 @dataclass(slots=True)

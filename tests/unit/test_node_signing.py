@@ -6,10 +6,11 @@ import struct
 from dataclasses import replace
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from core.convert.generation import logprobs_from_pb, logprobs_to_pb
 from core.inference import TokenLogprob, TopLogprob, token_text
-from core.node_signing import OutputDigest, result_payload
+from core.node_signing import OutputDigest, result_payload, verify
 
 LOGPROBS = (
     TokenLogprob(" Paris", b" Paris", -0.25, (TopLogprob(" Paris", b" Paris", -0.25),)),
@@ -98,3 +99,15 @@ def test_agent_and_network_digest_the_same_logprobs() -> None:
     )
     received = logprobs_from_pb(logprobs_to_pb(sent))
     assert _payload(logprobs=sent) == _payload(logprobs=received)
+
+
+def test_a_signature_verifies_under_its_key_only_and_for_its_message_only() -> None:
+    signer, other = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    key = signer.public_key().public_bytes_raw()
+    signature = signer.sign(b"result")
+    for _ in range(2):  # the second time with the key already loaded
+        assert verify(key, signature, b"result")
+        assert not verify(key, signature, b"other result")
+        assert not verify(key, other.sign(b"result"), b"result")
+        assert not verify(other.public_key().public_bytes_raw(), signature, b"result")
+        assert not verify(key[:31], signature, b"result")
