@@ -80,6 +80,12 @@ class RedisNames:
         """Each network replica's latest lease."""
         return self._name("presence", "leases")
 
+    @property
+    def presence_sessions(self) -> str:
+        """Per present node, the session its record holds: expiry, connected_at,
+        content digest and replica id (presence_redis.py)."""
+        return self._name("presence", "sessions")
+
     def rate_bucket(self, scope: str) -> str:
         """A rate-limit scope's (a key's, an account's) request and token buckets."""
         return self._name("rate", scope)

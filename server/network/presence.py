@@ -25,13 +25,14 @@ latest lease, so a refresh costs what changed rather than the fleet's size.
 from __future__ import annotations
 
 import base64
+import hashlib
 import heapq
 import json
 import struct
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from dataclasses import fields as dataclass_fields
 from typing import Protocol
 
@@ -80,9 +81,20 @@ class NodePresence:
     config_version: int = 0
 
     def to_json(self) -> str:
-        fields = asdict(self)
+        return json.dumps(self._fields(), separators=(",", ":"))
+
+    def content_digest(self) -> str:
+        """A digest of every field ``renews`` compares (all but the lease): two records
+        of one node with the same digest differ in their lease only."""
+        fields = self._fields()
+        del fields["published_at"], fields["expires_at"]
+        text = json.dumps(fields, separators=(",", ":")).encode()
+        return hashlib.blake2b(text, digest_size=16).hexdigest()
+
+    def _fields(self) -> dict[str, object]:
+        fields: dict[str, object] = {name: getattr(self, name) for name in _FIELD_NAMES}
         fields["cached_prefixes"] = _pack_prefixes(self.cached_prefixes)
-        return json.dumps(fields, separators=(",", ":"))
+        return fields
 
     @classmethod
     def from_json(cls, text: str | bytes) -> NodePresence:
@@ -107,7 +119,8 @@ class NodePresence:
         return replace(other, published_at=self.published_at, expires_at=self.expires_at) == self
 
 
-_FIELDS = frozenset(each.name for each in dataclass_fields(NodePresence))
+_FIELD_NAMES = tuple(each.name for each in dataclass_fields(NodePresence))
+_FIELDS = frozenset(_FIELD_NAMES)
 
 
 def _pack_prefixes(prefixes: tuple[int, ...]) -> str:

@@ -34,52 +34,56 @@ from server.network.presence import (
 
 log = structlog.get_logger(__name__)
 
-# Every script's ARGV begins with the index, change log, log state and leases
-# keys, then an epoch for a log that begins here.
+# Every script's ARGV begins with the index, change log, log state, leases and
+# sessions keys, then an epoch for a log that begins here.
 _PRELUDE = """
-local index, changes, log, leases, epoch = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local index, changes, log, leases, sessions, epoch = unpack(ARGV, 1, 6)
 local function log_change(node_id)
   redis.call('HSETNX', log, 'epoch', epoch)
   redis.call('ZADD', changes, redis.call('HINCRBY', log, 'seq', 1), node_id)
 end
+-- Who holds the node's live record: its replica id and connected_at, and the
+-- session ('connected_at digest replica_id') when this version wrote it; nil
+-- when the record is gone. The sessions entry is trusted only while the index
+-- still scores the node by the expiry written with it: a record written since
+-- by a replica that predates the sessions hash (a rolling upgrade) moved the
+-- score, and then the record itself is decoded.
+local function holder(key, node_id)
+  if redis.call('EXISTS', key) == 0 then return nil end
+  local entry = redis.call('HGET', sessions, node_id)
+  if entry then
+    local expires_ms, session = string.match(entry, '^(%d+) (.*)$')
+    if tonumber(expires_ms) == tonumber(redis.call('ZSCORE', index, node_id)) then
+      local connected_at, replica_id = string.match(session, '^(%S+) %S+ (.*)$')
+      return replica_id, tonumber(connected_at), session
+    end
+  end
+  local old = cjson.decode(redis.call('GET', key))
+  return old.replica_id, old.connected_at, nil
+end
 """
 
-# KEYS: record keys; ARGV: the prelude's, then (record JSON, expiry ms, lease) per key.
+# KEYS: record keys; ARGV: the prelude's, then each replica's lease as
+# (replica id, lease) pairs after their count, then per key its node id,
+# replica id, connected_at, content digest, record JSON and expiry ms.
+# A record is a renewal (no change) when its session is the one held.
 _PUBLISH = (
     _PRELUDE
     + """
--- Whether the new record differs from the old in its lease only (NodePresence.renews).
-local function renews(new, old)
-  for name, value in pairs(new) do
-    if name ~= 'published_at' and name ~= 'expires_at' then
-      local was = old[name]
-      if type(value) == 'table' then
-        if type(was) ~= 'table' or #value ~= #was then return false end
-        for i = 1, #value do
-          if value[i] ~= was[i] then return false end
-        end
-      elseif value ~= was then
-        return false
-      end
-    end
-  end
-  for name in pairs(old) do
-    if new[name] == nil then return false end
-  end
-  return true
-end
-
+local replicas = tonumber(ARGV[7])
+redis.call('HSET', leases, unpack(ARGV, 8, 7 + 2 * replicas))
+local base = 7 + 2 * replicas
 for i, key in ipairs(KEYS) do
-  local record = ARGV[3 * i + 3]
-  local expires_ms = ARGV[3 * i + 4]
-  local new = cjson.decode(record)
-  redis.call('HSET', leases, new.replica_id, ARGV[3 * i + 5])
-  local current = redis.call('GET', key)
-  local old = current and cjson.decode(current)
-  if not (old and old.replica_id ~= new.replica_id and old.connected_at > new.connected_at) then
-    redis.call('SET', key, record, 'PXAT', expires_ms)
-    redis.call('ZADD', index, expires_ms, new.node_id)
-    if not (old and renews(new, old)) then log_change(new.node_id) end
+  local at = base + 6 * (i - 1)
+  local node_id, replica_id, connected_at = ARGV[at + 1], ARGV[at + 2], ARGV[at + 3]
+  local expires_ms = ARGV[at + 6]
+  local session = connected_at .. ' ' .. ARGV[at + 4] .. ' ' .. replica_id
+  local held_by, held_since, held = holder(key, node_id)
+  if held_by == nil or held_by == replica_id or held_since <= tonumber(connected_at) then
+    redis.call('SET', key, ARGV[at + 5], 'PXAT', expires_ms)
+    redis.call('ZADD', index, expires_ms, node_id)
+    redis.call('HSET', sessions, node_id, expires_ms .. ' ' .. session)
+    if held ~= session then log_change(node_id) end
   end
 end
 return 0
@@ -91,11 +95,12 @@ _WITHDRAW = (
     _PRELUDE
     + """
 for i, key in ipairs(KEYS) do
-  local current = redis.call('GET', key)
-  if current and cjson.decode(current).replica_id == ARGV[6] then
+  local node_id = ARGV[7 + i]
+  if holder(key, node_id) == ARGV[7] then
     redis.call('DEL', key)
-    redis.call('ZREM', index, ARGV[6 + i])
-    log_change(ARGV[6 + i])
+    redis.call('ZREM', index, node_id)
+    redis.call('HDEL', sessions, node_id)
+    log_change(node_id)
   end
 end
 return 0
@@ -115,6 +120,7 @@ local time = redis.call('TIME')
 local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 for _, node_id in ipairs(redis.call('ZRANGEBYSCORE', index, '-inf', '(' .. now_ms)) do
   redis.call('ZREM', index, node_id)
+  redis.call('HDEL', sessions, node_id)
   log_change(node_id)
 end
 local lease_values = redis.call('HGETALL', leases)
@@ -129,7 +135,7 @@ for i = 1, #lease_values, 2 do
 end
 local live = redis.call('ZCARD', index)
 local logged = redis.call('ZCARD', changes)
-if logged > 2 * live + tonumber(ARGV[8]) then
+if logged > 2 * live + tonumber(ARGV[9]) then
   local cut = logged - live
   local last = redis.call('ZRANGE', changes, cut - 1, cut - 1, 'WITHSCORES')
   redis.call('HSET', log, 'floor', last[2])
@@ -138,10 +144,10 @@ end
 redis.call('HSETNX', log, 'epoch', epoch)
 local state = redis.call('HMGET', log, 'epoch', 'seq', 'floor')
 local seq = tonumber(state[2]) or 0
-local since = tonumber(ARGV[7])
+local since = tonumber(ARGV[8])
 local ids
 local full = 0
-if ARGV[6] ~= state[1] or since == nil or since < (tonumber(state[3]) or 0) then
+if ARGV[7] ~= state[1] or since == nil or since < (tonumber(state[3]) or 0) then
   full = 1
   ids = redis.call('ZRANGE', index, 0, -1)
 else
@@ -159,13 +165,14 @@ class RedisPresence:
     def __init__(self, client: redis.Redis, names: RedisNames) -> None:
         self._client = client
         self._names = names
-        # Index, change log, log state (epoch, seq, floor), leases; and the epoch
-        # of a log this instance is the first to write.
+        # Index, change log, log state (epoch, seq, floor), leases, sessions; and
+        # the epoch of a log this instance is the first to write.
         self._keys: list[str | int] = [
             names.presence_index,
             names.presence_changes,
             names.presence_log,
             names.presence_leases,
+            names.presence_sessions,
             uuid.uuid4().hex,
         ]
         self._publish = client.register_script(_PUBLISH)
@@ -183,10 +190,20 @@ class RedisPresence:
         with _unavailable():
             for start in range(0, len(records), _BATCH):
                 batch = records[start : start + _BATCH]
-                args = list(self._keys)
-                for record in batch:
-                    lease = f"{record.expires_at!r} {record.published_at!r}"
-                    args += [record.to_json(), int(record.expires_at * 1000), lease]
+                # Each replica's lease is its last record's in the batch, set once.
+                leases = {r.replica_id: f"{r.expires_at!r} {r.published_at!r}" for r in batch}
+                args: list[str | int | float] = [*self._keys, len(leases)]
+                for replica_lease in leases.items():
+                    args += replica_lease
+                for r in batch:
+                    args += [
+                        r.node_id,
+                        r.replica_id,
+                        repr(r.connected_at),
+                        r.content_digest(),
+                        r.to_json(),
+                        int(r.expires_at * 1000),
+                    ]
                 await self._publish(keys=[self._key(r.node_id) for r in batch], args=args)
 
     async def withdraw(self, replica_id: str, node_ids: Sequence[str]) -> None:
