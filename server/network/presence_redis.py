@@ -10,6 +10,18 @@ lease. The compare-and-set of a re-homed node (the newer
 session wins, a replica withdraws only its own records) runs in Lua, so it is
 atomic. Redis is never the source of truth for anything that lasts: a lost
 Redis loses who is where for one publish interval.
+
+Every replica renews every record each interval, so a renewal must cost Redis
+little: a sessions hash holds per node the expiry, connected_at, content
+digest (NodePresence.content_digest) and replica id its record was written
+with, and the scripts compare those strings instead of decoding records. A
+record written by a replica that predates the hash (a rolling upgrade) has no
+entry, or a stale one its expiry no longer matches: that record is decoded
+for the compare-and-set and the publish counts as a change (a change may be
+reported again). An entry outliving its record (lapsed, or withdrawn by such
+a replica) is ignored, the record being gone, and replaced at the node's next
+publish; the log's reader removes the entries of the lapses it logs, a
+withdrawal its own. The record JSON is the same for replicas of either version.
 """
 
 from __future__ import annotations
